@@ -1,0 +1,151 @@
+"""The executor plug-in interface.
+
+An executor gets one :class:`RunContext` per task: the validated spec, an output folder, callbacks for
+progress, logs, metrics and usage, and a cancel signal. It returns the result dict that becomes
+``RESULTS_DIR/<task_id>/responses.json``. To fail the task with a message a person can act on, it
+raises :class:`mloc.errors.ExecutionError`; any other exception fails the task too, with its text.
+
+Executors run in a long-lived executor process by default, so one that crashes, leaks or exhausts
+memory takes down only that process, and so models stay loaded between tasks (keep them on ``self``).
+Trivial executors may set ``isolation = "inline"`` to run on a worker thread instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import tempfile
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from mloc.errors import TaskCancelled
+from mloc.spec.base import Document, SpecBase
+
+Isolation = Literal["inline", "process"]
+Event = dict[str, Any]
+
+
+def write_json_atomic(path: Path, obj: Any) -> Path:
+    """Write JSON so a reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(obj, handle, ensure_ascii=False, indent=2)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@dataclass
+class RunContext:
+    """Everything an executor may use for one task. Callbacks are cheap and thread-safe."""
+
+    task_id: str
+    attempt: int
+    owner: str
+    document: Document
+    out_dir: Path
+    models_dir: Path
+    worker_id: str
+    gpu_indices: list[int] = field(default_factory=list)
+    emit: Callable[[Event], None] = field(default=lambda event: None, repr=False)
+    cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
+    _last_progress: float = field(default=0.0, repr=False)
+
+    @property
+    def spec(self) -> SpecBase:
+        return self.document.spec
+
+    @property
+    def task(self) -> dict[str, Any]:
+        """The task as plain data, as the first seed's ``run(task, out_dir)`` received it."""
+        return self.document.to_wire()
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    def check_cancelled(self) -> None:
+        """Raise :class:`TaskCancelled` if the task was cancelled; call it between units of work."""
+        if self.cancel_event.is_set():
+            raise TaskCancelled("the task was cancelled")
+
+    def progress(self, step: float, total: float | None = None, message: str | None = None) -> None:
+        """Report progress; at most a few updates a second reach Redis."""
+        now = time.monotonic()
+        final = total is not None and step >= total
+        if not final and now - self._last_progress < 0.25:
+            return
+        self._last_progress = now
+        self.emit({"ev": "progress", "step": step, "total": total, "message": message, "ts": time.time()})
+
+    def log(self, message: str, level: str = "INFO") -> None:
+        self.emit({"ev": "log", "level": level, "message": message, "ts": time.time()})
+
+    def metrics(self, step: int, **values: float) -> None:
+        """Record per-step metrics (loss, reward, KL...), readable through the API."""
+        self.emit({"ev": "metrics", "step": step, "values": values, "ts": time.time()})
+
+    def add_usage(self, **counters: float) -> None:
+        """Add to the task's usage counters (prompt_tokens, completion_tokens, train_samples, ...)."""
+        self.emit({"ev": "usage", "counters": counters})
+
+    def artifact(self, name: str, path: Path, kind: str = "file", **info: Any) -> None:
+        """Register an artifact (an adapter, an index) so later tasks and the API can find it."""
+        self.emit({"ev": "artifact", "name": name, "path": str(path), "kind": kind, "info": info})
+
+    def save_json(self, path: Path | str, obj: Any) -> Path:
+        target = Path(path)
+        if not target.is_absolute():
+            target = self.out_dir / target
+        return write_json_atomic(target, obj)
+
+
+class Executor(ABC):
+    """Base class of every executor. Subclasses set ``name`` and ``task_types`` and implement ``run``."""
+
+    name: ClassVar[str]
+    task_types: ClassVar[tuple[str, ...]]
+    isolation: ClassVar[Isolation] = "process"
+    # Top-level modules the executor imports; the worker offers its task types only where they exist.
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def missing_requirements(cls) -> list[str]:
+        """Modules ``requires`` names that this environment lacks (checked without importing them)."""
+        return [module for module in cls.requires if importlib.util.find_spec(module) is None]
+
+    @classmethod
+    def capabilities(cls) -> dict[str, Any]:
+        """Extra facts the worker advertises for scheduling (for example the engines it has)."""
+        return {}
+
+    @classmethod
+    def isolation_for(cls, spec: SpecBase) -> Isolation:
+        """Where a given task runs; most executors answer with their class-wide setting."""
+        return cls.isolation
+
+    @abstractmethod
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        """Run one task and return its result (it becomes responses.json)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the executor keeps between tasks (loaded models)."""
+
+    @staticmethod
+    def save_json(path: Path, obj: Any) -> Path:
+        return write_json_atomic(path, obj)

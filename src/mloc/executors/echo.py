@@ -1,0 +1,48 @@
+"""The ``echo`` executor: returns its payload; used to check a fleet and to measure dispatch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+from mloc.errors import ExecutionError
+from mloc.executors.base import Executor, Isolation, RunContext
+from mloc.spec.base import SpecBase
+from mloc.spec.echo import EchoSpec
+
+
+class EchoExecutor(Executor):
+    name = "echo"
+    task_types = ("echo",)
+    isolation = "inline"
+
+    @classmethod
+    def isolation_for(cls, spec: SpecBase) -> Isolation:
+        return "process" if isinstance(spec, EchoSpec) and spec.hyperparameters.isolate else "inline"
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        spec = ctx.spec
+        assert isinstance(spec, EchoSpec)
+        options = spec.hyperparameters
+        started = time.perf_counter()
+        if options.sleep_sec:
+            step_sec = options.sleep_sec / options.steps
+            for step in range(options.steps):
+                ctx.check_cancelled()
+                ctx.cancel_event.wait(step_sec)
+                ctx.progress(step + 1, options.steps)
+            ctx.check_cancelled()
+        if options.crash:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if options.fail_message:
+            raise ExecutionError(options.fail_message)
+        return {
+            "ok": True,
+            "payload": spec.payload,
+            "worker_id": ctx.worker_id,
+            "attempt": ctx.attempt,
+            "pid": os.getpid(),
+            "usage": {"latency_sec": round(time.perf_counter() - started, 6), "num_requests": 1},
+        }

@@ -1,0 +1,96 @@
+"""Every Redis key, stream, channel and consumer-group name MLOC uses, and nothing else.
+
+All keys share the ``mloc:`` prefix so a shared Redis can host MLOC beside other tenants, and the
+per-task and per-worker keys carry the id in a ``{...}`` hash tag where a Lua script touches several
+keys of one entity, which is what a Redis Cluster deployment would need.
+"""
+
+from __future__ import annotations
+
+PREFIX = "mloc"
+
+# Tasks
+TASKS_ALL = f"{PREFIX}:tasks"  # zset: task id -> created_at ms
+PENDING = f"{PREFIX}:pending"  # zset: task id -> placement order (priority, then FIFO)
+TASKS_BY_NAME_PREFIX = f"{PREFIX}:tasks:name"
+
+
+def task(task_id: str) -> str:
+    """Hash with the task record."""
+    return f"{PREFIX}:task:{task_id}"
+
+
+def task_result(task_id: str) -> str:
+    """String with the task's result JSON (kept apart from the record: it can be large)."""
+    return f"{PREFIX}:task:{task_id}:result"
+
+
+def task_logs(task_id: str) -> str:
+    """Stream of the task's log lines and events."""
+    return f"{PREFIX}:task:{task_id}:logs"
+
+
+def tasks_in_state(state: str) -> str:
+    """Zset of task ids in one state (created_at ms), so listing by state is cheap."""
+    return f"{PREFIX}:tasks:state:{state}"
+
+
+def tasks_of_owner(owner: str) -> str:
+    """Zset of one owner's task ids (created_at ms)."""
+    return f"{PREFIX}:tasks:owner:{owner}"
+
+
+# Workers
+WORKERS = f"{PREFIX}:workers"  # zset: worker id -> last heartbeat (unix seconds)
+
+
+def worker(worker_id: str) -> str:
+    """Hash with the worker's registration and capacity counters."""
+    return f"{PREFIX}:worker:{worker_id}"
+
+
+def worker_free_gpus(worker_id: str) -> str:
+    """Set of the GPU indices on a worker that no task holds."""
+    return f"{PREFIX}:worker:{worker_id}:gpus_free"
+
+
+def worker_tasks(worker_id: str) -> str:
+    """Set of task ids assigned to or running on a worker."""
+    return f"{PREFIX}:worker:{worker_id}:tasks"
+
+
+def worker_stream(worker_id: str) -> str:
+    """Stream of assignments for one worker."""
+    return f"{PREFIX}:stream:worker:{worker_id}"
+
+
+WORKER_GROUP = "workers"  # consumer group on every worker stream
+
+# Signals
+SCHEDULER_WAKE = f"{PREFIX}:chan:scheduler"  # pub/sub: capacity freed or work arrived
+CONTROL_CHANNEL_PREFIX = f"{PREFIX}:chan:worker"
+EVENTS = f"{PREFIX}:events"  # stream of task state changes (capped)
+SCHEDULER_LOCK = f"{PREFIX}:lock:scheduler"
+REAPER_LOCK = f"{PREFIX}:lock:reaper"
+
+
+def worker_control(worker_id: str) -> str:
+    """Pub/sub channel for commands to one worker (cancel a running task)."""
+    return f"{CONTROL_CHANNEL_PREFIX}:{worker_id}"
+
+
+# Usage and users
+def usage_day(owner: str, day: str) -> str:
+    """Hash of usage counters for one owner on one UTC day (YYYY-MM-DD)."""
+    return f"{PREFIX}:usage:{owner}:{day}"
+
+
+USAGE_OWNERS = f"{PREFIX}:usage:owners"  # set of owners with recorded usage
+
+
+def user_token(token_hash: str) -> str:
+    """String: user name for a hashed API token."""
+    return f"{PREFIX}:user:token:{token_hash}"
+
+
+USERS = f"{PREFIX}:users"  # hash: user name -> JSON record

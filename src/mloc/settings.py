@@ -1,0 +1,119 @@
+"""All configuration, read from the environment in one place.
+
+Both seeds' variable names are honoured: the plain ones of the first (``REDIS_URL``, ``PORT``,
+``LOG_LEVEL``, ...) and the ``MLOC_``-prefixed ones of the second. Where both are set, the
+``MLOC_`` spelling wins.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+import uuid
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class NodeType(StrEnum):
+    ORCHESTRATOR = "ORCHESTRATOR"
+    WORKER = "WORKER"
+
+
+def _env(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+def _split_csv(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, case_sensitive=False)
+
+    # Shared
+    redis_url: str | None = Field(None, validation_alias=_env("MLOC_REDIS_URL", "REDIS_URL"))
+    node_type: NodeType = Field(NodeType.WORKER, validation_alias=_env("MLOC_NODE_TYPE"))
+    log_level: str = Field("INFO", validation_alias=_env("MLOC_LOG_LEVEL", "LOG_LEVEL"))
+    log_json: bool = Field(False, validation_alias=_env("MLOC_LOG_JSON"))
+    home: Path = Field(Path.home() / ".mloc", validation_alias=_env("MLOC_HOME"))
+
+    # Orchestrator
+    orchestrator_token: SecretStr | None = Field(None, validation_alias=_env("ORCHESTRATOR_TOKEN"))
+    host: str = Field("0.0.0.0", validation_alias=_env("MLOC_HOST"))
+    port: int = Field(8000, ge=1, le=65535, validation_alias=_env("MLOC_PORT", "PORT"))
+    heartbeat_ttl_sec: float = Field(120.0, gt=0, validation_alias=_env("HEARTBEAT_TTL_SEC"))
+    max_body_bytes: int = Field(1 << 20, gt=0, validation_alias=_env("MLOC_MAX_BODY_BYTES"))
+    task_retries: int = Field(2, ge=0, le=100, validation_alias=_env("MLOC_TASK_RETRIES"))
+    schedule_interval_sec: float = Field(1.0, gt=0, validation_alias=_env("MLOC_SCHEDULE_INTERVAL_SEC"))
+    reap_interval_sec: float | None = Field(None, gt=0, validation_alias=_env("MLOC_REAP_INTERVAL_SEC"))
+
+    # Worker
+    task_topics: str = Field("tasks.inference", validation_alias=_env("TASK_TOPICS", "MLOC_TASK_TOPICS"))
+    results_dir: Path = Field(Path("./results"), validation_alias=_env("RESULTS_DIR", "MLOC_RESULTS_DIR"))
+    heartbeat_interval_sec: float = Field(30.0, gt=0, validation_alias=_env("HEARTBEAT_INTERVAL_SEC"))
+    worker_id: str | None = Field(None, validation_alias=_env("WORKER_ID", "MLOC_WORKER_ID"))
+    worker_tags: str = Field("", validation_alias=_env("WORKER_TAGS", "MLOC_WORKER_TAGS"))
+    worker_slots: int = Field(4, ge=1, le=1024, validation_alias=_env("MLOC_WORKER_SLOTS"))
+    # Advertised capacity overrides: a worker may offer less than it has, and tests describe
+    # GPUs a machine without one cannot detect ("NVIDIA A100-SXM4-80GB:2:81920" = model:count:MiB).
+    worker_gpus: str | None = Field(None, validation_alias=_env("MLOC_WORKER_GPUS"))
+    worker_cpu: str | None = Field(None, validation_alias=_env("MLOC_WORKER_CPU"))
+    worker_memory: str | None = Field(None, validation_alias=_env("MLOC_WORKER_MEMORY"))
+    shutdown_grace_sec: float = Field(30.0, ge=0, validation_alias=_env("MLOC_SHUTDOWN_GRACE_SEC"))
+    models_dir: Path | None = Field(None, validation_alias=_env("MLOC_MODELS_DIR"))
+    vllm_model: str | None = Field(None, validation_alias=_env("VLLM_MODEL"))
+
+    # Client (CLI)
+    api_url: str | None = Field(None, validation_alias=_env("MLOC_API_URL"))
+    token: SecretStr | None = Field(None, validation_alias=_env("MLOC_TOKEN"))
+
+    @field_validator("node_type", mode="before")
+    @classmethod
+    def _upper_node_type(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @property
+    def topics(self) -> list[str]:
+        return _split_csv(self.task_topics) or ["tasks.inference"]
+
+    @property
+    def tags(self) -> list[str]:
+        return _split_csv(self.worker_tags)
+
+    @property
+    def resolved_worker_id(self) -> str:
+        return self.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+
+    @property
+    def resolved_models_dir(self) -> Path:
+        return self.models_dir or self.home / "models"
+
+    @property
+    def resolved_api_url(self) -> str:
+        return (self.api_url or f"http://127.0.0.1:{self.port}").rstrip("/")
+
+    @property
+    def client_token(self) -> str | None:
+        secret = self.token or self.orchestrator_token
+        return secret.get_secret_value() if secret else None
+
+    @property
+    def admin_token(self) -> str | None:
+        return self.orchestrator_token.get_secret_value() if self.orchestrator_token else None
+
+    @property
+    def reap_every_sec(self) -> float:
+        return self.reap_interval_sec or max(0.2, min(5.0, self.heartbeat_ttl_sec / 4))
+
+
+@functools.cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,184 @@
+"""Sections shared by every mloc/v1 task: metadata, resources, the model and the common spec fields."""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator
+
+from mloc.spec.quantity import format_cpu, format_memory, parse_cpu, parse_memory
+
+API_VERSION = "mloc/v1"
+NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$"
+_NAME = re.compile(NAME_PATTERN)
+
+
+class Strict(BaseModel):
+    """A section that rejects unknown fields, so a typo is an error instead of a silent default."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+CpuMilli = Annotated[
+    int,
+    BeforeValidator(parse_cpu),
+    PlainSerializer(format_cpu, return_type=str),
+    Field(json_schema_extra={"type": ["string", "number"], "examples": ["8", "500m", 0.5]}),
+]
+MemoryBytes = Annotated[
+    int,
+    BeforeValidator(parse_memory),
+    PlainSerializer(format_memory, return_type=str),
+    Field(json_schema_extra={"type": ["string", "integer"], "examples": ["32Gi", "512Mi"]}),
+]
+
+
+def check_name(value: str, what: str) -> str:
+    if not _NAME.match(value) or ".." in value:
+        raise ValueError(
+            f"{what} {value!r} must be 1-128 letters, digits, '.', '_' or '-', "
+            "starting and ending with a letter or digit"
+        )
+    return value
+
+
+class Metadata(Strict):
+    name: str | None = Field(None, description="A name for people; defaults to the task type.")
+    owner: str | None = Field(None, description="Who the task belongs to; usage is accounted to them.")
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        return None if value is None else check_name(value, "name")
+
+    @field_validator("owner")
+    @classmethod
+    def _owner(cls, value: str | None) -> str | None:
+        return None if value is None else check_name(value, "owner")
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > 64:
+            raise ValueError("at most 64 labels")
+        for key, item in value.items():
+            if len(key) > 128 or len(item) > 256:
+                raise ValueError(f"label {key!r}: keys are at most 128 characters, values 256")
+        return value
+
+
+class GpuRequest(Strict):
+    type: str = Field("any", description="'any', or a model such as 'A100', 'H100', 'L4', 'RTX 4090'.")
+    count: int = Field(0, ge=0, le=64)
+    memory: MemoryBytes | None = Field(None, description="Minimum memory per GPU, e.g. '40Gi'.")
+
+
+class Hardware(Strict):
+    cpu: CpuMilli = Field(0, description="CPU cores: '8', '0.5', '500m'.")
+    memory: MemoryBytes = Field(0, description="RAM: '32Gi', '512Mi'.")
+    gpu: GpuRequest = Field(default_factory=GpuRequest)
+
+
+class Resources(Strict):
+    replicas: int = Field(1, ge=1, le=64)
+    hardware: Hardware = Field(default_factory=Hardware)
+    tags: list[str] = Field(default_factory=list, description="Tags a worker must all carry.")
+
+
+class SourceType(StrEnum):
+    HUGGINGFACE = "huggingface"
+    LOCAL = "local"
+    PACKAGE = "package"
+
+
+class ModelSource(Strict):
+    type: SourceType = SourceType.HUGGINGFACE
+    identifier: str = Field(
+        ...,
+        min_length=1,
+        max_length=512,
+        description="Hub id (from the local cache), a local folder or .gguf file, or a packaged model name.",
+    )
+    revision: str | None = None
+
+
+class VllmOptions(BaseModel):
+    """Passed through to vLLM's engine as keyword arguments."""
+
+    model_config = ConfigDict(extra="allow")
+
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_model_len: int | None = Field(None, ge=16)
+    dtype: str | None = None
+    enforce_eager: bool | None = None
+
+
+class AdapterType(StrEnum):
+    LORA = "lora"
+    QLORA = "qlora"
+
+
+class Adapter(Strict):
+    type: AdapterType = AdapterType.LORA
+    r: int = Field(16, ge=1, le=4096)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] | None = None
+    path: str | None = Field(None, description="At inference: a LoRA folder, or the id of the task that made it.")
+
+
+class Engine(StrEnum):
+    AUTO = "auto"
+    VLLM = "vllm"
+    TRANSFORMERS = "transformers"
+
+
+class ModelSpec(Strict):
+    source: ModelSource
+    engine: Engine = Field(Engine.AUTO, description="Inference engine; 'auto' takes vLLM where installed.")
+    vllm: VllmOptions = Field(default_factory=VllmOptions)
+    adapter: Adapter | None = None
+
+
+class SpecBase(Strict):
+    """Fields every task type shares; each task type subclasses it and fixes ``task_type``."""
+
+    kind: ClassVar[str]
+    task_type: str = Field(..., alias="taskType")
+    topic: str | None = Field(
+        None, max_length=128, description="Queue topic; defaults to 'tasks.<taskType>'."
+    )
+    priority: int = Field(0, ge=-1000, le=1000, description="Higher runs first.")
+    retries: int | None = Field(
+        None, ge=0, le=100, description="Times the task is retried after its worker is lost."
+    )
+    resources: Resources = Field(default_factory=Resources)
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, value: str | None) -> str | None:
+        return None if value is None else check_name(value, "topic")
+
+    @property
+    def effective_topic(self) -> str:
+        return self.topic or f"tasks.{self.task_type}"
+
+    def model_identifier(self) -> str | None:
+        model = getattr(self, "model", None)
+        return model.source.identifier if isinstance(model, ModelSpec) else None
+
+
+class Document(Strict):
+    """The envelope of every task file: apiVersion, kind, metadata and the typed spec."""
+
+    api_version: Literal["mloc/v1"] = Field(API_VERSION, alias="apiVersion")
+    kind: str
+    metadata: Metadata = Field(default_factory=Metadata)
+    spec: SpecBase
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)

@@ -1,0 +1,195 @@
+"""Turn a task file or request body (YAML or JSON) into a validated :class:`Document`.
+
+Errors name the field's path (``spec.inference.max_tokens``), what was wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import uuid
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from mloc.errors import PayloadTooLarge, SpecError
+from mloc.spec.base import API_VERSION, Document
+from mloc.spec.registry import document_model, kinds, spec_types
+
+MAX_DOCUMENT_BYTES = 1 << 20
+MAX_DEPTH = 32
+ENVELOPE = ("apiVersion", "kind", "metadata", "spec")
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors and aliases, which YAML bombs are made of."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise SpecError(
+                f"YAML aliases are not allowed in task files (line {event.start_mark.line + 1}); "
+                "write the value out in full"
+            )
+        return super().compose_node(parent, index)
+
+
+def parse_body(data: bytes | str, content_type: str | None = None, *, limit: int = MAX_DOCUMENT_BYTES) -> Any:
+    """Parse YAML or JSON text into plain data, refusing oversized or hostile documents."""
+    raw = data.encode() if isinstance(data, str) else data
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"task body is {len(raw)} bytes; the limit is {limit} (MLOC_MAX_BODY_BYTES)")
+    if not raw.strip():
+        raise SpecError("the task body is empty; send a mloc/v1 task as YAML or JSON")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"the task body is not UTF-8 text (byte {exc.start})") from exc
+    wants_json = bool(content_type and "json" in content_type)
+    if wants_json or text.lstrip().startswith(("{", "[")):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            if wants_json and not text.lstrip().startswith(("{", "[")):
+                pass  # seed 2 posts YAML with a JSON content type: fall through to YAML
+            else:
+                raise SpecError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"invalid YAML{where}: {exc.problem or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise SpecError(f"invalid YAML: {exc}") from exc
+
+
+def _depth(value: Any, level: int = 0) -> int:
+    if level > MAX_DEPTH:
+        return level
+    if isinstance(value, dict):
+        return max((_depth(v, level + 1) for v in value.values()), default=level)
+    if isinstance(value, list):
+        return max((_depth(v, level + 1) for v in value), default=level)
+    return level
+
+
+def normalize(data: Any) -> dict[str, Any]:
+    """Accept both the full envelope and seed 2's fragments (``taskType`` at the top level)."""
+    if not isinstance(data, dict):
+        raise SpecError(
+            f"a task must be a mapping with apiVersion, kind, metadata and spec; got {type(data).__name__}"
+        )
+    if _depth(data) > MAX_DEPTH:
+        raise SpecError(f"the task nests deeper than {MAX_DEPTH} levels")
+    if "spec" not in data and "taskType" in data:
+        envelope = {key: data[key] for key in ENVELOPE if key in data}
+        envelope["spec"] = {key: value for key, value in data.items() if key not in ENVELOPE}
+        data = envelope
+    data = dict(data)
+    spec = data.get("spec")
+    if not isinstance(spec, dict):
+        raise SpecError(
+            "missing 'spec': a task needs spec.taskType and its settings",
+            details=[{"path": "spec", "message": "required", "fix": "add a 'spec' mapping with a taskType"}],
+        )
+    version = data.setdefault("apiVersion", API_VERSION)
+    if version != API_VERSION:
+        raise SpecError(
+            f"apiVersion {version!r} is not supported; use {API_VERSION!r}",
+            details=[{"path": "apiVersion", "message": f"unsupported: {version!r}", "fix": f"set {API_VERSION}"}],
+        )
+    task_type = spec.get("taskType")
+    known = spec_types()
+    if task_type is None:
+        kind_map = kinds()
+        if data.get("kind") in kind_map:
+            spec = {**spec, "taskType": kind_map[data["kind"]]}
+            data["spec"] = spec
+            task_type = spec["taskType"]
+        else:
+            raise SpecError(
+                f"missing spec.taskType; use one of: {', '.join(known)}",
+                details=[{"path": "spec.taskType", "message": "required", "fix": f"one of {list(known)}"}],
+            )
+    if not isinstance(task_type, str) or task_type not in known:
+        hint = difflib.get_close_matches(str(task_type), list(known), n=1)
+        fix = f"did you mean {hint[0]!r}?" if hint else f"use one of: {', '.join(known)}"
+        raise SpecError(
+            f"unknown taskType {task_type!r}; {fix}",
+            details=[{"path": "spec.taskType", "message": f"unknown: {task_type!r}", "fix": fix}],
+        )
+    expected_kind = known[task_type].kind
+    kind = data.setdefault("kind", expected_kind)
+    if kind not in (expected_kind, "Task"):
+        raise SpecError(
+            f"kind {kind!r} does not match taskType {task_type!r}; use kind {expected_kind!r}",
+            details=[{"path": "kind", "message": f"{kind!r} vs taskType {task_type!r}", "fix": expected_kind}],
+        )
+    data["kind"] = expected_kind
+    return data
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """Field names (by alias) of the model found at ``loc``, for 'did you mean' hints."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
+            continue
+        field = current.model_fields.get(str(part)) or next(
+            (f for f in current.model_fields.values() if f.alias == part), None
+        )
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return [f.alias or name for name, f in current.model_fields.items()]
+    return []
+
+
+def describe(exc: ValidationError, model: type[BaseModel]) -> SpecError:
+    details = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        path = ".".join(str(part) for part in loc) or "(task)"
+        message = error["msg"].removeprefix("Value error, ")
+        fix = ""
+        if error["type"] == "extra_forbidden":
+            siblings = _fields_at(model, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), siblings, n=1)
+            message = "unknown field"
+            fix = f"did you mean {close[0]!r}?" if close else f"allowed here: {', '.join(siblings)}"
+        elif error["type"] == "missing":
+            message = "required field is missing"
+            fix = f"add '{loc[-1]}'"
+        elif error["type"] == "literal_error":
+            fix = message
+        details.append({"path": path, "message": message, "fix": fix})
+    summary = "; ".join(
+        f"{d['path']}: {d['message']}" + (f" ({d['fix']})" if d["fix"] else "") for d in details[:5]
+    )
+    if len(details) > 5:
+        summary += f"; and {len(details) - 5} more"
+    return SpecError(f"invalid task: {summary}", details=details)
+
+
+def validate(data: Any) -> Document:
+    """Validate plain data (already parsed) as a task; raises :class:`SpecError`."""
+    normalized = normalize(data)
+    model = document_model(normalized["spec"]["taskType"])
+    try:
+        return model.model_validate(normalized)
+    except ValidationError as exc:
+        raise describe(exc, model) from None
+
+
+def load(data: bytes | str, content_type: str | None = None, *, limit: int = MAX_DOCUMENT_BYTES) -> Document:
+    """Parse and validate a task body."""
+    return validate(parse_body(data, content_type, limit=limit))
+
+
+def default_name(document: Document) -> str:
+    return document.metadata.name or f"{document.spec.task_type}-{uuid.uuid4().hex[:6]}"

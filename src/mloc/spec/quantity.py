@@ -1,0 +1,78 @@
+"""Kubernetes-style resource quantities: CPU ("8", "500m", 2.5) and memory ("32Gi", "512M", 1024)."""
+
+from __future__ import annotations
+
+import re
+
+_CPU = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(m?)\s*$")
+_MEM = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|Pi|k|K|M|G|T|P|B)?\s*$")
+_MEM_FACTORS = {
+    None: 1,
+    "B": 1,
+    "k": 1000,
+    "K": 1000,
+    "M": 1000**2,
+    "G": 1000**3,
+    "T": 1000**4,
+    "P": 1000**5,
+    "Ki": 1024,
+    "Mi": 1024**2,
+    "Gi": 1024**3,
+    "Ti": 1024**4,
+    "Pi": 1024**5,
+}
+
+MAX_CPU_MILLI = 100_000 * 1000  # 100k cores: anything above is a typo
+MAX_MEMORY_BYTES = 1024**5  # 1 PiB
+
+
+def parse_cpu(value: object) -> int:
+    """CPU quantity to millicores; raises ValueError with the accepted forms."""
+    if isinstance(value, bool):
+        raise ValueError("cpu must be a number of cores such as 8, 0.5 or '500m'")
+    if isinstance(value, int | float):
+        milli = round(float(value) * 1000)
+    elif isinstance(value, str) and (m := _CPU.match(value)):
+        number = float(m.group(1))
+        milli = round(number) if m.group(2) else round(number * 1000)
+    else:
+        raise ValueError(f"cpu {value!r} is not a quantity; write cores such as '8', '0.5' or '500m'")
+    if milli < 0:
+        raise ValueError("cpu must not be negative")
+    if milli > MAX_CPU_MILLI:
+        raise ValueError(f"cpu {value!r} is more than {MAX_CPU_MILLI // 1000} cores; check the unit")
+    return milli
+
+
+def parse_memory(value: object) -> int:
+    """Memory quantity to bytes; raises ValueError with the accepted forms."""
+    if isinstance(value, bool):
+        raise ValueError("memory must be a quantity such as '32Gi' or '512Mi'")
+    if isinstance(value, int | float):
+        number, factor = float(value), 1
+    elif isinstance(value, str) and (m := _MEM.match(value)):
+        number, factor = float(m.group(1)), _MEM_FACTORS[m.group(2)]
+    else:
+        raise ValueError(
+            f"memory {value!r} is not a quantity; write bytes with a unit such as '32Gi', '512Mi' or '8G'"
+        )
+    total = round(number * factor)
+    if total < 0:
+        raise ValueError("memory must not be negative")
+    if total > MAX_MEMORY_BYTES:
+        raise ValueError(f"memory {value!r} is more than 1Pi; check the unit")
+    return total
+
+
+def format_cpu(milli: int) -> str:
+    return f"{milli // 1000}" if milli % 1000 == 0 else f"{milli}m"
+
+
+def format_memory(num_bytes: int) -> str:
+    for unit, factor in (("Ti", 1024**4), ("Gi", 1024**3), ("Mi", 1024**2), ("Ki", 1024)):
+        if num_bytes >= factor and num_bytes % factor == 0:
+            return f"{num_bytes // factor}{unit}"
+    for unit, factor in (("Ti", 1024**4), ("Gi", 1024**3), ("Mi", 1024**2)):
+        if num_bytes >= factor:
+            return f"{num_bytes / factor:.1f}{unit}"
+    return str(num_bytes)

@@ -1,0 +1,54 @@
+"""Which spec model validates which ``taskType``; third-party task types plug in by entry point."""
+
+from __future__ import annotations
+
+import functools
+from importlib.metadata import entry_points
+
+from mloc.spec.agent import AgentSpec
+from mloc.spec.base import Document, SpecBase
+from mloc.spec.echo import EchoSpec
+from mloc.spec.inference import InferenceSpec
+from mloc.spec.rag import RagSpec
+from mloc.spec.train import DPOSpec, GRPOSpec, PPOSpec, SFTSpec
+
+ENTRY_POINT_GROUP = "mloc.task_specs"
+
+BUILTIN: dict[str, type[SpecBase]] = {
+    "inference": InferenceSpec,
+    "sft": SFTSpec,
+    "ppo": PPOSpec,
+    "dpo": DPOSpec,
+    "grpo": GRPOSpec,
+    "rag_inference": RagSpec,
+    "agent_inference": AgentSpec,
+    "echo": EchoSpec,
+}
+
+
+@functools.cache
+def spec_types() -> dict[str, type[SpecBase]]:
+    """All known task types: the built-ins plus ``mloc.task_specs`` entry points."""
+    types = dict(BUILTIN)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in types:
+            cls = ep.load()
+            if isinstance(cls, type) and issubclass(cls, SpecBase):
+                types[ep.name] = cls
+    return types
+
+
+@functools.cache
+def document_model(task_type: str) -> type[Document]:
+    """The envelope model whose ``spec`` is this task type's spec."""
+    spec_cls = spec_types()[task_type]
+    return type(
+        f"{spec_cls.kind}Document",
+        (Document,),
+        {"__annotations__": {"spec": spec_cls}, "__module__": __name__},
+    )
+
+
+def kinds() -> dict[str, str]:
+    """kind -> taskType."""
+    return {cls.kind: name for name, cls in spec_types().items()}

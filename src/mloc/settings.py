@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     shutdown_grace_sec: float = Field(30.0, ge=0, validation_alias=_env("MLOC_SHUTDOWN_GRACE_SEC"))
     models_dir: Path | None = Field(None, validation_alias=_env("MLOC_MODELS_DIR"))
     vllm_model: str | None = Field(None, validation_alias=_env("VLLM_MODEL"))
+    # Task types whose executors run under another Python environment: "ppo=/opt/ppo/bin/python,...".
+    executor_python: str = Field("", validation_alias=_env("MLOC_EXECUTOR_PYTHON"))
 
     # Client (CLI)
     api_url: str | None = Field(None, validation_alias=_env("MLOC_API_URL"))
@@ -87,6 +89,11 @@ class Settings(BaseSettings):
     @property
     def tags(self) -> list[str]:
         return _split_csv(self.worker_tags)
+
+    @property
+    def executor_pythons(self) -> dict[str, str]:
+        pairs = (item.split("=", 1) for item in _split_csv(self.executor_python) if "=" in item)
+        return {task.strip(): python.strip() for task, python in pairs}
 
     @property
     def resolved_worker_id(self) -> str:

@@ -143,6 +143,11 @@ class Executor(ABC):
     def run(self, ctx: RunContext) -> dict[str, Any]:
         """Run one task and return its result (it becomes responses.json)."""
 
+    def warm_models(self) -> list[str]:
+        """Keys of the models this executor holds loaded ("engine:model"); the scheduler prefers a
+        worker that already has a task's model."""
+        return []
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the executor keeps between tasks (loaded models)."""
 

@@ -30,6 +30,11 @@ def task_logs(task_id: str) -> str:
     return f"{PREFIX}:task:{task_id}:logs"
 
 
+def task_metrics(task_id: str) -> str:
+    """List of the task's per-step metrics (JSON objects), oldest first."""
+    return f"{PREFIX}:task:{task_id}:metrics"
+
+
 def tasks_in_state(state: str) -> str:
     """Zset of task ids in one state (created_at ms), so listing by state is cheap."""
     return f"{PREFIX}:tasks:state:{state}"

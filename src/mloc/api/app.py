@@ -1,0 +1,172 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mloc import __version__
+from mloc.api import admin, misc, tasks, workers
+from mloc.connection import connect, redact, resolve_url
+from mloc.errors import MlocError
+from mloc.service import Orchestrator
+from mloc.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+class BodyLimit:
+    """Refuse request bodies over the limit before they are read into memory."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        bulk = scope.get("path", "").endswith("/bulk")
+        limit = self.limit * 16 if bulk else self.limit
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(send, int(declared), limit)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _TooLarge(seen)
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge as exc:
+            await self._refuse(send, exc.size, limit)
+
+    @staticmethod
+    async def _refuse(send: Send, size: int, limit: int) -> None:
+        body = (
+            b'{"ok":false,"error":"payload_too_large","message":"request body is over the limit of '
+            + str(limit).encode()
+            + b' bytes (MLOC_MAX_BODY_BYTES)"}'
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+def create_app(settings: Settings | None = None, *, redis: aioredis.Redis | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        url = resolve_url(settings) if redis is None else None
+        client = redis or await connect(url or "")
+        orch = Orchestrator(client, settings)
+        app.state.orchestrator = orch
+        if settings.admin_token is None:
+            log.warning(
+                "AUTHENTICATION IS OFF: ORCHESTRATOR_TOKEN is not set, so anyone who can reach this "
+                "port can submit and cancel tasks. Set ORCHESTRATOR_TOKEN for any shared deployment."
+            )
+        log.info("orchestrator ready (Redis %s)", redact(url) if url else "given")
+        stop = asyncio.Event()
+        loops = [
+            asyncio.create_task(orch.run_scheduler(stop), name="scheduler"),
+            asyncio.create_task(orch.run_reaper(stop), name="reaper"),
+        ]
+        try:
+            yield
+        finally:
+            stop.set()
+            for loop in loops:
+                loop.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            if redis is None:
+                await client.aclose()
+
+    app = FastAPI(
+        title="MLOC orchestrator",
+        version=__version__,
+        description="Submit and follow LLM tasks (inference, fine-tuning, RLHF, RAG, agents) on a worker fleet.",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(MlocError)
+    async def mloc_error(request: Request, exc: MlocError) -> JSONResponse:
+        return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_params(request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [
+            {"path": ".".join(str(p) for p in err["loc"]), "message": err["msg"]} for err in exc.errors()
+        ]
+        text = "; ".join(f"{d['path']}: {d['message']}" for d in details[:5])
+        return JSONResponse(
+            {"ok": False, "error": "bad_request", "message": f"invalid request: {text}", "details": details},
+            status_code=422,
+        )
+
+    @app.exception_handler(aioredis.RedisError)
+    async def redis_down(request: Request, exc: aioredis.RedisError) -> JSONResponse:
+        log.error("Redis error on %s: %s", request.url.path, exc)
+        return JSONResponse(
+            {"ok": False, "error": "unavailable", "message": f"the state store is unavailable: {exc}"},
+            status_code=503,
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        return JSONResponse(
+            {"ok": False, "error": "internal_error", "message": f"{type(exc).__name__}: {exc}"},
+            status_code=500,
+        )
+
+    for router in (tasks.router, workers.router, admin.router, misc.router):
+        app.include_router(router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            schema.setdefault("components", {}).setdefault("schemas", {})["Task"] = {
+                "type": "object",
+                "description": "A mloc/v1 task; GET /api/v1/schema has the full JSON Schema.",
+            }
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app

@@ -1,0 +1,54 @@
+"""Health, readiness, usage statistics and the task JSON Schema."""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
+
+from mloc import __version__
+from mloc.api.deps import Caller, Orch
+from mloc.spec import json_schema
+
+router = APIRouter()
+
+
+@router.get("/healthz", tags=["health"])
+@router.get("/health", tags=["health"])
+async def health(orch: Orch) -> dict[str, Any]:
+    """Liveness: the process answers. Redis reachability is reported, not required."""
+    try:
+        redis_ok = bool(await orch.redis.ping())
+    except Exception:
+        redis_ok = False
+    return {"ok": True, "status": "ok", "version": __version__, "redis": "ok" if redis_ok else "unreachable"}
+
+
+@router.get("/readyz", tags=["health"])
+async def ready(orch: Orch) -> JSONResponse:
+    """Readiness: 200 only when Redis answers."""
+    try:
+        await orch.redis.ping()
+    except Exception as exc:
+        return JSONResponse({"ok": False, "status": "redis unreachable", "error": str(exc)}, status_code=503)
+    return JSONResponse({"ok": True, "status": "ready"})
+
+
+@router.get("/api/v1/stats", tags=["stats"])
+async def stats(
+    orch: Orch,
+    who: Caller,
+    user: Annotated[str | None, Query(max_length=128)] = None,
+    start_date: date | None = None,
+    end_date: date | None = None,
+) -> dict[str, Any]:
+    """Usage per user and UTC day: tasks by type and final state, tokens, wall and GPU seconds."""
+    return await orch.stats(orch.check_stats_access(who, user), start_date, end_date)
+
+
+@router.get("/api/v1/schema", tags=["tasks"])
+async def schema() -> dict[str, Any]:
+    """JSON Schema of mloc/v1 tasks, for editors and client-side validation."""
+    return json_schema()

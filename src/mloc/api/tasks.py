@@ -1,0 +1,179 @@
+"""/api/v1/tasks: submit, list, show, result, cancel, logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from mloc import keys, lifecycle
+from mloc.api.deps import Caller, Orch, TaskId
+from mloc.errors import BadRequest, NotFound, SpecError
+from mloc.records import TaskRecord
+from mloc.spec import Document, parse_body, validate
+from mloc.state import TaskState
+from mloc.users import Principal
+
+router = APIRouter(prefix="/api/v1/tasks", tags=["tasks"])
+
+TASK_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "text/yaml": {"schema": {"type": "string"}},
+            "application/json": {"schema": {"$ref": "#/components/schemas/Task"}},
+        },
+        "description": "A mloc/v1 task as YAML or JSON (see GET /api/v1/schema).",
+    }
+}
+
+
+async def _body(request: Request, limit: int) -> Any:
+    raw = await request.body()
+    return parse_body(raw, request.headers.get("content-type"), limit=limit)
+
+
+def _own(record: TaskRecord, who: Principal) -> TaskRecord:
+    if not who.admin and record.owner != who.name:
+        # Same answer as a missing task, so ids of other users' tasks are not disclosed.
+        raise NotFound(f"task {record.task_id} not found")
+    return record
+
+
+@router.post("", status_code=201, openapi_extra=TASK_BODY)
+async def submit(
+    request: Request,
+    orch: Orch,
+    who: Caller,
+    dry_run: Annotated[bool, Query(description="Validate and show placement only.")] = False,
+) -> dict[str, Any]:
+    """Submit a task. The answer names the worker it was placed on, or why it waits."""
+    document = validate(await _body(request, orch.settings.max_body_bytes))
+    if dry_run:
+        return await orch.dry_run(document, who)
+    return await orch.submit(document, who)
+
+
+@router.post("/bulk", status_code=201, openapi_extra=TASK_BODY)
+async def submit_bulk(request: Request, orch: Orch, who: Caller) -> dict[str, Any]:
+    """Submit many tasks at once: a JSON list, {"tasks": [...]}, or a multi-document YAML stream.
+    All are validated first; if any is invalid, none is stored."""
+    raw = await request.body()
+    content_type = request.headers.get("content-type") or ""
+    items: Any
+    if raw.lstrip().startswith((b"[", b"{")) or "json" in content_type:
+        items = parse_body(raw, "application/json", limit=orch.settings.max_body_bytes * 16)
+        if isinstance(items, dict):
+            items = items.get("tasks")
+    else:
+        import yaml
+
+        from mloc.spec.loader import _NoAliasLoader
+
+        if len(raw) > orch.settings.max_body_bytes * 16:
+            raise BadRequest("bulk body too large")
+        items = list(yaml.load_all(raw.decode("utf-8", "replace"), Loader=_NoAliasLoader))
+    if not isinstance(items, list) or not items:
+        raise BadRequest('send a non-empty JSON list of tasks, {"tasks": [...]}, or YAML documents')
+    documents: list[Document] = []
+    problems = []
+    for index, item in enumerate(items):
+        try:
+            documents.append(validate(item))
+        except SpecError as exc:
+            problems.append({"index": index, "message": exc.message, "details": exc.details})
+    if problems:
+        raise SpecError(
+            f"{len(problems)} of {len(items)} tasks are invalid; nothing was stored",
+            details=problems[:50],
+        )
+    results = await orch.submit_many(documents, who)
+    return {"ok": True, "count": len(results), "tasks": results}
+
+
+@router.get("")
+async def list_tasks(
+    orch: Orch,
+    who: Caller,
+    page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+    page_size: Annotated[int, Query(ge=1, le=500)] = 20,
+    state: TaskState | None = None,
+    owner: Annotated[str | None, Query(max_length=128)] = None,
+    task_type: Annotated[str | None, Query(max_length=64)] = None,
+) -> dict[str, Any]:
+    """Tasks, newest first; a user sees their own, the admin everyone's."""
+    if not who.admin:
+        owner = who.name
+    items, total = await orch.store.page(
+        page=page, page_size=page_size, state=state, owner=owner, task_type=task_type
+    )
+    return {
+        "ok": True,
+        "page": page,
+        "page_size": page_size,
+        "total": total,
+        "items": [item.model_dump(mode="json", exclude={"spec"}) for item in items],
+    }
+
+
+@router.get("/{task_id}")
+async def show_task(task_id: TaskId, orch: Orch, who: Caller) -> dict[str, Any]:
+    record = _own(await orch.store.get(task_id), who)
+    body = record.model_dump(mode="json")
+    body["ok"] = True
+    return body
+
+
+@router.get("/{task_id}/result")
+async def task_result(task_id: TaskId, orch: Orch, who: Caller) -> JSONResponse:
+    """The task's full result (responses.json), readable wherever the worker ran."""
+    record = _own(await orch.store.get(task_id, with_spec=False), who)
+    result = await orch.store.result(task_id)
+    if result is None:
+        raise NotFound(f"task {task_id} has no result yet (it is {record.state})")
+    return JSONResponse(result)
+
+
+@router.post("/{task_id}/cancel")
+async def cancel_task(task_id: TaskId, orch: Orch, who: Caller) -> dict[str, Any]:
+    _own(await orch.store.get(task_id, with_spec=False), who)
+    outcome = await lifecycle.cancel(orch.store, task_id, by=who.name)
+    state = "cancelling" if outcome.state == TaskState.RUNNING else "cancelled"
+    return {"ok": True, "task_id": task_id, "state": state}
+
+
+@router.get("/{task_id}/logs")
+async def task_logs(
+    task_id: TaskId,
+    orch: Orch,
+    who: Caller,
+    follow: bool = False,
+    since: Annotated[str, Query(pattern=r"^(\d+-\d+|0)$")] = "0",
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> Any:
+    """Log lines and events of a task; ``follow=true`` streams them (server-sent events) until it ends."""
+    _own(await orch.store.get(task_id, with_spec=False), who)
+    stream = keys.task_logs(task_id)
+    if not follow:
+        entries = await orch.redis.xrange(stream, min="-" if since == "0" else f"({since}", count=limit)
+        return {"ok": True, "task_id": task_id, "lines": [{"id": i, **f} for i, f in entries]}
+
+    async def events() -> AsyncIterator[bytes]:
+        last = since
+        while True:
+            reply = await orch.redis.xread({stream: last}, count=500, block=1000)
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    yield f"id: {entry_id}\ndata: {json.dumps(fields)}\n\n".encode()
+            state = await orch.redis.hget(keys.task(task_id), "state")
+            if state in {s.value for s in TaskState if s.terminal} and not reply:
+                yield f"event: end\ndata: {json.dumps({'state': state})}\n\n".encode()
+                return
+            await asyncio.sleep(0)
+
+    return StreamingResponse(events(), media_type="text/event-stream")

@@ -1,0 +1,137 @@
+"""Redis + orchestrator + workers as real processes on this machine: `mloc up`, `mloc run`, tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+from mloc import embedded
+from mloc.errors import ConfigError
+
+
+@dataclass
+class LocalCluster:
+    home: Path
+    port: int = 0
+    workers: int = 1
+    redis_url: str | None = None
+    topics: str = "tasks.*"
+    results_dir: Path | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    worker_env: list[Mapping[str, str]] = field(default_factory=list)
+    log_dir: Path | None = None
+    quiet: bool = True
+    redis: embedded.EmbeddedRedis | None = None
+    orchestrator: subprocess.Popen[bytes] | None = None
+    worker_procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _base_env(self) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("MLOC_", "REDIS_URL", "WORKER_", "TASK_TOPICS"))
+        }
+        env.update({"MLOC_HOME": str(self.home), "REDIS_URL": self.redis_url or "", "PYTHONUNBUFFERED": "1"})
+        env.update(self.env)
+        return env
+
+    def _output(self, name: str) -> int | object:
+        if self.log_dir is None:
+            return subprocess.DEVNULL if self.quiet else None
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        return open(self.log_dir / f"{name}.log", "ab")
+
+    def start(self, timeout: float = 60.0) -> LocalCluster:
+        self.home.mkdir(parents=True, exist_ok=True)
+        if self.redis_url is None:
+            self.redis = embedded.start(self.home)
+            self.redis_url = self.redis.url
+        self.port = self.port or embedded.free_port()
+        env = self._base_env() | {"MLOC_PORT": str(self.port), "MLOC_HOST": "127.0.0.1"}
+        self.orchestrator = subprocess.Popen(
+            [sys.executable, "-m", "mloc.cli", "start", "--node-type", "orchestrator"],
+            env=env,
+            stdout=self._output("orchestrator"),
+            stderr=subprocess.STDOUT,  # type: ignore[arg-type]
+        )
+        for index in range(self.workers):
+            self.add_worker(
+                f"local-{index + 1}", self.worker_env[index] if index < len(self.worker_env) else {}
+            )
+        self.wait_ready(timeout)
+        return self
+
+    def add_worker(self, worker_id: str, extra: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+        env = self._base_env() | {
+            "WORKER_ID": worker_id,
+            "TASK_TOPICS": self.topics,
+            "RESULTS_DIR": str(self.results_dir or self.home / "results"),
+            "HEARTBEAT_INTERVAL_SEC": "1",
+        }
+        env.update(extra or {})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mloc.worker.listener"],
+            env=env,
+            stdout=self._output(worker_id),
+            stderr=subprocess.STDOUT,  # type: ignore[arg-type]
+        )
+        self.worker_procs[worker_id] = proc
+        return proc
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            for name, proc in [("orchestrator", self.orchestrator), *self.worker_procs.items()]:
+                if proc is not None and proc.poll() is not None:
+                    where = f"; see {self.log_dir / (name + '.log')}" if self.log_dir else ""
+                    raise ConfigError(f"{name} exited with code {proc.returncode} during start-up{where}")
+            with contextlib.suppress(httpx.HTTPError):
+                workers = httpx.get(f"{self.api_url}/workers", timeout=1).json()
+                active = {w["worker_id"] for w in workers.get("items", []) if w["status"] == "active"}
+                if set(self.worker_procs) <= active:
+                    return
+            if time.monotonic() > deadline:
+                raise ConfigError(f"the local cluster was not ready after {timeout:.0f}s")
+            time.sleep(0.1)
+
+    def stop_worker(self, worker_id: str, sig: int = signal.SIGTERM, timeout: float = 60.0) -> None:
+        proc = self.worker_procs.pop(worker_id)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def stop(self) -> None:
+        for worker_id in list(self.worker_procs):
+            self.stop_worker(worker_id)
+        if self.orchestrator is not None and self.orchestrator.poll() is None:
+            self.orchestrator.terminate()
+            try:
+                self.orchestrator.wait(15)
+            except subprocess.TimeoutExpired:
+                self.orchestrator.kill()
+        if self.redis is not None:
+            self.redis.stop()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.stop()

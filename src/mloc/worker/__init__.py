@@ -1,0 +1,1 @@
+"""The worker: registers its hardware, takes assignments from its stream and runs executors."""

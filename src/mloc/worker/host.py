@@ -1,0 +1,124 @@
+"""The executor process: runs tasks one at a time for its worker, keeping executors (and the models
+they loaded) alive between tasks.
+
+Protocol: the worker writes JSON lines to stdin ({"op": "run" | "cancel" | "shutdown", ...}); this
+process writes JSON events to the file descriptor named by MLOC_HOST_EVENT_FD. Its stdout and stderr
+are the task's log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Any
+
+from mloc.errors import ExecutionError, MlocError, TaskCancelled
+from mloc.executors.base import Executor, RunContext
+from mloc.executors.registry import executor_for
+from mloc.spec import validate
+
+EVENT_FD_ENV = "MLOC_HOST_EVENT_FD"
+
+
+class Host:
+    def __init__(self, event_fd: int) -> None:
+        self._events = os.fdopen(event_fd, "w", buffering=1, encoding="utf-8")
+        self._lock = threading.Lock()
+        self._inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._cancel = threading.Event()
+        self._executors: dict[str, Executor] = {}
+
+    def emit(self, event: dict[str, Any]) -> None:
+        line = json.dumps(event, default=str)
+        with self._lock:
+            self._events.write(line + "\n")
+            self._events.flush()
+
+    def _read_commands(self) -> None:
+        for line in sys.stdin:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if message.get("op") == "cancel":
+                self._cancel.set()
+            elif message.get("op") == "run":
+                self._inbox.put(message)
+            elif message.get("op") == "shutdown":
+                break
+        self._cancel.set()
+        self._inbox.put(None)
+
+    def _executor(self, task_type: str) -> Executor:
+        if task_type not in self._executors:
+            info = executor_for(task_type)
+            if info is None:
+                raise ExecutionError(f"no executor for task type {task_type!r} in this environment")
+            if info.missing:
+                raise ExecutionError(
+                    f"the {task_type} executor needs {', '.join(info.missing)}, which this environment lacks"
+                )
+            self._executors[task_type] = info.cls()
+        return self._executors[task_type]
+
+    def _run(self, message: dict[str, Any]) -> None:
+        self._cancel.clear()
+        try:
+            document = validate(message["document"])
+            ctx = RunContext(
+                task_id=message["task_id"],
+                attempt=message["attempt"],
+                owner=message["owner"],
+                document=document,
+                out_dir=Path(message["out_dir"]),
+                models_dir=Path(message["models_dir"]),
+                worker_id=message["worker_id"],
+                gpu_indices=message.get("gpus", []),
+                emit=self.emit,
+                cancel_event=self._cancel,
+            )
+            executor = self._executor(document.spec.task_type)
+            result = executor.run(ctx)
+            if not isinstance(result, dict):
+                raise ExecutionError(f"the executor returned {type(result).__name__}, not a result dict")
+            self.emit({"ev": "done", "result": result})
+        except TaskCancelled as exc:
+            self.emit({"ev": "error", "code": "cancelled", "message": str(exc)})
+        except MlocError as exc:
+            self.emit({"ev": "error", "code": exc.code, "message": exc.message})
+        except MemoryError:
+            self.emit({"ev": "error", "code": "out_of_memory", "message": "the executor ran out of memory"})
+        except Exception as exc:
+            traceback.print_exc()
+            self.emit({"ev": "error", "code": "executor_error", "message": f"{type(exc).__name__}: {exc}"})
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        warm = [key for ex in self._executors.values() for key in ex.warm_models()]
+        self.emit({"ev": "idle", "warm_models": warm})
+
+    def serve(self) -> None:
+        threading.Thread(target=self._read_commands, name="commands", daemon=True).start()
+        self.emit({"ev": "ready", "pid": os.getpid()})
+        while (message := self._inbox.get()) is not None:
+            self._run(message)
+        for executor in self._executors.values():
+            try:
+                executor.close()
+            except Exception:
+                traceback.print_exc()
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    Host(int(os.environ[EVENT_FD_ENV])).serve()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,515 @@
+"""The worker process: registration, heartbeats, the assignment loop and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from mloc import __version__, keys, lifecycle
+from mloc.connection import connect, redact, resolve_url
+from mloc.errors import ExecutionError, MlocError, TaskCancelled
+from mloc.executors.base import RunContext, write_json_atomic
+from mloc.executors.registry import available_task_types, capabilities, executor_for
+from mloc.registry import Registration, WorkerRegistry
+from mloc.settings import Settings, get_settings
+from mloc.spec import validate
+from mloc.state import Reason, TaskState
+from mloc.store import TaskStore
+from mloc.worker import hardware
+from mloc.worker.process import HostDied, HostKey, HostPool, HostProcess, default_python
+from mloc.worker.reporter import Reporter
+
+log = logging.getLogger(__name__)
+CANCEL_GRACE_SEC = 10.0
+
+
+@dataclass
+class Running:
+    task_id: str
+    attempt: int
+    cancel_event: asyncio.Event = field(default_factory=asyncio.Event)
+    stop_reason: str | None = None  # "cancelled" or "shutdown"
+    host: HostProcess | None = None
+    inline_cancel: Any = None  # threading.Event of an inline executor
+
+
+class Worker:
+    def __init__(self, settings: Settings, redis: aioredis.Redis) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.store = TaskStore(redis)
+        self.registry = WorkerRegistry(redis)
+        self.worker_id = settings.resolved_worker_id
+        self.results_dir = settings.results_dir.resolve()
+        self.models_dir = settings.resolved_models_dir.resolve()
+        self.hardware = hardware.detect(settings)
+        self.task_types = available_task_types()
+        self.pool = HostPool(env={"MLOC_MODELS_DIR": str(self.models_dir)})
+        self.running: dict[str, Running] = {}
+        self.stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------ membership
+    async def _recover(self, reason_code: str, reason: str) -> None:
+        """Hand back whatever an earlier incarnation of this worker id held."""
+        await self.registry.set_status(self.worker_id, "restarting")
+        for task_id in await self.registry.task_ids(self.worker_id):
+            if task_id in self.running:
+                continue
+            outcome = await lifecycle.requeue(
+                self.store, task_id, worker_id=self.worker_id, reason_code=reason_code, reason=reason
+            )
+            if not outcome.ok:
+                await self.redis.srem(keys.worker_tasks(self.worker_id), task_id)
+        stream = keys.worker_stream(self.worker_id)
+        await self.redis.delete(stream)
+        await self.redis.xgroup_create(stream, keys.WORKER_GROUP, id="0", mkstream=True)
+
+    async def register(self) -> None:
+        await self._recover(Reason.WORKER_RESTARTED, f"worker {self.worker_id} restarted")
+        await self.registry.register(
+            Registration(
+                worker_id=self.worker_id,
+                hostname=socket.gethostname(),
+                pid=os.getpid(),
+                topics=self.settings.topics,
+                tags=self.settings.tags,
+                task_types=self.task_types,
+                capabilities=capabilities(),
+                hardware=self.hardware,
+                cpu_milli=self.hardware["cpu_milli"],
+                memory_bytes=self.hardware["memory_bytes"],
+                slots=self.settings.worker_slots,
+                version=__version__,
+            )
+        )
+        log.info(
+            "worker %s registered: topics %s, task types %s, %d GPU(s), results in %s",
+            self.worker_id,
+            ",".join(self.settings.topics),
+            ",".join(self.task_types),
+            len(self.hardware["gpus"]),
+            self.results_dir,
+        )
+
+    async def _heartbeat_loop(self) -> None:
+        while not self.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), self.settings.heartbeat_interval_sec)
+            if self.stopping.is_set():
+                return
+            try:
+                warm = sorted(
+                    set(self.pool.warm_models())
+                    | {m for r in self.running.values() if r.host for m in r.host.warm_models}
+                )
+                answer = await self.registry.heartbeat(
+                    self.worker_id, {"warm_models": json.dumps(warm), "running": str(len(self.running))}
+                )
+                if answer != "ok":
+                    log.warning(
+                        "worker %s was marked %s; stopping its tasks and registering again",
+                        self.worker_id,
+                        answer,
+                    )
+                    for run in list(self.running.values()):
+                        await self._stop(run, "lost")
+                    await self.register()
+            except aioredis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    # --------------------------------------------------------------- control
+    async def _control_loop(self) -> None:
+        """Cancel requests: pub/sub for speed, plus a poll in case a message was missed."""
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(keys.worker_control(self.worker_id))
+        last_poll = 0.0
+        try:
+            while not self.stopping.is_set():
+                message = await pubsub.get_message(timeout=0.5)
+                if message is not None:
+                    with contextlib.suppress(ValueError, KeyError):
+                        task_id = json.loads(message["data"])["cancel"]
+                        if task_id in self.running:
+                            await self._stop(self.running[task_id], "cancelled")
+                if time.monotonic() - last_poll > 2.0 and self.running:
+                    last_poll = time.monotonic()
+                    ids = list(self.running)
+                    pipe = self.redis.pipeline(transaction=False)
+                    for task_id in ids:
+                        pipe.hget(keys.task(task_id), "cancel_requested")
+                    for task_id, flag in zip(ids, await pipe.execute(), strict=True):
+                        if flag == "1" and task_id in self.running:
+                            await self._stop(self.running[task_id], "cancelled")
+        except aioredis.RedisError as exc:
+            log.warning("control channel failed: %s", exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+    async def _stop(self, run: Running, why: str) -> None:
+        if run.stop_reason is not None:
+            return
+        run.stop_reason = why
+        run.cancel_event.set()
+        if run.inline_cancel is not None:
+            run.inline_cancel.set()
+        if run.host is not None:
+            await run.host.cancel()
+            host = run.host
+
+            async def kill_later() -> None:
+                await asyncio.sleep(CANCEL_GRACE_SEC)
+                if run.task_id in self.running and host.alive:
+                    log.warning(
+                        "task %s did not stop within %.0fs; killing its executor",
+                        run.task_id,
+                        CANCEL_GRACE_SEC,
+                    )
+                    await host.kill()
+
+            self._spawn(kill_later())
+
+    # ------------------------------------------------------------ assignments
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _consume_loop(self) -> None:
+        stream = keys.worker_stream(self.worker_id)
+        while not self.stopping.is_set():
+            try:
+                reply = await self.redis.xreadgroup(
+                    keys.WORKER_GROUP, self.worker_id, {stream: ">"}, count=64, block=500
+                )
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    await self.redis.xgroup_create(stream, keys.WORKER_GROUP, id="0", mkstream=True)
+                    continue
+                raise
+            except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+                log.warning("assignment stream unavailable: %s; retrying", exc)
+                await asyncio.sleep(1.0)
+                continue
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    if self.stopping.is_set():
+                        break  # left unacknowledged: handed back at shutdown
+                    self._spawn(self._handle(entry_id, fields))
+
+    async def _ack(self, entry_id: str) -> None:
+        stream = keys.worker_stream(self.worker_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xack(stream, keys.WORKER_GROUP, entry_id)
+        pipe.xdel(stream, entry_id)
+        await pipe.execute()
+
+    async def _handle(self, entry_id: str, fields: dict[str, str]) -> None:
+        task_id = fields["task"]
+        started = time.time()
+        start = await self.store.transition(
+            task_id,
+            TaskState.RUNNING,
+            sources=[TaskState.ASSIGNED],
+            expect_worker=self.worker_id,
+            new_attempt=True,
+            fields={"started_at": repr(started), "pending_reason": "", "reason": "", "reason_code": ""},
+            now=started,
+        )
+        if not start.ok:
+            await self._ack(entry_id)  # cancelled or moved meanwhile: nothing to run
+            return
+        body = json.loads(fields["body"])
+        run = Running(task_id, start.attempt)
+        self.running[task_id] = run
+        try:
+            await self._execute(run, body, started)
+        except aioredis.RedisError as exc:
+            log.error("task %s: Redis failed while finishing (%s); the reaper will requeue it", task_id, exc)
+        finally:
+            self.running.pop(task_id, None)
+            with contextlib.suppress(aioredis.RedisError):
+                await self._ack(entry_id)
+
+    async def _execute(self, run: Running, body: dict[str, Any], started: float) -> None:
+        task_id = run.task_id
+        document_data = body["spec"]
+        owner = body.get("owner", "")
+        gpus: list[int] = body.get("gpus", [])
+        task_type = document_data["spec"]["taskType"]
+        out_dir = self.results_dir / task_id
+        reporter = Reporter(self.redis, task_id, started)
+        result: dict[str, Any] | None = None
+        state, reason_code, reason = TaskState.FAILED, Reason.EXECUTOR_ERROR.value, ""
+        try:
+            result = await self._run_executor(run, task_type, document_data, owner, gpus, out_dir, reporter)
+            await asyncio.to_thread(write_json_atomic, out_dir / "responses.json", result)
+            state, reason_code, reason = TaskState.SUCCEEDED, "", ""
+        except TaskCancelled:
+            state, reason_code, reason = (
+                TaskState.CANCELLED,
+                Reason.CANCELLED_BY_USER.value,
+                "cancelled on request",
+            )
+        except HostDied as exc:
+            if run.stop_reason == "cancelled":
+                state, reason_code, reason = (
+                    TaskState.CANCELLED,
+                    Reason.CANCELLED_BY_USER.value,
+                    "cancelled (executor stopped)",
+                )
+            else:
+                reason_code, reason = Reason.EXECUTOR_CRASHED.value, str(exc)
+        except MlocError as exc:
+            reason_code = (
+                Reason.NO_EXECUTOR.value if exc.code == "no_executor" else Reason.EXECUTOR_ERROR.value
+            )
+            reason = exc.message
+        except OSError as exc:
+            reason = f"cannot write results to {out_dir}: {exc.strerror or exc}"
+        except Exception as exc:
+            log.exception("task %s failed", task_id)
+            reason = f"{type(exc).__name__}: {exc}"
+        finally:
+            await reporter.close()
+        if run.stop_reason in ("shutdown", "lost"):
+            await lifecycle.requeue(
+                self.store,
+                task_id,
+                worker_id=self.worker_id,
+                reason_code=Reason.WORKER_SHUTDOWN.value,
+                reason=f"worker {self.worker_id} stopped while the task ran",
+            )
+            return
+        if run.stop_reason == "cancelled" and state != TaskState.SUCCEEDED:
+            state, reason_code, reason = (
+                TaskState.CANCELLED,
+                Reason.CANCELLED_BY_USER.value,
+                "cancelled on request",
+            )
+        finished = time.time()
+        usage = self._usage(reporter, result, finished - started, len(gpus))
+        daily = self._daily(task_type, state, usage, gpus)
+        outcome = await self.store.transition(
+            task_id,
+            state,
+            sources=[TaskState.RUNNING],
+            expect_worker=self.worker_id,
+            expect_attempt=run.attempt,
+            release=True,
+            result=result if state == TaskState.SUCCEEDED else None,
+            usage=daily,
+            owner=owner,
+            fields={
+                "finished_at": repr(finished),
+                "usage": json.dumps(usage),
+                "reason": reason,
+                "reason_code": reason_code,
+                "cancel_requested": "",
+            },
+            now=finished,
+        )
+        if not outcome.ok:
+            log.warning(
+                "task %s: result not recorded (%s %s); it was moved elsewhere",
+                task_id,
+                outcome.error,
+                outcome.detail,
+            )
+        elif state != TaskState.SUCCEEDED:
+            log.info("task %s %s: %s", task_id, state, reason)
+
+    async def _run_executor(
+        self,
+        run: Running,
+        task_type: str,
+        document_data: dict[str, Any],
+        owner: str,
+        gpus: list[int],
+        out_dir: Path,
+        reporter: Reporter,
+    ) -> dict[str, Any]:
+        info = executor_for(task_type)
+        if info is None or not info.available:
+            missing = f" (missing {', '.join(info.missing)})" if info else ""
+            raise ExecutionError(f"worker {self.worker_id} cannot run {task_type!r} tasks{missing}")
+        document = validate(document_data)
+        python = self.settings.executor_pythons.get(task_type)
+        isolation = "process" if python else info.cls.isolation_for(document.spec)
+        if isolation == "inline":
+            import threading
+
+            loop = asyncio.get_running_loop()
+            ctx = RunContext(
+                task_id=run.task_id,
+                attempt=run.attempt,
+                owner=owner,
+                document=document,
+                out_dir=out_dir,
+                models_dir=self.models_dir,
+                worker_id=self.worker_id,
+                gpu_indices=gpus,
+                emit=lambda event: loop.call_soon_threadsafe(reporter.handle, event),
+                cancel_event=threading.Event(),
+            )
+            run.inline_cancel = ctx.cancel_event
+            return await asyncio.to_thread(info.cls().run, ctx)
+        key = HostKey(python or default_python(), tuple(gpus))
+        host = await self.pool.acquire(key, document.spec.model_identifier())
+        run.host = host
+        host.log_sink = reporter.log_line
+        if run.stop_reason is not None:
+            await host.cancel()
+        try:
+            outcome = await host.run(
+                {
+                    "task_id": run.task_id,
+                    "attempt": run.attempt,
+                    "owner": owner,
+                    "document": document_data,
+                    "out_dir": str(out_dir),
+                    "models_dir": str(self.models_dir),
+                    "worker_id": self.worker_id,
+                    "gpus": gpus,
+                },
+                reporter.handle,
+            )
+        finally:
+            run.host = None
+            await self.pool.release(host)
+        if outcome["ev"] == "done":
+            return outcome["result"]  # type: ignore[no-any-return]
+        if outcome.get("code") == "cancelled":
+            raise TaskCancelled(outcome.get("message", "cancelled"))
+        raise ExecutionError(outcome.get("message", "the executor failed"))
+
+    @staticmethod
+    def _usage(
+        reporter: Reporter, result: dict[str, Any] | None, wall: float, gpu_count: int
+    ) -> dict[str, float]:
+        usage = dict(reporter.usage)
+        if not usage and result and isinstance(result.get("usage"), dict):
+            usage = {
+                k: float(v)
+                for k, v in result["usage"].items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+        usage["wall_sec"] = round(wall, 6)
+        usage["gpu_seconds"] = round(wall * gpu_count, 6)
+        return usage
+
+    def _daily(
+        self, task_type: str, state: TaskState, usage: dict[str, float], gpus: list[int]
+    ) -> dict[str, float]:
+        daily = {
+            "tasks": 1.0,
+            f"tasks.{task_type}": 1.0,
+            f"tasks.{task_type}.{state}": 1.0,
+            f"state.{state}": 1.0,
+        }
+        for name in (
+            "wall_sec",
+            "gpu_seconds",
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "train_samples",
+            "train_tokens",
+        ):
+            if name in usage:
+                daily[name] = usage[name]
+        if gpus and usage.get("gpu_seconds"):
+            names = {g["index"]: g.get("name", "gpu") for g in self.hardware["gpus"]}
+            model = names.get(gpus[0], "gpu")
+            daily[f"gpu_seconds.{model}"] = usage["gpu_seconds"]
+        return daily
+
+    # -------------------------------------------------------------- lifecycle
+    async def run(self) -> None:
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        await self.register()
+        loops = [
+            asyncio.create_task(self._consume_loop(), name="consume"),
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._control_loop(), name="control"),
+        ]
+        await self.stopping.wait()
+        await self._drain(loops)
+
+    async def _drain(self, loops: list[asyncio.Task[None]]) -> None:
+        log.info("worker %s stopping: taking no new tasks", self.worker_id)
+        await self.registry.set_status(self.worker_id, "draining")
+        await asyncio.gather(loops[0], return_exceptions=True)
+        # Assigned but not started: hand back at once, without using an attempt.
+        for task_id in await self.registry.task_ids(self.worker_id):
+            if task_id not in self.running:
+                await lifecycle.requeue(
+                    self.store,
+                    task_id,
+                    worker_id=self.worker_id,
+                    reason_code=Reason.WORKER_SHUTDOWN.value,
+                    reason=f"worker {self.worker_id} shut down",
+                )
+        if self.running:
+            log.info(
+                "waiting up to %.0fs for %d running task(s)",
+                self.settings.shutdown_grace_sec,
+                len(self.running),
+            )
+            deadline = time.monotonic() + self.settings.shutdown_grace_sec
+            while self.running and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            for run in list(self.running.values()):
+                await self._stop(run, "shutdown")
+            while self.running:
+                await asyncio.sleep(0.1)
+        for loop in loops[1:]:
+            loop.cancel()
+        await asyncio.gather(*loops[1:], *self._tasks, return_exceptions=True)
+        await self.pool.close()
+        await self.registry.set_status(self.worker_id, "offline")
+        await self.redis.delete(keys.worker_stream(self.worker_id))
+        log.info("worker %s stopped", self.worker_id)
+
+    def request_stop(self) -> None:
+        self.stopping.set()
+
+
+async def serve(settings: Settings | None = None) -> None:
+    settings = settings or get_settings()
+    url = resolve_url(settings)
+    log.info("connecting to Redis at %s", redact(url))
+    redis = await connect(url)
+    worker = Worker(settings, redis)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.request_stop)
+    try:
+        await worker.run()
+    finally:
+        await redis.aclose()
+
+
+def main() -> None:
+    from mloc.logs import setup
+
+    settings = get_settings()
+    setup(settings.log_level, json_lines=settings.log_json)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Forwards an executor's events (progress, logs, metrics, usage, artifacts) to Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from mloc import keys
+
+log = logging.getLogger(__name__)
+LOG_RETENTION = 10_000  # log entries kept per task
+METRICS_RETENTION = 5_000
+
+
+class Reporter:
+    """Buffers events and writes them to Redis in batches, so a chatty executor costs few round trips."""
+
+    def __init__(self, redis: aioredis.Redis, task_id: str, started: float) -> None:
+        self.redis = redis
+        self.task_id = task_id
+        self.started = started
+        self.usage: dict[str, float] = {}
+        self.artifacts: dict[str, Any] = {}
+        self._buffer: list[dict[str, Any]] = []
+        self._wake = asyncio.Event()
+        self._closed = False
+        self._flusher = asyncio.create_task(self._run())
+
+    def handle(self, event: dict[str, Any]) -> None:
+        """Take an event; must be called on the event loop."""
+        kind = event.get("ev")
+        if kind == "usage":
+            for name, value in event.get("counters", {}).items():
+                if isinstance(value, int | float):
+                    self.usage[name] = self.usage.get(name, 0.0) + float(value)
+            return
+        if kind == "artifact":
+            self.artifacts[event["name"]] = {
+                "path": event["path"],
+                "kind": event["kind"],
+                **event.get("info", {}),
+            }
+        self._buffer.append(event)
+        self._wake.set()
+
+    def log_line(self, text: str, stream: str = "stdout") -> None:
+        self.handle({"ev": "log", "level": stream, "message": text, "ts": time.time()})
+
+    async def _run(self) -> None:
+        while not self._closed:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.flush()
+            await asyncio.sleep(0.05)
+
+    async def flush(self) -> None:
+        events, self._buffer = self._buffer, []
+        if not events:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        progress = None
+        for event in events:
+            kind = event.get("ev")
+            if kind == "log":
+                pipe.xadd(
+                    keys.task_logs(self.task_id),
+                    {
+                        "ts": str(event.get("ts", time.time())),
+                        "level": str(event.get("level", "INFO")),
+                        "message": str(event.get("message", ""))[:65536],
+                    },
+                    maxlen=LOG_RETENTION,
+                    approximate=True,
+                )
+            elif kind == "progress":
+                progress = event
+            elif kind == "metrics":
+                pipe.rpush(
+                    keys.task_metrics(self.task_id), json.dumps({"step": event["step"], **event["values"]})
+                )
+                pipe.ltrim(keys.task_metrics(self.task_id), -METRICS_RETENTION, -1)
+            elif kind == "artifact":
+                pipe.hset(keys.task(self.task_id), "artifacts", json.dumps(self.artifacts))
+        if progress is not None:
+            step, total = progress.get("step"), progress.get("total")
+            elapsed = time.time() - self.started
+            eta = None
+            if total and step and 0 < step < total:
+                eta = round(elapsed * (total - step) / step, 1)
+            body = {
+                "step": step,
+                "total": total,
+                "message": progress.get("message"),
+                "elapsed_sec": round(elapsed, 1),
+                "eta_sec": eta,
+                "updated_at": time.time(),
+            }
+            if total:
+                body["percent"] = round(100.0 * float(step or 0) / float(total), 1)
+            pipe.hset(keys.task(self.task_id), "progress", json.dumps(body))
+        try:
+            await pipe.execute()
+        except aioredis.RedisError as exc:
+            log.warning("could not record events of task %s: %s", self.task_id, exc)
+
+    async def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        self._flusher.cancel()
+        await asyncio.gather(self._flusher, return_exceptions=True)
+        await self.flush()

@@ -1,8 +1,8 @@
 """Every Redis key, stream, channel and consumer-group name MLOC uses, and nothing else.
 
-All keys share the ``mloc:`` prefix so a shared Redis can host MLOC beside other tenants, and the
-per-task and per-worker keys carry the id in a ``{...}`` hash tag where a Lua script touches several
-keys of one entity, which is what a Redis Cluster deployment would need.
+All keys share the ``mloc:`` prefix so a shared Redis can host MLOC beside other tenants. The
+transition script touches a task's keys, its worker's keys and global indexes at once, so MLOC needs
+a single Redis (with Sentinel for failover), not a sharded Cluster; docs/deployment.md says more.
 """
 
 from __future__ import annotations

@@ -53,10 +53,11 @@ async def cancel(store: TaskStore, task_id: str, *, by: str) -> Transition:
 
 
 async def requeue(
-    store: TaskStore, task_id: str, *, worker_id: str, reason_code: str, reason: str
+    store: TaskStore, task_id: str, *, worker_id: str, reason_code: str, reason: str, attempt: int | None = None
 ) -> Transition:
     """Hand a task its worker can no longer run back to the scheduler, or fail it when its
-    attempts are used up. Fenced on the worker, so a task already moved elsewhere is left alone."""
+    attempts are used up. Fenced on the worker (and the attempt when given), so a task already
+    moved elsewhere is left alone."""
     h = await store.redis.hmget(
         keys.task(task_id), "priority", "created_ms", "attempts", "max_attempts", "state"
     )
@@ -76,6 +77,7 @@ async def requeue(
         TaskState.PENDING,
         sources=[TaskState.ASSIGNED, TaskState.RUNNING],
         expect_worker=worker_id,
+        expect_attempt=attempt,
         release=True,
         fail_when_attempts_used=started,
         priority=int(priority or 0),

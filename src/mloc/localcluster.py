@@ -94,13 +94,15 @@ class LocalCluster:
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        token = self.env.get("ORCHESTRATOR_TOKEN") or os.environ.get("ORCHESTRATOR_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
         while True:
             for name, proc in [("orchestrator", self.orchestrator), *self.worker_procs.items()]:
                 if proc is not None and proc.poll() is not None:
                     where = f"; see {self.log_dir / (name + '.log')}" if self.log_dir else ""
                     raise ConfigError(f"{name} exited with code {proc.returncode} during start-up{where}")
             with contextlib.suppress(httpx.HTTPError):
-                workers = httpx.get(f"{self.api_url}/workers", timeout=1).json()
+                workers = httpx.get(f"{self.api_url}/workers", headers=headers, timeout=1).json()
                 active = {w["worker_id"] for w in workers.get("items", []) if w["status"] == "active"}
                 if set(self.worker_procs) <= active:
                     return

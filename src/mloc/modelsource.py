@@ -123,6 +123,17 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
     return target
 
 
+def _gguf_flag(gguf: Path, key: str) -> bool | None:
+    """A boolean from a GGUF file's metadata, or None when it is absent or unreadable."""
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(gguf).fields.get(key)
+        return None if field is None else bool(field.contents())
+    except (ImportError, OSError, ValueError):
+        return None
+
+
 def convert_gguf(gguf: Path, out: Path, *, stop_token_ids: tuple[int, ...] = ()) -> None:
     """Dequantize a GGUF causal LM into an HF folder (bf16 safetensors + tokenizer) at ``out``."""
     import torch
@@ -131,9 +142,7 @@ def convert_gguf(gguf: Path, out: Path, *, stop_token_ids: tuple[int, ...] = ())
     _offline()
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
+        model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:
         raise ExecutionError(f"could not read the GGUF model {gguf}: {exc}") from exc
     # save_pretrained refuses a quantized model; the weights are already dequantized in memory.
@@ -147,6 +156,11 @@ def convert_gguf(gguf: Path, out: Path, *, stop_token_ids: tuple[int, ...] = ())
         model.generation_config.eos_token_id = list(dict.fromkeys([*current, *stop_token_ids]))
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    add_bos = _gguf_flag(gguf, "tokenizer.ggml.add_bos_token")
+    if add_bos is not None:
+        # transformers' GGUF reader drops add_bos_token; Gemma without its <bos> produces junk.
+        tokenizer = AutoTokenizer.from_pretrained(out, add_bos_token=add_bos)
+        tokenizer.save_pretrained(out)
     (out / MARKER).write_text(f"{gguf}\n", encoding="utf-8")
 
 

@@ -366,8 +366,10 @@ def _run_user_code(code: str) -> None:
     linecache.cache[SNIPPET] = (len(code), None, code.splitlines(keepends=True), SNIPPET)
     tree = ast.parse(code, filename=SNIPPET, mode="exec")
     tail = None
-    if tree.body and isinstance(tree.body[-1], ast.Expr):
-        tail = ast.Expression(body=tree.body.pop().value)
+    last = tree.body[-1] if tree.body else None
+    if isinstance(last, ast.Expr):
+        tree.body.pop()
+        tail = ast.Expression(body=last.value)
     exec(compile(tree, SNIPPET, "exec"), namespace)
     if tail is not None:
         value = eval(compile(tail, SNIPPET, "eval"), namespace)

@@ -31,6 +31,9 @@ class Host:
         self._lock = threading.Lock()
         self._inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._cancel = threading.Event()
+        # Cancels name their task, so one that arrives before its run starts is not lost.
+        self._cancelled: set[str] = set()
+        self._current: str | None = None
         self._executors: dict[str, Executor] = {}
 
     def emit(self, event: dict[str, Any]) -> None:
@@ -46,7 +49,10 @@ class Host:
             except ValueError:
                 continue
             if message.get("op") == "cancel":
-                self._cancel.set()
+                with self._lock:
+                    self._cancelled.add(str(message.get("task_id")))
+                    if self._current == message.get("task_id"):
+                        self._cancel.set()
             elif message.get("op") == "run":
                 self._inbox.put(message)
             elif message.get("op") == "shutdown":
@@ -67,7 +73,11 @@ class Host:
         return self._executors[task_type]
 
     def _run(self, message: dict[str, Any]) -> None:
-        self._cancel.clear()
+        with self._lock:
+            self._current = message["task_id"]
+            self._cancel.clear()
+            if self._current in self._cancelled:
+                self._cancel.set()
         try:
             document = validate(message["document"])
             ctx = RunContext(

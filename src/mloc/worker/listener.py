@@ -19,7 +19,7 @@ from redis.exceptions import ResponseError
 
 from mloc import __version__, keys, lifecycle
 from mloc.connection import connect, redact, resolve_url
-from mloc.errors import ExecutionError, MlocError, TaskCancelled
+from mloc.errors import ConfigError, ExecutionError, MlocError, TaskCancelled
 from mloc.executors.base import RunContext, write_json_atomic
 from mloc.executors.registry import available_task_types, capabilities, executor_for
 from mloc.registry import Registration, WorkerRegistry
@@ -73,9 +73,15 @@ class Worker:
             )
             if not outcome.ok:
                 await self.redis.srem(keys.worker_tasks(self.worker_id), task_id)
-        stream = keys.worker_stream(self.worker_id)
-        await self.redis.delete(stream)
-        await self.redis.xgroup_create(stream, keys.WORKER_GROUP, id="0", mkstream=True)
+        await self.redis.delete(keys.worker_stream(self.worker_id))
+        await self._ensure_group()
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(keys.worker_stream(self.worker_id), keys.WORKER_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
 
     async def register(self) -> None:
         await self._recover(Reason.WORKER_RESTARTED, f"worker {self.worker_id} restarted")
@@ -167,7 +173,7 @@ class Worker:
         if run.inline_cancel is not None:
             run.inline_cancel.set()
         if run.host is not None:
-            await run.host.cancel()
+            await run.host.cancel(run.task_id)
             host = run.host
 
             async def kill_later() -> None:
@@ -196,11 +202,11 @@ class Worker:
                     keys.WORKER_GROUP, self.worker_id, {stream: ">"}, count=64, block=500
                 )
             except ResponseError as exc:
-                if "NOGROUP" in str(exc):
-                    await self.redis.xgroup_create(stream, keys.WORKER_GROUP, id="0", mkstream=True)
-                    continue
-                raise
-            except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+                # NOGROUP, or UNBLOCKED when the stream was recreated on re-registration.
+                log.info("assignment stream reset (%s); joining it again", exc)
+                await self._ensure_group()
+                continue
+            except aioredis.RedisError as exc:
                 log.warning("assignment stream unavailable: %s; retrying", exc)
                 await asyncio.sleep(1.0)
                 continue
@@ -285,11 +291,14 @@ class Worker:
             reason = f"{type(exc).__name__}: {exc}"
         finally:
             await reporter.close()
-        if run.stop_reason in ("shutdown", "lost"):
+        if run.stop_reason == "lost":
+            return  # the orchestrator already requeued it when it declared this worker lost
+        if run.stop_reason == "shutdown":
             await lifecycle.requeue(
                 self.store,
                 task_id,
                 worker_id=self.worker_id,
+                attempt=run.attempt,
                 reason_code=Reason.WORKER_SHUTDOWN.value,
                 reason=f"worker {self.worker_id} stopped while the task ran",
             )
@@ -366,13 +375,15 @@ class Worker:
                 cancel_event=threading.Event(),
             )
             run.inline_cancel = ctx.cancel_event
+            if run.stop_reason is not None:
+                ctx.cancel_event.set()
             return await asyncio.to_thread(info.cls().run, ctx)
         key = HostKey(python or default_python(), tuple(gpus))
         host = await self.pool.acquire(key, document.spec.model_identifier())
         run.host = host
         host.log_sink = reporter.log_line
         if run.stop_reason is not None:
-            await host.cancel()
+            await host.cancel(run.task_id)
         try:
             outcome = await host.run(
                 {
@@ -439,7 +450,10 @@ class Worker:
 
     # -------------------------------------------------------------- lifecycle
     async def run(self) -> None:
-        self.results_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.results_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"RESULTS_DIR {self.results_dir} cannot be created: {exc.strerror or exc}") from exc
         await self.register()
         loops = [
             asyncio.create_task(self._consume_loop(), name="consume"),
@@ -508,7 +522,11 @@ def main() -> None:
 
     settings = get_settings()
     setup(settings.log_level, json_lines=settings.log_json)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except ConfigError as exc:
+        log.error("%s", exc.message)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

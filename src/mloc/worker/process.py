@@ -127,9 +127,9 @@ class HostProcess:
             else:
                 on_event(event)
 
-    async def cancel(self) -> None:
+    async def cancel(self, task_id: str) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
-            await self._send({"op": "cancel"})
+            await self._send({"op": "cancel", "task_id": task_id})
 
     async def kill(self) -> None:
         if self.alive:

@@ -1,0 +1,131 @@
+"""Shared fixtures: a real redis-server on a free port, and real orchestrator/worker processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from mloc.client import Client
+from mloc.localcluster import LocalCluster
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    def __init__(self, workdir: Path, *, appendonly: bool = False) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not on PATH; install it (apt-get install redis-server)")
+        self.binary = binary
+        self.workdir = workdir
+        self.port = free_port()
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
+             "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(self.url).ping()
+                return self
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """Database 0 of the session server, emptied for each test."""
+    redis.Redis.from_url(redis_server.url).flushdb()
+    return redis_server.url
+
+
+@pytest.fixture
+def sync_redis(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url, decode_responses=True)
+
+
+FAST_ENV = {
+    "HEARTBEAT_TTL_SEC": "3",
+    "MLOC_REAP_INTERVAL_SEC": "0.5",
+    "MLOC_SCHEDULE_INTERVAL_SEC": "0.2",
+    "MLOC_SHUTDOWN_GRACE_SEC": "2",
+    "LOG_LEVEL": "INFO",
+}
+
+
+@pytest.fixture
+def make_cluster(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., LocalCluster]]:
+    """Start a real orchestrator and worker processes against the test Redis."""
+    clusters: list[LocalCluster] = []
+
+    def make(workers: int = 1, *, env: dict[str, str] | None = None,
+             worker_env: list[dict[str, str]] | None = None, topics: str = "tasks.*") -> LocalCluster:
+        cluster = LocalCluster(
+            home=tmp_path / f"home{len(clusters)}",
+            workers=workers,
+            redis_url=redis_url,
+            topics=topics,
+            results_dir=tmp_path / "results",
+            env={**FAST_ENV, **(env or {})},
+            worker_env=worker_env or [],
+            log_dir=tmp_path / "logs",
+        )
+        clusters.append(cluster)
+        return cluster.start(timeout=60)
+
+    yield make
+    for cluster in clusters:
+        cluster.stop()
+
+
+@pytest.fixture
+def client_for() -> Iterator[Callable[..., Client]]:
+    clients: list[Client] = []
+
+    def make(cluster: LocalCluster, token: str | None = None) -> Client:
+        client = Client(cluster.api_url, token)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()

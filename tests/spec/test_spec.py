@@ -1,0 +1,220 @@
+"""The mloc/v1 task spec: the seeds' examples, fragments, quantities and the errors people see."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from mloc.errors import PayloadTooLarge, SpecError
+from mloc.spec import json_schema, load
+from mloc.spec.quantity import parse_cpu, parse_memory
+
+SEED1 = """
+apiVersion: mloc/v1
+kind: InferenceTask
+metadata:
+  name: mistral-7b-infer
+  owner: alice
+spec:
+  taskType: "inference"
+  resources:
+    replicas: 1
+    hardware:
+      cpu: "8"
+      memory: "32Gi"
+      gpu:
+        type: "any"
+        count: 1
+  model:
+    source:
+      type: "huggingface"
+      identifier: "mistralai/Mistral-7B-Instruct-v0.1"
+    vllm:
+      tensor_parallel_size: 1
+      gpu_memory_utilization: 0.9
+  inference:
+    max_tokens: 128
+    temperature: 0.7
+    prompts:
+      - "Explain quantum computing in simple terms."
+      - "Write a Python function to sort a list."
+"""
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_seed_one_inference_example_validates() -> None:
+    doc = load(SEED1)
+    assert doc.kind == "InferenceTask"
+    assert doc.metadata.owner == "alice"
+    hw = doc.spec.resources.hardware
+    assert (hw.cpu, hw.memory, hw.gpu.count) == (8000, 32 * 1024**3, 1)
+    assert doc.spec.model.vllm.gpu_memory_utilization == 0.9  # type: ignore[attr-defined]
+    assert doc.spec.effective_topic == "tasks.inference"
+
+
+def test_wire_form_round_trips() -> None:
+    doc = load(SEED1)
+    again = load(json.dumps(doc.to_wire()), "application/json")
+    assert again.to_wire() == doc.to_wire()
+    assert doc.to_wire()["spec"]["resources"]["hardware"]["memory"] == "32Gi"
+
+
+def test_seed_two_sft_fragment_is_accepted_and_names_what_is_missing() -> None:
+    fragment = """
+taskType: "sft"
+model:
+  source:
+    type: "huggingface"
+    identifier: "mistralai/Mistral-7B-Instruct-v0.1"
+  adapter:
+    type: "qlora"
+    r: 16
+    lora_alpha: 32
+"""
+    with pytest.raises(SpecError) as err:
+        load(fragment)
+    paths = [d["path"] for d in err.value.details]
+    assert paths == ["spec.dataset"]
+    doc = load(fragment + "dataset:\n  examples: [{prompt: hi, completion: there}]\n")
+    assert doc.kind == "SFTTask" and doc.spec.model.adapter.type == "qlora"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "fragment",
+    [
+        'taskType: "rag_inference"\nhyperparameters:\n  embedding_model: "sentence-transformers/all-MiniLM-L6-v2"\n'
+        '  vector_db: "chromadb"\n  retrieval_k: 5\nquestions: ["What is MLOC?"]\n'
+        'documents: [{text: "MLOC is a control plane."}]\n',
+        'taskType: "agent_inference"\nhyperparameters:\n  agent_type: "react"\n  tools: ["python_repl", "web_search"]\n'
+        'input: "What is 2+2?"\n',
+    ],
+)
+def test_seed_two_rag_and_agent_fragments(fragment: str) -> None:
+    assert load(fragment).spec.task_type in ("rag_inference", "agent_inference")
+
+
+def test_ppo_fragment_names_the_model_it_needs() -> None:
+    with pytest.raises(SpecError) as err:
+        load('taskType: "ppo"\nhyperparameters:\n  reward_model: "OpenAssistant/reward-model-deberta-v3-large-v2"\n'
+             "  ppo_epochs: 4\n  target_kl: 0.1\n")
+    assert {d["path"] for d in err.value.details} == {"spec.model", "spec.dataset"}
+
+
+def test_typo_gets_a_did_you_mean() -> None:
+    with pytest.raises(SpecError) as err:
+        load("taskType: inference\ninference:\n  max_token: 5\n  prompts: [hi]\n")
+    detail = err.value.details[0]
+    assert detail["path"] == "spec.inference.max_token"
+    assert "max_tokens" in detail["fix"]
+    assert "spec.inference.max_token" in err.value.message
+
+
+def test_unknown_task_type_suggests_the_closest() -> None:
+    with pytest.raises(SpecError, match="did you mean 'inference'"):
+        load("taskType: inferense\n")
+
+
+def test_kind_must_match_task_type() -> None:
+    with pytest.raises(SpecError, match="use kind 'InferenceTask'"):
+        load("apiVersion: mloc/v1\nkind: SFTTask\nspec:\n  taskType: inference\n  inference: {prompts: [a]}\n")
+
+
+def test_kind_alone_implies_task_type() -> None:
+    doc = load("apiVersion: mloc/v1\nkind: EchoTask\nspec: {payload: 1}\n")
+    assert doc.spec.task_type == "echo"
+
+
+def test_wrong_api_version() -> None:
+    with pytest.raises(SpecError, match="apiVersion 'mloc/v2' is not supported"):
+        load("apiVersion: mloc/v2\nspec: {taskType: echo}\n")
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ("taskType: echo\nresources: {hardware: {cpu: -1}}\n", "negative"),
+        ("taskType: echo\nresources: {hardware: {memory: 10Xi}}\n", "not a quantity"),
+        ("taskType: echo\nresources: {hardware: {memory: 5Pi}}\n", "more than 1Pi"),
+        ("taskType: echo\nresources: {hardware: {gpu: {count: 1000}}}\n", "spec.resources.hardware.gpu.count"),
+        ("taskType: echo\nresources: {replicas: 0}\n", "spec.resources.replicas"),
+        ("taskType: inference\ninference: {prompts: []}\n", "no input"),
+        ("taskType: inference\ninference: {prompts: ['  ']}\n", "prompt 0 is empty"),
+        ("taskType: echo\nmetadata: {name: ../../etc/passwd}\n", "metadata.name"),
+        ("taskType: echo\nmetadata: {owner: 'a/b'}\n", "metadata.owner"),
+        ("taskType: echo\ntopic: '../x'\n", "spec.topic"),
+        ("taskType: inference\ninference: {prompts: [a], max_tokens: '12abc'}\n", "spec.inference.max_tokens"),
+    ],
+)
+def test_bad_values_name_the_field(body: str, needle: str) -> None:
+    with pytest.raises(SpecError) as err:
+        load(body)
+    assert needle in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ("spec: [unclosed\n", "invalid YAML at line"),
+        ('{"spec": }', "invalid JSON at line 1"),
+        ("", "empty"),
+        ("- a\n- b\n", "must be a mapping"),
+        ("just a string", "must be a mapping"),
+    ],
+)
+def test_malformed_documents(body: str, needle: str) -> None:
+    with pytest.raises(SpecError, match=needle):
+        load(body)
+
+
+def test_yaml_bomb_is_refused_before_expansion() -> None:
+    bomb = 'a: &a ["x","x","x","x","x","x","x","x","x"]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n'
+    bomb += "c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: [*c,*c,*c,*c,*c,*c,*c,*c,*c]\n"
+    with pytest.raises(SpecError, match="aliases are not allowed"):
+        load(bomb)
+
+
+def test_oversized_body() -> None:
+    with pytest.raises(PayloadTooLarge):
+        load("taskType: echo\npayload: '" + "x" * 2_000_000 + "'\n")
+
+
+def test_deep_nesting_is_refused() -> None:
+    with pytest.raises(SpecError, match="deeper than"):
+        load("taskType: echo\npayload: " + "[" * 100 + "]" * 100 + "\n")
+
+
+def test_yaml_sent_with_json_content_type_is_read_as_yaml() -> None:
+    assert load("taskType: echo\n", "application/json").spec.task_type == "echo"
+
+
+@pytest.mark.parametrize(
+    ("text", "milli"), [("8", 8000), ("500m", 500), (0.5, 500), (2, 2000), ("1.5", 1500)]
+)
+def test_cpu_quantities(text: object, milli: int) -> None:
+    assert parse_cpu(text) == milli
+
+
+@pytest.mark.parametrize(
+    ("text", "size"), [("32Gi", 32 * 1024**3), ("512Mi", 512 * 1024**2), ("1G", 10**9), (1024, 1024), ("1.5Gi", 1610612736)]
+)
+def test_memory_quantities(text: object, size: int) -> None:
+    assert parse_memory(text) == size
+
+
+def test_json_schema_covers_every_task_type_and_validates_the_seed() -> None:
+    schema = json_schema()
+    assert len(schema["oneOf"]) >= 8
+    jsonschema.validate(load(SEED1).to_wire(), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"apiVersion": "mloc/v1", "kind": "InferenceTask", "spec": {"taskType": "nope"}}, schema)
+
+
+def test_every_shipped_template_and_config_validates() -> None:
+    files = sorted([*REPO.glob("templates/*.yaml"), *REPO.glob("configs/*.yaml")])
+    assert files, "templates/ and configs/ ship example tasks"
+    for file in files:
+        load(file.read_bytes())

@@ -1,0 +1,242 @@
+"""The orchestrator over real HTTP: both seeds' endpoints, auth, bad input as clear 4xx answers."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import redis
+
+from mloc import keys
+from mloc.localcluster import LocalCluster
+from tests.conftest import FAST_ENV, RedisServer
+
+ECHO = "taskType: echo\npayload: {n: 1}\n"
+TOKEN = "s3cret-admin-token"
+
+
+@pytest.fixture(scope="module")
+def api_redis_url(redis_server: RedisServer) -> str:
+    """A database of its own, shared by this module's tests (they tell their tasks apart by owner)."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/1"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+@pytest.fixture(scope="module")
+def cluster(api_redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    home = tmp_path_factory.mktemp("api")
+    with LocalCluster(home=home, workers=1, redis_url=api_redis_url, results_dir=home / "results",
+                      env={**FAST_ENV, "ORCHESTRATOR_TOKEN": TOKEN}, log_dir=home / "logs") as running:
+        yield running
+
+
+@pytest.fixture
+def owner(request: pytest.FixtureRequest) -> str:
+    return "u" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def http(cluster: LocalCluster) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=cluster.api_url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10) as client:
+        yield client
+
+
+def wait_state(http: httpx.Client, task_id: str, states: set[str], timeout: float = 20) -> dict:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = http.get(f"/api/v1/tasks/{task_id}").json()
+        if body["state"] in states:
+            return body
+        time.sleep(0.05)
+    raise AssertionError(f"task {task_id} never reached {states}: {body}")
+
+
+def test_health_in_both_spellings_needs_no_token(cluster: LocalCluster) -> None:
+    for path in ("/healthz", "/health", "/readyz"):
+        response = httpx.get(cluster.api_url + path)
+        assert response.status_code == 200, path
+        assert response.json()["ok"] is True
+
+
+def test_submit_yaml_as_seed_one_shows(http: httpx.Client) -> None:
+    response = http.post("/api/v1/tasks", content=ECHO, headers={"Content-Type": "text/yaml"})
+    assert response.status_code == 201
+    body = response.json()
+    assert set(body) >= {"ok", "task_id", "worker_id", "topic"}
+    assert body["ok"] is True and body["worker_id"] == "local-1" and body["topic"] == "tasks.echo"
+    done = wait_state(http, body["task_id"], {"succeeded"})
+    assert done["owner"] == "admin" and done["attempts"] == 1
+    assert http.get(f"/api/v1/tasks/{body['task_id']}/result").json()["payload"] == {"n": 1}
+
+
+def test_submit_yaml_with_json_content_type_as_seed_two_does(http: httpx.Client) -> None:
+    body = "taskType: echo\nmetadata: {owner: john-doe}\n"
+    response = http.post("/api/v1/tasks", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 201
+    task = wait_state(http, response.json()["task_id"], {"succeeded"})
+    assert task["owner"] == "john-doe"
+
+
+def test_submit_json(http: httpx.Client) -> None:
+    response = http.post("/api/v1/tasks", json={"apiVersion": "mloc/v1", "kind": "EchoTask", "spec": {"taskType": "echo"}})
+    assert response.status_code == 201
+
+
+def test_auth_is_required_and_compared(cluster: LocalCluster) -> None:
+    url = cluster.api_url + "/api/v1/tasks"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(url, headers={"Authorization": f"Basic {TOKEN}"}).status_code == 401
+    assert httpx.get(cluster.api_url + "/workers").status_code == 401
+    assert httpx.post(cluster.api_url + "/admin/cleanup").status_code == 401
+    assert "bearer" in httpx.get(url).json()["message"].lower()
+
+
+def test_users_see_and_cancel_only_their_own_tasks(http: httpx.Client, cluster: LocalCluster) -> None:
+    alice = http.post("/admin/users", json={"name": "alice"}).json()["token"]
+    bob = http.post("/admin/users", json={"name": "bob"}).json()["token"]
+    as_alice = {"Authorization": f"Bearer {alice}"}
+    as_bob = {"Authorization": f"Bearer {bob}"}
+    slow = "taskType: echo\nhyperparameters: {sleep_sec: 30}\n"
+    task = httpx.post(cluster.api_url + "/api/v1/tasks", content=slow, headers=as_alice).json()["task_id"]
+    mine = httpx.get(cluster.api_url + "/api/v1/tasks", headers=as_alice).json()
+    assert [t["owner"] for t in mine["items"]] == ["alice"]
+    assert httpx.get(cluster.api_url + "/api/v1/tasks", headers=as_bob).json()["total"] == 0
+    assert httpx.get(cluster.api_url + f"/api/v1/tasks/{task}", headers=as_bob).status_code == 404
+    assert httpx.post(cluster.api_url + f"/api/v1/tasks/{task}/cancel", headers=as_bob).status_code == 404
+    spoof = httpx.post(cluster.api_url + "/api/v1/tasks", content="taskType: echo\nmetadata: {owner: bob}\n",
+                       headers=as_alice)
+    assert spoof.status_code == 403 and "belongs to 'alice'" in spoof.json()["message"]
+    assert httpx.post(cluster.api_url + "/admin/cleanup", headers=as_alice).status_code == 403
+    assert httpx.get(cluster.api_url + "/api/v1/stats?user=bob", headers=as_alice).status_code == 403
+    assert httpx.post(cluster.api_url + f"/api/v1/tasks/{task}/cancel", headers=as_alice).status_code == 200
+    wait_state(http, task, {"cancelled"})
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ("spec: [oops\n", 422, "invalid YAML"),
+        ("taskType: nope\n", 422, "unknown taskType"),
+        ("apiVersion: mloc/v1\nkind: Banana\nspec: {taskType: echo}\n", 422, "kind 'Banana'"),
+        ("taskType: inference\ninference: {prompts: [hi], max_tokens: -3}\n", 422, "spec.inference.max_tokens"),
+        ("taskType: echo\nresources: {hardware: {cpu: '-2'}}\n", 422, "spec.resources.hardware.cpu"),
+        ("taskType: echo\nmetadata: {name: '../../etc'}\n", 422, "metadata.name"),
+        ("", 422, "empty"),
+    ],
+)
+def test_bad_tasks_are_clear_4xx_and_store_nothing(
+    http: httpx.Client, api_redis_url: str, body: str, status: int, needle: str
+) -> None:
+    before = redis.Redis.from_url(api_redis_url).zcard(keys.TASKS_ALL)
+    response = http.post("/api/v1/tasks", content=body)
+    assert response.status_code == status
+    payload = response.json()
+    assert payload["ok"] is False and needle in payload["message"]
+    assert redis.Redis.from_url(api_redis_url).zcard(keys.TASKS_ALL) == before
+
+
+def test_oversized_body_is_refused(http: httpx.Client) -> None:
+    response = http.post("/api/v1/tasks", content=b"taskType: echo\npayload: '" + b"x" * 2_000_000 + b"'\n")
+    assert response.status_code == 413
+    assert "MLOC_MAX_BODY_BYTES" in response.json()["message"]
+
+
+@pytest.mark.parametrize("path", [
+    "/api/v1/tasks/..%2F..%2Fetc%2Fpasswd", "/api/v1/tasks/not-a-uuid", "/api/v1/tasks/00000000-0000-0000-0000-000000000000",
+    "/workers/nope", "/api/v1/workers/..",
+])
+def test_unknown_or_hostile_ids(http: httpx.Client, path: str) -> None:
+    response = http.get(path)
+    assert response.status_code in (400, 404)
+    assert response.json()["ok"] is False
+
+
+def test_pagination_and_filters(http: httpx.Client, owner: str) -> None:
+    body = ECHO + f"metadata: {{owner: {owner}}}\n"
+    ids = [http.post("/api/v1/tasks", content=body).json()["task_id"] for _ in range(5)]
+    for task_id in ids:
+        wait_state(http, task_id, {"succeeded"})
+    page = http.get("/api/v1/tasks", params={"page": 2, "page_size": 2, "owner": owner}).json()
+    assert page["total"] == 5 and len(page["items"]) == 2
+    assert [t["task_id"] for t in page["items"]] == ids[::-1][2:4]
+    assert http.get("/api/v1/tasks", params={"state": "succeeded", "owner": owner}).json()["total"] == 5
+    assert http.get("/api/v1/tasks", params={"state": "failed", "owner": owner}).json()["total"] == 0
+    assert http.get("/api/v1/tasks", params={"page": 0}).status_code == 422
+    assert http.get("/api/v1/tasks", params={"page_size": 100000}).status_code == 422
+    assert http.get("/api/v1/tasks", params={"state": "sleeping"}).status_code == 422
+
+
+def test_workers_in_both_spellings(http: httpx.Client) -> None:
+    for path in ("/workers", "/api/v1/workers"):
+        body = http.get(path).json()
+        assert body["total"] == 1 and body["items"][0]["worker_id"] == "local-1"
+    worker = http.get("/api/v1/workers/local-1").json()
+    assert worker["status"] == "active" and worker["hardware"]["cpu_milli"] > 0
+    assert "echo" in worker["task_types"]
+
+
+def test_dry_run_stores_nothing(http: httpx.Client, owner: str) -> None:
+    task = ECHO + f"metadata: {{owner: {owner}}}\n"
+    body = http.post("/api/v1/tasks", params={"dry_run": "true"}, content=task).json()
+    assert body["valid"] is True and body["would_place_on"] == ["local-1"]
+    assert http.get("/api/v1/tasks", params={"owner": owner}).json()["total"] == 0
+    gpu = http.post("/api/v1/tasks", params={"dry_run": "true"},
+                    content="taskType: echo\nresources: {hardware: {gpu: {count: 1}}}\n").json()
+    assert gpu["unschedulable"] is True and "GPU" in gpu["pending_reason"]
+
+
+def test_bulk_submit_is_all_or_nothing(http: httpx.Client, owner: str) -> None:
+    good = {"metadata": {"owner": owner}, "spec": {"taskType": "echo", "payload": 1}}
+    bad = {"metadata": {"owner": owner}, "spec": {"taskType": "echo", "priority": 99999}}
+    refused = http.post("/api/v1/tasks/bulk", json={"tasks": [good, bad, good]})
+    assert refused.status_code == 422 and refused.json()["details"][0]["index"] == 1
+    assert http.get("/api/v1/tasks", params={"owner": owner}).json()["total"] == 0
+    accepted = http.post("/api/v1/tasks/bulk", json=[good] * 10).json()
+    assert accepted["count"] == 10
+    for task in accepted["tasks"]:
+        wait_state(http, task["task_id"], {"succeeded"})
+    yaml_stream = "spec: {taskType: echo}\n---\nspec: {taskType: echo}\n"
+    assert http.post("/api/v1/tasks/bulk", content=yaml_stream, headers={"Content-Type": "text/yaml"}).json()["count"] == 2
+
+
+def test_stats_as_seed_two_shows(http: httpx.Client, owner: str) -> None:
+    task = http.post("/api/v1/tasks", content=f"taskType: echo\nmetadata: {{owner: {owner}}}\n").json()["task_id"]
+    wait_state(http, task, {"succeeded"})
+    body = http.get("/api/v1/stats", params={"user": owner, "start_date": "2025-12-01"}).json()
+    totals = body["users"][0]["totals"]
+    assert totals["tasks"] == 1 and totals["tasks.echo.succeeded"] == 1 and totals["wall_sec"] > 0
+    wrong_way = http.get("/api/v1/stats", params={"start_date": "2025-02-01", "end_date": "2025-01-01"})
+    assert wrong_way.status_code == 400 and "swap" in wrong_way.json()["message"]
+    assert http.get("/api/v1/stats", params={"start_date": "yesterday"}).status_code == 422
+
+
+def test_logs_and_openapi(http: httpx.Client) -> None:
+    task = http.post("/api/v1/tasks", content="taskType: echo\nhyperparameters: {isolate: true}\n").json()["task_id"]
+    wait_state(http, task, {"succeeded"})
+    assert http.get(f"/api/v1/tasks/{task}/logs").json()["ok"] is True
+    spec = http.get("/openapi.json").json()
+    assert "/api/v1/tasks" in spec["paths"] and "/admin/cleanup" in spec["paths"]
+    assert http.get("/docs").status_code == 200
+    schema = http.get("/api/v1/schema").json()
+    assert len(schema["oneOf"]) >= 8
+
+
+def test_cancel_a_finished_task_is_a_conflict(http: httpx.Client) -> None:
+    task = http.post("/api/v1/tasks", content=ECHO).json()["task_id"]
+    wait_state(http, task, {"succeeded"})
+    response = http.post(f"/api/v1/tasks/{task}/cancel")
+    assert response.status_code == 409 and "succeeded" in response.json()["message"]
+
+
+def test_result_of_unfinished_task_is_404_with_state(http: httpx.Client) -> None:
+    task = http.post("/api/v1/tasks", content="taskType: echo\nhyperparameters: {sleep_sec: 5}\n").json()["task_id"]
+    response = http.get(f"/api/v1/tasks/{task}/result")
+    assert response.status_code == 404 and "no result yet" in response.json()["message"]
+    assert json.loads(http.post(f"/api/v1/tasks/{task}/cancel").text)["ok"] is True

@@ -1,0 +1,239 @@
+"""Real orchestrator and worker processes: placement, waiting, worker loss, crashes, drain, cancel."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+from mloc import keys
+from mloc.client import Client
+from mloc.localcluster import LocalCluster
+
+A100 = {"MLOC_WORKER_GPUS": "NVIDIA A100-SXM4-80GB:1:81920"}
+
+
+def wait_for(client: Client, task_id: str, predicate: Callable[[dict], bool], timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    record: dict = {}
+    while time.monotonic() < deadline:
+        record = client.task(task_id)
+        if predicate(record):
+            return record
+        time.sleep(0.05)
+    raise AssertionError(f"task {task_id} did not get there in {timeout}s: {record}")
+
+
+def sleeper(seconds: float, **extra: object) -> bytes:
+    options = {"sleep_sec": seconds, "steps": max(1, int(seconds * 4)), **extra}
+    return f"taskType: echo\nhyperparameters: {json.dumps(options)}\n".encode()
+
+
+def test_task_on_killed_worker_is_requeued_once_and_finished_by_another(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
+) -> None:
+    cluster = make_cluster(2)
+    client = client_for(cluster)
+    answer = client.submit(sleeper(3))
+    first = answer["worker_id"]
+    wait_for(client, answer["task_id"], lambda r: r["state"] == "running")
+    cluster.worker_procs[first].kill()  # SIGKILL: no goodbye, no heartbeat
+    requeued = wait_for(client, answer["task_id"], lambda r: r["attempts"] == 2 or r["state"] == "pending", 20)
+    done = wait_for(client, answer["task_id"], lambda r: r["state"] in ("succeeded", "failed"), 30)
+    assert done["state"] == "succeeded", done
+    assert done["attempts"] == 2
+    assert done["worker_id"] != first
+    lost = client.worker(first)
+    assert lost["status"] == "lost" and lost["tasks"] == []
+    assert requeued["state"] in ("pending", "assigned", "running")
+    result = client.result(answer["task_id"])
+    assert result["attempt"] == 2 and result["worker_id"] == done["worker_id"]
+
+
+def test_retries_exhausted_fails_with_the_reason(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
+) -> None:
+    cluster = make_cluster(1)
+    client = client_for(cluster)
+    answer = client.submit(b"taskType: echo\nretries: 0\nhyperparameters: {sleep_sec: 20}\n")
+    wait_for(client, answer["task_id"], lambda r: r["state"] == "running")
+    cluster.worker_procs["local-1"].kill()
+    failed = wait_for(client, answer["task_id"], lambda r: r["state"] == "failed", 20)
+    assert failed["reason_code"] == "retries_exhausted"
+    assert "local-1 lost" in failed["reason"] and "1 of 1 attempts" in failed["reason"]
+
+
+def test_cleanup_endpoint_requeues_at_once(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
+) -> None:
+    cluster = make_cluster(1, env={"HEARTBEAT_TTL_SEC": "2", "MLOC_REAP_INTERVAL_SEC": "60"})
+    client = client_for(cluster)
+    answer = client.submit(sleeper(20))
+    wait_for(client, answer["task_id"], lambda r: r["state"] == "running")
+    cluster.worker_procs["local-1"].send_signal(signal.SIGSTOP)  # alive but silent
+    try:
+        time.sleep(2.5)
+        report = client.cleanup()
+        assert report["lost_workers"] == ["local-1"] and report["requeued"] == [answer["task_id"]]
+        record = client.task(answer["task_id"])
+        assert record["state"] == "pending" and "no worker" in (record["pending_reason"] or "") or record["state"] == "pending"
+    finally:
+        cluster.worker_procs["local-1"].send_signal(signal.SIGCONT)
+    # The worker wakes up, learns it was declared lost, registers again and runs the task anew.
+    done = wait_for(client, answer["task_id"], lambda r: r["state"] == "succeeded", 40)
+    assert done["attempts"] == 2
+
+
+def test_gpu_task_waits_with_a_reason_and_runs_when_capacity_frees(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
+) -> None:
+    cluster = make_cluster(1, worker_env=[A100])
+    client = client_for(cluster)
+    gpu_task = b"taskType: echo\nresources: {hardware: {gpu: {type: a100, count: 1}}}\nhyperparameters: {sleep_sec: 1.5}\n"
+    first = client.submit(gpu_task)
+    second = client.submit(gpu_task)
+    assert first["worker_id"] == "local-1"
+    assert second["worker_id"] is None and second["state"] == "pending"
+    assert second["pending_reason"].startswith("waiting for capacity") and "free GPU" in second["pending_reason"]
+    assert client.task(second["task_id"])["pending_reason"] == second["pending_reason"]
+    never = client.submit(b"taskType: echo\nresources: {hardware: {gpu: {type: H100, count: 1}}}\n")
+    assert never["unschedulable"] is True
+    assert never["pending_reason"].startswith("no registered worker can run this task")
+    done = wait_for(client, second["task_id"], lambda r: r["state"] == "succeeded", 20)
+    assert done["worker_id"] == "local-1"
+    assert client.task(first["task_id"])["state"] == "succeeded"
+    assert client.worker("local-1")["free"]["gpus"] == [0]
+
+
+def test_capacity_is_never_oversubscribed(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], redis_url: str
+) -> None:
+    cluster = make_cluster(1, worker_env=[{"MLOC_WORKER_CPU": "2", "MLOC_WORKER_SLOTS": "8"}])
+    client = client_for(cluster)
+    task = b"taskType: echo\nresources: {hardware: {cpu: 1}}\nhyperparameters: {sleep_sec: 0.3}\n"
+    ids = [client.submit(task)["task_id"] for _ in range(8)]
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    peak = 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        running = r.zcard(keys.tasks_in_state("running")) + r.zcard(keys.tasks_in_state("assigned"))
+        peak = max(peak, running)
+        assert int(r.hget(keys.worker("local-1"), "cpu_free")) >= 0
+        if r.zcard(keys.tasks_in_state("succeeded")) == 8:
+            break
+        time.sleep(0.02)
+    assert peak <= 2
+    assert all(client.task(t)["state"] == "succeeded" for t in ids)
+    assert r.hget(keys.worker("local-1"), "cpu_free") == "2000"
+
+
+def test_executor_crash_fails_its_task_not_the_worker(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
+) -> None:
+    cluster = make_cluster(1)
+    client = client_for(cluster)
+    crash = client.submit(b"taskType: echo\nhyperparameters: {isolate: true, crash: true}\n")
+    failed = wait_for(client, crash["task_id"], lambda r: r["state"] == "failed")
+    assert failed["reason_code"] == "executor_crashed" and "SIGKILL" in failed["reason"]
+    boom = client.submit(b"taskType: echo\nhyperparameters: {fail_message: 'dataset row 3 is not JSON'}\n")
+    failed = wait_for(client, boom["task_id"], lambda r: r["state"] == "failed")
+    assert failed["reason"] == "dataset row 3 is not JSON"
+    ok = client.submit(b"taskType: echo\nhyperparameters: {isolate: true}\n")
+    assert wait_for(client, ok["task_id"], lambda r: r["state"] == "succeeded")["worker_id"] == "local-1"
+    assert cluster.worker_procs["local-1"].poll() is None
+
+
+def test_cancel_pending_and_running_tasks(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
+) -> None:
+    cluster = make_cluster(1, worker_env=[{"MLOC_WORKER_SLOTS": "1"}])
+    client = client_for(cluster)
+    running = client.submit(sleeper(60, isolate=True))
+    queued = client.submit(sleeper(60))
+    assert queued["state"] == "pending"
+    wait_for(client, running["task_id"], lambda r: r["state"] == "running")
+    assert client.cancel(queued["task_id"])["state"] == "cancelled"
+    started = time.monotonic()
+    assert client.cancel(running["task_id"])["state"] == "cancelling"
+    done = wait_for(client, running["task_id"], lambda r: r["state"] == "cancelled", 15)
+    assert time.monotonic() - started < 5
+    assert done["reason_code"] == "cancelled_by_user"
+    assert client.worker("local-1")["free"]["slots"] == 1
+    after = client.submit(b"taskType: echo\n")
+    assert wait_for(client, after["task_id"], lambda r: r["state"] == "succeeded")
+
+
+def test_sigterm_finishes_running_work_and_hands_back_the_rest(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
+) -> None:
+    cluster = make_cluster(1, env={"MLOC_SHUTDOWN_GRACE_SEC": "10"}, worker_env=[{"MLOC_WORKER_SLOTS": "1"}])
+    client = client_for(cluster)
+    running = client.submit(sleeper(1.5))
+    waiting = client.submit(sleeper(0.1))
+    wait_for(client, running["task_id"], lambda r: r["state"] == "running")
+    cluster.stop_worker("local-1", signal.SIGTERM)
+    assert client.task(running["task_id"])["state"] == "succeeded"
+    assert client.worker("local-1")["status"] == "offline"
+    assert client.task(waiting["task_id"])["state"] == "pending"
+    cluster.add_worker("local-2")
+    assert wait_for(client, waiting["task_id"], lambda r: r["state"] == "succeeded", 30)["worker_id"] == "local-2"
+
+
+def test_restart_with_the_same_worker_id_requeues_what_it_held(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
+) -> None:
+    cluster = make_cluster(1, env={"HEARTBEAT_TTL_SEC": "60"})
+    client = client_for(cluster)
+    answer = client.submit(sleeper(30))
+    wait_for(client, answer["task_id"], lambda r: r["state"] == "running")
+    cluster.worker_procs.pop("local-1").kill()
+    cluster.add_worker("local-1", {"TASK_TOPICS": "none"})  # same id, takes nothing now
+    record = wait_for(client, answer["task_id"], lambda r: r["state"] == "pending", 30)
+    assert record["reason_code"] == "worker_restarted" and record["attempts"] == 1
+
+
+def test_results_are_written_atomically_under_results_dir(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tmp_path: Path
+) -> None:
+    cluster = make_cluster(1)
+    client = client_for(cluster)
+    answer = client.submit(b"taskType: echo\npayload: {answer: 42}\n")
+    wait_for(client, answer["task_id"], lambda r: r["state"] == "succeeded")
+    folder = tmp_path / "results" / answer["task_id"]
+    assert json.loads((folder / "responses.json").read_text())["payload"] == {"answer": 42}
+    assert [p.name for p in folder.iterdir()] == ["responses.json"]
+
+
+def test_unwritable_results_dir_fails_the_task_clearly(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tmp_path: Path
+) -> None:
+    results = tmp_path / "volume"
+    cluster = make_cluster(1, worker_env=[{"RESULTS_DIR": str(results)}])
+    client = client_for(cluster)
+    results.rmdir()
+    results.write_text("the volume went away: a file stands where the results folder was")
+    answer = client.submit(b"taskType: echo\n")
+    failed = wait_for(client, answer["task_id"], lambda r: r["state"] == "failed")
+    assert failed["reason"].startswith(f"cannot write results to {results / answer['task_id']}")
+    assert cluster.worker_procs["local-1"].poll() is None
+    results.unlink()
+    results.mkdir()
+    again = client.submit(b"taskType: echo\n")
+    assert wait_for(client, again["task_id"], lambda r: r["state"] == "succeeded")
+
+
+def test_worker_refuses_to_start_without_a_usable_results_dir(
+    make_cluster: Callable[..., LocalCluster], tmp_path: Path
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cluster = make_cluster(0)
+    proc = cluster.add_worker("bad", {"RESULTS_DIR": str(blocker / "results")})
+    assert proc.wait(30) != 0
+    log = (tmp_path / "logs" / "bad.log").read_text()
+    assert "RESULTS_DIR" in log and "Traceback" not in log

@@ -1,0 +1,92 @@
+"""Placement rules: GPU model matching, fit, scoring and the reasons a task waits."""
+
+from __future__ import annotations
+
+import pytest
+
+from mloc.registry import WorkerView
+from mloc.scheduler import Request, _score, explain, gpu_matches, misfit
+
+
+def view(worker_id: str = "w1", *, gpus: list[str] | None = None, free: set[int] | None = None,
+         topics: list[str] | None = None, tags: set[str] | None = None, cpu: int = 8000,
+         mem: int = 64 << 30, slots: int = 4, warm: set[str] | None = None,
+         types: set[str] | None = None, caps: dict | None = None) -> WorkerView:
+    gpu_list = [{"index": i, "name": name, "memory_bytes": 80 << 30} for i, name in enumerate(gpus or [])]
+    return WorkerView(
+        worker_id=worker_id, status="active", last_heartbeat=0.0, topics=topics or ["tasks.*"],
+        tags=tags or set(), task_types=types or {"inference", "sft", "echo"}, capabilities=caps or {},
+        gpus=gpu_list, cpu_total=cpu, mem_total=mem, slots_total=slots, cpu_free=cpu, mem_free=mem,
+        slots_free=slots, free_gpus=set(range(len(gpu_list))) if free is None else free, warm_models=warm or set(),
+    )
+
+
+@pytest.mark.parametrize(
+    ("wanted", "name", "ok"),
+    [
+        ("any", "NVIDIA H100 80GB HBM3", True),
+        ("A100", "NVIDIA A100-SXM4-80GB", True),
+        ("a100", "NVIDIA A100-SXM4-80GB", True),
+        ("A100-80GB", "NVIDIA A100-SXM4-80GB", True),
+        ("A100-40GB", "NVIDIA A100-SXM4-80GB", False),
+        ("H100", "NVIDIA A100-SXM4-80GB", False),
+        ("rtx 4090", "NVIDIA GeForce RTX 4090", True),
+        ("L4", "NVIDIA L40S", False),
+        ("L40S", "NVIDIA L40S", True),
+    ],
+)
+def test_gpu_model_matching(wanted: str, name: str, ok: bool) -> None:
+    assert gpu_matches(wanted, name) is ok
+
+
+def test_gpu_count_and_model_must_fit() -> None:
+    req = Request(task_type="inference", topic="tasks.inference", gpu_count=2, gpu_type="A100")
+    assert misfit(req, view(gpus=["NVIDIA A100-SXM4-80GB"] * 2)) is None
+    assert "needs 2 A100 GPU(s)" in (misfit(req, view(gpus=["NVIDIA A100-SXM4-80GB"])) or "")
+    assert misfit(req, view(gpus=["NVIDIA H100 80GB HBM3"] * 4)) is not None
+    busy = view(gpus=["NVIDIA A100-SXM4-80GB"] * 2, free={1})
+    assert "free GPU" in (misfit(req, busy) or "")
+    assert misfit(req, busy, when_idle=True) is None
+
+
+def test_topics_tags_task_types_and_engines() -> None:
+    req = Request(task_type="sft", topic="tasks.sft", tags=("a100-pool",))
+    assert "topic" in (misfit(req, view(topics=["tasks.inference"])) or "")
+    assert "lacks tag" in (misfit(req, view()) or "")
+    assert misfit(req, view(tags={"a100-pool", "eu"})) is None
+    assert "no executor" in (misfit(req, view(tags={"a100-pool"}, types={"inference"})) or "")
+    vllm = Request(task_type="inference", topic="tasks.inference", engine="vllm")
+    assert "no vllm engine" in (misfit(vllm, view(caps={"inference": {"engines": ["transformers"]}})) or "")
+    assert misfit(vllm, view(caps={"inference": {"engines": ["transformers", "vllm"]}})) is None
+
+
+def test_cpu_memory_and_slots() -> None:
+    req = Request(task_type="echo", topic="tasks.echo", cpu=4000, mem=16 << 30)
+    assert misfit(req, view(cpu=2000)) == "has 2 CPU free, needs 4"
+    assert "memory" in (misfit(req, view(mem=8 << 30)) or "")
+    full = view()
+    full.slots_free = 0
+    assert "maximum of 4" in (misfit(req, full) or "")
+
+
+def test_scoring_prefers_warm_model_then_keeps_gpus_for_gpu_work() -> None:
+    req = Request(task_type="inference", topic="tasks.inference", model="gemma3-270m")
+    cold, warm = view("cold"), view("warm", warm={"transformers:gemma3-270m"})
+    assert sorted([cold, warm], key=lambda v: _score(req, v))[0].worker_id == "warm"
+    cpu_req = Request(task_type="echo", topic="tasks.echo")
+    gpu_box, cpu_box = view("gpu", gpus=["NVIDIA L4"]), view("cpu")
+    assert sorted([gpu_box, cpu_box], key=lambda v: _score(cpu_req, v))[0].worker_id == "cpu"
+    gpu_req = Request(task_type="inference", topic="tasks.inference", gpu_count=1)
+    big, small = view("big", gpus=["NVIDIA L4"] * 8), view("small", gpus=["NVIDIA L4"])
+    assert sorted([big, small], key=lambda v: _score(gpu_req, v))[0].worker_id == "small"
+
+
+def test_explain_distinguishes_waiting_from_never() -> None:
+    req = Request(task_type="inference", topic="tasks.inference", gpu_count=4)
+    reason, never = explain(req, [view(gpus=["NVIDIA L4"] * 2)])
+    assert never and reason.startswith("no registered worker can run this task")
+    busy = view(gpus=["NVIDIA L4"] * 4, free={0})
+    reason, never = explain(req, [busy])
+    assert not never and reason.startswith("waiting for capacity")
+    reason, never = explain(req, [])
+    assert never and "no worker is registered" in reason

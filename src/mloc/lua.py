@@ -22,6 +22,8 @@ from __future__ import annotations
 # ARGV[17] template: state zset         ARGV[18] scheduler wake channel
 # ARGV[19] max attempts check: "1" turns a requeue into failed when attempts are used up
 # ARGV[20] task id            ARGV[21] owner (for usage)
+# ARGV[22] stream entry id to acknowledge and delete on the task's worker stream, or ""
+# ARGV[23] the stream's consumer group
 # Returns {"ok", previous state, attempt} or {"err", code, detail}.
 TRANSITION = r"""
 local function k(template, id) return (string.gsub(template, "{id}", id)) end
@@ -39,6 +41,9 @@ if ARGV[4] ~= '' and ARGV[4] ~= worker then return {'err', 'fenced', worker} end
 if ARGV[5] ~= '' and tonumber(ARGV[5]) ~= attempt then return {'err', 'fenced', tostring(attempt)} end
 local target = ARGV[1]
 local now = ARGV[3]
+-- Field writes are gathered and sent as one HSET at the end.
+local sets = {}
+local function set(name, value) sets[#sets + 1] = name; sets[#sets + 1] = value end
 
 if ARGV[19] == '1' and target == 'pending' then
   local max = tonumber(redis.call('HGET', task, 'max_attempts') or '1')
@@ -58,7 +63,7 @@ if ARGV[7] == '1' then
       for _, g in ipairs(h.gpus) do redis.call('SADD', k(ARGV[14], worker), int(g)) end
     end
     redis.call('SREM', k(ARGV[15], worker), ARGV[20])
-    redis.call('HSET', task, 'hold', '')
+    set('hold', '')
     woke = true
   end
 end
@@ -80,27 +85,29 @@ if ARGV[8] ~= '' then
   redis.call('HINCRBY', wkey, 'slots_free', -1)
   for _, g in ipairs(r.gpus) do redis.call('SREM', gkey, int(g)) end
   redis.call('SADD', k(ARGV[15], r.worker), ARGV[20])
-  redis.call('HSET', task, 'worker_id', r.worker, 'hold',
-    cjson.encode({cpu = r.cpu, mem = r.mem, gpus = r.gpus}))
+  set('worker_id', r.worker)
+  set('hold', cjson.encode({cpu = r.cpu, mem = r.mem, gpus = r.gpus}))
   redis.call('XADD', k(ARGV[16], r.worker), '*', 'task', ARGV[20], 'body', r.message)
 end
 
 if ARGV[10] == '1' then
   attempt = attempt + 1
-  redis.call('HSET', task, 'attempts', int(attempt))
+  set('attempts', int(attempt))
 end
 
 local created = redis.call('HGET', task, 'created_ms')
 redis.call('ZREM', k(ARGV[17], state), ARGV[20])
 redis.call('ZADD', k(ARGV[17], target), created, ARGV[20])
-redis.call('HSET', task, 'state', target, 'updated_at', now)
-
+set('state', target)
+set('updated_at', now)
 if ARGV[6] ~= '' then
-  local fields = cjson.decode(ARGV[6])
-  for name, value in pairs(fields) do
-    if value == '' then redis.call('HDEL', task, name) else redis.call('HSET', task, name, value) end
+  local drop = {}
+  for name, value in pairs(cjson.decode(ARGV[6])) do
+    if value == '' then drop[#drop + 1] = name else set(name, value) end
   end
+  if #drop > 0 then redis.call('HDEL', task, unpack(drop)) end
 end
+redis.call('HSET', task, unpack(sets))
 
 if target == 'pending' then
   redis.call('ZADD', KEYS[2], ARGV[9], ARGV[20])
@@ -113,6 +120,11 @@ if ARGV[12] ~= '' then
   local usage = cjson.decode(ARGV[12])
   for name, value in pairs(usage) do redis.call('HINCRBYFLOAT', KEYS[5], name, value) end
   redis.call('SADD', KEYS[6], ARGV[21])
+end
+if ARGV[22] ~= '' and worker ~= '' then
+  local stream = k(ARGV[16], worker)
+  redis.call('XACK', stream, ARGV[23], ARGV[22])
+  redis.call('XDEL', stream, ARGV[22])
 end
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', 'task', ARGV[20], 'from', state, 'to', target, 'ts', now)
 if woke and redis.call('ZCARD', KEYS[2]) > 0 then redis.call('PUBLISH', ARGV[18], target) end
@@ -147,4 +159,19 @@ if (status == 'active' or status == 'draining') and seen < tonumber(ARGV[2]) the
   return 1
 end
 return 0
+"""
+
+# CREATE: store a new task, pending, with its indexes.
+# KEYS[1] task hash   KEYS[2] all-tasks zset   KEYS[3] pending-state zset   KEYS[4] owner zset
+# KEYS[5] pending queue zset
+# ARGV[1] task id     ARGV[2] created ms       ARGV[3] pending score        ARGV[4..] field, value, ...
+# Returns 1, or 0 if a task with that id exists.
+CREATE = r"""
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
+return 1
 """

@@ -69,6 +69,7 @@ class TaskStore:
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
         self._transition = redis.register_script(lua.TRANSITION)
+        self._create = redis.register_script(lua.CREATE)
 
     # ----------------------------------------------------------------- create
     def new_record(
@@ -107,16 +108,30 @@ class TaskStore:
             "pending_reason": "waiting for the scheduler",
         }
 
-    async def insert(self, records: Iterable[dict[str, str]]) -> None:
-        """Store new pending tasks atomically (all or none, in one round trip)."""
+    def _create_call(self, rec: dict[str, str]) -> tuple[list[str], list[str]]:
+        created_ms = int(rec["created_ms"])
+        fields = [item for pair in rec.items() for item in pair]
+        return (
+            [
+                keys.task(rec["id"]),
+                keys.TASKS_ALL,
+                keys.tasks_in_state(TaskState.PENDING),
+                keys.tasks_of_owner(rec["owner"]),
+                keys.PENDING,
+            ],
+            [rec["id"], str(created_ms), repr(pending_score(int(rec["priority"]), created_ms)), *fields],
+        )
+
+    async def insert(self, records: list[dict[str, str]]) -> None:
+        """Store new pending tasks atomically: all or none, in one round trip."""
+        if len(records) == 1:
+            task_keys, args = self._create_call(records[0])
+            await self._create(keys=task_keys, args=args)
+            return
         pipe = self.redis.pipeline(transaction=True)
         for rec in records:
-            created_ms = int(rec["created_ms"])
-            pipe.hset(keys.task(rec["id"]), mapping=rec)
-            pipe.zadd(keys.TASKS_ALL, {rec["id"]: created_ms})
-            pipe.zadd(keys.tasks_in_state(TaskState.PENDING), {rec["id"]: created_ms})
-            pipe.zadd(keys.tasks_of_owner(rec["owner"]), {rec["id"]: created_ms})
-            pipe.zadd(keys.PENDING, {rec["id"]: pending_score(int(rec["priority"]), created_ms)})
+            task_keys, args = self._create_call(rec)
+            await self._create(keys=task_keys, args=args, client=pipe)
         await pipe.execute()
 
     # ------------------------------------------------------------- transition
@@ -136,13 +151,15 @@ class TaskStore:
         result: Mapping[str, Any] | None = None,
         usage: Mapping[str, float] | None = None,
         owner: str | None = None,
+        ack: str | None = None,
         priority: int = 0,
         created_ms: int = 0,
         now: float | None = None,
     ) -> Transition:
         """Move a task to ``target`` if it is in one of ``sources`` (default: every state the table
-        allows). Capacity release and reservation, the worker's stream message, the result and usage
-        are written in the same atomic step, so a task completes once even if delivered twice."""
+        allows). Capacity release and reservation, the worker's stream message, the result, usage
+        and the acknowledgement of the stream entry ``ack`` are written in the same atomic step, so a
+        task completes once even if delivered twice."""
         now = time.time() if now is None else now
         allowed = sorted(set(sources) if sources is not None else sources_of(target))
         if not allowed:
@@ -194,6 +211,8 @@ class TaskStore:
                 "1" if fail_when_attempts_used else "",
                 task_id,
                 owner or "",
+                ack or "",
+                keys.WORKER_GROUP,
             ],
         )
         status, a, b, *rest = [x.decode() if isinstance(x, bytes) else x for x in reply]

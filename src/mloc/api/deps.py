@@ -15,7 +15,7 @@ _TASK_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f
 _WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
-def orchestrator(request: Request) -> Orchestrator:
+async def orchestrator(request: Request) -> Orchestrator:
     return request.app.state.orchestrator  # type: ignore[no-any-return]
 
 
@@ -30,7 +30,7 @@ async def admin(who: Annotated[Principal, Depends(principal)]) -> Principal:
     return who
 
 
-def task_id(task_id: Annotated[str, Path(description="The task's id (a UUID).")]) -> str:
+async def task_id(task_id: Annotated[str, Path(description="The task's id (a UUID).")]) -> str:
     if not _TASK_ID.match(task_id):
         raise BadRequest(
             f"{task_id[:80]!r} is not a task id; task ids are UUIDs such as the submit response gives"
@@ -38,7 +38,7 @@ def task_id(task_id: Annotated[str, Path(description="The task's id (a UUID).")]
     return task_id
 
 
-def worker_id(worker_id: Annotated[str, Path(description="The worker's id.")]) -> str:
+async def worker_id(worker_id: Annotated[str, Path(description="The worker's id.")]) -> str:
     if not _WORKER_ID.match(worker_id):
         raise BadRequest(f"{worker_id[:80]!r} is not a worker id")
     return worker_id

@@ -128,7 +128,9 @@ class Adapter(Strict):
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] | None = None
-    path: str | None = Field(None, description="At inference: a LoRA folder, or the id of the task that made it.")
+    path: str | None = Field(
+        None, description="At inference: a LoRA folder, or the id of the task that made it."
+    )
 
 
 class Engine(StrEnum):

@@ -35,6 +35,9 @@ class _NoAliasLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+_FAST_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", _NoAliasLoader)
+
+
 def parse_body(data: bytes | str, content_type: str | None = None, *, limit: int = MAX_DOCUMENT_BYTES) -> Any:
     """Parse YAML or JSON text into plain data, refusing oversized or hostile documents."""
     raw = data.encode() if isinstance(data, str) else data
@@ -55,8 +58,10 @@ def parse_body(data: bytes | str, content_type: str | None = None, *, limit: int
                 pass  # seed 2 posts YAML with a JSON content type: fall through to YAML
             else:
                 raise SpecError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+    # Anchors and aliases need '&' and '*'; without them libyaml's fast loader is safe to use.
+    loader = _NoAliasLoader if ("&" in text or "*" in text) else _FAST_LOADER
     try:
-        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=loader)  # noqa: S506 - safe loaders only
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -98,7 +103,9 @@ def normalize(data: Any) -> dict[str, Any]:
     if version != API_VERSION:
         raise SpecError(
             f"apiVersion {version!r} is not supported; use {API_VERSION!r}",
-            details=[{"path": "apiVersion", "message": f"unsupported: {version!r}", "fix": f"set {API_VERSION}"}],
+            details=[
+                {"path": "apiVersion", "message": f"unsupported: {version!r}", "fix": f"set {API_VERSION}"}
+            ],
         )
     task_type = spec.get("taskType")
     known = spec_types()
@@ -125,7 +132,9 @@ def normalize(data: Any) -> dict[str, Any]:
     if kind not in (expected_kind, "Task"):
         raise SpecError(
             f"kind {kind!r} does not match taskType {task_type!r}; use kind {expected_kind!r}",
-            details=[{"path": "kind", "message": f"{kind!r} vs taskType {task_type!r}", "fix": expected_kind}],
+            details=[
+                {"path": "kind", "message": f"{kind!r} vs taskType {task_type!r}", "fix": expected_kind}
+            ],
         )
     data["kind"] = expected_kind
     return data

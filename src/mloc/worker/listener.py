@@ -241,16 +241,19 @@ class Worker:
         body = json.loads(fields["body"])
         run = Running(task_id, start.attempt)
         self.running[task_id] = run
+        acked = False
         try:
-            await self._execute(run, body, started)
+            acked = await self._execute(run, body, started, entry_id)
         except aioredis.RedisError as exc:
             log.error("task %s: Redis failed while finishing (%s); the reaper will requeue it", task_id, exc)
         finally:
             self.running.pop(task_id, None)
-            with contextlib.suppress(aioredis.RedisError):
-                await self._ack(entry_id)
+            if not acked:
+                with contextlib.suppress(aioredis.RedisError):
+                    await self._ack(entry_id)
 
-    async def _execute(self, run: Running, body: dict[str, Any], started: float) -> None:
+    async def _execute(self, run: Running, body: dict[str, Any], started: float, entry_id: str) -> bool:
+        """Run the task and record how it ended; True when the stream entry was acknowledged too."""
         task_id = run.task_id
         document_data = body["spec"]
         owner = body.get("owner", "")
@@ -262,7 +265,7 @@ class Worker:
         state, reason_code, reason = TaskState.FAILED, Reason.EXECUTOR_ERROR.value, ""
         try:
             result = await self._run_executor(run, task_type, document_data, owner, gpus, out_dir, reporter)
-            await asyncio.to_thread(write_json_atomic, out_dir / "responses.json", result)
+            await self._write_result(out_dir / "responses.json", result)
             state, reason_code, reason = TaskState.SUCCEEDED, "", ""
         except TaskCancelled:
             state, reason_code, reason = (
@@ -292,7 +295,7 @@ class Worker:
         finally:
             await reporter.close()
         if run.stop_reason == "lost":
-            return  # the orchestrator already requeued it when it declared this worker lost
+            return False  # the orchestrator already requeued it when it declared this worker lost
         if run.stop_reason == "shutdown":
             await lifecycle.requeue(
                 self.store,
@@ -302,7 +305,7 @@ class Worker:
                 reason_code=Reason.WORKER_SHUTDOWN.value,
                 reason=f"worker {self.worker_id} stopped while the task ran",
             )
-            return
+            return False
         if run.stop_reason == "cancelled" and state != TaskState.SUCCEEDED:
             state, reason_code, reason = (
                 TaskState.CANCELLED,
@@ -322,6 +325,7 @@ class Worker:
             result=result if state == TaskState.SUCCEEDED else None,
             usage=daily,
             owner=owner,
+            ack=entry_id,
             fields={
                 "finished_at": repr(finished),
                 "usage": json.dumps(usage),
@@ -333,13 +337,20 @@ class Worker:
         )
         if not outcome.ok:
             log.warning(
-                "task %s: result not recorded (%s %s); it was moved elsewhere",
-                task_id,
-                outcome.error,
-                outcome.detail,
+                "task %s: result not recorded (%s %s); it was moved elsewhere", task_id, outcome.error, outcome.detail
             )
-        elif state != TaskState.SUCCEEDED:
+            return False
+        if state != TaskState.SUCCEEDED:
             log.info("task %s %s: %s", task_id, state, reason)
+        return True
+
+    @staticmethod
+    async def _write_result(path: Path, result: dict[str, Any]) -> None:
+        # Small results are written on the loop: a thread hop would cost more than the write.
+        if len(result) < 32 and len(json.dumps(result, default=str)) < 64 * 1024:
+            write_json_atomic(path, result)
+        else:
+            await asyncio.to_thread(write_json_atomic, path, result)
 
     async def _run_executor(
         self,

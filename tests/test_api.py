@@ -29,8 +29,14 @@ def api_redis_url(redis_server: RedisServer) -> str:
 @pytest.fixture(scope="module")
 def cluster(api_redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     home = tmp_path_factory.mktemp("api")
-    with LocalCluster(home=home, workers=1, redis_url=api_redis_url, results_dir=home / "results",
-                      env={**FAST_ENV, "ORCHESTRATOR_TOKEN": TOKEN}, log_dir=home / "logs") as running:
+    with LocalCluster(
+        home=home,
+        workers=1,
+        redis_url=api_redis_url,
+        results_dir=home / "results",
+        env={**FAST_ENV, "ORCHESTRATOR_TOKEN": TOKEN},
+        log_dir=home / "logs",
+    ) as running:
         yield running
 
 
@@ -84,7 +90,9 @@ def test_submit_yaml_with_json_content_type_as_seed_two_does(http: httpx.Client)
 
 
 def test_submit_json(http: httpx.Client) -> None:
-    response = http.post("/api/v1/tasks", json={"apiVersion": "mloc/v1", "kind": "EchoTask", "spec": {"taskType": "echo"}})
+    response = http.post(
+        "/api/v1/tasks", json={"apiVersion": "mloc/v1", "kind": "EchoTask", "spec": {"taskType": "echo"}}
+    )
     assert response.status_code == 201
 
 
@@ -110,8 +118,9 @@ def test_users_see_and_cancel_only_their_own_tasks(http: httpx.Client, cluster: 
     assert httpx.get(cluster.api_url + "/api/v1/tasks", headers=as_bob).json()["total"] == 0
     assert httpx.get(cluster.api_url + f"/api/v1/tasks/{task}", headers=as_bob).status_code == 404
     assert httpx.post(cluster.api_url + f"/api/v1/tasks/{task}/cancel", headers=as_bob).status_code == 404
-    spoof = httpx.post(cluster.api_url + "/api/v1/tasks", content="taskType: echo\nmetadata: {owner: bob}\n",
-                       headers=as_alice)
+    spoof = httpx.post(
+        cluster.api_url + "/api/v1/tasks", content="taskType: echo\nmetadata: {owner: bob}\n", headers=as_alice
+    )
     assert spoof.status_code == 403 and "belongs to 'alice'" in spoof.json()["message"]
     assert httpx.post(cluster.api_url + "/admin/cleanup", headers=as_alice).status_code == 403
     assert httpx.get(cluster.api_url + "/api/v1/stats?user=bob", headers=as_alice).status_code == 403
@@ -148,10 +157,16 @@ def test_oversized_body_is_refused(http: httpx.Client) -> None:
     assert "MLOC_MAX_BODY_BYTES" in response.json()["message"]
 
 
-@pytest.mark.parametrize("path", [
-    "/api/v1/tasks/..%2F..%2Fetc%2Fpasswd", "/api/v1/tasks/not-a-uuid", "/api/v1/tasks/00000000-0000-0000-0000-000000000000",
-    "/workers/nope", "/api/v1/workers/..",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/tasks/..%2F..%2Fetc%2Fpasswd",
+        "/api/v1/tasks/not-a-uuid",
+        "/api/v1/tasks/00000000-0000-0000-0000-000000000000",
+        "/workers/nope",
+        "/api/v1/workers/..",
+    ],
+)
 def test_unknown_or_hostile_ids(http: httpx.Client, path: str) -> None:
     response = http.get(path)
     assert response.status_code in (400, 404)
@@ -187,8 +202,11 @@ def test_dry_run_stores_nothing(http: httpx.Client, owner: str) -> None:
     body = http.post("/api/v1/tasks", params={"dry_run": "true"}, content=task).json()
     assert body["valid"] is True and body["would_place_on"] == ["local-1"]
     assert http.get("/api/v1/tasks", params={"owner": owner}).json()["total"] == 0
-    gpu = http.post("/api/v1/tasks", params={"dry_run": "true"},
-                    content="taskType: echo\nresources: {hardware: {gpu: {count: 1}}}\n").json()
+    gpu = http.post(
+        "/api/v1/tasks",
+        params={"dry_run": "true"},
+        content="taskType: echo\nresources: {hardware: {gpu: {count: 1}}}\n",
+    ).json()
     assert gpu["unschedulable"] is True and "GPU" in gpu["pending_reason"]
 
 
@@ -203,7 +221,9 @@ def test_bulk_submit_is_all_or_nothing(http: httpx.Client, owner: str) -> None:
     for task in accepted["tasks"]:
         wait_state(http, task["task_id"], {"succeeded"})
     yaml_stream = "spec: {taskType: echo}\n---\nspec: {taskType: echo}\n"
-    assert http.post("/api/v1/tasks/bulk", content=yaml_stream, headers={"Content-Type": "text/yaml"}).json()["count"] == 2
+    assert (
+        http.post("/api/v1/tasks/bulk", content=yaml_stream, headers={"Content-Type": "text/yaml"}).json()["count"] == 2
+    )
 
 
 def test_stats_as_seed_two_shows(http: httpx.Client, owner: str) -> None:

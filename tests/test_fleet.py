@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -81,7 +80,9 @@ def test_cleanup_endpoint_requeues_at_once(
         report = client.cleanup()
         assert report["lost_workers"] == ["local-1"] and report["requeued"] == [answer["task_id"]]
         record = client.task(answer["task_id"])
-        assert record["state"] == "pending" and "no worker" in (record["pending_reason"] or "") or record["state"] == "pending"
+        assert (record["state"] == "pending" and "no worker" in (record["pending_reason"] or "")) or record[
+            "state"
+        ] == "pending"
     finally:
         cluster.worker_procs["local-1"].send_signal(signal.SIGCONT)
     # The worker wakes up, learns it was declared lost, registers again and runs the task anew.
@@ -94,7 +95,9 @@ def test_gpu_task_waits_with_a_reason_and_runs_when_capacity_frees(
 ) -> None:
     cluster = make_cluster(1, worker_env=[A100])
     client = client_for(cluster)
-    gpu_task = b"taskType: echo\nresources: {hardware: {gpu: {type: a100, count: 1}}}\nhyperparameters: {sleep_sec: 1.5}\n"
+    gpu_task = (
+        b"taskType: echo\nresources: {hardware: {gpu: {type: a100, count: 1}}}\nhyperparameters: {sleep_sec: 1.5}\n"
+    )
     first = client.submit(gpu_task)
     second = client.submit(gpu_task)
     assert first["worker_id"] == "local-1"

@@ -57,9 +57,7 @@ def test_network_is_unreachable_even_on_the_hosts_loopback(sandbox: PythonSandbo
         dns = sandbox.run("import socket\nsocket.getaddrinfo('pypi.org', 443)")
     finally:
         server.close()
-    assert local.exit_code == 1 and (
-        "ConnectionRefusedError" in local.output or "unreachable" in local.output
-    )
+    assert local.exit_code == 1 and ("ConnectionRefusedError" in local.output or "unreachable" in local.output)
     assert remote.exit_code == 1 and "Network is unreachable" in remote.output
     assert dns.exit_code == 1 and "gaierror" in dns.output
     assert accepted == []

@@ -8,16 +8,38 @@ from mloc.registry import WorkerView
 from mloc.scheduler import Request, _score, explain, gpu_matches, misfit
 
 
-def view(worker_id: str = "w1", *, gpus: list[str] | None = None, free: set[int] | None = None,
-         topics: list[str] | None = None, tags: set[str] | None = None, cpu: int = 8000,
-         mem: int = 64 << 30, slots: int = 4, warm: set[str] | None = None,
-         types: set[str] | None = None, caps: dict | None = None) -> WorkerView:
+def view(
+    worker_id: str = "w1",
+    *,
+    gpus: list[str] | None = None,
+    free: set[int] | None = None,
+    topics: list[str] | None = None,
+    tags: set[str] | None = None,
+    cpu: int = 8000,
+    mem: int = 64 << 30,
+    slots: int = 4,
+    warm: set[str] | None = None,
+    types: set[str] | None = None,
+    caps: dict | None = None,
+) -> WorkerView:
     gpu_list = [{"index": i, "name": name, "memory_bytes": 80 << 30} for i, name in enumerate(gpus or [])]
     return WorkerView(
-        worker_id=worker_id, status="active", last_heartbeat=0.0, topics=topics or ["tasks.*"],
-        tags=tags or set(), task_types=types or {"inference", "sft", "echo"}, capabilities=caps or {},
-        gpus=gpu_list, cpu_total=cpu, mem_total=mem, slots_total=slots, cpu_free=cpu, mem_free=mem,
-        slots_free=slots, free_gpus=set(range(len(gpu_list))) if free is None else free, warm_models=warm or set(),
+        worker_id=worker_id,
+        status="active",
+        last_heartbeat=0.0,
+        topics=topics or ["tasks.*"],
+        tags=tags or set(),
+        task_types=types or {"inference", "sft", "echo"},
+        capabilities=caps or {},
+        gpus=gpu_list,
+        cpu_total=cpu,
+        mem_total=mem,
+        slots_total=slots,
+        cpu_free=cpu,
+        mem_free=mem,
+        slots_free=slots,
+        free_gpus=set(range(len(gpu_list))) if free is None else free,
+        warm_models=warm or set(),
     )
 
 

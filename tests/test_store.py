@@ -17,15 +17,34 @@ from mloc.store import Reservation, TaskStore, require
 
 def registration(worker_id: str, *, gpus: int = 0, cpu: int = 4000, slots: int = 4) -> Registration:
     return Registration(
-        worker_id=worker_id, hostname="h", pid=1, topics=["tasks.*"], tags=[], task_types=["echo"],
-        capabilities={}, hardware={"gpus": [{"index": i, "name": "NVIDIA L4", "memory_bytes": 1} for i in range(gpus)]},
-        cpu_milli=cpu, memory_bytes=1 << 30, slots=slots, version="t",
+        worker_id=worker_id,
+        hostname="h",
+        pid=1,
+        topics=["tasks.*"],
+        tags=[],
+        task_types=["echo"],
+        capabilities={},
+        hardware={"gpus": [{"index": i, "name": "NVIDIA L4", "memory_bytes": 1} for i in range(gpus)]},
+        cpu_milli=cpu,
+        memory_bytes=1 << 30,
+        slots=slots,
+        version="t",
     )
 
 
 async def new_task(store: TaskStore, owner: str = "alice") -> str:
-    record = store.new_record(document={"spec": {}}, name="t", owner=owner, task_type="echo", kind="EchoTask",
-                              topic="tasks.echo", priority=0, max_attempts=2, request={}, labels={})
+    record = store.new_record(
+        document={"spec": {}},
+        name="t",
+        owner=owner,
+        task_type="echo",
+        kind="EchoTask",
+        topic="tasks.echo",
+        priority=0,
+        max_attempts=2,
+        request={},
+        labels={},
+    )
     await store.insert([record])
     return record["id"]
 
@@ -47,18 +66,36 @@ def test_a_task_completes_once_even_if_delivered_twice(redis_url: str) -> None:
         task = await new_task(store)
         placed = await store.transition(task, TaskState.ASSIGNED, reserve=Reservation("w1", 1000, 0, [], "{}"))
         assert placed.ok
-        first = await store.transition(task, TaskState.RUNNING, sources=[TaskState.ASSIGNED], expect_worker="w1",
-                                       new_attempt=True)
-        second = await store.transition(task, TaskState.RUNNING, sources=[TaskState.ASSIGNED], expect_worker="w1",
-                                        new_attempt=True)
+        first = await store.transition(
+            task, TaskState.RUNNING, sources=[TaskState.ASSIGNED], expect_worker="w1", new_attempt=True
+        )
+        second = await store.transition(
+            task, TaskState.RUNNING, sources=[TaskState.ASSIGNED], expect_worker="w1", new_attempt=True
+        )
         assert first.ok and first.attempt == 1
         assert not second.ok and second.error == "state" and second.detail == "running"
-        done = await store.transition(task, TaskState.SUCCEEDED, sources=[TaskState.RUNNING], expect_worker="w1",
-                                      expect_attempt=1, release=True, result={"ok": True}, usage={"tasks": 1},
-                                      owner="alice")
-        again = await store.transition(task, TaskState.SUCCEEDED, sources=[TaskState.RUNNING], expect_worker="w1",
-                                       expect_attempt=1, release=True, result={"ok": True}, usage={"tasks": 1},
-                                       owner="alice")
+        done = await store.transition(
+            task,
+            TaskState.SUCCEEDED,
+            sources=[TaskState.RUNNING],
+            expect_worker="w1",
+            expect_attempt=1,
+            release=True,
+            result={"ok": True},
+            usage={"tasks": 1},
+            owner="alice",
+        )
+        again = await store.transition(
+            task,
+            TaskState.SUCCEEDED,
+            sources=[TaskState.RUNNING],
+            expect_worker="w1",
+            expect_attempt=1,
+            release=True,
+            result={"ok": True},
+            usage={"tasks": 1},
+            owner="alice",
+        )
         assert done.ok and not again.ok
         assert await r.hget(keys.worker("w1"), "cpu_free") == "4000"
         day = [k async for k in r.scan_iter(keys.usage_day("alice", "*"))]
@@ -79,16 +116,19 @@ def test_a_stale_worker_cannot_finish_a_requeued_task(redis_url: str) -> None:
         task = await new_task(store)
         await store.transition(task, TaskState.ASSIGNED, reserve=Reservation("w1", 0, 0, [], "{}"))
         await store.transition(task, TaskState.RUNNING, expect_worker="w1", new_attempt=True)
-        requeued = await store.transition(task, TaskState.PENDING, expect_worker="w1", release=True,
-                                          fields={"worker_id": ""})
+        requeued = await store.transition(
+            task, TaskState.PENDING, expect_worker="w1", release=True, fields={"worker_id": ""}
+        )
         assert requeued.ok
         await store.transition(task, TaskState.ASSIGNED, reserve=Reservation("w2", 0, 0, [], "{}"))
         await store.transition(task, TaskState.RUNNING, expect_worker="w2", new_attempt=True)
-        stale = await store.transition(task, TaskState.SUCCEEDED, sources=[TaskState.RUNNING], expect_worker="w1",
-                                       expect_attempt=1)
+        stale = await store.transition(
+            task, TaskState.SUCCEEDED, sources=[TaskState.RUNNING], expect_worker="w1", expect_attempt=1
+        )
         assert not stale.ok and stale.error == "fenced"
-        fresh = await store.transition(task, TaskState.SUCCEEDED, sources=[TaskState.RUNNING], expect_worker="w2",
-                                       expect_attempt=2, release=True)
+        fresh = await store.transition(
+            task, TaskState.SUCCEEDED, sources=[TaskState.RUNNING], expect_worker="w2", expect_attempt=2, release=True
+        )
         assert fresh.ok
         await r.aclose()
 
@@ -105,8 +145,9 @@ def test_requeue_past_the_attempt_limit_fails_the_task(redis_url: str) -> None:
             await store.transition(task, TaskState.ASSIGNED, reserve=Reservation("w1", 0, 0, [], "{}"))
             started = await store.transition(task, TaskState.RUNNING, expect_worker="w1", new_attempt=True)
             assert started.attempt == attempt
-            back = await store.transition(task, TaskState.PENDING, expect_worker="w1", release=True,
-                                          fail_when_attempts_used=True)
+            back = await store.transition(
+                task, TaskState.PENDING, expect_worker="w1", release=True, fail_when_attempts_used=True
+            )
         assert back.state == TaskState.FAILED
         assert await r.zscore(keys.PENDING, task) is None
         assert await r.hget(keys.worker("w1"), "slots_free") == "4"
@@ -122,10 +163,12 @@ def test_concurrent_reservations_never_oversubscribe_gpus(redis_url: str) -> Non
         await reg.register(registration("w1", gpus=2, slots=100))
         tasks = [await new_task(store) for _ in range(20)]
         # Every task asks for GPU 0 or 1 at once; only two reservations may win.
-        outcomes = await asyncio.gather(*(
-            store.transition(t, TaskState.ASSIGNED, reserve=Reservation("w1", 0, 0, [i % 2], json.dumps({})))
-            for i, t in enumerate(tasks)
-        ))
+        outcomes = await asyncio.gather(
+            *(
+                store.transition(t, TaskState.ASSIGNED, reserve=Reservation("w1", 0, 0, [i % 2], json.dumps({})))
+                for i, t in enumerate(tasks)
+            )
+        )
         assert sum(o.ok for o in outcomes) == 2
         assert {o.detail for o in outcomes if not o.ok} == {"gpu 0", "gpu 1"}
         assert await r.scard(keys.worker_free_gpus("w1")) == 0

@@ -78,9 +78,7 @@ def start(
 
         redis = embedded.start(settings.home)
         settings = settings.model_copy(update={"redis_url": redis.url})
-        err.print(
-            f"no REDIS_URL: using the embedded Redis at {redis.url} (data in {settings.home / 'redis'})"
-        )
+        err.print(f"no REDIS_URL: using the embedded Redis at {redis.url} (data in {settings.home / 'redis'})")
     try:
         uvicorn.run(
             create_app(settings),
@@ -148,9 +146,7 @@ def run(
     results = settings.results_dir.resolve()
     env = {"MLOC_MODELS_DIR": str(settings.resolved_models_dir)}
     with console.status("starting Redis, the orchestrator and a worker..."):
-        cluster = LocalCluster(
-            home=home, workers=workers, results_dir=results, env=env, log_dir=home / "logs"
-        )
+        cluster = LocalCluster(home=home, workers=workers, results_dir=results, env=env, log_dir=home / "logs")
         try:
             cluster.start(timeout=120)
         except MlocError as exc:
@@ -160,8 +156,7 @@ def run(
     try:
         answer = client.submit(file)
         console.print(
-            f"submitted task [bold]{answer['task_id']}[/bold] to worker {answer['worker_id']} "
-            f"(topic {answer['topic']})"
+            f"submitted task [bold]{answer['task_id']}[/bold] to worker {answer['worker_id']} (topic {answer['topic']})"
         )
         record = _wait_with_progress(client, answer["task_id"], timeout)
         _report(client, record, results)
@@ -195,7 +190,7 @@ def _wait_with_progress(client: Any, task_id: str, timeout: float) -> dict[str, 
                 text += f": {progress['message']}"
             bar.update(handle, description=text, total=total, completed=progress.get("step") or 0)
 
-        return client.wait(task_id, timeout=timeout, on_update=update)  # type: ignore[no-any-return]
+        return client.wait(task_id, timeout=timeout, on_update=update)
 
 
 def _report(client: Any, record: dict[str, Any], results: Path | None = None) -> None:
@@ -233,9 +228,7 @@ def _report(client: Any, record: dict[str, Any], results: Path | None = None) ->
 @app.command()
 def submit(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
-    wait: Annotated[
-        bool, typer.Option("--wait", help="Wait for the task to end and print its result.")
-    ] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the task to end and print its result.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and show placement only.")] = False,
     timeout: Annotated[float, typer.Option()] = 3600,
 ) -> None:

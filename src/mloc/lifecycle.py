@@ -24,15 +24,11 @@ async def cancel(store: TaskStore, task_id: str, *, by: str) -> Transition:
     """
     record = await store.get(task_id, with_spec=False)
     if record.state.terminal:
-        return require(
-            Transition(False, error="state", detail=record.state.value), task_id, TaskState.CANCELLED
-        )
+        return require(Transition(False, error="state", detail=record.state.value), task_id, TaskState.CANCELLED)
     now = time.time()
     if record.state == TaskState.RUNNING:
         await store.set_fields(task_id, {"cancel_requested": "1", "cancel_requested_by": by})
-        await store.redis.publish(
-            keys.worker_control(record.worker_id or ""), json.dumps({"cancel": task_id})
-        )
+        await store.redis.publish(keys.worker_control(record.worker_id or ""), json.dumps({"cancel": task_id}))
         return Transition(True, previous=record.state.value, attempt=record.attempts, state=TaskState.RUNNING)
     outcome = await store.transition(
         task_id,
@@ -53,14 +49,18 @@ async def cancel(store: TaskStore, task_id: str, *, by: str) -> Transition:
 
 
 async def requeue(
-    store: TaskStore, task_id: str, *, worker_id: str, reason_code: str, reason: str, attempt: int | None = None
+    store: TaskStore,
+    task_id: str,
+    *,
+    worker_id: str,
+    reason_code: str,
+    reason: str,
+    attempt: int | None = None,
 ) -> Transition:
     """Hand a task its worker can no longer run back to the scheduler, or fail it when its
     attempts are used up. Fenced on the worker (and the attempt when given), so a task already
     moved elsewhere is left alone."""
-    h = await store.redis.hmget(
-        keys.task(task_id), "priority", "created_ms", "attempts", "max_attempts", "state"
-    )
+    h = await store.redis.hmget(keys.task(task_id), "priority", "created_ms", "attempts", "max_attempts", "state")
     priority, created_ms, attempts, max_attempts, state = h
     if state is None:
         return Transition(False, error="missing")

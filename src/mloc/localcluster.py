@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 import httpx
 
@@ -41,15 +42,13 @@ class LocalCluster:
 
     def _base_env(self) -> dict[str, str]:
         env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("MLOC_", "REDIS_URL", "WORKER_", "TASK_TOPICS"))
+            k: v for k, v in os.environ.items() if not k.startswith(("MLOC_", "REDIS_URL", "WORKER_", "TASK_TOPICS"))
         }
         env.update({"MLOC_HOME": str(self.home), "REDIS_URL": self.redis_url or "", "PYTHONUNBUFFERED": "1"})
         env.update(self.env)
         return env
 
-    def _output(self, name: str) -> int | object:
+    def _output(self, name: str) -> IO[bytes] | int | None:
         if self.log_dir is None:
             return subprocess.DEVNULL if self.quiet else None
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -66,12 +65,10 @@ class LocalCluster:
             [sys.executable, "-m", "mloc.cli", "start", "--node-type", "orchestrator"],
             env=env,
             stdout=self._output("orchestrator"),
-            stderr=subprocess.STDOUT,  # type: ignore[arg-type]
+            stderr=subprocess.STDOUT,
         )
         for index in range(self.workers):
-            self.add_worker(
-                f"local-{index + 1}", self.worker_env[index] if index < len(self.worker_env) else {}
-            )
+            self.add_worker(f"local-{index + 1}", self.worker_env[index] if index < len(self.worker_env) else {})
         self.wait_ready(timeout)
         return self
 
@@ -87,7 +84,7 @@ class LocalCluster:
             [sys.executable, "-m", "mloc.worker.listener"],
             env=env,
             stdout=self._output(worker_id),
-            stderr=subprocess.STDOUT,  # type: ignore[arg-type]
+            stderr=subprocess.STDOUT,
         )
         self.worker_procs[worker_id] = proc
         return proc

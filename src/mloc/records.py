@@ -107,9 +107,7 @@ class WorkerRecord(BaseModel):
     version: str | None = None
 
     @classmethod
-    def from_hash(
-        cls, h: dict[str, str], *, now: float, tasks: list[str], free_gpus: list[int]
-    ) -> WorkerRecord:
+    def from_hash(cls, h: dict[str, str], *, now: float, tasks: list[str], free_gpus: list[int]) -> WorkerRecord:
         hardware = _loads(h.get("hardware"), {})
         last = _float(h.get("last_heartbeat"))
         return cls(

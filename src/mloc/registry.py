@@ -108,7 +108,7 @@ class WorkerRegistry:
 
     async def stale(self, ttl_sec: float, *, now: float | None = None) -> list[str]:
         now = time.time() if now is None else now
-        return await self.redis.zrangebyscore(keys.WORKERS, "-inf", now - ttl_sec)  # type: ignore[no-any-return]
+        return await self.redis.zrangebyscore(keys.WORKERS, "-inf", now - ttl_sec)
 
     async def mark_lost(self, worker_id: str, ttl_sec: float, *, now: float | None = None) -> bool:
         now = time.time() if now is None else now
@@ -121,7 +121,7 @@ class WorkerRegistry:
         return sorted(await self.redis.smembers(keys.worker_tasks(worker_id)))
 
     async def ids(self) -> list[str]:
-        return await self.redis.zrange(keys.WORKERS, 0, -1)  # type: ignore[no-any-return]
+        return await self.redis.zrange(keys.WORKERS, 0, -1)
 
     async def forget(self, worker_id: str) -> None:
         await self.redis.delete(

@@ -244,9 +244,7 @@ class PythonSandbox:
                     continue
                 try:
                     uid_line = next(
-                        line
-                        for line in (entry / "status").read_text().splitlines()
-                        if line.startswith("Uid:")
+                        line for line in (entry / "status").read_text().splitlines() if line.startswith("Uid:")
                     )
                 except (OSError, StopIteration):
                     continue
@@ -274,13 +272,9 @@ def _libc_call(libc: ctypes.CDLL, name: str, *args: Any) -> None:
         _fail(f"{name}{args!r} failed: {os.strerror(errno)}")
 
 
-def _mount(
-    libc: ctypes.CDLL, source: str | None, target: str, fstype: str | None, flags: int, data: str
-) -> None:
+def _mount(libc: ctypes.CDLL, source: str | None, target: str, fstype: str | None, flags: int, data: str) -> None:
     encode = lambda value: None if value is None else value.encode()  # noqa: E731
-    _libc_call(
-        libc, "mount", encode(source), encode(target), encode(fstype), ctypes.c_ulong(flags), encode(data)
-    )
+    _libc_call(libc, "mount", encode(source), encode(target), encode(fstype), ctypes.c_ulong(flags), encode(data))
 
 
 def _expose_interpreter(libc: ctypes.CDLL) -> None:

@@ -122,10 +122,11 @@ def misfit(req: Request, view: WorkerView, *, when_idle: bool = False) -> str | 
         return f"lacks tag(s) {', '.join(missing)}"
     cpu = view.cpu_total if when_idle else view.cpu_free
     mem = view.mem_total if when_idle else view.mem_free
+    scope = "in all" if when_idle else "free"
     if req.cpu > cpu:
-        return f"has {format_cpu(max(cpu, 0))} CPU {'in all' if when_idle else 'free'}, needs {format_cpu(req.cpu)}"
+        return f"has {format_cpu(max(cpu, 0))} CPU {scope}, needs {format_cpu(req.cpu)}"
     if req.mem > mem:
-        return f"has {format_memory(max(mem, 0))} memory {'in all' if when_idle else 'free'}, needs {format_memory(req.mem)}"
+        return f"has {format_memory(max(mem, 0))} memory {scope}, needs {format_memory(req.mem)}"
     if req.gpu_count:
         pool = {g["index"] for g in view.gpus} if when_idle else view.free_gpus
         if _gpus_for(req, view, pool) is None:
@@ -240,9 +241,7 @@ class Scheduler:
         views = await self.views()
         reason, never = explain(req, views)
         placement.pending_reason, placement.unschedulable = reason, never
-        await self.store.set_fields(
-            task_id, {"pending_reason": reason, "unschedulable": "1" if never else "0"}
-        )
+        await self.store.set_fields(task_id, {"pending_reason": reason, "unschedulable": "1" if never else "0"})
         return placement
 
     async def schedule_pending(self, limit: int = 1000) -> int:

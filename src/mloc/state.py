@@ -26,12 +26,8 @@ HOLDS_CAPACITY = frozenset({TaskState.ASSIGNED, TaskState.RUNNING})
 ALLOWED: dict[TaskState, frozenset[TaskState]] = {
     TaskState.PENDING: frozenset({TaskState.ASSIGNED, TaskState.CANCELLED, TaskState.FAILED}),
     # back to PENDING: worker lost, worker shut down before starting it, or placement handed back
-    TaskState.ASSIGNED: frozenset(
-        {TaskState.RUNNING, TaskState.PENDING, TaskState.CANCELLED, TaskState.FAILED}
-    ),
-    TaskState.RUNNING: frozenset(
-        {TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED, TaskState.PENDING}
-    ),
+    TaskState.ASSIGNED: frozenset({TaskState.RUNNING, TaskState.PENDING, TaskState.CANCELLED, TaskState.FAILED}),
+    TaskState.RUNNING: frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED, TaskState.PENDING}),
     TaskState.SUCCEEDED: frozenset(),
     TaskState.FAILED: frozenset(),
     TaskState.CANCELLED: frozenset(),

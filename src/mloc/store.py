@@ -222,7 +222,7 @@ class TaskStore:
 
     # ------------------------------------------------------------------ reads
     async def get_hash(self, task_id: str) -> dict[str, str]:
-        return await self.redis.hgetall(keys.task(task_id))  # type: ignore[no-any-return]
+        return await self.redis.hgetall(keys.task(task_id))
 
     async def get(self, task_id: str, *, with_spec: bool = True) -> TaskRecord:
         h = await self.get_hash(task_id)
@@ -284,7 +284,7 @@ class TaskStore:
         await self.redis.hset(keys.task(task_id), mapping=dict(fields))
 
     async def pending_ids(self, limit: int) -> list[str]:
-        return await self.redis.zrange(keys.PENDING, 0, limit - 1)  # type: ignore[no-any-return]
+        return await self.redis.zrange(keys.PENDING, 0, limit - 1)
 
     async def counts_by_state(self) -> dict[str, int]:
         pipe = self.redis.pipeline(transaction=False)
@@ -301,6 +301,4 @@ def require(transition: Transition, task_id: str, target: TaskState) -> Transiti
         raise NotFound(f"task {task_id} not found")
     if transition.error == "state":
         raise InvalidTransition(f"task {task_id} is {transition.detail}; it cannot become {target}")
-    raise InvalidTransition(
-        f"task {task_id} could not become {target}: {transition.error} {transition.detail}"
-    )
+    raise InvalidTransition(f"task {task_id} could not become {target}: {transition.error} {transition.detail}")

@@ -99,8 +99,10 @@ def test_seed_two_rag_and_agent_fragments(fragment: str) -> None:
 
 def test_ppo_fragment_names_the_model_it_needs() -> None:
     with pytest.raises(SpecError) as err:
-        load('taskType: "ppo"\nhyperparameters:\n  reward_model: "OpenAssistant/reward-model-deberta-v3-large-v2"\n'
-             "  ppo_epochs: 4\n  target_kl: 0.1\n")
+        load(
+            'taskType: "ppo"\nhyperparameters:\n  reward_model: "OpenAssistant/reward-model-deberta-v3-large-v2"\n'
+            "  ppo_epochs: 4\n  target_kl: 0.1\n"
+        )
     assert {d["path"] for d in err.value.details} == {"spec.model", "spec.dataset"}
 
 
@@ -191,15 +193,14 @@ def test_yaml_sent_with_json_content_type_is_read_as_yaml() -> None:
     assert load("taskType: echo\n", "application/json").spec.task_type == "echo"
 
 
-@pytest.mark.parametrize(
-    ("text", "milli"), [("8", 8000), ("500m", 500), (0.5, 500), (2, 2000), ("1.5", 1500)]
-)
+@pytest.mark.parametrize(("text", "milli"), [("8", 8000), ("500m", 500), (0.5, 500), (2, 2000), ("1.5", 1500)])
 def test_cpu_quantities(text: object, milli: int) -> None:
     assert parse_cpu(text) == milli
 
 
 @pytest.mark.parametrize(
-    ("text", "size"), [("32Gi", 32 * 1024**3), ("512Mi", 512 * 1024**2), ("1G", 10**9), (1024, 1024), ("1.5Gi", 1610612736)]
+    ("text", "size"),
+    [("32Gi", 32 * 1024**3), ("512Mi", 512 * 1024**2), ("1G", 10**9), (1024, 1024), ("1.5Gi", 1610612736)],
 )
 def test_memory_quantities(text: object, size: int) -> None:
     assert parse_memory(text) == size

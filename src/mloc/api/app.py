@@ -127,14 +127,16 @@ def create_app(settings: Settings | None = None, *, redis: aioredis.Redis | None
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        message = f"no such endpoint: {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
+        message = (
+            f"no such endpoint: {request.method} {request.url.path}"
+            if exc.status_code in (404, 405)
+            else str(exc.detail)
+        )
         return JSONResponse({"ok": False, "error": code, "message": message}, status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def bad_params(request: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [
-            {"path": ".".join(str(p) for p in err["loc"]), "message": err["msg"]} for err in exc.errors()
-        ]
+        details = [{"path": ".".join(str(p) for p in err["loc"]), "message": err["msg"]} for err in exc.errors()]
         text = "; ".join(f"{d['path']}: {d['message']}" for d in details[:5])
         return JSONResponse(
             {"ok": False, "error": "bad_request", "message": f"invalid request: {text}", "details": details},
@@ -164,9 +166,7 @@ def create_app(settings: Settings | None = None, *, redis: aioredis.Redis | None
         if app.openapi_schema is None:
             from fastapi.openapi.utils import get_openapi
 
-            schema = get_openapi(
-                title=app.title, version=app.version, description=app.description, routes=app.routes
-            )
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             schema.setdefault("components", {}).setdefault("schemas", {})["Task"] = {
                 "type": "object",
                 "description": "A mloc/v1 task; GET /api/v1/schema has the full JSON Schema.",

@@ -16,7 +16,7 @@ _WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
 async def orchestrator(request: Request) -> Orchestrator:
-    return request.app.state.orchestrator  # type: ignore[no-any-return]
+    return request.app.state.orchestrator
 
 
 async def principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
@@ -32,9 +32,7 @@ async def admin(who: Annotated[Principal, Depends(principal)]) -> Principal:
 
 async def task_id(task_id: Annotated[str, Path(description="The task's id (a UUID).")]) -> str:
     if not _TASK_ID.match(task_id):
-        raise BadRequest(
-            f"{task_id[:80]!r} is not a task id; task ids are UUIDs such as the submit response gives"
-        )
+        raise BadRequest(f"{task_id[:80]!r} is not a task id; task ids are UUIDs such as the submit response gives")
     return task_id
 
 

@@ -108,9 +108,7 @@ async def list_tasks(
     """Tasks, newest first; a user sees their own, the admin everyone's."""
     if not who.admin:
         owner = who.name
-    items, total = await orch.store.page(
-        page=page, page_size=page_size, state=state, owner=owner, task_type=task_type
-    )
+    items, total = await orch.store.page(page=page, page_size=page_size, state=state, owner=owner, task_type=task_type)
     return {
         "ok": True,
         "page": page,

@@ -58,7 +58,7 @@ class RunContext:
     models_dir: Path
     worker_id: str
     gpu_indices: list[int] = field(default_factory=list)
-    emit: Callable[[Event], None] = field(default=lambda event: None, repr=False)
+    emit: Callable[[Event], object] = field(default=lambda event: None, repr=False)
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
     _last_progress: float = field(default=0.0, repr=False)
 

@@ -128,9 +128,7 @@ class Adapter(Strict):
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] | None = None
-    path: str | None = Field(
-        None, description="At inference: a LoRA folder, or the id of the task that made it."
-    )
+    path: str | None = Field(None, description="At inference: a LoRA folder, or the id of the task that made it.")
 
 
 class Engine(StrEnum):
@@ -151,13 +149,9 @@ class SpecBase(Strict):
 
     kind: ClassVar[str]
     task_type: str = Field(..., alias="taskType")
-    topic: str | None = Field(
-        None, max_length=128, description="Queue topic; defaults to 'tasks.<taskType>'."
-    )
+    topic: str | None = Field(None, max_length=128, description="Queue topic; defaults to 'tasks.<taskType>'.")
     priority: int = Field(0, ge=-1000, le=1000, description="Higher runs first.")
-    retries: int | None = Field(
-        None, ge=0, le=100, description="Times the task is retried after its worker is lost."
-    )
+    retries: int | None = Field(None, ge=0, le=100, description="Times the task is retried after its worker is lost.")
     resources: Resources = Field(default_factory=Resources)
 
     @field_validator("topic")
@@ -177,7 +171,7 @@ class SpecBase(Strict):
 class Document(Strict):
     """The envelope of every task file: apiVersion, kind, metadata and the typed spec."""
 
-    api_version: Literal["mloc/v1"] = Field(API_VERSION, alias="apiVersion")
+    api_version: Literal["mloc/v1"] = Field("mloc/v1", alias="apiVersion")
     kind: str
     metadata: Metadata = Field(default_factory=Metadata)
     spec: SpecBase

@@ -61,7 +61,7 @@ def parse_body(data: bytes | str, content_type: str | None = None, *, limit: int
     # Anchors and aliases need '&' and '*'; without them libyaml's fast loader is safe to use.
     loader = _NoAliasLoader if ("&" in text or "*" in text) else _FAST_LOADER
     try:
-        return yaml.load(text, Loader=loader)  # noqa: S506 - safe loaders only
+        return yaml.load(text, Loader=loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -83,9 +83,7 @@ def _depth(value: Any, level: int = 0) -> int:
 def normalize(data: Any) -> dict[str, Any]:
     """Accept both the full envelope and seed 2's fragments (``taskType`` at the top level)."""
     if not isinstance(data, dict):
-        raise SpecError(
-            f"a task must be a mapping with apiVersion, kind, metadata and spec; got {type(data).__name__}"
-        )
+        raise SpecError(f"a task must be a mapping with apiVersion, kind, metadata and spec; got {type(data).__name__}")
     if _depth(data) > MAX_DEPTH:
         raise SpecError(f"the task nests deeper than {MAX_DEPTH} levels")
     if "spec" not in data and "taskType" in data:
@@ -103,9 +101,7 @@ def normalize(data: Any) -> dict[str, Any]:
     if version != API_VERSION:
         raise SpecError(
             f"apiVersion {version!r} is not supported; use {API_VERSION!r}",
-            details=[
-                {"path": "apiVersion", "message": f"unsupported: {version!r}", "fix": f"set {API_VERSION}"}
-            ],
+            details=[{"path": "apiVersion", "message": f"unsupported: {version!r}", "fix": f"set {API_VERSION}"}],
         )
     task_type = spec.get("taskType")
     known = spec_types()
@@ -132,9 +128,7 @@ def normalize(data: Any) -> dict[str, Any]:
     if kind not in (expected_kind, "Task"):
         raise SpecError(
             f"kind {kind!r} does not match taskType {task_type!r}; use kind {expected_kind!r}",
-            details=[
-                {"path": "kind", "message": f"{kind!r} vs taskType {task_type!r}", "fix": expected_kind}
-            ],
+            details=[{"path": "kind", "message": f"{kind!r} vs taskType {task_type!r}", "fix": expected_kind}],
         )
     data["kind"] = expected_kind
     return data
@@ -177,9 +171,7 @@ def describe(exc: ValidationError, model: type[BaseModel]) -> SpecError:
         elif error["type"] == "literal_error":
             fix = message
         details.append({"path": path, "message": message, "fix": fix})
-    summary = "; ".join(
-        f"{d['path']}: {d['message']}" + (f" ({d['fix']})" if d["fix"] else "") for d in details[:5]
-    )
+    summary = "; ".join(f"{d['path']}: {d['message']}" + (f" ({d['fix']})" if d["fix"] else "") for d in details[:5])
     if len(details) > 5:
         summary += f"; and {len(details) - 5} more"
     return SpecError(f"invalid task: {summary}", details=details)

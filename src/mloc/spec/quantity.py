@@ -53,9 +53,7 @@ def parse_memory(value: object) -> int:
     elif isinstance(value, str) and (m := _MEM.match(value)):
         number, factor = float(m.group(1)), _MEM_FACTORS[m.group(2)]
     else:
-        raise ValueError(
-            f"memory {value!r} is not a quantity; write bytes with a unit such as '32Gi', '512Mi' or '8G'"
-        )
+        raise ValueError(f"memory {value!r} is not a quantity; write bytes with a unit such as '32Gi', '512Mi' or '8G'")
     total = round(number * factor)
     if total < 0:
         raise ValueError("memory must not be negative")

@@ -58,9 +58,7 @@ class InferenceInput(Sampling):
     @model_validator(mode="after")
     def _has_input(self) -> InferenceInput:
         if not self.prompts and not self.messages:
-            raise ValueError(
-                "no input: give 'prompts' (a list of strings) or 'messages' (chat conversations)"
-            )
+            raise ValueError("no input: give 'prompts' (a list of strings) or 'messages' (chat conversations)")
         if len(self.prompts) + len(self.messages) > MAX_PROMPTS:
             raise ValueError(f"more than {MAX_PROMPTS} prompts in one task; split it into several tasks")
         return self

@@ -49,7 +49,7 @@ def memory_bytes() -> int:
 
 def _nvml_gpus() -> list[dict[str, Any]] | None:
     try:
-        import pynvml  # type: ignore[import-not-found]
+        import pynvml
     except ImportError:
         return None
     try:

@@ -283,9 +283,7 @@ class Worker:
             else:
                 reason_code, reason = Reason.EXECUTOR_CRASHED.value, str(exc)
         except MlocError as exc:
-            reason_code = (
-                Reason.NO_EXECUTOR.value if exc.code == "no_executor" else Reason.EXECUTOR_ERROR.value
-            )
+            reason_code = Reason.NO_EXECUTOR.value if exc.code == "no_executor" else Reason.EXECUTOR_ERROR.value
             reason = exc.message
         except OSError as exc:
             reason = f"cannot write results to {out_dir}: {exc.strerror or exc}"
@@ -337,7 +335,10 @@ class Worker:
         )
         if not outcome.ok:
             log.warning(
-                "task %s: result not recorded (%s %s); it was moved elsewhere", task_id, outcome.error, outcome.detail
+                "task %s: result not recorded (%s %s); it was moved elsewhere",
+                task_id,
+                outcome.error,
+                outcome.detail,
             )
             return False
         if state != TaskState.SUCCEEDED:
@@ -373,6 +374,10 @@ class Worker:
             import threading
 
             loop = asyncio.get_running_loop()
+
+            def emit(event: dict[str, Any]) -> None:
+                loop.call_soon_threadsafe(reporter.handle, event)
+
             ctx = RunContext(
                 task_id=run.task_id,
                 attempt=run.attempt,
@@ -382,7 +387,7 @@ class Worker:
                 models_dir=self.models_dir,
                 worker_id=self.worker_id,
                 gpu_indices=gpus,
-                emit=lambda event: loop.call_soon_threadsafe(reporter.handle, event),
+                emit=emit,
                 cancel_event=threading.Event(),
             )
             run.inline_cancel = ctx.cancel_event
@@ -413,15 +418,13 @@ class Worker:
             run.host = None
             await self.pool.release(host)
         if outcome["ev"] == "done":
-            return outcome["result"]  # type: ignore[no-any-return]
+            return outcome["result"]
         if outcome.get("code") == "cancelled":
             raise TaskCancelled(outcome.get("message", "cancelled"))
         raise ExecutionError(outcome.get("message", "the executor failed"))
 
     @staticmethod
-    def _usage(
-        reporter: Reporter, result: dict[str, Any] | None, wall: float, gpu_count: int
-    ) -> dict[str, float]:
+    def _usage(reporter: Reporter, result: dict[str, Any] | None, wall: float, gpu_count: int) -> dict[str, float]:
         usage = dict(reporter.usage)
         if not usage and result and isinstance(result.get("usage"), dict):
             usage = {
@@ -433,9 +436,7 @@ class Worker:
         usage["gpu_seconds"] = round(wall * gpu_count, 6)
         return usage
 
-    def _daily(
-        self, task_type: str, state: TaskState, usage: dict[str, float], gpus: list[int]
-    ) -> dict[str, float]:
+    def _daily(self, task_type: str, state: TaskState, usage: dict[str, float], gpus: list[int]) -> dict[str, float]:
         daily = {
             "tasks": 1.0,
             f"tasks.{task_type}": 1.0,

@@ -26,9 +26,7 @@ class HostDied(Exception):
         self.returncode = returncode
         if returncode is not None and returncode < 0:
             name = signal.Signals(-returncode).name
-            hint = (
-                " (killed: most often the system ran out of memory)" if -returncode == signal.SIGKILL else ""
-            )
+            hint = " (killed: most often the system ran out of memory)" if -returncode == signal.SIGKILL else ""
             text = f"the executor process died from {name}{hint}"
         else:
             text = f"the executor process exited with code {returncode}"
@@ -94,7 +92,7 @@ class HostProcess:
         line = await self.events.readline()
         if not line:
             return None
-        return json.loads(line)  # type: ignore[no-any-return]
+        return json.loads(line)
 
     @property
     def alive(self) -> bool:

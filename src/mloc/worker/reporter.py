@@ -83,9 +83,7 @@ class Reporter:
             elif kind == "progress":
                 progress = event
             elif kind == "metrics":
-                pipe.rpush(
-                    keys.task_metrics(self.task_id), json.dumps({"step": event["step"], **event["values"]})
-                )
+                pipe.rpush(keys.task_metrics(self.task_id), json.dumps({"step": event["step"], **event["values"]}))
                 pipe.ltrim(keys.task_metrics(self.task_id), -METRICS_RETENTION, -1)
             elif kind == "artifact":
                 pipe.hset(keys.task(self.task_id), "artifacts", json.dumps(self.artifacts))

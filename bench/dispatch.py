@@ -1,0 +1,213 @@
+"""Dispatch speed: a no-op task from HTTP submit to stored result, beside raw Redis Streams.
+
+Run: python bench/dispatch.py [--latency-n 300] [--throughput-n 3000]
+
+MLOC: a real orchestrator process and two real worker processes on a private redis-server; the
+task is ``echo`` (no model). Latency is sequential: submit over HTTP, then wait for the task's
+'succeeded' event in Redis. Throughput submits many tasks at once (concurrent single submits, and
+the bulk endpoint) and counts completions.
+
+Baseline, measured in the same run on the same Redis: two consumer processes doing XREADGROUP and
+XACK, a producer doing XADD, with completion signalled through a second stream: the floor of any
+Streams-based dispatcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import Server, ms, pct
+from mloc import keys
+from mloc.localcluster import LocalCluster
+
+ECHO = b"taskType: echo\n"
+RAW_STREAM, RAW_DONE, RAW_GROUP = "bench:raw", "bench:raw:done", "g"
+
+
+# ------------------------------------------------------------------ baseline
+def _raw_consumer(url: str, name: str, stop_after: float) -> None:
+    r = redis.Redis.from_url(url)
+    deadline = time.monotonic() + stop_after
+    while time.monotonic() < deadline:
+        reply = r.xreadgroup(RAW_GROUP, name, {RAW_STREAM: ">"}, count=64, block=200)
+        for _, entries in reply or []:
+            pipe = r.pipeline(transaction=False)
+            for entry_id, fields in entries:
+                pipe.xack(RAW_STREAM, RAW_GROUP, entry_id)
+                pipe.xadd(RAW_DONE, {"id": fields[b"id"]})
+            pipe.execute()
+
+
+def raw_baseline(url: str, latency_n: int, throughput_n: int) -> dict[str, float]:
+    r = redis.Redis.from_url(url)
+    r.delete(RAW_STREAM, RAW_DONE)
+    r.xgroup_create(RAW_STREAM, RAW_GROUP, id="0", mkstream=True)
+    ctx = mp.get_context("spawn")
+    consumers = [ctx.Process(target=_raw_consumer, args=(url, f"c{i}", 120)) for i in range(2)]
+    for proc in consumers:
+        proc.start()
+    time.sleep(1.0)
+    last = "$"
+    latencies = []
+    for i in range(latency_n):
+        start = time.perf_counter()
+        r.xadd(RAW_STREAM, {"id": str(i)})
+        reply = r.xread({RAW_DONE: last}, count=1, block=5000)
+        latencies.append(time.perf_counter() - start)
+        last = reply[0][1][-1][0]
+    start = time.perf_counter()
+    pipe = r.pipeline(transaction=False)
+    for i in range(throughput_n):
+        pipe.xadd(RAW_STREAM, {"id": str(i)})
+        if i % 100 == 99:
+            pipe.execute()
+    pipe.execute()
+    done = 0
+    while done < throughput_n:
+        reply = r.xread({RAW_DONE: last}, count=1000, block=5000)
+        entries = reply[0][1]
+        done += len(entries)
+        last = entries[-1][0]
+    elapsed = time.perf_counter() - start
+    for proc in consumers:
+        proc.terminate()
+        proc.join()
+    return {"latencies": latencies, "throughput": throughput_n / elapsed}  # type: ignore[dict-item]
+
+
+# ---------------------------------------------------------------------- MLOC
+def _wait_done(r: redis.Redis, last: str, wanted: set[str], timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while wanted:
+        reply = r.xread({keys.EVENTS: last}, count=1000, block=1000)
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                last = entry_id
+                if fields[b"to"] == b"succeeded":
+                    wanted.discard(fields[b"task"].decode())
+                elif fields[b"to"] == b"failed":
+                    raise SystemExit(f"task {fields[b'task'].decode()} failed")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{len(wanted)} task(s) never finished")
+    return last
+
+
+def mloc_latency(api: str, url: str, n: int) -> list[float]:
+    r = redis.Redis.from_url(url)
+    latencies = []
+    with httpx.Client(base_url=api) as http:
+        last = r.xinfo_stream(keys.EVENTS)["last-generated-id"] if r.exists(keys.EVENTS) else "0"
+        for _ in range(n):
+            start = time.perf_counter()
+            task_id = http.post("/api/v1/tasks", content=ECHO).json()["task_id"]
+            last = _wait_done(r, last, {task_id})
+            latencies.append(time.perf_counter() - start)
+    return latencies
+
+
+async def _submit_concurrently(api: str, n: int, concurrency: int) -> list[str]:
+    ids: list[str] = []
+    async with httpx.AsyncClient(base_url=api, limits=httpx.Limits(max_connections=concurrency)) as http:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(n):
+            queue.put_nowait(i)
+
+        async def submitter() -> None:
+            while not queue.empty():
+                queue.get_nowait()
+                response = await http.post("/api/v1/tasks", content=ECHO)
+                ids.append(response.json()["task_id"])
+
+        await asyncio.gather(*(submitter() for _ in range(concurrency)))
+    return ids
+
+
+def mloc_throughput(api: str, url: str, n: int, *, bulk: bool) -> float:
+    r = redis.Redis.from_url(url)
+    last = r.xinfo_stream(keys.EVENTS)["last-generated-id"]
+    start = time.perf_counter()
+    if bulk:
+        ids: list[str] = []
+        with httpx.Client(base_url=api, timeout=60) as http:
+            for offset in range(0, n, 500):
+                batch = [{"spec": {"taskType": "echo"}}] * min(500, n - offset)
+                ids += [t["task_id"] for t in http.post("/api/v1/tasks/bulk", json=batch).json()["tasks"]]
+    else:
+        ids = asyncio.run(_submit_concurrently(api, n, concurrency=8))
+    _wait_done(r, last, set(ids), timeout=300)
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--latency-n", type=int, default=300)
+    parser.add_argument("--throughput-n", type=int, default=3000)
+    args = parser.parse_args()
+
+    server = Server()
+    try:
+        print(
+            f"raw Redis Streams baseline (2 consumers, {args.latency_n} sequential, {args.throughput_n} pipelined)..."
+        )
+        raw = raw_baseline(server.url, args.latency_n, args.throughput_n)
+        redis.Redis.from_url(server.url).flushall()
+        home = Path(tempfile.mkdtemp(prefix="mloc-bench-"))
+        with LocalCluster(
+            home=home,
+            workers=2,
+            redis_url=server.url,
+            topics="tasks.echo",
+            env={"LOG_LEVEL": "WARNING", "MLOC_WORKER_SLOTS": "64"},
+            log_dir=home / "logs",
+        ) as cluster:
+            print("MLOC: orchestrator + 2 workers up; warming up...")
+            mloc_latency(cluster.api_url, server.url, 30)
+            lat = mloc_latency(cluster.api_url, server.url, args.latency_n)
+            single = mloc_throughput(cluster.api_url, server.url, args.throughput_n, bulk=False)
+            bulk = mloc_throughput(cluster.api_url, server.url, args.throughput_n, bulk=True)
+    finally:
+        server.stop()
+
+    raw_lat: list[float] = raw["latencies"]  # type: ignore[assignment]
+    print()
+    print(f"{'':34} {'p50 ms':>8} {'p99 ms':>8} {'tasks/s':>9}")
+    print(
+        f"{'raw Streams (baseline)':34} {pct(raw_lat, 50) * 1e3:8.2f} {pct(raw_lat, 99) * 1e3:8.2f} {raw['throughput']:9.0f}"
+    )
+    print(f"{'MLOC, HTTP submit, 8 clients':34} {pct(lat, 50) * 1e3:8.2f} {pct(lat, 99) * 1e3:8.2f} {single:9.0f}")
+    print(f"{'MLOC, bulk submit':34} {'':8} {'':8} {bulk:9.0f}")
+    print()
+    print(f"MLOC latency:  {ms(lat)}")
+    print(f"raw latency:   {ms(raw_lat)}")
+    print(
+        f"ratios vs raw: p50 x{pct(lat, 50) / pct(raw_lat, 50):.1f}, "
+        f"throughput {single / raw['throughput']:.2f} (single) / {bulk / raw['throughput']:.2f} (bulk)"
+    )
+    print("targets: p50 <= 3 ms end to end, >= 500 tasks/s")
+    print(
+        json.dumps(
+            {
+                "mloc_p50_ms": pct(lat, 50) * 1e3,
+                "mloc_p99_ms": pct(lat, 99) * 1e3,
+                "mloc_tasks_per_s": single,
+                "mloc_bulk_tasks_per_s": bulk,
+                "raw_p50_ms": pct(raw_lat, 50) * 1e3,
+                "raw_tasks_per_s": raw["throughput"],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Inference throughput through MLOC's executor against the engine called directly, the gain of a warm
+model, and vLLM against transformers, all on the bundled Gemma 3 270M.
+
+1. Executor overhead: the same prompts through ``engine.generate`` (the baseline) and through
+   ``InferenceExecutor.run`` on the very same loaded engine, in alternating rounds; completion tokens per
+   second of each and their ratio (target >= 0.97).
+2. Warm model: one short task on a fresh executor (loads the model), then the same task again (the
+   engine is warm); the second's wall time as a share of the first's (target <= 10%).
+3. Engines: 16 prompts in one batch on vLLM and on transformers; tokens per second of each and the
+   ratio (target vLLM >= 3x). vLLM runs compiled unless --vllm-eager (compiling takes minutes once).
+
+    python bench/inference.py                        # all three, Gemma 3 270M, 3 rounds
+    python bench/inference.py --skip-vllm --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+import yaml  # noqa: E402
+from tests.llm.builders import persistent_models_dir  # noqa: E402
+
+import mloc.spec  # noqa: E402
+from mloc.executors.base import RunContext  # noqa: E402
+from mloc.executors.inference import InferenceExecutor  # noqa: E402
+from mloc.spec.sampling import Sampling  # noqa: E402
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Why is the sky blue?",
+    "Who wrote Romeo and Juliet?",
+    "What is the largest planet in the solar system?",
+    "How many legs does a spider have?",
+    "What is the boiling point of water?",
+    "What language is spoken in Brazil?",
+    "What is photosynthesis?",
+]
+
+
+def prompts(count: int) -> list[str]:
+    return [f"Question: {QUESTIONS[i % len(QUESTIONS)]}\nAnswer:" for i in range(count)]
+
+
+def task(engine: str, count: int, max_tokens: int, vllm: dict[str, Any]) -> mloc.spec.Document:
+    model: dict[str, Any] = {"source": {"type": "package", "identifier": "gemma3-270m"}, "engine": engine}
+    if engine == "vllm":
+        model["vllm"] = vllm
+    spec = {
+        "taskType": "inference",
+        "model": model,
+        # No stop strings and no EOS cut: every route generates exactly max_tokens per prompt.
+        "inference": {
+            "prompts": prompts(count),
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "batch_size": count,
+        },
+    }
+    body = {"apiVersion": "mloc/v1", "kind": "InferenceTask", "spec": spec}
+    return mloc.spec.load(yaml.safe_dump(body))
+
+
+def context(document: mloc.spec.Document, models_dir: Path) -> RunContext:
+    return RunContext(
+        task_id="bench",
+        attempt=1,
+        owner="bench",
+        document=document,
+        out_dir=Path(tempfile.mkdtemp(prefix="mloc-bench-")),
+        models_dir=models_dir,
+        worker_id="bench",
+    )
+
+
+def timed_run(executor: InferenceExecutor, document: mloc.spec.Document, models_dir: Path) -> tuple[float, int]:
+    started = time.perf_counter()
+    result = executor.run(context(document, models_dir))
+    return time.perf_counter() - started, int(result["usage"]["completion_tokens"])
+
+
+def overhead(args: argparse.Namespace, models_dir: Path, vllm: dict[str, Any]) -> None:
+    executor = InferenceExecutor()
+    document = task(args.engine, args.batch, args.max_tokens, vllm)
+    timed_run(executor, document, models_dir)  # loads the model and warms both routes' caches
+    engine = executor.cache.engines()[0]
+    spec = document.spec
+    sampling = Sampling.model_validate(spec.inference.model_dump(include=set(Sampling.model_fields)))  # type: ignore[attr-defined]
+    direct: list[float] = []
+    through: list[float] = []
+    for _ in range(args.rounds):
+        started = time.perf_counter()
+        generations = engine.generate(prompts(args.batch), sampling)
+        elapsed = time.perf_counter() - started
+        direct.append(sum(s.completion_tokens for samples in generations for s in samples) / elapsed)
+        seconds, tokens = timed_run(executor, document, models_dir)
+        through.append(tokens / seconds)
+    base, mloc_rate = statistics.median(direct), statistics.median(through)
+    shape = f"{args.batch} prompts x {args.max_tokens} tokens, {args.rounds} rounds"
+    print(f"\n[1] executor overhead: {args.engine}, {shape}")
+    print(f"    baseline engine.generate : {base:8.2f} tok/s  (rounds: {', '.join(f'{v:.1f}' for v in direct)})")
+    rounds = ", ".join(f"{v:.1f}" for v in through)
+    print(f"    InferenceExecutor.run    : {mloc_rate:8.2f} tok/s  (rounds: {rounds})")
+    print(f"    ratio                    : {mloc_rate / base:8.3f}   (target >= 0.97)")
+    executor.close()
+
+
+def warm_gain(args: argparse.Namespace, models_dir: Path, vllm: dict[str, Any]) -> None:
+    print(f"\n[2] warm model: one prompt x 8 tokens, fresh executor then the same task again ({args.engine})")
+    document = task(args.engine, 1, 8, vllm)
+    executor = InferenceExecutor()
+    cold, _ = timed_run(executor, document, models_dir)
+    warm, _ = timed_run(executor, document, models_dir)
+    print(f"    baseline first task (loads the model): {cold:8.3f} s")
+    print(f"    second task (warm engine)            : {warm:8.3f} s")
+    print(f"    second / first                       : {warm / cold:8.1%}   (target <= 10%)")
+    executor.close()
+
+
+def engines(args: argparse.Namespace, models_dir: Path, vllm: dict[str, Any]) -> None:
+    count = 16
+    print(f"\n[3] engines: {count} prompts x {args.max_tokens} tokens in one batch, {args.rounds} rounds each")
+    rates: dict[str, float] = {}
+    for name in ("transformers", "vllm"):
+        executor = InferenceExecutor()
+        document = task(name, count, args.max_tokens, vllm)
+        started = time.perf_counter()
+        executor.run(context(task(name, 1, 2, vllm), models_dir))
+        what = "load + compile" if name == "vllm" and not args.vllm_eager else "load"
+        print(f"    {name:12s} start-up ({what}): {time.perf_counter() - started:.1f} s")
+        values = []
+        for _ in range(args.rounds):
+            seconds, tokens = timed_run(executor, document, models_dir)
+            values.append(tokens / seconds)
+        rates[name] = statistics.median(values)
+        print(f"    {name:12s}: {rates[name]:8.2f} tok/s  (rounds: {', '.join(f'{v:.1f}' for v in values)})")
+        executor.close()
+    ratio = rates["vllm"] / rates["transformers"]
+    print(f"    baseline transformers; vLLM / transformers = {ratio:.2f}x   (target >= 3x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm"], help="for [1] and [2]")
+    parser.add_argument("--batch", type=int, default=8, help="prompts per task in [1]")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-vllm", action="store_true", help="leave out [3]")
+    parser.add_argument("--vllm-eager", action="store_true", help="run vLLM without torch.compile")
+    parser.add_argument("--models-dir", type=Path, default=None)
+    args = parser.parse_args()
+    models_dir = args.models_dir or persistent_models_dir()
+    vllm = {"max_model_len": 1024, "enforce_eager": args.vllm_eager}
+    print(f"MLOC inference bench: Gemma 3 270M, models dir {models_dir}, {os.cpu_count()} CPUs")
+    overhead(args, models_dir, vllm)
+    warm_gain(args, models_dir, vllm)
+    if not args.skip_vllm:
+        engines(args, models_dir, vllm)
+
+
+if __name__ == "__main__":
+    main()

@@ -80,9 +80,8 @@ def test_cleanup_endpoint_requeues_at_once(
         report = client.cleanup()
         assert report["lost_workers"] == ["local-1"] and report["requeued"] == [answer["task_id"]]
         record = client.task(answer["task_id"])
-        assert (record["state"] == "pending" and "no worker" in (record["pending_reason"] or "")) or record[
-            "state"
-        ] == "pending"
+        assert record["state"] == "pending" and record["reason_code"] == "worker_lost"
+        assert "local-1 lost" in record["reason"]
     finally:
         cluster.worker_procs["local-1"].send_signal(signal.SIGCONT)
     # The worker wakes up, learns it was declared lost, registers again and runs the task anew.

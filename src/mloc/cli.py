@@ -15,7 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 from mloc.errors import MlocError
-from mloc.settings import NodeType, get_settings
+from pydantic import ValidationError
+
+from mloc.settings import NodeType, Settings, get_settings
 
 app = typer.Typer(
     help="MLOC: run LLM inference, fine-tuning, RLHF, RAG and agent tasks on a worker fleet.",
@@ -50,6 +52,34 @@ def _print_json(data: Any) -> None:
     console.print_json(json.dumps(data, default=str))
 
 
+def _settings() -> Settings:
+    """The settings, or a clear message naming the bad variable."""
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            names = "/".join(str(part) for part in error["loc"])
+            err.print(f"[red]invalid configuration:[/red] {names}: {error['msg']} (got {error.get('input')!r})")
+        raise typer.Exit(2) from None
+
+
+def _preflight(url: str) -> None:
+    """Reach Redis before serving: retry while it is unreachable, stop at once on a wrong password."""
+    import asyncio
+
+    from mloc.connection import connect
+
+    async def check() -> None:
+        client = await connect(url)
+        await client.aclose()
+
+    try:
+        asyncio.run(check())
+    except MlocError as exc:
+        err.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(2) from None
+
+
 # ------------------------------------------------------------------ servers
 @app.command()
 def start(
@@ -60,9 +90,13 @@ def start(
     """Run an orchestrator or a worker in the foreground."""
     from mloc.logs import setup
 
-    settings = get_settings()
+    settings = _settings()
     setup(settings.log_level, json_lines=settings.log_json)
-    chosen = NodeType((node_type or settings.node_type).upper())
+    try:
+        chosen = NodeType((node_type or settings.node_type).upper())
+    except ValueError:
+        err.print(f"[red]error:[/red] --node-type must be orchestrator or worker, not {node_type!r}")
+        raise typer.Exit(2) from None
     if chosen == NodeType.WORKER:
         from mloc.worker.listener import main as worker_main
 
@@ -80,6 +114,7 @@ def start(
         settings = settings.model_copy(update={"redis_url": redis.url})
         err.print(f"no REDIS_URL: using the embedded Redis at {redis.url} (data in {settings.home / 'redis'})")
     try:
+        _preflight(settings.redis_url or "")
         uvicorn.run(
             create_app(settings),
             host=settings.host,

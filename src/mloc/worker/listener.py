@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
+from pydantic import ValidationError
 from redis.exceptions import ResponseError
 
 from mloc import __version__, keys, lifecycle
@@ -532,7 +533,12 @@ async def serve(settings: Settings | None = None) -> None:
 def main() -> None:
     from mloc.logs import setup
 
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        setup("INFO")
+        log.error("invalid configuration: %s", exc)
+        raise SystemExit(2) from None
     setup(settings.log_level, json_lines=settings.log_json)
     try:
         asyncio.run(serve(settings))

@@ -31,7 +31,8 @@ def _split_csv(value: str) -> list[str]:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, case_sensitive=False)
+    # No populate_by_name: field names like "home" or "host" must not be read from HOME or HOST.
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
 
     # Shared
     redis_url: str | None = Field(None, validation_alias=_env("MLOC_REDIS_URL", "REDIS_URL"))

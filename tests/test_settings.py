@@ -1,0 +1,55 @@
+"""Configuration from the environment: both seeds' names, precedence, and nothing read by accident."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mloc.settings import NodeType, Settings
+
+
+def test_first_seed_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "REDIS_URL": "redis://r:6379/0", "ORCHESTRATOR_TOKEN": "t", "HEARTBEAT_TTL_SEC": "60", "PORT": "9000",
+        "LOG_LEVEL": "debug", "TASK_TOPICS": "tasks.inference, tasks.sft", "RESULTS_DIR": "/tmp/res",
+        "HEARTBEAT_INTERVAL_SEC": "5", "WORKER_ID": "gpu-7", "WORKER_TAGS": "a100,eu", "VLLM_MODEL": "m",
+    }.items():
+        monkeypatch.setenv(name, value)
+    s = Settings()
+    assert (s.redis_url, s.admin_token, s.heartbeat_ttl_sec, s.port, s.log_level) == ("redis://r:6379/0", "t", 60, 9000, "DEBUG")
+    assert s.topics == ["tasks.inference", "tasks.sft"] and s.tags == ["a100", "eu"]
+    assert (s.results_dir, s.heartbeat_interval_sec, s.resolved_worker_id, s.vllm_model) == (Path("/tmp/res"), 5, "gpu-7", "m")
+
+
+def test_second_seed_names_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://plain:6379/0")
+    monkeypatch.setenv("MLOC_REDIS_URL", "redis://mloc:6379/0")
+    monkeypatch.setenv("PORT", "9000")
+    monkeypatch.setenv("MLOC_PORT", "9100")
+    monkeypatch.setenv("MLOC_NODE_TYPE", "orchestrator")
+    monkeypatch.setenv("MLOC_HOST", "127.0.0.1")
+    s = Settings()
+    assert (s.redis_url, s.port, s.node_type, s.host) == ("redis://mloc:6379/0", 9100, NodeType.ORCHESTRATOR, "127.0.0.1")
+
+
+def test_unrelated_variables_named_like_fields_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", "/somewhere/else")
+    monkeypatch.setenv("HOST", "attacker.example")
+    monkeypatch.setenv("TOKEN", "leak")
+    s = Settings()
+    assert s.host == "0.0.0.0" and s.token is None
+    assert s.home.name == ".mloc" and s.home.parent != Path("/somewhere/else")
+
+
+def test_executor_interpreters_and_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLOC_EXECUTOR_PYTHON", "ppo=/opt/ppo/bin/python, grpo = /opt/g/bin/python")
+    s = Settings()
+    assert s.executor_pythons == {"ppo": "/opt/ppo/bin/python", "grpo": "/opt/g/bin/python"}
+    assert s.topics == ["tasks.inference"] and s.heartbeat_ttl_sec == 120 and s.heartbeat_interval_sec == 30
+
+
+def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLOC_PORT", "70000")
+    with pytest.raises(ValueError, match="less than or equal to 65535"):
+        Settings()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 from dataclasses import dataclass
 
 from mloc import keys
+from mloc.errors import MlocError
 from mloc.registry import WorkerRegistry
 from mloc.state import TaskState
 from mloc.store import TaskStore, Transition, require
@@ -26,6 +28,19 @@ async def cancel(store: TaskStore, task_id: str, *, by: str) -> Transition:
     if record.state.terminal:
         return require(Transition(False, error="state", detail=record.state.value), task_id, TaskState.CANCELLED)
     now = time.time()
+    if record.children:
+        # A replica group: cancel the shards, then the parent, which has no worker of its own.
+        for child in record.children:
+            with contextlib.suppress(MlocError):
+                await cancel(store, child, by=by)
+        outcome = await store.transition(
+            task_id,
+            TaskState.CANCELLED,
+            sources=[TaskState.PENDING, TaskState.RUNNING],
+            fields={"reason": f"cancelled by {by}", "reason_code": "cancelled_by_user", "finished_at": repr(now)},
+            now=now,
+        )
+        return require(outcome, task_id, TaskState.CANCELLED)
     if record.state == TaskState.RUNNING:
         await store.set_fields(task_id, {"cancel_requested": "1", "cancel_requested_by": by})
         await store.redis.publish(keys.worker_control(record.worker_id or ""), json.dumps({"cancel": task_id}))

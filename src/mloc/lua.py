@@ -164,7 +164,8 @@ return 0
 # CREATE: store a new task, pending, with its indexes.
 # KEYS[1] task hash   KEYS[2] all-tasks zset   KEYS[3] pending-state zset   KEYS[4] owner zset
 # KEYS[5] pending queue zset
-# ARGV[1] task id     ARGV[2] created ms       ARGV[3] pending score        ARGV[4..] field, value, ...
+# ARGV[1] task id     ARGV[2] created ms       ARGV[3] pending score ("" = not for the scheduler)
+# ARGV[4..] field, value, ...
 # Returns 1, or 0 if a task with that id exists.
 CREATE = r"""
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -172,6 +173,6 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
-redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
+if ARGV[3] ~= '' then redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1]) end
 return 1
 """

@@ -51,6 +51,9 @@ class TaskRecord(BaseModel):
     usage: dict[str, Any] | None = None
     result_summary: dict[str, Any] | None = None
     artifacts: dict[str, Any] = Field(default_factory=dict)
+    parent_id: str | None = None
+    replica: int | None = None
+    children: list[str] = Field(default_factory=list)
     spec: dict[str, Any] | None = None
 
     @classmethod
@@ -83,6 +86,9 @@ class TaskRecord(BaseModel):
             usage=_loads(h.get("usage")),
             result_summary=_loads(h.get("result_summary")),
             artifacts=_loads(h.get("artifacts"), {}),
+            parent_id=h.get("parent_id") or None,
+            replica=int(h["replica"]) if h.get("replica") else None,
+            children=_loads(h.get("children"), []),
             spec=_loads(h.get("spec")) if with_spec else None,
         )
 

@@ -198,14 +198,23 @@ class Scheduler:
         self._views_at = 0.0
 
     async def place(
-        self, task_id: str, req: Request, *, owner: str, document: str, priority: int, created_ms: int
+        self,
+        task_id: str,
+        req: Request,
+        *,
+        owner: str,
+        document: str,
+        priority: int,
+        created_ms: int,
+        avoid: frozenset[str] = frozenset(),
     ) -> Placement:
         """Try to place one pending task now; on failure record why it waits."""
         placement = Placement(worker_id=None)
         for attempt in range(3):
             views = await self.views(fresh=attempt > 0)
             candidates = [v for v in views if misfit(req, v) is None]
-            candidates.sort(key=lambda v: _score(req, v))
+            # Replicas of one task go to different workers where they can.
+            candidates.sort(key=lambda v: (v.worker_id in avoid, _score(req, v)))
             for view in candidates:
                 gpus = _gpus_for(req, view, view.free_gpus) if req.gpu_count else []
                 assert gpus is not None

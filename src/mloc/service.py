@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from datetime import date, timedelta
@@ -11,12 +12,12 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from mloc import keys, lifecycle
-from mloc.errors import BadRequest, Forbidden
+from mloc import groups, keys, lifecycle
+from mloc.errors import BadRequest, Forbidden, SpecError
 from mloc.registry import WorkerRegistry
 from mloc.scheduler import Request, Scheduler, explain, misfit, request_of
 from mloc.settings import Settings
-from mloc.spec import Document
+from mloc.spec import Document, validate
 from mloc.spec.loader import default_name
 from mloc.store import TaskStore
 from mloc.users import Principal
@@ -86,13 +87,63 @@ class Orchestrator:
         return answer
 
     async def submit(self, document: Document, principal: Principal) -> dict[str, Any]:
+        if document.spec.resources.replicas > 1:
+            return await self._submit_group(document, principal)
         record, request = self._record(document, principal)
         await self.store.insert([record])
         return await self._place(record, request)
 
+    async def _submit_group(self, document: Document, principal: Principal) -> dict[str, Any]:
+        if document.spec.task_type != "inference":
+            raise SpecError(
+                f"resources.replicas > 1 is supported for inference tasks, not {document.spec.task_type!r}; "
+                "submit one task per replica",
+                details=[{"path": "spec.resources.replicas", "message": "must be 1 for this task type", "fix": "1"}],
+            )
+        parent, _ = self._record(document, principal)
+        children: list[tuple[dict[str, str], Request]] = []
+        for shard in groups.shards(document, parent["name"]):
+            shard["metadata"]["labels"][groups.PARENT_LABEL] = parent["id"]
+            record, request = self._record(validate(shard), principal)
+            record.update({"parent_id": parent["id"], "replica": str(len(children))})
+            children.append((record, request))
+        parent.update(
+            {
+                "group_size": str(len(children)),
+                "children": json.dumps([record["id"] for record, _ in children]),
+                "pending_reason": f"waiting for its {len(children)} replicas to start",
+            }
+        )
+        await self.store.insert([parent, *(record for record, _ in children)])
+        answers = []
+        used: set[str] = set()
+        for record, request in children:
+            placement = await self.scheduler.place(
+                record["id"],
+                request,
+                owner=record["owner"],
+                document=record["spec"],
+                priority=int(record["priority"]),
+                created_ms=int(record["created_ms"]),
+                avoid=frozenset(used),
+            )
+            if placement.worker_id:
+                used.add(placement.worker_id)
+            answers.append({"task_id": record["id"], "worker_id": placement.worker_id})
+        return {
+            "ok": True,
+            "task_id": parent["id"],
+            "worker_id": answers[0]["worker_id"],
+            "topic": parent["topic"],
+            "state": "pending",
+            "replicas": answers,
+        }
+
     async def submit_many(self, documents: list[Document], principal: Principal) -> list[dict[str, Any]]:
         if len(documents) > MAX_BULK:
             raise BadRequest(f"{len(documents)} tasks in one request; the limit is {MAX_BULK}")
+        if any(document.spec.resources.replicas > 1 for document in documents):
+            return [await self.submit(document, principal) for document in documents]
         prepared = [self._record(document, principal) for document in documents]
         await self.store.insert([record for record, _ in prepared])
         return [await self._place(record, request) for record, request in prepared]
@@ -117,6 +168,10 @@ class Orchestrator:
     # ------------------------------------------------------------- background
     async def cleanup(self) -> lifecycle.ReapReport:
         report = await lifecycle.reap(self.store, self.registry, ttl_sec=self.settings.heartbeat_ttl_sec)
+        for task_id in report.failed:
+            parent = await self.redis.hget(keys.task(task_id), "parent_id")
+            if parent:  # a shard out of retries fails its replica group
+                await groups.shard_finished(self.store, parent, self.settings.results_dir)
         if report.requeued:
             await self.scheduler.schedule_pending()
         return report

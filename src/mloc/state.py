@@ -24,7 +24,8 @@ TERMINAL = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED
 HOLDS_CAPACITY = frozenset({TaskState.ASSIGNED, TaskState.RUNNING})
 
 ALLOWED: dict[TaskState, frozenset[TaskState]] = {
-    TaskState.PENDING: frozenset({TaskState.ASSIGNED, TaskState.CANCELLED, TaskState.FAILED}),
+    # PENDING -> RUNNING: only a replica group's parent, when its first shard starts
+    TaskState.PENDING: frozenset({TaskState.ASSIGNED, TaskState.RUNNING, TaskState.CANCELLED, TaskState.FAILED}),
     # back to PENDING: worker lost, worker shut down before starting it, or placement handed back
     TaskState.ASSIGNED: frozenset({TaskState.RUNNING, TaskState.PENDING, TaskState.CANCELLED, TaskState.FAILED}),
     TaskState.RUNNING: frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED, TaskState.PENDING}),

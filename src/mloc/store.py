@@ -119,7 +119,12 @@ class TaskStore:
                 keys.tasks_of_owner(rec["owner"]),
                 keys.PENDING,
             ],
-            [rec["id"], str(created_ms), repr(pending_score(int(rec["priority"]), created_ms)), *fields],
+            [
+                rec["id"],
+                str(created_ms),
+                "" if rec.get("group_size") else repr(pending_score(int(rec["priority"]), created_ms)),
+                *fields,
+            ],
         )
 
     async def insert(self, records: list[dict[str, str]]) -> None:

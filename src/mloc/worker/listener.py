@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import ResponseError
 
-from mloc import __version__, keys, lifecycle
+from mloc import __version__, groups, keys, lifecycle
 from mloc.connection import connect, redact, resolve_url
 from mloc.errors import ConfigError, ExecutionError, MlocError, TaskCancelled
 from mloc.executors.base import RunContext, write_json_atomic
@@ -240,11 +240,16 @@ class Worker:
             await self._ack(entry_id)  # cancelled or moved meanwhile: nothing to run
             return
         body = json.loads(fields["body"])
+        parent = body["spec"].get("metadata", {}).get("labels", {}).get(groups.PARENT_LABEL)
+        if parent:
+            await groups.shard_started(self.store, parent)
         run = Running(task_id, start.attempt)
         self.running[task_id] = run
         acked = False
         try:
             acked = await self._execute(run, body, started, entry_id)
+            if parent and acked:
+                await groups.shard_finished(self.store, parent, self.results_dir)
         except aioredis.RedisError as exc:
             log.error("task %s: Redis failed while finishing (%s); the reaper will requeue it", task_id, exc)
         finally:

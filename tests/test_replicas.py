@@ -1,0 +1,100 @@
+"""Replica groups: prompts sharded over workers and merged back in prompt order."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from mloc.client import Client
+from mloc.errors import SpecError
+from mloc.groups import OFFSET_LABEL, merge, shards
+from mloc.localcluster import LocalCluster
+from mloc.spec import load, validate
+from tests.support.tiny_model import build_tiny_causal_lm
+
+
+def inference_task(model: str, prompts: list[str], replicas: int, messages: str = "") -> str:
+    listed = "".join(f"    - {p!r}\n" for p in prompts)
+    return (
+        "taskType: inference\n"
+        f"resources: {{replicas: {replicas}}}\n"
+        f"model: {{source: {{type: local, identifier: {model!r}}}, engine: transformers}}\n"
+        "inference:\n  max_tokens: 4\n  temperature: 0\n  prompts:\n" + listed + messages
+    )
+
+
+def test_shards_are_contiguous_and_cover_every_input() -> None:
+    doc = load(inference_task("/m", [f"p{i}" for i in range(5)], 3,
+                              "  messages:\n    - [{role: user, content: hi}]\n    - [{role: user, content: yo}]\n"))
+    parts = shards(doc, "job")
+    assert [p["metadata"]["labels"][OFFSET_LABEL] for p in parts] == ["0", "3", "5"]
+    assert [p["spec"]["inference"]["prompts"] for p in parts] == [["p0", "p1", "p2"], ["p3", "p4"], []]
+    assert [len(p["spec"]["inference"]["messages"]) for p in parts] == [0, 0, 2]
+    assert all(validate(p).spec.resources.replicas == 1 for p in parts)
+    with pytest.raises(SpecError, match="use at most 2 replicas"):
+        shards(load(inference_task("/m", ["a", "b"], 3)), "job")
+
+
+def test_merge_restores_prompt_order_and_adds_usage() -> None:
+    first = {"ok": True, "model": "m", "items": [{"index": 1, "output": "b"}, {"index": 0, "output": "a"}],
+             "usage": {"prompt_tokens": 3, "completion_tokens": 4, "latency_sec": 2.0, "num_requests": 2}}
+    second = {"ok": True, "model": "m", "items": [{"index": 0, "output": "c"}],
+              "usage": {"prompt_tokens": 1, "completion_tokens": 2, "latency_sec": 5.0, "num_requests": 1}}
+    merged = merge("p", [first, second], [0, 2])
+    assert [i["output"] for i in merged["items"]] == ["a", "b", "c"]
+    assert merged["usage"] == {"prompt_tokens": 4, "completion_tokens": 6, "latency_sec": 5.0, "num_requests": 3}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def test_replicas_run_on_different_workers_and_merge_in_order(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tiny_model: Path, tmp_path: Path
+) -> None:
+    cluster = make_cluster(2)
+    client = client_for(cluster)
+    prompts = [f"Question: {word}?\nAnswer:" for word in ("one", "two", "three", "four", "five")]
+    answer = client.submit(inference_task(str(tiny_model), prompts, 2).encode())
+    assert len(answer["replicas"]) == 2
+    assert {r["worker_id"] for r in answer["replicas"]} == {"local-1", "local-2"}
+    deadline = time.monotonic() + 300
+    while (record := client.task(answer["task_id"]))["state"] not in ("succeeded", "failed"):
+        assert time.monotonic() < deadline, record
+        time.sleep(0.5)
+    assert record["state"] == "succeeded", record
+    assert len(record["children"]) == 2
+    result = client.result(answer["task_id"])
+    assert [item["index"] for item in result["items"]] == [0, 1, 2, 3, 4]
+    assert result["replicas"] == 2 and result["usage"]["num_requests"] == 5
+    merged_file = tmp_path / "results" / answer["task_id"] / "responses.json"
+    assert merged_file.exists()
+    single = client.submit(inference_task(str(tiny_model), prompts, 1).encode())
+    deadline = time.monotonic() + 300
+    while client.task(single["task_id"])["state"] not in ("succeeded", "failed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    expected = [i["output"] for i in client.result(single["task_id"])["items"]]
+    assert [i["output"] for i in result["items"]] == expected
+
+
+def test_cancelling_a_group_cancels_its_replicas(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tiny_model: Path
+) -> None:
+    cluster = make_cluster(1, worker_env=[{"TASK_TOPICS": "tasks.echo"}])  # nobody takes inference
+    client = client_for(cluster)
+    answer = client.submit(inference_task(str(tiny_model), ["a", "b", "c"], 3).encode())
+    assert all(r["worker_id"] is None for r in answer["replicas"])
+    assert client.cancel(answer["task_id"])["state"] == "cancelled"
+    assert client.task(answer["task_id"])["state"] == "cancelled"
+    assert {client.task(r["task_id"])["state"] for r in answer["replicas"]} == {"cancelled"}
+
+
+def test_replicas_only_for_inference(make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]) -> None:
+    client = client_for(make_cluster(1))
+    with pytest.raises(Exception, match="supported for inference tasks"):
+        client.submit(b"taskType: echo\nresources: {replicas: 2}\n")

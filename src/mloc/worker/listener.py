@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import time
@@ -34,6 +35,7 @@ from mloc.worker.reporter import Reporter
 
 log = logging.getLogger(__name__)
 CANCEL_GRACE_SEC = 10.0
+TASK_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 @dataclass
@@ -270,6 +272,7 @@ class Worker:
         result: dict[str, Any] | None = None
         state, reason_code, reason = TaskState.FAILED, Reason.EXECUTOR_ERROR.value, ""
         try:
+            document_data = await self._resolve_adapter(document_data, owner)
             result = await self._run_executor(run, task_type, document_data, owner, gpus, out_dir, reporter)
             await self._write_result(out_dir / "responses.json", result)
             state, reason_code, reason = TaskState.SUCCEEDED, "", ""
@@ -350,6 +353,27 @@ class Worker:
         if state != TaskState.SUCCEEDED:
             log.info("task %s %s: %s", task_id, state, reason)
         return True
+
+    async def _resolve_adapter(self, document_data: dict[str, Any], owner: str) -> dict[str, Any]:
+        """Turn ``model.adapter.path`` naming a training task into the adapter that task produced."""
+        adapter = (document_data["spec"].get("model") or {}).get("adapter") or {}
+        reference = adapter.get("path") or ""
+        if not TASK_ID.match(reference):
+            return document_data
+        fields = await self.redis.hmget(keys.task(reference), "owner", "state", "artifacts")
+        if fields[1] is None:
+            raise ExecutionError(f"model.adapter.path names task {reference}, which does not exist")
+        if fields[0] != owner:
+            raise ExecutionError(f"model.adapter.path names task {reference}, which belongs to another user")
+        produced = json.loads(fields[2] or "{}").get("adapter")
+        if fields[1] != TaskState.SUCCEEDED or not produced:
+            raise ExecutionError(
+                f"task {reference} has no adapter to load (it is {fields[1]}); name a succeeded sft, dpo, grpo or "
+                "ppo task, or a LoRA folder"
+            )
+        resolved = json.loads(json.dumps(document_data))
+        resolved["spec"]["model"]["adapter"]["path"] = produced["path"]
+        return resolved
 
     @staticmethod
     async def _write_result(path: Path, result: dict[str, Any]) -> None:

@@ -5,7 +5,7 @@ alternating order (baseline, MLOC, baseline, MLOC, ...) after one warm-up run, s
 favour neither. The figure compared is the trainer's own train_samples_per_second (time inside
 ``trainer.train()``), and, separately, the wall time of the whole run including model load and saving.
 
-    python bench/train.py                       # defaults: a 4-layer 256-wide Llama, 40 steps, 5 rounds
+    python bench/train.py                       # defaults: a 2-layer 128-wide Llama, 60 steps, 5 rounds
     python bench/train.py --steps 80 --rounds 7 --threads 2
 """
 
@@ -100,12 +100,12 @@ def run_trl(model: Path, work: Path, args: argparse.Namespace) -> tuple[float, f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
     parser.add_argument(
         "--threads",
         type=int,

@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from mloc.errors import MlocError
-from pydantic import ValidationError
-
 from mloc.settings import NodeType, Settings, get_settings
 
 app = typer.Typer(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from mloc.spec.sampling import Message, Sampling
 
@@ -25,10 +27,25 @@ class LLMEngine(ABC):
 
     name: str  # "vllm" or "transformers"
     model_id: str  # what the task named (hub id, path or packaged model name)
+    # Longest sequence (prompt + completion) the model takes; None when the engine cannot tell.
+    max_context: int | None = None
+    # Bytes the loaded model is estimated to hold; the engine cache budgets with it.
+    memory_bytes: int = 0
 
     @abstractmethod
-    def generate(self, prompts: Sequence[str], sampling: Sampling) -> list[list[Generation]]:
-        """Generate ``sampling.n`` completions for each prompt, in prompt order."""
+    def generate(
+        self,
+        prompts: Sequence[str],
+        sampling: Sampling,
+        *,
+        adapter: Path | None = None,
+        cancel: threading.Event | None = None,
+    ) -> list[list[Generation]]:
+        """Generate ``sampling.n`` completions for each prompt, in prompt order.
+
+        ``adapter`` is a LoRA folder applied to this call only. When ``cancel`` is set mid-call, an engine
+        that can stop early returns what it has so far (the caller then checks the event); others finish.
+        """
 
     @abstractmethod
     def render_chat(self, messages: Sequence[Message]) -> str:
@@ -37,6 +54,11 @@ class LLMEngine(ABC):
     @abstractmethod
     def count_tokens(self, text: str) -> int:
         """Tokens in ``text`` by this model's tokenizer."""
+
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether ``render_chat`` uses the model's own template rather than plain turns."""
+        return False
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the model's memory."""

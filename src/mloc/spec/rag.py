@@ -26,18 +26,53 @@ class DocumentSource(Strict):
         return self
 
 
+DEFAULT_SYSTEM_PROMPT = (
+    "Answer the question using only the numbered context passages. "
+    "If they do not contain the answer, say that you do not know."
+)
+
+
 class RagOptions(Strict):
-    embedding_model: str = "sentence-transformers/all-MiniLM-L6-v2"
+    embedding_model: str = Field(
+        "sentence-transformers/all-MiniLM-L6-v2",
+        description="A sentence-transformers model: hub id in the worker's cache, or a local folder.",
+    )
     vector_db: Literal["chromadb", "faiss"] = "chromadb"
-    retrieval_k: int = Field(5, ge=1, le=1000)
-    chunk_size: int = Field(500, ge=16, le=100_000)
-    chunk_overlap: int = Field(50, ge=0)
-    collection: str | None = Field(None, description="Named collection that later tasks can reuse.")
+    retrieval_k: int = Field(5, ge=1, le=1000, description="Chunks retrieved per question.")
+    chunk_size: int = Field(500, ge=16, le=100_000, description="Largest chunk, in characters.")
+    chunk_overlap: int = Field(50, ge=0, description="Characters a chunk repeats from the one before.")
+    collection: str | None = Field(
+        None,
+        description="Named, persistent collection that later tasks reuse (indexed once); unset means a "
+        "temporary in-memory index for this task only.",
+    )
+    min_score: float | None = Field(
+        None, ge=-1, le=1, description="Drop retrieved chunks whose cosine similarity is below this."
+    )
+    max_context_tokens: int | None = Field(
+        None, ge=16, description="Drop the lowest-ranked chunks until the context fits this many tokens."
+    )
+    system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="Instruction for chat models.")
+    prompt_template: str | None = Field(
+        None,
+        description="A completion prompt with {context} (the passages, separated by blank lines) and "
+        "{question}, used instead of the chat template: base models answer better to "
+        "'Context: ... Question: ... Answer:'.",
+    )
 
     @field_validator("collection")
     @classmethod
     def _collection(cls, value: str | None) -> str | None:
         return None if value is None else check_name(value, "collection")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        if value is not None:
+            missing = [name for name in ("{context}", "{question}") if name not in value]
+            if missing:
+                raise ValueError(f"prompt_template must contain {' and '.join(missing)}")
+        return value
 
     @model_validator(mode="after")
     def _overlap(self) -> RagOptions:
@@ -51,6 +86,25 @@ class RagSpec(SpecBase):
     task_type: Literal["rag_inference"] = Field(..., alias="taskType")
     model: ModelSpec | None = Field(None, description="The LLM that writes answers; the worker default if unset.")
     hyperparameters: RagOptions = Field(default_factory=RagOptions)
-    documents: list[DocumentSource] = Field(default_factory=list)
-    questions: list[str] = Field(..., min_length=1)
+    documents: list[DocumentSource] = Field(
+        default_factory=list,
+        description="What to index; may be empty when a named collection already exists.",
+    )
+    questions: list[str] = Field(..., min_length=1, max_length=10_000)
     inference: Sampling = Field(default_factory=Sampling)
+
+    @field_validator("questions")
+    @classmethod
+    def _questions(cls, value: list[str]) -> list[str]:
+        for index, question in enumerate(value):
+            if not question.strip():
+                raise ValueError(f"question {index} is empty; remove it or give it text")
+        return value
+
+    @model_validator(mode="after")
+    def _corpus(self) -> RagSpec:
+        if not self.documents and self.hyperparameters.collection is None:
+            raise ValueError(
+                "no documents: give 'documents' to index, or hyperparameters.collection naming an existing collection"
+            )
+        return self

@@ -1,33 +1,42 @@
-"""Training task types on TRL and PEFT: ``sft``, ``dpo``, ``grpo`` and ``ppo``."""
+"""Training task types on TRL and PEFT: ``sft``, ``dpo``, ``grpo`` and ``ppo``.
+
+Field names follow TRL/transformers where one exists (``learning_rate``, ``num_train_epochs``,
+``gradient_accumulation_steps``), with the short spellings people write (``epochs``, ``batch_size``,
+``max_seq_length``) accepted as aliases.
+"""
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from mloc.spec.base import ModelSpec, SpecBase, Strict
 
 
 class DatasetFormat(StrEnum):
     AUTO = "auto"
-    PROMPT_COMPLETION = "prompt_completion"
-    MESSAGES = "messages"
-    TEXT = "text"
-    PREFERENCE = "preference"
-    PROMPT = "prompt"
+    PROMPT_COMPLETION = "prompt_completion"  # {"prompt": ..., "completion": ...}
+    MESSAGES = "messages"  # {"messages": [{"role": ..., "content": ...}, ...]}
+    TEXT = "text"  # {"text": ...}
+    PREFERENCE = "preference"  # {"prompt": ..., "chosen": ..., "rejected": ...}
+    PROMPT = "prompt"  # {"prompt": ...}
 
 
 class DatasetSpec(Strict):
     """Exactly one of inline ``examples``, a local ``path`` (JSONL, Parquet, CSV) or a hub ``identifier``."""
 
     examples: list[dict[str, Any]] | None = None
-    path: str | None = None
+    path: str | None = Field(
+        None, description="A local .jsonl/.json, .parquet or .csv file, or a folder made by save_to_disk."
+    )
     identifier: str | None = Field(None, description="A Hugging Face dataset id in the local cache.")
     split: str = "train"
     format: DatasetFormat = DatasetFormat.AUTO
     eval_ratio: float | None = Field(None, gt=0, lt=1, description="Hold out this share for evaluation.")
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many examples.")
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
@@ -42,20 +51,61 @@ class DatasetSpec(Strict):
         return self
 
 
+LrScheduler = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+]
+
+
 class TrainHyperparameters(Strict):
-    num_train_epochs: float = Field(1.0, gt=0, le=1000)
+    num_train_epochs: float = Field(1.0, gt=0, le=1000, validation_alias=AliasChoices("num_train_epochs", "epochs"))
     max_steps: int | None = Field(None, ge=1, description="Overrides epochs when set.")
     learning_rate: float = Field(2e-4, gt=0, le=1)
-    per_device_train_batch_size: int = Field(4, ge=1, le=4096, alias="batch_size")
+    per_device_train_batch_size: int = Field(
+        4, ge=1, le=4096, validation_alias=AliasChoices("per_device_train_batch_size", "batch_size")
+    )
+    per_device_eval_batch_size: int | None = Field(
+        None, ge=1, le=4096, validation_alias=AliasChoices("per_device_eval_batch_size", "eval_batch_size")
+    )
     gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
-    max_length: int = Field(1024, ge=8, le=1_048_576)
+    max_length: int = Field(1024, ge=8, le=1_048_576, validation_alias=AliasChoices("max_length", "max_seq_length"))
+    lr_scheduler_type: LrScheduler = "linear"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    optim: str | None = Field(
+        None,
+        description="A transformers optimizer name (adamw_torch_fused, paged_adamw_8bit, ...); "
+        "default: transformers' own (fused AdamW).",
+    )
+
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory (GPU only).")
     seed: int = 42
     logging_steps: int = Field(10, ge=1)
-    save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps.")
+    save_steps: int = Field(200, ge=1, description="Checkpoint every N steps; a re-run task resumes from the last.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted.")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Evaluate every N steps (needs dataset.eval_ratio); default: once at the end."
+    )
     merge_adapter: bool = Field(False, description="Also save the base model merged with the adapter.")
+    trl_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Further fields of the TRL config class (SFTConfig, DPOConfig...), passed as given.",
+    )
+
+
+class SFTHyperparameters(TrainHyperparameters):
+    packing: bool = Field(False, description="Pack several short examples into each max_length sequence.")
+    completion_only_loss: bool | None = Field(
+        None, description="Loss on the completion only (default for prompt/completion data)."
+    )
+    assistant_only_loss: bool = Field(False, description="Loss on assistant turns only (chat data).")
 
 
 class SFTSpec(SpecBase):
@@ -63,12 +113,16 @@ class SFTSpec(SpecBase):
     task_type: Literal["sft"] = Field(..., alias="taskType")
     model: ModelSpec
     dataset: DatasetSpec
-    hyperparameters: TrainHyperparameters = Field(default_factory=TrainHyperparameters)
+    hyperparameters: SFTHyperparameters = Field(default_factory=lambda: SFTHyperparameters.model_validate({}))
+
+
+DPOLoss = Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down"]
 
 
 class DPOHyperparameters(TrainHyperparameters):
-    beta: float = Field(0.1, gt=0)
-    max_prompt_length: int | None = Field(None, ge=8)
+    beta: float = Field(0.1, gt=0, description="Strength of the KL penalty against the reference model.")
+    loss_type: DPOLoss = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
 
 
 class DPOSpec(SpecBase):
@@ -76,20 +130,78 @@ class DPOSpec(SpecBase):
     task_type: Literal["dpo"] = Field(..., alias="taskType")
     model: ModelSpec
     dataset: DatasetSpec
-    hyperparameters: DPOHyperparameters = Field(default_factory=DPOHyperparameters)
+    hyperparameters: DPOHyperparameters = Field(default_factory=lambda: DPOHyperparameters.model_validate({}))
+
+
+# Built-in GRPO reward functions: name -> (argument required?, what it scores). The implementations
+# live in mloc.executors.train.rewards; the names live here so a task is checked when it is submitted.
+REWARD_FUNCS: dict[str, tuple[bool | None, str]] = {
+    "length": (None, "closeness to N characters (length:N, default 100): 1 at N, falling to -1"),
+    "contains": (True, "1 if the completion contains the text after the colon (case-insensitive), else 0"),
+    "regex": (True, "1 if the regular expression after the colon matches the completion, else 0"),
+    "answer": (None, "1 if the completion contains the example's 'answer' column (or answer:COLUMN), else 0"),
+    "json": (False, "1 if the completion parses as JSON, else 0"),
+    "distinct": (False, "share of distinct words in the completion, 0..1 (penalises repetition)"),
+}
+
+
+def parse_reward_func(text: str) -> tuple[str, str | None]:
+    """Split ``name[:argument]`` and check it against :data:`REWARD_FUNCS`; raises ValueError."""
+    name, sep, arg = text.partition(":")
+    name = name.strip()
+    argument = arg if sep else None
+    if name not in REWARD_FUNCS:
+        known = ", ".join(f"{key}:ARG" if need else key for key, (need, _) in REWARD_FUNCS.items())
+        raise ValueError(f"unknown reward function {text!r}; built-in ones are: {known}")
+    needs, _ = REWARD_FUNCS[name]
+    if needs is True and not argument:
+        raise ValueError(f"reward function {name!r} needs an argument: '{name}:...'")
+    if needs is False and argument is not None:
+        raise ValueError(f"reward function {name!r} takes no argument; write '{name}'")
+    if name == "length" and argument is not None and not (argument.isdigit() and int(argument) > 0):
+        raise ValueError(f"'length:N' needs a positive whole number of characters; got {argument!r}")
+    if name == "regex" and argument is not None:
+        try:
+            re.compile(argument)
+        except re.error as exc:
+            raise ValueError(f"reward function {text!r}: invalid regular expression ({exc})") from exc
+    return name, argument
 
 
 class GRPOHyperparameters(TrainHyperparameters):
-    reward_funcs: list[str] = Field(default_factory=list, description="Built-in reward function names.")
-    reward_model: str | None = None
-    num_generations: int = Field(4, ge=2, le=256)
+    reward_funcs: list[str] = Field(
+        default_factory=list,
+        description="Built-in reward functions: " + "; ".join(f"{k}: {v[1]}" for k, v in REWARD_FUNCS.items()),
+    )
+    reward_model: str | None = Field(
+        None, description="A sequence-classification model: local folder or cached hub id."
+    )
+    reward_weights: list[float] | None = Field(None, description="One weight per reward (functions, then model).")
+    num_generations: int = Field(4, ge=2, le=256, description="Completions sampled per prompt.")
     max_completion_length: int = Field(64, ge=1)
-    beta: float = Field(0.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    beta: float = Field(0.0, ge=0, description="KL coefficient against the reference model (0: no reference).")
+
+    @field_validator("reward_funcs")
+    @classmethod
+    def _known_rewards(cls, value: list[str]) -> list[str]:
+        for item in value:
+            parse_reward_func(item)
+        return value
 
     @model_validator(mode="after")
     def _has_reward(self) -> GRPOHyperparameters:
         if not self.reward_funcs and not self.reward_model:
             raise ValueError("GRPO needs a reward: set 'reward_funcs' or 'reward_model'")
+        rewards = len(self.reward_funcs) + (1 if self.reward_model else 0)
+        if self.reward_weights is not None and len(self.reward_weights) != rewards:
+            raise ValueError(f"'reward_weights' has {len(self.reward_weights)} weights for {rewards} rewards")
+        batch = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if batch % self.num_generations:
+            raise ValueError(
+                f"batch_size x gradient_accumulation_steps ({batch}) must be a multiple of num_generations "
+                f"({self.num_generations}): each prompt's completions are compared within one batch"
+            )
         return self
 
 
@@ -102,19 +214,41 @@ class GRPOSpec(SpecBase):
 
 
 class PPOHyperparameters(TrainHyperparameters):
-    reward_model: str = Field(..., description="A sequence-classification model id or path.")
-    value_model: str | None = Field(None, description="Defaults to the reward model.")
-    ppo_epochs: int = Field(4, ge=1, le=100)
-    target_kl: float | None = Field(0.1, gt=0)
-    kl_coef: float = Field(0.05, ge=0)
+    reward_model: str = Field(..., description="A sequence-classification model: local folder or cached hub id.")
+    value_model: str | None = Field(None, description="Initial value model; defaults to the reward model.")
+    ppo_epochs: int = Field(4, ge=1, le=100, description="Optimisation epochs over each rollout batch.")
+    target_kl: float | None = Field(
+        None,
+        gt=0,
+        description="Adaptive KL control: kl_coef is adjusted after each update so the policy's KL from the "
+        "reference tracks this value (nats per sequence). Unset: kl_coef stays fixed.",
+    )
+    kl_horizon: int = Field(10_000, ge=1, description="Episodes over which the adaptive KL controller acts.")
+    kl_coef: float = Field(0.05, ge=0, description="KL penalty coefficient (the initial one with target_kl).")
+    kl_estimator: Literal["k1", "k3"] = "k1"
     cliprange: float = Field(0.2, gt=0)
     cliprange_value: float = Field(0.2, gt=0)
     vf_coef: float = Field(0.1, gt=0)
     gamma: float = Field(1.0, gt=0, le=1)
     lam: float = Field(0.95, gt=0, le=1)
+    whiten_rewards: bool = False
     num_mini_batches: int = Field(1, ge=1)
-    response_length: int = Field(53, ge=1)
-    total_episodes: int | None = Field(None, ge=1)
+    response_length: int = Field(53, ge=1, description="Tokens generated per rollout.")
+    temperature: float = Field(0.7, gt=0)
+    missing_eos_penalty: float | None = Field(
+        None, ge=0, description="Subtracted from the score of a response without EOS."
+    )
+    total_episodes: int | None = Field(None, ge=1, description="Prompts to roll out in all; default: epochs x dataset.")
+
+    @model_validator(mode="after")
+    def _mini_batches(self) -> PPOHyperparameters:
+        batch = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if batch % self.num_mini_batches:
+            raise ValueError(
+                f"batch_size x gradient_accumulation_steps ({batch}) must be a multiple of num_mini_batches "
+                f"({self.num_mini_batches})"
+            )
+        return self
 
 
 class PPOSpec(SpecBase):

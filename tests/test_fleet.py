@@ -239,3 +239,23 @@ def test_worker_refuses_to_start_without_a_usable_results_dir(
     assert proc.wait(30) != 0
     log = (tmp_path / "logs" / "bad.log").read_text()
     assert "RESULTS_DIR" in log and "Traceback" not in log
+
+
+def test_a_task_past_its_timeout_is_stopped_and_fails(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
+) -> None:
+    cluster = make_cluster(1, env={"MLOC_CANCEL_GRACE_SEC": "1"})
+    client = client_for(cluster)
+    polite = client.submit(b"taskType: echo\ntimeout_sec: 1\nhyperparameters: {sleep_sec: 60}\n")
+    hung = client.submit(
+        b"taskType: echo\ntimeout_sec: 1\nhyperparameters: {sleep_sec: 60, isolate: true, ignore_cancel: true}\n"
+    )
+    started = time.monotonic()
+    for answer in (polite, hung):
+        failed = wait_for(client, answer["task_id"], lambda r: r["state"] == "failed", 30)
+        assert failed["reason_code"] == "timeout"
+        assert "spec.timeout_sec (1s)" in failed["reason"]
+    assert time.monotonic() - started < 20
+    assert client.worker("local-1")["free"]["slots"] == 4
+    ok = client.submit(b"taskType: echo\ntimeout_sec: 30\n")
+    assert wait_for(client, ok["task_id"], lambda r: r["state"] == "succeeded")

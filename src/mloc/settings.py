@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     worker_cpu: str | None = Field(None, validation_alias=_env("MLOC_WORKER_CPU"))
     worker_memory: str | None = Field(None, validation_alias=_env("MLOC_WORKER_MEMORY"))
     shutdown_grace_sec: float = Field(30.0, ge=0, validation_alias=_env("MLOC_SHUTDOWN_GRACE_SEC"))
+    # How long a cancelled or timed-out executor may take to stop before its process is killed.
+    cancel_grace_sec: float = Field(10.0, ge=0, validation_alias=_env("MLOC_CANCEL_GRACE_SEC"))
     models_dir: Path | None = Field(None, validation_alias=_env("MLOC_MODELS_DIR"))
     vllm_model: str | None = Field(None, validation_alias=_env("VLLM_MODEL"))
     # Task types whose executors run under another Python environment: "ppo=/opt/ppo/bin/python,...".

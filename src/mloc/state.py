@@ -51,3 +51,4 @@ class Reason(StrEnum):
     NO_EXECUTOR = "no_executor"
     RETRIES_EXHAUSTED = "retries_exhausted"
     CANCELLED_BY_USER = "cancelled_by_user"
+    TIMEOUT = "timeout"

@@ -27,7 +27,9 @@ class EchoExecutor(Executor):
         assert isinstance(spec, EchoSpec)
         options = spec.hyperparameters
         started = time.perf_counter()
-        if options.sleep_sec:
+        if options.ignore_cancel:
+            time.sleep(options.sleep_sec)
+        elif options.sleep_sec:
             step_sec = options.sleep_sec / options.steps
             for step in range(options.steps):
                 ctx.check_cancelled()

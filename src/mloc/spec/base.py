@@ -153,6 +153,9 @@ class SpecBase(Strict):
     priority: int = Field(0, ge=-1000, le=1000, description="Higher runs first.")
     retries: int | None = Field(None, ge=0, le=100, description="Times the task is retried after its worker is lost.")
     resources: Resources = Field(default_factory=Resources)
+    timeout_sec: float | None = Field(
+        None, gt=0, le=30 * 86_400, description="Longest the task may run; it fails with the reason past that."
+    )
 
     @field_validator("topic")
     @classmethod

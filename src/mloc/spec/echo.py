@@ -15,11 +15,16 @@ class EchoOptions(Strict):
     fail_message: str | None = Field(None, description="Fail the task with this message.")
     isolate: bool = Field(False, description="Run in an executor process instead of the worker's own.")
     crash: bool = Field(False, description="Kill the executor process (needs isolate: true).")
+    ignore_cancel: bool = Field(
+        False, description="Sleep without checking for cancellation, like a hung executor (needs isolate: true)."
+    )
 
     @model_validator(mode="after")
-    def _crash_needs_isolation(self) -> EchoOptions:
+    def _faults_need_isolation(self) -> EchoOptions:
         if self.crash and not self.isolate:
             raise ValueError("crash: true needs isolate: true (a crash inside the worker would stop it)")
+        if self.ignore_cancel and not self.isolate:
+            raise ValueError("ignore_cancel: true needs isolate: true (only an executor process can be killed)")
         return self
 
 

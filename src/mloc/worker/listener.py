@@ -34,7 +34,6 @@ from mloc.worker.process import HostDied, HostKey, HostPool, HostProcess, defaul
 from mloc.worker.reporter import Reporter
 
 log = logging.getLogger(__name__)
-CANCEL_GRACE_SEC = 10.0
 TASK_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -176,20 +175,23 @@ class Worker:
         if run.inline_cancel is not None:
             run.inline_cancel.set()
         if run.host is not None:
-            await run.host.cancel(run.task_id)
-            host = run.host
+            await self._stop_host(run, run.host)
 
-            async def kill_later() -> None:
-                await asyncio.sleep(CANCEL_GRACE_SEC)
-                if run.task_id in self.running and host.alive:
-                    log.warning(
-                        "task %s did not stop within %.0fs; killing its executor",
-                        run.task_id,
-                        CANCEL_GRACE_SEC,
-                    )
-                    await host.kill()
+    async def _stop_host(self, run: Running, host: HostProcess) -> None:
+        """Ask the executor process to stop the task; kill it if it has not stopped after the grace."""
+        await host.cancel(run.task_id)
 
-            self._spawn(kill_later())
+        async def kill_later() -> None:
+            await asyncio.sleep(self.settings.cancel_grace_sec)
+            if run.task_id in self.running and run.host is host and host.alive:
+                log.warning(
+                    "task %s did not stop within %.0fs; killing its executor",
+                    run.task_id,
+                    self.settings.cancel_grace_sec,
+                )
+                await host.kill()
+
+        self._spawn(kill_later())
 
     # ------------------------------------------------------------ assignments
     def _spawn(self, coro: Any) -> None:
@@ -247,6 +249,12 @@ class Worker:
             await groups.shard_started(self.store, parent)
         run = Running(task_id, start.attempt)
         self.running[task_id] = run
+        timeout = body["spec"]["spec"].get("timeout_sec")
+        watchdog = (
+            asyncio.get_running_loop().call_later(float(timeout), lambda: self._spawn(self._stop(run, "timeout")))
+            if timeout
+            else None
+        )
         acked = False
         try:
             acked = await self._execute(run, body, started, entry_id)
@@ -255,6 +263,8 @@ class Worker:
         except aioredis.RedisError as exc:
             log.error("task %s: Redis failed while finishing (%s); the reaper will requeue it", task_id, exc)
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             self.running.pop(task_id, None)
             if not acked:
                 with contextlib.suppress(aioredis.RedisError):
@@ -313,6 +323,10 @@ class Worker:
                 reason=f"worker {self.worker_id} stopped while the task ran",
             )
             return False
+        if run.stop_reason == "timeout" and state != TaskState.SUCCEEDED:
+            limit = document_data["spec"].get("timeout_sec")
+            state, reason_code = TaskState.FAILED, Reason.TIMEOUT.value
+            reason = f"timed out: ran longer than spec.timeout_sec ({limit:g}s) and was stopped"
         if run.stop_reason == "cancelled" and state != TaskState.SUCCEEDED:
             state, reason_code, reason = (
                 TaskState.CANCELLED,
@@ -428,8 +442,8 @@ class Worker:
         host = await self.pool.acquire(key, document.spec.model_identifier())
         run.host = host
         host.log_sink = reporter.log_line
-        if run.stop_reason is not None:
-            await host.cancel(run.task_id)
+        if run.stop_reason is not None:  # stopped while the executor process was starting
+            await self._stop_host(run, host)
         try:
             outcome = await host.run(
                 {

@@ -94,7 +94,7 @@ def run_trl(model: Path, work: Path, args: argparse.Namespace) -> tuple[float, f
         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM"),
     )
     output = trainer.train()
-    trainer.save_model(config.output_dir + "/adapter")
+    trainer.save_model(f"{config.output_dir}/adapter")
     return float(output.metrics["train_samples_per_second"]), time.perf_counter() - started
 
 

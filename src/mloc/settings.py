@@ -8,6 +8,7 @@ Both seeds' variable names are honoured: the plain ones of the first (``REDIS_UR
 from __future__ import annotations
 
 import functools
+import os
 import socket
 import uuid
 from enum import StrEnum
@@ -70,6 +71,13 @@ class Settings(BaseSettings):
     vllm_model: str | None = Field(None, validation_alias=_env("VLLM_MODEL"))
     # Task types whose executors run under another Python environment: "ppo=/opt/ppo/bin/python,...".
     executor_python: str = Field("", validation_alias=_env("MLOC_EXECUTOR_PYTHON"))
+    # RAG and agents. The python tool runs model-written code in a sandbox; a worker opts in.
+    allow_python_tool: bool = Field(False, validation_alias=_env("MLOC_ALLOW_PYTHON_TOOL"))
+    vectors_dir: Path | None = Field(None, validation_alias=_env("MLOC_VECTORS_DIR"))
+    # Folders (os.pathsep-separated) tasks may read documents from; unset means anywhere the worker can.
+    document_roots: str = Field("", validation_alias=_env("MLOC_DOCUMENT_ROOTS"))
+    web_search_provider: str = Field("", validation_alias=_env("MLOC_WEB_SEARCH_PROVIDER"))
+    searxng_url: str = Field("", validation_alias=_env("MLOC_SEARXNG_URL"))
 
     # Client (CLI)
     api_url: str | None = Field(None, validation_alias=_env("MLOC_API_URL"))
@@ -97,6 +105,14 @@ class Settings(BaseSettings):
     def executor_pythons(self) -> dict[str, str]:
         pairs = (item.split("=", 1) for item in _split_csv(self.executor_python) if "=" in item)
         return {task.strip(): python.strip() for task, python in pairs}
+
+    @property
+    def document_root_paths(self) -> list[Path]:
+        return [Path(part).resolve() for part in self.document_roots.split(os.pathsep) if part.strip()]
+
+    @property
+    def resolved_vectors_dir(self) -> Path:
+        return self.vectors_dir or self.home / "vectors"
 
     @property
     def resolved_worker_id(self) -> str:

@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,11 +58,24 @@ class Worker:
         self.results_dir = settings.results_dir.resolve()
         self.models_dir = settings.resolved_models_dir.resolve()
         self.hardware = hardware.detect(settings)
-        self.task_types = available_task_types()
+        self.task_types = self._offered_task_types()
         self.pool = HostPool(env={"MLOC_MODELS_DIR": str(self.models_dir)})
         self.running: dict[str, Running] = {}
         self.stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def _offered_task_types(self) -> list[str]:
+        """Task types this worker runs: those its own environment has, plus those an interpreter in
+        MLOC_EXECUTOR_PYTHON says it can run."""
+        offered = set(available_task_types())
+        for task_type, python in self.settings.executor_pythons.items():
+            missing = probe_interpreter(python, task_type)
+            if missing:
+                log.warning("%s tasks are not offered: %s cannot run them (%s)", task_type, python, "; ".join(missing))
+                offered.discard(task_type)
+            else:
+                offered.add(task_type)
+        return sorted(offered)
 
     # ------------------------------------------------------------ membership
     async def _recover(self, reason_code: str, reason: str) -> None:
@@ -408,13 +422,13 @@ class Worker:
         reporter: Reporter,
     ) -> dict[str, Any]:
         info = executor_for(task_type)
-        if info is None or not info.available:
+        python = self.settings.executor_pythons.get(task_type)
+        if python is None and (info is None or not info.available):
             missing = f" (missing {', '.join(info.missing)})" if info else ""
             raise ExecutionError(f"worker {self.worker_id} cannot run {task_type!r} tasks{missing}")
         document = validate(document_data)
-        python = self.settings.executor_pythons.get(task_type)
-        isolation = "process" if python else info.cls.isolation_for(document.spec)
-        if isolation == "inline":
+        isolation = "process" if python or info is None else info.cls.isolation_for(document.spec)
+        if isolation == "inline" and info is not None:
             import threading
 
             loop = asyncio.get_running_loop()
@@ -556,6 +570,31 @@ class Worker:
 
     def request_stop(self) -> None:
         self.stopping.set()
+
+
+_PROBE = (
+    "import json, sys\n"
+    "from mloc.executors.registry import executor_for\n"
+    "info = executor_for(sys.argv[1])\n"
+    "print(json.dumps(list(info.missing) if info else ['no executor for this task type']))\n"
+)
+
+
+def probe_interpreter(python: str, task_type: str) -> list[str]:
+    """What another interpreter lacks to run ``task_type`` (empty when it can run it)."""
+    try:
+        done = subprocess.run(
+            [python, "-c", _PROBE, task_type], capture_output=True, text=True, timeout=180, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return [f"cannot start it: {exc}"]
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return [f"it failed: {tail}"]
+    try:
+        return [str(item) for item in json.loads(done.stdout.strip().splitlines()[-1])]
+    except (ValueError, IndexError):
+        return [f"unexpected answer: {done.stdout[-200:]!r}"]
 
 
 async def serve(settings: Settings | None = None) -> None:

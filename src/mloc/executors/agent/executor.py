@@ -1,0 +1,284 @@
+"""The ``agent_inference`` executor: a ReAct agent on LangChain's ``create_agent``.
+
+The model is an MLOC engine behind :class:`~mloc.executors.agent.chat_model.EngineChatModel`, which
+parses tool calls from text, so small local models can use tools; a LangChain chat model with native
+tool calling can be plugged in instead (``chat_model_factory``). The result carries the final answer,
+why the agent stopped, and every step (thought, tool, input, output). LangChain is imported only when
+a task runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from mloc.errors import ExecutionError
+from mloc.executors.base import Executor, RunContext
+from mloc.executors.rag.engines import EngineHolder
+from mloc.spec.agent import AgentSpec
+
+if TYPE_CHECKING:
+    from langchain_core.language_models import BaseChatModel
+    from langchain_core.messages import BaseMessage
+    from langchain_core.runnables import RunnableConfig
+    from langchain_core.tools import BaseTool
+
+    from mloc.executors.rag import RagExecutor
+    from mloc.sandbox import PythonSandbox
+
+ChatModelFactory = Callable[[AgentSpec, RunContext], "BaseChatModel"]
+# The python tool runs model-written code; a worker opts in (a sandbox is never a perfect boundary).
+ALLOW_PYTHON_ENV = "MLOC_ALLOW_PYTHON_TOOL"
+REPEAT_LIMIT = 3  # identical tool calls in a row that count as a loop
+
+
+def python_tool_allowed() -> bool:
+    from mloc.settings import Settings
+
+    return Settings().allow_python_tool
+
+
+def conversation(spec: AgentSpec) -> list[BaseMessage]:
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+
+    kinds = {"system": SystemMessage, "user": HumanMessage, "assistant": AIMessage}
+    messages: list[BaseMessage] = [kinds[message.role](content=message.content) for message in spec.messages]
+    if spec.input:
+        messages.append(HumanMessage(content=spec.input))
+    return messages
+
+
+class AgentExecutor(Executor):
+    name = "agent_inference"
+    task_types = ("agent_inference",)
+    isolation = "process"
+    requires = ("torch", "transformers", "langchain", "langgraph")
+
+    def __init__(self, cache_bytes: int | None = None, *, chat_model_factory: ChatModelFactory | None = None) -> None:
+        self.engines = EngineHolder(cache_bytes)
+        self.chat_model_factory = chat_model_factory
+        self._rag: RagExecutor | None = None
+
+    @classmethod
+    def capabilities(cls) -> dict[str, Any]:
+        """The tools this worker offers, so tasks that need python_repl or web_search land where they run."""
+        from mloc.settings import Settings
+
+        tools = ["retriever"]
+        if python_tool_allowed():
+            tools.append("python_repl")
+        if Settings().web_search_provider.strip():
+            tools.append("web_search")
+        return {"agent_tools": tools}
+
+    def warm_models(self) -> list[str]:
+        return self.engines.warm_models()
+
+    def close(self) -> None:
+        self.engines.close()
+        if self._rag is not None:
+            self._rag.close()
+
+    def _chat_model(self, spec: AgentSpec, ctx: RunContext) -> BaseChatModel:
+        if self.chat_model_factory is not None:
+            return self.chat_model_factory(spec, ctx)
+        from mloc.executors.agent.chat_model import EngineChatModel
+
+        return EngineChatModel(
+            engine=self.engines.engine(spec.model, ctx), sampling=spec.inference, cancel=ctx.cancel_event
+        )
+
+    def _tools(self, spec: AgentSpec, ctx: RunContext, stack: contextlib.ExitStack) -> list[BaseTool]:
+        from mloc.executors.agent import tools as agent_tools
+
+        options = spec.hyperparameters
+        built: list[BaseTool] = []
+        for name in options.tools:
+            if name == "python_repl":
+                built.append(agent_tools.python_tool(self._sandbox_factory(spec, stack)))
+            elif name == "web_search":
+                built.append(agent_tools.web_search_tool())
+            elif name == "retriever":
+                assert options.retriever_collection is not None
+                built.append(agent_tools.retriever_tool(self._retriever(spec, ctx), options.retriever_collection))
+            else:
+                raise ExecutionError(f"unknown tool {name!r}; use python_repl, web_search or retriever")
+        return built
+
+    def _sandbox_factory(self, spec: AgentSpec, stack: contextlib.ExitStack) -> Callable[[], PythonSandbox]:
+        """The task's sandbox, made on first use and removed with the task."""
+        from mloc.sandbox import Limits, PythonSandbox, SandboxUnavailable
+
+        options = spec.hyperparameters
+        limits = Limits(timeout_sec=options.tool_timeout_sec, memory_bytes=options.python_memory_mb * 1024 * 1024)
+        try:
+            sandbox = stack.enter_context(PythonSandbox(limits))
+        except SandboxUnavailable as exc:
+            raise ExecutionError(f"the python_repl tool cannot run on this worker: {exc}") from exc
+        return lambda: sandbox
+
+    def _retriever(self, spec: AgentSpec, ctx: RunContext) -> Callable[[str], list[dict[str, Any]]]:
+        from mloc.executors.rag import RagExecutor, Retriever, vectors_dir
+        from mloc.executors.rag.stores import existing_embedding_model
+        from mloc.spec.rag import RagOptions
+
+        options = spec.hyperparameters
+        assert options.retriever_collection is not None
+        root = vectors_dir(ctx)
+        model = existing_embedding_model(options.retriever_vector_db, options.retriever_collection, root)
+        if model is None:
+            raise ExecutionError(
+                f"retriever_collection {options.retriever_collection!r} ({options.retriever_vector_db}) does "
+                "not exist on this worker; index it first with a rag_inference task that sets "
+                f"hyperparameters.collection: {options.retriever_collection}"
+            )
+        rag_options = RagOptions.model_validate(
+            {
+                "embedding_model": model,
+                "vector_db": options.retriever_vector_db,
+                "collection": options.retriever_collection,
+            }
+        )
+        if self._rag is None:
+            self._rag = RagExecutor()
+        rag = self._rag
+
+        def search(query: str) -> list[dict[str, Any]]:
+            with rag.open_collection(rag_options, root) as store:
+                hits = Retriever(rag.embedder(model), store).search([query], options.retrieval_k)[0]
+            return [hit.to_dict() for hit in hits]
+
+        return search
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        spec = ctx.spec
+        if not isinstance(spec, AgentSpec):
+            raise ExecutionError(f"the agent_inference executor got a {spec.task_type!r} task")
+        options = spec.hyperparameters
+        if "python_repl" in options.tools and not python_tool_allowed():
+            raise ExecutionError(
+                "the python_repl tool is disabled on this worker; the worker's operator can allow it with "
+                f"{ALLOW_PYTHON_ENV}=1, or remove python_repl from hyperparameters.tools"
+            )
+        from langchain.agents import create_agent
+
+        started = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            tools = self._tools(spec, ctx, stack)
+            model = self._chat_model(spec, ctx)
+            agent = create_agent(model, tools, system_prompt=options.system_prompt)
+            trace = _Trace(ctx, options.max_steps)
+            # Our own step limit stops the run first; LangGraph's recursion limit is only a backstop.
+            config: RunnableConfig = {"recursion_limit": 2 * options.max_steps + 10}
+            state: Any = {"messages": conversation(spec)}
+            for update in agent.stream(state, config=config, stream_mode="updates"):
+                ctx.check_cancelled()
+                if trace.record(update):
+                    break
+        return trace.result(model, started)
+
+
+class _Trace:
+    """Follows the agent's updates, builds the step list, and decides when to stop early."""
+
+    def __init__(self, ctx: RunContext, max_steps: int) -> None:
+        self.ctx = ctx
+        self.max_steps = max_steps
+        self.steps: list[dict[str, Any]] = []
+        self.by_call: dict[str, dict[str, Any]] = {}
+        self.final: str | None = None
+        self.stop_reason = "no_answer"
+        self.stop_message = "the agent ended without an answer"
+        self.model_calls = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    def record(self, update: dict[str, Any]) -> bool:
+        """Take one update; True means stop the agent now."""
+        from langchain_core.messages import AIMessage, ToolMessage
+
+        for payload in update.values():
+            messages = payload.get("messages", []) if isinstance(payload, dict) else []
+            for message in messages:
+                if isinstance(message, AIMessage):
+                    if self._model_message(message):
+                        return True
+                elif isinstance(message, ToolMessage):
+                    step = self.by_call.get(message.tool_call_id)
+                    if step is not None:
+                        step["output"] = str(message.content)
+                        step["error"] = message.status == "error"
+                        step["duration_sec"] = round(time.perf_counter() - step.pop("_started"), 3)
+                        status = "failed" if step["error"] else "ok"
+                        self.ctx.log(f"step {step['step']}: {step['tool']} {status}")
+        return False
+
+    def _model_message(self, message: Any) -> bool:
+        self.model_calls += 1
+        usage = message.usage_metadata or {}
+        self.prompt_tokens += int(usage.get("input_tokens", 0))
+        self.completion_tokens += int(usage.get("output_tokens", 0))
+        if not message.tool_calls:
+            self.final = str(message.content).strip()
+            self.stop_reason, self.stop_message = "final_answer", "the agent gave its final answer"
+            return False
+        if len(self.steps) >= self.max_steps:
+            self.stop_reason = "max_steps"
+            self.stop_message = (
+                f"stopped after max_steps={self.max_steps} tool calls without a final answer; raise "
+                "hyperparameters.max_steps or simplify the question"
+            )
+            return True
+        for call in message.tool_calls:
+            arguments = call["args"]
+            step = {
+                "step": len(self.steps) + 1,
+                "thought": str(message.content).strip(),
+                "tool": call["name"],
+                "input": next(iter(arguments.values())) if len(arguments) == 1 else arguments,
+                "output": None,
+                "error": False,
+                "_started": time.perf_counter(),
+            }
+            recent = [(s["tool"], s["input"]) for s in self.steps[-(REPEAT_LIMIT - 1) :]]
+            if len(recent) == REPEAT_LIMIT - 1 and all(item == (step["tool"], step["input"]) for item in recent):
+                self.stop_reason = "loop"
+                self.stop_message = (
+                    f"stopped: the agent asked for the same {step['tool']} call {REPEAT_LIMIT} times in a row"
+                )
+                return True
+            self.steps.append(step)
+            self.by_call[call["id"] or ""] = step
+            self.ctx.progress(len(self.steps), self.max_steps, f"step {len(self.steps)}: {call['name']}")
+        return False
+
+    def result(self, model: Any, started: float) -> dict[str, Any]:
+        for step in self.steps:
+            step.pop("_started", None)
+        self.ctx.add_usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            tool_calls=len(self.steps),
+        )
+        engine = getattr(model, "engine", None)
+        answer = self.final or ""
+        result: dict[str, Any] = {
+            "ok": True,
+            "model": engine.model_id if engine is not None else getattr(model, "_llm_type", type(model).__name__),
+            "final_answer": self.final,
+            "stop_reason": self.stop_reason,
+            "stop_message": self.stop_message,
+            "steps": self.steps,
+            "items": [{"index": 0, "output": answer, "finish_reason": self.stop_reason}],
+            "usage": {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "latency_sec": round(time.perf_counter() - started, 3),
+                "num_requests": self.model_calls,
+                "tool_calls": len(self.steps),
+            },
+        }
+        return result

@@ -1,0 +1,49 @@
+"""``sft``: supervised fine-tuning with TRL's SFTTrainer, with a LoRA/QLoRA adapter or in full."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from mloc.executors.train.runner import TrainExecutor, TrainingRun
+from mloc.spec.train import DatasetFormat, SFTSpec
+
+if TYPE_CHECKING:
+    from mloc.executors.train.callbacks import MlocCallback
+
+
+class SFTExecutor(TrainExecutor):
+    name = "sft"
+    task_types = ("sft",)
+    spec_type = SFTSpec
+    formats = (DatasetFormat.PROMPT_COMPLETION, DatasetFormat.MESSAGES, DatasetFormat.TEXT)
+
+    def config_class(self) -> type[Any]:
+        from trl import SFTConfig
+
+        return SFTConfig
+
+    def config_kwargs(self, run: TrainingRun) -> dict[str, Any]:
+        spec = run.spec
+        assert isinstance(spec, SFTSpec)
+        hp = spec.hyperparameters
+        return {
+            "max_length": hp.max_length,
+            "packing": hp.packing,
+            "completion_only_loss": hp.completion_only_loss,
+            "assistant_only_loss": hp.assistant_only_loss,
+            "dataset_num_proc": None,
+        }
+
+    def build_trainer(self, run: TrainingRun, model: Any, args: Any, callback: MlocCallback) -> Any:
+        from datasets import Dataset
+        from trl import SFTTrainer
+
+        return SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(run.data.train),
+            eval_dataset=Dataset.from_list(run.data.eval) if run.data.eval else None,
+            processing_class=run.tokenizer,
+            peft_config=run.peft_config,
+            callbacks=[callback],
+        )

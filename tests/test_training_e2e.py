@@ -1,0 +1,97 @@
+"""Training through the whole system: an SFT task with LoRA on a worker, its adapter used by an
+inference task that names the SFT task, metrics and progress on the record, and PPO offered only by a
+worker whose PPO interpreter can run it."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+
+from mloc import keys
+from mloc.client import Client
+from mloc.localcluster import LocalCluster
+from tests.support.tiny_model import build_tiny_causal_lm
+
+REPO = Path(__file__).resolve().parents[1]
+PPO_PYTHON = REPO / ".venv-ppo" / "bin" / "python"
+
+
+def wait_terminal(client: Client, task_id: str, timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while (record := client.task(task_id))["state"] not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, record
+        time.sleep(0.5)
+    return record
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def test_sft_lora_then_inference_with_the_adapter_by_task_id(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tiny_model: Path, redis_url: str
+) -> None:
+    cluster = make_cluster(1)
+    client = client_for(cluster)
+    sft = (REPO / "templates" / "sft_tiny_local.yaml").read_text().replace("/tmp/tiny-llama", str(tiny_model))
+    trained = wait_terminal(client, client.submit(sft.encode())["task_id"])
+    assert trained["state"] == "succeeded", trained
+    assert trained["artifacts"]["adapter"]["kind"] == "lora"
+    assert Path(trained["artifacts"]["adapter"]["path"]).is_dir()
+    assert trained["progress"]["step"] == trained["progress"]["total"] == 30
+    assert trained["usage"]["train_samples"] > 0
+    metrics = redis.Redis.from_url(redis_url, decode_responses=True).lrange(
+        keys.task_metrics(trained["task_id"]), 0, -1
+    )
+    losses = [float(m["loss"]) for m in map(json.loads, metrics) if "loss" in m]
+    assert len(losses) >= 3 and losses[-1] < losses[0]
+
+    def inference(adapter: str | None) -> list[str]:
+        adapter_line = f", adapter: {{path: {adapter!r}}}" if adapter else ""
+        body = (
+            "taskType: inference\n"
+            f"model: {{source: {{type: local, identifier: {str(tiny_model)!r}}}, engine: transformers{adapter_line}}}\n"
+            "inference: {max_tokens: 6, temperature: 0, prompts: ['Question: What is the capital of France?\\nAnswer:']}\n"
+        )
+        record = wait_terminal(client, client.submit(body.encode())["task_id"])
+        assert record["state"] == "succeeded", record
+        return [item["output"] for item in client.result(record["task_id"])["items"]]
+
+    assert inference(trained["task_id"]) != inference(None)
+    missing = "00000000-0000-4000-8000-000000000000"
+    body = (
+        "taskType: inference\n"
+        f"model: {{source: {{type: local, identifier: {str(tiny_model)!r}}}, engine: transformers, adapter: {{path: {missing!r}}}}}\n"
+        "inference: {prompts: ['x']}\n"
+    )
+    failed = wait_terminal(client, client.submit(body.encode())["task_id"])
+    assert failed["state"] == "failed" and "does not exist" in failed["reason"]
+
+
+def test_ppo_is_offered_only_where_its_interpreter_can_run_it(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
+) -> None:
+    assert PPO_PYTHON.exists(), "run scripts/setup_ppo_env.sh first (CI does)"
+    cluster = make_cluster(
+        2,
+        worker_env=[
+            {"MLOC_EXECUTOR_PYTHON": f"ppo={PPO_PYTHON}"},
+            {"MLOC_EXECUTOR_PYTHON": f"ppo={REPO / '.venv' / 'bin' / 'python'}"},
+        ],
+    )
+    client = client_for(cluster)
+    types = {w["worker_id"]: w["task_types"] for w in client.workers()["items"]}
+    assert "ppo" in types["local-1"]
+    assert "ppo" not in types["local-2"] and "sft" in types["local-2"]
+    dry = client.submit(
+        b"taskType: ppo\nmodel: {source: {type: local, identifier: /models/policy}}\n"
+        b"dataset: {examples: [{prompt: hi}]}\nhyperparameters: {reward_model: /models/reward}\n",
+        dry_run=True,
+    )
+    assert dry["would_place_on"] == ["local-1"]

@@ -77,7 +77,7 @@ def test_topics_tags_task_types_and_engines() -> None:
     assert "lacks tag" in (misfit(req, view()) or "")
     assert misfit(req, view(tags={"a100-pool", "eu"})) is None
     assert "no executor" in (misfit(req, view(tags={"a100-pool"}, types={"inference"})) or "")
-    vllm = Request(task_type="inference", topic="tasks.inference", engine="vllm")
+    vllm = Request(task_type="inference", topic="tasks.inference", needs=(("engines", "vllm"),))
     assert "no vllm engine" in (misfit(vllm, view(caps={"inference": {"engines": ["transformers"]}})) or "")
     assert misfit(vllm, view(caps={"inference": {"engines": ["transformers", "vllm"]}})) is None
 
@@ -112,3 +112,17 @@ def test_explain_distinguishes_waiting_from_never() -> None:
     assert not never and reason.startswith("waiting for capacity")
     reason, never = explain(req, [])
     assert never and "no worker is registered" in reason
+
+
+def test_agent_tools_a_worker_must_switch_on() -> None:
+    from mloc.scheduler import request_of
+    from mloc.spec import load
+
+    doc = load("taskType: agent_inference\ninput: hi\nhyperparameters: {tools: [python_repl, retriever], retriever_collection: docs}\n")
+    req = request_of(doc)
+    assert req.needs == (("agent_tools", "python_repl"),)
+    plain = view(types={"agent_inference"}, caps={"agent_inference": {"agent_tools": ["retriever"]}})
+    assert "has no python_repl agent tool" in (misfit(req, plain) or "")
+    allowed = view(types={"agent_inference"}, caps={"agent_inference": {"agent_tools": ["retriever", "python_repl"]}})
+    assert misfit(req, allowed) is None
+    assert Request.from_json(req.to_json()) == req

@@ -25,6 +25,9 @@ from mloc.store import Reservation, TaskStore
 
 log = logging.getLogger(__name__)
 SNAPSHOT_MAX_AGE_SEC = 0.25
+# Agent tools a worker must switch on (MLOC_ALLOW_PYTHON_TOOL, MLOC_WEB_SEARCH_PROVIDER).
+GATED_TOOLS = ("python_repl", "web_search")
+CAPABILITY_WORDS = {"engines": "engine", "agent_tools": "agent tool"}
 
 
 @dataclass(frozen=True)
@@ -40,25 +43,37 @@ class Request:
     gpu_mem: int = 0
     tags: tuple[str, ...] = ()
     model: str | None = None
-    engine: str | None = None
+    # (capability, value) pairs the worker's executor must advertise, e.g. ("engines", "vllm").
+    needs: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["tags"] = list(self.tags)
+        data["needs"] = [list(pair) for pair in self.needs]
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Request:
-        return cls(**{**data, "tags": tuple(data.get("tags", ()))})
+        return cls(
+            **{
+                **data,
+                "tags": tuple(data.get("tags", ())),
+                "needs": tuple((str(k), str(v)) for k, v in data.get("needs", ())),
+            }
+        )
 
 
 def request_of(document: Document) -> Request:
     spec = document.spec
     hw = spec.resources.hardware
     model = getattr(spec, "model", None)
-    engine = None
+    needs: list[tuple[str, str]] = []
     if isinstance(model, ModelSpec) and model.engine.value != "auto":
-        engine = model.engine.value
+        needs.append(("engines", model.engine.value))
+    options = getattr(spec, "hyperparameters", None)
+    for tool in getattr(options, "tools", None) or ():
+        if tool in GATED_TOOLS:
+            needs.append(("agent_tools", tool))
     return Request(
         task_type=spec.task_type,
         topic=spec.effective_topic,
@@ -69,7 +84,7 @@ def request_of(document: Document) -> Request:
         gpu_mem=hw.gpu.memory or 0,
         tags=tuple(spec.resources.tags),
         model=spec.model_identifier(),
-        engine=engine,
+        needs=tuple(needs),
     )
 
 
@@ -113,10 +128,12 @@ def misfit(req: Request, view: WorkerView, *, when_idle: bool = False) -> str | 
         return f"does not take topic {req.topic!r} (takes {', '.join(view.topics)})"
     if req.task_type not in view.task_types:
         return f"has no executor for {req.task_type!r}"
-    if req.engine:
-        engines = view.capabilities.get(req.task_type, {}).get("engines", [])
-        if req.engine not in engines:
-            return f"has no {req.engine} engine (has {', '.join(engines) or 'none'})"
+    offered = view.capabilities.get(req.task_type, {})
+    for capability, value in req.needs:
+        have = offered.get(capability, [])
+        if value not in have:
+            what = CAPABILITY_WORDS.get(capability, capability)
+            return f"has no {value} {what} (has {', '.join(have) or 'none'})"
     missing = [t for t in req.tags if t not in view.tags]
     if missing:
         return f"lacks tag(s) {', '.join(missing)}"

@@ -224,6 +224,7 @@ class Scheduler:
         priority: int,
         created_ms: int,
         avoid: frozenset[str] = frozenset(),
+        current_reason: str | None = None,
     ) -> Placement:
         """Try to place one pending task now; on failure record why it waits."""
         placement = Placement(worker_id=None)
@@ -267,7 +268,8 @@ class Scheduler:
         views = await self.views()
         reason, never = explain(req, views)
         placement.pending_reason, placement.unschedulable = reason, never
-        await self.store.set_fields(task_id, {"pending_reason": reason, "unschedulable": "1" if never else "0"})
+        if reason != current_reason:
+            await self.store.set_fields(task_id, {"pending_reason": reason, "unschedulable": "1" if never else "0"})
         return placement
 
     async def schedule_pending(self, limit: int = 1000) -> int:
@@ -278,13 +280,22 @@ class Scheduler:
                 return 0
             pipe = self.store.redis.pipeline(transaction=False)
             for task_id in ids:
-                pipe.hmget(keys.task(task_id), "req", "owner", "spec", "priority", "created_ms", "state")
+                pipe.hmget(
+                    keys.task(task_id), "req", "owner", "spec", "priority", "created_ms", "state", "pending_reason"
+                )
             rows = await pipe.execute()
             placed = 0
             self.invalidate()
-            for task_id, (req_json, owner, spec, priority, created_ms, state) in zip(ids, rows, strict=True):
+            # A request that found no worker in this pass will not find one for an identical request
+            # either (capacity only shrinks within a pass), so those are skipped, keeping a pass cheap
+            # when many tasks wait.
+            no_room: set[str] = set()
+            for task_id, row in zip(ids, rows, strict=True):
+                req_json, owner, spec, priority, created_ms, state, reason = row
                 if state != TaskState.PENDING or not req_json:
                     await self.store.redis.zrem(keys.PENDING, task_id)  # stale index entry
+                    continue
+                if req_json in no_room:
                     continue
                 outcome = await self.place(
                     task_id,
@@ -293,6 +304,9 @@ class Scheduler:
                     document=spec,
                     priority=int(priority),
                     created_ms=int(created_ms),
+                    current_reason=reason,
                 )
+                if outcome.worker_id is None:
+                    no_room.add(req_json)
                 placed += outcome.worker_id is not None
             return placed

@@ -188,6 +188,9 @@ class Orchestrator:
                     while not stop.is_set() and time.monotonic() < deadline:
                         message = await pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
                         if message is not None:
+                            # Coalesce a burst of wake-ups into one pass.
+                            while await pubsub.get_message(timeout=0) is not None:
+                                pass
                             break
                 except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
                     log.warning("scheduler: Redis unavailable (%s); retrying", exc)

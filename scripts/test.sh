@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/install_deploy_tools.sh
 bash scripts/setup_ppo_env.sh
+bash scripts/install_browser.sh
 exec .venv/bin/python -m pytest "$@"

@@ -40,9 +40,20 @@ def resolve_url(settings: Settings) -> str:
     return url
 
 
+# redis-py's 5 s default read timeout fails requests on a machine whose CPUs are saturated by model
+# work; a slow answer is still an answer. Blocking reads (XREADGROUP, XREAD) block for at most 1 s.
+SOCKET_TIMEOUT_SEC = 30.0
+
+
 def client(url: str) -> aioredis.Redis:
     return aioredis.Redis.from_url(
-        url, decode_responses=True, health_check_interval=30, socket_keepalive=True, max_connections=256
+        url,
+        decode_responses=True,
+        health_check_interval=30,
+        socket_keepalive=True,
+        socket_timeout=SOCKET_TIMEOUT_SEC,
+        socket_connect_timeout=10,
+        max_connections=256,
     )
 
 

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mloc import __version__
-from mloc.api import admin, misc, tasks, workers
+from mloc.api import admin, dashboard, metrics, misc, tasks, workers
 from mloc.connection import connect, redact, resolve_url
 from mloc.errors import MlocError
 from mloc.service import Orchestrator
@@ -159,7 +159,7 @@ def create_app(settings: Settings | None = None, *, redis: aioredis.Redis | None
             status_code=500,
         )
 
-    for router in (tasks.router, workers.router, admin.router, misc.router):
+    for router in (tasks.router, workers.router, admin.router, misc.router, metrics.router, dashboard.router):
         app.include_router(router)
 
     def openapi() -> dict[str, Any]:
@@ -176,4 +176,5 @@ def create_app(settings: Settings | None = None, *, redis: aioredis.Redis | None
 
     app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(metrics.RequestMetrics)
     return app

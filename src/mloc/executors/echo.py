@@ -35,6 +35,7 @@ class EchoExecutor(Executor):
                 ctx.check_cancelled()
                 ctx.cancel_event.wait(step_sec)
                 ctx.progress(step + 1, options.steps)
+                ctx.log(f"step {step + 1}/{options.steps}")
             ctx.check_cancelled()
         if options.crash:
             os.kill(os.getpid(), signal.SIGKILL)

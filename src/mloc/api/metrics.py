@@ -1,0 +1,357 @@
+"""GET /metrics: the cluster's state for Prometheus, and the API's own request latency.
+
+The cluster figures (tasks by state, queue depth, workers, GPUs, today's usage, submit-to-start wait)
+are read from Redis at scrape time, so every orchestrator replica answers the same numbers and
+nothing is kept in memory between scrapes. The request-latency histogram is per process: with several
+orchestrators, scrape each one and sum.
+
+/metrics needs no token (Prometheus scrapes without one); it shows counts, GPU models and worker
+states, never task contents. Keep the port on a private network or put the endpoint behind a proxy
+where that is too much.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import PlainTextResponse, Response
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mloc import keys
+from mloc.records import WorkerRecord
+from mloc.service import Orchestrator
+from mloc.state import TaskState
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["metrics"])
+
+# Bounds on what one scrape reads, so a large or busy cluster cannot make /metrics slow.
+WAIT_SAMPLE = 1000  # newest started tasks the submit-to-start histogram is computed from
+MAX_WORKERS = 5000  # workers read per scrape (most recent heartbeat first)
+MAX_OWNERS = 10_000  # users whose usage of today is summed
+SCRAPE_TIMEOUT_SEC = 5.0  # past this the scrape fails (503) rather than piling up behind a stuck Redis
+
+WORKER_STATUSES = ("active", "draining", "restarting", "offline", "lost")
+USAGE_FIELDS = (
+    "tasks",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "train_samples",
+    "train_tokens",
+    "gpu_seconds",
+    "wall_sec",
+)
+# States whose tasks may have started; their records carry started_at once they did.
+STARTED_STATES = (TaskState.RUNNING, TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED)
+WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+@dataclass
+class ClusterSnapshot:
+    """What one scrape read from Redis."""
+
+    tasks_by_state: dict[str, int]
+    queue_depth: int
+    workers: list[WorkerRecord]
+    usage_today: dict[str, float]
+    waits: list[float]
+    read_sec: float
+    truncated: dict[str, bool] = field(default_factory=dict)
+
+
+async def read_snapshot(orch: Orchestrator) -> ClusterSnapshot:
+    """Read every figure /metrics shows, each with a bounded number of Redis calls."""
+    started = time.perf_counter()
+    redis = orch.redis
+    truncated: dict[str, bool] = {}
+
+    pipe = redis.pipeline(transaction=False)
+    for state in TaskState:
+        pipe.zcard(keys.tasks_in_state(state))
+    pipe.zcard(keys.PENDING)
+    pipe.zcard(keys.WORKERS)
+    pipe.zrevrange(keys.WORKERS, 0, MAX_WORKERS - 1)
+    pipe.scard(keys.USAGE_OWNERS)
+    for state in STARTED_STATES:
+        pipe.zrevrange(keys.tasks_in_state(state), 0, WAIT_SAMPLE - 1, withscores=True)
+    replies = await pipe.execute()
+    counts = replies[: len(TaskState)]
+    queue_depth, worker_total, worker_ids, owner_total, *recent = replies[len(TaskState) :]
+    tasks_by_state = {state.value: int(n) for state, n in zip(TaskState, counts, strict=True)}
+    truncated["workers"] = int(worker_total) > len(worker_ids)
+
+    workers = await orch.registry.records(list(worker_ids))
+
+    owners = await _owners(redis, int(owner_total))
+    truncated["usage"] = int(owner_total) > len(owners)
+    usage_today = await _usage_today(redis, owners)
+
+    # The state indexes are scored by creation time, so the newest WAIT_SAMPLE tasks across them are
+    # the ones submitted most recently; those that started give the current submit-to-start wait.
+    newest = sorted((pair for rows in recent for pair in rows), key=lambda pair: pair[1], reverse=True)
+    waits = await _waits(redis, [task_id for task_id, _ in newest[:WAIT_SAMPLE]])
+
+    return ClusterSnapshot(
+        tasks_by_state=tasks_by_state,
+        queue_depth=int(queue_depth),
+        workers=workers,
+        usage_today=usage_today,
+        waits=waits,
+        read_sec=time.perf_counter() - started,
+        truncated=truncated,
+    )
+
+
+async def _owners(redis: Any, total: int) -> list[str]:
+    if total <= MAX_OWNERS:
+        return sorted(await redis.smembers(keys.USAGE_OWNERS))
+    log.warning("/metrics sums today's usage of %d of %d users (MAX_OWNERS)", MAX_OWNERS, total)
+    owners: list[str] = []
+    async for owner in redis.sscan_iter(keys.USAGE_OWNERS, count=1000):
+        owners.append(owner)
+        if len(owners) >= MAX_OWNERS:
+            break
+    return owners
+
+
+async def _usage_today(redis: Any, owners: list[str]) -> dict[str, float]:
+    day = datetime.now(UTC).strftime("%Y-%m-%d")
+    pipe = redis.pipeline(transaction=False)
+    for owner in owners:
+        pipe.hmget(keys.usage_day(owner, day), list(USAGE_FIELDS))
+    totals = dict.fromkeys(USAGE_FIELDS, 0.0)
+    rows = await pipe.execute() if owners else []
+    for values in rows:
+        for name, value in zip(USAGE_FIELDS, values, strict=True):
+            if value is not None:
+                totals[name] += float(value)
+    return totals
+
+
+async def _waits(redis: Any, task_ids: list[str]) -> list[float]:
+    if not task_ids:
+        return []
+    pipe = redis.pipeline(transaction=False)
+    for task_id in task_ids:
+        pipe.hmget(keys.task(task_id), ["created_at", "started_at"])
+    waits = []
+    for created, begun in await pipe.execute():
+        if created and begun:
+            waits.append(max(0.0, float(begun) - float(created)))
+    return waits
+
+
+# The snapshot of the scrape being answered. prometheus_client calls collect() synchronously while the
+# Redis client is async, so the endpoint reads first and the collector formats what it read; a context
+# variable keeps concurrent scrapes from seeing each other's snapshot.
+_current: ContextVar[ClusterSnapshot | None] = ContextVar("mloc_metrics_snapshot", default=None)
+
+
+class ClusterCollector(Collector):
+    """Turns the current scrape's Redis snapshot into metric families."""
+
+    def collect(self) -> Iterable[Metric]:
+        snapshot = _current.get()
+        if snapshot is None:
+            return []
+        return list(_families(snapshot))
+
+
+def _families(snap: ClusterSnapshot) -> Iterator[Metric]:
+    tasks = GaugeMetricFamily("mloc_tasks", "Tasks by state.", labels=["state"])
+    for state, count in snap.tasks_by_state.items():
+        tasks.add_metric([state], count)
+    yield tasks
+
+    yield GaugeMetricFamily(
+        "mloc_queue_depth", "Tasks waiting for placement (pending, not yet on a worker).", value=snap.queue_depth
+    )
+
+    statuses = Counter({status: 0 for status in WORKER_STATUSES})
+    statuses.update(worker.status for worker in snap.workers)
+    workers = GaugeMetricFamily("mloc_workers", "Registered workers by status.", labels=["status"])
+    for status, count in sorted(statuses.items()):
+        workers.add_metric([status], count)
+    yield workers
+
+    gpus = GaugeMetricFamily(
+        "mloc_gpus",
+        "GPUs by model: total on registered workers that are not lost or offline, free on active workers.",
+        labels=["model", "state"],
+    )
+    total: Counter[str] = Counter()
+    free: Counter[str] = Counter()
+    slots = {"total": 0, "free": 0}
+    for worker in snap.workers:
+        if worker.status in ("lost", "offline"):
+            continue
+        free_indexes = set(worker.free.get("gpus", []))
+        for gpu in worker.hardware.get("gpus", []):
+            model = str(gpu.get("name") or "unknown")
+            total[model] += 1
+            if worker.status == "active" and gpu.get("index") in free_indexes:
+                free[model] += 1
+        slots["total"] += int(worker.capacity.get("slots", 0))
+        if worker.status == "active":
+            slots["free"] += int(worker.free.get("slots", 0))
+    for model in sorted(total):
+        gpus.add_metric([model, "total"], total[model])
+        gpus.add_metric([model, "free"], free[model])
+    yield gpus
+
+    slot_family = GaugeMetricFamily(
+        "mloc_worker_slots",
+        "Task slots on workers that are not lost or offline; free on active ones.",
+        labels=["state"],
+    )
+    for state, count in slots.items():
+        slot_family.add_metric([state], count)
+    yield slot_family
+
+    usage = GaugeMetricFamily(
+        "mloc_usage_today",
+        "Today's (UTC) usage counters summed over users; they restart at midnight UTC.",
+        labels=["counter"],
+    )
+    for name, value in snap.usage_today.items():
+        usage.add_metric([name], value)
+    yield usage
+
+    yield _wait_histogram(snap.waits)
+
+    yield GaugeMetricFamily(
+        "mloc_metrics_read_seconds", "Time this scrape spent reading Redis.", value=round(snap.read_sec, 6)
+    )
+    truncated = GaugeMetricFamily(
+        "mloc_metrics_truncated", "1 when this scrape read only part of a large set (see MAX_*).", labels=["part"]
+    )
+    for part, cut in sorted(snap.truncated.items()):
+        truncated.add_metric([part], 1.0 if cut else 0.0)
+    yield truncated
+
+
+def _wait_histogram(waits: list[float]) -> HistogramMetricFamily:
+    buckets: list[tuple[str, float]] = []
+    for bound in WAIT_BUCKETS:
+        buckets.append((_bound(bound), float(sum(1 for wait in waits if wait <= bound))))
+    buckets.append(("+Inf", float(len(waits))))
+    return HistogramMetricFamily(
+        "mloc_task_wait_seconds",
+        f"Submit-to-start time of the {WAIT_SAMPLE} most recently submitted tasks that started (a window, "
+        "not a running total: compare quantiles across scrapes, not rates).",
+        buckets=buckets,
+        sum_value=sum(waits),
+    )
+
+
+def _bound(value: float) -> str:
+    return str(float(value))
+
+
+class AppMetrics:
+    """One app's metric registry: the cluster collector and the request-latency histogram.
+
+    Per app rather than prometheus_client's global registry, so several apps in one process
+    (tests, embedded use) do not register the same names twice."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(ClusterCollector())
+        self.requests = Histogram(
+            "mloc_http_request_duration_seconds",
+            "Time from receiving an API request to sending its response headers, by route template.",
+            labelnames=("method", "route", "status"),
+            buckets=REQUEST_BUCKETS,
+            registry=self.registry,
+        )
+
+
+def app_metrics(app: Any) -> AppMetrics:
+    """The app's metrics, created on first use (by the middleware or the first scrape)."""
+    metrics: AppMetrics | None = getattr(app.state, "mloc_metrics", None)
+    if metrics is None:
+        metrics = AppMetrics()
+        app.state.mloc_metrics = metrics
+    return metrics
+
+
+class RequestMetrics:
+    """ASGI middleware that times each HTTP request into mloc_http_request_duration_seconds.
+
+    The time is taken when the response headers go out, so a followed log stream counts its time to
+    answer, not how long the client kept it open. Routes are labelled by template
+    (/api/v1/tasks/{task_id}), never by raw path, so task ids do not blow up the label set."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        owner = scope.get("app")
+        if scope["type"] != "http" or owner is None:
+            await self.app(scope, receive, send)
+            return
+        histogram = app_metrics(owner).requests
+        started = time.perf_counter()
+        observed = False
+
+        def observe(status: int) -> None:
+            nonlocal observed
+            if observed:
+                return
+            observed = True
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            histogram.labels(scope.get("method", ""), template, str(status)).observe(time.perf_counter() - started)
+
+        async def timed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                observe(int(message["status"]))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, timed_send)
+        except Exception:
+            # Unhandled here means the server's error middleware answers 500. A cancelled request (the
+            # client went away) is not counted: no answer was sent.
+            observe(500)
+            raise
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition of the cluster's state and the API's latency. Needs no token."""
+    app: FastAPI = request.app
+    orch: Orchestrator = app.state.orchestrator
+    registry = app_metrics(app).registry
+    try:
+        snapshot = await asyncio.wait_for(read_snapshot(orch), SCRAPE_TIMEOUT_SEC)
+    except TimeoutError:
+        log.warning("/metrics: reading Redis took over %.0fs; answered 503", SCRAPE_TIMEOUT_SEC)
+        return PlainTextResponse(
+            f"# reading the cluster state from Redis took over {SCRAPE_TIMEOUT_SEC:.0f}s\n", status_code=503
+        )
+    # The text format Prometheus asks for in Accept (OpenMetrics or classic text), as prometheus_client's own
+    # HTTP handler would answer.
+    encode, content_type = choose_encoder(request.headers.get("accept", ""))
+    token = _current.set(snapshot)
+    try:
+        body = encode(registry)
+    finally:
+        _current.reset(token)
+    return Response(body, headers={"Content-Type": content_type})

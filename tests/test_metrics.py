@@ -1,0 +1,202 @@
+"""GET /metrics on a real cluster: Prometheus figures that agree with what the JSON API shows."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
+
+from mloc.api import metrics
+from mloc.localcluster import LocalCluster
+from mloc.service import Orchestrator
+from mloc.settings import Settings
+
+TOKEN = "metrics-admin-token"
+A100 = "NVIDIA A100-SXM4-80GB"
+ECHO = b"taskType: echo\n"
+SLOW_ECHO = b"taskType: echo\nhyperparameters: {sleep_sec: 5, steps: 5}\n"
+NEEDS_H100 = b"taskType: echo\nresources: {hardware: {gpu: {type: H100, count: 1}}}\n"
+YAML = {"Content-Type": "text/yaml"}
+
+
+def scrape(cluster: LocalCluster, accept: str | None = None) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a scrape, keyed by (sample name, sorted labels)."""
+    headers = {"Accept": accept} if accept else {}
+    response = httpx.get(cluster.api_url + "/metrics", headers=headers, timeout=10)
+    assert response.status_code == 200, response.text
+    return parse(response.text)
+
+
+def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def wait_for(http: httpx.Client, task_id: str, states: set[str], timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = http.get(f"/api/v1/tasks/{task_id}").json()
+        if body["state"] in states:
+            return body
+        time.sleep(0.05)
+    raise AssertionError(f"task {task_id} never reached {states}: {body}")
+
+
+def submit(http: httpx.Client, body: bytes) -> str:
+    response = http.post("/api/v1/tasks", content=body, headers=YAML)
+    assert response.status_code == 201, response.text
+    return str(response.json()["task_id"])
+
+
+@pytest.fixture
+def cluster(make_cluster: Callable[..., LocalCluster]) -> LocalCluster:
+    return make_cluster(
+        2,
+        env={"ORCHESTRATOR_TOKEN": TOKEN},
+        worker_env=[{"MLOC_WORKER_GPUS": f"{A100}:2:81920"}, {}],
+    )
+
+
+def test_metrics_agree_with_the_api(cluster: LocalCluster) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=cluster.api_url, headers=auth, timeout=10) as admin:
+        user_token = admin.post("/admin/users", json={"name": "carol"}).json()["token"]
+        carol = httpx.Client(base_url=cluster.api_url, headers={"Authorization": f"Bearer {user_token}"}, timeout=10)
+        with carol:
+            done = [submit(admin, ECHO), submit(admin, ECHO), submit(carol, ECHO)]
+        for task_id in done:
+            wait_for(admin, task_id, {"succeeded"})
+        running = submit(admin, SLOW_ECHO)
+        wait_for(admin, running, {"running"})
+        waiting = submit(admin, NEEDS_H100)
+        assert wait_for(admin, waiting, {"pending"})["unschedulable"] is True
+
+        samples = scrape(cluster)
+        states = ("pending", "assigned", "running", "succeeded", "failed", "cancelled")
+        api_counts = {
+            s: admin.get("/api/v1/tasks", params={"state": s, "page_size": 1}).json()["total"] for s in states
+        }
+        assert api_counts["succeeded"] == 3 and api_counts["running"] == 1 and api_counts["pending"] == 1
+        for state in states:
+            assert value(samples, "mloc_tasks", state=state) == api_counts[state], state
+        assert value(samples, "mloc_queue_depth") == 1
+
+        workers = admin.get("/api/v1/workers").json()["items"]
+        assert value(samples, "mloc_workers", status="active") == sum(w["status"] == "active" for w in workers) == 2
+        assert value(samples, "mloc_workers", status="lost") == 0
+        assert value(samples, "mloc_gpus", model=A100, state="total") == 2
+        # echo tasks take no GPU, so both A100s are free, as the worker record says
+        free_a100 = sum(len(w["free"]["gpus"]) for w in workers if w["worker_id"] == "local-1")
+        assert value(samples, "mloc_gpus", model=A100, state="free") == free_a100 == 2
+        slots_free = sum(w["free"]["slots"] for w in workers)
+        assert value(samples, "mloc_worker_slots", state="free") == slots_free
+        assert value(samples, "mloc_worker_slots", state="total") == sum(w["capacity"]["slots"] for w in workers)
+
+        today = datetime.now(UTC).date().isoformat()
+        stats = admin.get("/api/v1/stats", params={"start_date": today, "end_date": today}).json()["users"]
+        assert {entry["user"] for entry in stats} == {"admin", "carol"}
+        for counter in ("tasks", "wall_sec", "gpu_seconds", "prompt_tokens"):
+            expected = sum(entry["totals"].get(counter, 0.0) for entry in stats)
+            assert value(samples, "mloc_usage_today", counter=counter) == pytest.approx(expected), counter
+        assert value(samples, "mloc_usage_today", counter="tasks") == 3
+
+        started = [admin.get(f"/api/v1/tasks/{task_id}").json() for task_id in [*done, running]]
+        waits = [task["started_at"] - task["created_at"] for task in started]
+        assert value(samples, "mloc_task_wait_seconds_count") == len(waits) == 4
+        assert value(samples, "mloc_task_wait_seconds_sum") == pytest.approx(sum(waits), abs=1e-6)
+        assert value(samples, "mloc_task_wait_seconds_bucket", le="+Inf") == 4
+        assert value(samples, "mloc_task_wait_seconds_bucket", le="86400.0") == 4
+
+        # The API's own latency: labelled by route template, never by a raw path with a task id in it.
+        posted = value(
+            samples, "mloc_http_request_duration_seconds_count", method="POST", route="/api/v1/tasks", status="201"
+        )
+        assert posted == 5
+        assert (
+            value(
+                samples,
+                "mloc_http_request_duration_seconds_count",
+                method="GET",
+                route="/api/v1/tasks/{task_id}",
+                status="200",
+            )
+            > 0
+        )
+        routes = {dict(labels).get("route", "") for (name, labels) in samples if name.startswith("mloc_http_request")}
+        assert not any(task_id in route for route in routes for task_id in done)
+
+        # Once the slow task ends the scrape follows: nothing runs, four succeeded.
+        wait_for(admin, running, {"succeeded"})
+        later = scrape(cluster)
+        assert value(later, "mloc_tasks", state="running") == 0
+        assert value(later, "mloc_tasks", state="succeeded") == 4
+        assert value(later, "mloc_usage_today", counter="tasks") == 4
+
+
+def test_metrics_need_no_token_while_the_api_does(cluster: LocalCluster) -> None:
+    assert httpx.get(cluster.api_url + "/api/v1/tasks", timeout=10).status_code == 401
+    response = httpx.get(cluster.api_url + "/metrics", timeout=10)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = scrape(cluster)
+    assert value(samples, "mloc_gpus", model=A100, state="total") == 2
+    # Prometheus asking for OpenMetrics gets it.
+    open_metrics = httpx.get(
+        cluster.api_url + "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}, timeout=10
+    )
+    assert open_metrics.headers["content-type"].startswith("application/openmetrics-text")
+    assert open_metrics.text.rstrip().endswith("# EOF")
+
+
+def test_submit_to_start_histogram_reads_only_the_newest_tasks(
+    cluster: LocalCluster, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with httpx.Client(base_url=cluster.api_url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10) as admin:
+        ids = [submit(admin, ECHO) for _ in range(4)]
+        records = [wait_for(admin, task_id, {"succeeded"}) for task_id in ids]
+    monkeypatch.setattr(metrics, "WAIT_SAMPLE", 2)
+
+    async def read() -> metrics.ClusterSnapshot:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            return await metrics.read_snapshot(
+                Orchestrator(client, Settings.model_validate({"MLOC_REDIS_URL": redis_url}))
+            )
+        finally:
+            await client.aclose()
+
+    snapshot = asyncio.run(read())
+    newest = sorted(records, key=lambda r: r["created_at"])[-2:]
+    assert snapshot.waits == pytest.approx([r["started_at"] - r["created_at"] for r in reversed(newest)])
+    assert snapshot.tasks_by_state["succeeded"] == 4
+
+
+def test_several_apps_in_one_process_keep_their_own_metrics(redis_url: str) -> None:
+    from fastapi.testclient import TestClient
+
+    from mloc.api.app import create_app
+
+    settings = Settings.model_validate({"MLOC_REDIS_URL": redis_url})
+    first, second = create_app(settings), create_app(settings)
+    with TestClient(first) as one, TestClient(second) as two:
+        for _ in range(3):
+            assert one.get("/healthz").status_code == 200
+        assert two.get("/healthz").status_code == 200
+        first_samples = parse(one.get("/metrics").text)
+        second_samples = parse(two.get("/metrics").text)
+    labels = {"method": "GET", "route": "/healthz", "status": "200"}
+    assert value(first_samples, "mloc_http_request_duration_seconds_count", **labels) == 3
+    assert value(second_samples, "mloc_http_request_duration_seconds_count", **labels) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,7 @@ def test_worker_without_redis_url_joins_the_embedded_server(tmp_path: Path) -> N
     try:
         env = {"MLOC_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "WORKER_ID": "emb-1", "TASK_TOPICS": "none",
                "RESULTS_DIR": str(tmp_path / "r")}
-        proc = subprocess.Popen([shutil.which("python") or "python3", "-m", "mloc.worker.listener"], env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "mloc.worker.listener"], env=env)
         client = redis.Redis.from_url(server.url, decode_responses=True)
         import time
 

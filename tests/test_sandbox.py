@@ -21,13 +21,15 @@ def sandbox() -> Iterator[PythonSandbox]:
 
 
 def processes_of(uid: int) -> list[int]:
+    """Live processes of ``uid`` (zombies are dead and wait only for their reaper)."""
     found = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and f"Uid:\t{uid}\t" in (entry / "status").read_text():
-                found.append(int(entry.name))
+            status = (entry / "status").read_text() if entry.name.isdigit() else ""
         except OSError:
             continue
+        if f"Uid:\t{uid}\t" in status and "State:\tZ" not in status:
+            found.append(int(entry.name))
     return found
 
 

@@ -234,27 +234,42 @@ class PythonSandbox:
             os.killpg(pid, signal.SIGKILL)
 
     def _kill_leftovers(self) -> None:
-        """Kill every process still running as the throwaway uid (children that left the group)."""
+        """Kill every process still running as the throwaway uid (children that left the group).
+
+        A helper that takes the uid and calls kill(-1, SIGKILL) reaches all of them at once, so a
+        fork bomb cannot outpace it; repeated until /proc shows none alive (zombies do not count).
+        """
         if self.mode != "root":
             return
-        for _ in range(50):
-            found = False
-            for entry in Path("/proc").iterdir():
-                if not entry.name.isdigit():
-                    continue
+        deadline = time.monotonic() + 10
+        while self._alive_as_uid() and time.monotonic() < deadline:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the forked helper
                 try:
-                    uid_line = next(
-                        line for line in (entry / "status").read_text().splitlines() if line.startswith("Uid:")
-                    )
-                except (OSError, StopIteration):
-                    continue
-                if int(uid_line.split()[1]) == self.uid:
-                    found = True
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(int(entry.name), signal.SIGKILL)
-            if not found:
-                return
-            time.sleep(0.02)
+                    os.setgroups([])
+                    os.setgid(self.uid)
+                    os.setuid(self.uid)
+                    for _ in range(3):
+                        os.kill(-1, signal.SIGKILL)
+                finally:
+                    os._exit(0)
+            os.waitpid(pid, 0)
+            time.sleep(0.01)
+
+    def _alive_as_uid(self) -> bool:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                status = (entry / "status").read_text().splitlines()
+            except OSError:
+                continue
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+            if int(fields.get("Uid", "-1 ").split()[0]) == self.uid and not fields.get("State", "").strip().startswith(
+                "Z"
+            ):
+                return True
+        return False
 
 
 # ---- child side: runs in the sandboxed process, before and instead of the user's code ----
@@ -277,6 +292,18 @@ def _mount(libc: ctypes.CDLL, source: str | None, target: str, fstype: str | Non
     _libc_call(libc, "mount", encode(source), encode(target), encode(fstype), ctypes.c_ulong(flags), encode(data))
 
 
+def _interpreter_paths() -> set[str]:
+    """Folders the sandboxed interpreter needs: its prefixes and every folder on sys.path."""
+    paths = {sys.base_prefix, sys.prefix, sys.exec_prefix, *(p for p in sys.path if p and os.path.isdir(p))}
+    return {str(Path(p).resolve()) for p in paths}
+
+
+def _outermost(paths: list[str]) -> list[str]:
+    """The paths not inside another one of them."""
+    ordered = sorted(set(paths))
+    return [p for p in ordered if not any(q != p and os.path.commonpath([q, p]) == q for q in ordered)]
+
+
 def _expose_interpreter(libc: ctypes.CDLL) -> None:
     """Make the interpreter and its libraries reachable for the throwaway uid.
 
@@ -284,7 +311,7 @@ def _expose_interpreter(libc: ctypes.CDLL) -> None:
     replaced, in this namespace only, by an empty one that others may traverse, with just the
     needed subfolder bound back in, which also hides the rest of it.
     """
-    needed = {sys.base_prefix, sys.prefix, sys.exec_prefix, *(p for p in sys.path if p and os.path.isdir(p))}
+    needed = _interpreter_paths()
     closed: dict[str, set[str]] = {}
     for path in sorted(needed):
         parts = Path(path).resolve().parts
@@ -323,14 +350,24 @@ def _confine(config: dict[str, Any]) -> None:
     _mount(libc, None, "/", None, MS_REC | MS_PRIVATE, "")
     keep = os.open(workdir, os.O_PATH | os.O_DIRECTORY)
     mode_flags = MS_NOSUID | MS_NODEV
+    interpreter = _interpreter_paths()
     for shared in SHARED_WRITABLE:
         if not os.path.isdir(shared) or os.path.islink(shared):
             continue
+        # The interpreter itself may live under a masked folder (a virtualenv or checkout in /tmp):
+        # hold on to those folders now and bind them back, read-only, over the fresh tmpfs.
+        inner = _outermost([p for p in interpreter if os.path.commonpath([shared, p]) == shared and p != shared])
+        held = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY)) for path in inner]
         _mount(libc, "tmpfs", shared, "tmpfs", mode_flags, f"size={limits['tmpfs_bytes']},mode=755")
         inside = os.path.commonpath([shared, workdir]) == shared
         if inside:
             os.makedirs(workdir, exist_ok=True)
             _mount(libc, f"/proc/self/fd/{keep}", workdir, None, MS_BIND, "")
+        for path, handle in held:
+            os.makedirs(path, exist_ok=True)
+            _mount(libc, f"/proc/self/fd/{handle}", path, None, MS_BIND | MS_REC, "")
+            _mount(libc, None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | mode_flags, "")
+            os.close(handle)
         _mount(libc, None, shared, None, MS_REMOUNT | MS_RDONLY | mode_flags, "")
     os.close(keep)
     if mode == "root":

@@ -106,13 +106,17 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
     with file_lock(target.parent / f".{target.name}.lock"):
         if (target / MARKER).exists():
             return target
+        # Holding the lock, any other temporary folder is what a killed builder left behind.
+        for stale in target.parent.glob(f".{target.name}.*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             build(tmp)
             # mkdtemp makes a private folder; the converted model is meant to be shared.
             tmp.chmod(0o755)
-            for item in tmp.iterdir():
-                item.chmod(0o644)
+            for item in tmp.rglob("*"):
+                item.chmod(0o755 if item.is_dir() else 0o644)
             if target.exists():
                 # A folder without the marker is a leftover of a crash before this lock existed.
                 shutil.rmtree(target)

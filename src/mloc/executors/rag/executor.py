@@ -64,6 +64,13 @@ class RagExecutor(Executor):
         self.engines = EngineHolder(cache_bytes)
         self._embedders: dict[str, Embedder] = {}
 
+    @classmethod
+    def capabilities(cls) -> dict[str, Any]:
+        """The LLM engines answers can be generated with, so a task naming one lands where it exists."""
+        from mloc.llm.loader import available_engines
+
+        return {"engines": available_engines()}
+
     def warm_models(self) -> list[str]:
         return self.engines.warm_models()
 

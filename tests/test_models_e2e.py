@@ -1,0 +1,85 @@
+"""Real models through the whole system: the bundled Gemma 3 270M for inference and RAG (with the packaged
+MiniLM embedder and Chroma), on real orchestrator and worker processes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from mloc.client import Client
+from mloc.localcluster import LocalCluster
+from tests.llm.builders import persistent_models_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def wait_terminal(client: Client, task_id: str, timeout: float = 500) -> dict:
+    deadline = time.monotonic() + timeout
+    while (record := client.task(task_id))["state"] not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, record
+        assert not record["unschedulable"], record["pending_reason"]
+        time.sleep(0.5)
+    return record
+
+
+def transformers_engine(template: str) -> bytes:
+    """A shipped template on the transformers engine, which starts in seconds on a CPU."""
+    text = (REPO / "templates" / template).read_text()
+    assert "engine: auto" in text
+    return text.replace("engine: auto", "engine: transformers").encode()
+
+
+@pytest.fixture
+def model_env(tmp_path: Path) -> dict[str, str]:
+    return {"MLOC_MODELS_DIR": str(persistent_models_dir()), "MLOC_VECTORS_DIR": str(tmp_path / "vectors")}
+
+
+def test_gemma_inference_end_to_end_with_a_warm_second_task_on_the_same_worker(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], model_env: dict[str, str]
+) -> None:
+    cluster = make_cluster(2, worker_env=[model_env, model_env])
+    client = client_for(cluster)
+    task = transformers_engine("inference_gemma3_270m.yaml")
+    first = client.submit(task)
+    cold = wait_terminal(client, first["task_id"])
+    assert cold["state"] == "succeeded", cold
+    result = client.result(first["task_id"])
+    assert result["model"] == "gemma3-270m" and len(result["items"]) == 4
+    assert "Paris" in result["items"][0]["output"]
+    assert result["usage"]["completion_tokens"] > 0
+    assert result["usage"]["total_tokens"] == result["usage"]["prompt_tokens"] + result["usage"]["completion_tokens"]
+    # The worker reports the loaded model with its next heartbeat; the scheduler then prefers it.
+    deadline = time.monotonic() + 30
+    while not client.worker(first["worker_id"])["warm_models"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    second = client.submit(task)
+    assert second["worker_id"] == first["worker_id"]
+    warm = wait_terminal(client, second["task_id"])
+    assert warm["state"] == "succeeded"
+    # The second task found the model loaded: no load time, the same answers.
+    cold_load = result["usage"]["load_sec"]
+    warm_result = client.result(second["task_id"])
+    assert cold_load > 0.5 and warm_result["usage"]["load_sec"] < cold_load / 10, (cold_load, warm_result["usage"])
+    assert [i["output"] for i in warm_result["items"]] == [i["output"] for i in result["items"]]
+
+
+def test_rag_with_gemma_minilm_and_chroma_end_to_end(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], model_env: dict[str, str]
+) -> None:
+    cluster = make_cluster(1, worker_env=[model_env])
+    client = client_for(cluster)
+    task = transformers_engine("rag_gemma3_270m.yaml")
+    record = wait_terminal(client, client.submit(task)["task_id"])
+    assert record["state"] == "succeeded", record
+    result = client.result(record["task_id"])
+    heartbeat, results = result["answers"]
+    assert heartbeat["sources"][0]["source"] == "mloc-workers"
+    assert results["sources"][0]["source"] == "mloc-results"
+    assert all(answer["answer"] for answer in result["answers"])
+    assert result["index"]["chunks_embedded"] == 3
+    again = wait_terminal(client, client.submit(task)["task_id"])
+    assert client.result(again["task_id"])["index"]["chunks_embedded"] == 0  # the collection is reused

@@ -118,6 +118,8 @@ def test_users_see_and_cancel_only_their_own_tasks(http: httpx.Client, cluster: 
     assert httpx.get(cluster.api_url + "/api/v1/tasks", headers=as_bob).json()["total"] == 0
     assert httpx.get(cluster.api_url + f"/api/v1/tasks/{task}", headers=as_bob).status_code == 404
     assert httpx.post(cluster.api_url + f"/api/v1/tasks/{task}/cancel", headers=as_bob).status_code == 404
+    assert httpx.get(cluster.api_url + f"/api/v1/tasks/{task}/metrics", headers=as_bob).status_code == 404
+    assert httpx.get(cluster.api_url + f"/api/v1/tasks/{task}/metrics", headers=as_alice).json()["metrics"] == []
     spoof = httpx.post(
         cluster.api_url + "/api/v1/tasks", content="taskType: echo\nmetadata: {owner: bob}\n", headers=as_alice
     )

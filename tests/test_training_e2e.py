@@ -4,15 +4,12 @@ worker whose PPO interpreter can run it."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import redis
 
-from mloc import keys
 from mloc.client import Client
 from mloc.localcluster import LocalCluster
 from tests.support.tiny_model import build_tiny_causal_lm
@@ -47,10 +44,9 @@ def test_sft_lora_then_inference_with_the_adapter_by_task_id(
     assert Path(trained["artifacts"]["adapter"]["path"]).is_dir()
     assert trained["progress"]["step"] == trained["progress"]["total"] == 30
     assert trained["usage"]["train_samples"] > 0
-    metrics = redis.Redis.from_url(redis_url, decode_responses=True).lrange(
-        keys.task_metrics(trained["task_id"]), 0, -1
-    )
-    losses = [float(m["loss"]) for m in map(json.loads, metrics) if "loss" in m]
+    metrics = client.metrics(trained["task_id"])["metrics"]
+    losses = [float(m["loss"]) for m in metrics if "loss" in m]
+    assert [m["step"] for m in metrics] == sorted(m["step"] for m in metrics)
     assert len(losses) >= 3 and losses[-1] < losses[0]
 
     def inference(adapter: str | None) -> list[str]:

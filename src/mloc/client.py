@@ -61,6 +61,9 @@ class Client:
     def tasks(self, **params: Any) -> dict[str, Any]:
         return self._call("GET", "/api/v1/tasks", params={k: v for k, v in params.items() if v is not None})
 
+    def metrics(self, task_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/api/v1/tasks/{task_id}/metrics")
+
     def cancel(self, task_id: str) -> dict[str, Any]:
         return self._call("POST", f"/api/v1/tasks/{task_id}/cancel")
 

@@ -136,6 +136,19 @@ async def task_result(task_id: TaskId, orch: Orch, who: Caller) -> JSONResponse:
     return JSONResponse(result)
 
 
+@router.get("/{task_id}/metrics")
+async def task_metrics(
+    task_id: TaskId,
+    orch: Orch,
+    who: Caller,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
+) -> dict[str, Any]:
+    """Per-step metrics an executor reported (loss, reward, KL, learning rate...), oldest first."""
+    _own(await orch.store.get(task_id, with_spec=False), who)
+    rows = await orch.redis.lrange(keys.task_metrics(task_id), -limit, -1)
+    return {"ok": True, "task_id": task_id, "metrics": [json.loads(row) for row in rows]}
+
+
 @router.post("/{task_id}/cancel")
 async def cancel_task(task_id: TaskId, orch: Orch, who: Caller) -> dict[str, Any]:
     _own(await orch.store.get(task_id, with_spec=False), who)

@@ -8,6 +8,9 @@ model, and vLLM against transformers, all on the bundled Gemma 3 270M.
    engine is warm), on each engine; the second's wall time as a share of the first's (target <= 10%).
 3. Engines: 16 prompts in one batch on vLLM and on transformers; tokens per second of each and the
    ratio (target vLLM >= 3x). vLLM runs compiled unless --vllm-eager (compiling takes minutes once).
+4. Whole system: the same prompts as a task submitted over HTTP to a local orchestrator and worker
+   (embedded Redis), timed from submit to stored result, against ``engine.generate`` in this process,
+   in alternating rounds once both are warm (target >= 0.97).
 
     python bench/inference.py                        # all three, Gemma 3 270M, 3 rounds
     python bench/inference.py --skip-vllm --rounds 5
@@ -163,6 +166,57 @@ def engines(args: argparse.Namespace, models_dir: Path, vllm: dict[str, Any]) ->
     print(f"    baseline transformers; vLLM / transformers = {ratio:.2f}x   (target >= 3x)")
 
 
+def system(args: argparse.Namespace, models_dir: Path, vllm: dict[str, Any]) -> None:
+    import json
+
+    from mloc.client import Client
+    from mloc.localcluster import LocalCluster
+
+    document = task(args.engine, args.batch, args.max_tokens, vllm)
+    body = json.dumps(document.to_wire()).encode()
+    executor = InferenceExecutor()
+    timed_run(executor, document, models_dir)
+    engine = executor.cache.engines()[0]
+    spec = document.spec
+    assert isinstance(spec, InferenceSpec)
+    sampling = Sampling.model_validate(spec.inference.model_dump(include=set(Sampling.model_fields)))
+    home = Path(tempfile.mkdtemp(prefix="mloc-bench-system-"))
+    env = {"MLOC_MODELS_DIR": str(models_dir), "LOG_LEVEL": "WARNING"}
+    direct: list[float] = []
+    through: list[float] = []
+    with LocalCluster(home=home, workers=1, env=env, log_dir=home / "logs") as cluster:
+        client = Client(cluster.api_url)
+
+        def baseline() -> None:
+            started = time.perf_counter()
+            generations = engine.generate(prompts(args.batch), sampling)
+            elapsed = time.perf_counter() - started
+            direct.append(sum(s.completion_tokens for samples in generations for s in samples) / elapsed)
+
+        def task_route() -> float:
+            started = time.perf_counter()
+            task_id = client.submit(body)["task_id"]
+            while (record := client.task(task_id))["state"] not in ("succeeded", "failed"):
+                time.sleep(0.02)
+            elapsed = time.perf_counter() - started
+            assert record["state"] == "succeeded", record
+            return int(client.result(task_id)["usage"]["completion_tokens"]) / elapsed
+
+        task_route()  # the worker loads the model once
+        for number in range(args.rounds):
+            for route in (baseline, task_route) if number % 2 == 0 else (task_route, baseline):
+                value = route()
+                if value is not None:
+                    through.append(value)
+        client.close()
+    executor.close()
+    base, mloc_rate = statistics.median(direct), statistics.median(through)
+    print(f"\n[4] whole system: {args.engine}, {args.batch} prompts x {args.max_tokens} tokens, {args.rounds} rounds")
+    print(f"    baseline engine.generate : {base:8.2f} tok/s  (rounds: {', '.join(f'{v:.1f}' for v in direct)})")
+    print(f"    MLOC task, submit->result: {mloc_rate:8.2f} tok/s  (rounds: {', '.join(f'{v:.1f}' for v in through)})")
+    print(f"    ratio of medians         : {mloc_rate / base:8.3f}   (target >= 0.97)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm"], help="for [1]")
@@ -172,7 +226,7 @@ def main() -> None:
     parser.add_argument("--skip-vllm", action="store_true", help="leave out [3]")
     parser.add_argument("--vllm-eager", action="store_true", help="run vLLM without torch.compile")
     parser.add_argument("--models-dir", type=Path, default=None)
-    parser.add_argument("--sections", default="1,2,3", help="which of the three to run, e.g. '2' or '1,3'")
+    parser.add_argument("--sections", default="1,2,3,4", help="which sections to run, e.g. '2' or '1,4'")
     args = parser.parse_args()
     # Figures appear as each section ends, also when the output is piped to a file.
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
@@ -186,6 +240,8 @@ def main() -> None:
         warm_gain(args, models_dir, vllm)
     if "3" in sections and not args.skip_vllm:
         engines(args, models_dir, vllm)
+    if "4" in sections:
+        system(args, models_dir, vllm)
 
 
 if __name__ == "__main__":

@@ -257,33 +257,47 @@ def test_completion_template_and_context_budget_keep_only_the_best_chunks(
     assert trimmed["usage"]["prompt_tokens"] < full["usage"]["prompt_tokens"]
 
 
-# A one-page PDF whose text is "Etna erupts often".
-PDF = b"""%PDF-1.4
-1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj
-2 0 obj<</Type/Pages/Kids[3 0 R]/Count 1>>endobj
-3 0 obj<</Type/Page/Parent 2 0 R/MediaBox[0 0 300 100]/Contents 4 0 R/Resources<</Font<</F1 5 0 R>>>>>>endobj
-4 0 obj<</Length 44>>stream
-BT /F1 12 Tf 10 50 Td (Etna erupts often) Tj ET
-endstream endobj
-5 0 obj<</Type/Font/Subtype/Type1/BaseFont/Helvetica>>endobj
-trailer<</Root 1 0 R>>
-%%EOF
-"""
+def one_page_pdf(text: str) -> bytes:
+    """A valid one-page PDF showing ``text``, with a correct cross-reference table."""
+    stream = f"BT /F1 12 Tf 10 50 Td ({text}) Tj ET".encode()
+    objects = [
+        b"<</Type/Catalog/Pages 2 0 R>>",
+        b"<</Type/Pages/Kids[3 0 R]/Count 1>>",
+        b"<</Type/Page/Parent 2 0 R/MediaBox[0 0 300 100]/Contents 4 0 R/Resources<</Font<</F1 5 0 R>>>>>>",
+        b"<</Length " + str(len(stream)).encode() + b">>stream\n" + stream + b"\nendstream",
+        b"<</Type/Font/Subtype/Type1/BaseFont/Helvetica>>",
+    ]
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += f"{number} 0 obj\n".encode() + body + b"\nendobj\n"
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{offset:010d} 00000 n \n".encode() for offset in offsets)
+    out += f"trailer<</Size {len(objects) + 1}/Root 1 0 R>>\nstartxref\n{xref}\n%%EOF\n".encode()
+    return bytes(out)
 
 
-def test_pdf_is_read_with_pypdf_or_fails_naming_the_file_and_the_package(tmp_path: Path) -> None:
+def test_pdf_is_read_with_pypdf(tmp_path: Path) -> None:
     from mloc.executors.rag.documents import read_file
 
     pdf = tmp_path / "etna.pdf"
-    pdf.write_bytes(PDF)
-    try:
-        import pypdf  # noqa: F401
-    except ImportError:
-        with pytest.raises(ExecutionError) as caught:
-            read_file(pdf)
-        assert str(pdf) in caught.value.message and "pip install pypdf" in caught.value.message
-    else:
-        assert "Etna erupts often" in read_file(pdf)
+    pdf.write_bytes(one_page_pdf("Etna erupts often"))
+    assert "Etna erupts often" in read_file(pdf)
+
+
+def test_pdf_without_pypdf_fails_naming_the_file_and_the_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mloc.executors.rag.documents import read_file
+
+    pdf = tmp_path / "etna.pdf"
+    pdf.write_bytes(one_page_pdf("Etna erupts often"))
+    monkeypatch.setitem(sys.modules, "pypdf", None)  # as if it were not installed
+    with pytest.raises(ExecutionError) as caught:
+        read_file(pdf)
+    assert str(pdf) in caught.value.message and "pip install pypdf" in caught.value.message
 
 
 def test_splitter_keeps_chunks_within_size_with_overlap() -> None:

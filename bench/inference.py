@@ -169,6 +169,9 @@ def engines(args: argparse.Namespace, models_dir: Path, vllm: dict[str, Any]) ->
 def system(args: argparse.Namespace, models_dir: Path, vllm: dict[str, Any]) -> None:
     import json
 
+    import redis
+
+    from mloc import keys
     from mloc.client import Client
     from mloc.localcluster import LocalCluster
 
@@ -193,13 +196,23 @@ def system(args: argparse.Namespace, models_dir: Path, vllm: dict[str, Any]) -> 
             elapsed = time.perf_counter() - started
             direct.append(sum(s.completion_tokens for samples in generations for s in samples) / elapsed)
 
+        events = redis.Redis.from_url(cluster.redis_url or "", decode_responses=True, socket_timeout=30)
+
         def task_route() -> float:
+            # A blocking read of the event stream notices the result at once without polling the
+            # API, which would take CPU from the generation it measures on a small machine.
+            last = events.xinfo_stream(keys.EVENTS)["last-generated-id"] if events.exists(keys.EVENTS) else "0"
             started = time.perf_counter()
             task_id = client.submit(body)["task_id"]
-            while (record := client.task(task_id))["state"] not in ("succeeded", "failed"):
-                time.sleep(0.02)
+            state = ""
+            while state not in ("succeeded", "failed"):
+                for _, entries in events.xread({keys.EVENTS: last}, block=2000) or []:
+                    for entry_id, fields in entries:
+                        last = entry_id
+                        if fields["task"] == task_id:
+                            state = fields["to"]
             elapsed = time.perf_counter() - started
-            assert record["state"] == "succeeded", record
+            assert state == "succeeded", client.task(task_id)
             return int(client.result(task_id)["usage"]["completion_tokens"]) / elapsed
 
         task_route()  # the worker loads the model once

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from mloc import groups, keys, lifecycle
 from mloc.errors import BadRequest, Forbidden, SpecError
 from mloc.registry import WorkerRegistry
-from mloc.scheduler import Request, Scheduler, explain, misfit, request_of
+from mloc.scheduler import Placement, Request, Scheduler, explain, misfit, request_of
 from mloc.settings import Settings
 from mloc.spec import Document, validate
 from mloc.spec.loader import default_name
@@ -65,15 +65,21 @@ class Orchestrator:
         )
         return record, request
 
-    async def _place(self, record: dict[str, str], request: Request) -> dict[str, Any]:
-        placement = await self.scheduler.place(
+    async def _try_place(
+        self, record: dict[str, str], request: Request, avoid: frozenset[str] = frozenset()
+    ) -> Placement:
+        return await self.scheduler.place(
             record["id"],
             request,
             owner=record["owner"],
             document=record["spec"],
             priority=int(record["priority"]),
             created_ms=int(record["created_ms"]),
+            avoid=avoid,
         )
+
+    async def _place(self, record: dict[str, str], request: Request) -> dict[str, Any]:
+        placement = await self._try_place(record, request)
         answer: dict[str, Any] = {
             "ok": True,
             "task_id": record["id"],
@@ -118,15 +124,7 @@ class Orchestrator:
         answers = []
         used: set[str] = set()
         for record, request in children:
-            placement = await self.scheduler.place(
-                record["id"],
-                request,
-                owner=record["owner"],
-                document=record["spec"],
-                priority=int(record["priority"]),
-                created_ms=int(record["created_ms"]),
-                avoid=frozenset(used),
-            )
+            placement = await self._try_place(record, request, frozenset(used))
             if placement.worker_id:
                 used.add(placement.worker_id)
             answers.append({"task_id": record["id"], "worker_id": placement.worker_id})

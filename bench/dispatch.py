@@ -4,8 +4,9 @@ Run: python bench/dispatch.py [--latency-n 300] [--throughput-n 3000]
 
 MLOC: a real orchestrator process and two real worker processes on a private redis-server; the
 task is ``echo`` (no model). Latency is sequential: submit over HTTP, then wait for the task's
-'succeeded' event in Redis. Throughput submits many tasks at once (concurrent single submits, and
-the bulk endpoint) and counts completions.
+'succeeded' event in Redis. The load generator is a lean keep-alive HTTP client (bench.common.LeanHttp),
+so the client's own CPU does not crowd out the system measured on the same two cores. Throughput
+submits many tasks at once (concurrent single submits, and the bulk endpoint) and counts completions.
 
 Baseline, measured in the same run on the same Redis: two consumer processes doing XREADGROUP and
 XACK, a producer doing XADD, with completion signalled through a second stream: the floor of any
@@ -25,9 +26,10 @@ from pathlib import Path
 
 import httpx
 import redis
+import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import Server, ms, pct
+from bench.common import LeanHttp, Server, ms, pct
 from mloc import keys
 from mloc.localcluster import LocalCluster
 
@@ -104,32 +106,48 @@ def _wait_done(r: redis.Redis, last: str, wanted: set[str], timeout: float = 60)
 
 
 def mloc_latency(api: str, url: str, n: int) -> list[float]:
-    r = redis.Redis.from_url(url)
+    return asyncio.run(_latency(api, url, n))
+
+
+async def _latency(api: str, url: str, n: int) -> list[float]:
+    r = aioredis.Redis.from_url(url)
+    http = LeanHttp(api)
     latencies = []
-    with httpx.Client(base_url=api) as http:
-        last = r.xinfo_stream(keys.EVENTS)["last-generated-id"] if r.exists(keys.EVENTS) else "0"
-        for _ in range(n):
-            start = time.perf_counter()
-            task_id = http.post("/api/v1/tasks", content=ECHO).json()["task_id"]
-            last = _wait_done(r, last, {task_id})
-            latencies.append(time.perf_counter() - start)
+    last = (await r.xinfo_stream(keys.EVENTS))["last-generated-id"] if await r.exists(keys.EVENTS) else "0"
+    for _ in range(n):
+        start = time.perf_counter()
+        status, body = await http.post("/api/v1/tasks", ECHO)
+        if status != 201:
+            raise SystemExit(f"submit answered {status}: {body[:300]!r}")
+        task_id = json.loads(body)["task_id"]
+        while True:  # the task's 'succeeded' event
+            reply = await r.xread({keys.EVENTS: last}, count=100, block=5000)
+            if not reply:
+                raise SystemExit(f"task {task_id} never finished")
+            entries = reply[0][1]
+            last = entries[-1][0]
+            if any(f[b"task"].decode() == task_id and f[b"to"] == b"succeeded" for _, f in entries):
+                break
+        latencies.append(time.perf_counter() - start)
+    await http.close()
+    await r.aclose()
     return latencies
 
 
 async def _submit_concurrently(api: str, n: int, concurrency: int) -> list[str]:
     ids: list[str] = []
-    async with httpx.AsyncClient(base_url=api, limits=httpx.Limits(max_connections=concurrency)) as http:
-        queue: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(n):
-            queue.put_nowait(i)
+    remaining = iter(range(n))
 
-        async def submitter() -> None:
-            while not queue.empty():
-                queue.get_nowait()
-                response = await http.post("/api/v1/tasks", content=ECHO)
-                ids.append(response.json()["task_id"])
+    async def submitter() -> None:
+        http = LeanHttp(api)
+        for _ in remaining:
+            status, body = await http.post("/api/v1/tasks", ECHO)
+            if status != 201:
+                raise SystemExit(f"submit answered {status}: {body[:300]!r}")
+            ids.append(json.loads(body)["task_id"])
+        await http.close()
 
-        await asyncio.gather(*(submitter() for _ in range(concurrency)))
+    await asyncio.gather(*(submitter() for _ in range(concurrency)))
     return ids
 
 

@@ -15,6 +15,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
+from typing import Any
 
 TIMEOUT_SEC = float(os.environ.get("MLOC_HEALTHCHECK_TIMEOUT_SEC", "4"))
 
@@ -50,20 +51,25 @@ def _redis_ok() -> tuple[bool, str]:
     url = _env("MLOC_REDIS_URL", "REDIS_URL")
     if not url:
         return False, "REDIS_URL is not set: a worker in a container needs a shared Redis"
-    scheme = url.split("://", 1)[0].lower()
-    if scheme not in ("redis", "rediss", "unix"):
-        # Schemes MLOC resolves itself (e.g. Sentinel) are checked by the worker's own heartbeat.
-        return True, f"{scheme}:// not checked here"
     try:
-        import redis
-    except ImportError as exc:  # pragma: no cover - the images install redis with mloc
-        return False, f"python package redis missing: {exc}"
-    try:
-        client = redis.Redis.from_url(url, socket_timeout=TIMEOUT_SEC, socket_connect_timeout=TIMEOUT_SEC)
+        client = _redis_client(url)
         client.ping()
     except Exception as exc:  # any failure is "unhealthy", with the reason (password never printed)
         return False, f"Redis PING failed: {type(exc).__name__}: {exc}"
     return True, "Redis answered PING"
+
+
+def _redis_client(url: str) -> Any:
+    """The client MLOC itself would use (TLS settings, Sentinel), or a plain one outside the images."""
+    try:
+        from mloc.connection import sync_client
+    except ImportError:
+        import redis
+
+        return redis.Redis.from_url(url, socket_timeout=TIMEOUT_SEC, socket_connect_timeout=TIMEOUT_SEC)
+    client = sync_client(url)
+    client.connection_pool.connection_kwargs.update(socket_timeout=TIMEOUT_SEC, socket_connect_timeout=TIMEOUT_SEC)
+    return client
 
 
 def main(argv: list[str]) -> int:

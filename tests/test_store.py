@@ -10,26 +10,10 @@ import redis.asyncio as aioredis
 
 from mloc import keys
 from mloc.errors import InvalidTransition
-from mloc.registry import Registration, WorkerRegistry
+from mloc.registry import WorkerRegistry
 from mloc.state import ALLOWED, TaskState
 from mloc.store import Reservation, TaskStore, require
-
-
-def registration(worker_id: str, *, gpus: int = 0, cpu: int = 4000, slots: int = 4) -> Registration:
-    return Registration(
-        worker_id=worker_id,
-        hostname="h",
-        pid=1,
-        topics=["tasks.*"],
-        tags=[],
-        task_types=["echo"],
-        capabilities={},
-        hardware={"gpus": [{"index": i, "name": "NVIDIA L4", "memory_bytes": 1} for i in range(gpus)]},
-        cpu_milli=cpu,
-        memory_bytes=1 << 30,
-        slots=slots,
-        version="t",
-    )
+from tests.support.fleet import registration
 
 
 async def new_task(store: TaskStore, owner: str = "alice") -> str:

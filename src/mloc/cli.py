@@ -328,6 +328,51 @@ def result(task_id: str) -> None:
 
 
 @app.command()
+def artifacts(
+    task_id: str,
+    get: Annotated[str | None, typer.Option("--get", help="Download this file (a path the list shows).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Where to write it (default: its name, here; '-' = stdout).")
+    ] = None,
+) -> None:
+    """List a task's result files, or download one with --get PATH [-o FILE]."""
+    import httpx
+
+    client = _client()
+    try:
+        if get is None:
+            table = Table("path", "size (bytes)")
+            for item in client.artifacts(task_id):
+                table.add_row(item["path"], str(item["size"]))
+            console.print(table)
+            return
+        target = output or Path(Path(get).name)
+        blocks = client.artifact(task_id, get)
+        if str(target) == "-":
+            for block in blocks:
+                sys.stdout.buffer.write(block)
+            sys.stdout.buffer.flush()
+            return
+        partial = target.with_name(f".{target.name}.part")
+        try:
+            with open(partial, "wb") as handle:
+                for block in blocks:
+                    handle.write(block)
+            partial.replace(target)
+        finally:
+            partial.unlink(missing_ok=True)
+        err.print(f"wrote {target}")
+    except MlocError as exc:
+        _fail(exc)
+    except httpx.HTTPError as exc:
+        err.print(f"[red]error:[/red] cannot reach the orchestrator at {client.http.base_url}: {exc} (MLOC_API_URL)")
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        err.print(f"[red]error:[/red] cannot write {exc.filename or output}: {exc.strerror or exc}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
 def cancel(task_id: str) -> None:
     """Cancel a task in any state before it ends."""
     try:
@@ -452,23 +497,82 @@ def schema(output: Annotated[Path | None, typer.Option("-o", "--output")] = None
         sys.stdout.write(text + "\n")
 
 
+MaxTasks = Annotated[
+    int | None, typer.Option("--max-tasks", min=0, help="Tasks assigned or running at once (0 = unlimited).")
+]
+MaxGpus = Annotated[int | None, typer.Option("--max-gpus", min=0, help="GPUs held at once (0 = unlimited).")]
+
+
+def _limit(value: int, is_default: bool) -> str:
+    text = "unlimited" if value == 0 else str(value)
+    return f"{text} (default)" if is_default else text
+
+
 @users_app.command("add")
-def users_add(name: str) -> None:
-    """Create a user and print its token (shown once)."""
+def users_add(name: str, max_tasks: MaxTasks = None, max_gpus: MaxGpus = None) -> None:
+    """Create a user and print its token (shown once); optionally with its own quota."""
+    body: dict[str, Any] = {"name": name}
+    if max_tasks is not None:
+        body["max_tasks"] = max_tasks
+    if max_gpus is not None:
+        body["max_gpus"] = max_gpus
     try:
-        body = _client().add_user(name)
+        answer = _client()._call("POST", "/admin/users", json=body)
     except MlocError as exc:
         _fail(exc)
-    console.print(f"user [bold]{body['name']}[/bold] created; token (shown once):")
-    sys.stdout.write(body["token"] + "\n")
+    quota = answer["quota"]
+    tasks = _limit(quota["max_tasks"], quota["max_tasks_is_default"])
+    gpus = _limit(quota["max_gpus"], quota["max_gpus_is_default"])
+    console.print(f"user [bold]{answer['name']}[/bold] created (max tasks {tasks}, max GPUs {gpus})")
+    console.print("token (shown once):")
+    sys.stdout.write(answer["token"] + "\n")
+
+
+@users_app.command("set-quota")
+def users_set_quota(
+    name: str,
+    max_tasks: MaxTasks = None,
+    max_gpus: MaxGpus = None,
+    reset: Annotated[bool, typer.Option("--reset", help="Return both limits to the defaults first.")] = False,
+) -> None:
+    """Set a user's limits; the next task placed obeys them (running tasks are not stopped)."""
+    if max_tasks is None and max_gpus is None and not reset:
+        err.print("[red]error:[/red] give --max-tasks N and/or --max-gpus N (0 = unlimited), or --reset")
+        raise typer.Exit(2)
+    body: dict[str, Any] = {"reset": reset}
+    if max_tasks is not None:
+        body["max_tasks"] = max_tasks
+    if max_gpus is not None:
+        body["max_gpus"] = max_gpus
+    try:
+        answer = _client()._call("PUT", f"/admin/users/{name}/quota", json=body)
+    except MlocError as exc:
+        _fail(exc)
+    quota, usage = answer["quota"], answer["usage"]
+    console.print(
+        f"{answer['name']}: max tasks {_limit(quota['max_tasks'], quota['max_tasks_is_default'])} "
+        f"({usage['tasks']} in use), max GPUs {_limit(quota['max_gpus'], quota['max_gpus_is_default'])} "
+        f"({usage['gpus']} in use)"
+    )
 
 
 @users_app.command("list")
 def users_list() -> None:
+    """Users with their quotas and what they hold now."""
     try:
-        _print_json(_client().users())
+        body = _client().users()
     except MlocError as exc:
         _fail(exc)
+    table = Table("user", "created", "tasks (in use / max)", "GPUs (in use / max)")
+    for item in body["items"]:
+        quota, usage = item["quota"], item["usage"]
+        table.add_row(
+            item["name"],
+            _when(item["created_at"]),
+            f"{usage['tasks']} / {_limit(quota['max_tasks'], quota['max_tasks_is_default'])}",
+            f"{usage['gpus']} / {_limit(quota['max_gpus'], quota['max_gpus_is_default'])}",
+        )
+    console.print(table)
 
 
 @users_app.command("remove")

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -57,6 +58,27 @@ class Client:
 
     def result(self, task_id: str) -> Any:
         return self._call("GET", f"/api/v1/tasks/{task_id}/result")
+
+    def artifacts(self, task_id: str) -> list[dict[str, Any]]:
+        """The task's result files: [{"path", "size"}, ...]."""
+        return list(self._call("GET", f"/api/v1/tasks/{task_id}/artifacts")["items"])
+
+    def artifact(self, task_id: str, path: str) -> Iterator[bytes]:
+        """One result file, streamed in blocks."""
+        try:
+            with self.http.stream("GET", f"/api/v1/tasks/{task_id}/artifacts/{quote(path)}") as response:
+                if response.status_code >= 400:
+                    response.read()
+                    try:
+                        body = response.json()
+                    except ValueError:
+                        body = {"message": response.text[:500]}
+                    raise ApiError(response.status_code, body if isinstance(body, dict) else {"message": str(body)})
+                yield from response.iter_bytes()
+        except httpx.ConnectError as exc:
+            raise MlocError(
+                f"cannot reach the orchestrator at {self.http.base_url}: {exc}; is it running? (MLOC_API_URL)"
+            ) from exc
 
     def tasks(self, **params: Any) -> dict[str, Any]:
         return self._call("GET", "/api/v1/tasks", params={k: v for k, v in params.items() if v is not None})

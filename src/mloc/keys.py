@@ -13,6 +13,15 @@ PREFIX = "mloc"
 TASKS_ALL = f"{PREFIX}:tasks"  # zset: task id -> created_at ms
 PENDING = f"{PREFIX}:pending"  # zset: task id -> placement order (priority, then FIFO)
 TASKS_BY_NAME_PREFIX = f"{PREFIX}:tasks:name"
+# Retries waiting out their backoff: task id -> unix seconds when it may be placed again. They join
+# PENDING (and their owner's queue) only then.
+RETRY_WAIT = f"{PREFIX}:pending:retry"
+PENDING_OWNERS = f"{PREFIX}:pending:owners"  # set of owners with a task in their pending queue
+
+
+def pending_of(owner: str) -> str:
+    """Zset: one owner's placeable pending tasks, scored like PENDING (the scheduler shares between them)."""
+    return f"{PREFIX}:pending:owner:{owner}"
 
 
 def task(task_id: str) -> str:
@@ -99,3 +108,13 @@ def user_token(token_hash: str) -> str:
 
 
 USERS = f"{PREFIX}:users"  # hash: user name -> JSON record
+
+
+def user_usage(name: str) -> str:
+    """Hash: what one task owner holds now (tasks assigned or running, GPUs), kept by the transition script."""
+    return f"{PREFIX}:user:{name}:usage"
+
+
+def user_quota(name: str) -> str:
+    """Hash: one user's own limits (tasks, gpus); a missing field means the settings' default."""
+    return f"{PREFIX}:user:{name}:quota"

@@ -7,7 +7,7 @@ from __future__ import annotations
 # TRANSITION: the one place a task's state changes (compare-and-set on the current state).
 # KEYS[1] task hash            KEYS[2] pending zset        KEYS[3] events stream
 # KEYS[4] result key           KEYS[5] usage hash (or a dummy when unused)
-# KEYS[6] set of owners with usage
+# KEYS[6] set of owners with usage  KEYS[7] retry-wait zset  KEYS[8] set of owners with pending tasks
 # ARGV[1] target state         ARGV[2] allowed source states, comma-separated
 # ARGV[3] now (unix seconds)   ARGV[4] expected worker id ("" = any)
 # ARGV[5] expected attempt ("" = any)
@@ -24,7 +24,13 @@ from __future__ import annotations
 # ARGV[20] task id            ARGV[21] owner (for usage)
 # ARGV[22] stream entry id to acknowledge and delete on the task's worker stream, or ""
 # ARGV[23] the stream's consumer group
-# Returns {"ok", previous state, attempt} or {"err", code, detail}.
+# ARGV[24] template: user usage hash   ARGV[25] template: user quota hash
+# ARGV[26] unix seconds before which a requeued task may not be placed, or ""
+# ARGV[27] template: owner pending queue
+# The reservation JSON may also carry {user, max_tasks, max_gpus}: the task's owner, whose usage it
+# counts, and the limits for a user without their own (0 = unlimited).
+# Returns {"ok", previous state, attempt} or {"err", code, detail}; code "quota" when the
+# reservation would put its user over a limit, with detail "tasks|gpus <in use> <limit>".
 TRANSITION = r"""
 local function k(template, id) return (string.gsub(template, "{id}", id)) end
 -- Lua numbers print as "-0" or in exponent form; Redis integer commands need plain digits.
@@ -62,6 +68,11 @@ if ARGV[7] == '1' then
       redis.call('HINCRBY', wkey, 'slots_free', 1)
       for _, g in ipairs(h.gpus) do redis.call('SADD', k(ARGV[14], worker), int(g)) end
     end
+    if h.user and h.user ~= '' then
+      local ukey = k(ARGV[24], h.user)
+      redis.call('HINCRBY', ukey, 'tasks', -1)
+      if #h.gpus > 0 then redis.call('HINCRBY', ukey, 'gpus', 0 - #h.gpus) end
+    end
     redis.call('SREM', k(ARGV[15], worker), ARGV[20])
     set('hold', '')
     woke = true
@@ -70,6 +81,23 @@ end
 
 if ARGV[8] ~= '' then
   local r = cjson.decode(ARGV[8])
+  local retry_at = redis.call('HGET', task, 'retry_at')
+  if retry_at and tonumber(retry_at) > tonumber(now) then return {'err', 'backoff', retry_at} end
+  local user = r.user or ''
+  local ukey
+  if user ~= '' then
+    ukey = k(ARGV[24], user)
+    local q = redis.call('HMGET', k(ARGV[25], user), 'tasks', 'gpus')
+    local u = redis.call('HMGET', ukey, 'tasks', 'gpus')
+    local max_tasks, max_gpus = tonumber(q[1] or r.max_tasks or 0), tonumber(q[2] or r.max_gpus or 0)
+    local tasks, gpus = tonumber(u[1] or '0'), tonumber(u[2] or '0')
+    if max_tasks > 0 and tasks >= max_tasks then
+      return {'err', 'quota', 'tasks ' .. int(tasks) .. ' ' .. int(max_tasks)}
+    end
+    if max_gpus > 0 and #r.gpus > 0 and gpus + #r.gpus > max_gpus then
+      return {'err', 'quota', 'gpus ' .. int(gpus) .. ' ' .. int(max_gpus)}
+    end
+  end
   local wkey = k(ARGV[13], r.worker)
   local w = redis.call('HMGET', wkey, 'status', 'cpu_free', 'mem_free', 'slots_free')
   if w[1] ~= 'active' then return {'err', 'capacity', 'worker not active'} end
@@ -85,9 +113,14 @@ if ARGV[8] ~= '' then
   redis.call('HINCRBY', wkey, 'slots_free', -1)
   for _, g in ipairs(r.gpus) do redis.call('SREM', gkey, int(g)) end
   redis.call('SADD', k(ARGV[15], r.worker), ARGV[20])
+  if ukey then
+    redis.call('HINCRBY', ukey, 'tasks', 1)
+    if #r.gpus > 0 then redis.call('HINCRBY', ukey, 'gpus', #r.gpus) end
+  end
   set('worker_id', r.worker)
-  set('hold', cjson.encode({cpu = r.cpu, mem = r.mem, gpus = r.gpus}))
-  redis.call('XADD', k(ARGV[16], r.worker), '*', 'task', ARGV[20], 'body', r.message)
+  set('hold', cjson.encode({cpu = r.cpu, mem = r.mem, gpus = r.gpus, user = user}))
+  -- The attempt the worker will run, so work it finishes at once can be recorded in one step.
+  redis.call('XADD', k(ARGV[16], r.worker), '*', 'task', ARGV[20], 'body', r.message, 'attempt', int(attempt + 1))
 end
 
 if ARGV[10] == '1' then
@@ -107,13 +140,34 @@ if ARGV[6] ~= '' then
   end
   if #drop > 0 then redis.call('HDEL', task, unpack(drop)) end
 end
+local delayed = target == 'pending' and ARGV[26] ~= ''
+if delayed then
+  set('retry_at', ARGV[26])
+  set('retry_score', ARGV[9])
+end
 redis.call('HSET', task, unpack(sets))
 
+-- The pending indexes: PENDING (every placeable task), the owner's queue, and the retry wait.
+local owner
+if target == 'pending' or state == 'pending' then owner = redis.call('HGET', task, 'owner') or '' end
 if target == 'pending' then
-  redis.call('ZADD', KEYS[2], ARGV[9], ARGV[20])
+  if delayed then
+    redis.call('ZADD', KEYS[7], ARGV[26], ARGV[20])
+  else
+    redis.call('ZADD', KEYS[2], ARGV[9], ARGV[20])
+    redis.call('ZADD', k(ARGV[27], owner), ARGV[9], ARGV[20])
+    redis.call('SADD', KEYS[8], owner)
+  end
   woke = true
 else
   redis.call('ZREM', KEYS[2], ARGV[20])
+  if state == 'pending' then
+    redis.call('ZREM', KEYS[7], ARGV[20])
+    local queue = k(ARGV[27], owner)
+    if redis.call('ZREM', queue, ARGV[20]) == 1 and redis.call('EXISTS', queue) == 0 then
+      redis.call('SREM', KEYS[8], owner)
+    end
+  end
 end
 if ARGV[11] ~= '' then redis.call('SET', KEYS[4], ARGV[11]) end
 if ARGV[12] ~= '' then
@@ -127,7 +181,8 @@ if ARGV[22] ~= '' and worker ~= '' then
   redis.call('XDEL', stream, ARGV[22])
 end
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', 'task', ARGV[20], 'from', state, 'to', target, 'ts', now)
-if woke and redis.call('ZCARD', KEYS[2]) > 0 then redis.call('PUBLISH', ARGV[18], target) end
+-- A delayed retry also wakes the scheduler, so it learns when to look again.
+if woke and (delayed or redis.call('ZCARD', KEYS[2]) > 0) then redis.call('PUBLISH', ARGV[18], target) end
 return {'ok', state, tostring(attempt), target}
 """
 
@@ -163,16 +218,152 @@ return 0
 
 # CREATE: store a new task, pending, with its indexes.
 # KEYS[1] task hash   KEYS[2] all-tasks zset   KEYS[3] pending-state zset   KEYS[4] owner zset
-# KEYS[5] pending queue zset
+# KEYS[5] pending queue zset  KEYS[6] the owner's pending queue  KEYS[7] set of owners with pending tasks
 # ARGV[1] task id     ARGV[2] created ms       ARGV[3] pending score ("" = not for the scheduler)
-# ARGV[4..] field, value, ...
+# ARGV[4] owner       ARGV[5..] field, value, ...
 # Returns 1, or 0 if a task with that id exists.
 CREATE = r"""
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
-if ARGV[3] ~= '' then redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1]) end
+if ARGV[3] ~= '' then
+  redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
+  redis.call('ZADD', KEYS[6], ARGV[3], ARGV[1])
+  redis.call('SADD', KEYS[7], ARGV[4])
+end
 return 1
+"""
+
+# PROMOTE: move retries whose backoff has passed from the retry wait into the pending indexes.
+# KEYS[1] retry-wait zset   KEYS[2] pending zset   KEYS[3] set of owners with pending tasks
+# ARGV[1] now (unix seconds)   ARGV[2] template: task hash   ARGV[3] template: owner pending queue
+# ARGV[4] most tasks to move
+# Returns {moved, unix seconds of the next retry or ""}.
+PROMOTE = r"""
+local function k(template, id) return (string.gsub(template, "{id}", id)) end
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[4]))
+local moved = 0
+for _, id in ipairs(due) do
+  redis.call('ZREM', KEYS[1], id)
+  local f = redis.call('HMGET', k(ARGV[2], id), 'state', 'retry_score', 'owner')
+  if f[1] == 'pending' and f[2] and f[3] then
+    redis.call('ZADD', KEYS[2], f[2], id)
+    redis.call('ZADD', k(ARGV[3], f[3]), f[2], id)
+    redis.call('SADD', KEYS[3], f[3])
+    moved = moved + 1
+  end
+end
+local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {moved, head[2] or ''}
+"""
+
+# PRUNE_OWNER: drop an owner from the set of owners with pending tasks once its queue is empty.
+# KEYS[1] set of owners with pending tasks   KEYS[2] the owner's pending queue   ARGV[1] owner
+PRUNE_OWNER = r"""
+if redis.call('EXISTS', KEYS[2]) == 0 then return redis.call('SREM', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+
+def sequence(*scripts: str) -> str:
+    """One script that runs ``scripts`` in order, atomically, in one round trip.
+
+    Each part keeps its own KEYS and ARGV: the caller sends every part's keys one after another,
+    and ARGV starts with each part's key count and argument count (2 numbers per part) before the
+    parts' own arguments. Returns the list of the parts' replies; a reply {"err", ...} stops it there.
+    """
+    steps = "\n".join(f"local function step{i}(KEYS, ARGV)\n{body}\nend" for i, body in enumerate(scripts))
+    names = ", ".join(f"step{i}" for i in range(len(scripts)))
+    return f"""{steps}
+local steps = {{{names}}}
+local replies = {{}}
+local next_key, next_arg = 1, 2 * #steps + 1
+for i, step in ipairs(steps) do
+  local nkeys, nargs = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  local reply = step({{unpack(KEYS, next_key, next_key + nkeys - 1)}}, {{unpack(ARGV, next_arg, next_arg + nargs - 1)}})
+  next_key, next_arg = next_key + nkeys, next_arg + nargs
+  replies[i] = reply
+  if type(reply) == 'table' and reply[1] == 'err' then break end
+end
+return replies
+"""
+
+
+# SUBMIT: CREATE then TRANSITION (placing the new task on its worker), for a submit whose worker is
+# already chosen. TRANSITION_TWICE: two transitions of one task, for work that finished before its
+# start was recorded (see mloc.worker.listener). Both take KEYS/ARGV as :func:`sequence` says.
+SUBMIT = sequence(CREATE, TRANSITION)
+TRANSITION_TWICE = sequence(TRANSITION, TRANSITION)
+
+# READ_HASHES: many hashes in one round trip (a pipeline pays the client's per-reply cost for each).
+# KEYS: the hashes.  Returns one flat field/value array per key (empty for a missing key).
+READ_HASHES = r"""
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('HGETALL', key) end
+return out
+"""
+
+# READ_WORKERS: each worker's hash, free GPUs and task ids, in one round trip.
+# ARGV[1] template: worker hash   ARGV[2] template: free-GPU set   ARGV[3] template: worker task set
+# ARGV[4..] worker ids.  Returns {hash fields, free GPUs, task ids} per worker id, in order.
+READ_WORKERS = r"""
+local function k(template, id) return (string.gsub(template, "{id}", id)) end
+local out = {}
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  out[#out + 1] = {
+    redis.call('HGETALL', k(ARGV[1], id)),
+    redis.call('SMEMBERS', k(ARGV[2], id)),
+    redis.call('SMEMBERS', k(ARGV[3], id)),
+  }
+end
+return out
+"""
+
+# SNAPSHOT: what changes about every registered worker, for the scheduler (the rest is cached until
+# the worker registers again, which changes registered_at).
+# KEYS[1] workers zset   ARGV[1] template: worker hash   ARGV[2] template: free-GPU set
+# Returns a flat array: per worker, its id, {registered_at, status, last_heartbeat, cpu_free,
+# mem_free, slots_free, warm_models} and its free GPUs.
+SNAPSHOT = r"""
+local function k(template, id) return (string.gsub(template, "{id}", id)) end
+local out = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('HMGET', k(ARGV[1], id), 'registered_at', 'status', 'last_heartbeat', 'cpu_free',
+    'mem_free', 'slots_free', 'warm_models')
+  out[#out + 1] = redis.call('SMEMBERS', k(ARGV[2], id))
+end
+return out
+"""
+
+# WAITING: what a scheduler pass reads, in one round trip: for each owner with tasks waiting, the
+# head of their queue (an equal share of ``limit``, at least one), what they hold and their quota.
+# KEYS[1] set of owners with pending tasks
+# ARGV[1] limit   ARGV[2] template: owner pending queue   ARGV[3] template: user usage hash
+# ARGV[4] template: user quota hash   ARGV[5] template: task hash
+# Returns per owner {name, {tasks, gpus} held, {tasks, gpus} quota, {task ids}, {per task: {req,
+# priority, created_ms, state, pending_reason}}}.
+WAITING = r"""
+local function k(template, id) return (string.gsub(template, "{id}", id)) end
+local owners = redis.call('SMEMBERS', KEYS[1])
+local share = math.max(1, math.floor(tonumber(ARGV[1]) / math.max(1, #owners)))
+local out = {}
+for _, owner in ipairs(owners) do
+  local ids = redis.call('ZRANGE', k(ARGV[2], owner), 0, share - 1)
+  local rows = {}
+  for i, id in ipairs(ids) do
+    rows[i] = redis.call('HMGET', k(ARGV[5], id), 'req', 'priority', 'created_ms', 'state', 'pending_reason')
+  end
+  out[#out + 1] = {
+    owner,
+    redis.call('HMGET', k(ARGV[3], owner), 'tasks', 'gpus'),
+    redis.call('HMGET', k(ARGV[4], owner), 'tasks', 'gpus'),
+    ids,
+    rows,
+  }
+end
+return out
 """

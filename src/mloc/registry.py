@@ -57,6 +57,7 @@ class WorkerRegistry:
         self.redis = redis
         self._heartbeat = redis.register_script(lua.HEARTBEAT)
         self._mark_lost = redis.register_script(lua.MARK_LOST)
+        self._read_workers = redis.register_script(lua.READ_WORKERS)
 
     async def register(self, reg: Registration, *, now: float | None = None) -> None:
         """(Re)register a worker with all its capacity free. The caller hands back what an earlier
@@ -133,13 +134,16 @@ class WorkerRegistry:
         await self.redis.zrem(keys.WORKERS, worker_id)
 
     async def _read(self, worker_ids: list[str]) -> list[tuple[dict[str, str], set[str], set[str]]]:
-        pipe = self.redis.pipeline(transaction=False)
-        for worker_id in worker_ids:
-            pipe.hgetall(keys.worker(worker_id))
-            pipe.smembers(keys.worker_free_gpus(worker_id))
-            pipe.smembers(keys.worker_tasks(worker_id))
-        replies = await pipe.execute()
-        return [(replies[i], replies[i + 1], replies[i + 2]) for i in range(0, len(replies), 3) if replies[i]]
+        # One script call per batch, not three pipelined commands per worker: each reply costs the
+        # client more than Redis takes to answer it.
+        found = []
+        templates = [keys.worker("{id}"), keys.worker_free_gpus("{id}"), keys.worker_tasks("{id}")]
+        for start in range(0, len(worker_ids), 500):
+            batch = worker_ids[start : start + 500]
+            for fields, gpus, tasks in await self._read_workers(args=[*templates, *batch]):
+                if fields:
+                    found.append((dict(zip(fields[::2], fields[1::2], strict=True)), set(gpus), set(tasks)))
+        return found
 
     async def records(self, worker_ids: list[str] | None = None) -> list[WorkerRecord]:
         ids = worker_ids if worker_ids is not None else await self.ids()

@@ -2,21 +2,38 @@
 
 The orchestrator chooses from a snapshot of the registry; the reservation itself is checked again
 inside Redis (see :meth:`TaskStore.transition`), so a stale snapshot or a second orchestrator can
-never oversubscribe a worker: the reservation fails and the task is tried elsewhere.
+never oversubscribe a worker: the reservation fails and the task is tried elsewhere. The same
+atomic step counts the task against its owner's quota (tasks assigned or running, GPUs held) and
+refuses it when the owner is at a limit.
+
+Which waiting task goes first (the fair-share rule, also in docs/operations.md):
+
+1. Higher ``priority`` first, always: fairness only orders tasks of equal priority.
+2. Among equal priorities, the task whose owner holds the fewest tasks right now (assigned or
+   running, counting the placements made earlier in the same pass) goes first, so users take
+   turns and one user's backlog cannot starve another user's task submitted later.
+3. Ties go to the task submitted first.
+
+A user at their quota is skipped (their tasks wait with the reason) and the pass goes on with the
+other users' tasks. A retry waits out its backoff in a separate index and joins the queues when
+it is due (:meth:`Scheduler.promote_retries`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import fnmatch
+import heapq
 import json
 import logging
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from operator import itemgetter
 from typing import Any
 
-from mloc import keys
+from mloc import keys, lua
 from mloc.registry import WorkerRegistry, WorkerView
 from mloc.spec.base import Document, ModelSpec
 from mloc.spec.quantity import format_cpu, format_memory
@@ -25,6 +42,7 @@ from mloc.store import Reservation, TaskStore
 
 log = logging.getLogger(__name__)
 SNAPSHOT_MAX_AGE_SEC = 0.25
+PASS_FLOOR = 64  # waiting tasks a scheduling pass looks at even when no worker has room
 # Agent tools a worker must switch on (MLOC_ALLOW_PYTHON_TOOL, MLOC_WEB_SEARCH_PROVIDER).
 GATED_TOOLS = ("python_repl", "web_search")
 CAPABILITY_WORDS = {"engines": "engine", "agent_tools": "agent tool"}
@@ -158,6 +176,63 @@ def misfit(req: Request, view: WorkerView, *, when_idle: bool = False) -> str | 
     return None
 
 
+def _fits_registration(req: Request, view: WorkerView) -> bool:
+    """Whether ``view`` could ever take ``req``, by what it stated at registration (topics, task
+    types, capabilities, tags, GPUs in all): the part of :func:`misfit` that holds until it
+    registers again."""
+    if not topic_matches(req.topic, view.topics) or req.task_type not in view.task_types:
+        return False
+    offered = view.capabilities.get(req.task_type, {})
+    if any(value not in offered.get(capability, []) for capability, value in req.needs):
+        return False
+    if any(t not in view.tags for t in req.tags):
+        return False
+    return not req.gpu_count or _gpus_for(req, view, {g["index"] for g in view.gpus}) is not None
+
+
+@dataclass(frozen=True)
+class _Static:
+    topics: list[str]
+    tags: set[str]
+    task_types: set[str]
+    capabilities: dict[str, Any]
+    gpus: list[dict[str, Any]]
+    cpu_total: int
+    mem_total: int
+    slots_total: int
+
+    @classmethod
+    def of(cls, h: dict[str, str]) -> _Static:
+        return cls(
+            topics=json.loads(h.get("topics") or "[]"),
+            tags=set(json.loads(h.get("tags") or "[]")),
+            task_types=set(json.loads(h.get("task_types") or "[]")),
+            capabilities=json.loads(h.get("capabilities") or "{}"),
+            gpus=json.loads(h.get("hardware") or "{}").get("gpus", []),
+            cpu_total=int(h.get("cpu_total", "0")),
+            mem_total=int(h.get("mem_total", "0")),
+            slots_total=int(h.get("slots_total", "0")),
+        )
+
+
+def _fits_now(req: Request, view: WorkerView, usable: tuple[int, ...] | None) -> list[int] | None:
+    """The GPUs ``req`` would get on ``view`` now, or None if it does not fit: the part of
+    :func:`misfit` that changes between snapshots, for a worker whose registration fits
+    (``usable``: its GPUs of the requested model and memory; None when its registration does not fit)."""
+    if (
+        usable is None
+        or view.status != "active"
+        or req.cpu > view.cpu_free
+        or req.mem > view.mem_free
+        or view.slots_free < 1
+    ):
+        return None
+    if not req.gpu_count:
+        return []
+    gpus = [g for g in usable if g in view.free_gpus][: req.gpu_count]
+    return gpus if len(gpus) == req.gpu_count else None
+
+
 def _score(req: Request, view: WorkerView) -> tuple[int, int, int, int]:
     warm = 0
     if req.model:
@@ -174,6 +249,36 @@ class Placement:
     pending_reason: str | None = None
     unschedulable: bool = False
     tried: list[str] = field(default_factory=list)
+    quota: str | None = None  # "tasks" or "gpus" when the owner's quota refused the task
+
+
+def quota_reason(owner: str, limit: str, used: int, most: int, gpus_needed: int = 0) -> str:
+    if limit == "tasks":
+        return f"user {owner} at quota: {used} of {most} concurrent tasks"
+    return f"user {owner} at quota: {used} of {most} GPUs in use, this task needs {gpus_needed}"
+
+
+@dataclass
+class _Waiting:
+    task_id: str
+    owner: str
+    req_json: str
+    priority: int
+    created_ms: int
+    reason: str | None
+
+
+@dataclass
+class _Owner:
+    """One user's share of a pass: their waiting tasks, what they hold and their limits."""
+
+    name: str
+    waiting: list[_Waiting]
+    tasks: int
+    gpus: int
+    max_tasks: int
+    max_gpus: int
+    next: int = 0
 
 
 def explain(req: Request, views: list[WorkerView]) -> tuple[str, bool]:
@@ -192,23 +297,173 @@ def explain(req: Request, views: list[WorkerView]) -> tuple[str, bool]:
 
 
 class Scheduler:
-    def __init__(self, store: TaskStore, registry: WorkerRegistry, *, heartbeat_ttl_sec: float) -> None:
+    def __init__(
+        self,
+        store: TaskStore,
+        registry: WorkerRegistry,
+        *,
+        heartbeat_ttl_sec: float,
+        user_max_tasks: int = 0,
+        user_max_gpus: int = 0,
+    ) -> None:
         self.store = store
         self.registry = registry
         self.heartbeat_ttl_sec = heartbeat_ttl_sec
+        self.user_max_tasks = user_max_tasks
+        self.user_max_gpus = user_max_gpus
+        # When the earliest retry waiting out its backoff is due (unix seconds), as of the last pass.
+        self.next_retry_at: float | None = None
         self._views: list[WorkerView] = []
         self._views_at = 0.0
         self._lock = asyncio.Lock()
+        self._promote = store.redis.register_script(lua.PROMOTE)
+        self._prune_owner = store.redis.register_script(lua.PRUNE_OWNER)
+        self._snapshot_script = store.redis.register_script(lua.SNAPSHOT)
+        self._read_hashes = store.redis.register_script(lua.READ_HASHES)
+        self._waiting = store.redis.register_script(lua.WAITING)
+        self._queues_checked = False
+        # What a worker states at registration, by worker id, with its registered_at: read again
+        # only when the worker registers anew.
+        self._static: dict[str, tuple[str, _Static]] = {}
+        # Workers whose registration could ever take a request of this shape, for the current
+        # registrations (cleared whenever one changes).
+        self._static_fit: dict[tuple[Any, ...], dict[str, tuple[int, ...]]] = {}
+        # Per request shape, the workers that fit it now as a heap, best first, for one snapshot: a
+        # decision costs O(log workers), not a pass over all of them. A view changed by a placement
+        # has a new version; its heap entries are re-ranked when they come up.
+        self._generation = 0
+        self._by_id: dict[str, WorkerView] = {}
+        self._versions: dict[str, int] = {}
+        self._rankings: dict[Request, list[tuple[tuple[int, ...], int, str]]] = {}
+
+    async def _snapshot(self) -> list[WorkerView]:
+        """Every registered worker's capacity, in one round trip (two when some registered anew)."""
+        flat = await self._snapshot_script(
+            keys=[keys.WORKERS], args=[keys.worker("{id}"), keys.worker_free_gpus("{id}")]
+        )
+        rows = [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+        changed = [wid for wid, f, _ in rows if f[0] is not None and self._static.get(wid, ("",))[0] != f[0]]
+        if changed or len(self._static) != len(rows):
+            self._static_fit.clear()
+            present = {wid for wid, _, _ in rows}
+            self._static = {wid: entry for wid, entry in self._static.items() if wid in present}
+        for start in range(0, len(changed), 500):
+            batch = changed[start : start + 500]
+            replies = await self._read_hashes(keys=[keys.worker(w) for w in batch])
+            for wid, flat_fields in zip(batch, replies, strict=True):
+                h = dict(zip(flat_fields[::2], flat_fields[1::2], strict=True))
+                if h:
+                    self._static[wid] = (h.get("registered_at", ""), _Static.of(h))
+        views = []
+        for wid, f, free in rows:
+            entry = self._static.get(wid)
+            if f[0] is None or entry is None:
+                continue  # deregistered meanwhile
+            st = entry[1]
+            views.append(
+                WorkerView(
+                    worker_id=wid,
+                    status=f[1] or "",
+                    last_heartbeat=float(f[2] or 0),
+                    topics=st.topics,
+                    tags=st.tags,
+                    task_types=st.task_types,
+                    capabilities=st.capabilities,
+                    gpus=st.gpus,
+                    cpu_total=st.cpu_total,
+                    mem_total=st.mem_total,
+                    slots_total=st.slots_total,
+                    cpu_free=int(f[3] or 0),
+                    mem_free=int(f[4] or 0),
+                    slots_free=int(f[5] or 0),
+                    free_gpus={int(g) for g in free},
+                    warm_models=set(json.loads(f[6])) if f[6] and f[6] != "[]" else set(),
+                )
+            )
+        return views
+
+    def _statically_fitting(self, req: Request, views: list[WorkerView]) -> dict[str, tuple[int, ...]]:
+        """Workers whose registration fits ``req``, each with the GPUs (lowest index first) of the
+        model and memory it asks for."""
+        shape = (req.task_type, req.topic, req.tags, req.needs, req.gpu_count, req.gpu_type, req.gpu_mem)
+        fit = self._static_fit.get(shape)
+        if fit is None:
+            fit = {}
+            for view in views:
+                if _fits_registration(req, view):
+                    fit[view.worker_id] = tuple(
+                        sorted(
+                            g["index"]
+                            for g in view.gpus
+                            if gpu_matches(req.gpu_type, g.get("name", "")) and g.get("memory_bytes", 0) >= req.gpu_mem
+                        )
+                        if req.gpu_count
+                        else ()
+                    )
+            if len(self._static_fit) > 10_000:
+                self._static_fit.clear()
+            self._static_fit[shape] = fit
+        return fit
+
+    def _candidates(
+        self, req: Request, views: list[WorkerView], avoid: frozenset[str]
+    ) -> Iterator[tuple[WorkerView, list[int]]]:
+        """Workers that can take ``req`` now, best first, with the GPUs it would get on each: the
+        checks of :func:`misfit`, split so the part fixed at registration is done once per shape.
+        Asking for the next one means the previous was refused in Redis: it is left out."""
+        fit = self._statically_fitting(req, views)
+        if avoid:
+            # Replicas of one task go to different workers where they can: a ranking of its own.
+            ranked = []
+            for view in views:
+                gpus = _fits_now(req, view, fit.get(view.worker_id))
+                if gpus is not None:
+                    ranked.append(((view.worker_id in avoid, *_score(req, view)), view, gpus))
+            ranked.sort(key=itemgetter(0))
+            yield from ((view, gpus) for _, view, gpus in ranked)
+            return
+        heap = self._rankings.get(req)
+        if heap is None:
+            heap = []
+            for view in views:
+                if _fits_now(req, view, fit.get(view.worker_id)) is not None:
+                    heap.append((_score(req, view), self._versions.get(view.worker_id, 0), view.worker_id))
+            heapq.heapify(heap)
+            self._rankings[req] = heap
+        while heap:
+            _, version, worker_id = heap[0]
+            view = self._by_id[worker_id]
+            gpus = _fits_now(req, view, fit.get(worker_id))
+            current = self._versions.get(worker_id, 0)
+            if gpus is None or version != current:
+                heapq.heappop(heap)
+                if gpus is not None:  # changed by a placement: ranked again
+                    heapq.heappush(heap, (_score(req, view), current, worker_id))
+                continue
+            yield view, gpus
+            if heap and heap[0][2] == worker_id and heap[0][1] == version:
+                heapq.heappop(heap)
+
+    def _placed_on(self, view: WorkerView, req: Request, gpus: list[int]) -> None:
+        view.cpu_free -= req.cpu
+        view.mem_free -= req.mem
+        view.slots_free -= 1
+        view.free_gpus -= set(gpus)
+        self._versions[view.worker_id] = self._versions.get(view.worker_id, 0) + 1
 
     async def views(self, *, fresh: bool = False) -> list[WorkerView]:
         now = time.monotonic()
         if fresh or now - self._views_at > SNAPSHOT_MAX_AGE_SEC:
-            views = await self.registry.snapshot()
+            views = await self._snapshot()
             cutoff = time.time() - self.heartbeat_ttl_sec
             for view in views:
                 if view.status == "active" and view.last_heartbeat < cutoff:
                     view.status = "unresponsive"
             self._views, self._views_at = views, now
+            self._generation += 1
+            self._by_id = {view.worker_id: view for view in views}
+            self._versions = {}
+            self._rankings = {}
         return self._views
 
     def invalidate(self) -> None:
@@ -225,88 +480,221 @@ class Scheduler:
         created_ms: int,
         avoid: frozenset[str] = frozenset(),
         current_reason: str | None = None,
+        create: dict[str, str] | None = None,
     ) -> Placement:
-        """Try to place one pending task now; on failure record why it waits."""
+        """Try to place one pending task now; on failure record why it waits. ``create`` is the task's
+        new record when it is not stored yet: it is stored with the first placement attempt."""
         placement = Placement(worker_id=None)
         for attempt in range(3):
             views = await self.views(fresh=attempt > 0)
-            candidates = [v for v in views if misfit(req, v) is None]
-            # Replicas of one task go to different workers where they can.
-            candidates.sort(key=lambda v: (v.worker_id in avoid, _score(req, v)))
-            for view in candidates:
-                gpus = _gpus_for(req, view, view.free_gpus) if req.gpu_count else []
-                assert gpus is not None
-                message = json.dumps(
-                    {"spec": json.loads(document), "owner": owner, "gpus": gpus}, separators=(",", ":")
-                )
+            tried = len(placement.tried)
+            for view, gpus in self._candidates(req, views, avoid):
+                # ``document`` is already JSON: spliced in, not parsed and dumped again.
+                message = f'{{"spec":{document},"owner":{json.dumps(owner)},"gpus":{json.dumps(gpus)}}}'
                 outcome = await self.store.transition(
                     task_id,
                     TaskState.ASSIGNED,
                     sources=[TaskState.PENDING],
-                    reserve=Reservation(view.worker_id, req.cpu, req.mem, gpus, message),
+                    reserve=Reservation(
+                        view.worker_id,
+                        req.cpu,
+                        req.mem,
+                        gpus,
+                        message,
+                        user=owner,
+                        max_tasks=self.user_max_tasks,
+                        max_gpus=self.user_max_gpus,
+                    ),
                     fields={
                         "assigned_at": repr(time.time()),
                         "pending_reason": "",
                         "unschedulable": "",
                         "gpus": json.dumps(gpus),
                     },
+                    create=create,
                 )
+                create = None
                 placement.tried.append(view.worker_id)
                 if outcome.ok:
-                    view.cpu_free -= req.cpu
-                    view.mem_free -= req.mem
-                    view.slots_free -= 1
-                    view.free_gpus -= set(gpus)
+                    self._placed_on(view, req, gpus)
                     placement.worker_id = view.worker_id
+                    return placement
+                if outcome.error == "quota":
+                    # The owner's limit, not this worker: no other worker would take it either.
+                    limit, used, most = outcome.detail.split()
+                    placement.quota = limit
+                    reason = quota_reason(owner, limit, int(used), int(most), req.gpu_count)
+                    placement.pending_reason = reason
+                    if reason != current_reason:
+                        await self.store.set_fields(task_id, {"pending_reason": reason, "unschedulable": "0"})
                     return placement
                 if outcome.error != "capacity":
                     # Cancelled or placed by another orchestrator meanwhile: nothing to do.
                     placement.pending_reason = f"not pending any more ({outcome.error} {outcome.detail})"
                     return placement
-            if not candidates:
-                break
+            if len(placement.tried) == tried:
+                break  # no worker fits even on paper: a fresh snapshot will not change that now
         views = await self.views()
         reason, never = explain(req, views)
         placement.pending_reason, placement.unschedulable = reason, never
-        if reason != current_reason:
+        if create is not None:
+            await self.store.insert([{**create, "pending_reason": reason, "unschedulable": "1" if never else "0"}])
+        elif reason != current_reason:
             await self.store.set_fields(task_id, {"pending_reason": reason, "unschedulable": "1" if never else "0"})
         return placement
 
-    async def schedule_pending(self, limit: int = 1000) -> int:
-        """One pass over waiting tasks, highest priority and oldest first; returns how many were placed."""
-        async with self._lock:
-            ids = await self.store.pending_ids(limit)
+    async def promote_retries(self, limit: int = 1000) -> int:
+        """Move retries whose backoff has passed into the pending queues; remember when the next is due."""
+        moved, head = await self._promote(
+            keys=[keys.RETRY_WAIT, keys.PENDING, keys.PENDING_OWNERS],
+            args=[repr(time.time()), keys.task("{id}"), keys.pending_of("{id}"), limit],
+        )
+        head = head.decode() if isinstance(head, bytes) else head
+        self.next_retry_at = float(head) if head else None
+        return int(moved)
+
+    async def _check_queues(self) -> None:
+        """Give every task in PENDING a place in its owner's queue (tasks queued by an older MLOC had none)."""
+        redis = self.store.redis
+        start, batch = 0, 1000
+        while True:
+            rows = await redis.zrange(keys.PENDING, start, start + batch - 1, withscores=True)
+            if not rows:
+                break
+            pipe = redis.pipeline(transaction=False)
+            for task_id, _ in rows:
+                pipe.hget(keys.task(task_id), "owner")
+            owners = await pipe.execute()
+            pipe = redis.pipeline(transaction=False)
+            for (task_id, score), owner in zip(rows, owners, strict=True):
+                if owner is not None:
+                    pipe.zadd(keys.pending_of(owner), {task_id: score}, nx=True)
+                    pipe.sadd(keys.PENDING_OWNERS, owner)
+            await pipe.execute()
+            start += batch
+        self._queues_checked = True
+
+    async def _read_queues(self, limit: int) -> list[_Owner]:
+        replies = await self._waiting(
+            keys=[keys.PENDING_OWNERS],
+            args=[
+                limit,
+                keys.pending_of("{id}"),
+                keys.user_usage("{id}"),
+                keys.user_quota("{id}"),
+                keys.task("{id}"),
+            ],
+        )
+        owners = []
+        for name, usage, quota, ids, rows in sorted(replies):
             if not ids:
-                return 0
-            pipe = self.store.redis.pipeline(transaction=False)
-            for task_id in ids:
-                pipe.hmget(
-                    keys.task(task_id), "req", "owner", "spec", "priority", "created_ms", "state", "pending_reason"
+                await self._prune_owner(keys=[keys.PENDING_OWNERS, keys.pending_of(name)], args=[name])
+                continue
+            waiting = []
+            for task_id, (req_json, priority, created_ms, state, reason) in zip(ids, rows, strict=True):
+                if state != TaskState.PENDING or not req_json:
+                    await self._drop_stale(task_id, name)
+                    continue
+                waiting.append(_Waiting(task_id, name, req_json, int(priority), int(created_ms), reason))
+            owners.append(
+                _Owner(
+                    name,
+                    waiting,
+                    tasks=int(usage[0] or 0),
+                    gpus=int(usage[1] or 0),
+                    max_tasks=int(self.user_max_tasks if quota[0] is None else quota[0]),
+                    max_gpus=int(self.user_max_gpus if quota[1] is None else quota[1]),
                 )
-            rows = await pipe.execute()
-            placed = 0
+            )
+        return owners
+
+    async def _drop_stale(self, task_id: str, owner: str) -> None:
+        pipe = self.store.redis.pipeline(transaction=False)
+        pipe.zrem(keys.PENDING, task_id)
+        pipe.zrem(keys.pending_of(owner), task_id)
+        await pipe.execute()
+        await self._prune_owner(keys=[keys.PENDING_OWNERS, keys.pending_of(owner)], args=[owner])
+
+    async def schedule_pending(self, limit: int = 1000, *, quick: bool = False) -> int:
+        """One pass over waiting tasks (about ``limit`` of them; with ``quick``, only about as many as
+        the workers have room for); returns how many were placed.
+
+        Tasks are taken by the fair-share rule of this module: priority first, then the user holding
+        the fewest tasks, then submission order. A user at quota is passed over for this pass.
+        """
+        async with self._lock:
+            await self.promote_retries()
+            if not self._queues_checked:
+                await self._check_queues()
             self.invalidate()
+            if quick:
+                # About as many waiting tasks as could start now: with thousands queued, reading them
+                # all on every completion would cost more than running them.
+                free = sum(v.slots_free for v in await self.views() if v.status == "active")
+                limit = min(limit, max(PASS_FLOOR, 2 * free))
+            owners = await self._read_queues(limit)
+            if not owners:
+                return 0
+            placed = 0
             # A request that found no worker in this pass will not find one for an identical request
             # either (capacity only shrinks within a pass), so those are skipped, keeping a pass cheap
             # when many tasks wait.
             no_room: set[str] = set()
-            for task_id, row in zip(ids, rows, strict=True):
-                req_json, owner, spec, priority, created_ms, state, reason = row
-                if state != TaskState.PENDING or not req_json:
-                    await self.store.redis.zrem(keys.PENDING, task_id)  # stale index entry
+            reasons: dict[str, str] = {}  # pending reasons to write at the end of the pass
+            heap: list[tuple[int, int, int, int]] = []
+
+            def push(index: int) -> None:
+                owner = owners[index]
+                if owner.next < len(owner.waiting):
+                    head = owner.waiting[owner.next]
+                    heapq.heappush(heap, (-head.priority, owner.tasks, head.created_ms, index))
+
+            def wait_all(owner: _Owner, reason: str) -> None:
+                for task in owner.waiting[owner.next :]:
+                    if task.reason != reason:
+                        reasons[task.task_id] = reason
+                owner.next = len(owner.waiting)
+
+            for index in range(len(owners)):
+                push(index)
+            while heap:
+                index = heapq.heappop(heap)[3]
+                owner = owners[index]
+                if 0 < owner.max_tasks <= owner.tasks:
+                    wait_all(owner, quota_reason(owner.name, "tasks", owner.tasks, owner.max_tasks))
                     continue
-                if req_json in no_room:
-                    continue
-                outcome = await self.place(
-                    task_id,
-                    Request.from_json(json.loads(req_json)),
-                    owner=owner,
-                    document=spec,
-                    priority=int(priority),
-                    created_ms=int(created_ms),
-                    current_reason=reason,
-                )
-                if outcome.worker_id is None:
-                    no_room.add(req_json)
-                placed += outcome.worker_id is not None
+                task = owner.waiting[owner.next]
+                owner.next += 1
+                req = Request.from_json(json.loads(task.req_json))
+                if owner.max_gpus > 0 and req.gpu_count > 0 and owner.gpus + req.gpu_count > owner.max_gpus:
+                    reason = quota_reason(owner.name, "gpus", owner.gpus, owner.max_gpus, req.gpu_count)
+                    if task.reason != reason:
+                        reasons[task.task_id] = reason
+                elif task.req_json not in no_room:
+                    # The document is read only for the tasks tried: most of a long queue is not.
+                    document = await self.store.redis.hget(keys.task(task.task_id), "spec")
+                    outcome = await self.place(
+                        task.task_id,
+                        req,
+                        owner=owner.name,
+                        document=document or "{}",
+                        priority=task.priority,
+                        created_ms=task.created_ms,
+                        current_reason=task.reason,
+                    )
+                    if outcome.worker_id is not None:
+                        placed += 1
+                        owner.tasks += 1
+                        owner.gpus += req.gpu_count
+                    elif outcome.quota == "tasks":
+                        # Another orchestrator placed some of this user's tasks meanwhile.
+                        owner.tasks = max(owner.tasks, owner.max_tasks)
+                    elif outcome.quota is None:
+                        no_room.add(task.req_json)
+                push(index)
+            if reasons:
+                pipe = self.store.redis.pipeline(transaction=False)
+                for task_id, reason in reasons.items():
+                    pipe.hset(keys.task(task_id), mapping={"pending_reason": reason, "unschedulable": "0"})
+                await pipe.execute()
             return placed

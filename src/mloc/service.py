@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import time
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -20,6 +20,7 @@ from mloc.settings import Settings
 from mloc.spec import Document, validate
 from mloc.spec.loader import default_name
 from mloc.store import TaskStore
+from mloc.usage import UsageReports
 from mloc.users import Principal
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,15 @@ class Orchestrator:
         self.settings = settings
         self.store = TaskStore(redis)
         self.registry = WorkerRegistry(redis)
-        self.scheduler = Scheduler(self.store, self.registry, heartbeat_ttl_sec=settings.heartbeat_ttl_sec)
+        self.scheduler = Scheduler(
+            self.store,
+            self.registry,
+            heartbeat_ttl_sec=settings.heartbeat_ttl_sec,
+            user_max_tasks=settings.user_max_tasks,
+            user_max_gpus=settings.user_max_gpus,
+        )
+        self.backoff = lifecycle.Backoff(settings.retry_backoff_sec, settings.retry_backoff_max_sec)
+        self.usage = UsageReports(redis)
 
     # ------------------------------------------------------------------ submit
     def _owner(self, document: Document, principal: Principal) -> str:
@@ -63,10 +72,19 @@ class Orchestrator:
             request=request.to_json(),
             labels=document.metadata.labels,
         )
+        # The retry policy is fixed at submit, so every process that requeues the task applies the same one.
+        backoff = spec.retry_backoff_sec if spec.retry_backoff_sec is not None else self.backoff.base_sec
+        record["retry_backoff_sec"] = repr(float(backoff))
+        record["retry_backoff_max_sec"] = repr(self.backoff.max_sec)
         return record, request
 
     async def _try_place(
-        self, record: dict[str, str], request: Request, avoid: frozenset[str] = frozenset()
+        self,
+        record: dict[str, str],
+        request: Request,
+        avoid: frozenset[str] = frozenset(),
+        *,
+        create: bool = False,
     ) -> Placement:
         return await self.scheduler.place(
             record["id"],
@@ -76,10 +94,11 @@ class Orchestrator:
             priority=int(record["priority"]),
             created_ms=int(record["created_ms"]),
             avoid=avoid,
+            create=record if create else None,
         )
 
-    async def _place(self, record: dict[str, str], request: Request) -> dict[str, Any]:
-        placement = await self._try_place(record, request)
+    async def _place(self, record: dict[str, str], request: Request, *, create: bool = False) -> dict[str, Any]:
+        placement = await self._try_place(record, request, create=create)
         answer: dict[str, Any] = {
             "ok": True,
             "task_id": record["id"],
@@ -96,8 +115,7 @@ class Orchestrator:
         if document.spec.resources.replicas > 1:
             return await self._submit_group(document, principal)
         record, request = self._record(document, principal)
-        await self.store.insert([record])
-        return await self._place(record, request)
+        return await self._place(record, request, create=True)
 
     async def _submit_group(self, document: Document, principal: Principal) -> dict[str, Any]:
         if document.spec.task_type != "inference":
@@ -144,7 +162,28 @@ class Orchestrator:
             return [await self.submit(document, principal) for document in documents]
         prepared = [self._record(document, principal) for document in documents]
         await self.store.insert([record for record, _ in prepared])
-        return [await self._place(record, request) for record, request in prepared]
+        answers = []
+        # Capacity only shrinks during this loop, so once a request found no worker, later identical
+        # requests would not either: they stay pending for the scheduler without trying each one.
+        no_room: dict[str, str] = {}
+        for record, request in prepared:
+            reason = no_room.get(record["req"])
+            if reason is None:
+                answer = await self._place(record, request)
+                if answer["worker_id"] is None and not answer.get("unschedulable"):
+                    no_room[record["req"]] = answer.get("pending_reason", "waiting for capacity")
+            else:
+                answer = {
+                    "ok": True,
+                    "task_id": record["id"],
+                    "worker_id": None,
+                    "topic": record["topic"],
+                    "state": "pending",
+                    "pending_reason": reason,
+                    "unschedulable": False,
+                }
+            answers.append(answer)
+        return answers
 
     async def dry_run(self, document: Document, principal: Principal) -> dict[str, Any]:
         """Validate and say where the task would go, without storing anything."""
@@ -165,7 +204,12 @@ class Orchestrator:
 
     # ------------------------------------------------------------- background
     async def cleanup(self) -> lifecycle.ReapReport:
-        report = await lifecycle.reap(self.store, self.registry, ttl_sec=self.settings.heartbeat_ttl_sec)
+        report = await lifecycle.reap(
+            self.store, self.registry, ttl_sec=self.settings.heartbeat_ttl_sec, backoff=self.backoff
+        )
+        if self.settings.task_retention_sec > 0:
+            forgotten = await lifecycle.forget_finished(self.store, older_than_sec=self.settings.task_retention_sec)
+            report.forgotten = len(forgotten)
         for task_id in report.failed:
             parent = await self.redis.hget(keys.task(task_id), "parent_id")
             if parent:  # a shard out of retries fails its replica group
@@ -179,18 +223,28 @@ class Orchestrator:
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         await pubsub.subscribe(keys.SCHEDULER_WAKE)
         try:
+            woken = False
             while not stop.is_set():
                 try:
-                    await self.scheduler.schedule_pending()
+                    # A wake-up (capacity freed) needs a pass sized to that capacity; the steady
+                    # interval's full pass also refreshes every waiting task's reason.
+                    await self.scheduler.schedule_pending(quick=woken)
+                    woken = False
                     deadline = time.monotonic() + self.settings.schedule_interval_sec
+                    if self.scheduler.next_retry_at is not None:
+                        # A retry waiting out its backoff is due before the next regular pass.
+                        due = time.monotonic() + max(0.0, self.scheduler.next_retry_at - time.time())
+                        deadline = min(deadline, due)
                     while not stop.is_set() and time.monotonic() < deadline:
                         message = await pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
                         if message is not None:
                             # Coalesce a burst of wake-ups into one pass.
                             while await pubsub.get_message(timeout=0) is not None:
                                 pass
+                            woken = True
                             break
-                except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+                except aioredis.RedisError as exc:
+                    # Down, or refusing writes (out of memory, read-only replica): the loop must outlive it.
                     log.warning("scheduler: Redis unavailable (%s); retrying", exc)
                     await asyncio.sleep(1.0)
         finally:
@@ -201,7 +255,7 @@ class Orchestrator:
         while not stop.is_set():
             try:
                 await self.cleanup()
-            except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+            except aioredis.RedisError as exc:
                 log.warning("reaper: Redis unavailable (%s); retrying", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.settings.reap_every_sec)
@@ -215,23 +269,7 @@ class Orchestrator:
         if (end - start).days >= MAX_STATS_DAYS:
             raise BadRequest(f"the range covers more than {MAX_STATS_DAYS} days; narrow it")
         users = [user] if user else sorted(await self.redis.smembers(keys.USAGE_OWNERS))
-        days = [start + timedelta(days=i) for i in range((end - start).days + 1)]
-        pipe = self.redis.pipeline(transaction=False)
-        for name in users:
-            for day in days:
-                pipe.hgetall(keys.usage_day(name, day.isoformat()))
-        rows = iter(await pipe.execute())
-        per_user = []
-        for name in users:
-            totals: dict[str, float] = {}
-            series = []
-            for day in days:
-                counters = {k: float(v) for k, v in next(rows).items()}
-                if counters:
-                    series.append({"date": day.isoformat(), **counters})
-                    for k, v in counters.items():
-                        totals[k] = totals.get(k, 0.0) + v
-            per_user.append({"user": name, "totals": totals, "days": series})
+        per_user = await self.usage.report(users, start, end, today=datetime.now(UTC).date())
         return {"ok": True, "start_date": start.isoformat(), "end_date": end.isoformat(), "users": per_user}
 
     def check_stats_access(self, principal: Principal, user: str | None) -> str | None:

@@ -13,6 +13,7 @@ import socket
 import uuid
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,6 +42,17 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", validation_alias=_env("MLOC_LOG_LEVEL", "LOG_LEVEL"))
     log_json: bool = Field(False, validation_alias=_env("MLOC_LOG_JSON"))
     home: Path = Field(Path.home() / ".mloc", validation_alias=_env("MLOC_HOME"))
+    # TLS to Redis, used with rediss:// (and rediss+sentinel://) URLs; see mloc.connection.
+    redis_tls_ca_file: Path | None = Field(None, validation_alias=_env("MLOC_REDIS_TLS_CA_FILE"))
+    redis_tls_cert_file: Path | None = Field(None, validation_alias=_env("MLOC_REDIS_TLS_CERT_FILE"))
+    redis_tls_key_file: Path | None = Field(None, validation_alias=_env("MLOC_REDIS_TLS_KEY_FILE"))
+    redis_tls_cert_reqs: Literal["required", "optional", "none"] = Field(
+        "required", validation_alias=_env("MLOC_REDIS_TLS_CERT_REQS")
+    )
+    # Where task result folders are published so any host can read them (fsspec URL: file://, s3://,
+    # memory://); unset means the worker's RESULTS_DIR. Options are fsspec storage options as JSON.
+    artifact_store_url: str | None = Field(None, validation_alias=_env("MLOC_ARTIFACT_STORE"))
+    artifact_store_options: str = Field("", validation_alias=_env("MLOC_ARTIFACT_STORE_OPTIONS"))
 
     # Orchestrator
     orchestrator_token: SecretStr | None = Field(None, validation_alias=_env("ORCHESTRATOR_TOKEN"))
@@ -51,6 +63,16 @@ class Settings(BaseSettings):
     task_retries: int = Field(2, ge=0, le=100, validation_alias=_env("MLOC_TASK_RETRIES"))
     schedule_interval_sec: float = Field(1.0, gt=0, validation_alias=_env("MLOC_SCHEDULE_INTERVAL_SEC"))
     reap_interval_sec: float | None = Field(None, gt=0, validation_alias=_env("MLOC_REAP_INTERVAL_SEC"))
+    # A retried task waits retry_backoff_sec * 2**(retry-1), at most retry_backoff_max_sec, before it is placed again.
+    retry_backoff_sec: float = Field(5.0, ge=0, le=86_400, validation_alias=_env("MLOC_RETRY_BACKOFF_SEC"))
+    retry_backoff_max_sec: float = Field(
+        300.0, ge=0, le=7 * 86_400, validation_alias=_env("MLOC_RETRY_BACKOFF_MAX_SEC")
+    )
+    # Per-user limits for users without their own (`mloc users set-quota`); 0 = unlimited.
+    user_max_tasks: int = Field(0, ge=0, le=1_000_000, validation_alias=_env("MLOC_USER_MAX_TASKS"))
+    user_max_gpus: int = Field(0, ge=0, le=1_000_000, validation_alias=_env("MLOC_USER_MAX_GPUS"))
+    # Finished tasks (records, results, logs) are removed this long after they ended; 0 = kept forever.
+    task_retention_sec: float = Field(30 * 86_400.0, ge=0, validation_alias=_env("MLOC_TASK_RETENTION_SEC"))
 
     # Worker
     task_topics: str = Field("tasks.inference", validation_alias=_env("TASK_TOPICS", "MLOC_TASK_TOPICS"))
@@ -65,6 +87,8 @@ class Settings(BaseSettings):
     worker_cpu: str | None = Field(None, validation_alias=_env("MLOC_WORKER_CPU"))
     worker_memory: str | None = Field(None, validation_alias=_env("MLOC_WORKER_MEMORY"))
     shutdown_grace_sec: float = Field(30.0, ge=0, validation_alias=_env("MLOC_SHUTDOWN_GRACE_SEC"))
+    # A task's log stream expires this long after its last line (and after its run ends).
+    log_retention_sec: float = Field(7 * 86_400.0, gt=0, validation_alias=_env("MLOC_LOG_RETENTION_SEC"))
     # How long a cancelled or timed-out executor may take to stop before its process is killed.
     cancel_grace_sec: float = Field(10.0, ge=0, validation_alias=_env("MLOC_CANCEL_GRACE_SEC"))
     models_dir: Path | None = Field(None, validation_alias=_env("MLOC_MODELS_DIR"))

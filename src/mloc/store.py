@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 
 from mloc import keys, lua
@@ -27,6 +29,11 @@ def pending_score(priority: int, created_ms: int) -> float:
     return float(-priority * _PRIORITY_WEIGHT + created_ms)
 
 
+def _json(value: Any) -> str:
+    """Compact JSON for stored fields and script arguments (orjson: several times faster than json)."""
+    return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
 def utc_day(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
 
@@ -38,6 +45,9 @@ class Reservation:
     mem: int
     gpus: list[int]
     message: str
+    user: str = ""  # the task's owner: the reservation counts against their quota
+    max_tasks: int = 0  # limits for a user without their own quota (0 = unlimited)
+    max_gpus: int = 0
 
 
 @dataclass(frozen=True)
@@ -46,13 +56,53 @@ class Transition:
     previous: str | None = None
     attempt: int = 0
     state: TaskState | None = None  # the state entered (a requeue past the limit becomes failed)
-    error: str | None = None  # missing | state | fenced | capacity
+    error: str | None = None  # missing | state | fenced | capacity | quota | backoff
     detail: str = ""
+
+
+@dataclass(frozen=True)
+class Move:
+    """One requested state change of a task: the arguments of :meth:`TaskStore.transition`."""
+
+    target: TaskState
+    sources: Iterable[TaskState] | None = None
+    expect_worker: str | None = None
+    expect_attempt: int | None = None
+    fields: Mapping[str, str] | None = None
+    release: bool = False
+    reserve: Reservation | None = None
+    new_attempt: bool = False
+    fail_when_attempts_used: bool = False
+    result: Mapping[str, Any] | None = None
+    usage: Mapping[str, float] | None = None
+    owner: str | None = None
+    ack: str | None = None
+    priority: int = 0
+    created_ms: int = 0
+    now: float | None = None
+    retry_at: float | None = None
+
+
+def _outcome(reply: list[Any]) -> Transition:
+    status, a, b, *rest = [x.decode() if isinstance(x, bytes) else x for x in reply]
+    if status == "ok":
+        return Transition(True, previous=a, attempt=int(b), state=TaskState(rest[0]))
+    return Transition(False, error=a, detail=b)
+
+
+def record_of(h: dict[str, str], *, with_spec: bool) -> TaskRecord:
+    """A stored task as the API shows it; a retry waiting out its backoff says how long is left."""
+    record = TaskRecord.from_hash(h, with_spec=with_spec)
+    retry_at = h.get("retry_at")
+    if retry_at and record.state == TaskState.PENDING and float(retry_at) > time.time():
+        left = math.ceil(float(retry_at) - time.time())
+        record.pending_reason = f"{record.pending_reason or 'retry'}; eligible in {left}s"
+    return record
 
 
 def summarise(result: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a result kept on the task record: everything if small, else the scalar fields."""
-    text = json.dumps(result, default=str)
+    text = _json(result)
     if len(text) <= SUMMARY_LIMIT:
         return dict(result)
     summary: dict[str, Any] = {
@@ -70,6 +120,9 @@ class TaskStore:
         self.redis = redis
         self._transition = redis.register_script(lua.TRANSITION)
         self._create = redis.register_script(lua.CREATE)
+        self._read_hashes = redis.register_script(lua.READ_HASHES)
+        self._submit = redis.register_script(lua.SUBMIT)
+        self._twice = redis.register_script(lua.TRANSITION_TWICE)
 
     # ----------------------------------------------------------------- create
     def new_record(
@@ -102,9 +155,9 @@ class TaskStore:
             "created_at": repr(now),
             "created_ms": str(int(now * 1000)),
             "updated_at": repr(now),
-            "spec": json.dumps(document, separators=(",", ":")),
-            "req": json.dumps(request, separators=(",", ":")),
-            "labels": json.dumps(dict(labels), separators=(",", ":")),
+            "spec": _json(document),
+            "req": _json(request),
+            "labels": _json(dict(labels)),
             "pending_reason": "waiting for the scheduler",
         }
 
@@ -118,11 +171,14 @@ class TaskStore:
                 keys.tasks_in_state(TaskState.PENDING),
                 keys.tasks_of_owner(rec["owner"]),
                 keys.PENDING,
+                keys.pending_of(rec["owner"]),
+                keys.PENDING_OWNERS,
             ],
             [
                 rec["id"],
                 str(created_ms),
                 "" if rec.get("group_size") else repr(pending_score(int(rec["priority"]), created_ms)),
+                rec["owner"],
                 *fields,
             ],
         )
@@ -160,70 +216,128 @@ class TaskStore:
         priority: int = 0,
         created_ms: int = 0,
         now: float | None = None,
+        retry_at: float | None = None,
+        create: dict[str, str] | None = None,
+        then: Move | None = None,
     ) -> Transition:
         """Move a task to ``target`` if it is in one of ``sources`` (default: every state the table
         allows). Capacity release and reservation, the worker's stream message, the result, usage
         and the acknowledgement of the stream entry ``ack`` are written in the same atomic step, so a
-        task completes once even if delivered twice."""
-        now = time.time() if now is None else now
-        allowed = sorted(set(sources) if sources is not None else sources_of(target))
+        task completes once even if delivered twice.
+
+        A task sent back to pending with ``retry_at`` (unix seconds) waits in the retry index until
+        then; the scheduler promotes it (see :func:`mloc.lifecycle.requeue`).
+
+        Two shortcuts cost one exchange with Redis instead of two, still atomically: ``create`` is a
+        new record (from :meth:`new_record`) stored just before the move, for a submit that already
+        knows its worker; ``then`` is a second move made right after this one succeeds, and its
+        outcome is the answer (or this one's refusal)."""
+        move = Move(
+            target,
+            sources=sources,
+            expect_worker=expect_worker,
+            expect_attempt=expect_attempt,
+            fields=fields,
+            release=release,
+            reserve=reserve,
+            new_attempt=new_attempt,
+            fail_when_attempts_used=fail_when_attempts_used,
+            result=result,
+            usage=usage,
+            owner=owner,
+            ack=ack,
+            priority=priority,
+            created_ms=created_ms,
+            now=now,
+            retry_at=retry_at,
+        )
+        return await self.apply(task_id, move, create=create, then=then)
+
+    async def apply(
+        self, task_id: str, move: Move, *, create: dict[str, str] | None = None, then: Move | None = None
+    ) -> Transition:
+        """:meth:`transition` with its arguments in a :class:`Move`."""
+        call = self._call(task_id, move)
+        if create is not None and then is not None:
+            raise ValueError("create and then cannot be combined")
+        if create is not None:
+            first, second, script = self._create_call(create), call, self._submit
+        elif then is not None:
+            first, second, script = call, self._call(task_id, then), self._twice
+        else:
+            return _outcome(await self._transition(keys=call[0], args=call[1]))
+        replies = await script(
+            keys=[*first[0], *second[0]],
+            args=[len(first[0]), len(first[1]), len(second[0]), len(second[1]), *first[1], *second[1]],
+        )
+        return _outcome(replies[-1])
+
+    def _call(self, task_id: str, move: Move) -> tuple[list[str], list[str]]:
+        """The KEYS and ARGV of ``lua.TRANSITION`` for one move."""
+        target = move.target
+        now = time.time() if move.now is None else move.now
+        allowed = sorted(set(move.sources) if move.sources is not None else sources_of(target))
         if not allowed:
             raise InvalidTransition(f"no state may move to {target}")
-        extra = dict(fields or {})
-        if result is not None:
-            extra["result_summary"] = json.dumps(summarise(result), default=str)
+        extra = dict(move.fields or {})
+        if move.result is not None:
+            extra["result_summary"] = _json(summarise(move.result))
+        owner, usage, reserve = move.owner, move.usage, move.reserve
         usage_key = keys.usage_day(owner, utc_day(now)) if usage and owner else keys.usage_day("-", "-")
         reserve_json = ""
         if reserve is not None:
-            reserve_json = json.dumps(
+            reserve_json = _json(
                 {
                     "worker": reserve.worker_id,
                     "cpu": reserve.cpu,
                     "mem": reserve.mem,
                     "gpus": reserve.gpus,
                     "message": reserve.message,
-                },
-                separators=(",", ":"),
+                    "user": reserve.user,
+                    "max_tasks": reserve.max_tasks,
+                    "max_gpus": reserve.max_gpus,
+                }
             )
-        reply = await self._transition(
-            keys=[
-                keys.task(task_id),
-                keys.PENDING,
-                keys.EVENTS,
-                keys.task_result(task_id),
-                usage_key,
-                keys.USAGE_OWNERS,
-            ],
-            args=[
-                target.value,
-                ",".join(s.value for s in allowed),
-                repr(now),
-                expect_worker or "",
-                "" if expect_attempt is None else str(expect_attempt),
-                json.dumps(extra, separators=(",", ":")) if extra else "",
-                "1" if release else "",
-                reserve_json,
-                repr(pending_score(priority, created_ms)) if target == TaskState.PENDING else "",
-                "1" if new_attempt else "",
-                json.dumps(result, default=str, separators=(",", ":")) if result is not None else "",
-                json.dumps(dict(usage), separators=(",", ":")) if usage else "",
-                keys.worker("{id}"),
-                keys.worker_free_gpus("{id}"),
-                keys.worker_tasks("{id}"),
-                keys.worker_stream("{id}"),
-                keys.tasks_in_state("{id}"),
-                keys.SCHEDULER_WAKE,
-                "1" if fail_when_attempts_used else "",
-                task_id,
-                owner or "",
-                ack or "",
-                keys.WORKER_GROUP,
-            ],
-        )
-        status, a, b, *rest = [x.decode() if isinstance(x, bytes) else x for x in reply]
-        if status == "ok":
-            return Transition(True, previous=a, attempt=int(b), state=TaskState(rest[0]))
-        return Transition(False, error=a, detail=b)
+        call_keys = [
+            keys.task(task_id),
+            keys.PENDING,
+            keys.EVENTS,
+            keys.task_result(task_id),
+            usage_key,
+            keys.USAGE_OWNERS,
+            keys.RETRY_WAIT,
+            keys.PENDING_OWNERS,
+        ]
+        call_args = [
+            target.value,
+            ",".join(s.value for s in allowed),
+            repr(now),
+            move.expect_worker or "",
+            "" if move.expect_attempt is None else str(move.expect_attempt),
+            _json(extra) if extra else "",
+            "1" if move.release else "",
+            reserve_json,
+            repr(pending_score(move.priority, move.created_ms)) if target == TaskState.PENDING else "",
+            "1" if move.new_attempt else "",
+            _json(move.result) if move.result is not None else "",
+            _json(dict(usage)) if usage else "",
+            keys.worker("{id}"),
+            keys.worker_free_gpus("{id}"),
+            keys.worker_tasks("{id}"),
+            keys.worker_stream("{id}"),
+            keys.tasks_in_state("{id}"),
+            keys.SCHEDULER_WAKE,
+            "1" if move.fail_when_attempts_used else "",
+            task_id,
+            owner or "",
+            move.ack or "",
+            keys.WORKER_GROUP,
+            keys.user_usage("{id}"),
+            keys.user_quota("{id}"),
+            repr(move.retry_at) if move.retry_at is not None and target == TaskState.PENDING else "",
+            keys.pending_of("{id}"),
+        ]
+        return call_keys, call_args
 
     # ------------------------------------------------------------------ reads
     async def get_hash(self, task_id: str) -> dict[str, str]:
@@ -233,13 +347,14 @@ class TaskStore:
         h = await self.get_hash(task_id)
         if not h:
             raise NotFound(f"task {task_id} not found; list tasks with GET /api/v1/tasks")
-        return TaskRecord.from_hash(h, with_spec=with_spec)
+        return record_of(h, with_spec=with_spec)
 
     async def get_many(self, task_ids: list[str], *, with_spec: bool = False) -> list[TaskRecord]:
-        pipe = self.redis.pipeline(transaction=False)
-        for task_id in task_ids:
-            pipe.hgetall(keys.task(task_id))
-        return [TaskRecord.from_hash(h, with_spec=with_spec) for h in await pipe.execute() if h]
+        if not task_ids:
+            return []
+        # One script reply instead of one per task: the client's cost is per reply.
+        rows = await self._read_hashes(keys=[keys.task(task_id) for task_id in task_ids])
+        return [record_of(dict(zip(row[::2], row[1::2], strict=True)), with_spec=with_spec) for row in rows if row]
 
     async def page(
         self,

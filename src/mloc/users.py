@@ -1,4 +1,5 @@
-"""API users: the admin (ORCHESTRATOR_TOKEN) and per-user tokens, stored only as hashes."""
+"""API users: the admin (ORCHESTRATOR_TOKEN) and per-user tokens, stored only as hashes, and each
+user's quota (tasks assigned or running at once, GPUs held at once)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from mloc import keys
-from mloc.errors import Conflict, NotFound, Unauthorized
+from mloc.errors import BadRequest, Conflict, NotFound, Unauthorized
 from mloc.spec.base import check_name
 
 ADMIN = "admin"
@@ -43,16 +45,37 @@ async def authenticate(redis: aioredis.Redis, admin_token: str | None, header: s
     return Principal(user, admin=False)
 
 
-async def add_user(redis: aioredis.Redis, name: str) -> str:
+@dataclass(frozen=True)
+class Quota:
+    """A user's limits; None means the default (MLOC_USER_MAX_TASKS / MLOC_USER_MAX_GPUS), 0 unlimited."""
+
+    max_tasks: int | None = None
+    max_gpus: int | None = None
+
+
+def _check_user_name(name: str) -> None:
+    try:
+        check_name(name, "user name")
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+async def add_user(redis: aioredis.Redis, name: str, quota: Quota | None = None) -> str:
     """Create a user and return its token; only the hash is stored, so it is shown once."""
-    check_name(name, "user name")
+    _check_user_name(name)
     if name == ADMIN:
         raise Conflict("'admin' is reserved for the ORCHESTRATOR_TOKEN holder")
     token = "mloc_" + secrets.token_urlsafe(32)
     record = json.dumps({"name": name, "created_at": time.time(), "token_hash": hash_token(token)})
     if not await redis.hsetnx(keys.USERS, name, record):
         raise Conflict(f"user {name!r} exists; remove it first to issue a new token")
-    await redis.set(keys.user_token(hash_token(token)), name)
+    pipe = redis.pipeline(transaction=True)
+    pipe.set(keys.user_token(hash_token(token)), name)
+    # A quota left behind by an earlier user of the same name does not carry over.
+    pipe.delete(keys.user_quota(name))
+    await pipe.execute()
+    if quota is not None:
+        await set_quota(redis, name, quota)
     return token
 
 
@@ -60,10 +83,55 @@ async def remove_user(redis: aioredis.Redis, name: str) -> None:
     raw = await redis.hget(keys.USERS, name)
     if raw is None:
         raise NotFound(f"user {name!r} not found")
-    await redis.delete(keys.user_token(json.loads(raw)["token_hash"]))
-    await redis.hdel(keys.USERS, name)
+    pipe = redis.pipeline(transaction=True)
+    pipe.delete(keys.user_token(json.loads(raw)["token_hash"]), keys.user_quota(name))
+    pipe.hdel(keys.USERS, name)
+    await pipe.execute()
 
 
-async def list_users(redis: aioredis.Redis) -> list[dict[str, object]]:
+async def set_quota(redis: aioredis.Redis, name: str, quota: Quota, *, reset: bool = False) -> None:
+    """Set a user's limits (fields left None are kept; ``reset`` first returns both to the defaults).
+    The scheduler reads them at each placement, so a change applies to the next task placed."""
+    if name != ADMIN and not await redis.hexists(keys.USERS, name):
+        raise NotFound(f"user {name!r} not found; add it first with `mloc users add {name}`")
+    pipe = redis.pipeline(transaction=True)
+    if reset:
+        pipe.delete(keys.user_quota(name))
+    values = {"tasks": quota.max_tasks, "gpus": quota.max_gpus}
+    for field, value in values.items():
+        if value is not None:
+            if value < 0:
+                raise BadRequest(f"max_{field} is {value}; give 0 (unlimited) or more")
+            pipe.hset(keys.user_quota(name), field, str(value))
+    await pipe.execute()
+
+
+async def usage_and_quota(
+    redis: aioredis.Redis, names: list[str], *, default_tasks: int, default_gpus: int
+) -> dict[str, dict[str, Any]]:
+    """What each user holds now and the limits that apply to them, in one round trip."""
+    pipe = redis.pipeline(transaction=False)
+    for name in names:
+        pipe.hmget(keys.user_usage(name), "tasks", "gpus")
+        pipe.hmget(keys.user_quota(name), "tasks", "gpus")
+    replies = await pipe.execute()
+    answer = {}
+    for index, name in enumerate(names):
+        (tasks, gpus), (max_tasks, max_gpus) = replies[2 * index], replies[2 * index + 1]
+        answer[name] = {
+            "usage": {"tasks": int(tasks or 0), "gpus": int(gpus or 0)},
+            "quota": {
+                "max_tasks": int(max_tasks) if max_tasks is not None else default_tasks,
+                "max_gpus": int(max_gpus) if max_gpus is not None else default_gpus,
+                "max_tasks_is_default": max_tasks is None,
+                "max_gpus_is_default": max_gpus is None,
+            },
+        }
+    return answer
+
+
+async def list_users(redis: aioredis.Redis, *, default_tasks: int = 0, default_gpus: int = 0) -> list[dict[str, Any]]:
     rows = await redis.hgetall(keys.USERS)
-    return [{"name": name, "created_at": json.loads(raw)["created_at"]} for name, raw in sorted(rows.items())]
+    names = sorted(rows)
+    state = await usage_and_quota(redis, names, default_tasks=default_tasks, default_gpus=default_gpus)
+    return [{"name": name, "created_at": json.loads(rows[name])["created_at"], **state[name]} for name in names]

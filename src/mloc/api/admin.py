@@ -1,14 +1,15 @@
-"""Admin endpoints: cleanup of stale workers and user tokens."""
+"""Admin endpoints: cleanup of stale workers, user tokens and user quotas."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from mloc import users
 from mloc.api.deps import Admin, Orch
+from mloc.errors import BadRequest
 
 router = APIRouter(tags=["admin"])
 
@@ -21,21 +22,70 @@ async def cleanup(orch: Orch, who: Admin) -> dict[str, Any]:
     return {"ok": True, **report.to_dict()}
 
 
+QUOTA_LIMIT = 1_000_000
+
+
 class NewUser(BaseModel):
     name: str = Field(..., min_length=1, max_length=128)
+    max_tasks: int | None = Field(
+        None, ge=0, le=QUOTA_LIMIT, description="Tasks assigned or running at once; 0 = unlimited; unset = default."
+    )
+    max_gpus: int | None = Field(
+        None, ge=0, le=QUOTA_LIMIT, description="GPUs held at once; 0 = unlimited; unset = default."
+    )
+
+
+class QuotaBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_tasks: int | None = Field(None, ge=0, le=QUOTA_LIMIT, description="0 = unlimited; unset = unchanged.")
+    max_gpus: int | None = Field(None, ge=0, le=QUOTA_LIMIT, description="0 = unlimited; unset = unchanged.")
+    reset: bool = Field(False, description="Return both limits to the defaults first.")
+
+
+def _defaults(orch: Orch) -> dict[str, int]:
+    return {"default_tasks": orch.settings.user_max_tasks, "default_gpus": orch.settings.user_max_gpus}
 
 
 @router.post("/admin/users", status_code=201)
 @router.post("/api/v1/admin/users", status_code=201)
 async def add_user(body: NewUser, orch: Orch, who: Admin) -> dict[str, Any]:
-    token = await users.add_user(orch.redis, body.name)
-    return {"ok": True, "name": body.name, "token": token, "note": "shown once; only its hash is stored"}
+    token = await users.add_user(orch.redis, body.name, users.Quota(body.max_tasks, body.max_gpus))
+    state = await users.usage_and_quota(orch.redis, [body.name], **_defaults(orch))
+    return {
+        "ok": True,
+        "name": body.name,
+        "token": token,
+        "note": "shown once; only its hash is stored",
+        **state[body.name],
+    }
 
 
 @router.get("/admin/users")
 @router.get("/api/v1/admin/users")
 async def list_users(orch: Orch, who: Admin) -> dict[str, Any]:
-    return {"ok": True, "items": await users.list_users(orch.redis)}
+    """Users with their limits and what they hold now."""
+    return {"ok": True, "items": await users.list_users(orch.redis, **_defaults(orch))}
+
+
+@router.put("/admin/users/{name}/quota")
+@router.put("/api/v1/admin/users/{name}/quota")
+async def set_quota(name: str, body: QuotaBody, orch: Orch, who: Admin) -> dict[str, Any]:
+    """Set a user's limits: ``max_tasks`` assigned or running at once, ``max_gpus`` held at once.
+    Fields left out are kept; ``reset: true`` returns both to MLOC_USER_MAX_TASKS / MLOC_USER_MAX_GPUS."""
+    if body.max_tasks is None and body.max_gpus is None and not body.reset:
+        raise BadRequest('give max_tasks and/or max_gpus (0 = unlimited), or "reset": true for the defaults')
+    await users.set_quota(orch.redis, name, users.Quota(body.max_tasks, body.max_gpus), reset=body.reset)
+    state = await users.usage_and_quota(orch.redis, [name], **_defaults(orch))
+    return {"ok": True, "name": name, **state[name]}
+
+
+@router.get("/admin/users/{name}/quota")
+@router.get("/api/v1/admin/users/{name}/quota")
+async def show_quota(name: str, orch: Orch, who: Admin) -> dict[str, Any]:
+    """A user's limits and what they hold now (tasks assigned or running, GPUs)."""
+    state = await users.usage_and_quota(orch.redis, [name], **_defaults(orch))
+    return {"ok": True, "name": name, **state[name]}
 
 
 @router.delete("/admin/users/{name}")

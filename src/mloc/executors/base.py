@@ -7,15 +7,14 @@ raises :class:`mloc.errors.ExecutionError`; any other exception fails the task t
 
 Executors run in a long-lived executor process by default, so one that crashes, leaks or exhausts
 memory takes down only that process, and so models stay loaded between tasks (keep them on ``self``).
-Trivial executors may set ``isolation = "inline"`` to run on a worker thread instead.
+Trivial executors may set ``isolation = "inline"`` to run on a worker thread instead, or ``"loop"`` for
+work that returns in microseconds without blocking (it runs on the worker's event loop itself).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -24,24 +23,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import orjson
+
 from mloc.errors import TaskCancelled
 from mloc.spec.base import Document, SpecBase
 
-Isolation = Literal["inline", "process"]
+Isolation = Literal["loop", "inline", "process"]
+_JSON_OPTIONS = orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY
 Event = dict[str, Any]
 
 
 def write_json_atomic(path: Path, obj: Any) -> Path:
     """Write JSON so a reader sees the old file or the new one, never half of one."""
+    data = orjson.dumps(obj, option=_JSON_OPTIONS, default=str)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    # Unique per process and thread, so concurrent writers never share a temporary file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(obj, handle, ensure_ascii=False, indent=2)
-            handle.write("\n")
+        # Owner-only, as results are private to their task's user (a sandboxed tool runs as another uid).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

@@ -20,7 +20,14 @@ class EchoExecutor(Executor):
 
     @classmethod
     def isolation_for(cls, spec: SpecBase) -> Isolation:
-        return "process" if isinstance(spec, EchoSpec) and spec.hyperparameters.isolate else "inline"
+        if not isinstance(spec, EchoSpec):
+            return "inline"
+        options = spec.hyperparameters
+        if options.isolate:
+            return "process"
+        # Nothing to wait for: a thread hop would cost more than the work.
+        instant = not (options.sleep_sec or options.ignore_cancel or options.crash)
+        return "loop" if instant else "inline"
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         spec = ctx.spec

@@ -44,6 +44,13 @@ def check_name(value: str, what: str) -> str:
     return value
 
 
+def check_local_path(value: str) -> str:
+    """A path on the worker without '..' steps, so a task cannot climb out of the folder it names."""
+    if ".." in re.split(r"[/\\]", value):
+        raise ValueError(f"{value!r} contains '..'; give the folder's absolute path without parent steps")
+    return value
+
+
 class Metadata(Strict):
     name: str | None = Field(None, description="A name for people; defaults to the task type.")
     owner: str | None = Field(None, description="Who the task belongs to; usage is accounted to them.")
@@ -104,6 +111,12 @@ class ModelSource(Strict):
     )
     revision: str | None = None
 
+    # Hub ids and package names never hold '..'; a huggingface identifier may also be a local folder.
+    @field_validator("identifier")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        return check_local_path(value)
+
 
 class VllmOptions(BaseModel):
     """Passed through to vLLM's engine as keyword arguments."""
@@ -130,6 +143,11 @@ class Adapter(Strict):
     target_modules: list[str] | Literal["all-linear"] | None = None
     path: str | None = Field(None, description="At inference: a LoRA folder, or the id of the task that made it.")
 
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        return None if value is None else check_local_path(value)
+
 
 class Engine(StrEnum):
     AUTO = "auto"
@@ -151,7 +169,15 @@ class SpecBase(Strict):
     task_type: str = Field(..., alias="taskType")
     topic: str | None = Field(None, max_length=128, description="Queue topic; defaults to 'tasks.<taskType>'.")
     priority: int = Field(0, ge=-1000, le=1000, description="Higher runs first.")
-    retries: int | None = Field(None, ge=0, le=100, description="Times the task is retried after its worker is lost.")
+    retries: int | None = Field(
+        None, ge=0, le=100, description="Times the task is retried after its worker is lost or its executor crashes."
+    )
+    retry_backoff_sec: float | None = Field(
+        None,
+        ge=0,
+        le=86_400,
+        description="Wait before retry n: this times 2**(n-1), at most MLOC_RETRY_BACKOFF_MAX_SEC; 0 retries at once.",
+    )
     resources: Resources = Field(default_factory=Resources)
     timeout_sec: float | None = Field(
         None, gt=0, le=30 * 86_400, description="Longest the task may run; it fails with the reason past that."

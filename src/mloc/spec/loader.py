@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import uuid
 from typing import Any
 
@@ -35,7 +36,61 @@ class _NoAliasLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
-_FAST_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", _NoAliasLoader)
+def _refuse_binary(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    # Bytes have no JSON form: such a task could be validated but never stored.
+    raise yaml.constructor.ConstructorError(
+        None, None, "binary values (!!binary) are not supported; write the value as text", node.start_mark
+    )
+
+
+_NoAliasLoader.add_constructor("tag:yaml.org,2002:binary", _refuse_binary)
+_FAST_LOADER: type[yaml.SafeLoader] = type("_FastLoader", (getattr(yaml, "CSafeLoader", _NoAliasLoader),), {})
+_FAST_LOADER.add_constructor("tag:yaml.org,2002:binary", _refuse_binary)
+# libyaml's composer recurses in C with no depth limit: a document nested some 40,000 levels deep (80 kB
+# of "[") overflows the stack and kills the process (PyYAML's own composer hits the recursion limit at a
+# few hundred). Each level needs one of these characters or a new line, so a document with few of them
+# is shallow; others are measured on the parser's events first.
+_NESTING_MARKS = ("[", "{", "-", "?", "\n")
+_SHALLOW = 100
+
+
+def _check_yaml_depth(text: str) -> None:
+    if sum(text.count(mark) for mark in _NESTING_MARKS) <= _SHALLOW:
+        return
+    depth = 0
+    # The parser keeps its state on the heap, so walking its events is safe at any depth.
+    for event in yaml.parse(text, Loader=_FAST_LOADER):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH + 1:
+                raise SpecError(f"the task nests deeper than {MAX_DEPTH} levels")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+# A \uD800-\uDFFF escape decodes to a lone surrogate unless it is half of a pair; such a string has no
+# UTF-8 form and could be validated but never stored. Only bodies with such an escape are walked.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _check_unicode(data: Any) -> None:
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                lone = item[exc.start : exc.end]
+                raise SpecError(
+                    f"a string holds a lone UTF-16 surrogate ({lone!r}); escape characters outside the basic "
+                    "plane as a surrogate pair, or send them as UTF-8"
+                ) from None
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def parse_body(data: bytes | str, content_type: str | None = None, *, limit: int = MAX_DOCUMENT_BYTES) -> Any:
@@ -52,22 +107,49 @@ def parse_body(data: bytes | str, content_type: str | None = None, *, limit: int
     wants_json = bool(content_type and "json" in content_type)
     if wants_json or text.lstrip().startswith(("{", "[")):
         try:
-            return json.loads(text)
+            data = json.loads(text)
+            if _SURROGATE_ESCAPE.search(text):
+                _check_unicode(data)
+            return data
+        except RecursionError:
+            raise SpecError(f"the task nests deeper than {MAX_DEPTH} levels") from None
         except json.JSONDecodeError as exc:
             if wants_json and not text.lstrip().startswith(("{", "[")):
                 pass  # seed 2 posts YAML with a JSON content type: fall through to YAML
             else:
                 raise SpecError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+        except ValueError as exc:  # a number too long to convert
+            raise SpecError(f"invalid JSON value: {exc}") from None
+    return _load_yaml(text, many=False)
+
+
+def parse_stream(data: bytes, *, limit: int) -> list[Any]:
+    """Parse a multi-document YAML stream (``---`` between tasks) into plain data, one item per document."""
+    if len(data) > limit:
+        raise PayloadTooLarge(f"the body is {len(data)} bytes; the limit is {limit} (MLOC_MAX_BODY_BYTES x 16)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"the body is not UTF-8 text (byte {exc.start})") from exc
+    return list(_load_yaml(text, many=True))
+
+
+def _load_yaml(text: str, *, many: bool) -> Any:
     # Anchors and aliases need '&' and '*'; without them libyaml's fast loader is safe to use.
     loader = _NoAliasLoader if ("&" in text or "*" in text) else _FAST_LOADER
     try:
-        return yaml.load(text, Loader=loader)
+        _check_yaml_depth(text)
+        return list(yaml.load_all(text, Loader=loader)) if many else yaml.load(text, Loader=loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SpecError(f"invalid YAML{where}: {exc.problem or exc}") from exc
     except yaml.YAMLError as exc:
         raise SpecError(f"invalid YAML: {exc}") from exc
+    except ValueError as exc:  # a date, number or !!float/!!int value that does not convert
+        raise SpecError(f"invalid YAML value: {exc}; quote it to keep it as text") from None
+    except RecursionError:
+        raise SpecError(f"the task nests deeper than {MAX_DEPTH} levels") from None
 
 
 def _depth(value: Any, level: int = 0) -> int:

@@ -15,15 +15,28 @@ from mloc import keys
 log = logging.getLogger(__name__)
 LOG_RETENTION = 10_000  # log entries kept per task
 METRICS_RETENTION = 5_000
+DEFAULT_RETENTION_SEC = 7 * 86_400.0  # MLOC_LOG_RETENTION_SEC
+# How often a running task's log stream is trimmed of lines older than the retention, at most.
+TRIM_EVERY_SEC = 60.0
 
 
 class Reporter:
-    """Buffers events and writes them to Redis in batches, so a chatty executor costs few round trips."""
+    """Buffers events and writes them to Redis in batches, so a chatty executor costs few round trips.
 
-    def __init__(self, redis: aioredis.Redis, task_id: str, started: float) -> None:
+    Logs and metrics are kept by count (LOG_RETENTION lines) and by age: each write sets the keys to
+    expire ``retention_sec`` later, lines older than that are trimmed from a long run's stream, and
+    :meth:`close`, when the run ends, starts the last countdown."""
+
+    def __init__(
+        self, redis: aioredis.Redis, task_id: str, started: float, *, retention_sec: float = DEFAULT_RETENTION_SEC
+    ) -> None:
         self.redis = redis
         self.task_id = task_id
         self.started = started
+        self.retention_sec = retention_sec
+        self._ttl_ms = max(1, int(retention_sec * 1000))
+        self._trimmed_at = time.monotonic()
+        self._kept_at: float | None = None  # when this run last wrote logs or metrics (monotonic)
         self.usage: dict[str, float] = {}
         self.artifacts: dict[str, Any] = {}
         self._buffer: list[dict[str, Any]] = []
@@ -67,6 +80,7 @@ class Reporter:
             return
         pipe = self.redis.pipeline(transaction=False)
         progress = None
+        logged = measured = False
         for event in events:
             kind = event.get("ev")
             if kind == "log":
@@ -80,11 +94,13 @@ class Reporter:
                     maxlen=LOG_RETENTION,
                     approximate=True,
                 )
+                logged = True
             elif kind == "progress":
                 progress = event
             elif kind == "metrics":
                 pipe.rpush(keys.task_metrics(self.task_id), json.dumps({"step": event["step"], **event["values"]}))
                 pipe.ltrim(keys.task_metrics(self.task_id), -METRICS_RETENTION, -1)
+                measured = True
             elif kind == "artifact":
                 pipe.hset(keys.task(self.task_id), "artifacts", json.dumps(self.artifacts))
         if progress is not None:
@@ -104,6 +120,16 @@ class Reporter:
             if total:
                 body["percent"] = round(100.0 * float(step or 0) / float(total), 1)
             pipe.hset(keys.task(self.task_id), "progress", json.dumps(body))
+        if logged:
+            pipe.pexpire(keys.task_logs(self.task_id), self._ttl_ms)
+            if time.monotonic() - self._trimmed_at > min(TRIM_EVERY_SEC, self.retention_sec / 4):
+                self._trimmed_at = time.monotonic()
+                oldest = int((time.time() - self.retention_sec) * 1000)
+                pipe.xtrim(keys.task_logs(self.task_id), minid=f"{oldest}-0", approximate=False)
+        if measured:
+            pipe.pexpire(keys.task_metrics(self.task_id), self._ttl_ms)
+        if logged or measured:
+            self._kept_at = time.monotonic()
         try:
             await pipe.execute()
         except aioredis.RedisError as exc:
@@ -116,3 +142,12 @@ class Reporter:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
         await self.flush()
+        if self._kept_at is None or time.monotonic() - self._kept_at < 1.0:
+            return  # nothing kept, or a write just set the countdown
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.pexpire(keys.task_logs(self.task_id), self._ttl_ms)
+            pipe.pexpire(keys.task_metrics(self.task_id), self._ttl_ms)
+            await pipe.execute()
+        except aioredis.RedisError as exc:
+            log.warning("could not set the retention of task %s's logs: %s", self.task_id, exc)

@@ -109,8 +109,9 @@ export function workersView(root, { signal }) {
     ),
   );
   every(4000, signal, async () => {
-    const data = await api("api/v1/workers", { signal });
-    head.textContent = summary(data.items);
+    // One page holds up to 1,000 workers; a larger fleet says how many are not shown.
+    const data = await api("api/v1/workers?page_size=1000", { signal });
+    head.textContent = summary(data.items) + (data.total > data.items.length ? ` (showing ${data.items.length} of ${data.total})` : "");
     clear(body);
     if (!data.items.length) body.append(h("tr", {}, h("td", { colspan: 9, class: "empty", text: "No worker has registered." })));
     for (const worker of data.items) body.append(workerRow(worker));

@@ -1,0 +1,74 @@
+"""/api/v1/tasks/{id}/artifacts: the files a task left, listed and downloaded from any host."""
+
+from __future__ import annotations
+
+import asyncio
+import mimetypes
+import posixpath
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from fastapi import APIRouter
+from fastapi import Path as PathParam
+from fastapi.responses import StreamingResponse
+
+from mloc import artifacts
+from mloc.api.deps import Caller, Orch, TaskId
+from mloc.api.tasks import _own
+from mloc.errors import MlocError
+from mloc.records import TaskRecord
+
+router = APIRouter(prefix="/api/v1/tasks", tags=["artifacts"])
+
+
+class StoreUnavailable(MlocError):
+    status_code = 503
+    code = "unavailable"
+
+
+async def _listing(orch: Orch, record: TaskRecord) -> artifacts.Listing:
+    try:
+        return await asyncio.to_thread(
+            artifacts.listing, orch.settings, record.task_id, record.state.value, record.attempts, record.worker_id
+        )
+    except OSError as exc:
+        raise StoreUnavailable(f"the artifact store cannot be read: {type(exc).__name__}: {exc}") from exc
+
+
+@router.get("/{task_id}/artifacts")
+async def list_artifacts(task_id: TaskId, orch: Orch, who: Caller) -> dict[str, Any]:
+    """The task's result files (path relative to its folder, size in bytes)."""
+    record = _own(await orch.store.get(task_id, with_spec=False), who)
+    found = await _listing(orch, record)
+    return {
+        "ok": True,
+        "task_id": task_id,
+        "source": found.source,
+        "attempt": found.attempt,
+        "items": [{"path": item.path, "size": item.size} for item in found.items],
+    }
+
+
+@router.get("/{task_id}/artifacts/{path:path}")
+async def download_artifact(
+    task_id: TaskId,
+    orch: Orch,
+    who: Caller,
+    path: Annotated[str, PathParam(description="A path as the artifact list gives it.")],
+) -> StreamingResponse:
+    """One result file, streamed."""
+    artifacts.check_path(path)
+    record = _own(await orch.store.get(task_id, with_spec=False), who)
+    found = await _listing(orch, record)
+    item = found.find(path)
+    try:
+        handle = await asyncio.to_thread(artifacts.open_artifact, orch.settings, found, path)
+    except FileNotFoundError as exc:
+        raise StoreUnavailable(f"artifact {path!r} of task {task_id} is listed but missing from the store") from exc
+    except OSError as exc:
+        raise StoreUnavailable(f"the artifact store cannot be read: {type(exc).__name__}: {exc}") from exc
+    media = mimetypes.guess_type(path)[0] or "application/octet-stream"
+    name = quote(posixpath.basename(path))
+    headers = {"Content-Length": str(item.size), "Content-Disposition": f"attachment; filename*=UTF-8''{name}"}
+    # A plain iterator: Starlette reads it in its thread pool, so a slow store never blocks the loop.
+    return StreamingResponse(artifacts.chunks(handle), media_type=media, headers=headers)

@@ -1,0 +1,243 @@
+"""Authentication and isolation over every route of the app: routes are read from the app itself, so a
+route added later is covered (or fails here until the test is told how to call it)."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import hmac
+import inspect
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from fastapi.routing import APIRoute
+from starlette.routing import Route
+
+from mloc import users
+from mloc.api import deps
+from mloc.api.app import create_app
+from mloc.errors import Unauthorized
+from mloc.settings import Settings
+from tests.reliability.conftest import Secured
+
+# Routes anyone may call: probes, the task schema, Prometheus, the dashboard's files and the API docs.
+PUBLIC = {
+    ("GET", "/health"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/api/v1/schema"),
+    ("GET", "/dashboard"),
+    ("GET", "/dashboard/static/{name}"),
+    ("GET", "/openapi.json"),
+    ("GET", "/docs"),
+    ("GET", "/docs/oauth2-redirect"),
+    ("GET", "/redoc"),
+}
+ADMIN_PREFIXES = ("/admin/", "/api/v1/admin/")
+WRONG_AUTH = [
+    None,
+    "Bearer mloc_" + "A" * 43,
+    "Bearer x",
+    "Basic YWRtaW46YWRtaW4=",
+    "bearer",
+    "Token whatever",
+]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    template: str
+
+    @property
+    def kind(self) -> str:
+        if (self.method, self.template) in PUBLIC:
+            return "public"
+        if self.template.startswith(ADMIN_PREFIXES):
+            return "admin"
+        if "{task_id}" in self.template:
+            return "owned"
+        return "caller"
+
+
+def endpoints() -> list[Endpoint]:
+    app = create_app(Settings(ORCHESTRATOR_TOKEN="x"))
+    found = []
+    for route in app.routes:
+        if isinstance(route, APIRoute | Route):
+            for method in sorted((route.methods or set()) - {"HEAD"}):
+                found.append(Endpoint(method, route.path))
+    return found
+
+
+@dataclass
+class World:
+    secured: Secured
+    alice: str
+    bob: str
+    alice_name: str
+    bob_name: str
+    spare: str  # a user the admin's calls on /admin/users/{name} may change or remove
+    done: str  # alice's finished task
+    running: str  # alice's task that runs until cancelled
+
+    def path(self, endpoint: Endpoint, task_id: str | None = None) -> str:
+        values = {
+            "task_id": task_id or self.done,
+            "worker_id": "local-1",
+            "name": "main.js" if endpoint.template.startswith("/dashboard/") else self.spare,
+            "path": "responses.json",
+        }
+        params = [p.split(":")[0] for p in endpoint.template.split("{")[1:]]
+        unknown = [p.split("}")[0] for p in params if p.split("}")[0] not in values]
+        assert not unknown, f"{endpoint}: add a value for path parameter(s) {unknown} to World.path"
+        path = endpoint.template
+        for key, value in values.items():
+            path = path.replace("{" + key + ":path}", value).replace("{" + key + "}", value)
+        return path
+
+    def call(self, endpoint: Endpoint, auth: str | None, task_id: str | None = None) -> httpx.Response:
+        headers = {"Authorization": auth} if auth is not None else {}
+        body: dict[str, Any] = {}
+        if endpoint.method in ("POST", "PUT"):
+            body = {"json": {}}
+            if endpoint.template == "/api/v1/tasks":
+                body = {"content": b"taskType: echo\n", "headers": {"Content-Type": "text/yaml", **headers}}
+            elif endpoint.template.endswith("/bulk"):
+                body = {"json": [{"taskType": "echo"}]}
+            elif endpoint.template.endswith("/users"):
+                body = {"json": {"name": f"made-{time.monotonic_ns()}"}}
+            elif endpoint.template.endswith("/quota"):
+                body = {"json": {"max_tasks": 3}}
+        body.setdefault("headers", headers)
+        return httpx.request(
+            endpoint.method, self.secured.cluster.api_url + self.path(endpoint, task_id), timeout=30, **body
+        )
+
+
+def wait_state(http: httpx.Client, task_id: str, states: tuple[str, ...], timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        record = http.get(f"/api/v1/tasks/{task_id}").json()
+        if record["state"] in states:
+            return record
+        assert time.monotonic() < deadline, record
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def world(secured: Secured) -> Iterator[World]:
+    alice_name, alice = secured.add_user("alice")
+    bob_name, bob = secured.add_user("bob")
+    spare, _ = secured.add_user("carol")
+    with secured.http(alice) as http:
+        done = http.post("/api/v1/tasks", content=b"taskType: echo\npayload: {secret: alice-only}\n").json()["task_id"]
+        running = http.post("/api/v1/tasks", content=b"taskType: echo\nhyperparameters: {sleep_sec: 120}\n").json()
+        wait_state(http, done, ("succeeded",))
+        wait_state(http, running["task_id"], ("running",))
+        assert http.get(f"/api/v1/tasks/{done}").json()["owner"] == alice_name
+    yield World(secured, alice, bob, alice_name, bob_name, spare, done, running["task_id"])
+    with secured.http(secured.admin) as http:
+        http.post(f"/api/v1/tasks/{running['task_id']}/cancel")
+
+
+@pytest.mark.parametrize("endpoint", endpoints(), ids=lambda e: f"{e.method} {e.template}")
+def test_every_route_answers_each_caller_as_it_should(world: World, endpoint: Endpoint) -> None:
+    if endpoint.kind == "public":
+        for auth in WRONG_AUTH:
+            assert world.call(endpoint, auth).status_code == 200, (endpoint, auth)
+        return
+    for auth in WRONG_AUTH:
+        answer = world.call(endpoint, auth)
+        assert answer.status_code == 401, (endpoint, auth, answer.text)
+        assert answer.json()["error"] == "unauthorized"
+    bob, alice, admin = (f"Bearer {t}" for t in (world.bob, world.alice, world.secured.admin))
+    if endpoint.kind == "admin":
+        for auth in (bob, alice):
+            answer = world.call(endpoint, auth)
+            assert answer.status_code == 403 and answer.json()["error"] == "forbidden", (endpoint, answer.text)
+        # A second DELETE of the same user is a 404: past auth all the same.
+        assert world.call(endpoint, admin).status_code in (200, 201, 404), endpoint
+    elif endpoint.kind == "owned":
+        # Another user's task answers exactly like a task that does not exist.
+        for task_id in (world.done, world.running):
+            answer = world.call(endpoint, bob, task_id)
+            assert answer.status_code == 404, (endpoint, answer.text)
+            assert "alice-only" not in answer.text
+        ghost = world.call(endpoint, bob, "00000000-0000-4000-8000-000000000000")
+        assert ghost.status_code == 404 and ghost.json()["error"] == answer.json()["error"]
+        for auth in (alice, admin):
+            answer = world.call(endpoint, auth)
+            assert answer.status_code not in (401, 403, 404), (endpoint, auth, answer.text)
+    else:
+        for auth in (bob, alice, admin):
+            assert world.call(endpoint, auth).status_code < 400, (endpoint, auth)
+
+
+def test_a_user_cannot_see_or_change_another_users_work(world: World) -> None:
+    with world.secured.http(world.bob) as bob:
+        bob.post("/api/v1/tasks", content=b"taskType: echo\n")
+        listed = bob.get("/api/v1/tasks", params={"owner": world.alice_name, "page_size": 500}).json()
+        assert listed["items"] and {item["owner"] for item in listed["items"]} == {world.bob_name}
+        assert "alice-only" not in bob.get("/api/v1/tasks", params={"page_size": 500}).text
+        assert bob.get("/api/v1/stats", params={"user": world.alice_name}).status_code == 403
+        stolen = bob.post("/api/v1/tasks", content=f"taskType: echo\nmetadata: {{owner: {world.alice_name}}}\n")
+        assert stolen.status_code == 403 and "metadata.owner" in stolen.json()["message"]
+        assert bob.post(f"/api/v1/tasks/{world.running}/cancel").status_code == 404
+        assert bob.get(f"/api/v1/tasks/{world.done}/logs", params={"follow": "true"}).status_code == 404
+        assert bob.get(f"/api/v1/tasks/{world.done}/artifacts/responses.json").status_code == 404
+    with world.secured.http(world.alice) as alice:
+        assert alice.get(f"/api/v1/tasks/{world.running}").json()["state"] == "running"
+        assert alice.get(f"/api/v1/tasks/{world.done}/result").json()["payload"] == {"secret": "alice-only"}
+
+
+def test_a_removed_users_token_stops_working(secured: Secured) -> None:
+    name, token = secured.add_user("dave")
+    with secured.http(token) as dave:
+        assert dave.get("/api/v1/tasks").status_code == 200
+        with secured.http(secured.admin) as admin:
+            assert admin.delete(f"/admin/users/{name}").status_code == 200
+        assert dave.get("/api/v1/tasks").status_code == 401
+
+
+def test_tokens_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch, secured: Secured) -> None:
+    """The admin token goes through hmac.compare_digest; user tokens are looked up by their SHA-256, so no
+    secret is ever compared with == (which stops at the first differing byte)."""
+    seen: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: Any, b: Any) -> bool:
+        seen.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    _, token = secured.add_user("erin")
+
+    async def check() -> None:
+        redis = aioredis.Redis.from_url(secured.redis_url, decode_responses=True)
+        try:
+            assert (await users.authenticate(redis, "admin-secret", "Bearer admin-secret")).admin
+            with pytest.raises(Unauthorized):
+                await users.authenticate(redis, "admin-secret", "Bearer admin-secreT")
+            assert (await users.authenticate(redis, "admin-secret", f"Bearer {token}")).name.startswith("erin-")
+        finally:
+            await redis.aclose()
+
+    asyncio.run(check())
+    assert (b"admin-secret", b"admin-secret") in seen and (b"admin-secreT", b"admin-secret") in seen
+    # No ==, !=, `in` or startswith between a secret and anything else, in the modules that handle them.
+    for module in (users, deps):
+        tree = ast.parse(inspect.getsource(module))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Compare):
+                names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+                names |= {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+                secret = {n for n in names if "token" in n.lower() or "secret" in n.lower()}
+                only_none = all(isinstance(op, ast.Is | ast.IsNot) for op in node.ops)
+                assert not secret or only_none, f"{module.__name__}:{node.lineno} compares {secret} directly"

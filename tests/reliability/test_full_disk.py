@@ -1,0 +1,46 @@
+"""A results volume that is full: the task fails saying so, leaves no partial file, and the worker goes on.
+
+A hung executor's timeout is covered by tests/test_fleet.py::test_a_task_past_its_timeout_is_stopped_and_fails
+(both a polite and a signal-ignoring executor process); a worker cut off from the network is requeued in
+tests/test_multihost.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from mloc.client import ApiError, Client
+from mloc.localcluster import LocalCluster
+from tests.reliability.conftest import FAULT_ENV, tmpfs
+from tests.test_fleet import wait_for
+
+
+def test_full_results_volume_fails_the_task_cleanly_and_the_worker_goes_on(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tmp_path: Path
+) -> None:
+    with tmpfs(tmp_path / "tiny-volume", "64k") as volume:
+        cluster = make_cluster(1, env=FAULT_ENV, worker_env=[{"RESULTS_DIR": str(volume)}])
+        client = client_for(cluster)
+        big = client.submit(json.dumps({"taskType": "echo", "payload": "x" * 200_000}).encode())
+        failed = wait_for(client, big["task_id"], lambda r: r["state"] in ("succeeded", "failed"), 30)
+        assert failed["state"] == "failed", failed
+        assert "No space left on device" in failed["reason"], failed["reason"]  # ENOSPC, in words
+        assert failed["reason"].startswith(f"cannot write results to {volume / big['task_id']}")
+        # Nothing half-written is left where a reader would find it, in the folder or in Redis.
+        folder = volume / big["task_id"]
+        assert not folder.exists() or list(folder.iterdir()) == []
+        with pytest.raises(ApiError) as no_result:
+            client.result(big["task_id"])
+        assert no_result.value.status_code == 404
+        assert cluster.worker_procs["local-1"].poll() is None
+
+        small = client.submit(b"taskType: echo\npayload: {answer: 42}\n")
+        done = wait_for(client, small["task_id"], lambda r: r["state"] in ("succeeded", "failed"), 30)
+        assert done["state"] == "succeeded", done
+        assert json.loads((volume / small["task_id"] / "responses.json").read_text())["payload"] == {"answer": 42}
+        assert client.worker("local-1")["free"]["slots"] == 4
+        cluster.stop()

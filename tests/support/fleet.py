@@ -1,0 +1,31 @@
+"""Worker registrations for tests that drive the scheduler and store without worker processes."""
+
+from __future__ import annotations
+
+from mloc.registry import Registration
+
+
+def registration(
+    worker_id: str,
+    *,
+    slots: int = 4,
+    gpus: int = 0,
+    cpu: int = 4000,
+    memory: int = 1 << 30,
+    gpu_memory: int = 1,
+) -> Registration:
+    """A worker that takes every topic and echo tasks, with ``gpus`` NVIDIA L4s."""
+    return Registration(
+        worker_id=worker_id,
+        hostname="h",
+        pid=1,
+        topics=["tasks.*"],
+        tags=[],
+        task_types=["echo"],
+        capabilities={},
+        hardware={"gpus": [{"index": i, "name": "NVIDIA L4", "memory_bytes": gpu_memory} for i in range(gpus)]},
+        cpu_milli=cpu,
+        memory_bytes=memory,
+        slots=slots,
+        version="t",
+    )

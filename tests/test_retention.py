@@ -1,0 +1,119 @@
+"""Bounded memory: task logs expire by age, and finished tasks are removed after their retention."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import httpx
+import redis
+import redis.asyncio as aioredis
+
+from mloc import keys, lifecycle
+from mloc.localcluster import LocalCluster
+from mloc.service import Orchestrator
+from mloc.settings import Settings
+from mloc.spec import validate
+from mloc.state import TaskState
+from mloc.users import Principal
+
+ADMIN = Principal("admin", admin=True)
+
+
+def sleeper(seconds: float, steps: int, owner: str = "alice") -> dict[str, object]:
+    return {"taskType": "echo", "metadata": {"owner": owner}, "hyperparameters": {"sleep_sec": seconds, "steps": steps}}
+
+
+def wait_state(http: httpx.Client, task_id: str, state: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    body: dict = {}
+    while time.monotonic() < deadline:
+        body = http.get(f"/api/v1/tasks/{task_id}").json()
+        if body.get("state") == state:
+            return body
+        time.sleep(0.05)
+    raise AssertionError(f"task {task_id} never became {state}: {body}")
+
+
+def test_forget_finished_removes_everything_of_old_finished_tasks_only(redis_url: str) -> None:
+    async def scenario() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        orch = Orchestrator(r, Settings(HEARTBEAT_TTL_SEC=60))
+        ids = [(await orch.submit(validate(sleeper(0, 1)), ADMIN))["task_id"] for _ in range(5)]
+        old, recent, waiting = ids[:3], ids[3], ids[4]
+        now = time.time()
+        for task_id in [*old, recent]:
+            ended = now + (500 if task_id == recent else 0)
+            done = await orch.store.transition(
+                task_id,
+                TaskState.CANCELLED if task_id == old[2] else TaskState.FAILED,
+                fields={"finished_at": repr(ended)},
+                result={"ok": False},
+            )
+            assert done.ok
+            await r.xadd(keys.task_logs(task_id), {"message": "a line"})
+            await r.rpush(keys.task_metrics(task_id), "{}")
+        # Seen from 1000 s in the future with a 600 s retention: the cut-off is now + 400.
+        removed = await lifecycle.forget_finished(orch.store, older_than_sec=600, now=now + 1000)
+        assert sorted(removed) == sorted(old)
+        for task_id in old:
+            assert not await r.exists(
+                keys.task(task_id), keys.task_result(task_id), keys.task_logs(task_id), keys.task_metrics(task_id)
+            )
+            assert await r.zscore(keys.TASKS_ALL, task_id) is None
+            assert await r.zscore(keys.tasks_of_owner("alice"), task_id) is None
+            for state in TaskState:
+                assert await r.zscore(keys.tasks_in_state(state), task_id) is None
+        assert await r.exists(keys.task(recent), keys.task(waiting)) == 2
+        _, total = await orch.store.page(page=1, page_size=10)
+        assert total == 2
+        assert await lifecycle.forget_finished(orch.store, older_than_sec=600, now=now + 1000) == []
+        # At most ``limit`` per call, the rest on the next.
+        assert len(await lifecycle.forget_finished(orch.store, older_than_sec=0, now=now + 600, limit=1)) == 1
+        await r.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_finished_tasks_are_removed_after_the_task_retention(
+    make_cluster: Callable[..., LocalCluster], redis_url: str
+) -> None:
+    cluster = make_cluster(1, env={"MLOC_TASK_RETENTION_SEC": "1.5", "MLOC_REAP_INTERVAL_SEC": "0.3"})
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    with httpx.Client(base_url=cluster.api_url, timeout=10) as http:
+        never = http.post("/api/v1/tasks", json={**sleeper(0, 1), "resources": {"tags": ["nowhere"]}}).json()
+        done = http.post("/api/v1/tasks", json=sleeper(0.3, 3)).json()
+        finished = wait_state(http, done["task_id"], "succeeded")
+        assert r.exists(keys.task_logs(done["task_id"]), keys.task_result(done["task_id"])) == 2
+        deadline = time.monotonic() + 15
+        while http.get(f"/api/v1/tasks/{done['task_id']}").status_code != 404 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        gone_after = time.time() - finished["finished_at"]
+        assert http.get(f"/api/v1/tasks/{done['task_id']}").status_code == 404
+        assert 1.5 <= gone_after < 5, gone_after
+        assert r.exists(keys.task_logs(done["task_id"]), keys.task_result(done["task_id"])) == 0
+        assert r.zscore(keys.TASKS_ALL, done["task_id"]) is None
+        # A task that never finished is kept however old it is.
+        assert http.get(f"/api/v1/tasks/{never['task_id']}").json()["state"] == "pending"
+
+
+def test_task_logs_expire_by_age(make_cluster: Callable[..., LocalCluster], redis_url: str) -> None:
+    cluster = make_cluster(1, env={"MLOC_LOG_RETENTION_SEC": "1.5", "MLOC_TASK_RETENTION_SEC": "0"})
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    with httpx.Client(base_url=cluster.api_url, timeout=10) as http:
+        task_id = http.post("/api/v1/tasks", json=sleeper(3.2, 16)).json()["task_id"]
+        wait_state(http, task_id, "running")
+        time.sleep(2.6)
+        # While it runs, lines older than the retention are trimmed and the stream has a countdown.
+        lines = r.xrange(keys.task_logs(task_id))
+        oldest_ms = int(lines[0][0].split("-")[0])
+        assert time.time() * 1000 - oldest_ms < 1500 + 700, (time.time() * 1000 - oldest_ms, len(lines))
+        assert 0 < r.pttl(keys.task_logs(task_id)) <= 1500
+        wait_state(http, task_id, "succeeded")
+        assert 0 < r.pttl(keys.task_logs(task_id)) <= 1500
+        assert http.get(f"/api/v1/tasks/{task_id}/logs").json()["lines"]
+        time.sleep(1.7)
+        assert r.exists(keys.task_logs(task_id)) == 0
+        assert http.get(f"/api/v1/tasks/{task_id}/logs").json()["lines"] == []
+        assert http.get(f"/api/v1/tasks/{task_id}").json()["state"] == "succeeded"  # the record is kept

@@ -203,7 +203,13 @@ def test_a_crashed_executor_is_retried_after_its_backoff_even_when_the_scheduler
     waits = [placements[1] - requeues[0], placements[2] - requeues[1]]
     assert 1.0 <= waits[0] < 1.0 * 1.1 + 0.5, waits
     assert 2.0 <= waits[1] < 2.0 * 1.1 + 0.5, waits
-    # The attempt that ended the task is accounted like any failure; the retried ones are not.
+    # The attempt that ended the task is accounted like any failure; the retried ones add the time
+    # they used, but no task.
     day = time.strftime("%Y-%m-%d", time.gmtime())
-    assert r.hget(keys.usage_day("admin", day), "tasks.echo.failed") == "1"
+    daily = r.hgetall(keys.usage_day("admin", day))
+    assert daily["tasks.echo.failed"] == "1" and daily["tasks"] == "1", daily
+    starts = [ts for to, ts in events if to == "running"]
+    ends = [ts for to, ts in events if to in ("pending", "failed")]
+    windows = [end - start for start, end in zip(starts, ends, strict=True)]
+    assert len(windows) == 3 and float(daily["wall_sec"]) >= 0.9 * sum(windows) - 0.05, (daily, windows)
     assert cluster.worker_procs["local-1"].poll() is None

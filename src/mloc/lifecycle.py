@@ -92,6 +92,13 @@ async def cancel(store: TaskStore, task_id: str, *, by: str) -> Transition:
     return require(outcome, task_id, TaskState.CANCELLED)
 
 
+def _consumed(usage: Mapping[str, float] | None) -> dict[str, float] | None:
+    """Usage counters without the task counts: a retried attempt used resources but ended no task."""
+    if not usage:
+        return None
+    return {name: value for name, value in usage.items() if not name.startswith(("tasks", "state."))} or None
+
+
 async def requeue(
     store: TaskStore,
     task_id: str,
@@ -111,8 +118,9 @@ async def requeue(
 
     A task that had started is a retry: it waits out its backoff (the task's own policy stored at
     submit, else ``backoff``) in the retry index before the scheduler may place it again. A task
-    handed back before it started was never tried, so it is placeable at once. ``final_usage``
-    is recorded for ``owner`` only when this ends the task."""
+    handed back before it started was never tried, so it is placeable at once. ``final_usage`` (the
+    attempt's daily usage counters) is recorded for ``owner``: whole when this ends the task, only what
+    the attempt consumed (time, GPU-seconds, tokens) when the task is tried again."""
     h = await store.redis.hmget(
         keys.task(task_id),
         "priority",
@@ -154,7 +162,7 @@ async def requeue(
         priority=int(priority or 0),
         created_ms=int(created_ms or 0),
         retry_at=retry_at,
-        usage=final_usage if exhausted else None,
+        usage=final_usage if exhausted else _consumed(final_usage),
         owner=owner,
         fields={
             "reason": text,

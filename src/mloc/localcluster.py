@@ -54,6 +54,14 @@ class LocalCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         return open(self.log_dir / f"{name}.log", "ab")
 
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        output = self._output(name)
+        try:
+            return subprocess.Popen(argv, env=env, stdout=output, stderr=subprocess.STDOUT)
+        finally:
+            if not isinstance(output, int | None):
+                output.close()  # the child holds its own copy
+
     def start(self, timeout: float = 60.0) -> LocalCluster:
         self.home.mkdir(parents=True, exist_ok=True)
         if self.redis_url is None:
@@ -61,11 +69,8 @@ class LocalCluster:
             self.redis_url = self.redis.url
         self.port = self.port or embedded.free_port()
         env = self._base_env() | {"MLOC_PORT": str(self.port), "MLOC_HOST": "127.0.0.1"}
-        self.orchestrator = subprocess.Popen(
-            [sys.executable, "-m", "mloc.cli", "start", "--node-type", "orchestrator"],
-            env=env,
-            stdout=self._output("orchestrator"),
-            stderr=subprocess.STDOUT,
+        self.orchestrator = self._spawn(
+            "orchestrator", [sys.executable, "-m", "mloc.cli", "start", "--node-type", "orchestrator"], env
         )
         for index in range(self.workers):
             self.add_worker(f"local-{index + 1}", self.worker_env[index] if index < len(self.worker_env) else {})
@@ -80,12 +85,7 @@ class LocalCluster:
             "HEARTBEAT_INTERVAL_SEC": "1",
         }
         env.update(extra or {})
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mloc.worker.listener"],
-            env=env,
-            stdout=self._output(worker_id),
-            stderr=subprocess.STDOUT,
-        )
+        proc = self._spawn(worker_id, [sys.executable, "-m", "mloc.worker.listener"], env)
         self.worker_procs[worker_id] = proc
         return proc
 

@@ -293,7 +293,7 @@ return replies
 
 # SUBMIT: CREATE then TRANSITION (placing the new task on its worker), for a submit whose worker is
 # already chosen. TRANSITION_TWICE: two transitions of one task, for work that finished before its
-# start was recorded (see mloc.worker.listener). Both take KEYS/ARGV as :func:`sequence` says.
+# start was recorded (see mloc.worker.runner). Both take KEYS/ARGV as :func:`sequence` says.
 SUBMIT = sequence(CREATE, TRANSITION)
 TRANSITION_TWICE = sequence(TRANSITION, TRANSITION)
 

@@ -1,0 +1,469 @@
+"""Running one assigned task: recording its start and end, the executor, its result and usage."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+
+from mloc import artifacts, groups, keys, lifecycle
+from mloc.errors import ExecutionError, MlocError, TaskCancelled
+from mloc.executors.base import RunContext, write_json_atomic
+from mloc.executors.registry import executor_for
+from mloc.settings import Settings
+from mloc.spec import Document, validate
+from mloc.state import Reason, TaskState
+from mloc.store import Move, TaskStore
+from mloc.worker.process import HostDied, HostKey, HostPool, HostProcess, default_python
+from mloc.worker.reporter import Reporter
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+TASK_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+@dataclass
+class Running:
+    task_id: str
+    attempt: int
+    cancel_event: asyncio.Event = field(default_factory=asyncio.Event)
+    stop_reason: str | None = None  # "cancelled" or "shutdown"
+    host: HostProcess | None = None
+    inline_cancel: Any = None  # threading.Event of an inline executor
+    document: Document | None = None  # already validated
+
+
+class TaskRunner:
+    """How a worker runs the tasks assigned to it. :class:`mloc.worker.listener.Worker` adds
+    membership (registration, heartbeats), the assignment and control loops, and shutdown."""
+
+    settings: Settings
+    redis: aioredis.Redis
+    store: TaskStore
+    worker_id: str
+    results_dir: Path
+    models_dir: Path
+    hardware: dict[str, Any]
+    pool: HostPool
+    running: dict[str, Running]
+    stopping: asyncio.Event
+    backoff: lifecycle.Backoff
+    _tasks: set[asyncio.Task[None]]
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _stop(self, run: Running, why: str) -> None:
+        if run.stop_reason is not None:
+            return
+        run.stop_reason = why
+        run.cancel_event.set()
+        if run.inline_cancel is not None:
+            run.inline_cancel.set()
+        if run.host is not None:
+            await self._stop_host(run, run.host)
+
+    async def _stop_host(self, run: Running, host: HostProcess) -> None:
+        """Ask the executor process to stop the task; kill it if it has not stopped after the grace."""
+        await host.cancel(run.task_id)
+
+        async def kill_later() -> None:
+            await asyncio.sleep(self.settings.cancel_grace_sec)
+            if run.task_id in self.running and run.host is host and host.alive:
+                log.warning(
+                    "task %s did not stop within %.0fs; killing its executor",
+                    run.task_id,
+                    self.settings.cancel_grace_sec,
+                )
+                await host.kill()
+
+        self._spawn(kill_later())
+
+    async def _ack(self, entry_id: str) -> None:
+        stream = keys.worker_stream(self.worker_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xack(stream, keys.WORKER_GROUP, entry_id)
+        pipe.xdel(stream, entry_id)
+        await pipe.execute()
+
+    async def _handle(self, entry_id: str, fields: dict[str, str]) -> None:
+        task_id = fields["task"]
+        started = time.time()
+        body = json.loads(fields["body"])
+        start = Move(
+            TaskState.RUNNING,
+            sources=[TaskState.ASSIGNED],
+            expect_worker=self.worker_id,
+            new_attempt=True,
+            fields={"started_at": repr(started), "pending_reason": "", "reason": "", "reason_code": ""},
+            now=started,
+        )
+        document = self._instant(body)
+        deferred: Move | None = None
+        if document is not None and fields.get("attempt", "").isdigit():
+            # Work that finishes at once is recorded as started and finished in one step, after it
+            # ran: fenced on the attempt the assignment announced, so a stale message runs nothing.
+            run = Running(task_id, int(fields["attempt"]), document=document)
+            deferred = replace(start, expect_attempt=run.attempt - 1)
+        else:
+            try:
+                outcome = await self._persist(f"task {task_id}: recording its start", self.store.apply, task_id, start)
+            except aioredis.RedisError:
+                return  # stopping with Redis away: the entry stays unacknowledged, the reaper requeues it
+            if not outcome.ok:
+                await self._ack(entry_id)  # cancelled or moved meanwhile: nothing to run
+                return
+            run = Running(task_id, outcome.attempt)
+        parent = body["spec"].get("metadata", {}).get("labels", {}).get(groups.PARENT_LABEL)
+        if parent:
+            await groups.shard_started(self.store, parent)
+        self.running[task_id] = run
+        timeout = body["spec"]["spec"].get("timeout_sec")
+        watchdog = (
+            asyncio.get_running_loop().call_later(float(timeout), lambda: self._spawn(self._stop(run, "timeout")))
+            if timeout
+            else None
+        )
+        acked = False
+        try:
+            acked = await self._execute(run, body, started, entry_id, deferred_start=deferred)
+            if parent and acked:
+                await groups.shard_finished(self.store, parent, self.results_dir)
+        except aioredis.RedisError as exc:
+            log.error("task %s: Redis failed while stopping (%s); the reaper requeues it", task_id, exc)
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            self.running.pop(task_id, None)
+            if not acked:
+                with contextlib.suppress(aioredis.RedisError):
+                    await self._ack(entry_id)
+
+    async def _persist(self, what: str, operation: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """Run a Redis write a task's outcome depends on until it goes through. Giving up would leave
+        the task held by a worker that still heartbeats, so nothing would ever requeue it; once the
+        worker is stopping, its heartbeat ends and the reaper takes over, so it gives up then."""
+        delay = 0.25
+        while True:
+            try:
+                return await operation(*args, **kwargs)
+            except aioredis.RedisError as exc:
+                if self.stopping.is_set():
+                    raise
+                log.warning("%s failed (%s); trying again in %.1fs", what, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _recorded(self, task_id: str, attempt: int) -> bool:
+        """Whether this worker's ``attempt`` of the task has already ended in Redis."""
+        state, worker_id, attempts = await self.redis.hmget(keys.task(task_id), "state", "worker_id", "attempts")
+        ended = state in (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED)
+        return bool(ended and worker_id == self.worker_id and attempts == str(attempt))
+
+    def _instant(self, body: dict[str, Any]) -> Document | None:
+        """The task's document when its executor runs on the event loop and returns at once."""
+        document_data = body["spec"]
+        task_type = document_data["spec"]["taskType"]
+        labels = document_data.get("metadata", {}).get("labels", {})
+        if task_type in self.settings.executor_pythons or groups.PARENT_LABEL in labels:
+            return None
+        info = executor_for(task_type)
+        if info is None or not info.available:
+            return None
+        try:
+            document = validate(document_data)
+        except MlocError:
+            return None
+        return document if info.cls.isolation_for(document.spec) == "loop" else None
+
+    async def _execute(
+        self,
+        run: Running,
+        body: dict[str, Any],
+        started: float,
+        entry_id: str,
+        *,
+        deferred_start: Move | None = None,
+    ) -> bool:
+        """Run the task and record how it ended; True when the stream entry was acknowledged too.
+        ``deferred_start`` is the move to running, when it is recorded together with the outcome."""
+        task_id = run.task_id
+        document_data = body["spec"]
+        owner = body.get("owner", "")
+        gpus: list[int] = body.get("gpus", [])
+        task_type = document_data["spec"]["taskType"]
+        out_dir = self.results_dir / task_id
+        reporter = Reporter(self.redis, task_id, started, retention_sec=self.settings.log_retention_sec)
+        result: dict[str, Any] | None = None
+        state, reason_code, reason = TaskState.FAILED, Reason.EXECUTOR_ERROR.value, ""
+        crashed = False
+        try:
+            document_data = await self._resolve_adapter(document_data, owner)
+            result = await self._run_executor(run, task_type, document_data, owner, gpus, out_dir, reporter)
+            await self._write_result(out_dir / "responses.json", result)
+            if self.settings.artifact_store_url:  # published before success is reported, or the task fails
+                await artifacts.publish(self.settings, task_id, run.attempt, self.worker_id, out_dir)
+            state, reason_code, reason = TaskState.SUCCEEDED, "", ""
+        except TaskCancelled:
+            state, reason_code, reason = (
+                TaskState.CANCELLED,
+                Reason.CANCELLED_BY_USER.value,
+                "cancelled on request",
+            )
+        except HostDied as exc:
+            if run.stop_reason == "cancelled":
+                state, reason_code, reason = (
+                    TaskState.CANCELLED,
+                    Reason.CANCELLED_BY_USER.value,
+                    "cancelled (executor stopped)",
+                )
+            else:
+                reason_code, reason, crashed = Reason.EXECUTOR_CRASHED.value, str(exc), True
+        except MlocError as exc:
+            reason_code = Reason.NO_EXECUTOR.value if exc.code == "no_executor" else Reason.EXECUTOR_ERROR.value
+            reason = exc.message
+        except OSError as exc:
+            reason = f"cannot write results to {out_dir}: {exc.strerror or exc}"
+        except Exception as exc:
+            log.exception("task %s failed", task_id)
+            reason = f"{type(exc).__name__}: {exc}"
+        finally:
+            await reporter.close()
+        if run.stop_reason == "lost":
+            return False  # the orchestrator already requeued it when it declared this worker lost
+        if run.stop_reason == "shutdown":
+            await lifecycle.requeue(
+                self.store,
+                task_id,
+                worker_id=self.worker_id,
+                attempt=run.attempt,
+                reason_code=Reason.WORKER_SHUTDOWN.value,
+                reason=f"worker {self.worker_id} stopped while the task ran",
+                backoff=self.backoff,
+            )
+            return False
+        if run.stop_reason == "timeout" and state != TaskState.SUCCEEDED:
+            limit = document_data["spec"].get("timeout_sec")
+            state, reason_code = TaskState.FAILED, Reason.TIMEOUT.value
+            reason = f"timed out: ran longer than spec.timeout_sec ({limit:g}s) and was stopped"
+        if run.stop_reason == "cancelled" and state != TaskState.SUCCEEDED:
+            state, reason_code, reason = (
+                TaskState.CANCELLED,
+                Reason.CANCELLED_BY_USER.value,
+                "cancelled on request",
+            )
+        finished = time.time()
+        usage = self._usage(reporter, result, finished - started, len(gpus))
+        daily = self._daily(task_type, state, usage, gpus)
+        if crashed and run.stop_reason is None:
+            # A dead executor process (most often out of memory) may be the machine's fault, not the
+            # task's: retried like a lost worker, within the same attempt limit and with backoff.
+            retry = await lifecycle.requeue(
+                self.store,
+                task_id,
+                worker_id=self.worker_id,
+                attempt=run.attempt,
+                reason_code=Reason.EXECUTOR_CRASHED.value,
+                reason=reason,
+                backoff=self.backoff,
+                exhausted_code=Reason.EXECUTOR_CRASHED.value,
+                final_usage=daily,
+                owner=owner,
+            )
+            if retry.state != TaskState.FAILED:
+                log.info("task %s: %s; retried", task_id, reason)
+                return False
+            log.info("task %s failed: %s", task_id, reason)
+            await self._ack(entry_id)
+            return True  # ended: a replica group hears of it
+        final = Move(
+            state,
+            sources=[TaskState.RUNNING],
+            expect_worker=self.worker_id,
+            expect_attempt=run.attempt,
+            release=True,
+            result=result if state == TaskState.SUCCEEDED else None,
+            usage=daily,
+            owner=owner,
+            ack=entry_id,
+            fields={
+                "finished_at": repr(finished),
+                "usage": json.dumps(usage),
+                "reason": reason,
+                "reason_code": reason_code,
+                "cancel_requested": "",
+            },
+            now=finished,
+        )
+        what = f"task {task_id}: recording how it ended"
+        if deferred_start is None:
+            outcome = await self._persist(what, self.store.apply, task_id, final)
+        else:
+            outcome = await self._persist(what, self.store.apply, task_id, deferred_start, then=final)
+        if not outcome.ok and await self._recorded(task_id, run.attempt):
+            return True  # an earlier try was applied; only its answer was lost
+        if not outcome.ok:
+            if deferred_start is not None:
+                # It was cancelled or moved before its start was recorded: as if it never ran.
+                await asyncio.to_thread(shutil.rmtree, out_dir, True)
+                return False
+            log.warning(
+                "task %s: result not recorded (%s %s); it was moved elsewhere",
+                task_id,
+                outcome.error,
+                outcome.detail,
+            )
+            return False
+        if state != TaskState.SUCCEEDED:
+            log.info("task %s %s: %s", task_id, state, reason)
+        return True
+
+    async def _resolve_adapter(self, document_data: dict[str, Any], owner: str) -> dict[str, Any]:
+        """Turn ``model.adapter.path`` naming a training task into the adapter that task produced."""
+        adapter = (document_data["spec"].get("model") or {}).get("adapter") or {}
+        reference = adapter.get("path") or ""
+        if not TASK_ID.match(reference):
+            return document_data
+        fields = await self.redis.hmget(keys.task(reference), "owner", "state", "artifacts")
+        if fields[1] is None:
+            raise ExecutionError(f"model.adapter.path names task {reference}, which does not exist")
+        if fields[0] != owner:
+            raise ExecutionError(f"model.adapter.path names task {reference}, which belongs to another user")
+        produced = json.loads(fields[2] or "{}").get("adapter")
+        if fields[1] != TaskState.SUCCEEDED or not produced:
+            raise ExecutionError(
+                f"task {reference} has no adapter to load (it is {fields[1]}); name a succeeded sft, dpo, grpo or "
+                "ppo task, or a LoRA folder"
+            )
+        resolved = json.loads(json.dumps(document_data))
+        resolved["spec"]["model"]["adapter"]["path"] = produced["path"]
+        return resolved
+
+    @staticmethod
+    async def _write_result(path: Path, result: dict[str, Any]) -> None:
+        # Small results are written on the loop: a thread hop would cost more than the write.
+        if len(result) < 32 and len(json.dumps(result, default=str)) < 64 * 1024:
+            write_json_atomic(path, result)
+        else:
+            await asyncio.to_thread(write_json_atomic, path, result)
+
+    async def _run_executor(
+        self,
+        run: Running,
+        task_type: str,
+        document_data: dict[str, Any],
+        owner: str,
+        gpus: list[int],
+        out_dir: Path,
+        reporter: Reporter,
+    ) -> dict[str, Any]:
+        info = executor_for(task_type)
+        python = self.settings.executor_pythons.get(task_type)
+        if python is None and (info is None or not info.available):
+            missing = f" (missing {', '.join(info.missing)})" if info else ""
+            raise ExecutionError(f"worker {self.worker_id} cannot run {task_type!r} tasks{missing}")
+        document = run.document or validate(document_data)
+        isolation = "process" if python or info is None else info.cls.isolation_for(document.spec)
+        if isolation in ("inline", "loop") and info is not None:
+            import threading
+
+            loop = asyncio.get_running_loop()
+
+            def emit(event: dict[str, Any]) -> None:
+                loop.call_soon_threadsafe(reporter.handle, event)
+
+            ctx = RunContext(
+                task_id=run.task_id,
+                attempt=run.attempt,
+                owner=owner,
+                document=document,
+                out_dir=out_dir,
+                models_dir=self.models_dir,
+                worker_id=self.worker_id,
+                gpu_indices=gpus,
+                emit=emit,
+                cancel_event=threading.Event(),
+            )
+            run.inline_cancel = ctx.cancel_event
+            if run.stop_reason is not None:
+                ctx.cancel_event.set()
+            if isolation == "loop":
+                return info.cls().run(ctx)
+            return await asyncio.to_thread(info.cls().run, ctx)
+        key = HostKey(python or default_python(), tuple(gpus))
+        host = await self.pool.acquire(key, document.spec.model_identifier())
+        run.host = host
+        host.log_sink = reporter.log_line
+        if run.stop_reason is not None:  # stopped while the executor process was starting
+            await self._stop_host(run, host)
+        try:
+            outcome = await host.run(
+                {
+                    "task_id": run.task_id,
+                    "attempt": run.attempt,
+                    "owner": owner,
+                    "document": document_data,
+                    "out_dir": str(out_dir),
+                    "models_dir": str(self.models_dir),
+                    "worker_id": self.worker_id,
+                    "gpus": gpus,
+                },
+                reporter.handle,
+            )
+        finally:
+            run.host = None
+            await self.pool.release(host)
+        if outcome["ev"] == "done":
+            return outcome["result"]
+        if outcome.get("code") == "cancelled":
+            raise TaskCancelled(outcome.get("message", "cancelled"))
+        raise ExecutionError(outcome.get("message", "the executor failed"))
+
+    @staticmethod
+    def _usage(reporter: Reporter, result: dict[str, Any] | None, wall: float, gpu_count: int) -> dict[str, float]:
+        usage = dict(reporter.usage)
+        if not usage and result and isinstance(result.get("usage"), dict):
+            usage = {
+                k: float(v)
+                for k, v in result["usage"].items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+        usage["wall_sec"] = round(wall, 6)
+        usage["gpu_seconds"] = round(wall * gpu_count, 6)
+        return usage
+
+    def _daily(self, task_type: str, state: TaskState, usage: dict[str, float], gpus: list[int]) -> dict[str, float]:
+        daily = {
+            "tasks": 1.0,
+            f"tasks.{task_type}": 1.0,
+            f"tasks.{task_type}.{state}": 1.0,
+            f"state.{state}": 1.0,
+        }
+        for name in (
+            "wall_sec",
+            "gpu_seconds",
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "train_samples",
+            "train_tokens",
+        ):
+            if name in usage:
+                daily[name] = usage[name]
+        if gpus and usage.get("gpu_seconds"):
+            names = {g["index"]: g.get("name", "gpu") for g in self.hardware["gpus"]}
+            model = names.get(gpus[0], "gpu")
+            daily[f"gpu_seconds.{model}"] = usage["gpu_seconds"]
+        return daily

@@ -13,6 +13,7 @@ import redis
 from mloc import keys
 from mloc.localcluster import LocalCluster
 from tests.conftest import FAST_ENV, RedisServer
+from tests.support.api import wait_for
 
 ECHO = "taskType: echo\npayload: {n: 1}\n"
 TOKEN = "s3cret-admin-token"
@@ -51,18 +52,6 @@ def http(cluster: LocalCluster) -> Iterator[httpx.Client]:
         yield client
 
 
-def wait_state(http: httpx.Client, task_id: str, states: set[str], timeout: float = 20) -> dict:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = http.get(f"/api/v1/tasks/{task_id}").json()
-        if body["state"] in states:
-            return body
-        time.sleep(0.05)
-    raise AssertionError(f"task {task_id} never reached {states}: {body}")
-
-
 def test_health_in_both_spellings_needs_no_token(cluster: LocalCluster) -> None:
     for path in ("/healthz", "/health", "/readyz"):
         response = httpx.get(cluster.api_url + path)
@@ -76,7 +65,7 @@ def test_submit_yaml_as_seed_one_shows(http: httpx.Client) -> None:
     body = response.json()
     assert set(body) >= {"ok", "task_id", "worker_id", "topic"}
     assert body["ok"] is True and body["worker_id"] == "local-1" and body["topic"] == "tasks.echo"
-    done = wait_state(http, body["task_id"], {"succeeded"})
+    done = wait_for(http, body["task_id"], {"succeeded"})
     assert done["owner"] == "admin" and done["attempts"] == 1
     assert http.get(f"/api/v1/tasks/{body['task_id']}/result").json()["payload"] == {"n": 1}
 
@@ -85,7 +74,7 @@ def test_submit_yaml_with_json_content_type_as_seed_two_does(http: httpx.Client)
     body = "taskType: echo\nmetadata: {owner: john-doe}\n"
     response = http.post("/api/v1/tasks", content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 201
-    task = wait_state(http, response.json()["task_id"], {"succeeded"})
+    task = wait_for(http, response.json()["task_id"], {"succeeded"})
     assert task["owner"] == "john-doe"
 
 
@@ -127,7 +116,7 @@ def test_users_see_and_cancel_only_their_own_tasks(http: httpx.Client, cluster: 
     assert httpx.post(cluster.api_url + "/admin/cleanup", headers=as_alice).status_code == 403
     assert httpx.get(cluster.api_url + "/api/v1/stats?user=bob", headers=as_alice).status_code == 403
     assert httpx.post(cluster.api_url + f"/api/v1/tasks/{task}/cancel", headers=as_alice).status_code == 200
-    wait_state(http, task, {"cancelled"})
+    wait_for(http, task, {"cancelled"})
 
 
 @pytest.mark.parametrize(
@@ -179,7 +168,7 @@ def test_pagination_and_filters(http: httpx.Client, owner: str) -> None:
     body = ECHO + f"metadata: {{owner: {owner}}}\n"
     ids = [http.post("/api/v1/tasks", content=body).json()["task_id"] for _ in range(5)]
     for task_id in ids:
-        wait_state(http, task_id, {"succeeded"})
+        wait_for(http, task_id, {"succeeded"})
     page = http.get("/api/v1/tasks", params={"page": 2, "page_size": 2, "owner": owner}).json()
     assert page["total"] == 5 and len(page["items"]) == 2
     assert [t["task_id"] for t in page["items"]] == ids[::-1][2:4]
@@ -221,7 +210,7 @@ def test_bulk_submit_is_all_or_nothing(http: httpx.Client, owner: str) -> None:
     accepted = http.post("/api/v1/tasks/bulk", json=[good] * 10).json()
     assert accepted["count"] == 10
     for task in accepted["tasks"]:
-        wait_state(http, task["task_id"], {"succeeded"})
+        wait_for(http, task["task_id"], {"succeeded"})
     yaml_stream = "spec: {taskType: echo}\n---\nspec: {taskType: echo}\n"
     assert (
         http.post("/api/v1/tasks/bulk", content=yaml_stream, headers={"Content-Type": "text/yaml"}).json()["count"] == 2
@@ -230,7 +219,7 @@ def test_bulk_submit_is_all_or_nothing(http: httpx.Client, owner: str) -> None:
 
 def test_stats_as_seed_two_shows(http: httpx.Client, owner: str) -> None:
     task = http.post("/api/v1/tasks", content=f"taskType: echo\nmetadata: {{owner: {owner}}}\n").json()["task_id"]
-    wait_state(http, task, {"succeeded"})
+    wait_for(http, task, {"succeeded"})
     body = http.get("/api/v1/stats", params={"user": owner, "start_date": "2025-12-01"}).json()
     totals = body["users"][0]["totals"]
     assert totals["tasks"] == 1 and totals["tasks.echo.succeeded"] == 1 and totals["wall_sec"] > 0
@@ -241,7 +230,7 @@ def test_stats_as_seed_two_shows(http: httpx.Client, owner: str) -> None:
 
 def test_logs_and_openapi(http: httpx.Client) -> None:
     task = http.post("/api/v1/tasks", content="taskType: echo\nhyperparameters: {isolate: true}\n").json()["task_id"]
-    wait_state(http, task, {"succeeded"})
+    wait_for(http, task, {"succeeded"})
     assert http.get(f"/api/v1/tasks/{task}/logs").json()["ok"] is True
     spec = http.get("/openapi.json").json()
     assert "/api/v1/tasks" in spec["paths"] and "/admin/cleanup" in spec["paths"]
@@ -252,7 +241,7 @@ def test_logs_and_openapi(http: httpx.Client) -> None:
 
 def test_cancel_a_finished_task_is_a_conflict(http: httpx.Client) -> None:
     task = http.post("/api/v1/tasks", content=ECHO).json()["task_id"]
-    wait_state(http, task, {"succeeded"})
+    wait_for(http, task, {"succeeded"})
     response = http.post(f"/api/v1/tasks/{task}/cancel")
     assert response.status_code == 409 and "succeeded" in response.json()["message"]
 

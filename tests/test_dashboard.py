@@ -21,6 +21,7 @@ from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_play
 
 from mloc.localcluster import LocalCluster
 from mloc.worker.reporter import Reporter
+from tests.support.api import wait_for
 
 TOKEN = "dashboard-admin-token"
 A100 = "NVIDIA A100-SXM4-80GB"
@@ -85,16 +86,6 @@ def submit(http: httpx.Client, body: str) -> str:
     response = http.post("/api/v1/tasks", content=body, headers=YAML)
     assert response.status_code == 201, response.text
     return str(response.json()["task_id"])
-
-
-def wait_for(http: httpx.Client, task_id: str, states: set[str], timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = http.get(f"/api/v1/tasks/{task_id}").json()
-        if body["state"] in states:
-            return body
-        time.sleep(0.05)
-    raise AssertionError(f"task {task_id} never reached {states}: {body}")
 
 
 def write_log_lines(redis_url: str, task_id: str, lines: list[str]) -> None:

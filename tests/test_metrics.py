@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -16,6 +15,7 @@ from mloc.api import metrics
 from mloc.localcluster import LocalCluster
 from mloc.service import Orchestrator
 from mloc.settings import Settings
+from tests.support.api import wait_for
 
 TOKEN = "metrics-admin-token"
 A100 = "NVIDIA A100-SXM4-80GB"
@@ -43,16 +43,6 @@ def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
-
-
-def wait_for(http: httpx.Client, task_id: str, states: set[str], timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = http.get(f"/api/v1/tasks/{task_id}").json()
-        if body["state"] in states:
-            return body
-        time.sleep(0.05)
-    raise AssertionError(f"task {task_id} never reached {states}: {body}")
 
 
 def submit(http: httpx.Client, body: bytes) -> str:

@@ -98,18 +98,7 @@ class Orchestrator:
         )
 
     async def _place(self, record: dict[str, str], request: Request, *, create: bool = False) -> dict[str, Any]:
-        placement = await self._try_place(record, request, create=create)
-        answer: dict[str, Any] = {
-            "ok": True,
-            "task_id": record["id"],
-            "worker_id": placement.worker_id,
-            "topic": record["topic"],
-            "state": "assigned" if placement.worker_id else "pending",
-        }
-        if placement.pending_reason:
-            answer["pending_reason"] = placement.pending_reason
-            answer["unschedulable"] = placement.unschedulable
-        return answer
+        return _answer(record, await self._try_place(record, request, create=create))
 
     async def submit(self, document: Document, principal: Principal) -> dict[str, Any]:
         if document.spec.resources.replicas > 1:
@@ -165,24 +154,14 @@ class Orchestrator:
         answers = []
         # Capacity only shrinks during this loop, so once a request found no worker, later identical
         # requests would not either: they stay pending for the scheduler without trying each one.
-        no_room: dict[str, str] = {}
+        no_room: dict[str, Placement] = {}
         for record, request in prepared:
-            reason = no_room.get(record["req"])
-            if reason is None:
-                answer = await self._place(record, request)
-                if answer["worker_id"] is None and not answer.get("unschedulable"):
-                    no_room[record["req"]] = answer.get("pending_reason", "waiting for capacity")
-            else:
-                answer = {
-                    "ok": True,
-                    "task_id": record["id"],
-                    "worker_id": None,
-                    "topic": record["topic"],
-                    "state": "pending",
-                    "pending_reason": reason,
-                    "unschedulable": False,
-                }
-            answers.append(answer)
+            placement = no_room.get(record["req"])
+            if placement is None:
+                placement = await self._try_place(record, request)
+                if placement.worker_id is None and not placement.unschedulable:
+                    no_room[record["req"]] = placement
+            answers.append(_answer(record, placement))
         return answers
 
     async def dry_run(self, document: Document, principal: Principal) -> dict[str, Any]:
@@ -278,3 +257,18 @@ class Orchestrator:
         if user and user != principal.name:
             raise Forbidden(f"you may read only your own usage ({principal.name!r})")
         return principal.name
+
+
+def _answer(record: dict[str, str], placement: Placement) -> dict[str, Any]:
+    """A submit's answer, in seed 1's shape: ok, task_id, worker_id, topic (and why it waits)."""
+    answer: dict[str, Any] = {
+        "ok": True,
+        "task_id": record["id"],
+        "worker_id": placement.worker_id,
+        "topic": record["topic"],
+        "state": "assigned" if placement.worker_id else "pending",
+    }
+    if placement.pending_reason:
+        answer["pending_reason"] = placement.pending_reason
+        answer["unschedulable"] = placement.unschedulable
+    return answer

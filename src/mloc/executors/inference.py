@@ -91,7 +91,7 @@ class InferenceExecutor(Executor):
     def warm_models(self) -> list[str]:
         if self._cache is None:
             return []
-        return list(dict.fromkeys(f"{engine.name}:{engine.model_id}" for engine in self._cache.engines()))
+        return self._cache.warm_models()
 
     def close(self) -> None:
         if self._cache is not None:

@@ -7,7 +7,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from mloc.llm import text
 from mloc.spec.sampling import Message, Sampling
 
 
@@ -62,3 +64,20 @@ class LLMEngine(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the model's memory."""
+
+
+class TokenizerEngine(LLMEngine):
+    """An engine with a Hugging Face tokenizer, which renders chats and counts tokens the same way
+    whatever generates."""
+
+    tokenizer: Any
+
+    @property
+    def has_chat_template(self) -> bool:
+        return text.has_template(self.tokenizer)
+
+    def render_chat(self, messages: Sequence[Message]) -> str:
+        return text.render_chat(self.tokenizer, messages)
+
+    def count_tokens(self, value: str) -> int:
+        return len(text.encode(self.tokenizer, value))

@@ -69,6 +69,10 @@ class EngineCache:
     def engines(self) -> list[LLMEngine]:
         return [entry.engine for entry in self._entries.values()]
 
+    def warm_models(self) -> list[str]:
+        """``engine:model`` of each loaded model, as a worker reports them to the scheduler."""
+        return list(dict.fromkeys(f"{engine.name}:{engine.model_id}" for engine in self.engines()))
+
     def get(self, key: str) -> LLMEngine | None:
         with self._lock:
             entry = self._entries.get(key)

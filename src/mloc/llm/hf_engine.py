@@ -11,8 +11,8 @@ from typing import Any
 
 from mloc.errors import ExecutionError
 from mloc.llm import text
-from mloc.llm.base import Generation, LLMEngine
-from mloc.spec.sampling import Message, Sampling
+from mloc.llm.base import Generation, TokenizerEngine
+from mloc.spec.sampling import Sampling
 
 
 def _adapter_name(path: Path) -> str:
@@ -33,7 +33,7 @@ def _cancel_criteria(event: threading.Event) -> Any:
     return StoppingCriteriaList([Cancelled()])
 
 
-class TransformersEngine(LLMEngine):
+class TransformersEngine(TokenizerEngine):
     """A causal LM loaded with ``AutoModelForCausalLM``; generates a batch with left padding."""
 
     name = "transformers"
@@ -73,16 +73,6 @@ class TransformersEngine(LLMEngine):
         self.memory_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self._peft: Any = None
         self._adapters: set[str] = set()
-
-    @property
-    def has_chat_template(self) -> bool:
-        return text.has_template(self.tokenizer)
-
-    def render_chat(self, messages: Sequence[Message]) -> str:
-        return text.render_chat(self.tokenizer, messages)
-
-    def count_tokens(self, value: str) -> int:
-        return len(text.encode(self.tokenizer, value))
 
     def _model_for(self, adapter: Path | None) -> Any:
         """The model to generate with: the base, or the PEFT wrapper with ``adapter`` active."""

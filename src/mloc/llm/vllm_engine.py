@@ -19,8 +19,8 @@ from typing import Any
 
 from mloc.errors import ExecutionError
 from mloc.llm import text
-from mloc.llm.base import Generation, LLMEngine
-from mloc.spec.sampling import Message, Sampling
+from mloc.llm.base import Generation, TokenizerEngine
+from mloc.spec.sampling import Sampling
 
 CPU_KVCACHE_GIB = 2
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -68,7 +68,7 @@ def lora_rank(adapter: Path) -> int:
     return next((size for size in LORA_RANKS if size >= rank), rank)
 
 
-class VllmEngine(LLMEngine):
+class VllmEngine(TokenizerEngine):
     """One ``vllm.LLM``; every call is one batched ``generate`` over token-id prompts."""
 
     name = "vllm"
@@ -107,16 +107,6 @@ class VllmEngine(LLMEngine):
         self.extra_stop_ids = list(stop_token_ids)
         self._lora_ids: dict[str, int] = {}
         self.memory_bytes = 0
-
-    @property
-    def has_chat_template(self) -> bool:
-        return text.has_template(self.tokenizer)
-
-    def render_chat(self, messages: Sequence[Message]) -> str:
-        return text.render_chat(self.tokenizer, messages)
-
-    def count_tokens(self, value: str) -> int:
-        return len(text.encode(self.tokenizer, value))
 
     def _lora_request(self, adapter: Path) -> Any:
         from vllm.lora.request import LoRARequest

@@ -43,7 +43,7 @@ class EngineHolder:
     def warm_models(self) -> list[str]:
         if self._cache is None:
             return []
-        return list(dict.fromkeys(f"{engine.name}:{engine.model_id}" for engine in self._cache.engines()))
+        return self._cache.warm_models()
 
     def close(self) -> None:
         if self._cache is not None:

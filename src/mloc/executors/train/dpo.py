@@ -38,15 +38,6 @@ class DPOExecutor(TrainExecutor):
         }
 
     def build_trainer(self, run: TrainingRun, model: Any, args: Any, callback: MlocCallback) -> Any:
-        from datasets import Dataset
         from trl import DPOTrainer
 
-        return DPOTrainer(
-            model=model,
-            args=args,
-            train_dataset=Dataset.from_list(run.data.train),
-            eval_dataset=Dataset.from_list(run.data.eval) if run.data.eval else None,
-            processing_class=run.tokenizer,
-            peft_config=run.peft_config,
-            callbacks=[callback],
-        )
+        return DPOTrainer(**self.trainer_inputs(run, model, args, callback))

@@ -103,6 +103,21 @@ class TrainExecutor(Executor):
     def build_trainer(self, run: TrainingRun, model: Any, args: Any, callback: MlocCallback) -> Any:
         """The TRL trainer for this run."""
 
+    @staticmethod
+    def trainer_inputs(run: TrainingRun, model: Any, args: Any, callback: MlocCallback) -> dict[str, Any]:
+        """What every TRL trainer takes: model, config, datasets, tokenizer, LoRA and the callback."""
+        from datasets import Dataset
+
+        return {
+            "model": model,
+            "args": args,
+            "train_dataset": Dataset.from_list(run.data.train),
+            "eval_dataset": Dataset.from_list(run.data.eval) if run.data.eval else None,
+            "processing_class": run.tokenizer,
+            "peft_config": run.peft_config,
+            "callbacks": [callback],
+        }
+
     def make_callback(self, run: TrainingRun) -> MlocCallback:
         from mloc.executors.train.callbacks import MlocCallback
 

@@ -35,15 +35,6 @@ class SFTExecutor(TrainExecutor):
         }
 
     def build_trainer(self, run: TrainingRun, model: Any, args: Any, callback: MlocCallback) -> Any:
-        from datasets import Dataset
         from trl import SFTTrainer
 
-        return SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=Dataset.from_list(run.data.train),
-            eval_dataset=Dataset.from_list(run.data.eval) if run.data.eval else None,
-            processing_class=run.tokenizer,
-            peft_config=run.peft_config,
-            callbacks=[callback],
-        )
+        return SFTTrainer(**self.trainer_inputs(run, model, args, callback))

@@ -9,11 +9,16 @@ Executors run in a long-lived executor process by default, so one that crashes, 
 memory takes down only that process, and so models stay loaded between tasks (keep them on ``self``).
 Trivial executors may set ``isolation = "inline"`` to run on a worker thread instead, or ``"loop"`` for
 work that returns in microseconds without blocking (it runs on the worker's event loop itself).
+
+The first seed's executors are written as ``run(self, task: dict, out_dir: Path)`` and set only ``name``;
+such a class is accepted as it is: its ``run`` is adapted when the class is created, so every caller
+still calls ``run(ctx)``, and the entry point's name is the task type it serves.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import threading
 import time
@@ -129,6 +134,22 @@ class Executor(ABC):
     # Top-level modules the executor imports; the worker offers its task types only where they exist.
     requires: ClassVar[tuple[str, ...]] = ()
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        run = cls.__dict__.get("run")
+        if run is not None and _takes_task_and_out_dir(run):
+            cls.run = _with_context(run)  # type: ignore[method-assign]  # the seed form, adapted once here
+
+    @classmethod
+    def served_task_types(cls, entry_point: str | None = None) -> tuple[str, ...]:
+        """The task types this class runs: ``task_types`` where it declares them, else the name of the
+        entry point that registered it, else ``name`` (the first seed's executors set only ``name``)."""
+        declared = getattr(cls, "task_types", ())
+        if declared:
+            return tuple(declared)
+        fallback = entry_point or getattr(cls, "name", None)
+        return (fallback,) if fallback else ()
+
     @classmethod
     def missing_requirements(cls) -> list[str]:
         """Modules ``requires`` names that this environment lacks (checked without importing them)."""
@@ -159,3 +180,28 @@ class Executor(ABC):
     @staticmethod
     def save_json(path: Path, obj: Any) -> Path:
         return write_json_atomic(path, obj)
+
+
+def _takes_task_and_out_dir(run: Any) -> bool:
+    """Whether ``run`` has the first seed's shape: two required arguments after ``self``."""
+    if not inspect.isfunction(run):
+        return False
+    required = [
+        p
+        for p in list(inspect.signature(run).parameters.values())[1:]
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    return len(required) == 2
+
+
+def _with_context(run: Callable[[Any, dict[str, Any], Path], dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """A ``run(ctx)`` that calls a seed-form ``run(task, out_dir)`` with the task as plain data."""
+
+    def run_with_context(self: Executor, ctx: RunContext) -> dict[str, Any]:
+        return run(self, ctx.task, ctx.out_dir)
+
+    # Not functools.wraps: its __wrapped__ would make inspect report the seed signature again.
+    run_with_context.__name__ = run.__name__
+    run_with_context.__qualname__ = run.__qualname__
+    run_with_context.__doc__ = run.__doc__
+    return run_with_context

@@ -1,4 +1,11 @@
-"""Find executors through the ``mloc.executors`` entry-point group, built-ins and third-party alike."""
+"""Find executors through the ``mloc.executors`` entry-point group, built-ins and third-party alike.
+
+An entry point names an :class:`Executor` subclass (native ``run(ctx)`` or the first seed's
+``run(task, out_dir)``) or a :class:`~mloc.modules.BaseModule` subclass (the second seed's form); the
+entry point's name is the task type of a class that declares no ``task_types``. Modules registered in
+code, in :data:`mloc.modules.MODULE_REGISTRY`, are served too. Modules are wrapped in a bridging
+executor, so everything past this file sees executors only.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,8 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 
 from mloc.executors.base import Executor
+from mloc.modules import MODULE_REGISTRY, BaseModule
+from mloc.modules.bridge import module_executor
 
 ENTRY_POINT_GROUP = "mloc.executors"
 log = logging.getLogger(__name__)
@@ -23,24 +32,39 @@ class ExecutorInfo:
         return not self.missing
 
 
+def _as_executor(target: object, entry_name: str) -> type[Executor] | None:
+    if isinstance(target, type) and issubclass(target, Executor):
+        return target
+    if isinstance(target, type) and issubclass(target, BaseModule):
+        return module_executor(entry_name, target)
+    return None
+
+
+def _add(found: dict[str, ExecutorInfo], cls: type[Executor], task_types: tuple[str, ...]) -> None:
+    info = ExecutorInfo(cls, tuple(cls.missing_requirements()))
+    for task_type in task_types:
+        if task_type in found and found[task_type].available:
+            continue
+        found[task_type] = info
+
+
 @functools.cache
 def discover() -> dict[str, ExecutorInfo]:
     """task type -> the executor that runs it. Loading a class must not import heavy libraries."""
     found: dict[str, ExecutorInfo] = {}
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         try:
-            cls = ep.load()
+            target = ep.load()
         except Exception as exc:  # a broken plug-in must not stop the worker
             log.warning("executor plug-in %s could not be loaded: %s", ep.value, exc)
             continue
-        if not (isinstance(cls, type) and issubclass(cls, Executor)):
-            log.warning("entry point %s is not an mloc Executor subclass; ignored", ep.value)
+        cls = _as_executor(target, ep.name)
+        if cls is None:
+            log.warning("entry point %s is neither an mloc Executor nor a BaseModule subclass; ignored", ep.value)
             continue
-        info = ExecutorInfo(cls, tuple(cls.missing_requirements()))
-        for task_type in cls.task_types:
-            if task_type in found and found[task_type].available:
-                continue
-            found[task_type] = info
+        _add(found, cls, cls.served_task_types(ep.name))
+    for task_type, module in MODULE_REGISTRY.items():
+        _add(found, module_executor(str(task_type), module), (str(task_type),))
     return found
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -220,10 +221,21 @@ def test_bulk_submit_is_all_or_nothing(http: httpx.Client, owner: str) -> None:
 def test_stats_as_seed_two_shows(http: httpx.Client, owner: str) -> None:
     task = http.post("/api/v1/tasks", content=f"taskType: echo\nmetadata: {{owner: {owner}}}\n").json()["task_id"]
     wait_for(http, task, {"succeeded"})
-    body = http.get("/api/v1/stats", params={"user": owner, "start_date": "2025-12-01"}).json()
+    # Seed 2 asks from a fixed day on (2024-01-01) up to today: years back, so any range length answers.
+    ten_years_ago = (datetime.now(UTC).date() - timedelta(days=3653)).isoformat()
+    response = http.get("/api/v1/stats", params={"user": owner, "start_date": ten_years_ago})
+    assert response.status_code == 200, response.text
+    body = response.json()
     totals = body["users"][0]["totals"]
     assert totals["tasks"] == 1 and totals["tasks.echo.succeeded"] == 1 and totals["wall_sec"] > 0
-    wrong_way = http.get("/api/v1/stats", params={"start_date": "2025-02-01", "end_date": "2025-01-01"})
+    assert [day["tasks"] for day in body["users"][0]["days"]] == [1]
+    by_month = http.get("/api/v1/stats", params={"user": owner, "start_date": ten_years_ago, "group_by": "month"})
+    assert [period["tasks"] for period in by_month.json()["users"][0]["periods"]] == [1]
+    assert http.get("/api/v1/stats", params={"group_by": "year"}).status_code == 422
+    later = datetime.now(UTC).date() + timedelta(days=31)
+    wrong_way = http.get(
+        "/api/v1/stats", params={"start_date": later.isoformat(), "end_date": (later - timedelta(days=1)).isoformat()}
+    )
     assert wrong_way.status_code == 400 and "swap" in wrong_way.json()["message"]
     assert http.get("/api/v1/stats", params={"start_date": "yesterday"}).status_code == 422
 

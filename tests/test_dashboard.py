@@ -22,6 +22,7 @@ from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_play
 from mloc.localcluster import LocalCluster
 from mloc.worker.reporter import Reporter
 from tests.support.api import wait_for
+from tests.support.clock import within_one_utc_day
 
 TOKEN = "dashboard-admin-token"
 A100 = "NVIDIA A100-SXM4-80GB"
@@ -123,9 +124,12 @@ def sign_in(page: Page, token: str) -> None:
     page.click("#token-save")
 
 
+@pytest.mark.extra("browser")
 def test_dashboard_follows_tasks_workers_and_usage(
     cluster: LocalCluster, admin: httpx.Client, page: Page, redis_url: str
 ) -> None:
+    # The usage chart is checked for today's bar (UTC): the tasks must end on the day it is drawn.
+    within_one_utc_day(300)
     quick = [submit(admin, "taskType: echo\nmetadata: {name: quick-one}\npayload: {n: 1}\n") for _ in range(2)]
     for task_id in quick:
         wait_for(admin, task_id, {"succeeded"})
@@ -219,6 +223,7 @@ def test_dashboard_follows_tasks_workers_and_usage(
     }
 
 
+@pytest.mark.extra("browser")
 def test_wrong_token_is_named_on_the_page(cluster: LocalCluster, admin: httpx.Client, page: Page) -> None:
     submit(admin, "taskType: echo\n")
     page.goto(cluster.api_url + "/dashboard")
@@ -235,6 +240,7 @@ def test_wrong_token_is_named_on_the_page(cluster: LocalCluster, admin: httpx.Cl
     expect(page.locator("#task-rows tr[data-task-id]")).to_have_count(1)
 
 
+@pytest.mark.extra("browser")
 def test_without_auth_the_page_shows_reasons_and_filters_by_owner_and_type(
     make_cluster: Callable[..., LocalCluster], page: Page
 ) -> None:

@@ -16,6 +16,7 @@ from mloc.localcluster import LocalCluster
 from mloc.service import Orchestrator
 from mloc.settings import Settings
 from tests.support.api import wait_for
+from tests.support.clock import within_one_utc_day
 
 TOKEN = "metrics-admin-token"
 A100 = "NVIDIA A100-SXM4-80GB"
@@ -61,6 +62,8 @@ def cluster(make_cluster: Callable[..., LocalCluster]) -> LocalCluster:
 
 
 def test_metrics_agree_with_the_api(cluster: LocalCluster) -> None:
+    # mloc_usage_today is about the UTC day of the scrape: the tasks must end on that day.
+    within_one_utc_day(120)
     auth = {"Authorization": f"Bearer {TOKEN}"}
     with httpx.Client(base_url=cluster.api_url, headers=auth, timeout=10) as admin:
         user_token = admin.post("/admin/users", json={"name": "carol"}).json()["token"]

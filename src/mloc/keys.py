@@ -102,6 +102,27 @@ def usage_day(owner: str, day: str) -> str:
 USAGE_OWNERS = f"{PREFIX}:usage:owners"  # set of owners with recorded usage
 
 
+def usage_days(owner: str) -> str:
+    """Zset: the UTC days (YYYY-MM-DD) on which one owner has usage, scored by day number (days since
+    1970-01-01), so a report over years reads only the days that have any."""
+    return f"{PREFIX}:usage-days:{owner}"
+
+
+# String, set once the day indexes hold every usage hash written before they existed.
+USAGE_DAYS_BUILT = f"{PREFIX}:usage:days-indexed"
+
+
+def owner_and_day(usage_key: str) -> tuple[str, str] | None:
+    """The (owner, day) of a :func:`usage_day` key, or None for any other key."""
+    head = f"{PREFIX}:usage:"
+    if not usage_key.startswith(head):
+        return None
+    owner, _, day = usage_key[len(head) :].rpartition(":")
+    if not owner or len(day) != 10 or day[4] != "-" or day[7] != "-" or not day.replace("-", "").isdigit():
+        return None
+    return owner, day
+
+
 def user_token(token_hash: str) -> str:
     """String: user name for a hashed API token."""
     return f"{PREFIX}:user:token:{token_hash}"

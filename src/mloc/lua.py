@@ -8,6 +8,7 @@ from __future__ import annotations
 # KEYS[1] task hash            KEYS[2] pending zset        KEYS[3] events stream
 # KEYS[4] result key           KEYS[5] usage hash (or a dummy when unused)
 # KEYS[6] set of owners with usage  KEYS[7] retry-wait zset  KEYS[8] set of owners with pending tasks
+# KEYS[9] the owner's index of days with usage (or a dummy when unused)
 # ARGV[1] target state         ARGV[2] allowed source states, comma-separated
 # ARGV[3] now (unix seconds)   ARGV[4] expected worker id ("" = any)
 # ARGV[5] expected attempt ("" = any)
@@ -27,6 +28,7 @@ from __future__ import annotations
 # ARGV[24] template: user usage hash   ARGV[25] template: user quota hash
 # ARGV[26] unix seconds before which a requeued task may not be placed, or ""
 # ARGV[27] template: owner pending queue
+# ARGV[28] the usage day's number (days since 1970-01-01)   ARGV[29] the usage day (YYYY-MM-DD)
 # The reservation JSON may also carry {user, max_tasks, max_gpus}: the task's owner, whose usage it
 # counts, and the limits for a user without their own (0 = unlimited).
 # Returns {"ok", previous state, attempt} or {"err", code, detail}; code "quota" when the
@@ -174,6 +176,7 @@ if ARGV[12] ~= '' then
   local usage = cjson.decode(ARGV[12])
   for name, value in pairs(usage) do redis.call('HINCRBYFLOAT', KEYS[5], name, value) end
   redis.call('SADD', KEYS[6], ARGV[21])
+  redis.call('ZADD', KEYS[9], ARGV[28], ARGV[29])
 end
 if ARGV[22] ~= '' and worker ~= '' then
   local stream = k(ARGV[16], worker)
@@ -302,6 +305,31 @@ TRANSITION_TWICE = sequence(TRANSITION, TRANSITION)
 READ_HASHES = r"""
 local out = {}
 for i, key in ipairs(KEYS) do out[i] = redis.call('HGETALL', key) end
+return out
+"""
+
+# READ_USAGE: what a usage report reads, in one round trip: per owner, from its index of days with
+# usage, the ended days in a range (their counters never change, so the caller reads those it lacks
+# apart) and the open days with their counters.
+# KEYS: each owner's day index
+# ARGV[1], ARGV[2] first and last open day number
+# ARGV[3..] per owner, in KEYS order, three values: the template of its usage hashes ({id} standing
+# for the day), then the first and last ended day number wanted (a first above its last: none)
+# Returns per owner {ended days, oldest first; open days, oldest first; a flat field/value array per open day}.
+READ_USAGE = r"""
+local function k(template, id) return (string.gsub(template, "{id}", id)) end
+local function days(index, first, last)
+  if tonumber(first) > tonumber(last) then return {} end
+  return redis.call('ZRANGEBYSCORE', index, first, last)
+end
+local out = {}
+for i, index in ipairs(KEYS) do
+  local template, at = ARGV[3 * i], 3 * i
+  local open = days(index, ARGV[1], ARGV[2])
+  local counters = {}
+  for j, day in ipairs(open) do counters[j] = redis.call('HGETALL', k(template, day)) end
+  out[i] = {days(index, ARGV[at + 1], ARGV[at + 2]), open, counters}
+end
 return out
 """
 

@@ -38,6 +38,11 @@ def utc_day(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
 
 
+def day_number(ts: float) -> int:
+    """The UTC day of ``ts`` as days since 1970-01-01: the score of the usage day indexes."""
+    return math.floor(ts / 86_400)
+
+
 @dataclass(frozen=True)
 class Reservation:
     worker_id: str
@@ -283,7 +288,11 @@ class TaskStore:
         if move.result is not None:
             extra["result_summary"] = _json(summarise(move.result))
         owner, usage, reserve = move.owner, move.usage, move.reserve
-        usage_key = keys.usage_day(owner, utc_day(now)) if usage and owner else keys.usage_day("-", "-")
+        # Dummies when nothing is counted (no usage, or no owner to count it for): the script leaves them alone.
+        usage_key, days_key, day, day_no = keys.usage_day("-", "-"), keys.usage_days("-"), "", ""
+        if usage and owner:
+            day, day_no = utc_day(now), str(day_number(now))
+            usage_key, days_key = keys.usage_day(owner, day), keys.usage_days(owner)
         reserve_json = ""
         if reserve is not None:
             reserve_json = _json(
@@ -307,6 +316,7 @@ class TaskStore:
             keys.USAGE_OWNERS,
             keys.RETRY_WAIT,
             keys.PENDING_OWNERS,
+            days_key,
         ]
         call_args = [
             target.value,
@@ -320,7 +330,7 @@ class TaskStore:
             repr(pending_score(move.priority, move.created_ms)) if target == TaskState.PENDING else "",
             "1" if move.new_attempt else "",
             _json(move.result) if move.result is not None else "",
-            _json(dict(usage)) if usage else "",
+            _json(dict(usage)) if usage and owner else "",
             keys.worker("{id}"),
             keys.worker_free_gpus("{id}"),
             keys.worker_tasks("{id}"),
@@ -336,6 +346,8 @@ class TaskStore:
             keys.user_quota("{id}"),
             repr(move.retry_at) if move.retry_at is not None and target == TaskState.PENDING else "",
             keys.pending_of("{id}"),
+            day_no,
+            day,
         ]
         return call_keys, call_args
 

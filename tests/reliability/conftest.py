@@ -224,6 +224,7 @@ class Secured:
     admin: str
     redis_url: str
     results_dir: Path
+    model_root: Path  # MLOC_MODEL_ROOTS: where users' tasks may read models from
 
     def http(self, token: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -244,18 +245,26 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     base = tmp_path_factory.mktemp("secured")
     server = RedisServer(base / "redis").start()
     admin = "admin-" + secrets.token_urlsafe(24)
+    model_root = base / "shared-models"
+    model_root.mkdir()
     cluster = LocalCluster(
         home=base / "home",
         workers=1,
         redis_url=server.url,
         results_dir=base / "results",
         # The orchestrator shares the workers' RESULTS_DIR, so it serves artifacts without a store.
-        env={**FAST_ENV, **FAULT_ENV, "ORCHESTRATOR_TOKEN": admin, "RESULTS_DIR": str(base / "results")},
+        env={
+            **FAST_ENV,
+            **FAULT_ENV,
+            "ORCHESTRATOR_TOKEN": admin,
+            "RESULTS_DIR": str(base / "results"),
+            "MLOC_MODEL_ROOTS": str(model_root),
+        },
         log_dir=base / "logs",
     )
     try:
         cluster.start(timeout=60)
-        yield Secured(cluster, admin, server.url, base / "results")
+        yield Secured(cluster, admin, server.url, base / "results", model_root)
     finally:
         cluster.stop()
         server.stop()

@@ -7,9 +7,11 @@ import ast
 import asyncio
 import hmac
 import inspect
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -195,6 +197,97 @@ def test_a_user_cannot_see_or_change_another_users_work(world: World) -> None:
     with world.secured.http(world.alice) as alice:
         assert alice.get(f"/api/v1/tasks/{world.running}").json()["state"] == "running"
         assert alice.get(f"/api/v1/tasks/{world.done}/result").json()["payload"] == {"secret": "alice-only"}
+
+
+def inference_with(model: str) -> bytes:
+    """An inference task whose ``model`` section is the given YAML flow mapping."""
+    return f"taskType: inference\nmodel: {model}\ninference: {{prompts: [hi], max_tokens: 2}}\n".encode()
+
+
+def test_a_user_cannot_name_another_users_files_as_a_model(world: World) -> None:
+    secured = world.secured
+    alices_folder = secured.results_dir / world.done
+    assert alices_folder.is_dir()
+    with secured.http(world.bob) as bob:
+        mine = bob.post("/api/v1/tasks", content=b"taskType: echo\n").json()["task_id"]
+        wait_state(bob, mine, ("succeeded",))
+        # Refused at submit, naming the field and the fix.
+        refused = {
+            "{source: {type: local, identifier: /etc}}": ("spec.model.source.identifier", "MLOC_MODEL_ROOTS"),
+            f"{{source: {{type: local, identifier: {alices_folder}}}}}": ("spec.model.source.identifier", "your tasks"),
+            f"{{source: {{identifier: {alices_folder}}}}}": ("spec.model.source.identifier", "your tasks"),
+            "{source: {type: local, identifier: models/x}}": ("spec.model.source.identifier", "absolute path"),
+            "{source: {type: local, identifier: ~/x}}": ("spec.model.source.identifier", "absolute path"),
+            f"{{source: {{type: local, identifier: {secured.model_root}/m}}, adapter: {{path: {alices_folder}}}}}": (
+                "spec.model.adapter.path",
+                "your tasks",
+            ),
+            f"{{source: {{type: local, identifier: {secured.model_root}/m}}, adapter: {{path: {world.done}}}}}": (
+                "spec.model.adapter.path",
+                "not one of your tasks",
+            ),
+        }
+        for model, (field, fix) in refused.items():
+            answer = bob.post("/api/v1/tasks", content=inference_with(model))
+            assert answer.status_code == 403, (model, answer.text)
+            assert field in answer.json()["message"] and fix in answer.json()["message"], (model, answer.text)
+        # Another user's task id and a task id that does not exist get the same answer.
+        ghost = "00000000-0000-4000-8000-000000000000"
+        messages = []
+        for task_id in (world.done, ghost):
+            model = f"{{source: {{identifier: gemma3-270m}}, adapter: {{path: {task_id}}}}}"
+            answer = bob.post("/api/v1/tasks", content=inference_with(model))
+            assert answer.status_code == 403, answer.text
+            messages.append(answer.json()["message"].replace(task_id, "<id>"))
+        assert messages[0] == messages[1]
+        reward = b"taskType: ppo\nmodel: {source: {type: local, identifier: %s/m}}\n" % str(secured.model_root).encode()
+        reward += b"dataset: {examples: [{prompt: hi}]}\nhyperparameters: {reward_model: /etc}\n"
+        answer = bob.post("/api/v1/tasks", content=reward)
+        assert answer.status_code == 403 and "spec.hyperparameters.reward_model" in answer.json()["message"], (
+            answer.text
+        )
+        # Allowed: hub ids, the admin's roots, the user's own result folders.
+        for model in (
+            "{source: {identifier: org/some-model}}",
+            f"{{source: {{type: local, identifier: {secured.model_root}/m}}}}",
+            f"{{source: {{type: local, identifier: {secured.results_dir / mine}/merged}}}}",
+        ):
+            answer = bob.post("/api/v1/tasks", params={"dry_run": "true"}, content=inference_with(model))
+            assert answer.status_code == 201, (model, answer.text)
+        # Checked again on the worker, on the real path: a link under an allowed folder to another
+        # user's results (or anywhere else) fails the task before anything is read.
+        for name, target, fix in (("sneaky", alices_folder, "your tasks"), ("etc", Path("/etc"), "MLOC_MODEL_ROOTS")):
+            link = secured.model_root / f"{name}-{secrets.token_hex(3)}"
+            link.symlink_to(target, target_is_directory=True)
+            task = bob.post("/api/v1/tasks", content=inference_with(f"{{source: {{type: local, identifier: {link}}}}}"))
+            assert task.status_code == 201, task.text
+            failed = wait_state(bob, task.json()["task_id"], ("failed", "succeeded"), timeout=60)
+            assert failed["state"] == "failed", failed
+            assert "spec.model.source.identifier" in failed["reason"] and fix in failed["reason"], failed
+    # The admin may name any path, as before.
+    with secured.http(secured.admin) as admin:
+        answer = admin.post(
+            "/api/v1/tasks",
+            params={"dry_run": "true"},
+            content=inference_with(f"{{source: {{type: local, identifier: {alices_folder}}}}}"),
+        )
+        assert answer.status_code == 201, answer.text
+
+
+def test_a_user_sees_only_their_own_task_ids_on_a_worker(world: World) -> None:
+    secured = world.secured
+    with secured.http(world.bob) as bob, secured.http(world.alice) as alice, secured.http(secured.admin) as admin:
+        # Alice's task that runs until cancelled holds a slot on the only worker.
+        for path in ("/workers/local-1", "/api/v1/workers/local-1"):
+            assert world.running in admin.get(path).json()["tasks"]
+            seen_by_bob = bob.get(path).json()
+            assert world.running not in seen_by_bob["tasks"] and seen_by_bob["hidden_tasks"] >= 1
+            assert world.running in alice.get(path).json()["tasks"]
+        for path in ("/workers", "/api/v1/workers"):
+            listed = bob.get(path).json()["items"]
+            assert all(world.running not in item["tasks"] for item in listed)
+            assert sum(item["hidden_tasks"] for item in listed) >= 1
+            assert world.running not in bob.get(path).text
 
 
 def test_a_removed_users_token_stops_working(secured: Secured) -> None:

@@ -13,10 +13,11 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 import redis
+import yaml
 
 from mloc import keys
 from mloc.errors import SpecError
-from mloc.spec.loader import load
+from mloc.spec.loader import _load_yaml, load
 from tests.reliability.conftest import Secured, rss_bytes
 
 MiB = 1024 * 1024
@@ -30,15 +31,19 @@ def billion_laughs(levels: int = 9) -> bytes:
     return ("taskType: echo\npayload:\n  " + "\n  ".join(lines) + "\n").encode()
 
 
+# Whichever layer refuses a deep document (MLOC's own check, or the YAML library's nesting limit that
+# PyYAML 6.0.4 added), the answer names the problem and the fix.
+DEEP = "nests deeper than 32 levels; a task needs a handful, so flatten the nested lists and mappings"
+
 # name -> (body, what the error message must mention)
 BOMBS: dict[str, tuple[bytes, str]] = {
     "billion laughs": (billion_laughs(), "aliases are not allowed"),
     "merge-key bomb": (b"taskType: echo\nbase: &b {x: 1}\npayload: {<<: *b}\n", "aliases are not allowed"),
-    "deep YAML flow": (b"taskType: echo\npayload: " + b"[" * 100_000 + b"]" * 100_000, "nests deeper than"),
-    "deep YAML flow, unclosed": (b"taskType: echo\npayload: " + b"{a: " * 100_000, "nests deeper than"),
-    "deep YAML with an anchor": (b"taskType: echo\nx: &a 1\npayload: " + b"[" * 600 + b"]" * 600, "nests deeper than"),
-    "deep YAML block": (b"taskType: echo\npayload:\n" + b"- " * 200_000 + b"x\n", "nests deeper than"),
-    "deep JSON": (b'{"taskType": "echo", "payload": ' + b"[" * 200_000 + b"]" * 200_000 + b"}", "nests deeper than"),
+    "deep YAML flow": (b"taskType: echo\npayload: " + b"[" * 100_000 + b"]" * 100_000, DEEP),
+    "deep YAML flow, unclosed": (b"taskType: echo\npayload: " + b"{a: " * 100_000, DEEP),
+    "deep YAML with an anchor": (b"taskType: echo\nx: &a 1\npayload: " + b"[" * 600 + b"]" * 600, DEEP),
+    "deep YAML block": (b"taskType: echo\npayload:\n" + b"- " * 200_000 + b"x\n", DEEP),
+    "deep JSON": (b'{"taskType": "echo", "payload": ' + b"[" * 200_000 + b"]" * 200_000 + b"}", DEEP),
     "python tag": (b"taskType: echo\npayload: !!python/object/apply:os.system ['touch /tmp/pwned']\n", "constructor"),
     "binary tag": (b"taskType: echo\npayload: !!binary /w==\n", "!!binary"),
     "huge integer, YAML": (b"taskType: echo\npayload: " + b"9" * 100_000 + b"\n", "invalid YAML value"),
@@ -243,3 +248,24 @@ def test_artifact_paths_stay_inside_the_tasks_folder(secured: Secured, admin_htt
         answer = httpx.get(url, headers={"Authorization": f"Bearer {secured.admin}"}, timeout=10)
         assert 400 <= answer.status_code < 500, (path, answer.status_code, answer.text[:200])
         assert "root:" not in answer.text
+
+
+@pytest.mark.parametrize("levels", [33, 999, 1_001, 50_000])
+def test_deep_yaml_gets_the_same_answer_whichever_layer_refuses_it(levels: int) -> None:
+    body = "taskType: echo\npayload: " + "[" * levels + "]" * levels
+    with pytest.raises(SpecError, match=DEEP):
+        load(body)
+
+
+def test_the_yaml_librarys_own_depth_error_is_answered_with_mloc_s_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyYAML 6.0.4 raises "exceeded maximum nesting depth" itself; an install with that limit set low
+    (as a future release may) still gets MLOC's message, not the library's."""
+    limit_error = yaml.scanner.ScannerError("while increasing flow level", None, "exceeded maximum nesting depth", None)
+
+    def refusing_parse(*args: object, **kwargs: object) -> object:
+        raise limit_error
+
+    monkeypatch.setattr(yaml, "parse", refusing_parse)
+    monkeypatch.setattr(yaml, "load", refusing_parse)
+    with pytest.raises(SpecError, match=DEEP):
+        _load_yaml("payload: [[[[1]]]]\n" + "- x\n" * 200, many=False)

@@ -11,7 +11,9 @@ from fastapi.responses import JSONResponse, Response
 
 from mloc import __version__
 from mloc.api.deps import Caller, Orch
+from mloc.service import MAX_STATS_USERS, STATS_PAGE_USERS
 from mloc.spec import json_schema
+from mloc.usage import Grouping
 
 router = APIRouter()
 
@@ -41,12 +43,28 @@ async def ready(orch: Orch) -> JSONResponse:
 async def stats(
     orch: Orch,
     who: Caller,
-    user: Annotated[str | None, Query(max_length=128)] = None,
-    start_date: date | None = None,
-    end_date: date | None = None,
+    user: Annotated[str | None, Query(max_length=128, description="One user; default: every user you may see.")] = None,
+    start_date: Annotated[
+        date | None, Query(description="First UTC day, YYYY-MM-DD; default: 29 days before end_date.")
+    ] = None,
+    end_date: Annotated[date | None, Query(description="Last UTC day, YYYY-MM-DD; default: today (UTC).")] = None,
+    group_by: Annotated[
+        Grouping,
+        Query(description="Rows per day ('days'), ISO week or month ('periods'), or none ('total')."),
+    ] = Grouping.DAY,
+    after: Annotated[
+        str | None,
+        Query(max_length=128, description="All users: start after this user (the last answer's next_after)."),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_STATS_USERS, description="All users: most users per page.")] = (
+        STATS_PAGE_USERS
+    ),
 ) -> Response:
-    """Usage per user and UTC day: tasks by type and final state, tokens, wall and GPU seconds."""
-    body = await orch.stats(orch.check_stats_access(who, user), start_date, end_date)
+    """Usage per user over any range of UTC days: tasks by type and final state, tokens, wall and GPU
+    seconds. Only days with usage cost anything, so a range of years is as cheap as its busy days."""
+    body = await orch.stats(
+        orch.check_stats_access(who, user), start_date, end_date, group_by=group_by, after=after, limit=limit
+    )
     # Sent as is: FastAPI's encoder would walk every counter of every user and day once more.
     return Response(orjson.dumps(body), media_type="application/json")
 

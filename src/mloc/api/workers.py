@@ -21,7 +21,8 @@ async def list_workers(
     page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
     page_size: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
-    """Registered workers by id, a page at a time (``total`` counts them all)."""
+    """Registered workers by id, a page at a time (``total`` counts them all). A user sees only their
+    own tasks' ids on each worker, and how many others it holds (``hidden_tasks``)."""
     ids = sorted(await orch.registry.ids())
     records = await orch.registry.records(ids[(page - 1) * page_size : page * page_size])
     body = {
@@ -29,7 +30,7 @@ async def list_workers(
         "page": page,
         "page_size": page_size,
         "total": len(ids),
-        "items": [r.model_dump(mode="json") for r in records],
+        "items": await orch.workers_seen_by(who, records),
     }
     # Sent as is: FastAPI's encoder walks every value again, which costs more than building the page.
     return Response(orjson.dumps(body), media_type="application/json")
@@ -38,5 +39,6 @@ async def list_workers(
 @router.get("/workers/{worker_id}")
 @router.get("/api/v1/workers/{worker_id}")
 async def show_worker(worker_id: WorkerId, orch: Orch, who: Caller) -> dict[str, Any]:
-    record = await orch.registry.record(worker_id)
-    return {"ok": True, **record.model_dump(mode="json")}
+    """One worker; a user sees only their own tasks' ids on it, and how many others it holds."""
+    (seen,) = await orch.workers_seen_by(who, [await orch.registry.record(worker_id)])
+    return {"ok": True, **seen}

@@ -37,6 +37,8 @@ class Reporter:
         self._ttl_ms = max(1, int(retention_sec * 1000))
         self._trimmed_at = time.monotonic()
         self._kept_at: float | None = None  # when this run last wrote logs or metrics (monotonic)
+        # Milliseconds of the newest log entry id Redis gave: stream ids carry Redis's clock.
+        self._newest_ms: int | None = None
         self.usage: dict[str, float] = {}
         self.artifacts: dict[str, Any] = {}
         self._buffer: list[dict[str, Any]] = []
@@ -81,9 +83,11 @@ class Reporter:
         pipe = self.redis.pipeline(transaction=False)
         progress = None
         logged = measured = False
+        newest_at: int | None = None  # the pipeline position of the last XADD
         for event in events:
             kind = event.get("ev")
             if kind == "log":
+                newest_at = len(pipe)
                 pipe.xadd(
                     keys.task_logs(self.task_id),
                     {
@@ -122,18 +126,25 @@ class Reporter:
             pipe.hset(keys.task(self.task_id), "progress", json.dumps(body))
         if logged:
             pipe.pexpire(keys.task_logs(self.task_id), self._ttl_ms)
-            if time.monotonic() - self._trimmed_at > min(TRIM_EVERY_SEC, self.retention_sec / 4):
+            due = time.monotonic() - self._trimmed_at > min(TRIM_EVERY_SEC, self.retention_sec / 4)
+            if due and self._newest_ms is not None:
                 self._trimmed_at = time.monotonic()
-                oldest = int((time.time() - self.retention_sec) * 1000)
+                # Measured from Redis's clock (the newest id it gave), not this machine's: a worker
+                # clock off by more than the retention would otherwise trim every line, or none.
+                oldest = self._newest_ms - self._ttl_ms
                 pipe.xtrim(keys.task_logs(self.task_id), minid=f"{oldest}-0", approximate=False)
         if measured:
             pipe.pexpire(keys.task_metrics(self.task_id), self._ttl_ms)
         if logged or measured:
             self._kept_at = time.monotonic()
         try:
-            await pipe.execute()
+            replies = await pipe.execute()
         except aioredis.RedisError as exc:
             log.warning("could not record events of task %s: %s", self.task_id, exc)
+            return
+        if newest_at is not None:
+            newest = replies[newest_at]
+            self._newest_ms = int((newest.decode() if isinstance(newest, bytes) else str(newest)).split("-")[0])
 
     async def close(self) -> None:
         self._closed = True

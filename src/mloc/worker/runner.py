@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
-from mloc import artifacts, groups, keys, lifecycle
+from mloc import artifacts, groups, keys, lifecycle, modelroots
 from mloc.errors import ExecutionError, MlocError, TaskCancelled
 from mloc.executors.base import RunContext, write_json_atomic
 from mloc.executors.registry import executor_for
@@ -24,6 +24,7 @@ from mloc.settings import Settings
 from mloc.spec import Document, validate
 from mloc.state import Reason, TaskState
 from mloc.store import Move, TaskStore
+from mloc.users import ADMIN
 from mloc.worker.process import HostDied, HostKey, HostPool, HostProcess, default_python
 from mloc.worker.reporter import Reporter
 
@@ -210,7 +211,8 @@ class TaskRunner:
         state, reason_code, reason = TaskState.FAILED, Reason.EXECUTOR_ERROR.value, ""
         crashed = False
         try:
-            document_data = await self._resolve_adapter(document_data, owner)
+            trusted = await self._check_models(task_id, document_data, owner)
+            document_data = await self._resolve_adapter(document_data, owner, trusted=trusted)
             result = await self._run_executor(run, task_type, document_data, owner, gpus, out_dir, reporter)
             await self._write_result(out_dir / "responses.json", result)
             if self.settings.artifact_store_url:  # published before success is reported, or the task fails
@@ -330,17 +332,35 @@ class TaskRunner:
             log.info("task %s %s: %s", task_id, state, reason)
         return True
 
-    async def _resolve_adapter(self, document_data: dict[str, Any], owner: str) -> dict[str, Any]:
-        """Turn ``model.adapter.path`` naming a training task into the adapter that task produced."""
+    async def _check_models(self, task_id: str, document_data: dict[str, Any], owner: str) -> bool:
+        """Refuse to run a user's task that names local models outside the folders it may read (see
+        :mod:`mloc.modelroots`), before anything is opened. True when the admin submitted the task:
+        it may name any path and any task's adapter."""
+        spec = document_data["spec"]
+        if not modelroots.references(spec):
+            return False
+        submitted_by = await self.redis.hget(keys.task(task_id), modelroots.SUBMITTED_BY)
+        # A task stored before the field existed is the admin's when its owner is.
+        if (submitted_by or owner) == ADMIN:
+            return True
+        roots = modelroots.ModelRoots.of(self.settings, models_dir=self.models_dir, results_dir=self.results_dir)
+        refused = await modelroots.check_on_worker(self.redis, spec, owner, roots)
+        if refused:
+            raise ExecutionError(refused)
+        return False
+
+    async def _resolve_adapter(self, document_data: dict[str, Any], owner: str, *, trusted: bool) -> dict[str, Any]:
+        """Turn ``model.adapter.path`` naming a training task into the adapter that task produced;
+        only the owner's own tasks, unless the task is ``trusted`` (the admin's)."""
         adapter = (document_data["spec"].get("model") or {}).get("adapter") or {}
         reference = adapter.get("path") or ""
         if not TASK_ID.match(reference):
             return document_data
         fields = await self.redis.hmget(keys.task(reference), "owner", "state", "artifacts")
-        if fields[1] is None:
-            raise ExecutionError(f"model.adapter.path names task {reference}, which does not exist")
-        if fields[0] != owner:
-            raise ExecutionError(f"model.adapter.path names task {reference}, which belongs to another user")
+        if fields[1] is None or (fields[0] != owner and not trusted):
+            # A user hears the same of another user's task as of none at all.
+            what = "does not exist" if trusted else "is not one of your tasks"
+            raise ExecutionError(f"model.adapter.path names task {reference}, which {what}")
         produced = json.loads(fields[2] or "{}").get("adapter")
         if fields[1] != TaskState.SUCCEEDED or not produced:
             raise ExecutionError(

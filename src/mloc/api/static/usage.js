@@ -134,6 +134,8 @@ export function usageView(root, { params, signal }) {
       clear(out);
       if (!data.users.length) out.append(h("p", { class: "empty", text: "No usage recorded yet." }));
       for (const entry of data.users) out.append(userSection(entry, days, counter.value, label));
+      // The all-users report comes a page at a time; this view shows the first page.
+      if (data.next_after) out.append(h("p", { class: "muted", id: "usage-more", text: `Showing the first ${data.users.length} users; enter a user name to see another.` }));
     } catch (err) {
       showError(err);
     }

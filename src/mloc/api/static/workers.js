@@ -60,6 +60,9 @@ function summary(workers) {
 function workerRow(worker) {
   const age = worker.heartbeat_age_sec;
   const tasks = worker.tasks || [];
+  // A user is sent only their own tasks' ids; the others are a count.
+  const hidden = worker.hidden_tasks || 0;
+  const others = hidden ? [h("li", { class: "muted", text: `${hidden} of other users` })] : [];
   return h(
     "tr",
     { "data-worker-id": worker.worker_id, "data-status": worker.status },
@@ -82,8 +85,8 @@ function workerRow(worker) {
     h(
       "td",
       {},
-      tasks.length
-        ? h("ul", { class: "plain" }, ...tasks.map((id) => h("li", {}, h("a", { href: `#/task/${encodeURIComponent(id)}`, class: "mono", text: shortId(id) }))))
+      tasks.length || hidden
+        ? h("ul", { class: "plain" }, ...tasks.map((id) => h("li", {}, h("a", { href: `#/task/${encodeURIComponent(id)}`, class: "mono", text: shortId(id) }))), ...others)
         : h("span", { class: "muted", text: "idle" }),
     ),
     h("td", {}, (worker.warm_models || []).length ? h("ul", { class: "plain" }, ...worker.warm_models.map((m) => h("li", { text: m }))) : h("span", { class: "muted", text: "none" })),

@@ -1,0 +1,180 @@
+"""Which local folders a task may read models from: its model, its adapter, its reward and value models.
+
+On a worker shared by several users a path in a task could name another user's files: the result
+folder of their training task, a private model. So a user's task may name local paths only under the
+folders the admin allows (MLOC_MODEL_ROOTS), the models dir, and the result folders of the user's
+own tasks; an adapter named by task id must come from one of the user's own tasks. The admin's
+tasks (ORCHESTRATOR_TOKEN, and every task while auth is off) may name any path, as before: the admin
+already decides what the workers can read.
+
+The orchestrator checks at submit what the spec says, paths as written, so a refusal comes at once.
+The worker checks again before the executor reads anything, on the real path (symlinks and '..'
+resolved), with its own models and results dirs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from mloc import keys
+from mloc.settings import Settings
+
+TASK_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+SUBMITTED_BY = "submitted_by"  # task record field: who submitted it ("admin" for the admin token)
+
+
+class Kind(StrEnum):
+    PATH = "path"  # a local path, whatever it looks like (source type local, an adapter folder)
+    MAYBE = "maybe"  # a hub id, unless a local path of that name exists: the resolvers try that first
+    TASK = "task"  # the id of the task whose adapter to load
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A place where a task names a model that may be read from the worker's disk."""
+
+    field: str  # as the user wrote it, e.g. "spec.model.adapter.path"
+    value: str
+    kind: Kind
+
+
+def references(spec: Mapping[str, Any]) -> list[Reference]:
+    """The model references of a task's spec (its wire form, ``document["spec"]``)."""
+    found: list[Reference] = []
+    model = spec.get("model") or {}
+    source = model.get("source") or {}
+    identifier = source.get("identifier")
+    source_type = source.get("type") or "huggingface"
+    if isinstance(identifier, str) and source_type != "package":
+        kind = Kind.PATH if source_type == "local" else Kind.MAYBE
+        found.append(Reference("spec.model.source.identifier", identifier, kind))
+    adapter = (model.get("adapter") or {}).get("path")
+    if isinstance(adapter, str) and adapter:
+        found.append(Reference("spec.model.adapter.path", adapter, Kind.TASK if TASK_ID.match(adapter) else Kind.PATH))
+    hyperparameters = spec.get("hyperparameters") or {}
+    for name in ("reward_model", "value_model"):
+        value = hyperparameters.get(name)
+        if isinstance(value, str) and value:
+            found.append(Reference(f"spec.hyperparameters.{name}", value, Kind.MAYBE))
+    return found
+
+
+def looks_local(value: str) -> bool:
+    """Whether a hub-or-path value is a path by its look alone (hub ids start with a letter or digit)."""
+    return value.startswith(("/", "~", "."))
+
+
+@dataclass(frozen=True)
+class ModelRoots:
+    """The folders a user's task may read models from, as absolute paths."""
+
+    roots: tuple[Path, ...]  # MLOC_MODEL_ROOTS and the models dir
+    results_dir: Path
+
+    @classmethod
+    def of(cls, settings: Settings, *, models_dir: Path | None = None, results_dir: Path | None = None) -> ModelRoots:
+        """From the settings; a worker passes the dirs it uses. Relative settings are taken from here."""
+        models = models_dir or settings.resolved_models_dir
+        results = results_dir or settings.results_dir
+        roots = [*settings.model_root_paths, _absolute(models)]
+        return cls(tuple(dict.fromkeys(roots)), _absolute(results))
+
+    def resolved(self) -> ModelRoots:
+        """The same folders with symlinks resolved, to compare with resolved paths."""
+        return ModelRoots(tuple(root.resolve() for root in self.roots), self.results_dir.resolve())
+
+    def describe(self) -> str:
+        folders = ", ".join(str(root) for root in self.roots)
+        return f"{folders}, or the result folder of one of your tasks under {self.results_dir}"
+
+    def refusal(self, path: Path, reference: Reference, owner_of_folder: str | None, owner: str) -> str | None:
+        """Why a user's task may not read ``path`` (absolute, normalised), or None when it may.
+        ``owner_of_folder`` is the owner of the task whose result folder holds it, if one does."""
+        if path.is_relative_to(self.results_dir):
+            # Checked first: a root that holds the results dir must not open every user's results.
+            if owner_of_folder == owner:
+                return None
+            return (
+                f"{reference.field} {reference.value!r} is in the results dir {self.results_dir} but not in the "
+                "result folder of one of your tasks; name one of your own tasks' folders, or the task id itself"
+            )
+        if any(path.is_relative_to(root) for root in self.roots):
+            return None
+        return (
+            f"{reference.field} {reference.value!r} is outside the folders your tasks may read models from "
+            f"({self.describe()}); put the model there, or ask the admin to add its folder to MLOC_MODEL_ROOTS"
+        )
+
+    def result_task(self, path: Path) -> str | None:
+        """The id of the task whose result folder holds ``path``, if one does."""
+        if not path.is_relative_to(self.results_dir):
+            return None
+        parts = path.relative_to(self.results_dir).parts
+        return parts[0] if parts and TASK_ID.match(parts[0]) else None
+
+
+def _absolute(path: Path) -> Path:
+    return Path(os.path.abspath(path.expanduser()))
+
+
+async def task_owner(redis: aioredis.Redis, task_id: str) -> str | None:
+    owner = await redis.hget(keys.task(task_id), "owner")
+    return owner.decode() if isinstance(owner, bytes) else owner
+
+
+async def check_at_submit(redis: aioredis.Redis, spec: Mapping[str, Any], owner: str, roots: ModelRoots) -> str | None:
+    """Why a user's task may not be submitted with these model references, or None. Paths are taken
+    as written: the orchestrator cannot see the workers' disks."""
+    for reference in references(spec):
+        if reference.kind is Kind.TASK:
+            if await task_owner(redis, reference.value) != owner:
+                # The same answer for another user's task and for none at all: nothing is learnt.
+                return (
+                    f"{reference.field} names task {reference.value}, which is not one of your tasks; name a "
+                    "succeeded training task of yours (GET /api/v1/tasks lists them)"
+                )
+            continue
+        if reference.kind is Kind.MAYBE and not looks_local(reference.value):
+            continue  # a hub id; the worker checks that no local folder of that name is read instead
+        if not os.path.isabs(reference.value):
+            return (
+                f"{reference.field} {reference.value!r} is a relative path, which each worker would read from a "
+                f"folder of its own; give an absolute path under {roots.describe()}"
+            )
+        path = Path(os.path.normpath(reference.value))
+        folder_task = roots.result_task(path)
+        folder_owner = await task_owner(redis, folder_task) if folder_task else None
+        refused = roots.refusal(path, reference, folder_owner, owner)
+        if refused:
+            return refused
+    return None
+
+
+async def check_on_worker(redis: aioredis.Redis, spec: Mapping[str, Any], owner: str, roots: ModelRoots) -> str | None:
+    """Why a user's task may not read the local models it names, or None: each path the executor
+    would open, resolved as it would resolve it (from this process's folder, symlinks followed)."""
+    real_roots = roots.resolved()
+    for reference in references(spec):
+        if reference.kind is Kind.TASK:
+            continue  # resolved (and its owner checked) when the adapter's folder is looked up
+        path = Path(reference.value).expanduser()
+        try:
+            if reference.kind is Kind.MAYBE and not path.exists():
+                continue  # not on this disk, so the resolvers take it for a hub id
+            real = path.resolve()
+        except (OSError, ValueError) as exc:  # a NUL byte, a name too long, a link loop
+            return f"{reference.field} {reference.value!r} is not a path this worker can read ({exc})"
+        folder_task = real_roots.result_task(real)
+        folder_owner = await task_owner(redis, folder_task) if folder_task else None
+        refused = real_roots.refusal(real, reference, folder_owner, owner)
+        if refused:
+            return refused
+    return None

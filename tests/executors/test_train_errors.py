@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.executors.support_train import QA, build_models, make_context, task_yaml, write_jsonl
 
 from mloc.errors import ExecutionError, SpecError
 from mloc.executors.train import GRPOExecutor, PPOExecutor, SFTExecutor
 from mloc.executors.train.ppo import ppo_trainer_available
+from tests.executors.support_train import QA, build_models, make_context, task_yaml, write_jsonl
+
+pytestmark = pytest.mark.extra("train")
 
 ROOT = Path(__file__).resolve().parents[2]
 LORA = {"type": "lora", "r": 4}

@@ -14,7 +14,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from tests.executors.support_train import build_models
+
+pytestmark = pytest.mark.extra("ppo", "train")
 
 ROOT = Path(__file__).resolve().parents[2]
 

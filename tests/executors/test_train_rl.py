@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tests.executors.support_train import PREFERENCES, QA, build_models, make_context, task_yaml
 
 from mloc.executors.train import DPOExecutor, GRPOExecutor
 from mloc.executors.train.rewards import build
+from tests.executors.support_train import PREFERENCES, QA, build_models, make_context, task_yaml
+
+pytestmark = pytest.mark.extra("train")
 
 
 @pytest.fixture(scope="module")

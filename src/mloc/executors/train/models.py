@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from mloc.errors import ExecutionError
-from mloc.modelsource import resolve_model
+from mloc.modelsource import find_packaged, resolve_model
 from mloc.spec.base import ModelSource, SourceType
 
 # Workers never download: every id must already be in the local Hugging Face cache.
@@ -50,9 +50,13 @@ def detect_device() -> Device:
 
 
 def resolve_named_model(identifier: str, models_dir: Path, field: str) -> Path:
-    """A reward or value model given as a string: an existing folder, else a cached hub id."""
+    """A reward or value model given as a string: a packaged model's name, an existing folder, else a
+    cached hub id."""
     local = Path(identifier).expanduser()
-    kind = SourceType.LOCAL if local.exists() else SourceType.HUGGINGFACE
+    if find_packaged(identifier) is not None:
+        kind = SourceType.PACKAGE
+    else:
+        kind = SourceType.LOCAL if local.exists() else SourceType.HUGGINGFACE
     try:
         return resolve_model(ModelSource(type=kind, identifier=identifier), models_dir)
     except ExecutionError as exc:

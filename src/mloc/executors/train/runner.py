@@ -292,6 +292,23 @@ class TrainExecutor(Executor):
         if quantization is not None:
             from peft import prepare_model_for_kbit_training
 
+            # A bitsandbytes without 4-bit support for this device could hand back a full-precision
+            # model; QLoRA then is not QLoRA, so say so instead of training something else.
+            layers = adapters.linear4bit_layers(model)
+            if not layers:
+                raise ExecutionError(
+                    f"model.adapter.type 'qlora' asked for a 4-bit base model, but bitsandbytes loaded "
+                    f"{run.model_dir} without 4-bit layers on {run.device.label}; update bitsandbytes "
+                    "(pip install -U bitsandbytes) or use adapter type 'lora'"
+                )
+            run.extras["quantization"] = {
+                "method": "bitsandbytes",
+                "quant_type": quantization.bnb_4bit_quant_type,
+                "bits": 4,
+                "linear4bit_layers": layers,
+            }
+            run.ctx.log(f"base model loaded in 4 bits (NF4) on {run.device.label}: {layers} Linear4bit layers")
+
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=run.hp.gradient_checkpointing and run.device.cuda
             )
@@ -394,6 +411,8 @@ class TrainExecutor(Executor):
                 "eval_examples": len(run.data.eval or []),
             },
             "device": run.device.label,
+            # How the base model was held while training: None in full precision, else the 4-bit layout.
+            "quantization": run.extras.get("quantization"),
             **self.result_extras(run, trainer),
             "usage": {
                 "train_samples": samples,

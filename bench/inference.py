@@ -33,13 +33,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import yaml  # noqa: E402
-from tests.llm.builders import persistent_models_dir  # noqa: E402
 
 import mloc.spec  # noqa: E402
 from mloc.executors.base import RunContext  # noqa: E402
 from mloc.executors.inference import InferenceExecutor  # noqa: E402
 from mloc.spec.inference import InferenceSpec  # noqa: E402
 from mloc.spec.sampling import Sampling  # noqa: E402
+from tests.llm.builders import persistent_models_dir  # noqa: E402
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -25,10 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from mloc.executors.train import SFTExecutor  # noqa: E402
 from tests.executors.support_train import QA, make_context, task_yaml  # noqa: E402
 from tests.support.tiny_model import build_tiny_causal_lm  # noqa: E402
-
-from mloc.executors.train import SFTExecutor  # noqa: E402
 
 
 def examples(count: int) -> list[dict[str, str]]:

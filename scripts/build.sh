@@ -68,6 +68,12 @@ run() {
 if [[ $DRY_RUN -eq 0 ]] && ! command -v "$DOCKER" >/dev/null 2>&1; then
   die "'$DOCKER' not found: install Docker (with BuildKit) or set DOCKER"
 fi
+if [[ $DRY_RUN -eq 0 ]] && ! "$DOCKER" info >/dev/null 2>&1; then
+  die "no Docker engine answers ('$DOCKER info' failed): start the Docker daemon, or use --dry-run to print the build commands"
+fi
+if [[ $DRY_RUN -eq 0 ]] && ! "$DOCKER" buildx version >/dev/null 2>&1; then
+  die "the Docker buildx component (BuildKit) is missing: install docker-buildx, or use --dry-run to print the build commands"
+fi
 export DOCKER_BUILDKIT=1
 
 cd "$ROOT"

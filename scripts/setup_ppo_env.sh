@@ -35,6 +35,11 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check --quiet)
+# The versions this environment was last tested with (scripts/lock.sh refreshes them); MLOC_UNPINNED=1
+# takes the newest releases the pins above allow.
+if [[ "${MLOC_UNPINNED:-0}" != "1" ]]; then
+  export PIP_CONSTRAINT="$ROOT/constraints/ppo.txt"
+fi
 
 # torch first, alone and by exact version, so pip takes the intended build rather than the newest.
 "${PIP[@]}" "$TORCH_SPEC"

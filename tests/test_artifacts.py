@@ -241,6 +241,7 @@ def test_without_a_store_the_orchestrator_serves_a_results_dir_it_shares(cluster
 
 
 # ------------------------------------------------------------------------------ S3 (moto server)
+@pytest.mark.extra("s3")
 def test_artifacts_through_an_s3_compatible_server(cluster_factory: Any, tmp_path: Path) -> None:
     # The s3 and dev extras (scripts/setup.sh installs both) bring s3fs and moto.
     import boto3

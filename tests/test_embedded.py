@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -12,8 +13,8 @@ import redis
 
 from mloc import embedded
 from mloc.connection import resolve_url
-from mloc.errors import ConfigError
 from mloc.settings import Settings
+from tests.support.netns import Namespace
 
 
 def test_start_attach_persist_and_stop(tmp_path: Path) -> None:
@@ -39,6 +40,7 @@ def test_start_attach_persist_and_stop(tmp_path: Path) -> None:
         restarted.stop()
 
 
+@pytest.mark.extra("embedded")
 def test_bundled_valkey_binary_is_used_without_redis_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(shutil, "which", lambda name: None)
     binary, kind = embedded.find_binary()
@@ -51,16 +53,25 @@ def test_bundled_valkey_binary_is_used_without_redis_server(tmp_path: Path, monk
         server.stop()
 
 
-def test_no_redis_url_and_nothing_running_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="no REDIS_URL is set"):
-        resolve_url(Settings(MLOC_HOME=tmp_path))
+def test_no_redis_url_and_nothing_running_is_a_clear_error(netns: Namespace, tmp_path: Path) -> None:
+    # In a namespace of its own nothing answers at localhost:6379, whatever runs on this machine.
+    probe = "from mloc.connection import resolve_url; from mloc.settings import Settings; resolve_url(Settings())"
+    done = netns.run([sys.executable, "-c", probe], env={**os.environ, "MLOC_HOME": str(tmp_path), "REDIS_URL": ""})
+    assert done.returncode != 0
+    assert "ConfigError: no REDIS_URL is set, no embedded Redis runs in" in done.stderr
+    assert "nothing answers at redis://localhost:6379; set REDIS_URL=" in done.stderr
 
 
 def test_worker_without_redis_url_joins_the_embedded_server(tmp_path: Path) -> None:
     server = embedded.start(tmp_path)
     try:
-        env = {"MLOC_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "WORKER_ID": "emb-1", "TASK_TOPICS": "none",
-               "RESULTS_DIR": str(tmp_path / "r")}
+        env = {
+            "MLOC_HOME": str(tmp_path),
+            "PATH": "/usr/bin:/bin",
+            "WORKER_ID": "emb-1",
+            "TASK_TOPICS": "none",
+            "RESULTS_DIR": str(tmp_path / "r"),
+        }
         proc = subprocess.Popen([sys.executable, "-m", "mloc.worker.listener"], env=env)
         client = redis.Redis.from_url(server.url, decode_responses=True)
         import time

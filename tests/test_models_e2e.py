@@ -13,6 +13,8 @@ from mloc.client import Client
 from mloc.localcluster import LocalCluster
 from tests.llm.builders import persistent_models_dir
 
+pytestmark = pytest.mark.extra("inference")
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -67,6 +69,7 @@ def test_gemma_inference_end_to_end_with_a_warm_second_task_on_the_same_worker(
     assert [i["output"] for i in warm_result["items"]] == [i["output"] for i in result["items"]]
 
 
+@pytest.mark.extra("rag")
 def test_rag_with_gemma_minilm_and_chroma_end_to_end(
     make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], model_env: dict[str, str]
 ) -> None:

@@ -27,8 +27,14 @@ def inference_task(model: str, prompts: list[str], replicas: int, messages: str 
 
 
 def test_shards_are_contiguous_and_cover_every_input() -> None:
-    doc = load(inference_task("/m", [f"p{i}" for i in range(5)], 3,
-                              "  messages:\n    - [{role: user, content: hi}]\n    - [{role: user, content: yo}]\n"))
+    doc = load(
+        inference_task(
+            "/m",
+            [f"p{i}" for i in range(5)],
+            3,
+            "  messages:\n    - [{role: user, content: hi}]\n    - [{role: user, content: yo}]\n",
+        )
+    )
     parts = shards(doc, "job")
     assert [p["metadata"]["labels"][OFFSET_LABEL] for p in parts] == ["0", "3", "5"]
     assert [p["spec"]["inference"]["prompts"] for p in parts] == [["p0", "p1", "p2"], ["p3", "p4"], []]
@@ -39,10 +45,18 @@ def test_shards_are_contiguous_and_cover_every_input() -> None:
 
 
 def test_merge_restores_prompt_order_and_adds_usage() -> None:
-    first = {"ok": True, "model": "m", "items": [{"index": 1, "output": "b"}, {"index": 0, "output": "a"}],
-             "usage": {"prompt_tokens": 3, "completion_tokens": 4, "latency_sec": 2.0, "num_requests": 2}}
-    second = {"ok": True, "model": "m", "items": [{"index": 0, "output": "c"}],
-              "usage": {"prompt_tokens": 1, "completion_tokens": 2, "latency_sec": 5.0, "num_requests": 1}}
+    first = {
+        "ok": True,
+        "model": "m",
+        "items": [{"index": 1, "output": "b"}, {"index": 0, "output": "a"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 4, "latency_sec": 2.0, "num_requests": 2},
+    }
+    second = {
+        "ok": True,
+        "model": "m",
+        "items": [{"index": 0, "output": "c"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 2, "latency_sec": 5.0, "num_requests": 1},
+    }
     merged = merge("p", [first, second], [0, 2])
     assert [i["output"] for i in merged["items"]] == ["a", "b", "c"]
     assert merged["usage"] == {"prompt_tokens": 4, "completion_tokens": 6, "latency_sec": 5.0, "num_requests": 3}
@@ -53,6 +67,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny") / "model")
 
 
+@pytest.mark.extra("inference")
 def test_replicas_run_on_different_workers_and_merge_in_order(
     make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tiny_model: Path, tmp_path: Path
 ) -> None:
@@ -82,6 +97,7 @@ def test_replicas_run_on_different_workers_and_merge_in_order(
     assert [i["output"] for i in result["items"]] == expected
 
 
+@pytest.mark.extra("inference")
 def test_cancelling_a_group_cancels_its_replicas(
     make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tiny_model: Path
 ) -> None:
@@ -94,7 +110,9 @@ def test_cancelling_a_group_cancels_its_replicas(
     assert {client.task(r["task_id"])["state"] for r in answer["replicas"]} == {"cancelled"}
 
 
-def test_replicas_only_for_inference(make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]) -> None:
+def test_replicas_only_for_inference(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
+) -> None:
     client = client_for(make_cluster(1))
     with pytest.raises(Exception, match="supported for inference tasks"):
         client.submit(b"taskType: echo\nresources: {replicas: 2}\n")

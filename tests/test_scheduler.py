@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from mloc.fit import Request, explain, gpu_matches, misfit
 from mloc.registry import WorkerView
-from mloc.scheduler import Request, _score, explain, gpu_matches, misfit
+from mloc.scheduler import _score
 
 
 def view(
@@ -84,7 +85,7 @@ def test_topics_tags_task_types_and_engines() -> None:
 
 def test_cpu_memory_and_slots() -> None:
     req = Request(task_type="echo", topic="tasks.echo", cpu=4000, mem=16 << 30)
-    assert misfit(req, view(cpu=2000)) == "has 2 CPU free, needs 4"
+    assert misfit(req, view(cpu=2000)) == "has too little CPU free (2 of 4)"
     assert "memory" in (misfit(req, view(mem=8 << 30)) or "")
     full = view()
     full.slots_free = 0
@@ -115,10 +116,12 @@ def test_explain_distinguishes_waiting_from_never() -> None:
 
 
 def test_agent_tools_a_worker_must_switch_on() -> None:
-    from mloc.scheduler import request_of
+    from mloc.fit import request_of
     from mloc.spec import load
 
-    doc = load("taskType: agent_inference\ninput: hi\nhyperparameters: {tools: [python_repl, retriever], retriever_collection: docs}\n")
+    doc = load(
+        "taskType: agent_inference\ninput: hi\nhyperparameters: {tools: [python_repl, retriever], retriever_collection: docs}\n"
+    )
     req = request_of(doc)
     assert req.needs == (("agent_tools", "python_repl"),)
     plain = view(types={"agent_inference"}, caps={"agent_inference": {"agent_tools": ["retriever"]}})
@@ -126,3 +129,55 @@ def test_agent_tools_a_worker_must_switch_on() -> None:
     allowed = view(types={"agent_inference"}, caps={"agent_inference": {"agent_tools": ["retriever", "python_repl"]}})
     assert misfit(req, allowed) is None
     assert Request.from_json(req.to_json()) == req
+
+
+def busy_view(worker_id: str, **kwargs: object) -> WorkerView:
+    """A worker whose capacity is all taken."""
+    base = view(worker_id, **kwargs)  # type: ignore[arg-type]
+    base.cpu_free, base.slots_free, base.free_gpus = 0, 0, set()
+    return base
+
+
+def test_pending_reason_names_every_misfit_across_the_fleet() -> None:
+    req = Request(task_type="sft", topic="tasks.sft", cpu=8000, gpu_count=1)
+    fleet = [
+        busy_view("gpu-1", gpus=["NVIDIA L4"]),
+        busy_view("gpu-2", gpus=["NVIDIA L4"]),
+        view("cpu-1", cpu=2000),
+    ]
+    reason, never = explain(req, fleet)
+    assert not never
+    assert reason.startswith("waiting for capacity: 0/3 workers fit: ")
+    # Workers failing the same check are counted together, and every check that fails is named, not
+    # just the first one.
+    assert "3 have too little CPU free (gpu-1: 0 of 8, gpu-2: 0 of 8, cpu-1: 2 of 8)" in reason
+    assert (
+        "3 have too few free GPUs (gpu-1: 0 free GPU(s) (NVIDIA L4), needs 1 GPU(s), gpu-2: 0 free GPU(s) "
+        "(NVIDIA L4), needs 1 GPU(s), cpu-1: 0 free GPU(s) (no GPU), needs 1 GPU(s))"
+    ) in reason
+    assert "2 are running their maximum of tasks (gpu-1, gpu-2)" in reason
+    # One worker alone reads in the singular; one that could never take it counts what it has in all.
+    reason, never = explain(req, [view("cpu-1", cpu=2000)])
+    assert never and "0/1 worker fit: 1 has too little CPU in all (cpu-1: 2 of 8); 1 has too few GPUs in all" in reason
+
+
+def test_a_topic_no_worker_takes_names_the_fix() -> None:
+    req = Request(task_type="sft", topic="tasks.sft")
+    reason, never = explain(req, [view("w1", topics=["tasks.inference"]), view("w2", topics=["tasks.inference"])])
+    assert never
+    assert (
+        "0/2 workers fit: 2 do not take topic 'tasks.sft' (w1: takes tasks.inference, w2: takes tasks.inference)"
+        in reason
+    )
+    assert "topic tasks.sft is taken by no worker: start one with TASK_TOPICS=tasks.sft (or tasks.*)" in reason
+
+
+def test_a_missing_executor_names_the_extra_to_install() -> None:
+    req = Request(task_type="sft", topic="tasks.sft")
+    reason, never = explain(req, [view("w1", types={"inference", "echo"})])
+    assert never
+    assert "0/1 worker fit: 1 has no executor for 'sft' (w1)" in reason
+    assert "to fix: pip install 'mloc[train]' on the worker" in reason
+    # When another worker has it, the task only waits, and no install is suggested.
+    reason, never = explain(req, [view("w1", types={"inference"}), busy_view("w2")])
+    assert not never and "pip install" not in reason

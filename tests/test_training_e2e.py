@@ -14,6 +14,8 @@ from mloc.client import Client
 from mloc.localcluster import LocalCluster
 from tests.support.tiny_model import build_tiny_causal_lm
 
+pytestmark = pytest.mark.extra("train")
+
 REPO = Path(__file__).resolve().parents[1]
 PPO_PYTHON = REPO / ".venv-ppo" / "bin" / "python"
 

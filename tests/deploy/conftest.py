@@ -1,7 +1,8 @@
 """Shared helpers for the static checks of the deployment files (no Docker engine, no cluster).
 
-The tools come from PyPI through scripts/install_deploy_tools.sh; a missing one FAILS the test that
-needs it, with the command that installs it (a skipped deploy check would look like a passing one).
+The tools come from PyPI through scripts/install_deploy_tools.sh; a missing one skips the test that
+needs it, with the command that installs it. scripts/test.sh installs them all and sets
+MLOC_STRICT_SKIPS=1, under which such a skip fails: in CI a missing tool never looks like a pass.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def tool(name: str) -> str:
     found = shutil.which(name)
     if found:
         return found
-    pytest.fail(f"{name} not found beside {sys.executable} or on PATH: {INSTALL_HINT}", pytrace=False)
+    pytest.skip(f"{name} not found beside {sys.executable} or on PATH: {INSTALL_HINT}")
 
 
 def module(name: str) -> ModuleType:
@@ -70,7 +71,7 @@ def module(name: str) -> ModuleType:
     try:
         return importlib.import_module(name)
     except ImportError as exc:
-        pytest.fail(f"Python package {name} missing ({exc}): {INSTALL_HINT}", pytrace=False)
+        pytest.skip(f"Python package {name} missing ({exc}): {INSTALL_HINT}")
 
 
 def run(

@@ -86,8 +86,13 @@ def _stub(tmp_path: Path, name: str, body: str) -> Path:
     return path
 
 
+PREFLIGHT = (["info"], ["buildx", "version"])
+
+
 def _log(path: Path) -> list[list[str]]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    """The fake docker's calls, less build.sh's checks that an engine and buildx are there."""
+    calls = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [call for call in calls if call not in PREFLIGHT]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -106,6 +111,20 @@ def test_shellcheck_rejects_a_bad_script(shellcheck: str, tmp_path: Path) -> Non
 
 
 # --- build.sh -----------------------------------------------------------------------------------
+def test_build_without_a_docker_engine_says_so_in_one_line(tmp_path: Path) -> None:
+    # A docker client with no daemon behind it, as on a machine where Docker is installed but not running.
+    docker = _stub(
+        tmp_path, "docker", "import sys\nsys.stderr.write('Cannot connect to the Docker daemon\\n')\nsys.exit(1)\n"
+    )
+    result = run(["bash", "scripts/build.sh"], env=clean_env(tmp_path, DOCKER=str(docker)))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "build.sh: no Docker engine answers ('"
+        + str(docker)
+        + " info' failed): start the Docker daemon, or use --dry-run to print the build commands"
+    ]
+
+
 def test_build_builds_the_seed_images(tmp_path: Path) -> None:
     log = tmp_path / "docker.log"
     docker = _stub(tmp_path, "docker", FAKE_DOCKER)
@@ -208,9 +227,7 @@ def test_deploy_creates_secrets_applies_and_waits(fake_cluster: dict[str, Any]) 
     } <= kinds
     assert ["apply", "-k", str(OVERLAYS_DIR / "cpu-dev")] in calls
     waited = [c for c in calls if "rollout" in c]
-    assert any("statefulset/redis" in c for c in waited) and any(
-        "deployment/orchestrator" in c for c in waited
-    )
+    assert any("statefulset/redis" in c for c in waited) and any("deployment/orchestrator" in c for c in waited)
     assert PORT_FORWARD in result.stdout
 
 
@@ -233,10 +250,7 @@ def test_deploy_keeps_existing_secrets_and_takes_given_ones(fake_cluster: dict[s
     )
     assert given.returncode == 0, given.stderr
     assert _secret(fake_cluster["state"], "mloc-auth", "orchestrator-token") == "given-token-0123"
-    assert (
-        _secret(fake_cluster["state"], "mloc-redis", "url")
-        == "rediss://mloc:pw@redis.example.internal:6380/0"
-    )
+    assert _secret(fake_cluster["state"], "mloc-redis", "url") == "rediss://mloc:pw@redis.example.internal:6380/0"
     assert _secret(fake_cluster["state"], "mloc-redis", "password") == password
     assert not any("rollout" in c for c in _log(fake_cluster["log"]))
 
@@ -244,13 +258,9 @@ def test_deploy_keeps_existing_secrets_and_takes_given_ones(fake_cluster: dict[s
 def test_deploy_refuses_bad_input(fake_cluster: dict[str, Any], tmp_path: Path) -> None:
     unknown = run(["bash", "scripts/deploy_k8s.sh", "prod-eu"], env=fake_cluster["env"])
     assert unknown.returncode == 2 and "cpu-dev" in unknown.stderr
-    no_kubectl = run(
-        ["bash", "scripts/deploy_k8s.sh"], env={**fake_cluster["env"], "KUBECTL": "no-such-kubectl"}
-    )
+    no_kubectl = run(["bash", "scripts/deploy_k8s.sh"], env={**fake_cluster["env"], "KUBECTL": "no-such-kubectl"})
     assert no_kubectl.returncode == 2 and "not found" in no_kubectl.stderr
-    bad_password = run(
-        ["bash", "scripts/deploy_k8s.sh"], env={**fake_cluster["env"], "REDIS_PASSWORD": "a@b/c"}
-    )
+    bad_password = run(["bash", "scripts/deploy_k8s.sh"], env={**fake_cluster["env"], "REDIS_PASSWORD": "a@b/c"})
     assert bad_password.returncode == 2 and "REDIS_PASSWORD" in bad_password.stderr
 
 
@@ -262,10 +272,7 @@ def test_render_retags_images_and_leaves_nothing_behind(
     assert result.returncode == 0, result.stderr
     docs = [d for d in yaml.safe_load_all(result.stdout) if d]
     images = {
-        c["image"]
-        for d in docs
-        if "template" in d.get("spec", {})
-        for c in d["spec"]["template"]["spec"]["containers"]
+        c["image"] for d in docs if "template" in d.get("spec", {}) for c in d["spec"]["template"]["spec"]["containers"]
     }
     assert images == {
         "registry.example.com/team/mloc-orchestrator:1.2.3",

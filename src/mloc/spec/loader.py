@@ -14,12 +14,16 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from mloc.errors import PayloadTooLarge, SpecError
+from mloc.errors import BadRequest, PayloadTooLarge, SpecError
 from mloc.spec.base import API_VERSION, Document
 from mloc.spec.registry import document_model, kinds, spec_types
 
 MAX_DOCUMENT_BYTES = 1 << 20
 MAX_DEPTH = 32
+TOO_DEEP = (
+    f"the task nests deeper than {MAX_DEPTH} levels; a task needs a handful, so flatten the nested lists "
+    "and mappings (a long list of prompts is one level, however long)"
+)
 ENVELOPE = ("apiVersion", "kind", "metadata", "spec")
 
 
@@ -54,6 +58,13 @@ _NESTING_MARKS = ("[", "{", "-", "?", "\n")
 _SHALLOW = 100
 
 
+def _is_depth_refusal(exc: yaml.YAMLError) -> bool:
+    """Whether the YAML library itself refused the nesting (PyYAML 6.0.4 and libyaml 0.2.5 on have limits
+    of their own, which can answer before MLOC's check does)."""
+    text = str(getattr(exc, "problem", None) or exc).lower()
+    return "nesting depth" in text or "max depth" in text or "too deep" in text
+
+
 def _check_yaml_depth(text: str) -> None:
     if sum(text.count(mark) for mark in _NESTING_MARKS) <= _SHALLOW:
         return
@@ -63,7 +74,7 @@ def _check_yaml_depth(text: str) -> None:
         if isinstance(event, yaml.CollectionStartEvent):
             depth += 1
             if depth > MAX_DEPTH + 1:
-                raise SpecError(f"the task nests deeper than {MAX_DEPTH} levels")
+                raise SpecError(TOO_DEEP)
         elif isinstance(event, yaml.CollectionEndEvent):
             depth -= 1
 
@@ -93,6 +104,30 @@ def _check_unicode(data: Any) -> None:
             stack.extend(item)
 
 
+# Keys of a task file; two of them on one line (or a body that is all one comment) mean the line breaks
+# were stripped in transit, as `curl -d @file` does.
+_TASK_KEYS = re.compile(
+    r"(?<![\w-])(apiVersion|kind|metadata|spec|taskType|resources|hardware|model|source|identifier|inference|"
+    r"hyperparameters|prompts|dataset)\s*:"
+)
+FLATTENED = (
+    "the task body arrived as a single line: its line breaks were stripped before it was sent, so the YAML "
+    "cannot be read. `curl -d @file` does that; send the file unchanged with `curl --data-binary @my_task.yaml` "
+    "(and -H 'Content-Type: text/yaml'), or use `mloc submit my_task.yaml`"
+)
+
+
+def _looks_flattened(text: str) -> bool:
+    if "\n" in text or "\r" in text:
+        return False
+    body = text.strip()
+    if body.startswith(("{", "[")):
+        return False
+    if body.startswith("#") and ":" in body:
+        return True
+    return len(set(_TASK_KEYS.findall(body))) >= 2
+
+
 def parse_body(data: bytes | str, content_type: str | None = None, *, limit: int = MAX_DOCUMENT_BYTES) -> Any:
     """Parse YAML or JSON text into plain data, refusing oversized or hostile documents."""
     raw = data.encode() if isinstance(data, str) else data
@@ -104,6 +139,8 @@ def parse_body(data: bytes | str, content_type: str | None = None, *, limit: int
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SpecError(f"the task body is not UTF-8 text (byte {exc.start})") from exc
+    if _looks_flattened(text):
+        raise BadRequest(FLATTENED)
     wants_json = bool(content_type and "json" in content_type)
     if wants_json or text.lstrip().startswith(("{", "[")):
         try:
@@ -112,7 +149,7 @@ def parse_body(data: bytes | str, content_type: str | None = None, *, limit: int
                 _check_unicode(data)
             return data
         except RecursionError:
-            raise SpecError(f"the task nests deeper than {MAX_DEPTH} levels") from None
+            raise SpecError(TOO_DEEP) from None
         except json.JSONDecodeError as exc:
             if wants_json and not text.lstrip().startswith(("{", "[")):
                 pass  # seed 2 posts YAML with a JSON content type: fall through to YAML
@@ -141,15 +178,19 @@ def _load_yaml(text: str, *, many: bool) -> Any:
         _check_yaml_depth(text)
         return list(yaml.load_all(text, Loader=loader)) if many else yaml.load(text, Loader=loader)
     except yaml.MarkedYAMLError as exc:
+        if _is_depth_refusal(exc):
+            raise SpecError(TOO_DEEP) from None
         mark = exc.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SpecError(f"invalid YAML{where}: {exc.problem or exc}") from exc
     except yaml.YAMLError as exc:
+        if _is_depth_refusal(exc):
+            raise SpecError(TOO_DEEP) from None
         raise SpecError(f"invalid YAML: {exc}") from exc
     except ValueError as exc:  # a date, number or !!float/!!int value that does not convert
         raise SpecError(f"invalid YAML value: {exc}; quote it to keep it as text") from None
     except RecursionError:
-        raise SpecError(f"the task nests deeper than {MAX_DEPTH} levels") from None
+        raise SpecError(TOO_DEEP) from None
 
 
 def _depth(value: Any, level: int = 0) -> int:
@@ -167,7 +208,7 @@ def normalize(data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SpecError(f"a task must be a mapping with apiVersion, kind, metadata and spec; got {type(data).__name__}")
     if _depth(data) > MAX_DEPTH:
-        raise SpecError(f"the task nests deeper than {MAX_DEPTH} levels")
+        raise SpecError(TOO_DEEP)
     if "spec" not in data and "taskType" in data:
         envelope = {key: data[key] for key in ENVELOPE if key in data}
         envelope["spec"] = {key: value for key, value in data.items() if key not in ENVELOPE}

@@ -62,6 +62,26 @@ def parse_memory(value: object) -> int:
     return total
 
 
+def parse_gpu_list(text: str) -> list[dict[str, object]]:
+    """'NVIDIA A100-SXM4-80GB:2:81920,NVIDIA L4:1:23034' -> one entry per GPU (model:count:MiB).
+
+    Raises ValueError naming the entry and the expected form."""
+    gpus: list[dict[str, object]] = []
+    if text.strip().lower() in ("", "none", "0"):
+        return gpus
+    for part in text.split(","):
+        fields = part.strip().rsplit(":", 2)
+        shape = "write model:count:memory_MiB, e.g. 'NVIDIA L4:1:23034' (several joined by commas)"
+        if len(fields) != 3 or not fields[0].strip():
+            raise ValueError(f"GPU entry {part.strip()!r} is not model:count:memory_MiB; {shape}")
+        name, count, mib = (field.strip() for field in fields)
+        if not (count.isdigit() and mib.isdigit()):
+            raise ValueError(f"GPU entry {part.strip()!r}: count and memory must be whole numbers; {shape}")
+        for _ in range(int(count)):
+            gpus.append({"index": len(gpus), "name": name, "memory_bytes": int(mib) * 1024 * 1024})
+    return gpus
+
+
 def format_cpu(milli: int) -> str:
     return f"{milli // 1000}" if milli % 1000 == 0 else f"{milli}m"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mloc.settings import Settings
-from mloc.spec.quantity import parse_cpu, parse_memory
+from mloc.spec.quantity import parse_cpu, parse_gpu_list, parse_memory
 
 log = logging.getLogger(__name__)
 
@@ -94,25 +94,10 @@ def _smi_gpus() -> list[dict[str, Any]] | None:
     return gpus
 
 
-def parse_gpu_override(text: str) -> list[dict[str, Any]]:
-    """'NVIDIA A100-SXM4-80GB:2:81920,NVIDIA L4:1:23034' -> GPU entries (model:count:MiB)."""
-    gpus: list[dict[str, Any]] = []
-    if text.strip().lower() in ("", "none", "0"):
-        return gpus
-    for part in text.split(","):
-        fields = part.strip().rsplit(":", 2)
-        if len(fields) != 3:
-            raise ValueError(f"MLOC_WORKER_GPUS entry {part!r} must be model:count:memory_MiB")
-        name, count, mib = fields
-        for _ in range(int(count)):
-            gpus.append({"index": len(gpus), "name": name.strip(), "memory_bytes": int(mib) * 1024 * 1024})
-    return gpus
-
-
 def detect(settings: Settings) -> dict[str, Any]:
     """The hardware this worker advertises."""
     if settings.worker_gpus is not None:
-        gpus, gpu_source = parse_gpu_override(settings.worker_gpus), "MLOC_WORKER_GPUS"
+        gpus, gpu_source = parse_gpu_list(settings.worker_gpus), "MLOC_WORKER_GPUS"
     else:
         gpus, gpu_source = _nvml_gpus() or [], "nvml"
         if not gpus:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import sys
 import threading
 import traceback
@@ -23,6 +24,7 @@ from mloc.executors.registry import executor_for
 from mloc.spec import validate
 
 EVENT_FD_ENV = "MLOC_HOST_EVENT_FD"
+WORKER_PID_ENV = "MLOC_WORKER_PID"
 
 
 class Host:
@@ -43,6 +45,7 @@ class Host:
             self._events.flush()
 
     def _read_commands(self) -> None:
+        shutdown = False
         for line in sys.stdin:
             try:
                 message = json.loads(line)
@@ -56,7 +59,12 @@ class Host:
             elif message.get("op") == "run":
                 self._inbox.put(message)
             elif message.get("op") == "shutdown":
+                shutdown = True
                 break
+        if not shutdown:
+            # The worker closed the pipe without saying goodbye: it died. A task still running here
+            # would hold its GPU memory from the requeued attempt, so this process goes now.
+            die_with_group()
         self._cancel.set()
         self._inbox.put(None)
 
@@ -124,7 +132,31 @@ class Host:
                 traceback.print_exc()
 
 
+def die_with_group(*_: object) -> None:
+    """End this executor process and everything it started (an engine's own processes): they share
+    the process group the worker gave this process."""
+    sys.stderr.flush()
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def _follow_the_worker() -> None:
+    """Die with the worker even when nothing is read from stdin: the kernel sends SIGTERM the moment
+    the worker process ends (Linux), and SIGTERM here takes the whole process group down."""
+    signal.signal(signal.SIGTERM, die_with_group)
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    # The worker may have died between fork and prctl; then our parent is already someone else.
+    if os.getppid() != int(os.environ.get(WORKER_PID_ENV, os.getppid())):
+        die_with_group()
+
+
 def main() -> None:
+    _follow_the_worker()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     Host(int(os.environ[EVENT_FD_ENV])).serve()

@@ -10,20 +10,20 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
-from pydantic import ValidationError
 from redis.exceptions import ResponseError
 
 from mloc import __version__, keys, lifecycle
-from mloc.connection import connect, redact, resolve_url
+from mloc.connection import choose_redis, connect
 from mloc.errors import ConfigError
 from mloc.executors.registry import available_task_types, capabilities
 from mloc.registry import Registration, WorkerRegistry
-from mloc.settings import Settings, get_settings
+from mloc.settings import NodeType, Settings, get_settings
 from mloc.state import Reason
 from mloc.store import TaskStore
 from mloc.worker import hardware
@@ -298,17 +298,21 @@ def probe_interpreter(python: str, task_type: str) -> list[str]:
 
 async def serve(settings: Settings | None = None) -> None:
     settings = settings or get_settings()
-    url = resolve_url(settings)
-    log.info("connecting to Redis at %s", redact(url))
-    redis = await connect(url)
-    worker = Worker(settings, redis)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.request_stop)
+    choice = choose_redis(settings)
+    log.info("%s", choice.describe())
     try:
-        await worker.run()
+        redis = await connect(choice.url)
+        worker = Worker(settings, redis)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.request_stop)
+        try:
+            await worker.run()
+        finally:
+            await redis.aclose()
     finally:
-        await redis.aclose()
+        if choice.started is not None:
+            choice.started.stop()
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -322,20 +326,15 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def main() -> None:
-    from mloc.logs import setup
-
+    """``python -m mloc.worker.listener`` (seed 1's ``python -m worker.listener``) and
+    ``mloc start --node-type worker``: run a worker in the foreground until SIGINT/SIGTERM."""
     try:
         settings = get_settings()
-    except ValidationError as exc:
-        setup("INFO")
-        log.error("invalid configuration: %s", exc)
-        raise SystemExit(2) from None
-    setup(settings.log_level, json_lines=settings.log_json)
-    try:
+        settings.setup_logging(NodeType.WORKER)
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(serve(settings))
     except ConfigError as exc:
-        log.error("%s", exc.message)
+        print(f"error: {exc.message}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

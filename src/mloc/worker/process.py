@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mloc.worker.host import EVENT_FD_ENV
+from mloc.worker.host import EVENT_FD_ENV, WORKER_PID_ENV
 
 log = logging.getLogger(__name__)
 Event = dict[str, Any]
@@ -51,7 +51,13 @@ class HostProcess:
     @classmethod
     async def start(cls, key: HostKey, env: dict[str, str]) -> HostProcess:
         read_fd, write_fd = os.pipe()
-        child_env = {**os.environ, **env, EVENT_FD_ENV: str(write_fd), "PYTHONUNBUFFERED": "1"}
+        child_env = {
+            **os.environ,
+            **env,
+            EVENT_FD_ENV: str(write_fd),
+            WORKER_PID_ENV: str(os.getpid()),
+            "PYTHONUNBUFFERED": "1",
+        }
         if key.gpus:
             child_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in key.gpus)
         try:

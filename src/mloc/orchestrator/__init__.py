@@ -1,0 +1,1 @@
+"""What only the orchestrator process runs. ``python -m mloc.orchestrator.server`` starts it."""

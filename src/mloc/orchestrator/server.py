@@ -1,0 +1,75 @@
+"""Start the orchestrator: ``python -m mloc.orchestrator.server`` (seed 1's ``python -m orchestrator.server``),
+the same process as ``mloc start --node-type orchestrator``.
+
+It reads the seeds' variables (REDIS_URL / MLOC_REDIS_URL, ORCHESTRATOR_TOKEN, HEARTBEAT_TTL_SEC,
+PORT / MLOC_PORT, MLOC_HOST, LOG_LEVEL / MLOC_LOG_LEVEL, MLOC_LOG_FILE). With no Redis URL it uses a
+Redis answering at redis://localhost:6379, else starts the embedded one, and logs which.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+from mloc.errors import ConfigError
+from mloc.settings import NodeType, Settings, get_settings
+
+log = logging.getLogger("mloc.orchestrator")
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def serve(settings: Settings) -> None:
+    """Run the orchestrator in the foreground until SIGINT/SIGTERM; raises ConfigError on bad set-up."""
+    import asyncio
+
+    import uvicorn
+
+    from mloc.api import create_app
+    from mloc.connection import choose_redis, connect
+
+    choice = choose_redis(settings)
+    log.info("%s", choice.describe())
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; with the default action that
+    # would end the process before the embedded Redis it started is stopped below.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        settings = settings.model_copy(update={"redis_url": choice.url})
+
+        async def reachable() -> None:
+            # Retries while Redis is unreachable, stops at once on a wrong password: before serving.
+            client = await connect(choice.url)
+            await client.aclose()
+
+        asyncio.run(reachable())
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level.lower(),
+            access_log=False,
+            # MLOC's logging set-up (file, JSON lines, level) stays in force.
+            log_config=None,
+        )
+    finally:
+        if choice.started is not None:
+            choice.started.stop()
+
+
+def main() -> None:
+    try:
+        settings = get_settings()
+        settings.setup_logging(NodeType.ORCHESTRATOR)
+        serve(settings)
+    except ConfigError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

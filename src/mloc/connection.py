@@ -402,18 +402,26 @@ def _tls_refuses_without_certificate(host: str, port: int) -> bool:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     try:
-        with (
-            socket.create_connection((host, port), timeout=2) as raw,
-            context.wrap_socket(raw, server_hostname=host) as sock,
-        ):
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64)[:1] not in (b"+", b"-")
-    except ssl.SSLError as exc:
-        return "CERTIFICATE_REQUIRED" in str(exc) or "HANDSHAKE_FAILURE" in str(exc)
-    except ConnectionResetError:
-        return True
+        raw = socket.create_connection((host, port), timeout=2)
     except OSError:
         return False
+    with raw:
+        try:
+            sock = context.wrap_socket(raw, server_hostname=host)
+        except ssl.SSLError as exc:
+            return "CERTIFICATE_REQUIRED" in str(exc) or "HANDSHAKE_FAILURE" in str(exc)
+        except OSError:
+            return False
+        with sock:
+            try:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64)[:1] not in (b"+", b"-")
+            except (ssl.SSLError, ConnectionError):
+                # After a handshake that needed no certificate, the server's alert arrives as an SSL
+                # error, a reset or a broken pipe, depending on how fast it closes: each is the refusal.
+                return True
+            except OSError:
+                return False
 
 
 def _speaks_plain_redis(host: str, port: int) -> bool:

@@ -42,11 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import Server, pct
 from mloc import keys
 from mloc.localcluster import LocalCluster
-from mloc.registry import Registration, WorkerRegistry
-from mloc.scheduler import Request, Scheduler
+from mloc.orchestrator.scheduler import Request, Scheduler
+from mloc.orchestrator.usage import day_number
 from mloc.state import TaskState
 from mloc.store import TaskStore
-from mloc.usage import day_number
+from mloc.workers import Registration, WorkerRegistry
 
 DAY = 86_400.0
 TARGET_MS = 20.0

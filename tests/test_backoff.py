@@ -13,13 +13,13 @@ import redis.asyncio as aioredis
 from mloc import keys, lifecycle
 from mloc.client import Client
 from mloc.localcluster import LocalCluster
-from mloc.registry import WorkerRegistry
-from mloc.service import Orchestrator
+from mloc.orchestrator.service import Orchestrator
 from mloc.settings import Settings
 from mloc.spec import validate
 from mloc.state import TaskState
 from mloc.store import Reservation, utc_day
 from mloc.users import Principal
+from mloc.workers import WorkerRegistry
 from tests.support.fleet import registration
 
 ADMIN = Principal("admin", admin=True)

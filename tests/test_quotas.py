@@ -18,13 +18,13 @@ import redis.asyncio as aioredis
 
 from mloc import keys, lifecycle
 from mloc.localcluster import LocalCluster
-from mloc.registry import Registration
-from mloc.service import Orchestrator
+from mloc.orchestrator.service import Orchestrator
 from mloc.settings import Settings
 from mloc.spec import validate
 from mloc.state import TaskState
 from mloc.store import Reservation
 from mloc.users import Principal
+from mloc.workers import Registration
 from tests.support import fleet
 
 ADMIN = Principal("admin", admin=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mloc.sandbox import Limits, PythonSandbox
+from mloc.executors.agent.sandbox import Limits, PythonSandbox
 
 
 @pytest.fixture

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mloc.fit import Request, explain, gpu_matches, misfit
-from mloc.registry import WorkerView
-from mloc.scheduler import _score
+from mloc.orchestrator.placement import Request, explain, gpu_matches, misfit
+from mloc.orchestrator.scheduler import _score
+from mloc.workers import WorkerView
 
 
 def view(
@@ -116,7 +116,7 @@ def test_explain_distinguishes_waiting_from_never() -> None:
 
 
 def test_agent_tools_a_worker_must_switch_on() -> None:
-    from mloc.fit import request_of
+    from mloc.orchestrator.placement import request_of
     from mloc.spec import load
 
     doc = load(

@@ -10,9 +10,9 @@ import redis.asyncio as aioredis
 
 from mloc import keys
 from mloc.errors import InvalidTransition
-from mloc.registry import WorkerRegistry
 from mloc.state import ALLOWED, TaskState
 from mloc.store import Reservation, TaskStore, require
+from mloc.workers import WorkerRegistry
 from tests.support.fleet import registration
 
 

@@ -13,11 +13,11 @@ from datetime import UTC, date, datetime, time, timedelta
 import redis.asyncio as aioredis
 
 from mloc import keys
-from mloc.service import Orchestrator
+from mloc.orchestrator.service import Orchestrator
+from mloc.orchestrator.usage import Grouping
 from mloc.settings import Settings
 from mloc.state import TaskState
 from mloc.store import TaskStore
-from mloc.usage import Grouping
 
 
 async def spend(store: TaskStore, owner: str, day: date, **counters: float) -> None:

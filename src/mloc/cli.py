@@ -17,8 +17,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from mloc.errors import ConfigError, MlocError
+from mloc.orchestrator.usage import Grouping
 from mloc.settings import NodeType, Settings, get_settings
-from mloc.usage import Grouping
 
 app = typer.Typer(
     help="MLOC: run LLM inference, fine-tuning, RLHF, RAG and agent tasks on a worker fleet.",

@@ -14,9 +14,9 @@ from typing import Any
 
 from mloc import keys
 from mloc.errors import MlocError
-from mloc.registry import WorkerRegistry
 from mloc.state import TERMINAL, TaskState
 from mloc.store import TaskStore, Transition, require
+from mloc.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)
 # A retry waits up to this fraction longer than its backoff, so tasks that failed together do not

@@ -258,7 +258,7 @@ def test_second_task_on_the_same_model_reuses_the_loaded_engine(tiny_model: Path
 def test_least_recently_used_model_is_evicted_when_the_budget_is_full(
     tiny_model: Path, tiny_chat_model: Path, tmp_path: Path
 ) -> None:
-    from mloc.modelsource import weights_bytes
+    from mloc.llm.modelsource import weights_bytes
 
     # Room for one tiny model (fp32 on disk, loaded as fp32) but not two.
     executor = InferenceExecutor(cache_bytes=int(weights_bytes(tiny_model) * 1.5))

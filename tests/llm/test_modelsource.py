@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mloc.errors import ExecutionError
-from mloc.modelsource import MARKER, build_once, find_packaged, resolve_model, weights_bytes
+from mloc.llm.modelsource import MARKER, build_once, find_packaged, resolve_model, weights_bytes
 from mloc.spec.base import ModelSource, SourceType
 
 pytestmark = pytest.mark.extra("inference")
@@ -59,7 +59,7 @@ BUILDER = textwrap.dedent(
     """
     import os, sys, time
     from pathlib import Path
-    from mloc.modelsource import build_once
+    from mloc.llm.modelsource import build_once
 
     target, log = Path(sys.argv[1]), Path(sys.argv[2])
 

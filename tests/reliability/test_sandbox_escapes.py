@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from mloc.executors.agent.sandbox import Limits, PythonSandbox
 from mloc.executors.base import write_json_atomic
-from mloc.sandbox import Limits, PythonSandbox
 from tests.test_sandbox import processes_of
 
 

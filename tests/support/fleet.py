@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mloc.registry import Registration
+from mloc.workers import Registration
 
 
 def registration(

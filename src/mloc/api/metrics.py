@@ -31,8 +31,8 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mloc import keys
+from mloc.orchestrator.service import Orchestrator
 from mloc.records import WorkerRecord
-from mloc.service import Orchestrator
 from mloc.state import TaskState
 
 log = logging.getLogger(__name__)

@@ -11,9 +11,9 @@ from fastapi.responses import JSONResponse, Response
 
 from mloc import __version__
 from mloc.api.deps import Caller, Orch
-from mloc.service import MAX_STATS_USERS, STATS_PAGE_USERS
+from mloc.orchestrator.service import MAX_STATS_USERS, STATS_PAGE_USERS
+from mloc.orchestrator.usage import Grouping
 from mloc.spec import json_schema
-from mloc.usage import Grouping
 
 router = APIRouter()
 

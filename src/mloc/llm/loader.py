@@ -12,8 +12,8 @@ from typing import Any
 from mloc.errors import ExecutionError
 from mloc.llm.base import LLMEngine
 from mloc.llm.cache import EngineCache, available_ram_bytes
+from mloc.llm.modelsource import find_packaged, resolve_model, stop_token_ids_for, weights_bytes
 from mloc.llm.vllm_engine import cpu_kvcache_bytes, vllm_flavour
-from mloc.modelsource import find_packaged, resolve_model, stop_token_ids_for, weights_bytes
 from mloc.settings import get_settings
 from mloc.spec.base import Engine, ModelSource, ModelSpec, SourceType
 

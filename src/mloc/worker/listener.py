@@ -22,13 +22,13 @@ from mloc import __version__, keys, lifecycle
 from mloc.connection import choose_redis, connect
 from mloc.errors import ConfigError
 from mloc.executors.registry import available_task_types, capabilities
-from mloc.registry import Registration, WorkerRegistry
 from mloc.settings import NodeType, Settings, get_settings
 from mloc.state import Reason
 from mloc.store import TaskStore
 from mloc.worker import hardware
 from mloc.worker.process import HostPool
 from mloc.worker.runner import Running, TaskRunner
+from mloc.workers import Registration, WorkerRegistry
 
 log = logging.getLogger(__name__)
 

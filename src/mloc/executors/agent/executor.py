@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from langchain_core.runnables import RunnableConfig
     from langchain_core.tools import BaseTool
 
+    from mloc.executors.agent.sandbox import PythonSandbox
     from mloc.executors.rag import RagExecutor
-    from mloc.sandbox import PythonSandbox
 
 ChatModelFactory = Callable[[AgentSpec, RunContext], "BaseChatModel"]
 # The python tool runs model-written code; a worker opts in (a sandbox is never a perfect boundary).
@@ -111,7 +111,7 @@ class AgentExecutor(Executor):
 
     def _sandbox_factory(self, spec: AgentSpec, stack: contextlib.ExitStack) -> Callable[[], PythonSandbox]:
         """The task's sandbox, made on first use and removed with the task."""
-        from mloc.sandbox import Limits, PythonSandbox, SandboxUnavailable
+        from mloc.executors.agent.sandbox import Limits, PythonSandbox, SandboxUnavailable
 
         options = spec.hyperparameters
         limits = Limits(timeout_sec=options.tool_timeout_sec, memory_bytes=options.python_memory_mb * 1024 * 1024)

@@ -9,7 +9,7 @@ from typing import Any
 
 from langchain_core.tools import BaseTool, StructuredTool, ToolException
 
-from mloc.sandbox import PythonSandbox, SandboxResult
+from mloc.executors.agent.sandbox import PythonSandbox, SandboxResult
 
 MAX_OBSERVATION_CHARS = 4000
 

@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from mloc.errors import ExecutionError
-from mloc.modelsource import find_packaged, resolve_model
+from mloc.llm.modelsource import find_packaged, resolve_model
 from mloc.spec.base import ModelSource, SourceType
 
 # Workers never download: every id must already be in the local Hugging Face cache.

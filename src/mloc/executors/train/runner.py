@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from mloc.errors import ExecutionError, TaskCancelled
 from mloc.executors.base import Executor, RunContext
 from mloc.executors.train.datasets import LoadedData, Record, load_data
-from mloc.modelsource import resolve_model
+from mloc.llm.modelsource import resolve_model
 from mloc.spec.base import AdapterType
 from mloc.spec.train import DatasetFormat, DPOSpec, GRPOSpec, PPOSpec, SFTSpec, TrainHyperparameters
 

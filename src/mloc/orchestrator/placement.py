@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from mloc.registry import WorkerView
 from mloc.spec.base import Document, ModelSpec
 from mloc.spec.quantity import format_cpu, format_memory
+from mloc.workers import WorkerView
 
 # Agent tools a worker must switch on (MLOC_ALLOW_PYTHON_TOOL, MLOC_WEB_SEARCH_PROVIDER).
 GATED_TOOLS = ("python_repl", "web_search")

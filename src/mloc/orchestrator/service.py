@@ -15,16 +15,16 @@ import redis.asyncio as aioredis
 
 from mloc import groups, keys, lifecycle, modelroots
 from mloc.errors import BadRequest, Forbidden, SpecError
-from mloc.fit import Request, explain, misfit, request_of
+from mloc.orchestrator.placement import Request, explain, misfit, request_of
+from mloc.orchestrator.scheduler import Placement, Scheduler
+from mloc.orchestrator.usage import Grouping, UsageReports
 from mloc.records import WorkerRecord
-from mloc.registry import WorkerRegistry
-from mloc.scheduler import Placement, Scheduler
 from mloc.settings import Settings
 from mloc.spec import Document, validate
 from mloc.spec.loader import default_name
 from mloc.store import TaskStore
-from mloc.usage import Grouping, UsageReports
 from mloc.users import Principal
+from mloc.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)
 MAX_BULK = 10_000

@@ -32,10 +32,10 @@ from operator import itemgetter
 from typing import Any
 
 from mloc import keys, lua
-from mloc.fit import Request, explain, fits_registration, gpu_matches
-from mloc.registry import WorkerRegistry, WorkerView
+from mloc.orchestrator.placement import Request, explain, fits_registration, gpu_matches
 from mloc.state import TaskState
 from mloc.store import Reservation, TaskStore
+from mloc.workers import WorkerRegistry, WorkerView
 
 log = logging.getLogger(__name__)
 SNAPSHOT_MAX_AGE_SEC = 0.25

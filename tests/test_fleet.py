@@ -13,19 +13,9 @@ import redis
 from mloc import keys
 from mloc.client import Client
 from mloc.localcluster import LocalCluster
+from tests.support.api import wait_until
 
 A100 = {"MLOC_WORKER_GPUS": "NVIDIA A100-SXM4-80GB:1:81920"}
-
-
-def wait_for(client: Client, task_id: str, predicate: Callable[[dict], bool], timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    record: dict = {}
-    while time.monotonic() < deadline:
-        record = client.task(task_id)
-        if predicate(record):
-            return record
-        time.sleep(0.05)
-    raise AssertionError(f"task {task_id} did not get there in {timeout}s: {record}")
 
 
 def sleeper(seconds: float, **extra: object) -> bytes:
@@ -40,10 +30,10 @@ def test_task_on_killed_worker_is_requeued_once_and_finished_by_another(
     client = client_for(cluster)
     answer = client.submit(sleeper(3))
     first = answer["worker_id"]
-    wait_for(client, answer["task_id"], lambda r: r["state"] == "running")
+    wait_until(client, answer["task_id"], lambda r: r["state"] == "running")
     cluster.worker_procs[first].kill()  # SIGKILL: no goodbye, no heartbeat
-    requeued = wait_for(client, answer["task_id"], lambda r: r["attempts"] == 2 or r["state"] == "pending", 20)
-    done = wait_for(client, answer["task_id"], lambda r: r["state"] in ("succeeded", "failed"), 30)
+    requeued = wait_until(client, answer["task_id"], lambda r: r["attempts"] == 2 or r["state"] == "pending", 20)
+    done = wait_until(client, answer["task_id"], lambda r: r["state"] in ("succeeded", "failed"), 30)
     assert done["state"] == "succeeded", done
     assert done["attempts"] == 2
     assert done["worker_id"] != first
@@ -60,9 +50,9 @@ def test_retries_exhausted_fails_with_the_reason(
     cluster = make_cluster(1)
     client = client_for(cluster)
     answer = client.submit(b"taskType: echo\nretries: 0\nhyperparameters: {sleep_sec: 20}\n")
-    wait_for(client, answer["task_id"], lambda r: r["state"] == "running")
+    wait_until(client, answer["task_id"], lambda r: r["state"] == "running")
     cluster.worker_procs["local-1"].kill()
-    failed = wait_for(client, answer["task_id"], lambda r: r["state"] == "failed", 20)
+    failed = wait_until(client, answer["task_id"], lambda r: r["state"] == "failed", 20)
     assert failed["reason_code"] == "retries_exhausted"
     assert "local-1 lost" in failed["reason"] and "1 of 1 attempts" in failed["reason"]
 
@@ -73,7 +63,7 @@ def test_cleanup_endpoint_requeues_at_once(
     cluster = make_cluster(1, env={"HEARTBEAT_TTL_SEC": "2", "MLOC_REAP_INTERVAL_SEC": "60"})
     client = client_for(cluster)
     answer = client.submit(sleeper(20))
-    wait_for(client, answer["task_id"], lambda r: r["state"] == "running")
+    wait_until(client, answer["task_id"], lambda r: r["state"] == "running")
     cluster.worker_procs["local-1"].send_signal(signal.SIGSTOP)  # alive but silent
     try:
         time.sleep(2.5)
@@ -85,7 +75,7 @@ def test_cleanup_endpoint_requeues_at_once(
     finally:
         cluster.worker_procs["local-1"].send_signal(signal.SIGCONT)
     # The worker wakes up, learns it was declared lost, registers again and runs the task anew.
-    done = wait_for(client, answer["task_id"], lambda r: r["state"] == "succeeded", 40)
+    done = wait_until(client, answer["task_id"], lambda r: r["state"] == "succeeded", 40)
     assert done["attempts"] == 2
 
 
@@ -106,7 +96,7 @@ def test_gpu_task_waits_with_a_reason_and_runs_when_capacity_frees(
     never = client.submit(b"taskType: echo\nresources: {hardware: {gpu: {type: H100, count: 1}}}\n")
     assert never["unschedulable"] is True
     assert never["pending_reason"].startswith("no registered worker can run this task")
-    done = wait_for(client, second["task_id"], lambda r: r["state"] == "succeeded", 20)
+    done = wait_until(client, second["task_id"], lambda r: r["state"] == "succeeded", 20)
     assert done["worker_id"] == "local-1"
     assert client.task(first["task_id"])["state"] == "succeeded"
     assert client.worker("local-1")["free"]["gpus"] == [0]
@@ -140,13 +130,13 @@ def test_executor_crash_fails_its_task_not_the_worker(
     cluster = make_cluster(1)
     client = client_for(cluster)
     crash = client.submit(b"taskType: echo\nhyperparameters: {isolate: true, crash: true}\n")
-    failed = wait_for(client, crash["task_id"], lambda r: r["state"] == "failed")
+    failed = wait_until(client, crash["task_id"], lambda r: r["state"] == "failed")
     assert failed["reason_code"] == "executor_crashed" and "SIGKILL" in failed["reason"]
     boom = client.submit(b"taskType: echo\nhyperparameters: {fail_message: 'dataset row 3 is not JSON'}\n")
-    failed = wait_for(client, boom["task_id"], lambda r: r["state"] == "failed")
+    failed = wait_until(client, boom["task_id"], lambda r: r["state"] == "failed")
     assert failed["reason"] == "dataset row 3 is not JSON"
     ok = client.submit(b"taskType: echo\nhyperparameters: {isolate: true}\n")
-    assert wait_for(client, ok["task_id"], lambda r: r["state"] == "succeeded")["worker_id"] == "local-1"
+    assert wait_until(client, ok["task_id"], lambda r: r["state"] == "succeeded")["worker_id"] == "local-1"
     assert cluster.worker_procs["local-1"].poll() is None
 
 
@@ -158,16 +148,16 @@ def test_cancel_pending_and_running_tasks(
     running = client.submit(sleeper(60, isolate=True))
     queued = client.submit(sleeper(60))
     assert queued["state"] == "pending"
-    wait_for(client, running["task_id"], lambda r: r["state"] == "running")
+    wait_until(client, running["task_id"], lambda r: r["state"] == "running")
     assert client.cancel(queued["task_id"])["state"] == "cancelled"
     started = time.monotonic()
     assert client.cancel(running["task_id"])["state"] == "cancelling"
-    done = wait_for(client, running["task_id"], lambda r: r["state"] == "cancelled", 15)
+    done = wait_until(client, running["task_id"], lambda r: r["state"] == "cancelled", 15)
     assert time.monotonic() - started < 5
     assert done["reason_code"] == "cancelled_by_user"
     assert client.worker("local-1")["free"]["slots"] == 1
     after = client.submit(b"taskType: echo\n")
-    assert wait_for(client, after["task_id"], lambda r: r["state"] == "succeeded")
+    assert wait_until(client, after["task_id"], lambda r: r["state"] == "succeeded")
 
 
 def test_sigterm_finishes_running_work_and_hands_back_the_rest(
@@ -177,13 +167,13 @@ def test_sigterm_finishes_running_work_and_hands_back_the_rest(
     client = client_for(cluster)
     running = client.submit(sleeper(1.5))
     waiting = client.submit(sleeper(0.1))
-    wait_for(client, running["task_id"], lambda r: r["state"] == "running")
+    wait_until(client, running["task_id"], lambda r: r["state"] == "running")
     cluster.stop_worker("local-1", signal.SIGTERM)
     assert client.task(running["task_id"])["state"] == "succeeded"
     assert client.worker("local-1")["status"] == "offline"
     assert client.task(waiting["task_id"])["state"] == "pending"
     cluster.add_worker("local-2")
-    assert wait_for(client, waiting["task_id"], lambda r: r["state"] == "succeeded", 30)["worker_id"] == "local-2"
+    assert wait_until(client, waiting["task_id"], lambda r: r["state"] == "succeeded", 30)["worker_id"] == "local-2"
 
 
 def test_restart_with_the_same_worker_id_requeues_what_it_held(
@@ -192,10 +182,10 @@ def test_restart_with_the_same_worker_id_requeues_what_it_held(
     cluster = make_cluster(1, env={"HEARTBEAT_TTL_SEC": "60"})
     client = client_for(cluster)
     answer = client.submit(sleeper(30))
-    wait_for(client, answer["task_id"], lambda r: r["state"] == "running")
+    wait_until(client, answer["task_id"], lambda r: r["state"] == "running")
     cluster.worker_procs.pop("local-1").kill()
     cluster.add_worker("local-1", {"TASK_TOPICS": "none"})  # same id, takes nothing now
-    record = wait_for(client, answer["task_id"], lambda r: r["state"] == "pending", 30)
+    record = wait_until(client, answer["task_id"], lambda r: r["state"] == "pending", 30)
     assert record["reason_code"] == "worker_restarted" and record["attempts"] == 1
 
 
@@ -205,7 +195,7 @@ def test_results_are_written_atomically_under_results_dir(
     cluster = make_cluster(1)
     client = client_for(cluster)
     answer = client.submit(b"taskType: echo\npayload: {answer: 42}\n")
-    wait_for(client, answer["task_id"], lambda r: r["state"] == "succeeded")
+    wait_until(client, answer["task_id"], lambda r: r["state"] == "succeeded")
     folder = tmp_path / "results" / answer["task_id"]
     assert json.loads((folder / "responses.json").read_text())["payload"] == {"answer": 42}
     assert [p.name for p in folder.iterdir()] == ["responses.json"]
@@ -220,13 +210,13 @@ def test_unwritable_results_dir_fails_the_task_clearly(
     results.rmdir()
     results.write_text("the volume went away: a file stands where the results folder was")
     answer = client.submit(b"taskType: echo\n")
-    failed = wait_for(client, answer["task_id"], lambda r: r["state"] == "failed")
+    failed = wait_until(client, answer["task_id"], lambda r: r["state"] == "failed")
     assert failed["reason"].startswith(f"cannot write results to {results / answer['task_id']}")
     assert cluster.worker_procs["local-1"].poll() is None
     results.unlink()
     results.mkdir()
     again = client.submit(b"taskType: echo\n")
-    assert wait_for(client, again["task_id"], lambda r: r["state"] == "succeeded")
+    assert wait_until(client, again["task_id"], lambda r: r["state"] == "succeeded")
 
 
 def test_worker_refuses_to_start_without_a_usable_results_dir(
@@ -252,10 +242,10 @@ def test_a_task_past_its_timeout_is_stopped_and_fails(
     )
     started = time.monotonic()
     for answer in (polite, hung):
-        failed = wait_for(client, answer["task_id"], lambda r: r["state"] == "failed", 30)
+        failed = wait_until(client, answer["task_id"], lambda r: r["state"] == "failed", 30)
         assert failed["reason_code"] == "timeout"
         assert "spec.timeout_sec (1s)" in failed["reason"]
     assert time.monotonic() - started < 20
     assert client.worker("local-1")["free"]["slots"] == 4
     ok = client.submit(b"taskType: echo\ntimeout_sec: 30\n")
-    assert wait_for(client, ok["task_id"], lambda r: r["state"] == "succeeded")
+    assert wait_until(client, ok["task_id"], lambda r: r["state"] == "succeeded")

@@ -33,6 +33,7 @@ from mloc.modules import MODULE_REGISTRY, BaseModule, ProgressCallback, TaskType
 from mloc.spec import validate
 from mloc.spec.plugin import PluginSpec
 from mloc.spec.registry import BUILTIN
+from tests.support.api import wait_until
 
 LINES = ["the quick brown fox", "jumps over the lazy dog", "the end"]
 
@@ -40,17 +41,6 @@ LINES = ["the quick brown fox", "jumps over the lazy dog", "the end"]
 def task_yaml(task_type: str, name: str | None = None, **hyperparameters: Any) -> bytes:
     metadata = f"metadata: {{name: {name}}}\n" if name else ""
     return f"taskType: {task_type}\n{metadata}hyperparameters: {json.dumps(hyperparameters)}\n".encode()
-
-
-def wait_for(client: Client, task_id: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    record: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        record = client.task(task_id)
-        if predicate(record):
-            return record
-        time.sleep(0.05)
-    raise AssertionError(f"task {task_id} did not get there in {timeout}s: {record}")
 
 
 def context(tmp_path: Path, events: list[dict[str, Any]] | None = None, payload: Any = None) -> RunContext:
@@ -208,7 +198,7 @@ def test_plugin_tasks_run_beside_a_native_executor_in_one_worker(
             seen.append((progress["step"], progress["total"]))
         return record["state"] in TERMINAL
 
-    done = wait_for(client, wordcount["task_id"], watch)
+    done = wait_until(client, wordcount["task_id"], watch, 60)
     assert done["state"] == "succeeded", done
     records = {
         name: client.wait(answer["task_id"], timeout=60)
@@ -262,7 +252,7 @@ def test_plugin_failures_and_cancellation_end_their_tasks(
         assert record["reason"] == message
 
     slow = client.submit(task_yaml("seed_two_wordcount", lines=LINES, pause_sec=60))
-    wait_for(client, slow["task_id"], lambda r: (r.get("progress") or {}).get("step") == 1)
+    wait_until(client, slow["task_id"], lambda r: (r.get("progress") or {}).get("step") == 1, 60)
     asked = time.monotonic()
     client.cancel(slow["task_id"])
     record = client.wait(slow["task_id"], timeout=30)

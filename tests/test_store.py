@@ -13,22 +13,11 @@ from mloc.errors import InvalidTransition
 from mloc.state import ALLOWED, TaskState
 from mloc.store import Reservation, TaskStore, require
 from mloc.workers import WorkerRegistry
-from tests.support.fleet import registration
+from tests.support.fleet import echo_record, registration
 
 
 async def new_task(store: TaskStore, owner: str = "alice") -> str:
-    record = store.new_record(
-        document={"spec": {}},
-        name="t",
-        owner=owner,
-        task_type="echo",
-        kind="EchoTask",
-        topic="tasks.echo",
-        priority=0,
-        max_attempts=2,
-        request={},
-        labels={},
-    )
+    record = echo_record(store, owner, max_attempts=2)
     await store.insert([record])
     return record["id"]
 

@@ -18,22 +18,12 @@ from mloc.orchestrator.usage import Grouping
 from mloc.settings import Settings
 from mloc.state import TaskState
 from mloc.store import TaskStore
+from tests.support.fleet import echo_record
 
 
 async def spend(store: TaskStore, owner: str, day: date, **counters: float) -> None:
     """Record usage the way a worker does: a task ends at noon (UTC) of ``day`` with these counters."""
-    record = store.new_record(
-        document={"spec": {}},
-        name="t",
-        owner=owner,
-        task_type="echo",
-        kind="EchoTask",
-        topic="tasks.echo",
-        priority=0,
-        max_attempts=1,
-        request={},
-        labels={},
-    )
+    record = echo_record(store, owner)
     await store.insert([record])
     noon = datetime.combine(day, time(12), UTC).timestamp()
     ended = await store.transition(record["id"], TaskState.FAILED, usage=counters, owner=owner, now=noon)

@@ -149,10 +149,7 @@ async def check_at_submit(redis: aioredis.Redis, spec: Mapping[str, Any], owner:
                 f"{reference.field} {reference.value!r} is a relative path, which each worker would read from a "
                 f"folder of its own; give an absolute path under {roots.describe()}"
             )
-        path = Path(os.path.normpath(reference.value))
-        folder_task = roots.result_task(path)
-        folder_owner = await task_owner(redis, folder_task) if folder_task else None
-        refused = roots.refusal(path, reference, folder_owner, owner)
+        refused = await _refusal(redis, roots, Path(os.path.normpath(reference.value)), reference, owner)
         if refused:
             return refused
     return None
@@ -172,9 +169,17 @@ async def check_on_worker(redis: aioredis.Redis, spec: Mapping[str, Any], owner:
             real = path.resolve()
         except (OSError, ValueError) as exc:  # a NUL byte, a name too long, a link loop
             return f"{reference.field} {reference.value!r} is not a path this worker can read ({exc})"
-        folder_task = real_roots.result_task(real)
-        folder_owner = await task_owner(redis, folder_task) if folder_task else None
-        refused = real_roots.refusal(real, reference, folder_owner, owner)
+        refused = await _refusal(redis, real_roots, real, reference, owner)
         if refused:
             return refused
     return None
+
+
+async def _refusal(
+    redis: aioredis.Redis, roots: ModelRoots, path: Path, reference: Reference, owner: str
+) -> str | None:
+    """:meth:`ModelRoots.refusal`, with the owner of the task whose result folder holds ``path`` read
+    from Redis."""
+    folder_task = roots.result_task(path)
+    folder_owner = await task_owner(redis, folder_task) if folder_task else None
+    return roots.refusal(path, reference, folder_owner, owner)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mloc.store import TaskStore
 from mloc.workers import Registration
 
 
@@ -28,4 +29,20 @@ def registration(
         memory_bytes=memory,
         slots=slots,
         version="t",
+    )
+
+
+def echo_record(store: TaskStore, owner: str = "alice", *, max_attempts: int = 1) -> dict[str, str]:
+    """A new echo task's record, as the orchestrator builds one, not yet stored."""
+    return store.new_record(
+        document={"spec": {}},
+        name="t",
+        owner=owner,
+        task_type="echo",
+        kind="EchoTask",
+        topic="tasks.echo",
+        priority=0,
+        max_attempts=max_attempts,
+        request={},
+        labels={},
     )

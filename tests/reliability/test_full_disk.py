@@ -16,7 +16,7 @@ import pytest
 from mloc.client import ApiError, Client
 from mloc.localcluster import LocalCluster
 from tests.reliability.conftest import FAULT_ENV, tmpfs
-from tests.test_fleet import wait_for
+from tests.support.api import wait_until
 
 
 def test_full_results_volume_fails_the_task_cleanly_and_the_worker_goes_on(
@@ -26,7 +26,7 @@ def test_full_results_volume_fails_the_task_cleanly_and_the_worker_goes_on(
         cluster = make_cluster(1, env=FAULT_ENV, worker_env=[{"RESULTS_DIR": str(volume)}])
         client = client_for(cluster)
         big = client.submit(json.dumps({"taskType": "echo", "payload": "x" * 200_000}).encode())
-        failed = wait_for(client, big["task_id"], lambda r: r["state"] in ("succeeded", "failed"), 30)
+        failed = wait_until(client, big["task_id"], lambda r: r["state"] in ("succeeded", "failed"), 30)
         assert failed["state"] == "failed", failed
         assert "No space left on device" in failed["reason"], failed["reason"]  # ENOSPC, in words
         assert failed["reason"].startswith(f"cannot write results to {volume / big['task_id']}")
@@ -39,7 +39,7 @@ def test_full_results_volume_fails_the_task_cleanly_and_the_worker_goes_on(
         assert cluster.worker_procs["local-1"].poll() is None
 
         small = client.submit(b"taskType: echo\npayload: {answer: 42}\n")
-        done = wait_for(client, small["task_id"], lambda r: r["state"] in ("succeeded", "failed"), 30)
+        done = wait_until(client, small["task_id"], lambda r: r["state"] in ("succeeded", "failed"), 30)
         assert done["state"] == "succeeded", done
         assert json.loads((volume / small["task_id"] / "responses.json").read_text())["payload"] == {"answer": 42}
         assert client.worker("local-1")["free"]["slots"] == 4

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from mloc import keys, lifecycle
 from mloc.client import Client
 from mloc.localcluster import LocalCluster
-from mloc.orchestrator.service import Orchestrator
+from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.settings import Settings
 from mloc.spec import validate
 from mloc.state import TaskState

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mloc.api import metrics
 from mloc.localcluster import LocalCluster
-from mloc.orchestrator.service import Orchestrator
+from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.settings import Settings
 from tests.support.api import wait_for
 from tests.support.clock import within_one_utc_day

@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime, time, timedelta
 import redis.asyncio as aioredis
 
 from mloc import keys
-from mloc.orchestrator.service import Orchestrator
+from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.orchestrator.usage import Grouping
 from mloc.settings import Settings
 from mloc.state import TaskState

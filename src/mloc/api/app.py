@@ -20,7 +20,7 @@ from mloc import __version__
 from mloc.api import admin, artifacts, dashboard, metrics, misc, tasks, workers
 from mloc.connection import connect, redact, resolve_url
 from mloc.errors import MlocError
-from mloc.orchestrator.service import Orchestrator
+from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)

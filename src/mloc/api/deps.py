@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Path, Request
 
 from mloc.errors import BadRequest, Forbidden
-from mloc.orchestrator.service import Orchestrator
+from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.users import Principal, authenticate
 
 _TASK_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")

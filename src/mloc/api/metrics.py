@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mloc import keys
-from mloc.orchestrator.service import Orchestrator
+from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.records import WorkerRecord
 from mloc.state import TaskState
 

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 
 from mloc import __version__
 from mloc.api.deps import Caller, Orch
-from mloc.orchestrator.service import MAX_STATS_USERS, STATS_PAGE_USERS
+from mloc.orchestrator.orchestrator import MAX_STATS_USERS, STATS_PAGE_USERS
 from mloc.orchestrator.usage import Grouping
 from mloc.spec import json_schema
 

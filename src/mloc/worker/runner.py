@@ -45,7 +45,7 @@ class Running:
 
 
 class TaskRunner:
-    """How a worker runs the tasks assigned to it. :class:`mloc.worker.listener.Worker` adds
+    """How a worker runs the tasks assigned to it. :class:`mloc.worker.worker.Worker` adds
     membership (registration, heartbeats), the assignment and control loops, and shutdown."""
 
     settings: Settings

@@ -1,0 +1,292 @@
+"""The worker: registration, heartbeats, the assignment loop and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from mloc import __version__, keys, lifecycle
+from mloc.errors import ConfigError
+from mloc.executors.registry import available_task_types, capabilities
+from mloc.settings import Settings
+from mloc.state import Reason
+from mloc.store import TaskStore
+from mloc.worker import hardware
+from mloc.worker.process import HostPool
+from mloc.worker.runner import Running, TaskRunner
+from mloc.workers import Registration, WorkerRegistry
+
+log = logging.getLogger(__name__)
+
+
+class Worker(TaskRunner):
+    def __init__(self, settings: Settings, redis: aioredis.Redis) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.store = TaskStore(redis)
+        self.registry = WorkerRegistry(redis)
+        self.worker_id = settings.resolved_worker_id
+        self.results_dir = settings.results_dir.resolve()
+        self.models_dir = settings.resolved_models_dir.resolve()
+        self.hardware = hardware.detect(settings)
+        self.task_types = self._offered_task_types()
+        self.pool = HostPool(env={"MLOC_MODELS_DIR": str(self.models_dir)})
+        self.running: dict[str, Running] = {}
+        self.stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Used only for tasks stored without their own policy (submitted to an older orchestrator).
+        self.backoff = lifecycle.Backoff(settings.retry_backoff_sec, settings.retry_backoff_max_sec)
+
+    def _offered_task_types(self) -> list[str]:
+        """Task types this worker runs: those its own environment has, plus those an interpreter in
+        MLOC_EXECUTOR_PYTHON says it can run."""
+        offered = set(available_task_types())
+        for task_type, python in self.settings.executor_pythons.items():
+            missing = probe_interpreter(python, task_type)
+            if missing:
+                log.warning("%s tasks are not offered: %s cannot run them (%s)", task_type, python, "; ".join(missing))
+                offered.discard(task_type)
+            else:
+                offered.add(task_type)
+        return sorted(offered)
+
+    # ------------------------------------------------------------ membership
+    async def _recover(self, reason_code: str, reason: str) -> None:
+        """Hand back whatever an earlier incarnation of this worker id held."""
+        await self.registry.set_status(self.worker_id, "restarting")
+        for task_id in await self.registry.task_ids(self.worker_id):
+            if task_id in self.running:
+                continue
+            outcome = await lifecycle.requeue(
+                self.store,
+                task_id,
+                worker_id=self.worker_id,
+                reason_code=reason_code,
+                reason=reason,
+                backoff=self.backoff,
+            )
+            if not outcome.ok:
+                await self.redis.srem(keys.worker_tasks(self.worker_id), task_id)
+        await self.redis.delete(keys.worker_stream(self.worker_id))
+        await self._ensure_group()
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(keys.worker_stream(self.worker_id), keys.WORKER_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def register(self) -> None:
+        await self._recover(Reason.WORKER_RESTARTED, f"worker {self.worker_id} restarted")
+        await self.registry.register(
+            Registration(
+                worker_id=self.worker_id,
+                hostname=socket.gethostname(),
+                pid=os.getpid(),
+                topics=self.settings.topics,
+                tags=self.settings.tags,
+                task_types=self.task_types,
+                capabilities=capabilities(),
+                hardware=self.hardware,
+                cpu_milli=self.hardware["cpu_milli"],
+                memory_bytes=self.hardware["memory_bytes"],
+                slots=self.settings.worker_slots,
+                version=__version__,
+            )
+        )
+        log.info(
+            "worker %s registered: topics %s, task types %s, %d GPU(s), results in %s",
+            self.worker_id,
+            ",".join(self.settings.topics),
+            ",".join(self.task_types),
+            len(self.hardware["gpus"]),
+            self.results_dir,
+        )
+
+    async def _heartbeat_loop(self) -> None:
+        while not self.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), self.settings.heartbeat_interval_sec)
+            if self.stopping.is_set():
+                return
+            try:
+                warm = sorted(
+                    set(self.pool.warm_models())
+                    | {m for r in self.running.values() if r.host for m in r.host.warm_models}
+                )
+                answer = await self.registry.heartbeat(
+                    self.worker_id, {"warm_models": json.dumps(warm), "running": str(len(self.running))}
+                )
+                if answer != "ok":
+                    log.warning(
+                        "worker %s was marked %s; stopping its tasks and registering again",
+                        self.worker_id,
+                        answer,
+                    )
+                    for run in list(self.running.values()):
+                        await self._stop(run, "lost")
+                    await self.register()
+            except aioredis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    # --------------------------------------------------------------- control
+    async def _control_loop(self) -> None:
+        """Cancel requests: pub/sub for speed, plus a poll in case a message was missed. A Redis
+        outage pauses it; it subscribes again once Redis is back."""
+        while not self.stopping.is_set():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(keys.worker_control(self.worker_id))
+                await self._listen_for_cancels(pubsub)
+            except aioredis.RedisError as exc:
+                log.warning("control channel failed (%s); subscribing again in 1s", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), 1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def _listen_for_cancels(self, pubsub: Any) -> None:
+        last_poll = 0.0
+        while not self.stopping.is_set():
+            message = await pubsub.get_message(timeout=0.5)
+            if message is not None:
+                with contextlib.suppress(ValueError, KeyError):
+                    task_id = json.loads(message["data"])["cancel"]
+                    if task_id in self.running:
+                        await self._stop(self.running[task_id], "cancelled")
+            if time.monotonic() - last_poll > 2.0 and self.running:
+                last_poll = time.monotonic()
+                ids = list(self.running)
+                pipe = self.redis.pipeline(transaction=False)
+                for task_id in ids:
+                    pipe.hget(keys.task(task_id), "cancel_requested")
+                for task_id, flag in zip(ids, await pipe.execute(), strict=True):
+                    if flag == "1" and task_id in self.running:
+                        await self._stop(self.running[task_id], "cancelled")
+
+    async def _consume_loop(self) -> None:
+        stream = keys.worker_stream(self.worker_id)
+        while not self.stopping.is_set():
+            try:
+                reply = await self.redis.xreadgroup(
+                    keys.WORKER_GROUP, self.worker_id, {stream: ">"}, count=64, block=500
+                )
+            except ResponseError as exc:
+                if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
+                    # Refused (out of memory, a read-only replica after failover): wait, then read again.
+                    log.warning("assignment stream unavailable: %s; retrying", exc)
+                    await asyncio.sleep(1.0)
+                    continue
+                # The stream was recreated on re-registration.
+                log.info("assignment stream reset (%s); joining it again", exc)
+                with contextlib.suppress(aioredis.RedisError):
+                    await self._ensure_group()
+                continue
+            except aioredis.RedisError as exc:
+                log.warning("assignment stream unavailable: %s; retrying", exc)
+                await asyncio.sleep(1.0)
+                continue
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    if self.stopping.is_set():
+                        break  # left unacknowledged: handed back at shutdown
+                    self._spawn(self._handle(entry_id, fields))
+
+    # -------------------------------------------------------------- lifecycle
+    async def run(self) -> None:
+        try:
+            self.results_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"RESULTS_DIR {self.results_dir} cannot be created: {exc.strerror or exc}") from exc
+        await self.register()
+        loops = [
+            asyncio.create_task(self._consume_loop(), name="consume"),
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._control_loop(), name="control"),
+        ]
+        await self.stopping.wait()
+        await self._drain(loops)
+
+    async def _drain(self, loops: list[asyncio.Task[None]]) -> None:
+        log.info("worker %s stopping: taking no new tasks", self.worker_id)
+        await asyncio.gather(loops[0], return_exceptions=True)
+        try:
+            await self.registry.set_status(self.worker_id, "draining")
+            # Assigned but not started: hand back at once, without using an attempt.
+            for task_id in await self.registry.task_ids(self.worker_id):
+                if task_id not in self.running:
+                    await lifecycle.requeue(
+                        self.store,
+                        task_id,
+                        worker_id=self.worker_id,
+                        reason_code=Reason.WORKER_SHUTDOWN.value,
+                        reason=f"worker {self.worker_id} shut down",
+                        backoff=self.backoff,
+                    )
+        except aioredis.RedisError as exc:
+            log.warning(
+                "Redis is unavailable while stopping (%s); the orchestrator requeues this worker's tasks once "
+                "its heartbeat expires",
+                exc,
+            )
+        if self.running:
+            log.info(
+                "waiting up to %.0fs for %d running task(s)",
+                self.settings.shutdown_grace_sec,
+                len(self.running),
+            )
+            deadline = time.monotonic() + self.settings.shutdown_grace_sec
+            while self.running and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            for run in list(self.running.values()):
+                await self._stop(run, "shutdown")
+            while self.running:
+                await asyncio.sleep(0.1)
+        for loop in loops[1:]:
+            loop.cancel()
+        await asyncio.gather(*loops[1:], *self._tasks, return_exceptions=True)
+        await self.pool.close()
+        with contextlib.suppress(aioredis.RedisError):
+            await self.registry.set_status(self.worker_id, "offline")
+            await self.redis.delete(keys.worker_stream(self.worker_id))
+        log.info("worker %s stopped", self.worker_id)
+
+    def request_stop(self) -> None:
+        self.stopping.set()
+
+
+_PROBE = (
+    "import json, sys\n"
+    "from mloc.executors.registry import executor_for\n"
+    "info = executor_for(sys.argv[1])\n"
+    "print(json.dumps(list(info.missing) if info else ['no executor for this task type']))\n"
+)
+
+
+def probe_interpreter(python: str, task_type: str) -> list[str]:
+    """What another interpreter lacks to run ``task_type`` (empty when it can run it)."""
+    try:
+        done = subprocess.run(
+            [python, "-c", _PROBE, task_type], capture_output=True, text=True, timeout=180, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return [f"cannot start it: {exc}"]
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return [f"it failed: {tail}"]
+    try:
+        return [str(item) for item in json.loads(done.stdout.strip().splitlines()[-1])]
+    except (ValueError, IndexError):
+        return [f"unexpected answer: {done.stdout[-200:]!r}"]

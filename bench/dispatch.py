@@ -22,6 +22,8 @@ import multiprocessing as mp
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import httpx
@@ -36,11 +38,19 @@ from mloc.state import TaskState
 
 ECHO = b"taskType: echo\n"
 RAW_STREAM, RAW_DONE, RAW_GROUP, RAW_READY = "bench:raw", "bench:raw:done", "g", "bench:raw:ready"
+# redis-py 8 reads with a 5 s socket timeout by default; the blocking reads here block for up to 5 s, so
+# an unlucky slow reply would fail as a timeout rather than come back empty. Redis answers a BLOCK
+# itself, so the socket waits longer than any BLOCK here.
+SOCKET_TIMEOUT_S = 30
+
+
+def _client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT_S)
 
 
 # ------------------------------------------------------------------ baseline
 def _raw_consumer(url: str, name: str, stop_after: float) -> None:
-    r = redis.Redis.from_url(url)
+    r = _client(url)
     r.incr(RAW_READY)
     deadline = time.monotonic() + stop_after
     while time.monotonic() < deadline:
@@ -54,11 +64,32 @@ def _raw_consumer(url: str, name: str, stop_after: float) -> None:
 
 
 def raw_baseline(url: str, latency_n: int, throughput_n: int) -> dict[str, float]:
-    r = redis.Redis.from_url(url)
+    ctx = mp.get_context("spawn")
+    # Daemons, stopped in the finally: a failed run then reports its own error, not the consumers'
+    # "Connection closed by server" once the benchmark's Redis is stopped under them.
+    consumers = [ctx.Process(target=_raw_consumer, args=(url, f"c{i}", 120), daemon=True) for i in range(2)]
+    try:
+        return _raw_run(url, consumers, latency_n, throughput_n)
+    finally:
+        for proc in consumers:
+            if proc.is_alive():
+                proc.terminate()
+            if proc.pid is not None:
+                proc.join()
+
+
+def _next_done(r: redis.Redis, last: str | bytes, what: str, count: int = 1) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    reply = r.xread({RAW_DONE: last}, count=count, block=5000)
+    if not reply:
+        raise SystemExit(f"the baseline's consumers completed no entry within 5 s ({what})")
+    entries: list[tuple[bytes, dict[bytes, bytes]]] = reply[0][1]
+    return entries
+
+
+def _raw_run(url: str, consumers: Sequence[BaseProcess], latency_n: int, throughput_n: int) -> dict[str, float]:
+    r = _client(url)
     r.delete(RAW_STREAM, RAW_DONE, RAW_READY)
     r.xgroup_create(RAW_STREAM, RAW_GROUP, id="0", mkstream=True)
-    ctx = mp.get_context("spawn")
-    consumers = [ctx.Process(target=_raw_consumer, args=(url, f"c{i}", 120)) for i in range(2)]
     for proc in consumers:
         proc.start()
     deadline = time.monotonic() + 60
@@ -66,14 +97,16 @@ def raw_baseline(url: str, latency_n: int, throughput_n: int) -> dict[str, float
         if time.monotonic() > deadline:
             raise SystemExit("the baseline's consumer processes did not start within 60 s")
         time.sleep(0.05)
-    last = "$"
+    # Not "$": a consumer can add the completion before this XREAD reaches Redis, and "$" would then
+    # wait for the next entry, which never comes. The done stream starts empty, so "0" misses nothing.
+    last: str | bytes = "0"
     latencies = []
     for i in range(latency_n):
         start = time.perf_counter()
         r.xadd(RAW_STREAM, {"id": str(i)})
-        reply = r.xread({RAW_DONE: last}, count=1, block=2000)
+        entries = _next_done(r, last, f"sequential entry {i}")
         latencies.append(time.perf_counter() - start)
-        last = reply[0][1][-1][0]
+        last = entries[-1][0]
     start = time.perf_counter()
     pipe = r.pipeline(transaction=False)
     for i in range(throughput_n):
@@ -83,14 +116,10 @@ def raw_baseline(url: str, latency_n: int, throughput_n: int) -> dict[str, float
     pipe.execute()
     done = 0
     while done < throughput_n:
-        reply = r.xread({RAW_DONE: last}, count=1000, block=5000)
-        entries = reply[0][1]
+        entries = _next_done(r, last, f"{done} of {throughput_n} pipelined entries done", count=1000)
         done += len(entries)
         last = entries[-1][0]
     elapsed = time.perf_counter() - start
-    for proc in consumers:
-        proc.terminate()
-        proc.join()
     return {"latencies": latencies, "throughput": throughput_n / elapsed}  # type: ignore[dict-item]
 
 
@@ -100,7 +129,7 @@ def mloc_latency(api: str, url: str, n: int) -> list[float]:
 
 
 async def _latency(api: str, url: str, n: int) -> list[float]:
-    r = aioredis.Redis.from_url(url)
+    r = aioredis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT_S)
     http = LeanHttp(api)
     latencies = []
     last = (await r.xinfo_stream(keys.EVENTS))["last-generated-id"] if await r.exists(keys.EVENTS) else "0"
@@ -184,19 +213,25 @@ def main() -> None:
         raw = raw_baseline(server.url, args.latency_n, args.throughput_n)
         redis.Redis.from_url(server.url).flushall()
         home = Path(tempfile.mkdtemp(prefix="mloc-bench-"))
-        with LocalCluster(
+        cluster = LocalCluster(
             home=home,
             workers=2,
             redis_url=server.url,
             topics="tasks.echo",
             env={"LOG_LEVEL": "WARNING", "MLOC_WORKER_SLOTS": "64"},
             log_dir=home / "logs",
-        ) as cluster:
+        )
+        # Not `with LocalCluster(...)`: a start that fails raises before __exit__ could stop the
+        # processes it had already spawned.
+        try:
+            cluster.start(timeout=180)  # start-up is not measured; a busy machine imports slowly
             print("MLOC: orchestrator + 2 workers up; warming up...")
             mloc_latency(cluster.api_url, server.url, 30)
             lat = mloc_latency(cluster.api_url, server.url, args.latency_n)
             single = mloc_throughput(cluster.api_url, server.url, args.throughput_n, bulk=False)
             bulk = mloc_throughput(cluster.api_url, server.url, args.throughput_n, bulk=True)
+        finally:
+            cluster.stop()
     finally:
         server.stop()
 

@@ -44,9 +44,10 @@ from mloc import keys
 from mloc.localcluster import LocalCluster
 from mloc.orchestrator.scheduler import Request, Scheduler
 from mloc.orchestrator.usage import day_number
+from mloc.records import Registration
 from mloc.state import TaskState
 from mloc.store import TaskStore
-from mloc.workers import Registration, WorkerRegistry
+from mloc.workers import WorkerRegistry
 
 DAY = 86_400.0
 TARGET_MS = 20.0
@@ -90,7 +91,7 @@ def load_tasks(url: str, n: int, users: int, days: int) -> list[str]:
             request={"task_type": "inference", "topic": "tasks.inference", "gpu_count": 1},
             labels={"team": "eval"},
             now=created,
-        )
+        ).to_hash()
         # The newest few hundred are still running; the rest ended.
         state = TaskState.RUNNING if i >= n - 300 else rng.choice(FINAL)
         wall = rng.uniform(5, 600)
@@ -307,12 +308,12 @@ async def measure_scheduling(url: str, users: int, tasks: int) -> dict[str, floa
     for record in records[:300]:
         start = time.perf_counter()
         placement = await scheduler.place(
-            record["id"],
+            record.task_id,
             Request.from_json(request),
-            owner=record["owner"],
-            document=record["spec"],
+            owner=record.owner,
+            document=record.document,
             priority=0,
-            created_ms=int(record["created_ms"]),
+            created_ms=record.created_ms,
         )
         single.append(time.perf_counter() - start)
         assert placement.worker_id is not None, placement

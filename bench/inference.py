@@ -11,15 +11,21 @@ model, and vLLM against transformers, all on the bundled Gemma 3 270M.
 4. Whole system: the same prompts as a task submitted over HTTP to a local orchestrator and worker
    (embedded Redis), timed from submit to stored result, against ``engine.generate`` in this process,
    in alternating rounds once both are warm (target >= 0.97).
+5. vLLM's own runner: 256 prompts x 32 tokens as an MLOC inference task on a warm engine against
+   vLLM's ``run_batch`` over a JSONL of the same requests (its own process, its own defaults: the
+   checkpoint's dtype; a 2 GiB KV cache), on the same machine; tokens per second of each, their ratio
+   (target >= 0.95) and whether the texts are identical. The machine's load average is printed beside.
 
-    python bench/inference.py                        # all three, Gemma 3 270M, 3 rounds
+    python bench/inference.py                        # all sections, Gemma 3 270M, 3 rounds
     python bench/inference.py --skip-vllm --rounds 5
+    python bench/inference.py --sections 5 --vllm-eager   # MLOC against vLLM's run_batch only
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -30,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+START_ENV = dict(os.environ)
 
 import yaml  # noqa: E402
 
@@ -230,6 +236,106 @@ def system(args: argparse.Namespace, models_dir: Path, vllm: dict[str, Any]) -> 
     print(f"    ratio of medians         : {mloc_rate / base:8.3f}   (target >= 0.97)")
 
 
+# vLLM's run_batch takes chat requests only; this template makes a chat of one user turn exactly the
+# completion prompt MLOC sends (Gemma's BOS, then the text), so both engines see the same tokens.
+PLAIN_TEMPLATE = "{{ bos_token }}{{ messages[0]['content'] }}"
+# Its progress bar's last line: requests done and the time they took ([H:]MM:SS; its rate is smoothed).
+RUN_BATCH_DONE = re.compile(r"Running batch: 100% Completed \| (\d+)/\d+ \[([\d:]+)<")
+
+
+def run_batch(
+    model_path: Path, args: argparse.Namespace, vllm: dict[str, Any], scratch: Path
+) -> tuple[float, list[str], int]:
+    """One run of vLLM's own batch runner: generation tok/s (from its progress bar, to the second: give
+    it enough prompts to run a minute), texts in prompt order, completion tokens."""
+    import json
+    import subprocess
+
+    batch = scratch / "batch.jsonl"
+    out = scratch / "out.jsonl"
+    template = scratch / "plain.jinja"
+    template.write_text(PLAIN_TEMPLATE, encoding="utf-8")
+    with batch.open("w", encoding="utf-8") as handle:
+        for index, prompt in enumerate(prompts(args.compare_prompts)):
+            body = {
+                "model": str(model_path),
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": args.max_tokens,
+                "temperature": 0,
+            }
+            line = {"custom_id": str(index), "method": "POST", "url": "/v1/chat/completions", "body": body}
+            handle.write(json.dumps(line) + "\n")
+    command = [
+        sys.executable,
+        *("-m", "vllm.entrypoints.openai.run_batch", "-i", str(batch), "-o", str(out)),
+        *("--model", str(model_path), "--chat-template", str(template)),
+        *("--max-model-len", str(vllm["max_model_len"])),
+        # Its CPU default reserves 92% of the RAM for the KV cache, which a shared machine refuses.
+        *("--kv-cache-memory-bytes", str(int(args.vllm_kv_gib * (1 << 30)))),
+        *(["--enforce-eager"] if vllm.get("enforce_eager") else []),
+    ]
+    # The environment as it was before MLOC's engine set its own, with the threading MLOC gives
+    # vllm-cpu, so both sides share the machine the same way.
+    env = {**START_ENV, "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CACHE_ROOT": str(scratch / "vllm-cache")}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    log = done.stdout + done.stderr
+    finished = RUN_BATCH_DONE.findall(log)
+    if done.returncode != 0 or not finished:
+        causes = [line for line in log.splitlines() if "Error" in line][-5:]
+        raise SystemExit(f"vLLM run_batch failed ({done.returncode}):\n" + "\n".join(causes or [log[-3000:]]))
+    seconds = float(sum(int(part) * 60**power for power, part in enumerate(reversed(finished[-1][1].split(":")))))
+    rows = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda row: int(row["custom_id"]))
+    texts = [row["response"]["body"]["choices"][0]["message"]["content"] for row in rows]
+    tokens = sum(int(row["response"]["body"]["usage"]["completion_tokens"]) for row in rows)
+    return tokens / seconds, texts, tokens
+
+
+def against_vllm(args: argparse.Namespace, models_dir: Path, vllm: dict[str, Any]) -> None:
+    from mloc.llm.loader import Workload, plan_load
+
+    document = task("vllm", args.compare_prompts, args.max_tokens, {**vllm, "dtype": args.mloc_dtype})
+    spec = document.spec
+    assert isinstance(spec, InferenceSpec) and spec.model is not None
+    workload = Workload.of_inference(spec.inference, args.compare_prompts)
+    plan = plan_load(spec.model, models_dir=models_dir, workload=workload)
+    executor = InferenceExecutor()
+    mloc_rates: list[float] = []
+    vllm_rates: list[float] = []
+    mloc_texts: list[str] = []
+    vllm_texts: list[str] = []
+    loads = [os.getloadavg()[0]]
+    started = time.perf_counter()
+    # The first run loads the engine sized for this task, as on a worker that did not hold the model.
+    executor.run(context(document, models_dir))
+    print(f"\n[5] MLOC against vLLM's own run_batch: {args.compare_prompts} prompts x {args.max_tokens} tokens")
+    kv = f"KV cache {plan.kv_cache_bytes / (1 << 30):.2f} GiB (run_batch: {args.vllm_kv_gib:.2f})"
+    print(f"    MLOC first task (engine start + run): {time.perf_counter() - started:.1f} s, {plan.dtype}, {kv}")
+
+    def mloc_route() -> None:
+        result = executor.run(context(document, models_dir))
+        mloc_rates.append(float(result["usage"]["completion_tokens"]) / float(result["usage"]["latency_sec"]))
+        mloc_texts[:] = [item["output"] for item in result["items"]]
+
+    def vllm_route() -> None:
+        with tempfile.TemporaryDirectory(prefix="mloc-bench-run-batch-") as scratch:
+            rate, texts, _ = run_batch(plan.path, args, vllm, Path(scratch))
+        vllm_rates.append(rate)
+        vllm_texts[:] = texts
+
+    for number in range(args.rounds):
+        for route in (vllm_route, mloc_route) if number % 2 == 0 else (mloc_route, vllm_route):
+            route()
+        loads.append(os.getloadavg()[0])
+    executor.close()
+    theirs, ours = statistics.median(vllm_rates), statistics.median(mloc_rates)
+    same = sum(a == b for a, b in zip(mloc_texts, vllm_texts, strict=True))
+    print(f"    baseline vLLM run_batch  : {theirs:8.2f} tok/s  (rounds: {', '.join(f'{v:.1f}' for v in vllm_rates)})")
+    print(f"    MLOC inference task      : {ours:8.2f} tok/s  (rounds: {', '.join(f'{v:.1f}' for v in mloc_rates)})")
+    print(f"    MLOC / vLLM              : {ours / theirs:8.3f}   (target >= 0.95)")
+    print(f"    identical texts          : {same}/{len(vllm_texts)}")
+    print(f"    load average (1 min)     : {', '.join(f'{value:.1f}' for value in loads)} on {os.cpu_count()} CPUs")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm"], help="for [1]")
@@ -239,7 +345,10 @@ def main() -> None:
     parser.add_argument("--skip-vllm", action="store_true", help="leave out [3]")
     parser.add_argument("--vllm-eager", action="store_true", help="run vLLM without torch.compile")
     parser.add_argument("--models-dir", type=Path, default=None)
-    parser.add_argument("--sections", default="1,2,3,4", help="which sections to run, e.g. '2' or '1,4'")
+    parser.add_argument("--sections", default="1,2,3,4,5", help="which sections to run, e.g. '2' or '1,4'")
+    parser.add_argument("--compare-prompts", type=int, default=256, help="prompts per task in [5]")
+    parser.add_argument("--vllm-kv-gib", type=float, default=2.0, help="run_batch's KV cache in [5]")
+    parser.add_argument("--mloc-dtype", default=None, help="model.vllm.dtype for MLOC's side of [5] (default: MLOC's)")
     args = parser.parse_args()
     # Figures appear as each section ends, also when the output is piped to a file.
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
@@ -255,6 +364,8 @@ def main() -> None:
         engines(args, models_dir, vllm)
     if "4" in sections:
         system(args, models_dir, vllm)
+    if "5" in sections and not args.skip_vllm:
+        against_vllm(args, models_dir, vllm)
 
 
 if __name__ == "__main__":

@@ -10,15 +10,17 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from mloc import keys, lifecycle
+from mloc import keys, moves
 from mloc.client import Client
 from mloc.localcluster import LocalCluster
+from mloc.orchestrator.cancel import cancel
 from mloc.orchestrator.orchestrator import Orchestrator
+from mloc.orchestrator.users import Principal
+from mloc.requeue import BACKOFF_JITTER, Backoff, requeue
 from mloc.settings import Settings
 from mloc.spec import validate
-from mloc.state import TaskState
+from mloc.state import Reason, TaskState
 from mloc.store import Reservation, utc_day
-from mloc.users import Principal
 from mloc.workers import WorkerRegistry
 from tests.support.fleet import registration
 
@@ -32,18 +34,18 @@ def orchestrator(r: aioredis.Redis, **env: Any) -> Orchestrator:
 async def start_on_worker(orch: Orchestrator, task_id: str) -> int:
     """What a worker does when it takes the task: the attempt starts."""
     worker = await orch.redis.hget(keys.task(task_id), "worker_id")
-    started = await orch.store.transition(task_id, TaskState.RUNNING, expect_worker=worker, new_attempt=True)
+    started = await orch.store.transition(task_id, moves.START, expect_worker=worker, new_attempt=True)
     assert started.ok, started
     return started.attempt
 
 
 def test_backoff_doubles_per_retry_is_capped_and_jittered_upwards_only() -> None:
-    policy = lifecycle.Backoff(base_sec=2.0, max_sec=10.0)
+    policy = Backoff(base_sec=2.0, max_sec=10.0)
     for retry, wanted in [(1, 2.0), (2, 4.0), (3, 8.0), (4, 10.0), (30, 10.0)]:
         delays = [policy.delay(retry) for _ in range(200)]
-        assert all(wanted <= d <= wanted * (1 + lifecycle.BACKOFF_JITTER) for d in delays), (retry, delays[:5])
+        assert all(wanted <= d <= wanted * (1 + BACKOFF_JITTER) for d in delays), (retry, delays[:5])
         assert max(delays) > min(delays)  # jitter spreads tasks that failed together
-    assert lifecycle.Backoff(base_sec=0, max_sec=10).delay(3) == 0.0
+    assert Backoff(base_sec=0, max_sec=10).delay(3) == 0.0
 
 
 def test_a_retry_is_not_placed_before_its_backoff_and_says_when_it_will_be(redis_url: str) -> None:
@@ -57,19 +59,24 @@ def test_a_retry_is_not_placed_before_its_backoff_and_says_when_it_will_be(redis
         gaps = []
         for retry in (1, 2):
             await start_on_worker(orch, task_id)
-            back = await lifecycle.requeue(
-                orch.store, task_id, worker_id="w1", reason_code="worker_lost", reason="worker w1 lost", attempt=retry
+            back = await requeue(
+                orch.store,
+                task_id,
+                worker_id="w1",
+                reason_code=Reason.EXECUTOR_CRASHED,
+                reason="its executor crashed",
+                attempt=retry,
             )
             requeued_at = time.time()
             assert back.ok and back.state == TaskState.PENDING
             record = await orch.store.get(task_id)
             assert record.pending_reason is not None
-            assert record.pending_reason.startswith(f"retry {retry} of 2 after worker w1 lost; eligible in ")
+            assert record.pending_reason.startswith(f"retry {retry} of 2 after its executor crashed; eligible in ")
             assert await r.zscore(keys.PENDING, task_id) is None  # not placeable yet
             assert await r.zscore(keys.RETRY_WAIT, task_id) is not None
             assert await orch.scheduler.schedule_pending() == 0
             # Even a placement that bypasses the queues is refused inside Redis.
-            early = await orch.store.transition(task_id, TaskState.ASSIGNED, reserve=Reservation("w1", 0, 0, [], "{}"))
+            early = await orch.store.transition(task_id, moves.PLACE, reserve=Reservation("w1", 0, 0, [], "{}"))
             assert not early.ok and early.error == "backoff"
             assert orch.scheduler.next_retry_at is not None
             while await orch.scheduler.schedule_pending() == 0:
@@ -80,13 +87,18 @@ def test_a_retry_is_not_placed_before_its_backoff_and_says_when_it_will_be(redis
         assert 0.6 <= gaps[0] < 0.6 * 1.1 + 0.15, gaps
         assert 1.2 <= gaps[1] < 1.2 * 1.1 + 0.15, gaps
         await start_on_worker(orch, task_id)
-        last = await lifecycle.requeue(
-            orch.store, task_id, worker_id="w1", reason_code="worker_lost", reason="worker w1 lost", attempt=3
+        last = await requeue(
+            orch.store,
+            task_id,
+            worker_id="w1",
+            reason_code=Reason.EXECUTOR_CRASHED,
+            reason="its executor crashed",
+            attempt=3,
         )
         assert last.state == TaskState.FAILED
         assert await r.zscore(keys.RETRY_WAIT, task_id) is None
         record = await orch.store.get(task_id)
-        assert record.reason_code == "retries_exhausted" and "3 of 3 attempts" in (record.reason or "")
+        assert record.reason_code == "executor_crashed" and "3 of 3 attempts" in (record.reason or "")
         await r.aclose()
 
     asyncio.run(scenario())
@@ -101,7 +113,7 @@ def test_spec_backoff_overrides_the_setting_and_zero_retries_at_once(redis_url: 
         slow_task = (await orch.submit(validate({"taskType": "echo"}), ADMIN))["task_id"]
         for task_id in (now_task, slow_task):
             await start_on_worker(orch, task_id)
-            await lifecycle.requeue(orch.store, task_id, worker_id="w1", reason_code="worker_lost", reason="lost")
+            await requeue(orch.store, task_id, worker_id="w1", reason_code=Reason.WORKER_LOST, reason="lost")
         assert await r.zscore(keys.PENDING, now_task) is not None
         slow_at = float(await r.hget(keys.task(slow_task), "retry_at"))
         assert 300 <= slow_at - time.time() <= 330
@@ -109,7 +121,7 @@ def test_spec_backoff_overrides_the_setting_and_zero_retries_at_once(redis_url: 
         assert await r.hget(keys.task(now_task), "state") == "assigned"
         assert await r.hget(keys.task(slow_task), "state") == "pending"
         # Cancelling a task that waits out its backoff takes it out of the retry index.
-        await lifecycle.cancel(orch.store, slow_task, by="admin")
+        await cancel(orch.store, slow_task, by="admin")
         assert await r.zscore(keys.RETRY_WAIT, slow_task) is None
         await r.aclose()
 
@@ -122,8 +134,8 @@ def test_a_task_handed_back_before_it_started_is_placeable_at_once(redis_url: st
         orch = orchestrator(r, MLOC_RETRY_BACKOFF_SEC=300)
         await orch.registry.register(registration("w1"))
         task_id = (await orch.submit(validate({"taskType": "echo"}), ADMIN))["task_id"]
-        back = await lifecycle.requeue(
-            orch.store, task_id, worker_id="w1", reason_code="worker_shutdown", reason="worker w1 shut down"
+        back = await requeue(
+            orch.store, task_id, worker_id="w1", reason_code=Reason.WORKER_SHUTDOWN, reason="worker w1 shut down"
         )
         assert back.ok and await r.zscore(keys.PENDING, task_id) is not None
         assert (await orch.store.get(task_id)).pending_reason == "requeued: waiting for the scheduler"
@@ -143,7 +155,7 @@ def test_two_orchestrators_place_each_due_retry_once_and_never_early(redis_url: 
             await start_on_worker(orchs[0], task_id)
         await clients[0].delete(keys.worker_stream("w1"))
         for task_id in ids:
-            await lifecycle.requeue(orchs[0].store, task_id, worker_id="w1", reason_code="worker_lost", reason="x")
+            await requeue(orchs[0].store, task_id, worker_id="w1", reason_code=Reason.WORKER_LOST, reason="x")
         due = {task_id: float(await clients[0].hget(keys.task(task_id), "retry_at")) for task_id in ids}
 
         async def keep_scheduling(orch: Orchestrator) -> None:

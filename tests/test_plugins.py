@@ -225,7 +225,7 @@ def test_plugin_tasks_run_beside_a_native_executor_in_one_worker(
     assert done["progress"]["step"] == 3 and done["progress"]["total"] == 3
     assert done["progress"]["message"] == "counted line 3"
     assert len(seen) >= 2 and seen == sorted(seen), seen
-    lines = [line["message"] for line in client.logs(wordcount["task_id"])["lines"]]
+    lines = [line["text"] for line in client.logs(wordcount["task_id"])["lines"]]
     assert [line for line in lines if line.startswith("line ")] == [
         "line 1/3: 4 words",
         "line 2/3: 5 words",
@@ -260,5 +260,5 @@ def test_plugin_failures_and_cancellation_end_their_tasks(
     # Sooner than MLOC_CANCEL_GRACE_SEC (10 s), after which the executor process would be killed; and
     # the module's own handler ran, which a killed process could not have logged.
     assert time.monotonic() - asked < 8
-    lines = [line["message"] for line in client.logs(slow["task_id"])["lines"]]
+    lines = [line["text"] for line in client.logs(slow["task_id"])["lines"]]
     assert "cancelled after 4 words" in lines

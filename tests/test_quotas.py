@@ -16,15 +16,18 @@ import httpx
 import redis
 import redis.asyncio as aioredis
 
-from mloc import keys, lifecycle
+from mloc import keys, moves
 from mloc.localcluster import LocalCluster
+from mloc.orchestrator.cancel import cancel
 from mloc.orchestrator.orchestrator import Orchestrator
+from mloc.orchestrator.reaper import reap
+from mloc.orchestrator.users import Principal
+from mloc.records import Registration
+from mloc.requeue import requeue
 from mloc.settings import Settings
 from mloc.spec import validate
-from mloc.state import TaskState
+from mloc.state import Reason, TaskState
 from mloc.store import Reservation
-from mloc.users import Principal
-from mloc.workers import Registration
 from tests.support import fleet
 
 ADMIN = Principal("admin", admin=True)
@@ -65,23 +68,23 @@ def test_every_release_path_returns_the_quota_counters_to_zero(redis_url: str) -
             return str(answer["task_id"])
 
         async def running(task_id: str) -> int:
-            started = await orch.store.transition(task_id, TaskState.RUNNING, expect_worker="w1", new_attempt=True)
+            started = await orch.store.transition(task_id, moves.START, expect_worker="w1", new_attempt=True)
             assert started.ok
             return started.attempt
 
         async def finish(task_id: str, state: TaskState) -> None:
-            done = await orch.store.transition(task_id, state, sources=[TaskState.RUNNING], release=True)
+            done = await orch.store.transition(task_id, moves.finish(state), release=True)
             assert done.ok
 
         held = [await placed(gpus=1), await placed(gpus=2), await placed(gpus=0)]
         assert await usage_of(r, "alice") == (3, 3)
         # assigned -> cancelled
-        await lifecycle.cancel(orch.store, held[0], by="admin")
+        await cancel(orch.store, held[0], by="admin")
         assert await usage_of(r, "alice") == (2, 2)
         # assigned -> pending (handed back before it started)
-        await lifecycle.requeue(orch.store, held[1], worker_id="w1", reason_code="worker_shutdown", reason="x")
+        await requeue(orch.store, held[1], worker_id="w1", reason_code=Reason.WORKER_SHUTDOWN, reason="x")
         assert await usage_of(r, "alice") == (1, 0)
-        await lifecycle.cancel(orch.store, held[1], by="admin")  # pending -> cancelled held nothing
+        await cancel(orch.store, held[1], by="admin")  # pending -> cancelled held nothing
         assert await usage_of(r, "alice") == (1, 0)
         # running -> succeeded
         await running(held[2])
@@ -94,15 +97,15 @@ def test_every_release_path_returns_the_quota_counters_to_zero(redis_url: str) -
             assert await usage_of(r, "alice") == (1, 2)
             await finish(task_id, state)
             assert await usage_of(r, "alice") == (0, 0)
-        # running -> pending (a retry), then past the attempt limit -> failed
+        # running -> pending (a retry after a crash), then past the attempt limit -> failed
         task_id = await placed(gpus=1, retries=1)
         for attempt in (1, 2):
             if attempt == 2:
                 assert await orch.scheduler.schedule_pending() >= 1
             assert await usage_of(r, "alice") == (1, 1)
             await running(task_id)
-            await lifecycle.requeue(
-                orch.store, task_id, worker_id="w1", reason_code="worker_lost", reason="x", attempt=attempt
+            await requeue(
+                orch.store, task_id, worker_id="w1", reason_code=Reason.EXECUTOR_CRASHED, reason="x", attempt=attempt
             )
             assert await usage_of(r, "alice") == (0, 0)
         assert await r.hget(keys.task(task_id), "state") == "failed"
@@ -110,7 +113,7 @@ def test_every_release_path_returns_the_quota_counters_to_zero(redis_url: str) -
         task_id = await placed(gpus=1)
         await running(task_id)
         await r.zadd(keys.WORKERS, {"w1": time.time() - 120})
-        report = await lifecycle.reap(orch.store, orch.registry, ttl_sec=60)
+        report = await reap(orch.store, orch.registry, ttl_sec=60)
         assert report.requeued == [task_id]
         assert await usage_of(r, "alice") == (0, 0)
         await r.aclose()
@@ -139,12 +142,12 @@ def test_the_transition_script_refuses_a_reservation_over_quota(redis_url: str) 
             for _ in range(12)
         ]
         await orch.store.insert(records)
-        ids = [rec["id"] for rec in records]
+        ids = [rec.task_id for rec in records]
         await r.hset(keys.user_quota("bob"), mapping={"tasks": "3", "gpus": "4"})
         # Twelve reservations at once, one GPU each: exactly three win (the task limit).
         outcomes = await asyncio.gather(
             *(
-                orch.store.transition(t, TaskState.ASSIGNED, reserve=Reservation("w1", 0, 0, [i], "{}", user="bob"))
+                orch.store.transition(t, moves.PLACE, reserve=Reservation("w1", 0, 0, [i], "{}", user="bob"))
                 for i, t in enumerate(ids)
             )
         )
@@ -156,20 +159,20 @@ def test_the_transition_script_refuses_a_reservation_over_quota(redis_url: str) 
         free = [t for t, o in zip(ids, outcomes, strict=True) if not o.ok]
         gpus = sorted(int(g) for g in await r.smembers(keys.worker_free_gpus("w1")))
         two = await orch.store.transition(
-            free[0], TaskState.ASSIGNED, reserve=Reservation("w1", 0, 0, gpus[:2], "{}", user="bob")
+            free[0], moves.PLACE, reserve=Reservation("w1", 0, 0, gpus[:2], "{}", user="bob")
         )
         assert not two.ok and (two.error, two.detail) == ("quota", "gpus 3 4")
         one = await orch.store.transition(
-            free[0], TaskState.ASSIGNED, reserve=Reservation("w1", 0, 0, gpus[:1], "{}", user="bob")
+            free[0], moves.PLACE, reserve=Reservation("w1", 0, 0, gpus[:1], "{}", user="bob")
         )
         assert one.ok and await usage_of(r, "bob") == (4, 4)
         # The default from the settings applies to a user without a quota of their own.
         other = await orch.store.transition(
-            free[1], TaskState.ASSIGNED, reserve=Reservation("w1", 0, 0, [], "{}", user="carol", max_tasks=0)
+            free[1], moves.PLACE, reserve=Reservation("w1", 0, 0, [], "{}", user="carol", max_tasks=0)
         )
         assert other.ok
         third = await orch.store.transition(
-            free[2], TaskState.ASSIGNED, reserve=Reservation("w1", 0, 0, [], "{}", user="carol", max_tasks=1)
+            free[2], moves.PLACE, reserve=Reservation("w1", 0, 0, [], "{}", user="carol", max_tasks=1)
         )
         assert not third.ok and third.detail == "tasks 1 1"
         await r.aclose()

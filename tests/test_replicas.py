@@ -10,8 +10,8 @@ import pytest
 
 from mloc.client import Client
 from mloc.errors import SpecError
-from mloc.groups import OFFSET_LABEL, merge, shards
 from mloc.localcluster import LocalCluster
+from mloc.orchestrator.groups import OFFSET_LABEL, merge, shards
 from mloc.spec import load, validate
 from tests.support.tiny_model import build_tiny_causal_lm
 

@@ -93,7 +93,7 @@ def test_two_orchestrators_never_place_a_task_twice_nor_oversubscribe_a_worker(
         watcher = threading.Thread(target=watch)
         watcher.start()
 
-        # Which connection asked Redis to place each task (the transition script's "assigned pending" call).
+        # Which connection asked Redis to place each task (the transition script called with the move "place").
         placements: list[int] = []
 
         def monitor() -> None:
@@ -101,7 +101,7 @@ def test_two_orchestrators_never_place_a_task_twice_nor_oversubscribe_a_worker(
                 for command in feed.listen():
                     if stop.is_set():
                         return
-                    if " assigned pending " in command["command"]:
+                    if '{"move":"place"' in command["command"]:
                         placements.append(int(command["client_port"]))
 
         threading.Thread(target=monitor, daemon=True).start()

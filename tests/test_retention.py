@@ -10,15 +10,18 @@ import httpx
 import redis
 import redis.asyncio as aioredis
 
-from mloc import keys, lifecycle
+from mloc import keys, moves
 from mloc.localcluster import LocalCluster
 from mloc.orchestrator.orchestrator import Orchestrator
+from mloc.orchestrator.reaper import forget_finished
+from mloc.orchestrator.users import Principal
 from mloc.settings import Settings
 from mloc.spec import validate
 from mloc.state import TaskState
-from mloc.users import Principal
 
 ADMIN = Principal("admin", admin=True)
+# Ends a task that is still waiting, so a test can make finished tasks without a worker.
+FAIL_WAITING = moves.Move("fail_waiting", TaskState.FAILED, frozenset({TaskState.PENDING}))
 
 
 def sleeper(seconds: float, steps: int, owner: str = "alice") -> dict[str, object]:
@@ -47,7 +50,7 @@ def test_forget_finished_removes_everything_of_old_finished_tasks_only(redis_url
             ended = now + (500 if task_id == recent else 0)
             done = await orch.store.transition(
                 task_id,
-                TaskState.CANCELLED if task_id == old[2] else TaskState.FAILED,
+                moves.CANCEL if task_id == old[2] else FAIL_WAITING,
                 fields={"finished_at": repr(ended)},
                 result={"ok": False},
             )
@@ -55,7 +58,7 @@ def test_forget_finished_removes_everything_of_old_finished_tasks_only(redis_url
             await r.xadd(keys.task_logs(task_id), {"message": "a line"})
             await r.rpush(keys.task_metrics(task_id), "{}")
         # Seen from 1000 s in the future with a 600 s retention: the cut-off is now + 400.
-        removed = await lifecycle.forget_finished(orch.store, older_than_sec=600, now=now + 1000)
+        removed = await forget_finished(orch.store, older_than_sec=600, now=now + 1000)
         assert sorted(removed) == sorted(old)
         for task_id in old:
             assert not await r.exists(
@@ -68,9 +71,9 @@ def test_forget_finished_removes_everything_of_old_finished_tasks_only(redis_url
         assert await r.exists(keys.task(recent), keys.task(waiting)) == 2
         _, total = await orch.store.page(page=1, page_size=10)
         assert total == 2
-        assert await lifecycle.forget_finished(orch.store, older_than_sec=600, now=now + 1000) == []
+        assert await forget_finished(orch.store, older_than_sec=600, now=now + 1000) == []
         # At most ``limit`` per call, the rest on the next.
-        assert len(await lifecycle.forget_finished(orch.store, older_than_sec=0, now=now + 600, limit=1)) == 1
+        assert len(await forget_finished(orch.store, older_than_sec=0, now=now + 600, limit=1)) == 1
         await r.aclose()
 
     asyncio.run(scenario())

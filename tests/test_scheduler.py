@@ -6,7 +6,7 @@ import pytest
 
 from mloc.orchestrator.placement import Request, explain, gpu_matches, misfit
 from mloc.orchestrator.scheduler import _score
-from mloc.workers import WorkerView
+from mloc.records import WorkerView
 
 
 def view(

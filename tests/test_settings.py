@@ -5,21 +5,41 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from mloc.settings import NodeType, Settings
+from mloc.settings import NodeType, Settings, describe_invalid
 
 
 def test_first_seed_names(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in {
-        "REDIS_URL": "redis://r:6379/0", "ORCHESTRATOR_TOKEN": "t", "HEARTBEAT_TTL_SEC": "60", "PORT": "9000",
-        "LOG_LEVEL": "debug", "TASK_TOPICS": "tasks.inference, tasks.sft", "RESULTS_DIR": "/tmp/res",
-        "HEARTBEAT_INTERVAL_SEC": "5", "WORKER_ID": "gpu-7", "WORKER_TAGS": "a100,eu", "VLLM_MODEL": "m",
+        "REDIS_URL": "redis://r:6379/0",
+        "ORCHESTRATOR_TOKEN": "t",
+        "HEARTBEAT_TTL_SEC": "60",
+        "PORT": "9000",
+        "LOG_LEVEL": "debug",
+        "TASK_TOPICS": "tasks.inference, tasks.sft",
+        "RESULTS_DIR": "/tmp/res",
+        "HEARTBEAT_INTERVAL_SEC": "5",
+        "WORKER_ID": "gpu-7",
+        "WORKER_TAGS": "a100,eu",
+        "VLLM_MODEL": "m",
     }.items():
         monkeypatch.setenv(name, value)
     s = Settings()
-    assert (s.redis_url, s.admin_token, s.heartbeat_ttl_sec, s.port, s.log_level) == ("redis://r:6379/0", "t", 60, 9000, "DEBUG")
+    assert (s.redis_url, s.admin_token, s.heartbeat_ttl_sec, s.port, s.log_level) == (
+        "redis://r:6379/0",
+        "t",
+        60,
+        9000,
+        "DEBUG",
+    )
     assert s.topics == ["tasks.inference", "tasks.sft"] and s.tags == ["a100", "eu"]
-    assert (s.results_dir, s.heartbeat_interval_sec, s.resolved_worker_id, s.vllm_model) == (Path("/tmp/res"), 5, "gpu-7", "m")
+    assert (s.results_dir, s.heartbeat_interval_sec, s.resolved_worker_id, s.vllm_model) == (
+        Path("/tmp/res"),
+        5,
+        "gpu-7",
+        "m",
+    )
 
 
 def test_second_seed_names_win(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -30,7 +50,12 @@ def test_second_seed_names_win(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLOC_NODE_TYPE", "orchestrator")
     monkeypatch.setenv("MLOC_HOST", "127.0.0.1")
     s = Settings()
-    assert (s.redis_url, s.port, s.node_type, s.host) == ("redis://mloc:6379/0", 9100, NodeType.ORCHESTRATOR, "127.0.0.1")
+    assert (s.redis_url, s.port, s.node_type, s.host) == (
+        "redis://mloc:6379/0",
+        9100,
+        NodeType.ORCHESTRATOR,
+        "127.0.0.1",
+    )
 
 
 def test_unrelated_variables_named_like_fields_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -53,3 +78,12 @@ def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLOC_PORT", "70000")
     with pytest.raises(ValueError, match="less than or equal to 65535"):
         Settings()
+
+
+def test_the_requeue_budget_defaults_to_twenty_and_refuses_a_negative_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().max_requeues == 20
+    monkeypatch.setenv("MLOC_MAX_REQUEUES", "-1")
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert describe_invalid(refused.value).startswith("invalid setting MLOC_MAX_REQUEUES='-1': ")
+    assert "greater than or equal to 0" in describe_invalid(refused.value)

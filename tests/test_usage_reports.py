@@ -12,7 +12,7 @@ from datetime import UTC, date, datetime, time, timedelta
 
 import redis.asyncio as aioredis
 
-from mloc import keys
+from mloc import keys, moves
 from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.orchestrator.usage import Grouping
 from mloc.settings import Settings
@@ -20,13 +20,16 @@ from mloc.state import TaskState
 from mloc.store import TaskStore
 from tests.support.fleet import echo_record
 
+# Ends a task that is still waiting: usage is recorded as a worker records it, without a worker.
+FAIL_WAITING = moves.Move("fail_waiting", TaskState.FAILED, frozenset({TaskState.PENDING}))
+
 
 async def spend(store: TaskStore, owner: str, day: date, **counters: float) -> None:
     """Record usage the way a worker does: a task ends at noon (UTC) of ``day`` with these counters."""
     record = echo_record(store, owner)
     await store.insert([record])
     noon = datetime.combine(day, time(12), UTC).timestamp()
-    ended = await store.transition(record["id"], TaskState.FAILED, usage=counters, owner=owner, now=noon)
+    ended = await store.transition(record.task_id, FAIL_WAITING, usage=counters, owner=owner, now=noon)
     assert ended.ok
 
 

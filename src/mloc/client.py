@@ -1,9 +1,16 @@
-"""A small HTTP client for the orchestrator API (used by the CLI; usable as a Python SDK)."""
+"""A small HTTP client for the orchestrator API: what the CLI uses, and a Python SDK.
+
+``Client()`` reads the same settings as the ``mloc`` command: ``MLOC_API_URL`` (default
+``http://127.0.0.1:$MLOC_PORT``) and the token from ``MLOC_TOKEN``, else ``ORCHESTRATOR_TOKEN``.
+Every method that takes a task id also takes a unique prefix of one, as ``mloc tasks`` shows it.
+"""
 
 from __future__ import annotations
 
+import json
+import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -13,114 +20,306 @@ import httpx
 from mloc.errors import MlocError
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
+# Seconds without a byte from a followed log after which the orchestrator counts as gone.
+FOLLOW_SILENCE_SEC = 45.0
+TASK_FILE_SUFFIXES = (".yaml", ".yml", ".json")
+_FULL_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_ID_PREFIX = re.compile(r"^[0-9a-f-]+$")
 
 
 class ApiError(MlocError):
+    """The orchestrator answered with an error; ``status_code`` and ``code`` say which."""
+
     def __init__(self, status: int, body: dict[str, Any]) -> None:
         super().__init__(str(body.get("message") or body), details=body.get("details"))
         self.status_code = status
         self.code = str(body.get("error", "error"))
 
 
+class ClientError(MlocError):
+    """A problem found before anything was sent: a task the client cannot read, a bad id."""
+
+    status_code = 400
+    code = "bad_request"
+
+
+class TaskIdError(ClientError):
+    """A task id prefix that matches no task, or several (``candidates`` lists them)."""
+
+    def __init__(self, message: str, candidates: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.candidates = candidates or []
+
+
+class Unreachable(MlocError):
+    """No answer from the orchestrator (not running, wrong URL, or it went away mid-request)."""
+
+    status_code = 503
+    code = "unavailable"
+
+
+class Lost(Unreachable):
+    """The orchestrator went away in the middle of an answer or a followed log."""
+
+
+def default_target() -> tuple[str, str | None]:
+    """The API URL and token the CLI and ``Client()`` use: MLOC_API_URL, MLOC_TOKEN / ORCHESTRATOR_TOKEN.
+
+    Read from the environment now, not from the process's cached settings: a program may set them
+    after something else first read the settings."""
+    from pydantic import ValidationError
+
+    from mloc.errors import ConfigError
+    from mloc.settings import Settings, describe_invalid
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        raise ConfigError(describe_invalid(exc)) from None
+    return settings.resolved_api_url, settings.client_token
+
+
+def _task_body(task: Any) -> tuple[bytes, str]:
+    """The request body and content type for one task given as a dict, a file, text, bytes or a model."""
+    if isinstance(task, Mapping) or hasattr(task, "to_wire"):  # a dict, or a validated mloc.spec Document
+        data = task.to_wire() if hasattr(task, "to_wire") else dict(task)
+        try:
+            return json.dumps(data).encode(), "application/json"
+        except (TypeError, ValueError) as exc:
+            raise ClientError(
+                f"the task holds a value JSON cannot carry ({exc}); use strings, numbers, booleans, lists and dicts"
+            ) from None
+    if isinstance(task, Path):
+        return _read_task_file(task), "text/yaml"
+    if isinstance(task, str):
+        text = task.strip()
+        looks_like_a_file = "\n" not in text and text.lower().endswith(TASK_FILE_SUFFIXES)
+        if looks_like_a_file:
+            return _read_task_file(Path(text).expanduser()), "text/yaml"
+        return task.encode(), "text/yaml"
+    if isinstance(task, bytes | bytearray | memoryview):
+        return bytes(task), "text/yaml"
+    raise ClientError(
+        f"submit() got a {type(task).__name__}; give the task as a dict, a Path or file name "
+        "(.yaml, .yml, .json), YAML or JSON text, bytes, or a mloc.spec Document"
+    )
+
+
+def _read_task_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ClientError(
+            f"task file {str(path)!r} does not exist (a string ending in .yaml/.yml/.json is read as a file; "
+            "pass YAML text with line breaks, or a dict, to send it as is)"
+        ) from None
+    except IsADirectoryError:
+        raise ClientError(f"{str(path)!r} is a folder; give a task file") from None
+    except OSError as exc:
+        raise ClientError(f"cannot read task file {str(path)!r}: {exc.strerror or exc}") from None
+
+
+def _log_params(source: str | Iterable[str] | None, tail: int | None, since: str | float | None) -> dict[str, str]:
+    params: dict[str, str] = {}
+    if source is not None:
+        params["source"] = source if isinstance(source, str) else ",".join(source)
+    if tail is not None:
+        params["tail"] = str(tail)
+    if since is not None:
+        params["since"] = repr(float(since)) if isinstance(since, int | float) else since
+    return params
+
+
+def _error_of(response: httpx.Response) -> ApiError:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"message": response.text[:500] or f"HTTP {response.status_code}"}
+    return ApiError(response.status_code, body if isinstance(body, dict) else {"message": str(body)})
+
+
 class Client:
-    def __init__(self, base_url: str, token: str | None = None, *, timeout: float = 30.0) -> None:
+    """The orchestrator's API. ``Client()`` reads MLOC_API_URL and the token as the CLI does;
+    ``Client(url, token)`` uses exactly what it is given."""
+
+    def __init__(self, base_url: str | None = None, token: str | None = None, *, timeout: float = 30.0) -> None:
+        if base_url is None:
+            base_url, default_token = default_target()
+            token = token if token is not None else default_token
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
+        self.base_url = base_url.rstrip("/")
+        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         self.http.close()
 
+    def _unreachable(self, exc: httpx.HTTPError) -> Unreachable:
+        if isinstance(exc, httpx.ConnectError):
+            return Unreachable(
+                f"cannot reach the orchestrator at {self.base_url}: {exc}; is it running? (MLOC_API_URL)"
+            )
+        return Lost(f"lost the orchestrator at {self.base_url}: {type(exc).__name__}: {exc}")
+
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             response = self.http.request(method, path, **kwargs)
-        except httpx.ConnectError as exc:
-            raise MlocError(
-                f"cannot reach the orchestrator at {self.http.base_url}: {exc}; is it running? (MLOC_API_URL)"
-            ) from exc
-        try:
-            body = response.json()
-        except ValueError:
-            body = {"message": response.text[:500]}
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from exc
         if response.status_code >= 400:
-            raise ApiError(response.status_code, body if isinstance(body, dict) else {"message": str(body)})
-        return body
+            raise _error_of(response)
+        try:
+            return response.json()
+        except ValueError:
+            return {"message": response.text[:500]}
 
-    def submit(self, task: str | bytes | Path, *, dry_run: bool = False) -> dict[str, Any]:
-        data = Path(task).read_bytes() if isinstance(task, Path) else task
+    def _stream(
+        self, path: str, params: dict[str, str] | None = None, *, read_timeout: float | None = None
+    ) -> Iterator[bytes]:
+        try:
+            timeout = httpx.Timeout(30.0, read=read_timeout)
+            with self.http.stream("GET", path, params=params, timeout=timeout) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise _error_of(response)
+                yield from response.iter_bytes()
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from exc
+
+    # ------------------------------------------------------------------ ids
+    def resolve(self, task_id: str) -> str:
+        """The full id of the one task whose id starts with ``task_id`` (a full id is returned as is)."""
+        text = task_id.strip().lower()
+        if _FULL_ID.match(text):
+            return text
+        if not _ID_PREFIX.match(text):
+            raise TaskIdError(
+                f"{task_id[:80]!r} is not a task id: ids are UUIDs (hex digits and '-'); "
+                "`mloc tasks` lists them, and any unique prefix of one works"
+            )
+        body = self._call("GET", "/api/v1/task-ids", params={"prefix": text})
+        items: list[dict[str, Any]] = body["items"]
+        if len(items) == 1:
+            return str(items[0]["task_id"])
+        if not items:
+            raise TaskIdError(f"no task id starts with {text!r}; `mloc tasks` lists yours")
+        listed = ", ".join(f"{i['task_id']} ({i.get('name', '')}, {i.get('state', '')})" for i in items)
+        more = " and more" if body.get("more") else ""
+        raise TaskIdError(
+            f"task id prefix {text!r} is ambiguous: it matches {listed}{more}; give more characters", items
+        )
+
+    def _path(self, task_id: str, tail: str = "") -> str:
+        return f"/api/v1/tasks/{self.resolve(task_id)}{tail}"
+
+    # --------------------------------------------------------------- tasks
+    def submit(self, task: Any, *, dry_run: bool = False) -> dict[str, Any]:
+        """Submit one task: a dict, a Path or file name (.yaml/.yml/.json), YAML or JSON text, bytes, or a
+        mloc.spec Document. The answer names the task id and the worker it went to, or why it waits."""
+        body, content_type = _task_body(task)
         params = {"dry_run": "true"} if dry_run else {}
-        return self._call("POST", "/api/v1/tasks", content=data, params=params, headers={"Content-Type": "text/yaml"})
+        return self._call("POST", "/api/v1/tasks", content=body, params=params, headers={"Content-Type": content_type})
 
-    def submit_bulk(self, tasks: list[dict[str, Any]]) -> dict[str, Any]:
-        return self._call("POST", "/api/v1/tasks/bulk", json={"tasks": tasks})
+    def submit_bulk(self, tasks: list[Any]) -> dict[str, Any]:
+        """Submit many tasks at once (all are validated first; if any is invalid none is stored).
+        Each item is a dict, or anything :meth:`submit` takes that holds one task."""
+        documents = []
+        for task in tasks:
+            body, content_type = _task_body(task)
+            if content_type == "application/json":
+                documents.append(json.loads(body))
+            else:
+                from mloc.spec import parse_body
+
+                documents.append(parse_body(body))
+        return self._call("POST", "/api/v1/tasks/bulk", json={"tasks": documents})
 
     def task(self, task_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/api/v1/tasks/{task_id}")
+        return self._call("GET", self._path(task_id))
+
+    def tasks(self, **params: Any) -> dict[str, Any]:
+        """A page of tasks, newest first (page, page_size, state, owner, task_type)."""
+        return self._call("GET", "/api/v1/tasks", params={k: v for k, v in params.items() if v is not None})
 
     def result(self, task_id: str) -> Any:
-        return self._call("GET", f"/api/v1/tasks/{task_id}/result")
+        """The task's full result (responses.json)."""
+        return self._call("GET", self._path(task_id, "/result"))
+
+    def metrics(self, task_id: str, *, limit: int | None = None) -> dict[str, Any]:
+        """Per-step training metrics, oldest first: {"metrics": [{"step": 1, "loss": ...}, ...]}."""
+        params = {"limit": str(limit)} if limit else None
+        return self._call("GET", self._path(task_id, "/metrics"), params=params)
+
+    def cancel(self, task_id: str) -> dict[str, Any]:
+        return self._call("POST", self._path(task_id, "/cancel"))
+
+    def logs(
+        self,
+        task_id: str,
+        *,
+        source: str | Iterable[str] | None = None,
+        tail: int | None = None,
+        since: str | float | None = None,
+        limit: int | None = None,
+    ) -> dict[str, Any]:
+        """The task's log so far: {"lines": [{"id", "ts", "level", "source", "text", "event"?}, ...]},
+        oldest first. ``source`` keeps only those sources (mloc, executor, library, stdout, stderr);
+        ``tail`` the last N entries; ``since`` entries from a time on (unix seconds, ISO 8601, or a
+        duration ago: "10m") or after an entry id; ``limit`` at most that many (``more`` says if cut)."""
+        params = _log_params(source, tail, since)
+        if limit is not None:
+            params["limit"] = str(limit)
+        return self._call("GET", self._path(task_id, "/logs"), params=params)
+
+    def follow_logs(
+        self,
+        task_id: str,
+        *,
+        source: str | Iterable[str] | None = None,
+        tail: int | None = None,
+        since: str | float | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Log entries as they come (filtered as :meth:`logs` does), until the task ends; the last item
+        is {"end": True, "state": ..., "reason": ...}. Raises :class:`Lost` if the orchestrator goes
+        away meanwhile (the task goes on)."""
+        path = self._path(task_id, "/logs")
+        event = ""
+        buffer = b""
+        params = {"follow": "true", **_log_params(source, tail, since)}
+        # The orchestrator writes a comment every 10 s while the log is quiet: a longer silence means it is gone.
+        for block in self._stream(path, params=params, read_timeout=FOLLOW_SILENCE_SEC):
+            buffer += block
+            *lines, buffer = buffer.split(b"\n")
+            for raw in lines:
+                line = raw.decode("utf-8", "replace")
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    data = json.loads(line[6:])
+                    if event == "end":
+                        yield {"end": True, **data}
+                        return
+                    yield data
+                elif not line:
+                    event = ""
+        raise Lost(f"lost the orchestrator at {self.base_url}: the log stream ended before the task did")
 
     def artifacts(self, task_id: str) -> list[dict[str, Any]]:
         """The task's result files: [{"path", "size"}, ...]."""
-        return list(self._call("GET", f"/api/v1/tasks/{task_id}/artifacts")["items"])
+        return list(self._call("GET", self._path(task_id, "/artifacts"))["items"])
 
     def artifact(self, task_id: str, path: str) -> Iterator[bytes]:
         """One result file, streamed in blocks."""
-        try:
-            with self.http.stream("GET", f"/api/v1/tasks/{task_id}/artifacts/{quote(path)}") as response:
-                if response.status_code >= 400:
-                    response.read()
-                    try:
-                        body = response.json()
-                    except ValueError:
-                        body = {"message": response.text[:500]}
-                    raise ApiError(response.status_code, body if isinstance(body, dict) else {"message": str(body)})
-                yield from response.iter_bytes()
-        except httpx.ConnectError as exc:
-            raise MlocError(
-                f"cannot reach the orchestrator at {self.http.base_url}: {exc}; is it running? (MLOC_API_URL)"
-            ) from exc
+        yield from self._stream(self._path(task_id, f"/artifacts/{quote(path)}"))
 
-    def tasks(self, **params: Any) -> dict[str, Any]:
-        return self._call("GET", "/api/v1/tasks", params={k: v for k, v in params.items() if v is not None})
-
-    def metrics(self, task_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/api/v1/tasks/{task_id}/metrics")
-
-    def cancel(self, task_id: str) -> dict[str, Any]:
-        return self._call("POST", f"/api/v1/tasks/{task_id}/cancel")
-
-    def logs(self, task_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/api/v1/tasks/{task_id}/logs")
-
-    def follow_logs(self, task_id: str) -> Iterator[str]:
-        with self.http.stream("GET", f"/api/v1/tasks/{task_id}/logs", params={"follow": "true"}, timeout=None) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    yield line[6:]
-
-    def workers(self) -> dict[str, Any]:
-        return self._call("GET", "/workers")
-
-    def worker(self, worker_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/workers/{worker_id}")
-
-    def stats(self, **params: Any) -> dict[str, Any]:
-        return self._call("GET", "/api/v1/stats", params={k: v for k, v in params.items() if v is not None})
-
-    def cleanup(self) -> dict[str, Any]:
-        return self._call("POST", "/admin/cleanup")
-
-    def add_user(self, name: str) -> dict[str, Any]:
-        return self._call("POST", "/admin/users", json={"name": name})
-
-    def users(self) -> dict[str, Any]:
-        return self._call("GET", "/admin/users")
-
-    def remove_user(self, name: str) -> dict[str, Any]:
-        return self._call("DELETE", f"/admin/users/{name}")
-
-    def health(self) -> dict[str, Any]:
-        return self._call("GET", "/healthz")
+    def archive(self, task_id: str, folder: str = "") -> Iterator[bytes]:
+        """A folder of the task's result files as a tar stream (paths relative to that folder)."""
+        yield from self._stream(self._path(task_id, "/archive"), params={"path": folder} if folder else None)
 
     def wait(
         self,
@@ -129,7 +328,8 @@ class Client:
         timeout: float | None = None,
         on_update: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """Poll until the task ends; returns its final record."""
+        """Poll until the task ends; returns its final record. ``on_update`` sees every record read."""
+        task_id = self.resolve(task_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.05
         while True:
@@ -142,3 +342,48 @@ class Client:
                 raise MlocError(f"task {task_id} is still {record['state']} after {timeout}s")
             time.sleep(delay)
             delay = min(1.0, delay * 1.5)
+
+    # ------------------------------------------------------------- fleet
+    def workers(self, **params: Any) -> dict[str, Any]:
+        return self._call("GET", "/api/v1/workers", params={k: v for k, v in params.items() if v is not None})
+
+    def worker(self, worker_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/api/v1/workers/{quote(worker_id, safe='')}")
+
+    def remove_worker(self, worker_id: str) -> dict[str, Any]:
+        """Forget a worker that is offline or lost (admin); a live one is refused (409)."""
+        return self._call("DELETE", f"/api/v1/workers/{quote(worker_id, safe='')}")
+
+    def stats(self, **params: Any) -> dict[str, Any]:
+        return self._call("GET", "/api/v1/stats", params={k: v for k, v in params.items() if v is not None})
+
+    def cleanup(self) -> dict[str, Any]:
+        return self._call("POST", "/admin/cleanup")
+
+    def health(self) -> dict[str, Any]:
+        return self._call("GET", "/healthz")
+
+    # ------------------------------------------------------------- users
+    def add_user(self, name: str, *, max_tasks: int | None = None, max_gpus: int | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name}
+        if max_tasks is not None:
+            body["max_tasks"] = max_tasks
+        if max_gpus is not None:
+            body["max_gpus"] = max_gpus
+        return self._call("POST", "/admin/users", json=body)
+
+    def set_quota(
+        self, name: str, *, max_tasks: int | None = None, max_gpus: int | None = None, reset: bool = False
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"reset": reset}
+        if max_tasks is not None:
+            body["max_tasks"] = max_tasks
+        if max_gpus is not None:
+            body["max_gpus"] = max_gpus
+        return self._call("PUT", f"/admin/users/{quote(name, safe='')}/quota", json=body)
+
+    def users(self) -> dict[str, Any]:
+        return self._call("GET", "/admin/users")
+
+    def remove_user(self, name: str) -> dict[str, Any]:
+        return self._call("DELETE", f"/admin/users/{quote(name, safe='')}")

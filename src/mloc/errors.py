@@ -31,26 +31,43 @@ class SpecError(MlocError):
 
 
 class BadRequest(MlocError):
+    """The request is malformed: an id in the path that is not one, a body that asks for nothing."""
+
     status_code = 400
     code = "bad_request"
 
 
+class InvalidParameters(MlocError):
+    """A query, path or body parameter is missing, of the wrong type or out of range; `details` names each."""
+
+    status_code = 422
+    code = "bad_request"
+
+
 class PayloadTooLarge(MlocError):
+    """The request body is over MLOC_MAX_BODY_BYTES (16 times that for a bulk submit)."""
+
     status_code = 413
     code = "payload_too_large"
 
 
 class Unauthorized(MlocError):
+    """Auth is on (ORCHESTRATOR_TOKEN is set) and the bearer token is missing or unknown."""
+
     status_code = 401
     code = "unauthorized"
 
 
 class Forbidden(MlocError):
+    """The token may not do this: an endpoint for the admin, or another user's data."""
+
     status_code = 403
     code = "forbidden"
 
 
 class NotFound(MlocError):
+    """The task, worker, user or file is not there, or belongs to another user."""
+
     status_code = 404
     code = "not_found"
 
@@ -64,6 +81,13 @@ class Conflict(MlocError):
 
 class InvalidTransition(Conflict):
     code = "invalid_transition"
+
+
+class Unavailable(MlocError):
+    """Redis or the artifact store did not answer; the same request may succeed later."""
+
+    status_code = 503
+    code = "unavailable"
 
 
 class ExecutionError(MlocError):

@@ -17,6 +17,10 @@ TASKS_BY_NAME_PREFIX = f"{PREFIX}:tasks:name"
 # PENDING (and their owner's queue) only then.
 RETRY_WAIT = f"{PREFIX}:pending:retry"
 PENDING_OWNERS = f"{PREFIX}:pending:owners"  # set of owners with a task in their pending queue
+# Replica groups: parents not yet settled (swept by the reaper), and parents one of whose shards
+# started or ended since the orchestrator last looked (the transition script adds them).
+GROUPS_OPEN = f"{PREFIX}:groups:open"  # set of parent task ids
+GROUPS_TO_SETTLE = f"{PREFIX}:groups:settle"  # set of parent task ids
 
 
 def pending_of(owner: str) -> str:

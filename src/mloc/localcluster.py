@@ -18,6 +18,7 @@ import httpx
 
 from mloc import embedded
 from mloc.errors import ConfigError
+from mloc.records import WorkerStatus
 
 
 @dataclass
@@ -47,6 +48,9 @@ class LocalCluster:
         # Output is captured (or shown) here, so the orchestrator writes no orchestrator.log of its own.
         env.update({"MLOC_HOME": str(self.home), "REDIS_URL": self.redis_url or "", "PYTHONUNBUFFERED": "1"})
         env["MLOC_LOG_FILE"] = ""
+        # One host, one results folder: the orchestrator writes replica groups' merged results there
+        # and serves every task's files from it.
+        env["RESULTS_DIR"] = str(self.results_dir or self.home / "results")
         env.update(self.env)
         return env
 
@@ -102,7 +106,7 @@ class LocalCluster:
                     raise ConfigError(f"{name} exited with code {proc.returncode} during start-up{where}")
             with contextlib.suppress(httpx.HTTPError):
                 workers = httpx.get(f"{self.api_url}/workers", headers=headers, timeout=1).json()
-                active = {w["worker_id"] for w in workers.get("items", []) if w["status"] == "active"}
+                active = {w["worker_id"] for w in workers.get("items", []) if w["status"] == WorkerStatus.ACTIVE}
                 if set(self.worker_procs) <= active:
                     return
             if time.monotonic() > deadline:

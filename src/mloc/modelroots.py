@@ -28,7 +28,6 @@ from mloc import keys
 from mloc.settings import Settings
 
 TASK_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-SUBMITTED_BY = "submitted_by"  # task record field: who submitted it ("admin" for the admin token)
 
 
 class Kind(StrEnum):

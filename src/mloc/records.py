@@ -1,14 +1,32 @@
-"""The stored shapes of tasks and workers, as the API shows them."""
+"""The typed records and messages that cross between MLOC's processes, each with one encoder and one decoder.
+
+- a task's hash: :class:`NewTask` (``to_hash``, what the orchestrator stores at submit) and
+  :class:`TaskRecord` (``from_hash``, as the API shows it);
+- a worker's hash: :class:`Registration` (``to_hash``, what the worker writes when it registers),
+  :func:`heartbeat_fields` (what it refreshes) and :class:`WorkerView` (``from_hash``, the one reader,
+  which :class:`WorkerRecord` shows through the API);
+- the assignment on a worker's stream: :class:`Assignment` (``encode`` on the orchestrator,
+  ``decode`` on the worker).
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import orjson
 from pydantic import BaseModel, Field
 
 from mloc.state import TaskState
+
+# The user name of the admin (ORCHESTRATOR_TOKEN, or everyone while auth is off): the owner and
+# ``submitted_by`` of the admin's tasks, whose model paths the worker does not restrict.
+ADMIN = "admin"
+# Task hash field: who submitted the task (ADMIN for the admin's token), read by the worker's model-path check.
+SUBMITTED_BY = "submitted_by"
 
 
 def _loads(raw: str | None, default: Any = None) -> Any:
@@ -25,8 +43,87 @@ def _loads(raw: str | None, default: Any = None) -> Any:
             return default
 
 
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
 def _float(raw: str | None) -> float | None:
     return float(raw) if raw else None
+
+
+# ------------------------------------------------------------------------------------------- tasks
+@dataclass
+class NewTask:
+    """A task as the orchestrator builds it at submit, not stored yet. :meth:`to_hash` is the hash
+    :meth:`mloc.store.TaskStore.insert` writes; :meth:`TaskRecord.from_hash` reads it back."""
+
+    task_id: str
+    name: str
+    owner: str
+    task_type: str
+    kind: str
+    topic: str
+    priority: int
+    max_attempts: int
+    created_at: float  # unix seconds
+    document: dict[str, Any]  # the mloc/v1 document, wire form
+    request: dict[str, Any]  # what it needs from a worker (``placement.Request.to_json()``)
+    labels: dict[str, str] = field(default_factory=dict)
+    submitted_by: str = ""
+    # The retry policy, fixed at submit so every process that requeues the task applies the same one.
+    retry_backoff_sec: float | None = None
+    retry_backoff_max_sec: float | None = None
+    # A shard of a replica group: its parent and its place in the group.
+    parent_id: str | None = None
+    replica: int | None = None
+    # A replica group's parent: the number of shards and their ids (the parent is never placed itself).
+    group_size: int | None = None
+    children: list[str] = field(default_factory=list)
+    pending_reason: str = "waiting for the scheduler"
+    unschedulable: bool = False
+
+    @property
+    def created_ms(self) -> int:
+        """The submit time in milliseconds: the score of the task indexes."""
+        return int(self.created_at * 1000)
+
+    def to_hash(self) -> dict[str, str]:
+        h = {
+            "id": self.task_id,
+            "name": self.name,
+            "owner": self.owner,
+            "task_type": self.task_type,
+            "kind": self.kind,
+            "topic": self.topic,
+            "priority": str(self.priority),
+            "state": TaskState.PENDING.value,
+            "attempts": "0",
+            "max_attempts": str(self.max_attempts),
+            "created_at": repr(self.created_at),
+            "created_ms": str(self.created_ms),
+            "updated_at": repr(self.created_at),
+            "spec": _dumps(self.document),
+            "req": _dumps(self.request),
+            "labels": _dumps(self.labels),
+            "pending_reason": self.pending_reason,
+        }
+        # Optional fields are left out rather than stored empty: a record stays as small as it was.
+        if self.submitted_by:
+            h[SUBMITTED_BY] = self.submitted_by
+        if self.retry_backoff_sec is not None:
+            h["retry_backoff_sec"] = repr(float(self.retry_backoff_sec))
+        if self.retry_backoff_max_sec is not None:
+            h["retry_backoff_max_sec"] = repr(float(self.retry_backoff_max_sec))
+        if self.parent_id is not None:
+            h["parent_id"] = self.parent_id
+        if self.replica is not None:
+            h["replica"] = str(self.replica)
+        if self.group_size is not None:
+            h["group_size"] = str(self.group_size)
+            h["children"] = _dumps(self.children)
+        if self.unschedulable:
+            h["unschedulable"] = "1"
+        return h
 
 
 class TaskRecord(BaseModel):
@@ -41,6 +138,9 @@ class TaskRecord(BaseModel):
     worker_id: str | None = None
     attempts: int = 0
     max_attempts: int = 1
+    # Times workers handed the task back after it started (lost, shut down, restarted): a budget of
+    # its own (MLOC_MAX_REQUEUES), apart from the attempts its own failures spend.
+    requeues: int = 0
     reason: str | None = None
     reason_code: str | None = None
     pending_reason: str | None = None
@@ -76,6 +176,7 @@ class TaskRecord(BaseModel):
             worker_id=h.get("worker_id") or None,
             attempts=int(h.get("attempts", "0")),
             max_attempts=int(h.get("max_attempts", "1")),
+            requeues=int(h.get("requeues", "0")),
             reason=h.get("reason") or None,
             reason_code=h.get("reason_code") or None,
             pending_reason=h.get("pending_reason") or None,
@@ -99,9 +200,164 @@ class TaskRecord(BaseModel):
         )
 
 
-class WorkerRecord(BaseModel):
+# ----------------------------------------------------------------------------------------- workers
+class WorkerStatus(StrEnum):
+    """A worker's ``status`` field. The transition and heartbeat scripts compare against these
+    values: format them in (``WorkerStatus.ACTIVE.value``), never retype them."""
+
+    ACTIVE = "active"  #: registered and heartbeating: new tasks may be placed on it
+    DRAINING = "draining"  #: stopping: finishes what it runs, takes nothing new, still heartbeats
+    RESTARTING = "restarting"  #: registering again, handing back what its earlier incarnation held
+    OFFLINE = "offline"  #: stopped cleanly
+    LOST = "lost"  #: its heartbeat expired; the orchestrator requeued its tasks
+    #: never stored: the scheduler's view of an active worker whose heartbeat is older than the TTL
+    #: but which the reaper has not marked lost yet
+    UNRESPONSIVE = "unresponsive"
+    #: never written: a status this version does not know (a newer MLOC's), or none at all
+    UNKNOWN = "unknown"
+
+    @classmethod
+    def _missing_(cls, value: object) -> WorkerStatus:
+        return cls.UNKNOWN
+
+
+# Enum lookup by value is slow for a hot loop; this dict is not.
+_STATUSES: dict[str, WorkerStatus] = {status.value: status for status in WorkerStatus}
+# Statuses whose heartbeats count: a worker in any other status must register again.
+HEARTBEATING = (WorkerStatus.ACTIVE, WorkerStatus.DRAINING)
+# The worker hash fields that change between registrations (capacity, liveness, warm models), in the
+# order the scheduler's snapshot reads them.
+CHANGING_FIELDS = ("status", "last_heartbeat", "cpu_free", "mem_free", "slots_free", "warm_models")
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What a worker states when it (re)registers: :meth:`to_hash` is its hash, all capacity free."""
+
     worker_id: str
-    status: str
+    hostname: str
+    pid: int
+    topics: list[str]
+    tags: list[str]
+    task_types: list[str]
+    capabilities: dict[str, Any]
+    hardware: dict[str, Any]
+    cpu_milli: int
+    memory_bytes: int
+    slots: int
+    version: str
+
+    def to_hash(self, now: float) -> dict[str, str]:
+        return {
+            "id": self.worker_id,
+            "status": WorkerStatus.ACTIVE.value,
+            "hostname": self.hostname,
+            "pid": str(self.pid),
+            "topics": _dumps(self.topics),
+            "tags": _dumps(self.tags),
+            "task_types": _dumps(self.task_types),
+            "capabilities": _dumps(self.capabilities),
+            "hardware": _dumps(self.hardware),
+            "cpu_total": str(self.cpu_milli),
+            "cpu_free": str(self.cpu_milli),
+            "mem_total": str(self.memory_bytes),
+            "mem_free": str(self.memory_bytes),
+            "slots_total": str(self.slots),
+            "slots_free": str(self.slots),
+            "warm_models": "[]",
+            "registered_at": repr(now),
+            "last_heartbeat": repr(now),
+            "version": self.version,
+        }
+
+
+def heartbeat_fields(warm_models: Iterable[str]) -> dict[str, str]:
+    """The worker hash fields a heartbeat refreshes besides ``last_heartbeat``."""
+    return {"warm_models": _dumps(sorted(warm_models))}
+
+
+@dataclass
+class WorkerView:
+    """A worker as its hash describes it: what it offers (fixed until it registers again) and what
+    it has free now. The scheduler lowers the free figures as it places tasks within a pass."""
+
+    worker_id: str
+    status: WorkerStatus
+    last_heartbeat: float
+    topics: list[str]
+    tags: set[str]
+    task_types: set[str]
+    capabilities: dict[str, Any]
+    gpus: list[dict[str, Any]]  # index, name, memory_bytes
+    cpu_total: int
+    mem_total: int
+    slots_total: int
+    cpu_free: int
+    mem_free: int
+    slots_free: int
+    free_gpus: set[int]
+    warm_models: set[str] = field(default_factory=set)
+    hostname: str = ""
+    pid: int | None = None
+    hardware: dict[str, Any] = field(default_factory=dict)
+    registered_at: float | None = None
+    version: str | None = None
+
+    @classmethod
+    def from_hash(cls, h: Mapping[str, str], free_gpus: Iterable[str | int] = ()) -> WorkerView:
+        """The one reader of a worker's hash (``free_gpus``: the members of its free-GPU set)."""
+        hardware = _loads(h.get("hardware"), {})
+        view = cls(
+            worker_id=h["id"],
+            status=WorkerStatus.UNKNOWN,
+            last_heartbeat=0.0,
+            topics=_loads(h.get("topics"), []),
+            tags=set(_loads(h.get("tags"), [])),
+            task_types=set(_loads(h.get("task_types"), [])),
+            capabilities=_loads(h.get("capabilities"), {}),
+            gpus=hardware.get("gpus", []),
+            cpu_total=int(h.get("cpu_total") or 0),
+            mem_total=int(h.get("mem_total") or 0),
+            slots_total=int(h.get("slots_total") or 0),
+            cpu_free=0,
+            mem_free=0,
+            slots_free=0,
+            free_gpus=set(),
+            hostname=h.get("hostname", ""),
+            pid=int(h["pid"]) if h.get("pid") else None,
+            hardware=hardware,
+            registered_at=_float(h.get("registered_at")),
+            version=h.get("version"),
+        )
+        view._read_changing([h.get(name) for name in CHANGING_FIELDS], free_gpus)
+        return view
+
+    def refreshed(self, changing: Sequence[str | None], free_gpus: Iterable[str | int]) -> WorkerView:
+        """A copy with the fields that change between registrations read again: ``changing`` holds
+        the values of :data:`CHANGING_FIELDS`, in that order. What the worker stated at registration
+        is shared with this view, not copied: nothing changes it."""
+        # A shallow copy without __init__: the scheduler makes one per worker per snapshot.
+        view = object.__new__(WorkerView)
+        view.__dict__.update(self.__dict__)
+        view._read_changing(changing, free_gpus)
+        return view
+
+    def _read_changing(self, values: Sequence[str | None], free_gpus: Iterable[str | int]) -> None:
+        status, last_heartbeat, cpu_free, mem_free, slots_free, warm = values
+        self.status = _STATUSES.get(status or "", WorkerStatus.UNKNOWN)
+        self.last_heartbeat = float(last_heartbeat or 0)
+        self.cpu_free = int(cpu_free or 0)
+        self.mem_free = int(mem_free or 0)
+        self.slots_free = int(slots_free or 0)
+        self.warm_models = set(_loads(warm, [])) if warm and warm != "[]" else set()
+        self.free_gpus = {int(g) for g in free_gpus}
+
+
+class WorkerRecord(BaseModel):
+    """A worker as the API shows it."""
+
+    worker_id: str
+    status: WorkerStatus
     hostname: str = ""
     pid: int | None = None
     topics: list[str] = Field(default_factory=list)
@@ -119,35 +375,132 @@ class WorkerRecord(BaseModel):
     version: str | None = None
 
     @classmethod
-    def from_hash(cls, h: dict[str, str], *, now: float, tasks: list[str], free_gpus: list[int]) -> WorkerRecord:
-        hardware = _loads(h.get("hardware"), {})
-        last = _float(h.get("last_heartbeat"))
+    def of(cls, view: WorkerView, *, now: float, tasks: Iterable[str]) -> WorkerRecord:
+        last = view.last_heartbeat or None
         return cls(
-            worker_id=h["id"],
-            status=h.get("status", "unknown"),
-            hostname=h.get("hostname", ""),
-            pid=int(h["pid"]) if h.get("pid") else None,
-            topics=_loads(h.get("topics"), []),
-            tags=_loads(h.get("tags"), []),
-            task_types=_loads(h.get("task_types"), []),
-            capabilities=_loads(h.get("capabilities"), {}),
-            hardware=hardware,
+            worker_id=view.worker_id,
+            status=view.status,
+            hostname=view.hostname,
+            pid=view.pid,
+            topics=view.topics,
+            tags=sorted(view.tags),
+            task_types=sorted(view.task_types),
+            capabilities=view.capabilities,
+            hardware=view.hardware,
             capacity={
-                "cpu_milli": int(h.get("cpu_total", "0")),
-                "memory_bytes": int(h.get("mem_total", "0")),
-                "gpus": len(hardware.get("gpus", [])),
-                "slots": int(h.get("slots_total", "0")),
+                "cpu_milli": view.cpu_total,
+                "memory_bytes": view.mem_total,
+                "gpus": len(view.gpus),
+                "slots": view.slots_total,
             },
             free={
-                "cpu_milli": int(h.get("cpu_free", "0")),
-                "memory_bytes": int(h.get("mem_free", "0")),
-                "gpus": sorted(free_gpus),
-                "slots": int(h.get("slots_free", "0")),
+                "cpu_milli": view.cpu_free,
+                "memory_bytes": view.mem_free,
+                "gpus": sorted(view.free_gpus),
+                "slots": view.slots_free,
             },
-            warm_models=_loads(h.get("warm_models"), []),
+            warm_models=sorted(view.warm_models),
             tasks=sorted(tasks),
-            registered_at=_float(h.get("registered_at")),
+            registered_at=view.registered_at,
             last_heartbeat=last,
             heartbeat_age_sec=round(now - last, 3) if last else None,
-            version=h.get("version"),
+            version=view.version,
         )
+
+
+# ------------------------------------------------------------------------------------- assignment
+class AssignmentError(ValueError):
+    """A stream entry that is not an assignment this worker can read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """The message that puts a task on its worker's stream.
+
+    The scheduler builds it and :meth:`encode` gives the entry's ``body``; the transition script that
+    reserves the worker writes the entry as ``{task, body, attempt}``, adding the attempt the worker
+    will run (only the script knows it); the worker reads the entry once with :meth:`decode`.
+    """
+
+    task_id: str
+    owner: str
+    gpus: tuple[int, ...]
+    document: dict[str, Any]  # the task's mloc/v1 document, wire form
+    attempt: int | None = None  # None from a script that did not announce it
+
+    @property
+    def task_type(self) -> str:
+        return str(self.document["spec"]["taskType"])
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return (self.document.get("metadata") or {}).get("labels") or {}
+
+    @property
+    def timeout_sec(self) -> float | None:
+        limit = self.document["spec"].get("timeout_sec")
+        return float(limit) if limit else None
+
+    def encode(self) -> str:
+        return orjson.dumps({"spec": self.document, "owner": self.owner, "gpus": self.gpus}).decode()
+
+    @classmethod
+    def decode(cls, entry: Mapping[str, str]) -> Assignment:
+        """The assignment in a stream entry's fields; :class:`AssignmentError` names what is wrong."""
+        # The checks a well-formed entry passes, cheaply; :func:`_fault` says what is wrong with the rest.
+        try:
+            task_id, body = entry["task"], orjson.loads(entry["body"])
+            document, owner, gpus = body["spec"], body["owner"], body["gpus"]
+            spec, metadata, attempt = document["spec"], document.get("metadata") or {}, entry.get("attempt")
+            timeout = spec.get("timeout_sec")
+            readable = (
+                bool(task_id)
+                and type(owner) is str
+                and type(gpus) is list
+                and all(type(g) is int for g in gpus)
+                and type(spec["taskType"]) is str
+                and type(metadata) is dict
+                and type(metadata.get("labels") or {}) is dict
+                and (timeout is None or type(timeout) in (int, float))
+                and (attempt is None or attempt.isdigit())
+            )
+        except (KeyError, TypeError, AttributeError, orjson.JSONDecodeError):
+            readable = False
+        if not readable:
+            task_id = entry.get("task") or ""
+            of = f"of task {task_id}" if task_id else "without a task id"
+            raise AssignmentError(
+                f"assignment {of} is unreadable: {_fault(entry)}; the orchestrator that sent it may run another "
+                "MLOC version than this worker: run the same version on both"
+            )
+        return cls(task_id, owner, tuple(gpus), document, None if attempt is None else int(attempt))
+
+
+def _fault(entry: Mapping[str, str]) -> str:
+    """What is wrong with an assignment entry that :meth:`Assignment.decode` refused."""
+    if not entry.get("task"):
+        return "the entry has no 'task' field"
+    try:
+        body = orjson.loads(entry.get("body") or "")
+    except orjson.JSONDecodeError as exc:
+        return f"its body is not JSON ({exc})"
+    if not isinstance(body, dict):
+        return "its body is not a JSON object"
+    missing = [name for name in ("spec", "owner", "gpus") if name not in body]
+    if missing:
+        return f"its body lacks {', '.join(missing)}"
+    document, gpus = body["spec"], body["gpus"]
+    if not isinstance(body["owner"], str):
+        return "its owner is not a string"
+    if not isinstance(gpus, list) or not all(type(g) is int for g in gpus):
+        return "its gpus are not a list of GPU indexes"
+    spec = document.get("spec") if isinstance(document, dict) else None
+    if not isinstance(spec, dict) or not isinstance(spec.get("taskType"), str):
+        return "its document has no spec.taskType"
+    metadata = document.get("metadata") or {}
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("labels") or {}, dict):
+        return "its document's metadata.labels is not a mapping"
+    attempt = entry.get("attempt")
+    if attempt is not None and not attempt.isdigit():
+        return f"its attempt {attempt!r} is not a number"
+    return "its document's spec.timeout_sec is not a number"

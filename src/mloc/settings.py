@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     heartbeat_ttl_sec: float = Field(120.0, gt=0, validation_alias=_env("HEARTBEAT_TTL_SEC"))
     max_body_bytes: int = Field(1 << 20, gt=0, validation_alias=_env("MLOC_MAX_BODY_BYTES"))
     task_retries: int = Field(2, ge=0, le=100, validation_alias=_env("MLOC_TASK_RETRIES"))
+    # Times a task may be handed back after its worker was lost, shut down or restarted, apart from its
+    # retries (which only its own failures spend); past it the task fails (reason requeues_exhausted).
+    max_requeues: int = Field(20, ge=0, le=10_000, validation_alias=_env("MLOC_MAX_REQUEUES"))
     schedule_interval_sec: float = Field(1.0, gt=0, validation_alias=_env("MLOC_SCHEDULE_INTERVAL_SEC"))
     reap_interval_sec: float | None = Field(None, gt=0, validation_alias=_env("MLOC_REAP_INTERVAL_SEC"))
     # A retried task waits retry_backoff_sec * 2**(retry-1), at most retry_backoff_max_sec, before it is placed again.

@@ -1,4 +1,5 @@
-"""Task states, the transitions allowed between them, and the reasons a task ends or waits."""
+"""Task states, the moves allowed between them, and the codes that say why a task ends, waits or
+a move is refused."""
 
 from __future__ import annotations
 
@@ -20,13 +21,12 @@ class TaskState(StrEnum):
 
 TERMINAL = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED})
 
-# States in which the task holds capacity on a worker; leaving them releases it.
-HOLDS_CAPACITY = frozenset({TaskState.ASSIGNED, TaskState.RUNNING})
-
+# Every move a task may make, and nothing else: checked in Python before Redis is touched and again
+# inside the transition script (which gets this table generated into it). mloc.moves names the moves.
 ALLOWED: dict[TaskState, frozenset[TaskState]] = {
     # PENDING -> RUNNING: only a replica group's parent, when its first shard starts
     TaskState.PENDING: frozenset({TaskState.ASSIGNED, TaskState.RUNNING, TaskState.CANCELLED, TaskState.FAILED}),
-    # back to PENDING: worker lost, worker shut down before starting it, or placement handed back
+    # back to PENDING: worker lost, worker shut down or restarted before starting it
     TaskState.ASSIGNED: frozenset({TaskState.RUNNING, TaskState.PENDING, TaskState.CANCELLED, TaskState.FAILED}),
     TaskState.RUNNING: frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED, TaskState.PENDING}),
     TaskState.SUCCEEDED: frozenset(),
@@ -41,14 +41,49 @@ def sources_of(target: TaskState) -> frozenset[TaskState]:
 
 
 class Reason(StrEnum):
-    """Machine-readable cause codes; the record's ``reason`` text says it for a person."""
+    """Machine-readable cause codes (a task's ``reason_code``); the record's ``reason`` text says it
+    for a person."""
 
-    WORKER_LOST = "worker_lost"
-    WORKER_SHUTDOWN = "worker_shutdown"
-    WORKER_RESTARTED = "worker_restarted"
-    EXECUTOR_ERROR = "executor_error"
-    EXECUTOR_CRASHED = "executor_crashed"
-    NO_EXECUTOR = "no_executor"
-    RETRIES_EXHAUSTED = "retries_exhausted"
+    WORKER_LOST = "worker_lost"  # no heartbeat: the reaper handed its tasks back
+    WORKER_SHUTDOWN = "worker_shutdown"  # stopped (SIGTERM) with the task assigned or still running
+    WORKER_RESTARTED = "worker_restarted"  # came back under the same id; what it held went back
+    REQUEUES_EXHAUSTED = "requeues_exhausted"  # handed back by workers more than MLOC_MAX_REQUEUES times
+    EXECUTOR_ERROR = "executor_error"  # the executor raised
+    EXECUTOR_CRASHED = "executor_crashed"  # the executor process died (most often out of memory)
+    NO_EXECUTOR = "no_executor"  # the worker has no executor for the task type
+    ASSIGNMENT_UNREADABLE = "assignment_unreadable"  # the worker could not read the assignment message
     CANCELLED_BY_USER = "cancelled_by_user"
-    TIMEOUT = "timeout"
+    TIMEOUT = "timeout"  # ran past spec.timeout_sec and was stopped
+    REPLICA_FAILED = "replica_failed"  # a replica group's parent: one of its shards failed
+    REPLICA_CANCELLED = "replica_cancelled"  # a replica group's parent: one of its shards was cancelled
+
+    @classmethod
+    def of_replica(cls, state: TaskState) -> Reason:
+        """The parent's code when a shard ended in ``state`` (failed or cancelled)."""
+        return cls.REPLICA_CANCELLED if state == TaskState.CANCELLED else cls.REPLICA_FAILED
+
+
+# Handed back for reasons outside the task: these spend the task's requeue budget
+# (MLOC_MAX_REQUEUES), never its own attempts (spec.retries).
+INFRASTRUCTURE = frozenset({Reason.WORKER_LOST, Reason.WORKER_SHUTDOWN, Reason.WORKER_RESTARTED})
+
+
+class Refusal(StrEnum):
+    """Why the transition script refused a move (``Transition.error``)."""
+
+    MISSING = "missing"  # no such task
+    STATE = "state"  # the task is not in one of the move's source states (detail: its state)
+    FORBIDDEN = "forbidden"  # the move is not in ALLOWED (detail: "from -> to")
+    FENCED = "fenced"  # another worker or attempt holds the task now (detail: the holder)
+    CAPACITY = "capacity"  # the worker has no room, or is not active (detail: what is short)
+    QUOTA = "quota"  # the owner is at a limit (detail: "tasks|gpus <in use> <limit>")
+    BACKOFF = "backoff"  # a retry placed before its backoff ended (detail: when it ends)
+
+
+class StopReason(StrEnum):
+    """Why a worker stops a task it is running."""
+
+    CANCELLED = "cancelled"  # a user asked
+    SHUTDOWN = "shutdown"  # the worker is stopping and the grace period ran out: handed back
+    TIMEOUT = "timeout"  # past spec.timeout_sec: fails
+    LOST = "lost"  # the orchestrator declared this worker lost and already handed the task back

@@ -1,55 +1,16 @@
-"""The worker registry: registration, heartbeats, liveness and the capacity snapshot the scheduler reads."""
+"""The worker registry: registration, heartbeats, liveness, and reading workers back (the API's
+records, the scheduler's capacity snapshot). The hash's shape is in :mod:`mloc.records`."""
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
 import redis.asyncio as aioredis
 
 from mloc import keys, lua
-from mloc.errors import NotFound
-from mloc.records import WorkerRecord
-
-
-@dataclass
-class WorkerView:
-    """What the scheduler needs to know about one worker, read in one snapshot."""
-
-    worker_id: str
-    status: str
-    last_heartbeat: float
-    topics: list[str]
-    tags: set[str]
-    task_types: set[str]
-    capabilities: dict[str, Any]
-    gpus: list[dict[str, Any]]  # index, name, memory_bytes
-    cpu_total: int
-    mem_total: int
-    slots_total: int
-    cpu_free: int
-    mem_free: int
-    slots_free: int
-    free_gpus: set[int]
-    warm_models: set[str] = field(default_factory=set)
-
-
-@dataclass(frozen=True)
-class Registration:
-    worker_id: str
-    hostname: str
-    pid: int
-    topics: list[str]
-    tags: list[str]
-    task_types: list[str]
-    capabilities: dict[str, Any]
-    hardware: dict[str, Any]
-    cpu_milli: int
-    memory_bytes: int
-    slots: int
-    version: str
+from mloc.errors import Conflict, NotFound
+from mloc.records import Registration, WorkerRecord, WorkerStatus, WorkerView
 
 
 class WorkerRegistry:
@@ -58,6 +19,14 @@ class WorkerRegistry:
         self._heartbeat = redis.register_script(lua.HEARTBEAT)
         self._mark_lost = redis.register_script(lua.MARK_LOST)
         self._read_workers = redis.register_script(lua.READ_WORKERS)
+        self._snapshot = redis.register_script(lua.SNAPSHOT)
+        self._read_hashes = redis.register_script(lua.READ_HASHES)
+        # What each worker stated at registration, by worker id, with its registered_at: read again
+        # only when the worker registers anew.
+        self._registered: dict[str, tuple[str, WorkerView]] = {}
+        # Counts the changes to the set of registrations seen by :meth:`snapshot`, so a cache of
+        # what fits which registration knows when to start over.
+        self.registrations = 0
 
     async def register(self, reg: Registration, *, now: float | None = None) -> None:
         """(Re)register a worker with all its capacity free. The caller hands back what an earlier
@@ -66,30 +35,7 @@ class WorkerRegistry:
         gpus = reg.hardware.get("gpus", [])
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(keys.worker(reg.worker_id), keys.worker_free_gpus(reg.worker_id))
-        pipe.hset(
-            keys.worker(reg.worker_id),
-            mapping={
-                "id": reg.worker_id,
-                "status": "active",
-                "hostname": reg.hostname,
-                "pid": str(reg.pid),
-                "topics": json.dumps(reg.topics),
-                "tags": json.dumps(reg.tags),
-                "task_types": json.dumps(reg.task_types),
-                "capabilities": json.dumps(reg.capabilities),
-                "hardware": json.dumps(reg.hardware),
-                "cpu_total": str(reg.cpu_milli),
-                "cpu_free": str(reg.cpu_milli),
-                "mem_total": str(reg.memory_bytes),
-                "mem_free": str(reg.memory_bytes),
-                "slots_total": str(reg.slots),
-                "slots_free": str(reg.slots),
-                "warm_models": "[]",
-                "registered_at": repr(now),
-                "last_heartbeat": repr(now),
-                "version": reg.version,
-            },
-        )
+        pipe.hset(keys.worker(reg.worker_id), mapping=reg.to_hash(now))
         if gpus:
             pipe.sadd(keys.worker_free_gpus(reg.worker_id), *[g["index"] for g in gpus])
         pipe.zadd(keys.WORKERS, {reg.worker_id: now})
@@ -97,15 +43,16 @@ class WorkerRegistry:
         await pipe.execute()
 
     async def heartbeat(self, worker_id: str, fields: dict[str, str] | None = None) -> str:
-        """Refresh liveness; answers 'ok', or 'lost'/'missing' when the worker must register again."""
+        """Refresh liveness (and ``fields``, see :func:`mloc.records.heartbeat_fields`); answers 'ok',
+        or the worker's status (or 'missing') when it must register again."""
         reply = await self._heartbeat(
             keys=[keys.worker(worker_id), keys.WORKERS],
             args=[worker_id, repr(time.time()), json.dumps(fields) if fields else ""],
         )
         return reply.decode() if isinstance(reply, bytes) else str(reply)
 
-    async def set_status(self, worker_id: str, status: str) -> None:
-        await self.redis.hset(keys.worker(worker_id), "status", status)
+    async def set_status(self, worker_id: str, status: WorkerStatus) -> None:
+        await self.redis.hset(keys.worker(worker_id), "status", status.value)
 
     async def stale(self, ttl_sec: float, *, now: float | None = None) -> list[str]:
         now = time.time() if now is None else now
@@ -124,15 +71,6 @@ class WorkerRegistry:
     async def ids(self) -> list[str]:
         return await self.redis.zrange(keys.WORKERS, 0, -1)
 
-    async def forget(self, worker_id: str) -> None:
-        await self.redis.delete(
-            keys.worker(worker_id),
-            keys.worker_free_gpus(worker_id),
-            keys.worker_tasks(worker_id),
-            keys.worker_stream(worker_id),
-        )
-        await self.redis.zrem(keys.WORKERS, worker_id)
-
     async def _read(self, worker_ids: list[str]) -> list[tuple[dict[str, str], set[str], set[str]]]:
         # One script call per batch, not three pipelined commands per worker: each reply costs the
         # client more than Redis takes to answer it.
@@ -149,7 +87,7 @@ class WorkerRegistry:
         ids = worker_ids if worker_ids is not None else await self.ids()
         now = time.time()
         return [
-            WorkerRecord.from_hash(h, now=now, tasks=list(tasks), free_gpus=[int(g) for g in gpus])
+            WorkerRecord.of(WorkerView.from_hash(h, gpus), now=now, tasks=tasks)
             for h, gpus, tasks in await self._read(ids)
         ]
 
@@ -160,29 +98,63 @@ class WorkerRegistry:
         return found[0]
 
     async def snapshot(self) -> list[WorkerView]:
-        """Every registered worker's capacity, in two round trips."""
-        ids = await self.ids()
+        """Every registered worker, in one round trip (two when some registered anew): what a worker
+        stated at registration is read again only when it registers anew."""
+        flat = await self._snapshot(keys=[keys.WORKERS], args=[keys.worker("{id}"), keys.worker_free_gpus("{id}")])
+        rows = [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+        changed = [wid for wid, f, _ in rows if f[0] is not None and self._registered.get(wid, ("",))[0] != f[0]]
+        if changed or len(self._registered) != len(rows):
+            present = {wid for wid, _, _ in rows}
+            self._registered = {wid: entry for wid, entry in self._registered.items() if wid in present}
+            self.registrations += 1
+        for start in range(0, len(changed), 500):
+            batch = changed[start : start + 500]
+            replies = await self._read_hashes(keys=[keys.worker(w) for w in batch])
+            for wid, flat_fields in zip(batch, replies, strict=True):
+                h = dict(zip(flat_fields[::2], flat_fields[1::2], strict=True))
+                if h:
+                    self._registered[wid] = (h.get("registered_at", ""), WorkerView.from_hash(h))
         views = []
-        for h, gpus, _ in await self._read(ids):
-            hardware = json.loads(h.get("hardware") or "{}")
-            views.append(
-                WorkerView(
-                    worker_id=h["id"],
-                    status=h.get("status", ""),
-                    last_heartbeat=float(h.get("last_heartbeat", "0")),
-                    topics=json.loads(h.get("topics") or "[]"),
-                    tags=set(json.loads(h.get("tags") or "[]")),
-                    task_types=set(json.loads(h.get("task_types") or "[]")),
-                    capabilities=json.loads(h.get("capabilities") or "{}"),
-                    gpus=hardware.get("gpus", []),
-                    cpu_total=int(h.get("cpu_total", "0")),
-                    mem_total=int(h.get("mem_total", "0")),
-                    slots_total=int(h.get("slots_total", "0")),
-                    cpu_free=int(h.get("cpu_free", "0")),
-                    mem_free=int(h.get("mem_free", "0")),
-                    slots_free=int(h.get("slots_free", "0")),
-                    free_gpus={int(g) for g in gpus},
-                    warm_models=set(json.loads(h.get("warm_models") or "[]")),
-                )
-            )
+        for wid, f, free in rows:
+            entry = self._registered.get(wid)
+            if f[0] is None or entry is None:
+                continue  # deregistered meanwhile
+            # f: registered_at, then the values of records.CHANGING_FIELDS in order.
+            views.append(entry[1].refreshed(f[1:], free))
         return views
+
+    async def remove_stopped(self, worker_id: str) -> str:
+        """Forget a worker that stopped (offline) or was declared lost, and return that status. A worker
+        that may still run tasks, or still holds some, is refused with Conflict."""
+        for _ in range(3):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(keys.worker(worker_id), keys.worker_tasks(worker_id))
+                    status = await pipe.hget(keys.worker(worker_id), "status")
+                    if status is None:
+                        raise NotFound(f"worker {worker_id} not found; list workers with `mloc workers --all`")
+                    status = status.decode() if isinstance(status, bytes) else str(status)
+                    if status not in (WorkerStatus.OFFLINE, WorkerStatus.LOST):
+                        raise Conflict(
+                            f"worker {worker_id} is {status}; only an offline or lost worker can be removed "
+                            "(stop it first: it goes offline when it exits)"
+                        )
+                    held = await pipe.scard(keys.worker_tasks(worker_id))
+                    if held:
+                        raise Conflict(
+                            f"worker {worker_id} is {status} but still holds {held} task(s); "
+                            "`mloc cleanup` requeues them, then remove it"
+                        )
+                    pipe.multi()
+                    pipe.delete(
+                        keys.worker(worker_id),
+                        keys.worker_free_gpus(worker_id),
+                        keys.worker_tasks(worker_id),
+                        keys.worker_stream(worker_id),
+                    )
+                    pipe.zrem(keys.WORKERS, worker_id)
+                    await pipe.execute()
+                    return status
+                except aioredis.WatchError:
+                    continue  # it changed while we looked (a heartbeat, a re-registration): look again
+        raise Conflict(f"worker {worker_id} kept changing while being removed; it is probably running again")

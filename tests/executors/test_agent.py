@@ -338,16 +338,18 @@ def test_web_search_through_a_searxng_provider(monkeypatch: pytest.MonkeyPatch, 
 
 
 def test_retriever_tool_searches_a_collection_a_rag_task_indexed(tmp_path: Path) -> None:
+    from langchain_core.documents import Document
+
     from mloc.executors.rag import RagExecutor, vectors_dir
-    from mloc.executors.rag.documents import SourceText, chunk_documents
+    from mloc.executors.rag.sync import sync_collection
     from mloc.spec.rag import RagOptions
 
     rag = RagExecutor()
     options = RagOptions.model_validate({"vector_db": "faiss", "collection": "handbook"})
     facts = ["The office wifi password rotates every Monday.", "Lunch is served at noon in the atrium."]
-    chunks = chunk_documents([SourceText(f"handbook/{n}.md", text) for n, text in enumerate(facts)], 500, 50)
+    documents = [Document(page_content=text, metadata={"source": f"handbook/{n}.md"}) for n, text in enumerate(facts)]
     with rag.open_collection(options, tmp_path / "vectors") as store:
-        store.add(chunks, rag.embedder(options.embedding_model).embed([c.text for c in chunks]))
+        sync_collection(store, documents, chunk_size=500, chunk_overlap=50)
     assert (
         vectors_dir(
             RunContext(

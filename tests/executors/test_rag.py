@@ -113,7 +113,8 @@ def test_right_document_is_retrieved_and_every_question_gets_a_generated_answer(
             "embedded_chunks": 5,
         }
     ]
-    assert result["index"]["chunks_embedded"] == 5 and result["collection"] is None
+    assert result["index"]["chunks"] == {"added": 5, "removed": 0, "unchanged": 0}
+    assert result["collection"] is None
     # An unnamed collection is temporary: nothing is left on disk.
     assert not (tmp_path / "vectors" / "chroma").exists() or not any(
         (tmp_path / "vectors" / "chroma").glob("*/data_level0.bin")
@@ -125,16 +126,12 @@ def test_named_chroma_collection_is_indexed_once_and_reopened_by_a_new_process(
 ) -> None:
     data = task(tiny_lm, collection="facts")
     first, _ = run_task(executor, data, tmp_path)
-    assert first["index"]["chunks_embedded"] == 5
+    assert first["index"]["chunks"]["added"] == 5
 
     embedded_before = executor.embedder("sentence-transformers/all-MiniLM-L6-v2").embedded
     second, _ = run_task(executor, data, tmp_path)
-    assert second["index"] == {
-        **second["index"],
-        "chunks_embedded": 0,
-        "chunks_reused": 5,
-        "collection_size": 5,
-    }
+    assert second["index"]["chunks"] == {"added": 0, "removed": 0, "unchanged": 5}
+    assert second["index"]["documents"]["unchanged"] == 5 and second["index"]["collection_size"] == 5
     # Only the three questions were embedded the second time, no chunk.
     assert executor.embedder("sentence-transformers/all-MiniLM-L6-v2").embedded - embedded_before == 3
 
@@ -164,7 +161,7 @@ def test_named_chroma_collection_is_indexed_once_and_reopened_by_a_new_process(
     )
     assert done.returncode == 0, done.stderr[-2000:]
     reopened = json.loads(done.stdout.strip().splitlines()[-1])
-    assert reopened["chunks_embedded"] == 0 and reopened["collection_size"] == 5
+    assert reopened["sync"] == "query" and reopened["chunks"]["added"] == 0 and reopened["collection_size"] == 5
     assert reopened["top"] == "penguin"
 
 
@@ -172,7 +169,7 @@ def test_faiss_collection_persists_and_new_documents_are_added_incrementally(
     executor: RagExecutor, tiny_lm: Path, tmp_path: Path
 ) -> None:
     first, _ = run_task(executor, task(tiny_lm, vector_db="faiss", collection="facts-faiss"), tmp_path)
-    assert first["vector_db"] == "faiss" and first["index"]["chunks_embedded"] == 5
+    assert first["vector_db"] == "faiss" and first["index"]["chunks"]["added"] == 5
     assert [a["sources"][0]["metadata"]["topic"] for a in first["answers"]] == [
         "volcano",
         "violin",
@@ -201,7 +198,8 @@ def test_faiss_collection_persists_and_new_documents_are_added_incrementally(
         tmp_path,
     )
     fresh.engines.close()
-    assert second["index"]["chunks_embedded"] == 1 and second["index"]["collection_size"] == 6
+    assert second["index"]["chunks"] == {"added": 1, "removed": 0, "unchanged": 5}
+    assert second["index"]["collection_size"] == 6
     assert second["answers"][0]["sources"][0]["metadata"]["topic"] == "river"
     assert second["answers"][0]["sources"][0]["score"] > 0.5
 
@@ -229,7 +227,7 @@ def test_files_globs_markdown_and_html_are_read(executor: RagExecutor, tiny_lm: 
         ),
         tmp_path,
     )
-    assert result["index"]["documents"] == 3
+    assert result["index"]["documents"]["listed"] == 3
     top = [answer["sources"][0] for answer in result["answers"]]
     assert top[0]["source"] == str(docs / "coffee.html")
     assert "color: red" not in top[0]["text"] and "var espresso" not in top[0]["text"]
@@ -303,10 +301,15 @@ def test_pdf_without_pypdf_fails_naming_the_file_and_the_package(
 
 
 def test_splitter_keeps_chunks_within_size_with_overlap() -> None:
-    from mloc.executors.rag.documents import split_text
+    from langchain_core.documents import Document
+
+    from mloc.executors.rag.chunks import split_document
 
     text = " ".join(f"Sentence number {n} says something." for n in range(60))
-    chunks = split_text(text, 120, 40)
+    pieces = split_document(Document(page_content=text, metadata={"source": "s"}), 120, 40)
+    assert [piece.metadata["chunk"] for piece in pieces] == list(range(len(pieces)))
+    assert all(text[piece.metadata["start_index"] :].startswith(piece.page_content) for piece in pieces)
+    chunks = [piece.page_content for piece in pieces]
     assert all(len(chunk) <= 120 for chunk in chunks) and len(chunks) > 10
     assert all(chunk.split()[0] in previous for previous, chunk in itertools.pairwise(chunks))
     assert "".join(chunks).count("Sentence number 59") == 1
@@ -393,3 +396,236 @@ def test_importing_the_rag_and_agent_executors_loads_no_heavy_library() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert done.stdout.strip() == "[]"
+
+
+# Each paragraph is longer than half a chunk and no longer than one, so every paragraph is one chunk.
+CHUNK = 200
+ETNA = [
+    "Mount Etna is an active volcano on the east coast of Sicily. It erupts lava almost every year and towers over Catania.",
+    "The summit of the volcano has four craters, and lava flows of the last century reached villages on its southern slopes.",
+]
+COFFEE_OLD = [
+    "The office coffee machine brews espresso by forcing hot water through finely ground beans at nine bars of pressure.",
+    "The descaling schedule says the coffee machine is cleaned every Friday afternoon by the facilities team in room 4B.",
+]
+COFFEE_NEW = [
+    "The office coffee machine was replaced by a filter brewer that drips hot water slowly through a paper cone of beans.",
+    "The descaling schedule says the filter brewer is cleaned every Tuesday morning by the facilities team in room 7C.",
+    "Filter coffee is served from insulated jugs on the third floor, next to the kitchen, until four in the afternoon.",
+]
+PENGUINS = [
+    "Emperor penguins breed during the Antarctic winter, and the males keep the single egg on their feet for months."
+]
+POSTGRES = [
+    "PostgreSQL is a relational database that stores rows in tables and answers SQL queries from many clients at once.",
+    "Its write-ahead log records every change before the data files are touched, so a crash loses no committed transaction.",
+]
+EVERYTHING = 50  # more than any collection here holds: a search returns every chunk
+
+
+def write_doc(folder: Path, name: str, paragraphs: list[str]) -> None:
+    assert all(CHUNK // 2 < len(paragraph) <= CHUNK for paragraph in paragraphs)
+    (folder / name).write_text("\n\n".join(paragraphs))
+
+
+def corpus_task(tiny_lm: Path, folder: Path, vector_db: str, **hyper: Any) -> dict[str, Any]:
+    return task(
+        tiny_lm,
+        vector_db=vector_db,
+        collection=f"office-{vector_db}",
+        chunk_size=CHUNK,
+        chunk_overlap=20,
+        retrieval_k=2,
+        documents=hyper.pop("documents", [{"glob": str(folder / "*.md")}]),
+        questions=hyper.pop("questions", ["When is the coffee machine cleaned?"]),
+        **hyper,
+    )
+
+
+def retrieved_texts(executor: RagExecutor, root: Path, vector_db: str, question: str) -> list[str]:
+    """Every chunk of the collection, as retrieval ranks them for ``question``."""
+    from mloc.executors.rag import Retriever
+    from mloc.spec.rag import RagOptions
+
+    options = RagOptions.model_validate({"vector_db": vector_db, "collection": f"office-{vector_db}"})
+    with executor.open_collection(options, root / "vectors") as store:
+        hits = Retriever(executor.embedder(options.embedding_model), store).search([question], EVERYTHING)[0]
+    return [hit.text for hit in hits]
+
+
+@pytest.mark.parametrize("vector_db", ["chromadb", "faiss"])
+def test_named_collection_follows_its_documents(
+    executor: RagExecutor, tiny_lm: Path, tmp_path: Path, vector_db: str
+) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    write_doc(docs, "etna.md", ETNA)
+    write_doc(docs, "coffee.md", COFFEE_OLD)
+    write_doc(docs, "penguins.md", PENGUINS)
+    first, _ = run_task(executor, corpus_task(tiny_lm, docs, vector_db), tmp_path)
+    assert first["index"]["documents"] == {
+        "listed": 3,
+        "added": 3,
+        "updated": 0,
+        "removed": 0,
+        "unchanged": 0,
+        "empty": 0,
+    }
+    assert first["index"]["chunks"] == {"added": 5, "removed": 0, "unchanged": 0}
+    assert "every Friday" in retrieved_texts(executor, tmp_path, vector_db, "When is the coffee machine cleaned?")[0]
+
+    # One document changed, one removed, one added.
+    write_doc(docs, "coffee.md", COFFEE_NEW)
+    (docs / "penguins.md").unlink()
+    write_doc(docs, "postgres.md", POSTGRES)
+    embedder = executor.embedder("sentence-transformers/all-MiniLM-L6-v2")
+    embedded_before = embedder.embedded
+    second, _ = run_task(executor, corpus_task(tiny_lm, docs, vector_db), tmp_path)
+    assert second["index"]["documents"] == {
+        "listed": 3,
+        "added": 1,
+        "updated": 1,
+        "removed": 1,
+        "unchanged": 1,
+        "empty": 0,
+    }
+    assert second["index"]["chunks"] == {"added": 5, "removed": 3, "unchanged": 2}
+    assert second["index"]["collection_size"] == 7
+    # Only the new chunks and the question were embedded: the unchanged document was not.
+    assert embedder.embedded - embedded_before == 5 + 1
+    texts = retrieved_texts(executor, tmp_path, vector_db, "When is the coffee machine cleaned on Friday?")
+    assert len(texts) == 7
+    assert not any("every Friday" in text or "penguins" in text for text in texts)
+    assert second["answers"][0]["sources"][0]["text"] == COFFEE_NEW[1]
+    top = second["answers"][0]["sources"][0]
+    assert (top["source"], top["chunk"]) == (str(docs / "coffee.md"), 1)
+
+    # The same documents again: nothing to do.
+    third, _ = run_task(executor, corpus_task(tiny_lm, docs, vector_db), tmp_path)
+    assert third["index"]["chunks"] == {"added": 0, "removed": 0, "unchanged": 7}
+    assert third["index"]["documents"]["unchanged"] == 3 and third["usage"]["embedded_chunks"] == 0
+
+
+@pytest.mark.parametrize("vector_db", ["chromadb", "faiss"])
+def test_append_keeps_unlisted_documents_and_reset_starts_again(
+    executor: RagExecutor, tiny_lm: Path, tmp_path: Path, vector_db: str
+) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    write_doc(docs, "etna.md", ETNA)
+    write_doc(docs, "coffee.md", COFFEE_OLD)
+    run_task(executor, corpus_task(tiny_lm, docs, vector_db), tmp_path)
+
+    write_doc(docs, "postgres.md", POSTGRES)
+    appended, _ = run_task(
+        executor,
+        corpus_task(
+            tiny_lm, docs, vector_db, collection_sync="append", documents=[{"path": str(docs / "postgres.md")}]
+        ),
+        tmp_path,
+    )
+    assert appended["index"]["sync"] == "append"
+    assert appended["index"]["documents"]["added"] == 1 and appended["index"]["documents"]["removed"] == 0
+    assert appended["index"]["chunks"] == {"added": 2, "removed": 0, "unchanged": 0}
+    assert appended["index"]["collection_size"] == 6
+
+    reset, _ = run_task(
+        executor,
+        corpus_task(tiny_lm, docs, vector_db, collection_reset=True, documents=[{"path": str(docs / "etna.md")}]),
+        tmp_path,
+    )
+    assert reset["index"]["reset"] is True
+    assert reset["index"]["documents"]["added"] == 1 and reset["index"]["chunks"]["unchanged"] == 0
+    assert reset["index"]["collection_size"] == 2
+    assert set(retrieved_texts(executor, tmp_path, vector_db, "volcano")) == set(ETNA)
+
+    # A reset may change the embedding model, which a plain task is refused.
+    renamed = corpus_task(
+        tiny_lm, docs, vector_db, embedding_model="all-MiniLM-L6-v2", documents=[{"path": str(docs / "etna.md")}]
+    )
+    with pytest.raises(ExecutionError, match="collection_reset: true"):
+        run_task(executor, renamed, tmp_path)
+    renamed["spec"]["hyperparameters"]["collection_reset"] = True
+    rebuilt, _ = run_task(executor, renamed, tmp_path)
+    assert rebuilt["embedding_model"] == "all-MiniLM-L6-v2" and rebuilt["index"]["collection_size"] == 2
+
+
+@pytest.mark.parametrize("vector_db", ["chromadb", "faiss"])
+def test_a_document_cut_short_by_a_cancelled_task_is_indexed_again(
+    executor: RagExecutor, tmp_path: Path, vector_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from langchain_core.documents import Document
+
+    from mloc.executors.rag import sync
+    from mloc.spec.rag import RagOptions
+
+    options = RagOptions.model_validate({"vector_db": vector_db, "collection": "long", "chunk_size": 100})
+    long_text = "\n\n".join(f"Paragraph {n} of the handbook says rule {n} applies on floor {n % 7}." for n in range(12))
+    documents = [Document(page_content=long_text, metadata={"source": "handbook.md"})]
+    monkeypatch.setattr(sync, "EMBED_BATCH", 5)
+    calls = []
+
+    def cancel_on_second_batch() -> None:
+        calls.append(1)
+        if len(calls) == 3:  # the check before any change, the first batch, then the second
+            raise TaskCancelled("cancelled")
+
+    settings = {"chunk_size": 100, "chunk_overlap": 0}
+    with executor.open_collection(options, tmp_path / "vectors") as store:
+        with pytest.raises(TaskCancelled):
+            sync.sync_collection(store, documents, check_cancelled=cancel_on_second_batch, **settings)
+        store.flush()  # what a store that writes as it goes holds after the cancel
+        assert store.count() == 5
+    with executor.open_collection(options, tmp_path / "vectors") as store:
+        report = sync.sync_collection(store, documents, **settings)
+        assert report.documents["updated"] == 1
+        assert report.chunks == {"added": 12, "removed": 5, "unchanged": 0}
+        assert store.count() == 12
+
+
+def test_every_answer_carries_its_sources_in_a_stable_shape(
+    executor: RagExecutor, tiny_lm: Path, tmp_path: Path
+) -> None:
+    result, _ = run_task(executor, task(tiny_lm, documents=[{"text": "\n\n".join(POSTGRES + ETNA)}]), tmp_path)
+    for answer, item in zip(result["answers"], result["items"], strict=True):
+        assert item["question"] == answer["question"] and item["output"].strip() == answer["answer"]
+        assert [source["rank"] for source in answer["sources"]] == [1, 2]
+        for source, brief in zip(answer["sources"], item["sources"], strict=True):
+            assert set(source) == {"rank", "source", "chunk", "start", "score", "excerpt", "text", "metadata"}
+            assert brief == {key: source[key] for key in ("rank", "source", "chunk", "score", "excerpt")}
+            assert source["source"].startswith("inline:") and isinstance(source["chunk"], int)
+            assert len(source["excerpt"]) <= 160 and source["excerpt"].rstrip("…") in " ".join(source["text"].split())
+            assert -1 <= source["score"] <= 1 and source["metadata"] == {}
+
+
+def test_inline_documents_are_known_by_their_text_or_their_source(
+    executor: RagExecutor, tiny_lm: Path, tmp_path: Path
+) -> None:
+    documents = [{"text": text} for text in FACTS.values()]
+    run_task(executor, task(tiny_lm, collection="inline", documents=documents), tmp_path)
+    # Reordered: still the same documents.
+    again, _ = run_task(executor, task(tiny_lm, collection="inline", documents=documents[::-1]), tmp_path)
+    assert again["index"]["documents"]["unchanged"] == 5 and again["index"]["chunks"]["added"] == 0
+
+    named = [{"text": FACTS["coffee"], "metadata": {"source": "coffee"}}]
+    run_task(executor, task(tiny_lm, collection="named", documents=named), tmp_path)
+    named[0]["text"] = "Filter coffee drips through a paper cone."
+    changed, _ = run_task(executor, task(tiny_lm, collection="named", documents=named), tmp_path)
+    assert changed["index"]["documents"]["updated"] == 1 and changed["index"]["collection_size"] == 1
+
+    twice = [{"text": "one", "metadata": {"source": "x"}}, {"text": "two", "metadata": {"source": "x"}}]
+    with pytest.raises(ExecutionError, match="two documents have the source 'x'"):
+        run_task(executor, task(tiny_lm, collection="named", documents=twice), tmp_path)
+
+
+def test_spec_names_collection_settings_that_cannot_apply(tiny_lm: Path) -> None:
+    with pytest.raises(SpecError, match="collection_reset apply to a named collection"):
+        mloc.spec.load(json.dumps(task(tiny_lm, collection_reset=True)))
+    with pytest.raises(SpecError, match="collection_sync apply to a named collection"):
+        mloc.spec.load(json.dumps(task(tiny_lm, collection_sync="append")))
+    with pytest.raises(SpecError, match="collection_reset with no documents"):
+        mloc.spec.load(json.dumps(task(tiny_lm, collection="handbook", collection_reset=True, documents=[])))
+    with pytest.raises(SpecError, match="Chroma needs at least 3 characters"):
+        mloc.spec.load(json.dumps(task(tiny_lm, collection="hb")))
+    with pytest.raises(SpecError, match="metadata key 'mloc_doc_hash' is reserved"):
+        mloc.spec.load(json.dumps(task(tiny_lm, documents=[{"text": "x", "metadata": {"mloc_doc_hash": "1"}}])))

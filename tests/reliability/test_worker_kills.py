@@ -105,3 +105,68 @@ def test_tasks_survive_workers_killed_every_second(
     assert capacity_problems(r) == []
     statuses = {w: r.hget(keys.worker(w), "status") for w in r.zrange(keys.WORKERS, 0, -1)}
     assert {w for w, s in statuses.items() if s == "active"} == set(cluster.worker_procs)
+
+
+def kill_where_it_runs(cluster: LocalCluster, api: httpx.Client, task_id: str, attempt: int) -> str:
+    """SIGKILL the worker running ``attempt`` of the task, once it started; that worker's id."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        record = api.get(f"/api/v1/tasks/{task_id}").json()
+        if record["state"] == "running" and record["attempts"] == attempt:
+            victim = record["worker_id"]
+            proc = cluster.worker_procs.pop(victim)
+            proc.kill()
+            proc.wait()
+            return str(victim)
+        assert record["state"] in ("pending", "assigned", "running"), record
+        time.sleep(0.05)
+    raise AssertionError(f"attempt {attempt} of task {task_id} never started")
+
+
+def wait_ended(api: httpx.Client, task_id: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = api.get(f"/api/v1/tasks/{task_id}").json()
+        if record["state"] in ("succeeded", "failed", "cancelled"):
+            return record
+        time.sleep(0.05)
+    raise AssertionError(f"task {task_id} did not end in {timeout}s")
+
+
+def test_workers_killed_under_a_task_more_often_than_its_attempts_do_not_fail_it(
+    make_cluster: Callable[..., LocalCluster],
+) -> None:
+    kills = 3  # a task with no retries (one attempt) loses its worker three times
+    cluster = make_cluster(2, env=FAULT_ENV)
+    with httpx.Client(base_url=cluster.api_url, timeout=30) as api:
+        task = {"taskType": "echo", "retries": 0, "hyperparameters": {"sleep_sec": 2.5, "steps": 10}}
+        task_id = api.post("/api/v1/tasks", json=task).json()["task_id"]
+        killed = []
+        for n in range(1, kills + 1):
+            killed.append(kill_where_it_runs(cluster, api, task_id, attempt=n))
+            if n % 2:
+                cluster.add_worker(killed[-1])  # back under the same id: it hands back what it held
+            else:
+                cluster.add_worker(f"spare-{n}")  # the dead id is left to the reaper (worker lost)
+        done = wait_ended(api, task_id)
+        result = api.get(f"/api/v1/tasks/{task_id}/result").json()
+    assert done["state"] == "succeeded", done
+    assert (done["attempts"], done["requeues"], done["max_attempts"]) == (kills + 1, kills, 1)
+    assert done["worker_id"] in cluster.worker_procs and cluster.worker_procs[done["worker_id"]].poll() is None
+    assert (result["attempt"], result["worker_id"]) == (kills + 1, done["worker_id"])
+
+
+def test_a_task_whose_workers_keep_dying_fails_once_its_requeues_run_out(
+    make_cluster: Callable[..., LocalCluster],
+) -> None:
+    cluster = make_cluster(1, env={**FAULT_ENV, "MLOC_MAX_REQUEUES": "1"})
+    with httpx.Client(base_url=cluster.api_url, timeout=30) as api:
+        task = {"taskType": "echo", "retries": 5, "hyperparameters": {"sleep_sec": 30, "steps": 10}}
+        task_id = api.post("/api/v1/tasks", json=task).json()["task_id"]
+        for attempt in (1, 2):
+            cluster.add_worker(kill_where_it_runs(cluster, api, task_id, attempt))
+        done = wait_ended(api, task_id)
+    assert done["state"] == "failed", done
+    assert done["reason_code"] == "requeues_exhausted" and (done["attempts"], done["requeues"]) == (2, 1)
+    # Handed back by the restarted worker or, when the reaper saw it silent first, by the reaper.
+    assert done["reason"].startswith("worker local-1 ") and "; requeued 1 times after worker loss" in done["reason"]

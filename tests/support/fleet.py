@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from mloc.records import NewTask, Registration
 from mloc.store import TaskStore
-from mloc.workers import Registration
 
 
 def registration(
@@ -32,7 +32,7 @@ def registration(
     )
 
 
-def echo_record(store: TaskStore, owner: str = "alice", *, max_attempts: int = 1) -> dict[str, str]:
+def echo_record(store: TaskStore, owner: str = "alice", *, max_attempts: int = 1) -> NewTask:
     """A new echo task's record, as the orchestrator builds one, not yet stored."""
     return store.new_record(
         document={"spec": {}},

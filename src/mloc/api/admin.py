@@ -7,9 +7,10 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from mloc import users
 from mloc.api.deps import Admin, Orch
-from mloc.errors import BadRequest
+from mloc.api.responses import raises
+from mloc.errors import BadRequest, Conflict, NotFound
+from mloc.orchestrator import users
 
 router = APIRouter(tags=["admin"])
 
@@ -49,6 +50,7 @@ def _defaults(orch: Orch) -> dict[str, int]:
 
 @router.post("/admin/users", status_code=201)
 @router.post("/api/v1/admin/users", status_code=201)
+@raises(BadRequest, Conflict)
 async def add_user(body: NewUser, orch: Orch, who: Admin) -> dict[str, Any]:
     token = await users.add_user(orch.redis, body.name, users.Quota(body.max_tasks, body.max_gpus))
     state = await users.usage_and_quota(orch.redis, [body.name], **_defaults(orch))
@@ -70,6 +72,7 @@ async def list_users(orch: Orch, who: Admin) -> dict[str, Any]:
 
 @router.put("/admin/users/{name}/quota")
 @router.put("/api/v1/admin/users/{name}/quota")
+@raises(BadRequest, NotFound)
 async def set_quota(name: str, body: QuotaBody, orch: Orch, who: Admin) -> dict[str, Any]:
     """Set a user's limits: ``max_tasks`` assigned or running at once, ``max_gpus`` held at once.
     Fields left out are kept; ``reset: true`` returns both to MLOC_USER_MAX_TASKS / MLOC_USER_MAX_GPUS."""
@@ -90,6 +93,7 @@ async def show_quota(name: str, orch: Orch, who: Admin) -> dict[str, Any]:
 
 @router.delete("/admin/users/{name}")
 @router.delete("/api/v1/admin/users/{name}")
+@raises(NotFound)
 async def remove_user(name: str, orch: Orch, who: Admin) -> dict[str, Any]:
     await users.remove_user(orch.redis, name)
     return {"ok": True, "name": name}

@@ -17,9 +17,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mloc import __version__
-from mloc.api import admin, artifacts, dashboard, metrics, misc, tasks, workers
+from mloc.api import admin, archive, artifacts, dashboard, lookup, metrics, misc, tasks, workers
+from mloc.api.responses import document_errors
 from mloc.connection import connect, redact, resolve_url
-from mloc.errors import MlocError
+from mloc.errors import InvalidParameters, MlocError, Unavailable
 from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.settings import Settings, get_settings
 
@@ -143,18 +144,14 @@ def create_app(settings: Settings | None = None, *, redis: aioredis.Redis | None
     async def bad_params(request: Request, exc: RequestValidationError) -> JSONResponse:
         details = [{"path": ".".join(str(p) for p in err["loc"]), "message": err["msg"]} for err in exc.errors()]
         text = "; ".join(f"{d['path']}: {d['message']}" for d in details[:5])
-        return JSONResponse(
-            {"ok": False, "error": "bad_request", "message": f"invalid request: {text}", "details": details},
-            status_code=422,
-        )
+        error = InvalidParameters(f"invalid request: {text}", details=details)
+        return JSONResponse(error.to_dict(), status_code=error.status_code)
 
     @app.exception_handler(aioredis.RedisError)
     async def redis_down(request: Request, exc: aioredis.RedisError) -> JSONResponse:
         log.error("Redis error on %s: %s", request.url.path, exc)
-        return JSONResponse(
-            {"ok": False, "error": "unavailable", "message": f"the state store is unavailable: {exc}"},
-            status_code=503,
-        )
+        error = Unavailable(f"the state store is unavailable: {exc}")
+        return JSONResponse(error.to_dict(), status_code=error.status_code)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -167,6 +164,8 @@ def create_app(settings: Settings | None = None, *, redis: aioredis.Redis | None
     for router in (tasks.router, workers.router, admin.router, misc.router, metrics.router, dashboard.router):
         app.include_router(router)
     app.include_router(artifacts.router)
+    app.include_router(archive.router)
+    app.include_router(lookup.router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -177,7 +176,7 @@ def create_app(settings: Settings | None = None, *, redis: aioredis.Redis | None
                 "type": "object",
                 "description": "A mloc/v1 task; GET /api/v1/schema has the full JSON Schema.",
             }
-            app.openapi_schema = schema
+            app.openapi_schema = document_errors(schema, app.routes)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

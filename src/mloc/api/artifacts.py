@@ -14,16 +14,12 @@ from fastapi.responses import StreamingResponse
 
 from mloc import artifacts
 from mloc.api.deps import Caller, Orch, TaskId
+from mloc.api.responses import raises
 from mloc.api.tasks import _own
-from mloc.errors import MlocError
+from mloc.errors import BadRequest, NotFound, Unavailable
 from mloc.records import TaskRecord
 
 router = APIRouter(prefix="/api/v1/tasks", tags=["artifacts"])
-
-
-class StoreUnavailable(MlocError):
-    status_code = 503
-    code = "unavailable"
 
 
 async def _listing(orch: Orch, record: TaskRecord) -> artifacts.Listing:
@@ -32,10 +28,11 @@ async def _listing(orch: Orch, record: TaskRecord) -> artifacts.Listing:
             artifacts.listing, orch.settings, record.task_id, record.state.value, record.attempts, record.worker_id
         )
     except OSError as exc:
-        raise StoreUnavailable(f"the artifact store cannot be read: {type(exc).__name__}: {exc}") from exc
+        raise Unavailable(f"the artifact store cannot be read: {type(exc).__name__}: {exc}") from exc
 
 
 @router.get("/{task_id}/artifacts")
+@raises(NotFound, Unavailable)
 async def list_artifacts(task_id: TaskId, orch: Orch, who: Caller) -> dict[str, Any]:
     """The task's result files (path relative to its folder, size in bytes)."""
     record = _own(await orch.store.get(task_id, with_spec=False), who)
@@ -49,7 +46,17 @@ async def list_artifacts(task_id: TaskId, orch: Orch, who: Caller) -> dict[str, 
     }
 
 
-@router.get("/{task_id}/artifacts/{path:path}")
+@router.get(
+    "/{task_id}/artifacts/{path:path}",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "The file's bytes; the media type follows its name (application/octet-stream if unknown).",
+            "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+)
+@raises(BadRequest, NotFound, Unavailable)
 async def download_artifact(
     task_id: TaskId,
     orch: Orch,
@@ -64,9 +71,9 @@ async def download_artifact(
     try:
         handle = await asyncio.to_thread(artifacts.open_artifact, orch.settings, found, path)
     except FileNotFoundError as exc:
-        raise StoreUnavailable(f"artifact {path!r} of task {task_id} is listed but missing from the store") from exc
+        raise Unavailable(f"artifact {path!r} of task {task_id} is listed but missing from the store") from exc
     except OSError as exc:
-        raise StoreUnavailable(f"the artifact store cannot be read: {type(exc).__name__}: {exc}") from exc
+        raise Unavailable(f"the artifact store cannot be read: {type(exc).__name__}: {exc}") from exc
     media = mimetypes.guess_type(path)[0] or "application/octet-stream"
     name = quote(posixpath.basename(path))
     headers = {"Content-Length": str(item.size), "Content-Disposition": f"attachment; filename*=UTF-8''{name}"}

@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from fastapi import Depends, Header, Path, Request
+from fastapi import Depends, Path, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from mloc.errors import BadRequest, Forbidden
+from mloc.api.responses import raises
+from mloc.errors import BadRequest, Forbidden, Unauthorized, Unavailable
 from mloc.orchestrator.orchestrator import Orchestrator
-from mloc.users import Principal, authenticate
+from mloc.orchestrator.users import Principal, authenticate
 
 _TASK_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -19,24 +21,44 @@ async def orchestrator(request: Request) -> Orchestrator:
     return request.app.state.orchestrator
 
 
-async def principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="ORCHESTRATOR_TOKEN (the admin) or a user's token from `mloc users add`; not needed while auth is off.",
+)
+
+
+# Every route that knows its caller reads Redis, so a Redis outage (503) is declared here with the token's errors.
+@raises(Unauthorized, Unavailable)
+async def principal(
+    request: Request, _scheme: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
+) -> Principal:
+    # The scheme names the bearer token in the OpenAPI document; the header is checked as sent, so a
+    # malformed one gets MLOC's own message rather than the scheme's silent None.
     orch: Orchestrator = request.app.state.orchestrator
-    return await authenticate(orch.redis, orch.settings.admin_token, authorization)
+    return await authenticate(orch.redis, orch.settings.admin_token, request.headers.get("authorization"))
 
 
+@raises(Forbidden)
 async def admin(who: Annotated[Principal, Depends(principal)]) -> Principal:
     if not who.admin:
         raise Forbidden("this endpoint is for the admin (ORCHESTRATOR_TOKEN)")
     return who
 
 
-async def task_id(task_id: Annotated[str, Path(description="The task's id (a UUID).")]) -> str:
+# The id patterns are documented for clients but checked below, so a bad id gets MLOC's 400 and message.
+_TASK_ID_PATH = Path(description="The task's id (a UUID).", json_schema_extra={"pattern": _TASK_ID.pattern})
+_WORKER_ID_PATH = Path(description="The worker's id.", json_schema_extra={"pattern": _WORKER_ID.pattern})
+
+
+@raises(BadRequest)
+async def task_id(task_id: Annotated[str, _TASK_ID_PATH]) -> str:
     if not _TASK_ID.match(task_id):
         raise BadRequest(f"{task_id[:80]!r} is not a task id; task ids are UUIDs such as the submit response gives")
     return task_id
 
 
-async def worker_id(worker_id: Annotated[str, Path(description="The worker's id.")]) -> str:
+@raises(BadRequest)
+async def worker_id(worker_id: Annotated[str, _WORKER_ID_PATH]) -> str:
     if not _WORKER_ID.match(worker_id):
         raise BadRequest(f"{worker_id[:80]!r} is not a worker id")
     return worker_id

@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mloc import keys
 from mloc.orchestrator.orchestrator import Orchestrator
-from mloc.records import WorkerRecord
+from mloc.records import WorkerRecord, WorkerStatus
 from mloc.state import TaskState
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,8 @@ MAX_WORKERS = 5000  # workers read per scrape (most recent heartbeat first)
 MAX_OWNERS = 10_000  # users whose usage of today is summed
 SCRAPE_TIMEOUT_SEC = 5.0  # past this the scrape fails (503) rather than piling up behind a stuck Redis
 
-WORKER_STATUSES = ("active", "draining", "restarting", "offline", "lost")
+# The stored statuses, each with a series even at zero.
+WORKER_STATUSES = tuple(s.value for s in WorkerStatus if s not in (WorkerStatus.UNRESPONSIVE, WorkerStatus.UNKNOWN))
 USAGE_FIELDS = (
     "tasks",
     "prompt_tokens",
@@ -199,16 +200,16 @@ def _families(snap: ClusterSnapshot) -> Iterator[Metric]:
     free: Counter[str] = Counter()
     slots = {"total": 0, "free": 0}
     for worker in snap.workers:
-        if worker.status in ("lost", "offline"):
+        if worker.status in (WorkerStatus.LOST, WorkerStatus.OFFLINE):
             continue
         free_indexes = set(worker.free.get("gpus", []))
         for gpu in worker.hardware.get("gpus", []):
             model = str(gpu.get("name") or "unknown")
             total[model] += 1
-            if worker.status == "active" and gpu.get("index") in free_indexes:
+            if worker.status == WorkerStatus.ACTIVE and gpu.get("index") in free_indexes:
                 free[model] += 1
         slots["total"] += int(worker.capacity.get("slots", 0))
-        if worker.status == "active":
+        if worker.status == WorkerStatus.ACTIVE:
             slots["free"] += int(worker.free.get("slots", 0))
     for model in sorted(total):
         gpus.add_metric([model, "total"], total[model])
@@ -333,7 +334,17 @@ class RequestMetrics:
             raise
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={
+        200: {"content": {"application/openmetrics-text": {"schema": {"type": "string"}}}},
+        503: {
+            "description": "Reading the cluster's state from Redis took too long.",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        },
+    },
+)
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition of the cluster's state and the API's latency. Needs no token."""
     app: FastAPI = request.app

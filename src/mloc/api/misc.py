@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from datetime import date
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 from mloc import __version__
 from mloc.api.deps import Caller, Orch
+from mloc.api.responses import raises
+from mloc.errors import BadRequest, Forbidden
 from mloc.orchestrator.orchestrator import MAX_STATS_USERS, STATS_PAGE_USERS
 from mloc.orchestrator.usage import Grouping
 from mloc.spec import json_schema
@@ -29,7 +32,15 @@ async def health(orch: Orch) -> dict[str, Any]:
     return {"ok": True, "status": "ok", "version": __version__, "redis": "ok" if redis_ok else "unreachable"}
 
 
-@router.get("/readyz", tags=["health"])
+class NotReady(BaseModel):
+    """/readyz's answer while Redis does not answer."""
+
+    ok: Literal[False]
+    status: str
+    error: str
+
+
+@router.get("/readyz", tags=["health"], responses={503: {"model": NotReady, "description": "Redis does not answer."}})
 async def ready(orch: Orch) -> JSONResponse:
     """Readiness: 200 only when Redis answers."""
     try:
@@ -40,6 +51,7 @@ async def ready(orch: Orch) -> JSONResponse:
 
 
 @router.get("/api/v1/stats", tags=["stats"])
+@raises(BadRequest, Forbidden)
 async def stats(
     orch: Orch,
     who: Caller,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -11,14 +10,16 @@ import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from mloc import keys, lifecycle
+from mloc import keys, tasklog
 from mloc.api.deps import Caller, Orch, TaskId
-from mloc.errors import BadRequest, NotFound, SpecError
+from mloc.api.responses import raises
+from mloc.errors import BadRequest, Forbidden, InvalidTransition, NotFound, SpecError
+from mloc.orchestrator.cancel import cancel
+from mloc.orchestrator.users import Principal
 from mloc.records import TaskRecord
 from mloc.spec import Document, parse_body, validate
 from mloc.spec.loader import parse_stream
 from mloc.state import TaskState
-from mloc.users import Principal
 
 router = APIRouter(prefix="/api/v1/tasks", tags=["tasks"])
 
@@ -31,6 +32,29 @@ TASK_BODY = {
         },
         "description": "A mloc/v1 task as YAML or JSON (see GET /api/v1/schema).",
     }
+}
+
+LOG_SOURCES = ", ".join(source.value for source in tasklog.Source)
+LOG_STREAM: dict[str, Any] = {
+    "description": "The lines as JSON, or with `follow=true` a stream of server-sent events.",
+    # Under OpenAPI 3.1 the schema of an event stream describes each event.
+    "content": {
+        "text/event-stream": {
+            "schema": {
+                "type": "object",
+                "description": (
+                    "A log entry (`id`, `data`), a comment while nothing is written, or the last event, `end`, "
+                    'whose data is {"state": FINAL, "reason": TEXT}.'
+                ),
+                "properties": {
+                    "id": {"type": "string", "description": "The entry's id; `since=ID` resumes after it."},
+                    "event": {"type": "string", "enum": ["end"]},
+                    "data": {"type": "string", "contentMediaType": "application/json"},
+                },
+                "required": ["data"],
+            }
+        }
+    },
 }
 
 
@@ -47,6 +71,7 @@ def _own(record: TaskRecord, who: Principal) -> TaskRecord:
 
 
 @router.post("", status_code=201, openapi_extra=TASK_BODY)
+@raises(BadRequest, Forbidden, SpecError)
 async def submit(
     request: Request,
     orch: Orch,
@@ -62,6 +87,7 @@ async def submit(
 
 
 @router.post("/bulk", status_code=201, openapi_extra=TASK_BODY)
+@raises(BadRequest, Forbidden, SpecError)
 async def submit_bulk(request: Request, orch: Orch, who: Caller) -> JSONResponse:
     """Submit many tasks at once: a JSON list, {"tasks": [...]}, or a multi-document YAML stream.
     All are validated first; if any is invalid, none is stored."""
@@ -118,6 +144,7 @@ async def list_tasks(
 
 
 @router.get("/{task_id}")
+@raises(NotFound)
 async def show_task(task_id: TaskId, orch: Orch, who: Caller) -> Response:
     record = _own(await orch.store.get(task_id), who)
     body = record.model_dump(mode="json")
@@ -126,6 +153,7 @@ async def show_task(task_id: TaskId, orch: Orch, who: Caller) -> Response:
 
 
 @router.get("/{task_id}/result")
+@raises(NotFound)
 async def task_result(task_id: TaskId, orch: Orch, who: Caller) -> JSONResponse:
     """The task's full result (responses.json), readable wherever the worker ran."""
     record = _own(await orch.store.get(task_id, with_spec=False), who)
@@ -136,6 +164,7 @@ async def task_result(task_id: TaskId, orch: Orch, who: Caller) -> JSONResponse:
 
 
 @router.get("/{task_id}/metrics")
+@raises(NotFound)
 async def task_metrics(
     task_id: TaskId,
     orch: Orch,
@@ -149,41 +178,49 @@ async def task_metrics(
 
 
 @router.post("/{task_id}/cancel")
+@raises(NotFound, InvalidTransition)
 async def cancel_task(task_id: TaskId, orch: Orch, who: Caller) -> dict[str, Any]:
     _own(await orch.store.get(task_id, with_spec=False), who)
-    outcome = await lifecycle.cancel(orch.store, task_id, by=who.name)
+    outcome = await cancel(orch.store, task_id, by=who.name)
     state = "cancelling" if outcome.state == TaskState.RUNNING else "cancelled"
     return {"ok": True, "task_id": task_id, "state": state}
 
 
-@router.get("/{task_id}/logs")
+@router.get("/{task_id}/logs", responses={200: LOG_STREAM})
+@raises(NotFound, BadRequest)
 async def task_logs(
     task_id: TaskId,
     orch: Orch,
     who: Caller,
     follow: bool = False,
-    since: Annotated[str, Query(pattern=r"^(\d+-\d+|0)$")] = "0",
+    since: Annotated[str, Query(max_length=64, description=f"Entries from then on: {tasklog.SINCE_FORMS}.")] = "0",
+    source: Annotated[
+        str | None, Query(max_length=200, description="Only these sources, comma-separated: " + LOG_SOURCES + ".")
+    ] = None,
+    tail: Annotated[int | None, Query(ge=1, le=10_000, description="Only the last N entries (then follow).")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> Any:
-    """Log lines and events of a task; ``follow=true`` streams them (server-sent events) until it ends."""
+    """Log entries of a task (``ts``, ``level``, ``source``, ``text``, and ``event`` on lifecycle lines),
+    oldest first; ``follow=true`` streams them (server-sent events) until the task ends."""
     _own(await orch.store.get(task_id, with_spec=False), who)
-    stream = keys.task_logs(task_id)
+    try:
+        start, sources = tasklog.parse_since(since), tasklog.parse_sources(source)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
     if not follow:
-        entries = await orch.redis.xrange(stream, min="-" if since == "0" else f"({since}", count=limit)
-        return {"ok": True, "task_id": task_id, "lines": [{"id": i, **f} for i, f in entries]}
+        page = await tasklog.read(orch.redis, task_id, sources=sources, since=start, tail=tail, limit=limit)
+        body = {"ok": True, "task_id": task_id, "lines": page.entries, "next": page.next_id, "more": page.more}
+        return Response(orjson.dumps(body), media_type="application/json")
 
     async def events() -> AsyncIterator[bytes]:
-        last = since
-        while True:
-            reply = await orch.redis.xread({stream: last}, count=500, block=1000)
-            for _, entries in reply or []:
-                for entry_id, fields in entries:
-                    last = entry_id
-                    yield f"id: {entry_id}\ndata: {json.dumps(fields)}\n\n".encode()
-            state = await orch.redis.hget(keys.task(task_id), "state")
-            if state in {s.value for s in TaskState if s.terminal} and not reply:
-                yield f"event: end\ndata: {json.dumps({'state': state})}\n\n".encode()
+        async for item in tasklog.follow(orch.redis, task_id, sources=sources, since=start, tail=tail):
+            if item is None:
+                yield b": still following\n\n"
+            elif isinstance(item, tasklog.End):
+                end = {"state": item.state, "reason": item.reason}
+                yield b"event: end\ndata: " + orjson.dumps(end) + b"\n\n"
                 return
-            await asyncio.sleep(0)
+            else:
+                yield f"id: {item['id']}\n".encode() + b"data: " + orjson.dumps(item) + b"\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")

@@ -8,7 +8,9 @@ import orjson
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
-from mloc.api.deps import Caller, Orch, WorkerId
+from mloc.api.deps import Admin, Caller, Orch, WorkerId
+from mloc.api.responses import raises
+from mloc.errors import Conflict, NotFound
 
 router = APIRouter(tags=["workers"])
 
@@ -38,7 +40,18 @@ async def list_workers(
 
 @router.get("/workers/{worker_id}")
 @router.get("/api/v1/workers/{worker_id}")
+@raises(NotFound)
 async def show_worker(worker_id: WorkerId, orch: Orch, who: Caller) -> dict[str, Any]:
     """One worker; a user sees only their own tasks' ids on it, and how many others it holds."""
     (seen,) = await orch.workers_seen_by(who, [await orch.registry.record(worker_id)])
     return {"ok": True, **seen}
+
+
+@router.delete("/workers/{worker_id}")
+@router.delete("/api/v1/workers/{worker_id}")
+@raises(NotFound, Conflict)
+async def remove_worker(worker_id: WorkerId, orch: Orch, who: Admin) -> dict[str, Any]:
+    """Forget a worker that is offline or lost (admin); one that is active, draining or restarting, or
+    still holds tasks, is refused with 409."""
+    status = await orch.registry.remove_stopped(worker_id)
+    return {"ok": True, "worker_id": worker_id, "removed": True, "status": status}

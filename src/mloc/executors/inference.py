@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 from mloc.errors import ExecutionError
 from mloc.executors.base import Executor, RunContext
 from mloc.llm.text import PLAIN_TURN_STOPS
-from mloc.settings import get_settings
 from mloc.spec.inference import InferenceSpec
 
 if TYPE_CHECKING:
@@ -80,12 +79,9 @@ class InferenceExecutor(Executor):
     @property
     def cache(self) -> EngineCache:
         if self._cache is None:
-            from mloc.llm.cache import EngineCache
+            from mloc.llm.cache import cache_for_executor
 
-            budget = self._cache_bytes
-            if budget is None:
-                budget = get_settings().model_cache_bytes
-            self._cache = EngineCache(budget)
+            self._cache = cache_for_executor(self._cache_bytes)
         return self._cache
 
     def warm_models(self) -> list[str]:
@@ -98,7 +94,7 @@ class InferenceExecutor(Executor):
             self._cache.clear()
 
     def _engine(self, spec: InferenceSpec, ctx: RunContext, adapter: Path | None) -> LLMEngine:
-        from mloc.llm.loader import load_engine
+        from mloc.llm.loader import Workload, load_engine
         from mloc.llm.vllm_engine import lora_rank
 
         loads = self.cache.loads
@@ -108,6 +104,7 @@ class InferenceExecutor(Executor):
             models_dir=ctx.models_dir,
             cache=self.cache,
             lora_rank=lora_rank(adapter) if adapter else None,
+            workload=Workload.of_inference(spec.inference, spec.inference.batch_size or DEFAULT_BATCH["vllm"]),
         )
         if self.cache.loads > loads:
             ctx.log(f"loaded {engine.model_id} on {engine.name} in {time.perf_counter() - started:.1f}s")
@@ -190,6 +187,7 @@ class InferenceExecutor(Executor):
             "ok": True,
             "model": engine.model_id,
             "engine": engine.name,
+            "dtype": engine.dtype,
             "items": items,
             "usage": {
                 "prompt_tokens": prompt_tokens,

@@ -33,6 +33,8 @@ class LLMEngine(ABC):
     max_context: int | None = None
     # Bytes the loaded model is estimated to hold; the engine cache budgets with it.
     memory_bytes: int = 0
+    # What the weights were loaded as ("bfloat16", "float32", ...), as the engine reports it.
+    dtype: str = ""
 
     @abstractmethod
     def generate(

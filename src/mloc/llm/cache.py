@@ -36,6 +36,8 @@ def available_ram_bytes() -> int:
 class _Entry:
     engine: LLMEngine
     size: int
+    # How the engine was built (the loader's plan), for matching later tasks against it.
+    detail: object = None
 
 
 class EngineCache:
@@ -81,6 +83,14 @@ class EngineCache:
             self._entries.move_to_end(key)
             return entry.engine
 
+    def find(self, accepts: Callable[[object], bool]) -> LLMEngine | None:
+        """The most recently used engine whose load detail ``accepts``, now marked used; None if none."""
+        with self._lock:
+            for key in reversed(self._entries):
+                if accepts(self._entries[key].detail):
+                    return self.get(key)
+            return None
+
     def evict(self, key: str) -> None:
         with self._lock:
             entry = self._entries.pop(key, None)
@@ -97,8 +107,9 @@ class EngineCache:
                 if not keep(key):
                     self.evict(key)
 
-    def load(self, key: str, size: int, factory: Callable[[], LLMEngine]) -> LLMEngine:
-        """The engine under ``key``, built by ``factory`` (after making room for ``size``) if absent."""
+    def load(self, key: str, size: int, factory: Callable[[], LLMEngine], *, detail: object = None) -> LLMEngine:
+        """The engine under ``key``, built by ``factory`` (after making room for ``size``) if absent;
+        ``detail`` is kept beside it for :meth:`find`."""
         with self._lock:
             engine = self.get(key)
             if engine is not None:
@@ -106,10 +117,41 @@ class EngineCache:
             self.make_room(size)
             engine = factory()
             self.loads += 1
-            self._entries[key] = _Entry(engine, max(size, engine.memory_bytes))
+            self._entries[key] = _Entry(engine, max(size, engine.memory_bytes), detail)
             return engine
 
     def clear(self) -> None:
         with self._lock:
             for key in list(self._entries):
                 self.evict(key)
+
+
+_shared: EngineCache | None = None
+_sharing = False
+
+
+def share_between_executors() -> None:
+    """Make the executors of this process draw from one engine cache.
+
+    The executor process turns this on: its inference, RAG and agent executors then reuse each other's
+    warm models (a RAG task after an inference task on the same model loads nothing) and share one
+    memory budget. Elsewhere (tests, benchmarks) each executor keeps its own cache.
+    """
+    global _sharing
+    _sharing = True
+
+
+def cache_for_executor(budget_bytes: int | None = None) -> EngineCache:
+    """The engine cache a new executor uses: the process's shared one where sharing is on and no budget
+    of its own is asked for, else a new one (budget: ``budget_bytes``, MLOC_MODEL_CACHE_BYTES, or half
+    the RAM)."""
+    global _shared
+    from mloc.settings import get_settings
+
+    if budget_bytes is None:
+        budget_bytes = get_settings().model_cache_bytes
+        if _sharing:
+            if _shared is None:
+                _shared = EngineCache(budget_bytes)
+            return _shared
+    return EngineCache(budget_bytes)

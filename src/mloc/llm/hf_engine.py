@@ -71,6 +71,7 @@ class TransformersEngine(TokenizerEngine):
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.max_context = getattr(text_config, "max_position_embeddings", None)
         self.memory_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.dtype = str(self.model.dtype).removeprefix("torch.")
         self._peft: Any = None
         self._adapters: set[str] = set()
 

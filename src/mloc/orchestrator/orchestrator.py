@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import json
 import logging
 import time
 from datetime import UTC, date, datetime, timedelta
@@ -13,17 +12,19 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from mloc import groups, keys, lifecycle, modelroots
+from mloc import keys, modelroots
 from mloc.errors import BadRequest, Forbidden, SpecError
+from mloc.orchestrator import groups, reaper
 from mloc.orchestrator.placement import Request, explain, misfit, request_of
 from mloc.orchestrator.scheduler import Placement, Scheduler
 from mloc.orchestrator.usage import Grouping, UsageReports
-from mloc.records import WorkerRecord
+from mloc.orchestrator.users import Principal
+from mloc.records import NewTask, WorkerRecord
+from mloc.requeue import Backoff
 from mloc.settings import Settings
 from mloc.spec import Document, validate
 from mloc.spec.loader import default_name
 from mloc.store import TaskStore
-from mloc.users import Principal
 from mloc.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class Orchestrator:
             user_max_tasks=settings.user_max_tasks,
             user_max_gpus=settings.user_max_gpus,
         )
-        self.backoff = lifecycle.Backoff(settings.retry_backoff_sec, settings.retry_backoff_max_sec)
+        self.backoff = Backoff(settings.retry_backoff_sec, settings.retry_backoff_max_sec)
         self.usage = UsageReports(redis)
 
     # ------------------------------------------------------------------ submit
@@ -63,7 +64,7 @@ class Orchestrator:
             )
         return principal.name
 
-    def _record(self, document: Document, principal: Principal) -> tuple[dict[str, str], Request]:
+    def _record(self, document: Document, principal: Principal) -> tuple[NewTask, Request]:
         spec = document.spec
         request = request_of(document)
         retries = spec.retries if spec.retries is not None else self.settings.task_retries
@@ -81,10 +82,10 @@ class Orchestrator:
         )
         # The retry policy is fixed at submit, so every process that requeues the task applies the same one.
         backoff = spec.retry_backoff_sec if spec.retry_backoff_sec is not None else self.backoff.base_sec
-        record["retry_backoff_sec"] = repr(float(backoff))
-        record["retry_backoff_max_sec"] = repr(self.backoff.max_sec)
+        record.retry_backoff_sec = float(backoff)
+        record.retry_backoff_max_sec = self.backoff.max_sec
         # The worker reads it: only the admin's tasks may read models from any local path.
-        record[modelroots.SUBMITTED_BY] = principal.name
+        record.submitted_by = principal.name
         return record, request
 
     async def _check_models(self, document: Document, principal: Principal) -> None:
@@ -101,24 +102,24 @@ class Orchestrator:
 
     async def _try_place(
         self,
-        record: dict[str, str],
+        record: NewTask,
         request: Request,
         avoid: frozenset[str] = frozenset(),
         *,
         create: bool = False,
     ) -> Placement:
         return await self.scheduler.place(
-            record["id"],
+            record.task_id,
             request,
-            owner=record["owner"],
-            document=record["spec"],
-            priority=int(record["priority"]),
-            created_ms=int(record["created_ms"]),
+            owner=record.owner,
+            document=record.document,
+            priority=record.priority,
+            created_ms=record.created_ms,
             avoid=avoid,
             create=record if create else None,
         )
 
-    async def _place(self, record: dict[str, str], request: Request, *, create: bool = False) -> dict[str, Any]:
+    async def _place(self, record: NewTask, request: Request, *, create: bool = False) -> dict[str, Any]:
         return _answer(record, await self._try_place(record, request, create=create))
 
     async def submit(self, document: Document, principal: Principal) -> dict[str, Any]:
@@ -140,19 +141,15 @@ class Orchestrator:
                 details=[{"path": "spec.resources.replicas", "message": "must be 1 for this task type", "fix": "1"}],
             )
         parent, _ = self._record(document, principal)
-        children: list[tuple[dict[str, str], Request]] = []
-        for shard in groups.shards(document, parent["name"]):
-            shard["metadata"]["labels"][groups.PARENT_LABEL] = parent["id"]
+        children: list[tuple[NewTask, Request]] = []
+        for shard in groups.shards(document, parent.name):
+            shard["metadata"]["labels"][groups.PARENT_LABEL] = parent.task_id
             record, request = self._record(validate(shard), principal)
-            record.update({"parent_id": parent["id"], "replica": str(len(children))})
+            record.parent_id, record.replica = parent.task_id, len(children)
             children.append((record, request))
-        parent.update(
-            {
-                "group_size": str(len(children)),
-                "children": json.dumps([record["id"] for record, _ in children]),
-                "pending_reason": f"waiting for its {len(children)} replicas to start",
-            }
-        )
+        parent.group_size = len(children)
+        parent.children = [record.task_id for record, _ in children]
+        parent.pending_reason = f"waiting for its {len(children)} replicas to start"
         await self.store.insert([parent, *(record for record, _ in children)])
         answers = []
         used: set[str] = set()
@@ -160,12 +157,12 @@ class Orchestrator:
             placement = await self._try_place(record, request, frozenset(used))
             if placement.worker_id:
                 used.add(placement.worker_id)
-            answers.append({"task_id": record["id"], "worker_id": placement.worker_id})
+            answers.append({"task_id": record.task_id, "worker_id": placement.worker_id})
         return {
             "ok": True,
-            "task_id": parent["id"],
+            "task_id": parent.task_id,
             "worker_id": answers[0]["worker_id"],
-            "topic": parent["topic"],
+            "topic": parent.topic,
             "state": "pending",
             "replicas": answers,
         }
@@ -182,13 +179,13 @@ class Orchestrator:
         answers = []
         # Capacity only shrinks during this loop, so once a request found no worker, later identical
         # requests would not either: they stay pending for the scheduler without trying each one.
-        no_room: dict[str, Placement] = {}
+        no_room: dict[Request, Placement] = {}
         for record, request in prepared:
-            placement = no_room.get(record["req"])
+            placement = no_room.get(request)
             if placement is None:
                 placement = await self._try_place(record, request)
                 if placement.worker_id is None and not placement.unschedulable:
-                    no_room[record["req"]] = placement
+                    no_room[request] = placement
             answers.append(_answer(record, placement))
         return answers
 
@@ -211,17 +208,20 @@ class Orchestrator:
         return answer
 
     # ------------------------------------------------------------- background
-    async def cleanup(self) -> lifecycle.ReapReport:
-        report = await lifecycle.reap(
-            self.store, self.registry, ttl_sec=self.settings.heartbeat_ttl_sec, backoff=self.backoff
+    async def cleanup(self) -> reaper.ReapReport:
+        """One reaper round: hand back lost workers' tasks, forget tasks past their retention, and
+        settle every open replica group (in case a wake-up was missed)."""
+        report = await reaper.reap(
+            self.store,
+            self.registry,
+            ttl_sec=self.settings.heartbeat_ttl_sec,
+            backoff=self.backoff,
+            max_requeues=self.settings.max_requeues,
         )
         if self.settings.task_retention_sec > 0:
-            forgotten = await lifecycle.forget_finished(self.store, older_than_sec=self.settings.task_retention_sec)
+            forgotten = await reaper.forget_finished(self.store, older_than_sec=self.settings.task_retention_sec)
             report.forgotten = len(forgotten)
-        for task_id in report.failed:
-            parent = await self.redis.hget(keys.task(task_id), "parent_id")
-            if parent:  # a shard out of retries fails its replica group
-                await groups.shard_finished(self.store, parent, self.settings.results_dir)
+        await groups.sweep(self.store, self.settings.results_dir)
         if report.requeued:
             await self.scheduler.schedule_pending()
         return report
@@ -237,6 +237,8 @@ class Orchestrator:
                     # A wake-up (capacity freed) needs a pass sized to that capacity; the steady
                     # interval's full pass also refreshes every waiting task's reason.
                     await self.scheduler.schedule_pending(quick=woken)
+                    # Replica groups whose shards started or ended woke this pass too.
+                    await groups.settle_marked(self.store, self.settings.results_dir)
                     woken = False
                     deadline = time.monotonic() + self.settings.schedule_interval_sec
                     if self.scheduler.next_retry_at is not None:
@@ -347,13 +349,13 @@ class Orchestrator:
         return principal.name
 
 
-def _answer(record: dict[str, str], placement: Placement) -> dict[str, Any]:
+def _answer(record: NewTask, placement: Placement) -> dict[str, Any]:
     """A submit's answer, in seed 1's shape: ok, task_id, worker_id, topic (and why it waits)."""
     answer: dict[str, Any] = {
         "ok": True,
-        "task_id": record["id"],
+        "task_id": record.task_id,
         "worker_id": placement.worker_id,
-        "topic": record["topic"],
+        "topic": record.topic,
         "state": "assigned" if placement.worker_id else "pending",
     }
     if placement.pending_reason:

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from mloc.records import WorkerStatus, WorkerView
 from mloc.spec.base import Document, ModelSpec
 from mloc.spec.quantity import format_cpu, format_memory
-from mloc.workers import WorkerView
 
 # Agent tools a worker must switch on (MLOC_ALLOW_PYTHON_TOOL, MLOC_WEB_SEARCH_PROVIDER).
 GATED_TOOLS = ("python_repl", "web_search")
@@ -119,15 +119,71 @@ def topic_matches(topic: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(topic, pattern) for pattern in patterns)
 
 
+def usable_gpus(req: Request, view: WorkerView) -> tuple[int, ...]:
+    """The worker's GPUs of the model and memory ``req`` asks for, free or not, lowest index first."""
+    return tuple(
+        sorted(
+            g["index"]
+            for g in view.gpus
+            if gpu_matches(req.gpu_type, g.get("name", "")) and g.get("memory_bytes", 0) >= req.gpu_mem
+        )
+    )
+
+
 def gpus_for(req: Request, view: WorkerView, pool: set[int]) -> list[int] | None:
-    usable = [
-        g["index"]
-        for g in view.gpus
-        if g["index"] in pool
-        and gpu_matches(req.gpu_type, g.get("name", ""))
-        and g.get("memory_bytes", 0) >= req.gpu_mem
+    """The GPUs ``req`` would get among ``pool`` (lowest index first), or None if too few fit."""
+    usable = [g for g in usable_gpus(req, view) if g in pool]
+    return usable[: req.gpu_count] if len(usable) >= req.gpu_count else None
+
+
+def _missing_capabilities(req: Request, view: WorkerView) -> list[tuple[str, str, list[str]]]:
+    """(capability, value, what the worker has) for each capability ``req`` needs that it lacks."""
+    offered = view.capabilities.get(req.task_type, {})
+    return [
+        (capability, value, offered.get(capability, []))
+        for capability, value in req.needs
+        if value not in offered.get(capability, [])
     ]
-    return sorted(usable)[: req.gpu_count] if len(usable) >= req.gpu_count else None
+
+
+def _missing_tags(req: Request, view: WorkerView) -> list[str]:
+    return [t for t in req.tags if t not in view.tags]
+
+
+# The rules come twice: :func:`misfits` names every one that fails, for a person; the scheduler asks
+# :func:`fits_registration` once per request shape and registration, then :func:`fits_now` per
+# decision. Both use the helpers above, and tests/unit/test_placement.py checks that they agree.
+
+
+def fits_registration(req: Request, view: WorkerView) -> bool:
+    """Whether ``view`` could ever take ``req``, by what it stated at registration (topics, task
+    types, capabilities, tags, CPU, memory and GPUs in all): :func:`misfits` with ``when_idle``,
+    but for the worker's status, which changes without a new registration."""
+    if not topic_matches(req.topic, view.topics) or req.task_type not in view.task_types:
+        return False
+    if _missing_capabilities(req, view) or _missing_tags(req, view):
+        return False
+    if req.cpu > view.cpu_total or req.mem > view.mem_total:
+        return False
+    return not req.gpu_count or len(usable_gpus(req, view)) >= req.gpu_count
+
+
+def fits_now(req: Request, view: WorkerView, usable: tuple[int, ...] | None) -> list[int] | None:
+    """The GPUs ``req`` would get on ``view`` now, or None if it does not fit: the part of
+    :func:`misfits` that changes between snapshots, for a worker whose registration fits
+    (``usable``: :func:`usable_gpus`; None when :func:`fits_registration` says no)."""
+    if (
+        usable is None
+        or view.status != WorkerStatus.ACTIVE
+        or req.cpu > view.cpu_free
+        or req.mem > view.mem_free
+        or view.slots_free < 1
+    ):
+        return None
+    if not req.gpu_count:
+        return []
+    gpus = [g for g in usable if g in view.free_gpus][: req.gpu_count]
+    return gpus if len(gpus) == req.gpu_count else None
 
 
 @dataclass(frozen=True)
@@ -153,8 +209,8 @@ def _both(kind: str, verb_many: str, verb_one: str, rest: str, detail: str = "",
 
 def misfits(req: Request, view: WorkerView, *, when_idle: bool = False) -> Iterator[Misfit]:
     """Every reason ``view`` cannot take ``req`` now (or, with ``when_idle``, ever)."""
-    if view.status != "active":
-        yield _both("status", "are", "is", view.status)
+    if view.status != WorkerStatus.ACTIVE:
+        yield _both("status", "are", "is", str(view.status))
         return
     if not topic_matches(req.topic, view.topics):
         takes = f"takes {', '.join(view.topics)}"
@@ -164,14 +220,11 @@ def misfits(req: Request, view: WorkerView, *, when_idle: bool = False) -> Itera
             "executor", "have", "has", f"no executor for {req.task_type!r}", fix=EXECUTOR_FIX.get(req.task_type)
         )
     else:
-        offered = view.capabilities.get(req.task_type, {})
-        for capability, value in req.needs:
-            have = offered.get(capability, [])
-            if value not in have:
-                what = f"no {value} {CAPABILITY_WORDS.get(capability, capability)}"
-                fix = CAPABILITY_FIX.get((capability, value))
-                yield _both("capability", "have", "has", what, f"has {', '.join(have) or 'none'}", fix)
-    missing = [t for t in req.tags if t not in view.tags]
+        for capability, value, have in _missing_capabilities(req, view):
+            what = f"no {value} {CAPABILITY_WORDS.get(capability, capability)}"
+            fix = CAPABILITY_FIX.get((capability, value))
+            yield _both("capability", "have", "has", what, f"has {', '.join(have) or 'none'}", fix)
+    missing = _missing_tags(req, view)
     if missing:
         yield _both("tags", "lack", "lacks", f"tag(s) {', '.join(missing)}")
     cpu = view.cpu_total if when_idle else view.cpu_free
@@ -203,20 +256,6 @@ def misfit(req: Request, view: WorkerView, *, when_idle: bool = False) -> str | 
     return None if first is None else str(first)
 
 
-def fits_registration(req: Request, view: WorkerView) -> bool:
-    """Whether ``view`` could ever take ``req``, by what it stated at registration (topics, task
-    types, capabilities, tags, GPUs in all): the part of :func:`misfits` that holds until it
-    registers again."""
-    if not topic_matches(req.topic, view.topics) or req.task_type not in view.task_types:
-        return False
-    offered = view.capabilities.get(req.task_type, {})
-    if any(value not in offered.get(capability, []) for capability, value in req.needs):
-        return False
-    if any(t not in view.tags for t in req.tags):
-        return False
-    return not req.gpu_count or gpus_for(req, view, {g["index"] for g in view.gpus}) is not None
-
-
 def _summary(req: Request, views: list[WorkerView], *, when_idle: bool) -> tuple[str, list[str]]:
     """'0/3 workers fit: 2 have ... (w1: ..., w2: ...); 1 has ...' and the fixes that apply."""
     groups: dict[tuple[str, str], list[tuple[str, Misfit]]] = {}
@@ -234,7 +273,7 @@ def _summary(req: Request, views: list[WorkerView], *, when_idle: bool) -> tuple
         more = f", {len(members) - SHOWN_PER_GROUP} more" if len(members) > SHOWN_PER_GROUP else ""
         parts.append(f"{len(members)} {phrase} ({', '.join(shown)}{more})")
     fixes: list[str] = []
-    live = [v for v in views if v.status == "active"]
+    live = [v for v in views if v.status == WorkerStatus.ACTIVE]
     if live and not any(topic_matches(req.topic, v.topics) for v in live):
         fixes.append(f"topic {req.topic} is taken by no worker: start one with TASK_TOPICS={req.topic} (or tasks.*)")
     for members in groups.values():
@@ -248,10 +287,10 @@ def _summary(req: Request, views: list[WorkerView], *, when_idle: bool) -> tuple
 def explain(req: Request, views: list[WorkerView]) -> tuple[str, bool]:
     """A person-readable reason the task waits, naming everything that does not fit across the
     fleet, and whether no registered worker could ever run it."""
-    live = [v for v in views if v.status == "active"]
+    live = [v for v in views if v.status == WorkerStatus.ACTIVE]
     if not live:
         return "no worker is registered; start one with `mloc start --node-type worker`", True
-    never = all(next(misfits(req, v, when_idle=True), None) is not None for v in live)
+    never = not any(fits_registration(req, v) for v in live)
     summary, fixes = _summary(req, views, when_idle=never)
     text = "; ".join([summary, *fixes])
     if never:

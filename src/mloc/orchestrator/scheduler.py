@@ -27,62 +27,22 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from operator import itemgetter
 from typing import Any
 
-from mloc import keys, lua
-from mloc.orchestrator.placement import Request, explain, fits_registration, gpu_matches
-from mloc.state import TaskState
+import orjson
+
+from mloc import keys, lua, moves
+from mloc.orchestrator.placement import Request, explain, fits_now, fits_registration, usable_gpus
+from mloc.records import Assignment, NewTask, WorkerStatus, WorkerView
+from mloc.state import Refusal, TaskState
 from mloc.store import Reservation, TaskStore
-from mloc.workers import WorkerRegistry, WorkerView
+from mloc.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)
 SNAPSHOT_MAX_AGE_SEC = 0.25
 PASS_FLOOR = 64  # waiting tasks a scheduling pass looks at even when no worker has room
-
-
-@dataclass(frozen=True)
-class _Static:
-    topics: list[str]
-    tags: set[str]
-    task_types: set[str]
-    capabilities: dict[str, Any]
-    gpus: list[dict[str, Any]]
-    cpu_total: int
-    mem_total: int
-    slots_total: int
-
-    @classmethod
-    def of(cls, h: dict[str, str]) -> _Static:
-        return cls(
-            topics=json.loads(h.get("topics") or "[]"),
-            tags=set(json.loads(h.get("tags") or "[]")),
-            task_types=set(json.loads(h.get("task_types") or "[]")),
-            capabilities=json.loads(h.get("capabilities") or "{}"),
-            gpus=json.loads(h.get("hardware") or "{}").get("gpus", []),
-            cpu_total=int(h.get("cpu_total", "0")),
-            mem_total=int(h.get("mem_total", "0")),
-            slots_total=int(h.get("slots_total", "0")),
-        )
-
-
-def _fits_now(req: Request, view: WorkerView, usable: tuple[int, ...] | None) -> list[int] | None:
-    """The GPUs ``req`` would get on ``view`` now, or None if it does not fit: the part of
-    :func:`misfit` that changes between snapshots, for a worker whose registration fits
-    (``usable``: its GPUs of the requested model and memory; None when its registration does not fit)."""
-    if (
-        usable is None
-        or view.status != "active"
-        or req.cpu > view.cpu_free
-        or req.mem > view.mem_free
-        or view.slots_free < 1
-    ):
-        return None
-    if not req.gpu_count:
-        return []
-    gpus = [g for g in usable if g in view.free_gpus][: req.gpu_count]
-    return gpus if len(gpus) == req.gpu_count else None
 
 
 def _score(req: Request, view: WorkerView) -> tuple[int, int, int, int]:
@@ -155,88 +115,40 @@ class Scheduler:
         self._lock = asyncio.Lock()
         self._promote = store.redis.register_script(lua.PROMOTE)
         self._prune_owner = store.redis.register_script(lua.PRUNE_OWNER)
-        self._snapshot_script = store.redis.register_script(lua.SNAPSHOT)
-        self._read_hashes = store.redis.register_script(lua.READ_HASHES)
         self._waiting = store.redis.register_script(lua.WAITING)
         self._queues_checked = False
-        # What a worker states at registration, by worker id, with its registered_at: read again
-        # only when the worker registers anew.
-        self._static: dict[str, tuple[str, _Static]] = {}
-        # Workers whose registration could ever take a request of this shape, for the current
-        # registrations (cleared whenever one changes).
+        # Workers whose registration could ever take a request of this shape, for the registrations
+        # of ``_fit_registrations`` (the registry's count; cleared whenever one changes).
         self._static_fit: dict[tuple[Any, ...], dict[str, tuple[int, ...]]] = {}
+        self._fit_registrations = -1
         # Per request shape, the workers that fit it now as a heap, best first, for one snapshot: a
         # decision costs O(log workers), not a pass over all of them. A view changed by a placement
         # has a new version; its heap entries are re-ranked when they come up.
-        self._generation = 0
         self._by_id: dict[str, WorkerView] = {}
         self._versions: dict[str, int] = {}
         self._rankings: dict[Request, list[tuple[tuple[int, ...], int, str]]] = {}
 
-    async def _snapshot(self) -> list[WorkerView]:
-        """Every registered worker's capacity, in one round trip (two when some registered anew)."""
-        flat = await self._snapshot_script(
-            keys=[keys.WORKERS], args=[keys.worker("{id}"), keys.worker_free_gpus("{id}")]
-        )
-        rows = [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
-        changed = [wid for wid, f, _ in rows if f[0] is not None and self._static.get(wid, ("",))[0] != f[0]]
-        if changed or len(self._static) != len(rows):
-            self._static_fit.clear()
-            present = {wid for wid, _, _ in rows}
-            self._static = {wid: entry for wid, entry in self._static.items() if wid in present}
-        for start in range(0, len(changed), 500):
-            batch = changed[start : start + 500]
-            replies = await self._read_hashes(keys=[keys.worker(w) for w in batch])
-            for wid, flat_fields in zip(batch, replies, strict=True):
-                h = dict(zip(flat_fields[::2], flat_fields[1::2], strict=True))
-                if h:
-                    self._static[wid] = (h.get("registered_at", ""), _Static.of(h))
-        views = []
-        for wid, f, free in rows:
-            entry = self._static.get(wid)
-            if f[0] is None or entry is None:
-                continue  # deregistered meanwhile
-            st = entry[1]
-            views.append(
-                WorkerView(
-                    worker_id=wid,
-                    status=f[1] or "",
-                    last_heartbeat=float(f[2] or 0),
-                    topics=st.topics,
-                    tags=st.tags,
-                    task_types=st.task_types,
-                    capabilities=st.capabilities,
-                    gpus=st.gpus,
-                    cpu_total=st.cpu_total,
-                    mem_total=st.mem_total,
-                    slots_total=st.slots_total,
-                    cpu_free=int(f[3] or 0),
-                    mem_free=int(f[4] or 0),
-                    slots_free=int(f[5] or 0),
-                    free_gpus={int(g) for g in free},
-                    warm_models=set(json.loads(f[6])) if f[6] and f[6] != "[]" else set(),
-                )
-            )
-        return views
-
     def _statically_fitting(self, req: Request, views: list[WorkerView]) -> dict[str, tuple[int, ...]]:
         """Workers whose registration fits ``req``, each with the GPUs (lowest index first) of the
         model and memory it asks for."""
-        shape = (req.task_type, req.topic, req.tags, req.needs, req.gpu_count, req.gpu_type, req.gpu_mem)
+        shape = (
+            req.task_type,
+            req.topic,
+            req.tags,
+            req.needs,
+            req.cpu,
+            req.mem,
+            req.gpu_count,
+            req.gpu_type,
+            req.gpu_mem,
+        )
         fit = self._static_fit.get(shape)
         if fit is None:
-            fit = {}
-            for view in views:
-                if fits_registration(req, view):
-                    fit[view.worker_id] = tuple(
-                        sorted(
-                            g["index"]
-                            for g in view.gpus
-                            if gpu_matches(req.gpu_type, g.get("name", "")) and g.get("memory_bytes", 0) >= req.gpu_mem
-                        )
-                        if req.gpu_count
-                        else ()
-                    )
+            fit = {
+                view.worker_id: usable_gpus(req, view) if req.gpu_count else ()
+                for view in views
+                if fits_registration(req, view)
+            }
             if len(self._static_fit) > 10_000:
                 self._static_fit.clear()
             self._static_fit[shape] = fit
@@ -253,7 +165,7 @@ class Scheduler:
             # Replicas of one task go to different workers where they can: a ranking of its own.
             ranked = []
             for view in views:
-                gpus = _fits_now(req, view, fit.get(view.worker_id))
+                gpus = fits_now(req, view, fit.get(view.worker_id))
                 if gpus is not None:
                     ranked.append(((view.worker_id in avoid, *_score(req, view)), view, gpus))
             ranked.sort(key=itemgetter(0))
@@ -263,14 +175,14 @@ class Scheduler:
         if heap is None:
             heap = []
             for view in views:
-                if _fits_now(req, view, fit.get(view.worker_id)) is not None:
+                if fits_now(req, view, fit.get(view.worker_id)) is not None:
                     heap.append((_score(req, view), self._versions.get(view.worker_id, 0), view.worker_id))
             heapq.heapify(heap)
             self._rankings[req] = heap
         while heap:
             _, version, worker_id = heap[0]
             view = self._by_id[worker_id]
-            gpus = _fits_now(req, view, fit.get(worker_id))
+            gpus = fits_now(req, view, fit.get(worker_id))
             current = self._versions.get(worker_id, 0)
             if gpus is None or version != current:
                 heapq.heappop(heap)
@@ -291,13 +203,15 @@ class Scheduler:
     async def views(self, *, fresh: bool = False) -> list[WorkerView]:
         now = time.monotonic()
         if fresh or now - self._views_at > SNAPSHOT_MAX_AGE_SEC:
-            views = await self._snapshot()
+            views = await self.registry.snapshot()
+            if self.registry.registrations != self._fit_registrations:
+                self._static_fit.clear()
+                self._fit_registrations = self.registry.registrations
             cutoff = time.time() - self.heartbeat_ttl_sec
             for view in views:
-                if view.status == "active" and view.last_heartbeat < cutoff:
-                    view.status = "unresponsive"
+                if view.status == WorkerStatus.ACTIVE and view.last_heartbeat < cutoff:
+                    view.status = WorkerStatus.UNRESPONSIVE
             self._views, self._views_at = views, now
-            self._generation += 1
             self._by_id = {view.worker_id: view for view in views}
             self._versions = {}
             self._rankings = {}
@@ -312,12 +226,12 @@ class Scheduler:
         req: Request,
         *,
         owner: str,
-        document: str,
+        document: dict[str, Any],
         priority: int,
         created_ms: int,
         avoid: frozenset[str] = frozenset(),
         current_reason: str | None = None,
-        create: dict[str, str] | None = None,
+        create: NewTask | None = None,
     ) -> Placement:
         """Try to place one pending task now; on failure record why it waits. ``create`` is the task's
         new record when it is not stored yet: it is stored with the first placement attempt."""
@@ -326,12 +240,10 @@ class Scheduler:
             views = await self.views(fresh=attempt > 0)
             tried = len(placement.tried)
             for view, gpus in self._candidates(req, views, avoid):
-                # ``document`` is already JSON: spliced in, not parsed and dumped again.
-                message = f'{{"spec":{document},"owner":{json.dumps(owner)},"gpus":{json.dumps(gpus)}}}'
+                message = Assignment(task_id, owner, tuple(gpus), document).encode()
                 outcome = await self.store.transition(
                     task_id,
-                    TaskState.ASSIGNED,
-                    sources=[TaskState.PENDING],
+                    moves.PLACE,
                     reserve=Reservation(
                         view.worker_id,
                         req.cpu,
@@ -356,7 +268,7 @@ class Scheduler:
                     self._placed_on(view, req, gpus)
                     placement.worker_id = view.worker_id
                     return placement
-                if outcome.error == "quota":
+                if outcome.error == Refusal.QUOTA:
                     # The owner's limit, not this worker: no other worker would take it either.
                     limit, used, most = outcome.detail.split()
                     placement.quota = limit
@@ -365,7 +277,7 @@ class Scheduler:
                     if reason != current_reason:
                         await self.store.set_fields(task_id, {"pending_reason": reason, "unschedulable": "0"})
                     return placement
-                if outcome.error != "capacity":
+                if outcome.error != Refusal.CAPACITY:
                     # Cancelled or placed by another orchestrator meanwhile: nothing to do.
                     placement.pending_reason = f"not pending any more ({outcome.error} {outcome.detail})"
                     return placement
@@ -375,7 +287,7 @@ class Scheduler:
         reason, never = explain(req, views)
         placement.pending_reason, placement.unschedulable = reason, never
         if create is not None:
-            await self.store.insert([{**create, "pending_reason": reason, "unschedulable": "1" if never else "0"}])
+            await self.store.insert([replace(create, pending_reason=reason, unschedulable=never)])
         elif reason != current_reason:
             await self.store.set_fields(task_id, {"pending_reason": reason, "unschedulable": "1" if never else "0"})
         return placement
@@ -467,7 +379,7 @@ class Scheduler:
             if quick:
                 # About as many waiting tasks as could start now: with thousands queued, reading them
                 # all on every completion would cost more than running them.
-                free = sum(v.slots_free for v in await self.views() if v.status == "active")
+                free = sum(v.slots_free for v in await self.views() if v.status == WorkerStatus.ACTIVE)
                 limit = min(limit, max(PASS_FLOOR, 2 * free))
             owners = await self._read_queues(limit)
             if not owners:
@@ -514,7 +426,7 @@ class Scheduler:
                         task.task_id,
                         req,
                         owner=owner.name,
-                        document=document or "{}",
+                        document=orjson.loads(document or "{}"),
                         priority=task.priority,
                         created_ms=task.created_ms,
                         current_reason=task.reason,

@@ -15,9 +15,8 @@ import redis.asyncio as aioredis
 
 from mloc import keys
 from mloc.errors import BadRequest, Conflict, NotFound, Unauthorized
+from mloc.records import ADMIN
 from mloc.spec.base import check_name
-
-ADMIN = "admin"
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,10 @@ from pydantic import Field, field_validator, model_validator
 from mloc.spec.base import ModelSpec, SpecBase, Strict, check_name
 from mloc.spec.sampling import Sampling
 
+# Metadata keys MLOC stores with every chunk; a document's own metadata may not use them.
+RESERVED_METADATA = ("chunk", "start_index")
+RESERVED_METADATA_PREFIX = "mloc_"
+
 
 class DocumentSource(Strict):
     """One of inline ``text``, a file ``path`` or a ``glob`` of files."""
@@ -16,13 +20,23 @@ class DocumentSource(Strict):
     text: str | None = None
     path: str | None = None
     glob: str | None = None
-    metadata: dict[str, str] = Field(default_factory=dict)
+    metadata: dict[str, str] = Field(
+        default_factory=dict,
+        description="Stored with every chunk and returned with each source. For inline text, "
+        "metadata.source is the document's id in a named collection (else an id is made from its text).",
+    )
 
     @model_validator(mode="after")
     def _one(self) -> DocumentSource:
         given = [name for name in ("text", "path", "glob") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(f"a document needs exactly one of 'text', 'path' or 'glob'; got {given or 'none'}")
+        for key in self.metadata:
+            if key in RESERVED_METADATA or key.startswith(RESERVED_METADATA_PREFIX):
+                raise ValueError(
+                    f"metadata key {key!r} is reserved for MLOC's chunk bookkeeping "
+                    f"({', '.join(RESERVED_METADATA)} and names starting with {RESERVED_METADATA_PREFIX!r}); rename it"
+                )
         return self
 
 
@@ -43,8 +57,17 @@ class RagOptions(Strict):
     chunk_overlap: int = Field(50, ge=0, description="Characters a chunk repeats from the one before.")
     collection: str | None = Field(
         None,
-        description="Named, persistent collection that later tasks reuse (indexed once); unset means a "
-        "temporary in-memory index for this task only.",
+        description="Named, persistent collection that later tasks reuse and keep in step with their "
+        "documents; unset means a temporary in-memory index for this task only.",
+    )
+    collection_sync: Literal["replace", "append"] = Field(
+        "replace",
+        description="How a named collection follows the task's documents. replace: it holds exactly "
+        "them (changed ones re-embedded, unlisted ones removed). append: listed documents are added or "
+        "updated and the others kept. A task without documents only queries.",
+    )
+    collection_reset: bool = Field(
+        False, description="Empty the named collection first and index the task's documents from scratch."
     )
     min_score: float | None = Field(
         None, ge=-1, le=1, description="Drop retrieved chunks whose cosine similarity is below this."
@@ -78,6 +101,15 @@ class RagOptions(Strict):
     def _overlap(self) -> RagOptions:
         if self.chunk_overlap >= self.chunk_size:
             raise ValueError("chunk_overlap must be smaller than chunk_size")
+        if self.vector_db == "chromadb" and self.collection is not None and len(self.collection) < 3:
+            raise ValueError(f"collection {self.collection!r} is too short: Chroma needs at least 3 characters")
+        if self.collection is None:
+            given = [name for name in ("collection_sync", "collection_reset") if name in self.model_fields_set]
+            if given:
+                raise ValueError(
+                    f"{' and '.join(given)} apply to a named collection; set hyperparameters.collection "
+                    "(an unnamed collection lasts one task and starts empty)"
+                )
         return self
 
 
@@ -106,5 +138,10 @@ class RagSpec(SpecBase):
         if not self.documents and self.hyperparameters.collection is None:
             raise ValueError(
                 "no documents: give 'documents' to index, or hyperparameters.collection naming an existing collection"
+            )
+        if not self.documents and self.hyperparameters.collection_reset:
+            raise ValueError(
+                "collection_reset with no documents would leave the collection empty; give the documents "
+                "to index it again from"
             )
         return self

@@ -2,13 +2,16 @@
 they loaded) alive between tasks.
 
 Protocol: the worker writes JSON lines to stdin ({"op": "run" | "cancel" | "shutdown", ...}); this
-process writes JSON events to the file descriptor named by MLOC_HOST_EVENT_FD. Its stdout and stderr
-are the task's log.
+process writes JSON events to the file descriptor named by MLOC_HOST_EVENT_FD. Its log records travel
+as events with their level and source; its stdout and stderr, where libraries write for themselves,
+are the task's log too (sorted by :mod:`mloc.worker.capture`), each ended after a task by a line that
+tells the worker the task's output is all in.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import signal
@@ -21,10 +24,47 @@ from typing import Any
 from mloc.errors import ExecutionError, MlocError, TaskCancelled
 from mloc.executors.base import Executor, RunContext
 from mloc.executors.registry import executor_for
+from mloc.llm.cache import share_between_executors
 from mloc.spec import validate
+from mloc.tasklog import Source
+from mloc.worker.capture import END_OF_TASK
 
 EVENT_FD_ENV = "MLOC_HOST_EVENT_FD"
 WORKER_PID_ENV = "MLOC_WORKER_PID"
+
+
+class TaskLogHandler(logging.Handler):
+    """This process's log records, as entries of the running task's log: MLOC's own loggers (the
+    executors, the engines) and those of the running executor's package (a plug-in's) as
+    ``executor``, every other (a library's, ``warnings``) as ``library``. Between tasks they go to
+    stderr, which the worker keeps in its own debug log."""
+
+    def __init__(self, host: Host) -> None:
+        super().__init__()
+        self.host = host
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            if record.exc_info:
+                text += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            own = any(record.name == name or record.name.startswith(name + ".") for name in self.host.own_loggers)
+            if not own:
+                text = f"{record.name}: {text}"
+            if self.host.current is None:
+                sys.stderr.write(f"{record.levelname} {text}\n")
+                return
+            self.host.emit(
+                {
+                    "ev": "log",
+                    "level": record.levelname,
+                    "source": Source.EXECUTOR if own else Source.LIBRARY,
+                    "message": text,
+                    "ts": record.created,
+                }
+            )
+        except Exception:
+            self.handleError(record)
 
 
 class Host:
@@ -37,6 +77,13 @@ class Host:
         self._cancelled: set[str] = set()
         self._current: str | None = None
         self._executors: dict[str, Executor] = {}
+        # Logger names whose records are the executor's own: MLOC's, and the running plug-in's package.
+        self.own_loggers: tuple[str, ...] = ("mloc",)
+
+    @property
+    def current(self) -> str | None:
+        """The task running now, if any."""
+        return self._current
 
     def emit(self, event: dict[str, Any]) -> None:
         line = json.dumps(event, default=str)
@@ -101,6 +148,8 @@ class Host:
                 cancel_event=self._cancel,
             )
             executor = self._executor(document.spec.task_type)
+            written_in = getattr(type(executor), "module", type(executor)).__module__.split(".")[0]
+            self.own_loggers = ("mloc", written_in)
             result = executor.run(ctx)
             if not isinstance(result, dict):
                 raise ExecutionError(f"the executor returned {type(result).__name__}, not a result dict")
@@ -112,15 +161,20 @@ class Host:
         except MemoryError:
             self.emit({"ev": "error", "code": "out_of_memory", "message": "the executor ran out of memory"})
         except Exception as exc:
-            traceback.print_exc()
+            text = "".join(traceback.format_exception(exc)).rstrip()
+            self.emit({"ev": "log", "level": "ERROR", "source": Source.EXECUTOR, "message": text})
             self.emit({"ev": "error", "code": "executor_error", "message": f"{type(exc).__name__}: {exc}"})
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            # A line break first, in case a library left a line unfinished.
+            print(f"\n{END_OF_TASK}", flush=True)
+            print(f"\n{END_OF_TASK}", file=sys.stderr, flush=True)
+            with self._lock:
+                self._current = None
         warm = [key for ex in self._executors.values() for key in ex.warm_models()]
         self.emit({"ev": "idle", "warm_models": warm})
 
     def serve(self) -> None:
+        _log_to(self)
         threading.Thread(target=self._read_commands, name="commands", daemon=True).start()
         self.emit({"ev": "ready", "pid": os.getpid()})
         while (message := self._inbox.get()) is not None:
@@ -130,6 +184,16 @@ class Host:
                 executor.close()
             except Exception:
                 traceback.print_exc()
+
+
+def _log_to(host: Host) -> None:
+    """Every logger's records to the task's log: MLOC's from INFO, the rest from WARNING (as
+    Python shows them by default), and ``warnings.warn`` as records too."""
+    root = logging.getLogger()
+    root.handlers[:] = [TaskLogHandler(host)]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("mloc").setLevel(logging.INFO)
+    logging.captureWarnings(True)
 
 
 def die_with_group(*_: object) -> None:
@@ -159,6 +223,8 @@ def main() -> None:
     _follow_the_worker()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # One engine cache for all this process's executors: a RAG task reuses the inference task's model.
+    share_between_executors()
     Host(int(os.environ[EVENT_FD_ENV])).serve()
 
 

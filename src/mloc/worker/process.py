@@ -11,12 +11,21 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from mloc.worker.capture import Lines
 from mloc.worker.host import EVENT_FD_ENV, WORKER_PID_ENV
 
 log = logging.getLogger(__name__)
 Event = dict[str, Any]
+# How long a finished task waits for the rest of its executor process's output to be read.
+DRAIN_SEC = 2.0
+
+
+class LogSink(Protocol):
+    """Where a running task's captured output goes (:meth:`mloc.worker.reporter.Reporter.log_line`)."""
+
+    def __call__(self, text: str, *, level: str = ..., source: str = ...) -> None: ...
 
 
 class HostDied(Exception):
@@ -45,8 +54,10 @@ class HostProcess:
     proc: asyncio.subprocess.Process
     events: asyncio.StreamReader
     warm_models: list[str] = field(default_factory=list)
-    log_sink: Callable[[str], None] | None = None
-    _pump: asyncio.Task[None] | None = None
+    log_sink: LogSink | None = None
+    _pumps: list[asyncio.Task[None]] = field(default_factory=list)
+    # Set by each output pump when it reads the end-of-task line: the task's output is all in.
+    _drained: list[asyncio.Event] = field(default_factory=list)
 
     @classmethod
     async def start(cls, key: HostKey, env: dict[str, str]) -> HostProcess:
@@ -67,7 +78,7 @@ class HostProcess:
                 "mloc.worker.host",
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
+                stderr=asyncio.subprocess.PIPE,
                 pass_fds=(write_fd,),
                 env=child_env,
                 start_new_session=True,
@@ -78,21 +89,33 @@ class HostProcess:
         reader = asyncio.StreamReader(limit=64 * 1024 * 1024)
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb"))
         host = cls(key, proc, reader)
-        host._pump = asyncio.create_task(host._pump_logs())
+        assert proc.stdout is not None and proc.stderr is not None
+        host._drained = [asyncio.Event(), asyncio.Event()]
+        host._pumps = [
+            asyncio.create_task(host._pump_logs(proc.stdout, Lines("stdout"), host._drained[0])),
+            asyncio.create_task(host._pump_logs(proc.stderr, Lines("stderr"), host._drained[1])),
+        ]
         ready = await host._next_event()
         if ready is None or ready.get("ev") != "ready":
             await host.kill()
             raise HostDied(proc.returncode)
         return host
 
-    async def _pump_logs(self) -> None:
-        assert self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
-            text = line.decode("utf-8", "replace").rstrip("\n")
-            if self.log_sink is not None:
-                self.log_sink(text)
-            else:
-                log.debug("executor[%s]: %s", self.proc.pid, text)
+    async def _pump_logs(self, stream: asyncio.StreamReader, lines: Lines, drained: asyncio.Event) -> None:
+        """The executor process's output, sorted into entries, to the running task's log (between
+        tasks, to the worker's debug log)."""
+        while True:
+            data = await stream.read(64 * 1024)
+            ended = lines.tasks_ended
+            for captured in lines.feed(data):
+                if self.log_sink is not None:
+                    self.log_sink(captured.text, level=captured.level, source=captured.source)
+                else:
+                    log.debug("executor[%s] %s: %s", self.proc.pid, captured.source, captured.text)
+            if lines.tasks_ended != ended or not data:
+                drained.set()
+            if not data:
+                return
 
     async def _next_event(self) -> Event | None:
         line = await self.events.readline()
@@ -111,15 +134,17 @@ class HostProcess:
 
     async def run(self, payload: dict[str, Any], on_event: Callable[[Event], None]) -> Event:
         """Run one task; returns its 'done' or 'error' event, or raises :class:`HostDied`."""
+        for drained in self._drained:
+            drained.clear()
         await self._send({"op": "run", **payload})
         outcome: Event | None = None
         while True:
             event = await self._next_event()
             if event is None:
                 await self.proc.wait()
-                if self._pump is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(self._pump, 2)
+                with contextlib.suppress(Exception):
+                    # The last words of a dying process (a traceback, an OOM note) belong to the task.
+                    await asyncio.wait_for(asyncio.gather(*self._pumps), 2)
                 raise HostDied(self.proc.returncode)
             kind = event.get("ev")
             if kind in ("done", "error"):
@@ -127,6 +152,8 @@ class HostProcess:
             elif kind == "idle":
                 self.warm_models = list(event.get("warm_models", []))
                 assert outcome is not None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.gather(*(d.wait() for d in self._drained)), DRAIN_SEC)
                 return outcome
             else:
                 on_event(event)

@@ -10,12 +10,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from mloc import keys
+from mloc import keys, tasklog
+from mloc.tasklog import DEFAULT_RETENTION_SEC, Source
 
 log = logging.getLogger(__name__)
-LOG_RETENTION = 10_000  # log entries kept per task
 METRICS_RETENTION = 5_000
-DEFAULT_RETENTION_SEC = 7 * 86_400.0  # MLOC_LOG_RETENTION_SEC
 # How often a running task's log stream is trimmed of lines older than the retention, at most.
 TRIM_EVERY_SEC = 60.0
 
@@ -23,7 +22,7 @@ TRIM_EVERY_SEC = 60.0
 class Reporter:
     """Buffers events and writes them to Redis in batches, so a chatty executor costs few round trips.
 
-    Logs and metrics are kept by count (LOG_RETENTION lines) and by age: each write sets the keys to
+    Logs and metrics are kept by count (``tasklog.MAX_ENTRIES`` lines) and by age: each write sets the keys to
     expire ``retention_sec`` later, lines older than that are trimmed from a long run's stream, and
     :meth:`close`, when the run ends, starts the last countdown."""
 
@@ -66,8 +65,9 @@ class Reporter:
             self._flusher = asyncio.create_task(self._run())
         self._wake.set()
 
-    def log_line(self, text: str, stream: str = "stdout") -> None:
-        self.handle({"ev": "log", "level": stream, "message": text, "ts": time.time()})
+    def log_line(self, text: str, *, level: str = "INFO", source: str = Source.STDOUT) -> None:
+        """A line of the executor process's output, sorted (see :mod:`mloc.worker.capture`)."""
+        self.handle({"ev": "log", "level": level, "source": source, "message": text, "ts": time.time()})
 
     async def _run(self) -> None:
         while not self._closed:
@@ -88,16 +88,15 @@ class Reporter:
             kind = event.get("ev")
             if kind == "log":
                 newest_at = len(pipe)
-                pipe.xadd(
-                    keys.task_logs(self.task_id),
-                    {
-                        "ts": str(event.get("ts", time.time())),
-                        "level": str(event.get("level", "INFO")),
-                        "message": str(event.get("message", ""))[:65536],
-                    },
-                    maxlen=LOG_RETENTION,
-                    approximate=True,
+                # An executor's own ``ctx.log`` lines name no source; captured output and the
+                # executor process's loggers do.
+                entry = tasklog.fields(
+                    str(event.get("message", "")),
+                    level=str(event.get("level", "INFO")),
+                    source=str(event.get("source") or Source.EXECUTOR),
+                    ts=_seconds(event.get("ts")),
                 )
+                pipe.xadd(keys.task_logs(self.task_id), entry, maxlen=tasklog.MAX_ENTRIES, approximate=True)
                 logged = True
             elif kind == "progress":
                 progress = event
@@ -162,3 +161,10 @@ class Reporter:
             await pipe.execute()
         except aioredis.RedisError as exc:
             log.warning("could not set the retention of task %s's logs: %s", self.task_id, exc)
+
+
+def _seconds(value: Any) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -16,21 +15,21 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
-from mloc import artifacts, groups, keys, lifecycle, modelroots
+from mloc import artifacts, keys, modelroots, moves, requeue, tasklog
 from mloc.errors import ExecutionError, MlocError, TaskCancelled
 from mloc.executors.base import RunContext, write_json_atomic
 from mloc.executors.registry import executor_for
+from mloc.moves import Change
+from mloc.records import ADMIN, SUBMITTED_BY, Assignment, AssignmentError
 from mloc.settings import Settings
 from mloc.spec import Document, validate
-from mloc.state import Reason, TaskState
-from mloc.store import Move, TaskStore
-from mloc.users import ADMIN
+from mloc.state import Reason, StopReason, TaskState
+from mloc.store import TaskStore
 from mloc.worker.process import HostDied, HostKey, HostPool, HostProcess, default_python
 from mloc.worker.reporter import Reporter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-TASK_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 @dataclass
@@ -38,7 +37,7 @@ class Running:
     task_id: str
     attempt: int
     cancel_event: asyncio.Event = field(default_factory=asyncio.Event)
-    stop_reason: str | None = None  # "cancelled" or "shutdown"
+    stop_reason: StopReason | None = None
     host: HostProcess | None = None
     inline_cancel: Any = None  # threading.Event of an inline executor
     document: Document | None = None  # already validated
@@ -58,7 +57,8 @@ class TaskRunner:
     pool: HostPool
     running: dict[str, Running]
     stopping: asyncio.Event
-    backoff: lifecycle.Backoff
+    backoff: requeue.Backoff
+    max_requeues: int
     _tasks: set[asyncio.Task[None]]
 
     def _spawn(self, coro: Any) -> None:
@@ -66,7 +66,7 @@ class TaskRunner:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _stop(self, run: Running, why: str) -> None:
+    async def _stop(self, run: Running, why: StopReason) -> None:
         if run.stop_reason is not None:
             return
         run.stop_reason = why
@@ -100,23 +100,26 @@ class TaskRunner:
         await pipe.execute()
 
     async def _handle(self, entry_id: str, fields: dict[str, str]) -> None:
-        task_id = fields["task"]
+        try:
+            assignment = Assignment.decode(fields)
+        except AssignmentError as exc:
+            await self._refuse(entry_id, fields.get("task") or "", exc)
+            return
+        task_id = assignment.task_id
         started = time.time()
-        body = json.loads(fields["body"])
-        start = Move(
-            TaskState.RUNNING,
-            sources=[TaskState.ASSIGNED],
+        start = Change(
+            moves.START,
             expect_worker=self.worker_id,
             new_attempt=True,
             fields={"started_at": repr(started), "pending_reason": "", "reason": "", "reason_code": ""},
             now=started,
         )
-        document = self._instant(body)
-        deferred: Move | None = None
-        if document is not None and fields.get("attempt", "").isdigit():
+        document = self._instant(assignment)
+        deferred: Change | None = None
+        if document is not None and assignment.attempt is not None:
             # Work that finishes at once is recorded as started and finished in one step, after it
             # ran: fenced on the attempt the assignment announced, so a stale message runs nothing.
-            run = Running(task_id, int(fields["attempt"]), document=document)
+            run = Running(task_id, assignment.attempt, document=document)
             deferred = replace(start, expect_attempt=run.attempt - 1)
         else:
             try:
@@ -127,21 +130,18 @@ class TaskRunner:
                 await self._ack(entry_id)  # cancelled or moved meanwhile: nothing to run
                 return
             run = Running(task_id, outcome.attempt)
-        parent = body["spec"].get("metadata", {}).get("labels", {}).get(groups.PARENT_LABEL)
-        if parent:
-            await groups.shard_started(self.store, parent)
+            await self._log(task_id, *self._taken(assignment, outcome.attempt))
         self.running[task_id] = run
-        timeout = body["spec"]["spec"].get("timeout_sec")
+        timeout = assignment.timeout_sec
+        loop = asyncio.get_running_loop()
         watchdog = (
-            asyncio.get_running_loop().call_later(float(timeout), lambda: self._spawn(self._stop(run, "timeout")))
+            loop.call_later(float(timeout), lambda: self._spawn(self._stop(run, StopReason.TIMEOUT)))
             if timeout
             else None
         )
         acked = False
         try:
-            acked = await self._execute(run, body, started, entry_id, deferred_start=deferred)
-            if parent and acked:
-                await groups.shard_finished(self.store, parent, self.results_dir)
+            acked = await self._execute(run, assignment, started, entry_id, deferred_start=deferred)
         except aioredis.RedisError as exc:
             log.error("task %s: Redis failed while stopping (%s); the reaper requeues it", task_id, exc)
         finally:
@@ -151,6 +151,33 @@ class TaskRunner:
             if not acked:
                 with contextlib.suppress(aioredis.RedisError):
                     await self._ack(entry_id)
+
+    async def _refuse(self, entry_id: str, task_id: str, error: AssignmentError) -> None:
+        """Fail a task whose assignment this worker cannot read, and acknowledge the entry: read
+        again, it would be refused again, and the task would hold the worker's capacity for ever."""
+        log.error("%s", error)
+        try:
+            if task_id:
+                failed = await self._persist(
+                    f"task {task_id}: recording that its assignment is unreadable",
+                    self.store.transition,
+                    task_id,
+                    moves.REFUSE,
+                    expect_worker=self.worker_id,
+                    release=True,
+                    fields={
+                        "finished_at": repr(time.time()),
+                        "reason": str(error),
+                        "reason_code": Reason.ASSIGNMENT_UNREADABLE.value,
+                    },
+                )
+                if not failed.ok:
+                    log.warning("task %s: not failed (%s %s)", task_id, failed.error, failed.detail)
+                else:
+                    await self._log(task_id, tasklog.ended(TaskState.FAILED, str(error)))
+            await self._ack(entry_id)
+        except aioredis.RedisError as exc:
+            log.warning("task %s: Redis failed while refusing its assignment (%s)", task_id, exc)
 
     async def _persist(self, what: str, operation: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Run a Redis write a task's outcome depends on until it goes through. Giving up would leave
@@ -173,18 +200,16 @@ class TaskRunner:
         ended = state in (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED)
         return bool(ended and worker_id == self.worker_id and attempts == str(attempt))
 
-    def _instant(self, body: dict[str, Any]) -> Document | None:
+    def _instant(self, assignment: Assignment) -> Document | None:
         """The task's document when its executor runs on the event loop and returns at once."""
-        document_data = body["spec"]
-        task_type = document_data["spec"]["taskType"]
-        labels = document_data.get("metadata", {}).get("labels", {})
-        if task_type in self.settings.executor_pythons or groups.PARENT_LABEL in labels:
+        task_type = assignment.task_type
+        if task_type in self.settings.executor_pythons:
             return None
         info = executor_for(task_type)
         if info is None or not info.available:
             return None
         try:
-            document = validate(document_data)
+            document = validate(assignment.document)
         except MlocError:
             return None
         return document if info.cls.isolation_for(document.spec) == "loop" else None
@@ -192,19 +217,19 @@ class TaskRunner:
     async def _execute(
         self,
         run: Running,
-        body: dict[str, Any],
+        assignment: Assignment,
         started: float,
         entry_id: str,
         *,
-        deferred_start: Move | None = None,
+        deferred_start: Change | None = None,
     ) -> bool:
         """Run the task and record how it ended; True when the stream entry was acknowledged too.
         ``deferred_start`` is the move to running, when it is recorded together with the outcome."""
         task_id = run.task_id
-        document_data = body["spec"]
-        owner = body.get("owner", "")
-        gpus: list[int] = body.get("gpus", [])
-        task_type = document_data["spec"]["taskType"]
+        document_data = assignment.document
+        owner = assignment.owner
+        gpus = list(assignment.gpus)
+        task_type = assignment.task_type
         out_dir = self.results_dir / task_id
         reporter = Reporter(self.redis, task_id, started, retention_sec=self.settings.log_retention_sec)
         result: dict[str, Any] | None = None
@@ -225,7 +250,7 @@ class TaskRunner:
                 "cancelled on request",
             )
         except HostDied as exc:
-            if run.stop_reason == "cancelled":
+            if run.stop_reason == StopReason.CANCELLED:
                 state, reason_code, reason = (
                     TaskState.CANCELLED,
                     Reason.CANCELLED_BY_USER.value,
@@ -243,24 +268,24 @@ class TaskRunner:
             reason = f"{type(exc).__name__}: {exc}"
         finally:
             await reporter.close()
-        if run.stop_reason == "lost":
+        if run.stop_reason == StopReason.LOST:
             return False  # the orchestrator already requeued it when it declared this worker lost
-        if run.stop_reason == "shutdown":
-            await lifecycle.requeue(
+        if run.stop_reason == StopReason.SHUTDOWN:
+            await requeue.requeue(
                 self.store,
                 task_id,
                 worker_id=self.worker_id,
                 attempt=run.attempt,
-                reason_code=Reason.WORKER_SHUTDOWN.value,
+                reason_code=Reason.WORKER_SHUTDOWN,
                 reason=f"worker {self.worker_id} stopped while the task ran",
                 backoff=self.backoff,
+                max_requeues=self.max_requeues,
             )
             return False
-        if run.stop_reason == "timeout" and state != TaskState.SUCCEEDED:
-            limit = document_data["spec"].get("timeout_sec")
+        if run.stop_reason == StopReason.TIMEOUT and state != TaskState.SUCCEEDED:
             state, reason_code = TaskState.FAILED, Reason.TIMEOUT.value
-            reason = f"timed out: ran longer than spec.timeout_sec ({limit:g}s) and was stopped"
-        if run.stop_reason == "cancelled" and state != TaskState.SUCCEEDED:
+            reason = f"timed out: ran longer than spec.timeout_sec ({assignment.timeout_sec:g}s) and was stopped"
+        if run.stop_reason == StopReason.CANCELLED and state != TaskState.SUCCEEDED:
             state, reason_code, reason = (
                 TaskState.CANCELLED,
                 Reason.CANCELLED_BY_USER.value,
@@ -270,17 +295,16 @@ class TaskRunner:
         usage = self._usage(reporter, result, finished - started, len(gpus))
         daily = self._daily(task_type, state, usage, gpus)
         if crashed and run.stop_reason is None:
-            # A dead executor process (most often out of memory) may be the machine's fault, not the
-            # task's: retried like a lost worker, within the same attempt limit and with backoff.
-            retry = await lifecycle.requeue(
+            # A dead executor process (most often out of memory) may be the machine's fault, so it is
+            # retried, with backoff; but it may be the task's own doing, so it spends an attempt.
+            retry = await requeue.requeue(
                 self.store,
                 task_id,
                 worker_id=self.worker_id,
                 attempt=run.attempt,
-                reason_code=Reason.EXECUTOR_CRASHED.value,
+                reason_code=Reason.EXECUTOR_CRASHED,
                 reason=reason,
                 backoff=self.backoff,
-                exhausted_code=Reason.EXECUTOR_CRASHED.value,
                 final_usage=daily,
                 owner=owner,
             )
@@ -289,10 +313,9 @@ class TaskRunner:
                 return False
             log.info("task %s failed: %s", task_id, reason)
             await self._ack(entry_id)
-            return True  # ended: a replica group hears of it
-        final = Move(
-            state,
-            sources=[TaskState.RUNNING],
+            return True
+        final = Change(
+            moves.finish(state),
             expect_worker=self.worker_id,
             expect_attempt=run.attempt,
             release=True,
@@ -328,9 +351,23 @@ class TaskRunner:
                 outcome.detail,
             )
             return False
+        ending = tasklog.ended(state, reason, finished - started)
+        if deferred_start is None:
+            await self._log(task_id, ending)
+        else:
+            await self._log(task_id, *self._taken(assignment, run.attempt), ending)
         if state != TaskState.SUCCEEDED:
             log.info("task %s %s: %s", task_id, state, reason)
         return True
+
+    async def _log(self, task_id: str, *lines: tasklog.Line) -> None:
+        """Lifecycle lines into the task's log, after the move they report was recorded."""
+        await tasklog.append(self.redis, task_id, *lines, retention_sec=self.settings.log_retention_sec)
+
+    def _taken(self, assignment: Assignment, attempt: int) -> tuple[tasklog.Line, tasklog.Line]:
+        """The placement and the start, written by the worker that took the task: the scheduler's
+        own write could reach the log after a quick task's later lines."""
+        return tasklog.assigned(self.worker_id, assignment.gpus), tasklog.started(self.worker_id, attempt)
 
     async def _check_models(self, task_id: str, document_data: dict[str, Any], owner: str) -> bool:
         """Refuse to run a user's task that names local models outside the folders it may read (see
@@ -339,7 +376,7 @@ class TaskRunner:
         spec = document_data["spec"]
         if not modelroots.references(spec):
             return False
-        submitted_by = await self.redis.hget(keys.task(task_id), modelroots.SUBMITTED_BY)
+        submitted_by = await self.redis.hget(keys.task(task_id), SUBMITTED_BY)
         # A task stored before the field existed is the admin's when its owner is.
         if (submitted_by or owner) == ADMIN:
             return True
@@ -354,7 +391,7 @@ class TaskRunner:
         only the owner's own tasks, unless the task is ``trusted`` (the admin's)."""
         adapter = (document_data["spec"].get("model") or {}).get("adapter") or {}
         reference = adapter.get("path") or ""
-        if not TASK_ID.match(reference):
+        if not modelroots.TASK_ID.match(reference):
             return document_data
         fields = await self.redis.hmget(keys.task(reference), "owner", "state", "artifacts")
         if fields[1] is None or (fields[0] != owner and not trusted):

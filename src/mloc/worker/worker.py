@@ -15,16 +15,18 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from mloc import __version__, keys, lifecycle
+from mloc import __version__, keys
 from mloc.errors import ConfigError
 from mloc.executors.registry import available_task_types, capabilities
+from mloc.records import Registration, WorkerStatus, heartbeat_fields
+from mloc.requeue import Backoff, hand_back
 from mloc.settings import Settings
-from mloc.state import Reason
+from mloc.state import Reason, StopReason
 from mloc.store import TaskStore
 from mloc.worker import hardware
 from mloc.worker.process import HostPool
 from mloc.worker.runner import Running, TaskRunner
-from mloc.workers import Registration, WorkerRegistry
+from mloc.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,8 @@ class Worker(TaskRunner):
         self.stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         # Used only for tasks stored without their own policy (submitted to an older orchestrator).
-        self.backoff = lifecycle.Backoff(settings.retry_backoff_sec, settings.retry_backoff_max_sec)
+        self.backoff = Backoff(settings.retry_backoff_sec, settings.retry_backoff_max_sec)
+        self.max_requeues = settings.max_requeues
 
     def _offered_task_types(self) -> list[str]:
         """Task types this worker runs: those its own environment has, plus those an interpreter in
@@ -61,24 +64,23 @@ class Worker(TaskRunner):
         return sorted(offered)
 
     # ------------------------------------------------------------ membership
-    async def _recover(self, reason_code: str, reason: str) -> None:
+    async def _recover(self, reason_code: Reason, reason: str) -> None:
         """Hand back whatever an earlier incarnation of this worker id held."""
-        await self.registry.set_status(self.worker_id, "restarting")
-        for task_id in await self.registry.task_ids(self.worker_id):
-            if task_id in self.running:
-                continue
-            outcome = await lifecycle.requeue(
-                self.store,
-                task_id,
-                worker_id=self.worker_id,
-                reason_code=reason_code,
-                reason=reason,
-                backoff=self.backoff,
-            )
-            if not outcome.ok:
-                await self.redis.srem(keys.worker_tasks(self.worker_id), task_id)
-        await self.redis.delete(keys.worker_stream(self.worker_id))
+        await self.registry.set_status(self.worker_id, WorkerStatus.RESTARTING)
+        await self._hand_back(reason_code, reason)
         await self._ensure_group()
+
+    async def _hand_back(self, reason_code: Reason, reason: str) -> None:
+        """Requeue what this worker holds but is not running (its running tasks it ends itself)."""
+        await hand_back(
+            self.store,
+            self.worker_id,
+            reason_code=reason_code,
+            reason=reason,
+            keep=set(self.running),
+            backoff=self.backoff,
+            max_requeues=self.max_requeues,
+        )
 
     async def _ensure_group(self) -> None:
         try:
@@ -121,13 +123,10 @@ class Worker(TaskRunner):
             if self.stopping.is_set():
                 return
             try:
-                warm = sorted(
-                    set(self.pool.warm_models())
-                    | {m for r in self.running.values() if r.host for m in r.host.warm_models}
-                )
-                answer = await self.registry.heartbeat(
-                    self.worker_id, {"warm_models": json.dumps(warm), "running": str(len(self.running))}
-                )
+                warm = set(self.pool.warm_models()) | {
+                    m for r in self.running.values() if r.host for m in r.host.warm_models
+                }
+                answer = await self.registry.heartbeat(self.worker_id, heartbeat_fields(warm))
                 if answer != "ok":
                     log.warning(
                         "worker %s was marked %s; stopping its tasks and registering again",
@@ -135,7 +134,7 @@ class Worker(TaskRunner):
                         answer,
                     )
                     for run in list(self.running.values()):
-                        await self._stop(run, "lost")
+                        await self._stop(run, StopReason.LOST)
                     await self.register()
             except aioredis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
@@ -165,7 +164,7 @@ class Worker(TaskRunner):
                 with contextlib.suppress(ValueError, KeyError):
                     task_id = json.loads(message["data"])["cancel"]
                     if task_id in self.running:
-                        await self._stop(self.running[task_id], "cancelled")
+                        await self._stop(self.running[task_id], StopReason.CANCELLED)
             if time.monotonic() - last_poll > 2.0 and self.running:
                 last_poll = time.monotonic()
                 ids = list(self.running)
@@ -174,7 +173,7 @@ class Worker(TaskRunner):
                     pipe.hget(keys.task(task_id), "cancel_requested")
                 for task_id, flag in zip(ids, await pipe.execute(), strict=True):
                     if flag == "1" and task_id in self.running:
-                        await self._stop(self.running[task_id], "cancelled")
+                        await self._stop(self.running[task_id], StopReason.CANCELLED)
 
     async def _consume_loop(self) -> None:
         stream = keys.worker_stream(self.worker_id)
@@ -223,18 +222,9 @@ class Worker(TaskRunner):
         log.info("worker %s stopping: taking no new tasks", self.worker_id)
         await asyncio.gather(loops[0], return_exceptions=True)
         try:
-            await self.registry.set_status(self.worker_id, "draining")
+            await self.registry.set_status(self.worker_id, WorkerStatus.DRAINING)
             # Assigned but not started: hand back at once, without using an attempt.
-            for task_id in await self.registry.task_ids(self.worker_id):
-                if task_id not in self.running:
-                    await lifecycle.requeue(
-                        self.store,
-                        task_id,
-                        worker_id=self.worker_id,
-                        reason_code=Reason.WORKER_SHUTDOWN.value,
-                        reason=f"worker {self.worker_id} shut down",
-                        backoff=self.backoff,
-                    )
+            await self._hand_back(Reason.WORKER_SHUTDOWN, f"worker {self.worker_id} shut down")
         except aioredis.RedisError as exc:
             log.warning(
                 "Redis is unavailable while stopping (%s); the orchestrator requeues this worker's tasks once "
@@ -251,7 +241,7 @@ class Worker(TaskRunner):
             while self.running and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
             for run in list(self.running.values()):
-                await self._stop(run, "shutdown")
+                await self._stop(run, StopReason.SHUTDOWN)
             while self.running:
                 await asyncio.sleep(0.1)
         for loop in loops[1:]:
@@ -259,7 +249,7 @@ class Worker(TaskRunner):
         await asyncio.gather(*loops[1:], *self._tasks, return_exceptions=True)
         await self.pool.close()
         with contextlib.suppress(aioredis.RedisError):
-            await self.registry.set_status(self.worker_id, "offline")
+            await self.registry.set_status(self.worker_id, WorkerStatus.OFFLINE)
             await self.redis.delete(keys.worker_stream(self.worker_id))
         log.info("worker %s stopped", self.worker_id)
 

@@ -96,6 +96,7 @@ export async function followLogs(taskId, { since = "0", signal, onEntry }) {
         else if (field === "event") event.event = text;
         else if (field === "id") event.id = text;
       }
+      if (!event.data.length && event.event !== "end") continue; // a keep-alive comment
       const data = event.data.length ? JSON.parse(event.data.join("\n")) : {};
       if (event.event === "end") {
         await reader.cancel().catch(() => {});

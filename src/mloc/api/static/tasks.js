@@ -196,7 +196,7 @@ function facts(rows) {
 function logLine(fields) {
   const ts = fields.ts ? fmtTime(Number(fields.ts)).slice(11) : "";
   const level = fields.level || fields.ev || "";
-  const text = fields.message !== undefined ? fields.message : JSON.stringify(fields);
+  const text = fields.text ?? fields.message ?? JSON.stringify(fields);
   return h(
     "div",
     { class: `log-line level-${String(level).toLowerCase()}` },
@@ -285,7 +285,8 @@ export function taskView(root, { arg: taskId, signal }) {
         ["Priority", String(task.priority)],
         ["Needs", needs(task.request)],
         ["Worker", worker],
-        ["Attempts", `${task.attempts} of ${task.max_attempts}`],
+        // Starts ended by a lost worker are requeues: they do not count against max_attempts.
+        ["Attempts", task.requeues ? `${task.attempts}, ${task.requeues} ended by a lost worker (${task.max_attempts} for its own failures)` : `${task.attempts} of ${task.max_attempts}`],
         ["Submitted", fmtTime(task.created_at)],
         ["Started", task.started_at ? `${fmtTime(task.started_at)} (waited ${fmtDuration(wait)})` : null],
         ["Finished", task.finished_at ? `${fmtTime(task.finished_at)} (ran ${fmtDuration(run)})` : null],

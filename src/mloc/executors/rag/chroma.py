@@ -1,9 +1,11 @@
-"""Chroma collections for RAG; imported only by tasks that use ``vector_db: chromadb``.
+"""Chroma collections through ``langchain_chroma.Chroma``; imported only by tasks that use ``vector_db: chromadb``.
 
-MLOC computes embeddings itself and hands Chroma the vectors. The collection still records MLOC's
-embedding function (registered with Chroma), because a collection made without one gets Chroma's
-default, which downloads an ONNX model on first use, and a registered function lets any Chroma
-client reopen the collection without naming it again.
+LangChain embeds the chunks with MLOC's embeddings and hands Chroma the vectors. The collection
+still records MLOC's embedding function (registered with Chroma) in its configuration: a collection
+made without one gets Chroma's default, which downloads an ONNX model on first use, and a registered
+function lets any Chroma client reopen the collection without naming it again. MLOC creates the
+collection itself, with that function, cosine distance and the embedding model in its metadata, and
+then opens it with LangChain.
 """
 
 from __future__ import annotations
@@ -12,21 +14,24 @@ import threading
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import chromadb
-import numpy as np
-from chromadb.api.types import Documents, EmbeddingFunction, Embeddings
+from chromadb.api.types import Documents, EmbeddingFunction, Embeddings, Where
 from chromadb.errors import NotFoundError
 from chromadb.utils.embedding_functions import register_embedding_function
+from langchain_chroma import Chroma
+from langchain_core.documents import Document
 
-from mloc.executors.rag.documents import Chunk
+from mloc.executors.rag.chunks import SOURCE_KEY
 from mloc.executors.rag.embeddings import Embedder
-from mloc.executors.rag.stores import DIM_KEY, MODEL_KEY, Hit, VectorStore
+from mloc.executors.rag.stores import DIM_KEY, MODEL_KEY, Collection, Hit, StoredDocument, manifest_of
 
 _clients: dict[str, Any] = {}
 _embedders: dict[str, Embedder] = {}
 _lock = threading.Lock()
+# Chunks read per call when listing a collection's documents.
+PAGE = 5000
 
 
 @register_embedding_function
@@ -37,11 +42,13 @@ class MlocEmbeddingFunction(EmbeddingFunction[Documents]):
         self.model = model
 
     def __call__(self, input: Documents) -> Embeddings:
+        import numpy as np
+
         with _lock:
             embedder = _embedders.get(self.model)
             if embedder is None:
                 embedder = _embedders[self.model] = Embedder(self.model)
-        return list(embedder.embed(list(input)))
+        return [np.asarray(vector, dtype="float32") for vector in embedder.embed_documents(list(input))]
 
     @staticmethod
     def name() -> str:
@@ -83,62 +90,81 @@ def stored_embedding_model(name: str, root: Path) -> str | None:
     return (collection.metadata or {}).get(MODEL_KEY)
 
 
-class ChromaStore(VectorStore):
+class ChromaCollection(Collection):
     kind = "chromadb"
 
-    def __init__(self, name: str | None, root: Path, *, embedding_model: str, dimension: int) -> None:
+    def __init__(self, name: str | None, root: Path, *, embedder: Embedder, reset: bool = False) -> None:
         self.persistent = name is not None
         self.name = name or f"tmp-{uuid.uuid4().hex[:12]}"
+        self.embedder = embedder
         self.client = _client(root if self.persistent else None)
         self._built_with = stored_embedding_model(self.name, root) if self.persistent else None
-        function = MlocEmbeddingFunction(self._built_with or embedding_model)
-        self.collection = self.client.get_or_create_collection(
-            self.name,
-            embedding_function=function,
-            configuration={"hnsw": {"space": "cosine"}},
-            metadata={MODEL_KEY: embedding_model, DIM_KEY: dimension},
-        )
+        if reset and self._built_with is not None:
+            self.client.delete_collection(self.name)
+            self._built_with = None
+        self._open()
         self._max_batch = int(self.client.get_max_batch_size())
 
+    vectorstore: Chroma
+
+    def _open(self) -> None:
+        if self._built_with is None:
+            # Only a new collection gets metadata: the embedding model it records must stay the one it was built with.
+            self.client.get_or_create_collection(
+                self.name,
+                embedding_function=MlocEmbeddingFunction(self.embedder.name),
+                configuration={"hnsw": {"space": "cosine"}},
+                metadata={MODEL_KEY: self.embedder.name, DIM_KEY: self.embedder.dimension},
+            )
+        self.vectorstore = Chroma(
+            collection_name=self.name,
+            client=self.client,
+            embedding_function=self.embedder,
+            create_collection_if_not_exists=False,
+        )
+
+    def _chroma(self) -> Any:
+        return self.client.get_collection(self.name)
+
     def count(self) -> int:
-        return int(self.collection.count())
+        return int(self._chroma().count())
 
     def embedding_model(self) -> str | None:
         return self._built_with
 
-    def missing(self, ids: Sequence[str]) -> set[str]:
-        found: set[str] = set()
-        for start in range(0, len(ids), self._max_batch):
-            found.update(self.collection.get(ids=list(ids[start : start + self._max_batch]), include=[])["ids"])
-        return set(ids) - found
+    def manifest(self) -> dict[str, StoredDocument]:
+        metadatas: list[Any] = []
+        while True:
+            page = self.vectorstore.get(include=["metadatas"], limit=PAGE, offset=len(metadatas))["metadatas"]
+            metadatas.extend(page)
+            if len(page) < PAGE:
+                return manifest_of(metadatas)
 
-    def add(self, chunks: Sequence[Chunk], vectors: np.ndarray) -> None:
+    def delete_sources(self, sources: Sequence[str]) -> int:
+        removed = 0
+        for start in range(0, len(sources), self._max_batch):
+            where = cast(Where, {SOURCE_KEY: {"$in": list(sources[start : start + self._max_batch])}})
+            ids = self.vectorstore.get(where=where, include=[])["ids"]
+            for first in range(0, len(ids), self._max_batch):
+                self.vectorstore.delete(ids[first : first + self._max_batch])
+            removed += len(ids)
+        return removed
+
+    def add(self, chunks: Sequence[Document]) -> None:
         for start in range(0, len(chunks), self._max_batch):
-            batch = chunks[start : start + self._max_batch]
-            self.collection.add(
-                ids=[chunk.id for chunk in batch],
-                documents=[chunk.text for chunk in batch],
-                embeddings=vectors[start : start + len(batch)],
-                metadatas=[{**chunk.metadata, "source": chunk.source, "chunk": chunk.index} for chunk in batch],
-            )
-        self._built_with = self._built_with or self.collection.metadata.get(MODEL_KEY)
+            batch = list(chunks[start : start + self._max_batch])
+            self.vectorstore.add_documents(batch, ids=[str(chunk.id) for chunk in batch])
+        self._built_with = self._built_with or self.embedder.name
 
-    def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+    def search(self, vectors: Sequence[Sequence[float]], k: int) -> list[list[Hit]]:
         total = self.count()
         if total == 0:
-            return [[] for _ in range(len(vectors))]
-        found = self.collection.query(
-            query_embeddings=vectors,
-            n_results=min(k, total),
-            include=["documents", "metadatas", "distances"],
-        )
+            return [[] for _ in vectors]
         results = []
-        for texts, metas, distances in zip(found["documents"], found["metadatas"], found["distances"], strict=True):
-            hits = []
-            for text, meta, distance in zip(texts, metas, distances, strict=True):
-                extra = {key: value for key, value in meta.items() if key not in ("source", "chunk")}
-                hits.append(Hit(text, str(meta["source"]), int(meta["chunk"]), 1.0 - float(distance), extra))
-            results.append(hits)
+        for vector in vectors:
+            # langchain_chroma returns the cosine distance here; the collection is cosine, so 1 - distance.
+            found = self.vectorstore.similarity_search_by_vector_with_relevance_scores(list(vector), k=min(k, total))
+            results.append([Hit.from_document(document, 1.0 - float(distance)) for document, distance in found])
         return results
 
     def close(self) -> None:

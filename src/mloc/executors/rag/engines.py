@@ -3,14 +3,34 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from mloc.executors.base import RunContext
 from mloc.spec.base import ModelSpec
+from mloc.spec.rag import RagSpec
 
 if TYPE_CHECKING:
+    from mloc.executors.rag.stores import Hit
     from mloc.llm.base import LLMEngine
     from mloc.llm.cache import EngineCache
+    from mloc.llm.loader import Workload
+
+
+def answer_workload(spec: RagSpec, hits: Sequence[Sequence[Hit]], batch: int) -> Workload:
+    """What answering asks of an engine: each question's prompt with every chunk retrieved for it (an
+    upper bound, as the prompt may keep fewer), ``batch`` questions per engine call."""
+    from mloc.llm.loader import CHAT_TURN_TOKENS, Workload
+
+    options = spec.hyperparameters
+    frame = options.prompt_template if options.prompt_template is not None else options.system_prompt
+    prompts = [
+        frame + question + "".join(f"[{number}] ({hit.source})\n{hit.text}\n\n" for number, hit in enumerate(found))
+        for question, found in zip(spec.questions, hits, strict=True)
+    ]
+    turns = 0 if options.prompt_template is not None else 2  # the system prompt and the question
+    sequences = min(len(prompts), batch) * spec.inference.n
+    return Workload.of(prompts, spec.inference.max_tokens, sequences, overhead=16 + CHAT_TURN_TOKENS * turns)
 
 
 class EngineHolder:
@@ -23,17 +43,18 @@ class EngineHolder:
     @property
     def cache(self) -> EngineCache:
         if self._cache is None:
-            from mloc.llm.cache import EngineCache
+            from mloc.llm.cache import cache_for_executor
 
-            self._cache = EngineCache(self._cache_bytes)
+            self._cache = cache_for_executor(self._cache_bytes)
         return self._cache
 
-    def engine(self, model: ModelSpec | None, ctx: RunContext) -> LLMEngine:
+    def engine(self, model: ModelSpec | None, ctx: RunContext, workload: Workload | None = None) -> LLMEngine:
+        """A warm engine that serves ``workload`` (any engine of the model, when None), else a new one."""
         from mloc.llm.loader import load_engine
 
         loads = self.cache.loads
         started = time.perf_counter()
-        engine = load_engine(model, models_dir=ctx.models_dir, cache=self.cache)
+        engine = load_engine(model, models_dir=ctx.models_dir, cache=self.cache, workload=workload)
         if self.cache.loads > loads:
             ctx.log(f"loaded {engine.model_id} on {engine.name} in {time.perf_counter() - started:.1f}s")
         else:

@@ -1,8 +1,11 @@
 """The ``rag_inference`` executor: index documents, retrieve chunks per question, answer with an LLM.
 
-Embeddings come from sentence-transformers, vectors live in Chroma or FAISS, and the answers come
-from MLOC's own LLM engines (vLLM or transformers), so a RAG task generates exactly as an inference
-task on the same model would. Heavy libraries are imported when a task runs, not with this module.
+Indexing is LangChain's: a document loader, ``RecursiveCharacterTextSplitter``, sentence-transformers
+through ``HuggingFaceEmbeddings``, and a Chroma (``langchain_chroma``) or FAISS vector store; a named
+collection follows its documents from task to task (``sync.py``). The answers come from MLOC's own
+LLM engines (vLLM or transformers), so a RAG task generates exactly as an inference task on the same
+model would, and each answer lists the chunks it was given. Heavy libraries are imported when a task
+runs, not with this module.
 """
 
 from __future__ import annotations
@@ -15,17 +18,18 @@ from typing import TYPE_CHECKING, Any
 
 from mloc.errors import ExecutionError
 from mloc.executors.base import Executor, RunContext
-from mloc.executors.rag.engines import EngineHolder
+from mloc.executors.rag.engines import EngineHolder, answer_workload
 from mloc.spec.rag import RagOptions, RagSpec
 from mloc.spec.sampling import Message, Sampling
 
 if TYPE_CHECKING:
     from mloc.executors.rag.embeddings import Embedder
-    from mloc.executors.rag.stores import Hit, VectorStore
+    from mloc.executors.rag.stores import Collection, Hit
     from mloc.llm.base import LLMEngine
 
-EMBED_BATCH = 256
 GENERATE_BATCH = 16
+# What each result item repeats of its sources; the answers list keeps the full chunk text too.
+BRIEF_SOURCE_KEYS = ("rank", "source", "chunk", "score", "excerpt")
 COMPLETION_STOPS = ("\nQuestion:", "\nContext:")
 
 
@@ -41,14 +45,14 @@ def format_context(hits: Sequence[Hit]) -> str:
 
 
 class Retriever:
-    """Embeds questions and searches one open store; shared with the agent's retriever tool."""
+    """Embeds questions (in one batch) and searches one open collection; shared with the agent's retriever tool."""
 
-    def __init__(self, embedder: Embedder, store: VectorStore) -> None:
+    def __init__(self, embedder: Embedder, store: Collection) -> None:
         self.embedder = embedder
         self.store = store
 
     def search(self, questions: Sequence[str], k: int, min_score: float | None = None) -> list[list[Hit]]:
-        results = self.store.search(self.embedder.embed(questions), k)
+        results = self.store.search(self.embedder.embed_documents(list(questions)), k)
         if min_score is None:
             return results
         return [[hit for hit in hits if hit.score >= min_score] for hits in results]
@@ -58,7 +62,15 @@ class RagExecutor(Executor):
     name = "rag_inference"
     task_types = ("rag_inference",)
     isolation = "process"
-    requires = ("torch", "transformers", "sentence_transformers", "chromadb")
+    requires = (
+        "torch",
+        "transformers",
+        "sentence_transformers",
+        "chromadb",
+        "langchain_chroma",
+        "langchain_huggingface",
+        "langchain_text_splitters",
+    )
 
     def __init__(self, cache_bytes: int | None = None) -> None:
         self.engines = EngineHolder(cache_bytes)
@@ -88,8 +100,9 @@ class RagExecutor(Executor):
         return embedder
 
     @contextlib.contextmanager
-    def open_collection(self, options: RagOptions, root: Path) -> Iterator[VectorStore]:
-        """The task's collection, locked while in use when it is a shared, named one."""
+    def open_collection(self, options: RagOptions, root: Path, *, reset: bool = False) -> Iterator[Collection]:
+        """The task's collection, locked while in use when it is a shared, named one; ``reset``
+        empties a named one first."""
         from mloc.executors.rag.stores import collection_lock, open_store
 
         if options.vector_db == "faiss":
@@ -101,13 +114,7 @@ class RagExecutor(Executor):
             else contextlib.nullcontext()
         )
         with lock:
-            store = open_store(
-                options.vector_db,
-                options.collection,
-                root,
-                embedding_model=options.embedding_model,
-                dimension=embedder.dimension,
-            )
+            store = open_store(options.vector_db, options.collection, root, embedder=embedder, reset=reset)
             try:
                 yield store
             finally:
@@ -117,19 +124,32 @@ class RagExecutor(Executor):
         spec = ctx.spec
         if not isinstance(spec, RagSpec):
             raise ExecutionError(f"the rag_inference executor got a {spec.task_type!r} task")
-        from mloc.executors.rag.documents import chunk_documents, load_documents
+        from mloc.executors.rag.documents import load_documents
+        from mloc.executors.rag.sync import SyncReport, sync_collection
 
         options = spec.hyperparameters
         started = time.perf_counter()
         documents = load_documents(spec.documents)
-        chunks = chunk_documents(documents, options.chunk_size, options.chunk_overlap)
-        if documents and not chunks:
-            names = ", ".join(document.source for document in documents[:5])
+        if documents and not any(document.page_content.strip() for document in documents):
+            names = ", ".join(str(document.metadata["source"]) for document in documents[:5])
             raise ExecutionError(f"the documents contain no text to index ({names}); give documents with text")
-        ctx.log(f"{len(documents)} documents, {len(chunks)} chunks")
+        ctx.log(f"{len(documents)} documents")
         embedder = self.embedder(options.embedding_model)
-        with self.open_collection(options, vectors_dir(ctx)) as store:
-            added = self._index(ctx, store, embedder, chunks)
+        with self.open_collection(options, vectors_dir(ctx), reset=options.collection_reset) as store:
+            if documents:
+                report = sync_collection(
+                    store,
+                    documents,
+                    chunk_size=options.chunk_size,
+                    chunk_overlap=options.chunk_overlap,
+                    mode=options.collection_sync,
+                    reset=options.collection_reset,
+                    check_cancelled=ctx.check_cancelled,
+                    progress=ctx.progress,
+                    log=ctx.log,
+                )
+            else:
+                report = SyncReport(mode="query")
             total = store.count()
             if total == 0:
                 raise ExecutionError(
@@ -139,8 +159,9 @@ class RagExecutor(Executor):
             ctx.check_cancelled()
             hits = Retriever(embedder, store).search(spec.questions, options.retrieval_k, options.min_score)
         indexed_sec = time.perf_counter() - started
+        added = report.chunks["added"]
 
-        engine = self.engines.engine(spec.model, ctx)
+        engine = self.engines.engine(spec.model, ctx, answer_workload(spec, hits, GENERATE_BATCH))
         sampling = _sampling(spec.inference, engine, options)
         prompts = []
         for question, question_hits in zip(spec.questions, hits, strict=True):
@@ -165,30 +186,39 @@ class RagExecutor(Executor):
             zip(spec.questions, hits, generations, strict=True)
         ):
             first = per_prompt[0]
+            sources = [hit.to_dict(rank) for rank, hit in enumerate(question_hits, start=1)]
             answer: dict[str, Any] = {
                 "index": index,
                 "question": question,
                 "answer": first.output.strip(),
                 "finish_reason": first.finish_reason,
-                "sources": [hit.to_dict() for hit in question_hits],
+                "sources": sources,
             }
             if len(per_prompt) > 1:
                 answer["alternatives"] = [gen.output.strip() for gen in per_prompt[1:]]
             answers.append(answer)
-            items.append({"index": index, "output": first.output, "finish_reason": first.finish_reason})
+            # The items every task type has, with what a client needs to print an answer and its sources.
+            brief = [{key: source[key] for key in BRIEF_SOURCE_KEYS} for source in sources]
+            items.append(
+                {
+                    "index": index,
+                    "question": question,
+                    "output": first.output,
+                    "finish_reason": first.finish_reason,
+                    "sources": brief,
+                }
+            )
         latency = time.perf_counter() - started
         return {
             "ok": True,
             "model": engine.model_id,
             "engine": engine.name,
+            "dtype": engine.dtype,
             "embedding_model": options.embedding_model,
             "vector_db": options.vector_db,
             "collection": options.collection,
             "index": {
-                "documents": len(documents),
-                "chunks": len(chunks),
-                "chunks_embedded": added,
-                "chunks_reused": len(chunks) - added,
+                **report.to_dict(),
                 "collection_size": total,
                 "seconds": round(indexed_sec, 3),
             },
@@ -203,23 +233,6 @@ class RagExecutor(Executor):
                 "embedded_chunks": added,
             },
         }
-
-    def _index(self, ctx: RunContext, store: VectorStore, embedder: Embedder, chunks: Sequence[Any]) -> int:
-        """Embed and add the chunks the collection lacks; returns how many were embedded."""
-        unique = list({chunk.id: chunk for chunk in chunks}.values())
-        missing = store.missing([chunk.id for chunk in unique])
-        todo = [chunk for chunk in unique if chunk.id in missing]
-        if not todo:
-            if unique:
-                ctx.log(f"collection {store.name!r} already holds all {len(unique)} chunks; nothing to embed")
-            return 0
-        for start in range(0, len(todo), EMBED_BATCH):
-            ctx.check_cancelled()
-            batch = todo[start : start + EMBED_BATCH]
-            store.add(batch, embedder.embed([chunk.text for chunk in batch]))
-            ctx.progress(start + len(batch), len(todo), "embedding")
-        ctx.log(f"embedded {len(todo)} chunks into {store.kind} collection {store.name!r}")
-        return len(todo)
 
 
 def build_prompt(

@@ -1,9 +1,8 @@
-"""Vector stores behind one small interface: Chroma (persistent collections) and FAISS.
+"""Collections of chunks in LangChain vector stores: Chroma (``langchain_chroma``) and FAISS.
 
-A named collection lives under the worker's vectors folder and is reused by later tasks: chunks
-already in it (same id, i.e. same source, position and text) are not embedded again. An unnamed
-collection lives in memory for one task. A collection remembers the embedding model it was built
-with, and refuses queries from another one.
+A named collection lives under the worker's vectors folder and is kept by later tasks, which bring
+it in step with their documents (see ``sync.py``). An unnamed collection lives in memory for one
+task. A collection remembers the embedding model it was built with and refuses another one.
 """
 
 from __future__ import annotations
@@ -11,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,15 +17,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mloc.errors import ExecutionError
-from mloc.executors.base import write_json_atomic
-from mloc.executors.rag.documents import Chunk
 
 if TYPE_CHECKING:
-    import numpy as np
+    from langchain_core.documents import Document
+    from langchain_core.vectorstores import VectorStore
+
+    from mloc.executors.rag.embeddings import Embedder
 
 VECTOR_DBS = ("chromadb", "faiss")
 MODEL_KEY = "mloc_embedding_model"
 DIM_KEY = "mloc_dimension"
+EXCERPT_CHARS = 160
 
 
 @dataclass(frozen=True)
@@ -40,21 +39,70 @@ class Hit:
     chunk: int
     score: float
     metadata: dict[str, Any] = field(default_factory=dict)
+    start: int | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
+    @classmethod
+    def from_document(cls, document: Document, score: float) -> Hit:
+        from mloc.executors.rag.chunks import CHUNK_KEY, SOURCE_KEY, START_KEY
+
+        meta = document.metadata
+        extra = {
+            key: value
+            for key, value in meta.items()
+            if key not in (SOURCE_KEY, CHUNK_KEY, START_KEY) and not key.startswith("mloc_")
+        }
+        start = meta.get(START_KEY)
+        return cls(
+            document.page_content,
+            str(meta[SOURCE_KEY]),
+            int(meta[CHUNK_KEY]),
+            score,
+            extra,
+            None if start is None else int(start),
+        )
+
+    def excerpt(self) -> str:
+        text = " ".join(self.text.split())
+        return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 1].rstrip() + "…"
+
+    def to_dict(self, rank: int | None = None) -> dict[str, Any]:
+        """The shape of one source in a result: stable, so clients can print it."""
+        found: dict[str, Any] = {} if rank is None else {"rank": rank}
+        return found | {
             "source": self.source,
             "chunk": self.chunk,
+            "start": self.start,
             "score": round(self.score, 4),
+            "excerpt": self.excerpt(),
             "text": self.text,
             "metadata": self.metadata,
         }
 
 
-class VectorStore(ABC):
+@dataclass(frozen=True)
+class StoredDocument:
+    """What a collection holds of one document: its hash, the chunks it should have, those it has."""
+
+    digest: str
+    expected: int
+    found: int
+
+    @property
+    def complete(self) -> bool:
+        return self.found == self.expected
+
+
+class Collection(ABC):
+    """One collection in a LangChain vector store, with what keeping it in step with documents needs.
+
+    Chunks go in through the store's ``add_documents``, which embeds them with the collection's
+    embeddings; ``vectorstore`` is the LangChain object itself, for anything else LangChain offers.
+    """
+
     kind: str
     name: str
     persistent: bool
+    vectorstore: VectorStore
 
     @abstractmethod
     def count(self) -> int: ...
@@ -64,17 +112,47 @@ class VectorStore(ABC):
         """The embedding model the collection was built with; None for a new, empty one."""
 
     @abstractmethod
-    def missing(self, ids: Sequence[str]) -> set[str]:
-        """Which of ``ids`` the collection lacks."""
+    def manifest(self) -> dict[str, StoredDocument]:
+        """Every document the collection holds chunks of, by source."""
 
     @abstractmethod
-    def add(self, chunks: Sequence[Chunk], vectors: np.ndarray) -> None: ...
+    def delete_sources(self, sources: Sequence[str]) -> int:
+        """Drop every chunk of these documents; returns how many chunks went."""
 
     @abstractmethod
-    def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]: ...
+    def add(self, chunks: Sequence[Document]) -> None:
+        """Embed and store chunks (each with its ``id``)."""
+
+    @abstractmethod
+    def search(self, vectors: Sequence[Sequence[float]], k: int) -> list[list[Hit]]: ...
+
+    def flush(self) -> None:  # noqa: B027 - optional hook
+        """Write what is held in memory; stores that write as they go have nothing to do."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Drop a temporary collection."""
+
+
+def manifest_of(metadatas: Sequence[dict[str, Any] | None]) -> dict[str, StoredDocument]:
+    """Documents by source from their chunks' metadata; chunks of one document agree on its hash,
+    and any disagreement (or a chunk from before hashes were kept) marks the document as changed."""
+    from mloc.executors.rag.chunks import COUNT_KEY, HASH_KEY, SOURCE_KEY
+
+    found: dict[str, StoredDocument] = {}
+    for meta in metadatas:
+        if not meta or SOURCE_KEY not in meta:
+            continue
+        source = str(meta[SOURCE_KEY])
+        digest = str(meta.get(HASH_KEY, ""))
+        expected = int(meta.get(COUNT_KEY, -1))
+        seen = found.get(source)
+        if seen is None:
+            found[source] = StoredDocument(digest, expected, 1)
+        elif seen.digest != digest or seen.expected != expected:
+            found[source] = StoredDocument("", -1, seen.found + 1)
+        else:
+            found[source] = StoredDocument(digest, expected, seen.found + 1)
+    return found
 
 
 @contextlib.contextmanager
@@ -90,24 +168,30 @@ def collection_lock(vectors_dir: Path, kind: str, name: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def open_store(kind: str, name: str | None, vectors_dir: Path, *, embedding_model: str, dimension: int) -> VectorStore:
-    """Open (or create) a collection; ``name=None`` gives a temporary in-memory one."""
-    store: VectorStore
+def open_store(
+    kind: str, name: str | None, vectors_dir: Path, *, embedder: Embedder, reset: bool = False
+) -> Collection:
+    """Open (or create) a collection; ``name=None`` gives a temporary in-memory one, ``reset`` an
+    empty one in place of what the name held (whatever embedding model built it)."""
+    collection: Collection
     if kind == "chromadb":
-        from mloc.executors.rag.chroma import ChromaStore
+        from mloc.executors.rag.chroma import ChromaCollection
 
-        store = ChromaStore(name, vectors_dir / "chroma", embedding_model=embedding_model, dimension=dimension)
+        collection = ChromaCollection(name, vectors_dir / "chroma", embedder=embedder, reset=reset)
     elif kind == "faiss":
-        store = FaissStore(name, vectors_dir / "faiss", embedding_model=embedding_model, dimension=dimension)
+        from mloc.executors.rag.faiss_store import FaissCollection
+
+        collection = FaissCollection(name, vectors_dir / "faiss", embedder=embedder, reset=reset)
     else:
         raise ExecutionError(f"unknown vector_db {kind!r}; use one of: {', '.join(VECTOR_DBS)}")
-    built_with = store.embedding_model()
-    if built_with is not None and built_with != embedding_model:
+    built_with = collection.embedding_model()
+    if built_with is not None and built_with != embedder.name:
         raise ExecutionError(
             f"collection {name!r} ({kind}) was indexed with embedding_model {built_with!r}, not "
-            f"{embedding_model!r}; use that model or another collection name"
+            f"{embedder.name!r}; use that model, another collection name, or collection_reset: true "
+            "to index it again with this one"
         )
-    return store
+    return collection
 
 
 def existing_embedding_model(kind: str, name: str, vectors_dir: Path) -> str | None:
@@ -118,95 +202,3 @@ def existing_embedding_model(kind: str, name: str, vectors_dir: Path) -> str | N
     from mloc.executors.rag.chroma import stored_embedding_model
 
     return stored_embedding_model(name, vectors_dir / "chroma")
-
-
-class FaissStore(VectorStore):
-    """A flat inner-product index over normalised vectors, with its chunks in a JSON-lines file."""
-
-    kind = "faiss"
-
-    def __init__(self, name: str | None, root: Path, *, embedding_model: str, dimension: int) -> None:
-        import faiss
-
-        self.name = name or f"tmp-{uuid.uuid4().hex[:12]}"
-        self.persistent = name is not None
-        self.folder = root / self.name
-        self._model = embedding_model
-        self._built_with: str | None = None
-        self.rows: list[dict[str, Any]] = []
-        self.index: Any = faiss.IndexFlatIP(dimension)
-        meta_path = self.folder / "meta.json"
-        if self.persistent and meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            self._built_with = str(meta["embedding_model"])
-            if int(meta["dimension"]) != dimension and self._built_with == embedding_model:
-                raise ExecutionError(f"FAISS collection {self.name!r} is damaged: its dimension does not match")
-            self.index = faiss.read_index(str(self.folder / "index.faiss"))
-            with open(self.folder / "chunks.jsonl", encoding="utf-8") as handle:
-                self.rows = [json.loads(line) for line in handle if line.strip()]
-            if len(self.rows) != self.index.ntotal:
-                raise ExecutionError(
-                    f"FAISS collection {self.name!r} is damaged ({len(self.rows)} chunks, "
-                    f"{self.index.ntotal} vectors); delete {self.folder} and index again"
-                )
-        self._ids = {row["id"] for row in self.rows}
-
-    def count(self) -> int:
-        return int(self.index.ntotal)
-
-    def embedding_model(self) -> str | None:
-        return self._built_with
-
-    def missing(self, ids: Sequence[str]) -> set[str]:
-        return {item for item in ids if item not in self._ids}
-
-    def add(self, chunks: Sequence[Chunk], vectors: np.ndarray) -> None:
-        if not chunks:
-            return
-        self.index.add(vectors)
-        for chunk in chunks:
-            self.rows.append(
-                {
-                    "id": chunk.id,
-                    "text": chunk.text,
-                    "source": chunk.source,
-                    "chunk": chunk.index,
-                    "metadata": chunk.metadata,
-                }
-            )
-            self._ids.add(chunk.id)
-        if self.persistent:
-            self._save()
-
-    def _save(self) -> None:
-        import faiss
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for name, writer in (
-            ("index.faiss", lambda path: faiss.write_index(self.index, str(path))),
-            (
-                "chunks.jsonl",
-                lambda path: path.write_text("".join(json.dumps(row) + "\n" for row in self.rows)),
-            ),
-        ):
-            temporary = self.folder / f".{name}.tmp"
-            writer(temporary)
-            os.replace(temporary, self.folder / name)
-        # meta.json last: a collection without it is treated as new, never as half-written.
-        write_json_atomic(self.folder / "meta.json", {"embedding_model": self._model, "dimension": self.index.d})
-        self._built_with = self._model
-
-    def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
-        if self.index.ntotal == 0:
-            return [[] for _ in range(len(vectors))]
-        scores, positions = self.index.search(vectors, min(k, self.index.ntotal))
-        results = []
-        for row_scores, row_positions in zip(scores, positions, strict=True):
-            hits = []
-            for score, position in zip(row_scores, row_positions, strict=True):
-                if position < 0:
-                    continue
-                row = self.rows[int(position)]
-                hits.append(Hit(row["text"], row["source"], int(row["chunk"]), float(score), row["metadata"]))
-            results.append(hits)
-        return results

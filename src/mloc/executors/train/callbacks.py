@@ -26,6 +26,14 @@ SUMMARY_KEYS = (
 )
 
 
+# The values a step's log line names first; the rest follow in name order.
+LINE_FIRST = ("loss", "eval_loss", "reward", "kl", "learning_rate", "grad_norm", "epoch")
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}" if not float(value).is_integer() or abs(value) >= 1e6 else f"{int(value)}"
+
+
 class CancelledTraining(Exception):
     """Raised from a callback where the trainer has no stop flag of its own (TRL's PPO loop)."""
 
@@ -92,16 +100,37 @@ class MlocCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         values: dict[str, float] = {}
+        summarised = False
         for key, value in (logs or {}).items():
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 continue
             if key in SUMMARY_KEYS:
                 self.summary[key] = float(value)
+                summarised = True
             else:
                 values[self.rename(key)] = float(value)
         if set(values) - {"epoch"}:
             self.last_metrics.update(values)
             self.ctx.metrics(state.global_step, **values)
+            self.ctx.log(self.step_line(state.global_step, values))
+        if summarised:
+            self.ctx.log(self.summary_line())
+
+    def step_line(self, step: int, values: dict[str, float]) -> str:
+        """One line a person reads per logging step: 'step 10/30: loss 2.314, learning_rate 0.0002, ...'
+        (an evaluation: 'eval at step 10/30: eval_loss 2.1, ...')."""
+        of = f"/{self.total_steps}" if self.total_steps else ""
+        evaluation = any(name.startswith("eval_") for name in values)
+        first = [name for name in LINE_FIRST if name in values]
+        names = first + sorted(name for name in values if name not in first)
+        shown = ", ".join(f"{name} {_number(values[name])}" for name in names)
+        return f"{'eval at ' if evaluation else ''}step {step}{of}: {shown}"
+
+    def summary_line(self) -> str:
+        """The trainer's closing summary: mean loss, time and throughput."""
+        names = sorted(self.summary, key=lambda name: name != "train_loss")
+        shown = ", ".join(f"{name} {_number(self.summary[name])}" for name in names)
+        return f"training finished: {shown}"
 
 
 PPO_STATE_FILE = "mloc_ppo_state.json"

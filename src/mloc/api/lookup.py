@@ -1,0 +1,47 @@
+"""/api/v1/task-ids: which tasks an id prefix names, so clients accept short ids as git and docker do."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+
+from mloc import keys
+from mloc.api.deps import Caller, Orch
+
+router = APIRouter(tags=["tasks"])
+
+SCAN_BATCH = 1000
+
+
+@router.get("/api/v1/task-ids")
+async def task_ids(
+    orch: Orch,
+    who: Caller,
+    prefix: Annotated[
+        str, Query(min_length=1, max_length=36, pattern=r"^[0-9a-fA-F-]+$", description="The start of a task id.")
+    ],
+    limit: Annotated[int, Query(ge=1, le=50, description="Most matches to list.")] = 10,
+) -> dict[str, Any]:
+    """The tasks (yours; every task for the admin) whose id starts with ``prefix``: one item means the
+    prefix is unique. ``more`` says whether further tasks match beyond ``limit``."""
+    prefix = prefix.lower()
+    # Ids are random UUIDs and the index is scored by time, so a prefix has no range to read: the
+    # scan walks the caller's index once, stopping as soon as more than `limit` match.
+    index = keys.TASKS_ALL if who.admin else keys.tasks_of_owner(who.name)
+    found: list[str] = []
+    async for member, _ in orch.redis.zscan_iter(index, match=f"{prefix}*", count=SCAN_BATCH):
+        found.append(member)
+        if len(found) > limit:
+            break
+    more = len(found) > limit
+    found = sorted(found[:limit])
+    pipe = orch.redis.pipeline(transaction=False)
+    for task_id in found:
+        pipe.hmget(keys.task(task_id), "name", "state", "created_at")
+    items = [
+        {"task_id": task_id, "name": name or "", "state": state, "created_at": float(created or 0)}
+        for task_id, (name, state, created) in zip(found, await pipe.execute() if found else [], strict=True)
+        if state is not None  # an index entry whose record retention just removed
+    ]
+    return {"ok": True, "prefix": prefix, "items": items, "more": more}

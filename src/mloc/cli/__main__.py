@@ -1,0 +1,5 @@
+"""`python -m mloc.cli`."""
+
+from mloc.cli import main
+
+main()

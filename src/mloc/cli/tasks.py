@@ -1,0 +1,469 @@
+"""Task commands: submit, tasks, show, result, cancel, logs, metrics."""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from mloc.cli import output, waiting
+from mloc.cli.output import JsonFlag, OutputFormat, Quiet, wants_json
+from mloc.cli.root import app, client
+from mloc.client import Client, Lost, Unreachable
+from mloc.errors import MlocError
+
+TaskIdArg = Annotated[str, typer.Argument(help="A task id, or any unique prefix of one (as `mloc tasks` shows).")]
+SHORT_ID = 8
+
+
+# --------------------------------------------------------------------- submit
+def _documents(files: list[Path]) -> list[tuple[str, Any]]:
+    """Every task in the files, labelled 'file' or 'file (document N)'; multi-document files split."""
+    from mloc.spec.loader import parse_stream
+
+    found: list[tuple[str, Any]] = []
+    for file in files:
+        try:
+            raw = file.read_bytes()
+        except OSError as exc:
+            output.die(f"cannot read {file}: {exc.strerror or exc}")
+        try:
+            documents = [d for d in parse_stream(raw, limit=len(raw) + 1) if d is not None]
+        except MlocError as exc:
+            output.die(f"{file}: {exc.message}")
+        if len(documents) == 1:
+            found.append((str(file), documents[0]))
+        else:
+            found.extend((f"{file} (document {n})", d) for n, d in enumerate(documents, start=1))
+    return found
+
+
+def _submit_many(api: Client, labelled: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+    try:
+        return list(api.submit_bulk([document for _, document in labelled])["tasks"])
+    except MlocError as exc:
+        # The bulk answer numbers the invalid tasks; name their files instead.
+        for detail in exc.details:
+            index = detail.get("index") if isinstance(detail, dict) else None
+            if isinstance(index, int) and 0 <= index < len(labelled):
+                detail["index"] = labelled[index][0]
+                inner = detail.get("details") or []
+                if inner and isinstance(inner[0], dict) and inner[0].get("path"):
+                    first = inner[0]
+                    fix = f" -> {first['fix']}" if first.get("fix") else ""
+                    detail["message"] = f"{first['path']}: {first.get('message')}{fix}"
+        output.fail(exc)
+
+
+def _said(answer: dict[str, Any], label: str) -> None:
+    task_id = answer["task_id"]
+    if answer.get("worker_id"):
+        where = f"assigned to {answer['worker_id']}"
+    elif answer.get("pending_reason"):
+        where = f"pending: {answer['pending_reason']}"
+    else:
+        where = answer.get("state", "pending")
+    output.line(output.visible(f"submitted {task_id} ({label}), {where}", one_line=True))
+
+
+@app.command()
+def submit(
+    files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help="Task files (YAML or JSON).")],
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the task and print its result.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and show placement only.")] = False,
+    timeout: Annotated[float, typer.Option(help="--wait: seconds to wait for the end.")] = 3600,
+    wait_timeout: Annotated[
+        float,
+        typer.Option(
+            "--wait-timeout",
+            help="--wait: seconds to keep waiting while no registered worker can ever run the task.",
+        ),
+    ] = 30,
+    shown: Annotated[int, typer.Option("--show", min=0, help="--wait: results printed at the end.")] = 10,
+    json_out: JsonFlag = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print only the new task ids.")] = False,
+) -> None:
+    """Submit task files to the orchestrator (MLOC_API_URL).
+
+    Several files, or a file with several YAML documents (---), go in one request: all are stored, or
+    none when any is invalid."""
+    api = client()
+    labelled = _documents(files)
+    if not labelled:
+        output.die(f"no task in {', '.join(map(str, files))}: the files hold no YAML document")
+    if wait and len(labelled) != 1:
+        output.die(f"--wait follows one task; these files hold {len(labelled)} (leave out --wait, then `mloc show ID`)")
+    try:
+        if dry_run:
+            if len(labelled) != 1:
+                output.die("--dry-run checks one task at a time")
+            answer = api.submit(files[0], dry_run=True)
+            output.print_json(answer)
+            return
+        # One task goes as the file's own bytes, so the API's messages point into the file as written.
+        single = len(files) == 1 and len(labelled) == 1
+        answers = [api.submit(files[0])] if single else _submit_many(api, labelled)
+    except MlocError as exc:
+        output.fail(exc)
+    try:
+        if json_out:
+            output.print_json(answers[0] if len(answers) == 1 and len(files) == 1 else {"tasks": answers})
+        elif quiet:
+            for answer in answers:
+                output.line(answer["task_id"])
+        else:
+            for (label, _), answer in zip(labelled, answers, strict=True):
+                _said(answer, label)
+        if wait:
+            _wait(api, answers[0]["task_id"], timeout=timeout, wait_timeout=wait_timeout, shown=shown)
+    except KeyboardInterrupt:
+        # From here on the tasks are stored: say that they go on, whenever Ctrl-C comes.
+        for answer in answers[:1] if wait else []:
+            _interrupted(api, answer["task_id"])
+        raise typer.Exit(130) from None
+
+
+def _interrupted(api: Client, task_id: str) -> None:
+    try:
+        state = api.task(task_id)["state"]
+    except (MlocError, KeyboardInterrupt):
+        state = None
+    waiting.interrupted(task_id, state)
+
+
+def _wait(api: Client, task_id: str, *, timeout: float, wait_timeout: float, shown: int) -> None:
+    try:
+        record = waiting.wait(api, task_id, timeout=timeout, unschedulable_after=wait_timeout)
+        waiting.report(api, record, shown=shown)
+    except KeyboardInterrupt:
+        _interrupted(api, task_id)
+        raise typer.Exit(130) from None
+    except waiting.Unschedulable as exc:
+        output.fail(exc, code=1)
+    except Unreachable:
+        _lost(api, task_id)
+    except MlocError as exc:
+        output.fail(exc)
+    if record["state"] != "succeeded":
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------- lists
+def short_ids(ids: list[str]) -> dict[str, str]:
+    """The first 8 characters of each id, longer where two ids on the page share them."""
+    shown: dict[str, str] = {}
+    for task_id in ids:
+        length = SHORT_ID
+        while any(other != task_id and other.startswith(task_id[:length]) for other in ids) and length < len(task_id):
+            length += 1
+        shown[task_id] = task_id[:length]
+    return shown
+
+
+@app.command("tasks")
+def list_tasks(
+    state: Annotated[str | None, typer.Option(help="Only tasks in this state (pending, running, failed...).")] = None,
+    owner: Annotated[str | None, typer.Option(help="Only this user's tasks (admin).")] = None,
+    task_type: Annotated[str | None, typer.Option("--type", help="Only this task type.")] = None,
+    page: Annotated[int, typer.Option(min=1)] = 1,
+    page_size: Annotated[int, typer.Option(min=1, max=500)] = 20,
+    wide: Annotated[bool, typer.Option("--wide", "-w", help="Full ids and reasons.")] = False,
+    json_out: JsonFlag = False,
+    fmt: OutputFormat = None,
+    quiet: Quiet = False,
+) -> None:
+    """List tasks, newest first. The id column shows short ids that every command accepts."""
+    try:
+        body = client().tasks(state=state, owner=owner, task_type=task_type, page=page, page_size=page_size)
+    except MlocError as exc:
+        output.fail(exc)
+    if wants_json(json_out, fmt):
+        output.print_json(body)
+        return
+    items = body["items"]
+    if quiet:
+        for item in items:
+            output.line(item["task_id"])
+        return
+    ids = short_ids([item["task_id"] for item in items])
+    shown = len(items)
+    pages = f"page {body['page']}, {shown} of {body['total']}" if body["total"] > shown else f"{shown}"
+    grid = output.table("ID", "NAME", "TYPE", "OWNER", "STATE", "WORKER", "CREATED", "REASON", title=f"tasks ({pages})")
+    for t in items:
+        reason = t.get("reason") or t.get("pending_reason") or ""
+        grid.add_row(
+            t["task_id"] if wide else ids[t["task_id"]],
+            output.cell(t["name"]),
+            output.cell(t["task_type"]),
+            output.cell(t["owner"]),
+            _state_cell(t),
+            output.cell(t.get("worker_id") or "-"),
+            output.ago(t["created_at"]),
+            output.cell(reason, None if wide else 60),
+        )
+    output.show(grid)
+
+
+def _state_cell(record: dict[str, Any]) -> Any:
+    state = record["state"]
+    text = state
+    progress = record.get("progress") or {}
+    if state == "running" and progress.get("percent") is not None:
+        text += f" {progress['percent']:.0f}%"
+    return output.styled(text, waiting.STATE_STYLE.get(state, ""))
+
+
+# ----------------------------------------------------------------------- show
+def _summary(record: dict[str, Any]) -> list[tuple[str, str]]:
+    task_id = record["task_id"]
+    rows: list[tuple[str, str]] = [
+        ("task", task_id),
+        ("name", record.get("name") or "-"),
+        ("type", f"{record.get('task_type')} ({record.get('kind')}), topic {record.get('topic')}"),
+        ("owner", record.get("owner") or "-"),
+    ]
+    state = record["state"]
+    worker = record.get("worker_id")
+    text = state + (f" on {worker}" if worker and state in ("assigned", "running") else "")
+    if record.get("cancel_requested") and state not in ("cancelled",):
+        text += " (cancel requested)"
+    rows.append(("state", text))
+    if state == "pending" and record.get("pending_reason"):
+        rows.append(("waiting", ("cannot start: " if record.get("unschedulable") else "") + record["pending_reason"]))
+    if record.get("reason"):
+        code = f" ({record['reason_code']})" if record.get("reason_code") else ""
+        rows.append(("reason", record["reason"] + code))
+    progress = waiting.progress_text(record.get("progress"))
+    if progress:
+        rows.append(("progress", progress))
+    rows.append(("attempts", f"{record.get('attempts', 0)} of {record.get('max_attempts', 1)}"))
+    if worker:
+        rows.append(("worker", worker))
+    created = float(record.get("created_at") or 0)
+    assigned, started, finished = (record.get(k) for k in ("assigned_at", "started_at", "finished_at"))
+    rows.append(("created", output.at(created)))
+    if started or assigned:
+        until = "started" if started else "assigned"
+        rows.append(("queued", output.duration(float(started or assigned or 0) - created) + f" (created to {until})"))
+    if started:
+        end = finished or time.time()
+        rows.append(("ran", output.duration(end - started) + ("" if finished else " so far")))
+    if finished:
+        rows.append(("finished", output.at(finished)))
+    if record.get("parent_id"):
+        rows.append(("replica of", f"{record['parent_id']} (replica {record.get('replica')})"))
+    if record.get("children"):
+        rows.append(("replicas", ", ".join(record["children"])))
+    usage = record.get("usage") or {}
+    if usage:
+        rows.append(("usage", ", ".join(f"{k}={v}" for k, v in usage.items())))
+    if state == "succeeded":
+        rows.append(("result", f"mloc result {task_id} (files: mloc artifacts {task_id})"))
+    for name, artifact in (record.get("artifacts") or {}).items():
+        path = artifact.get("path") if isinstance(artifact, dict) else artifact
+        rows.append(("artifact", f"{name}: {path}"))
+    if state in ("running", "failed", "succeeded", "cancelled"):
+        rows.append(("logs", f"mloc logs {task_id}"))
+    return rows
+
+
+@app.command()
+def show(task_id: TaskIdArg, json_out: JsonFlag = False, fmt: OutputFormat = None) -> None:
+    """A task in brief: state, reason, progress and ETA, times, worker, where its result is.
+
+    --json prints the full record."""
+    try:
+        record = client().task(task_id)
+    except MlocError as exc:
+        output.fail(exc)
+    if wants_json(json_out, fmt):
+        output.print_json(record)
+        return
+    rows = _summary(record)
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        output.line(output.styled(key.ljust(width), "bold"), output.visible(value, one_line=True))
+
+
+@app.command()
+def result(task_id: TaskIdArg, json_out: JsonFlag = False, fmt: OutputFormat = None) -> None:
+    """Print a task's full result (responses.json) as JSON."""
+    try:
+        output.print_json(client().result(task_id))
+    except MlocError as exc:
+        output.fail(exc)
+
+
+@app.command()
+def cancel(task_id: TaskIdArg, json_out: JsonFlag = False) -> None:
+    """Cancel a task in any state before it ends."""
+    try:
+        answer = client().cancel(task_id)
+    except MlocError as exc:
+        output.fail(exc)
+    if json_out:
+        output.print_json(answer)
+    elif answer.get("state") == "cancelling":
+        output.line(f"cancelling {answer['task_id']}: it is running and stops at its next check (mloc show)")
+    else:
+        output.line(f"cancelled {answer['task_id']}")
+
+
+# ----------------------------------------------------------------------- logs
+LOST_EXIT = 3  # the orchestrator went away while a task was followed
+SINCE_FORMS = (
+    "a duration ago (30s, 10m, 2h, 1d), a local time (07:35, 2026-05-09 07:35:00), today, yesterday, "
+    "unix seconds, or an ISO 8601 time with its zone"
+)
+_CLOCK = re.compile(r"^\d{1,2}:\d{2}(?::\d{2})?$")
+_PASSED_ON = re.compile(r"^(?:(?:\d+(?:\.\d+)?[smhd])+|\d+-\d+|\d{9,11}(?:\.\d+)?)$")
+_TEXT_STYLE = {"mloc": "bold", "library": "dim"}
+
+
+def _since_option(value: str | None) -> str | None:
+    """``--since`` as the API takes it: local times (as `mloc logs` shows them) become unix seconds."""
+    if value is None:
+        return None
+    text = value.strip().lower()
+    if _PASSED_ON.match(text):
+        return text
+    today = datetime.now().replace(hour=0, minute=0, second=0, microsecond=0)
+    if text in ("today", "yesterday"):
+        return repr((today - timedelta(days=1 if text == "yesterday" else 0)).timestamp())
+    try:
+        if _CLOCK.match(text):
+            clock = datetime.strptime(text if text.count(":") == 2 else text + ":00", "%H:%M:%S")
+            moment = today.replace(hour=clock.hour, minute=clock.minute, second=clock.second)
+        else:
+            moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a time; give {SINCE_FORMS}") from None
+    return repr(moment.timestamp())  # a time without a zone is local, as the log's times are shown
+
+
+def _log_line(entry: dict[str, Any]) -> None:
+    try:
+        stamp = output.when(float(entry["ts"])) if entry.get("ts") else ""
+    except (TypeError, ValueError):
+        stamp = output.visible(entry["ts"], one_line=True)
+    level = str(entry.get("level") or "")
+    source = str(entry.get("source") or "")
+    head = " ".join(part for part in (stamp, level.ljust(7), source.ljust(8)) if part.strip())
+    style = {"ERROR": "red", "CRITICAL": "red", "WARNING": "yellow"}.get(level.upper(), "dim")
+    text = output.visible(entry.get("text", entry.get("message", "")))
+    output.line(
+        output.styled(output.visible(head, one_line=True), style), output.styled(text, _TEXT_STYLE.get(source, ""))
+    )
+
+
+def _lost(api: Client, task_id: str) -> NoReturn:
+    """One line when the orchestrator goes away while a task is followed: the task itself goes on."""
+    output.error_line(
+        f"lost the orchestrator at {api.base_url}; the task goes on — follow it again with `mloc logs -f {task_id}`"
+    )
+    raise typer.Exit(LOST_EXIT)
+
+
+@app.command()
+def logs(
+    task_id: TaskIdArg,
+    follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing until the task ends.")] = False,
+    source: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--source",
+            "-s",
+            help="Only these sources (repeat, or comma-separate): mloc (lifecycle), executor, library, stdout, stderr.",
+        ),
+    ] = None,
+    tail: Annotated[int | None, typer.Option("--tail", "-n", min=1, max=10_000, help="Only the last N lines.")] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", callback=_since_option, help=f"Lines from then on: {SINCE_FORMS}.")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="JSON (with -f: one JSON object a line).")] = False,
+    fmt: OutputFormat = None,
+) -> None:
+    """Print a task's log: time, level, source and text of each line (MLOC's own lifecycle lines, the
+    executor's, and captured library output). -f follows it and ends with the task's final state.
+
+    Exit status with -f: 0 when the task succeeded, 1 when it failed or was cancelled, 3 when the
+    orchestrator went away (the task goes on)."""
+    api = client()
+    as_json = wants_json(json_out, fmt)
+    sources = ",".join(source) if source else None
+    full_id = task_id
+    try:
+        full_id = api.resolve(task_id)
+        if not follow:
+            body = api.logs(full_id, source=sources, tail=tail, since=since)
+            if as_json:
+                output.print_json(body)
+                return
+            for entry in body["lines"]:
+                _log_line(entry)
+            if not body["lines"]:
+                matching = " that match" if sources or since else ""
+                output.line(f"task {full_id} has no log lines{matching} (yet)", stderr=True)
+            return
+        for entry in api.follow_logs(full_id, source=sources, tail=tail, since=since):
+            if as_json:
+                output.json_line(entry)
+            if entry.get("end"):
+                state, reason = str(entry.get("state")), str(entry.get("reason") or "")
+                said = f"task {full_id} ended: {state}" + (f" ({reason})" if reason and state != "succeeded" else "")
+                if not as_json:
+                    style = waiting.STATE_STYLE.get(state, "bold")
+                    output.line(output.styled(output.visible(said, one_line=True), style), stderr=True)
+                if state != "succeeded":
+                    raise typer.Exit(1)
+            elif not as_json:
+                _log_line(entry)
+    except Lost as exc:
+        if follow:
+            _lost(api, full_id)
+        output.fail(exc)
+    except MlocError as exc:
+        output.fail(exc)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+# -------------------------------------------------------------------- metrics
+@app.command()
+def metrics(
+    task_id: TaskIdArg,
+    limit: Annotated[int, typer.Option(min=1, max=5000, help="The last N steps.")] = 1000,
+    json_out: JsonFlag = False,
+    fmt: OutputFormat = None,
+) -> None:
+    """A task's training metrics per step (loss, learning rate, reward...), oldest first."""
+    try:
+        body = client().metrics(task_id, limit=limit)
+    except MlocError as exc:
+        output.fail(exc)
+    if wants_json(json_out, fmt):
+        output.print_json(body)
+        return
+    rows: list[dict[str, Any]] = body.get("metrics") or []
+    if not rows:
+        output.line(f"task {body.get('task_id', task_id)} has reported no metrics (yet)")
+        return
+    columns = ["step"]
+    for row in rows:
+        columns.extend(name for name in row if name not in columns)
+    grid = output.table(*(output.visible(c, one_line=True) for c in columns))
+    for row in rows:
+        grid.add_row(*(_number(row.get(c)) for c in columns))
+    output.show(grid)
+
+
+def _number(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return output.visible(value, one_line=True)

@@ -1,0 +1,206 @@
+"""`--wait`: follow a task to its end saying what it is doing, then print a bounded summary of its result."""
+
+from __future__ import annotations
+
+import time
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+from rich.status import Status
+from rich.text import Text
+
+from mloc.cli import output
+from mloc.client import TERMINAL, Client
+from mloc.errors import MlocError
+
+# A pipe gets a line when the state, reason or stage changes, and a progress line at most this often.
+PROGRESS_EVERY_SEC = 5.0
+QUIET_START_SEC = 5.0
+STATE_STYLE = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}
+
+
+class Unschedulable(MlocError):
+    """The task waits for a worker that no registered worker can be; waiting longer will not help."""
+
+
+def progress_text(progress: dict[str, Any] | None) -> str:
+    """'256/2000 (12.8%), ETA 3 min 12 s' / 'loading model …' from a record's progress, or ''."""
+    if not progress:
+        return ""
+    step, total = progress.get("step"), progress.get("total")
+    parts = []
+    if total:
+        count = f"{step or 0:g}/{total:g}"
+        if progress.get("percent") is not None:
+            count += f" ({progress['percent']:.1f}%)"
+        parts.append(count)
+        if progress.get("eta_sec") is not None:
+            parts.append(f"ETA {output.duration(progress['eta_sec'])}")
+    elif step:
+        parts.append(f"step {step:g}")
+    message = progress.get("message")
+    text = ", ".join(parts)
+    if message:
+        text = f"{text}: {message}" if text else str(message)
+    return text
+
+
+def quiet_start(record: dict[str, Any]) -> bool:
+    """Whether the task has run a while without any progress: executors load their model first."""
+    started = record.get("started_at")
+    return bool(
+        record["state"] == "running"
+        and started
+        and not record.get("progress")
+        and time.time() - started > QUIET_START_SEC
+    )
+
+
+def status_text(record: dict[str, Any]) -> str:
+    """One line saying what the task is doing now."""
+    state = record["state"]
+    if state == "pending":
+        reason = record.get("pending_reason")
+        return f"pending: {reason}" if reason else "pending"
+    worker = record.get("worker_id")
+    where = f" on {worker}" if worker else ""
+    if state == "assigned":
+        return f"assigned to {worker}, starting" if worker else "assigned"
+    text = f"{state}{where}"
+    if record.get("cancel_requested") and state == "running":
+        text += " (cancel requested)"
+    attempts = record.get("attempts") or 0
+    if attempts > 1:
+        text += f", attempt {attempts}"
+    detail = progress_text(record.get("progress"))
+    if not detail and quiet_start(record):
+        detail = "no progress reported yet (loading the model?)"
+    return f"{text}: {detail}" if detail else text
+
+
+class Watcher:
+    """Shows each record read while waiting: a live line on a terminal, new lines in a pipe."""
+
+    def __init__(self, task_id: str, unschedulable_after: float) -> None:
+        self.task_id = task_id
+        self.unschedulable_after = unschedulable_after
+        self.terminal = output.is_terminal()
+        self.status: Status | None = None
+        self._last_key: tuple[Any, ...] | None = None
+        self._last_progress_at = 0.0
+        self._unschedulable_since: float | None = None
+
+    def live(self) -> AbstractContextManager[Any]:
+        if not self.terminal:
+            return nullcontext()
+        self.status = output.out().status(Text("submitted"))
+        return self.status
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        text = output.visible(status_text(record), one_line=True)
+        if self.status is not None:
+            self.status.update(Text(text))
+        else:
+            progress = record.get("progress") or {}
+            key = (
+                record["state"],
+                record.get("pending_reason"),
+                record.get("worker_id"),
+                progress.get("message"),
+                quiet_start(record),
+            )
+            now = time.monotonic()
+            step_due = progress.get("step") and now - self._last_progress_at >= PROGRESS_EVERY_SEC
+            if key != self._last_key or (step_due and record["state"] == "running"):
+                self._last_key = key
+                if progress.get("step"):
+                    self._last_progress_at = now
+                if record["state"] not in TERMINAL:
+                    output.line(text)
+        self._check_schedulable(record)
+
+    def _check_schedulable(self, record: dict[str, Any]) -> None:
+        if record["state"] != "pending" or not record.get("unschedulable"):
+            self._unschedulable_since = None
+            return
+        now = time.monotonic()
+        if self._unschedulable_since is None:
+            self._unschedulable_since = now
+        if now - self._unschedulable_since >= self.unschedulable_after:
+            raise Unschedulable(
+                f"task {self.task_id} cannot start: {record.get('pending_reason') or 'no worker can run it'}. "
+                f"It stays queued and starts if a worker that fits registers; "
+                f"`mloc cancel {self.task_id}` drops it"
+            )
+
+
+def wait(client: Client, task_id: str, *, timeout: float, unschedulable_after: float) -> dict[str, Any]:
+    """Follow the task until it ends (raises Unschedulable, MlocError on timeout, KeyboardInterrupt)."""
+    watcher = Watcher(task_id, unschedulable_after)
+    with watcher.live():
+        return client.wait(task_id, timeout=timeout, on_update=watcher)
+
+
+def interrupted(task_id: str, state: str | None) -> None:
+    """What Ctrl-C during --wait leaves: the task goes on, and how to follow it."""
+    now = f" (it is {state})" if state else ""
+    output.line(
+        f"stopped waiting; task {task_id} goes on{now}. Follow it: mloc logs -f {task_id}; "
+        f"its state: mloc show {task_id}; stop it: mloc cancel {task_id}",
+        stderr=True,
+    )
+
+
+# -------------------------------------------------------------------- results
+def report(client: Client, record: dict[str, Any], *, shown: int, results_dir: str | None = None) -> None:
+    """The final state, then at most ``shown`` results and where the rest are."""
+    task_id = record["task_id"]
+    state = record["state"]
+    headline = Text(f"task {task_id} ")
+    headline.append(state, style=STATE_STYLE.get(state, ""))
+    if record.get("reason"):
+        headline.append(": " + output.visible(record["reason"]))
+    output.show(headline)
+    if state != "succeeded":
+        output.line(f"logs: mloc logs {task_id}")
+        return
+    result = client.result(task_id)
+    items = result.get("items") if isinstance(result, dict) else None
+    if isinstance(items, list) and items:
+        _items(record, items, shown)
+    else:
+        _value(result, shown)
+    usage = result.get("usage") if isinstance(result, dict) else None
+    if isinstance(usage, dict) and usage:
+        output.line("usage: " + output.visible(", ".join(f"{k}={v}" for k, v in usage.items()), one_line=True))
+    # `mloc run` passes its results folder: its cluster, and so `mloc result`, is gone once it returns.
+    where = f"{results_dir}/{task_id}/responses.json" if results_dir else f"mloc result {task_id}"
+    output.line(f"full result: {where}")
+
+
+def _items(record: dict[str, Any], items: list[Any], shown: int) -> None:
+    spec = (record.get("spec") or {}).get("spec", {}) if isinstance(record.get("spec"), dict) else {}
+    prompts = (spec.get("inference") or {}).get("prompts") or []
+    for item in items[:shown]:
+        if not isinstance(item, dict):
+            output.line(output.json_text(item, indent=None))
+            continue
+        index = item.get("index", 0)
+        prompt = prompts[index] if isinstance(index, int) and 0 <= index < len(prompts) else None
+        finish = f" ({item['finish_reason']})" if item.get("finish_reason") else ""
+        output.line(output.styled(f"--- #{index}{finish}", "bold"))
+        if prompt is not None:
+            text = prompt if isinstance(prompt, str) else output.json_text(prompt, indent=None)
+            output.line(output.styled("prompt:", "dim"), output.styled(output.visible(text), "dim"))
+        output.line(output.visible(item.get("output", item.get("answer", ""))))
+    if len(items) > shown:
+        output.line(f"... {len(items) - shown} more of {len(items)} results not shown")
+
+
+def _value(result: Any, shown: int) -> None:
+    lines = output.json_text(result).splitlines()
+    limit = max(shown, 1) * 4
+    for row in lines[:limit]:
+        output.line(row)
+    if len(lines) > limit:
+        output.line(f"... {len(lines) - limit} more lines not shown")

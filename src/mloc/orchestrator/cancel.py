@@ -1,0 +1,51 @@
+"""Cancelling a task on a user's request. Runs in the orchestrator (the API's cancel route)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+
+from mloc import keys, moves, tasklog
+from mloc.errors import MlocError
+from mloc.state import Reason, Refusal, TaskState
+from mloc.store import TaskStore, Transition, require
+
+
+async def cancel(store: TaskStore, task_id: str, *, by: str) -> Transition:
+    """Cancel a task in any non-terminal state.
+
+    A pending or assigned task is cancelled at once (its capacity is released and a worker that
+    later reads its assignment skips it). A running task is flagged; its worker stops the executor
+    and records the cancellation. A replica group's shards are cancelled, then its parent.
+    """
+    record = await store.get(task_id, with_spec=False)
+    if record.state.terminal:
+        return require(Transition(False, error=Refusal.STATE, detail=record.state.value), task_id, TaskState.CANCELLED)
+    now = time.time()
+    ended = {"reason": f"cancelled by {by}", "reason_code": Reason.CANCELLED_BY_USER.value, "finished_at": repr(now)}
+    if record.children:
+        # The parent first (it has no worker of its own): once it has ended, the shards' cancellations
+        # cannot settle it as "a replica was cancelled" instead.
+        outcome = require(
+            await store.transition(task_id, moves.GROUP_CANCEL, fields=ended, now=now), task_id, TaskState.CANCELLED
+        )
+        await tasklog.append(store.redis, task_id, tasklog.ended(TaskState.CANCELLED, ended["reason"]))
+        for child in record.children:
+            with contextlib.suppress(MlocError):
+                await cancel(store, child, by=by)
+        return outcome
+    if record.state == TaskState.RUNNING:
+        await store.set_fields(task_id, {"cancel_requested": "1", "cancel_requested_by": by})
+        # Written before the worker hears of it, so it comes before the worker's "cancelled" line.
+        await tasklog.append(store.redis, task_id, tasklog.cancel_requested(by))
+        await store.redis.publish(keys.worker_control(record.worker_id or ""), json.dumps({"cancel": task_id}))
+        return Transition(True, previous=record.state.value, attempt=record.attempts, state=TaskState.RUNNING)
+    outcome = await store.transition(
+        task_id, moves.CANCEL, release=True, fields={**ended, "pending_reason": ""}, now=now
+    )
+    if not outcome.ok and outcome.error == Refusal.STATE and outcome.detail == TaskState.RUNNING:
+        return await cancel(store, task_id, by=by)  # it started meanwhile
+    if outcome.ok:
+        await tasklog.append(store.redis, task_id, tasklog.ended(TaskState.CANCELLED, ended["reason"]))
+    return require(outcome, task_id, TaskState.CANCELLED)

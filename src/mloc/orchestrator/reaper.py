@@ -1,0 +1,122 @@
+"""The reaper: workers that stopped heartbeating are declared lost and their tasks handed back, and
+finished tasks past their retention are forgotten. Runs in the orchestrator, every reap interval."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from mloc import keys
+from mloc.records import WorkerStatus
+from mloc.requeue import DEFAULT_MAX_REQUEUES, Backoff, hand_back, seconds
+from mloc.state import TERMINAL, Reason
+from mloc.store import TaskStore
+from mloc.workers import WorkerRegistry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReapReport:
+    lost_workers: list[str]
+    requeued: list[str]
+    failed: list[str]
+    forgotten: int = 0  # finished tasks removed past MLOC_TASK_RETENTION_SEC
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lost_workers": self.lost_workers,
+            "requeued": self.requeued,
+            "failed": self.failed,
+            "forgotten_tasks": self.forgotten,
+        }
+
+
+async def reap(
+    store: TaskStore,
+    registry: WorkerRegistry,
+    *,
+    ttl_sec: float,
+    backoff: Backoff | None = None,
+    max_requeues: int = DEFAULT_MAX_REQUEUES,
+) -> ReapReport:
+    """Mark workers silent for longer than ``ttl_sec`` as lost and hand back what they held.
+
+    Safe to run from several orchestrators at once: marking is a compare-and-set, and requeueing
+    is fenced on the worker id.
+    """
+    report = ReapReport([], [], [])
+    for worker_id in await registry.stale(ttl_sec):
+        if await registry.mark_lost(worker_id, ttl_sec):
+            report.lost_workers.append(worker_id)
+            log.warning("worker %s lost: no heartbeat for %.0fs", worker_id, ttl_sec)
+        status = await store.redis.hget(keys.worker(worker_id), "status")
+        if status != WorkerStatus.LOST:
+            continue
+        handed = await hand_back(
+            store,
+            worker_id,
+            reason_code=Reason.WORKER_LOST,
+            reason=f"worker {worker_id} lost (no heartbeat for {ttl_sec:.0f}s)",
+            backoff=backoff,
+            max_requeues=max_requeues,
+        )
+        report.requeued.extend(handed.requeued)
+        report.failed.extend(handed.failed)
+    return report
+
+
+async def forget_finished(
+    store: TaskStore, *, older_than_sec: float, now: float | None = None, limit: int = 1000
+) -> list[str]:
+    """Remove tasks that ended more than ``older_than_sec`` ago: record, result, logs, metrics and
+    their index entries. At most ``limit`` per call, so one reaper round stays short.
+
+    The state indexes are scored by creation time, and a task ends after it was created, so only
+    tasks created before the cut-off can qualify; of those, the ones that ended later are kept.
+    Idempotent, so several orchestrators may run it at once.
+    """
+    now = time.time() if now is None else now
+    cutoff = now - older_than_sec
+    removed: list[str] = []
+    batch = 500
+    for state in sorted(TERMINAL):
+        index = keys.tasks_in_state(state)
+        offset = 0
+        while len(removed) < limit:
+            ids = await store.redis.zrangebyscore(index, "-inf", int(cutoff * 1000), start=offset, num=batch)
+            if not ids:
+                break
+            pipe = store.redis.pipeline(transaction=False)
+            for task_id in ids:
+                pipe.hmget(keys.task(task_id), "owner", "finished_at", "updated_at", "state")
+            old: list[tuple[str, str]] = []
+            for task_id, (owner, finished_at, updated_at, current) in zip(ids, await pipe.execute(), strict=True):
+                ended = seconds(finished_at) or seconds(updated_at)
+                if current is None or (current == state and ended is not None and ended < cutoff):
+                    old.append((task_id, owner or ""))
+            old = old[: limit - len(removed)]
+            if old:
+                drop = store.redis.pipeline(transaction=True)
+                for task_id, owner in old:
+                    drop.delete(
+                        keys.task(task_id),
+                        keys.task_result(task_id),
+                        keys.task_logs(task_id),
+                        keys.task_metrics(task_id),
+                    )
+                    drop.zrem(keys.TASKS_ALL, task_id)
+                    drop.zrem(index, task_id)
+                    if owner:
+                        drop.zrem(keys.tasks_of_owner(owner), task_id)
+                await drop.execute()
+                removed.extend(task_id for task_id, _ in old)
+            # Entries removed shift the rest forward; those kept are stepped over.
+            offset += len(ids) - len(old)
+            if len(ids) < batch:
+                break
+    if removed:
+        log.info("removed %d task(s) that ended more than %.0fs ago", len(removed), older_than_sec)
+    return removed

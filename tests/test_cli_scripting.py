@@ -1,0 +1,122 @@
+"""`mloc` for scripts: JSON on every read command, ids only with -q, short id prefixes everywhere a task
+id is taken (an ambiguous one lists the candidates), and no line wrapped when the output is piped."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+from mloc import keys
+from mloc.client import TERMINAL, Client
+from mloc.localcluster import LocalCluster
+from tests.test_cli import mloc
+
+
+def wait_all(client: Client, ids: list[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while any(client.task(task_id)["state"] not in TERMINAL for task_id in ids):
+        assert time.monotonic() < deadline, [client.task(task_id)["state"] for task_id in ids]
+        time.sleep(0.2)
+
+
+def table_rows(text: str, first: str) -> list[list[str]]:
+    """The rows of a printed table whose first cell matches ``first`` (a regex), split into words."""
+    return [line.split() for line in text.splitlines() if re.match(rf"^\s*{first}\s", line)]
+
+
+def test_read_commands_print_json_lists_print_ids_and_every_command_takes_short_ids(
+    make_cluster: Callable[..., LocalCluster], tmp_path: Path, sync_redis: redis.Redis
+) -> None:
+    results = tmp_path / "results"
+    cluster = make_cluster(1, env={"RESULTS_DIR": str(results)})
+    env = {"MLOC_API_URL": cluster.api_url}
+    client = Client(cluster.api_url)
+
+    # 17 tasks from two files (one holding 16 documents) in one request; -q prints their ids.
+    many = tmp_path / "many.yaml"
+    many.write_text("---\n".join(f"taskType: echo\npayload: {{n: {n}}}\n" for n in range(16)))
+    one = tmp_path / "one.yaml"
+    long_reason = "a reason longer than any terminal: " + "word " * 80
+    one.write_text(json.dumps({"taskType": "echo", "retries": 0, "hyperparameters": {"fail_message": long_reason}}))
+    submitted = mloc("submit", str(many), str(one), "-q", env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    ids = submitted.stdout.split()
+    assert len(ids) == 17 and all(re.fullmatch(r"[0-9a-f-]{36}", task_id) for task_id in ids)
+    wait_all(client, ids)
+    failed_id = ids[-1]
+
+    # tasks: JSON (two spellings), ids only, and a table whose short ids the other commands take.
+    as_json = json.loads(mloc("tasks", "--json", "--page-size", "50", env=env).stdout)
+    assert as_json["total"] == 17 and {t["task_id"] for t in as_json["items"]} == set(ids)
+    assert json.loads(mloc("tasks", "-o", "json", "--page-size", "50", env=env).stdout)["total"] == 17
+    assert set(mloc("tasks", "-q", "--page-size", "50", env=env).stdout.split()) == set(ids)
+    table = mloc("tasks", "--page-size", "50", env=env).stdout
+    shown = [row[0] for row in table_rows(table, "[0-9a-f]{8}")]
+    assert len(shown) == 17
+    assert all(len(s) >= 8 and sum(task_id.startswith(s) for task_id in ids) == 1 for s in shown), shown
+    short_failed = next(s for s in shown if failed_id.startswith(s))
+
+    # show: a short id from the table; --json is the raw record; the long reason stays on one line.
+    summary = mloc("show", short_failed, env=env).stdout
+    assert re.search(rf"^task\s+{failed_id}$", summary, re.M)
+    reason_lines = [line for line in summary.splitlines() if line.startswith("reason")]
+    assert len(reason_lines) == 1 and long_reason.strip() in reason_lines[0]
+    record = json.loads(mloc("show", short_failed, "--json", env=env).stdout)
+    assert record["task_id"] == failed_id and record["reason"].startswith(long_reason.strip())
+    wide = [
+        line for line in mloc("tasks", "--wide", "--page-size", "50", env=env).stdout.splitlines() if failed_id in line
+    ]
+    assert len(wide) == 1 and long_reason.strip() in wide[0]
+
+    # result, logs, artifacts, metrics and cancel take a prefix, and print JSON for scripts.
+    good = ids[3]
+    prefix = good[:6]
+    assert json.loads(mloc("result", prefix, env=env).stdout)["payload"] == {"n": 3}
+    assert json.loads(mloc("result", prefix, "--json", env=env).stdout)["payload"] == {"n": 3}
+    line = {"ts": str(time.time()), "level": "INFO", "source": "executor", "text": "x" * 500}
+    sync_redis.xadd(keys.task_logs(good), line)
+    logged = mloc("logs", prefix, "--tail", "1", env=env).stdout.splitlines()
+    assert len(logged) == 1 and logged[0].endswith(" " + "x" * 500)  # not wrapped
+    assert json.loads(mloc("logs", prefix, "--json", env=env).stdout)["lines"][-1]["text"] == "x" * 500
+    listed = json.loads(mloc("artifacts", prefix, "--json", env=env).stdout)
+    assert listed["task_id"] == good and [i["path"] for i in listed["items"]] == ["responses.json"]
+    assert json.loads(mloc("artifacts", prefix, "-o", "json", env=env).stdout) == listed
+    for row in ({"step": 1, "loss": 2.5, "learning_rate": 0.001}, {"step": 2, "loss": 1.25, "learning_rate": 0.0005}):
+        sync_redis.rpush(keys.task_metrics(good), json.dumps(row))  # as the worker records them
+    metrics = mloc("metrics", prefix, env=env).stdout
+    assert table_rows(metrics, "step") == [["step", "loss", "learning_rate"]]
+    assert table_rows(metrics, "[12]") == [["1", "2.5", "0.001"], ["2", "1.25", "0.0005"]]
+    assert json.loads(mloc("metrics", prefix, "--json", env=env).stdout)["metrics"][1]["loss"] == 1.25
+    sleeper = client.submit({"taskType": "echo", "hyperparameters": {"sleep_sec": 30, "steps": 30}})["task_id"]
+    cancelled = mloc("cancel", sleeper[:10], env=env)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert re.match(rf"^(cancelled|cancelling) {sleeper}", cancelled.stdout)
+
+    # An ambiguous prefix lists the tasks it matches; one that matches nothing says so.
+    first_chars = [task_id[0] for task_id in ids]
+    shared = next(c for c in first_chars if first_chars.count(c) > 1)
+    ambiguous = mloc("show", shared, env=env)
+    assert ambiguous.returncode == 2
+    assert f"task id prefix '{shared}' is ambiguous" in ambiguous.stderr
+    matching = [task_id for task_id in ids if task_id.startswith(shared)]
+    assert len(matching) > 10 or all(task_id in ambiguous.stderr for task_id in matching)
+    unused = next(p for p in (f"{n:04x}" for n in range(65536)) if not any(i.startswith(p) for i in [*ids, sleeper]))
+    nothing = mloc("logs", unused, env=env)
+    assert nothing.returncode == 2 and f"no task id starts with '{unused}'" in nothing.stderr
+
+    # workers, users and stats: JSON, and ids only for the lists.
+    workers = json.loads(mloc("workers", "--json", env=env).stdout)
+    assert [w["worker_id"] for w in workers["items"]] == ["local-1"] and workers["hidden"] == 0
+    assert mloc("workers", "-q", env=env).stdout.split() == ["local-1"]
+    assert mloc("users", "add", "erin", env=env).returncode == 0
+    users = json.loads(mloc("users", "list", "-o", "json", env=env).stdout)
+    assert [u["name"] for u in users["items"]] == ["erin"]
+    assert mloc("users", "list", "-q", env=env).stdout.split() == ["erin"]
+    stats = json.loads(mloc("stats", "--json", env=env).stdout)
+    [admin] = [entry for entry in stats["users"] if entry["user"] == "admin"]
+    assert admin["totals"]["tasks"] >= 17

@@ -1,0 +1,38 @@
+"""mloc.state: the table of allowed moves and the codes that say why."""
+
+from __future__ import annotations
+
+from mloc.state import ALLOWED, INFRASTRUCTURE, TERMINAL, Reason, TaskState, sources_of
+
+
+def test_the_table_names_every_state_and_only_states() -> None:
+    assert set(ALLOWED) == set(TaskState)
+    assert all(targets <= set(TaskState) for targets in ALLOWED.values())
+
+
+def test_no_way_out_of_a_terminal_state_and_a_way_out_of_every_other() -> None:
+    for state in TaskState:
+        assert state.terminal == (state in TERMINAL)
+        assert (ALLOWED[state] == frozenset()) == state.terminal, state
+
+
+def test_no_state_moves_to_itself() -> None:
+    assert all(state not in ALLOWED[state] for state in TaskState)
+
+
+def test_sources_of_reads_the_table_backwards() -> None:
+    assert sources_of(TaskState.SUCCEEDED) == {TaskState.RUNNING}
+    assert sources_of(TaskState.ASSIGNED) == {TaskState.PENDING}
+    assert sources_of(TaskState.PENDING) == {TaskState.ASSIGNED, TaskState.RUNNING}
+    for target in TaskState:
+        assert all(target in ALLOWED[source] for source in sources_of(target))
+
+
+def test_a_replica_parent_takes_its_code_from_the_shard_that_ended_it() -> None:
+    assert Reason.of_replica(TaskState.FAILED) == Reason.REPLICA_FAILED == "replica_failed"
+    assert Reason.of_replica(TaskState.CANCELLED) == Reason.REPLICA_CANCELLED == "replica_cancelled"
+
+
+def test_only_a_workers_loss_shutdown_or_restart_spends_the_requeue_budget() -> None:
+    assert {Reason.WORKER_LOST, Reason.WORKER_SHUTDOWN, Reason.WORKER_RESTARTED} == INFRASTRUCTURE
+    assert Reason.EXECUTOR_CRASHED not in INFRASTRUCTURE

@@ -1,0 +1,233 @@
+"""The worker's task runner (mloc.worker.runner.TaskRunner, through the Worker that mixes it in),
+one assignment at a time: real Redis, the real orchestrator placing real echo tasks, and the stream
+entries the transition script wrote, handed to the runner as its consume loop would."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from mloc import keys
+from mloc.orchestrator.cancel import cancel
+from mloc.orchestrator.orchestrator import Orchestrator
+from mloc.orchestrator.users import Principal
+from mloc.records import ADMIN, Assignment, WorkerStatus
+from mloc.settings import Settings
+from mloc.spec import validate
+from mloc.state import Reason, TaskState
+from mloc.worker.worker import Worker
+
+ALICE = Principal("alice", admin=False)
+# Echo without a pause runs on the worker's event loop, its start and end recorded in one step after
+# it ran; with a pause it runs in a thread, its start recorded before it runs.
+INSTANT, THREAD = 0.0, 0.05
+
+
+class Rig:
+    def __init__(self, redis: aioredis.Redis, orch: Orchestrator, workers: dict[str, Worker]) -> None:
+        self.redis, self.orch, self.workers = redis, orch, workers
+
+    async def submit(self, sleep_sec: float = INSTANT) -> str:
+        doc = {"taskType": "echo", "payload": {"hello": "world"}, "hyperparameters": {"sleep_sec": sleep_sec}}
+        answer = await self.orch.submit(validate(doc), ALICE)
+        assert answer["state"] == "assigned", answer
+        return str(answer["task_id"])
+
+    async def entry(self, worker_id: str) -> tuple[str, dict[str, str]]:
+        """The next entry on the worker's stream, read as its consume loop reads it."""
+        reply = await self.redis.xreadgroup(keys.WORKER_GROUP, worker_id, {keys.worker_stream(worker_id): ">"}, count=1)
+        ((_, entries),) = reply
+        entry_id, fields = entries[0]
+        return entry_id, fields
+
+    async def unacknowledged(self, worker_id: str) -> int:
+        return int((await self.redis.xpending(keys.worker_stream(worker_id), keys.WORKER_GROUP))["pending"])
+
+    async def moves(self, task_id: str) -> list[tuple[str, str]]:
+        """The task's state changes, in order, from the events stream."""
+        events = await self.redis.xrange(keys.EVENTS)
+        return [(e["from"], e["to"]) for _, e in events if e["task"] == task_id]
+
+
+def run(redis_url: str, tmp_path: Path, scenario: Callable[[Rig], Awaitable[None]], workers: int = 1) -> None:
+    async def main() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        settings: dict[str, Any] = {
+            "RESULTS_DIR": str(tmp_path / "results"),
+            "MLOC_MODELS_DIR": str(tmp_path / "models"),
+            "MLOC_HOME": str(tmp_path / "home"),
+            "TASK_TOPICS": "tasks.*",
+            "MLOC_WORKER_GPUS": "",
+            "MLOC_WORKER_SLOTS": "2",
+            "HEARTBEAT_TTL_SEC": "60",
+        }
+        started: dict[str, Worker] = {}
+        try:
+            for i in range(1, workers + 1):
+                worker = Worker(Settings(**settings, WORKER_ID=f"w{i}"), r)
+                await worker.register()
+                started[worker.worker_id] = worker
+            await scenario(Rig(r, Orchestrator(r, Settings(**settings)), started))
+        finally:
+            for worker in started.values():
+                await worker.pool.close()
+            await r.aclose()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("sleep_sec", [INSTANT, THREAD], ids=["on-the-loop", "in-a-thread"])
+def test_an_assignment_is_started_fenced_on_its_attempt_then_finished(
+    redis_url: str, tmp_path: Path, sleep_sec: float
+) -> None:
+    async def scenario(rig: Rig) -> None:
+        task_id = await rig.submit(sleep_sec)
+        entry_id, fields = await rig.entry("w1")
+        sent = Assignment.decode(fields)
+        assert (sent.task_id, sent.owner, sent.gpus, sent.attempt) == (task_id, "alice", (), 1)
+        await rig.workers["w1"]._handle(entry_id, fields)
+
+        record = await rig.orch.store.get(task_id)
+        assert record.state == TaskState.SUCCEEDED and record.attempts == 1 and record.worker_id == "w1"
+        assert record.started_at and record.finished_at and record.started_at <= record.finished_at
+        assert await rig.moves(task_id) == [("pending", "assigned"), ("assigned", "running"), ("running", "succeeded")]
+        result = await rig.orch.store.result(task_id)
+        assert result["payload"] == {"hello": "world"} and result["attempt"] == 1 and result["worker_id"] == "w1"
+        assert (tmp_path / "results" / task_id / "responses.json").is_file()
+        # Acknowledged and deleted with the outcome; the capacity it held is free again.
+        assert await rig.unacknowledged("w1") == 0 and await rig.redis.xlen(keys.worker_stream("w1")) == 0
+        assert await rig.redis.hget(keys.worker("w1"), "slots_free") == "2"
+
+    run(redis_url, tmp_path, scenario)
+
+
+@pytest.mark.parametrize("sleep_sec", [INSTANT, THREAD], ids=["on-the-loop", "in-a-thread"])
+def test_an_assignment_delivered_twice_runs_its_task_once(redis_url: str, tmp_path: Path, sleep_sec: float) -> None:
+    async def scenario(rig: Rig) -> None:
+        task_id = await rig.submit(sleep_sec)
+        entry_id, fields = await rig.entry("w1")
+        await rig.workers["w1"]._handle(entry_id, fields)
+        first = await rig.orch.store.get(task_id)
+        await rig.workers["w1"]._handle(entry_id, fields)
+        again = await rig.orch.store.get(task_id)
+        assert again.state == TaskState.SUCCEEDED and again.attempts == 1
+        assert again.finished_at == first.finished_at
+        assert len(await rig.moves(task_id)) == 3
+        assert (tmp_path / "results" / task_id / "responses.json").is_file()
+
+    run(redis_url, tmp_path, scenario)
+
+
+def test_an_assignment_read_by_another_worker_runs_nothing(redis_url: str, tmp_path: Path) -> None:
+    """Fenced on the worker: a worker that reads an assignment the task's record does not give it
+    (it was placed elsewhere since) records nothing."""
+
+    async def scenario(rig: Rig) -> None:
+        for sleep_sec in (INSTANT, THREAD):
+            task_id = await rig.submit(sleep_sec)
+            owner = (await rig.orch.store.get(task_id)).worker_id
+            other = "w2" if owner == "w1" else "w1"
+            entry_id, fields = await rig.entry(owner or "")
+            await rig.workers[other]._handle(entry_id, fields)
+            record = await rig.orch.store.get(task_id)
+            assert record.state == TaskState.ASSIGNED and record.attempts == 0 and record.worker_id == owner
+            assert not (tmp_path / "results" / task_id).exists()
+            await rig.workers[owner or ""]._handle(entry_id, fields)
+            assert (await rig.orch.store.get(task_id)).state == TaskState.SUCCEEDED
+
+    run(redis_url, tmp_path, scenario, workers=2)
+
+
+def test_an_assignment_announcing_another_attempt_runs_nothing(redis_url: str, tmp_path: Path) -> None:
+    """Fenced on the attempt: work recorded in one step after it ran is recorded only for the
+    attempt its assignment announced."""
+
+    async def scenario(rig: Rig) -> None:
+        task_id = await rig.submit(INSTANT)
+        entry_id, fields = await rig.entry("w1")
+        await rig.workers["w1"]._handle(entry_id, {**fields, "attempt": "2"})
+        record = await rig.orch.store.get(task_id)
+        assert record.state == TaskState.ASSIGNED and record.attempts == 0
+        assert not (tmp_path / "results" / task_id).exists()
+        assert await rig.moves(task_id) == [("pending", "assigned")]
+
+    run(redis_url, tmp_path, scenario)
+
+
+@pytest.mark.parametrize("sleep_sec", [INSTANT, THREAD], ids=["on-the-loop", "in-a-thread"])
+def test_a_task_cancelled_before_its_worker_read_the_assignment_is_skipped(
+    redis_url: str, tmp_path: Path, sleep_sec: float
+) -> None:
+    async def scenario(rig: Rig) -> None:
+        task_id = await rig.submit(sleep_sec)
+        await cancel(rig.orch.store, task_id, by="alice")
+        entry_id, fields = await rig.entry("w1")
+        await rig.workers["w1"]._handle(entry_id, fields)
+        record = await rig.orch.store.get(task_id)
+        assert record.state == TaskState.CANCELLED and record.attempts == 0
+        assert record.reason_code == Reason.CANCELLED_BY_USER
+        assert await rig.moves(task_id) == [("pending", "assigned"), ("assigned", "cancelled")]
+        assert not (tmp_path / "results" / task_id).exists()
+        assert await rig.unacknowledged("w1") == 0
+        assert await rig.redis.hget(keys.worker("w1"), "slots_free") == "2"
+
+    run(redis_url, tmp_path, scenario)
+
+
+def test_a_malformed_assignment_fails_its_task_with_the_reason_and_is_acknowledged(
+    redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario(rig: Rig) -> None:
+        task_id = await rig.submit()
+        entry_id, fields = await rig.entry("w1")
+        with caplog.at_level(logging.ERROR, logger="mloc.worker.runner"):
+            await rig.workers["w1"]._handle(entry_id, {**fields, "body": '{"spec": {"spec": {}}'})
+        record = await rig.orch.store.get(task_id)
+        assert record.state == TaskState.FAILED and record.attempts == 0
+        assert record.reason_code == Reason.ASSIGNMENT_UNREADABLE
+        assert record.reason and record.reason.startswith(f"assignment of task {task_id} is unreadable: its body is")
+        assert "run the same version on both" in record.reason
+        assert [r.getMessage() for r in caplog.records] == [record.reason]
+        # Not read again, and the worker's capacity is not held by a task that will never run.
+        assert await rig.unacknowledged("w1") == 0
+        assert await rig.redis.hget(keys.worker("w1"), "slots_free") == "2"
+        assert await rig.redis.hget(keys.worker("w1"), "status") == WorkerStatus.ACTIVE
+
+    run(redis_url, tmp_path, scenario)
+
+
+def test_an_entry_without_a_task_is_acknowledged_and_logged(
+    redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario(rig: Rig) -> None:
+        stream = keys.worker_stream("w1")
+        await rig.redis.xadd(stream, {"body": "{}"})
+        entry_id, fields = await rig.entry("w1")
+        with caplog.at_level(logging.ERROR, logger="mloc.worker.runner"):
+            await rig.workers["w1"]._handle(entry_id, fields)
+        assert [r.getMessage() for r in caplog.records] == [
+            "assignment without a task id is unreadable: the entry has no 'task' field; the orchestrator that "
+            "sent it may run another MLOC version than this worker: run the same version on both"
+        ]
+        assert await rig.unacknowledged("w1") == 0 and await rig.redis.xlen(stream) == 0
+
+    run(redis_url, tmp_path, scenario)
+
+
+def test_the_owner_is_admin_only_for_the_admin(redis_url: str, tmp_path: Path) -> None:
+    """The assignment carries the task's owner; the record says who submitted it, which the worker's
+    model-path check reads (the admin's tasks may name any path)."""
+
+    async def scenario(rig: Rig) -> None:
+        answer = await rig.orch.submit(validate({"taskType": "echo"}), Principal(ADMIN, admin=True))
+        _, fields = await rig.entry("w1")
+        assert Assignment.decode(fields).owner == ADMIN
+        assert await rig.redis.hget(keys.task(answer["task_id"]), "submitted_by") == ADMIN
+
+    run(redis_url, tmp_path, scenario)

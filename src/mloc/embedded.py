@@ -82,12 +82,22 @@ class EmbeddedRedis:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while _alive(self.pid) and time.monotonic() < deadline:
+        if not self._reaped(time.monotonic() + 10):
+            # Still writing after 10 s (a huge append-only file on a slow disk): the file it appends
+            # to is replayed up to its last whole command at the next start.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self._reaped(time.monotonic() + 5)
+        (self.home / STATE_FILE).unlink(missing_ok=True)
+
+    def _reaped(self, deadline: float) -> bool:
+        while _alive(self.pid):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.pid, os.WNOHANG)
+            if time.monotonic() > deadline:
+                return False
             time.sleep(0.02)
-        (self.home / STATE_FILE).unlink(missing_ok=True)
+        return True
 
 
 def _read_state(home: Path) -> dict[str, Any] | None:

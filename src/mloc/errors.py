@@ -96,6 +96,12 @@ class ExecutionError(MlocError):
     code = "execution_failed"
 
 
+class NoExecutor(ExecutionError):
+    """The worker has no executor for the task's type, or lacks the packages it needs."""
+
+    code = "no_executor"
+
+
 class TaskCancelled(MlocError):
     """Raised inside an executor when the task's cancel signal is set."""
 

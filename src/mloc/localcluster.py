@@ -16,9 +16,12 @@ from typing import IO
 
 import httpx
 
-from mloc import embedded
+from mloc import embedded, proctree
 from mloc.errors import ConfigError
 from mloc.records import WorkerStatus
+
+# Seconds the orchestrator gets to stop (it is quick but for open connections) before it is killed.
+STOP_WAIT_SEC = 2.0
 
 
 @dataclass
@@ -68,11 +71,16 @@ class LocalCluster:
             if not isinstance(output, int | None):
                 output.close()  # the child holds its own copy
 
-    def start(self, timeout: float = 60.0) -> LocalCluster:
+    def start_redis(self) -> str:
+        """The Redis URL, after starting the embedded server when none was given; `start` calls it too."""
         self.home.mkdir(parents=True, exist_ok=True)
         if self.redis_url is None:
             self.redis = embedded.start(self.home)
             self.redis_url = self.redis.url
+        return self.redis_url
+
+    def start(self, timeout: float = 60.0) -> LocalCluster:
+        self.start_redis()
         self.port = self.port or embedded.free_port()
         env = self._base_env() | {"MLOC_PORT": str(self.port), "MLOC_HOST": "127.0.0.1"}
         self.orchestrator = self._spawn(
@@ -123,15 +131,31 @@ class LocalCluster:
                 proc.kill()
                 proc.wait()
 
-    def stop(self) -> None:
-        for worker_id in list(self.worker_procs):
-            self.stop_worker(worker_id)
-        if self.orchestrator is not None and self.orchestrator.poll() is None:
-            self.orchestrator.terminate()
+    def stop(self, grace: float = 60.0) -> None:
+        """SIGTERM to the workers and the orchestrator at once (workers hand their tasks back), then
+        SIGKILL to whatever of their process trees, executor processes included, is left after
+        ``grace`` seconds; the embedded Redis last, once nothing writes to it."""
+        procs = [p for p in (*self.worker_procs.values(), self.orchestrator) if p is not None and p.poll() is None]
+        # Read while every parent is alive (and, unreaped, keeps its pid): an orphan's link to the tree is lost.
+        trees = [found for proc in procs for found in proctree.tree(proc.pid)]
+        for proc in procs:
+            proc.terminate()
+        deadline = time.monotonic() + grace
+        if self.orchestrator in procs:
+            # uvicorn waits for open connections to close, and a followed log never closes by itself.
+            # Everything the orchestrator knows is in Redis, so it is killed rather than waited for
+            # (uvicorn's own force-quit, a second SIGINT, prints tracebacks of the cut streams).
             try:
-                self.orchestrator.wait(15)
+                self.orchestrator.wait(min(STOP_WAIT_SEC, grace))
             except subprocess.TimeoutExpired:
                 self.orchestrator.kill()
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.0, deadline - time.monotonic()))
+        proctree.kill(trees)
+        for proc in procs:
+            proc.wait()
+        self.worker_procs.clear()
         if self.redis is not None:
             self.redis.stop()
 

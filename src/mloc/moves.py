@@ -45,7 +45,7 @@ def _move(name: str, target: TaskState, *sources: TaskState) -> Move:
     return Move(name, target, frozenset(sources))
 
 
-P, A, R = TaskState.PENDING, TaskState.ASSIGNED, TaskState.RUNNING
+P, A, R, C = TaskState.PENDING, TaskState.ASSIGNED, TaskState.RUNNING, TaskState.CANCELLING
 
 # The scheduler placed the task: capacity reserved, assignment on the worker's stream.
 PLACE = _move("place", A, P)
@@ -53,10 +53,13 @@ PLACE = _move("place", A, P)
 START = _move("start", R, A)
 # The worker cannot read the assignment (see mloc.records.Assignment): the task fails unstarted.
 REFUSE = _move("refuse", TaskState.FAILED, A)
-# The worker records how the attempt ended.
-SUCCEED = _move("succeed", TaskState.SUCCEEDED, R)
-FAIL = _move("fail", TaskState.FAILED, R)
-CANCEL_RUNNING = _move("cancel_running", TaskState.CANCELLED, R)  # the user's cancel, carried out by the worker
+# A user cancels a running task: the orchestrator marks it and tells its worker, which stops it.
+REQUEST_CANCEL = _move("request_cancel", C, R)
+# The worker records how the attempt ended (a cancelled one may have finished before it heard).
+SUCCEED = _move("succeed", TaskState.SUCCEEDED, R, C)
+FAIL = _move("fail", TaskState.FAILED, R, C)
+# The user's cancel, carried out by the worker; or by the reaper, when a cancelling task's worker is lost.
+CANCEL_RUNNING = _move("cancel_running", TaskState.CANCELLED, R, C)
 # Handed back (worker lost, shut down or restarted, or its executor crashed): placed again later.
 REQUEUE = _move("requeue", P, A, R)
 # Handed back once too often: the requeue budget or the task's attempts are used up.
@@ -73,6 +76,7 @@ ALL: tuple[Move, ...] = (
     PLACE,
     START,
     REFUSE,
+    REQUEST_CANCEL,
     SUCCEED,
     FAIL,
     CANCEL_RUNNING,

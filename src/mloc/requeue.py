@@ -86,8 +86,13 @@ def verdict(
     max_attempts: int,
     requeues: int,
     max_requeues: int,
+    cancelling: bool = False,
 ) -> Verdict:
     """The decision of :func:`requeue`, apart from Redis so it can be read (and tested) on its own."""
+    if cancelling:
+        # Its owner asked for it to stop: it ends here rather than run again on another worker.
+        text = f"{reason}; it was being cancelled, so it is cancelled"
+        return Verdict(moves.CANCEL_RUNNING, 0, True, Reason.CANCELLED_BY_USER, text, "")
     if not started:
         # Never tried: nothing is spent and the task is placeable at once.
         return Verdict(
@@ -153,7 +158,7 @@ async def requeue(
         if outcome.ok or attempt is not None or outcome.error not in (Refusal.FENCED, Refusal.STATE):
             return outcome
         holder, state = await store.redis.hmget(keys.task(task_id), "worker_id", "state")
-        if holder != worker_id or state not in (TaskState.ASSIGNED, TaskState.RUNNING):
+        if holder != worker_id or state not in (TaskState.ASSIGNED, TaskState.RUNNING, TaskState.CANCELLING):
             return outcome
     return outcome
 
@@ -186,13 +191,14 @@ async def _requeue_once(
     if state is None:
         return Transition(False, error=Refusal.MISSING)
     decided = verdict(
-        started=state == TaskState.RUNNING,
+        started=state in (TaskState.RUNNING, TaskState.CANCELLING),
         reason_code=reason_code,
         reason=reason,
         attempts=int(attempts or 0),
         max_attempts=int(max_attempts or 1),
         requeues=int(requeues or 0),
         max_requeues=max_requeues,
+        cancelling=state == TaskState.CANCELLING,
     )
     now = time.time()
     retry_at = None
@@ -235,7 +241,7 @@ async def _requeue_once(
 def _log_line(decided: Verdict, reason: str, max_attempts: int, max_requeues: int, wait: float | None) -> tasklog.Line:
     """What the task's log says of a hand-back: requeued after what, what it spent, when it may run."""
     if decided.exhausted:
-        return tasklog.ended(TaskState.FAILED, decided.reason)
+        return tasklog.ended(decided.move.target, decided.reason)
     if not decided.retry:
         detail = "it had not started"
     elif decided.requeues is not None:
@@ -251,6 +257,7 @@ class HandBack:
 
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)  # a budget was used up
+    cancelled: list[str] = field(default_factory=list)  # it was being cancelled
     dropped: list[str] = field(default_factory=list)  # finished or moved meanwhile: no longer held
 
 
@@ -282,7 +289,8 @@ async def hand_back(
             max_requeues=max_requeues,
         )
         if outcome.ok:
-            (done.failed if outcome.state == TaskState.FAILED else done.requeued).append(task_id)
+            ended = {TaskState.FAILED: done.failed, TaskState.CANCELLED: done.cancelled}
+            ended.get(outcome.state or TaskState.PENDING, done.requeued).append(task_id)
         else:
             await store.redis.srem(keys.worker_tasks(worker_id), task_id)
             done.dropped.append(task_id)

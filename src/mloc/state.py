@@ -10,6 +10,7 @@ class TaskState(StrEnum):
     PENDING = "pending"  # accepted, waiting for a worker that fits (pending_reason says why)
     ASSIGNED = "assigned"  # placed: capacity reserved and the task is on its worker's stream
     RUNNING = "running"  # the worker started the executor
+    CANCELLING = "cancelling"  # a user cancelled it while it ran; its worker is stopping it
     SUCCEEDED = "succeeded"  # the executor returned a result
     FAILED = "failed"  # the executor raised, or retries ran out; reason says why
     CANCELLED = "cancelled"  # a user cancelled it
@@ -28,7 +29,12 @@ ALLOWED: dict[TaskState, frozenset[TaskState]] = {
     TaskState.PENDING: frozenset({TaskState.ASSIGNED, TaskState.RUNNING, TaskState.CANCELLED, TaskState.FAILED}),
     # back to PENDING: worker lost, worker shut down or restarted before starting it
     TaskState.ASSIGNED: frozenset({TaskState.RUNNING, TaskState.PENDING, TaskState.CANCELLED, TaskState.FAILED}),
-    TaskState.RUNNING: frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED, TaskState.PENDING}),
+    TaskState.RUNNING: frozenset(
+        {TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED, TaskState.PENDING, TaskState.CANCELLING}
+    ),
+    # It may still end otherwise: it finished, or failed, before the executor heard of the cancel.
+    # Never back to PENDING: a cancelling task whose worker is lost is cancelled, not requeued.
+    TaskState.CANCELLING: frozenset({TaskState.CANCELLED, TaskState.SUCCEEDED, TaskState.FAILED}),
     TaskState.SUCCEEDED: frozenset(),
     TaskState.FAILED: frozenset(),
     TaskState.CANCELLED: frozenset(),

@@ -21,9 +21,7 @@ from mloc.settings import get_settings
 from tests.llm.builders import TINY_HIDDEN, make_lora, persistent_models_dir
 from tests.support.tiny_model import build_tiny_causal_lm
 
-pytestmark = pytest.mark.extra("inference")
-
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+pytestmark = [pytest.mark.extra("inference"), pytest.mark.usefixtures("small_vllm_kv_cache")]
 
 QUESTION = "Question: What is the capital of France?\nAnswer:"
 PROMPTS = ["Question: What colour is the sky?\nAnswer:", "The quick brown fox"]

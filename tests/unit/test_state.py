@@ -21,7 +21,8 @@ def test_no_state_moves_to_itself() -> None:
 
 
 def test_sources_of_reads_the_table_backwards() -> None:
-    assert sources_of(TaskState.SUCCEEDED) == {TaskState.RUNNING}
+    assert sources_of(TaskState.SUCCEEDED) == {TaskState.RUNNING, TaskState.CANCELLING}
+    assert sources_of(TaskState.CANCELLING) == {TaskState.RUNNING}
     assert sources_of(TaskState.ASSIGNED) == {TaskState.PENDING}
     assert sources_of(TaskState.PENDING) == {TaskState.ASSIGNED, TaskState.RUNNING}
     for target in TaskState:
@@ -36,3 +37,10 @@ def test_a_replica_parent_takes_its_code_from_the_shard_that_ended_it() -> None:
 def test_only_a_workers_loss_shutdown_or_restart_spends_the_requeue_budget() -> None:
     assert {Reason.WORKER_LOST, Reason.WORKER_SHUTDOWN, Reason.WORKER_RESTARTED} == INFRASTRUCTURE
     assert Reason.EXECUTOR_CRASHED not in INFRASTRUCTURE
+
+
+def test_a_cancelling_task_ends_and_is_never_placed_again() -> None:
+    # Lost with its worker, it is cancelled; finishing first, it keeps what it made.
+    assert ALLOWED[TaskState.CANCELLING] == {TaskState.CANCELLED, TaskState.SUCCEEDED, TaskState.FAILED}
+    assert TaskState.PENDING not in ALLOWED[TaskState.CANCELLING]
+    assert not TaskState.CANCELLING.terminal

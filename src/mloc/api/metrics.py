@@ -58,7 +58,13 @@ USAGE_FIELDS = (
     "wall_sec",
 )
 # States whose tasks may have started; their records carry started_at once they did.
-STARTED_STATES = (TaskState.RUNNING, TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED)
+STARTED_STATES = (
+    TaskState.RUNNING,
+    TaskState.CANCELLING,
+    TaskState.SUCCEEDED,
+    TaskState.FAILED,
+    TaskState.CANCELLED,
+)
 WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 

@@ -182,7 +182,7 @@ async def task_metrics(
 async def cancel_task(task_id: TaskId, orch: Orch, who: Caller) -> dict[str, Any]:
     _own(await orch.store.get(task_id, with_spec=False), who)
     outcome = await cancel(orch.store, task_id, by=who.name)
-    state = "cancelling" if outcome.state == TaskState.RUNNING else "cancelled"
+    state = "cancelling" if outcome.state == TaskState.CANCELLING else "cancelled"
     return {"ok": True, "task_id": task_id, "state": state}
 
 

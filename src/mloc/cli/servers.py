@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -14,7 +16,12 @@ from mloc.cli import output, waiting
 from mloc.cli.root import app
 from mloc.client import Client
 from mloc.errors import MlocError
+from mloc.homelock import HomeInUse, HomeLock
 from mloc.settings import get_settings
+from mloc.state import TaskState
+
+if TYPE_CHECKING:
+    from mloc.localcluster import LocalCluster
 
 # Settings that say where the local cluster runs; LocalCluster sets these itself for each process.
 _CLUSTER_OWNED = ("MLOC_NODE_TYPE", "MLOC_PORT", "MLOC_HOST", "MLOC_HOME", "MLOC_LOG_FILE")
@@ -27,40 +34,130 @@ def passed_settings() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith("MLOC_") and k not in _CLUSTER_OWNED}
 
 
+# Seconds a running task gets to finish when `mloc up` stops, unless MLOC_SHUTDOWN_GRACE_SEC says otherwise:
+# a laptop's Ctrl-C should not wait half a minute. A task still running then goes back to the queue.
+UP_SHUTDOWN_GRACE_SEC = 3.0
+# What the workers get beyond that grace to hand their tasks back and end their executor processes
+# before whatever is left is killed.
+STOP_MARGIN_SEC = 3.0
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops `mloc up` the way Ctrl-C does
+
+
+def stored_tasks(redis_url: str) -> dict[str, int]:
+    """Tasks by state in the cluster's Redis, read before any orchestrator or worker touches them."""
+    import asyncio
+
+    from mloc.connection import connect
+    from mloc.store import TaskStore
+
+    async def count() -> dict[str, int]:
+        redis = await connect(redis_url, attempts=3)
+        try:
+            return await TaskStore(redis).counts_by_state()
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(count())
+
+
+# What becomes of a task whose worker went away with the last run: the restarted worker of that id, or
+# the reaper once the old heartbeat expires, hands it back to the queue, or ends a cancel it was asked for.
+_AT_RESTART = {"assigned": "queued again", "running": "queued again", "cancelling": "cancelled"}
+
+
+def restored_text(counts: dict[str, int], where: str) -> str:
+    """'restored from WHERE: 12 tasks (3 pending, 1 running → queued again, 8 succeeded)', or a fresh start."""
+    total = sum(counts.values())
+    if not total:
+        return f"fresh start: no tasks in {where}"
+    parts = [
+        f"{counts[state]} {state}" + (f" → {_AT_RESTART[state]}" if state in _AT_RESTART else "")
+        for state in TaskState
+        if counts.get(state)
+    ]
+    return f"restored from {where}: {total} task{'s' if total != 1 else ''} ({', '.join(parts)})"
+
+
+def _say_up(cluster: LocalCluster, workers: int, token: str | None) -> None:
+    from mloc.connection import redact
+
+    api = cluster.api_url
+    output.line(
+        output.styled("MLOC is up:", "green"),
+        f"API {api}, dashboard {api}/dashboard, API docs {api}/docs, Redis {redact(cluster.redis_url or '')}, "
+        f"{workers} worker(s). Ctrl-C (or SIGTERM) stops everything.",
+    )
+    output.line("In another shell:")
+    output.line(f"  export MLOC_API_URL={api}")
+    if token:
+        output.line(f"  export MLOC_TOKEN={shlex.quote(token)}")
+
+
+def _exited(cluster: LocalCluster) -> str | None:
+    """'the orchestrator (code 1)' or 'worker local-2 (code -9)' when one of the cluster's processes has ended."""
+    named = [("the orchestrator", cluster.orchestrator)] + [(f"worker {w}", p) for w, p in cluster.worker_procs.items()]
+    for name, proc in named:
+        if proc is not None and proc.poll() is not None:
+            return f"{name} (code {proc.returncode})"
+    return None
+
+
 @app.command()
 def up(
     workers: Annotated[int, typer.Option(help="Local workers to start.")] = 1,
     port: Annotated[int | None, typer.Option(help="Orchestrator port (default: MLOC_PORT or 8000).")] = None,
 ) -> None:
-    """Run everything on this machine: Redis (embedded unless REDIS_URL is set), the orchestrator and workers."""
+    """Run everything on this machine: Redis (embedded unless REDIS_URL is set), the orchestrator and workers.
+
+    One `mloc up` per MLOC_HOME (where the embedded Redis keeps its data): tasks stored by an earlier
+    run are there again, and a second `mloc up` on the same home is refused. Ctrl-C or SIGTERM stops
+    every process it started; a task still running after MLOC_SHUTDOWN_GRACE_SEC (3 s here) goes back
+    to the queue and runs at the next start."""
+    from mloc.connection import redact
     from mloc.localcluster import LocalCluster
 
     settings = get_settings()
+    port = port or settings.port
+    try:
+        lock = HomeLock(settings.home).acquire(f"http://127.0.0.1:{port}")
+    except HomeInUse as exc:
+        output.fail(exc)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    grace = settings.shutdown_grace_sec if "MLOC_SHUTDOWN_GRACE_SEC" in os.environ else UP_SHUTDOWN_GRACE_SEC
     cluster = LocalCluster(
         home=settings.home,
-        port=port or settings.port,
+        port=port,
         workers=workers,
         redis_url=settings.redis_url,
         quiet=False,
         results_dir=settings.results_dir.resolve(),
-        env=passed_settings(),
+        env={"MLOC_SHUTDOWN_GRACE_SEC": str(grace)} | passed_settings(),
     )
     try:
+        redis_url = cluster.start_redis()
+        where = str(settings.home) if cluster.redis is not None else f"Redis at {redact(redis_url)}"
+        output.line(output.visible(restored_text(stored_tasks(redis_url), where), one_line=True))
         cluster.start(timeout=120)
-        output.line(
-            output.styled("MLOC is up", "green"),
-            f"API {cluster.api_url} (dashboard {cluster.api_url}/dashboard, docs /docs), Redis {cluster.redis_url}, "
-            f"{workers} worker(s). Ctrl-C stops everything.",
-        )
-        output.line(f"In another shell: export MLOC_API_URL={cluster.api_url}")
-        while all(p.poll() is None for p in [cluster.orchestrator, *cluster.worker_procs.values()] if p):
+        _say_up(cluster, workers, settings.admin_token)
+        while (gone := _exited(cluster)) is None:
             time.sleep(0.5)
+        output.error_line(f"{gone} exited; stopping the rest (its output is above)")
+        raise typer.Exit(1)
     except MlocError as exc:
         output.fail(exc)
     except KeyboardInterrupt:
         pass
     finally:
-        cluster.stop()
+        # Stopping is bounded by its own deadline: a second Ctrl-C or SIGTERM must not cut it short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        output.line(f"stopping: running tasks get {grace:g}s to finish, then go back to the queue", stderr=True)
+        cluster.stop(grace=grace + STOP_MARGIN_SEC)
+        lock.release()
+        output.line("MLOC stopped", stderr=True)
 
 
 @app.command()

@@ -10,7 +10,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from mloc.cli import output, waiting
+from mloc.cli import output, results, waiting
 from mloc.cli.output import JsonFlag, OutputFormat, Quiet, wants_json
 from mloc.cli.root import app, client
 from mloc.client import Client, Lost, Unreachable
@@ -228,9 +228,10 @@ def _summary(record: dict[str, Any]) -> list[tuple[str, str]]:
     ]
     state = record["state"]
     worker = record.get("worker_id")
-    text = state + (f" on {worker}" if worker and state in ("assigned", "running") else "")
-    if record.get("cancel_requested") and state not in ("cancelled",):
-        text += " (cancel requested)"
+    text = state + (f" on {worker}" if worker and state in ("assigned", "running", "cancelling") else "")
+    if state == "cancelling":
+        by = record.get("cancel_requested_by")
+        text += f" (cancel requested{f' by {by}' if by else ''}; its executor is stopping)"
     rows.append(("state", text))
     if state == "pending" and record.get("pending_reason"):
         rows.append(("waiting", ("cannot start: " if record.get("unschedulable") else "") + record["pending_reason"]))
@@ -266,18 +267,25 @@ def _summary(record: dict[str, Any]) -> list[tuple[str, str]]:
     for name, artifact in (record.get("artifacts") or {}).items():
         path = artifact.get("path") if isinstance(artifact, dict) else artifact
         rows.append(("artifact", f"{name}: {path}"))
-    if state in ("running", "failed", "succeeded", "cancelled"):
+    if state in ("running", "cancelling", "failed", "succeeded", "cancelled"):
         rows.append(("logs", f"mloc logs {task_id}"))
     return rows
 
 
 @app.command()
-def show(task_id: TaskIdArg, json_out: JsonFlag = False, fmt: OutputFormat = None) -> None:
-    """A task in brief: state, reason, progress and ETA, times, worker, where its result is.
+def show(
+    task_id: TaskIdArg,
+    json_out: JsonFlag = False,
+    fmt: OutputFormat = None,
+    shown: Annotated[int, typer.Option("--show", min=0, help="A finished RAG task's answers printed.")] = 10,
+) -> None:
+    """A task in brief: state, reason, progress and ETA, times, worker, where its result is; a finished
+    RAG task's answers, each with the sources it was given.
 
     --json prints the full record."""
+    api = client()
     try:
-        record = client().task(task_id)
+        record = api.task(task_id)
     except MlocError as exc:
         output.fail(exc)
     if wants_json(json_out, fmt):
@@ -287,6 +295,13 @@ def show(task_id: TaskIdArg, json_out: JsonFlag = False, fmt: OutputFormat = Non
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         output.line(output.styled(key.ljust(width), "bold"), output.visible(value, one_line=True))
+    if record["state"] == "succeeded" and record.get("task_type") == "rag_inference" and shown:
+        try:
+            result = api.result(record["task_id"])
+        except MlocError as exc:
+            output.fail(exc)
+        output.line("")
+        results.print_result(record, result, shown)
 
 
 @app.command()

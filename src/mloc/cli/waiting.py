@@ -9,14 +9,14 @@ from typing import Any
 from rich.status import Status
 from rich.text import Text
 
-from mloc.cli import output
+from mloc.cli import output, results
 from mloc.client import TERMINAL, Client
 from mloc.errors import MlocError
 
 # A pipe gets a line when the state, reason or stage changes, and a progress line at most this often.
 PROGRESS_EVERY_SEC = 5.0
 QUIET_START_SEC = 5.0
-STATE_STYLE = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}
+STATE_STYLE = {"succeeded": "green", "failed": "red", "cancelling": "yellow", "cancelled": "yellow"}
 
 
 class Unschedulable(MlocError):
@@ -67,8 +67,8 @@ def status_text(record: dict[str, Any]) -> str:
     if state == "assigned":
         return f"assigned to {worker}, starting" if worker else "assigned"
     text = f"{state}{where}"
-    if record.get("cancel_requested") and state == "running":
-        text += " (cancel requested)"
+    if state == "cancelling":
+        text += " (stopping its executor)"
     attempts = record.get("attempts") or 0
     if attempts > 1:
         text += f", attempt {attempts}"
@@ -165,42 +165,10 @@ def report(client: Client, record: dict[str, Any], *, shown: int, results_dir: s
         output.line(f"logs: mloc logs {task_id}")
         return
     result = client.result(task_id)
-    items = result.get("items") if isinstance(result, dict) else None
-    if isinstance(items, list) and items:
-        _items(record, items, shown)
-    else:
-        _value(result, shown)
+    results.print_result(record, result, shown)
     usage = result.get("usage") if isinstance(result, dict) else None
     if isinstance(usage, dict) and usage:
         output.line("usage: " + output.visible(", ".join(f"{k}={v}" for k, v in usage.items()), one_line=True))
     # `mloc run` passes its results folder: its cluster, and so `mloc result`, is gone once it returns.
     where = f"{results_dir}/{task_id}/responses.json" if results_dir else f"mloc result {task_id}"
     output.line(f"full result: {where}")
-
-
-def _items(record: dict[str, Any], items: list[Any], shown: int) -> None:
-    spec = (record.get("spec") or {}).get("spec", {}) if isinstance(record.get("spec"), dict) else {}
-    prompts = (spec.get("inference") or {}).get("prompts") or []
-    for item in items[:shown]:
-        if not isinstance(item, dict):
-            output.line(output.json_text(item, indent=None))
-            continue
-        index = item.get("index", 0)
-        prompt = prompts[index] if isinstance(index, int) and 0 <= index < len(prompts) else None
-        finish = f" ({item['finish_reason']})" if item.get("finish_reason") else ""
-        output.line(output.styled(f"--- #{index}{finish}", "bold"))
-        if prompt is not None:
-            text = prompt if isinstance(prompt, str) else output.json_text(prompt, indent=None)
-            output.line(output.styled("prompt:", "dim"), output.styled(output.visible(text), "dim"))
-        output.line(output.visible(item.get("output", item.get("answer", ""))))
-    if len(items) > shown:
-        output.line(f"... {len(items) - shown} more of {len(items)} results not shown")
-
-
-def _value(result: Any, shown: int) -> None:
-    lines = output.json_text(result).splitlines()
-    limit = max(shown, 1) * 4
-    for row in lines[:limit]:
-        output.line(row)
-    if len(lines) > limit:
-        output.line(f"... {len(lines) - limit} more lines not shown")

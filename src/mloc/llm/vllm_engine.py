@@ -147,7 +147,7 @@ class VllmEngine(TokenizerEngine):
         requests = [TokensPrompt(prompt_token_ids=text.encode(self.tokenizer, prompt)) for prompt in prompts]
         lora = self._lora_request(adapter) if adapter is not None else None
         try:
-            outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=lora)
+            outputs = self._run(requests, params, lora, cancel)
         except (ValueError, RuntimeError) as exc:
             raise ExecutionError(f"vLLM failed on model {self.model_id!r}: {exc}") from exc
         results: list[list[Generation]] = []
@@ -167,6 +167,32 @@ class VllmEngine(TokenizerEngine):
                 ]
             )
         return results
+
+    def _run(self, requests: list[Any], params: Any, lora: Any, cancel: threading.Event | None) -> list[Any]:
+        """Step the engine through ``requests`` (what ``LLM.generate`` does), checking ``cancel`` between
+        steps: a cancelled call aborts its requests inside the engine and returns the finished ones, so the
+        engine, its weights and its KV cache stay warm for the next task instead of dying with the process."""
+        if cancel is None:
+            return list(self.llm.generate(requests, params, use_tqdm=False, lora_request=lora))
+        ids = self.llm.enqueue(requests, params, lora_request=lora, use_tqdm=False)
+        engine = self.llm.llm_engine
+        finished: list[Any] = []
+        try:
+            while engine.has_unfinished_requests():
+                if cancel.is_set():
+                    engine.abort_request(ids, internal=True)
+                    break
+                finished.extend(output for output in engine.step() if output.finished)
+        except BaseException:
+            # Whatever stopped the loop, no request of this call may stay queued for the next task.
+            with contextlib.suppress(Exception):
+                engine.abort_request(ids, internal=True)
+            raise
+        # An abort's outputs can still arrive in the step after it; none of them is a result.
+        while engine.has_unfinished_requests():
+            engine.step()
+        # Request ids count up in submission order, as in LLM.generate.
+        return sorted(finished, key=lambda output: int(output.request_id))
 
     def close(self) -> None:
         llm, self.llm = self.llm, None

@@ -16,8 +16,8 @@ async def cancel(store: TaskStore, task_id: str, *, by: str) -> Transition:
     """Cancel a task in any non-terminal state.
 
     A pending or assigned task is cancelled at once (its capacity is released and a worker that
-    later reads its assignment skips it). A running task is flagged; its worker stops the executor
-    and records the cancellation. A replica group's shards are cancelled, then its parent.
+    later reads its assignment skips it). A running task becomes ``cancelling``; its worker stops the
+    executor and records the cancellation. A replica group's shards are cancelled, then its parent.
     """
     record = await store.get(task_id, with_spec=False)
     if record.state.terminal:
@@ -35,12 +35,8 @@ async def cancel(store: TaskStore, task_id: str, *, by: str) -> Transition:
             with contextlib.suppress(MlocError):
                 await cancel(store, child, by=by)
         return outcome
-    if record.state == TaskState.RUNNING:
-        await store.set_fields(task_id, {"cancel_requested": "1", "cancel_requested_by": by})
-        # Written before the worker hears of it, so it comes before the worker's "cancelled" line.
-        await tasklog.append(store.redis, task_id, tasklog.cancel_requested(by))
-        await store.redis.publish(keys.worker_control(record.worker_id or ""), json.dumps({"cancel": task_id}))
-        return Transition(True, previous=record.state.value, attempt=record.attempts, state=TaskState.RUNNING)
+    if record.state in (TaskState.RUNNING, TaskState.CANCELLING):
+        return await _stop_running(store, task_id, record.state, record.worker_id or "", record.attempts, by=by)
     outcome = await store.transition(
         task_id, moves.CANCEL, release=True, fields={**ended, "pending_reason": ""}, now=now
     )
@@ -49,3 +45,21 @@ async def cancel(store: TaskStore, task_id: str, *, by: str) -> Transition:
     if outcome.ok:
         await tasklog.append(store.redis, task_id, tasklog.ended(TaskState.CANCELLED, ended["reason"]))
     return require(outcome, task_id, TaskState.CANCELLED)
+
+
+async def _stop_running(
+    store: TaskStore, task_id: str, state: TaskState, worker_id: str, attempt: int, *, by: str
+) -> Transition:
+    """Mark a running task ``cancelling`` and tell its worker to stop it. Asking again re-sends the
+    request (the first one may have reached a worker that was restarting)."""
+    if state == TaskState.RUNNING:
+        fields = {"cancel_requested": "1", "cancel_requested_by": by}
+        outcome = await store.transition(task_id, moves.REQUEST_CANCEL, fields=fields)
+        if not outcome.ok:
+            if outcome.error == Refusal.STATE and outcome.detail not in (TaskState.RUNNING, TaskState.CANCELLING):
+                return await cancel(store, task_id, by=by)  # it ended, or was handed back, meanwhile
+            return require(outcome, task_id, TaskState.CANCELLING)
+        # Written before the worker hears of it, so it comes before the worker's "cancelled" line.
+        await tasklog.append(store.redis, task_id, tasklog.cancel_requested(by))
+    await store.redis.publish(keys.worker_control(worker_id), json.dumps({"cancel": task_id}))
+    return Transition(True, previous=state.value, attempt=attempt, state=TaskState.CANCELLING)

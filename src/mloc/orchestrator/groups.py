@@ -115,7 +115,9 @@ async def settle(store: TaskStore, parent_id: str, results_dir: Path) -> bool:
     if all(shard_state == TaskState.SUCCEEDED for shard_state in states):
         await _succeed(store, parent_id, children, rows, started=state != TaskState.PENDING, results_dir=results_dir)
         return True
-    if state == TaskState.PENDING and any(s in (TaskState.RUNNING, TaskState.SUCCEEDED) for s in states):
+    if state == TaskState.PENDING and any(
+        s in (TaskState.RUNNING, TaskState.CANCELLING, TaskState.SUCCEEDED) for s in states
+    ):
         await store.transition(parent_id, moves.GROUP_START, fields=_started(rows))
     return False
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mloc import keys
@@ -23,6 +23,7 @@ class ReapReport:
     lost_workers: list[str]
     requeued: list[str]
     failed: list[str]
+    cancelled: list[str] = field(default_factory=list)  # they were being cancelled when it was lost
     forgotten: int = 0  # finished tasks removed past MLOC_TASK_RETENTION_SEC
 
     def to_dict(self) -> dict[str, Any]:
@@ -30,6 +31,7 @@ class ReapReport:
             "lost_workers": self.lost_workers,
             "requeued": self.requeued,
             "failed": self.failed,
+            "cancelled": self.cancelled,
             "forgotten_tasks": self.forgotten,
         }
 
@@ -65,6 +67,7 @@ async def reap(
         )
         report.requeued.extend(handed.requeued)
         report.failed.extend(handed.failed)
+        report.cancelled.extend(handed.cancelled)
     return report
 
 

@@ -22,6 +22,10 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+# Seconds open connections get to finish when the orchestrator stops.
+SHUTDOWN_CONNECTIONS_SEC = 3
+
+
 def serve(settings: Settings) -> None:
     """Run the orchestrator in the foreground until SIGINT/SIGTERM; raises ConfigError on bad set-up."""
     import asyncio
@@ -51,6 +55,9 @@ def serve(settings: Settings) -> None:
             port=settings.port,
             log_level=settings.log_level.lower(),
             access_log=False,
+            # A followed log or a --wait never closes by itself, and uvicorn waits for open connections:
+            # past this, they are cut (their clients say the orchestrator went away) and it stops.
+            timeout_graceful_shutdown=SHUTDOWN_CONNECTIONS_SEC,
             # MLOC's logging set-up (file, JSON lines, level) stays in force.
             log_config=None,
         )

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 
 from mloc import artifacts, keys, modelroots, moves, requeue, tasklog
-from mloc.errors import ExecutionError, MlocError, TaskCancelled
+from mloc.errors import ExecutionError, MlocError, NoExecutor, TaskCancelled
 from mloc.executors.base import RunContext, write_json_atomic
 from mloc.executors.registry import executor_for
 from mloc.moves import Change
@@ -41,6 +41,7 @@ class Running:
     host: HostProcess | None = None
     inline_cancel: Any = None  # threading.Event of an inline executor
     document: Document | None = None  # already validated
+    kill_timer: asyncio.Task[None] | None = None  # kills the executor if the polite stop fails
 
 
 class TaskRunner:
@@ -61,10 +62,11 @@ class TaskRunner:
     max_requeues: int
     _tasks: set[asyncio.Task[None]]
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _stop(self, run: Running, why: StopReason) -> None:
         if run.stop_reason is not None:
@@ -90,7 +92,7 @@ class TaskRunner:
                 )
                 await host.kill()
 
-        self._spawn(kill_later())
+        run.kill_timer = self._spawn(kill_later())
 
     async def _ack(self, entry_id: str) -> None:
         stream = keys.worker_stream(self.worker_id)
@@ -147,6 +149,9 @@ class TaskRunner:
         finally:
             if watchdog is not None:
                 watchdog.cancel()
+            if run.kill_timer is not None:
+                # Stopped in time: a shutdown must not wait out the grace of a task that is gone.
+                run.kill_timer.cancel()
             self.running.pop(task_id, None)
             if not acked:
                 with contextlib.suppress(aioredis.RedisError):
@@ -254,12 +259,13 @@ class TaskRunner:
                 state, reason_code, reason = (
                     TaskState.CANCELLED,
                     Reason.CANCELLED_BY_USER.value,
-                    "cancelled (executor stopped)",
+                    f"cancelled on request; the executor did not stop within {self.settings.cancel_grace_sec:g}s "
+                    "(MLOC_CANCEL_GRACE_SEC) and was killed, with the models it held",
                 )
             else:
                 reason_code, reason, crashed = Reason.EXECUTOR_CRASHED.value, str(exc), True
         except MlocError as exc:
-            reason_code = Reason.NO_EXECUTOR.value if exc.code == "no_executor" else Reason.EXECUTOR_ERROR.value
+            reason_code = Reason.NO_EXECUTOR.value if exc.code == NoExecutor.code else Reason.EXECUTOR_ERROR.value
             reason = exc.message
         except OSError as exc:
             reason = f"cannot write results to {out_dir}: {exc.strerror or exc}"
@@ -285,7 +291,7 @@ class TaskRunner:
         if run.stop_reason == StopReason.TIMEOUT and state != TaskState.SUCCEEDED:
             state, reason_code = TaskState.FAILED, Reason.TIMEOUT.value
             reason = f"timed out: ran longer than spec.timeout_sec ({assignment.timeout_sec:g}s) and was stopped"
-        if run.stop_reason == StopReason.CANCELLED and state != TaskState.SUCCEEDED:
+        if run.stop_reason == StopReason.CANCELLED and state not in (TaskState.SUCCEEDED, TaskState.CANCELLED):
             state, reason_code, reason = (
                 TaskState.CANCELLED,
                 Reason.CANCELLED_BY_USER.value,
@@ -430,7 +436,7 @@ class TaskRunner:
         python = self.settings.executor_pythons.get(task_type)
         if python is None and (info is None or not info.available):
             missing = f" (missing {', '.join(info.missing)})" if info else ""
-            raise ExecutionError(f"worker {self.worker_id} cannot run {task_type!r} tasks{missing}")
+            raise NoExecutor(f"worker {self.worker_id} cannot run {task_type!r} tasks{missing}")
         document = run.document or validate(document_data)
         isolation = "process" if python or info is None else info.cls.isolation_for(document.spec)
         if isolation in ("inline", "loop") and info is not None:
@@ -484,9 +490,12 @@ class TaskRunner:
             await self.pool.release(host)
         if outcome["ev"] == "done":
             return outcome["result"]
-        if outcome.get("code") == "cancelled":
-            raise TaskCancelled(outcome.get("message", "cancelled"))
-        raise ExecutionError(outcome.get("message", "the executor failed"))
+        message = outcome.get("message", "the executor failed")
+        if outcome.get("code") == TaskCancelled.code:
+            raise TaskCancelled(message)
+        if outcome.get("code") == NoExecutor.code:
+            raise NoExecutor(message)
+        raise ExecutionError(message)
 
     @staticmethod
     def _usage(reporter: Reporter, result: dict[str, Any] | None, wall: float, gpu_count: int) -> dict[str, float]:

@@ -16,7 +16,7 @@ import {
 } from "./dom.js";
 import { every, showError } from "./ui.js";
 
-const STATES = ["pending", "assigned", "running", "succeeded", "failed", "cancelled"];
+const STATES = ["pending", "assigned", "running", "cancelling", "succeeded", "failed", "cancelled"];
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const TASK_TYPES = ["inference", "sft", "dpo", "grpo", "ppo", "rag_inference", "agent_inference", "echo"];
 const PAGE_SIZES = [20, 50, 100];

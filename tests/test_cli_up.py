@@ -1,0 +1,266 @@
+"""`mloc up` as a user runs it: a real process on a free port with a home of its own (its embedded Redis
+keeps its data there), reached from a second shell with the lines it prints, stopped with SIGTERM or
+Ctrl-C while a client follows a task, and started again on the same home."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+import psutil
+import pytest
+
+from mloc.client import Client
+from mloc.homelock import LOCK_FILE
+from tests.conftest import free_port, real_clock_env
+from tests.support.api import wait_until
+from tests.test_cli import mloc
+
+REPO = Path(__file__).resolve().parents[1]
+READY = "export MLOC_API_URL="
+# With MLOC_SHUTDOWN_GRACE_SEC=1 `mloc up` kills what is left 4 s after the signal; the rest is slack
+# for a loaded machine.
+STOPPED_WITHIN_SEC = 10
+# An echo task that runs in an executor process of its own (a grandchild of `mloc up`) for a minute.
+ISOLATED = {"taskType": "echo", "hyperparameters": {"sleep_sec": 60, "steps": 60, "isolate": True}}
+
+
+class Lines:
+    """Every line a process writes to ``stream``, collected by a thread so that reading never blocks a test."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, text: str, timeout: float = 120) -> str:
+        """The first line holding ``text``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = next((line for line in list(self.lines) if text in line), None)
+            if found is not None:
+                return found
+            time.sleep(0.05)
+        raise AssertionError(f"no line with {text!r} in {timeout}s:\n" + "\n".join(self.lines[-40:]))
+
+    @property
+    def text(self) -> str:
+        self._thread.join(5)
+        return "\n".join(self.lines)
+
+
+class Up:
+    """One `mloc up` in a session of its own (so a test can Ctrl-C its process group); its output and that
+    of the processes it starts is collected."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mloc.cli", "up"],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        assert self.proc.stdout is not None
+        self.output = Lines(self.proc.stdout)
+        self.seen: list[psutil.Process] = []
+
+    def tree(self) -> list[psutil.Process]:
+        """`mloc up` and every process under it now: embedded Redis, orchestrator, workers, executor processes."""
+        root = psutil.Process(self.proc.pid)
+        found = [root, *root.children(recursive=True)]
+        self.seen.extend(found)
+        return found
+
+    def close(self) -> None:
+        """Whatever a failed test left running goes."""
+        for proc in [*self.seen, *self._tree_if_running()]:
+            if running(proc):
+                proc.kill()
+        self.proc.wait(30)
+
+    def _tree_if_running(self) -> list[psutil.Process]:
+        try:
+            return self.tree()
+        except psutil.NoSuchProcess:
+            return []
+
+
+def running(proc: psutil.Process) -> bool:
+    """Alive and not a zombie (a dead child the container's init has not reaped yet is gone for good)."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def up_env(home: Path, port: int, **extra: str) -> dict[str, str]:
+    """The environment of a user's shell: no MLOC settings but a home and a port of its own."""
+    env = {
+        k: v
+        for k, v in real_clock_env().items()
+        if not k.startswith(("MLOC_", "WORKER_", "TASK_TOPICS", "REDIS_URL", "ORCHESTRATOR_TOKEN"))
+    }
+    return env | {
+        "MLOC_HOME": str(home),
+        "MLOC_PORT": str(port),
+        "RESULTS_DIR": str(home / "results"),
+        "MLOC_SHUTDOWN_GRACE_SEC": "1",
+        "MLOC_RETRY_BACKOFF_SEC": "0.2",
+        **extra,
+    }
+
+
+@pytest.fixture
+def start_up() -> Iterator[Callable[[dict[str, str]], Up]]:
+    started: list[Up] = []
+
+    def start(env: dict[str, str]) -> Up:
+        up = Up(env)
+        started.append(up)
+        return up
+
+    yield start
+    for up in started:
+        up.close()
+
+
+def test_up_says_how_to_reach_it_and_a_second_up_on_its_home_is_refused_in_one_line(
+    tmp_path: Path, start_up: Callable[[dict[str, str]], Up]
+) -> None:
+    home, port = tmp_path / "home", free_port()
+    env = up_env(home, port, ORCHESTRATOR_TOKEN="up token")
+    up = start_up(env)
+    up.output.wait_for(READY)
+    api = f"http://127.0.0.1:{port}"
+    lines = up.output.lines
+    assert f"fresh start: no tasks in {home}" in lines
+    said = next(line for line in lines if line.startswith("MLOC is up:"))
+    assert f"API {api}," in said and f"dashboard {api}/dashboard" in said
+    assert f"  export MLOC_API_URL={api}" in lines
+    assert "  export MLOC_TOKEN='up token'" in lines
+    # The two lines are all a second shell needs.
+    second_shell = mloc("tasks", env={"MLOC_API_URL": api, "MLOC_TOKEN": "up token"})
+    assert second_shell.returncode == 0, second_shell.stderr
+
+    again = subprocess.run(
+        [sys.executable, "-m", "mloc.cli", "up"],
+        env=env | {"MLOC_PORT": str(free_port())},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode != 0
+    assert again.stdout == ""
+    refusal = again.stderr.splitlines()
+    assert len(refusal) == 1, again.stderr
+    assert refusal[0].startswith(
+        f"error: MLOC_HOME {home} is in use by another `mloc up` (pid {up.proc.pid}, API {api})"
+    )
+    assert f"export MLOC_API_URL={api}" in refusal[0] and f"kill {up.proc.pid}" in refusal[0]
+    assert "another home" in refusal[0]
+    assert up.proc.poll() is None  # the first one runs on, untouched
+
+
+def _send_sigterm(up: Up) -> None:
+    up.proc.send_signal(signal.SIGTERM)
+
+
+def _press_ctrl_c(up: Up) -> None:
+    # A terminal sends SIGINT to the whole foreground process group: `mloc up`, its orchestrator and workers.
+    os.killpg(up.proc.pid, signal.SIGINT)
+
+
+@pytest.mark.parametrize("stop", [_send_sigterm, _press_ctrl_c], ids=["sigterm", "ctrl-c"])
+def test_up_stops_every_process_it_started_within_seconds_while_a_client_follows_a_log(
+    stop: Callable[[Up], None], tmp_path: Path, start_up: Callable[[dict[str, str]], Up]
+) -> None:
+    port = free_port()
+    up = start_up(up_env(tmp_path / "home", port))
+    up.output.wait_for(READY)
+    api = f"http://127.0.0.1:{port}"
+    client = Client(api)
+    task_id = client.submit(ISOLATED)["task_id"]
+    wait_until(client, task_id, lambda record: record["state"] == "running")
+    client.close()
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "mloc.cli", "logs", "-f", task_id],
+        env={**os.environ, "MLOC_API_URL": api},
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert follower.stdout is not None and follower.stderr is not None
+    followed, complaints = Lines(follower.stdout), Lines(follower.stderr)
+    followed.wait_for("step 1/60", timeout=30)  # the stream is open and the executor is at work
+
+    tree = up.tree()
+    commands = [" ".join(proc.cmdline()) for proc in tree]
+    for part in ("redis-server", "--node-type orchestrator", "mloc.worker.listener", "mloc.worker.host"):
+        assert any(part in command for command in commands), (part, commands)
+
+    began = time.monotonic()
+    stop(up)
+    assert up.proc.wait(STOPPED_WITHIN_SEC) == 0, up.output.text
+    deadline = began + STOPPED_WITHIN_SEC
+    while any(running(proc) for proc in tree) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [" ".join(proc.cmdline()) for proc in tree if running(proc)]
+    assert not left, f"still running {time.monotonic() - began:.1f}s after the signal: {left}"
+
+    # The follower ends with one line saying the orchestrator went away.
+    assert follower.wait(30) == 3
+    assert complaints.text.splitlines() == [
+        f"error: lost the orchestrator at {api}; the task goes on — follow it again with `mloc logs -f {task_id}`"
+    ]
+    for text in (up.output.text, followed.text):
+        assert "Traceback" not in text, text
+    assert up.output.lines[-1] == "MLOC stopped"
+
+
+def test_restarted_up_says_what_it_restored_and_runs_the_interrupted_task_again(
+    tmp_path: Path, start_up: Callable[[dict[str, str]], Up]
+) -> None:
+    home, port = tmp_path / "home", free_port()
+    env = up_env(home, port)
+    first = start_up(env)
+    first.output.wait_for(READY)
+    api = f"http://127.0.0.1:{port}"
+    client = Client(api)
+    done = client.submit({"taskType": "echo", "payload": "done"})["task_id"]
+    wait_until(client, done, lambda record: record["state"] == "succeeded")
+    waiting = client.submit({"taskType": "echo", "resources": {"hardware": {"gpu": {"count": 1}}}})["task_id"]
+    interrupted = client.submit({"taskType": "echo", "hyperparameters": {"sleep_sec": 4, "steps": 4}})["task_id"]
+    wait_until(client, interrupted, lambda record: record["state"] == "running")
+    time.sleep(1.5)  # the embedded Redis writes its append-only file to disk every second
+    # The machine loses power: nothing stops cleanly, and the lock file stays behind.
+    for proc in first.tree():
+        proc.kill()
+    first.proc.wait(30)
+    assert json.loads((home / LOCK_FILE).read_text())["pid"] == first.proc.pid
+
+    second = start_up(env)
+    second.output.wait_for(READY)
+    assert f"restored from {home}: 3 tasks (1 pending, 1 running → queued again, 1 succeeded)" in second.output.lines, (
+        second.output.text
+    )
+    again = wait_until(client, interrupted, lambda record: record["state"] == "succeeded", timeout=60)
+    assert again["requeues"] == 1 and again["reason_code"] is None, again  # handed back by the restart, not failed
+    assert client.task(waiting)["state"] == "pending"
+    client.close()

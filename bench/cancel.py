@@ -72,7 +72,9 @@ def generating(client: Client, task_id: str) -> None:
     time.sleep(1.0)  # well into its first steps
 
 
-def rounds(label: str, grace: str, count: int, args: argparse.Namespace, models_dir: Path) -> tuple[list[float], list[float]]:
+def rounds(
+    label: str, grace: str, count: int, args: argparse.Namespace, models_dir: Path
+) -> tuple[list[float], list[float]]:
     home = Path(tempfile.mkdtemp(prefix=f"mloc-bench-cancel-{label}-"))
     env = {"MLOC_MODELS_DIR": str(models_dir), "LOG_LEVEL": "WARNING", "MLOC_CANCEL_GRACE_SEC": grace}
     long_task, short_task = document(args.prompts, args.max_tokens), document(4, 16)

@@ -134,3 +134,6 @@ class Change:
     created_ms: int = 0
     now: float | None = None
     retry_at: float | None = None
+    # Lines for the task's log that report this move (mloc.tasklog.stored of each), written only if it is made.
+    log: tuple[Mapping[str, str], ...] = ()
+    log_retention_sec: float | None = None  # the log's expiry, as mloc.tasklog.add sets it

@@ -11,9 +11,11 @@ CRITICAL), ``source`` and ``text``; a lifecycle line also has ``event``. The sou
 
 Both processes write lifecycle lines, each right after the move it made (see :func:`append`): the
 scheduler "assigned", the worker "started" and how the attempt ended, a hand-back "requeued" or
-"failed", a cancel "cancelled". They are not part of the move's atomic step: a line is lost, never
-the move, when Redis fails in between. Times are compared with ``ts``, never with entry ids, which
-carry Redis's clock.
+"failed", a cancel "cancelled". Most are not part of the move's atomic step: a line is lost, never
+the move, when Redis fails in between. The worker's line saying how an attempt ended (and, for work
+that finished at once, its "assigned" and "started") travel in the transition script itself
+(``Change.log``): written with the move, in the same round trip. Times are compared with ``ts``,
+never with entry ids, which carry Redis's clock.
 """
 
 from __future__ import annotations
@@ -114,13 +116,17 @@ def cancel_requested(by: str) -> Line:
     return Line("cancel_requested", f"cancel requested by {by}; the worker stops the task")
 
 
+def stored(line: Line) -> dict[str, str]:
+    """A lifecycle line as stored."""
+    return {**fields(line.text, level=line.level), "event": line.event}
+
+
 def add(pipe: Any, task_id: str, line: Line, *, retention_sec: float | None = None) -> None:
     """Queue ``line`` on a pipeline. With ``retention_sec`` the log expires that long after this
     write, as the worker's writes do; without it the expiry is left as it is (a log only the
     orchestrator wrote lives as long as its task record)."""
     stream = keys.task_logs(task_id)
-    entry = {**fields(line.text, level=line.level), "event": line.event}
-    pipe.xadd(stream, entry, maxlen=MAX_ENTRIES, approximate=True)
+    pipe.xadd(stream, stored(line), maxlen=MAX_ENTRIES, approximate=True)
     if retention_sec is not None:
         pipe.pexpire(stream, max(1, int(retention_sec * 1000)))
 

@@ -29,6 +29,7 @@ from mloc import keys, lua
 from mloc.moves import Change
 from mloc.records import WorkerStatus
 from mloc.state import ALLOWED, TERMINAL, Refusal, TaskState
+from mloc.tasklog import MAX_ENTRIES as LOG_MAX_ENTRIES
 
 # A result larger than this is kept whole in Redis but summarised on the task record.
 SUMMARY_LIMIT = 16 * 1024
@@ -59,6 +60,7 @@ def _prelude() -> str:
         "wake": keys.SCHEDULER_WAKE,
         "groups_to_settle": keys.GROUPS_TO_SETTLE,
         "result": keys.task_result("{id}"),
+        "logs": keys.task_logs("{id}"),
         "in_state": keys.tasks_in_state("{id}"),
         "owner_pending": keys.pending_of("{id}"),
         "worker": keys.worker("{id}"),
@@ -98,6 +100,8 @@ def _prelude() -> str:
 #   score       the pending order (entering pending)   retry_at  not placeable before (unix seconds)
 #   usage       {key, days, day, day_no, owner, counters}: add the counters to the owner's usage day
 #   ack         the stream entry to acknowledge and delete on the task's worker stream
+#   log         {entries: [[name, value, ...], ...], maxlen, retention_ms?}: lines for the task's log
+#               that report this move (mloc.tasklog), written with it
 # ARGV[2] the result as JSON text, or "": kept apart so a large result is neither escaped nor parsed
 # Returns {"ok", previous state, attempt, state entered} or {"err", refusal code, detail}. Every check
 # comes before the first write, so a refused move has changed nothing.
@@ -255,6 +259,12 @@ local function move_indexes()
   return false
 end
 
+local function write_log(l)
+  local stream = k(KEY_LOGS, id)
+  for _, entry in ipairs(l.entries) do redis.call('XADD', stream, 'MAXLEN', '~', l.maxlen, '*', unpack(entry)) end
+  if l.retention_ms then redis.call('PEXPIRE', stream, l.retention_ms) end
+end
+
 local function add_usage(u)
   for name, value in pairs(u.counters) do redis.call('HINCRBYFLOAT', u.key, name, value) end
   redis.call('SADD', KEY_USAGE_OWNERS, u.owner)
@@ -290,6 +300,7 @@ if move_indexes() then woke = true end
 if ARGV[2] ~= '' then redis.call('SET', k(KEY_RESULT, id), ARGV[2]) end
 if a.usage then add_usage(a.usage) end
 if a.ack then ack_stream(a.ack) end
+if a.log then write_log(a.log) end
 local marked = mark_parent()
 redis.call('XADD', KEY_EVENTS, 'MAXLEN', '~', 10000, '*', 'task', id, 'from', state, 'to', target, 'ts', now,
   'move', a.move)
@@ -387,6 +398,14 @@ def arguments(task_id: str, change: Change) -> tuple[list[str], list[str]]:
         }
     if change.ack:
         part["ack"] = change.ack
+    if change.log:
+        lines: dict[str, Any] = {
+            "entries": [[item for pair in entry.items() for item in pair] for entry in change.log],
+            "maxlen": LOG_MAX_ENTRIES,
+        }
+        if change.log_retention_sec is not None:
+            lines["retention_ms"] = max(1, int(change.log_retention_sec * 1000))
+        part["log"] = lines
     result = encode(change.result) if change.result is not None else ""
     return [keys.task(task_id)], [encode(part), result]
 

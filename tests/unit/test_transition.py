@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from mloc import keys, moves, transition
+from mloc import keys, moves, tasklog, transition
 from mloc.moves import Change, Move, Reservation
 from mloc.state import ALLOWED, Refusal, TaskState
 from mloc.store import TaskStore
@@ -245,6 +245,25 @@ def test_fields_are_set_and_an_empty_value_deletes_one(redis_url: str) -> None:
         h = await r.hgetall(keys.task(task_id))
         assert (h["state"], h["reason"], h["updated_at"]) == ("cancelled", "by me", "123.5")
         assert "pending_reason" not in h
+
+    run(redis_url, scenario)
+
+
+def test_log_lines_are_written_with_a_move_that_is_made_and_never_with_a_refused_one(redis_url: str) -> None:
+    async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
+        task_id = await new_task(store)
+        line = tasklog.stored(tasklog.Line("cancelled", "cancelled by me"))
+        refused = Change(moves.START, log=(line,), log_retention_sec=60)
+        assert not (await store.apply(task_id, refused)).ok
+        assert not await r.exists(keys.task_logs(task_id))
+        second = tasklog.stored(tasklog.Line("note", "a second line"))
+        assert (await store.apply(task_id, Change(moves.CANCEL, log=(line, second)))).ok
+        entries = await r.xrange(keys.task_logs(task_id))
+        assert [fields for _, fields in entries] == [line, second]
+        assert await r.ttl(keys.task_logs(task_id)) == -1  # no retention asked: the expiry is left alone
+        kept = await new_task(store)
+        assert (await store.apply(kept, Change(moves.CANCEL, log=(line,), log_retention_sec=60))).ok
+        assert 0 < await r.ttl(keys.task_logs(kept)) <= 60
 
     run(redis_url, scenario)
 

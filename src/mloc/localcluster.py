@@ -142,9 +142,9 @@ class LocalCluster:
             proc.terminate()
         deadline = time.monotonic() + grace
         if self.orchestrator in procs:
-            # uvicorn waits for open connections to close, and a followed log never closes by itself.
-            # Everything the orchestrator knows is in Redis, so it is killed rather than waited for
-            # (uvicorn's own force-quit, a second SIGINT, prints tracebacks of the cut streams).
+            # A followed log never closes by itself, and the orchestrator cuts open connections only
+            # after its own shutdown timeout. Everything it knows is in Redis, so it is killed sooner
+            # rather than waited for (uvicorn's force-quit, a second SIGINT, prints tracebacks).
             try:
                 self.orchestrator.wait(min(STOP_WAIT_SEC, grace))
             except subprocess.TimeoutExpired:

@@ -38,8 +38,8 @@ WORKER_PID_ENV = "MLOC_WORKER_PID"
 
 def release_freed_memory() -> None:
     """Hand the heap a finished task freed back to the system. A warm executor lives on between tasks,
-    and glibc keeps freed pages in its arenas: without this its RSS stays at the largest task's peak
-    (hundreds of MiB after a batch of prompts) and outgrows the memory the tasks declare."""
+    and glibc keeps freed pages in its arenas, so its RSS would stay near the largest task's peak
+    (about 100 MiB more after the Gemma inference and RAG examples, measured)."""
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)

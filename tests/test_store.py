@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from mloc import keys, moves
 from mloc.errors import InvalidTransition
 from mloc.state import ALLOWED, TaskState
-from mloc.store import Reservation, TaskStore, require
+from mloc.store import Apply, Change, Coalescer, Reservation, TaskStore, require
 from mloc.workers import WorkerRegistry
 from tests.support.fleet import echo_record, registration
 
@@ -135,5 +135,76 @@ def test_listing_pages_and_filters(redis_url: str) -> None:
         items, total = await store.page(page=1, page_size=10, state=TaskState.PENDING, owner="bob")
         assert total == 3 and all(i.owner == "bob" for i in items)
         await r.aclose()
+
+    run(scenario())
+
+
+async def _evalsha_calls(r: aioredis.Redis) -> int:
+    # Script calls that ran (a first call of a script is refused as unknown, then sent again).
+    stats = (await r.info("commandstats")).get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0)) - int(stats.get("failed_calls", 0)) - int(stats.get("rejected_calls", 0))
+
+
+def test_many_moves_in_one_call_each_as_apply_would_make_it(redis_url: str) -> None:
+    async def scenario() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        store, reg = TaskStore(r), WorkerRegistry(r)
+        await reg.register(registration("w1"))  # 4 slots
+        tasks = [await new_task(store) for _ in range(6)]
+        new = echo_record(store, "bob", max_attempts=2)  # created and placed in the same call
+        place = [Apply(task, Change(moves.PLACE, reserve=Reservation("w1", 100, 0, [], "{}"))) for task in tasks[:5]]
+        before = await _evalsha_calls(r)
+        outcomes = await store.apply_many(
+            [
+                *place,
+                Apply(new.task_id, Change(moves.PLACE, reserve=Reservation("w1", 100, 0, [], "{}")), create=new),
+                Apply("no-such-task", Change(moves.START, expect_worker="w1")),
+            ]
+        )
+        # One call per kind of item (moves, and creates with their move), in the order given back.
+        assert await _evalsha_calls(r) - before == 2
+        assert [o.ok for o in outcomes] == [True, True, True, True, False, False, False]
+        assert [o.error for o in outcomes[4:]] == ["capacity", "capacity", "missing"]
+        assert (await store.get(new.task_id)).state == TaskState.PENDING  # stored, waiting for room
+        assert (await r.hget(keys.worker("w1"), "slots_free")) == "0"
+        # A move the table forbids is refused before anything is sent, the allowed ones with it too.
+        forbidden = moves.Move("succeed_unstarted", TaskState.SUCCEEDED, frozenset({TaskState.PENDING}))
+        with pytest.raises(InvalidTransition, match="pending -> succeeded"):
+            await store.apply_many([Apply(tasks[4], Change(moves.CANCEL)), Apply(tasks[5], Change(forbidden))])
+        assert [(await store.get(task)).state for task in tasks[4:]] == [TaskState.PENDING, TaskState.PENDING]
+
+    run(scenario())
+
+
+def test_concurrent_moves_go_to_redis_together(redis_url: str) -> None:
+    async def scenario() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        store, reg = TaskStore(r), WorkerRegistry(r)
+        await reg.register(registration("w1"))
+        tasks = [await new_task(store) for _ in range(3)]
+        mover = Coalescer(store)
+        before = await _evalsha_calls(r)
+        placed = await asyncio.gather(
+            *(mover.apply(task, Change(moves.PLACE, reserve=Reservation("w1", 100, 0, [], "{}"))) for task in tasks)
+        )
+        assert [o.ok for o in placed] == [True, True, True]
+        assert await _evalsha_calls(r) - before == 1
+        # Each caller gets its own outcome, and its own error for a move the table forbids.
+        forbidden = moves.Move("succeed_unstarted", TaskState.SUCCEEDED, frozenset({TaskState.PENDING}))
+        with pytest.raises(InvalidTransition):
+            await mover.apply(tasks[0], Change(forbidden))
+        started = await mover.apply(tasks[0], Change(moves.START, expect_worker="w1", new_attempt=True))
+        assert started.ok and started.attempt == 1
+        # Redis away: every waiting caller hears it, and the next batch goes through once it is back.
+        await r.config_set("maxmemory", "1")
+        await r.config_set("maxmemory-policy", "noeviction")
+        results = await asyncio.gather(
+            *(mover.apply(task, Change(moves.START, expect_worker="w1", new_attempt=True)) for task in tasks[1:]),
+            return_exceptions=True,
+        )
+        await r.config_set("maxmemory", "0")
+        assert all(isinstance(result, aioredis.ResponseError) for result in results), results
+        again = await mover.apply(tasks[1], Change(moves.START, expect_worker="w1", new_attempt=True))
+        assert again.ok
 
     run(scenario())

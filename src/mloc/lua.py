@@ -110,6 +110,29 @@ return replies
 """
 
 
+def each(script: str) -> str:
+    """One script that runs ``script`` once per item, atomically, in one round trip: for batches of
+    independent calls (many tasks' moves), where one item's refusal does not stop the others.
+
+    ARGV starts with the item count, then each item's key count and argument count (2 numbers per
+    item); the items' keys follow one another in KEYS, and their arguments in ARGV. Returns the list
+    of the items' replies, in order.
+    """
+    return f"""local function step(KEYS, ARGV)
+{script}
+end
+local n = tonumber(ARGV[1])
+local replies = {{}}
+local next_key, next_arg = 1, 2 * n + 2
+for i = 1, n do
+  local nkeys, nargs = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  replies[i] = step({{unpack(KEYS, next_key, next_key + nkeys - 1)}}, {{unpack(ARGV, next_arg, next_arg + nargs - 1)}})
+  next_key, next_arg = next_key + nkeys, next_arg + nargs
+end
+return replies
+"""
+
+
 # READ_HASHES: many hashes in one round trip (a pipeline pays the client's per-reply cost for each).
 # KEYS: the hashes.  Returns one flat field/value array per key (empty for a missing key).
 READ_HASHES = r"""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -19,7 +21,20 @@ from mloc.state import Refusal, TaskState
 from mloc.transition import Transition, pending_score, utc_day
 
 # Named here too: callers build reservations and read outcomes through the store.
-__all__ = ["Change", "Reservation", "TaskStore", "Transition", "record_of", "require", "utc_day"]
+__all__ = ["Apply", "Change", "Coalescer", "Reservation", "TaskStore", "Transition", "record_of", "require", "utc_day"]
+# Moves sent in one script call by :meth:`TaskStore.apply_many`: Redis runs a call start to end,
+# so a bound keeps other clients' waits short (about 20 ms at this size).
+BATCH_SIZE = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Apply:
+    """One task's move for :meth:`TaskStore.apply_many`: as :meth:`TaskStore.apply`'s arguments."""
+
+    task_id: str
+    change: Change
+    create: NewTask | None = None
+    then: Change | None = None
 
 
 def record_of(h: dict[str, str], *, with_spec: bool) -> TaskRecord:
@@ -42,6 +57,11 @@ class TaskStore:
         self._read_hashes = redis.register_script(lua.READ_HASHES)
         self._submit = redis.register_script(transition.SUBMIT)
         self._twice = redis.register_script(transition.TRANSITION_TWICE)
+        self._each = {
+            "one": redis.register_script(lua.each(transition.TRANSITION)),
+            "submit": redis.register_script(lua.each(transition.SUBMIT)),
+            "twice": redis.register_script(lua.each(transition.TRANSITION_TWICE)),
+        }
 
     # ----------------------------------------------------------------- create
     def new_record(
@@ -175,23 +195,56 @@ class TaskStore:
     ) -> Transition:
         """:meth:`transition` with its arguments in a :class:`~mloc.moves.Change`. Raises
         :class:`InvalidTransition`, before Redis is touched, for a move the state table forbids."""
-        change.move.check()
-        if then is not None:
-            then.move.check()
-        if create is not None and then is not None:
+        kind, task_keys, args = self._call(Apply(task_id, change, create, then))
+        if kind == "one":
+            return transition.outcome(await self._transition(keys=task_keys, args=args))
+        script = self._submit if kind == "submit" else self._twice
+        return transition.outcome((await script(keys=task_keys, args=args))[-1])
+
+    async def apply_many(self, items: Sequence[Apply]) -> list[Transition]:
+        """Many tasks' moves in as few round trips as their kinds allow (one per kind and
+        :data:`BATCH_SIZE`), each as :meth:`apply` would make it: one item's refusal leaves the
+        others alone. Every move is checked against the state table before any is sent. The
+        outcomes come back in the order of ``items``."""
+        calls = [self._call(item) for item in items]
+        outcomes: list[Transition | None] = [None] * len(calls)
+        for kind in ("one", "submit", "twice"):
+            mine = [index for index, call in enumerate(calls) if call[0] == kind]
+            for start in range(0, len(mine), BATCH_SIZE):
+                chunk = mine[start : start + BATCH_SIZE]
+                counts: list[int] = []
+                all_keys: list[str] = []
+                all_args: list[str] = []
+                for index in chunk:
+                    _, task_keys, args = calls[index]
+                    counts += (len(task_keys), len(args))
+                    all_keys += task_keys
+                    all_args += args
+                replies = await self._each[kind](keys=all_keys, args=[len(chunk), *counts, *all_args])
+                for index, reply in zip(chunk, replies, strict=True):
+                    outcomes[index] = transition.outcome(reply if kind == "one" else reply[-1])
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _call(self, item: Apply) -> tuple[str, list[str], list[Any]]:
+        """Which script makes ``item`` (one move, create then move, or two moves) and its KEYS
+        and ARGV, laid out as :func:`mloc.lua.sequence` takes them for the two-part ones."""
+        item.change.move.check()
+        if item.then is not None:
+            item.then.move.check()
+        if item.create is not None and item.then is not None:
             raise ValueError("create and then cannot be combined")
-        call = transition.arguments(task_id, change)
-        if create is not None:
-            first, second, script = self._create_call(create), call, self._submit
-        elif then is not None:
-            first, second, script = call, transition.arguments(task_id, then), self._twice
+        call = transition.arguments(item.task_id, item.change)
+        if item.create is not None:
+            kind, first, second = "submit", self._create_call(item.create), call
+        elif item.then is not None:
+            kind, first, second = "twice", call, transition.arguments(item.task_id, item.then)
         else:
-            return transition.outcome(await self._transition(keys=call[0], args=call[1]))
-        replies = await script(
-            keys=[*first[0], *second[0]],
-            args=[len(first[0]), len(first[1]), len(second[0]), len(second[1]), *first[1], *second[1]],
+            return "one", call[0], call[1]
+        return (
+            kind,
+            [*first[0], *second[0]],
+            [len(first[0]), len(first[1]), len(second[0]), len(second[1]), *first[1], *second[1]],
         )
-        return transition.outcome(replies[-1])
 
     # ------------------------------------------------------------------ reads
     async def get_hash(self, task_id: str) -> dict[str, str]:
@@ -265,6 +318,52 @@ class TaskStore:
         for state in TaskState:
             pipe.zcard(keys.tasks_in_state(state))
         return {state.value: n for state, n in zip(TaskState, await pipe.execute(), strict=True)}
+
+
+class Coalescer:
+    """Moves asked for by concurrent coroutines, sent together through :meth:`TaskStore.apply_many`:
+    each caller awaits its own outcome, as from :meth:`TaskStore.apply`. The moves asked for while
+    one batch is on its way go in the next, so a worker finishing many short tasks pays one round
+    trip per batch, not per task (and an orchestrator answering many submits at once, one per batch of
+    them), while a lone move waits for nothing but one turn of the loop."""
+
+    def __init__(self, store: TaskStore) -> None:
+        self.store = store
+        self._queue: list[tuple[Apply, asyncio.Future[Transition]]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    async def apply(
+        self, task_id: str, change: Change, *, create: NewTask | None = None, then: Change | None = None
+    ) -> Transition:
+        # Checked here, so a forbidden move raises to its caller and never fails the others' batch.
+        change.move.check()
+        if then is not None:
+            then.move.check()
+        if create is not None and then is not None:
+            raise ValueError("create and then cannot be combined")
+        future: asyncio.Future[Transition] = asyncio.get_running_loop().create_future()
+        self._queue.append((Apply(task_id, change, create, then), future))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send())
+        return await future
+
+    async def _send(self) -> None:
+        try:
+            while self._queue:
+                await asyncio.sleep(0)  # the moves asked for in this turn of the loop join the batch
+                batch, self._queue = self._queue, []
+                try:
+                    outcomes = await self.store.apply_many([item for item, _ in batch])
+                except Exception as exc:  # every caller gets the error, as from apply
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                    if not future.done():
+                        future.set_result(outcome)
+        finally:
+            self._sender = None
 
 
 def require(outcome: Transition, task_id: str, target: TaskState) -> Transition:

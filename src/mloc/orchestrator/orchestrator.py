@@ -16,7 +16,7 @@ from mloc import keys, modelroots
 from mloc.errors import BadRequest, Forbidden, SpecError
 from mloc.orchestrator import groups, reaper
 from mloc.orchestrator.placement import Request, explain, misfit, request_of
-from mloc.orchestrator.scheduler import Placement, Scheduler
+from mloc.orchestrator.scheduler import Decision, Placement, Scheduler
 from mloc.orchestrator.usage import Grouping, UsageReports
 from mloc.orchestrator.users import Principal
 from mloc.records import NewTask, WorkerRecord
@@ -175,19 +175,45 @@ class Orchestrator:
         if any(document.spec.resources.replicas > 1 for document in documents):
             return [await self.submit(document, principal) for document in documents]
         prepared = [self._record(document, principal) for document in documents]
-        await self.store.insert([record for record, _ in prepared])
-        answers = []
+        # Workers are chosen on one snapshot before anything is stored, so the tasks that must wait
+        # are stored with their reason; the placements are then made together (Scheduler.commit).
+        scheduler = self.scheduler
+        views = await scheduler.views()
+        decisions: list[Decision] = []
         # Capacity only shrinks during this loop, so once a request found no worker, later identical
-        # requests would not either: they stay pending for the scheduler without trying each one.
+        # requests would not either: they wait with the first one's reason.
         no_room: dict[Request, Placement] = {}
+        answers: list[Placement | int] = []
         for record, request in prepared:
-            placement = no_room.get(request)
-            if placement is None:
-                placement = await self._try_place(record, request)
-                if placement.worker_id is None and not placement.unschedulable:
-                    no_room[request] = placement
-            answers.append(_answer(record, placement))
-        return answers
+            waiting = no_room.get(request)
+            choice = None if waiting is not None else scheduler.choose(request, views)
+            if choice is not None:
+                answers.append(len(decisions))
+                decision = Decision(
+                    record.task_id,
+                    request,
+                    record.owner,
+                    record.priority,
+                    record.created_ms,
+                    choice[0],
+                    choice[1],
+                    document=record.document,
+                )
+                decisions.append(decision)
+                continue
+            if waiting is None:
+                reason, never = explain(request, views)
+                waiting = Placement(worker_id=None, pending_reason=reason, unschedulable=never)
+                if not never:
+                    no_room[request] = waiting
+            record.pending_reason, record.unschedulable = waiting.pending_reason or "", waiting.unschedulable
+            answers.append(waiting)
+        await self.store.insert([record for record, _ in prepared])
+        placed = await scheduler.commit(decisions)
+        return [
+            _answer(record, answer if isinstance(answer, Placement) else placed[answer])
+            for (record, _), answer in zip(prepared, answers, strict=True)
+        ]
 
     async def dry_run(self, document: Document, principal: Principal) -> dict[str, Any]:
         """Validate and say where the task would go, without storing anything."""

@@ -37,7 +37,7 @@ from mloc import keys, lua, moves
 from mloc.orchestrator.placement import Request, explain, fits_now, fits_registration, usable_gpus
 from mloc.records import Assignment, NewTask, WorkerStatus, WorkerView
 from mloc.state import Refusal, TaskState
-from mloc.store import Reservation, TaskStore
+from mloc.store import Apply, Change, Coalescer, Reservation, TaskStore
 from mloc.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,21 @@ class _Owner:
     next: int = 0
 
 
+@dataclass
+class Decision:
+    """A placement chosen on the snapshot, not yet made in Redis (see :meth:`Scheduler.commit`)."""
+
+    task_id: str
+    req: Request
+    owner: str
+    priority: int
+    created_ms: int
+    worker: WorkerView
+    gpus: list[int]
+    document: dict[str, Any] | None = None  # read from the task's record when None
+    current_reason: str | None = None
+
+
 class Scheduler:
     def __init__(
         self,
@@ -104,6 +119,8 @@ class Scheduler:
         user_max_gpus: int = 0,
     ) -> None:
         self.store = store
+        # Placements asked for by concurrent submits go to Redis together.
+        self.mover = Coalescer(store)
         self.registry = registry
         self.heartbeat_ttl_sec = heartbeat_ttl_sec
         self.user_max_tasks = user_max_tasks
@@ -240,28 +257,8 @@ class Scheduler:
             views = await self.views(fresh=attempt > 0)
             tried = len(placement.tried)
             for view, gpus in self._candidates(req, views, avoid):
-                message = Assignment(task_id, owner, tuple(gpus), document).encode()
-                outcome = await self.store.transition(
-                    task_id,
-                    moves.PLACE,
-                    reserve=Reservation(
-                        view.worker_id,
-                        req.cpu,
-                        req.mem,
-                        gpus,
-                        message,
-                        user=owner,
-                        max_tasks=self.user_max_tasks,
-                        max_gpus=self.user_max_gpus,
-                    ),
-                    fields={
-                        "assigned_at": repr(time.time()),
-                        "pending_reason": "",
-                        "unschedulable": "",
-                        "gpus": json.dumps(gpus),
-                    },
-                    create=create,
-                )
+                change = self._place_change(task_id, req, owner, document, view.worker_id, gpus)
+                outcome = await self.mover.apply(task_id, change, create=create)
                 create = None
                 placement.tried.append(view.worker_id)
                 if outcome.ok:
@@ -291,6 +288,92 @@ class Scheduler:
         elif reason != current_reason:
             await self.store.set_fields(task_id, {"pending_reason": reason, "unschedulable": "1" if never else "0"})
         return placement
+
+    def _place_change(
+        self, task_id: str, req: Request, owner: str, document: dict[str, Any], worker_id: str, gpus: list[int]
+    ) -> Change:
+        message = Assignment(task_id, owner, tuple(gpus), document).encode()
+        return Change(
+            moves.PLACE,
+            reserve=Reservation(
+                worker_id,
+                req.cpu,
+                req.mem,
+                gpus,
+                message,
+                user=owner,
+                max_tasks=self.user_max_tasks,
+                max_gpus=self.user_max_gpus,
+            ),
+            fields={
+                "assigned_at": repr(time.time()),
+                "pending_reason": "",
+                "unschedulable": "",
+                "gpus": json.dumps(gpus),
+            },
+        )
+
+    def choose(self, req: Request, views: list[WorkerView]) -> tuple[WorkerView, list[int]] | None:
+        """The best worker for ``req`` on the snapshot, with the GPUs it would take, counted as
+        taken there at once (so the next choice of a batch sees it); None when none has room now."""
+        choice = next(self._candidates(req, views, frozenset()), None)
+        if choice is not None:
+            self._placed_on(choice[0], req, choice[1])
+        return choice
+
+    async def commit(self, decisions: list[Decision]) -> list[Placement]:
+        """Make placements chosen on the snapshot, all in a few round trips: documents not at hand
+        are read in one, and the moves sent in one script call per :data:`mloc.store.BATCH_SIZE`.
+        Redis checks each reservation again; a task refused for capacity (the snapshot was stale)
+        is tried again on its own, with a fresh one."""
+        if not decisions:
+            return []
+        unread = [d for d in decisions if d.document is None]
+        if unread:
+            pipe = self.store.redis.pipeline(transaction=False)
+            for d in unread:
+                pipe.hget(keys.task(d.task_id), "spec")
+            for d, raw in zip(unread, await pipe.execute(), strict=True):
+                d.document = orjson.loads(raw or "{}")
+        changes = [
+            Apply(
+                d.task_id, self._place_change(d.task_id, d.req, d.owner, d.document or {}, d.worker.worker_id, d.gpus)
+            )
+            for d in decisions
+        ]
+        outcomes = await self.store.apply_many(changes)
+        placements: list[Placement] = []
+        reasons: dict[str, str] = {}
+        for d, outcome in zip(decisions, outcomes, strict=True):
+            placement = Placement(worker_id=None, tried=[d.worker.worker_id])
+            if outcome.ok:
+                placement.worker_id = d.worker.worker_id
+            elif outcome.error == Refusal.QUOTA:
+                limit, used, most = outcome.detail.split()
+                placement.quota = limit
+                placement.pending_reason = quota_reason(d.owner, limit, int(used), int(most), d.req.gpu_count)
+                if placement.pending_reason != d.current_reason:
+                    reasons[d.task_id] = placement.pending_reason
+            elif outcome.error == Refusal.CAPACITY:
+                self.invalidate()
+                placement = await self.place(
+                    d.task_id,
+                    d.req,
+                    owner=d.owner,
+                    document=d.document or {},
+                    priority=d.priority,
+                    created_ms=d.created_ms,
+                    current_reason=d.current_reason,
+                )
+            else:
+                placement.pending_reason = f"not pending any more ({outcome.error} {outcome.detail})"
+            placements.append(placement)
+        if reasons:
+            pipe = self.store.redis.pipeline(transaction=False)
+            for task_id, reason in reasons.items():
+                pipe.hset(keys.task(task_id), mapping={"pending_reason": reason, "unschedulable": "0"})
+            await pipe.execute()
+        return placements
 
     async def promote_retries(self, limit: int = 1000) -> int:
         """Move retries whose backoff has passed into the pending queues; remember when the next is due."""
@@ -384,12 +467,15 @@ class Scheduler:
             owners = await self._read_queues(limit)
             if not owners:
                 return 0
-            placed = 0
             # A request that found no worker in this pass will not find one for an identical request
             # either (capacity only shrinks within a pass), so those are skipped, keeping a pass cheap
             # when many tasks wait.
             no_room: set[str] = set()
             reasons: dict[str, str] = {}  # pending reasons to write at the end of the pass
+            unschedulable: dict[str, bool] = {}
+            decisions: list[Decision] = []
+            # Chosen on one snapshot, the placements are then made together (see :meth:`commit`).
+            views = await self.views()
             heap: list[tuple[int, int, int, int]] = []
 
             def push(index: int) -> None:
@@ -420,30 +506,35 @@ class Scheduler:
                     if task.reason != reason:
                         reasons[task.task_id] = reason
                 elif task.req_json not in no_room:
-                    # The document is read only for the tasks tried: most of a long queue is not.
-                    document = await self.store.redis.hget(keys.task(task.task_id), "spec")
-                    outcome = await self.place(
-                        task.task_id,
-                        req,
-                        owner=owner.name,
-                        document=orjson.loads(document or "{}"),
-                        priority=task.priority,
-                        created_ms=task.created_ms,
-                        current_reason=task.reason,
-                    )
-                    if outcome.worker_id is not None:
-                        placed += 1
+                    choice = self.choose(req, views)
+                    if choice is None:
+                        # Capacity only shrinks within a pass: an identical request finds no room either.
+                        no_room.add(task.req_json)
+                        reason, never = explain(req, views)
+                        if reason != task.reason:
+                            reasons[task.task_id] = reason
+                            unschedulable[task.task_id] = never
+                    else:
+                        decisions.append(
+                            Decision(
+                                task.task_id,
+                                req,
+                                owner.name,
+                                task.priority,
+                                task.created_ms,
+                                choice[0],
+                                choice[1],
+                                current_reason=task.reason,
+                            )
+                        )
                         owner.tasks += 1
                         owner.gpus += req.gpu_count
-                    elif outcome.quota == "tasks":
-                        # Another orchestrator placed some of this user's tasks meanwhile.
-                        owner.tasks = max(owner.tasks, owner.max_tasks)
-                    elif outcome.quota is None:
-                        no_room.add(task.req_json)
                 push(index)
+            placed = sum(p.worker_id is not None for p in await self.commit(decisions))
             if reasons:
                 pipe = self.store.redis.pipeline(transaction=False)
                 for task_id, reason in reasons.items():
-                    pipe.hset(keys.task(task_id), mapping={"pending_reason": reason, "unschedulable": "0"})
+                    flag = "1" if unschedulable.get(task_id) else "0"
+                    pipe.hset(keys.task(task_id), mapping={"pending_reason": reason, "unschedulable": flag})
                 await pipe.execute()
             return placed

@@ -24,7 +24,7 @@ from mloc.records import ADMIN, SUBMITTED_BY, Assignment, AssignmentError
 from mloc.settings import Settings
 from mloc.spec import Document, validate
 from mloc.state import Reason, StopReason, TaskState
-from mloc.store import TaskStore
+from mloc.store import Coalescer, TaskStore
 from mloc.worker.process import HostDied, HostKey, HostPool, HostProcess, default_python
 from mloc.worker.reporter import Reporter
 
@@ -51,6 +51,7 @@ class TaskRunner:
     settings: Settings
     redis: aioredis.Redis
     store: TaskStore
+    mover: Coalescer  # makes this worker's task moves, sent in batches
     worker_id: str
     results_dir: Path
     models_dir: Path
@@ -125,7 +126,7 @@ class TaskRunner:
             deferred = replace(start, expect_attempt=run.attempt - 1)
         else:
             try:
-                outcome = await self._persist(f"task {task_id}: recording its start", self.store.apply, task_id, start)
+                outcome = await self._persist(f"task {task_id}: recording its start", self.mover.apply, task_id, start)
             except aioredis.RedisError:
                 return  # stopping with Redis away: the entry stays unacknowledged, the reaper requeues it
             if not outcome.ok:
@@ -344,10 +345,10 @@ class TaskRunner:
         )
         what = f"task {task_id}: recording how it ended"
         if deferred_start is None:
-            outcome = await self._persist(what, self.store.apply, task_id, final)
+            outcome = await self._persist(what, self.mover.apply, task_id, final)
         else:
             start = replace(deferred_start, **taken)
-            outcome = await self._persist(what, self.store.apply, task_id, start, then=final)
+            outcome = await self._persist(what, self.mover.apply, task_id, start, then=final)
         if not outcome.ok and await self._recorded(task_id, run.attempt):
             return True  # an earlier try was applied; only its answer was lost
         if not outcome.ok:

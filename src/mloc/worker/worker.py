@@ -22,7 +22,7 @@ from mloc.records import Registration, WorkerStatus, heartbeat_fields
 from mloc.requeue import Backoff, hand_back
 from mloc.settings import Settings
 from mloc.state import Reason, StopReason
-from mloc.store import TaskStore
+from mloc.store import Coalescer, TaskStore
 from mloc.worker import hardware
 from mloc.worker.process import HostPool
 from mloc.worker.runner import Running, TaskRunner
@@ -36,6 +36,7 @@ class Worker(TaskRunner):
         self.settings = settings
         self.redis = redis
         self.store = TaskStore(redis)
+        self.mover = Coalescer(self.store)
         self.registry = WorkerRegistry(redis)
         self.worker_id = settings.resolved_worker_id
         self.results_dir = settings.results_dir.resolve()

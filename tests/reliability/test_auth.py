@@ -278,6 +278,41 @@ def test_a_user_cannot_name_another_users_files_as_a_model(world: World) -> None
         assert answer.status_code == 201, answer.text
 
 
+def test_a_user_cannot_read_another_users_data_as_a_dataset(world: World) -> None:
+    secured = world.secured
+    alices_file = secured.results_dir / world.done / "responses.json"
+    assert alices_file.is_file()
+
+    def dataset(source: str) -> bytes:
+        return f"taskType: inference\ninference: {{input: {source}, max_tokens: 2}}\n".encode()
+
+    with secured.http(secured.admin) as admin:
+        # The lines an inference task over a dataset would read from another task.
+        assert (
+            admin.post(
+                "/api/v1/tasks", params={"dry_run": "true"}, content=dataset(f"{{path: {alices_file}.jsonl}}")
+            ).status_code
+            == 201
+        )
+    with secured.http(world.bob) as bob:
+        refused = {
+            "{path: /etc/passwd.csv}": ("spec.inference.input.path", "MLOC_MODEL_ROOTS"),
+            "{path: 'file:///etc/passwd.csv'}": ("spec.inference.input.path", "MLOC_MODEL_ROOTS"),
+            f"{{path: {alices_file}.jsonl}}": ("spec.inference.input.path", "your tasks"),
+            "{path: rows.jsonl}": ("spec.inference.input.path", "absolute path"),
+            f"{{task: {world.done}}}": ("spec.inference.input.task", "not one of your tasks"),
+        }
+        for source, (field, fix) in refused.items():
+            answer = bob.post("/api/v1/tasks", content=dataset(source))
+            assert answer.status_code == 403, (source, answer.text)
+            assert field in answer.json()["message"] and fix in answer.json()["message"], (source, answer.text)
+        # A remote store is not the worker's disk: not refused here (the worker's credentials decide).
+        answer = bob.post(
+            "/api/v1/tasks", params={"dry_run": "true"}, content=dataset("{path: 's3://bucket/rows.jsonl'}")
+        )
+        assert answer.status_code == 201, answer.text
+
+
 def test_a_user_sees_only_their_own_task_ids_on_a_worker(world: World) -> None:
     secured = world.secured
     with secured.http(world.bob) as bob, secured.http(world.alice) as alice, secured.http(secured.admin) as admin:

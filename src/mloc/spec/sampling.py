@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from mloc.spec.base import Strict
+from mloc.spec.dataset import DatasetInput
 
 
 class Sampling(Strict):
@@ -37,6 +38,9 @@ class InferenceInput(Sampling):
     messages: list[list[Message]] = Field(
         default_factory=list, description="Chat conversations; each one gets one reply."
     )
+    input: DatasetInput | None = Field(
+        None, description="Read prompts from a dataset (file, URL, HF cache or another task's results) instead."
+    )
     batch_size: int | None = Field(None, ge=1, le=4096)
 
     @field_validator("prompts")
@@ -57,8 +61,18 @@ class InferenceInput(Sampling):
 
     @model_validator(mode="after")
     def _has_input(self) -> InferenceInput:
+        if self.input is not None:
+            if self.prompts or self.messages:
+                raise ValueError(
+                    "give inline 'prompts'/'messages' or a dataset in 'input', not both; move the inline prompts "
+                    "into the dataset or into a task of their own"
+                )
+            return self
         if not self.prompts and not self.messages:
-            raise ValueError("no input: give 'prompts' (a list of strings) or 'messages' (chat conversations)")
+            raise ValueError(
+                "no input: give 'prompts' (a list of strings), 'messages' (chat conversations) or 'input' "
+                "(a dataset: path, huggingface or task)"
+            )
         if len(self.prompts) + len(self.messages) > MAX_PROMPTS:
             raise ValueError(f"more than {MAX_PROMPTS} prompts in one task; split it into several tasks")
         return self

@@ -234,6 +234,11 @@ def _follow_the_worker() -> None:
 
 def main() -> None:
     _follow_the_worker()
+    # Whether this worker downloads models is decided once, from the environment it was started in
+    # (MLOC_OFFLINE, else HF_HUB_OFFLINE): the libraries themselves are then kept off the hub, as MLOC
+    # fetches what a task names (mloc.llm.fetch) before they load it from disk.
+    hub_offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    os.environ.setdefault("MLOC_OFFLINE", "1" if hub_offline else "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     # One engine cache for all this process's executors: a RAG task reuses the inference task's model.

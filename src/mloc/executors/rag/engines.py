@@ -54,7 +54,14 @@ class EngineHolder:
 
         loads = self.cache.loads
         started = time.perf_counter()
-        engine = load_engine(model, models_dir=ctx.models_dir, cache=self.cache, workload=workload)
+        engine = load_engine(
+            model,
+            models_dir=ctx.models_dir,
+            cache=self.cache,
+            workload=workload,
+            on_progress=ctx.progress,
+            check_cancelled=ctx.check_cancelled,
+        )
         if self.cache.loads > loads:
             ctx.log(f"loaded {engine.model_id} on {engine.name} in {time.perf_counter() - started:.1f}s")
         else:

@@ -22,9 +22,9 @@ from transformers import (
 
 from mloc.errors import ExecutionError
 from mloc.llm.modelsource import find_packaged, resolve_model
-from mloc.spec.base import ModelSource, SourceType
+from mloc.spec.base import ModelSource, SourceType, is_url
 
-# Workers never download: every id must already be in the local Hugging Face cache.
+# The libraries stay off the hub: MLOC downloads what a task names (mloc.llm.fetch) before they load it.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -55,6 +55,8 @@ def resolve_named_model(identifier: str, models_dir: Path, field: str) -> Path:
     local = Path(identifier).expanduser()
     if find_packaged(identifier) is not None:
         kind = SourceType.PACKAGE
+    elif is_url(identifier):
+        kind = SourceType.URL
     else:
         kind = SourceType.LOCAL if local.exists() else SourceType.HUGGINGFACE
     try:

@@ -176,7 +176,9 @@ class TrainExecutor(Executor):
         data = load_data(spec.dataset, self.formats, seed=spec.hyperparameters.seed)
         held = f", {len(data.eval)} held out for evaluation" if data.eval else ""
         ctx.log(f"dataset {data.source}: {len(data.train)} {data.format.value} examples{held}")
-        model_dir = resolve_model(spec.model.source, ctx.models_dir)
+        model_dir = resolve_model(
+            spec.model.source, ctx.models_dir, on_progress=ctx.progress, check_cancelled=ctx.check_cancelled
+        )
         ctx.check_cancelled()
 
         run = self._prepare(ctx, spec, data, model_dir)

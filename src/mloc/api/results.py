@@ -1,0 +1,89 @@
+"""/api/v1/tasks/{id}/results: a dataset task's result lines (results.jsonl), streamed as NDJSON a page
+at a time.
+
+The lines are read where the artifact routes read a task's files: the artifact store once the task has
+published them, else the orchestrator's RESULTS_DIR, where they grow while the task runs. A last line
+without its newline is a batch still being written, and is left for the next read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import IO, Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
+
+from mloc import artifacts
+from mloc.api.artifacts import _listing
+from mloc.api.deps import Caller, Orch, TaskId
+from mloc.api.responses import raises
+from mloc.api.tasks import _own
+from mloc.errors import Conflict, NotFound, Unavailable
+from mloc.spec.dataset import RESULT_LINES
+
+router = APIRouter(prefix="/api/v1/tasks", tags=["artifacts"])
+NDJSON = "application/x-ndjson"
+# Lines are sent in blocks of about this many bytes rather than one by one.
+BLOCK = 64 * 1024
+
+
+def page(handle: IO[bytes], offset: int, limit: int | None) -> Iterator[bytes]:
+    """Whole lines ``offset`` to ``offset + limit`` of ``handle``, in blocks; closes it at the end."""
+    with handle:
+        block: list[bytes] = []
+        size = sent = 0
+        for number, line in enumerate(handle):
+            if not line.endswith(b"\n"):
+                break
+            if number < offset:
+                continue
+            block.append(line)
+            size += len(line)
+            sent += 1
+            if size >= BLOCK:
+                yield b"".join(block)
+                block, size = [], 0
+            if limit is not None and sent >= limit:
+                break
+        if block:
+            yield b"".join(block)
+
+
+@router.get(
+    "/{task_id}/results",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "One JSON object per line, one line per input row in input order: "
+            '{"id", "output", "finish_reason", "prompt_tokens", "completion_tokens", "error"}.',
+            "content": {NDJSON: {"schema": {"type": "string"}}},
+        }
+    },
+)
+@raises(Conflict, NotFound, Unavailable)
+async def result_lines(
+    task_id: TaskId,
+    orch: Orch,
+    who: Caller,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000, description="Lines to skip (0-based).")] = 0,
+    limit: Annotated[int | None, Query(ge=1, le=1_000_000, description="Lines to send at most; default all.")] = None,
+) -> StreamingResponse:
+    """A dataset inference task's result lines, a page at a time (they grow while the task runs)."""
+    record = _own(await orch.store.get(task_id, with_spec=False), who)
+    found = await _listing(orch, record)
+    if not any(item.path == RESULT_LINES for item in found.items):
+        # The task exists and is the caller's: what it lacks is lines, so not a 404 (which says "no such task").
+        raise Conflict(
+            f"task {task_id} has no result lines ({RESULT_LINES}): only inference tasks that read a dataset "
+            f"(inference.input) write them; GET /api/v1/tasks/{task_id}/result has its result"
+        )
+    try:
+        handle = await asyncio.to_thread(artifacts.open_artifact, orch.settings, found, RESULT_LINES)
+    except FileNotFoundError as exc:
+        raise Unavailable(f"the result lines of task {task_id} are listed but missing from the store") from exc
+    except OSError as exc:
+        raise Unavailable(f"the artifact store cannot be read: {type(exc).__name__}: {exc}") from exc
+    # A plain iterator: Starlette reads it in its thread pool, so a slow store never blocks the loop.
+    return StreamingResponse(page(handle, offset, limit), media_type=NDJSON)

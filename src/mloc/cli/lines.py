@@ -1,0 +1,59 @@
+"""`mloc results`: a dataset task's result lines (results.jsonl), a page at a time, while it runs or after."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from mloc.cli import output
+from mloc.cli.output import JsonFlag, OutputFormat, wants_json
+from mloc.cli.root import app, client
+from mloc.errors import MlocError
+
+TaskIdArg = Annotated[str, typer.Argument(help="A task id, or any unique prefix of one (as `mloc tasks` shows).")]
+
+
+@app.command("results")
+def results_command(
+    task_id: TaskIdArg,
+    offset: Annotated[int, typer.Option("--offset", min=0, help="Lines to skip (0-based).")] = 0,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Lines to print at most.")] = 20,
+    json_out: JsonFlag = False,
+    fmt: OutputFormat = None,
+) -> None:
+    """A dataset inference task's result lines: id, how each ended and its output (or error).
+
+    --json prints the lines as they are, one JSON object a line (NDJSON), for jq and scripts."""
+    api = client()
+    as_json = wants_json(json_out, fmt)
+    shown = 0
+    try:
+        for line in api.result_lines(task_id, offset=offset, limit=limit):
+            shown += 1
+            if as_json:
+                output.json_line(line)
+            else:
+                _print(line)
+    except MlocError as exc:
+        output.fail(exc)
+    if not as_json:
+        if shown == limit:
+            output.line(output.styled(f"... more may follow: --offset {offset + shown}", "dim"), stderr=True)
+        elif shown == 0:
+            output.line(output.styled(f"no result lines from line {offset} on", "dim"), stderr=True)
+
+
+def _print(line: dict[str, Any]) -> None:
+    head = f"--- {line.get('id')}"
+    if line.get("error") is not None:
+        output.line(output.styled(output.visible(head + " (error)", one_line=True), "bold"))
+        output.line(output.styled(output.visible(str(line["error"])), "red"))
+        return
+    finish = line.get("finish_reason")
+    reasons = ", ".join(map(str, finish)) if isinstance(finish, list) else finish
+    tokens = f"{line.get('prompt_tokens', 0)}+{line.get('completion_tokens', 0)} tokens"
+    output.line(output.styled(output.visible(f"{head} ({reasons}, {tokens})", one_line=True), "bold"))
+    outputs = line.get("output")
+    for text in outputs if isinstance(outputs, list) else [outputs]:
+        output.line(output.visible(str(text)))

@@ -1,0 +1,276 @@
+"""Reading an inference task's dataset as a stream of rows, a batch at a time, whatever its size.
+
+JSONL is read line by line and CSV with the ``csv`` module, both through fsspec (local files, ``s3://``
+and any other fsspec URL; ``.gz`` and the like are decompressed on the way); Parquet one record batch at
+a time with pyarrow; a Hugging Face dataset from the worker's cache through ``datasets``, which maps its
+Arrow files rather than loading them. Memory holds one batch of rows, never the file.
+
+A row that cannot be read (a line that is not a JSON object, a CSV line with surplus cells) is not an
+error of the whole dataset: it comes out as a :class:`RawRow` with ``problem`` set, and the executor
+decides what a bad row costs. A source that cannot be opened at all raises :class:`ExecutionError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from mloc.errors import ExecutionError
+from mloc.spec.dataset import RESULT_LINES, DatasetInput, HuggingFaceDataset
+
+# Rows pyarrow decodes at once: a Parquet row group can hold millions, so never a whole one.
+PARQUET_BATCH = 1024
+PARQUET_BUFFER = 1 << 20
+
+
+@dataclass(frozen=True)
+class RawRow:
+    """One row as read: its values, or why it could not be read."""
+
+    number: int  # 0-based, counting rows (a JSONL file's blank lines and a CSV header are not rows)
+    values: dict[str, Any] | None
+    problem: str | None = None
+    line: int | None = None  # 1-based line in a text file, for messages
+
+    @property
+    def where(self) -> str:
+        return f"row {self.number}" + (f" (line {self.line})" if self.line is not None else "")
+
+
+@dataclass
+class Dataset:
+    """An opened source: a label for messages, its row count when the format tells it, and its rows."""
+
+    label: str
+    total: int | None
+    rows: Iterator[RawRow]
+    default_text_column: str = "prompt"
+    default_id_column: str | None = None  # None: the row number
+
+
+def batches(rows: Iterator[RawRow], size: int) -> Iterator[list[RawRow]]:
+    """``rows`` in lists of ``size`` (the last may be shorter)."""
+    while batch := list(itertools.islice(rows, size)):
+        yield batch
+
+
+@contextmanager
+def open_dataset(source: DatasetInput, *, results_dir: Path) -> Iterator[Dataset]:
+    """Open ``source`` for reading; its file (if any) is closed when the block ends."""
+    if source.huggingface is not None:
+        yield _huggingface(source.huggingface, source.max_rows)
+        return
+    if source.task is not None:
+        fs, url, label = task_lines(source.task, results_dir)
+        with _open_binary(url, label, fs) as handle:
+            yield Dataset(label, None, _limit(_jsonl(handle, label), source.max_rows), "output", "id")
+        return
+    assert source.path is not None
+    url = os.path.expanduser(source.path) if "://" not in source.path else source.path
+    label = f"dataset {source.path}"
+    fmt = source.resolved_format
+    with _open_binary(url, label) as handle:
+        if fmt == "parquet":
+            total, rows = _parquet(handle, label)
+            if source.max_rows is not None and total is not None:
+                total = min(total, source.max_rows)
+            yield Dataset(label, total, _limit(rows, source.max_rows))
+        elif fmt == "csv":
+            yield Dataset(label, None, _limit(_csv(handle, label), source.max_rows))
+        else:
+            yield Dataset(label, None, _limit(_jsonl(handle, label), source.max_rows))
+
+
+def _limit(rows: Iterator[RawRow], max_rows: int | None) -> Iterator[RawRow]:
+    return rows if max_rows is None else itertools.islice(rows, max_rows)
+
+
+@contextmanager
+def _open_binary(url: str, label: str, fs: Any = None) -> Iterator[IO[bytes]]:
+    """``url`` through fsspec, or through ``fs`` (a file system already set up, the artifact store's)."""
+    import fsspec
+
+    try:
+        handle = fs.open(url, "rb") if fs is not None else fsspec.open(url, "rb", compression="infer").open()
+    except FileNotFoundError:
+        raise ExecutionError(
+            f"{label} does not exist (as the worker sees it); inference.input.path must be a file on the worker, "
+            "or a URL it can read (s3://bucket/key, https://...)"
+        ) from None
+    except ImportError as exc:
+        raise ExecutionError(
+            f"{label}: the worker cannot read this kind of URL: {exc}; install the file system's package "
+            "(s3:// needs pip install 'mloc[s3]')"
+        ) from exc
+    except (OSError, ValueError) as exc:
+        raise ExecutionError(f"{label} could not be opened: {type(exc).__name__}: {exc}") from exc
+    try:
+        yield handle
+    finally:
+        handle.close()
+
+
+def _jsonl(handle: IO[bytes], label: str) -> Iterator[RawRow]:
+    number = 0
+    try:
+        for line_number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                value = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                yield RawRow(number, None, f"not valid JSON ({exc}); each line must be one JSON object", line_number)
+            else:
+                if isinstance(value, dict):
+                    yield RawRow(number, value, None, line_number)
+                else:
+                    yield RawRow(number, None, f"a JSON {type(value).__name__}, not an object", line_number)
+            number += 1
+    except OSError as exc:
+        raise ExecutionError(f"{label} stopped being readable at row {number}: {exc}") from exc
+
+
+def _csv(handle: IO[bytes], label: str) -> Iterator[RawRow]:
+    text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
+    reader = csv.DictReader(text)
+    number = 0
+    try:
+        for row in reader:
+            # DictReader puts surplus cells under the None key and fills missing ones with None.
+            if None in row or any(value is None for value in row.values()):
+                cells = len(reader.fieldnames or [])
+                yield RawRow(number, None, f"the number of cells differs from the header's {cells}", reader.line_num)
+            else:
+                yield RawRow(number, dict(row), None, reader.line_num)
+            number += 1
+    except UnicodeDecodeError as exc:
+        raise ExecutionError(f"{label} is not UTF-8 text (at row {number}, byte {exc.start} of a block)") from None
+    except csv.Error as exc:
+        raise ExecutionError(f"{label} line {reader.line_num}: not readable as CSV: {exc}") from exc
+    finally:
+        text.detach()  # the caller closes the file itself
+
+
+def _parquet(handle: IO[bytes], label: str) -> tuple[int | None, Iterator[RawRow]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ExecutionError(
+            f"{label} is Parquet, and this worker lacks pyarrow to read it; pip install pyarrow, or give JSONL/CSV"
+        ) from None
+    try:
+        # Buffered reads of one column chunk at a time, decoded on this thread: pyarrow's defaults (whole
+        # row groups pre-buffered, decoded by a thread pool) hold a row group several times over, and a
+        # row group can be millions of rows (measured: 43 MiB instead of 103 MiB growth at 1M rows).
+        parquet = pq.ParquetFile(handle, pre_buffer=False, buffer_size=PARQUET_BUFFER)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise ExecutionError(f"{label} is not a Parquet file: {exc}") from exc
+
+    def rows() -> Iterator[RawRow]:
+        number = 0
+        try:
+            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH, use_threads=False):
+                for values in batch.to_pylist():
+                    yield RawRow(number, values)
+                    number += 1
+        except (OSError, ValueError) as exc:
+            raise ExecutionError(f"{label}: Parquet data unreadable after row {number}: {exc}") from exc
+
+    return parquet.metadata.num_rows, rows()
+
+
+def _offline() -> None:
+    """Workers never reach the hub. The libraries read these switches when first imported, so a process
+    that imported them earlier is switched too."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    for module, names in (
+        ("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
+        ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")),
+    ):
+        loaded = sys.modules.get(module)
+        for name in names:
+            if loaded is not None and hasattr(loaded, name):
+                setattr(loaded, name, True)
+
+
+def _huggingface(source: HuggingFaceDataset, max_rows: int | None) -> Dataset:
+    """A dataset from the worker's caches: the hub cache (``huggingface-cli download --repo-type dataset``
+    leaves its files there), else the ``datasets`` cache of one loaded on this machine before."""
+    label = f"Hugging Face dataset {source.name!r} (split {source.split!r})"
+    _offline()
+    try:
+        import datasets
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ExecutionError(
+            f"{label}: this worker lacks the datasets library; pip install 'mloc[train]' (or datasets)"
+        ) from None
+    try:
+        try:
+            where = snapshot_download(source.name, repo_type="dataset", local_files_only=True)
+        except Exception:  # not in the hub cache: datasets' own cache may still hold it
+            where = source.name
+        loaded = datasets.load_dataset(where, source.config, split=source.split)
+    except Exception as exc:
+        raise ExecutionError(
+            f"{label} could not be read: {exc}; workers read hub datasets from their local cache only "
+            "(HF_HOME / HF_DATASETS_CACHE): download it on a machine with access and copy the cache, or give "
+            "inference.input.path"
+        ) from exc
+    total = len(loaded) if max_rows is None else min(len(loaded), max_rows)
+
+    def rows() -> Iterator[RawRow]:
+        # Row by row from memory-mapped Arrow files: nothing is loaded whole.
+        for number, values in enumerate(loaded):
+            yield RawRow(number, dict(values))
+
+    return Dataset(label, total, _limit(rows(), max_rows))
+
+
+def task_lines(task_id: str, results_dir: Path) -> tuple[Any, str, str]:
+    """Where another task's result lines are: its folder in this worker's RESULTS_DIR, else the artifact
+    store (the highest attempt that published them). Returns the file system to open them with (None for
+    a local path), the path, and a label."""
+    label = f"the result lines of task {task_id}"
+    local = results_dir / task_id / RESULT_LINES
+    if local.is_file():
+        return None, str(local), label
+    from mloc.artifacts import store_for
+    from mloc.errors import ConfigError
+    from mloc.settings import Settings
+
+    try:
+        store = store_for(Settings())
+    except ConfigError as exc:
+        raise ExecutionError(f"{label}: the artifact store is misconfigured: {exc.message}") from exc
+    if store is not None:
+        try:
+            attempts = sorted(
+                (int(name) for entry in store.fs.ls(f"{store.root}/{task_id}", detail=False)
+                 if (name := entry.rstrip("/").rsplit("/", 1)[-1]).isdigit()),
+                reverse=True,
+            )  # fmt: skip
+        except FileNotFoundError:
+            attempts = []
+        except OSError as exc:
+            raise ExecutionError(f"{label}: the artifact store {store.url} cannot be read: {exc}") from exc
+        for attempt in attempts:
+            listing = store.listing(task_id, attempt)
+            if listing is not None and any(item.path == RESULT_LINES for item in listing.items):
+                return store.fs, f"{store.root}/{task_id}/{attempt}/files/{RESULT_LINES}", label
+    raise ExecutionError(
+        f"task {task_id} has no result lines this worker can read (not in {results_dir / task_id}"
+        f"{', nor in the artifact store' if store is not None else ''}); name a succeeded inference task that read "
+        "a dataset, or set MLOC_ARTIFACT_STORE so workers share results"
+    )

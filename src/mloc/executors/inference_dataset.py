@@ -1,0 +1,305 @@
+"""The ``inference`` executor's dataset path: rows in a batch at a time, one result line per row out.
+
+Each batch is read, turned into requests (the prompt or chat column, the id, the row's own sampling
+values), generated, and appended to ``results.jsonl`` in input order before the next batch is read, so
+memory holds one batch and a reader of the file sees the task's progress. A row that cannot become a
+request gets a line with ``error`` instead, up to ``inference.input.max_row_errors``; one more fails the
+task with a message naming the row.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from pydantic import TypeAdapter, ValidationError
+
+from mloc.errors import ExecutionError
+from mloc.executors.base import RunContext
+from mloc.executors.dataset_io import Dataset, RawRow, batches, open_dataset
+from mloc.llm.text import PLAIN_TURN_STOPS
+from mloc.spec.dataset import RESULT_LINES, DatasetInput
+from mloc.spec.sampling import Message, Sampling
+
+if TYPE_CHECKING:
+    from mloc.llm.base import Generation, LLMEngine
+    from mloc.spec.sampling import InferenceInput
+
+_MESSAGES = TypeAdapter(list[Message])
+# Distinct per-row sampling values kept validated at once; a dataset with more starts the cache afresh.
+_SAMPLING_CACHE = 4096
+
+
+@dataclass(frozen=True)
+class RowRequest:
+    """One row made ready for the engine, or the reason it cannot be."""
+
+    row: RawRow
+    id: Any
+    prompt: str = ""
+    sampling: Sampling | None = None
+    group: str = ""  # rows of one batch with the same group share an engine call
+    error: str | None = None
+
+
+class ResultLines:
+    """``results.jsonl``, appended a batch at a time with one write, so a reader sees whole lines (a
+    reader ignores a last line without its newline: that batch is still being written)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Truncated: a retried attempt starts the file again. Owner-only, as results are the task user's.
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+
+    def append(self, lines: list[dict[str, Any]]) -> None:
+        data = memoryview(b"".join(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE, default=str) for line in lines))
+        while data:
+            written = os.write(self.fd, data)
+            data = data[written:]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class RowMapper:
+    """Turns raw rows into requests by ``inference.input.columns``, checked against the engine."""
+
+    def __init__(self, source: DatasetInput, inputs: InferenceInput, engine: LLMEngine, dataset: Dataset) -> None:
+        self.columns = source.columns
+        self.id_column = source.columns.id or dataset.default_id_column
+        self.overrides = source.columns.sampling()
+        self.base = {name: getattr(inputs, name) for name in Sampling.model_fields}
+        self.engine = engine
+        self.default_text = dataset.default_text_column
+        self.plain_chat = not engine.has_chat_template
+        self._cache: dict[str, Sampling | str] = {}
+
+    def map(self, row: RawRow) -> RowRequest:
+        values = row.values
+        if values is None:
+            return RowRequest(row, row.number, error=row.problem or "unreadable")
+        row_id: Any = row.number
+        if self.id_column is not None:
+            row_id = values.get(self.id_column)
+            if row_id is None or isinstance(row_id, bool) or not isinstance(row_id, str | int):
+                problem = "is missing" if row_id is None else f"is a {type(row_id).__name__}, not a string or integer"
+                return RowRequest(row, row.number, error=f"id column {self.id_column!r} {problem}")
+        try:
+            prompt, chat = self._text(values)
+            sampling, group = self._sampling(values, chat)
+            self._check_length(prompt, sampling)
+        except _RowProblem as problem:
+            return RowRequest(row, row_id, error=str(problem))
+        return RowRequest(row, row_id, prompt, sampling, group)
+
+    def _text(self, values: dict[str, Any]) -> tuple[str, bool]:
+        column = self.columns.messages or self.columns.prompt or self.default_text
+        chat = self.columns.messages is not None
+        if not chat and self.columns.prompt is None and column not in values and "messages" in values:
+            column, chat = "messages", True  # a chat dataset needs no mapping
+        if column not in values:
+            raise _RowProblem(
+                f"no column {column!r} (it has {', '.join(map(repr, list(values)[:10]))}); map the text with "
+                "inference.input.columns.prompt or .messages"
+            )
+        value = values[column]
+        if not chat:
+            if not isinstance(value, str) or not value.strip():
+                what = "is empty" if isinstance(value, str) else f"is a {type(value).__name__}, not text"
+                raise _RowProblem(f"prompt column {column!r} {what}")
+            return value, False
+        if isinstance(value, str):  # a CSV cell holds the chat as JSON
+            try:
+                value = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                raise _RowProblem(f"messages column {column!r} is text that is not a JSON list of messages") from None
+        try:
+            messages = _MESSAGES.validate_python(value)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            problem = f"messages column {column!r} is not a chat: at {where or 'top'}: {first['msg']}"
+            raise _RowProblem(problem) from None
+        if not messages:
+            raise _RowProblem(f"messages column {column!r} is an empty chat")
+        return self.engine.render_chat(messages), True
+
+    def _sampling(self, values: dict[str, Any], chat: bool) -> tuple[Sampling, str]:
+        own = {name: values.get(column) for name, column in self.overrides.items()}
+        own = {name: value for name, value in own.items() if value is not None and value != ""}
+        key = orjson.dumps([own, chat], option=orjson.OPT_SORT_KEYS, default=str).decode()
+        found = self._cache.get(key)
+        if found is None:
+            found = self._validate(own, chat)
+            if len(self._cache) >= _SAMPLING_CACHE:
+                self._cache.clear()
+            self._cache[key] = found
+        if isinstance(found, str):
+            raise _RowProblem(found)
+        return found, key
+
+    def _validate(self, own: dict[str, Any], chat: bool) -> Sampling | str:
+        try:
+            sampling = Sampling.model_validate({**self.base, **own})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            name = str(first["loc"][0]) if first["loc"] else "sampling"
+            column = self.overrides.get(name, name)
+            return f"column {column!r} ({name}) is {own.get(name)!r}: {first['msg']}"
+        if chat and self.plain_chat:
+            # Without a chat template a reply is plain text after "Assistant:"; the next turn marker ends it.
+            stops = [*sampling.stop, *(stop for stop in PLAIN_TURN_STOPS if stop not in sampling.stop)]
+            sampling = sampling.model_copy(update={"stop": stops})
+        return sampling
+
+    def _check_length(self, prompt: str, sampling: Sampling) -> None:
+        limit = self.engine.max_context
+        if limit is None:
+            return
+        if sampling.max_tokens >= limit:
+            raise _RowProblem(f"max_tokens {sampling.max_tokens} is not below the model's context of {limit} tokens")
+        # A token is at least one byte of UTF-8, so most prompts pass without being tokenized.
+        if len(prompt.encode()) + 8 + sampling.max_tokens <= limit:
+            return
+        count = self.engine.count_tokens(prompt)
+        if count + sampling.max_tokens > limit:
+            raise _RowProblem(
+                f"the prompt has {count} tokens; with max_tokens {sampling.max_tokens} that is beyond the model's "
+                f"context of {limit} tokens"
+            )
+
+
+class _RowProblem(Exception):
+    """Why one row cannot be run; it becomes the row's error line."""
+
+
+def line_of(request: RowRequest, samples: list[Generation] | None) -> dict[str, Any]:
+    """The result line of one row: its outputs (a list when the task asks n > 1), or its error."""
+    if samples is None:
+        return {
+            "id": request.id,
+            "output": None,
+            "finish_reason": None,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "error": request.error,
+        }
+    many = len(samples) > 1
+    return {
+        "id": request.id,
+        "output": [s.output for s in samples] if many else samples[0].output,
+        "finish_reason": [s.finish_reason for s in samples] if many else samples[0].finish_reason,
+        "prompt_tokens": samples[0].prompt_tokens,
+        "completion_tokens": sum(s.completion_tokens for s in samples),
+        "error": None,
+    }
+
+
+def run_dataset(
+    ctx: RunContext,
+    inputs: InferenceInput,
+    engine: LLMEngine,
+    batch_size: int,
+    generate: Callable[[list[str], Sampling], list[list[Generation]]],
+) -> dict[str, Any]:
+    """Run every row of ``inputs.input`` through ``generate`` (the engine, with the task's adapter and
+    cancel signal) and write the lines; returns the totals that become responses.json."""
+    source = inputs.input
+    assert source is not None
+    results_dir = ctx.out_dir.parent
+    rows = succeeded = failed = prompt_tokens = completion_tokens = 0
+    started = time.perf_counter()
+    writer = ResultLines(ctx.out_dir / RESULT_LINES)
+    try:
+        with open_dataset(source, results_dir=results_dir) as dataset:
+            mapper = RowMapper(source, inputs, engine, dataset)
+            ctx.log(f"reading {dataset.label}" + (f": {dataset.total:,} rows" if dataset.total is not None else ""))
+            ctx.progress(0, dataset.total, _rows_message(0, dataset.total))
+            for batch in batches(dataset.rows, batch_size):
+                ctx.check_cancelled()
+                requests = [mapper.map(row) for row in batch]
+                for request in requests:
+                    if request.error is not None:
+                        failed += 1
+                        if failed > source.max_row_errors:
+                            raise ExecutionError(_too_many(dataset.label, request, failed, source.max_row_errors))
+                outputs = _generate(requests, generate)
+                # A cancel mid-batch cuts the batch short; its partial output is not a result.
+                ctx.check_cancelled()
+                lines = [line_of(request, outputs.get(request.row.number)) for request in requests]
+                writer.append(lines)
+                batch_prompt = sum(line["prompt_tokens"] for line in lines)
+                batch_completion = sum(line["completion_tokens"] for line in lines)
+                ctx.add_usage(prompt_tokens=batch_prompt, completion_tokens=batch_completion)
+                prompt_tokens += batch_prompt
+                completion_tokens += batch_completion
+                rows += len(batch)
+                succeeded += len(outputs)
+                ctx.progress(rows, dataset.total, _rows_message(rows, dataset.total))
+            label = dataset.label
+    finally:
+        writer.close()
+    if rows == 0:
+        raise ExecutionError(f"{label} has no rows; give a dataset with at least one row")
+    ctx.progress(rows, rows, _rows_message(rows, rows))
+    if failed:
+        ctx.log(f"{failed:,} of {rows:,} rows failed; their lines carry the error", level="WARNING")
+    latency = time.perf_counter() - started
+    return {
+        "ok": True,
+        "model": engine.model_id,
+        "engine": engine.name,
+        "dtype": engine.dtype,
+        "input": label,
+        "results_file": RESULT_LINES,
+        "rows": rows,
+        "succeeded": succeeded,
+        "failed": failed,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "latency_sec": round(latency, 4),
+            "num_requests": succeeded,
+            "tokens_per_sec": round(completion_tokens / latency, 2) if latency > 0 else None,
+        },
+    }
+
+
+def _generate(
+    requests: list[RowRequest], generate: Callable[[list[str], Sampling], list[list[Generation]]]
+) -> dict[int, list[Generation]]:
+    """One engine call per group of rows with the same sampling (and kind); outputs by row number."""
+    groups: dict[str, list[RowRequest]] = {}
+    for request in requests:
+        if request.error is None:
+            groups.setdefault(request.group, []).append(request)
+    outputs: dict[int, list[Generation]] = {}
+    for group in groups.values():
+        sampling = group[0].sampling
+        assert sampling is not None
+        generations = generate([request.prompt for request in group], sampling)
+        for request, samples in zip(group, generations, strict=True):
+            outputs[request.row.number] = samples
+    return outputs
+
+
+def _rows_message(done: int, total: int | None) -> str:
+    return f"{done:,} of {total:,} rows" if total is not None else f"{done:,} rows"
+
+
+def _too_many(label: str, request: RowRequest, failed: int, allowed: int) -> str:
+    budget = (
+        "inference.input.max_row_errors is 0, so the first bad row fails the task"
+        if allowed == 0
+        else f"this is bad row {failed}, beyond inference.input.max_row_errors ({allowed})"
+    )
+    return (
+        f"{label} {request.row.where}: {request.error}; {budget}: fix the row, or raise max_row_errors to let "
+        "bad rows through with an 'error' line each"
+    )

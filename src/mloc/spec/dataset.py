@@ -1,0 +1,132 @@
+"""``inference.input``: a dataset an inference task reads its prompts from, instead of inline prompts.
+
+Exactly one source: a file (``path``: local, ``s3://`` or any fsspec URL; JSONL, CSV or Parquet), a
+dataset in the worker's Hugging Face cache (``huggingface``), or the result lines of another task
+(``task``). ``columns`` says which column holds the prompt (or the chat), the row's id and per-row
+sampling values. The executor reads the rows in batches, so a dataset may be far larger than memory.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from mloc.spec.base import Strict
+
+# The file a dataset task writes its result lines to, in the task's result folder (one JSON object per row).
+RESULT_LINES = "results.jsonl"
+# The sampling fields a row may set for itself; ``n`` is left out because it changes a line's shape.
+ROW_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed")
+_TASK_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+DatasetFileFormat = Literal["auto", "jsonl", "csv", "parquet"]
+
+
+class HuggingFaceDataset(Strict):
+    """A dataset already in the worker's Hugging Face cache (HF_HOME / HF_DATASETS_CACHE); workers never
+    download."""
+
+    name: str = Field(..., min_length=1, max_length=256, description="The dataset's hub id, e.g. 'org/questions'.")
+    config: str | None = Field(None, max_length=256, description="The configuration (subset), if it has several.")
+    split: str = Field("train", min_length=1, max_length=256)
+
+
+class DatasetColumns(Strict):
+    """Which column plays which part. Unset roles take the column of the same name where one exists."""
+
+    prompt: str | None = Field(None, min_length=1, max_length=256, description="Completion prompt; default 'prompt'.")
+    messages: str | None = Field(
+        None, min_length=1, max_length=256, description="A chat (list of {role, content}); used instead of prompt."
+    )
+    id: str | None = Field(None, min_length=1, max_length=256, description="The row's id; default: its row number.")
+    max_tokens: str | None = Field(None, min_length=1, max_length=256)
+    temperature: str | None = Field(None, min_length=1, max_length=256)
+    top_p: str | None = Field(None, min_length=1, max_length=256)
+    top_k: str | None = Field(None, min_length=1, max_length=256)
+    stop: str | None = Field(None, min_length=1, max_length=256)
+    seed: str | None = Field(None, min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _one_text(self) -> DatasetColumns:
+        if self.prompt is not None and self.messages is not None:
+            raise ValueError(
+                "inference.input.columns names both 'prompt' and 'messages'; a row is either a completion "
+                "prompt or a chat: keep one"
+            )
+        return self
+
+    def sampling(self) -> dict[str, str]:
+        """Sampling field -> the column that overrides it per row."""
+        return {name: column for name in ROW_SAMPLING if (column := getattr(self, name)) is not None}
+
+
+class DatasetInput(Strict):
+    """Where an inference task's rows come from and how each is read."""
+
+    path: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        description="A local file, s3://bucket/key or another fsspec URL (JSONL, CSV or Parquet).",
+    )
+    huggingface: HuggingFaceDataset | None = None
+    task: str | None = Field(None, description="Another task's id: its result lines (results.jsonl) as rows.")
+    format: DatasetFileFormat = Field(
+        "auto", description="auto: by the file's suffix (.jsonl/.ndjson, .csv, .parquet)."
+    )
+    columns: DatasetColumns = Field(default_factory=DatasetColumns)
+    max_rows: int | None = Field(None, ge=1, description="Read at most this many rows.")
+    max_row_errors: int = Field(
+        0,
+        ge=0,
+        description="Bad rows (no prompt, wrong type, too long) each get a result line with 'error' up to this "
+        "many; one more fails the task. 0: the first bad row fails it.",
+    )
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, value: str | None) -> str | None:
+        if value is not None and not _TASK_ID.match(value.strip().lower()):
+            raise ValueError(
+                f"inference.input.task {value[:80]!r} is not a task id; give the full id of a finished inference "
+                "task (`mloc tasks` lists them)"
+            )
+        return value.strip().lower() if value is not None else None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetInput:
+        given = [name for name in ("path", "huggingface", "task") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "inference.input needs exactly one source: 'path' (a JSONL/CSV/Parquet file or URL), "
+                f"'huggingface' ({{name, config, split}} in the worker's HF cache) or 'task' (a task id); got "
+                f"{', '.join(given) or 'none'}"
+            )
+        if self.format != "auto" and self.path is None:
+            raise ValueError("inference.input.format applies to a 'path' only; remove it")
+        if self.path is not None and self.format == "auto" and file_format(self.path) is None:
+            raise ValueError(
+                f"inference.input.path {self.path[:200]!r} does not end in .jsonl, .ndjson, .csv or .parquet; "
+                "set inference.input.format to jsonl, csv or parquet"
+            )
+        return self
+
+    @property
+    def resolved_format(self) -> str:
+        """The file format to read ``path`` as."""
+        if self.format != "auto":
+            return self.format
+        return file_format(self.path or "") or "jsonl"
+
+
+def file_format(path: str) -> str | None:
+    """The format a file name's suffix says (compression suffixes like .gz are looked through)."""
+    name = path.lower().split("?", 1)[0]
+    for compressed in (".gz", ".bz2", ".xz", ".zst"):
+        name = name.removesuffix(compressed)
+    for suffixes, fmt in (((".jsonl", ".ndjson"), "jsonl"), ((".csv",), "csv"), ((".parquet", ".pq"), "parquet")):
+        if name.endswith(suffixes):
+            return fmt
+    return None

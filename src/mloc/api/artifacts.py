@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import mimetypes
 import posixpath
-from typing import Annotated, Any
+from typing import IO, Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter
@@ -27,6 +27,17 @@ async def _listing(orch: Orch, record: TaskRecord) -> artifacts.Listing:
         return await asyncio.to_thread(
             artifacts.listing, orch.settings, record.task_id, record.state.value, record.attempts, record.worker_id
         )
+    except OSError as exc:
+        raise Unavailable(f"the artifact store cannot be read: {type(exc).__name__}: {exc}") from exc
+
+
+async def open_listed(orch: Orch, found: artifacts.Listing, path: str, task_id: str) -> IO[bytes]:
+    """A listed file of a task, opened in a thread (the store may be remote); a file the listing names
+    but the store lacks, or a store that cannot be read, answers 503."""
+    try:
+        return await asyncio.to_thread(artifacts.open_artifact, orch.settings, found, path)
+    except FileNotFoundError as exc:
+        raise Unavailable(f"artifact {path!r} of task {task_id} is listed but missing from the store") from exc
     except OSError as exc:
         raise Unavailable(f"the artifact store cannot be read: {type(exc).__name__}: {exc}") from exc
 
@@ -68,12 +79,7 @@ async def download_artifact(
     record = _own(await orch.store.get(task_id, with_spec=False), who)
     found = await _listing(orch, record)
     item = found.find(path)
-    try:
-        handle = await asyncio.to_thread(artifacts.open_artifact, orch.settings, found, path)
-    except FileNotFoundError as exc:
-        raise Unavailable(f"artifact {path!r} of task {task_id} is listed but missing from the store") from exc
-    except OSError as exc:
-        raise Unavailable(f"the artifact store cannot be read: {type(exc).__name__}: {exc}") from exc
+    handle = await open_listed(orch, found, path, task_id)
     media = mimetypes.guess_type(path)[0] or "application/octet-stream"
     name = quote(posixpath.basename(path))
     headers = {"Content-Length": str(item.size), "Content-Disposition": f"attachment; filename*=UTF-8''{name}"}

@@ -8,15 +8,13 @@ without its newline is a batch still being written, and is left for the next rea
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from typing import IO, Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
-from mloc import artifacts
-from mloc.api.artifacts import _listing
+from mloc.api.artifacts import _listing, open_listed
 from mloc.api.deps import Caller, Orch, TaskId
 from mloc.api.responses import raises
 from mloc.api.tasks import _own
@@ -79,11 +77,6 @@ async def result_lines(
             f"task {task_id} has no result lines ({RESULT_LINES}): only inference tasks that read a dataset "
             f"(inference.input) write them; GET /api/v1/tasks/{task_id}/result has its result"
         )
-    try:
-        handle = await asyncio.to_thread(artifacts.open_artifact, orch.settings, found, RESULT_LINES)
-    except FileNotFoundError as exc:
-        raise Unavailable(f"the result lines of task {task_id} are listed but missing from the store") from exc
-    except OSError as exc:
-        raise Unavailable(f"the artifact store cannot be read: {type(exc).__name__}: {exc}") from exc
+    handle = await open_listed(orch, found, RESULT_LINES, task_id)
     # A plain iterator: Starlette reads it in its thread pool, so a slow store never blocks the loop.
     return StreamingResponse(page(handle, offset, limit), media_type=NDJSON)

@@ -189,7 +189,7 @@ def _parquet(handle: IO[bytes], label: str) -> tuple[int | None, Iterator[RawRow
     return parquet.metadata.num_rows, rows()
 
 
-def _offline() -> None:
+def libraries_offline() -> None:
     """Workers never reach the hub. The libraries read these switches when first imported, so a process
     that imported them earlier is switched too."""
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -208,7 +208,7 @@ def _huggingface(source: HuggingFaceDataset, max_rows: int | None) -> Dataset:
     """A dataset from the worker's caches: the hub cache (``huggingface-cli download --repo-type dataset``
     leaves its files there), else the ``datasets`` cache of one loaded on this machine before."""
     label = f"Hugging Face dataset {source.name!r} (split {source.split!r})"
-    _offline()
+    libraries_offline()
     try:
         import datasets
         from huggingface_hub import snapshot_download

@@ -11,20 +11,19 @@ place, so two processes asking for the same model at once convert it once and ne
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib
 import importlib.util
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 from mloc.errors import ExecutionError
+from mloc.llm.downloads import exclusive
 from mloc.llm.fetch import FetchOptions, fetch_hub
 from mloc.llm.transfer import CancelCheck, ProgressHook
 from mloc.llm.urls import fetch_url
@@ -98,23 +97,11 @@ def weights_bytes(path: Path) -> int:
     return total
 
 
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock across processes, released when the block ends."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def build_once(target: Path, build: Callable[[Path], None]) -> Path:
     """Create ``target`` with ``build(tmp_dir)`` unless it exists, safely against concurrent builders."""
     if (target / MARKER).exists():
         return target
-    with file_lock(target.parent / f".{target.name}.lock"):
+    with exclusive(target.parent / f".{target.name}.lock"):
         if (target / MARKER).exists():
             return target
         # Holding the lock, any other temporary folder is what a killed builder left behind.

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mloc.errors import ExecutionError
+from mloc.executors.dataset_io import libraries_offline
 from mloc.spec.train import DatasetFormat, DatasetSpec
 
 Record = dict[str, Any]
@@ -121,24 +120,9 @@ def _read_with_datasets(spec: DatasetSpec, path: Path | None) -> list[Record]:
     return [dict(row) for row in loaded]
 
 
-def _offline() -> None:
-    """Workers never reach the hub. The libraries read these switches when first imported, so a process
-    that imported them earlier is switched too."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    for module, names in (
-        ("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
-        ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")),
-    ):
-        loaded = sys.modules.get(module)
-        for name in names:
-            if loaded is not None and hasattr(loaded, name):
-                setattr(loaded, name, True)
-
-
 def _load_cached_hub_dataset(identifier: str, split: str) -> Any:
     """A hub dataset from this machine's caches: workers never reach the hub."""
-    _offline()
+    libraries_offline()
     import datasets
     from huggingface_hub import snapshot_download
 

@@ -20,6 +20,7 @@ def view(
     mem: int = 64 << 30,
     slots: int = 4,
     warm: set[str] | None = None,
+    held: set[str] | None = None,
     types: set[str] | None = None,
     caps: dict | None = None,
 ) -> WorkerView:
@@ -41,6 +42,7 @@ def view(
         slots_free=slots,
         free_gpus=set(range(len(gpu_list))) if free is None else free,
         warm_models=warm or set(),
+        held_models=held or set(),
     )
 
 
@@ -96,6 +98,15 @@ def test_scoring_prefers_warm_model_then_keeps_gpus_for_gpu_work() -> None:
     req = Request(task_type="inference", topic="tasks.inference", model="gemma3-270m")
     cold, warm = view("cold"), view("warm", warm={"transformers:gemma3-270m"})
     assert sorted([cold, warm], key=lambda v: _score(req, v))[0].worker_id == "warm"
+    # Next: a worker whose disk holds the files (no download), then one that must fetch them.
+    hub = Request(task_type="inference", topic="tasks.inference", model="org/model")
+    cold, held = view("cold", slots=8), view("held", held={"org/model"})
+    loaded = view("loaded", held={"org/model"}, warm={"vllm:org/model"})
+    assert [v.worker_id for v in sorted([cold, held, loaded], key=lambda v: _score(hub, v))] == [
+        "loaded",
+        "held",
+        "cold",
+    ]
     cpu_req = Request(task_type="echo", topic="tasks.echo")
     gpu_box, cpu_box = view("gpu", gpus=["NVIDIA L4"]), view("cpu")
     assert sorted([gpu_box, cpu_box], key=lambda v: _score(cpu_req, v))[0].worker_id == "cpu"

@@ -186,15 +186,14 @@ return out
 # SNAPSHOT: what changes about every registered worker, for the scheduler (the rest is cached until
 # the worker registers again, which changes registered_at).
 # KEYS[1] workers zset   ARGV[1] template: worker hash   ARGV[2] template: free-GPU set
-# Returns a flat array: per worker, its id, {registered_at, status, last_heartbeat, cpu_free,
-# mem_free, slots_free, warm_models} and its free GPUs.
+# ARGV[3..] the hash fields that change (mloc.records.CHANGING_FIELDS)
+# Returns a flat array: per worker, its id, {registered_at, the changing fields} and its free GPUs.
 SNAPSHOT = r"""
 local function k(template, id) return (string.gsub(template, "{id}", id)) end
 local out = {}
 for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   out[#out + 1] = id
-  out[#out + 1] = redis.call('HMGET', k(ARGV[1], id), 'registered_at', 'status', 'last_heartbeat', 'cpu_free',
-    'mem_free', 'slots_free', 'warm_models')
+  out[#out + 1] = redis.call('HMGET', k(ARGV[1], id), 'registered_at', unpack(ARGV, 3))
   out[#out + 1] = redis.call('SMEMBERS', k(ARGV[2], id))
 end
 return out

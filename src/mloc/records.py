@@ -227,7 +227,7 @@ _STATUSES: dict[str, WorkerStatus] = {status.value: status for status in WorkerS
 HEARTBEATING = (WorkerStatus.ACTIVE, WorkerStatus.DRAINING)
 # The worker hash fields that change between registrations (capacity, liveness, warm models), in the
 # order the scheduler's snapshot reads them.
-CHANGING_FIELDS = ("status", "last_heartbeat", "cpu_free", "mem_free", "slots_free", "warm_models")
+CHANGING_FIELDS = ("status", "last_heartbeat", "cpu_free", "mem_free", "slots_free", "warm_models", "held_models")
 
 
 @dataclass(frozen=True)
@@ -265,15 +265,17 @@ class Registration:
             "slots_total": str(self.slots),
             "slots_free": str(self.slots),
             "warm_models": "[]",
+            "held_models": "[]",
             "registered_at": repr(now),
             "last_heartbeat": repr(now),
             "version": self.version,
         }
 
 
-def heartbeat_fields(warm_models: Iterable[str]) -> dict[str, str]:
-    """The worker hash fields a heartbeat refreshes besides ``last_heartbeat``."""
-    return {"warm_models": _dumps(sorted(warm_models))}
+def heartbeat_fields(warm_models: Iterable[str], held_models: Iterable[str] = ()) -> dict[str, str]:
+    """The worker hash fields a heartbeat refreshes besides ``last_heartbeat``: the models loaded in
+    its executors, and the hub ids and URLs whose files its disk holds (no download needed)."""
+    return {"warm_models": _dumps(sorted(warm_models)), "held_models": _dumps(sorted(held_models))}
 
 
 @dataclass
@@ -297,6 +299,7 @@ class WorkerView:
     slots_free: int
     free_gpus: set[int]
     warm_models: set[str] = field(default_factory=set)
+    held_models: set[str] = field(default_factory=set)
     hostname: str = ""
     pid: int | None = None
     hardware: dict[str, Any] = field(default_factory=dict)
@@ -343,13 +346,14 @@ class WorkerView:
         return view
 
     def _read_changing(self, values: Sequence[str | None], free_gpus: Iterable[str | int]) -> None:
-        status, last_heartbeat, cpu_free, mem_free, slots_free, warm = values
+        status, last_heartbeat, cpu_free, mem_free, slots_free, warm, held = values
         self.status = _STATUSES.get(status or "", WorkerStatus.UNKNOWN)
         self.last_heartbeat = float(last_heartbeat or 0)
         self.cpu_free = int(cpu_free or 0)
         self.mem_free = int(mem_free or 0)
         self.slots_free = int(slots_free or 0)
         self.warm_models = set(_loads(warm, [])) if warm and warm != "[]" else set()
+        self.held_models = set(_loads(held, [])) if held and held != "[]" else set()
         self.free_gpus = {int(g) for g in free_gpus}
 
 
@@ -368,6 +372,7 @@ class WorkerRecord(BaseModel):
     capacity: dict[str, Any] = Field(default_factory=dict)
     free: dict[str, Any] = Field(default_factory=dict)
     warm_models: list[str] = Field(default_factory=list)
+    held_models: list[str] = Field(default_factory=list)
     tasks: list[str] = Field(default_factory=list)
     registered_at: float | None = None
     last_heartbeat: float | None = None
@@ -400,6 +405,7 @@ class WorkerRecord(BaseModel):
                 "slots": view.slots_free,
             },
             warm_models=sorted(view.warm_models),
+            held_models=sorted(view.held_models),
             tasks=sorted(tasks),
             registered_at=view.registered_at,
             last_heartbeat=last,

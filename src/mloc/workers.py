@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from mloc import keys, lua
 from mloc.errors import Conflict, NotFound
-from mloc.records import Registration, WorkerRecord, WorkerStatus, WorkerView
+from mloc.records import CHANGING_FIELDS, Registration, WorkerRecord, WorkerStatus, WorkerView
 
 
 class WorkerRegistry:
@@ -100,7 +100,9 @@ class WorkerRegistry:
     async def snapshot(self) -> list[WorkerView]:
         """Every registered worker, in one round trip (two when some registered anew): what a worker
         stated at registration is read again only when it registers anew."""
-        flat = await self._snapshot(keys=[keys.WORKERS], args=[keys.worker("{id}"), keys.worker_free_gpus("{id}")])
+        flat = await self._snapshot(
+            keys=[keys.WORKERS], args=[keys.worker("{id}"), keys.worker_free_gpus("{id}"), *CHANGING_FIELDS]
+        )
         rows = [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
         changed = [wid for wid, f, _ in rows if f[0] is not None and self._registered.get(wid, ("",))[0] != f[0]]
         if changed or len(self._registered) != len(rows):

@@ -373,6 +373,7 @@ def test_an_inference_task_on_a_hub_id_downloads_the_model_on_the_worker(
         "HF_HUB_CACHE": str(tmp_path / "empty-hf-cache"),
         "MLOC_MODELS_DIR": str(tmp_path / "models"),
         "MLOC_MODEL_DOWNLOADS_MIN_FREE_BYTES": "0",
+        "HEARTBEAT_INTERVAL_SEC": "0.5",
     }
     client = client_for(make_cluster(1, worker_env=[worker_env]))
     task = {
@@ -391,3 +392,8 @@ def test_an_inference_task_on_a_hub_id_downloads_the_model_on_the_worker(
     assert result["model"] == REPO and result["items"][0]["completion_tokens"] == 3
     assert len(weights_gets(hub)) == 1
     assert held_models(tmp_path / "models") == [REPO]
+    # The worker's heartbeat says so, and the scheduler prefers it for the next task on that model.
+    deadline = time.monotonic() + 30
+    while REPO not in client.workers()["items"][0]["held_models"]:
+        assert time.monotonic() < deadline, client.workers()
+        time.sleep(0.2)

@@ -159,14 +159,17 @@ def test_the_registry_snapshot_and_records_read_what_the_worker_wrote(redis_url:
         registry = WorkerRegistry(r)
         await registry.register(registration(), now=100.0)
         await registry.register(registration(worker_id="w2", hardware={"gpus": []}), now=100.0)
-        assert await registry.heartbeat("w1", heartbeat_fields({"transformers:gemma", "vllm:qwen"})) == "ok"
+        fields = heartbeat_fields({"transformers:gemma", "vllm:qwen"}, {"org/m", "s3://b/m.gguf"})
+        assert await registry.heartbeat("w1", fields) == "ok"
         (w1, w2) = sorted(await registry.snapshot(), key=lambda v: v.worker_id)
         h = await r.hgetall(keys.worker("w1"))
         assert w1 == WorkerView.from_hash(h, free_gpus=await r.smembers(keys.worker_free_gpus("w1")))
         assert w1.warm_models == {"transformers:gemma", "vllm:qwen"} and w1.free_gpus == {0}
+        assert w1.held_models == {"org/m", "s3://b/m.gguf"} and w2.held_models == set()
         assert w2.gpus == [] and w2.free_gpus == set()
         (record,) = await registry.records(["w1"])
         assert record.warm_models == ["transformers:gemma", "vllm:qwen"] and record.free["gpus"] == [0]
+        assert record.held_models == ["org/m", "s3://b/m.gguf"]
         # What changes between registrations is read again at every snapshot; the rest when the
         # worker registers anew, which the registry counts.
         seen = registry.registrations

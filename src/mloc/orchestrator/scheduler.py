@@ -45,14 +45,16 @@ SNAPSHOT_MAX_AGE_SEC = 0.25
 PASS_FLOOR = 64  # waiting tasks a scheduling pass looks at even when no worker has room
 
 
-def _score(req: Request, view: WorkerView) -> tuple[int, int, int, int]:
-    warm = 0
+def _score(req: Request, view: WorkerView) -> tuple[int, int, int, int, int]:
+    warm = held = 0
     if req.model:
         warm = int(any(key.split(":", 1)[-1] == req.model for key in view.warm_models))
+        # Next best to a loaded model: its files on the worker's disk, with no download to wait for.
+        held = int(req.model in view.held_models)
     # Keep GPU machines for GPU work, pack GPU tasks tightly, otherwise spread by free slots.
     wasted_gpus = len(view.free_gpus) - req.gpu_count
     gpu_worker_for_cpu_task = int(req.gpu_count == 0 and bool(view.gpus))
-    return (-warm, gpu_worker_for_cpu_task, wasted_gpus if req.gpu_count else 0, -view.slots_free)
+    return (-warm, -held, gpu_worker_for_cpu_task, wasted_gpus if req.gpu_count else 0, -view.slots_free)
 
 
 @dataclass

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -18,6 +19,7 @@ from redis.exceptions import ResponseError
 from mloc import __version__, keys
 from mloc.errors import ConfigError
 from mloc.executors.registry import available_task_types, capabilities
+from mloc.llm.downloads import held_models
 from mloc.records import Registration, WorkerStatus, heartbeat_fields
 from mloc.requeue import Backoff, hand_back
 from mloc.settings import Settings
@@ -127,7 +129,8 @@ class Worker(TaskRunner):
                 warm = set(self.pool.warm_models()) | {
                     m for r in self.running.values() if r.host for m in r.host.warm_models
                 }
-                answer = await self.registry.heartbeat(self.worker_id, heartbeat_fields(warm))
+                held = await asyncio.to_thread(held_models, self.models_dir, hf_cache=hf_hub_cache())
+                answer = await self.registry.heartbeat(self.worker_id, heartbeat_fields(warm, held))
                 if answer != "ok":
                     log.warning(
                         "worker %s was marked %s; stopping its tasks and registering again",
@@ -256,6 +259,15 @@ class Worker(TaskRunner):
 
     def request_stop(self) -> None:
         self.stopping.set()
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache this worker's executors read, found as huggingface_hub finds it
+    (the worker itself may not have that library)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
 
 
 _PROBE = (

@@ -93,7 +93,7 @@ def test_two_orchestrators_never_place_a_task_twice_nor_oversubscribe_a_worker(
         watcher = threading.Thread(target=watch)
         watcher.start()
 
-        # Which connection asked Redis to place each task (the transition script called with the move "place").
+        # Which connection asked Redis to place each task (the move "place" sent to the transition script).
         placements: list[int] = []
 
         def monitor() -> None:
@@ -101,8 +101,10 @@ def test_two_orchestrators_never_place_a_task_twice_nor_oversubscribe_a_worker(
                 for command in feed.listen():
                     if stop.is_set():
                         return
-                    if '{"move":"place"' in command["command"]:
-                        placements.append(int(command["client_port"]))
+                    # A batch of moves is one call: each placement in it counts.
+                    count = command["command"].count('{"move":"place"')
+                    if count:
+                        placements.extend([int(command["client_port"])] * count)
 
         threading.Thread(target=monitor, daemon=True).start()
         time.sleep(0.2)

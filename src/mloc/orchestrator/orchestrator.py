@@ -153,6 +153,9 @@ class Orchestrator:
         parent.children = [record.task_id for record, _ in children]
         parent.pending_reason = f"waiting for its {len(children)} replicas to start"
         await self.store.insert([parent, *(record for record, _ in children)])
+        # Spreading replicas over workers needs every worker that has joined, not a snapshot taken
+        # before the newest registered.
+        await self.scheduler.views(fresh=True)
         answers = []
         used: set[str] = set()
         for record, request in children:

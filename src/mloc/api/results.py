@@ -19,6 +19,7 @@ from mloc.api.deps import Caller, Orch, TaskId
 from mloc.api.responses import raises
 from mloc.api.tasks import _own
 from mloc.errors import Conflict, NotFound, Unavailable
+from mloc.records import TaskRecord
 from mloc.spec.dataset import RESULT_LINES
 
 router = APIRouter(prefix="/api/v1/tasks", tags=["artifacts"])
@@ -70,13 +71,19 @@ async def result_lines(
 ) -> StreamingResponse:
     """A dataset inference task's result lines, a page at a time (they grow while the task runs)."""
     record = _own(await orch.store.get(task_id, with_spec=False), who)
+    handle = await open_lines(orch, record)
+    # A plain iterator: Starlette reads it in its thread pool, so a slow store never blocks the loop.
+    return StreamingResponse(page(handle, offset, limit), media_type=NDJSON)
+
+
+async def open_lines(orch: Orch, record: TaskRecord) -> IO[bytes]:
+    """A task's result lines, in input order, as a binary file whose iteration gives lines (the last
+    one may lack its newline while a batch is being written). Raises Conflict when it has none."""
     found = await _listing(orch, record)
     if not any(item.path == RESULT_LINES for item in found.items):
         # The task exists and is the caller's: what it lacks is lines, so not a 404 (which says "no such task").
         raise Conflict(
-            f"task {task_id} has no result lines ({RESULT_LINES}): only inference tasks that read a dataset "
-            f"(inference.input) write them; GET /api/v1/tasks/{task_id}/result has its result"
+            f"task {record.task_id} has no result lines ({RESULT_LINES}): only inference tasks that read a dataset "
+            f"(inference.input) write them; GET /api/v1/tasks/{record.task_id}/result has its result"
         )
-    handle = await open_listed(orch, found, RESULT_LINES, task_id)
-    # A plain iterator: Starlette reads it in its thread pool, so a slow store never blocks the loop.
-    return StreamingResponse(page(handle, offset, limit), media_type=NDJSON)
+    return await open_listed(orch, found, RESULT_LINES, record.task_id)

@@ -26,9 +26,11 @@ def run(coro):  # type: ignore[no-untyped-def]
     return asyncio.run(coro)
 
 
-def test_transition_table_has_no_way_out_of_a_terminal_state() -> None:
-    for state in (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED):
-        assert ALLOWED[state] == frozenset()
+def test_transition_table_leaves_a_terminal_state_only_to_resume_a_group() -> None:
+    assert ALLOWED[TaskState.SUCCEEDED] == frozenset()
+    for state in (TaskState.FAILED, TaskState.CANCELLED):
+        assert ALLOWED[state] == {TaskState.RUNNING}
+        assert [move.name for move in moves.ALL if state in move.sources] == ["group_resume"]
 
 
 def test_a_task_completes_once_even_if_delivered_twice(redis_url: str) -> None:

@@ -258,6 +258,10 @@ class Client:
     def cancel(self, task_id: str) -> dict[str, Any]:
         return self._call("POST", self._path(task_id, "/cancel"))
 
+    def resume(self, task_id: str) -> dict[str, Any]:
+        """Run a failed or cancelled dataset task's unfinished chunks again."""
+        return self._call("POST", self._path(task_id, "/resume"))
+
     def logs(
         self,
         task_id: str,

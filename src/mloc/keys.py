@@ -23,6 +23,11 @@ GROUPS_OPEN = f"{PREFIX}:groups:open"  # set of parent task ids
 GROUPS_TO_SETTLE = f"{PREFIX}:groups:settle"  # set of parent task ids
 
 
+def group_lock(parent_id: str) -> str:
+    """String: held by the orchestrator settling or resuming a chunked dataset task (it cuts chunks)."""
+    return f"{PREFIX}:groups:lock:{parent_id}"
+
+
 def pending_of(owner: str) -> str:
     """Zset: one owner's placeable pending tasks, scored like PENDING (the scheduler shares between them)."""
     return f"{PREFIX}:pending:owner:{owner}"

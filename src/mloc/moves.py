@@ -71,6 +71,8 @@ GROUP_START = _move("group_start", R, P)
 GROUP_SUCCEED = _move("group_succeed", TaskState.SUCCEEDED, R)
 GROUP_FAIL = _move("group_fail", TaskState.FAILED, P, R)
 GROUP_CANCEL = _move("group_cancel", TaskState.CANCELLED, P, R)
+# A chunked dataset task that failed or was cancelled, resumed: the chunks not finished run again.
+GROUP_RESUME = _move("group_resume", R, TaskState.FAILED, TaskState.CANCELLED)
 
 ALL: tuple[Move, ...] = (
     PLACE,
@@ -87,6 +89,7 @@ ALL: tuple[Move, ...] = (
     GROUP_SUCCEED,
     GROUP_FAIL,
     GROUP_CANCEL,
+    GROUP_RESUME,
 )
 
 _ENDINGS = {TaskState.SUCCEEDED: SUCCEED, TaskState.FAILED: FAIL, TaskState.CANCELLED: CANCEL_RUNNING}

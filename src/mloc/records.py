@@ -79,6 +79,9 @@ class NewTask:
     # A replica group's parent: the number of shards and their ids (the parent is never placed itself).
     group_size: int | None = None
     children: list[str] = field(default_factory=list)
+    # A chunked dataset task's parent: rows per chunk, and how many chunks may be unfinished at once.
+    chunk_rows: int | None = None
+    chunk_window: int | None = None
     pending_reason: str = "waiting for the scheduler"
     unschedulable: bool = False
 
@@ -121,6 +124,9 @@ class NewTask:
         if self.group_size is not None:
             h["group_size"] = str(self.group_size)
             h["children"] = _dumps(self.children)
+        if self.chunk_rows is not None:
+            h["chunk_rows"] = str(self.chunk_rows)
+            h["chunk_window"] = str(self.chunk_window or 1)
         if self.unschedulable:
             h["unschedulable"] = "1"
         return h
@@ -160,6 +166,7 @@ class TaskRecord(BaseModel):
     parent_id: str | None = None
     replica: int | None = None
     children: list[str] = Field(default_factory=list)
+    chunk_rows: int | None = None
     spec: dict[str, Any] | None = None
 
     @classmethod
@@ -196,6 +203,7 @@ class TaskRecord(BaseModel):
             parent_id=h.get("parent_id") or None,
             replica=int(h["replica"]) if h.get("replica") else None,
             children=_loads(h.get("children"), []),
+            chunk_rows=int(h["chunk_rows"]) if h.get("chunk_rows") else None,
             spec=_loads(h.get("spec")) if with_spec else None,
         )
 

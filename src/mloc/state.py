@@ -36,8 +36,9 @@ ALLOWED: dict[TaskState, frozenset[TaskState]] = {
     # Never back to PENDING: a cancelling task whose worker is lost is cancelled, not requeued.
     TaskState.CANCELLING: frozenset({TaskState.CANCELLED, TaskState.SUCCEEDED, TaskState.FAILED}),
     TaskState.SUCCEEDED: frozenset(),
-    TaskState.FAILED: frozenset(),
-    TaskState.CANCELLED: frozenset(),
+    # Only a chunked dataset task's parent, resumed by its user: its finished chunks stand, the rest run again.
+    TaskState.FAILED: frozenset({TaskState.RUNNING}),
+    TaskState.CANCELLED: frozenset({TaskState.RUNNING}),
 }
 
 

@@ -212,9 +212,13 @@ def test_the_spec_names_the_field_and_the_fix() -> None:
     for expected, inference in cases.items():
         with pytest.raises(SpecError, match=expected):
             document(**inference)
+    for bad, expected in (({"skip_rows": -1}, "skip_rows"), ({"chunk_rows": 0}, "chunk_rows")):
+        with pytest.raises(SpecError, match=expected):
+            document(input={"path": "a.csv", **bad})
+    # With a dataset, replicas is how many chunks run at once.
     body = {"taskType": "inference", "resources": {"replicas": 2}, "inference": {"input": {"path": "a.csv"}}}
-    with pytest.raises(SpecError, match="set replicas to 1"):
-        mloc.spec.load(yaml.safe_dump({"apiVersion": "mloc/v1", "kind": "InferenceTask", "spec": body}))
+    loaded = mloc.spec.load(yaml.safe_dump({"apiVersion": "mloc/v1", "kind": "InferenceTask", "spec": body}))
+    assert loaded.spec.resources.replicas == 2
     parsed = document(input={"path": "s3://b/k.parquet", "columns": {"prompt": "q", "temperature": "t"}})
     assert parsed.spec.inference.input.columns.sampling() == {"temperature": "t"}  # type: ignore[attr-defined]
 

@@ -66,8 +66,8 @@ def test_a_forbidden_move_raises_before_redis_is_touched() -> None:
     assert forbidden.forbidden() == [TaskState.PENDING]
     with pytest.raises(InvalidTransition, match="pending -> succeeded"):
         asyncio.run(store.transition("any", forbidden))
-    later = moves.Change(moves.Move("revive", TaskState.RUNNING, frozenset({TaskState.FAILED})))
-    with pytest.raises(InvalidTransition, match="failed -> running"):
+    later = moves.Change(moves.Move("revive", TaskState.PENDING, frozenset({TaskState.FAILED})))
+    with pytest.raises(InvalidTransition, match="failed -> pending"):
         asyncio.run(store.apply("any", moves.Change(moves.START), then=later))
     with pytest.raises(InvalidTransition, match="no source"):
         moves.Move("nowhere", TaskState.RUNNING, frozenset()).check()

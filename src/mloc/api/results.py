@@ -8,8 +8,9 @@ without its newline is a batch still being written, and is left for the next rea
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
-from typing import IO, Annotated
+from typing import IO, Annotated, cast
 
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
@@ -21,6 +22,7 @@ from mloc.api.tasks import _own
 from mloc.errors import Conflict, NotFound, Unavailable
 from mloc.records import TaskRecord
 from mloc.spec.dataset import RESULT_LINES
+from mloc.state import TaskState
 
 router = APIRouter(prefix="/api/v1/tasks", tags=["artifacts"])
 NDJSON = "application/x-ndjson"
@@ -79,6 +81,10 @@ async def result_lines(
 async def open_lines(orch: Orch, record: TaskRecord) -> IO[bytes]:
     """A task's result lines, in input order, as a binary file whose iteration gives lines (the last
     one may lack its newline while a batch is being written). Raises Conflict when it has none."""
+    if record.chunk_rows and record.state != TaskState.SUCCEEDED:
+        handles = await _chunk_lines(orch, record)
+        if handles:
+            return cast(IO[bytes], JoinedLines(handles))  # read only by iteration and close
     found = await _listing(orch, record)
     if not any(item.path == RESULT_LINES for item in found.items):
         # The task exists and is the caller's: what it lacks is lines, so not a 404 (which says "no such task").
@@ -87,3 +93,46 @@ async def open_lines(orch: Orch, record: TaskRecord) -> IO[bytes]:
             f"(inference.input) write them; GET /api/v1/tasks/{record.task_id}/result has its result"
         )
     return await open_listed(orch, found, RESULT_LINES, record.task_id)
+
+
+async def _chunk_lines(orch: Orch, record: TaskRecord) -> list[IO[bytes]]:
+    """The lines of a dataset task's chunks so far, in row order: every chunk up to the first one not
+    finished, and that one's lines as they grow (a succeeded task's are joined in one file)."""
+    handles: list[IO[bytes]] = []
+    try:
+        for child_id in record.children:
+            child = await orch.store.get(child_id, with_spec=False)
+            try:
+                found = await _listing(orch, child)
+            except NotFound:
+                break
+            if not any(item.path == RESULT_LINES for item in found.items):
+                break
+            handles.append(await open_listed(orch, found, RESULT_LINES, child_id))
+            if child.state != TaskState.SUCCEEDED:
+                break
+    except BaseException:
+        for handle in handles:
+            handle.close()
+        raise
+    return handles
+
+
+class JoinedLines(io.RawIOBase):
+    """Several files read one after the other, line by line: the chunks' lines as one file."""
+
+    def __init__(self, handles: list[IO[bytes]]) -> None:
+        super().__init__()
+        self.handles = handles
+
+    def readable(self) -> bool:
+        return True
+
+    def __iter__(self) -> Iterator[bytes]:
+        for handle in self.handles:
+            yield from handle
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.close()
+        super().close()

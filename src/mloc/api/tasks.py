@@ -1,4 +1,4 @@
-"""/api/v1/tasks: submit, list, show, result, cancel, logs."""
+"""/api/v1/tasks: submit, list, show, result, cancel, resume, logs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from mloc import keys, tasklog
 from mloc.api.deps import Caller, Orch, TaskId
 from mloc.api.responses import raises
-from mloc.errors import BadRequest, Forbidden, InvalidTransition, NotFound, SpecError
+from mloc.errors import BadRequest, Conflict, Forbidden, InvalidTransition, NotFound, SpecError
 from mloc.orchestrator.cancel import cancel
 from mloc.orchestrator.users import Principal
 from mloc.records import TaskRecord
@@ -185,6 +185,15 @@ async def cancel_task(task_id: TaskId, orch: Orch, who: Caller) -> dict[str, Any
     outcome = await cancel(orch.store, task_id, by=who.name)
     state = "cancelling" if outcome.state == TaskState.CANCELLING else "cancelled"
     return {"ok": True, "task_id": task_id, "state": state}
+
+
+@router.post("/{task_id}/resume")
+@raises(NotFound, Conflict)
+async def resume_task(task_id: TaskId, orch: Orch, who: Caller) -> dict[str, Any]:
+    """Run a failed or cancelled dataset task again from where it stopped: its finished chunks (and
+    their result lines) stand, the others run again."""
+    _own(await orch.store.get(task_id, with_spec=False), who)
+    return await orch.resume(task_id, who)
 
 
 @router.get("/{task_id}/logs", responses={200: LOG_STREAM})

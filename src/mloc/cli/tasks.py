@@ -1,4 +1,4 @@
-"""Task commands: submit, tasks, show, result, cancel, logs, metrics."""
+"""Task commands: submit, tasks, show, result, cancel, resume, logs, metrics."""
 
 from __future__ import annotations
 
@@ -326,6 +326,23 @@ def cancel(task_id: TaskIdArg, json_out: JsonFlag = False) -> None:
         output.line(f"cancelling {answer['task_id']}: it is running and stops at its next check (mloc show)")
     else:
         output.line(f"cancelled {answer['task_id']}")
+
+
+@app.command()
+def resume(task_id: TaskIdArg, json_out: JsonFlag = False) -> None:
+    """Run a failed or cancelled dataset task again from where it stopped (finished chunks stand)."""
+    try:
+        answer = client().resume(task_id)
+    except MlocError as exc:
+        output.fail(exc)
+    if json_out:
+        output.print_json(answer)
+    else:
+        redone = answer.get("chunks_redone") or []
+        output.line(
+            f"resumed {answer['task_id']}: {answer.get('chunks_kept', 0)} finished chunk(s) kept, "
+            f"{len(redone)} to run again (mloc show {answer['task_id']})"
+        )
 
 
 # ----------------------------------------------------------------------- logs

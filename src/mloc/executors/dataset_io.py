@@ -49,13 +49,57 @@ class RawRow:
 
 @dataclass
 class Dataset:
-    """An opened source: a label for messages, its row count when the format tells it, and its rows."""
+    """An opened source: a label for messages, its row count when the format tells it, and its rows
+    (those of ``skip_rows`` .. ``skip_rows + max_rows``, numbered as in the whole source)."""
 
     label: str
     total: int | None
     rows: Iterator[RawRow]
     default_text_column: str = "prompt"
     default_id_column: str | None = None  # None: the row number
+    # Whether the source has rows after the window read: known once ``rows`` is exhausted.
+    more: bool | None = None
+
+
+class _Window:
+    """At most ``limit`` rows of ``rows``; once they are read, one more is looked for, so the
+    dataset can say whether rows lie beyond (a chunk's successor is needed)."""
+
+    def __init__(self, dataset: Dataset, rows: Iterator[RawRow], limit: int | None, known_more: bool | None) -> None:
+        self.dataset, self.rows, self.left, self.known_more = dataset, rows, limit, known_more
+
+    def __iter__(self) -> Iterator[RawRow]:
+        return self
+
+    def __next__(self) -> RawRow:
+        if self.left is not None and self.left <= 0:
+            if self.dataset.more is None:
+                self.dataset.more = self.known_more if self.known_more is not None else _has_next(self.rows)
+            raise StopIteration
+        try:
+            row = next(self.rows)
+        except StopIteration:
+            self.dataset.more = False
+            raise
+        if self.left is not None:
+            self.left -= 1
+        return row
+
+
+def _has_next(rows: Iterator[RawRow]) -> bool:
+    return next(rows, None) is not None
+
+
+def _windowed(dataset: Dataset, source: DatasetInput, total_all: int | None = None) -> Dataset:
+    """``dataset`` cut to ``source.max_rows`` rows (its reader already skipped ``skip_rows``)."""
+    limit = source.max_rows
+    known_more = None
+    if total_all is not None:
+        left = max(total_all - source.skip_rows, 0)
+        dataset.total = left if limit is None else min(left, limit)
+        known_more = limit is not None and left > limit
+    dataset.rows = _Window(dataset, dataset.rows, limit, known_more)
+    return dataset
 
 
 def batches(rows: Iterator[RawRow], size: int) -> Iterator[list[RawRow]]:
@@ -67,13 +111,16 @@ def batches(rows: Iterator[RawRow], size: int) -> Iterator[list[RawRow]]:
 @contextmanager
 def open_dataset(source: DatasetInput, *, results_dir: Path) -> Iterator[Dataset]:
     """Open ``source`` for reading; its file (if any) is closed when the block ends."""
+    skip = source.skip_rows
     if source.huggingface is not None:
-        yield _huggingface(source.huggingface, source.max_rows)
+        in_split, rows = _huggingface(source.huggingface, skip)
+        label = f"Hugging Face dataset {source.huggingface.name!r} (split {source.huggingface.split!r})"
+        yield _windowed(Dataset(label, None, rows), source, in_split)
         return
     if source.task is not None:
         fs, url, label = task_lines(source.task, results_dir)
         with _open_binary(url, label, fs) as handle:
-            yield Dataset(label, None, _limit(_jsonl(handle, label), source.max_rows), "output", "id")
+            yield _windowed(Dataset(label, None, _jsonl(handle, label, skip), "output", "id"), source)
         return
     assert source.path is not None
     url = os.path.expanduser(source.path) if "://" not in source.path else source.path
@@ -81,18 +128,12 @@ def open_dataset(source: DatasetInput, *, results_dir: Path) -> Iterator[Dataset
     fmt = source.resolved_format
     with _open_binary(url, label) as handle:
         if fmt == "parquet":
-            total, rows = _parquet(handle, label)
-            if source.max_rows is not None and total is not None:
-                total = min(total, source.max_rows)
-            yield Dataset(label, total, _limit(rows, source.max_rows))
+            total_all, rows = _parquet(handle, label, skip)
+            yield _windowed(Dataset(label, None, rows), source, total_all)
         elif fmt == "csv":
-            yield Dataset(label, None, _limit(_csv(handle, label), source.max_rows))
+            yield _windowed(Dataset(label, None, _csv(handle, label, skip)), source)
         else:
-            yield Dataset(label, None, _limit(_jsonl(handle, label), source.max_rows))
-
-
-def _limit(rows: Iterator[RawRow], max_rows: int | None) -> Iterator[RawRow]:
-    return rows if max_rows is None else itertools.islice(rows, max_rows)
+            yield _windowed(Dataset(label, None, _jsonl(handle, label, skip)), source)
 
 
 @contextmanager
@@ -120,10 +161,19 @@ def _open_binary(url: str, label: str, fs: Any = None) -> Iterator[IO[bytes]]:
         handle.close()
 
 
-def _jsonl(handle: IO[bytes], label: str) -> Iterator[RawRow]:
-    number = 0
+def _jsonl(handle: IO[bytes], label: str, skip: int = 0) -> Iterator[RawRow]:
+    number = passed = 0
+    lines = iter(handle)
     try:
-        for line_number, raw in enumerate(handle, start=1):
+        # Rows before the window are counted, not parsed: a chunk far into a file passes them fast.
+        while number < skip:
+            raw = next(lines, None)
+            if raw is None:
+                return
+            passed += 1
+            if raw.strip():
+                number += 1
+        for line_number, raw in enumerate(lines, start=passed + 1):
             if not raw.strip():
                 continue
             try:
@@ -140,11 +190,14 @@ def _jsonl(handle: IO[bytes], label: str) -> Iterator[RawRow]:
         raise ExecutionError(f"{label} stopped being readable at row {number}: {exc}") from exc
 
 
-def _csv(handle: IO[bytes], label: str) -> Iterator[RawRow]:
+def _csv(handle: IO[bytes], label: str, skip: int = 0) -> Iterator[RawRow]:
     text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
     reader = csv.DictReader(text)
-    number = 0
+    number = skip
     try:
+        # A quoted cell may hold newlines, so the rows before the window are parsed to be counted.
+        for _ in itertools.islice(reader, skip):
+            pass
         for row in reader:
             # DictReader puts surplus cells under the None key and fills missing ones with None.
             if None in row or any(value is None for value in row.values()):
@@ -161,7 +214,7 @@ def _csv(handle: IO[bytes], label: str) -> Iterator[RawRow]:
         text.detach()  # the caller closes the file itself
 
 
-def _parquet(handle: IO[bytes], label: str) -> tuple[int | None, Iterator[RawRow]]:
+def _parquet(handle: IO[bytes], label: str, skip: int = 0) -> tuple[int | None, Iterator[RawRow]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -176,17 +229,30 @@ def _parquet(handle: IO[bytes], label: str) -> tuple[int | None, Iterator[RawRow
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
         raise ExecutionError(f"{label} is not a Parquet file: {exc}") from exc
 
+    # Whole row groups before the window are not read at all.
+    first_group, number = 0, 0
+    meta = parquet.metadata
+    while first_group < meta.num_row_groups and number + meta.row_group(first_group).num_rows <= skip:
+        number += meta.row_group(first_group).num_rows
+        first_group += 1
+
     def rows() -> Iterator[RawRow]:
-        number = 0
+        nonlocal number
+        groups = list(range(first_group, meta.num_row_groups))
         try:
-            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH, use_threads=False):
+            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH, row_groups=groups, use_threads=False):
+                if number + batch.num_rows <= skip:
+                    number += batch.num_rows
+                    continue
+                if number < skip:
+                    batch, number = batch.slice(skip - number), skip
                 for values in batch.to_pylist():
                     yield RawRow(number, values)
                     number += 1
         except (OSError, ValueError) as exc:
             raise ExecutionError(f"{label}: Parquet data unreadable after row {number}: {exc}") from exc
 
-    return parquet.metadata.num_rows, rows()
+    return meta.num_rows, rows()
 
 
 def libraries_offline() -> None:
@@ -204,7 +270,7 @@ def libraries_offline() -> None:
                 setattr(loaded, name, True)
 
 
-def _huggingface(source: HuggingFaceDataset, max_rows: int | None) -> Dataset:
+def _huggingface(source: HuggingFaceDataset, skip: int) -> tuple[int, Iterator[RawRow]]:
     """A dataset from the worker's caches: the hub cache (``huggingface-cli download --repo-type dataset``
     leaves its files there), else the ``datasets`` cache of one loaded on this machine before."""
     label = f"Hugging Face dataset {source.name!r} (split {source.split!r})"
@@ -228,14 +294,13 @@ def _huggingface(source: HuggingFaceDataset, max_rows: int | None) -> Dataset:
             "(HF_HOME / HF_DATASETS_CACHE): download it on a machine with access and copy the cache, or give "
             "inference.input.path"
         ) from exc
-    total = len(loaded) if max_rows is None else min(len(loaded), max_rows)
 
     def rows() -> Iterator[RawRow]:
         # Row by row from memory-mapped Arrow files: nothing is loaded whole.
-        for number, values in enumerate(loaded):
-            yield RawRow(number, dict(values))
+        for number in range(skip, len(loaded)):
+            yield RawRow(number, dict(loaded[number]))
 
-    return Dataset(label, total, _limit(rows(), max_rows))
+    return len(loaded), rows()
 
 
 def task_lines(task_id: str, results_dir: Path) -> tuple[Any, str, str]:

@@ -23,7 +23,7 @@ from mloc.errors import ExecutionError
 from mloc.executors.base import RunContext
 from mloc.executors.dataset_io import Dataset, RawRow, batches, open_dataset
 from mloc.llm.text import PLAIN_TURN_STOPS
-from mloc.spec.dataset import RESULT_LINES, DatasetInput
+from mloc.spec.dataset import CHUNK_LABEL, RESULT_LINES, DatasetInput
 from mloc.spec.sampling import Message, Sampling
 
 if TYPE_CHECKING:
@@ -241,12 +241,16 @@ def run_dataset(
                 rows += len(batch)
                 succeeded += len(outputs)
                 ctx.progress(rows, dataset.total, _rows_message(rows, dataset.total))
-            label = dataset.label
+            label, more = dataset.label, bool(dataset.more)
     finally:
         writer.close()
-    if rows == 0:
-        raise ExecutionError(f"{label} has no rows; give a dataset with at least one row")
-    ctx.progress(rows, rows, _rows_message(rows, rows))
+    # A later chunk may start past the end (chunks are cut before the row count is known): it has none.
+    later_chunk = ctx.document.metadata.labels.get(CHUNK_LABEL, "0") != "0"
+    if rows == 0 and not later_chunk:
+        where = f" from row {source.skip_rows:,} on" if source.skip_rows else ""
+        raise ExecutionError(f"{label} has no rows{where}; give a dataset with at least one row")
+    if rows:
+        ctx.progress(rows, rows, _rows_message(rows, rows))
     if failed:
         ctx.log(f"{failed:,} of {rows:,} rows failed; their lines carry the error", level="WARNING")
     latency = time.perf_counter() - started
@@ -257,6 +261,8 @@ def run_dataset(
         "dtype": engine.dtype,
         "input": label,
         "results_file": RESULT_LINES,
+        "first_row": source.skip_rows,
+        "more": more,
         "rows": rows,
         "succeeded": succeeded,
         "failed": failed,

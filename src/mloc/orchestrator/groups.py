@@ -26,13 +26,14 @@ import redis.asyncio as aioredis
 from mloc import keys, moves
 from mloc.errors import MlocError, SpecError
 from mloc.executors.base import write_json_atomic
+from mloc.orchestrator import chunks
 from mloc.orchestrator.cancel import cancel
+from mloc.settings import Settings
 from mloc.spec import Document
 from mloc.state import TERMINAL, Reason, TaskState
 from mloc.store import TaskStore
 
 log = logging.getLogger(__name__)
-PARENT_LABEL = "mloc.parent"
 OFFSET_LABEL = "mloc.offset"
 # Usage fields that add up over shards; the rest (latency) take the slowest shard.
 _SUMMED = ("prompt_tokens", "completion_tokens", "total_tokens", "num_requests")
@@ -94,11 +95,14 @@ def merge(parent_id: str, results: list[dict[str, Any]], offsets: list[int]) -> 
     return merged
 
 
-async def settle(store: TaskStore, parent_id: str, results_dir: Path) -> bool:
+async def settle(store: TaskStore, parent_id: str, results_dir: Path, settings: Settings | None = None) -> bool:
     """Bring a group's parent up to date with its shards; True once the parent has ended (or is gone)."""
     h = await store.get_hash(parent_id)
     if not h:
         return True
+    if h.get("chunk_rows"):
+        settings = settings or Settings().model_copy(update={"results_dir": results_dir})
+        return await chunks.settle(store, parent_id, settings)
     state = TaskState(h["state"])
     if state.terminal:
         return True
@@ -176,28 +180,30 @@ async def _succeed(
     await store.apply(parent_id, start, then=moves.Change(moves.GROUP_SUCCEED, result=merged, fields=fields, now=now))
 
 
-async def settle_marked(store: TaskStore, results_dir: Path, *, limit: int = SETTLE_BATCH) -> int:
+async def settle_marked(
+    store: TaskStore, results_dir: Path, *, limit: int = SETTLE_BATCH, settings: Settings | None = None
+) -> int:
     """Settle the parents whose shards moved since the last call; returns how many were looked at.
     A parent is taken off the mark before it is read, so a shard that moves meanwhile marks it again;
     one that cannot be settled now stays open for the reaper's :func:`sweep`."""
     parents = await store.redis.spop(keys.GROUPS_TO_SETTLE, limit) or []
     for parent_id in parents:
-        await _settle_open(store, parent_id, results_dir)
+        await _settle_open(store, parent_id, results_dir, settings)
     return len(parents)
 
 
-async def sweep(store: TaskStore, results_dir: Path) -> int:
+async def sweep(store: TaskStore, results_dir: Path, settings: Settings | None = None) -> int:
     """Settle every open group, marked or not (the fallback for a mark lost with a dead orchestrator);
     returns how many are still open."""
     still_open = 0
     for parent_id in await store.redis.smembers(keys.GROUPS_OPEN):
-        still_open += not await _settle_open(store, parent_id, results_dir)
+        still_open += not await _settle_open(store, parent_id, results_dir, settings)
     return still_open
 
 
-async def _settle_open(store: TaskStore, parent_id: str, results_dir: Path) -> bool:
+async def _settle_open(store: TaskStore, parent_id: str, results_dir: Path, settings: Settings | None) -> bool:
     try:
-        settled = await settle(store, parent_id, results_dir)
+        settled = await settle(store, parent_id, results_dir, settings)
     except aioredis.RedisError:
         raise  # the caller's loop waits for Redis; the group stays open
     except Exception:

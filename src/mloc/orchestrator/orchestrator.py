@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 
 from mloc import keys, modelroots
 from mloc.errors import BadRequest, Forbidden, SpecError
-from mloc.orchestrator import groups, reaper
+from mloc.orchestrator import chunks, groups, reaper
 from mloc.orchestrator.placement import Request, explain, misfit, request_of
 from mloc.orchestrator.scheduler import Decision, Placement, Scheduler
 from mloc.orchestrator.usage import Grouping, UsageReports
@@ -126,6 +126,9 @@ class Orchestrator:
 
     async def submit(self, document: Document, principal: Principal) -> dict[str, Any]:
         await self._check_models(document, principal)
+        wire = document.to_wire()
+        if chunks.is_chunked(wire):
+            return await self._submit_chunked(document, principal)
         if document.spec.resources.replicas > 1:
             return await self._submit_group(document, principal)
         record, request = self._record(document, principal)
@@ -145,7 +148,7 @@ class Orchestrator:
         parent, _ = self._record(document, principal)
         children: list[tuple[NewTask, Request]] = []
         for shard in groups.shards(document, parent.name):
-            shard["metadata"]["labels"][groups.PARENT_LABEL] = parent.task_id
+            shard["metadata"]["labels"][chunks.PARENT_LABEL] = parent.task_id
             record, request = self._record(validate(shard), principal)
             record.parent_id, record.replica = parent.task_id, len(children)
             children.append((record, request))
@@ -172,12 +175,33 @@ class Orchestrator:
             "replicas": answers,
         }
 
+    async def _submit_chunked(self, document: Document, principal: Principal) -> dict[str, Any]:
+        parent, request = self._record(document, principal)
+        children = chunks.first_chunks(parent)
+        await self.store.insert([parent, *children])
+        answers = []
+        for record in children:
+            placement = await self._try_place(record, request)
+            answers.append({"task_id": record.task_id, "worker_id": placement.worker_id})
+        return {
+            "ok": True,
+            "task_id": parent.task_id,
+            "worker_id": answers[0]["worker_id"] if answers else None,
+            "topic": parent.topic,
+            "state": "pending",
+            "chunks": answers,
+        }
+
+    async def resume(self, task_id: str, principal: Principal) -> dict[str, Any]:
+        """Run a failed or cancelled dataset task's unfinished chunks again (see :mod:`.chunks`)."""
+        return await chunks.resume(self.store, task_id, by=principal.name)
+
     async def submit_many(self, documents: list[Document], principal: Principal) -> list[dict[str, Any]]:
         if len(documents) > MAX_BULK:
             raise BadRequest(f"{len(documents)} tasks in one request; the limit is {MAX_BULK}")
         for document in documents:
             await self._check_models(document, principal)  # all or nothing: before any is stored
-        if any(document.spec.resources.replicas > 1 for document in documents):
+        if any(d.spec.resources.replicas > 1 or chunks.is_chunked(d.to_wire()) for d in documents):
             return [await self.submit(document, principal) for document in documents]
         prepared = [self._record(document, principal) for document in documents]
         # Workers are chosen on one snapshot before anything is stored, so the tasks that must wait
@@ -252,7 +276,7 @@ class Orchestrator:
         if self.settings.task_retention_sec > 0:
             forgotten = await reaper.forget_finished(self.store, older_than_sec=self.settings.task_retention_sec)
             report.forgotten = len(forgotten)
-        await groups.sweep(self.store, self.settings.results_dir)
+        await groups.sweep(self.store, self.settings.results_dir, self.settings)
         if report.requeued:
             await self.scheduler.schedule_pending()
         return report
@@ -269,7 +293,7 @@ class Orchestrator:
                     # interval's full pass also refreshes every waiting task's reason.
                     await self.scheduler.schedule_pending(quick=woken)
                     # Replica groups whose shards started or ended woke this pass too.
-                    await groups.settle_marked(self.store, self.settings.results_dir)
+                    await groups.settle_marked(self.store, self.settings.results_dir, settings=self.settings)
                     woken = False
                     deadline = time.monotonic() + self.settings.schedule_interval_sec
                     if self.scheduler.next_retry_at is not None:

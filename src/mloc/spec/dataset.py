@@ -17,6 +17,11 @@ from mloc.spec.base import Strict
 
 # The file a dataset task writes its result lines to, in the task's result folder (one JSON object per row).
 RESULT_LINES = "results.jsonl"
+# Rows per chunk when a task does not say: a lost worker redoes at most this many, and each chunk
+# re-opens the dataset and passes over the rows before it, so much smaller would cost more than it saves.
+DEFAULT_CHUNK_ROWS = 2000
+# On a chunk's task: its index in the dataset task it belongs to (mloc.parent names that task).
+CHUNK_LABEL = "mloc.chunk"
 # The sampling fields a row may set for itself; ``n`` is left out because it changes a line's shape.
 ROW_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed")
 _TASK_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -78,6 +83,15 @@ class DatasetInput(Strict):
     )
     columns: DatasetColumns = Field(default_factory=DatasetColumns)
     max_rows: int | None = Field(None, ge=1, description="Read at most this many rows.")
+    skip_rows: int = Field(0, ge=0, description="Start at this row (0-based): the rows before it are not read.")
+    chunk_rows: int | None = Field(
+        None,
+        ge=1,
+        le=10_000_000,
+        description="Rows per chunk. The task runs as chunks, each a task of its own that any worker may take "
+        "(a fast worker takes more); a lost worker costs only its unfinished chunk, and a failed or cancelled "
+        f"task resumes without redoing finished ones. Default {DEFAULT_CHUNK_ROWS:,}.",
+    )
     max_row_errors: int = Field(
         0,
         ge=0,

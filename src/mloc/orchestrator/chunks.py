@@ -1,0 +1,357 @@
+"""Chunked dataset tasks: an inference task that reads a dataset runs as chunks of rows, each a task of
+its own, under a parent task that has no worker (as a replica group's does).
+
+Why tasks: a chunk is then what a worker takes (a free slot anywhere takes the next one, so a fast
+worker takes more), what the reaper hands back when a worker is lost (the chunk, never the finished
+ones), and what a resume runs again. The row count is not known at submit (the file is the worker's
+to read), so chunks are cut as they are needed: ``inference.input.chunk_rows`` rows each, at most
+``resources.replicas`` of them unfinished at once. A chunk's result says whether rows lie past it
+(``more``); the first that says no is the last, and once every chunk up to it has succeeded the
+parent's result lines are the chunks' lines joined in row order.
+
+The parent settles here, in the orchestrator (called by :mod:`mloc.orchestrator.groups`), under a
+lock per parent, since settling now also cuts new chunks and two orchestrators must not cut the
+same one twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from redis.exceptions import LockError
+
+from mloc import artifacts, keys, moves
+from mloc.errors import Conflict, MlocError, NotFound
+from mloc.executors.base import write_json_atomic
+from mloc.orchestrator.cancel import cancel
+from mloc.records import NewTask
+from mloc.settings import Settings
+from mloc.spec.dataset import CHUNK_LABEL, DEFAULT_CHUNK_ROWS, RESULT_LINES
+from mloc.state import TERMINAL, Reason, TaskState
+from mloc.store import TaskStore
+
+log = logging.getLogger(__name__)
+PARENT_LABEL = "mloc.parent"
+# Longest a settle or resume may hold a parent's lock (it is released as soon as it is done).
+LOCK_SEC = 120
+_SUMMED = ("prompt_tokens", "completion_tokens", "total_tokens", "num_requests")
+
+
+def is_chunked(document: dict[str, Any]) -> bool:
+    """Whether a task (wire form) runs as chunks: an inference task that reads a dataset, and is not a
+    chunk itself."""
+    spec = document.get("spec") or {}
+    labels = (document.get("metadata") or {}).get("labels") or {}
+    return (
+        spec.get("taskType") == "inference"
+        and bool((spec.get("inference") or {}).get("input"))
+        and (CHUNK_LABEL not in labels)
+    )
+
+
+def chunk_rows(document: dict[str, Any]) -> int:
+    return int(document["spec"]["inference"]["input"].get("chunk_rows") or DEFAULT_CHUNK_ROWS)
+
+
+def chunk_document(document: dict[str, Any], name: str, parent_id: str, index: int) -> dict[str, Any] | None:
+    """The task of chunk ``index`` (wire form), or None when the task's ``max_rows`` ends before it."""
+    size = chunk_rows(document)
+    source = document["spec"]["inference"]["input"]
+    rows = size
+    if source.get("max_rows") is not None:
+        rows = min(size, int(source["max_rows"]) - index * size)
+        if rows <= 0:
+            return None
+    child = copy.deepcopy(document)
+    child["metadata"]["name"] = f"{name}-c{index}"
+    labels = child["metadata"].setdefault("labels", {})
+    labels[PARENT_LABEL], labels[CHUNK_LABEL] = parent_id, str(index)
+    child["spec"]["resources"]["replicas"] = 1
+    window = child["spec"]["inference"]["input"]
+    window["skip_rows"] = int(source.get("skip_rows") or 0) + index * size
+    window["max_rows"] = rows
+    window.pop("chunk_rows", None)
+    return child
+
+
+def child_record(parent: dict[str, str], index: int) -> NewTask | None:
+    """Chunk ``index`` of the parent whose hash is ``parent``: it runs as the parent would (owner,
+    priority, retries, what it asks of a worker), so its record is the parent's with its own window."""
+    document = json.loads(parent["spec"])
+    child = chunk_document(document, parent["name"], parent["id"], index)
+    if child is None:
+        return None
+    record = NewTask(
+        task_id=str(uuid.uuid4()),
+        name=child["metadata"]["name"],
+        owner=parent["owner"],
+        task_type=parent["task_type"],
+        kind=parent["kind"],
+        topic=parent["topic"],
+        priority=int(parent.get("priority", "0")),
+        max_attempts=int(parent.get("max_attempts", "1")),
+        # The parent's submit time: its chunks keep its place in the queue, however late they are cut.
+        created_at=float(parent["created_at"]),
+        document=child,
+        request=json.loads(parent.get("req") or "{}"),
+        labels=child["metadata"]["labels"],
+        submitted_by=parent.get("submitted_by", ""),
+        parent_id=parent["id"],
+        replica=index,
+    )
+    if parent.get("retry_backoff_sec"):
+        record.retry_backoff_sec = float(parent["retry_backoff_sec"])
+    if parent.get("retry_backoff_max_sec"):
+        record.retry_backoff_max_sec = float(parent["retry_backoff_max_sec"])
+    return record
+
+
+def first_chunks(parent: NewTask) -> list[NewTask]:
+    """The chunks cut at submit: as many as may run at once (``resources.replicas``)."""
+    parent.chunk_rows = chunk_rows(parent.document)
+    parent.chunk_window = max(1, int(parent.document["spec"]["resources"].get("replicas") or 1))
+    h = parent.to_hash()
+    children = [c for index in range(parent.chunk_window) if (c := child_record(h, index)) is not None]
+    parent.group_size = len(children)
+    parent.children = [c.task_id for c in children]
+    parent.pending_reason = "waiting for its first chunk to start"
+    return children
+
+
+async def settle(store: TaskStore, parent_id: str, settings: Settings) -> bool:
+    """Bring a chunked parent up to date with its chunks; True once it has ended (or is gone). A
+    parent another orchestrator is settling is marked again for the next wake-up."""
+    lock = store.redis.lock(keys.group_lock(parent_id), timeout=LOCK_SEC, blocking=False)
+    if not await lock.acquire():
+        await store.redis.sadd(keys.GROUPS_TO_SETTLE, parent_id)
+        return False
+    try:
+        return await _settle(store, parent_id, settings)
+    finally:
+        with contextlib.suppress(LockError):
+            await lock.release()
+
+
+async def _chunk_rows(store: TaskStore, children: list[str]) -> list[list[str | None]]:
+    pipe = store.redis.pipeline(transaction=False)
+    for child in children:
+        pipe.hmget(keys.task(child), "state", "reason", "started_at", "result_summary")
+    return await pipe.execute()
+
+
+async def _settle(store: TaskStore, parent_id: str, settings: Settings) -> bool:
+    h = await store.get_hash(parent_id)
+    if not h:
+        return True
+    state = TaskState(h["state"])
+    if state.terminal:
+        return True
+    children: list[str] = json.loads(h.get("children") or "[]")
+    rows = await _chunk_rows(store, children)
+    states = [TaskState(row[0]) if row[0] else TaskState.CANCELLED for row in rows]
+    summaries = [
+        json.loads(row[3] or "{}") if s == TaskState.SUCCEEDED else {} for s, row in zip(states, rows, strict=True)
+    ]
+    for index, chunk_state in enumerate(states):
+        if chunk_state in (TaskState.FAILED, TaskState.CANCELLED):
+            why = f"chunk {index} ({children[index]}) {chunk_state}: {rows[index][1] or 'no reason given'}"
+            await _end(store, parent_id, children, states, chunk_state, why)
+            return True
+    allowed = int(json.loads(h["spec"])["spec"]["inference"]["input"].get("max_row_errors") or 0)
+    bad = sum(int(s.get("failed") or 0) for s in summaries)
+    if bad > allowed:
+        why = (
+            f"{bad:,} bad rows over its chunks, beyond inference.input.max_row_errors ({allowed:,}); their lines "
+            "carry the errors: fix the rows, or raise max_row_errors and submit again"
+        )
+        await _end(store, parent_id, children, states, TaskState.FAILED, why)
+        return True
+    last = next((i for i, s in enumerate(summaries) if s and not s.get("more")), None)
+    if last is not None and all(s == TaskState.SUCCEEDED for s in states[: last + 1]):
+        await _succeed(store, h, children[: last + 1], rows, settings)
+        for child, chunk_state in zip(children[last + 1 :], states[last + 1 :], strict=True):
+            if chunk_state not in TERMINAL:  # cut before the end was known: nothing to read
+                with contextlib.suppress(MlocError):
+                    await cancel(store, child, by=f"dataset task {parent_id} (past the last row)")
+        return True
+    if state == TaskState.PENDING and any(s != TaskState.PENDING and s != TaskState.ASSIGNED for s in states):
+        starts = [float(row[2]) for row in rows if row[2]]
+        fields = {"started_at": repr(min(starts, default=time.time())), "pending_reason": ""}
+        await store.transition(parent_id, moves.GROUP_START, fields=fields)
+    if last is None:
+        await _cut_more(store, h, children, states)
+    done = [s for s in summaries if s]
+    rows_done = sum(int(s.get("rows") or 0) for s in done)
+    progress = {
+        "step": rows_done,
+        "total": None,
+        "message": f"{rows_done:,} rows done in {len(done)} chunk(s); {len(children) - len(done)} cut and not done",
+        "ts": time.time(),
+    }
+    await store.set_fields(parent_id, {"progress": json.dumps(progress)})
+    return False
+
+
+async def _cut_more(store: TaskStore, h: dict[str, str], children: list[str], states: list[TaskState]) -> None:
+    """Cut chunks until ``chunk_window`` are unfinished (or the task's max_rows is reached)."""
+    unfinished = sum(s not in TERMINAL for s in states)
+    window = int(h.get("chunk_window") or 1)
+    new: list[NewTask] = []
+    while unfinished + len(new) < window:
+        record = child_record(h, len(children) + len(new))
+        if record is None:
+            break
+        new.append(record)
+    if not new:
+        return
+    await store.insert(new)
+    ids = children + [record.task_id for record in new]
+    await store.set_fields(h["id"], {"children": json.dumps(ids), "group_size": str(len(ids))})
+
+
+async def _end(
+    store: TaskStore,
+    parent_id: str,
+    children: list[str],
+    states: list[TaskState],
+    chunk_state: TaskState,
+    why: str,
+) -> None:
+    """Fail or cancel the parent, and cancel the chunks still going; finished chunks keep their lines
+    for a resume."""
+    move = moves.GROUP_CANCEL if chunk_state == TaskState.CANCELLED else moves.GROUP_FAIL
+    code = Reason.of_replica(chunk_state) if chunk_state == TaskState.CANCELLED else Reason.REPLICA_FAILED
+    fields = {
+        "reason": f"{why}; `mloc resume {parent_id}` runs the chunks not finished",
+        "reason_code": code.value,
+        "finished_at": repr(time.time()),
+    }
+    outcome = await store.transition(parent_id, move, fields=fields)
+    if not outcome.ok:
+        return
+    for child, child_state in zip(children, states, strict=True):
+        if child_state not in TERMINAL:
+            with contextlib.suppress(MlocError):
+                await cancel(store, child, by=f"dataset task {parent_id}")
+
+
+async def _succeed(
+    store: TaskStore,
+    h: dict[str, str],
+    children: list[str],
+    rows: list[list[str | None]],
+    settings: Settings,
+) -> None:
+    parent_id = h["id"]
+    results = [await store.result(child) or {} for child in children]
+    records = [await store.get(child, with_spec=False) for child in children]
+    folder = settings.results_dir / parent_id
+    await asyncio.to_thread(join_lines, settings, records, folder / RESULT_LINES)
+    usage: dict[str, float] = {}
+    for result in results:
+        for name, value in (result.get("usage") or {}).items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                usage[name] = usage.get(name, 0) + value if name in _SUMMED else max(usage.get(name, 0), value)
+    first = results[0]
+    merged = {
+        "ok": True,
+        **{k: first[k] for k in ("model", "engine", "dtype", "input") if k in first},
+        "results_file": RESULT_LINES,
+        "rows": sum(int(r.get("rows") or 0) for r in results),
+        "succeeded": sum(int(r.get("succeeded") or 0) for r in results),
+        "failed": sum(int(r.get("failed") or 0) for r in results),
+        "chunks": len(children),
+        "usage": usage,
+    }
+    write_json_atomic(folder / "responses.json", merged)
+    store_ = artifacts.store_for(settings)
+    if store_ is not None:
+        # Served from the store like any task's files: as the parent's one attempt.
+        await asyncio.to_thread(store_.publish, parent_id, 1, "orchestrator", folder)
+    now = time.time()
+    fields = {"finished_at": repr(now), "usage": json.dumps(usage), "reason": "", "attempts": "1"}
+    if TaskState(h["state"]) != TaskState.PENDING:
+        await store.transition(parent_id, moves.GROUP_SUCCEED, result=merged, fields=fields, now=now)
+        return
+    starts = [float(row[2]) for row in rows if row[2]]
+    start = moves.Change(moves.GROUP_START, fields={"started_at": repr(min(starts, default=now))}, now=now)
+    await store.apply(parent_id, start, then=moves.Change(moves.GROUP_SUCCEED, result=merged, fields=fields, now=now))
+
+
+def join_lines(settings: Settings, records: list[Any], target: Path) -> None:
+    """The chunks' result lines, in chunk (so row) order, written to ``target`` atomically."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            for record in records:
+                found = artifacts.listing(
+                    settings, record.task_id, record.state.value, record.attempts, record.worker_id
+                )
+                if not any(item.path == RESULT_LINES for item in found.items):
+                    continue  # a chunk past the end wrote an empty file, or none
+                with artifacts.open_artifact(settings, found, RESULT_LINES) as handle:
+                    shutil.copyfileobj(handle, out, 1 << 20)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+async def resume(store: TaskStore, parent_id: str, *, by: str) -> dict[str, Any]:
+    """Run a failed or cancelled chunked task again from where it stopped: its succeeded chunks stand,
+    every other chunk is cut afresh."""
+    lock = store.redis.lock(keys.group_lock(parent_id), timeout=LOCK_SEC, blocking_timeout=LOCK_SEC)
+    if not await lock.acquire():
+        raise Conflict(f"task {parent_id} is being settled; try again in a minute")
+    try:
+        h = await store.get_hash(parent_id)
+        if not h:
+            raise NotFound(f"task {parent_id} not found")
+        if not h.get("chunk_rows"):
+            raise Conflict(
+                f"task {parent_id} is not a dataset task, so it has no finished chunks to keep; submit it again"
+            )
+        state = TaskState(h["state"])
+        if state not in (TaskState.FAILED, TaskState.CANCELLED):
+            raise Conflict(f"task {parent_id} is {state}; only a failed or cancelled task is resumed")
+        children: list[str] = json.loads(h.get("children") or "[]")
+        states = [TaskState(row[0]) if row[0] else TaskState.CANCELLED for row in await _chunk_rows(store, children)]
+        if any(s not in TERMINAL for s in states):
+            raise Conflict(f"task {parent_id} still has chunks stopping; resume it once they have ended")
+        redo = [i for i, s in enumerate(states) if s != TaskState.SUCCEEDED]
+        new = [r for i in redo if (r := child_record(h, i)) is not None]
+        fields = {"reason": "", "reason_code": "", "finished_at": "", "pending_reason": ""}
+        moved = await store.transition(parent_id, moves.GROUP_RESUME, fields=fields)
+        if not moved.ok:
+            raise Conflict(f"task {parent_id} could not be resumed: {moved.error} {moved.detail}")
+        if new:
+            await store.insert(new)
+        for index, record in zip(redo, new, strict=True):
+            children[index] = record.task_id
+        await store.set_fields(parent_id, {"children": json.dumps(children), "resumed_by": by})
+        pipe = store.redis.pipeline(transaction=False)
+        pipe.sadd(keys.GROUPS_OPEN, parent_id)
+        pipe.sadd(keys.GROUPS_TO_SETTLE, parent_id)
+        await pipe.execute()
+    finally:
+        with contextlib.suppress(LockError):
+            await lock.release()
+    return {
+        "ok": True,
+        "task_id": parent_id,
+        "state": TaskState.RUNNING.value,
+        "chunks_kept": len(states) - len(redo),
+        "chunks_redone": redo,
+    }

@@ -1,0 +1,146 @@
+"""A dataset task runs as chunks on a real local cluster: cut as they are needed, taken by whichever worker
+is free, joined in row order; bad rows counted over all chunks; a failed task resumed without redoing the
+chunks that finished."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mloc.client import Client
+from mloc.localcluster import LocalCluster
+from mloc.spec.dataset import CHUNK_LABEL
+
+TINY = {"source": {"type": "package", "identifier": "mloc-tiny-llama"}, "engine": "transformers"}
+
+
+def write_rows(path: Path, prompts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"qid": f"q{i:03d}", "question": p}) + "\n" for i, p in enumerate(prompts)))
+    return path
+
+
+def task(data: Path, *, chunk_rows: int, replicas: int = 1, max_row_errors: int = 0) -> dict[str, Any]:
+    return {
+        "apiVersion": "mloc/v1",
+        "kind": "InferenceTask",
+        "metadata": {"name": "chunked"},
+        "spec": {
+            "taskType": "inference",
+            "model": TINY,
+            "resources": {"replicas": replicas},
+            "inference": {
+                "max_tokens": 2,
+                "temperature": 0,
+                "batch_size": 4,
+                "input": {
+                    "path": str(data),
+                    "columns": {"prompt": "question", "id": "qid"},
+                    "chunk_rows": chunk_rows,
+                    "max_row_errors": max_row_errors,
+                },
+            },
+        },
+    }
+
+
+def lines_of(client: Client, task_id: str) -> list[dict[str, Any]]:
+    return list(client.result_lines(task_id))
+
+
+@pytest.mark.extra("inference")
+def test_chunks_spread_over_workers_and_join_in_row_order(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tmp_path: Path
+) -> None:
+    prompts = [f"Question: what is {i} plus one?\nAnswer:" for i in range(47)]
+    data = write_rows(tmp_path / "questions.jsonl", prompts)
+    cluster = make_cluster(2)
+    client = client_for(cluster)
+    answer = client.submit(task(data, chunk_rows=5, replicas=2))
+    assert len(answer["chunks"]) == 2
+    record = client.wait(answer["task_id"], timeout=300)
+    assert record["state"] == "succeeded", record
+    assert record["chunk_rows"] == 5
+
+    chunks = [client.task(child) for child in record["children"]]
+    # 47 rows in chunks of 5: 10 chunks hold rows; the window may have cut one more before the end was known.
+    assert 10 <= len(chunks) <= 11
+    assert [int(c["labels"][CHUNK_LABEL]) for c in chunks] == list(range(len(chunks)))
+    assert all(c["state"] == "succeeded" for c in chunks[:10])
+    assert {c["worker_id"] for c in chunks[:10]} == {"local-1", "local-2"}  # any free worker takes the next one
+
+    summary = client.result(answer["task_id"])
+    assert (summary["rows"], summary["succeeded"], summary["failed"], summary["chunks"]) == (47, 47, 0, 10)
+    assert summary["usage"]["completion_tokens"] == 47 * 2
+    lines = lines_of(client, answer["task_id"])
+    assert [line["id"] for line in lines] == [f"q{i:03d}" for i in range(47)]
+    assert all(line["error"] is None and line["completion_tokens"] == 2 for line in lines)
+    merged = tmp_path / "results" / answer["task_id"] / "results.jsonl"
+    assert merged.read_text().count("\n") == 47
+
+
+@pytest.mark.extra("inference")
+def test_a_failed_dataset_task_resumes_without_redoing_its_finished_chunks(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tmp_path: Path
+) -> None:
+    prompts = [f"Question: what is {i} plus one?\nAnswer:" for i in range(20)]
+    broken = list(prompts)
+    broken[13] = ""  # an empty prompt in the third chunk; no bad row is allowed
+    data = write_rows(tmp_path / "questions.jsonl", broken)
+    cluster = make_cluster(1)
+    client = client_for(cluster)
+    task_id = client.submit(task(data, chunk_rows=5))["task_id"]
+    record = client.wait(task_id, timeout=300)
+    assert record["state"] == "failed", record
+    assert "chunk 2" in record["reason"] and f"mloc resume {task_id}" in record["reason"]
+    assert "prompt column 'question' is empty" in record["reason"]
+    first = [client.task(child) for child in record["children"]]
+    assert [c["state"] for c in first] == ["succeeded", "succeeded", "failed"]
+    # The finished chunks' lines stand, in order, and are served while the task is failed.
+    assert [line["id"] for line in lines_of(client, task_id)] == [f"q{i:03d}" for i in range(10)]
+
+    write_rows(data, prompts)  # the row fixed
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLOC_")}
+    env["MLOC_API_URL"] = cluster.api_url
+    resumed = subprocess.run(
+        [sys.executable, "-m", "mloc.cli", "resume", task_id], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "2 finished chunk(s) kept, 1 to run again" in resumed.stdout
+    record = client.wait(task_id, timeout=300)
+    assert record["state"] == "succeeded", record
+    second = [client.task(child) for child in record["children"]]
+    assert [c["task_id"] for c in second[:2]] == [c["task_id"] for c in first[:2]]  # not run again
+    assert all(c["attempts"] == 1 for c in second[:2])
+    assert second[2]["task_id"] != first[2]["task_id"]
+    lines = lines_of(client, task_id)
+    assert [line["id"] for line in lines] == [f"q{i:03d}" for i in range(20)]
+    assert all(line["error"] is None for line in lines)
+    assert client.result(task_id)["rows"] == 20
+
+    # Only a failed or cancelled dataset task is resumed.
+    with pytest.raises(Exception, match="only a failed or cancelled task is resumed"):
+        client.resume(task_id)
+
+
+@pytest.mark.extra("inference")
+def test_bad_rows_are_counted_over_all_chunks(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tmp_path: Path
+) -> None:
+    prompts = [f"Question: what is {i} plus one?\nAnswer:" if i % 5 != 2 else "" for i in range(15)]
+    data = write_rows(tmp_path / "questions.jsonl", prompts)  # one bad row in each chunk of 5: 3 in all
+    cluster = make_cluster(1)
+    client = client_for(cluster)
+    allowed = client.submit(task(data, chunk_rows=5, max_row_errors=3))["task_id"]
+    assert client.wait(allowed, timeout=300)["state"] == "succeeded"
+    assert client.result(allowed)["failed"] == 3
+    refused = client.submit(task(data, chunk_rows=5, max_row_errors=2))["task_id"]
+    record = client.wait(refused, timeout=300)
+    assert record["state"] == "failed" and "3 bad rows over its chunks" in record["reason"], record
+    assert "max_row_errors (2)" in record["reason"]

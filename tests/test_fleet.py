@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import redis
 
 from mloc import keys
@@ -275,3 +276,31 @@ def test_a_task_past_its_timeout_is_stopped_and_fails(
     assert client.worker("local-1")["free"]["slots"] == 4
     ok = client.submit(b"taskType: echo\ntimeout_sec: 30\n")
     assert wait_until(client, ok["task_id"], lambda r: r["state"] == "succeeded")
+
+
+def test_the_admins_time_limit_per_task_type_applies_where_a_task_sets_none(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
+) -> None:
+    cluster = make_cluster(1, env={"MLOC_TASK_TIMEOUTS": '{"echo": 1, "*": 3600}', "MLOC_CANCEL_GRACE_SEC": "1"})
+    client = client_for(cluster)
+    limited = client.submit(b"taskType: echo\nhyperparameters: {sleep_sec: 60}\n")
+    record = client.task(limited["task_id"])
+    # Visible on the task: its spec carries the limit, a label says whose it is.
+    assert (
+        record["spec"]["spec"]["timeout_sec"] == 1 and record["labels"]["mloc.timeout"] == "MLOC_TASK_TIMEOUTS (echo)"
+    )
+    failed = wait_until(client, limited["task_id"], lambda r: r["state"] == "failed", 30)
+    assert failed["reason_code"] == "timeout"
+    assert "the admin's limit, MLOC_TASK_TIMEOUTS (echo) (1s)" in failed["reason"]
+    # The task's own limit wins over the admin's default.
+    own = client.submit(b"taskType: echo\ntimeout_sec: 30\nhyperparameters: {sleep_sec: 1.5}\n")
+    assert wait_until(client, own["task_id"], lambda r: r["state"] == "succeeded")["labels"] == {}
+
+
+def test_a_malformed_task_timeouts_setting_names_the_variable_and_the_fix() -> None:
+    from mloc.settings import Settings
+
+    for value, expected in (("{", "is not JSON"), ('{"sft": -1}', "'sft': -1 is not a number of seconds")):
+        with pytest.raises(ValueError, match=expected) as caught:
+            Settings(MLOC_TASK_TIMEOUTS=value)  # type: ignore[call-arg]
+        assert "MLOC_TASK_TIMEOUTS" in str(caught.value) or "task_timeouts" in str(caught.value)

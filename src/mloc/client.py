@@ -258,6 +258,13 @@ class Client:
     def cancel(self, task_id: str) -> dict[str, Any]:
         return self._call("POST", self._path(task_id, "/cancel"))
 
+    def pipeline(self, pipeline_id: str) -> dict[str, Any]:
+        """A pipeline's tasks, each with what it waits for and its state."""
+        return self._call("GET", f"/api/v1/pipelines/{pipeline_id}")
+
+    def cancel_pipeline(self, pipeline_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/api/v1/pipelines/{pipeline_id}/cancel")
+
     def resume(self, task_id: str) -> dict[str, Any]:
         """Run a failed or cancelled dataset task's unfinished chunks again."""
         return self._call("POST", self._path(task_id, "/resume"))

@@ -23,6 +23,23 @@ GROUPS_OPEN = f"{PREFIX}:groups:open"  # set of parent task ids
 GROUPS_TO_SETTLE = f"{PREFIX}:groups:settle"  # set of parent task ids
 
 
+# Dependencies: tasks that wait for others (stored pending, out of every queue until released), and
+# tasks with dependents that ended since the orchestrator last looked (the transition script adds them).
+DEPS_WAITING = f"{PREFIX}:deps:waiting"  # set of task ids
+DEPS_ENDED = f"{PREFIX}:deps:ended"  # set of task ids
+
+
+def dependents(task_id: str) -> str:
+    """Set: the tasks that wait for this one to succeed."""
+    return f"{PREFIX}:task:{task_id}:dependents"
+
+
+def pipeline(pipeline_id: str) -> str:
+    """String: a pipeline's graph as JSON ({"id", "owner", "created_at", "tasks": [{"name", "task_id",
+    "depends_on"}]}), written with its tasks."""
+    return f"{PREFIX}:pipeline:{pipeline_id}"
+
+
 def group_lock(parent_id: str) -> str:
     """String: held by the orchestrator settling or resuming a chunked dataset task (it cuts chunks)."""
     return f"{PREFIX}:groups:lock:{parent_id}"
@@ -148,3 +165,14 @@ def user_usage(name: str) -> str:
 def user_quota(name: str) -> str:
     """Hash: one user's own limits (tasks, gpus); a missing field means the settings' default."""
     return f"{PREFIX}:user:{name}:quota"
+
+
+# The OpenAI Batch API (mloc.openai_files, mloc.api.openai_batch)
+def openai_file(file_id: str) -> str:
+    """Hash: an uploaded file's metadata (id, bytes, created_at, filename, purpose, owner)."""
+    return f"{PREFIX}:openai:file:{file_id}"
+
+
+def openai_batches(owner: str) -> str:
+    """Zset: the task ids of one owner's batches (created_at ms), for GET /v1/batches."""
+    return f"{PREFIX}:openai:batches:{owner}"

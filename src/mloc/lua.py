@@ -78,6 +78,24 @@ local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return {moved, head[2] or ''}
 """
 
+# RELEASE: a task whose dependencies all succeeded joins the pending queues (it was stored out of them).
+# KEYS[1] task hash   KEYS[2] pending zset   KEYS[3] set of owners with pending tasks
+# KEYS[4] set of waiting tasks   KEYS[5] scheduler wake channel
+# ARGV[1] pending score   ARGV[2] template: owner pending queue   ARGV[3] pending reason
+# Returns 1 when released, 0 when it was not waiting (released before, ended or gone).
+RELEASE = r"""
+local f = redis.call('HMGET', KEYS[1], 'state', 'waiting_on', 'owner', 'id')
+if f[1] ~= 'pending' or not f[2] or f[2] == '' then return 0 end
+redis.call('HDEL', KEYS[1], 'waiting_on')
+redis.call('HSET', KEYS[1], 'pending_reason', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[1], f[4])
+redis.call('ZADD', (string.gsub(ARGV[2], "{id}", f[3])), ARGV[1], f[4])
+redis.call('SADD', KEYS[3], f[3])
+redis.call('SREM', KEYS[4], f[4])
+redis.call('PUBLISH', KEYS[5], 'pending')
+return 1
+"""
+
 # PRUNE_OWNER: drop an owner from the set of owners with pending tasks once its queue is empty.
 # KEYS[1] set of owners with pending tasks   KEYS[2] the owner's pending queue   ARGV[1] owner
 PRUNE_OWNER = r"""

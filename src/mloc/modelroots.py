@@ -4,7 +4,8 @@ value models, the dataset an inference task reads (a local file, or another task
 On a worker shared by several users a path in a task could name another user's files: the result
 folder of their training task, a private model. So a user's task may name local paths only under the
 folders the admin allows (MLOC_MODEL_ROOTS), the models dir, and the result folders of the user's
-own tasks; an adapter named by task id must come from one of the user's own tasks. The admin's
+own tasks (and the files the user uploaded for batches, which the orchestrator keeps in the results
+dir's files folder); an adapter named by task id must come from one of the user's own tasks. The admin's
 tasks (ORCHESTRATOR_TOKEN, and every task while auth is off) may name any path, as before: the admin
 already decides what the workers can read.
 
@@ -25,7 +26,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from mloc import keys
+from mloc import keys, openai_files
 from mloc.settings import Settings
 
 TASK_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -75,6 +76,10 @@ def references(spec: Mapping[str, Any]) -> list[Reference]:
     task = dataset.get("task")
     if isinstance(task, str) and task:
         found.append(Reference("spec.inference.input.task", task, Kind.TASK))
+    for index, custom in enumerate((spec.get("eval") or {}).get("custom") or []):
+        path = custom.get("path") if isinstance(custom, Mapping) else None
+        if isinstance(path, str) and path:
+            found.append(Reference(f"spec.eval.custom[{index}].path", path, Kind.PATH))
     return found
 
 
@@ -138,6 +143,13 @@ class ModelRoots:
             f"{reference.field} {reference.value!r} is outside the folders your tasks may read models and data "
             f"from ({self.describe()}); put the file there, or ask the admin to add its folder to MLOC_MODEL_ROOTS"
         )
+
+    def uploaded_file(self, path: Path) -> str | None:
+        """The id of the uploaded file (POST /v1/files) that ``path`` is, or whose batch rows it holds."""
+        if not path.is_relative_to(self.results_dir):
+            return None
+        parts = path.relative_to(self.results_dir).parts
+        return openai_files.upload_id(parts[1]) if len(parts) == 2 and parts[0] == openai_files.FILES_DIR else None
 
     def result_task(self, path: Path) -> str | None:
         """The id of the task whose result folder holds ``path``, if one does."""
@@ -209,8 +221,11 @@ async def check_on_worker(redis: aioredis.Redis, spec: Mapping[str, Any], owner:
 async def _refusal(
     redis: aioredis.Redis, roots: ModelRoots, path: Path, reference: Reference, owner: str
 ) -> str | None:
-    """:meth:`ModelRoots.refusal`, with the owner of the task whose result folder holds ``path`` read
-    from Redis."""
+    """:meth:`ModelRoots.refusal`, with the owner of the task whose result folder holds ``path`` (or of
+    the uploaded file it is) read from Redis."""
     folder_task = roots.result_task(path)
     folder_owner = await task_owner(redis, folder_task) if folder_task else None
+    upload = roots.uploaded_file(path) if folder_owner is None else None
+    if upload is not None:
+        folder_owner = await openai_files.file_owner(redis, upload)
     return roots.refusal(path, reference, folder_owner, owner)

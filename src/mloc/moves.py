@@ -71,6 +71,9 @@ GROUP_START = _move("group_start", R, P)
 GROUP_SUCCEED = _move("group_succeed", TaskState.SUCCEEDED, R)
 GROUP_FAIL = _move("group_fail", TaskState.FAILED, P, R)
 GROUP_CANCEL = _move("group_cancel", TaskState.CANCELLED, P, R)
+# A task waiting for others, ended because one of them failed or was cancelled (onDependencyFailure:
+# fail; "skip" cancels it with CANCEL).
+DEPENDENCY_FAIL = _move("dependency_fail", TaskState.FAILED, P)
 # A chunked dataset task that failed or was cancelled, resumed: the chunks not finished run again.
 GROUP_RESUME = _move("group_resume", R, TaskState.FAILED, TaskState.CANCELLED)
 
@@ -90,6 +93,7 @@ ALL: tuple[Move, ...] = (
     GROUP_FAIL,
     GROUP_CANCEL,
     GROUP_RESUME,
+    DEPENDENCY_FAIL,
 )
 
 _ENDINGS = {TaskState.SUCCEEDED: SUCCEED, TaskState.FAILED: FAIL, TaskState.CANCELLED: CANCEL_RUNNING}

@@ -82,6 +82,9 @@ class NewTask:
     # A chunked dataset task's parent: rows per chunk, and how many chunks may be unfinished at once.
     chunk_rows: int | None = None
     chunk_window: int | None = None
+    # Tasks this one waits for (it is out of every queue until they succeed), and its pipeline.
+    waiting_on: list[str] = field(default_factory=list)
+    pipeline_id: str | None = None
     pending_reason: str = "waiting for the scheduler"
     unschedulable: bool = False
 
@@ -127,9 +130,18 @@ class NewTask:
         if self.chunk_rows is not None:
             h["chunk_rows"] = str(self.chunk_rows)
             h["chunk_window"] = str(self.chunk_window or 1)
+        if self.waiting_on:
+            h["waiting_on"] = _dumps(self.waiting_on)
+        if self.pipeline_id is not None:
+            h["pipeline_id"] = self.pipeline_id
         if self.unschedulable:
             h["unschedulable"] = "1"
         return h
+
+    @property
+    def queued(self) -> bool:
+        """Whether it enters the pending queue when stored (a group's parent and a waiting task do not)."""
+        return not self.group_size and not self.waiting_on
 
 
 class TaskRecord(BaseModel):
@@ -167,6 +179,8 @@ class TaskRecord(BaseModel):
     replica: int | None = None
     children: list[str] = Field(default_factory=list)
     chunk_rows: int | None = None
+    waiting_on: list[str] = Field(default_factory=list)
+    pipeline_id: str | None = None
     spec: dict[str, Any] | None = None
 
     @classmethod
@@ -204,6 +218,8 @@ class TaskRecord(BaseModel):
             replica=int(h["replica"]) if h.get("replica") else None,
             children=_loads(h.get("children"), []),
             chunk_rows=int(h["chunk_rows"]) if h.get("chunk_rows") else None,
+            waiting_on=_loads(h.get("waiting_on"), []),
+            pipeline_id=h.get("pipeline_id") or None,
             spec=_loads(h.get("spec")) if with_spec else None,
         )
 

@@ -8,12 +8,13 @@ Both seeds' variable names are honoured: the plain ones of the first (``REDIS_UR
 from __future__ import annotations
 
 import functools
+import json
 import os
 import socket
 import uuid
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -71,6 +72,9 @@ class Settings(BaseSettings):
     heartbeat_ttl_sec: float = Field(120.0, gt=0, validation_alias=_env("HEARTBEAT_TTL_SEC"))
     max_body_bytes: int = Field(1 << 20, gt=0, validation_alias=_env("MLOC_MAX_BODY_BYTES"))
     task_retries: int = Field(2, ge=0, le=100, validation_alias=_env("MLOC_TASK_RETRIES"))
+    # The admin's time limit for tasks that set no spec.timeout_sec, per task type, as JSON seconds:
+    # {"sft": 86400, "inference": 3600, "*": 172800} ("*": every other type). Empty: no limit.
+    task_timeouts: str = Field("", validation_alias=_env("MLOC_TASK_TIMEOUTS"))
     # Times a task may be handed back after its worker was lost, shut down or restarted, apart from its
     # retries (which only its own failures spend); past it the task fails (reason requeues_exhausted).
     max_requeues: int = Field(20, ge=0, le=10_000, validation_alias=_env("MLOC_MAX_REQUEUES"))
@@ -135,6 +139,12 @@ class Settings(BaseSettings):
     # fsspec storage options (JSON) for s3:// model sources, e.g. {"endpoint_url": "http://minio:9000"}.
     model_source_options: str = Field("", validation_alias=_env("MLOC_MODEL_SOURCE_OPTIONS"))
 
+    # The OpenAI Batch API: the model names batch lines may give, as JSON: name -> a task's `model` section,
+    # e.g. {"tiny": {"source": {"type": "package", "identifier": "mloc-tiny-llama"}}}. Other names are hub ids.
+    openai_models: str = Field("", validation_alias=_env("MLOC_OPENAI_MODELS"))
+    # Largest file POST /v1/files accepts (OpenAI's own limit for a batch file is 200 MB).
+    max_file_bytes: int = Field(200 << 20, gt=0, validation_alias=_env("MLOC_MAX_FILE_BYTES"))
+
     # Client (CLI)
     api_url: str | None = Field(None, validation_alias=_env("MLOC_API_URL"))
     token: SecretStr | None = Field(None, validation_alias=_env("MLOC_TOKEN"))
@@ -178,7 +188,26 @@ class Settings(BaseSettings):
             parse_memory(value)
         return value
 
-    @field_validator("model_downloads_max_bytes", "model_downloads_min_free_bytes", mode="before")
+    @field_validator("task_timeouts")
+    @classmethod
+    def _task_timeouts(cls, value: str) -> str:
+        if value.strip():
+            parse_task_timeouts(value)
+        return value
+
+    def default_timeout(self, task_type: str) -> float | None:
+        """MLOC_TASK_TIMEOUTS' limit for a task of ``task_type`` that sets none itself."""
+        limits = parse_task_timeouts(self.task_timeouts) if self.task_timeouts.strip() else {}
+        return limits.get(task_type, limits.get("*"))
+
+    @field_validator("openai_models")
+    @classmethod
+    def _openai_models(cls, value: str) -> str:
+        if value.strip():
+            parse_openai_models(value)
+        return value
+
+    @field_validator("model_downloads_max_bytes", "model_downloads_min_free_bytes", "max_file_bytes", mode="before")
     @classmethod
     def _byte_quantity(cls, value: object) -> object:
         return parse_memory(value) if isinstance(value, str) else value
@@ -226,6 +255,11 @@ class Settings(BaseSettings):
         return [Path(os.path.abspath(os.path.expanduser(part))) for part in parts]
 
     @property
+    def openai_model_sections(self) -> dict[str, dict[str, Any]]:
+        """MLOC_OPENAI_MODELS: model name -> the task's ``model`` section."""
+        return parse_openai_models(self.openai_models) if self.openai_models.strip() else {}
+
+    @property
     def resolved_vectors_dir(self) -> Path:
         return self.vectors_dir or self.home / "vectors"
 
@@ -253,6 +287,45 @@ class Settings(BaseSettings):
     @property
     def reap_every_sec(self) -> float:
         return self.reap_interval_sec or max(0.2, min(5.0, self.heartbeat_ttl_sec / 4))
+
+
+def parse_task_timeouts(value: str) -> dict[str, float]:
+    """MLOC_TASK_TIMEOUTS as task type -> seconds; ValueError says what is wrong."""
+    fix = 'write a JSON object of task type -> seconds, e.g. {"sft": 86400, "inference": 3600, "*": 172800}'
+    try:
+        limits = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"is not JSON ({exc}); {fix}") from None
+    if not isinstance(limits, dict):
+        raise ValueError(f"is JSON but not an object; {fix}")
+    for task_type, seconds in limits.items():
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds <= 30 * 86_400:
+            raise ValueError(f"{task_type!r}: {seconds!r} is not a number of seconds between 0 and 30 days; {fix}")
+    return {str(task_type): float(seconds) for task_type, seconds in limits.items()}
+
+
+def parse_openai_models(value: str) -> dict[str, dict[str, Any]]:
+    """MLOC_OPENAI_MODELS as a mapping, each section checked as a task's ``model``; ValueError says what is wrong."""
+    from mloc.spec.base import ModelSpec
+
+    fix = (
+        'write a JSON object of model name -> model section, e.g. {"tiny": {"source": {"type": "package", '
+        '"identifier": "mloc-tiny-llama"}}}'
+    )
+    try:
+        models = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"is not JSON ({exc}); {fix}") from None
+    if not isinstance(models, dict):
+        raise ValueError(f"is JSON but not an object; {fix}")
+    for name, section in models.items():
+        try:
+            ModelSpec.model_validate(section)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "the section"
+            raise ValueError(f"model {name!r}: {where}: {first['msg']}; give a task's `model` section") from None
+    return models
 
 
 def _variables(name: str) -> str:

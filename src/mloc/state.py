@@ -63,6 +63,7 @@ class Reason(StrEnum):
     TIMEOUT = "timeout"  # ran past spec.timeout_sec and was stopped
     REPLICA_FAILED = "replica_failed"  # a replica group's parent: one of its shards failed
     REPLICA_CANCELLED = "replica_cancelled"  # a replica group's parent: one of its shards was cancelled
+    DEPENDENCY_FAILED = "dependency_failed"  # a task it depends on failed or was cancelled
 
     @classmethod
     def of_replica(cls, state: TaskState) -> Reason:

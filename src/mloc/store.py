@@ -111,17 +111,21 @@ class TaskStore:
             [
                 task.task_id,
                 str(created_ms),
-                "" if task.group_size else repr(pending_score(task.priority, created_ms)),
+                repr(pending_score(task.priority, created_ms)) if task.queued else "",
                 task.owner,
                 *fields,
             ],
         )
 
-    async def insert(self, records: list[NewTask]) -> None:
+    async def insert(self, records: list[NewTask], *, pipelines: Mapping[str, str] | None = None) -> None:
         """Store new pending tasks atomically: all or none, in one round trip. A replica group's
-        parent is also listed among the open groups, which the orchestrator sweeps until it settles."""
+        parent is also listed among the open groups, which the orchestrator sweeps until it settles; a
+        task that waits for others is listed as their dependent; ``pipelines`` (id -> graph JSON) are
+        stored with them."""
+        extra = pipelines
         parents = [rec.task_id for rec in records if rec.group_size]
-        if len(records) == 1 and not parents:
+        waiting = [rec for rec in records if rec.waiting_on]
+        if len(records) == 1 and not parents and not waiting and not extra:
             task_keys, args = self._create_call(records[0])
             await self._create(keys=task_keys, args=args)
             return
@@ -131,6 +135,12 @@ class TaskStore:
             await self._create(keys=task_keys, args=args, client=pipe)
         if parents:
             pipe.sadd(keys.GROUPS_OPEN, *parents)
+        for rec in waiting:
+            pipe.sadd(keys.DEPS_WAITING, rec.task_id)
+            for parent in rec.waiting_on:
+                pipe.sadd(keys.dependents(parent), rec.task_id)
+        for pipeline_id, graph in (extra or {}).items():
+            pipe.set(keys.pipeline(pipeline_id), graph)
         await pipe.execute()
 
     # ------------------------------------------------------------- transition

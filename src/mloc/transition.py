@@ -59,6 +59,8 @@ def _prelude() -> str:
         "usage_owners": keys.USAGE_OWNERS,
         "wake": keys.SCHEDULER_WAKE,
         "groups_to_settle": keys.GROUPS_TO_SETTLE,
+        "deps_ended": keys.DEPS_ENDED,
+        "dependents": keys.dependents("{id}"),
         "result": keys.task_result("{id}"),
         "logs": keys.task_logs("{id}"),
         "in_state": keys.tasks_in_state("{id}"),
@@ -286,6 +288,14 @@ local function mark_parent()
   return true
 end
 
+-- A task that ends with tasks waiting for it marks itself for the orchestrator to release or end them.
+local function mark_dependents()
+  if not string.find(TERMINAL, ' ' .. target .. ' ', 1, true) then return false end
+  if redis.call('EXISTS', k(KEY_DEPENDENTS, id)) == 0 then return false end
+  redis.call('SADD', KEY_DEPS_ENDED, id)
+  return true
+end
+
 local code, detail = check_state()
 if not code then code, detail = fence() end
 if not code and a.reserve then code, detail = check_reservation(a.reserve) end
@@ -302,6 +312,7 @@ if a.usage then add_usage(a.usage) end
 if a.ack then ack_stream(a.ack) end
 if a.log then write_log(a.log) end
 local marked = mark_parent()
+if mark_dependents() then marked = true end
 redis.call('XADD', KEY_EVENTS, 'MAXLEN', '~', 10000, '*', 'task', id, 'from', state, 'to', target, 'ts', now,
   'move', a.move)
 -- A delayed retry also wakes the scheduler, so it learns when to look again.

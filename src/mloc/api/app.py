@@ -17,7 +17,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mloc import __version__
-from mloc.api import admin, archive, artifacts, dashboard, lookup, metrics, misc, results, tasks, workers
+from mloc.api import (
+    admin,
+    archive,
+    artifacts,
+    dashboard,
+    lookup,
+    metrics,
+    misc,
+    openai_batch,
+    openai_errors,
+    pipelines,
+    results,
+    tasks,
+    workers,
+)
 from mloc.api.responses import document_errors
 from mloc.connection import connect, redact, resolve_url
 from mloc.errors import InvalidParameters, MlocError, Unavailable
@@ -30,19 +44,23 @@ log = logging.getLogger(__name__)
 class BodyLimit:
     """Refuse request bodies over the limit before they are read into memory."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, file_limit: int | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.file_limit = file_limit or limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        bulk = scope.get("path", "").endswith("/bulk")
-        limit = self.limit * 16 if bulk else self.limit
+        path = scope.get("path", "")
+        if path == openai_batch.UPLOAD_PATH:
+            limit, variable = self.file_limit, "MLOC_MAX_FILE_BYTES"
+        else:
+            limit, variable = (self.limit * 16 if path.endswith("/bulk") else self.limit), "MLOC_MAX_BODY_BYTES"
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._refuse(send, int(declared), limit)
+            await self._refuse(send, int(declared), limit, variable)
             return
         seen = 0
 
@@ -58,14 +76,14 @@ class BodyLimit:
         try:
             await self.app(scope, limited, send)
         except _TooLarge as exc:
-            await self._refuse(send, exc.size, limit)
+            await self._refuse(send, exc.size, limit, variable)
 
     @staticmethod
-    async def _refuse(send: Send, size: int, limit: int) -> None:
+    async def _refuse(send: Send, size: int, limit: int, variable: str) -> None:
         body = (
             b'{"ok":false,"error":"payload_too_large","message":"request body is over the limit of '
             + str(limit).encode()
-            + b' bytes (MLOC_MAX_BODY_BYTES)"}'
+            + f' bytes ({variable})"}}'.encode()
         )
         await send(
             {
@@ -165,6 +183,8 @@ def create_app(settings: Settings | None = None, *, redis: aioredis.Redis | None
         app.include_router(router)
     app.include_router(artifacts.router)
     app.include_router(results.router)
+    app.include_router(pipelines.router)
+    app.include_router(openai_batch.router)
     app.include_router(archive.router)
     app.include_router(lookup.router)
 
@@ -177,10 +197,12 @@ def create_app(settings: Settings | None = None, *, redis: aioredis.Redis | None
                 "type": "object",
                 "description": "A mloc/v1 task; GET /api/v1/schema has the full JSON Schema.",
             }
-            app.openapi_schema = document_errors(schema, app.routes)
+            app.openapi_schema = openai_errors.document_errors(document_errors(schema, app.routes))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, file_limit=settings.max_file_bytes)
+    # Outside the body limit, so its 413 on a /v1 route is rewritten too.
+    app.add_middleware(openai_errors.OpenAIErrors)
     app.add_middleware(metrics.RequestMetrics)
     return app

@@ -1,4 +1,4 @@
-"""Task commands: submit, tasks, show, result, cancel, resume, logs, metrics."""
+"""Task commands: submit, tasks, show, result, cancel, resume, pipeline, logs, metrics."""
 
 from __future__ import annotations
 
@@ -118,6 +118,9 @@ def submit(
         else:
             for (label, _), answer in zip(labelled, answers, strict=True):
                 _said(answer, label)
+            pipeline_id = answers[0].get("pipeline_id") if answers else None
+            if pipeline_id:
+                output.line(f"pipeline {pipeline_id}: `mloc pipeline {pipeline_id}` shows its steps")
         if wait:
             _wait(api, answers[0]["task_id"], timeout=timeout, wait_timeout=wait_timeout, shown=shown)
     except KeyboardInterrupt:
@@ -326,6 +329,40 @@ def cancel(task_id: TaskIdArg, json_out: JsonFlag = False) -> None:
         output.line(f"cancelling {answer['task_id']}: it is running and stops at its next check (mloc show)")
     else:
         output.line(f"cancelled {answer['task_id']}")
+
+
+@app.command()
+def pipeline(
+    pipeline_id: Annotated[str, typer.Argument(help="The pipeline id `mloc submit` printed.")],
+    cancel_it: Annotated[bool, typer.Option("--cancel", help="Cancel every step that has not ended.")] = False,
+    json_out: JsonFlag = False,
+) -> None:
+    """Show a pipeline's steps (what each waits for, its state), or cancel what has not run."""
+    api = client()
+    try:
+        if cancel_it:
+            answer = api.cancel_pipeline(pipeline_id)
+            if json_out:
+                output.print_json(answer)
+            else:
+                output.line(f"cancelled {len(answer['cancelled'])} step(s) of pipeline {pipeline_id}")
+            return
+        body = api.pipeline(pipeline_id)
+    except MlocError as exc:
+        output.fail(exc)
+    if json_out:
+        output.print_json(body)
+        return
+    names = {node["task_id"]: node["name"] for node in body["tasks"]}
+    output.line(f"pipeline {pipeline_id}: {body['state']}")
+    for node in body["tasks"]:
+        after = ", ".join(names.get(t, t[:SHORT_ID]) for t in node["depends_on"])
+        state = node["state"] or "gone"
+        why = node.get("reason") or node.get("pending_reason") or ""
+        line = f"  {node['name']:<24} {node['task_id'][:SHORT_ID]}  {state:<10}"
+        line += f" after {after}" if after else ""
+        line += f"  ({why})" if why and state in ("pending", "failed", "cancelled") else ""
+        output.line(output.visible(line, one_line=True))
 
 
 @app.command()

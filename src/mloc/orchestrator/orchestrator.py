@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 
 from mloc import keys, modelroots
 from mloc.errors import BadRequest, Forbidden, SpecError
-from mloc.orchestrator import chunks, groups, reaper
+from mloc.orchestrator import chunks, groups, pipelines, reaper
 from mloc.orchestrator.placement import Request, explain, misfit, request_of
 from mloc.orchestrator.scheduler import Decision, Placement, Scheduler
 from mloc.orchestrator.usage import Grouping, UsageReports
@@ -23,6 +23,7 @@ from mloc.records import NewTask, WorkerRecord
 from mloc.requeue import Backoff
 from mloc.settings import Settings
 from mloc.spec import Document, validate
+from mloc.spec.base import TIMEOUT_LABEL
 from mloc.spec.loader import default_name
 from mloc.store import TaskStore
 from mloc.workers import WorkerRegistry
@@ -86,6 +87,13 @@ class Orchestrator:
         record.retry_backoff_max_sec = self.backoff.max_sec
         # The worker reads it: only the admin's tasks may read models from any local path.
         record.submitted_by = principal.name
+        limit = self.settings.default_timeout(spec.task_type) if spec.timeout_sec is None else None
+        if limit is not None:
+            # The admin's limit, written into the task where the worker and the user read it.
+            record.document["spec"]["timeout_sec"] = limit
+            labels = record.document["metadata"].setdefault("labels", {})
+            labels[TIMEOUT_LABEL] = f"MLOC_TASK_TIMEOUTS ({spec.task_type})"
+            record.labels = labels
         return record, request
 
     async def _check_models(self, document: Document, principal: Principal) -> None:
@@ -95,7 +103,9 @@ class Orchestrator:
             return
         # Only the sections that can name a model: a bulk submit pays little for the check.
         spec = document.spec.model_dump(
-            mode="json", by_alias=True, include={"model": True, "hyperparameters": True, "inference": {"input"}}
+            mode="json",
+            by_alias=True,
+            include={"model": True, "hyperparameters": True, "inference": {"input"}, "eval": {"custom"}},
         )
         roots = modelroots.ModelRoots.of(self.settings)
         refused = await modelroots.check_at_submit(self.redis, spec, principal.name, roots)
@@ -126,6 +136,8 @@ class Orchestrator:
 
     async def submit(self, document: Document, principal: Principal) -> dict[str, Any]:
         await self._check_models(document, principal)
+        if pipelines.needs_planning([document]):
+            return (await self.submit_graph([document], principal))["tasks"][0]
         wire = document.to_wire()
         if chunks.is_chunked(wire):
             return await self._submit_chunked(document, principal)
@@ -155,17 +167,18 @@ class Orchestrator:
         parent.group_size = len(children)
         parent.children = [record.task_id for record, _ in children]
         parent.pending_reason = f"waiting for its {len(children)} replicas to start"
-        await self.store.insert([parent, *(record for record, _ in children)])
-        # Spreading replicas over workers needs every worker that has joined, not a snapshot taken
-        # before the newest registered.
-        await self.scheduler.views(fresh=True)
         answers = []
         used: set[str] = set()
-        for record, request in children:
-            placement = await self._try_place(record, request, frozenset(used))
-            if placement.worker_id:
-                used.add(placement.worker_id)
-            answers.append({"task_id": record.task_id, "worker_id": placement.worker_id})
+        async with self.scheduler.paused():
+            await self.store.insert([parent, *(record for record, _ in children)])
+            # Spreading replicas over workers needs every worker that has joined, not a snapshot taken
+            # before the newest registered.
+            await self.scheduler.views(fresh=True)
+            for record, request in children:
+                placement = await self._try_place(record, request, frozenset(used))
+                if placement.worker_id:
+                    used.add(placement.worker_id)
+                answers.append({"task_id": record.task_id, "worker_id": placement.worker_id})
         return {
             "ok": True,
             "task_id": parent.task_id,
@@ -192,6 +205,34 @@ class Orchestrator:
             "chunks": answers,
         }
 
+    async def submit_graph(self, documents: list[Document], principal: Principal) -> dict[str, Any]:
+        """Tasks that wait for tasks (see :mod:`.pipelines`): planned whole, stored in one write, and
+        those that wait for nothing placed at once."""
+        for document in documents:
+            await self._check_models(document, principal)
+        plan = await pipelines.plan(self.store, documents, principal, self._record)
+        graphs = {plan.pipeline_id: plan.graph} if plan.pipeline_id and plan.graph else None
+        await self.store.insert(plan.records(), pipelines=graphs)
+        placed = {record.task_id: await self._try_place(record, request) for record, request in plan.queued()}
+        answers = []
+        for step in plan.steps:
+            first = step.chunks[0].task_id if step.chunks else step.task_id
+            placement = placed.get(first)
+            answers.append(
+                {
+                    "ok": True,
+                    "task_id": step.task_id,
+                    "name": step.name,
+                    "worker_id": placement.worker_id if placement else None,
+                    "topic": step.record.topic,
+                    "state": "pending",
+                    "depends_on": step.depends_on,
+                    "pending_reason": (placement.pending_reason if placement else step.record.pending_reason),
+                    **({"pipeline_id": plan.pipeline_id} if plan.pipeline_id else {}),
+                }
+            )
+        return {"ok": True, "pipeline_id": plan.pipeline_id, "count": len(answers), "tasks": answers}
+
     async def resume(self, task_id: str, principal: Principal) -> dict[str, Any]:
         """Run a failed or cancelled dataset task's unfinished chunks again (see :mod:`.chunks`)."""
         return await chunks.resume(self.store, task_id, by=principal.name)
@@ -201,6 +242,8 @@ class Orchestrator:
             raise BadRequest(f"{len(documents)} tasks in one request; the limit is {MAX_BULK}")
         for document in documents:
             await self._check_models(document, principal)  # all or nothing: before any is stored
+        if pipelines.needs_planning(documents):
+            return list((await self.submit_graph(documents, principal))["tasks"])
         if any(d.spec.resources.replicas > 1 or chunks.is_chunked(d.to_wire()) for d in documents):
             return [await self.submit(document, principal) for document in documents]
         prepared = [self._record(document, principal) for document in documents]
@@ -277,6 +320,7 @@ class Orchestrator:
             forgotten = await reaper.forget_finished(self.store, older_than_sec=self.settings.task_retention_sec)
             report.forgotten = len(forgotten)
         await groups.sweep(self.store, self.settings.results_dir, self.settings)
+        await pipelines.sweep(self.store)
         if report.requeued:
             await self.scheduler.schedule_pending()
         return report
@@ -294,6 +338,7 @@ class Orchestrator:
                     await self.scheduler.schedule_pending(quick=woken)
                     # Replica groups whose shards started or ended woke this pass too.
                     await groups.settle_marked(self.store, self.settings.results_dir, settings=self.settings)
+                    await pipelines.release_marked(self.store)
                     woken = False
                     deadline = time.monotonic() + self.settings.schedule_interval_sec
                     if self.scheduler.next_retry_at is not None:

@@ -22,11 +22,12 @@ it is due (:meth:`Scheduler.promote_retries`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
 from operator import itemgetter
 from typing import Any
@@ -42,6 +43,9 @@ from mloc.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)
 SNAPSHOT_MAX_AGE_SEC = 0.25
+# A task no worker fits on a snapshot older than this looks again on a fresh one before it waits, so
+# a task sent just after a worker joined goes there at once (at most one extra snapshot this often).
+FRESH_SEC = 0.02
 PASS_FLOOR = 64  # waiting tasks a scheduling pass looks at even when no worker has room
 
 
@@ -236,6 +240,13 @@ class Scheduler:
             self._rankings = {}
         return self._views
 
+    @contextlib.asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        """No scheduling pass of this orchestrator runs meanwhile: a replica group's submit spreads
+        its shards over workers, which a pass taking them from the queue would not do."""
+        async with self._lock:
+            yield
+
     def invalidate(self) -> None:
         self._views_at = 0.0
 
@@ -281,6 +292,8 @@ class Scheduler:
                     placement.pending_reason = f"not pending any more ({outcome.error} {outcome.detail})"
                     return placement
             if len(placement.tried) == tried:
+                if attempt == 0 and time.monotonic() - self._views_at > FRESH_SEC:
+                    continue  # none fits on a snapshot that may predate a worker that just joined
                 break  # no worker fits even on paper: a fresh snapshot will not change that now
         views = await self.views()
         reason, never = explain(req, views)

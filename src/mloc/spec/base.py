@@ -15,6 +15,10 @@ NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$"
 _NAME = re.compile(NAME_PATTERN)
 
 
+# On a task whose spec.timeout_sec is the admin's default (MLOC_TASK_TIMEOUTS), not the user's: where it came from.
+TIMEOUT_LABEL = "mloc.timeout"
+
+
 class Strict(BaseModel):
     """A section that rejects unknown fields, so a typo is an error instead of a silent default."""
 
@@ -181,11 +185,25 @@ class Adapter(Strict):
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] | None = None
     path: str | None = Field(None, description="At inference: a LoRA folder, or the id of the task that made it.")
+    from_: str | None = Field(
+        None,
+        alias="from",
+        min_length=1,
+        max_length=253,
+        description="At inference and eval: the training task (a name in the same submission, or an id) whose "
+        "adapter to load; the task waits for it.",
+    )
 
     @field_validator("path")
     @classmethod
     def _path(cls, value: str | None) -> str | None:
         return None if value is None else check_local_path(value)
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> Adapter:
+        if self.path is not None and self.from_ is not None:
+            raise ValueError("model.adapter has both 'path' and 'from'; keep one")
+        return self
 
 
 class Engine(StrEnum):
@@ -221,6 +239,28 @@ class SpecBase(Strict):
     timeout_sec: float | None = Field(
         None, gt=0, le=30 * 86_400, description="Longest the task may run; it fails with the reason past that."
     )
+    depends_on: list[str] = Field(
+        default_factory=list,
+        alias="dependsOn",
+        max_length=64,
+        description="Tasks that must succeed before this one is placed: names of tasks in the same submission "
+        "(metadata.name) or ids of existing tasks.",
+    )
+    on_dependency_failure: Literal["fail", "skip"] = Field(
+        "fail",
+        alias="onDependencyFailure",
+        description="When a task it depends on fails or is cancelled: fail this one, or skip it (cancelled).",
+    )
+
+    @field_validator("depends_on")
+    @classmethod
+    def _depends_on(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name.strip() or len(name) > 253:
+                raise ValueError(f"dependsOn entry {name[:80]!r} is not a task name or id")
+        if len(set(value)) != len(value):
+            raise ValueError("dependsOn names a task twice; list each once")
+        return value
 
     @field_validator("topic")
     @classmethod

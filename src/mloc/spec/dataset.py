@@ -78,6 +78,14 @@ class DatasetInput(Strict):
     )
     huggingface: HuggingFaceDataset | None = None
     task: str | None = Field(None, description="Another task's id: its result lines (results.jsonl) as rows.")
+    from_: str | None = Field(
+        None,
+        alias="from",
+        min_length=1,
+        max_length=253,
+        description="Another task of the same submission (its metadata.name) or an id: its result lines as rows; "
+        "this task waits for it.",
+    )
     format: DatasetFileFormat = Field(
         "auto", description="auto: by the file's suffix (.jsonl/.ndjson, .csv, .parquet)."
     )
@@ -111,12 +119,12 @@ class DatasetInput(Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetInput:
-        given = [name for name in ("path", "huggingface", "task") if getattr(self, name) is not None]
+        given = [name for name in ("path", "huggingface", "task", "from_") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(
                 "inference.input needs exactly one source: 'path' (a JSONL/CSV/Parquet file or URL), "
-                f"'huggingface' ({{name, config, split}} in the worker's HF cache) or 'task' (a task id); got "
-                f"{', '.join(given) or 'none'}"
+                f"'huggingface' ({{name, config, split}} in the worker's HF cache), 'task' (a task id) or 'from' "
+                f"(a task of the same submission); got {', '.join(n.rstrip('_') for n in given) or 'none'}"
             )
         if self.format != "auto" and self.path is None:
             raise ValueError("inference.input.format applies to a 'path' only; remove it")

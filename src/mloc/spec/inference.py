@@ -16,4 +16,3 @@ class InferenceSpec(SpecBase):
     model: ModelSpec | None = Field(None, description="Defaults to the worker's VLLM_MODEL.")
     # With inference.input, resources.replicas is how many of the dataset's chunks run at once.
     inference: InferenceInput
-

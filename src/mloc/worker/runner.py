@@ -23,6 +23,7 @@ from mloc.moves import Change
 from mloc.records import ADMIN, SUBMITTED_BY, Assignment, AssignmentError
 from mloc.settings import Settings
 from mloc.spec import Document, validate
+from mloc.spec.base import TIMEOUT_LABEL
 from mloc.state import Reason, StopReason, TaskState
 from mloc.store import Coalescer, TaskStore
 from mloc.worker.process import HostDied, HostKey, HostPool, HostProcess, default_python
@@ -291,7 +292,9 @@ class TaskRunner:
             return False
         if run.stop_reason == StopReason.TIMEOUT and state != TaskState.SUCCEEDED:
             state, reason_code = TaskState.FAILED, Reason.TIMEOUT.value
-            reason = f"timed out: ran longer than spec.timeout_sec ({assignment.timeout_sec:g}s) and was stopped"
+            limit = assignment.labels.get(TIMEOUT_LABEL)
+            whose = f"the admin's limit, {limit}" if limit else "spec.timeout_sec"
+            reason = f"timed out: ran longer than {whose} ({assignment.timeout_sec:g}s) and was stopped"
         if run.stop_reason == StopReason.CANCELLED and state not in (TaskState.SUCCEEDED, TaskState.CANCELLED):
             state, reason_code, reason = (
                 TaskState.CANCELLED,

@@ -1,0 +1,309 @@
+"""/v1/files and /v1/batches: the OpenAI Batch API, served by ordinary MLOC inference tasks.
+
+An upload is kept by :mod:`mloc.openai_files`. Creating a batch checks its file line by line and writes
+the lines as dataset rows (:mod:`mloc.openai_lines`), then submits an inference task over them; the
+batch *is* that task (``batch_<task id>``), marked by its labels and listed from the owner's batch index.
+Its output and error files are the task's result lines, turned into OpenAI's lines as they are sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Annotated, Any
+
+from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from mloc import keys, openai_lines
+from mloc.api import openai_objects as objects
+from mloc.api.deps import Caller, Orch
+from mloc.api.responses import raises
+from mloc.errors import BadRequest, Forbidden, InvalidTransition, NotFound, SpecError, Unavailable
+from mloc.openai_files import FileStore, StoredFile
+from mloc.orchestrator.cancel import cancel
+from mloc.orchestrator.orchestrator import Orchestrator
+from mloc.orchestrator.users import Principal
+from mloc.records import TaskRecord
+from mloc.spec import Document, validate
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+UPLOAD_PATH = "/v1/files"  # its body may be up to MLOC_MAX_FILE_BYTES
+
+# OpenAI's limits on a batch's metadata; a value is held to MLOC's label limit.
+MAX_METADATA = 16
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 256
+JSONL = "application/jsonl"
+# The defaults OpenAI applies where a line leaves a value out (MLOC's own default for a chat's length).
+COMPLETION_DEFAULTS = {"max_tokens": 16, "temperature": 1.0, "top_p": 1.0}
+CHAT_DEFAULTS = {"temperature": 1.0, "top_p": 1.0}
+
+
+class CreateBatch(BaseModel):
+    # OpenAI's clients may send fields MLOC has no use for (output_expires_after): they are ignored.
+    model_config = ConfigDict(extra="ignore")
+
+    input_file_id: str = Field(max_length=200)
+    endpoint: str = Field(max_length=200)
+    completion_window: str = Field(max_length=20)
+    metadata: dict[str, str] | None = None
+
+
+def _files(orch: Orchestrator) -> FileStore:
+    return FileStore(orch.redis, orch.settings.results_dir)
+
+
+def _visible(stored: StoredFile | None, who: Principal, file_id: str) -> StoredFile:
+    if stored is None or (not who.admin and stored.owner != who.name):
+        # Another user's file gets the answer of a missing one, so its id is not disclosed.
+        raise NotFound(f"file {file_id[:100]} not found", details=[{"path": "file_id", "message": "no such file"}])
+    return stored
+
+
+@router.post("/files", response_model=objects.FileObject)
+@raises(BadRequest)
+async def upload_file(
+    orch: Orch,
+    who: Caller,
+    file: Annotated[UploadFile, File(description="The batch file: one JSON request per line.")],
+    purpose: Annotated[str, Form(max_length=64, description="Must be `batch`.")],
+) -> dict[str, Any]:
+    """Upload a batch input file (OpenAI's Files API)."""
+    if purpose != "batch":
+        raise BadRequest(
+            f"purpose {purpose!r} is not supported: MLOC stores batch input files only; set purpose to 'batch'",
+            details=[{"path": "purpose", "message": f"is {purpose!r}", "fix": "set it to 'batch'"}],
+        )
+    stored = await _files(orch).save(
+        file.file, filename=file.filename or "upload.jsonl", purpose=purpose, owner=who.name
+    )
+    return stored.to_openai()
+
+
+@router.get("/files/{file_id}", response_model=objects.FileObject)
+@raises(NotFound, Unavailable)
+async def retrieve_file(file_id: str, orch: Orch, who: Caller) -> dict[str, Any]:
+    """An uploaded file's record, or a batch's output or error file's."""
+    derived = objects.derived(file_id)
+    if derived is None:
+        return _visible(await _files(orch).get(file_id), who, file_id).to_openai()
+    record = await objects.batch_record(orch, who, derived[0], file_id)
+    return await objects.output_file_object(orch, record, file_id, derived[1])
+
+
+@router.get(
+    "/files/{file_id}/content",
+    response_class=StreamingResponse,
+    responses={200: {"description": "The file's bytes.", "content": {JSONL: {"schema": {"type": "string"}}}}},
+)
+@raises(NotFound, Unavailable)
+async def file_content(file_id: str, orch: Orch, who: Caller) -> StreamingResponse:
+    """An uploaded file as it was sent, or a batch's output or error file: one OpenAI line per request."""
+    derived = objects.derived(file_id)
+    if derived is None:
+        files = _files(orch)
+        stored = _visible(await files.get(file_id), who, file_id)
+        try:
+            handle: IO[bytes] = await asyncio.to_thread(files.path(stored.id).open, "rb")
+        except OSError as exc:
+            raise Unavailable(f"file {file_id} cannot be read: {type(exc).__name__}: {exc}") from exc
+        return StreamingResponse(_chunks(handle), media_type=JSONL)
+    record = await objects.batch_record(orch, who, derived[0], file_id)
+    lines = await objects.lines_or_none(orch, record)
+    if lines is None:
+        raise objects.no_lines(file_id, record)
+    # A plain iterator: Starlette runs it in its thread pool, so reading the lines never blocks the loop.
+    return StreamingResponse(
+        openai_lines.output_blocks(lines, objects.output_of(record), errors=derived[1]), media_type=JSONL
+    )
+
+
+def _chunks(handle: IO[bytes]) -> Iterator[bytes]:
+    with handle:
+        while block := handle.read(1 << 20):
+            yield block
+
+
+@router.post("/batches", response_model=objects.BatchObject)
+@raises(BadRequest, NotFound, Forbidden, SpecError, Unavailable)
+async def create_batch(body: CreateBatch, orch: Orch, who: Caller) -> dict[str, Any]:
+    """Create a batch: its file is checked line by line and run as one inference task."""
+    if body.endpoint not in openai_lines.ENDPOINTS:
+        raise openai_lines.unsupported_endpoint(body.endpoint)
+    if body.completion_window != objects.WINDOW:
+        raise BadRequest(
+            f"completion_window {body.completion_window!r} is not supported; set it to {objects.WINDOW!r}",
+            details=[{"path": "completion_window", "message": f"must be {objects.WINDOW!r}"}],
+        )
+    labels = _metadata_labels(body.metadata or {})
+    files = _files(orch)
+    stored = await files.get(body.input_file_id)
+    if stored is None or (not who.admin and stored.owner != who.name):
+        raise NotFound(
+            f"input file {body.input_file_id[:100]} not found; upload it with POST /v1/files (purpose 'batch')",
+            details=[{"path": "input_file_id", "message": "no such file"}],
+        )
+    if stored.purpose != "batch":
+        raise BadRequest(f"input file {stored.id} has purpose {stored.purpose!r}; upload it with purpose 'batch'")
+    rows = files.rows_path(stored.id)
+    try:
+        converted, partial = await asyncio.to_thread(_convert, files, stored.id, body.endpoint)
+    except OSError as exc:
+        raise Unavailable(f"input file {stored.id} cannot be read: {type(exc).__name__}: {exc}") from exc
+    try:
+        labels |= {
+            objects.BATCH: "1",
+            objects.ENDPOINT: body.endpoint,
+            objects.INPUT_FILE: stored.id,
+            objects.MODEL: converted.model[:256],
+            objects.REQUESTS: str(converted.requests),
+        }
+        document = _document(orch, str(rows), body.endpoint, converted, labels)
+        # In place only once the task can be made of it: a refused batch leaves nothing behind.
+        os.replace(partial, rows)
+    finally:
+        partial.unlink(missing_ok=True)
+    answer = await orch.submit(document, who)
+    task_id = answer["task_id"]
+    record = await orch.store.get(task_id, with_spec=False)
+    await orch.redis.zadd(keys.openai_batches(record.owner), {task_id: int(record.created_at * 1000)})
+    return await objects.batch_object(orch, record)
+
+
+def _convert(files: FileStore, file_id: str, endpoint: str) -> tuple[openai_lines.Converted, Path]:
+    """Check the upload and write its rows to a new file beside it; the answer names that file."""
+    target, partial = files.temporary()
+    try:
+        with target, files.path(file_id).open("rb") as source:
+            return openai_lines.convert(source, target, file_id=file_id, endpoint=endpoint), partial
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def _document(
+    orch: Orchestrator, rows: str, endpoint: str, converted: openai_lines.Converted, labels: dict[str, str]
+) -> Document:
+    try:
+        return validate(_task(orch, rows, endpoint, converted, labels))
+    except SpecError as exc:
+        # What the file can get wrong here is its model; the task's field names would mean nothing to its author.
+        known = ", ".join(sorted(orch.settings.openai_model_sections)) or "none are set"
+        raise BadRequest(
+            f"body.model {converted.model[:100]!r} cannot be run: {exc.message}; name a model of MLOC_OPENAI_MODELS "
+            f"({known}) or a Hugging Face model id",
+            details=[{"path": "body.model", "message": exc.message}],
+        ) from None
+
+
+def _metadata_labels(metadata: dict[str, str]) -> dict[str, str]:
+    if len(metadata) > MAX_METADATA:
+        raise BadRequest(
+            f"metadata has {len(metadata)} keys; give at most {MAX_METADATA}",
+            details=[{"path": "metadata", "message": "too many keys"}],
+        )
+    for key, value in metadata.items():
+        if not key or len(key) > MAX_METADATA_KEY or len(value) > MAX_METADATA_VALUE:
+            raise BadRequest(
+                f"metadata key {key[:80]!r}: keys are 1-{MAX_METADATA_KEY} characters and values at most "
+                f"{MAX_METADATA_VALUE} in MLOC; shorten it",
+                details=[{"path": f"metadata.{key[:80]}", "message": "too long"}],
+            )
+    return {objects.METADATA + key: value for key, value in metadata.items()}
+
+
+def _task(
+    orch: Orchestrator, rows: str, endpoint: str, converted: openai_lines.Converted, labels: dict[str, str]
+) -> dict[str, Any]:
+    """The inference task that runs a batch's rows."""
+    model = orch.settings.openai_model_sections.get(converted.model)
+    if model is None:
+        model = {"source": {"type": "huggingface", "identifier": converted.model}}
+    text = openai_lines.TEXT_FIELD[endpoint]
+    columns = {"id": "id", text: text, **{name: name for name in openai_lines.SAMPLING}}
+    defaults = COMPLETION_DEFAULTS if endpoint == openai_lines.COMPLETIONS else CHAT_DEFAULTS
+    return {
+        "apiVersion": "mloc/v1",
+        "kind": "InferenceTask",
+        "metadata": {"name": "openai-batch", "labels": labels},
+        "spec": {
+            "taskType": "inference",
+            "model": model,
+            "inference": {
+                **defaults,
+                "input": {
+                    "path": rows,
+                    "format": "jsonl",
+                    "columns": columns,
+                    # A bad request fails alone, as at OpenAI: it gets a line in the error file.
+                    "max_row_errors": converted.requests,
+                },
+            },
+        },
+    }
+
+
+@router.get("/batches/{batch_id}", response_model=objects.BatchObject)
+@raises(NotFound, Unavailable)
+async def retrieve_batch(batch_id: str, orch: Orch, who: Caller) -> dict[str, Any]:
+    """A batch: its status, times, request counts and output files."""
+    record = await objects.batch_record(orch, who, objects.batch_task_id(batch_id), batch_id)
+    return await objects.batch_object(orch, record)
+
+
+@router.post("/batches/{batch_id}/cancel", response_model=objects.BatchObject)
+@raises(NotFound, InvalidTransition, Unavailable)
+async def cancel_batch(batch_id: str, orch: Orch, who: Caller) -> dict[str, Any]:
+    """Cancel a batch; the requests already answered stay in its output file."""
+    record = await objects.batch_record(orch, who, objects.batch_task_id(batch_id), batch_id)
+    await cancel(orch.store, record.task_id, by=who.name)
+    return await objects.batch_object(orch, await orch.store.get(record.task_id, with_spec=False))
+
+
+@router.get("/batches", response_model=objects.BatchList)
+@raises(BadRequest, Unavailable)
+async def list_batches(
+    orch: Orch,
+    who: Caller,
+    after: Annotated[str | None, Query(max_length=100, description="A batch id: list the ones older than it.")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> dict[str, Any]:
+    """The caller's batches, newest first."""
+    index = keys.openai_batches(who.name)
+    start = 0
+    if after is not None:
+        rank = await orch.redis.zrevrank(index, after.removeprefix(objects.BATCH_PREFIX))
+        if rank is None:
+            raise BadRequest(
+                f"after {after[:100]!r} is not one of your batches; give the last id of the previous page",
+                details=[{"path": "after", "message": "no such batch"}],
+            )
+        start = rank + 1
+    records: list[TaskRecord] = []
+    more = False
+    while len(records) <= limit:
+        ids = await orch.redis.zrevrange(index, start, start + limit)
+        if not ids:
+            break
+        ids = [i.decode() if isinstance(i, bytes) else i for i in ids]
+        found = {record.task_id: record for record in await orch.store.get_many(ids)}
+        gone = [task_id for task_id in ids if task_id not in found]
+        if gone:
+            # Tasks past their retention are forgotten; so are their batches.
+            await orch.redis.zrem(index, *gone)
+        records += [found[task_id] for task_id in ids if task_id in found]
+        start += len(ids) - len(gone)
+    if len(records) > limit:
+        records, more = records[:limit], True
+    data = [await objects.batch_object(orch, record) for record in records]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": more,
+    }

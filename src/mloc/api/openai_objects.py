@@ -1,0 +1,284 @@
+"""OpenAI's objects as MLOC answers them: the FileObject of an upload or of a batch's output, and the
+Batch object of a batch's task.
+
+A batch is an inference task whose labels mark it (``openai.batch``) and keep what the Batch object
+reports; its id is ``batch_<task id>``, its output and error files ``file-<task id>-output`` and
+``-errors``. Its status follows the task's state, and its request counts the task's totals once it has
+ended, or its result lines so far while it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import IO, Any, Literal
+
+from pydantic import BaseModel, Field
+
+from mloc import openai_lines
+from mloc.api.results import open_lines
+from mloc.api.tasks import _own
+from mloc.errors import Conflict, NotFound
+from mloc.modelroots import TASK_ID
+from mloc.orchestrator.orchestrator import Orchestrator
+from mloc.orchestrator.users import Principal
+from mloc.records import TaskRecord
+from mloc.state import TaskState
+
+# Labels of a batch's task: they mark it a batch and keep what the Batch object reports.
+BATCH = "openai.batch"
+ENDPOINT = "openai.endpoint"
+INPUT_FILE = "openai.input_file_id"
+MODEL = "openai.model"
+REQUESTS = "openai.requests"
+METADATA = "openai.metadata."
+WINDOW = "24h"
+WINDOW_SEC = 24 * 3600
+BATCH_PREFIX = "batch_"
+OUTPUT, ERRORS = "-output", "-errors"
+
+BatchStatus = Literal[
+    "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
+]
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"]
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["uploaded", "processed", "error"]
+    expires_at: int | None
+    status_details: str | None
+
+
+class RequestCounts(BaseModel):
+    total: int
+    completed: int
+    failed: int
+
+
+class BatchError(BaseModel):
+    code: str | None
+    message: str
+    param: str | None
+    line: int | None
+
+
+class BatchErrors(BaseModel):
+    object: Literal["list"]
+    data: list[BatchError]
+
+
+class InputTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class OutputTokensDetails(BaseModel):
+    reasoning_tokens: int
+
+
+class BatchUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails
+    total_tokens: int
+
+
+class BatchObject(BaseModel):
+    id: str
+    object: Literal["batch"]
+    endpoint: str
+    model: str
+    errors: BatchErrors | None
+    input_file_id: str
+    completion_window: str
+    status: BatchStatus
+    output_file_id: str | None
+    error_file_id: str | None
+    created_at: int
+    in_progress_at: int | None
+    expires_at: int
+    finalizing_at: int | None
+    completed_at: int | None
+    failed_at: int | None
+    expired_at: int | None
+    cancelling_at: int | None
+    cancelled_at: int | None
+    request_counts: RequestCounts
+    metadata: dict[str, str] | None
+    usage: BatchUsage = Field(description="Tokens of the requests answered so far.")
+
+
+class BatchList(BaseModel):
+    object: Literal["list"]
+    data: list[BatchObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+def output_id(task_id: str, suffix: str) -> str:
+    return f"file-{task_id}{suffix}"
+
+
+def derived(file_id: str) -> tuple[str, bool] | None:
+    """(task id, whether it is the error file) of a batch's output or error file id."""
+    for suffix, errors in ((OUTPUT, False), (ERRORS, True)):
+        task_id = file_id.removeprefix("file-").removesuffix(suffix)
+        if file_id.startswith("file-") and file_id.endswith(suffix) and is_task_id(task_id):
+            return task_id, errors
+    return None
+
+
+def is_task_id(value: str) -> bool:
+    return bool(TASK_ID.match(value))
+
+
+def batch_task_id(value: str) -> str:
+    task_id = value.removeprefix(BATCH_PREFIX)
+    if not value.startswith(BATCH_PREFIX) or not is_task_id(task_id):
+        raise NotFound(f"batch {value[:100]} not found", details=[{"path": "batch_id", "message": "no such batch"}])
+    return task_id
+
+
+async def batch_record(orch: Orchestrator, who: Principal, task_id: str, name: str) -> TaskRecord:
+    try:
+        record = _own(await orch.store.get(task_id, with_spec=False), who)
+    except NotFound:
+        record = None
+    if record is None or record.labels.get(BATCH) != "1":
+        raise NotFound(f"{name[:100]} not found; GET /v1/batches lists your batches")
+    return record
+
+
+async def output_file_object(orch: Orchestrator, record: TaskRecord, file_id: str, errors: bool) -> dict[str, Any]:
+    """The FileObject of a batch's output (or error) file; its size is that of the lines it holds now."""
+    handle = await lines_or_none(orch, record)
+    if handle is None:
+        raise no_lines(file_id, record)
+    blocks = openai_lines.output_blocks(handle, output_of(record), errors=errors)
+    size = await asyncio.to_thread(lambda: sum(len(block) for block in blocks))
+    return {
+        "id": file_id,
+        "object": "file",
+        "bytes": size,
+        "created_at": int(record.finished_at or time.time()),
+        "filename": f"{BATCH_PREFIX}{record.task_id}{'_error' if errors else '_output'}.jsonl",
+        "purpose": "batch_output",
+        "status": "processed",
+        "expires_at": None,
+        "status_details": None,
+    }
+
+
+def no_lines(file_id: str, record: TaskRecord) -> NotFound:
+    return NotFound(f"file {file_id} has no lines yet: batch {BATCH_PREFIX}{record.task_id} has not written any")
+
+
+def output_of(record: TaskRecord) -> openai_lines.BatchOutput:
+    return openai_lines.BatchOutput(
+        key=record.task_id.replace("-", ""),
+        endpoint=record.labels.get(ENDPOINT, openai_lines.COMPLETIONS),
+        model=record.labels.get(MODEL, ""),
+        created=int(record.finished_at or record.started_at or record.created_at),
+    )
+
+
+async def lines_or_none(orch: Orchestrator, record: TaskRecord) -> IO[bytes] | None:
+    """The batch's result lines, or None while it has none."""
+    try:
+        return await open_lines(orch, record)
+    except (NotFound, Conflict):
+        return None
+
+
+async def counts_of(orch: Orchestrator, record: TaskRecord) -> openai_lines.Counts:
+    """The batch's requests answered and failed: the task's totals once it has them, else its lines so far."""
+    if record.state.terminal:
+        result = await orch.store.result(record.task_id)
+        if isinstance(result, dict) and "succeeded" in result:
+            usage = result.get("usage") or {}
+            return openai_lines.Counts(
+                int(result["succeeded"]),
+                int(result.get("failed") or 0),
+                int(usage.get("prompt_tokens") or 0),
+                int(usage.get("completion_tokens") or 0),
+            )
+    handle = await lines_or_none(orch, record)
+    if handle is None:
+        return openai_lines.Counts()
+    return await asyncio.to_thread(openai_lines.count_lines, handle)
+
+
+def status_of(record: TaskRecord) -> BatchStatus:
+    state = record.state
+    if state in (TaskState.PENDING, TaskState.ASSIGNED):
+        return "validating" if record.started_at is None else "in_progress"
+    statuses: dict[TaskState, BatchStatus] = {
+        TaskState.RUNNING: "in_progress",
+        TaskState.CANCELLING: "cancelling",
+        TaskState.SUCCEEDED: "completed",
+        TaskState.FAILED: "failed",
+        TaskState.CANCELLED: "cancelled",
+    }
+    return statuses[state]
+
+
+def _time(value: float | None) -> int | None:
+    return int(value) if value is not None else None
+
+
+async def batch_object(orch: Orchestrator, record: TaskRecord) -> dict[str, Any]:
+    """OpenAI's Batch object for a batch's task."""
+    counts = await counts_of(orch, record)
+    status = status_of(record)
+    ended = _time(record.finished_at) if record.state.terminal else None
+    errors = None
+    if record.state == TaskState.FAILED:
+        error = {
+            "code": record.reason_code,
+            "message": record.reason or "the batch failed",
+            "param": None,
+            "line": None,
+        }
+        errors = {"object": "list", "data": [error]}
+    metadata = {k.removeprefix(METADATA): v for k, v in record.labels.items() if k.startswith(METADATA)}
+    created = int(record.created_at)
+    return {
+        "id": BATCH_PREFIX + record.task_id,
+        "object": "batch",
+        "endpoint": record.labels.get(ENDPOINT, ""),
+        "model": record.labels.get(MODEL, ""),
+        "errors": errors,
+        "input_file_id": record.labels.get(INPUT_FILE, ""),
+        "completion_window": WINDOW,
+        "status": status,
+        "output_file_id": output_id(record.task_id, OUTPUT) if counts.completed else None,
+        "error_file_id": output_id(record.task_id, ERRORS) if counts.failed else None,
+        "created_at": created,
+        "in_progress_at": _time(record.started_at),
+        "expires_at": created + WINDOW_SEC,
+        "finalizing_at": None,
+        "completed_at": ended if status == "completed" else None,
+        "failed_at": ended if status == "failed" else None,
+        "expired_at": None,
+        "cancelling_at": _time(record.updated_at) if status == "cancelling" else None,
+        "cancelled_at": ended if status == "cancelled" else None,
+        "request_counts": {
+            "total": int(record.labels.get(REQUESTS, "0")),
+            "completed": counts.completed,
+            "failed": counts.failed,
+        },
+        "metadata": metadata or None,
+        "usage": {
+            "input_tokens": counts.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": counts.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": counts.prompt_tokens + counts.completion_tokens,
+        },
+    }

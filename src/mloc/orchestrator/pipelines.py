@@ -1,0 +1,386 @@
+"""Pipelines: tasks that wait for tasks, and outputs handed from one to the next.
+
+A task names what it waits for in ``spec.dependsOn`` (names of tasks in the same submission, or ids of
+existing tasks of the same user), or by using another task's output: ``model.adapter.from`` (a training
+task's adapter) or ``inference.input.from`` (a task's result lines). A submission is planned whole
+before anything is stored: names resolved, outputs checked against what the producing task makes, and
+the graph checked for cycles; then every task is stored in one atomic write, those that wait out of
+every queue.
+
+Nothing is kept in memory: a waiting task's record lists what it waits for (``waiting_on``) and each of
+those lists it among its dependents (:func:`mloc.keys.dependents`). When such a task ends, the
+transition script marks it (``keys.DEPS_ENDED``) and wakes the scheduler, whose loop calls
+:func:`release_marked`: a dependent whose tasks all succeeded joins the queue (``lua.RELEASE``); one
+whose task failed or was cancelled fails (or, with ``onDependencyFailure: skip``, is cancelled), which
+marks its own dependents in turn. The reaper's :func:`sweep` looks at every waiting task, in case a mark
+was lost with an orchestrator.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mloc import keys, lua, moves
+from mloc.errors import MlocError, NotFound, SpecError
+from mloc.orchestrator import chunks
+from mloc.orchestrator.cancel import cancel
+from mloc.orchestrator.placement import Request
+from mloc.orchestrator.users import Principal
+from mloc.records import NewTask
+from mloc.spec import Document, validate
+from mloc.state import Reason, TaskState
+from mloc.store import TaskStore
+from mloc.transition import pending_score
+
+# The task types whose outputs a reference may name, by the output.
+ADAPTER_MAKERS = frozenset({"sft", "dpo", "grpo", "ppo"})
+LINE_MAKERS = frozenset({"inference"})
+RELEASE_BATCH = 100
+
+Builder = Callable[[Document, Principal], tuple[NewTask, Request]]
+
+
+def needs_planning(documents: list[Document]) -> bool:
+    """Whether any task waits for another (so the submission is planned as a graph)."""
+    return any(document.spec.depends_on or _references(document.to_wire()) for document in documents)
+
+
+def _references(wire: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """A task's references to other tasks' outputs: (field path, name or id, the output)."""
+    spec = wire.get("spec") or {}
+    found = []
+    adapter = ((spec.get("model") or {}).get("adapter")) or {}
+    if adapter.get("from"):
+        found.append(("spec.model.adapter.from", adapter["from"], "adapter"))
+    source = ((spec.get("inference") or {}).get("input")) or {}
+    if source.get("from"):
+        found.append(("spec.inference.input.from", source["from"], "lines"))
+    return found
+
+
+@dataclass
+class Step:
+    """One task of a submission as planned: its record (a chunked task's parent), the records stored
+    with it (its first chunks), and the ids of the tasks it waits for."""
+
+    name: str
+    document: Document
+    record: NewTask
+    request: Request
+    chunks: list[NewTask] = field(default_factory=list)
+    depends_on: list[str] = field(default_factory=list)
+
+    @property
+    def task_id(self) -> str:
+        return self.record.task_id
+
+
+@dataclass
+class Plan:
+    steps: list[Step]
+    pipeline_id: str | None
+    graph: str | None
+
+    def records(self) -> list[NewTask]:
+        return [record for step in self.steps for record in (step.record, *step.chunks)]
+
+    def queued(self) -> list[tuple[NewTask, Request]]:
+        """The tasks that may be placed at once."""
+        placeable = []
+        for step in self.steps:
+            for record in step.chunks or [step.record]:
+                if record.queued:
+                    placeable.append((record, step.request))
+        return placeable
+
+
+async def plan(store: TaskStore, documents: list[Document], principal: Principal, build: Builder) -> Plan:
+    """Resolve names and references, check outputs and cycles, and build every record; raises
+    :class:`SpecError` naming the document, the field and the fix. Nothing is stored."""
+    names: dict[str, int] = {}
+    for index, document in enumerate(documents):
+        name = document.metadata.name
+        if name:
+            if name in names:
+                raise _error(index, "metadata.name", f"two tasks are named {name!r}; give each a name of its own")
+            names[name] = index
+    steps = [
+        Step(document.metadata.name or f"task-{index}", document, *build(document, principal))
+        for index, document in enumerate(documents)
+    ]
+    external: dict[str, dict[str, str]] = {}
+
+    async def resolve(index: int, entry: str, where: str) -> tuple[str, str]:
+        """The id and task type of the task ``entry`` names."""
+        if entry in names:
+            other = names[entry]
+            if other == index:
+                raise _error(index, where, f"the task names itself ({entry!r}); name another task")
+            return steps[other].task_id, documents[other].spec.task_type
+        h = external.get(entry) or await store.get_hash(entry)
+        if not h or (not principal.admin and h.get("owner") != principal.name):
+            raise _error(
+                index,
+                where,
+                f"{entry!r} is neither a task of this submission (metadata.name: "
+                f"{', '.join(sorted(names)) or 'none named'}) nor a task id of yours; name one of them",
+            )
+        external[entry] = h
+        return entry, h.get("task_type", "")
+
+    for index, step in enumerate(steps):
+        wire = step.document.to_wire()
+        deps: list[str] = []
+        for position, entry in enumerate(step.document.spec.depends_on):
+            task_id, _ = await resolve(index, entry, f"spec.dependsOn[{position}]")
+            deps.append(task_id)
+        rewritten = False
+        for where, entry, output in _references(wire):
+            task_id, task_type = await resolve(index, entry, where)
+            makers = ADAPTER_MAKERS if output == "adapter" else LINE_MAKERS
+            if task_type not in makers:
+                what = "adapter" if output == "adapter" else "result lines"
+                raise _error(
+                    index,
+                    where,
+                    f"{entry!r} is a task of type {task_type or 'unknown'!r}, which makes no {what}; name a "
+                    f"{' or '.join(sorted(makers))} task",
+                )
+            if output == "lines" and task_id not in external and not _reads_dataset(documents[names[entry]]):
+                raise _error(
+                    index, where, f"{entry!r} runs inline prompts and writes no result lines; give it inference.input"
+                )
+            _point_at(wire, output, task_id)
+            rewritten = True
+            if task_id not in deps:
+                deps.append(task_id)
+        if rewritten:
+            try:
+                step.document = validate(wire)
+            except SpecError as exc:
+                raise _error(index, "spec", exc.message) from exc
+            step.record.document = step.document.to_wire()
+        step.depends_on = deps
+    _check_cycles(steps)
+
+    pipeline_id = str(uuid.uuid4()) if len(steps) > 1 or any(step.depends_on for step in steps) else None
+    for index, step in enumerate(steps):
+        waiting = []
+        for task_id in step.depends_on:
+            h = external.get(task_id)
+            if h is None:
+                waiting.append(task_id)  # a task of this submission: never ended yet
+                continue
+            state = TaskState(h["state"])
+            if state in (TaskState.FAILED, TaskState.CANCELLED):
+                raise _error(
+                    index,
+                    "spec.dependsOn",
+                    f"task {task_id} ({h.get('name', '')}) {state}, so this task could never run; submit that "
+                    "task again and depend on the new one",
+                )
+            if state != TaskState.SUCCEEDED:
+                waiting.append(task_id)
+        step.record.pipeline_id = pipeline_id
+        if chunks.is_chunked(step.record.document):
+            step.chunks = chunks.first_chunks(step.record)
+        # A chunked task's chunks wait, not its parent (which is never queued).
+        for record in step.chunks or [step.record]:
+            record.pipeline_id = pipeline_id
+            record.waiting_on = list(waiting)
+            if waiting:
+                record.pending_reason = waiting_reason(waiting, {s.task_id: s.name for s in steps}, external)
+        if waiting and step.chunks:
+            step.record.pending_reason = step.chunks[0].pending_reason
+    graph = None
+    if pipeline_id is not None:
+        graph = json.dumps(
+            {
+                "id": pipeline_id,
+                "owner": principal.name,
+                "created_at": time.time(),
+                "tasks": [{"name": s.name, "task_id": s.task_id, "depends_on": s.depends_on} for s in steps],
+            }
+        )
+    return Plan(steps, pipeline_id, graph)
+
+
+def _reads_dataset(document: Document) -> bool:
+    return bool(document.to_wire()["spec"].get("inference", {}).get("input"))
+
+
+def _point_at(wire: dict[str, Any], output: str, task_id: str) -> None:
+    """Replace a reference by name with the task id the executors read."""
+    spec = wire["spec"]
+    if output == "adapter":
+        adapter = spec["model"]["adapter"]
+        adapter.pop("from")
+        adapter["path"] = task_id
+    else:
+        source = spec["inference"]["input"]
+        source.pop("from")
+        source["task"] = task_id
+
+
+def _check_cycles(steps: list[Step]) -> None:
+    by_id = {step.task_id: step for step in steps}
+    state: dict[str, int] = {}  # 1: being visited, 2: done
+
+    def visit(step: Step, path: list[str]) -> None:
+        state[step.task_id] = 1
+        for task_id in step.depends_on:
+            other = by_id.get(task_id)
+            if other is None:
+                continue
+            if state.get(task_id) == 1:
+                cycle = [*path[path.index(other.name) :], other.name] if other.name in path else [other.name]
+                raise SpecError(
+                    f"the tasks wait for each other in a cycle: {' -> '.join(cycle)}; remove one of these "
+                    "dependencies; nothing was stored",
+                    details=[{"path": "spec.dependsOn", "message": "cycle", "fix": "make the graph acyclic"}],
+                )
+            if state.get(task_id) != 2:
+                visit(other, [*path, other.name])
+        state[step.task_id] = 2
+
+    for step in steps:
+        if step.task_id not in state:
+            visit(step, [step.name])
+
+
+def _error(index: int, where: str, message: str) -> SpecError:
+    return SpecError(
+        f"task {index + 1} of the submission: {where}: {message}; nothing was stored",
+        details=[{"index": index, "path": where, "message": message}],
+    )
+
+
+def waiting_reason(waiting: list[str], names: dict[str, str], external: dict[str, dict[str, str]]) -> str:
+    def label(task_id: str) -> str:
+        name = names.get(task_id) or external.get(task_id, {}).get("name") or ""
+        return f"{name} ({task_id[:8]})" if name else task_id[:8]
+
+    return f"waiting for {', '.join(label(t) for t in waiting)} to succeed"
+
+
+# ------------------------------------------------------------------------------------------- release
+async def release_marked(store: TaskStore, *, limit: int = RELEASE_BATCH) -> int:
+    """Release or end the dependents of the tasks that ended since the last call; returns how many
+    ended tasks were looked at."""
+    ended = await store.redis.spop(keys.DEPS_ENDED, limit) or []
+    for task_id in ended:
+        for dependent in await store.redis.smembers(keys.dependents(task_id)):
+            await settle_dependent(store, dependent)
+    return len(ended)
+
+
+async def sweep(store: TaskStore) -> int:
+    """Look at every waiting task (the fallback for a mark lost with an orchestrator); returns how many
+    still wait."""
+    still = 0
+    for task_id in await store.redis.smembers(keys.DEPS_WAITING):
+        still += await settle_dependent(store, task_id)
+    return still
+
+
+async def settle_dependent(store: TaskStore, task_id: str) -> bool:
+    """Release ``task_id`` if every task it waits for succeeded, end it if one failed or was
+    cancelled; True while it still waits."""
+    redis = store.redis
+    state, waiting_raw, priority, created_ms, spec_raw, reason = await redis.hmget(
+        keys.task(task_id), "state", "waiting_on", "priority", "created_ms", "spec", "pending_reason"
+    )
+    if state != TaskState.PENDING or not waiting_raw:
+        await redis.srem(keys.DEPS_WAITING, task_id)
+        return False
+    waiting: list[str] = json.loads(waiting_raw)
+    pipe = redis.pipeline(transaction=False)
+    for parent in waiting:
+        pipe.hmget(keys.task(parent), "state", "name", "reason")
+    parents = await pipe.execute()
+    for parent, (parent_state, name, why) in zip(waiting, parents, strict=True):
+        if parent_state in (None, TaskState.FAILED, TaskState.CANCELLED):
+            ended = "is gone" if parent_state is None else f"{parent_state}: {why or 'no reason given'}"
+            skip = json.loads(spec_raw or "{}").get("spec", {}).get("onDependencyFailure") == "skip"
+            fields = {
+                "reason": f"{'skipped' if skip else 'failed'}: the task it depends on, {name or ''} ({parent}), "
+                f"{ended}",
+                "reason_code": Reason.DEPENDENCY_FAILED.value,
+                "finished_at": repr(time.time()),
+                "pending_reason": "",
+                "waiting_on": "",
+            }
+            # Refused only when it moved meanwhile (cancelled by its user): either way it waits no more.
+            await store.transition(task_id, moves.CANCEL if skip else moves.DEPENDENCY_FAIL, fields=fields)
+            await redis.srem(keys.DEPS_WAITING, task_id)
+            return False
+    left = [parent for parent, row in zip(waiting, parents, strict=True) if row[0] != TaskState.SUCCEEDED]
+    if not left:
+        score = pending_score(int(priority or 0), int(created_ms or 0))
+        await redis.eval(
+            lua.RELEASE,
+            5,
+            keys.task(task_id),
+            keys.PENDING,
+            keys.PENDING_OWNERS,
+            keys.DEPS_WAITING,
+            keys.SCHEDULER_WAKE,
+            repr(score),
+            keys.pending_of("{id}"),
+            "waiting for the scheduler",
+        )
+        return False
+    names = {parent: row[1] or "" for parent, row in zip(waiting, parents, strict=True)}
+    text = waiting_reason(left, names, {})
+    if text != reason:
+        await store.set_fields(task_id, {"pending_reason": text})
+    return True
+
+
+# ------------------------------------------------------------------------------------------- reading
+async def graph(store: TaskStore, pipeline_id: str, principal: Principal) -> dict[str, Any]:
+    """A pipeline's tasks, each with what it waits for and its state now."""
+    raw = await store.redis.get(keys.pipeline(pipeline_id))
+    if raw is None:
+        raise NotFound(f"pipeline {pipeline_id} not found")
+    body = json.loads(raw)
+    if not principal.admin and body["owner"] != principal.name:
+        raise NotFound(f"pipeline {pipeline_id} not found")
+    pipe = store.redis.pipeline(transaction=False)
+    for node in body["tasks"]:
+        pipe.hmget(keys.task(node["task_id"]), "state", "reason", "pending_reason", "worker_id")
+    for node, (state, reason, pending_reason, worker) in zip(body["tasks"], await pipe.execute(), strict=True):
+        node.update({"state": state, "reason": reason, "pending_reason": pending_reason, "worker_id": worker})
+    states = {node["state"] for node in body["tasks"]}
+    body["state"] = (
+        "succeeded"
+        if states == {"succeeded"}
+        else "failed"
+        if "failed" in states and not states & {"pending", "assigned", "running", "cancelling"}
+        else "cancelled"
+        if states <= {"cancelled", "succeeded", "failed"}
+        else "running"
+    )
+    body["ok"] = True
+    return body
+
+
+async def cancel_pipeline(store: TaskStore, pipeline_id: str, principal: Principal) -> dict[str, Any]:
+    """Cancel every task of the pipeline that has not ended, the last steps first (so none is failed
+    for its dependency's cancel before it is cancelled itself)."""
+    body = await graph(store, pipeline_id, principal)
+    cancelled = []
+    for node in reversed(body["tasks"]):
+        if node["state"] in ("succeeded", "failed", "cancelled", None):
+            continue
+        try:
+            await cancel(store, node["task_id"], by=principal.name)
+            cancelled.append(node["task_id"])
+        except MlocError:
+            continue  # it ended meanwhile
+    return {"ok": True, "pipeline_id": pipeline_id, "cancelled": cancelled}

@@ -1,0 +1,360 @@
+"""The OpenAI Batch API served by MLOC: batch files checked and turned into dataset rows, result lines
+turned into OpenAI's output and error lines, and the official `openai` client against a real cluster."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+from pydantic import ValidationError
+
+from mloc.api.openai_errors import openai_body
+from mloc.client import ApiError, Client
+from mloc.errors import BadRequest
+from mloc.localcluster import LocalCluster
+from mloc.modelroots import ModelRoots
+from mloc.openai_lines import (
+    CHAT,
+    COMPLETIONS,
+    BatchFileError,
+    BatchOutput,
+    Converted,
+    Counts,
+    convert,
+    count_lines,
+    output_blocks,
+)
+from mloc.settings import Settings, describe_invalid
+
+TINY = {"source": {"type": "package", "identifier": "mloc-tiny-llama"}, "engine": "transformers"}
+ADMIN = "openai-batch-admin-token"
+
+
+def request(custom_id: str, body: dict[str, Any], url: str = COMPLETIONS) -> dict[str, Any]:
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
+
+
+def jsonl(lines: list[dict[str, Any]]) -> bytes:
+    return b"".join(orjson.dumps(line) + b"\n" for line in lines)
+
+
+def converted(lines: list[dict[str, Any]], endpoint: str = COMPLETIONS) -> tuple[Converted, list[dict[str, Any]]]:
+    target = io.BytesIO()
+    result = convert(io.BytesIO(jsonl(lines)), target, file_id="file-x", endpoint=endpoint)
+    return result, [json.loads(line) for line in target.getvalue().splitlines()]
+
+
+def refusal(lines: list[dict[str, Any]] | bytes, endpoint: str = COMPLETIONS) -> str:
+    data = lines if isinstance(lines, bytes) else jsonl(lines)
+    with pytest.raises(BatchFileError) as caught:
+        convert(io.BytesIO(data), io.BytesIO(), file_id="file-x", endpoint=endpoint)
+    assert caught.value.status_code == 400
+    return caught.value.message
+
+
+def test_completion_lines_become_dataset_rows_with_their_sampling() -> None:
+    lines = [
+        request("a", {"model": "tiny", "prompt": "Hello", "max_completion_tokens": 5, "stop": "\n", "n": 1}),
+        request("b", {"model": "tiny", "prompt": "", "temperature": 0, "seed": 7, "user": "u1", "top_p": None}),
+    ]
+    result, rows = converted(lines)
+    assert result == Converted(requests=2, model="tiny")
+    assert rows == [
+        {"id": "a", "prompt": "Hello", "max_tokens": 5, "stop": "\n"},
+        # An empty prompt is the request's own problem: it fails alone, on the worker.
+        {"id": "b", "prompt": "", "temperature": 0, "seed": 7},
+    ]
+
+
+def test_chat_lines_keep_text_parts_and_take_developer_as_system() -> None:
+    messages = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+    ]
+    result, rows = converted([request("c1", {"model": "m", "messages": messages, "max_tokens": 4}, CHAT)], CHAT)
+    assert result.requests == 1
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    assert rows == [{"id": "c1", "messages": chat, "max_tokens": 4}]
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        (
+            [request("a", {"model": "m", "prompt": "x"}), request("b", {"model": "m", "prompt": "y"}),
+             request("a", {"model": "m", "prompt": "z"})],
+            ["line 3: custom_id 'a' is also the custom_id of line 1", "give each line its own custom_id"],
+        ),
+        (
+            [request("a", {"model": "m", "prompt": "x"}), request("b", {"model": "other", "prompt": "y"})],
+            ["line 2: body.model is 'other' but line 1 has 'm'", "split the file into one per model"],
+        ),
+        (
+            [request("a", {"model": "m", "prompt": "x"}, url="/v1/embeddings")],
+            ["line 1: url is \"/v1/embeddings\"", "/v1/chat/completions and /v1/completions"],
+        ),
+        (
+            [request("a", {"model": "m", "prompt": "x"}, url=CHAT)],
+            ["line 1: url is \"/v1/chat/completions\"", "create a batch per endpoint"],
+        ),
+        ([request("a", {"model": "m", "prompt": "x", "n": 2})], ["line 1: body.n is 2", "set it to 1"]),
+        ([request("a", {"model": "m", "prompt": ["x", "y"]})], ["body.prompt is a list, not a string"]),
+        ([request("a", {"model": "m", "prompt": "x", "tools": []})], ["body.tools is not supported", "remove it"]),
+        ([request("a", {"prompt": "x"})], ["line 1: body.model is missing"]),
+        ([{"method": "POST", "url": COMPLETIONS, "body": {}}], ["line 1: custom_id is missing"]),
+        ([{"custom_id": "a", "method": "GET", "url": COMPLETIONS, "body": {}}], ['line 1: method is "GET"']),
+        (jsonl([request("a", {"model": "m", "prompt": "x"})]) + b"{not json\n", ["line 2: the line is not JSON", "one JSON object per line"]),
+        (b"\n\n", ["has no request lines"]),
+    ],
+    ids=["duplicate", "two-models", "other-endpoint", "wrong-endpoint", "n", "prompt-list", "tools", "no-model",
+         "no-custom-id", "get", "not-json", "empty"],
+)  # fmt: skip
+def test_a_batch_file_mloc_cannot_run_is_refused_naming_line_field_and_fix(
+    lines: list[dict[str, Any]] | bytes, expected: list[str]
+) -> None:
+    message = refusal(lines)
+    assert message.startswith("input file file-x")
+    for part in expected:
+        assert part in message
+
+
+def test_an_unsupported_endpoint_or_a_bad_chat_is_refused() -> None:
+    assert "is not one MLOC's batches serve" in refusal([request("a", {})], endpoint="/v1/embeddings")
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    assert "body.messages[0].content has a part that is not text" in refusal(
+        [request("a", {"model": "m", "messages": image}, CHAT)], CHAT
+    )
+    assert "body.messages[0].role is 'robot'" in refusal(
+        [request("a", {"model": "m", "messages": [{"role": "robot", "content": "x"}]}, CHAT)], CHAT
+    )
+
+
+def test_result_lines_become_openai_output_and_error_lines() -> None:
+    lines: list[dict[str, Any]] = [
+        {"id": "a", "output": " four", "finish_reason": "length", "prompt_tokens": 5, "completion_tokens": 2,
+         "error": None},
+        {"id": "b", "output": None, "finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0,
+         "error": "prompt column 'prompt' is empty"},
+        {"id": "c", "output": "!", "finish_reason": "stop", "prompt_tokens": 3, "completion_tokens": 1, "error": None},
+    ]  # fmt: skip
+    data = jsonl(lines) + b'{"id": "d", "outp'  # a batch still being written
+    batch = BatchOutput(key="k", endpoint=CHAT, model="tiny", created=100)
+    out = [json.loads(x) for x in b"".join(output_blocks(io.BytesIO(data), batch, errors=False)).splitlines()]
+    assert [line["custom_id"] for line in out] == ["a", "c"]
+    first = out[0]
+    assert first["id"] == "batch_req_k-0" and first["error"] is None and first["response"]["status_code"] == 200
+    body = first["response"]["body"]
+    assert body["object"] == "chat.completion" and body["model"] == "tiny" and body["created"] == 100
+    assert body["choices"] == [
+        {"index": 0, "finish_reason": "length", "logprobs": None, "message": {"role": "assistant", "content": " four"}}
+    ]
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    errors = [json.loads(x) for x in b"".join(output_blocks(io.BytesIO(data), batch, errors=True)).splitlines()]
+    assert [(line["id"], line["custom_id"]) for line in errors] == [("batch_req_k-1", "b")]
+    assert errors[0]["response"]["status_code"] == 400
+    assert errors[0]["response"]["body"]["error"]["message"] == "prompt column 'prompt' is empty"
+    assert count_lines(io.BytesIO(data)) == Counts(completed=2, failed=1, prompt_tokens=8, completion_tokens=3)
+
+
+def test_mloc_error_bodies_become_openais() -> None:
+    error = BadRequest("purpose 'x' is not supported", details=[{"path": "purpose", "message": "is 'x'"}])
+    assert orjson.loads(openai_body(orjson.dumps(error.to_dict()), 400)) == {
+        "error": {"message": "purpose 'x' is not supported", "type": "invalid_request_error", "param": "purpose",
+                  "code": "bad_request"}
+    }  # fmt: skip
+    assert orjson.loads(openai_body(b"not json", 502))["error"]["type"] == "server_error"
+
+
+def test_uploaded_files_and_their_rows_are_known_to_the_model_roots(tmp_path: Path) -> None:
+    roots = ModelRoots.of(Settings(), results_dir=tmp_path)
+    file_id = "file-" + "a" * 32
+    assert roots.uploaded_file(tmp_path / "files" / file_id) == file_id
+    assert roots.uploaded_file(tmp_path / "files" / f"{file_id}.rows.jsonl") == file_id
+    assert roots.uploaded_file(tmp_path / "files" / "sub" / file_id) is None
+    assert roots.uploaded_file(tmp_path / "other" / file_id) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("{tiny", "is not JSON"), ("[1]", "is JSON but not an object"), ('{"t": {"engine": "x"}}', "model 't': source")],
+)
+def test_a_malformed_openai_models_setting_names_the_variable(value: str, expected: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(MLOC_OPENAI_MODELS=value)
+    message = describe_invalid(caught.value)
+    assert message.startswith(f"invalid setting MLOC_OPENAI_MODELS={value!r}: ") and expected in message
+
+
+def wait_ended(client: openai.OpenAI, batch_id: str, timeout: float = 240) -> Any:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in ("completed", "failed", "cancelled"):
+            return batch
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.5)
+
+
+def lines_of(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    assert file_id is not None
+    return [json.loads(line) for line in client.files.content(file_id).text.splitlines()]
+
+
+@pytest.mark.extra("inference")
+def test_the_openai_client_runs_batches_on_mloc(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tmp_path: Path
+) -> None:
+    models = json.dumps({"tiny": TINY})
+    cluster = make_cluster(
+        1, env={"ORCHESTRATOR_TOKEN": ADMIN, "MLOC_OPENAI_MODELS": models, "MLOC_MAX_FILE_BYTES": "64Ki"}
+    )
+    admin = client_for(cluster, ADMIN)
+    tokens = {
+        name: admin.http.post("/api/v1/admin/users", json={"name": name}).json()["token"] for name in ("alice", "bob")
+    }
+    alice = openai.OpenAI(base_url=cluster.api_url + "/v1", api_key=tokens["alice"], max_retries=0)
+    bob = openai.OpenAI(base_url=cluster.api_url + "/v1", api_key=tokens["bob"], max_retries=0)
+
+    completions = [
+        request(f"q{i:02d}", {"model": "tiny", "prompt": f"Question: what is {i} plus one?\nAnswer:",
+                              "max_tokens": 2 + i % 3, "temperature": 0})
+        for i in range(20)
+    ]  # fmt: skip
+    completions[7]["body"]["prompt"] = ""  # a bad request: it fails alone
+    chats = [
+        request(f"c{i}", {"model": "tiny", "messages": [{"role": "user", "content": f"Say {i}."}],
+                          "max_completion_tokens": 3, "temperature": 0}, CHAT)
+        for i in range(5)
+    ]  # fmt: skip
+    upload = alice.files.create(file=("questions.jsonl", jsonl(completions)), purpose="batch")
+    assert (upload.object, upload.purpose, upload.filename, upload.bytes) == (
+        "file", "batch", "questions.jsonl", len(jsonl(completions))
+    )  # fmt: skip
+    assert alice.files.retrieve(upload.id).bytes == upload.bytes
+    assert alice.files.content(upload.id).content == jsonl(completions)
+    chat_upload = alice.files.create(file=("chats.jsonl", jsonl(chats)), purpose="batch")
+
+    batch = alice.batches.create(
+        input_file_id=upload.id, endpoint=COMPLETIONS, completion_window="24h", metadata={"run": "nightly"}
+    )
+    chat_batch = alice.batches.create(input_file_id=chat_upload.id, endpoint=CHAT, completion_window="24h")
+    assert batch.id.startswith("batch_") and batch.input_file_id == upload.id and batch.endpoint == COMPLETIONS
+    assert batch.request_counts is not None and batch.request_counts.total == 20
+    assert batch.metadata == {"run": "nightly"} and batch.model == "tiny"
+
+    done = wait_ended(alice, batch.id)
+    assert done.status == "completed", done
+    assert done.request_counts is not None
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (20, 19, 1)
+    assert done.completed_at is not None and done.in_progress_at is not None
+    assert done.usage is not None and done.usage.output_tokens == sum(2 + i % 3 for i in range(20) if i != 7)
+    output = lines_of(alice, done.output_file_id)
+    assert [line["custom_id"] for line in output] == [r["custom_id"] for i, r in enumerate(completions) if i != 7]
+    for line in output:
+        asked = completions[int(line["custom_id"][1:])]["body"]
+        body = line["response"]["body"]
+        assert line["error"] is None and line["response"]["status_code"] == 200
+        assert body["object"] == "text_completion" and body["model"] == "tiny"
+        assert isinstance(body["choices"][0]["text"], str)
+        usage = body["usage"]
+        assert usage["completion_tokens"] == asked["max_tokens"] and usage["prompt_tokens"] > 0
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    errors = lines_of(alice, done.error_file_id)
+    assert [line["custom_id"] for line in errors] == ["q07"]
+    assert errors[0]["response"]["status_code"] == 400
+    assert "prompt column 'prompt' is empty" in errors[0]["response"]["body"]["error"]["message"]
+    assert alice.files.retrieve(done.output_file_id).bytes == len(alice.files.content(done.output_file_id).content)
+
+    chat_done = wait_ended(alice, chat_batch.id)
+    assert chat_done.status == "completed" and chat_done.error_file_id is None, chat_done
+    chat_lines = lines_of(alice, chat_done.output_file_id)
+    assert [line["custom_id"] for line in chat_lines] == [f"c{i}" for i in range(5)]
+    for line in chat_lines:
+        body = line["response"]["body"]
+        assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+        assert body["usage"]["completion_tokens"] <= 3
+
+    # Listing: the caller's own, newest first, a page at a time.
+    assert [b.id for b in alice.batches.list()] == [chat_batch.id, batch.id]
+    first_page = alice.batches.list(limit=1)
+    assert [b.id for b in first_page.data] == [chat_batch.id] and first_page.has_more
+    assert [b.id for b in alice.batches.list(limit=1, after=chat_batch.id).data] == [batch.id]
+    assert list(bob.batches.list()) == []
+
+    # Usage went to alice, the batches' owner.
+    stats = admin.http.get("/api/v1/stats", params={"user": "alice"}).json()["users"][0]["totals"]
+    expected_tokens = sum(2 + i % 3 for i in range(20) if i != 7)
+    assert stats["completion_tokens"] >= expected_tokens
+
+    # Bad input: each an openai exception whose message says what to fix; nothing is stored.
+    files_dir = tmp_path / "results" / "files"
+
+    def refused_upload(lines: list[dict[str, Any]]) -> str:
+        bad = alice.files.create(file=("bad.jsonl", jsonl(lines)), purpose="batch")
+        with pytest.raises(openai.BadRequestError) as caught:
+            alice.batches.create(input_file_id=bad.id, endpoint=COMPLETIONS, completion_window="24h")
+        assert not (files_dir / f"{bad.id}.rows.jsonl").exists()
+        return str(caught.value.message)
+
+    twice = [completions[0], completions[1], completions[0]]
+    assert "line 3: custom_id 'q00' is also the custom_id of line 1" in refused_upload(twice)
+    mixed = [completions[0], request("x", {"model": "gpt-4o", "prompt": "hi"})]
+    assert "line 2: body.model is 'gpt-4o' but line 1 has 'tiny'" in refused_upload(mixed)
+    escape = [request("m", {"model": "../escape", "prompt": "hi"})]
+    assert "body.model '../escape' cannot be run" in refused_upload(escape)
+    elsewhere = [request("e", {"model": "tiny", "input": "hi"}, url="/v1/embeddings")]
+    assert "/v1/chat/completions and /v1/completions" in refused_upload(elsewhere)
+    with pytest.raises(openai.BadRequestError) as caught:
+        alice.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h")
+    assert "is not one MLOC's batches serve" in caught.value.message
+    assert caught.value.code == "bad_request" and caught.value.param == "endpoint"
+    with pytest.raises(openai.BadRequestError) as caught:
+        alice.files.create(file=("x.jsonl", b"{}\n"), purpose="fine-tune")
+    assert "set purpose to 'batch'" in caught.value.message
+    with pytest.raises(openai.APIStatusError) as too_large:
+        alice.files.create(file=("big.jsonl", b"x" * (65 << 10)), purpose="batch")
+    assert too_large.value.status_code == 413 and "MLOC_MAX_FILE_BYTES" in too_large.value.message
+    with pytest.raises(openai.NotFoundError) as missing:
+        bob.batches.create(input_file_id=upload.id, endpoint=COMPLETIONS, completion_window="24h")
+    assert f"input file {upload.id} not found" in missing.value.message
+    for steal in (lambda: bob.files.content(upload.id), lambda: bob.files.content(done.output_file_id or ""),
+                  lambda: bob.batches.retrieve(batch.id), lambda: bob.batches.cancel(batch.id)):  # fmt: skip
+        with pytest.raises(openai.NotFoundError):
+            steal()
+    assert [b.id for b in alice.batches.list()] == [chat_batch.id, batch.id]
+
+    # A user's task cannot read another user's batch rows by their path; the owner's can.
+    rows = str(files_dir / f"{upload.id}.rows.jsonl")
+    task = {"spec": {"taskType": "inference", "model": TINY, "inference": {"max_tokens": 2, "input": {"path": rows}}}}
+    with pytest.raises(ApiError) as forbidden:
+        client_for(cluster, tokens["bob"]).submit(task)
+    assert (
+        forbidden.value.status_code == 403
+        and "not in the result folder of one of your tasks" in forbidden.value.message
+    )
+    assert client_for(cluster, tokens["alice"]).submit(task, dry_run=True)["ok"]
+
+    # Errors on /v1 are in OpenAI's shape, with MLOC's status.
+    answer = httpx.get(cluster.api_url + "/v1/batches/batch_nope", headers={"Authorization": f"Bearer {tokens['bob']}"})
+    assert answer.status_code == 404
+    assert answer.json()["error"]["code"] == "not_found" and "batch_nope" in answer.json()["error"]["message"]
+    assert httpx.get(cluster.api_url + "/v1/batches").json()["error"]["code"] == "unauthorized"
+
+    # Cancel: a finished batch cannot be; one that waits is cancelled at once.
+    with pytest.raises(openai.ConflictError):
+        alice.batches.cancel(batch.id)
+    cluster.stop_worker("local-1")
+    waiting = alice.batches.create(input_file_id=upload.id, endpoint=COMPLETIONS, completion_window="24h")
+    assert waiting.status == "validating" and waiting.output_file_id is None
+    cancelled = alice.batches.cancel(waiting.id)
+    assert cancelled.status == "cancelled" and cancelled.cancelled_at is not None
+    assert alice.batches.retrieve(waiting.id).status == "cancelled"

@@ -67,15 +67,18 @@ def references(spec: Mapping[str, Any]) -> list[Reference]:
         value = hyperparameters.get(name)
         if isinstance(value, str) and value:
             found.append(Reference(f"spec.hyperparameters.{name}", value, Kind.MAYBE))
-    dataset = (spec.get("inference") or {}).get("input") or {}
-    path = dataset.get("path")
-    if isinstance(path, str) and path:
-        local = _local_path(path)
-        if local is not None:
-            found.append(Reference("spec.inference.input.path", local, Kind.PATH))
-    task = dataset.get("task")
-    if isinstance(task, str) and task:
-        found.append(Reference("spec.inference.input.task", task, Kind.TASK))
+    for where, dataset in (
+        ("spec.inference.input", (spec.get("inference") or {}).get("input") or {}),
+        ("spec.input", spec.get("input") or {}),  # a RAG task's questions
+    ):
+        path = dataset.get("path")
+        if isinstance(path, str) and path:
+            local = _local_path(path)
+            if local is not None:
+                found.append(Reference(f"{where}.path", local, Kind.PATH))
+        task = dataset.get("task")
+        if isinstance(task, str) and task:
+            found.append(Reference(f"{where}.task", task, Kind.TASK))
     for index, custom in enumerate((spec.get("eval") or {}).get("custom") or []):
         path = custom.get("path") if isinstance(custom, Mapping) else None
         if isinstance(path, str) and path:

@@ -629,3 +629,36 @@ def test_spec_names_collection_settings_that_cannot_apply(tiny_lm: Path) -> None
         mloc.spec.load(json.dumps(task(tiny_lm, collection="hb")))
     with pytest.raises(SpecError, match="metadata key 'mloc_doc_hash' is reserved"):
         mloc.spec.load(json.dumps(task(tiny_lm, documents=[{"text": "x", "metadata": {"mloc_doc_hash": "1"}}])))
+
+
+def test_questions_from_a_dataset_are_answered_a_batch_at_a_time_into_result_lines(
+    executor: RagExecutor, tiny_lm: Path, tmp_path: Path
+) -> None:
+    asked = ["Which volcano erupts in Sicily?", "How many strings does a violin have?", ""] + [
+        f"Which database answers SQL? ({i})" for i in range(20)
+    ]
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps({"qid": f"q{i}", "text": q}) + "\n" for i, q in enumerate(asked)))
+    body = task(tiny_lm)
+    del body["spec"]["questions"]
+    body["spec"]["input"] = {"path": str(data), "columns": {"prompt": "text", "id": "qid"}, "max_row_errors": 1}
+    result, events = run_task(executor, body, tmp_path)
+    assert (result["rows"], result["succeeded"], result["failed"]) == (23, 22, 1)
+    lines = [json.loads(line) for line in (tmp_path / "results" / "t1" / "results.jsonl").read_text().splitlines()]
+    assert [line["id"] for line in lines] == [f"q{i}" for i in range(23)]
+    assert lines[0]["sources"][0]["source"].startswith("inline:") and isinstance(lines[0]["output"], str)
+    assert lines[2]["error"] == "question column 'text' is empty; name the column with input.columns.prompt"
+    assert all(line["completion_tokens"] > 0 for i, line in enumerate(lines) if i != 2)
+    # One usage event per batch of 16 and one for the index: memory holds a batch, not the dataset.
+    usage = [event["counters"] for event in events if event["ev"] == "usage"]
+    assert len(usage) == 3 and usage[-1] == {"embedded_chunks": 5}
+    assert sum(u.get("completion_tokens", 0) for u in usage) == result["usage"]["completion_tokens"]
+
+    # One bad row more than allowed fails the task, naming the row.
+    body["spec"]["input"]["max_row_errors"] = 0
+    with pytest.raises(ExecutionError, match=r"row 2 \(line 3\): question column 'text' is empty"):
+        run_task(executor, body, tmp_path)
+    # Questions inline or from a dataset, not both.
+    body["spec"]["questions"] = ["Which volcano?"]
+    with pytest.raises(SpecError, match="inline .'questions'. or from a dataset .'input'."):
+        mloc.spec.load(json.dumps(body))

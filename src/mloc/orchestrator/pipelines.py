@@ -57,9 +57,12 @@ def _references(wire: dict[str, Any]) -> list[tuple[str, str, str]]:
     adapter = ((spec.get("model") or {}).get("adapter")) or {}
     if adapter.get("from"):
         found.append(("spec.model.adapter.from", adapter["from"], "adapter"))
-    source = ((spec.get("inference") or {}).get("input")) or {}
-    if source.get("from"):
-        found.append(("spec.inference.input.from", source["from"], "lines"))
+    for where, source in (
+        ("spec.inference.input.from", ((spec.get("inference") or {}).get("input")) or {}),
+        ("spec.input.from", spec.get("input") or {}),  # a RAG task's questions
+    ):
+        if isinstance(source, dict) and source.get("from"):
+            found.append((where, source["from"], "lines"))
     return found
 
 
@@ -155,7 +158,7 @@ async def plan(store: TaskStore, documents: list[Document], principal: Principal
                 raise _error(
                     index, where, f"{entry!r} runs inline prompts and writes no result lines; give it inference.input"
                 )
-            _point_at(wire, output, task_id)
+            _point_at(wire, where, task_id)
             rewritten = True
             if task_id not in deps:
                 deps.append(task_id)
@@ -214,17 +217,13 @@ def _reads_dataset(document: Document) -> bool:
     return bool(document.to_wire()["spec"].get("inference", {}).get("input"))
 
 
-def _point_at(wire: dict[str, Any], output: str, task_id: str) -> None:
-    """Replace a reference by name with the task id the executors read."""
-    spec = wire["spec"]
-    if output == "adapter":
-        adapter = spec["model"]["adapter"]
-        adapter.pop("from")
-        adapter["path"] = task_id
-    else:
-        source = spec["inference"]["input"]
-        source.pop("from")
-        source["task"] = task_id
+def _point_at(wire: dict[str, Any], where: str, task_id: str) -> None:
+    """Replace the reference at ``where`` (``spec....from``) with the task id the executors read."""
+    section = wire
+    for part in where.split(".")[:-1]:
+        section = section[part]
+    section.pop("from")
+    section["path" if where.endswith("adapter.from") else "task"] = task_id
 
 
 def _check_cycles(steps: list[Step]) -> None:

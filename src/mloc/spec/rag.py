@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from mloc.spec.base import ModelSpec, SpecBase, Strict, check_name
+from mloc.spec.dataset import DatasetInput
 from mloc.spec.sampling import Sampling
 
 # Metadata keys MLOC stores with every chunk; a document's own metadata may not use them.
@@ -122,7 +123,12 @@ class RagSpec(SpecBase):
         default_factory=list,
         description="What to index; may be empty when a named collection already exists.",
     )
-    questions: list[str] = Field(..., min_length=1, max_length=10_000)
+    questions: list[str] = Field(default_factory=list, max_length=10_000)
+    input: DatasetInput | None = Field(
+        None,
+        description="Questions from a dataset instead (JSONL, CSV, Parquet, a cached HF dataset or another task's "
+        "lines): the 'question' column unless columns.prompt names another; one result line per row.",
+    )
     inference: Sampling = Field(default_factory=Sampling)
 
     @field_validator("questions")
@@ -132,6 +138,14 @@ class RagSpec(SpecBase):
             if not question.strip():
                 raise ValueError(f"question {index} is empty; remove it or give it text")
         return value
+
+    @model_validator(mode="after")
+    def _one_question_source(self) -> RagSpec:
+        if bool(self.questions) == (self.input is not None):
+            raise ValueError("give the questions inline ('questions') or from a dataset ('input'), one of the two")
+        if self.input is not None and self.input.columns.messages is not None:
+            raise ValueError("input.columns.messages does not apply to questions; name the column with columns.prompt")
+        return self
 
     @model_validator(mode="after")
     def _corpus(self) -> RagSpec:

@@ -17,7 +17,9 @@ if TYPE_CHECKING:
     from mloc.llm.loader import Workload
 
 
-def answer_workload(spec: RagSpec, hits: Sequence[Sequence[Hit]], batch: int) -> Workload:
+def answer_workload(
+    spec: RagSpec, hits: Sequence[Sequence[Hit]], batch: int, *, questions: Sequence[str] | None = None
+) -> Workload:
     """What answering asks of an engine: each question's prompt with every chunk retrieved for it (an
     upper bound, as the prompt may keep fewer), ``batch`` questions per engine call."""
     from mloc.llm.loader import CHAT_TURN_TOKENS, Workload
@@ -26,7 +28,7 @@ def answer_workload(spec: RagSpec, hits: Sequence[Sequence[Hit]], batch: int) ->
     frame = options.prompt_template if options.prompt_template is not None else options.system_prompt
     prompts = [
         frame + question + "".join(f"[{number}] ({hit.source})\n{hit.text}\n\n" for number, hit in enumerate(found))
-        for question, found in zip(spec.questions, hits, strict=True)
+        for question, found in zip(spec.questions if questions is None else questions, hits, strict=True)
     ]
     turns = 0 if options.prompt_template is not None else 2  # the system prompt and the question
     sequences = min(len(prompts), batch) * spec.inference.n

@@ -120,6 +120,39 @@ class RagExecutor(Executor):
             finally:
                 store.close()
 
+    def _answer_rows(self, ctx: RunContext, spec: RagSpec, retriever: Retriever) -> dict[str, Any]:
+        """Questions from a dataset, a batch at a time (see :mod:`.questions`)."""
+        from mloc.executors.rag.questions import answer_rows
+
+        options = spec.hyperparameters
+        loaded: list[LLMEngine] = []
+
+        def engine(questions: Sequence[str] = (), hits: Sequence[Sequence[Hit]] = ()) -> LLMEngine:
+            if not loaded:  # sized by the first batch, then kept for the rest
+                workload = answer_workload(spec, hits, GENERATE_BATCH, questions=questions) if questions else None
+                loaded.append(self.engines.engine(spec.model, ctx, workload))
+            return loaded[0]
+
+        def answer(questions: list[str], hits: list[list[Hit]]) -> list[tuple[str, str | None, int, int, Any]]:
+            llm = engine(questions, hits)
+            sampling = _sampling(spec.inference, llm, options)
+            prompts = []
+            for question, found in zip(questions, hits, strict=True):
+                prompt, kept = build_prompt(llm, options, question, found, sampling.max_tokens)
+                prompts.append(prompt)
+                del found[kept:]
+            generations = llm.generate(prompts, sampling, cancel=ctx.cancel_event)
+            return [
+                (gens[0].output.strip(), gens[0].finish_reason, gens[0].prompt_tokens,
+                 sum(g.completion_tokens for g in gens), _brief(found))
+                for gens, found in zip(generations, hits, strict=True)
+            ]  # fmt: skip
+
+        def search(questions: Sequence[str]) -> list[list[Hit]]:
+            return retriever.search(questions, options.retrieval_k, options.min_score)
+
+        return answer_rows(ctx, spec, search, answer, engine, GENERATE_BATCH)
+
     def run(self, ctx: RunContext) -> dict[str, Any]:
         spec = ctx.spec
         if not isinstance(spec, RagSpec):
@@ -157,7 +190,14 @@ class RagExecutor(Executor):
                     "give 'documents' to index"
                 )
             ctx.check_cancelled()
-            hits = Retriever(embedder, store).search(spec.questions, options.retrieval_k, options.min_score)
+            retriever = Retriever(embedder, store)
+            if spec.input is not None:
+                result = self._answer_rows(ctx, spec, retriever)
+                ctx.add_usage(embedded_chunks=report.chunks["added"])
+                result["usage"]["embedded_chunks"] = report.chunks["added"]
+                result["index"] = {**report.to_dict(), "collection_size": total}
+                return result
+            hits = retriever.search(spec.questions, options.retrieval_k, options.min_score)
         indexed_sec = time.perf_counter() - started
         added = report.chunks["added"]
 
@@ -233,6 +273,10 @@ class RagExecutor(Executor):
                 "embedded_chunks": added,
             },
         }
+
+
+def _brief(hits: Sequence[Hit]) -> list[dict[str, Any]]:
+    return [{key: source[key] for key in BRIEF_SOURCE_KEYS} for source in (h.to_dict(r) for r, h in enumerate(hits, 1))]
 
 
 def build_prompt(

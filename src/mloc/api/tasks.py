@@ -133,13 +133,11 @@ async def list_tasks(
     if not who.admin:
         owner = who.name
     items, total = await orch.store.page(page=page, page_size=page_size, state=state, owner=owner, task_type=task_type)
-    body = {
-        "ok": True,
-        "page": page,
-        "page_size": page_size,
-        "total": total,
-        "items": [item.model_dump(mode="json", exclude={"spec"}) for item in items],
-    }
+    rows = [item.model_dump(mode="json", exclude={"spec"}) for item in items]
+    waiting = [row for row in rows if row["state"] == TaskState.PENDING]
+    for row, position in zip(waiting, await orch.queue_positions([row["task_id"] for row in waiting]), strict=True):
+        row["queue_position"] = position
+    body = {"ok": True, "page": page, "page_size": page_size, "total": total, "items": rows}
     # Sent as is: FastAPI's encoder would walk the page again, which costs as much as reading it.
     return Response(orjson.dumps(body), media_type="application/json")
 
@@ -150,6 +148,8 @@ async def show_task(task_id: TaskId, orch: Orch, who: Caller) -> Response:
     record = _own(await orch.store.get(task_id), who)
     body = record.model_dump(mode="json")
     body["ok"] = True
+    # A waiting task's place in the queue and about when it starts.
+    body["queue"] = await orch.queue_estimate(record)
     return Response(orjson.dumps(body), media_type="application/json")
 
 

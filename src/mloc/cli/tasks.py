@@ -198,6 +198,8 @@ def list_tasks(
     grid = output.table("ID", "NAME", "TYPE", "OWNER", "STATE", "WORKER", "CREATED", "REASON", title=f"tasks ({pages})")
     for t in items:
         reason = t.get("reason") or t.get("pending_reason") or ""
+        if t.get("queue_position"):
+            reason = f"#{t['queue_position']} in queue: {reason}"
         grid.add_row(
             t["task_id"] if wide else ids[t["task_id"]],
             output.cell(t["name"]),
@@ -238,6 +240,11 @@ def _summary(record: dict[str, Any]) -> list[tuple[str, str]]:
     rows.append(("state", text))
     if state == "pending" and record.get("pending_reason"):
         rows.append(("waiting", ("cannot start: " if record.get("unschedulable") else "") + record["pending_reason"]))
+    queue = record.get("queue")
+    if state == "pending" and queue:
+        place = f"position {queue['position']}" if queue.get("position") else "waiting out a retry backoff"
+        when = f", starts in about {_duration(queue['eta_sec'])}" if queue.get("eta_sec") is not None else ""
+        rows.append(("queue", f"{place}, {queue['ahead']} ahead on its workers{when} ({queue['basis']})"))
     if record.get("reason"):
         code = f" ({record['reason_code']})" if record.get("reason_code") else ""
         rows.append(("reason", record["reason"] + code))
@@ -536,3 +543,11 @@ def _number(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return output.visible(value, one_line=True)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -14,17 +14,18 @@ import redis.asyncio as aioredis
 
 from mloc import keys, modelroots
 from mloc.errors import BadRequest, Forbidden, SpecError
-from mloc.orchestrator import chunks, groups, pipelines, reaper
+from mloc.orchestrator import chunks, eta, groups, pipelines, reaper
 from mloc.orchestrator.placement import Request, explain, misfit, request_of
 from mloc.orchestrator.scheduler import Decision, Placement, Scheduler
 from mloc.orchestrator.usage import Grouping, UsageReports
 from mloc.orchestrator.users import Principal
-from mloc.records import NewTask, WorkerRecord
+from mloc.records import NewTask, TaskRecord, WorkerRecord
 from mloc.requeue import Backoff
 from mloc.settings import Settings
 from mloc.spec import Document, validate
 from mloc.spec.base import TIMEOUT_LABEL
 from mloc.spec.loader import default_name
+from mloc.state import TaskState
 from mloc.store import TaskStore
 from mloc.workers import WorkerRegistry
 
@@ -52,6 +53,7 @@ class Orchestrator:
         )
         self.backoff = Backoff(settings.retry_backoff_sec, settings.retry_backoff_max_sec)
         self.usage = UsageReports(redis)
+        self.history = eta.DurationHistory(self.store)
 
     # ------------------------------------------------------------------ submit
     def _owner(self, document: Document, principal: Principal) -> str:
@@ -232,6 +234,21 @@ class Orchestrator:
                 }
             )
         return {"ok": True, "pipeline_id": plan.pipeline_id, "count": len(answers), "tasks": answers}
+
+    async def queue_estimate(self, record: TaskRecord) -> dict[str, Any] | None:
+        """A placeable waiting task's queue position and start estimate (see :mod:`.eta`)."""
+        if record.state != TaskState.PENDING or record.waiting_on or record.children or not record.request:
+            return None
+        views = await self.scheduler.views()
+        found = await eta.estimate(self.store, self.history, views, record.task_id, record.request)
+        return found.to_dict()
+
+    async def queue_positions(self, task_ids: list[str]) -> list[int | None]:
+        """1-based places in the pending order (None for a task not in it)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.zrank(keys.PENDING, task_id)
+        return [None if rank is None else rank + 1 for rank in await pipe.execute()]
 
     async def resume(self, task_id: str, principal: Principal) -> dict[str, Any]:
         """Run a failed or cancelled dataset task's unfinished chunks again (see :mod:`.chunks`)."""

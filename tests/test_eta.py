@@ -1,0 +1,82 @@
+"""A waiting task's queue position and start estimate, on a real cluster: replayed from the running
+tasks and the usual durations of past tasks of the same kind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from mloc.client import Client
+from mloc.localcluster import LocalCluster
+
+
+def echo(sleep: float, topic: str = "tasks.echo") -> dict[str, Any]:
+    return {"taskType": "echo", "topic": topic, "hyperparameters": {"sleep_sec": sleep}}
+
+
+def wait_started(client: Client, task_id: str, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while (record := client.task(task_id))["started_at"] is None:
+        assert time.monotonic() < deadline, record
+        time.sleep(0.05)
+    return record
+
+
+def test_a_waiting_task_knows_its_place_and_about_when_it_starts(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
+) -> None:
+    cluster = make_cluster(1, worker_env=[{"MLOC_WORKER_SLOTS": "2"}])
+    client = client_for(cluster)
+    # History: how long this kind of task takes.
+    for answer in [client.submit(echo(1.0)) for _ in range(2)]:
+        assert client.wait(answer["task_id"], timeout=30)["state"] == "succeeded"
+
+    ids = [client.submit(echo(1.0))["task_id"] for _ in range(6)]
+    submitted = time.time()
+    waiting = [client.task(task_id) for task_id in ids[2:]]
+    assert [w["state"] for w in waiting] == ["pending"] * 4
+    queues = [w["queue"] for w in waiting]
+    assert [q["position"] for q in queues] == [1, 2, 3, 4]
+    assert [q["ahead"] for q in queues] == [0, 1, 2, 3]
+    assert all(q["basis"] == "history" for q in queues)
+    etas = [q["eta_sec"] for q in queues]
+    # Two slots, each task about a second: the first two wait about 1 s, the next two about 2 s.
+    assert etas == sorted(etas) and 0.5 <= etas[0] <= 1.6 and 1.5 <= etas[3] <= 2.8, etas
+    starts = [wait_started(client, task_id)["started_at"] - submitted for task_id in ids[2:]]
+    errors = [abs(start - eta) for start, eta in zip(starts, etas, strict=True)]
+    assert max(errors) < 1.5, (starts, etas)
+
+    # The list shows each waiting task's place.
+    listed = client.http.get("/api/v1/tasks", params={"state": "pending"}).json()["items"]
+    assert all(item.get("queue_position") is None or item["queue_position"] >= 1 for item in listed)
+
+
+def test_show_prints_the_queue_line(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
+) -> None:
+    cluster = make_cluster(1, worker_env=[{"MLOC_WORKER_SLOTS": "1"}])
+    client = client_for(cluster)
+    client.submit(echo(5.0))
+    behind = client.submit(echo(0.1, topic="tasks.other"))["task_id"]
+    shown = subprocess.run(
+        [sys.executable, "-m", "mloc.cli", "show", behind],
+        env={"MLOC_API_URL": cluster.api_url, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "position 1, 0 ahead on its workers, starts in about" in shown.stdout
+    assert "(no history)" in shown.stdout
+
+
+@pytest.mark.parametrize("seconds, text", [(12, "12s"), (600, "10 min"), (7200, "2.0 h")])
+def test_durations_read_naturally(seconds: float, text: str) -> None:
+    from mloc.cli.tasks import _duration
+
+    assert _duration(seconds) == text

@@ -96,6 +96,33 @@ redis.call('PUBLISH', KEYS[5], 'pending')
 return 1
 """
 
+# COUNT_REQUESTS: the stored requests of the given tasks that are still pending, each distinct one
+# once with how many tasks hold it: tasks of one kind share their request, so the caller parses each
+# once, and one call per batch saves a pipeline's per-reply cost.
+# KEYS: none (the task hashes are named from ARGV[1])
+# ARGV[1] template: task hash   ARGV[2] the pending state   ARGV[3..] task ids
+# Returns {req, count, req, count, ...}.
+COUNT_REQUESTS = r"""
+local function k(template, id) return (string.gsub(template, "{id}", id)) end
+local counts, order = {}, {}
+for i = 3, #ARGV do
+  local row = redis.call('HMGET', k(ARGV[1], ARGV[i]), 'req', 'state')
+  if row[1] and row[2] == ARGV[2] then
+    if counts[row[1]] == nil then
+      order[#order + 1] = row[1]
+      counts[row[1]] = 0
+    end
+    counts[row[1]] = counts[row[1]] + 1
+  end
+end
+local out = {}
+for i, req in ipairs(order) do
+  out[2 * i - 1] = req
+  out[2 * i] = counts[req]
+end
+return out
+"""
+
 # PRUNE_OWNER: drop an owner from the set of owners with pending tasks once its queue is empty.
 # KEYS[1] set of owners with pending tasks   KEYS[2] the owner's pending queue   ARGV[1] owner
 PRUNE_OWNER = r"""

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -26,6 +27,7 @@ K8S_DIR = REPO / "deploy" / "k8s"
 OVERLAYS_DIR = K8S_DIR / "overlays"
 COMPOSE_FILE = REPO / "docker-compose.yml"
 ENV_EXAMPLE = REPO / ".env.example"
+SCHEMAS_DIR = Path(__file__).resolve().parent / "schemas"
 INSTALL_HINT = "run scripts/install_deploy_tools.sh (installs the deploy check tools from PyPI)"
 TOOL_TIMEOUT_SEC = 120
 NAMESPACE = "mloc"
@@ -53,6 +55,71 @@ THIRD_PARTY_ENV = {
     "PIP_DISABLE_PIP_VERSION_CHECK": "pip, at build time",
     "DEBIAN_FRONTEND": "apt, at build time",
 }
+
+
+# Custom resources the manifests use, each with the schema vendored from its project (the
+# Kubernetes schemas kubernetes-validate ships know only the built-in kinds).
+CRD_SCHEMAS = {("keda.sh/v1alpha1", "ScaledObject"): "keda-2.20.2-scaledobject.yaml"}
+KEDA_PROMETHEUS_SCALER = SCHEMAS_DIR / "keda-2.20.2-prometheus-scaler.yaml"
+# The CEL rules (x-kubernetes-validations) of those schemas, which jsonschema cannot run, each written
+# again in Python. A rule missing here fails the check, so a newer vendored schema cannot add one unseen.
+CEL_RULES: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "!has(self.minReplicaCount) || self.minReplicaCount <= (has(self.maxReplicaCount) ? self.maxReplicaCount : 100)": (
+        lambda spec: "minReplicaCount" not in spec or spec["minReplicaCount"] <= spec.get("maxReplicaCount", 100)
+    ),
+}
+
+
+def is_custom(doc: dict[str, Any]) -> bool:
+    return (doc.get("apiVersion"), doc.get("kind")) in CRD_SCHEMAS
+
+
+def _strict(schema: Any) -> Any:
+    """The schema with unknown fields refused, as kubectl's default strict field validation refuses them
+    (a structural schema leaves additionalProperties out, and JSON Schema then allows anything)."""
+    if isinstance(schema, list):
+        return [_strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: _strict(value) for key, value in schema.items()}
+    open_ended = "additionalProperties" in schema or schema.get("x-kubernetes-preserve-unknown-fields")
+    if "properties" in schema and not open_ended:
+        out["additionalProperties"] = False
+    return out
+
+
+def _cel_rules(schema: dict[str, Any], path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], str, str]]:
+    """(property path, rule, message) of every x-kubernetes-validations rule under ``schema``."""
+    found = [(path, r["rule"], r.get("message", "")) for r in schema.get("x-kubernetes-validations", [])]
+    for name, sub in schema.get("properties", {}).items():
+        found += _cel_rules(sub, (*path, name))
+    if isinstance(schema.get("items"), dict):
+        found += _cel_rules(schema["items"], (*path, "[]"))
+    return found
+
+
+def custom_resource_errors(doc: dict[str, Any]) -> list[str]:
+    """Why a custom resource does not match its vendored schema (empty when it does)."""
+    from jsonschema import Draft4Validator
+
+    raw = yaml.safe_load((SCHEMAS_DIR / CRD_SCHEMAS[(doc["apiVersion"], doc["kind"])]).read_text())
+    errors = [
+        f"{'.'.join(str(p) for p in e.absolute_path) or '(root)'}: {e.message}"
+        for e in Draft4Validator(_strict(raw)).iter_errors(doc)
+    ]
+    if errors:  # the rules are typed: they run on objects whose fields have the schema's types
+        return errors
+    for path, rule, message in _cel_rules(raw):
+        check = CEL_RULES.get(" ".join(rule.split()))
+        if check is None:
+            errors.append(f"{'.'.join(path)}: the schema's CEL rule {rule!r} has no Python check in CEL_RULES")
+            continue
+        target: Any = doc
+        for name in path:
+            target = target.get(name) if isinstance(target, dict) else None
+        if isinstance(target, dict) and not check(target):
+            errors.append(f"{'.'.join(path)}: {message}")
+    return errors
 
 
 def tool(name: str) -> str:

@@ -1,13 +1,14 @@
 """GET /metrics: the cluster's state for Prometheus, and the API's own request latency.
 
-The cluster figures (tasks by state, queue depth, workers, GPUs, today's usage, submit-to-start wait)
-are read from Redis at scrape time, so every orchestrator replica answers the same numbers and
-nothing is kept in memory between scrapes. The request-latency histogram is per process: with several
-orchestrators, scrape each one and sum.
+The cluster figures (tasks by state, queue depth, workers, GPUs, today's usage, submit-to-start wait,
+and for autoscalers the demand waiting tasks put on each worker shape) are read from Redis at scrape
+time, so every orchestrator replica answers the same numbers and nothing is kept in memory between
+scrapes. The request-latency histogram is per process: with several orchestrators, scrape each one
+and sum.
 
-/metrics needs no token (Prometheus scrapes without one); it shows counts, GPU models and worker
-states, never task contents. Keep the port on a private network or put the endpoint behind a proxy
-where that is too much.
+/metrics needs no token (Prometheus scrapes without one); it shows counts, GPU models, worker states
+and the task types and topics of waiting work, never task contents. Keep the port on a private
+network or put the endpoint behind a proxy where that is too much.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mloc import keys
+from mloc.orchestrator.demand import NO_GPU, Demand, read_demand
 from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.records import WorkerRecord, WorkerStatus
 from mloc.state import TaskState
@@ -43,6 +45,7 @@ router = APIRouter(tags=["metrics"])
 WAIT_SAMPLE = 1000  # newest started tasks the submit-to-start histogram is computed from
 MAX_WORKERS = 5000  # workers read per scrape (most recent heartbeat first)
 MAX_OWNERS = 10_000  # users whose usage of today is summed
+MAX_DEMAND_TASKS = 50_000  # waiting tasks whose request is read for the pending-demand gauges
 SCRAPE_TIMEOUT_SEC = 5.0  # past this the scrape fails (503) rather than piling up behind a stuck Redis
 
 # The stored statuses, each with a series even at zero.
@@ -68,6 +71,29 @@ STARTED_STATES = (
 WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
+# The series autoscalers query (deploy/k8s/components/keda); tests check those queries against SERIES.
+PENDING_DEMAND_TASKS = "mloc_pending_demand_tasks"
+PENDING_DEMAND_GPUS = "mloc_pending_demand_gpus"
+PENDING_DEMAND_TRUNCATED = "mloc_pending_demand_truncated"
+BUSY_WORKERS = "mloc_busy_workers"
+# Every family this endpoint exports, with its label names (histograms add "le" to their buckets).
+SERIES: dict[str, tuple[str, ...]] = {
+    "mloc_tasks": ("state",),
+    "mloc_queue_depth": (),
+    "mloc_workers": ("status",),
+    "mloc_gpus": ("model", "state"),
+    BUSY_WORKERS: ("model",),
+    "mloc_worker_slots": ("state",),
+    "mloc_usage_today": ("counter",),
+    PENDING_DEMAND_TASKS: ("gpu_type", "gpu_count", "task_type", "topic"),
+    PENDING_DEMAND_GPUS: ("gpu_type", "task_type", "topic"),
+    PENDING_DEMAND_TRUNCATED: (),
+    "mloc_task_wait_seconds": (),
+    "mloc_metrics_read_seconds": (),
+    "mloc_metrics_truncated": ("part",),
+    "mloc_http_request_duration_seconds": ("method", "route", "status"),
+}
+
 
 @dataclass
 class ClusterSnapshot:
@@ -80,6 +106,7 @@ class ClusterSnapshot:
     waits: list[float]
     read_sec: float
     truncated: dict[str, bool] = field(default_factory=dict)
+    demand: Demand = field(default_factory=Demand)
 
 
 async def read_snapshot(orch: Orchestrator) -> ClusterSnapshot:
@@ -113,6 +140,7 @@ async def read_snapshot(orch: Orchestrator) -> ClusterSnapshot:
     # the ones submitted most recently; those that started give the current submit-to-start wait.
     newest = sorted((pair for rows in recent for pair in rows), key=lambda pair: pair[1], reverse=True)
     waits = await _waits(redis, [task_id for task_id, _ in newest[:WAIT_SAMPLE]])
+    demand = await read_demand(redis, limit=MAX_DEMAND_TASKS)
 
     return ClusterSnapshot(
         tasks_by_state=tasks_by_state,
@@ -122,6 +150,7 @@ async def read_snapshot(orch: Orchestrator) -> ClusterSnapshot:
         waits=waits,
         read_sec=time.perf_counter() - started,
         truncated=truncated,
+        demand=demand,
     )
 
 
@@ -231,6 +260,9 @@ def _families(snap: ClusterSnapshot) -> Iterator[Metric]:
         slot_family.add_metric([state], count)
     yield slot_family
 
+    yield _busy_workers(snap.workers)
+    yield from _demand(snap.demand)
+
     usage = GaugeMetricFamily(
         "mloc_usage_today",
         "Today's (UTC) usage counters summed over users; they restart at midnight UTC.",
@@ -251,6 +283,51 @@ def _families(snap: ClusterSnapshot) -> Iterator[Metric]:
     for part, cut in sorted(snap.truncated.items()):
         truncated.add_metric([part], 1.0 if cut else 0.0)
     yield truncated
+
+
+def _busy_workers(workers: list[WorkerRecord]) -> GaugeMetricFamily:
+    # Draining workers are left out: Kubernetes no longer counts a terminating pod, and counting its
+    # tasks would ask for a replacement of the pod being scaled in.
+    busy: Counter[str] = Counter()
+    for worker in workers:
+        if worker.status == WorkerStatus.ACTIVE and worker.tasks:
+            names = sorted({str(gpu.get("name") or "unknown") for gpu in worker.hardware.get("gpus", [])})
+            busy[",".join(names) or NO_GPU] += 1
+    family = GaugeMetricFamily(
+        BUSY_WORKERS,
+        "Active workers holding at least one task, by the GPU model they carry ('none' without a GPU): the "
+        "replicas an autoscaler must keep.",
+        labels=list(SERIES[BUSY_WORKERS]),
+    )
+    for model, count in sorted(busy.items()):
+        family.add_metric([model], count)
+    return family
+
+
+def _demand(demand: Demand) -> Iterator[Metric]:
+    tasks = GaugeMetricFamily(
+        PENDING_DEMAND_TASKS,
+        "Tasks waiting for a worker (queued, or a retry waiting out its backoff), by the worker shape they need; "
+        "gpu_type is 'any' for any model, 'none' without a GPU.",
+        labels=list(SERIES[PENDING_DEMAND_TASKS]),
+    )
+    for shape, count in sorted(demand.tasks.items()):
+        tasks.add_metric([shape.gpu_type, str(shape.gpu_count), shape.task_type, shape.topic], count)
+    yield tasks
+    gpus = GaugeMetricFamily(
+        PENDING_DEMAND_GPUS,
+        "GPUs the tasks waiting for a worker ask for, summed.",
+        labels=list(SERIES[PENDING_DEMAND_GPUS]),
+    )
+    for (gpu_type, task_type, topic), count in sorted(demand.gpus().items()):
+        gpus.add_metric([gpu_type, task_type, topic], count)
+    yield gpus
+    yield GaugeMetricFamily(
+        PENDING_DEMAND_TRUNCATED,
+        f"1 when the demand gauges count only part of the waiting tasks (over {MAX_DEMAND_TASKS} waiting, "
+        "or too many distinct shapes).",
+        value=1.0 if demand.truncated else 0.0,
+    )
 
 
 def _wait_histogram(waits: list[float]) -> HistogramMetricFamily:

@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=${MLOC_VENV:-.venv}
-EXTRAS="embedded,inference,vllm,train,qlora,rag,agent,s3,dev"
+EXTRAS="embedded,inference,vllm,train,qlora,rag,agent,eval,s3,dev"
 if [[ "${1:-}" == "--orchestrator-only" ]]; then
   EXTRAS="embedded,dev"
 fi

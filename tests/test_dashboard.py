@@ -7,17 +7,20 @@ Screenshots are kept in test-artifacts/dashboard/ for a person to look at.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+import yaml
+from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, expect, sync_playwright
 
 from mloc.localcluster import LocalCluster
 from mloc.worker.reporter import Reporter
@@ -89,18 +92,17 @@ def submit(http: httpx.Client, body: str) -> str:
     return str(response.json()["task_id"])
 
 
-def write_log_lines(redis_url: str, task_id: str, lines: list[str]) -> None:
-    """Append lines to a task's log through the worker's own Reporter, as an executor's output would be.
+def report(redis_url: str, task_id: str, events: list[dict[str, Any]]) -> None:
+    """Hand events to the worker's own Reporter for a task, as an executor's would be.
 
-    Used for a line with markup in it, which the echo executor never writes. Run in a thread:
-    Playwright's sync API owns this thread's event loop."""
+    Run in a thread: Playwright's sync API owns this thread's event loop."""
 
     async def write() -> None:
         client = aioredis.Redis.from_url(redis_url, decode_responses=True)
         try:
             reporter = Reporter(client, task_id, time.time())
-            for line in lines:
-                reporter.handle({"ev": "log", "level": "INFO", "message": line, "ts": time.time()})
+            for event in events:
+                reporter.handle(event)
             await reporter.close()
         finally:
             await client.aclose()
@@ -108,6 +110,11 @@ def write_log_lines(redis_url: str, task_id: str, lines: list[str]) -> None:
     thread = threading.Thread(target=asyncio.run, args=(write(),))
     thread.start()
     thread.join(10)
+
+
+def write_log_lines(redis_url: str, task_id: str, lines: list[str]) -> None:
+    """Append lines to a task's log; used for a line with markup in it, which the echo executor never writes."""
+    report(redis_url, task_id, [{"ev": "log", "level": "INFO", "message": line, "ts": time.time()} for line in lines])
 
 
 def shot(page: Page, name: str) -> Path:
@@ -301,3 +308,259 @@ def test_dashboard_files_are_served_with_a_strict_policy(make_cluster: Callable[
     for bad in ("/dashboard/static/..%2F..%2Fapp.py", "/dashboard/static/.hidden.js", "/dashboard/static/missing.js"):
         response = httpx.get(cluster.api_url + bad, timeout=10)
         assert response.status_code == 404, bad
+
+
+def wait_ended(http: httpx.Client, task_ids: list[str], timeout: float) -> list[dict[str, Any]]:
+    return [wait_for(http, task_id, {"succeeded", "failed", "cancelled"}, timeout=timeout) for task_id in task_ids]
+
+
+def style(locator: Locator, prop: str) -> str:
+    return str(locator.evaluate("(el, prop) => getComputedStyle(el)[prop]", prop))
+
+
+@pytest.mark.extra("browser")
+def test_task_page_draws_its_pipeline_with_live_states_and_links_each_step(
+    make_cluster: Callable[..., LocalCluster], page: Page
+) -> None:
+    cluster = make_cluster(1)
+    steps = [
+        {"metadata": {"name": "fetch"}, "spec": {"taskType": "echo", "hyperparameters": {"sleep_sec": 4, "steps": 4}}},
+        {"metadata": {"name": "tune"}, "spec": {"taskType": "echo", "dependsOn": ["fetch"]}},
+        {
+            "metadata": {"name": "report"},
+            "spec": {"taskType": "echo", "dependsOn": ["tune"], "hyperparameters": {"fail_message": "no report today"}},
+        },
+    ]
+    with httpx.Client(base_url=cluster.api_url, timeout=10) as anyone:
+        answer = anyone.post("/api/v1/tasks/bulk", content=yaml.safe_dump_all(steps), headers=YAML)
+        assert answer.status_code == 201, answer.text
+        ids = {task["name"]: task["task_id"] for task in answer.json()["tasks"]}
+        wait_for(anyone, ids["fetch"], {"running"})
+
+        page.goto(f"{cluster.api_url}/dashboard#/task/{ids['tune']}")
+        graph = page.locator("#pipeline-graph")
+
+        def box(name: str) -> Locator:
+            return graph.locator(f'a.node[data-task-id="{ids[name]}"]')
+
+        expect(graph.locator("a.node")).to_have_count(3)
+        expect(graph.locator("line.edge")).to_have_count(2)
+        expect(box("fetch")).to_have_attribute("data-state", "running")
+        expect(box("tune")).to_have_attribute("data-state", "pending")
+        expect(box("report")).to_have_attribute("data-state", "pending")
+        # A column per depth, the edges from what a step waits for to the step, the page's own step outlined.
+        assert [box(name).get_attribute("data-column") for name in ("fetch", "tune", "report")] == ["0", "1", "2"]
+        assert {
+            (edge.get_attribute("data-from"), edge.get_attribute("data-to"))
+            for edge in graph.locator("line.edge").all()
+        } == {
+            (ids["fetch"], ids["tune"]),
+            (ids["tune"], ids["report"]),
+        }
+        expect(box("tune")).to_have_class(re.compile(r"\bcurrent\b"))
+        expect(box("tune")).to_contain_text("tune")
+        expect(page.locator("#task-pipeline .badge")).to_have_text("running")
+        shot(page, "pipeline-running")
+
+        # The graph follows the pipeline live, past the end of the page's own step.
+        expect(box("fetch")).to_have_attribute("data-state", "succeeded", timeout=20_000)
+        expect(box("report")).to_have_attribute("data-state", "failed", timeout=20_000)
+        expect(box("tune")).to_have_attribute("data-state", "succeeded")
+        expect(page.locator("#task-pipeline .badge")).to_have_text("failed")
+        expect(page.locator("#pipeline-summary")).to_contain_text("3 of 3 steps ended")
+        assert anyone.get(f"/api/v1/pipelines/{answer.json()['tasks'][0]['pipeline_id']}").json()["state"] == "failed"
+    # Boxes take the colours of the state badges the task list shows.
+    header_badge = page.locator(".task-head .badge")
+    expect(header_badge).to_have_text("succeeded")
+    assert style(box("tune").locator("rect"), "fill") == style(header_badge, "backgroundColor")
+    assert style(box("report").locator("rect"), "fill") != style(header_badge, "backgroundColor")
+    shot(page, "pipeline-done")
+
+    box("report").click()
+    expect(page).to_have_url(re.compile(f"#/task/{ids['report']}$"))
+    expect(page.locator(".task-head h1")).to_contain_text("report")
+    expect(page.locator("#task-reason")).to_contain_text("no report today")
+    expect(page.locator("#task-pipeline a.node.current")).to_have_attribute("data-task-id", ids["report"])
+    assert style(page.locator(".task-head .badge"), "backgroundColor") == style(box("report").locator("rect"), "fill")
+
+
+def sft_task(name: str, learning_rate: float) -> str:
+    """The packaged CPU SFT example, shortened, logging every other step and evaluating on a held-out share."""
+    task = yaml.safe_load((Path(__file__).resolve().parents[1] / "templates" / "cpu" / "sft.yaml").read_text())
+    task["metadata"] = {"name": name}
+    task["spec"]["dataset"] = {"examples": task["spec"]["dataset"]["examples"] * 2, "eval_ratio": 0.25}
+    task["spec"]["hyperparameters"].update(
+        {"max_steps": 8, "logging_steps": 2, "eval_steps": 4, "learning_rate": learning_rate, "save_steps": 100}
+    )
+    return json.dumps(task)  # YAML would write the repeated examples as aliases, which submit refuses
+
+
+def series(page: Page, chart: str, metric: str, run: str) -> Locator:
+    return page.locator(f'svg[data-chart="{chart}"] polyline[data-metric="{metric}"][data-run="{run}"]')
+
+
+@pytest.mark.extra("browser", "train")
+def test_training_curves_are_drawn_and_a_second_run_is_overlaid_dashed(
+    make_cluster: Callable[..., LocalCluster], page: Page, redis_url: str
+) -> None:
+    cluster = make_cluster(1)
+    with httpx.Client(base_url=cluster.api_url, timeout=10) as anyone:
+        first = submit(anyone, sft_task("sft-slow", 0.0005))
+        second = submit(anyone, sft_task("sft-fast", 0.005))
+        # A GRPO task no worker takes (its tag is nowhere), whose reward and KL the test reports itself.
+        grpo = submit(
+            anyone,
+            "taskType: grpo\nmetadata: {name: grpo-written}\n"
+            "resources: {tags: [nowhere]}\n"
+            "model: {source: {type: package, identifier: mloc-tiny-llama}}\n"
+            "dataset: {examples: [{prompt: 'Say hi'}]}\n"
+            "hyperparameters: {reward_funcs: [length], num_generations: 2, batch_size: 2}\n",
+        )
+        records = wait_ended(anyone, [first, second], timeout=300)
+        assert [record["state"] for record in records] == ["succeeded", "succeeded"], records
+        metrics = anyone.get(f"/api/v1/tasks/{first}/metrics").json()["metrics"]
+    losses = [row for row in metrics if "loss" in row]
+    evals = [row for row in metrics if "eval_loss" in row]
+    assert len(losses) >= 4 and len(evals) >= 2, metrics
+
+    page.goto(f"{cluster.api_url}/dashboard#/task/{first}")
+    loss = series(page, "loss", "loss", first)
+    expect(loss).to_have_attribute("data-points", str(len(losses)))
+    expect(series(page, "loss", "eval_loss", first)).to_have_attribute("data-points", str(len(evals)))
+    expect(series(page, "learning_rate", "learning_rate", first)).to_have_count(1)
+    expect(page.locator('svg[data-chart="reward"]')).to_have_count(0)  # SFT reports no reward
+    # Axes: round tick values, the largest loss within the y range.
+    ticks = [
+        float(text.replace("\u2212", "-"))
+        for text in page.locator('svg[data-chart="loss"] .y-tick').all_text_contents()
+    ]
+    assert len(ticks) >= 3 and ticks == sorted(ticks)
+    assert ticks[0] <= min(row["loss"] for row in losses) and ticks[-1] >= max(row["loss"] for row in losses)
+    steps = [int(text) for text in page.locator('svg[data-chart="loss"] .x-tick').all_text_contents()]
+    assert steps[0] <= 1 and steps[-1] >= 8
+    expect(page.locator('figure[data-chart="loss"] .legend li')).to_have_text(["loss", "eval_loss"])
+    expect(page.locator("polyline.dashed")).to_have_count(0)
+    shot(page, "training-curves")
+
+    page.fill("#compare-input", second)
+    page.click("#compare-form button[type=submit]")
+    expect(page).to_have_url(re.compile(f"#/task/{first}\\?compare={second}$"))
+    expect(series(page, "loss", "loss", second)).to_have_class(re.compile(r"\bdashed\b"))
+    expect(series(page, "loss", "loss", first)).not_to_have_class(re.compile(r"\bdashed\b"))
+    expect(series(page, "learning_rate", "learning_rate", second)).to_have_count(1)
+    expect(page.locator('figure[data-chart="loss"] .legend li')).to_have_text(
+        ["loss · sft-slow", "eval_loss · sft-slow", "loss · sft-fast", "eval_loss · sft-fast"]
+    )
+    expect(page.locator("#metrics-note")).to_contain_text("dashed: sft-fast")
+    # The learning rates differ tenfold, so the chart's range spans both runs.
+    rate_ticks = page.locator('svg[data-chart="learning_rate"] .y-tick').all_text_contents()
+    assert float(rate_ticks[-1].replace("\u2212", "-")) >= max(
+        row["learning_rate"]
+        for row in httpx.get(f"{cluster.api_url}/api/v1/tasks/{second}/metrics").json()["metrics"]
+        if "learning_rate" in row
+    )
+    shot(page, "training-compared")
+
+    # Reward and KL, as a GRPO trainer reports them, on their own chart.
+    rows = [{"reward": 0.1 * step, "kl": 0.02 * step, "learning_rate": 1e-5, "loss": 0.5} for step in range(1, 6)]
+    report(redis_url, grpo, [{"ev": "metrics", "step": step, "values": row} for step, row in enumerate(rows, 1)])
+    page.goto(f"{cluster.api_url}/dashboard#/task/{grpo}")
+    expect(series(page, "reward", "reward", grpo)).to_have_attribute("data-points", "5")
+    expect(series(page, "reward", "kl", grpo)).to_have_attribute("data-points", "5")
+    expect(page.locator('figure[data-chart="reward"] .legend li')).to_have_text(["reward", "kl"])
+    shot(page, "training-reward")
+    assert series(page, "reward", "reward", grpo).get_attribute("class") != series(
+        page, "reward", "kl", grpo
+    ).get_attribute("class")
+    # A run that is not training is named, with what to do instead.
+    page.fill("#compare-input", records[0]["task_id"][:8])
+    page.click("#compare-form button[type=submit]")
+    expect(page.locator("#metrics-note")).to_contain_text("Cannot compare:")
+    expect(page.locator("#metrics-note")).to_contain_text("is not a task id")
+
+
+MC_QUESTIONS = [
+    {"question": f"What is {i} plus {i}?", "choices": [str(2 * i), str(2 * i + 1), str(i), "zero"], "answer": i % 4}
+    for i in range(8)
+]
+
+
+def eval_task(name: str, pick: Path, shared: Path) -> str:
+    custom = [
+        {"name": "pick", "path": str(pick), "type": "multiple_choice"},
+        {"name": "arith", "path": str(shared), "type": "multiple_choice"},
+    ]
+    model = {"source": {"type": "package", "identifier": "mloc-tiny-llama"}, "engine": "transformers"}
+    spec = {"taskType": "eval", "model": model, "eval": {"custom": custom, "batch_size": 4}}
+    return json.dumps({"apiVersion": "mloc/v1", "kind": "EvalTask", "metadata": {"name": name}, "spec": spec})
+
+
+def score_text(value: float | None, stderr: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}" + ("" if stderr is None else f" ± {stderr:.4f}")
+
+
+@pytest.mark.extra("browser", "eval")
+def test_eval_scores_are_a_table_and_two_runs_side_by_side(
+    make_cluster: Callable[..., LocalCluster], page: Page, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    # Two choices the model cannot tell apart, so it takes the first: every answer right in one file and
+    # every answer wrong in the other, whatever the weights. The shared file scores the same in both runs.
+    for name, answer in (("right", 0), ("wrong", 1)):
+        rows = [{"question": f"Pick one ({i}).", "choices": ["same", "same"], "answer": answer} for i in range(6)]
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (data / "arith.jsonl").write_text("".join(json.dumps(row) + "\n" for row in MC_QUESTIONS))
+    cluster = make_cluster(1, env={"MLOC_MODEL_ROOTS": str(data)})
+    with httpx.Client(base_url=cluster.api_url, timeout=30) as anyone:
+        base = submit(anyone, eval_task("eval-right", data / "right.jsonl", data / "arith.jsonl"))
+        other = submit(anyone, eval_task("eval-wrong", data / "wrong.jsonl", data / "arith.jsonl"))
+        echo = submit(anyone, "taskType: echo\nmetadata: {name: not-an-eval}\n")
+        records = wait_ended(anyone, [base, other, echo], timeout=300)
+        assert [record["state"] for record in records] == ["succeeded"] * 3, records
+        scores = anyone.get(f"/api/v1/tasks/{base}/result").json()["scores"]
+        compared = anyone.get("/api/v1/evals/compare", params={"tasks": f"{base},{other}"}).json()
+
+    page.goto(f"{cluster.api_url}/dashboard#/task/{base}")
+    table = page.locator("#eval-scores")
+    expect(table.locator("tbody tr")).to_have_count(4)  # acc and acc_norm of two tasks
+    for task, metrics in scores.items():
+        for metric in ("acc", "acc_norm"):
+            cell = table.locator(f'tr[data-task="{task}"][data-metric="{metric}"] td').nth(2)
+            expect(cell).to_have_text(score_text(metrics[metric], metrics[f"{metric}_stderr"]))
+    expect(table.locator('tr[data-task="pick"][data-metric="acc"]')).to_contain_text("1.0000 ± 0.0000")
+    shot(page, "eval-scores")
+
+    page.fill("#compare-input", other)
+    page.click("#compare-form button[type=submit]")
+    side = page.locator("#eval-compare")
+    expect(side.locator("tbody tr")).to_have_count(len(compared["rows"]))
+    expect(side.locator("thead th")).to_have_text(
+        [
+            "Task",
+            "Metric",
+            f"eval-right ({base[:8]})",
+            f"eval-wrong ({other[:8]})",
+            "Difference",
+            "Combined stderr",
+            "> 2 stderr?",
+        ]
+    )
+    for row in compared["rows"]:
+        shown = side.locator(f'tr[data-task="{row["task"]}"][data-metric="{row["metric"]}"]')
+        cells = shown.locator("td")
+        expect(cells.nth(2)).to_have_text(score_text(row["cells"][0]["value"], row["cells"][0]["stderr"]))
+        expect(cells.nth(3)).to_have_text(score_text(row["cells"][1]["value"], row["cells"][1]["stderr"]))
+        expect(shown).to_have_attribute("data-significant", str(row["significant"]).lower())
+        expect(cells.nth(6)).to_have_text("significant" if row["significant"] else "within noise")
+    pick = side.locator('tr[data-task="pick"][data-metric="acc"]')
+    expect(pick).to_have_attribute("data-significant", "true")
+    expect(pick.locator("td.difference")).to_have_text("-1.0000")
+    expect(side.locator('tr[data-task="arith"][data-metric="acc"]')).to_have_attribute("data-significant", "false")
+    expect(side.locator('tr[data-task="arith"][data-metric="acc"] td.difference')).to_have_text("0.0000")
+    shot(page, "eval-compared")
+
+    # A run that is no eval is refused by the API, and the page says why.
+    page.fill("#compare-input", echo)
+    page.click("#compare-form button[type=submit]")
+    expect(page.locator("#eval-compare-error")).to_contain_text("has taskType 'echo', not eval")

@@ -255,6 +255,12 @@ class Client:
         params = {"limit": str(limit)} if limit else None
         return self._call("GET", self._path(task_id, "/metrics"), params=params)
 
+    def compare_evals(self, *task_ids: str) -> dict[str, Any]:
+        """Two or more succeeded eval tasks' scores side by side: {"runs": [...], "rows": [{"task", "metric",
+        "cells": [{"value", "stderr"}, ...], "difference", "combined_stderr", "significant"}, ...]}."""
+        resolved = ",".join(self.resolve(task_id) for task_id in task_ids)
+        return self._call("GET", "/api/v1/evals/compare", params={"tasks": resolved})
+
     def cancel(self, task_id: str) -> dict[str, Any]:
         return self._call("POST", self._path(task_id, "/cancel"))
 

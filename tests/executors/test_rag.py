@@ -660,5 +660,5 @@ def test_questions_from_a_dataset_are_answered_a_batch_at_a_time_into_result_lin
         run_task(executor, body, tmp_path)
     # Questions inline or from a dataset, not both.
     body["spec"]["questions"] = ["Which volcano?"]
-    with pytest.raises(SpecError, match="inline .'questions'. or from a dataset .'input'."):
+    with pytest.raises(SpecError, match=r"inline \('questions'\) or from a dataset \('input'\)"):
         mloc.spec.load(json.dumps(body))

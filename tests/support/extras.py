@@ -33,6 +33,7 @@ MODULES: dict[str, tuple[str, ...]] = {
         "pypdf",
     ),
     "agent": ("langchain", "langgraph"),
+    "eval": ("lm_eval", "torch", "transformers", "peft"),
     "s3": ("s3fs",),
 }
 INSTALL = {

@@ -22,6 +22,7 @@ from mloc.api import (
     archive,
     artifacts,
     dashboard,
+    evals,
     lookup,
     metrics,
     misc,
@@ -183,6 +184,7 @@ def create_app(settings: Settings | None = None, *, redis: aioredis.Redis | None
         app.include_router(router)
     app.include_router(artifacts.router)
     app.include_router(results.router)
+    app.include_router(evals.router)
     app.include_router(pipelines.router)
     app.include_router(openai_batch.router)
     app.include_router(archive.router)

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from mloc.cli import artifacts, lines, servers, specs, stats, tasks, users, workers  # noqa: F401  (they register commands)
+from mloc.cli import artifacts, evals, lines, servers, specs, stats, tasks, users, workers  # noqa: F401  (they register commands)
 from mloc.cli.output import error_line
 from mloc.cli.root import app
 from mloc.errors import ConfigError

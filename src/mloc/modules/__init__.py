@@ -30,6 +30,7 @@ class TaskType(StrEnum):
     RAG_INFERENCE = "rag_inference"
     AGENT_INFERENCE = "agent_inference"
     ECHO = "echo"
+    EVAL = "eval"
 
 
 # task type -> module class. Read by the executor registry when it first looks for executors; a

@@ -13,6 +13,7 @@ from importlib.metadata import entry_points
 from mloc.spec.agent import AgentSpec
 from mloc.spec.base import Document, SpecBase
 from mloc.spec.echo import EchoSpec
+from mloc.spec.eval import EvalSpec
 from mloc.spec.inference import InferenceSpec
 from mloc.spec.plugin import plugin_spec
 from mloc.spec.rag import RagSpec
@@ -29,6 +30,7 @@ BUILTIN: dict[str, type[SpecBase]] = {
     "rag_inference": RagSpec,
     "agent_inference": AgentSpec,
     "echo": EchoSpec,
+    "eval": EvalSpec,
 }
 
 

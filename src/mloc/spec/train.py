@@ -62,6 +62,15 @@ LrScheduler = Literal[
 ]
 
 
+class Tracker(StrEnum):
+    """The experiment trackers a training task can report to, by TRL's ``report_to`` names."""
+
+    TENSORBOARD = "tensorboard"  # event files under the task's out folder (tensorboard/)
+    MLFLOW = "mlflow"  # MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME... on the worker
+    WANDB = "wandb"  # WANDB_API_KEY, WANDB_PROJECT, WANDB_MODE... on the worker
+    NONE = "none"
+
+
 class TrainHyperparameters(Strict):
     num_train_epochs: float = Field(1.0, gt=0, le=1000, validation_alias=AliasChoices("num_train_epochs", "epochs"))
     max_steps: int | None = Field(None, ge=1, description="Overrides epochs when set.")
@@ -94,10 +103,32 @@ class TrainHyperparameters(Strict):
         None, ge=1, description="Evaluate every N steps (needs dataset.eval_ratio); default: once at the end."
     )
     merge_adapter: bool = Field(False, description="Also save the base model merged with the adapter.")
+    report_to: list[Tracker] = Field(
+        default_factory=lambda: [Tracker.NONE],
+        description="Experiment trackers the trainer logs to, as TRL's report_to: tensorboard (event files in "
+        "the task's artifacts), mlflow, wandb (configured by their own environment variables on the worker), "
+        "or none.",
+    )
     trl_args: dict[str, Any] = Field(
         default_factory=dict,
         description="Further fields of the TRL config class (SFTConfig, DPOConfig...), passed as given.",
     )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        # TRL takes a single name too; so does MLOC.
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("report_to")
+    @classmethod
+    def _none_alone(cls, value: list[Tracker]) -> list[Tracker]:
+        if Tracker.NONE in value and len(value) > 1:
+            others = ", ".join(tracker.value for tracker in value if tracker != Tracker.NONE)
+            raise ValueError(f"'none' cannot be combined with other trackers; give [{others}] or [none]")
+        if len(set(value)) != len(value):
+            raise ValueError("a tracker is named twice; name each once")
+        return value or [Tracker.NONE]
 
 
 class SFTHyperparameters(TrainHyperparameters):

@@ -1,6 +1,7 @@
 // Tasks: the filtered, paged list, and one task's detail with its live log.
 
 import { api, followLogs } from "./api.js";
+import { TRAINING_TYPES } from "./compare.js";
 import {
   clear,
   fmtAge,
@@ -14,11 +15,14 @@ import {
   shortId,
   stateBadge,
 } from "./dom.js";
+import { evalPanel } from "./evals.js";
+import { pipelineGraph } from "./graph.js";
+import { trainingPanel } from "./training.js";
 import { every, showError } from "./ui.js";
 
 const STATES = ["pending", "assigned", "running", "cancelling", "succeeded", "failed", "cancelled"];
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
-const TASK_TYPES = ["inference", "sft", "dpo", "grpo", "ppo", "rag_inference", "agent_inference", "echo"];
+const TASK_TYPES = ["inference", "sft", "dpo", "grpo", "ppo", "eval", "rag_inference", "agent_inference", "echo"];
 const PAGE_SIZES = [20, 50, 100];
 const MAX_LOG_LINES = 5000; // older lines are dropped from the page (the API keeps them)
 
@@ -206,9 +210,29 @@ function logLine(fields) {
   );
 }
 
-export function taskView(root, { arg: taskId, signal }) {
+/** Draw the task's pipeline and keep it current until every step has ended. */
+function followPipeline(section, pipelineId, taskId, signal) {
+  const poller = new AbortController();
+  signal.addEventListener("abort", () => poller.abort());
+  section.hidden = false;
+  every(1500, poller.signal, async () => {
+    const pipeline = await api(`api/v1/pipelines/${encodeURIComponent(pipelineId)}`, { signal });
+    const ended = pipeline.tasks.filter((step) => TERMINAL.has(step.state)).length;
+    clear(section).append(
+      h("h2", {}, "Pipeline ", stateBadge(pipeline.state)),
+      h("p", { class: "muted", id: "pipeline-summary" }, `${ended} of ${pipeline.tasks.length} steps ended · `, h("span", { class: "mono", text: pipelineId })),
+      h("div", { class: "graph-scroll" }, pipelineGraph(pipeline, taskId)),
+    );
+    if (ended === pipeline.tasks.length) poller.abort();
+  });
+}
+
+export function taskView(root, { arg: taskId, params, signal }) {
+  const compareId = (params && params.get("compare")) || "";
   const header = h("div", { class: "task-head" });
   const progress = h("section", { id: "task-progress", class: "panel" });
+  const pipeline = h("section", { id: "task-pipeline", class: "panel", hidden: true });
+  const measured = h("section", { id: "task-metrics", class: "panel", hidden: true });
   const details = h("section", { id: "task-details", class: "panel" });
   const result = h("section", { id: "task-result", class: "panel", hidden: true });
   const logs = h("div", { id: "task-logs", class: "logs", role: "log", "aria-live": "polite" });
@@ -217,6 +241,8 @@ export function taskView(root, { arg: taskId, signal }) {
     h("p", {}, h("a", { href: "#/tasks", text: "← all tasks" })),
     header,
     progress,
+    pipeline,
+    measured,
     details,
     h("section", { class: "panel" }, h("h2", {}, "Log ", logState), logs),
     result,
@@ -304,7 +330,9 @@ export function taskView(root, { arg: taskId, signal }) {
     result.hidden = false;
     clear(result).append(h("h2", { text: "Result" }));
     try {
-      result.append(jsonBlock(await api(`api/v1/tasks/${encodeURIComponent(task.task_id)}/result`, { signal })));
+      const body = await api(`api/v1/tasks/${encodeURIComponent(task.task_id)}/result`, { signal });
+      result.append(jsonBlock(body));
+      if (task.task_type === "eval" && task.state === "succeeded") await evalPanel(measured, task, body, compareId, signal);
     } catch (err) {
       if (err.name === "AbortError") return;
       // A failed task usually has no result; its reason above says why, so say nothing more here.
@@ -317,9 +345,22 @@ export function taskView(root, { arg: taskId, signal }) {
     }
   };
 
+  let pipelineShown = false;
+  let updateCurves = null;
   const refresh = async () => {
     const task = await api(`api/v1/tasks/${encodeURIComponent(taskId)}`, { signal });
     render(task);
+    if (task.pipeline_id && !pipelineShown) {
+      pipelineShown = true;
+      followPipeline(pipeline, task.pipeline_id, task.task_id, signal);
+    }
+    if (TRAINING_TYPES.has(task.task_type)) {
+      if (!updateCurves) {
+        measured.hidden = false;
+        updateCurves = trainingPanel(measured, task, compareId, signal);
+      }
+      await updateCurves(task);
+    }
     await showResult(task);
     return task;
   };

@@ -9,11 +9,15 @@ a later attempt. This module imports no heavy library at the top; ``run`` import
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib.util
+import os
 import re
 import shutil
 import time
 from abc import abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -23,7 +27,7 @@ from mloc.executors.base import Executor, RunContext
 from mloc.executors.train.datasets import LoadedData, Record, load_data
 from mloc.llm.modelsource import resolve_model
 from mloc.spec.base import AdapterType
-from mloc.spec.train import DatasetFormat, DPOSpec, GRPOSpec, PPOSpec, SFTSpec, TrainHyperparameters
+from mloc.spec.train import DatasetFormat, DPOSpec, GRPOSpec, PPOSpec, SFTSpec, Tracker, TrainHyperparameters
 
 if TYPE_CHECKING:
     from mloc.executors.train.callbacks import MlocCallback
@@ -31,6 +35,13 @@ if TYPE_CHECKING:
 
 TrainSpec = SFTSpec | DPOSpec | GRPOSpec | PPOSpec
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+TENSORBOARD_DIR = "tensorboard"
+# What each tracker needs installed in the executor's environment: (any of these modules, the install).
+TRACKER_MODULES: dict[Tracker, tuple[tuple[str, ...], str]] = {
+    Tracker.TENSORBOARD: (("tensorboard", "tensorboardX"), "pip install tensorboard"),
+    Tracker.MLFLOW: (("mlflow",), "pip install mlflow"),
+    Tracker.WANDB: (("wandb",), "pip install wandb"),
+}
 
 
 def last_checkpoint(folder: Path) -> Path | None:
@@ -44,6 +55,39 @@ def last_checkpoint(folder: Path) -> Path | None:
         if match and item.is_dir() and (item / "trainer_state.json").is_file():
             found.append((int(match.group(1)), item))
     return max(found)[1] if found else None
+
+
+def check_trackers(hp: TrainHyperparameters) -> None:
+    """Refuse a tracker whose library this environment lacks, before any weights are loaded."""
+    for tracker in hp.report_to:
+        if tracker == Tracker.NONE:
+            continue
+        modules, install = TRACKER_MODULES[tracker]
+        if not any(importlib.util.find_spec(module) for module in modules):
+            raise ExecutionError(
+                f"hyperparameters.report_to names {tracker.value}, which is not installed where this worker runs "
+                f"training; install it there ({install}) or remove {tracker.value} from report_to"
+            )
+
+
+@contextlib.contextmanager
+def tensorboard_dir(folder: Path | None) -> Iterator[None]:
+    """Point the trainer's TensorBoard writer at ``folder`` while the trainer is built.
+
+    transformers 5 has no logging_dir field: its TensorBoard callback reads TENSORBOARD_LOGGING_DIR when
+    the trainer creates it. The executor process runs later tasks too, so the variable is put back."""
+    if folder is None:
+        yield
+        return
+    before = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(folder)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
+        else:
+            os.environ["TENSORBOARD_LOGGING_DIR"] = before
 
 
 def replace_dir(tmp: Path, target: Path) -> Path:
@@ -72,6 +116,11 @@ class TrainingRun:
     @property
     def hp(self) -> TrainHyperparameters:
         return self.spec.hyperparameters
+
+    @property
+    def tensorboard_dir(self) -> Path | None:
+        """Where TensorBoard event files go, inside the task's out folder; None when not asked for."""
+        return self.ctx.out_dir / TENSORBOARD_DIR if Tracker.TENSORBOARD in self.hp.report_to else None
 
     @property
     def quantized(self) -> bool:
@@ -189,7 +238,8 @@ class TrainExecutor(Executor):
         ctx.progress(0, None, "loading the model")
         model = self.load_policy(run)
         callback = self.make_callback(run)
-        trainer = self.build_trainer(run, model, args, callback)
+        with tensorboard_dir(run.tensorboard_dir):
+            trainer = self.build_trainer(run, model, args, callback)
         _drop_console_printer(trainer)
         ctx.check_cancelled()
         if run.resume_from is not None:
@@ -208,6 +258,7 @@ class TrainExecutor(Executor):
         device = models.detect_device()
         adapter = spec.model.adapter
         adapters.check_adapter_type(adapter)
+        check_trackers(spec.hyperparameters)
         if adapter is not None and adapter.type == AdapterType.QLORA:
             adapters.check_qlora_available()
         tokenizer = models.load_tokenizer(model_dir)
@@ -266,7 +317,9 @@ class TrainExecutor(Executor):
             "use_cpu": not run.device.cuda,
             "bf16": run.device.bf16,
             "fp16": False,
-            "report_to": "none",
+            # The trackers' own integrations in transformers do the reporting; each reads its settings
+            # (MLFLOW_TRACKING_URI, WANDB_PROJECT...) from the worker's environment.
+            "report_to": [tracker.value for tracker in hp.report_to],
             "disable_tqdm": True,
         } | ({"optim": hp.optim} if hp.optim else {})
 
@@ -274,6 +327,8 @@ class TrainExecutor(Executor):
         cls = self.config_class()
         kwargs = {**self.common_config(run), **self.config_kwargs(run)}
         names = {item.name for item in dataclasses.fields(cls)}
+        if run.tensorboard_dir is not None and "logging_dir" in names:
+            kwargs["logging_dir"] = str(run.tensorboard_dir)  # transformers 4's way to place the event files
         unknown = sorted(set(run.hp.trl_args) - names)
         if unknown:
             raise ExecutionError(
@@ -388,6 +443,10 @@ class TrainExecutor(Executor):
             final.update(evaluated)
         final.update(callback.summary)
         saved = self._save_outputs(run, trainer)
+        logs = run.tensorboard_dir
+        if logs is not None and logs.is_dir():
+            saved["tensorboard"] = str(logs)
+            ctx.artifact("tensorboard", logs, kind="tensorboard", task_type=spec.task_type)
         steps = max(0, callback.last_step - callback.start_step)
         samples = steps * self.samples_per_step(run, trainer)
         tokens = self.tokens_trained(run, trainer, callback)

@@ -289,15 +289,21 @@ class Settings(BaseSettings):
         return self.reap_interval_sec or max(0.2, min(5.0, self.heartbeat_ttl_sec / 4))
 
 
+def _json_object(value: str, fix: str) -> dict[str, Any]:
+    """A setting's JSON object; ValueError says what is wrong and ``fix``."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"is not JSON ({exc}); {fix}") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"is JSON but not an object; {fix}")
+    return parsed
+
+
 def parse_task_timeouts(value: str) -> dict[str, float]:
     """MLOC_TASK_TIMEOUTS as task type -> seconds; ValueError says what is wrong."""
     fix = 'write a JSON object of task type -> seconds, e.g. {"sft": 86400, "inference": 3600, "*": 172800}'
-    try:
-        limits = json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"is not JSON ({exc}); {fix}") from None
-    if not isinstance(limits, dict):
-        raise ValueError(f"is JSON but not an object; {fix}")
+    limits = _json_object(value, fix)
     for task_type, seconds in limits.items():
         if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds <= 30 * 86_400:
             raise ValueError(f"{task_type!r}: {seconds!r} is not a number of seconds between 0 and 30 days; {fix}")
@@ -312,12 +318,7 @@ def parse_openai_models(value: str) -> dict[str, dict[str, Any]]:
         'write a JSON object of model name -> model section, e.g. {"tiny": {"source": {"type": "package", '
         '"identifier": "mloc-tiny-llama"}}}'
     )
-    try:
-        models = json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"is not JSON ({exc}); {fix}") from None
-    if not isinstance(models, dict):
-        raise ValueError(f"is JSON but not an object; {fix}")
+    models = _json_object(value, fix)
     for name, section in models.items():
         try:
             ModelSpec.model_validate(section)

@@ -219,6 +219,32 @@ def test_eviction_removes_the_least_recently_used_download_that_no_process_uses(
     assert held_models(tmp_path) == ["mloc-test/a", "mloc-test/c"]
 
 
+def test_an_evicted_engine_no_longer_pins_its_downloaded_model(
+    hub: HubServer, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mloc.llm.cache import EngineCache
+    from mloc.llm.loader import load_engine
+    from mloc.spec.base import ModelSpec
+
+    hub.hub.add_folder(REPO, tiny_model)
+    spec = ModelSpec.model_validate({"source": {"type": "huggingface", "identifier": REPO}, "engine": "transformers"})
+    cache = EngineCache()
+    for name, value in fetcher_env(hub).items():
+        monkeypatch.setenv(name, value)
+    load_engine(spec, models_dir=tmp_path, cache=cache)
+    entry = hub_entry(tmp_path, REPO)
+    # While the engine is warm, this process's use lock keeps the files from another process's eviction.
+    assert not _free_to_evict(entry.use_lock)
+    cache.clear()
+    assert _free_to_evict(entry.use_lock)
+
+
+def _free_to_evict(lock: Path) -> bool:
+    """Whether an exclusive lock on ``lock`` (what eviction takes) is granted now, from another process."""
+    probe = "import fcntl,sys; h=open(sys.argv[1],'a'); fcntl.flock(h, fcntl.LOCK_EX | fcntl.LOCK_NB)"
+    return subprocess.run([sys.executable, "-c", probe, str(lock)], capture_output=True).returncode == 0
+
+
 # --------------------------------------------------------------------------- several processes
 
 FETCHER = textwrap.dedent(

@@ -6,7 +6,9 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+from mloc.llm import downloads
 from mloc.llm.base import LLMEngine
 
 DEFAULT_RAM_FRACTION = 0.5
@@ -97,6 +99,17 @@ class EngineCache:
             if entry is not None:
                 self.evictions.append(key)
                 entry.engine.close()
+                self._release_files(entry)
+
+    def _release_files(self, entry: _Entry) -> None:
+        """Let the model cache evict a downloaded model's files once no warm engine here reads them: the
+        executor process lives on after the engine, and its use lock would otherwise pin them."""
+        path = getattr(entry.detail, "path", None)
+        if not isinstance(path, Path):
+            return
+        if any(getattr(other.detail, "path", None) == path for other in self._entries.values()):
+            return
+        downloads.release(path)
 
     def make_room(self, size: int, *, keep: Callable[[str], bool] = lambda key: False) -> None:
         """Evict least-recently-used engines until ``size`` more bytes fit the budget."""

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,19 +11,7 @@ import redis
 
 from mloc.localcluster import LocalCluster
 from tests.conftest import RedisServer
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def mloc(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mloc.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env={**os.environ, "COLUMNS": "200", **(env or {})},
-    )
+from tests.support.cli import mloc
 
 
 def test_validate_accepts_good_files_and_names_the_problem_in_bad_ones(tmp_path: Path) -> None:

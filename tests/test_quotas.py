@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,9 +25,9 @@ from mloc.spec import validate
 from mloc.state import Reason, TaskState
 from mloc.store import Reservation
 from tests.support import fleet
+from tests.support.cli import mloc
 
 ADMIN = Principal("admin", admin=True)
-REPO = Path(__file__).resolve().parents[1]
 
 
 def registration(worker_id: str, *, slots: int = 8, gpus: int = 0) -> Registration:
@@ -312,17 +308,6 @@ def test_quota_caps_a_users_running_tasks_and_the_rest_run_as_slots_free(
         assert [e["state"] for e in ends] == ["failed", "failed", "cancelled"]
     for user in ("alice", "bob", "carol"):
         assert r.hmget(keys.user_usage(user), "tasks", "gpus") in (["0", "0"], ["0", None]), user
-
-
-def mloc(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mloc.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        env={**os.environ, "COLUMNS": "200", **env},
-    )
 
 
 def test_admin_sets_quotas_from_the_cli_and_bad_input_is_explained(

@@ -52,6 +52,11 @@ def restart_orchestrator(cluster: LocalCluster, timeout: float = 60) -> None:
     cluster.wait_ready(timeout)
 
 
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 class EventWatcher:
     """Follows the capped events stream from a thread, fast enough that trimming loses nothing;
     :meth:`missed` says whether it did."""
@@ -87,8 +92,12 @@ class EventWatcher:
                     self.moves[fields["task"]].append((fields["from"], fields["to"]))
 
     def stop(self) -> None:
-        """Read what is left, then stop."""
-        time.sleep(0.5)
+        """Read up to the last event written before this call, then stop. A fixed wait is not enough:
+        on a loaded machine the reader can be seconds behind the writers."""
+        written = self.redis.xinfo_stream(keys.EVENTS)["last-generated-id"] if self.redis.exists(keys.EVENTS) else "0"
+        deadline = time.monotonic() + 60
+        while _stream_id(self.last) < _stream_id(written) and time.monotonic() < deadline and self._thread.is_alive():
+            time.sleep(0.05)
         self._stop.set()
         self._thread.join(10)
 

@@ -93,7 +93,7 @@ def executor_path(path: Path, out: Path, batch: int) -> int:
     import mloc.spec
     from mloc.executors.base import RunContext
     from mloc.executors.inference_dataset import run_dataset
-    from mloc.llm.base import Generation, LLMEngine
+    from mloc.llm.base import Generation, LLMEngine, Samplings, per_prompt
     from mloc.spec.sampling import Message, Sampling
 
     class EchoEngine(LLMEngine):
@@ -104,10 +104,10 @@ def executor_path(path: Path, out: Path, batch: int) -> int:
         max_context = 4096
 
         def generate(
-            self, prompts: Sequence[str], sampling: Sampling, *, adapter: Any = None, cancel: Any = None
+            self, prompts: Sequence[str], sampling: Samplings, *, adapter: Any = None, cancel: Any = None
         ) -> list[list[Generation]]:
-            return [[Generation(i, p, "stop", len(p) // 4, min(sampling.max_tokens, len(p) // 4))] for i, p in
-                    enumerate(prompts)]  # fmt: skip
+            return [[Generation(i, p, "stop", len(p) // 4, min(s.max_tokens, len(p) // 4))] for i, (p, s) in
+                    enumerate(zip(prompts, per_prompt(prompts, sampling), strict=True))]  # fmt: skip
 
         def render_chat(self, messages: Sequence[Message]) -> str:
             return "\n".join(m.content for m in messages)
@@ -132,7 +132,7 @@ def executor_path(path: Path, out: Path, batch: int) -> int:
     engine = EchoEngine()
     inputs = document.spec.inference  # type: ignore[attr-defined]
 
-    def generate(prompts: list[str], sampling: Sampling) -> list[list[Generation]]:
+    def generate(prompts: list[str], sampling: Sequence[Sampling]) -> list[list[Generation]]:
         return engine.generate(prompts, sampling)
 
     result = run_dataset(ctx, inputs, engine, batch, generate)

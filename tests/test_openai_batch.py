@@ -3,6 +3,7 @@ turned into OpenAI's output and error lines, and the official `openai` client ag
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from collections.abc import Callable
@@ -13,13 +14,16 @@ import httpx
 import openai
 import orjson
 import pytest
+import redis.asyncio as aioredis
 from pydantic import ValidationError
 
+from mloc import openai_files
 from mloc.api.openai_errors import openai_body
 from mloc.client import ApiError, Client
 from mloc.errors import BadRequest
 from mloc.localcluster import LocalCluster
 from mloc.modelroots import ModelRoots
+from mloc.openai_files import FileStore
 from mloc.openai_lines import (
     CHAT,
     COMPLETIONS,
@@ -358,3 +362,117 @@ def test_the_openai_client_runs_batches_on_mloc(
     cancelled = alice.batches.cancel(waiting.id)
     assert cancelled.status == "cancelled" and cancelled.cancelled_at is not None
     assert alice.batches.retrieve(waiting.id).status == "cancelled"
+
+
+def test_an_uploaded_file_is_deleted_by_its_owner_once_no_batch_that_has_not_ended_reads_it(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tmp_path: Path
+) -> None:
+    # No worker: a batch waits, which is a batch that has not ended.
+    cluster = make_cluster(0, env={"ORCHESTRATOR_TOKEN": ADMIN, "MLOC_OPENAI_MODELS": json.dumps({"tiny": TINY})})
+    admin = client_for(cluster, ADMIN)
+    tokens = {
+        name: admin.http.post("/api/v1/admin/users", json={"name": name}).json()["token"] for name in ("alice", "bob")
+    }
+    alice = openai.OpenAI(base_url=cluster.api_url + "/v1", api_key=tokens["alice"], max_retries=0)
+    bob = openai.OpenAI(base_url=cluster.api_url + "/v1", api_key=tokens["bob"], max_retries=0)
+    files_dir = tmp_path / "results" / "files"
+    lines = jsonl([request("a", {"model": "tiny", "prompt": "Hello", "max_tokens": 2})])
+
+    plain = alice.files.create(file=("plain.jsonl", lines), purpose="batch")
+    # Another user's file answers as one that does not exist, and stays.
+    with pytest.raises(openai.NotFoundError):
+        bob.files.delete(plain.id)
+    assert alice.files.retrieve(plain.id).id == plain.id
+    deleted = alice.files.delete(plain.id)
+    assert (deleted.id, deleted.object, deleted.deleted) == (plain.id, "file", True)
+    assert not (files_dir / plain.id).exists()
+    with pytest.raises(openai.NotFoundError):
+        alice.files.retrieve(plain.id)
+    with pytest.raises(openai.NotFoundError) as again:
+        alice.files.delete(plain.id)
+    assert again.value.code == "not_found" and plain.id in again.value.message and again.value.param == "file_id"
+    with pytest.raises(openai.NotFoundError) as gone:
+        alice.batches.create(input_file_id=plain.id, endpoint=COMPLETIONS, completion_window="24h")
+    assert f"input file {plain.id} not found" in gone.value.message
+    with pytest.raises(openai.NotFoundError):
+        alice.files.delete("file-nope")
+
+    used = alice.files.create(file=("used.jsonl", lines), purpose="batch")
+    waiting = alice.batches.create(input_file_id=used.id, endpoint=COMPLETIONS, completion_window="24h")
+    assert waiting.status == "validating"
+    for caller in (alice, openai.OpenAI(base_url=cluster.api_url + "/v1", api_key=ADMIN, max_retries=0)):
+        with pytest.raises(openai.ConflictError) as held:
+            caller.files.delete(used.id)
+        assert held.value.code == "conflict" and held.value.param == "file_id"
+        assert f"file {used.id} is the input of batch {waiting.id}, which has not ended" in held.value.message
+        assert f"POST /v1/batches/{waiting.id}/cancel" in held.value.message
+    assert (files_dir / used.id).is_file() and (files_dir / f"{used.id}.rows.jsonl").is_file()
+    assert alice.files.content(used.id).content == lines
+
+    # A batch's output file is made from its results, not an upload: it is not deleted this way.
+    output_id = "file-" + waiting.id.removeprefix("batch_") + "-output"
+    with pytest.raises(openai.BadRequestError) as derived:
+        alice.files.delete(output_id)
+    assert "only uploaded files can be deleted" in derived.value.message
+    with pytest.raises(openai.NotFoundError):
+        bob.files.delete(output_id)
+
+    # Once the batch has ended, the file goes with its rows; the batch stays.
+    assert alice.batches.cancel(waiting.id).status == "cancelled"
+    assert alice.files.delete(used.id).deleted
+    assert not (files_dir / used.id).exists() and not (files_dir / f"{used.id}.rows.jsonl").exists()
+    assert alice.batches.retrieve(waiting.id).input_file_id == used.id
+
+
+def test_a_file_a_batch_is_being_made_from_is_not_deleted_under_it(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        files = FileStore(client, tmp_path)
+        try:
+            await run(files)
+        finally:
+            await client.aclose()
+
+    async def nothing_runs(task_ids: list[str]) -> list[str]:
+        return []
+
+    async def run(files: FileStore) -> None:
+        stored = await files.save(io.BytesIO(b"{}\n"), filename="a.jsonl", purpose="batch", owner="alice")
+        claim = await files.claim(stored.id)
+        assert claim is not None
+        held = await files.delete(stored.id, nothing_runs)
+        assert (held.deleted, held.in_use) == (False, [])
+        await files.used_by(stored.id, claim, "task-1")
+        asked: list[list[str]] = []
+
+        async def task_1_runs(task_ids: list[str]) -> list[str]:
+            asked.append(task_ids)
+            return ["task-1"]
+
+        assert (await files.delete(stored.id, task_1_runs)).in_use == ["task-1"] and asked == [["task-1"]]
+
+        # A batch made from the file while the delete looks (here: while it asks about the tasks) wins.
+        raced: list[str | None] = []
+
+        async def a_batch_is_made_meanwhile(task_ids: list[str]) -> list[str]:
+            if not raced:
+                raced.append(await files.claim(stored.id))
+            return []
+
+        assert (await files.delete(stored.id, a_batch_is_made_meanwhile)).in_use == []
+        assert raced[0] is not None and files.path(stored.id).is_file()
+        await files.release(stored.id, raced[0])
+        done = await files.delete(stored.id, nothing_runs)
+        assert done.deleted and done.file == stored and not files.path(stored.id).exists()
+        assert await files.claim(stored.id) is None and await files.get(stored.id) is None
+
+        # A claim left by a batch create that died holds a delete back only for CLAIM_SEC.
+        other = await files.save(io.BytesIO(b"{}\n"), filename="b.jsonl", purpose="batch", owner="alice")
+        assert await files.claim(other.id) is not None
+        assert not (await files.delete(other.id, nothing_runs)).deleted
+        monkeypatch.setattr(openai_files, "CLAIM_SEC", 0)
+        assert (await files.delete(other.id, nothing_runs)).deleted
+
+    asyncio.run(scenario())

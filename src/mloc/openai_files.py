@@ -9,6 +9,10 @@ Layout::
 Both are written under a temporary name and renamed, so no reader sees half a file. A task reads its
 rows file as ``inference.input.path``; :mod:`mloc.modelroots` lets a user's task name it only when the
 file is that user's, by the owner stored here.
+
+The metadata hash also names the batches made from the file (``used_by:<task id>``), and holds a claim
+(``claim:<nonce>``, its time) while one is being made, so a delete can refuse while a batch still reads
+the rows, and a batch cannot be made from a file a delete has just removed.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -28,12 +33,19 @@ from typing import IO, Any
 import redis.asyncio as aioredis
 
 from mloc import keys
+from mloc.errors import Conflict
 
 FILES_DIR = "files"
 ROWS_SUFFIX = ".rows.jsonl"
 FILE_ID = re.compile(r"^file-[0-9a-f]{32}$")
 # Upload names are metadata only (never a path); longer ones are cut.
 MAX_FILENAME = 255
+USED_BY = "used_by:"
+CLAIM = "claim:"
+# A claim older than this is from a batch create that died half-way: it no longer holds a delete back.
+CLAIM_SEC = 600
+# How often a write to a file's metadata looks again when the metadata changed while it looked.
+WATCH_TRIES = 5
 
 
 @dataclass(frozen=True)
@@ -121,14 +133,104 @@ class FileStore:
             raise
         return stored
 
+    async def claim(self, file_id: str) -> str | None:
+        """Mark the file as the input of a batch being made; the claim's name, or None when the file is gone.
+
+        :meth:`used_by` turns the claim into the batch's mark once its task exists, :meth:`release` drops
+        it when none was made."""
+        field = CLAIM + uuid.uuid4().hex
+        now = str(time.time())
+        present = await self._while_present(file_id, lambda key, pipe: pipe.hset(key, field, now))
+        return field if present else None
+
+    async def used_by(self, file_id: str, claim: str, task_id: str) -> None:
+        """Record the task a claim became: the file is now that batch's input."""
+
+        def mark(key: str, pipe: Any) -> None:
+            pipe.hdel(key, claim)
+            pipe.hset(key, USED_BY + task_id, "1")
+
+        await self._while_present(file_id, mark)
+
+    async def release(self, file_id: str, claim: str) -> None:
+        await self.redis.hdel(keys.openai_file(file_id), claim)
+
+    async def _while_present(self, file_id: str, write: Callable[[str, Any], object]) -> bool:
+        """Make ``write``'s changes to the file's metadata if it still exists (a write to a deleted file's
+        hash would bring back a record without a file); whether it did."""
+        key = keys.openai_file(file_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for _ in range(WATCH_TRIES):
+                try:
+                    await pipe.watch(key)
+                    if not await pipe.exists(key):
+                        return False
+                    pipe.multi()
+                    write(key, pipe)
+                    await pipe.execute()
+                    return True
+                except aioredis.WatchError:
+                    continue  # another batch create or a delete came first: look again
+        raise Conflict(f"file {file_id} kept changing while MLOC recorded a batch made from it; try again")
+
+    async def delete(self, file_id: str, running: Callable[[list[str]], Awaitable[list[str]]]) -> Deleted:
+        """Remove the file, its rows and its metadata, unless a batch made from it has not ended.
+
+        ``running`` gets the task ids of the file's batches and answers those that have not ended."""
+        key = keys.openai_file(file_id)
+        if not FILE_ID.match(file_id):
+            return Deleted(None)
+        for _ in range(WATCH_TRIES):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(key)
+                    fields = {_text(k): _text(v) for k, v in (await pipe.hgetall(key)).items()}
+                    if not fields:
+                        return Deleted(None)
+                    stored = _stored(fields)
+                    users = [name.removeprefix(USED_BY) for name in fields if name.startswith(USED_BY)]
+                    blocking = await running(users) if users else []
+                    recent = time.time() - CLAIM_SEC
+                    making = any(name.startswith(CLAIM) and float(value) > recent for name, value in fields.items())
+                    if blocking or making:
+                        return Deleted(stored, in_use=blocking)
+                    pipe.multi()
+                    pipe.delete(key)
+                    await pipe.execute()
+                except aioredis.WatchError:
+                    continue  # a batch was made from it while we looked: look again
+            # Without its metadata nobody can name the file any more: its bytes go now.
+            await asyncio.to_thread(self._remove, file_id)
+            return Deleted(stored, deleted=True)
+        # Batches keep being made from it: as good as one being made now.
+        return Deleted(stored, in_use=[])
+
+    def _remove(self, file_id: str) -> None:
+        for path in (self.path(file_id), self.rows_path(file_id)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
     async def get(self, file_id: str) -> StoredFile | None:
         if not FILE_ID.match(file_id):
             return None
         fields = await self.redis.hgetall(keys.openai_file(file_id))
         if not fields:
             return None
-        h = {_text(k): _text(v) for k, v in fields.items()}
-        return StoredFile(h["id"], int(h["bytes"]), int(h["created_at"]), h["filename"], h["purpose"], h["owner"])
+        return _stored({_text(k): _text(v) for k, v in fields.items()})
+
+
+@dataclass(frozen=True)
+class Deleted:
+    """What a delete found: no file (``file`` None), the file removed, or the file kept because batches
+    made from it have not ended (``in_use``, their task ids; empty while one is being made)."""
+
+    file: StoredFile | None
+    deleted: bool = False
+    in_use: list[str] | None = None
+
+
+def _stored(h: dict[str, str]) -> StoredFile:
+    return StoredFile(h["id"], int(h["bytes"]), int(h["created_at"]), h["filename"], h["purpose"], h["owner"])
 
 
 def _fields(stored: StoredFile) -> dict[str, str]:

@@ -311,6 +311,44 @@ def test_columns_map_prompt_id_and_per_row_sampling(executor: Any, tiny_model: P
 
 
 @pytest.mark.extra("inference")
+@pytest.mark.parametrize("engine", ["transformers", pytest.param("vllm", marks=pytest.mark.extra("vllm"))])
+@pytest.mark.usefixtures("small_vllm_kv_cache")
+def test_rows_with_their_own_max_tokens_share_a_batch_and_each_stops_at_its_own(
+    engine: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    from mloc.executors.inference import InferenceExecutor
+
+    budgets = [5, 1, 8, 3, 8, 2, 6]
+    rows = [{"prompt": row["prompt"], "budget": budget} for row, budget in zip(ROWS, budgets, strict=True)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    section = model(tiny_model) | {"engine": engine}
+    if engine == "vllm":
+        section["vllm"] = {"max_model_len": 256, "enforce_eager": True}
+    inputs = {"path": str(path), "columns": {"max_tokens": "budget"}}
+    executor = InferenceExecutor()
+    try:
+        # One batch holds every row, so the engine gets them in one call, each with its own limit.
+        doc = document(model=section, input=inputs, max_tokens=30, temperature=0, batch_size=len(ROWS))
+        result, _, results = run(executor, doc, tmp_path / "own")
+        # The same rows with one limit for all, the longest: greedy, so each row's own output is its prefix.
+        same = document(model=section, input={"path": str(path)}, max_tokens=max(budgets), temperature=0)
+        _, _, reference = run(executor, same, tmp_path / "same")
+    finally:
+        executor.close()
+    assert result["engine"] == engine
+    lines, longest = lines_of(results), lines_of(reference)
+    assert [line["completion_tokens"] for line in lines] == budgets
+    assert [line["finish_reason"] for line in lines] == ["length"] * len(ROWS)
+    assert [line["completion_tokens"] for line in longest] == [max(budgets)] * len(ROWS)
+    for line, full in zip(lines, longest, strict=True):
+        assert full["output"].startswith(line["output"]), (line, full)
+    assert [line["output"] for line in lines if line["completion_tokens"] == max(budgets)] == [
+        full["output"] for full, budget in zip(longest, budgets, strict=True) if budget == max(budgets)
+    ]
+    assert result["usage"]["completion_tokens"] == sum(budgets)
+
+
+@pytest.mark.extra("inference")
 def test_chat_rows_and_several_samples(executor: Any, tiny_model: Path, tmp_path: Path) -> None:
     chat = [{"role": "user", "content": "Hello there"}]
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": chat}, {"messages": json.dumps(chat)}])

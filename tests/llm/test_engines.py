@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 
 from mloc.llm import text
+from mloc.llm.base import Generation
 from mloc.llm.cache import EngineCache
 from mloc.llm.hf_engine import TransformersEngine
 from mloc.spec.sampling import Message, Sampling
@@ -57,6 +59,32 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny_model: Path) -> Non
     batched = [samples[0].output for samples in engine.generate(prompts, sampling)]
     single = [engine.generate([prompt], sampling)[0][0].output for prompt in prompts]
     assert batched == single
+
+
+def test_prompts_with_their_own_sampling_get_what_a_call_each_would_give(tiny_model: Path) -> None:
+    engine = TransformersEngine("tiny", tiny_model)
+    short = Sampling.model_validate({"max_tokens": 2, "temperature": 0})
+    long = Sampling.model_validate({"max_tokens": 7, "temperature": 0})
+    twice = Sampling.model_validate({"max_tokens": 3, "temperature": 0.9, "seed": 4, "n": 2})
+    prompts = ["Question: What is the capital of France?\nAnswer:", "print", "The quick brown fox", "def add"]
+    samplings = [long, short, twice, short]
+    mixed = engine.generate(prompts, samplings)
+    alone = [engine.generate([prompt], sampling)[0] for prompt, sampling in zip(prompts, samplings, strict=True)]
+
+    def seen(samples: list[Generation]) -> list[tuple[str, str, int, int]]:
+        return [(s.output, s.finish_reason, s.prompt_tokens, s.completion_tokens) for s in samples]
+
+    assert [seen(samples) for samples in mixed] == [seen(samples) for samples in alone]
+    assert [[s.completion_tokens for s in samples] for samples in mixed] == [[7], [2], [3, 3], [2]]
+    assert [{s.index for s in samples} for samples in mixed] == [{0}, {1}, {2}, {3}]
+    # One Sampling for all of them is the same as that one given to each.
+    assert engine.generate(prompts, short) == engine.generate(prompts, [short] * len(prompts))
+
+    with pytest.raises(ValueError, match="2 samplings for 4 prompts"):
+        engine.generate(prompts, [short, long])
+    cancelled = threading.Event()
+    cancelled.set()
+    assert engine.generate(prompts, samplings, cancel=cancelled) == []
 
 
 def test_cache_evicts_the_least_recently_used_engine(tiny_model: Path, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from mloc import keys, openai_lines
 from mloc.api import openai_objects as objects
 from mloc.api.deps import Caller, Orch
 from mloc.api.responses import raises
-from mloc.errors import BadRequest, Forbidden, InvalidTransition, NotFound, SpecError, Unavailable
+from mloc.errors import BadRequest, Conflict, Forbidden, InvalidTransition, NotFound, SpecError, Unavailable
 from mloc.openai_files import FileStore, StoredFile
 from mloc.orchestrator.cancel import cancel
 from mloc.orchestrator.orchestrator import Orchestrator
@@ -122,6 +122,53 @@ async def file_content(file_id: str, orch: Orch, who: Caller) -> StreamingRespon
     )
 
 
+@router.delete("/files/{file_id}", response_model=objects.FileDeleted)
+@raises(BadRequest, NotFound, Conflict, Unavailable)
+async def delete_file(file_id: str, orch: Orch, who: Caller) -> dict[str, Any]:
+    """Delete an uploaded file: its bytes, its batch rows and its record. A file that a batch which has
+    not ended reads is kept (409) until the batch ends."""
+    derived = objects.derived(file_id)
+    if derived is not None:
+        record = await objects.batch_record(orch, who, derived[0], file_id)
+        raise BadRequest(
+            f"file {file_id} is the {'error' if derived[1] else 'output'} file of batch "
+            f"{objects.BATCH_PREFIX}{record.task_id}: it is made from the batch's results and goes with them "
+            "when the batch's task passes its retention; only uploaded files can be deleted",
+            details=[{"path": "file_id", "message": "is a batch's output or error file"}],
+        )
+    files = _files(orch)
+    _visible(await files.get(file_id), who, file_id)
+
+    async def running(task_ids: list[str]) -> list[str]:
+        return [record.task_id for record in await orch.store.get_many(task_ids) if not record.state.terminal]
+
+    try:
+        done = await files.delete(file_id, running)
+    except OSError as exc:
+        raise Unavailable(f"file {file_id} cannot be removed: {type(exc).__name__}: {exc}") from exc
+    if done.file is None:
+        raise NotFound(f"file {file_id[:100]} not found", details=[{"path": "file_id", "message": "no such file"}])
+    if done.in_use is not None:
+        raise _in_use(file_id, done.in_use)
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+def _in_use(file_id: str, tasks: list[str]) -> Conflict:
+    details = [{"path": "file_id", "message": "is the input of a batch that has not ended"}]
+    if not tasks:
+        return Conflict(
+            f"file {file_id} is the input of a batch being created right now; delete it once that batch has ended",
+            details=details,
+        )
+    batches = [objects.BATCH_PREFIX + task_id for task_id in tasks]
+    shown = ", ".join(batches[:5]) + (f" and {len(batches) - 5} more" if len(batches) > 5 else "")
+    return Conflict(
+        f"file {file_id} is the input of batch {shown}, which has not ended; wait for it to end, or cancel it "
+        f"with POST /v1/batches/{batches[0]}/cancel, then delete the file",
+        details=details,
+    )
+
+
 def _chunks(handle: IO[bytes]) -> Iterator[bytes]:
     with handle:
         while block := handle.read(1 << 20):
@@ -129,7 +176,7 @@ def _chunks(handle: IO[bytes]) -> Iterator[bytes]:
 
 
 @router.post("/batches", response_model=objects.BatchObject)
-@raises(BadRequest, NotFound, Forbidden, SpecError, Unavailable)
+@raises(BadRequest, NotFound, Forbidden, Conflict, SpecError, Unavailable)
 async def create_batch(body: CreateBatch, orch: Orch, who: Caller) -> dict[str, Any]:
     """Create a batch: its file is checked line by line and run as one inference task."""
     if body.endpoint not in openai_lines.ENDPOINTS:
@@ -149,13 +196,35 @@ async def create_batch(body: CreateBatch, orch: Orch, who: Caller) -> dict[str, 
         )
     if stored.purpose != "batch":
         raise BadRequest(f"input file {stored.id} has purpose {stored.purpose!r}; upload it with purpose 'batch'")
+    # Held from here until the task exists, so a delete of the file cannot come in between.
+    claim = await files.claim(stored.id)
+    if claim is None:
+        raise NotFound(
+            f"input file {stored.id} was deleted; upload it again with POST /v1/files (purpose 'batch')",
+            details=[{"path": "input_file_id", "message": "no such file"}],
+        )
+    try:
+        task_id = await _submit_batch(orch, who, files, stored, body, labels)
+    except BaseException:
+        await files.release(stored.id, claim)
+        raise
+    await files.used_by(stored.id, claim, task_id)
+    record = await orch.store.get(task_id, with_spec=False)
+    await orch.redis.zadd(keys.openai_batches(record.owner), {task_id: int(record.created_at * 1000)})
+    return await objects.batch_object(orch, record)
+
+
+async def _submit_batch(
+    orch: Orchestrator, who: Principal, files: FileStore, stored: StoredFile, body: CreateBatch, labels: dict[str, str]
+) -> str:
+    """Check the file, write its rows and submit the batch's task; the answer is the task's id."""
     rows = files.rows_path(stored.id)
     try:
         converted, partial = await asyncio.to_thread(_convert, files, stored.id, body.endpoint)
     except OSError as exc:
         raise Unavailable(f"input file {stored.id} cannot be read: {type(exc).__name__}: {exc}") from exc
     try:
-        labels |= {
+        labels = labels | {
             objects.BATCH: "1",
             objects.ENDPOINT: body.endpoint,
             objects.INPUT_FILE: stored.id,
@@ -168,10 +237,7 @@ async def create_batch(body: CreateBatch, orch: Orch, who: Caller) -> dict[str, 
     finally:
         partial.unlink(missing_ok=True)
     answer = await orch.submit(document, who)
-    task_id = answer["task_id"]
-    record = await orch.store.get(task_id, with_spec=False)
-    await orch.redis.zadd(keys.openai_batches(record.owner), {task_id: int(record.created_at * 1000)})
-    return await objects.batch_object(orch, record)
+    return str(answer["task_id"])
 
 
 def _convert(files: FileStore, file_id: str, endpoint: str) -> tuple[openai_lines.Converted, Path]:

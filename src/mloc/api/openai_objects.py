@@ -54,6 +54,12 @@ class FileObject(BaseModel):
     status_details: str | None
 
 
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"]
+    deleted: bool
+
+
 class RequestCounts(BaseModel):
     total: int
     completed: int

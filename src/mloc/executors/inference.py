@@ -8,6 +8,7 @@ when a task runs: the worker imports this module at start-up.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -220,7 +221,7 @@ class InferenceExecutor(Executor):
         inputs = spec.inference
         batch_size = inputs.batch_size or DEFAULT_BATCH.get(engine.name, 16)
 
-        def generate(prompts: list[str], sampling: Sampling) -> list[list[Generation]]:
+        def generate(prompts: list[str], sampling: Sequence[Sampling]) -> list[list[Generation]]:
             return engine.generate(prompts, sampling, adapter=adapter, cancel=ctx.cancel_event)
 
         result = run_dataset(ctx, inputs, engine, batch_size, generate)

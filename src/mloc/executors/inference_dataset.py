@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from mloc.spec.sampling import InferenceInput
 
 _MESSAGES = TypeAdapter(list[Message])
+# The engine, bound to the task's adapter and cancel signal: prompts with one sampling each.
+Generate: TypeAlias = Callable[[list[str], Sequence[Sampling]], "list[list[Generation]]"]
 # Distinct per-row sampling values kept validated at once; a dataset with more starts the cache afresh.
 _SAMPLING_CACHE = 4096
 
@@ -43,7 +45,6 @@ class RowRequest:
     id: Any
     prompt: str = ""
     sampling: Sampling | None = None
-    group: str = ""  # rows of one batch with the same group share an engine call
     error: str | None = None
 
 
@@ -91,11 +92,11 @@ class RowMapper:
                 return RowRequest(row, row.number, error=f"id column {self.id_column!r} {problem}")
         try:
             prompt, chat = self._text(values)
-            sampling, group = self._sampling(values, chat)
+            sampling = self._sampling(values, chat)
             self._check_length(prompt, sampling)
         except _RowProblem as problem:
             return RowRequest(row, row_id, error=str(problem))
-        return RowRequest(row, row_id, prompt, sampling, group)
+        return RowRequest(row, row_id, prompt, sampling)
 
     def _text(self, values: dict[str, Any]) -> tuple[str, bool]:
         column = self.columns.messages or self.columns.prompt or self.default_text
@@ -129,7 +130,7 @@ class RowMapper:
             raise _RowProblem(f"messages column {column!r} is an empty chat")
         return self.engine.render_chat(messages), True
 
-    def _sampling(self, values: dict[str, Any], chat: bool) -> tuple[Sampling, str]:
+    def _sampling(self, values: dict[str, Any], chat: bool) -> Sampling:
         own = {name: values.get(column) for name, column in self.overrides.items()}
         own = {name: value for name, value in own.items() if value is not None and value != ""}
         key = orjson.dumps([own, chat], option=orjson.OPT_SORT_KEYS, default=str).decode()
@@ -141,7 +142,7 @@ class RowMapper:
             self._cache[key] = found
         if isinstance(found, str):
             raise _RowProblem(found)
-        return found, key
+        return found
 
     def _validate(self, own: dict[str, Any], chat: bool) -> Sampling | str:
         try:
@@ -205,7 +206,7 @@ def run_dataset(
     inputs: InferenceInput,
     engine: LLMEngine,
     batch_size: int,
-    generate: Callable[[list[str], Sampling], list[list[Generation]]],
+    generate: Generate,
 ) -> dict[str, Any]:
     """Run every row of ``inputs.input`` through ``generate`` (the engine, with the task's adapter and
     cancel signal) and write the lines; returns the totals that become responses.json."""
@@ -277,22 +278,16 @@ def run_dataset(
     }
 
 
-def _generate(
-    requests: list[RowRequest], generate: Callable[[list[str], Sampling], list[list[Generation]]]
-) -> dict[int, list[Generation]]:
-    """One engine call per group of rows with the same sampling (and kind); outputs by row number."""
-    groups: dict[str, list[RowRequest]] = {}
-    for request in requests:
-        if request.error is None:
-            groups.setdefault(request.group, []).append(request)
-    outputs: dict[int, list[Generation]] = {}
-    for group in groups.values():
-        sampling = group[0].sampling
-        assert sampling is not None
-        generations = generate([request.prompt for request in group], sampling)
-        for request, samples in zip(group, generations, strict=True):
-            outputs[request.row.number] = samples
-    return outputs
+def _generate(requests: list[RowRequest], generate: Generate) -> dict[int, list[Generation]]:
+    """One engine call for the batch's good rows, each with its own sampling; outputs by row number.
+
+    Chat and plain rows go together: a chat row's sampling already carries the turn stops its rendering
+    needs, so nothing else tells them apart."""
+    good = [(request, request.sampling) for request in requests if request.sampling is not None]
+    if not good:
+        return {}
+    generations = generate([request.prompt for request, _ in good], [sampling for _, sampling in good])
+    return {request.row.number: samples for (request, _), samples in zip(good, generations, strict=True)}
 
 
 def _rows_message(done: int, total: int | None) -> str:

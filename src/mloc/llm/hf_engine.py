@@ -11,7 +11,7 @@ from typing import Any
 
 from mloc.errors import ExecutionError
 from mloc.llm import text
-from mloc.llm.base import Generation, TokenizerEngine
+from mloc.llm.base import Generation, Samplings, TokenizerEngine, generate_by_group
 from mloc.spec.sampling import Sampling
 
 
@@ -100,10 +100,18 @@ class TransformersEngine(TokenizerEngine):
     def generate(
         self,
         prompts: Sequence[str],
-        sampling: Sampling,
+        sampling: Samplings,
         *,
         adapter: Path | None = None,
         cancel: threading.Event | None = None,
+    ) -> list[list[Generation]]:
+        # One ``model.generate`` takes one set of generation settings: a batch per distinct sampling.
+        return generate_by_group(
+            prompts, sampling, lambda group, shared: self._generate(group, shared, adapter, cancel), cancel
+        )
+
+    def _generate(
+        self, prompts: Sequence[str], sampling: Sampling, adapter: Path | None, cancel: threading.Event | None
     ) -> list[list[Generation]]:
         import contextlib
 

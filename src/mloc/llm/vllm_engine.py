@@ -19,7 +19,7 @@ from typing import Any
 
 from mloc.errors import ExecutionError
 from mloc.llm import text
-from mloc.llm.base import Generation, TokenizerEngine
+from mloc.llm.base import Generation, Samplings, TokenizerEngine, per_prompt
 from mloc.spec.sampling import Sampling
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -127,23 +127,25 @@ class VllmEngine(TokenizerEngine):
     def generate(
         self,
         prompts: Sequence[str],
-        sampling: Sampling,
+        sampling: Samplings,
         *,
         adapter: Path | None = None,
         cancel: threading.Event | None = None,
     ) -> list[list[Generation]]:
-        from vllm import SamplingParams, TokensPrompt
+        from vllm import TokensPrompt
 
-        params = SamplingParams(
-            n=sampling.n,
-            max_tokens=sampling.max_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k or 0,
-            stop=list(sampling.stop) or None,
-            seed=sampling.seed,
-            stop_token_ids=self.extra_stop_ids or None,
-        )
+        params: Any
+        if isinstance(sampling, Sampling):
+            params = self._params(sampling)
+        else:
+            # One request each with its own params, all in one call: vLLM batches them together, where a
+            # call per distinct sampling would leave most of each engine step empty.
+            made: dict[int, Any] = {}
+            params = []
+            for each in per_prompt(prompts, sampling):
+                if id(each) not in made:
+                    made[id(each)] = self._params(each)
+                params.append(made[id(each)])
         requests = [TokensPrompt(prompt_token_ids=text.encode(self.tokenizer, prompt)) for prompt in prompts]
         lora = self._lora_request(adapter) if adapter is not None else None
         try:
@@ -167,6 +169,20 @@ class VllmEngine(TokenizerEngine):
                 ]
             )
         return results
+
+    def _params(self, sampling: Sampling) -> Any:
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=sampling.n,
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k or 0,
+            stop=list(sampling.stop) or None,
+            seed=sampling.seed,
+            stop_token_ids=self.extra_stop_ids or None,
+        )
 
     def _run(self, requests: list[Any], params: Any, lora: Any, cancel: threading.Event | None) -> list[Any]:
         """Step the engine through ``requests`` (what ``LLM.generate`` does), checking ``cancel`` between

@@ -10,6 +10,10 @@ compile caches (vLLM's and torch inductor's), as a model's first run on a worker
     python bench/memfit.py                               # every case
     python bench/memfit.py --cases gemma-lora-sft,tiny-vllm --interval 0.02
     python bench/memfit.py --list
+    python bench/memfit.py --queue                       # only the OOM rate of a mixed queue (bench/oomqueue.py)
+
+After the cases it prints what admission's estimate does to the out-of-memory rate of a mixed queue on a
+simulated fleet of GPU sizes (see bench/oomqueue.py).
 """
 
 from __future__ import annotations
@@ -216,7 +220,8 @@ def child(name: str, models_dir: Path, work: Path) -> None:
 
 def estimate(case: Case, models_dir: Path) -> Any:
     from mloc.llm.loader import cpu_runs_bfloat16
-    from mloc.llm.memfit import estimate_task, model_facts
+    from mloc.llm.memfit import estimate_task
+    from mloc.llm.modelfacts import model_facts
     from mloc.llm.modelsource import find_packaged, resolve_model
     from mloc.spec import validate
     from mloc.spec.base import ModelSource
@@ -303,6 +308,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--models-dir", type=Path, default=Path.home() / ".cache" / "mloc-test-models")
     parser.add_argument("--json-out", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--trace", action="store_true", help="print the RSS each second while a case runs")
+    parser.add_argument("--queue", action="store_true", help="only the mixed-queue OOM simulation")
+    parser.add_argument("--queue-tasks", type=int, default=2000, help="tasks in the simulated queue")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -313,6 +320,8 @@ def main(argv: list[str]) -> int:
     if args.child:
         child(args.child, args.models_dir, args.work)
         return 0
+    if args.queue:
+        return queue(args.queue_tasks)
     wanted = [name for name in args.cases.split(",") if name] or [case.name for case in CASES]
     unknown = sorted(set(wanted) - {case.name for case in CASES})
     if unknown:
@@ -355,6 +364,16 @@ def main(argv: list[str]) -> int:
     print(json.dumps({"memfit": rows}))
     if args.json_out:
         args.json_out.write_text(json.dumps(rows, indent=2))
+    return queue(args.queue_tasks)
+
+
+def queue(tasks: int) -> int:
+    """The OOM rate of a mixed queue placed with and without the estimate (bench/oomqueue.py)."""
+    from bench import oomqueue
+
+    found = oomqueue.simulate(tasks, seed=7)
+    oomqueue.report(found)
+    print(json.dumps({"oomqueue": found}))
     return 0
 
 

@@ -420,3 +420,19 @@ class Client:
 
     def remove_user(self, name: str) -> dict[str, Any]:
         return self._call("DELETE", f"/admin/users/{quote(name, safe='')}")
+
+    def set_budget(self, name: str, *, period: str, hard: bool = False, **limits: Any) -> dict[str, Any]:
+        """Set budgets for one period: ``limits`` are tokens, tokens_in, tokens_out, gpu_time, cpu_time
+        (numbers, or text with a unit: '1M', '10h') and gpu_model; None leaves one out."""
+        body = {"period": period, "hard": hard, **{k: v for k, v in limits.items() if v is not None}}
+        return self._call("PUT", f"/admin/users/{quote(name, safe='')}/budget", json=body)
+
+    def budgets(self, name: str) -> dict[str, Any]:
+        return self._call("GET", f"/admin/users/{quote(name, safe='')}/budget")
+
+    def remove_budget(self, name: str, *, metric: str | None = None, period: str | None = None) -> dict[str, Any]:
+        params = {k: v for k, v in {"metric": metric, "period": period}.items() if v is not None}
+        return self._call("DELETE", f"/admin/users/{quote(name, safe='')}/budget", params=params)
+
+    def set_weight(self, name: str, weight: float) -> dict[str, Any]:
+        return self._call("PUT", f"/admin/users/{quote(name, safe='')}/weight", json={"weight": weight})

@@ -30,6 +30,12 @@ class SpecError(MlocError):
     code = "invalid_task"
 
 
+class DoesNotFit(SpecError):
+    """A task whose memory estimate no registered GPU could hold (MLOC_MEMFIT=refuse); the message has the numbers."""
+
+    code = "does_not_fit"
+
+
 class BadRequest(MlocError):
     """The request is malformed: an id in the path that is not one, a body that asks for nothing."""
 

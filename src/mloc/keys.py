@@ -108,6 +108,9 @@ WORKER_GROUP = "workers"  # consumer group on every worker stream
 
 # Signals
 SCHEDULER_WAKE = f"{PREFIX}:chan:scheduler"  # pub/sub: capacity freed or work arrived
+# String: the backfill hold, JSON (mloc.orchestrator.shadow.Hold): the worker kept for one waiting
+# task and when it can start there; written as passes choose it, with a TTL (mloc.orchestrator.backfill).
+BACKFILL_HOLD = f"{PREFIX}:backfill:hold"
 CONTROL_CHANNEL_PREFIX = f"{PREFIX}:chan:worker"
 EVENTS = f"{PREFIX}:events"  # stream of task state changes (capped)
 SCHEDULER_LOCK = f"{PREFIX}:lock:scheduler"
@@ -117,6 +120,17 @@ REAPER_LOCK = f"{PREFIX}:lock:reaper"
 def worker_control(worker_id: str) -> str:
     """Pub/sub channel for commands to one worker (cancel a running task)."""
     return f"{CONTROL_CHANNEL_PREFIX}:{worker_id}"
+
+
+# Memory fit at admission (mloc.orchestrator.admission, mloc.memoryhistory)
+def model_facts(model: str) -> str:
+    """String: a model's facts (JSON) as the orchestrator read them from the hub or a URL, kept a day."""
+    return f"{PREFIX}:modelfacts:{model}"
+
+
+def memory_ratio(model: str, kind: str) -> str:
+    """String: the last measured peak against its estimate (JSON) for one model and task kind."""
+    return f"{PREFIX}:memfit:ratio:{model}|{kind}"
 
 
 # Usage and users
@@ -165,6 +179,31 @@ def user_usage(name: str) -> str:
 def user_quota(name: str) -> str:
     """Hash: one user's own limits (tasks, gpus); a missing field means the settings' default."""
     return f"{PREFIX}:user:{name}:quota"
+
+
+def user_budget(name: str) -> str:
+    """Hash: one user's budgets, field "<metric>/<period>" (a GPU model after a colon in the metric:
+    "gpu_time:A100/month") -> JSON {"limit", "hard"}; see mloc.orchestrator.budgets."""
+    return f"{PREFIX}:user:{name}:budget"
+
+
+def user_fair_share(name: str) -> str:
+    """Hash: one task owner's fair-share standing: ``cost`` and ``count`` (finished work decayed with
+    the half-life, kept by the transition script), ``at`` (unix seconds they were decayed to) and
+    ``weight`` (set by the admin; missing = 1)."""
+    return f"{PREFIX}:user:{name}:share"
+
+
+def usage_month(owner: str, month: str) -> str:
+    """Hash: one owner's budget counters (tokens, GPU- and CPU-seconds) in one UTC month (YYYY-MM),
+    added with the day's by the transition script, so a monthly budget costs one read."""
+    return f"{PREFIX}:usage-month:{owner}:{month}"
+
+
+BUDGETS_HARD = f"{PREFIX}:budgets:hard"  # set: users with a hard budget (their running tasks may be stopped)
+# String: the fair-share half-life in seconds the orchestrator runs with, read by the transition
+# script, so every process that ends a task decays usage alike (missing: the settings' default).
+FAIR_SHARE_HALF_LIFE = f"{PREFIX}:fair-share:half-life"
 
 
 # The OpenAI Batch API (mloc.openai_files, mloc.api.openai_batch)

@@ -35,7 +35,7 @@ TASK_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]
 class Kind(StrEnum):
     PATH = "path"  # a local path, whatever it looks like (source type local, an adapter folder)
     MAYBE = "maybe"  # a hub id, unless a local path of that name exists: the resolvers try that first
-    TASK = "task"  # the id of the task whose adapter to load
+    TASK = "task"  # the id of the task whose output (adapter, merged model, result lines) to load
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,8 @@ def references(spec: Mapping[str, Any]) -> list[Reference]:
     source_type = source.get("type") or "huggingface"
     # A packaged model is built by the worker and a URL is downloaded into its models dir: neither reads
     # a path the task names (the spec refuses any other scheme, file:// among them).
-    if isinstance(identifier, str) and source_type not in ("package", "url"):
-        kind = Kind.PATH if source_type == "local" else Kind.MAYBE
+    if isinstance(identifier, str) and identifier and source_type not in ("package", "url"):
+        kind = {"local": Kind.PATH, "task": Kind.TASK}.get(source_type, Kind.MAYBE)
         found.append(Reference("spec.model.source.identifier", identifier, kind))
     adapter = (model.get("adapter") or {}).get("path")
     if isinstance(adapter, str) and adapter:

@@ -87,6 +87,8 @@ class NewTask:
     pipeline_id: str | None = None
     pending_reason: str = "waiting for the scheduler"
     unschedulable: bool = False
+    # What admission estimated the task needs in memory (see mloc.orchestrator.admission), or why not.
+    memory_estimate: dict[str, Any] | None = None
 
     @property
     def created_ms(self) -> int:
@@ -136,6 +138,8 @@ class NewTask:
             h["pipeline_id"] = self.pipeline_id
         if self.unschedulable:
             h["unschedulable"] = "1"
+        if self.memory_estimate is not None:
+            h["memory_estimate"] = _dumps(self.memory_estimate)
         return h
 
     @property
@@ -181,6 +185,10 @@ class TaskRecord(BaseModel):
     chunk_rows: int | None = None
     waiting_on: list[str] = Field(default_factory=list)
     pipeline_id: str | None = None
+    # Admission's estimate of the memory it needs, and what its run measured (the worker's figures).
+    memory_estimate: dict[str, Any] | None = None
+    memory_peak_bytes: int | None = None
+    memory_peak: dict[str, Any] | None = None
     spec: dict[str, Any] | None = None
 
     @classmethod
@@ -220,6 +228,9 @@ class TaskRecord(BaseModel):
             chunk_rows=int(h["chunk_rows"]) if h.get("chunk_rows") else None,
             waiting_on=_loads(h.get("waiting_on"), []),
             pipeline_id=h.get("pipeline_id") or None,
+            memory_estimate=_loads(h.get("memory_estimate")),
+            memory_peak_bytes=int(h["memory_peak_bytes"]) if h.get("memory_peak_bytes") else None,
+            memory_peak=_loads(h.get("memory_peak")),
             spec=_loads(h.get("spec")) if with_spec else None,
         )
 
@@ -252,6 +263,9 @@ HEARTBEATING = (WorkerStatus.ACTIVE, WorkerStatus.DRAINING)
 # The worker hash fields that change between registrations (capacity, liveness, warm models), in the
 # order the scheduler's snapshot reads them.
 CHANGING_FIELDS = ("status", "last_heartbeat", "cpu_free", "mem_free", "slots_free", "warm_models", "held_models")
+# Worker hash field: the facts of the models it holds (JSON: model key -> ModelFacts.to_wire()), read by
+# admission one worker at a time, never by the scheduler's snapshot.
+MODEL_FACTS = "model_facts"
 
 
 @dataclass(frozen=True)
@@ -270,6 +284,8 @@ class Registration:
     memory_bytes: int
     slots: int
     version: str
+    # The facts (config, sizes) of the models it holds, by model key: admission sizes tasks from them.
+    model_facts: Mapping[str, Any] = field(default_factory=dict)
 
     def to_hash(self, now: float) -> dict[str, str]:
         return {
@@ -290,16 +306,23 @@ class Registration:
             "slots_free": str(self.slots),
             "warm_models": "[]",
             "held_models": "[]",
+            MODEL_FACTS: _dumps(dict(self.model_facts)),
             "registered_at": repr(now),
             "last_heartbeat": repr(now),
             "version": self.version,
         }
 
 
-def heartbeat_fields(warm_models: Iterable[str], held_models: Iterable[str] = ()) -> dict[str, str]:
+def heartbeat_fields(
+    warm_models: Iterable[str], held_models: Iterable[str] = (), model_facts: Mapping[str, Any] | None = None
+) -> dict[str, str]:
     """The worker hash fields a heartbeat refreshes besides ``last_heartbeat``: the models loaded in
-    its executors, and the hub ids and URLs whose files its disk holds (no download needed)."""
-    return {"warm_models": _dumps(sorted(warm_models)), "held_models": _dumps(sorted(held_models))}
+    its executors, the hub ids and URLs whose files its disk holds (no download needed), and, when
+    they changed, the facts of the models it holds."""
+    fields = {"warm_models": _dumps(sorted(warm_models)), "held_models": _dumps(sorted(held_models))}
+    if model_facts is not None:
+        fields[MODEL_FACTS] = _dumps(dict(model_facts))
+    return fields
 
 
 @dataclass

@@ -23,6 +23,8 @@ from mloc.errors import ConfigError
 from mloc.spec.quantity import parse_cpu, parse_gpu_list, parse_memory
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Also the transition script's, for a Redis no orchestrator has told its own (mloc.keys.FAIR_SHARE_HALF_LIFE).
+DEFAULT_FAIR_SHARE_HALF_LIFE_SEC = 3600.0
 
 
 class NodeType(StrEnum):
@@ -88,6 +90,13 @@ class Settings(BaseSettings):
     # Per-user limits for users without their own (`mloc users set-quota`); 0 = unlimited.
     user_max_tasks: int = Field(0, ge=0, le=1_000_000, validation_alias=_env("MLOC_USER_MAX_TASKS"))
     user_max_gpus: int = Field(0, ge=0, le=1_000_000, validation_alias=_env("MLOC_USER_MAX_GPUS"))
+    # Fair share orders waiting work by each user's finished work decayed with this half-life
+    # (seconds): an hour-old task counts half as much as one that just ended (docs/operations.md).
+    fair_share_half_life_sec: float = Field(
+        DEFAULT_FAIR_SHARE_HALF_LIFE_SEC, gt=0, le=365 * 86_400, validation_alias=_env("MLOC_FAIR_SHARE_HALF_LIFE_SEC")
+    )
+    # A waiting task gets a reservation (EASY backfill) once it has waited this long; 0 = none.
+    backfill_after_sec: float = Field(60.0, ge=0, le=30 * 86_400, validation_alias=_env("MLOC_BACKFILL_AFTER_SEC"))
     # Finished tasks (records, results, logs) are removed this long after they ended; 0 = kept forever.
     task_retention_sec: float = Field(30 * 86_400.0, ge=0, validation_alias=_env("MLOC_TASK_RETENTION_SEC"))
 
@@ -117,6 +126,9 @@ class Settings(BaseSettings):
     # RAG and agents. The python tool runs model-written code in a sandbox; a worker opts in.
     allow_python_tool: bool = Field(False, validation_alias=_env("MLOC_ALLOW_PYTHON_TOOL"))
     vectors_dir: Path | None = Field(None, validation_alias=_env("MLOC_VECTORS_DIR"))
+    # lm-eval harness tasks whose data the worker holds beyond those it finds in its dataset cache
+    # ("squadv2,scrolls_qasper"): advertised with them, so eval tasks naming them are placed here.
+    eval_harness_tasks: str = Field("", validation_alias=_env("MLOC_EVAL_HARNESS_TASKS"))
     # Folders (os.pathsep-separated) tasks may read documents from; unset means anywhere the worker can.
     document_roots: str = Field("", validation_alias=_env("MLOC_DOCUMENT_ROOTS"))
     # Folders (os.pathsep-separated) a user's task may read models and adapters from, besides the
@@ -138,6 +150,18 @@ class Settings(BaseSettings):
     offline: bool | None = Field(None, validation_alias=_env("MLOC_OFFLINE"))
     # fsspec storage options (JSON) for s3:// model sources, e.g. {"endpoint_url": "http://minio:9000"}.
     model_source_options: str = Field("", validation_alias=_env("MLOC_MODEL_SOURCE_OPTIONS"))
+    # The hub workers download from, and the orchestrator reads a model's config.json from at admission.
+    # Read as the Hugging Face libraries read them: an empty value is unset, HF_HUB_OFFLINE is 1/true/yes/on.
+    hf_endpoint: str = Field("", validation_alias=_env("HF_ENDPOINT"))
+    hf_token: SecretStr | None = Field(None, validation_alias=_env("HF_TOKEN"))
+    hf_hub_offline: str = Field("", validation_alias=_env("HF_HUB_OFFLINE"))
+
+    # Memory fit at admission: a GPU task no registered GPU could hold is refused at submit ("refuse"),
+    # kept with a warning on the task ("warn": also compares CPU tasks with the largest worker's RAM), or
+    # not estimated at all ("off").
+    memfit: Literal["refuse", "warn", "off"] = Field("refuse", validation_alias=_env("MLOC_MEMFIT"))
+    # How long admission waits for a model's config.json (or GGUF header) from the hub or a URL.
+    memfit_fetch_timeout_sec: float = Field(3.0, gt=0, le=60, validation_alias=_env("MLOC_MEMFIT_FETCH_TIMEOUT_SEC"))
 
     # The OpenAI Batch API: the model names batch lines may give, as JSON: name -> a task's `model` section,
     # e.g. {"tiny": {"source": {"type": "package", "identifier": "mloc-tiny-llama"}}}. Other names are hub ids.
@@ -167,6 +191,11 @@ class Settings(BaseSettings):
         return value
 
     # Checked here, not where the worker first reads them, so a typo stops start-up with one line.
+    @field_validator("memfit", mode="before")
+    @classmethod
+    def _lower_memfit(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
     @field_validator("worker_gpus")
     @classmethod
     def _gpu_list(cls, value: str | None) -> str | None:
@@ -258,6 +287,22 @@ class Settings(BaseSettings):
     def openai_model_sections(self) -> dict[str, dict[str, Any]]:
         """MLOC_OPENAI_MODELS: model name -> the task's ``model`` section."""
         return parse_openai_models(self.openai_models) if self.openai_models.strip() else {}
+
+    @property
+    def reads_hub(self) -> bool:
+        """Whether this process may read the hub: MLOC_OFFLINE decides, else HF_HUB_OFFLINE (as for downloads)."""
+        if self.offline is not None:
+            return not self.offline
+        return self.hf_hub_offline.strip().lower() not in ("1", "true", "yes", "on")
+
+    @property
+    def hub_url(self) -> str:
+        """HF_ENDPOINT, or the Hugging Face Hub itself."""
+        return (self.hf_endpoint.strip() or "https://huggingface.co").rstrip("/")
+
+    @property
+    def hub_token(self) -> str | None:
+        return (self.hf_token.get_secret_value() or None) if self.hf_token else None
 
     @property
     def resolved_vectors_dir(self) -> Path:

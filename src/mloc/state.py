@@ -64,6 +64,7 @@ class Reason(StrEnum):
     REPLICA_FAILED = "replica_failed"  # a replica group's parent: one of its shards failed
     REPLICA_CANCELLED = "replica_cancelled"  # a replica group's parent: one of its shards was cancelled
     DEPENDENCY_FAILED = "dependency_failed"  # a task it depends on failed or was cancelled
+    CONDITION_NOT_MET = "condition_not_met"  # skipped: the eval score its spec.when reads did not pass
 
     @classmethod
     def of_replica(cls, state: TaskState) -> Reason:

@@ -51,6 +51,7 @@ PAST_AUTH_ONLY = {
     ("POST", "/v1/files"),
     ("GET", "/v1/files/{file_id}"),
     ("GET", "/v1/files/{file_id}/content"),
+    ("DELETE", "/v1/files/{file_id}"),
     ("POST", "/v1/batches"),
     ("GET", "/v1/batches/{batch_id}"),
     ("POST", "/v1/batches/{batch_id}/cancel"),
@@ -136,6 +137,10 @@ class World:
                 body = {"json": {"name": f"made-{time.monotonic_ns()}"}}
             elif endpoint.template.endswith("/quota"):
                 body = {"json": {"max_tasks": 3}}
+            elif endpoint.template.endswith("/budget"):
+                body = {"json": {"tokens": "1M", "period": "month"}}
+            elif endpoint.template.endswith("/weight"):
+                body = {"json": {"weight": 2}}
         body.setdefault("headers", headers)
         if endpoint.template == "/api/v1/task-ids":
             body["params"] = {"prefix": self.done[:4]}

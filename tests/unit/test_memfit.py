@@ -12,16 +12,10 @@ from typing import Any
 import pytest
 
 import mloc.spec
-from mloc.llm.memfit import (
-    GGML_TYPES,
-    GGUF_FILE_TYPES,
-    Estimate,
-    ModelFactsError,
-    estimate_task,
-    facts_from_config,
-    model_facts,
-    read_gguf,
-)
+from mloc.llm.estimate import Estimate
+from mloc.llm.ggufheader import GGML_TYPES, GGUF_FILE_TYPES, read_gguf
+from mloc.llm.memfit import estimate_task
+from mloc.llm.modelfacts import ModelFactsError, facts_from_config, model_facts
 from mloc.spec.base import Document
 from mloc.spec.inference import InferenceSpec
 

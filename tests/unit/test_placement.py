@@ -178,7 +178,7 @@ def test_gpu_count_type_and_memory() -> None:
     assert misfit(req, two) is None
     assert fits_now(req, two, usable_gpus(req, two)) == [0, 1]
     assert misfit(req, view(gpus=[(A100, 80 << 30)])) == (
-        "has too few free GPUs (1 free GPU(s) (NVIDIA A100-SXM4-80GB), needs 2 A100 GPU(s))"
+        "has too few free GPUs (1 free GPU(s) (NVIDIA A100-SXM4-80GB), needs 2 A100 GPU(s) of 40Gi or more)"
     )
     small = view(gpus=[(A100, 20 << 30), (A100, 20 << 30)])
     assert misfit(req, small) is not None and not fits_registration(req, small)

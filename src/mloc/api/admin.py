@@ -1,16 +1,16 @@
-"""Admin endpoints: cleanup of stale workers, user tokens and user quotas."""
+"""Admin endpoints: cleanup of stale workers, user tokens, quotas, budgets and fair-share weights."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from mloc.api.deps import Admin, Orch
 from mloc.api.responses import raises
 from mloc.errors import BadRequest, Conflict, NotFound
-from mloc.orchestrator import users
+from mloc.orchestrator import budgets, fairshare, users
 
 router = APIRouter(tags=["admin"])
 
@@ -97,3 +97,81 @@ async def show_quota(name: str, orch: Orch, who: Admin) -> dict[str, Any]:
 async def remove_user(name: str, orch: Orch, who: Admin) -> dict[str, Any]:
     await users.remove_user(orch.redis, name)
     return {"ok": True, "name": name}
+
+
+Amount = int | float | str | None
+
+
+class BudgetBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    period: str = Field("month", description="The UTC period each limit given here covers: day or month.")
+    tokens: Amount = Field(None, description="Prompt and completion tokens: 1000000, '1M', '500k', '2G'.")
+    tokens_in: Amount = Field(None, description="Prompt tokens, as tokens.")
+    tokens_out: Amount = Field(None, description="Completion tokens, as tokens.")
+    gpu_time: Amount = Field(None, description="GPU-seconds: 36000, '10h', '90m', '45s'.")
+    cpu_time: Amount = Field(None, description="CPU-seconds (wall time times the cores asked for), as gpu_time.")
+    gpu_model: str | None = Field(
+        None, max_length=128, description="gpu_time counts this GPU model only ('A100'); unset: every model."
+    )
+    hard: bool = Field(False, description="Also cancel the user's running tasks once over (default: they finish).")
+
+
+class WeightBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    weight: float = Field(..., description="Fair-share weight: above 0, at most 1000; 1 = an equal share.")
+
+
+async def _budgets(orch: Orch, name: str) -> dict[str, Any]:
+    standing = (await orch.scheduler.standings.read([name]))[name]
+    return {"ok": True, "name": name, "budgets": [s.to_dict() for s in standing.budgets]}
+
+
+@router.put("/admin/users/{name}/budget")
+@router.put("/api/v1/admin/users/{name}/budget")
+@raises(BadRequest, NotFound)
+async def set_budget(name: str, body: BudgetBody, orch: Orch, who: Admin) -> dict[str, Any]:
+    """Set budgets for one period (limits given replace those of the same metric, model and period).
+    A user over a budget waits; a raised budget or a new period lets their tasks run at the next pass."""
+    limits = {
+        "tokens": body.tokens,
+        "tokens_in": body.tokens_in,
+        "tokens_out": body.tokens_out,
+        "gpu_time": body.gpu_time,
+        "cpu_time": body.cpu_time,
+    }
+    chosen = budgets.budgets_of(body.period, limits, gpu_model=body.gpu_model, hard=body.hard)
+    await budgets.set_budgets(orch.redis, name, chosen)
+    return await _budgets(orch, name)
+
+
+@router.get("/admin/users/{name}/budget")
+@router.get("/api/v1/admin/users/{name}/budget")
+async def show_budget(name: str, orch: Orch, who: Admin) -> dict[str, Any]:
+    """A user's budgets with what they spent in the current day or month, and when each resets."""
+    return await _budgets(orch, name)
+
+
+@router.delete("/admin/users/{name}/budget")
+@router.delete("/api/v1/admin/users/{name}/budget")
+@raises(BadRequest, NotFound)
+async def remove_budget(
+    name: str,
+    orch: Orch,
+    who: Admin,
+    metric: str | None = Query(None, description="Only this metric's budgets (tokens, tokens_in, ...)."),
+    period: str | None = Query(None, description="Only this period's budgets (day, month)."),
+) -> dict[str, Any]:
+    """Remove a user's budgets: all of them, or those of one metric and/or period."""
+    removed = await budgets.remove_budgets(orch.redis, name, metric=metric, period=period)
+    return {**await _budgets(orch, name), "removed": removed}
+
+
+@router.put("/admin/users/{name}/weight")
+@router.put("/api/v1/admin/users/{name}/weight")
+@raises(BadRequest, NotFound)
+async def set_weight(name: str, body: WeightBody, orch: Orch, who: Admin) -> dict[str, Any]:
+    """Set a user's fair-share weight: 2 gets twice the share of a user at 1 when both wait."""
+    weight = await fairshare.set_weight(orch.redis, name, body.weight)
+    return {"ok": True, "name": name, "weight": weight}

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from mloc import budgetunits
 from mloc.cli import output
 from mloc.cli.output import JsonFlag, OutputFormat, wants_json
 from mloc.cli.root import app, client
@@ -115,4 +116,28 @@ def _user_tables(entry: dict[str, Any], span: str, group_by: Grouping) -> None:
     grid.columns[1].justify = "right"
     for counter, value in sorted(totals.items()):
         grid.add_row(output.cell(counter), f"{value:g}" if isinstance(value, int | float) else output.cell(value))
+    output.show(grid)
+    if entry.get("budgets"):
+        _budget_table(name, entry["budgets"])
+
+
+def _budget_table(name: str, rows: list[dict[str, Any]]) -> None:
+    """Spend against each budget in its current day or month (whatever range the report covers)."""
+    grid = output.table("BUDGET", "PER", "SPENT", "LIMIT", "LEFT", "RESETS", title=f"{name}: budgets")
+    for column in grid.columns[2:5]:
+        column.justify = "right"
+    for row in rows:
+        metric = budgetunits.Metric(row["metric"])
+        what = f"{metric.value} ({row['gpu_model']})" if row.get("gpu_model") else metric.value
+        if row.get("hard"):
+            what += ", hard"
+        left = "exhausted" if row["exhausted"] else budgetunits.format_amount(metric, row["limit"] - row["spent"])
+        grid.add_row(
+            output.cell(what),
+            row["period"],
+            budgetunits.format_amount(metric, row["spent"]),
+            budgetunits.format_amount(metric, row["limit"]),
+            left,
+            row["resets"],
+        )
     output.show(grid)

@@ -269,6 +269,7 @@ def _summary(record: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("replica of", f"{record['parent_id']} (replica {record.get('replica')})"))
     if record.get("children"):
         rows.append(("replicas", ", ".join(record["children"])))
+    rows.extend(_memory_rows(record))
     usage = record.get("usage") or {}
     if usage:
         rows.append(("usage", ", ".join(f"{k}={v}" for k, v in usage.items())))
@@ -279,6 +280,24 @@ def _summary(record: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("artifact", f"{name}: {path}"))
     if state in ("running", "cancelling", "failed", "succeeded", "cancelled"):
         rows.append(("logs", f"mloc logs {task_id}"))
+    return rows
+
+
+def _memory_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """The memory estimate admission made (its line, notes and warning) and the peak the run measured."""
+    rows: list[tuple[str, str]] = []
+    estimate = record.get("memory_estimate") or {}
+    if estimate.get("explain"):
+        overridden = estimate.get("overridden_by_user")
+        by_user = f" (placed by your gpu.memory, {output.size(overridden['gpu_memory_bytes'])})" if overridden else ""
+        rows.append(("memory", f"{estimate['explain']}{by_user}"))
+        rows.extend(("memory-note", note) for note in estimate.get("notes") or ())
+    if estimate.get("warning"):
+        rows.append(("memory-warning", estimate["warning"]))
+    peak = record.get("memory_peak_bytes")
+    if peak:
+        where = "on its fullest GPU" if (record.get("memory_peak") or {}).get("device") == "gpu" else "RSS"
+        rows.append(("memory-peak", f"{output.size(peak)} ({where}, measured)"))
     return rows
 
 

@@ -1,4 +1,4 @@
-"""`mloc users`: add, list and remove API users and set their quotas (admin)."""
+"""`mloc users`: add, list and remove API users and set their quotas, budgets and weights (admin)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
+from mloc import budgetunits
 from mloc.cli import output
 from mloc.cli.output import JsonFlag, OutputFormat, Quiet, wants_json
 from mloc.cli.root import client, users_app
@@ -100,3 +101,109 @@ def users_remove(name: str) -> None:
     except MlocError as exc:
         output.fail(exc)
     output.line(output.visible(f"removed user {name}", one_line=True))
+
+
+TokenAmount = Annotated[str | None, typer.Option(help="Tokens: 1M, 500k, 2G or a plain number.", show_default=False)]
+TimeAmount = Annotated[str | None, typer.Option(help="Seconds: 10h, 90m, 45s or a plain number.", show_default=False)]
+
+
+@users_app.command("set-budget")
+def users_set_budget(
+    name: str,
+    tokens: TokenAmount = None,
+    tokens_in: TokenAmount = None,
+    tokens_out: TokenAmount = None,
+    gpu_time: TimeAmount = None,
+    gpu_model: Annotated[
+        str | None, typer.Option("--gpu-model", help="--gpu-time counts this GPU model only (A100).")
+    ] = None,
+    cpu_time: TimeAmount = None,
+    per: Annotated[str, typer.Option("--per", help="The UTC period the limits cover: day or month.")] = "month",
+    hard: Annotated[
+        bool, typer.Option("--hard", help="Also cancel the user's running tasks once over (default: they finish).")
+    ] = False,
+) -> None:
+    """Limit what a user spends per UTC day or month: tokens (in, out or both), GPU time, CPU time.
+    Over a budget, the user's new tasks wait until it is raised or the period turns."""
+    limits = {
+        "tokens": tokens,
+        "tokens_in": tokens_in,
+        "tokens_out": tokens_out,
+        "gpu_time": gpu_time,
+        "cpu_time": cpu_time,
+    }
+    try:
+        # Checked here first, so a typo is explained before anything is sent.
+        budgetunits.check_limits(per, limits, gpu_model)
+        answer = client().set_budget(name, period=per, hard=hard, gpu_model=gpu_model, **limits)
+    except MlocError as exc:
+        output.fail(exc)
+    _show_budgets(answer)
+
+
+@users_app.command("budget")
+def users_budget(name: str, json_out: JsonFlag = False, fmt: OutputFormat = None) -> None:
+    """A user's budgets: what they spent this day or month against each, and when it resets."""
+    try:
+        answer = client().budgets(name)
+    except MlocError as exc:
+        output.fail(exc)
+    if wants_json(json_out, fmt):
+        output.print_json(answer)
+        return
+    _show_budgets(answer)
+
+
+@users_app.command("remove-budget")
+def users_remove_budget(
+    name: str,
+    metric: Annotated[
+        str | None, typer.Option(help="Only this metric: tokens, tokens_in, tokens_out, gpu_time, cpu_time.")
+    ] = None,
+    per: Annotated[str | None, typer.Option("--per", help="Only this period: day or month.")] = None,
+) -> None:
+    """Remove a user's budgets (all, or those of one metric and/or period); their tasks wait no more."""
+    try:
+        answer = client().remove_budget(name, metric=metric, period=per)
+    except MlocError as exc:
+        output.fail(exc)
+    removed = ", ".join(answer["removed"]) or "nothing (no such budget)"
+    output.line(output.visible(f"{answer['name']}: removed {removed}", one_line=True))
+    _show_budgets(answer)
+
+
+# A negative weight is an argument to refuse with a reason, not an unknown option.
+@users_app.command("set-weight", context_settings={"ignore_unknown_options": True})
+def users_set_weight(name: str, weight: str) -> None:
+    """Set a user's fair-share weight: 2 gets twice the share of a user at 1 when both wait."""
+    try:
+        value = budgetunits.check_weight(_number(weight))
+        answer = client().set_weight(name, value)
+    except MlocError as exc:
+        output.fail(exc)
+    output.line(output.visible(f"{answer['name']}: fair-share weight {answer['weight']:g}", one_line=True))
+
+
+def _number(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _show_budgets(answer: dict[str, Any]) -> None:
+    rows = answer.get("budgets") or []
+    if not rows:
+        output.line(output.visible(f"{answer['name']}: no budgets", one_line=True))
+        return
+    grid = output.table("BUDGET", "PER", "SPENT OF LIMIT", "HARD", "RESETS", title=f"{answer['name']}: budgets")
+    for row in rows:
+        what = f"{row['metric']} ({row['gpu_model']})" if row.get("gpu_model") else row["metric"]
+        metric = budgetunits.Metric(row["metric"])
+        spent = (
+            f"{budgetunits.format_amount(metric, row['spent'])} of {budgetunits.format_amount(metric, row['limit'])}"
+        )
+        if row["exhausted"]:
+            spent += " (exhausted)"
+        grid.add_row(output.cell(what), row["period"], spent, "yes" if row["hard"] else "no", row["resets"])
+    output.show(grid)

@@ -47,7 +47,9 @@ class EvalExecutor(Executor):
     @classmethod
     def capabilities(cls) -> dict[str, Any]:
         # lm-eval's HF model runs on the transformers engine only; the spec refuses model.engine 'vllm'.
-        return {"engines": ["transformers"]}
+        from mloc.executors.eval_data import harness_tasks
+
+        return {"engines": ["transformers"], "harness_tasks": harness_tasks()}
 
     @property
     def cache(self) -> EngineCache:

@@ -12,18 +12,24 @@ from mloc.state import Reason, Refusal, TaskState
 from mloc.store import TaskStore, Transition, require
 
 
-async def cancel(store: TaskStore, task_id: str, *, by: str) -> Transition:
+async def cancel(store: TaskStore, task_id: str, *, by: str, reason: str | None = None) -> Transition:
     """Cancel a task in any non-terminal state.
 
     A pending or assigned task is cancelled at once (its capacity is released and a worker that
     later reads its assignment skips it). A running task becomes ``cancelling``; its worker stops the
     executor and records the cancellation. A replica group's shards are cancelled, then its parent.
+    ``reason`` replaces "cancelled by <by>" as the task's reason (the worker of a running task
+    records it too).
     """
     record = await store.get(task_id, with_spec=False)
     if record.state.terminal:
         return require(Transition(False, error=Refusal.STATE, detail=record.state.value), task_id, TaskState.CANCELLED)
     now = time.time()
-    ended = {"reason": f"cancelled by {by}", "reason_code": Reason.CANCELLED_BY_USER.value, "finished_at": repr(now)}
+    ended = {
+        "reason": reason or f"cancelled by {by}",
+        "reason_code": Reason.CANCELLED_BY_USER.value,
+        "finished_at": repr(now),
+    }
     if record.children:
         # The parent first (it has no worker of its own): once it has ended, the shards' cancellations
         # cannot settle it as "a replica was cancelled" instead.
@@ -33,31 +39,35 @@ async def cancel(store: TaskStore, task_id: str, *, by: str) -> Transition:
         await tasklog.append(store.redis, task_id, tasklog.ended(TaskState.CANCELLED, ended["reason"]))
         for child in record.children:
             with contextlib.suppress(MlocError):
-                await cancel(store, child, by=by)
+                await cancel(store, child, by=by, reason=reason)
         return outcome
     if record.state in (TaskState.RUNNING, TaskState.CANCELLING):
-        return await _stop_running(store, task_id, record.state, record.worker_id or "", record.attempts, by=by)
+        return await _stop_running(
+            store, task_id, record.state, record.worker_id or "", record.attempts, by=by, reason=reason
+        )
     outcome = await store.transition(
         task_id, moves.CANCEL, release=True, fields={**ended, "pending_reason": ""}, now=now
     )
     if not outcome.ok and outcome.error == Refusal.STATE and outcome.detail == TaskState.RUNNING:
-        return await cancel(store, task_id, by=by)  # it started meanwhile
+        return await cancel(store, task_id, by=by, reason=reason)  # it started meanwhile
     if outcome.ok:
         await tasklog.append(store.redis, task_id, tasklog.ended(TaskState.CANCELLED, ended["reason"]))
     return require(outcome, task_id, TaskState.CANCELLED)
 
 
 async def _stop_running(
-    store: TaskStore, task_id: str, state: TaskState, worker_id: str, attempt: int, *, by: str
+    store: TaskStore, task_id: str, state: TaskState, worker_id: str, attempt: int, *, by: str, reason: str | None
 ) -> Transition:
     """Mark a running task ``cancelling`` and tell its worker to stop it. Asking again re-sends the
     request (the first one may have reached a worker that was restarting)."""
     if state == TaskState.RUNNING:
         fields = {"cancel_requested": "1", "cancel_requested_by": by}
+        if reason:
+            fields["cancel_reason"] = reason
         outcome = await store.transition(task_id, moves.REQUEST_CANCEL, fields=fields)
         if not outcome.ok:
             if outcome.error == Refusal.STATE and outcome.detail not in (TaskState.RUNNING, TaskState.CANCELLING):
-                return await cancel(store, task_id, by=by)  # it ended, or was handed back, meanwhile
+                return await cancel(store, task_id, by=by, reason=reason)  # it ended, or was handed back, meanwhile
             return require(outcome, task_id, TaskState.CANCELLING)
         # Written before the worker hears of it, so it comes before the worker's "cancelled" line.
         await tasklog.append(store.redis, task_id, tasklog.cancel_requested(by))

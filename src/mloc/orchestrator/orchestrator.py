@@ -14,7 +14,9 @@ import redis.asyncio as aioredis
 
 from mloc import keys, modelroots
 from mloc.errors import BadRequest, Forbidden, SpecError
-from mloc.orchestrator import chunks, eta, groups, pipelines, reaper
+from mloc.orchestrator import chunks, eta, groups, harness, pipelines, reaper
+from mloc.orchestrator.admission import MemoryFit
+from mloc.orchestrator.overspend import Overspend
 from mloc.orchestrator.placement import Request, explain, misfit, request_of
 from mloc.orchestrator.scheduler import Decision, Placement, Scheduler
 from mloc.orchestrator.usage import Grouping, UsageReports
@@ -44,16 +46,21 @@ class Orchestrator:
         self.settings = settings
         self.store = TaskStore(redis)
         self.registry = WorkerRegistry(redis)
+        self.history = eta.DurationHistory(self.store)
         self.scheduler = Scheduler(
             self.store,
             self.registry,
             heartbeat_ttl_sec=settings.heartbeat_ttl_sec,
             user_max_tasks=settings.user_max_tasks,
             user_max_gpus=settings.user_max_gpus,
+            backfill_after_sec=settings.backfill_after_sec,
+            history=self.history,
+            fair_share_half_life_sec=settings.fair_share_half_life_sec,
         )
+        self.overspend = Overspend(self.store, self.scheduler.standings)
+        self.memfit = MemoryFit(redis, settings, self.scheduler)
         self.backoff = Backoff(settings.retry_backoff_sec, settings.retry_backoff_max_sec)
         self.usage = UsageReports(redis)
-        self.history = eta.DurationHistory(self.store)
 
     # ------------------------------------------------------------------ submit
     def _owner(self, document: Document, principal: Principal) -> str:
@@ -100,7 +107,10 @@ class Orchestrator:
 
     async def _check_models(self, document: Document, principal: Principal) -> None:
         """Refuse a user's task that names local models outside the allowed folders, or another
-        user's task as its adapter (see :mod:`mloc.modelroots`); the admin's tasks may name any."""
+        user's task as its adapter (see :mod:`mloc.modelroots`); the admin's tasks may name any. Any
+        eval task naming harness tasks whose data no worker holds is refused too (:mod:`.harness`)."""
+        if getattr(document.spec, "eval", None) is not None:
+            harness.check(document, await self.scheduler.views())
         if principal.admin:
             return
         # Only the sections that can name a model: a bulk submit pays little for the check.
@@ -138,6 +148,7 @@ class Orchestrator:
 
     async def submit(self, document: Document, principal: Principal) -> dict[str, Any]:
         await self._check_models(document, principal)
+        fit = await self.memfit.assess(document, request_of(document))  # refuses what no GPU could hold
         if pipelines.needs_planning([document]):
             return (await self.submit_graph([document], principal))["tasks"][0]
         wire = document.to_wire()
@@ -146,6 +157,7 @@ class Orchestrator:
         if document.spec.resources.replicas > 1:
             return await self._submit_group(document, principal)
         record, request = self._record(document, principal)
+        request = self.memfit.apply(record, fit)
         answer = await self._place(record, request, create=True)
         if log.isEnabledFor(logging.DEBUG):
             where = answer.get("worker_id") or f"pending: {answer.get('pending_reason')}"
@@ -212,9 +224,11 @@ class Orchestrator:
         those that wait for nothing placed at once."""
         for document in documents:
             await self._check_models(document, principal)
+        await self.memfit.assess_all(documents, [request_of(d) for d in documents])  # refusals only
         plan = await pipelines.plan(self.store, documents, principal, self._record)
         graphs = {plan.pipeline_id: plan.graph} if plan.pipeline_id and plan.graph else None
         await self.store.insert(plan.records(), pipelines=graphs)
+        await pipelines.settle_ready(self.store, plan)
         placed = {record.task_id: await self._try_place(record, request) for record, request in plan.queued()}
         answers = []
         for step in plan.steps:
@@ -263,7 +277,9 @@ class Orchestrator:
             return list((await self.submit_graph(documents, principal))["tasks"])
         if any(d.spec.resources.replicas > 1 or chunks.is_chunked(d.to_wire()) for d in documents):
             return [await self.submit(document, principal) for document in documents]
+        fits = await self.memfit.assess_all(documents, [request_of(d) for d in documents])
         prepared = [self._record(document, principal) for document in documents]
+        prepared = [(record, self.memfit.apply(record, fit)) for (record, _), fit in zip(prepared, fits, strict=True)]
         # Workers are chosen on one snapshot before anything is stored, so the tasks that must wait
         # are stored with their reason; the placements are then made together (Scheduler.commit).
         scheduler = self.scheduler
@@ -274,7 +290,9 @@ class Orchestrator:
         no_room: dict[Request, Placement] = {}
         answers: list[Placement | int] = []
         for record, request in prepared:
-            waiting = no_room.get(request)
+            # An owner's exhausted budget keeps the task waiting, whatever room there is.
+            budget = await scheduler.standings.holding(record.owner, request)
+            waiting = no_room.get(request) if budget is None else Placement(worker_id=None, pending_reason=budget)
             choice = None if waiting is not None else scheduler.choose(request, views)
             if choice is not None:
                 answers.append(len(decisions))
@@ -310,6 +328,8 @@ class Orchestrator:
         self._owner(document, principal)
         await self._check_models(document, principal)
         views = await self.scheduler.views(fresh=True)
+        fit = await self.memfit.assess(document, request)
+        request = fit.request
         fits = [v.worker_id for v in views if misfit(request, v) is None]
         answer: dict[str, Any] = {
             "ok": True,
@@ -317,6 +337,7 @@ class Orchestrator:
             "task": document.to_wire(),
             "topic": request.topic,
             "would_place_on": fits[:10],
+            "memory_estimate": fit.memory_estimate,
         }
         if not fits:
             answer["pending_reason"], answer["unschedulable"] = explain(request, views)
@@ -347,15 +368,22 @@ class Orchestrator:
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         await pubsub.subscribe(keys.SCHEDULER_WAKE)
         try:
-            woken = False
+            woken = announced = False
             while not stop.is_set():
                 try:
+                    if not announced:
+                        # Every process that ends a task decays fair-share usage with this half-life.
+                        half_life = repr(self.settings.fair_share_half_life_sec)
+                        await self.redis.set(keys.FAIR_SHARE_HALF_LIFE, half_life)
+                        announced = True
                     # A wake-up (capacity freed) needs a pass sized to that capacity; the steady
                     # interval's full pass also refreshes every waiting task's reason.
                     await self.scheduler.schedule_pending(quick=woken)
                     # Replica groups whose shards started or ended woke this pass too.
                     await groups.settle_marked(self.store, self.settings.results_dir, settings=self.settings)
                     await pipelines.release_marked(self.store)
+                    # A finished task that took its owner over a hard budget stops the rest.
+                    await self.overspend.stop()
                     woken = False
                     deadline = time.monotonic() + self.settings.schedule_interval_sec
                     if self.scheduler.next_retry_at is not None:
@@ -425,6 +453,11 @@ class Orchestrator:
                 break
             kept.append(entry)
             rows += size
+        standings = await self.scheduler.standings.read([entry["user"] for entry in kept])
+        for entry in kept:
+            if spent := standings[entry["user"]].budgets:
+                # Spend against each budget in its current day or month, whatever range the report covers.
+                entry["budgets"] = [standing.to_dict() for standing in spent]
         return {
             "ok": True,
             "start_date": start.isoformat(),
@@ -478,4 +511,6 @@ def _answer(record: NewTask, placement: Placement) -> dict[str, Any]:
     if placement.pending_reason:
         answer["pending_reason"] = placement.pending_reason
         answer["unschedulable"] = placement.unschedulable
+    if record.memory_estimate and record.memory_estimate.get("warning"):
+        answer["memory_warning"] = record.memory_estimate["warning"]
     return answer

@@ -1,11 +1,11 @@
 """Pipelines: tasks that wait for tasks, and outputs handed from one to the next.
 
 A task names what it waits for in ``spec.dependsOn`` (names of tasks in the same submission, or ids of
-existing tasks of the same user), or by using another task's output: ``model.adapter.from`` (a training
-task's adapter) or ``inference.input.from`` (a task's result lines). A submission is planned whole
-before anything is stored: names resolved, outputs checked against what the producing task makes, and
-the graph checked for cycles; then every task is stored in one atomic write, those that wait out of
-every queue.
+existing tasks of the same user), or by using another task's output (:mod:`.references`: an adapter, a
+merged model, result lines, a vector collection, eval scores). A submission is planned whole before
+anything is stored: names resolved, outputs checked against what the producing task makes, and the
+graph checked for cycles; then every task is stored in one atomic write, those that wait out of every
+queue. A task with ``spec.when`` runs only if an eval task's score passes (:mod:`.conditions`).
 
 Nothing is kept in memory: a waiting task's record lists what it waits for (``waiting_on``) and each of
 those lists it among its dependents (:func:`mloc.keys.dependents`). When such a task ends, the
@@ -18,6 +18,7 @@ was lost with an orchestrator.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 import uuid
@@ -27,9 +28,10 @@ from typing import Any
 
 from mloc import keys, lua, moves
 from mloc.errors import MlocError, NotFound, SpecError
-from mloc.orchestrator import chunks
+from mloc.orchestrator import chunks, conditions, references
 from mloc.orchestrator.cancel import cancel
-from mloc.orchestrator.placement import Request
+from mloc.orchestrator.placement import Request, request_of
+from mloc.orchestrator.references import Producer
 from mloc.orchestrator.users import Principal
 from mloc.records import NewTask
 from mloc.spec import Document, validate
@@ -37,9 +39,6 @@ from mloc.state import Reason, TaskState
 from mloc.store import TaskStore
 from mloc.transition import pending_score
 
-# The task types whose outputs a reference may name, by the output.
-ADAPTER_MAKERS = frozenset({"sft", "dpo", "grpo", "ppo"})
-LINE_MAKERS = frozenset({"inference"})
 RELEASE_BATCH = 100
 
 Builder = Callable[[Document, Principal], tuple[NewTask, Request]]
@@ -47,23 +46,9 @@ Builder = Callable[[Document, Principal], tuple[NewTask, Request]]
 
 def needs_planning(documents: list[Document]) -> bool:
     """Whether any task waits for another (so the submission is planned as a graph)."""
-    return any(document.spec.depends_on or _references(document.to_wire()) for document in documents)
-
-
-def _references(wire: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """A task's references to other tasks' outputs: (field path, name or id, the output)."""
-    spec = wire.get("spec") or {}
-    found = []
-    adapter = ((spec.get("model") or {}).get("adapter")) or {}
-    if adapter.get("from"):
-        found.append(("spec.model.adapter.from", adapter["from"], "adapter"))
-    for where, source in (
-        ("spec.inference.input.from", ((spec.get("inference") or {}).get("input")) or {}),
-        ("spec.input.from", spec.get("input") or {}),  # a RAG task's questions
-    ):
-        if isinstance(source, dict) and source.get("from"):
-            found.append((where, source["from"], "lines"))
-    return found
+    return any(
+        document.spec.depends_on or document.spec.when or references.find(document.to_wire()) for document in documents
+    )
 
 
 @dataclass
@@ -88,6 +73,8 @@ class Plan:
     steps: list[Step]
     pipeline_id: str | None
     graph: str | None
+    # Tasks stored waiting only for tasks that already succeeded (a condition to check): settled at once.
+    settle_now: list[str] = field(default_factory=list)
 
     def records(self) -> list[NewTask]:
         return [record for step in self.steps for record in (step.record, *step.chunks)]
@@ -118,13 +105,15 @@ async def plan(store: TaskStore, documents: list[Document], principal: Principal
     ]
     external: dict[str, dict[str, str]] = {}
 
-    async def resolve(index: int, entry: str, where: str) -> tuple[str, str]:
-        """The id and task type of the task ``entry`` names."""
+    async def resolve(index: int, entry: str, where: str) -> tuple[str, Producer]:
+        """The id of the task ``entry`` names, and what is known of it."""
         if entry in names:
             other = names[entry]
             if other == index:
                 raise _error(index, where, f"the task names itself ({entry!r}); name another task")
-            return steps[other].task_id, documents[other].spec.task_type
+            # Its record's spec: its own references are rewritten already when it came first.
+            producer = Producer(documents[other].spec.task_type, steps[other].record.document["spec"])
+            return steps[other].task_id, producer
         h = external.get(entry) or await store.get_hash(entry)
         if not h or (not principal.admin and h.get("owner") != principal.name):
             raise _error(
@@ -134,46 +123,43 @@ async def plan(store: TaskStore, documents: list[Document], principal: Principal
                 f"{', '.join(sorted(names)) or 'none named'}) nor a task id of yours; name one of them",
             )
         external[entry] = h
-        return entry, h.get("task_type", "")
+        return entry, Producer.stored(h)
 
+    gates: dict[str, set[str]] = {}  # a task with spec.when -> the eval tasks its condition reads
     for index, step in enumerate(steps):
-        wire = step.document.to_wire()
+        # The record's form, which holds what building it added (the admin's default timeout).
+        wire = copy.deepcopy(step.record.document)
         deps: list[str] = []
         for position, entry in enumerate(step.document.spec.depends_on):
             task_id, _ = await resolve(index, entry, f"spec.dependsOn[{position}]")
             deps.append(task_id)
-        rewritten = False
-        for where, entry, output in _references(wire):
-            task_id, task_type = await resolve(index, entry, where)
-            makers = ADAPTER_MAKERS if output == "adapter" else LINE_MAKERS
-            if task_type not in makers:
-                what = "adapter" if output == "adapter" else "result lines"
-                raise _error(
-                    index,
-                    where,
-                    f"{entry!r} is a task of type {task_type or 'unknown'!r}, which makes no {what}; name a "
-                    f"{' or '.join(sorted(makers))} task",
-                )
-            if output == "lines" and task_id not in external and not _reads_dataset(documents[names[entry]]):
-                raise _error(
-                    index, where, f"{entry!r} runs inline prompts and writes no result lines; give it inference.input"
-                )
-            _point_at(wire, where, task_id)
-            rewritten = True
+        found = references.find(wire)
+        for reference in found:
+            task_id, producer = await resolve(index, reference.entry, reference.where)
+            refused = references.problem(reference, reference.entry, producer, step.document)
+            if refused:
+                raise _error(index, reference.where, refused)
+            references.rewrite(wire, reference, task_id, producer)
+            if reference.output == references.Output.SCORES:
+                gates.setdefault(step.task_id, set()).add(task_id)
             if task_id not in deps:
                 deps.append(task_id)
-        if rewritten:
+        if found:
             try:
                 step.document = validate(wire)
             except SpecError as exc:
                 raise _error(index, "spec", exc.message) from exc
             step.record.document = step.document.to_wire()
+            step.request = request_of(step.document)
+            step.record.request = step.request.to_json()
         step.depends_on = deps
     _check_cycles(steps)
 
     pipeline_id = str(uuid.uuid4()) if len(steps) > 1 or any(step.depends_on for step in steps) else None
+    settle_now: list[str] = []
     for index, step in enumerate(steps):
         waiting = []
+        gate = gates.get(step.task_id, set())
         for task_id in step.depends_on:
             h = external.get(task_id)
             if h is None:
@@ -187,11 +173,14 @@ async def plan(store: TaskStore, documents: list[Document], principal: Principal
                     f"task {task_id} ({h.get('name', '')}) {state}, so this task could never run; submit that "
                     "task again and depend on the new one",
                 )
-            if state != TaskState.SUCCEEDED:
+            # An eval task a condition reads is waited for even when it succeeded: the release reads its scores.
+            if state != TaskState.SUCCEEDED or task_id in gate:
                 waiting.append(task_id)
         step.record.pipeline_id = pipeline_id
         if chunks.is_chunked(step.record.document):
             step.chunks = chunks.first_chunks(step.record)
+        if waiting and all(external.get(task_id, {}).get("state") == TaskState.SUCCEEDED for task_id in waiting):
+            settle_now.extend(record.task_id for record in step.chunks or [step.record])
         # A chunked task's chunks wait, not its parent (which is never queued).
         for record in step.chunks or [step.record]:
             record.pipeline_id = pipeline_id
@@ -210,20 +199,14 @@ async def plan(store: TaskStore, documents: list[Document], principal: Principal
                 "tasks": [{"name": s.name, "task_id": s.task_id, "depends_on": s.depends_on} for s in steps],
             }
         )
-    return Plan(steps, pipeline_id, graph)
+    return Plan(steps, pipeline_id, graph, settle_now)
 
 
-def _reads_dataset(document: Document) -> bool:
-    return bool(document.to_wire()["spec"].get("inference", {}).get("input"))
-
-
-def _point_at(wire: dict[str, Any], where: str, task_id: str) -> None:
-    """Replace the reference at ``where`` (``spec....from``) with the task id the executors read."""
-    section = wire
-    for part in where.split(".")[:-1]:
-        section = section[part]
-    section.pop("from")
-    section["path" if where.endswith("adapter.from") else "task"] = task_id
+async def settle_ready(store: TaskStore, plan: Plan) -> None:
+    """Once the plan is stored: release or skip the tasks whose condition reads eval tasks that had
+    succeeded already (no end of theirs will mark them)."""
+    for task_id in plan.settle_now:
+        await settle_dependent(store, task_id)
 
 
 def _check_cycles(steps: list[Step]) -> None:
@@ -302,24 +285,25 @@ async def settle_dependent(store: TaskStore, task_id: str) -> bool:
     for parent in waiting:
         pipe.hmget(keys.task(parent), "state", "name", "reason")
     parents = await pipe.execute()
+    spec = json.loads(spec_raw or "{}").get("spec", {})
     for parent, (parent_state, name, why) in zip(waiting, parents, strict=True):
         if parent_state in (None, TaskState.FAILED, TaskState.CANCELLED):
             ended = "is gone" if parent_state is None else f"{parent_state}: {why or 'no reason given'}"
-            skip = json.loads(spec_raw or "{}").get("spec", {}).get("onDependencyFailure") == "skip"
-            fields = {
-                "reason": f"{'skipped' if skip else 'failed'}: the task it depends on, {name or ''} ({parent}), "
-                f"{ended}",
-                "reason_code": Reason.DEPENDENCY_FAILED.value,
-                "finished_at": repr(time.time()),
-                "pending_reason": "",
-                "waiting_on": "",
-            }
-            # Refused only when it moved meanwhile (cancelled by its user): either way it waits no more.
-            await store.transition(task_id, moves.CANCEL if skip else moves.DEPENDENCY_FAIL, fields=fields)
-            await redis.srem(keys.DEPS_WAITING, task_id)
+            skip = spec.get("onDependencyFailure") == "skip"
+            text = f"{'skipped' if skip else 'failed'}: the task it depends on, {name or ''} ({parent}), {ended}"
+            await _end_waiting(store, task_id, skip=skip, reason=text, code=Reason.DEPENDENCY_FAILED)
             return False
+    names = {parent: row[1] or "" for parent, row in zip(waiting, parents, strict=True)}
     left = [parent for parent, row in zip(waiting, parents, strict=True) if row[0] != TaskState.SUCCEEDED]
     if not left:
+        verdict = await conditions.decide(store, spec.get("when"), names)
+        if verdict is not None and not verdict.run:
+            code = Reason.CONDITION_NOT_MET if verdict.skip else Reason.DEPENDENCY_FAILED
+            await _end_waiting(store, task_id, skip=verdict.skip, reason=verdict.reason, code=code)
+            return False
+        needs = await references.needs_at_release(redis, spec, waiting)
+        if needs:
+            await _add_needs(store, task_id, needs)
         score = pending_score(int(priority or 0), int(created_ms or 0))
         await redis.eval(
             lua.RELEASE,
@@ -331,14 +315,39 @@ async def settle_dependent(store: TaskStore, task_id: str) -> bool:
             keys.SCHEDULER_WAKE,
             repr(score),
             keys.pending_of("{id}"),
-            "waiting for the scheduler",
+            f"{verdict.reason}; waiting for the scheduler" if verdict is not None else "waiting for the scheduler",
         )
         return False
-    names = {parent: row[1] or "" for parent, row in zip(waiting, parents, strict=True)}
     text = waiting_reason(left, names, {})
     if text != reason:
         await store.set_fields(task_id, {"pending_reason": text})
     return True
+
+
+async def _end_waiting(store: TaskStore, task_id: str, *, skip: bool, reason: str, code: Reason) -> None:
+    """End a waiting task that will not run: cancelled when skipped, else failed."""
+    fields = {
+        "reason": reason,
+        "reason_code": code.value,
+        "finished_at": repr(time.time()),
+        "pending_reason": "",
+        "waiting_on": "",
+    }
+    # Refused only when it moved meanwhile (cancelled by its user): either way it waits no more.
+    await store.transition(task_id, moves.CANCEL if skip else moves.DEPENDENCY_FAIL, fields=fields)
+    await store.redis.srem(keys.DEPS_WAITING, task_id)
+
+
+async def _add_needs(store: TaskStore, task_id: str, needs: list[tuple[str, str]]) -> None:
+    """Add capabilities to a waiting task's stored placement request before it joins the queue."""
+    redis = store.redis
+    raw = await redis.hget(keys.task(task_id), "req")
+    if not raw:
+        return
+    request = json.loads(raw)
+    have = [list(pair) for pair in request.get("needs", [])]
+    request["needs"] = have + [list(pair) for pair in needs if list(pair) not in have]
+    await redis.hset(keys.task(task_id), "req", json.dumps(request))
 
 
 # ------------------------------------------------------------------------------------------- reading

@@ -16,11 +16,17 @@ from typing import Any
 
 from mloc.records import WorkerStatus, WorkerView
 from mloc.spec.base import Document, ModelSpec
+from mloc.spec.eval import harness_data_fix
 from mloc.spec.quantity import format_cpu, format_memory
 
 # Agent tools a worker must switch on (MLOC_ALLOW_PYTHON_TOOL, MLOC_WEB_SEARCH_PROVIDER).
 GATED_TOOLS = ("python_repl", "web_search")
-CAPABILITY_WORDS = {"engines": "engine", "agent_tools": "agent tool"}
+CAPABILITY_WORDS = {
+    "engines": "engine",
+    "agent_tools": "agent tool",
+    "harness_tasks": "harness task data",
+    "vector_stores": "vector store (where the collection was indexed)",
+}
 # How a worker gets the executor of a built-in task type.
 EXECUTOR_FIX = {
     "inference": "pip install 'mloc[inference]' on the worker (and 'mloc[vllm]' for vLLM)",
@@ -36,6 +42,9 @@ CAPABILITY_FIX = {
     ("engines", "transformers"): "pip install 'mloc[inference]' on a worker",
     ("agent_tools", "python_repl"): "start a worker with MLOC_ALLOW_PYTHON_TOOL=1",
     ("agent_tools", "web_search"): "start a worker with MLOC_WEB_SEARCH_PROVIDER set (see the README)",
+    # Any value of the capability; {value} is the one missing.
+    ("vector_stores", "*"): "start the worker that indexed the collection again, or share MLOC_VECTORS_DIR "
+    "between workers",
 }
 SHOWN_PER_GROUP = 3
 
@@ -84,6 +93,10 @@ def request_of(document: Document) -> Request:
     for tool in getattr(options, "tools", None) or ():
         if tool in GATED_TOOLS:
             needs.append(("agent_tools", tool))
+    # Harness tasks run only where their data is cached: workers advertise the ones they hold.
+    evaluating = getattr(spec, "eval", None)
+    for name in getattr(evaluating, "tasks", None) or ():
+        needs.append(("harness_tasks", name))
     return Request(
         task_type=spec.task_type,
         topic=spec.effective_topic,
@@ -144,6 +157,13 @@ def _missing_capabilities(req: Request, view: WorkerView) -> list[tuple[str, str
         for capability, value in req.needs
         if value not in offered.get(capability, [])
     ]
+
+
+def _any_value_fix(capability: str, value: str) -> str | None:
+    if capability == "harness_tasks":
+        return f"cache the data of harness task {value!r}: {harness_data_fix(value)}"
+    fix = CAPABILITY_FIX.get((capability, "*"))
+    return fix.format(value=value) if fix else None
 
 
 def _missing_tags(req: Request, view: WorkerView) -> list[str]:
@@ -222,7 +242,7 @@ def misfits(req: Request, view: WorkerView, *, when_idle: bool = False) -> Itera
     else:
         for capability, value, have in _missing_capabilities(req, view):
             what = f"no {value} {CAPABILITY_WORDS.get(capability, capability)}"
-            fix = CAPABILITY_FIX.get((capability, value))
+            fix = CAPABILITY_FIX.get((capability, value)) or _any_value_fix(capability, value)
             yield _both("capability", "have", "has", what, f"has {', '.join(have) or 'none'}", fix)
     missing = _missing_tags(req, view)
     if missing:
@@ -243,6 +263,11 @@ def misfits(req: Request, view: WorkerView, *, when_idle: bool = False) -> Itera
             which = f"{req.gpu_type} " if req.gpu_type.lower() != "any" else ""
             counted = "GPU(s) in all" if when_idle else "free GPU(s)"
             figures = f"{len(pool)} {counted} ({kinds}), needs {req.gpu_count} {which}GPU(s)"
+            if req.gpu_mem:
+                # An estimate is seldom a whole number of units: shown in GiB, to a tenth.
+                whole = req.gpu_mem % (1 << 30) == 0
+                shown = format_memory(req.gpu_mem) if whole else f"{req.gpu_mem / (1 << 30):.1f}Gi"
+                figures += f" of {shown} or more"
             yield _both("gpu", "have", "has", f"too few {'GPUs in all' if when_idle else 'free GPUs'}", figures)
     if not when_idle and view.slots_free < 1:
         yield Misfit(

@@ -9,14 +9,17 @@ refuses it when the owner is at a limit.
 Which waiting task goes first (the fair-share rule, also in docs/operations.md):
 
 1. Higher ``priority`` first, always: fairness only orders tasks of equal priority.
-2. Among equal priorities, the task whose owner holds the fewest tasks right now (assigned or
-   running, counting the placements made earlier in the same pass) goes first, so users take
-   turns and one user's backlog cannot starve another user's task submitted later.
+2. Among equal priorities, the task whose owner has the smallest ``(decayed usage + held) / weight``
+   goes first (see :mod:`.fairshare`): decayed usage is their finished work with a half-life
+   (MLOC_FAIR_SHARE_HALF_LIFE_SEC), held the tasks they have assigned or running now (counting the
+   placements made earlier in the same pass) at what a typical recent task cost, and weight the
+   admin's (default 1). So a user who ran little lately goes before one who ran much, users with
+   nothing finished take turns, and one user's backlog cannot starve another user's task.
 3. Ties go to the task submitted first.
 
-A user at their quota is skipped (their tasks wait with the reason) and the pass goes on with the
-other users' tasks. A retry waits out its backoff in a separate index and joins the queues when
-it is due (:meth:`Scheduler.promote_retries`).
+A user at their quota, or with an exhausted budget (:mod:`.budgets`), is skipped (their tasks wait
+with the reason) and the pass goes on with the other users' tasks. A retry waits out its backoff
+in a separate index and joins the queues when it is due (:meth:`Scheduler.promote_retries`).
 """
 
 from __future__ import annotations
@@ -35,8 +38,13 @@ from typing import Any
 import orjson
 
 from mloc import keys, lua, moves
+from mloc.orchestrator import budgets, fairshare
+from mloc.orchestrator.backfill import Backfill, Gate
+from mloc.orchestrator.eta import DurationHistory
 from mloc.orchestrator.placement import Request, explain, fits_now, fits_registration, usable_gpus
+from mloc.orchestrator.standing import OwnerStanding, Standings
 from mloc.records import Assignment, NewTask, WorkerStatus, WorkerView
+from mloc.settings import DEFAULT_FAIR_SHARE_HALF_LIFE_SEC
 from mloc.state import Refusal, TaskState
 from mloc.store import Apply, Change, Coalescer, Reservation, TaskStore
 from mloc.workers import WorkerRegistry
@@ -97,6 +105,10 @@ class _Owner:
     max_tasks: int
     max_gpus: int
     next: int = 0
+    standing: OwnerStanding = field(default_factory=OwnerStanding)
+
+    def share_key(self, unit: float) -> float:
+        return fairshare.share_key(self.standing.cost, self.tasks, unit, self.standing.weight)
 
 
 @dataclass
@@ -123,8 +135,15 @@ class Scheduler:
         heartbeat_ttl_sec: float,
         user_max_tasks: int = 0,
         user_max_gpus: int = 0,
+        backfill_after_sec: float = 0.0,
+        history: DurationHistory | None = None,
+        fair_share_half_life_sec: float = DEFAULT_FAIR_SHARE_HALF_LIFE_SEC,
     ) -> None:
         self.store = store
+        # Fair-share usage and weights, and budgets spent, of the owners a pass or a submit looks at.
+        self.standings = Standings(store.redis, half_life_sec=fair_share_half_life_sec)
+        # The worker kept for a big task that waited long enough (see :mod:`.backfill`).
+        self.backfill = Backfill(store, history or DurationHistory(store), after_sec=backfill_after_sec)
         # Placements asked for by concurrent submits go to Redis together.
         self.mover = Coalescer(store)
         self.registry = registry
@@ -150,6 +169,8 @@ class Scheduler:
         self._by_id: dict[str, WorkerView] = {}
         self._versions: dict[str, int] = {}
         self._rankings: dict[Request, list[tuple[tuple[int, ...], int, str]]] = {}
+        # The held worker is left out of the rankings (see :meth:`_candidates`): the one they left out.
+        self._ranked_without: str | None = None
 
     def _statically_fitting(self, req: Request, views: list[WorkerView]) -> dict[str, tuple[int, ...]]:
         """Workers whose registration fits ``req``, each with the GPUs (lowest index first) of the
@@ -178,41 +199,62 @@ class Scheduler:
         return fit
 
     def _candidates(
-        self, req: Request, views: list[WorkerView], avoid: frozenset[str]
+        self, req: Request, views: list[WorkerView], avoid: frozenset[str], gate: Gate | None = None
     ) -> Iterator[tuple[WorkerView, list[int]]]:
         """Workers that can take ``req`` now, best first, with the GPUs it would get on each: the
         checks of :func:`misfit`, split so the part fixed at registration is done once per shape.
-        Asking for the next one means the previous was refused in Redis: it is left out."""
+        Asking for the next one means the previous was refused in Redis: it is left out. The worker
+        held for a waiting task is offered only where ``gate`` admits the task (see :mod:`.backfill`)."""
         fit = self._statically_fitting(req, views)
+        held = self.backfill.held_worker
         if avoid:
             # Replicas of one task go to different workers where they can: a ranking of its own.
             ranked = []
             for view in views:
                 gpus = fits_now(req, view, fit.get(view.worker_id))
-                if gpus is not None:
+                if gpus is not None and (view.worker_id != held or gate is None or gate.admits(req, gpus)):
                     ranked.append(((view.worker_id in avoid, *_score(req, view)), view, gpus))
             ranked.sort(key=itemgetter(0))
             yield from ((view, gpus) for _, view, gpus in ranked)
             return
+        if held != self._ranked_without:
+            self._rankings, self._ranked_without = {}, held
+        # The held worker stays out of the rankings, which tasks of one shape share whatever the hold
+        # says of each, and is offered beside them to the tasks it admits.
+        extra = None
+        held_view = self._by_id.get(held) if held is not None else None
+        if held_view is not None and held in fit:
+            held_gpus = fits_now(req, held_view, fit[held])
+            if held_gpus is not None and (gate is None or gate.admits(req, held_gpus)):
+                extra = (_score(req, held_view), held_view, held_gpus)
         heap = self._rankings.get(req)
         if heap is None:
             heap = []
             for view in views:
-                if fits_now(req, view, fit.get(view.worker_id)) is not None:
+                if view.worker_id != held and fits_now(req, view, fit.get(view.worker_id)) is not None:
                     heap.append((_score(req, view), self._versions.get(view.worker_id, 0), view.worker_id))
             heapq.heapify(heap)
             self._rankings[req] = heap
-        while heap:
-            _, version, worker_id = heap[0]
-            view = self._by_id[worker_id]
-            gpus = fits_now(req, view, fit.get(worker_id))
-            current = self._versions.get(worker_id, 0)
-            if gpus is None or version != current:
-                heapq.heappop(heap)
-                if gpus is not None:  # changed by a placement: ranked again
-                    heapq.heappush(heap, (_score(req, view), current, worker_id))
+        while heap or extra is not None:
+            top = None
+            if heap:
+                _, version, worker_id = heap[0]
+                view = self._by_id[worker_id]
+                gpus = fits_now(req, view, fit.get(worker_id))
+                current = self._versions.get(worker_id, 0)
+                if gpus is None or version != current:
+                    heapq.heappop(heap)
+                    if gpus is not None:  # changed by a placement: ranked again
+                        heapq.heappush(heap, (_score(req, view), current, worker_id))
+                    continue
+                top = (view, gpus)
+            if extra is not None and (top is None or extra[0] < heap[0][0]):
+                yield extra[1], extra[2]
+                extra = None
                 continue
-            yield view, gpus
+            if top is None:
+                break
+            yield top
             if heap and heap[0][2] == worker_id and heap[0][1] == version:
                 heapq.heappop(heap)
 
@@ -266,16 +308,27 @@ class Scheduler:
         """Try to place one pending task now; on failure record why it waits. ``create`` is the task's
         new record when it is not stored yet: it is stored with the first placement attempt."""
         placement = Placement(worker_id=None)
+        held = await self.standings.holding(owner, req)
+        if held is not None:
+            # An exhausted budget: no worker is tried; a pass places the task once the budget allows.
+            placement.pending_reason = held
+            if create is not None:
+                await self.store.insert([replace(create, pending_reason=held, unschedulable=False)])
+            elif held != current_reason:
+                await self.store.set_fields(task_id, {"pending_reason": held, "unschedulable": "0"})
+            return placement
+        gate = await self.backfill.gate(task_id, req, document)
         for attempt in range(3):
             views = await self.views(fresh=attempt > 0)
             tried = len(placement.tried)
-            for view, gpus in self._candidates(req, views, avoid):
+            for view, gpus in self._candidates(req, views, avoid, gate):
                 change = self._place_change(task_id, req, owner, document, view.worker_id, gpus)
                 outcome = await self.mover.apply(task_id, change, create=create)
                 create = None
                 placement.tried.append(view.worker_id)
                 if outcome.ok:
                     self._placed_on(view, req, gpus)
+                    self.backfill.placed(task_id, view.worker_id, req, gpus, gate)
                     placement.worker_id = view.worker_id
                     return placement
                 if outcome.error == Refusal.QUOTA:
@@ -296,7 +349,7 @@ class Scheduler:
                     continue  # none fits on a snapshot that may predate a worker that just joined
                 break  # no worker fits even on paper: a fresh snapshot will not change that now
         views = await self.views()
-        reason, never = explain(req, views)
+        reason, never = self._why_waiting(task_id, req, views)
         placement.pending_reason, placement.unschedulable = reason, never
         if create is not None:
             await self.store.insert([replace(create, pending_reason=reason, unschedulable=never)])
@@ -328,13 +381,24 @@ class Scheduler:
             },
         )
 
-    def choose(self, req: Request, views: list[WorkerView]) -> tuple[WorkerView, list[int]] | None:
-        """The best worker for ``req`` on the snapshot, with the GPUs it would take, counted as
-        taken there at once (so the next choice of a batch sees it); None when none has room now."""
-        choice = next(self._candidates(req, views, frozenset()), None)
+    def choose(
+        self, req: Request, views: list[WorkerView], task_id: str | None = None
+    ) -> tuple[WorkerView, list[int]] | None:
+        """The best worker for ``req`` (of the waiting task ``task_id``; None for a new one) on the
+        snapshot, with the GPUs it would take, counted as taken there at once (so the next choice of
+        a batch sees it); None when none has room now."""
+        gate = self.backfill.admission(task_id, req)
+        choice = next(self._candidates(req, views, frozenset(), gate), None)
         if choice is not None:
             self._placed_on(choice[0], req, choice[1])
+            self.backfill.placed(task_id or "", choice[0].worker_id, req, choice[1], gate)
         return choice
+
+    def _why_waiting(self, task_id: str, req: Request, views: list[WorkerView]) -> tuple[str, bool]:
+        """The pending reason and whether no worker could ever run the task: the hold's words where
+        it is the cause (see :mod:`.backfill`), else :func:`explain`'s."""
+        held = self.backfill.reason(task_id, req, views)
+        return (held, False) if held is not None else explain(req, views)
 
     async def commit(self, decisions: list[Decision]) -> list[Placement]:
         """Make placements chosen on the snapshot, all in a few round trips: documents not at hand
@@ -453,6 +517,10 @@ class Scheduler:
                     max_gpus=int(self.user_max_gpus if quota[1] is None else quota[1]),
                 )
             )
+        # Fair-share usage, weights and budgets of all of them: one more round trip per pass.
+        standings = await self.standings.read([owner.name for owner in owners])
+        for owner in owners:
+            owner.standing = standings[owner.name]
         return owners
 
     async def _drop_stale(self, task_id: str, owner: str) -> None:
@@ -466,8 +534,9 @@ class Scheduler:
         """One pass over waiting tasks (about ``limit`` of them; with ``quick``, only about as many as
         the workers have room for); returns how many were placed.
 
-        Tasks are taken by the fair-share rule of this module: priority first, then the user holding
-        the fewest tasks, then submission order. A user at quota is passed over for this pass.
+        Tasks are taken by the fair-share rule of this module: priority first, then the user with the
+        least decayed usage and holdings for their weight, then submission order. A user at quota is
+        passed over for this pass, and so are their tasks an exhausted budget holds.
         """
         async with self._lock:
             await self.promote_retries()
@@ -481,6 +550,7 @@ class Scheduler:
                 limit = min(limit, max(PASS_FLOOR, 2 * free))
             owners = await self._read_queues(limit)
             if not owners:
+                await self.backfill.forget()
                 return 0
             # A request that found no worker in this pass will not find one for an identical request
             # either (capacity only shrinks within a pass), so those are skipped, keeping a pass cheap
@@ -491,13 +561,17 @@ class Scheduler:
             decisions: list[Decision] = []
             # Chosen on one snapshot, the placements are then made together (see :meth:`commit`).
             views = await self.views()
-            heap: list[tuple[int, int, int, int]] = []
+            waiting = [task for owner in owners for task in owner.waiting]
+            await self.backfill.plan(waiting, views, full=not quick)
+            heap: list[tuple[int, float, int, int]] = []
+            # What one held task counts for in the fair-share order: a typical recent task's cost.
+            unit = fairshare.typical_cost((o.standing.cost, o.standing.count) for o in owners)
 
             def push(index: int) -> None:
                 owner = owners[index]
                 if owner.next < len(owner.waiting):
                     head = owner.waiting[owner.next]
-                    heapq.heappush(heap, (-head.priority, owner.tasks, head.created_ms, index))
+                    heapq.heappush(heap, (-head.priority, owner.share_key(unit), head.created_ms, index))
 
             def wait_all(owner: _Owner, reason: str) -> None:
                 for task in owner.waiting[owner.next :]:
@@ -516,16 +590,21 @@ class Scheduler:
                 task = owner.waiting[owner.next]
                 owner.next += 1
                 req = Request.from_json(json.loads(task.req_json))
-                if owner.max_gpus > 0 and req.gpu_count > 0 and owner.gpus + req.gpu_count > owner.max_gpus:
+                exhausted = owner.standing.exhausted
+                held = budgets.holding(exhausted, req) if exhausted else None
+                if held is not None:
+                    if task.reason != held:
+                        reasons[task.task_id] = held
+                elif owner.max_gpus > 0 and req.gpu_count > 0 and owner.gpus + req.gpu_count > owner.max_gpus:
                     reason = quota_reason(owner.name, "gpus", owner.gpus, owner.max_gpus, req.gpu_count)
                     if task.reason != reason:
                         reasons[task.task_id] = reason
-                elif task.req_json not in no_room:
-                    choice = self.choose(req, views)
+                elif task.req_json not in no_room or self.backfill.holds_for(task.task_id):
+                    choice = self.choose(req, views, task.task_id)
                     if choice is None:
                         # Capacity only shrinks within a pass: an identical request finds no room either.
                         no_room.add(task.req_json)
-                        reason, never = explain(req, views)
+                        reason, never = self._why_waiting(task.task_id, req, views)
                         if reason != task.reason:
                             reasons[task.task_id] = reason
                             unschedulable[task.task_id] = never
@@ -546,6 +625,7 @@ class Scheduler:
                         owner.gpus += req.gpu_count
                 push(index)
             placed = sum(p.worker_id is not None for p in await self.commit(decisions))
+            await self.backfill.settle(read={task.task_id for task in waiting})
             if reasons:
                 pipe = self.store.redis.pipeline(transaction=False)
                 for task_id, reason in reasons.items():

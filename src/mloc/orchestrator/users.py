@@ -70,8 +70,9 @@ async def add_user(redis: aioredis.Redis, name: str, quota: Quota | None = None)
         raise Conflict(f"user {name!r} exists; remove it first to issue a new token")
     pipe = redis.pipeline(transaction=True)
     pipe.set(keys.user_token(hash_token(token)), name)
-    # A quota left behind by an earlier user of the same name does not carry over.
-    pipe.delete(keys.user_quota(name))
+    # A quota, budgets or weight left behind by an earlier user of the same name do not carry over.
+    pipe.delete(keys.user_quota(name), keys.user_budget(name))
+    pipe.hdel(keys.user_fair_share(name), "weight")
     await pipe.execute()
     if quota is not None:
         await set_quota(redis, name, quota)
@@ -83,7 +84,8 @@ async def remove_user(redis: aioredis.Redis, name: str) -> None:
     if raw is None:
         raise NotFound(f"user {name!r} not found")
     pipe = redis.pipeline(transaction=True)
-    pipe.delete(keys.user_token(json.loads(raw)["token_hash"]), keys.user_quota(name))
+    pipe.delete(keys.user_token(json.loads(raw)["token_hash"]), keys.user_quota(name), keys.user_budget(name))
+    pipe.hdel(keys.user_fair_share(name), "weight")
     pipe.hdel(keys.USERS, name)
     await pipe.execute()
 

@@ -13,6 +13,7 @@ from mloc.spec.quantity import format_cpu, format_memory, parse_cpu, parse_memor
 API_VERSION = "mloc/v1"
 NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$"
 _NAME = re.compile(NAME_PATTERN)
+TASK_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 # On a task whose spec.timeout_sec is the admin's default (MLOC_TASK_TIMEOUTS), not the user's: where it came from.
@@ -104,6 +105,7 @@ class SourceType(StrEnum):
     LOCAL = "local"
     PACKAGE = "package"
     URL = "url"  # https://.../model.gguf, or s3://bucket/key (a .gguf, or a folder of an HF model)
+    TASK = "task"  # the id of a training task whose merged model to load (what source.from becomes)
 
 
 URL_SCHEMES = ("https://", "http://", "s3://")
@@ -117,16 +119,23 @@ def is_url(value: str) -> bool:
 class ModelSource(Strict):
     type: SourceType = SourceType.HUGGINGFACE
     identifier: str = Field(
-        ...,
-        min_length=1,
+        "",
         max_length=512,
         description=(
             "Hub id (downloaded by the worker unless cached), a local folder or .gguf file, a packaged model "
-            "name, or a URL (https://.../x.gguf, s3://bucket/key)."
+            "name, a URL (https://.../x.gguf, s3://bucket/key), or with type task a training task's id."
         ),
     )
     revision: str | None = Field(
         None, max_length=256, description="Hub branch, tag or commit; unset means the repo's default branch."
+    )
+    from_: str | None = Field(
+        None,
+        alias="from",
+        min_length=1,
+        max_length=253,
+        description="Instead of an identifier: a training task with hyperparameters.merge_adapter: true (a name "
+        "in the same submission, or an id) whose merged model to load; the task waits for it.",
     )
 
     @model_validator(mode="before")
@@ -145,6 +154,33 @@ class ModelSource(Strict):
 
     @model_validator(mode="after")
     def _url_shape(self) -> ModelSource:
+        if self.from_ is not None:
+            # Checked by value, not by the fields given: the wire form repeats the defaults.
+            given = [
+                name
+                for name, value in (("identifier", self.identifier), ("revision", self.revision))
+                if value is not None and value != ""
+            ]
+            if self.type != SourceType.HUGGINGFACE:
+                given.append("type")
+            if given:
+                raise ValueError(
+                    f"model.source has 'from' and {', '.join(given)}; 'from' names the training task whose merged "
+                    "model to load: keep it alone, or drop it and name the model"
+                )
+            return self
+        if not self.identifier:
+            raise ValueError(
+                "model.source needs 'identifier' (a hub id, local folder, packaged model name or URL) or 'from' "
+                "(a training task whose merged model to load)"
+            )
+        if self.type == SourceType.TASK:
+            if not TASK_ID.match(self.identifier) or self.revision is not None:
+                raise ValueError(
+                    f"source type task takes the full id of a training task that merged its adapter, not "
+                    f"{self.identifier[:80]!r}; `mloc tasks` lists ids (or write source.from with its name)"
+                )
+            return self
         if self.type == SourceType.URL:
             if not is_url(self.identifier) or len(self.identifier.split("://", 1)[1].strip("/")) == 0:
                 raise ValueError(
@@ -219,6 +255,64 @@ class ModelSpec(Strict):
     adapter: Adapter | None = None
 
 
+class Condition(Strict):
+    """Run a task only when an eval task's score passes (a quality gate); otherwise it is skipped
+    (cancelled, the scores in its reason). The task waits for the eval tasks it names."""
+
+    from_: str = Field(
+        ...,
+        alias="from",
+        min_length=1,
+        max_length=253,
+        description="The eval task whose score decides: a name in the same submission, or an id.",
+    )
+    score: str = Field(
+        ...,
+        min_length=3,
+        max_length=300,
+        description="'<task>/<metric>' as the eval task's scores name it, e.g. 'arith/acc' or 'hellaswag/acc_norm'.",
+    )
+    min: float | None = Field(None, description="Run only if the score is at least this.")
+    max: float | None = Field(None, description="Run only if the score is at most this (for lower-is-better scores).")
+    beats: str | None = Field(
+        None,
+        min_length=1,
+        max_length=253,
+        description="Another eval task (name or id): run only if the score is higher than that task's same score "
+        "(lower, with lower_is_better).",
+    )
+    lower_is_better: bool = Field(False, description="For 'beats': the lower score wins (perplexity, ter).")
+
+    @field_validator("score")
+    @classmethod
+    def _score(cls, value: str) -> str:
+        task, _, metric = value.partition("/")
+        if not task or not metric:
+            raise ValueError(
+                f"when.score {value[:80]!r} is not '<task>/<metric>'; write the eval task's task name and metric, "
+                "e.g. 'arith/acc' (GET /api/v1/tasks/{id}/metrics lists a finished eval's scores)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _has_test(self) -> Condition:
+        if self.min is None and self.max is None and self.beats is None:
+            raise ValueError("when needs a test: 'min', 'max' and/or 'beats' (another eval task)")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"when.min {self.min} is above when.max {self.max}; no score could pass")
+        if self.beats is not None and self.beats == self.from_:
+            raise ValueError("when.beats names the same task as when.from; name the eval task to compare with")
+        return self
+
+    @property
+    def task(self) -> str:
+        return self.score.partition("/")[0]
+
+    @property
+    def metric(self) -> str:
+        return self.score.partition("/")[2]
+
+
 class SpecBase(Strict):
     """Fields every task type shares; each task type subclasses it and fixes ``task_type``."""
 
@@ -250,6 +344,10 @@ class SpecBase(Strict):
         "fail",
         alias="onDependencyFailure",
         description="When a task it depends on fails or is cancelled: fail this one, or skip it (cancelled).",
+    )
+    when: Condition | None = Field(
+        None,
+        description="Run only if an eval task's score passes (min, max, or beats another eval's); else skipped.",
     )
 
     @field_validator("depends_on")

@@ -27,6 +27,15 @@ FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv"}
 MAX_TASKS = 64
 
 
+def harness_data_fix(name: str) -> str:
+    """How a harness task's data gets onto a worker (workers never download it)."""
+    return (
+        f"on a machine with network access and the worker's HF_HOME run python -c \"from lm_eval.tasks import "
+        f"TaskManager; TaskManager().load(['{name}'])\", copy HF_HOME/datasets to the worker and restart it "
+        "(it advertises the harness tasks whose data it holds); or evaluate a custom task from a local file"
+    )
+
+
 class CustomType(StrEnum):
     MULTIPLE_CHOICE = "multiple_choice"  # the choice the model finds likeliest, against the answer
     EXACT_MATCH = "exact_match"  # the greedy completion against the target, case and punctuation ignored
@@ -196,6 +205,12 @@ class CustomTask(Strict):
         if self.stop is not None:
             return self.stop
         return ["\n"] if self.type == CustomType.EXACT_MATCH else ["\n\n"]
+
+    def score_names(self) -> list[str]:
+        """The metrics the task's scores carry (each with its ``_stderr``)."""
+        if self.type == CustomType.MULTIPLE_CHOICE:
+            return ["acc", "acc_norm"]
+        return [metric.value for metric in self.metrics]
 
     def columns_used(self) -> list[str]:
         """The file's columns this task reads."""

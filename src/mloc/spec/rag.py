@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -61,6 +61,14 @@ class RagOptions(Strict):
         description="Named, persistent collection that later tasks reuse and keep in step with their "
         "documents; unset means a temporary in-memory index for this task only.",
     )
+    collection_from: str | None = Field(
+        None,
+        min_length=1,
+        max_length=253,
+        description="Written 'collection: {from: <task>}': a rag_inference task (a name in the same submission, "
+        "or an id) whose named collection to use, with its vector_db and embedding_model; this task waits for "
+        "it and runs on a worker that can read that collection.",
+    )
     collection_sync: Literal["replace", "append"] = Field(
         "replace",
         description="How a named collection follows the task's documents. replace: it holds exactly "
@@ -84,6 +92,23 @@ class RagOptions(Strict):
         "'Context: ... Question: ... Answer:'.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _collection_reference(cls, data: Any) -> Any:
+        # 'collection: {from: index-step}' is how a reference is written, as model.adapter.from is.
+        if isinstance(data, dict) and isinstance(data.get("collection"), dict):
+            reference = data["collection"]
+            if set(reference) != {"from"} or not isinstance(reference["from"], str):
+                raise ValueError(
+                    "hyperparameters.collection is a name, or {from: <task>} naming the rag_inference task whose "
+                    f"collection to use; got keys {', '.join(map(str, reference)) or 'none'}"
+                )
+            if data.get("collection_from") is not None:
+                raise ValueError("hyperparameters has collection.from and collection_from; keep one")
+            data = {key: value for key, value in data.items() if key != "collection"}
+            data["collection_from"] = reference["from"]
+        return data
+
     @field_validator("collection")
     @classmethod
     def _collection(cls, value: str | None) -> str | None:
@@ -104,7 +129,12 @@ class RagOptions(Strict):
             raise ValueError("chunk_overlap must be smaller than chunk_size")
         if self.vector_db == "chromadb" and self.collection is not None and len(self.collection) < 3:
             raise ValueError(f"collection {self.collection!r} is too short: Chroma needs at least 3 characters")
-        if self.collection is None:
+        if self.collection is not None and self.collection_from is not None:
+            raise ValueError(
+                "hyperparameters has both collection and collection.from; name the collection, or the task that "
+                "indexed it"
+            )
+        if self.collection is None and self.collection_from is None:
             given = [name for name in ("collection_sync", "collection_reset") if name in self.model_fields_set]
             if given:
                 raise ValueError(
@@ -149,7 +179,8 @@ class RagSpec(SpecBase):
 
     @model_validator(mode="after")
     def _corpus(self) -> RagSpec:
-        if not self.documents and self.hyperparameters.collection is None:
+        options = self.hyperparameters
+        if not self.documents and options.collection is None and options.collection_from is None:
             raise ValueError(
                 "no documents: give 'documents' to index, or hyperparameters.collection naming an existing collection"
             )

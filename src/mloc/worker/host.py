@@ -31,6 +31,7 @@ from mloc.llm.cache import share_between_executors
 from mloc.spec import validate
 from mloc.tasklog import Source
 from mloc.worker.capture import END_OF_TASK
+from mloc.worker.peak import PeakMeter
 
 EVENT_FD_ENV = "MLOC_HOST_EVENT_FD"
 WORKER_PID_ENV = "MLOC_WORKER_PID"
@@ -145,6 +146,8 @@ class Host:
             self._cancel.clear()
             if self._current in self._cancelled:
                 self._cancel.set()
+        meter: PeakMeter | None = None
+        outcome: dict[str, Any] = {"ev": "error", "code": "executor_error", "message": "the executor was interrupted"}
         try:
             document = validate(message["document"])
             ctx = RunContext(
@@ -162,21 +165,27 @@ class Host:
             executor = self._executor(document.spec.task_type)
             written_in = getattr(type(executor), "module", type(executor)).__module__.split(".")[0]
             self.own_loggers = ("mloc", written_in)
+            meter = PeakMeter(model_warm=self._holds(document.spec.model_identifier()))
+            meter.start()
             result = executor.run(ctx)
             if not isinstance(result, dict):
                 raise ExecutionError(f"the executor returned {type(result).__name__}, not a result dict")
-            self.emit({"ev": "done", "result": result})
+            outcome = {"ev": "done", "result": result}
         except TaskCancelled as exc:
-            self.emit({"ev": "error", "code": "cancelled", "message": str(exc)})
+            outcome = {"ev": "error", "code": "cancelled", "message": str(exc)}
         except MlocError as exc:
-            self.emit({"ev": "error", "code": exc.code, "message": exc.message})
+            outcome = {"ev": "error", "code": exc.code, "message": exc.message}
         except MemoryError:
-            self.emit({"ev": "error", "code": "out_of_memory", "message": "the executor ran out of memory"})
+            outcome = {"ev": "error", "code": "out_of_memory", "message": "the executor ran out of memory"}
         except Exception as exc:
             text = "".join(traceback.format_exception(exc)).rstrip()
             self.emit({"ev": "log", "level": "ERROR", "source": Source.EXECUTOR, "message": text})
-            self.emit({"ev": "error", "code": "executor_error", "message": f"{type(exc).__name__}: {exc}"})
+            outcome = {"ev": "error", "code": "executor_error", "message": f"{type(exc).__name__}: {exc}"}
         finally:
+            if meter is not None:
+                # Measured before the freed heap goes back to the system; it goes with the outcome.
+                outcome["memory"] = meter.stop()
+            self.emit(outcome)
             # A line break first, in case a library left a line unfinished.
             print(f"\n{END_OF_TASK}", flush=True)
             print(f"\n{END_OF_TASK}", file=sys.stderr, flush=True)
@@ -185,6 +194,11 @@ class Host:
             release_freed_memory()
         warm = [key for ex in self._executors.values() for key in ex.warm_models()]
         self.emit({"ev": "idle", "warm_models": warm})
+
+    def _holds(self, model: str | None) -> bool:
+        """Whether an executor here has ``model`` loaded already (its weights are then not the task's to add)."""
+        warm = {key.split(":", 1)[-1] for ex in self._executors.values() for key in ex.warm_models()}
+        return model is not None and model in warm
 
     def serve(self) -> None:
         _log_to(self)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
-from mloc import artifacts, keys, modelroots, moves, requeue, tasklog
+from mloc import artifacts, keys, memoryhistory, modelroots, moves, requeue, tasklog
 from mloc.errors import ExecutionError, MlocError, NoExecutor, TaskCancelled
 from mloc.executors.base import RunContext, write_json_atomic
 from mloc.executors.registry import executor_for
@@ -24,8 +24,10 @@ from mloc.records import ADMIN, SUBMITTED_BY, Assignment, AssignmentError
 from mloc.settings import Settings
 from mloc.spec import Document, validate
 from mloc.spec.base import TIMEOUT_LABEL
+from mloc.spec.quantity import parse_cpu
 from mloc.state import Reason, StopReason, TaskState
 from mloc.store import Coalescer, TaskStore
+from mloc.worker import outputs
 from mloc.worker.process import HostDied, HostKey, HostPool, HostProcess, default_python
 from mloc.worker.reporter import Reporter
 
@@ -43,6 +45,7 @@ class Running:
     inline_cancel: Any = None  # threading.Event of an inline executor
     document: Document | None = None  # already validated
     kill_timer: asyncio.Task[None] | None = None  # kills the executor if the polite stop fails
+    memory: dict[str, Any] | None = None  # what its executor process measured (mloc.worker.peak)
 
 
 class TaskRunner:
@@ -245,6 +248,7 @@ class TaskRunner:
         try:
             trusted = await self._check_models(task_id, document_data, owner)
             document_data = await self._resolve_adapter(document_data, owner, trusted=trusted)
+            document_data = await outputs.resolve_merged_model(self.redis, document_data, owner, trusted=trusted)
             result = await self._run_executor(run, task_type, document_data, owner, gpus, out_dir, reporter)
             await self._write_result(out_dir / "responses.json", result)
             if self.settings.artifact_store_url:  # published before success is reported, or the task fails
@@ -301,8 +305,13 @@ class TaskRunner:
                 Reason.CANCELLED_BY_USER.value,
                 "cancelled on request",
             )
+        if state == TaskState.CANCELLED and run.stop_reason == StopReason.CANCELLED:
+            # The orchestrator may have said why it stopped the task (a hard budget): that reason shows.
+            note = await self.redis.hget(keys.task(task_id), "cancel_reason")
+            if note:
+                reason = note + reason.removeprefix("cancelled on request")
         finished = time.time()
-        usage = self._usage(reporter, result, finished - started, len(gpus))
+        usage = self._usage(reporter, result, finished - started, len(gpus), _cores(assignment.document))
         daily = self._daily(task_type, state, usage, gpus)
         if crashed and run.stop_reason is None:
             # A dead executor process (most often out of memory) may be the machine's fault, so it is
@@ -341,6 +350,7 @@ class TaskRunner:
                 "reason": reason,
                 "reason_code": reason_code,
                 "cancel_requested": "",
+                **(peak_fields(run.memory, gpus) if run.memory is not None else {}),
             },
             now=finished,
             # Its log line goes with the move, in the same call: one round trip per task, not two.
@@ -368,7 +378,20 @@ class TaskRunner:
             return False
         if state != TaskState.SUCCEEDED:
             log.info("task %s %s: %s", task_id, state, reason)
+        elif run.memory is not None:
+            await self._compare_with_estimate(task_id, run.memory, gpus)
         return True
+
+    async def _compare_with_estimate(self, task_id: str, memory: dict[str, Any], gpus: list[int]) -> None:
+        """Keep how the run's peak compares with admission's estimate, for the next estimate of its kind."""
+        try:
+            raw = await self.redis.hget(keys.task(task_id), "memory_estimate")
+            estimate = json.loads(raw) if raw else None
+            if isinstance(estimate, dict):
+                device = "gpu" if gpus and memory.get("gpu_peak_bytes") else "cpu"
+                await memoryhistory.remember(self.redis, task_id, estimate, memory, device=device)
+        except (aioredis.RedisError, ValueError) as exc:
+            log.warning("task %s: its memory peak was not compared with its estimate (%s)", task_id, exc)
 
     def _logged(self, *lines: tasklog.Line) -> dict[str, Any]:
         """A :class:`Change`'s log part: ``lines`` written into the task's log with the move."""
@@ -496,6 +519,7 @@ class TaskRunner:
         finally:
             run.host = None
             await self.pool.release(host)
+        run.memory = outcome.get("memory")
         if outcome["ev"] == "done":
             return outcome["result"]
         message = outcome.get("message", "the executor failed")
@@ -506,7 +530,9 @@ class TaskRunner:
         raise ExecutionError(message)
 
     @staticmethod
-    def _usage(reporter: Reporter, result: dict[str, Any] | None, wall: float, gpu_count: int) -> dict[str, float]:
+    def _usage(
+        reporter: Reporter, result: dict[str, Any] | None, wall: float, gpu_count: int, cores: float
+    ) -> dict[str, float]:
         usage = dict(reporter.usage)
         if not usage and result and isinstance(result.get("usage"), dict):
             usage = {
@@ -516,6 +542,8 @@ class TaskRunner:
             }
         usage["wall_sec"] = round(wall, 6)
         usage["gpu_seconds"] = round(wall * gpu_count, 6)
+        # Like GPU-seconds, what the task kept from others: wall time times the cores it asked for.
+        usage.setdefault("cpu_seconds", round(wall * cores, 6))
         return usage
 
     def _daily(self, task_type: str, state: TaskState, usage: dict[str, float], gpus: list[int]) -> dict[str, float]:
@@ -528,6 +556,7 @@ class TaskRunner:
         for name in (
             "wall_sec",
             "gpu_seconds",
+            "cpu_seconds",
             "prompt_tokens",
             "completion_tokens",
             "total_tokens",
@@ -541,3 +570,22 @@ class TaskRunner:
             model = names.get(gpus[0], "gpu")
             daily[f"gpu_seconds.{model}"] = usage["gpu_seconds"]
         return daily
+
+
+def _cores(document: dict[str, Any]) -> float:
+    """The CPU cores a task asked for (one when it named none: it runs on at least one)."""
+    hardware = ((document.get("spec") or {}).get("resources") or {}).get("hardware") or {}
+    try:
+        milli = parse_cpu(hardware.get("cpu") or 0)
+    except ValueError:
+        milli = 0
+    return milli / 1000 if milli else 1.0
+
+
+def peak_fields(memory: dict[str, Any], gpus: list[int]) -> dict[str, str]:
+    """The task hash fields of a run's measured memory: the peak (on the fullest GPU where torch used
+    the task's GPUs, else the RSS of its executor process tree) and the figures behind it."""
+    gpu = memory.get("gpu_peak_bytes") if gpus else None
+    peak = int(gpu) if gpu else int(memory.get("rss_peak_bytes") or 0)
+    detail = {**memory, "device": "gpu" if gpu else "cpu"}
+    return {"memory_peak_bytes": str(peak), "memory_peak": json.dumps(detail)}

@@ -20,6 +20,7 @@ from mloc import __version__, keys
 from mloc.errors import ConfigError
 from mloc.executors.registry import available_task_types, capabilities
 from mloc.llm.downloads import held_models
+from mloc.llm.factsources import held_model_facts
 from mloc.records import Registration, WorkerStatus, heartbeat_fields
 from mloc.requeue import Backoff, hand_back
 from mloc.settings import Settings
@@ -52,6 +53,8 @@ class Worker(TaskRunner):
         # Used only for tasks stored without their own policy (submitted to an older orchestrator).
         self.backoff = Backoff(settings.retry_backoff_sec, settings.retry_backoff_max_sec)
         self.max_requeues = settings.max_requeues
+        # The model facts last published (registration or heartbeat): sent again only when they change.
+        self._published_facts: dict[str, Any] | None = None
 
     def _offered_task_types(self) -> list[str]:
         """Task types this worker runs: those its own environment has, plus those an interpreter in
@@ -94,6 +97,7 @@ class Worker(TaskRunner):
 
     async def register(self) -> None:
         await self._recover(Reason.WORKER_RESTARTED, f"worker {self.worker_id} restarted")
+        facts = await asyncio.to_thread(held_model_facts, self.models_dir, hf_cache=hf_hub_cache())
         await self.registry.register(
             Registration(
                 worker_id=self.worker_id,
@@ -108,8 +112,10 @@ class Worker(TaskRunner):
                 memory_bytes=self.hardware["memory_bytes"],
                 slots=self.settings.worker_slots,
                 version=__version__,
+                model_facts=facts,
             )
         )
+        self._published_facts = facts
         log.info(
             "worker %s registered: topics %s, task types %s, %d GPU(s), results in %s",
             self.worker_id,
@@ -130,7 +136,11 @@ class Worker(TaskRunner):
                     m for r in self.running.values() if r.host for m in r.host.warm_models
                 }
                 held = await asyncio.to_thread(held_models, self.models_dir, hf_cache=hf_hub_cache())
-                answer = await self.registry.heartbeat(self.worker_id, heartbeat_fields(warm, held))
+                facts = await asyncio.to_thread(held_model_facts, self.models_dir, hf_cache=hf_hub_cache())
+                changed = facts if facts != self._published_facts else None
+                answer = await self.registry.heartbeat(self.worker_id, heartbeat_fields(warm, held, changed))
+                if answer == "ok":
+                    self._published_facts = facts
                 if answer != "ok":
                     log.warning(
                         "worker %s was marked %s; stopping its tasks and registering again",

@@ -11,6 +11,7 @@ runs, not with this module.
 from __future__ import annotations
 
 import contextlib
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -38,6 +39,12 @@ def vectors_dir(ctx: RunContext) -> Path:
     from mloc.settings import Settings
 
     return Settings().vectors_dir or ctx.models_dir.parent / "vectors"
+
+
+def vector_store(folder: Path) -> str:
+    """The name of a vectors folder across the fleet (host:path): a task that uses a collection another
+    task indexed is placed on a worker that advertises the same one."""
+    return f"{socket.gethostname()}:{folder.expanduser().resolve()}"
 
 
 def format_context(hits: Sequence[Hit]) -> str:
@@ -80,8 +87,11 @@ class RagExecutor(Executor):
     def capabilities(cls) -> dict[str, Any]:
         """The LLM engines answers can be generated with, so a task naming one lands where it exists."""
         from mloc.llm.loader import available_engines
+        from mloc.settings import Settings
 
-        return {"engines": available_engines()}
+        settings = Settings()
+        folder = settings.vectors_dir or settings.resolved_models_dir.resolve().parent / "vectors"
+        return {"engines": available_engines(), "vector_stores": [vector_store(folder)]}
 
     def warm_models(self) -> list[str]:
         return self.engines.warm_models()
@@ -196,6 +206,12 @@ class RagExecutor(Executor):
                 ctx.add_usage(embedded_chunks=report.chunks["added"])
                 result["usage"]["embedded_chunks"] = report.chunks["added"]
                 result["index"] = {**report.to_dict(), "collection_size": total}
+                if options.collection:
+                    result.update(
+                        collection=options.collection,
+                        vector_db=options.vector_db,
+                        vector_store=vector_store(vectors_dir(ctx)),
+                    )
                 return result
             hits = retriever.search(spec.questions, options.retrieval_k, options.min_score)
         indexed_sec = time.perf_counter() - started
@@ -257,6 +273,7 @@ class RagExecutor(Executor):
             "embedding_model": options.embedding_model,
             "vector_db": options.vector_db,
             "collection": options.collection,
+            **({"vector_store": vector_store(vectors_dir(ctx))} if options.collection else {}),
             "index": {
                 **report.to_dict(),
                 "collection_size": total,

@@ -281,3 +281,76 @@ def test_artifacts_through_an_s3_compatible_server(cluster_factory: Any, tmp_pat
             client.close()
     finally:
         server.stop()
+
+
+# ------------------------------------------------------------- outputs loaded on another host's worker
+def test_an_output_folder_missing_here_is_copied_once_from_the_store(tmp_path: Path) -> None:
+    from mloc.worker.outputs import ADAPTER, _copy_from_store
+
+    task_id = str(uuid.uuid4())
+    trained = task_folder(tmp_path / "trainer-results" / task_id)
+    settings = Settings.model_validate({"MLOC_ARTIFACT_STORE": f"file://{tmp_path / 'store'}"})
+    ArtifactStore(f"file://{tmp_path / 'store'}").publish(task_id, 2, "trainer", trained)
+    models = tmp_path / "models"
+
+    copied = Path(_copy_from_store(settings, models, task_id, 2, str(trained / "adapter"), ADAPTER))
+    assert copied == models / "task-outputs" / task_id / "2" / "adapter"
+    assert (copied / "weights.bin").read_bytes() == (trained / "adapter" / "weights.bin").read_bytes()
+    assert [p.name for p in copied.parent.iterdir()] == ["adapter"]  # no staging folder left behind
+    # Kept: a later task on this worker loads the copy without reading the store.
+    shutil.rmtree(tmp_path / "store")
+    assert _copy_from_store(settings, models, task_id, 2, str(trained / "adapter"), ADAPTER) == str(copied)
+
+    from mloc.errors import ExecutionError
+
+    with pytest.raises(ExecutionError, match=r"not among its files in the artifact store .* \(attempt 3\)"):
+        _copy_from_store(settings, models, task_id, 3, str(trained / "adapter"), ADAPTER)
+    with pytest.raises(
+        ExecutionError, match="on the disk of the worker that ran it, not on this one; set MLOC_ARTIFACT"
+    ):
+        _copy_from_store(Settings(), models, str(uuid.uuid4()), 1, "/elsewhere/adapter", ADAPTER)
+
+
+@pytest.mark.extra("train", "inference")
+def test_an_adapter_and_a_merged_model_trained_on_one_host_load_on_another(
+    cluster_factory: Any, tmp_path: Path
+) -> None:
+    store = tmp_path / "shared-store"
+    cluster = cluster_factory(
+        tmp_path,
+        {"MLOC_ARTIFACT_STORE": f"file://{store}"},
+        [
+            {"WORKER_TAGS": "trainer", "RESULTS_DIR": str(tmp_path / "trainer-results")},
+            {"WORKER_TAGS": "server", "RESULTS_DIR": str(tmp_path / "server-results")},
+        ],
+    )
+    tiny = {"source": {"type": "package", "identifier": "mloc-tiny-llama"}, "engine": "transformers"}
+    prompt = {"max_tokens": 3, "temperature": 0, "prompts": ["Question: 2 plus 2?\nAnswer:"]}
+    admin = Client(cluster.api_url, ADMIN_TOKEN)
+    try:
+        sft = {
+            "taskType": "sft",
+            "model": {"source": tiny["source"], "adapter": {"r": 4, "lora_alpha": 8}},
+            "dataset": {"examples": [{"prompt": "Question: 2 plus 2?\nAnswer:", "completion": " 4"}] * 4},
+            "hyperparameters": {"max_steps": 2, "batch_size": 2, "merge_adapter": True, "save_steps": 10},
+            "resources": {"tags": ["trainer"]},
+        }
+        trained = admin.wait(admin.submit({"spec": sft})["task_id"], timeout=300)
+        assert trained["state"] == "succeeded", trained["reason"]
+        # The trainer's disk is another host's: this one cannot read it.
+        shutil.rmtree(tmp_path / "trainer-results" / trained["task_id"])
+        serve = {"taskType": "inference", "inference": prompt, "resources": {"tags": ["server"]}}
+        with_adapter = {**serve, "model": {**tiny, "adapter": {"path": trained["task_id"]}}}
+        merged = {
+            **serve,
+            "model": {"source": {"type": "task", "identifier": trained["task_id"]}, "engine": "transformers"},
+        }
+        for spec, folder in ((with_adapter, "adapter"), (merged, "merged")):
+            record = admin.wait(admin.submit({"spec": spec})["task_id"], timeout=300)
+            assert record["state"] == "succeeded", (folder, record["reason"])
+            assert record["worker_id"] == "local-2"
+        copies = tmp_path / "home" / "models" / "task-outputs" / trained["task_id"] / "1"
+        assert sorted(p.name for p in copies.iterdir()) == ["adapter", "merged"], list(copies.iterdir())
+        assert (copies / "adapter" / "adapter_config.json").is_file()
+    finally:
+        admin.close()

@@ -247,8 +247,9 @@ class TaskRunner:
         crashed = False
         try:
             trusted = await self._check_models(task_id, document_data, owner)
-            document_data = await self._resolve_adapter(document_data, owner, trusted=trusted)
-            document_data = await outputs.resolve_merged_model(self.redis, document_data, owner, trusted=trusted)
+            document_data = await outputs.resolve_task_outputs(
+                self.redis, self.settings, self.models_dir, document_data, owner, trusted=trusted
+            )
             result = await self._run_executor(run, task_type, document_data, owner, gpus, out_dir, reporter)
             await self._write_result(out_dir / "responses.json", result)
             if self.settings.artifact_store_url:  # published before success is reported, or the task fails
@@ -422,28 +423,6 @@ class TaskRunner:
         if refused:
             raise ExecutionError(refused)
         return False
-
-    async def _resolve_adapter(self, document_data: dict[str, Any], owner: str, *, trusted: bool) -> dict[str, Any]:
-        """Turn ``model.adapter.path`` naming a training task into the adapter that task produced;
-        only the owner's own tasks, unless the task is ``trusted`` (the admin's)."""
-        adapter = (document_data["spec"].get("model") or {}).get("adapter") or {}
-        reference = adapter.get("path") or ""
-        if not modelroots.TASK_ID.match(reference):
-            return document_data
-        fields = await self.redis.hmget(keys.task(reference), "owner", "state", "artifacts")
-        if fields[1] is None or (fields[0] != owner and not trusted):
-            # A user hears the same of another user's task as of none at all.
-            what = "does not exist" if trusted else "is not one of your tasks"
-            raise ExecutionError(f"model.adapter.path names task {reference}, which {what}")
-        produced = json.loads(fields[2] or "{}").get("adapter")
-        if fields[1] != TaskState.SUCCEEDED or not produced:
-            raise ExecutionError(
-                f"task {reference} has no adapter to load (it is {fields[1]}); name a succeeded sft, dpo, grpo or "
-                "ppo task, or a LoRA folder"
-            )
-        resolved = json.loads(json.dumps(document_data))
-        resolved["spec"]["model"]["adapter"]["path"] = produced["path"]
-        return resolved
 
     @staticmethod
     async def _write_result(path: Path, result: dict[str, Any]) -> None:

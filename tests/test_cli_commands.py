@@ -26,7 +26,7 @@ from mloc.cli.stats import parse_day
 from mloc.client import Client
 from mloc.localcluster import LocalCluster
 from tests.support.api import wait_until
-from tests.test_cli import REPO, mloc
+from tests.support.cli import REPO, mloc
 
 SLEEPER = {"taskType": "echo", "hyperparameters": {"sleep_sec": 8, "steps": 8}}
 

@@ -14,7 +14,7 @@ import redis
 from mloc import keys
 from mloc.client import TERMINAL, Client
 from mloc.localcluster import LocalCluster
-from tests.test_cli import mloc
+from tests.support.cli import mloc
 
 
 def wait_all(client: Client, ids: list[str], timeout: float = 60) -> None:

@@ -17,8 +17,8 @@ import redis
 from mloc import keys
 from mloc.client import Client
 from mloc.localcluster import LocalCluster
+from tests.support.cli import mloc
 from tests.support.tiny_model import build_tiny_causal_lm
-from tests.test_cli import mloc
 
 # Markup that crashed Rich ([/INST] closes a tag never opened), styles, an emoji code, ANSI colour and
 # screen-clear sequences, a bell, a lone carriage return, DEL, a C1 control and a right-to-left override.

@@ -22,7 +22,7 @@ from mloc.client import Client
 from mloc.homelock import LOCK_FILE
 from tests.conftest import free_port, real_clock_env
 from tests.support.api import wait_until
-from tests.test_cli import mloc
+from tests.support.cli import mloc
 
 REPO = Path(__file__).resolve().parents[1]
 READY = "export MLOC_API_URL="

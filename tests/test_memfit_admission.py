@@ -30,10 +30,10 @@ from mloc.orchestrator import admission, factfinder
 from mloc.records import MODEL_FACTS, Registration
 from mloc.settings import Settings, describe_invalid
 from mloc.workers import WorkerRegistry
+from tests.support.cli import mloc
 from tests.support.gguf_file import tiny_llama_gguf
 from tests.support.hubserver import HubServer
 from tests.support.tiny_model import build_tiny_causal_lm
-from tests.test_cli import mloc
 from tests.unit.test_memfit import LLAMA3_8B, QWEN25_05B
 
 GIB = 1 << 30

@@ -27,8 +27,8 @@ from mloc.tasklog import Since
 from mloc.worker.capture import END_OF_TASK, Lines
 from mloc.worker.reporter import Reporter
 from tests.support.api import wait_until
+from tests.support.cli import REPO, mloc
 from tests.support.tiny_model import build_tiny_causal_lm
-from tests.test_cli import REPO, mloc
 
 ENDED = ("succeeded", "failed", "cancelled")
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"

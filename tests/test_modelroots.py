@@ -3,10 +3,14 @@ submit to the worker, is covered in tests/reliability/test_auth.py."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
-from mloc.modelroots import Kind, ModelRoots, Reference, references
+import redis.asyncio as aioredis
+
+from mloc import keys
+from mloc.modelroots import Kind, ModelRoots, Reference, check_at_submit, check_on_worker, references
 from mloc.settings import Settings
 
 TASK = "0f8c2b7e-1d2a-4c3b-9e4f-5a6b7c8d9e0f"
@@ -36,7 +40,9 @@ def test_every_place_a_task_can_name_a_model_is_found() -> None:
     ):
         found = references({"inference": {"input": {"path": path}}})
         assert found == [Reference("spec.inference.input.path", local, Kind.PATH)]
-    assert references({"inference": {"input": {"path": "s3://bucket/rows.parquet"}}}) == []
+    assert references({"inference": {"input": {"path": "s3://bucket/rows.parquet"}}}) == [
+        Reference("spec.inference.input.path", "s3://bucket/rows.parquet", Kind.URL)
+    ]
     assert references({"inference": {"input": {"path": "simplecache::/d/x.csv"}}})[0].kind is Kind.PATH
     assert references({"inference": {"input": {"task": TASK}}}) == [
         Reference("spec.inference.input.task", TASK, Kind.TASK)
@@ -67,3 +73,44 @@ def test_roots_come_from_the_settings_with_the_models_dir_always_in(tmp_path: Pa
     assert roots.roots == (tmp_path / "a", tmp_path / "b", tmp_path / "home" / "models")
     assert roots.results_dir == tmp_path / "results"
     assert ModelRoots.of(Settings.model_validate({"MLOC_HOME": str(tmp_path)})).roots == (tmp_path / "models",)
+
+
+def test_in_a_remote_artifact_store_a_users_task_reads_only_its_own_tasks_folders(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """The workers read the store with its credentials, and every user's task files are in it."""
+    settings = Settings.model_validate({"MLOC_HOME": str(tmp_path), "MLOC_ARTIFACT_STORE": "s3://bucket/mloc/"})
+    roots = ModelRoots.of(settings, results_dir=tmp_path / "results")
+    assert roots.store == "s3://bucket/mloc"
+    # A file:// store is a local folder, which the path rules already cover.
+    local = Settings.model_validate({"MLOC_HOME": str(tmp_path), "MLOC_ARTIFACT_STORE": "file:///shared/mloc"})
+    assert ModelRoots.of(local).store is None
+    alices, bobs = TASK, "1a2b3c4d-0000-4000-8000-000000000001"
+
+    def spec(path: str) -> dict[str, object]:
+        return {"taskType": "inference", "inference": {"input": {"path": path}}}
+
+    async def checks() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            await r.hset(keys.task(alices), mapping={"owner": "alice"})
+            await r.hset(keys.task(bobs), mapping={"owner": "bob"})
+            for check in (check_at_submit, check_on_worker):
+                own = f"s3://bucket/mloc/{alices}/1/files/results.jsonl"
+                assert await check(r, spec(own), "alice", roots) is None
+                assert await check(r, spec("s3://elsewhere/mloc/rows.parquet"), "alice", roots) is None
+                assert await check(r, spec("s3://bucket/mloc-other/rows.jsonl"), "alice", roots) is None
+                for theirs in (
+                    f"s3://bucket/mloc/{bobs}/1/files/results.jsonl",
+                    f"S3://bucket//mloc/{bobs}/1/files/results.jsonl",  # the same objects, written otherwise
+                    "s3://bucket/mloc/files/file-0123.rows.jsonl",  # in the store, in no task's folder
+                    "s3://bucket/mloc",
+                ):
+                    refused = await check(r, spec(theirs), "alice", roots)
+                    assert refused is not None, theirs
+                    assert refused.startswith("spec.inference.input.path") and "artifact store" in refused
+                    assert "inference.input.task" in refused
+        finally:
+            await r.aclose()
+
+    asyncio.run(checks())

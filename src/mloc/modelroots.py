@@ -7,7 +7,10 @@ folders the admin allows (MLOC_MODEL_ROOTS), the models dir, and the result fold
 own tasks (and the files the user uploaded for batches, which the orchestrator keeps in the results
 dir's files folder); an adapter named by task id must come from one of the user's own tasks. The admin's
 tasks (ORCHESTRATOR_TOKEN, and every task while auth is off) may name any path, as before: the admin
-already decides what the workers can read.
+already decides what the workers can read. Remote URLs are the user's own business (their credentials
+or public data), except a remote artifact store's (MLOC_ARTIFACT_STORE): the workers read it with the
+store's credentials, and every user's task files are there, so a user's task may name in it only the
+folders of their own tasks.
 
 The orchestrator checks at submit what the spec says, paths as written, so a refusal comes at once.
 The worker checks again before the executor reads anything, on the real path (symlinks and '..'
@@ -36,6 +39,7 @@ class Kind(StrEnum):
     PATH = "path"  # a local path, whatever it looks like (source type local, an adapter folder)
     MAYBE = "maybe"  # a hub id, unless a local path of that name exists: the resolvers try that first
     TASK = "task"  # the id of the task whose output (adapter, merged model, result lines) to load
+    URL = "url"  # a dataset on a remote store (s3://, https://...): checked only where it is the artifact store
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,9 @@ def references(spec: Mapping[str, Any]) -> list[Reference]:
         path = dataset.get("path")
         if isinstance(path, str) and path:
             local = _local_path(path)
-            if local is not None:
+            if local is None:
+                found.append(Reference(f"{where}.path", path, Kind.URL))
+            else:
                 found.append(Reference(f"{where}.path", local, Kind.PATH))
         task = dataset.get("task")
         if isinstance(task, str) and task:
@@ -101,6 +107,13 @@ def _local_path(value: str) -> str | None:
     return None if "://" in value else value
 
 
+def _normal_url(url: str) -> str:
+    """A URL as a store sees it: the scheme in lower case, repeated and trailing slashes dropped
+    ("S3://b//p/" and "s3://b/p" name the same objects)."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme.lower()}://{re.sub('/+', '/', rest).strip('/')}"
+
+
 def looks_local(value: str) -> bool:
     """Whether a hub-or-path value is a path by its look alone (hub ids start with a letter or digit)."""
     return value.startswith(("/", "~", "."))
@@ -112,6 +125,9 @@ class ModelRoots:
 
     roots: tuple[Path, ...]  # MLOC_MODEL_ROOTS and the models dir
     results_dir: Path
+    # A remote artifact store's URL, normalised (see _normal_url): every task's files are there, read with
+    # the workers' credentials, so a user's task may name only its owner's tasks' folders in it.
+    store: str | None = None
 
     @classmethod
     def of(cls, settings: Settings, *, models_dir: Path | None = None, results_dir: Path | None = None) -> ModelRoots:
@@ -119,11 +135,36 @@ class ModelRoots:
         models = models_dir or settings.resolved_models_dir
         results = results_dir or settings.results_dir
         roots = [*settings.model_root_paths, _absolute(models)]
-        return cls(tuple(dict.fromkeys(roots)), _absolute(results))
+        url = settings.artifact_store_url
+        # A file:// store is a local folder: the path rules above already keep users out of it.
+        store = _normal_url(url) if url and _local_path(url) is None else None
+        return cls(tuple(dict.fromkeys(roots)), _absolute(results), store)
 
     def resolved(self) -> ModelRoots:
         """The same folders with symlinks resolved, to compare with resolved paths."""
-        return ModelRoots(tuple(root.resolve() for root in self.roots), self.results_dir.resolve())
+        return ModelRoots(tuple(root.resolve() for root in self.roots), self.results_dir.resolve(), self.store)
+
+    def store_refusal(self, reference: Reference, owner_of_folder: str | None, owner: str) -> str | None:
+        """Why a user's task may not read the remote URL ``reference`` names, or None: only a URL in the
+        artifact store is checked, and there only the folders of the user's own tasks are theirs.
+        ``owner_of_folder`` is the owner of the task :meth:`store_task` names."""
+        url = _normal_url(reference.value)
+        if self.store is None or not (url == self.store or url.startswith(self.store + "/")):
+            return None
+        if owner_of_folder == owner:
+            return None
+        return (
+            f"{reference.field} {reference.value[:200]!r} is in the artifact store (MLOC_ARTIFACT_STORE) but not in "
+            "the folder of one of your tasks; read another task's result lines with inference.input.task: <task id>"
+        )
+
+    def store_task(self, url: str) -> str | None:
+        """The task whose folder in the artifact store holds ``url``, if it is there."""
+        normal = _normal_url(url)
+        if self.store is None or not normal.startswith(self.store + "/"):
+            return None
+        first = normal[len(self.store) + 1 :].split("/", 1)[0]
+        return first if TASK_ID.match(first) else None
 
     def describe(self) -> str:
         folders = ", ".join(str(root) for root in self.roots)
@@ -183,6 +224,11 @@ async def check_at_submit(redis: aioredis.Redis, spec: Mapping[str, Any], owner:
                     "succeeded task of yours (GET /api/v1/tasks lists them)"
                 )
             continue
+        if reference.kind is Kind.URL:
+            refused = await _store_refusal(redis, roots, reference, owner)
+            if refused:
+                return refused
+            continue
         if reference.kind is Kind.MAYBE and not looks_local(reference.value):
             continue  # a hub id; the worker checks that no local folder of that name is read instead
         if not os.path.isabs(reference.value):
@@ -208,6 +254,11 @@ async def check_on_worker(redis: aioredis.Redis, spec: Mapping[str, Any], owner:
                     "of your own tasks (GET /api/v1/tasks lists them)"
                 )
             continue
+        if reference.kind is Kind.URL:
+            refused = await _store_refusal(redis, roots, reference, owner)
+            if refused:
+                return refused
+            continue
         path = Path(reference.value).expanduser()
         try:
             if reference.kind is Kind.MAYBE and not path.exists():
@@ -232,3 +283,10 @@ async def _refusal(
     if upload is not None:
         folder_owner = await openai_files.file_owner(redis, upload)
     return roots.refusal(path, reference, folder_owner, owner)
+
+
+async def _store_refusal(redis: aioredis.Redis, roots: ModelRoots, reference: Reference, owner: str) -> str | None:
+    """:meth:`ModelRoots.store_refusal`, with the owner of the task whose store folder the URL is in."""
+    folder_task = roots.store_task(reference.value)
+    folder_owner = await task_owner(redis, folder_task) if folder_task else None
+    return roots.store_refusal(reference, folder_owner, owner)

@@ -476,3 +476,44 @@ def test_a_file_a_batch_is_being_made_from_is_not_deleted_under_it(
         assert (await files.delete(other.id, nothing_runs)).deleted
 
     asyncio.run(scenario())
+
+
+@pytest.mark.extra("inference")
+def test_with_an_artifact_store_a_batch_runs_on_a_worker_that_cannot_see_the_orchestrators_disk(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    env = {"ORCHESTRATOR_TOKEN": ADMIN, "MLOC_OPENAI_MODELS": json.dumps({"tiny": TINY}),
+           "MLOC_ARTIFACT_STORE": f"file://{store}"}  # fmt: skip
+    cluster = make_cluster(0, env=env)  # no worker yet: the batch waits
+    admin = client_for(cluster, ADMIN)
+    tokens = {
+        name: admin.http.post("/api/v1/admin/users", json={"name": name}).json()["token"] for name in ("alice", "bob")
+    }
+    alice = openai.OpenAI(base_url=cluster.api_url + "/v1", api_key=tokens["alice"], max_retries=0)
+    lines = [
+        request(f"r{i}", {"model": "tiny", "prompt": f"Say {i}:", "max_tokens": 2, "temperature": 0}) for i in range(3)
+    ]
+    upload = alice.files.create(file=("rows.jsonl", jsonl(lines)), purpose="batch")
+    batch = alice.batches.create(input_file_id=upload.id, endpoint=COMPLETIONS, completion_window="24h")
+    rows_url = f"file://{store}/files/{upload.id}.rows.jsonl"
+    assert (store / "files" / f"{upload.id}.rows.jsonl").is_file()
+    task_id = batch.id.removeprefix("batch_")
+    assert rows_url in json.dumps(admin.task(task_id))
+    # The orchestrator's own copy is on a disk the worker does not share.
+    (tmp_path / "results" / "files" / f"{upload.id}.rows.jsonl").unlink()
+
+    # Another user's task may not read it from the store.
+    bob = client_for(cluster, tokens["bob"])
+    spec = {"taskType": "inference", "model": TINY, "inference": {"input": {"path": rows_url}}}
+    with pytest.raises(ApiError) as refused:
+        bob.submit({"spec": spec})
+    assert refused.value.status_code == 403 and "is in the artifact store" in str(refused.value)
+
+    cluster.add_worker("elsewhere", {"RESULTS_DIR": str(tmp_path / "worker-results")})
+    done = wait_ended(alice, batch.id)
+    assert done.status == "completed", done
+    assert [line["custom_id"] for line in lines_of(alice, done.output_file_id)] == ["r0", "r1", "r2"]
+    # Deleting the upload takes the store's copy too.
+    assert alice.files.delete(upload.id).deleted
+    assert not (store / "files" / f"{upload.id}.rows.jsonl").exists()

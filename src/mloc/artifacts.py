@@ -7,6 +7,7 @@ there before it reports success, and the orchestrator serves it from there. Layo
 
     <root>/<task_id>/<attempt>/files/<path>        the task's folder as the executor left it
     <root>/<task_id>/<attempt>/manifest.json       written last: {"task_id", "attempt", "worker_id", "files"}
+    <root>/files/<file id>.rows.jsonl              a batch's rows (OpenAI Batch API), for workers on any host
 
 A manifest exists only once every file is in place (it is written under a temporary name and moved),
 so a reader never sees half a set. The attempt in the path fences a worker that was declared lost but
@@ -16,6 +17,7 @@ kept running: its upload lands under its own attempt, which the task record does
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from mloc.errors import BadRequest, ConfigError, ExecutionError, NotFound
+from mloc.openai_files import FILES_DIR as UPLOADS_DIR
 from mloc.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -153,6 +156,32 @@ class ArtifactStore:
             "task %s: published %d file(s) to %s in %.2fs", task_id, len(files), self.url, time.monotonic() - started
         )
         return [item for _, item in files]
+
+    # ------------------------------------------------------------ batch uploads
+    def upload_url(self, name: str) -> str:
+        """The URL a task names a batch's rows file by, once :meth:`put_upload` has put it in the store."""
+        return f"{self.url.rstrip('/')}/{UPLOADS_DIR}/{name}"
+
+    def put_upload(self, local: Path, name: str) -> str:
+        """Copy a batch's rows file into the store (whole or not at all: written aside, then moved), so
+        workers on any host read it; its URL."""
+        folder = f"{self.root}/{UPLOADS_DIR}"
+        temporary = f"{folder}/.{name}.{uuid.uuid4().hex}"
+        self.fs.makedirs(folder, exist_ok=True)
+        self.fs.put_file(str(local), temporary)
+        self.fs.mv(temporary, f"{folder}/{name}")
+        return self.upload_url(name)
+
+    def remove_upload(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(f"{self.root}/{UPLOADS_DIR}/{name}")
+
+    def open_url(self, url: str) -> IO[bytes] | None:
+        """Open ``url`` when it is in this store (with the store's own settings and credentials), else None."""
+        prefix = self.url.rstrip("/") + "/"
+        if not url.startswith(prefix):
+            return None
+        return self.fs.open(f"{self.root}/{url[len(prefix) :]}", "rb")
 
     # ------------------------------------------------------------ orchestrator
     def listing(self, task_id: str, attempt: int) -> Listing | None:

@@ -125,9 +125,11 @@ class ModelRoots:
 
     roots: tuple[Path, ...]  # MLOC_MODEL_ROOTS and the models dir
     results_dir: Path
-    # A remote artifact store's URL, normalised (see _normal_url): every task's files are there, read with
-    # the workers' credentials, so a user's task may name only its owner's tasks' folders in it.
-    store: str | None = None
+    # The artifact store (MLOC_ARTIFACT_STORE) holds every user's task files and batch uploads in the
+    # results dir's layout (a folder per task, files/ for uploads), and the workers read it with its
+    # credentials: in it, as in the results dir, a user owns only their tasks' folders and uploads.
+    store_dir: Path | None = None  # a file:// store
+    store: str | None = None  # a remote store's URL, normalised (see _normal_url)
 
     @classmethod
     def of(cls, settings: Settings, *, models_dir: Path | None = None, results_dir: Path | None = None) -> ModelRoots:
@@ -136,35 +138,16 @@ class ModelRoots:
         results = results_dir or settings.results_dir
         roots = [*settings.model_root_paths, _absolute(models)]
         url = settings.artifact_store_url
-        # A file:// store is a local folder: the path rules above already keep users out of it.
-        store = _normal_url(url) if url and _local_path(url) is None else None
-        return cls(tuple(dict.fromkeys(roots)), _absolute(results), store)
+        local = _local_path(url) if url else None
+        store_dir = _absolute(Path(local)) if local else None
+        store = _normal_url(url) if url and local is None else None
+        return cls(tuple(dict.fromkeys(roots)), _absolute(results), store_dir, store)
 
     def resolved(self) -> ModelRoots:
         """The same folders with symlinks resolved, to compare with resolved paths."""
-        return ModelRoots(tuple(root.resolve() for root in self.roots), self.results_dir.resolve(), self.store)
-
-    def store_refusal(self, reference: Reference, owner_of_folder: str | None, owner: str) -> str | None:
-        """Why a user's task may not read the remote URL ``reference`` names, or None: only a URL in the
-        artifact store is checked, and there only the folders of the user's own tasks are theirs.
-        ``owner_of_folder`` is the owner of the task :meth:`store_task` names."""
-        url = _normal_url(reference.value)
-        if self.store is None or not (url == self.store or url.startswith(self.store + "/")):
-            return None
-        if owner_of_folder == owner:
-            return None
-        return (
-            f"{reference.field} {reference.value[:200]!r} is in the artifact store (MLOC_ARTIFACT_STORE) but not in "
-            "the folder of one of your tasks; read another task's result lines with inference.input.task: <task id>"
-        )
-
-    def store_task(self, url: str) -> str | None:
-        """The task whose folder in the artifact store holds ``url``, if it is there."""
-        normal = _normal_url(url)
-        if self.store is None or not normal.startswith(self.store + "/"):
-            return None
-        first = normal[len(self.store) + 1 :].split("/", 1)[0]
-        return first if TASK_ID.match(first) else None
+        store_dir = self.store_dir.resolve() if self.store_dir else None
+        roots = tuple(root.resolve() for root in self.roots)
+        return ModelRoots(roots, self.results_dir.resolve(), store_dir, self.store)
 
     def describe(self) -> str:
         folders = ", ".join(str(root) for root in self.roots)
@@ -172,15 +155,16 @@ class ModelRoots:
 
     def refusal(self, path: Path, reference: Reference, owner_of_folder: str | None, owner: str) -> str | None:
         """Why a user's task may not read ``path`` (absolute, normalised), or None when it may.
-        ``owner_of_folder`` is the owner of the task whose result folder holds it, if one does."""
-        if path.is_relative_to(self.results_dir):
-            # Checked first: a root that holds the results dir must not open every user's results.
-            if owner_of_folder == owner:
-                return None
-            return (
-                f"{reference.field} {reference.value!r} is in the results dir {self.results_dir} but not in the "
-                "result folder of one of your tasks; name one of your own tasks' folders, or the task id itself"
-            )
+        ``owner_of_folder`` is the owner of the task whose result folder (or of the upload) holds it."""
+        for shared, name in ((self.results_dir, "the results dir"), (self.store_dir, "the artifact store")):
+            if shared is not None and path.is_relative_to(shared):
+                # Checked first: a root that holds the results dir must not open every user's results.
+                if owner_of_folder == owner:
+                    return None
+                return (
+                    f"{reference.field} {reference.value!r} is in {name} {shared} but not in the result folder "
+                    "of one of your tasks; name one of your own tasks' folders, or the task id itself"
+                )
         if any(path.is_relative_to(root) for root in self.roots):
             return None
         return (
@@ -188,19 +172,45 @@ class ModelRoots:
             f"from ({self.describe()}); put the file there, or ask the admin to add its folder to MLOC_MODEL_ROOTS"
         )
 
+    def parts(self, path: Path) -> tuple[str, ...]:
+        """``path``'s parts inside the results dir or a file:// store (one layout), else none."""
+        for shared in (self.results_dir, self.store_dir):
+            if shared is not None and path.is_relative_to(shared):
+                return path.relative_to(shared).parts
+        return ()
+
     def uploaded_file(self, path: Path) -> str | None:
         """The id of the uploaded file (POST /v1/files) that ``path`` is, or whose batch rows it holds."""
-        if not path.is_relative_to(self.results_dir):
-            return None
-        parts = path.relative_to(self.results_dir).parts
-        return openai_files.upload_id(parts[1]) if len(parts) == 2 and parts[0] == openai_files.FILES_DIR else None
+        return _upload_of(self.parts(path))
 
     def result_task(self, path: Path) -> str | None:
         """The id of the task whose result folder holds ``path``, if one does."""
-        if not path.is_relative_to(self.results_dir):
+        return _task_of(self.parts(path))
+
+    def in_store(self, url: str) -> tuple[str, ...] | None:
+        """The parts of a remote ``url`` inside the artifact store, or None when it is not in it."""
+        normal = _normal_url(url)
+        if self.store is None or not (normal == self.store or normal.startswith(self.store + "/")):
             return None
-        parts = path.relative_to(self.results_dir).parts
-        return parts[0] if parts and TASK_ID.match(parts[0]) else None
+        return tuple(normal[len(self.store) + 1 :].split("/"))
+
+    def store_refusal(self, reference: Reference, owner_of_folder: str | None, owner: str) -> str | None:
+        """Why a user's task may not read the remote URL ``reference`` names, or None: only a URL in the
+        artifact store is checked. ``owner_of_folder``: the owner of the task or upload it is in."""
+        if self.in_store(reference.value) is None or owner_of_folder == owner:
+            return None
+        return (
+            f"{reference.field} {reference.value[:200]!r} is in the artifact store (MLOC_ARTIFACT_STORE) but not in "
+            "the folder of one of your tasks; read another task's result lines with inference.input.task: <task id>"
+        )
+
+
+def _upload_of(parts: tuple[str, ...]) -> str | None:
+    return openai_files.upload_id(parts[1]) if len(parts) == 2 and parts[0] == openai_files.FILES_DIR else None
+
+
+def _task_of(parts: tuple[str, ...]) -> str | None:
+    return parts[0] if parts and TASK_ID.match(parts[0]) else None
 
 
 def _absolute(path: Path) -> Path:
@@ -277,16 +287,19 @@ async def _refusal(
 ) -> str | None:
     """:meth:`ModelRoots.refusal`, with the owner of the task whose result folder holds ``path`` (or of
     the uploaded file it is) read from Redis."""
-    folder_task = roots.result_task(path)
-    folder_owner = await task_owner(redis, folder_task) if folder_task else None
-    upload = roots.uploaded_file(path) if folder_owner is None else None
-    if upload is not None:
-        folder_owner = await openai_files.file_owner(redis, upload)
-    return roots.refusal(path, reference, folder_owner, owner)
+    return roots.refusal(path, reference, await _folder_owner(redis, roots.parts(path)), owner)
+
+
+async def _folder_owner(redis: aioredis.Redis, parts: tuple[str, ...]) -> str | None:
+    """The owner of the task whose folder, or of the upload, ``parts`` (a path in the results dir's
+    layout) is in."""
+    task = _task_of(parts)
+    if task is not None:
+        return await task_owner(redis, task)
+    upload = _upload_of(parts)
+    return await openai_files.file_owner(redis, upload) if upload is not None else None
 
 
 async def _store_refusal(redis: aioredis.Redis, roots: ModelRoots, reference: Reference, owner: str) -> str | None:
-    """:meth:`ModelRoots.store_refusal`, with the owner of the task whose store folder the URL is in."""
-    folder_task = roots.store_task(reference.value)
-    folder_owner = await task_owner(redis, folder_task) if folder_task else None
-    return roots.store_refusal(reference, folder_owner, owner)
+    """:meth:`ModelRoots.store_refusal`, with the owner of the task or upload whose store folder the URL is in."""
+    return roots.store_refusal(reference, await _folder_owner(redis, roots.in_store(reference.value) or ()), owner)

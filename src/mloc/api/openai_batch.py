@@ -9,6 +9,7 @@ Its output and error files are the task's result lines, turned into OpenAI's lin
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,11 +19,20 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from mloc import keys, openai_lines
+from mloc import artifacts, keys, openai_lines
 from mloc.api import openai_objects as objects
 from mloc.api.deps import Caller, Orch
 from mloc.api.responses import raises
-from mloc.errors import BadRequest, Conflict, Forbidden, InvalidTransition, NotFound, SpecError, Unavailable
+from mloc.errors import (
+    BadRequest,
+    ConfigError,
+    Conflict,
+    Forbidden,
+    InvalidTransition,
+    NotFound,
+    SpecError,
+    Unavailable,
+)
 from mloc.openai_files import FileStore, StoredFile
 from mloc.orchestrator.cancel import cancel
 from mloc.orchestrator.orchestrator import Orchestrator
@@ -30,6 +40,7 @@ from mloc.orchestrator.users import Principal
 from mloc.records import TaskRecord
 from mloc.spec import Document, validate
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
 UPLOAD_PATH = "/v1/files"  # its body may be up to MLOC_MAX_FILE_BYTES
 
@@ -150,6 +161,13 @@ async def delete_file(file_id: str, orch: Orch, who: Caller) -> dict[str, Any]:
         raise NotFound(f"file {file_id[:100]} not found", details=[{"path": "file_id", "message": "no such file"}])
     if done.in_use is not None:
         raise _in_use(file_id, done.in_use)
+    try:
+        store = artifacts.store_for(orch.settings)
+        if store is not None:
+            await asyncio.to_thread(store.remove_upload, files.rows_path(file_id).name)
+    except (ConfigError, OSError) as exc:
+        # The record and the local copy are gone, so nothing can name the store's copy any more.
+        log.warning("file %s: its rows could not be removed from the artifact store: %s", file_id, exc)
     return {"id": file_id, "object": "file", "deleted": True}
 
 
@@ -217,8 +235,14 @@ async def create_batch(body: CreateBatch, orch: Orch, who: Caller) -> dict[str, 
 async def _submit_batch(
     orch: Orchestrator, who: Principal, files: FileStore, stored: StoredFile, body: CreateBatch, labels: dict[str, str]
 ) -> str:
-    """Check the file, write its rows and submit the batch's task; the answer is the task's id."""
+    """Check the file, write its rows and submit the batch's task; the answer is the task's id. With an
+    artifact store the rows go there too, and the task reads them from there, so any host's worker can."""
     rows = files.rows_path(stored.id)
+    try:
+        store = artifacts.store_for(orch.settings)
+    except ConfigError as exc:
+        raise Unavailable(f"the artifact store is misconfigured: {exc.message}") from exc
+    where = store.upload_url(rows.name) if store is not None else str(rows)
     try:
         converted, partial = await asyncio.to_thread(_convert, files, stored.id, body.endpoint)
     except OSError as exc:
@@ -231,11 +255,19 @@ async def _submit_batch(
             objects.MODEL: converted.model[:256],
             objects.REQUESTS: str(converted.requests),
         }
-        document = _document(orch, str(rows), body.endpoint, converted, labels)
+        document = _document(orch, where, body.endpoint, converted, labels)
         # In place only once the task can be made of it: a refused batch leaves nothing behind.
         os.replace(partial, rows)
     finally:
         partial.unlink(missing_ok=True)
+    if store is not None:
+        try:
+            await asyncio.to_thread(store.put_upload, rows, rows.name)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise Unavailable(
+                f"the rows of input file {stored.id} could not be put in the artifact store {store.url}: "
+                f"{type(exc).__name__}: {exc}; check MLOC_ARTIFACT_STORE, its credentials and free space"
+            ) from exc
     answer = await orch.submit(document, who)
     return str(answer["task_id"])
 

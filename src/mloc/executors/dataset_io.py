@@ -21,12 +21,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
 from mloc.errors import ExecutionError
 from mloc.spec.dataset import RESULT_LINES, DatasetInput, HuggingFaceDataset
+
+if TYPE_CHECKING:
+    from mloc.artifacts import ArtifactStore
 
 # Rows pyarrow decodes at once: a Parquet row group can hold millions, so never a whole one.
 PARQUET_BATCH = 1024
@@ -142,7 +145,13 @@ def _open_binary(url: str, label: str, fs: Any = None) -> Iterator[IO[bytes]]:
     import fsspec
 
     try:
-        handle = fs.open(url, "rb") if fs is not None else fsspec.open(url, "rb", compression="infer").open()
+        if fs is not None:
+            handle = fs.open(url, "rb")
+        else:
+            # A URL in the artifact store (a batch's rows) is read with the store's settings and credentials.
+            store = _artifact_store(label)
+            in_store = store.open_url(url) if store is not None and "://" in url else None
+            handle = in_store or fsspec.open(url, "rb", compression="infer").open()
     except FileNotFoundError:
         raise ExecutionError(
             f"{label} does not exist (as the worker sees it); inference.input.path must be a file on the worker, "
@@ -159,6 +168,17 @@ def _open_binary(url: str, label: str, fs: Any = None) -> Iterator[IO[bytes]]:
         yield handle
     finally:
         handle.close()
+
+
+def _artifact_store(label: str) -> ArtifactStore | None:
+    from mloc.artifacts import store_for
+    from mloc.errors import ConfigError
+    from mloc.settings import Settings
+
+    try:
+        return store_for(Settings())
+    except ConfigError as exc:
+        raise ExecutionError(f"{label}: the artifact store is misconfigured: {exc.message}") from exc
 
 
 def _jsonl(handle: IO[bytes], label: str, skip: int = 0) -> Iterator[RawRow]:
@@ -311,14 +331,7 @@ def task_lines(task_id: str, results_dir: Path) -> tuple[Any, str, str]:
     local = results_dir / task_id / RESULT_LINES
     if local.is_file():
         return None, str(local), label
-    from mloc.artifacts import store_for
-    from mloc.errors import ConfigError
-    from mloc.settings import Settings
-
-    try:
-        store = store_for(Settings())
-    except ConfigError as exc:
-        raise ExecutionError(f"{label}: the artifact store is misconfigured: {exc.message}") from exc
+    store = _artifact_store(label)
     if store is not None:
         try:
             attempts = sorted(

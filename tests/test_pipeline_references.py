@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from mloc import keys
 from mloc.errors import SpecError
 from mloc.executors.eval_data import available, cache_folder, cached_builds
-from mloc.orchestrator import harness
+from mloc.orchestrator import harness, references
 from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.orchestrator.placement import explain, request_of
 from mloc.orchestrator.users import Principal
@@ -58,6 +58,12 @@ def rag(name: str, **options: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {"taskType": "rag_inference", "model": TINY, "questions": ["q?"], "hyperparameters": options}
     if "collection" not in options or isinstance(options["collection"], str):
         spec["documents"] = [{"text": "MLOC schedules tasks.", "metadata": {"source": "intro"}}]
+    return document(name, spec)
+
+
+def agent(name: str, **options: Any) -> dict[str, Any]:
+    spec = {"taskType": "agent_inference", "model": TINY, "input": "When is lunch?",
+            "hyperparameters": {"tools": ["retriever"], **options}}  # fmt: skip
     return document(name, spec)
 
 
@@ -118,6 +124,19 @@ def stored(sync_redis: redis.Redis, task_id: str) -> Document:
             "hyperparameters.vector_db 'faiss' differs from 'chromadb', which 'index' builds its collection with",
         ),
         (
+            [
+                rag("index", collection="handbook"),
+                agent("search", retriever_collection={"from": "index"}, retriever_vector_db="faiss"),
+            ],
+            "spec.hyperparameters.retriever_collection.from",
+            "hyperparameters.retriever_vector_db 'faiss' differs from 'chromadb', which 'index' builds its collection",
+        ),
+        (
+            [infer("gen", TINY), agent("search", retriever_collection={"from": "gen"})],
+            "spec.hyperparameters.retriever_collection.from",
+            "'gen' is a task of type 'inference', which makes no vector collection; name a rag_inference task",
+        ),
+        (
             [sft("tune"), echo("gate", when={"from": "tune", "score": "arith/acc", "min": 0.5})],
             "spec.when.from",
             "'tune' is a task of type 'sft', which makes no eval scores; name a eval task",
@@ -165,6 +184,7 @@ def test_references_to_a_merged_model_a_collection_and_scores_become_ids(
         evaluate("base"),
         evaluate("tuned", source={"from": "tune"}),
         echo("gate", when={"from": "tuned", "score": "arith/acc", "beats": "base"}),
+        agent("search", retriever_collection={"from": "index"}),
     ]
     answer = submit(redis_url, documents)
     ids = {task["name"]: task["task_id"] for task in answer["tasks"]}
@@ -181,6 +201,14 @@ def test_references_to_a_merged_model_a_collection_and_scores_become_ids(
         "all-MiniLM-L6-v2",
     )
     assert depends["ask"] == [ids["index"]]
+    # An agent's retriever searches it the same way, in the store it was built in.
+    searched = stored(sync_redis, ids["search"]).spec.hyperparameters  # type: ignore[attr-defined]
+    assert (searched.retriever_collection, searched.retriever_collection_from, searched.retriever_vector_db) == (
+        "handbook",
+        None,
+        "faiss",
+    )
+    assert depends["search"] == [ids["index"]]
     when = stored(sync_redis, ids["gate"]).spec.when
     assert when is not None and (when.from_, when.beats) == (ids["tuned"], ids["base"])
     assert depends["gate"] == [ids["tuned"], ids["base"]]
@@ -310,3 +338,31 @@ def test_a_gate_is_decided_on_the_scores_stored_with_the_eval_tasks(redis_url: s
         "failed: base (a) has no such metric for arith/f1 (its arith metrics: acc); fix when.score and submit again"
     )
     assert asyncio.run(verdict()) is None
+
+
+def test_a_task_searching_a_collection_is_placed_where_the_collection_was_built(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    index = "0f8c2b7e-1d2a-4c3b-9e4f-5a6b7c8d9e0f"
+    summary = {"collection": "handbook", "vector_db": "faiss", "vector_store": "host-a:/vectors"}
+    sync_redis.hset(keys.task(index), mapping={"task_type": "rag_inference", "result_summary": json.dumps(summary)})
+
+    def needs(spec: dict[str, Any]) -> list[tuple[str, str]]:
+        async def run() -> list[tuple[str, str]]:
+            r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+            try:
+                return await references.needs_at_release(r, spec, [index])
+            finally:
+                await r.aclose()
+
+        return asyncio.run(run())
+
+    searching = {"retriever_collection": "handbook", "retriever_vector_db": "faiss"}
+    assert needs({"taskType": "agent_inference", "hyperparameters": searching}) == [
+        (references.VECTOR_STORES, "host-a:/vectors")
+    ]
+    assert needs({"taskType": "rag_inference", "hyperparameters": {"collection": "handbook", "vector_db": "faiss"}})
+    # Another store's collection of that name is not the one built there.
+    other = {**searching, "retriever_vector_db": "chromadb"}
+    assert needs({"taskType": "agent_inference", "hyperparameters": other}) == []
+    assert needs({"taskType": "inference", "hyperparameters": searching}) == []

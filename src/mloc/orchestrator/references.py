@@ -12,12 +12,15 @@ result lines  ``inference.input.from``,             an inference task over a    
 collection    ``hyperparameters.collection.from``   a rag_inference task with a     ``hyperparameters.collection``:
                                                     named collection                its name (and its vector_db,
                                                                                     embedding_model)
+              ``hyperparameters.retriever_``        the same                        ``retriever_collection`` (and
+              ``collection.from`` (an agent)                                        ``retriever_vector_db``)
 eval scores   ``when.from``, ``when.beats``         eval                            the same fields, as ids
 ============  ====================================  ==============================  ===============================
 
 The task that refers waits for the one it names. A collection lives on the disk of the worker that
 indexed it, so :func:`needs_at_release` adds to the waiting task's placement the vector store that
-worker advertised; models and result lines are read through the results dir, as an id given by hand is.
+worker advertised; models and result lines are read through the results dir or the artifact store, as an id
+given by hand is.
 """
 
 from __future__ import annotations
@@ -97,6 +100,9 @@ def find(wire: dict[str, Any]) -> list[Reference]:
     collection = (spec.get("hyperparameters") or {}).get("collection_from")
     if spec.get("taskType") == "rag_inference" and collection:
         found.append(Reference("spec.hyperparameters.collection.from", collection, Output.COLLECTION))
+    searched = (spec.get("hyperparameters") or {}).get("retriever_collection_from")
+    if spec.get("taskType") == "agent_inference" and searched:
+        found.append(Reference("spec.hyperparameters.retriever_collection.from", searched, Output.COLLECTION))
     when = spec.get("when") or {}
     for part in ("from", "beats"):
         if when.get(part):
@@ -156,14 +162,21 @@ def _collection(entry: str, spec: dict[str, Any], child: Document) -> str | None
         )
     mine = getattr(child.spec, "hyperparameters", None)
     given = mine.model_fields_set if mine is not None else set()
-    for field in ("vector_db", "embedding_model"):
-        theirs = options.get(field)
+    # An agent's retriever names the store as retriever_vector_db and reads the embedder from the collection.
+    fields = _AGENT_FIELDS if child.spec.task_type == "agent_inference" else _RAG_FIELDS
+    for field, theirs_field in fields:
+        theirs = options.get(theirs_field)
         if field in given and theirs is not None and getattr(mine, field) != theirs:
             return (
                 f"hyperparameters.{field} {getattr(mine, field)!r} differs from {theirs!r}, which {entry!r} builds "
                 f"its collection with; remove {field} (the collection's own is taken)"
             )
     return None
+
+
+# The child's field, the indexing task's field it must agree with.
+_RAG_FIELDS = (("vector_db", "vector_db"), ("embedding_model", "embedding_model"))
+_AGENT_FIELDS = (("retriever_vector_db", "vector_db"),)
 
 
 def _scores(entry: str, spec: dict[str, Any], child: Document) -> str | None:
@@ -208,11 +221,12 @@ def rewrite(wire: dict[str, Any], reference: Reference, task_id: str, producer: 
         source["task"] = task_id
     elif reference.output == Output.COLLECTION:
         options, theirs = spec["hyperparameters"], producer.spec.get("hyperparameters") or {}
-        options.pop("collection_from")
-        options["collection"] = theirs["collection"]
-        for field in ("vector_db", "embedding_model"):
-            if theirs.get(field) is not None:
-                options[field] = theirs[field]
+        agent = spec.get("taskType") == "agent_inference"
+        options.pop("retriever_collection_from" if agent else "collection_from")
+        options["retriever_collection" if agent else "collection"] = theirs["collection"]
+        for field, theirs_field in _AGENT_FIELDS if agent else _RAG_FIELDS:
+            if theirs.get(theirs_field) is not None:
+                options[field] = theirs[theirs_field]
     else:
         spec["when"][reference.where.rsplit(".", 1)[1]] = task_id
 
@@ -222,8 +236,13 @@ async def needs_at_release(redis: aioredis.Redis, spec: dict[str, Any], parents:
     a named collection one of them indexed runs where that collection is (the vector store the
     indexing worker advertised)."""
     options = spec.get("hyperparameters") or {}
-    collection = options.get("collection")
-    if spec.get("taskType") != "rag_inference" or not collection or not parents:
+    if spec.get("taskType") == "agent_inference":
+        collection, vector_db = options.get("retriever_collection"), options.get("retriever_vector_db")
+    elif spec.get("taskType") == "rag_inference":
+        collection, vector_db = options.get("collection"), options.get("vector_db")
+    else:
+        return []
+    if not collection or not parents:
         return []
     pipe = redis.pipeline(transaction=False)
     for parent in parents:
@@ -233,6 +252,6 @@ async def needs_at_release(redis: aioredis.Redis, spec: dict[str, Any], parents:
             continue
         result = json.loads(summary)
         store = result.get("vector_store")
-        if result.get("collection") == collection and result.get("vector_db") == options.get("vector_db") and store:
+        if result.get("collection") == collection and result.get("vector_db") == vector_db and store:
             return [(VECTOR_STORES, str(store))]
     return []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -24,8 +24,35 @@ class AgentOptions(Strict):
     retriever_collection: str | None = Field(
         None, description="A collection a rag_inference task indexed (hyperparameters.collection)."
     )
+    retriever_collection_from: str | None = Field(
+        None,
+        min_length=1,
+        max_length=253,
+        description="Written 'retriever_collection: {from: <task>}': a rag_inference task (a name in the same "
+        "submission, or an id) whose named collection the retriever searches, in its vector_db; this task waits "
+        "for it and runs on a worker that can read that collection.",
+    )
     retriever_vector_db: Literal["chromadb", "faiss"] = "chromadb"
     retrieval_k: int = Field(4, ge=1, le=100)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collection_reference(cls, data: Any) -> Any:
+        # 'retriever_collection: {from: index-step}', as a RAG task's 'collection: {from: ...}'.
+        if isinstance(data, dict) and isinstance(data.get("retriever_collection"), dict):
+            reference = data["retriever_collection"]
+            if set(reference) != {"from"} or not isinstance(reference["from"], str):
+                raise ValueError(
+                    "hyperparameters.retriever_collection is a name, or {from: <task>} naming the rag_inference task "
+                    f"whose collection to search; got keys {', '.join(map(str, reference)) or 'none'}"
+                )
+            if data.get("retriever_collection_from") is not None:
+                raise ValueError(
+                    "hyperparameters has retriever_collection.from and retriever_collection_from; keep one"
+                )
+            data = {key: value for key, value in data.items() if key != "retriever_collection"}
+            data["retriever_collection_from"] = reference["from"]
+        return data
 
     @field_validator("tools")
     @classmethod
@@ -39,9 +66,13 @@ class AgentOptions(Strict):
 
     @model_validator(mode="after")
     def _retriever(self) -> AgentOptions:
-        if "retriever" in self.tools and self.retriever_collection is None:
+        if self.retriever_collection is not None and self.retriever_collection_from is not None:
+            raise ValueError("hyperparameters has retriever_collection and retriever_collection_from; keep one")
+        named = self.retriever_collection is not None or self.retriever_collection_from is not None
+        if "retriever" in self.tools and not named:
             raise ValueError(
-                "the retriever tool needs retriever_collection: the name of a collection a rag_inference task indexed"
+                "the retriever tool needs retriever_collection: the name of a collection a rag_inference task "
+                "indexed, or {from: <that task>}"
             )
         return self
 

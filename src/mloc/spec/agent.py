@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from mloc.spec.base import ModelSpec, SpecBase, Strict, check_name
+from mloc.spec.base import ModelSpec, SpecBase, Strict, check_name, unfold_from
 from mloc.spec.sampling import Message, Sampling
 
 KNOWN_TOOLS = ("python_repl", "web_search", "retriever")
@@ -38,21 +38,7 @@ class AgentOptions(Strict):
     @model_validator(mode="before")
     @classmethod
     def _collection_reference(cls, data: Any) -> Any:
-        # 'retriever_collection: {from: index-step}', as a RAG task's 'collection: {from: ...}'.
-        if isinstance(data, dict) and isinstance(data.get("retriever_collection"), dict):
-            reference = data["retriever_collection"]
-            if set(reference) != {"from"} or not isinstance(reference["from"], str):
-                raise ValueError(
-                    "hyperparameters.retriever_collection is a name, or {from: <task>} naming the rag_inference task "
-                    f"whose collection to search; got keys {', '.join(map(str, reference)) or 'none'}"
-                )
-            if data.get("retriever_collection_from") is not None:
-                raise ValueError(
-                    "hyperparameters has retriever_collection.from and retriever_collection_from; keep one"
-                )
-            data = {key: value for key, value in data.items() if key != "retriever_collection"}
-            data["retriever_collection_from"] = reference["from"]
-        return data
+        return unfold_from(data, "retriever_collection", "to search")
 
     @field_validator("tools")
     @classmethod

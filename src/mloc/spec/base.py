@@ -49,6 +49,24 @@ def check_name(value: str, what: str) -> str:
     return value
 
 
+def unfold_from(data: Any, field: str, what: str) -> Any:
+    """A hyperparameters mapping with ``<field>: {from: <task>}`` written as ``<field>_from: <task>``: how a
+    reference to another task's collection is written (as ``model.adapter.from`` is) and how it is kept."""
+    if not isinstance(data, dict) or not isinstance(data.get(field), dict):
+        return data
+    reference = data[field]
+    if set(reference) != {"from"} or not isinstance(reference["from"], str):
+        raise ValueError(
+            f"hyperparameters.{field} is a name, or {{from: <task>}} naming the rag_inference task whose collection "
+            f"{what}; got keys {', '.join(map(str, reference)) or 'none'}"
+        )
+    if data.get(f"{field}_from") is not None:
+        raise ValueError(f"hyperparameters has {field}.from and {field}_from; keep one")
+    unfolded = {key: value for key, value in data.items() if key != field}
+    unfolded[f"{field}_from"] = reference["from"]
+    return unfolded
+
+
 def check_local_path(value: str) -> str:
     """A path on the worker without '..' steps, so a task cannot climb out of the folder it names."""
     if ".." in re.split(r"[/\\]", value):

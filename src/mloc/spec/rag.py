@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from mloc.spec.base import ModelSpec, SpecBase, Strict, check_name
+from mloc.spec.base import ModelSpec, SpecBase, Strict, check_name, unfold_from
 from mloc.spec.dataset import DatasetInput
 from mloc.spec.sampling import Sampling
 
@@ -95,19 +95,7 @@ class RagOptions(Strict):
     @model_validator(mode="before")
     @classmethod
     def _collection_reference(cls, data: Any) -> Any:
-        # 'collection: {from: index-step}' is how a reference is written, as model.adapter.from is.
-        if isinstance(data, dict) and isinstance(data.get("collection"), dict):
-            reference = data["collection"]
-            if set(reference) != {"from"} or not isinstance(reference["from"], str):
-                raise ValueError(
-                    "hyperparameters.collection is a name, or {from: <task>} naming the rag_inference task whose "
-                    f"collection to use; got keys {', '.join(map(str, reference)) or 'none'}"
-                )
-            if data.get("collection_from") is not None:
-                raise ValueError("hyperparameters has collection.from and collection_from; keep one")
-            data = {key: value for key, value in data.items() if key != "collection"}
-            data["collection_from"] = reference["from"]
-        return data
+        return unfold_from(data, "collection", "to use")
 
     @field_validator("collection")
     @classmethod

@@ -366,3 +366,21 @@ def test_a_task_searching_a_collection_is_placed_where_the_collection_was_built(
     other = {**searching, "retriever_vector_db": "chromadb"}
     assert needs({"taskType": "agent_inference", "hyperparameters": other}) == []
     assert needs({"taskType": "inference", "hyperparameters": searching}) == []
+
+
+@pytest.mark.parametrize(
+    ("document_", "expected"),
+    [
+        (rag("ask", collection={"from": "index", "name": "x"}), "hyperparameters.collection is a name, or {from:"),
+        (rag("ask", collection={"from": "index"}, collection_from="other"), "collection.from and collection_from"),
+        (agent("search", retriever_collection={"task": "index"}), "got keys task"),
+        (agent("search", retriever_collection="handbook", retriever_collection_from="index"), "keep one"),
+    ],
+    ids=["rag-extra-key", "rag-both", "agent-wrong-key", "agent-both"],
+)
+def test_a_collection_reference_written_wrong_is_refused_naming_the_form(
+    document_: dict[str, Any], expected: str
+) -> None:
+    with pytest.raises(SpecError) as caught:
+        validate(document_)
+    assert expected in caught.value.message

@@ -30,6 +30,7 @@ from mloc.orchestrator import admission, factfinder
 from mloc.records import MODEL_FACTS, Registration
 from mloc.settings import Settings, describe_invalid
 from mloc.workers import WorkerRegistry
+from tests.support import fleet
 from tests.support.cli import mloc
 from tests.support.gguf_file import tiny_llama_gguf
 from tests.support.hubserver import HubServer
@@ -53,20 +54,16 @@ def gpu_worker(
     facts: dict[str, Any] | None = None,
 ) -> Registration:
     """A worker that runs inference and SFT on ``gpus`` GPUs of one model, as a GPU host would register."""
-    return Registration(
-        worker_id=worker_id,
-        hostname="h",
-        pid=1,
-        topics=["tasks.*"],
-        tags=[],
-        task_types=["inference", "sft"],
+    return fleet.registration(
+        worker_id,
+        gpus=gpus,
+        cpu=32000,
+        memory=memory,
+        gpu_memory=gpu_memory,
+        gpu_name=gpu,
+        task_types=("inference", "sft"),
         capabilities={"inference": {"engines": ["vllm", "transformers"]}},
-        hardware={"gpus": [{"index": i, "name": gpu, "memory_bytes": gpu_memory} for i in range(gpus)]},
-        cpu_milli=32000,
-        memory_bytes=memory,
-        slots=4,
-        version="t",
-        model_facts=facts or {},
+        model_facts=facts,
     )
 
 

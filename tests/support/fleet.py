@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from mloc.records import NewTask, Registration
 from mloc.store import TaskStore
 
@@ -14,21 +17,26 @@ def registration(
     cpu: int = 4000,
     memory: int = 1 << 30,
     gpu_memory: int = 1,
+    gpu_name: str = "NVIDIA L4",
+    task_types: Sequence[str] = ("echo",),
+    capabilities: dict[str, Any] | None = None,
+    model_facts: dict[str, Any] | None = None,
 ) -> Registration:
-    """A worker that takes every topic and echo tasks, with ``gpus`` NVIDIA L4s."""
+    """A worker that takes every topic and (by default) echo tasks, with ``gpus`` GPUs (NVIDIA L4s)."""
     return Registration(
         worker_id=worker_id,
         hostname="h",
         pid=1,
         topics=["tasks.*"],
         tags=[],
-        task_types=["echo"],
-        capabilities={},
-        hardware={"gpus": [{"index": i, "name": "NVIDIA L4", "memory_bytes": gpu_memory} for i in range(gpus)]},
+        task_types=list(task_types),
+        capabilities=capabilities or {},
+        hardware={"gpus": [{"index": i, "name": gpu_name, "memory_bytes": gpu_memory} for i in range(gpus)]},
         cpu_milli=cpu,
         memory_bytes=memory,
         slots=slots,
         version="t",
+        model_facts=model_facts or {},
     )
 
 

@@ -106,20 +106,20 @@ def test_no_acknowledged_task_is_lost_when_redis_is_killed_and_restarted(
     cluster: LocalCluster, aof_redis: RedisServer, tmp_path: Path
 ) -> None:
     r = redis.Redis.from_url(aof_redis.url, decode_responses=True, retry_on_timeout=True)
-    with EventWatcher(aof_redis.url) as watcher, Submitter(cluster.api_url) as load:
-        time.sleep(3)
-        assert aof_redis.proc is not None
-        aof_redis.proc.send_signal(signal.SIGKILL)  # no shutdown save: only the fsynced AOF survives
-        aof_redis.proc.wait()
-        down_at = time.monotonic()
-        time.sleep(2)
-        aof_redis.start()
-        back_at = time.monotonic()
-        time.sleep(4)
-    assert load.acked_after(back_at) > 0, "no submit was acknowledged after Redis came back"
-    ids = load.acked
-    counts = wait_all_terminal(r, ids, 90, watcher)
-    watcher.stop()
+    with EventWatcher(aof_redis.url) as watcher:  # read until every task has ended
+        with Submitter(cluster.api_url) as load:
+            time.sleep(3)
+            assert aof_redis.proc is not None
+            aof_redis.proc.send_signal(signal.SIGKILL)  # no shutdown save: only the fsynced AOF survives
+            aof_redis.proc.wait()
+            down_at = time.monotonic()
+            time.sleep(2)
+            aof_redis.start()
+            back_at = time.monotonic()
+            time.sleep(4)
+        assert load.acked_after(back_at) > 0, "no submit was acknowledged after Redis came back"
+        ids = load.acked
+        counts = wait_all_terminal(r, ids, 90, watcher)
     assert counts == {"succeeded": len(ids)}, counts
     report = audit_tasks(r, ids, results_dir=tmp_path / "results")
     assert report.problems == [], report.problems[:10]
@@ -148,22 +148,22 @@ def test_no_acknowledged_task_is_lost_when_redis_is_killed_and_restarted(
 def test_orchestrator_killed_under_load_loses_and_duplicates_nothing(cluster: LocalCluster, redis_url: str) -> None:
     r = redis.Redis.from_url(cluster.redis_url or "", decode_responses=True)
     assert cluster.orchestrator is not None
-    with EventWatcher(cluster.redis_url or "") as watcher, Submitter(cluster.api_url) as load:
-        time.sleep(3)
-        cluster.orchestrator.send_signal(signal.SIGKILL)
-        cluster.orchestrator.wait()
-        before_restart = len(load.acked)
-        time.sleep(1)
-        restart_orchestrator(cluster)
-        back_at = time.monotonic()
-        time.sleep(3)
-    assert before_restart > 0 and load.acked_after(back_at) > 0
-    # Every task that reached Redis, acknowledged or not (a submit cut off by the kill), ends once.
-    stored = r.zrange(keys.TASKS_ALL, 0, -1)
-    assert set(load.acked) <= set(stored)
-    counts = wait_all_terminal(r, stored, 90, watcher)
-    time.sleep(0.5)
-    watcher.stop()
+    # The watcher reads until every task has ended: it must see every move, the last ones included.
+    with EventWatcher(cluster.redis_url or "") as watcher:
+        with Submitter(cluster.api_url) as load:
+            time.sleep(3)
+            cluster.orchestrator.send_signal(signal.SIGKILL)
+            cluster.orchestrator.wait()
+            before_restart = len(load.acked)
+            time.sleep(1)
+            restart_orchestrator(cluster)
+            back_at = time.monotonic()
+            time.sleep(3)
+        assert before_restart > 0 and load.acked_after(back_at) > 0
+        # Every task that reached Redis, acknowledged or not (a submit cut off by the kill), ends once.
+        stored = r.zrange(keys.TASKS_ALL, 0, -1)
+        assert set(load.acked) <= set(stored)
+        counts = wait_all_terminal(r, stored, 90, watcher)
     assert counts == {"succeeded": len(stored)}, counts
     report = audit_tasks(r, stored, watcher=watcher)
     assert watcher.missed() == 0

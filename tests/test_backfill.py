@@ -164,6 +164,41 @@ def test_no_hold_when_reservations_are_off(redis_url: str) -> None:
     asyncio.run(scenario())
 
 
+def test_every_waiting_task_of_an_identical_request_gets_its_own_current_reason(redis_url: str) -> None:
+    """A pass tries one of several identical requests; the others still get a current reason: the
+    same one where the fleet is full, each its own where the hold keeps them off a worker."""
+
+    async def scenario() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        orch = Orchestrator(r, Settings(HEARTBEAT_TTL_SEC=60, MLOC_BACKFILL_AFTER_SEC=AFTER_SEC))
+        await orch.registry.register(registration("w1"))
+        await orch.submit(validate(echo(3, timeout=60)), ADMIN)
+        big = await orch.submit(validate(echo(4)), ADMIN)
+        await asyncio.sleep(AFTER_SEC + 0.05)
+        await fresh_pass(orch)
+        assert json.loads(await r.get(keys.BACKFILL_HOLD) or "{}")["task_id"] == big["task_id"]
+        # Same request (the timeout lies in the spec, not the request), so a pass tries only the first.
+        kept_off = [await orch.submit(validate(echo(1, timeout=t)), ADMIN) for t in (None, 300)]
+        for task in kept_off:
+            await r.hset(keys.task(task["task_id"]), "pending_reason", "stale")
+        await fresh_pass(orch)
+        reasons = [(await orch.store.get(task["task_id"])).pending_reason or "" for task in kept_off]
+        assert "no run history of its kind and no timeout" in reasons[0], reasons
+        assert "this task (usually 5m) would not end by then" in reasons[1], reasons
+        # The fleet full: every one of them says so.
+        filler = await orch.submit(validate(echo(1, timeout=10)), ADMIN)
+        assert filler["worker_id"] == "w1"
+        for task in kept_off:
+            await r.hset(keys.task(task["task_id"]), "pending_reason", "stale")
+        await fresh_pass(orch)
+        for task in kept_off:
+            reason = (await orch.store.get(task["task_id"])).pending_reason or ""
+            assert reason.startswith("waiting for capacity: 0/1 worker fit"), reason
+        await r.aclose()
+
+    asyncio.run(scenario())
+
+
 # ------------------------------------------------------------- real orchestrator and worker processes
 SHORT_SEC = (0.8, 1.2, 0.9, 1.1, 1.0)  # a stream of 1-GPU tasks of mixed lengths, so they end apart
 THRESHOLD_SEC = 2.0

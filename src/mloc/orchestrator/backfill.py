@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -191,16 +191,16 @@ class Backfill:
         elif gate is not None and worker_id == hold.worker_id:
             hold.take(req.cpu, req.mem, gpus, gate.run_sec, time.time())
 
-    def reason(self, task_id: str, req: Request, views: Iterable[WorkerView]) -> str | None:
+    def reason(self, task_id: str, req: Request, views: Mapping[str, WorkerView]) -> str | None:
         """Why ``task_id`` waits when the hold is the cause: it is the held task, or the held worker
-        would take it now but for the hold. None otherwise."""
+        (in ``views``, by worker id) would take it now but for the hold. None otherwise."""
         hold = self.hold
         if hold is None:
             return None
         now = time.time()
         if task_id == hold.task_id:
             return hold.reason(now)
-        view = next((v for v in views if v.worker_id == hold.worker_id), None)
+        view = views.get(hold.worker_id)
         if view is None or not fits_registration(req, view):
             return None
         usable = usable_gpus(req, view) if req.gpu_count else ()

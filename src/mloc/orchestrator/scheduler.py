@@ -397,7 +397,7 @@ class Scheduler:
     def _why_waiting(self, task_id: str, req: Request, views: list[WorkerView]) -> tuple[str, bool]:
         """The pending reason and whether no worker could ever run the task: the hold's words where
         it is the cause (see :mod:`.backfill`), else :func:`explain`'s."""
-        held = self.backfill.reason(task_id, req, views)
+        held = self.backfill.reason(task_id, req, self._by_id)
         return (held, False) if held is not None else explain(req, views)
 
     async def commit(self, decisions: list[Decision]) -> list[Placement]:
@@ -555,7 +555,7 @@ class Scheduler:
             # A request that found no worker in this pass will not find one for an identical request
             # either (capacity only shrinks within a pass), so those are skipped, keeping a pass cheap
             # when many tasks wait.
-            no_room: set[str] = set()
+            no_room: dict[str, tuple[str, bool]] = {}  # request -> why it waits, where no worker has room
             reasons: dict[str, str] = {}  # pending reasons to write at the end of the pass
             unschedulable: dict[str, bool] = {}
             decisions: list[Decision] = []
@@ -599,12 +599,17 @@ class Scheduler:
                     reason = quota_reason(owner.name, "gpus", owner.gpus, owner.max_gpus, req.gpu_count)
                     if task.reason != reason:
                         reasons[task.task_id] = reason
-                elif task.req_json not in no_room or self.backfill.holds_for(task.task_id):
-                    choice = self.choose(req, views, task.task_id)
+                else:
+                    # Capacity only shrinks within a pass: an identical request finds no room either.
+                    skip = task.req_json in no_room and not self.backfill.holds_for(task.task_id)
+                    choice = None if skip else self.choose(req, views, task.task_id)
                     if choice is None:
-                        # Capacity only shrinks within a pass: an identical request finds no room either.
-                        no_room.add(task.req_json)
-                        reason, never = self._why_waiting(task.task_id, req, views)
+                        if task.req_json not in no_room:
+                            no_room[task.req_json] = explain(req, views)
+                        # Identical requests wait for the same reason, unless the hold is the cause:
+                        # that depends on each task's expected run.
+                        held_back = self.backfill.reason(task.task_id, req, self._by_id)
+                        reason, never = (held_back, False) if held_back is not None else no_room[task.req_json]
                         if reason != task.reason:
                             reasons[task.task_id] = reason
                             unschedulable[task.task_id] = never

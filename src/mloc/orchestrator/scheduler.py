@@ -394,11 +394,16 @@ class Scheduler:
             self.backfill.placed(task_id or "", choice[0].worker_id, req, choice[1], gate)
         return choice
 
-    def _why_waiting(self, task_id: str, req: Request, views: list[WorkerView]) -> tuple[str, bool]:
+    def _why_waiting(
+        self, task_id: str, req: Request, views: list[WorkerView], fleet: tuple[str, bool] | None = None
+    ) -> tuple[str, bool]:
         """The pending reason and whether no worker could ever run the task: the hold's words where
-        it is the cause (see :mod:`.backfill`), else :func:`explain`'s."""
+        it is the cause (see :mod:`.backfill`), else :func:`explain`'s on ``views`` (the current
+        snapshot), or ``fleet`` where that was already worked out for an identical request."""
         held = self.backfill.reason(task_id, req, self._by_id)
-        return (held, False) if held is not None else explain(req, views)
+        if held is not None:
+            return held, False
+        return fleet if fleet is not None else explain(req, views)
 
     async def commit(self, decisions: list[Decision]) -> list[Placement]:
         """Make placements chosen on the snapshot, all in a few round trips: documents not at hand
@@ -553,8 +558,9 @@ class Scheduler:
                 await self.backfill.forget()
                 return 0
             # A request that found no worker in this pass will not find one for an identical request
-            # either (capacity only shrinks within a pass), so those are skipped, keeping a pass cheap
-            # when many tasks wait.
+            # either (capacity only shrinks within a pass), so those are not tried again, keeping a pass
+            # cheap when many tasks wait; they wait for the first one's reason, or the hold's where it
+            # is the cause (that depends on each task's expected run).
             no_room: dict[str, tuple[str, bool]] = {}  # request -> why it waits, where no worker has room
             reasons: dict[str, str] = {}  # pending reasons to write at the end of the pass
             unschedulable: dict[str, bool] = {}
@@ -600,16 +606,12 @@ class Scheduler:
                     if task.reason != reason:
                         reasons[task.task_id] = reason
                 else:
-                    # Capacity only shrinks within a pass: an identical request finds no room either.
                     skip = task.req_json in no_room and not self.backfill.holds_for(task.task_id)
                     choice = None if skip else self.choose(req, views, task.task_id)
                     if choice is None:
                         if task.req_json not in no_room:
                             no_room[task.req_json] = explain(req, views)
-                        # Identical requests wait for the same reason, unless the hold is the cause:
-                        # that depends on each task's expected run.
-                        held_back = self.backfill.reason(task.task_id, req, self._by_id)
-                        reason, never = (held_back, False) if held_back is not None else no_room[task.req_json]
+                        reason, never = self._why_waiting(task.task_id, req, views, no_room[task.req_json])
                         if reason != task.reason:
                             reasons[task.task_id] = reason
                             unschedulable[task.task_id] = never

@@ -10,7 +10,7 @@ import pytest
 
 from mloc.errors import PayloadTooLarge, SpecError
 from mloc.spec import json_schema, load, validate
-from mloc.spec.loader import parse_stream
+from mloc.spec.loader import MAX_DEPTH, parse_stream
 from mloc.spec.quantity import parse_cpu, parse_memory
 
 SEED1 = """
@@ -225,3 +225,19 @@ def test_every_shipped_template_and_config_validates() -> None:
             load(raw)
         else:  # a pipeline: every step validates
             assert all(validate(document) for document in documents), file
+
+
+
+def _task_nested(levels: int) -> dict[str, object]:
+    """A task whose innermost value lies ``levels`` levels below the top of the document (the
+    document and its spec take two of them)."""
+    payload: object = 1
+    for _ in range(levels - 2):
+        payload = [payload]
+    return {"spec": {"taskType": "echo", "payload": payload}}
+
+
+def test_nesting_up_to_the_limit_is_accepted_and_one_more_level_is_refused() -> None:
+    assert validate(_task_nested(MAX_DEPTH)).spec.task_type == "echo"
+    with pytest.raises(SpecError, match="deeper than"):
+        validate(_task_nested(MAX_DEPTH + 1))

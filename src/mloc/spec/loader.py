@@ -193,21 +193,33 @@ def _load_yaml(text: str, *, many: bool) -> Any:
         raise SpecError(TOO_DEEP) from None
 
 
-def _depth(value: Any, level: int = 0) -> int:
-    if level > MAX_DEPTH:
-        return level
-    if isinstance(value, dict):
-        return max((_depth(v, level + 1) for v in value.values()), default=level)
-    if isinstance(value, list):
-        return max((_depth(v, level + 1) for v in value), default=level)
-    return level
+def too_deep(value: Any) -> bool:
+    """Whether ``value`` holds anything more than :data:`MAX_DEPTH` levels below its top. Walked
+    with a stack, not recursion: every submit and every worker's start pays for this walk."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if not children:
+            continue
+        if level >= MAX_DEPTH:  # its children lie one level below
+            return True
+        for child in children:
+            if isinstance(child, dict | list):
+                stack.append((child, level + 1))
+    return False
 
 
 def normalize(data: Any) -> dict[str, Any]:
     """Accept both the full envelope and seed 2's fragments (``taskType`` at the top level)."""
     if not isinstance(data, dict):
         raise SpecError(f"a task must be a mapping with apiVersion, kind, metadata and spec; got {type(data).__name__}")
-    if _depth(data) > MAX_DEPTH:
+    if too_deep(data):
         raise SpecError(TOO_DEEP)
     if "spec" not in data and "taskType" in data:
         envelope = {key: data[key] for key in ENVELOPE if key in data}

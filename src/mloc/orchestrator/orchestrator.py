@@ -74,12 +74,21 @@ class Orchestrator:
             )
         return principal.name
 
-    def _record(self, document: Document, principal: Principal) -> tuple[NewTask, Request]:
+    def _record(
+        self,
+        document: Document,
+        principal: Principal,
+        *,
+        request: Request | None = None,
+        wire: dict[str, Any] | None = None,
+    ) -> tuple[NewTask, Request]:
+        """The task's new record and what it needs from a worker; ``request`` and ``wire`` are the
+        document's, where the caller has worked them out already."""
         spec = document.spec
-        request = request_of(document)
+        request = request or request_of(document)
         retries = spec.retries if spec.retries is not None else self.settings.task_retries
         record = self.store.new_record(
-            document=document.to_wire(),
+            document=wire if wire is not None else document.to_wire(),
             name=default_name(document),
             owner=self._owner(document, principal),
             task_type=spec.task_type,
@@ -148,15 +157,16 @@ class Orchestrator:
 
     async def submit(self, document: Document, principal: Principal) -> dict[str, Any]:
         await self._check_models(document, principal)
-        fit = await self.memfit.assess(document, request_of(document))  # refuses what no GPU could hold
-        if pipelines.needs_planning([document]):
-            return (await self.submit_graph([document], principal))["tasks"][0]
+        request = request_of(document)
+        fit = await self.memfit.assess(document, request)  # refuses what no GPU could hold
         wire = document.to_wire()
+        if pipelines.waits(document, wire):
+            return (await self.submit_graph([document], principal))["tasks"][0]
         if chunks.is_chunked(wire):
             return await self._submit_chunked(document, principal)
         if document.spec.resources.replicas > 1:
             return await self._submit_group(document, principal)
-        record, request = self._record(document, principal)
+        record, request = self._record(document, principal, request=request, wire=wire)
         request = self.memfit.apply(record, fit)
         answer = await self._place(record, request, create=True)
         if log.isEnabledFor(logging.DEBUG):

@@ -44,11 +44,15 @@ RELEASE_BATCH = 100
 Builder = Callable[[Document, Principal], tuple[NewTask, Request]]
 
 
+def waits(document: Document, wire: dict[str, Any] | None = None) -> bool:
+    """Whether the task waits for another; ``wire`` is its wire form, where the caller has it."""
+    spec = document.spec
+    return bool(spec.depends_on or spec.when or references.find(document.to_wire() if wire is None else wire))
+
+
 def needs_planning(documents: list[Document]) -> bool:
     """Whether any task waits for another (so the submission is planned as a graph)."""
-    return any(
-        document.spec.depends_on or document.spec.when or references.find(document.to_wire()) for document in documents
-    )
+    return any(waits(document) for document in documents)
 
 
 @dataclass

@@ -17,6 +17,7 @@ still calls ``run(ctx)``, and the entry point's name is the task type it serves.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import os
@@ -41,17 +42,30 @@ Event = dict[str, Any]
 def write_json_atomic(path: Path, obj: Any) -> Path:
     """Write JSON so a reader sees the old file or the new one, never half of one."""
     data = orjson.dumps(obj, option=_JSON_OPTIONS, default=str)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # Plain os calls on strings: a worker writes one of these per task, and pathlib's own work cost
+    # as much as the system calls.
+    folder, name = os.path.split(os.fspath(path))
+    try:
+        os.mkdir(folder)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        os.makedirs(folder, exist_ok=True)
     # Unique per process and thread, so concurrent writers never share a temporary file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         # Owner-only, as results are private to their task's user (a sandboxed tool runs as another uid).
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        try:
+            view = memoryview(data)
+            while view:  # a write may take only part of a large buffer
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
     return path
 

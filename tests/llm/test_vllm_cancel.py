@@ -20,6 +20,8 @@ QUESTION = "Question: What is the capital of France?\nAnswer:"
 PROMPTS = [f"Chapter {number}. It was a cold morning in the city, and" for number in range(48)]
 LONG = Sampling.model_validate({"max_tokens": 384, "temperature": 0})
 SHORT = Sampling.model_validate({"max_tokens": 8, "temperature": 0})
+# Longer than any one engine step takes here, far shorter than the whole call.
+STEP_BOUND_SEC = 5.0
 
 
 def test_a_cancelled_call_aborts_inside_the_engine_and_the_engine_serves_the_next_call(models_dir: Path) -> None:
@@ -33,7 +35,9 @@ def test_a_cancelled_call_aborts_inside_the_engine_and_the_engine_serves_the_nex
         began = time.monotonic()
         partial = engine.generate(PROMPTS, LONG, cancel=cancel)
         stopped_after = time.monotonic() - began - 1.0
-        assert stopped_after < 1.0, stopped_after
+        # The abort lands between engine steps, so it waits out the step under way: the prefill of 48
+        # prompts took 1.35 s once on a busy 2-core machine. Run to its end, the call takes minutes.
+        assert stopped_after < STEP_BOUND_SEC, stopped_after
         assert len(partial) < len(PROMPTS)
 
         llm = engine.llm  # type: ignore[attr-defined]

@@ -227,7 +227,6 @@ def test_every_shipped_template_and_config_validates() -> None:
             assert all(validate(document) for document in documents), file
 
 
-
 def _task_nested(levels: int) -> dict[str, object]:
     """A task whose innermost value lies ``levels`` levels below the top of the document (the
     document and its spec take two of them)."""

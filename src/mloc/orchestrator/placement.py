@@ -66,7 +66,7 @@ class Request:
     needs: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        # Not dataclasses.asdict: its recursive copy costs eight times this, and every submit pays it.
+        # Not dataclasses.asdict: its recursive copy costs several times this, and every submit pays it.
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["tags"] = list(self.tags)
         data["needs"] = [list(pair) for pair in self.needs]

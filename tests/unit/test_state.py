@@ -41,8 +41,8 @@ def test_a_replica_parent_takes_its_code_from_the_shard_that_ended_it() -> None:
     assert Reason.of_replica(TaskState.CANCELLED) == Reason.REPLICA_CANCELLED == "replica_cancelled"
 
 
-def test_only_a_workers_loss_shutdown_or_restart_spends_the_requeue_budget() -> None:
-    assert {Reason.WORKER_LOST, Reason.WORKER_SHUTDOWN, Reason.WORKER_RESTARTED} == INFRASTRUCTURE
+def test_only_a_workers_loss_shutdown_restart_or_lost_track_spends_the_requeue_budget() -> None:
+    assert {Reason.WORKER_LOST, Reason.WORKER_SHUTDOWN, Reason.WORKER_RESTARTED, Reason.ORPHANED} == INFRASTRUCTURE
     assert Reason.EXECUTOR_CRASHED not in INFRASTRUCTURE
 
 

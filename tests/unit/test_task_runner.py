@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from mloc import keys
+from mloc import keys, moves
 from mloc.orchestrator.cancel import cancel
 from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.orchestrator.users import Principal
@@ -22,6 +22,7 @@ from mloc.settings import Settings
 from mloc.spec import validate
 from mloc.state import Reason, TaskState
 from mloc.worker.worker import Worker
+from tests.support.redislink import LossyLink
 
 ALICE = Principal("alice", admin=False)
 # Echo without a pause runs on the worker's event loop, its start and end recorded in one step after
@@ -46,6 +47,10 @@ class Rig:
         entry_id, fields = entries[0]
         return entry_id, fields
 
+    async def entry_for(self, task_id: str) -> tuple[str, dict[str, str]]:
+        worker_id = (await self.orch.store.get(task_id)).worker_id
+        return await self.entry(worker_id or "")
+
     async def unacknowledged(self, worker_id: str) -> int:
         return int((await self.redis.xpending(keys.worker_stream(worker_id), keys.WORKER_GROUP))["pending"])
 
@@ -55,9 +60,19 @@ class Rig:
         return [(e["from"], e["to"]) for _, e in events if e["task"] == task_id]
 
 
-def run(redis_url: str, tmp_path: Path, scenario: Callable[[Rig], Awaitable[None]], workers: int = 1) -> None:
+def run(
+    redis_url: str,
+    tmp_path: Path,
+    scenario: Callable[[Rig], Awaitable[None]],
+    workers: int = 1,
+    *,
+    worker_url: str | None = None,
+) -> None:
+    """``worker_url``: where the workers reach Redis, when not where the rest does."""
+
     async def main() -> None:
         r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        wr = aioredis.Redis.from_url(worker_url, decode_responses=True) if worker_url else r
         settings: dict[str, Any] = {
             "RESULTS_DIR": str(tmp_path / "results"),
             "MLOC_MODELS_DIR": str(tmp_path / "models"),
@@ -70,7 +85,7 @@ def run(redis_url: str, tmp_path: Path, scenario: Callable[[Rig], Awaitable[None
         started: dict[str, Worker] = {}
         try:
             for i in range(1, workers + 1):
-                worker = Worker(Settings(**settings, WORKER_ID=f"w{i}"), r)
+                worker = Worker(Settings(**settings, WORKER_ID=f"w{i}"), wr)
                 await worker.register()
                 started[worker.worker_id] = worker
             await scenario(Rig(r, Orchestrator(r, Settings(**settings)), started))
@@ -78,6 +93,8 @@ def run(redis_url: str, tmp_path: Path, scenario: Callable[[Rig], Awaitable[None
             for worker in started.values():
                 await worker.pool.close()
             await r.aclose()
+            if wr is not r:
+                await wr.aclose()
 
     asyncio.run(main())
 
@@ -120,6 +137,72 @@ def test_an_assignment_delivered_twice_runs_its_task_once(redis_url: str, tmp_pa
         assert again.finished_at == first.finished_at
         assert len(await rig.moves(task_id)) == 3
         assert (tmp_path / "results" / task_id / "responses.json").is_file()
+
+    run(redis_url, tmp_path, scenario)
+
+
+@pytest.mark.parametrize("sleep_sec", [INSTANT, THREAD], ids=["on-the-loop", "in-a-thread"])
+def test_a_start_whose_answer_was_lost_runs_its_task_once(redis_url: str, tmp_path: Path, sleep_sec: float) -> None:
+    """Redis applied the worker's start and the answer never came (Redis killed between the two):
+    the worker's next try is refused, as the task is running already; the worker sees that the start
+    is its own and runs the task, rather than leave it running for ever with no one running it."""
+    with LossyLink(int(redis_url.rsplit(":", 1)[1].split("/")[0])) as link:
+
+        async def scenario(rig: Rig) -> None:
+            # A first task loads the worker's scripts: else Redis would refuse the lost request (NOSCRIPT).
+            await rig.workers["w1"]._handle(*await rig.entry_for(await rig.submit(sleep_sec)))
+            task_id = await rig.submit(sleep_sec)
+            entry_id, fields = await rig.entry("w1")
+            link.lose_answer_to(b"started_at")
+            await rig.workers["w1"]._handle(entry_id, fields)
+            assert link.lost.is_set()
+            record = await rig.orch.store.get(task_id)
+            assert record.state == TaskState.SUCCEEDED and record.attempts == 1, record
+            assert await rig.moves(task_id) == [
+                ("pending", "assigned"),
+                ("assigned", "running"),
+                ("running", "succeeded"),
+            ]
+            assert (await rig.orch.store.result(task_id))["attempt"] == 1
+            assert await rig.unacknowledged("w1") == 0
+            assert await rig.redis.hget(keys.worker("w1"), "slots_free") == "2"
+
+        run(redis_url, tmp_path, scenario, worker_url=link.url)
+
+
+def test_a_task_recorded_as_running_on_a_worker_that_is_not_running_it_is_handed_back(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """The worker's sweep: a task Redis says it runs, found at two sweeps in a row not running there,
+    is requeued without spending an attempt; a task it is running is left alone."""
+
+    async def scenario(rig: Rig) -> None:
+        worker = rig.workers["w1"]
+        lost = await rig.submit(THREAD)
+        entry_id, _ = await rig.entry("w1")
+        # Its start recorded, as the worker's own move writes it, and then nothing runs it.
+        assert (await worker.store.transition(lost, moves.START, expect_worker="w1", new_attempt=True)).ok
+        await worker._ack(entry_id)
+        kept = await rig.submit(1.0)
+        entry_id, fields = await rig.entry("w1")
+        handling = asyncio.create_task(worker._handle(entry_id, fields))
+        while (await rig.orch.store.get(kept)).state != TaskState.RUNNING:
+            await asyncio.sleep(0.01)
+
+        assert await worker.sweep() == []  # seen once: a task between its start and its run looks so too
+        assert await worker.sweep() == [lost]
+        record = await rig.orch.store.get(lost)
+        assert record.state == TaskState.PENDING and not record.worker_id, record
+        assert record.reason_code == Reason.ORPHANED
+        assert record.reason and "was not running it" in record.reason and "its attempts are not used" in record.reason
+        assert await rig.redis.hget(keys.task(lost), "requeues") == "1"
+        assert await worker.sweep() == []
+
+        await handling
+        record = await rig.orch.store.get(kept)
+        assert record.state == TaskState.SUCCEEDED and record.attempts == 1
+        assert await rig.moves(kept) == [("pending", "assigned"), ("assigned", "running"), ("running", "succeeded")]
+        assert await rig.redis.hget(keys.worker("w1"), "slots_free") == "2"
 
     run(redis_url, tmp_path, scenario)
 

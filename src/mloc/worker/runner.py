@@ -131,13 +131,24 @@ class TaskRunner:
         else:
             try:
                 outcome = await self._persist(f"task {task_id}: recording its start", self.mover.apply, task_id, start)
+                attempt = (
+                    outcome.attempt
+                    if outcome.ok
+                    else await self._persist(
+                        f"task {task_id}: reading its start", self._started_here, task_id, repr(started)
+                    )
+                )
             except aioredis.RedisError:
                 return  # stopping with Redis away: the entry stays unacknowledged, the reaper requeues it
-            if not outcome.ok:
+            if attempt is None:
                 await self._ack(entry_id)  # cancelled or moved meanwhile: nothing to run
                 return
-            run = Running(task_id, outcome.attempt)
-            await self._log(task_id, *self._taken(assignment, outcome.attempt))
+            run = Running(task_id, attempt)
+            try:
+                await self._log(task_id, *self._taken(assignment, attempt))
+            except aioredis.RedisError as exc:
+                # The start is recorded: the task runs, and its log goes without these two lines.
+                log.warning("task %s: its start was not logged (%s)", task_id, exc)
         self.running[task_id] = run
         timeout = assignment.timeout_sec
         loop = asyncio.get_running_loop()
@@ -150,7 +161,8 @@ class TaskRunner:
         try:
             acked = await self._execute(run, assignment, started, entry_id, deferred_start=deferred)
         except aioredis.RedisError as exc:
-            log.error("task %s: Redis failed while stopping (%s); the reaper requeues it", task_id, exc)
+            # Left held by this worker: its sweep (or, once it stops heartbeating, the reaper) hands it back.
+            log.error("task %s: Redis failed while ending it (%s); it is handed back", task_id, exc)
         finally:
             if watchdog is not None:
                 watchdog.cancel()
@@ -203,6 +215,15 @@ class TaskRunner:
                 log.warning("%s failed (%s); trying again in %.1fs", what, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    async def _started_here(self, task_id: str, started_at: str) -> int | None:
+        """The attempt this worker's start began when an earlier try of it was applied and only its
+        answer was lost (Redis killed between the two): the start time recorded is that try's own."""
+        state, worker_id, recorded_at, attempts = await self.redis.hmget(
+            keys.task(task_id), "state", "worker_id", "started_at", "attempts"
+        )
+        ours = worker_id == self.worker_id and recorded_at == started_at
+        return int(attempts) if ours and state in (TaskState.RUNNING, TaskState.CANCELLING) else None
 
     async def _recorded(self, task_id: str, attempt: int) -> bool:
         """Whether this worker's ``attempt`` of the task has already ended in Redis."""

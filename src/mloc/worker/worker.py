@@ -22,9 +22,9 @@ from mloc.executors.registry import available_task_types, capabilities
 from mloc.llm.downloads import held_models
 from mloc.llm.factsources import held_model_facts
 from mloc.records import Registration, WorkerStatus, heartbeat_fields
-from mloc.requeue import Backoff, hand_back
+from mloc.requeue import Backoff, hand_back, requeue
 from mloc.settings import Settings
-from mloc.state import Reason, StopReason
+from mloc.state import Reason, StopReason, TaskState
 from mloc.store import Coalescer, TaskStore
 from mloc.worker import hardware
 from mloc.worker.process import HostPool
@@ -55,6 +55,8 @@ class Worker(TaskRunner):
         self.max_requeues = settings.max_requeues
         # The model facts last published (registration or heartbeat): sent again only when they change.
         self._published_facts: dict[str, Any] | None = None
+        # Tasks Redis says this worker runs that it is not running, as the last sweep found them.
+        self._unrun: dict[str, str] = {}
 
     def _offered_task_types(self) -> list[str]:
         """Task types this worker runs: those its own environment has, plus those an interpreter in
@@ -141,6 +143,7 @@ class Worker(TaskRunner):
                 answer = await self.registry.heartbeat(self.worker_id, heartbeat_fields(warm, held, changed))
                 if answer == "ok":
                     self._published_facts = facts
+                    await self.sweep()
                 if answer != "ok":
                     log.warning(
                         "worker %s was marked %s; stopping its tasks and registering again",
@@ -152,6 +155,44 @@ class Worker(TaskRunner):
                     await self.register()
             except aioredis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
+
+    async def sweep(self) -> list[str]:
+        """Hand back the tasks Redis says this worker is running that it is not, and returns them. A
+        Redis outage can lose the answer to a write and leave such a task: its worker heartbeats, so
+        the reaper never takes it. Only a task found so at two sweeps in a row, on the same attempt,
+        goes back: between its start and its entry in ``running`` a task is briefly so."""
+        held = await self.redis.smembers(keys.worker_tasks(self.worker_id))
+        unknown = sorted(t for t in held if t not in self.running)
+        if not unknown:
+            self._unrun = {}
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in unknown:
+            pipe.hmget(keys.task(task_id), "state", "attempts")
+        found = {
+            task_id: attempts
+            for task_id, (state, attempts) in zip(unknown, await pipe.execute(), strict=True)
+            if state in (TaskState.RUNNING, TaskState.CANCELLING) and attempts
+        }
+        handed: list[str] = []
+        for task_id, attempts in found.items():
+            if self._unrun.get(task_id) != attempts or task_id in self.running:
+                continue
+            outcome = await requeue(
+                self.store,
+                task_id,
+                worker_id=self.worker_id,
+                attempt=int(attempts),
+                reason_code=Reason.ORPHANED,
+                reason=f"worker {self.worker_id} was not running it (Redis lost the answer to one of its writes)",
+                backoff=self.backoff,
+                max_requeues=self.max_requeues,
+            )
+            if outcome.ok:
+                log.warning("task %s: recorded as running here but not running; handed back", task_id)
+                handed.append(task_id)
+        self._unrun = {t: a for t, a in found.items() if t not in handed}
+        return handed
 
     # --------------------------------------------------------------- control
     async def _control_loop(self) -> None:

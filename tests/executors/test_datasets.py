@@ -5,6 +5,7 @@ sampling, bad rows, and one result line per row written in input order as batche
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import os
 import subprocess
@@ -81,6 +82,21 @@ def test_jsonl_csv_and_parquet_stream_the_same_rows(tmp_path: Path) -> None:
     renamed = tmp_path / "data.txt"
     renamed.write_bytes(jsonl.read_bytes())
     assert read_rows({"path": str(renamed), "format": "jsonl", "max_rows": 3}) == rows[:3]
+
+
+def test_a_csv_reader_left_unfinished_is_dropped_quietly_after_its_file_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that stops early leaves the CSV reader suspended; the block closes the file, and when
+    the reader is collected later, nothing is raised into the void."""
+    raised: list[BaseException | None] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: raised.append(unraisable.exc_value))
+    path = write_csv(tmp_path / "d.csv", [{"prompt": f"p{i}"} for i in range(100)])
+    with open_dataset(DatasetInput(path=str(path)), results_dir=tmp_path) as dataset:
+        assert next(dataset.rows).values == {"prompt": "p0"}
+    del dataset
+    gc.collect()
+    assert raised == []
 
 
 def test_a_parquet_file_reports_its_row_count_and_reads_by_batches(tmp_path: Path) -> None:

@@ -231,7 +231,10 @@ def _csv(handle: IO[bytes], label: str, skip: int = 0) -> Iterator[RawRow]:
     except csv.Error as exc:
         raise ExecutionError(f"{label} line {reader.line_num}: not readable as CSV: {exc}") from exc
     finally:
-        text.detach()  # the caller closes the file itself
+        # The caller closes the file itself; when it did before this reader was dropped, detaching
+        # (which flushes) would raise on the closed file.
+        if not text.closed:
+            text.detach()
 
 
 def _parquet(handle: IO[bytes], label: str, skip: int = 0) -> tuple[int | None, Iterator[RawRow]]:

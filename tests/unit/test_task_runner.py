@@ -67,6 +67,7 @@ def run(
     workers: int = 1,
     *,
     worker_url: str | None = None,
+    slots: int = 2,
 ) -> None:
     """``worker_url``: where the workers reach Redis, when not where the rest does."""
 
@@ -79,7 +80,7 @@ def run(
             "MLOC_HOME": str(tmp_path / "home"),
             "TASK_TOPICS": "tasks.*",
             "MLOC_WORKER_GPUS": "",
-            "MLOC_WORKER_SLOTS": "2",
+            "MLOC_WORKER_SLOTS": str(slots),
             "HEARTBEAT_TTL_SEC": "60",
         }
         started: dict[str, Worker] = {}
@@ -170,41 +171,42 @@ def test_a_start_whose_answer_was_lost_runs_its_task_once(redis_url: str, tmp_pa
         run(redis_url, tmp_path, scenario, worker_url=link.url)
 
 
-def test_a_task_recorded_as_running_on_a_worker_that_is_not_running_it_is_handed_back(
-    redis_url: str, tmp_path: Path
-) -> None:
-    """The worker's sweep: a task Redis says it runs, found at two sweeps in a row not running there,
-    is requeued without spending an attempt; a task it is running is left alone."""
+def test_tasks_a_worker_holds_but_is_not_handling_are_handed_back(redis_url: str, tmp_path: Path) -> None:
+    """The worker's sweep: a task Redis says it holds, found at two sweeps in a row not handled there
+    (its assignment read, or its start recorded, and the answer lost), is requeued without spending an
+    attempt; a task it is running is left alone."""
 
     async def scenario(rig: Rig) -> None:
         worker = rig.workers["w1"]
-        lost = await rig.submit(THREAD)
+        unread = await rig.submit(THREAD)
+        await rig.entry("w1")  # read from the stream, as by a read whose answer never came
+        unstarted = await rig.submit(THREAD)
         entry_id, _ = await rig.entry("w1")
         # Its start recorded, as the worker's own move writes it, and then nothing runs it.
-        assert (await worker.store.transition(lost, moves.START, expect_worker="w1", new_attempt=True)).ok
+        assert (await worker.store.transition(unstarted, moves.START, expect_worker="w1", new_attempt=True)).ok
         await worker._ack(entry_id)
         kept = await rig.submit(1.0)
-        entry_id, fields = await rig.entry("w1")
-        handling = asyncio.create_task(worker._handle(entry_id, fields))
+        handling = asyncio.create_task(worker._handle(*await rig.entry("w1")))
         while (await rig.orch.store.get(kept)).state != TaskState.RUNNING:
             await asyncio.sleep(0.01)
 
-        assert await worker.sweep() == []  # seen once: a task between its start and its run looks so too
-        assert await worker.sweep() == [lost]
-        record = await rig.orch.store.get(lost)
-        assert record.state == TaskState.PENDING and not record.worker_id, record
-        assert record.reason_code == Reason.ORPHANED
-        assert record.reason and "was not running it" in record.reason and "its attempts are not used" in record.reason
-        assert await rig.redis.hget(keys.task(lost), "requeues") == "1"
+        assert await worker.sweep() == []  # seen once: a task between its read and its start looks so too
+        assert await worker.sweep() == sorted([unread, unstarted])
+        for task_id, attempts, requeues in ((unread, 0, None), (unstarted, 1, "1")):
+            record = await rig.orch.store.get(task_id)
+            assert record.state == TaskState.PENDING and not record.worker_id, record
+            assert record.attempts == attempts and record.reason_code == Reason.ORPHANED
+            assert record.reason and "held it but was not running it" in record.reason
+            assert await rig.redis.hget(keys.task(task_id), "requeues") == requeues
         assert await worker.sweep() == []
 
         await handling
         record = await rig.orch.store.get(kept)
         assert record.state == TaskState.SUCCEEDED and record.attempts == 1
         assert await rig.moves(kept) == [("pending", "assigned"), ("assigned", "running"), ("running", "succeeded")]
-        assert await rig.redis.hget(keys.worker("w1"), "slots_free") == "2"
+        assert await rig.redis.hget(keys.worker("w1"), "slots_free") == "3"
 
-    run(redis_url, tmp_path, scenario)
+    run(redis_url, tmp_path, scenario, slots=3)
 
 
 def test_an_assignment_read_by_another_worker_runs_nothing(redis_url: str, tmp_path: Path) -> None:

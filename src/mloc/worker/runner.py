@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -62,6 +63,7 @@ class TaskRunner:
     hardware: dict[str, Any]
     pool: HostPool
     running: dict[str, Running]
+    handling: Counter[str]  # tasks whose assignment is being handled (twice, when delivered twice)
     stopping: asyncio.Event
     backoff: requeue.Backoff
     max_requeues: int
@@ -112,6 +114,15 @@ class TaskRunner:
         except AssignmentError as exc:
             await self._refuse(entry_id, fields.get("task") or "", exc)
             return
+        self.handling[assignment.task_id] += 1
+        try:
+            await self._take(entry_id, assignment)
+        finally:
+            self.handling[assignment.task_id] -= 1
+            if not self.handling[assignment.task_id]:
+                del self.handling[assignment.task_id]
+
+    async def _take(self, entry_id: str, assignment: Assignment) -> None:
         task_id = assignment.task_id
         started = time.time()
         start = Change(

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ class Worker(TaskRunner):
         self.task_types = self._offered_task_types()
         self.pool = HostPool(env={"MLOC_MODELS_DIR": str(self.models_dir)})
         self.running: dict[str, Running] = {}
+        self.handling: Counter[str] = Counter()
         self.stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         # Used only for tasks stored without their own policy (submitted to an older orchestrator).
@@ -55,8 +57,8 @@ class Worker(TaskRunner):
         self.max_requeues = settings.max_requeues
         # The model facts last published (registration or heartbeat): sent again only when they change.
         self._published_facts: dict[str, Any] | None = None
-        # Tasks Redis says this worker runs that it is not running, as the last sweep found them.
-        self._unrun: dict[str, str] = {}
+        # Tasks Redis says this worker holds that it is not handling, as the last sweep found them.
+        self._unhandled: dict[str, str] = {}
 
     def _offered_task_types(self) -> list[str]:
         """Task types this worker runs: those its own environment has, plus those an interpreter in
@@ -157,41 +159,41 @@ class Worker(TaskRunner):
                 log.warning("heartbeat failed: %s", exc)
 
     async def sweep(self) -> list[str]:
-        """Hand back the tasks Redis says this worker is running that it is not, and returns them. A
-        Redis outage can lose the answer to a write and leave such a task: its worker heartbeats, so
-        the reaper never takes it. Only a task found so at two sweeps in a row, on the same attempt,
-        goes back: between its start and its entry in ``running`` a task is briefly so."""
+        """Hand back the tasks Redis says this worker holds that it is not handling, and return them.
+        A Redis outage can lose the answer to a read or a write (an assignment read, a start), and
+        leave such a task: its worker heartbeats, so the reaper never takes it. Only a task found so
+        at two sweeps in a row, on the same attempt, goes back."""
         held = await self.redis.smembers(keys.worker_tasks(self.worker_id))
-        unknown = sorted(t for t in held if t not in self.running)
+        unknown = sorted(t for t in held if t not in self.handling)
         if not unknown:
-            self._unrun = {}
+            self._unhandled = {}
             return []
         pipe = self.redis.pipeline(transaction=False)
         for task_id in unknown:
             pipe.hmget(keys.task(task_id), "state", "attempts")
         found = {
-            task_id: attempts
+            task_id: f"{state}/{attempts}"
             for task_id, (state, attempts) in zip(unknown, await pipe.execute(), strict=True)
-            if state in (TaskState.RUNNING, TaskState.CANCELLING) and attempts
+            if state in (TaskState.ASSIGNED, TaskState.RUNNING, TaskState.CANCELLING)
         }
         handed: list[str] = []
-        for task_id, attempts in found.items():
-            if self._unrun.get(task_id) != attempts or task_id in self.running:
+        for task_id, seen in found.items():
+            if self._unhandled.get(task_id) != seen or task_id in self.handling:
                 continue
             outcome = await requeue(
                 self.store,
                 task_id,
                 worker_id=self.worker_id,
-                attempt=int(attempts),
+                attempt=int(seen.split("/")[1] or 0),
                 reason_code=Reason.ORPHANED,
-                reason=f"worker {self.worker_id} was not running it (Redis lost the answer to one of its writes)",
+                reason=f"worker {self.worker_id} held it but was not running it (Redis lost an answer to the worker)",
                 backoff=self.backoff,
                 max_requeues=self.max_requeues,
             )
             if outcome.ok:
-                log.warning("task %s: recorded as running here but not running; handed back", task_id)
+                log.warning("task %s: held by this worker but not running here; handed back", task_id)
                 handed.append(task_id)
-        self._unrun = {t: a for t, a in found.items() if t not in handed}
+        self._unhandled = {t: seen for t, seen in found.items() if t not in handed}
         return handed
 
     # --------------------------------------------------------------- control

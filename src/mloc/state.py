@@ -54,7 +54,7 @@ class Reason(StrEnum):
     WORKER_LOST = "worker_lost"  # no heartbeat: the reaper handed its tasks back
     WORKER_SHUTDOWN = "worker_shutdown"  # stopped (SIGTERM) with the task assigned or still running
     WORKER_RESTARTED = "worker_restarted"  # came back under the same id; what it held went back
-    ORPHANED = "orphaned"  # its live worker was not running it (a Redis outage lost the answer to a write)
+    ORPHANED = "orphaned"  # its live worker was not running it (a Redis outage lost an answer to the worker)
     REQUEUES_EXHAUSTED = "requeues_exhausted"  # handed back by workers more than MLOC_MAX_REQUEUES times
     EXECUTOR_ERROR = "executor_error"  # the executor raised
     EXECUTOR_CRASHED = "executor_crashed"  # the executor process died (most often out of memory)

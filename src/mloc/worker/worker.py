@@ -58,7 +58,7 @@ class Worker(TaskRunner):
         # The model facts last published (registration or heartbeat): sent again only when they change.
         self._published_facts: dict[str, Any] | None = None
         # Tasks Redis says this worker holds that it is not handling, as the last sweep found them.
-        self._unhandled: dict[str, str] = {}
+        self._unhandled: dict[str, tuple[str, int]] = {}
 
     def _offered_task_types(self) -> list[str]:
         """Task types this worker runs: those its own environment has, plus those an interpreter in
@@ -172,7 +172,7 @@ class Worker(TaskRunner):
         for task_id in unknown:
             pipe.hmget(keys.task(task_id), "state", "attempts")
         found = {
-            task_id: f"{state}/{attempts}"
+            task_id: (state, int(attempts or 0))
             for task_id, (state, attempts) in zip(unknown, await pipe.execute(), strict=True)
             if state in (TaskState.ASSIGNED, TaskState.RUNNING, TaskState.CANCELLING)
         }
@@ -184,7 +184,7 @@ class Worker(TaskRunner):
                 self.store,
                 task_id,
                 worker_id=self.worker_id,
-                attempt=int(seen.split("/")[1] or 0),
+                attempt=seen[1],
                 reason_code=Reason.ORPHANED,
                 reason=f"worker {self.worker_id} held it but was not running it (Redis lost an answer to the worker)",
                 backoff=self.backoff,

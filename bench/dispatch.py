@@ -10,7 +10,11 @@ submits many tasks at once (concurrent single submits, and the bulk endpoint) an
 
 Baseline, measured in the same run on the same Redis: two consumer processes doing XREADGROUP and
 XACK, a producer doing XADD, with completion signalled through a second stream: the floor of any
-Streams-based dispatcher.
+Streams-based dispatcher. Its throughput pipelines the XADDs in batches of 100, so it is not the
+one-at-a-time "raw Streams" row of ../shared/peers.
+
+Where the time goes: for each MLOC phase, the CPU each process spent per task (orchestrator, both
+workers, Redis, this load generator), from the kernel's accounting of each process (psutil).
 """
 
 from __future__ import annotations
@@ -19,14 +23,17 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
+import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
+import psutil
 import redis
 import redis.asyncio as aioredis
 
@@ -42,6 +49,7 @@ RAW_STREAM, RAW_DONE, RAW_GROUP, RAW_READY = "bench:raw", "bench:raw:done", "g",
 # an unlucky slow reply would fail as a timeout rather than come back empty. Redis answers a BLOCK
 # itself, so the socket waits longer than any BLOCK here.
 SOCKET_TIMEOUT_S = 30
+T = TypeVar("T")
 
 
 def _client(url: str) -> redis.Redis:
@@ -124,6 +132,33 @@ def _raw_run(url: str, consumers: Sequence[BaseProcess], latency_n: int, through
 
 
 # ---------------------------------------------------------------------- MLOC
+class CpuMeter:
+    """CPU seconds each process of the system spent during a phase, per task."""
+
+    def __init__(self, processes: Mapping[str, int]) -> None:
+        self.processes = {name: psutil.Process(pid) for name, pid in processes.items()}
+        self.phases: dict[str, dict[str, float]] = {}
+
+    def _now(self) -> dict[str, float]:
+        times = {name: proc.cpu_times() for name, proc in self.processes.items()}
+        return {name: t.user + t.system for name, t in times.items()}
+
+    def measure(self, phase: str, tasks: int, run: Callable[[], T]) -> T:
+        before = self._now()
+        result = run()
+        after = self._now()
+        self.phases[phase] = {name: (after[name] - before[name]) / tasks for name in after}
+        return result
+
+    def table(self) -> str:
+        names = list(self.processes)
+        lines = [f"{'CPU ms per task':34} " + " ".join(f"{name:>12}" for name in names) + f" {'total':>8}"]
+        for phase, spent in self.phases.items():
+            cells = " ".join(f"{spent[name] * 1e3:12.3f}" for name in names)
+            lines.append(f"{phase:34} {cells} {sum(spent.values()) * 1e3:8.3f}")
+        return "\n".join(lines)
+
+
 def mloc_latency(api: str, url: str, n: int) -> list[float]:
     return asyncio.run(_latency(api, url, n))
 
@@ -227,9 +262,16 @@ def main() -> None:
             cluster.start(timeout=180)  # start-up is not measured; a busy machine imports slowly
             print("MLOC: orchestrator + 2 workers up; warming up...")
             mloc_latency(cluster.api_url, server.url, 30)
-            lat = mloc_latency(cluster.api_url, server.url, args.latency_n)
-            single = mloc_throughput(cluster.api_url, server.url, args.throughput_n, bulk=False)
-            bulk = mloc_throughput(cluster.api_url, server.url, args.throughput_n, bulk=True)
+            assert cluster.orchestrator is not None  # started above
+            meter = CpuMeter(
+                {"orchestrator": cluster.orchestrator.pid}
+                | {name: proc.pid for name, proc in cluster.worker_procs.items()}
+                | {"redis": server.proc.pid, "load gen": os.getpid()}
+            )
+            api, url, n = cluster.api_url, server.url, args.throughput_n
+            lat = meter.measure("sequential", args.latency_n, lambda: mloc_latency(api, url, args.latency_n))
+            single = meter.measure("HTTP submit, 8 clients", n, lambda: mloc_throughput(api, url, n, bulk=False))
+            bulk = meter.measure("bulk submit", n, lambda: mloc_throughput(api, url, n, bulk=True))
         finally:
             cluster.stop()
     finally:
@@ -251,6 +293,8 @@ def main() -> None:
         f"throughput {single / raw['throughput']:.2f} (single) / {bulk / raw['throughput']:.2f} (bulk)"
     )
     print("targets: p50 <= 3 ms end to end, >= 500 tasks/s")
+    print()
+    print(meter.table())
     print(
         json.dumps(
             {
@@ -260,6 +304,10 @@ def main() -> None:
                 "mloc_bulk_tasks_per_s": bulk,
                 "raw_p50_ms": pct(raw_lat, 50) * 1e3,
                 "raw_tasks_per_s": raw["throughput"],
+                "cpu_ms_per_task": {
+                    phase: {name: round(sec * 1e3, 4) for name, sec in spent.items()}
+                    for phase, spent in meter.phases.items()
+                },
             }
         )
     )

@@ -11,7 +11,7 @@ forbids. tests/unit/test_moves.py walks every move here against the table.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mloc.errors import InvalidTransition
@@ -25,6 +25,11 @@ class Move:
     name: str
     target: TaskState
     sources: frozenset[TaskState]
+    # Whether the table allows the move, worked out once: it is checked on every change a process asks for.
+    allowed: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "allowed", bool(self.sources) and not self.forbidden())
 
     def forbidden(self) -> list[TaskState]:
         """The sources from which :data:`~mloc.state.ALLOWED` does not let a task enter the target."""
@@ -32,6 +37,8 @@ class Move:
 
     def check(self) -> None:
         """Raise :class:`InvalidTransition` unless every source may enter the target."""
+        if self.allowed:
+            return
         wrong = self.forbidden()
         if wrong or not self.sources:
             edges = ", ".join(f"{source} -> {self.target}" for source in wrong) or f"no source for {self.target}"

@@ -193,8 +193,9 @@ local function release_hold()
   local h = cjson.decode(hold)
   local wkey = k(KEY_WORKER, worker)
   if redis.call('EXISTS', wkey) == 1 then
-    redis.call('HINCRBY', wkey, 'cpu_free', int(h.cpu))
-    redis.call('HINCRBY', wkey, 'mem_free', int(h.mem))
+    -- Most tasks hold no CPU or memory of their own (a slot only): no write for a zero.
+    if h.cpu ~= 0 then redis.call('HINCRBY', wkey, 'cpu_free', int(h.cpu)) end
+    if h.mem ~= 0 then redis.call('HINCRBY', wkey, 'mem_free', int(h.mem)) end
     redis.call('HINCRBY', wkey, 'slots_free', 1)
     for _, g in ipairs(h.gpus) do redis.call('SADD', k(KEY_FREE_GPUS, worker), int(g)) end
   end
@@ -210,8 +211,8 @@ end
 
 local function reserve(r)
   local wkey = k(KEY_WORKER, r.worker)
-  redis.call('HINCRBY', wkey, 'cpu_free', int(0 - r.cpu))
-  redis.call('HINCRBY', wkey, 'mem_free', int(0 - r.mem))
+  if r.cpu ~= 0 then redis.call('HINCRBY', wkey, 'cpu_free', int(0 - r.cpu)) end
+  if r.mem ~= 0 then redis.call('HINCRBY', wkey, 'mem_free', int(0 - r.mem)) end
   redis.call('HINCRBY', wkey, 'slots_free', -1)
   for _, g in ipairs(r.gpus) do redis.call('SREM', k(KEY_FREE_GPUS, r.worker), int(g)) end
   redis.call('SADD', k(KEY_WORKER_TASKS, r.worker), id)

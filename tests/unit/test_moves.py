@@ -23,6 +23,7 @@ def test_every_named_move_is_one_the_table_allows(move: moves.Move) -> None:
     assert move.sources, move
     for source in move.sources:
         assert move.target in ALLOWED[source], f"{move.name}: {source} -> {move.target}"
+    assert move.allowed
     move.check()
 
 
@@ -63,7 +64,7 @@ def test_a_forbidden_move_raises_before_redis_is_touched() -> None:
     # A client for a port nobody listens on: any command would fail with a connection error.
     store = TaskStore(aioredis.Redis(host="127.0.0.1", port=free_port()))
     forbidden = moves.Move("succeed_unstarted", TaskState.SUCCEEDED, frozenset({TaskState.PENDING}))
-    assert forbidden.forbidden() == [TaskState.PENDING]
+    assert forbidden.forbidden() == [TaskState.PENDING] and not forbidden.allowed
     with pytest.raises(InvalidTransition, match="pending -> succeeded"):
         asyncio.run(store.transition("any", forbidden))
     later = moves.Change(moves.Move("revive", TaskState.PENDING, frozenset({TaskState.FAILED})))

@@ -191,7 +191,11 @@ def test_tasks_a_worker_holds_but_is_not_handling_are_handed_back(redis_url: str
             await asyncio.sleep(0.01)
 
         assert await worker.sweep() == []  # seen once: a task between its read and its start looks so too
+        assert await rig.unacknowledged("w1") == 2  # the entry read without an answer, and the running one's
         assert await worker.sweep() == sorted([unread, unstarted])
+        # The lost read's entry goes with its task; the running task's stays for its handler.
+        assert await rig.unacknowledged("w1") == 1
+        assert [e["task"] for _, e in await rig.redis.xrange(keys.worker_stream("w1"))] == [kept]
         for task_id, attempts, requeues in ((unread, 0, None), (unstarted, 1, "1")):
             record = await rig.orch.store.get(task_id)
             assert record.state == TaskState.PENDING and not record.worker_id, record
@@ -201,6 +205,7 @@ def test_tasks_a_worker_holds_but_is_not_handling_are_handed_back(redis_url: str
         assert await worker.sweep() == []
 
         await handling
+        assert await rig.unacknowledged("w1") == 0
         record = await rig.orch.store.get(kept)
         assert record.state == TaskState.SUCCEEDED and record.attempts == 1
         assert await rig.moves(kept) == [("pending", "assigned"), ("assigned", "running"), ("running", "succeeded")]

@@ -163,6 +163,7 @@ class Worker(TaskRunner):
         A Redis outage can lose the answer to a read or a write (an assignment read, a start), and
         leave such a task: its worker heartbeats, so the reaper never takes it. Only a task found so
         at two sweeps in a row, on the same attempt, goes back."""
+        began = time.monotonic()
         held = await self.redis.smembers(keys.worker_tasks(self.worker_id))
         unknown = sorted(t for t in held if t not in self.handling)
         if not unknown:
@@ -194,7 +195,33 @@ class Worker(TaskRunner):
                 log.warning("task %s: held by this worker but not running here; handed back", task_id)
                 handed.append(task_id)
         self._unhandled = {t: seen for t, seen in found.items() if t not in handed}
+        if handed:
+            await self._drop_entries(set(handed), began)
         return handed
+
+    async def _drop_entries(self, tasks: set[str], began: float) -> None:
+        """Acknowledge and delete the stream entries of tasks just handed back. An assignment whose
+        read lost its answer stays pending for this worker, which reads only new entries: it would
+        stay until the worker registers again. Only entries delivered before the sweep began are
+        taken, so a task placed here again since keeps its new entry for its handler."""
+        stream = keys.worker_stream(self.worker_id)
+        idle_ms = int((time.monotonic() - began) * 1000) + 1
+        pending = await self.redis.xpending_range(
+            stream, keys.WORKER_GROUP, "-", "+", 1000, consumername=self.worker_id, idle=idle_ms
+        )
+        if not pending:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for entry in pending:
+            pipe.xrange(stream, min=entry["message_id"], max=entry["message_id"], count=1)
+        stale = [
+            entry_id for found in await pipe.execute() for entry_id, fields in found if fields.get("task") in tasks
+        ]
+        if stale:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xack(stream, keys.WORKER_GROUP, *stale)
+            pipe.xdel(stream, *stale)
+            await pipe.execute()
 
     # --------------------------------------------------------------- control
     async def _control_loop(self) -> None:

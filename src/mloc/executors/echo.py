@@ -39,8 +39,9 @@ class EchoExecutor(Executor):
         elif options.sleep_sec:
             step_sec = options.sleep_sec / options.steps
             for step in range(options.steps):
-                ctx.check_cancelled()
+                # A wait cut short by a cancel completed no step: none is reported.
                 ctx.cancel_event.wait(step_sec)
+                ctx.check_cancelled()
                 ctx.progress(step + 1, options.steps)
                 ctx.log(f"step {step + 1}/{options.steps}")
             ctx.check_cancelled()

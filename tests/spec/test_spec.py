@@ -64,6 +64,19 @@ def test_wire_form_round_trips() -> None:
     assert doc.to_wire()["spec"]["resources"]["hardware"]["memory"] == "32Gi"
 
 
+def test_a_model_source_written_as_a_string_is_its_identifier() -> None:
+    written = SEED1.replace(
+        'source:\n      type: "huggingface"\n      identifier: "mistralai/Mistral-7B-Instruct-v0.1"',
+        "source: mistralai/Mistral-7B-Instruct-v0.1",
+    )
+    assert written != SEED1
+    assert load(written).to_wire() == load(SEED1).to_wire()
+    url = load(written.replace("mistralai/Mistral-7B-Instruct-v0.1", "https://example.com/m.gguf"))
+    assert url.spec.model.source.type == "url"  # type: ignore[attr-defined]
+    with pytest.raises(SpecError, match=r"model\.source needs .identifier."):
+        load(written.replace("mistralai/Mistral-7B-Instruct-v0.1", "''"))
+
+
 def test_seed_two_sft_fragment_is_accepted_and_names_what_is_missing() -> None:
     fragment = """
 taskType: "sft"

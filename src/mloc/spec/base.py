@@ -159,6 +159,9 @@ class ModelSource(Strict):
     @model_validator(mode="before")
     @classmethod
     def _url_without_type(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            # `source: org/model` says what `source: {identifier: org/model}` says.
+            data = {"identifier": data}
         # An identifier that is plainly a URL names its own source type; a hub id never holds '://'.
         if isinstance(data, dict) and "type" not in data and is_url(str(data.get("identifier") or "")):
             return {**data, "type": SourceType.URL.value}

@@ -40,12 +40,11 @@ class Move:
         if self.allowed:
             return
         wrong = self.forbidden()
-        if wrong or not self.sources:
-            edges = ", ".join(f"{source} -> {self.target}" for source in wrong) or f"no source for {self.target}"
-            raise InvalidTransition(
-                f"move {self.name!r} asks for {edges}, which mloc.state.ALLOWED does not allow; "
-                "change the move's sources or the table"
-            )
+        edges = ", ".join(f"{source} -> {self.target}" for source in wrong) or f"no source for {self.target}"
+        raise InvalidTransition(
+            f"move {self.name!r} asks for {edges}, which mloc.state.ALLOWED does not allow; "
+            "change the move's sources or the table"
+        )
 
 
 def _move(name: str, target: TaskState, *sources: TaskState) -> Move:

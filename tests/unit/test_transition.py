@@ -223,15 +223,21 @@ def test_reserve_takes_capacity_and_quota_and_writes_the_assignment(redis_url: s
 def test_a_slot_only_task_takes_and_gives_back_a_slot_alone(redis_url: str) -> None:
     async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
         task_id = await new_task(store)
-        await r.hset(keys.worker("w1"), "cpu_free", "1999")  # a value no write of zero may disturb
+
+        async def increments() -> int:  # HINCRBYs run so far, the script's own included
+            return int((await r.info("commandstats")).get("cmdstat_hincrby", {}).get("calls", 0))
+
+        before = await increments()
         assert (await store.transition(task_id, moves.PLACE, reserve=reservation(cpu=0, mem=0))).ok
         worker = await r.hgetall(keys.worker("w1"))
-        assert (worker["cpu_free"], worker["mem_free"], worker["slots_free"]) == ("1999", "1000", "3")
+        assert (worker["cpu_free"], worker["mem_free"], worker["slots_free"]) == ("2000", "1000", "3")
         assert (await store.transition(task_id, moves.START, expect_worker="w1", new_attempt=True)).ok
         assert (await store.transition(task_id, moves.SUCCEED, expect_worker="w1", expect_attempt=1, release=True)).ok
         worker = await r.hgetall(keys.worker("w1"))
-        assert (worker["cpu_free"], worker["mem_free"], worker["slots_free"]) == ("1999", "1000", "4")
+        assert (worker["cpu_free"], worker["mem_free"], worker["slots_free"]) == ("2000", "1000", "4")
         assert await r.hget(keys.task(task_id), "hold") == ""
+        # The slot and the owner's task count, each taken and given back: no write of a zero.
+        assert await increments() - before == 4
 
     run(redis_url, scenario)
 

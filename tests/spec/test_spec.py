@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import yaml
 
 from mloc.errors import PayloadTooLarge, SpecError
 from mloc.spec import json_schema, load, validate
@@ -75,6 +76,13 @@ def test_a_model_source_written_as_a_string_is_its_identifier() -> None:
     assert url.spec.model.source.type == "url"  # type: ignore[attr-defined]
     with pytest.raises(SpecError, match=r"model\.source needs .identifier."):
         load(written.replace("mistralai/Mistral-7B-Instruct-v0.1", "''"))
+    # The published schema takes what the validator takes, so an editor does not flag the short form.
+    as_written = yaml.safe_load(written)
+    assert as_written["spec"]["model"]["source"] == "mistralai/Mistral-7B-Instruct-v0.1"
+    jsonschema.validate(as_written, json_schema())
+    as_written["spec"]["model"]["source"] = ""
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(as_written, json_schema())
 
 
 def test_seed_two_sft_fragment_is_accepted_and_names_what_is_missing() -> None:

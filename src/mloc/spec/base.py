@@ -269,8 +269,22 @@ class Engine(StrEnum):
     TRANSFORMERS = "transformers"
 
 
+def _source_schema(schema: dict[str, Any]) -> None:
+    """The schema says what the validator takes: ``source`` is a mapping, or a string that is its identifier."""
+    ref = schema.pop("$ref")
+    schema["anyOf"] = [
+        {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 512,
+            "description": "The model's identifier alone (its type read as for source.identifier).",
+        },
+        {"$ref": ref},
+    ]
+
+
 class ModelSpec(Strict):
-    source: ModelSource
+    source: ModelSource = Field(json_schema_extra=_source_schema)
     engine: Engine = Field(Engine.AUTO, description="Inference engine; 'auto' takes vLLM where installed.")
     vllm: VllmOptions = Field(default_factory=VllmOptions)
     adapter: Adapter | None = None

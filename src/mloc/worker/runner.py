@@ -1,4 +1,5 @@
-"""Running one assigned task: recording its start and end, the executor, its result and usage."""
+"""Running one assigned task: recording its start and end, the executor and its result (what it
+used is worked out in :mod:`mloc.worker.accounting`)."""
 
 from __future__ import annotations
 
@@ -25,10 +26,10 @@ from mloc.records import ADMIN, SUBMITTED_BY, Assignment, AssignmentError
 from mloc.settings import Settings
 from mloc.spec import Document, validate
 from mloc.spec.base import TIMEOUT_LABEL
-from mloc.spec.quantity import parse_cpu
 from mloc.state import Reason, StopReason, TaskState
 from mloc.store import Coalescer, TaskStore
 from mloc.worker import outputs
+from mloc.worker.accounting import cores_asked, daily_counters, peak_fields, run_usage
 from mloc.worker.process import HostDied, HostKey, HostPool, HostProcess, default_python
 from mloc.worker.reporter import Reporter
 
@@ -344,8 +345,8 @@ class TaskRunner:
             if note:
                 reason = note + reason.removeprefix("cancelled on request")
         finished = time.time()
-        usage = self._usage(reporter, result, finished - started, len(gpus), _cores(assignment.document))
-        daily = self._daily(task_type, state, usage, gpus)
+        usage = run_usage(reporter.usage, result, finished - started, len(gpus), cores_asked(assignment.document))
+        daily = daily_counters(task_type, state, usage, gpus, self.hardware["gpus"])
         if crashed and run.stop_reason is None:
             # A dead executor process (most often out of memory) may be the machine's fault, so it is
             # retried, with backoff; but it may be the task's own doing, so it spends an attempt.
@@ -539,64 +540,3 @@ class TaskRunner:
         if outcome.get("code") == NoExecutor.code:
             raise NoExecutor(message)
         raise ExecutionError(message)
-
-    @staticmethod
-    def _usage(
-        reporter: Reporter, result: dict[str, Any] | None, wall: float, gpu_count: int, cores: float
-    ) -> dict[str, float]:
-        usage = dict(reporter.usage)
-        if not usage and result and isinstance(result.get("usage"), dict):
-            usage = {
-                k: float(v)
-                for k, v in result["usage"].items()
-                if isinstance(v, int | float) and not isinstance(v, bool)
-            }
-        usage["wall_sec"] = round(wall, 6)
-        usage["gpu_seconds"] = round(wall * gpu_count, 6)
-        # Like GPU-seconds, what the task kept from others: wall time times the cores it asked for.
-        usage.setdefault("cpu_seconds", round(wall * cores, 6))
-        return usage
-
-    def _daily(self, task_type: str, state: TaskState, usage: dict[str, float], gpus: list[int]) -> dict[str, float]:
-        daily = {
-            "tasks": 1.0,
-            f"tasks.{task_type}": 1.0,
-            f"tasks.{task_type}.{state}": 1.0,
-            f"state.{state}": 1.0,
-        }
-        for name in (
-            "wall_sec",
-            "gpu_seconds",
-            "cpu_seconds",
-            "prompt_tokens",
-            "completion_tokens",
-            "total_tokens",
-            "train_samples",
-            "train_tokens",
-        ):
-            if name in usage:
-                daily[name] = usage[name]
-        if gpus and usage.get("gpu_seconds"):
-            names = {g["index"]: g.get("name", "gpu") for g in self.hardware["gpus"]}
-            model = names.get(gpus[0], "gpu")
-            daily[f"gpu_seconds.{model}"] = usage["gpu_seconds"]
-        return daily
-
-
-def _cores(document: dict[str, Any]) -> float:
-    """The CPU cores a task asked for (one when it named none: it runs on at least one)."""
-    hardware = ((document.get("spec") or {}).get("resources") or {}).get("hardware") or {}
-    try:
-        milli = parse_cpu(hardware.get("cpu") or 0)
-    except ValueError:
-        milli = 0
-    return milli / 1000 if milli else 1.0
-
-
-def peak_fields(memory: dict[str, Any], gpus: list[int]) -> dict[str, str]:
-    """The task hash fields of a run's measured memory: the peak (on the fullest GPU where torch used
-    the task's GPUs, else the RSS of its executor process tree) and the figures behind it."""
-    gpu = memory.get("gpu_peak_bytes") if gpus else None
-    peak = int(gpu) if gpu else int(memory.get("rss_peak_bytes") or 0)
-    detail = {**memory, "device": "gpu" if gpu else "cpu"}
-    return {"memory_peak_bytes": str(peak), "memory_peak": json.dumps(detail)}

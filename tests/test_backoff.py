@@ -78,7 +78,7 @@ def test_a_retry_is_not_placed_before_its_backoff_and_says_when_it_will_be(redis
             # Even a placement that bypasses the queues is refused inside Redis.
             early = await orch.store.transition(task_id, moves.PLACE, reserve=Reservation("w1", 0, 0, [], "{}"))
             assert not early.ok and early.error == "backoff"
-            assert orch.scheduler.next_retry_at is not None
+            assert orch.scheduler.queues.next_retry_at is not None
             while await orch.scheduler.schedule_pending() == 0:
                 await asyncio.sleep(0.01)
             gaps.append(time.time() - requeued_at)

@@ -396,9 +396,9 @@ class Orchestrator:
                     await self.overspend.stop()
                     woken = False
                     deadline = time.monotonic() + self.settings.schedule_interval_sec
-                    if self.scheduler.next_retry_at is not None:
+                    if self.scheduler.queues.next_retry_at is not None:
                         # A retry waiting out its backoff is due before the next regular pass.
-                        due = time.monotonic() + max(0.0, self.scheduler.next_retry_at - time.time())
+                        due = time.monotonic() + max(0.0, self.scheduler.queues.next_retry_at - time.time())
                         deadline = min(deadline, due)
                     while not stop.is_set() and time.monotonic() < deadline:
                         message = await pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))

@@ -19,7 +19,7 @@ Which waiting task goes first (the fair-share rule, also in docs/operations.md):
 
 A user at their quota, or with an exhausted budget (:mod:`.budgets`), is skipped (their tasks wait
 with the reason) and the pass goes on with the other users' tasks. A retry waits out its backoff
-in a separate index and joins the queues when it is due (:meth:`Scheduler.promote_retries`).
+in a separate index and joins the queues when it is due (:meth:`.queues.PendingQueues.promote_retries`).
 """
 
 from __future__ import annotations
@@ -37,15 +37,16 @@ from typing import Any
 
 import orjson
 
-from mloc import keys, lua, moves
+from mloc import keys, moves
 from mloc.orchestrator import budgets, fairshare
 from mloc.orchestrator.backfill import Backfill, Gate
 from mloc.orchestrator.eta import DurationHistory
 from mloc.orchestrator.placement import Request, explain, fits_now, fits_registration, usable_gpus
-from mloc.orchestrator.standing import OwnerStanding, Standings
+from mloc.orchestrator.queues import OwnerQueue, PendingQueues
+from mloc.orchestrator.standing import Standings
 from mloc.records import Assignment, NewTask, WorkerStatus, WorkerView
 from mloc.settings import DEFAULT_FAIR_SHARE_HALF_LIFE_SEC
-from mloc.state import Refusal, TaskState
+from mloc.state import Refusal
 from mloc.store import Apply, Change, Coalescer, Reservation, TaskStore
 from mloc.workers import WorkerRegistry
 
@@ -82,33 +83,6 @@ def quota_reason(owner: str, limit: str, used: int, most: int, gpus_needed: int 
     if limit == "tasks":
         return f"user {owner} at quota: {used} of {most} concurrent tasks"
     return f"user {owner} at quota: {used} of {most} GPUs in use, this task needs {gpus_needed}"
-
-
-@dataclass
-class _Waiting:
-    task_id: str
-    owner: str
-    req_json: str
-    priority: int
-    created_ms: int
-    reason: str | None
-
-
-@dataclass
-class _Owner:
-    """One user's share of a pass: their waiting tasks, what they hold and their limits."""
-
-    name: str
-    waiting: list[_Waiting]
-    tasks: int
-    gpus: int
-    max_tasks: int
-    max_gpus: int
-    next: int = 0
-    standing: OwnerStanding = field(default_factory=OwnerStanding)
-
-    def share_key(self, unit: float) -> float:
-        return fairshare.share_key(self.standing.cost, self.tasks, unit, self.standing.weight)
 
 
 @dataclass
@@ -150,15 +124,11 @@ class Scheduler:
         self.heartbeat_ttl_sec = heartbeat_ttl_sec
         self.user_max_tasks = user_max_tasks
         self.user_max_gpus = user_max_gpus
-        # When the earliest retry waiting out its backoff is due (unix seconds), as of the last pass.
-        self.next_retry_at: float | None = None
         self._views: list[WorkerView] = []
         self._views_at = 0.0
         self._lock = asyncio.Lock()
-        self._promote = store.redis.register_script(lua.PROMOTE)
-        self._prune_owner = store.redis.register_script(lua.PRUNE_OWNER)
-        self._waiting = store.redis.register_script(lua.WAITING)
-        self._queues_checked = False
+        # The owners' queues of waiting tasks a pass reads, and the retries it promotes into them.
+        self.queues = PendingQueues(store, self.standings, user_max_tasks=user_max_tasks, user_max_gpus=user_max_gpus)
         # Workers whose registration could ever take a request of this shape, for the registrations
         # of ``_fit_registrations`` (the registry's count; cleared whenever one changes).
         self._static_fit: dict[tuple[Any, ...], dict[str, tuple[int, ...]]] = {}
@@ -452,88 +422,8 @@ class Scheduler:
             else:
                 placement.pending_reason = f"not pending any more ({outcome.error} {outcome.detail})"
             placements.append(placement)
-        if reasons:
-            pipe = self.store.redis.pipeline(transaction=False)
-            for task_id, reason in reasons.items():
-                pipe.hset(keys.task(task_id), mapping={"pending_reason": reason, "unschedulable": "0"})
-            await pipe.execute()
+        await self.queues.note_reasons(reasons, {})
         return placements
-
-    async def promote_retries(self, limit: int = 1000) -> int:
-        """Move retries whose backoff has passed into the pending queues; remember when the next is due."""
-        moved, head = await self._promote(
-            keys=[keys.RETRY_WAIT, keys.PENDING, keys.PENDING_OWNERS],
-            args=[repr(time.time()), keys.task("{id}"), keys.pending_of("{id}"), limit],
-        )
-        head = head.decode() if isinstance(head, bytes) else head
-        self.next_retry_at = float(head) if head else None
-        return int(moved)
-
-    async def _check_queues(self) -> None:
-        """Give every task in PENDING a place in its owner's queue (tasks queued by an older MLOC had none)."""
-        redis = self.store.redis
-        start, batch = 0, 1000
-        while True:
-            rows = await redis.zrange(keys.PENDING, start, start + batch - 1, withscores=True)
-            if not rows:
-                break
-            pipe = redis.pipeline(transaction=False)
-            for task_id, _ in rows:
-                pipe.hget(keys.task(task_id), "owner")
-            owners = await pipe.execute()
-            pipe = redis.pipeline(transaction=False)
-            for (task_id, score), owner in zip(rows, owners, strict=True):
-                if owner is not None:
-                    pipe.zadd(keys.pending_of(owner), {task_id: score}, nx=True)
-                    pipe.sadd(keys.PENDING_OWNERS, owner)
-            await pipe.execute()
-            start += batch
-        self._queues_checked = True
-
-    async def _read_queues(self, limit: int) -> list[_Owner]:
-        replies = await self._waiting(
-            keys=[keys.PENDING_OWNERS],
-            args=[
-                limit,
-                keys.pending_of("{id}"),
-                keys.user_usage("{id}"),
-                keys.user_quota("{id}"),
-                keys.task("{id}"),
-            ],
-        )
-        owners = []
-        for name, usage, quota, ids, rows in sorted(replies):
-            if not ids:
-                await self._prune_owner(keys=[keys.PENDING_OWNERS, keys.pending_of(name)], args=[name])
-                continue
-            waiting = []
-            for task_id, (req_json, priority, created_ms, state, reason) in zip(ids, rows, strict=True):
-                if state != TaskState.PENDING or not req_json:
-                    await self._drop_stale(task_id, name)
-                    continue
-                waiting.append(_Waiting(task_id, name, req_json, int(priority), int(created_ms), reason))
-            owners.append(
-                _Owner(
-                    name,
-                    waiting,
-                    tasks=int(usage[0] or 0),
-                    gpus=int(usage[1] or 0),
-                    max_tasks=int(self.user_max_tasks if quota[0] is None else quota[0]),
-                    max_gpus=int(self.user_max_gpus if quota[1] is None else quota[1]),
-                )
-            )
-        # Fair-share usage, weights and budgets of all of them: one more round trip per pass.
-        standings = await self.standings.read([owner.name for owner in owners])
-        for owner in owners:
-            owner.standing = standings[owner.name]
-        return owners
-
-    async def _drop_stale(self, task_id: str, owner: str) -> None:
-        pipe = self.store.redis.pipeline(transaction=False)
-        pipe.zrem(keys.PENDING, task_id)
-        pipe.zrem(keys.pending_of(owner), task_id)
-        await pipe.execute()
-        await self._prune_owner(keys=[keys.PENDING_OWNERS, keys.pending_of(owner)], args=[owner])
 
     async def schedule_pending(self, limit: int = 1000, *, quick: bool = False) -> int:
         """One pass over waiting tasks (about ``limit`` of them; with ``quick``, only about as many as
@@ -544,16 +434,14 @@ class Scheduler:
         passed over for this pass, and so are their tasks an exhausted budget holds.
         """
         async with self._lock:
-            await self.promote_retries()
-            if not self._queues_checked:
-                await self._check_queues()
+            await self.queues.promote_retries()
             self.invalidate()
             if quick:
                 # About as many waiting tasks as could start now: with thousands queued, reading them
                 # all on every completion would cost more than running them.
                 free = sum(v.slots_free for v in await self.views() if v.status == WorkerStatus.ACTIVE)
                 limit = min(limit, max(PASS_FLOOR, 2 * free))
-            owners = await self._read_queues(limit)
+            owners = await self.queues.read(limit)
             if not owners:
                 await self.backfill.forget()
                 return 0
@@ -579,7 +467,7 @@ class Scheduler:
                     head = owner.waiting[owner.next]
                     heapq.heappush(heap, (-head.priority, owner.share_key(unit), head.created_ms, index))
 
-            def wait_all(owner: _Owner, reason: str) -> None:
+            def wait_all(owner: OwnerQueue, reason: str) -> None:
                 for task in owner.waiting[owner.next :]:
                     if task.reason != reason:
                         reasons[task.task_id] = reason
@@ -633,10 +521,5 @@ class Scheduler:
                 push(index)
             placed = sum(p.worker_id is not None for p in await self.commit(decisions))
             await self.backfill.settle(read={task.task_id for task in waiting})
-            if reasons:
-                pipe = self.store.redis.pipeline(transaction=False)
-                for task_id, reason in reasons.items():
-                    flag = "1" if unschedulable.get(task_id) else "0"
-                    pipe.hset(keys.task(task_id), mapping={"pending_reason": reason, "unschedulable": flag})
-                await pipe.execute()
+            await self.queues.note_reasons(reasons, unschedulable)
             return placed

@@ -1,0 +1,151 @@
+"""The waiting tasks a scheduling pass reads: each owner's pending queue, with what they hold and
+may hold, the retries whose backoff has passed, and the reasons written on tasks left waiting.
+
+A pending task is in the global ``PENDING`` index and in its owner's queue (``keys.pending_of``);
+owners with a queue are in ``PENDING_OWNERS``. One script call reads the head of every owner's
+queue with their usage and quota; tasks found no longer pending are dropped from both indexes here.
+The order among owners is the scheduler's (:mod:`.scheduler`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from mloc import keys, lua
+from mloc.orchestrator import fairshare
+from mloc.orchestrator.standing import OwnerStanding, Standings
+from mloc.state import TaskState
+from mloc.store import TaskStore
+
+
+@dataclass
+class Waiting:
+    """A pending task as a pass sees it: its placement request (JSON) and what orders it."""
+
+    task_id: str
+    owner: str
+    req_json: str
+    priority: int
+    created_ms: int
+    reason: str | None  # the pending reason it shows now
+
+
+@dataclass
+class OwnerQueue:
+    """One user's share of a pass: their waiting tasks, what they hold and their limits."""
+
+    name: str
+    waiting: list[Waiting]
+    tasks: int
+    gpus: int
+    max_tasks: int
+    max_gpus: int
+    next: int = 0  # the first of ``waiting`` the pass has not taken yet
+    standing: OwnerStanding = field(default_factory=OwnerStanding)
+
+    def share_key(self, unit: float) -> float:
+        return fairshare.share_key(self.standing.cost, self.tasks, unit, self.standing.weight)
+
+
+class PendingQueues:
+    def __init__(self, store: TaskStore, standings: Standings, *, user_max_tasks: int, user_max_gpus: int) -> None:
+        self.redis = store.redis
+        self.standings = standings
+        self.user_max_tasks = user_max_tasks
+        self.user_max_gpus = user_max_gpus
+        # When the earliest retry waiting out its backoff is due (unix seconds), as of the last promotion.
+        self.next_retry_at: float | None = None
+        self._promote = store.redis.register_script(lua.PROMOTE)
+        self._prune_owner = store.redis.register_script(lua.PRUNE_OWNER)
+        self._waiting = store.redis.register_script(lua.WAITING)
+        self._checked = False
+
+    async def promote_retries(self, limit: int = 1000) -> int:
+        """Move retries whose backoff has passed into the pending queues; remember when the next is due."""
+        moved, head = await self._promote(
+            keys=[keys.RETRY_WAIT, keys.PENDING, keys.PENDING_OWNERS],
+            args=[repr(time.time()), keys.task("{id}"), keys.pending_of("{id}"), limit],
+        )
+        head = head.decode() if isinstance(head, bytes) else head
+        self.next_retry_at = float(head) if head else None
+        return int(moved)
+
+    async def read(self, limit: int) -> list[OwnerQueue]:
+        """About ``limit`` waiting tasks, from the head of each owner's queue, with each owner's
+        holdings, limits and fair-share standing (two round trips)."""
+        if not self._checked:
+            await self._check()
+        replies = await self._waiting(
+            keys=[keys.PENDING_OWNERS],
+            args=[
+                limit,
+                keys.pending_of("{id}"),
+                keys.user_usage("{id}"),
+                keys.user_quota("{id}"),
+                keys.task("{id}"),
+            ],
+        )
+        owners = []
+        for name, usage, quota, ids, rows in sorted(replies):
+            if not ids:
+                await self._prune_owner(keys=[keys.PENDING_OWNERS, keys.pending_of(name)], args=[name])
+                continue
+            waiting = []
+            for task_id, (req_json, priority, created_ms, state, reason) in zip(ids, rows, strict=True):
+                if state != TaskState.PENDING or not req_json:
+                    await self._drop_stale(task_id, name)
+                    continue
+                waiting.append(Waiting(task_id, name, req_json, int(priority), int(created_ms), reason))
+            owners.append(
+                OwnerQueue(
+                    name,
+                    waiting,
+                    tasks=int(usage[0] or 0),
+                    gpus=int(usage[1] or 0),
+                    max_tasks=int(self.user_max_tasks if quota[0] is None else quota[0]),
+                    max_gpus=int(self.user_max_gpus if quota[1] is None else quota[1]),
+                )
+            )
+        standings = await self.standings.read([owner.name for owner in owners])
+        for owner in owners:
+            owner.standing = standings[owner.name]
+        return owners
+
+    async def note_reasons(self, reasons: Mapping[str, str], unschedulable: Mapping[str, bool]) -> None:
+        """Write why each of these tasks still waits, and whether no worker could ever run it."""
+        if not reasons:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id, reason in reasons.items():
+            flag = "1" if unschedulable.get(task_id) else "0"
+            pipe.hset(keys.task(task_id), mapping={"pending_reason": reason, "unschedulable": flag})
+        await pipe.execute()
+
+    async def _check(self) -> None:
+        """Give every task in PENDING a place in its owner's queue (tasks queued by an older MLOC had none)."""
+        start, batch = 0, 1000
+        while True:
+            rows = await self.redis.zrange(keys.PENDING, start, start + batch - 1, withscores=True)
+            if not rows:
+                break
+            pipe = self.redis.pipeline(transaction=False)
+            for task_id, _ in rows:
+                pipe.hget(keys.task(task_id), "owner")
+            owners = await pipe.execute()
+            pipe = self.redis.pipeline(transaction=False)
+            for (task_id, score), owner in zip(rows, owners, strict=True):
+                if owner is not None:
+                    pipe.zadd(keys.pending_of(owner), {task_id: score}, nx=True)
+                    pipe.sadd(keys.PENDING_OWNERS, owner)
+            await pipe.execute()
+            start += batch
+        self._checked = True
+
+    async def _drop_stale(self, task_id: str, owner: str) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrem(keys.PENDING, task_id)
+        pipe.zrem(keys.pending_of(owner), task_id)
+        await pipe.execute()
+        await self._prune_owner(keys=[keys.PENDING_OWNERS, keys.pending_of(owner)], args=[owner])

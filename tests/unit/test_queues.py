@@ -1,0 +1,113 @@
+"""mloc.orchestrator.queues: the waiting tasks a scheduling pass reads from the owners' queues, in
+real Redis, with records stored as the orchestrator stores them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import redis.asyncio as aioredis
+
+from mloc import keys, moves
+from mloc.orchestrator.queues import PendingQueues
+from mloc.orchestrator.standing import Standings
+from mloc.store import Reservation, TaskStore
+from mloc.workers import WorkerRegistry
+from tests.support.fleet import echo_record, registration
+
+
+def queues_on(r: aioredis.Redis) -> tuple[TaskStore, PendingQueues]:
+    store = TaskStore(r)
+    return store, PendingQueues(store, Standings(r, half_life_sec=3600), user_max_tasks=5, user_max_gpus=0)
+
+
+def test_a_pass_reads_each_owners_queue_in_order_with_their_limits(redis_url: str) -> None:
+    async def scenario() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        store, queues = queues_on(r)
+        records = [echo_record(store, owner) for owner in ("bob", "alice", "bob")]
+        for record in records:
+            await store.insert([record])
+        await r.hset(keys.user_quota("bob"), "tasks", "1")
+        owners = await queues.read(100)
+        assert [o.name for o in owners] == ["alice", "bob"]
+        alice, bob = owners
+        assert [t.task_id for t in bob.waiting] == [records[0].task_id, records[2].task_id]
+        assert [t.task_id for t in alice.waiting] == [records[1].task_id]
+        # Bob's own quota, Alice's the default; neither holds anything yet.
+        assert (bob.max_tasks, alice.max_tasks, bob.tasks, bob.gpus) == (1, 5, 0, 0)
+        assert all(t.req_json and t.owner == o.name for o in owners for t in o.waiting)
+        await r.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_task_no_longer_pending_is_dropped_from_both_indexes_and_an_empty_owner_with_it(redis_url: str) -> None:
+    async def scenario() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        store, queues = queues_on(r)
+        record = echo_record(store, "carol")
+        await store.insert([record])
+        # An index left behind by a write that did not finish: the record moved on, its entries stayed.
+        await r.hset(keys.task(record.task_id), "state", "cancelled")
+        assert [o.waiting for o in await queues.read(100)] == [[]]
+        assert await r.zscore(keys.PENDING, record.task_id) is None
+        assert await r.zscore(keys.pending_of("carol"), record.task_id) is None
+        assert not await r.sismember(keys.PENDING_OWNERS, "carol")
+        assert await queues.read(100) == []
+        await r.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_task_queued_without_an_owners_queue_gets_one_on_the_first_read(redis_url: str) -> None:
+    async def scenario() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        store, queues = queues_on(r)
+        record = echo_record(store, "dave")
+        await store.insert([record])
+        # As an older MLOC queued it: in PENDING only.
+        await r.zrem(keys.pending_of("dave"), record.task_id)
+        await r.srem(keys.PENDING_OWNERS, "dave")
+        owners = await queues.read(100)
+        assert [(o.name, [t.task_id for t in o.waiting]) for o in owners] == [("dave", [record.task_id])]
+        await r.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_retries_join_the_queue_when_due_and_the_next_one_is_remembered(redis_url: str) -> None:
+    async def scenario() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        store, queues = queues_on(r)
+        soon, later = echo_record(store, "erin"), echo_record(store, "erin")
+        await store.insert([soon])
+        await store.insert([later])
+        await WorkerRegistry(r).register(registration("w1"))
+        now = time.time()
+        for record, at in ((soon, now - 1), (later, now + 600)):
+            assert (await store.transition(record.task_id, moves.PLACE, reserve=Reservation("w1", 0, 0, [], "{}"))).ok
+            assert (await store.transition(record.task_id, moves.REQUEUE, release=True, retry_at=at)).ok
+        assert await queues.read(100) == []  # both wait out their backoff
+        assert await queues.promote_retries() == 1
+        assert queues.next_retry_at is not None and abs(queues.next_retry_at - (now + 600)) < 1
+        owners = await queues.read(100)
+        assert [t.task_id for o in owners for t in o.waiting] == [soon.task_id]
+        await r.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_reasons_are_written_with_whether_the_task_can_ever_run(redis_url: str) -> None:
+    async def scenario() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        store, queues = queues_on(r)
+        a, b = echo_record(store), echo_record(store)
+        await store.insert([a])
+        await store.insert([b])
+        await queues.note_reasons({a.task_id: "no worker has 8 GPUs", b.task_id: "all slots busy"}, {a.task_id: True})
+        assert await r.hmget(keys.task(a.task_id), "pending_reason", "unschedulable") == ["no worker has 8 GPUs", "1"]
+        assert await r.hmget(keys.task(b.task_id), "pending_reason", "unschedulable") == ["all slots busy", "0"]
+        await r.aclose()
+
+    asyncio.run(scenario())

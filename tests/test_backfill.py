@@ -15,8 +15,10 @@ import redis.asyncio as aioredis
 from mloc import keys, moves
 from mloc.client import Client
 from mloc.localcluster import LocalCluster
+from mloc.orchestrator import eta
 from mloc.orchestrator.cancel import cancel
 from mloc.orchestrator.orchestrator import Orchestrator
+from mloc.orchestrator.placement import Request
 from mloc.orchestrator.users import Principal
 from mloc.records import Registration, WorkerStatus
 from mloc.settings import Settings
@@ -107,6 +109,26 @@ def test_the_oldest_blocked_task_holds_the_worker_where_it_starts_soonest_and_ev
         # Work sure to end before then may use the free GPU meanwhile.
         short = await submit(echo(1, timeout=10), by=other)
         assert short["worker_id"] == "w2"
+
+        # The estimates count the hold: the held task starts at the shadow time (the slots alone would
+        # say now), and a task kept off w2 cannot take w2's free slots before then.
+        shadow_at = json.loads(await r.get(keys.BACKFILL_HOLD) or "{}")["at"]
+        shown = await orch.queue_estimate(await orch.store.get(big["task_id"]))
+        assert shown is not None and shown["basis"] == "the worker held for it, w2", shown
+        assert abs(shown["eta_sec"] - (shadow_at - time.time())) < 2 and shown["eta_sec"] > 20, shown
+        views = {view.worker_id: view for view in await orch.scheduler.views()}
+        kept = await orch.store.get(unknown["task_id"])
+        bearing = await orch.scheduler.backfill.bearing_on(kept.task_id, Request.from_json(kept.request), views)
+        assert bearing is not None and (bearing.mine, bearing.keeps_off, bearing.free_at) == (False, True, shadow_at)
+        on_w2 = [views["w2"]]
+        free_slots = await eta.estimate(orch.store, orch.history, on_w2, kept.task_id, kept.request)
+        assert free_slots.eta_sec == 0.0
+        kept_off = await eta.estimate(orch.store, orch.history, on_w2, kept.task_id, kept.request, bearing)
+        assert kept_off.eta_sec is not None and kept_off.eta_sec > 20, kept_off
+        assert "not on w2 before the older task held there starts" in kept_off.basis
+        shorter = await orch.store.get(short["task_id"])
+        admitted = await orch.scheduler.backfill.bearing_on(shorter.task_id, Request.from_json(shorter.request), views)
+        assert admitted is not None and not admitted.keeps_off
         # A later pass keeps the hold; the others now wait for a free GPU anywhere.
         await fresh_pass(orch)
         assert json.loads(await r.get(keys.BACKFILL_HOLD) or "{}")["task_id"] == big["task_id"]

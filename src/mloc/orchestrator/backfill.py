@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import orjson
 
 from mloc import keys
-from mloc.orchestrator.eta import DurationHistory, kind_of
+from mloc.orchestrator.eta import DurationHistory, HeldWorker, kind_of
 from mloc.orchestrator.placement import Request, fits_now, fits_registration, usable_gpus
 from mloc.orchestrator.shadow import Capacity, Hold, Holding, Need, Shadow, expected_end, shadow_time
 from mloc.records import WorkerStatus, WorkerView
@@ -180,6 +180,28 @@ class Backfill:
         if timeout is not None:
             self._timeouts[task_id] = timeout
         return self.admission(task_id, req)
+
+    async def bearing_on(self, task_id: str, req: Request, views: Mapping[str, WorkerView]) -> HeldWorker | None:
+        """How the hold bears on the start of waiting task ``task_id``, for its estimate (nothing is noted,
+        unlike :meth:`gate`): held for it, or keeping it off the held worker (``views``, by id), or neither."""
+        if self.after_sec <= 0:
+            return None
+        await self._refresh()
+        hold = self.hold
+        if hold is None:
+            return None
+        if hold.task_id == task_id:
+            return HeldWorker(hold.worker_id, hold.at, mine=True, keeps_off=False)
+        view = views.get(hold.worker_id)
+        if view is None or not fits_registration(req, view):
+            return None
+        await self._learn([req.to_json()])
+        timeout = self._timeouts.get(task_id)
+        if timeout is None:
+            timeout = _timeout_of(orjson.loads(await self.store.redis.hget(keys.task(task_id), "spec") or "{}"))
+        gpus = usable_gpus(req, view)[: req.gpu_count] if req.gpu_count else []
+        admitted = Gate(hold, self.run_sec(req, timeout)).admits(req, gpus)
+        return HeldWorker(hold.worker_id, hold.at, mine=False, keeps_off=not admitted)
 
     def placed(self, task_id: str, worker_id: str, req: Request, gpus: Sequence[int], gate: Gate | None) -> None:
         """A placement chosen: the held task's ends its hold; another on the held worker uses it."""

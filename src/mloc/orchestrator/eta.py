@@ -5,7 +5,10 @@ the task on it ends (its progress ETA, else the usual duration of its kind less 
 the tasks ahead of it take the next free slots for their usual durations, and the task starts on the
 slot that frees next after them. A kind's usual duration is the median of the recent successes of the
 same task type, model and topic (``DurationHistory``, read from the succeeded tasks' index and kept
-for a short while). It is an estimate: fair share between users may let another user's later task go
+for a short while). A backfill hold (:mod:`.backfill`) counts: the task it is for starts when its held
+worker frees enough for it (the hold's shadow time, worked out from what the task needs, not from
+slots alone), and a task the hold keeps off that worker cannot take its slots before then. It is an
+estimate: fair share between users may let another user's later task go
 first, and a worker that joins or leaves changes it.
 """
 
@@ -78,6 +81,16 @@ class DurationHistory:
         self._read_at = time.monotonic()
 
 
+@dataclass(frozen=True)
+class HeldWorker:
+    """The backfill hold (:mod:`.backfill`) as it bears on one waiting task's start."""
+
+    worker_id: str
+    free_at: float | None  # the shadow time (unix seconds): when the held task can start; None if unknown
+    mine: bool  # the worker is held for this task
+    keeps_off: bool  # this task may not start on the held worker before the held task has
+
+
 @dataclass
 class Estimate:
     position: int | None  # 1-based place in the pending order; None while a retry waits out its backoff
@@ -95,16 +108,26 @@ class Estimate:
 
 
 async def estimate(
-    store: TaskStore, history: DurationHistory, views: list[WorkerView], task_id: str, req: dict[str, Any]
+    store: TaskStore,
+    history: DurationHistory,
+    views: list[WorkerView],
+    task_id: str,
+    req: dict[str, Any],
+    hold: HeldWorker | None = None,
 ) -> Estimate:
-    """The queue position and start estimate of the pending task ``task_id`` (whose request is ``req``)."""
+    """The queue position and start estimate of the pending task ``task_id`` (whose request is ``req``);
+    ``hold``: how a backfill hold bears on it."""
     redis = store.redis
     rank = await redis.zrank(keys.PENDING, task_id)
+    position = None if rank is None else rank + 1
     request = Request.from_json(req)
     fitting = [v for v in views if v.status == WorkerStatus.ACTIVE and fits_registration(request, v)]
     if not fitting:
-        return Estimate(None if rank is None else rank + 1, 0, None, "no registered worker can run it")
+        return Estimate(position, 0, None, "no registered worker can run it")
     now = time.time()
+    if hold is not None and hold.mine and hold.free_at is not None:
+        # The hold was placed where it starts soonest, from what it needs (GPUs, memory), not slots alone.
+        return Estimate(position, 0, max(0.0, hold.free_at - now), f"the worker held for it, {hold.worker_id}")
     # Every slot of the fitting workers, as the seconds until it frees.
     slots: list[float] = []
     pipe = redis.pipeline(transaction=False)
@@ -127,9 +150,17 @@ async def estimate(
                 usual, _ = await history.duration(json.loads(raw or "{}"))
                 remaining = max(0.0, usual - (now - float(assigned))) if assigned else usual
             busy.append(float(remaining))
-        slots += sorted(busy)[: view.slots_total] + [0.0] * max(0, view.slots_total - len(busy))
+        frees = sorted(busy)[: view.slots_total] + [0.0] * max(0, view.slots_total - len(busy))
+        if hold is not None and hold.keeps_off and view.worker_id == hold.worker_id:
+            if hold.free_at is None:
+                continue  # not before the held task starts, and when that is nobody knows
+            frees = [max(free, hold.free_at - now) for free in frees]
+        slots += frees
     if not slots:
-        return Estimate(None if rank is None else rank + 1, 0, None, "its workers have no slots")
+        why = "its workers have no slots"
+        if hold is not None and hold.keeps_off:
+            why = f"its only worker, {hold.worker_id}, is held for an older task whose start is unknown"
+        return Estimate(position, 0, None, why)
     heapq.heapify(slots)
     ahead_ids = await redis.zrange(keys.PENDING, 0, min(rank, AHEAD_LIMIT) - 1) if rank else []
     pipe = redis.pipeline(transaction=False)
@@ -150,4 +181,8 @@ async def estimate(
         if retry_at is not None:
             start = max(start, float(retry_at) - now)
         basis += "; a retry waiting out its backoff"
-    return Estimate(None if rank is None else rank + 1, ahead, start, basis)
+    if hold is not None and hold.keeps_off:
+        basis += f"; not on {hold.worker_id} before the older task held there starts"
+    elif hold is not None and hold.mine:
+        basis += f"; {hold.worker_id} is held for it, its start unknown"
+    return Estimate(position, ahead, start, basis)

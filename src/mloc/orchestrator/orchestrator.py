@@ -264,7 +264,9 @@ class Orchestrator:
         if record.state != TaskState.PENDING or record.waiting_on or record.children or not record.request:
             return None
         views = await self.scheduler.views()
-        found = await eta.estimate(self.store, self.history, views, record.task_id, record.request)
+        by_id = {view.worker_id: view for view in views}
+        hold = await self.scheduler.backfill.bearing_on(record.task_id, Request.from_json(record.request), by_id)
+        found = await eta.estimate(self.store, self.history, views, record.task_id, record.request, hold)
         return found.to_dict()
 
     async def queue_positions(self, task_ids: list[str]) -> list[int | None]:

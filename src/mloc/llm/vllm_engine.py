@@ -46,6 +46,12 @@ def cpu_environment(cache_root: Path) -> dict[str, str]:
         # Binding OpenMP threads to cores fails or starves other processes on small shared machines.
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
         "VLLM_CACHE_ROOT": str(cache_root),
+        # vLLM 0.32 saves an ahead-of-time compiled model on torch >= 2.10 but cannot load it back on
+        # CPU ("'function' object has no attribute 'finalize_loading'"), so every engine start compiled
+        # again. Without it, inductor's own graph cache serves the next start; it is kept with the models
+        # rather than in /tmp, so it outlives a cleaned /tmp.
+        "VLLM_USE_AOT_COMPILE": "0",
+        "TORCHINDUCTOR_CACHE_DIR": str(cache_root / "inductor"),
     }
     return {key: os.environ.get(key, value) for key, value in defaults.items()}
 

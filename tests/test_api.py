@@ -210,6 +210,9 @@ def test_bulk_submit_is_all_or_nothing(http: httpx.Client, owner: str) -> None:
     assert http.get("/api/v1/tasks", params={"owner": owner}).json()["total"] == 0
     accepted = http.post("/api/v1/tasks/bulk", json=[good] * 10).json()
     assert accepted["count"] == 10
+    # Queued, and listed newest first, in the order given, though they share their submit millisecond.
+    listed = http.get("/api/v1/tasks", params={"owner": owner}).json()["items"]
+    assert [item["task_id"] for item in listed] == [task["task_id"] for task in reversed(accepted["tasks"])]
     for task in accepted["tasks"]:
         wait_for(http, task["task_id"], {"succeeded"})
     yaml_stream = "spec: {taskType: echo}\n---\nspec: {taskType: echo}\n"

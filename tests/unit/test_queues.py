@@ -42,6 +42,21 @@ def test_a_pass_reads_each_owners_queue_in_order_with_their_limits(redis_url: st
     asyncio.run(scenario())
 
 
+def test_tasks_made_in_one_millisecond_queue_in_the_order_they_were_made(redis_url: str) -> None:
+    async def scenario() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        store, queues = queues_on(r)
+        # Made back to back, many share a millisecond; their random ids alone would order them.
+        records = [echo_record(store, "erin") for _ in range(50)]
+        assert len({record.created_ms for record in records}) == 50
+        await store.insert(records)
+        (erin,) = await queues.read(100)
+        assert [t.task_id for t in erin.waiting] == [record.task_id for record in records]
+        await r.aclose()
+
+    asyncio.run(scenario())
+
+
 def test_a_task_no_longer_pending_is_dropped_from_both_indexes_and_an_empty_owner_with_it(redis_url: str) -> None:
     async def scenario() -> None:
         r = aioredis.Redis.from_url(redis_url, decode_responses=True)

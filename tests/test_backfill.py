@@ -83,6 +83,10 @@ def test_the_oldest_blocked_task_holds_the_worker_where_it_starts_soonest_and_ev
         assert big["state"] == "pending"
         assert await fresh_pass(orch) == 0
         assert await r.get(keys.BACKFILL_HOLD) is None  # not waited long enough yet
+        # No hold yet, and slots free on both: it still starts only when w2's task gives back its GPUs.
+        early = await orch.queue_estimate(await orch.store.get(big["task_id"]))
+        assert early is not None and 25 < early["eta_sec"] <= 30, early
+        assert early["basis"].endswith("; 3 GPUs free on w2 then, as its tasks end"), early
         await asyncio.sleep(AFTER_SEC + 0.05)
         await fresh_pass(orch)
         hold = json.loads(await r.get(keys.BACKFILL_HOLD) or "{}")

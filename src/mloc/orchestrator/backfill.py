@@ -34,13 +34,13 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import orjson
 
 from mloc import keys
-from mloc.orchestrator.eta import DurationHistory, HeldWorker, kind_of
+from mloc.orchestrator.eta import DurationHistory, HeldWorker, Room, kind_of
 from mloc.orchestrator.placement import Request, fits_now, fits_registration, usable_gpus
 from mloc.orchestrator.shadow import Capacity, Hold, Holding, Need, Shadow, expected_end, shadow_time
 from mloc.records import WorkerStatus, WorkerView
@@ -202,6 +202,19 @@ class Backfill:
         gpus = usable_gpus(req, view)[: req.gpu_count] if req.gpu_count else []
         admitted = Gate(hold, self.run_sec(req, timeout)).admits(req, gpus)
         return HeldWorker(hold.worker_id, hold.at, mine=False, keeps_off=not admitted)
+
+    async def room(self, req: Request, fitting: list[WorkerView]) -> Room | None:
+        """Where and when the tasks on the ``fitting`` workers, ending as expected, first leave enough
+        free for ``req``, for an estimate; None when none ever would, or when one has all but a slot
+        free now (the estimate's queue replay counts slots). Nothing is held or noted."""
+        for view in fitting:
+            free = capacity_of(view)
+            if replace(free, slots=max(1, free.slots)).fits(need_of(req, view)):
+                return None
+        found = await self._hold_for("", req, fitting, time.time())
+        if found is None:
+            return None
+        return Room(found.worker_id, found.at, found.short, found.unknown_end)
 
     def placed(self, task_id: str, worker_id: str, req: Request, gpus: Sequence[int], gate: Gate | None) -> None:
         """A placement chosen: the held task's ends its hold; another on the held worker uses it."""

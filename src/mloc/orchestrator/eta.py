@@ -7,7 +7,9 @@ slot that frees next after them. A kind's usual duration is the median of the re
 same task type, model and topic (``DurationHistory``, read from the succeeded tasks' index and kept
 for a short while). A backfill hold (:mod:`.backfill`) counts: the task it is for starts when its held
 worker frees enough for it (the hold's shadow time, worked out from what the task needs, not from
-slots alone), and a task the hold keeps off that worker cannot take its slots before then. It is an
+slots alone), and a task the hold keeps off that worker cannot take its slots before then. A task that
+needs more than a slot (GPUs, CPU, memory) starts no sooner than the tasks running now, ending as
+expected, leave that much free on one of its workers (``Room``, worked out as a shadow time). It is an
 estimate: fair share between users may let another user's later task go
 first, and a worker that joins or leaves changes it.
 """
@@ -18,6 +20,7 @@ import heapq
 import json
 import statistics
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +94,21 @@ class HeldWorker:
     keeps_off: bool  # this task may not start on the held worker before the held task has
 
 
+@dataclass(frozen=True)
+class Room:
+    """The first moment the tasks running now, ending as expected, leave enough of one worker free for
+    a waiting task (its GPUs, CPU, memory and a slot), whatever is queued ahead of it."""
+
+    worker_id: str
+    at: float | None  # unix seconds; None when it waits for a task whose end nothing says
+    short: str  # what it lacks now, "3 GPUs"
+    unknown_end: str | None  # the task with no known end that it waits for, if any
+
+
+# Where and when a waiting task first finds room among the workers given, if anywhere.
+RoomFinder = Callable[[list[WorkerView]], Awaitable[Room | None]]
+
+
 @dataclass
 class Estimate:
     position: int | None  # 1-based place in the pending order; None while a retry waits out its backoff
@@ -114,9 +132,10 @@ async def estimate(
     task_id: str,
     req: dict[str, Any],
     hold: HeldWorker | None = None,
+    room_for: RoomFinder | None = None,
 ) -> Estimate:
     """The queue position and start estimate of the pending task ``task_id`` (whose request is ``req``);
-    ``hold``: how a backfill hold bears on it."""
+    ``hold``: how a backfill hold bears on it; ``room_for``: when its workers first have room for it."""
     redis = store.redis
     rank = await redis.zrank(keys.PENDING, task_id)
     position = None if rank is None else rank + 1
@@ -185,4 +204,16 @@ async def estimate(
         basis += f"; not on {hold.worker_id} before the older task held there starts"
     elif hold is not None and hold.mine:
         basis += f"; {hold.worker_id} is held for it, its start unknown"
+    room = await room_for(fitting) if room_for is not None else None
+    if room is not None:
+        if room.at is None:
+            waits = f"{room.short} on {room.worker_id} wait for {room.unknown_end}"
+            basis += f"; at the earliest: {waits}, whose end nothing says"
+        else:
+            at = room.at
+            if hold is not None and hold.keeps_off and room.worker_id == hold.worker_id and hold.free_at is not None:
+                at = max(at, hold.free_at)
+            if at - now > start:
+                start = at - now
+                basis += f"; {room.short} free on {room.worker_id} then, as its tasks end"
     return Estimate(position, ahead, start, basis)

@@ -21,7 +21,7 @@ from mloc.orchestrator.placement import Request, explain, misfit, request_of
 from mloc.orchestrator.scheduler import Decision, Placement, Scheduler
 from mloc.orchestrator.usage import Grouping, UsageReports
 from mloc.orchestrator.users import Principal
-from mloc.records import NewTask, TaskRecord, WorkerRecord
+from mloc.records import NewTask, TaskRecord, WorkerRecord, WorkerView
 from mloc.requeue import Backoff
 from mloc.settings import Settings
 from mloc.spec import Document, validate
@@ -265,8 +265,14 @@ class Orchestrator:
             return None
         views = await self.scheduler.views()
         by_id = {view.worker_id: view for view in views}
-        hold = await self.scheduler.backfill.bearing_on(record.task_id, Request.from_json(record.request), by_id)
-        found = await eta.estimate(self.store, self.history, views, record.task_id, record.request, hold)
+        request = Request.from_json(record.request)
+        backfill = self.scheduler.backfill
+        hold = await backfill.bearing_on(record.task_id, request, by_id)
+
+        async def room_for(fitting: list[WorkerView]) -> eta.Room | None:
+            return await backfill.room(request, fitting)
+
+        found = await eta.estimate(self.store, self.history, views, record.task_id, record.request, hold, room_for)
         return found.to_dict()
 
     async def queue_positions(self, task_ids: list[str]) -> list[int | None]:

@@ -9,7 +9,7 @@ import time
 import redis.asyncio as aioredis
 
 from mloc import keys, moves
-from mloc.orchestrator.queues import PendingQueues
+from mloc.orchestrator.queues import PendingQueues, UserLimits
 from mloc.orchestrator.standing import Standings
 from mloc.store import Reservation, TaskStore
 from mloc.workers import WorkerRegistry
@@ -18,7 +18,7 @@ from tests.support.fleet import echo_record, registration
 
 def queues_on(r: aioredis.Redis) -> tuple[TaskStore, PendingQueues]:
     store = TaskStore(r)
-    return store, PendingQueues(store, Standings(r, half_life_sec=3600), user_max_tasks=5, user_max_gpus=0)
+    return store, PendingQueues(store, Standings(r, half_life_sec=3600), UserLimits(tasks=5))
 
 
 def test_a_pass_reads_each_owners_queue_in_order_with_their_limits(redis_url: str) -> None:

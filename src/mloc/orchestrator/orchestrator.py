@@ -18,6 +18,7 @@ from mloc.orchestrator import chunks, eta, groups, harness, pipelines, reaper
 from mloc.orchestrator.admission import MemoryFit
 from mloc.orchestrator.overspend import Overspend
 from mloc.orchestrator.placement import Request, explain, misfit, request_of
+from mloc.orchestrator.queues import UserLimits
 from mloc.orchestrator.scheduler import Decision, Placement, Scheduler
 from mloc.orchestrator.usage import Grouping, UsageReports
 from mloc.orchestrator.users import Principal
@@ -51,8 +52,7 @@ class Orchestrator:
             self.store,
             self.registry,
             heartbeat_ttl_sec=settings.heartbeat_ttl_sec,
-            user_max_tasks=settings.user_max_tasks,
-            user_max_gpus=settings.user_max_gpus,
+            limits=UserLimits(settings.user_max_tasks, settings.user_max_gpus),
             backfill_after_sec=settings.backfill_after_sec,
             history=self.history,
             fair_share_half_life_sec=settings.fair_share_half_life_sec,

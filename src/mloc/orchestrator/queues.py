@@ -20,6 +20,15 @@ from mloc.state import TaskState
 from mloc.store import TaskStore
 
 
+@dataclass(frozen=True)
+class UserLimits:
+    """What a user may hold at once where the admin set them no quota of their own
+    (``MLOC_USER_MAX_TASKS`` and ``MLOC_USER_MAX_GPUS``; 0 = no limit)."""
+
+    tasks: int = 0
+    gpus: int = 0
+
+
 @dataclass
 class Waiting:
     """A pending task as a pass sees it: its placement request (JSON) and what orders it."""
@@ -50,11 +59,10 @@ class OwnerQueue:
 
 
 class PendingQueues:
-    def __init__(self, store: TaskStore, standings: Standings, *, user_max_tasks: int, user_max_gpus: int) -> None:
+    def __init__(self, store: TaskStore, standings: Standings, limits: UserLimits) -> None:
         self.redis = store.redis
         self.standings = standings
-        self.user_max_tasks = user_max_tasks
-        self.user_max_gpus = user_max_gpus
+        self.limits = limits
         # When the earliest retry waiting out its backoff is due (unix seconds), as of the last promotion.
         self.next_retry_at: float | None = None
         self._promote = store.redis.register_script(lua.PROMOTE)
@@ -104,8 +112,8 @@ class PendingQueues:
                     waiting,
                     tasks=int(usage[0] or 0),
                     gpus=int(usage[1] or 0),
-                    max_tasks=int(self.user_max_tasks if quota[0] is None else quota[0]),
-                    max_gpus=int(self.user_max_gpus if quota[1] is None else quota[1]),
+                    max_tasks=int(self.limits.tasks if quota[0] is None else quota[0]),
+                    max_gpus=int(self.limits.gpus if quota[1] is None else quota[1]),
                 )
             )
         standings = await self.standings.read([owner.name for owner in owners])

@@ -42,7 +42,7 @@ from mloc.orchestrator import budgets, fairshare
 from mloc.orchestrator.backfill import Backfill, Gate
 from mloc.orchestrator.eta import DurationHistory
 from mloc.orchestrator.placement import Request, explain, fits_now, fits_registration, usable_gpus
-from mloc.orchestrator.queues import OwnerQueue, PendingQueues
+from mloc.orchestrator.queues import OwnerQueue, PendingQueues, UserLimits
 from mloc.orchestrator.standing import Standings
 from mloc.records import Assignment, NewTask, WorkerStatus, WorkerView
 from mloc.settings import DEFAULT_FAIR_SHARE_HALF_LIFE_SEC
@@ -107,8 +107,7 @@ class Scheduler:
         registry: WorkerRegistry,
         *,
         heartbeat_ttl_sec: float,
-        user_max_tasks: int = 0,
-        user_max_gpus: int = 0,
+        limits: UserLimits | None = None,
         backfill_after_sec: float = 0.0,
         history: DurationHistory | None = None,
         fair_share_half_life_sec: float = DEFAULT_FAIR_SHARE_HALF_LIFE_SEC,
@@ -122,13 +121,11 @@ class Scheduler:
         self.mover = Coalescer(store)
         self.registry = registry
         self.heartbeat_ttl_sec = heartbeat_ttl_sec
-        self.user_max_tasks = user_max_tasks
-        self.user_max_gpus = user_max_gpus
         self._views: list[WorkerView] = []
         self._views_at = 0.0
         self._lock = asyncio.Lock()
         # The owners' queues of waiting tasks a pass reads, and the retries it promotes into them.
-        self.queues = PendingQueues(store, self.standings, user_max_tasks=user_max_tasks, user_max_gpus=user_max_gpus)
+        self.queues = PendingQueues(store, self.standings, limits or UserLimits())
         # Workers whose registration could ever take a request of this shape, for the registrations
         # of ``_fit_registrations`` (the registry's count; cleared whenever one changes).
         self._static_fit: dict[tuple[Any, ...], dict[str, tuple[int, ...]]] = {}
@@ -340,8 +337,8 @@ class Scheduler:
                 gpus,
                 message,
                 user=owner,
-                max_tasks=self.user_max_tasks,
-                max_gpus=self.user_max_gpus,
+                max_tasks=self.queues.limits.tasks,
+                max_gpus=self.queues.limits.gpus,
             ),
             fields={
                 "assigned_at": repr(time.time()),

@@ -65,7 +65,7 @@ class Up:
     """One `mloc up` in a session of its own (so a test can Ctrl-C its process group); its output and that
     of the processes it starts is collected."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], *, sigint_ignored: bool = False) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mloc.cli", "up"],
             env=env,
@@ -74,6 +74,8 @@ class Up:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
+            # As a non-interactive shell starts a background job (`mloc up &` in a script).
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None,
         )
         assert self.proc.stdout is not None
         self.output = Lines(self.proc.stdout)
@@ -126,11 +128,11 @@ def up_env(home: Path, port: int, **extra: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def start_up() -> Iterator[Callable[[dict[str, str]], Up]]:
+def start_up() -> Iterator[Callable[..., Up]]:
     started: list[Up] = []
 
-    def start(env: dict[str, str]) -> Up:
-        up = Up(env)
+    def start(env: dict[str, str], *, sigint_ignored: bool = False) -> Up:
+        up = Up(env, sigint_ignored=sigint_ignored)
         started.append(up)
         return up
 
@@ -231,6 +233,19 @@ def test_up_stops_every_process_it_started_within_seconds_while_a_client_follows
     ]
     for text in (up.output.text, followed.text):
         assert "Traceback" not in text, text
+    assert up.output.lines[-1] == "MLOC stopped"
+
+
+def test_up_started_in_the_background_by_a_script_stops_on_sigint(tmp_path: Path, start_up: Callable[..., Up]) -> None:
+    up = start_up(up_env(tmp_path / "home", free_port()), sigint_ignored=True)
+    up.output.wait_for(READY)
+    tree = up.tree()
+    began = time.monotonic()
+    up.proc.send_signal(signal.SIGINT)  # `kill -INT`, to `mloc up` alone
+    assert up.proc.wait(STOPPED_WITHIN_SEC) == 0, up.output.text
+    while any(running(proc) for proc in tree) and time.monotonic() < began + STOPPED_WITHIN_SEC:
+        time.sleep(0.1)
+    assert not [" ".join(proc.cmdline()) for proc in tree if running(proc)]
     assert up.output.lines[-1] == "MLOC stopped"
 
 

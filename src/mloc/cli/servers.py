@@ -126,6 +126,8 @@ def up(
     except HomeInUse as exc:
         output.fail(exc)
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Set even where SIGINT came ignored (a script's background job): `kill -INT` stops it all the same.
+    signal.signal(signal.SIGINT, _raise_interrupt)
     grace = settings.shutdown_grace_sec if "MLOC_SHUTDOWN_GRACE_SEC" in os.environ else UP_SHUTDOWN_GRACE_SEC
     cluster = LocalCluster(
         home=settings.home,

@@ -34,8 +34,10 @@ from mloc.tasklog import MAX_ENTRIES as LOG_MAX_ENTRIES
 
 # A result larger than this is kept whole in Redis but summarised on the task record.
 SUMMARY_LIMIT = 16 * 1024
-# Placement order: priority dominates, then submission time (FIFO within a priority).
-_PRIORITY_WEIGHT = 10**13
+# Placement order: priority dominates, then submission time (FIFO within a priority). The weight, in
+# ms, is 139 years: more than any two waiting tasks' submit times differ, and small enough that a
+# score at priority +-1000 stays below 2**53, where a double still tells every millisecond apart.
+_PRIORITY_WEIGHT = 2**42
 # A task without GPUs costs this many fair-share units per wall-second; a GPU task its GPU-seconds.
 # A CPU slot is worth far less than a GPU (cloud prices differ 10-30x), so a user of CPU tasks alone
 # does not look as busy as one holding GPUs for as long; among CPU-only users only ratios matter.

@@ -40,7 +40,7 @@ def registration(
     )
 
 
-def echo_record(store: TaskStore, owner: str = "alice", *, max_attempts: int = 1) -> NewTask:
+def echo_record(store: TaskStore, owner: str = "alice", *, max_attempts: int = 1, priority: int = 0) -> NewTask:
     """A new echo task's record, as the orchestrator builds one, not yet stored."""
     return store.new_record(
         document={"spec": {}},
@@ -49,7 +49,7 @@ def echo_record(store: TaskStore, owner: str = "alice", *, max_attempts: int = 1
         task_type="echo",
         kind="EchoTask",
         topic="tasks.echo",
-        priority=0,
+        priority=priority,
         max_attempts=max_attempts,
         request={},
         labels={},

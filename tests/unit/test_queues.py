@@ -12,6 +12,7 @@ from mloc import keys, moves
 from mloc.orchestrator.queues import PendingQueues, UserLimits
 from mloc.orchestrator.standing import Standings
 from mloc.store import Reservation, TaskStore
+from mloc.transition import pending_score
 from mloc.workers import WorkerRegistry
 from tests.support.fleet import echo_record, registration
 
@@ -52,6 +53,43 @@ def test_tasks_made_in_one_millisecond_queue_in_the_order_they_were_made(redis_u
         await store.insert(records)
         (erin,) = await queues.read(100)
         assert [t.task_id for t in erin.waiting] == [record.task_id for record in records]
+        await r.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_the_highest_and_lowest_priorities_keep_every_millisecond_apart(redis_url: str) -> None:
+    async def scenario() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        store, queues = queues_on(r)
+        # A low and a high one first: each priority is a queue of its own within the owner's.
+        made = {p: [echo_record(store, "fay", priority=p) for _ in range(20)] for p in (-1000, 1000)}
+        await store.insert(made[-1000] + made[1000])
+        (fay,) = await queues.read(100)
+        assert [t.task_id for t in fay.waiting] == [record.task_id for record in made[1000] + made[-1000]]
+        await r.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_tasks_queued_with_an_older_priority_weight_are_scored_again_on_the_first_read(redis_url: str) -> None:
+    async def scenario() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        store, queues = queues_on(r)
+        older, newer = echo_record(store, "gus", priority=1), echo_record(store, "gus", priority=2)
+        await store.insert([older, newer])
+        # As an MLOC that weighed a priority as 10**13 ms queued it: ahead of the newer, higher one.
+        old_score = -1 * 10**13 + older.created_ms
+        for index in (keys.PENDING, keys.pending_of("gus")):
+            await r.zadd(index, {older.task_id: old_score})
+        (gus,) = await queues.read(100)
+        assert [t.task_id for t in gus.waiting] == [newer.task_id, older.task_id]
+        right = pending_score(1, older.created_ms)
+        assert (
+            await r.zscore(keys.PENDING, older.task_id)
+            == await r.zscore(keys.pending_of("gus"), older.task_id)
+            == right
+        )
         await r.aclose()
 
     asyncio.run(scenario())

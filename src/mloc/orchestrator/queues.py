@@ -18,6 +18,7 @@ from mloc.orchestrator import fairshare
 from mloc.orchestrator.standing import OwnerStanding, Standings
 from mloc.state import TaskState
 from mloc.store import TaskStore
+from mloc.transition import pending_score
 
 
 @dataclass(frozen=True)
@@ -132,24 +133,37 @@ class PendingQueues:
         await pipe.execute()
 
     async def _check(self) -> None:
-        """Give every task in PENDING a place in its owner's queue (tasks queued by an older MLOC had none)."""
-        start, batch = 0, 1000
-        while True:
-            rows = await self.redis.zrange(keys.PENDING, start, start + batch - 1, withscores=True)
-            if not rows:
-                break
-            pipe = self.redis.pipeline(transaction=False)
-            for task_id, _ in rows:
-                pipe.hget(keys.task(task_id), "owner")
-            owners = await pipe.execute()
-            pipe = self.redis.pipeline(transaction=False)
-            for (task_id, score), owner in zip(rows, owners, strict=True):
-                if owner is not None:
-                    pipe.zadd(keys.pending_of(owner), {task_id: score}, nx=True)
-                    pipe.sadd(keys.PENDING_OWNERS, owner)
-            await pipe.execute()
-            start += batch
+        """Give every task in PENDING a place in its owner's queue at its score: tasks queued by an
+        older MLOC had no owner's queue, or a score of another priority weight."""
+        # A scan, not pages by rank: the ranks move as scores are set right.
+        rows: list[tuple[str, float]] = []
+        async for row in self.redis.zscan_iter(keys.PENDING, count=1000):
+            rows.append(row)
+            if len(rows) >= 1000:
+                await self._set_right(rows)
+                rows = []
+        if rows:
+            await self._set_right(rows)
         self._checked = True
+
+    async def _set_right(self, rows: list[tuple[str, float]]) -> None:
+        """Set each task's place in its owner's queue, and its score in both, as this MLOC scores it."""
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id, _ in rows:
+            pipe.hmget(keys.task(task_id), "owner", "priority", "created_ms")
+        found = await pipe.execute()
+        pipe = self.redis.pipeline(transaction=False)
+        for (task_id, stored), (owner, priority, created_ms) in zip(rows, found, strict=True):
+            if owner is None:
+                continue
+            score = pending_score(int(priority or 0), int(created_ms or 0))
+            if score != stored:
+                # xx: a task placed meanwhile is not put back.
+                pipe.zadd(keys.PENDING, {task_id: score}, xx=True)
+                pipe.zadd(keys.pending_of(owner), {task_id: score}, xx=True)
+            pipe.zadd(keys.pending_of(owner), {task_id: score}, nx=True)
+            pipe.sadd(keys.PENDING_OWNERS, owner)
+        await pipe.execute()
 
     async def _drop_stale(self, task_id: str, owner: str) -> None:
         pipe = self.redis.pipeline(transaction=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 
@@ -16,16 +17,25 @@ from mloc.transition import pending_score
 from mloc.workers import WorkerRegistry
 from tests.support.fleet import echo_record, registration
 
+Scenario = Callable[[aioredis.Redis, TaskStore, PendingQueues], Awaitable[None]]
 
-def queues_on(r: aioredis.Redis) -> tuple[TaskStore, PendingQueues]:
-    store = TaskStore(r)
-    return store, PendingQueues(store, Standings(r, half_life_sec=3600), UserLimits(tasks=5))
+
+def on_queues(redis_url: str, scenario: Scenario) -> None:
+    """Run ``scenario`` on a store and the queues over it, as an orchestrator makes them."""
+
+    async def run() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        store = TaskStore(r)
+        try:
+            await scenario(r, store, PendingQueues(store, Standings(r, half_life_sec=3600), UserLimits(tasks=5)))
+        finally:
+            await r.aclose()
+
+    asyncio.run(run())
 
 
 def test_a_pass_reads_each_owners_queue_in_order_with_their_limits(redis_url: str) -> None:
-    async def scenario() -> None:
-        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
-        store, queues = queues_on(r)
+    async def scenario(r: aioredis.Redis, store: TaskStore, queues: PendingQueues) -> None:
         records = [echo_record(store, owner) for owner in ("bob", "alice", "bob")]
         for record in records:
             await store.insert([record])
@@ -38,44 +48,35 @@ def test_a_pass_reads_each_owners_queue_in_order_with_their_limits(redis_url: st
         # Bob's own quota, Alice's the default; neither holds anything yet.
         assert (bob.max_tasks, alice.max_tasks, bob.tasks, bob.gpus) == (1, 5, 0, 0)
         assert all(t.req_json and t.owner == o.name for o in owners for t in o.waiting)
-        await r.aclose()
 
-    asyncio.run(scenario())
+    on_queues(redis_url, scenario)
 
 
 def test_tasks_made_in_one_millisecond_queue_in_the_order_they_were_made(redis_url: str) -> None:
-    async def scenario() -> None:
-        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
-        store, queues = queues_on(r)
+    async def scenario(r: aioredis.Redis, store: TaskStore, queues: PendingQueues) -> None:
         # Made back to back, many share a millisecond; their random ids alone would order them.
         records = [echo_record(store, "erin") for _ in range(50)]
         assert len({record.created_ms for record in records}) == 50
         await store.insert(records)
         (erin,) = await queues.read(100)
         assert [t.task_id for t in erin.waiting] == [record.task_id for record in records]
-        await r.aclose()
 
-    asyncio.run(scenario())
+    on_queues(redis_url, scenario)
 
 
 def test_the_highest_and_lowest_priorities_keep_every_millisecond_apart(redis_url: str) -> None:
-    async def scenario() -> None:
-        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
-        store, queues = queues_on(r)
+    async def scenario(r: aioredis.Redis, store: TaskStore, queues: PendingQueues) -> None:
         # A low and a high one first: each priority is a queue of its own within the owner's.
         made = {p: [echo_record(store, "fay", priority=p) for _ in range(20)] for p in (-1000, 1000)}
         await store.insert(made[-1000] + made[1000])
         (fay,) = await queues.read(100)
         assert [t.task_id for t in fay.waiting] == [record.task_id for record in made[1000] + made[-1000]]
-        await r.aclose()
 
-    asyncio.run(scenario())
+    on_queues(redis_url, scenario)
 
 
 def test_tasks_queued_with_an_older_priority_weight_are_scored_again_on_the_first_read(redis_url: str) -> None:
-    async def scenario() -> None:
-        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
-        store, queues = queues_on(r)
+    async def scenario(r: aioredis.Redis, store: TaskStore, queues: PendingQueues) -> None:
         older, newer = echo_record(store, "gus", priority=1), echo_record(store, "gus", priority=2)
         await store.insert([older, newer])
         # As an MLOC that weighed a priority as 10**13 ms queued it: ahead of the newer, higher one.
@@ -90,15 +91,12 @@ def test_tasks_queued_with_an_older_priority_weight_are_scored_again_on_the_firs
             == await r.zscore(keys.pending_of("gus"), older.task_id)
             == right
         )
-        await r.aclose()
 
-    asyncio.run(scenario())
+    on_queues(redis_url, scenario)
 
 
 def test_a_task_no_longer_pending_is_dropped_from_both_indexes_and_an_empty_owner_with_it(redis_url: str) -> None:
-    async def scenario() -> None:
-        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
-        store, queues = queues_on(r)
+    async def scenario(r: aioredis.Redis, store: TaskStore, queues: PendingQueues) -> None:
         record = echo_record(store, "carol")
         await store.insert([record])
         # An index left behind by a write that did not finish: the record moved on, its entries stayed.
@@ -108,15 +106,12 @@ def test_a_task_no_longer_pending_is_dropped_from_both_indexes_and_an_empty_owne
         assert await r.zscore(keys.pending_of("carol"), record.task_id) is None
         assert not await r.sismember(keys.PENDING_OWNERS, "carol")
         assert await queues.read(100) == []
-        await r.aclose()
 
-    asyncio.run(scenario())
+    on_queues(redis_url, scenario)
 
 
 def test_a_task_queued_without_an_owners_queue_gets_one_on_the_first_read(redis_url: str) -> None:
-    async def scenario() -> None:
-        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
-        store, queues = queues_on(r)
+    async def scenario(r: aioredis.Redis, store: TaskStore, queues: PendingQueues) -> None:
         record = echo_record(store, "dave")
         await store.insert([record])
         # As an older MLOC queued it: in PENDING only.
@@ -124,15 +119,12 @@ def test_a_task_queued_without_an_owners_queue_gets_one_on_the_first_read(redis_
         await r.srem(keys.PENDING_OWNERS, "dave")
         owners = await queues.read(100)
         assert [(o.name, [t.task_id for t in o.waiting]) for o in owners] == [("dave", [record.task_id])]
-        await r.aclose()
 
-    asyncio.run(scenario())
+    on_queues(redis_url, scenario)
 
 
 def test_retries_join_the_queue_when_due_and_the_next_one_is_remembered(redis_url: str) -> None:
-    async def scenario() -> None:
-        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
-        store, queues = queues_on(r)
+    async def scenario(r: aioredis.Redis, store: TaskStore, queues: PendingQueues) -> None:
         soon, later = echo_record(store, "erin"), echo_record(store, "erin")
         await store.insert([soon])
         await store.insert([later])
@@ -146,21 +138,17 @@ def test_retries_join_the_queue_when_due_and_the_next_one_is_remembered(redis_ur
         assert queues.next_retry_at is not None and abs(queues.next_retry_at - (now + 600)) < 1
         owners = await queues.read(100)
         assert [t.task_id for o in owners for t in o.waiting] == [soon.task_id]
-        await r.aclose()
 
-    asyncio.run(scenario())
+    on_queues(redis_url, scenario)
 
 
 def test_reasons_are_written_with_whether_the_task_can_ever_run(redis_url: str) -> None:
-    async def scenario() -> None:
-        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
-        store, queues = queues_on(r)
+    async def scenario(r: aioredis.Redis, store: TaskStore, queues: PendingQueues) -> None:
         a, b = echo_record(store), echo_record(store)
         await store.insert([a])
         await store.insert([b])
         await queues.note_reasons({a.task_id: "no worker has 8 GPUs", b.task_id: "all slots busy"}, {a.task_id: True})
         assert await r.hmget(keys.task(a.task_id), "pending_reason", "unschedulable") == ["no worker has 8 GPUs", "1"]
         assert await r.hmget(keys.task(b.task_id), "pending_reason", "unschedulable") == ["all slots busy", "0"]
-        await r.aclose()
 
-    asyncio.run(scenario())
+    on_queues(redis_url, scenario)

@@ -22,7 +22,7 @@ from mloc.orchestrator.queues import UserLimits
 from mloc.orchestrator.scheduler import Decision, Placement, Scheduler
 from mloc.orchestrator.usage import Grouping, UsageReports
 from mloc.orchestrator.users import Principal
-from mloc.records import NewTask, TaskRecord, WorkerRecord, WorkerView
+from mloc.records import NewTask, TaskRecord, WorkerRecord
 from mloc.requeue import Backoff
 from mloc.settings import Settings
 from mloc.spec import Document, validate
@@ -268,11 +268,15 @@ class Orchestrator:
         request = Request.from_json(record.request)
         backfill = self.scheduler.backfill
         hold = await backfill.bearing_on(record.task_id, request, by_id)
-
-        async def room_for(fitting: list[WorkerView]) -> eta.Room | None:
-            return await backfill.room(request, fitting)
-
-        found = await eta.estimate(self.store, self.history, views, record.task_id, record.request, hold, room_for)
+        found = await eta.estimate(
+            self.store,
+            self.history,
+            views,
+            record.task_id,
+            record.request,
+            hold,
+            room_for=lambda fitting: backfill.room(request, fitting),
+        )
         return found.to_dict()
 
     async def queue_positions(self, task_ids: list[str]) -> list[int | None]:

@@ -158,10 +158,9 @@ class PendingQueues:
                 continue
             score = pending_score(int(priority or 0), int(created_ms or 0))
             if score != stored:
-                # xx: a task placed meanwhile is not put back.
-                pipe.zadd(keys.PENDING, {task_id: score}, xx=True)
-                pipe.zadd(keys.pending_of(owner), {task_id: score}, xx=True)
-            pipe.zadd(keys.pending_of(owner), {task_id: score}, nx=True)
+                pipe.zadd(keys.PENDING, {task_id: score}, xx=True)  # xx: one placed meanwhile stays out
+            # An entry here for a task placed meanwhile is dropped by the next read (_drop_stale).
+            pipe.zadd(keys.pending_of(owner), {task_id: score})
             pipe.sadd(keys.PENDING_OWNERS, owner)
         await pipe.execute()
 

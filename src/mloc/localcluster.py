@@ -80,6 +80,10 @@ class LocalCluster:
         return self.redis_url
 
     def start(self, timeout: float = 60.0) -> LocalCluster:
+        if self.running:
+            # A second set of processes would run workers under the same ids, each handing back the
+            # other's tasks as ones it holds but does not run.
+            raise ConfigError("this local cluster is started already (`with` starts it unless start() has)")
         self.start_redis()
         self.port = self.port or embedded.free_port()
         env = self._base_env() | {"MLOC_PORT": str(self.port), "MLOC_HOST": "127.0.0.1"}
@@ -160,7 +164,12 @@ class LocalCluster:
             self.redis.stop()
 
     def __enter__(self) -> LocalCluster:
-        return self.start()
+        return self if self.running else self.start()
+
+    @property
+    def running(self) -> bool:
+        """Whether start() has spawned the orchestrator and it has not exited since."""
+        return self.orchestrator is not None and self.orchestrator.poll() is None
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self.stop()

@@ -1,10 +1,11 @@
 """Start estimates of waiting tasks against when they really started, on a replayed mixed queue.
 
-Run: python bench/eta.py [--tasks 40] [--workers 2] [--slots 2]
+Run: python bench/eta.py [--tasks 40] [--workers 2] [--slots 2] [--gpus 0]
 
 A local cluster (embedded Redis, real orchestrator and workers) first runs a few tasks of each kind so
 there is history, then gets a burst of ``--tasks`` echo tasks of three kinds (0.3 s, 1 s and 2 s, each
-its own topic) in random order. Right after the burst, each waiting task's ``queue.eta_sec`` is read
+its own topic) in random order. With ``--gpus N`` each worker declares N GPUs (MLOC_WORKER_GPUS) and the
+kinds ask for 1, 2 and N of them, so the GPUs, not the slots, decide who waits. Right after the burst, each waiting task's ``queue.eta_sec`` is read
 (GET /api/v1/tasks/{id}); when it starts, the real wait is compared with it. Prints the median and p90
 of the absolute error, and of the error relative to the real wait; the baseline, in the same run, is
 the naive estimate "tasks ahead x mean duration / slots" that ignores what is running and the kinds.
@@ -26,8 +27,13 @@ from mloc.localcluster import LocalCluster
 KINDS = {"tasks.short": 0.3, "tasks.mid": 1.0, "tasks.long": 2.0}
 
 
-def echo(topic: str) -> dict[str, object]:
-    return {"taskType": "echo", "topic": topic, "hyperparameters": {"sleep_sec": KINDS[topic]}}
+def echo(topic: str, gpus: int = 0) -> dict[str, object]:
+    task: dict[str, object] = {"taskType": "echo", "topic": topic, "hyperparameters": {"sleep_sec": KINDS[topic]}}
+    if gpus:
+        # One GPU for the short kind, two for the middle one, all of a worker's for the long one.
+        wanted = {"tasks.short": 1, "tasks.mid": min(2, gpus), "tasks.long": gpus}[topic]
+        task["resources"] = {"hardware": {"gpu": {"count": wanted}}}
+    return task
 
 
 def pct(values: list[float], q: float) -> float:
@@ -40,18 +46,21 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=40)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--slots", type=int, default=2)
+    parser.add_argument("--gpus", type=int, default=0, help="GPUs each worker declares (0: none)")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
     rng = random.Random(args.seed)
     home = Path(tempfile.mkdtemp(prefix="mloc-bench-eta-"))
     env = {"MLOC_WORKER_SLOTS": str(args.slots), "MLOC_SCHEDULE_INTERVAL_SEC": "0.2", "LOG_LEVEL": "WARNING"}
+    if args.gpus:
+        env["MLOC_WORKER_GPUS"] = f"NVIDIA L4:{args.gpus}:24576"
     with LocalCluster(home=home, workers=args.workers, env=env, log_dir=home / "logs").start(timeout=120) as cluster:
         client = Client(cluster.api_url)
         for topic in KINDS:
-            for answer in [client.submit(echo(topic)) for _ in range(2)]:
+            for answer in [client.submit(echo(topic, args.gpus)) for _ in range(2)]:
                 client.wait(answer["task_id"], timeout=60)
         topics = [rng.choice(list(KINDS)) for _ in range(args.tasks)]
-        answers = client.submit_bulk([echo(topic) for topic in topics])["tasks"]
+        answers = client.submit_bulk([echo(topic, args.gpus) for topic in topics])["tasks"]
         submitted = time.time()
         estimates: dict[str, tuple[float, int]] = {}
         for answer in answers:
@@ -81,7 +90,8 @@ def main() -> None:
         "baseline_naive_error_median_sec": round(statistics.median(naive), 2),
         "baseline_naive_error_p90_sec": round(pct(naive, 0.9), 2),
     }
-    print(f"{len(errors)} waiting tasks of {args.tasks} ({args.workers} workers x {args.slots} slots)")
+    gpus = f", {args.gpus} GPUs each" if args.gpus else ""
+    print(f"{len(errors)} waiting tasks of {args.tasks} ({args.workers} workers x {args.slots} slots{gpus})")
     print(f"ETA error:   median {figures['eta_error_median_sec']} s, p90 {figures['eta_error_p90_sec']} s "
           f"(relative: median {figures['eta_relative_error_median']:.0%}, p90 {figures['eta_relative_error_p90']:.0%})")  # fmt: skip
     print(f"naive estimate (same run): median {figures['baseline_naive_error_median_sec']} s, "

@@ -125,9 +125,14 @@ def test_the_oldest_blocked_task_holds_the_worker_where_it_starts_soonest_and_ev
         bearing = await orch.scheduler.backfill.bearing_on(kept.task_id, Request.from_json(kept.request), views)
         assert bearing is not None and (bearing.mine, bearing.keeps_off, bearing.free_at) == (False, True, shadow_at)
         on_w2 = [views["w2"]]
-        free_slots = await eta.estimate(orch.store, orch.history, on_w2, kept.task_id, kept.request)
+        holdings_of = orch.scheduler.backfill.holdings
+        free_slots = await eta.estimate(
+            orch.store, orch.history, on_w2, kept.task_id, kept.request, holdings_of=holdings_of
+        )
         assert free_slots.eta_sec == 0.0
-        kept_off = await eta.estimate(orch.store, orch.history, on_w2, kept.task_id, kept.request, bearing)
+        kept_off = await eta.estimate(
+            orch.store, orch.history, on_w2, kept.task_id, kept.request, bearing, holdings_of=holdings_of
+        )
         assert kept_off.eta_sec is not None and kept_off.eta_sec > 20, kept_off
         assert "not on w2 before the older task held there starts" in kept_off.basis
         shorter = await orch.store.get(short["task_id"])

@@ -56,6 +56,31 @@ def test_a_waiting_task_knows_its_place_and_about_when_it_starts(
     assert all(item.get("queue_position") is None or item["queue_position"] >= 1 for item in listed)
 
 
+def test_gpu_tasks_ahead_are_replayed_on_the_gpus_not_the_slots(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
+) -> None:
+    cluster = make_cluster(1, worker_env=[{"MLOC_WORKER_SLOTS": "8", "MLOC_WORKER_GPUS": "NVIDIA L4:4:24576"}])
+    client = client_for(cluster)
+
+    def whole_worker(timeout: float | None = None) -> dict[str, Any]:
+        task = echo(30.0) | {"resources": {"hardware": {"gpu": {"count": 4}}}}
+        return task | ({"timeout_sec": timeout} if timeout else {})
+
+    running = client.submit(whole_worker(timeout=30))["task_id"]
+    wait_started(client, running)
+    ahead = client.submit(whole_worker())["task_id"]
+    mine = client.submit(whole_worker())["task_id"]
+    queue = client.task(mine)["queue"]
+    # Seven slots are free all along: counted in slots, both would start when the running task ends
+    # (by its 30 s timeout). On the GPUs, the one ahead takes all four then, for a run of a kind never
+    # seen (60 s), and this one starts after it.
+    assert queue["ahead"] == 1, queue
+    assert 85 < queue["eta_sec"] <= 90, queue
+    assert queue["basis"] == "no history; 4 GPUs free on local-1 then, as its tasks end", queue
+    for task_id in (mine, ahead, running):
+        client.cancel(task_id)
+
+
 def test_show_prints_the_queue_line(
     make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
 ) -> None:
@@ -72,7 +97,8 @@ def test_show_prints_the_queue_line(
     )
     assert shown.returncode == 0, shown.stderr
     assert "position 1, 0 ahead on its workers, starts in about" in shown.stdout
-    assert "(no history)" in shown.stdout
+    # Nothing says when the running task ends: it is counted as a kind never seen, and the line says so.
+    assert "(no history; 1 task has no known end on local-1 (counted as 1m from now))" in shown.stdout
 
 
 @pytest.mark.parametrize("seconds, text", [(12, "12s"), (600, "10 min"), (7200, "2.0 h")])

@@ -34,15 +34,15 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
 
 from mloc import keys
-from mloc.orchestrator.eta import DurationHistory, HeldWorker, Room, kind_of
+from mloc.orchestrator.eta import DurationHistory, HeldWorker, kind_of
 from mloc.orchestrator.placement import Request, fits_now, fits_registration, usable_gpus
-from mloc.orchestrator.shadow import Capacity, Hold, Holding, Need, Shadow, expected_end, shadow_time
+from mloc.orchestrator.shadow import Hold, Holding, Shadow, capacity_of, expected_end, need_of, shadow_time
 from mloc.records import WorkerStatus, WorkerView
 from mloc.store import TaskStore
 
@@ -107,14 +107,6 @@ def _kind(req: Request) -> str:
 def _timeout_of(document: dict[str, Any] | None) -> float | None:
     limit = ((document or {}).get("spec") or {}).get("timeout_sec")
     return float(limit) if isinstance(limit, int | float) and limit > 0 else None
-
-
-def need_of(req: Request, view: WorkerView) -> Need:
-    return Need(req.cpu, req.mem, req.gpu_count, frozenset(usable_gpus(req, view)) if req.gpu_count else frozenset())
-
-
-def capacity_of(view: WorkerView) -> Capacity:
-    return Capacity(view.cpu_free, view.mem_free, view.slots_free, frozenset(view.free_gpus))
 
 
 class Backfill:
@@ -202,19 +194,6 @@ class Backfill:
         gpus = usable_gpus(req, view)[: req.gpu_count] if req.gpu_count else []
         admitted = Gate(hold, self.run_sec(req, timeout)).admits(req, gpus)
         return HeldWorker(hold.worker_id, hold.at, mine=False, keeps_off=not admitted)
-
-    async def room(self, req: Request, fitting: list[WorkerView]) -> Room | None:
-        """Where and when the tasks on the ``fitting`` workers, ending as expected, first leave enough
-        free for ``req``, for an estimate; None when none ever would, or when one has all but a slot
-        free now (the estimate's queue replay counts slots). Nothing is held or noted."""
-        for view in fitting:
-            free = capacity_of(view)
-            if replace(free, slots=max(1, free.slots)).fits(need_of(req, view)):
-                return None
-        found = await self._hold_for("", req, fitting, time.time())
-        if found is None:
-            return None
-        return Room(found.worker_id, found.at, found.short, found.unknown_end)
 
     def placed(self, task_id: str, worker_id: str, req: Request, gpus: Sequence[int], gate: Gate | None) -> None:
         """A placement chosen: the held task's ends its hold; another on the held worker uses it."""
@@ -341,7 +320,7 @@ class Backfill:
                 return Hold.of(task_id, view.worker_id, needs[view.worker_id], cap, Shadow(now, cap, ()), now)
         looked = sorted(fitting, key=lambda v: (free[v.worker_id].missing(needs[v.worker_id]), v.worker_id))
         looked = looked[:WORKERS_LOOKED_AT]
-        holdings = await self._holdings([v.worker_id for v in looked], now)
+        holdings = await self.holdings([v.worker_id for v in looked], now)
         best: tuple[tuple[bool, float, str], str, Shadow] | None = None
         for view in looked:
             wid = view.worker_id
@@ -356,8 +335,9 @@ class Backfill:
         _, wid, shadow = best
         return Hold.of(task_id, wid, needs[wid], free[wid], shadow, now)
 
-    async def _holdings(self, worker_ids: list[str], now: float) -> dict[str, list[Holding]]:
-        """The tasks each worker holds, with their expected ends."""
+    async def holdings(self, worker_ids: list[str], now: float | None = None) -> dict[str, list[Holding]]:
+        """The tasks each worker holds, with their expected ends (as of ``now``, unix seconds)."""
+        now = time.time() if now is None else now
         redis = self.store.redis
         pipe = redis.pipeline(transaction=False)
         for wid in worker_ids:

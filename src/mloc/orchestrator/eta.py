@@ -1,31 +1,31 @@
 """Where a waiting task stands in the queue, and about when it starts.
 
-The estimate replays the queue on the workers that could run the task: each of their slots frees when
-the task on it ends (its progress ETA, else the usual duration of its kind less the time it has run),
-the tasks ahead of it take the next free slots for their usual durations, and the task starts on the
-slot that frees next after them. A kind's usual duration is the median of the recent successes of the
+The estimate replays the queue on the resources of the workers that could run the task
+(:mod:`.replay`): each worker gives back the GPUs, CPU, memory and slot of a task it holds when that
+task is expected to end (its progress ETA, else the usual run of its kind, else its timeout:
+:func:`.shadow.expected_end`; one with none of these is counted as a kind never seen), the tasks
+ahead take, in queue order, whatever fits them as it frees, each for its usual run, and the task
+starts at the first moment it fits. A kind's usual run is the median of the recent successes of the
 same task type, model and topic (``DurationHistory``, read from the succeeded tasks' index and kept
-for a short while). A backfill hold (:mod:`.backfill`) counts: the task it is for starts when its held
-worker frees enough for it (the hold's shadow time, worked out from what the task needs, not from
-slots alone), and a task the hold keeps off that worker cannot take its slots before then. A task that
-needs more than a slot (GPUs, CPU, memory) starts no sooner than the tasks running now, ending as
-expected, leave that much free on one of its workers (``Room``, worked out as a shadow time). It is an
-estimate: fair share between users may let another user's later task go
-first, and a worker that joins or leaves changes it.
+for a short while). A backfill hold (:mod:`.backfill`) counts: the task it is for starts when its
+held worker frees enough for it (the hold's shadow time), and a task the hold keeps off that worker
+starts nothing there before then. It is an estimate: fair share between users may let another
+user's later task go first, and a worker that joins or leaves changes it.
 """
 
 from __future__ import annotations
 
-import heapq
 import json
 import statistics
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from mloc import keys
 from mloc.orchestrator.placement import Request, fits_registration
+from mloc.orchestrator.replay import Lane, Waiter, replay
+from mloc.orchestrator.shadow import Holding, capacity_of, describe_missing, in_words, need_of
 from mloc.records import WorkerStatus, WorkerView
 from mloc.state import TaskState
 from mloc.store import TaskStore
@@ -33,8 +33,10 @@ from mloc.store import TaskStore
 # Recent successes read per refresh, and how long the medians are kept.
 HISTORY_TASKS = 500
 HISTORY_TTL_SEC = 30.0
-# Tasks ahead looked at, at most (an estimate for a task behind more says at least this long).
+# Tasks ahead looked at, at most (an estimate for a task behind more says at least this long), and
+# tasks behind, which may take what frees while the task does not fit.
 AHEAD_LIMIT = 2000
+BEHIND_LIMIT = 500
 # The duration assumed for a kind with no success yet.
 UNKNOWN_DURATION_SEC = 60.0
 
@@ -94,19 +96,8 @@ class HeldWorker:
     keeps_off: bool  # this task may not start on the held worker before the held task has
 
 
-@dataclass(frozen=True)
-class Room:
-    """The first moment the tasks running now, ending as expected, leave enough of one worker free for
-    a waiting task (its GPUs, CPU, memory and a slot), whatever is queued ahead of it."""
-
-    worker_id: str
-    at: float | None  # unix seconds; None when it waits for a task whose end nothing says
-    short: str  # what it lacks now, "3 GPUs"
-    unknown_end: str | None  # the task with no known end that it waits for, if any
-
-
-# Where and when a waiting task first finds room among the workers given, if anywhere.
-RoomFinder = Callable[[list[WorkerView]], Awaitable[Room | None]]
+# The tasks each of the workers named holds, with their expected ends (:meth:`.Backfill.holdings`).
+HoldingsReader = Callable[[list[str]], Awaitable[dict[str, list[Holding]]]]
 
 
 @dataclass
@@ -132,10 +123,11 @@ async def estimate(
     task_id: str,
     req: dict[str, Any],
     hold: HeldWorker | None = None,
-    room_for: RoomFinder | None = None,
+    *,
+    holdings_of: HoldingsReader,
 ) -> Estimate:
     """The queue position and start estimate of the pending task ``task_id`` (whose request is ``req``);
-    ``hold``: how a backfill hold bears on it; ``room_for``: when its workers first have room for it."""
+    ``hold``: how a backfill hold bears on it; ``holdings_of``: what its workers hold, and until when."""
     redis = store.redis
     rank = await redis.zrank(keys.PENDING, task_id)
     position = None if rank is None else rank + 1
@@ -147,73 +139,80 @@ async def estimate(
     if hold is not None and hold.mine and hold.free_at is not None:
         # The hold was placed where it starts soonest, from what it needs (GPUs, memory), not slots alone.
         return Estimate(position, 0, max(0.0, hold.free_at - now), f"the worker held for it, {hold.worker_id}")
-    # Every slot of the fitting workers, as the seconds until it frees.
-    slots: list[float] = []
-    pipe = redis.pipeline(transaction=False)
+    held = await holdings_of([view.worker_id for view in fitting])
+    lanes: list[Lane] = []
+    unknown_ends: dict[str, int] = {}
     for view in fitting:
-        pipe.smembers(keys.worker_tasks(view.worker_id))
-    holdings = await pipe.execute()
-    pipe = redis.pipeline(transaction=False)
-    for held in holdings:
-        for held_id in held:
-            pipe.hmget(keys.task(held_id), "req", "assigned_at", "progress")
-    rows = iter(await pipe.execute())
-    for view, held in zip(fitting, holdings, strict=True):
-        busy = []
-        for _ in held:
-            raw, assigned, progress = next(rows)
-            remaining = None
-            if progress:
-                remaining = json.loads(progress).get("eta_sec")
-            if remaining is None:
-                usual, _ = await history.duration(json.loads(raw or "{}"))
-                remaining = max(0.0, usual - (now - float(assigned))) if assigned else usual
-            busy.append(float(remaining))
-        frees = sorted(busy)[: view.slots_total] + [0.0] * max(0, view.slots_total - len(busy))
+        opens_at = now
         if hold is not None and hold.keeps_off and view.worker_id == hold.worker_id:
             if hold.free_at is None:
                 continue  # not before the held task starts, and when that is nobody knows
-            frees = [max(free, hold.free_at - now) for free in frees]
-        slots += frees
-    if not slots:
-        why = "its workers have no slots"
-        if hold is not None and hold.keeps_off:
-            why = f"its only worker, {hold.worker_id}, is held for an older task whose start is unknown"
+            opens_at = hold.free_at
+        holdings = []
+        for holding in held.get(view.worker_id, []):
+            if holding.ends_at is None:
+                # Nothing says when it ends: counted as a task of a kind never seen, from now.
+                unknown_ends[view.worker_id] = unknown_ends.get(view.worker_id, 0) + 1
+                holding = replace(holding, ends_at=now + UNKNOWN_DURATION_SEC)
+            holdings.append(holding)
+        lanes.append(Lane(view.worker_id, capacity_of(view), tuple(holdings), opens_at, gpu_worker=bool(view.gpus)))
+    if not lanes:
+        assert hold is not None  # only a hold takes a fitting worker out
+        why = f"its only worker, {hold.worker_id}, is held for an older task whose start is unknown"
         return Estimate(position, 0, None, why)
-    heapq.heapify(slots)
-    ahead_ids = await redis.zrange(keys.PENDING, 0, min(rank, AHEAD_LIMIT) - 1) if rank else []
-    pipe = redis.pipeline(transaction=False)
-    for ahead_id in ahead_ids:
-        pipe.hget(keys.task(ahead_id), "req")
-    ahead = 0
-    for raw in await pipe.execute():
-        other = json.loads(raw or "{}")
-        if not other or not any(fits_registration(Request.from_json(other), view) for view in fitting):
-            continue  # it runs elsewhere
-        usual, _ = await history.duration(other)
-        heapq.heappush(slots, heapq.heappop(slots) + usual)
-        ahead += 1
-    start = heapq.heappop(slots)
-    _, basis = await history.duration(req)
+    ahead, behind = await _queue(store, history, fitting, rank)
+    run_sec, basis = await history.duration(req)
+    own = Waiter(json.dumps(req, sort_keys=True), {view.worker_id: need_of(request, view) for view in fitting}, run_sec)
+    start = replay(lanes, ahead, own, now, behind)
+    if start is None:
+        return Estimate(position, len(ahead), None, "the workers it fits never free enough of it at once")
+    eta_sec = start.at - now
     if rank is None:
         retry_at = await redis.zscore(keys.RETRY_WAIT, task_id)
         if retry_at is not None:
-            start = max(start, float(retry_at) - now)
+            eta_sec = max(eta_sec, float(retry_at) - now)
         basis += "; a retry waiting out its backoff"
     if hold is not None and hold.keeps_off:
         basis += f"; not on {hold.worker_id} before the older task held there starts"
     elif hold is not None and hold.mine:
         basis += f"; {hold.worker_id} is held for it, its start unknown"
-    room = await room_for(fitting) if room_for is not None else None
-    if room is not None:
-        if room.at is None:
-            waits = f"{room.short} on {room.worker_id} wait for {room.unknown_end}"
-            basis += f"; at the earliest: {waits}, whose end nothing says"
-        else:
-            at = room.at
-            if hold is not None and hold.keeps_off and room.worker_id == hold.worker_id and hold.free_at is not None:
-                at = max(at, hold.free_at)
-            if at - now > start:
-                start = at - now
-                basis += f"; {room.short} free on {room.worker_id} then, as its tasks end"
-    return Estimate(position, ahead, start, basis)
+    if start.at > now:
+        unknown = unknown_ends.get(start.worker_id, 0)
+        if unknown:
+            tasks = f"{unknown} task has" if unknown == 1 else f"{unknown} tasks have"
+            counted = in_words(UNKNOWN_DURATION_SEC)
+            basis += f"; {tasks} no known end on {start.worker_id} (counted as {counted} from now)"
+        gpus, _, cpu, mem = start.lacked
+        if gpus or cpu or mem:
+            basis += f"; {describe_missing((gpus, 0, cpu, mem))} free on {start.worker_id} then, as its tasks end"
+    return Estimate(position, len(ahead), eta_sec, basis)
+
+
+async def _queue(
+    store: TaskStore, history: DurationHistory, fitting: list[WorkerView], rank: int | None
+) -> tuple[list[Waiter], list[Waiter]]:
+    """The placeable tasks the ``fitting`` workers could run before and after the one at ``rank`` in
+    the pending order (none after a retry waiting out its backoff: it is not in that order), in
+    order, as the replay takes them."""
+    if rank is None:
+        return [], []
+    redis = store.redis
+    ahead_ids = await redis.zrange(keys.PENDING, 0, min(rank, AHEAD_LIMIT) - 1) if rank else []
+    behind_ids = await redis.zrange(keys.PENDING, rank + 1, rank + BEHIND_LIMIT)
+    pipe = redis.pipeline(transaction=False)
+    for other_id in [*ahead_ids, *behind_ids]:
+        pipe.hget(keys.task(other_id), "req")
+    kinds: dict[str, Waiter | None] = {}
+    waiters: list[Waiter | None] = []
+    for raw in await pipe.execute():
+        if not raw:
+            waiters.append(None)  # placed or gone meanwhile
+            continue
+        if raw not in kinds:
+            other = json.loads(raw)
+            request = Request.from_json(other)
+            needs = {v.worker_id: need_of(request, v) for v in fitting if fits_registration(request, v)}
+            kinds[raw] = Waiter(raw, needs, (await history.duration(other))[0]) if needs else None
+        waiters.append(kinds[raw])  # None where it runs elsewhere
+    cut = len(ahead_ids)
+    return [w for w in waiters[:cut] if w is not None], [w for w in waiters[cut:] if w is not None]

@@ -275,7 +275,7 @@ class Orchestrator:
             record.task_id,
             record.request,
             hold,
-            room_for=lambda fitting: backfill.room(request, fitting),
+            holdings_of=backfill.holdings,
         )
         return found.to_dict()
 

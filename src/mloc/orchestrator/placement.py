@@ -133,6 +133,12 @@ def topic_matches(topic: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(topic, pattern) for pattern in patterns)
 
 
+def packing(gpu_count: int, free_gpus: int, slots_free: int, gpu_worker: bool) -> tuple[int, int, int]:
+    """How good a worker that fits a task is for it, warm models aside (lower is better): GPU machines
+    are kept for GPU work, GPU tasks packed tightly, other tasks spread by free slots."""
+    return (int(gpu_count == 0 and gpu_worker), free_gpus - gpu_count if gpu_count else 0, -slots_free)
+
+
 def usable_gpus(req: Request, view: WorkerView) -> tuple[int, ...]:
     """The worker's GPUs of the model and memory ``req`` asks for, free or not, lowest index first."""
     return tuple(

@@ -41,7 +41,7 @@ from mloc import keys, moves
 from mloc.orchestrator import budgets, fairshare
 from mloc.orchestrator.backfill import Backfill, Gate
 from mloc.orchestrator.eta import DurationHistory
-from mloc.orchestrator.placement import Request, explain, fits_now, fits_registration, usable_gpus
+from mloc.orchestrator.placement import Request, explain, fits_now, fits_registration, packing, usable_gpus
 from mloc.orchestrator.queues import OwnerQueue, PendingQueues, UserLimits
 from mloc.orchestrator.standing import Standings
 from mloc.records import Assignment, NewTask, WorkerStatus, WorkerView
@@ -64,10 +64,7 @@ def _score(req: Request, view: WorkerView) -> tuple[int, int, int, int, int]:
         warm = int(any(key.split(":", 1)[-1] == req.model for key in view.warm_models))
         # Next best to a loaded model: its files on the worker's disk, with no download to wait for.
         held = int(req.model in view.held_models)
-    # Keep GPU machines for GPU work, pack GPU tasks tightly, otherwise spread by free slots.
-    wasted_gpus = len(view.free_gpus) - req.gpu_count
-    gpu_worker_for_cpu_task = int(req.gpu_count == 0 and bool(view.gpus))
-    return (-warm, -held, gpu_worker_for_cpu_task, wasted_gpus if req.gpu_count else 0, -view.slots_free)
+    return (-warm, -held, *packing(req.gpu_count, len(view.free_gpus), view.slots_free, bool(view.gpus)))
 
 
 @dataclass

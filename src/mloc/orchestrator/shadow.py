@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from mloc.orchestrator.placement import Request, usable_gpus
+from mloc.records import WorkerView
 from mloc.spec.quantity import format_cpu, format_memory
 
 # Task ids named in a pending reason, at most.
@@ -72,6 +74,16 @@ class Capacity:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Capacity:
         return cls(int(data["cpu"]), int(data["mem"]), int(data["slots"]), frozenset(int(g) for g in data["gpus"]))
+
+
+def need_of(req: Request, view: WorkerView) -> Need:
+    """What ``req`` takes from ``view``, in these terms."""
+    return Need(req.cpu, req.mem, req.gpu_count, frozenset(usable_gpus(req, view)) if req.gpu_count else frozenset())
+
+
+def capacity_of(view: WorkerView) -> Capacity:
+    """What ``view`` has free, as last reported."""
+    return Capacity(view.cpu_free, view.mem_free, view.slots_free, frozenset(view.free_gpus))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,128 @@
+"""The queue replayed on the workers' resources: when and where a waiting task starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from mloc.orchestrator.replay import Lane, Start, Waiter, replay
+from mloc.orchestrator.shadow import Capacity, Holding, Need
+
+NOW = 1_000_000.0
+GPUS = frozenset({0, 1, 2, 3})
+
+
+def held(gpus: set[int], ends_in: float, *, task_id: str = "t") -> Holding:
+    return Holding(task_id, 0, 0, frozenset(gpus), NOW + ends_in, "test")
+
+
+def lane(
+    worker_id: str,
+    free_gpus: set[int],
+    *holdings: Holding,
+    slots: int = 8,
+    opens_in: float = 0.0,
+    gpu_worker: bool = True,
+) -> Lane:
+    free = Capacity(8000, 1 << 36, slots, frozenset(free_gpus))
+    return Lane(worker_id, free, holdings, NOW + opens_in, gpu_worker)
+
+
+def gpu_task(count: int, run_sec: float, *workers: str) -> Waiter:
+    need = Need(0, 0, count, GPUS)
+    return Waiter(f"{count} GPUs, {run_sec}s", {worker: need for worker in workers or ("w1",)}, run_sec)
+
+
+def slot_task(run_sec: float, worker: str = "w1") -> Waiter:
+    return Waiter(f"slot, {run_sec}s", {worker: Need(0, 0, 0, frozenset())}, run_sec)
+
+
+def test_slots_free_as_their_tasks_end_and_the_tasks_ahead_take_them_in_turn() -> None:
+    busy = lane("w1", set(), held(set(), 1.0), held(set(), 1.0), slots=0)
+    ahead = [slot_task(1.0)] * 3
+    # Two slots free at +1: two tasks ahead take them; the third and this one start at +2.
+    assert replay([busy], ahead[:1], slot_task(1.0), NOW) == Start(NOW + 1.0, "w1", (0, 1, 0, 0))
+    assert replay([busy], ahead, slot_task(1.0), NOW) == Start(NOW + 2.0, "w1", (0, 1, 0, 0))
+
+
+def test_a_gpu_task_waits_for_the_gpus_of_the_tasks_ahead_though_slots_are_free() -> None:
+    # All four GPUs busy for 10 s; a whole-worker task ahead then holds them 20 s more. Slots alone
+    # would say this one starts at +10 (a free slot remains all along).
+    busy = lane("w1", set(), held({0, 1, 2, 3}, 10.0))
+    start = replay([busy], [gpu_task(4, 20.0)], gpu_task(4, 5.0), NOW)
+    assert start == Start(NOW + 30.0, "w1", (4, 0, 0, 0))
+
+
+def test_a_blocked_task_ahead_does_not_hold_back_one_that_fits_now() -> None:
+    # Two GPUs free: the four-GPU task ahead waits for the others, and a one-GPU task starts now, as
+    # a scheduling pass would place it.
+    half = lane("w1", {0, 1}, held({2, 3}, 10.0))
+    assert replay([half], [gpu_task(4, 20.0)], gpu_task(1, 5.0), NOW) == Start(NOW, "w1", (0, 0, 0, 0))
+    # Two one-GPU tasks ahead take the free GPUs; at +10 two free again, still too few for the big
+    # one, and this one takes one of them.
+    after = [gpu_task(1, 15.0), gpu_task(1, 15.0), gpu_task(4, 20.0)]
+    assert replay([half], after, gpu_task(1, 5.0), NOW) == Start(NOW + 10.0, "w1", (0, 0, 0, 0))
+    # A big task ahead that fits starts first and holds every GPU for its run.
+    idle = lane("w1", {0, 1, 2, 3})
+    assert replay([idle], [gpu_task(4, 20.0)], gpu_task(1, 5.0), NOW) == Start(NOW + 20.0, "w1", (0, 0, 0, 0))
+
+
+def test_smaller_tasks_behind_take_what_frees_while_a_big_one_does_not_fit() -> None:
+    # Its GPUs free one by one at +1..+4; alone, the whole-worker task starts at +4. With eight
+    # one-GPU tasks of 10 s behind it, each freed GPU goes to one of them (a pass places what fits),
+    # two rounds of four, so it starts only when the last of them ends, at +24.
+    staggered = lane("w1", set(), *(held({gpu}, gpu + 1.0) for gpu in range(4)))
+    assert replay([staggered], [], gpu_task(4, 5.0), NOW) == Start(NOW + 4.0, "w1", (4, 0, 0, 0))
+    behind = [gpu_task(1, 10.0)] * 8
+    assert replay([staggered], [], gpu_task(4, 5.0), NOW, behind) == Start(NOW + 24.0, "w1", (4, 0, 0, 0))
+
+
+def test_the_task_starts_on_the_worker_that_frees_enough_first() -> None:
+    lanes = [lane("w1", set(), held({0, 1, 2, 3}, 40.0)), lane("w2", {0}, held({1, 2, 3}, 25.0))]
+    start = replay(lanes, [], gpu_task(3, 5.0, "w1", "w2"), NOW)
+    assert start == Start(NOW + 25.0, "w2", (2, 0, 0, 0))
+
+
+def test_tasks_ahead_that_run_elsewhere_leave_this_workers_gpus_alone() -> None:
+    lanes = [lane("w1", {0, 1, 2, 3}), lane("w2", {0, 1, 2, 3})]
+    elsewhere = gpu_task(4, 100.0, "w2")
+    assert replay(lanes, [elsewhere] * 3, gpu_task(4, 5.0, "w1", "w2"), NOW) == Start(NOW, "w1", (0, 0, 0, 0))
+
+
+def test_gpu_tasks_are_packed_and_other_tasks_spread_as_a_pass_places_them() -> None:
+    # Three GPUs free on w1, one on w2: a one-GPU task goes where it wastes fewest (w2), so the
+    # three-GPU task after it still starts now on w1; first fit would have put the small one on w1.
+    lanes = [lane("w1", {0, 1, 2}), lane("w2", {3})]
+    small = gpu_task(1, 30.0, "w1", "w2")
+    assert replay(lanes, [small], gpu_task(3, 5.0, "w1", "w2"), NOW) == Start(NOW, "w1", (0, 0, 0, 0))
+    # A task without GPUs keeps off the GPU worker while another has room, and goes where most
+    # slots are free: after one such task each, w3 (8 slots) still has more than w4 (2).
+    cpu_lanes = [
+        lane("gpu", set()),
+        lane("w3", set(), slots=8, gpu_worker=False),
+        lane("w4", set(), slots=2, gpu_worker=False),
+    ]
+    needs = {worker: Need(0, 0, 0, frozenset()) for worker in ("gpu", "w3", "w4")}
+    start = replay(cpu_lanes, [Waiter("cpu", needs, 9.0)], Waiter("cpu", needs, 9.0), NOW)
+    assert start == Start(NOW, "w3", (0, 0, 0, 0))
+
+
+def test_a_held_worker_starts_nothing_before_it_opens() -> None:
+    held_back = lane("w1", {0, 1, 2, 3}, opens_in=50.0)
+    assert replay([held_back], [], gpu_task(1, 5.0), NOW) == Start(NOW + 50.0, "w1", (0, 0, 0, 0))
+
+
+def test_a_task_the_workers_never_free_enough_for_has_no_start() -> None:
+    assert replay([lane("w1", {0, 1}, held({2}, 5.0))], [], gpu_task(4, 1.0), NOW) is None
+
+
+def test_a_holding_without_an_end_is_refused() -> None:
+    unknown = Holding("t-unknown", 0, 0, frozenset({0}), None, "test")
+    with pytest.raises(ValueError, match="t-unknown on w1 has no end"):
+        replay([lane("w1", set(), unknown)], [], gpu_task(1, 1.0), NOW)
+
+
+def test_a_long_queue_of_a_few_kinds_replays_in_order() -> None:
+    # 2,000 one-GPU tasks of 10 s ahead on four GPUs: 500 rounds, so this one starts at +5,000 s.
+    idle = lane("w1", {0, 1, 2, 3}, slots=64)
+    start = replay([idle], [gpu_task(1, 10.0)] * 2000, gpu_task(1, 10.0), NOW)
+    assert start == Start(NOW + 5000.0, "w1", (0, 0, 0, 0))

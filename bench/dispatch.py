@@ -256,8 +256,6 @@ def main() -> None:
             env={"LOG_LEVEL": "WARNING", "MLOC_WORKER_SLOTS": "64"},
             log_dir=home / "logs",
         )
-        # Not `with LocalCluster(...)`: a start that fails raises before __exit__ could stop the
-        # processes it had already spawned.
         try:
             cluster.start(timeout=180)  # start-up is not measured; a busy machine imports slowly
             print("MLOC: orchestrator + 2 workers up; warming up...")

@@ -11,8 +11,13 @@ from mloc.errors import ConfigError
 from mloc.localcluster import LocalCluster
 
 
+def spawned(module: str = "mloc.") -> list[psutil.Process]:
+    """This test's child processes running ``module`` (the Redis server of the fixture aside)."""
+    return [p for p in psutil.Process().children() if module in " ".join(p.cmdline())]
+
+
 def listeners() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children() if "mloc.worker.listener" in " ".join(p.cmdline())]
+    return spawned("mloc.worker.listener")
 
 
 def test_a_cluster_started_before_its_with_block_is_not_started_again(tmp_path: Path, redis_url: str) -> None:
@@ -26,3 +31,19 @@ def test_a_cluster_started_before_its_with_block_is_not_started_again(tmp_path: 
         assert len(listeners()) == 1
     assert not cluster.running
     assert listeners() == []
+
+
+def test_a_start_that_fails_leaves_no_process_behind(tmp_path: Path, redis_url: str) -> None:
+    # The second worker refuses its settings and exits: start() raises, and `with` would never reach
+    # its __exit__, so start() itself stops the orchestrator and the worker it had started.
+    cluster = LocalCluster(
+        home=tmp_path,
+        workers=2,
+        redis_url=redis_url,
+        worker_env=[{}, {"MLOC_WORKER_SLOTS": "none"}],
+        log_dir=tmp_path / "logs",
+    )
+    with pytest.raises(ConfigError, match="local-2 exited with code"), cluster:
+        pass
+    assert spawned() == []
+    assert not cluster.running

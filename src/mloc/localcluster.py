@@ -87,12 +87,17 @@ class LocalCluster:
         self.start_redis()
         self.port = self.port or embedded.free_port()
         env = self._base_env() | {"MLOC_PORT": str(self.port), "MLOC_HOST": "127.0.0.1"}
-        self.orchestrator = self._spawn(
-            "orchestrator", [sys.executable, "-m", "mloc.cli", "start", "--node-type", "orchestrator"], env
-        )
-        for index in range(self.workers):
-            self.add_worker(f"local-{index + 1}", self.worker_env[index] if index < len(self.worker_env) else {})
-        self.wait_ready(timeout)
+        try:
+            self.orchestrator = self._spawn(
+                "orchestrator", [sys.executable, "-m", "mloc.cli", "start", "--node-type", "orchestrator"], env
+            )
+            for index in range(self.workers):
+                self.add_worker(f"local-{index + 1}", self.worker_env[index] if index < len(self.worker_env) else {})
+            self.wait_ready(timeout)
+        except BaseException:
+            # Raised out of `with`, which then never calls __exit__: what was spawned goes here.
+            self.stop(grace=STOP_WAIT_SEC)
+            raise
         return self
 
     def add_worker(self, worker_id: str, extra: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:

@@ -13,8 +13,10 @@ XACK, a producer doing XADD, with completion signalled through a second stream: 
 Streams-based dispatcher. Its throughput pipelines the XADDs in batches of 100, so it is not the
 one-at-a-time "raw Streams" row of ../shared/peers.
 
-Where the time goes: for each MLOC phase, the CPU each process spent per task (orchestrator, both
-workers, Redis, this load generator), from the kernel's accounting of each process (psutil).
+Where the time goes: the sequential tasks' latency by step (median), from the times each task's
+record keeps (placed by the orchestrator, started and finished by the worker) and the client's own;
+and, for each MLOC phase, the CPU each process spent per task (orchestrator, both workers, Redis, this
+load generator), from the kernel's accounting of each process (psutil).
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TypeVar
@@ -159,20 +163,35 @@ class CpuMeter:
         return "\n".join(lines)
 
 
-def mloc_latency(api: str, url: str, n: int) -> list[float]:
+@dataclass(frozen=True)
+class Timed:
+    """One sequential task, as its client saw it (unix seconds, the clock every process here shares)."""
+
+    task_id: str
+    sent: float  # the submit is sent
+    answered: float  # its answer is read
+    seen: float  # its 'succeeded' event is read
+
+    @property
+    def latency(self) -> float:
+        return self.seen - self.sent
+
+
+def mloc_latency(api: str, url: str, n: int) -> list[Timed]:
     return asyncio.run(_latency(api, url, n))
 
 
-async def _latency(api: str, url: str, n: int) -> list[float]:
+async def _latency(api: str, url: str, n: int) -> list[Timed]:
     r = aioredis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT_S)
     http = LeanHttp(api)
-    latencies = []
+    timed = []
     last = (await r.xinfo_stream(keys.EVENTS))["last-generated-id"] if await r.exists(keys.EVENTS) else "0"
     for _ in range(n):
-        start = time.perf_counter()
+        sent = time.time()
         status, body = await http.post("/api/v1/tasks", ECHO)
         if status != 201:
             raise SystemExit(f"submit answered {status}: {body[:300]!r}")
+        answered = time.time()
         task_id = json.loads(body)["task_id"]
         while True:  # the task's 'succeeded' event
             reply = await r.xread({keys.EVENTS: last}, count=100, block=5000)
@@ -182,10 +201,38 @@ async def _latency(api: str, url: str, n: int) -> list[float]:
             last = entries[-1][0]
             if any(f[b"task"].decode() == task_id and f[b"to"] == b"succeeded" for _, f in entries):
                 break
-        latencies.append(time.perf_counter() - start)
+        timed.append(Timed(task_id, sent, answered, time.time()))
     await http.close()
     await r.aclose()
-    return latencies
+    return timed
+
+
+PHASES = (
+    "submit sent, read, checked, placed",
+    "placed, to the worker's start",
+    "run, result written",
+    "end recorded, seen by the client",
+    "(the submit's answer read: overlaps)",
+)
+
+
+def latency_phases(url: str, timed: Sequence[Timed]) -> dict[str, float]:
+    """Median seconds of each step of a sequential task, from the times its record keeps: placed
+    (``assigned_at``, by the orchestrator), started and finished (by the worker)."""
+    r = redis.Redis.from_url(url)
+    pipe = r.pipeline(transaction=False)
+    for task in timed:
+        pipe.hmget(keys.task(task.task_id), "assigned_at", "started_at", "finished_at")
+    steps: dict[str, list[float]] = {name: [] for name in PHASES}
+    for task, stamps in zip(timed, pipe.execute(), strict=True):
+        placed, started, finished = (float(stamp) for stamp in stamps)
+        for name, took in zip(
+            PHASES,
+            (placed - task.sent, started - placed, finished - started, task.seen - finished, task.answered - task.sent),
+            strict=True,
+        ):
+            steps[name].append(took)
+    return {name: statistics.median(values) for name, values in steps.items()}
 
 
 async def _submit_concurrently(api: str, n: int, concurrency: int) -> list[str]:
@@ -267,7 +314,8 @@ def main() -> None:
                 | {"redis": server.proc.pid, "load gen": os.getpid()}
             )
             api, url, n = cluster.api_url, server.url, args.throughput_n
-            lat = meter.measure("sequential", args.latency_n, lambda: mloc_latency(api, url, args.latency_n))
+            timed = meter.measure("sequential", args.latency_n, lambda: mloc_latency(api, url, args.latency_n))
+            phases = latency_phases(url, timed)
             single = meter.measure("HTTP submit, 8 clients", n, lambda: mloc_throughput(api, url, n, bulk=False))
             bulk = meter.measure("bulk submit", n, lambda: mloc_throughput(api, url, n, bulk=True))
         finally:
@@ -276,6 +324,7 @@ def main() -> None:
         server.stop()
 
     raw_lat: list[float] = raw["latencies"]  # type: ignore[assignment]
+    lat = [task.latency for task in timed]
     print()
     print(f"{'':34} {'p50 ms':>8} {'p99 ms':>8} {'tasks/s':>9}")
     print(
@@ -292,6 +341,10 @@ def main() -> None:
     )
     print("targets: p50 <= 3 ms end to end, >= 500 tasks/s")
     print()
+    print("MLOC sequential latency by step (median ms, from the task's record and the client's clock):")
+    for name, took in phases.items():
+        print(f"  {name:40} {took * 1e3:6.3f}")
+    print()
     print(meter.table())
     print(
         json.dumps(
@@ -300,6 +353,7 @@ def main() -> None:
                 "mloc_p99_ms": pct(lat, 99) * 1e3,
                 "mloc_tasks_per_s": single,
                 "mloc_bulk_tasks_per_s": bulk,
+                "mloc_latency_steps_ms": {name: round(took * 1e3, 3) for name, took in phases.items()},
                 "raw_p50_ms": pct(raw_lat, 50) * 1e3,
                 "raw_tasks_per_s": raw["throughput"],
                 "cpu_ms_per_task": {

@@ -263,7 +263,9 @@ class Orchestrator:
         """A placeable waiting task's queue position and start estimate (see :mod:`.eta`)."""
         if record.state != TaskState.PENDING or record.waiting_on or record.children or not record.request:
             return None
-        views = await self.scheduler.views()
+        # Fresh, as the tasks its workers hold are read next: a task placed since an older snapshot would
+        # be counted twice, its resources free now and given back at its end.
+        views = await self.scheduler.views(fresh=True)
         by_id = {view.worker_id: view for view in views}
         request = Request.from_json(record.request)
         backfill = self.scheduler.backfill

@@ -81,6 +81,38 @@ def test_gpu_tasks_ahead_are_replayed_on_the_gpus_not_the_slots(
         client.cancel(task_id)
 
 
+def test_a_big_task_in_a_stream_of_small_ones_is_told_when_its_backfill_hold_lets_it_start(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
+) -> None:
+    cluster = make_cluster(
+        1,
+        env={"MLOC_BACKFILL_AFTER_SEC": "20"},
+        worker_env=[{"MLOC_WORKER_SLOTS": "16", "MLOC_WORKER_GPUS": "NVIDIA L4:4:24576"}],
+    )
+    client = client_for(cluster)
+
+    def gpus(count: int, timeout: float | None = None) -> dict[str, Any]:
+        task = echo(60.0) | {"resources": {"hardware": {"gpu": {"count": count}}}}
+        return task | ({"timeout_sec": timeout} if timeout else {})
+
+    running = [client.submit(gpus(1, timeout=30))["task_id"] for _ in range(4)]
+    for task_id in running:
+        wait_started(client, task_id)
+    big = client.submit(gpus(4))["task_id"]
+    small = [client.submit(gpus(1))["task_id"] for _ in range(8)]
+    queue = client.task(big)["queue"]
+    # The four running tasks end by their 30 s timeouts. Taken as a pass takes them, the eight one-GPU
+    # tasks behind would get those GPUs (the big one does not fit while one is busy) for two rounds of a
+    # kind never seen (60 s each): a start at about +150 s. But by then the big task has waited the
+    # 20 s after which a pass gives it a hold, so the GPUs freed from +30 s are kept for it.
+    assert 27 < queue["eta_sec"] <= 31, queue
+    assert "local-1 held for it once it has waited 20s" in queue["basis"], queue
+    # A small one behind waits for the big one's run: kept off the held GPUs until then.
+    assert client.task(small[0])["queue"]["eta_sec"] > 85
+    for task_id in (*small, big, *running):
+        client.cancel(task_id)
+
+
 def test_show_prints_the_queue_line(
     make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
 ) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from mloc.orchestrator.replay import Lane, Start, Waiter, replay
@@ -126,3 +128,40 @@ def test_a_long_queue_of_a_few_kinds_replays_in_order() -> None:
     idle = lane("w1", {0, 1, 2, 3}, slots=64)
     start = replay([idle], [gpu_task(1, 10.0)] * 2000, gpu_task(1, 10.0), NOW)
     assert start == Start(NOW + 5000.0, "w1", (0, 0, 0, 0))
+
+
+def waited(waiter: Waiter, seconds: float) -> Waiter:
+    return replace(waiter, since=NOW - seconds)
+
+
+def test_a_backfill_hold_to_come_keeps_the_worker_for_a_big_task_in_a_stream_of_small_ones() -> None:
+    # As in the stream above, but holds are made after 3 s of waiting: the whole-worker task (waiting
+    # 1 s) takes one at +2. GPU 0 went to a small task at +1 (ends +11); from +2 the freed GPUs are
+    # kept for it (a small task of 10 s would end after the shadow time, +11), and it starts at +11.
+    staggered = lane("w1", set(), *(held({gpu}, gpu + 1.0) for gpu in range(4)))
+    big, behind = waited(gpu_task(4, 5.0), 1.0), [waited(gpu_task(1, 10.0), 0.0)] * 8
+    assert replay([staggered], [], big, NOW, behind, backfill_after=3.0) == Start(
+        NOW + 11.0, "w1", (4, 0, 0, 0), held=True
+    )
+    # A small task behind it (the second: the first took GPU 0 at +1, before any hold) is kept off
+    # until the big one has started and ended (+16) ...
+    first, small = waited(gpu_task(1, 10.0), 0.0), waited(gpu_task(1, 10.0), 0.0)
+    start = replay([staggered], [big, first], small, NOW, behind, backfill_after=3.0)
+    assert start == Start(NOW + 16.0, "w1", (1, 0, 0, 0))
+    # ... unless it ends before the shadow time: then the hold admits it (+2, on a freed GPU).
+    quick = replace(waited(gpu_task(1, 3.0), 0.0), kind="quick")
+    start = replay([staggered], [big, first], quick, NOW, behind, backfill_after=3.0)
+    assert start == Start(NOW + 2.0, "w1", (1, 0, 0, 0))
+    # Without holds the small one takes a freed GPU at once (+2).
+    assert replay([staggered], [big, first], small, NOW, behind) == Start(NOW + 2.0, "w1", (1, 0, 0, 0))
+
+
+def test_a_hold_goes_to_the_first_task_in_queue_order_that_has_waited_long_enough() -> None:
+    # Two whole-worker tasks of 5 s; the first has waited too little ever to be held before the
+    # second (waiting 10 s) is: the second gets the hold at once, and starts first, at +4.
+    staggered = lane("w1", set(), *(held({gpu}, gpu + 1.0) for gpu in range(4)))
+    young, old = waited(gpu_task(4, 5.0), 0.0), waited(gpu_task(4, 6.0), 10.0)
+    young = replace(young, kind="young")
+    behind = [waited(gpu_task(1, 10.0), 0.0)] * 8
+    start = replay([staggered], [young], old, NOW, behind, backfill_after=5.0)
+    assert start == Start(NOW + 4.0, "w1", (4, 0, 0, 0), held=True)

@@ -9,8 +9,10 @@ starts at the first moment it fits. A kind's usual run is the median of the rece
 same task type, model and topic (``DurationHistory``, read from the succeeded tasks' index and kept
 for a short while). A backfill hold (:mod:`.backfill`) counts: the task it is for starts when its
 held worker frees enough for it (the hold's shadow time), and a task the hold keeps off that worker
-starts nothing there before then. It is an estimate: fair share between users may let another
-user's later task go first, and a worker that joins or leaves changes it.
+starts nothing there before then. While no hold stands, the replay foresees those to come: a task
+that will have waited ``MLOC_BACKFILL_AFTER_SEC`` by then takes one, as a pass would give it. It is an
+estimate: fair share between users may let another user's later task go first, and a worker that
+joins or leaves changes it.
 """
 
 from __future__ import annotations
@@ -125,9 +127,13 @@ async def estimate(
     hold: HeldWorker | None = None,
     *,
     holdings_of: HoldingsReader,
+    since: float | None = None,
+    backfill_after: float | None = None,
 ) -> Estimate:
     """The queue position and start estimate of the pending task ``task_id`` (whose request is ``req``);
-    ``hold``: how a backfill hold bears on it; ``holdings_of``: what its workers hold, and until when."""
+    ``hold``: how a backfill hold bears on it; ``holdings_of``: what its workers hold, and until when;
+    ``since``: when it began to wait; ``backfill_after``: replay the backfill holds to come, for the tasks
+    that have waited this long (None: none to come, as while a hold stands)."""
     redis = store.redis
     rank = await redis.zrank(keys.PENDING, task_id)
     position = None if rank is None else rank + 1
@@ -162,8 +168,9 @@ async def estimate(
         return Estimate(position, 0, None, why)
     ahead, behind = await _queue(store, history, fitting, rank)
     run_sec, basis = await history.duration(req)
-    own = Waiter(json.dumps(req, sort_keys=True), {view.worker_id: need_of(request, view) for view in fitting}, run_sec)
-    start = replay(lanes, ahead, own, now, behind)
+    needs = {view.worker_id: need_of(request, view) for view in fitting}
+    own = Waiter(json.dumps(req, sort_keys=True), needs, run_sec, since)
+    start = replay(lanes, ahead, own, now, behind, backfill_after)
     if start is None:
         return Estimate(position, len(ahead), None, "the workers it fits never free enough of it at once")
     eta_sec = start.at - now
@@ -172,6 +179,8 @@ async def estimate(
         if retry_at is not None:
             eta_sec = max(eta_sec, float(retry_at) - now)
         basis += "; a retry waiting out its backoff"
+    if start.held and backfill_after is not None:  # the hold kept others off for it
+        basis += f"; {start.worker_id} held for it once it has waited {in_words(backfill_after)}"
     if hold is not None and hold.keeps_off:
         basis += f"; not on {hold.worker_id} before the older task held there starts"
     elif hold is not None and hold.mine:
@@ -201,10 +210,10 @@ async def _queue(
     behind_ids = await redis.zrange(keys.PENDING, rank + 1, rank + BEHIND_LIMIT)
     pipe = redis.pipeline(transaction=False)
     for other_id in [*ahead_ids, *behind_ids]:
-        pipe.hget(keys.task(other_id), "req")
+        pipe.hmget(keys.task(other_id), "req", "created_at")
     kinds: dict[str, Waiter | None] = {}
     waiters: list[Waiter | None] = []
-    for raw in await pipe.execute():
+    for raw, created_at in await pipe.execute():
         if not raw:
             waiters.append(None)  # placed or gone meanwhile
             continue
@@ -213,6 +222,7 @@ async def _queue(
             request = Request.from_json(other)
             needs = {v.worker_id: need_of(request, v) for v in fitting if fits_registration(request, v)}
             kinds[raw] = Waiter(raw, needs, (await history.duration(other))[0]) if needs else None
-        waiters.append(kinds[raw])  # None where it runs elsewhere
+        kind = kinds[raw]  # None where it runs elsewhere
+        waiters.append(kind if kind is None or not created_at else replace(kind, since=float(created_at)))
     cut = len(ahead_ids)
     return [w for w in waiters[:cut] if w is not None], [w for w in waiters[cut:] if w is not None]

@@ -270,6 +270,8 @@ class Orchestrator:
         request = Request.from_json(record.request)
         backfill = self.scheduler.backfill
         hold = await backfill.bearing_on(record.task_id, request, by_id)
+        # While a hold stands, none other is made: the replay foresees holds only when there is none.
+        foresee = backfill.after_sec if backfill.after_sec > 0 and backfill.hold is None else None
         found = await eta.estimate(
             self.store,
             self.history,
@@ -278,6 +280,8 @@ class Orchestrator:
             record.request,
             hold,
             holdings_of=backfill.holdings,
+            since=record.created_at,
+            backfill_after=foresee,
         )
         return found.to_dict()
 

@@ -10,6 +10,14 @@ its usual run. The tasks behind the one asked about count too: while it does not
 one behind it that does takes what frees first (so a big task in a stream of small ones waits long,
 as it does for real until a backfill hold covers it). The replay stops when the task starts.
 
+Backfill holds (:mod:`.backfill`) are replayed when asked for (``backfill_after``): from the moment
+the first task in queue order has waited that long, a hold keeps the worker where it can start
+soonest (:func:`.shadow.shadow_time`) for it, and another task starts there only if the hold admits it
+(:meth:`.shadow.Hold.admits`: it ends before the shadow time, or leaves the held task's need free);
+once the held task starts, the next in line may take a hold. So a big task in a stream of small ones
+is told when its hold lets it start, not when the stream ends. One hold at a time, as for real, but
+chosen among the tasks replayed here (those the workers asked about can run).
+
 Waiting tasks of one request are one *kind* here: if the first of them does not fit at a moment, none
 does, so a moment costs a look per kind, not per task, and a long queue of a few kinds replays fast.
 """
@@ -22,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from mloc.orchestrator.placement import packing
-from mloc.orchestrator.shadow import Capacity, Holding, Need
+from mloc.orchestrator.shadow import Capacity, Hold, Holding, Need, shadow_time
 
 
 @dataclass(frozen=True)
@@ -41,48 +49,74 @@ class Lane:
 @dataclass(frozen=True)
 class Waiter:
     """A waiting task: what it needs on each lane it can run on (by worker id), for how long, and
-    its kind (waiters of one kind have the same needs and run)."""
+    its kind (waiters of one kind have the same needs and run); ``since``: when it began to wait
+    (unix seconds; None: it takes no backfill hold in the replay)."""
 
     kind: str
     needs: Mapping[str, Need]
     run_sec: float
+    since: float | None = None
 
 
 @dataclass(frozen=True)
 class Start:
     """Where and when the task starts, and what it lacked there at the outset (missing GPUs, slots,
-    CPU, memory, as :meth:`Capacity.missing` counts them)."""
+    CPU, memory, as :meth:`Capacity.missing` counts them); ``held``: a replayed backfill hold kept
+    other tasks off a worker for it."""
 
     at: float
     worker_id: str
     lacked: tuple[int, int, int, int]
+    held: bool = False
+
+
+@dataclass
+class _Held:
+    """The replayed backfill hold: the queue position of its task, and the hold itself."""
+
+    index: int
+    hold: Hold
 
 
 def replay(
-    lanes: Sequence[Lane], ahead: Sequence[Waiter], task: Waiter, now: float, behind: Sequence[Waiter] = ()
+    lanes: Sequence[Lane],
+    ahead: Sequence[Waiter],
+    task: Waiter,
+    now: float,
+    behind: Sequence[Waiter] = (),
+    backfill_after: float | None = None,
 ) -> Start | None:
     """When ``task`` starts behind ``ahead`` and before ``behind`` (both in queue order) on ``lanes``;
     None if it never does (no lane it can use ever frees enough, or a hold keeps it off the only one
-    for good). A task behind that fits while ``task`` does not takes what it fits first, as in a pass."""
+    for good). A task behind that fits while ``task`` does not takes what it fits first, as in a pass.
+    ``backfill_after``: replay backfill holds for the tasks that have waited this many seconds."""
     free = {lane.worker_id: lane.free for lane in lanes}
     opens = {lane.worker_id: lane.opens_at for lane in lanes}
     order = [lane.worker_id for lane in lanes]
     gpu_workers = {lane.worker_id for lane in lanes if lane.gpu_worker}
     outset = dict(free)
-    # (moment, tie-break, worker, what comes back); a lane opening later gives back nothing.
+    # What each lane has yet to give back, for a hold's shadow time.
+    owed: dict[str, list[Holding]] = {worker_id: [] for worker_id in order}
+    # (moment, tie-break, worker, what comes back); a lane opening later, or a task's wait reaching
+    # ``backfill_after``, gives back nothing.
     events: list[tuple[float, int, str, Holding | None]] = []
     tie = itertools.count()
     for lane in lanes:
-        for held in lane.holdings:
-            if held.ends_at is None:
-                raise ValueError(f"holding {held.task_id} on {lane.worker_id} has no end to replay")
-            events.append((max(now, held.ends_at), next(tie), lane.worker_id, held))
+        for given in lane.holdings:
+            if given.ends_at is None:
+                raise ValueError(f"holding {given.task_id} on {lane.worker_id} has no end to replay")
+            events.append((max(now, given.ends_at), next(tie), lane.worker_id, given))
+            owed[lane.worker_id].append(given)
         if lane.opens_at > now:
             events.append((lane.opens_at, next(tie), lane.worker_id, None))
-    heapq.heapify(events)
 
     queue = [*ahead, task, *behind]
     mine = len(ahead)
+    if backfill_after is not None:
+        for waiter in queue:
+            if waiter.since is not None and waiter.since + backfill_after > now:
+                events.append((waiter.since + backfill_after, next(tie), "", None))
+    heapq.heapify(events)
     # Each kind's waiting positions, in order; a kind's head is its first task not started.
     positions: dict[str, list[int]] = {}
     for index, waiter in enumerate(queue):
@@ -90,23 +124,36 @@ def replay(
     heads = {kind: 0 for kind in positions}
     blocked = [(indexes[0], kind) for kind, indexes in positions.items()]
     at = now
+    kept_for: set[int] = set()  # queue positions of held tasks for which a hold kept another off
     while True:
+        held = None
+        if backfill_after is not None:
+            heads_now = (indexes[heads[kind]] for kind, indexes in positions.items() if heads[kind] < len(indexes))
+            held = _hold(queue, sorted(heads_now), backfill_after, order, free, owed, at)
         trying, blocked = blocked, []
         heapq.heapify(trying)
         while trying:
             index, kind = heapq.heappop(trying)
             waiter = queue[index]
-            where = _best_fit(waiter, order, free, opens, gpu_workers, at)
+            hold = None if held is None or held.index == index else held.hold
+            where, kept_off = _best_fit(waiter, order, free, opens, gpu_workers, at, hold)
+            if kept_off and held is not None:
+                kept_for.add(held.index)
             if where is None:
                 blocked.append((index, kind))
                 continue
             need = waiter.needs[where]
             gpus = sorted(free[where].gpus & need.usable)[: need.gpu_count]
             if index == mine:
-                return Start(at, where, outset[where].missing(need))
+                return Start(at, where, outset[where].missing(need), held=index in kept_for)
+            if held is not None and held.index == index:
+                held = None  # placed: the hold goes, and the next pass chooses another
+            elif hold is not None and where == hold.worker_id:
+                hold.take(need.cpu, need.mem, gpus, waiter.run_sec, at)
             free[where] = free[where].minus(need.cpu, need.mem, gpus)
             ends = Holding("", need.cpu, need.mem, frozenset(gpus), at + waiter.run_sec, "replay")
             heapq.heappush(events, (at + waiter.run_sec, next(tie), where, ends))
+            owed[where].append(ends)
             heads[kind] += 1
             if heads[kind] < len(positions[kind]):
                 heapq.heappush(trying, (positions[kind][heads[kind]], kind))
@@ -114,9 +161,40 @@ def replay(
             return None
         # One end at a time, even where several fall on one moment: real runs never end together, and
         # a pass between two ends lets a small task take what the first gave back.
-        at, _, worker_id, given = heapq.heappop(events)
-        if given is not None:
-            free[worker_id] = free[worker_id].plus(given)
+        at, _, worker_id, returned = heapq.heappop(events)
+        if returned is not None:
+            free[worker_id] = free[worker_id].plus(returned)
+            owed[worker_id].remove(returned)
+
+
+def _hold(
+    queue: Sequence[Waiter],
+    heads: Sequence[int],
+    after: float,
+    order: Sequence[str],
+    free: Mapping[str, Capacity],
+    owed: Mapping[str, Sequence[Holding]],
+    at: float,
+) -> _Held | None:
+    """The hold a pass at ``at`` would make: for the first task (of the kinds' ``heads``, in queue
+    order) that has waited ``after``, on the lane where it can start soonest."""
+    for index in heads:
+        waiter = queue[index]
+        if waiter.since is None or at - waiter.since < after:
+            continue
+        best: Hold | None = None
+        for worker_id in order:
+            need = waiter.needs.get(worker_id)
+            if need is None:
+                continue
+            shadow = shadow_time(need, free[worker_id], owed[worker_id], at)
+            if shadow is None or shadow.at is None:
+                continue
+            if best is not None and best.at is not None and shadow.at >= best.at:
+                continue
+            best = Hold("", worker_id, shadow.at, need, shadow.free, short="")
+        return None if best is None else _Held(index, best)
+    return None
 
 
 def _best_fit(
@@ -126,15 +204,24 @@ def _best_fit(
     opens: Mapping[str, float],
     gpu_workers: set[str],
     at: float,
-) -> str | None:
+    hold: Hold | None = None,
+) -> tuple[str | None, bool]:
+    """The lane a pass would place ``waiter`` on at ``at`` (None: none now), and whether ``hold``, a
+    backfill hold for another task, kept it off the held lane (it must admit the waiter there)."""
     best: tuple[tuple[int, int, int], int] | None = None
     where = None
+    kept_off = False
     for rank, worker_id in enumerate(order):
         need = waiter.needs.get(worker_id)
         if need is None or opens[worker_id] > at or not free[worker_id].fits(need):
             continue
         room = free[worker_id]
+        if hold is not None and worker_id == hold.worker_id:
+            gpus = sorted(room.gpus & need.usable)[: need.gpu_count]
+            if not hold.admits(need.cpu, need.mem, gpus, waiter.run_sec, at):
+                kept_off = True
+                continue
         score = (packing(need.gpu_count, len(room.gpus), room.slots, worker_id in gpu_workers), rank)
         if best is None or score < best:
             best, where = score, worker_id
-    return where
+    return where, kept_off

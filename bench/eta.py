@@ -1,11 +1,13 @@
 """Start estimates of waiting tasks against when they really started, on a replayed mixed queue.
 
-Run: python bench/eta.py [--tasks 40] [--workers 2] [--slots 2] [--gpus 0]
+Run: python bench/eta.py [--tasks 40] [--workers 2] [--slots 2] [--gpus 0] [--backfill-after SEC]
 
 A local cluster (embedded Redis, real orchestrator and workers) first runs a few tasks of each kind so
 there is history, then gets a burst of ``--tasks`` echo tasks of three kinds (0.3 s, 1 s and 2 s, each
 its own topic) in random order. With ``--gpus N`` each worker declares N GPUs (MLOC_WORKER_GPUS) and the
-kinds ask for 1, 2 and N of them, so the GPUs, not the slots, decide who waits. Right after the burst, each waiting task's ``queue.eta_sec`` is read
+kinds ask for 1, 2 and N of them, so the GPUs, not the slots, decide who waits; ``--backfill-after SEC``
+(MLOC_BACKFILL_AFTER_SEC, 60 s by default) makes backfill holds keep workers for the big tasks that have
+waited that long during the run. Right after the burst, each waiting task's ``queue.eta_sec`` is read
 (GET /api/v1/tasks/{id}); when it starts, the real wait is compared with it. Prints the median and p90
 of the absolute error, and of the error relative to the real wait; the baseline, in the same run, is
 the naive estimate "tasks ahead x mean duration / slots" that ignores what is running and the kinds.
@@ -47,6 +49,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--slots", type=int, default=2)
     parser.add_argument("--gpus", type=int, default=0, help="GPUs each worker declares (0: none)")
+    parser.add_argument("--backfill-after", type=float, default=None, help="MLOC_BACKFILL_AFTER_SEC (s)")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
     rng = random.Random(args.seed)
@@ -54,6 +57,8 @@ def main() -> None:
     env = {"MLOC_WORKER_SLOTS": str(args.slots), "MLOC_SCHEDULE_INTERVAL_SEC": "0.2", "LOG_LEVEL": "WARNING"}
     if args.gpus:
         env["MLOC_WORKER_GPUS"] = f"NVIDIA L4:{args.gpus}:24576"
+    if args.backfill_after is not None:
+        env["MLOC_BACKFILL_AFTER_SEC"] = repr(args.backfill_after)
     with LocalCluster(home=home, workers=args.workers, env=env, log_dir=home / "logs").start(timeout=120) as cluster:
         client = Client(cluster.api_url)
         for topic in KINDS:
@@ -91,7 +96,8 @@ def main() -> None:
         "baseline_naive_error_p90_sec": round(pct(naive, 0.9), 2),
     }
     gpus = f", {args.gpus} GPUs each" if args.gpus else ""
-    print(f"{len(errors)} waiting tasks of {args.tasks} ({args.workers} workers x {args.slots} slots{gpus})")
+    held = "" if args.backfill_after is None else f", holds after {args.backfill_after:g} s"
+    print(f"{len(errors)} waiting tasks of {args.tasks} ({args.workers} workers x {args.slots} slots{gpus}{held})")
     print(f"ETA error:   median {figures['eta_error_median_sec']} s, p90 {figures['eta_error_p90_sec']} s "
           f"(relative: median {figures['eta_relative_error_median']:.0%}, p90 {figures['eta_relative_error_p90']:.0%})")  # fmt: skip
     print(f"naive estimate (same run): median {figures['baseline_naive_error_median_sec']} s, "

@@ -113,6 +113,31 @@ def test_a_big_task_in_a_stream_of_small_ones_is_told_when_its_backfill_hold_let
         client.cancel(task_id)
 
 
+def test_another_users_task_behind_a_backlog_is_told_when_fair_share_lets_it_in(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
+) -> None:
+    cluster = make_cluster(1, worker_env=[{"MLOC_WORKER_SLOTS": "2"}])
+    client = client_for(cluster)
+
+    def owned(owner: str) -> dict[str, Any]:
+        return echo(1.0) | {"metadata": {"owner": owner}}
+
+    for answer in [client.submit(owned("alice")) for _ in range(2)]:  # history: about 1 s each
+        assert client.wait(answer["task_id"], timeout=30)["state"] == "succeeded"
+    backlog = [task["task_id"] for task in client.submit_bulk([owned("alice") for _ in range(10)])["tasks"]]
+    bob = client.submit(owned("bob"))["task_id"]
+    submitted = time.time()
+    queue = client.task(bob)["queue"]
+    # Ninth in the queue on two slots of 1 s tasks: about 5 s in queue order. But alice holds both
+    # slots and bob nothing, so a pass gives bob the first slot that frees: within about a second.
+    assert queue["position"] >= 7 and queue["eta_sec"] <= 1.3, queue
+    started = wait_started(client, bob)["started_at"] - submitted
+    assert abs(started - queue["eta_sec"]) < 1.0, (started, queue)
+    for task_id in backlog:
+        if client.task(task_id)["state"] == "pending":
+            client.cancel(task_id)
+
+
 def test_show_prints_the_queue_line(
     make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
 ) -> None:

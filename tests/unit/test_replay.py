@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from mloc.orchestrator.replay import Lane, Start, Waiter, replay
+from mloc.orchestrator.replay import Lane, Shares, Start, Waiter, replay
 from mloc.orchestrator.shadow import Capacity, Holding, Need
 
 NOW = 1_000_000.0
@@ -165,3 +165,34 @@ def test_a_hold_goes_to_the_first_task_in_queue_order_that_has_waited_long_enoug
     behind = [waited(gpu_task(1, 10.0), 0.0)] * 8
     start = replay([staggered], [young], old, NOW, behind, backfill_after=5.0)
     assert start == Start(NOW + 4.0, "w1", (4, 0, 0, 0), held=True)
+
+
+def owned(waiter: Waiter, owner: str) -> Waiter:
+    return replace(waiter, owner=owner)
+
+
+def test_fair_share_lets_another_users_task_in_before_a_backlog() -> None:
+    # One slot, busy until +1; alice has five 1 s tasks ahead and a big recent cost, bob none: a pass
+    # takes bob's task first at +1. In queue order alone it would start after alice's five, at +6.
+    busy = lane("w1", set(), replace(held(set(), 1.0), owner="alice"), slots=0)
+    ahead = [owned(slot_task(1.0), "alice")] * 5
+    bob = owned(slot_task(1.0), "bob")
+    shares = Shares(unit=1.0, cost={"alice": 10.0}, held={"alice": 1})
+    assert replay([busy], ahead, bob, NOW) == Start(NOW + 6.0, "w1", (0, 1, 0, 0))
+    assert replay([busy], ahead, bob, NOW, shares=shares) == Start(NOW + 1.0, "w1", (0, 1, 0, 0))
+    # Priority still goes first: a higher-priority task of alice's ahead goes before bob's.
+    urgent = replace(owned(slot_task(1.0), "alice"), priority=5, kind="urgent")
+    assert replay([busy], [urgent, *ahead], bob, NOW, shares=shares) == Start(NOW + 2.0, "w1", (0, 1, 0, 0))
+
+
+def test_users_of_equal_standing_take_turns_and_a_weight_gives_more_turns() -> None:
+    # Four slots; alice's twelve 1 s tasks are ahead of bob's four, neither has a cost yet. In queue
+    # order bob's fourth starts in the fourth round (+3); taking turns, two of each per round, in the
+    # second (+1); with alice at weight 3, three of hers to one of his, in the fourth again.
+    idle = lane("w1", set(), slots=4)
+    alice, bob = owned(slot_task(1.0), "alice"), owned(slot_task(1.0), "bob")
+    queue = [alice] * 12 + [bob] * 3
+    assert replay([idle], queue, bob, NOW) == Start(NOW + 3.0, "w1", (0, 0, 0, 0))
+    assert replay([idle], queue, bob, NOW, shares=Shares(unit=1.0)) == Start(NOW + 1.0, "w1", (0, 0, 0, 0))
+    heavy = Shares(unit=1.0, weight={"alice": 3.0})
+    assert replay([idle], queue, bob, NOW, shares=heavy) == Start(NOW + 3.0, "w1", (0, 0, 0, 0))

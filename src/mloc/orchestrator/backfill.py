@@ -97,6 +97,7 @@ class _Placed:
     started_at: float | None
     eta: tuple[float, float] | None  # seconds left, as of this unix time
     median: float | None
+    owner: str = ""
     timeout: float | None = None
 
 
@@ -346,14 +347,16 @@ class Backfill:
         pipe = redis.pipeline(transaction=False)
         for ids in held:
             for task_id in ids:
-                pipe.hmget(keys.task(task_id), "req", "gpus", "assigned_at", "started_at", "progress")
+                pipe.hmget(keys.task(task_id), "req", "gpus", "assigned_at", "started_at", "progress", "owner")
         rows = iter(await pipe.execute())
         found: list[_Placed] = []
         for wid, ids in zip(worker_ids, held, strict=True):
             for task_id in ids:
-                raw, gpus, assigned, started, progress = next(rows)
+                raw, gpus, assigned, started, progress, owner = next(rows)
                 if raw:  # else ended and forgotten meanwhile
-                    found.append(await self._placed_task(wid, task_id, raw, gpus, assigned, started, progress, now))
+                    placed = await self._placed_task(wid, task_id, raw, gpus, assigned, started, progress, now)
+                    placed.owner = owner or ""
+                    found.append(placed)
         # The timeout lies in the task's spec: read only where nothing else says when it ends.
         unknown = [p for p in found if p.eta is None and p.median is None]
         if unknown:
@@ -372,7 +375,7 @@ class Backfill:
                 median_sec=p.median,
                 timeout_sec=p.timeout,
             )
-            out.setdefault(p.worker_id, []).append(Holding(p.task_id, p.cpu, p.mem, p.gpus, ends_at, basis))
+            out.setdefault(p.worker_id, []).append(Holding(p.task_id, p.cpu, p.mem, p.gpus, ends_at, basis, p.owner))
         return out
 
     async def _placed_task(

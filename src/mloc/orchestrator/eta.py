@@ -10,9 +10,11 @@ same task type, model and topic (``DurationHistory``, read from the succeeded ta
 for a short while). A backfill hold (:mod:`.backfill`) counts: the task it is for starts when its
 held worker frees enough for it (the hold's shadow time), and a task the hold keeps off that worker
 starts nothing there before then. While no hold stands, the replay foresees those to come: a task
-that will have waited ``MLOC_BACKFILL_AFTER_SEC`` by then takes one, as a pass would give it. It is an
-estimate: fair share between users may let another user's later task go first, and a worker that
-joins or leaves changes it.
+that will have waited ``MLOC_BACKFILL_AFTER_SEC`` by then takes one, as a pass would give it. Where the
+queue holds several users' tasks, they are taken in fair-share order (:func:`shares` reads each
+user's standing, weight and tasks held, as a pass does), so a task behind another user's backlog is
+told when fair share lets it in. It is an estimate: a worker that joins or leaves changes it, and so
+do tasks submitted later by a user who then goes first.
 """
 
 from __future__ import annotations
@@ -24,10 +26,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import redis.asyncio as aioredis
+
 from mloc import keys
+from mloc.orchestrator import fairshare
 from mloc.orchestrator.placement import Request, fits_registration
-from mloc.orchestrator.replay import Lane, Waiter, replay
+from mloc.orchestrator.replay import Lane, Shares, Waiter, replay
 from mloc.orchestrator.shadow import Holding, capacity_of, describe_missing, in_words, need_of
+from mloc.orchestrator.standing import Standings
 from mloc.records import WorkerStatus, WorkerView
 from mloc.state import TaskState
 from mloc.store import TaskStore
@@ -100,6 +106,24 @@ class HeldWorker:
 
 # The tasks each of the workers named holds, with their expected ends (:meth:`.Backfill.holdings`).
 HoldingsReader = Callable[[list[str]], Awaitable[dict[str, list[Holding]]]]
+# Fair share among the owners named, as a pass would order them (:func:`shares`).
+SharesReader = Callable[[list[str]], Awaitable[Shares]]
+
+
+async def shares(redis: aioredis.Redis, standings: Standings, owners: list[str]) -> Shares:
+    """The owners' fair-share standing, weight and tasks held now, and the typical task cost among
+    them, as a scheduling pass reads them (:mod:`.queues`, :mod:`.fairshare`)."""
+    found = await standings.read(owners)
+    pipe = redis.pipeline(transaction=False)
+    for owner in owners:
+        pipe.hget(keys.user_usage(owner), "tasks")
+    held = await pipe.execute()
+    return Shares(
+        unit=fairshare.typical_cost((standing.cost, standing.count) for standing in found.values()),
+        cost={owner: standing.cost for owner, standing in found.items()},
+        weight={owner: standing.weight for owner, standing in found.items()},
+        held={owner: int(tasks or 0) for owner, tasks in zip(owners, held, strict=True)},
+    )
 
 
 @dataclass
@@ -129,11 +153,15 @@ async def estimate(
     holdings_of: HoldingsReader,
     since: float | None = None,
     backfill_after: float | None = None,
+    owner: str = "",
+    priority: int = 0,
+    shares_of: SharesReader | None = None,
 ) -> Estimate:
     """The queue position and start estimate of the pending task ``task_id`` (whose request is ``req``);
     ``hold``: how a backfill hold bears on it; ``holdings_of``: what its workers hold, and until when;
     ``since``: when it began to wait; ``backfill_after``: replay the backfill holds to come, for the tasks
-    that have waited this long (None: none to come, as while a hold stands)."""
+    that have waited this long (None: none to come, as while a hold stands); ``owner``, ``priority``: the
+    task's; ``shares_of``: take the waiting tasks of several owners in fair-share order."""
     redis = store.redis
     rank = await redis.zrank(keys.PENDING, task_id)
     position = None if rank is None else rank + 1
@@ -169,8 +197,10 @@ async def estimate(
     ahead, behind = await _queue(store, history, fitting, rank)
     run_sec, basis = await history.duration(req)
     needs = {view.worker_id: need_of(request, view) for view in fitting}
-    own = Waiter(json.dumps(req, sort_keys=True), needs, run_sec, since)
-    start = replay(lanes, ahead, own, now, behind, backfill_after)
+    own = Waiter(json.dumps(req, sort_keys=True), needs, run_sec, since, owner, priority)
+    owners = sorted({owner, *(waiter.owner for waiter in (*ahead, *behind))})
+    fair = await shares_of(owners) if shares_of is not None and len(owners) > 1 else None
+    start = replay(lanes, ahead, own, now, behind, backfill_after, fair)
     if start is None:
         return Estimate(position, len(ahead), None, "the workers it fits never free enough of it at once")
     eta_sec = start.at - now
@@ -210,10 +240,10 @@ async def _queue(
     behind_ids = await redis.zrange(keys.PENDING, rank + 1, rank + BEHIND_LIMIT)
     pipe = redis.pipeline(transaction=False)
     for other_id in [*ahead_ids, *behind_ids]:
-        pipe.hmget(keys.task(other_id), "req", "created_at")
+        pipe.hmget(keys.task(other_id), "req", "created_at", "owner", "priority")
     kinds: dict[str, Waiter | None] = {}
     waiters: list[Waiter | None] = []
-    for raw, created_at in await pipe.execute():
+    for raw, created_at, owner, priority in await pipe.execute():
         if not raw:
             waiters.append(None)  # placed or gone meanwhile
             continue
@@ -223,6 +253,9 @@ async def _queue(
             needs = {v.worker_id: need_of(request, v) for v in fitting if fits_registration(request, v)}
             kinds[raw] = Waiter(raw, needs, (await history.duration(other))[0]) if needs else None
         kind = kinds[raw]  # None where it runs elsewhere
-        waiters.append(kind if kind is None or not created_at else replace(kind, since=float(created_at)))
+        if kind is not None:
+            since = float(created_at) if created_at else None
+            kind = replace(kind, since=since, owner=owner or "", priority=int(priority or 0))
+        waiters.append(kind)
     cut = len(ahead_ids)
     return [w for w in waiters[:cut] if w is not None], [w for w in waiters[cut:] if w is not None]

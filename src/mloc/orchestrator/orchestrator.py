@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
 import logging
 import time
 from datetime import UTC, date, datetime, timedelta
@@ -282,6 +283,9 @@ class Orchestrator:
             holdings_of=backfill.holdings,
             since=record.created_at,
             backfill_after=foresee,
+            owner=record.owner,
+            priority=record.priority,
+            shares_of=functools.partial(eta.shares, self.redis, self.scheduler.standings),
         )
         return found.to_dict()
 

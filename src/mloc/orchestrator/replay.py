@@ -18,8 +18,16 @@ once the held task starts, the next in line may take a hold. So a big task in a 
 is told when its hold lets it start, not when the stream ends. One hold at a time, as for real, but
 chosen among the tasks replayed here (those the workers asked about can run).
 
-Waiting tasks of one request are one *kind* here: if the first of them does not fit at a moment, none
-does, so a moment costs a look per kind, not per task, and a long queue of a few kinds replays fast.
+Fair share between owners (:mod:`.fairshare`) is replayed when given (``shares``): at each moment the
+waiting tasks are taken by priority, then by their owner's decayed cost and tasks held over their
+weight, then in queue order, as a pass takes them; a task starting moves its owner back, one ending
+(replayed) forward, and adds its cost. So a user's task behind another user's backlog is told when
+fair share lets it in, not when the backlog ends. Costs are not decayed over the replay (a half-life
+is hours, a replay minutes).
+
+Waiting tasks of one owner and request are one *kind* here: if the first of them does not fit at a
+moment, none does, so a moment costs a look per kind, not per task, and a long queue of a few kinds
+replays fast.
 """
 
 from __future__ import annotations
@@ -27,10 +35,13 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from mloc.budgetunits import DEFAULT_WEIGHT
+from mloc.orchestrator import fairshare
 from mloc.orchestrator.placement import packing
 from mloc.orchestrator.shadow import Capacity, Hold, Holding, Need, shadow_time
+from mloc.transition import fair_share_cost
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,23 @@ class Waiter:
     needs: Mapping[str, Need]
     run_sec: float
     since: float | None = None
+    owner: str = ""
+    priority: int = 0
+
+
+@dataclass
+class Shares:
+    """Fair share as a pass sees it: each owner's decayed cost, weight and tasks held now (assigned or
+    running, on any worker), and what a typical recent task costs (:func:`.fairshare.typical_cost`)."""
+
+    unit: float
+    cost: dict[str, float] = field(default_factory=dict)
+    weight: dict[str, float] = field(default_factory=dict)
+    held: dict[str, int] = field(default_factory=dict)
+
+    def key(self, owner: str) -> float:
+        weight = self.weight.get(owner, DEFAULT_WEIGHT)
+        return fairshare.share_key(self.cost.get(owner, 0.0), self.held.get(owner, 0), self.unit, weight)
 
 
 @dataclass(frozen=True)
@@ -85,11 +113,13 @@ def replay(
     now: float,
     behind: Sequence[Waiter] = (),
     backfill_after: float | None = None,
+    shares: Shares | None = None,
 ) -> Start | None:
     """When ``task`` starts behind ``ahead`` and before ``behind`` (both in queue order) on ``lanes``;
     None if it never does (no lane it can use ever frees enough, or a hold keeps it off the only one
     for good). A task behind that fits while ``task`` does not takes what it fits first, as in a pass.
-    ``backfill_after``: replay backfill holds for the tasks that have waited this many seconds."""
+    ``backfill_after``: replay backfill holds for the tasks that have waited this many seconds;
+    ``shares``: take the waiting tasks in fair-share order (else in queue order)."""
     free = {lane.worker_id: lane.free for lane in lanes}
     opens = {lane.worker_id: lane.opens_at for lane in lanes}
     order = [lane.worker_id for lane in lanes]
@@ -117,12 +147,20 @@ def replay(
             if waiter.since is not None and waiter.since + backfill_after > now:
                 events.append((waiter.since + backfill_after, next(tie), "", None))
     heapq.heapify(events)
+    if shares is not None:  # counted on here, not in the caller's
+        shares = Shares(shares.unit, dict(shares.cost), dict(shares.weight), dict(shares.held))
+    costs: dict[int, float] = {}  # what each task started in the replay adds to its owner's cost, by id()
+
+    def rank(index: int) -> tuple[int, float, int]:
+        waiter = queue[index]
+        return (-waiter.priority, 0.0 if shares is None else shares.key(waiter.owner), index)
+
     # Each kind's waiting positions, in order; a kind's head is its first task not started.
-    positions: dict[str, list[int]] = {}
+    positions: dict[tuple[str, str], list[int]] = {}
     for index, waiter in enumerate(queue):
-        positions.setdefault(waiter.kind, []).append(index)
+        positions.setdefault((waiter.owner, waiter.kind), []).append(index)
     heads = {kind: 0 for kind in positions}
-    blocked = [(indexes[0], kind) for kind, indexes in positions.items()]
+    blocked = [indexes[0] for indexes in positions.values()]
     at = now
     kept_for: set[int] = set()  # queue positions of held tasks for which a hold kept another off
     while True:
@@ -130,17 +168,23 @@ def replay(
         if backfill_after is not None:
             heads_now = (indexes[heads[kind]] for kind, indexes in positions.items() if heads[kind] < len(indexes))
             held = _hold(queue, sorted(heads_now), backfill_after, order, free, owed, at)
-        trying, blocked = blocked, []
+        trying = [rank(index) for index in blocked]
+        blocked = []
         heapq.heapify(trying)
         while trying:
-            index, kind = heapq.heappop(trying)
+            ranked = heapq.heappop(trying)
+            index = ranked[2]
+            if shares is not None and rank(index) != ranked:
+                heapq.heappush(trying, rank(index))  # its owner started a task meanwhile: moved back
+                continue
             waiter = queue[index]
+            kind = (waiter.owner, waiter.kind)
             hold = None if held is None or held.index == index else held.hold
             where, kept_off = _best_fit(waiter, order, free, opens, gpu_workers, at, hold)
             if kept_off and held is not None:
                 kept_for.add(held.index)
             if where is None:
-                blocked.append((index, kind))
+                blocked.append(index)
                 continue
             need = waiter.needs[where]
             gpus = sorted(free[where].gpus & need.usable)[: need.gpu_count]
@@ -151,12 +195,16 @@ def replay(
             elif hold is not None and where == hold.worker_id:
                 hold.take(need.cpu, need.mem, gpus, waiter.run_sec, at)
             free[where] = free[where].minus(need.cpu, need.mem, gpus)
-            ends = Holding("", need.cpu, need.mem, frozenset(gpus), at + waiter.run_sec, "replay")
+            ends = Holding("", need.cpu, need.mem, frozenset(gpus), at + waiter.run_sec, "replay", waiter.owner)
             heapq.heappush(events, (at + waiter.run_sec, next(tie), where, ends))
             owed[where].append(ends)
+            if shares is not None:
+                shares.held[waiter.owner] = shares.held.get(waiter.owner, 0) + 1
+                usage = {"gpu_seconds": len(gpus) * waiter.run_sec, "wall_sec": waiter.run_sec}
+                costs[id(ends)] = fair_share_cost(usage)
             heads[kind] += 1
             if heads[kind] < len(positions[kind]):
-                heapq.heappush(trying, (positions[kind][heads[kind]], kind))
+                heapq.heappush(trying, rank(positions[kind][heads[kind]]))
         if not events:
             return None
         # One end at a time, even where several fall on one moment: real runs never end together, and
@@ -165,6 +213,10 @@ def replay(
         if returned is not None:
             free[worker_id] = free[worker_id].plus(returned)
             owed[worker_id].remove(returned)
+            if shares is not None and returned.owner:
+                owner = returned.owner
+                shares.held[owner] = max(0, shares.held.get(owner, 0) - 1)
+                shares.cost[owner] = shares.cost.get(owner, 0.0) + costs.pop(id(returned), 0.0)
 
 
 def _hold(

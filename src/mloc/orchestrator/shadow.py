@@ -96,6 +96,7 @@ class Holding:
     gpus: frozenset[int]
     ends_at: float | None  # unix seconds; None when nothing says
     basis: str  # what ``ends_at`` comes from, for a person
+    owner: str = ""  # whose task it is (for fair share)
 
 
 def expected_end(

@@ -177,7 +177,7 @@ def test_fair_share_lets_another_users_task_in_before_a_backlog() -> None:
     busy = lane("w1", set(), replace(held(set(), 1.0), owner="alice"), slots=0)
     ahead = [owned(slot_task(1.0), "alice")] * 5
     bob = owned(slot_task(1.0), "bob")
-    shares = Shares(unit=1.0, cost={"alice": 10.0}, held={"alice": 1})
+    shares = Shares(cost={"alice": 10.0}, held={"alice": 1})
     assert replay([busy], ahead, bob, NOW) == Start(NOW + 6.0, "w1", (0, 1, 0, 0))
     assert replay([busy], ahead, bob, NOW, shares=shares) == Start(NOW + 1.0, "w1", (0, 1, 0, 0))
     # Priority still goes first: a higher-priority task of alice's ahead goes before bob's.
@@ -193,6 +193,20 @@ def test_users_of_equal_standing_take_turns_and_a_weight_gives_more_turns() -> N
     alice, bob = owned(slot_task(1.0), "alice"), owned(slot_task(1.0), "bob")
     queue = [alice] * 12 + [bob] * 3
     assert replay([idle], queue, bob, NOW) == Start(NOW + 3.0, "w1", (0, 0, 0, 0))
-    assert replay([idle], queue, bob, NOW, shares=Shares(unit=1.0)) == Start(NOW + 1.0, "w1", (0, 0, 0, 0))
-    heavy = Shares(unit=1.0, weight={"alice": 3.0})
+    assert replay([idle], queue, bob, NOW, shares=Shares()) == Start(NOW + 1.0, "w1", (0, 0, 0, 0))
+    heavy = Shares(weight={"alice": 3.0})
     assert replay([idle], queue, bob, NOW, shares=heavy) == Start(NOW + 3.0, "w1", (0, 0, 0, 0))
+
+
+def test_a_task_ending_adds_what_it_ran_to_its_owners_cost() -> None:
+    # One slot, busy until +1 with alice's task, which has run 100 s by then (a cost of 10 at the CPU
+    # weight); alice's and bob's tasks wait, hers first. Counted, that cost puts bob first (+1);
+    # counted as nothing (no known start), they tie and queue order puts alice first (bob at +6).
+    ended = replace(held(set(), 1.0), owner="alice", since=NOW + 1.0 - 100.0)
+    alice, bob = owned(slot_task(5.0), "alice"), owned(slot_task(5.0), "bob")
+    shares = Shares(held={"alice": 1})
+    start = replay([lane("w1", set(), ended, slots=0)], [alice], bob, NOW, shares=shares)
+    assert start == Start(NOW + 1.0, "w1", (0, 1, 0, 0))
+    unknown = replace(ended, since=None)
+    start = replay([lane("w1", set(), unknown, slots=0)], [alice], bob, NOW, shares=shares)
+    assert start == Start(NOW + 6.0, "w1", (0, 1, 0, 0))

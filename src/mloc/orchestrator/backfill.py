@@ -375,7 +375,9 @@ class Backfill:
                 median_sec=p.median,
                 timeout_sec=p.timeout,
             )
-            out.setdefault(p.worker_id, []).append(Holding(p.task_id, p.cpu, p.mem, p.gpus, ends_at, basis, p.owner))
+            since = p.started_at or p.assigned_at
+            holding = Holding(p.task_id, p.cpu, p.mem, p.gpus, ends_at, basis, p.owner, since)
+            out.setdefault(p.worker_id, []).append(holding)
         return out
 
     async def _placed_task(

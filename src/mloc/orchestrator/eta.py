@@ -29,7 +29,6 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from mloc import keys
-from mloc.orchestrator import fairshare
 from mloc.orchestrator.placement import Request, fits_registration
 from mloc.orchestrator.replay import Lane, Shares, Waiter, replay
 from mloc.orchestrator.shadow import Holding, capacity_of, describe_missing, in_words, need_of
@@ -119,8 +118,8 @@ async def shares(redis: aioredis.Redis, standings: Standings, owners: list[str])
         pipe.hget(keys.user_usage(owner), "tasks")
     held = await pipe.execute()
     return Shares(
-        unit=fairshare.typical_cost((standing.cost, standing.count) for standing in found.values()),
         cost={owner: standing.cost for owner, standing in found.items()},
+        count={owner: standing.count for owner, standing in found.items()},
         weight={owner: standing.weight for owner, standing in found.items()},
         held={owner: int(tasks or 0) for owner, tasks in zip(owners, held, strict=True)},
     )

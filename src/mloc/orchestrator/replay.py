@@ -20,10 +20,11 @@ chosen among the tasks replayed here (those the workers asked about can run).
 
 Fair share between owners (:mod:`.fairshare`) is replayed when given (``shares``): at each moment the
 waiting tasks are taken by priority, then by their owner's decayed cost and tasks held over their
-weight, then in queue order, as a pass takes them; a task starting moves its owner back, one ending
-(replayed) forward, and adds its cost. So a user's task behind another user's backlog is told when
-fair share lets it in, not when the backlog ends. Costs are not decayed over the replay (a half-life
-is hours, a replay minutes).
+weight, then in queue order, as a pass takes them; a task starting moves its owner back by a typical
+task's cost, and one ending (running now or replayed) adds what it ran to its owner's cost and moves
+the typical cost. So a user's task behind another user's backlog is told when fair share lets it in,
+not when the backlog ends. Costs are not decayed over the replay (a half-life is hours, a replay
+minutes).
 
 Waiting tasks of one owner and request are one *kind* here: if the first of them does not fit at a
 moment, none does, so a moment costs a look per kind, not per task, and a long queue of a few kinds
@@ -73,17 +74,33 @@ class Waiter:
 
 @dataclass
 class Shares:
-    """Fair share as a pass sees it: each owner's decayed cost, weight and tasks held now (assigned or
-    running, on any worker), and what a typical recent task costs (:func:`.fairshare.typical_cost`)."""
+    """Fair share as a pass sees it: each owner's decayed cost and count of finished tasks, weight and
+    tasks held now (assigned or running, on any worker); what a typical recent task costs follows
+    from the costs and counts (:func:`.fairshare.typical_cost`)."""
 
-    unit: float
     cost: dict[str, float] = field(default_factory=dict)
+    count: dict[str, float] = field(default_factory=dict)
     weight: dict[str, float] = field(default_factory=dict)
     held: dict[str, int] = field(default_factory=dict)
+    unit: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.unit = fairshare.typical_cost((self.cost[owner], self.count.get(owner, 0.0)) for owner in self.cost)
 
     def key(self, owner: str) -> float:
         weight = self.weight.get(owner, DEFAULT_WEIGHT)
         return fairshare.share_key(self.cost.get(owner, 0.0), self.held.get(owner, 0), self.unit, weight)
+
+    def ended(self, owner: str, cost: float) -> None:
+        """A task of ``owner`` ended, adding ``cost`` (:func:`.transition.fair_share_cost`)."""
+        self.held[owner] = max(0, self.held.get(owner, 0) - 1)
+        self.cost[owner] = self.cost.get(owner, 0.0) + cost
+        self.count[owner] = self.count.get(owner, 0.0) + 1
+        self.__post_init__()
+
+
+def _cost(gpus: int, seconds: float) -> float:
+    return fair_share_cost({"gpu_seconds": gpus * seconds, "wall_sec": seconds})
 
 
 @dataclass(frozen=True)
@@ -148,8 +165,7 @@ def replay(
                 events.append((waiter.since + backfill_after, next(tie), "", None))
     heapq.heapify(events)
     if shares is not None:  # counted on here, not in the caller's
-        shares = Shares(shares.unit, dict(shares.cost), dict(shares.weight), dict(shares.held))
-    costs: dict[int, float] = {}  # what each task started in the replay adds to its owner's cost, by id()
+        shares = Shares(dict(shares.cost), dict(shares.count), dict(shares.weight), dict(shares.held))
 
     def rank(index: int) -> tuple[int, float, int]:
         waiter = queue[index]
@@ -195,13 +211,11 @@ def replay(
             elif hold is not None and where == hold.worker_id:
                 hold.take(need.cpu, need.mem, gpus, waiter.run_sec, at)
             free[where] = free[where].minus(need.cpu, need.mem, gpus)
-            ends = Holding("", need.cpu, need.mem, frozenset(gpus), at + waiter.run_sec, "replay", waiter.owner)
+            ends = Holding("", need.cpu, need.mem, frozenset(gpus), at + waiter.run_sec, "replay", waiter.owner, at)
             heapq.heappush(events, (at + waiter.run_sec, next(tie), where, ends))
             owed[where].append(ends)
             if shares is not None:
                 shares.held[waiter.owner] = shares.held.get(waiter.owner, 0) + 1
-                usage = {"gpu_seconds": len(gpus) * waiter.run_sec, "wall_sec": waiter.run_sec}
-                costs[id(ends)] = fair_share_cost(usage)
             heads[kind] += 1
             if heads[kind] < len(positions[kind]):
                 heapq.heappush(trying, rank(positions[kind][heads[kind]]))
@@ -214,9 +228,8 @@ def replay(
             free[worker_id] = free[worker_id].plus(returned)
             owed[worker_id].remove(returned)
             if shares is not None and returned.owner:
-                owner = returned.owner
-                shares.held[owner] = max(0, shares.held.get(owner, 0) - 1)
-                shares.cost[owner] = shares.cost.get(owner, 0.0) + costs.pop(id(returned), 0.0)
+                ran = at - returned.since if returned.since is not None else 0.0  # unknown start: no cost
+                shares.ended(returned.owner, _cost(len(returned.gpus), max(0.0, ran)))
 
 
 def _hold(

@@ -97,6 +97,7 @@ class Holding:
     ends_at: float | None  # unix seconds; None when nothing says
     basis: str  # what ``ends_at`` comes from, for a person
     owner: str = ""  # whose task it is (for fair share)
+    since: float | None = None  # when it started (or was placed), unix seconds
 
 
 def expected_end(

@@ -3,6 +3,7 @@ tasks and the usual durations of past tasks of the same kind."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -10,9 +11,16 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from mloc.client import Client
 from mloc.localcluster import LocalCluster
+from mloc.orchestrator import eta
+from mloc.orchestrator.orchestrator import Orchestrator
+from mloc.orchestrator.users import Principal
+from mloc.settings import Settings
+from mloc.spec import validate
+from tests.support import fleet
 
 
 def echo(sleep: float, topic: str = "tasks.echo") -> dict[str, Any]:
@@ -136,6 +144,26 @@ def test_another_users_task_behind_a_backlog_is_told_when_fair_share_lets_it_in(
     for task_id in backlog:
         if client.task(task_id)["state"] == "pending":
             client.cancel(task_id)
+
+
+def test_an_estimate_behind_more_tasks_than_it_replays_says_so(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(eta, "AHEAD_LIMIT", 2)
+
+    async def scenario() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        orch = Orchestrator(r, Settings(HEARTBEAT_TTL_SEC=60))
+        await orch.registry.register(fleet.registration("w1", slots=1, gpus=0, cpu=8000, memory=1 << 34))
+        answers = [await orch.submit(validate(echo(30.0)), Principal("admin", admin=True)) for _ in range(5)]
+        assert answers[0]["worker_id"] == "w1" and all(a["state"] == "pending" for a in answers[1:])
+        first, last = [await orch.store.get(answer["task_id"]) for answer in (answers[1], answers[-1])]
+        shown = await orch.queue_estimate(last)
+        assert shown is not None and shown["ahead"] == 2, shown
+        assert "; only the first 2 of the 3 tasks waiting ahead were counted;" in shown["basis"], shown
+        near = await orch.queue_estimate(first)
+        assert near is not None and "only the first" not in near["basis"], near
+        await r.aclose()
+
+    asyncio.run(scenario())
 
 
 def test_show_prints_the_queue_line(

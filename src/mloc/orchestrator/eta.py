@@ -208,6 +208,8 @@ async def estimate(
         if retry_at is not None:
             eta_sec = max(eta_sec, float(retry_at) - now)
         basis += "; a retry waiting out its backoff"
+    if rank is not None and rank > AHEAD_LIMIT:
+        basis += f"; only the first {AHEAD_LIMIT:,} of the {rank:,} tasks waiting ahead were counted"
     if start.held and backfill_after is not None:  # the hold kept others off for it
         basis += f"; {start.worker_id} held for it once it has waited {in_words(backfill_after)}"
     if hold is not None and hold.keeps_off:

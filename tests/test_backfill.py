@@ -139,6 +139,11 @@ def test_the_oldest_blocked_task_holds_the_worker_where_it_starts_soonest_and_ev
         kept_off = await eta.estimate(
             orch.store, orch.history, on_w2, kept.task_id, kept.request, bearing, holdings_of=holdings_of
         )
+        # On every worker, with the hold replayed on every task: w2 goes to the held task at the shadow
+        # time, for its run (a kind never seen: 60 s), so this one takes w1's GPU when its task ends.
+        seen = await orch.queue_estimate(kept)
+        assert seen is not None and 55 < seen["eta_sec"] <= 61, seen
+        assert seen["basis"].endswith("; 1 GPU free on w1 then, as its tasks end"), seen
         assert kept_off.eta_sec is not None and kept_off.eta_sec > 20, kept_off
         assert "not on w2 before the older task held there starts" in kept_off.basis
         shorter = await orch.store.get(short["task_id"])

@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from mloc.orchestrator.replay import Lane, Shares, Start, Waiter, replay
-from mloc.orchestrator.shadow import Capacity, Holding, Need
+from mloc.orchestrator.replay import HeldTask, Lane, Shares, Start, Waiter, replay
+from mloc.orchestrator.shadow import Capacity, Hold, Holding, Need
 
 NOW = 1_000_000.0
 GPUS = frozenset({0, 1, 2, 3})
@@ -210,3 +210,20 @@ def test_a_task_ending_adds_what_it_ran_to_its_owners_cost() -> None:
     unknown = replace(ended, since=None)
     start = replay([lane("w1", set(), unknown, slots=0)], [alice], bob, NOW, shares=shares)
     assert start == Start(NOW + 6.0, "w1", (0, 1, 0, 0))
+
+
+def test_the_hold_that_stands_keeps_every_task_off_until_its_own_starts() -> None:
+    # The whole-worker task ahead holds w1 from +4 (its GPUs free one by one until then): the one-GPU
+    # tasks of 10 s, ahead and this one, wait for it to start and run (+9); without the hold they take
+    # GPUs as they free (+1, +2). A task of 3 s ends before +4 and is admitted at once.
+    staggered = lane("w1", set(), *(held({gpu}, gpu + 1.0) for gpu in range(4)))
+    big, small = gpu_task(4, 5.0), gpu_task(1, 10.0)
+    need = big.needs["w1"]
+    hold = Hold("t-big", "w1", NOW + 4.0, need, Capacity(8000, 1 << 36, 8, GPUS), short="4 GPUs")
+    standing = HeldTask(0, hold)
+    assert replay([staggered], [big, small], small, NOW, standing=standing) == Start(NOW + 9.0, "w1", (1, 0, 0, 0))
+    assert replay([staggered], [big, small], small, NOW) == Start(NOW + 2.0, "w1", (1, 0, 0, 0))
+    quick = replace(gpu_task(1, 3.0), kind="quick")
+    assert replay([staggered], [big, small], quick, NOW, standing=standing) == Start(NOW + 1.0, "w1", (1, 0, 0, 0))
+    # The caller's hold is left as it was (the replay counts on its own copy).
+    assert hold.free == Capacity(8000, 1 << 36, 8, GPUS)

@@ -8,9 +8,11 @@ ahead take, in queue order, whatever fits them as it frees, each for its usual r
 starts at the first moment it fits. A kind's usual run is the median of the recent successes of the
 same task type, model and topic (``DurationHistory``, read from the succeeded tasks' index and kept
 for a short while). A backfill hold (:mod:`.backfill`) counts: the task it is for starts when its
-held worker frees enough for it (the hold's shadow time), and a task the hold keeps off that worker
-starts nothing there before then. While no hold stands, the replay foresees those to come: a task
-that will have waited ``MLOC_BACKFILL_AFTER_SEC`` by then takes one, as a pass would give it. Where the
+held worker frees enough for it (the hold's shadow time); when that task is ahead of the one asked
+about, the hold is replayed on every task until it starts, else a task the hold keeps off that worker
+starts nothing there before then. After it (or while none stands) the replay foresees the holds to
+come: a task that will have waited ``MLOC_BACKFILL_AFTER_SEC`` by then takes one, as a pass would
+give it. Where the
 queue holds several users' tasks, they are taken in fair-share order (:func:`shares` reads each
 user's standing, weight and tasks held, as a pass does), so a task behind another user's backlog is
 told when fair share lets it in. It is an estimate: a worker that joins or leaves changes it, and so
@@ -30,8 +32,8 @@ import redis.asyncio as aioredis
 
 from mloc import keys
 from mloc.orchestrator.placement import Request, fits_registration
-from mloc.orchestrator.replay import Lane, Shares, Waiter, replay
-from mloc.orchestrator.shadow import Holding, capacity_of, describe_missing, in_words, need_of
+from mloc.orchestrator.replay import HeldTask, Lane, Shares, Waiter, replay
+from mloc.orchestrator.shadow import Hold, Holding, capacity_of, describe_missing, in_words, need_of
 from mloc.orchestrator.standing import Standings
 from mloc.records import WorkerStatus, WorkerView
 from mloc.state import TaskState
@@ -155,12 +157,15 @@ async def estimate(
     owner: str = "",
     priority: int = 0,
     shares_of: SharesReader | None = None,
+    standing: Hold | None = None,
 ) -> Estimate:
     """The queue position and start estimate of the pending task ``task_id`` (whose request is ``req``);
     ``hold``: how a backfill hold bears on it; ``holdings_of``: what its workers hold, and until when;
     ``since``: when it began to wait; ``backfill_after``: replay the backfill holds to come, for the tasks
-    that have waited this long (None: none to come, as while a hold stands); ``owner``, ``priority``: the
-    task's; ``shares_of``: take the waiting tasks of several owners in fair-share order."""
+    that have waited this long (None: none); ``owner``, ``priority``: the
+    task's; ``shares_of``: take the waiting tasks of several owners in fair-share order; ``standing``: the
+    hold that stands now, replayed as a hold on every task until its own starts when that task is ahead
+    of this one (then the holds to come are foreseen after it); else only ``hold`` counts."""
     redis = store.redis
     rank = await redis.zrank(keys.PENDING, task_id)
     position = None if rank is None else rank + 1
@@ -172,12 +177,18 @@ async def estimate(
     if hold is not None and hold.mine and hold.free_at is not None:
         # The hold was placed where it starts soonest, from what it needs (GPUs, memory), not slots alone.
         return Estimate(position, 0, max(0.0, hold.free_at - now), f"the worker held for it, {hold.worker_id}")
+    ahead, behind, ahead_ids = await _queue(store, history, fitting, rank)
+    seeded = None
+    if standing is not None and standing.at is not None and standing.task_id in ahead_ids:
+        seeded = HeldTask(ahead_ids.index(standing.task_id), standing)
+    elif standing is not None:
+        backfill_after = None  # one hold at a time: none to come while this one stands
     held = await holdings_of([view.worker_id for view in fitting])
     lanes: list[Lane] = []
     unknown_ends: dict[str, int] = {}
     for view in fitting:
         opens_at = now
-        if hold is not None and hold.keeps_off and view.worker_id == hold.worker_id:
+        if seeded is None and hold is not None and hold.keeps_off and view.worker_id == hold.worker_id:
             if hold.free_at is None:
                 continue  # not before the held task starts, and when that is nobody knows
             opens_at = hold.free_at
@@ -193,13 +204,12 @@ async def estimate(
         assert hold is not None  # only a hold takes a fitting worker out
         why = f"its only worker, {hold.worker_id}, is held for an older task whose start is unknown"
         return Estimate(position, 0, None, why)
-    ahead, behind = await _queue(store, history, fitting, rank)
     run_sec, basis = await history.duration(req)
     needs = {view.worker_id: need_of(request, view) for view in fitting}
     own = Waiter(json.dumps(req, sort_keys=True), needs, run_sec, since, owner, priority)
     owners = sorted({owner, *(waiter.owner for waiter in (*ahead, *behind))})
     fair = await shares_of(owners) if shares_of is not None and len(owners) > 1 else None
-    start = replay(lanes, ahead, own, now, behind, backfill_after, fair)
+    start = replay(lanes, ahead, own, now, behind, backfill_after, fair, seeded)
     if start is None:
         return Estimate(position, len(ahead), None, "the workers it fits never free enough of it at once")
     eta_sec = start.at - now
@@ -230,12 +240,12 @@ async def estimate(
 
 async def _queue(
     store: TaskStore, history: DurationHistory, fitting: list[WorkerView], rank: int | None
-) -> tuple[list[Waiter], list[Waiter]]:
+) -> tuple[list[Waiter], list[Waiter], list[str]]:
     """The placeable tasks the ``fitting`` workers could run before and after the one at ``rank`` in
     the pending order (none after a retry waiting out its backoff: it is not in that order), in
-    order, as the replay takes them."""
+    order, as the replay takes them; and the ids of those before it."""
     if rank is None:
-        return [], []
+        return [], [], []
     redis = store.redis
     ahead_ids = await redis.zrange(keys.PENDING, 0, min(rank, AHEAD_LIMIT) - 1) if rank else []
     behind_ids = await redis.zrange(keys.PENDING, rank + 1, rank + BEHIND_LIMIT)
@@ -259,4 +269,6 @@ async def _queue(
             kind = replace(kind, since=since, owner=owner or "", priority=int(priority or 0))
         waiters.append(kind)
     cut = len(ahead_ids)
-    return [w for w in waiters[:cut] if w is not None], [w for w in waiters[cut:] if w is not None]
+    ahead = [(task_id, w) for task_id, w in zip(ahead_ids, waiters[:cut], strict=True) if w is not None]
+    behind = [w for w in waiters[cut:] if w is not None]
+    return [w for _, w in ahead], behind, [task_id for task_id, _ in ahead]

@@ -271,8 +271,6 @@ class Orchestrator:
         request = Request.from_json(record.request)
         backfill = self.scheduler.backfill
         hold = await backfill.bearing_on(record.task_id, request, by_id)
-        # While a hold stands, none other is made: the replay foresees holds only when there is none.
-        foresee = backfill.after_sec if backfill.after_sec > 0 and backfill.hold is None else None
         found = await eta.estimate(
             self.store,
             self.history,
@@ -282,7 +280,8 @@ class Orchestrator:
             hold,
             holdings_of=backfill.holdings,
             since=record.created_at,
-            backfill_after=foresee,
+            backfill_after=backfill.after_sec if backfill.after_sec > 0 else None,
+            standing=backfill.hold,
             owner=record.owner,
             priority=record.priority,
             shares_of=functools.partial(eta.shares, self.redis, self.scheduler.standings),

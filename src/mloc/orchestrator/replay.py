@@ -36,7 +36,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mloc.budgetunits import DEFAULT_WEIGHT
 from mloc.orchestrator import fairshare
@@ -116,8 +116,8 @@ class Start:
 
 
 @dataclass
-class _Held:
-    """The replayed backfill hold: the queue position of its task, and the hold itself."""
+class HeldTask:
+    """A backfill hold in the replay: the queue position of its task, and the hold itself."""
 
     index: int
     hold: Hold
@@ -131,12 +131,14 @@ def replay(
     behind: Sequence[Waiter] = (),
     backfill_after: float | None = None,
     shares: Shares | None = None,
+    standing: HeldTask | None = None,
 ) -> Start | None:
     """When ``task`` starts behind ``ahead`` and before ``behind`` (both in queue order) on ``lanes``;
     None if it never does (no lane it can use ever frees enough, or a hold keeps it off the only one
     for good). A task behind that fits while ``task`` does not takes what it fits first, as in a pass.
     ``backfill_after``: replay backfill holds for the tasks that have waited this many seconds;
-    ``shares``: take the waiting tasks in fair-share order (else in queue order)."""
+    ``shares``: take the waiting tasks in fair-share order (else in queue order); ``standing``: the hold
+    that stands now (for a task ahead), kept until its task starts."""
     free = {lane.worker_id: lane.free for lane in lanes}
     opens = {lane.worker_id: lane.opens_at for lane in lanes}
     order = [lane.worker_id for lane in lanes]
@@ -179,9 +181,11 @@ def replay(
     blocked = [indexes[0] for indexes in positions.values()]
     at = now
     kept_for: set[int] = set()  # queue positions of held tasks for which a hold kept another off
+    if standing is not None:  # taken from here, not from the caller's
+        standing = HeldTask(standing.index, replace(standing.hold))
     while True:
-        held = None
-        if backfill_after is not None:
+        held = standing
+        if held is None and backfill_after is not None:
             heads_now = (indexes[heads[kind]] for kind, indexes in positions.items() if heads[kind] < len(indexes))
             held = _hold(queue, sorted(heads_now), backfill_after, order, free, owed, at)
         trying = [rank(index) for index in blocked]
@@ -207,7 +211,7 @@ def replay(
             if index == mine:
                 return Start(at, where, outset[where].missing(need), held=index in kept_for)
             if held is not None and held.index == index:
-                held = None  # placed: the hold goes, and the next pass chooses another
+                held = standing = None  # placed: the hold goes, and the next pass chooses another
             elif hold is not None and where == hold.worker_id:
                 hold.take(need.cpu, need.mem, gpus, waiter.run_sec, at)
             free[where] = free[where].minus(need.cpu, need.mem, gpus)
@@ -240,7 +244,7 @@ def _hold(
     free: Mapping[str, Capacity],
     owed: Mapping[str, Sequence[Holding]],
     at: float,
-) -> _Held | None:
+) -> HeldTask | None:
     """The hold a pass at ``at`` would make: for the first task (of the kinds' ``heads``, in queue
     order) that has waited ``after``, on the lane where it can start soonest."""
     for index in heads:
@@ -258,7 +262,7 @@ def _hold(
             if best is not None and best.at is not None and shadow.at >= best.at:
                 continue
             best = Hold("", worker_id, shadow.at, need, shadow.free, short="")
-        return None if best is None else _Held(index, best)
+        return None if best is None else HeldTask(index, best)
     return None
 
 

@@ -12,10 +12,9 @@ held worker frees enough for it (the hold's shadow time); when that task is ahea
 about, the hold is replayed on every task until it starts, else a task the hold keeps off that worker
 starts nothing there before then. After it (or while none stands) the replay foresees the holds to
 come: a task that will have waited ``MLOC_BACKFILL_AFTER_SEC`` by then takes one, as a pass would
-give it. Where the
-queue holds several users' tasks, they are taken in fair-share order (:func:`shares` reads each
-user's standing, weight and tasks held, as a pass does), so a task behind another user's backlog is
-told when fair share lets it in. It is an estimate: a worker that joins or leaves changes it, and so
+give it. Where the queue holds several users' tasks, they are taken in fair-share order (:func:`shares`
+reads each user's standing, weight and tasks held, as a pass does), so a task behind another user's
+backlog is told when fair share lets it in. It is an estimate: a worker that joins or leaves changes it, and so
 do tasks submitted later by a user who then goes first.
 """
 

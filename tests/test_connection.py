@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -400,6 +401,24 @@ def test_full_run_over_tls(servers: list[Server], tmp_path: Path, pki: Pki) -> N
     port = tls_server(servers, tmp_path / "tls", pki, client_certs=False)
     record = run_one_echo_task(tmp_path, f"rediss://127.0.0.1:{port}/0", {"MLOC_REDIS_TLS_CA_FILE": str(pki.ca)})
     assert record["attempts"] == 1
+
+
+
+def test_full_run_over_a_unix_socket(servers: list[Server], tmp_path: Path) -> None:
+    """unix:///path/redis.sock, for a Redis on the same host: the clients take no TCP-only option."""
+    # A socket path is limited to about 100 bytes, which pytest's own folders can pass.
+    folder = Path(tempfile.mkdtemp(prefix="mloc-sock-"))
+    try:
+        socket_path = folder / "redis.sock"
+        server = Server(tmp_path / "r", "--port", "0", "--unixsocket", str(socket_path), "--unixsocketperm", "700")
+        servers.append(server.wait(redis.Redis(unix_socket_path=str(socket_path))))
+        url = f"unix://{socket_path}"
+        assert try_connect(url)[0] == "ok"
+        assert sync_client(url).ping()
+        record = run_one_echo_task(tmp_path, url)
+        assert record["attempts"] == 1
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------ Sentinel

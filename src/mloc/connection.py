@@ -176,6 +176,10 @@ class Target:
     def sentinel(self) -> bool:
         return bool(self.sentinels)
 
+    @property
+    def unix(self) -> bool:
+        return self.url.lower().startswith("unix://")
+
     def where(self) -> str:
         if self.sentinel:
             hosts = ",".join(f"{h}:{p}" for h, p in self.sentinels)
@@ -346,6 +350,13 @@ def _master_kwargs(target: Target, tls: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def _options(target: Target) -> dict[str, Any]:
+    """The client options for ``target``: a Unix socket has no TCP keepalive, and redis-py refuses the option."""
+    if target.unix:
+        return {name: value for name, value in _COMMON.items() if name != "socket_keepalive"}
+    return _COMMON
+
+
 def client(url: str, settings: Settings | None = None) -> aioredis.Redis:
     """An asyncio client for ``url`` (not yet connected)."""
     settings = settings or get_settings()
@@ -362,7 +373,7 @@ def client(url: str, settings: Settings | None = None) -> aioredis.Redis:
                 **_master_kwargs(target, tls),
             )
         )
-    return use_hiredis_packing(aioredis.Redis.from_url(url, max_connections=256, **_COMMON, **tls))
+    return use_hiredis_packing(aioredis.Redis.from_url(url, max_connections=256, **_options(target), **tls))
 
 
 def sync_client(url: str, settings: Settings | None = None) -> syncredis.Redis:
@@ -377,7 +388,7 @@ def sync_client(url: str, settings: Settings | None = None) -> syncredis.Redis:
             connection_class=_SyncFollowingSSLConnection if target.tls else _SyncFollowingConnection,
             **_master_kwargs(target, tls),
         )
-    return syncredis.Redis.from_url(url, **_COMMON, **tls)
+    return syncredis.Redis.from_url(url, **_options(target), **tls)
 
 
 def _speaks_tls(host: str, port: int) -> bool:

@@ -403,7 +403,6 @@ def test_full_run_over_tls(servers: list[Server], tmp_path: Path, pki: Pki) -> N
     assert record["attempts"] == 1
 
 
-
 def test_full_run_over_a_unix_socket(servers: list[Server], tmp_path: Path) -> None:
     """unix:///path/redis.sock, for a Redis on the same host: the clients take no TCP-only option."""
     # A socket path is limited to about 100 bytes, which pytest's own folders can pass.

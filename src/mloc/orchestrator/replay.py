@@ -85,6 +85,9 @@ class Shares:
     unit: float = field(init=False)
 
     def __post_init__(self) -> None:
+        self._measure_unit()
+
+    def _measure_unit(self) -> None:
         self.unit = fairshare.typical_cost((self.cost[owner], self.count.get(owner, 0.0)) for owner in self.cost)
 
     def key(self, owner: str) -> float:
@@ -96,7 +99,7 @@ class Shares:
         self.held[owner] = max(0, self.held.get(owner, 0) - 1)
         self.cost[owner] = self.cost.get(owner, 0.0) + cost
         self.count[owner] = self.count.get(owner, 0.0) + 1
-        self.__post_init__()
+        self._measure_unit()
 
 
 def _cost(gpus: int, seconds: float) -> float:

@@ -212,6 +212,20 @@ def test_a_task_ending_adds_what_it_ran_to_its_owners_cost() -> None:
     assert start == Start(NOW + 6.0, "w1", (0, 1, 0, 0))
 
 
+def test_standings_go_on_decaying_as_the_replay_runs() -> None:
+    # One free slot; bob's twelve 10 s tasks (a cost of 1 each) are ahead of alice's, whose standing
+    # is 10 now. Without decay bob runs until his cost passes hers: ten tasks, and alice starts at
+    # +110 (they tie at 10 and queue order puts bob's first). With a half-life of 20 s her 10 is 2.5
+    # by +40, when bob's four ends have decayed to 2.56: she starts then.
+    idle = lane("w1", set(), slots=1)
+    bob, alice = owned(slot_task(10.0), "bob"), owned(slot_task(10.0), "alice")
+    shares = Shares(cost={"alice": 10.0}, count={"alice": 10.0})
+    assert replay([idle], [bob] * 12, alice, NOW, shares=shares) == Start(NOW + 110.0, "w1", (0, 0, 0, 0))
+    decaying = replace(shares, half_life_sec=20.0)
+    assert replay([idle], [bob] * 12, alice, NOW, shares=decaying) == Start(NOW + 40.0, "w1", (0, 0, 0, 0))
+    assert decaying.cost == {"alice": 10.0}  # the caller's standings are left as they were
+
+
 def test_the_hold_that_stands_keeps_every_task_off_until_its_own_starts() -> None:
     # The whole-worker task ahead holds w1 from +4 (its GPUs free one by one until then): the one-GPU
     # tasks of 10 s, ahead and this one, wait for it to start and run (+9); without the hold they take

@@ -123,6 +123,7 @@ async def shares(redis: aioredis.Redis, standings: Standings, owners: list[str])
         count={owner: standing.count for owner, standing in found.items()},
         weight={owner: standing.weight for owner, standing in found.items()},
         held={owner: int(tasks or 0) for owner, tasks in zip(owners, held, strict=True)},
+        half_life_sec=standings.half_life_sec,
     )
 
 

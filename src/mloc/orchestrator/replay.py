@@ -76,12 +76,15 @@ class Waiter:
 class Shares:
     """Fair share as a pass sees it: each owner's decayed cost and count of finished tasks, weight and
     tasks held now (assigned or running, on any worker); what a typical recent task costs follows
-    from the costs and counts (:func:`.fairshare.typical_cost`)."""
+    from the costs and counts (:func:`.fairshare.typical_cost`). With ``half_life_sec``, costs and
+    counts go on decaying as the replay's clock (``at``) moves, as they do between real passes."""
 
     cost: dict[str, float] = field(default_factory=dict)
     count: dict[str, float] = field(default_factory=dict)
     weight: dict[str, float] = field(default_factory=dict)
     held: dict[str, int] = field(default_factory=dict)
+    half_life_sec: float | None = None
+    at: float = 0.0
     unit: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -93,6 +96,14 @@ class Shares:
     def key(self, owner: str) -> float:
         weight = self.weight.get(owner, DEFAULT_WEIGHT)
         return fairshare.share_key(self.cost.get(owner, 0.0), self.held.get(owner, 0), self.unit, weight)
+
+    def advance(self, at: float) -> None:
+        """Decay every standing to ``at`` (the typical cost, a ratio of the two, stays as it is)."""
+        if self.half_life_sec and at > self.at:
+            for values in (self.cost, self.count):
+                for owner, value in values.items():
+                    values[owner] = fairshare.decayed(value, self.at, at, self.half_life_sec)
+        self.at = max(self.at, at)
 
     def ended(self, owner: str, cost: float) -> None:
         """A task of ``owner`` ended, adding ``cost`` (:func:`.transition.fair_share_cost`)."""
@@ -170,7 +181,7 @@ def replay(
                 events.append((waiter.since + backfill_after, next(tie), "", None))
     heapq.heapify(events)
     if shares is not None:  # counted on here, not in the caller's
-        shares = Shares(dict(shares.cost), dict(shares.count), dict(shares.weight), dict(shares.held))
+        shares = replace(shares, cost=dict(shares.cost), count=dict(shares.count), held=dict(shares.held), at=now)
 
     def rank(index: int) -> tuple[int, float, int]:
         waiter = queue[index]
@@ -231,6 +242,8 @@ def replay(
         # One end at a time, even where several fall on one moment: real runs never end together, and
         # a pass between two ends lets a small task take what the first gave back.
         at, _, worker_id, returned = heapq.heappop(events)
+        if shares is not None:
+            shares.advance(at)
         if returned is not None:
             free[worker_id] = free[worker_id].plus(returned)
             owed[worker_id].remove(returned)

@@ -12,6 +12,8 @@ PREFIX = "mloc"
 # Tasks
 TASKS_ALL = f"{PREFIX}:tasks"  # zset: task id -> created_at ms
 PENDING = f"{PREFIX}:pending"  # zset: task id -> placement order (priority, then FIFO)
+# String: the last queue order (ms) a new task took; every orchestrator's next task takes a later one.
+QUEUE_ORDER = f"{PREFIX}:order"
 TASKS_BY_NAME_PREFIX = f"{PREFIX}:tasks:name"
 # Retries waiting out their backoff: task id -> unix seconds when it may be placed again. They join
 # PENDING (and their owner's queue) only then.

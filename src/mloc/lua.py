@@ -35,21 +35,30 @@ end
 return 0
 """
 
-# CREATE: store a new task, pending, with its indexes.
+# CREATE: store a new task, pending, with its indexes, at the next place in the queue order.
 # KEYS[1] task hash   KEYS[2] all-tasks zset   KEYS[3] pending-state zset   KEYS[4] owner zset
 # KEYS[5] pending queue zset  KEYS[6] the owner's pending queue  KEYS[7] set of owners with pending tasks
-# ARGV[1] task id     ARGV[2] created ms       ARGV[3] pending score ("" = not for the scheduler)
-# ARGV[4] owner       ARGV[5..] field, value, ...
+# KEYS[8] the last order given (every orchestrator's creates share it)
+# ARGV[1] task id     ARGV[2] created ms       ARGV[3] the priority's part of the pending score,
+# -priority x weight ("" = not for the scheduler)      ARGV[4] owner       ARGV[5..] field, value, ...
+# The order is the created ms, or the one after the last given if that is not later: tasks of one
+# priority queue in the order Redis stored them, whichever orchestrator (and clock) made them.
 # Returns 1, or 0 if a task with that id exists.
 CREATE = r"""
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local order = math.max(tonumber(ARGV[2]), tonumber(redis.call('GET', KEYS[8]) or '0') + 1)
+local ms = string.format('%d', order)
+redis.call('SET', KEYS[8], ms)
 redis.call('HSET', KEYS[1], unpack(ARGV, 5))
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
-redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[1], 'created_ms', ms)
+redis.call('ZADD', KEYS[2], ms, ARGV[1])
+redis.call('ZADD', KEYS[3], ms, ARGV[1])
+redis.call('ZADD', KEYS[4], ms, ARGV[1])
 if ARGV[3] ~= '' then
-  redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
-  redis.call('ZADD', KEYS[6], ARGV[3], ARGV[1])
+  -- Whole numbers below 2^53 add exactly, as Python's pending_score does.
+  local score = string.format('%.17g', tonumber(ARGV[3]) + order)
+  redis.call('ZADD', KEYS[5], score, ARGV[1])
+  redis.call('ZADD', KEYS[6], score, ARGV[1])
   redis.call('SADD', KEYS[7], ARGV[4])
 end
 return 1

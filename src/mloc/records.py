@@ -89,13 +89,12 @@ class NewTask:
     unschedulable: bool = False
     # What admission estimated the task needs in memory (see mloc.orchestrator.admission), or why not.
     memory_estimate: dict[str, Any] | None = None
-    # Its place in the queues where it is not the submit millisecond (see TaskStore.new_record).
-    order_ms: int | None = None
 
     @property
     def created_ms(self) -> int:
-        """The submit time in milliseconds, the score of the task indexes: it orders the queues."""
-        return int(self.created_at * 1000) if self.order_ms is None else self.order_ms
+        """The submit time in milliseconds: the order the task asks for in the queues, which the create
+        script moves on past the last one given where it is not later (see :data:`mloc.lua.CREATE`)."""
+        return int(self.created_at * 1000)
 
     def to_hash(self) -> dict[str, str]:
         h = {

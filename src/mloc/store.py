@@ -52,7 +52,6 @@ class TaskStore:
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
-        self._last_ms = 0
         self._transition = redis.register_script(transition.TRANSITION)
         self._create = redis.register_script(lua.CREATE)
         self._read_hashes = redis.register_script(lua.READ_HASHES)
@@ -78,17 +77,11 @@ class TaskStore:
         max_attempts: int,
         request: dict[str, Any],
         labels: Mapping[str, str],
-        now: float | None = None,
     ) -> NewTask:
-        # Tasks of one priority are placed in the order of their millisecond, and tasks sharing one
-        # would be in the order of their random ids: each new task takes the next millisecond after
-        # the last one this process made, so a bulk submit queues in the order it was given. A burst
-        # runs ahead of the clock by its size in ms at most, in the queue order only (created_at is
-        # the real time). A given ``now`` is taken as it is.
-        created_at = time.time() if now is None else now
-        order_ms = int(created_at * 1000)
-        if now is None:
-            order_ms = self._last_ms = max(order_ms, self._last_ms + 1)
+        # The create script moves the order on past the last one any orchestrator gave (see
+        # lua.CREATE): a bulk submit queues in the order it was given, and two orchestrators' submits in
+        # the order Redis stored them. created_at stays the real time.
+        created_at = time.time()
         return NewTask(
             task_id=str(uuid.uuid4()),
             name=name,
@@ -102,7 +95,6 @@ class TaskStore:
             document=document,
             request=request,
             labels=dict(labels),
-            order_ms=order_ms,
         )
 
     def _create_call(self, task: NewTask) -> tuple[list[str], list[str]]:
@@ -118,11 +110,12 @@ class TaskStore:
                 keys.PENDING,
                 keys.pending_of(task.owner),
                 keys.PENDING_OWNERS,
+                keys.QUEUE_ORDER,
             ],
             [
                 task.task_id,
                 str(created_ms),
-                repr(pending_score(task.priority, created_ms)) if task.queued else "",
+                repr(pending_score(task.priority, 0)) if task.queued else "",
                 task.owner,
                 *fields,
             ],

@@ -56,10 +56,38 @@ def test_tasks_made_in_one_millisecond_queue_in_the_order_they_were_made(redis_u
     async def scenario(r: aioredis.Redis, store: TaskStore, queues: PendingQueues) -> None:
         # Made back to back, many share a millisecond; their random ids alone would order them.
         records = [echo_record(store, "erin") for _ in range(50)]
-        assert len({record.created_ms for record in records}) == 50
         await store.insert(records)
+        stored = [int(await r.hget(keys.task(record.task_id), "created_ms")) for record in records]
+        assert stored == sorted(set(stored))
         (erin,) = await queues.read(100)
         assert [t.task_id for t in erin.waiting] == [record.task_id for record in records]
+
+    on_queues(redis_url, scenario)
+
+
+def test_tasks_queue_in_the_order_redis_stored_them_whichever_clock_made_them(redis_url: str) -> None:
+    async def scenario(r: aioredis.Redis, store: TaskStore, queues: PendingQueues) -> None:
+        # Two orchestrators: one's burst runs its order ahead of its clock; the other's clock is
+        # 5 s behind. Each next task queues behind the last stored, at every priority's own place.
+        other = TaskStore(r)
+        burst = [echo_record(store, "hal") for _ in range(30)]
+        await store.insert(burst)
+        behind = echo_record(other, "hal")
+        behind.created_at -= 5.0
+        urgent = echo_record(other, "hal", priority=1)
+        urgent.created_at -= 5.0
+        await other.insert([behind])
+        await other.insert([urgent])
+        (hal,) = await queues.read(100)
+        order = [urgent.task_id, *(record.task_id for record in burst), behind.task_id]
+        assert [t.task_id for t in hal.waiting] == order
+        last = int(await r.hget(keys.task(burst[-1].task_id), "created_ms"))
+        assert int(await r.hget(keys.task(behind.task_id), "created_ms")) == last + 1
+        # The real time of the submit is kept as made; only the order moved on.
+        assert float(await r.hget(keys.task(behind.task_id), "created_at")) == behind.created_at
+        for record, priority in ((behind, 0), (urgent, 1)):
+            ms = int(await r.hget(keys.task(record.task_id), "created_ms"))
+            assert await r.zscore(keys.PENDING, record.task_id) == pending_score(priority, ms)
 
     on_queues(redis_url, scenario)
 
@@ -80,12 +108,13 @@ def test_tasks_queued_with_an_older_priority_weight_are_scored_again_on_the_firs
         older, newer = echo_record(store, "gus", priority=1), echo_record(store, "gus", priority=2)
         await store.insert([older, newer])
         # As an MLOC that weighed a priority as 10**13 ms queued it: ahead of the newer, higher one.
-        old_score = -1 * 10**13 + older.created_ms
+        older_ms = int(await r.hget(keys.task(older.task_id), "created_ms"))
+        old_score = -1 * 10**13 + older_ms
         for index in (keys.PENDING, keys.pending_of("gus")):
             await r.zadd(index, {older.task_id: old_score})
         (gus,) = await queues.read(100)
         assert [t.task_id for t in gus.waiting] == [newer.task_id, older.task_id]
-        right = pending_score(1, older.created_ms)
+        right = pending_score(1, older_ms)
         assert (
             await r.zscore(keys.PENDING, older.task_id)
             == await r.zscore(keys.pending_of("gus"), older.task_id)

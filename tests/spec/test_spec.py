@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import jsonschema
@@ -215,6 +217,39 @@ def test_yaml_sent_with_json_content_type_is_read_as_yaml() -> None:
     assert load("taskType: echo\n", "application/json").spec.task_type == "echo"
 
 
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [("{taskType: echo, payload: hi}\n", None), ("{taskType: echo, payload: hi}\n", "application/json")],
+)
+def test_yaml_flow_style_is_yaml_though_it_starts_as_json_does(body: str, content_type: str | None) -> None:
+    assert load(body, content_type).spec.payload == "hi"
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ('{"taskType": "echo", "payload": NaN}', "NaN is not a JSON number"),
+        ('{"taskType": "echo", "payload": [-Infinity]}', "-Infinity is not a JSON number"),
+        ('{"taskType": "echo", "payload": {"x": 1e999}}', "payload.x: inf is not a finite number"),
+        ("taskType: echo\npayload: .nan\n", "payload: nan is not a finite number"),
+        ("spec: {taskType: echo, payload: {a: [1, .inf]}}\n", "spec.payload.a.1: inf is not a finite number"),
+    ],
+)
+def test_numbers_json_cannot_hold_are_refused_where_they_are(body: str, needle: str) -> None:
+    # Stored, NaN and infinities would come back as null: the task's data changed without a word.
+    with pytest.raises(SpecError, match=re.escape(needle)):
+        load(body)
+
+
+def test_empty_documents_are_skipped_and_several_are_sent_to_the_bulk_endpoint() -> None:
+    assert load("taskType: echo\npayload: 1\n---\n").spec.payload == 1
+    assert load("---\ntaskType: echo\n---\n---\n").spec.task_type == "echo"
+    with pytest.raises(SpecError, match="holds only comments"):
+        load("# nothing here\n")
+    with pytest.raises(SpecError, match=r"2 YAML documents .* POST /api/v1/tasks/bulk"):
+        load("taskType: echo\n---\ntaskType: echo\n")
+
+
 @pytest.mark.parametrize(("text", "milli"), [("8", 8000), ("500m", 500), (0.5, 500), (2, 2000), ("1.5", 1500)])
 def test_cpu_quantities(text: object, milli: int) -> None:
     assert parse_cpu(text) == milli
@@ -226,6 +261,33 @@ def test_cpu_quantities(text: object, milli: int) -> None:
 )
 def test_memory_quantities(text: object, size: int) -> None:
     assert parse_memory(text) == size
+
+
+@pytest.mark.parametrize(
+    ("parse", "value", "needle"),
+    [
+        (parse_cpu, float("inf"), "cpu inf is not a finite quantity; write cores such as '8', '0.5' or '500m'"),
+        (parse_cpu, float("nan"), "cpu nan is not a finite quantity"),
+        (parse_cpu, 10**400, "more than 100000 cores"),
+        (parse_cpu, "1" * 400, "more than 100000 cores"),
+        (parse_memory, float("inf"), "memory inf is not a finite quantity; write bytes with a unit such as '32Gi'"),
+        (parse_memory, float("-inf"), "memory -inf is not a finite quantity"),
+        (parse_memory, 10**400, "more than 1Pi"),
+        (parse_memory, "1" * 400 + "Gi", "more than 1Pi"),
+    ],
+)
+def test_quantities_no_machine_has_are_refused_with_the_forms_to_write(
+    parse: Callable[[object], int], value: object, needle: str
+) -> None:
+    # Infinity and numbers past a float once crashed the rounding (OverflowError: a 500, a traceback).
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        parse(value)
+
+
+def test_a_cpu_too_large_for_a_float_is_a_spec_error() -> None:
+    with pytest.raises(SpecError) as err:
+        load("taskType: echo\nresources: {hardware: {cpu: 1" + "0" * 400 + "}}\n")
+    assert "spec.resources.hardware.cpu" in err.value.message and "check the unit" in err.value.message
 
 
 def test_json_schema_covers_every_task_type_and_validates_the_seed() -> None:
@@ -261,3 +323,39 @@ def test_nesting_up_to_the_limit_is_accepted_and_one_more_level_is_refused() -> 
     assert validate(_task_nested(MAX_DEPTH)).spec.task_type == "echo"
     with pytest.raises(SpecError, match="deeper than"):
         validate(_task_nested(MAX_DEPTH + 1))
+
+
+def test_json_schema_accepts_every_shipped_template_and_config() -> None:
+    # Editors check files against `mloc schema`: a template the validator takes must pass it too,
+    # short names (batch_size, epochs, max_seq_length) included.
+    checker = jsonschema.Draft202012Validator(json_schema())
+    files = sorted([*REPO.glob("templates/**/*.yaml"), *REPO.glob("configs/**/*.yaml")])
+    assert any(file.parent.name == "cpu" for file in files), "templates/cpu/ ships training templates"
+    for file in files:
+        raw = file.read_bytes()
+        for number, document in enumerate(d for d in parse_stream(raw, limit=len(raw) + 1) if d is not None):
+            problems = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in checker.iter_errors(document)]
+            assert not problems, f"{file} (document {number + 1}): {problems}"
+
+
+def _sft(hyperparameters: dict[str, object]) -> dict[str, object]:
+    spec = {
+        "taskType": "sft",
+        "model": {"source": {"type": "package", "identifier": "mloc-tiny-llama"}},
+        "dataset": {"examples": [{"prompt": "Q?", "completion": " A."}]},
+        "hyperparameters": hyperparameters,
+    }
+    return {"apiVersion": "mloc/v1", "kind": "SFTTask", "spec": spec}
+
+
+def test_json_schema_takes_a_fields_other_names_but_not_two_names_at_once() -> None:
+    schema = json_schema()
+    for hyperparameters in ({"batch_size": 2, "epochs": 1, "max_seq_length": 64}, {"per_device_train_batch_size": 2}):
+        jsonschema.validate(_sft(hyperparameters), schema)
+        validate(_sft(hyperparameters))
+    # Both names at once, or a misspelt one: the validator refuses them, and so does the schema.
+    for refused in ({"batch_size": 2, "per_device_train_batch_size": 4}, {"batch_sise": 2}):
+        with pytest.raises(SpecError):
+            validate(_sft(refused))
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(_sft(refused), schema)

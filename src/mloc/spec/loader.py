@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 import uuid
 from typing import Any
@@ -142,22 +143,58 @@ def parse_body(data: bytes | str, content_type: str | None = None, *, limit: int
     if _looks_flattened(text):
         raise BadRequest(FLATTENED)
     wants_json = bool(content_type and "json" in content_type)
-    if wants_json or text.lstrip().startswith(("{", "[")):
+    looks_json = text.lstrip().startswith(("{", "["))
+    if wants_json or looks_json:
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_constant=_refuse_constant)
             if _SURROGATE_ESCAPE.search(text):
                 _check_unicode(data)
             return data
         except RecursionError:
             raise SpecError(TOO_DEEP) from None
         except json.JSONDecodeError as exc:
-            if wants_json and not text.lstrip().startswith(("{", "[")):
-                pass  # seed 2 posts YAML with a JSON content type: fall through to YAML
-            else:
-                raise SpecError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
-        except ValueError as exc:  # a number too long to convert
+            # JSON and YAML are both taken whatever the content type says (seed 2 posts YAML as JSON),
+            # and YAML's flow style ({taskType: echo}) starts as JSON does, its keys unquoted. Where
+            # the keys are quoted, the body was meant as JSON: its error is the one to show.
+            if not looks_json:
+                return _one_document(text)
+            problem = SpecError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")
+            if "enclosed in double quotes" not in exc.msg:
+                raise problem from exc
+            try:
+                return _one_document(text)
+            except SpecError:
+                raise problem from exc
+        except ValueError as exc:  # a number too long to convert, NaN or Infinity
             raise SpecError(f"invalid JSON value: {exc}") from None
-    return _load_yaml(text, many=False)
+    return _one_document(text)
+
+
+MANY_DOCUMENTS = (
+    "the body holds {count} YAML documents (--- between them) where one task is taken; send them to POST "
+    "/api/v1/tasks/bulk, as `mloc submit FILE` does (`mloc validate FILE` checks them all)"
+)
+
+
+def _one_document(text: str) -> Any:
+    """The one YAML document of ``text``; empty ones (a trailing ``---``) are skipped."""
+    try:
+        documents = [_load_yaml(text, many=False)]
+    except _SeveralDocuments:
+        documents = [item for item in _load_yaml(text, many=True) if item is not None]
+    if len(documents) > 1:
+        raise SpecError(MANY_DOCUMENTS.format(count=len(documents)))
+    if not documents or documents[0] is None:
+        raise SpecError("the task body holds only comments or empty documents; send a mloc/v1 task as YAML or JSON")
+    return documents[0]
+
+
+class _SeveralDocuments(Exception):
+    """A stream of several YAML documents was read as one."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number; write a finite number, or quote it to keep it as text")
 
 
 def parse_stream(data: bytes, *, limit: int) -> list[Any]:
@@ -177,12 +214,12 @@ def _load_yaml(text: str, *, many: bool) -> Any:
     try:
         _check_yaml_depth(text)
         return list(yaml.load_all(text, Loader=loader)) if many else yaml.load(text, Loader=loader)
+    except yaml.composer.ComposerError as exc:
+        if not many and exc.problem == "but found another document":
+            raise _SeveralDocuments from None
+        raise _yaml_error(exc) from exc
     except yaml.MarkedYAMLError as exc:
-        if _is_depth_refusal(exc):
-            raise SpecError(TOO_DEEP) from None
-        mark = exc.problem_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SpecError(f"invalid YAML{where}: {exc.problem or exc}") from exc
+        raise _yaml_error(exc) from exc
     except yaml.YAMLError as exc:
         if _is_depth_refusal(exc):
             raise SpecError(TOO_DEEP) from None
@@ -193,9 +230,19 @@ def _load_yaml(text: str, *, many: bool) -> Any:
         raise SpecError(TOO_DEEP) from None
 
 
-def too_deep(value: Any) -> bool:
-    """Whether ``value`` holds anything more than :data:`MAX_DEPTH` levels below its top. Walked
-    with a stack, not recursion: every submit and every worker's start pays for this walk."""
+def _yaml_error(exc: yaml.MarkedYAMLError) -> SpecError:
+    if _is_depth_refusal(exc):
+        return SpecError(TOO_DEEP)
+    mark = exc.problem_mark
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return SpecError(f"invalid YAML{where}: {exc.problem or exc}")
+
+
+def shape_problem(value: Any) -> str | None:
+    """What makes ``value`` unfit to store: more than :data:`MAX_DEPTH` levels below its top, or a
+    number that is NaN or infinite (JSON has none: stored, it would turn into null); None when
+    nothing does. Walked with a stack, not recursion: every submit and every worker's start pays for
+    this walk."""
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         item, level = stack.pop()
@@ -208,19 +255,36 @@ def too_deep(value: Any) -> bool:
         if not children:
             continue
         if level >= MAX_DEPTH:  # its children lie one level below
-            return True
+            return TOO_DEEP
         for child in children:
             if isinstance(child, dict | list):
                 stack.append((child, level + 1))
-    return False
+            elif isinstance(child, float) and not math.isfinite(child):
+                return _non_finite(value)
+    return None
+
+
+def _non_finite(value: Any, path: str = "") -> str:
+    """The message for the first NaN or infinite number in ``value``, naming where it is."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return (
+            f"{path or '(task)'}: {value} is not a finite number; write a finite number, or quote it to keep it as text"
+        )
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        found = _non_finite(child, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return ""
 
 
 def normalize(data: Any) -> dict[str, Any]:
     """Accept both the full envelope and seed 2's fragments (``taskType`` at the top level)."""
     if not isinstance(data, dict):
         raise SpecError(f"a task must be a mapping with apiVersion, kind, metadata and spec; got {type(data).__name__}")
-    if too_deep(data):
-        raise SpecError(TOO_DEEP)
+    problem = shape_problem(data)
+    if problem:
+        raise SpecError(problem)
     if "spec" not in data and "taskType" in data:
         envelope = {key: data[key] for key in ENVELOPE if key in data}
         envelope["spec"] = {key: value for key, value in data.items() if key not in ENVELOPE}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+import sys
 
 _CPU = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(m?)\s*$")
 _MEM = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|Pi|k|K|M|G|T|P|B)?\s*$")
@@ -26,22 +28,38 @@ MAX_CPU_MILLI = 100_000 * 1000  # 100k cores: anything above is a typo
 MAX_MEMORY_BYTES = 1024**5  # 1 PiB
 
 
+def _magnitude(value: int | float, name: str, forms: str) -> float:
+    """A number given as a YAML or JSON number, as a float; ValueError for infinity and NaN, which
+    YAML (.inf, .nan) and Python's JSON (1e999, NaN) both let through and no size can be."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} {value!r} is not a finite quantity; write {forms}")
+    try:
+        return float(value)
+    except OverflowError:  # an int past any float, and so past every limit the callers check
+        return sys.float_info.max
+
+
+_CPU_FORMS = "cores such as '8', '0.5' or '500m'"
+_MEMORY_FORMS = "bytes with a unit such as '32Gi', '512Mi' or '8G'"
+
+
 def parse_cpu(value: object) -> int:
     """CPU quantity to millicores; raises ValueError with the accepted forms."""
     if isinstance(value, bool):
         raise ValueError("cpu must be a number of cores such as 8, 0.5 or '500m'")
     if isinstance(value, int | float):
-        milli = round(float(value) * 1000)
+        milli = _magnitude(value, "cpu", _CPU_FORMS) * 1000
     elif isinstance(value, str) and (m := _CPU.match(value)):
         number = float(m.group(1))
-        milli = round(number) if m.group(2) else round(number * 1000)
+        milli = number if m.group(2) else number * 1000
     else:
-        raise ValueError(f"cpu {value!r} is not a quantity; write cores such as '8', '0.5' or '500m'")
+        raise ValueError(f"cpu {value!r} is not a quantity; write {_CPU_FORMS}")
+    # Checked as a float, before rounding: a huge number overflows to infinity, which round() refuses.
     if milli < 0:
         raise ValueError("cpu must not be negative")
     if milli > MAX_CPU_MILLI:
         raise ValueError(f"cpu {value!r} is more than {MAX_CPU_MILLI // 1000} cores; check the unit")
-    return milli
+    return round(milli)
 
 
 def parse_memory(value: object) -> int:
@@ -49,17 +67,17 @@ def parse_memory(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError("memory must be a quantity such as '32Gi' or '512Mi'")
     if isinstance(value, int | float):
-        number, factor = float(value), 1
+        number, factor = _magnitude(value, "memory", _MEMORY_FORMS), 1
     elif isinstance(value, str) and (m := _MEM.match(value)):
         number, factor = float(m.group(1)), _MEM_FACTORS[m.group(2)]
     else:
-        raise ValueError(f"memory {value!r} is not a quantity; write bytes with a unit such as '32Gi', '512Mi' or '8G'")
-    total = round(number * factor)
+        raise ValueError(f"memory {value!r} is not a quantity; write {_MEMORY_FORMS}")
+    total = number * factor
     if total < 0:
         raise ValueError("memory must not be negative")
     if total > MAX_MEMORY_BYTES:
         raise ValueError(f"memory {value!r} is more than 1Pi; check the unit")
-    return total
+    return round(total)
 
 
 def parse_gpu_list(text: str) -> list[dict[str, object]]:

@@ -128,6 +128,9 @@ def test_users_see_and_cancel_only_their_own_tasks(http: httpx.Client, cluster: 
         ("apiVersion: mloc/v1\nkind: Banana\nspec: {taskType: echo}\n", 422, "kind 'Banana'"),
         ("taskType: inference\ninference: {prompts: [hi], max_tokens: -3}\n", 422, "spec.inference.max_tokens"),
         ("taskType: echo\nresources: {hardware: {cpu: '-2'}}\n", 422, "spec.resources.hardware.cpu"),
+        ("taskType: echo\nresources: {hardware: {cpu: .inf}}\n", 422, "finite"),
+        ('{"taskType": "echo", "resources": {"hardware": {"cpu": 1e999}}}', 422, "finite"),
+        ("taskType: echo\nresources: {hardware: {memory: 1" + "0" * 400 + "}}\n", 422, "more than 1Pi"),
         ("taskType: echo\nmetadata: {name: '../../etc'}\n", 422, "metadata.name"),
         ("", 422, "empty"),
     ],
@@ -163,6 +166,15 @@ def test_unknown_or_hostile_ids(http: httpx.Client, path: str) -> None:
     response = http.get(path)
     assert response.status_code in (400, 404)
     assert response.json()["ok"] is False
+
+
+def test_a_task_id_in_upper_case_names_the_same_task(http: httpx.Client) -> None:
+    task_id = http.post("/api/v1/tasks", content=ECHO).json()["task_id"]
+    wait_for(http, task_id, {"succeeded"})
+    shown = http.get(f"/api/v1/tasks/{task_id.upper()}")
+    assert shown.status_code == 200, shown.text
+    assert shown.json()["task_id"] == task_id
+    assert http.get(f"/api/v1/tasks/{task_id.upper()}/result").json()["payload"] == {"n": 1}
 
 
 def test_pagination_and_filters(http: httpx.Client, owner: str) -> None:
@@ -221,6 +233,33 @@ def test_bulk_submit_is_all_or_nothing(http: httpx.Client, owner: str) -> None:
     )
 
 
+def test_bulk_dry_run_checks_every_task_and_stores_none(http: httpx.Client, owner: str) -> None:
+    stream = (
+        f"metadata: {{name: first, owner: {owner}}}\nspec: {{taskType: echo}}\n---\n"
+        f"metadata: {{name: second, owner: {owner}}}\nspec: {{taskType: echo, dependsOn: [first]}}\n---\n"
+    )
+    checked = http.post("/api/v1/tasks/bulk", params={"dry_run": "true"}, content=stream)
+    assert checked.status_code == 201, checked.text
+    body = checked.json()
+    assert body["valid"] is True and body["count"] == 2  # the trailing --- holds no task
+    assert all(task["would_place_on"] == ["local-1"] for task in body["tasks"])
+    assert http.get("/api/v1/tasks", params={"owner": owner}).json()["total"] == 0
+    # The graph is planned as its submit would plan it: a step naming no task is refused.
+    broken = stream.replace("dependsOn: [first]", "dependsOn: [frist]")
+    refused = http.post("/api/v1/tasks/bulk", params={"dry_run": "true"}, content=broken)
+    assert refused.status_code == 422 and "frist" in refused.text
+    # Submitted for real, the step that waits for nothing is placed at once, and says so.
+    tasks = http.post("/api/v1/tasks/bulk", content=stream).json()["tasks"]
+    assert [task["state"] for task in tasks] == ["assigned", "pending"], tasks
+    for task in tasks:
+        wait_for(http, task["task_id"], {"succeeded"})
+
+
+def test_several_documents_sent_as_one_task_are_pointed_at_the_bulk_endpoint(http: httpx.Client) -> None:
+    answer = http.post("/api/v1/tasks", content="taskType: echo\n---\ntaskType: echo\n")
+    assert answer.status_code == 422 and "/api/v1/tasks/bulk" in answer.json()["message"]
+
+
 def test_stats_as_seed_two_shows(http: httpx.Client, owner: str) -> None:
     task = http.post("/api/v1/tasks", content=f"taskType: echo\nmetadata: {{owner: {owner}}}\n").json()["task_id"]
     wait_for(http, task, {"succeeded"})
@@ -266,3 +305,7 @@ def test_result_of_unfinished_task_is_404_with_state(http: httpx.Client) -> None
     response = http.get(f"/api/v1/tasks/{task}/result")
     assert response.status_code == 404 and "no result yet" in response.json()["message"]
     assert json.loads(http.post(f"/api/v1/tasks/{task}/cancel").text)["ok"] is True
+    # Cancelled, it never will have one.
+    wait_for(http, task, {"cancelled"})
+    ended = http.get(f"/api/v1/tasks/{task}/result").json()["message"]
+    assert ended == f"task {task} has no result (it is cancelled)"

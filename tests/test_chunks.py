@@ -86,6 +86,31 @@ def test_chunks_spread_over_workers_and_join_in_row_order(
 
 
 @pytest.mark.extra("inference")
+def test_a_task_that_reads_part_of_its_data_ends_at_its_max_rows(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tmp_path: Path
+) -> None:
+    # 30 rows; the task reads rows 5-14 in chunks of 4 (4, 4, 2). The last chunk says the data goes on:
+    # it does, past the task's own window, which ends there.
+    data = write_rows(tmp_path / "questions.jsonl", [f"Question: what is {i} plus one?\nAnswer:" for i in range(30)])
+    window = task(data, chunk_rows=4)
+    window["spec"]["inference"]["input"] |= {"skip_rows": 5, "max_rows": 10}
+    cluster = make_cluster(1)
+    client = client_for(cluster)
+    task_id = client.submit(window)["task_id"]
+    record = client.wait(task_id, timeout=300)
+    assert record["state"] == "succeeded", record
+    assert [line["id"] for line in lines_of(client, task_id)] == [f"q{i:03d}" for i in range(5, 15)]
+    assert (client.result(task_id)["rows"], client.result(task_id)["chunks"]) == (10, 3)
+    assert record["progress"]["message"] == "10 rows done in 3 chunk(s)", record["progress"]
+    # Fewer rows than one chunk holds: one chunk, and the same end.
+    single = task(data, chunk_rows=100)
+    single["spec"]["inference"]["input"]["max_rows"] = 3
+    record = client.wait(client.submit(single)["task_id"], timeout=300)
+    assert record["state"] == "succeeded", record
+    assert record["progress"]["message"] == "3 rows done in 1 chunk(s)", record["progress"]
+
+
+@pytest.mark.extra("inference")
 def test_a_failed_dataset_task_resumes_without_redoing_its_finished_chunks(
     make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tmp_path: Path
 ) -> None:

@@ -25,6 +25,24 @@ def test_validate_accepts_good_files_and_names_the_problem_in_bad_ones(tmp_path:
     assert "spec.inference.temprature" in result.stderr and "temperature" in result.stderr
 
 
+def test_validate_checks_every_task_of_a_multi_document_file(tmp_path: Path) -> None:
+    pipeline = mloc("validate", "templates/pipeline_gemma3_270m.yaml")
+    assert pipeline.returncode == 0, pipeline.stderr
+    assert "(document 4): InferenceTask" in pipeline.stdout
+    two = tmp_path / "two.yaml"
+    two.write_text("taskType: echo\n---\ntaskType: echoo\n---\n")
+    result = mloc("validate", str(two))
+    assert result.returncode == 1
+    assert "(document 1): EchoTask" in result.stdout
+    assert "(document 2): unknown taskType 'echoo'; did you mean 'echo'?" in result.stderr
+
+
+def test_schema_to_a_place_it_cannot_write_says_so(tmp_path: Path) -> None:
+    result = mloc("schema", "-o", str(tmp_path / "missing" / "schema.json"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "cannot write" in result.stderr and "No such file or directory" in result.stderr
+
+
 def test_schema_is_valid_json_schema(tmp_path: Path) -> None:
     out = tmp_path / "schema.json"
     assert mloc("schema", "-o", str(out)).returncode == 0
@@ -54,6 +72,12 @@ def test_submit_wait_tasks_show_workers_stats_cancel(make_cluster: Callable[...,
     assert cancelled.returncode == 0 or "cannot become cancelled" in cancelled.stderr
     no_token = mloc("tasks", env={"MLOC_API_URL": cluster.api_url, "ORCHESTRATOR_TOKEN": ""})
     assert no_token.returncode == 2 and "bearer token" in no_token.stderr
+    assert "no token was sent: set MLOC_TOKEN to your API token" in no_token.stderr
+    # A token read from a secret file keeps its line break; it is not part of the token.
+    from_file = mloc(
+        "tasks", env={"MLOC_API_URL": cluster.api_url, "ORCHESTRATOR_TOKEN": "", "MLOC_TOKEN": "cli-token\n"}
+    )
+    assert from_file.returncode == 0, from_file.stderr
     added = mloc("users", "add", "carol", env=env)
     token = added.stdout.strip().splitlines()[-1]
     assert token.startswith("mloc_")
@@ -72,6 +96,17 @@ def test_stats_help_names_the_date_format_and_other_dates_are_refused() -> None:
 def test_unreachable_orchestrator_is_a_clear_error() -> None:
     result = mloc("tasks", env={"MLOC_API_URL": "http://127.0.0.1:9"})
     assert result.returncode == 2 and "cannot reach the orchestrator" in result.stderr
+
+
+def test_a_bad_api_url_or_token_is_named_not_taken_for_a_lost_orchestrator() -> None:
+    no_scheme = mloc("tasks", env={"MLOC_API_URL": "127.0.0.1:8000"})
+    assert no_scheme.returncode == 2
+    assert no_scheme.stderr.splitlines() == [
+        "error: MLOC_API_URL 127.0.0.1:8000 must start with http:// or https:// (e.g. http://127.0.0.1:8000)"
+    ]
+    broken = mloc("tasks", env={"MLOC_API_URL": "http://127.0.0.1:9", "MLOC_TOKEN": "tok\nen"})
+    assert broken.returncode == 2 and broken.stderr.startswith("error: MLOC_TOKEN holds a line break, tab")
+    assert "lost the orchestrator" not in broken.stderr and "tok" not in broken.stderr.replace("token", "")
 
 
 def test_start_orchestrator_with_bad_redis_password_explains(tmp_path: Path) -> None:
@@ -96,3 +131,13 @@ def test_bad_setting_names_the_variable() -> None:
     assert result.stderr.strip().splitlines() == [
         "error: invalid setting MLOC_PORT / PORT='0': Input should be greater than or equal to 1"
     ]
+
+
+def test_validate_names_a_quantity_no_machine_has_without_a_traceback(tmp_path: Path) -> None:
+    infinite = tmp_path / "infinite.yaml"
+    infinite.write_text("taskType: echo\nresources: {hardware: {cpu: .inf}}\n")
+    huge = tmp_path / "huge.json"
+    huge.write_text('{"taskType": "echo", "resources": {"hardware": {"memory": 1' + "0" * 400 + "}}}")
+    result = mloc("validate", str(infinite), str(huge))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "cpu: inf is not a finite" in result.stderr and "is more than 1Pi; check the unit" in result.stderr

@@ -14,6 +14,7 @@ import redis
 from mloc import keys
 from mloc.client import TERMINAL, Client
 from mloc.localcluster import LocalCluster
+from tests.support.api import wait_until
 from tests.support.cli import mloc
 
 
@@ -120,3 +121,48 @@ def test_read_commands_print_json_lists_print_ids_and_every_command_takes_short_
     stats = json.loads(mloc("stats", "--json", env=env).stdout)
     [admin] = [entry for entry in stats["users"] if entry["user"] == "admin"]
     assert admin["totals"]["tasks"] >= 17
+
+
+def test_pipelines_take_a_task_id_or_its_prefix_and_ids_too_long_or_ended_tasks_read_clearly(
+    make_cluster: Callable[..., LocalCluster], tmp_path: Path
+) -> None:
+    cluster = make_cluster(1)
+    env = {"MLOC_API_URL": cluster.api_url}
+    client = Client(cluster.api_url)
+    steps = tmp_path / "steps.yaml"
+    steps.write_text(
+        "metadata: {name: first}\nspec: {taskType: echo}\n---\n"
+        "metadata: {name: second}\nspec: {taskType: echo, dependsOn: [first]}\n"
+    )
+    submitted = mloc("submit", str(steps), "--json", env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    answer = json.loads(submitted.stdout)
+    first, second = (task["task_id"] for task in answer["tasks"])
+    pipeline_id = answer["tasks"][0]["pipeline_id"]
+    wait_all(client, [first, second])
+
+    # Pipelines have no index of prefixes, their tasks do: a task's id or unique prefix names its pipeline.
+    for given in (pipeline_id, second, second[:8].upper()):
+        shown = mloc("pipeline", given, "--json", env=env)
+        assert shown.returncode == 0, (given, shown.stderr)
+        assert json.loads(shown.stdout)["id"] == pipeline_id
+    short = mloc("pipeline", pipeline_id[:8], env=env)
+    assert short.returncode == 2 and "String should have" not in short.stderr
+    assert short.stderr.startswith(f"error: '{pipeline_id[:8]}' names no pipeline: give the full pipeline id")
+    alone = client.submit({"taskType": "echo"})["task_id"]
+    lonely = mloc("pipeline", alone[:8], env=env)
+    assert lonely.returncode == 2 and f"task {alone} is not part of a pipeline" in lonely.stderr
+
+    # A string longer than any id is not a task id; the API's length rule never reaches the user.
+    too_long = mloc("show", "a" * 40, env=env)
+    assert too_long.returncode == 2 and "String should have" not in too_long.stderr
+    assert too_long.stderr.startswith(f"error: '{'a' * 40}' is not a task id: ids are UUIDs of 36 characters")
+
+    # A cancelled task keeps the progress it made, without an ETA for a run that is over.
+    sleeper = client.submit({"taskType": "echo", "hyperparameters": {"sleep_sec": 30, "steps": 30}})["task_id"]
+    wait_until(client, sleeper, lambda r: bool((r.get("progress") or {}).get("step")))
+    client.cancel(sleeper)
+    wait_all(client, [sleeper])
+    fields = dict(line.split(None, 1) for line in mloc("show", sleeper, env=env).stdout.splitlines())
+    assert fields["state"].startswith("cancelled")
+    assert re.fullmatch(r"\d+/30 \(\d+\.\d%\)", fields["progress"]), fields

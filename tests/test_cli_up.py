@@ -279,3 +279,20 @@ def test_restarted_up_says_what_it_restored_and_runs_the_interrupted_task_again(
     assert again["requeues"] == 1 and again["reason_code"] is None, again  # handed back by the restart, not failed
     assert client.task(waiting)["state"] == "pending"
     client.close()
+
+
+def test_run_of_a_task_no_worker_here_can_run_says_what_to_change_and_fails(tmp_path: Path) -> None:
+    gpu = tmp_path / "gpu.yaml"
+    gpu.write_text("taskType: echo\nresources: {hardware: {gpu: {count: 1}}}\n")
+    env = up_env(tmp_path / "home", free_port(), MLOC_WORKER_GPUS="none")  # no GPU, on any machine
+    command = [sys.executable, "-m", "mloc.cli", "run", str(gpu)]
+    ran = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=180)
+    assert ran.returncode == 1, ran.stdout + ran.stderr
+    task_id = ran.stdout.split()[2]
+    assert ran.stdout.startswith(f"submitted task {task_id} (not placed: no registered worker can run this task")
+    assert "worker None" not in ran.stdout
+    said = ran.stderr.splitlines()
+    assert f"error: no worker of the throw-away cluster can run task {task_id}: " in said[0] and "GPU" in said[0]
+    assert f"Ask for resources this machine has (spec.resources in {gpu})" in said[0]
+    # The cluster, and the task with it, is gone: there is nothing to cancel.
+    assert "mloc cancel" not in ran.stderr

@@ -117,6 +117,7 @@ def test_client_reads_the_cli_settings_takes_every_task_form_and_runs_the_readme
     with Client(cluster.api_url) as nobody, pytest.raises(ApiError) as refused:
         nobody.tasks()
     assert refused.value.status_code == 401
+    assert "no token was sent: pass token=" in refused.value.message
     with Client("http://127.0.0.1:9") as nowhere, pytest.raises(Unreachable, match="cannot reach the orchestrator"):
         nowhere.health()
 
@@ -128,3 +129,38 @@ def test_client_reads_the_cli_settings_takes_every_task_form_and_runs_the_readme
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.splitlines()[0] == "succeeded {'question': 'ping'}"
     assert re.fullmatch(r"echo \d+ log lines", ran.stdout.splitlines()[1])
+
+
+def test_a_url_without_a_scheme_or_a_token_with_spaces_inside_is_refused_before_sending(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in [k for k in os.environ if k.startswith("MLOC_") or k == "ORCHESTRATOR_TOKEN"]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("MLOC_API_URL", "127.0.0.1:8000")
+    with pytest.raises(ClientError) as no_scheme:
+        Client()
+    assert no_scheme.value.message == (
+        "MLOC_API_URL 127.0.0.1:8000 must start with http:// or https:// (e.g. http://127.0.0.1:8000)"
+    )
+    with pytest.raises(ClientError, match=r"^base_url localhost:8000 must start with http://"):
+        Client("localhost:8000")
+
+    # Secret files end in a line break: it is not part of the token, nor of the URL.
+    monkeypatch.setenv("MLOC_API_URL", "https://mloc.example.com/\n")
+    monkeypatch.setenv("MLOC_TOKEN", "tok-en\n")
+    with Client() as client:
+        assert client.base_url == "https://mloc.example.com"
+        assert client.http.headers["Authorization"] == "Bearer tok-en"
+
+    # Inside the token, a line break or control character cannot be sent; the message names the variable,
+    # never the token. A space can (`mloc up` takes ORCHESTRATOR_TOKEN='up token').
+    for variable, bad in [("MLOC_TOKEN", "tok\nen"), ("MLOC_TOKEN", "tok\ten"), ("ORCHESTRATOR_TOKEN", "t\x1bk")]:
+        monkeypatch.delenv("MLOC_TOKEN", raising=False)
+        monkeypatch.setenv(variable, bad)
+        with pytest.raises(ClientError, match=f"^{variable} holds a line break, tab, control") as refused:
+            Client()
+        assert bad not in refused.value.message
+    with pytest.raises(ClientError, match=r"^token holds a line break"):
+        Client("http://127.0.0.1:9", "tök")
+    with Client("http://127.0.0.1:9", "up token") as spaced:
+        assert spaced.http.headers["Authorization"] == "Bearer up token"

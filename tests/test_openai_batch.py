@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from mloc import openai_files
 from mloc.api.openai_errors import openai_body
 from mloc.client import ApiError, Client
-from mloc.errors import BadRequest
+from mloc.errors import BadRequest, MlocError
 from mloc.localcluster import LocalCluster
 from mloc.modelroots import ModelRoots
 from mloc.openai_files import FileStore
@@ -34,6 +34,7 @@ from mloc.openai_lines import (
     convert,
     count_lines,
     output_blocks,
+    request_error,
 )
 from mloc.settings import Settings, describe_invalid
 
@@ -163,8 +164,25 @@ def test_result_lines_become_openai_output_and_error_lines() -> None:
     errors = [json.loads(x) for x in b"".join(output_blocks(io.BytesIO(data), batch, errors=True)).splitlines()]
     assert [(line["id"], line["custom_id"]) for line in errors] == [("batch_req_k-1", "b")]
     assert errors[0]["response"]["status_code"] == 400
-    assert errors[0]["response"]["body"]["error"]["message"] == "prompt column 'prompt' is empty"
+    error = errors[0]["response"]["body"]["error"]
+    assert (error["message"], error["param"]) == ("body.prompt is empty", "body.prompt")
     assert count_lines(io.BytesIO(data)) == Counts(completed=2, failed=1, prompt_tokens=8, completion_tokens=3)
+
+
+@pytest.mark.parametrize(
+    ("row_error", "message", "param"),
+    [
+        ("column 'temperature' (temperature) is 7: Input should be less than or equal to 5",
+         "body.temperature is 7: Input should be less than or equal to 5", "body.temperature"),
+        ("column 'max_tokens' (max_tokens) is -1: Input should be greater than 0",
+         "body.max_tokens is -1: Input should be greater than 0", "body.max_tokens"),
+        ("messages column 'messages' is an empty chat", "body.messages is an empty chat", "body.messages"),
+        ("the prompt is longer than the model's context (4096 tokens)",
+         "the prompt is longer than the model's context (4096 tokens)", None),
+    ],
+)  # fmt: skip
+def test_a_failed_rows_error_names_the_request_field(row_error: str, message: str, param: str | None) -> None:
+    assert request_error(row_error) == (message, param)
 
 
 def test_mloc_error_bodies_become_openais() -> None:
@@ -275,7 +293,8 @@ def test_the_openai_client_runs_batches_on_mloc(
     errors = lines_of(alice, done.error_file_id)
     assert [line["custom_id"] for line in errors] == ["q07"]
     assert errors[0]["response"]["status_code"] == 400
-    assert "prompt column 'prompt' is empty" in errors[0]["response"]["body"]["error"]["message"]
+    failed = errors[0]["response"]["body"]["error"]
+    assert (failed["message"], failed["param"]) == ("body.prompt is empty", "body.prompt")
     assert alice.files.retrieve(done.output_file_id).bytes == len(alice.files.content(done.output_file_id).content)
 
     chat_done = wait_ended(alice, chat_batch.id)
@@ -327,9 +346,17 @@ def test_the_openai_client_runs_batches_on_mloc(
     with pytest.raises(openai.APIStatusError) as too_large:
         alice.files.create(file=("big.jsonl", b"x" * (65 << 10)), purpose="batch")
     assert too_large.value.status_code == 413 and "MLOC_MAX_FILE_BYTES" in too_large.value.message
+    assert "big.jsonl is 66560 bytes; the limit is 65536" in too_large.value.message
+    # The limit is the file's: one of exactly that size goes, though the form around it is larger.
+    line = json.dumps(completions[0]).encode() + b"\n"
+    exact = line + b" " * ((64 << 10) - len(line) - 1) + b"\n"
+    assert alice.files.create(file=("exact.jsonl", exact), purpose="batch").bytes == 64 << 10
     with pytest.raises(openai.NotFoundError) as missing:
         bob.batches.create(input_file_id=upload.id, endpoint=COMPLETIONS, completion_window="24h")
     assert f"input file {upload.id} not found" in missing.value.message
+    with pytest.raises(openai.BadRequestError) as derived:
+        alice.batches.create(input_file_id=done.output_file_id or "", endpoint=COMPLETIONS, completion_window="24h")
+    assert "is a batch's output or error file; a batch reads an uploaded file" in derived.value.message
     for steal in (lambda: bob.files.content(upload.id), lambda: bob.files.content(done.output_file_id or ""),
                   lambda: bob.batches.retrieve(batch.id), lambda: bob.batches.cancel(batch.id)):  # fmt: skip
         with pytest.raises(openai.NotFoundError):
@@ -354,13 +381,15 @@ def test_the_openai_client_runs_batches_on_mloc(
     assert httpx.get(cluster.api_url + "/v1/batches").json()["error"]["code"] == "unauthorized"
 
     # Cancel: a finished batch cannot be; one that waits is cancelled at once.
-    with pytest.raises(openai.ConflictError):
+    with pytest.raises(openai.ConflictError) as finished:
         alice.batches.cancel(batch.id)
+    assert f"batch {batch.id} is completed; only a batch that has not ended can be cancelled" in finished.value.message
     cluster.stop_worker("local-1")
     waiting = alice.batches.create(input_file_id=upload.id, endpoint=COMPLETIONS, completion_window="24h")
     assert waiting.status == "validating" and waiting.output_file_id is None
     cancelled = alice.batches.cancel(waiting.id)
     assert cancelled.status == "cancelled" and cancelled.cancelled_at is not None
+    assert cancelled.cancelling_at == cancelled.cancelled_at
     assert alice.batches.retrieve(waiting.id).status == "cancelled"
 
 
@@ -422,6 +451,11 @@ def test_an_uploaded_file_is_deleted_by_its_owner_once_no_batch_that_has_not_end
     assert alice.files.delete(used.id).deleted
     assert not (files_dir / used.id).exists() and not (files_dir / f"{used.id}.rows.jsonl").exists()
     assert alice.batches.retrieve(waiting.id).input_file_id == used.id
+    # Its unfinished requests have nothing left to read: a resume is refused, and the batch stays as it was.
+    task_id = waiting.id.removeprefix("batch_")
+    with pytest.raises(MlocError, match=f"reads the uploaded file {used.id}, which has been deleted"):
+        admin.resume(task_id)
+    assert alice.batches.retrieve(waiting.id).status == "cancelled"
 
 
 def test_a_file_a_batch_is_being_made_from_is_not_deleted_under_it(

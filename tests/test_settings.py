@@ -87,3 +87,20 @@ def test_the_requeue_budget_defaults_to_twenty_and_refuses_a_negative_count(monk
         Settings()
     assert describe_invalid(refused.value).startswith("invalid setting MLOC_MAX_REQUEUES='-1': ")
     assert "greater than or equal to 0" in describe_invalid(refused.value)
+
+
+def test_tokens_from_secret_files_lose_their_line_break_and_whitespace_alone_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Stripped on both sides, the orchestrator's admin token and the CLI's token stay the same token.
+    monkeypatch.setenv("ORCHESTRATOR_TOKEN", "admin-secret\n")
+    monkeypatch.setenv("MLOC_TOKEN", " user-secret\r\n")
+    settings = Settings()
+    assert (settings.admin_token, settings.client_token) == ("admin-secret", "user-secret")
+    # Read as "no token", a blank line would turn auth off.
+    monkeypatch.setenv("ORCHESTRATOR_TOKEN", "\n")
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert describe_invalid(refused.value).startswith("invalid setting ORCHESTRATOR_TOKEN='\\n': holds only whitespace")
+    monkeypatch.setenv("ORCHESTRATOR_TOKEN", "")
+    assert Settings().admin_token is None

@@ -25,6 +25,10 @@ FOLLOW_SILENCE_SEC = 45.0
 TASK_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 _FULL_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _ID_PREFIX = re.compile(r"^[0-9a-f-]+$")
+_ID_LENGTH = 36  # a UUID: 32 hex digits and 4 dashes
+# What a bearer token may hold: printable ASCII. Spaces pass, as `mloc up` lets the admin's token have
+# them (ORCHESTRATOR_TOKEN='up token'); a line break or other control character cannot be sent.
+_TOKEN = re.compile(r"[ -~]*")
 
 
 class ApiError(MlocError):
@@ -67,6 +71,12 @@ def default_target() -> tuple[str, str | None]:
 
     Read from the environment now, not from the process's cached settings: a program may set them
     after something else first read the settings."""
+    url, token, _ = _default_target()
+    return url, token
+
+
+def _default_target() -> tuple[str, str | None, str]:
+    """:func:`default_target`, and the name of the variable the token came from."""
     from pydantic import ValidationError
 
     from mloc.errors import ConfigError
@@ -76,7 +86,31 @@ def default_target() -> tuple[str, str | None]:
         settings = Settings()
     except ValidationError as exc:
         raise ConfigError(describe_invalid(exc)) from None
-    return settings.resolved_api_url, settings.client_token
+    return settings.resolved_api_url, settings.client_token, "MLOC_TOKEN" if settings.token else "ORCHESTRATOR_TOKEN"
+
+
+def _checked_url(url: str, name: str) -> str:
+    """``url`` without surrounding whitespace or trailing '/'; ClientError naming ``name`` when it has
+    no scheme, which httpx would only report mid-request, as if the orchestrator had gone away."""
+    url = url.strip().rstrip("/")
+    if not url.lower().startswith(("http://", "https://")):
+        shown = url[:200]
+        raise ClientError(f"{name} {shown} must start with http:// or https:// (e.g. http://{shown})")
+    return url
+
+
+def _checked_token(token: str | None, name: str) -> str | None:
+    """``token`` without the line break a secret file leaves at its end; ClientError naming ``name``
+    for a character no token has, which httpx would only report mid-request. The token is never shown."""
+    if token is None:
+        return None
+    token = token.strip()
+    if not _TOKEN.fullmatch(token):
+        raise ClientError(
+            f"{name} holds a line break, tab, control or non-ASCII character inside the token; "
+            "set it to the token alone, exactly as `mloc users add` printed it"
+        )
+    return token
 
 
 def _task_body(task: Any) -> tuple[bytes, str]:
@@ -143,12 +177,22 @@ class Client:
     ``Client(url, token)`` uses exactly what it is given."""
 
     def __init__(self, base_url: str | None = None, token: str | None = None, *, timeout: float = 30.0) -> None:
+        url_name, token_name = "base_url", "token"
         if base_url is None:
-            base_url, default_token = default_target()
-            token = token if token is not None else default_token
+            base_url, default_token, default_name = _default_target()
+            url_name = "MLOC_API_URL"
+            if token is None:
+                token, token_name = default_token, default_name
+        token = _checked_token(token, token_name)
+        # Said with a 401 when no token was sent: the variable Client() reads, or the argument.
+        self._no_token_hint = "set MLOC_TOKEN to your API token" if url_name == "MLOC_API_URL" else "pass token="
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.base_url = base_url.rstrip("/")
-        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        self.base_url = _checked_url(base_url, url_name)
+        self.sends_token = bool(token)
+        try:
+            self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        except httpx.InvalidURL as exc:
+            raise ClientError(f"{url_name} {self.base_url[:200]!r} is not a URL: {exc}") from None
 
     def __enter__(self) -> Client:
         return self
@@ -166,13 +210,22 @@ class Client:
             )
         return Lost(f"lost the orchestrator at {self.base_url}: {type(exc).__name__}: {exc}")
 
+    def _error(self, response: httpx.Response) -> ApiError:
+        """The orchestrator's error; a 401 to a client that sent no token also says how to send one
+        (the orchestrator's own words are for curl: an Authorization header)."""
+        error = _error_of(response)
+        if response.status_code != 401 or self.sends_token:
+            return error
+        message = f"{error.message} (no token was sent: {self._no_token_hint}; `mloc users add` makes one)"
+        return ApiError(401, {"error": error.code, "message": message, "details": error.details})
+
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from exc
         if response.status_code >= 400:
-            raise _error_of(response)
+            raise self._error(response)
         try:
             return response.json()
         except ValueError:
@@ -186,7 +239,7 @@ class Client:
             with self.http.stream("GET", path, params=params, timeout=timeout) as response:
                 if response.status_code >= 400:
                     response.read()
-                    raise _error_of(response)
+                    raise self._error(response)
                 yield from response.iter_bytes()
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from exc
@@ -197,10 +250,10 @@ class Client:
         text = task_id.strip().lower()
         if _FULL_ID.match(text):
             return text
-        if not _ID_PREFIX.match(text):
+        if not _ID_PREFIX.match(text) or len(text) > _ID_LENGTH:
             raise TaskIdError(
-                f"{task_id[:80]!r} is not a task id: ids are UUIDs (hex digits and '-'); "
-                "`mloc tasks` lists them, and any unique prefix of one works"
+                f"{task_id[:80]!r} is not a task id: ids are UUIDs of {_ID_LENGTH} characters (hex digits and "
+                "'-'); `mloc tasks` lists them, and any unique prefix of one works"
             )
         body = self._call("GET", "/api/v1/task-ids", params={"prefix": text})
         items: list[dict[str, Any]] = body["items"]
@@ -225,9 +278,10 @@ class Client:
         params = {"dry_run": "true"} if dry_run else {}
         return self._call("POST", "/api/v1/tasks", content=body, params=params, headers={"Content-Type": content_type})
 
-    def submit_bulk(self, tasks: list[Any]) -> dict[str, Any]:
+    def submit_bulk(self, tasks: list[Any], *, dry_run: bool = False) -> dict[str, Any]:
         """Submit many tasks at once (all are validated first; if any is invalid none is stored).
-        Each item is a dict, or anything :meth:`submit` takes that holds one task."""
+        Each item is a dict, or anything :meth:`submit` takes that holds one task. ``dry_run``: validate
+        them all and show placement, storing nothing."""
         documents = []
         for task in tasks:
             body, content_type = _task_body(task)
@@ -237,7 +291,8 @@ class Client:
                 from mloc.spec import parse_body
 
                 documents.append(parse_body(body))
-        return self._call("POST", "/api/v1/tasks/bulk", json={"tasks": documents})
+        params = {"dry_run": "true"} if dry_run else {}
+        return self._call("POST", "/api/v1/tasks/bulk", json={"tasks": documents}, params=params)
 
     def task(self, task_id: str) -> dict[str, Any]:
         return self._call("GET", self._path(task_id))
@@ -265,11 +320,43 @@ class Client:
         return self._call("POST", self._path(task_id, "/cancel"))
 
     def pipeline(self, pipeline_id: str) -> dict[str, Any]:
-        """A pipeline's tasks, each with what it waits for and its state."""
-        return self._call("GET", f"/api/v1/pipelines/{pipeline_id}")
+        """A pipeline's tasks, each with what it waits for and its state. ``pipeline_id``: the full id
+        `mloc submit` printed, or the id (or a unique prefix) of one of its tasks."""
+        return self._on_pipeline("GET", pipeline_id)
 
     def cancel_pipeline(self, pipeline_id: str) -> dict[str, Any]:
-        return self._call("POST", f"/api/v1/pipelines/{pipeline_id}/cancel")
+        """Cancel every task of the pipeline that has not ended (``pipeline_id`` as :meth:`pipeline` takes it)."""
+        return self._on_pipeline("POST", pipeline_id, "/cancel")
+
+    def _on_pipeline(self, method: str, given: str, tail: str = "") -> dict[str, Any]:
+        text = given.strip().lower()
+        if not _FULL_ID.match(text):
+            # Pipelines have no index a prefix could be looked up in; their tasks do, and know their pipeline.
+            try:
+                task_id = self.resolve(text)
+            except TaskIdError as exc:
+                raise TaskIdError(
+                    f"{given[:80]!r} names no pipeline: give the full pipeline id `mloc submit` printed "
+                    f"({_ID_LENGTH} characters), or the id of one of its tasks or a unique prefix of that "
+                    f"({exc.message})"
+                ) from None
+            return self._call(method, f"/api/v1/pipelines/{self._pipeline_of(task_id)}{tail}")
+        try:
+            return self._call(method, f"/api/v1/pipelines/{text}{tail}")
+        except ApiError as exc:
+            if exc.status_code != 404:
+                raise
+            try:  # perhaps the full id of one of its tasks
+                pipeline_id = self._pipeline_of(text)
+            except ApiError:
+                raise exc from None
+        return self._call(method, f"/api/v1/pipelines/{pipeline_id}{tail}")
+
+    def _pipeline_of(self, task_id: str) -> str:
+        pipeline_id = self.task(task_id).get("pipeline_id")
+        if not pipeline_id:
+            raise ClientError(f"task {task_id} is not part of a pipeline; `mloc show {task_id}` shows it")
+        return str(pipeline_id)
 
     def resume(self, task_id: str) -> dict[str, Any]:
         """Run a failed or cancelled dataset task's unfinished chunks again."""

@@ -37,6 +37,8 @@ from mloc.errors import Conflict
 
 FILES_DIR = "files"
 ROWS_SUFFIX = ".rows.jsonl"
+# The label that names, on a batch's task, the uploaded file it reads.
+INPUT_FILE_LABEL = "openai.input_file_id"
 FILE_ID = re.compile(r"^file-[0-9a-f]{32}$")
 # Upload names are metadata only (never a path); longer ones are cut.
 MAX_FILENAME = 255

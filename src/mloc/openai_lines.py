@@ -10,6 +10,7 @@ and lands in the error file, as it does at OpenAI.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any, Final
@@ -244,12 +245,30 @@ class BatchOutput:
     created: int
 
 
+# A row's error names the dataset column it read; a batch's rows name their columns after the request's
+# body fields, so the column is the field: "column 'temperature' (temperature) is 7: ..." and "prompt
+# column 'prompt' is empty" are about body.temperature and body.prompt.
+_ROW_FIELD = re.compile(r"^column '(?P<column>\w+)' \((?P<field>\w+)\) is (?P<rest>.*)$", re.DOTALL)
+_ROW_TEXT = re.compile(r"^(?:prompt|messages) column '(?P<field>\w+)' (?P<rest>.*)$", re.DOTALL)
+
+
+def request_error(message: str) -> tuple[str, str | None]:
+    """A failed row's error as a request's: the message in terms of the request body, and its ``param``."""
+    for pattern in (_ROW_FIELD, _ROW_TEXT):
+        found = pattern.match(message)
+        if found and found["field"] in (*SAMPLING, *TEXT_FIELD.values()):
+            param = f"body.{found['field']}"
+            return f"{param} {'is ' if pattern is _ROW_FIELD else ''}{found['rest']}", param
+    return message, None
+
+
 def response_line(line: dict[str, Any], index: int, batch: BatchOutput) -> dict[str, Any]:
     """OpenAI's line for one MLOC result line (``index`` is its place in the batch): the response, or
     for a row that failed a 400 answer with the row's error."""
     tag = f"{batch.key}-{index}"
     if line.get("error") is not None:
-        error = {"message": str(line["error"]), "type": "invalid_request_error", "param": None, "code": None}
+        message, param = request_error(str(line["error"]))
+        error = {"message": message, "type": "invalid_request_error", "param": param, "code": None}
         response = {"status_code": 400, "request_id": f"req_{tag}", "body": {"error": error}}
         return {"id": f"batch_req_{tag}", "custom_id": line.get("id"), "response": response, "error": None}
     prompt, completion = int(line.get("prompt_tokens") or 0), int(line.get("completion_tokens") or 0)

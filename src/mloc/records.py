@@ -51,6 +51,15 @@ def _float(raw: str | None) -> float | None:
     return float(raw) if raw else None
 
 
+def _progress(raw: str | None, state: TaskState) -> dict[str, Any] | None:
+    """The task's last progress report. An ended task's keeps its count but loses its ETA: that was a
+    guess about a run that is over, and shown after a cancel or a failure it reads as time still to go."""
+    progress = _loads(raw)
+    if isinstance(progress, dict) and state.terminal:
+        progress.pop("eta_sec", None)
+    return progress
+
+
 # ------------------------------------------------------------------------------------------- tasks
 @dataclass
 class NewTask:
@@ -194,13 +203,14 @@ class TaskRecord(BaseModel):
 
     @classmethod
     def from_hash(cls, h: dict[str, str], *, with_spec: bool = True) -> TaskRecord:
+        state = TaskState(h["state"])
         return cls(
             task_id=h["id"],
             name=h.get("name", ""),
             owner=h.get("owner", ""),
             task_type=h.get("task_type", ""),
             kind=h.get("kind", ""),
-            state=TaskState(h["state"]),
+            state=state,
             topic=h.get("topic", ""),
             priority=int(h.get("priority", "0")),
             worker_id=h.get("worker_id") or None,
@@ -219,7 +229,7 @@ class TaskRecord(BaseModel):
             finished_at=_float(h.get("finished_at")),
             labels=_loads(h.get("labels"), {}),
             request=_loads(h.get("req"), {}),
-            progress=_loads(h.get("progress")),
+            progress=_progress(h.get("progress"), state),
             usage=_loads(h.get("usage")),
             result_summary=_loads(h.get("result_summary")),
             artifacts=_loads(h.get("artifacts"), {}),

@@ -183,6 +183,18 @@ class Settings(BaseSettings):
     def _upper_log_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
+    # Tokens often come from secret files, which end in a line break no header may carry: the
+    # orchestrator and the CLI both strip it, so they compare the same token. A token of whitespace
+    # alone is refused rather than read as "no token", which would turn auth off.
+    @field_validator("orchestrator_token", "token", mode="before")
+    @classmethod
+    def _strip_token(cls, value: object) -> object:
+        if not isinstance(value, str) or not value:
+            return value
+        if not value.strip():
+            raise ValueError("holds only whitespace; set the token itself, or leave the variable empty for none")
+        return value.strip()
+
     @field_validator("log_level")
     @classmethod
     def _known_log_level(cls, value: str) -> str:

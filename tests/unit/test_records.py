@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from mloc import keys
+from mloc.cli.waiting import progress_text
 from mloc.records import (
     ADMIN,
     HEARTBEATING,
@@ -102,6 +103,17 @@ def test_optional_fields_are_stored_only_when_set() -> None:
     assert (h["retry_backoff_sec"], h["retry_backoff_max_sec"]) == ("1.0", "60.0")
     parent = TaskRecord.from_hash(new_task(group_size=2, children=["a", "b"], unschedulable=True).to_hash())
     assert parent.children == ["a", "b"] and parent.unschedulable
+
+
+def test_an_ended_tasks_progress_keeps_its_count_but_not_its_eta() -> None:
+    reported = {"step": 7, "total": 20, "percent": 35.0, "elapsed_sec": 14.0, "eta_sec": 26.0}
+    for state in TaskState:
+        h = {**new_task().to_hash(), "state": state.value, "progress": json.dumps(reported)}
+        progress = TaskRecord.from_hash(h).progress
+        assert progress is not None and (progress["step"], progress["percent"]) == (7, 35.0)
+        assert ("eta_sec" in progress) is not state.terminal, state
+        # What `mloc show` prints: "7/20 (35.0%), ETA 26.0 s" while it runs, no ETA once it has ended.
+        assert progress_text(progress).endswith("(35.0%)") is state.terminal
 
 
 def test_a_new_task_stored_and_read_back_through_redis(redis_url: str) -> None:

@@ -56,12 +56,14 @@ class BodyLimit:
             return
         path = scope.get("path", "")
         if path == openai_batch.UPLOAD_PATH:
-            limit, variable = self.file_limit, "MLOC_MAX_FILE_BYTES"
+            shown, variable = self.file_limit, "MLOC_MAX_FILE_BYTES"
+            limit = shown + openai_batch.UPLOAD_MARGIN  # the form around the file; the route checks the file
         else:
             limit, variable = (self.limit * 16 if path.endswith("/bulk") else self.limit), "MLOC_MAX_BODY_BYTES"
+            shown = limit
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._refuse(send, int(declared), limit, variable)
+            await self._refuse(send, shown, variable)
             return
         seen = 0
 
@@ -76,11 +78,11 @@ class BodyLimit:
 
         try:
             await self.app(scope, limited, send)
-        except _TooLarge as exc:
-            await self._refuse(send, exc.size, limit, variable)
+        except _TooLarge:
+            await self._refuse(send, shown, variable)
 
     @staticmethod
-    async def _refuse(send: Send, size: int, limit: int, variable: str) -> None:
+    async def _refuse(send: Send, limit: int, variable: str) -> None:
         body = (
             b'{"ok":false,"error":"payload_too_large","message":"request body is over the limit of '
             + str(limit).encode()

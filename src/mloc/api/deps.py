@@ -13,7 +13,8 @@ from mloc.errors import BadRequest, Forbidden, Unauthorized, Unavailable
 from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.orchestrator.users import Principal, authenticate
 
-_TASK_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+# Either case: ids are stored in lower case, but UUIDs are often written in upper case (the CLI takes both).
+_TASK_ID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
@@ -54,7 +55,7 @@ _WORKER_ID_PATH = Path(description="The worker's id.", json_schema_extra={"patte
 async def task_id(task_id: Annotated[str, _TASK_ID_PATH]) -> str:
     if not _TASK_ID.match(task_id):
         raise BadRequest(f"{task_id[:80]!r} is not a task id; task ids are UUIDs such as the submit response gives")
-    return task_id
+    return task_id.lower()
 
 
 @raises(BadRequest)

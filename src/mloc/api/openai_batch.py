@@ -30,6 +30,7 @@ from mloc.errors import (
     Forbidden,
     InvalidTransition,
     NotFound,
+    PayloadTooLarge,
     SpecError,
     Unavailable,
 )
@@ -42,7 +43,10 @@ from mloc.spec import Document, validate
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
-UPLOAD_PATH = "/v1/files"  # its body may be up to MLOC_MAX_FILE_BYTES
+UPLOAD_PATH = "/v1/files"  # its file may be up to MLOC_MAX_FILE_BYTES
+# What a multipart form adds around the file (boundaries, part headers, the purpose field): the
+# request may be this much larger than the file limit.
+UPLOAD_MARGIN = 64 << 10
 
 # OpenAI's limits on a batch's metadata; a value is held to MLOC's label limit.
 MAX_METADATA = 16
@@ -76,7 +80,7 @@ def _visible(stored: StoredFile | None, who: Principal, file_id: str) -> StoredF
 
 
 @router.post("/files", response_model=objects.FileObject)
-@raises(BadRequest)
+@raises(BadRequest, PayloadTooLarge)
 async def upload_file(
     orch: Orch,
     who: Caller,
@@ -89,6 +93,11 @@ async def upload_file(
             f"purpose {purpose!r} is not supported: MLOC stores batch input files only; set purpose to 'batch'",
             details=[{"path": "purpose", "message": f"is {purpose!r}", "fix": "set it to 'batch'"}],
         )
+    limit = orch.settings.max_file_bytes
+    if file.size is not None and file.size > limit:
+        # The request may carry the form's own bytes past the limit (see UPLOAD_MARGIN): the file may not.
+        name = file.filename or "the file"
+        raise PayloadTooLarge(f"{name} is {file.size} bytes; the limit is {limit} (MLOC_MAX_FILE_BYTES)")
     stored = await _files(orch).save(
         file.file, filename=file.filename or "upload.jsonl", purpose=purpose, owner=who.name
     )
@@ -207,6 +216,12 @@ async def create_batch(body: CreateBatch, orch: Orch, who: Caller) -> dict[str, 
     labels = _metadata_labels(body.metadata or {})
     files = _files(orch)
     stored = await files.get(body.input_file_id)
+    if stored is None and objects.derived(body.input_file_id) is not None:
+        raise BadRequest(
+            f"input file {body.input_file_id[:100]} is a batch's output or error file; a batch reads an uploaded "
+            "file: download its lines, upload them with POST /v1/files (purpose 'batch') and name that file",
+            details=[{"path": "input_file_id", "message": "is a batch's output or error file"}],
+        )
     if stored is None or (not who.admin and stored.owner != who.name):
         raise NotFound(
             f"input file {body.input_file_id[:100]} not found; upload it with POST /v1/files (purpose 'batch')",
@@ -358,7 +373,13 @@ async def retrieve_batch(batch_id: str, orch: Orch, who: Caller) -> dict[str, An
 async def cancel_batch(batch_id: str, orch: Orch, who: Caller) -> dict[str, Any]:
     """Cancel a batch; the requests already answered stay in its output file."""
     record = await objects.batch_record(orch, who, objects.batch_task_id(batch_id), batch_id)
-    await cancel(orch.store, record.task_id, by=who.name)
+    try:
+        await cancel(orch.store, record.task_id, by=who.name)
+    except InvalidTransition:
+        status = objects.status_of(await orch.store.get(record.task_id, with_spec=False))
+        raise InvalidTransition(
+            f"batch {batch_id} is {status}; only a batch that has not ended can be cancelled"
+        ) from None
     return await objects.batch_object(orch, await orch.store.get(record.task_id, with_spec=False))
 
 

@@ -15,7 +15,7 @@ from typing import IO, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from mloc import openai_lines
+from mloc import openai_files, openai_lines
 from mloc.api.results import open_lines
 from mloc.api.tasks import _own
 from mloc.errors import Conflict, NotFound
@@ -28,7 +28,7 @@ from mloc.state import TaskState
 # Labels of a batch's task: they mark it a batch and keep what the Batch object reports.
 BATCH = "openai.batch"
 ENDPOINT = "openai.endpoint"
-INPUT_FILE = "openai.input_file_id"
+INPUT_FILE = openai_files.INPUT_FILE_LABEL
 MODEL = "openai.model"
 REQUESTS = "openai.requests"
 METADATA = "openai.metadata."
@@ -254,6 +254,8 @@ async def batch_object(orch: Orchestrator, record: TaskRecord) -> dict[str, Any]
         errors = {"object": "list", "data": [error]}
     metadata = {k.removeprefix(METADATA): v for k, v in record.labels.items() if k.startswith(METADATA)}
     created = int(record.created_at)
+    # A cancel MLOC makes at once is cancelling and cancelled in the same moment.
+    cancelling = _time(record.updated_at) if status == "cancelling" else ended if status == "cancelled" else None
     return {
         "id": BATCH_PREFIX + record.task_id,
         "object": "batch",
@@ -272,7 +274,7 @@ async def batch_object(orch: Orchestrator, record: TaskRecord) -> dict[str, Any]
         "completed_at": ended if status == "completed" else None,
         "failed_at": ended if status == "failed" else None,
         "expired_at": None,
-        "cancelling_at": _time(record.updated_at) if status == "cancelling" else None,
+        "cancelling_at": cancelling,
         "cancelled_at": ended if status == "cancelled" else None,
         "request_counts": {
             "total": int(record.labels.get(REQUESTS, "0")),

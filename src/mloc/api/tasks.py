@@ -89,9 +89,15 @@ async def submit(
 
 @router.post("/bulk", status_code=201, openapi_extra=TASK_BODY)
 @raises(BadRequest, Forbidden, SpecError)
-async def submit_bulk(request: Request, orch: Orch, who: Caller) -> JSONResponse:
-    """Submit many tasks at once: a JSON list, {"tasks": [...]}, or a multi-document YAML stream.
-    All are validated first; if any is invalid, none is stored."""
+async def submit_bulk(
+    request: Request,
+    orch: Orch,
+    who: Caller,
+    dry_run: Annotated[bool, Query(description="Validate every task and show placement only.")] = False,
+) -> JSONResponse:
+    """Submit many tasks at once: a JSON list, {"tasks": [...]}, or a multi-document YAML stream
+    (empty documents, as a trailing ``---`` leaves, are skipped). All are validated first; if any is
+    invalid, none is stored."""
     raw = await request.body()
     content_type = request.headers.get("content-type") or ""
     items: Any
@@ -100,7 +106,7 @@ async def submit_bulk(request: Request, orch: Orch, who: Caller) -> JSONResponse
         if isinstance(items, dict):
             items = items.get("tasks")
     else:
-        items = parse_stream(raw, limit=orch.settings.max_body_bytes * 16)
+        items = [item for item in parse_stream(raw, limit=orch.settings.max_body_bytes * 16) if item is not None]
     if not isinstance(items, list) or not items:
         raise BadRequest('send a non-empty JSON list of tasks, {"tasks": [...]}, or YAML documents')
     documents: list[Document] = []
@@ -115,6 +121,9 @@ async def submit_bulk(request: Request, orch: Orch, who: Caller) -> JSONResponse
             f"{len(problems)} of {len(items)} tasks are invalid; nothing was stored",
             details=problems[:50],
         )
+    if dry_run:
+        checked = await orch.dry_run_many(documents, who)
+        return JSONResponse({"ok": True, "valid": True, "count": len(checked), "tasks": checked}, status_code=201)
     results = await orch.submit_many(documents, who)
     return JSONResponse({"ok": True, "count": len(results), "tasks": results}, status_code=201)
 
@@ -160,7 +169,8 @@ async def task_result(task_id: TaskId, orch: Orch, who: Caller) -> JSONResponse:
     record = _own(await orch.store.get(task_id, with_spec=False), who)
     result = await orch.store.result(task_id)
     if result is None:
-        raise NotFound(f"task {task_id} has no result yet (it is {record.state})")
+        yet = "" if record.state.terminal else " yet"
+        raise NotFound(f"task {task_id} has no result{yet} (it is {record.state})")
     return JSONResponse(result)
 
 

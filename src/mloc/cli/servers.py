@@ -8,7 +8,7 @@ import signal
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -193,15 +193,36 @@ def run(
     client = Client(cluster.api_url)
     try:
         answer = client.submit(file)
-        output.line(
-            output.visible(f"submitted task {answer['task_id']} to worker {answer['worker_id']}", one_line=True)
-        )
+        output.line(output.visible(f"submitted task {answer['task_id']} {_placed(answer)}", one_line=True))
+        if answer.get("unschedulable"):
+            raise waiting.Unschedulable(answer["task_id"], answer.get("pending_reason") or "no worker can run it")
         record = waiting.wait(client, answer["task_id"], timeout=timeout, unschedulable_after=0)
         waiting.report(client, record, shown=shown, results_dir=str(results))
         if record["state"] != "succeeded":
             raise typer.Exit(1)
+    except waiting.Unschedulable as exc:
+        _no_worker_here(exc, file)
     except MlocError as exc:
-        output.fail(exc, code=1 if isinstance(exc, waiting.Unschedulable) else 2)
+        output.fail(exc)
     finally:
         client.close()
         cluster.stop()
+
+
+def _placed(answer: dict[str, Any]) -> str:
+    """Where a submitted task went: 'to worker local-1', or '(not placed: <why it waits>)'."""
+    if answer.get("worker_id"):
+        return f"to worker {answer['worker_id']}"
+    return f"(not placed: {answer.get('pending_reason') or 'waiting for a worker'})"
+
+
+def _no_worker_here(exc: waiting.Unschedulable, file: Path) -> NoReturn:
+    """`mloc run`'s task that none of its workers can run. Unlike `mloc submit --wait`, nothing stays
+    queued to cancel: the throw-away cluster stops with the command. So say what to change."""
+    why = exc.reason.removeprefix("no registered worker can run this task: ")
+    output.die(
+        f"no worker of the throw-away cluster can run task {exc.task_id}: {why}. Ask for resources this machine "
+        f"has (spec.resources in {file}), or submit it to a cluster that has such a worker: "
+        f"MLOC_API_URL=http://HOST:8000 mloc submit {file}",
+        code=1,
+    )

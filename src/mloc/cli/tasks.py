@@ -99,10 +99,12 @@ def submit(
         output.die(f"--wait follows one task; these files hold {len(labelled)} (leave out --wait, then `mloc show ID`)")
     try:
         if dry_run:
-            if len(labelled) != 1:
-                output.die("--dry-run checks one task at a time")
-            answer = api.submit(files[0], dry_run=True)
-            output.print_json(answer)
+            single = len(files) == 1 and len(labelled) == 1
+            output.print_json(
+                api.submit(files[0], dry_run=True)
+                if single
+                else api.submit_bulk([document for _, document in labelled], dry_run=True)
+            )
             return
         # One task goes as the file's own bytes, so the API's messages point into the file as written.
         single = len(files) == 1 and len(labelled) == 1
@@ -363,7 +365,7 @@ def pipeline(
     cancel_it: Annotated[bool, typer.Option("--cancel", help="Cancel every step that has not ended.")] = False,
     json_out: JsonFlag = False,
 ) -> None:
-    """Show a pipeline's steps (what each waits for, its state), or cancel what has not run."""
+    """Show a pipeline's steps (what each waits for, its state), or cancel every step that has not ended."""
     api = client()
     try:
         if cancel_it:

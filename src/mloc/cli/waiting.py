@@ -22,6 +22,14 @@ STATE_STYLE = {"succeeded": "green", "failed": "red", "cancelling": "yellow", "c
 class Unschedulable(MlocError):
     """The task waits for a worker that no registered worker can be; waiting longer will not help."""
 
+    def __init__(self, task_id: str, reason: str) -> None:
+        super().__init__(
+            f"task {task_id} cannot start: {reason}. It stays queued and starts if a worker that fits "
+            f"registers; `mloc cancel {task_id}` drops it"
+        )
+        self.task_id = task_id
+        self.reason = reason
+
 
 def progress_text(progress: dict[str, Any] | None) -> str:
     """'256/2000 (12.8%), ETA 3 min 12 s' / 'loading model …' from a record's progress, or ''."""
@@ -127,11 +135,7 @@ class Watcher:
         if self._unschedulable_since is None:
             self._unschedulable_since = now
         if now - self._unschedulable_since >= self.unschedulable_after:
-            raise Unschedulable(
-                f"task {self.task_id} cannot start: {record.get('pending_reason') or 'no worker can run it'}. "
-                f"It stays queued and starts if a worker that fits registers; "
-                f"`mloc cancel {self.task_id}` drops it"
-            )
+            raise Unschedulable(self.task_id, record.get("pending_reason") or "no worker can run it")
 
 
 def wait(client: Client, task_id: str, *, timeout: float, unschedulable_after: float) -> dict[str, Any]:

@@ -227,7 +227,9 @@ def _csv(handle: IO[bytes], label: str, skip: int = 0) -> Iterator[RawRow]:
                 yield RawRow(number, dict(row), None, reader.line_num)
             number += 1
     except UnicodeDecodeError as exc:
-        raise ExecutionError(f"{label} is not UTF-8 text (at row {number}, byte {exc.start} of a block)") from None
+        raise ExecutionError(
+            f"{label} is not UTF-8 text (at row {number}, byte {exc.start} of a block); save it as UTF-8"
+        ) from None
     except csv.Error as exc:
         raise ExecutionError(f"{label} line {reader.line_num}: not readable as CSV: {exc}") from exc
     finally:

@@ -63,6 +63,14 @@ def chunk_rows(document: dict[str, Any]) -> int:
     return int(document["spec"]["inference"]["input"].get("chunk_rows") or DEFAULT_CHUNK_ROWS)
 
 
+def chunk_count(document: dict[str, Any]) -> int | None:
+    """How many chunks the task's ``max_rows`` allows, or None without one (the data says when it ends)."""
+    source = document["spec"]["inference"]["input"]
+    if source.get("max_rows") is None:
+        return None
+    return max(1, -(-int(source["max_rows"]) // chunk_rows(document)))
+
+
 def chunk_document(document: dict[str, Any], name: str, parent_id: str, index: int) -> dict[str, Any] | None:
     """The task of chunk ``index`` (wire form), or None when the task's ``max_rows`` ends before it."""
     size = chunk_rows(document)
@@ -176,7 +184,13 @@ async def _settle(store: TaskStore, parent_id: str, settings: Settings) -> bool:
         )
         await _end(store, parent_id, children, states, TaskState.FAILED, why)
         return True
-    last = next((i for i, s in enumerate(summaries) if s and not s.get("more")), None)
+    # The last chunk read the data's last row, or the last the task's max_rows allows (it says there
+    # are more: there are, in the data, past the task's own window).
+    allowed_chunks = chunk_count(json.loads(h["spec"]))
+    last = next(
+        (i for i, s in enumerate(summaries) if s and (not s.get("more") or i + 1 == allowed_chunks)),
+        None,
+    )
     if last is not None and all(s == TaskState.SUCCEEDED for s in states[: last + 1]):
         await _succeed(store, h, children[: last + 1], rows, settings)
         for child, chunk_state in zip(children[last + 1 :], states[last + 1 :], strict=True):
@@ -279,7 +293,16 @@ async def _succeed(
         # Served from the store like any task's files: as the parent's one attempt.
         await asyncio.to_thread(store_.publish, parent_id, 1, "orchestrator", folder)
     now = time.time()
-    fields = {"finished_at": repr(now), "usage": json.dumps(usage), "reason": "", "attempts": "1"}
+    rows_done = merged["rows"]
+    message = f"{rows_done:,} rows done in {len(children)} chunk(s)"
+    progress = {"step": rows_done, "total": rows_done, "message": message}
+    fields = {
+        "finished_at": repr(now),
+        "usage": json.dumps(usage),
+        "reason": "",
+        "attempts": "1",
+        "progress": json.dumps(progress | {"ts": now}),
+    }
     if TaskState(h["state"]) != TaskState.PENDING:
         await store.transition(parent_id, moves.GROUP_SUCCEED, result=merged, fields=fields, now=now)
         return

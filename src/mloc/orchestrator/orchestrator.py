@@ -6,6 +6,7 @@ import asyncio
 import bisect
 import contextlib
 import functools
+import json
 import logging
 import time
 from datetime import UTC, date, datetime, timedelta
@@ -14,7 +15,8 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from mloc import keys, modelroots
-from mloc.errors import BadRequest, Forbidden, SpecError
+from mloc.errors import BadRequest, Conflict, Forbidden, SpecError
+from mloc.openai_files import INPUT_FILE_LABEL
 from mloc.orchestrator import chunks, eta, groups, harness, pipelines, reaper
 from mloc.orchestrator.admission import MemoryFit
 from mloc.orchestrator.overspend import Overspend
@@ -23,7 +25,7 @@ from mloc.orchestrator.queues import UserLimits
 from mloc.orchestrator.scheduler import Decision, Placement, Scheduler
 from mloc.orchestrator.usage import Grouping, UsageReports
 from mloc.orchestrator.users import Principal
-from mloc.records import NewTask, TaskRecord, WorkerRecord
+from mloc.records import NewTask, TaskRecord, WorkerRecord, WorkerView
 from mloc.requeue import Backoff
 from mloc.settings import Settings
 from mloc.spec import Document, validate
@@ -252,7 +254,7 @@ class Orchestrator:
                     "name": step.name,
                     "worker_id": placement.worker_id if placement else None,
                     "topic": step.record.topic,
-                    "state": "pending",
+                    "state": "assigned" if placement and placement.worker_id else "pending",
                     "depends_on": step.depends_on,
                     "pending_reason": (placement.pending_reason if placement else step.record.pending_reason),
                     **({"pipeline_id": plan.pipeline_id} if plan.pipeline_id else {}),
@@ -297,7 +299,20 @@ class Orchestrator:
 
     async def resume(self, task_id: str, principal: Principal) -> dict[str, Any]:
         """Run a failed or cancelled dataset task's unfinished chunks again (see :mod:`.chunks`)."""
+        await self._check_upload_kept(task_id)
         return await chunks.resume(self.store, task_id, by=principal.name)
+
+    async def _check_upload_kept(self, task_id: str) -> None:
+        """Refuse to resume a batch whose uploaded input file was deleted since it ended: its chunks
+        would fail on the missing rows, and the lines the stopped chunk wrote would be lost with it."""
+        labels = json.loads(await self.redis.hget(keys.task(task_id), "labels") or "{}")
+        file_id = labels.get(INPUT_FILE_LABEL)
+        if file_id and not await self.redis.exists(keys.openai_file(file_id)):
+            raise Conflict(
+                f"task {task_id} reads the uploaded file {file_id}, which has been deleted, so its unfinished "
+                f"requests cannot run again; its finished lines stay (GET /api/v1/tasks/{task_id}/results, or the "
+                "batch's output file): upload the file again and create a new batch for the rest"
+            )
 
     async def submit_many(self, documents: list[Document], principal: Principal) -> list[dict[str, Any]]:
         if len(documents) > MAX_BULK:
@@ -353,12 +368,15 @@ class Orchestrator:
             for (record, _), answer in zip(prepared, answers, strict=True)
         ]
 
-    async def dry_run(self, document: Document, principal: Principal) -> dict[str, Any]:
-        """Validate and say where the task would go, without storing anything."""
+    async def dry_run(
+        self, document: Document, principal: Principal, views: list[WorkerView] | None = None
+    ) -> dict[str, Any]:
+        """Validate and say where the task would go, without storing anything (``views``: the
+        registry snapshot to judge by, else a fresh one)."""
         request = request_of(document)
         self._owner(document, principal)
         await self._check_models(document, principal)
-        views = await self.scheduler.views(fresh=True)
+        views = views if views is not None else await self.scheduler.views(fresh=True)
         fit = await self.memfit.assess(document, request)
         request = fit.request
         fits = [v.worker_id for v in views if misfit(request, v) is None]
@@ -373,6 +391,16 @@ class Orchestrator:
         if not fits:
             answer["pending_reason"], answer["unschedulable"] = explain(request, views)
         return answer
+
+    async def dry_run_many(self, documents: list[Document], principal: Principal) -> list[dict[str, Any]]:
+        """:meth:`dry_run` for a bulk submit: each task judged on one snapshot, and tasks that wait for
+        tasks planned as their submit would plan them (names, references, cycles), storing nothing."""
+        if len(documents) > MAX_BULK:
+            raise BadRequest(f"{len(documents)} tasks in one request; the limit is {MAX_BULK}")
+        if pipelines.needs_planning(documents):
+            await pipelines.plan(self.store, documents, principal, self._record)
+        views = await self.scheduler.views(fresh=True)
+        return [await self.dry_run(document, principal, views) for document in documents]
 
     # ------------------------------------------------------------- background
     async def cleanup(self) -> reaper.ReapReport:

@@ -167,7 +167,7 @@ def read_records(spec: DatasetSpec) -> tuple[list[tuple[Record, int | None]], st
     try:
         return list(rows), str(path)
     except UnicodeDecodeError as exc:
-        raise ExecutionError(f"dataset {path} is not UTF-8 text (byte {exc.start})") from None
+        raise ExecutionError(f"dataset {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
 
 
 def detect_format(record: Record) -> DatasetFormat | None:

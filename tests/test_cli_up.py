@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -296,3 +297,18 @@ def test_run_of_a_task_no_worker_here_can_run_says_what_to_change_and_fails(tmp_
     assert f"Ask for resources this machine has (spec.resources in {gpu})" in said[0]
     # The cluster, and the task with it, is gone: there is nothing to cancel.
     assert "mloc cancel" not in ran.stderr
+
+
+def test_up_on_a_port_another_process_listens_on_names_the_port_and_the_fix(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = up_env(tmp_path / "home", port)
+        command = [sys.executable, "-m", "mloc.cli", "up", "--workers", "0"]
+        ran = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert ran.returncode != 0
+    said = ran.stdout + ran.stderr
+    assert f"error: port {port} on 127.0.0.1 is in use by another process" in said, said
+    assert "choose another port with PORT / MLOC_PORT (`mloc up --port N`)" in said
+    assert "Traceback" not in said

@@ -57,7 +57,9 @@ def test_a_start_that_fails_leaves_no_process_behind(
         worker_env=[{}, {"MLOC_WORKER_SLOTS": "none"}],
         log_dir=tmp_path / "logs",
     )
-    with pytest.raises(ConfigError, match="local-2 exited with code"), cluster:
+    with pytest.raises(ConfigError, match="local-2 exited with code") as refused, cluster:
         pass
+    # Its own error line is quoted, before where its log is.
+    assert "MLOC_WORKER_SLOTS" in refused.value.message.split("; see ")[0], refused.value.message
     assert spawned("mloc.") == []
     assert not cluster.running

@@ -120,7 +120,8 @@ class LocalCluster:
             for name, proc in [("orchestrator", self.orchestrator), *self.worker_procs.items()]:
                 if proc is not None and proc.poll() is not None:
                     where = f"; see {self.log_dir / (name + '.log')}" if self.log_dir else ""
-                    raise ConfigError(f"{name} exited with code {proc.returncode} during start-up{where}")
+                    said = self._error_line(name)
+                    raise ConfigError(f"{name} exited with code {proc.returncode} during start-up{said}{where}")
             with contextlib.suppress(httpx.HTTPError):
                 workers = httpx.get(f"{self.api_url}/workers", headers=headers, timeout=1).json()
                 active = {w["worker_id"] for w in workers.get("items", []) if w["status"] == WorkerStatus.ACTIVE}
@@ -129,6 +130,20 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 raise ConfigError(f"the local cluster was not ready after {timeout:.0f}s")
             time.sleep(0.1)
+
+    def _error_line(self, name: str) -> str:
+        """': <its error>' from the last 'error: ' line a process that stopped wrote to its log, or ''."""
+        if not self.log_dir:
+            return ""
+        try:
+            with open(self.log_dir / f"{name}.log", "rb") as log_file:
+                log_file.seek(0, os.SEEK_END)
+                log_file.seek(max(0, log_file.tell() - 8192))
+                tail = log_file.read().decode(errors="replace").splitlines()
+        except OSError:
+            return ""
+        said = [line.removeprefix("error: ") for line in tail if line.startswith("error: ")]
+        return f": {said[-1]}" if said else ""
 
     def stop_worker(self, worker_id: str, sig: int = signal.SIGTERM, timeout: float = 60.0) -> None:
         proc = self.worker_procs.pop(worker_id)

@@ -49,6 +49,7 @@ def serve(settings: Settings) -> None:
             await client.aclose()
 
         asyncio.run(reachable())
+        check_port(settings.host, settings.port)
         uvicorn.run(
             create_app(settings),
             host=settings.host,
@@ -64,6 +65,27 @@ def serve(settings: Settings) -> None:
     finally:
         if choice.started is not None:
             choice.started.stop()
+
+
+def check_port(host: str, port: int) -> None:
+    """ConfigError naming the port and the fix when another process listens there; uvicorn would log
+    the bind error and exit with a bare code."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As uvicorn binds: a port left in TIME_WAIT by a stopped orchestrator is free to take.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+            raise ConfigError(
+                f"port {port} on {host} is in use by another process (another orchestrator or `mloc up`?); "
+                "stop it, or choose another port with PORT / MLOC_PORT (`mloc up --port N`)"
+            ) from None
 
 
 def main() -> None:

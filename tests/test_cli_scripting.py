@@ -146,6 +146,9 @@ def test_pipelines_take_a_task_id_or_its_prefix_and_ids_too_long_or_ended_tasks_
         shown = mloc("pipeline", given, "--json", env=env)
         assert shown.returncode == 0, (given, shown.stderr)
         assert json.loads(shown.stdout)["id"] == pipeline_id
+    # `mloc show` of a step names its pipeline, for who lost the submit's output.
+    step = dict(line.split(None, 1) for line in mloc("show", second, env=env).stdout.splitlines() if line.strip())
+    assert step["pipeline"] == f"{pipeline_id} (`mloc pipeline {pipeline_id}` shows its steps)"
     short = mloc("pipeline", pipeline_id[:8], env=env)
     assert short.returncode == 2 and "String should have" not in short.stderr
     assert short.stderr.startswith(f"error: '{pipeline_id[:8]}' names no pipeline: give the full pipeline id")

@@ -73,6 +73,11 @@ class _Reader:
         try:
             line = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                problem = f"is not UTF-8 text (byte {bad.start})"
+                raise self.refuse(number, "the line", problem, "save the file as UTF-8") from None
             raise self.refuse(number, "the line", f"is not JSON ({exc})", "write one JSON object per line") from None
         if not isinstance(line, dict):
             raise self.refuse(number, "the line", "is not a JSON object", "write one JSON object per line")

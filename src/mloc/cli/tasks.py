@@ -267,6 +267,8 @@ def _summary(record: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("ran", output.duration(end - started) + ("" if finished else " so far")))
     if finished:
         rows.append(("finished", output.at(finished)))
+    if record.get("pipeline_id"):
+        rows.append(("pipeline", f"{record['pipeline_id']} (`mloc pipeline {record['pipeline_id']}` shows its steps)"))
     if record.get("parent_id"):
         rows.append(("replica of", f"{record['parent_id']} (replica {record.get('replica')})"))
     if record.get("children"):

@@ -40,16 +40,21 @@ return 0
 # KEYS[5] pending queue zset  KEYS[6] the owner's pending queue  KEYS[7] set of owners with pending tasks
 # KEYS[8] the last order given (every orchestrator's creates share it)
 # ARGV[1] task id     ARGV[2] created ms       ARGV[3] the priority's part of the pending score,
-# -priority x weight ("" = not for the scheduler)      ARGV[4] owner       ARGV[5..] field, value, ...
-# The order is the created ms, or the one after the last given if that is not later: tasks of one
+# -priority x weight ("" = not for the scheduler)      ARGV[4] owner
+# ARGV[5] "1": keep the created ms as the order (a chunk takes its parent's place)
+# ARGV[6..] field, value, ...
+# Else the order is the created ms, or the one after the last given if that is not later: tasks of one
 # priority queue in the order Redis stored them, whichever orchestrator (and clock) made them.
 # Returns 1, or 0 if a task with that id exists.
 CREATE = r"""
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local order = math.max(tonumber(ARGV[2]), tonumber(redis.call('GET', KEYS[8]) or '0') + 1)
+local order = tonumber(ARGV[2])
+if ARGV[5] ~= '1' then
+  order = math.max(order, tonumber(redis.call('GET', KEYS[8]) or '0') + 1)
+  redis.call('SET', KEYS[8], string.format('%d', order))
+end
 local ms = string.format('%d', order)
-redis.call('SET', KEYS[8], ms)
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 redis.call('HSET', KEYS[1], 'created_ms', ms)
 redis.call('ZADD', KEYS[2], ms, ARGV[1])
 redis.call('ZADD', KEYS[3], ms, ARGV[1])

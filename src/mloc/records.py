@@ -98,12 +98,15 @@ class NewTask:
     unschedulable: bool = False
     # What admission estimated the task needs in memory (see mloc.orchestrator.admission), or why not.
     memory_estimate: dict[str, Any] | None = None
+    # A place in the queues kept as given (a chunk keeps its parent's), where a new task's would be moved
+    # on past the last one given (see :data:`mloc.lua.CREATE`).
+    order_ms: int | None = None
 
     @property
     def created_ms(self) -> int:
-        """The submit time in milliseconds: the order the task asks for in the queues, which the create
-        script moves on past the last one given where it is not later (see :data:`mloc.lua.CREATE`)."""
-        return int(self.created_at * 1000)
+        """The order the task asks for in the queues: its kept place, else its submit time in ms, which the
+        create script moves on past the last one given where it is not later."""
+        return int(self.created_at * 1000) if self.order_ms is None else self.order_ms
 
     def to_hash(self) -> dict[str, str]:
         h = {

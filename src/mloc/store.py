@@ -117,6 +117,7 @@ class TaskStore:
                 str(created_ms),
                 repr(pending_score(task.priority, 0)) if task.queued else "",
                 task.owner,
+                "1" if task.order_ms is not None else "",
                 *fields,
             ],
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import redis.asyncio as aioredis
 
@@ -88,6 +89,14 @@ def test_tasks_queue_in_the_order_redis_stored_them_whichever_clock_made_them(re
         for record, priority in ((behind, 0), (urgent, 1)):
             ms = int(await r.hget(keys.task(record.task_id), "created_ms"))
             assert await r.zscore(keys.PENDING, record.task_id) == pending_score(priority, ms)
+        # A record that keeps its place (a chunk cut late keeps its parent's) is stored at it, ahead of the
+        # burst, and moves the order on for nobody.
+        kept = replace(echo_record(other, "hal"), order_ms=int(burst[0].created_at * 1000) - 1)
+        await other.insert([kept])
+        assert int(await r.hget(keys.task(kept.task_id), "created_ms")) == kept.order_ms
+        (hal,) = await queues.read(100)
+        assert [t.task_id for t in hal.waiting][:2] == [urgent.task_id, kept.task_id]
+        assert await r.get(keys.QUEUE_ORDER) == await r.hget(keys.task(urgent.task_id), "created_ms")
 
     on_queues(redis_url, scenario)
 

@@ -108,8 +108,9 @@ def child_record(parent: dict[str, str], index: int) -> NewTask | None:
         topic=parent["topic"],
         priority=int(parent.get("priority", "0")),
         max_attempts=int(parent.get("max_attempts", "1")),
-        # The parent's submit time: its chunks keep its place in the queue, however late they are cut.
+        # The parent's submit time and place in the queue: its chunks keep them, however late they are cut.
         created_at=float(parent["created_at"]),
+        order_ms=int(parent.get("created_ms") or float(parent["created_at"]) * 1000),
         document=child,
         request=json.loads(parent.get("req") or "{}"),
         labels=child["metadata"]["labels"],
@@ -175,7 +176,8 @@ async def _settle(store: TaskStore, parent_id: str, settings: Settings) -> bool:
             why = f"chunk {index} ({children[index]}) {chunk_state}: {rows[index][1] or 'no reason given'}"
             await _end(store, parent_id, children, states, chunk_state, why)
             return True
-    allowed = int(json.loads(h["spec"])["spec"]["inference"]["input"].get("max_row_errors") or 0)
+    document = json.loads(h["spec"])
+    allowed = int(document["spec"]["inference"]["input"].get("max_row_errors") or 0)
     bad = sum(int(s.get("failed") or 0) for s in summaries)
     if bad > allowed:
         why = (
@@ -186,7 +188,7 @@ async def _settle(store: TaskStore, parent_id: str, settings: Settings) -> bool:
         return True
     # The last chunk read the data's last row, or the last the task's max_rows allows (it says there
     # are more: there are, in the data, past the task's own window).
-    allowed_chunks = chunk_count(json.loads(h["spec"]))
+    allowed_chunks = chunk_count(document)
     last = next(
         (i for i, s in enumerate(summaries) if s and (not s.get("more") or i + 1 == allowed_chunks)),
         None,

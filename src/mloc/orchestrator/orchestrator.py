@@ -315,8 +315,7 @@ class Orchestrator:
             )
 
     async def submit_many(self, documents: list[Document], principal: Principal) -> list[dict[str, Any]]:
-        if len(documents) > MAX_BULK:
-            raise BadRequest(f"{len(documents)} tasks in one request; the limit is {MAX_BULK}")
+        _check_bulk_size(documents)
         for document in documents:
             await self._check_models(document, principal)  # all or nothing: before any is stored
         if pipelines.needs_planning(documents):
@@ -395,8 +394,7 @@ class Orchestrator:
     async def dry_run_many(self, documents: list[Document], principal: Principal) -> list[dict[str, Any]]:
         """:meth:`dry_run` for a bulk submit: each task judged on one snapshot, and tasks that wait for
         tasks planned as their submit would plan them (names, references, cycles), storing nothing."""
-        if len(documents) > MAX_BULK:
-            raise BadRequest(f"{len(documents)} tasks in one request; the limit is {MAX_BULK}")
+        _check_bulk_size(documents)
         if pipelines.needs_planning(documents):
             await pipelines.plan(self.store, documents, principal, self._record)
         views = await self.scheduler.views(fresh=True)
@@ -556,6 +554,11 @@ class Orchestrator:
         if user and user != principal.name:
             raise Forbidden(f"you may read only your own usage ({principal.name!r})")
         return principal.name
+
+
+def _check_bulk_size(documents: list[Document]) -> None:
+    if len(documents) > MAX_BULK:
+        raise BadRequest(f"{len(documents)} tasks in one request; the limit is {MAX_BULK}")
 
 
 def _answer(record: NewTask, placement: Placement) -> dict[str, Any]:

@@ -33,9 +33,10 @@ from mloc.api import (
     tasks,
     workers,
 )
-from mloc.api.responses import document_errors
+from mloc.api.responses import document_errors, mloc_error_answer, redis_error_answer
+from mloc.api.submit_lane import SubmitLane
 from mloc.connection import connect, redact, resolve_url
-from mloc.errors import InvalidParameters, MlocError, Unavailable
+from mloc.errors import InvalidParameters, MlocError
 from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.settings import Settings, get_settings
 
@@ -149,7 +150,7 @@ def create_app(settings: Settings | None = None, *, redis: aioredis.Redis | None
 
     @app.exception_handler(MlocError)
     async def mloc_error(request: Request, exc: MlocError) -> JSONResponse:
-        return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+        return mloc_error_answer(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -170,9 +171,7 @@ def create_app(settings: Settings | None = None, *, redis: aioredis.Redis | None
 
     @app.exception_handler(aioredis.RedisError)
     async def redis_down(request: Request, exc: aioredis.RedisError) -> JSONResponse:
-        log.error("Redis error on %s: %s", request.url.path, exc)
-        error = Unavailable(f"the state store is unavailable: {exc}")
-        return JSONResponse(error.to_dict(), status_code=error.status_code)
+        return redis_error_answer(request.url.path, exc)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -205,6 +204,8 @@ def create_app(settings: Settings | None = None, *, redis: aioredis.Redis | None
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    # Innermost: a plain submit is answered there, after the body limit and inside the metrics.
+    app.add_middleware(SubmitLane, route=tasks.submit_route(app.routes))
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, file_limit=settings.max_file_bytes)
     # Outside the body limit, so its 413 on a /v1 route is rewritten too.
     app.add_middleware(openai_errors.OpenAIErrors)

@@ -11,18 +11,22 @@ tests/test_openapi_conformance.py fuzzes every operation against the result.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any, Literal, Required, TypeVar
 
+import redis.asyncio as aioredis
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.routing import BaseRoute
 from typing_extensions import TypedDict
 
-from mloc.errors import InvalidParameters, MlocError, PayloadTooLarge
+from mloc.errors import InvalidParameters, MlocError, PayloadTooLarge, Unavailable
 
 F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger(__name__)
 
 _RAISES = "__mloc_raises__"
 _FASTAPI_422 = "#/components/schemas/HTTPValidationError"
@@ -47,6 +51,16 @@ class ErrorBody(BaseModel):
     details: list[ErrorDetail] = Field(
         default_factory=list, description="Each problem when there are several; left out when there are none."
     )
+
+
+def mloc_error_answer(exc: MlocError) -> JSONResponse:
+    return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+
+
+def redis_error_answer(path: str, exc: aioredis.RedisError) -> JSONResponse:
+    log.error("Redis error on %s: %s", path, exc)
+    error = Unavailable(f"the state store is unavailable: {exc}")
+    return JSONResponse(error.to_dict(), status_code=error.status_code)
 
 
 def raises(*errors: type[MlocError]) -> Callable[[F], F]:

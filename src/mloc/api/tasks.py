@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
+from starlette.routing import BaseRoute
 
 from mloc import keys, tasklog
 from mloc.api.deps import Caller, Orch, TaskId
 from mloc.api.responses import raises
 from mloc.errors import BadRequest, Conflict, Forbidden, InvalidTransition, NotFound, SpecError
 from mloc.orchestrator.cancel import cancel
+from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.orchestrator.users import Principal
 from mloc.records import TaskRecord
 from mloc.spec import Document, parse_body, validate
 from mloc.spec.loader import parse_stream
 from mloc.state import TaskState
 
-router = APIRouter(prefix="/api/v1/tasks", tags=["tasks"])
+SUBMIT_PATH = "/api/v1/tasks"
+router = APIRouter(prefix=SUBMIT_PATH, tags=["tasks"])
 
 TASK_BODY = {
     "requestBody": {
@@ -59,11 +63,6 @@ LOG_STREAM: dict[str, Any] = {
 }
 
 
-async def _body(request: Request, limit: int) -> Any:
-    raw = await request.body()
-    return parse_body(raw, request.headers.get("content-type"), limit=limit)
-
-
 def _own(record: TaskRecord, who: Principal) -> TaskRecord:
     if not who.admin and record.owner != who.name:
         # Same answer as a missing task, so ids of other users' tasks are not disclosed.
@@ -80,11 +79,27 @@ async def submit(
     dry_run: Annotated[bool, Query(description="Validate and show placement only.")] = False,
 ) -> JSONResponse:
     """Submit a task. The answer names the worker it was placed on, or why it waits."""
-    document = validate(await _body(request, orch.settings.max_body_bytes))
-    # The hot path: a Response is sent as is, skipping FastAPI's validation of a plain dict.
+    # A Response is sent as is, skipping FastAPI's validation of a plain dict. A plain submit (no
+    # query) is answered before it gets here, by mloc.api.submit_lane.
+    body = await request.body()
+    return JSONResponse(
+        await submit_body(orch, who, body, request.headers.get("content-type"), dry_run=dry_run), status_code=201
+    )
+
+
+async def submit_body(
+    orch: Orchestrator, who: Principal, body: bytes, content_type: str | None, *, dry_run: bool = False
+) -> dict[str, Any]:
+    """A submit's answer: the task in ``body`` validated, then stored and placed (or only checked)."""
+    document = validate(parse_body(body, content_type, limit=orch.settings.max_body_bytes))
     if dry_run:
-        return JSONResponse(await orch.dry_run(document, who), status_code=201)
-    return JSONResponse(await orch.submit(document, who), status_code=201)
+        return await orch.dry_run(document, who)
+    return await orch.submit(document, who)
+
+
+def submit_route(routes: Iterable[BaseRoute]) -> APIRoute:
+    """The submit operation among ``routes``."""
+    return next(route for route in routes if isinstance(route, APIRoute) and route.endpoint is submit)
 
 
 @router.post("/bulk", status_code=201, openapi_extra=TASK_BODY)

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -232,6 +233,43 @@ def test_worker_with_a_wrong_password_exits_with_one_clear_line(servers: list[Se
     assert done.returncode == 2, output
     assert "refused the credentials" in output and "check the user name and password in REDIS_URL" in output
     assert "Traceback" not in output and "wrong-one" not in output
+
+
+def test_a_url_naming_a_port_that_is_not_redis_says_so_in_one_line(tmp_path: Path) -> None:
+    """The orchestrator's own HTTP port, named as REDIS_URL, is the usual mix-up."""
+    port = free_port()
+    http = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            assert time.monotonic() < deadline, "the HTTP server did not start"
+            time.sleep(0.05)
+        url = f"redis://127.0.0.1:{port}/0"
+        with pytest.raises(ConfigError) as refused:
+            asyncio.run(connect(url, attempts=1))
+        assert "is not a Redis server" in refused.value.message and "REDIS_URL" in refused.value.message
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLOC_", "REDIS_URL"))}
+        env.update({"REDIS_URL": url, "MLOC_HOME": str(tmp_path / "home"), "RESULTS_DIR": str(tmp_path / "results")})
+        done = subprocess.run(
+            [sys.executable, "-m", "mloc.cli", "start", "--node-type", "worker"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        output = done.stdout + done.stderr
+        assert done.returncode == 2, output
+        assert f"127.0.0.1:{port}/0 is not a Redis server" in output and "Traceback" not in output
+    finally:
+        http.terminate()
+        http.wait()
 
 
 def test_unreachable_redis_is_retried_with_backoff_until_it_answers(

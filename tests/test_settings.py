@@ -104,3 +104,37 @@ def test_tokens_from_secret_files_lose_their_line_break_and_whitespace_alone_is_
     assert describe_invalid(refused.value).startswith("invalid setting ORCHESTRATOR_TOKEN='\\n': holds only whitespace")
     monkeypatch.setenv("ORCHESTRATOR_TOKEN", "")
     assert Settings().admin_token is None
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("WORKER_ID", "bad id/../x", "is not a worker id"),
+        ("WORKER_ID", ".hidden", "starting with a letter or digit"),
+        ("MLOC_ARTIFACT_STORE", "{bad", "is not a URL; write s3://bucket/prefix"),
+        ("MLOC_ARTIFACT_STORE", "shared/results", "is not a URL"),
+        ("MLOC_ARTIFACT_STORE_OPTIONS", "{bad", "is not JSON"),
+        ("MLOC_ARTIFACT_STORE_OPTIONS", "[1, 2]", "is JSON but not an object"),
+        ("MLOC_EXECUTOR_PYTHON", "ppo", "'ppo' is not TASK_TYPE=PYTHON"),
+        ("MLOC_EXECUTOR_PYTHON", "ppo=/opt/p/bin/python,=x", "'=x' is not TASK_TYPE=PYTHON"),
+    ],
+)
+def test_worker_id_artifact_store_and_executor_pythons_are_checked_at_start(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, says: str
+) -> None:
+    """A typo here once became a private folder named '{bad' or a worker no URL could name."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    message = describe_invalid(refused.value)
+    assert message.startswith(f"invalid setting {variable}") and says in message, message
+
+
+def test_good_worker_ids_and_store_urls_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_ID", "gpu-node-3.rack_2:a")
+    monkeypatch.setenv("MLOC_ARTIFACT_STORE", "s3://bucket/mloc")
+    monkeypatch.setenv("MLOC_ARTIFACT_STORE_OPTIONS", '{"endpoint_url": "http://127.0.0.1:9000"}')
+    settings = Settings()
+    assert settings.worker_id == "gpu-node-3.rack_2:a" and settings.artifact_store_url == "s3://bucket/mloc"
+    monkeypatch.setenv("MLOC_ARTIFACT_STORE", "")
+    assert Settings().artifact_store_url is None

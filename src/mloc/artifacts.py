@@ -32,7 +32,7 @@ from typing import IO, Any
 
 from mloc.errors import BadRequest, ConfigError, ExecutionError, NotFound
 from mloc.openai_files import FILES_DIR as UPLOADS_DIR
-from mloc.settings import Settings
+from mloc.settings import Settings, parse_store_options
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -201,13 +201,7 @@ class ArtifactStore:
 def _options(settings: Settings) -> dict[str, Any]:
     if not settings.artifact_store_options.strip():
         return {}
-    try:
-        options = json.loads(settings.artifact_store_options)
-    except ValueError as exc:
-        raise ConfigError(f"MLOC_ARTIFACT_STORE_OPTIONS is not JSON ({exc}); write e.g. '{{\"anon\": false}}'") from exc
-    if not isinstance(options, dict):
-        raise ConfigError("MLOC_ARTIFACT_STORE_OPTIONS must be a JSON object of fsspec storage options")
-    return options
+    return parse_store_options(settings.artifact_store_options)
 
 
 @functools.lru_cache(maxsize=8)

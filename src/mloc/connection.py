@@ -34,6 +34,7 @@ from redis.connection import SSLConnection as SyncSSLConnection
 from redis.exceptions import (
     AuthenticationError,
     ConnectionError,
+    InvalidResponse,
     NoPermissionError,
     ResponseError,
     TimeoutError,
@@ -529,6 +530,13 @@ async def connect(
             if "NOAUTH" in str(exc):
                 raise _refused(target, exc) from exc
             raise ConfigError(f"Redis ({target.where()}) answered with an error: {exc}") from exc
+        except InvalidResponse as exc:
+            # Something listens there, but it does not speak Redis (an HTTP port is the usual mix-up).
+            await redis.aclose()
+            raise ConfigError(
+                f"{target.where()} is not a Redis server: it answered {_first_bytes(exc)}, not in Redis's protocol; "
+                "check the host and port in REDIS_URL (the orchestrator's HTTP port is not Redis's)"
+            ) from exc
         except (ConnectionError, TimeoutError, OSError) as exc:
             await redis.aclose()
             fatal = await asyncio.to_thread(_diagnose, target, settings, exc)
@@ -546,6 +554,12 @@ async def connect(
             log.warning("cannot reach Redis (%s): %s%s; retrying in %.1fs", target.where(), exc, hint, delay)
             await asyncio.sleep(delay)
             delay = min(max_delay, delay * 2)
+
+
+def _first_bytes(exc: InvalidResponse) -> str:
+    """What the server sent, as redis-py's protocol error quotes it ('got "H" as reply type byte')."""
+    quoted = re.search(r'got "(.*)"', str(exc))
+    return f"{quoted.group(1)!r}..." if quoted else "something else"
 
 
 def wait_ready(url: str, timeout: float = 10.0) -> None:

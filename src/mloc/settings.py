@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import socket
 import uuid
 from enum import StrEnum
@@ -23,6 +24,9 @@ from mloc.errors import ConfigError
 from mloc.spec.quantity import parse_cpu, parse_gpu_list, parse_memory
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# A worker id names Redis keys and URL paths (/api/v1/workers/{id}): no spaces, slashes or dots first.
+WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # Also the transition script's, for a Redis no orchestrator has told its own (mloc.keys.FAIR_SHARE_HALF_LIFE).
 DEFAULT_FAIR_SHARE_HALF_LIFE_SEC = 3600.0
 
@@ -229,6 +233,44 @@ class Settings(BaseSettings):
             parse_memory(value)
         return value
 
+    @field_validator("worker_id")
+    @classmethod
+    def _worker_id(cls, value: str | None) -> str | None:
+        if value is not None and not WORKER_ID.match(value):
+            raise ValueError(
+                f"{value[:80]!r} is not a worker id: use up to 128 letters, digits, '.', '_', ':' or '-', "
+                "starting with a letter or digit (it names the worker in URLs and Redis keys)"
+            )
+        return value
+
+    @field_validator("artifact_store_url")
+    @classmethod
+    def _store_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not _URL_SCHEME.match(value):
+            raise ValueError(
+                f"{value[:80]!r} is not a URL; write s3://bucket/prefix, file:///shared/folder (an absolute "
+                "path) or another fsspec URL, or leave it empty to keep results in RESULTS_DIR"
+            )
+        return value
+
+    @field_validator("artifact_store_options")
+    @classmethod
+    def _store_options(cls, value: str) -> str:
+        if value.strip():
+            parse_store_options(value)
+        return value
+
+    @field_validator("executor_python")
+    @classmethod
+    def _executor_python(cls, value: str) -> str:
+        for item in _split_csv(value):
+            task_type, _, python = item.partition("=")
+            if not task_type.strip() or not python.strip():
+                raise ValueError(f"{item!r} is not TASK_TYPE=PYTHON; write e.g. ppo=/opt/mloc-ppo/bin/python")
+        return value
+
     @field_validator("task_timeouts")
     @classmethod
     def _task_timeouts(cls, value: str) -> str:
@@ -282,7 +324,7 @@ class Settings(BaseSettings):
 
     @property
     def executor_pythons(self) -> dict[str, str]:
-        pairs = (item.split("=", 1) for item in _split_csv(self.executor_python) if "=" in item)
+        pairs = (item.split("=", 1) for item in _split_csv(self.executor_python))
         return {task.strip(): python.strip() for task, python in pairs}
 
     @property
@@ -355,6 +397,11 @@ def _json_object(value: str, fix: str) -> dict[str, Any]:
     if not isinstance(parsed, dict):
         raise ValueError(f"is JSON but not an object; {fix}")
     return parsed
+
+
+def parse_store_options(value: str) -> dict[str, Any]:
+    """MLOC_ARTIFACT_STORE_OPTIONS as fsspec storage options; ValueError says what is wrong."""
+    return _json_object(value, 'write fsspec storage options, e.g. {"endpoint_url": "http://minio.internal:9000"}')
 
 
 def parse_task_timeouts(value: str) -> dict[str, float]:

@@ -12,10 +12,10 @@ from mloc.api.responses import raises
 from mloc.errors import BadRequest, Forbidden, Unauthorized, Unavailable
 from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.orchestrator.users import Principal, authenticate
+from mloc.settings import WORKER_ID
 
 # Either case: ids are stored in lower case, but UUIDs are often written in upper case (the CLI takes both).
 _TASK_ID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
-_WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
 async def orchestrator(request: Request) -> Orchestrator:
@@ -48,7 +48,7 @@ async def admin(who: Annotated[Principal, Depends(principal)]) -> Principal:
 
 # The id patterns are documented for clients but checked below, so a bad id gets MLOC's 400 and message.
 _TASK_ID_PATH = Path(description="The task's id (a UUID).", json_schema_extra={"pattern": _TASK_ID.pattern})
-_WORKER_ID_PATH = Path(description="The worker's id.", json_schema_extra={"pattern": _WORKER_ID.pattern})
+_WORKER_ID_PATH = Path(description="The worker's id.", json_schema_extra={"pattern": WORKER_ID.pattern})
 
 
 @raises(BadRequest)
@@ -60,7 +60,7 @@ async def task_id(task_id: Annotated[str, _TASK_ID_PATH]) -> str:
 
 @raises(BadRequest)
 async def worker_id(worker_id: Annotated[str, _WORKER_ID_PATH]) -> str:
-    if not _WORKER_ID.match(worker_id):
+    if not WORKER_ID.match(worker_id):
         raise BadRequest(f"{worker_id[:80]!r} is not a worker id")
     return worker_id
 

@@ -359,3 +359,17 @@ def test_json_schema_takes_a_fields_other_names_but_not_two_names_at_once() -> N
             validate(_sft(refused))
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(_sft(refused), schema)
+
+
+@pytest.mark.parametrize("tag", ["", "  ", " eu", "eu ", "a100,eu"])
+def test_a_tag_no_worker_could_carry_is_refused(tag: str) -> None:
+    """WORKER_TAGS is split on commas and trimmed: such a tag would hold its task for ever."""
+    with pytest.raises(SpecError) as refused:
+        validate({"taskType": "echo", "resources": {"tags": ["gpu", tag]}})
+    assert refused.value.details[0]["path"] == "spec.resources.tags"
+    assert "cannot be carried by a worker" in refused.value.message
+
+
+def test_tags_with_inner_spaces_and_any_case_are_kept() -> None:
+    document = validate({"taskType": "echo", "resources": {"tags": ["eu west", "A100-Pool"]}})
+    assert document.spec.resources.tags == ["eu west", "A100-Pool"]

@@ -128,6 +128,15 @@ def test_every_requested_tag_must_be_on_the_worker() -> None:
     assert misfit(req, view(tags={"a100-pool"})) == "lacks tag(s) eu"
     assert misfit(req, view(tags={"a100-pool", "eu", "spot"})) is None
     assert not fits_registration(req, view(tags={"eu"}))
+    assert misfit(req, view(tags={"a100-pool", "EU"})) == (
+        "lacks tag(s) eu (has 'EU': tags are case-sensitive)"
+    )
+
+
+def test_a_tag_no_worker_carries_names_the_fix() -> None:
+    reason, never = explain(echo(tags=("gamma",)), [view("w1", tags={"alpha"}), view("w2", tags={"beta"})])
+    assert never and "2 lack tag(s) gamma" in reason
+    assert "to fix: start a worker with WORKER_TAGS=gamma, or drop gamma from resources.tags" in reason
 
 
 def test_cpu_free_now_and_in_all() -> None:

@@ -253,7 +253,11 @@ def misfits(req: Request, view: WorkerView, *, when_idle: bool = False) -> Itera
             yield _both("capability", "have", "has", what, f"has {', '.join(have) or 'none'}", fix)
     missing = _missing_tags(req, view)
     if missing:
-        yield _both("tags", "lack", "lacks", f"tag(s) {', '.join(missing)}")
+        folded = {tag.lower(): tag for tag in view.tags}
+        near = [f"{folded[tag.lower()]!r}" for tag in missing if tag.lower() in folded]
+        detail = f"has {', '.join(near)}: tags are case-sensitive" if near else ""
+        fix = f"start a worker with WORKER_TAGS={','.join(req.tags)}, or drop {', '.join(missing)} from resources.tags"
+        yield _both("tags", "lack", "lacks", f"tag(s) {', '.join(missing)}", detail, fix)
     cpu = view.cpu_total if when_idle else view.cpu_free
     mem = view.mem_total if when_idle else view.mem_free
     scope = "in all" if when_idle else "free"

@@ -117,6 +117,19 @@ class Resources(Strict):
     hardware: Hardware = Field(default_factory=Hardware)
     tags: list[str] = Field(default_factory=list, description="Tags a worker must all carry.")
 
+    # A worker's tags come from WORKER_TAGS, comma-separated and trimmed: a tag no worker could carry
+    # would hold the task for ever.
+    @field_validator("tags")
+    @classmethod
+    def _carriable(cls, tags: list[str]) -> list[str]:
+        for tag in tags:
+            if not tag.strip() or tag != tag.strip() or "," in tag:
+                raise ValueError(
+                    f"tag {tag!r} cannot be carried by a worker (WORKER_TAGS is a comma-separated list, each "
+                    "tag trimmed): write each tag without commas or spaces around it, e.g. [gpu-a100, eu-west]"
+                )
+        return tags
+
 
 class SourceType(StrEnum):
     HUGGINGFACE = "huggingface"

@@ -189,7 +189,11 @@ def _press_ctrl_c(up: Up) -> None:
     os.killpg(up.proc.pid, signal.SIGINT)
 
 
-@pytest.mark.parametrize("stop", [_send_sigterm, _press_ctrl_c], ids=["sigterm", "ctrl-c"])
+def _hang_up(up: Up) -> None:
+    up.proc.send_signal(signal.SIGHUP)  # its terminal closed (or `kill -HUP`)
+
+
+@pytest.mark.parametrize("stop", [_send_sigterm, _press_ctrl_c, _hang_up], ids=["sigterm", "ctrl-c", "sighup"])
 def test_up_stops_every_process_it_started_within_seconds_while_a_client_follows_a_log(
     stop: Callable[[Up], None], tmp_path: Path, start_up: Callable[[dict[str, str]], Up]
 ) -> None:

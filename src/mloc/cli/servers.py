@@ -43,7 +43,7 @@ STOP_MARGIN_SEC = 3.0
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM stops `mloc up` the way Ctrl-C does
+    raise KeyboardInterrupt  # SIGTERM (or SIGHUP) stops `mloc up` the way Ctrl-C does
 
 
 def stored_tasks(redis_url: str) -> dict[str, int]:
@@ -107,7 +107,7 @@ def _exited(cluster: LocalCluster) -> str | None:
 
 @app.command()
 def up(
-    workers: Annotated[int, typer.Option(help="Local workers to start.")] = 1,
+    workers: Annotated[int, typer.Option(min=0, help="Local workers to start (0: remote workers only).")] = 1,
     port: Annotated[int | None, typer.Option(help="Orchestrator port (default: MLOC_PORT or 8000).")] = None,
 ) -> None:
     """Run everything on this machine: Redis (embedded unless REDIS_URL is set), the orchestrator and workers.
@@ -128,6 +128,9 @@ def up(
     signal.signal(signal.SIGTERM, _raise_interrupt)
     # Set even where SIGINT came ignored (a script's background job): `kill -INT` stops it all the same.
     signal.signal(signal.SIGINT, _raise_interrupt)
+    # A closed terminal: stop everything rather than leave the embedded Redis (a session of its own),
+    # the orchestrator and the workers running without anyone to stop them.
+    signal.signal(signal.SIGHUP, _raise_interrupt)
     grace = settings.shutdown_grace_sec if "MLOC_SHUTDOWN_GRACE_SEC" in os.environ else UP_SHUTDOWN_GRACE_SEC
     cluster = LocalCluster(
         home=settings.home,
@@ -154,8 +157,8 @@ def up(
         pass
     finally:
         # Stopping is bounded by its own deadline: a second Ctrl-C or SIGTERM must not cut it short.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for stopping in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(stopping, signal.SIG_IGN)
         output.line(f"stopping: running tasks get {grace:g}s to finish, then go back to the queue", stderr=True)
         cluster.stop(grace=grace + STOP_MARGIN_SEC)
         lock.release()
@@ -165,7 +168,7 @@ def up(
 @app.command()
 def run(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A mloc/v1 task file.")],
-    workers: Annotated[int, typer.Option(help="Local workers to start.")] = 1,
+    workers: Annotated[int, typer.Option(min=1, help="Local workers to start.")] = 1,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the task.")] = 3600,
     shown: Annotated[int, typer.Option("--show", min=0, help="Results printed at the end.")] = 10,
 ) -> None:

@@ -193,7 +193,17 @@ def _hang_up(up: Up) -> None:
     up.proc.send_signal(signal.SIGHUP)  # its terminal closed (or `kill -HUP`)
 
 
-@pytest.mark.parametrize("stop", [_send_sigterm, _press_ctrl_c, _hang_up], ids=["sigterm", "ctrl-c", "sighup"])
+def _press_ctrl_c_twice(up: Up) -> None:
+    # The second arrives while the first is being handled: the stopping must not be cut short.
+    os.killpg(up.proc.pid, signal.SIGINT)
+    up.proc.send_signal(signal.SIGINT)
+
+
+@pytest.mark.parametrize(
+    "stop",
+    [_send_sigterm, _press_ctrl_c, _hang_up, _press_ctrl_c_twice],
+    ids=["sigterm", "ctrl-c", "sighup", "ctrl-c-twice"],
+)
 def test_up_stops_every_process_it_started_within_seconds_while_a_client_follows_a_log(
     stop: Callable[[Up], None], tmp_path: Path, start_up: Callable[[dict[str, str]], Up]
 ) -> None:

@@ -42,7 +42,14 @@ UP_SHUTDOWN_GRACE_SEC = 3.0
 STOP_MARGIN_SEC = 3.0
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _raise_interrupt(signum: int, frame: object) -> None:
+    # Only the first stop signal interrupts: a second one (Ctrl-C twice, or a signal sent to a whole
+    # process group and passed on) arriving before the stopping began would cut it short.
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
     raise KeyboardInterrupt  # SIGTERM (or SIGHUP) stops `mloc up` the way Ctrl-C does
 
 
@@ -157,8 +164,8 @@ def up(
         pass
     finally:
         # Stopping is bounded by its own deadline: a second Ctrl-C or SIGTERM must not cut it short.
-        for stopping in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(stopping, signal.SIG_IGN)
+        for stop in STOP_SIGNALS:
+            signal.signal(stop, signal.SIG_IGN)
         output.line(f"stopping: running tasks get {grace:g}s to finish, then go back to the queue", stderr=True)
         cluster.stop(grace=grace + STOP_MARGIN_SEC)
         lock.release()

@@ -253,16 +253,22 @@ def _summary(record: dict[str, Any]) -> list[tuple[str, str]]:
     progress = waiting.progress_text(record.get("progress"))
     if progress:
         rows.append(("progress", progress))
-    rows.append(("attempts", f"{record.get('attempts', 0)} of {record.get('max_attempts', 1)}"))
+    # A start ended by a worker's loss is a requeue, not one of the task's attempts (mloc.requeue).
+    requeues = int(record.get("requeues") or 0)
+    lost = f", and {requeues} requeue(s) after worker loss, which do not count" if requeues else ""
+    rows.append(("attempts", f"{int(record.get('attempts') or 0) - requeues} of {record.get('max_attempts', 1)}{lost}"))
     if worker:
         rows.append(("worker", worker))
     created = float(record.get("created_at") or 0)
     assigned, started, finished = (record.get(k) for k in ("assigned_at", "started_at", "finished_at"))
     rows.append(("created", output.at(created)))
-    if started or assigned:
+    if state == "pending":
+        # Back in the queue after a requeue, its last attempt's start and run are not this wait's.
+        rows.append(("queued", output.duration(time.time() - created) + " so far"))
+    elif started or assigned:
         until = "started" if started else "assigned"
         rows.append(("queued", output.duration(float(started or assigned or 0) - created) + f" (created to {until})"))
-    if started:
+    if started and state != "pending":
         end = finished or time.time()
         rows.append(("ran", output.duration(end - started) + ("" if finished else " so far")))
     if finished:

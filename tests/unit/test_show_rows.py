@@ -1,0 +1,38 @@
+"""`mloc show`'s rows for a task back in the queue after its worker was lost: nothing of the lost
+attempt reads as this wait's, and requeues are told apart from the task's own attempts."""
+
+from __future__ import annotations
+
+import time
+
+from mloc.cli.tasks import _summary
+
+
+def _rows(record: dict[str, object]) -> dict[str, str]:
+    return dict(_summary({"task_id": "t-1", "task_type": "echo", "kind": "task", "topic": "tasks.echo", **record}))
+
+
+def test_a_requeued_pending_task_shows_its_wait_not_its_lost_run() -> None:
+    now = time.time()
+    rows = _rows(
+        {
+            "state": "pending",
+            "created_at": now - 60,
+            "assigned_at": now - 58,
+            "started_at": now - 58,  # the lost attempt's
+            "attempts": 2,
+            "requeues": 1,
+            "max_attempts": 3,
+        }
+    )
+    assert rows["queued"].endswith(" so far") and "created to" not in rows["queued"]
+    assert "ran" not in rows
+    assert rows["attempts"] == "1 of 3, and 1 requeue(s) after worker loss, which do not count"
+
+
+def test_a_running_task_shows_its_queue_time_and_run() -> None:
+    now = time.time()
+    rows = _rows({"state": "running", "worker_id": "w1", "created_at": now - 10, "started_at": now - 4, "attempts": 1})
+    assert rows["queued"].endswith("(created to started)")
+    assert rows["ran"].endswith(" so far")
+    assert rows["attempts"] == "1 of 1"

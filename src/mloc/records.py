@@ -300,6 +300,8 @@ class Registration:
     version: str
     # The facts (config, sizes) of the models it holds, by model key: admission sizes tasks from them.
     model_facts: Mapping[str, Any] = field(default_factory=dict)
+    # Its HEARTBEAT_INTERVAL_SEC: an orchestrator whose HEARTBEAT_TTL_SEC is not longer says so.
+    heartbeat_interval_sec: float = 0.0
 
     def to_hash(self, now: float) -> dict[str, str]:
         return {
@@ -323,6 +325,7 @@ class Registration:
             MODEL_FACTS: _dumps(dict(self.model_facts)),
             "registered_at": repr(now),
             "last_heartbeat": repr(now),
+            "heartbeat_interval_sec": repr(float(self.heartbeat_interval_sec)),
             "version": self.version,
         }
 

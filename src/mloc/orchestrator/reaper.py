@@ -53,7 +53,12 @@ async def reap(
     for worker_id in await registry.stale(ttl_sec):
         if await registry.mark_lost(worker_id, ttl_sec):
             report.lost_workers.append(worker_id)
-            log.warning("worker %s lost: no heartbeat for %.0fs", worker_id, ttl_sec)
+            log.warning(
+                "worker %s lost: no heartbeat for %.0fs%s",
+                worker_id,
+                ttl_sec,
+                await _beats_too_slowly(registry, worker_id, ttl_sec),
+            )
         status = await store.redis.hget(keys.worker(worker_id), "status")
         if status != WorkerStatus.LOST:
             continue
@@ -69,6 +74,22 @@ async def reap(
         report.failed.extend(handed.failed)
         report.cancelled.extend(handed.cancelled)
     return report
+
+
+async def _beats_too_slowly(registry: WorkerRegistry, worker_id: str, ttl_sec: float) -> str:
+    """What to change when the worker's own heartbeat interval is not shorter than the TTL: it is then
+    declared lost between two beats, and its tasks bounce from worker to worker."""
+    stated = await registry.redis.hget(keys.worker(worker_id), "heartbeat_interval_sec")
+    try:
+        interval = float(stated or 0)
+    except ValueError:
+        return ""
+    if interval < ttl_sec:
+        return ""
+    return (
+        f"; it heartbeats only every {interval:g}s (its HEARTBEAT_INTERVAL_SEC), not within this orchestrator's "
+        f"HEARTBEAT_TTL_SEC ({ttl_sec:g}s): set HEARTBEAT_TTL_SEC to at least three intervals ({3 * interval:g}s)"
+    )
 
 
 async def forget_finished(

@@ -117,6 +117,7 @@ class Worker(TaskRunner):
                 slots=self.settings.worker_slots,
                 version=__version__,
                 model_facts=facts,
+                heartbeat_interval_sec=self.settings.heartbeat_interval_sec,
             )
         )
         self._published_facts = facts

@@ -118,7 +118,10 @@ def test_workers_show_memory_and_gpus_age_out_when_stopped_and_can_be_removed(
     cluster = make_cluster(
         2,
         env={"ORCHESTRATOR_TOKEN": "fleet-admin"},
-        worker_env=[{"MLOC_WORKER_GPUS": "NVIDIA L4:2:23034", "MLOC_WORKER_MEMORY": "16Gi"}, {}],
+        worker_env=[
+            {"MLOC_WORKER_GPUS": "NVIDIA L4:2:23034", "MLOC_WORKER_MEMORY": "16Gi", "WORKER_TAGS": "l4,eu"},
+            {},
+        ],
     )
     env = {"MLOC_API_URL": cluster.api_url, "ORCHESTRATOR_TOKEN": "fleet-admin"}
     listed = mloc("workers", env=env).stdout
@@ -127,6 +130,7 @@ def test_workers_show_memory_and_gpus_age_out_when_stopped_and_can_be_removed(
         "ID",
         "STATUS",
         "TOPICS",
+        "TAGS",
         "CPU",
         "MEMORY",
         "GPUS",
@@ -136,7 +140,8 @@ def test_workers_show_memory_and_gpus_age_out_when_stopped_and_can_be_removed(
         "HEARTBEAT",
     ]
     [row] = [line for line in listed.splitlines() if line.lstrip().startswith("local-1 ")]
-    assert "16.0/16.0 GiB" in row and "2/2 NVIDIA L4" in row and "active" in row
+    assert "16.0/16.0 GiB" in row and "2/2 NVIDIA L4" in row and "active" in row and " eu,l4 " in row
+    assert mloc("cleanup", env=env).stdout.strip() == "no silent worker found"
 
     refused = mloc("workers", "remove", "local-1", env=env)
     assert refused.returncode == 2 and "worker local-1 is active; only an offline or lost worker can be removed" in (
@@ -152,6 +157,11 @@ def test_workers_show_memory_and_gpus_age_out_when_stopped_and_can_be_removed(
     assert "local-2" in mloc("workers", "-q", env=env).stdout.split()
     # Silent for an hour: left out of the listing unless --all.
     sync_redis.hset(keys.worker("local-2"), "last_heartbeat", repr(time.time() - 3600))
+    sync_redis.hset(keys.worker("local-2"), "status", "active")  # as if it had died without a word
+    sync_redis.zadd(keys.WORKERS, {"local-2": time.time() - 3600})
+    # The orchestrator's own reaper may mark it first.
+    assert mloc("cleanup", env=env).stdout.strip() in ("1 worker(s) marked lost (local-2)", "no silent worker found")
+    assert sync_redis.hget(keys.worker("local-2"), "status") == "lost"
     default = mloc("workers", env=env).stdout
     assert "local-2" not in default and "1 offline or lost worker(s) not shown: --all shows them" in default
     assert mloc("workers", "--all", "-q", env=env).stdout.split() == ["local-1", "local-2"]
@@ -160,7 +170,7 @@ def test_workers_show_memory_and_gpus_age_out_when_stopped_and_can_be_removed(
     forbidden = mloc("workers", "remove", "local-2", env={**env, "ORCHESTRATOR_TOKEN": "", "MLOC_TOKEN": user})
     assert forbidden.returncode == 2 and "for the admin" in forbidden.stderr
     removed = mloc("workers", "remove", "local-2", env=env)
-    assert removed.returncode == 0 and removed.stdout.strip() == "removed worker local-2 (it was offline)"
+    assert removed.returncode == 0 and removed.stdout.strip() == "removed worker local-2 (it was lost)"
     assert mloc("workers", "--all", "-q", env=env).stdout.split() == ["local-1"]
     gone = mloc("workers", "remove", "local-2", env=env)
     assert gone.returncode == 2 and "worker local-2 not found" in gone.stderr

@@ -1,5 +1,5 @@
-"""`mloc show`'s rows for a task back in the queue after its worker was lost: nothing of the lost
-attempt reads as this wait's, and requeues are told apart from the task's own attempts."""
+"""What the CLI prints: `mloc show` of a task back in the queue after its worker was lost (nothing of
+the lost attempt reads as this wait's; requeues are told apart from its attempts), and `mloc cleanup`."""
 
 from __future__ import annotations
 
@@ -36,3 +36,16 @@ def test_a_running_task_shows_its_queue_time_and_run() -> None:
     assert rows["queued"].endswith("(created to started)")
     assert rows["ran"].endswith(" so far")
     assert rows["attempts"] == "1 of 1"
+
+
+def test_cleanup_says_what_it_did_in_a_line() -> None:
+    from mloc.cli.workers import cleanup_text
+
+    assert cleanup_text({"lost_workers": [], "requeued": [], "failed": [], "forgotten_tasks": 0}) == (
+        "no silent worker found"
+    )
+    report = {"lost_workers": ["w1", "w2"], "requeued": ["a", "b", "c"], "failed": ["d"], "forgotten_tasks": 4}
+    assert cleanup_text(report) == (
+        "2 worker(s) marked lost (w1, w2): 3 task(s) requeued, 1 task(s) failed; "
+        "4 finished task(s) past their retention removed"
+    )

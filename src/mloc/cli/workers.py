@@ -85,6 +85,7 @@ def workers(
         "ID",
         "STATUS",
         "TOPICS",
+        "TAGS",
         "CPU",
         "MEMORY",
         "GPUS",
@@ -95,7 +96,7 @@ def workers(
         title=f"workers ({len(items)}; CPU, memory, GPUs and slots free/total)",
         caption=caption,
     )
-    for index in (0, 1, 3, 6, 7):  # ids, states and counts stay whole; names and lists may wrap
+    for index in (0, 1, 4, 7, 8):  # ids, states and counts stay whole; names and lists may wrap
         grid.columns[index].no_wrap = True
     for w in items:
         capacity, free = w.get("capacity", {}), w.get("free", {})
@@ -104,6 +105,7 @@ def workers(
             output.cell(w["worker_id"]),
             output.styled(output.visible(w["status"], one_line=True), STATUS_STYLE.get(w["status"], "")),
             output.cell(",".join(w.get("topics") or [])),
+            output.cell(",".join(w.get("tags") or []) or "-"),
             f"{free.get('cpu_milli', 0) / 1000:g}/{capacity.get('cpu_milli', 0) / 1000:g}",
             _memory(w),
             output.cell(_gpus(w)),
@@ -132,4 +134,25 @@ def cleanup(json_out: JsonFlag = False) -> None:
         report = client().cleanup()
     except MlocError as exc:
         output.fail(exc)
-    output.print_json(report)
+    if json_out:
+        output.print_json(report)
+        return
+    output.line(output.visible(cleanup_text(report), one_line=True))
+
+
+def cleanup_text(report: dict[str, Any]) -> str:
+    """'2 worker(s) marked lost (w1, w2): 3 task(s) requeued, 1 failed' or 'no silent worker found'."""
+    lost = report.get("lost_workers") or []
+    parts = [
+        f"{len(report.get(key) or [])} task(s) {word}"
+        for key, word in (("requeued", "requeued"), ("failed", "failed"), ("cancelled", "cancelled"))
+        if report.get(key)
+    ]
+    text = f"{len(lost)} worker(s) marked lost ({', '.join(lost)})" if lost else "no silent worker found"
+    if parts:
+        text += ": " + ", ".join(parts)
+    forgotten = report.get("forgotten_tasks")
+    if forgotten:
+        count = len(forgotten) if isinstance(forgotten, list) else int(forgotten)
+        text += f"; {count} finished task(s) past their retention removed"
+    return text

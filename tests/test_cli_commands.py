@@ -253,3 +253,6 @@ def test_stats_takes_relative_days_and_names_the_forms(make_cluster: Callable[..
     assert f"admin: {(today - timedelta(days=1)).isoformat()} .. {today.isoformat()}, per day" in table
     [row] = [line.split() for line in table.splitlines() if line.lstrip().startswith(today.isoformat())]
     assert row[1] == "1"  # one task today
+    nobody = mloc("stats", "--user", "nobody", "--since", "7d", env=env)
+    assert nobody.returncode == 0
+    assert nobody.stdout.strip() == f"nobody: no usage recorded in {(today - timedelta(days=7)).isoformat()} .. {today}"

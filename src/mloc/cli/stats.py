@@ -17,7 +17,15 @@ from mloc.errors import MlocError
 
 DATE_FORMS = "YYYY-MM-DD, today, yesterday, or Nd for N days ago (7d)"
 # The counters shown per period (all counters are in the totals table).
-PERIOD_COUNTERS = ("tasks", "wall_sec", "gpu_seconds", "prompt_tokens", "completion_tokens", "total_tokens")
+PERIOD_COUNTERS = (
+    "tasks",
+    "wall_sec",
+    "cpu_seconds",
+    "gpu_seconds",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+)
 _DAYS_AGO = re.compile(r"^(\d{1,5})d$")
 
 
@@ -99,7 +107,9 @@ def _user_tables(entry: dict[str, Any], span: str, group_by: Grouping) -> None:
     name = output.visible(entry["user"], one_line=True)
     rows = entry.get("days") or entry.get("periods") or []
     totals: dict[str, Any] = entry.get("totals") or {}
-    if rows:
+    if not rows and not totals:
+        output.line(f"{name}: no usage recorded in {span}")
+    elif rows:
         shown = [c for c in PERIOD_COUNTERS if c in totals]
         grid = output.table(
             "DATE" if group_by is Grouping.DAY else group_by.value.upper(),
@@ -112,11 +122,12 @@ def _user_tables(entry: dict[str, Any], span: str, group_by: Grouping) -> None:
             label = row.get("date") or row.get("period") or ""
             grid.add_row(output.cell(label), *(f"{row.get(c, 0):g}" for c in shown))
         output.show(grid)
-    grid = output.table("COUNTER", "TOTAL", title=f"{name}: {span}, totals")
-    grid.columns[1].justify = "right"
-    for counter, value in sorted(totals.items()):
-        grid.add_row(output.cell(counter), f"{value:g}" if isinstance(value, int | float) else output.cell(value))
-    output.show(grid)
+    if totals:
+        grid = output.table("COUNTER", "TOTAL", title=f"{name}: {span}, totals")
+        grid.columns[1].justify = "right"
+        for counter, value in sorted(totals.items()):
+            grid.add_row(output.cell(counter), f"{value:g}" if isinstance(value, int | float) else output.cell(value))
+        output.show(grid)
     if entry.get("budgets"):
         _budget_table(name, entry["budgets"])
 

@@ -470,6 +470,11 @@ class Client:
     def worker(self, worker_id: str) -> dict[str, Any]:
         return self._call("GET", f"/api/v1/workers/{quote(worker_id, safe='')}")
 
+    def cordon_worker(self, worker_id: str, *, on: bool = True) -> dict[str, Any]:
+        """Stop (or, with ``on=False``, resume) placing new tasks on a live worker (admin)."""
+        action = "cordon" if on else "uncordon"
+        return self._call("POST", f"/api/v1/workers/{quote(worker_id, safe='')}/{action}")
+
     def remove_worker(self, worker_id: str) -> dict[str, Any]:
         """Forget a worker that is offline or lost (admin); a live one is refused (409)."""
         return self._call("DELETE", f"/api/v1/workers/{quote(worker_id, safe='')}")

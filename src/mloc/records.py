@@ -276,6 +276,8 @@ _STATUSES: dict[str, WorkerStatus] = {status.value: status for status in WorkerS
 HEARTBEATING = (WorkerStatus.ACTIVE, WorkerStatus.DRAINING)
 # The worker hash fields that change between registrations (capacity, liveness, warm models), in the
 # order the scheduler's snapshot reads them.
+# Set on a worker the admin cordoned (status draining while it runs on); a registration clears it.
+CORDONED = "cordoned"
 CHANGING_FIELDS = ("status", "last_heartbeat", "cpu_free", "mem_free", "slots_free", "warm_models", "held_models")
 # Worker hash field: the facts of the models it holds (JSON: model key -> ModelFacts.to_wire()), read by
 # admission one worker at a time, never by the scheduler's snapshot.
@@ -442,9 +444,10 @@ class WorkerRecord(BaseModel):
     last_heartbeat: float | None = None
     heartbeat_age_sec: float | None = None
     version: str | None = None
+    cordoned: bool = False  # draining because the admin cordoned it, not because it is stopping
 
     @classmethod
-    def of(cls, view: WorkerView, *, now: float, tasks: Iterable[str]) -> WorkerRecord:
+    def of(cls, view: WorkerView, *, now: float, tasks: Iterable[str], cordoned: bool = False) -> WorkerRecord:
         last = view.last_heartbeat or None
         return cls(
             worker_id=view.worker_id,
@@ -475,6 +478,7 @@ class WorkerRecord(BaseModel):
             last_heartbeat=last,
             heartbeat_age_sec=round(now - last, 3) if last else None,
             version=view.version,
+            cordoned=cordoned and view.status == WorkerStatus.DRAINING,
         )
 
 

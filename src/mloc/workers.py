@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from mloc import keys, lua
 from mloc.errors import Conflict, NotFound
-from mloc.records import CHANGING_FIELDS, Registration, WorkerRecord, WorkerStatus, WorkerView
+from mloc.records import CHANGING_FIELDS, CORDONED, Registration, WorkerRecord, WorkerStatus, WorkerView
 
 
 class WorkerRegistry:
@@ -87,7 +87,7 @@ class WorkerRegistry:
         ids = worker_ids if worker_ids is not None else await self.ids()
         now = time.time()
         return [
-            WorkerRecord.of(WorkerView.from_hash(h, gpus), now=now, tasks=tasks)
+            WorkerRecord.of(WorkerView.from_hash(h, gpus), now=now, tasks=tasks, cordoned=h.get(CORDONED) == "1")
             for h, gpus, tasks in await self._read(ids)
         ]
 
@@ -124,6 +124,46 @@ class WorkerRegistry:
             # f: registered_at, then the values of records.CHANGING_FIELDS in order.
             views.append(entry[1].refreshed(f[1:], free))
         return views
+
+    async def cordon(self, worker_id: str, *, on: bool) -> str:
+        """Stop (``on``) or resume placing new tasks on a live worker, and return its status before.
+        A cordoned worker is draining, as when it stops, but keeps running: what it runs finishes
+        there, and it heartbeats on. Registering again (a restart) lifts it."""
+        want, becomes = (
+            (WorkerStatus.ACTIVE, WorkerStatus.DRAINING) if on else (WorkerStatus.DRAINING, WorkerStatus.ACTIVE)
+        )
+        for _ in range(3):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(keys.worker(worker_id))
+                    status, cordoned = (
+                        v.decode() if isinstance(v, bytes) else v
+                        for v in await pipe.hmget(keys.worker(worker_id), "status", CORDONED)
+                    )
+                    if status is None:
+                        raise NotFound(f"worker {worker_id} not found; list workers with `mloc workers`")
+                    if on and status == WorkerStatus.DRAINING and cordoned:
+                        return str(status)  # cordoned already: asking twice is no error
+                    if not on and status == WorkerStatus.ACTIVE and not cordoned:
+                        return str(status)
+                    if status != want or (not on and not cordoned):
+                        stopping = " (it is stopping by itself)" if status == WorkerStatus.DRAINING else ""
+                        raise Conflict(
+                            f"worker {worker_id} is {status}{stopping}; only an active worker can be cordoned, "
+                            "and only a cordoned one uncordoned"
+                        )
+                    pipe.multi()
+                    pipe.hset(keys.worker(worker_id), "status", becomes.value)
+                    if on:
+                        pipe.hset(keys.worker(worker_id), CORDONED, "1")
+                    else:
+                        pipe.hdel(keys.worker(worker_id), CORDONED)
+                        pipe.publish(keys.SCHEDULER_WAKE, "worker")  # tasks may wait for it
+                    await pipe.execute()
+                    return str(status)
+                except aioredis.WatchError:
+                    continue
+        raise Conflict(f"worker {worker_id} changed while it was being cordoned; try again")
 
     async def remove_stopped(self, worker_id: str) -> str:
         """Forget a worker that stopped (offline) or was declared lost, and return that status. A worker

@@ -47,6 +47,25 @@ async def show_worker(worker_id: WorkerId, orch: Orch, who: Caller) -> dict[str,
     return {"ok": True, **seen}
 
 
+@router.post("/workers/{worker_id}/cordon")
+@router.post("/api/v1/workers/{worker_id}/cordon")
+@raises(NotFound, Conflict)
+async def cordon_worker(worker_id: WorkerId, orch: Orch, who: Admin) -> dict[str, Any]:
+    """Place no new task on a live worker (admin): it becomes draining, finishes what it runs and
+    heartbeats on, until uncordoned or restarted. A worker that is not active is refused with 409."""
+    before = await orch.registry.cordon(worker_id, on=True)
+    return {"ok": True, "worker_id": worker_id, "cordoned": True, "status": "draining", "was": before}
+
+
+@router.post("/workers/{worker_id}/uncordon")
+@router.post("/api/v1/workers/{worker_id}/uncordon")
+@raises(NotFound, Conflict)
+async def uncordon_worker(worker_id: WorkerId, orch: Orch, who: Admin) -> dict[str, Any]:
+    """Place tasks on a cordoned worker again (admin); a worker draining because it stops is refused with 409."""
+    before = await orch.registry.cordon(worker_id, on=False)
+    return {"ok": True, "worker_id": worker_id, "cordoned": False, "status": "active", "was": before}
+
+
 @router.delete("/workers/{worker_id}")
 @router.delete("/api/v1/workers/{worker_id}")
 @raises(NotFound, Conflict)

@@ -1,4 +1,4 @@
-"""Worker commands: `mloc workers` (list), `mloc workers remove ID`, `mloc cleanup`."""
+"""Worker commands: `mloc workers` (list), `mloc workers cordon|uncordon|remove ID`, `mloc cleanup`."""
 
 from __future__ import annotations
 
@@ -103,7 +103,10 @@ def workers(
         running = len(w.get("tasks") or []) + int(w.get("hidden_tasks") or 0)  # a user sees only their own ids
         grid.add_row(
             output.cell(w["worker_id"]),
-            output.styled(output.visible(w["status"], one_line=True), STATUS_STYLE.get(w["status"], "")),
+            output.styled(
+                output.visible(w["status"] + (" (cordoned)" if w.get("cordoned") else ""), one_line=True),
+                STATUS_STYLE.get(w["status"], ""),
+            ),
             output.cell(",".join(w.get("topics") or [])),
             output.cell(",".join(w.get("tags") or []) or "-"),
             f"{free.get('cpu_milli', 0) / 1000:g}/{capacity.get('cpu_milli', 0) / 1000:g}",
@@ -115,6 +118,29 @@ def workers(
             _heartbeat(w),
         )
     output.show(grid)
+
+
+@workers_app.command("cordon")
+def cordon(worker_id: Annotated[str, typer.Argument(help="A worker id, as `mloc workers` lists it.")]) -> None:
+    """Place no new task on a live worker (admin); what it runs finishes there. `uncordon` undoes it."""
+    _cordon(worker_id, on=True)
+
+
+@workers_app.command("uncordon")
+def uncordon(worker_id: Annotated[str, typer.Argument(help="A cordoned worker's id.")]) -> None:
+    """Place tasks on a cordoned worker again (admin)."""
+    _cordon(worker_id, on=False)
+
+
+def _cordon(worker_id: str, *, on: bool) -> None:
+    try:
+        answer = client().cordon_worker(worker_id, on=on)
+    except MlocError as exc:
+        output.fail(exc)
+    done = "cordoned: no new task is placed on it" if on else "uncordoned: tasks are placed on it again"
+    if answer["was"] == answer["status"]:
+        done = "already " + done
+    output.line(output.visible(f"worker {answer['worker_id']} {done}", one_line=True))
 
 
 @workers_app.command("remove")

@@ -325,6 +325,14 @@ def explain(req: Request, views: list[WorkerView]) -> tuple[str, bool]:
     fleet, and whether no registered worker could ever run it."""
     live = [v for v in views if v.status == WorkerStatus.ACTIVE]
     if not live:
+        draining = sorted(v.worker_id for v in views if v.status == WorkerStatus.DRAINING)
+        if draining:
+            shown = ", ".join(draining[:SHOWN_PER_GROUP]) + (", ..." if len(draining) > SHOWN_PER_GROUP else "")
+            return (
+                f"no worker takes new tasks: {len(draining)} draining ({shown}); one that was cordoned takes "
+                "them again after `mloc workers uncordon ID`, or start another worker",
+                False,
+            )
         return "no worker is registered; start one with `mloc start --node-type worker`", True
     never = not any(fits_registration(req, v) for v in live)
     summary, fixes = _summary(req, views, when_idle=never)

@@ -39,6 +39,12 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check --quiet)
 # takes the newest releases the pins above allow.
 if [[ "${MLOC_UNPINNED:-0}" != "1" ]]; then
   export PIP_CONSTRAINT="$ROOT/constraints/ppo.txt"
+  # pip would stop at its first install with "Could not open constraint file", naming neither fix.
+  if [[ ! -f "$PIP_CONSTRAINT" ]]; then
+    echo "setup_ppo_env.sh: $PIP_CONSTRAINT is missing: copy constraints/ppo.txt beside scripts/," \
+      "or set MLOC_UNPINNED=1 to install the newest releases the pins allow" >&2
+    exit 2
+  fi
 fi
 
 # torch first, alone and by exact version, so pip takes the intended build rather than the newest.

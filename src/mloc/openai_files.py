@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -33,7 +34,9 @@ from typing import IO, Any
 import redis.asyncio as aioredis
 
 from mloc import keys
-from mloc.errors import Conflict
+from mloc.errors import Conflict, Unavailable
+
+log = logging.getLogger(__name__)
 
 FILES_DIR = "files"
 ROWS_SUFFIX = ".rows.jsonl"
@@ -101,10 +104,25 @@ class FileStore:
         return self.folder / (file_id + ROWS_SUFFIX)
 
     def temporary(self) -> tuple[IO[bytes], Path]:
-        """A new owner-only file in the files folder, to be renamed once whole."""
-        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=self.folder, prefix=".partial-")
+        """A new owner-only file in the files folder, to be renamed once whole; Unavailable, naming
+        RESULTS_DIR, when the folder cannot take it."""
+        try:
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=self.folder, prefix=".partial-")
+        except OSError as exc:
+            raise self.unwritable(exc) from exc
         return os.fdopen(fd, "wb"), Path(name)
+
+    def unwritable(self, exc: OSError) -> Unavailable:
+        """The answer to a write the files folder refused (a read-only or full disk, a folder of another
+        user): a fault of the deployment, which the message tells the operator how to fix."""
+        reason = exc.strerror or type(exc).__name__
+        log.error("uploads cannot be written to %s: %s", self.folder, exc)
+        return Unavailable(
+            f"the orchestrator cannot store uploads: its RESULTS_DIR ({self.folder.parent}) cannot be written "
+            f"({reason}); set RESULTS_DIR to a writable folder with free space, shared with the workers (the "
+            "volume they keep their results on), and try again"
+        )
 
     def _write(self, source: IO[bytes], target: Path) -> int:
         handle, partial = self.temporary()
@@ -115,6 +133,9 @@ class FileStore:
                 os.fsync(handle.fileno())
                 size = handle.tell()
             os.replace(partial, target)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            raise self.unwritable(exc) from exc
         except BaseException:
             partial.unlink(missing_ok=True)
             raise

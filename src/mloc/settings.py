@@ -312,6 +312,7 @@ class Settings(BaseSettings):
             file=self.log_file_for(node),
             max_bytes=self.log_max_bytes,
             backups=self.log_backups,
+            file_required=self.log_file is not None,
         )
 
     @property

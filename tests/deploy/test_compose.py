@@ -171,3 +171,24 @@ def _seconds(value: Any) -> float:
     for number, unit in re.findall(r"([\d.]+)(h|ms|m|s)", str(value)):
         total += float(number) * {"h": 3600, "m": 60, "s": 1, "ms": 0.001}[unit]
     return total
+
+
+def _volume_at(service: dict[str, Any], path: str) -> str | None:
+    """The named volume a service has mounted where ``path`` lies (the deepest mount), if any."""
+    mounts = [v for v in service.get("volumes", []) if path == v["target"] or path.startswith(v["target"] + "/")]
+    deepest = max(mounts, key=lambda v: len(v["target"]), default=None)
+    return deepest["source"] if deepest and deepest["type"] == "volume" else None
+
+
+def test_orchestrator_stores_uploads_on_the_workers_results_volume(resolved: dict[str, Any]) -> None:
+    """Batch uploads land in the orchestrator's RESULTS_DIR and the worker running the batch reads them
+    there: one folder on one volume for all, or uploads vanish into the orchestrator's container."""
+    orch = resolved["services"]["orchestrator"]
+    results = orch["environment"].get("RESULTS_DIR")
+    assert results and results.startswith("/"), "the orchestrator needs RESULTS_DIR on the shared volume"
+    volume = _volume_at(orch, results)
+    assert volume, f"the orchestrator's RESULTS_DIR {results} is on no volume"
+    for name in ("worker-cpu", "worker-gpu"):
+        worker = resolved["services"][name]
+        assert worker["environment"]["RESULTS_DIR"] == results, name
+        assert _volume_at(worker, results) == volume, name

@@ -14,61 +14,10 @@ from pathlib import Path
 import pytest
 
 from .conftest import DOCKER_DIR, DOCKERFILES, REPO, module, run, unknown_env
+from .dockerignore import dockerignore_rules, in_context, rules_of
 
 HADOLINT_CONFIG = DOCKER_DIR / "hadolint.yaml"
 VARIABLE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}?")
-
-
-# --- .dockerignore ---------------------------------------------------------------------------
-def _pattern_regex(pattern: str) -> re.Pattern[str]:
-    out = []
-    i = 0
-    while i < len(pattern):
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-            if pattern.startswith("/", i):
-                out[-1] = "(?:.*/)?"
-                i += 1
-        elif pattern[i] == "*":
-            out.append("[^/]*")
-            i += 1
-        elif pattern[i] == "?":
-            out.append("[^/]")
-            i += 1
-        elif pattern[i] == "[":
-            end = pattern.find("]", i)
-            out.append(pattern[i : end + 1] if end > i else re.escape(pattern[i]))
-            i = end + 1 if end > i else i + 1
-        else:
-            out.append(re.escape(pattern[i]))
-            i += 1
-    return re.compile("".join(out) + r"\Z")
-
-
-def dockerignore_rules(text: str) -> list[tuple[bool, re.Pattern[str]]]:
-    rules = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        negate = line.startswith("!")
-        pattern = line[1:].strip() if negate else line
-        pattern = pattern.strip("/") or "."
-        rules.append((negate, _pattern_regex(pattern)))
-    return rules
-
-
-def in_context(path: str, rules: list[tuple[bool, re.Pattern[str]]]) -> bool:
-    """Whether a repository path reaches the build context (Docker's rule: the last match wins;
-    a pattern that matches a parent folder matches everything under it)."""
-    parts = path.strip("/").split("/")
-    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
-    included = True
-    for negate, regex in rules:
-        if any(regex.match(prefix) for prefix in prefixes):
-            included = negate
-    return included
 
 
 # --- Dockerfile rules ------------------------------------------------------------------------
@@ -101,8 +50,7 @@ def dockerfile_problems(content: str, role: str, repo: Path = REPO) -> list[str]
     parser = parser_mod.DockerfileParser(fileobj=__import__("io").BytesIO(content.encode()))
     instructions = parser.structure
     problems: list[str] = []
-    ignore_file = repo / ".dockerignore"
-    rules = dockerignore_rules(ignore_file.read_text()) if ignore_file.exists() else []
+    rules = rules_of(repo)
 
     global_args: dict[str, str] = {}
     stage_args: dict[str, str] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import io
 import os
 import re
 from pathlib import Path
@@ -340,3 +341,91 @@ def test_selectors_match_their_pods(overlay: str) -> None:
         labels = workload["spec"]["template"]["metadata"]["labels"]
         assert _selects(workload["spec"]["selector"]["matchLabels"], labels), workload["metadata"]["name"]
         assert labels.get("app.kubernetes.io/part-of") == "mloc", "the Redis NetworkPolicy admits part-of=mloc"
+
+
+def _image_defaults(image: str) -> tuple[dict[str, str], str]:
+    """The environment and working folder an MLOC image gives its containers (its Dockerfile's last stage)."""
+    from .conftest import DOCKER_DIR, DOCKERFILES, module
+
+    (dockerfile,) = [name for name, (_, built) in DOCKERFILES.items() if built == image_name(image)]
+    parser = module("dockerfile_parse").DockerfileParser(fileobj=io.BytesIO((DOCKER_DIR / dockerfile).read_bytes()))
+    workdirs = [i["value"].strip() for i in parser.structure if i["instruction"] == "WORKDIR"]
+    return dict(parser.envs), workdirs[-1] if workdirs else "/"
+
+
+def _mount_at(container: dict[str, Any], path: str) -> dict[str, Any] | None:
+    """The volume mount where ``path`` lies (the deepest), if any."""
+    mounts = [
+        m for m in container.get("volumeMounts", []) if path == m["mountPath"] or path.startswith(m["mountPath"] + "/")
+    ]
+    return max(mounts, key=lambda m: len(m["mountPath"]), default=None)
+
+
+def _written_paths(container: dict[str, Any]) -> dict[str, str]:
+    """What an MLOC container writes, by the setting that places it, as absolute paths."""
+    defaults, workdir = _image_defaults(container["image"])
+    env = {**defaults, **{name: e["value"] for name, e in _env(container).items() if "value" in e}}
+    workdir = container.get("workingDir", workdir)
+
+    def absolute(path: str) -> str:
+        return os.path.normpath(os.path.join(workdir, path))
+
+    paths = {"RESULTS_DIR": absolute(env.get("RESULTS_DIR", "./results")), "TMPDIR": env.get("TMPDIR", "/tmp")}
+    for name in ("MLOC_HOME", "MLOC_MODELS_DIR", "HF_HOME"):
+        if name in env:
+            paths[name] = absolute(env[name])
+    log_file = env.get("MLOC_LOG_FILE")
+    if log_file is None and container["args"][-1] == "orchestrator":
+        paths["MLOC_LOG_FILE (unset: orchestrator.log in the working folder)"] = absolute("orchestrator.log")
+    elif log_file and log_file.strip() not in ("", "-"):
+        paths["MLOC_LOG_FILE"] = absolute(log_file)
+    return paths
+
+
+@pytest.mark.parametrize("overlay", overlays())
+def test_containers_with_a_read_only_root_write_only_to_volumes(overlay: str) -> None:
+    """Under readOnlyRootFilesystem every folder MLOC writes (results, uploads, home, log file, temporary
+    files) must be a writable volume: anywhere else the write fails (Errno 30)."""
+    checked = 0
+    for workload, pod in pod_templates(rendered(overlay)):
+        for container in pod["containers"]:
+            if not is_mloc_image(container["image"]):
+                continue
+            if not container.get("securityContext", {}).get("readOnlyRootFilesystem"):
+                continue
+            checked += 1
+            for setting, path in _written_paths(container).items():
+                mount = _mount_at(container, path)
+                where = f"{workload['metadata']['name']}: {setting} {path}"
+                assert mount is not None, f"{where} is on the read-only root file system: mount a volume there"
+                assert not mount.get("readOnly"), f"{where} is on a read-only mount"
+    assert checked, "the orchestrator runs with a read-only root file system"
+
+
+def _claim_at(pod: dict[str, Any], container: dict[str, Any], path: str) -> str | None:
+    mount = _mount_at(container, path)
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    volume = volumes.get(mount["name"], {}) if mount else {}
+    return volume.get("persistentVolumeClaim", {}).get("claimName")
+
+
+@pytest.mark.parametrize("overlay", overlays())
+def test_orchestrator_and_workers_share_one_results_volume(overlay: str) -> None:
+    """The orchestrator stores batch uploads in its RESULTS_DIR and serves the files workers write to
+    theirs: both must be one folder on one PersistentVolumeClaim, which pods on several nodes can mount
+    only as ReadWriteMany (cpu-dev is for one-node clusters)."""
+    docs = rendered(overlay)
+    orch_pod = _by(docs, "Deployment", "orchestrator")["spec"]["template"]["spec"]
+    orch = orch_pod["containers"][0]
+    results = _written_paths(orch)["RESULTS_DIR"]
+    claim = _claim_at(orch_pod, orch, results)
+    assert claim, f"the orchestrator's RESULTS_DIR {results} is on no PersistentVolumeClaim"
+    workers = _workers(docs)
+    assert workers
+    for workload, pod in workers:
+        container = pod["containers"][0]
+        name = workload["metadata"]["name"]
+        assert _written_paths(container)["RESULTS_DIR"] == results, name
+        assert _claim_at(pod, container, results) == claim, name
+    modes = _by(docs, "PersistentVolumeClaim", claim)["spec"]["accessModes"]
+    assert "ReadWriteMany" in modes or overlay == "cpu-dev", modes

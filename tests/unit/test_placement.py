@@ -128,9 +128,7 @@ def test_every_requested_tag_must_be_on_the_worker() -> None:
     assert misfit(req, view(tags={"a100-pool"})) == "lacks tag(s) eu"
     assert misfit(req, view(tags={"a100-pool", "eu", "spot"})) is None
     assert not fits_registration(req, view(tags={"eu"}))
-    assert misfit(req, view(tags={"a100-pool", "EU"})) == (
-        "lacks tag(s) eu (has 'EU': tags are case-sensitive)"
-    )
+    assert misfit(req, view(tags={"a100-pool", "EU"})) == "lacks tag(s) eu (has 'EU': tags are case-sensitive)"
 
 
 def test_a_tag_no_worker_carries_names_the_fix() -> None:

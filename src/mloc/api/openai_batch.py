@@ -80,7 +80,7 @@ def _visible(stored: StoredFile | None, who: Principal, file_id: str) -> StoredF
 
 
 @router.post("/files", response_model=objects.FileObject)
-@raises(BadRequest, PayloadTooLarge)
+@raises(BadRequest, PayloadTooLarge, Unavailable)
 async def upload_file(
     orch: Orch,
     who: Caller,

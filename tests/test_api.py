@@ -120,6 +120,21 @@ def test_users_see_and_cancel_only_their_own_tasks(http: httpx.Client, cluster: 
     wait_for(http, task, {"cancelled"})
 
 
+def test_an_admin_body_sent_as_a_form_names_the_content_type(http: httpx.Client, owner: str) -> None:
+    """`curl -d '{...}'` sends the JSON as a form: the answer says which header to send."""
+    http.post("/admin/users", json={"name": owner})
+    form = http.put(
+        f"/admin/users/{owner}/quota",
+        content=b'{"max_tasks": 1}',
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert form.status_code == 422
+    assert "send the body as JSON with 'Content-Type: application/json'" in form.json()["message"]
+    assert "(this request's: application/x-www-form-urlencoded)" in form.json()["message"]
+    sent = http.put(f"/admin/users/{owner}/quota", json={"max_tasks": 1})
+    assert sent.status_code == 200, sent.text
+
+
 @pytest.mark.parametrize(
     ("body", "status", "needle"),
     [

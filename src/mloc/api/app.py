@@ -166,6 +166,10 @@ def create_app(settings: Settings | None = None, *, redis: aioredis.Redis | None
     async def bad_params(request: Request, exc: RequestValidationError) -> JSONResponse:
         details = [{"path": ".".join(str(p) for p in err["loc"]), "message": err["msg"]} for err in exc.errors()]
         text = "; ".join(f"{d['path']}: {d['message']}" for d in details[:5])
+        sent = request.headers.get("content-type") or "none"
+        if any(d["path"] == "body" for d in details) and "json" not in sent:
+            # curl -d sends a form: the JSON in it is never read as JSON.
+            text += f"; send the body as JSON with 'Content-Type: application/json' (this request's: {sent})"
         error = InvalidParameters(f"invalid request: {text}", details=details)
         return JSONResponse(error.to_dict(), status_code=error.status_code)
 

@@ -15,10 +15,15 @@ import redis.asyncio as aioredis
 from mloc import moves
 from mloc.localcluster import LocalCluster
 from mloc.orchestrator import budgets, users
+from mloc.orchestrator.cancel import cancel
+from mloc.orchestrator.demand import read_demand
 from mloc.orchestrator.orchestrator import Orchestrator
+from mloc.orchestrator.standing import SUBMIT_CACHE_SEC
 from mloc.orchestrator.users import Principal
+from mloc.requeue import requeue
 from mloc.settings import Settings
 from mloc.spec import validate
+from mloc.state import Reason
 from mloc.store import Reservation
 from tests.support import fleet
 from tests.support.cli import mloc
@@ -222,6 +227,7 @@ def test_a_hard_budget_stops_running_tasks_and_a_soft_one_lets_them_finish(
         # Bob's short task took him past his hard budget: his long one is stopped, naming the budget.
         stopped = wait_for(http, long["bob"], ("cancelled", "succeeded"), timeout=5)
         assert stopped["state"] == "cancelled", stopped
+        assert stopped["reason_code"] == "budget_exhausted", stopped  # a script tells it from a user's cancel
         tomorrow = (utc_today() + timedelta(days=1)).isoformat()
         assert stopped["reason"].startswith("cancelled: budget exhausted (hard limit): "), stopped["reason"]
         assert stopped["reason"].endswith(f"CPU time today; resets {tomorrow}"), stopped["reason"]
@@ -269,3 +275,85 @@ def test_the_admin_sets_and_removes_budgets_from_the_cli_and_bad_input_changes_n
     assert "gpu_time (A100)" in removed.stdout and "0 of 1M" not in removed.stdout
     everything = mloc("users", "remove-budget", "dave", env=env)
     assert "removed gpu_time:A100/day" in everything.stdout and "dave: no budgets" in everything.stdout
+
+
+# ------------------------------------------------------ what the hard budget's cancel says
+def test_a_hard_budgets_cancel_says_budget_exhausted_for_an_unstarted_task_and_a_lost_workers_one(
+    redis_url: str,
+) -> None:
+    within_one_utc_day(120)
+
+    async def scenario() -> None:
+        r, orch = await setup(redis_url, "bob")
+        await budgets.set_budgets(r, "bob", budgets.budgets_of("day", {"cpu_time": "5s"}, hard=True))
+        assigned = (await submit(orch, echo("bob")))["task_id"]
+        running = (await submit(orch, echo("bob")))["task_id"]
+        started = await orch.store.transition(running, moves.START, expect_worker="w1", new_attempt=True)
+        assert started.ok
+        await spend(orch, "bob", {"cpu_seconds": 10.0})
+        assert sorted(await orch.overspend.stop()) == sorted([assigned, running])
+        # Not started: cancelled at once, with the budget's code, not a user's.
+        record = await orch.store.get(assigned)
+        assert (record.state, record.reason_code) == ("cancelled", "budget_exhausted")
+        assert (record.reason or "").startswith("cancelled: budget exhausted (hard limit): ")
+        # Running: its worker is told; here the worker is lost before it answers, and the code stays.
+        assert (await orch.store.get(running)).state == "cancelling"
+        await requeue(orch.store, running, worker_id="w1", reason_code=Reason.WORKER_LOST, reason="worker w1 lost")
+        record = await orch.store.get(running)
+        assert (record.state, record.reason_code) == ("cancelled", "budget_exhausted")
+        # A user's own cancel keeps its code.
+        await budgets.remove_budgets(r, "bob")
+        await asyncio.sleep(SUBMIT_CACHE_SEC)
+        mine = (await submit(orch, echo("bob")))["task_id"]
+        await cancel(orch.store, mine, by="bob")
+        assert (await orch.store.get(mine)).reason_code == "cancelled_by_user"
+        await r.aclose()
+
+    asyncio.run(scenario())
+
+
+# ----------------------------------------------------------- estimates and demand
+def test_a_budget_held_task_is_told_it_waits_for_the_reset_and_is_not_demand(redis_url: str) -> None:
+    within_one_utc_day(120)
+
+    async def scenario() -> None:
+        r, orch = await setup(redis_url, "alice")
+        await spend(orch, "alice", {"prompt_tokens": 2_000_000})
+        await budgets.set_budgets(r, "alice", budgets.budgets_of("month", {"tokens": "1M"}))
+        await budgets.set_budgets(r, "alice", budgets.budgets_of("day", {"tokens": "1M"}))
+        single = (await submit(orch, echo("alice")))["task_id"]
+        bulk = [a["task_id"] for a in await orch.submit_many([validate(echo("alice")) for _ in range(2)], ADMIN)]
+        found = await read_demand(r, limit=100)
+        assert found.tasks == {} and found.held == 3
+        # Both budgets hold it: it waits for the later reset, the month's.
+        resets = next_month(utc_today())
+        midnight = datetime.combine(resets, datetime.min.time(), tzinfo=UTC).timestamp()
+        for task_id in (single, *bulk):
+            asked = time.time()
+            estimate = await orch.queue_estimate(await orch.store.get(task_id))
+            assert estimate is not None and estimate["eta_sec"] is not None
+            assert abs(asked + estimate["eta_sec"] - midnight) < 2, estimate
+            assert estimate["basis"].startswith(f"waits for its owner's budget to reset at {resets} 00:00 UTC")
+            assert "budget exhausted: 2M of 1M tokens this month" in estimate["basis"]
+        await r.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_quota_held_task_is_not_told_it_starts_at_once(redis_url: str) -> None:
+    async def scenario() -> None:
+        r, orch = await setup(redis_url, "bob")
+        await users.set_quota(r, "bob", users.Quota(max_tasks=1))
+        first = (await submit(orch, {**echo("bob"), "timeout_sec": 600}))["task_id"]
+        assert (await orch.store.transition(first, moves.START, expect_worker="w1", new_attempt=True)).ok
+        second = await submit(orch, echo("bob"))
+        assert second["pending_reason"] == "user bob at quota: 1 of 1 concurrent tasks"
+        estimate = await orch.queue_estimate(await orch.store.get(second["task_id"]))
+        assert estimate is not None and estimate["eta_sec"] is None, estimate
+        assert estimate["basis"].startswith(
+            "waits for one of bob's tasks to end (user bob at quota: 1 of 1 concurrent tasks); "
+            "the first of them is expected to end in about "
+        ), estimate
+        await r.aclose()
+
+    asyncio.run(scenario())

@@ -277,3 +277,48 @@ def test_a_pool_scaled_from_zero_sees_its_demand_then_its_busy_worker_and_a_drai
         assert http.post(f"/api/v1/tasks/{task_id}/cancel").status_code == 200
         wait_for(http, task_id, {"cancelled"})
         assert pool_query(cluster) == (0, 0)  # nothing busy, nothing waiting: the pool may go to zero
+
+
+def test_a_task_its_owners_quota_holds_is_not_demand_and_one_lacking_a_worker_is(
+    make_cluster: Callable[..., LocalCluster],
+) -> None:
+    # Two L4s on the one worker: bob may hold one task at a time; alice's two-L4 task waits for room.
+    cluster = make_cluster(1, worker_env=[{"MLOC_WORKER_GPUS": "NVIDIA L4:2:23034"}], topics="tasks.gpu")
+    slow = {"sleep_sec": 30, "steps": 30}
+
+    def l4(owner: str, count: int) -> dict[str, Any]:
+        return {**echo("L4", count, topic="tasks.gpu", hyperparameters=slow), "metadata": {"owner": owner}}
+
+    with httpx.Client(base_url=cluster.api_url, timeout=10) as http:
+        assert http.post("/admin/users", json={"name": "bob", "max_tasks": 1}).status_code == 201
+        running = http.post("/api/v1/tasks", json=l4("bob", 1)).json()["task_id"]
+        wait_for(http, running, {"running"})
+        held = http.post("/api/v1/tasks", json=l4("bob", 1)).json()
+        assert held["pending_reason"] == "user bob at quota: 1 of 1 concurrent tasks", held
+        lacking = http.post("/api/v1/tasks", json=l4("alice", 2)).json()
+        assert lacking["worker_id"] is None and not lacking["unschedulable"], lacking
+
+        samples = samples_of(http.get("/metrics").text)
+        assert demand_of(samples, metrics.PENDING_DEMAND_TASKS) == {("l4", "2", "echo", "tasks.gpu"): 1}
+        assert demand_of(samples, metrics.PENDING_DEMAND_GPUS) == {("l4", "echo", "tasks.gpu"): 2}
+        for task_id in (running, held["task_id"], lacking["task_id"]):
+            http.post(f"/api/v1/tasks/{task_id}/cancel")
+
+
+def test_tasks_held_by_quota_or_budget_are_counted_apart(redis_url: str) -> None:
+    async def scenario(orch: Orchestrator, r: aioredis.Redis) -> None:
+        await orch.registry.register(registration("w1", slots=8, gpus=2))
+        await r.hset(keys.user_quota("bob"), mapping={"tasks": "1"})
+        first = await submit(orch, {**echo("L4", 1), "metadata": {"owner": "bob"}})
+        assert await r.hget(keys.task(first), "state") == "assigned"
+        await submit(orch, {**echo("L4", 1), "metadata": {"owner": "bob"}})  # held by bob's quota
+        await orch.scheduler.schedule_pending()
+        found = await read_demand(r, limit=100)
+        assert found.tasks == {} and found.held == 1
+        # Placed once the quota allows: the code goes with the reason, and the task is demand no more.
+        await r.hset(keys.user_quota("bob"), mapping={"tasks": "0"})
+        await orch.scheduler.schedule_pending()
+        found = await read_demand(r, limit=100)
+        assert found.tasks == {} and found.held == 0
+
+    run(scenario, redis_url)

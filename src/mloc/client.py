@@ -513,6 +513,10 @@ class Client:
     def remove_user(self, name: str) -> dict[str, Any]:
         return self._call("DELETE", f"/admin/users/{quote(name, safe='')}")
 
+    def rotate_token(self, name: str) -> dict[str, Any]:
+        """Issue a new token for a user, revoking the old one at once; their limits stay (admin)."""
+        return self._call("POST", f"/admin/users/{quote(name, safe='')}/token")
+
     def set_budget(self, name: str, *, period: str, hard: bool = False, **limits: Any) -> dict[str, Any]:
         """Set budgets for one period: ``limits`` are tokens, tokens_in, tokens_out, gpu_time, cpu_time
         (numbers, or text with a unit: '1M', '10h') and gpu_model; None leaves one out."""

@@ -110,31 +110,49 @@ redis.call('PUBLISH', KEYS[5], 'pending')
 return 1
 """
 
-# COUNT_REQUESTS: the stored requests of the given tasks that are still pending, each distinct one
-# once with how many tasks hold it: tasks of one kind share their request, so the caller parses each
-# once, and one call per batch saves a pipeline's per-reply cost.
+# COUNT_PLACEABLE: the stored requests of the given tasks that are still pending and that no quota or
+# budget holds, each distinct one once with how many tasks hold it (tasks of one kind share their
+# request, so the caller parses each once), and how many were held.
 # KEYS: none (the task hashes are named from ARGV[1])
-# ARGV[1] template: task hash   ARGV[2] the pending state   ARGV[3..] task ids
-# Returns {req, count, req, count, ...}.
-COUNT_REQUESTS = r"""
+# ARGV[1] template: task hash   ARGV[2] the pending state   ARGV[3] the hash field of the wait code
+# ARGV[4] the codes that hold a task, as " quota budget "   ARGV[5..] task ids
+# Returns {held, req, count, req, count, ...}.
+COUNT_PLACEABLE = r"""
 local function k(template, id) return (string.gsub(template, "{id}", id)) end
-local counts, order = {}, {}
-for i = 3, #ARGV do
-  local row = redis.call('HMGET', k(ARGV[1], ARGV[i]), 'req', 'state')
+local counts, order, held = {}, {}, 0
+for i = 5, #ARGV do
+  local row = redis.call('HMGET', k(ARGV[1], ARGV[i]), 'req', 'state', ARGV[3])
   if row[1] and row[2] == ARGV[2] then
-    if counts[row[1]] == nil then
-      order[#order + 1] = row[1]
-      counts[row[1]] = 0
+    if row[3] and row[3] ~= '' and string.find(ARGV[4], ' ' .. row[3] .. ' ', 1, true) then
+      held = held + 1
+    else
+      if counts[row[1]] == nil then
+        order[#order + 1] = row[1]
+        counts[row[1]] = 0
+      end
+      counts[row[1]] = counts[row[1]] + 1
     end
-    counts[row[1]] = counts[row[1]] + 1
   end
 end
-local out = {}
+local out = {held}
 for i, req in ipairs(order) do
-  out[2 * i - 1] = req
-  out[2 * i] = counts[req]
+  out[2 * i] = req
+  out[2 * i + 1] = counts[req]
 end
 return out
+"""
+
+# ROTATE_TOKEN: give a user a new token, compare-and-set on their record, so of two rotations at once one
+# wins and no token is left behind that nobody was shown.
+# KEYS[1] the users hash   KEYS[2] the old token's key   KEYS[3] the new token's key
+# ARGV[1] user   ARGV[2] the record as read   ARGV[3] the record with the new token's hash
+# Returns 1 when rotated, 0 when the record changed (or went) since it was read.
+ROTATE_TOKEN = r"""
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('SET', KEYS[3], ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
 """
 
 # PRUNE_OWNER: drop an owner from the set of owners with pending tasks once its queue is empty.

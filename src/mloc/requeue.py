@@ -87,12 +87,13 @@ def verdict(
     requeues: int,
     max_requeues: int,
     cancelling: bool = False,
+    cancel_code: Reason = Reason.CANCELLED_BY_USER,
 ) -> Verdict:
     """The decision of :func:`requeue`, apart from Redis so it can be read (and tested) on its own."""
     if cancelling:
         # Its owner asked for it to stop: it ends here rather than run again on another worker.
         text = f"{reason}; it was being cancelled, so it is cancelled"
-        return Verdict(moves.CANCEL_RUNNING, 0, True, Reason.CANCELLED_BY_USER, text, "")
+        return Verdict(moves.CANCEL_RUNNING, 0, True, cancel_code, text, "")
     if not started:
         # Never tried: nothing is spent and the task is placeable at once.
         return Verdict(
@@ -186,8 +187,9 @@ async def _requeue_once(
         "requeues",
         "retry_backoff_sec",
         "retry_backoff_max_sec",
+        "cancel_reason_code",
     )
-    priority, created_ms, attempts, max_attempts, state, requeues, base_sec, max_sec = h
+    priority, created_ms, attempts, max_attempts, state, requeues, base_sec, max_sec, cancel_code = h
     if state is None:
         return Transition(False, error=Refusal.MISSING)
     decided = verdict(
@@ -199,6 +201,8 @@ async def _requeue_once(
         requeues=int(requeues or 0),
         max_requeues=max_requeues,
         cancelling=state == TaskState.CANCELLING,
+        # Who asked for the cancel (a hard budget, say) still shows when the worker is gone.
+        cancel_code=Reason(cancel_code) if cancel_code in Reason.__members__.values() else Reason.CANCELLED_BY_USER,
     )
     now = time.time()
     retry_at = None
@@ -214,6 +218,8 @@ async def _requeue_once(
         "worker_id": "",
         "cancel_requested": "",
     }
+    if not decided.exhausted:
+        fields["progress"] = ""  # the next attempt starts from nothing; a stale "2/20, ETA 36 s" would mislead
     if decided.requeues is not None:
         fields["requeues"] = str(decided.requeues)
     if decided.exhausted:

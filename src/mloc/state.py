@@ -61,6 +61,8 @@ class Reason(StrEnum):
     NO_EXECUTOR = "no_executor"  # the worker has no executor for the task type
     ASSIGNMENT_UNREADABLE = "assignment_unreadable"  # the worker could not read the assignment message
     CANCELLED_BY_USER = "cancelled_by_user"
+    BUDGET_EXHAUSTED = "budget_exhausted"  # cancelled by its owner's hard budget, pending or running
+    USER_REMOVED = "user_removed"  # cancelled before it started: the admin removed its owner
     TIMEOUT = "timeout"  # ran past spec.timeout_sec and was stopped
     REPLICA_FAILED = "replica_failed"  # a replica group's parent: one of its shards failed
     REPLICA_CANCELLED = "replica_cancelled"  # a replica group's parent: one of its shards was cancelled

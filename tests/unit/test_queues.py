@@ -11,6 +11,7 @@ from dataclasses import replace
 import redis.asyncio as aioredis
 
 from mloc import keys, moves
+from mloc.orchestrator.placement import PENDING_CODE, WaitCode
 from mloc.orchestrator.queues import PendingQueues, UserLimits
 from mloc.orchestrator.standing import Standings
 from mloc.store import Reservation, TaskStore
@@ -188,5 +189,12 @@ def test_reasons_are_written_with_whether_the_task_can_ever_run(redis_url: str) 
         await queues.note_reasons({a.task_id: "no worker has 8 GPUs", b.task_id: "all slots busy"}, {a.task_id: True})
         assert await r.hmget(keys.task(a.task_id), "pending_reason", "unschedulable") == ["no worker has 8 GPUs", "1"]
         assert await r.hmget(keys.task(b.task_id), "pending_reason", "unschedulable") == ["all slots busy", "0"]
+        # A quota or budget hold says so in a code of its own, which a reason of room clears again.
+        await queues.note_reasons({b.task_id: "user bob at quota"}, {}, {b.task_id: WaitCode.QUOTA})
+        assert await r.hget(keys.task(b.task_id), PENDING_CODE) == "quota"
+        await queues.note_reasons({b.task_id: "all slots busy"}, {})
+        assert await r.hget(keys.task(b.task_id), PENDING_CODE) == ""
+        await queues.mark_held([a.task_id], WaitCode.BUDGET)
+        assert await r.hget(keys.task(a.task_id), PENDING_CODE) == "budget"
 
     on_queues(redis_url, scenario)

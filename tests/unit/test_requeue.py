@@ -80,8 +80,10 @@ def test_a_task_outlives_more_lost_workers_than_its_attempts_until_the_cap(redis
         await store.insert([record])
         task_id = record.task_id
         no_wait = Backoff(base_sec=0)
+        progress = '{"step": 2, "total": 20}'
         for lost in (1, 2, 3):
             attempt = await placed_and_started(store, task_id)
+            await r.hset(keys.task(task_id), "progress", progress)
             back = await requeue(
                 store, task_id, worker_id="w1", reason_code=Reason.WORKER_LOST, reason="w1 lost", backoff=no_wait,
                 max_requeues=3,
@@ -89,7 +91,10 @@ def test_a_task_outlives_more_lost_workers_than_its_attempts_until_the_cap(redis
             assert back.ok and back.state == TaskState.PENDING, back
             shown = await store.get(task_id)
             assert (shown.attempts, shown.requeues, shown.reason_code) == (attempt, lost, "worker_lost")
+            # The lost attempt's progress is not the next one's.
+            assert await r.hget(keys.task(task_id), "progress") is None
         await placed_and_started(store, task_id)
+        await r.hset(keys.task(task_id), "progress", progress)
         out = await requeue(
             store, task_id, worker_id="w1", reason_code=Reason.WORKER_LOST, reason="w1 lost", max_requeues=3
         )
@@ -102,6 +107,7 @@ def test_a_task_outlives_more_lost_workers_than_its_attempts_until_the_cap(redis
             4,
         )
         assert shown.finished_at is not None and "requeued 3 times after worker loss" in (shown.reason or "")
+        assert await r.hget(keys.task(task_id), "progress") == progress  # where the last attempt got to
         assert await r.hget(keys.worker("w1"), "slots_free") == "4"
         assert await r.zscore(keys.PENDING, task_id) is None and await r.zscore(keys.RETRY_WAIT, task_id) is None
         await r.aclose()

@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from mloc.api.deps import Admin, Orch
 from mloc.api.responses import raises
 from mloc.errors import BadRequest, Conflict, NotFound
-from mloc.orchestrator import budgets, fairshare, users
+from mloc.orchestrator import budgets, cancel, fairshare, users
+from mloc.state import Reason
 
 router = APIRouter(tags=["admin"])
 
@@ -95,8 +96,31 @@ async def show_quota(name: str, orch: Orch, who: Admin) -> dict[str, Any]:
 @router.delete("/api/v1/admin/users/{name}")
 @raises(NotFound)
 async def remove_user(name: str, orch: Orch, who: Admin) -> dict[str, Any]:
+    """Remove a user: their token stops working at once, their quota, budgets and weight go, and
+    their tasks that have not started are cancelled (reason code ``user_removed``). Tasks already
+    running finish (``running`` lists them; cancel them to stop them)."""
     await users.remove_user(orch.redis, name)
-    return {"ok": True, "name": name}
+    # After the token is gone, so nothing the user submits meanwhile escapes the sweep.
+    cancelled = await cancel.cancel_unstarted(
+        orch.store,
+        name,
+        by=who.name,
+        reason=f"cancelled: its owner, user {name}, was removed by {who.name} before it started",
+        reason_code=Reason.USER_REMOVED,
+    )
+    running = await cancel.running_of(orch.store, name)
+    return {"ok": True, "name": name, "cancelled": cancelled, "running": running}
+
+
+@router.post("/admin/users/{name}/token")
+@router.post("/api/v1/admin/users/{name}/token")
+@raises(BadRequest, NotFound, Conflict)
+async def rotate_token(name: str, orch: Orch, who: Admin) -> dict[str, Any]:
+    """Issue a new token for a user and revoke the old one at once; their quota, budgets, weight and
+    tasks stay as they are."""
+    token = await users.rotate_token(orch.redis, name)
+    note = "shown once; only its hash is stored; the old token no longer works"
+    return {"ok": True, "name": name, "token": token, "note": note}
 
 
 Amount = int | float | str | None

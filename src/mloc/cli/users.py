@@ -1,4 +1,5 @@
-"""`mloc users`: add, list and remove API users and set their quotas, budgets and weights (admin)."""
+"""`mloc users`: add, list and remove API users, rotate their tokens and set their quotas, budgets and
+weights (admin)."""
 
 from __future__ import annotations
 
@@ -95,12 +96,37 @@ def users_list(json_out: JsonFlag = False, fmt: OutputFormat = None, quiet: Quie
 
 @users_app.command("remove")
 def users_remove(name: str) -> None:
-    """Remove a user; its token stops working at once."""
+    """Remove a user: its token stops working at once and its tasks not yet started are cancelled;
+    its running tasks finish (`mloc cancel ID` stops one)."""
     try:
-        client().remove_user(name)
+        answer = client().remove_user(name)
     except MlocError as exc:
         output.fail(exc)
-    output.line(output.visible(f"removed user {name}", one_line=True))
+    cancelled, running = answer.get("cancelled") or [], answer.get("running") or []
+    output.line(output.visible(f"removed user {name}; its token no longer works", one_line=True))
+    if cancelled:
+        output.line(output.visible(f"cancelled {_tasks(len(cancelled))} not yet started", one_line=True))
+    if running:
+        ids = " ".join(running)
+        output.line(
+            output.visible(f"{_tasks(len(running))} still running, left to finish ({ids}); `mloc cancel ID` stops one")
+        )
+
+
+@users_app.command("rotate-token")
+def users_rotate_token(name: str) -> None:
+    """Issue a new token for a user and revoke the old one at once; quota, budgets and weight stay."""
+    try:
+        answer = client().rotate_token(name)
+    except MlocError as exc:
+        output.fail(exc)
+    output.line(output.visible(f"user {answer['name']}: new token issued; the old one no longer works", one_line=True))
+    output.line("token (shown once):")
+    output.line(answer["token"])
+
+
+def _tasks(count: int) -> str:
+    return f"{count} task" if count == 1 else f"{count} tasks"
 
 
 TokenAmount = Annotated[str | None, typer.Option(help="Tokens: 1M, 500k, 2G or a plain number.", show_default=False)]

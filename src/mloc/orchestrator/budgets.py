@@ -118,11 +118,20 @@ class Standing:
         return f"{spent} of {limit} {self.budget.noun} {words}"
 
     @property
+    def resets(self) -> date:
+        """The UTC day the period turns on (at 00:00 UTC)."""
+        return period_bounds(self.budget.period, self.today)[1]
+
+    @property
+    def resets_at(self) -> float:
+        """When the period turns, in unix seconds."""
+        return datetime.combine(self.resets, datetime.min.time(), tzinfo=UTC).timestamp()
+
+    @property
     def reason(self) -> str:
         """Why a task waits (or was stopped) on this budget."""
-        _, resets = period_bounds(self.budget.period, self.today)
         hard = " (hard limit)" if self.budget.hard else ""
-        return f"budget exhausted{hard}: {self.text}; resets {resets.isoformat()}"
+        return f"budget exhausted{hard}: {self.text}; resets {self.resets.isoformat()}"
 
     def to_dict(self) -> dict[str, Any]:
         _, resets = period_bounds(self.budget.period, self.today)
@@ -164,6 +173,13 @@ def holding(exhausted: Sequence[Standing], req: Request) -> str | None:
         if standing.budget.holds(req):
             return standing.reason
     return None
+
+
+def last_to_reset(exhausted: Sequence[Standing], req: Request) -> Standing | None:
+    """Of the exhausted budgets that hold this request, the one that resets last (the task waits for
+    every one of them: a month's spent budget outlasts a day's), or None."""
+    holding_it = [standing for standing in exhausted if standing.budget.holds(req)]
+    return max(holding_it, key=lambda standing: standing.resets, default=None)
 
 
 def utc_today() -> date:

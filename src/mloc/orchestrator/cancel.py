@@ -1,4 +1,5 @@
-"""Cancelling a task on a user's request. Runs in the orchestrator (the API's cancel route)."""
+"""Cancelling a task on a user's request, a hard budget's, or an owner's removal. Runs in the
+orchestrator (the API's cancel route, :mod:`.overspend`, the admin's user removal)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,21 @@ from mloc.state import Reason, Refusal, TaskState
 from mloc.store import TaskStore, Transition, require
 
 
-async def cancel(store: TaskStore, task_id: str, *, by: str, reason: str | None = None) -> Transition:
+async def cancel(
+    store: TaskStore,
+    task_id: str,
+    *,
+    by: str,
+    reason: str | None = None,
+    reason_code: Reason = Reason.CANCELLED_BY_USER,
+) -> Transition:
     """Cancel a task in any non-terminal state.
 
     A pending or assigned task is cancelled at once (its capacity is released and a worker that
     later reads its assignment skips it). A running task becomes ``cancelling``; its worker stops the
     executor and records the cancellation. A replica group's shards are cancelled, then its parent.
     ``reason`` replaces "cancelled by <by>" as the task's reason (the worker of a running task
-    records it too).
+    records it too, and so ``reason_code``: a script tells a budget's cancel from a user's by it).
     """
     record = await store.get(task_id, with_spec=False)
     if record.state.terminal:
@@ -27,7 +35,7 @@ async def cancel(store: TaskStore, task_id: str, *, by: str, reason: str | None 
     now = time.time()
     ended = {
         "reason": reason or f"cancelled by {by}",
-        "reason_code": Reason.CANCELLED_BY_USER.value,
+        "reason_code": reason_code.value,
         "finished_at": repr(now),
     }
     if record.children:
@@ -39,24 +47,39 @@ async def cancel(store: TaskStore, task_id: str, *, by: str, reason: str | None 
         await tasklog.append(store.redis, task_id, tasklog.ended(TaskState.CANCELLED, ended["reason"]))
         for child in record.children:
             with contextlib.suppress(MlocError):
-                await cancel(store, child, by=by, reason=reason)
+                await cancel(store, child, by=by, reason=reason, reason_code=reason_code)
         return outcome
     if record.state in (TaskState.RUNNING, TaskState.CANCELLING):
         return await _stop_running(
-            store, task_id, record.state, record.worker_id or "", record.attempts, by=by, reason=reason
+            store,
+            task_id,
+            record.state,
+            record.worker_id or "",
+            record.attempts,
+            by=by,
+            reason=reason,
+            reason_code=reason_code,
         )
     outcome = await store.transition(
         task_id, moves.CANCEL, release=True, fields={**ended, "pending_reason": ""}, now=now
     )
     if not outcome.ok and outcome.error == Refusal.STATE and outcome.detail == TaskState.RUNNING:
-        return await cancel(store, task_id, by=by, reason=reason)  # it started meanwhile
+        return await cancel(store, task_id, by=by, reason=reason, reason_code=reason_code)  # it started meanwhile
     if outcome.ok:
         await tasklog.append(store.redis, task_id, tasklog.ended(TaskState.CANCELLED, ended["reason"]))
     return require(outcome, task_id, TaskState.CANCELLED)
 
 
 async def _stop_running(
-    store: TaskStore, task_id: str, state: TaskState, worker_id: str, attempt: int, *, by: str, reason: str | None
+    store: TaskStore,
+    task_id: str,
+    state: TaskState,
+    worker_id: str,
+    attempt: int,
+    *,
+    by: str,
+    reason: str | None,
+    reason_code: Reason,
 ) -> Transition:
     """Mark a running task ``cancelling`` and tell its worker to stop it. Asking again re-sends the
     request (the first one may have reached a worker that was restarting)."""
@@ -64,12 +87,46 @@ async def _stop_running(
         fields = {"cancel_requested": "1", "cancel_requested_by": by}
         if reason:
             fields["cancel_reason"] = reason
+        if reason_code != Reason.CANCELLED_BY_USER:
+            # The worker records the end, and the requeue of a lost worker's task: both read it here.
+            fields["cancel_reason_code"] = reason_code.value
         outcome = await store.transition(task_id, moves.REQUEST_CANCEL, fields=fields)
         if not outcome.ok:
             if outcome.error == Refusal.STATE and outcome.detail not in (TaskState.RUNNING, TaskState.CANCELLING):
-                return await cancel(store, task_id, by=by, reason=reason)  # it ended, or was handed back, meanwhile
+                # It ended, or was handed back, meanwhile.
+                return await cancel(store, task_id, by=by, reason=reason, reason_code=reason_code)
             return require(outcome, task_id, TaskState.CANCELLING)
         # Written before the worker hears of it, so it comes before the worker's "cancelled" line.
         await tasklog.append(store.redis, task_id, tasklog.cancel_requested(by))
     await store.redis.publish(keys.worker_control(worker_id), json.dumps({"cancel": task_id}))
     return Transition(True, previous=state.value, attempt=attempt, state=TaskState.CANCELLING)
+
+
+async def cancel_unstarted(store: TaskStore, owner: str, *, by: str, reason: str, reason_code: Reason) -> list[str]:
+    """Cancel every task of ``owner`` that has not started (pending, waiting for its dependencies or
+    a retry, or assigned); returns their ids. A replica group's parent goes first, taking its shards."""
+    redis = store.redis
+    pipe = redis.pipeline(transaction=False)
+    for state in (TaskState.PENDING, TaskState.ASSIGNED):
+        pipe.zinter([keys.tasks_in_state(state), keys.tasks_of_owner(owner)])
+    ids = [task_id for found in await pipe.execute() for task_id in found]
+    pipe = redis.pipeline(transaction=False)
+    for task_id in ids:
+        pipe.hget(keys.task(task_id), "children")
+    parents = {task_id for task_id, children in zip(ids, await pipe.execute(), strict=True) if children}
+    cancelled: list[str] = []
+    for task_id in sorted(ids, key=lambda task_id: task_id not in parents):
+        try:
+            await cancel(store, task_id, by=by, reason=reason, reason_code=reason_code)
+        except MlocError:
+            continue  # ended meanwhile, or cancelled with its parent
+        cancelled.append(task_id)
+    return cancelled
+
+
+async def running_of(store: TaskStore, owner: str) -> list[str]:
+    """The ids of ``owner``'s tasks that are running or being cancelled."""
+    pipe = store.redis.pipeline(transaction=False)
+    for state in (TaskState.RUNNING, TaskState.CANCELLING):
+        pipe.zinter([keys.tasks_in_state(state), keys.tasks_of_owner(owner)])
+    return [task_id for found in await pipe.execute() for task_id in found]

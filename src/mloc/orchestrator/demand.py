@@ -2,9 +2,14 @@
 
 Counted over the placeable queue (PENDING) and the retries waiting out their backoff (RETRY_WAIT),
 which are both work a new worker could take. Tasks waiting for their dependencies sit in neither and
-are left out: a worker started for them would idle. The read is bounded (``limit`` records, a batch
-per script call), so a deep queue cannot make a scrape slow; a capped read says so. 50,000 waiting
-tasks take about 0.5 s to count (1 s when every request differs), against 2.5 s with pipelined HMGETs.
+are left out: a worker started for them would idle. So are tasks their owner's quota or exhausted
+budget holds (the :class:`.placement.WaitCode` the scheduler writes with their reason): they start
+when one of the owner's tasks ends, the budget resets or the admin raises a limit, never because a
+worker joined, so a node started for them would idle too (``Demand.held`` counts them).
+
+The read is bounded (``limit`` records, a batch per script call), so a deep queue cannot make a
+scrape slow; a capped read says so. 50,000 waiting tasks take about 0.5 s to count (1 s when every
+request differs), against 2.5 s with pipelined HMGETs.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from mloc import keys, lua
+from mloc.orchestrator.placement import PENDING_CODE, WaitCode
 from mloc.state import TaskState
 
 if TYPE_CHECKING:
@@ -46,6 +52,7 @@ class Demand:
 
     tasks: Counter[Shape] = field(default_factory=Counter)
     truncated: bool = False  # some waiting tasks were not read (over ``limit``) or not kept (over MAX_SHAPES)
+    held: int = 0  # waiting tasks left out: their owner's quota or budget holds them, not the fleet's room
 
     def gpus(self) -> Counter[tuple[str, str, str]]:
         """GPUs asked for, by (gpu_type, task_type, topic); shapes without a GPU are left out."""
@@ -92,12 +99,16 @@ async def read_demand(redis: aioredis.Redis, *, limit: int, batch: int = BATCH) 
     ranges = await pipe.execute() if take_queued or take_retrying else []
     ids = [task_id for found in ranges for task_id in found]
     demand = Demand(truncated=queued + retrying > take_queued + take_retrying)
-    count_requests = redis.register_script(lua.COUNT_REQUESTS)
+    count_placeable = redis.register_script(lua.COUNT_PLACEABLE)
+    holding = " " + " ".join(code.value for code in WaitCode) + " "
     shapes: dict[str, Shape | None] = {}
     unreadable = 0
     for start in range(0, len(ids), batch):
-        reply = await count_requests(args=[keys.task("{id}"), TaskState.PENDING.value, *ids[start : start + batch]])
-        for req_json, count in zip(reply[::2], reply[1::2], strict=True):
+        reply = await count_placeable(
+            args=[keys.task("{id}"), TaskState.PENDING.value, PENDING_CODE, holding, *ids[start : start + batch]]
+        )
+        demand.held += int(reply[0])
+        for req_json, count in zip(reply[1::2], reply[2::2], strict=True):
             if req_json not in shapes:
                 shapes[req_json] = shape_of(req_json)
             shape = shapes[req_json]

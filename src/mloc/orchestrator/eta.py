@@ -14,7 +14,10 @@ starts nothing there before then. After it (or while none stands) the replay for
 come: a task that will have waited ``MLOC_BACKFILL_AFTER_SEC`` by then takes one, as a pass would
 give it. Where the queue holds several users' tasks, they are taken in fair-share order (:func:`shares`
 reads each user's standing, weight and tasks held, as a pass does), so a task behind another user's
-backlog is told when fair share lets it in. It is an estimate: a worker that joins or leaves changes it, and so
+backlog is told when fair share lets it in. A task its owner's exhausted budget holds is told when
+the budget resets, and one its owner's quota holds that it waits for one of the owner's tasks to end
+(no figure: the replay does not model quotas); the tasks ahead that a quota or budget holds take no
+room in the replay. It is an estimate: a worker that joins or leaves changes it, and so
 do tasks submitted later by a user who then goes first.
 """
 
@@ -25,16 +28,19 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from mloc import keys
-from mloc.orchestrator.placement import Request, fits_registration
+from mloc.orchestrator import budgets
+from mloc.orchestrator.placement import PENDING_CODE, Request, WaitCode, fits_registration
 from mloc.orchestrator.replay import HeldTask, Lane, Shares, Waiter, replay
 from mloc.orchestrator.shadow import Hold, Holding, capacity_of, describe_missing, in_words, need_of
 from mloc.orchestrator.standing import Standings
 from mloc.records import WorkerStatus, WorkerView
+from mloc.settings import DEFAULT_FAIR_SHARE_HALF_LIFE_SEC
 from mloc.state import TaskState
 from mloc.store import TaskStore
 
@@ -47,6 +53,7 @@ AHEAD_LIMIT = 2000
 BEHIND_LIMIT = 500
 # The duration assumed for a kind with no success yet.
 UNKNOWN_DURATION_SEC = 60.0
+HOLDING_CODES = frozenset(code.value for code in WaitCode)
 
 
 def kind_of(req: dict[str, Any]) -> str:
@@ -174,6 +181,10 @@ async def estimate(
     if not fitting:
         return Estimate(position, 0, None, "no registered worker can run it")
     now = time.time()
+    waits = await _owner_holds(store, request, task_id, owner, holdings_of, now)
+    if waits is not None:
+        eta_sec, why = waits
+        return Estimate(position, 0, eta_sec, why)
     if hold is not None and hold.mine and hold.free_at is not None:
         # The hold was placed where it starts soonest, from what it needs (GPUs, memory), not slots alone.
         return Estimate(position, 0, max(0.0, hold.free_at - now), f"the worker held for it, {hold.worker_id}")
@@ -238,6 +249,49 @@ async def estimate(
     return Estimate(position, len(ahead), eta_sec, basis)
 
 
+async def _owner_holds(
+    store: TaskStore, request: Request, task_id: str, owner: str, holdings_of: HoldingsReader, now: float
+) -> tuple[float | None, str] | None:
+    """When the owner's exhausted budget or quota, not the fleet, keeps the task waiting: the seconds
+    until it may start (None when nothing says) and why; None when neither holds it. A replay of the
+    queue would tell when room frees, which is not what it waits for."""
+    redis = store.redis
+    found = (await Standings(redis, half_life_sec=DEFAULT_FAIR_SHARE_HALF_LIFE_SEC).read([owner], now))[owner]
+    spent = budgets.last_to_reset(found.exhausted, request)
+    if spent is not None:
+        resets = datetime.fromtimestamp(spent.resets_at, UTC).strftime("%Y-%m-%d %H:%M UTC")
+        why = f"waits for its owner's budget to reset at {resets}, or for the admin to raise it ({spent.reason})"
+        return max(0.0, spent.resets_at - now), why
+    code, reason, never = await redis.hmget(keys.task(task_id), PENDING_CODE, "pending_reason", "unschedulable")
+    if code != WaitCode.QUOTA:
+        return None
+    if never == "1":
+        return None, f"can never start under its owner's current quota ({reason})"
+    why = f"waits for one of {owner}'s tasks to end ({reason})"
+    first = await _first_end_of(store, owner, holdings_of, now)
+    if first is not None:
+        why += f"; the first of them is expected to end in about {in_words(first - now)}"
+    return None, why
+
+
+async def _first_end_of(store: TaskStore, owner: str, holdings_of: HoldingsReader, now: float) -> float | None:
+    """When the first of ``owner``'s assigned or running tasks is expected to end (None: none says)."""
+    redis = store.redis
+    pipe = redis.pipeline(transaction=False)
+    for state in (TaskState.ASSIGNED, TaskState.RUNNING):
+        pipe.zinter([keys.tasks_in_state(state), keys.tasks_of_owner(owner)])
+    mine = {task_id for found in await pipe.execute() for task_id in found}
+    if not mine:
+        return None
+    pipe = redis.pipeline(transaction=False)
+    for task_id in sorted(mine):
+        pipe.hget(keys.task(task_id), "worker_id")
+    workers = sorted({worker_id for worker_id in await pipe.execute() if worker_id})
+    held = await holdings_of(workers)
+    ends = [h.ends_at for found in held.values() for h in found if h.task_id in mine and h.ends_at is not None]
+    return max(now, min(ends)) if ends else None
+
+
 async def _queue(
     store: TaskStore, history: DurationHistory, fitting: list[WorkerView], rank: int | None
 ) -> tuple[list[Waiter], list[Waiter], list[str]]:
@@ -251,12 +305,16 @@ async def _queue(
     behind_ids = await redis.zrange(keys.PENDING, rank + 1, rank + BEHIND_LIMIT)
     pipe = redis.pipeline(transaction=False)
     for other_id in [*ahead_ids, *behind_ids]:
-        pipe.hmget(keys.task(other_id), "req", "created_at", "owner", "priority")
+        pipe.hmget(keys.task(other_id), "req", "created_at", "owner", "priority", PENDING_CODE)
     kinds: dict[str, Waiter | None] = {}
     waiters: list[Waiter | None] = []
-    for raw, created_at, owner, priority in await pipe.execute():
+    for raw, created_at, owner, priority, code in await pipe.execute():
         if not raw:
             waiters.append(None)  # placed or gone meanwhile
+            continue
+        if code in HOLDING_CODES:
+            # Its owner's quota or budget holds it: it takes no room while it waits for that.
+            waiters.append(None)
             continue
         if raw not in kinds:
             other = json.loads(raw)

@@ -17,10 +17,10 @@ import redis.asyncio as aioredis
 from mloc import keys, modelroots
 from mloc.errors import BadRequest, Conflict, Forbidden, SpecError
 from mloc.openai_files import INPUT_FILE_LABEL
-from mloc.orchestrator import chunks, eta, groups, harness, pipelines, reaper
+from mloc.orchestrator import chunks, eta, groups, harness, pipelines, reaper, users
 from mloc.orchestrator.admission import MemoryFit
 from mloc.orchestrator.overspend import Overspend
-from mloc.orchestrator.placement import Request, explain, misfit, request_of
+from mloc.orchestrator.placement import Request, WaitCode, explain, misfit, request_of
 from mloc.orchestrator.queues import UserLimits
 from mloc.orchestrator.scheduler import Decision, Placement, Scheduler
 from mloc.orchestrator.usage import Grouping, UsageReports
@@ -136,6 +136,17 @@ class Orchestrator:
         if refused:
             raise Forbidden(refused)
 
+    async def _check_quota(self, document: Document, principal: Principal) -> None:
+        """Refuse a task asking for more GPUs than its owner's quota lets them hold at once: it would
+        wait for ever (see :func:`.users.check_gpu_quota`). A task-count quota of 1 or more always
+        lets one task start (0 is no limit), so only the GPU quota can refuse a task outright."""
+        await users.check_gpu_quota(
+            self.redis,
+            self._owner(document, principal),
+            document.spec.resources.hardware.gpu.count,
+            default_gpus=self.settings.user_max_gpus,
+        )
+
     async def _try_place(
         self,
         record: NewTask,
@@ -160,6 +171,7 @@ class Orchestrator:
 
     async def submit(self, document: Document, principal: Principal) -> dict[str, Any]:
         await self._check_models(document, principal)
+        await self._check_quota(document, principal)
         request = request_of(document)
         fit = await self.memfit.assess(document, request)  # refuses what no GPU could hold
         wire = document.to_wire()
@@ -237,6 +249,7 @@ class Orchestrator:
         those that wait for nothing placed at once."""
         for document in documents:
             await self._check_models(document, principal)
+            await self._check_quota(document, principal)
         await self.memfit.assess_all(documents, [request_of(d) for d in documents])  # refusals only
         plan = await pipelines.plan(self.store, documents, principal, self._record)
         graphs = {plan.pipeline_id: plan.graph} if plan.pipeline_id and plan.graph else None
@@ -318,6 +331,7 @@ class Orchestrator:
         _check_bulk_size(documents)
         for document in documents:
             await self._check_models(document, principal)  # all or nothing: before any is stored
+            await self._check_quota(document, principal)
         if pipelines.needs_planning(documents):
             return list((await self.submit_graph(documents, principal))["tasks"])
         if any(d.spec.resources.replicas > 1 or chunks.is_chunked(d.to_wire()) for d in documents):
@@ -334,9 +348,12 @@ class Orchestrator:
         # requests would not either: they wait with the first one's reason.
         no_room: dict[Request, Placement] = {}
         answers: list[Placement | int] = []
+        held: list[str] = []  # by a budget: the autoscalers' demand leaves them out
         for record, request in prepared:
             # An owner's exhausted budget keeps the task waiting, whatever room there is.
             budget = await scheduler.standings.holding(record.owner, request)
+            if budget is not None:
+                held.append(record.task_id)
             waiting = no_room.get(request) if budget is None else Placement(worker_id=None, pending_reason=budget)
             choice = None if waiting is not None else scheduler.choose(request, views)
             if choice is not None:
@@ -361,6 +378,7 @@ class Orchestrator:
             record.pending_reason, record.unschedulable = waiting.pending_reason or "", waiting.unschedulable
             answers.append(waiting)
         await self.store.insert([record for record, _ in prepared])
+        await scheduler.queues.mark_held(held, WaitCode.BUDGET)
         placed = await scheduler.commit(decisions)
         return [
             _answer(record, answer if isinstance(answer, Placement) else placed[answer])
@@ -375,6 +393,7 @@ class Orchestrator:
         request = request_of(document)
         self._owner(document, principal)
         await self._check_models(document, principal)
+        await self._check_quota(document, principal)
         views = views if views is not None else await self.scheduler.views(fresh=True)
         fit = await self.memfit.assess(document, request)
         request = fit.request

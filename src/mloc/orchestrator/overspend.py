@@ -3,8 +3,9 @@
 A budget is soft unless the admin marks it hard: an exhausted soft budget only keeps the user's
 waiting tasks waiting. For a hard one the orchestrator also cancels, through the ordinary cancel
 path, the user's tasks that hold capacity and that the budget covers (GPU tasks for a GPU-time
-budget), with the budget as the reason. Spend counts when a task ends, so this happens once a
-finished task has taken the user over the limit.
+budget), with the budget as the reason and ``budget_exhausted`` as the reason code (a script tells
+it from a user's cancel). Spend counts when a task ends, so this happens once a finished task has
+taken the user over the limit.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from mloc.orchestrator import budgets
 from mloc.orchestrator.cancel import cancel
 from mloc.orchestrator.placement import Request
 from mloc.orchestrator.standing import Standings
-from mloc.state import TaskState
+from mloc.state import Reason, TaskState
 from mloc.store import TaskStore
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,8 @@ class Overspend:
             if reason is None:
                 continue
             try:
-                await cancel(self.store, task_id, by=STOPPED_BY, reason=f"cancelled: {reason}")
+                why = f"cancelled: {reason}"
+                await cancel(self.store, task_id, by=STOPPED_BY, reason=why, reason_code=Reason.BUDGET_EXHAUSTED)
             except MlocError as exc:  # it ended meanwhile
                 log.debug("task %s not stopped for its owner's budget: %s", task_id, exc)
                 continue

@@ -12,6 +12,7 @@ import fnmatch
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
+from enum import StrEnum
 from typing import Any
 
 from mloc.records import WorkerStatus, WorkerView
@@ -340,3 +341,16 @@ def explain(req: Request, views: list[WorkerView]) -> tuple[str, bool]:
     if never:
         return f"no registered worker can run this task: {text}", True
     return f"waiting for capacity: {text}", False
+
+
+# The task hash's field holding a waiting task's :class:`WaitCode`; absent or "" while it waits for room.
+PENDING_CODE = "pending_code"
+
+
+class WaitCode(StrEnum):
+    """Why a waiting task cannot start however much room the fleet has (its ``pending_code``, written
+    with its pending reason): a worker more would not start it, so autoscaling demand leaves it out
+    (:mod:`.demand`), and its start estimate says what it waits for (:mod:`.eta`)."""
+
+    QUOTA = "quota"  # its owner is at a quota limit, or it needs more GPUs than the quota allows at all
+    BUDGET = "budget"  # an exhausted budget of its owner covers it: it waits for the reset or a raise

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from mloc import keys, lua
 from mloc.orchestrator import fairshare
+from mloc.orchestrator.placement import PENDING_CODE, WaitCode
 from mloc.orchestrator.standing import OwnerStanding, Standings
 from mloc.state import TaskState
 from mloc.store import TaskStore
@@ -122,15 +123,36 @@ class PendingQueues:
             owner.standing = standings[owner.name]
         return owners
 
-    async def note_reasons(self, reasons: Mapping[str, str], unschedulable: Mapping[str, bool]) -> None:
-        """Write why each of these tasks still waits, and whether no worker could ever run it."""
+    async def note_reasons(
+        self,
+        reasons: Mapping[str, str],
+        unschedulable: Mapping[str, bool],
+        codes: Mapping[str, WaitCode] | None = None,
+    ) -> None:
+        """Write why each of these tasks still waits, whether it can ever start, and its
+        :class:`.placement.WaitCode` (none where it waits for room), in one round trip."""
         if not reasons:
             return
+        codes = codes or {}
         pipe = self.redis.pipeline(transaction=False)
         for task_id, reason in reasons.items():
-            flag = "1" if unschedulable.get(task_id) else "0"
-            pipe.hset(keys.task(task_id), mapping={"pending_reason": reason, "unschedulable": flag})
+            code = codes.get(task_id)
+            fields = {
+                "pending_reason": reason,
+                "unschedulable": "1" if unschedulable.get(task_id) else "0",
+                PENDING_CODE: code.value if code is not None else "",
+            }
+            pipe.hset(keys.task(task_id), mapping=fields)
         await pipe.execute()
+
+    async def mark_held(self, task_ids: list[str], code: WaitCode) -> None:
+        """Record the :class:`.placement.WaitCode` of tasks stored with a pending reason that says it
+        (a bulk submit's, held by a budget)."""
+        if task_ids:
+            pipe = self.redis.pipeline(transaction=False)
+            for task_id in task_ids:
+                pipe.hset(keys.task(task_id), PENDING_CODE, code.value)
+            await pipe.execute()
 
     async def _check(self) -> None:
         """Give every task in PENDING a place in its owner's queue at its score: tasks queued by an

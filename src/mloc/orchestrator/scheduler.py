@@ -18,7 +18,8 @@ Which waiting task goes first (the fair-share rule, also in docs/operations.md):
 3. Ties go to the task submitted first.
 
 A user at their quota, or with an exhausted budget (:mod:`.budgets`), is skipped (their tasks wait
-with the reason) and the pass goes on with the other users' tasks. A retry waits out its backoff
+with the reason, and its :class:`.placement.WaitCode`, which autoscaling demand and the start
+estimate read) and the pass goes on with the other users' tasks. A retry waits out its backoff
 in a separate index and joins the queues when it is due (:meth:`.queues.PendingQueues.promote_retries`).
 """
 
@@ -41,7 +42,16 @@ from mloc import keys, moves
 from mloc.orchestrator import budgets, fairshare
 from mloc.orchestrator.backfill import Backfill, Gate
 from mloc.orchestrator.eta import DurationHistory
-from mloc.orchestrator.placement import Request, explain, fits_now, fits_registration, packing, usable_gpus
+from mloc.orchestrator.placement import (
+    PENDING_CODE,
+    Request,
+    WaitCode,
+    explain,
+    fits_now,
+    fits_registration,
+    packing,
+    usable_gpus,
+)
 from mloc.orchestrator.queues import OwnerQueue, PendingQueues, UserLimits
 from mloc.orchestrator.standing import Standings
 from mloc.records import Assignment, NewTask, WorkerStatus, WorkerView
@@ -79,7 +89,18 @@ class Placement:
 def quota_reason(owner: str, limit: str, used: int, most: int, gpus_needed: int = 0) -> str:
     if limit == "tasks":
         return f"user {owner} at quota: {used} of {most} concurrent tasks"
+    if gpus_needed > most:
+        return (
+            f"user {owner}'s quota allows {most} GPU{'s' if most != 1 else ''} at once and this task needs "
+            f"{gpus_needed}: it can never start under the current quota; ask the admin to raise it "
+            f"(`mloc users set-quota {owner} --max-gpus {gpus_needed}`) or cancel it"
+        )
     return f"user {owner} at quota: {used} of {most} GPUs in use, this task needs {gpus_needed}"
+
+
+def quota_never(limit: str, most: int, gpus_needed: int) -> bool:
+    """Whether the quota can never let the task start (lowered since its submit, which refuses such)."""
+    return limit == "gpus" and 0 < most < gpus_needed
 
 
 @dataclass
@@ -278,8 +299,10 @@ class Scheduler:
             placement.pending_reason = held
             if create is not None:
                 await self.store.insert([replace(create, pending_reason=held, unschedulable=False)])
+                await self.store.set_fields(task_id, {PENDING_CODE: WaitCode.BUDGET.value})
             elif held != current_reason:
-                await self.store.set_fields(task_id, {"pending_reason": held, "unschedulable": "0"})
+                fields = {"pending_reason": held, "unschedulable": "0", PENDING_CODE: WaitCode.BUDGET.value}
+                await self.store.set_fields(task_id, fields)
             return placement
         gate = await self.backfill.gate(task_id, req, document)
         for attempt in range(3):
@@ -300,9 +323,15 @@ class Scheduler:
                     limit, used, most = outcome.detail.split()
                     placement.quota = limit
                     reason = quota_reason(owner, limit, int(used), int(most), req.gpu_count)
-                    placement.pending_reason = reason
+                    never = quota_never(limit, int(most), req.gpu_count)
+                    placement.pending_reason, placement.unschedulable = reason, never
                     if reason != current_reason:
-                        await self.store.set_fields(task_id, {"pending_reason": reason, "unschedulable": "0"})
+                        fields = {
+                            "pending_reason": reason,
+                            "unschedulable": "1" if never else "0",
+                            PENDING_CODE: WaitCode.QUOTA.value,
+                        }
+                        await self.store.set_fields(task_id, fields)
                     return placement
                 if outcome.error != Refusal.CAPACITY:
                     # Cancelled or placed by another orchestrator meanwhile: nothing to do.
@@ -318,7 +347,8 @@ class Scheduler:
         if create is not None:
             await self.store.insert([replace(create, pending_reason=reason, unschedulable=never)])
         elif reason != current_reason:
-            await self.store.set_fields(task_id, {"pending_reason": reason, "unschedulable": "1" if never else "0"})
+            fields = {"pending_reason": reason, "unschedulable": "1" if never else "0", PENDING_CODE: ""}
+            await self.store.set_fields(task_id, fields)
         return placement
 
     def _place_change(
@@ -341,6 +371,7 @@ class Scheduler:
                 "assigned_at": repr(time.time()),
                 "pending_reason": "",
                 "unschedulable": "",
+                PENDING_CODE: "",
                 "gpus": json.dumps(gpus),
             },
         )
@@ -392,6 +423,7 @@ class Scheduler:
         outcomes = await self.store.apply_many(changes)
         placements: list[Placement] = []
         reasons: dict[str, str] = {}
+        never: dict[str, bool] = {}
         for d, outcome in zip(decisions, outcomes, strict=True):
             placement = Placement(worker_id=None, tried=[d.worker.worker_id])
             if outcome.ok:
@@ -400,8 +432,10 @@ class Scheduler:
                 limit, used, most = outcome.detail.split()
                 placement.quota = limit
                 placement.pending_reason = quota_reason(d.owner, limit, int(used), int(most), d.req.gpu_count)
+                placement.unschedulable = quota_never(limit, int(most), d.req.gpu_count)
                 if placement.pending_reason != d.current_reason:
                     reasons[d.task_id] = placement.pending_reason
+                    never[d.task_id] = placement.unschedulable
             elif outcome.error == Refusal.CAPACITY:
                 self.invalidate()
                 placement = await self.place(
@@ -416,7 +450,7 @@ class Scheduler:
             else:
                 placement.pending_reason = f"not pending any more ({outcome.error} {outcome.detail})"
             placements.append(placement)
-        await self.queues.note_reasons(reasons, {})
+        await self.queues.note_reasons(reasons, never, dict.fromkeys(reasons, WaitCode.QUOTA))
         return placements
 
     async def schedule_pending(self, limit: int = 1000, *, quick: bool = False) -> int:
@@ -446,6 +480,7 @@ class Scheduler:
             no_room: dict[str, tuple[str, bool]] = {}  # request -> why it waits, where no worker has room
             reasons: dict[str, str] = {}  # pending reasons to write at the end of the pass
             unschedulable: dict[str, bool] = {}
+            codes: dict[str, WaitCode] = {}  # the WaitCode of each reason written, where it is one
             decisions: list[Decision] = []
             # Chosen on one snapshot, the placements are then made together (see :meth:`commit`).
             views = await self.views()
@@ -465,6 +500,7 @@ class Scheduler:
                 for task in owner.waiting[owner.next :]:
                     if task.reason != reason:
                         reasons[task.task_id] = reason
+                        codes[task.task_id] = WaitCode.QUOTA
                 owner.next = len(owner.waiting)
 
             for index in range(len(owners)):
@@ -483,10 +519,13 @@ class Scheduler:
                 if held is not None:
                     if task.reason != held:
                         reasons[task.task_id] = held
+                        codes[task.task_id] = WaitCode.BUDGET
                 elif owner.max_gpus > 0 and req.gpu_count > 0 and owner.gpus + req.gpu_count > owner.max_gpus:
                     reason = quota_reason(owner.name, "gpus", owner.gpus, owner.max_gpus, req.gpu_count)
                     if task.reason != reason:
                         reasons[task.task_id] = reason
+                        codes[task.task_id] = WaitCode.QUOTA
+                        unschedulable[task.task_id] = quota_never("gpus", owner.max_gpus, req.gpu_count)
                 else:
                     skip = task.req_json in no_room and not self.backfill.holds_for(task.task_id)
                     choice = None if skip else self.choose(req, views, task.task_id)
@@ -515,5 +554,5 @@ class Scheduler:
                 push(index)
             placed = sum(p.worker_id is not None for p in await self.commit(decisions))
             await self.backfill.settle(read={task.task_id for task in waiting})
-            await self.queues.note_reasons(reasons, unschedulable)
+            await self.queues.note_reasons(reasons, unschedulable, codes)
             return placed

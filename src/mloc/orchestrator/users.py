@@ -1,5 +1,5 @@
-"""API users: the admin (ORCHESTRATOR_TOKEN) and per-user tokens, stored only as hashes, and each
-user's quota (tasks assigned or running at once, GPUs held at once)."""
+"""API users: the admin (ORCHESTRATOR_TOKEN) and per-user tokens, stored only as hashes (issued,
+rotated, revoked), and each user's quota (tasks assigned or running at once, GPUs held at once)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from mloc import keys
-from mloc.errors import BadRequest, Conflict, NotFound, Unauthorized
+from mloc import keys, lua
+from mloc.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
 from mloc.records import ADMIN
 from mloc.spec.base import check_name
 
@@ -67,7 +67,10 @@ async def add_user(redis: aioredis.Redis, name: str, quota: Quota | None = None)
     token = "mloc_" + secrets.token_urlsafe(32)
     record = json.dumps({"name": name, "created_at": time.time(), "token_hash": hash_token(token)})
     if not await redis.hsetnx(keys.USERS, name, record):
-        raise Conflict(f"user {name!r} exists; remove it first to issue a new token")
+        raise Conflict(
+            f"user {name!r} exists; `mloc users rotate-token {name}` (POST /admin/users/{name}/token) issues "
+            "a new token and keeps their quota, budgets and weight"
+        )
     pipe = redis.pipeline(transaction=True)
     pipe.set(keys.user_token(hash_token(token)), name)
     # A quota, budgets or weight left behind by an earlier user of the same name do not carry over.
@@ -80,6 +83,8 @@ async def add_user(redis: aioredis.Redis, name: str, quota: Quota | None = None)
 
 
 async def remove_user(redis: aioredis.Redis, name: str) -> None:
+    """Forget a user: their token stops working at once, and their quota, budgets and weight go.
+    Their tasks are the caller's to settle (:func:`mloc.orchestrator.cancel.cancel_unstarted`)."""
     raw = await redis.hget(keys.USERS, name)
     if raw is None:
         raise NotFound(f"user {name!r} not found")
@@ -88,6 +93,26 @@ async def remove_user(redis: aioredis.Redis, name: str) -> None:
     pipe.hdel(keys.user_fair_share(name), "weight")
     pipe.hdel(keys.USERS, name)
     await pipe.execute()
+
+
+async def rotate_token(redis: aioredis.Redis, name: str) -> str:
+    """Issue a new token for ``name`` and revoke the old one in the same atomic step; the user's
+    quota, budgets, weight and tasks stay as they are. Returns the token (only its hash is stored)."""
+    if name == ADMIN:
+        raise BadRequest("the admin's token is ORCHESTRATOR_TOKEN: change it in the orchestrator's environment")
+    rotate = redis.register_script(lua.ROTATE_TOKEN)
+    for _ in range(5):
+        raw = await redis.hget(keys.USERS, name)
+        if raw is None:
+            raise NotFound(f"user {name!r} not found; add it with `mloc users add {name}`")
+        record = json.loads(raw)
+        token = "mloc_" + secrets.token_urlsafe(32)
+        old_hash, new_hash = record["token_hash"], hash_token(token)
+        record.update(token_hash=new_hash, rotated_at=time.time())
+        token_keys = [keys.USERS, keys.user_token(old_hash), keys.user_token(new_hash)]
+        if await rotate(keys=token_keys, args=[name, raw, json.dumps(record)]):
+            return token
+    raise Conflict(f"user {name!r} changed under every try to rotate their token; try again")
 
 
 async def set_quota(redis: aioredis.Redis, name: str, quota: Quota, *, reset: bool = False) -> None:
@@ -105,6 +130,22 @@ async def set_quota(redis: aioredis.Redis, name: str, quota: Quota, *, reset: bo
                 raise BadRequest(f"max_{field} is {value}; give 0 (unlimited) or more")
             pipe.hset(keys.user_quota(name), field, str(value))
     await pipe.execute()
+
+
+async def check_gpu_quota(redis: aioredis.Redis, owner: str, gpu_count: int, *, default_gpus: int) -> None:
+    """Refuse a task asking for more GPUs than its owner may hold at once: it could never start, and
+    would wait for ever. Asks Redis only for GPU tasks."""
+    if gpu_count <= 0:
+        return
+    own = await redis.hget(keys.user_quota(owner), "gpus")
+    most = default_gpus if own is None else int(own)
+    if 0 < most < gpu_count:
+        whose = " (the default, MLOC_USER_MAX_GPUS)" if own is None else ""
+        raise Forbidden(
+            f"spec.resources.hardware.gpu.count is {gpu_count}, but user {owner}'s quota allows {most} GPU"
+            f"{'s' if most != 1 else ''} held at once{whose}, so the task could never start; ask the admin to "
+            f"raise it (`mloc users set-quota {owner} --max-gpus {gpu_count}`), or ask for at most {most}"
+        )
 
 
 async def usage_and_quota(

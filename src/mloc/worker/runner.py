@@ -340,10 +340,13 @@ class TaskRunner:
                 "cancelled on request",
             )
         if state == TaskState.CANCELLED and run.stop_reason == StopReason.CANCELLED:
-            # The orchestrator may have said why it stopped the task (a hard budget): that reason shows.
-            note = await self.redis.hget(keys.task(task_id), "cancel_reason")
+            # The orchestrator may have said why it stopped the task (a hard budget): that reason shows,
+            # and its code, so a script tells a budget's cancel from a user's.
+            note, code = await self.redis.hmget(keys.task(task_id), "cancel_reason", "cancel_reason_code")
             if note:
                 reason = note + reason.removeprefix("cancelled on request")
+            if code in Reason.__members__.values():
+                reason_code = code
         finished = time.time()
         usage = run_usage(reporter.usage, result, finished - started, len(gpus), cores_asked(assignment.document))
         daily = daily_counters(task_type, state, usage, gpus, self.hardware["gpus"])

@@ -212,23 +212,22 @@ def test_full_run_as_an_acl_user_confined_to_mloc_keys(servers: list[Server], tm
     assert record["attempts"] == 1
 
 
-def test_worker_with_a_wrong_password_exits_with_one_clear_line(servers: list[Server], tmp_path: Path) -> None:
-    port = plain(servers, tmp_path / "r", "--requirepass", "s3cret")
+def start_worker(redis_url: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`mloc start --node-type worker` against ``redis_url``, in a shell with no other MLOC setting."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLOC_", "REDIS_URL"))}
-    env.update(
-        {
-            "REDIS_URL": f"redis://:wrong-one@127.0.0.1:{port}/0",
-            "MLOC_HOME": str(tmp_path / "home"),
-            "RESULTS_DIR": str(tmp_path / "results"),
-        }
-    )
-    done = subprocess.run(
+    env.update({"REDIS_URL": redis_url, "MLOC_HOME": str(tmp_path / "home"), "RESULTS_DIR": str(tmp_path / "results")})
+    return subprocess.run(
         [sys.executable, "-m", "mloc.cli", "start", "--node-type", "worker"],
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_worker_with_a_wrong_password_exits_with_one_clear_line(servers: list[Server], tmp_path: Path) -> None:
+    port = plain(servers, tmp_path / "r", "--requirepass", "s3cret")
+    done = start_worker(f"redis://:wrong-one@127.0.0.1:{port}/0", tmp_path)
     output = done.stdout + done.stderr
     assert done.returncode == 2, output
     assert "refused the credentials" in output and "check the user name and password in REDIS_URL" in output
@@ -255,15 +254,7 @@ def test_a_url_naming_a_port_that_is_not_redis_says_so_in_one_line(tmp_path: Pat
         with pytest.raises(ConfigError) as refused:
             asyncio.run(connect(url, attempts=1))
         assert "is not a Redis server" in refused.value.message and "REDIS_URL" in refused.value.message
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLOC_", "REDIS_URL"))}
-        env.update({"REDIS_URL": url, "MLOC_HOME": str(tmp_path / "home"), "RESULTS_DIR": str(tmp_path / "results")})
-        done = subprocess.run(
-            [sys.executable, "-m", "mloc.cli", "start", "--node-type", "worker"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        done = start_worker(url, tmp_path)
         output = done.stdout + done.stderr
         assert done.returncode == 2, output
         assert f"127.0.0.1:{port}/0 is not a Redis server" in output and "Traceback" not in output

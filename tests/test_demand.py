@@ -301,6 +301,9 @@ def test_a_task_its_owners_quota_holds_is_not_demand_and_one_lacking_a_worker_is
         samples = samples_of(http.get("/metrics").text)
         assert demand_of(samples, metrics.PENDING_DEMAND_TASKS) == {("l4", "2", "echo", "tasks.gpu"): 1}
         assert demand_of(samples, metrics.PENDING_DEMAND_GPUS) == {("l4", "echo", "tasks.gpu"): 2}
+        assert samples[(metrics.PENDING_HELD, ())] == 1  # counted apart, for a person to see
+        assert http.get(f"/api/v1/tasks/{held['task_id']}").json()["pending_code"] == "quota"
+        assert http.get(f"/api/v1/tasks/{lacking['task_id']}").json()["pending_code"] is None
         for task_id in (running, held["task_id"], lacking["task_id"]):
             http.post(f"/api/v1/tasks/{task_id}/cancel")
 

@@ -18,9 +18,10 @@ from mloc.errors import Forbidden
 from mloc.localcluster import LocalCluster
 from mloc.orchestrator import budgets, cancel, users
 from mloc.orchestrator.orchestrator import Orchestrator
-from mloc.orchestrator.placement import PENDING_CODE, WaitCode
+from mloc.orchestrator.placement import WaitCode
 from mloc.orchestrator.standing import SUBMIT_CACHE_SEC
 from mloc.orchestrator.users import Principal
+from mloc.records import PENDING_CODE
 from mloc.settings import Settings
 from mloc.spec import validate
 from mloc.state import Reason

@@ -179,6 +179,8 @@ class TaskRecord(BaseModel):
     reason: str | None = None
     reason_code: str | None = None
     pending_reason: str | None = None
+    # Set while its owner's quota or budget, not the fleet's room, holds it ("quota", "budget").
+    pending_code: str | None = None
     unschedulable: bool = False
     cancel_requested: bool = False
     created_at: float
@@ -223,6 +225,7 @@ class TaskRecord(BaseModel):
             reason=h.get("reason") or None,
             reason_code=h.get("reason_code") or None,
             pending_reason=h.get("pending_reason") or None,
+            pending_code=h.get(PENDING_CODE) or None,
             unschedulable=h.get("unschedulable") == "1",
             cancel_requested=h.get("cancel_requested") == "1",
             created_at=float(h.get("created_at", "0")),
@@ -276,6 +279,9 @@ _STATUSES: dict[str, WorkerStatus] = {status.value: status for status in WorkerS
 HEARTBEATING = (WorkerStatus.ACTIVE, WorkerStatus.DRAINING)
 # The worker hash fields that change between registrations (capacity, liveness, warm models), in the
 # order the scheduler's snapshot reads them.
+# The task hash's field holding a waiting task's wait code (mloc.orchestrator.placement.WaitCode);
+# absent or "" while it waits for room.
+PENDING_CODE = "pending_code"
 # Set on a worker the admin cordoned (status draining while it runs on); a registration clears it.
 CORDONED = "cordoned"
 CHANGING_FIELDS = ("status", "last_heartbeat", "cpu_free", "mem_free", "slots_free", "warm_models", "held_models")

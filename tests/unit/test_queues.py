@@ -11,9 +11,10 @@ from dataclasses import replace
 import redis.asyncio as aioredis
 
 from mloc import keys, moves
-from mloc.orchestrator.placement import PENDING_CODE, WaitCode
+from mloc.orchestrator.placement import WaitCode
 from mloc.orchestrator.queues import PendingQueues, UserLimits
 from mloc.orchestrator.standing import Standings
+from mloc.records import PENDING_CODE
 from mloc.store import Reservation, TaskStore
 from mloc.transition import pending_score
 from mloc.workers import WorkerRegistry

@@ -75,6 +75,7 @@ REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 PENDING_DEMAND_TASKS = "mloc_pending_demand_tasks"
 PENDING_DEMAND_GPUS = "mloc_pending_demand_gpus"
 PENDING_DEMAND_TRUNCATED = "mloc_pending_demand_truncated"
+PENDING_HELD = "mloc_pending_held_tasks"
 BUSY_WORKERS = "mloc_busy_workers"
 # Every family this endpoint exports, with its label names (histograms add "le" to their buckets).
 SERIES: dict[str, tuple[str, ...]] = {
@@ -88,6 +89,7 @@ SERIES: dict[str, tuple[str, ...]] = {
     PENDING_DEMAND_TASKS: ("gpu_type", "gpu_count", "task_type", "topic"),
     PENDING_DEMAND_GPUS: ("gpu_type", "task_type", "topic"),
     PENDING_DEMAND_TRUNCATED: (),
+    PENDING_HELD: (),
     "mloc_task_wait_seconds": (),
     "mloc_metrics_read_seconds": (),
     "mloc_metrics_truncated": ("part",),
@@ -322,6 +324,12 @@ def _demand(demand: Demand) -> Iterator[Metric]:
     for (gpu_type, task_type, topic), count in sorted(demand.gpus().items()):
         gpus.add_metric([gpu_type, task_type, topic], count)
     yield gpus
+    yield GaugeMetricFamily(
+        PENDING_HELD,
+        "Waiting tasks their owner's quota or exhausted budget holds: left out of the demand gauges, as a new "
+        "worker would not start them.",
+        value=float(demand.held),
+    )
     yield GaugeMetricFamily(
         PENDING_DEMAND_TRUNCATED,
         f"1 when the demand gauges count only part of the waiting tasks (over {MAX_DEMAND_TASKS} waiting, "

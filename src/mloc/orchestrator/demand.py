@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from mloc import keys, lua
-from mloc.orchestrator.placement import PENDING_CODE, WaitCode
+from mloc.orchestrator.placement import WaitCode
+from mloc.records import PENDING_CODE
 from mloc.state import TaskState
 
 if TYPE_CHECKING:

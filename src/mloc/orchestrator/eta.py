@@ -35,11 +35,11 @@ import redis.asyncio as aioredis
 
 from mloc import keys
 from mloc.orchestrator import budgets
-from mloc.orchestrator.placement import PENDING_CODE, Request, WaitCode, fits_registration
+from mloc.orchestrator.placement import Request, WaitCode, fits_registration
 from mloc.orchestrator.replay import HeldTask, Lane, Shares, Waiter, replay
 from mloc.orchestrator.shadow import Hold, Holding, capacity_of, describe_missing, in_words, need_of
 from mloc.orchestrator.standing import Standings
-from mloc.records import WorkerStatus, WorkerView
+from mloc.records import PENDING_CODE, WorkerStatus, WorkerView
 from mloc.settings import DEFAULT_FAIR_SHARE_HALF_LIFE_SEC
 from mloc.state import TaskState
 from mloc.store import TaskStore

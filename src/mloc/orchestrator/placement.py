@@ -343,10 +343,6 @@ def explain(req: Request, views: list[WorkerView]) -> tuple[str, bool]:
     return f"waiting for capacity: {text}", False
 
 
-# The task hash's field holding a waiting task's :class:`WaitCode`; absent or "" while it waits for room.
-PENDING_CODE = "pending_code"
-
-
 class WaitCode(StrEnum):
     """Why a waiting task cannot start however much room the fleet has (its ``pending_code``, written
     with its pending reason): a worker more would not start it, so autoscaling demand leaves it out

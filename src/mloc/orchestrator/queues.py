@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 from mloc import keys, lua
 from mloc.orchestrator import fairshare
-from mloc.orchestrator.placement import PENDING_CODE, WaitCode
+from mloc.orchestrator.placement import WaitCode
 from mloc.orchestrator.standing import OwnerStanding, Standings
+from mloc.records import PENDING_CODE
 from mloc.state import TaskState
 from mloc.store import TaskStore
 from mloc.transition import pending_score

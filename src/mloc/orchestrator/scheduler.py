@@ -43,7 +43,6 @@ from mloc.orchestrator import budgets, fairshare
 from mloc.orchestrator.backfill import Backfill, Gate
 from mloc.orchestrator.eta import DurationHistory
 from mloc.orchestrator.placement import (
-    PENDING_CODE,
     Request,
     WaitCode,
     explain,
@@ -54,7 +53,7 @@ from mloc.orchestrator.placement import (
 )
 from mloc.orchestrator.queues import OwnerQueue, PendingQueues, UserLimits
 from mloc.orchestrator.standing import Standings
-from mloc.records import Assignment, NewTask, WorkerStatus, WorkerView
+from mloc.records import PENDING_CODE, Assignment, NewTask, WorkerStatus, WorkerView
 from mloc.settings import DEFAULT_FAIR_SHARE_HALF_LIFE_SEC
 from mloc.state import Refusal
 from mloc.store import Apply, Change, Coalescer, Reservation, TaskStore

@@ -42,8 +42,16 @@ PUBLIC = {
     ("GET", "/redoc"),
 }
 ADMIN_PREFIXES = ("/admin/", "/api/v1/admin/")
-# Admin-only routes outside the admin prefixes: removing a worker from the registry.
-ADMIN_ROUTES = {("DELETE", "/workers/{worker_id}"), ("DELETE", "/api/v1/workers/{worker_id}")}
+# Admin-only routes outside the admin prefixes: removing a worker from the registry, cordoning one.
+ADMIN_ROUTES = {
+    (method, prefix + path)
+    for prefix in ("", "/api/v1")
+    for method, path in (
+        ("DELETE", "/workers/{worker_id}"),
+        ("POST", "/workers/{worker_id}/cordon"),
+        ("POST", "/workers/{worker_id}/uncordon"),
+    )
+}
 # Routes whose proper call needs objects this module does not make (an uploaded batch file, a batch,
 # two finished eval tasks): checked to answer past authentication for each caller, without a 5xx.
 PAST_AUTH_ONLY = {
@@ -197,6 +205,10 @@ def test_every_route_answers_each_caller_as_it_should(world: World, endpoint: En
             assert answer.status_code == 403 and answer.json()["error"] == "forbidden", (endpoint, answer.text)
         # A second DELETE of the same user is a 404, and removing a live worker a 409: past auth all the same.
         assert world.call(endpoint, admin).status_code in (200, 201, 404, 409), endpoint
+        if endpoint.template.endswith("/cordon"):
+            # The module's one worker takes tasks again for the tests after this one.
+            uncordon = Endpoint("POST", endpoint.template.removesuffix("/cordon") + "/uncordon")
+            assert world.call(uncordon, admin).status_code == 200
     elif endpoint.kind == "owned":
         # Another user's task answers exactly like a task that does not exist.
         for task_id in (world.done, world.running):

@@ -95,6 +95,7 @@ class NewTask:
     waiting_on: list[str] = field(default_factory=list)
     pipeline_id: str | None = None
     pending_reason: str = "waiting for the scheduler"
+    pending_code: str = ""  # a quota or budget hold (PENDING_CODE), stored with the record
     unschedulable: bool = False
     # What admission estimated the task needs in memory (see mloc.orchestrator.admission), or why not.
     memory_estimate: dict[str, Any] | None = None
@@ -151,6 +152,8 @@ class NewTask:
             h["pipeline_id"] = self.pipeline_id
         if self.unschedulable:
             h["unschedulable"] = "1"
+        if self.pending_code:
+            h[PENDING_CODE] = self.pending_code
         if self.memory_estimate is not None:
             h["memory_estimate"] = _dumps(self.memory_estimate)
         return h

@@ -195,7 +195,5 @@ def test_reasons_are_written_with_whether_the_task_can_ever_run(redis_url: str) 
         assert await r.hget(keys.task(b.task_id), PENDING_CODE) == "quota"
         await queues.note_reasons({b.task_id: "all slots busy"}, {})
         assert await r.hget(keys.task(b.task_id), PENDING_CODE) == ""
-        await queues.mark_held([a.task_id], WaitCode.BUDGET)
-        assert await r.hget(keys.task(a.task_id), PENDING_CODE) == "budget"
 
     on_queues(redis_url, scenario)

@@ -348,12 +348,11 @@ class Orchestrator:
         # requests would not either: they wait with the first one's reason.
         no_room: dict[Request, Placement] = {}
         answers: list[Placement | int] = []
-        held: list[str] = []  # by a budget: the autoscalers' demand leaves them out
         for record, request in prepared:
             # An owner's exhausted budget keeps the task waiting, whatever room there is.
             budget = await scheduler.standings.holding(record.owner, request)
             if budget is not None:
-                held.append(record.task_id)
+                record.pending_code = WaitCode.BUDGET.value  # the autoscalers' demand leaves it out
             waiting = no_room.get(request) if budget is None else Placement(worker_id=None, pending_reason=budget)
             choice = None if waiting is not None else scheduler.choose(request, views)
             if choice is not None:
@@ -378,7 +377,6 @@ class Orchestrator:
             record.pending_reason, record.unschedulable = waiting.pending_reason or "", waiting.unschedulable
             answers.append(waiting)
         await self.store.insert([record for record, _ in prepared])
-        await scheduler.queues.mark_held(held, WaitCode.BUDGET)
         placed = await scheduler.commit(decisions)
         return [
             _answer(record, answer if isinstance(answer, Placement) else placed[answer])

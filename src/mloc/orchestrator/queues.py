@@ -146,15 +146,6 @@ class PendingQueues:
             pipe.hset(keys.task(task_id), mapping=fields)
         await pipe.execute()
 
-    async def mark_held(self, task_ids: list[str], code: WaitCode) -> None:
-        """Record the :class:`.placement.WaitCode` of tasks stored with a pending reason that says it
-        (a bulk submit's, held by a budget)."""
-        if task_ids:
-            pipe = self.redis.pipeline(transaction=False)
-            for task_id in task_ids:
-                pipe.hset(keys.task(task_id), PENDING_CODE, code.value)
-            await pipe.execute()
-
     async def _check(self) -> None:
         """Give every task in PENDING a place in its owner's queue at its score: tasks queued by an
         older MLOC had no owner's queue, or a score of another priority weight."""

@@ -297,8 +297,10 @@ class Scheduler:
             # An exhausted budget: no worker is tried; a pass places the task once the budget allows.
             placement.pending_reason = held
             if create is not None:
-                await self.store.insert([replace(create, pending_reason=held, unschedulable=False)])
-                await self.store.set_fields(task_id, {PENDING_CODE: WaitCode.BUDGET.value})
+                held_record = replace(
+                    create, pending_reason=held, pending_code=WaitCode.BUDGET.value, unschedulable=False
+                )
+                await self.store.insert([held_record])
             elif held != current_reason:
                 fields = {"pending_reason": held, "unschedulable": "0", PENDING_CODE: WaitCode.BUDGET.value}
                 await self.store.set_fields(task_id, fields)

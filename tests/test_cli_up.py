@@ -190,7 +190,12 @@ def _press_ctrl_c(up: Up) -> None:
 
 
 def _hang_up(up: Up) -> None:
-    up.proc.send_signal(signal.SIGHUP)  # its terminal closed (or `kill -HUP`)
+    up.proc.send_signal(signal.SIGHUP)  # `kill -HUP`
+
+
+def _close_the_terminal(up: Up) -> None:
+    # The shell passes the hang-up on to its job's whole process group.
+    os.killpg(up.proc.pid, signal.SIGHUP)
 
 
 def _press_ctrl_c_twice(up: Up) -> None:
@@ -201,8 +206,8 @@ def _press_ctrl_c_twice(up: Up) -> None:
 
 @pytest.mark.parametrize(
     "stop",
-    [_send_sigterm, _press_ctrl_c, _hang_up, _press_ctrl_c_twice],
-    ids=["sigterm", "ctrl-c", "sighup", "ctrl-c-twice"],
+    [_send_sigterm, _press_ctrl_c, _hang_up, _close_the_terminal, _press_ctrl_c_twice],
+    ids=["sigterm", "ctrl-c", "sighup", "terminal-closed", "ctrl-c-twice"],
 )
 def test_up_stops_every_process_it_started_within_seconds_while_a_client_follows_a_log(
     stop: Callable[[Up], None], tmp_path: Path, start_up: Callable[[dict[str, str]], Up]
@@ -248,6 +253,8 @@ def test_up_stops_every_process_it_started_within_seconds_while_a_client_follows
     ]
     for text in (up.output.text, followed.text):
         assert "Traceback" not in text, text
+    # The worker drained (handed its running task back) rather than died with the signal.
+    assert "worker local-1 stopped" in up.output.text, up.output.text
     assert up.output.lines[-1] == "MLOC stopped"
 
 

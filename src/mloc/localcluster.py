@@ -36,6 +36,9 @@ class LocalCluster:
     worker_env: list[Mapping[str, str]] = field(default_factory=list)
     log_dir: Path | None = None
     quiet: bool = True
+    # Each process in a process group of its own: what a terminal sends its foreground job (Ctrl-C, a
+    # hang-up when it closes) reaches the caller alone, which then stops them in order (workers drain).
+    own_groups: bool = False
     redis: embedded.EmbeddedRedis | None = None
     orchestrator: subprocess.Popen[bytes] | None = None
     worker_procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -66,7 +69,8 @@ class LocalCluster:
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         output = self._output(name)
         try:
-            return subprocess.Popen(argv, env=env, stdout=output, stderr=subprocess.STDOUT)
+            group = 0 if self.own_groups else None
+            return subprocess.Popen(argv, env=env, stdout=output, stderr=subprocess.STDOUT, process_group=group)
         finally:
             if not isinstance(output, int | None):
                 output.close()  # the child holds its own copy

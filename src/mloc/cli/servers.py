@@ -145,6 +145,7 @@ def up(
         workers=workers,
         redis_url=settings.redis_url,
         quiet=False,
+        own_groups=True,
         results_dir=settings.results_dir.resolve(),
         env={"MLOC_SHUTDOWN_GRACE_SEC": str(grace)} | passed_settings(),
     )

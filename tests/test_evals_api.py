@@ -152,6 +152,14 @@ def test_two_eval_runs_are_scored_stored_and_compared_over_http_the_client_and_t
     )
     failed = alice.http.get("/api/v1/evals/compare", params={"tasks": f"{base},{broken}"})
     assert failed.status_code == 409 and failed.json()["message"].startswith(f"task {broken} (broken) failed (")
+    held = eval_task("held", custom(data))
+    held["spec"]["resources"] = {"tags": ["no-such-worker"]}  # stays pending
+    pending = alice.submit(held)["task_id"]
+    waits = alice.http.get("/api/v1/evals/compare", params={"tasks": f"{base},{pending}"})
+    assert waits.status_code == 409 and waits.json()["message"] == (
+        f"task {pending} (held) is pending; it has scores once it succeeds: follow it to its end with "
+        f"`mloc logs -f {pending[:8]}`"
+    )
     refused = cli(base[:8], echo[:8])
     assert refused.returncode != 0 and "has taskType 'echo', not eval" in refused.stderr
 

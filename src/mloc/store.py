@@ -262,6 +262,18 @@ class TaskStore:
         )
 
     # ------------------------------------------------------------------ reads
+    async def ids_starting_with(self, prefix: str, owner: str | None, *, most: int) -> list[str]:
+        """Ids of ``owner``'s tasks (every task's for None) that start with ``prefix``: at most ``most``
+        plus one, so a caller can tell that more match. Ids are random and the index is scored by time,
+        so a prefix has no range to read: the scan walks the index, stopping as soon as enough match."""
+        index = keys.TASKS_ALL if owner is None else keys.tasks_of_owner(owner)
+        found: list[str] = []
+        async for member, _ in self.redis.zscan_iter(index, match=f"{prefix}*", count=1000):
+            found.append(member.decode() if isinstance(member, bytes) else member)
+            if len(found) > most:
+                break
+        return found
+
     async def get_hash(self, task_id: str) -> dict[str, str]:
         return await self.redis.hgetall(keys.task(task_id))
 

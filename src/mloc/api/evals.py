@@ -15,7 +15,6 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from mloc import keys
 from mloc.api.deps import Caller, Orch
 from mloc.api.responses import raises
 from mloc.api.tasks import _own
@@ -30,7 +29,6 @@ MAX_RUNS = 16
 STDERR = "_stderr"
 _FULL_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _PREFIX = re.compile(r"^[0-9a-f-]{1,36}$")
-SCAN_BATCH = 1000
 
 
 class Run(BaseModel):
@@ -118,12 +116,7 @@ async def resolve(orch: Orch, who: Principal, text: str) -> str:
         raise BadRequest(
             f"{text[:80]!r} is not a task id: ids are UUIDs (hex digits and '-'); give ids or unique prefixes of them"
         )
-    index = keys.TASKS_ALL if who.admin else keys.tasks_of_owner(who.name)
-    found: list[str] = []
-    async for member, _ in orch.redis.zscan_iter(index, match=f"{text}*", count=SCAN_BATCH):
-        found.append(member.decode() if isinstance(member, bytes) else member)
-        if len(found) > 3:
-            break
+    found = await orch.store.ids_starting_with(text, None if who.admin else who.name, most=3)
     if not found:
         raise NotFound(f"no task of yours has an id starting with {text!r}; GET /api/v1/tasks lists them")
     if len(found) > 1:
@@ -142,8 +135,8 @@ def finished_eval(record: TaskRecord, result: Any) -> dict[str, Any]:
             why = f" ({record.reason})" if record.reason else ""
             raise Conflict(f"{label} {record.state.value}{why}; only a succeeded eval task has scores: submit it again")
         raise Conflict(
-            f"{label} is {record.state.value}; it has scores once it succeeds: wait for it "
-            f"(mloc wait {record.task_id[:8]})"
+            f"{label} is {record.state.value}; it has scores once it succeeds: follow it to its end with "
+            f"`mloc logs -f {record.task_id[:8]}`"
         )
     if not isinstance(result, dict) or not isinstance(result.get("scores"), dict):
         raise NotFound(f"{label} has no scores left (its result is past retention); run the eval again")

@@ -11,8 +11,6 @@ from mloc.api.deps import Caller, Orch
 
 router = APIRouter(tags=["tasks"])
 
-SCAN_BATCH = 1000
-
 
 @router.get("/api/v1/task-ids")
 async def task_ids(
@@ -26,14 +24,7 @@ async def task_ids(
     """The tasks (yours; every task for the admin) whose id starts with ``prefix``: one item means the
     prefix is unique. ``more`` says whether further tasks match beyond ``limit``."""
     prefix = prefix.lower()
-    # Ids are random UUIDs and the index is scored by time, so a prefix has no range to read: the
-    # scan walks the caller's index once, stopping as soon as more than `limit` match.
-    index = keys.TASKS_ALL if who.admin else keys.tasks_of_owner(who.name)
-    found: list[str] = []
-    async for member, _ in orch.redis.zscan_iter(index, match=f"{prefix}*", count=SCAN_BATCH):
-        found.append(member)
-        if len(found) > limit:
-            break
+    found = await orch.store.ids_starting_with(prefix, None if who.admin else who.name, most=limit)
     more = len(found) > limit
     found = sorted(found[:limit])
     pipe = orch.redis.pipeline(transaction=False)

@@ -384,3 +384,66 @@ def test_a_collection_reference_written_wrong_is_refused_naming_the_form(
     with pytest.raises(SpecError) as caught:
         validate(document_)
     assert expected in caught.value.message
+
+
+# ------------------------------------------------------------------------------ ids given by hand
+def over_rows(name: str, source: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return document(name, {"taskType": "inference", "model": TINY, "inference": {"input": source}, **extra})
+
+
+def test_an_id_given_as_input_task_is_checked_and_waited_for_as_from_is(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    gen = submit(redis_url, [over_rows("gen", {"path": "/data/rows.jsonl"})])["tasks"][0]["task_id"]
+    said = submit(redis_url, [over_rows("use", {"task": gen})])["tasks"][0]
+    # A task over rows runs as chunks: they wait, not the task that holds them.
+    records = [sync_redis.hgetall(keys.task(task_id)) for task_id in sync_redis.zrange(keys.TASKS_ALL, 0, -1)]
+    waiting = [record for record in records if record.get("waiting_on")]
+    assert [json.loads(record["waiting_on"]) for record in waiting] == [[gen]]
+    assert waiting[0]["pending_reason"] == f"waiting for gen ({gen[:8]}) to succeed"
+    assert stored(sync_redis, said["task_id"]).spec.inference.input.task == gen  # type: ignore[attr-defined]
+
+    plain = submit(redis_url, [echo("plain")])["tasks"][0]["task_id"]
+    before = sync_redis.zcard(keys.TASKS_ALL)
+    with pytest.raises(SpecError) as caught:
+        submit(redis_url, [over_rows("use", {"task": plain})])
+    assert caught.value.message.startswith(
+        f"task 1 of the submission: spec.inference.input.task: '{plain}' is a task of type 'echo', which makes no "
+        "result lines; name a inference task"
+    )
+    with pytest.raises(
+        SpecError, match=r"spec\.inference\.input\.task: '00000000-0000-4000-8000-000000000000' is neither"
+    ):
+        submit(redis_url, [over_rows("use", {"task": "00000000-0000-4000-8000-000000000000"})])
+    sync_redis.hset(keys.task(gen), "state", "cancelled")
+    with pytest.raises(SpecError, match=f"spec.inference.input.task: task {gen} \\(gen\\) cancelled, so this task"):
+        submit(redis_url, [over_rows("use", {"task": gen})])
+    assert sync_redis.zcard(keys.TASKS_ALL) == before
+
+    # A dry run checks what the submit would.
+    async def dry_run(spec: dict[str, Any]) -> Any:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            return await Orchestrator(r, Settings()).dry_run(validate(spec), Principal("alice", admin=True))
+        finally:
+            await r.aclose()
+
+    with pytest.raises(SpecError, match=r"spec\.inference\.input\.task: task .* cancelled"):
+        asyncio.run(dry_run(over_rows("use", {"task": gen})))
+
+
+def test_a_short_id_names_the_task_it_starts_and_a_failed_one_is_named_by_the_field_that_named_it(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    first = submit(redis_url, [echo("first")])["tasks"][0]["task_id"]
+    after = submit(redis_url, [echo("after", dependsOn=[first[:8]])])["tasks"][0]["task_id"]
+    assert stored(sync_redis, after).spec.depends_on == [first]
+    assert json.loads(sync_redis.hget(keys.task(after), "waiting_on") or "[]") == [first]
+    with pytest.raises(SpecError, match="'ffffffff' is neither a task of this submission"):
+        submit(redis_url, [echo("after", dependsOn=["ffffffff"])])
+
+    evaluation = submit(redis_url, [evaluate("ev")])["tasks"][0]["task_id"]
+    sync_redis.hset(keys.task(evaluation), "state", "failed")
+    with pytest.raises(SpecError) as caught:
+        submit(redis_url, [echo("gate", when={"from": evaluation[:8], "score": "arith/acc", "min": 0})])
+    assert caught.value.message.startswith(f"task 1 of the submission: spec.when.from: task {evaluation} (ev) failed")

@@ -384,14 +384,22 @@ class Orchestrator:
         ]
 
     async def dry_run(
-        self, document: Document, principal: Principal, views: list[WorkerView] | None = None
+        self,
+        document: Document,
+        principal: Principal,
+        views: list[WorkerView] | None = None,
+        *,
+        planned: bool = False,
     ) -> dict[str, Any]:
         """Validate and say where the task would go, without storing anything (``views``: the
-        registry snapshot to judge by, else a fresh one)."""
+        registry snapshot to judge by, else a fresh one; ``planned``: the tasks it names were
+        checked already, with the rest of its submission)."""
         request = request_of(document)
         self._owner(document, principal)
         await self._check_models(document, principal)
         await self._check_quota(document, principal)
+        if not planned and pipelines.waits(document):  # what it names is checked as its submit checks it
+            await pipelines.plan(self.store, [document], principal, self._record)
         views = views if views is not None else await self.scheduler.views(fresh=True)
         fit = await self.memfit.assess(document, request)
         request = fit.request
@@ -415,7 +423,7 @@ class Orchestrator:
         if pipelines.needs_planning(documents):
             await pipelines.plan(self.store, documents, principal, self._record)
         views = await self.scheduler.views(fresh=True)
-        return [await self.dry_run(document, principal, views) for document in documents]
+        return [await self.dry_run(document, principal, views, planned=True) for document in documents]
 
     # ------------------------------------------------------------- background
     async def cleanup(self) -> reaper.ReapReport:

@@ -34,7 +34,7 @@ from mloc.orchestrator.placement import Request, request_of
 from mloc.orchestrator.references import Producer
 from mloc.orchestrator.users import Principal
 from mloc.records import NewTask
-from mloc.spec import Document, validate
+from mloc.spec import Document, taskgraph, validate
 from mloc.state import Reason, TaskState
 from mloc.store import TaskStore
 from mloc.transition import pending_score
@@ -101,7 +101,7 @@ async def plan(store: TaskStore, documents: list[Document], principal: Principal
         name = document.metadata.name
         if name:
             if name in names:
-                raise _error(index, "metadata.name", f"two tasks are named {name!r}; give each a name of its own")
+                raise _error(index, "metadata.name", taskgraph.duplicate_name(name))
             names[name] = index
     steps = [
         Step(document.metadata.name or f"task-{index}", document, *build(document, principal))
@@ -114,29 +114,35 @@ async def plan(store: TaskStore, documents: list[Document], principal: Principal
         if entry in names:
             other = names[entry]
             if other == index:
-                raise _error(index, where, f"the task names itself ({entry!r}); name another task")
+                raise _error(index, where, taskgraph.names_itself(entry))
             # Its record's spec: its own references are rewritten already when it came first.
             producer = Producer(documents[other].spec.task_type, steps[other].record.document["spec"])
             return steps[other].task_id, producer
         h = external.get(entry) or await store.get_hash(entry)
+        if not h and taskgraph.TASK_ID_OR_PREFIX.fullmatch(entry):
+            entry = await _by_prefix(store, entry, principal, index, where)
+            h = external.get(entry) or await store.get_hash(entry)
         if not h or (not principal.admin and h.get("owner") != principal.name):
-            raise _error(
-                index,
-                where,
-                f"{entry!r} is neither a task of this submission (metadata.name: "
-                f"{', '.join(sorted(names)) or 'none named'}) nor a task id of yours; name one of them",
-            )
+            raise _error(index, where, taskgraph.names_nothing(entry, list(names)))
         external[entry] = h
         return entry, Producer.stored(h)
 
     gates: dict[str, set[str]] = {}  # a task with spec.when -> the eval tasks its condition reads
+    origins: dict[str, dict[str, str]] = {}
     for index, step in enumerate(steps):
         # The record's form, which holds what building it added (the admin's default timeout).
         wire = copy.deepcopy(step.record.document)
         deps: list[str] = []
+        named_at: dict[str, str] = {}  # each task waited for -> the field that first named it
+        shortened = False
         for position, entry in enumerate(step.document.spec.depends_on):
-            task_id, _ = await resolve(index, entry, f"spec.dependsOn[{position}]")
+            where = f"spec.dependsOn[{position}]"
+            task_id, _ = await resolve(index, entry, where)
+            if task_id != entry:  # a short id is stored as the id it named
+                wire["spec"]["dependsOn"][position] = task_id
+                shortened = True
             deps.append(task_id)
+            named_at.setdefault(task_id, where)
         found = references.find(wire)
         for reference in found:
             task_id, producer = await resolve(index, reference.entry, reference.where)
@@ -148,7 +154,8 @@ async def plan(store: TaskStore, documents: list[Document], principal: Principal
                 gates.setdefault(step.task_id, set()).add(task_id)
             if task_id not in deps:
                 deps.append(task_id)
-        if found:
+            named_at.setdefault(task_id, reference.where)
+        if found or shortened:
             try:
                 step.document = validate(wire)
             except SpecError as exc:
@@ -157,6 +164,7 @@ async def plan(store: TaskStore, documents: list[Document], principal: Principal
             step.request = request_of(step.document)
             step.record.request = step.request.to_json()
         step.depends_on = deps
+        origins[step.task_id] = named_at
     _check_cycles(steps)
 
     pipeline_id = str(uuid.uuid4()) if len(steps) > 1 or any(step.depends_on for step in steps) else None
@@ -173,9 +181,9 @@ async def plan(store: TaskStore, documents: list[Document], principal: Principal
             if state in (TaskState.FAILED, TaskState.CANCELLED):
                 raise _error(
                     index,
-                    "spec.dependsOn",
+                    origins[step.task_id].get(task_id, "spec.dependsOn"),
                     f"task {task_id} ({h.get('name', '')}) {state}, so this task could never run; submit that "
-                    "task again and depend on the new one",
+                    "task again and name the new one",
                 )
             # An eval task a condition reads is waited for even when it succeeded: the release reads its scores.
             if state != TaskState.SUCCEEDED or task_id in gate:
@@ -214,29 +222,23 @@ async def settle_ready(store: TaskStore, plan: Plan) -> None:
 
 
 def _check_cycles(steps: list[Step]) -> None:
-    by_id = {step.task_id: step for step in steps}
-    state: dict[str, int] = {}  # 1: being visited, 2: done
+    index = {step.task_id: position for position, step in enumerate(steps)}
+    edges = [[index[task_id] for task_id in step.depends_on if task_id in index] for step in steps]
+    cycle = taskgraph.find_cycle(edges)
+    if cycle:
+        raise SpecError(
+            taskgraph.cycle_message([steps[position].name for position in cycle]) + "; nothing was stored",
+            details=[{"path": "spec.dependsOn", "message": "cycle", "fix": "make the graph acyclic"}],
+        )
 
-    def visit(step: Step, path: list[str]) -> None:
-        state[step.task_id] = 1
-        for task_id in step.depends_on:
-            other = by_id.get(task_id)
-            if other is None:
-                continue
-            if state.get(task_id) == 1:
-                cycle = [*path[path.index(other.name) :], other.name] if other.name in path else [other.name]
-                raise SpecError(
-                    f"the tasks wait for each other in a cycle: {' -> '.join(cycle)}; remove one of these "
-                    "dependencies; nothing was stored",
-                    details=[{"path": "spec.dependsOn", "message": "cycle", "fix": "make the graph acyclic"}],
-                )
-            if state.get(task_id) != 2:
-                visit(other, [*path, other.name])
-        state[step.task_id] = 2
 
-    for step in steps:
-        if step.task_id not in state:
-            visit(step, [step.name])
+async def _by_prefix(store: TaskStore, prefix: str, principal: Principal, index: int, where: str) -> str:
+    """The one task of the caller's whose id starts with ``prefix``; the prefix itself when none does."""
+    found = await store.ids_starting_with(prefix, None if principal.admin else principal.name, most=3)
+    if len(found) > 1:
+        shown = ", ".join(sorted(found)[:3])
+        raise _error(index, where, f"{prefix!r} is the start of several task ids ({shown}); give more characters")
+    return found[0] if found else prefix
 
 
 def _error(index: int, where: str, message: str) -> SpecError:

@@ -8,7 +8,8 @@ adapter       ``model.adapter.from``                sft, dpo, grpo, ppo         
 merged model  ``model.source.from``                 the same, with                  ``model.source: {type: task,
                                                     ``hyperparameters.merge_adapter``  identifier: <id>}``
 result lines  ``inference.input.from``,             an inference task over a        ``...input.task: <id>``
-              ``input.from`` (RAG questions)        dataset (``inference.input``)
+              ``input.from`` (RAG questions), or    dataset (``inference.input``)
+              ``...input.task`` (an id)
 collection    ``hyperparameters.collection.from``   a rag_inference task with a     ``hyperparameters.collection``:
                                                     named collection                its name (and its vector_db,
                                                                                     embedding_model)
@@ -92,11 +93,13 @@ def find(wire: dict[str, Any]) -> list[Reference]:
     if ((model.get("source")) or {}).get("from"):
         found.append(Reference("spec.model.source.from", model["source"]["from"], Output.MERGED_MODEL))
     for where, source in (
-        ("spec.inference.input.from", ((spec.get("inference") or {}).get("input")) or {}),
-        ("spec.input.from", spec.get("input") or {}),  # a RAG task's questions
+        ("spec.inference.input", ((spec.get("inference") or {}).get("input")) or {}),
+        ("spec.input", spec.get("input") or {}),  # a RAG task's questions
     ):
-        if isinstance(source, dict) and source.get("from"):
-            found.append(Reference(where, source["from"], Output.LINES))
+        # An id given as `task` is a reference as `from` is: checked at submit, and waited for.
+        for part in ("from", "task"):
+            if isinstance(source, dict) and source.get(part):
+                found.append(Reference(f"{where}.{part}", source[part], Output.LINES))
     collection = (spec.get("hyperparameters") or {}).get("collection_from")
     if spec.get("taskType") == "rag_inference" and collection:
         found.append(Reference("spec.hyperparameters.collection.from", collection, Output.COLLECTION))
@@ -216,8 +219,8 @@ def rewrite(wire: dict[str, Any], reference: Reference, task_id: str, producer: 
     elif reference.output == Output.MERGED_MODEL:
         spec["model"]["source"] = {"type": "task", "identifier": task_id}
     elif reference.output == Output.LINES:
-        source = spec["input"] if reference.where == "spec.input.from" else spec["inference"]["input"]
-        source.pop("from")
+        source = spec["input"] if reference.where.startswith("spec.input.") else spec["inference"]["input"]
+        source.pop("from", None)
         source["task"] = task_id
     elif reference.output == Output.COLLECTION:
         options, theirs = spec["hyperparameters"], producer.spec.get("hyperparameters") or {}

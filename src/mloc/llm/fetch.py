@@ -34,6 +34,7 @@ from mloc.llm.transfer import (
     http_download,
     part_bytes,
 )
+from mloc.spec.base import REPO_ID
 
 if TYPE_CHECKING:
     import httpx
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 REFS_FILE = ".refs.json"
 # Files a model repo may carry that no engine here reads: other frameworks' weights and exports.
 SKIPPED = ("*.h5", "*.msgpack", "*.onnx", "*.onnx_data", "*.ot", "*.tflite", "*.mlmodel", ".gitattributes",
@@ -181,10 +181,24 @@ def _hub_json(client: httpx.Client, url: str, repo: str, revision: str, options:
     try:
         response = client.get(url, headers=_auth(options))
     except httpx.TransportError as exc:
-        raise _Unreachable(f"could not reach the hub at {options.hf_endpoint} ({type(exc).__name__}: {exc})") from exc
+        problem = f"could not reach the hub at {options.hf_endpoint} ({type(exc).__name__}: {exc})"
+        raise _Unreachable(f"{problem}; {_unreachable_fix(options)}") from exc
     if response.status_code >= 400:
         raise _hub_error(response, repo, revision, options)
     return response
+
+
+def _unreachable_fix(options: FetchOptions) -> str:
+    """What to do when the worker cannot reach the hub: the worker's network is rarely the task's to change."""
+    if options.hf_endpoint == DEFAULT_ENDPOINT:
+        endpoint = "set HF_ENDPOINT on the worker to a hub mirror it can reach"
+    else:
+        endpoint = "check that HF_ENDPOINT on the worker names a hub mirror it can reach"
+    return (
+        f"{endpoint}, put the model in the worker's Hugging Face cache (HF_HUB_CACHE), or use a copy on the "
+        "worker: source.type local (a folder or .gguf file; for a user's task under MLOC_MODEL_ROOTS) or a "
+        "packaged model (source.type package)"
+    )
 
 
 class _Unreachable(ExecutionError):

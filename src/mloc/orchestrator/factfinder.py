@@ -22,12 +22,11 @@ import redis.asyncio as aioredis
 
 from mloc import __version__, keys
 from mloc.llm.factsources import PACKAGE_PREFIX, facts_key
-from mloc.llm.fetch import REPO_ID
 from mloc.llm.ggufheader import GgufHeaderCut, facts_from_gguf_bytes
 from mloc.llm.modelfacts import ModelFacts, ModelFactsError, facts_from_config, model_facts
 from mloc.records import MODEL_FACTS, WorkerStatus, WorkerView
 from mloc.settings import Settings
-from mloc.spec.base import ModelSource, SourceType
+from mloc.spec.base import REPO_ID, ModelSource, SourceType
 
 FOUND_TTL_SEC = 300.0
 MISSING_TTL_SEC = 30.0

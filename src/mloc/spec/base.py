@@ -14,6 +14,13 @@ API_VERSION = "mloc/v1"
 NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$"
 _NAME = re.compile(NAME_PATTERN)
 TASK_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+# A Hugging Face repo id: a name, or owner/name.
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def looks_like_path(identifier: str) -> bool:
+    """Whether a huggingface identifier is meant as a folder on the worker rather than a hub id."""
+    return identifier.startswith(("/", "~", ".")) or "\\" in identifier or identifier.count("/") > 1
 
 
 # On a task whose spec.timeout_sec is the admin's default (MLOC_TASK_TIMEOUTS), not the user's: where it came from.
@@ -227,6 +234,15 @@ class ModelSource(Strict):
             raise ValueError(
                 f"source.identifier {self.identifier!r} is a URL but source.type is {self.type.value!r}; "
                 "set source.type: url (https:// and s3:// are understood)"
+            )
+        elif (
+            self.type == SourceType.HUGGINGFACE
+            and not REPO_ID.match(self.identifier)
+            and not looks_like_path(self.identifier)
+        ):
+            raise ValueError(
+                f"source.identifier {self.identifier[:80]!r} is not a Hugging Face id (owner/name: letters, digits, "
+                "'-', '_' and '.'); fix the id, or give a folder on the worker as a path (/abs/path or ./folder)"
             )
         return self
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import orjson
 import yaml
 
 from mloc.errors import ExecutionError
@@ -43,9 +44,16 @@ def check_custom(task: CustomTask, index: int, num_fewshot: int) -> None:
             f"{label}: file {task.path!r} does not exist on this worker; put it on the worker (or a folder the "
             "workers share) and give its absolute path in path"
         )
+    json_lines = path.suffix.lower() == ".jsonl"
+    if json_lines:
+        # datasets names no line when one is bad ("An error occurred while generating the dataset").
+        raise_bad_line(label, task.path, path)
     try:
         data = datasets.load_dataset(task.builder, data_files={"test": str(path.resolve())}, split="test")
     except Exception as exc:
+        if task.builder == "json" and not json_lines:
+            # A .json file may be JSON lines too: after a good first row, a bad line is what failed.
+            raise_bad_line(label, task.path, path, after_a_row=True)
         raise ExecutionError(f"{label}: {task.path!r} is not readable as {task.builder.upper()}: {exc}") from exc
     missing = [column for column in task.columns_used() if column not in data.column_names]
     if missing:
@@ -65,6 +73,43 @@ def check_custom(task: CustomTask, index: int, num_fewshot: int) -> None:
         problem = row_problem(task, row)
         if problem:
             raise ExecutionError(f"{label}: row {number} of {task.path!r}: {problem}")
+
+
+def raise_bad_line(label: str, shown: str, path: Path, *, after_a_row: bool = False) -> None:
+    """Fail naming the first line of a JSON-lines file that is not a JSON object, and the fix.
+
+    One pass, a line at a time, so a large file costs a read and no more memory than its longest line. With
+    ``after_a_row``, a bad line before any good one is left alone: the file is then no JSON lines at all."""
+    rows = 0
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = raw.removeprefix(_BOM) if number == 1 else raw
+            if not line.strip():
+                continue  # datasets skips blank lines too
+            try:
+                value = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                problem = f"{_preview(line)} ({exc.msg} at character {exc.pos + 1})"
+            else:
+                if isinstance(value, dict):
+                    rows += 1
+                    continue
+                problem = f"{_preview(line)} is a JSON {_JSON_KINDS.get(type(value), type(value).__name__)}"
+            if after_a_row and rows == 0:
+                return
+            raise ExecutionError(
+                f"{label}: {shown!r} line {number} is not a JSON object: {problem}; fix or remove that line (each "
+                'line of the file is one row, a JSON object such as {"question": ..., ...})'
+            )
+
+
+_BOM = b"\xef\xbb\xbf"
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+def _preview(line: bytes, limit: int = 60) -> str:
+    text = line.decode("utf-8", errors="replace").strip()
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def row_problem(task: CustomTask, row: dict[str, Any]) -> str | None:

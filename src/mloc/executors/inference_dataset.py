@@ -148,10 +148,17 @@ class RowMapper:
         try:
             sampling = Sampling.model_validate({**self.base, **own})
         except ValidationError as exc:
+            # The same checks as the task's own settings at submit: a value the engine would refuse for the
+            # whole call (temperature 5) is this row's error instead.
             first = exc.errors()[0]
-            name = str(first["loc"][0]) if first["loc"] else "sampling"
+            message = first["msg"].removeprefix("Value error, ")
+            if not first["loc"]:
+                # A combination (the row's temperature 0 with the task's n > 1): name the row's columns.
+                columns = ", ".join(f"{self.overrides[name]!r} ({name}) is {value!r}" for name, value in own.items())
+                return f"column {columns}: {message}" if columns else message
+            name = str(first["loc"][0])
             column = self.overrides.get(name, name)
-            return f"column {column!r} ({name}) is {own.get(name)!r}: {first['msg']}"
+            return f"column {column!r} ({name}) is {own.get(name)!r}: {message}"
         if chat and self.plain_chat:
             # Without a chat template a reply is plain text after "Assistant:"; the next turn marker ends it.
             stops = [*sampling.stop, *(stop for stop in PLAIN_TURN_STOPS if stop not in sampling.stop)]

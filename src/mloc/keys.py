@@ -214,6 +214,15 @@ def openai_file(file_id: str) -> str:
     return f"{PREFIX}:openai:file:{file_id}"
 
 
+def openai_files_of(owner: str) -> str:
+    """Zset: the ids of one owner's uploads, scored by upload time (ms), for GET /v1/files."""
+    return f"{PREFIX}:openai:files:{owner}"
+
+
+# Set once the uploads stored before the owner indexes existed have been put in them.
+OPENAI_FILES_INDEXED = f"{PREFIX}:openai:files-indexed"
+
+
 def openai_batches(owner: str) -> str:
     """Zset: the task ids of one owner's batches (created_at ms), for GET /v1/batches."""
     return f"{PREFIX}:openai:batches:{owner}"

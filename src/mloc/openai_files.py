@@ -10,6 +10,9 @@ Both are written under a temporary name and renamed, so no reader sees half a fi
 rows file as ``inference.input.path``; :mod:`mloc.modelroots` lets a user's task name it only when the
 file is that user's, by the owner stored here.
 
+Each owner's uploads are also in a sorted set (:func:`mloc.keys.openai_files_of`, scored by upload time in
+milliseconds) for GET /v1/files; an id there whose metadata is gone is dropped when a listing meets it.
+
 The metadata hash also names the batches made from the file (``used_by:<task id>``), and holds a claim
 (``claim:<nonce>``, its time) while one is being made, so a delete can refuse while a batch still reads
 the rows, and a batch cannot be made from a file a delete has just removed.
@@ -146,9 +149,13 @@ class FileStore:
         file_id = "file-" + uuid.uuid4().hex
         target = self.path(file_id)
         size = await asyncio.to_thread(self._write, source, target)
-        stored = StoredFile(file_id, size, int(time.time()), filename[:MAX_FILENAME], purpose, owner)
+        now = time.time()
+        stored = StoredFile(file_id, size, int(now), filename[:MAX_FILENAME], purpose, owner)
         try:
-            await self.redis.hset(keys.openai_file(file_id), mapping=_fields(stored))
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(keys.openai_file(file_id), mapping=_fields(stored))
+                pipe.zadd(keys.openai_files_of(owner), {file_id: int(now * 1000)})
+                await pipe.execute()
         except BaseException:
             # Without its metadata nobody can name the file: it would only take room.
             with contextlib.suppress(OSError):
@@ -219,6 +226,7 @@ class FileStore:
                         return Deleted(stored, in_use=blocking)
                     pipe.multi()
                     pipe.delete(key)
+                    pipe.zrem(keys.openai_files_of(stored.owner), file_id)
                     await pipe.execute()
                 except aioredis.WatchError:
                     continue  # a batch was made from it while we looked: look again
@@ -240,6 +248,56 @@ class FileStore:
         if not fields:
             return None
         return _stored({_text(k): _text(v) for k, v in fields.items()})
+
+    async def listed(
+        self, owner: str, *, purpose: str | None, after: str | None, limit: int, newest_first: bool
+    ) -> tuple[list[StoredFile], bool] | None:
+        """A page of the owner's uploads in upload order (``newest_first`` or oldest first), those of
+        ``purpose`` only when it is given, starting past the upload ``after``; with whether more follow.
+        None when ``after`` is not one of the owner's uploads."""
+        await self._index_older_uploads()
+        index = keys.openai_files_of(owner)
+        start = 0
+        if after is not None:
+            rank = await (self.redis.zrevrank if newest_first else self.redis.zrank)(index, after)
+            if rank is None:
+                return None
+            start = rank + 1
+        page = self.redis.zrevrange if newest_first else self.redis.zrange
+        found: list[StoredFile] = []
+        # One more than asked for tells whether more follow; a purpose filter may skip any number of them.
+        step = max(limit + 1, 100)
+        while len(found) <= limit:
+            ids = [_text(i) for i in await page(index, start, start + step - 1)]
+            if not ids:
+                break
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for file_id in ids:
+                    pipe.hgetall(keys.openai_file(file_id))
+                hashes = await pipe.execute()
+            gone = [file_id for file_id, fields in zip(ids, hashes, strict=True) if not fields]
+            if gone:
+                # Deleted while the listing looked, or indexed by a backfill that raced the delete.
+                await self.redis.zrem(index, *gone)
+            for fields in hashes:
+                stored = _stored({_text(k): _text(v) for k, v in fields.items()}) if fields else None
+                if stored is not None and (purpose is None or stored.purpose == purpose):
+                    found.append(stored)
+            start += len(ids) - len(gone)
+        return found[:limit], len(found) > limit
+
+    async def _index_older_uploads(self) -> None:
+        """Put the uploads stored before the owner indexes existed in them, once per Redis: they are
+        listed as any other. Adding an id twice changes nothing, so two orchestrators may both do it."""
+        if await self.redis.exists(keys.OPENAI_FILES_INDEXED):
+            return
+        async for key in self.redis.scan_iter(match=keys.openai_file("file-*"), count=1000):
+            fields = await self.redis.hmget(key, ["id", "owner", "created_at"])
+            file_id, owner, created = (_text(v) if v is not None else None for v in fields)
+            if file_id and owner and created and FILE_ID.match(file_id):
+                # NX: an upload that indexed itself keeps its own, finer time.
+                await self.redis.zadd(keys.openai_files_of(owner), {file_id: int(created) * 1000}, nx=True)
+        await self.redis.set(keys.OPENAI_FILES_INDEXED, "1")
 
 
 @dataclass(frozen=True)

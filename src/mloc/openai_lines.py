@@ -10,6 +10,7 @@ and lands in the error file, as it does at OpenAI.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 MAX_CUSTOM_ID = 512
 # Rows are written in blocks of about this many bytes.
 BLOCK = 64 * 1024
+BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class Converted:
 
     requests: int
     model: str
+    # Where the model is first named, for a refusal of the model itself.
+    model_line: int = dataclasses.field(default=1, compare=False)
 
 
 class BatchFileError(BadRequest):
@@ -65,9 +69,9 @@ class _Reader:
         self.model_line = 0
         self.seen: dict[str, int] = {}
 
-    def refuse(self, number: int, field: str, problem: str, fix: str) -> BatchFileError:
-        message = f"input file {self.file_id} line {number}: {field} {problem}; {fix}"
-        return BatchFileError(message, details=[{"path": field, "message": f"line {number}: {problem}", "fix": fix}])
+    def refuse(self, number: int, field: str | None, problem: str, fix: str) -> BatchFileError:
+        """The refusal of line ``number``, for its ``field`` (None: the line as a whole)."""
+        return refusal(self.file_id, number, field, problem, fix)
 
     def row(self, number: int, raw: bytes) -> dict[str, Any]:
         try:
@@ -77,10 +81,15 @@ class _Reader:
                 raw.decode("utf-8")
             except UnicodeDecodeError as bad:
                 problem = f"is not UTF-8 text (byte {bad.start})"
-                raise self.refuse(number, "the line", problem, "save the file as UTF-8") from None
-            raise self.refuse(number, "the line", f"is not JSON ({exc})", "write one JSON object per line") from None
+                raise self.refuse(number, None, problem, "save the file as UTF-8") from None
+            if raw.startswith(BOM):
+                # Editors on Windows write one; the line's JSON after it may be fine, so say what to change.
+                problem = "starts with a byte order mark (BOM)"
+                raise self.refuse(number, None, problem, "save the file as UTF-8 without a BOM") from None
+            raise self.refuse(number, None, f"is not JSON ({exc})", "write one JSON object per line") from None
         if not isinstance(line, dict):
-            raise self.refuse(number, "the line", "is not a JSON object", "write one JSON object per line")
+            problem = f"is a JSON {_json_kind(line)}, not an object"
+            raise self.refuse(number, None, problem, "write one JSON object per line")
         custom_id = self._custom_id(number, line)
         method = line.get("method")
         if method != "POST":
@@ -199,6 +208,23 @@ class _Reader:
         return {"role": role, "content": content}
 
 
+def refusal(file_id: str, number: int, field: str | None, problem: str, fix: str) -> BatchFileError:
+    """The refusal of a batch file at line ``number``: about its ``field``, or the line as a whole (None).
+
+    The detail's ``path`` becomes OpenAI's ``param``, which names a request field or is null, and its
+    ``line`` the line's number."""
+    subject = field or "the line"
+    detail: dict[str, Any] = {"message": f"line {number}: {problem}", "fix": fix, "line": number}
+    if field is not None:
+        detail["path"] = field
+    return BatchFileError(f"input file {file_id} line {number}: {subject} {problem}; {fix}", details=[detail])
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
+
+
 def _shown(value: Any) -> str:
     """``is VALUE`` as JSON (cut short), or ``is missing``."""
     return "is missing" if value is None else f"is {orjson.dumps(value, default=str).decode()[:100]}"
@@ -230,7 +256,7 @@ def convert(source: IO[bytes], target: IO[bytes], *, file_id: str, endpoint: str
             f"input file {file_id} has no request lines; give one JSON request per line",
             details=[{"path": "input_file_id", "message": "the file is empty"}],
         )
-    return Converted(requests, reader.model)
+    return Converted(requests, reader.model, reader.model_line)
 
 
 def unsupported_endpoint(endpoint: str) -> BatchFileError:

@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import IO, Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
@@ -102,6 +102,28 @@ async def upload_file(
         file.file, filename=file.filename or "upload.jsonl", purpose=purpose, owner=who.name
     )
     return stored.to_openai()
+
+
+@router.get("/files", response_model=objects.FileList)
+@raises(BadRequest, Unavailable)
+async def list_files(
+    orch: Orch,
+    who: Caller,
+    purpose: Annotated[str | None, Query(max_length=64, description="Only the files of this purpose.")] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+    order: Annotated[Literal["asc", "desc"], Query(description="By upload time: `desc`, newest first.")] = "desc",
+    after: Annotated[str | None, Query(max_length=100, description="A file id: list the ones past it.")] = None,
+) -> dict[str, Any]:
+    """The caller's uploaded files (OpenAI's Files API). A batch's output and error files are not listed:
+    the batch names them."""
+    page = await _files(orch).listed(who.name, purpose=purpose, after=after, limit=limit, newest_first=order == "desc")
+    if page is None:
+        raise BadRequest(
+            f"after {str(after)[:100]!r} is not one of your files; give the last id of the previous page",
+            details=[{"path": "after", "message": "no such file"}],
+        )
+    stored, more = page
+    return _page([file.to_openai() for file in stored], more)
 
 
 @router.get("/files/{file_id}", response_model=objects.FileObject)
@@ -313,6 +335,29 @@ def _document(
         ) from None
 
 
+def _model_section(
+    configured: dict[str, dict[str, Any]], converted: openai_lines.Converted, file_id: str
+) -> dict[str, Any]:
+    """The task's ``model`` for the batch's model name: its MLOC_OPENAI_MODELS section, else the Hugging
+    Face model of that id.
+
+    Where MLOC_OPENAI_MODELS is set, a name of neither (an OpenAI model name such as gpt-4o-mini, a
+    misspelt name) would only fail on a worker, as a hub download; a bare name is therefore refused here,
+    and a hub model is named in its owner/name form."""
+    name = converted.model
+    if name in configured:
+        return configured[name]
+    if configured and "/" not in name:
+        known = ", ".join(repr(known) for known in sorted(configured))
+        fix = (
+            f"name one of {known}, or a Hugging Face model by its full id (owner/name); to serve {name[:100]!r} "
+            "under that name, the operator adds it to MLOC_OPENAI_MODELS (JSON: name -> a task's model section)"
+        )
+        problem = f"is {name[:100]!r}, which is not a model of this MLOC"
+        raise openai_lines.refusal(file_id, converted.model_line, "body.model", problem, fix)
+    return {"source": {"type": "huggingface", "identifier": name}}
+
+
 def _metadata_labels(metadata: dict[str, str]) -> dict[str, str]:
     if len(metadata) > MAX_METADATA:
         raise BadRequest(
@@ -333,9 +378,7 @@ def _task(
     orch: Orchestrator, rows: str, endpoint: str, converted: openai_lines.Converted, labels: dict[str, str]
 ) -> dict[str, Any]:
     """The inference task that runs a batch's rows."""
-    model = orch.settings.openai_model_sections.get(converted.model)
-    if model is None:
-        model = {"source": {"type": "huggingface", "identifier": converted.model}}
+    model = _model_section(orch.settings.openai_model_sections, converted, labels[objects.INPUT_FILE])
     text = openai_lines.TEXT_FIELD[endpoint]
     columns = {"id": "id", text: text, **{name: name for name in openai_lines.SAMPLING}}
     defaults = COMPLETION_DEFAULTS if endpoint == openai_lines.COMPLETIONS else CHAT_DEFAULTS
@@ -418,7 +461,11 @@ async def list_batches(
         start += len(ids) - len(gone)
     if len(records) > limit:
         records, more = records[:limit], True
-    data = [await objects.batch_object(orch, record) for record in records]
+    return _page([await objects.batch_object(orch, record) for record in records], more)
+
+
+def _page(data: list[dict[str, Any]], more: bool) -> dict[str, Any]:
+    """One page of an OpenAI list: its objects, the first and last ids (for ``after``), whether more follow."""
     return {
         "object": "list",
         "data": data,

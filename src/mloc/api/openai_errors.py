@@ -22,8 +22,11 @@ _OPENAI_BODY = {"$ref": "#/components/schemas/OpenAIErrorBody"}
 class OpenAIError(BaseModel):
     message: str = Field(description="What went wrong and what to do, for a person.")
     type: str = Field(description="invalid_request_error, or server_error for a 5xx.")
-    param: str | None = Field(description="The field at fault, where one is.")
+    param: str | None = Field(description="The request field at fault (e.g. `body.model`), or null.")
     code: str | None = Field(description="MLOC's stable code (`error` of its own error body).")
+    line: int | None = Field(
+        default=None, description="The line of the batch input file at fault, where one is (as in a Batch's errors)."
+    )
 
 
 class OpenAIErrorBody(BaseModel):
@@ -48,6 +51,9 @@ def openai_body(body: bytes, status: int) -> bytes:
         "param": first.get("path"),
         "code": mloc.get("error"),
     }
+    line = first.get("line")
+    if isinstance(line, int) and not isinstance(line, bool):
+        error["line"] = line
     return orjson.dumps({"error": error})
 
 

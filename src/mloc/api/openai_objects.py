@@ -23,7 +23,7 @@ from mloc.modelroots import TASK_ID
 from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.orchestrator.users import Principal
 from mloc.records import TaskRecord
-from mloc.state import TaskState
+from mloc.state import Reason, TaskState
 
 # Labels of a batch's task: they mark it a batch and keep what the Batch object reports.
 BATCH = "openai.batch"
@@ -52,6 +52,14 @@ class FileObject(BaseModel):
     status: Literal["uploaded", "processed", "error"]
     expires_at: int | None
     status_details: str | None
+
+
+class FileList(BaseModel):
+    object: Literal["list"]
+    data: list[FileObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
 
 
 class FileDeleted(BaseModel):
@@ -238,6 +246,44 @@ def _time(value: float | None) -> int | None:
     return int(value) if value is not None else None
 
 
+async def _failure(orch: Orchestrator, record: TaskRecord) -> dict[str, Any]:
+    """The error entry of a failed batch. A batch runs as chunks of its requests; when one fails, the task's
+    reason speaks of chunks and of the `mloc` CLI, so the entry is told from the chunk that failed: which
+    requests, why, and how to run the rest."""
+    error: dict[str, Any] = {
+        "code": record.reason_code,
+        "message": record.reason or "the batch failed",
+        "param": None,
+        "line": None,
+    }
+    if record.reason_code != Reason.REPLICA_FAILED or not record.children:
+        return error
+    chunks = {chunk.task_id: chunk for chunk in await orch.store.get_many(record.children)}
+    failed = [
+        chunk
+        for task_id in record.children
+        # The chunks still going when one failed were cancelled with the batch: the failed one is the cause.
+        if (chunk := chunks.get(task_id)) is not None and chunk.state == TaskState.FAILED
+    ]
+    resume = (
+        f"the requests answered so far are in the output file; to run the others, resume the batch with "
+        f"POST /api/v1/tasks/{record.task_id}/resume (the same token) or `mloc resume {record.task_id}`"
+    )
+    if not failed:
+        # Its chunks have passed their retention: the task's own reason is all there is.
+        cause = (record.reason or "").split("; `mloc resume", 1)[0] or "a part of it failed"
+        return error | {"code": "batch_failed", "message": f"part of the batch failed: {cause}; {resume}"}
+    chunk = failed[0]
+    cause = chunk.reason or "no reason was given"
+    part = "part of the batch"
+    if chunk.replica is not None and record.chunk_rows:
+        total = int(record.labels.get(REQUESTS, "0")) or None
+        first = chunk.replica * record.chunk_rows + 1
+        last = (chunk.replica + 1) * record.chunk_rows
+        part = f"requests {first}-{min(last, total) if total else last} of the batch (in file order)"
+    return error | {"code": chunk.reason_code or "batch_failed", "message": f"{part} could not run: {cause}; {resume}"}
+
+
 async def batch_object(orch: Orchestrator, record: TaskRecord) -> dict[str, Any]:
     """OpenAI's Batch object for a batch's task."""
     counts = await counts_of(orch, record)
@@ -245,13 +291,7 @@ async def batch_object(orch: Orchestrator, record: TaskRecord) -> dict[str, Any]
     ended = _time(record.finished_at) if record.state.terminal else None
     errors = None
     if record.state == TaskState.FAILED:
-        error = {
-            "code": record.reason_code,
-            "message": record.reason or "the batch failed",
-            "param": None,
-            "line": None,
-        }
-        errors = {"object": "list", "data": [error]}
+        errors = {"object": "list", "data": [await _failure(orch, record)]}
     metadata = {k.removeprefix(METADATA): v for k, v in record.labels.items() if k.startswith(METADATA)}
     created = int(record.created_at)
     # A cancel MLOC makes at once is cancelling and cancelled in the same moment.

@@ -1,0 +1,167 @@
+"""GET /v1/files through the official `openai` client (the caller's uploads, in pages), batch file
+errors in OpenAI's shape (`param` a field or null, `line` the line), a batch model that is not served
+refused at create, and the error entry of a batch whose part failed, on a real cluster."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+import redis
+
+from mloc import keys
+from mloc.api.openai_errors import openai_body
+from mloc.client import Client
+from mloc.localcluster import LocalCluster
+from mloc.openai_lines import COMPLETIONS, BatchFileError, convert
+from tests.test_openai_batch import ADMIN, TINY, jsonl, request, wait_ended
+
+
+def users(cluster: LocalCluster, client_for: Callable[..., Client], *names: str) -> list[openai.OpenAI]:
+    admin = client_for(cluster, ADMIN)
+    tokens = [admin.http.post("/api/v1/admin/users", json={"name": name}).json()["token"] for name in names]
+    return [openai.OpenAI(base_url=cluster.api_url + "/v1", api_key=token, max_retries=0) for token in tokens]
+
+
+def openai_error(data: bytes) -> dict[str, Any]:
+    with pytest.raises(BatchFileError) as caught:
+        convert(io.BytesIO(data), io.BytesIO(), file_id="file-x", endpoint=COMPLETIONS)
+    body: dict[str, Any] = orjson.loads(openai_body(orjson.dumps(caught.value.to_dict()), 400))["error"]
+    return body
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (jsonl([request("a", {"model": "m", "prompt": "x"})]) + b"{not json\n", "line 2: the line is not JSON"),
+        (b'\xef\xbb\xbf{"custom_id": "a"}\r\n', "line 1: the line starts with a byte order mark (BOM)"),
+        (jsonl([request("a", {"model": "m", "prompt": "x"})]) + b"[1, 2]\n",
+         "line 2: the line is a JSON array, not an object"),
+        (b"caf\xe9\n", "line 1: the line is not UTF-8 text (byte 3)"),
+    ],
+    ids=["not-json", "bom", "array", "not-utf8"],
+)  # fmt: skip
+def test_an_error_about_a_whole_line_has_no_param_and_names_the_line(data: bytes, message: str) -> None:
+    error = openai_error(data)
+    assert message in error["message"]
+    assert error["param"] is None and error["line"] == int(message.split(":")[0].removeprefix("line "))
+
+
+def test_an_error_about_a_field_names_it_and_its_line() -> None:
+    error = openai_error(jsonl([request("a", {"model": "m", "prompt": "x"}), request("b", {"prompt": "y"})]))
+    assert (error["param"], error["line"]) == ("body.model", 2)
+    # An error not about a line keeps OpenAI's four fields only.
+    plain = orjson.loads(openai_body(b'{"error": "not_found", "message": "no"}', 404))["error"]
+    assert plain == {"message": "no", "type": "invalid_request_error", "param": None, "code": "not_found"}
+
+
+def test_the_openai_client_lists_its_own_files_in_pages(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], redis_url: str
+) -> None:
+    cluster = make_cluster(0, env={"ORCHESTRATOR_TOKEN": ADMIN})
+    alice, bob = users(cluster, client_for, "alice", "bob")
+    lines = jsonl([request("a", {"model": "tiny", "prompt": "Hello"})])
+    uploaded = []
+    for index in range(5):
+        uploaded.append(alice.files.create(file=(f"f{index}.jsonl", lines), purpose="batch").id)
+        time.sleep(0.002)  # distinct upload times, so the order is the upload order
+    theirs = bob.files.create(file=("bob.jsonl", lines), purpose="batch").id
+
+    page = alice.files.list()
+    assert [f.id for f in page.data] == uploaded[::-1] and page.has_more is False
+    first = page.data[0]
+    assert (first.object, first.filename, first.purpose, first.bytes, first.status) == (
+        "file", "f4.jsonl", "batch", len(lines), "processed"
+    )  # fmt: skip
+    answer = httpx.get(
+        cluster.api_url + "/v1/files", params={"limit": 2}, headers={"Authorization": f"Bearer {alice.api_key}"}
+    )
+    body = answer.json()
+    assert (body["object"], body["first_id"], body["last_id"], body["has_more"]) == (
+        "list", uploaded[4], uploaded[3], True
+    )  # fmt: skip
+
+    # The client follows the pages by the last id of each.
+    assert [f.id for f in alice.files.list(limit=2)] == uploaded[::-1]
+    assert [f.id for f in alice.files.list(limit=2, order="asc")] == uploaded
+    second = alice.files.list(limit=2, order="asc", after=uploaded[1])
+    assert [f.id for f in second.data] == uploaded[2:4] and second.has_more
+    assert [f.id for f in alice.files.list(after=uploaded[0]).data] == []
+    assert [f.id for f in alice.files.list(purpose="batch", limit=3)] == uploaded[::-1]
+    assert alice.files.list(purpose="fine-tune").data == []
+
+    # Each user sees their own only; another user's id is no cursor.
+    assert [f.id for f in bob.files.list()] == [theirs]
+    with pytest.raises(openai.BadRequestError) as foreign:
+        alice.files.list(after=theirs)
+    assert foreign.value.param == "after" and "is not one of your files" in foreign.value.message
+    with pytest.raises(openai.UnprocessableEntityError) as sideways:
+        alice.files.list(order="sideways")  # type: ignore[arg-type]
+    assert sideways.value.param == "query.order"
+
+    # A deleted file is no longer listed.
+    assert alice.files.delete(uploaded[2]).deleted
+    assert [f.id for f in alice.files.list()] == [uploaded[4], uploaded[3], uploaded[1], uploaded[0]]
+
+    # Uploads stored before the listing existed (no owner index) are listed once the index is made.
+    plain = redis.Redis.from_url(redis_url)
+    try:
+        plain.delete(keys.openai_files_of("alice"), keys.OPENAI_FILES_INDEXED)
+        # Their times are whole seconds (created_at): within one second, the order is the ids'.
+        assert sorted(f.id for f in alice.files.list(order="asc")) == sorted(uploaded[:2] + uploaded[3:])
+        assert plain.exists(keys.OPENAI_FILES_INDEXED)
+    finally:
+        plain.close()
+
+
+def test_a_batch_naming_a_model_that_is_not_served_is_refused_at_create(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
+) -> None:
+    cluster = make_cluster(0, env={"ORCHESTRATOR_TOKEN": ADMIN, "MLOC_OPENAI_MODELS": json.dumps({"tiny": TINY})})
+    (alice,) = users(cluster, client_for, "alice")
+
+    def create(model: str) -> Any:
+        lines = [request("a", {"model": model, "prompt": "x"}), request("b", {"model": model, "prompt": "y"})]
+        upload = alice.files.create(file=("m.jsonl", b"\n" + jsonl(lines)), purpose="batch")
+        return alice.batches.create(input_file_id=upload.id, endpoint=COMPLETIONS, completion_window="24h")
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        create("gpt-4o-mini")
+    message = caught.value.message
+    assert "line 2: body.model is 'gpt-4o-mini', which is not a model of this MLOC" in message
+    assert "name one of 'tiny'" in message and "MLOC_OPENAI_MODELS" in message
+    assert caught.value.param == "body.model"
+    assert isinstance(caught.value.body, dict) and caught.value.body["line"] == 2
+    # A configured name and a Hugging Face id (owner/name) are taken, as the README promises.
+    assert create("tiny").status == "validating"
+    assert create("mloc-tests/some-model").model == "mloc-tests/some-model"
+
+
+def test_a_batch_whose_part_failed_says_which_requests_why_and_how_to_run_the_rest(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
+) -> None:
+    # The worker cannot reach the hub: a hub model it does not hold fails the batch's chunk on the worker.
+    env = {"ORCHESTRATOR_TOKEN": ADMIN, "HF_HUB_OFFLINE": "1", "MLOC_OFFLINE": "1"}
+    cluster = make_cluster(1, env=env)
+    (alice,) = users(cluster, client_for, "alice")
+    lines = [request(f"r{i}", {"model": "mloc-tests/no-such-model", "prompt": f"{i}"}) for i in range(3)]
+    upload = alice.files.create(file=("r.jsonl", jsonl(lines)), purpose="batch")
+    batch = alice.batches.create(input_file_id=upload.id, endpoint=COMPLETIONS, completion_window="24h")
+    done = wait_ended(alice, batch.id, timeout=120)
+    assert done.status == "failed", done
+    assert done.errors is not None and done.errors.data is not None
+    (error,) = done.errors.data
+    task_id = batch.id.removeprefix("batch_")
+    assert error.message is not None and error.message.startswith(
+        "requests 1-3 of the batch (in file order) could not run: "
+    )
+    assert f"POST /api/v1/tasks/{task_id}/resume" in error.message and f"`mloc resume {task_id}`" in error.message
+    assert "chunk" not in error.message and error.code != "replica_failed"
+    assert error.line is None and error.param is None

@@ -124,10 +124,10 @@ def test_rag_after_inference_on_the_same_worker_reuses_the_warm_vllm_engine(
     assert first["dtype"] == second["dtype"]
     assert "Paris" in first["items"][0]["output"] and all(answer["answer"] for answer in second["answers"])
     loaded = [line["text"] for line in client.logs(inference["task_id"])["lines"]]
-    assert any(message.startswith("loaded gemma3-270m on vllm") for message in loaded), loaded
+    assert any(message.startswith("vLLM engine for gemma3-270m ready in ") for message in loaded), loaded
     answered = [line["text"] for line in client.logs(rag["task_id"])["lines"]]
     assert any("reusing warm vllm engine for gemma3-270m" in message for message in answered), answered
-    assert not any(message.startswith("loaded gemma3-270m") for message in answered), answered
+    assert not any(message.startswith("starting the vLLM engine") for message in answered), answered
     # The executors hold no more than the larger of the two declarations: one engine, not two (a second
     # engine of the same model would double it). RSS varies with the allocator's state, so the bound is
     # the larger declaration, not the smaller.

@@ -122,19 +122,18 @@ class EvalExecutor(Executor):
 
         model = (spec.model or default_model_spec()).model_copy(update={"engine": Engine.TRANSFORMERS})
         loads = self.cache.loads
-        started = time.perf_counter()
         engine = load_engine(
             model,
             models_dir=ctx.models_dir,
             cache=self.cache,
             on_progress=ctx.progress,
             check_cancelled=ctx.check_cancelled,
+            on_log=ctx.log,
         )
         if not isinstance(engine, TransformersEngine):
             raise ExecutionError(f"eval needs the transformers engine for {engine.model_id!r}, got {engine.name}")
-        if self.cache.loads > loads:
-            ctx.log(f"loaded {engine.model_id} on transformers in {time.perf_counter() - started:.1f}s")
-        else:
+        # A cold load logged its own lines (preparing the model, starting the engine, ready).
+        if self.cache.loads == loads:
             ctx.log(f"reusing warm transformers engine for {engine.model_id}")
         return engine
 

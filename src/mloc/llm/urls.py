@@ -70,7 +70,11 @@ def _announced_size(client: httpx.Client, url: str) -> int | None:
     try:
         response = client.head(url)
     except httpx.TransportError as exc:
-        raise ExecutionError(f"could not reach {_plain(url)} ({type(exc).__name__}: {exc})") from exc
+        raise ExecutionError(
+            f"could not reach {_plain(url)} ({type(exc).__name__}: {exc}); check that the URL is right and "
+            "reachable from the worker, or download the file onto the worker and use source.type local (for a "
+            "user's task under MLOC_MODEL_ROOTS)"
+        ) from exc
     if response.status_code in (401, 403, 404):
         raise ExecutionError(f"model URL {_plain(url)} answered HTTP {response.status_code}; check the URL")
     length = response.headers.get("content-length")

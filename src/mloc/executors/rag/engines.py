@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -55,7 +54,6 @@ class EngineHolder:
         from mloc.llm.loader import load_engine
 
         loads = self.cache.loads
-        started = time.perf_counter()
         engine = load_engine(
             model,
             models_dir=ctx.models_dir,
@@ -63,10 +61,10 @@ class EngineHolder:
             workload=workload,
             on_progress=ctx.progress,
             check_cancelled=ctx.check_cancelled,
+            on_log=ctx.log,
         )
-        if self.cache.loads > loads:
-            ctx.log(f"loaded {engine.model_id} on {engine.name} in {time.perf_counter() - started:.1f}s")
-        else:
+        # A cold load logged its own lines (preparing the model, starting the engine, ready).
+        if self.cache.loads == loads:
             ctx.log(f"reusing warm {engine.name} engine for {engine.model_id}")
         return engine
 

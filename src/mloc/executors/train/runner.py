@@ -226,7 +226,11 @@ class TrainExecutor(Executor):
         held = f", {len(data.eval)} held out for evaluation" if data.eval else ""
         ctx.log(f"dataset {data.source}: {len(data.train)} {data.format.value} examples{held}")
         model_dir = resolve_model(
-            spec.model.source, ctx.models_dir, on_progress=ctx.progress, check_cancelled=ctx.check_cancelled
+            spec.model.source,
+            ctx.models_dir,
+            on_progress=ctx.progress,
+            check_cancelled=ctx.check_cancelled,
+            on_log=ctx.log,
         )
         ctx.check_cancelled()
 

@@ -84,7 +84,7 @@ def test_a_tracker_that_is_not_installed_fails_before_the_model_loads(models: di
     [
         (["none", "mlflow"], "'none' cannot be combined with other trackers; give [mlflow] or [none]"),
         (["tensorboard", "tensorboard"], "a tracker is named twice"),
-        (["comet"], "Input should be 'tensorboard', 'mlflow', 'wandb' or 'none'"),
+        (["comet"], "'comet' is not one of 'tensorboard', 'mlflow', 'wandb' or 'none'"),
     ],
 )
 def test_bad_report_to_is_refused_at_submit(tmp_path: Path, value: list[str], expected: str) -> None:

@@ -352,6 +352,29 @@ def _fields_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
     return []
 
 
+def _kind(value: Any) -> str:
+    """What a wrong value is, in YAML's words."""
+    if isinstance(value, str):
+        return f"the text {value[:60]!r}"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return f"the number {value!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return "nothing" if value is None else type(value).__name__
+
+
+def _not_allowed(error: Any) -> tuple[str, str]:
+    """A value outside a fixed set: which value and the allowed ones, and the closest as the fix."""
+    expected = str((error.get("ctx") or {}).get("expected", ""))
+    given = error.get("input")
+    close = difflib.get_close_matches(str(given), re.findall(r"'([^']*)'", expected), n=1)
+    return f"{given!r} is not one of {expected}", f"did you mean {close[0]!r}?" if close else ""
+
+
 def describe(exc: ValidationError, model: type[BaseModel]) -> SpecError:
     details = []
     for error in exc.errors():
@@ -367,8 +390,17 @@ def describe(exc: ValidationError, model: type[BaseModel]) -> SpecError:
         elif error["type"] == "missing":
             message = "required field is missing"
             fix = f"add '{loc[-1]}'"
-        elif error["type"] == "literal_error":
-            fix = message
+        elif error["type"] in ("literal_error", "enum"):
+            message, fix = _not_allowed(error)
+        elif error["type"] in ("model_type", "model_attributes_type", "dict_type"):
+            fields = _fields_at(model, loc)
+            message = f"expected a mapping, got {_kind(error.get('input'))}"
+            fix = f"write a mapping of {', '.join(fields)}" if fields else "write a mapping (key: value)"
+        elif error["type"] == "list_type":
+            given = error.get("input")
+            message = f"expected a list, got {_kind(given)}"
+            example = f", e.g. [{json.dumps(given)}]" if isinstance(given, str | int | float) else ""
+            fix = f"write a list{example}"
         details.append({"path": path, "message": message, "fix": fix})
     summary = "; ".join(f"{d['path']}: {d['message']}" + (f" ({d['fix']})" if d["fix"] else "") for d in details[:5])
     if len(details) > 5:

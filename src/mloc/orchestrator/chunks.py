@@ -208,14 +208,24 @@ async def _settle(store: TaskStore, parent_id: str, settings: Settings) -> bool:
         await _cut_more(store, h, children, states)
     done = [s for s in summaries if s]
     rows_done = sum(int(s.get("rows") or 0) for s in done)
+    failed = sum(int(s.get("failed") or 0) for s in done)
     progress = {
         "step": rows_done,
         "total": None,
-        "message": f"{rows_done:,} rows done in {len(done)} chunk(s); {len(children) - len(done)} cut and not done",
+        "message": rows_message(rows_done, failed, len(done), unfinished=len(children) - len(done)),
         "ts": time.time(),
     }
     await store.set_fields(parent_id, {"progress": json.dumps(progress)})
     return False
+
+
+def rows_message(rows: int, failed: int, chunks: int, *, unfinished: int = 0) -> str:
+    """A dataset task's progress in words: '12 rows done, 2 of them failed, in 3 chunk(s); 1 chunk not
+    finished'. Failed rows are said: a task may succeed with some (``max_row_errors``)."""
+    text = f"{rows:,} rows done" + (f", {failed:,} of them failed," if failed else "") + f" in {chunks} chunk(s)"
+    if unfinished:
+        text += f"; {unfinished} chunk{'s' if unfinished != 1 else ''} not finished"
+    return text
 
 
 async def _cut_more(store: TaskStore, h: dict[str, str], children: list[str], states: list[TaskState]) -> None:
@@ -296,7 +306,7 @@ async def _succeed(
         await asyncio.to_thread(store_.publish, parent_id, 1, "orchestrator", folder)
     now = time.time()
     rows_done = merged["rows"]
-    message = f"{rows_done:,} rows done in {len(children)} chunk(s)"
+    message = rows_message(rows_done, merged["failed"], len(children))
     progress = {"step": rows_done, "total": rows_done, "message": message}
     fields = {
         "finished_at": repr(now),

@@ -58,9 +58,14 @@ def artifacts(
             "folder). Without --get: json or table.",
         ),
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="With --get: replace a file or folder that is there already.")
+    ] = False,
     json_out: JsonFlag = False,
 ) -> None:
-    """List a task's result files, or download one file or a folder with --get PATH [-o TARGET]."""
+    """List a task's result files, or download one file or a folder with --get PATH [-o TARGET].
+
+    What is there already at TARGET is kept, and the command refused, unless --force."""
     api = client()
     try:
         full_id = api.resolve(task_id)
@@ -70,9 +75,9 @@ def artifacts(
         path = get.strip("/")
         files = {item["path"] for item in api.artifacts(full_id)}
         if path in files:
-            _file(api, full_id, path, target)
+            _file(api, full_id, path, target, force=force)
         else:
-            _folder(api, full_id, path, target)
+            _folder(api, full_id, path, target, force=force)
     except MlocError as exc:
         output.fail(exc)
     except OSError as exc:
@@ -93,7 +98,7 @@ def _list(api: Client, task_id: str, as_json: bool, target: str | None) -> None:
     output.show(grid)
 
 
-def _file(api: Client, task_id: str, path: str, target: str | None) -> None:
+def _file(api: Client, task_id: str, path: str, target: str | None, *, force: bool) -> None:
     blocks = api.artifact(task_id, path)
     if target == "-":
         for block in blocks:
@@ -101,6 +106,12 @@ def _file(api: Client, task_id: str, path: str, target: str | None) -> None:
         sys.stdout.buffer.flush()
         return
     where = Path(target) if target else Path(Path(path).name)
+    if where.is_dir():
+        where = where / Path(path).name  # as cp does: into the folder, under the file's own name
+    if where.exists() and (where.is_dir() or not force):
+        kind = "a folder" if where.is_dir() else "a file"
+        fix = "" if where.is_dir() else ", or replace it with --force"
+        output.die(f"{where} already exists ({kind}); choose a new name with -o{fix}")
     partial = where.with_name(f".{where.name}.part")
     try:
         with open(partial, "wb") as handle:
@@ -112,7 +123,7 @@ def _file(api: Client, task_id: str, path: str, target: str | None) -> None:
     output.line(f"wrote {output.visible(where, one_line=True)}", stderr=True)
 
 
-def _folder(api: Client, task_id: str, path: str, target: str | None) -> None:
+def _folder(api: Client, task_id: str, path: str, target: str | None, *, force: bool) -> None:
     blocks = api.archive(task_id, path)
     if target == "-":
         for block in blocks:
@@ -120,8 +131,8 @@ def _folder(api: Client, task_id: str, path: str, target: str | None) -> None:
         sys.stdout.buffer.flush()
         return
     where = Path(target) if target else Path(Path(path).name or task_id)
-    if where.exists() and (not where.is_dir() or any(where.iterdir())):
-        output.die(f"{where} already exists; choose a new folder with -o")
+    if not force and where.exists() and (not where.is_dir() or any(where.iterdir())):
+        output.die(f"{where} already exists; choose a new folder with -o, or replace it with --force")
     where.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{where.name}.part-", dir=where.parent))
     try:
@@ -137,8 +148,11 @@ def _folder(api: Client, task_id: str, path: str, target: str | None) -> None:
                         total += member.size
         except tarfile.TarError as exc:
             output.die(f"the archive of {path or 'the task folder'} arrived broken ({exc}); fetch it again")
-        if where.exists():
-            where.rmdir()  # empty, as checked above
+        # Only once the whole archive arrived: a broken download leaves what was there.
+        if where.is_dir() and not where.is_symlink():
+            shutil.rmtree(where)  # empty, as checked above, unless --force
+        elif where.exists() or where.is_symlink():
+            where.unlink()
         staging.replace(where)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from mloc.cli import output
+from mloc.cli import output, results
 from mloc.cli.output import JsonFlag, OutputFormat, wants_json
 from mloc.cli.root import app, client
 from mloc.errors import MlocError
@@ -34,7 +34,7 @@ def results_command(
             if as_json:
                 output.json_line(line)
             else:
-                _print(line)
+                results.print_line(line)
     except MlocError as exc:
         output.fail(exc)
     if not as_json:
@@ -42,18 +42,3 @@ def results_command(
             output.line(output.styled(f"... more may follow: --offset {offset + shown}", "dim"), stderr=True)
         elif shown == 0:
             output.line(output.styled(f"no result lines from line {offset} on", "dim"), stderr=True)
-
-
-def _print(line: dict[str, Any]) -> None:
-    head = f"--- {line.get('id')}"
-    if line.get("error") is not None:
-        output.line(output.styled(output.visible(head + " (error)", one_line=True), "bold"))
-        output.line(output.styled(output.visible(str(line["error"])), "red"))
-        return
-    finish = line.get("finish_reason")
-    reasons = ", ".join(map(str, finish)) if isinstance(finish, list) else finish
-    tokens = f"{line.get('prompt_tokens', 0)}+{line.get('completion_tokens', 0)} tokens"
-    output.line(output.styled(output.visible(f"{head} ({reasons}, {tokens})", one_line=True), "bold"))
-    outputs = line.get("output")
-    for text in outputs if isinstance(outputs, list) else [outputs]:
-        output.line(output.visible(str(text)))

@@ -1,6 +1,7 @@
 """How a task's result is printed: each item's prompt or question, its output and, for a RAG answer,
-the sources it was given; at most a few of them, then how many more there are. A result without
-items is printed as JSON, cut short likewise."""
+the sources it was given; at most a few of them, then how many more there are. A dataset task's
+result is its result lines (results.jsonl), printed alike; its responses.json holds only the totals.
+Any other result without items is printed as JSON, cut short likewise."""
 
 from __future__ import annotations
 
@@ -18,6 +19,60 @@ def print_result(record: dict[str, Any], result: Any, shown: int) -> None:
         _items(record, items, shown)
     else:
         _value(result, shown)
+    if isinstance(result, dict) and result.get("stop_message") and result.get("final_answer") is None:
+        # An agent that stopped without an answer: its item is empty, and the why is here.
+        steps = result.get("steps")
+        taken = f" after {len(steps)} step(s) (`mloc result {record.get('task_id', 'ID')}` shows them)" if steps else ""
+        output.line(output.visible(f"no answer: {result['stop_message']}{taken}", one_line=True))
+
+
+def has_lines(result: Any) -> bool:
+    """Whether the result is a dataset task's totals, its items being result lines (results.jsonl)."""
+    return isinstance(result, dict) and bool(result.get("results_file"))
+
+
+def print_lines(result: dict[str, Any], lines: list[dict[str, Any]], shown: int, rest: str) -> None:
+    """A dataset task's first result lines (at most ``shown``), where the rest are (``rest``: a command
+    or a file; a command is given the offset to go on from), then its totals in one line."""
+    for item in lines[:shown]:
+        print_line(item)
+    rows = result.get("rows")
+    count = len(lines[:shown])
+    go_on = f"{rest} --offset {count}" if rest.startswith("mloc ") and count else rest
+    if isinstance(rows, int) and not isinstance(rows, bool):
+        if rows > count:
+            output.line(f"... {rows - count} more of {rows} result lines: {go_on}")
+    elif count == shown:
+        output.line(f"... more result lines may follow: {go_on}")
+    output.line(output.visible(_totals(result), one_line=True))
+
+
+def _totals(result: dict[str, Any]) -> str:
+    """'rows 25: 24 succeeded, 1 failed (from dataset questions.jsonl, 3 chunk(s))'."""
+    parts = [f"{result[k]} {k}" for k in ("succeeded", "failed") if result.get(k) is not None]
+    text = f"rows {result.get('rows', '?')}" + (": " + ", ".join(parts) if parts else "")
+    where = [f"from {result['input']}"] if result.get("input") else []
+    if result.get("chunks"):
+        where.append(f"{result['chunks']} chunk(s)")
+    if result.get("more"):
+        where.append("more rows past these")
+    return text + (f" ({', '.join(where)})" if where else "")
+
+
+def print_line(line: dict[str, Any]) -> None:
+    """One result line: its id, how it ended and its tokens, then its output (or error)."""
+    head = f"--- {line.get('id')}"
+    if line.get("error") is not None:
+        output.line(output.styled(output.visible(head + " (error)", one_line=True), "bold"))
+        output.line(output.styled(output.visible(str(line["error"])), "red"))
+        return
+    finish = line.get("finish_reason")
+    reasons = ", ".join(map(str, finish)) if isinstance(finish, list) else finish
+    tokens = f"{line.get('prompt_tokens', 0)}+{line.get('completion_tokens', 0)} tokens"
+    output.line(output.styled(output.visible(f"{head} ({reasons}, {tokens})", one_line=True), "bold"))
+    outputs = line.get("output")
+    for text in outputs if isinstance(outputs, list) else [outputs]:
+        output.line(output.visible(str(text)))
 
 
 def _items(record: dict[str, Any], items: list[Any], shown: int) -> None:

@@ -6,6 +6,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -19,25 +20,56 @@ if TYPE_CHECKING:
     from mloc.spec import Document
 
 
+@dataclass
+class _Checked:
+    label: str
+    document: Document | None
+    error: MlocError | None
+    problems: list[str] = field(default_factory=list)  # what a submit's planning would refuse
+
+
 @app.command()
 def validate(files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False)]) -> None:
-    """Check task files without submitting them; each task of a multi-document file (---) is checked."""
-    bad = 0
+    """Check task files without submitting them; each task of a multi-document file (---) is checked,
+    and a file's tasks that wait for each other (dependsOn) as the submit would plan them: names that
+    name no task, a task that names itself, two tasks of one name, and cycles. Names may come from
+    any file given, as `mloc submit` sends all its files in one request; a task id is not looked up."""
+    per_file: list[list[_Checked]] = []
     for file in files:
         try:
             raw = file.read_bytes()
         except OSError as exc:
             output.die(f"cannot read {file}: {exc.strerror or exc}")
+        checked = []
         for label, check in _checks(file, raw):
             try:
-                document = check()
-                output.line(output.styled("ok", "green"), f"{label}: {document.kind} ({document.spec.task_type})")
+                checked.append(_Checked(label, check(), None))
             except MlocError as exc:
-                bad += 1
-                output.line(output.styled("invalid", "red"), output.visible(f"{label}: {exc.message}"), stderr=True)
-                for detail in exc.details:
-                    fix = f" -> {detail['fix']}" if detail.get("fix") else ""
-                    output.line(output.visible(f"  {detail.get('path')}: {detail.get('message')}{fix}"), stderr=True)
+                checked.append(_Checked(label, None, exc))
+        per_file.append(checked)
+    named = (item.document.metadata.name for tasks in per_file for item in tasks if item.document)
+    known = {name for name in named if name}
+    for tasks in per_file:
+        valid = [(item, item.document) for item in tasks if item.document is not None]
+        for index, problem in graph_problems([document for _, document in valid], known):
+            valid[index][0].problems.append(problem)
+    bad = 0
+    for item in (item for tasks in per_file for item in tasks):
+        if item.document is not None and not item.problems:
+            output.line(
+                output.styled("ok", "green"), f"{item.label}: {item.document.kind} ({item.document.spec.task_type})"
+            )
+            continue
+        bad += 1
+        for problem in item.problems:
+            output.line(output.styled("invalid", "red"), output.visible(f"{item.label}: {problem}"), stderr=True)
+        if item.error is not None:
+            output.line(
+                output.styled("invalid", "red"), output.visible(f"{item.label}: {item.error.message}"), stderr=True
+            )
+            for detail in item.error.details:
+                fix = f" -> {detail['fix']}" if detail.get("fix") else ""
+                output.line(output.visible(f"  {detail.get('path')}: {detail.get('message')}{fix}"), stderr=True)
     if bad:
         raise typer.Exit(1)
 
@@ -55,6 +87,42 @@ def _checks(file: Path, raw: bytes) -> list[tuple[str, Callable[[], Document]]]:
     if len(documents) < 2:
         return [(str(file), lambda: load(raw))]
     return [(f"{file} (document {n})", functools.partial(validate, item)) for n, item in enumerate(documents, 1)]
+
+
+def graph_problems(documents: list[Document], known: set[str]) -> list[tuple[int, str]]:
+    """What a submit of these tasks would refuse in their graph of dependsOn, without a server: each as
+    (the task's index, 'field: message'), by the rules and in the words of :mod:`mloc.spec.taskgraph`.
+
+    ``known``: the names a dependsOn entry may give (this submission's, and those of files sent with
+    it). Only a submission in which some task waits is planned, so only then are two tasks of one
+    name refused. References to other tasks' outputs (``from:``) and ids are left to the orchestrator."""
+    from mloc.spec import taskgraph
+
+    if not any(d.spec.depends_on or d.spec.when for d in documents):
+        return []
+    problems: list[tuple[int, str]] = []
+    names: dict[str, int] = {}
+    for index, document in enumerate(documents):
+        name = document.metadata.name
+        if name and name in names:
+            problems.append((index, f"metadata.name: {taskgraph.duplicate_name(name)}"))
+        elif name:
+            names[name] = index
+    edges: list[list[int]] = [[] for _ in documents]
+    for index, document in enumerate(documents):
+        for position, entry in enumerate(document.spec.depends_on):
+            where = f"spec.dependsOn[{position}]"
+            if names.get(entry) == index:
+                problems.append((index, f"{where}: {taskgraph.names_itself(entry)}"))
+            elif entry in names:
+                edges[index].append(names[entry])
+            elif entry not in known and not taskgraph.TASK_ID_OR_PREFIX.fullmatch(entry):
+                problems.append((index, f"{where}: {taskgraph.names_nothing(entry, list(known))}"))
+    cycle = taskgraph.find_cycle(edges)
+    if cycle:
+        said = taskgraph.cycle_message([documents[i].metadata.name or f"task-{i}" for i in cycle])
+        problems.extend((index, said) for index in sorted(set(cycle)))  # no task of it could ever start
+    return problems
 
 
 @app.command()

@@ -11,13 +11,15 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from mloc.cli import output, results, waiting
-from mloc.cli.output import JsonFlag, OutputFormat, Quiet, wants_json
+from mloc.cli.output import JsonFlag, OutputFormat, wants_json
 from mloc.cli.root import app, client
-from mloc.client import Client, Lost, Unreachable
+from mloc.client import ApiError, Client, Lost, Unreachable
 from mloc.errors import MlocError
 
 TaskIdArg = Annotated[str, typer.Argument(help="A task id, or any unique prefix of one (as `mloc tasks` shows).")]
 SHORT_ID = 8
+ALL_IDS_PAGE = 500  # the API's largest page
+DEFAULT_PAGE_SIZE = 20
 
 
 # --------------------------------------------------------------------- submit
@@ -174,16 +176,26 @@ def list_tasks(
     state: Annotated[str | None, typer.Option(help="Only tasks in this state (pending, running, failed...).")] = None,
     owner: Annotated[str | None, typer.Option(help="Only this user's tasks (admin).")] = None,
     task_type: Annotated[str | None, typer.Option("--type", help="Only this task type.")] = None,
-    page: Annotated[int, typer.Option(min=1)] = 1,
-    page_size: Annotated[int, typer.Option(min=1, max=500)] = 20,
+    page: Annotated[int | None, typer.Option(min=1, help="This page only (default: the first; with -q: all).")] = None,
+    page_size: Annotated[int, typer.Option(min=1, max=500)] = DEFAULT_PAGE_SIZE,
     wide: Annotated[bool, typer.Option("--wide", "-w", help="Full ids and reasons.")] = False,
     json_out: JsonFlag = False,
     fmt: OutputFormat = None,
-    quiet: Quiet = False,
+    quiet: Annotated[
+        bool,
+        typer.Option("-q", "--quiet", help="Print only the ids, one a line: every matching task's, unless --page."),
+    ] = False,
 ) -> None:
-    """List tasks, newest first. The id column shows short ids that every command accepts."""
+    """List tasks, newest first. The id column shows short ids that every command accepts.
+
+    -q prints the id of every task that matches (for `mloc tasks -q --state pending | xargs mloc cancel`)."""
+    api = client()
+    filters = {"state": state, "owner": owner, "task_type": task_type}
+    if quiet and page is None and not wants_json(json_out, fmt):
+        _all_ids(api, filters)
+        return
     try:
-        body = client().tasks(state=state, owner=owner, task_type=task_type, page=page, page_size=page_size)
+        body = api.tasks(**filters, page=page or 1, page_size=page_size)
     except MlocError as exc:
         output.fail(exc)
     if wants_json(json_out, fmt):
@@ -193,6 +205,7 @@ def list_tasks(
     if quiet:
         for item in items:
             output.line(item["task_id"])
+        _more(body, filters, quiet=True)
         return
     ids = short_ids([item["task_id"] for item in items])
     shown = len(items)
@@ -213,6 +226,44 @@ def list_tasks(
             output.cell(reason, None if wide else 60),
         )
     output.show(grid)
+    _more(body, filters, quiet=False)
+
+
+def _more(body: dict[str, Any], filters: dict[str, str | None], *, quiet: bool) -> None:
+    """On stderr, past a page that is not the last: how many more tasks match and the command for them."""
+    after = (body["page"] - 1) * body["page_size"] + len(body["items"])
+    if body["total"] <= after or not body["items"]:
+        return
+    given = [f"--{'type' if k == 'task_type' else k} {v}" for k, v in filters.items() if v is not None]
+    if body["page_size"] != DEFAULT_PAGE_SIZE:
+        given.append(f"--page-size {body['page_size']}")
+    more = " ".join(["mloc tasks", *given, *(["-q"] if quiet else []), f"--page {body['page'] + 1}"])
+    also = "; -q without --page prints every id" if quiet else ""
+    output.line(
+        output.styled(output.visible(f"{body['total'] - after} more: {more}{also}", one_line=True), "dim"), stderr=True
+    )
+
+
+def _all_ids(api: Client, filters: dict[str, str | None]) -> None:
+    """Every matching task's id, a page of the largest size at a time, printed once all are read: a
+    script that cancels them as they come would move the later ones to earlier pages meanwhile."""
+    ids: list[str] = []
+    seen: set[str] = set()
+    page = 1
+    try:
+        while True:
+            body = api.tasks(**filters, page=page, page_size=ALL_IDS_PAGE)
+            # Newest first: a task submitted meanwhile pushes those read down, to be read again.
+            fresh = [item["task_id"] for item in body["items"] if item["task_id"] not in seen]
+            ids.extend(fresh)
+            seen.update(fresh)
+            if len(body["items"]) < ALL_IDS_PAGE or page * ALL_IDS_PAGE >= body["total"]:
+                break
+            page += 1
+    except MlocError as exc:
+        output.fail(exc)
+    for task_id in ids:
+        output.line(task_id)
 
 
 def _state_cell(record: dict[str, Any]) -> Any:
@@ -326,7 +377,7 @@ def show(
     try:
         record = api.task(task_id)
     except MlocError as exc:
-        output.fail(exc)
+        _task_failed(api, task_id, exc)
     if wants_json(json_out, fmt):
         output.print_json(record)
         return
@@ -343,22 +394,39 @@ def show(
         results.print_result(record, result, shown)
 
 
+def _task_failed(api: Client, given: str, exc: MlocError) -> NoReturn:
+    """The error of a command given a task id; a task id no task has is said in `mloc` terms (the
+    orchestrator's words are for curl), and named as a pipeline's id where it is one."""
+    task_id = given.strip().lower()
+    if not (
+        isinstance(exc, ApiError) and exc.status_code == 404 and exc.message.startswith(f"task {task_id} not found")
+    ):
+        output.fail(exc)
+    try:
+        api.pipeline(task_id)
+    except MlocError:
+        output.die(f"task {task_id} not found; `mloc tasks` lists yours")
+    output.die(f"{task_id} is a pipeline's id, not a task's: `mloc pipeline {task_id}` shows its steps")
+
+
 @app.command()
 def result(task_id: TaskIdArg, json_out: JsonFlag = False, fmt: OutputFormat = None) -> None:
     """Print a task's full result (responses.json) as JSON."""
+    api = client()
     try:
-        output.print_json(client().result(task_id))
+        output.print_json(api.result(task_id))
     except MlocError as exc:
-        output.fail(exc)
+        _task_failed(api, task_id, exc)
 
 
 @app.command()
 def cancel(task_id: TaskIdArg, json_out: JsonFlag = False) -> None:
     """Cancel a task in any state before it ends."""
+    api = client()
     try:
-        answer = client().cancel(task_id)
+        answer = api.cancel(task_id)
     except MlocError as exc:
-        output.fail(exc)
+        _task_failed(api, task_id, exc)
     if json_out:
         output.print_json(answer)
     elif answer.get("state") == "cancelling":
@@ -381,7 +449,9 @@ def pipeline(
             if json_out:
                 output.print_json(answer)
             else:
-                output.line(f"cancelled {len(answer['cancelled'])} step(s) of pipeline {pipeline_id}")
+                # The id the orchestrator answered with: the one given may be a prefix or a step's task id.
+                full = answer.get("pipeline_id") or pipeline_id
+                output.line(f"cancelled {len(answer['cancelled'])} step(s) of pipeline {full}")
             return
         body = api.pipeline(pipeline_id)
     except MlocError as exc:
@@ -390,7 +460,7 @@ def pipeline(
         output.print_json(body)
         return
     names = {node["task_id"]: node["name"] for node in body["tasks"]}
-    output.line(f"pipeline {pipeline_id}: {body['state']}")
+    output.line(f"pipeline {body.get('id') or pipeline_id}: {body['state']}")
     for node in body["tasks"]:
         after = ", ".join(names.get(t, t[:SHORT_ID]) for t in node["depends_on"])
         state = node["state"] or "gone"

@@ -169,10 +169,17 @@ def report(client: Client, record: dict[str, Any], *, shown: int, results_dir: s
         output.line(f"logs: mloc logs {task_id}")
         return
     result = client.result(task_id)
-    results.print_result(record, result, shown)
+    # `mloc run` passes its results folder: its cluster, and so `mloc result`, is gone once it returns.
+    folder = f"{results_dir}/{task_id}" if results_dir else None
+    if results.has_lines(result):
+        # A dataset task's responses.json holds only totals: its results are the lines beside it.
+        lines = list(client.result_lines(task_id, limit=shown)) if shown else []
+        rest = f"{folder}/{result['results_file']}" if folder else f"mloc results {task_id}"
+        results.print_lines(result, lines, shown, rest)
+    else:
+        results.print_result(record, result, shown)
     usage = result.get("usage") if isinstance(result, dict) else None
     if isinstance(usage, dict) and usage:
         output.line("usage: " + output.visible(", ".join(f"{k}={v}" for k, v in usage.items()), one_line=True))
-    # `mloc run` passes its results folder: its cluster, and so `mloc result`, is gone once it returns.
-    where = f"{results_dir}/{task_id}/responses.json" if results_dir else f"mloc result {task_id}"
-    output.line(f"full result: {where}")
+    where = f"{folder}/responses.json" if folder else f"mloc result {task_id}"
+    output.line(f"{'totals' if results.has_lines(result) else 'full result'}: {where}")

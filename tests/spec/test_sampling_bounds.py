@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import jsonschema
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from mloc.errors import SpecError
-from mloc.spec import load
+from mloc.spec import json_schema, load
 from mloc.spec.sampling import Sampling
 
 
@@ -108,3 +110,20 @@ def test_vllm_accepts_what_sampling_accepts_and_refuses_what_it_refuses() -> Non
     for values in REFUSED:
         with pytest.raises(VLLMValidationError):
             params(values)
+
+
+@pytest.mark.parametrize("top_k", [0, -1, 40, None, -2, 100_001])
+def test_the_published_schema_takes_the_top_k_values_the_validator_takes(top_k: int | None) -> None:
+    checker = jsonschema.Draft202012Validator(json_schema())
+    document = {
+        "apiVersion": "mloc/v1",
+        "kind": "InferenceTask",
+        "spec": {"taskType": "inference", "inference": {"prompts": ["hi"], "top_k": top_k}},
+    }
+    try:
+        load(yaml.safe_dump(document))
+        taken = True
+    except SpecError:
+        taken = False
+    assert checker.is_valid(document) is taken
+    assert taken is (top_k not in (-2, 100_001))

@@ -19,6 +19,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import JsonDict
 
 from mloc.spec.base import Strict
 from mloc.spec.dataset import DatasetInput
@@ -37,11 +38,24 @@ _OUT_OF_RANGE = {"greater_than", "greater_than_equal", "less_than", "less_than_e
 _NO_TOP_K = (0, -1)
 
 
+def _no_cut_in_schema(schema: JsonDict) -> None:
+    # The published schema takes what the validator takes, so an editor does not flag top_k: 0.
+    choices = schema["anyOf"]
+    assert isinstance(choices, list)
+    choices.insert(1, {"enum": list(_NO_TOP_K)})
+
+
 class Sampling(Strict):
     max_tokens: int = Field(128, ge=1, le=1_000_000)
     temperature: float = Field(0.7, ge=0, le=2, description="0 is greedy; at most 2, as vLLM and OpenAI allow.")
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1, le=100_000, description="Unset, 0 or -1 means no top-k cut.")
+    top_k: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Unset, 0 or -1 means no top-k cut.",
+        json_schema_extra=_no_cut_in_schema,
+    )
     stop: list[str] = Field(default_factory=list)
     # The engines seed a torch generator, which takes a signed or unsigned 64-bit integer.
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)

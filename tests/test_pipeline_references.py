@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from mloc import keys
 from mloc.errors import SpecError
 from mloc.executors.eval_data import available, cache_folder, cached_builds
-from mloc.orchestrator import harness, references
+from mloc.orchestrator import harness, pipelines
 from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.orchestrator.placement import explain, request_of
 from mloc.orchestrator.users import Principal
@@ -351,7 +351,7 @@ def test_a_task_searching_a_collection_is_placed_where_the_collection_was_built(
         async def run() -> list[tuple[str, str]]:
             r = aioredis.Redis.from_url(redis_url, decode_responses=True)
             try:
-                return await references.needs_at_release(r, spec, [index])
+                return await pipelines.needs_at_release(r, spec, [index])
             finally:
                 await r.aclose()
 
@@ -359,7 +359,7 @@ def test_a_task_searching_a_collection_is_placed_where_the_collection_was_built(
 
     searching = {"retriever_collection": "handbook", "retriever_vector_db": "faiss"}
     assert needs({"taskType": "agent_inference", "hyperparameters": searching}) == [
-        (references.VECTOR_STORES, "host-a:/vectors")
+        (pipelines.VECTOR_STORES, "host-a:/vectors")
     ]
     assert needs({"taskType": "rag_inference", "hyperparameters": {"collection": "handbook", "vector_db": "faiss"}})
     # Another store's collection of that name is not the one built there.

@@ -1,7 +1,7 @@
 """Pipelines: tasks that wait for tasks, and outputs handed from one to the next.
 
 A task names what it waits for in ``spec.dependsOn`` (names of tasks in the same submission, or ids of
-existing tasks of the same user), or by using another task's output (:mod:`.references`: an adapter, a
+existing tasks of the same user), or by using another task's output (:mod:`mloc.spec.references`: an adapter, a
 merged model, result lines, a vector collection, eval scores). A submission is planned whole before
 anything is stored: names resolved, outputs checked against what the producing task makes, and the
 graph checked for cycles; then every task is stored in one atomic write, those that wait out of every
@@ -26,15 +26,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis.asyncio as aioredis
+
 from mloc import keys, lua, moves
 from mloc.errors import MlocError, NotFound, SpecError
-from mloc.orchestrator import chunks, conditions, references
+from mloc.orchestrator import chunks, conditions
 from mloc.orchestrator.cancel import cancel
 from mloc.orchestrator.placement import Request, request_of
-from mloc.orchestrator.references import Producer
 from mloc.orchestrator.users import Principal
 from mloc.records import NewTask
-from mloc.spec import Document, taskgraph, validate
+from mloc.spec import Document, references, taskgraph, validate
+from mloc.spec.references import Producer
 from mloc.state import Reason, TaskState
 from mloc.store import TaskStore
 from mloc.transition import pending_score
@@ -42,6 +44,9 @@ from mloc.transition import pending_score
 RELEASE_BATCH = 100
 
 Builder = Callable[[Document, Principal], tuple[NewTask, Request]]
+
+# A worker's capability naming the vector store folder its rag_inference tasks read (host:folder).
+VECTOR_STORES = "vector_stores"
 
 
 def waits(document: Document, wire: dict[str, Any] | None = None) -> bool:
@@ -307,7 +312,7 @@ async def settle_dependent(store: TaskStore, task_id: str) -> bool:
             code = Reason.CONDITION_NOT_MET if verdict.skip else Reason.DEPENDENCY_FAILED
             await _end_waiting(store, task_id, skip=verdict.skip, reason=verdict.reason, code=code)
             return False
-        needs = await references.needs_at_release(redis, spec, waiting)
+        needs = await needs_at_release(redis, spec, waiting)
         if needs:
             await _add_needs(store, task_id, needs)
         score = pending_score(int(priority or 0), int(created_ms or 0))
@@ -398,3 +403,29 @@ async def cancel_pipeline(store: TaskStore, pipeline_id: str, principal: Princip
         except MlocError:
             continue  # it ended meanwhile
     return {"ok": True, "pipeline_id": pipeline_id, "cancelled": cancelled}
+
+
+async def needs_at_release(redis: aioredis.Redis, spec: dict[str, Any], parents: list[str]) -> list[tuple[str, str]]:
+    """What a task's placement needs that only its parents' runs tell: a rag_inference task that uses
+    a named collection one of them indexed runs where that collection is (the vector store the
+    indexing worker advertised)."""
+    options = spec.get("hyperparameters") or {}
+    if spec.get("taskType") == "agent_inference":
+        collection, vector_db = options.get("retriever_collection"), options.get("retriever_vector_db")
+    elif spec.get("taskType") == "rag_inference":
+        collection, vector_db = options.get("collection"), options.get("vector_db")
+    else:
+        return []
+    if not collection or not parents:
+        return []
+    pipe = redis.pipeline(transaction=False)
+    for parent in parents:
+        pipe.hmget(keys.task(parent), "task_type", "result_summary")
+    for task_type, summary in await pipe.execute():
+        if task_type != "rag_inference" or not summary:
+            continue
+        result = json.loads(summary)
+        store = result.get("vector_store")
+        if result.get("collection") == collection and result.get("vector_db") == vector_db and store:
+            return [(VECTOR_STORES, str(store))]
+    return []

@@ -19,9 +19,10 @@ eval scores   ``when.from``, ``when.beats``         eval                        
 ============  ====================================  ==============================  ===============================
 
 The task that refers waits for the one it names. A collection lives on the disk of the worker that
-indexed it, so :func:`needs_at_release` adds to the waiting task's placement the vector store that
-worker advertised; models and result lines are read through the results dir or the artifact store, as an id
-given by hand is.
+indexed it, so the orchestrator adds to the waiting task's placement the vector store that worker
+advertised (:func:`mloc.orchestrator.pipelines.needs_at_release`); models and result lines are read through
+the results dir or the artifact store, as an id given by hand is. Nothing here needs a server: the
+orchestrator plans a submission with these rules and `mloc validate` checks a file with them.
 """
 
 from __future__ import annotations
@@ -31,13 +32,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-import redis.asyncio as aioredis
-
-from mloc import keys
-from mloc.spec import Document
-
-# A worker's capability naming the vector store folder its rag_inference tasks read (host:folder).
-VECTOR_STORES = "vector_stores"
+from mloc.spec.base import Document
 
 
 class Output(StrEnum):
@@ -232,29 +227,3 @@ def rewrite(wire: dict[str, Any], reference: Reference, task_id: str, producer: 
                 options[field] = theirs[theirs_field]
     else:
         spec["when"][reference.where.rsplit(".", 1)[1]] = task_id
-
-
-async def needs_at_release(redis: aioredis.Redis, spec: dict[str, Any], parents: list[str]) -> list[tuple[str, str]]:
-    """What a task's placement needs that only its parents' runs tell: a rag_inference task that uses
-    a named collection one of them indexed runs where that collection is (the vector store the
-    indexing worker advertised)."""
-    options = spec.get("hyperparameters") or {}
-    if spec.get("taskType") == "agent_inference":
-        collection, vector_db = options.get("retriever_collection"), options.get("retriever_vector_db")
-    elif spec.get("taskType") == "rag_inference":
-        collection, vector_db = options.get("collection"), options.get("vector_db")
-    else:
-        return []
-    if not collection or not parents:
-        return []
-    pipe = redis.pipeline(transaction=False)
-    for parent in parents:
-        pipe.hmget(keys.task(parent), "task_type", "result_summary")
-    for task_type, summary in await pipe.execute():
-        if task_type != "rag_inference" or not summary:
-            continue
-        result = json.loads(summary)
-        store = result.get("vector_store")
-        if result.get("collection") == collection and result.get("vector_db") == vector_db and store:
-            return [(VECTOR_STORES, str(store))]
-    return []

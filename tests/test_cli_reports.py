@@ -80,6 +80,13 @@ def _echo(name: str, *after: str) -> dict[str, object]:
     return {"metadata": {"name": name}, "spec": {"taskType": "echo", "dependsOn": list(after)}}
 
 
+def _reading(name: str, lines_of: str = "", adapter_of: str = "") -> dict[str, object]:
+    """An inference task that reads another task's result lines, or loads its adapter."""
+    model: dict[str, object] = dict(TINY) | ({"adapter": {"from": adapter_of}} if adapter_of else {})
+    inference = {"input": {"from": lines_of}} if lines_of else {"prompts": ["hi"]}
+    return {"metadata": {"name": name}, "spec": {"taskType": "inference", "model": model, "inference": inference}}
+
+
 def test_validate_refuses_the_pipeline_graphs_a_submit_refuses_in_the_submits_words(
     make_cluster: Callable[..., LocalCluster], tmp_path: Path
 ) -> None:
@@ -102,6 +109,21 @@ def test_validate_refuses_the_pipeline_graphs_a_submit_refuses_in_the_submits_wo
             "spec.dependsOn[1]: 'nosuch' is neither a task of this submission (metadata.name: a, b) nor a task id "
             "of yours; name one of them",
         ),
+        # The same rules hold for a name given where a task's output is read (from:).
+        "unknown output": (
+            _write(tmp_path / "unknown_output.yaml", _echo("a"), _reading("b", lines_of="nosuch")),
+            "spec.inference.input.from: 'nosuch' is neither a task of this submission (metadata.name: a, b) nor a "
+            "task id of yours; name one of them",
+        ),
+        "output not made": (
+            _write(tmp_path / "not_made.yaml", _echo("a"), _reading("b", adapter_of="a")),
+            "spec.model.adapter.from: 'a' is a task of type 'echo', which makes no adapter; name a dpo or grpo or "
+            "ppo or sft task",
+        ),
+        "output cycle": (
+            _write(tmp_path / "output_cycle.yaml", _reading("x", lines_of="y"), _reading("y", lines_of="x")),
+            "the tasks wait for each other in a cycle: x -> y -> x; remove one of these dependencies",
+        ),
     }
     cluster = make_cluster(0)
     env = {"MLOC_API_URL": cluster.api_url}
@@ -117,14 +139,24 @@ def test_validate_refuses_the_pipeline_graphs_a_submit_refuses_in_the_submits_wo
     itself = mloc("validate", str(files["itself"][0]))
     assert itself.stdout.splitlines() == [f"ok {files['itself'][0]} (document 1): EchoTask (echo)"]
 
-    # What validate cannot know offline passes: a task id, a name from another file sent along, and two
-    # tasks of one name where none waits (such a submission is not planned, so the orchestrator takes it).
-    by_id = _write(tmp_path / "by_id.yaml", _echo("a"), _echo("b", "a", known))
-    other = _write(tmp_path / "other.yaml", _echo("c", "a"))
+    # What validate cannot know offline passes: a task id, a name from another file sent along (its
+    # output checked there too), and two tasks of one name where none waits (such a submission is not
+    # planned, so the orchestrator takes it).
+    by_id = _write(tmp_path / "by_id.yaml", _echo("a"), _echo("b", "a", known), _reading("r", lines_of=known))
+    other = _write(tmp_path / "other.yaml", _echo("c", "a"), _reading("d", lines_of="lines"))
+    lines = _write(tmp_path / "lines.yaml", _reading("lines", lines_of=known))
     plain = _write(tmp_path / "plain.yaml", _echo("a"), _echo("a"))
-    fine = mloc("validate", str(by_id), str(other), str(plain), "templates/pipeline_gemma3_270m.yaml")
+    fine = mloc("validate", str(by_id), str(other), str(lines), str(plain), "templates/pipeline_gemma3_270m.yaml")
     assert fine.returncode == 0, fine.stderr
     assert mloc("submit", str(plain), env=env).returncode == 0
+    # A name from another file whose task makes no such output is refused as a submit refuses it.
+    made_nothing = _write(tmp_path / "made_nothing.yaml", _reading("lines"))
+    wrong = mloc("validate", str(other), str(made_nothing))
+    assert wrong.returncode == 1
+    assert (
+        f"invalid {other} (document 2): spec.inference.input.from: 'lines' runs inline prompts and writes no result "
+        "lines; give it inference.input"
+    ) in wrong.stderr
 
 
 def test_tasks_quiet_prints_every_matching_id_and_the_table_says_how_to_see_more(

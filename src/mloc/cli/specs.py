@@ -31,9 +31,10 @@ class _Checked:
 @app.command()
 def validate(files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False)]) -> None:
     """Check task files without submitting them; each task of a multi-document file (---) is checked,
-    and a file's tasks that wait for each other (dependsOn) as the submit would plan them: names that
-    name no task, a task that names itself, two tasks of one name, and cycles. Names may come from
-    any file given, as `mloc submit` sends all its files in one request; a task id is not looked up."""
+    and a file's tasks that wait for each other (dependsOn, or a `from:` naming another's output) as the
+    submit would plan them: names that name no task, a task that names itself, two tasks of one name, an
+    output the named task does not make, and cycles. Names may come from any file given, as `mloc submit`
+    sends all its files in one request; a task id is not looked up."""
     per_file: list[list[_Checked]] = []
     for file in files:
         try:
@@ -47,8 +48,12 @@ def validate(files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=F
             except MlocError as exc:
                 checked.append(_Checked(label, None, exc))
         per_file.append(checked)
-    named = (item.document.metadata.name for tasks in per_file for item in tasks if item.document)
-    known = {name for name in named if name}
+    known = {
+        item.document.metadata.name: item.document
+        for tasks in per_file
+        for item in tasks
+        if item.document is not None and item.document.metadata.name
+    }
     for tasks in per_file:
         valid = [(item, item.document) for item in tasks if item.document is not None]
         for index, problem in graph_problems([document for _, document in valid], known):
@@ -89,16 +94,20 @@ def _checks(file: Path, raw: bytes) -> list[tuple[str, Callable[[], Document]]]:
     return [(f"{file} (document {n})", functools.partial(validate, item)) for n, item in enumerate(documents, 1)]
 
 
-def graph_problems(documents: list[Document], known: set[str]) -> list[tuple[int, str]]:
-    """What a submit of these tasks would refuse in their graph of dependsOn, without a server: each as
-    (the task's index, 'field: message'), by the rules and in the words of :mod:`mloc.spec.taskgraph`.
+def graph_problems(documents: list[Document], known: dict[str, Document]) -> list[tuple[int, str]]:
+    """What a submit of these tasks would refuse in their graph, without a server: each as (the task's
+    index, 'field: message'), by the rules and in the words of :mod:`mloc.spec.taskgraph` and
+    :mod:`mloc.spec.references`: names in dependsOn and in references to another task's output
+    (``from:``) that name no task, a task naming itself, two tasks of one name, an output the named task
+    does not make, and cycles.
 
-    ``known``: the names a dependsOn entry may give (this submission's, and those of files sent with
-    it). Only a submission in which some task waits is planned, so only then are two tasks of one
-    name refused. References to other tasks' outputs (``from:``) and ids are left to the orchestrator."""
-    from mloc.spec import taskgraph
+    ``known``: the named tasks a name may give (this submission's, and those of files sent with it).
+    Only a submission in which some task waits is planned, so only then are two tasks of one name
+    refused. A task id is left to the orchestrator, which looks it up."""
+    from mloc.spec import references, taskgraph
 
-    if not any(d.spec.depends_on or d.spec.when for d in documents):
+    wires = [document.to_wire() for document in documents]
+    if not any(d.spec.depends_on or d.spec.when or references.find(w) for d, w in zip(documents, wires, strict=True)):
         return []
     problems: list[tuple[int, str]] = []
     names: dict[str, int] = {}
@@ -109,15 +118,35 @@ def graph_problems(documents: list[Document], known: set[str]) -> list[tuple[int
         elif name:
             names[name] = index
     edges: list[list[int]] = [[] for _ in documents]
+
+    def named(index: int, entry: str, where: str) -> bool:
+        """Whether ``entry`` names a task to check against; a problem noted when it names none."""
+        if names.get(entry) == index:
+            problems.append((index, f"{where}: {taskgraph.names_itself(entry)}"))
+        elif entry in names:
+            edges[index].append(names[entry])
+            return True
+        elif entry in known:
+            return True
+        elif not taskgraph.TASK_ID_OR_PREFIX.fullmatch(entry):
+            problems.append((index, f"{where}: {taskgraph.names_nothing(entry, list(known))}"))
+        return False
+
     for index, document in enumerate(documents):
         for position, entry in enumerate(document.spec.depends_on):
-            where = f"spec.dependsOn[{position}]"
-            if names.get(entry) == index:
-                problems.append((index, f"{where}: {taskgraph.names_itself(entry)}"))
-            elif entry in names:
-                edges[index].append(names[entry])
-            elif entry not in known and not taskgraph.TASK_ID_OR_PREFIX.fullmatch(entry):
-                problems.append((index, f"{where}: {taskgraph.names_nothing(entry, list(known))}"))
+            named(index, entry, f"spec.dependsOn[{position}]")
+        for reference in references.find(wires[index]):
+            if not named(index, reference.entry, reference.where):
+                continue
+            # The producer as the orchestrator sees it: a task of this file with its own references
+            # already rewritten when it comes first.
+            theirs = wires[names[reference.entry]] if reference.entry in names else known[reference.entry].to_wire()
+            producer = references.Producer(theirs["spec"]["taskType"], theirs["spec"])
+            refused = references.problem(reference, reference.entry, producer, document)
+            if refused:
+                problems.append((index, f"{reference.where}: {refused}"))
+            else:
+                references.rewrite(wires[index], reference, reference.entry, producer)
     cycle = taskgraph.find_cycle(edges)
     if cycle:
         said = taskgraph.cycle_message([documents[i].metadata.name or f"task-{i}" for i in cycle])

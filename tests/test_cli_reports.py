@@ -251,19 +251,18 @@ def test_pipeline_and_show_name_the_pipelines_own_id(
     assert cancelled.returncode == 0, cancelled.stderr
     assert cancelled.stdout.strip() == f"cancelled 2 step(s) of pipeline {steps[0]['pipeline_id']}"
 
-    # A pipeline's id where a task's is taken: say which command shows it, in the CLI's words.
-    for command in ("show", "result", "cancel"):
+    # A pipeline's id where a task's is taken: say which command shows it, in the CLI's words; so does
+    # every command that takes a task id, for an id no task has.
+    nobody = str(uuid.uuid4())
+    for command in ("show", "result", "cancel", "logs", "results", "artifacts", "metrics", "resume"):
         said = mloc(command, pipeline_id, env=env)
-        assert said.returncode == 2
+        assert said.returncode == 2, (command, said.stderr)
         assert said.stderr.strip() == (
             f"error: {pipeline_id} is a pipeline's id, not a task's: `mloc pipeline {pipeline_id}` shows its steps"
-        )
-    nobody = str(uuid.uuid4())
-    missing = mloc("show", nobody, env=env)
-    assert (
-        missing.returncode == 2
-        and missing.stderr.strip() == f"error: task {nobody} not found; `mloc tasks` lists yours"
-    )
+        ), command
+        missing = mloc(command, nobody, env=env)
+        assert missing.returncode == 2, (command, missing.stderr)
+        assert missing.stderr.strip() == f"error: task {nobody} not found; `mloc tasks` lists yours", command
 
 
 def test_an_agent_that_stopped_without_an_answer_is_shown_why(capsys: pytest.CaptureFixture[str]) -> None:

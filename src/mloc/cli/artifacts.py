@@ -15,8 +15,7 @@ import typer
 
 from mloc.cli import output
 from mloc.cli.output import JsonFlag
-from mloc.cli.root import app, client
-from mloc.cli.tasks import TaskIdArg
+from mloc.cli.root import TaskIdArg, app, client, task_failed
 from mloc.client import Client
 from mloc.errors import MlocError
 
@@ -79,7 +78,7 @@ def artifacts(
         else:
             _folder(api, full_id, path, target, force=force)
     except MlocError as exc:
-        output.fail(exc)
+        task_failed(api, task_id, exc)
     except OSError as exc:
         output.die(f"cannot write {exc.filename or target}: {exc.strerror or exc}")
 

@@ -8,10 +8,8 @@ import typer
 
 from mloc.cli import output, results
 from mloc.cli.output import JsonFlag, OutputFormat, wants_json
-from mloc.cli.root import app, client
+from mloc.cli.root import TaskIdArg, app, client, task_failed
 from mloc.errors import MlocError
-
-TaskIdArg = Annotated[str, typer.Argument(help="A task id, or any unique prefix of one (as `mloc tasks` shows).")]
 
 
 @app.command("results")
@@ -36,7 +34,7 @@ def results_command(
             else:
                 results.print_line(line)
     except MlocError as exc:
-        output.fail(exc)
+        task_failed(api, task_id, exc)
     if not as_json:
         if shown == limit:
             output.line(output.styled(f"... more may follow: --offset {offset + shown}", "dim"), stderr=True)

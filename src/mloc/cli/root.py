@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Annotated, NoReturn
+
 import typer
 
 from mloc.cli import output
-from mloc.client import Client
+from mloc.client import ApiError, Client
 from mloc.errors import MlocError
+
+TaskIdArg = Annotated[str, typer.Argument(help="A task id, or any unique prefix of one (as `mloc tasks` shows).")]
 
 app = typer.Typer(
     help="MLOC: run LLM inference, fine-tuning, RLHF, RAG and agent tasks on a worker fleet.",
@@ -28,3 +32,18 @@ def client() -> Client:
         return Client()
     except MlocError as exc:
         output.fail(exc)
+
+
+def task_failed(api: Client, given: str, exc: MlocError) -> NoReturn:
+    """The error of a command given a task id; a task id no task has is said in `mloc` terms (the
+    orchestrator's words are for curl), and named as a pipeline's id where it is one."""
+    task_id = given.strip().lower()
+    if not (
+        isinstance(exc, ApiError) and exc.status_code == 404 and exc.message.startswith(f"task {task_id} not found")
+    ):
+        output.fail(exc)
+    try:
+        api.pipeline(task_id)
+    except MlocError:
+        output.die(f"task {task_id} not found; `mloc tasks` lists yours")
+    output.die(f"{task_id} is a pipeline's id, not a task's: `mloc pipeline {task_id}` shows its steps")

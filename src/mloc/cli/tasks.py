@@ -12,11 +12,10 @@ import typer
 
 from mloc.cli import output, results, waiting
 from mloc.cli.output import JsonFlag, OutputFormat, wants_json
-from mloc.cli.root import app, client
-from mloc.client import ApiError, Client, Lost, Unreachable
+from mloc.cli.root import TaskIdArg, app, client, task_failed
+from mloc.client import Client, Lost, Unreachable
 from mloc.errors import MlocError
 
-TaskIdArg = Annotated[str, typer.Argument(help="A task id, or any unique prefix of one (as `mloc tasks` shows).")]
 SHORT_ID = 8
 ALL_IDS_PAGE = 500  # the API's largest page
 DEFAULT_PAGE_SIZE = 20
@@ -377,7 +376,7 @@ def show(
     try:
         record = api.task(task_id)
     except MlocError as exc:
-        _task_failed(api, task_id, exc)
+        task_failed(api, task_id, exc)
     if wants_json(json_out, fmt):
         output.print_json(record)
         return
@@ -394,21 +393,6 @@ def show(
         results.print_result(record, result, shown)
 
 
-def _task_failed(api: Client, given: str, exc: MlocError) -> NoReturn:
-    """The error of a command given a task id; a task id no task has is said in `mloc` terms (the
-    orchestrator's words are for curl), and named as a pipeline's id where it is one."""
-    task_id = given.strip().lower()
-    if not (
-        isinstance(exc, ApiError) and exc.status_code == 404 and exc.message.startswith(f"task {task_id} not found")
-    ):
-        output.fail(exc)
-    try:
-        api.pipeline(task_id)
-    except MlocError:
-        output.die(f"task {task_id} not found; `mloc tasks` lists yours")
-    output.die(f"{task_id} is a pipeline's id, not a task's: `mloc pipeline {task_id}` shows its steps")
-
-
 @app.command()
 def result(task_id: TaskIdArg, json_out: JsonFlag = False, fmt: OutputFormat = None) -> None:
     """Print a task's full result (responses.json) as JSON."""
@@ -416,7 +400,7 @@ def result(task_id: TaskIdArg, json_out: JsonFlag = False, fmt: OutputFormat = N
     try:
         output.print_json(api.result(task_id))
     except MlocError as exc:
-        _task_failed(api, task_id, exc)
+        task_failed(api, task_id, exc)
 
 
 @app.command()
@@ -426,7 +410,7 @@ def cancel(task_id: TaskIdArg, json_out: JsonFlag = False) -> None:
     try:
         answer = api.cancel(task_id)
     except MlocError as exc:
-        _task_failed(api, task_id, exc)
+        task_failed(api, task_id, exc)
     if json_out:
         output.print_json(answer)
     elif answer.get("state") == "cancelling":
@@ -474,10 +458,11 @@ def pipeline(
 @app.command()
 def resume(task_id: TaskIdArg, json_out: JsonFlag = False) -> None:
     """Run a failed or cancelled dataset task again from where it stopped (finished chunks stand)."""
+    api = client()
     try:
-        answer = client().resume(task_id)
+        answer = api.resume(task_id)
     except MlocError as exc:
-        output.fail(exc)
+        task_failed(api, task_id, exc)
     if json_out:
         output.print_json(answer)
     else:
@@ -602,7 +587,7 @@ def logs(
             _lost(api, full_id)
         output.fail(exc)
     except MlocError as exc:
-        output.fail(exc)
+        task_failed(api, full_id, exc)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
@@ -616,10 +601,11 @@ def metrics(
     fmt: OutputFormat = None,
 ) -> None:
     """A task's training metrics per step (loss, learning rate, reward...), oldest first."""
+    api = client()
     try:
-        body = client().metrics(task_id, limit=limit)
+        body = api.metrics(task_id, limit=limit)
     except MlocError as exc:
-        output.fail(exc)
+        task_failed(api, task_id, exc)
     if wants_json(json_out, fmt):
         output.print_json(body)
         return

@@ -1,6 +1,7 @@
 """A dataset task runs as chunks on a real local cluster: cut as they are needed, taken by whichever worker
 is free, joined in row order; bad rows counted over all chunks; a failed task resumed without redoing the
-chunks that finished."""
+chunks that finished, nor the finished rows of those that did not; a chunk whose worker was lost keeps
+the rows that worker finished."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -116,7 +118,7 @@ def test_a_failed_dataset_task_resumes_without_redoing_its_finished_chunks(
 ) -> None:
     prompts = [f"Question: what is {i} plus one?\nAnswer:" for i in range(20)]
     broken = list(prompts)
-    broken[13] = ""  # an empty prompt in the third chunk; no bad row is allowed
+    broken[14] = ""  # an empty prompt in the third chunk's second batch; no bad row is allowed
     data = write_rows(tmp_path / "questions.jsonl", broken)
     cluster = make_cluster(1)
     client = client_for(cluster)
@@ -127,8 +129,9 @@ def test_a_failed_dataset_task_resumes_without_redoing_its_finished_chunks(
     assert "prompt column 'question' is empty" in record["reason"]
     first = [client.task(child) for child in record["children"]]
     assert [c["state"] for c in first] == ["succeeded", "succeeded", "failed"]
-    # The finished chunks' lines stand, in order, and are served while the task is failed.
-    assert [line["id"] for line in lines_of(client, task_id)] == [f"q{i:03d}" for i in range(10)]
+    # The finished chunks' lines stand, in order, and are served while the task is failed, with those of
+    # the rows the failed chunk finished before its bad row's batch.
+    assert [line["id"] for line in lines_of(client, task_id)] == [f"q{i:03d}" for i in range(14)]
 
     write_rows(data, prompts)  # the row fixed
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLOC_")}
@@ -144,6 +147,10 @@ def test_a_failed_dataset_task_resumes_without_redoing_its_finished_chunks(
     assert [c["task_id"] for c in second[:2]] == [c["task_id"] for c in first[:2]]  # not run again
     assert all(c["attempts"] == 1 for c in second[:2])
     assert second[2]["task_id"] != first[2]["task_id"]
+    # The failed chunk's first batch (rows 10-13) finished: its lines are kept, the fixed row runs.
+    said = [line["text"] for line in client.logs(second[2]["task_id"])["lines"]]
+    assert "4 rows kept from an earlier run, not generated again" in said, said
+    assert client.result(second[2]["task_id"])["kept_rows"] == 4
     lines = lines_of(client, task_id)
     assert [line["id"] for line in lines] == [f"q{i:03d}" for i in range(20)]
     assert all(line["error"] is None for line in lines)
@@ -169,3 +176,41 @@ def test_bad_rows_are_counted_over_all_chunks(
     record = client.wait(refused, timeout=300)
     assert record["state"] == "failed" and "3 bad rows over its chunks" in record["reason"], record
     assert "max_row_errors (2)" in record["reason"]
+
+
+@pytest.mark.extra("inference")
+def test_a_chunk_whose_worker_is_lost_keeps_the_rows_that_worker_finished(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tmp_path: Path
+) -> None:
+    rows = 600
+    data = write_rows(tmp_path / "questions.jsonl", [f"Question: what is {i} plus one?\nAnswer:" for i in range(rows)])
+    cluster = make_cluster(2)
+    client = client_for(cluster)
+    body = task(data, chunk_rows=rows)
+    body["spec"]["inference"] |= {"batch_size": 2, "max_tokens": 8}
+    parent = client.submit(body)["task_id"]
+    deadline = time.monotonic() + 120
+    while not (children := client.task(parent).get("children")):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    chunk = children[0]
+    written = tmp_path / "results" / chunk / "results.jsonl"
+    while not written.exists() or written.read_bytes().count(b"\n") < 10:
+        assert time.monotonic() < deadline, client.task(chunk)
+        time.sleep(0.02)
+    first = client.task(chunk)["worker_id"]
+    cluster.worker_procs[first].kill()  # SIGKILL: its executor dies with it, mid-batch or between two
+    finished_before = written.read_bytes().count(b"\n")
+    assert finished_before < rows, "the chunk ended before its worker was killed; give it more rows"
+
+    record = client.wait(parent, timeout=300)
+    assert record["state"] == "succeeded", record
+    again = client.task(chunk)
+    assert (again["requeues"], again["worker_id"] != first) == (1, True), again
+    kept = client.result(chunk)["kept_rows"]
+    assert finished_before <= kept < rows
+    said = [line["text"] for line in client.logs(chunk)["lines"]]
+    assert f"{kept:,} rows kept from an earlier run, not generated again" in said, said
+    lines = lines_of(client, parent)
+    assert [line["id"] for line in lines] == [f"q{i:03d}" for i in range(rows)]
+    assert all(line["error"] is None and line["output"] for line in lines)

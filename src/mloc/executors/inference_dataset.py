@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 _MESSAGES = TypeAdapter(list[Message])
 # The engine, bound to the task's adapter and cancel signal: prompts with one sampling each.
 Generate: TypeAlias = Callable[[list[str], Sequence[Sampling]], "list[list[Generation]]"]
+# A result line, as written and as read back.
+Line: TypeAlias = dict[str, Any]
 # Distinct per-row sampling values kept validated at once; a dataset with more starts the cache afresh.
 _SAMPLING_CACHE = 4096
 
@@ -67,6 +69,62 @@ class ResultLines:
         os.close(self.fd)
 
 
+class EarlierLines:
+    """The result lines an earlier run of the same rows left in the task's folder: this chunk's earlier
+    attempt (its worker was lost or stopped, or its executor died), or the lines of the chunk a resumed
+    task's chunk replaces (copied in by the resume). Their rows are not generated again; each is checked
+    by its id against the row read now, and from the first that differs (the data changed) every row is
+    generated afresh.
+
+    Their usage is not counted again: the run that wrote them counted it when its end was recorded
+    (a lost worker's counters are lost with it)."""
+
+    def __init__(self, lines: list[Line]) -> None:
+        self.lines = lines
+        self.matched = 0  # lines matched to rows so far
+        self.kept = 0  # of those, the ones kept
+
+    @classmethod
+    def read(cls, path: Path) -> EarlierLines:
+        """The file's lines up to the first that is not whole (a batch cut short while written)."""
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return cls([])
+        lines: list[Line] = []
+        for raw in data[: data.rfind(b"\n") + 1].splitlines():
+            try:
+                line = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                break
+            if not isinstance(line, dict) or "id" not in line:
+                break
+            lines.append(line)
+        return cls(lines)
+
+    def take(self, batch: list[RawRow], mapper: RowMapper, ctx: RunContext) -> dict[int, Line]:
+        """The earlier lines of the batch's rows that are kept, by row number. A row whose earlier line
+        carries an error is run again (its data may have been fixed before a resume)."""
+        kept: dict[int, Line] = {}
+        for row in batch:
+            if self.matched >= len(self.lines):
+                break
+            line = self.lines[self.matched]
+            if line["id"] != mapper.row_id(row):
+                ctx.log(
+                    f"{row.where} has id {mapper.row_id(row)!r} where the earlier run wrote {line['id']!r}: the "
+                    "data changed, so rows from here on are generated again",
+                    level="WARNING",
+                )
+                del self.lines[self.matched :]
+                break
+            self.matched += 1
+            if line.get("error") is None:
+                kept[row.number] = line
+        self.kept += len(kept)
+        return kept
+
+
 class RowMapper:
     """Turns raw rows into requests by ``inference.input.columns``, checked against the engine."""
 
@@ -84,12 +142,9 @@ class RowMapper:
         values = row.values
         if values is None:
             return RowRequest(row, row.number, error=row.problem or "unreadable")
-        row_id: Any = row.number
-        if self.id_column is not None:
-            row_id = values.get(self.id_column)
-            if row_id is None or isinstance(row_id, bool) or not isinstance(row_id, str | int):
-                problem = "is missing" if row_id is None else f"is a {type(row_id).__name__}, not a string or integer"
-                return RowRequest(row, row.number, error=f"id column {self.id_column!r} {problem}")
+        row_id, problem = self._id(values, row.number)
+        if problem is not None:
+            return RowRequest(row, row.number, error=problem)
         try:
             prompt, chat = self._text(values)
             sampling = self._sampling(values, chat)
@@ -97,6 +152,20 @@ class RowMapper:
         except _RowProblem as problem:
             return RowRequest(row, row_id, error=str(problem))
         return RowRequest(row, row_id, prompt, sampling)
+
+    def row_id(self, row: RawRow) -> Any:
+        """The id :meth:`map` gives the row's line, without reading its text."""
+        return row.number if row.values is None else self._id(row.values, row.number)[0]
+
+    def _id(self, values: dict[str, Any], number: int) -> tuple[Any, str | None]:
+        """The row's id (its id column's value, else its number), and what is wrong with that column."""
+        if self.id_column is None:
+            return number, None
+        row_id = values.get(self.id_column)
+        if row_id is None or isinstance(row_id, bool) or not isinstance(row_id, str | int):
+            problem = "is missing" if row_id is None else f"is a {type(row_id).__name__}, not a string or integer"
+            return number, f"id column {self.id_column!r} {problem}"
+        return row_id, None
 
     def _text(self, values: dict[str, Any]) -> tuple[str, bool]:
         column = self.columns.messages or self.columns.prompt or self.default_text
@@ -222,6 +291,7 @@ def run_dataset(
     results_dir = ctx.out_dir.parent
     rows = succeeded = failed = prompt_tokens = completion_tokens = 0
     started = time.perf_counter()
+    earlier = EarlierLines.read(ctx.out_dir / RESULT_LINES)  # before the writer starts the file again
     writer = ResultLines(ctx.out_dir / RESULT_LINES)
     try:
         with open_dataset(source, results_dir=results_dir) as dataset:
@@ -230,7 +300,8 @@ def run_dataset(
             ctx.progress(0, dataset.total, _rows_message(0, dataset.total))
             for batch in batches(dataset.rows, batch_size):
                 ctx.check_cancelled()
-                requests = [mapper.map(row) for row in batch]
+                kept = earlier.take(batch, mapper, ctx)
+                requests = [mapper.map(row) for row in batch if row.number not in kept]
                 for request in requests:
                     if request.error is not None:
                         failed += 1
@@ -239,13 +310,17 @@ def run_dataset(
                 outputs = _generate(requests, generate)
                 # A cancel mid-batch cuts the batch short; its partial output is not a result.
                 ctx.check_cancelled()
-                lines = [line_of(request, outputs.get(request.row.number)) for request in requests]
-                writer.append(lines)
-                batch_prompt = sum(line["prompt_tokens"] for line in lines)
-                batch_completion = sum(line["completion_tokens"] for line in lines)
+                made = {request.row.number: line_of(request, outputs.get(request.row.number)) for request in requests}
+                writer.append([kept.get(row.number) or made[row.number] for row in batch])
+                # Only the rows run now count towards this run's usage (see EarlierLines).
+                batch_prompt = sum(line["prompt_tokens"] for line in made.values())
+                batch_completion = sum(line["completion_tokens"] for line in made.values())
                 ctx.add_usage(prompt_tokens=batch_prompt, completion_tokens=batch_completion)
-                prompt_tokens += batch_prompt
-                completion_tokens += batch_completion
+                prompt_tokens += batch_prompt + sum(int(line.get("prompt_tokens") or 0) for line in kept.values())
+                completion_tokens += batch_completion + sum(
+                    int(line.get("completion_tokens") or 0) for line in kept.values()
+                )
+                succeeded += len(kept)
                 rows += len(batch)
                 succeeded += len(outputs)
                 ctx.progress(rows, dataset.total, _rows_message(rows, dataset.total))
@@ -259,6 +334,8 @@ def run_dataset(
         raise ExecutionError(f"{label} has no rows{where}; give a dataset with at least one row")
     if rows:
         ctx.progress(rows, rows, _rows_message(rows, rows))
+    if earlier.kept:
+        ctx.log(f"{earlier.kept:,} rows kept from an earlier run, not generated again")
     if failed:
         ctx.log(f"{failed:,} of {rows:,} rows failed; their lines carry the error", level="WARNING")
     latency = time.perf_counter() - started
@@ -272,6 +349,7 @@ def run_dataset(
         "first_row": source.skip_rows,
         "more": more,
         "rows": rows,
+        "kept_rows": earlier.kept,
         "succeeded": succeeded,
         "failed": failed,
         "usage": {

@@ -151,6 +151,22 @@ async def settle(store: TaskStore, parent_id: str, settings: Settings) -> bool:
             await lock.release()
 
 
+def _carry_lines(carried: list[tuple[Path, Path]]) -> None:
+    """Copy each replaced chunk's result lines into its new chunk's folder. A chunk whose lines are
+    not here (another results dir, an artifact store) runs all its rows again."""
+    for old, new in carried:
+        lines = old / RESULT_LINES
+        if not lines.is_file():
+            continue
+        try:
+            new.mkdir(mode=0o700, parents=True, exist_ok=True)
+            shutil.copyfile(lines, new / RESULT_LINES)
+            (new / RESULT_LINES).chmod(0o600)  # as the worker writes it: results are the task owner's
+        except OSError as exc:
+            log.warning("the finished lines of chunk %s were not carried over (%s); its rows run again", old.name, exc)
+            shutil.rmtree(new, ignore_errors=True)
+
+
 async def _chunk_rows(store: TaskStore, children: list[str]) -> list[list[str | None]]:
     pipe = store.redis.pipeline(transaction=False)
     for child in children:
@@ -344,9 +360,11 @@ def join_lines(settings: Settings, records: list[Any], target: Path) -> None:
         raise
 
 
-async def resume(store: TaskStore, parent_id: str, *, by: str) -> dict[str, Any]:
+async def resume(store: TaskStore, parent_id: str, *, by: str, results_dir: Path) -> dict[str, Any]:
     """Run a failed or cancelled chunked task again from where it stopped: its succeeded chunks stand,
-    every other chunk is cut afresh."""
+    every other chunk is cut afresh, with the lines its earlier chunk finished (copied into the new
+    chunk's folder before it can be placed, where they are kept: see
+    :class:`mloc.executors.inference_dataset.EarlierLines`)."""
     lock = store.redis.lock(keys.group_lock(parent_id), timeout=LOCK_SEC, blocking_timeout=LOCK_SEC)
     if not await lock.acquire():
         raise Conflict(f"task {parent_id} is being settled; try again in a minute")
@@ -367,9 +385,13 @@ async def resume(store: TaskStore, parent_id: str, *, by: str) -> dict[str, Any]
             raise Conflict(f"task {parent_id} still has chunks stopping; resume it once they have ended")
         redo = [i for i, s in enumerate(states) if s != TaskState.SUCCEEDED]
         new = [r for i in redo if (r := child_record(h, i)) is not None]
+        carried = [(results_dir / children[i], results_dir / r.task_id) for i, r in zip(redo, new, strict=True)]
+        await asyncio.to_thread(_carry_lines, carried)
         fields = {"reason": "", "reason_code": "", "finished_at": "", "pending_reason": ""}
         moved = await store.transition(parent_id, moves.GROUP_RESUME, fields=fields)
         if not moved.ok:
+            for _, folder in carried:
+                shutil.rmtree(folder, ignore_errors=True)
             raise Conflict(f"task {parent_id} could not be resumed: {moved.error} {moved.detail}")
         if new:
             await store.insert(new)

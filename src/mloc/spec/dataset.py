@@ -17,8 +17,9 @@ from mloc.spec.base import Strict
 
 # The file a dataset task writes its result lines to, in the task's result folder (one JSON object per row).
 RESULT_LINES = "results.jsonl"
-# Rows per chunk when a task does not say: a lost worker redoes at most this many, and each chunk
-# re-opens the dataset and passes over the rows before it, so much smaller would cost more than it saves.
+# Rows per chunk when a task does not say: a lost worker redoes at most this many (only those it had
+# not finished, where the next worker reads the same results dir), and each chunk re-opens the dataset
+# and passes over the rows before it, so much smaller would cost more than it saves.
 DEFAULT_CHUNK_ROWS = 2000
 # On a chunk's task: its index in the dataset task it belongs to (mloc.parent names that task).
 CHUNK_LABEL = "mloc.chunk"

@@ -14,6 +14,7 @@ import redis
 from mloc import keys
 from mloc.client import Client
 from mloc.localcluster import LocalCluster
+from mloc.store import utc_day
 from tests.support.api import wait_until
 
 A100 = {"MLOC_WORKER_GPUS": "NVIDIA A100-SXM4-80GB:1:81920"}
@@ -304,3 +305,26 @@ def test_a_malformed_task_timeouts_setting_names_the_variable_and_the_fix() -> N
         with pytest.raises(ValueError, match=expected) as caught:
             Settings(MLOC_TASK_TIMEOUTS=value)  # type: ignore[call-arg]
         assert "MLOC_TASK_TIMEOUTS" in str(caught.value) or "task_timeouts" in str(caught.value)
+
+
+def test_a_stopped_workers_handed_back_task_counts_the_time_it_used_but_no_task(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], redis_url: str
+) -> None:
+    cluster = make_cluster(1)
+    client = client_for(cluster)
+    task_id = client.submit(sleeper(30))["task_id"]
+    running = wait_until(client, task_id, lambda r: r["state"] == "running", 30)
+    time.sleep(1.5)
+    cluster.stop_worker("local-1")  # SIGTERM: the worker drains, then hands the task back
+    back = wait_until(client, task_id, lambda r: r["state"] == "pending", 30)
+    assert back["reason_code"] == "worker_shutdown", back
+    ended = time.time()
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    daily: dict[str, float] = {}
+    for day in {utc_day(running["started_at"]), utc_day(ended)}:  # the hand-back may fall past midnight
+        for name, value in r.hgetall(keys.usage_day("admin", day)).items():
+            daily[name] = daily.get(name, 0.0) + float(value)
+    # The time it ran is the owner's (what a lost worker used is not known; a stopped one's is), but it
+    # ended no task: it runs again.
+    assert daily.get("wall_sec", 0.0) >= 1.5 and daily.get("cpu_seconds", 0.0) > 0, daily
+    assert "tasks" not in daily and not any(name.startswith("state.") for name in daily), daily

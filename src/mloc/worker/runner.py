@@ -317,6 +317,9 @@ class TaskRunner:
         if run.stop_reason == StopReason.LOST:
             return False  # the orchestrator already requeued it when it declared this worker lost
         if run.stop_reason == StopReason.SHUTDOWN:
+            # What the attempt used until it was stopped is known here, unlike a lost worker's: it counts
+            # for the owner (a dataset chunk's next run keeps the rows it finished without counting them).
+            usage = run_usage(reporter.usage, None, time.time() - started, len(gpus), cores_asked(assignment.document))
             await requeue.requeue(
                 self.store,
                 task_id,
@@ -326,6 +329,8 @@ class TaskRunner:
                 reason=f"worker {self.worker_id} stopped while the task ran",
                 backoff=self.backoff,
                 max_requeues=self.max_requeues,
+                final_usage=daily_counters(task_type, TaskState.FAILED, usage, gpus, self.hardware["gpus"]),
+                owner=owner,
             )
             return False
         if run.stop_reason == StopReason.TIMEOUT and state != TaskState.SUCCEEDED:

@@ -459,65 +459,95 @@ def test_a_cancelled_dataset_task_stops_between_batches(executor: Any, tiny_mode
     assert (out_dir / "results.jsonl").read_text() == ""
 
 
+def fake_outputs(results: Path, *, error_at: int | None = None, keep: int | None = None) -> bytes:
+    """An earlier run's lines with outputs no model writes (so a kept line is told from a generated one),
+    the first ``keep`` of them, one turned into an error line; the bytes written."""
+    lines = lines_of(results)[:keep]
+    for index, line in enumerate(lines):
+        line["output"] = f"kept {index}"
+        if index == error_at:
+            line.update(output=None, error="prompt column 'prompt' is empty")
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    results.write_bytes(data)
+    return data
+
+
+def said(events: list[Event]) -> list[str]:
+    return [str(event.get("message")) for event in events if event["ev"] == "log"]
+
+
 @pytest.mark.extra("inference")
 def test_an_earlier_runs_finished_lines_are_kept_and_only_the_rest_generated(
     executor: Any, tiny_model: Path, tmp_path: Path
 ) -> None:
-    # What an earlier attempt left (its worker was lost mid-chunk, or a resume copied them in): outputs
-    # no model would write, so a kept line is told from a generated one.
     path = write_jsonl(tmp_path / "d.jsonl", ROWS)
     doc = document(model=model(tiny_model), input={"path": str(path)}, max_tokens=3, temperature=0, batch_size=2)
-    earlier = [
-        {"id": 0, "output": "kept 0", "finish_reason": "length", "prompt_tokens": 5, "completion_tokens": 3},
-        {"id": 1, "output": "kept 1", "finish_reason": "length", "prompt_tokens": 6, "completion_tokens": 3},
-        {"id": 2, "output": None, "finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0},
-        {"id": 3, "output": "kept 3", "finish_reason": "length", "prompt_tokens": 7, "completion_tokens": 3},
-    ]
-    earlier[2]["error"] = "prompt column 'prompt' is empty"  # since fixed: the row runs again
-    results = tmp_path / "a" / "task-1" / "results.jsonl"
-    results.parent.mkdir(parents=True)
-    # The batch being written when the run stopped: a line without its newline is not kept.
-    results.write_text("".join(json.dumps(line) + "\n" for line in earlier) + '{"id": 4, "output": "cut')
+    _, _, results = run(executor, doc, tmp_path / "a")
+    # What a lost worker left: four whole lines (the third an error line) and a batch cut short.
+    fake_outputs(results, error_at=2, keep=4)
+    with results.open("a") as handle:
+        handle.write('{"id": 4, "output": "cut')
 
     result, events, _ = run(executor, doc, tmp_path / "a")
     lines = lines_of(results)
     assert [line["id"] for line in lines] == list(range(len(ROWS)))
-    assert [line["output"] for line in lines[:4:3]] == ["kept 0", "kept 3"] and lines[1]["output"] == "kept 1"
-    assert all(isinstance(line["output"], str) and not line["output"].startswith("kept") for line in lines[4:])
-    assert lines[2]["error"] is None and isinstance(lines[2]["output"], str) and lines[2]["prompt_tokens"] > 0
-    assert (result["rows"], result["kept_rows"], result["succeeded"], result["failed"]) == (7, 3, 7, 0)
+    assert [line["output"] for line in lines[:2]] == ["kept 0", "kept 1"]
+    # From the error line on (its row may have been fixed) every row ran again, "kept 3" too.
+    assert all(isinstance(line["output"], str) and not line["output"].startswith("kept") for line in lines[2:])
+    assert all(line["error"] is None for line in lines)
+    assert (result["rows"], result["kept_rows"], result["succeeded"], result["failed"]) == (7, 2, 7, 0)
     # The task's totals cover every line; the usage this run reports, only the rows it ran.
-    generated = [line for line in lines if not str(line["output"]).startswith("kept")]
     assert result["usage"]["prompt_tokens"] == sum(line["prompt_tokens"] for line in lines)
     reported = [event["counters"] for event in events if event["ev"] == "usage"]
-    assert sum(c["prompt_tokens"] for c in reported) == sum(line["prompt_tokens"] for line in generated)
-    assert sum(c["completion_tokens"] for c in reported) == sum(line["completion_tokens"] for line in generated)
-    said = [str(event.get("message")) for event in events if event["ev"] == "log"]
-    assert "3 rows kept from an earlier run, not generated again" in said
+    assert sum(c["prompt_tokens"] for c in reported) == sum(line["prompt_tokens"] for line in lines[2:])
+    assert sum(c["completion_tokens"] for c in reported) == sum(line["completion_tokens"] for line in lines[2:])
+    assert "2 rows kept from an earlier run, not generated again" in said(events)
 
 
 @pytest.mark.extra("inference")
 def test_earlier_lines_stop_being_kept_where_the_data_changed(executor: Any, tiny_model: Path, tmp_path: Path) -> None:
-    rows = [{"key": f"r{i}", "prompt": row["prompt"]} for i, row in enumerate(ROWS)]
-    path = write_jsonl(tmp_path / "d.jsonl", rows)
-    inputs = {"path": str(path), "columns": {"id": "key"}}
-    doc = document(model=model(tiny_model), input=inputs, max_tokens=2, temperature=0, batch_size=3)
-    earlier = [{"id": key, "output": f"kept {key}", "prompt_tokens": 1, "completion_tokens": 1} for key in ("r0", "r1")]
-    earlier += [{"id": "old2", "output": "kept old2", "prompt_tokens": 1, "completion_tokens": 1}]
-    earlier += [{"id": "r3", "output": "kept r3", "prompt_tokens": 1, "completion_tokens": 1}]
-    results = tmp_path / "a" / "task-1" / "results.jsonl"
-    results.parent.mkdir(parents=True)
-    results.write_text("".join(json.dumps(line) + "\n" for line in earlier))
+    # No id column: each row is told by its content and place, not by an id that would still match.
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    doc = document(model=model(tiny_model), input={"path": str(path)}, max_tokens=2, temperature=0, batch_size=3)
+    _, _, results = run(executor, doc, tmp_path / "a")
+    fake_outputs(results)
+    changed = list(ROWS)
+    changed[2] = {"prompt": "Question: what is the capital of France?\nAnswer:"}
+    write_jsonl(path, changed)
 
     result, events, _ = run(executor, doc, tmp_path / "a")
     lines = lines_of(results)
-    assert [line["id"] for line in lines] == [row["key"] for row in rows]
-    # Kept up to the row whose id differs; from there on (r3 included) every row ran again.
-    assert [line["output"] for line in lines[:2]] == ["kept r0", "kept r1"]
+    assert [line["id"] for line in lines] == list(range(len(ROWS)))
+    assert [line["output"] for line in lines[:2]] == ["kept 0", "kept 1"]
     assert not any(str(line["output"]).startswith("kept") for line in lines[2:])
     assert result["kept_rows"] == 2
-    said = [str(event.get("message")) for event in events if event["ev"] == "log"]
     assert (
-        "row 2 (line 3) has id 'r2' where the earlier run wrote 'old2': the data changed, so rows from here on are "
-        "generated again" in said
-    )
+        "row 2 (line 3) is not the row the earlier run answered: the data changed, so rows from here on are "
+        "generated again"
+    ) in said(events)
+
+
+@pytest.mark.extra("inference")
+def test_a_run_that_stops_before_it_reached_the_earlier_lines_leaves_them_for_the_next(
+    executor: Any, tiny_model: Path, tmp_path: Path
+) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    doc = document(model=model(tiny_model), input={"path": str(path)}, max_tokens=2, temperature=0, batch_size=2)
+    _, _, results = run(executor, doc, tmp_path / "a")
+    written = fake_outputs(results)
+    path.rename(tmp_path / "moved.jsonl")  # the next run cannot read its data: it fails before any row
+    with pytest.raises(ExecutionError):
+        run(executor, doc, tmp_path / "a")
+    assert results.read_bytes() == written
+    (tmp_path / "moved.jsonl").rename(path)
+
+    result, events, _ = run(executor, doc, tmp_path / "a")
+    assert [line["output"] for line in lines_of(results)] == [f"kept {i}" for i in range(len(ROWS))]
+    assert result["kept_rows"] == len(ROWS) and result["usage"]["tokens_per_sec"] == 0
+    assert not any(event["ev"] == "usage" for event in events)  # nothing ran, so nothing is counted again
+
+    # The data got shorter: the lines past its last row are no result of this run.
+    write_jsonl(path, ROWS[:4])
+    result, _, _ = run(executor, doc, tmp_path / "a")
+    assert [line["output"] for line in lines_of(results)] == [f"kept {i}" for i in range(4)]
+    assert (result["rows"], result["kept_rows"]) == (4, 4)

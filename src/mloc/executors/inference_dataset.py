@@ -9,9 +9,10 @@ task with a message naming the row.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -23,7 +24,7 @@ from mloc.errors import ExecutionError
 from mloc.executors.base import RunContext
 from mloc.executors.dataset_io import Dataset, RawRow, batches, open_dataset
 from mloc.llm.text import PLAIN_TURN_STOPS
-from mloc.spec.dataset import CHUNK_LABEL, RESULT_LINES, DatasetInput
+from mloc.spec.dataset import CARRIED_LINES, CARRIED_PRINTS, CHUNK_LABEL, RESULT_LINES, ROW_PRINTS, DatasetInput
 from mloc.spec.sampling import Message, Sampling
 
 if TYPE_CHECKING:
@@ -50,79 +51,133 @@ class RowRequest:
     error: str | None = None
 
 
-class ResultLines:
-    """``results.jsonl``, appended a batch at a time with one write, so a reader sees whole lines (a
-    reader ignores a last line without its newline: that batch is still being written)."""
+class LineWriter:
+    """A results file of JSON lines, appended a batch at a time with one write, so a reader sees whole
+    lines (a reader ignores a last line without its newline: that batch is still being written). A run
+    starts it again."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Truncated: a retried attempt starts the file again. Owner-only, as results are the task user's.
+        # Owner-only, as results are the task user's.
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
 
-    def append(self, lines: list[dict[str, Any]]) -> None:
-        data = memoryview(b"".join(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE, default=str) for line in lines))
-        while data:
-            written = os.write(self.fd, data)
-            data = data[written:]
+    def append(self, lines: list[Line]) -> None:
+        _write(self.fd, b"".join(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE, default=str) for line in lines))
 
     def close(self) -> None:
         os.close(self.fd)
 
 
-class EarlierLines:
-    """The result lines an earlier run of the same rows left in the task's folder: this chunk's earlier
-    attempt (its worker was lost or stopped, or its executor died), or the lines of the chunk a resumed
-    task's chunk replaces (copied in by the resume). Their rows are not generated again; each is checked
-    by its id against the row read now, and from the first that differs (the data changed) every row is
-    generated afresh.
+class ResultLines:
+    """``results.jsonl``, appended a batch at a time with one write, so a reader sees whole lines (a
+    reader ignores a last line without its newline: that batch is still being written); and beside it
+    (:data:`ROW_PRINTS`) a fingerprint of the row each line answers, written first.
 
-    Their usage is not counted again: the run that wrote them counted it when its end was recorded
-    (a lost worker's counters are lost with it)."""
+    The lines an earlier run of the same rows left there are kept while they still answer the rows
+    read now, in order (:meth:`keep`): this chunk's earlier attempt (its worker was lost or stopped, or
+    its executor died), or a resumed task's chunk's predecessor (whose files the resume carried in).
+    Keeping stops at the first line whose row's fingerprint differs (the data changed), that carries an
+    error (its row may have been fixed before a resume), or that is not whole; the files are cut there
+    and every row from there on is generated. The files hold a whole prefix at every moment, so a run
+    that stops at any point leaves nothing lost for the next. A kept line's usage is not counted again:
+    the run that wrote it counted it when its end was recorded (a lost worker's counters die with it).
+    """
 
-    def __init__(self, lines: list[Line]) -> None:
-        self.lines = lines
-        self.matched = 0  # lines matched to rows so far
-        self.kept = 0  # of those, the ones kept
+    def __init__(self, folder: Path, log: Callable[..., None]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        if (folder / CARRIED_LINES).exists() and not (folder / RESULT_LINES).exists():
+            # The prints first: lines without theirs are not kept, prints without lines are cut.
+            os.replace(folder / CARRIED_PRINTS, folder / ROW_PRINTS)
+            os.replace(folder / CARRIED_LINES, folder / RESULT_LINES)
+        # Owner-only, as results are the task user's.
+        self.fd = os.open(folder / RESULT_LINES, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        self.prints_fd = os.open(folder / ROW_PRINTS, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        self._earlier = _earlier_lines(folder / RESULT_LINES, folder / ROW_PRINTS)
+        self._log = log
+        self.keeping = True
+        self.kept = 0
+        self._kept_bytes = 0
 
-    @classmethod
-    def read(cls, path: Path) -> EarlierLines:
-        """The file's lines up to the first that is not whole (a batch cut short while written)."""
-        try:
-            data = path.read_bytes()
-        except OSError:
-            return cls([])
-        lines: list[Line] = []
-        for raw in data[: data.rfind(b"\n") + 1].splitlines():
+    def keep(self, row: RawRow) -> Line | None:
+        """The earlier line answering ``row`` (the next row, in order) while keeping; None once it stopped."""
+        if not self.keeping:
+            return None
+        earlier = next(self._earlier, None)
+        if earlier is not None and earlier[1] != fingerprint(row):
+            self._log(
+                f"{row.where} is not the row the earlier run answered: the data changed, so rows from here on "
+                "are generated again",
+                level="WARNING",
+            )
+        elif earlier is not None and earlier[0].get("error") is None:
+            line, _, end = earlier
+            self.kept += 1
+            self._kept_bytes = end
+            return line
+        self._stop()
+        return None
+
+    def append(self, rows: list[RawRow], lines: list[Line]) -> None:
+        if self.keeping:
+            self._stop()
+        _write(self.prints_fd, "".join(fingerprint(row) + "\n" for row in rows).encode())
+        _write(self.fd, b"".join(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE, default=str) for line in lines))
+
+    def _stop(self) -> None:
+        """Cut both files after the lines kept: what an earlier run wrote past them is not a result."""
+        self.keeping = False
+        self._earlier.close()
+        os.ftruncate(self.prints_fd, self.kept * _PRINT_WIDTH)
+        os.ftruncate(self.fd, self._kept_bytes)
+
+    def finish(self) -> None:
+        """Every row was read: earlier lines past the last row are not results (the data got shorter)."""
+        if self.keeping:
+            self._stop()
+
+    def close(self) -> None:
+        # A run that stops while keeping leaves the earlier lines it did not reach for the next one.
+        self._earlier.close()
+        os.close(self.fd)
+        os.close(self.prints_fd)
+
+
+def fingerprint(row: RawRow) -> str:
+    """What identifies a row's content: its values (or why it could not be read) and its number."""
+    content = orjson.dumps(
+        [row.number, row.values, row.problem], option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str
+    )
+    return hashlib.blake2b(content, digest_size=_PRINT_BYTES).hexdigest()
+
+
+_PRINT_BYTES = 8
+_PRINT_WIDTH = 2 * _PRINT_BYTES + 1  # hex digits and the newline: line i's fingerprint starts at i * width
+
+
+def _earlier_lines(lines_path: Path, prints_path: Path) -> Generator[tuple[Line, str, int], None, None]:
+    """An earlier run's whole lines, each with its row's fingerprint and the file's length through it,
+    read one at a time."""
+    with lines_path.open("rb") as lines, prints_path.open("rb") as prints:
+        end = 0
+        for raw in lines:
+            printed = prints.read(_PRINT_WIDTH)
+            if not raw.endswith(b"\n") or len(printed) != _PRINT_WIDTH:
+                return
             try:
                 line = orjson.loads(raw)
             except orjson.JSONDecodeError:
-                break
-            if not isinstance(line, dict) or "id" not in line:
-                break
-            lines.append(line)
-        return cls(lines)
+                return
+            if not isinstance(line, dict):
+                return
+            end += len(raw)
+            yield line, printed[:-1].decode(), end
 
-    def take(self, batch: list[RawRow], mapper: RowMapper, ctx: RunContext) -> dict[int, Line]:
-        """The earlier lines of the batch's rows that are kept, by row number. A row whose earlier line
-        carries an error is run again (its data may have been fixed before a resume)."""
-        kept: dict[int, Line] = {}
-        for row in batch:
-            if self.matched >= len(self.lines):
-                break
-            line = self.lines[self.matched]
-            if line["id"] != mapper.row_id(row):
-                ctx.log(
-                    f"{row.where} has id {mapper.row_id(row)!r} where the earlier run wrote {line['id']!r}: the "
-                    "data changed, so rows from here on are generated again",
-                    level="WARNING",
-                )
-                del self.lines[self.matched :]
-                break
-            self.matched += 1
-            if line.get("error") is None:
-                kept[row.number] = line
-        self.kept += len(kept)
-        return kept
+
+def _write(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
 
 
 class RowMapper:
@@ -152,10 +207,6 @@ class RowMapper:
         except _RowProblem as problem:
             return RowRequest(row, row_id, error=str(problem))
         return RowRequest(row, row_id, prompt, sampling)
-
-    def row_id(self, row: RawRow) -> Any:
-        """The id :meth:`map` gives the row's line, without reading its text."""
-        return row.number if row.values is None else self._id(row.values, row.number)[0]
 
     def _id(self, values: dict[str, Any], number: int) -> tuple[Any, str | None]:
         """The row's id (its id column's value, else its number), and what is wrong with that column."""
@@ -289,10 +340,9 @@ def run_dataset(
     source = inputs.input
     assert source is not None
     results_dir = ctx.out_dir.parent
-    rows = succeeded = failed = prompt_tokens = completion_tokens = 0
+    rows = succeeded = failed = prompt_tokens = completion_tokens = generated_completion = 0
     started = time.perf_counter()
-    earlier = EarlierLines.read(ctx.out_dir / RESULT_LINES)  # before the writer starts the file again
-    writer = ResultLines(ctx.out_dir / RESULT_LINES)
+    writer = ResultLines(ctx.out_dir, ctx.log)
     try:
         with open_dataset(source, results_dir=results_dir) as dataset:
             mapper = RowMapper(source, inputs, engine, dataset)
@@ -300,8 +350,17 @@ def run_dataset(
             ctx.progress(0, dataset.total, _rows_message(0, dataset.total))
             for batch in batches(dataset.rows, batch_size):
                 ctx.check_cancelled()
-                kept = earlier.take(batch, mapper, ctx)
-                requests = [mapper.map(row) for row in batch if row.number not in kept]
+                kept = _kept(writer, batch)
+                if kept:
+                    rows += len(kept)
+                    succeeded += len(kept)
+                    prompt_tokens += sum(int(line.get("prompt_tokens") or 0) for line in kept)
+                    completion_tokens += sum(int(line.get("completion_tokens") or 0) for line in kept)
+                    batch = batch[len(kept) :]
+                    if not batch:
+                        ctx.progress(rows, dataset.total, _rows_message(rows, dataset.total))
+                        continue
+                requests = [mapper.map(row) for row in batch]
                 for request in requests:
                     if request.error is not None:
                         failed += 1
@@ -310,21 +369,19 @@ def run_dataset(
                 outputs = _generate(requests, generate)
                 # A cancel mid-batch cuts the batch short; its partial output is not a result.
                 ctx.check_cancelled()
-                made = {request.row.number: line_of(request, outputs.get(request.row.number)) for request in requests}
-                writer.append([kept.get(row.number) or made[row.number] for row in batch])
-                # Only the rows run now count towards this run's usage (see EarlierLines).
-                batch_prompt = sum(line["prompt_tokens"] for line in made.values())
-                batch_completion = sum(line["completion_tokens"] for line in made.values())
+                lines = [line_of(request, outputs.get(request.row.number)) for request in requests]
+                writer.append(batch, lines)
+                batch_prompt = sum(line["prompt_tokens"] for line in lines)
+                batch_completion = sum(line["completion_tokens"] for line in lines)
                 ctx.add_usage(prompt_tokens=batch_prompt, completion_tokens=batch_completion)
-                prompt_tokens += batch_prompt + sum(int(line.get("prompt_tokens") or 0) for line in kept.values())
-                completion_tokens += batch_completion + sum(
-                    int(line.get("completion_tokens") or 0) for line in kept.values()
-                )
-                succeeded += len(kept)
+                prompt_tokens += batch_prompt
+                completion_tokens += batch_completion
+                generated_completion += batch_completion
                 rows += len(batch)
                 succeeded += len(outputs)
                 ctx.progress(rows, dataset.total, _rows_message(rows, dataset.total))
             label, more = dataset.label, bool(dataset.more)
+        writer.finish()
     finally:
         writer.close()
     # A later chunk may start past the end (chunks are cut before the row count is known): it has none.
@@ -334,8 +391,8 @@ def run_dataset(
         raise ExecutionError(f"{label} has no rows{where}; give a dataset with at least one row")
     if rows:
         ctx.progress(rows, rows, _rows_message(rows, rows))
-    if earlier.kept:
-        ctx.log(f"{earlier.kept:,} rows kept from an earlier run, not generated again")
+    if writer.kept:
+        ctx.log(f"{writer.kept:,} rows kept from an earlier run, not generated again")
     if failed:
         ctx.log(f"{failed:,} of {rows:,} rows failed; their lines carry the error", level="WARNING")
     latency = time.perf_counter() - started
@@ -349,7 +406,7 @@ def run_dataset(
         "first_row": source.skip_rows,
         "more": more,
         "rows": rows,
-        "kept_rows": earlier.kept,
+        "kept_rows": writer.kept,
         "succeeded": succeeded,
         "failed": failed,
         "usage": {
@@ -358,9 +415,21 @@ def run_dataset(
             "total_tokens": prompt_tokens + completion_tokens,
             "latency_sec": round(latency, 4),
             "num_requests": succeeded,
-            "tokens_per_sec": round(completion_tokens / latency, 2) if latency > 0 else None,
+            # The rows generated now: kept rows took no time here.
+            "tokens_per_sec": round(generated_completion / latency, 2) if latency > 0 else None,
         },
     }
+
+
+def _kept(writer: ResultLines, batch: list[RawRow]) -> list[Line]:
+    """The earlier lines kept for the batch's first rows (see :class:`ResultLines`)."""
+    kept = []
+    for row in batch:
+        line = writer.keep(row)
+        if line is None:
+            break
+        kept.append(line)
+    return kept
 
 
 def _generate(requests: list[RowRequest], generate: Generate) -> dict[int, list[Generation]]:

@@ -36,7 +36,14 @@ from mloc.executors.base import write_json_atomic
 from mloc.orchestrator.cancel import cancel
 from mloc.records import NewTask
 from mloc.settings import Settings
-from mloc.spec.dataset import CHUNK_LABEL, DEFAULT_CHUNK_ROWS, RESULT_LINES
+from mloc.spec.dataset import (
+    CARRIED_LINES,
+    CARRIED_PRINTS,
+    CHUNK_LABEL,
+    DEFAULT_CHUNK_ROWS,
+    RESULT_LINES,
+    ROW_PRINTS,
+)
 from mloc.state import TERMINAL, Reason, TaskState
 from mloc.store import TaskStore
 
@@ -152,16 +159,17 @@ async def settle(store: TaskStore, parent_id: str, settings: Settings) -> bool:
 
 
 def _carry_lines(carried: list[tuple[Path, Path]]) -> None:
-    """Copy each replaced chunk's result lines into its new chunk's folder. A chunk whose lines are
-    not here (another results dir, an artifact store) runs all its rows again."""
+    """Copy each replaced chunk's result lines and row fingerprints into its new chunk's folder, under
+    the names its run takes them over from (nothing else reads them as the new chunk's results). A
+    chunk whose files are not here (another results dir, an artifact store) runs all its rows again."""
     for old, new in carried:
-        lines = old / RESULT_LINES
-        if not lines.is_file():
+        if not (old / RESULT_LINES).is_file() or not (old / ROW_PRINTS).is_file():
             continue
         try:
             new.mkdir(mode=0o700, parents=True, exist_ok=True)
-            shutil.copyfile(lines, new / RESULT_LINES)
-            (new / RESULT_LINES).chmod(0o600)  # as the worker writes it: results are the task owner's
+            for name, into in ((ROW_PRINTS, CARRIED_PRINTS), (RESULT_LINES, CARRIED_LINES)):
+                shutil.copyfile(old / name, new / into)
+                (new / into).chmod(0o600)  # as the worker writes them: results are the task owner's
         except OSError as exc:
             log.warning("the finished lines of chunk %s were not carried over (%s); its rows run again", old.name, exc)
             shutil.rmtree(new, ignore_errors=True)
@@ -364,7 +372,7 @@ async def resume(store: TaskStore, parent_id: str, *, by: str, results_dir: Path
     """Run a failed or cancelled chunked task again from where it stopped: its succeeded chunks stand,
     every other chunk is cut afresh, with the lines its earlier chunk finished (copied into the new
     chunk's folder before it can be placed, where they are kept: see
-    :class:`mloc.executors.inference_dataset.EarlierLines`)."""
+    :class:`mloc.executors.inference_dataset.ResultLines`)."""
     lock = store.redis.lock(keys.group_lock(parent_id), timeout=LOCK_SEC, blocking_timeout=LOCK_SEC)
     if not await lock.acquire():
         raise Conflict(f"task {parent_id} is being settled; try again in a minute")

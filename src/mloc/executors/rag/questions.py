@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from mloc.errors import ExecutionError
 from mloc.executors.base import RunContext
 from mloc.executors.dataset_io import RawRow, batches, open_dataset
-from mloc.executors.inference_dataset import ResultLines
+from mloc.executors.inference_dataset import LineWriter
 from mloc.spec.dataset import RESULT_LINES
 from mloc.spec.rag import RagSpec
 
@@ -38,7 +38,7 @@ def answer_rows(
     column = source.columns.prompt or ("output" if source.task else "question")
     rows = failed = prompt_tokens = completion_tokens = 0
     started = time.perf_counter()
-    writer = ResultLines(ctx.out_dir / RESULT_LINES)
+    writer = LineWriter(ctx.out_dir / RESULT_LINES)
     try:
         with open_dataset(source, results_dir=ctx.out_dir.parent) as dataset:
             id_column = source.columns.id or dataset.default_id_column

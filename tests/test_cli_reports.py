@@ -140,15 +140,20 @@ def test_validate_refuses_the_pipeline_graphs_a_submit_refuses_in_the_submits_wo
     assert itself.stdout.splitlines() == [f"ok {files['itself'][0]} (document 1): EchoTask (echo)"]
 
     # What validate cannot know offline passes: a task id, a name from another file sent along (its
-    # output checked there too), and two tasks of one name where none waits (such a submission is not
-    # planned, so the orchestrator takes it).
+    # output checked there too: the files are one submission), and two tasks of one name where none
+    # waits (such a submission is not planned, so the orchestrator takes it).
     by_id = _write(tmp_path / "by_id.yaml", _echo("a"), _echo("b", "a", known), _reading("r", lines_of=known))
     other = _write(tmp_path / "other.yaml", _echo("c", "a"), _reading("d", lines_of="lines"))
     lines = _write(tmp_path / "lines.yaml", _reading("lines", lines_of=known))
     plain = _write(tmp_path / "plain.yaml", _echo("a"), _echo("a"))
-    fine = mloc("validate", str(by_id), str(other), str(lines), str(plain), "templates/pipeline_gemma3_270m.yaml")
-    assert fine.returncode == 0, fine.stderr
+    for given in ((by_id, other, lines), (plain,), (Path("templates/pipeline_gemma3_270m.yaml"),)):
+        fine = mloc("validate", *map(str, given))
+        assert fine.returncode == 0, fine.stderr
     assert mloc("submit", str(plain), env=env).returncode == 0
+    # Files given together are one submission: a name in two of them is refused, as their submit is.
+    twice = mloc("validate", str(by_id), str(plain))
+    assert twice.returncode == 1 and "two tasks are named 'a'" in twice.stderr
+    assert mloc("submit", str(by_id), str(plain), env=env).returncode == 2
     # A name from another file whose task makes no such output is refused as a submit refuses it.
     made_nothing = _write(tmp_path / "made_nothing.yaml", _reading("lines"))
     wrong = mloc("validate", str(other), str(made_nothing))

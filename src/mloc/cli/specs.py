@@ -33,8 +33,8 @@ def validate(files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=F
     """Check task files without submitting them; each task of a multi-document file (---) is checked,
     and a file's tasks that wait for each other (dependsOn, or a `from:` naming another's output) as the
     submit would plan them: names that name no task, a task that names itself, two tasks of one name, an
-    output the named task does not make, and cycles. Names may come from any file given, as `mloc submit`
-    sends all its files in one request; a task id is not looked up."""
+    output the named task does not make, and cycles. The files given are checked as one submission, as
+    `mloc submit` sends them in one request; a task id is not looked up."""
     per_file: list[list[_Checked]] = []
     for file in files:
         try:
@@ -48,16 +48,11 @@ def validate(files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=F
             except MlocError as exc:
                 checked.append(_Checked(label, None, exc))
         per_file.append(checked)
-    known = {
-        item.document.metadata.name: item.document
-        for tasks in per_file
-        for item in tasks
-        if item.document is not None and item.document.metadata.name
-    }
-    for tasks in per_file:
-        valid = [(item, item.document) for item in tasks if item.document is not None]
-        for index, problem in graph_problems([document for _, document in valid], known):
-            valid[index][0].problems.append(problem)
+    # One submission, as `mloc submit` sends every file given in one request and the orchestrator plans
+    # them together, in order.
+    valid = [(item, item.document) for tasks in per_file for item in tasks if item.document is not None]
+    for index, problem in graph_problems([document for _, document in valid]):
+        valid[index][0].problems.append(problem)
     bad = 0
     for item in (item for tasks in per_file for item in tasks):
         if item.document is not None and not item.problems:
@@ -94,14 +89,13 @@ def _checks(file: Path, raw: bytes) -> list[tuple[str, Callable[[], Document]]]:
     return [(f"{file} (document {n})", functools.partial(validate, item)) for n, item in enumerate(documents, 1)]
 
 
-def graph_problems(documents: list[Document], known: dict[str, Document]) -> list[tuple[int, str]]:
+def graph_problems(documents: list[Document]) -> list[tuple[int, str]]:
     """What a submit of these tasks would refuse in their graph, without a server: each as (the task's
     index, 'field: message'), by the rules and in the words of :mod:`mloc.spec.taskgraph` and
     :mod:`mloc.spec.references`: names in dependsOn and in references to another task's output
     (``from:``) that name no task, a task naming itself, two tasks of one name, an output the named task
     does not make, and cycles.
 
-    ``known``: the named tasks a name may give (this submission's, and those of files sent with it).
     Only a submission in which some task waits is planned, so only then are two tasks of one name
     refused. A task id is left to the orchestrator, which looks it up."""
     from mloc.spec import references, taskgraph
@@ -126,10 +120,8 @@ def graph_problems(documents: list[Document], known: dict[str, Document]) -> lis
         elif entry in names:
             edges[index].append(names[entry])
             return True
-        elif entry in known:
-            return True
         elif not taskgraph.TASK_ID_OR_PREFIX.fullmatch(entry):
-            problems.append((index, f"{where}: {taskgraph.names_nothing(entry, list(known))}"))
+            problems.append((index, f"{where}: {taskgraph.names_nothing(entry, list(names))}"))
         return False
 
     for index, document in enumerate(documents):
@@ -138,9 +130,9 @@ def graph_problems(documents: list[Document], known: dict[str, Document]) -> lis
         for reference in references.find(wires[index]):
             if not named(index, reference.entry, reference.where):
                 continue
-            # The producer as the orchestrator sees it: a task of this file with its own references
-            # already rewritten when it comes first.
-            theirs = wires[names[reference.entry]] if reference.entry in names else known[reference.entry].to_wire()
+            # The producer as the orchestrator sees it: its own references already rewritten when it
+            # comes first.
+            theirs = wires[names[reference.entry]]
             producer = references.Producer(theirs["spec"]["taskType"], theirs["spec"])
             refused = references.problem(reference, reference.entry, producer, document)
             if refused:

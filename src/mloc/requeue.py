@@ -63,6 +63,23 @@ def _consumed(usage: Mapping[str, float] | None) -> dict[str, float] | None:
     return {name: value for name, value in usage.items() if not name.startswith(("tasks", "state."))} or None
 
 
+def _ended_as(usage: Mapping[str, float] | None, state: TaskState) -> dict[str, float] | None:
+    """A whole run's counters, naming the state the task ends in: only the verdict knows it (a task
+    being cancelled ends cancelled, whatever its worker called the run)."""
+    if not usage:
+        return None
+    ended: dict[str, float] = {}
+    for name, value in usage.items():
+        head, _, last = name.rpartition(".")
+        if name.startswith(("tasks.", "state.")) and last in _STATES:
+            name = f"{head}.{state}"
+        ended[name] = ended.get(name, 0.0) + value
+    return ended
+
+
+_STATES = frozenset(TaskState)
+
+
 @dataclass(frozen=True)
 class Verdict:
     """What a hand-back does with a task, decided from its record: the move, the retry that counts
@@ -233,7 +250,7 @@ async def _requeue_once(
         priority=int(priority or 0),
         created_ms=int(created_ms or 0),
         retry_at=retry_at,
-        usage=final_usage if decided.exhausted else _consumed(final_usage),
+        usage=_ended_as(final_usage, decided.move.target) if decided.exhausted else _consumed(final_usage),
         owner=owner,
         fields=fields,
         now=now,

@@ -215,3 +215,34 @@ def test_a_task_being_cancelled_is_cancelled_when_its_worker_goes_not_requeued(r
         await r.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_task_being_cancelled_counts_its_run_as_cancelled_whatever_its_worker_called_it(redis_url: str) -> None:
+    async def scenario() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        store = TaskStore(r)
+        await WorkerRegistry(r).register(registration("w1"))
+        record = echo_record(store)
+        await store.insert([record])
+        await placed_and_started(store, record.task_id)
+        assert (await store.transition(record.task_id, moves.REQUEST_CANCEL, fields={"cancel_requested": "1"})).ok
+        # A stopping worker hands its task back with what the run used, labelled as a failed run.
+        run = {"tasks": 1.0, "tasks.echo": 1.0, "tasks.echo.failed": 1.0, "state.failed": 1.0, "wall_sec": 2.0}
+        ended = await requeue(
+            store,
+            record.task_id,
+            worker_id="w1",
+            reason_code=Reason.WORKER_SHUTDOWN,
+            reason="worker w1 stopped while the task ran",
+            final_usage=run,
+            owner=record.owner,
+        )
+        assert ended.ok and ended.state == TaskState.CANCELLED
+        days = await r.zrange(keys.usage_days(record.owner), 0, -1)
+        counted = await r.hgetall(keys.usage_day(record.owner, days[-1]))
+        assert float(counted["tasks.echo.cancelled"]) == 1 and float(counted["state.cancelled"]) == 1, counted
+        assert "tasks.echo.failed" not in counted and "state.failed" not in counted
+        assert float(counted["tasks"]) == 1 and float(counted["wall_sec"]) == 2
+        await r.aclose()
+
+    asyncio.run(scenario())

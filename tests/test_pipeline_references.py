@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,10 @@ import redis
 import redis.asyncio as aioredis
 
 from mloc import keys
+from mloc.client import ApiError, Client
 from mloc.errors import SpecError
 from mloc.executors.eval_data import available, cache_folder, cached_builds
+from mloc.localcluster import LocalCluster
 from mloc.orchestrator import harness, pipelines
 from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.orchestrator.placement import explain, request_of
@@ -447,3 +450,60 @@ def test_a_short_id_names_the_task_it_starts_and_a_failed_one_is_named_by_the_fi
     with pytest.raises(SpecError) as caught:
         submit(redis_url, [echo("gate", when={"from": evaluation[:8], "score": "arith/acc", "min": 0})])
     assert caught.value.message.startswith(f"task 1 of the submission: spec.when.from: task {evaluation} (ev) failed")
+
+
+@pytest.mark.extra("inference")
+def test_a_short_id_given_as_input_task_is_stored_as_the_full_id_and_read_by_the_worker(
+    make_cluster: Callable[..., LocalCluster],
+    client_for: Callable[..., Client],
+    sync_redis: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"Count: {i}, "}) + "\n" for i in range(3)))
+    cluster = make_cluster(1)
+    client = client_for(cluster)
+
+    def over(name: str, source: dict[str, Any]) -> dict[str, Any]:
+        body = over_rows(name, source)
+        body["spec"]["inference"].update(max_tokens=2, temperature=0)
+        return body
+
+    gen = client.submit(over("gen", {"path": str(rows), "columns": {"id": "id"}}))["task_id"]
+    assert client.wait(gen, timeout=300)["state"] == "succeeded"
+
+    # A random tiny model may answer blanks, which are bad prompts for the next pass: let them through.
+    use = client.submit(over("use", {"task": gen[:8], "max_row_errors": 3}))["task_id"]
+    done = client.wait(use, timeout=300)
+    assert done["state"] == "succeeded", done.get("reason")
+    # The task and every chunk a worker ran hold the full id: no worker ever reads the prefix.
+    specs = {}
+    for task_id in sync_redis.zrange(keys.TASKS_ALL, 0, -1):
+        spec = json.loads(sync_redis.hget(keys.task(task_id), "spec") or "{}")["spec"]
+        if "task" in spec["inference"]["input"]:
+            specs[task_id] = spec["inference"]["input"]["task"]
+    assert use in specs and set(specs.values()) == {gen}, specs
+    # Its rows were the first task's lines, whose ids it keeps.
+    assert [line["id"] for line in client.result_lines(use)] == ["r0", "r1", "r2"]
+
+    with pytest.raises(ApiError) as caught:
+        client.submit(over("use", {"task": "ffff0000"}))
+    assert caught.value.status_code == 422
+    assert caught.value.message == (
+        "task 1 of the submission: spec.inference.input.task: 'ffff0000' is neither a task of this submission "
+        "(metadata.name: use) nor a task id of yours; name one of them; nothing was stored"
+    )
+    # A second task whose id starts as gen's does (its index entry is all a prefix look-up reads).
+    twin = f"{gen[:8]}-0000-4000-8000-000000000000"
+    sync_redis.zadd(keys.TASKS_ALL, {twin: 0})
+    try:
+        with pytest.raises(ApiError) as caught:
+            client.submit(over("use", {"task": gen[:8]}))
+    finally:
+        sync_redis.zrem(keys.TASKS_ALL, twin)
+    assert caught.value.message == (
+        f"task 1 of the submission: spec.inference.input.task: '{gen[:8]}' is the start of several task ids "
+        f"({', '.join(sorted([gen, twin]))}); give more characters; nothing was stored"
+    )
+    with pytest.raises(ApiError, match=r"'g3n!' is not a task id; give the id of an inference task over a dataset"):
+        client.submit(over("use", {"task": "g3n!"}))

@@ -177,10 +177,23 @@ def _detail(detail: Any) -> str:
     return str(detail)
 
 
+def _said(detail: Any, summary: str) -> bool:
+    """Whether ``summary`` already says everything ``detail`` does (its path, message and fix)."""
+    if not isinstance(detail, dict):
+        return str(detail) in summary
+    parts = [str(detail[key]) for key in ("path", "message", "fix") if detail.get(key) not in (None, "")]
+    return bool(parts) and all(part in summary for part in parts)
+
+
 def fail(exc: MlocError, code: int = 2) -> NoReturn:
     """Print an error (and up to 20 of its details) and exit."""
     error_line(exc.message)
-    for detail in exc.details[:20]:
+    details = exc.details[:20]
+    # The orchestrator's summary of a single refusal is that refusal's own text; a bullet would only
+    # repeat it. Several details stay listed: one a line reads better than the summary's joined run.
+    if len(details) == 1 and _said(details[0], exc.message):
+        details = []
+    for detail in details:
         sys.stderr.write(f"  - {visible(_detail(detail))}\n")
     raise typer.Exit(code)
 

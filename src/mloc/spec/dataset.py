@@ -8,12 +8,12 @@ sampling values. The executor reads the rows in batches, so a dataset may be far
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from mloc.spec.base import Strict
+from mloc.spec.taskgraph import TASK_ID_OR_PREFIX
 
 # The file a dataset task writes its result lines to, in the task's result folder (one JSON object per row).
 RESULT_LINES = "results.jsonl"
@@ -31,7 +31,6 @@ DEFAULT_CHUNK_ROWS = 2000
 CHUNK_LABEL = "mloc.chunk"
 # The sampling fields a row may set for itself; ``n`` is left out because it changes a line's shape.
 ROW_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed")
-_TASK_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 DatasetFileFormat = Literal["auto", "jsonl", "csv", "parquet"]
 
@@ -84,7 +83,11 @@ class DatasetInput(Strict):
         description="A local file, s3://bucket/key or another fsspec URL (JSONL, CSV or Parquet).",
     )
     huggingface: HuggingFaceDataset | None = None
-    task: str | None = Field(None, description="Another task's id: its result lines (results.jsonl) as rows.")
+    task: str | None = Field(
+        None,
+        description="Another task's id, or its start as `mloc tasks` shows it: its result lines (results.jsonl) "
+        "as rows.",
+    )
     from_: str | None = Field(
         None,
         alias="from",
@@ -117,10 +120,12 @@ class DatasetInput(Strict):
     @field_validator("task")
     @classmethod
     def _task(cls, value: str | None) -> str | None:
-        if value is not None and not _TASK_ID.match(value.strip().lower()):
+        # A start of an id is taken as dependsOn takes one: the orchestrator's plan stores the full id it
+        # names, so a worker never reads a prefix.
+        if value is not None and not TASK_ID_OR_PREFIX.fullmatch(value.strip().lower()):
             raise ValueError(
-                f"inference.input.task {value[:80]!r} is not a task id; give the full id of a finished inference "
-                "task (`mloc tasks` lists them)"
+                f"inference.input.task {value[:80]!r} is not a task id; give the id of an inference task over a "
+                "dataset, or its first 4 or more characters (`mloc tasks` lists them)"
             )
         return value.strip().lower() if value is not None else None
 

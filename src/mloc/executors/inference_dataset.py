@@ -62,7 +62,7 @@ class LineWriter:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
 
     def append(self, lines: list[Line]) -> None:
-        _write(self.fd, b"".join(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE, default=str) for line in lines))
+        _write(self.fd, _jsonl(lines))
 
     def close(self) -> None:
         os.close(self.fd)
@@ -85,7 +85,8 @@ class ResultLines:
 
     def __init__(self, folder: Path, log: Callable[..., None]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        if (folder / CARRIED_LINES).exists() and not (folder / RESULT_LINES).exists():
+        carried = (folder / CARRIED_LINES).exists() and (folder / CARRIED_PRINTS).exists()
+        if carried and not (folder / RESULT_LINES).exists():
             # The prints first: lines without theirs are not kept, prints without lines are cut.
             os.replace(folder / CARRIED_PRINTS, folder / ROW_PRINTS)
             os.replace(folder / CARRIED_LINES, folder / RESULT_LINES)
@@ -121,7 +122,7 @@ class ResultLines:
         if self.keeping:
             self._stop()
         _write(self.prints_fd, "".join(fingerprint(row) + "\n" for row in rows).encode())
-        _write(self.fd, b"".join(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE, default=str) for line in lines))
+        _write(self.fd, _jsonl(lines))
 
     def _stop(self) -> None:
         """Cut both files after the lines kept: what an earlier run wrote past them is not a result."""
@@ -171,6 +172,10 @@ def _earlier_lines(lines_path: Path, prints_path: Path) -> Generator[tuple[Line,
                 return
             end += len(raw)
             yield line, printed[:-1].decode(), end
+
+
+def _jsonl(lines: list[Line]) -> bytes:
+    return b"".join(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE, default=str) for line in lines)
 
 
 def _write(fd: int, data: bytes) -> None:

@@ -319,7 +319,7 @@ class TaskRunner:
         if run.stop_reason == StopReason.SHUTDOWN:
             # What the attempt used until it was stopped is known here, unlike a lost worker's: it counts
             # for the owner (a dataset chunk's next run keeps the rows it finished without counting them).
-            usage = run_usage(reporter.usage, None, time.time() - started, len(gpus), cores_asked(assignment.document))
+            _, daily = self._used(reporter, None, time.time() - started, assignment, TaskState.FAILED)
             await requeue.requeue(
                 self.store,
                 task_id,
@@ -329,7 +329,7 @@ class TaskRunner:
                 reason=f"worker {self.worker_id} stopped while the task ran",
                 backoff=self.backoff,
                 max_requeues=self.max_requeues,
-                final_usage=daily_counters(task_type, TaskState.FAILED, usage, gpus, self.hardware["gpus"]),
+                final_usage=daily,
                 owner=owner,
             )
             return False
@@ -353,8 +353,7 @@ class TaskRunner:
             if code in Reason.__members__.values():
                 reason_code = code
         finished = time.time()
-        usage = run_usage(reporter.usage, result, finished - started, len(gpus), cores_asked(assignment.document))
-        daily = daily_counters(task_type, state, usage, gpus, self.hardware["gpus"])
+        usage, daily = self._used(reporter, result, finished - started, assignment, state)
         if crashed and run.stop_reason is None:
             # A dead executor process (most often out of memory) may be the machine's fault, so it is
             # retried, with backoff; but it may be the task's own doing, so it spends an attempt.
@@ -434,6 +433,14 @@ class TaskRunner:
                 await memoryhistory.remember(self.redis, task_id, estimate, memory, device=device)
         except (aioredis.RedisError, ValueError) as exc:
             log.warning("task %s: its memory peak was not compared with its estimate (%s)", task_id, exc)
+
+    def _used(
+        self, reporter: Reporter, result: dict[str, Any] | None, wall: float, assignment: Assignment, state: TaskState
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """What a run used, as its task records it and as its owner's usage day counts it."""
+        gpus = list(assignment.gpus)
+        usage = run_usage(reporter.usage, result, wall, len(gpus), cores_asked(assignment.document))
+        return usage, daily_counters(assignment.task_type, state, usage, gpus, self.hardware["gpus"])
 
     def _logged(self, *lines: tasklog.Line) -> dict[str, Any]:
         """A :class:`Change`'s log part: ``lines`` written into the task's log with the move."""

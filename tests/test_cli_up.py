@@ -149,6 +149,8 @@ def test_up_says_how_to_reach_it_and_a_second_up_on_its_home_is_refused_in_one_l
     env = up_env(home, port, ORCHESTRATOR_TOKEN="up token")
     up = start_up(env)
     up.output.wait_for(READY)
+    # With a token, its export is the last line `mloc up` prints; read it before looking at the lines.
+    up.output.wait_for("export MLOC_TOKEN=")
     api = f"http://127.0.0.1:{port}"
     lines = up.output.lines
     assert f"fresh start: no tasks in {home}" in lines

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ import pytest
 from mloc.client import Client
 from mloc.localcluster import LocalCluster
 from mloc.spec.dataset import CHUNK_LABEL
+from tests.support.cli import mloc
 
 TINY = {"source": {"type": "package", "identifier": "mloc-tiny-llama"}, "engine": "transformers"}
 
@@ -86,6 +88,33 @@ def test_chunks_spread_over_workers_and_join_in_row_order(
     merged = tmp_path / "results" / answer["task_id"] / "results.jsonl"
     assert merged.read_text().count("\n") == 47
 
+    # The parent's own log tells the run: each chunk's end (its rows, where and how long), then its own.
+    said = client.logs(answer["task_id"])["lines"]
+    for index, chunk in enumerate(chunks[:10]):
+        rows = f"rows {index * 5 + 1}-{min(index * 5 + 5, 47)}"
+        line = next(e for e in said if e["text"].startswith(f"chunk {index} ({chunk['task_id'][:8]}) succeeded"))
+        assert line["text"].endswith(rows) and f" on {chunk['worker_id']} in " in line["text"], line
+    assert said[-1]["event"] == "succeeded", said[-1]
+    assert said[-1]["text"].endswith(": 47 rows done in 10 chunk(s)"), said[-1]
+    env = {"MLOC_API_URL": cluster.api_url}
+    shown = mloc("show", answer["task_id"], env=env).stdout
+    assert re.search(r"^progress +47 rows done in 10 chunk\(s\)$", shown, re.M), shown
+    assert re.search(rf"^chunks +{len(chunks)}, 5 rows each \(`mloc logs {answer['task_id']} --chunks`", shown, re.M)
+    chunk_shown = mloc("show", chunks[3]["task_id"], env=env).stdout
+    assert re.search(rf"^chunk of +{answer['task_id']} \(chunk 3\)$", chunk_shown, re.M), chunk_shown
+    # --chunks adds the chunks' own lines, in time order, each marked with its chunk.
+    every = mloc("logs", answer["task_id"], "--chunks", "--json", env=env)
+    assert every.returncode == 0, every.stderr
+    merged_log = json.loads(every.stdout)["lines"]
+    assert {entry["chunk"] for entry in merged_log if "chunk" in entry} == set(range(len(chunks)))
+    assert [float(e["ts"]) for e in merged_log] == sorted(float(e["ts"]) for e in merged_log)
+    assert len(merged_log) == len(said) + sum(len(client.logs(c["task_id"])["lines"]) for c in chunks)
+    text = mloc("logs", answer["task_id"][:8], "--chunks", "--source", "mloc", env=env).stdout
+    assert re.search(rf"INFO +task +mloc +chunk 9 \({chunks[9]['task_id'][:8]}\) succeeded on local-", text), text
+    assert re.search(r"INFO +chunk 9 +mloc +started on local-\d \(attempt 1\)$", text, re.M), text
+    refused = mloc("logs", answer["task_id"], "--chunks", "-f", env=env)
+    assert refused.returncode == 2 and "--chunks does not follow" in refused.stderr, refused.stderr
+
 
 @pytest.mark.extra("inference")
 def test_a_task_that_reads_part_of_its_data_ends_at_its_max_rows(
@@ -129,6 +158,12 @@ def test_a_failed_dataset_task_resumes_without_redoing_its_finished_chunks(
     assert "prompt column 'question' is empty" in record["reason"]
     first = [client.task(child) for child in record["children"]]
     assert [c["state"] for c in first] == ["succeeded", "succeeded", "failed"]
+    said = client.logs(task_id)["lines"]
+    told = next(e for e in said if e["event"] == "chunk_failed")
+    assert told["level"] == "ERROR" and told["text"].startswith(
+        f"chunk 2 ({first[2]['task_id'][:8]}) failed on local-1:"
+    )
+    assert said[-1]["event"] == "failed" and f"mloc resume {task_id}" in said[-1]["text"], said[-1]
     # The finished chunks' lines stand, in order, and are served while the task is failed, with those of
     # the rows the failed chunk finished before its bad row's batch.
     assert [line["id"] for line in lines_of(client, task_id)] == [f"q{i:03d}" for i in range(14)]
@@ -198,6 +233,13 @@ def test_a_chunk_whose_worker_is_lost_keeps_the_rows_that_worker_finished(
     while not written.exists() or written.read_bytes().count(b"\n") < 10:
         assert time.monotonic() < deadline, client.task(chunk)
         time.sleep(0.02)
+    # The parent's progress counts the rows its running chunk has done, not only finished chunks' rows.
+    while "more in 1 running chunk(s)" not in (client.task(parent).get("progress") or {}).get("message", ""):
+        assert time.monotonic() < deadline, client.task(parent)
+        time.sleep(0.05)
+    progress = client.task(parent)["progress"]
+    assert progress["unit"] == "rows" and progress["step"] >= 1, progress
+    assert progress["message"] == f"0 rows done in 0 chunk(s); {progress['step']:,} more in 1 running chunk(s)"
     first = client.task(chunk)["worker_id"]
     cluster.worker_procs[first].kill()  # SIGKILL: its executor dies with it, mid-batch or between two
     finished_before = written.read_bytes().count(b"\n")
@@ -214,3 +256,32 @@ def test_a_chunk_whose_worker_is_lost_keeps_the_rows_that_worker_finished(
     lines = lines_of(client, parent)
     assert [line["id"] for line in lines] == [f"q{i:03d}" for i in range(rows)]
     assert all(line["error"] is None and line["output"] for line in lines)
+
+
+@pytest.mark.extra("inference")
+def test_a_cancelled_dataset_task_says_how_to_resume_and_where_its_lines_are(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tmp_path: Path
+) -> None:
+    data = write_rows(tmp_path / "questions.jsonl", [f"Question: what is {i} plus one?\nAnswer:" for i in range(400)])
+    cluster = make_cluster(1)
+    client = client_for(cluster)
+    body = task(data, chunk_rows=400)
+    body["spec"]["inference"] |= {"batch_size": 2, "max_tokens": 8}
+    parent = client.submit(body)["task_id"]
+    deadline = time.monotonic() + 120
+    while client.task(parent)["state"] != "running":
+        assert time.monotonic() < deadline, client.task(parent)
+        time.sleep(0.05)
+    env = {"MLOC_API_URL": cluster.api_url}
+    assert mloc("cancel", parent, env=env).returncode == 0
+    record = client.wait(parent, timeout=120)
+    assert record["state"] == "cancelled", record
+    assert record["reason"].endswith(f"; `mloc resume {parent}` runs the chunks not finished"), record["reason"]
+    said = client.logs(parent)["lines"]
+    assert said[0]["text"].startswith(f"chunk 0 ({record['children'][0][:8]}) started on local-1: rows 1-400"), said
+    assert said[-1]["event"] == "cancelled" and f"mloc resume {parent}" in said[-1]["text"], said
+    # It has no files of its own; the command names what it does have.
+    files = mloc("artifacts", parent, env=env)
+    assert files.returncode != 0
+    assert f"task {parent} has no files: it is cancelled, and a dataset task has files" in files.stderr, files.stderr
+    assert "RESULTS_DIR" not in files.stderr and f"mloc results {parent}" in files.stderr

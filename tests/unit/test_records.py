@@ -116,6 +116,14 @@ def test_an_ended_tasks_progress_keeps_its_count_but_not_its_eta() -> None:
         assert progress_text(progress).endswith("(35.0%)") is state.terminal
 
 
+def test_a_dataset_tasks_progress_is_told_in_rows_not_steps() -> None:
+    # Its message counts the rows already; without one, the count is said in its unit.
+    told = {"step": 4000, "total": None, "unit": "rows", "message": "4,000 rows done in 2 chunk(s)"}
+    assert progress_text(told) == "4,000 rows done in 2 chunk(s)"
+    assert progress_text({"step": 4000, "unit": "rows"}) == "4,000 rows"
+    assert progress_text({"step": 12, "message": "loss 0.31"}) == "step 12: loss 0.31"  # a training run's
+
+
 def test_a_new_task_stored_and_read_back_through_redis(redis_url: str) -> None:
     async def scenario() -> None:
         r = aioredis.Redis.from_url(redis_url, decode_responses=True)

@@ -18,11 +18,21 @@ from mloc.api.responses import raises
 from mloc.api.tasks import _own
 from mloc.errors import BadRequest, NotFound, Unavailable
 from mloc.records import TaskRecord
+from mloc.state import TaskState
 
 router = APIRouter(prefix="/api/v1/tasks", tags=["artifacts"])
 
 
 async def _listing(orch: Orch, record: TaskRecord) -> artifacts.Listing:
+    if record.children and record.state != TaskState.SUCCEEDED:
+        # Such a parent has no worker: its files are written when its last chunk or replica has ended well.
+        part, what = ("chunk", "a dataset task") if record.chunk_rows else ("replica", "a replica group")
+        lines = f"; its result lines so far: mloc results {record.task_id}" if record.chunk_rows else ""
+        raise NotFound(
+            f"task {record.task_id} has no files: it is {record.state}, and {what} has files of its own only once "
+            f"it succeeds. Each {part} has its own (mloc artifacts {part.upper()}_ID; `mloc show {record.task_id} "
+            f"--json` lists them){lines}"
+        )
     try:
         return await asyncio.to_thread(
             artifacts.listing, orch.settings, record.task_id, record.state.value, record.attempts, record.worker_id

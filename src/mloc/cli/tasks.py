@@ -15,6 +15,7 @@ from mloc.cli.output import JsonFlag, OutputFormat, wants_json
 from mloc.cli.root import TaskIdArg, app, client, task_failed
 from mloc.client import Client, Lost, Unreachable
 from mloc.errors import MlocError
+from mloc.spec.dataset import CHUNK_LABEL
 
 SHORT_ID = 8
 ALL_IDS_PAGE = 500  # the API's largest page
@@ -325,9 +326,20 @@ def _summary(record: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("finished", output.at(finished)))
     if record.get("pipeline_id"):
         rows.append(("pipeline", f"{record['pipeline_id']} (`mloc pipeline {record['pipeline_id']}` shows its steps)"))
-    if record.get("parent_id"):
+    if record.get("parent_id") and CHUNK_LABEL in (record.get("labels") or {}):
+        rows.append(("chunk of", f"{record['parent_id']} (chunk {record.get('replica')})"))
+    elif record.get("parent_id"):
         rows.append(("replica of", f"{record['parent_id']} (replica {record.get('replica')})"))
-    if record.get("children"):
+    if record.get("children") and record.get("chunk_rows"):
+        count = len(record["children"])
+        rows.append(
+            (
+                "chunks",
+                f"{count}{'' if finished else ' cut so far'}, {record['chunk_rows']:,} rows each "
+                f"(`mloc logs {task_id} --chunks` prints their lines; --json lists their ids)",
+            )
+        )
+    elif record.get("children"):
         rows.append(("replicas", ", ".join(record["children"])))
     rows.extend(_memory_rows(record))
     usage = record.get("usage") or {}
@@ -505,19 +517,48 @@ def _since_option(value: str | None) -> str | None:
     return repr(moment.timestamp())  # a time without a zone is local, as the log's times are shown
 
 
-def _log_line(entry: dict[str, Any]) -> None:
+def _log_line(entry: dict[str, Any], *, chunks: bool = False) -> None:
     try:
         stamp = output.when(float(entry["ts"])) if entry.get("ts") else ""
     except (TypeError, ValueError):
         stamp = output.visible(entry["ts"], one_line=True)
     level = str(entry.get("level") or "")
     source = str(entry.get("source") or "")
-    head = " ".join(part for part in (stamp, level.ljust(7), source.ljust(8)) if part.strip())
+    where = (f"chunk {entry['chunk']}" if "chunk" in entry else "task").ljust(10) if chunks else ""
+    head = " ".join(part for part in (stamp, level.ljust(7), where, source.ljust(8)) if part.strip())
     style = {"ERROR": "red", "CRITICAL": "red", "WARNING": "yellow"}.get(level.upper(), "dim")
     text = output.visible(entry.get("text", entry.get("message", "")))
     output.line(
         output.styled(output.visible(head, one_line=True), style), output.styled(text, _TEXT_STYLE.get(source, ""))
     )
+
+
+def _chunk_logs(
+    api: Client, task_id: str, own: list[dict[str, Any]], sources: str | None, tail: int | None, since: str | None
+) -> list[dict[str, Any]]:
+    """A dataset task's log lines and its chunks', in time order, each chunk's marked with its number."""
+    record = api.task(task_id)
+    if not record.get("chunk_rows"):
+        output.error_line(
+            f"task {task_id} is not a dataset task, so it has no chunks; drop --chunks "
+            "(a replica group's replicas each have a log: mloc show ID lists them)"
+        )
+        raise typer.Exit(2)
+    entries = list(own)
+    for index, child in enumerate(record.get("children") or []):
+        lines = api.logs(child, source=sources, tail=tail, since=since)["lines"]
+        entries.extend({**entry, "chunk": index} for entry in lines)
+    entries.sort(key=lambda entry: float(entry.get("ts") or 0))  # stable: a chunk's own order holds on ties
+    return entries[-tail:] if tail else entries
+
+
+def _no_lines(api: Client, task_id: str, *, matching: bool) -> None:
+    that = " that match" if matching else ""
+    try:
+        ended = api.task(task_id)["state"] in ("succeeded", "failed", "cancelled")
+    except MlocError:
+        ended = False
+    output.line(f"task {task_id} has no log lines{that}{'' if ended else ' (yet)'}", stderr=True)
 
 
 def _lost(api: Client, task_id: str) -> NoReturn:
@@ -545,29 +586,43 @@ def logs(
         str | None, typer.Option("--since", callback=_since_option, help=f"Lines from then on: {SINCE_FORMS}.")
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="JSON (with -f: one JSON object a line).")] = False,
+    with_chunks: Annotated[
+        bool,
+        typer.Option(
+            "--chunks", help="A dataset task's chunks' lines too, in time order, each marked with its chunk (no -f)."
+        ),
+    ] = False,
     fmt: OutputFormat = None,
 ) -> None:
     """Print a task's log: time, level, source and text of each line (MLOC's own lifecycle lines, the
     executor's, and captured library output). -f follows it and ends with the task's final state.
+    A dataset task's own log says when each chunk started and ended; --chunks adds its chunks' lines.
 
     Exit status with -f: 0 when the task succeeded, 1 when it failed or was cancelled, 3 when the
     orchestrator went away (the task goes on)."""
     api = client()
     as_json = wants_json(json_out, fmt)
     sources = ",".join(source) if source else None
+    if with_chunks and follow:
+        output.error_line(
+            "--chunks does not follow: -f follows the dataset task's own log, which says each chunk's start and "
+            "end (or follow one chunk: mloc logs -f CHUNK_ID); drop -f to print every chunk's lines so far"
+        )
+        raise typer.Exit(2)
     full_id = task_id
     try:
         full_id = api.resolve(task_id)
         if not follow:
             body = api.logs(full_id, source=sources, tail=tail, since=since)
+            if with_chunks:
+                body = {**body, "lines": _chunk_logs(api, full_id, body["lines"], sources, tail, since)}
             if as_json:
                 output.print_json(body)
                 return
             for entry in body["lines"]:
-                _log_line(entry)
+                _log_line(entry, chunks=with_chunks)
             if not body["lines"]:
-                matching = " that match" if sources or since else ""
-                output.line(f"task {full_id} has no log lines{matching} (yet)", stderr=True)
+                _no_lines(api, full_id, matching=bool(sources or since))
             return
         for entry in api.follow_logs(full_id, source=sources, tail=tail, since=since):
             if as_json:

@@ -36,17 +36,18 @@ def progress_text(progress: dict[str, Any] | None) -> str:
     if not progress:
         return ""
     step, total = progress.get("step"), progress.get("total")
+    message = progress.get("message")
+    unit = progress.get("unit")
     parts = []
-    if total:
+    if total and not (unit and message):  # a dataset task's message counts its rows already
         count = f"{step or 0:g}/{total:g}"
         if progress.get("percent") is not None:
             count += f" ({progress['percent']:.1f}%)"
         parts.append(count)
         if progress.get("eta_sec") is not None:
             parts.append(f"ETA {output.duration(progress['eta_sec'])}")
-    elif step:
-        parts.append(f"step {step:g}")
-    message = progress.get("message")
+    elif step and not (unit and message):
+        parts.append(f"{step:,g} {unit}" if unit else f"step {step:g}")
     text = ", ".join(parts)
     if message:
         text = f"{text}: {message}" if text else str(message)

@@ -39,6 +39,8 @@ async def cancel(
         "finished_at": repr(now),
     }
     if record.children:
+        if record.chunk_rows:
+            ended["reason"] += f"; `mloc resume {task_id}` runs the chunks not finished"
         # The parent first (it has no worker of its own): once it has ended, the shards' cancellations
         # cannot settle it as "a replica was cancelled" instead.
         outcome = require(

@@ -30,11 +30,11 @@ from typing import Any
 
 from redis.exceptions import LockError
 
-from mloc import artifacts, keys, moves
+from mloc import artifacts, keys, moves, tasklog
 from mloc.errors import Conflict, MlocError, NotFound
 from mloc.executors.base import write_json_atomic
 from mloc.orchestrator.cancel import cancel
-from mloc.records import NewTask
+from mloc.records import NewTask, TaskRecord
 from mloc.settings import Settings
 from mloc.spec.dataset import (
     CARRIED_LINES,
@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 PARENT_LABEL = "mloc.parent"
 # Longest a settle or resume may hold a parent's lock (it is released as soon as it is done).
 LOCK_SEC = 120
+# A chunk's field: the last of its moves (started, or how it ended) its parent's log has said.
+TOLD = "told_parent"
 _SUMMED = ("prompt_tokens", "completion_tokens", "total_tokens", "num_requests")
 
 
@@ -178,8 +180,61 @@ def _carry_lines(carried: list[tuple[Path, Path]]) -> None:
 async def _chunk_rows(store: TaskStore, children: list[str]) -> list[list[str | None]]:
     pipe = store.redis.pipeline(transaction=False)
     for child in children:
-        pipe.hmget(keys.task(child), "state", "reason", "started_at", "result_summary")
+        pipe.hmget(
+            keys.task(child), "state", "reason", "started_at", "result_summary", "worker_id", "finished_at", TOLD
+        )
     return await pipe.execute()
+
+
+async def _tell(
+    store: TaskStore, h: dict[str, str], document: dict[str, Any], children: list[str], rows: list[list[str | None]]
+) -> None:
+    """Say in the parent's log each chunk's start and end not said yet, so the parent's own log tells
+    the run (its chunks' logs hold their lines). A chunk that started and ended between two settles
+    has its end said alone."""
+    size = chunk_rows(document)
+    limit = document["spec"]["inference"]["input"].get("max_rows")
+    lines: list[tasklog.Line] = []
+    told: list[tuple[str, str]] = []
+    for index, (child, row) in enumerate(zip(children, rows, strict=True)):
+        state, reason, started, summary, worker, finished, said = row
+        if not state or state == said:
+            continue
+        name = f"chunk {index} ({child[:8]})"
+        if state in (TaskState.RUNNING, TaskState.CANCELLING):
+            if said:
+                continue
+            last = (index + 1) * size if limit is None else min((index + 1) * size, int(limit))
+            text = f"{name} started on {worker}: rows {index * size + 1:,}-{last:,}"
+            lines.append(tasklog.Line("chunk_started", text))
+        elif TaskState(state) in TERMINAL:
+            took = f" in {float(finished) - float(started):.1f} s" if started and finished else ""
+            on = f" on {worker}" if worker else ""
+            if state == TaskState.SUCCEEDED:
+                result = json.loads(summary or "{}")
+                count = int(result.get("rows") or 0)
+                text = f"{name} succeeded{on}{took}: " + (
+                    f"rows {index * size + 1:,}-{index * size + count:,}" if count else "no rows (past the data's end)"
+                )
+                if result.get("failed"):
+                    text += f", {int(result['failed']):,} of them failed"
+                if result.get("kept_rows"):
+                    text += f", {int(result['kept_rows']):,} kept from an earlier run"
+                lines.append(tasklog.Line("chunk_succeeded", text))
+            else:
+                level = "WARNING" if state == TaskState.CANCELLED else "ERROR"
+                text = f"{name} {state}{on}: {reason or 'no reason given'}"
+                lines.append(tasklog.Line(f"chunk_{state}", text, level))
+        else:
+            continue
+        told.append((child, state))
+    if not lines:
+        return
+    pipe = store.redis.pipeline(transaction=False)
+    for child, state in told:
+        pipe.hset(keys.task(child), TOLD, state)
+    await pipe.execute()
+    await tasklog.append(store.redis, h["id"], *lines)
 
 
 async def _settle(store: TaskStore, parent_id: str, settings: Settings) -> bool:
@@ -191,6 +246,8 @@ async def _settle(store: TaskStore, parent_id: str, settings: Settings) -> bool:
         return True
     children: list[str] = json.loads(h.get("children") or "[]")
     rows = await _chunk_rows(store, children)
+    document = json.loads(h["spec"])
+    await _tell(store, h, document, children, rows)
     states = [TaskState(row[0]) if row[0] else TaskState.CANCELLED for row in rows]
     summaries = [
         json.loads(row[3] or "{}") if s == TaskState.SUCCEEDED else {} for s, row in zip(states, rows, strict=True)
@@ -200,7 +257,6 @@ async def _settle(store: TaskStore, parent_id: str, settings: Settings) -> bool:
             why = f"chunk {index} ({children[index]}) {chunk_state}: {rows[index][1] or 'no reason given'}"
             await _end(store, parent_id, children, states, chunk_state, why)
             return True
-    document = json.loads(h["spec"])
     allowed = int(document["spec"]["inference"]["input"].get("max_row_errors") or 0)
     bad = sum(int(s.get("failed") or 0) for s in summaries)
     if bad > allowed:
@@ -236,6 +292,7 @@ async def _settle(store: TaskStore, parent_id: str, settings: Settings) -> bool:
     progress = {
         "step": rows_done,
         "total": None,
+        "unit": "rows",
         "message": rows_message(rows_done, failed, len(done), unfinished=len(children) - len(done)),
         "ts": time.time(),
     }
@@ -250,6 +307,32 @@ def rows_message(rows: int, failed: int, chunks: int, *, unfinished: int = 0) ->
     if unfinished:
         text += f"; {unfinished} chunk{'s' if unfinished != 1 else ''} not finished"
     return text
+
+
+async def live_progress(store: TaskStore, record: TaskRecord) -> dict[str, Any] | None:
+    """A running dataset task's progress with the rows its running chunks have done so far (the stored
+    progress, written when a chunk ends, counts finished chunks only)."""
+    stored = record.progress
+    if record.state.terminal or not record.children:
+        return stored
+    pipe = store.redis.pipeline(transaction=False)
+    for child in record.children:
+        pipe.hmget(keys.task(child), "state", "progress", "result_summary")
+    done = failed = finished = running = live = 0
+    for state, progress, summary in await pipe.execute():
+        if state == TaskState.SUCCEEDED:
+            result = json.loads(summary or "{}")
+            done += int(result.get("rows") or 0)
+            failed += int(result.get("failed") or 0)
+            finished += 1
+        elif state in (TaskState.RUNNING, TaskState.CANCELLING):
+            running += 1
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                live += int((json.loads(progress or "{}") or {}).get("step") or 0)
+    if not running:
+        return stored
+    message = rows_message(done, failed, finished) + f"; {live:,} more in {running} running chunk(s)"
+    return {"step": done + live, "total": None, "unit": "rows", "message": message, "ts": time.time()}
 
 
 async def _cut_more(store: TaskStore, h: dict[str, str], children: list[str], states: list[TaskState]) -> None:
@@ -286,7 +369,8 @@ async def _end(
         "reason_code": code.value,
         "finished_at": repr(time.time()),
     }
-    outcome = await store.transition(parent_id, move, fields=fields)
+    said = tasklog.stored(tasklog.ended(chunk_state, fields["reason"]))
+    outcome = await store.apply(parent_id, moves.Change(move, fields=fields, log=(said,)))
     if not outcome.ok:
         return
     for child, child_state in zip(children, states, strict=True):
@@ -331,7 +415,7 @@ async def _succeed(
     now = time.time()
     rows_done = merged["rows"]
     message = rows_message(rows_done, merged["failed"], len(children))
-    progress = {"step": rows_done, "total": rows_done, "message": message}
+    progress = {"step": rows_done, "total": rows_done, "unit": "rows", "message": message}
     fields = {
         "finished_at": repr(now),
         "usage": json.dumps(usage),
@@ -339,12 +423,15 @@ async def _succeed(
         "attempts": "1",
         "progress": json.dumps(progress | {"ts": now}),
     }
-    if TaskState(h["state"]) != TaskState.PENDING:
-        await store.transition(parent_id, moves.GROUP_SUCCEED, result=merged, fields=fields, now=now)
-        return
     starts = [float(row[2]) for row in rows if row[2]]
-    start = moves.Change(moves.GROUP_START, fields={"started_at": repr(min(starts, default=now))}, now=now)
-    await store.apply(parent_id, start, then=moves.Change(moves.GROUP_SUCCEED, result=merged, fields=fields, now=now))
+    started = float(h.get("started_at") or min(starts, default=now))
+    said = tasklog.stored(tasklog.Line(TaskState.SUCCEEDED, f"succeeded in {now - started:.1f} s: {message}"))
+    end = moves.Change(moves.GROUP_SUCCEED, result=merged, fields=fields, now=now, log=(said,))
+    if TaskState(h["state"]) != TaskState.PENDING:
+        await store.apply(parent_id, end)
+        return
+    start = moves.Change(moves.GROUP_START, fields={"started_at": repr(started)}, now=now)
+    await store.apply(parent_id, start, then=end)
 
 
 def join_lines(settings: Settings, records: list[Any], target: Path) -> None:

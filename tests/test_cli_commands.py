@@ -109,7 +109,28 @@ def test_show_submit_wait_and_bulk_say_what_a_task_is_doing(
         f"submitted ID ({slow})",
     ]
     assert client.tasks(page_size=100)["total"] == before + 3
-    assert mloc("submit", str(two), "--wait", env=env).stderr.startswith("error: --wait follows one task")
+    # --wait follows several tasks in turn, each reported as it ends; a step that fails fails the command
+    # once every task has ended, and a step after it is ended by it.
+    chain = tmp_path / "chain.yaml"
+    chain.write_text(
+        "\n---\n".join(
+            json.dumps({"apiVersion": "mloc/v1", "kind": "EchoTask", "metadata": {"name": name}, "spec": spec})
+            for name, spec in (
+                ("prepare", {"taskType": "echo", "payload": "ready", "hyperparameters": {"sleep_sec": 1}}),
+                ("check", {"taskType": "echo", "dependsOn": ["prepare"], "hyperparameters": {"fail_message": "no"}}),
+                ("publish", {"taskType": "echo", "dependsOn": ["check"]}),
+            )
+        )
+    )
+    followed = mloc("submit", str(chain), "--wait", env=env)
+    assert followed.returncode == 1, followed.stderr
+    ids = re.findall(r"^submitted (\S+)", followed.stdout, re.M)
+    assert len(ids) == 3 and [client.task(i)["state"] for i in ids] == ["succeeded", "failed", "failed"]
+    for number, task_id in enumerate(ids, 1):
+        assert f"[{number}/3] waiting for {task_id}" in followed.stdout
+    ends = re.findall(r"^task (\S+) (succeeded|failed)", followed.stdout, re.M)
+    assert ends == [(ids[0], "succeeded"), (ids[1], "failed"), (ids[2], "failed")], followed.stdout
+    assert "ready" in followed.stdout and followed.stderr.strip().endswith("2 of 3 tasks did not succeed")
 
 
 def test_workers_show_memory_and_gpus_age_out_when_stopped_and_can_be_removed(

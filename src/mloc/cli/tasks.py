@@ -75,7 +75,9 @@ def _said(answer: dict[str, Any], label: str) -> None:
 @app.command()
 def submit(
     files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help="Task files (YAML or JSON).")],
-    wait: Annotated[bool, typer.Option("--wait", help="Follow the task and print its result.")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the task (each of several, in turn) and print its result.")
+    ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and show placement only.")] = False,
     timeout: Annotated[float, typer.Option(help="--wait: seconds to wait for the end.")] = 3600,
     wait_timeout: Annotated[
@@ -97,8 +99,6 @@ def submit(
     labelled = _documents(files)
     if not labelled:
         output.die(f"no task in {', '.join(map(str, files))}: the files hold no YAML document")
-    if wait and len(labelled) != 1:
-        output.die(f"--wait follows one task; these files hold {len(labelled)} (leave out --wait, then `mloc show ID`)")
     try:
         if dry_run:
             single = len(files) == 1 and len(labelled) == 1
@@ -126,10 +126,11 @@ def submit(
             if pipeline_id:
                 output.line(f"pipeline {pipeline_id}: `mloc pipeline {pipeline_id}` shows its steps")
         if wait:
-            _wait(api, answers[0]["task_id"], timeout=timeout, wait_timeout=wait_timeout, shown=shown)
+            ids = [answer["task_id"] for answer in answers]
+            _wait(api, ids, timeout=timeout, wait_timeout=wait_timeout, shown=shown)
     except KeyboardInterrupt:
         # From here on the tasks are stored: say that they go on, whenever Ctrl-C comes.
-        for answer in answers[:1] if wait else []:
+        for answer in answers if wait else []:
             _interrupted(api, answer["task_id"])
         raise typer.Exit(130) from None
 
@@ -142,12 +143,24 @@ def _interrupted(api: Client, task_id: str) -> None:
     waiting.interrupted(task_id, state)
 
 
-def _wait(api: Client, task_id: str, *, timeout: float, wait_timeout: float, shown: int) -> None:
+def _wait(api: Client, task_ids: list[str], *, timeout: float, wait_timeout: float, shown: int) -> None:
+    """Follow the tasks one after another, in the order submitted (a pipeline's steps end in that
+    order or are ended by a step before them), each reported as it ends; ``timeout`` is for them all.
+    Exits 1 once all have ended when any did not succeed."""
+    deadline = time.monotonic() + timeout
+    unsucceeded = 0
+    task_id = task_ids[0]
     try:
-        record = waiting.wait(api, task_id, timeout=timeout, unschedulable_after=wait_timeout)
-        waiting.report(api, record, shown=shown)
+        for number, task_id in enumerate(task_ids, 1):
+            if len(task_ids) > 1:
+                output.line(output.styled(f"[{number}/{len(task_ids)}] waiting for {task_id}", "bold"))
+            left = max(1.0, deadline - time.monotonic())
+            record = waiting.wait(api, task_id, timeout=left, unschedulable_after=wait_timeout)
+            waiting.report(api, record, shown=shown)
+            unsucceeded += record["state"] != "succeeded"
     except KeyboardInterrupt:
-        _interrupted(api, task_id)
+        for left_id in task_ids[task_ids.index(task_id) :]:
+            _interrupted(api, left_id)
         raise typer.Exit(130) from None
     except waiting.Unschedulable as exc:
         output.fail(exc, code=1)
@@ -155,7 +168,9 @@ def _wait(api: Client, task_id: str, *, timeout: float, wait_timeout: float, sho
         _lost(api, task_id)
     except MlocError as exc:
         output.fail(exc)
-    if record["state"] != "succeeded":
+    if unsucceeded:
+        if len(task_ids) > 1:
+            output.line(f"{unsucceeded} of {len(task_ids)} tasks did not succeed", stderr=True)
         raise typer.Exit(1)
 
 

@@ -109,6 +109,11 @@ def test_validate_refuses_the_pipeline_graphs_a_submit_refuses_in_the_submits_wo
             "spec.dependsOn[1]: 'nosuch' is neither a task of this submission (metadata.name: a, b) nor a task id "
             "of yours; name one of them",
         ),
+        "misspelt": (
+            _write(tmp_path / "misspelt.yaml", _echo("prepare"), _echo("b", "prepair")),
+            "spec.dependsOn[0]: 'prepair' is neither a task of this submission (metadata.name: b, prepare) nor a task "
+            "id of yours; did you mean 'prepare'?",
+        ),
         # The same rules hold for a name given where a task's output is read (from:).
         "unknown output": (
             _write(tmp_path / "unknown_output.yaml", _echo("a"), _reading("b", lines_of="nosuch")),

@@ -142,7 +142,7 @@ def stored(sync_redis: redis.Redis, task_id: str) -> Document:
         (
             [sft("tune"), echo("gate", when={"from": "tune", "score": "arith/acc", "min": 0.5})],
             "spec.when.from",
-            "'tune' is a task of type 'sft', which makes no eval scores; name a eval task",
+            "'tune' is a task of type 'sft', which makes no eval scores; name an eval task",
         ),
         (
             [evaluate("ev"), echo("gate", when={"from": "ev", "score": "arth/acc", "min": 0.5})],
@@ -412,7 +412,7 @@ def test_an_id_given_as_input_task_is_checked_and_waited_for_as_from_is(
         submit(redis_url, [over_rows("use", {"task": plain})])
     assert caught.value.message.startswith(
         f"task 1 of the submission: spec.inference.input.task: '{plain}' is a task of type 'echo', which makes no "
-        "result lines; name a inference task"
+        "result lines; name an inference task"
     )
     with pytest.raises(
         SpecError, match=r"spec\.inference\.input\.task: '00000000-0000-4000-8000-000000000000' is neither"

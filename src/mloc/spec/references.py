@@ -115,8 +115,8 @@ def problem(reference: Reference, entry: str, producer: Producer, child: Documen
     makers = MAKERS[output]
     if producer.task_type not in makers:
         return (
-            f"{entry!r} is a task of type {producer.task_type or 'unknown'!r}, which makes no {output}; name a "
-            f"{' or '.join(sorted(makers))} task"
+            f"{entry!r} is a task of type {producer.task_type or 'unknown'!r}, which makes no {output}; name "
+            f"{_a(' or '.join(sorted(makers)))} task"
             + (
                 " that merges its adapter (hyperparameters.merge_adapter: true)"
                 if output == Output.MERGED_MODEL
@@ -133,6 +133,10 @@ def problem(reference: Reference, entry: str, producer: Producer, child: Documen
     if output == Output.SCORES:
         return _scores(entry, spec, child)
     return None
+
+
+def _a(words: str) -> str:
+    return f"{'an' if words[:1] in tuple('aeiou') else 'a'} {words}"
 
 
 def _merged_model(entry: str, producer: Producer) -> str | None:

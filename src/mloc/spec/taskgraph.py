@@ -4,6 +4,7 @@ validate` checks with them, so both refuse alike, in the same words."""
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Sequence
 
@@ -22,10 +23,9 @@ def names_itself(entry: str) -> str:
 
 def names_nothing(entry: str, names: Sequence[str]) -> str:
     listed = ", ".join(sorted(names)) or "none named"
-    return (
-        f"{entry!r} is neither a task of this submission (metadata.name: {listed}) nor a task id of yours; "
-        "name one of them"
-    )
+    close = difflib.get_close_matches(entry, names, n=1, cutoff=0.7)
+    fix = f"did you mean {close[0]!r}?" if close else "name one of them"
+    return f"{entry!r} is neither a task of this submission (metadata.name: {listed}) nor a task id of yours; {fix}"
 
 
 def cycle_message(names: Sequence[str]) -> str:

@@ -87,6 +87,21 @@ def test_prompts_with_their_own_sampling_get_what_a_call_each_would_give(tiny_mo
     assert engine.generate(prompts, samplings, cancel=cancelled) == []
 
 
+def test_a_seed_of_minus_one_is_no_seed_as_vllm_reads_it(tiny_model: Path) -> None:
+    import torch
+
+    engine = TransformersEngine("tiny", tiny_model)
+    prompts = ["The quick brown fox", "def add"]
+
+    def drawn(seed: int | None) -> list[str]:
+        torch.manual_seed(7)  # the process's generator, which an unseeded call draws from
+        sampling = Sampling.model_validate({"max_tokens": 8, "temperature": 2.0, "seed": seed, "n": 3})
+        return [s.output for samples in engine.generate(prompts, sampling) for s in samples]
+
+    assert drawn(-1) == drawn(None)
+    assert drawn(-1) != drawn(-2)  # a real seed fixes its own draw
+
+
 def test_cache_evicts_the_least_recently_used_engine(tiny_model: Path, tmp_path: Path) -> None:
     paths = [
         tiny_model,

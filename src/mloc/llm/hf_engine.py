@@ -12,7 +12,7 @@ from typing import Any
 from mloc.errors import ExecutionError
 from mloc.llm import text
 from mloc.llm.base import Generation, Samplings, TokenizerEngine, generate_by_group
-from mloc.spec.sampling import Sampling
+from mloc.spec.sampling import NO_SEED, Sampling
 
 
 def _adapter_name(path: Path) -> str:
@@ -142,7 +142,7 @@ class TransformersEngine(TokenizerEngine):
         bypass = (
             self._peft.disable_adapter() if adapter is None and self._peft is not None else contextlib.nullcontext()
         )
-        if sampling.seed is not None:
+        if sampling.seed is not None and sampling.seed != NO_SEED:
             torch.manual_seed(sampling.seed)
         with torch.inference_mode(), bypass:
             output = model.generate(**batch, **kwargs)

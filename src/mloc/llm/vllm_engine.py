@@ -20,7 +20,7 @@ from typing import Any
 from mloc.errors import ExecutionError
 from mloc.llm import text
 from mloc.llm.base import Generation, Samplings, TokenizerEngine, per_prompt
-from mloc.spec.sampling import Sampling
+from mloc.spec.sampling import NO_SEED, Sampling
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -186,7 +186,7 @@ class VllmEngine(TokenizerEngine):
             top_p=sampling.top_p,
             top_k=sampling.top_k or 0,
             stop=list(sampling.stop) or None,
-            seed=sampling.seed,
+            seed=None if sampling.seed == NO_SEED else sampling.seed,
             stop_token_ids=self.extra_stop_ids or None,
         )
 

@@ -45,6 +45,10 @@ def _no_cut_in_schema(schema: JsonDict) -> None:
     choices.insert(1, {"enum": list(_NO_TOP_K)})
 
 
+# vLLM reads a seed of -1 as none given; the transformers engine does the same, so it means one thing.
+NO_SEED = -1
+
+
 class Sampling(Strict):
     max_tokens: int = Field(128, ge=1, le=1_000_000)
     temperature: float = Field(0.7, ge=0, le=2, description="0 is greedy; at most 2, as vLLM and OpenAI allow.")
@@ -58,7 +62,12 @@ class Sampling(Strict):
     )
     stop: list[str] = Field(default_factory=list)
     # The engines seed a torch generator, which takes a signed or unsigned 64-bit integer.
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    seed: int | None = Field(
+        None,
+        ge=-(2**63),
+        le=2**64 - 1,
+        description="Fixes the sampling for repeatable outputs; unset or -1: a fresh seed each run, on every engine.",
+    )
     n: int = Field(1, ge=1, le=64, description="Completions per prompt; more than 1 needs a temperature above 0.")
 
     @field_validator("max_tokens", "temperature", "top_p", "top_k", "seed", "n", mode="wrap")

@@ -253,6 +253,12 @@ def test_a_chunk_whose_worker_is_lost_keeps_the_rows_that_worker_finished(
     assert finished_before <= kept < rows
     said = [line["text"] for line in client.logs(chunk)["lines"]]
     assert f"{kept:,} rows kept from an earlier run, not generated again" in said, said
+    # The parent's log tells both starts: the lost one and the one that finished.
+    told = [e["text"] for e in client.logs(parent)["lines"] if e["event"] == "chunk_started"]
+    assert told == [
+        f"chunk 0 ({chunk[:8]}) started on {first}: rows 1-600",
+        f"chunk 0 ({chunk[:8]}) started again on {again['worker_id']}: rows 1-600",
+    ], told
     lines = lines_of(client, parent)
     assert [line["id"] for line in lines] == [f"q{i:03d}" for i in range(rows)]
     assert all(line["error"] is None and line["output"] for line in lines)

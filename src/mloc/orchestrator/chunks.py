@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 PARENT_LABEL = "mloc.parent"
 # Longest a settle or resume may hold a parent's lock (it is released as soon as it is done).
 LOCK_SEC = 120
-# A chunk's field: the last of its moves (started, or how it ended) its parent's log has said.
+# A chunk's field: the last of its moves its parent's log has said: how it ended, or "running/N" for
+# the start of its attempt N.
 TOLD = "told_parent"
 _SUMMED = ("prompt_tokens", "completion_tokens", "total_tokens", "num_requests")
 
@@ -181,7 +182,15 @@ async def _chunk_rows(store: TaskStore, children: list[str]) -> list[list[str | 
     pipe = store.redis.pipeline(transaction=False)
     for child in children:
         pipe.hmget(
-            keys.task(child), "state", "reason", "started_at", "result_summary", "worker_id", "finished_at", TOLD
+            keys.task(child),
+            "state",
+            "reason",
+            "started_at",
+            "result_summary",
+            "worker_id",
+            "finished_at",
+            TOLD,
+            "attempts",
         )
     return await pipe.execute()
 
@@ -197,15 +206,16 @@ async def _tell(
     lines: list[tasklog.Line] = []
     told: list[tuple[str, str]] = []
     for index, (child, row) in enumerate(zip(children, rows, strict=True)):
-        state, reason, started, summary, worker, finished, said = row
+        state, reason, started, summary, worker, finished, said, attempts = row
+        if state in (TaskState.RUNNING, TaskState.CANCELLING):
+            state = f"{TaskState.RUNNING}/{attempts}"  # a start is told once per attempt
         if not state or state == said:
             continue
         name = f"chunk {index} ({child[:8]})"
-        if state in (TaskState.RUNNING, TaskState.CANCELLING):
-            if said:
-                continue
+        if state.startswith(f"{TaskState.RUNNING}/"):
             last = (index + 1) * size if limit is None else min((index + 1) * size, int(limit))
-            text = f"{name} started on {worker}: rows {index * size + 1:,}-{last:,}"
+            again = " again" if (said or "").startswith(f"{TaskState.RUNNING}/") else ""
+            text = f"{name} started{again} on {worker}: rows {index * size + 1:,}-{last:,}"
             lines.append(tasklog.Line("chunk_started", text))
         elif TaskState(state) in TERMINAL:
             took = f" in {float(finished) - float(started):.1f} s" if started and finished else ""

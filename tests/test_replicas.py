@@ -94,6 +94,8 @@ def test_replicas_run_on_different_workers_and_merge_in_order(
     assert result["replicas"] == 2 and result["usage"]["num_requests"] == 5
     merged_file = tmp_path / "results" / answer["task_id"] / "responses.json"
     assert merged_file.exists()
+    ended = client.logs(answer["task_id"])["lines"][-1]  # the parent's own log says how it ended
+    assert (ended["event"], ended["text"]) == ("succeeded", "succeeded: its 2 replicas succeeded"), ended
     single = client.submit(inference_task(str(tiny_model), prompts, 1).encode())
     deadline = time.monotonic() + 300
     while client.task(single["task_id"])["state"] not in ("succeeded", "failed"):

@@ -23,7 +23,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from mloc import keys, moves
+from mloc import keys, moves, tasklog
 from mloc.errors import MlocError, SpecError
 from mloc.executors.base import write_json_atomic
 from mloc.orchestrator import chunks
@@ -138,15 +138,10 @@ async def _end(
     """Fail or cancel the parent after shard ``index``, and cancel the shards still going."""
     shard_state = states[index]
     move = moves.GROUP_CANCEL if shard_state == TaskState.CANCELLED else moves.GROUP_FAIL
-    outcome = await store.transition(
-        parent_id,
-        move,
-        fields={
-            "reason": f"replica {index} ({children[index]}) {shard_state}: {why or 'no reason given'}",
-            "reason_code": Reason.of_replica(shard_state).value,
-            "finished_at": repr(time.time()),
-        },
-    )
+    reason = f"replica {index} ({children[index]}) {shard_state}: {why or 'no reason given'}"
+    fields = {"reason": reason, "reason_code": Reason.of_replica(shard_state).value, "finished_at": repr(time.time())}
+    said = tasklog.stored(tasklog.ended(shard_state, reason))
+    outcome = await store.apply(parent_id, moves.Change(move, fields=fields, log=(said,)))
     if not outcome.ok:
         return
     for sibling, sibling_state in zip(children, states, strict=True):
@@ -172,12 +167,13 @@ async def _succeed(
     write_json_atomic(results_dir / parent_id / "responses.json", merged)
     now = time.time()
     fields = {"finished_at": repr(now), "usage": json.dumps(merged["usage"]), "reason": ""}
+    said = tasklog.stored(tasklog.Line(TaskState.SUCCEEDED, f"succeeded: its {len(children)} replicas succeeded"))
+    end = moves.Change(moves.GROUP_SUCCEED, result=merged, fields=fields, now=now, log=(said,))
     if started:
-        await store.transition(parent_id, moves.GROUP_SUCCEED, result=merged, fields=fields, now=now)
+        await store.apply(parent_id, end)
         return
     # Every shard ended before the parent was seen running: it starts and ends in one step.
-    start = moves.Change(moves.GROUP_START, fields=_started(rows), now=now)
-    await store.apply(parent_id, start, then=moves.Change(moves.GROUP_SUCCEED, result=merged, fields=fields, now=now))
+    await store.apply(parent_id, moves.Change(moves.GROUP_START, fields=_started(rows), now=now), then=end)
 
 
 async def settle_marked(

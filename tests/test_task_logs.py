@@ -6,6 +6,7 @@ line. Real Redis, real orchestrator and worker processes, the real `mloc` comman
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -229,6 +230,10 @@ def test_source_tail_and_since_filter_exactly_in_the_api_and_the_cli(
     assert len(page["lines"]) == 4 and page["more"] is True
     rest = client.logs(task_id, since=page["next"])["lines"]
     assert [line["id"] for line in page["lines"] + rest] == [line["id"] for line in everything]
+    # The next page of a time window keeps the window: `after` reads on, `since` still filters.
+    first = client.logs(task_id, since="10m", limit=2)
+    window = first["lines"] + client.logs(task_id, since="10m", after=first["next"])["lines"]
+    assert [line["text"] for line in window] == [line["text"] for line in everything[:-1]]
 
     with httpx.Client(base_url=cluster.api_url) as http:
         bad_since = http.get(f"/api/v1/tasks/{task_id}/logs", params={"since": "yesterdayish"})
@@ -263,6 +268,14 @@ def test_source_tail_and_since_filter_exactly_in_the_api_and_the_cli(
     assert mloc("logs", task_id, "--since", "10m", "--source", "stderr", env=env).stdout == ""
     wrong = mloc("logs", task_id, "--since", "soonish", env=env)
     assert wrong.returncode == 2 and "'soonish' is not a time; give a duration ago (30s, 10m, 2h, 1d)" in wrong.stderr
+
+    # A log longer than the API's page is printed whole: the CLI reads every page.
+    write_through_reporter(redis_url, task_id, [{"ts": base + 10, "message": f"more {n}"} for n in range(2500)])
+    assert client.logs(task_id)["more"] is True
+    printed = mloc("logs", task_id, env=env).stdout.splitlines()
+    assert len(printed) == len(everything) + 2500 and printed[-1].endswith("more 2499"), printed[-3:]
+    as_json = json.loads(mloc("logs", task_id, "--json", "--since", "10m", env=env).stdout)
+    assert len(as_json["lines"]) == len(everything) - 1 + 2500 and as_json["more"] is False
 
 
 # ---------------------------------------------------------------------- follow

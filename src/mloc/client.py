@@ -23,6 +23,7 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 # Seconds without a byte from a followed log after which the orchestrator counts as gone.
 FOLLOW_SILENCE_SEC = 45.0
 TASK_FILE_SUFFIXES = (".yaml", ".yml", ".json")
+LOG_PAGE = 10_000  # the API's largest page of log lines
 _FULL_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _ID_PREFIX = re.compile(r"^[0-9a-f-]+$")
 _ID_LENGTH = 36  # a UUID: 32 hex digits and 4 dashes
@@ -370,15 +371,35 @@ class Client:
         tail: int | None = None,
         since: str | float | None = None,
         limit: int | None = None,
+        after: str | None = None,
     ) -> dict[str, Any]:
         """The task's log so far: {"lines": [{"id", "ts", "level", "source", "text", "event"?}, ...]},
         oldest first. ``source`` keeps only those sources (mloc, executor, library, stdout, stderr);
         ``tail`` the last N entries; ``since`` entries from a time on (unix seconds, ISO 8601, or a
-        duration ago: "10m") or after an entry id; ``limit`` at most that many (``more`` says if cut)."""
+        duration ago: "10m") or after an entry id; ``limit`` at most that many (``more`` says if cut,
+        and ``after=`` its ``next`` reads on)."""
         params = _log_params(source, tail, since)
         if limit is not None:
             params["limit"] = str(limit)
+        if after is not None:
+            params["after"] = after
         return self._call("GET", self._path(task_id, "/logs"), params=params)
+
+    def all_logs(
+        self,
+        task_id: str,
+        *,
+        source: str | Iterable[str] | None = None,
+        tail: int | None = None,
+        since: str | float | None = None,
+    ) -> dict[str, Any]:
+        """:meth:`logs`, every page of it: all the lines, however many (a log keeps about 10,000)."""
+        body = self.logs(task_id, source=source, tail=tail, since=since)
+        lines = list(body["lines"])
+        while body.get("more"):
+            body = self.logs(task_id, source=source, since=since, limit=LOG_PAGE, after=body["next"])
+            lines.extend(body["lines"])
+        return {**body, "lines": lines, "more": False}
 
     def follow_logs(
         self,

@@ -237,6 +237,14 @@ async def task_logs(
     ] = None,
     tail: Annotated[int | None, Query(ge=1, le=10_000, description="Only the last N entries (then follow).")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    after: Annotated[
+        str | None,
+        Query(
+            pattern=r"^\d{1,20}-\d{1,20}$",
+            description="Entries after this entry id (a page's `next`, when `more` said the page was cut); "
+            "since's time still applies.",
+        ),
+    ] = None,
 ) -> Any:
     """Log entries of a task (``ts``, ``level``, ``source``, ``text``, and ``event`` on lifecycle lines),
     oldest first; ``follow=true`` streams them (server-sent events) until the task ends."""
@@ -245,6 +253,8 @@ async def task_logs(
         start, sources = tasklog.parse_since(since), tasklog.parse_sources(source)
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
+    if after:
+        start = tasklog.Since(after_id=after, ts=start.ts)
     if not follow:
         page = await tasklog.read(orch.redis, task_id, sources=sources, since=start, tail=tail, limit=limit)
         body = {"ok": True, "task_id": task_id, "lines": page.entries, "next": page.next_id, "more": page.more}

@@ -13,7 +13,7 @@ import typer
 from mloc.cli import output, results, waiting
 from mloc.cli.output import JsonFlag, OutputFormat, wants_json
 from mloc.cli.root import TaskIdArg, app, client, task_failed
-from mloc.client import Client, Lost, Unreachable
+from mloc.client import ApiError, Client, Lost, Unreachable
 from mloc.errors import MlocError
 from mloc.spec.dataset import CHUNK_LABEL
 
@@ -561,7 +561,12 @@ def _chunk_logs(
         raise typer.Exit(2)
     entries = list(own)
     for index, child in enumerate(record.get("children") or []):
-        lines = api.logs(child, source=sources, tail=tail, since=since)["lines"]
+        try:
+            lines = api.all_logs(child, source=sources, tail=tail, since=since)["lines"]
+        except ApiError as exc:
+            if exc.status_code != 404:
+                raise
+            continue  # a chunk forgotten past its retention: its lines went with it
         entries.extend({**entry, "chunk": index} for entry in lines)
     entries.sort(key=lambda entry: float(entry.get("ts") or 0))  # stable: a chunk's own order holds on ties
     return entries[-tail:] if tail else entries
@@ -628,7 +633,7 @@ def logs(
     try:
         full_id = api.resolve(task_id)
         if not follow:
-            body = api.logs(full_id, source=sources, tail=tail, since=since)
+            body = api.all_logs(full_id, source=sources, tail=tail, since=since)
             if with_chunks:
                 body = {**body, "lines": _chunk_logs(api, full_id, body["lines"], sources, tail, since)}
             if as_json:

@@ -82,6 +82,14 @@ def test_chunks_spread_over_workers_and_join_in_row_order(
     summary = client.result(answer["task_id"])
     assert (summary["rows"], summary["succeeded"], summary["failed"], summary["chunks"]) == (47, 47, 0, 10)
     assert summary["usage"]["completion_tokens"] == 47 * 2
+    # Time and speed are the task's own, not its slowest chunk's; model loading adds up over chunks.
+    used, took = summary["usage"], record["finished_at"] - record["started_at"]
+    assert abs(used["latency_sec"] - took) < 0.5 and used["latency_sec"] > max(
+        client.result(c["task_id"])["usage"]["latency_sec"] for c in chunks[:10]
+    )
+    assert used["tokens_per_sec"] == pytest.approx(47 * 2 / used["latency_sec"], rel=0.05)
+    loads = [client.result(c["task_id"])["usage"]["load_sec"] for c in chunks if c["state"] == "succeeded"]
+    assert used["load_sec"] == pytest.approx(sum(loads[:10]), abs=0.01)
     lines = lines_of(client, answer["task_id"])
     assert [line["id"] for line in lines] == [f"q{i:03d}" for i in range(47)]
     assert all(line["error"] is None and line["completion_tokens"] == 2 for line in lines)
@@ -99,7 +107,11 @@ def test_chunks_spread_over_workers_and_join_in_row_order(
     env = {"MLOC_API_URL": cluster.api_url}
     shown = mloc("show", answer["task_id"], env=env).stdout
     assert re.search(r"^progress +47 rows done in 10 chunk\(s\)$", shown, re.M), shown
-    assert re.search(rf"^chunks +{len(chunks)}, 5 rows each \(`mloc logs {answer['task_id']} --chunks`", shown, re.M)
+    past = " (and 1 cut past the data's end)" if len(chunks) == 11 else ""
+    assert re.search(
+        rf"^chunks +10{re.escape(past)}, 5 rows each \(`mloc logs {answer['task_id']} --chunks`", shown, re.M
+    )
+    assert "attempts" not in shown  # the parent runs nowhere itself; its chunks have attempts
     chunk_shown = mloc("show", chunks[3]["task_id"], env=env).stdout
     assert re.search(rf"^chunk of +{answer['task_id']} \(chunk 3\)$", chunk_shown, re.M), chunk_shown
     # --chunks adds the chunks' own lines, in time order, each marked with its chunk.
@@ -175,7 +187,12 @@ def test_a_failed_dataset_task_resumes_without_redoing_its_finished_chunks(
         [sys.executable, "-m", "mloc.cli", "resume", task_id], env=env, capture_output=True, text=True, timeout=60
     )
     assert resumed.returncode == 0, resumed.stderr
-    assert "2 finished chunk(s) kept, 1 to run again" in resumed.stdout
+    assert "2 finished chunk(s) kept, 1 to run again, then the rest of the data" in resumed.stdout
+    told = [e["text"] for e in client.logs(task_id)["lines"] if e.get("event") == "resumed"]
+    assert len(told) == 1 and told[0].startswith("resumed by "), told
+    assert told[0].endswith(
+        ": 2 finished chunk(s) kept; 1 cut chunk(s) not finished run again, then the rows after them"
+    )
     record = client.wait(task_id, timeout=300)
     assert record["state"] == "succeeded", record
     second = [client.task(child) for child in record["children"]]
@@ -234,12 +251,12 @@ def test_a_chunk_whose_worker_is_lost_keeps_the_rows_that_worker_finished(
         assert time.monotonic() < deadline, client.task(chunk)
         time.sleep(0.02)
     # The parent's progress counts the rows its running chunk has done, not only finished chunks' rows.
-    while "more in 1 running chunk(s)" not in (client.task(parent).get("progress") or {}).get("message", ""):
+    while "in 1 running chunk(s)" not in (client.task(parent).get("progress") or {}).get("message", ""):
         assert time.monotonic() < deadline, client.task(parent)
         time.sleep(0.05)
     progress = client.task(parent)["progress"]
     assert progress["unit"] == "rows" and progress["step"] >= 1, progress
-    assert progress["message"] == f"0 rows done in 0 chunk(s); {progress['step']:,} more in 1 running chunk(s)"
+    assert progress["message"] == f"{progress['step']:,} rows done in 1 running chunk(s)"
     first = client.task(chunk)["worker_id"]
     cluster.worker_procs[first].kill()  # SIGKILL: its executor dies with it, mid-batch or between two
     finished_before = written.read_bytes().count(b"\n")
@@ -282,7 +299,9 @@ def test_a_cancelled_dataset_task_says_how_to_resume_and_where_its_lines_are(
     assert mloc("cancel", parent, env=env).returncode == 0
     record = client.wait(parent, timeout=120)
     assert record["state"] == "cancelled", record
-    assert record["reason"].endswith(f"; `mloc resume {parent}` runs the chunks not finished"), record["reason"]
+    assert record["reason"].endswith(
+        f"; `mloc resume {parent}` runs the chunks not finished and the rest of the data"
+    ), record["reason"]
     said = client.logs(parent)["lines"]
     assert said[0]["text"].startswith(f"chunk 0 ({record['children'][0][:8]}) started on local-1: rows 1-400"), said
     assert said[-1]["event"] == "cancelled" and f"mloc resume {parent}" in said[-1]["text"], said
@@ -291,3 +310,5 @@ def test_a_cancelled_dataset_task_says_how_to_resume_and_where_its_lines_are(
     assert files.returncode != 0
     assert f"task {parent} has no files: it is cancelled, and a dataset task has files" in files.stderr, files.stderr
     assert "RESULTS_DIR" not in files.stderr and f"mloc results {parent}" in files.stderr
+    result = mloc("result", parent, env=env)
+    assert f"has no result (it is cancelled); the lines its chunks finished: mloc results {parent}" in result.stderr

@@ -68,8 +68,11 @@ def test_submit_wait_tasks_show_workers_stats_cancel(make_cluster: Callable[...,
     assert "per month" in by_month.stdout and re.search(r"\b\d{4}-\d{2}\b", by_month.stdout)
     task_id = json.loads(mloc("submit", "templates/echo.yaml", "--json", env=env).stdout)["task_id"]
     assert json.loads(mloc("show", task_id, "--json", env=env).stdout)["task_id"] == task_id
+    followed = mloc("logs", "-f", task_id, env=env)  # exits 0 once the task succeeded
+    assert followed.returncode == 0, followed.stderr
     cancelled = mloc("cancel", task_id, env=env)
-    assert cancelled.returncode == 0 or "cannot become cancelled" in cancelled.stderr
+    assert cancelled.returncode != 0
+    assert f"task {task_id} has already ended: it is succeeded, and cannot become cancelled" in cancelled.stderr
     no_token = mloc("tasks", env={"MLOC_API_URL": cluster.api_url, "ORCHESTRATOR_TOKEN": ""})
     assert no_token.returncode == 2 and "bearer token" in no_token.stderr
     assert "no token was sent: set MLOC_TOKEN to your API token" in no_token.stderr

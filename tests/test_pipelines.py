@@ -97,6 +97,12 @@ def test_a_failed_step_fails_or_skips_what_waits_for_it(
     assert f"the task it depends on, broken ({tasks[0]['task_id']}), failed" in records["strict"]["reason"]
     assert "bad data" in records["strict"]["reason"]
     assert records["lenient"]["state"] == "cancelled" and records["lenient"]["reason"].startswith("skipped: ")
+    # Each says so in its own log, written with the move; a failed one's reason is read after "failed:".
+    strict_said = client.logs(records["strict"]["task_id"])["lines"]
+    assert [(e["event"], e["text"]) for e in strict_said] == [("failed", f"failed: {records['strict']['reason']}")]
+    assert records["strict"]["reason"].startswith("the task it depends on, broken")
+    lenient_said = client.logs(records["lenient"]["task_id"])["lines"]
+    assert [(e["event"], e["text"]) for e in lenient_said] == [("cancelled", records["lenient"]["reason"])]
     # The failure travels down the graph.
     assert records["downstream"]["state"] == "failed" and "strict" in records["downstream"]["reason"]
     assert all(r["attempts"] == 0 for name, r in records.items() if name != "broken")  # never placed

@@ -17,7 +17,7 @@ from mloc import keys, lua, transition
 from mloc.errors import InvalidTransition, NotFound
 from mloc.moves import Change, Move, Reservation
 from mloc.records import NewTask, TaskRecord
-from mloc.state import Refusal, TaskState
+from mloc.state import TERMINAL, Refusal, TaskState
 from mloc.transition import Transition, pending_score, utc_day
 
 # Named here too: callers build reservations and read outcomes through the store.
@@ -399,6 +399,8 @@ def require(outcome: Transition, task_id: str, target: TaskState) -> Transition:
         return outcome
     if outcome.error == Refusal.MISSING:
         raise NotFound(f"task {task_id} not found")
+    if outcome.error == Refusal.STATE and outcome.detail in TERMINAL:
+        raise InvalidTransition(f"task {task_id} has already ended: it is {outcome.detail}, and cannot become {target}")
     if outcome.error == Refusal.STATE:
         raise InvalidTransition(f"task {task_id} is {outcome.detail}; it cannot become {target}")
     raise InvalidTransition(f"task {task_id} could not become {target}: {outcome.error} {outcome.detail}")

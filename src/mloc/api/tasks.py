@@ -188,7 +188,8 @@ async def task_result(task_id: TaskId, orch: Orch, who: Caller) -> JSONResponse:
     result = await orch.store.result(task_id)
     if result is None:
         yet = "" if record.state.terminal else " yet"
-        raise NotFound(f"task {task_id} has no result{yet} (it is {record.state})")
+        lines = f"; the lines its chunks finished: mloc results {task_id}" if record.chunk_rows else ""
+        raise NotFound(f"task {task_id} has no result{yet} (it is {record.state}){lines}")
     return JSONResponse(result)
 
 

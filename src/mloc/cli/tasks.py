@@ -322,7 +322,10 @@ def _summary(record: dict[str, Any]) -> list[tuple[str, str]]:
     # A start ended by a worker's loss is a requeue, not one of the task's attempts (mloc.requeue).
     requeues = int(record.get("requeues") or 0)
     lost = f", and {requeues} requeue(s) after worker loss, which do not count" if requeues else ""
-    rows.append(("attempts", f"{int(record.get('attempts') or 0) - requeues} of {record.get('max_attempts', 1)}{lost}"))
+    if not record.get("children"):  # a group's parent runs nowhere itself: its chunks or replicas have attempts
+        rows.append(
+            ("attempts", f"{int(record.get('attempts') or 0) - requeues} of {record.get('max_attempts', 1)}{lost}")
+        )
     if worker:
         rows.append(("worker", worker))
     created = float(record.get("created_at") or 0)
@@ -347,10 +350,13 @@ def _summary(record: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("replica of", f"{record['parent_id']} (replica {record.get('replica')})"))
     if record.get("children") and record.get("chunk_rows"):
         count = len(record["children"])
+        joined = (record.get("result_summary") or {}).get("chunks") if state == "succeeded" else None
+        # The window may have cut a chunk or two past the data's end before that end was known.
+        cut = f"{joined} (and {count - joined} cut past the data's end)" if joined and joined < count else str(count)
         rows.append(
             (
                 "chunks",
-                f"{count}{'' if finished else ' cut so far'}, {record['chunk_rows']:,} rows each "
+                f"{cut}{'' if finished else ' cut so far'}, {record['chunk_rows']:,} rows each "
                 f"(`mloc logs {task_id} --chunks` prints their lines; --json lists their ids)",
             )
         )
@@ -359,7 +365,7 @@ def _summary(record: dict[str, Any]) -> list[tuple[str, str]]:
     rows.extend(_memory_rows(record))
     usage = record.get("usage") or {}
     if usage:
-        rows.append(("usage", ", ".join(f"{k}={v}" for k, v in usage.items())))
+        rows.append(("usage", ", ".join(f"{k}={_count(v)}" for k, v in usage.items())))
     if state == "succeeded":
         rows.append(("result", f"mloc result {task_id} (files: mloc artifacts {task_id})"))
     for name, artifact in (record.get("artifacts") or {}).items():
@@ -368,6 +374,11 @@ def _summary(record: dict[str, Any]) -> list[tuple[str, str]]:
     if state in ("running", "cancelling", "failed", "succeeded", "cancelled"):
         rows.append(("logs", f"mloc logs {task_id}"))
     return rows
+
+
+def _count(value: Any) -> Any:
+    """A whole number kept as a float (Redis adds usage up as floats) shown as the count it is."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _memory_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
@@ -496,7 +507,7 @@ def resume(task_id: TaskIdArg, json_out: JsonFlag = False) -> None:
         redone = answer.get("chunks_redone") or []
         output.line(
             f"resumed {answer['task_id']}: {answer.get('chunks_kept', 0)} finished chunk(s) kept, "
-            f"{len(redone)} to run again (mloc show {answer['task_id']})"
+            f"{len(redone)} to run again, then the rest of the data (mloc show {answer['task_id']})"
         )
 
 

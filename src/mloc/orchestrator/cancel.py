@@ -40,7 +40,8 @@ async def cancel(
     }
     if record.children:
         if record.chunk_rows:
-            ended["reason"] += f"; `mloc resume {task_id}` runs the chunks not finished"
+            resume = f"`mloc resume {task_id}` runs the chunks not finished and the rest of the data"
+            ended["reason"] += f"; {resume}"
         # The parent first (it has no worker of its own): once it has ended, the shards' cancellations
         # cannot settle it as "a replica was cancelled" instead.
         outcome = require(

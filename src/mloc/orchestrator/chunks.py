@@ -315,7 +315,8 @@ def rows_message(rows: int, failed: int, chunks: int, *, unfinished: int = 0) ->
     finished'. Failed rows are said: a task may succeed with some (``max_row_errors``)."""
     text = f"{rows:,} rows done" + (f", {failed:,} of them failed," if failed else "") + f" in {chunks} chunk(s)"
     if unfinished:
-        text += f"; {unfinished} chunk{'s' if unfinished != 1 else ''} not finished"
+        # Chunks are cut as the data goes on: those not cut yet are not counted (the row count is not known).
+        text += f"; {unfinished} cut chunk{'s' if unfinished != 1 else ''} not finished"
     return text
 
 
@@ -341,7 +342,9 @@ async def live_progress(store: TaskStore, record: TaskRecord) -> dict[str, Any] 
                 live += int((json.loads(progress or "{}") or {}).get("step") or 0)
     if not running:
         return stored
-    message = rows_message(done, failed, finished) + f"; {live:,} more in {running} running chunk(s)"
+    message = f"{live:,} rows done in {running} running chunk(s)"
+    if finished:
+        message = rows_message(done, failed, finished) + f"; {live:,} more in {running} running chunk(s)"
     return {"step": done + live, "total": None, "unit": "rows", "message": message, "ts": time.time()}
 
 
@@ -375,7 +378,7 @@ async def _end(
     move = moves.GROUP_CANCEL if chunk_state == TaskState.CANCELLED else moves.GROUP_FAIL
     code = Reason.of_replica(chunk_state) if chunk_state == TaskState.CANCELLED else Reason.REPLICA_FAILED
     fields = {
-        "reason": f"{why}; `mloc resume {parent_id}` runs the chunks not finished",
+        "reason": f"{why}; `mloc resume {parent_id}` runs the chunks not finished and the rest of the data",
         "reason_code": code.value,
         "finished_at": repr(time.time()),
     }
@@ -401,11 +404,9 @@ async def _succeed(
     records = [await store.get(child, with_spec=False) for child in children]
     folder = settings.results_dir / parent_id
     await asyncio.to_thread(join_lines, settings, records, folder / RESULT_LINES)
-    usage: dict[str, float] = {}
-    for result in results:
-        for name, value in (result.get("usage") or {}).items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                usage[name] = usage.get(name, 0) + value if name in _SUMMED else max(usage.get(name, 0), value)
+    starts = [float(row[2]) for row in rows if row[2]]
+    started = float(h.get("started_at") or min(starts, default=time.time()))
+    usage = _usage(results, time.time() - started)
     first = results[0]
     merged = {
         "ok": True,
@@ -433,8 +434,6 @@ async def _succeed(
         "attempts": "1",
         "progress": json.dumps(progress | {"ts": now}),
     }
-    starts = [float(row[2]) for row in rows if row[2]]
-    started = float(h.get("started_at") or min(starts, default=now))
     said = tasklog.stored(tasklog.Line(TaskState.SUCCEEDED, f"succeeded in {now - started:.1f} s: {message}"))
     end = moves.Change(moves.GROUP_SUCCEED, result=merged, fields=fields, now=now, log=(said,))
     if TaskState(h["state"]) != TaskState.PENDING:
@@ -442,6 +441,26 @@ async def _succeed(
         return
     start = moves.Change(moves.GROUP_START, fields={"started_at": repr(started)}, now=now)
     await store.apply(parent_id, start, then=end)
+
+
+def _usage(results: list[dict[str, Any]], wall: float) -> dict[str, float]:
+    """The task's usage from its chunks': tokens and requests summed, model loading summed (each chunk
+    loads or reuses a model), and time and speed the task's own: ``latency_sec`` from its first chunk's
+    start to its end, ``tokens_per_sec`` the tokens generated (not kept) per second of that."""
+    usage: dict[str, float] = {}
+    generated = 0.0
+    for result in results:
+        used = result.get("usage") or {}
+        for name in (*_SUMMED, "load_sec"):
+            value = used.get(name)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                usage[name] = usage.get(name, 0) + value
+        generated += float(used.get("tokens_per_sec") or 0) * float(used.get("latency_sec") or 0)
+    usage["latency_sec"] = round(wall, 4)
+    usage["tokens_per_sec"] = round(generated / wall, 2) if wall > 0 else 0.0
+    if "load_sec" in usage:
+        usage["load_sec"] = round(usage["load_sec"], 4)
+    return usage
 
 
 def join_lines(settings: Settings, records: list[Any], target: Path) -> None:
@@ -493,7 +512,15 @@ async def resume(store: TaskStore, parent_id: str, *, by: str, results_dir: Path
         carried = [(results_dir / children[i], results_dir / r.task_id) for i, r in zip(redo, new, strict=True)]
         await asyncio.to_thread(_carry_lines, carried)
         fields = {"reason": "", "reason_code": "", "finished_at": "", "pending_reason": ""}
-        moved = await store.transition(parent_id, moves.GROUP_RESUME, fields=fields)
+        kept = len(states) - len(redo)
+        said = tasklog.Line(
+            "resumed",
+            f"resumed by {by}: {kept} finished chunk(s) kept; {len(redo)} cut chunk(s) not finished run again, "
+            "then the rows after them",
+        )
+        moved = await store.apply(
+            parent_id, moves.Change(moves.GROUP_RESUME, fields=fields, log=(tasklog.stored(said),))
+        )
         if not moved.ok:
             for _, folder in carried:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -514,6 +541,6 @@ async def resume(store: TaskStore, parent_id: str, *, by: str, results_dir: Path
         "ok": True,
         "task_id": parent_id,
         "state": TaskState.RUNNING.value,
-        "chunks_kept": len(states) - len(redo),
+        "chunks_kept": kept,
         "chunks_redone": redo,
     }

@@ -28,7 +28,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from mloc import keys, lua, moves
+from mloc import keys, lua, moves, tasklog
 from mloc.errors import MlocError, NotFound, SpecError
 from mloc.orchestrator import chunks, conditions
 from mloc.orchestrator.cancel import cancel
@@ -301,7 +301,8 @@ async def settle_dependent(store: TaskStore, task_id: str) -> bool:
         if parent_state in (None, TaskState.FAILED, TaskState.CANCELLED):
             ended = "is gone" if parent_state is None else f"{parent_state}: {why or 'no reason given'}"
             skip = spec.get("onDependencyFailure") == "skip"
-            text = f"{'skipped' if skip else 'failed'}: the task it depends on, {name or ''} ({parent}), {ended}"
+            # A failed task's reason is read after "failed:" (mloc show, the log); a skipped one is cancelled.
+            text = f"{'skipped: ' if skip else ''}the task it depends on, {name or ''} ({parent}), {ended}"
             await _end_waiting(store, task_id, skip=skip, reason=text, code=Reason.DEPENDENCY_FAILED)
             return False
     names = {parent: row[1] or "" for parent, row in zip(waiting, parents, strict=True)}
@@ -345,7 +346,11 @@ async def _end_waiting(store: TaskStore, task_id: str, *, skip: bool, reason: st
         "waiting_on": "",
     }
     # Refused only when it moved meanwhile (cancelled by its user): either way it waits no more.
-    await store.transition(task_id, moves.CANCEL if skip else moves.DEPENDENCY_FAIL, fields=fields)
+    line = tasklog.Line(TaskState.CANCELLED, reason, "WARNING") if skip else tasklog.ended(TaskState.FAILED, reason)
+    said = tasklog.stored(line)
+    await store.apply(
+        task_id, moves.Change(moves.CANCEL if skip else moves.DEPENDENCY_FAIL, fields=fields, log=(said,))
+    )
     await store.redis.srem(keys.DEPS_WAITING, task_id)
 
 

@@ -137,9 +137,9 @@ class Worker(TaskRunner):
             if self.stopping.is_set():
                 return
             try:
-                warm = set(self.pool.warm_models()) | {
-                    m for r in self.running.values() if r.host for m in r.host.warm_models
-                }
+                # Warm means ready for the next task: an idle executor holding the model. One running a task
+                # holds its model too, but a task placed here for it would load the model again beside it.
+                warm = set(self.pool.warm_models())
                 held = await asyncio.to_thread(held_models, self.models_dir, hf_cache=hf_hub_cache())
                 facts = await asyncio.to_thread(held_model_facts, self.models_dir, hf_cache=hf_hub_cache())
                 changed = facts if facts != self._published_facts else None

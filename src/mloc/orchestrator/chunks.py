@@ -54,7 +54,8 @@ LOCK_SEC = 120
 # A chunk's field: the last of its moves its parent's log has said: how it ended, or "running/N" for
 # the start of its attempt N.
 TOLD = "told_parent"
-_SUMMED = ("prompt_tokens", "completion_tokens", "total_tokens", "num_requests")
+# Usage fields that add up over a task's parts (chunks here, a replica group's shards too).
+SUMMED = ("prompt_tokens", "completion_tokens", "total_tokens", "num_requests")
 
 
 def is_chunked(document: dict[str, Any]) -> bool:
@@ -127,6 +128,7 @@ def child_record(parent: dict[str, str], index: int) -> NewTask | None:
         submitted_by=parent.get("submitted_by", ""),
         parent_id=parent["id"],
         replica=index,
+        cut_at=time.time(),
     )
     if parent.get("retry_backoff_sec"):
         record.retry_backoff_sec = float(parent["retry_backoff_sec"])
@@ -451,7 +453,7 @@ def _usage(results: list[dict[str, Any]], wall: float) -> dict[str, float]:
     generated = 0.0
     for result in results:
         used = result.get("usage") or {}
-        for name in (*_SUMMED, "load_sec"):
+        for name in (*SUMMED, "load_sec"):
             value = used.get(name)
             if isinstance(value, int | float) and not isinstance(value, bool):
                 usage[name] = usage.get(name, 0) + value

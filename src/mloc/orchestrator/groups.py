@@ -35,8 +35,6 @@ from mloc.store import TaskStore
 
 log = logging.getLogger(__name__)
 OFFSET_LABEL = "mloc.offset"
-# Usage fields that add up over shards; the rest (latency) take the slowest shard.
-_SUMMED = ("prompt_tokens", "completion_tokens", "total_tokens", "num_requests")
 # Parents settled per wake-up; the rest stay marked for the next one.
 SETTLE_BATCH = 100
 
@@ -84,9 +82,10 @@ def merge(parent_id: str, results: list[dict[str, Any]], offsets: list[int]) -> 
     for result, offset in zip(results, offsets, strict=True):
         for item in result.get("items", []):
             items.append({**item, "index": item["index"] + offset})
+        # Counts add up over shards; the rest (latency) take the slowest shard.
         for name, value in (result.get("usage") or {}).items():
             if isinstance(value, int | float) and not isinstance(value, bool):
-                usage[name] = usage.get(name, 0) + value if name in _SUMMED else max(usage.get(name, 0), value)
+                usage[name] = usage.get(name, 0) + value if name in chunks.SUMMED else max(usage.get(name, 0), value)
     items.sort(key=lambda item: (item["index"], item.get("sample", 0)))
     first = results[0]
     merged = {k: v for k, v in first.items() if k not in ("items", "usage")}

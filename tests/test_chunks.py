@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from mloc.cli.output import duration
 from mloc.client import Client
 from mloc.localcluster import LocalCluster
 from mloc.spec.dataset import CHUNK_LABEL
@@ -114,6 +115,11 @@ def test_chunks_spread_over_workers_and_join_in_row_order(
     assert "attempts" not in shown  # the parent runs nowhere itself; its chunks have attempts
     chunk_shown = mloc("show", chunks[3]["task_id"], env=env).stdout
     assert re.search(rf"^chunk of +{answer['task_id']} \(chunk 3\)$", chunk_shown, re.M), chunk_shown
+    # It was cut after its dataset task was submitted, and waited from its cut, not from that submit.
+    assert chunks[3]["cut_at"] > record["created_at"] and chunks[3]["created_at"] == record["created_at"]
+    assert re.search(r"^created +\S+ \S+ \(.*\), cut from its dataset task \(submitted \S+ \S+\)$", chunk_shown, re.M)
+    waited = duration(chunks[3]["started_at"] - chunks[3]["cut_at"])
+    assert re.search(rf"^queued +{re.escape(waited)} \(created to started\)$", chunk_shown, re.M), chunk_shown
     # --chunks adds the chunks' own lines, in time order, each marked with its chunk.
     every = mloc("logs", answer["task_id"], "--chunks", "--json", env=env)
     assert every.returncode == 0, every.stderr
@@ -126,6 +132,16 @@ def test_chunks_spread_over_workers_and_join_in_row_order(
     assert re.search(r"INFO +chunk 9 +mloc +started on local-\d \(attempt 1\)$", text, re.M), text
     refused = mloc("logs", answer["task_id"], "--chunks", "-f", env=env)
     assert refused.returncode == 2 and "--chunks does not follow" in refused.stderr, refused.stderr
+    # A listing shows the dataset task, not its chunks, unless asked for them.
+    listed = client.tasks()
+    assert [item["task_id"] for item in listed["items"]] == [answer["task_id"]] and listed["total"] == 1
+    assert client.tasks(state="succeeded")["total"] == 1
+    every_task = client.tasks(children="true", page_size=50)
+    assert every_task["total"] == 1 + len(chunks)
+    assert {item["task_id"] for item in every_task["items"]} == {answer["task_id"], *record["children"]}
+    table = mloc("tasks", "-q", env=env).stdout.split()
+    assert table == [answer["task_id"]], table
+    assert len(mloc("tasks", "-q", "--children", env=env).stdout.split()) == 1 + len(chunks)
 
 
 @pytest.mark.extra("inference")
@@ -304,6 +320,11 @@ def test_a_cancelled_dataset_task_says_how_to_resume_and_where_its_lines_are(
     ), record["reason"]
     said = client.logs(parent)["lines"]
     assert said[0]["text"].startswith(f"chunk 0 ({record['children'][0][:8]}) started on local-1: rows 1-400"), said
+    # The running chunk stopped with it, and says why: with its dataset task, not "on request".
+    chunk = client.wait(record["children"][0], timeout=60)
+    assert chunk["state"] == "cancelled" and chunk["reason"].startswith(
+        f"its dataset task {parent} was cancelled by "
+    ), chunk["reason"]
     assert said[-1]["event"] == "cancelled" and f"mloc resume {parent}" in said[-1]["text"], said
     # It has no files of its own; the command names what it does have.
     files = mloc("artifacts", parent, env=env)

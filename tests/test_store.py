@@ -141,6 +141,45 @@ def test_listing_pages_and_filters(redis_url: str) -> None:
     run(scenario())
 
 
+def test_listing_leaves_out_the_parts_of_a_task_unless_asked(redis_url: str) -> None:
+    async def scenario() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        store = TaskStore(r)
+        whole = [await new_task(store, owner=owner) for owner in ("alice", "bob", "alice")]
+        parts = []
+        for index in range(5):
+            record = echo_record(store, "alice", max_attempts=1)
+            record.parent_id, record.replica = whole[0], index
+            await store.insert([record])
+            parts.append(record.task_id)
+        await store.transition(parts[0], moves.CANCEL)
+        await store.transition(whole[1], moves.CANCEL)
+        later = await new_task(store, owner="alice")  # newest: listed first
+
+        items, total = await store.page(page=1, page_size=2)
+        assert total == 4 and [i.task_id for i in items] == [later, whole[2]]
+        items, total = await store.page(page=2, page_size=2)
+        assert total == 4 and [i.task_id for i in items] == [whole[1], whole[0]]
+        items, total = await store.page(page=1, page_size=10, owner="alice")
+        assert total == 3 and [i.task_id for i in items] == [later, whole[2], whole[0]]
+        items, total = await store.page(page=1, page_size=10, state=TaskState.CANCELLED)
+        assert total == 1 and [i.task_id for i in items] == [whole[1]]
+        items, total = await store.page(page=1, page_size=10, state=TaskState.PENDING, owner="alice")
+        assert total == 3
+        items, total = await store.page(page=1, page_size=10, task_type="echo")
+        assert total == 4
+
+        items, total = await store.page(page=1, page_size=20, children=True)
+        assert total == 9 and {i.task_id for i in items} == {*whole, *parts, later}
+        items, total = await store.page(page=1, page_size=10, state=TaskState.CANCELLED, children=True)
+        assert {i.task_id for i in items} == {parts[0], whole[1]}
+        items, total = await store.page(page=1, page_size=10, owner="alice", children=True, task_type="echo")
+        assert total == 8
+        await r.aclose()
+
+    run(scenario())
+
+
 async def _evalsha_calls(r: aioredis.Redis) -> int:
     # Script calls that ran (a first call of a script is refused as unknown, then sent again).
     stats = (await r.info("commandstats")).get("cmdstat_evalsha", {})

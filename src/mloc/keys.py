@@ -11,6 +11,9 @@ PREFIX = "mloc"
 
 # Tasks
 TASKS_ALL = f"{PREFIX}:tasks"  # zset: task id -> created_at ms
+# Zset: the ids in TASKS_ALL of tasks that are part of another (a dataset task's chunks, a replica group's
+# shards), so a listing can leave them out without reading their records.
+TASKS_CHILDREN = f"{PREFIX}:tasks:children"
 PENDING = f"{PREFIX}:pending"  # zset: task id -> placement order (priority, then FIFO)
 # String: the last queue order (ms) a new task took; every orchestrator's next task takes a later one.
 QUEUE_ORDER = f"{PREFIX}:order"
@@ -80,6 +83,11 @@ def tasks_in_state(state: str) -> str:
 def tasks_of_owner(owner: str) -> str:
     """Zset of one owner's task ids (created_at ms)."""
     return f"{PREFIX}:tasks:owner:{owner}"
+
+
+def children_of_owner(owner: str) -> str:
+    """Zset: the ids in :func:`tasks_of_owner` that are part of another task (see TASKS_CHILDREN)."""
+    return f"{PREFIX}:tasks:children:owner:{owner}"
 
 
 # Workers

@@ -39,10 +39,12 @@ return 0
 # KEYS[1] task hash   KEYS[2] all-tasks zset   KEYS[3] pending-state zset   KEYS[4] owner zset
 # KEYS[5] pending queue zset  KEYS[6] the owner's pending queue  KEYS[7] set of owners with pending tasks
 # KEYS[8] the last order given (every orchestrator's creates share it)
+# KEYS[9] all part-of-another-task zset  KEYS[10] the owner's part-of-another-task zset
 # ARGV[1] task id     ARGV[2] created ms       ARGV[3] the priority's part of the pending score,
 # -priority x weight ("" = not for the scheduler)      ARGV[4] owner
 # ARGV[5] "1": keep the created ms as the order (a chunk takes its parent's place)
-# ARGV[6..] field, value, ...
+# ARGV[6] "1": the task is part of another (a chunk or a shard), listed in KEYS[9] and KEYS[10] too
+# ARGV[7..] field, value, ...
 # Else the order is the created ms, or the one after the last given if that is not later: tasks of one
 # priority queue in the order Redis stored them, whichever orchestrator (and clock) made them.
 # Returns 1, or 0 if a task with that id exists.
@@ -54,11 +56,15 @@ if ARGV[5] ~= '1' then
   redis.call('SET', KEYS[8], string.format('%d', order))
 end
 local ms = string.format('%d', order)
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('HSET', KEYS[1], 'created_ms', ms)
 redis.call('ZADD', KEYS[2], ms, ARGV[1])
 redis.call('ZADD', KEYS[3], ms, ARGV[1])
 redis.call('ZADD', KEYS[4], ms, ARGV[1])
+if ARGV[6] == '1' then
+  redis.call('ZADD', KEYS[9], ms, ARGV[1])
+  redis.call('ZADD', KEYS[10], ms, ARGV[1])
+end
 if ARGV[3] ~= '' then
   -- Whole numbers below 2^53 add exactly, as Python's pending_score does.
   local score = string.format('%.17g', tonumber(ARGV[3]) + order)

@@ -102,6 +102,8 @@ class NewTask:
     # A place in the queues kept as given (a chunk keeps its parent's), where a new task's would be moved
     # on past the last one given (see :data:`mloc.lua.CREATE`).
     order_ms: int | None = None
+    # When a chunk was cut (unix seconds): its created_at is its parent's, which keeps its place in the queue.
+    cut_at: float | None = None
 
     @property
     def created_ms(self) -> int:
@@ -143,6 +145,8 @@ class NewTask:
         if self.group_size is not None:
             h["group_size"] = str(self.group_size)
             h["children"] = _dumps(self.children)
+        if self.cut_at is not None:
+            h["cut_at"] = repr(self.cut_at)
         if self.chunk_rows is not None:
             h["chunk_rows"] = str(self.chunk_rows)
             h["chunk_window"] = str(self.chunk_window or 1)
@@ -187,6 +191,8 @@ class TaskRecord(BaseModel):
     unschedulable: bool = False
     cancel_requested: bool = False
     created_at: float
+    # A chunk's: when it was cut (its created_at is its dataset task's).
+    cut_at: float | None = None
     updated_at: float | None = None
     assigned_at: float | None = None
     started_at: float | None = None
@@ -232,6 +238,7 @@ class TaskRecord(BaseModel):
             unschedulable=h.get("unschedulable") == "1",
             cancel_requested=h.get("cancel_requested") == "1",
             created_at=float(h.get("created_at", "0")),
+            cut_at=_float(h.get("cut_at")),
             updated_at=_float(h.get("updated_at")),
             assigned_at=_float(h.get("assigned_at")),
             started_at=_float(h.get("started_at")),

@@ -7,7 +7,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +111,8 @@ class TaskStore:
                 keys.pending_of(task.owner),
                 keys.PENDING_OWNERS,
                 keys.QUEUE_ORDER,
+                keys.TASKS_CHILDREN,
+                keys.children_of_owner(task.owner),
             ],
             [
                 task.task_id,
@@ -118,6 +120,7 @@ class TaskStore:
                 repr(pending_score(task.priority, 0)) if task.queued else "",
                 task.owner,
                 "1" if task.order_ms is not None else "",
+                "1" if task.parent_id is not None else "",
                 *fields,
             ],
         )
@@ -298,26 +301,23 @@ class TaskStore:
         state: TaskState | None = None,
         owner: str | None = None,
         task_type: str | None = None,
+        children: bool = False,
     ) -> tuple[list[TaskRecord], int]:
-        """Newest first. Filters by state and owner use their indexes; task_type filters a page."""
-        if (owner and state) or owner:
-            index = keys.tasks_of_owner(owner)
+        """Newest first. Filters by state and owner use their indexes; task_type filters a page. Tasks
+        that are part of another (a dataset task's chunks, a replica group's shards) are left out
+        unless ``children``: each is reached from the task it makes up."""
+        if owner:
+            index, parts = keys.tasks_of_owner(owner), keys.children_of_owner(owner)
         elif state:
-            index = keys.tasks_in_state(state)
+            index, parts = keys.tasks_in_state(state), keys.TASKS_CHILDREN
         else:
-            index = keys.TASKS_ALL
+            index, parts = keys.TASKS_ALL, keys.TASKS_CHILDREN
         start = (page - 1) * page_size
         if (owner and state) or task_type:
             # No combined index: walk the narrower one and filter, in bounded batches.
             matches: list[TaskRecord] = []
             total = 0
-            cursor = 0
-            batch = 500
-            while True:
-                ids = await self.redis.zrevrange(index, cursor, cursor + batch - 1)
-                if not ids:
-                    break
-                cursor += batch
+            async for ids in self._walk(index, None if children else parts):
                 for rec in await self.get_many(ids):
                     if (state and rec.state != state) or (task_type and rec.task_type != task_type):
                         continue
@@ -325,9 +325,40 @@ class TaskStore:
                         matches.append(rec)
                     total += 1
             return matches, total
-        total = await self.redis.zcard(index)
-        ids = await self.redis.zrevrange(index, start, start + page_size - 1)
-        return await self.get_many(ids), total
+        if children:
+            total = await self.redis.zcard(index)
+            ids = await self.redis.zrevrange(index, start, start + page_size - 1)
+            return await self.get_many(ids), total
+        # Parts are left out: the page is cut from the ids that are not parts, read without their records.
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zcard(index)
+        if state:
+            pipe.zintercard(2, [parts, index])
+        else:
+            pipe.zcard(parts)
+        everything, part_count = await pipe.execute()
+        wanted: list[str] = []
+        seen = 0
+        async for ids in self._walk(index, parts):
+            wanted += ids[max(0, start - seen) : max(0, start + page_size - seen)]
+            seen += len(ids)
+            if seen >= start + page_size:
+                break
+        return await self.get_many(wanted), max(0, everything - part_count)
+
+    async def _walk(self, index: str, parts: str | None) -> AsyncIterator[list[str]]:
+        """The ids in ``index``, newest first, in bounded batches, less those in ``parts`` (a zset)."""
+        cursor = 0
+        batch = 1000
+        while True:
+            ids = await self.redis.zrevrange(index, cursor, cursor + batch - 1)
+            if not ids:
+                return
+            cursor += batch
+            if parts is not None:
+                scores = await self.redis.zmscore(parts, ids)
+                ids = [task_id for task_id, score in zip(ids, scores, strict=True) if score is None]
+            yield ids
 
     async def result(self, task_id: str) -> Any:
         raw = await self.redis.get(keys.task_result(task_id))

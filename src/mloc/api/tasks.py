@@ -153,11 +153,17 @@ async def list_tasks(
     state: TaskState | None = None,
     owner: Annotated[str | None, Query(max_length=128)] = None,
     task_type: Annotated[str | None, Query(max_length=64)] = None,
+    children: Annotated[
+        bool,
+        Query(description="Also the tasks that make up another: a dataset task's chunks, a replica group's shards."),
+    ] = False,
 ) -> Response:
     """Tasks, newest first; a user sees their own, the admin everyone's."""
     if not who.admin:
         owner = who.name
-    items, total = await orch.store.page(page=page, page_size=page_size, state=state, owner=owner, task_type=task_type)
+    items, total = await orch.store.page(
+        page=page, page_size=page_size, state=state, owner=owner, task_type=task_type, children=children
+    )
     rows = [item.model_dump(mode="json", exclude={"spec"}) for item in items]
     waiting = [row for row in rows if row["state"] == TaskState.PENDING]
     for row, position in zip(waiting, await orch.queue_positions([row["task_id"] for row in waiting]), strict=True):

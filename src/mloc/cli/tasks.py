@@ -191,6 +191,13 @@ def list_tasks(
     state: Annotated[str | None, typer.Option(help="Only tasks in this state (pending, running, failed...).")] = None,
     owner: Annotated[str | None, typer.Option(help="Only this user's tasks (admin).")] = None,
     task_type: Annotated[str | None, typer.Option("--type", help="Only this task type.")] = None,
+    children: Annotated[
+        bool,
+        typer.Option(
+            "--children",
+            help="Also the chunks of dataset tasks and the shards of replica groups (mloc show lists them).",
+        ),
+    ] = False,
     page: Annotated[int | None, typer.Option(min=1, help="This page only (default: the first; with -q: all).")] = None,
     page_size: Annotated[int, typer.Option(min=1, max=500)] = DEFAULT_PAGE_SIZE,
     wide: Annotated[bool, typer.Option("--wide", "-w", help="Full ids and reasons.")] = False,
@@ -205,7 +212,7 @@ def list_tasks(
 
     -q prints the id of every task that matches (for `mloc tasks -q --state pending | xargs mloc cancel`)."""
     api = client()
-    filters = {"state": state, "owner": owner, "task_type": task_type}
+    filters = {"state": state, "owner": owner, "task_type": task_type, "children": "true" if children else None}
     if quiet and page is None and not wants_json(json_out, fmt):
         _all_ids(api, filters)
         return
@@ -249,7 +256,11 @@ def _more(body: dict[str, Any], filters: dict[str, str | None], *, quiet: bool) 
     after = (body["page"] - 1) * body["page_size"] + len(body["items"])
     if body["total"] <= after or not body["items"]:
         return
-    given = [f"--{'type' if k == 'task_type' else k} {v}" for k, v in filters.items() if v is not None]
+    given = [
+        f"--{k}" if k == "children" else f"--{'type' if k == 'task_type' else k} {v}"
+        for k, v in filters.items()
+        if v is not None
+    ]
     if body["page_size"] != DEFAULT_PAGE_SIZE:
         given.append(f"--page-size {body['page_size']}")
     more = " ".join(["mloc tasks", *given, *(["-q"] if quiet else []), f"--page {body['page'] + 1}"])
@@ -330,7 +341,13 @@ def _summary(record: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("worker", worker))
     created = float(record.get("created_at") or 0)
     assigned, started, finished = (record.get(k) for k in ("assigned_at", "started_at", "finished_at"))
-    rows.append(("created", output.at(created)))
+    if record.get("cut_at"):
+        # A chunk is created with its dataset task's time (its place in the queue); it waits from its cut.
+        cut = output.at(record["cut_at"])
+        rows.append(("created", f"{cut}, cut from its dataset task (submitted {output.when(created)})"))
+        created = float(record["cut_at"])
+    else:
+        rows.append(("created", output.at(created)))
     if state == "pending":
         # Back in the queue after a requeue, its last attempt's start and run are not this wait's.
         rows.append(("queued", output.duration(time.time() - created) + " so far"))

@@ -48,9 +48,12 @@ async def cancel(
             await store.transition(task_id, moves.GROUP_CANCEL, fields=ended, now=now), task_id, TaskState.CANCELLED
         )
         await tasklog.append(store.redis, task_id, tasklog.ended(TaskState.CANCELLED, ended["reason"]))
+        # A part's own reason names the task it was cancelled with (a worker would say "on request").
+        whole = "dataset task" if record.chunk_rows else "replica group"
+        why = reason or f"its {whole} {task_id} was cancelled by {by}"
         for child in record.children:
             with contextlib.suppress(MlocError):
-                await cancel(store, child, by=by, reason=reason, reason_code=reason_code)
+                await cancel(store, child, by=by, reason=why, reason_code=reason_code)
         return outcome
     if record.state in (TaskState.RUNNING, TaskState.CANCELLING):
         return await _stop_running(

@@ -132,9 +132,11 @@ async def forget_finished(
                         keys.task_metrics(task_id),
                     )
                     drop.zrem(keys.TASKS_ALL, task_id)
+                    drop.zrem(keys.TASKS_CHILDREN, task_id)
                     drop.zrem(index, task_id)
                     if owner:
                         drop.zrem(keys.tasks_of_owner(owner), task_id)
+                        drop.zrem(keys.children_of_owner(owner), task_id)
                 await drop.execute()
                 removed.extend(task_id for task_id, _ in old)
             # Entries removed shift the rest forward; those kept are stepped over.

@@ -10,7 +10,7 @@ import typer
 from mloc.cli import output, results
 from mloc.cli.output import JsonFlag, OutputFormat, wants_json
 from mloc.cli.root import TaskIdArg, app, client, task_failed
-from mloc.client import ApiError
+from mloc.client import ApiError, Client
 from mloc.errors import MlocError
 
 DEFAULT_LIMIT = 20
@@ -35,8 +35,9 @@ def results_command(
     """A dataset inference task's result lines: id, how each ended and its output (or error).
 
     At most --limit lines (default 20) are printed; when that many came, a note on stderr gives the
-    --offset of the next page. --all prints every line instead. --json prints the lines as they are, one
-    JSON object a line (NDJSON), for jq and scripts; notes go to stderr, so stdout stays NDJSON."""
+    --offset of the next page (and, once the task has succeeded, how many lines are left). --all prints
+    every line instead. --json prints the lines as they are, one JSON object a line (NDJSON), for jq and
+    scripts; notes go to stderr, so stdout stays NDJSON."""
     if every and limit is not None:
         output.die("give --all or --limit, not both")
     page = None if every else limit or DEFAULT_LIMIT
@@ -64,9 +65,24 @@ def results_command(
     # A full page may not be the last: said on stderr even with --json, where a script would otherwise
     # take a cut list for the whole.
     if shown == page:
-        output.line(
-            output.styled(f"... more may follow: --offset {offset + shown} (or --all for every line)", "dim"),
-            stderr=True,
-        )
+        left = _lines_left(api, task_id, offset + shown)
+        if left != 0:
+            more = "more may follow" if left is None else f"{left:,} more"
+            output.line(
+                output.styled(f"... {more}: --offset {offset + shown} (or --all for every line)", "dim"), stderr=True
+            )
     elif shown == 0 and not as_json:
         output.line(output.styled(f"no result lines from line {offset} on", "dim"), stderr=True)
+
+
+def _lines_left(api: Client, task_id: str, after: int) -> int | None:
+    """How many lines come after the first ``after``: known once the task succeeded (its summary counts
+    its rows); None while it runs (more are being written) or when it did not say."""
+    try:
+        record = api.task(task_id)
+    except MlocError:
+        return None
+    rows = (record.get("result_summary") or {}).get("rows")
+    if record.get("state") != "succeeded" or not isinstance(rows, int):
+        return None
+    return max(0, rows - after)

@@ -197,8 +197,11 @@ def test_a_failed_dataset_task_resumes_without_redoing_its_finished_chunks(
     assert [line["id"] for line in lines_of(client, task_id)] == [f"q{i:03d}" for i in range(14)]
 
     write_rows(data, prompts)  # the row fixed
+    failed_at = record["finished_at"]
+    time.sleep(2)  # it sits failed a while: not part of its run's time
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLOC_")}
     env["MLOC_API_URL"] = cluster.api_url
+    resumed_at = time.time()
     resumed = subprocess.run(
         [sys.executable, "-m", "mloc.cli", "resume", task_id], env=env, capture_output=True, text=True, timeout=60
     )
@@ -223,6 +226,15 @@ def test_a_failed_dataset_task_resumes_without_redoing_its_finished_chunks(
     assert [line["id"] for line in lines] == [f"q{i:03d}" for i in range(20)]
     assert all(line["error"] is None for line in lines)
     assert client.result(task_id)["rows"] == 20
+    # Its time and speed leave out the time it sat failed; mloc show says how long that was.
+    assert resumed_at - failed_at - 0.1 < record["stopped_sec"] < time.time() - failed_at, record
+    took = record["finished_at"] - record["started_at"] - record["stopped_sec"]
+    assert client.result(task_id)["usage"]["latency_sec"] == pytest.approx(took, abs=0.5)
+    shown = mloc("show", task_id, env={"MLOC_API_URL": cluster.api_url}).stdout
+    ran, stopped = duration(took), duration(record["stopped_sec"])
+    assert re.search(
+        rf"^ran +{re.escape(ran)} \(and {re.escape(stopped)} stopped before it was resumed\)$", shown, re.M
+    )
 
     # Only a failed or cancelled dataset task is resumed.
     with pytest.raises(Exception, match="only a failed or cancelled task is resumed"):

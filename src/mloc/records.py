@@ -197,6 +197,8 @@ class TaskRecord(BaseModel):
     assigned_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    # A resumed dataset task's: the seconds it sat failed or cancelled before its resumes (not run time).
+    stopped_sec: float | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     request: dict[str, Any] = Field(default_factory=dict)
     progress: dict[str, Any] | None = None
@@ -243,6 +245,7 @@ class TaskRecord(BaseModel):
             assigned_at=_float(h.get("assigned_at")),
             started_at=_float(h.get("started_at")),
             finished_at=_float(h.get("finished_at")),
+            stopped_sec=_float(h.get("stopped_sec")),
             labels=_loads(h.get("labels"), {}),
             request=_loads(h.get("req"), {}),
             progress=_progress(h.get("progress"), state),

@@ -356,7 +356,10 @@ def _summary(record: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("queued", output.duration(float(started or assigned or 0) - created) + f" (created to {until})"))
     if started and state != "pending":
         end = finished or time.time()
-        rows.append(("ran", output.duration(end - started) + ("" if finished else " so far")))
+        stopped = float(record.get("stopped_sec") or 0)
+        # A resumed task's time stopped before its resume is not run time.
+        paused = f" (and {output.duration(stopped)} stopped before it was resumed)" if stopped else ""
+        rows.append(("ran", output.duration(end - started - stopped) + ("" if finished else " so far") + paused))
     if finished:
         rows.append(("finished", output.at(finished)))
     if record.get("pipeline_id"):

@@ -54,6 +54,8 @@ LOCK_SEC = 120
 # A chunk's field: the last of its moves its parent's log has said: how it ended, or "running/N" for
 # the start of its attempt N.
 TOLD = "told_parent"
+# The parent's field: seconds it spent failed or cancelled before its resumes, left out of its run's time.
+STOPPED_SEC = "stopped_sec"
 # Usage fields that add up over a task's parts (chunks here, a replica group's shards too).
 SUMMED = ("prompt_tokens", "completion_tokens", "total_tokens", "num_requests")
 
@@ -408,7 +410,9 @@ async def _succeed(
     await asyncio.to_thread(join_lines, settings, records, folder / RESULT_LINES)
     starts = [float(row[2]) for row in rows if row[2]]
     started = float(h.get("started_at") or min(starts, default=time.time()))
-    usage = _usage(results, time.time() - started)
+    # Time it sat failed or cancelled before a resume is not its run's.
+    stopped = float(h.get(STOPPED_SEC) or 0)
+    usage = _usage(results, time.time() - started - stopped)
     first = results[0]
     merged = {
         "ok": True,
@@ -436,7 +440,7 @@ async def _succeed(
         "attempts": "1",
         "progress": json.dumps(progress | {"ts": now}),
     }
-    said = tasklog.stored(tasklog.Line(TaskState.SUCCEEDED, f"succeeded in {now - started:.1f} s: {message}"))
+    said = tasklog.stored(tasklog.Line(TaskState.SUCCEEDED, f"succeeded in {now - started - stopped:.1f} s: {message}"))
     end = moves.Change(moves.GROUP_SUCCEED, result=merged, fields=fields, now=now, log=(said,))
     if TaskState(h["state"]) != TaskState.PENDING:
         await store.apply(parent_id, end)
@@ -514,6 +518,10 @@ async def resume(store: TaskStore, parent_id: str, *, by: str, results_dir: Path
         carried = [(results_dir / children[i], results_dir / r.task_id) for i, r in zip(redo, new, strict=True)]
         await asyncio.to_thread(_carry_lines, carried)
         fields = {"reason": "", "reason_code": "", "finished_at": "", "pending_reason": ""}
+        if h.get("started_at") and h.get("finished_at"):
+            # From its end until now it ran nowhere: its run's time leaves that out.
+            stopped = float(h.get(STOPPED_SEC) or 0) + max(0.0, time.time() - float(h["finished_at"]))
+            fields[STOPPED_SEC] = repr(round(stopped, 3))
         kept = len(states) - len(redo)
         said = tasklog.Line(
             "resumed",

@@ -307,6 +307,13 @@ def test_a_chunk_whose_worker_is_lost_keeps_the_rows_that_worker_finished(
     lines = lines_of(client, parent)
     assert [line["id"] for line in lines] == [f"q{i:03d}" for i in range(rows)]
     assert all(line["error"] is None and line["output"] for line in lines)
+    # The lost worker never recorded the usage of the rows it finished; the run that kept them counts
+    # them, so the owner's usage holds every row's tokens once.
+    assert f"{kept:,} of them came from a run whose worker was lost before it recorded their usage: counted now" in said
+    owner = record["owner"]
+    totals = client.stats(user=owner, group_by="total")["users"][0]["totals"]
+    assert totals["completion_tokens"] == sum(line["completion_tokens"] for line in lines), totals
+    assert totals["prompt_tokens"] == sum(line["prompt_tokens"] for line in lines), totals
 
 
 @pytest.mark.extra("inference")

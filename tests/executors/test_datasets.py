@@ -21,7 +21,7 @@ import mloc.spec
 from mloc.errors import ExecutionError, SpecError
 from mloc.executors.base import Event, RunContext
 from mloc.executors.dataset_io import open_dataset
-from mloc.spec.dataset import DatasetInput
+from mloc.spec.dataset import COUNTED_BYTES, DatasetInput
 from tests.llm.builders import TINY_HIDDEN
 from tests.support.s3server import s3_server
 from tests.support.tiny_model import build_tiny_causal_lm
@@ -178,7 +178,7 @@ def test_a_hugging_face_dataset_is_read_from_the_local_cache_only(tmp_path: Path
         import datasets
         from mloc.errors import ExecutionError
         from mloc.executors.dataset_io import open_dataset
-        from mloc.spec.dataset import DatasetInput
+        from mloc.spec.dataset import COUNTED_BYTES, DatasetInput
         datasets.Dataset.from_dict({{"question": ["a", "b", "c"], "qid": [7, 8, 9]}}).to_parquet(
             "{data}/test-00000-of-00001.parquet")
         spec = DatasetInput.model_validate({{"huggingface": {{"name": "mloc/questions", "split": "test"}}}})
@@ -496,12 +496,36 @@ def test_an_earlier_runs_finished_lines_are_kept_and_only_the_rest_generated(
     assert all(isinstance(line["output"], str) and not line["output"].startswith("kept") for line in lines[2:])
     assert all(line["error"] is None for line in lines)
     assert (result["rows"], result["kept_rows"], result["succeeded"], result["failed"]) == (7, 2, 7, 0)
-    # The task's totals cover every line; the usage this run reports, only the rows it ran.
+    # The task's totals cover every line. The lost worker never recorded the usage of the lines it
+    # wrote (no count of them beside the lines), so this run reports the kept ones too: each line once.
     assert result["usage"]["prompt_tokens"] == sum(line["prompt_tokens"] for line in lines)
     reported = [event["counters"] for event in events if event["ev"] == "usage"]
-    assert sum(c["prompt_tokens"] for c in reported) == sum(line["prompt_tokens"] for line in lines[2:])
-    assert sum(c["completion_tokens"] for c in reported) == sum(line["completion_tokens"] for line in lines[2:])
+    assert sum(c["prompt_tokens"] for c in reported) == sum(line["prompt_tokens"] for line in lines)
+    assert sum(c["completion_tokens"] for c in reported) == sum(line["completion_tokens"] for line in lines)
     assert "2 rows kept from an earlier run, not generated again" in said(events)
+    assert "2 of them came from a run whose worker was lost before it recorded their usage: counted now" in said(events)
+
+
+@pytest.mark.extra("inference")
+def test_kept_lines_a_recorded_run_counted_are_not_counted_again(
+    executor: Any, tiny_model: Path, tmp_path: Path
+) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    doc = document(model=model(tiny_model), input={"path": str(path)}, max_tokens=3, temperature=0, batch_size=2)
+    _, _, results = run(executor, doc, tmp_path / "a")
+    written = fake_outputs(results, keep=5)
+    # As the worker writes it once it recorded a run: that run counted the first three lines; the
+    # lines after them come from a later run, whose worker was lost.
+    counted = sum(len(line) for line in written.splitlines(keepends=True)[:3])
+    (results.parent / COUNTED_BYTES).write_text(str(counted))
+
+    result, events, _ = run(executor, doc, tmp_path / "a")
+    lines = lines_of(results)
+    assert result["kept_rows"] == 5 and [line["output"] for line in lines[:5]] == [f"kept {i}" for i in range(5)]
+    reported = [event["counters"] for event in events if event["ev"] == "usage"]
+    assert sum(c["prompt_tokens"] for c in reported) == sum(line["prompt_tokens"] for line in lines[3:])
+    assert sum(c["completion_tokens"] for c in reported) == sum(line["completion_tokens"] for line in lines[3:])
+    assert "2 of them came from a run whose worker was lost before it recorded their usage: counted now" in said(events)
 
 
 @pytest.mark.extra("inference")
@@ -535,6 +559,7 @@ def test_a_run_that_stops_before_it_reached_the_earlier_lines_leaves_them_for_th
     doc = document(model=model(tiny_model), input={"path": str(path)}, max_tokens=2, temperature=0, batch_size=2)
     _, _, results = run(executor, doc, tmp_path / "a")
     written = fake_outputs(results)
+    (results.parent / COUNTED_BYTES).write_text(str(len(written)))  # its worker recorded it: all counted
     path.rename(tmp_path / "moved.jsonl")  # the next run cannot read its data: it fails before any row
     with pytest.raises(ExecutionError):
         run(executor, doc, tmp_path / "a")

@@ -24,7 +24,16 @@ from mloc.errors import ExecutionError
 from mloc.executors.base import RunContext
 from mloc.executors.dataset_io import Dataset, RawRow, batches, open_dataset
 from mloc.llm.text import PLAIN_TURN_STOPS
-from mloc.spec.dataset import CARRIED_LINES, CARRIED_PRINTS, CHUNK_LABEL, RESULT_LINES, ROW_PRINTS, DatasetInput
+from mloc.spec.dataset import (
+    CARRIED_COUNTED,
+    CARRIED_LINES,
+    CARRIED_PRINTS,
+    CHUNK_LABEL,
+    COUNTED_BYTES,
+    RESULT_LINES,
+    ROW_PRINTS,
+    DatasetInput,
+)
 from mloc.spec.sampling import Message, Sampling
 
 if TYPE_CHECKING:
@@ -79,17 +88,25 @@ class ResultLines:
     Keeping stops at the first line whose row's fingerprint differs (the data changed), that carries an
     error (its row may have been fixed before a resume), or that is not whole; the files are cut there
     and every row from there on is generated. The files hold a whole prefix at every moment, so a run
-    that stops at any point leaves nothing lost for the next. A kept line's usage is not counted again:
-    the run that wrote it counted it when its end was recorded (a lost worker's counters die with it).
+    that stops at any point leaves nothing lost for the next. A kept line's usage is not counted again
+    where the run that wrote it had it counted (its worker recorded its end: :data:`COUNTED_BYTES` says how
+    far); a lost worker's counters died with it, so the lines past that are counted by the run keeping
+    them (:meth:`take_uncounted`).
     """
 
     def __init__(self, folder: Path, log: Callable[..., None]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         carried = (folder / CARRIED_LINES).exists() and (folder / CARRIED_PRINTS).exists()
         if carried and not (folder / RESULT_LINES).exists():
+            # With no count beside them, no recorded run counted its lines (each of its runs was lost).
+            if (folder / CARRIED_COUNTED).exists():
+                os.replace(folder / CARRIED_COUNTED, folder / COUNTED_BYTES)
             # The prints first: lines without theirs are not kept, prints without lines are cut.
             os.replace(folder / CARRIED_PRINTS, folder / ROW_PRINTS)
             os.replace(folder / CARRIED_LINES, folder / RESULT_LINES)
+        self.folder = folder
+        self.counted_bytes = _counted(folder)
+        self._uncounted: list[Line] = []
         # Owner-only, as results are the task user's.
         self.fd = os.open(folder / RESULT_LINES, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         self.prints_fd = os.open(folder / ROW_PRINTS, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
@@ -114,9 +131,16 @@ class ResultLines:
             line, _, end = earlier
             self.kept += 1
             self._kept_bytes = end
+            if end > self.counted_bytes:
+                self._uncounted.append(line)
             return line
         self._stop()
         return None
+
+    def take_uncounted(self) -> list[Line]:
+        """The lines kept since the last call whose usage no recorded run counted."""
+        taken, self._uncounted = self._uncounted, []
+        return taken
 
     def append(self, rows: list[RawRow], lines: list[Line]) -> None:
         if self.keeping:
@@ -128,6 +152,10 @@ class ResultLines:
         """Cut both files after the lines kept: what an earlier run wrote past them is not a result."""
         self.keeping = False
         self._earlier.close()
+        if self.counted_bytes > self._kept_bytes:
+            # The lines written from here on are this run's: none of them was counted yet.
+            (self.folder / COUNTED_BYTES).write_text(str(self._kept_bytes))
+            self.counted_bytes = self._kept_bytes
         os.ftruncate(self.prints_fd, self.kept * _PRINT_WIDTH)
         os.ftruncate(self.fd, self._kept_bytes)
 
@@ -153,6 +181,15 @@ def fingerprint(row: RawRow) -> str:
 
 _PRINT_BYTES = 8
 _PRINT_WIDTH = 2 * _PRINT_BYTES + 1  # hex digits and the newline: line i's fingerprint starts at i * width
+
+
+def _counted(folder: Path) -> int:
+    """How many bytes of the folder's lines a recorded run counted (none without a count: the run that
+    wrote them was lost before its worker recorded it)."""
+    try:
+        return int((folder / COUNTED_BYTES).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
 
 
 def _earlier_lines(lines_path: Path, prints_path: Path) -> Generator[tuple[Line, str, int], None, None]:
@@ -345,7 +382,7 @@ def run_dataset(
     source = inputs.input
     assert source is not None
     results_dir = ctx.out_dir.parent
-    rows = succeeded = failed = prompt_tokens = completion_tokens = generated_completion = 0
+    rows = succeeded = failed = prompt_tokens = completion_tokens = generated_completion = late = 0
     started = time.perf_counter()
     writer = ResultLines(ctx.out_dir, ctx.log)
     try:
@@ -361,6 +398,13 @@ def run_dataset(
                     succeeded += len(kept)
                     prompt_tokens += sum(int(line.get("prompt_tokens") or 0) for line in kept)
                     completion_tokens += sum(int(line.get("completion_tokens") or 0) for line in kept)
+                    uncounted = writer.take_uncounted()
+                    if uncounted:
+                        late += len(uncounted)
+                        ctx.add_usage(
+                            prompt_tokens=sum(int(line.get("prompt_tokens") or 0) for line in uncounted),
+                            completion_tokens=sum(int(line.get("completion_tokens") or 0) for line in uncounted),
+                        )
                     batch = batch[len(kept) :]
                     if not batch:
                         ctx.progress(rows, dataset.total, _rows_message(rows, dataset.total))
@@ -398,6 +442,8 @@ def run_dataset(
         ctx.progress(rows, rows, _rows_message(rows, rows))
     if writer.kept:
         ctx.log(f"{writer.kept:,} rows kept from an earlier run, not generated again")
+    if late:
+        ctx.log(f"{late:,} of them came from a run whose worker was lost before it recorded their usage: counted now")
     if failed:
         ctx.log(f"{failed:,} of {rows:,} rows failed; their lines carry the error", level="WARNING")
     latency = time.perf_counter() - started

@@ -37,9 +37,11 @@ from mloc.orchestrator.cancel import cancel
 from mloc.records import NewTask, TaskRecord
 from mloc.settings import Settings
 from mloc.spec.dataset import (
+    CARRIED_COUNTED,
     CARRIED_LINES,
     CARRIED_PRINTS,
     CHUNK_LABEL,
+    COUNTED_BYTES,
     DEFAULT_CHUNK_ROWS,
     RESULT_LINES,
     ROW_PRINTS,
@@ -174,7 +176,13 @@ def _carry_lines(carried: list[tuple[Path, Path]]) -> None:
             continue
         try:
             new.mkdir(mode=0o700, parents=True, exist_ok=True)
-            for name, into in ((ROW_PRINTS, CARRIED_PRINTS), (RESULT_LINES, CARRIED_LINES)):
+            for name, into in (
+                (ROW_PRINTS, CARRIED_PRINTS),
+                (RESULT_LINES, CARRIED_LINES),
+                (COUNTED_BYTES, CARRIED_COUNTED),
+            ):
+                if name == COUNTED_BYTES and not (old / name).is_file():
+                    continue
                 shutil.copyfile(old / name, new / into)
                 (new / into).chmod(0o600)  # as the worker writes them: results are the task owner's
         except OSError as exc:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections import Counter
@@ -26,6 +27,7 @@ from mloc.records import ADMIN, SUBMITTED_BY, Assignment, AssignmentError
 from mloc.settings import Settings
 from mloc.spec import Document, validate
 from mloc.spec.base import TIMEOUT_LABEL
+from mloc.spec.dataset import COUNTED_BYTES, RESULT_LINES
 from mloc.state import Reason, StopReason, TaskState
 from mloc.store import Coalescer, TaskStore
 from mloc.worker import outputs
@@ -332,6 +334,7 @@ class TaskRunner:
                 final_usage=daily,
                 owner=owner,
             )
+            await _note_counted(out_dir)
             return False
         if run.stop_reason == StopReason.TIMEOUT and state != TaskState.SUCCEEDED:
             state, reason_code = TaskState.FAILED, Reason.TIMEOUT.value
@@ -368,6 +371,7 @@ class TaskRunner:
                 final_usage=daily,
                 owner=owner,
             )
+            await _note_counted(out_dir)
             if retry.state != TaskState.FAILED:
                 log.info("task %s: %s; retried", task_id, reason)
                 return False
@@ -403,7 +407,10 @@ class TaskRunner:
         else:
             start = replace(deferred_start, **taken)
             outcome = await self._persist(what, self.mover.apply, task_id, start, then=final)
-        if not outcome.ok and await self._recorded(task_id, run.attempt):
+        recorded = outcome.ok or await self._recorded(task_id, run.attempt)
+        if recorded:
+            await _note_counted(out_dir)
+        if not outcome.ok and recorded:
             return True  # an earlier try was applied; only its answer was lost
         if not outcome.ok:
             if deferred_start is not None:
@@ -555,3 +562,18 @@ class TaskRunner:
         if outcome.get("code") == NoExecutor.code:
             raise NoExecutor(message)
         raise ExecutionError(message)
+
+
+async def _note_counted(out_dir: Path) -> None:
+    """Once a run's usage was recorded, write how much of its dataset result lines that counted (see
+    :data:`mloc.spec.dataset.COUNTED_BYTES`): a later run that keeps them counts only those past it."""
+    try:
+        size = (out_dir / RESULT_LINES).stat().st_size
+    except OSError:
+        return  # not a dataset task, or its folder is gone
+    tmp = out_dir / f".{COUNTED_BYTES}.tmp"
+    try:
+        tmp.write_text(str(size))
+        os.replace(tmp, out_dir / COUNTED_BYTES)
+    except OSError as exc:
+        log.warning("%s: how much of its lines was counted was not written (%s)", out_dir.name, exc)

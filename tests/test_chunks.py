@@ -78,6 +78,9 @@ def test_chunks_spread_over_workers_and_join_in_row_order(
     assert 10 <= len(chunks) <= 11
     assert [int(c["labels"][CHUNK_LABEL]) for c in chunks] == list(range(len(chunks)))
     assert all(c["state"] == "succeeded" for c in chunks[:10])
+    if len(chunks) == 11 and chunks[10]["state"] == "cancelled":  # it may have run (and found no rows) first
+        assert chunks[10]["reason_code"] == "past_the_data", chunks[10]
+        assert chunks[10]["reason"].startswith("not needed: the data ended before its rows"), chunks[10]
     assert {c["worker_id"] for c in chunks[:10]} == {"local-1", "local-2"}  # any free worker takes the next one
 
     summary = client.result(answer["task_id"])
@@ -344,6 +347,13 @@ def test_a_cancelled_dataset_task_says_how_to_resume_and_where_its_lines_are(
     assert chunk["state"] == "cancelled" and chunk["reason"].startswith(
         f"its dataset task {parent} was cancelled by "
     ), chunk["reason"]
+    # The task's log tells that chunk's end too, though the task had ended first.
+    deadline = time.monotonic() + 30
+    while not any(e["event"] == "chunk_cancelled" for e in client.logs(parent)["lines"]):
+        assert time.monotonic() < deadline, client.logs(parent)["lines"]
+        time.sleep(0.1)
+    told = next(e for e in client.logs(parent)["lines"] if e["event"] == "chunk_cancelled")
+    assert told["text"].startswith(f"chunk 0 ({chunk['task_id'][:8]}) cancelled on local-1: its dataset task"), told
     assert said[-1]["event"] == "cancelled" and f"mloc resume {parent}" in said[-1]["text"], said
     # It has no files of its own; the command names what it does have.
     files = mloc("artifacts", parent, env=env)

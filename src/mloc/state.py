@@ -68,6 +68,7 @@ class Reason(StrEnum):
     REPLICA_CANCELLED = "replica_cancelled"  # a replica group's parent: one of its shards was cancelled
     DEPENDENCY_FAILED = "dependency_failed"  # a task it depends on failed or was cancelled
     CONDITION_NOT_MET = "condition_not_met"  # skipped: the eval score its spec.when reads did not pass
+    PAST_THE_DATA = "past_the_data"  # a dataset task's chunk cut before the data's end was known, past it
 
     @classmethod
     def of_replica(cls, state: TaskState) -> Reason:

@@ -264,7 +264,7 @@ async def _settle(store: TaskStore, parent_id: str, settings: Settings) -> bool:
     if not h:
         return True
     state = TaskState(h["state"])
-    if state.terminal:
+    if state == TaskState.SUCCEEDED:
         return True
     children: list[str] = json.loads(h.get("children") or "[]")
     rows = await _chunk_rows(store, children)
@@ -274,6 +274,11 @@ async def _settle(store: TaskStore, parent_id: str, settings: Settings) -> bool:
     summaries = [
         json.loads(row[3] or "{}") if s == TaskState.SUCCEEDED else {} for s, row in zip(states, rows, strict=True)
     ]
+    if state.terminal:
+        # Failed or cancelled, with a chunk that ended after it (it finished before its cancel reached
+        # it): its end is told, and the rows a resume keeps are counted.
+        await _note_progress(store, parent_id, children, summaries)
+        return True
     for index, chunk_state in enumerate(states):
         if chunk_state in (TaskState.FAILED, TaskState.CANCELLED):
             why = f"chunk {index} ({children[index]}) {chunk_state}: {rows[index][1] or 'no reason given'}"
@@ -300,7 +305,13 @@ async def _settle(store: TaskStore, parent_id: str, settings: Settings) -> bool:
         for child, chunk_state in zip(children[last + 1 :], states[last + 1 :], strict=True):
             if chunk_state not in TERMINAL:  # cut before the end was known: nothing to read
                 with contextlib.suppress(MlocError):
-                    await cancel(store, child, by=f"dataset task {parent_id} (past the last row)")
+                    await cancel(
+                        store,
+                        child,
+                        by=f"dataset task {parent_id}",
+                        reason=f"not needed: the data ended before its rows (dataset task {parent_id} has them all)",
+                        reason_code=Reason.PAST_THE_DATA,
+                    )
         return True
     if state == TaskState.PENDING and any(s != TaskState.PENDING and s != TaskState.ASSIGNED for s in states):
         starts = [float(row[2]) for row in rows if row[2]]
@@ -308,6 +319,14 @@ async def _settle(store: TaskStore, parent_id: str, settings: Settings) -> bool:
         await store.transition(parent_id, moves.GROUP_START, fields=fields)
     if last is None:
         await _cut_more(store, h, children, states)
+    await _note_progress(store, parent_id, children, summaries)
+    return False
+
+
+async def _note_progress(
+    store: TaskStore, parent_id: str, children: list[str], summaries: list[dict[str, Any]]
+) -> None:
+    """The parent's progress: the rows its finished chunks did."""
     done = [s for s in summaries if s]
     rows_done = sum(int(s.get("rows") or 0) for s in done)
     failed = sum(int(s.get("failed") or 0) for s in done)
@@ -319,7 +338,6 @@ async def _settle(store: TaskStore, parent_id: str, settings: Settings) -> bool:
         "ts": time.time(),
     }
     await store.set_fields(parent_id, {"progress": json.dumps(progress)})
-    return False
 
 
 def rows_message(rows: int, failed: int, chunks: int, *, unfinished: int = 0) -> str:
@@ -401,7 +419,8 @@ async def _end(
     for child, child_state in zip(children, states, strict=True):
         if child_state not in TERMINAL:
             with contextlib.suppress(MlocError):
-                await cancel(store, child, by=f"dataset task {parent_id}")
+                because = f"its dataset task {parent_id} {'failed' if move == moves.GROUP_FAIL else 'was cancelled'}"
+                await cancel(store, child, by=f"dataset task {parent_id}", reason=because)
 
 
 async def _succeed(

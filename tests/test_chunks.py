@@ -120,9 +120,10 @@ def test_chunks_spread_over_workers_and_join_in_row_order(
     assert re.search(rf"^chunk of +{answer['task_id']} \(chunk 3\)$", chunk_shown, re.M), chunk_shown
     # It was cut after its dataset task was submitted, and waited from its cut, not from that submit.
     assert chunks[3]["cut_at"] > record["created_at"] and chunks[3]["created_at"] == record["created_at"]
-    assert re.search(r"^created +\S+ \S+ \(.*\), cut from its dataset task \(submitted \S+ \S+\)$", chunk_shown, re.M)
+    assert re.search(r"^created +\S+ \S+ \(.*\), with its dataset task$", chunk_shown, re.M), chunk_shown
+    assert re.search(r"^cut +\S+ \S+ \(.* ago\)$", chunk_shown, re.M), chunk_shown
     waited = duration(chunks[3]["started_at"] - chunks[3]["cut_at"])
-    assert re.search(rf"^queued +{re.escape(waited)} \(created to started\)$", chunk_shown, re.M), chunk_shown
+    assert re.search(rf"^queued +{re.escape(waited)} \(cut to started\)$", chunk_shown, re.M), chunk_shown
     # --chunks adds the chunks' own lines, in time order, each marked with its chunk.
     every = mloc("logs", answer["task_id"], "--chunks", "--json", env=env)
     assert every.returncode == 0, every.stderr
@@ -141,7 +142,8 @@ def test_chunks_spread_over_workers_and_join_in_row_order(
     assert client.tasks(state="succeeded")["total"] == 1
     every_task = client.tasks(children="true", page_size=50)
     assert every_task["total"] == 1 + len(chunks)
-    assert {item["task_id"] for item in every_task["items"]} == {answer["task_id"], *record["children"]}
+    # The task first, then its chunks in order (they share its place in the list).
+    assert [item["task_id"] for item in every_task["items"]] == [answer["task_id"], *record["children"]]
     table = mloc("tasks", "-q", env=env).stdout.split()
     assert table == [answer["task_id"]], table
     assert len(mloc("tasks", "-q", "--children", env=env).stdout.split()) == 1 + len(chunks)
@@ -252,7 +254,15 @@ def test_bad_rows_are_counted_over_all_chunks(
     data = write_rows(tmp_path / "questions.jsonl", prompts)  # one bad row in each chunk of 5: 3 in all
     cluster = make_cluster(1)
     client = client_for(cluster)
-    allowed = client.submit(task(data, chunk_rows=5, max_row_errors=3))["task_id"]
+    spec = tmp_path / "allowed.json"
+    spec.write_text(json.dumps(task(data, chunk_rows=5, max_row_errors=3)))
+    # The task runs nowhere itself: the CLI says where its first chunk went.
+    said = mloc("submit", str(spec), env={"MLOC_API_URL": cluster.api_url}).stdout
+    found = re.fullmatch(
+        r"submitted ([0-9a-f-]{36}) \(.*allowed\.json\), its first 1 chunk\(s\) assigned to local-1\n", said
+    )
+    assert found, said
+    allowed = found.group(1)
     assert client.wait(allowed, timeout=300)["state"] == "succeeded"
     assert client.result(allowed)["failed"] == 3
     refused = client.submit(task(data, chunk_rows=5, max_row_errors=2))["task_id"]

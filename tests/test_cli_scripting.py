@@ -61,6 +61,8 @@ def test_read_commands_print_json_lists_print_ids_and_every_command_takes_short_
     assert len(shown) == 17
     assert all(len(s) >= 8 and sum(task_id.startswith(s) for task_id in ids) == 1 for s in shown), shown
     short_failed = next(s for s in shown if failed_id.startswith(s))
+    past = mloc("tasks", "--page-size", "10", "--page", "3", env=env)
+    assert past.returncode == 0 and "page 3 is past the last: 17 task(s) fill 2 page(s)" in past.stderr, past.stderr
 
     # show: a short id from the table; --json is the raw record; the long reason stays on one line.
     summary = mloc("show", short_failed, env=env).stdout

@@ -324,11 +324,11 @@ class TaskStore:
                     if start <= total < start + page_size:
                         matches.append(rec)
                     total += 1
-            return matches, total
+            return _families_together(matches) if children else matches, total
         if children:
             total = await self.redis.zcard(index)
             ids = await self.redis.zrevrange(index, start, start + page_size - 1)
-            return await self.get_many(ids), total
+            return _families_together(await self.get_many(ids)), total
         # Parts are left out: the page is cut from the ids that are not parts, read without their records.
         pipe = self.redis.pipeline(transaction=False)
         pipe.zcard(index)
@@ -376,6 +376,19 @@ class TaskStore:
         for state in TaskState:
             pipe.zcard(keys.tasks_in_state(state))
         return {state.value: n for state, n in zip(TaskState, await pipe.execute(), strict=True)}
+
+
+def _families_together(records: list[TaskRecord]) -> list[TaskRecord]:
+    """A page's tasks in the index's order, but each task's parts right after it, in their order (chunk
+    or shard index): they share its place in the index, where a tie is ordered by id."""
+    first: dict[str, int] = {}
+    for position, rec in enumerate(records):
+        first.setdefault(rec.parent_id or rec.task_id, position)
+
+    def place(rec: TaskRecord) -> tuple[int, bool, int]:
+        return (first[rec.parent_id or rec.task_id], rec.parent_id is not None, rec.replica or 0)
+
+    return sorted(records, key=place)
 
 
 class Coalescer:

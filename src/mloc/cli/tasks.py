@@ -63,7 +63,19 @@ def _submit_many(api: Client, labelled: list[tuple[str, Any]]) -> list[dict[str,
 
 def _said(answer: dict[str, Any], label: str) -> None:
     task_id = answer["task_id"]
-    if answer.get("worker_id"):
+    parts = answer.get("chunks") or answer.get("replicas")
+    if parts:
+        # The task itself runs nowhere: its parts were placed, each on its own worker.
+        workers = list(dict.fromkeys(p["worker_id"] for p in parts if p.get("worker_id")))
+        placed = sum(1 for p in parts if p.get("worker_id"))
+        what = f"its first {len(parts)} chunk(s)" if answer.get("chunks") else f"its {len(parts)} replicas"
+        if placed == len(parts):
+            where = f"{what} assigned to {', '.join(workers)}"
+        elif placed:
+            where = f"{what}: {placed} assigned to {', '.join(workers)}, {len(parts) - placed} pending"
+        else:
+            where = f"{what} pending"
+    elif answer.get("worker_id"):
         where = f"assigned to {answer['worker_id']}"
     elif answer.get("pending_reason"):
         where = f"pending: {answer['pending_reason']}"
@@ -224,6 +236,12 @@ def list_tasks(
         output.print_json(body)
         return
     items = body["items"]
+    if not items and body["total"]:
+        pages = -(-body["total"] // body["page_size"])
+        output.line(
+            output.styled(f"page {body['page']} is past the last: {body['total']} task(s) fill {pages} page(s)", "dim"),
+            stderr=True,
+        )
     if quiet:
         for item in items:
             output.line(item["task_id"])
@@ -343,8 +361,8 @@ def _summary(record: dict[str, Any]) -> list[tuple[str, str]]:
     assigned, started, finished = (record.get(k) for k in ("assigned_at", "started_at", "finished_at"))
     if record.get("cut_at"):
         # A chunk is created with its dataset task's time (its place in the queue); it waits from its cut.
-        cut = output.at(record["cut_at"])
-        rows.append(("created", f"{cut}, cut from its dataset task (submitted {output.when(created)})"))
+        rows.append(("created", f"{output.at(created)}, with its dataset task"))
+        rows.append(("cut", output.at(record["cut_at"])))
         created = float(record["cut_at"])
     else:
         rows.append(("created", output.at(created)))
@@ -353,7 +371,8 @@ def _summary(record: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("queued", output.duration(time.time() - created) + " so far"))
     elif started or assigned:
         until = "started" if started else "assigned"
-        rows.append(("queued", output.duration(float(started or assigned or 0) - created) + f" (created to {until})"))
+        since = "cut" if record.get("cut_at") else "created"
+        rows.append(("queued", output.duration(float(started or assigned or 0) - created) + f" ({since} to {until})"))
     if started and state != "pending":
         end = finished or time.time()
         stopped = float(record.get("stopped_sec") or 0)

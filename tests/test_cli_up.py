@@ -67,6 +67,7 @@ class Up:
     of the processes it starts is collected."""
 
     def __init__(self, env: dict[str, str], *, sigint_ignored: bool = False) -> None:
+        self.env = env
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mloc.cli", "up"],
             env=env,
@@ -206,10 +207,20 @@ def _press_ctrl_c_twice(up: Up) -> None:
     up.proc.send_signal(signal.SIGINT)
 
 
+def _run_mloc_down(up: Up) -> None:
+    # From another shell with the same MLOC_HOME: it returns once everything has stopped.
+    done = mloc("down", env=up.env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"stopped `mloc up` (pid {up.proc.pid}) on MLOC_HOME {up.env['MLOC_HOME']}\n"
+    assert up.proc.wait(5) == 0  # what it started has stopped; it ends right after
+    again = mloc("down", env=up.env)
+    assert again.returncode == 0 and again.stderr.endswith(": nothing to stop\n"), again.stderr
+
+
 @pytest.mark.parametrize(
     "stop",
-    [_send_sigterm, _press_ctrl_c, _hang_up, _close_the_terminal, _press_ctrl_c_twice],
-    ids=["sigterm", "ctrl-c", "sighup", "terminal-closed", "ctrl-c-twice"],
+    [_send_sigterm, _press_ctrl_c, _hang_up, _close_the_terminal, _press_ctrl_c_twice, _run_mloc_down],
+    ids=["sigterm", "ctrl-c", "sighup", "terminal-closed", "ctrl-c-twice", "mloc-down"],
 )
 def test_up_stops_every_process_it_started_within_seconds_while_a_client_follows_a_log(
     stop: Callable[[Up], None], tmp_path: Path, start_up: Callable[[dict[str, str]], Up]

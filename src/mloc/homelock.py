@@ -39,7 +39,7 @@ class HomeInUse(MlocError):
         named += [f"API {holder.api_url}"] if holder.api_url else []
         who = f" ({', '.join(named)})" if named else ""
         use = f"use it (export MLOC_API_URL={holder.api_url})" if holder.api_url else "use it"
-        stop = f"stop it (kill {holder.pid})" if holder.pid else "stop it"
+        stop = f"stop it (`mloc down` on this home, or kill {holder.pid})" if holder.pid else "stop it (`mloc down`)"
         super().__init__(
             f"MLOC_HOME {home} is in use by another `mloc up`{who}: "
             f"{use}, {stop}, or give this one another home (MLOC_HOME=/some/other/dir mloc up)"
@@ -79,6 +79,21 @@ class HomeLock:
             # no one else can find.
             self._file.close()
             self._file = None
+
+
+def holder_of(home: Path) -> Holder | None:
+    """Who holds ``home`` now; None when no `mloc up` runs on it."""
+    try:
+        lock = open(home / LOCK_FILE)  # noqa: SIM115  (closed below)
+    except FileNotFoundError:
+        return None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read(lock)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        return None
 
 
 def _read(lock: IO[str]) -> Holder:

@@ -16,7 +16,7 @@ from mloc.cli import output, waiting
 from mloc.cli.root import app
 from mloc.client import Client
 from mloc.errors import MlocError
-from mloc.homelock import HomeInUse, HomeLock
+from mloc.homelock import HomeInUse, HomeLock, holder_of
 from mloc.settings import get_settings
 from mloc.state import TaskState
 
@@ -171,6 +171,39 @@ def up(
         cluster.stop(grace=grace + STOP_MARGIN_SEC)
         lock.release()
         output.line("MLOC stopped", stderr=True)
+
+
+@app.command()
+def down(
+    timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for it to stop.")] = 60,
+) -> None:
+    """Stop the `mloc up` running on this MLOC_HOME, as Ctrl-C in its terminal would: running tasks get
+    MLOC_SHUTDOWN_GRACE_SEC to finish, then go back to the queue. Returns once everything it started
+    has stopped."""
+    home = get_settings().home
+    found = holder_of(home)
+    if found is None:
+        output.line(f"no `mloc up` runs on MLOC_HOME {home}: nothing to stop", stderr=True)
+        return
+    if found.pid is None:
+        output.die(f"the `mloc up` on MLOC_HOME {home} is starting and has not said its pid yet; try again")
+    try:
+        os.kill(found.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return  # it ended meanwhile
+    except PermissionError:
+        output.die(f"the `mloc up` on MLOC_HOME {home} (pid {found.pid}) is another user's; stop it as that user")
+    deadline = time.monotonic() + timeout
+    with output.err().status(f"stopping `mloc up` (pid {found.pid})..."):
+        while holder_of(home) is not None:
+            if time.monotonic() > deadline:
+                output.die(
+                    f"`mloc up` (pid {found.pid}) is still stopping after {timeout:g}s; `kill -9 {found.pid}` ends "
+                    "it at once (the tasks it ran go back to the queue at its next start)",
+                    code=1,
+                )
+            time.sleep(0.1)
+    output.line(f"stopped `mloc up` (pid {found.pid}) on MLOC_HOME {home}")
 
 
 @app.command()

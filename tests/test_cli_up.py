@@ -159,6 +159,9 @@ def test_up_says_how_to_reach_it_and_a_second_up_on_its_home_is_refused_in_one_l
     assert f"API {api}," in said and f"dashboard {api}/dashboard" in said
     assert f"  export MLOC_API_URL={api}" in lines
     assert "  export MLOC_TOKEN='up token'" in lines
+    # Its processes say they use its embedded Redis (handed to them as REDIS_URL), not a Redis of the user's.
+    told = [line for line in lines if "Redis: redis://" in line]
+    assert told and all(line.endswith(f"(the embedded Redis of {home}, passed as REDIS_URL)") for line in told), told
     # The two lines are all a second shell needs.
     second_shell = mloc("tasks", env={"MLOC_API_URL": api, "MLOC_TOKEN": "up token"})
     assert second_shell.returncode == 0, second_shell.stderr
@@ -178,7 +181,9 @@ def test_up_says_how_to_reach_it_and_a_second_up_on_its_home_is_refused_in_one_l
     assert refusal[0].startswith(
         f"error: MLOC_HOME {home} is in use by another `mloc up` (pid {up.proc.pid}, API {api})"
     )
-    assert f"export MLOC_API_URL={api}" in refusal[0] and f"kill {up.proc.pid}" in refusal[0]
+    assert (
+        f"export MLOC_API_URL={api}" in refusal[0] and f"`mloc down` on this home, or kill {up.proc.pid}" in refusal[0]
+    )
     assert "another home" in refusal[0]
     assert up.proc.poll() is None  # the first one runs on, untouched
 

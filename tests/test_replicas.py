@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +15,7 @@ from mloc.errors import SpecError
 from mloc.localcluster import LocalCluster
 from mloc.orchestrator.groups import OFFSET_LABEL, merge, shards
 from mloc.spec import load, validate
+from tests.support.cli import mloc
 from tests.support.tiny_model import build_tiny_causal_lm
 
 
@@ -94,8 +97,25 @@ def test_replicas_run_on_different_workers_and_merge_in_order(
     assert result["replicas"] == 2 and result["usage"]["num_requests"] == 5
     merged_file = tmp_path / "results" / answer["task_id"] / "responses.json"
     assert merged_file.exists()
-    ended = client.logs(answer["task_id"])["lines"][-1]  # the parent's own log says how it ended
+    said = client.logs(answer["task_id"])["lines"]
+    ended = said[-1]  # the parent's own log says how it ended
     assert (ended["event"], ended["text"]) == ("succeeded", "succeeded: its 2 replicas succeeded"), ended
+    # ...and each replica's end before that: where it ran, how long, which prompts.
+    children = record["children"]
+    ends = sorted(e["text"] for e in said if e["event"] == "replica_succeeded")  # either may end first
+    assert len(ends) == 2 and all(
+        re.fullmatch(r"replica \d \(\w{8}\) succeeded on local-\d in [\d.]+ s: .*", e) for e in ends
+    )
+    assert ends[0].startswith(f"replica 0 ({children[0][:8]}) succeeded on ") and ends[0].endswith(": prompts 1-3")
+    assert ends[1].startswith(f"replica 1 ({children[1][:8]}) succeeded on ") and ends[1].endswith(": prompts 4-5")
+    # --chunks adds the replicas' own lines, each marked with its replica.
+    every = mloc("logs", answer["task_id"], "--chunks", "--json", env={"MLOC_API_URL": cluster.api_url})
+    assert every.returncode == 0, every.stderr
+    assert {e["replica"] for e in json.loads(every.stdout)["lines"] if "replica" in e} == {0, 1}
+    starts = [e["text"] for e in said if e["event"] == "replica_started"]
+    assert all(re.fullmatch(r"replica [01] \(\w{8}\) started on local-\d: prompts (1-3|4-5)", e) for e in starts), (
+        starts
+    )
     single = client.submit(inference_task(str(tiny_model), prompts, 1).encode())
     deadline = time.monotonic() + 300
     while client.task(single["task_id"])["state"] not in ("succeeded", "failed"):

@@ -589,7 +589,8 @@ def _log_line(entry: dict[str, Any], *, chunks: bool = False) -> None:
         stamp = output.visible(entry["ts"], one_line=True)
     level = str(entry.get("level") or "")
     source = str(entry.get("source") or "")
-    where = (f"chunk {entry['chunk']}" if "chunk" in entry else "task").ljust(10) if chunks else ""
+    part = next((name for name in ("chunk", "replica") if name in entry), None)
+    where = (f"{part} {entry[part]}" if part else "task").ljust(10) if chunks else ""
     head = " ".join(part for part in (stamp, level.ljust(7), where, source.ljust(8)) if part.strip())
     style = {"ERROR": "red", "CRITICAL": "red", "WARNING": "yellow"}.get(level.upper(), "dim")
     text = output.visible(entry.get("text", entry.get("message", "")))
@@ -601,14 +602,15 @@ def _log_line(entry: dict[str, Any], *, chunks: bool = False) -> None:
 def _chunk_logs(
     api: Client, task_id: str, own: list[dict[str, Any]], sources: str | None, tail: int | None, since: str | None
 ) -> list[dict[str, Any]]:
-    """A dataset task's log lines and its chunks', in time order, each chunk's marked with its number."""
+    """A dataset task's log lines and its chunks' (a replica group's and its replicas'), in time order,
+    each chunk's marked with its number."""
     record = api.task(task_id)
-    if not record.get("chunk_rows"):
+    if not record.get("children"):
         output.error_line(
-            f"task {task_id} is not a dataset task, so it has no chunks; drop --chunks "
-            "(a replica group's replicas each have a log: mloc show ID lists them)"
+            f"task {task_id} is neither a dataset task nor a replica group, so it has no chunks; drop --chunks"
         )
         raise typer.Exit(2)
+    part = "chunk" if record.get("chunk_rows") else "replica"
     entries = list(own)
     for index, child in enumerate(record.get("children") or []):
         try:
@@ -617,7 +619,7 @@ def _chunk_logs(
             if exc.status_code != 404:
                 raise
             continue  # a chunk forgotten past its retention: its lines went with it
-        entries.extend({**entry, "chunk": index} for entry in lines)
+        entries.extend({**entry, part: index} for entry in lines)
     entries.sort(key=lambda entry: float(entry.get("ts") or 0))  # stable: a chunk's own order holds on ties
     return entries[-tail:] if tail else entries
 
@@ -659,7 +661,8 @@ def logs(
     with_chunks: Annotated[
         bool,
         typer.Option(
-            "--chunks", help="A dataset task's chunks' lines too, in time order, each marked with its chunk (no -f)."
+            "--chunks",
+            help="A dataset task's chunks' (a replica group's replicas') lines too, in time order, marked (no -f).",
         ),
     ] = False,
     fmt: OutputFormat = None,

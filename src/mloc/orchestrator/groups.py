@@ -103,13 +103,24 @@ async def settle(store: TaskStore, parent_id: str, results_dir: Path, settings: 
         settings = settings or Settings().model_copy(update={"results_dir": results_dir})
         return await chunks.settle(store, parent_id, settings)
     state = TaskState(h["state"])
-    if state.terminal:
-        return True
     children: list[str] = json.loads(h.get("children") or "[]")
     pipe = store.redis.pipeline(transaction=False)
     for child in children:
-        pipe.hmget(keys.task(child), "state", "reason", "labels", "started_at")
+        pipe.hmget(
+            keys.task(child),
+            "state",
+            "reason",
+            "labels",
+            "started_at",
+            "worker_id",
+            "finished_at",
+            chunks.TOLD,
+            "attempts",
+        )
     rows = await pipe.execute()
+    await _tell(store, h, children, rows)
+    if state.terminal:
+        return True
     states = [TaskState(row[0]) if row[0] else TaskState.CANCELLED for row in rows]  # a forgotten shard: gone
     for index, (shard_state, row) in enumerate(zip(states, rows, strict=True)):
         if shard_state in (TaskState.FAILED, TaskState.CANCELLED):
@@ -123,6 +134,46 @@ async def settle(store: TaskStore, parent_id: str, results_dir: Path, settings: 
     ):
         await store.transition(parent_id, moves.GROUP_START, fields=_started(rows))
     return False
+
+
+async def _tell(store: TaskStore, h: dict[str, str], children: list[str], rows: list[list[str | None]]) -> None:
+    """Say in the parent's log each replica's start and end not said yet (its prompts, its worker, how
+    long it ran, why it stopped), as a dataset task's log tells its chunks."""
+    inference = json.loads(h.get("spec") or "{}").get("spec", {}).get("inference", {})
+    total = len(inference.get("prompts") or []) + len(inference.get("messages") or [])
+    offsets = [int(json.loads(row[2] or "{}").get(OFFSET_LABEL, 0)) for row in rows] + [total]
+    lines: list[tasklog.Line] = []
+    told: list[tuple[str, str]] = []
+    for index, (child, row) in enumerate(zip(children, rows, strict=True)):
+        state, reason, _, started, worker, finished, said, attempts = row
+        if state in (TaskState.RUNNING, TaskState.CANCELLING):
+            state = f"{TaskState.RUNNING}/{attempts}"  # a start is told once per attempt
+        if not state or state == said:
+            continue
+        name = f"replica {index} ({child[:8]})"
+        prompts = f"prompts {offsets[index] + 1:,}-{offsets[index + 1]:,}"
+        if state.startswith(f"{TaskState.RUNNING}/"):
+            again = " again" if (said or "").startswith(f"{TaskState.RUNNING}/") else ""
+            lines.append(tasklog.Line("replica_started", f"{name} started{again} on {worker}: {prompts}"))
+        elif TaskState(state) in TERMINAL:
+            took = f" in {float(finished) - float(started):.1f} s" if started and finished else ""
+            on = f" on {worker}" if worker else ""
+            if state == TaskState.SUCCEEDED:
+                lines.append(tasklog.Line("replica_succeeded", f"{name} succeeded{on}{took}: {prompts}"))
+            else:
+                level = "WARNING" if state == TaskState.CANCELLED else "ERROR"
+                text = f"{name} {state}{on}: {reason or 'no reason given'}"
+                lines.append(tasklog.Line(f"replica_{state}", text, level))
+        else:
+            continue
+        told.append((child, state))
+    if not lines:
+        return
+    pipe = store.redis.pipeline(transaction=False)
+    for child, state in told:
+        pipe.hset(keys.task(child), chunks.TOLD, state)
+    await pipe.execute()
+    await tasklog.append(store.redis, h["id"], *lines)
 
 
 def _started(rows: list[list[str | None]]) -> dict[str, str]:
@@ -146,7 +197,8 @@ async def _end(
     for sibling, sibling_state in zip(children, states, strict=True):
         if sibling_state not in TERMINAL:
             try:
-                await cancel(store, sibling, by=f"replica group {parent_id}")
+                because = f"its replica group {parent_id} {'failed' if move == moves.GROUP_FAIL else 'was cancelled'}"
+                await cancel(store, sibling, by=f"replica group {parent_id}", reason=because)
             except MlocError as exc:  # it ended meanwhile
                 log.debug("could not cancel %s: %s", sibling, exc)
 

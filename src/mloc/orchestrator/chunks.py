@@ -25,6 +25,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -210,43 +211,64 @@ async def _chunk_rows(store: TaskStore, children: list[str]) -> list[list[str | 
 async def _tell(
     store: TaskStore, h: dict[str, str], document: dict[str, Any], children: list[str], rows: list[list[str | None]]
 ) -> None:
-    """Say in the parent's log each chunk's start and end not said yet, so the parent's own log tells
-    the run (its chunks' logs hold their lines). A chunk that started and ended between two settles
-    has its end said alone."""
+    """Say in the parent's log each chunk's start and end not said yet (:func:`tell_parts`)."""
     size = chunk_rows(document)
     limit = document["spec"]["inference"]["input"].get("max_rows")
+
+    def span(index: int) -> str:
+        last = (index + 1) * size if limit is None else min((index + 1) * size, int(limit))
+        return f"rows {index * size + 1:,}-{last:,}"
+
+    def succeeded(index: int) -> str:
+        result = json.loads(rows[index][3] or "{}")
+        count = int(result.get("rows") or 0)
+        text = f"rows {index * size + 1:,}-{index * size + count:,}" if count else "no rows (past the data's end)"
+        if result.get("failed"):
+            text += f", {int(result['failed']):,} of them failed"
+        if result.get("kept_rows"):
+            text += f", {int(result['kept_rows']):,} kept from an earlier run"
+        return text
+
+    # Each chunk's row less its summary (read by ``succeeded``).
+    ends = [[*row[:3], *row[4:]] for row in rows]
+    await tell_parts(store, h["id"], "chunk", children, ends, span, succeeded)
+
+
+async def tell_parts(
+    store: TaskStore,
+    parent_id: str,
+    part: str,
+    children: list[str],
+    rows: Sequence[Sequence[str | None]],
+    span: Callable[[int], str],
+    succeeded: Callable[[int], str],
+) -> None:
+    """Say in a parent's log each of its parts' (chunks', replicas') start and end not said yet, so its
+    own log tells the run (the parts' logs hold their lines). ``rows``: each part's state, reason,
+    started_at, worker_id, finished_at, what was told of it (:data:`TOLD`) and attempts; ``span`` says
+    what a part holds, ``succeeded`` what a part that succeeded did. A part that started and ended
+    between two settles has its end said alone."""
     lines: list[tasklog.Line] = []
     told: list[tuple[str, str]] = []
     for index, (child, row) in enumerate(zip(children, rows, strict=True)):
-        state, reason, started, summary, worker, finished, said, attempts = row
+        state, reason, started, worker, finished, said, attempts = row
         if state in (TaskState.RUNNING, TaskState.CANCELLING):
             state = f"{TaskState.RUNNING}/{attempts}"  # a start is told once per attempt
         if not state or state == said:
             continue
-        name = f"chunk {index} ({child[:8]})"
+        name = f"{part} {index} ({child[:8]})"
         if state.startswith(f"{TaskState.RUNNING}/"):
-            last = (index + 1) * size if limit is None else min((index + 1) * size, int(limit))
             again = " again" if (said or "").startswith(f"{TaskState.RUNNING}/") else ""
-            text = f"{name} started{again} on {worker}: rows {index * size + 1:,}-{last:,}"
-            lines.append(tasklog.Line("chunk_started", text))
+            lines.append(tasklog.Line(f"{part}_started", f"{name} started{again} on {worker}: {span(index)}"))
         elif TaskState(state) in TERMINAL:
             took = f" in {float(finished) - float(started):.1f} s" if started and finished else ""
             on = f" on {worker}" if worker else ""
             if state == TaskState.SUCCEEDED:
-                result = json.loads(summary or "{}")
-                count = int(result.get("rows") or 0)
-                text = f"{name} succeeded{on}{took}: " + (
-                    f"rows {index * size + 1:,}-{index * size + count:,}" if count else "no rows (past the data's end)"
-                )
-                if result.get("failed"):
-                    text += f", {int(result['failed']):,} of them failed"
-                if result.get("kept_rows"):
-                    text += f", {int(result['kept_rows']):,} kept from an earlier run"
-                lines.append(tasklog.Line("chunk_succeeded", text))
+                lines.append(tasklog.Line(f"{part}_succeeded", f"{name} succeeded{on}{took}: {succeeded(index)}"))
             else:
                 level = "WARNING" if state == TaskState.CANCELLED else "ERROR"
                 text = f"{name} {state}{on}: {reason or 'no reason given'}"
-                lines.append(tasklog.Line(f"chunk_{state}", text, level))
+                lines.append(tasklog.Line(f"{part}_{state}", text, level))
         else:
             continue
         told.append((child, state))
@@ -256,7 +278,7 @@ async def _tell(
     for child, state in told:
         pipe.hset(keys.task(child), TOLD, state)
     await pipe.execute()
-    await tasklog.append(store.redis, h["id"], *lines)
+    await tasklog.append(store.redis, parent_id, *lines)
 
 
 async def _settle(store: TaskStore, parent_id: str, settings: Settings) -> bool:

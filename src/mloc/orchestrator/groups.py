@@ -137,43 +137,17 @@ async def settle(store: TaskStore, parent_id: str, results_dir: Path, settings: 
 
 
 async def _tell(store: TaskStore, h: dict[str, str], children: list[str], rows: list[list[str | None]]) -> None:
-    """Say in the parent's log each replica's start and end not said yet (its prompts, its worker, how
-    long it ran, why it stopped), as a dataset task's log tells its chunks."""
+    """Say in the parent's log each replica's start and end not said yet (:func:`chunks.tell_parts`): its
+    prompts, its worker, how long it ran, why it stopped."""
     inference = json.loads(h.get("spec") or "{}").get("spec", {}).get("inference", {})
     total = len(inference.get("prompts") or []) + len(inference.get("messages") or [])
     offsets = [int(json.loads(row[2] or "{}").get(OFFSET_LABEL, 0)) for row in rows] + [total]
-    lines: list[tasklog.Line] = []
-    told: list[tuple[str, str]] = []
-    for index, (child, row) in enumerate(zip(children, rows, strict=True)):
-        state, reason, _, started, worker, finished, said, attempts = row
-        if state in (TaskState.RUNNING, TaskState.CANCELLING):
-            state = f"{TaskState.RUNNING}/{attempts}"  # a start is told once per attempt
-        if not state or state == said:
-            continue
-        name = f"replica {index} ({child[:8]})"
-        prompts = f"prompts {offsets[index] + 1:,}-{offsets[index + 1]:,}"
-        if state.startswith(f"{TaskState.RUNNING}/"):
-            again = " again" if (said or "").startswith(f"{TaskState.RUNNING}/") else ""
-            lines.append(tasklog.Line("replica_started", f"{name} started{again} on {worker}: {prompts}"))
-        elif TaskState(state) in TERMINAL:
-            took = f" in {float(finished) - float(started):.1f} s" if started and finished else ""
-            on = f" on {worker}" if worker else ""
-            if state == TaskState.SUCCEEDED:
-                lines.append(tasklog.Line("replica_succeeded", f"{name} succeeded{on}{took}: {prompts}"))
-            else:
-                level = "WARNING" if state == TaskState.CANCELLED else "ERROR"
-                text = f"{name} {state}{on}: {reason or 'no reason given'}"
-                lines.append(tasklog.Line(f"replica_{state}", text, level))
-        else:
-            continue
-        told.append((child, state))
-    if not lines:
-        return
-    pipe = store.redis.pipeline(transaction=False)
-    for child, state in told:
-        pipe.hset(keys.task(child), chunks.TOLD, state)
-    await pipe.execute()
-    await tasklog.append(store.redis, h["id"], *lines)
+
+    def span(index: int) -> str:
+        return f"prompts {offsets[index] + 1:,}-{offsets[index + 1]:,}"
+
+    ends = [[*row[:2], *row[3:]] for row in rows]  # each replica's row less its labels
+    await chunks.tell_parts(store, h["id"], "replica", children, ends, span, span)
 
 
 def _started(rows: list[list[str | None]]) -> dict[str, str]:

@@ -108,6 +108,11 @@ def test_replicas_run_on_different_workers_and_merge_in_order(
     )
     assert ends[0].startswith(f"replica 0 ({children[0][:8]}) succeeded on ") and ends[0].endswith(": prompts 1-3")
     assert ends[1].startswith(f"replica 1 ({children[1][:8]}) succeeded on ") and ends[1].endswith(": prompts 4-5")
+    # Its progress is its replicas', and a replica says which prompts it held.
+    progress = client.task(answer["task_id"])["progress"]
+    assert progress["message"] == "5 of 5 prompts done over 2 replicas", progress
+    shown = mloc("show", children[1], env={"MLOC_API_URL": cluster.api_url}).stdout
+    assert re.search(rf"^replica of +{answer['task_id']} \(replica 1, prompts 4-5\)$", shown, re.M), shown
     # --chunks adds the replicas' own lines, each marked with its replica.
     every = mloc("logs", answer["task_id"], "--chunks", "--json", env={"MLOC_API_URL": cluster.api_url})
     assert every.returncode == 0, every.stderr

@@ -16,7 +16,7 @@ from mloc import keys, tasklog
 from mloc.api.deps import Caller, Orch, TaskId
 from mloc.api.responses import raises
 from mloc.errors import BadRequest, Conflict, Forbidden, InvalidTransition, NotFound, SpecError
-from mloc.orchestrator import chunks
+from mloc.orchestrator import chunks, groups
 from mloc.orchestrator.cancel import cancel
 from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.orchestrator.users import Principal
@@ -183,6 +183,8 @@ async def show_task(task_id: TaskId, orch: Orch, who: Caller) -> Response:
     body["queue"] = await orch.queue_estimate(record)
     if record.chunk_rows:
         body["progress"] = await chunks.live_progress(orch.store, record)
+    elif record.children:
+        body["progress"] = await groups.live_progress(orch.store, record)
     return Response(orjson.dumps(body), media_type="application/json")
 
 

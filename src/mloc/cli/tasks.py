@@ -15,6 +15,7 @@ from mloc.cli.output import JsonFlag, OutputFormat, wants_json
 from mloc.cli.root import TaskIdArg, app, client, task_failed
 from mloc.client import ApiError, Client, Lost, Unreachable
 from mloc.errors import MlocError
+from mloc.spec.base import OFFSET_LABEL
 from mloc.spec.dataset import CHUNK_LABEL
 
 SHORT_ID = 8
@@ -59,6 +60,16 @@ def _submit_many(api: Client, labelled: list[tuple[str, Any]]) -> list[dict[str,
                     fix = f" -> {first['fix']}" if first.get("fix") else ""
                     detail["message"] = f"{first['path']}: {first.get('message')}{fix}"
         output.fail(exc)
+
+
+def _prompts_held(record: dict[str, Any]) -> str:
+    """', prompts 4-6': which of its group's prompts a replica holds ('' when its record does not say)."""
+    offset = (record.get("labels") or {}).get(OFFSET_LABEL)
+    inference = ((record.get("spec") or {}).get("spec") or {}).get("inference") or {}
+    count = len(inference.get("prompts") or []) + len(inference.get("messages") or [])
+    if offset is None or not offset.isdigit() or not count:
+        return ""
+    return f", prompts {int(offset) + 1:,}-{int(offset) + count:,}"
 
 
 def _said(answer: dict[str, Any], label: str) -> None:
@@ -386,7 +397,8 @@ def _summary(record: dict[str, Any]) -> list[tuple[str, str]]:
     if record.get("parent_id") and CHUNK_LABEL in (record.get("labels") or {}):
         rows.append(("chunk of", f"{record['parent_id']} (chunk {record.get('replica')})"))
     elif record.get("parent_id"):
-        rows.append(("replica of", f"{record['parent_id']} (replica {record.get('replica')})"))
+        held = _prompts_held(record)
+        rows.append(("replica of", f"{record['parent_id']} (replica {record.get('replica')}{held})"))
     if record.get("children") and record.get("chunk_rows"):
         count = len(record["children"])
         joined = (record.get("result_summary") or {}).get("chunks") if state == "succeeded" else None

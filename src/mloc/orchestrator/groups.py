@@ -14,6 +14,7 @@ group (:func:`sweep`). Settling twice is harmless: each move is a compare-and-se
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -28,13 +29,14 @@ from mloc.errors import MlocError, SpecError
 from mloc.executors.base import write_json_atomic
 from mloc.orchestrator import chunks
 from mloc.orchestrator.cancel import cancel
+from mloc.records import TaskRecord
 from mloc.settings import Settings
 from mloc.spec import Document
+from mloc.spec.base import OFFSET_LABEL
 from mloc.state import TERMINAL, Reason, TaskState
 from mloc.store import TaskStore
 
 log = logging.getLogger(__name__)
-OFFSET_LABEL = "mloc.offset"
 # Parents settled per wake-up; the rest stay marked for the next one.
 SETTLE_BATCH = 100
 
@@ -148,6 +150,27 @@ async def _tell(store: TaskStore, h: dict[str, str], children: list[str], rows: 
 
     ends = [[*row[:2], *row[3:]] for row in rows]  # each replica's row less its labels
     await chunks.tell_parts(store, h["id"], "replica", children, ends, span, span)
+
+
+async def live_progress(store: TaskStore, record: TaskRecord) -> dict[str, Any] | None:
+    """A replica group's progress, from its replicas' (it reports none of its own): the prompts they
+    have done of all they hold."""
+    if not record.children:
+        return record.progress
+    pipe = store.redis.pipeline(transaction=False)
+    for child in record.children:
+        pipe.hget(keys.task(child), "progress")
+    done = total = 0
+    for raw in await pipe.execute():
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            progress = json.loads(raw or "{}") or {}
+            done += int(progress.get("step") or 0)
+            total += int(progress.get("total") or 0)
+    if not total:
+        return record.progress
+    message = f"{done:,} of {total:,} prompts done over {len(record.children)} replicas"
+    percent = round(100 * done / total, 1)
+    return {"step": done, "total": total, "percent": percent, "unit": "prompts", "message": message}
 
 
 def _started(rows: list[list[str | None]]) -> dict[str, str]:

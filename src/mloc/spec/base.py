@@ -25,6 +25,8 @@ def looks_like_path(identifier: str) -> bool:
 
 # On a task whose spec.timeout_sec is the admin's default (MLOC_TASK_TIMEOUTS), not the user's: where it came from.
 TIMEOUT_LABEL = "mloc.timeout"
+# On a replica group's shard: the index of its first prompt among the group's.
+OFFSET_LABEL = "mloc.offset"
 
 
 class Strict(BaseModel):

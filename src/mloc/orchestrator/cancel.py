@@ -13,6 +13,13 @@ from mloc.state import Reason, Refusal, TaskState
 from mloc.store import TaskStore, Transition, require
 
 
+def stopped_with(parent_id: str, *, dataset: bool, how: str) -> str:
+    """The reason of a part (a dataset task's chunk, a replica group's replica) stopped because its
+    whole ended: ``how`` is what became of the whole ("failed", "was cancelled by NAME")."""
+    whole = "dataset task" if dataset else "replica group"
+    return f"its {whole} {parent_id} {how}"
+
+
 async def cancel(
     store: TaskStore,
     task_id: str,
@@ -49,8 +56,7 @@ async def cancel(
         )
         await tasklog.append(store.redis, task_id, tasklog.ended(TaskState.CANCELLED, ended["reason"]))
         # A part's own reason names the task it was cancelled with (a worker would say "on request").
-        whole = "dataset task" if record.chunk_rows else "replica group"
-        why = reason or f"its {whole} {task_id} was cancelled by {by}"
+        why = reason or stopped_with(task_id, dataset=bool(record.chunk_rows), how=f"was cancelled by {by}")
         for child in record.children:
             with contextlib.suppress(MlocError):
                 await cancel(store, child, by=by, reason=why, reason_code=reason_code)

@@ -34,7 +34,7 @@ from redis.exceptions import LockError
 from mloc import artifacts, keys, moves, tasklog
 from mloc.errors import Conflict, MlocError, NotFound
 from mloc.executors.base import write_json_atomic
-from mloc.orchestrator.cancel import cancel
+from mloc.orchestrator.cancel import cancel, stopped_with
 from mloc.records import NewTask, TaskRecord
 from mloc.settings import Settings
 from mloc.spec.dataset import (
@@ -441,7 +441,8 @@ async def _end(
     for child, child_state in zip(children, states, strict=True):
         if child_state not in TERMINAL:
             with contextlib.suppress(MlocError):
-                because = f"its dataset task {parent_id} {'failed' if move == moves.GROUP_FAIL else 'was cancelled'}"
+                how = "failed" if move == moves.GROUP_FAIL else "was cancelled"
+                because = stopped_with(parent_id, dataset=True, how=how)
                 await cancel(store, child, by=f"dataset task {parent_id}", reason=because)
 
 

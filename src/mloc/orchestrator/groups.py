@@ -28,7 +28,7 @@ from mloc import keys, moves, tasklog
 from mloc.errors import MlocError, SpecError
 from mloc.executors.base import write_json_atomic
 from mloc.orchestrator import chunks
-from mloc.orchestrator.cancel import cancel
+from mloc.orchestrator.cancel import cancel, stopped_with
 from mloc.records import TaskRecord
 from mloc.settings import Settings
 from mloc.spec import Document
@@ -194,7 +194,8 @@ async def _end(
     for sibling, sibling_state in zip(children, states, strict=True):
         if sibling_state not in TERMINAL:
             try:
-                because = f"its replica group {parent_id} {'failed' if move == moves.GROUP_FAIL else 'was cancelled'}"
+                how = "failed" if move == moves.GROUP_FAIL else "was cancelled"
+                because = stopped_with(parent_id, dataset=False, how=how)
                 await cancel(store, sibling, by=f"replica group {parent_id}", reason=because)
             except MlocError as exc:  # it ended meanwhile
                 log.debug("could not cancel %s: %s", sibling, exc)

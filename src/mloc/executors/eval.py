@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from mloc.errors import ExecutionError
 from mloc.executors.base import Executor, RunContext
+from mloc.executors.engines import adapter_folder, warm_or_load
 from mloc.executors.eval_tasks import check_custom, write_config
 from mloc.spec.base import Engine
 from mloc.spec.eval import EvalSpec
@@ -75,7 +76,7 @@ class EvalExecutor(Executor):
         libraries_offline()
         options = spec.eval
         started = time.perf_counter()
-        adapter = adapter_path(spec)
+        adapter = adapter_folder(spec.model)
         tasks_dir = ctx.out_dir / TASKS_DIR
         for index, task in enumerate(options.custom):
             check_custom(task, index, options.num_fewshot or 0)
@@ -118,23 +119,12 @@ class EvalExecutor(Executor):
 
     def _engine(self, spec: EvalSpec, ctx: RunContext) -> TransformersEngine:
         from mloc.llm.hf_engine import TransformersEngine
-        from mloc.llm.loader import default_model_spec, load_engine
+        from mloc.llm.loader import default_model_spec
 
         model = (spec.model or default_model_spec()).model_copy(update={"engine": Engine.TRANSFORMERS})
-        loads = self.cache.loads
-        engine = load_engine(
-            model,
-            models_dir=ctx.models_dir,
-            cache=self.cache,
-            on_progress=ctx.progress,
-            check_cancelled=ctx.check_cancelled,
-            on_log=ctx.log,
-        )
+        engine = warm_or_load(self.cache, model, ctx)
         if not isinstance(engine, TransformersEngine):
             raise ExecutionError(f"eval needs the transformers engine for {engine.model_id!r}, got {engine.name}")
-        # A cold load logged its own lines (preparing the model, starting the engine, ready).
-        if self.cache.loads == loads:
-            ctx.log(f"reusing warm transformers engine for {engine.model_id}")
         return engine
 
 
@@ -194,19 +184,6 @@ def cache_dir() -> str:
 
 
 # --- the model ---------------------------------------------------------------------------------------
-
-
-def adapter_path(spec: EvalSpec) -> Path | None:
-    adapter = spec.model.adapter if spec.model else None
-    if adapter is None or not adapter.path:
-        return None
-    path = Path(adapter.path).expanduser()
-    if not (path / "adapter_config.json").is_file():
-        raise ExecutionError(
-            f"model.adapter.path {adapter.path!r} is not a LoRA adapter folder (no adapter_config.json at "
-            f"{path.resolve()}); give the folder a PEFT/SFT task saved the adapter to, or that task's id"
-        )
-    return path
 
 
 @contextlib.contextmanager

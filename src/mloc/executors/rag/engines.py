@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from mloc.executors.base import RunContext
+from mloc.executors.engines import warm_or_load
 from mloc.spec.base import ModelSpec
 from mloc.spec.rag import RagSpec
 
@@ -51,22 +52,7 @@ class EngineHolder:
 
     def engine(self, model: ModelSpec | None, ctx: RunContext, workload: Workload | None = None) -> LLMEngine:
         """A warm engine that serves ``workload`` (any engine of the model, when None), else a new one."""
-        from mloc.llm.loader import load_engine
-
-        loads = self.cache.loads
-        engine = load_engine(
-            model,
-            models_dir=ctx.models_dir,
-            cache=self.cache,
-            workload=workload,
-            on_progress=ctx.progress,
-            check_cancelled=ctx.check_cancelled,
-            on_log=ctx.log,
-        )
-        # A cold load logged its own lines (preparing the model, starting the engine, ready).
-        if self.cache.loads == loads:
-            ctx.log(f"reusing warm {engine.name} engine for {engine.model_id}")
-        return engine
+        return warm_or_load(self.cache, model, ctx, workload=workload)
 
     def warm_models(self) -> list[str]:
         if self._cache is None:

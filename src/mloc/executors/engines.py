@@ -30,29 +30,53 @@ def adapter_folder(model: ModelSpec | None) -> Path | None:
     return path
 
 
-def warm_or_load(
-    cache: EngineCache,
-    model: ModelSpec | None,
-    ctx: RunContext,
-    *,
-    lora_rank: int | None = None,
-    workload: Workload | None = None,
-) -> LLMEngine:
-    """An engine for ``model`` (the worker's VLLM_MODEL when None): see :func:`mloc.llm.loader.load_engine`."""
-    from mloc.llm.loader import load_engine
+class EngineHolder:
+    """Keeps the engines a long-lived executor process has loaded, for the next task to reuse."""
 
-    loads = cache.loads
-    engine = load_engine(
-        model,
-        models_dir=ctx.models_dir,
-        cache=cache,
-        lora_rank=lora_rank,
-        workload=workload,
-        on_progress=ctx.progress,
-        check_cancelled=ctx.check_cancelled,
-        on_log=ctx.log,
-    )
-    # A cold load logged its own lines (preparing the model, starting the engine, ready).
-    if cache.loads == loads:
-        ctx.log(f"reusing warm {engine.name} engine for {engine.model_id}")
-    return engine
+    def __init__(self, cache_bytes: int | None = None) -> None:
+        self._cache_bytes = cache_bytes
+        self._cache: EngineCache | None = None
+
+    @property
+    def cache(self) -> EngineCache:
+        if self._cache is None:
+            from mloc.llm.cache import cache_for_executor
+
+            self._cache = cache_for_executor(self._cache_bytes)
+        return self._cache
+
+    def engine(
+        self,
+        model: ModelSpec | None,
+        ctx: RunContext,
+        *,
+        lora_rank: int | None = None,
+        workload: Workload | None = None,
+    ) -> LLMEngine:
+        """A warm engine that serves ``workload`` (any engine of the model, when None), else a new one
+        (the worker's VLLM_MODEL when ``model`` is None): see :func:`mloc.llm.loader.load_engine`."""
+        from mloc.llm.loader import load_engine
+
+        cache = self.cache
+        loads = cache.loads
+        engine = load_engine(
+            model,
+            models_dir=ctx.models_dir,
+            cache=cache,
+            lora_rank=lora_rank,
+            workload=workload,
+            on_progress=ctx.progress,
+            check_cancelled=ctx.check_cancelled,
+            on_log=ctx.log,
+        )
+        # A cold load logged its own lines (preparing the model, starting the engine, ready).
+        if cache.loads == loads:
+            ctx.log(f"reusing warm {engine.name} engine for {engine.model_id}")
+        return engine
+
+    def warm_models(self) -> list[str]:
+        return [] if self._cache is None else self._cache.warm_models()
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self._cache.clear()

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from mloc.errors import ExecutionError
 from mloc.executors.base import Executor, RunContext
-from mloc.executors.engines import adapter_folder, warm_or_load
+from mloc.executors.engines import EngineHolder, adapter_folder
 from mloc.executors.eval_tasks import check_custom, write_config
 from mloc.spec.base import Engine
 from mloc.spec.eval import EvalSpec
@@ -42,8 +42,7 @@ class EvalExecutor(Executor):
     requires = ("lm_eval", "torch", "transformers")
 
     def __init__(self, cache_bytes: int | None = None) -> None:
-        self._cache_bytes = cache_bytes
-        self._cache: EngineCache | None = None
+        self.engines = EngineHolder(cache_bytes)
 
     @classmethod
     def capabilities(cls) -> dict[str, Any]:
@@ -54,18 +53,13 @@ class EvalExecutor(Executor):
 
     @property
     def cache(self) -> EngineCache:
-        if self._cache is None:
-            from mloc.llm.cache import cache_for_executor
-
-            self._cache = cache_for_executor(self._cache_bytes)
-        return self._cache
+        return self.engines.cache
 
     def warm_models(self) -> list[str]:
-        return [] if self._cache is None else self._cache.warm_models()
+        return self.engines.warm_models()
 
     def close(self) -> None:
-        if self._cache is not None:
-            self._cache.clear()
+        self.engines.close()
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         spec = ctx.spec
@@ -122,7 +116,7 @@ class EvalExecutor(Executor):
         from mloc.llm.loader import default_model_spec
 
         model = (spec.model or default_model_spec()).model_copy(update={"engine": Engine.TRANSFORMERS})
-        engine = warm_or_load(self.cache, model, ctx)
+        engine = self.engines.engine(model, ctx)
         if not isinstance(engine, TransformersEngine):
             raise ExecutionError(f"eval needs the transformers engine for {engine.model_id!r}, got {engine.name}")
         return engine

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from mloc.errors import ExecutionError
 from mloc.executors.base import Executor, RunContext
-from mloc.executors.engines import adapter_folder, warm_or_load
+from mloc.executors.engines import EngineHolder, adapter_folder
 from mloc.llm.text import PLAIN_TURN_STOPS
 from mloc.spec.inference import InferenceSpec
 
@@ -51,8 +51,7 @@ class InferenceExecutor(Executor):
     requires = ("torch", "transformers")
 
     def __init__(self, cache_bytes: int | None = None) -> None:
-        self._cache_bytes = cache_bytes
-        self._cache: EngineCache | None = None
+        self.engines = EngineHolder(cache_bytes)
 
     @classmethod
     def capabilities(cls) -> dict[str, Any]:
@@ -67,20 +66,13 @@ class InferenceExecutor(Executor):
 
     @property
     def cache(self) -> EngineCache:
-        if self._cache is None:
-            from mloc.llm.cache import cache_for_executor
-
-            self._cache = cache_for_executor(self._cache_bytes)
-        return self._cache
+        return self.engines.cache
 
     def warm_models(self) -> list[str]:
-        if self._cache is None:
-            return []
-        return self._cache.warm_models()
+        return self.engines.warm_models()
 
     def close(self) -> None:
-        if self._cache is not None:
-            self._cache.clear()
+        self.engines.close()
 
     def _engine(self, spec: InferenceSpec, ctx: RunContext, adapter: Path | None) -> LLMEngine:
         from mloc.llm.loader import Workload
@@ -93,7 +85,7 @@ class InferenceExecutor(Executor):
             Workload.of_inference(inputs, inputs.batch_size or DEFAULT_BATCH["vllm"]) if inputs.input is None else None
         )
         rank = lora_rank(adapter) if adapter else None
-        return warm_or_load(self.cache, spec.model, ctx, lora_rank=rank, workload=workload)
+        return self.engines.engine(spec.model, ctx, lora_rank=rank, workload=workload)
 
     def _check_context(self, engine: LLMEngine, requests: list[_Request], inputs: InferenceInput) -> None:
         """Raise when max_tokens, or a prompt plus max_tokens, cannot fit the model's context."""

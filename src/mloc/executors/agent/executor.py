@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from mloc.errors import ExecutionError
 from mloc.executors.base import Executor, RunContext
-from mloc.executors.rag.engines import EngineHolder
+from mloc.executors.engines import EngineHolder
 from mloc.spec.agent import AgentSpec
 
 if TYPE_CHECKING:

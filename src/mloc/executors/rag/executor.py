@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from mloc.errors import ExecutionError
 from mloc.executors.base import Executor, RunContext
-from mloc.executors.rag.engines import EngineHolder, answer_workload
+from mloc.executors.engines import EngineHolder
+from mloc.executors.rag.engines import answer_workload
 from mloc.spec.rag import RagOptions, RagSpec
 from mloc.spec.sampling import Message, Sampling
 
@@ -140,7 +141,7 @@ class RagExecutor(Executor):
         def engine(questions: Sequence[str] = (), hits: Sequence[Sequence[Hit]] = ()) -> LLMEngine:
             if not loaded:  # sized by the first batch, then kept for the rest
                 workload = answer_workload(spec, hits, GENERATE_BATCH, questions=questions) if questions else None
-                loaded.append(self.engines.engine(spec.model, ctx, workload))
+                loaded.append(self.engines.engine(spec.model, ctx, workload=workload))
             return loaded[0]
 
         def answer(questions: list[str], hits: list[list[Hit]]) -> list[tuple[str, str | None, int, int, Any]]:
@@ -217,7 +218,7 @@ class RagExecutor(Executor):
         indexed_sec = time.perf_counter() - started
         added = report.chunks["added"]
 
-        engine = self.engines.engine(spec.model, ctx, answer_workload(spec, hits, GENERATE_BATCH))
+        engine = self.engines.engine(spec.model, ctx, workload=answer_workload(spec, hits, GENERATE_BATCH))
         sampling = _sampling(spec.inference, engine, options)
         prompts = []
         for question, question_hits in zip(spec.questions, hits, strict=True):

@@ -6,6 +6,7 @@ advertising the eval harness tasks whose data they hold, so a task naming others
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 from mloc.client import ApiError, Client
 from mloc.localcluster import LocalCluster
+from tests.support.cli import mloc
 
 TINY = {"source": {"type": "package", "identifier": "mloc-tiny-llama"}, "engine": "transformers"}
 ROWS = [
@@ -70,6 +72,7 @@ def test_a_merged_model_is_evaluated_and_used_and_gates_on_its_scores_decide_wha
         ),
         task("if-better", {"taskType": "echo", "payload": 1, "when": {"from": "tuned", "score": "arith/acc", "beats": "base"}}),
         task("never", {"taskType": "echo", "payload": 2, "when": {"from": "base", "score": "arith/acc", "min": 1.01}}),
+        task("after-never", {"taskType": "echo", "payload": 5, "dependsOn": ["never"]}),
     ]  # fmt: skip
     answer = client.submit_bulk(steps)
     ids = {t["name"]: t["task_id"] for t in answer["tasks"]}
@@ -99,6 +102,29 @@ def test_a_merged_model_is_evaluated_and_used_and_gates_on_its_scores_decide_wha
     assert never["state"] == "cancelled" and never["reason_code"] == "condition_not_met"
     assert never["reason"] == f"skipped: base ({ids['base'][:8]})'s arith/acc is {base_acc:.4g}, below min 1.01"
     assert never["attempts"] == 0
+    # What waits for a skipped step is skipped with it (the branch not taken), not failed.
+    after = records["after-never"]
+    assert after["state"] == "cancelled" and after["reason_code"] == "condition_not_met", after
+    assert after["reason"] == f"skipped: the task it depends on, never ({ids['never']}), was {never['reason']}"
+    # So the pipeline took its branches and succeeded; `mloc pipeline` says which steps were skipped.
+    pipeline_id = answer["tasks"][0]["pipeline_id"]
+    graph = client.pipeline(pipeline_id)
+    assert graph["state"] == "succeeded", graph
+    assert {n["name"] for n in graph["tasks"] if n["skipped"]} >= {"never", "after-never"}
+    env = {"MLOC_API_URL": cluster.api_url}
+    shown = mloc("pipeline", pipeline_id, env=env)
+    assert shown.returncode == 0 and f"pipeline {pipeline_id}: succeeded" in shown.stdout, shown
+    assert re.search(rf"^  never +{ids['never'][:8]}  skipped +after base +\(skipped: base", shown.stdout, re.M), shown
+
+    # `mloc submit --wait` of steps a gate skips ends well: skipping is the gate's answer, not a failure.
+    gated = tmp_path / "gated.yaml"
+    gated.write_text(
+        f"metadata: {{name: gated}}\nspec: {{taskType: echo, when: {{from: {ids['base']}, score: arith/acc, min: 1.01}}}}\n"
+        "---\nmetadata: {name: then}\nspec: {taskType: echo, dependsOn: [gated]}\n"
+    )
+    waited = mloc("submit", str(gated), "--wait", env=env)
+    assert waited.returncode == 0, waited
+    assert "0 of 2 tasks succeeded; 2 skipped by a gate (spec.when) that did not pass" in waited.stdout, waited
 
     # A gate on an eval that already succeeded is decided at once.
     later = client.submit(task("later", {"taskType": "echo", "payload": 3,

@@ -17,6 +17,7 @@ from mloc.client import ApiError, Client, Lost, Unreachable
 from mloc.errors import MlocError
 from mloc.spec.base import OFFSET_LABEL
 from mloc.spec.dataset import CHUNK_LABEL
+from mloc.state import Reason
 
 SHORT_ID = 8
 ALL_IDS_PAGE = 500  # the API's largest page
@@ -169,9 +170,10 @@ def _interrupted(api: Client, task_id: str) -> None:
 def _wait(api: Client, task_ids: list[str], *, timeout: float, wait_timeout: float, shown: int) -> None:
     """Follow the tasks one after another, in the order submitted (a pipeline's steps end in that
     order or are ended by a step before them), each reported as it ends; ``timeout`` is for them all.
-    Exits 1 once all have ended when any did not succeed."""
+    Exits 1 once all have ended when any did not succeed; a step its gate skipped (``spec.when``, or
+    waiting for such a step) took the branch not chosen, which is not a failure."""
     deadline = time.monotonic() + timeout
-    unsucceeded = 0
+    unsucceeded = skipped = 0
     task_id = task_ids[0]
     try:
         for number, task_id in enumerate(task_ids, 1):
@@ -180,7 +182,10 @@ def _wait(api: Client, task_ids: list[str], *, timeout: float, wait_timeout: flo
             left = max(1.0, deadline - time.monotonic())
             record = waiting.wait(api, task_id, timeout=left, unschedulable_after=wait_timeout)
             waiting.report(api, record, shown=shown)
-            unsucceeded += record["state"] != "succeeded"
+            if _skipped(record):
+                skipped += 1
+            else:
+                unsucceeded += record["state"] != "succeeded"
     except KeyboardInterrupt:
         for left_id in task_ids[task_ids.index(task_id) :]:
             _interrupted(api, left_id)
@@ -191,10 +196,17 @@ def _wait(api: Client, task_ids: list[str], *, timeout: float, wait_timeout: flo
         _lost(api, task_id)
     except MlocError as exc:
         output.fail(exc)
+    gated = f"; {skipped} skipped by a gate (spec.when) that did not pass" if skipped else ""
     if unsucceeded:
         if len(task_ids) > 1:
-            output.line(f"{unsucceeded} of {len(task_ids)} tasks did not succeed", stderr=True)
+            output.line(f"{unsucceeded} of {len(task_ids)} tasks did not succeed{gated}", stderr=True)
         raise typer.Exit(1)
+    if skipped:
+        output.line(f"{len(task_ids) - skipped} of {len(task_ids)} tasks succeeded{gated}")
+
+
+def _skipped(record: dict[str, Any]) -> bool:
+    return record.get("state") == "cancelled" and record.get("reason_code") == Reason.CONDITION_NOT_MET
 
 
 # ---------------------------------------------------------------------- lists
@@ -536,11 +548,11 @@ def pipeline(
     output.line(f"pipeline {body.get('id') or pipeline_id}: {body['state']}")
     for node in body["tasks"]:
         after = ", ".join(names.get(t, t[:SHORT_ID]) for t in node["depends_on"])
-        state = node["state"] or "gone"
+        state = "skipped" if node.get("skipped") else node["state"] or "gone"
         why = node.get("reason") or node.get("pending_reason") or ""
         line = f"  {node['name']:<24} {node['task_id'][:SHORT_ID]}  {state:<10}"
         line += f" after {after}" if after else ""
-        line += f"  ({why})" if why and state in ("pending", "failed", "cancelled") else ""
+        line += f"  ({why})" if why and state in ("pending", "failed", "cancelled", "skipped") else ""
         output.line(output.visible(line, one_line=True))
 
 

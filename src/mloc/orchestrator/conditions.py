@@ -2,8 +2,9 @@
 reads have succeeded (a quality gate: "run batch inference with the adapter only if it beats the base").
 
 A condition that does not pass skips the task (cancelled, reason code ``condition_not_met``, the
-scores in its reason), as ``onDependencyFailure: skip`` does; one that cannot be read (the eval has no
-such score) fails it, naming the scores the eval has.
+scores in its reason), and the tasks that wait for it with it (:func:`.pipelines.settle_dependent`); the
+pipeline counts them as an outcome, not a failure. One that cannot be read (the eval has no such score)
+fails it, naming the scores the eval has.
 """
 
 from __future__ import annotations

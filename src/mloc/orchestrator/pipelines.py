@@ -11,8 +11,8 @@ Nothing is kept in memory: a waiting task's record lists what it waits for (``wa
 those lists it among its dependents (:func:`mloc.keys.dependents`). When such a task ends, the
 transition script marks it (``keys.DEPS_ENDED``) and wakes the scheduler, whose loop calls
 :func:`release_marked`: a dependent whose tasks all succeeded joins the queue (``lua.RELEASE``); one
-whose task failed or was cancelled fails (or, with ``onDependencyFailure: skip``, is cancelled), which
-marks its own dependents in turn. The reaper's :func:`sweep` looks at every waiting task, in case a mark
+whose task failed or was cancelled fails (or, with ``onDependencyFailure: skip``, is cancelled), and one
+whose task a gate skipped is skipped too (a branch not taken); each marks its own dependents in turn. The reaper's :func:`sweep` looks at every waiting task, in case a mark
 was lost with an orchestrator.
 """
 
@@ -294,10 +294,15 @@ async def settle_dependent(store: TaskStore, task_id: str) -> bool:
     waiting: list[str] = json.loads(waiting_raw)
     pipe = redis.pipeline(transaction=False)
     for parent in waiting:
-        pipe.hmget(keys.task(parent), "state", "name", "reason")
+        pipe.hmget(keys.task(parent), "state", "name", "reason", "reason_code")
     parents = await pipe.execute()
     spec = json.loads(spec_raw or "{}").get("spec", {})
-    for parent, (parent_state, name, why) in zip(waiting, parents, strict=True):
+    for parent, (parent_state, name, why, why_code) in zip(waiting, parents, strict=True):
+        if parent_state == TaskState.CANCELLED and why_code == Reason.CONDITION_NOT_MET:
+            # A branch not taken: what waits for a skipped step is skipped with it, not failed.
+            text = f"skipped: the task it depends on, {name or ''} ({parent}), was {why or 'skipped'}"
+            await _end_waiting(store, task_id, skip=True, reason=text, code=Reason.CONDITION_NOT_MET)
+            return False
         if parent_state in (None, TaskState.FAILED, TaskState.CANCELLED):
             ended = "is gone" if parent_state is None else f"{parent_state}: {why or 'no reason given'}"
             skip = spec.get("onDependencyFailure") == "skip"
@@ -377,21 +382,28 @@ async def graph(store: TaskStore, pipeline_id: str, principal: Principal) -> dic
         raise NotFound(f"pipeline {pipeline_id} not found")
     pipe = store.redis.pipeline(transaction=False)
     for node in body["tasks"]:
-        pipe.hmget(keys.task(node["task_id"]), "state", "reason", "pending_reason", "worker_id")
-    for node, (state, reason, pending_reason, worker) in zip(body["tasks"], await pipe.execute(), strict=True):
+        pipe.hmget(keys.task(node["task_id"]), "state", "reason", "pending_reason", "worker_id", "reason_code")
+    for node, (state, reason, pending_reason, worker, code) in zip(body["tasks"], await pipe.execute(), strict=True):
         node.update({"state": state, "reason": reason, "pending_reason": pending_reason, "worker_id": worker})
-    states = {node["state"] for node in body["tasks"]}
-    body["state"] = (
-        "succeeded"
-        if states == {"succeeded"}
-        else "failed"
-        if "failed" in states and not states & {"pending", "assigned", "running", "cancelling"}
-        else "cancelled"
-        if states <= {"cancelled", "succeeded", "failed"}
-        else "running"
-    )
+        node["skipped"] = state == TaskState.CANCELLED and code == Reason.CONDITION_NOT_MET
+    # A step skipped by its gate (or with a skipped step) took the branch not chosen: an outcome, not a failure.
+    states = {"succeeded" if node["skipped"] else node["state"] for node in body["tasks"]}
+    body["state"] = pipeline_state(states)
     body["ok"] = True
     return body
+
+
+def pipeline_state(states: set[str | None]) -> str:
+    """A pipeline's state from its steps' (a skipped step counted as succeeded; None: a step whose record
+    retention removed, so it had ended, no one knows how): running while any step has not ended, "ended"
+    when every step has and the records left tell of no failure or cancel but some are gone."""
+    if states & {TaskState.PENDING, TaskState.ASSIGNED, TaskState.RUNNING, TaskState.CANCELLING}:
+        return "running"
+    if TaskState.FAILED in states:
+        return "failed"
+    if TaskState.CANCELLED in states:
+        return "cancelled"
+    return "ended" if None in states else "succeeded"
 
 
 async def cancel_pipeline(store: TaskStore, pipeline_id: str, principal: Principal) -> dict[str, Any]:

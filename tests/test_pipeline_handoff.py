@@ -102,6 +102,9 @@ def test_a_merged_model_is_evaluated_and_used_and_gates_on_its_scores_decide_wha
     assert never["state"] == "cancelled" and never["reason_code"] == "condition_not_met"
     assert never["reason"] == f"skipped: base ({ids['base'][:8]})'s arith/acc is {base_acc:.4g}, below min 1.01"
     assert never["attempts"] == 0
+    with pytest.raises(ApiError) as refused:  # the gate's answer stands
+        client.resume(ids["never"])
+    assert refused.value.status_code == 409 and "was skipped by a gate (skipped: base" in refused.value.message
     # What waits for a skipped step is skipped with it (the branch not taken), not failed.
     after = records["after-never"]
     assert after["state"] == "cancelled" and after["reason_code"] == "condition_not_met", after

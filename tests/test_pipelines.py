@@ -84,12 +84,16 @@ def test_a_diamond_runs_in_order_from_one_multi_document_file(
 
 
 def test_a_failed_step_fails_or_skips_what_waits_for_it(
-    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tmp_path: Path
 ) -> None:
     cluster = make_cluster(1)
     client = client_for(cluster)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(f'{{"prompt": "row {i}"}}\n' for i in range(30)))
+    dataset_step = infer("rows", input={"path": str(rows), "chunk_rows": 10})
+    dataset_step["spec"]["dependsOn"] = ["broken"]
     graph = [echo("broken", fail="bad data"), echo("strict", after=["broken"]),
-             echo("lenient", after=["broken"], skip=True), echo("downstream", after=["strict"])]  # fmt: skip
+             echo("lenient", after=["broken"], skip=True), echo("downstream", after=["strict"]), dataset_step]  # fmt: skip
     tasks = client.submit_bulk(graph)["tasks"]
     records = {r["name"]: r for r in wait_all(client, [t["task_id"] for t in tasks])}
     assert records["broken"]["state"] == "failed"
@@ -106,21 +110,39 @@ def test_a_failed_step_fails_or_skips_what_waits_for_it(
     # The failure travels down the graph.
     assert records["downstream"]["state"] == "failed" and "strict" in records["downstream"]["reason"]
     assert all(r["attempts"] == 0 for name, r in records.items() if name != "broken")  # never placed
+    # A dataset task's chunks wait with it: it fails for its dependency, with no resume to offer.
+    assert records["rows"]["state"] == "failed" and records["rows"]["reason_code"] == "dependency_failed"
+    assert records["rows"]["reason"].startswith("the task it depends on, broken"), records["rows"]["reason"]
+    assert "mloc resume" not in records["rows"]["reason"]
     # A new task cannot wait for a task that already failed.
     with pytest.raises(ApiError, match="failed, so this task could never run"):
         client.submit(echo("too-late", after=[tasks[0]["task_id"]]))
 
 
 def test_cancelling_a_pipeline_cancels_what_has_not_run_and_a_restart_loses_nothing(
-    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tmp_path: Path
 ) -> None:
     cluster = make_cluster(1)
     client = client_for(cluster)
-    tasks = client.submit_bulk([echo("slow", sleep=30), echo("after", after=["slow"])])["tasks"]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(f'{{"prompt": "row {i}"}}\n' for i in range(30)))
+    dataset_step = infer("rows", input={"path": str(rows), "chunk_rows": 10})
+    dataset_step["spec"]["dependsOn"] = ["slow"]
+    tasks = client.submit_bulk([echo("slow", sleep=30), echo("after", after=["slow"]), dataset_step])["tasks"]
     answer = client.cancel_pipeline(tasks[0]["pipeline_id"])
-    assert set(answer["cancelled"]) == {tasks[0]["task_id"], tasks[1]["task_id"]}
+    assert set(answer["cancelled"]) == {t["task_id"] for t in tasks}
     records = wait_all(client, [t["task_id"] for t in tasks])
-    assert [r["state"] for r in records] == ["cancelled", "cancelled"]
+    assert [r["state"] for r in records] == ["cancelled", "cancelled", "cancelled"]
+    # A dataset step that never left its wait is not offered a resume, and one asked for is refused: it
+    # would run without what it waits for.
+    assert "mloc resume" not in records[2]["reason"], records[2]["reason"]
+    with pytest.raises(ApiError) as refused:
+        client.resume(tasks[2]["task_id"])
+    assert refused.value.status_code == 409
+    assert refused.value.message.startswith(
+        f"task {tasks[2]['task_id']} waits for slow ({tasks[0]['task_id'][:8]}), which is cancelled: it would run "
+        "without what that makes; submit it again"
+    ), refused.value.message
 
     # The graph lives in Redis: an orchestrator restarted while a step runs still releases the next.
     tasks = client.submit_bulk([echo("first", sleep=2), echo("second", after=["first"])])["tasks"]

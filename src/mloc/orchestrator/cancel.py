@@ -46,7 +46,9 @@ async def cancel(
         "finished_at": repr(now),
     }
     if record.children:
-        if record.chunk_rows:
+        # Its chunks wait with it for its dependencies: a resume would run them without what they wait for.
+        waits = record.chunk_rows and await store.redis.hget(keys.task(record.children[0]), "waiting_on")
+        if record.chunk_rows and not waits:
             resume = f"`mloc resume {task_id}` runs the chunks not finished and the rest of the data"
             ended["reason"] += f"; {resume}"
         # The parent first (it has no worker of its own): once it has ended, the shards' cancellations

@@ -204,6 +204,7 @@ async def _chunk_rows(store: TaskStore, children: list[str]) -> list[list[str | 
             "finished_at",
             TOLD,
             "attempts",
+            "reason_code",
         )
     return await pipe.execute()
 
@@ -229,8 +230,8 @@ async def _tell(
             text += f", {int(result['kept_rows']):,} kept from an earlier run"
         return text
 
-    # Each chunk's row less its summary (read by ``succeeded``).
-    ends = [[*row[:3], *row[4:]] for row in rows]
+    # Each chunk's row less its summary (read by ``succeeded``) and its reason code (read by ``_settle``).
+    ends = [[*row[:3], *row[4:8]] for row in rows]
     await tell_parts(store, h["id"], "chunk", children, ends, span, succeeded)
 
 
@@ -303,7 +304,13 @@ async def _settle(store: TaskStore, parent_id: str, settings: Settings) -> bool:
         return True
     for index, chunk_state in enumerate(states):
         if chunk_state in (TaskState.FAILED, TaskState.CANCELLED):
-            why = f"chunk {index} ({children[index]}) {chunk_state}: {rows[index][1] or 'no reason given'}"
+            why = rows[index][1] or "no reason given"
+            code = rows[index][8]
+            if code in (Reason.DEPENDENCY_FAILED, Reason.CONDITION_NOT_MET):
+                # Its chunks waited with it: the task never started, for the reason its wait ended.
+                await _end(store, parent_id, children, states, chunk_state, why, code=Reason(code))
+                return True
+            why = f"chunk {index} ({children[index]}) {chunk_state}: {why}"
             await _end(store, parent_id, children, states, chunk_state, why)
             return True
     allowed = int(document["spec"]["inference"]["input"].get("max_row_errors") or 0)
@@ -424,13 +431,18 @@ async def _end(
     states: list[TaskState],
     chunk_state: TaskState,
     why: str,
+    *,
+    code: Reason | None = None,
 ) -> None:
     """Fail or cancel the parent, and cancel the chunks still going; finished chunks keep their lines
-    for a resume."""
+    for a resume. ``code``: the wait's end (its dependency failed, its gate skipped it), which no resume
+    gets past, so none is offered."""
     move = moves.GROUP_CANCEL if chunk_state == TaskState.CANCELLED else moves.GROUP_FAIL
-    code = Reason.of_replica(chunk_state) if chunk_state == TaskState.CANCELLED else Reason.REPLICA_FAILED
+    if code is None:
+        code = Reason.of_replica(chunk_state) if chunk_state == TaskState.CANCELLED else Reason.REPLICA_FAILED
+        why += f"; `mloc resume {parent_id}` runs the chunks not finished and the rest of the data"
     fields = {
-        "reason": f"{why}; `mloc resume {parent_id}` runs the chunks not finished and the rest of the data",
+        "reason": why,
         "reason_code": code.value,
         "finished_at": repr(time.time()),
     }

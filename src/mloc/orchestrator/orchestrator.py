@@ -313,6 +313,9 @@ class Orchestrator:
     async def resume(self, task_id: str, principal: Principal) -> dict[str, Any]:
         """Run a failed or cancelled dataset task's unfinished chunks again (see :mod:`.chunks`)."""
         await self._check_upload_kept(task_id)
+        refused = await pipelines.resume_refusal(self.store, task_id)
+        if refused:
+            raise Conflict(refused)
         return await chunks.resume(self.store, task_id, by=principal.name, results_dir=self.settings.results_dir)
 
     async def _check_upload_kept(self, task_id: str) -> None:

@@ -12,8 +12,8 @@ those lists it among its dependents (:func:`mloc.keys.dependents`). When such a 
 transition script marks it (``keys.DEPS_ENDED``) and wakes the scheduler, whose loop calls
 :func:`release_marked`: a dependent whose tasks all succeeded joins the queue (``lua.RELEASE``); one
 whose task failed or was cancelled fails (or, with ``onDependencyFailure: skip``, is cancelled), and one
-whose task a gate skipped is skipped too (a branch not taken); each marks its own dependents in turn. The reaper's :func:`sweep` looks at every waiting task, in case a mark
-was lost with an orchestrator.
+whose task a gate skipped is skipped too (a branch not taken); each marks its own dependents in turn.
+The reaper's :func:`sweep` looks at every waiting task, in case a mark was lost with an orchestrator.
 """
 
 from __future__ import annotations
@@ -391,6 +391,36 @@ async def graph(store: TaskStore, pipeline_id: str, principal: Principal) -> dic
     body["state"] = pipeline_state(states)
     body["ok"] = True
     return body
+
+
+async def resume_refusal(store: TaskStore, task_id: str) -> str | None:
+    """Why a task may not be resumed for what it waits for (None when nothing stops it): a gate said no,
+    or a task it waits for has not succeeded, so it would run without what that task makes."""
+    code, reason, pipeline_id, waiting_raw = await store.redis.hmget(
+        keys.task(task_id), "reason_code", "reason", "pipeline_id", "waiting_on"
+    )
+    if code == Reason.CONDITION_NOT_MET:
+        return (
+            f"task {task_id} was skipped by a gate ({reason or 'spec.when'}), which stands; to run it anyway, "
+            "submit it again without spec.when"
+        )
+    raw = await store.redis.get(keys.pipeline(pipeline_id)) if pipeline_id else None
+    steps = {node["task_id"]: node for node in (json.loads(raw)["tasks"] if raw else [])}
+    waited = steps[task_id]["depends_on"] if task_id in steps else json.loads(waiting_raw or "[]")
+    pipe = store.redis.pipeline(transaction=False)
+    for parent in waited:
+        pipe.hmget(keys.task(parent), "state", "name")
+    unmet = [
+        f"{name or parent} ({parent[:8]}), which {'is gone' if state is None else f'is {state}'}"
+        for parent, (state, name) in zip(waited, await pipe.execute(), strict=True)
+        if state != TaskState.SUCCEEDED
+    ]
+    if not unmet:
+        return None
+    return (
+        f"task {task_id} waits for {', '.join(unmet)}: it would run without what that makes; submit it again "
+        "(with the tasks it waits for, or naming their succeeded runs by id in dependsOn)"
+    )
 
 
 def pipeline_state(states: set[str | None]) -> str:

@@ -163,5 +163,8 @@ def test_a_batch_whose_part_failed_says_which_requests_why_and_how_to_run_the_re
         "requests 1-3 of the batch (in file order) could not run: "
     )
     assert f"POST /api/v1/tasks/{task_id}/resume" in error.message and f"`mloc resume {task_id}`" in error.message
+    # None was answered: no output file is promised.
+    assert "; no request was answered; once the cause is fixed, resume the batch with" in error.message
+    assert "output file" not in error.message and done.output_file_id is None
     assert "chunk" not in error.message and error.code != "replica_failed"
     assert error.line is None and error.param is None

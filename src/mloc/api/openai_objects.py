@@ -246,10 +246,10 @@ def _time(value: float | None) -> int | None:
     return int(value) if value is not None else None
 
 
-async def _failure(orch: Orchestrator, record: TaskRecord) -> dict[str, Any]:
+async def _failure(orch: Orchestrator, record: TaskRecord, answered: int) -> dict[str, Any]:
     """The error entry of a failed batch. A batch runs as chunks of its requests; when one fails, the task's
     reason speaks of chunks and of the `mloc` CLI, so the entry is told from the chunk that failed: which
-    requests, why, and how to run the rest."""
+    requests, why, and how to run the rest (``answered`` of them are in the output file)."""
     error: dict[str, Any] = {
         "code": record.reason_code,
         "message": record.reason or "the batch failed",
@@ -265,9 +265,11 @@ async def _failure(orch: Orchestrator, record: TaskRecord) -> dict[str, Any]:
         # The chunks still going when one failed were cancelled with the batch: the failed one is the cause.
         if (chunk := chunks.get(task_id)) is not None and chunk.state == TaskState.FAILED
     ]
+    how = f"POST /api/v1/tasks/{record.task_id}/resume (the same token) or `mloc resume {record.task_id}`"
     resume = (
-        f"the requests answered so far are in the output file; to run the others, resume the batch with "
-        f"POST /api/v1/tasks/{record.task_id}/resume (the same token) or `mloc resume {record.task_id}`"
+        f"the {answered:,} request(s) answered are in the output file; to run the others, resume the batch with {how}"
+        if answered
+        else f"no request was answered; once the cause is fixed, resume the batch with {how}"
     )
     if not failed:
         # Its chunks have passed their retention: the task's own reason is all there is.
@@ -291,7 +293,7 @@ async def batch_object(orch: Orchestrator, record: TaskRecord) -> dict[str, Any]
     ended = _time(record.finished_at) if record.state.terminal else None
     errors = None
     if record.state == TaskState.FAILED:
-        errors = {"object": "list", "data": [await _failure(orch, record)]}
+        errors = {"object": "list", "data": [await _failure(orch, record, counts.completed)]}
     metadata = {k.removeprefix(METADATA): v for k, v in record.labels.items() if k.startswith(METADATA)}
     created = int(record.created_at)
     # A cancel MLOC makes at once is cancelling and cancelled in the same moment.

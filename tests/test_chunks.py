@@ -201,6 +201,10 @@ def test_a_failed_dataset_task_resumes_without_redoing_its_finished_chunks(
     # The finished chunks' lines stand, in order, and are served while the task is failed, with those of
     # the rows the failed chunk finished before its bad row's batch.
     assert [line["id"] for line in lines_of(client, task_id)] == [f"q{i:03d}" for i in range(14)]
+    # Its progress counts them too: those of the failed chunk are kept by a resume.
+    assert client.task(task_id)["progress"]["message"] == (
+        "10 rows done in 2 chunk(s); 1 cut chunk not finished, which had done 4 rows that a resume keeps"
+    )
 
     write_rows(data, prompts)  # the row fixed
     failed_at = record["finished_at"]
@@ -212,11 +216,15 @@ def test_a_failed_dataset_task_resumes_without_redoing_its_finished_chunks(
         [sys.executable, "-m", "mloc.cli", "resume", task_id], env=env, capture_output=True, text=True, timeout=60
     )
     assert resumed.returncode == 0, resumed.stderr
-    assert "2 finished chunk(s) kept, 1 to run again, then the rest of the data" in resumed.stdout
+    assert (
+        "2 finished chunk(s) kept, 1 to run again (keeping the 4 rows they had done), then the rest of the data"
+        in resumed.stdout
+    ), resumed.stdout
     told = [e["text"] for e in client.logs(task_id)["lines"] if e.get("event") == "resumed"]
     assert len(told) == 1 and told[0].startswith("resumed by "), told
     assert told[0].endswith(
-        ": 2 finished chunk(s) kept; 1 cut chunk(s) not finished run again, then the rows after them"
+        ": 2 finished chunk(s) kept; 1 cut chunk(s) not finished run again (keeping the 4 rows they had done), "
+        "then the rows after them"
     )
     record = client.wait(task_id, timeout=300)
     assert record["state"] == "succeeded", record

@@ -570,7 +570,9 @@ def resume(task_id: TaskIdArg, json_out: JsonFlag = False) -> None:
         redone = answer.get("chunks_redone") or []
         output.line(
             f"resumed {answer['task_id']}: {answer.get('chunks_kept', 0)} finished chunk(s) kept, "
-            f"{len(redone)} to run again, then the rest of the data (mloc show {answer['task_id']})"
+            f"{len(redone)} to run again"
+            + (f" (keeping the {answer['rows_kept']:,} rows they had done)" if answer.get("rows_kept") else "")
+            + f", then the rest of the data (mloc show {answer['task_id']})"
         )
 
 

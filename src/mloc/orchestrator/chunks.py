@@ -168,10 +168,12 @@ async def settle(store: TaskStore, parent_id: str, settings: Settings) -> bool:
             await lock.release()
 
 
-def _carry_lines(carried: list[tuple[Path, Path]]) -> None:
+def _carry_lines(carried: list[tuple[Path, Path]]) -> int:
     """Copy each replaced chunk's result lines and row fingerprints into its new chunk's folder, under
-    the names its run takes them over from (nothing else reads them as the new chunk's results). A
-    chunk whose files are not here (another results dir, an artifact store) runs all its rows again."""
+    the names its run takes them over from (nothing else reads them as the new chunk's results); returns
+    how many rows they hold. A chunk whose files are not here (another results dir, an artifact store)
+    runs all its rows again."""
+    rows = 0
     for old, new in carried:
         if not (old / RESULT_LINES).is_file() or not (old / ROW_PRINTS).is_file():
             continue
@@ -186,9 +188,20 @@ def _carry_lines(carried: list[tuple[Path, Path]]) -> None:
                     continue
                 shutil.copyfile(old / name, new / into)
                 (new / into).chmod(0o600)  # as the worker writes them: results are the task owner's
+            rows += rows_written(new / CARRIED_LINES)
         except OSError as exc:
             log.warning("the finished lines of chunk %s were not carried over (%s); its rows run again", old.name, exc)
             shutil.rmtree(new, ignore_errors=True)
+    return rows
+
+
+def rows_written(lines: Path) -> int:
+    """The rows a chunk's result lines hold: whole lines (a line cut off by a stop is run again)."""
+    try:
+        with lines.open("rb") as handle:
+            return sum(block.count(b"\n") for block in iter(lambda: handle.read(1 << 20), b""))
+    except OSError:
+        return 0  # none written, or not on this disk
 
 
 async def _chunk_rows(store: TaskStore, children: list[str]) -> list[list[str | None]]:
@@ -300,7 +313,7 @@ async def _settle(store: TaskStore, parent_id: str, settings: Settings) -> bool:
     if state.terminal:
         # Failed or cancelled, with a chunk that ended after it (it finished before its cancel reached
         # it): its end is told, and the rows a resume keeps are counted.
-        await _note_progress(store, parent_id, children, summaries)
+        await _note_stopped(store, parent_id, children, states, summaries, settings)
         return True
     for index, chunk_state in enumerate(states):
         if chunk_state in (TaskState.FAILED, TaskState.CANCELLED):
@@ -312,6 +325,7 @@ async def _settle(store: TaskStore, parent_id: str, settings: Settings) -> bool:
                 return True
             why = f"chunk {index} ({children[index]}) {chunk_state}: {why}"
             await _end(store, parent_id, children, states, chunk_state, why)
+            await _note_stopped(store, parent_id, children, states, summaries, settings)
             return True
     allowed = int(document["spec"]["inference"]["input"].get("max_row_errors") or 0)
     bad = sum(int(s.get("failed") or 0) for s in summaries)
@@ -321,6 +335,7 @@ async def _settle(store: TaskStore, parent_id: str, settings: Settings) -> bool:
             "carry the errors: fix the rows, or raise max_row_errors and submit again"
         )
         await _end(store, parent_id, children, states, TaskState.FAILED, why)
+        await _note_stopped(store, parent_id, children, states, summaries, settings)
         return True
     # The last chunk read the data's last row, or the last the task's max_rows allows (it says there
     # are more: there are, in the data, past the task's own window).
@@ -353,20 +368,35 @@ async def _settle(store: TaskStore, parent_id: str, settings: Settings) -> bool:
 
 
 async def _note_progress(
-    store: TaskStore, parent_id: str, children: list[str], summaries: list[dict[str, Any]]
+    store: TaskStore, parent_id: str, children: list[str], summaries: list[dict[str, Any]], *, kept: int = 0
 ) -> None:
-    """The parent's progress: the rows its finished chunks did."""
+    """The parent's progress: the rows its finished chunks did (and, once it stopped, the ``kept`` rows
+    its unfinished chunks had written, which a resume keeps)."""
     done = [s for s in summaries if s]
     rows_done = sum(int(s.get("rows") or 0) for s in done)
     failed = sum(int(s.get("failed") or 0) for s in done)
-    progress = {
-        "step": rows_done,
-        "total": None,
-        "unit": "rows",
-        "message": rows_message(rows_done, failed, len(done), unfinished=len(children) - len(done)),
-        "ts": time.time(),
-    }
+    message = rows_message(rows_done, failed, len(done), unfinished=len(children) - len(done))
+    if kept:
+        message += f", which had done {kept:,} rows that a resume keeps"
+    progress = {"step": rows_done, "total": None, "unit": "rows", "message": message, "ts": time.time()}
     await store.set_fields(parent_id, {"progress": json.dumps(progress)})
+
+
+async def _note_stopped(
+    store: TaskStore,
+    parent_id: str,
+    children: list[str],
+    states: list[TaskState],
+    summaries: list[dict[str, Any]],
+    settings: Settings,
+) -> None:
+    """A stopped task's progress, with the rows its unfinished chunks had written, which a resume keeps
+    (read from their folders; none when they are not on this disk)."""
+    unfinished = [
+        settings.results_dir / child for child, s in zip(children, states, strict=True) if s != TaskState.SUCCEEDED
+    ]
+    kept = sum(await asyncio.to_thread(lambda: [rows_written(folder / RESULT_LINES) for folder in unfinished]))
+    await _note_progress(store, parent_id, children, summaries, kept=kept)
 
 
 def rows_message(rows: int, failed: int, chunks: int, *, unfinished: int = 0) -> str:
@@ -578,7 +608,7 @@ async def resume(store: TaskStore, parent_id: str, *, by: str, results_dir: Path
         redo = [i for i, s in enumerate(states) if s != TaskState.SUCCEEDED]
         new = [r for i in redo if (r := child_record(h, i)) is not None]
         carried = [(results_dir / children[i], results_dir / r.task_id) for i, r in zip(redo, new, strict=True)]
-        await asyncio.to_thread(_carry_lines, carried)
+        rows_kept = await asyncio.to_thread(_carry_lines, carried)
         fields = {"reason": "", "reason_code": "", "finished_at": "", "pending_reason": ""}
         if h.get("started_at") and h.get("finished_at"):
             # From its end until now it ran nowhere: its run's time leaves that out.
@@ -587,8 +617,9 @@ async def resume(store: TaskStore, parent_id: str, *, by: str, results_dir: Path
         kept = len(states) - len(redo)
         said = tasklog.Line(
             "resumed",
-            f"resumed by {by}: {kept} finished chunk(s) kept; {len(redo)} cut chunk(s) not finished run again, "
-            "then the rows after them",
+            f"resumed by {by}: {kept} finished chunk(s) kept; {len(redo)} cut chunk(s) not finished run again"
+            + (f" (keeping the {rows_kept:,} rows they had done)" if rows_kept else "")
+            + ", then the rows after them",
         )
         moved = await store.apply(
             parent_id, moves.Change(moves.GROUP_RESUME, fields=fields, log=(tasklog.stored(said),))
@@ -615,4 +646,5 @@ async def resume(store: TaskStore, parent_id: str, *, by: str, results_dir: Path
         "state": TaskState.RUNNING.value,
         "chunks_kept": kept,
         "chunks_redone": redo,
+        "rows_kept": rows_kept,
     }

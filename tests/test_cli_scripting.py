@@ -125,7 +125,7 @@ def test_read_commands_print_json_lists_print_ids_and_every_command_takes_short_
     assert admin["totals"]["tasks"] >= 17
 
 
-def test_pipelines_take_a_task_id_or_its_prefix_and_ids_too_long_or_ended_tasks_read_clearly(
+def test_pipelines_take_their_id_a_task_id_or_a_prefix_and_ids_too_long_or_ended_tasks_read_clearly(
     make_cluster: Callable[..., LocalCluster], tmp_path: Path
 ) -> None:
     cluster = make_cluster(1)
@@ -143,17 +143,28 @@ def test_pipelines_take_a_task_id_or_its_prefix_and_ids_too_long_or_ended_tasks_
     pipeline_id = answer["tasks"][0]["pipeline_id"]
     wait_all(client, [first, second])
 
-    # Pipelines have no index of prefixes, their tasks do: a task's id or unique prefix names its pipeline.
-    for given in (pipeline_id, second, second[:8].upper()):
+    # The pipeline's id or a unique prefix of it, or one of its tasks' (a task knows its pipeline).
+    for given in (pipeline_id, pipeline_id[:8], pipeline_id[:6].upper(), second, second[:8].upper()):
         shown = mloc("pipeline", given, "--json", env=env)
         assert shown.returncode == 0, (given, shown.stderr)
         assert json.loads(shown.stdout)["id"] == pipeline_id
     # `mloc show` of a step names its pipeline, for who lost the submit's output.
     step = dict(line.split(None, 1) for line in mloc("show", second, env=env).stdout.splitlines() if line.strip())
     assert step["pipeline"] == f"{pipeline_id} (`mloc pipeline {pipeline_id}` shows its steps)"
-    short = mloc("pipeline", pipeline_id[:8], env=env)
-    assert short.returncode == 2 and "String should have" not in short.stderr
-    assert short.stderr.startswith(f"error: '{pipeline_id[:8]}' names no pipeline: give the full pipeline id")
+    nothing = "0" * 8 if not pipeline_id.startswith("0") else "f" * 8
+    unknown = mloc("pipeline", nothing, env=env)
+    assert unknown.returncode == 2 and "String should have" not in unknown.stderr
+    assert unknown.stderr.startswith(f"error: '{nothing}' names no pipeline: give the pipeline id `mloc submit`")
+    # More pipelines than hex digits: two share a first character, and that prefix is refused naming them.
+    more = [client.submit_bulk([{"metadata": {"name": f"a{i}"}, "spec": {"taskType": "echo"}},
+                                {"metadata": {"name": f"b{i}"}, "spec": {"taskType": "echo", "dependsOn": [f"a{i}"]}}])
+            for i in range(16)]  # fmt: skip
+    ids = [pipeline_id] + [m["tasks"][0]["pipeline_id"] for m in more]
+    shared = next(c for c in "0123456789abcdef" if sum(i.startswith(c) for i in ids) > 1)
+    ambiguous = mloc("pipeline", shared, env=env)
+    assert ambiguous.returncode == 2, ambiguous
+    assert ambiguous.stderr.startswith(f"error: pipeline id prefix '{shared}' is ambiguous: it matches "), ambiguous
+    assert all(i in ambiguous.stderr for i in ids if i.startswith(shared))
     alone = client.submit({"taskType": "echo"})["task_id"]
     lonely = mloc("pipeline", alone[:8], env=env)
     assert lonely.returncode == 2 and f"task {alone} is not part of a pipeline" in lonely.stderr

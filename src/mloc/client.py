@@ -332,14 +332,16 @@ class Client:
     def _on_pipeline(self, method: str, given: str, tail: str = "") -> dict[str, Any]:
         text = given.strip().lower()
         if not _FULL_ID.match(text):
-            # Pipelines have no index a prefix could be looked up in; their tasks do, and know their pipeline.
+            pipeline_id = self._pipeline_by_prefix(given, text)
+            if pipeline_id:
+                return self._call(method, f"/api/v1/pipelines/{pipeline_id}{tail}")
+            # No pipeline id starts so: perhaps one of its tasks' does, and the task knows its pipeline.
             try:
                 task_id = self.resolve(text)
             except TaskIdError as exc:
                 raise TaskIdError(
-                    f"{given[:80]!r} names no pipeline: give the full pipeline id `mloc submit` printed "
-                    f"({_ID_LENGTH} characters), or the id of one of its tasks or a unique prefix of that "
-                    f"({exc.message})"
+                    f"{given[:80]!r} names no pipeline: give the pipeline id `mloc submit` printed or a unique "
+                    f"prefix of it, or the id of one of its tasks or a unique prefix of that ({exc.message})"
                 ) from None
             return self._call(method, f"/api/v1/pipelines/{self._pipeline_of(task_id)}{tail}")
         try:
@@ -352,6 +354,20 @@ class Client:
             except ApiError:
                 raise exc from None
         return self._call(method, f"/api/v1/pipelines/{pipeline_id}{tail}")
+
+    def _pipeline_by_prefix(self, given: str, text: str) -> str | None:
+        """The one pipeline whose id starts with ``text``; None when none does."""
+        if not _ID_PREFIX.match(text) or len(text) > _ID_LENGTH:
+            return None
+        body = self._call("GET", "/api/v1/pipeline-ids", params={"prefix": text})
+        items: list[dict[str, Any]] = body["items"]
+        if len(items) > 1:
+            listed = ", ".join(f"{i['pipeline_id']} ({', '.join(i['steps'])})" for i in items)
+            more = " and more" if body.get("more") else ""
+            raise TaskIdError(
+                f"pipeline id prefix {given[:80]!r} is ambiguous: it matches {listed}{more}; give more characters"
+            )
+        return str(items[0]["pipeline_id"]) if items else None
 
     def _pipeline_of(self, task_id: str) -> str:
         pipeline_id = self.task(task_id).get("pipeline_id")

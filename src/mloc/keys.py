@@ -45,6 +45,14 @@ def pipeline(pipeline_id: str) -> str:
     return f"{PREFIX}:pipeline:{pipeline_id}"
 
 
+PIPELINES = f"{PREFIX}:pipelines"  # zset: pipeline id -> created_at (s), for short-id lookups
+
+
+def pipelines_of_owner(owner: str) -> str:
+    """Zset of one owner's pipeline ids (created_at s)."""
+    return f"{PREFIX}:pipelines:owner:{owner}"
+
+
 def group_lock(parent_id: str) -> str:
     """String: held by the orchestrator settling or resuming a chunked dataset task (it cuts chunks)."""
     return f"{PREFIX}:groups:lock:{parent_id}"

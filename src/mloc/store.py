@@ -149,6 +149,10 @@ class TaskStore:
                 pipe.sadd(keys.dependents(parent), rec.task_id)
         for pipeline_id, graph in (extra or {}).items():
             pipe.set(keys.pipeline(pipeline_id), graph)
+            # Indexed by owner too, as tasks are, so a short pipeline id names one of the caller's.
+            made = json.loads(graph)
+            pipe.zadd(keys.PIPELINES, {pipeline_id: made["created_at"]})
+            pipe.zadd(keys.pipelines_of_owner(made["owner"]), {pipeline_id: made["created_at"]})
         await pipe.execute()
 
     # ------------------------------------------------------------- transition
@@ -269,7 +273,13 @@ class TaskStore:
         """Ids of ``owner``'s tasks (every task's for None) that start with ``prefix``: at most ``most``
         plus one, so a caller can tell that more match. Ids are random and the index is scored by time,
         so a prefix has no range to read: the scan walks the index, stopping as soon as enough match."""
-        index = keys.TASKS_ALL if owner is None else keys.tasks_of_owner(owner)
+        return await self._scan(keys.TASKS_ALL if owner is None else keys.tasks_of_owner(owner), prefix, most)
+
+    async def pipeline_ids_starting_with(self, prefix: str, owner: str | None, *, most: int) -> list[str]:
+        """As :meth:`ids_starting_with`, for pipelines (those made before they were indexed are not found)."""
+        return await self._scan(keys.PIPELINES if owner is None else keys.pipelines_of_owner(owner), prefix, most)
+
+    async def _scan(self, index: str, prefix: str, most: int) -> list[str]:
         found: list[str] = []
         async for member, _ in self.redis.zscan_iter(index, match=f"{prefix}*", count=1000):
             found.append(member.decode() if isinstance(member, bytes) else member)

@@ -152,6 +152,8 @@ class World:
         body.setdefault("headers", headers)
         if endpoint.template == "/api/v1/task-ids":
             body["params"] = {"prefix": self.done[:4]}
+        if endpoint.template == "/api/v1/pipeline-ids":
+            body["params"] = {"prefix": self.pipeline[:4]}
         return httpx.request(
             endpoint.method, self.secured.cluster.api_url + self.path(endpoint, task_id), timeout=30, **body
         )
@@ -241,9 +243,13 @@ def test_a_user_cannot_see_or_change_another_users_work(world: World) -> None:
         assert bob.post(f"/api/v1/tasks/{world.running}/cancel").status_code == 404
         assert bob.get(f"/api/v1/tasks/{world.done}/logs", params={"follow": "true"}).status_code == 404
         assert bob.get(f"/api/v1/tasks/{world.done}/artifacts/responses.json").status_code == 404
+        assert bob.get(f"/api/v1/pipelines/{world.pipeline}").status_code == 404
+        assert bob.get("/api/v1/pipeline-ids", params={"prefix": world.pipeline[:8]}).json()["items"] == []
     with world.secured.http(world.alice) as alice:
         assert alice.get(f"/api/v1/tasks/{world.running}").json()["state"] == "running"
         assert alice.get(f"/api/v1/tasks/{world.done}/result").json()["payload"] == {"secret": "alice-only"}
+        found = alice.get("/api/v1/pipeline-ids", params={"prefix": world.pipeline[:8]}).json()["items"]
+        assert [(item["pipeline_id"], item["steps"]) for item in found] == [(world.pipeline, ["first", "second"])]
 
 
 def inference_with(model: str) -> bytes:

@@ -1,7 +1,9 @@
-"""/api/v1/task-ids: which tasks an id prefix names, so clients accept short ids as git and docker do."""
+"""/api/v1/task-ids and /api/v1/pipeline-ids: which tasks or pipelines an id prefix names, so clients
+accept short ids as git and docker do."""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -34,5 +36,31 @@ async def task_ids(
         {"task_id": task_id, "name": name or "", "state": state, "created_at": float(created or 0)}
         for task_id, (name, state, created) in zip(found, await pipe.execute() if found else [], strict=True)
         if state is not None  # an index entry whose record retention just removed
+    ]
+    return {"ok": True, "prefix": prefix, "items": items, "more": more}
+
+
+@router.get("/api/v1/pipeline-ids", tags=["pipelines"])
+async def pipeline_ids(
+    orch: Orch,
+    who: Caller,
+    prefix: Annotated[
+        str, Query(min_length=1, max_length=36, pattern=r"^[0-9a-fA-F-]+$", description="The start of a pipeline id.")
+    ],
+    limit: Annotated[int, Query(ge=1, le=50, description="Most matches to list.")] = 10,
+) -> dict[str, Any]:
+    """The pipelines (yours; every one for the admin) whose id starts with ``prefix``, as
+    ``/api/v1/task-ids`` lists tasks."""
+    prefix = prefix.lower()
+    found = await orch.store.pipeline_ids_starting_with(prefix, None if who.admin else who.name, most=limit)
+    more = len(found) > limit
+    found = sorted(found[:limit])
+    pipe = orch.redis.pipeline(transaction=False)
+    for pipeline_id in found:
+        pipe.get(keys.pipeline(pipeline_id))
+    items = [
+        {"pipeline_id": pipeline_id, "created_at": body["created_at"], "steps": [t["name"] for t in body["tasks"]]}
+        for pipeline_id, raw in zip(found, await pipe.execute() if found else [], strict=True)
+        if raw is not None and (body := json.loads(raw))
     ]
     return {"ok": True, "prefix": prefix, "items": items, "more": more}

@@ -280,6 +280,7 @@ def test_the_openai_client_runs_batches_on_mloc(
     assert done.request_counts is not None
     assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (20, 19, 1)
     assert done.completed_at is not None and done.in_progress_at is not None
+    assert batch.expires_at is None and done.expired_at is None  # a batch on MLOC runs until it ends
     assert done.usage is not None and done.usage.output_tokens == sum(2 + i % 3 for i in range(20) if i != 7)
     output = lines_of(alice, done.output_file_id)
     assert [line["custom_id"] for line in output] == [r["custom_id"] for i, r in enumerate(completions) if i != 7]

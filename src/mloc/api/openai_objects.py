@@ -32,8 +32,7 @@ INPUT_FILE = openai_files.INPUT_FILE_LABEL
 MODEL = "openai.model"
 REQUESTS = "openai.requests"
 METADATA = "openai.metadata."
-WINDOW = "24h"
-WINDOW_SEC = 24 * 3600
+WINDOW = "24h"  # the one window OpenAI takes; MLOC runs a batch until it ends (no expiry: see batch_object)
 BATCH_PREFIX = "batch_"
 OUTPUT, ERRORS = "-output", "-errors"
 
@@ -115,7 +114,7 @@ class BatchObject(BaseModel):
     error_file_id: str | None
     created_at: int
     in_progress_at: int | None
-    expires_at: int
+    expires_at: int | None = Field(description="Always null: MLOC runs a batch until it ends or is cancelled.")
     finalizing_at: int | None
     completed_at: int | None
     failed_at: int | None
@@ -311,7 +310,8 @@ async def batch_object(orch: Orchestrator, record: TaskRecord) -> dict[str, Any]
         "error_file_id": output_id(record.task_id, ERRORS) if counts.failed else None,
         "created_at": created,
         "in_progress_at": _time(record.started_at),
-        "expires_at": created + WINDOW_SEC,
+        # A self-hosted batch is not thrown away at a deadline: the work it did would be lost for nothing.
+        "expires_at": None,
         "finalizing_at": None,
         "completed_at": ended if status == "completed" else None,
         "failed_at": ended if status == "failed" else None,

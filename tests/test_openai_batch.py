@@ -194,6 +194,11 @@ def test_mloc_error_bodies_become_openais() -> None:
                   "code": "bad_request"}
     }  # fmt: skip
     assert orjson.loads(openai_body(b"not json", 502))["error"]["type"] == "server_error"
+    # A field of the call's body is named as OpenAI names it; a field of a request in the input file keeps `body.`.
+    missing = BadRequest("input_file_id: Field required", details=[{"path": "body.input_file_id", "message": "x"}])
+    assert orjson.loads(openai_body(orjson.dumps(missing.to_dict()), 422))["error"]["param"] == "input_file_id"
+    in_file = BadRequest("line 2: no model", details=[{"path": "body.model", "message": "x", "line": 2}])
+    assert orjson.loads(openai_body(orjson.dumps(in_file.to_dict()), 400))["error"]["param"] == "body.model"
 
 
 def test_uploaded_files_and_their_rows_are_known_to_the_model_roots(tmp_path: Path) -> None:

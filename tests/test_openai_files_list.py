@@ -104,7 +104,10 @@ def test_the_openai_client_lists_its_own_files_in_pages(
     assert foreign.value.param == "after" and "is not one of your files" in foreign.value.message
     with pytest.raises(openai.UnprocessableEntityError) as sideways:
         alice.files.list(order="sideways")  # type: ignore[arg-type]
-    assert sideways.value.param == "query.order"
+    assert sideways.value.param == "order"  # as OpenAI names its parameters
+    with pytest.raises(openai.UnprocessableEntityError) as missing:
+        alice.batches.create(input_file_id=None, endpoint=COMPLETIONS, completion_window="24h")  # type: ignore[arg-type]
+    assert missing.value.param == "input_file_id"
 
     # A deleted file is no longer listed.
     assert alice.files.delete(uploaded[2]).deleted

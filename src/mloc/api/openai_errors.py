@@ -22,7 +22,10 @@ _OPENAI_BODY = {"$ref": "#/components/schemas/OpenAIErrorBody"}
 class OpenAIError(BaseModel):
     message: str = Field(description="What went wrong and what to do, for a person.")
     type: str = Field(description="invalid_request_error, or server_error for a 5xx.")
-    param: str | None = Field(description="The request field at fault (e.g. `body.model`), or null.")
+    param: str | None = Field(
+        description="The call's parameter at fault (`input_file_id`), a field of a request in the input file "
+        "(`body.model`), or null."
+    )
     code: str | None = Field(description="MLOC's stable code (`error` of its own error body).")
     line: int | None = Field(
         default=None, description="The line of the batch input file at fault, where one is (as in a Batch's errors)."
@@ -45,13 +48,18 @@ def openai_body(body: bytes, status: int) -> bytes:
         mloc = {"error": "http_error", "message": body.decode(errors="replace")[:1000]}
     details = mloc.get("details") or []
     first = details[0] if isinstance(details, list) and details and isinstance(details[0], dict) else {}
+    param = first.get("path")
+    line = first.get("line")
+    if line is None and isinstance(param, str) and param.startswith(("body.", "query.")):
+        # A field of the call's own body or query is named as OpenAI names it ("input_file_id", "order");
+        # ``body.model`` stays for a field of a request in the input file (its line is given).
+        param = param.split(".", 1)[1]
     error = {
         "message": mloc["message"],
         "type": "server_error" if status >= 500 else "invalid_request_error",
-        "param": first.get("path"),
+        "param": param,
         "code": mloc.get("error"),
     }
-    line = first.get("line")
     if isinstance(line, int) and not isinstance(line, bool):
         error["line"] = line
     return orjson.dumps({"error": error})

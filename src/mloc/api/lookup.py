@@ -12,23 +12,18 @@ from mloc import keys
 from mloc.api.deps import Caller, Orch
 
 router = APIRouter(tags=["tasks"])
+Prefix = Annotated[
+    str, Query(min_length=1, max_length=36, pattern=r"^[0-9a-fA-F-]+$", description="The start of an id.")
+]
+Limit = Annotated[int, Query(ge=1, le=50, description="Most matches to list.")]
 
 
 @router.get("/api/v1/task-ids")
-async def task_ids(
-    orch: Orch,
-    who: Caller,
-    prefix: Annotated[
-        str, Query(min_length=1, max_length=36, pattern=r"^[0-9a-fA-F-]+$", description="The start of a task id.")
-    ],
-    limit: Annotated[int, Query(ge=1, le=50, description="Most matches to list.")] = 10,
-) -> dict[str, Any]:
+async def task_ids(orch: Orch, who: Caller, prefix: Prefix, limit: Limit = 10) -> dict[str, Any]:
     """The tasks (yours; every task for the admin) whose id starts with ``prefix``: one item means the
     prefix is unique. ``more`` says whether further tasks match beyond ``limit``."""
     prefix = prefix.lower()
-    found = await orch.store.ids_starting_with(prefix, None if who.admin else who.name, most=limit)
-    more = len(found) > limit
-    found = sorted(found[:limit])
+    found, more = _first(await orch.store.ids_starting_with(prefix, None if who.admin else who.name, most=limit), limit)
     pipe = orch.redis.pipeline(transaction=False)
     for task_id in found:
         pipe.hmget(keys.task(task_id), "name", "state", "created_at")
@@ -41,20 +36,12 @@ async def task_ids(
 
 
 @router.get("/api/v1/pipeline-ids", tags=["pipelines"])
-async def pipeline_ids(
-    orch: Orch,
-    who: Caller,
-    prefix: Annotated[
-        str, Query(min_length=1, max_length=36, pattern=r"^[0-9a-fA-F-]+$", description="The start of a pipeline id.")
-    ],
-    limit: Annotated[int, Query(ge=1, le=50, description="Most matches to list.")] = 10,
-) -> dict[str, Any]:
+async def pipeline_ids(orch: Orch, who: Caller, prefix: Prefix, limit: Limit = 10) -> dict[str, Any]:
     """The pipelines (yours; every one for the admin) whose id starts with ``prefix``, as
     ``/api/v1/task-ids`` lists tasks."""
     prefix = prefix.lower()
-    found = await orch.store.pipeline_ids_starting_with(prefix, None if who.admin else who.name, most=limit)
-    more = len(found) > limit
-    found = sorted(found[:limit])
+    owner = None if who.admin else who.name
+    found, more = _first(await orch.store.pipeline_ids_starting_with(prefix, owner, most=limit), limit)
     pipe = orch.redis.pipeline(transaction=False)
     for pipeline_id in found:
         pipe.get(keys.pipeline(pipeline_id))
@@ -64,3 +51,8 @@ async def pipeline_ids(
         if raw is not None and (body := json.loads(raw))
     ]
     return {"ok": True, "prefix": prefix, "items": items, "more": more}
+
+
+def _first(found: list[str], limit: int) -> tuple[list[str], bool]:
+    """The first ``limit`` ids in order, and whether more matched."""
+    return sorted(found[:limit]), len(found) > limit

@@ -284,12 +284,20 @@ def list_tasks(
             output.cell(t["task_type"]),
             output.cell(t["owner"]),
             _state_cell(t),
-            output.cell(t.get("worker_id") or "-"),
+            output.cell(_where(t)),
             output.ago(t["created_at"]),
             output.cell(reason, None if wide else 60),
         )
     output.show(grid)
     _more(body, filters, quiet=False)
+
+
+def _where(task: dict[str, Any]) -> str:
+    """The WORKER cell: a dataset task or a replica group runs nowhere itself, but over its parts."""
+    parts = task.get("children") or []
+    if task.get("worker_id") or not parts:
+        return str(task.get("worker_id") or "-")
+    return f"{len(parts)} chunk(s)" if task.get("chunk_rows") else f"{len(parts)} replicas"
 
 
 def _more(body: dict[str, Any], filters: dict[str, str | None], *, quiet: bool) -> None:

@@ -25,9 +25,6 @@ from mloc.executors.base import RunContext
 from mloc.executors.dataset_io import Dataset, RawRow, batches, open_dataset
 from mloc.llm.text import PLAIN_TURN_STOPS
 from mloc.spec.dataset import (
-    CARRIED_COUNTED,
-    CARRIED_LINES,
-    CARRIED_PRINTS,
     CHUNK_LABEL,
     COUNTED_BYTES,
     RESULT_LINES,
@@ -84,7 +81,7 @@ class ResultLines:
 
     The lines an earlier run of the same rows left there are kept while they still answer the rows
     read now, in order (:meth:`keep`): this chunk's earlier attempt (its worker was lost or stopped, or
-    its executor died), or a resumed task's chunk's predecessor (whose files the resume carried in).
+    its executor died), or a resumed task's chunk's predecessor (whose files the resume copied in).
     Keeping stops at the first line whose row's fingerprint differs (the data changed), that carries an
     error (its row may have been fixed before a resume), or that is not whole; the files are cut there
     and every row from there on is generated. The files hold a whole prefix at every moment, so a run
@@ -96,14 +93,6 @@ class ResultLines:
 
     def __init__(self, folder: Path, log: Callable[..., None]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        carried = (folder / CARRIED_LINES).exists() and (folder / CARRIED_PRINTS).exists()
-        if carried and not (folder / RESULT_LINES).exists():
-            # With no count beside them, no recorded run counted its lines (each of its runs was lost).
-            if (folder / CARRIED_COUNTED).exists():
-                os.replace(folder / CARRIED_COUNTED, folder / COUNTED_BYTES)
-            # The prints first: lines without theirs are not kept, prints without lines are cut.
-            os.replace(folder / CARRIED_PRINTS, folder / ROW_PRINTS)
-            os.replace(folder / CARRIED_LINES, folder / RESULT_LINES)
         self.folder = folder
         self.counted_bytes = _counted(folder)
         self._uncounted: list[Line] = []

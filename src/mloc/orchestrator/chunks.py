@@ -38,9 +38,6 @@ from mloc.orchestrator.cancel import cancel, stopped_with
 from mloc.records import NewTask, TaskRecord
 from mloc.settings import Settings
 from mloc.spec.dataset import (
-    CARRIED_COUNTED,
-    CARRIED_LINES,
-    CARRIED_PRINTS,
     CHUNK_LABEL,
     COUNTED_BYTES,
     DEFAULT_CHUNK_ROWS,
@@ -169,26 +166,24 @@ async def settle(store: TaskStore, parent_id: str, settings: Settings) -> bool:
 
 
 def _carry_lines(carried: list[tuple[Path, Path]]) -> int:
-    """Copy each replaced chunk's result lines and row fingerprints into its new chunk's folder, under
-    the names its run takes them over from (nothing else reads them as the new chunk's results); returns
-    how many rows they hold. A chunk whose files are not here (another results dir, an artifact store)
-    runs all its rows again."""
+    """Copy each replaced chunk's result lines, row fingerprints and counted bytes into its new chunk's
+    folder, where its run keeps them as it would its own earlier attempt's (and readers of the task's
+    lines see them meanwhile); returns how many rows they hold. A chunk whose files are not here
+    (another results dir, an artifact store) runs all its rows again."""
     rows = 0
     for old, new in carried:
         if not (old / RESULT_LINES).is_file() or not (old / ROW_PRINTS).is_file():
             continue
         try:
             new.mkdir(mode=0o700, parents=True, exist_ok=True)
-            for name, into in (
-                (ROW_PRINTS, CARRIED_PRINTS),
-                (RESULT_LINES, CARRIED_LINES),
-                (COUNTED_BYTES, CARRIED_COUNTED),
-            ):
+            # The prints first: lines without theirs are not kept, prints without lines are cut. With no
+            # count, no recorded run counted the lines (each of its runs was lost): the new run does.
+            for name in (ROW_PRINTS, COUNTED_BYTES, RESULT_LINES):
                 if name == COUNTED_BYTES and not (old / name).is_file():
                     continue
-                shutil.copyfile(old / name, new / into)
-                (new / into).chmod(0o600)  # as the worker writes them: results are the task owner's
-            rows += rows_written(new / CARRIED_LINES)
+                shutil.copyfile(old / name, new / name)
+                (new / name).chmod(0o600)  # as the worker writes them: results are the task owner's
+            rows += rows_written(new / RESULT_LINES)
         except OSError as exc:
             log.warning("the finished lines of chunk %s were not carried over (%s); its rows run again", old.name, exc)
             shutil.rmtree(new, ignore_errors=True)

@@ -20,13 +20,10 @@ RESULT_LINES = "results.jsonl"
 # Beside it: a fingerprint of the row each line answers, so a later run of the same rows keeps the
 # lines that still answer them (mloc.executors.inference_dataset.ResultLines).
 ROW_PRINTS = ".row-prints"
-# A resumed task's chunk's predecessor's files, as the resume carries them into the new chunk's
-# folder: under names no reader of results takes for the chunk's own, until its run takes them over.
-CARRIED_LINES, CARRIED_PRINTS = ".carried-results.jsonl", ".carried-row-prints"
 # Beside the lines: how many of their bytes a run's recorded usage counted (the worker writes it once
 # it recorded a run's end or hand-back). Lines past it were written by a run whose worker was lost, so
 # their tokens were never counted: the run that keeps them counts them. Carried on a resume too.
-COUNTED_BYTES, CARRIED_COUNTED = ".counted-bytes", ".carried-counted-bytes"
+COUNTED_BYTES = ".counted-bytes"
 # Rows per chunk when a task does not say: a lost worker redoes at most this many (only those it had
 # not finished, where the next worker reads the same results dir), and each chunk re-opens the dataset
 # and passes over the rows before it, so much smaller would cost more than it saves.

@@ -338,6 +338,28 @@ def test_run_of_a_task_no_worker_here_can_run_says_what_to_change_and_fails(tmp_
     assert "mloc cancel" not in ran.stderr
 
 
+def test_run_with_a_token_set_sends_it_and_leaves_no_cluster_behind(tmp_path: Path) -> None:
+    echo = tmp_path / "echo.yaml"
+    echo.write_text("taskType: echo\npayload: {said: hello}\n")
+    scratch = tmp_path / "scratch"  # where the throw-away cluster's home is made
+    scratch.mkdir()
+    env = up_env(tmp_path / "home", free_port(), ORCHESTRATOR_TOKEN="run-admin-token", TMPDIR=str(scratch))
+    ran = subprocess.run(
+        [sys.executable, "-m", "mloc.cli", "run", str(echo)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=180,
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "hello" in ran.stdout, ran.stdout
+    # Its Redis, logs and lock went with it; the result stays in RESULTS_DIR.
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("mloc-run-")], list(scratch.iterdir())
+    task_id = ran.stdout.split()[2]
+    assert (tmp_path / "home" / "results" / task_id / "responses.json").is_file()
+
+
 def test_up_on_a_port_another_process_listens_on_names_the_port_and_the_fix(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

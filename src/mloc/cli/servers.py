@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import tempfile
 import time
@@ -234,7 +235,9 @@ def run(
         except MlocError as exc:
             cluster.stop()
             output.fail(exc)
-    client = Client(cluster.api_url)
+    # Its orchestrator takes this environment's ORCHESTRATOR_TOKEN as its admin's: the client sends it.
+    client = Client(cluster.api_url, settings.admin_token)
+    succeeded = False
     try:
         answer = client.submit(file)
         output.line(output.visible(f"submitted task {answer['task_id']} {_placed(answer)}", one_line=True))
@@ -244,6 +247,7 @@ def run(
         waiting.report(client, record, shown=shown, results_dir=str(results))
         if record["state"] != "succeeded":
             raise typer.Exit(1)
+        succeeded = True
     except waiting.Unschedulable as exc:
         _no_worker_here(exc, file)
     except MlocError as exc:
@@ -251,6 +255,11 @@ def run(
     finally:
         client.close()
         cluster.stop()
+        # The results stay in RESULTS_DIR; the cluster's Redis and logs go, unless they may tell why it failed.
+        if succeeded:
+            shutil.rmtree(home, ignore_errors=True)
+        else:
+            output.line(f"the throw-away cluster's logs: {home / 'logs'}", stderr=True)
 
 
 def _placed(answer: dict[str, Any]) -> str:

@@ -297,6 +297,16 @@ def test_stats_as_seed_two_shows(http: httpx.Client, owner: str) -> None:
     assert http.get("/api/v1/stats", params={"start_date": "yesterday"}).status_code == 422
 
 
+def test_stats_count_a_task_that_ended_without_running(http: httpx.Client, owner: str) -> None:
+    # Queued for a GPU no worker has, then cancelled: it ended, so it counts, once.
+    gpu = f"taskType: echo\nmetadata: {{owner: {owner}}}\nresources: {{hardware: {{gpu: {{count: 8}}}}}}\n"
+    queued = http.post("/api/v1/tasks", content=gpu).json()["task_id"]
+    assert http.post(f"/api/v1/tasks/{queued}/cancel").json()["state"] == "cancelled"
+    assert http.post(f"/api/v1/tasks/{queued}/cancel").status_code == 409  # a second cancel counts nothing
+    totals = http.get("/api/v1/stats", params={"user": owner}).json()["users"][0]["totals"]
+    assert (totals["tasks"], totals["tasks.echo.cancelled"], totals["state.cancelled"]) == (1, 1, 1), totals
+
+
 def test_logs_and_openapi(http: httpx.Client) -> None:
     task = http.post("/api/v1/tasks", content="taskType: echo\nhyperparameters: {isolate: true}\n").json()["task_id"]
     wait_for(http, task, {"succeeded"})

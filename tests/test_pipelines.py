@@ -114,6 +114,11 @@ def test_a_failed_step_fails_or_skips_what_waits_for_it(
     assert records["rows"]["state"] == "failed" and records["rows"]["reason_code"] == "dependency_failed"
     assert records["rows"]["reason"].startswith("the task it depends on, broken"), records["rows"]["reason"]
     assert "mloc resume" not in records["rows"]["reason"]
+    # Each step counts once in its owner's usage, run or not (the dataset step by its chunks, as when run).
+    owner = records["broken"]["owner"]
+    totals = client.stats(user=owner)["users"][0]["totals"]
+    assert (totals["tasks.echo.failed"], totals["tasks.echo.cancelled"]) == (3, 1), totals
+    assert totals["tasks.inference.failed"] == len(client.task(records["rows"]["task_id"])["children"]), totals
     # A new task cannot wait for a task that already failed.
     with pytest.raises(ApiError, match="failed, so this task could never run"):
         client.submit(echo("too-late", after=[tasks[0]["task_id"]]))

@@ -7,7 +7,7 @@ import contextlib
 import json
 import time
 
-from mloc import keys, moves, tasklog
+from mloc import counters, keys, moves, tasklog
 from mloc.errors import MlocError
 from mloc.state import Reason, Refusal, TaskState
 from mloc.store import TaskStore, Transition, require
@@ -75,7 +75,14 @@ async def cancel(
             reason_code=reason_code,
         )
     outcome = await store.transition(
-        task_id, moves.CANCEL, release=True, fields={**ended, "pending_reason": ""}, now=now
+        task_id,
+        moves.CANCEL,
+        release=True,
+        fields={**ended, "pending_reason": ""},
+        # It ends without a run to record it: counted here, once, as its worker would have.
+        usage=counters.ended(record.task_type, TaskState.CANCELLED),
+        owner=record.owner,
+        now=now,
     )
     if not outcome.ok and outcome.error == Refusal.STATE and outcome.detail == TaskState.RUNNING:
         return await cancel(store, task_id, by=by, reason=reason, reason_code=reason_code)  # it started meanwhile

@@ -28,7 +28,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from mloc import keys, lua, moves, tasklog
+from mloc import counters, keys, lua, moves, tasklog
 from mloc.errors import MlocError, NotFound, SpecError
 from mloc.orchestrator import chunks, conditions
 from mloc.orchestrator.cancel import cancel
@@ -353,9 +353,11 @@ async def _end_waiting(store: TaskStore, task_id: str, *, skip: bool, reason: st
     # Refused only when it moved meanwhile (cancelled by its user): either way it waits no more.
     line = tasklog.Line(TaskState.CANCELLED, reason, "WARNING") if skip else tasklog.ended(TaskState.FAILED, reason)
     said = tasklog.stored(line)
-    await store.apply(
-        task_id, moves.Change(moves.CANCEL if skip else moves.DEPENDENCY_FAIL, fields=fields, log=(said,))
-    )
+    move = moves.CANCEL if skip else moves.DEPENDENCY_FAIL
+    task_type, owner = await store.redis.hmget(keys.task(task_id), "task_type", "owner")
+    # It ends without a run to record it: counted here, once, as its worker would have.
+    usage = counters.ended(task_type or "", move.target) if owner else None
+    await store.apply(task_id, moves.Change(move, fields=fields, log=(said,), usage=usage, owner=owner))
     await store.redis.srem(keys.DEPS_WAITING, task_id)
 
 

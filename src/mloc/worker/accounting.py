@@ -10,6 +10,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from mloc import counters
 from mloc.spec.quantity import parse_cpu
 from mloc.state import TaskState
 
@@ -53,12 +54,7 @@ def daily_counters(
 ) -> dict[str, float]:
     """The counters one ended run adds to its owner's usage day: the task, by type and outcome, and
     its figures; GPU-seconds also per GPU model (named by the worker's ``worker_gpus``)."""
-    daily = {
-        "tasks": 1.0,
-        f"tasks.{task_type}": 1.0,
-        f"tasks.{task_type}.{state}": 1.0,
-        f"state.{state}": 1.0,
-    }
+    daily = counters.ended(task_type, state)
     daily.update({name: usage[name] for name in DAILY_FIGURES if name in usage})
     if gpus and usage.get("gpu_seconds"):
         names = {g["index"]: g.get("name", "gpu") for g in worker_gpus}

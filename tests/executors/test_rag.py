@@ -647,7 +647,7 @@ def test_questions_from_a_dataset_are_answered_a_batch_at_a_time_into_result_lin
     lines = [json.loads(line) for line in (tmp_path / "results" / "t1" / "results.jsonl").read_text().splitlines()]
     assert [line["id"] for line in lines] == [f"q{i}" for i in range(23)]
     assert lines[0]["sources"][0]["source"].startswith("inline:") and isinstance(lines[0]["output"], str)
-    assert lines[2]["error"] == "question column 'text' is empty; name the column with input.columns.prompt"
+    assert lines[2]["error"] == "question column 'text' is empty in this row; give it a question, or drop the row"
     assert all(line["completion_tokens"] > 0 for i, line in enumerate(lines) if i != 2)
     # One usage event per batch of 16 and one for the index: memory holds a batch, not the dataset.
     usage = [event["counters"] for event in events if event["ev"] == "usage"]

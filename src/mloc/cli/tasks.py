@@ -773,7 +773,7 @@ def metrics(
         return
     rows: list[dict[str, Any]] = body.get("metrics") or []
     if not rows:
-        output.line(f"task {body.get('task_id', task_id)} has reported no metrics (yet)")
+        output.line(f"task {body.get('task_id', task_id)} has reported no metrics (training tasks report them)")
         return
     columns = ["step"]
     for row in rows:

@@ -128,10 +128,12 @@ def row_problem(task: CustomTask, row: dict[str, Any]) -> str | None:
     if answer_index(task, row, choices) is None:
         answer = row[task.answer_column]
         columns = task.choice_columns
-        named = f", or the name of its column ({', '.join(columns)})" if isinstance(columns, list) else ""
+        ways = [f"the right choice's index (0 to {len(choices) - 1})", "its text"]
+        if isinstance(columns, list):
+            ways.append(f"the name of its column ({', '.join(columns)})")
         return (
             f"answer {answer!r} in column {task.answer_column!r} is not one of the {len(choices)} choices: give "
-            f"the right choice's index (0 to {len(choices) - 1}), its text{named}"
+            f"{', '.join(ways[:-1])} or {ways[-1]}"
         )
     return None
 

@@ -85,9 +85,10 @@ def inference_estimate(spec: InferenceSpec | RagSpec | AgentSpec, facts: ModelFa
         embedder = target.others.get(spec.hyperparameters.embedding_model)
         # sentence-transformers loads in float32 on either device.
         size = embedder.parameters * 4 if embedder else MINILM_PARAMETERS * 4
-        if embedder is None:
+        if embedder is None and not spec.hyperparameters.embedding_model.endswith("all-MiniLM-L6-v2"):
             notes.append(
-                f"embedding model {spec.hyperparameters.embedding_model!r} assumed the size of all-MiniLM-L6-v2"
+                f"embedding model {spec.hyperparameters.embedding_model!r}: its size is not known, so "
+                "all-MiniLM-L6-v2's is assumed"
             )
         estimate = replace_estimate(
             estimate, embedding_model=size, notes=tuple(notes), task=f"rag_inference on {engine}"

@@ -79,7 +79,8 @@ def _paths(source: DocumentSource, base: Path, where: str) -> list[Path]:
     if source.path is not None:
         path = _resolve(source.path, base)
         if not path.exists():
-            raise ExecutionError(f"{where}: document file {source.path!r} ({path}) does not exist")
+            shown = repr(source.path) if str(path) == source.path else f"{source.path!r} ({path})"
+            raise ExecutionError(f"{where}: document file {shown} does not exist")
         if path.is_dir():
             raise ExecutionError(
                 f"{where}: {source.path!r} is a folder; name its files with a glob such as "

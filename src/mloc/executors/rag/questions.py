@@ -110,8 +110,10 @@ def _question(row: RawRow, column: str, id_column: str | None) -> tuple[Any, str
     row_id: Any = values.get(id_column, row.number) if id_column else row.number
     value = values.get(column)
     if not isinstance(value, str) or not value.strip():
-        what = "is missing" if column not in values else "is empty" if isinstance(value, str) else "is not text"
-        return row_id, "", f"question column {column!r} {what}; name the column with input.columns.prompt"
+        if column not in values:
+            return row_id, "", f"question column {column!r} is missing; name the column with input.columns.prompt"
+        what = "is empty" if isinstance(value, str) else "is not text"
+        return row_id, "", f"question column {column!r} {what} in this row; give it a question, or drop the row"
     return row_id, value, None
 
 

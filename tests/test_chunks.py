@@ -133,7 +133,7 @@ def test_chunks_spread_over_workers_and_join_in_row_order(
     assert len(merged_log) == len(said) + sum(len(client.logs(c["task_id"])["lines"]) for c in chunks)
     text = mloc("logs", answer["task_id"][:8], "--chunks", "--source", "mloc", env=env).stdout
     assert re.search(rf"INFO +task +mloc +chunk 9 \({chunks[9]['task_id'][:8]}\) succeeded on local-", text), text
-    assert re.search(r"INFO +chunk 9 +mloc +started on local-\d \(attempt 1\)$", text, re.M), text
+    assert re.search(r"INFO +chunk 9 +mloc +started on local-\d \(run 1\)$", text, re.M), text
     refused = mloc("logs", answer["task_id"], "--chunks", "-f", env=env)
     assert refused.returncode == 2 and "--chunks does not follow" in refused.stderr, refused.stderr
     # A listing shows the dataset task, not its chunks, unless asked for them.

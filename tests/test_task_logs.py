@@ -134,7 +134,7 @@ def test_a_task_log_tells_its_life_in_order_and_a_task_that_fails_at_once_says_w
         lines = client.logs(task_id)["lines"]
         assert events(lines) == ["assigned", "started", "succeeded"], lines
         lifecycle = [line for line in lines if "event" in line]
-        assert [line["text"] for line in lifecycle[:2]] == ["assigned to local-1", "started on local-1 (attempt 1)"]
+        assert [line["text"] for line in lifecycle[:2]] == ["assigned to local-1", "started on local-1 (run 1)"]
         assert re.fullmatch(r"succeeded in \d+\.\d s", lifecycle[2]["text"])
         assert {(line["source"], line["level"]) for line in lifecycle} == {("mloc", "INFO")}
         stamps = [line["ts"] for line in lines]
@@ -176,7 +176,7 @@ def test_a_task_log_tells_its_life_in_order_and_a_task_that_fails_at_once_says_w
         "requeued after the executor process died from SIGKILL"
     )
     assert "(1 of 2 attempts used); retry in " in requeued["text"]
-    assert lines[-1]["text"] == f"failed: {record['reason']}" and "started on local-1 (attempt 2)" in lines[-2]["text"]
+    assert lines[-1]["text"] == f"failed: {record['reason']}" and "started on local-1 (run 2)" in lines[-2]["text"]
 
     # Cancelled while waiting, and while running.
     waiting = client.submit("taskType: echo\nresources: {tags: [nowhere]}\n")["task_id"]
@@ -292,7 +292,7 @@ def test_follow_ends_with_the_final_state_and_exits_by_it(
     shown = followed.stdout.splitlines()
     assert [line.split(None, 4)[-1] for line in shown] == [
         "assigned to local-1",
-        "started on local-1 (attempt 1)",
+        "started on local-1 (run 1)",
         "step 1/3",
         "step 2/3",
         "step 3/3",
@@ -306,7 +306,7 @@ def test_follow_ends_with_the_final_state_and_exits_by_it(
     assert followed.returncode == 1
     assert [line.split(None, 4)[-1] for line in followed.stdout.splitlines()] == [
         "assigned to local-1",
-        "started on local-1 (attempt 1)",
+        "started on local-1 (run 1)",
         followed.stdout.splitlines()[-1].split(None, 4)[-1],
     ]
     assert re.search(r"ERROR +mloc +failed in \d+\.\d s: the dataset is empty$", followed.stdout.splitlines()[-1])

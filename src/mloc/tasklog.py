@@ -93,7 +93,8 @@ def assigned(worker_id: str, gpus: Collection[int] = ()) -> Line:
 
 
 def started(worker_id: str, attempt: int) -> Line:
-    return Line("started", f"started on {worker_id} (attempt {attempt})")
+    # Every start counts here, a requeue's too: `mloc show` tells the task's attempts from its requeues.
+    return Line("started", f"started on {worker_id} (run {attempt})")
 
 
 def ended(state: str, reason: str = "", seconds: float | None = None) -> Line:

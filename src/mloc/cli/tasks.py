@@ -381,11 +381,10 @@ def _summary(record: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("progress", progress))
     # A start ended by a worker's loss is a requeue, not one of the task's attempts (mloc.requeue).
     requeues = int(record.get("requeues") or 0)
-    lost = f", and {requeues} requeue(s) after worker loss, which do not count" if requeues else ""
+    runs = int(record.get("attempts") or 0)
+    lost = f", and {requeues} requeue(s) after worker loss, which do not count ({runs} runs in all)" if requeues else ""
     if not record.get("children"):  # a group's parent runs nowhere itself: its chunks or replicas have attempts
-        rows.append(
-            ("attempts", f"{int(record.get('attempts') or 0) - requeues} of {record.get('max_attempts', 1)}{lost}")
-        )
+        rows.append(("attempts", f"{runs - requeues} of {record.get('max_attempts', 1)}{lost}"))
     if worker:
         rows.append(("worker", worker))
     created = float(record.get("created_at") or 0)

@@ -80,7 +80,7 @@ def status_text(record: dict[str, Any]) -> str:
         text += " (stopping its executor)"
     attempts = record.get("attempts") or 0
     if attempts > 1:
-        text += f", attempt {attempts}"
+        text += f", run {attempts}"
     detail = progress_text(record.get("progress"))
     if not detail and quiet_start(record):
         detail = "no progress reported yet (loading the model?)"

@@ -297,6 +297,29 @@ def test_stats_as_seed_two_shows(http: httpx.Client, owner: str) -> None:
     assert http.get("/api/v1/stats", params={"start_date": "yesterday"}).status_code == 422
 
 
+def test_an_adapter_named_by_a_task_that_makes_none_or_by_a_short_id_is_refused_at_submit(http: httpx.Client) -> None:
+    echo = http.post("/api/v1/tasks", content=b"taskType: echo\n").json()["task_id"]
+
+    def with_adapter(path: str) -> httpx.Response:
+        model = f"{{source: {{type: package, identifier: mloc-tiny-llama}}, adapter: {{path: '{path}'}}}}"
+        spec = f"taskType: inference\nmodel: {model}\ninference: {{prompts: [hi]}}\n"
+        return http.post("/api/v1/tasks", content=spec)
+
+    # The admin's task too: it would only fail on its worker.
+    refused = with_adapter(echo)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["message"] == (
+        f"spec.model.adapter.path names task {echo}, of type echo, which makes no adapter; name a dpo or grpo or "
+        "ppo or sft task"
+    )
+    short = with_adapter(echo[:8])
+    assert short.status_code == 422, short.text
+    assert short.json()["message"] == (
+        f"spec.model.adapter.path '{echo[:8]}' is the start of task {echo}'s id, but the field takes a folder or a "
+        f"full task id: give {echo}, or write model.adapter.from: {echo[:8]}"
+    )
+
+
 def test_stats_count_a_task_that_ended_without_running(http: httpx.Client, owner: str) -> None:
     # Queued for a GPU no worker has, then cancelled: it ended, so it counts, once.
     gpu = f"taskType: echo\nmetadata: {{owner: {owner}}}\nresources: {{hardware: {{gpu: {{count: 8}}}}}}\n"

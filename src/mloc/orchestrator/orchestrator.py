@@ -28,9 +28,10 @@ from mloc.orchestrator.users import Principal
 from mloc.records import NewTask, TaskRecord, WorkerRecord, WorkerView
 from mloc.requeue import Backoff
 from mloc.settings import Settings
-from mloc.spec import Document, validate
+from mloc.spec import Document, taskgraph, validate
 from mloc.spec.base import TIMEOUT_LABEL
 from mloc.spec.loader import default_name
+from mloc.spec.references import TRAINING
 from mloc.state import TaskState
 from mloc.store import TaskStore
 from mloc.workers import WorkerRegistry
@@ -123,6 +124,7 @@ class Orchestrator:
         eval task naming harness tasks whose data no worker holds is refused too (:mod:`.harness`)."""
         if getattr(document.spec, "eval", None) is not None:
             harness.check(document, await self.scheduler.views())
+        await self._check_adapter_task(document, principal)
         if principal.admin:
             return
         # Only the sections that can name a model: a bulk submit pays little for the check.
@@ -135,6 +137,36 @@ class Orchestrator:
         refused = await modelroots.check_at_submit(self.redis, spec, principal.name, roots)
         if refused:
             raise Forbidden(refused)
+
+    async def _check_adapter_task(self, document: Document, principal: Principal) -> None:
+        """Refuse, for the admin too, a ``model.adapter.path`` naming a task that makes no adapter (it would
+        fail on its worker), or a short id of one (the field takes a folder or a full id: the worker would
+        look for a folder of that name)."""
+        model = getattr(document.spec, "model", None)
+        given = model.adapter.path if model is not None and model.adapter is not None else None
+        if not given:
+            return
+        where = "spec.model.adapter.path"
+        if modelroots.TASK_ID.match(given):
+            task_type, owner = await self.redis.hmget(keys.task(given), "task_type", "owner")
+            if owner != principal.name and not principal.admin:
+                return  # another user's task is refused as no task at all (mloc.modelroots): nothing is learnt
+            if task_type is not None and task_type not in TRAINING:
+                raise SpecError(
+                    f"{where} names task {given}, of type {task_type}, which makes no adapter; name a "
+                    f"{' or '.join(sorted(TRAINING))} task",
+                    details=[{"path": where, "message": "not a training task"}],
+                )
+            return
+        if not taskgraph.TASK_ID_OR_PREFIX.fullmatch(given):
+            return
+        found = await self.store.ids_starting_with(given, None if principal.admin else principal.name, most=1)
+        if found:
+            raise SpecError(
+                f"{where} {given!r} is the start of task {found[0]}'s id, but the field takes a folder or a full "
+                f"task id: give {found[0]}, or write model.adapter.from: {given}",
+                details=[{"path": where, "message": "a short task id"}],
+            )
 
     async def _check_quota(self, document: Document, principal: Principal) -> None:
         """Refuse a task asking for more GPUs than its owner's quota lets them hold at once: it would

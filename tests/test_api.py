@@ -320,6 +320,15 @@ def test_an_adapter_named_by_a_task_that_makes_none_or_by_a_short_id_is_refused_
     )
 
 
+def test_a_listing_by_a_task_type_mloc_does_not_know_says_so(http: httpx.Client) -> None:
+    refused = http.get("/api/v1/tasks", params={"task_type": "infrence"})
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["message"].startswith("task_type 'infrence' is not a task type MLOC knows; give one of ")
+    assert "inference" in refused.json()["message"]
+    # A known type with no tasks is an empty page, as ever.
+    assert http.get("/api/v1/tasks", params={"task_type": "ppo"}).json()["total"] == 0
+
+
 def test_stats_count_a_task_that_ended_without_running(http: httpx.Client, owner: str) -> None:
     # Queued for a GPU no worker has, then cancelled: it ended, so it counts, once.
     gpu = f"taskType: echo\nmetadata: {{owner: {owner}}}\nresources: {{hardware: {{gpu: {{count: 8}}}}}}\n"

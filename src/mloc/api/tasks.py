@@ -23,6 +23,7 @@ from mloc.orchestrator.users import Principal
 from mloc.records import TaskRecord
 from mloc.spec import Document, parse_body, validate
 from mloc.spec.loader import parse_stream
+from mloc.spec.registry import spec_types
 from mloc.state import TaskState
 
 SUBMIT_PATH = "/api/v1/tasks"
@@ -145,6 +146,7 @@ async def submit_bulk(
 
 
 @router.get("")
+@raises(BadRequest)
 async def list_tasks(
     orch: Orch,
     who: Caller,
@@ -164,6 +166,14 @@ async def list_tasks(
     items, total = await orch.store.page(
         page=page, page_size=page_size, state=state, owner=owner, task_type=task_type, children=children
     )
+    if not total and task_type:
+        # A misspelt type matches nothing, which must not read as "no such tasks".
+        known = sorted(spec_types())
+        if task_type not in known:
+            raise BadRequest(
+                f"task_type {task_type[:64]!r} is not a task type MLOC knows; give one of {', '.join(known)}",
+                details=[{"path": "task_type", "message": "unknown task type"}],
+            )
     rows = [item.model_dump(mode="json", exclude={"spec"}) for item in items]
     waiting = [row for row in rows if row["state"] == TaskState.PENDING]
     for row, position in zip(waiting, await orch.queue_positions([row["task_id"] for row in waiting]), strict=True):

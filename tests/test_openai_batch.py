@@ -115,7 +115,7 @@ def test_chat_lines_keep_text_parts_and_take_developer_as_system() -> None:
         ([request("a", {"prompt": "x"})], ["line 1: body.model is missing"]),
         ([{"method": "POST", "url": COMPLETIONS, "body": {}}], ["line 1: custom_id is missing"]),
         ([{"custom_id": "a", "method": "GET", "url": COMPLETIONS, "body": {}}], ['line 1: method is "GET"']),
-        (jsonl([request("a", {"model": "m", "prompt": "x"})]) + b"{not json\n", ["line 2: the line is not JSON", "one JSON object per line"]),
+        (jsonl([request("a", {"model": "m", "prompt": "x"})]) + b"{not json\n", ["line 2: the line is not JSON (unexpected character, expected a string key at column 2)", "one JSON object per line"]),
         (b"\n\n", ["has no request lines"]),
         (jsonl([request("a", {"model": "m", "prompt": "x"})]) + b'{"custom_id": "caf\xe9"}\n',
          ["line 2: the line is not UTF-8 text (byte 18)", "save the file as UTF-8"]),

@@ -86,7 +86,9 @@ class _Reader:
                 # Editors on Windows write one; the line's JSON after it may be fine, so say what to change.
                 problem = "starts with a byte order mark (BOM)"
                 raise self.refuse(number, None, problem, "save the file as UTF-8 without a BOM") from None
-            raise self.refuse(number, None, f"is not JSON ({exc})", "write one JSON object per line") from None
+            # orjson says where as "line 1 column 37 (char 36)": the line is the file's, said once already.
+            problem = f"is not JSON ({exc.msg}{f' at column {exc.colno}' if exc.colno else ''})"
+            raise self.refuse(number, None, problem, "write one JSON object per line") from None
         if not isinstance(line, dict):
             problem = f"is a JSON {_json_kind(line)}, not an object"
             raise self.refuse(number, None, problem, "write one JSON object per line")

@@ -91,6 +91,18 @@ def test_chat_data_for_a_model_without_a_chat_template(models: dict[str, Path], 
     assert "no chat template" in message
 
 
+def test_assistant_only_loss_with_a_template_that_does_not_mark_the_assistant(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    chats = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    text = task_yaml("sft", models["chat"], {"examples": chats}, {"assistant_only_loss": True}, adapter=LORA)
+    message = _fails(SFTExecutor(), text, tmp_path)
+    assert message.startswith(
+        "hyperparameters.assistant_only_loss needs a chat template that marks the assistant's turns with "
+        "{% generation %} ... {% endgeneration %}, and this model's does not; set assistant_only_loss: false"
+    ), message
+
+
 def test_unknown_trl_argument_is_named(models: dict[str, Path], tmp_path: Path) -> None:
     text = task_yaml("sft", models["base"], {"examples": QA}, {"trl_args": {"not_a_field": 1}}, adapter=LORA)
     message = _fails(SFTExecutor(), text, tmp_path)

@@ -247,7 +247,7 @@ class TrainExecutor(Executor):
         _drop_console_printer(trainer)
         ctx.check_cancelled()
         if run.resume_from is not None:
-            ctx.log(f"attempt {ctx.attempt}: resuming from {run.resume_from.name}")
+            ctx.log(f"run {ctx.attempt}: resuming from {run.resume_from.name}")
         ctx.log(f"training on {run.device.label}")
         self.train(run, trainer, callback)
         if callback.cancelled or ctx.cancelled:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from mloc.errors import ExecutionError
 from mloc.executors.train.runner import TrainExecutor, TrainingRun
 from mloc.spec.train import DatasetFormat, SFTSpec
 
@@ -37,4 +38,14 @@ class SFTExecutor(TrainExecutor):
     def build_trainer(self, run: TrainingRun, model: Any, args: Any, callback: MlocCallback) -> Any:
         from trl import SFTTrainer
 
-        return SFTTrainer(**self.trainer_inputs(run, model, args, callback))
+        try:
+            return SFTTrainer(**self.trainer_inputs(run, model, args, callback))
+        except ValueError as exc:
+            if "assistant_only_loss" not in str(exc) and "generation" not in str(exc):
+                raise
+            # TRL can only find the assistant's turns through {% generation %} markers in the chat template.
+            raise ExecutionError(
+                "hyperparameters.assistant_only_loss needs a chat template that marks the assistant's turns with "
+                "{% generation %} ... {% endgeneration %}, and this model's does not; set assistant_only_loss: "
+                f"false (the loss then covers every turn), or train a model whose template has them ({exc})"
+            ) from None

@@ -256,7 +256,7 @@ def test_the_admin_sets_and_removes_budgets_from_the_cli_and_bad_input_changes_n
     time_unit = mloc("users", "set-budget", "dave", "--cpu-time", "2d", env=env)
     assert time_unit.returncode == 2 and "unknown unit 'd'; use s, m or h" in time_unit.stderr
     nothing = mloc("users", "set-budget", "dave", env=env)
-    assert nothing.returncode == 2 and "give at least one of tokens" in nothing.stderr
+    assert nothing.returncode == 2 and "give at least one limit to set: --tokens, --tokens-in" in nothing.stderr
     unknown = mloc("users", "set-budget", "erin", "--tokens", "1M", env=env)
     assert unknown.returncode == 2 and "user 'erin' not found; add it first" in unknown.stderr
     with httpx.Client(base_url=cluster.api_url, headers={"Authorization": "Bearer budget-admin"}) as http:

@@ -94,6 +94,17 @@ def test_stats_help_names_the_date_format_and_other_dates_are_refused() -> None:
     wrong = mloc("stats", "--start-date", "01/02/2026", env={"MLOC_API_URL": "http://127.0.0.1:9"})
     assert wrong.returncode == 2
     assert "'01/02/2026' is not a day; give YYYY-MM-DD, today, yesterday, or Nd for N days ago (7d)" in wrong.stderr
+    # Said in the command's own words, before anything is sent.
+    backwards = mloc(
+        "stats", "--start-date", "2026-03-02", "--end-date", "2026-01-01", env={"MLOC_API_URL": "http://127.0.0.1:9"}
+    )
+    assert backwards.returncode == 2
+    assert "--start-date 2026-03-02 is after --end-date 2026-01-01; swap them" in backwards.stderr
+    nothing = mloc("users", "set-budget", "bob", env={"MLOC_API_URL": "http://127.0.0.1:9"})
+    assert nothing.returncode == 2
+    assert (
+        "give at least one limit to set: --tokens, --tokens-in, --tokens-out, --gpu-time, --cpu-time" in nothing.stderr
+    )
 
 
 def test_unreachable_orchestrator_is_a_clear_error() -> None:

@@ -85,6 +85,8 @@ def stats(
     fmt: OutputFormat = None,
 ) -> None:
     """Usage per user over UTC days (YYYY-MM-DD, today, yesterday, 7d): a row per day, then the totals."""
+    if start_date and end_date and start_date > end_date:  # ISO days, as _day_option wrote them
+        output.die(f"--start-date {start_date} is after --end-date {end_date}; swap them", code=2)
     try:
         body = client().stats(user=user, start_date=start_date, end_date=end_date, group_by=group_by.value, after=after)
     except MlocError as exc:

@@ -158,6 +158,9 @@ def users_set_budget(
         "gpu_time": gpu_time,
         "cpu_time": cpu_time,
     }
+    if not any(limits.values()):
+        flags = ", ".join("--" + name.replace("_", "-") for name in limits)
+        output.die(f"give at least one limit to set: {flags} (for example --tokens 2M)", code=2)
     try:
         # Checked here first, so a typo is explained before anything is sent.
         budgetunits.check_limits(per, limits, gpu_model)

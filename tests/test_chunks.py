@@ -81,6 +81,9 @@ def test_chunks_spread_over_workers_and_join_in_row_order(
     if len(chunks) == 11 and chunks[10]["state"] == "cancelled":  # it may have run (and found no rows) first
         assert chunks[10]["reason_code"] == "past_the_data", chunks[10]
         assert chunks[10]["reason"].startswith("not needed: the data ended before its rows"), chunks[10]
+        # Nobody asked for it: the owner's usage does not count it as a cancelled task.
+        totals = client.stats(user=record["owner"])["users"][0]["totals"]
+        assert "tasks.inference.cancelled" not in totals, totals
     assert {c["worker_id"] for c in chunks[:10]} == {"local-1", "local-2"}  # any free worker takes the next one
 
     summary = client.result(answer["task_id"])

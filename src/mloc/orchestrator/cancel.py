@@ -79,8 +79,9 @@ async def cancel(
         moves.CANCEL,
         release=True,
         fields={**ended, "pending_reason": ""},
-        # It ends without a run to record it: counted here, once, as its worker would have.
-        usage=counters.ended(record.task_type, TaskState.CANCELLED),
+        # It ends without a run to record it: counted here, once, as its worker would have; but not a
+        # chunk cut past its data's end, which the user never asked for.
+        usage=None if reason_code == Reason.PAST_THE_DATA else counters.ended(record.task_type, TaskState.CANCELLED),
         owner=record.owner,
         now=now,
     )

@@ -4,6 +4,7 @@ worker whose PPO interpreter can run it."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from mloc.client import Client
+from mloc.errors import MlocError
 from mloc.localcluster import LocalCluster
+from tests.support.cli import mloc
 from tests.support.tiny_model import build_tiny_causal_lm
 
 pytestmark = pytest.mark.extra("train")
@@ -94,3 +97,67 @@ def test_ppo_is_offered_only_where_its_interpreter_can_run_it(
         dry_run=True,
     )
     assert dry["would_place_on"] == ["local-1"]
+
+
+def test_a_cancelled_training_task_resumed_continues_from_its_checkpoint(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tiny_model: Path
+) -> None:
+    cluster = make_cluster(1)
+    client = client_for(cluster)
+    steps = 300
+    sft = (
+        (REPO / "templates" / "sft_tiny_local.yaml")
+        .read_text()
+        .replace("/tmp/tiny-llama", str(tiny_model))
+        .replace("max_steps: 30", f"max_steps: {steps}")
+        .replace("logging_steps: 5", "logging_steps: 1")
+        .replace("save_steps: 10", "save_steps: 1000")  # the only checkpoint is the one the cancel saves
+    )
+    task_id = client.submit(sft.encode())["task_id"]
+    deadline = time.monotonic() + 300
+    while not any(float(m.get("loss", "nan")) > 0 for m in client.metrics(task_id)["metrics"][2:]):
+        assert time.monotonic() < deadline, client.task(task_id)
+        time.sleep(0.1)
+    client.cancel(task_id)
+    cancelled = wait_terminal(client, task_id)
+    assert cancelled["state"] == "cancelled", cancelled
+    assert [line for line in client.logs(task_id)["lines"] if "saving a checkpoint and stopping" in line["text"]]
+
+    said = mloc("resume", task_id, env={"MLOC_API_URL": cluster.api_url})
+    found = re.fullmatch(
+        rf"resumed {task_id}: it continues from checkpoint-(\d+) \(step (\d+)\) once a worker takes it "
+        rf"\(mloc show {task_id}\)\n",
+        said.stdout,
+    )
+    assert found and found.group(1) == found.group(2), said
+    saved = int(found.group(1))
+    assert 3 <= saved < steps
+    # The cancel said where the task stood and how to go on.
+    assert cancelled["reason"] == (
+        f"cancelled on request; checkpoint-{saved} is kept: `mloc resume {task_id}` continues from it"
+    ), cancelled
+    with pytest.raises(MlocError, match="only a failed or cancelled task is resumed"):
+        client.resume(task_id)  # already waiting: a second resume changes nothing
+
+    resumed = wait_terminal(client, task_id)
+    said = [line["text"] for line in client.logs(task_id)["lines"]]
+    assert resumed["state"] == "succeeded", said
+    # The new run has the attempts the task was submitted with; the first run's one stays counted.
+    assert resumed["attempts"] == 2 and resumed["max_attempts"] == 1 + cancelled["max_attempts"], resumed
+    assert resumed["progress"]["step"] == resumed["progress"]["total"] == steps
+    result = client.result(task_id)
+    assert result["resumed_from_step"] == saved and result["global_step"] == steps, result
+    assert f"resumed by admin: it continues from checkpoint-{saved} (step {saved}) once a worker takes it" in said
+    assert f"run 2: resuming from checkpoint-{saved}" in said, said
+    # Its metrics go on from the checkpoint, not from the start.
+    metric_steps = [m["step"] for m in client.metrics(task_id)["metrics"]]
+    assert metric_steps == sorted(metric_steps) and metric_steps[-1] == steps
+
+    with pytest.raises(MlocError, match="only a failed or cancelled task is resumed"):
+        client.resume(task_id)
+    echo = client.wait(
+        client.submit({"taskType": "echo", "hyperparameters": {"fail_message": "no"}})["task_id"], timeout=60
+    )
+    assert echo["state"] == "failed", echo
+    with pytest.raises(MlocError, match="neither a dataset task nor a training task"):
+        client.resume(echo["task_id"])

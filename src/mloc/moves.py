@@ -82,6 +82,8 @@ GROUP_CANCEL = _move("group_cancel", TaskState.CANCELLED, P, R)
 DEPENDENCY_FAIL = _move("dependency_fail", TaskState.FAILED, P)
 # A chunked dataset task that failed or was cancelled, resumed: the chunks not finished run again.
 GROUP_RESUME = _move("group_resume", R, TaskState.FAILED, TaskState.CANCELLED)
+# A training task that failed or was cancelled, resumed: placed again, it continues from its last checkpoint.
+RESUME = _move("resume", P, TaskState.FAILED, TaskState.CANCELLED)
 
 ALL: tuple[Move, ...] = (
     PLACE,
@@ -99,6 +101,7 @@ ALL: tuple[Move, ...] = (
     GROUP_FAIL,
     GROUP_CANCEL,
     GROUP_RESUME,
+    RESUME,
     DEPENDENCY_FAIL,
 )
 

@@ -36,9 +36,10 @@ ALLOWED: dict[TaskState, frozenset[TaskState]] = {
     # Never back to PENDING: a cancelling task whose worker is lost is cancelled, not requeued.
     TaskState.CANCELLING: frozenset({TaskState.CANCELLED, TaskState.SUCCEEDED, TaskState.FAILED}),
     TaskState.SUCCEEDED: frozenset(),
-    # Only a chunked dataset task's parent, resumed by its user: its finished chunks stand, the rest run again.
-    TaskState.FAILED: frozenset({TaskState.RUNNING}),
-    TaskState.CANCELLED: frozenset({TaskState.RUNNING}),
+    # Resumed by its user: a chunked dataset task's parent runs again at once (its finished chunks
+    # stand, the rest run again); a training task waits to be placed, to continue from its checkpoint.
+    TaskState.FAILED: frozenset({TaskState.RUNNING, TaskState.PENDING}),
+    TaskState.CANCELLED: frozenset({TaskState.RUNNING, TaskState.PENDING}),
 }
 
 

@@ -67,8 +67,8 @@ def test_a_forbidden_move_raises_before_redis_is_touched() -> None:
     assert forbidden.forbidden() == [TaskState.PENDING] and not forbidden.allowed
     with pytest.raises(InvalidTransition, match="pending -> succeeded"):
         asyncio.run(store.transition("any", forbidden))
-    later = moves.Change(moves.Move("revive", TaskState.PENDING, frozenset({TaskState.FAILED})))
-    with pytest.raises(InvalidTransition, match="failed -> pending"):
+    later = moves.Change(moves.Move("revive", TaskState.PENDING, frozenset({TaskState.SUCCEEDED})))
+    with pytest.raises(InvalidTransition, match="succeeded -> pending"):
         asyncio.run(store.apply("any", moves.Change(moves.START), then=later))
     with pytest.raises(InvalidTransition, match="no source"):
         moves.Move("nowhere", TaskState.RUNNING, frozenset()).check()

@@ -15,12 +15,13 @@ def test_a_terminal_state_is_left_only_by_a_resume_and_every_other_has_a_way_out
     for state in TaskState:
         assert state.terminal == (state in TERMINAL)
         if state.terminal:
-            # A failed or cancelled chunked dataset task resumes (moves.GROUP_RESUME); a success is final.
-            assert ALLOWED[state] <= {TaskState.RUNNING}, state
+            # A failed or cancelled task is resumed: a chunked dataset task's parent runs again at once
+            # (moves.GROUP_RESUME), a training task waits to be placed (moves.RESUME); a success is final.
+            assert ALLOWED[state] <= {TaskState.RUNNING, TaskState.PENDING}, state
         else:
             assert ALLOWED[state], state
     assert ALLOWED[TaskState.SUCCEEDED] == frozenset()
-    assert moves.GROUP_RESUME.sources == {TaskState.FAILED, TaskState.CANCELLED}
+    assert moves.GROUP_RESUME.sources == moves.RESUME.sources == {TaskState.FAILED, TaskState.CANCELLED}
 
 
 def test_no_state_moves_to_itself() -> None:
@@ -31,7 +32,12 @@ def test_sources_of_reads_the_table_backwards() -> None:
     assert sources_of(TaskState.SUCCEEDED) == {TaskState.RUNNING, TaskState.CANCELLING}
     assert sources_of(TaskState.CANCELLING) == {TaskState.RUNNING}
     assert sources_of(TaskState.ASSIGNED) == {TaskState.PENDING}
-    assert sources_of(TaskState.PENDING) == {TaskState.ASSIGNED, TaskState.RUNNING}
+    assert sources_of(TaskState.PENDING) == {
+        TaskState.ASSIGNED,
+        TaskState.RUNNING,
+        TaskState.FAILED,
+        TaskState.CANCELLED,
+    }
     for target in TaskState:
         assert all(target in ALLOWED[source] for source in sources_of(target))
 

@@ -237,8 +237,10 @@ async def cancel_task(task_id: TaskId, orch: Orch, who: Caller) -> dict[str, Any
 @router.post("/{task_id}/resume")
 @raises(NotFound, Conflict)
 async def resume_task(task_id: TaskId, orch: Orch, who: Caller) -> dict[str, Any]:
-    """Run a failed or cancelled dataset task again from where it stopped: its finished chunks (and
-    their result lines) stand, the others run again."""
+    """Run a failed or cancelled task again from where it stopped: a dataset task's finished chunks
+    (and their result lines) stand and the others run again; a training task goes back to the queue and
+    continues from its last checkpoint (``checkpoint`` and ``from_step`` in the answer, null when it
+    saved none and starts over)."""
     _own(await orch.store.get(task_id, with_spec=False), who)
     return await orch.resume(task_id, who)
 

@@ -565,7 +565,8 @@ def pipeline(
 
 @app.command()
 def resume(task_id: TaskIdArg, json_out: JsonFlag = False) -> None:
-    """Run a failed or cancelled dataset task again from where it stopped (finished chunks stand)."""
+    """Run a failed or cancelled task again from where it stopped: a dataset task's finished chunks
+    stand, a training task continues from its last checkpoint."""
     api = client()
     try:
         answer = api.resume(task_id)
@@ -573,6 +574,13 @@ def resume(task_id: TaskIdArg, json_out: JsonFlag = False) -> None:
         task_failed(api, task_id, exc)
     if json_out:
         output.print_json(answer)
+    elif "checkpoint" in answer:
+        start = (
+            f"continues from {answer['checkpoint']} (step {answer['from_step']})"
+            if answer["checkpoint"]
+            else "starts over: it saved no checkpoint"
+        )
+        output.line(f"resumed {answer['task_id']}: it {start} once a worker takes it (mloc show {answer['task_id']})")
     else:
         redone = answer.get("chunks_redone") or []
         output.line(

@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Literal
 
 import orjson
 
+from mloc import checkpoints
 from mloc.errors import TaskCancelled
 from mloc.spec.base import Document, SpecBase
 
@@ -97,7 +98,7 @@ class RunContext:
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.out_dir / "checkpoints"
+        return self.out_dir / checkpoints.CHECKPOINTS_DIR
 
     @property
     def cancelled(self) -> bool:

@@ -591,7 +591,8 @@ async def resume(store: TaskStore, parent_id: str, *, by: str, results_dir: Path
             raise NotFound(f"task {parent_id} not found")
         if not h.get("chunk_rows"):
             raise Conflict(
-                f"task {parent_id} is not a dataset task, so it has no finished chunks to keep; submit it again"
+                f"task {parent_id} is neither a dataset task nor a training task, so nothing of its run is kept "
+                "to resume from; submit it again"
             )
         state = TaskState(h["state"])
         if state not in (TaskState.FAILED, TaskState.CANCELLED):

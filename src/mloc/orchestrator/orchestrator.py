@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from mloc import keys, modelroots
 from mloc.errors import BadRequest, Conflict, Forbidden, SpecError
 from mloc.openai_files import INPUT_FILE_LABEL
-from mloc.orchestrator import chunks, eta, groups, harness, pipelines, reaper, users
+from mloc.orchestrator import chunks, eta, groups, harness, pipelines, reaper, training, users
 from mloc.orchestrator.admission import MemoryFit
 from mloc.orchestrator.overspend import Overspend
 from mloc.orchestrator.placement import Request, WaitCode, explain, misfit, request_of
@@ -343,12 +343,16 @@ class Orchestrator:
         return [None if rank is None else rank + 1 for rank in await pipe.execute()]
 
     async def resume(self, task_id: str, principal: Principal) -> dict[str, Any]:
-        """Run a failed or cancelled dataset task's unfinished chunks again (see :mod:`.chunks`)."""
+        """Run a failed or cancelled task again from where it stopped: a dataset task's unfinished
+        chunks (see :mod:`.chunks`), a training task from its last checkpoint (see :mod:`.training`)."""
         await self._check_upload_kept(task_id)
         refused = await pipelines.resume_refusal(self.store, task_id)
         if refused:
             raise Conflict(refused)
-        return await chunks.resume(self.store, task_id, by=principal.name, results_dir=self.settings.results_dir)
+        results_dir = self.settings.results_dir
+        if await self.redis.hget(keys.task(task_id), "task_type") in TRAINING:
+            return await training.resume(self.store, task_id, by=principal.name, results_dir=results_dir)
+        return await chunks.resume(self.store, task_id, by=principal.name, results_dir=results_dir)
 
     async def _check_upload_kept(self, task_id: str) -> None:
         """Refuse to resume a batch whose uploaded input file was deleted since it ended: its chunks

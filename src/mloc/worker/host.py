@@ -86,9 +86,10 @@ class Host:
         self._lock = threading.Lock()
         self._inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._cancel = threading.Event()
-        # Cancels name their task, so one that arrives before its run starts is not lost.
-        self._cancelled: set[str] = set()
-        self._current: str | None = None
+        # Cancels name their task's run (id and attempt), so one that arrives before its run starts
+        # is not lost, and one for an earlier run never stops a later run of the same task (a resume).
+        self._cancelled: set[tuple[str, int]] = set()
+        self._current: tuple[str, int] | None = None
         self._executors: dict[str, Executor] = {}
         # Logger names whose records are the executor's own: MLOC's, and the running plug-in's package.
         self.own_loggers: tuple[str, ...] = ("mloc",)
@@ -96,7 +97,7 @@ class Host:
     @property
     def current(self) -> str | None:
         """The task running now, if any."""
-        return self._current
+        return self._current[0] if self._current else None
 
     def emit(self, event: dict[str, Any]) -> None:
         line = json.dumps(event, default=str)
@@ -112,9 +113,10 @@ class Host:
             except ValueError:
                 continue
             if message.get("op") == "cancel":
+                run = (str(message.get("task_id")), int(message.get("attempt") or 0))
                 with self._lock:
-                    self._cancelled.add(str(message.get("task_id")))
-                    if self._current == message.get("task_id"):
+                    self._cancelled.add(run)
+                    if self._current == run:
                         self._cancel.set()
             elif message.get("op") == "run":
                 self._inbox.put(message)
@@ -141,10 +143,11 @@ class Host:
         return self._executors[task_type]
 
     def _run(self, message: dict[str, Any]) -> None:
+        run = (str(message["task_id"]), int(message["attempt"]))
         with self._lock:
-            self._current = message["task_id"]
+            self._current = run
             self._cancel.clear()
-            if self._current in self._cancelled:
+            if run in self._cancelled:
                 self._cancel.set()
         meter: PeakMeter | None = None
         outcome: dict[str, Any] = {"ev": "error", "code": "executor_error", "message": "the executor was interrupted"}
@@ -191,6 +194,7 @@ class Host:
             print(f"\n{END_OF_TASK}", file=sys.stderr, flush=True)
             with self._lock:
                 self._current = None
+                self._cancelled.discard(run)
             release_freed_memory()
         warm = [key for ex in self._executors.values() for key in ex.warm_models()]
         self.emit({"ev": "idle", "warm_models": warm})

@@ -158,9 +158,9 @@ class HostProcess:
             else:
                 on_event(event)
 
-    async def cancel(self, task_id: str) -> None:
+    async def cancel(self, task_id: str, attempt: int) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
-            await self._send({"op": "cancel", "task_id": task_id})
+            await self._send({"op": "cancel", "task_id": task_id, "attempt": attempt})
 
     async def kill(self) -> None:
         if self.alive:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
-from mloc import artifacts, keys, memoryhistory, modelroots, moves, requeue, tasklog
+from mloc import artifacts, checkpoints, keys, memoryhistory, modelroots, moves, requeue, tasklog
 from mloc.errors import ExecutionError, MlocError, NoExecutor, TaskCancelled
 from mloc.executors.base import RunContext, write_json_atomic
 from mloc.executors.registry import executor_for
@@ -28,6 +28,7 @@ from mloc.settings import Settings
 from mloc.spec import Document, validate
 from mloc.spec.base import TIMEOUT_LABEL
 from mloc.spec.dataset import COUNTED_BYTES, RESULT_LINES
+from mloc.spec.references import TRAINING
 from mloc.state import Reason, StopReason, TaskState
 from mloc.store import Coalescer, TaskStore
 from mloc.worker import outputs
@@ -90,7 +91,7 @@ class TaskRunner:
 
     async def _stop_host(self, run: Running, host: HostProcess) -> None:
         """Ask the executor process to stop the task; kill it if it has not stopped after the grace."""
-        await host.cancel(run.task_id)
+        await host.cancel(run.task_id, run.attempt)
 
         async def kill_later() -> None:
             await asyncio.sleep(self.settings.cancel_grace_sec)
@@ -355,6 +356,8 @@ class TaskRunner:
                 reason = note + reason.removeprefix("cancelled on request")
             if code in Reason.__members__.values():
                 reason_code = code
+        if state in (TaskState.FAILED, TaskState.CANCELLED) and task_type in TRAINING:
+            reason += await asyncio.to_thread(_resume_hint, task_id, out_dir)
         finished = time.time()
         usage, daily = self._used(reporter, result, finished - started, assignment, state)
         if crashed and run.stop_reason is None:
@@ -577,3 +580,9 @@ async def _note_counted(out_dir: Path) -> None:
         os.replace(tmp, out_dir / COUNTED_BYTES)
     except OSError as exc:
         log.warning("%s: how much of its lines was counted was not written (%s)", out_dir.name, exc)
+
+
+def _resume_hint(task_id: str, out_dir: Path) -> str:
+    """What a failed or cancelled training task's reason adds when it saved a checkpoint."""
+    found = checkpoints.newest(out_dir / checkpoints.CHECKPOINTS_DIR)
+    return f"; {found[1].name} is kept: `mloc resume {task_id}` continues from it" if found else ""

@@ -20,8 +20,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mloc import checkpoints
 from mloc.errors import ExecutionError, TaskCancelled
-from mloc.executors.train.runner import CHECKPOINT, TrainExecutor, TrainingRun
+from mloc.executors.train.runner import TrainExecutor, TrainingRun
 from mloc.spec.train import DatasetFormat, PPOSpec
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 PPO_STATE_FILE = "mloc_ppo_state.json"
 PPO_REQUIREMENT = "trl<=1.12.0 with trl.experimental.ppo (run scripts/setup_ppo_env.sh; MLOC_EXECUTOR_PYTHON=ppo=...)"
 VALUE_MODEL_DIR = "value_model"
+VALUE_CONFIG = f"{VALUE_MODEL_DIR}/config.json"
 
 
 def ppo_trainer_available() -> bool:
@@ -41,21 +43,6 @@ def ppo_trainer_available() -> bool:
     return any(
         (Path(root) / "experimental" / "ppo" / "ppo_trainer.py").is_file() for root in spec.submodule_search_locations
     )
-
-
-def _resumable_checkpoint(folder: Path) -> tuple[Path, int] | None:
-    """The newest PPO checkpoint with its policy, value model and state all written."""
-    if not folder.is_dir():
-        return None
-    found = []
-    for item in folder.iterdir():
-        match = CHECKPOINT.match(item.name)
-        if match and (item / "trainer_state.json").is_file() and (item / VALUE_MODEL_DIR / "config.json").is_file():
-            found.append((int(match.group(1)), item))
-    if not found:
-        return None
-    step, path = max(found)
-    return path, step
 
 
 class PPOExecutor(TrainExecutor):
@@ -125,9 +112,10 @@ class PPOExecutor(TrainExecutor):
         # Resume state: the generic checkpoint finder knows nothing of the value model, so look again.
         run.resume_from = None
         if run.ctx.attempt > 1:
-            found = _resumable_checkpoint(run.ctx.checkpoint_dir)
+            # The newest checkpoint with its policy, value model and state all written.
+            found = checkpoints.newest(run.ctx.checkpoint_dir, needs=(checkpoints.TRAINER_STATE, VALUE_CONFIG))
             if found is not None:
-                run.resume_from, done = found
+                done, run.resume_from = found
                 run.extras["done_updates"] = min(done, total_updates)
                 state_file = run.resume_from / PPO_STATE_FILE
                 if state_file.is_file():

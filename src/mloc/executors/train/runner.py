@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import importlib.util
 import os
-import re
 import shutil
 import time
 from abc import abstractmethod
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from mloc import checkpoints
 from mloc.errors import ExecutionError, TaskCancelled
 from mloc.executors.base import Executor, RunContext
 from mloc.executors.train.datasets import LoadedData, Record, load_data
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from mloc.executors.train.models import Device
 
 TrainSpec = SFTSpec | DPOSpec | GRPOSpec | PPOSpec
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 TENSORBOARD_DIR = "tensorboard"
 # What each tracker needs installed in the executor's environment: (any of these modules, the install).
 TRACKER_MODULES: dict[Tracker, tuple[tuple[str, ...], str]] = {
@@ -42,19 +41,6 @@ TRACKER_MODULES: dict[Tracker, tuple[tuple[str, ...], str]] = {
     Tracker.MLFLOW: (("mlflow",), "pip install mlflow"),
     Tracker.WANDB: (("wandb",), "pip install wandb"),
 }
-
-
-def last_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint in ``folder``: trainer_state.json is written last, so a
-    checkpoint cut short by a crash (no state file) is passed over."""
-    if not folder.is_dir():
-        return None
-    found = []
-    for item in folder.iterdir():
-        match = CHECKPOINT.match(item.name)
-        if match and item.is_dir() and (item / "trainer_state.json").is_file():
-            found.append((int(match.group(1)), item))
-    return max(found)[1] if found else None
 
 
 def check_trackers(hp: TrainHyperparameters) -> None:
@@ -276,7 +262,8 @@ class TrainExecutor(Executor):
         peft_config = None
         if adapter is not None:
             peft_config = adapters.lora_config(adapter, config, models.linear_module_names(config))
-        resume = last_checkpoint(ctx.checkpoint_dir) if ctx.attempt > 1 else None
+        found = checkpoints.newest(ctx.checkpoint_dir) if ctx.attempt > 1 else None
+        resume = found[1] if found else None
         run = TrainingRun(
             ctx=ctx,
             spec=spec,

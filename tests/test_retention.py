@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 
 from mloc import keys, moves
 from mloc.localcluster import LocalCluster
+from mloc.orchestrator import pipelines
 from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.orchestrator.reaper import forget_finished
 from mloc.orchestrator.users import Principal
@@ -74,6 +75,44 @@ def test_forget_finished_removes_everything_of_old_finished_tasks_only(redis_url
         assert await forget_finished(orch.store, older_than_sec=600, now=now + 1000) == []
         # At most ``limit`` per call, the rest on the next.
         assert len(await forget_finished(orch.store, older_than_sec=0, now=now + 600, limit=1)) == 1
+        await r.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_pipelines_graph_is_removed_with_its_last_task(redis_url: str) -> None:
+    def step(name: str, after: list[str]) -> dict[str, object]:
+        spec = {"taskType": "echo", "dependsOn": after}
+        return {"apiVersion": "mloc/v1", "kind": "EchoTask", "metadata": {"name": name, "owner": "alice"}, "spec": spec}
+
+    async def scenario() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        orch = Orchestrator(r, Settings(HEARTBEAT_TTL_SEC=60))
+        made = await orch.submit_graph([validate(step("first", [])), validate(step("then", ["first"]))], ADMIN)
+        pipeline_id = made["pipeline_id"]
+        first, then = (task["task_id"] for task in made["tasks"])
+        # Submitted by the admin for alice, the pipeline is alice's, as its tasks are.
+        owner = "alice"
+        assert (await orch.store.get(first, with_spec=False)).owner == owner
+        assert (await pipelines.graph(orch.store, pipeline_id, Principal(owner, admin=False)))["id"] == pipeline_id
+        now = time.time()
+        for task_id, ended in ((first, now), (then, now + 500)):
+            done = await orch.store.transition(task_id, FAIL_WAITING, fields={"finished_at": repr(ended)})
+            assert done.ok, done
+        graph_keys = (keys.pipeline(pipeline_id),)
+
+        async def indexed() -> list[object]:
+            return [
+                await r.zscore(keys.PIPELINES, pipeline_id),
+                await r.zscore(keys.pipelines_of_owner(owner), pipeline_id),
+            ]
+
+        assert await r.exists(*graph_keys) == 1 and None not in await indexed()
+        # Its first step is old enough to go; the graph stays while a step is left.
+        assert await forget_finished(orch.store, older_than_sec=600, now=now + 1000) == [first]
+        assert await r.exists(*graph_keys) == 1 and None not in await indexed()
+        assert await forget_finished(orch.store, older_than_sec=600, now=now + 1500) == [then]
+        assert await r.exists(*graph_keys) == 0 and await indexed() == [None, None]
         await r.aclose()
 
     asyncio.run(scenario())

@@ -3,6 +3,7 @@ finished tasks past their retention are forgotten. Runs in the orchestrator, eve
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -105,6 +106,7 @@ async def forget_finished(
     now = time.time() if now is None else now
     cutoff = now - older_than_sec
     removed: list[str] = []
+    pipelines: set[str] = set()
     batch = 500
     for state in sorted(TERMINAL):
         index = keys.tasks_in_state(state)
@@ -115,12 +117,16 @@ async def forget_finished(
                 break
             pipe = store.redis.pipeline(transaction=False)
             for task_id in ids:
-                pipe.hmget(keys.task(task_id), "owner", "finished_at", "updated_at", "state")
+                pipe.hmget(keys.task(task_id), "owner", "finished_at", "updated_at", "state", "pipeline_id")
             old: list[tuple[str, str]] = []
-            for task_id, (owner, finished_at, updated_at, current) in zip(ids, await pipe.execute(), strict=True):
+            for task_id, (owner, finished_at, updated_at, current, pipeline_id) in zip(
+                ids, await pipe.execute(), strict=True
+            ):
                 ended = seconds(finished_at) or seconds(updated_at)
                 if current is None or (current == state and ended is not None and ended < cutoff):
                     old.append((task_id, owner or ""))
+                    if pipeline_id:
+                        pipelines.add(pipeline_id)
             old = old[: limit - len(removed)]
             if old:
                 drop = store.redis.pipeline(transaction=True)
@@ -145,4 +151,24 @@ async def forget_finished(
                 break
     if removed:
         log.info("removed %d task(s) that ended more than %.0fs ago", len(removed), older_than_sec)
+    await _forget_pipelines(store, pipelines)
     return removed
+
+
+async def _forget_pipelines(store: TaskStore, pipeline_ids: set[str]) -> None:
+    """Remove the graphs (and their index entries) of pipelines none of whose tasks is left: a
+    pipeline lives as long as its last task. One that still has a task is looked at again when that
+    task is removed."""
+    for pipeline_id in sorted(pipeline_ids):
+        raw = await store.redis.get(keys.pipeline(pipeline_id))
+        if raw is None:
+            continue
+        graph = json.loads(raw)
+        task_ids = [node["task_id"] for node in graph.get("tasks", [])]
+        if task_ids and await store.redis.exists(*(keys.task(task_id) for task_id in task_ids)):
+            continue
+        drop = store.redis.pipeline(transaction=True)
+        drop.delete(keys.pipeline(pipeline_id))
+        drop.zrem(keys.PIPELINES, pipeline_id)
+        drop.zrem(keys.pipelines_of_owner(graph.get("owner", "")), pipeline_id)
+        await drop.execute()

@@ -4,6 +4,7 @@ worker whose PPO interpreter can run it."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable
@@ -113,7 +114,24 @@ def test_a_cancelled_training_task_resumed_continues_from_its_checkpoint(
         .replace("logging_steps: 5", "logging_steps: 1")
         .replace("save_steps: 10", "save_steps: 1000")  # the only checkpoint is the one the cancel saves
     )
-    task_id = client.submit(sft.encode())["task_id"]
+    # Two steps after it: what ends when the training is cancelled waits again when it is resumed.
+    after = [
+        {
+            "apiVersion": "mloc/v1",
+            "kind": "EchoTask",
+            "metadata": {"name": name},
+            "spec": {"taskType": "echo", "dependsOn": [parent]},
+        }
+        for name, parent in (("after", "sft-tiny-local"), ("last", "after"))
+    ]
+    answer = client.http.post(
+        "/api/v1/tasks/bulk",
+        content="\n---\n".join([sft, *(json.dumps(doc) for doc in after)]).encode(),
+        headers={"content-type": "text/yaml"},
+    )
+    assert answer.status_code == 201, answer.text
+    ids = {task["name"]: task["task_id"] for task in answer.json()["tasks"]}
+    task_id = ids["sft-tiny-local"]
     deadline = time.monotonic() + 300
     while not any(float(m.get("loss", "nan")) > 0 for m in client.metrics(task_id)["metrics"][2:]):
         assert time.monotonic() < deadline, client.task(task_id)
@@ -122,11 +140,14 @@ def test_a_cancelled_training_task_resumed_continues_from_its_checkpoint(
     cancelled = wait_terminal(client, task_id)
     assert cancelled["state"] == "cancelled", cancelled
     assert [line for line in client.logs(task_id)["lines"] if "saving a checkpoint and stopping" in line["text"]]
+    ended = wait_terminal(client, ids["last"])
+    assert ended["state"] == "failed" and ended["reason_code"] == "dependency_failed", ended
 
     said = mloc("resume", task_id, env={"MLOC_API_URL": cluster.api_url})
     found = re.fullmatch(
         rf"resumed {task_id}: it continues from checkpoint-(\d+) \(step (\d+)\) once a worker takes it "
-        rf"\(mloc show {task_id}\)\n",
+        rf"\(mloc show {task_id}\)\n"
+        rf"2 task\(s\) that ended with it wait for it again: after \({ids['after'][:8]}\), last \({ids['last'][:8]}\)\n",
         said.stdout,
     )
     assert found and found.group(1) == found.group(2), said
@@ -155,6 +176,14 @@ def test_a_cancelled_training_task_resumed_continues_from_its_checkpoint(
 
     with pytest.raises(MlocError, match="only a failed or cancelled task is resumed"):
         client.resume(task_id)
+    # The steps after it ran once it had succeeded, each after the one it waits for.
+    steps = {name: wait_terminal(client, ids[name]) for name in ("after", "last")}
+    assert [record["state"] for record in steps.values()] == ["succeeded", "succeeded"], steps
+    assert steps["after"]["started_at"] >= resumed["finished_at"]
+    assert steps["last"]["started_at"] >= steps["after"]["finished_at"]
+    for name in ("after", "last"):
+        said = [line["text"] for line in client.logs(ids[name])["lines"]]
+        assert f"waits again: sft-tiny-local ({task_id[:8]}) was resumed by admin" in said, said
     echo = client.wait(
         client.submit({"taskType": "echo", "hyperparameters": {"fail_message": "no"}})["task_id"], timeout=60
     )

@@ -84,6 +84,8 @@ DEPENDENCY_FAIL = _move("dependency_fail", TaskState.FAILED, P)
 GROUP_RESUME = _move("group_resume", R, TaskState.FAILED, TaskState.CANCELLED)
 # A training task that failed or was cancelled, resumed: placed again, it continues from its last checkpoint.
 RESUME = _move("resume", P, TaskState.FAILED, TaskState.CANCELLED)
+# A task ended because a task it waits for failed, waiting again once that task was resumed.
+REWAIT = _move("rewait", P, TaskState.FAILED, TaskState.CANCELLED)
 
 ALL: tuple[Move, ...] = (
     PLACE,
@@ -102,6 +104,7 @@ ALL: tuple[Move, ...] = (
     GROUP_CANCEL,
     GROUP_RESUME,
     RESUME,
+    REWAIT,
     DEPENDENCY_FAIL,
 )
 
@@ -150,6 +153,7 @@ class Change:
     created_ms: int = 0
     now: float | None = None
     retry_at: float | None = None
+    waits: bool = False  # entering pending out of the queues: it waits for other tasks (mloc.orchestrator.pipelines)
     # Lines for the task's log that report this move (mloc.tasklog.stored of each), written only if it is made.
     log: tuple[Mapping[str, str], ...] = ()
     log_retention_sec: float | None = None  # the log's expiry, as mloc.tasklog.add sets it

@@ -70,6 +70,7 @@ def _prelude() -> str:
         "wake": keys.SCHEDULER_WAKE,
         "groups_to_settle": keys.GROUPS_TO_SETTLE,
         "deps_ended": keys.DEPS_ENDED,
+        "deps_waiting": keys.DEPS_WAITING,
         "dependents": keys.dependents("{id}"),
         "result": keys.task_result("{id}"),
         "logs": keys.task_logs("{id}"),
@@ -112,6 +113,8 @@ def _prelude() -> str:
 #               assignment ``message`` to the worker's stream
 #   new_attempt true: count a new attempt (entering running)
 #   score       the pending order (entering pending)   retry_at  not placeable before (unix seconds)
+#   waits       true: entering pending out of every queue, as a task that waits for others (released
+#               by mloc.orchestrator.pipelines when they have succeeded)
 #   usage       {key, days, day, day_no, owner, counters, month?, share?}: add the counters to the owner's
 #               usage day; month {key, counters, expire_at}: add the budget counters to the owner's
 #               month; share {key, cost, count}: decay the owner's fair-share standing to now with the
@@ -257,6 +260,10 @@ local function move_indexes()
   redis.call('ZREM', k(KEY_IN_STATE, state), id)
   redis.call('ZADD', k(KEY_IN_STATE, target), found[4], id)
   if target == PENDING then
+    if a.waits then
+      redis.call('SADD', KEY_DEPS_WAITING, id)
+      return false
+    end
     if delayed then
       redis.call('ZADD', KEY_RETRY_WAIT, a.retry_at, id)
     else
@@ -481,6 +488,8 @@ def arguments(task_id: str, change: Change) -> tuple[list[str], list[str]]:
         part["score"] = repr(pending_score(change.priority, change.created_ms))
         if change.retry_at is not None:
             part["retry_at"] = repr(change.retry_at)
+        if change.waits:
+            part["waits"] = True
     if change.usage and change.owner:
         part["usage"] = _usage_part(change.owner, change.usage, now)
     if change.ack:

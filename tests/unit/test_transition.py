@@ -315,6 +315,32 @@ def test_requeue_indexes_a_placeable_task_and_a_delayed_retry_apart(redis_url: s
     run(redis_url, scenario)
 
 
+def test_a_resumed_task_is_queued_and_one_waiting_again_joins_no_queue(redis_url: str) -> None:
+    async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
+        resumed, waiting = await new_task(store), await new_task(store)
+        for task_id in (resumed, waiting):
+            assert (await store.transition(task_id, moves.CANCEL)).ok
+        assert (await store.transition(resumed, moves.RESUME, priority=1, created_ms=5)).ok
+        assert await r.zscore(keys.PENDING, resumed) == transition.pending_score(1, 5)
+        assert await r.zscore(keys.tasks_in_state(TaskState.CANCELLED), resumed) is None
+        change = Change(moves.REWAIT, waits=True, fields={"waiting_on": json.dumps([resumed])})
+        assert (await store.apply(waiting, change)).ok
+        assert await r.hget(keys.task(waiting), "state") == TaskState.PENDING
+        assert await r.zscore(keys.PENDING, waiting) is None
+        assert await r.zscore(keys.pending_of("alice"), waiting) is None
+        assert await r.sismember(keys.DEPS_WAITING, waiting)
+        # A success is final: nothing takes it back to pending.
+        assert (await store.transition(resumed, moves.PLACE, reserve=reservation())).ok
+        assert (await store.transition(resumed, moves.START, new_attempt=True)).ok
+        assert (await store.transition(resumed, moves.SUCCEED, release=True)).ok
+        refused = await raw(
+            r, resumed, Change(moves.Move("again", TaskState.PENDING, frozenset({TaskState.SUCCEEDED})))
+        )
+        assert refused[:2] == ["err", Refusal.FORBIDDEN]
+
+    run(redis_url, scenario)
+
+
 def test_result_usage_and_ack_are_written_with_the_ending(redis_url: str) -> None:
     async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
         task_id = await new_task(store)

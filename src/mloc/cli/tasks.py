@@ -589,6 +589,12 @@ def resume(task_id: TaskIdArg, json_out: JsonFlag = False) -> None:
             + (f" (keeping the {answer['rows_kept']:,} rows they had done)" if answer.get("rows_kept") else "")
             + f", then the rest of the data (mloc show {answer['task_id']})"
         )
+    waiting = answer.get("dependents_waiting") or []
+    if waiting and not json_out:
+        names = ", ".join(
+            f"{step['name']} ({step['task_id'][:SHORT_ID]})" if step["name"] else step["task_id"] for step in waiting
+        )
+        output.line(f"{len(waiting)} task(s) that ended with it wait for it again: {names}")
 
 
 # ----------------------------------------------------------------------- logs

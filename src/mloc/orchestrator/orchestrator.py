@@ -351,8 +351,11 @@ class Orchestrator:
             raise Conflict(refused)
         results_dir = self.settings.results_dir
         if await self.redis.hget(keys.task(task_id), "task_type") in TRAINING:
-            return await training.resume(self.store, task_id, by=principal.name, results_dir=results_dir)
-        return await chunks.resume(self.store, task_id, by=principal.name, results_dir=results_dir)
+            answer = await training.resume(self.store, task_id, by=principal.name, results_dir=results_dir)
+        else:
+            answer = await chunks.resume(self.store, task_id, by=principal.name, results_dir=results_dir)
+        answer["dependents_waiting"] = await pipelines.rearm_dependents(self.store, task_id, by=principal.name)
+        return answer
 
     async def _check_upload_kept(self, task_id: str) -> None:
         """Refuse to resume a batch whose uploaded input file was deleted since it ended: its chunks

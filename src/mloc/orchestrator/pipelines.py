@@ -363,6 +363,71 @@ async def _end_waiting(store: TaskStore, task_id: str, *, skip: bool, reason: st
     await store.redis.srem(keys.DEPS_WAITING, task_id)
 
 
+async def rearm_dependents(store: TaskStore, task_id: str, *, by: str) -> list[dict[str, str]]:
+    """After ``task_id`` was resumed, the tasks that ended because it had failed or was cancelled wait
+    for it again, and theirs for them, so the pipeline goes on once it succeeds; returns their ids and names.
+    A task that also waits for another failed task is left ended, and so is a dataset step (its
+    chunks ended, not it): it is resumed on its own once what it waits for has succeeded."""
+    rearmed: list[str] = []
+    name = await store.redis.hget(keys.task(task_id), "name")
+    said = tasklog.Line("waiting", f"waits again: {f'{name} ({task_id[:8]})' if name else task_id} was resumed by {by}")
+    causes = [task_id]
+    while causes:
+        cause = causes.pop(0)
+        for dependent in sorted(await store.redis.smembers(keys.dependents(cause))):
+            if dependent not in rearmed and await _rearm(store, dependent, said):
+                rearmed.append(dependent)
+                causes.append(dependent)
+    pipe = store.redis.pipeline(transaction=False)
+    for dependent in rearmed:
+        pipe.hget(keys.task(dependent), "name")
+    return [{"task_id": i, "name": n or ""} for i, n in zip(rearmed, await pipe.execute(), strict=True)]
+
+
+async def _rearm(store: TaskStore, task_id: str, said: tasklog.Line) -> bool:
+    redis = store.redis
+    state, code, pipeline_id, priority, created_ms, group_size, parent_id = await redis.hmget(
+        keys.task(task_id), "state", "reason_code", "pipeline_id", "priority", "created_ms", "group_size", "parent_id"
+    )
+    if state not in (TaskState.FAILED, TaskState.CANCELLED) or code != Reason.DEPENDENCY_FAILED:
+        return False
+    if group_size or parent_id:
+        return False  # a dataset step's chunks: the step is resumed as a whole
+    raw = await redis.get(keys.pipeline(pipeline_id)) if pipeline_id else None
+    steps = {node["task_id"]: node for node in (json.loads(raw)["tasks"] if raw else [])}
+    if task_id not in steps:
+        return False
+    waiting: list[str] = steps[task_id]["depends_on"]
+    pipe = redis.pipeline(transaction=False)
+    for parent in waiting:
+        pipe.hmget(keys.task(parent), "state", "name")
+    parents = await pipe.execute()
+    if any(row[0] in (None, TaskState.FAILED, TaskState.CANCELLED) for row in parents):
+        return False
+    names = {parent: row[1] or "" for parent, row in zip(waiting, parents, strict=True)}
+    left = [parent for parent, row in zip(waiting, parents, strict=True) if row[0] != TaskState.SUCCEEDED]
+    fields = {
+        "reason": "",
+        "reason_code": "",
+        "finished_at": "",
+        "waiting_on": json.dumps(waiting),
+        "pending_reason": waiting_reason(left or waiting, names, {}),
+    }
+    change = moves.Change(
+        moves.REWAIT,
+        fields=fields,
+        waits=True,
+        priority=int(priority or 0),
+        created_ms=int(created_ms or 0),
+        log=(tasklog.stored(said),),
+    )
+    if not (await store.apply(task_id, change)).ok:
+        return False
+    if not left:
+        await settle_dependent(store, task_id)  # what it waits for has succeeded meanwhile: released now
+    return True
+
+
 async def _add_needs(store: TaskStore, task_id: str, needs: list[tuple[str, str]]) -> None:
     """Add capabilities to a waiting task's stored placement request before it joins the queue."""
     redis = store.redis

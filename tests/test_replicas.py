@@ -141,6 +141,11 @@ def test_cancelling_a_group_cancels_its_replicas(
     assert client.cancel(answer["task_id"])["state"] == "cancelled"
     assert client.task(answer["task_id"])["state"] == "cancelled"
     assert {client.task(r["task_id"])["state"] for r in answer["replicas"]} == {"cancelled"}
+    # A group runs again only whole: neither it nor a replica of it is resumed.
+    with pytest.raises(Exception, match="is a replica group, which runs again only whole: submit it again"):
+        client.resume(answer["task_id"])
+    with pytest.raises(Exception, match=f"is a part of task {answer['task_id']}"):
+        client.resume(answer["replicas"][0]["task_id"])
 
 
 def test_replicas_only_for_inference(

@@ -167,6 +167,7 @@ def test_wrong_api_version() -> None:
         ("taskType: echo\nresources: {hardware: {memory: 5Pi}}\n", "more than 1Pi"),
         ("taskType: echo\nresources: {hardware: {gpu: {count: 1000}}}\n", "spec.resources.hardware.gpu.count"),
         ("taskType: echo\nresources: {replicas: 0}\n", "spec.resources.replicas"),
+        ("taskType: echo\nresources: {replicas: 2}\n", "resources.replicas > 1 is supported for inference tasks"),
         ("taskType: inference\ninference: {prompts: []}\n", "no input"),
         ("taskType: inference\ninference: {prompts: ['  ']}\n", "prompt 0 is empty"),
         ("taskType: echo\nmetadata: {name: ../../etc/passwd}\n", "metadata.name"),

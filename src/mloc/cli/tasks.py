@@ -578,7 +578,7 @@ def resume(task_id: TaskIdArg, json_out: JsonFlag = False) -> None:
         start = (
             f"continues from {answer['checkpoint']} (step {answer['from_step']})"
             if answer["checkpoint"]
-            else "starts over: it saved no checkpoint"
+            else "saved no checkpoint, so it starts over"
         )
         output.line(f"resumed {answer['task_id']}: it {start} once a worker takes it (mloc show {answer['task_id']})")
     else:

@@ -589,6 +589,13 @@ async def resume(store: TaskStore, parent_id: str, *, by: str, results_dir: Path
         h = await store.get_hash(parent_id)
         if not h:
             raise NotFound(f"task {parent_id} not found")
+        if not h.get("chunk_rows") and h.get("parent_id"):
+            raise Conflict(
+                f"task {parent_id} is a part of task {h['parent_id']}: resume that task if it reads a dataset; "
+                "a replica group runs again only whole: submit it again"
+            )
+        if not h.get("chunk_rows") and h.get("group_size"):
+            raise Conflict(f"task {parent_id} is a replica group, which runs again only whole: submit it again")
         if not h.get("chunk_rows"):
             raise Conflict(
                 f"task {parent_id} is neither a dataset task nor a training task, so nothing of its run is kept "

@@ -222,12 +222,6 @@ class Orchestrator:
         return answer
 
     async def _submit_group(self, document: Document, principal: Principal) -> dict[str, Any]:
-        if document.spec.task_type != "inference":
-            raise SpecError(
-                f"resources.replicas > 1 is supported for inference tasks, not {document.spec.task_type!r}; "
-                "submit one task per replica",
-                details=[{"path": "spec.resources.replicas", "message": "must be 1 for this task type", "fix": "1"}],
-            )
         parent, _ = self._record(document, principal)
         children: list[tuple[NewTask, Request]] = []
         for shard in groups.shards(document, parent.name):

@@ -45,7 +45,7 @@ async def resume(store: TaskStore, task_id: str, *, by: str, results_dir: Path) 
     attempts, requeues = int(h.get("attempts") or 0), int(h.get("requeues") or 0)
     # The allowance per run is what the task was submitted with, kept apart once max_attempts grows.
     allowance = int(h.get("attempt_allowance") or h.get("max_attempts") or 1)
-    start = f"continues from {found[1].name} (step {found[0]})" if found else "starts over: it saved no checkpoint"
+    start = f"continues from {found[1].name} (step {found[0]})" if found else "saved no checkpoint, so it starts over"
     said = tasklog.Line("resumed", f"resumed by {by}: it {start} once a worker takes it")
     fields = {
         "reason": "",

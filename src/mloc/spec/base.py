@@ -416,6 +416,16 @@ class SpecBase(Strict):
         description="Run only if an eval task's score passes (min, max, or beats another eval's); else skipped.",
     )
 
+    @model_validator(mode="after")
+    def _replicas_split_prompts(self) -> SpecBase:
+        # Replicas split an inference task's prompts between workers; no other task type divides so.
+        if self.resources.replicas > 1 and self.task_type != "inference":
+            raise ValueError(
+                f"resources.replicas > 1 is supported for inference tasks, not {self.task_type!r}; "
+                "set it to 1 and submit one task per replica"
+            )
+        return self
+
     @field_validator("depends_on")
     @classmethod
     def _depends_on(cls, value: list[str]) -> list[str]:

@@ -26,11 +26,11 @@ def run(coro):  # type: ignore[no-untyped-def]
     return asyncio.run(coro)
 
 
-def test_transition_table_leaves_a_terminal_state_only_to_resume_a_group() -> None:
+def test_transition_table_leaves_a_terminal_state_only_for_a_resume() -> None:
     assert ALLOWED[TaskState.SUCCEEDED] == frozenset()
     for state in (TaskState.FAILED, TaskState.CANCELLED):
-        assert ALLOWED[state] == {TaskState.RUNNING}
-        assert [move.name for move in moves.ALL if state in move.sources] == ["group_resume"]
+        assert ALLOWED[state] == {TaskState.RUNNING, TaskState.PENDING}
+        assert [move.name for move in moves.ALL if state in move.sources] == ["group_resume", "resume", "rewait"]
 
 
 def test_a_task_completes_once_even_if_delivered_twice(redis_url: str) -> None:

@@ -11,7 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis
 
+from mloc import keys
 from mloc.client import Client
 from mloc.errors import MlocError
 from mloc.localcluster import LocalCluster
@@ -101,7 +103,7 @@ def test_ppo_is_offered_only_where_its_interpreter_can_run_it(
 
 
 def test_a_cancelled_training_task_resumed_continues_from_its_checkpoint(
-    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tiny_model: Path
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tiny_model: Path, redis_url: str
 ) -> None:
     cluster = make_cluster(1)
     client = client_for(cluster)
@@ -176,6 +178,14 @@ def test_a_cancelled_training_task_resumed_continues_from_its_checkpoint(
 
     with pytest.raises(MlocError, match="only a failed or cancelled task is resumed"):
         client.resume(task_id)
+    # Usage counts the task once, as it ended for good, however many runs it took.
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    days = [r.hgetall(keys.usage_day("admin", day)) for day in r.zrange(keys.usage_days("admin"), 0, -1)]
+    counted = {
+        name: sum(float(day.get(name, 0)) for day in days)
+        for name in ("tasks.sft", "tasks.sft.succeeded", "tasks.sft.cancelled")
+    }
+    assert counted == {"tasks.sft": 1, "tasks.sft.succeeded": 1, "tasks.sft.cancelled": 0}, counted
     # The steps after it ran once it had succeeded, each after the one it waits for.
     steps = {name: wait_terminal(client, ids[name]) for name in ("after", "last")}
     assert [record["state"] for record in steps.values()] == ["succeeded", "succeeded"], steps

@@ -153,6 +153,8 @@ class Change:
     created_ms: int = 0
     now: float | None = None
     retry_at: float | None = None
+    # When ``usage`` counts (its day), if not now: a resume takes back the counters of an earlier end.
+    usage_at: float | None = None
     waits: bool = False  # entering pending out of the queues: it waits for other tasks (mloc.orchestrator.pipelines)
     # Lines for the task's log that report this move (mloc.tasklog.stored of each), written only if it is made.
     log: tuple[Mapping[str, str], ...] = ()

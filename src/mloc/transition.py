@@ -378,6 +378,10 @@ def encode(value: Any) -> str:
     return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
+# A task hash field: "<unix seconds> <state>", when and as what its end was counted in its owner's usage.
+COUNTED_END = "counted_end"
+
+
 def utc_day(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
 
@@ -466,6 +470,9 @@ def arguments(task_id: str, change: Change) -> tuple[list[str], list[str]]:
     fields = dict(change.fields or {})
     if change.result is not None:
         fields["result_summary"] = encode(summarise(change.result))
+    if change.usage and change.owner and change.usage.get("tasks", 0) > 0 and target in TERMINAL:
+        # Where the task's end was counted, so a resume can take it back (mloc.orchestrator.training).
+        fields[COUNTED_END] = f"{now!r} {target}"
     if fields:
         part["fields"] = fields
     if change.release:
@@ -491,7 +498,7 @@ def arguments(task_id: str, change: Change) -> tuple[list[str], list[str]]:
         if change.waits:
             part["waits"] = True
     if change.usage and change.owner:
-        part["usage"] = _usage_part(change.owner, change.usage, now)
+        part["usage"] = _usage_part(change.owner, change.usage, now if change.usage_at is None else change.usage_at)
     if change.ack:
         part["ack"] = change.ack
     if change.log:

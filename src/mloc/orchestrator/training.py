@@ -16,10 +16,11 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from mloc import checkpoints, moves, tasklog
+from mloc import checkpoints, counters, keys, moves, tasklog
 from mloc.errors import Conflict, NotFound
 from mloc.state import Reason, TaskState
 from mloc.store import TaskStore
+from mloc.transition import COUNTED_END, utc_day
 
 # Ended for a reason a resume cannot undo: the owner is gone.
 _FINAL = frozenset({Reason.USER_REMOVED.value})
@@ -60,6 +61,8 @@ async def resume(store: TaskStore, task_id: str, *, by: str, results_dir: Path) 
         "max_attempts": str(attempts - requeues + allowance),
         "resumed_by": by,
     }
+    fields[COUNTED_END] = ""
+    taken_back, at = await _counted_end(store, h)
     moved = await store.apply(
         task_id,
         moves.Change(
@@ -68,6 +71,9 @@ async def resume(store: TaskStore, task_id: str, *, by: str, results_dir: Path) 
             priority=int(h.get("priority") or 0),
             created_ms=int(h.get("created_ms") or 0),
             log=(tasklog.stored(said),),
+            usage=taken_back,
+            usage_at=at,
+            owner=h.get("owner") if taken_back else None,
         ),
     )
     if not moved.ok:
@@ -79,3 +85,17 @@ async def resume(store: TaskStore, task_id: str, *, by: str, results_dir: Path) 
         "checkpoint": found[1].name if found else None,
         "from_step": found[0] if found else None,
     }
+
+
+async def _counted_end(store: TaskStore, h: dict[str, str]) -> tuple[dict[str, float] | None, float | None]:
+    """The task counters its earlier end added to its owner's usage, negated, and when: usage counts a
+    task once, when it ends for good, and a resumed task will end again. None when that end was not
+    counted, or its day is no longer kept."""
+    counted, _, state = (h.get(COUNTED_END) or "").partition(" ")
+    owner = h.get("owner")
+    if not counted or not owner or state not in TaskState.__members__.values():
+        return None, None
+    at = float(counted)
+    if not await store.redis.exists(keys.usage_day(owner, utc_day(at))):
+        return None, None
+    return {name: -value for name, value in counters.ended(h.get("task_type", ""), TaskState(state)).items()}, at

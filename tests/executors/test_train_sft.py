@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from mloc.errors import TaskCancelled
+from mloc.errors import ExecutionError, TaskCancelled
 from mloc.executors.train import SFTExecutor
 from mloc.executors.train.runner import TrainingRun
 from tests.executors.support_train import QA, build_models, make_context, task_yaml, write_jsonl
@@ -203,3 +203,32 @@ def test_cancel_stops_within_seconds_and_the_retry_resumes_from_the_checkpoint(
     first_step = min(step for step, _ in retry_events.metric("loss"))
     assert first_step > saved_step
     assert retry_events.usage()["train_steps"] == 30 - saved_step
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_the_next_run_continues_from_the_one_before(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    text = task_yaml(
+        "sft",
+        models["base"],
+        {"examples": QA * 2},
+        {"max_steps": 12, "learning_rate": 5e-3, "logging_steps": 1, "batch_size": 2, "save_steps": 5},
+        adapter={"type": "lora", "r": 4},
+    )
+    out = tmp_path / "out"
+    ctx, _ = make_context(text, out)
+    SFTExecutor().run(ctx)
+    saved = sorted(ctx.checkpoint_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    assert [path.name for path in saved][-2:] == ["checkpoint-10", "checkpoint-12"], saved
+    (saved[-1] / "adapter_model.safetensors").write_bytes(b"\0\0")  # cut short, as a failing disk leaves it
+
+    second, _ = make_context(text, out, attempt=2)
+    with pytest.raises(ExecutionError) as failed:
+        SFTExecutor().run(second)
+    assert failed.value.message.startswith("could not continue from checkpoint-12 (")
+    assert failed.value.message.endswith("it was set aside as checkpoint-12.damaged")
+    assert (ctx.checkpoint_dir / "checkpoint-12.damaged").is_dir()
+
+    third, _ = make_context(text, out, attempt=3)
+    result = SFTExecutor().run(third)
+    assert result["resumed_from_step"] == 10 and result["global_step"] == 12

@@ -67,11 +67,13 @@ class MlocCallback(TrainerCallback):
         self.summary: dict[str, float] = {}
         self.tokens_at_start = 0
         self.cancelled = False
+        self.began = False  # the trainer has loaded what it continues from and begun
         self.started = time.perf_counter()
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        self.began = True
         self.start_step = self.last_step = state.global_step
         self.total_steps = state.max_steps or None
         self.tokens_at_start = int(getattr(state, "num_input_tokens_seen", 0) or 0)

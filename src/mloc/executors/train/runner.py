@@ -226,16 +226,25 @@ class TrainExecutor(Executor):
         ctx.check_cancelled()
 
         ctx.progress(0, None, "loading the model")
-        model = self.load_policy(run)
-        callback = self.make_callback(run)
-        with tensorboard_dir(run.tensorboard_dir):
-            trainer = self.build_trainer(run, model, args, callback)
-        _drop_console_printer(trainer)
-        ctx.check_cancelled()
-        if run.resume_from is not None:
-            ctx.log(f"run {ctx.attempt}: resuming from {run.resume_from.name}")
-        ctx.log(f"training on {run.device.label}")
-        self.train(run, trainer, callback)
+        callback: MlocCallback | None = None
+        try:
+            model = self.load_policy(run)
+            callback = self.make_callback(run)
+            with tensorboard_dir(run.tensorboard_dir):
+                trainer = self.build_trainer(run, model, args, callback)
+            _drop_console_printer(trainer)
+            ctx.check_cancelled()
+            if run.resume_from is not None:
+                ctx.log(f"run {ctx.attempt}: resuming from {run.resume_from.name}")
+            ctx.log(f"training on {run.device.label}")
+            self.train(run, trainer, callback)
+        except Exception as exc:
+            began = callback is not None and callback.began
+            if run.resume_from is None or began or isinstance(exc, TaskCancelled | ExecutionError):
+                raise
+            if type(exc).__name__ == "OutOfMemoryError":
+                raise
+            raise _unreadable_checkpoint(run.resume_from, exc) from exc
         if callback.cancelled or ctx.cancelled:
             raise TaskCancelled(f"training was cancelled at step {callback.last_step}; its checkpoint is kept")
         return self._finish(run, trainer, callback, started)
@@ -507,3 +516,28 @@ def _drop_console_printer(trainer: Any) -> None:
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+
+
+def _unreadable_checkpoint(checkpoint: Path, exc: Exception) -> ExecutionError:
+    """A run that failed while it loaded the checkpoint it continues from, before its first step: the
+    checkpoint is damaged (a disk fault, a copy cut short). It is set aside, so the next run continues
+    from the one before it rather than failing the same way for ever."""
+    aside = checkpoint.with_name(f"{checkpoint.name}.damaged")
+    number = 1
+    while aside.exists():
+        number += 1
+        aside = checkpoint.with_name(f"{checkpoint.name}.damaged-{number}")
+    try:
+        checkpoint.rename(aside)
+    except OSError as error:
+        return ExecutionError(
+            f"could not continue from {checkpoint.name} ({type(exc).__name__}: {exc}), and could not set it "
+            f"aside ({error.strerror or error}): delete {checkpoint} and resume the task to continue from the "
+            "checkpoint before it"
+        )
+    # The worker's reason names the checkpoint a resume continues from, when one is left.
+    left = "" if checkpoints.newest(checkpoint.parent) else ", and no other checkpoint is kept: a resume starts over"
+    return ExecutionError(
+        f"could not continue from {checkpoint.name} ({type(exc).__name__}: {exc}); it was set aside as "
+        f"{aside.name}{left}"
+    )

@@ -234,7 +234,10 @@ def test_every_route_answers_each_caller_as_it_should(world: World, endpoint: En
 def test_a_user_cannot_see_or_change_another_users_work(world: World) -> None:
     with world.secured.http(world.bob) as bob:
         bob.post("/api/v1/tasks", content=b"taskType: echo\n")
-        listed = bob.get("/api/v1/tasks", params={"owner": world.alice_name, "page_size": 500}).json()
+        # Asking for alice's tasks is refused, not answered with bob's own (which would read as hers).
+        refused = bob.get("/api/v1/tasks", params={"owner": world.alice_name, "page_size": 500})
+        assert refused.status_code == 403 and "only your own tasks" in refused.json()["message"], refused.text
+        listed = bob.get("/api/v1/tasks", params={"owner": world.bob_name, "page_size": 500}).json()
         assert listed["items"] and {item["owner"] for item in listed["items"]} == {world.bob_name}
         assert "alice-only" not in bob.get("/api/v1/tasks", params={"page_size": 500}).text
         assert bob.get("/api/v1/stats", params={"user": world.alice_name}).status_code == 403

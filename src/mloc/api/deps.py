@@ -54,7 +54,10 @@ _WORKER_ID_PATH = Path(description="The worker's id.", json_schema_extra={"patte
 @raises(BadRequest)
 async def task_id(task_id: Annotated[str, _TASK_ID_PATH]) -> str:
     if not _TASK_ID.match(task_id):
-        raise BadRequest(f"{task_id[:80]!r} is not a task id; task ids are UUIDs such as the submit response gives")
+        raise BadRequest(
+            f"{task_id[:80]!r} is not a task id; task ids are UUIDs such as the submit response gives "
+            "(GET /api/v1/task-ids?prefix=... lists the ids a prefix names)"
+        )
     return task_id.lower()
 
 

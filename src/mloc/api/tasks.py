@@ -146,7 +146,7 @@ async def submit_bulk(
 
 
 @router.get("")
-@raises(BadRequest)
+@raises(BadRequest, Forbidden)
 async def list_tasks(
     orch: Orch,
     who: Caller,
@@ -161,6 +161,9 @@ async def list_tasks(
     ] = False,
 ) -> Response:
     """Tasks, newest first; a user sees their own, the admin everyone's."""
+    if not who.admin and owner not in (None, who.name):
+        # Answering with the caller's own tasks would read as the other user's.
+        raise Forbidden(f"you may list only your own tasks; leave out owner= or give owner={who.name}")
     if not who.admin:
         owner = who.name
     items, total = await orch.store.page(

@@ -53,6 +53,7 @@ async def resume(store: TaskStore, task_id: str, *, by: str, results_dir: Path) 
         "reason_code": "",
         "finished_at": "",
         "progress": "",
+        "worker_id": "",  # its last run's, until a worker takes it again
         "cancel_requested": "",
         "cancel_reason": "",
         "cancel_reason_code": "",

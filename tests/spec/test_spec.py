@@ -14,7 +14,7 @@ import yaml
 from mloc.errors import PayloadTooLarge, SpecError
 from mloc.spec import json_schema, load, validate
 from mloc.spec.loader import MAX_DEPTH, parse_stream
-from mloc.spec.quantity import parse_cpu, parse_memory
+from mloc.spec.quantity import format_memory, parse_cpu, parse_memory, readable_memory
 
 SEED1 = """
 apiVersion: mloc/v1
@@ -374,3 +374,13 @@ def test_a_tag_no_worker_could_carry_is_refused(tag: str) -> None:
 def test_tags_with_inner_spaces_and_any_case_are_kept() -> None:
     document = validate({"taskType": "echo", "resources": {"tags": ["eu west", "A100-Pool"]}})
     assert document.spec.resources.tags == ["eu west", "A100-Pool"]
+
+
+def test_memory_reads_in_the_largest_unit_it_fills_for_a_person_and_exactly_for_a_spec() -> None:
+    assert readable_memory(24683784 * 1024) == "23.5Gi"
+    assert readable_memory(1 << 40) == "1Ti"
+    assert readable_memory(1536 * 1024) == "1.5Mi"
+    assert readable_memory(512) == "512B"
+    # A spec's memory goes back to the orchestrator as written: exact, whatever it reads like.
+    assert format_memory(24683784 * 1024) == "24683784Ki"
+    assert parse_memory(format_memory(24683784 * 1024)) == 24683784 * 1024

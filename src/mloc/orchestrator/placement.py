@@ -18,7 +18,7 @@ from typing import Any
 from mloc.records import WorkerStatus, WorkerView
 from mloc.spec.base import Document, ModelSpec
 from mloc.spec.eval import harness_data_fix
-from mloc.spec.quantity import format_cpu, format_memory
+from mloc.spec.quantity import format_cpu, format_memory, readable_memory
 
 # Agent tools a worker must switch on (MLOC_ALLOW_PYTHON_TOOL, MLOC_WEB_SEARCH_PROVIDER).
 GATED_TOOLS = ("python_repl", "web_search")
@@ -266,7 +266,7 @@ def misfits(req: Request, view: WorkerView, *, when_idle: bool = False) -> Itera
         figures = f"{format_cpu(max(cpu, 0))} of {format_cpu(req.cpu)}"
         yield _both("cpu", "have", "has", f"too little CPU {scope}", figures)
     if req.mem > mem:
-        figures = f"{format_memory(max(mem, 0))} of {format_memory(req.mem)}"
+        figures = f"{readable_memory(max(mem, 0))} of {readable_memory(req.mem)}"
         yield _both("memory", "have", "has", f"too little memory {scope}", figures)
     if req.gpu_count:
         pool = {g["index"] for g in view.gpus} if when_idle else view.free_gpus

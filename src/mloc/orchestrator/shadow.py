@@ -19,7 +19,7 @@ from typing import Any
 
 from mloc.orchestrator.placement import Request, usable_gpus
 from mloc.records import WorkerView
-from mloc.spec.quantity import format_cpu, format_memory
+from mloc.spec.quantity import format_cpu, readable_memory
 
 # Task ids named in a pending reason, at most.
 SHOWN_TASKS = 4
@@ -299,7 +299,7 @@ def describe_missing(missing: tuple[int, int, int, int]) -> str:
     if cpu:
         parts.append(f"{format_cpu(cpu)} CPU")
     if mem:
-        parts.append(f"{format_memory(mem)} of memory")
+        parts.append(f"{readable_memory(mem)} of memory")
     if slots:
         parts.append("a task slot")
     return ", ".join(parts) or "its turn"

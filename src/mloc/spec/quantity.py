@@ -104,6 +104,15 @@ def format_cpu(milli: int) -> str:
     return f"{milli // 1000}" if milli % 1000 == 0 else f"{milli}m"
 
 
+def readable_memory(num_bytes: int) -> str:
+    """An amount of memory for a person: the largest unit it fills, to one decimal (24683784Ki reads
+    23.5Gi). :func:`format_memory` is the exact form a spec takes back."""
+    for unit, factor in (("Ti", 1024**4), ("Gi", 1024**3), ("Mi", 1024**2), ("Ki", 1024)):
+        if num_bytes >= factor:
+            return f"{num_bytes / factor:.1f}".removesuffix(".0") + unit
+    return f"{num_bytes}B"
+
+
 def format_memory(num_bytes: int) -> str:
     for unit, factor in (("Ti", 1024**4), ("Gi", 1024**3), ("Mi", 1024**2), ("Ki", 1024)):
         if num_bytes >= factor and num_bytes % factor == 0:

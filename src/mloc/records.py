@@ -199,6 +199,8 @@ class TaskRecord(BaseModel):
     finished_at: float | None = None
     # A resumed dataset task's: the seconds it sat failed or cancelled before its resumes (not run time).
     stopped_sec: float | None = None
+    # A resumed training task's: when its user resumed it (its queue time counts from there).
+    resumed_at: float | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     request: dict[str, Any] = Field(default_factory=dict)
     progress: dict[str, Any] | None = None
@@ -246,6 +248,7 @@ class TaskRecord(BaseModel):
             started_at=_float(h.get("started_at")),
             finished_at=_float(h.get("finished_at")),
             stopped_sec=_float(h.get("stopped_sec")),
+            resumed_at=_float(h.get("resumed_at")),
             labels=_loads(h.get("labels"), {}),
             request=_loads(h.get("req"), {}),
             progress=_progress(h.get("progress"), state),

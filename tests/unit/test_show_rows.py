@@ -49,3 +49,15 @@ def test_cleanup_says_what_it_did_in_a_line() -> None:
         "2 worker(s) marked lost (w1, w2): 3 task(s) requeued, 1 task(s) failed; "
         "4 finished task(s) past their retention removed"
     )
+
+
+def test_a_resumed_training_task_shows_its_wait_and_run_since_its_resume() -> None:
+    now = time.time()
+    record = {"task_type": "sft", "created_at": now - 100, "resumed_at": now - 10, "attempts": 2, "max_attempts": 2}
+    # Waiting again: its first run (started 90 s ago) and the time it sat ended are not this wait's.
+    waiting = _rows({**record, "state": "pending", "started_at": now - 90})
+    assert waiting["queued"] == "10.0 s so far" and "ran" not in waiting, waiting
+    assert waiting["resumed"].endswith("(10 s ago)")
+    done = _rows({**record, "state": "succeeded", "started_at": now - 8, "finished_at": now - 2})
+    assert done["queued"] == "2.0 s (resumed to started)", done
+    assert done["ran"] == "6.0 s since its resume", done

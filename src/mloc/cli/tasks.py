@@ -396,19 +396,27 @@ def _summary(record: dict[str, Any]) -> list[tuple[str, str]]:
         created = float(record["cut_at"])
     else:
         rows.append(("created", output.at(created)))
+    resumed = record.get("resumed_at")
+    if resumed and not record.get("cut_at"):
+        # Its earlier runs, and the time it sat ended, are not this run's wait.
+        rows.append(("resumed", output.at(resumed)))
+        created = float(resumed)
     if state == "pending":
         # Back in the queue after a requeue, its last attempt's start and run are not this wait's.
         rows.append(("queued", output.duration(time.time() - created) + " so far"))
     elif started or assigned:
         until = "started" if started else "assigned"
-        since = "cut" if record.get("cut_at") else "created"
+        since = "cut" if record.get("cut_at") else "resumed" if resumed else "created"
         rows.append(("queued", output.duration(float(started or assigned or 0) - created) + f" ({since} to {until})"))
     if started and state != "pending":
         end = finished or time.time()
         stopped = float(record.get("stopped_sec") or 0)
         # A resumed task's time stopped before its resume is not run time.
         paused = f" (and {output.duration(stopped)} stopped before it was resumed)" if stopped else ""
-        rows.append(("ran", output.duration(end - started - stopped) + ("" if finished else " so far") + paused))
+        since_resume = " since its resume" if resumed and not record.get("cut_at") else ""
+        rows.append(
+            ("ran", output.duration(end - started - stopped) + ("" if finished else " so far") + since_resume + paused)
+        )
     if finished:
         rows.append(("finished", output.at(finished)))
     if record.get("pipeline_id"):

@@ -13,6 +13,7 @@ own way (:func:`mloc.orchestrator.chunks.resume`).
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ async def resume(store: TaskStore, task_id: str, *, by: str, results_dir: Path) 
         "attempt_allowance": str(allowance),
         "max_attempts": str(attempts - requeues + allowance),
         "resumed_by": by,
+        "resumed_at": repr(time.time()),
     }
     fields[COUNTED_END] = ""
     taken_back, at = await _counted_end(store, h)

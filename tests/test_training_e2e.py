@@ -168,6 +168,12 @@ def test_a_cancelled_training_task_resumed_continues_from_its_checkpoint(
     # The new run has the attempts the task was submitted with; the first run's one stays counted.
     assert resumed["attempts"] == 2 and resumed["max_attempts"] == 1 + cancelled["max_attempts"], resumed
     assert cancelled["finished_at"] <= resumed["resumed_at"] <= resumed["started_at"], resumed
+    # Its usage is over both runs: the steps of each, and the time of each.
+    assert resumed["usage"]["train_steps"] == steps, resumed["usage"]
+    assert (
+        resumed["usage"]["wall_sec"]
+        > cancelled["usage"]["wall_sec"] + resumed["finished_at"] - resumed["started_at"] - 1
+    )
     assert resumed["progress"]["step"] == resumed["progress"]["total"] == steps
     result = client.result(task_id)
     assert result["resumed_from_step"] == saved and result["global_step"] == steps, result

@@ -51,6 +51,20 @@ def _float(raw: str | None) -> float | None:
     return float(raw) if raw else None
 
 
+def runs_usage(before_raw: str | None, last_raw: str | None) -> dict[str, Any] | None:
+    """A task's usage over its runs, from its hash fields: what its runs before a resume used
+    (``usage_before``) and its last run's (``usage``), added figure by figure (each is a count or a time)."""
+    before, last = _loads(before_raw), _loads(last_raw)
+    if not isinstance(before, dict) or not before:
+        return last if isinstance(last, dict) else None
+    total = dict(before)
+    for name, value in (last if isinstance(last, dict) else {}).items():
+        earlier = total.get(name)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        total[name] = earlier + value if number and isinstance(earlier, int | float) else value
+    return total
+
+
 def _progress(raw: str | None, state: TaskState) -> dict[str, Any] | None:
     """The task's last progress report. An ended task's keeps its count but loses its ETA: that was a
     guess about a run that is over, and shown after a cancel or a failure it reads as time still to go."""
@@ -204,7 +218,7 @@ class TaskRecord(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
     request: dict[str, Any] = Field(default_factory=dict)
     progress: dict[str, Any] | None = None
-    usage: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None  # over all its runs, for a resumed task
     result_summary: dict[str, Any] | None = None
     artifacts: dict[str, Any] = Field(default_factory=dict)
     parent_id: str | None = None
@@ -252,7 +266,7 @@ class TaskRecord(BaseModel):
             labels=_loads(h.get("labels"), {}),
             request=_loads(h.get("req"), {}),
             progress=_progress(h.get("progress"), state),
-            usage=_loads(h.get("usage")),
+            usage=runs_usage(h.get("usage_before"), h.get("usage")),
             result_summary=_loads(h.get("result_summary")),
             artifacts=_loads(h.get("artifacts"), {}),
             parent_id=h.get("parent_id") or None,

@@ -192,6 +192,8 @@ def test_cancel_stops_within_seconds_and_the_retry_resumes_from_the_checkpoint(
     assert checkpoints, "cancel saved no checkpoint"
     saved_step = int(checkpoints[-1].name.split("-")[1])
     assert 4 <= saved_step < 30
+    # What the cancelled run trained is its usage too: a resume's run counts only its own steps.
+    assert events.usage()["train_steps"] == saved_step and events.usage()["train_samples"] == 2 * saved_step
 
     # The worker re-runs the task (attempt 2) with the same spec; it picks up at the saved step.
     retry, retry_events = make_context(text, out, attempt=2)

@@ -256,3 +256,14 @@ def test_a_malformed_assignment_is_refused_naming_what_is_wrong(entry: dict[str,
     assert fault in message
     assert ("task" not in entry) or f"assignment of task {TASK_ID} is unreadable" in message
     assert message.endswith("run the same version on both")
+
+
+def test_a_resumed_tasks_usage_adds_its_runs_figure_by_figure() -> None:
+    from mloc.records import runs_usage
+
+    assert runs_usage(None, '{"wall_sec": 2.5}') == {"wall_sec": 2.5}
+    assert runs_usage("{}", None) is None
+    before = '{"wall_sec": 10.0, "train_steps": 40, "train_samples": 160}'
+    last = '{"wall_sec": 2.5, "train_steps": 60, "train_tokens": 900}'
+    assert runs_usage(before, last) == {"wall_sec": 12.5, "train_steps": 100, "train_samples": 160, "train_tokens": 900}
+    assert runs_usage(before, None) == {"wall_sec": 10.0, "train_steps": 40, "train_samples": 160}

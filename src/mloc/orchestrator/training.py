@@ -13,12 +13,14 @@ own way (:func:`mloc.orchestrator.chunks.resume`).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 from mloc import checkpoints, counters, keys, moves, tasklog
 from mloc.errors import Conflict, NotFound
+from mloc.records import runs_usage
 from mloc.state import Reason, TaskState
 from mloc.store import TaskStore
 from mloc.transition import COUNTED_END, utc_day
@@ -62,6 +64,9 @@ async def resume(store: TaskStore, task_id: str, *, by: str, results_dir: Path) 
         "attempt_allowance": str(allowance),
         "max_attempts": str(attempts - requeues + allowance),
         "resumed_by": by,
+        # The task's usage is over all its runs: what the runs so far used is kept apart from the next one's.
+        "usage": "",
+        "usage_before": json.dumps(runs_usage(h.get("usage_before"), h.get("usage")) or {}),
         "resumed_at": repr(time.time()),
     }
     fields[COUNTED_END] = ""
@@ -102,3 +107,4 @@ async def _counted_end(store: TaskStore, h: dict[str, str]) -> tuple[dict[str, f
     if not await store.redis.exists(keys.usage_day(owner, utc_day(at))):
         return None, None
     return {name: -value for name, value in counters.ended(h.get("task_type", ""), TaskState(state)).items()}, at
+

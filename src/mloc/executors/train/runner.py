@@ -240,12 +240,15 @@ class TrainExecutor(Executor):
             self.train(run, trainer, callback)
         except Exception as exc:
             began = callback is not None and callback.began
+            if isinstance(exc, TaskCancelled) and callback is not None and began:
+                self._count_trained(run, trainer, callback)  # a cancelled run's steps are its owner's usage too
             if run.resume_from is None or began or isinstance(exc, TaskCancelled | ExecutionError):
                 raise
             if type(exc).__name__ == "OutOfMemoryError":
                 raise
             raise _unreadable_checkpoint(run.resume_from, exc) from exc
         if callback.cancelled or ctx.cancelled:
+            self._count_trained(run, trainer, callback)
             raise TaskCancelled(f"training was cancelled at step {callback.last_step}; its checkpoint is kept")
         return self._finish(run, trainer, callback, started)
 
@@ -429,6 +432,14 @@ class TrainExecutor(Executor):
         run.tokenizer.save_pretrained(tmp)
         return replace_dir(tmp, run.ctx.out_dir / "merged")
 
+    def _count_trained(self, run: TrainingRun, trainer: Any, callback: MlocCallback) -> tuple[int, int, int]:
+        """Report the steps, samples and tokens this run trained as the task's usage; returns them."""
+        steps = max(0, callback.last_step - callback.start_step)
+        samples = steps * self.samples_per_step(run, trainer)
+        tokens = self.tokens_trained(run, trainer, callback)
+        run.ctx.add_usage(train_samples=samples, train_tokens=tokens, train_steps=steps)
+        return steps, samples, tokens
+
     def _finish(self, run: TrainingRun, trainer: Any, callback: MlocCallback, started: float) -> dict[str, Any]:
         ctx, spec = run.ctx, run.spec
         final = dict(callback.last_metrics)
@@ -447,10 +458,7 @@ class TrainExecutor(Executor):
         if logs is not None and logs.is_dir():
             saved["tensorboard"] = str(logs)
             ctx.artifact("tensorboard", logs, kind="tensorboard", task_type=spec.task_type)
-        steps = max(0, callback.last_step - callback.start_step)
-        samples = steps * self.samples_per_step(run, trainer)
-        tokens = self.tokens_trained(run, trainer, callback)
-        ctx.add_usage(train_samples=samples, train_tokens=tokens, train_steps=steps)
+        steps, samples, tokens = self._count_trained(run, trainer, callback)
         runtime = callback.summary.get("train_runtime") or (time.perf_counter() - callback.started)
         result: dict[str, Any] = {
             "ok": True,

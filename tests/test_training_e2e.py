@@ -185,19 +185,17 @@ def test_a_cancelled_training_task_resumed_continues_from_its_checkpoint(
 
     with pytest.raises(MlocError, match="only a failed or cancelled task is resumed"):
         client.resume(task_id)
-    # Usage counts the task once, as it ended for good, however many runs it took.
-    r = redis.Redis.from_url(redis_url, decode_responses=True)
-    days = [r.hgetall(keys.usage_day("admin", day)) for day in r.zrange(keys.usage_days("admin"), 0, -1)]
-    counted = {
-        name: sum(float(day.get(name, 0)) for day in days)
-        for name in ("tasks.sft", "tasks.sft.succeeded", "tasks.sft.cancelled")
-    }
-    assert counted == {"tasks.sft": 1, "tasks.sft.succeeded": 1, "tasks.sft.cancelled": 0}, counted
     # The steps after it ran once it had succeeded, each after the one it waits for.
     steps = {name: wait_terminal(client, ids[name]) for name in ("after", "last")}
     assert [record["state"] for record in steps.values()] == ["succeeded", "succeeded"], steps
     assert steps["after"]["started_at"] >= resumed["finished_at"]
     assert steps["last"]["started_at"] >= steps["after"]["finished_at"]
+    # Usage counts each task once, as it ended for good, however many runs (or ends) it had.
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    days = [r.hgetall(keys.usage_day("admin", day)) for day in r.zrange(keys.usage_days("admin"), 0, -1)]
+    kinds = ("tasks", "tasks.sft.succeeded", "tasks.sft.cancelled", "tasks.echo.succeeded", "tasks.echo.failed")
+    counted = {name: sum(float(day.get(name, 0)) for day in days) for name in kinds}
+    assert counted == dict(zip(kinds, (3, 1, 0, 2, 0), strict=True)), counted
     for name in ("after", "last"):
         said = [line["text"] for line in client.logs(ids[name])["lines"]]
         assert f"waits again: sft-tiny-local ({task_id[:8]}) was resumed by admin" in said, said

@@ -33,13 +33,14 @@ from mloc.errors import MlocError, NotFound, SpecError
 from mloc.orchestrator import chunks, conditions
 from mloc.orchestrator.cancel import cancel
 from mloc.orchestrator.placement import Request, request_of
+from mloc.orchestrator.training import TAKEN_BACK_FIELDS, taken_back
 from mloc.orchestrator.users import Principal
 from mloc.records import NewTask
 from mloc.spec import Document, references, taskgraph, validate
 from mloc.spec.references import Producer
 from mloc.state import Reason, TaskState
 from mloc.store import TaskStore
-from mloc.transition import pending_score
+from mloc.transition import COUNTED_END, pending_score
 
 RELEASE_BATCH = 100
 
@@ -386,9 +387,15 @@ async def rearm_dependents(store: TaskStore, task_id: str, *, by: str) -> list[d
 
 async def _rearm(store: TaskStore, task_id: str, said: tasklog.Line) -> bool:
     redis = store.redis
-    state, code, pipeline_id, priority, created_ms, group_size, parent_id = await redis.hmget(
-        keys.task(task_id), "state", "reason_code", "pipeline_id", "priority", "created_ms", "group_size", "parent_id"
+    fetched = ("state", "reason_code", "pipeline_id", "priority", "created_ms", "group_size", "parent_id")
+    h = dict(
+        zip(
+            fetched + TAKEN_BACK_FIELDS,
+            await redis.hmget(keys.task(task_id), *fetched, *TAKEN_BACK_FIELDS),
+            strict=True,
+        )
     )
+    state, code, pipeline_id, priority, created_ms, group_size, parent_id = (h[name] for name in fetched)
     if state not in (TaskState.FAILED, TaskState.CANCELLED) or code != Reason.DEPENDENCY_FAILED:
         return False
     if group_size or parent_id:
@@ -412,6 +419,7 @@ async def _rearm(store: TaskStore, task_id: str, said: tasklog.Line) -> bool:
         "finished_at": "",
         "waiting_on": json.dumps(waiting),
         "pending_reason": waiting_reason(left or waiting, names, {}),
+        COUNTED_END: "",
     }
     change = moves.Change(
         moves.REWAIT,
@@ -420,6 +428,8 @@ async def _rearm(store: TaskStore, task_id: str, said: tasklog.Line) -> bool:
         priority=int(priority or 0),
         created_ms=int(created_ms or 0),
         log=(tasklog.stored(said),),
+        # Its end for a dependency was counted in its owner's usage; it will end again.
+        **await taken_back(store, {name: value for name, value in h.items() if value is not None}),
     )
     if not (await store.apply(task_id, change)).ok:
         return False

@@ -25,6 +25,8 @@ from mloc.state import Reason, TaskState
 from mloc.store import TaskStore
 from mloc.transition import COUNTED_END, utc_day
 
+# The task hash fields :func:`taken_back` reads.
+TAKEN_BACK_FIELDS = (COUNTED_END, "owner", "task_type")
 # Ended for a reason a resume cannot undo: the owner is gone.
 _FINAL = frozenset({Reason.USER_REMOVED.value})
 
@@ -70,7 +72,6 @@ async def resume(store: TaskStore, task_id: str, *, by: str, results_dir: Path) 
         "resumed_at": repr(time.time()),
     }
     fields[COUNTED_END] = ""
-    taken_back, at = await _counted_end(store, h)
     moved = await store.apply(
         task_id,
         moves.Change(
@@ -79,9 +80,7 @@ async def resume(store: TaskStore, task_id: str, *, by: str, results_dir: Path) 
             priority=int(h.get("priority") or 0),
             created_ms=int(h.get("created_ms") or 0),
             log=(tasklog.stored(said),),
-            usage=taken_back,
-            usage_at=at,
-            owner=h.get("owner") if taken_back else None,
+            **await taken_back(store, h),
         ),
     )
     if not moved.ok:
@@ -95,16 +94,16 @@ async def resume(store: TaskStore, task_id: str, *, by: str, results_dir: Path) 
     }
 
 
-async def _counted_end(store: TaskStore, h: dict[str, str]) -> tuple[dict[str, float] | None, float | None]:
-    """The task counters its earlier end added to its owner's usage, negated, and when: usage counts a
-    task once, when it ends for good, and a resumed task will end again. None when that end was not
-    counted, or its day is no longer kept."""
+async def taken_back(store: TaskStore, h: dict[str, str]) -> dict[str, Any]:
+    """The parts of a resume's change that take back the task counters its earlier end added to its
+    owner's usage day (usage counts a task once, when it ends for good, and it will end again): none
+    when that end was not counted, or its day is no longer kept."""
     counted, _, state = (h.get(COUNTED_END) or "").partition(" ")
     owner = h.get("owner")
     if not counted or not owner or state not in TaskState.__members__.values():
-        return None, None
+        return {}
     at = float(counted)
     if not await store.redis.exists(keys.usage_day(owner, utc_day(at))):
-        return None, None
-    return {name: -value for name, value in counters.ended(h.get("task_type", ""), TaskState(state)).items()}, at
-
+        return {}
+    ended = counters.ended(h.get("task_type", ""), TaskState(state))
+    return {"usage": {name: -value for name, value in ended.items()}, "usage_at": at, "owner": owner}

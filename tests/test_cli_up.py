@@ -321,6 +321,35 @@ def test_restarted_up_says_what_it_restored_and_runs_the_interrupted_task_again(
     client.close()
 
 
+def test_a_worker_that_dies_under_up_is_started_again_and_one_asked_to_stop_stays_stopped(
+    tmp_path: Path, start_up: Callable[[dict[str, str]], Up]
+) -> None:
+    home, port = tmp_path / "home", free_port()
+    up = start_up(up_env(home, port))
+    up.output.wait_for(READY)
+    client = Client(f"http://127.0.0.1:{port}")
+
+    def worker() -> psutil.Process:
+        return next(p for p in up.tree() if "mloc.worker.listener" in " ".join(p.cmdline()))
+
+    task_id = client.submit({"taskType": "echo", "hyperparameters": {"sleep_sec": 3, "steps": 3}})["task_id"]
+    wait_until(client, task_id, lambda record: record["state"] == "running")
+    killed = worker()
+    killed.kill()  # as the kernel's OOM killer would
+    up.output.wait_for("worker local-1 exited (code -9); starting it again: what it ran goes back to the queue")
+    # Its task went back to the queue and ran again on the worker started in its place.
+    again = wait_until(client, task_id, lambda record: record["state"] == "succeeded", timeout=60)
+    assert again["requeues"] == 1 and again["worker_id"] == "local-1", again
+    assert worker().pid != killed.pid and up.proc.poll() is None
+
+    worker().terminate()  # asked to stop: it stays stopped, and the rest runs on
+    up.output.wait_for("worker local-1 stopped; the rest run on (`mloc down` stops everything)")
+    time.sleep(1)
+    assert up.proc.poll() is None and not [p for p in up.tree() if "mloc.worker.listener" in " ".join(p.cmdline())]
+    assert client.tasks()["total"] == 1  # the orchestrator still answers
+    client.close()
+
+
 def test_run_of_a_task_no_worker_here_can_run_says_what_to_change_and_fails(tmp_path: Path) -> None:
     gpu = tmp_path / "gpu.yaml"
     gpu.write_text("taskType: echo\nresources: {hardware: {gpu: {count: 1}}}\n")

@@ -96,13 +96,19 @@ class LocalCluster:
                 "orchestrator", [sys.executable, "-m", "mloc.cli", "start", "--node-type", "orchestrator"], env
             )
             for index in range(self.workers):
-                self.add_worker(f"local-{index + 1}", self.worker_env[index] if index < len(self.worker_env) else {})
+                worker_id = f"local-{index + 1}"
+                self.add_worker(worker_id, self.worker_env_of(worker_id))
             self.wait_ready(timeout)
         except BaseException:
             # Raised out of `with`, which then never calls __exit__: what was spawned goes here.
             self.stop(grace=STOP_WAIT_SEC)
             raise
         return self
+
+    def worker_env_of(self, worker_id: str) -> Mapping[str, str]:
+        """The settings of one of the workers ``start`` makes (``local-N``), from ``worker_env``."""
+        index = int(worker_id.removeprefix("local-")) - 1 if worker_id.startswith("local-") else -1
+        return self.worker_env[index] if 0 <= index < len(self.worker_env) else {}
 
     def add_worker(self, worker_id: str, extra: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
         env = self._base_env() | {

@@ -41,6 +41,10 @@ UP_SHUTDOWN_GRACE_SEC = 3.0
 # What the workers get beyond that grace to hand their tasks back and end their executor processes
 # before whatever is left is killed.
 STOP_MARGIN_SEC = 3.0
+# A worker that dies is started again, unless it died more than this often within the window: then
+# something about it is broken (a bad setting, no memory at all) and `mloc up` stops, saying so.
+WORKER_RESTARTS = 3
+WORKER_RESTART_WINDOW_SEC = 60.0
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -104,13 +108,46 @@ def _say_up(cluster: LocalCluster, workers: int, token: str | None) -> None:
         output.line(f"  export MLOC_TOKEN={shlex.quote(token)}")
 
 
-def _exited(cluster: LocalCluster) -> str | None:
-    """'the orchestrator (code 1)' or 'worker local-2 (code -9)' when one of the cluster's processes has ended."""
-    named = [("the orchestrator", cluster.orchestrator)] + [(f"worker {w}", p) for w, p in cluster.worker_procs.items()]
-    for name, proc in named:
+def _exited(cluster: LocalCluster) -> tuple[str | None, int] | None:
+    """The worker id (None for the orchestrator) and exit code of a cluster process that has ended."""
+    named = [(None, cluster.orchestrator), *cluster.worker_procs.items()]
+    for worker_id, proc in named:
         if proc is not None and proc.poll() is not None:
-            return f"{name} (code {proc.returncode})"
+            return worker_id, proc.returncode
     return None
+
+
+def _supervise(cluster: LocalCluster) -> str:
+    """Keep the cluster running until its orchestrator ends, or a worker keeps dying: a worker that
+    dies (killed, out of memory) is started again under its id, which hands its tasks back to the
+    queue for any worker to take; one asked to stop stays stopped. Returns what ended it."""
+    deaths: dict[str, list[float]] = {}
+    while True:
+        time.sleep(0.5)
+        ended = _exited(cluster)
+        if ended is None:
+            continue
+        worker_id, code = ended
+        # A process killed by a signal printed nothing of its end; one that exited may have.
+        said = " (its output is above)" if code > 0 else ""
+        if worker_id is None:
+            return f"the orchestrator exited (code {code}){said}"
+        if code == 0:
+            # Asked to stop (SIGTERM to it alone): it handed its tasks back, and stays stopped.
+            cluster.worker_procs.pop(worker_id, None)
+            output.error_line(f"worker {worker_id} stopped; the rest run on (`mloc down` stops everything)")
+            continue
+        now = time.monotonic()
+        recent = [at for at in deaths.get(worker_id, []) if now - at < WORKER_RESTART_WINDOW_SEC] + [now]
+        deaths[worker_id] = recent
+        if len(recent) > WORKER_RESTARTS:
+            return (
+                f"worker {worker_id} exited (code {code}){said}, {len(recent)} times in {WORKER_RESTART_WINDOW_SEC:g}s"
+            )
+        output.error_line(
+            f"worker {worker_id} exited (code {code}){said}; starting it again: what it ran goes back to the queue"
+        )
+        cluster.add_worker(worker_id, cluster.worker_env_of(worker_id))
 
 
 @app.command()
@@ -123,7 +160,8 @@ def up(
     One `mloc up` per MLOC_HOME (where the embedded Redis keeps its data): tasks stored by an earlier
     run are there again, and a second `mloc up` on the same home is refused. Ctrl-C or SIGTERM stops
     every process it started; a task still running after MLOC_SHUTDOWN_GRACE_SEC (3 s here) goes back
-    to the queue and runs at the next start."""
+    to the queue and runs at the next start. A worker that dies is started again (what it ran goes
+    back to the queue); one that dies more than 3 times in a minute stops it all."""
     from mloc.connection import redact
     from mloc.localcluster import LocalCluster
 
@@ -156,9 +194,7 @@ def up(
         output.line(output.visible(restored_text(stored_tasks(redis_url), where), one_line=True))
         cluster.start(timeout=120)
         _say_up(cluster, workers, settings.admin_token)
-        while (gone := _exited(cluster)) is None:
-            time.sleep(0.5)
-        output.error_line(f"{gone} exited; stopping the rest (its output is above)")
+        output.error_line(f"{_supervise(cluster)}; stopping the rest")
         raise typer.Exit(1)
     except MlocError as exc:
         output.fail(exc)

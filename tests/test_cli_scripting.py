@@ -4,7 +4,11 @@ id is taken (an ambiguous one lists the candidates), and no line wrapped when th
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +19,7 @@ from mloc import keys
 from mloc.client import TERMINAL, Client
 from mloc.localcluster import LocalCluster
 from tests.support.api import wait_until
-from tests.support.cli import mloc
+from tests.support.cli import REPO, mloc
 
 
 def wait_all(client: Client, ids: list[str], timeout: float = 60) -> None:
@@ -182,3 +186,39 @@ def test_pipelines_take_their_id_a_task_id_or_a_prefix_and_ids_too_long_or_ended
     fields = dict(line.split(None, 1) for line in mloc("show", sleeper, env=env).stdout.splitlines())
     assert fields["state"].startswith("cancelled")
     assert re.fullmatch(r"\d+/30 \(\d+\.\d%\)", fields["progress"]), fields
+
+
+def test_cancel_takes_many_ids_as_tasks_q_prints_them_and_lists_those_it_could_not_cancel(
+    make_cluster: Callable[..., LocalCluster],
+) -> None:
+    cluster = make_cluster(1)
+    env = {"MLOC_API_URL": cluster.api_url}
+    client = Client(cluster.api_url)
+    gpu = {"taskType": "echo", "resources": {"hardware": {"gpu": {"count": 1}}}}
+    waiting = [client.submit(gpu)["task_id"] for _ in range(3)]  # no GPU here: they wait
+    done = client.wait(client.submit({"taskType": "echo"})["task_id"], timeout=60)["task_id"]
+
+    # As `mloc tasks --help` shows it: the pending ids, piped to one cancel.
+    cli = f"{shlex.quote(sys.executable)} -m mloc.cli"
+    piped = subprocess.run(
+        f"{cli} tasks -q --state pending | xargs {cli} cancel",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, **env},
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert sorted(re.findall(r"^cancelled (\S+)$", piped.stdout, re.M)) == sorted(waiting), piped.stdout
+    assert piped.stdout.endswith("3 of 3 cancelled or stopping\n")
+    assert {client.task(task_id)["state"] for task_id in waiting} == {"cancelled"}
+
+    # One that ended is listed, not the end of the rest; the command then fails.
+    again = client.submit(gpu)["task_id"]
+    mixed = mloc("cancel", done[:8], again, "--json", env=env)
+    assert mixed.returncode == 1, mixed.stderr
+    answer = json.loads(mixed.stdout)
+    assert answer["ok"] is False and [t["ok"] for t in answer["tasks"]] == [False, True]
+    assert "already ended" in answer["tasks"][0]["error"], answer
+    assert client.task(again)["state"] == "cancelled"

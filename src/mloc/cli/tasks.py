@@ -520,19 +520,50 @@ def result(task_id: TaskIdArg, json_out: JsonFlag = False, fmt: OutputFormat = N
 
 
 @app.command()
-def cancel(task_id: TaskIdArg, json_out: JsonFlag = False) -> None:
-    """Cancel a task in any state before it ends."""
+def cancel(
+    task_ids: Annotated[
+        list[str],
+        typer.Argument(help="Task ids, or unique prefixes (`mloc tasks -q --state pending | xargs mloc cancel`)."),
+    ],
+    json_out: JsonFlag = False,
+) -> None:
+    """Cancel tasks in any state before they end. With several ids, each is cancelled in turn and
+    those that cannot be (ended meanwhile, unknown) are listed; the command then exits 1."""
     api = client()
-    try:
-        answer = api.cancel(task_id)
-    except MlocError as exc:
-        task_failed(api, task_id, exc)
+    if len(task_ids) == 1:
+        try:
+            answer = api.cancel(task_ids[0])
+        except MlocError as exc:
+            task_failed(api, task_ids[0], exc)
+        if json_out:
+            output.print_json(answer)
+        else:
+            output.line(_cancelled_text(answer))
+        return
+    answers: list[dict[str, Any]] = []
+    for given in task_ids:
+        try:
+            answers.append(api.cancel(given))
+        except MlocError as exc:
+            answers.append({"ok": False, "task_id": given, "error": exc.message})
+    refused = [answer for answer in answers if not answer.get("ok")]
     if json_out:
-        output.print_json(answer)
-    elif answer.get("state") == "cancelling":
-        output.line(f"cancelling {answer['task_id']}: it is running and stops at its next check (mloc show)")
+        output.print_json({"ok": not refused, "tasks": answers})
     else:
-        output.line(f"cancelled {answer['task_id']}")
+        for answer in answers:
+            if answer.get("ok"):
+                output.line(_cancelled_text(answer))
+            else:
+                output.error_line(f"{answer['task_id']}: {answer['error']}")
+        output.line(f"{len(answers) - len(refused)} of {len(answers)} cancelled or stopping")
+    if refused:
+        raise typer.Exit(1)
+
+
+def _cancelled_text(answer: dict[str, Any]) -> str:
+    if answer.get("state") == "cancelling":
+        return f"cancelling {answer['task_id']}: it is running and stops at its next check (mloc show)"
+    return f"cancelled {answer['task_id']}"
 
 
 @app.command()

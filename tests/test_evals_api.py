@@ -83,7 +83,9 @@ def test_two_eval_runs_are_scored_stored_and_compared_over_http_the_client_and_t
     assert set(result["scores"]) == {"arith", "words"}
     assert set(result["scores"]["arith"]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
     assert result["scores"]["arith"]["acc_stderr"] > 0 and result["samples"]["words"] == {"rows": 6, "scored": 6}
-    reported = {key: value for row in alice.metrics(base)["metrics"] for key, value in row.items() if key != "step"}
+    rows = alice.metrics(base)["metrics"]
+    assert {row["run"] for row in rows} == {1}  # every entry names the run that logged it
+    reported = {key: value for row in rows for key, value in row.items() if key not in ("step", "run")}
     assert reported == {
         f"{task}/{metric}": value for task, values in result["scores"].items() for metric, value in values.items()
     }

@@ -180,8 +180,10 @@ def test_a_cancelled_training_task_resumed_continues_from_its_checkpoint(
     assert f"resumed by admin: it continues from checkpoint-{saved} (step {saved}) once a worker takes it" in said
     assert f"run 2: resuming from checkpoint-{saved}" in said, said
     # Its metrics go on from the checkpoint, not from the start.
-    metric_steps = [m["step"] for m in client.metrics(task_id)["metrics"]]
-    assert metric_steps == sorted(metric_steps) and metric_steps[-1] == steps
+    metrics = client.metrics(task_id)["metrics"]
+    metric_steps = [m["step"] for m in metrics]
+    assert metric_steps == sorted(set(metric_steps)) and metric_steps[-1] == steps
+    assert [m["run"] for m in metrics] == [1] * saved + [2] * (steps - saved), metrics
 
     with pytest.raises(MlocError, match="only a failed or cancelled task is resumed"):
         client.resume(task_id)

@@ -51,6 +51,25 @@ def _float(raw: str | None) -> float | None:
     return float(raw) if raw else None
 
 
+def current_metrics(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A task's metrics as its runs left them, in order: a run that continued from a checkpoint
+    trained again the steps its run before had logged past that checkpoint, so those entries of the
+    earlier run are dropped (each entry names its ``run``; entries without one are of the first)."""
+    first_step: dict[int, float] = {}
+    for entry in entries:
+        run, step = int(entry.get("run") or 1), entry.get("step")
+        if isinstance(step, int | float):
+            first_step[run] = min(first_step.get(run, step), step)
+    kept = []
+    for entry in entries:
+        run, step = int(entry.get("run") or 1), entry.get("step")
+        later = (first for other, first in first_step.items() if other > run)
+        if isinstance(step, int | float) and any(first <= step for first in later):
+            continue
+        kept.append(entry)
+    return kept
+
+
 def runs_usage(before_raw: str | None, last_raw: str | None) -> dict[str, Any] | None:
     """A task's usage over its runs, from its hash fields: what its runs before a resume used
     (``usage_before``) and its last run's (``usage``), added figure by figure (each is a count or a time)."""

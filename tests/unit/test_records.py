@@ -267,3 +267,25 @@ def test_a_resumed_tasks_usage_adds_its_runs_figure_by_figure() -> None:
     last = '{"wall_sec": 2.5, "train_steps": 60, "train_tokens": 900}'
     assert runs_usage(before, last) == {"wall_sec": 12.5, "train_steps": 100, "train_samples": 160, "train_tokens": 900}
     assert runs_usage(before, None) == {"wall_sec": 10.0, "train_steps": 40, "train_samples": 160}
+
+
+def test_steps_a_later_run_trained_again_are_that_runs_in_the_metrics() -> None:
+    from mloc.records import current_metrics
+
+    # Run 1 logged steps 1-6 and saved at 4; run 2 continued from checkpoint-4; run 3 from checkpoint-6.
+    first = [{"step": step, "loss": 10 - step, "run": 1} for step in range(1, 7)]
+    second = [{"step": step, "loss": 5 - step / 10, "run": 2} for step in (5, 6, 7)]
+    third = [{"step": 7, "loss": 0.5, "run": 3}, {"step": 7, "eval_loss": 0.6, "run": 3}]
+    kept = current_metrics(first + second + third)
+    assert [(row["step"], row["run"]) for row in kept] == [
+        (1, 1),
+        (2, 1),
+        (3, 1),
+        (4, 1),
+        (5, 2),
+        (6, 2),
+        (7, 3),
+        (7, 3),
+    ]
+    # Entries written before runs were named count as the first run's.
+    assert current_metrics([{"step": 1}, {"step": 2}]) == [{"step": 1}, {"step": 2}]

@@ -20,7 +20,7 @@ from mloc.orchestrator import chunks, groups
 from mloc.orchestrator.cancel import cancel
 from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.orchestrator.users import Principal
-from mloc.records import TaskRecord
+from mloc.records import TaskRecord, current_metrics
 from mloc.spec import Document, parse_body, validate
 from mloc.spec.loader import parse_stream
 from mloc.spec.registry import spec_types
@@ -222,10 +222,12 @@ async def task_metrics(
     who: Caller,
     limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
 ) -> dict[str, Any]:
-    """Per-step metrics an executor reported (loss, reward, KL, learning rate...), oldest first."""
+    """Per-step metrics an executor reported (loss, reward, KL, learning rate...), oldest first, each
+    with the ``run`` (attempt) that logged it; a step a later run trained again (from a checkpoint)
+    is that run's."""
     _own(await orch.store.get(task_id, with_spec=False), who)
     rows = await orch.redis.lrange(keys.task_metrics(task_id), -limit, -1)
-    return {"ok": True, "task_id": task_id, "metrics": [json.loads(row) for row in rows]}
+    return {"ok": True, "task_id": task_id, "metrics": current_metrics([json.loads(row) for row in rows])}
 
 
 @router.post("/{task_id}/cancel")

@@ -827,7 +827,8 @@ def metrics(
     if not rows:
         output.line(f"task {body.get('task_id', task_id)} has reported no metrics (training tasks report them)")
         return
-    columns = ["step"]
+    # The run (attempt) that logged each step, beside it: a resumed task's steps go on from a checkpoint.
+    columns = ["step", "run"] if any("run" in row for row in rows) else ["step"]
     for row in rows:
         columns.extend(name for name in row if name not in columns)
     grid = output.table(*(output.visible(c, one_line=True) for c in columns))

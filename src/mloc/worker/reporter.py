@@ -27,10 +27,17 @@ class Reporter:
     :meth:`close`, when the run ends, starts the last countdown."""
 
     def __init__(
-        self, redis: aioredis.Redis, task_id: str, started: float, *, retention_sec: float = DEFAULT_RETENTION_SEC
+        self,
+        redis: aioredis.Redis,
+        task_id: str,
+        started: float,
+        *,
+        retention_sec: float = DEFAULT_RETENTION_SEC,
+        run: int = 1,
     ) -> None:
         self.redis = redis
         self.task_id = task_id
+        self.run = run  # the attempt: metrics say which run they are of (see mloc.records.current_metrics)
         self.started = started
         self.retention_sec = retention_sec
         self._ttl_ms = max(1, int(retention_sec * 1000))
@@ -101,7 +108,8 @@ class Reporter:
             elif kind == "progress":
                 progress = event
             elif kind == "metrics":
-                pipe.rpush(keys.task_metrics(self.task_id), json.dumps({"step": event["step"], **event["values"]}))
+                metric: dict[str, Any] = {"step": event["step"], **event["values"], "run": self.run}
+                pipe.rpush(keys.task_metrics(self.task_id), json.dumps(metric))
                 pipe.ltrim(keys.task_metrics(self.task_id), -METRICS_RETENTION, -1)
                 measured = True
             elif kind == "artifact":

@@ -277,7 +277,9 @@ class TaskRunner:
         gpus = list(assignment.gpus)
         task_type = assignment.task_type
         out_dir = self.results_dir / task_id
-        reporter = Reporter(self.redis, task_id, started, retention_sec=self.settings.log_retention_sec)
+        reporter = Reporter(
+            self.redis, task_id, started, retention_sec=self.settings.log_retention_sec, run=run.attempt
+        )
         result: dict[str, Any] | None = None
         state, reason_code, reason = TaskState.FAILED, Reason.EXECUTOR_ERROR.value, ""
         crashed = False

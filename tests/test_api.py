@@ -366,3 +366,12 @@ def test_result_of_unfinished_task_is_404_with_state(http: httpx.Client) -> None
     wait_for(http, task, {"cancelled"})
     ended = http.get(f"/api/v1/tasks/{task}/result").json()["message"]
     assert ended == f"task {task} has no result (it is cancelled)"
+
+
+def test_the_readmes_list_url_with_its_filters_left_empty_lists_everything(http: httpx.Client, owner: str) -> None:
+    accepted = http.post("/api/v1/tasks", content=ECHO + f"metadata: {{owner: {owner}}}\n").json()
+    listed = http.get(f"/api/v1/tasks?page=1&page_size=10&state=&owner={owner}&task_type=&children=")
+    assert listed.status_code == 200, listed.text
+    assert [item["task_id"] for item in listed.json()["items"]] == [accepted["task_id"]]
+    wrong = http.get("/api/v1/tasks", params={"state": "done"})
+    assert wrong.status_code == 422 and "query.state" in wrong.text

@@ -10,6 +10,7 @@ import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
+from pydantic import BeforeValidator
 from starlette.routing import BaseRoute
 
 from mloc import keys, tasklog
@@ -145,6 +146,11 @@ async def submit_bulk(
     return JSONResponse({"ok": True, "count": len(results), "tasks": results}, status_code=201)
 
 
+def _blank_is_none(value: object) -> object:
+    # A filter given empty (`state=`, as a form or a template sends it) is no filter, as `owner=` is.
+    return None if value == "" else value
+
+
 @router.get("")
 @raises(BadRequest, Forbidden)
 async def list_tasks(
@@ -152,11 +158,12 @@ async def list_tasks(
     who: Caller,
     page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
     page_size: Annotated[int, Query(ge=1, le=500)] = 20,
-    state: TaskState | None = None,
+    state: Annotated[TaskState | None, BeforeValidator(_blank_is_none)] = None,
     owner: Annotated[str | None, Query(max_length=128)] = None,
     task_type: Annotated[str | None, Query(max_length=64)] = None,
     children: Annotated[
         bool,
+        BeforeValidator(lambda value: value or False),
         Query(description="Also the tasks that make up another: a dataset task's chunks, a replica group's shards."),
     ] = False,
 ) -> Response:

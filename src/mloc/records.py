@@ -234,6 +234,8 @@ class TaskRecord(BaseModel):
     stopped_sec: float | None = None
     # A resumed training task's: when its user resumed it (its queue time counts from there).
     resumed_at: float | None = None
+    # When workers last handed it back to the queue (its queue time counts from there).
+    requeued_at: float | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     request: dict[str, Any] = Field(default_factory=dict)
     progress: dict[str, Any] | None = None
@@ -282,6 +284,7 @@ class TaskRecord(BaseModel):
             finished_at=_float(h.get("finished_at")),
             stopped_sec=_float(h.get("stopped_sec")),
             resumed_at=_float(h.get("resumed_at")),
+            requeued_at=_float(h.get("requeued_at")),
             labels=_loads(h.get("labels"), {}),
             request=_loads(h.get("req"), {}),
             progress=_progress(h.get("progress"), state),

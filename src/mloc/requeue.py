@@ -237,6 +237,7 @@ async def _requeue_once(
     }
     if not decided.exhausted:
         fields["progress"] = ""  # the next attempt starts from nothing; a stale "2/20, ETA 36 s" would mislead
+        fields["requeued_at"] = repr(now)  # its next wait counts from here, not from its creation
     if decided.requeues is not None:
         fields["requeues"] = str(decided.requeues)
     if decided.exhausted:

@@ -91,8 +91,9 @@ def test_a_task_outlives_more_lost_workers_than_its_attempts_until_the_cap(redis
             assert back.ok and back.state == TaskState.PENDING, back
             shown = await store.get(task_id)
             assert (shown.attempts, shown.requeues, shown.reason_code) == (attempt, lost, "worker_lost")
-            # The lost attempt's progress is not the next one's.
+            # The lost attempt's progress is not the next one's, and its next wait counts from now.
             assert await r.hget(keys.task(task_id), "progress") is None
+            assert shown.requeued_at is not None and shown.requeued_at >= shown.created_at
         await placed_and_started(store, task_id)
         await r.hset(keys.task(task_id), "progress", progress)
         out = await requeue(

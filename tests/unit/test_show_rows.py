@@ -61,3 +61,12 @@ def test_a_resumed_training_task_shows_its_wait_and_run_since_its_resume() -> No
     done = _rows({**record, "state": "succeeded", "started_at": now - 8, "finished_at": now - 2})
     assert done["queued"] == "2.0 s (resumed to started)", done
     assert done["ran"] == "6.0 s since its resume", done
+
+
+def test_a_requeued_task_waits_from_its_requeue_not_from_its_creation() -> None:
+    now = time.time()
+    record = {"created_at": now - 60, "requeued_at": now - 6, "attempts": 2, "requeues": 1, "max_attempts": 3}
+    running = _rows({**record, "state": "running", "worker_id": "w2", "started_at": now - 4})
+    assert running["queued"] == "2.0 s (requeued to started)", running
+    waiting = _rows({**record, "state": "pending", "started_at": now - 50})
+    assert waiting["queued"] == "6.0 s so far", waiting

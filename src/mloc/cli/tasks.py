@@ -400,13 +400,17 @@ def _summary(record: dict[str, Any]) -> list[tuple[str, str]]:
     if resumed and not record.get("cut_at"):
         # Its earlier runs, and the time it sat ended, are not this run's wait.
         rows.append(("resumed", output.at(resumed)))
-        created = float(resumed)
+    # Back in the queue after a run (a resume, or a requeue): its wait counts from the latest.
+    since = "cut" if record.get("cut_at") else "created"
+    for field, how in (("resumed_at", "resumed"), ("requeued_at", "requeued")):
+        at = record.get(field)
+        if at and float(at) >= created:
+            created, since = float(at), how
     if state == "pending":
         # Back in the queue after a requeue, its last attempt's start and run are not this wait's.
         rows.append(("queued", output.duration(time.time() - created) + " so far"))
     elif started or assigned:
         until = "started" if started else "assigned"
-        since = "cut" if record.get("cut_at") else "resumed" if resumed else "created"
         rows.append(("queued", output.duration(float(started or assigned or 0) - created) + f" ({since} to {until})"))
     if started and state != "pending":
         end = finished or time.time()

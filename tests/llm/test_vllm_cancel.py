@@ -42,8 +42,10 @@ def test_a_cancelled_call_aborts_inside_the_engine_and_the_engine_serves_the_nex
 
         llm = engine.llm  # type: ignore[attr-defined]
         assert not llm.llm_engine.has_unfinished_requests()
-        # The same engine, at once: nothing of the aborted call is left in its queue.
+        # The same engine, at once: nothing of the aborted call is left in its queue (had the aborted
+        # prompts stayed ahead of it, this call would wait minutes for their 384 tokens each; alone,
+        # its 8 tokens take under a second, and a few more on a machine busy with other work).
         began = time.monotonic()
         answer = engine.generate([QUESTION], SHORT, cancel=threading.Event())
-        assert time.monotonic() - began < 5
+        assert time.monotonic() - began < 30
         assert "Paris" in answer[0][0].output

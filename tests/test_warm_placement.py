@@ -46,7 +46,8 @@ def test_a_model_busy_in_its_only_executor_is_not_warm_for_the_next_task(
     until(lambda: bool(client.worker(holder)["warm_models"]), "the first worker to report its idle executor's model")
 
     # The warm worker gets the next task for the model, which takes its idle executor...
-    busy = client.submit(generation(model, 64, 480))
+    # Minutes of work on a fast machine (4,096 completions), so it still runs when it is cancelled below.
+    busy = client.submit(generation(model, 4096, 480))
     assert busy["worker_id"] == holder
     until(lambda: client.task(busy["task_id"])["state"] == "running", "the long task to start")
     # ...and from its next heartbeat on, no longer says it holds the model ready.

@@ -106,6 +106,11 @@ def test_stats_help_names_the_date_format_and_other_dates_are_refused() -> None:
         "give at least one limit to set: --tokens, --tokens-in, --tokens-out, --gpu-time, --cpu-time" in nothing.stderr
     )
 
+    # A state filter in the option's own name and with every state it takes, not the API's query field.
+    bogus = mloc("tasks", "--state", "done", env={"MLOC_API_URL": "http://127.0.0.1:9"})
+    assert bogus.returncode == 2 and "query.state" not in bogus.stderr
+    assert "'--state'" in bogus.stderr and "'done' is not one of" in bogus.stderr and "'succeeded'" in bogus.stderr
+
 
 def test_unreachable_orchestrator_is_a_clear_error() -> None:
     result = mloc("tasks", env={"MLOC_API_URL": "http://127.0.0.1:9"})

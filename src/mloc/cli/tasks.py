@@ -17,7 +17,7 @@ from mloc.client import ApiError, Client, Lost, Unreachable
 from mloc.errors import MlocError
 from mloc.spec.base import OFFSET_LABEL
 from mloc.spec.dataset import CHUNK_LABEL
-from mloc.state import Reason
+from mloc.state import Reason, TaskState
 
 SHORT_ID = 8
 ALL_IDS_PAGE = 500  # the API's largest page
@@ -223,7 +223,7 @@ def short_ids(ids: list[str]) -> dict[str, str]:
 
 @app.command("tasks")
 def list_tasks(
-    state: Annotated[str | None, typer.Option(help="Only tasks in this state (pending, running, failed...).")] = None,
+    state: Annotated[TaskState | None, typer.Option(help="Only tasks in this state.", show_default=False)] = None,
     owner: Annotated[str | None, typer.Option(help="Only this user's tasks (admin).")] = None,
     task_type: Annotated[str | None, typer.Option("--type", help="Only this task type.")] = None,
     children: Annotated[
@@ -247,7 +247,12 @@ def list_tasks(
 
     -q prints the id of every task that matches (for `mloc tasks -q --state pending | xargs mloc cancel`)."""
     api = client()
-    filters = {"state": state, "owner": owner, "task_type": task_type, "children": "true" if children else None}
+    filters = {
+        "state": state.value if state else None,
+        "owner": owner,
+        "task_type": task_type,
+        "children": "true" if children else None,
+    }
     if quiet and page is None and not wants_json(json_out, fmt):
         _all_ids(api, filters)
         return

@@ -29,3 +29,26 @@ def newest(folder: Path, *, needs: Sequence[str] = (TRAINER_STATE,)) -> tuple[in
         if match and item.is_dir() and all((item / name).is_file() for name in needs):
             found.append((int(match.group(1)), item))
     return max(found) if found else None
+
+
+def passed_over(folder: Path, chosen: int | None, *, needs: Sequence[str] = (TRAINER_STATE,)) -> list[str]:
+    """Why each checkpoint newer than step ``chosen`` (every one, when none was chosen) is not resumed
+    from, one line each, oldest first: so a run that starts further back than the newest folder says why."""
+    if not folder.is_dir():
+        return []
+    lines = []
+    for item in sorted(folder.iterdir(), key=lambda path: _step(path.name)):
+        step = _step(item.name)
+        if step < 0 or (chosen is not None and step <= chosen) or not item.is_dir():
+            continue
+        missing = [name for name in needs if not (item / name).is_file()]
+        if missing:
+            lines.append(
+                f"{item.name} is passed over: it has no {', '.join(missing)}, so it was cut short while it was saved"
+            )
+    return lines
+
+
+def _step(name: str) -> int:
+    match = CHECKPOINT.match(name)
+    return int(match.group(1)) if match else -1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -231,6 +232,13 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_next_run_continues_from_the_o
     assert failed.value.message.endswith("it was set aside as checkpoint-12.damaged")
     assert (ctx.checkpoint_dir / "checkpoint-12.damaged").is_dir()
 
-    third, _ = make_context(text, out, attempt=3)
+    # A checkpoint whose save its worker's death cut short (no trainer state yet) is passed over, saying so.
+    half = ctx.checkpoint_dir / "checkpoint-11"
+    shutil.copytree(saved[-2], half)
+    (half / "trainer_state.json").unlink()
+    third, third_events = make_context(text, out, attempt=3)
     result = SFTExecutor().run(third)
     assert result["resumed_from_step"] == 10 and result["global_step"] == 12
+    said = [event["message"] for event in third_events.of("log")]
+    passed = "run 3: checkpoint-11 is passed over: it has no trainer_state.json, so it was cut short while it was saved"
+    assert said.index(passed) < said.index("run 3: resuming from checkpoint-10"), said

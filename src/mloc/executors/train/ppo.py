@@ -113,7 +113,9 @@ class PPOExecutor(TrainExecutor):
         run.resume_from = None
         if run.ctx.attempt > 1:
             # The newest checkpoint with its policy, value model and state all written.
-            found = checkpoints.newest(run.ctx.checkpoint_dir, needs=(checkpoints.TRAINER_STATE, VALUE_CONFIG))
+            needs = (checkpoints.TRAINER_STATE, VALUE_CONFIG)
+            found = checkpoints.newest(run.ctx.checkpoint_dir, needs=needs)
+            run.passed_over = checkpoints.passed_over(run.ctx.checkpoint_dir, found[0] if found else None, needs=needs)
             if found is not None:
                 done, run.resume_from = found
                 run.extras["done_updates"] = min(done, total_updates)

@@ -97,6 +97,7 @@ class TrainingRun:
     model_config: Any
     peft_config: Any | None
     resume_from: Path | None
+    passed_over: list[str] = field(default_factory=list)  # why newer checkpoints are not resumed from
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -234,6 +235,8 @@ class TrainExecutor(Executor):
                 trainer = self.build_trainer(run, model, args, callback)
             _drop_console_printer(trainer)
             ctx.check_cancelled()
+            for line in run.passed_over:
+                ctx.log(f"run {ctx.attempt}: {line}")
             if run.resume_from is not None:
                 ctx.log(f"run {ctx.attempt}: resuming from {run.resume_from.name}")
             ctx.log(f"training on {run.device.label}")
@@ -276,6 +279,9 @@ class TrainExecutor(Executor):
             peft_config = adapters.lora_config(adapter, config, models.linear_module_names(config))
         found = checkpoints.newest(ctx.checkpoint_dir) if ctx.attempt > 1 else None
         resume = found[1] if found else None
+        passed_over = (
+            checkpoints.passed_over(ctx.checkpoint_dir, found[0] if found else None) if ctx.attempt > 1 else []
+        )
         run = TrainingRun(
             ctx=ctx,
             spec=spec,
@@ -286,6 +292,7 @@ class TrainExecutor(Executor):
             model_config=config,
             peft_config=peft_config,
             resume_from=resume,
+            passed_over=passed_over,
         )
         self.preflight(run)
         return run

@@ -102,6 +102,49 @@ def test_ppo_is_offered_only_where_its_interpreter_can_run_it(
     assert dry["would_place_on"] == ["local-1"]
 
 
+def test_a_worker_stopped_mid_training_saves_a_checkpoint_and_another_worker_continues_from_it(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tiny_model: Path
+) -> None:
+    cluster = make_cluster(2, env={"MLOC_SHUTDOWN_GRACE_SEC": "0.5"})
+    client = client_for(cluster)
+    steps = 200
+    sft = (
+        (REPO / "templates" / "sft_tiny_local.yaml")
+        .read_text()
+        .replace("/tmp/tiny-llama", str(tiny_model))
+        .replace("max_steps: 30", f"max_steps: {steps}")
+        .replace("logging_steps: 5", "logging_steps: 1")
+        .replace("save_steps: 10", "save_steps: 1000")  # the only checkpoint is the one the stop saves
+    )
+    task_id = client.submit(sft.encode())["task_id"]
+    deadline = time.monotonic() + 300
+    while len(client.metrics(task_id)["metrics"]) < 3:
+        assert time.monotonic() < deadline, client.task(task_id)
+        time.sleep(0.1)
+    first_worker = client.task(task_id)["worker_id"]
+    cluster.stop_worker(first_worker)  # SIGTERM, as `mloc down` and a container's stop send it
+
+    record = wait_terminal(client, task_id)
+    said = [line["text"] for line in client.logs(task_id)["lines"]]
+    assert record["state"] == "succeeded" and record["worker_id"] != first_worker, (record, said)
+    stop = [
+        re.fullmatch(
+            r"the worker is shutting down at step (\d+): saving a checkpoint and stopping; "
+            r"the task goes back to the queue and continues from it",
+            text,
+        )
+        for text in said
+    ]
+    [stopped] = [int(found.group(1)) for found in stop if found]
+    saved = client.result(task_id)["resumed_from_step"]
+    assert 3 <= stopped <= saved < steps, said
+    assert f"training stopped at step {saved}" in "\n".join(said), said
+    assert not [text for text in said if "cancel" in text], said  # nobody cancelled it
+    assert f"run 2: resuming from checkpoint-{saved}" in said, said
+    # The first run's shutdown is not the task's failure: it spent no attempt of the task's own.
+    assert record["usage"]["train_steps"] == steps, record["usage"]
+
+
 def test_a_cancelled_training_task_resumed_continues_from_its_checkpoint(
     make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tiny_model: Path, redis_url: str
 ) -> None:
@@ -141,7 +184,12 @@ def test_a_cancelled_training_task_resumed_continues_from_its_checkpoint(
     client.cancel(task_id)
     cancelled = wait_terminal(client, task_id)
     assert cancelled["state"] == "cancelled", cancelled
-    assert [line for line in client.logs(task_id)["lines"] if "saving a checkpoint and stopping" in line["text"]]
+    first = [line["text"] for line in client.logs(task_id)["lines"]]
+    assert [
+        text for text in first if re.fullmatch(r"cancel received at step \d+: saving a checkpoint and stopping", text)
+    ]
+    assert [text for text in first if text.startswith("training stopped at step ")], first
+    assert not [text for text in first if text.startswith("training finished")], first
     ended = wait_terminal(client, ids["last"])
     assert ended["state"] == "failed" and ended["reason_code"] == "dependency_failed", ended
 

@@ -13,13 +13,16 @@ that brings down every worker it lands on still ends. ``attempts`` keeps countin
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from mloc import keys, moves, tasklog
+from mloc.records import runs_usage
 from mloc.state import INFRASTRUCTURE, Reason, Refusal, TaskState
 from mloc.store import TaskStore, Transition
 
@@ -149,6 +152,7 @@ async def requeue(
     max_requeues: int = DEFAULT_MAX_REQUEUES,
     final_usage: Mapping[str, float] | None = None,
     owner: str | None = None,
+    run_usage: Mapping[str, Any] | None = None,
 ) -> Transition:
     """Hand a task its worker can no longer run back to the scheduler, or fail it when the budget
     its ``reason_code`` spends is used up (see the module's docstring). Fenced on the worker and the
@@ -158,7 +162,9 @@ async def requeue(
     submit, else ``backoff``) in the retry index before the scheduler may place it again. A task
     handed back before it started was never tried, so it is placeable at once. ``final_usage`` (the
     attempt's daily usage counters) is recorded for ``owner``: whole when this ends the task, only
-    what the attempt consumed (time, GPU-seconds, tokens) when the task is tried again."""
+    what the attempt consumed (time, GPU-seconds, tokens) when the task is tried again. ``run_usage`` (the
+    attempt's usage as the task's record shows it, when its worker knows it) is kept apart from the next
+    run's, so the record's usage is over all its runs."""
     for _ in range(_RACE_TRIES):
         outcome = await _requeue_once(
             store,
@@ -171,6 +177,7 @@ async def requeue(
             max_requeues=max_requeues,
             final_usage=final_usage,
             owner=owner,
+            run_usage=run_usage,
         )
         # Refused because the worker started the task between the read and the move: read it again.
         if outcome.ok or attempt is not None or outcome.error not in (Refusal.FENCED, Refusal.STATE):
@@ -193,6 +200,7 @@ async def _requeue_once(
     max_requeues: int,
     final_usage: Mapping[str, float] | None,
     owner: str | None,
+    run_usage: Mapping[str, Any] | None = None,
 ) -> Transition:
     h = await store.redis.hmget(
         keys.task(task_id),
@@ -205,8 +213,9 @@ async def _requeue_once(
         "retry_backoff_sec",
         "retry_backoff_max_sec",
         "cancel_reason_code",
+        "usage_before",
     )
-    priority, created_ms, attempts, max_attempts, state, requeues, base_sec, max_sec, cancel_code = h
+    priority, created_ms, attempts, max_attempts, state, requeues, base_sec, max_sec, cancel_code, before = h
     if state is None:
         return Transition(False, error=Refusal.MISSING)
     decided = verdict(
@@ -242,6 +251,8 @@ async def _requeue_once(
         fields["requeues"] = str(decided.requeues)
     if decided.exhausted:
         fields["finished_at"] = repr(now)
+    if run_usage:
+        fields["usage_before"] = json.dumps(runs_usage(before, json.dumps(run_usage)))
     outcome = await store.transition(
         task_id,
         decided.move,

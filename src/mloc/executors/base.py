@@ -34,6 +34,7 @@ import orjson
 from mloc import checkpoints
 from mloc.errors import TaskCancelled
 from mloc.spec.base import Document, SpecBase
+from mloc.state import StopReason
 
 Isolation = Literal["loop", "inline", "process"]
 _JSON_OPTIONS = orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY
@@ -85,6 +86,9 @@ class RunContext:
     gpu_indices: list[int] = field(default_factory=list)
     emit: Callable[[Event], object] = field(default=lambda event: None, repr=False)
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
+    # Why the worker stops the run (a user's cancel, the worker's own shutdown, the time limit), when it
+    # said: an executor that stops gracefully can tell its log which it was.
+    stop_reason: StopReason | None = None
     _last_progress: float = field(default=0.0, repr=False)
 
     @property
@@ -103,6 +107,12 @@ class RunContext:
     @property
     def cancelled(self) -> bool:
         return self.cancel_event.is_set()
+
+    def stop(self, why: StopReason | None) -> None:
+        """Ask the run to stop (``cancelled`` turns true), saying why."""
+        if why is not None:
+            self.stop_reason = why
+        self.cancel_event.set()
 
     def check_cancelled(self) -> None:
         """Raise :class:`TaskCancelled` if the task was cancelled; call it between units of work."""

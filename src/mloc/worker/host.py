@@ -29,6 +29,7 @@ from mloc.executors.base import Executor, RunContext
 from mloc.executors.registry import executor_for
 from mloc.llm.cache import share_between_executors
 from mloc.spec import validate
+from mloc.state import StopReason
 from mloc.tasklog import Source
 from mloc.worker.capture import END_OF_TASK
 from mloc.worker.peak import PeakMeter
@@ -88,8 +89,10 @@ class Host:
         self._cancel = threading.Event()
         # Cancels name their task's run (id and attempt), so one that arrives before its run starts
         # is not lost, and one for an earlier run never stops a later run of the same task (a resume).
-        self._cancelled: set[tuple[str, int]] = set()
+        # Each with why it was stopped (a StopReason's value), when the worker said.
+        self._cancelled: dict[tuple[str, int], str | None] = {}
         self._current: tuple[str, int] | None = None
+        self._context: RunContext | None = None  # the current run's, once made
         self._executors: dict[str, Executor] = {}
         # Logger names whose records are the executor's own: MLOC's, and the running plug-in's package.
         self.own_loggers: tuple[str, ...] = ("mloc",)
@@ -115,9 +118,9 @@ class Host:
             if message.get("op") == "cancel":
                 run = (str(message.get("task_id")), int(message.get("attempt") or 0))
                 with self._lock:
-                    self._cancelled.add(run)
+                    self._cancelled[run] = message.get("why")
                     if self._current == run:
-                        self._cancel.set()
+                        self._stop(run)
             elif message.get("op") == "run":
                 self._inbox.put(message)
             elif message.get("op") == "shutdown":
@@ -129,6 +132,13 @@ class Host:
             die_with_group()
         self._cancel.set()
         self._inbox.put(None)
+
+    def _stop(self, run: tuple[str, int]) -> None:
+        """Stop the current run, saying why where it is known (the lock is held)."""
+        why = self._cancelled.get(run)
+        if self._context is not None and why is not None and why in StopReason.__members__.values():
+            self._context.stop_reason = StopReason(why)
+        self._cancel.set()
 
     def _executor(self, task_type: str) -> Executor:
         if task_type not in self._executors:
@@ -165,6 +175,10 @@ class Host:
                 emit=self.emit,
                 cancel_event=self._cancel,
             )
+            with self._lock:
+                self._context = ctx
+                if run in self._cancelled:
+                    self._stop(run)  # again, now that the context can hear why
             executor = self._executor(document.spec.task_type)
             written_in = getattr(type(executor), "module", type(executor)).__module__.split(".")[0]
             self.own_loggers = ("mloc", written_in)
@@ -194,7 +208,8 @@ class Host:
             print(f"\n{END_OF_TASK}", file=sys.stderr, flush=True)
             with self._lock:
                 self._current = None
-                self._cancelled.discard(run)
+                self._context = None
+                self._cancelled.pop(run, None)
             release_freed_memory()
         warm = [key for ex in self._executors.values() for key in ex.warm_models()]
         self.emit({"ev": "idle", "warm_models": warm})

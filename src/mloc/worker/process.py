@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from mloc.state import StopReason
 from mloc.worker.capture import Lines
 from mloc.worker.host import EVENT_FD_ENV, WORKER_PID_ENV
 
@@ -158,9 +159,9 @@ class HostProcess:
             else:
                 on_event(event)
 
-    async def cancel(self, task_id: str, attempt: int) -> None:
+    async def cancel(self, task_id: str, attempt: int, why: StopReason | None = None) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
-            await self._send({"op": "cancel", "task_id": task_id, "attempt": attempt})
+            await self._send({"op": "cancel", "task_id": task_id, "attempt": attempt, "why": why})
 
     async def kill(self) -> None:
         if self.alive:

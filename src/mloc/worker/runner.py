@@ -47,7 +47,7 @@ class Running:
     cancel_event: asyncio.Event = field(default_factory=asyncio.Event)
     stop_reason: StopReason | None = None
     host: HostProcess | None = None
-    inline_cancel: Any = None  # threading.Event of an inline executor
+    inline: RunContext | None = None  # the run's context, when its executor runs in this process
     document: Document | None = None  # already validated
     kill_timer: asyncio.Task[None] | None = None  # kills the executor if the polite stop fails
     memory: dict[str, Any] | None = None  # what its executor process measured (mloc.worker.peak)
@@ -84,14 +84,14 @@ class TaskRunner:
             return
         run.stop_reason = why
         run.cancel_event.set()
-        if run.inline_cancel is not None:
-            run.inline_cancel.set()
+        if run.inline is not None:
+            run.inline.stop(why)
         if run.host is not None:
             await self._stop_host(run, run.host)
 
     async def _stop_host(self, run: Running, host: HostProcess) -> None:
         """Ask the executor process to stop the task; kill it if it has not stopped after the grace."""
-        await host.cancel(run.task_id, run.attempt)
+        await host.cancel(run.task_id, run.attempt, run.stop_reason)
 
         async def kill_later() -> None:
             await asyncio.sleep(self.settings.cancel_grace_sec)
@@ -324,7 +324,7 @@ class TaskRunner:
         if run.stop_reason == StopReason.SHUTDOWN:
             # What the attempt used until it was stopped is known here, unlike a lost worker's: it counts
             # for the owner (a dataset chunk's next run keeps the rows it finished without counting them).
-            _, daily = self._used(reporter, None, time.time() - started, assignment, TaskState.FAILED)
+            usage, daily = self._used(reporter, None, time.time() - started, assignment, TaskState.FAILED)
             await requeue.requeue(
                 self.store,
                 task_id,
@@ -336,6 +336,7 @@ class TaskRunner:
                 max_requeues=self.max_requeues,
                 final_usage=daily,
                 owner=owner,
+                run_usage=usage,
             )
             await _note_counted(out_dir)
             return False
@@ -375,6 +376,7 @@ class TaskRunner:
                 backoff=self.backoff,
                 final_usage=daily,
                 owner=owner,
+                run_usage=usage,
             )
             await _note_counted(out_dir)
             if retry.state != TaskState.FAILED:
@@ -529,9 +531,9 @@ class TaskRunner:
                 emit=emit,
                 cancel_event=threading.Event(),
             )
-            run.inline_cancel = ctx.cancel_event
+            run.inline = ctx
             if run.stop_reason is not None:
-                ctx.cancel_event.set()
+                ctx.stop(run.stop_reason)
             if isolation == "loop":
                 return info.cls().run(ctx)
             return await asyncio.to_thread(info.cls().run, ctx)

@@ -15,6 +15,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from mloc.executors.base import RunContext
+from mloc.state import StopReason
 
 # Keys of the trainers' summary logs: they go to the result, not the per-step metrics.
 SUMMARY_KEYS = (
@@ -85,7 +86,9 @@ class MlocCallback(TrainerCallback):
         self.ctx.progress(state.global_step, self.total_steps)
         if self.ctx.cancelled and not self.cancelled:
             self.cancelled = True
-            self.ctx.log(f"cancel received at step {state.global_step}: saving a checkpoint and stopping")
+            self.ctx.log(
+                f"{_stop_heard(self.ctx.stop_reason)} at step {state.global_step}: {_stop_plan(self.ctx.stop_reason)}"
+            )
             control.should_save = True
             control.should_training_stop = True
 
@@ -132,7 +135,22 @@ class MlocCallback(TrainerCallback):
         """The trainer's closing summary: mean loss, time and throughput."""
         names = sorted(self.summary, key=lambda name: name != "train_loss")
         shown = ", ".join(f"{name} {_number(self.summary[name])}" for name in names)
-        return f"training finished: {shown}"
+        ended = f"training stopped at step {self.last_step}" if self.cancelled else "training finished"
+        return f"{ended}: {shown}"
+
+
+def _stop_heard(why: StopReason | None) -> str:
+    if why == StopReason.SHUTDOWN:
+        return "the worker is shutting down"
+    if why == StopReason.TIMEOUT:
+        return "the time limit (timeout_sec) was reached"
+    return "cancel received"
+
+
+def _stop_plan(why: StopReason | None) -> str:
+    if why == StopReason.SHUTDOWN:
+        return "saving a checkpoint and stopping; the task goes back to the queue and continues from it"
+    return "saving a checkpoint and stopping"
 
 
 PPO_STATE_FILE = "mloc_ppo_state.json"

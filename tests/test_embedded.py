@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,11 +34,30 @@ def test_start_attach_persist_and_stop(tmp_path: Path) -> None:
     assert embedded.running_url(tmp_path) is None
     restarted = embedded.start(tmp_path)
     try:
+        # On its old port, so a worker started by hand with that URL finds it again.
+        assert restarted.port == server.port
         client = redis.Redis.from_url(restarted.url)
         assert client.get("k") == b"survives a restart"
         assert client.xlen("s") == 1
     finally:
         restarted.stop()
+
+
+def test_a_restart_whose_old_port_is_taken_listens_on_another(tmp_path: Path) -> None:
+    first = embedded.start(tmp_path)
+    first.stop()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", first.port))
+        taken.listen()
+        second = embedded.start(tmp_path)
+        try:
+            assert second.port != first.port
+            assert redis.Redis.from_url(second.url).ping()
+        finally:
+            second.stop()
+    third = embedded.start(tmp_path)  # the port it had last
+    third.stop()
+    assert third.port == second.port
 
 
 @pytest.mark.extra("embedded")

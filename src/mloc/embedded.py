@@ -23,6 +23,10 @@ from typing import Any
 from mloc.errors import ConfigError
 
 STATE_FILE = "embedded-redis.json"
+# The port the server last listened on, kept after it stops: the next start takes it again when it is
+# free, so a worker started by hand against this MLOC_HOME reconnects after a restart instead of
+# knocking on a port nobody listens on any more.
+PORT_FILE = "embedded-redis.port"
 
 
 def find_binary() -> tuple[str, str]:
@@ -44,6 +48,26 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        # As the server binds: a closed connection's TIME_WAIT does not keep it from listening.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _last_port(home: Path) -> int | None:
+    """The port this home's server last had, when nothing else has taken it since."""
+    try:
+        port = int((home / PORT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return port if 0 < port < 65536 and _free(port) else None
 
 
 def _alive(pid: int) -> bool:
@@ -126,7 +150,7 @@ def start(home: Path, *, port: int | None = None) -> EmbeddedRedis:
         if state is not None:
             return EmbeddedRedis(home, int(state["port"]), int(state["pid"]), str(state["binary"]), owned=False)
         binary, kind = find_binary()
-        port = port or free_port()
+        port = port or _last_port(home) or free_port()
         proc = subprocess.Popen(
             [
                 binary,
@@ -159,4 +183,5 @@ def start(home: Path, *, port: int | None = None) -> EmbeddedRedis:
                 raise ConfigError(f"the embedded {kind} did not start on port {port}; see {home / 'redis.log'}")
             time.sleep(0.01)
         (home / STATE_FILE).write_text(json.dumps({"pid": proc.pid, "port": port, "binary": binary}))
+        (home / PORT_FILE).write_text(str(port))
         return EmbeddedRedis(home, port, proc.pid, binary, owned=True)

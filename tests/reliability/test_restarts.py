@@ -192,3 +192,32 @@ def test_tasks_finishing_while_redis_refuses_writes_are_not_stranded(
         counts = wait_all_terminal(r, ids, 15)
     assert counts == {"succeeded": len(ids)}, counts
     assert capacity_problems(r) == []
+
+
+def test_a_worker_told_to_stop_while_redis_is_gone_stops_within_seconds(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis").start()
+    local = LocalCluster(
+        home=tmp_path / "home",
+        workers=1,
+        redis_url=server.url,
+        results_dir=tmp_path / "results",
+        env=FAST_ENV,
+        log_dir=tmp_path / "logs",
+    )
+    try:
+        local.start(timeout=60)
+        worker = local.worker_procs["local-1"]
+        server.stop()
+        time.sleep(1)  # its reads are failing and being retried now
+        asked = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(30)
+        took = time.monotonic() - asked
+        # Its own records it leaves to the reaper rather than retry them for half a minute each.
+        assert took < 10, f"the worker took {took:.1f}s to stop"
+        assert worker.returncode == 0
+        said = (tmp_path / "logs" / "local-1.log").read_text()
+        assert "Redis is unavailable while stopping" in said and "worker local-1 stopped" in said, said[-2000:]
+    finally:
+        local.stop()
+        server.stop()

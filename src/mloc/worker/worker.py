@@ -34,6 +34,12 @@ from mloc.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)
 
+CONSUME_BLOCK_MS = 500  # how long one read of the assignment stream waits for an entry
+# A command that finds Redis gone is retried for half a minute (mloc.connection.OUTAGE_RETRIES). A
+# stopping worker does not wait that out for its own records: what it cannot write within this, the
+# orchestrator's reaper does once the worker's heartbeat has expired.
+DRAIN_REDIS_SEC = 5.0
+
 
 class Worker(TaskRunner):
     def __init__(self, settings: Settings, redis: aioredis.Redis) -> None:
@@ -265,7 +271,7 @@ class Worker(TaskRunner):
         while not self.stopping.is_set():
             try:
                 reply = await self.redis.xreadgroup(
-                    keys.WORKER_GROUP, self.worker_id, {stream: ">"}, count=64, block=500
+                    keys.WORKER_GROUP, self.worker_id, {stream: ">"}, count=64, block=CONSUME_BLOCK_MS
                 )
             except ResponseError as exc:
                 if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
@@ -305,12 +311,19 @@ class Worker(TaskRunner):
 
     async def _drain(self, loops: list[asyncio.Task[None]]) -> None:
         log.info("worker %s stopping: taking no new tasks", self.worker_id)
+        # Its read blocks for half a second; one that finds Redis gone would retry for half a minute.
+        # Cancelled, an entry it was reading stays unacknowledged and is handed back below.
+        await asyncio.wait([loops[0]], timeout=2 * CONSUME_BLOCK_MS / 1000)
+        loops[0].cancel()
         await asyncio.gather(loops[0], return_exceptions=True)
+        reachable = True
         try:
-            await self.registry.set_status(self.worker_id, WorkerStatus.DRAINING)
-            # Assigned but not started: hand back at once, without using an attempt.
-            await self._hand_back(Reason.WORKER_SHUTDOWN, f"worker {self.worker_id} shut down")
-        except aioredis.RedisError as exc:
+            async with asyncio.timeout(DRAIN_REDIS_SEC):
+                await self.registry.set_status(self.worker_id, WorkerStatus.DRAINING)
+                # Assigned but not started: hand back at once, without using an attempt.
+                await self._hand_back(Reason.WORKER_SHUTDOWN, f"worker {self.worker_id} shut down")
+        except (aioredis.RedisError, TimeoutError) as exc:
+            reachable = False
             log.warning(
                 "Redis is unavailable while stopping (%s); the orchestrator requeues this worker's tasks once "
                 "its heartbeat expires",
@@ -333,9 +346,10 @@ class Worker(TaskRunner):
             loop.cancel()
         await asyncio.gather(*loops[1:], *self._tasks, return_exceptions=True)
         await self.pool.close()
-        with contextlib.suppress(aioredis.RedisError):
-            await self.registry.set_status(self.worker_id, WorkerStatus.OFFLINE)
-            await self.redis.delete(keys.worker_stream(self.worker_id))
+        with contextlib.suppress(aioredis.RedisError, TimeoutError):
+            async with asyncio.timeout(DRAIN_REDIS_SEC if reachable else 0.5):
+                await self.registry.set_status(self.worker_id, WorkerStatus.OFFLINE)
+                await self.redis.delete(keys.worker_stream(self.worker_id))
         log.info("worker %s stopped", self.worker_id)
 
     def request_stop(self) -> None:

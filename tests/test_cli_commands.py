@@ -133,6 +133,31 @@ def test_show_submit_wait_and_bulk_say_what_a_task_is_doing(
     assert "ready" in followed.stdout and followed.stderr.strip().endswith("2 of 3 tasks did not succeed")
 
 
+def test_show_says_when_the_worker_running_a_task_has_gone_silent(make_cluster: Callable[..., LocalCluster]) -> None:
+    cluster = make_cluster(1, env={"HEARTBEAT_INTERVAL_SEC": "0.5", "HEARTBEAT_TTL_SEC": "30"})
+    env = {"MLOC_API_URL": cluster.api_url}
+    client = Client(cluster.api_url)
+    task_id = client.submit(b"taskType: echo\nhyperparameters: {sleep_sec: 60}\n")["task_id"]
+    wait_until(client, task_id, lambda record: record["state"] == "running")
+    healthy = mloc("show", task_id, env=env)
+    assert re.search(r"^worker +local-1$", healthy.stdout, re.M), healthy.stdout + healthy.stderr
+    worker = cluster.worker_procs["local-1"]
+    worker.send_signal(signal.SIGSTOP)  # hung, as a machine that froze: nothing it says arrives
+    try:
+        time.sleep(16)
+        silent = mloc("show", task_id, env=env)
+    finally:
+        worker.send_signal(signal.SIGCONT)
+    assert re.search(
+        r"^worker +local-1 \(no heartbeat for 1\ds: it may be down; if none comes within 30s of the last, "
+        r"it is declared lost and the task goes back to the queue\)$",
+        silent.stdout,
+        re.M,
+    ), silent.stdout + silent.stderr
+    assert re.search(r"^state +running on local-1$", silent.stdout, re.M), silent.stdout
+    client.cancel(task_id)
+
+
 def test_workers_show_memory_and_gpus_age_out_when_stopped_and_can_be_removed(
     make_cluster: Callable[..., LocalCluster], sync_redis: redis.Redis
 ) -> None:

@@ -38,6 +38,24 @@ def test_a_running_task_shows_its_queue_time_and_run() -> None:
     assert rows["attempts"] == "1 of 1"
 
 
+def test_the_worker_row_says_when_the_worker_holding_the_task_is_silent_or_gone() -> None:
+    running = {"state": "running", "worker_id": "w1", "created_at": time.time(), "attempts": 1}
+
+    def worker_row(**worker: object) -> str:
+        return dict(_summary({"task_id": "t-1", "kind": "task", **running}, worker))["worker"]
+
+    assert worker_row() == "w1"  # not read (gone meanwhile): the id alone
+    assert worker_row(status="active", heartbeat_age_sec=40, lost_after_sec=120) == "w1"
+    assert worker_row(status="active", heartbeat_age_sec=61, lost_after_sec=120) == (
+        "w1 (no heartbeat for 61s: it may be down; if none comes within 2 min of the last, it is declared lost "
+        "and the task goes back to the queue)"
+    )
+    assert worker_row(status="lost", heartbeat_age_sec=200, lost_after_sec=120) == (
+        "w1 (lost: the task goes back to the queue)"
+    )
+    assert worker_row(status="draining", heartbeat_age_sec=1, lost_after_sec=120) == "w1 (draining)"
+
+
 def test_cleanup_says_what_it_did_in_a_line() -> None:
     from mloc.cli.workers import cleanup_text
 

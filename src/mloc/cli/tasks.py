@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from datetime import datetime, timedelta
@@ -356,7 +357,8 @@ def _state_cell(record: dict[str, Any]) -> Any:
 
 
 # ----------------------------------------------------------------------- show
-def _summary(record: dict[str, Any]) -> list[tuple[str, str]]:
+def _summary(record: dict[str, Any], worker_record: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+    """The rows of `mloc show`; ``worker_record`` is the worker that holds the task, when it holds one."""
     task_id = record["task_id"]
     rows: list[tuple[str, str]] = [
         ("task", task_id),
@@ -391,7 +393,7 @@ def _summary(record: dict[str, Any]) -> list[tuple[str, str]]:
     if not record.get("children"):  # a group's parent runs nowhere itself: its chunks or replicas have attempts
         rows.append(("attempts", f"{runs - requeues} of {record.get('max_attempts', 1)}{lost}"))
     if worker:
-        rows.append(("worker", worker))
+        rows.append(("worker", worker + _worker_health(worker_record)))
     created = float(record.get("created_at") or 0)
     assigned, started, finished = (record.get(k) for k in ("assigned_at", "started_at", "finished_at"))
     if record.get("cut_at"):
@@ -486,6 +488,22 @@ def _memory_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _worker_health(worker: dict[str, Any] | None) -> str:
+    """What `mloc show` adds to the worker that holds a task when something is amiss with it: a worker
+    that died goes on showing its task running, at its last progress, until it is declared lost."""
+    if not worker:
+        return ""
+    status, age, limit = worker.get("status"), worker.get("heartbeat_age_sec"), worker.get("lost_after_sec")
+    if status in ("lost", "offline"):
+        return f" ({status}: the task goes back to the queue)"
+    if isinstance(age, int | float) and isinstance(limit, int | float) and age > limit / 2:
+        return (
+            f" (no heartbeat for {_duration(age)}: it may be down; if none comes within {_duration(limit)} "
+            "of the last, it is declared lost and the task goes back to the queue)"
+        )
+    return f" ({status})" if status and status != "active" else ""
+
+
 @app.command()
 def show(
     task_id: TaskIdArg,
@@ -505,7 +523,11 @@ def show(
     if wants_json(json_out, fmt):
         output.print_json(record)
         return
-    rows = _summary(record)
+    holder = None
+    if record.get("worker_id") and record["state"] in ("assigned", "running", "cancelling"):
+        with contextlib.suppress(MlocError):  # gone meanwhile: the task's own rows say enough
+            holder = api.worker(record["worker_id"])
+    rows = _summary(record, holder)
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         output.line(output.styled(key.ljust(width), "bold"), output.visible(value, one_line=True))

@@ -592,6 +592,9 @@ class Orchestrator:
         """Worker records as ``principal`` may see them: a user sees the ids of their own tasks only,
         and in ``hidden_tasks`` how many other tasks the worker holds (the admin sees every id)."""
         items = [record.model_dump(mode="json") for record in records]
+        for item in items:
+            # How long a silence makes it lost (its tasks requeued): what a client needs to read its heartbeat's age.
+            item["lost_after_sec"] = self.settings.heartbeat_ttl_sec
         if principal.admin:
             for item in items:
                 item["hidden_tasks"] = 0

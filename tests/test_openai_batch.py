@@ -559,3 +559,18 @@ def test_with_an_artifact_store_a_batch_runs_on_a_worker_that_cannot_see_the_orc
     # Deleting the upload takes the store's copy too.
     assert alice.files.delete(upload.id).deleted
     assert not (store / "files" / f"{upload.id}.rows.jsonl").exists()
+
+
+def test_a_packaged_model_is_served_by_its_name_with_nothing_configured() -> None:
+    from mloc.api.openai_batch import _model_section
+
+    gemma = converted([request("a", {"model": "gemma3-270m", "prompt": "x"})])[0]
+    assert _model_section({}, gemma, "file-x") == {"source": {"type": "package", "identifier": "gemma3-270m"}}
+    # What the operator configured under that name wins.
+    assert _model_section({"gemma3-270m": TINY}, gemma, "file-x") == TINY
+    hub = converted([request("a", {"model": "Qwen/Qwen2.5-0.5B", "prompt": "x"})])[0]
+    assert _model_section({}, hub, "file-x") == {"source": {"type": "huggingface", "identifier": "Qwen/Qwen2.5-0.5B"}}
+    # With models configured, a bare name of none of them is refused, naming the packaged ones too.
+    other = converted([request("a", {"model": "gpt-4o-mini", "prompt": "x"})])[0]
+    with pytest.raises(BadRequest, match="name one of 'tiny', 'gemma3-270m', 'mloc-tiny-llama', or a Hugging Face"):
+        _model_section({"tiny": TINY}, other, "file-x")

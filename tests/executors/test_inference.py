@@ -306,14 +306,9 @@ def test_huggingface_id_loads_from_the_local_cache_offline(
     assert os.environ["HF_HUB_OFFLINE"] == "1"
 
 
-def test_missing_local_folder_and_unknown_packaged_model_are_explained(
-    executor: InferenceExecutor, tmp_path: Path
-) -> None:
+def test_missing_local_folder_is_explained(executor: InferenceExecutor, tmp_path: Path) -> None:
     with pytest.raises(ExecutionError, match="no-such-folder"):
         run(executor, document(local(tmp_path / "no-such-folder"), prompts=[QUESTION]), tmp_path)
-    packaged = {"source": {"type": "package", "identifier": "llama-9000"}}
-    with pytest.raises(ExecutionError, match=r"'llama-9000' is unknown; known packaged models: gemma3-270m"):
-        run(executor, document(packaged, prompts=[QUESTION]), tmp_path)
 
 
 def test_model_too_big_for_memory_fails_fast_with_both_sizes(

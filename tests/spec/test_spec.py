@@ -87,6 +87,19 @@ def test_a_model_source_written_as_a_string_is_its_identifier() -> None:
         jsonschema.validate(as_written, json_schema())
 
 
+def test_a_packaged_model_is_named_by_any_of_its_names_and_another_is_refused_at_submit() -> None:
+    packaged = 'source:\n      type: "package"\n      identifier: "{}"'
+    original = 'source:\n      type: "huggingface"\n      identifier: "mistralai/Mistral-7B-Instruct-v0.1"'
+    for name in ("gemma3-270m", "Gemma-3-270M", "mloc-tiny-llama"):
+        load(SEED1.replace(original, packaged.format(name)))
+    with pytest.raises(SpecError) as refused:
+        load(SEED1.replace(original, packaged.format("gemma3-27b")))
+    assert (
+        "source.identifier 'gemma3-27b' is not a packaged model; source type package takes one of "
+        "gemma3-270m, mloc-tiny-llama (a Hugging Face id takes source.type huggingface)"
+    ) in str(refused.value)
+
+
 def test_seed_two_sft_fragment_is_accepted_and_names_what_is_missing() -> None:
     fragment = """
 taskType: "sft"

@@ -40,6 +40,7 @@ from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.orchestrator.users import Principal
 from mloc.records import TaskRecord
 from mloc.spec import Document, validate
+from mloc.spec.packaged import PACKAGED_MODELS, find_packaged
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -338,17 +339,21 @@ def _document(
 def _model_section(
     configured: dict[str, dict[str, Any]], converted: openai_lines.Converted, file_id: str
 ) -> dict[str, Any]:
-    """The task's ``model`` for the batch's model name: its MLOC_OPENAI_MODELS section, else the Hugging
-    Face model of that id.
+    """The task's ``model`` for the batch's model name: its MLOC_OPENAI_MODELS section, else the packaged
+    model of that name (the bundled Gemma 3 270M answers to ``gemma3-270m`` with nothing configured), else
+    the Hugging Face model of that id.
 
-    Where MLOC_OPENAI_MODELS is set, a name of neither (an OpenAI model name such as gpt-4o-mini, a
+    Where MLOC_OPENAI_MODELS is set, a name of none of these (an OpenAI model name such as gpt-4o-mini, a
     misspelt name) would only fail on a worker, as a hub download; a bare name is therefore refused here,
     and a hub model is named in its owner/name form."""
     name = converted.model
     if name in configured:
         return configured[name]
+    packaged = find_packaged(name)
+    if packaged is not None:
+        return {"source": {"type": "package", "identifier": packaged.name}}
     if configured and "/" not in name:
-        known = ", ".join(repr(known) for known in sorted(configured))
+        known = ", ".join(repr(known) for known in [*sorted(configured), *(m.name for m in PACKAGED_MODELS)])
         fix = (
             f"name one of {known}, or a Hugging Face model by its full id (owner/name); to serve {name[:100]!r} "
             "under that name, the operator adds it to MLOC_OPENAI_MODELS (JSON: name -> a task's model section)"

@@ -8,6 +8,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator, model_validator
 
+from mloc.spec.packaged import PACKAGED_MODELS, find_packaged
 from mloc.spec.quantity import format_cpu, format_memory, parse_cpu, parse_memory
 
 API_VERSION = "mloc/v1"
@@ -224,6 +225,12 @@ class ModelSource(Strict):
                     f"{self.identifier[:80]!r}; `mloc tasks` lists ids (or write source.from with its name)"
                 )
             return self
+        if self.type == SourceType.PACKAGE and find_packaged(self.identifier) is None:
+            known = ", ".join(model.aliases[0] for model in PACKAGED_MODELS)
+            raise ValueError(
+                f"source.identifier {self.identifier[:80]!r} is not a packaged model; source type package takes "
+                f"one of {known} (a Hugging Face id takes source.type huggingface)"
+            )
         if self.type == SourceType.URL:
             if not is_url(self.identifier) or len(self.identifier.split("://", 1)[1].strip("/")) == 0:
                 raise ValueError(

@@ -187,6 +187,20 @@ def test_up_says_how_to_reach_it_and_a_second_up_on_its_home_is_refused_in_one_l
     assert "another home" in refusal[0]
     assert up.proc.poll() is None  # the first one runs on, untouched
 
+    # Another home on the same port: refused before anything starts, never "MLOC is up" first.
+    elsewhere = subprocess.run(
+        [sys.executable, "-m", "mloc.cli", "up"],
+        env=up_env(tmp_path / "home2", port),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert elsewhere.returncode != 0
+    assert "MLOC is up" not in elsewhere.stdout, elsewhere.stdout
+    assert f"port {port} on 127.0.0.1 is in use by another process" in elsewhere.stderr, elsewhere.stderr
+    assert up.proc.poll() is None
+
 
 def _send_sigterm(up: Up) -> None:
     up.proc.send_signal(signal.SIGTERM)

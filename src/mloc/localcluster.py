@@ -18,6 +18,7 @@ import httpx
 
 from mloc import embedded, proctree
 from mloc.errors import ConfigError
+from mloc.orchestrator.server import check_port
 from mloc.records import WorkerStatus
 
 # Seconds the orchestrator gets to stop (it is quick but for open connections) before it is killed.
@@ -88,6 +89,9 @@ class LocalCluster:
             # A second set of processes would run workers under the same ids, each handing back the
             # other's tasks as ones it holds but does not run.
             raise ConfigError("this local cluster is started already (`with` starts it unless start() has)")
+        if self.port:
+            # Said before anything starts: another orchestrator there would answer the readiness check.
+            check_port("127.0.0.1", self.port)
         self.start_redis()
         self.port = self.port or embedded.free_port()
         env = self._base_env() | {"MLOC_PORT": str(self.port), "MLOC_HOST": "127.0.0.1"}
@@ -134,7 +138,13 @@ class LocalCluster:
                     raise ConfigError(f"{name} exited with code {proc.returncode} during start-up{said}{where}")
             with contextlib.suppress(httpx.HTTPError):
                 workers = httpx.get(f"{self.api_url}/workers", headers=headers, timeout=1).json()
-                active = {w["worker_id"] for w in workers.get("items", []) if w["status"] == WorkerStatus.ACTIVE}
+                # Matched by process too: the workers of another cluster on this port may have the same ids.
+                ours = {name: proc.pid for name, proc in self.worker_procs.items()}
+                active = {
+                    w["worker_id"]
+                    for w in workers.get("items", [])
+                    if w["status"] == WorkerStatus.ACTIVE and ours.get(w["worker_id"]) == w.get("pid")
+                }
                 if set(self.worker_procs) <= active:
                     return
             if time.monotonic() > deadline:

@@ -459,6 +459,39 @@ def test_a_cancelled_dataset_task_stops_between_batches(executor: Any, tiny_mode
     assert (out_dir / "results.jsonl").read_text() == ""
 
 
+@pytest.mark.extra("inference")
+def test_a_cancel_inside_a_batch_writes_none_of_it_and_stops_without_an_error(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mloc.errors import TaskCancelled
+    from mloc.executors.inference import InferenceExecutor
+    from mloc.llm.hf_engine import TransformersEngine
+
+    # Rows of three max_tokens budgets: the engine makes a call per budget, and the cancel comes in the
+    # first of them, so the engine answers only the rows that call finished.
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    inputs = {"path": str(path), "columns": {"max_tokens": "max"}}
+    doc = document(model=model(tiny_model), input=inputs, batch_size=8)
+    out_dir = tmp_path / "task-1"
+    events: list[Event] = []
+    ctx = RunContext("task-1", 1, "alice", doc, out_dir, tmp_path / "models", "w1", emit=events.append)
+    generate_group = TransformersEngine._generate
+
+    def cancelled_while_generating(self: Any, *args: Any) -> Any:
+        ctx.cancel_event.set()
+        return generate_group(self, *args)
+
+    monkeypatch.setattr(TransformersEngine, "_generate", cancelled_while_generating)
+    executor = InferenceExecutor()
+    try:
+        with pytest.raises(TaskCancelled):
+            executor.run(ctx)
+    finally:
+        executor.close()
+    assert (out_dir / "results.jsonl").read_text() == ""
+    assert not [event for event in events if event.get("level") == "ERROR"], events
+
+
 def fake_outputs(results: Path, *, error_at: int | None = None, keep: int | None = None) -> bytes:
     """An earlier run's lines with outputs no model writes (so a kept line is told from a generated one),
     the first ``keep`` of them, one turned into an error line; the bytes written."""

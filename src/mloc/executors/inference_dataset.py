@@ -404,8 +404,7 @@ def run_dataset(
                         failed += 1
                         if failed > source.max_row_errors:
                             raise ExecutionError(_too_many(dataset.label, request, failed, source.max_row_errors))
-                outputs = _generate(requests, generate)
-                # A cancel mid-batch cuts the batch short; its partial output is not a result.
+                outputs = _generate(requests, generate, ctx.check_cancelled)
                 ctx.check_cancelled()
                 lines = [line_of(request, outputs.get(request.row.number)) for request in requests]
                 writer.append(batch, lines)
@@ -472,7 +471,9 @@ def _kept(writer: ResultLines, batch: list[RawRow]) -> list[Line]:
     return kept
 
 
-def _generate(requests: list[RowRequest], generate: Generate) -> dict[int, list[Generation]]:
+def _generate(
+    requests: list[RowRequest], generate: Generate, check_cancelled: Callable[[], None]
+) -> dict[int, list[Generation]]:
     """One engine call for the batch's good rows, each with its own sampling; outputs by row number.
 
     Chat and plain rows go together: a chat row's sampling already carries the turn stops its rendering
@@ -481,6 +482,11 @@ def _generate(requests: list[RowRequest], generate: Generate) -> dict[int, list[
     if not good:
         return {}
     generations = generate([request.prompt for request, _ in good], [sampling for _, sampling in good])
+    if len(generations) != len(good):
+        # A cancel cuts the engine's call short, answering the prompts it finished: not the batch's result
+        # (its lines are written whole or not at all), so the next run generates the batch again.
+        check_cancelled()
+        raise ExecutionError(f"the engine answered {len(generations)} of the batch's {len(good)} prompts")
     return {request.row.number: samples for (request, _), samples in zip(good, generations, strict=True)}
 
 

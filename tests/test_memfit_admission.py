@@ -276,6 +276,42 @@ def test_the_estimate_is_on_the_task_and_in_the_dry_run(
     assert estimate["facts_from"] == f"{hub.url}/{LLAMA}/resolve/main/config.json"
 
 
+def test_a_dataset_task_a_replica_group_and_a_pipelines_steps_carry_the_estimate_too(
+    redis_url: str, hub: HubServer, orchestrator: Callable[..., TestClient]
+) -> None:
+    http = orchestrator(hub)  # no GPU registered: each waits for one as big as its estimate
+
+    def estimate_of(body: dict[str, Any]) -> dict[str, Any]:
+        estimate: dict[str, Any] = http.post("/api/v1/tasks?dry_run=true", json=body).json()["memory_estimate"]
+        assert estimate["total_bytes"] > 0
+        return estimate
+
+    dataset = serve()
+    dataset["spec"]["inference"] = {"input": {"path": "/data/rows.jsonl", "chunk_rows": 100}, "max_tokens": 32}
+    dataset["spec"]["resources"]["replicas"] = 2
+    group = serve()
+    group["spec"]["resources"]["replicas"] = 2
+    pipeline = [serve(), serve(dependsOn=["serve"])]
+    pipeline[1]["metadata"]["name"] = "after"
+    expected: dict[str, dict[str, Any]] = {}
+    for body, parts in ((dataset, "chunks"), (group, "replicas")):
+        answer = http.post("/api/v1/tasks", json=body).json()
+        for task_id in [answer["task_id"], *(part["task_id"] for part in answer[parts])]:
+            expected[task_id] = estimate_of(body)
+    steps = http.post("/api/v1/tasks/bulk", json=pipeline)
+    assert steps.status_code == 201, steps.text
+    for task in steps.json()["tasks"]:
+        expected[task["task_id"]] = estimate_of(serve())
+
+    assert len(expected) == 8
+    for task_id, estimate in expected.items():
+        record = http.get(f"/api/v1/tasks/{task_id}").json()
+        assert record["memory_estimate"]["total_bytes"] == estimate["total_bytes"], record
+        # What placement asks of a GPU is the estimate, on every part that runs.
+        if not record.get("children"):
+            assert record["request"]["gpu_mem"] == estimate["per_gpu_bytes"], (record["name"], record["request"])
+
+
 # ------------------------------------------------------------------------------------------ facts
 
 

@@ -126,6 +126,7 @@ def child_record(parent: dict[str, str], index: int) -> NewTask | None:
         order_ms=int(parent.get("created_ms") or float(parent["created_at"]) * 1000),
         document=child,
         request=json.loads(parent.get("req") or "{}"),
+        memory_estimate=json.loads(parent["memory_estimate"]) if parent.get("memory_estimate") else None,
         labels=child["metadata"]["labels"],
         submitted_by=parent.get("submitted_by", ""),
         parent_id=parent["id"],

@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import time
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -18,7 +19,7 @@ from mloc import keys, modelroots
 from mloc.errors import BadRequest, Conflict, Forbidden, SpecError
 from mloc.openai_files import INPUT_FILE_LABEL
 from mloc.orchestrator import chunks, eta, groups, harness, pipelines, reaper, training, users
-from mloc.orchestrator.admission import MemoryFit
+from mloc.orchestrator.admission import Fit, MemoryFit
 from mloc.orchestrator.overspend import Overspend
 from mloc.orchestrator.placement import Request, WaitCode, explain, misfit, request_of
 from mloc.orchestrator.queues import UserLimits
@@ -210,9 +211,9 @@ class Orchestrator:
         if pipelines.waits(document, wire):
             return (await self.submit_graph([document], principal))["tasks"][0]
         if chunks.is_chunked(wire):
-            return await self._submit_chunked(document, principal)
+            return await self._submit_chunked(document, principal, fit)
         if document.spec.resources.replicas > 1:
-            return await self._submit_group(document, principal)
+            return await self._submit_group(document, principal, fit)
         record, request = self._record(document, principal, request=request, wire=wire)
         request = self.memfit.apply(record, fit)
         answer = await self._place(record, request, create=True)
@@ -221,13 +222,20 @@ class Orchestrator:
             log.debug("task %s (%s) from %s -> %s", answer["task_id"], request.task_type, principal.name, where)
         return answer
 
-    async def _submit_group(self, document: Document, principal: Principal) -> dict[str, Any]:
+    async def _submit_group(self, document: Document, principal: Principal, fit: Fit) -> dict[str, Any]:
         parent, _ = self._record(document, principal)
+        self.memfit.apply(parent, fit)
         children: list[tuple[NewTask, Request]] = []
         for shard in groups.shards(document, parent.name):
             shard["metadata"]["labels"][chunks.PARENT_LABEL] = parent.task_id
             record, request = self._record(validate(shard), principal)
             record.parent_id, record.replica = parent.task_id, len(children)
+            # Each replica loads the whole model: the group's estimate is each one's, and so is what
+            # admission asks of its GPU.
+            record.memory_estimate = fit.memory_estimate
+            if fit.request.gpu_mem != request.gpu_mem:
+                request = replace(request, gpu_mem=fit.request.gpu_mem)
+                record.request = request.to_json()
             children.append((record, request))
         parent.group_size = len(children)
         parent.children = [record.task_id for record, _ in children]
@@ -253,8 +261,9 @@ class Orchestrator:
             "replicas": answers,
         }
 
-    async def _submit_chunked(self, document: Document, principal: Principal) -> dict[str, Any]:
-        parent, request = self._record(document, principal)
+    async def _submit_chunked(self, document: Document, principal: Principal, fit: Fit) -> dict[str, Any]:
+        parent, _ = self._record(document, principal)
+        request = self.memfit.apply(parent, fit)  # its chunks, cut now or later, carry both
         children = chunks.first_chunks(parent)
         await self.store.insert([parent, *children])
         answers = []
@@ -276,8 +285,14 @@ class Orchestrator:
         for document in documents:
             await self._check_models(document, principal)
             await self._check_quota(document, principal)
-        await self.memfit.assess_all(documents, [request_of(d) for d in documents])  # refusals only
-        plan = await pipelines.plan(self.store, documents, principal, self._record)
+        fits = await self.memfit.assess_all(documents, [request_of(d) for d in documents])
+        fit_of = {id(document): fit for document, fit in zip(documents, fits, strict=True)}
+
+        def build(document: Document, principal: Principal) -> tuple[NewTask, Request]:
+            record, _ = self._record(document, principal)
+            return record, self.memfit.apply(record, fit_of[id(document)])
+
+        plan = await pipelines.plan(self.store, documents, principal, build)
         graphs = {plan.pipeline_id: plan.graph} if plan.pipeline_id and plan.graph else None
         await self.store.insert(plan.records(), pipelines=graphs)
         await pipelines.settle_ready(self.store, plan)

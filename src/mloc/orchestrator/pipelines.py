@@ -23,7 +23,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -167,7 +167,8 @@ async def plan(store: TaskStore, documents: list[Document], principal: Principal
             except SpecError as exc:
                 raise _error(index, "spec", exc.message) from exc
             step.record.document = step.document.to_wire()
-            step.request = request_of(step.document)
+            # What admission asked of a GPU for it (its memory estimate) stays: references change no size.
+            step.request = replace(request_of(step.document), gpu_mem=step.request.gpu_mem)
             step.record.request = step.request.to_json()
         step.depends_on = deps
         origins[step.task_id] = named_at

@@ -109,6 +109,21 @@ def test_show_submit_wait_and_bulk_say_what_a_task_is_doing(
         f"submitted ID ({slow})",
     ]
     assert client.tasks(page_size=100)["total"] == before + 3
+    # A pipeline's steps are told by their names.
+    steps = tmp_path / "steps.yaml"
+    step = {"apiVersion": "mloc/v1", "kind": "EchoTask", "spec": {"taskType": "echo"}}
+    steps.write_text(
+        json.dumps(step | {"metadata": {"name": "first"}})
+        + "\n---\n"
+        + json.dumps(step | {"metadata": {"name": "then"}, "spec": {"taskType": "echo", "dependsOn": ["first"]}})
+    )
+    named = mloc("submit", str(steps), env=env)
+    assert named.returncode == 0, named.stderr
+    assert [re.sub(r"[0-9a-f-]{36}", "ID", line).split(",")[0] for line in named.stdout.splitlines()] == [
+        f"submitted ID ({steps} (document 1: first))",
+        f"submitted ID ({steps} (document 2: then))",
+        "pipeline ID: `mloc pipeline ID` shows its steps",
+    ], named.stdout
     # --wait follows several tasks in turn, each reported as it ends; a step that fails fails the command
     # once every task has ended, and a step after it is ended by it.
     chain = tmp_path / "chain.yaml"

@@ -27,7 +27,8 @@ DEFAULT_PAGE_SIZE = 20
 
 # --------------------------------------------------------------------- submit
 def _documents(files: list[Path]) -> list[tuple[str, Any]]:
-    """Every task in the files, labelled 'file' or 'file (document N)'; multi-document files split."""
+    """Every task in the files, labelled 'file' or 'file (document N)', with its name where it has one
+    ('file (document N: name)'); multi-document files split."""
     from mloc.spec.loader import parse_stream
 
     found: list[tuple[str, Any]] = []
@@ -43,8 +44,15 @@ def _documents(files: list[Path]) -> list[tuple[str, Any]]:
         if len(documents) == 1:
             found.append((str(file), documents[0]))
         else:
-            found.extend((f"{file} (document {n})", d) for n, d in enumerate(documents, start=1))
+            found.extend((f"{file} (document {n}{_named(d)})", d) for n, d in enumerate(documents, start=1))
     return found
+
+
+def _named(document: Any) -> str:
+    """': name' for a document whose metadata names it (a pipeline's step), else ''."""
+    metadata = document.get("metadata") if isinstance(document, dict) else None
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    return f": {name}" if isinstance(name, str) and name else ""
 
 
 def _submit_many(api: Client, labelled: list[tuple[str, Any]]) -> list[dict[str, Any]]:

@@ -315,6 +315,14 @@ def test_restarted_up_says_what_it_restored_and_runs_the_interrupted_task_again(
     done = client.submit({"taskType": "echo", "payload": "done"})["task_id"]
     wait_until(client, done, lambda record: record["state"] == "succeeded")
     waiting = client.submit({"taskType": "echo", "resources": {"hardware": {"gpu": {"count": 1}}}})["task_id"]
+    # A group of two replicas, waiting for GPUs: one task, as `mloc tasks` lists it, not three.
+    group = {
+        "taskType": "inference",
+        "model": {"source": {"type": "package", "identifier": "mloc-tiny-llama"}},
+        "inference": {"prompts": ["a", "b"]},
+        "resources": {"replicas": 2, "hardware": {"gpu": {"count": 1}}},
+    }
+    assert len(client.submit(group)["replicas"]) == 2
     interrupted = client.submit({"taskType": "echo", "hyperparameters": {"sleep_sec": 4, "steps": 4}})["task_id"]
     wait_until(client, interrupted, lambda record: record["state"] == "running")
     time.sleep(1.5)  # the embedded Redis writes its append-only file to disk every second
@@ -326,7 +334,7 @@ def test_restarted_up_says_what_it_restored_and_runs_the_interrupted_task_again(
 
     second = start_up(env)
     second.output.wait_for(READY)
-    assert f"restored from {home}: 3 tasks (1 pending, 1 running → queued again, 1 succeeded)" in second.output.lines, (
+    assert f"restored from {home}: 4 tasks (2 pending, 1 running → queued again, 1 succeeded)" in second.output.lines, (
         second.output.text
     )
     again = wait_until(client, interrupted, lambda record: record["state"] == "succeeded", timeout=60)

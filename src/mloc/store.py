@@ -382,10 +382,14 @@ class TaskStore:
         return await self.redis.zrange(keys.PENDING, 0, limit - 1)
 
     async def counts_by_state(self) -> dict[str, int]:
+        """Tasks by state as `mloc tasks` lists them: a dataset task's chunks and a replica group's
+        shards are not counted apart from their task."""
         pipe = self.redis.pipeline(transaction=False)
         for state in TaskState:
             pipe.zcard(keys.tasks_in_state(state))
-        return {state.value: n for state, n in zip(TaskState, await pipe.execute(), strict=True)}
+            pipe.zintercard(2, [keys.TASKS_CHILDREN, keys.tasks_in_state(state)])
+        counted = await pipe.execute()
+        return {state.value: counted[2 * i] - counted[2 * i + 1] for i, state in enumerate(TaskState)}
 
 
 def _families_together(records: list[TaskRecord]) -> list[TaskRecord]:

@@ -574,3 +574,30 @@ def test_a_packaged_model_is_served_by_its_name_with_nothing_configured() -> Non
     other = converted([request("a", {"model": "gpt-4o-mini", "prompt": "x"})])[0]
     with pytest.raises(BadRequest, match="name one of 'tiny', 'gemma3-270m', 'mloc-tiny-llama', or a Hugging Face"):
         _model_section({"tiny": TINY}, other, "file-x")
+
+
+@pytest.mark.extra("inference")
+def test_a_running_batch_cancelled_is_cancelling_until_its_chunk_has_stopped(
+    make_cluster: Callable[..., LocalCluster],
+) -> None:
+    import time
+
+    cluster = make_cluster(1, env={"MLOC_OPENAI_MODELS": json.dumps({"tiny": TINY})})
+    client = openai.OpenAI(base_url=cluster.api_url + "/v1", api_key="unused", max_retries=0)
+    lines = [
+        request(f"q{i}", {"model": "tiny", "prompt": f"Count to {i}:", "max_tokens": 16, "temperature": 0})
+        for i in range(3000)
+    ]
+    upload = client.files.create(file=("many.jsonl", jsonl(lines)), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint=COMPLETIONS, completion_window="24h")
+    deadline = time.monotonic() + 120
+    while client.batches.retrieve(batch.id).status != "in_progress":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(1)  # generating now: a cancel stops it after the request batch it is in
+    cancelled = client.batches.cancel(batch.id)
+    assert cancelled.status == "cancelling", cancelled
+    assert cancelled.cancelling_at is not None and cancelled.cancelled_at is None
+    ended = wait_ended(client, batch.id, timeout=60)
+    assert ended.status == "cancelled" and ended.cancelling_at == cancelled.cancelling_at, ended
+    assert ended.cancelled_at is not None and ended.cancelled_at >= ended.cancelling_at

@@ -424,7 +424,7 @@ async def cancel_batch(batch_id: str, orch: Orch, who: Caller) -> dict[str, Any]
     try:
         await cancel(orch.store, record.task_id, by=who.name)
     except InvalidTransition:
-        status = objects.status_of(await orch.store.get(record.task_id, with_spec=False))
+        status = await objects.batch_status(orch, await orch.store.get(record.task_id, with_spec=False))
         raise InvalidTransition(
             f"batch {batch_id} is {status}; only a batch that has not ended can be cancelled"
         ) from None

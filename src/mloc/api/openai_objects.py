@@ -15,7 +15,7 @@ from typing import IO, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from mloc import openai_files, openai_lines
+from mloc import keys, openai_files, openai_lines
 from mloc.api.results import open_lines
 from mloc.api.tasks import _own
 from mloc.errors import Conflict, NotFound
@@ -285,18 +285,44 @@ async def _failure(orch: Orchestrator, record: TaskRecord, answered: int) -> dic
     return error | {"code": chunk.reason_code or "batch_failed", "message": f"{part} could not run: {cause}; {resume}"}
 
 
+async def _cancel_end(orch: Orchestrator, record: TaskRecord) -> tuple[bool, float | None]:
+    """For a cancelled batch: whether a chunk's executor is still stopping (its task ends at once, but a
+    chunk finishing the request batch it is in may still add output lines), and else when the last of
+    them stopped."""
+    if record.state != TaskState.CANCELLED or not record.children:
+        return False, record.finished_at
+    pipe = orch.redis.pipeline(transaction=False)
+    for task_id in record.children:
+        pipe.hmget(keys.task(task_id), "state", "finished_at", "started_at")
+    parts = await pipe.execute()
+    going = (TaskState.ASSIGNED, TaskState.RUNNING, TaskState.CANCELLING)
+    if any(state in going for state, _, _ in parts):
+        return True, None
+    # The chunks that had not started were cancelled with the task, in the same moment.
+    stopped = [float(at) for _, at, started in parts if at and started]
+    return False, max([record.finished_at or 0.0, *stopped]) or None
+
+
+async def batch_status(orch: Orchestrator, record: TaskRecord) -> BatchStatus:
+    """The batch's status: its task's state, and cancelling while a cancelled batch's chunk stops."""
+    stopping, _ = await _cancel_end(orch, record)
+    return "cancelling" if stopping else status_of(record)
+
+
 async def batch_object(orch: Orchestrator, record: TaskRecord) -> dict[str, Any]:
     """OpenAI's Batch object for a batch's task."""
     counts = await counts_of(orch, record)
-    status = status_of(record)
-    ended = _time(record.finished_at) if record.state.terminal else None
+    stopping, stopped = await _cancel_end(orch, record)
+    status: BatchStatus = "cancelling" if stopping else status_of(record)
+    ended = _time(record.finished_at) if record.state.terminal and not stopping else None
     errors = None
     if record.state == TaskState.FAILED:
         errors = {"object": "list", "data": [await _failure(orch, record, counts.completed)]}
     metadata = {k.removeprefix(METADATA): v for k, v in record.labels.items() if k.startswith(METADATA)}
     created = int(record.created_at)
-    # A cancel MLOC makes at once is cancelling and cancelled in the same moment.
-    cancelling = _time(record.updated_at) if status == "cancelling" else ended if status == "cancelled" else None
+    # Cancelling from the cancel (when the task ended); a batch with nothing running is cancelling and
+    # cancelled in the same moment.
+    cancelling = _time(record.finished_at or record.updated_at) if status in ("cancelling", "cancelled") else None
     return {
         "id": BATCH_PREFIX + record.task_id,
         "object": "batch",
@@ -317,7 +343,7 @@ async def batch_object(orch: Orchestrator, record: TaskRecord) -> dict[str, Any]
         "failed_at": ended if status == "failed" else None,
         "expired_at": None,
         "cancelling_at": cancelling,
-        "cancelled_at": ended if status == "cancelled" else None,
+        "cancelled_at": _time(stopped) if status == "cancelled" else None,
         "request_counts": {
             "total": int(record.labels.get(REQUESTS, "0")),
             "completed": counts.completed,

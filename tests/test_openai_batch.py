@@ -116,12 +116,14 @@ def test_chat_lines_keep_text_parts_and_take_developer_as_system() -> None:
         ([{"method": "POST", "url": COMPLETIONS, "body": {}}], ["line 1: custom_id is missing"]),
         ([{"custom_id": "a", "method": "GET", "url": COMPLETIONS, "body": {}}], ['line 1: method is "GET"']),
         (jsonl([request("a", {"model": "m", "prompt": "x"})]) + b"{not json\n", ["line 2: the line is not JSON (unexpected character, expected a string key at column 2)", "one JSON object per line"]),
+        (jsonl([request("a", {"model": "m", "prompt": "x"})]) + b'{"custom_id": "b", "body": {"x": 1\n',
+         ["line 2: the line is not JSON (unexpected end of data at column 35)"]),
         (b"\n\n", ["has no request lines"]),
         (jsonl([request("a", {"model": "m", "prompt": "x"})]) + b'{"custom_id": "caf\xe9"}\n',
          ["line 2: the line is not UTF-8 text (byte 18)", "save the file as UTF-8"]),
     ],
     ids=["duplicate", "two-models", "other-endpoint", "wrong-endpoint", "n", "prompt-list", "tools", "no-model",
-         "no-custom-id", "get", "not-json", "empty", "not-utf8"],
+         "no-custom-id", "get", "not-json", "cut-short", "empty", "not-utf8"],
 )  # fmt: skip
 def test_a_batch_file_mloc_cannot_run_is_refused_naming_line_field_and_fix(
     lines: list[dict[str, Any]] | bytes, expected: list[str]

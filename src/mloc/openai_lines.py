@@ -87,7 +87,10 @@ class _Reader:
                 problem = "starts with a byte order mark (BOM)"
                 raise self.refuse(number, None, problem, "save the file as UTF-8 without a BOM") from None
             # orjson says where as "line 1 column 37 (char 36)": the line is the file's, said once already.
-            problem = f"is not JSON ({exc.msg}{f' at column {exc.colno}' if exc.colno else ''})"
+            # Counted in the line's own characters: an object cut short ends at its line break, which
+            # orjson would report as column 1 of a line after it.
+            column = len(raw[: exc.pos].rstrip(b"\r\n").decode("utf-8", "replace")) + 1
+            problem = f"is not JSON ({exc.msg} at column {column})"
             raise self.refuse(number, None, problem, "write one JSON object per line") from None
         if not isinstance(line, dict):
             problem = f"is a JSON {_json_kind(line)}, not an object"

@@ -417,13 +417,23 @@ def test_bad_rows_get_error_lines_up_to_max_row_errors(executor: Any, tiny_model
 def test_a_prompt_beyond_the_context_is_a_bad_row(executor: Any, tiny_model: Path, tmp_path: Path) -> None:
     config = json.loads((tiny_model / "config.json").read_text())
     long_prompt = "word " * (config["max_position_embeddings"] + 10)
-    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "short"}, {"prompt": long_prompt}])
-    inputs = {"path": str(path), "max_row_errors": 1}
+    limit = config["max_position_embeddings"]
+    rows = [{"prompt": "short"}, {"prompt": long_prompt}, {"prompt": "short", "budget": limit + 5}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    inputs = {"path": str(path), "max_row_errors": 2, "columns": {"max_tokens": "budget"}}
     result, _, results = run(executor, document(model=model(tiny_model), input=inputs, max_tokens=2), tmp_path)
     lines = lines_of(results)
     assert lines[0]["error"] is None
-    assert "beyond the model's context" in lines[1]["error"]
-    assert result["failed"] == 1
+    assert (
+        "beyond the model's context" in lines[1]["error"]
+        and "shorten the prompt, or lower max_tokens" in lines[1]["error"]
+    )
+    # The row's own max_tokens is named by its column, with the fix.
+    assert lines[2]["error"] == (
+        f"column 'budget' (max_tokens) is {limit + 5}: not below the model's context of {limit} tokens; "
+        f"set it below {limit}"
+    )
+    assert result["failed"] == 2
 
 
 @pytest.mark.extra("inference")

@@ -234,7 +234,8 @@ class RowMapper:
         try:
             prompt, chat = self._text(values)
             sampling = self._sampling(values, chat)
-            self._check_length(prompt, sampling)
+            column = self.overrides.get("max_tokens")
+            self._check_length(prompt, sampling, column if column and values.get(column) not in (None, "") else None)
         except _RowProblem as problem:
             return RowRequest(row, row_id, error=str(problem))
         return RowRequest(row, row_id, prompt, sampling)
@@ -278,7 +279,7 @@ class RowMapper:
             problem = f"messages column {column!r} is not a chat: at {where or 'top'}: {first['msg']}"
             raise _RowProblem(problem) from None
         if not messages:
-            raise _RowProblem(f"messages column {column!r} is an empty chat")
+            raise _RowProblem(f"messages column {column!r} is an empty chat; give at least one message")
         return self.engine.render_chat(messages), True
 
     def _sampling(self, values: dict[str, Any], chat: bool) -> Sampling:
@@ -316,12 +317,17 @@ class RowMapper:
             sampling = sampling.model_copy(update={"stop": stops})
         return sampling
 
-    def _check_length(self, prompt: str, sampling: Sampling) -> None:
+    def _check_length(self, prompt: str, sampling: Sampling, max_tokens_column: str | None) -> None:
+        """Raise when the row cannot fit the model's context; ``max_tokens_column`` is the column the
+        row's max_tokens came from, if it came from one."""
         limit = self.engine.max_context
         if limit is None:
             return
         if sampling.max_tokens >= limit:
-            raise _RowProblem(f"max_tokens {sampling.max_tokens} is not below the model's context of {limit} tokens")
+            problem = f"not below the model's context of {limit} tokens; set it below {limit}"
+            if max_tokens_column is not None:
+                raise _RowProblem(f"column {max_tokens_column!r} (max_tokens) is {sampling.max_tokens}: {problem}")
+            raise _RowProblem(f"max_tokens {sampling.max_tokens} is {problem}")
         # A token is at least one byte of UTF-8, so most prompts pass without being tokenized.
         if len(prompt.encode()) + 8 + sampling.max_tokens <= limit:
             return
@@ -329,7 +335,7 @@ class RowMapper:
         if count + sampling.max_tokens > limit:
             raise _RowProblem(
                 f"the prompt has {count} tokens; with max_tokens {sampling.max_tokens} that is beyond the model's "
-                f"context of {limit} tokens"
+                f"context of {limit} tokens: shorten the prompt, or lower max_tokens"
             )
 
 

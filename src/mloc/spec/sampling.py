@@ -26,7 +26,7 @@ from mloc.spec.dataset import DatasetInput
 
 # What to do about a value out of its range, per field; the range itself is read off the field.
 _FIXES = {
-    "max_tokens": "give how many tokens to generate, at least 1",
+    "max_tokens": "give how many tokens to generate, at least 1 and below the model's context",
     "temperature": "use 0 for greedy output and at most 2 for the most varied (vLLM and OpenAI take no more)",
     "top_p": "use 1 to keep every token, or a smaller share such as 0.9",
     "top_k": "give how many of the likeliest tokens to sample from, or 0 (or leave it out) for no cut",

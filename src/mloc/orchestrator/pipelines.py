@@ -33,7 +33,6 @@ from mloc.errors import MlocError, NotFound, SpecError
 from mloc.orchestrator import chunks, conditions
 from mloc.orchestrator.cancel import cancel
 from mloc.orchestrator.placement import Request, request_of
-from mloc.orchestrator.training import TAKEN_BACK_FIELDS, taken_back
 from mloc.orchestrator.users import Principal
 from mloc.records import NewTask
 from mloc.spec import Document, references, taskgraph, validate
@@ -391,8 +390,8 @@ async def _rearm(store: TaskStore, task_id: str, said: tasklog.Line) -> bool:
     fetched = ("state", "reason_code", "pipeline_id", "priority", "created_ms", "group_size", "parent_id")
     h = dict(
         zip(
-            fetched + TAKEN_BACK_FIELDS,
-            await redis.hmget(keys.task(task_id), *fetched, *TAKEN_BACK_FIELDS),
+            fetched + counters.TAKEN_BACK_FIELDS,
+            await redis.hmget(keys.task(task_id), *fetched, *counters.TAKEN_BACK_FIELDS),
             strict=True,
         )
     )
@@ -430,7 +429,7 @@ async def _rearm(store: TaskStore, task_id: str, said: tasklog.Line) -> bool:
         created_ms=int(created_ms or 0),
         log=(tasklog.stored(said),),
         # Its end for a dependency was counted in its owner's usage; it will end again.
-        **await taken_back(store, {name: value for name, value in h.items() if value is not None}),
+        **await counters.taken_back(store.redis, {name: value for name, value in h.items() if value is not None}),
     )
     if not (await store.apply(task_id, change)).ok:
         return False

@@ -18,15 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mloc import checkpoints, counters, keys, moves, tasklog
+from mloc import checkpoints, counters, moves, tasklog
 from mloc.errors import Conflict, NotFound
 from mloc.records import runs_usage
 from mloc.state import Reason, TaskState
 from mloc.store import TaskStore
-from mloc.transition import COUNTED_END, utc_day
+from mloc.transition import COUNTED_END
 
-# The task hash fields :func:`taken_back` reads.
-TAKEN_BACK_FIELDS = (COUNTED_END, "owner", "task_type")
 # Ended for a reason a resume cannot undo: the owner is gone.
 _FINAL = frozenset({Reason.USER_REMOVED.value})
 
@@ -80,7 +78,7 @@ async def resume(store: TaskStore, task_id: str, *, by: str, results_dir: Path) 
             priority=int(h.get("priority") or 0),
             created_ms=int(h.get("created_ms") or 0),
             log=(tasklog.stored(said),),
-            **await taken_back(store, h),
+            **await counters.taken_back(store.redis, h),
         ),
     )
     if not moved.ok:
@@ -92,18 +90,3 @@ async def resume(store: TaskStore, task_id: str, *, by: str, results_dir: Path) 
         "checkpoint": found[1].name if found else None,
         "from_step": found[0] if found else None,
     }
-
-
-async def taken_back(store: TaskStore, h: dict[str, str]) -> dict[str, Any]:
-    """The parts of a resume's change that take back the task counters its earlier end added to its
-    owner's usage day (usage counts a task once, when it ends for good, and it will end again): none
-    when that end was not counted, or its day is no longer kept."""
-    counted, _, state = (h.get(COUNTED_END) or "").partition(" ")
-    owner = h.get("owner")
-    if not counted or not owner or state not in TaskState.__members__.values():
-        return {}
-    at = float(counted)
-    if not await store.redis.exists(keys.usage_day(owner, utc_day(at))):
-        return {}
-    ended = counters.ended(h.get("task_type", ""), TaskState(state))
-    return {"usage": {name: -value for name, value in ended.items()}, "usage_at": at, "owner": owner}

@@ -35,6 +35,19 @@ def wait_terminal(client: Client, task_id: str, timeout: float = 600) -> dict:
     return record
 
 
+def long_sft(model: Path, steps: int) -> str:
+    """The tiny SFT template for ``steps`` steps, a metric each step, and no checkpoint but the one a
+    cancel or a stop saves."""
+    return (
+        (REPO / "templates" / "sft_tiny_local.yaml")
+        .read_text()
+        .replace("/tmp/tiny-llama", str(model))
+        .replace("max_steps: 30", f"max_steps: {steps}")
+        .replace("logging_steps: 5", "logging_steps: 1")
+        .replace("save_steps: 10", "save_steps: 1000")
+    )
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny") / "model")
@@ -108,14 +121,7 @@ def test_a_worker_stopped_mid_training_saves_a_checkpoint_and_another_worker_con
     cluster = make_cluster(2, env={"MLOC_SHUTDOWN_GRACE_SEC": "0.5"})
     client = client_for(cluster)
     steps = 200
-    sft = (
-        (REPO / "templates" / "sft_tiny_local.yaml")
-        .read_text()
-        .replace("/tmp/tiny-llama", str(tiny_model))
-        .replace("max_steps: 30", f"max_steps: {steps}")
-        .replace("logging_steps: 5", "logging_steps: 1")
-        .replace("save_steps: 10", "save_steps: 1000")  # the only checkpoint is the one the stop saves
-    )
+    sft = long_sft(tiny_model, steps)
     task_id = client.submit(sft.encode())["task_id"]
     deadline = time.monotonic() + 300
     while len(client.metrics(task_id)["metrics"]) < 3:
@@ -151,14 +157,7 @@ def test_a_cancelled_training_task_resumed_continues_from_its_checkpoint(
     cluster = make_cluster(1)
     client = client_for(cluster)
     steps = 300
-    sft = (
-        (REPO / "templates" / "sft_tiny_local.yaml")
-        .read_text()
-        .replace("/tmp/tiny-llama", str(tiny_model))
-        .replace("max_steps: 30", f"max_steps: {steps}")
-        .replace("logging_steps: 5", "logging_steps: 1")
-        .replace("save_steps: 10", "save_steps: 1000")  # the only checkpoint is the one the cancel saves
-    )
+    sft = long_sft(tiny_model, steps)
     # Two steps after it: what ends when the training is cancelled waits again when it is resumed.
     after = [
         {

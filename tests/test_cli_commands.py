@@ -48,6 +48,16 @@ def test_show_submit_wait_and_bulk_say_what_a_task_is_doing(
     assert any(re.match(r"^running on local-1: [123]/3 \(\d+\.\d%\)(, ETA .+)?$", line) for line in lines), lines
     assert any(re.match(r"^task [0-9a-f-]{36} succeeded$", line) for line in lines), lines
 
+    # --dry-run: what would happen, in words; --json: the whole answer.
+    dry = mloc("submit", str(slow), "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines()[:2] == [
+        f"valid: {slow}: EchoTask (echo), topic tasks.echo",
+        "  would be placed on: local-1",
+    ], dry.stdout
+    as_json = json.loads(mloc("submit", str(slow), "--dry-run", "--json", env=env).stdout)
+    assert as_json["valid"] is True and as_json["would_place_on"] == ["local-1"]
+
     # show: a readable summary of a running task, with progress, ETA and times.
     running = client.submit(SLEEPER)["task_id"]
     wait_until(client, running, lambda r: bool(r["state"] == "running" and (r.get("progress") or {}).get("step")))

@@ -105,13 +105,34 @@ def _said(answer: dict[str, Any], label: str) -> None:
     output.line(output.visible(f"submitted {task_id} ({label}), {where}", one_line=True))
 
 
+def _dry_run_lines(label: str, answer: dict[str, Any]) -> list[str]:
+    """What `mloc submit --dry-run` says of one task: valid, where it would go, what memory it needs."""
+    task = answer.get("task") or {}
+    spec = task.get("spec") or {}
+    lines = [f"valid: {label}: {task.get('kind', 'Task')} ({spec.get('taskType', '?')}), topic {answer.get('topic')}"]
+    placed = answer.get("would_place_on") or []
+    if placed:
+        lines.append(f"  would be placed on: {', '.join(placed)}")
+    elif answer.get("pending_reason"):
+        how = "could never start" if answer.get("unschedulable") else "would wait"
+        lines.append(f"  {how}: {answer['pending_reason']}")
+    estimate = answer.get("memory_estimate") or {}
+    if estimate.get("explain"):
+        lines.append(f"  memory: {estimate['explain']}")
+    if estimate.get("warning"):
+        lines.append(f"  warning: {estimate['warning']}")
+    return lines
+
+
 @app.command()
 def submit(
     files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help="Task files (YAML or JSON).")],
     wait: Annotated[
         bool, typer.Option("--wait", help="Follow the task (each of several, in turn) and print its result.")
     ] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and show placement only.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate and show placement only (--json: the whole answer).")
+    ] = False,
     timeout: Annotated[float, typer.Option(help="--wait: seconds to wait for the end.")] = 3600,
     wait_timeout: Annotated[
         float,
@@ -135,11 +156,17 @@ def submit(
     try:
         if dry_run:
             single = len(files) == 1 and len(labelled) == 1
-            output.print_json(
+            checked = (
                 api.submit(files[0], dry_run=True)
                 if single
                 else api.submit_bulk([document for _, document in labelled], dry_run=True)
             )
+            if json_out:
+                output.print_json(checked)
+            else:
+                for (label, _), answer in zip(labelled, checked.get("tasks", [checked]), strict=True):
+                    for line in _dry_run_lines(label, answer):
+                        output.line(output.visible(line, one_line=True))
             return
         # One task goes as the file's own bytes, so the API's messages point into the file as written.
         single = len(files) == 1 and len(labelled) == 1

@@ -518,8 +518,19 @@ def _memory_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("memory-warning", estimate["warning"]))
     peak = record.get("memory_peak_bytes")
     if peak:
-        where = "on its fullest GPU" if (record.get("memory_peak") or {}).get("device") == "gpu" else "RSS"
-        rows.append(("memory-peak", f"{output.size(peak)} ({where}, measured)"))
+        detail = record.get("memory_peak") or {}
+        if detail.get("device") == "gpu":
+            rows.append(("memory-peak", f"{output.size(peak)} (on its fullest GPU, measured)"))
+        else:
+            # An executor process keeps the models of earlier tasks warm: its size at the start was theirs.
+            start = int(detail.get("rss_start_bytes") or 0)
+            held = (
+                f"; {output.size(max(0, int(peak) - start))} above the {output.size(start)} its executor process "
+                "held at its start"
+                if start
+                else ""
+            )
+            rows.append(("memory-peak", f"{output.size(peak)} (RSS, measured{held})"))
     return rows
 
 

@@ -295,6 +295,12 @@ def test_the_openai_client_runs_batches_on_mloc(
     assert done.usage is not None and done.usage.output_tokens == sum(2 + i % 3 for i in range(20) if i != 7)
     output = lines_of(alice, done.output_file_id)
     assert [line["custom_id"] for line in output] == [r["custom_id"] for i, r in enumerate(completions) if i != 7]
+    # Its task knows how many requests it holds: its one chunk is cut to them (and its log says so),
+    # not to a chunk's full size.
+    task = admin.task(done.id.removeprefix("batch_"))
+    assert len(task["children"]) == 1
+    window = admin.task(task["children"][0])["spec"]["spec"]["inference"]["input"]
+    assert (window.get("skip_rows", 0), window["max_rows"]) == (0, 20), window
     for line in output:
         asked = completions[int(line["custom_id"][1:])]["body"]
         body = line["response"]["body"]

@@ -402,6 +402,8 @@ def _task(
                     "columns": columns,
                     # A bad request fails alone, as at OpenAI: it gets a line in the error file.
                     "max_row_errors": converted.requests,
+                    # Known at create: no chunk is cut past the last request, and each says its own rows.
+                    "max_rows": converted.requests,
                 },
             },
         },

@@ -373,10 +373,11 @@ async def rearm_dependents(store: TaskStore, task_id: str, *, by: str) -> list[d
     name = await store.redis.hget(keys.task(task_id), "name")
     said = tasklog.Line("waiting", f"waits again: {f'{name} ({task_id[:8]})' if name else task_id} was resumed by {by}")
     causes = [task_id]
+    graphs: dict[str, dict[str, Any]] = {}  # the pipelines' graphs, each read once
     while causes:
         cause = causes.pop(0)
         for dependent in sorted(await store.redis.smembers(keys.dependents(cause))):
-            if dependent not in rearmed and await _rearm(store, dependent, said):
+            if dependent not in rearmed and await _rearm(store, dependent, said, graphs):
                 rearmed.append(dependent)
                 causes.append(dependent)
     pipe = store.redis.pipeline(transaction=False)
@@ -385,7 +386,7 @@ async def rearm_dependents(store: TaskStore, task_id: str, *, by: str) -> list[d
     return [{"task_id": i, "name": n or ""} for i, n in zip(rearmed, await pipe.execute(), strict=True)]
 
 
-async def _rearm(store: TaskStore, task_id: str, said: tasklog.Line) -> bool:
+async def _rearm(store: TaskStore, task_id: str, said: tasklog.Line, graphs: dict[str, dict[str, Any]]) -> bool:
     redis = store.redis
     fetched = ("state", "reason_code", "pipeline_id", "priority", "created_ms", "group_size", "parent_id")
     h = dict(
@@ -400,8 +401,10 @@ async def _rearm(store: TaskStore, task_id: str, said: tasklog.Line) -> bool:
         return False
     if group_size or parent_id:
         return False  # a dataset step's chunks: the step is resumed as a whole
-    raw = await redis.get(keys.pipeline(pipeline_id)) if pipeline_id else None
-    steps = {node["task_id"]: node for node in (json.loads(raw)["tasks"] if raw else [])}
+    if pipeline_id and pipeline_id not in graphs:
+        raw = await redis.get(keys.pipeline(pipeline_id))
+        graphs[pipeline_id] = {node["task_id"]: node for node in (json.loads(raw)["tasks"] if raw else [])}
+    steps = graphs.get(pipeline_id or "", {})
     if task_id not in steps:
         return False
     waiting: list[str] = steps[task_id]["depends_on"]

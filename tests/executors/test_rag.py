@@ -662,3 +662,42 @@ def test_questions_from_a_dataset_are_answered_a_batch_at_a_time_into_result_lin
     body["spec"]["questions"] = ["Which volcano?"]
     with pytest.raises(SpecError, match=r"inline \('questions'\) or from a dataset \('input'\)"):
         mloc.spec.load(json.dumps(body))
+
+
+def test_document_roots_are_checked_before_anything_is_looked_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mloc.executors.rag.documents import load_documents
+    from mloc.spec.rag import DocumentSource
+
+    allowed = tmp_path / "docs"
+    (allowed / "sub").mkdir(parents=True)
+    (allowed / "sub" / "a.md").write_text("inside")
+    outside = tmp_path / "private"
+    outside.mkdir()
+    (outside / "secret.md").write_text("outside")
+    (allowed / "link.md").symlink_to(outside / "secret.md")
+    monkeypatch.setenv("MLOC_DOCUMENT_ROOTS", str(allowed))
+
+    def refusal(**source: str) -> str:
+        with pytest.raises(ExecutionError) as caught:
+            load_documents([DocumentSource.model_validate(source)], base_dir=tmp_path)
+        return caught.value.message
+
+    # A file outside, there or not, gets the same answer, naming only what the task wrote.
+    there, absent = refusal(path=str(outside / "secret.md")), refusal(path=str(outside / "absent.md"))
+    assert there.replace("secret", "absent") == absent
+    assert "is outside the folders this worker reads documents from" in there
+    # So does a glob that starts outside, before it is expanded.
+    for pattern in (f"{outside}/*.md", f"{outside}/nothing*"):
+        said = refusal(glob=pattern)
+        assert said.startswith(f"spec.documents[0]: the glob {pattern!r} is outside the folders"), said
+    # A glob that leads out ('..' after a wildcard, a link) matches only what lies inside.
+    escaping = refusal(glob=f"{allowed}/*/../../private/*.md")
+    assert "matched no files inside the folders this worker reads documents from" in escaping
+    assert "secret" not in escaping.split("(searched")[0]
+    kept = load_documents([DocumentSource.model_validate({"glob": f"{allowed}/**/*.md"})], base_dir=tmp_path)
+    assert [document.page_content for document in kept] == ["inside"]  # the link to the outside is not read
+    # A glob that starts above the allowed folder reads what it matches inside it.
+    above = load_documents([DocumentSource.model_validate({"glob": f"{tmp_path}/*/sub/*.md"})], base_dir=tmp_path)
+    assert [document.metadata["source"] for document in above] == [str(allowed / "sub" / "a.md")]

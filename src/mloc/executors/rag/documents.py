@@ -61,8 +61,7 @@ class DocumentLoader(BaseLoader):
                 name = source.metadata.get("source") or inline_id(source.text)
                 yield Document(page_content=source.text, metadata={**source.metadata, "source": name})
                 continue
-            for path in _paths(source, self.base, where):
-                _check_allowed(path, roots, where)
+            for path in _paths(source, self.base, where, roots):
                 yield Document(page_content=read_file(path), metadata={**source.metadata, "source": str(path)})
 
 
@@ -75,9 +74,13 @@ def inline_id(text: str) -> str:
     return "inline:" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _paths(source: DocumentSource, base: Path, where: str) -> list[Path]:
+def _paths(source: DocumentSource, base: Path, where: str, roots: list[Path]) -> list[Path]:
+    """The files a source names. Where the worker limits the folders it reads (``roots``), what the
+    source names is checked against them before anything is looked up, and a refusal names only what
+    the task wrote: whether a file exists outside them is not the task's to learn."""
     if source.path is not None:
         path = _resolve(source.path, base)
+        _check_allowed(path, roots, where, shown=repr(source.path))
         if not path.exists():
             shown = repr(source.path) if str(path) == source.path else f"{source.path!r} ({path})"
             raise ExecutionError(f"{where}: document file {shown} does not exist")
@@ -89,13 +92,30 @@ def _paths(source: DocumentSource, base: Path, where: str) -> list[Path]:
         return [path]
     assert source.glob is not None
     pattern = source.glob if os.path.isabs(source.glob) else str(base / source.glob)
+    shown = f"the glob {source.glob!r}"
+    start = _resolve(_fixed_part(pattern), base)
+    if roots and not any(start.is_relative_to(root) or root.is_relative_to(start) for root in roots):
+        _check_allowed(start, roots, where, shown=shown)
     paths = sorted(Path(match) for match in globbing.glob(pattern, recursive=True))
-    paths = [path for path in paths if path.is_file()]
+    # Only what lies in the allowed folders counts as matched (a '..' after a wildcard, or a link, can
+    # lead out of them), whether or not anything matches outside: so a glob tells nothing of the rest.
+    paths = [path for path in paths if path.is_file() and _inside(path, roots)]
     if not paths:
-        raise ExecutionError(f"{where}: the glob {source.glob!r} matched no files (searched {pattern})")
+        inside = " inside the folders this worker reads documents from" if roots else ""
+        raise ExecutionError(f"{where}: {shown} matched no files{inside} (searched {pattern})")
     if len(paths) > MAX_FILES:
-        raise ExecutionError(f"{where}: the glob {source.glob!r} matched {len(paths)} files; the limit is {MAX_FILES}")
+        raise ExecutionError(f"{where}: {shown} matched {len(paths)} files; the limit is {MAX_FILES}")
     return paths
+
+
+def _fixed_part(pattern: str) -> str:
+    """The folder a glob pattern starts in: its leading components that hold no wildcard."""
+    fixed: list[str] = []
+    for part in Path(pattern).parts:
+        if globbing.has_magic(part):
+            break
+        fixed.append(part)
+    return str(Path(*fixed)) if fixed else "."
 
 
 def read_file(path: Path) -> str:
@@ -190,13 +210,17 @@ def _allowed_roots() -> list[Path]:
     return Settings().document_root_paths
 
 
-def _check_allowed(path: Path, roots: list[Path], where: str) -> None:
+def _inside(path: Path, roots: list[Path]) -> bool:
     if not roots:
-        return
+        return True
     resolved = path.resolve()
-    if not any(resolved.is_relative_to(root) for root in roots):
+    return any(resolved.is_relative_to(root) for root in roots)
+
+
+def _check_allowed(path: Path, roots: list[Path], where: str, *, shown: str) -> None:
+    if not _inside(path, roots):
         allowed = ", ".join(str(root) for root in roots)
         raise ExecutionError(
-            f"{where}: {path} is outside the folders this worker reads documents from ({allowed}); "
-            f"put the file there or send its text inline"
+            f"{where}: {shown} is outside the folders this worker reads documents from ({allowed}); "
+            f"put the files there or send their text inline"
         )

@@ -179,6 +179,14 @@ def test_eval_tasks_are_refused_at_submit_with_the_field_and_nothing_is_stored(
         alice.submit(eval_task("outside", custom(outside)))
     assert caught.value.status_code == 403
     assert caught.value.message.startswith(f"spec.eval.custom[0].path {str(outside['mc'])!r} is outside the folders")
+    # A home path is said to be one (each worker would expand it to its own user's home).
+    homed = [{"name": "arith", "path": "~/.mloc/data/arith.jsonl", "type": "multiple_choice"}]
+    with pytest.raises(ApiError) as caught:
+        alice.submit(eval_task("home", homed))
+    assert caught.value.message.startswith(
+        "spec.eval.custom[0].path '~/.mloc/data/arith.jsonl' starts in a home folder, which each worker would "
+        f"expand to its own user's; give an absolute path under {tmp_path / 'data'}"
+    ), caught.value.message
 
     bad_metric = [{"name": "gen", "path": str(data["em"]), "type": "generation", "metric": ["rouge"]}]
     with pytest.raises(ApiError) as caught:

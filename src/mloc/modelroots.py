@@ -241,6 +241,11 @@ async def check_at_submit(redis: aioredis.Redis, spec: Mapping[str, Any], owner:
             continue
         if reference.kind is Kind.MAYBE and not looks_local(reference.value):
             continue  # a hub id; the worker checks that no local folder of that name is read instead
+        if reference.value.startswith("~"):
+            return (
+                f"{reference.field} {reference.value!r} starts in a home folder, which each worker would expand to "
+                f"its own user's; give an absolute path under {roots.describe()}"
+            )
         if not os.path.isabs(reference.value):
             return (
                 f"{reference.field} {reference.value!r} is a relative path, which each worker would read from a "

@@ -68,7 +68,11 @@ def test_rotating_a_token_revokes_the_old_one_at_once_and_keeps_quota_budget_and
         assert "the old one no longer works" in rotated.stdout
         new = rotated.stdout.strip().splitlines()[-1]
         assert new.startswith("mloc_") and new != old
-        assert httpx.get(cluster.api_url + "/api/v1/tasks", headers=bearer(old)).status_code == 401
+        stale = httpx.get(cluster.api_url + "/api/v1/tasks", headers=bearer(old))
+        assert stale.status_code == 401
+        # The refusal says a token may have been replaced, and how the admin gives the current one.
+        assert "replaced by a newer one" in stale.json()["message"]
+        assert "`mloc users rotate-token NAME` for a user" in stale.json()["message"]
         assert httpx.get(cluster.api_url + "/api/v1/tasks", headers=bearer(new)).status_code == 200
         # The limits stay as they were.
         quota = admin.get("/admin/users/alice/quota").json()["quota"]

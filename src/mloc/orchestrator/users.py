@@ -40,7 +40,10 @@ async def authenticate(redis: aioredis.Redis, admin_token: str | None, header: s
         return Principal(ADMIN, admin=True)
     user = await redis.get(keys.user_token(hash_token(token)))
     if user is None:
-        raise Unauthorized("invalid token; ask the admin for a token (`mloc users add NAME`)")
+        raise Unauthorized(
+            "invalid token (unknown, or replaced by a newer one); ask the admin for your current token: "
+            "`mloc users rotate-token NAME` for a user, `mloc users add NAME` for a new one"
+        )
     return Principal(user, admin=False)
 
 

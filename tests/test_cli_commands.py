@@ -57,6 +57,11 @@ def test_show_submit_wait_and_bulk_say_what_a_task_is_doing(
     ], dry.stdout
     as_json = json.loads(mloc("submit", str(slow), "--dry-run", "--json", env=env).stdout)
     assert as_json["valid"] is True and as_json["would_place_on"] == ["local-1"]
+    gpu = tmp_path / "gpu.json"
+    gpu.write_text(json.dumps({"taskType": "echo", "resources": {"hardware": {"gpu": {"count": 1}}}}))
+    never = mloc("submit", str(gpu), "--dry-run", env=env)
+    assert never.returncode == 1, never.stdout + never.stderr  # a script can tell
+    assert never.stdout.splitlines()[1].startswith("  could never start: "), never.stdout
 
     # show: a readable summary of a running task, with progress, ETA and times.
     running = client.submit(SLEEPER)["task_id"]

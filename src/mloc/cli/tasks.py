@@ -131,7 +131,11 @@ def submit(
         bool, typer.Option("--wait", help="Follow the task (each of several, in turn) and print its result.")
     ] = False,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Validate and show placement only (--json: the whole answer).")
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Validate and show placement only (--json: the whole answer); exits 1 if a task could never start.",
+        ),
     ] = False,
     timeout: Annotated[float, typer.Option(help="--wait: seconds to wait for the end.")] = 3600,
     wait_timeout: Annotated[
@@ -161,12 +165,16 @@ def submit(
                 if single
                 else api.submit_bulk([document for _, document in labelled], dry_run=True)
             )
+            answers = checked.get("tasks", [checked])
             if json_out:
                 output.print_json(checked)
             else:
-                for (label, _), answer in zip(labelled, checked.get("tasks", [checked]), strict=True):
+                for (label, _), answer in zip(labelled, answers, strict=True):
                     for line in _dry_run_lines(label, answer):
                         output.line(output.visible(line, one_line=True))
+            # As `--wait` ends for such a task: a script learns it from the exit code.
+            if any(answer.get("unschedulable") for answer in answers):
+                raise typer.Exit(1)
             return
         # One task goes as the file's own bytes, so the API's messages point into the file as written.
         single = len(files) == 1 and len(labelled) == 1

@@ -87,7 +87,10 @@ def test_rotating_a_token_revokes_the_old_one_at_once_and_keeps_quota_budget_and
         assert httpx.get(cluster.api_url + "/api/v1/tasks", headers=bearer(new)).status_code == 401
         assert httpx.get(cluster.api_url + "/api/v1/tasks", headers=bearer(newest)).status_code == 200
         # A user's own token cannot rotate tokens; unknown users and the admin are refused with the reason.
-        assert httpx.post(cluster.api_url + "/admin/users/alice/token", headers=bearer(newest)).status_code == 403
+        own = httpx.post(cluster.api_url + "/admin/users/alice/token", headers=bearer(newest))
+        assert own.status_code == 403
+        # It says where a user reads their own usage and budgets instead.
+        assert own.json()["message"].endswith("your own usage and budgets are in GET /api/v1/stats (`mloc stats`)")
         missing = admin.post("/admin/users/zoe/token")
         assert missing.status_code == 404 and "zoe" in missing.json()["message"]
         itself = admin.post("/admin/users/admin/token")

@@ -42,7 +42,10 @@ async def principal(
 @raises(Forbidden)
 async def admin(who: Annotated[Principal, Depends(principal)]) -> Principal:
     if not who.admin:
-        raise Forbidden("this endpoint is for the admin (ORCHESTRATOR_TOKEN)")
+        raise Forbidden(
+            "this endpoint is for the admin (ORCHESTRATOR_TOKEN); your own usage and budgets are in "
+            "GET /api/v1/stats (`mloc stats`)"
+        )
     return who
 
 

@@ -16,7 +16,8 @@ def print_result(record: dict[str, Any], result: Any, shown: int) -> None:
     if not (isinstance(items, list) and items) and isinstance(result, dict):
         items = result.get("answers")  # a RAG result's answers say the same as its items, and more
     if isinstance(items, list) and items:
-        _items(record, items, shown)
+        steps = result.get("steps") if isinstance(result, dict) else None
+        _items(record, items, shown, steps if isinstance(steps, list) else [])
     else:
         _value(result, shown)
     if isinstance(result, dict) and result.get("stop_message") and result.get("final_answer") is None:
@@ -75,9 +76,14 @@ def print_line(line: dict[str, Any]) -> None:
         output.line(output.visible(str(text)))
 
 
-def _items(record: dict[str, Any], items: list[Any], shown: int) -> None:
+def _items(record: dict[str, Any], items: list[Any], shown: int, steps: list[Any]) -> None:
+    """Each item with what it was asked; an agent's one item with the tool calls it made on the way."""
     spec = (record.get("spec") or {}).get("spec", {}) if isinstance(record.get("spec"), dict) else {}
     prompts = (spec.get("inference") or {}).get("prompts") or []
+    agent = spec.get("agent") or {}
+    if agent:
+        messages = [m for m in agent.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
+        prompts = [agent.get("input") or (messages[-1].get("content") if messages else "")]
     for item in items[:shown]:
         if not isinstance(item, dict):
             output.line(output.json_text(item, indent=None))
@@ -87,14 +93,30 @@ def _items(record: dict[str, Any], items: list[Any], shown: int) -> None:
         output.line(output.styled(output.visible(f"--- #{index}{finish}", one_line=True), "bold"))
         if item.get("question") is not None:
             _asked("question:", item["question"])
-        elif isinstance(index, int) and 0 <= index < len(prompts):
-            _asked("prompt:", prompts[index])
+        elif isinstance(index, int) and 0 <= index < len(prompts) and prompts[index]:
+            _asked("question:" if agent else "prompt:", prompts[index])
+        if index == 0 and steps:
+            _steps(steps)
         output.line(output.visible(item.get("output", item.get("answer", ""))))
         sources = item.get("sources")
         if isinstance(sources, list) and sources:
             _sources(sources)
     if len(items) > shown:
         output.line(f"... {len(items) - shown} more of {len(items)} results not shown")
+
+
+def _steps(steps: list[Any]) -> None:
+    """An agent's tool calls, one line each: '  1. retriever("lost workers") -> Workers that stop ...'."""
+    output.line(output.styled(f"steps ({len(steps)}):", "dim"))
+    for number, step in enumerate(steps, start=1):
+        if not isinstance(step, dict):
+            continue
+        given = step.get("input")
+        argument = repr(given) if isinstance(given, str) else output.json_text(given, indent=None)
+        said = output.visible(f"{step.get('output', '')}", one_line=True)
+        line = f"  {number}. {step.get('tool', '?')}({argument}) -> {said[:160]}{'...' if len(said) > 160 else ''}"
+        output.line(output.styled(output.visible(line, one_line=True), "dim"))
+    output.line(output.styled("answer:", "dim"))
 
 
 def _asked(label: str, text: Any) -> None:

@@ -12,7 +12,7 @@ from mloc.llm.downloads import COMPLETE, ENTRY_FILE, downloads_root
 from mloc.llm.factsources import facts_key, held_model_facts
 from mloc.llm.modelfacts import ModelFacts, ModelFactsError, facts_from_config
 from mloc.llm.modelsource import CONVERTED_DIR, MARKER
-from mloc.spec.base import ModelSource
+from mloc.spec.base import ModelSource, SourceType
 from tests.support.gguf_file import write_tiny_llama_gguf
 from tests.unit.test_memfit import GEMMA3_270M, LLAMA3_8B, QWEN25_05B
 
@@ -34,7 +34,9 @@ def test_facts_go_by_the_names_held_models_uses() -> None:
     assert facts_key(ModelSource(identifier="Qwen/Qwen2.5-0.5B")) == "Qwen/Qwen2.5-0.5B"
     assert facts_key(ModelSource(identifier="https://h/m.gguf")) == "https://h/m.gguf"
     assert facts_key(ModelSource(type="package", identifier="tiny-llama")) == "package:mloc-tiny-llama"
-    assert facts_key(ModelSource(type="package", identifier="no-such-package")) is None
+    # A task cannot name an unknown packaged model any more; one stored before that was refused has no key.
+    unknown = ModelSource.model_construct(type=SourceType.PACKAGE, identifier="no-such-package")
+    assert facts_key(unknown) is None
     assert facts_key(ModelSource(type="local", identifier="/models/x")) is None
 
 

@@ -244,3 +244,50 @@ def test_a_task_of_another_user_cannot_be_waited_for(redis_url: str, sync_redis:
     with pytest.raises(SpecError, match="nor a task id of yours"):
         plan_of(redis_url, [echo("bobs", after=[mine])], who="bob")
     assert stored(sync_redis) == before
+
+
+def test_a_dataset_step_waits_again_when_what_it_waits_for_is_resumed(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tmp_path: Path
+) -> None:
+    cluster = make_cluster(1)
+    client = client_for(cluster)
+    first = tmp_path / "first.jsonl"
+    prompts = [f'{{"prompt": "row {i}"}}\n' for i in range(10)]
+    first.write_text("".join(prompts[:7]) + '{"prompt": ""}\n' + "".join(prompts[8:]))  # row 7 is empty
+    second = tmp_path / "second.jsonl"
+    second.write_text("".join(prompts))
+    rows = infer("rows", input={"path": str(second), "chunk_rows": 5})
+    rows["spec"]["dependsOn"] = ["prep"]
+    graph = [infer("prep", input={"path": str(first), "chunk_rows": 5}), rows, echo("report", after=["rows"])]
+    tasks = client.submit_bulk(graph)["tasks"]
+    ids = {t["name"]: t["task_id"] for t in tasks}
+    records = {r["name"]: r for r in wait_all(client, list(ids.values()), timeout=300)}
+    assert records["prep"]["state"] == "failed", records["prep"]
+    assert [records[n]["reason_code"] for n in ("rows", "report")] == ["dependency_failed"] * 2, records
+    chunks = records["rows"]["children"]
+    owner = records["prep"]["owner"]
+    ended = client.stats(user=owner)["users"][0]["totals"]
+
+    first.write_text("".join(prompts))  # the row fixed
+    answer = client.resume(ids["prep"])
+    # The dataset step waits again, with its chunks, and so does what waits for it.
+    assert [d["name"] for d in answer["dependents_waiting"]] == ["rows", "report"], answer
+    waiting = client.task(ids["rows"])
+    assert waiting["state"] == "pending" and not waiting["reason"], waiting
+    assert waiting["pending_reason"] == f"waiting for prep ({ids['prep'][:8]}) to succeed", waiting
+    assert {client.task(c)["state"] for c in chunks} == {"pending"}
+    said = [e["text"] for e in client.logs(ids["rows"])["lines"]]
+    assert any(text.startswith(f"waits again: prep ({ids['prep'][:8]}) was resumed by ") for text in said), said
+
+    records = {r["name"]: r for r in wait_all(client, list(ids.values()), timeout=300)}
+    assert {r["state"] for r in records.values()} == {"succeeded"}, records
+    # The same chunks ran, now that prep has succeeded (and the next were cut after them, as usual).
+    assert records["rows"]["children"][: len(chunks)] == chunks, records["rows"]["children"]
+    assert client.result(ids["rows"])["rows"] == 10
+    assert records["rows"]["started_at"] >= records["prep"]["finished_at"]
+    # Their ends for a dependency were taken back: each counts once, as it ended in the end.
+    totals = client.stats(user=owner)["users"][0]["totals"]
+    # (prep's failed chunk stays counted: a resume runs a new chunk in its place.)
+    assert ended["tasks.echo.failed"] == 1, ended
+    assert totals.get("tasks.inference.failed", 0) == ended["tasks.inference.failed"] - len(chunks), totals
+    assert totals.get("tasks.echo.failed", 0) == 0 and totals["tasks.echo.succeeded"] == 1, totals

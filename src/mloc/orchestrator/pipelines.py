@@ -367,8 +367,8 @@ async def _end_waiting(store: TaskStore, task_id: str, *, skip: bool, reason: st
 async def rearm_dependents(store: TaskStore, task_id: str, *, by: str) -> list[dict[str, str]]:
     """After ``task_id`` was resumed, the tasks that ended because it had failed or was cancelled wait
     for it again, and theirs for them, so the pipeline goes on once it succeeds; returns their ids and names.
-    A task that also waits for another failed task is left ended, and so is a dataset step (its
-    chunks ended, not it): it is resumed on its own once what it waits for has succeeded."""
+    A dataset step waits again with its chunks (they wait, it is never queued). A task that also waits
+    for another failed task is left ended."""
     rearmed: list[str] = []
     name = await store.redis.hget(keys.task(task_id), "name")
     said = tasklog.Line("waiting", f"waits again: {f'{name} ({task_id[:8]})' if name else task_id} was resumed by {by}")
@@ -377,34 +377,32 @@ async def rearm_dependents(store: TaskStore, task_id: str, *, by: str) -> list[d
     while causes:
         cause = causes.pop(0)
         for dependent in sorted(await store.redis.smembers(keys.dependents(cause))):
-            if dependent not in rearmed and await _rearm(store, dependent, said, graphs):
-                rearmed.append(dependent)
-                causes.append(dependent)
+            # A dataset step's chunks are what wait: the step is re-armed whole, through its first chunk.
+            step = await store.redis.hget(keys.task(dependent), "parent_id") or dependent
+            if step not in rearmed and await _rearm(store, step, said, graphs):
+                rearmed.append(step)
+                causes.append(step)
     pipe = store.redis.pipeline(transaction=False)
     for dependent in rearmed:
         pipe.hget(keys.task(dependent), "name")
     return [{"task_id": i, "name": n or ""} for i, n in zip(rearmed, await pipe.execute(), strict=True)]
 
 
+_REARM_FIELDS = ("state", "reason_code", "pipeline_id", "priority", "created_ms", "group_size", "chunk_rows")
+
+
 async def _rearm(store: TaskStore, task_id: str, said: tasklog.Line, graphs: dict[str, dict[str, Any]]) -> bool:
     redis = store.redis
-    fetched = ("state", "reason_code", "pipeline_id", "priority", "created_ms", "group_size", "parent_id")
-    h = dict(
-        zip(
-            fetched + counters.TAKEN_BACK_FIELDS,
-            await redis.hmget(keys.task(task_id), *fetched, *counters.TAKEN_BACK_FIELDS),
-            strict=True,
-        )
-    )
-    state, code, pipeline_id, priority, created_ms, group_size, parent_id = (h[name] for name in fetched)
-    if state not in (TaskState.FAILED, TaskState.CANCELLED) or code != Reason.DEPENDENCY_FAILED:
+    h = dict(zip(_REARM_FIELDS, await redis.hmget(keys.task(task_id), *_REARM_FIELDS), strict=True))
+    if h["state"] not in (TaskState.FAILED, TaskState.CANCELLED) or h["reason_code"] != Reason.DEPENDENCY_FAILED:
         return False
-    if group_size or parent_id:
-        return False  # a dataset step's chunks: the step is resumed as a whole
+    if h["group_size"] and not h["chunk_rows"]:
+        return False  # a replica group, which runs only whole: submitted again, never re-armed
+    pipeline_id = h["pipeline_id"] or ""
     if pipeline_id and pipeline_id not in graphs:
         raw = await redis.get(keys.pipeline(pipeline_id))
         graphs[pipeline_id] = {node["task_id"]: node for node in (json.loads(raw)["tasks"] if raw else [])}
-    steps = graphs.get(pipeline_id or "", {})
+    steps = graphs.get(pipeline_id, {})
     if task_id not in steps:
         return False
     waiting: list[str] = steps[task_id]["depends_on"]
@@ -424,21 +422,42 @@ async def _rearm(store: TaskStore, task_id: str, said: tasklog.Line, graphs: dic
         "pending_reason": waiting_reason(left or waiting, names, {}),
         COUNTED_END: "",
     }
+    if not h["chunk_rows"]:
+        if not await _wait_again(store, task_id, fields, said):
+            return False
+        if not left:
+            await settle_dependent(store, task_id)  # what it waits for has succeeded meanwhile: released now
+        return True
+    # A dataset step: its chunks wait again, and it waits with them (pending, never queued itself).
+    if not await _wait_again(store, task_id, {**fields, "waiting_on": ""}, said):
+        return False
+    children: list[str] = json.loads(await redis.hget(keys.task(task_id), "children") or "[]")
+    rewaited = [child for child in children if await _wait_again(store, child, fields, said)]
+    await redis.sadd(keys.GROUPS_OPEN, task_id)
+    if not left:
+        for child in rewaited:
+            await settle_dependent(store, child)
+    return True
+
+
+async def _wait_again(store: TaskStore, task_id: str, fields: dict[str, str], said: tasklog.Line) -> bool:
+    """Move a task that ended for a failed dependency back to waiting; False when it is not so ended."""
+    wanted = ("state", "reason_code", "priority", "created_ms")
+    fetched = wanted + counters.TAKEN_BACK_FIELDS
+    h = dict(zip(fetched, await store.redis.hmget(keys.task(task_id), *fetched), strict=True))
+    if h["state"] not in (TaskState.FAILED, TaskState.CANCELLED) or h["reason_code"] != Reason.DEPENDENCY_FAILED:
+        return False
     change = moves.Change(
         moves.REWAIT,
         fields=fields,
         waits=True,
-        priority=int(priority or 0),
-        created_ms=int(created_ms or 0),
+        priority=int(h["priority"] or 0),
+        created_ms=int(h["created_ms"] or 0),
         log=(tasklog.stored(said),),
         # Its end for a dependency was counted in its owner's usage; it will end again.
         **await counters.taken_back(store.redis, {name: value for name, value in h.items() if value is not None}),
     )
-    if not (await store.apply(task_id, change)).ok:
-        return False
-    if not left:
-        await settle_dependent(store, task_id)  # what it waits for has succeeded meanwhile: released now
-    return True
+    return (await store.apply(task_id, change)).ok
 
 
 async def _add_needs(store: TaskStore, task_id: str, needs: list[tuple[str, str]]) -> None:

@@ -22,13 +22,34 @@ answer=$(curl -sS --fail-with-body -X POST "$api/api/v1/tasks" "${auth[@]}" \
 echo "$answer"
 task_id=$(printf '%s' "$answer" | python3 -c 'import json, sys; print(json.load(sys.stdin)["task_id"])')
 
+# Each change of state (and of why it waits) is printed. A task no registered worker can run waits
+# for one to register: after WAIT_UNSCHEDULABLE_SEC (default 30) of that, the script says why and
+# exits 1, leaving the task queued.
+limit="${WAIT_UNSCHEDULABLE_SEC:-30}"
+last="" since=""
 while true; do
-  state=$(curl -sS --fail-with-body "${auth[@]}" "$api/api/v1/tasks/$task_id" \
-    | python3 -c 'import json, sys; t = json.load(sys.stdin); print(t["state"], t.get("reason") or "")')
+  read -r state unschedulable said < <(curl -sS --fail-with-body "${auth[@]}" "$api/api/v1/tasks/$task_id" \
+    | python3 -c 'import json, sys; t = json.load(sys.stdin)
+why = t.get("reason") if t["state"] in ("failed", "cancelled") else t.get("pending_reason")
+print(t["state"], "yes" if t.get("unschedulable") else "no", (why or "").replace("\n", " "))')
   case "$state" in
-    succeeded*) break ;;
-    failed*|cancelled*) echo "task $task_id: $state" >&2; exit 1 ;;
+    succeeded) break ;;
+    failed|cancelled) echo "task $task_id: $state: $said" >&2; exit 1 ;;
   esac
+  if [[ "$state $said" != "$last" ]]; then
+    echo "task $task_id: $state${said:+: $said}" >&2
+    last="$state $said"
+  fi
+  if [[ "$unschedulable" == yes ]]; then
+    since="${since:-$SECONDS}"
+    if (( SECONDS - since >= limit )); then
+      echo "task $task_id cannot start: no registered worker can run it. It stays queued and starts if a" \
+        "worker that fits registers; cancel it: curl -X POST $api/api/v1/tasks/$task_id/cancel" >&2
+      exit 1
+    fi
+  else
+    since=""
+  fi
   sleep 1
 done
 curl -sS --fail-with-body "${auth[@]}" "$api/api/v1/tasks/$task_id/result"

@@ -143,6 +143,24 @@ def test_curl_d_flattened_yaml_is_a_400_naming_data_binary(make_cluster, tmp_pat
     assert status == 400 and "--data-binary" in str(answer["message"]), answer
 
 
+def test_the_client_script_prints_the_result_or_says_why_a_task_cannot_start(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    cluster = make_cluster(workers=1)
+    script = ROOT / "client" / "vllm_inference.sh"
+    env = _clean_env(MLOC_API_URL=cluster.api_url, WAIT_UNSCHEDULABLE_SEC="2")
+    done = subprocess.run([str(script), str(ECHO)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["ok"] is True, result
+    # Its default task needs a GPU, which no worker here has: it says so and stops, leaving it queued.
+    done = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    task_id = json.loads(done.stdout.strip().splitlines()[0])["task_id"]
+    assert f"task {task_id}: pending: no registered worker can run this task" in done.stderr, done.stderr
+    assert f"task {task_id} cannot start: no registered worker can run it" in done.stderr, done.stderr
+    assert f"curl -X POST {cluster.api_url}/api/v1/tasks/{task_id}/cancel" in done.stderr
+    assert httpx.get(f"{cluster.api_url}/api/v1/tasks/{task_id}").json()["state"] == "pending"
+
+
 # ---------------------------------------------------------------- seed 2: local development flow
 def _mloc(ns: Namespace, node: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:

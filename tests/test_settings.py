@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from mloc.connection import choose_redis
 from mloc.settings import NodeType, Settings, describe_invalid
 
 
@@ -138,3 +139,12 @@ def test_good_worker_ids_and_store_urls_pass(monkeypatch: pytest.MonkeyPatch) ->
     assert settings.worker_id == "gpu-node-3.rack_2:a" and settings.artifact_store_url == "s3://bucket/mloc"
     monkeypatch.setenv("MLOC_ARTIFACT_STORE", "")
     assert Settings().artifact_store_url is None
+
+
+@pytest.mark.parametrize("variable", ["MLOC_REDIS_URL", "REDIS_URL", "mloc_redis_url"])
+def test_the_redis_line_names_the_variable_the_url_came_from(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
+    for name in ("MLOC_REDIS_URL", "REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, "redis://db.example:6380/0")
+    choice = choose_redis(Settings())
+    assert choice.describe() == f"Redis: redis://db.example:6380/0 ({variable.upper()})"

@@ -113,9 +113,10 @@ def _existing(settings: Settings) -> RedisChoice | None:
     url = running_url(settings.home)
     if settings.redis_url:
         # `mloc up` hands its embedded server to the processes it starts as REDIS_URL.
+        variable = settings.redis_url_variable
         if settings.redis_url == url:
-            return RedisChoice(url, f"the embedded Redis of {settings.home}, passed as REDIS_URL")
-        return RedisChoice(settings.redis_url, "REDIS_URL")
+            return RedisChoice(url, f"the embedded Redis of {settings.home}, passed as {variable}")
+        return RedisChoice(settings.redis_url, variable)
     if url is not None:
         return RedisChoice(url, f"no REDIS_URL: the embedded Redis already running for {settings.home}")
     if _default_answers():

@@ -316,6 +316,12 @@ class Settings(BaseSettings):
         )
 
     @property
+    def redis_url_variable(self) -> str:
+        """The variable REDIS_URL was read from, to name it where the URL is reported."""
+        set_names = {name.upper() for name in os.environ}
+        return next((name for name in ("MLOC_REDIS_URL", "REDIS_URL") if name in set_names), "REDIS_URL")
+
+    @property
     def topics(self) -> list[str]:
         return _split_csv(self.task_topics) or ["tasks.inference"]
 

@@ -389,3 +389,32 @@ def test_a_cancelled_dataset_task_says_how_to_resume_and_where_its_lines_are(
     assert "RESULTS_DIR" not in files.stderr and f"mloc results {parent}" in files.stderr
     result = mloc("result", parent, env=env)
     assert f"has no result (it is cancelled); the lines its chunks finished: mloc results {parent}" in result.stderr
+
+
+@pytest.mark.extra("inference")
+def test_a_chunk_run_without_the_artifact_store_is_read_from_a_shared_results_dir_or_fails_the_task(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tmp_path: Path
+) -> None:
+    prompts = [f"Question: what is {i} plus one?\nAnswer:" for i in range(8)]
+    data = write_rows(tmp_path / "questions.jsonl", prompts)
+    cluster = make_cluster(0, env={"MLOC_ARTIFACT_STORE": f"file://{tmp_path / 'store'}"})
+    client = client_for(cluster)
+    # A worker started without the store, writing to the RESULTS_DIR the orchestrator reads (one host).
+    cluster.add_worker("no-store", {"MLOC_ARTIFACT_STORE": ""})
+    cluster.wait_ready(60)
+    record = client.wait(client.submit(task(data, chunk_rows=5))["task_id"], timeout=300)
+    assert record["state"] == "succeeded", record
+    assert [line["id"] for line in lines_of(client, record["task_id"])] == [f"q{i:03d}" for i in range(8)]
+
+    # One writing to a disk of its own: the task fails at once, saying why and what to set.
+    cluster.stop_worker("no-store")
+    cluster.add_worker("elsewhere", {"MLOC_ARTIFACT_STORE": "", "RESULTS_DIR": str(tmp_path / "elsewhere")})
+    cluster.wait_ready(60)
+    record = client.wait(client.submit(task(data, chunk_rows=5))["task_id"], timeout=300)
+    assert record["state"] == "failed", record
+    first = record["children"][0]
+    assert record["reason"].startswith(
+        f"the result lines of chunk 0 cannot be read: task {first} has no published artifacts (it is succeeded)"
+    ), record["reason"]
+    assert "worker elsewhere may run without MLOC_ARTIFACT_STORE: set it on every worker" in record["reason"]
+    assert record["reason"].endswith("then submit the task again") and "mloc resume" not in record["reason"]

@@ -247,12 +247,23 @@ def listing(settings: Settings, task_id: str, state: str, attempt: int, worker_i
     store = store_for(settings)
     if store is not None:
         found = store.listing(task_id, attempt) if attempt else None
-        if found is None:
-            raise NotFound(
-                f"task {task_id} has no published artifacts (it is {state}); files are published to the artifact "
-                "store when a task succeeds"
-            )
-        return found
+        if found is not None:
+            return found
+        # Succeeded with nothing published: its worker runs without the store and wrote its files to its
+        # RESULTS_DIR, found here when that folder is shared with (or on the host of) this orchestrator.
+        succeeded = state == "succeeded"
+        local = _local_listing(settings, task_id) if succeeded else None
+        if local is not None:
+            return local
+        by = (
+            f"; worker {worker_id} may run without MLOC_ARTIFACT_STORE: set it on every worker"
+            if succeeded and worker_id
+            else ""
+        )
+        raise NotFound(
+            f"task {task_id} has no published artifacts (it is {state}); files are published to the artifact "
+            f"store when a task succeeds{by}"
+        )
     local = _local_listing(settings, task_id)
     if local is None:
         where = f" on worker {worker_id}'s disk" if worker_id else ""

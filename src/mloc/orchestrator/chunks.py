@@ -341,7 +341,11 @@ async def _settle(store: TaskStore, parent_id: str, settings: Settings) -> bool:
         None,
     )
     if last is not None and all(s == TaskState.SUCCEEDED for s in states[: last + 1]):
-        await _succeed(store, h, children[: last + 1], rows, settings)
+        unread = await _succeed(store, h, children[: last + 1], rows, settings)
+        if unread is not None:
+            # No resume is offered: it would keep the chunk whose lines are out of reach.
+            await _end(store, parent_id, children, states, TaskState.FAILED, unread, code=Reason.REPLICA_FAILED)
+            return True
         for child, chunk_state in zip(children[last + 1 :], states[last + 1 :], strict=True):
             if chunk_state not in TERMINAL:  # cut before the end was known: nothing to read
                 with contextlib.suppress(MlocError):
@@ -490,12 +494,17 @@ async def _succeed(
     children: list[str],
     rows: list[list[str | None]],
     settings: Settings,
-) -> None:
+) -> str | None:
+    """Join the chunks' lines and record the task's success; or why their lines cannot be joined."""
     parent_id = h["id"]
     results = [await store.result(child) or {} for child in children]
     records = [await store.get(child, with_spec=False) for child in children]
     folder = settings.results_dir / parent_id
-    await asyncio.to_thread(join_lines, settings, records, folder / RESULT_LINES)
+    try:
+        await asyncio.to_thread(join_lines, settings, records, folder / RESULT_LINES)
+    except NotFound as exc:
+        # Its chunk succeeded and published nothing: no later settle finds more, and a resume keeps that chunk.
+        return f"{exc.message}; then submit the task again"
     starts = [float(row[2]) for row in rows if row[2]]
     started = float(h.get("started_at") or min(starts, default=time.time()))
     # Time it sat failed or cancelled before a resume is not its run's.
@@ -532,9 +541,10 @@ async def _succeed(
     end = moves.Change(moves.GROUP_SUCCEED, result=merged, fields=fields, now=now, log=(said,))
     if TaskState(h["state"]) != TaskState.PENDING:
         await store.apply(parent_id, end)
-        return
+        return None
     start = moves.Change(moves.GROUP_START, fields={"started_at": repr(started)}, now=now)
     await store.apply(parent_id, start, then=end)
+    return None
 
 
 def _usage(results: list[dict[str, Any]], wall: float) -> dict[str, float]:
@@ -564,10 +574,13 @@ def join_lines(settings: Settings, records: list[Any], target: Path) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as out:
-            for record in records:
-                found = artifacts.listing(
-                    settings, record.task_id, record.state.value, record.attempts, record.worker_id
-                )
+            for index, record in enumerate(records):
+                try:
+                    found = artifacts.listing(
+                        settings, record.task_id, record.state.value, record.attempts, record.worker_id
+                    )
+                except NotFound as exc:
+                    raise NotFound(f"the result lines of chunk {index} cannot be read: {exc.message}") from exc
                 if not any(item.path == RESULT_LINES for item in found.items):
                     continue  # a chunk past the end wrote an empty file, or none
                 with artifacts.open_artifact(settings, found, RESULT_LINES) as handle:

@@ -37,9 +37,11 @@ def test_a_running_tasks_progress_adds_its_running_chunks_rows(redis_url: str) -
             chunks = {
                 "c0": {"state": "succeeded", "result_summary": json.dumps({"rows": 50, "failed": 2})},
                 "c1": {"state": "succeeded", "result_summary": json.dumps({"rows": 50})},
-                "c2": {"state": "running", "progress": json.dumps({"step": 12, "total": 50})},
-                "c3": {"state": "cancelling", "progress": json.dumps({"step": 7, "total": 50})},
+                "c2": {"state": "running", "progress": json.dumps({"step": 12, "total": 50, "unit": "rows"})},
+                "c3": {"state": "cancelling", "progress": json.dumps({"step": 7, "total": 50, "unit": "rows"})},
                 "c4": {"state": "pending"},
+                # Downloading its model: bytes, not rows.
+                "c5": {"state": "running", "progress": json.dumps({"step": 5_227_214, "total": 5_227_214})},
             }
             for child, fields in chunks.items():
                 await r.hset(keys.task(child), mapping=fields)
@@ -52,4 +54,4 @@ def test_a_running_tasks_progress_adds_its_running_chunks_rows(redis_url: str) -
 
     progress = asyncio.run(scenario())
     assert progress is not None and (progress["step"], progress["unit"]) == (119, "rows")
-    assert progress["message"] == "100 rows done, 2 of them failed, in 2 chunk(s); 19 more in 2 running chunk(s)"
+    assert progress["message"] == "100 rows done, 2 of them failed, in 2 chunk(s); 19 more in 3 running chunk(s)"

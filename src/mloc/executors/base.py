@@ -119,14 +119,20 @@ class RunContext:
         if self.cancel_event.is_set():
             raise TaskCancelled("the task was cancelled")
 
-    def progress(self, step: float, total: float | None = None, message: str | None = None) -> None:
-        """Report progress; at most a few updates a second reach Redis."""
+    def progress(
+        self, step: float, total: float | None = None, message: str | None = None, *, unit: str | None = None
+    ) -> None:
+        """Report progress; at most a few updates a second reach Redis. ``unit`` names what ``step``
+        counts where a reader adds it up ("rows": a dataset chunk's, summed into its task's)."""
         now = time.monotonic()
         final = total is not None and step >= total
         if not final and now - self._last_progress < 0.25:
             return
         self._last_progress = now
-        self.emit({"ev": "progress", "step": step, "total": total, "message": message, "ts": time.time()})
+        event = {"ev": "progress", "step": step, "total": total, "message": message, "ts": time.time()}
+        if unit:
+            event["unit"] = unit
+        self.emit(event)
 
     def log(self, message: str, level: str = "INFO") -> None:
         self.emit({"ev": "log", "level": level, "message": message, "ts": time.time()})

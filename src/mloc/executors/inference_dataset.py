@@ -384,7 +384,7 @@ def run_dataset(
         with open_dataset(source, results_dir=results_dir) as dataset:
             mapper = RowMapper(source, inputs, engine, dataset)
             ctx.log(f"reading {dataset.label}" + (f": {dataset.total:,} rows" if dataset.total is not None else ""))
-            ctx.progress(0, dataset.total, _rows_message(0, dataset.total))
+            ctx.progress(0, dataset.total, _rows_message(0, dataset.total), unit="rows")
             for batch in batches(dataset.rows, batch_size):
                 ctx.check_cancelled()
                 kept = _kept(writer, batch)
@@ -402,7 +402,7 @@ def run_dataset(
                         )
                     batch = batch[len(kept) :]
                     if not batch:
-                        ctx.progress(rows, dataset.total, _rows_message(rows, dataset.total))
+                        ctx.progress(rows, dataset.total, _rows_message(rows, dataset.total), unit="rows")
                         continue
                 requests = [mapper.map(row) for row in batch]
                 for request in requests:
@@ -422,7 +422,7 @@ def run_dataset(
                 generated_completion += batch_completion
                 rows += len(batch)
                 succeeded += len(outputs)
-                ctx.progress(rows, dataset.total, _rows_message(rows, dataset.total))
+                ctx.progress(rows, dataset.total, _rows_message(rows, dataset.total), unit="rows")
             label, more = dataset.label, bool(dataset.more)
         writer.finish()
     finally:
@@ -433,7 +433,7 @@ def run_dataset(
         where = f" from row {source.skip_rows:,} on" if source.skip_rows else ""
         raise ExecutionError(f"{label} has no rows{where}; give a dataset with at least one row")
     if rows:
-        ctx.progress(rows, rows, _rows_message(rows, rows))
+        ctx.progress(rows, rows, _rows_message(rows, rows), unit="rows")
     if writer.kept:
         ctx.log(f"{writer.kept:,} rows kept from an earlier run, not generated again")
     if late:

@@ -428,7 +428,9 @@ async def live_progress(store: TaskStore, record: TaskRecord) -> dict[str, Any] 
         elif state in (TaskState.RUNNING, TaskState.CANCELLING):
             running += 1
             with contextlib.suppress(ValueError, TypeError, AttributeError):
-                live += int((json.loads(progress or "{}") or {}).get("step") or 0)
+                said = json.loads(progress or "{}") or {}
+                # Only rows add up: a chunk downloading its model reports bytes.
+                live += int(said.get("step") or 0) if said.get("unit") == "rows" else 0
     if not running:
         return stored
     message = f"{live:,} rows done in {running} running chunk(s)"

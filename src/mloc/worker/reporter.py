@@ -130,6 +130,8 @@ class Reporter:
             }
             if total:
                 body["percent"] = round(100.0 * float(step or 0) / float(total), 1)
+            if progress.get("unit"):
+                body["unit"] = progress["unit"]
             pipe.hset(keys.task(self.task_id), "progress", json.dumps(body))
         if logged:
             pipe.pexpire(keys.task_logs(self.task_id), self._ttl_ms)

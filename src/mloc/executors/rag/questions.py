@@ -75,7 +75,7 @@ def answer_rows(
                 prompt_tokens += batch_prompt
                 completion_tokens += batch_completion
                 rows += len(batch)
-                ctx.progress(rows, dataset.total, f"{rows:,} questions answered")
+                ctx.progress(rows, dataset.total, f"{rows:,} questions answered", unit="rows")
             label = dataset.label
     finally:
         writer.close()

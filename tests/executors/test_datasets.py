@@ -157,8 +157,31 @@ def _read_from_s3(endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     fsspec.config.conf.clear()  # s3fs instances are cached; a fresh one reads the endpoint above
     assert read_rows({"path": "s3://data/in/d.jsonl"}) == rows
     assert read_rows({"path": "s3://data/in/d.parquet"}) == rows
-    with pytest.raises(ExecutionError, match="does not exist"):
+    with pytest.raises(ExecutionError) as missing:
         read_rows({"path": "s3://data/in/missing.csv"})
+    assert missing.value.message.startswith("dataset s3://data/in/missing.csv does not exist (as the worker sees it);")
+    with pytest.raises(ExecutionError) as missing:
+        read_rows({"path": "s3://nosuch/in/d.jsonl"})
+    assert missing.value.message.startswith(
+        "dataset s3://nosuch/in/d.jsonl does not exist (as the worker sees it: The specified bucket does not exist);"
+    ), missing.value.message
+    # A worker with no credentials is told which variables to set.
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    fsspec.config.conf.clear()
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(ExecutionError) as refused:
+        read_rows({"path": "s3://data/in/d.jsonl"})
+    assert refused.value.message == (
+        "dataset s3://data/in/d.jsonl could not be read: the worker has no AWS credentials; set AWS_ACCESS_KEY_ID "
+        "and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the worker's environment, and AWS_ENDPOINT_URL for an "
+        "S3-compatible service"
+    )
 
 
 @pytest.mark.extra("train")

@@ -397,3 +397,29 @@ def test_memory_reads_in_the_largest_unit_it_fills_for_a_person_and_exactly_for_
     # A spec's memory goes back to the orchestrator as written: exact, whatever it reads like.
     assert format_memory(24683784 * 1024) == "24683784Ki"
     assert parse_memory(format_memory(24683784 * 1024)) == 24683784 * 1024
+
+
+@pytest.mark.parametrize(
+    ("path", "said"),
+    [
+        ("s3:/mybucket/ds/data.jsonl", "is not a URL: it starts 's3:/'; write 's3://mybucket/ds/data.jsonl'"),
+        ("S3:bucket/rows.csv", "is not a URL: it starts 's3:'; write 's3://bucket/rows.csv'"),
+        ("https:/host/rows.csv", "is not a URL: it starts 'https:/'; write 'https://host/rows.csv'"),
+        ("s3:///rows.jsonl", "names no bucket or host after 's3://'; write 's3://BUCKET/rows.jsonl'"),
+    ],
+)
+def test_a_mistyped_dataset_url_is_refused_at_submit_with_the_url_it_meant(path: str, said: str) -> None:
+    spec = {"taskType": "inference", "model": {"source": "gemma3-270m"}, "inference": {"input": {"path": path}}}
+    with pytest.raises(SpecError) as refused:
+        validate({"spec": spec})
+    assert said in str(refused.value), refused.value
+    # Its fix stands apart too, for a client that shows the fix alone.
+    assert refused.value.details == [
+        {"path": "spec.inference.input", "message": f"inference.input.path {path!r} {said}", "fix": said.split("; ")[1]}
+    ]
+
+
+@pytest.mark.parametrize("path", ["s3://bucket/rows.jsonl", "/data/rows.jsonl", "C:/data/rows.jsonl", "v1:x/rows.csv"])
+def test_dataset_paths_and_urls_that_are_fine(path: str) -> None:
+    spec = {"taskType": "inference", "model": {"source": "gemma3-270m"}, "inference": {"input": {"path": path}}}
+    assert validate({"spec": spec}).spec.inference.input.path == path  # type: ignore[union-attr]

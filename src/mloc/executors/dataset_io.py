@@ -152,10 +152,13 @@ def _open_binary(url: str, label: str, fs: Any = None) -> Iterator[IO[bytes]]:
             store = _artifact_store(label)
             in_store = store.open_url(url) if store is not None and "://" in url else None
             handle = in_store or fsspec.open(url, "rb", compression="infer").open()
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
+        # A store says which part is missing ("The specified bucket does not exist"); a bare path says nothing more.
+        said = str(exc.args[-1]) if exc.args else ""
+        detail = f": {said}" if said and said not in url else ""
         raise ExecutionError(
-            f"{label} does not exist (as the worker sees it); inference.input.path must be a file on the worker, "
-            "or a URL it can read (s3://bucket/key, https://...)"
+            f"{label} does not exist (as the worker sees it{detail}); inference.input.path must be a file on the "
+            "worker, or a URL it can read (s3://bucket/key, https://...)"
         ) from None
     except ImportError as exc:
         raise ExecutionError(
@@ -164,6 +167,14 @@ def _open_binary(url: str, label: str, fs: Any = None) -> Iterator[IO[bytes]]:
         ) from exc
     except (OSError, ValueError) as exc:
         raise ExecutionError(f"{label} could not be opened: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        if type(exc).__name__ != "NoCredentialsError":  # botocore's, for an s3:// URL
+            raise
+        raise ExecutionError(
+            f"{label} could not be read: the worker has no AWS credentials; set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the worker's environment, and AWS_ENDPOINT_URL for an "
+            "S3-compatible service"
+        ) from None
     try:
         yield handle
     finally:

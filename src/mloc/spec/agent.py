@@ -75,7 +75,7 @@ class AgentSpec(SpecBase):
     @model_validator(mode="after")
     def _has_input(self) -> AgentSpec:
         if not self.input and not self.messages:
-            raise ValueError("no input: give 'input' (a question) or 'messages' (a conversation)")
+            raise ValueError("no input; give 'input' (a question) or 'messages' (a conversation)")
         for index, message in enumerate(self.messages):
             if message.role == "tool":
                 raise ValueError(

@@ -8,6 +8,7 @@ sampling values. The executor reads the rows in batches, so a dataset may be far
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -139,6 +140,9 @@ class DatasetInput(Strict):
                 f"'huggingface' ({{name, config, split}} in the worker's HF cache), 'task' (a task id) or 'from' "
                 f"(a task of the same submission); got {', '.join(n.rstrip('_') for n in given) or 'none'}"
             )
+        mistake = url_mistake(self.path) if self.path is not None else None
+        if mistake:
+            raise ValueError(f"inference.input.path {mistake}")
         if self.format != "auto" and self.path is None:
             raise ValueError("inference.input.format applies to a 'path' only; remove it")
         if self.path is not None and self.format == "auto" and file_format(self.path) is None:
@@ -154,6 +158,39 @@ class DatasetInput(Strict):
         if self.format != "auto":
             return self.format
         return file_format(self.path or "") or "jsonl"
+
+
+# The URL schemes of the file systems a worker reads through fsspec, as users write them.
+URL_SCHEMES = (
+    "s3",
+    "s3a",
+    "gs",
+    "gcs",
+    "az",
+    "abfs",
+    "abfss",
+    "adl",
+    "hf",
+    "http",
+    "https",
+    "hdfs",
+    "oss",
+    "ftp",
+    "sftp",
+)
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):(/*)(.*)", re.S)
+
+
+def url_mistake(path: str) -> str | None:
+    """What is wrong with ``path`` as a URL of a known scheme ('s3:/bucket/key', 's3:bucket/key'), or None.
+    Read as a local path, such a name fails only on the worker, as a file that does not exist."""
+    found = _SCHEME.fullmatch(path.strip())
+    if found is None or found[1].lower() not in URL_SCHEMES or found[2] == "//":
+        return None
+    scheme, rest = found[1].lower(), found[3][:200]
+    if len(found[2]) > 2:
+        return f"{path[:200]!r} names no bucket or host after '{scheme}://'; write '{scheme}://BUCKET/{rest}'"
+    return f"{path[:200]!r} is not a URL: it starts '{scheme}:{found[2]}'; write '{scheme}://{rest}'"
 
 
 def file_format(path: str) -> str | None:

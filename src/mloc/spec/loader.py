@@ -401,8 +401,14 @@ def describe(exc: ValidationError, model: type[BaseModel]) -> SpecError:
             message = f"expected a list, got {_kind(given)}"
             example = f", e.g. [{json.dumps(given)}]" if isinstance(given, str | int | float) else ""
             fix = f"write a list{example}"
+        elif error["type"] == "value_error" and "; " in message:
+            # MLOC's own checks say "what is wrong; what to do": the last part is the fix.
+            fix = message.rsplit("; ", 1)[1]
         details.append({"path": path, "message": message, "fix": fix})
-    summary = "; ".join(f"{d['path']}: {d['message']}" + (f" ({d['fix']})" if d["fix"] else "") for d in details[:5])
+    summary = "; ".join(
+        f"{d['path']}: {d['message']}" + (f" ({d['fix']})" if d["fix"] and d["fix"] not in d["message"] else "")
+        for d in details[:5]
+    )
     if len(details) > 5:
         summary += f"; and {len(details) - 5} more"
     return SpecError(f"invalid task: {summary}", details=details)

@@ -170,7 +170,7 @@ class RagSpec(SpecBase):
         options = self.hyperparameters
         if not self.documents and options.collection is None and options.collection_from is None:
             raise ValueError(
-                "no documents: give 'documents' to index, or hyperparameters.collection naming an existing collection"
+                "no documents; give 'documents' to index, or hyperparameters.collection naming an existing collection"
             )
         if not self.documents and self.hyperparameters.collection_reset:
             raise ValueError(

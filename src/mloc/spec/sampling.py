@@ -170,7 +170,7 @@ class InferenceInput(Sampling):
             return self
         if not self.prompts and not self.messages:
             raise ValueError(
-                "no input: give 'prompts' (a list of strings), 'messages' (chat conversations) or 'input' "
+                "no input; give 'prompts' (a list of strings), 'messages' (chat conversations) or 'input' "
                 "(a dataset: path, huggingface or task)"
             )
         if len(self.prompts) + len(self.messages) > MAX_PROMPTS:

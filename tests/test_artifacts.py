@@ -242,7 +242,8 @@ def test_without_a_store_the_orchestrator_serves_a_results_dir_it_shares(cluster
 
 # ------------------------------------------------------------------------------ S3 (moto server)
 @pytest.mark.extra("s3")
-def test_artifacts_through_an_s3_compatible_server(cluster_factory: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("endpoint_from", ["AWS_ENDPOINT_URL", "MLOC_ARTIFACT_STORE_OPTIONS"])
+def test_artifacts_through_an_s3_compatible_server(cluster_factory: Any, tmp_path: Path, endpoint_from: str) -> None:
     # The s3 and dev extras (scripts/setup.sh installs both) bring s3fs and moto.
     import boto3
     import moto.server as server_module
@@ -260,10 +261,10 @@ def test_artifacts_through_an_s3_compatible_server(cluster_factory: Any, tmp_pat
         s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
                           region_name="us-east-1")  # fmt: skip
         s3.create_bucket(Bucket="mloc-artifacts")
-        options = json.dumps({"endpoint_url": endpoint})
+        # The AWS libraries' own variable serves every s3:// URL; the store's options serve the store alone.
+        where = endpoint if endpoint_from == "AWS_ENDPOINT_URL" else json.dumps({"endpoint_url": endpoint})
         cluster = cluster_factory(
-            tmp_path,
-            {"MLOC_ARTIFACT_STORE": "s3://mloc-artifacts/runs", "MLOC_ARTIFACT_STORE_OPTIONS": options, **credentials},
+            tmp_path, {"MLOC_ARTIFACT_STORE": "s3://mloc-artifacts/runs", endpoint_from: where, **credentials}
         )
         client = Client(cluster.api_url, ADMIN_TOKEN)
         try:

@@ -108,7 +108,8 @@ def test_two_eval_runs_are_scored_stored_and_compared_over_http_the_client_and_t
         ]
         assert row["difference"] == pytest.approx(second_value - first_value)
         assert row["combined_stderr"] == pytest.approx(math.hypot(first_se, second_se))
-        assert row["significant"] == (abs(second_value - first_value) > 2 * math.hypot(first_se, second_se))
+        spread = math.hypot(first_se, second_se)
+        assert row["significant"] == (abs(second_value - first_value) > 2 * spread if spread else None)
     over_http = alice.http.get("/api/v1/evals/compare", params={"tasks": f"{base},{shots}"})
     assert over_http.status_code == 200 and over_http.json() == comparison
 
@@ -132,7 +133,7 @@ def test_two_eval_runs_are_scored_stored_and_compared_over_http_the_client_and_t
         f"{first['value']:.4f} ± {first['stderr']:.4f}",
         f"{second_cell['value']:.4f} ± {second_cell['stderr']:.4f}",
         f"{acc['difference']:+.4f} ± {acc['combined_stderr']:.4f}",
-        "yes" if acc["significant"] else "no",
+        {True: "yes", False: "no", None: "-"}[acc["significant"]],
     ]
     assert any(line.split(None, 2)[:2] == ["arith", "acc"] and all(part in line for part in expected) for line in lines)
     as_json = cli(base, shots, "--json")

@@ -53,7 +53,11 @@ class Row(BaseModel):
     cells: list[Cell] = Field(description="One per run, in the order the runs were named.")
     difference: float | None = Field(None, description="Two runs: the second's value minus the first's.")
     combined_stderr: float | None = Field(None, description="Two runs: sqrt(stderr1² + stderr2²).")
-    significant: bool | None = Field(None, description="Two runs: |difference| > 2 * combined_stderr.")
+    significant: bool | None = Field(
+        None,
+        description="Two runs: |difference| > 2 * combined_stderr; null where that is 0 (every sample of both runs "
+        "scored alike), which measures no spread.",
+    )
 
 
 class Comparison(BaseModel):
@@ -162,7 +166,10 @@ def table(scores: list[dict[str, Any]]) -> list[Row]:
                 row.difference = second.value - first.value
                 if first.stderr is not None and second.stderr is not None:
                     row.combined_stderr = math.hypot(first.stderr, second.stderr)
-                    row.significant = abs(row.difference) > 2 * row.combined_stderr
+                    # A standard error of 0 (every sample scored alike, as on a handful of samples) measures
+                    # no spread: any difference would pass the test, so it is not made.
+                    if row.combined_stderr > 0:
+                        row.significant = abs(row.difference) > 2 * row.combined_stderr
         rows.append(row)
     return rows
 

@@ -5,6 +5,7 @@ the rows that worker finished."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 
 from mloc.cli.output import duration
-from mloc.client import Client
+from mloc.client import ApiError, Client
 from mloc.localcluster import LocalCluster
 from mloc.spec.dataset import CHUNK_LABEL
 from tests.support.cli import mloc
@@ -348,7 +349,7 @@ def test_a_chunk_whose_worker_is_lost_keeps_the_rows_that_worker_finished(
 def test_a_cancelled_dataset_task_says_how_to_resume_and_where_its_lines_are(
     make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tmp_path: Path
 ) -> None:
-    data = write_rows(tmp_path / "questions.jsonl", [f"Question: what is {i} plus one?\nAnswer:" for i in range(400)])
+    data = write_rows(tmp_path / "questions.jsonl", [f"Question: what is {i} plus one?\nAnswer:" for i in range(200)])
     cluster = make_cluster(1)
     client = client_for(cluster)
     body = task(data, chunk_rows=400)
@@ -405,6 +406,20 @@ def test_a_chunk_run_without_the_artifact_store_is_read_from_a_shared_results_di
     record = client.wait(client.submit(task(data, chunk_rows=5))["task_id"], timeout=300)
     assert record["state"] == "succeeded", record
     assert [line["id"] for line in lines_of(client, record["task_id"])] == [f"q{i:03d}" for i in range(8)]
+    # A running chunk's lines so far are served from that folder too (it publishes to the store at its end).
+    many = write_rows(tmp_path / "many.jsonl", [f"Question: what is {i} plus one?\nAnswer:" for i in range(200)])
+    body = task(many, chunk_rows=200)
+    body["spec"]["inference"] |= {"batch_size": 2, "max_tokens": 8}
+    parent = client.submit(body)["task_id"]
+    deadline = time.monotonic() + 120
+    seen: list[dict[str, Any]] = []
+    while not 0 < len(seen) < 200:
+        assert time.monotonic() < deadline and client.task(parent)["state"] != "succeeded", client.task(parent)
+        time.sleep(0.05)
+        with contextlib.suppress(ApiError):  # none before its chunk has written any
+            seen = lines_of(client, parent)
+    assert [line["id"] for line in seen] == [f"q{i:03d}" for i in range(len(seen))]
+    assert client.wait(parent, timeout=300)["state"] == "succeeded"
 
     # One writing to a disk of its own: the task fails at once, saying why and what to set.
     cluster.stop_worker("no-store")

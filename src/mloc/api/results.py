@@ -8,6 +8,8 @@ without its newline is a batch still being written, and is left for the next rea
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 from collections.abc import Iterator
 from typing import IO, Annotated, cast
@@ -105,6 +107,12 @@ async def _chunk_lines(orch: Orch, record: TaskRecord) -> list[IO[bytes]]:
             try:
                 found = await _listing(orch, child)
             except NotFound:
+                # A running chunk publishes to the artifact store when it ends; its lines so far are read
+                # where its worker writes them, when that is this orchestrator's RESULTS_DIR.
+                if child.state != TaskState.SUCCEEDED:
+                    with contextlib.suppress(OSError):  # none here: a worker on another host
+                        growing = orch.settings.results_dir / child_id / RESULT_LINES
+                        handles.append(await asyncio.to_thread(open, growing, "rb"))
                 break
             if not any(item.path == RESULT_LINES for item in found.items):
                 break

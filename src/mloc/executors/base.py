@@ -120,18 +120,28 @@ class RunContext:
             raise TaskCancelled("the task was cancelled")
 
     def progress(
-        self, step: float, total: float | None = None, message: str | None = None, *, unit: str | None = None
+        self,
+        step: float,
+        total: float | None = None,
+        message: str | None = None,
+        *,
+        unit: str | None = None,
+        since: float | None = None,
     ) -> None:
         """Report progress; at most a few updates a second reach Redis. ``unit`` names what ``step``
-        counts where a reader adds it up ("rows": a dataset chunk's, summed into its task's)."""
+        counts where a reader adds it up ("rows": a dataset chunk's, summed into its task's). ``since``:
+        the step this run's work began at, now (a resumed training run's checkpoint step): the time left
+        is then told from the pace since, not since the run's start at step 0."""
         now = time.monotonic()
         final = total is not None and step >= total
         if not final and now - self._last_progress < 0.25:
             return
         self._last_progress = now
-        event = {"ev": "progress", "step": step, "total": total, "message": message, "ts": time.time()}
+        event: dict[str, Any] = {"ev": "progress", "step": step, "total": total, "message": message, "ts": time.time()}
         if unit:
             event["unit"] = unit
+        if since is not None:
+            event["since"] = since
         self.emit(event)
 
     def log(self, message: str, level: str = "INFO") -> None:

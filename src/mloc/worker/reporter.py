@@ -47,6 +47,9 @@ class Reporter:
         self._newest_ms: int | None = None
         self.usage: dict[str, float] = {}
         self.artifacts: dict[str, Any] = {}
+        # The step and time the time left is told from: the run's start at step 0, unless the executor said
+        # where its work began (a resumed training run, from its checkpoint's step, once loaded).
+        self._pace_from = (0.0, started)
         self._buffer: list[dict[str, Any]] = []
         self._wake = asyncio.Event()
         self._closed = False
@@ -61,6 +64,8 @@ class Reporter:
                 if isinstance(value, int | float):
                     self.usage[name] = self.usage.get(name, 0.0) + float(value)
             return
+        if kind == "progress" and isinstance(event.get("since"), int | float):
+            self._pace_from = (float(event["since"]), float(event.get("ts") or time.time()))
         if kind == "artifact":
             self.artifacts[event["name"]] = {
                 "path": event["path"],
@@ -116,10 +121,12 @@ class Reporter:
                 pipe.hset(keys.task(self.task_id), "artifacts", json.dumps(self.artifacts))
         if progress is not None:
             step, total = progress.get("step"), progress.get("total")
-            elapsed = time.time() - self.started
+            now = time.time()
+            elapsed = now - self.started
             eta = None
-            if total and step and 0 < step < total:
-                eta = round(elapsed * (total - step) / step, 1)
+            done_from, pace_since = self._pace_from
+            if total and step and done_from < step < total and now > pace_since:
+                eta = round((now - pace_since) * (total - step) / (step - done_from), 1)
             body = {
                 "step": step,
                 "total": total,

@@ -79,7 +79,7 @@ class MlocCallback(TrainerCallback):
         self.total_steps = state.max_steps or None
         self.tokens_at_start = int(getattr(state, "num_input_tokens_seen", 0) or 0)
         self.started = time.perf_counter()
-        self.ctx.progress(state.global_step, self.total_steps, "training")
+        self.ctx.progress(state.global_step, self.total_steps, "training", since=self.start_step)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self.last_step = state.global_step

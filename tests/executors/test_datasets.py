@@ -341,12 +341,26 @@ def test_columns_map_prompt_id_and_per_row_sampling(executor: Any, tiny_model: P
     path = write_parquet(tmp_path / "d.parquet", rows)
     inputs = {"path": str(path), "columns": {"prompt": "question", "id": "qid", "max_tokens": "budget"}}
     doc = document(model=model(tiny_model), input=inputs, max_tokens=6, temperature=0)
-    result, _, results = run(executor, doc, tmp_path)
+    result, logged, results = run(executor, doc, tmp_path)
     lines = lines_of(results)
     assert [line["id"] for line in lines] == [f"q-{i}" for i in range(len(ROWS))]
     expected = [row["budget"] or 6 for row in rows]
     assert [line["completion_tokens"] for line in lines] == expected
     assert result["usage"]["completion_tokens"] == sum(expected)
+    hint = "the rows have an 'id' column, which the result lines do not use"
+    assert not any(hint in str(e.get("message")) for e in logged if e["ev"] == "log")
+
+    # An 'id' column left unnamed is not taken for the id (rows are numbered), and the log says how to use it.
+    path = write_jsonl(
+        tmp_path / "ids.jsonl", [{"id": f"q-{i}", "prompt": row["prompt"]} for i, row in enumerate(ROWS)]
+    )
+    result, events, results = run(
+        executor, document(model=model(tiny_model), input={"path": str(path)}), path.parent / "ids"
+    )
+    assert [line["id"] for line in lines_of(results)] == list(range(len(ROWS)))
+    said = [e for e in events if e["ev"] == "log" and hint in e["message"]]
+    assert len(said) == 1 and said[0]["level"] == "WARNING", said
+    assert said[0]["message"].endswith("set inference.input.columns.id: id")
 
 
 @pytest.mark.extra("inference")

@@ -378,6 +378,7 @@ def run_dataset(
     assert source is not None
     results_dir = ctx.out_dir.parent
     rows = succeeded = failed = prompt_tokens = completion_tokens = generated_completion = late = 0
+    hinted = False
     started = time.perf_counter()
     writer = ResultLines(ctx.out_dir, ctx.log)
     try:
@@ -405,6 +406,8 @@ def run_dataset(
                         ctx.progress(rows, dataset.total, _rows_message(rows, dataset.total), unit="rows")
                         continue
                 requests = [mapper.map(row) for row in batch]
+                if not hinted and mapper.id_column is None:
+                    hinted = _hint_unmapped_id(ctx, batch)
                 for request in requests:
                     if request.error is not None:
                         failed += 1
@@ -464,6 +467,21 @@ def run_dataset(
             "tokens_per_sec": round(generated_completion / latency, 2) if latency > 0 else None,
         },
     }
+
+
+def _hint_unmapped_id(ctx: RunContext, batch: list[RawRow]) -> bool:
+    """Say once that the rows have an 'id' column the lines do not use (they are numbered by row, unless
+    columns.id names it); True once said, or once a readable row shows there is none."""
+    first = next((row.values for row in batch if row.values is not None), None)
+    if first is None:
+        return False
+    if "id" in first:
+        ctx.log(
+            "the rows have an 'id' column, which the result lines do not use: each line's id is its row number; "
+            "to use the column, set inference.input.columns.id: id",
+            level="WARNING",
+        )
+    return True
 
 
 def _kept(writer: ResultLines, batch: list[RawRow]) -> list[Line]:

@@ -47,7 +47,8 @@ class HuggingFaceDataset(Strict):
 
 
 class DatasetColumns(Strict):
-    """Which column plays which part. Unset roles take the column of the same name where one exists."""
+    """Which column plays which part. The text is read from 'prompt' (or a chat from 'messages') unless
+    named; the id and the per-row sampling values only from the columns named here."""
 
     prompt: str | None = Field(None, min_length=1, max_length=256, description="Completion prompt; default 'prompt'.")
     messages: str | None = Field(

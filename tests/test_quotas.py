@@ -342,5 +342,16 @@ def test_admin_sets_quotas_from_the_cli_and_bad_input_is_explained(
         assert bad.status_code == 422 and "max_tasks" in bad.json()["message"]
         typo = http.put("/admin/users/dave/quota", json={"max_task": 2})
         assert typo.status_code == 422 and "max_task" in typo.json()["message"]
+        # Neither a flag nor text passes for a number; nor a number beyond the limit.
+        for value, said in [
+            (True, "valid integer"),
+            ("3", "valid integer"),
+            (1e20, "valid integer"),
+            (10**7, "1000000"),
+        ]:
+            refused = http.put("/admin/users/dave/quota", json={"max_tasks": value})
+            assert refused.status_code == 422 and said in refused.json()["message"], (value, refused.text)
+        flag = http.put("/admin/users/dave/budget", json={"tokens": True})
+        assert flag.status_code == 422 and "not true or false" in flag.json()["message"], flag.text
         shown = http.get("/admin/users/dave/quota").json()
         assert shown["quota"]["max_tasks"] == 0 and shown["quota"]["max_tasks_is_default"] is True

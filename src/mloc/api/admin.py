@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mloc.api.deps import Admin, Orch
 from mloc.api.responses import raises
@@ -30,18 +30,26 @@ QUOTA_LIMIT = 1_000_000
 class NewUser(BaseModel):
     name: str = Field(..., min_length=1, max_length=128)
     max_tasks: int | None = Field(
-        None, ge=0, le=QUOTA_LIMIT, description="Tasks assigned or running at once; 0 = unlimited; unset = default."
+        None,
+        ge=0,
+        le=QUOTA_LIMIT,
+        strict=True,
+        description="Tasks assigned or running at once; 0 = unlimited; unset = default.",
     )
     max_gpus: int | None = Field(
-        None, ge=0, le=QUOTA_LIMIT, description="GPUs held at once; 0 = unlimited; unset = default."
+        None, ge=0, le=QUOTA_LIMIT, strict=True, description="GPUs held at once; 0 = unlimited; unset = default."
     )
 
 
 class QuotaBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_tasks: int | None = Field(None, ge=0, le=QUOTA_LIMIT, description="0 = unlimited; unset = unchanged.")
-    max_gpus: int | None = Field(None, ge=0, le=QUOTA_LIMIT, description="0 = unlimited; unset = unchanged.")
+    max_tasks: int | None = Field(
+        None, ge=0, le=QUOTA_LIMIT, strict=True, description="0 = unlimited; unset = unchanged."
+    )
+    max_gpus: int | None = Field(
+        None, ge=0, le=QUOTA_LIMIT, strict=True, description="0 = unlimited; unset = unchanged."
+    )
     reset: bool = Field(False, description="Return both limits to the defaults first.")
 
 
@@ -139,6 +147,14 @@ class BudgetBody(BaseModel):
         None, max_length=128, description="gpu_time counts this GPU model only ('A100'); unset: every model."
     )
     hard: bool = Field(False, description="Also cancel the user's running tasks once over (default: they finish).")
+
+    @field_validator("tokens", "tokens_in", "tokens_out", "gpu_time", "cpu_time", mode="before")
+    @classmethod
+    def _not_a_flag(cls, value: Any) -> Any:
+        # JSON's true would pass as the number 1.
+        if isinstance(value, bool):
+            raise ValueError("a budget is an amount ('1M', 36000, '10h'), not true or false")
+        return value
 
 
 class WeightBody(BaseModel):

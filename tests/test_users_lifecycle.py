@@ -73,6 +73,8 @@ def test_rotating_a_token_revokes_the_old_one_at_once_and_keeps_quota_budget_and
         # The refusal says a token may have been replaced, and how the admin gives the current one.
         assert "replaced by a newer one" in stale.json()["message"]
         assert "`mloc users rotate-token NAME` for a user" in stale.json()["message"]
+        # One who thinks it is the admin's is told where that one is set.
+        assert "The admin's token is the orchestrator's ORCHESTRATOR_TOKEN" in stale.json()["message"]
         assert httpx.get(cluster.api_url + "/api/v1/tasks", headers=bearer(new)).status_code == 200
         # The limits stay as they were.
         quota = admin.get("/admin/users/alice/quota").json()["quota"]

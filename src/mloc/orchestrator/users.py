@@ -42,7 +42,8 @@ async def authenticate(redis: aioredis.Redis, admin_token: str | None, header: s
     if user is None:
         raise Unauthorized(
             "invalid token (unknown, or replaced by a newer one); ask the admin for your current token: "
-            "`mloc users rotate-token NAME` for a user, `mloc users add NAME` for a new one"
+            "`mloc users rotate-token NAME` for a user, `mloc users add NAME` for a new one. The admin's token "
+            "is the orchestrator's ORCHESTRATOR_TOKEN, exactly as it was set"
         )
     return Principal(user, admin=False)
 

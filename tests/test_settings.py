@@ -118,6 +118,7 @@ def test_tokens_from_secret_files_lose_their_line_break_and_whitespace_alone_is_
         ("MLOC_ARTIFACT_STORE_OPTIONS", "[1, 2]", "is JSON but not an object"),
         ("MLOC_EXECUTOR_PYTHON", "ppo", "'ppo' is not TASK_TYPE=PYTHON"),
         ("MLOC_EXECUTOR_PYTHON", "ppo=/opt/p/bin/python,=x", "'=x' is not TASK_TYPE=PYTHON"),
+        ("TASK_TOPICS", " , ", "names no topic; name at least one"),
     ],
 )
 def test_worker_id_artifact_store_and_executor_pythons_are_checked_at_start(

@@ -219,6 +219,16 @@ class Settings(BaseSettings):
             parse_gpu_list(value)
         return value
 
+    @field_validator("task_topics")
+    @classmethod
+    def _some_topic(cls, value: str) -> str:
+        if not _split_csv(value):
+            raise ValueError(
+                "names no topic; name at least one (tasks.inference, tasks.sft, tasks.*), or unset it for the "
+                "default, tasks.inference"
+            )
+        return value
+
     @field_validator("worker_cpu")
     @classmethod
     def _cpu_quantity(cls, value: str | None) -> str | None:

@@ -149,3 +149,15 @@ def test_the_redis_line_names_the_variable_the_url_came_from(monkeypatch: pytest
     monkeypatch.setenv(variable, "redis://db.example:6380/0")
     choice = choose_redis(Settings())
     assert choice.describe() == f"Redis: redis://db.example:6380/0 ({variable.upper()})"
+
+
+def test_only_the_orchestrator_logs_to_the_log_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # One environment for every process (a compose file, a shell profile): the workers must not share the
+    # orchestrator's file, which each process would rotate on its own.
+    monkeypatch.setenv("MLOC_LOG_FILE", str(tmp_path / "orchestrator.log"))
+    settings = Settings()
+    assert settings.log_file_for(NodeType.ORCHESTRATOR) == tmp_path / "orchestrator.log"
+    assert settings.log_file_for(NodeType.WORKER) is None
+    monkeypatch.delenv("MLOC_LOG_FILE")
+    assert Settings().log_file_for(NodeType.ORCHESTRATOR) == Path("orchestrator.log")
+    assert Settings().log_file_for(NodeType.WORKER) is None

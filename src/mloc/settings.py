@@ -306,9 +306,12 @@ class Settings(BaseSettings):
         return parse_memory(value) if isinstance(value, str) else value
 
     def log_file_for(self, node: NodeType) -> Path | None:
-        """The file this process logs to, besides stderr."""
+        """The file this process logs to, besides stderr: the orchestrator's only. A worker logs to stderr
+        (seed 1), also where one environment names MLOC_LOG_FILE for both: each process would rotate it."""
+        if node != NodeType.ORCHESTRATOR:
+            return None
         if self.log_file is None:
-            return Path("orchestrator.log") if node == NodeType.ORCHESTRATOR else None
+            return Path("orchestrator.log")
         if self.log_file.strip() in ("", "-"):
             return None
         return Path(self.log_file).expanduser()
@@ -322,7 +325,7 @@ class Settings(BaseSettings):
             file=self.log_file_for(node),
             max_bytes=self.log_max_bytes,
             backups=self.log_backups,
-            file_required=self.log_file is not None,
+            file_required=self.log_file is not None and node == NodeType.ORCHESTRATOR,
         )
 
     @property

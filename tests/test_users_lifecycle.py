@@ -144,6 +144,11 @@ def test_removing_a_user_revokes_the_token_and_their_held_tasks_never_start(
         assert wait_for(admin, running, {"succeeded", "failed", "cancelled"})["state"] == "succeeded"
         time.sleep(0.5)
         assert all(admin.get(f"/api/v1/tasks/{t}").json()["started_at"] is None for t in held)
+    # The orchestrator's log keeps the operator's record of it.
+    assert cluster.log_dir is not None
+    logged = (cluster.log_dir / "orchestrator.log").read_text()
+    assert "user carol added by admin (max tasks 1, max GPUs default)" in logged, logged[-2000:]
+    assert "user carol removed by admin: 2 unstarted task(s) cancelled, 1 running left to finish" in logged
 
 
 def test_removal_cancels_budget_held_and_assigned_tasks_but_not_another_users(redis_url: str) -> None:

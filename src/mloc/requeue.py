@@ -330,6 +330,18 @@ async def hand_back(
             await store.redis.srem(keys.worker_tasks(worker_id), task_id)
             done.dropped.append(task_id)
     await store.redis.delete(keys.worker_stream(worker_id))
+    # The operator's record of an incident: each task's own log has its line too.
+    if done.requeued:
+        log.info("worker %s: %d task(s) requeued (%s): %s", worker_id, len(done.requeued), reason, _ids(done.requeued))
+    if done.cancelled:
+        stopped = len(done.cancelled)
+        log.info("worker %s: %d task(s) being cancelled ended cancelled: %s", worker_id, stopped, _ids(done.cancelled))
     if done.failed:
         log.warning("worker %s: %d task(s) failed, out of requeues: %s", worker_id, len(done.failed), done.failed)
     return done
+
+
+def _ids(task_ids: list[str], shown: int = 5) -> str:
+    """The first few ids of a list for a log line, and how many more."""
+    more = f" and {len(task_ids) - shown} more" if len(task_ids) > shown else ""
+    return ", ".join(task_ids[:shown]) + more

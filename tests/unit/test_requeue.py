@@ -4,8 +4,10 @@ the one hand-back of everything a worker holds."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
+import pytest
 import redis.asyncio as aioredis
 
 from mloc import keys, moves
@@ -168,7 +170,9 @@ def test_the_wait_grows_with_the_budget_the_requeue_spends(redis_url: str) -> No
     asyncio.run(scenario())
 
 
-def test_hand_back_requeues_what_a_worker_holds_but_keeps_what_it_runs(redis_url: str) -> None:
+def test_hand_back_requeues_what_a_worker_holds_but_keeps_what_it_runs(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     async def scenario() -> None:
         r = aioredis.Redis.from_url(redis_url, decode_responses=True)
         store = TaskStore(r)
@@ -185,13 +189,17 @@ def test_hand_back_requeues_what_a_worker_holds_but_keeps_what_it_runs(redis_url
             store, "w1", reason_code=Reason.WORKER_SHUTDOWN, reason="worker w1 shut down", keep={running}
         )
         assert (handed.requeued, handed.failed, handed.dropped) == ([assigned], [], [gone])
+        # The operator's log says so too, as each task's own log does.
+        said = [r.getMessage() for r in caplog.records if r.name == "mloc.requeue"]
+        assert said == [f"worker w1: 1 task(s) requeued (worker w1 shut down): {assigned}"], said
         assert await r.hget(keys.task(assigned), "state") == "pending"
         assert await r.hget(keys.task(running), "state") == "running"
         assert await r.smembers(keys.worker_tasks("w1")) == {running}
         assert not await r.exists(keys.worker_stream("w1"))
         await r.aclose()
 
-    asyncio.run(scenario())
+    with caplog.at_level(logging.INFO, logger="mloc.requeue"):
+        asyncio.run(scenario())
 
 
 def test_a_task_being_cancelled_is_cancelled_when_its_worker_goes_not_requeued(redis_url: str) -> None:

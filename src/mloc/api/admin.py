@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Query
@@ -14,6 +15,8 @@ from mloc.orchestrator import budgets, cancel, fairshare, users
 from mloc.state import Reason
 
 router = APIRouter(tags=["admin"])
+# What an admin changes is logged (the operator's record of who did what), never a token.
+log = logging.getLogger(__name__)
 
 
 @router.post("/admin/cleanup")
@@ -21,6 +24,7 @@ router = APIRouter(tags=["admin"])
 async def cleanup(orch: Orch, who: Admin) -> dict[str, Any]:
     """Mark workers silent for longer than HEARTBEAT_TTL_SEC as lost and requeue their tasks now."""
     report = await orch.cleanup()
+    log.info("cleanup by %s: %s", who.name, report.to_dict())
     return {"ok": True, **report.to_dict()}
 
 
@@ -63,6 +67,8 @@ def _defaults(orch: Orch) -> dict[str, int]:
 async def add_user(body: NewUser, orch: Orch, who: Admin) -> dict[str, Any]:
     token = await users.add_user(orch.redis, body.name, users.Quota(body.max_tasks, body.max_gpus))
     state = await users.usage_and_quota(orch.redis, [body.name], **_defaults(orch))
+    limits = [("default" if n is None else n) for n in (body.max_tasks, body.max_gpus)]
+    log.info("user %s added by %s (max tasks %s, max GPUs %s)", body.name, who.name, *limits)
     return {
         "ok": True,
         "name": body.name,
@@ -89,6 +95,7 @@ async def set_quota(name: str, body: QuotaBody, orch: Orch, who: Admin) -> dict[
         raise BadRequest('give max_tasks and/or max_gpus (0 = unlimited), or "reset": true for the defaults')
     await users.set_quota(orch.redis, name, users.Quota(body.max_tasks, body.max_gpus), reset=body.reset)
     state = await users.usage_and_quota(orch.redis, [name], **_defaults(orch))
+    log.info("quota of user %s set by %s: %s", name, who.name, state[name].get("quota"))
     return {"ok": True, "name": name, **state[name]}
 
 
@@ -117,6 +124,13 @@ async def remove_user(name: str, orch: Orch, who: Admin) -> dict[str, Any]:
         reason_code=Reason.USER_REMOVED,
     )
     running = await cancel.running_of(orch.store, name)
+    log.info(
+        "user %s removed by %s: %d unstarted task(s) cancelled, %d running left to finish",
+        name,
+        who.name,
+        len(cancelled),
+        len(running),
+    )
     return {"ok": True, "name": name, "cancelled": cancelled, "running": running}
 
 
@@ -127,6 +141,7 @@ async def rotate_token(name: str, orch: Orch, who: Admin) -> dict[str, Any]:
     """Issue a new token for a user and revoke the old one at once; their quota, budgets, weight and
     tasks stay as they are."""
     token = await users.rotate_token(orch.redis, name)
+    log.info("token of user %s replaced by %s; the old one is revoked", name, who.name)
     note = "shown once; only its hash is stored; the old token no longer works"
     return {"ok": True, "name": name, "token": token, "note": note}
 
@@ -183,6 +198,7 @@ async def set_budget(name: str, body: BudgetBody, orch: Orch, who: Admin) -> dic
     }
     chosen = budgets.budgets_of(body.period, limits, gpu_model=body.gpu_model, hard=body.hard)
     await budgets.set_budgets(orch.redis, name, chosen)
+    log.info("budgets of user %s set by %s: %s", name, who.name, {k: v for k, v in limits.items() if v is not None})
     return await _budgets(orch, name)
 
 
@@ -205,6 +221,7 @@ async def remove_budget(
 ) -> dict[str, Any]:
     """Remove a user's budgets: all of them, or those of one metric and/or period."""
     removed = await budgets.remove_budgets(orch.redis, name, metric=metric, period=period)
+    log.info("budgets of user %s removed by %s: %s", name, who.name, removed)
     return {**await _budgets(orch, name), "removed": removed}
 
 
@@ -214,4 +231,5 @@ async def remove_budget(
 async def set_weight(name: str, body: WeightBody, orch: Orch, who: Admin) -> dict[str, Any]:
     """Set a user's fair-share weight: 2 gets twice the share of a user at 1 when both wait."""
     weight = await fairshare.set_weight(orch.redis, name, body.weight)
+    log.info("fair-share weight of user %s set to %s by %s", name, weight, who.name)
     return {"ok": True, "name": name, "weight": weight}

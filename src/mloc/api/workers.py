@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 import orjson
@@ -13,6 +14,7 @@ from mloc.api.responses import raises
 from mloc.errors import Conflict, NotFound
 
 router = APIRouter(tags=["workers"])
+log = logging.getLogger(__name__)
 
 
 @router.get("/workers")
@@ -54,6 +56,7 @@ async def cordon_worker(worker_id: WorkerId, orch: Orch, who: Admin) -> dict[str
     """Place no new task on a live worker (admin): it becomes draining, finishes what it runs and
     heartbeats on, until uncordoned or restarted. A worker that is not active is refused with 409."""
     before = await orch.registry.cordon(worker_id, on=True)
+    log.info("worker %s cordoned by %s (it was %s): it takes no new task", worker_id, who.name, before)
     return {"ok": True, "worker_id": worker_id, "cordoned": True, "status": "draining", "was": before}
 
 
@@ -63,6 +66,7 @@ async def cordon_worker(worker_id: WorkerId, orch: Orch, who: Admin) -> dict[str
 async def uncordon_worker(worker_id: WorkerId, orch: Orch, who: Admin) -> dict[str, Any]:
     """Place tasks on a cordoned worker again (admin); a worker draining because it stops is refused with 409."""
     before = await orch.registry.cordon(worker_id, on=False)
+    log.info("worker %s uncordoned by %s (it was %s)", worker_id, who.name, before)
     return {"ok": True, "worker_id": worker_id, "cordoned": False, "status": "active", "was": before}
 
 
@@ -73,4 +77,5 @@ async def remove_worker(worker_id: WorkerId, orch: Orch, who: Admin) -> dict[str
     """Forget a worker that is offline or lost (admin); one that is active, draining or restarting, or
     still holds tasks, is refused with 409."""
     status = await orch.registry.remove_stopped(worker_id)
+    log.info("worker %s (%s) removed by %s", worker_id, status, who.name)
     return {"ok": True, "worker_id": worker_id, "removed": True, "status": status}

@@ -423,3 +423,20 @@ def test_a_mistyped_dataset_url_is_refused_at_submit_with_the_url_it_meant(path:
 def test_dataset_paths_and_urls_that_are_fine(path: str) -> None:
     spec = {"taskType": "inference", "model": {"source": "gemma3-270m"}, "inference": {"input": {"path": path}}}
     assert validate({"spec": spec}).spec.inference.input.path == path  # type: ignore[union-attr]
+
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message", "fix"),
+    [
+        ("learning_rate", "fast", "expected a number, got the text 'fast'", "write a number, e.g. 0.0002 or 2e-4"),
+        ("max_length", "two", "expected a whole number, got the text 'two'", "write a whole number, e.g. 8"),
+        ("max_length", 1.5, "expected a whole number, got the number 1.5", "write a whole number, e.g. 8"),
+    ],
+)
+def test_a_number_written_wrong_names_the_field_and_the_fix(field: str, value: object, message: str, fix: str) -> None:
+    spec = {"taskType": "sft", "model": {"source": "mloc-tiny-llama"}, "dataset": {"path": "/d.jsonl"},
+            "hyperparameters": {field: value}}  # fmt: skip
+    with pytest.raises(SpecError) as refused:
+        validate({"spec": spec})
+    assert refused.value.details == [{"path": f"spec.hyperparameters.{field}", "message": message, "fix": fix}]

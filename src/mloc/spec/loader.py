@@ -401,6 +401,10 @@ def describe(exc: ValidationError, model: type[BaseModel]) -> SpecError:
             message = f"expected a list, got {_kind(given)}"
             example = f", e.g. [{json.dumps(given)}]" if isinstance(given, str | int | float) else ""
             fix = f"write a list{example}"
+        elif error["type"] in ("float_parsing", "float_type", "int_parsing", "int_type", "int_from_float"):
+            whole = error["type"].startswith("int")
+            message = f"expected a {'whole ' if whole else ''}number, got {_kind(error.get('input'))}"
+            fix = "write a whole number, e.g. 8" if whole else "write a number, e.g. 0.0002 or 2e-4"
         elif error["type"] == "value_error" and "; " in message:
             # MLOC's own checks say "what is wrong; what to do": the last part is the fix.
             fix = message.rsplit("; ", 1)[1]

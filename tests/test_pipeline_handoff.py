@@ -89,6 +89,12 @@ def test_a_merged_model_is_evaluated_and_used_and_gates_on_its_scores_decide_wha
     assert client.task(ids["tuned"])["spec"]["spec"]["model"]["source"] == {"type": "task", "identifier": ids["tune"]}
     assert client.result(ids["tuned"])["model"] != client.result(ids["base"])["model"]
     assert len(client.result(ids["answer"])["items"]) == 1
+    # The step its gate let through says so in its log, with the score that did.
+    passed = [e for e in client.logs(ids["answer"])["lines"] if e.get("event") == "condition_met"]
+    assert [e["text"] for e in passed] == [
+        f"condition met: tuned ({ids['tuned'][:8]})'s arith/acc is "
+        f"{client.result(ids['tuned'])['scores']['arith']['acc']:.4g}, at least min 0"
+    ], passed
     base_acc = client.result(ids["base"])["scores"]["arith"]["acc"]
     tuned_acc = client.result(ids["tuned"])["scores"]["arith"]["acc"]
 

@@ -329,7 +329,10 @@ def test_a_gate_is_decided_on_the_scores_stored_with_the_eval_tasks(redis_url: s
             await r.aclose()
 
     passed = asyncio.run(verdict(**{"from": "b", "score": "arith/acc", "beats": "a", "min": 0.7}))
-    assert passed.run and passed.reason == "condition met: tuned (b)'s arith/acc is 0.75 against 0.5 of base (a)"
+    assert (
+        passed.run
+        and passed.reason == "condition met: tuned (b)'s arith/acc is 0.75, at least min 0.7 against 0.5 of base (a)"
+    )
     lost = asyncio.run(verdict(**{"from": "a", "score": "arith/acc", "beats": "b", "max": 0.4}))
     assert (lost.run, lost.skip) == (False, True)
     assert lost.reason == "skipped: base (a)'s arith/acc is 0.5, above max 0.4 and does not beat tuned (b)'s 0.75"

@@ -425,7 +425,6 @@ def test_dataset_paths_and_urls_that_are_fine(path: str) -> None:
     assert validate({"spec": spec}).spec.inference.input.path == path  # type: ignore[union-attr]
 
 
-
 @pytest.mark.parametrize(
     ("field", "value", "message", "fix"),
     [

@@ -54,7 +54,9 @@ async def decide(store: TaskStore, when: dict[str, Any] | None, names: dict[str,
     shown = f"{label(condition.from_)}'s {condition.score} is {score:.4g}"
     if failed:
         return Verdict(False, True, f"skipped: {shown}, {' and '.join(failed)}")
-    return Verdict(True, False, f"condition met: {shown}{compared}")
+    within = [f"at least min {condition.min:g}"] if condition.min is not None else []
+    within += [f"at most max {condition.max:g}"] if condition.max is not None else []
+    return Verdict(True, False, f"condition met: {shown}{''.join(', ' + part for part in within)}{compared}")
 
 
 async def _score(store: TaskStore, task_id: str, condition: Condition) -> float | str:

@@ -324,6 +324,9 @@ async def settle_dependent(store: TaskStore, task_id: str) -> bool:
         needs = await needs_at_release(redis, spec, waiting)
         if needs:
             await _add_needs(store, task_id, needs)
+        if verdict is not None:
+            # Its log keeps which score let it through, as a skipped step's reason keeps what stopped it.
+            await tasklog.append(redis, task_id, tasklog.Line("condition_met", verdict.reason))
         score = pending_score(int(priority or 0), int(created_ms or 0))
         await redis.eval(
             lua.RELEASE,

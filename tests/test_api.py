@@ -318,6 +318,24 @@ def test_an_adapter_named_by_a_task_that_makes_none_or_by_a_short_id_is_refused_
         f"spec.model.adapter.path '{echo[:8]}' is the start of task {echo}'s id, but the field takes a folder or a "
         f"full task id: give {echo}, or write model.adapter.from: {echo[:8]}"
     )
+    # A training task that has not succeeded has no adapter: a path is not waited for, as `from` is.
+    sft = (
+        b"taskType: sft\nmodel: {source: mloc-tiny-llama}\ndataset: {examples: [{prompt: a, completion: b}]}\n"
+        b"resources: {hardware: {gpu: {count: 1}}}\n"  # no worker here has one: it waits
+    )
+    training = http.post("/api/v1/tasks", content=sft).json()["task_id"]
+    waiting = with_adapter(training)
+    assert waiting.status_code == 422, waiting.text
+    assert waiting.json()["message"] == (
+        f"spec.model.adapter.path names task {training}, which is pending: it has no adapter yet, and a path is not "
+        f"waited for; write model.adapter.from: {training} to run once it has succeeded"
+    )
+    assert http.post(f"/api/v1/tasks/{training}/cancel").status_code == 200
+    ended = with_adapter(training)
+    assert ended.status_code == 422 and ended.json()["message"] == (
+        f"spec.model.adapter.path names task {training}, which cancelled, so it has no adapter to load; resume it "
+        f"(`mloc resume {training[:8]}`) or name another dpo or grpo or ppo or sft task"
+    ), ended.text
 
 
 def test_a_listing_by_a_task_type_mloc_does_not_know_says_so(http: httpx.Client) -> None:

@@ -149,7 +149,7 @@ class Orchestrator:
             return
         where = "spec.model.adapter.path"
         if modelroots.TASK_ID.match(given):
-            task_type, owner = await self.redis.hmget(keys.task(given), "task_type", "owner")
+            task_type, owner, state = await self.redis.hmget(keys.task(given), "task_type", "owner", "state")
             if owner != principal.name and not principal.admin:
                 return  # another user's task is refused as no task at all (mloc.modelroots): nothing is learnt
             if task_type is not None and task_type not in TRAINING:
@@ -157,6 +157,19 @@ class Orchestrator:
                     f"{where} names task {given}, of type {task_type}, which makes no adapter; name a "
                     f"{' or '.join(sorted(TRAINING))} task",
                     details=[{"path": where, "message": "not a training task"}],
+                )
+            if state in (TaskState.FAILED, TaskState.CANCELLED):
+                # As model.adapter.from refuses it: the worker would find no adapter to load.
+                raise SpecError(
+                    f"{where} names task {given}, which {state}, so it has no adapter to load; resume it "
+                    f"(`mloc resume {given[:8]}`) or name another {' or '.join(sorted(TRAINING))} task",
+                    details=[{"path": where, "message": f"the task {state}"}],
+                )
+            if state is not None and state != TaskState.SUCCEEDED:
+                raise SpecError(
+                    f"{where} names task {given}, which is {state}: it has no adapter yet, and a path is not waited "
+                    f"for; write model.adapter.from: {given} to run once it has succeeded",
+                    details=[{"path": where, "message": f"the task is {state}"}],
                 )
             return
         if not taskgraph.TASK_ID_OR_PREFIX.fullmatch(given):

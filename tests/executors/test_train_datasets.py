@@ -98,3 +98,34 @@ def test_a_hub_dataset_is_read_from_the_local_cache_only(tmp_path: Path) -> None
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["rows"] == ROWS[:3]
     assert "mloc/not-cached" in report["missing"] and "local cache only" in report["missing"]
+
+
+def test_a_files_own_column_names_are_mapped_to_those_the_formats_read(tmp_path: Path) -> None:
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a{i}", "id": i}) + "\n" for i in range(3)))
+    # Unmapped, it cannot be read, and the error says how to name the columns.
+    with pytest.raises(ExecutionError) as unread:
+        load_data(DatasetSpec(path=str(path)), SFT, seed=0)
+    assert "name the columns the formats read with dataset.columns (e.g. {prompt: question, completion: answer})" in (
+        unread.value.message
+    )
+    with pytest.raises(ExecutionError) as missing:
+        load_data(DatasetSpec(path=str(path), format=DatasetFormat.PROMPT_COMPLETION), SFT, seed=0)
+    assert "map the data's columns to them with dataset.columns (e.g. {prompt: <column>})" in missing.value.message
+    # Mapped, the rows read as prompt/completion, other columns kept.
+    spec = DatasetSpec.model_validate({"path": str(path), "columns": {"prompt": "question", "completion": "answer"}})
+    data = load_data(spec, SFT, seed=0)
+    assert data.format == DatasetFormat.PROMPT_COMPLETION
+    assert data.train == [{"id": i, "prompt": f"q{i}", "completion": f"a{i}"} for i in range(3)]
+
+
+@pytest.mark.parametrize(
+    ("columns", "said"),
+    [
+        ({"question": "q"}, "dataset.columns names 'question', which no format reads"),
+        ({"prompt": "q", "completion": "q"}, "maps each name to a column of its own"),
+    ],
+)
+def test_a_column_mapping_written_wrong_is_refused_at_submit(columns: dict[str, str], said: str) -> None:
+    with pytest.raises(ValueError, match=said):
+        DatasetSpec.model_validate({"path": "/d.jsonl", "columns": columns})

@@ -15,6 +15,9 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from mloc.spec.base import ModelSpec, SpecBase, Strict
 
+# The column names TRL's dataset formats read, which dataset.columns maps a file's own columns to.
+COLUMN_ROLES = ("prompt", "completion", "messages", "text", "chosen", "rejected")
+
 
 class DatasetFormat(StrEnum):
     AUTO = "auto"
@@ -35,6 +38,11 @@ class DatasetSpec(Strict):
     identifier: str | None = Field(None, description="A Hugging Face dataset id in the local cache.")
     split: str = "train"
     format: DatasetFormat = DatasetFormat.AUTO
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="The data's columns under the names the formats read: {prompt: question, completion: answer}; "
+        f"names: {', '.join(sorted(('prompt', 'completion', 'messages', 'text', 'chosen', 'rejected')))}.",
+    )
     eval_ratio: float | None = Field(None, gt=0, lt=1, description="Hold out this share for evaluation.")
     max_samples: int | None = Field(None, ge=1, description="Use at most this many examples.")
 
@@ -48,6 +56,15 @@ class DatasetSpec(Strict):
             )
         if self.examples is not None and not self.examples:
             raise ValueError("'examples' is empty; give at least one example")
+        unknown = sorted(set(self.columns) - set(COLUMN_ROLES))
+        if unknown:
+            raise ValueError(
+                f"dataset.columns names {', '.join(map(repr, unknown))}, which no format reads; the keys are the "
+                f"names the formats read ({', '.join(COLUMN_ROLES)}), each mapped to a column of the data"
+            )
+        sources = list(self.columns.values())
+        if any(not source.strip() for source in sources) or len(set(sources)) != len(sources):
+            raise ValueError("dataset.columns maps each name to a column of its own, not empty; fix the mapping")
         return self
 
 

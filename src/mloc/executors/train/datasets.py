@@ -215,7 +215,8 @@ def normalize(record: Record, fmt: DatasetFormat, where: str) -> Record:
     if missing:
         raise ExecutionError(
             f"{where}: missing {', '.join(repr(key) for key in missing)} for the {fmt.value} format "
-            f"(it has {sorted(record)}); set dataset.format or fix the record"
+            f"(it has {sorted(record)}); map the data's columns to them with dataset.columns (e.g. "
+            f"{{{missing[0]}: <column>}}), set dataset.format, or fix the record"
         )
     if fmt == DatasetFormat.MESSAGES:
         _check_messages(record["messages"], where)
@@ -225,6 +226,13 @@ def normalize(record: Record, fmt: DatasetFormat, where: str) -> Record:
     return record
 
 
+def _renamed(record: Record, columns: dict[str, str]) -> Record:
+    """The record with its columns named as dataset.columns maps them (a column missing stays missing)."""
+    moved = {role: record[column] for role, column in columns.items() if column in record}
+    kept = {key: value for key, value in record.items() if key not in columns.values() and key not in columns}
+    return {**kept, **moved}
+
+
 def load_data(spec: DatasetSpec, allowed: tuple[DatasetFormat, ...], *, seed: int) -> LoadedData:
     """Read, check and split the dataset; raises :class:`ExecutionError` naming the bad record."""
     rows, source = read_records(spec)
@@ -232,6 +240,8 @@ def load_data(spec: DatasetSpec, allowed: tuple[DatasetFormat, ...], *, seed: in
         raise ExecutionError(f"{source} has no records")
     if spec.max_samples is not None:
         rows = rows[: spec.max_samples]
+    if spec.columns:
+        rows = [(_renamed(record, spec.columns), line) for record, line in rows]
     fmt = spec.format
     if fmt == DatasetFormat.AUTO:
         first, line = rows[0]
@@ -242,8 +252,9 @@ def load_data(spec: DatasetSpec, allowed: tuple[DatasetFormat, ...], *, seed: in
         if detected is None:
             raise ExecutionError(
                 f"{_where(source, 0, line)}: cannot tell the dataset format from its columns "
-                f"{sorted(first)}; use prompt/completion, messages, text, prompt/chosen/rejected or prompt, "
-                "or set dataset.format"
+                f"{sorted(first)}; name the columns the formats read with dataset.columns (e.g. "
+                "{prompt: question, completion: answer}), or write them as prompt/completion, messages, text, "
+                "prompt/chosen/rejected or prompt"
             )
         fmt = detected
     if fmt not in allowed:

@@ -40,6 +40,12 @@ def test_a_day_counts_the_task_by_type_and_outcome_with_its_figures() -> None:
     }
 
 
+def test_training_steps_and_eval_samples_are_counted_too() -> None:
+    trained = daily_counters("sft", TaskState.SUCCEEDED, {"train_steps": 300.0, "train_samples": 1200.0}, [], H100)
+    assert (trained["train_steps"], trained["train_samples"]) == (300.0, 1200.0)
+    assert daily_counters("eval", TaskState.SUCCEEDED, {"eval_samples": 80.0}, [], H100)["eval_samples"] == 80.0
+
+
 def test_gpu_seconds_by_model_only_for_gpu_runs_and_unknown_cards_are_gpus() -> None:
     cpu_run = daily_counters("echo", TaskState.FAILED, {"gpu_seconds": 0.0}, [], H100)
     assert not any(name.startswith("gpu_seconds.") for name in cpu_run)

@@ -25,6 +25,8 @@ DAILY_FIGURES = (
     "total_tokens",
     "train_samples",
     "train_tokens",
+    "train_steps",
+    "eval_samples",
 )
 
 

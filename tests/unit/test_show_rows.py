@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from mloc.cli.tasks import _summary
+from mloc.cli.tasks import _dry_run_lines, _summary
 
 
 def _rows(record: dict[str, object]) -> dict[str, str]:
@@ -88,3 +88,25 @@ def test_a_requeued_task_waits_from_its_requeue_not_from_its_creation() -> None:
     assert running["queued"] == "2.0 s (requeued to started)", running
     waiting = _rows({**record, "state": "pending", "started_at": now - 50})
     assert waiting["queued"] == "6.0 s so far", waiting
+
+
+def test_show_and_the_dry_run_print_the_memory_estimate_alike() -> None:
+    estimate = {
+        "explain": "sft on gpu: 9.1 GiB (weights 2.3 GiB, ...)",
+        "notes": ["the dataset's lengths are unknown at submit"],
+        "warning": "the largest GPU registered has 8 GiB",
+        "overridden_by_user": {"gpu_memory_bytes": 16 << 30},
+    }
+    shown = [row for row in _summary({"task_id": "t-1", "task_type": "sft", "state": "pending", "created_at": 0,
+                                      "memory_estimate": estimate}) if row[0].startswith("memory")]  # fmt: skip
+    assert shown == [
+        ("memory", "sft on gpu: 9.1 GiB (weights 2.3 GiB, ...) (placed by your gpu.memory, 16.0 GiB)"),
+        ("memory-note", "the dataset's lengths are unknown at submit"),
+        ("memory-warning", "the largest GPU registered has 8 GiB"),
+    ]
+    answer = {
+        "task": {"kind": "SFTTask", "spec": {"taskType": "sft"}},
+        "topic": "tasks.sft",
+        "memory_estimate": estimate,
+    }
+    assert _dry_run_lines("t.yaml", answer)[1:] == [f"  {name}: {text}" for name, text in shown]

@@ -116,11 +116,7 @@ def _dry_run_lines(label: str, answer: dict[str, Any]) -> list[str]:
     elif answer.get("pending_reason"):
         how = "could never start" if answer.get("unschedulable") else "would wait"
         lines.append(f"  {how}: {answer['pending_reason']}")
-    estimate = answer.get("memory_estimate") or {}
-    if estimate.get("explain"):
-        lines.append(f"  memory: {estimate['explain']}")
-    if estimate.get("warning"):
-        lines.append(f"  warning: {estimate['warning']}")
+    lines.extend(f"  {name}: {text}" for name, text in _estimate_rows(answer.get("memory_estimate") or {}))
     return lines
 
 
@@ -513,10 +509,10 @@ def _count(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-def _memory_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
-    """The memory estimate admission made (its line, notes and warning) and the peak the run measured."""
+def _estimate_rows(estimate: dict[str, Any]) -> list[tuple[str, str]]:
+    """The memory estimate admission made, as `mloc show` and `mloc submit --dry-run` print it: its
+    line, its notes and its warning."""
     rows: list[tuple[str, str]] = []
-    estimate = record.get("memory_estimate") or {}
     if estimate.get("explain"):
         overridden = estimate.get("overridden_by_user")
         by_user = f" (placed by your gpu.memory, {output.size(overridden['gpu_memory_bytes'])})" if overridden else ""
@@ -524,6 +520,12 @@ def _memory_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
         rows.extend(("memory-note", note) for note in estimate.get("notes") or ())
     if estimate.get("warning"):
         rows.append(("memory-warning", estimate["warning"]))
+    return rows
+
+
+def _memory_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """The memory estimate admission made (its line, notes and warning) and the peak the run measured."""
+    rows = _estimate_rows(record.get("memory_estimate") or {})
     peak = record.get("memory_peak_bytes")
     if peak:
         detail = record.get("memory_peak") or {}

@@ -178,12 +178,14 @@ def test_show_says_when_the_worker_running_a_task_has_gone_silent(make_cluster: 
         silent = mloc("show", task_id, env=env)
     finally:
         worker.send_signal(signal.SIGCONT)
-    assert re.search(
-        r"^worker +local-1 \(no heartbeat for 1\ds: it may be down; if none comes within 30s of the last, "
+    said = re.search(
+        r"^worker +local-1 \(no heartbeat for (\d+)s: it may be down; if none comes within 30s of the last, "
         r"it is declared lost and the task goes back to the queue\)$",
         silent.stdout,
         re.M,
-    ), silent.stdout + silent.stderr
+    )
+    # 16 s or more: as many more as `mloc show` took to start on a busy machine.
+    assert said is not None and 16 <= int(said.group(1)) < 30, silent.stdout + silent.stderr
     assert re.search(r"^state +running on local-1$", silent.stdout, re.M), silent.stdout
     client.cancel(task_id)
 

@@ -23,6 +23,13 @@ def test_validate_accepts_good_files_and_names_the_problem_in_bad_ones(tmp_path:
     result = mloc("validate", str(bad))
     assert result.returncode == 1
     assert "spec.inference.temprature" in result.stderr and "temperature" in result.stderr
+    # A message that ends with its fix says it once.
+    model = tmp_path / "model.yaml"
+    model.write_text("taskType: inference\nmodel: {source: {type: package, identifier: gemma3-270mm}}\n"
+                     "inference: {prompts: [hi]}\n")  # fmt: skip
+    said = mloc("validate", str(model)).stderr
+    assert said.count("source type package takes one of") == 2, said  # the summary line, and the detail's
+    assert " -> " not in said, said
 
 
 def test_validate_checks_every_task_of_a_multi_document_file(tmp_path: Path) -> None:

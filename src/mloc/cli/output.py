@@ -167,12 +167,15 @@ def error_line(message: str) -> None:
     sys.stderr.flush()
 
 
+def with_fix(message: str, fix: str | None) -> str:
+    """'message -> fix'; the message alone where it says the fix already (MLOC's own checks end with it)."""
+    return f"{message} -> {fix}" if fix and fix not in message else message
+
+
 def _detail(detail: Any) -> str:
     if isinstance(detail, dict):
         where = detail.get("path") or detail.get("index")
-        text = str(detail.get("message", detail))
-        if detail.get("fix"):
-            text += f" -> {detail['fix']}"
+        text = with_fix(str(detail.get("message", detail)), detail.get("fix"))
         return f"{where}: {text}" if where not in (None, "") else text
     return str(detail)
 

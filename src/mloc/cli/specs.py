@@ -68,8 +68,8 @@ def validate(files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=F
                 output.styled("invalid", "red"), output.visible(f"{item.label}: {item.error.message}"), stderr=True
             )
             for detail in item.error.details:
-                fix = f" -> {detail['fix']}" if detail.get("fix") else ""
-                output.line(output.visible(f"  {detail.get('path')}: {detail.get('message')}{fix}"), stderr=True)
+                said = output.with_fix(str(detail.get("message")), detail.get("fix"))
+                output.line(output.visible(f"  {detail.get('path')}: {said}"), stderr=True)
     if bad:
         raise typer.Exit(1)
 

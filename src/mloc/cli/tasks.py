@@ -67,8 +67,9 @@ def _submit_many(api: Client, labelled: list[tuple[str, Any]]) -> list[dict[str,
                 inner = detail.get("details") or []
                 if inner and isinstance(inner[0], dict) and inner[0].get("path"):
                     first = inner[0]
-                    fix = f" -> {first['fix']}" if first.get("fix") else ""
-                    detail["message"] = f"{first['path']}: {first.get('message')}{fix}"
+                    detail["message"] = (
+                        f"{first['path']}: {output.with_fix(str(first.get('message')), first.get('fix'))}"
+                    )
         output.fail(exc)
 
 

@@ -656,3 +656,12 @@ def test_a_run_that_stops_before_it_reached_the_earlier_lines_leaves_them_for_th
     result, _, _ = run(executor, doc, tmp_path / "a")
     assert [line["output"] for line in lines_of(results)] == [f"kept {i}" for i in range(4)]
     assert (result["rows"], result["kept_rows"]) == (4, 4)
+
+
+@pytest.mark.extra("inference")
+def test_a_missing_dataset_fails_the_task_before_its_model_is_loaded(executor: Any, tmp_path: Path) -> None:
+    # The model named cannot load either: the dataset's error comes first, without the minutes a load takes.
+    doc = document(model=model(tmp_path / "no-model"), input={"path": str(tmp_path / "nope.jsonl")})
+    with pytest.raises(ExecutionError) as missing:
+        run(executor, doc, tmp_path)
+    assert missing.value.message.startswith(f"dataset {tmp_path / 'nope.jsonl'} does not exist"), missing.value

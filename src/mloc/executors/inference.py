@@ -111,6 +111,10 @@ class InferenceExecutor(Executor):
         if not isinstance(spec, InferenceSpec):
             raise ExecutionError(f"the inference executor got a {spec.task_type!r} task")
         inputs = spec.inference
+        if inputs.input is not None:
+            from mloc.executors.dataset_io import check_reachable
+
+            check_reachable(inputs.input)
         adapter = adapter_folder(spec.model)
         load_started = time.perf_counter()
         engine = self._engine(spec, ctx, adapter)

@@ -45,7 +45,9 @@ def progress_text(progress: dict[str, Any] | None) -> str:
             count += f" ({progress['percent']:.1f}%)"
         parts.append(count)
         if progress.get("eta_sec") is not None:
-            parts.append(f"ETA {output.duration(progress['eta_sec'])}")
+            # Told when the progress was reported: counted down since, to a floor of a second.
+            since = time.time() - float(progress.get("updated_at") or time.time())
+            parts.append(f"ETA {output.duration(max(1.0, float(progress['eta_sec']) - max(0.0, since)))}")
     elif step and not (unit and message):
         parts.append(f"{step:,g} {unit}" if unit else f"step {step:g}")
     text = ", ".join(parts)
@@ -98,6 +100,7 @@ class Watcher:
         self._last_key: tuple[Any, ...] | None = None
         self._last_progress_at = 0.0
         self._unschedulable_since: float | None = None
+        self._last_text = ""
 
     def live(self) -> AbstractContextManager[Any]:
         if not self.terminal:
@@ -120,12 +123,14 @@ class Watcher:
             )
             now = time.monotonic()
             step_due = progress.get("step") and now - self._last_progress_at >= PROGRESS_EVERY_SEC
-            if key != self._last_key or (step_due and record["state"] == "running"):
+            # A line that says nothing new is not printed again: in a log, a repeat reads as a stall.
+            if key != self._last_key or (step_due and record["state"] == "running" and text != self._last_text):
                 self._last_key = key
                 if progress.get("step"):
                     self._last_progress_at = now
                 if record["state"] not in TERMINAL:
                     output.line(text)
+                    self._last_text = text
         self._check_schedulable(record)
 
     def _check_schedulable(self, record: dict[str, Any]) -> None:

@@ -90,6 +90,7 @@ class RunContext:
     # said: an executor that stops gracefully can tell its log which it was.
     stop_reason: StopReason | None = None
     _last_progress: float = field(default=0.0, repr=False)
+    _last_step: float = field(default=0.0, repr=False)  # the step of the last progress sent
 
     @property
     def spec(self) -> SpecBase:
@@ -134,9 +135,13 @@ class RunContext:
         is then told from the pace since, not since the run's start at step 0."""
         now = time.monotonic()
         final = total is not None and step >= total
-        if not final and now - self._last_progress < 0.25:
+        # Always sent: an end, a new stage counting from its start ("answering" 0/4 after "embedding" 3/3),
+        # and where a run's work begins (``since``).
+        new_stage = step < self._last_step
+        if not final and not new_stage and since is None and now - self._last_progress < 0.25:
             return
         self._last_progress = now
+        self._last_step = step
         event: dict[str, Any] = {"ev": "progress", "step": step, "total": total, "message": message, "ts": time.time()}
         if unit:
             event["unit"] = unit

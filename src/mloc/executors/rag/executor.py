@@ -226,6 +226,7 @@ class RagExecutor(Executor):
             prompts.append(prompt)
             del question_hits[kept:]
         generations = []
+        ctx.progress(0, len(prompts), "answering")
         for start in range(0, len(prompts), GENERATE_BATCH):
             ctx.check_cancelled()
             generations.extend(

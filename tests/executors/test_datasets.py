@@ -22,6 +22,7 @@ from mloc.errors import ExecutionError, SpecError
 from mloc.executors.base import Event, RunContext
 from mloc.executors.dataset_io import open_dataset
 from mloc.spec.dataset import COUNTED_BYTES, DatasetInput
+from tests.conftest import free_port
 from tests.llm.builders import TINY_HIDDEN
 from tests.support.s3server import s3_server
 from tests.support.tiny_model import build_tiny_causal_lm
@@ -181,6 +182,20 @@ def _read_from_s3(endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         "dataset s3://data/in/d.jsonl could not be read: the worker has no AWS credentials; set AWS_ACCESS_KEY_ID "
         "and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the worker's environment, and AWS_ENDPOINT_URL for an "
         "S3-compatible service"
+    )
+    # An endpoint nothing answers at: the worker is told which variable points s3:// elsewhere.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    fsspec.config.conf.clear()
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(ExecutionError) as unreachable:
+        read_rows({"path": "s3://data/in/d.jsonl"})
+    assert "could not be read: Could not connect to the endpoint URL" in unreachable.value.message
+    assert unreachable.value.message.endswith(
+        "for an S3-compatible service set AWS_ENDPOINT_URL to its address in the worker's environment "
+        "(MLOC_ARTIFACT_STORE_OPTIONS applies to the artifact store alone)"
     )
 
 

@@ -178,13 +178,20 @@ def _open_binary(url: str, label: str, fs: Any = None) -> Iterator[IO[bytes]]:
     except (OSError, ValueError) as exc:
         raise ExecutionError(f"{label} could not be opened: {type(exc).__name__}: {exc}") from exc
     except Exception as exc:
-        if type(exc).__name__ != "NoCredentialsError":  # botocore's, for an s3:// URL
-            raise
-        raise ExecutionError(
-            f"{label} could not be read: the worker has no AWS credentials; set AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the worker's environment, and AWS_ENDPOINT_URL for an "
-            "S3-compatible service"
-        ) from None
+        # botocore's, for an s3:// URL: named, not imported, as a worker without the s3 extra lacks it.
+        kind = type(exc).__name__
+        if kind == "NoCredentialsError":
+            raise ExecutionError(
+                f"{label} could not be read: the worker has no AWS credentials; set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the worker's environment, and AWS_ENDPOINT_URL for an "
+                "S3-compatible service"
+            ) from None
+        if kind in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"):
+            raise ExecutionError(
+                f"{label} could not be read: {exc}; for an S3-compatible service set AWS_ENDPOINT_URL to its address "
+                "in the worker's environment (MLOC_ARTIFACT_STORE_OPTIONS applies to the artifact store alone)"
+            ) from None
+        raise
     try:
         yield handle
     finally:

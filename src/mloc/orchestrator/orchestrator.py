@@ -66,6 +66,7 @@ class Orchestrator:
         self.memfit = MemoryFit(redis, settings, self.scheduler)
         self.backoff = Backoff(settings.retry_backoff_sec, settings.retry_backoff_max_sec)
         self.usage = UsageReports(redis)
+        self._redis_trouble_at: float | None = None  # when the reaper last failed to reach Redis (monotonic)
 
     # ------------------------------------------------------------------ submit
     def _owner(self, document: Document, principal: Principal) -> str:
@@ -493,12 +494,16 @@ class Orchestrator:
     async def cleanup(self) -> reaper.ReapReport:
         """One reaper round: hand back lost workers' tasks, forget tasks past their retention, and
         settle every open replica group (in case a wake-up was missed)."""
+        trouble = self._redis_trouble_at
         report = await reaper.reap(
             self.store,
             self.registry,
             ttl_sec=self.settings.heartbeat_ttl_sec,
             backoff=self.backoff,
             max_requeues=self.settings.max_requeues,
+            redis_calm_sec=await reaper.redis_calm_sec(
+                self.store, None if trouble is None else time.monotonic() - trouble
+            ),
         )
         if self.settings.task_retention_sec > 0:
             forgotten = await reaper.forget_finished(self.store, older_than_sec=self.settings.task_retention_sec)
@@ -557,6 +562,8 @@ class Orchestrator:
             try:
                 await self.cleanup()
             except aioredis.RedisError as exc:
+                # Heartbeats could not land meanwhile either: silences are counted from its return.
+                self._redis_trouble_at = time.monotonic()
                 log.warning("reaper: Redis unavailable (%s); retrying", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.settings.reap_every_sec)

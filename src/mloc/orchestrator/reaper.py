@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 from mloc import keys
 from mloc.records import WorkerStatus
 from mloc.requeue import DEFAULT_MAX_REQUEUES, Backoff, hand_back, seconds
@@ -44,14 +46,31 @@ async def reap(
     ttl_sec: float,
     backoff: Backoff | None = None,
     max_requeues: int = DEFAULT_MAX_REQUEUES,
+    redis_calm_sec: float | None = None,
 ) -> ReapReport:
     """Mark workers silent for longer than ``ttl_sec`` as lost and hand back what they held.
+
+    A worker's silence is not counted while Redis could not take its heartbeats: none is marked until
+    ``redis_calm_sec`` (how long Redis has been up and reachable: see :func:`redis_calm_sec`) reaches
+    ``ttl_sec``. Otherwise, when Redis came back after an outage longer than that, every worker would be
+    declared lost at once and its running tasks stopped.
 
     Safe to run from several orchestrators at once: marking is a compare-and-set, and requeueing
     is fenced on the worker id.
     """
     report = ReapReport([], [], [])
-    for worker_id in await registry.stale(ttl_sec):
+    calm = float("inf") if redis_calm_sec is None else redis_calm_sec
+    stale = await registry.stale(ttl_sec)
+    if stale and calm < ttl_sec:
+        log.info(
+            "%d worker(s) silent, but Redis was away until %.0fs ago: they get HEARTBEAT_TTL_SEC (%.0fs) from "
+            "then to heartbeat before any is declared lost",
+            len(stale),
+            calm,
+            ttl_sec,
+        )
+        stale = []
+    for worker_id in stale:
         if await registry.mark_lost(worker_id, ttl_sec):
             report.lost_workers.append(worker_id)
             log.warning(
@@ -75,6 +94,18 @@ async def reap(
         report.failed.extend(handed.failed)
         report.cancelled.extend(handed.cancelled)
     return report
+
+
+async def redis_calm_sec(store: TaskStore, trouble_sec: float | None) -> float:
+    """How long Redis has taken heartbeats: since it started (while it was down it took none), and
+    since this orchestrator last failed to reach it (``trouble_sec`` ago; None: never). Unbounded where
+    neither says (INFO refused by the server's ACL, no trouble seen)."""
+    try:
+        info = await store.redis.info("server")
+        uptime = float(info.get("uptime_in_seconds", float("inf")))
+    except ResponseError:
+        uptime = float("inf")
+    return min(uptime, float("inf") if trouble_sec is None else trouble_sec)
 
 
 async def _beats_too_slowly(registry: WorkerRegistry, worker_id: str, ttl_sec: float) -> str:

@@ -439,3 +439,16 @@ def test_a_number_written_wrong_names_the_field_and_the_fix(field: str, value: o
     with pytest.raises(SpecError) as refused:
         validate({"spec": spec})
     assert refused.value.details == [{"path": f"spec.hyperparameters.{field}", "message": message, "fix": fix}]
+
+
+def test_a_tab_that_yaml_refuses_is_named_with_the_fix() -> None:
+    with pytest.raises(SpecError) as refused:
+        load("apiVersion: mloc/v1\nkind: InferenceTask\nspec:\n\ttaskType: inference\n")
+    assert refused.value.message == (
+        "invalid YAML at line 4, column 1: found character that cannot start any token; it is a tab, and YAML "
+        "indents with spaces only: replace the tabs with spaces"
+    )
+    # A tab inside a value is text, and another mistake on a line with no tab says nothing of tabs.
+    with pytest.raises(SpecError) as other:
+        load("spec:\n  taskType: inference\n  inference: {prompts: [a\n")
+    assert "tab" not in other.value.message

@@ -217,9 +217,9 @@ def _load_yaml(text: str, *, many: bool) -> Any:
     except yaml.composer.ComposerError as exc:
         if not many and exc.problem == "but found another document":
             raise _SeveralDocuments from None
-        raise _yaml_error(exc) from exc
+        raise _yaml_error(exc, text) from exc
     except yaml.MarkedYAMLError as exc:
-        raise _yaml_error(exc) from exc
+        raise _yaml_error(exc, text) from exc
     except yaml.YAMLError as exc:
         if _is_depth_refusal(exc):
             raise SpecError(TOO_DEEP) from None
@@ -230,12 +230,17 @@ def _load_yaml(text: str, *, many: bool) -> Any:
         raise SpecError(TOO_DEEP) from None
 
 
-def _yaml_error(exc: yaml.MarkedYAMLError) -> SpecError:
+def _yaml_error(exc: yaml.MarkedYAMLError, text: str) -> SpecError:
     if _is_depth_refusal(exc):
         return SpecError(TOO_DEEP)
     mark = exc.problem_mark
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-    return SpecError(f"invalid YAML{where}: {exc.problem or exc}")
+    problem = str(exc.problem or exc)
+    lines = text.split("\n")
+    if mark is not None and mark.line < len(lines) and "\t" in lines[mark.line][: mark.column + 1]:
+        # libyaml says "found character that cannot start any token" of a tab: say what it is.
+        problem += "; it is a tab, and YAML indents with spaces only: replace the tabs with spaces"
+    return SpecError(f"invalid YAML{where}: {problem}")
 
 
 def shape_problem(value: Any) -> str | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from mloc.cli.tasks import _dry_run_lines, _summary
 
 
@@ -110,3 +112,13 @@ def test_show_and_the_dry_run_print_the_memory_estimate_alike() -> None:
         "memory_estimate": estimate,
     }
     assert _dry_run_lines("t.yaml", answer)[1:] == [f"  {name}: {text}" for name, text in shown]
+
+
+def test_show_0_prints_none_of_a_result(capsys: pytest.CaptureFixture[str]) -> None:
+    from mloc.cli.results import print_result
+
+    record = {"task_id": "t-1", "task_type": "echo", "state": "succeeded"}
+    print_result(record, {"ok": True, "payload": "one"}, 0)
+    assert capsys.readouterr().out == ""
+    print_result(record, {"ok": True, "payload": "one"}, 1)
+    assert '"payload": "one"' in capsys.readouterr().out

@@ -151,8 +151,10 @@ def _sources(sources: list[Any]) -> None:
 
 
 def _value(result: Any, shown: int) -> None:
+    if not shown:
+        return  # --show 0: none of it; where the whole result is follows
     lines = output.json_text(result).splitlines()
-    limit = max(shown, 1) * 4
+    limit = shown * 4
     for row in lines[:limit]:
         output.line(row)
     if len(lines) > limit:

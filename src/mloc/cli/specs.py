@@ -29,7 +29,11 @@ class _Checked:
 
 
 @app.command()
-def validate(files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False)]) -> None:
+def validate(
+    files: Annotated[
+        list[Path], typer.Argument(exists=True, dir_okay=False, help="Task files (YAML or JSON; --- between tasks).")
+    ],
+) -> None:
     """Check task files without submitting them; each task of a multi-document file (---) is checked,
     and a file's tasks that wait for each other (dependsOn, or a `from:` naming another's output) as the
     submit would plan them: names that name no task, a task that names itself, two tasks of one name, an
@@ -147,7 +151,11 @@ def graph_problems(documents: list[Document]) -> list[tuple[int, str]]:
 
 
 @app.command()
-def schema(output_file: Annotated[Path | None, typer.Option("-o", "--output")] = None) -> None:
+def schema(
+    output_file: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write the schema to this file instead of printing it.")
+    ] = None,
+) -> None:
     """Print (or write) the JSON Schema of mloc/v1 tasks, for editors."""
     from mloc.spec import json_schema
 

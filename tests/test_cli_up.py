@@ -424,3 +424,6 @@ def test_up_on_a_port_another_process_listens_on_names_the_port_and_the_fix(tmp_
     assert f"error: port {port} on 127.0.0.1 is in use by another process" in said, said
     assert "choose another port with PORT / MLOC_PORT (`mloc up --port N`)" in said
     assert "Traceback" not in said
+    # Nothing was started first: no Redis, no restore line, nothing to stop.
+    assert "fresh start" not in said and "stopping" not in said, said
+    assert not (tmp_path / "home" / "redis").exists()

@@ -150,8 +150,8 @@ def test_up_says_how_to_reach_it_and_a_second_up_on_its_home_is_refused_in_one_l
     env = up_env(home, port, ORCHESTRATOR_TOKEN="up token")
     up = start_up(env)
     up.output.wait_for(READY)
-    # With a token, its export is the last line `mloc up` prints; read it before looking at the lines.
-    up.output.wait_for("export MLOC_TOKEN=")
+    # With the embedded Redis, its export is the last line `mloc up` prints; read it before looking at the lines.
+    up.output.wait_for("export REDIS_URL=")
     api = f"http://127.0.0.1:{port}"
     lines = up.output.lines
     assert f"fresh start: no tasks in {home}" in lines
@@ -159,6 +159,11 @@ def test_up_says_how_to_reach_it_and_a_second_up_on_its_home_is_refused_in_one_l
     assert f"API {api}," in said and f"dashboard {api}/dashboard" in said
     assert f"  export MLOC_API_URL={api}" in lines
     assert "  export MLOC_TOKEN='up token'" in lines
+    # And where a worker started by hand in another shell finds its Redis.
+    exported = next(line for line in lines if line.startswith("  export REDIS_URL="))
+    assert exported.startswith("  export REDIS_URL=redis://127.0.0.1:") and exported.endswith(
+        "# for a worker: mloc start"
+    )
     # Its processes say they use its embedded Redis (handed to them as REDIS_URL), not a Redis of the user's.
     told = [line for line in lines if "Redis: redis://" in line]
     assert told and all(line.endswith(f"(the embedded Redis of {home}, passed as REDIS_URL)") for line in told), told

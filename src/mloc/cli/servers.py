@@ -106,6 +106,9 @@ def _say_up(cluster: LocalCluster, workers: int, token: str | None) -> None:
     output.line(f"  export MLOC_API_URL={api}")
     if token:
         output.line(f"  export MLOC_TOKEN={shlex.quote(token)}")
+    if cluster.redis is not None:
+        # A worker started by hand finds the embedded Redis through MLOC_HOME; named, from any home.
+        output.line(f"  export REDIS_URL={shlex.quote(cluster.redis_url or '')}   # for a worker: mloc start")
 
 
 def _exited(cluster: LocalCluster) -> tuple[str | None, int] | None:

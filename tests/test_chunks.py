@@ -403,6 +403,15 @@ def test_a_chunk_run_without_the_artifact_store_is_read_from_a_shared_results_di
     # A worker started without the store, writing to the RESULTS_DIR the orchestrator reads (one host).
     cluster.add_worker("no-store", {"MLOC_ARTIFACT_STORE": ""})
     cluster.wait_ready(60)
+    # Its record and `mloc workers` say so before any task needs its files.
+    store = f"file://{tmp_path / 'store'}"
+    assert client.worker("no-store")["artifact_store"] == ""
+    assert client.worker("no-store")["warning"] == (
+        f"it publishes no results (no MLOC_ARTIFACT_STORE), but this orchestrator reads {store}: its tasks' files are "
+        "served only if the two share a disk; set the same MLOC_ARTIFACT_STORE on every worker and the orchestrator"
+    )
+    listed = mloc("workers", env={"MLOC_API_URL": cluster.api_url})
+    assert "warning: worker no-store: it publishes no results (no MLOC_ARTIFACT_STORE)" in listed.stderr, listed.stderr
     record = client.wait(client.submit(task(data, chunk_rows=5))["task_id"], timeout=300)
     assert record["state"] == "succeeded", record
     assert [line["id"] for line in lines_of(client, record["task_id"])] == [f"q{i:03d}" for i in range(8)]

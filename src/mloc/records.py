@@ -362,6 +362,8 @@ class Registration:
     model_facts: Mapping[str, Any] = field(default_factory=dict)
     # Its HEARTBEAT_INTERVAL_SEC: an orchestrator whose HEARTBEAT_TTL_SEC is not longer says so.
     heartbeat_interval_sec: float = 0.0
+    # Its MLOC_ARTIFACT_STORE ("" for none): an orchestrator reading another store says so.
+    artifact_store: str = ""
 
     def to_hash(self, now: float) -> dict[str, str]:
         return {
@@ -387,6 +389,7 @@ class Registration:
             "last_heartbeat": repr(now),
             "heartbeat_interval_sec": repr(float(self.heartbeat_interval_sec)),
             "version": self.version,
+            "artifact_store": self.artifact_store,
         }
 
 
@@ -429,6 +432,7 @@ class WorkerView:
     hardware: dict[str, Any] = field(default_factory=dict)
     registered_at: float | None = None
     version: str | None = None
+    artifact_store: str | None = None  # None: registered by a version that did not say
 
     @classmethod
     def from_hash(cls, h: Mapping[str, str], free_gpus: Iterable[str | int] = ()) -> WorkerView:
@@ -455,6 +459,7 @@ class WorkerView:
             hardware=hardware,
             registered_at=_float(h.get("registered_at")),
             version=h.get("version"),
+            artifact_store=h.get("artifact_store"),
         )
         view._read_changing([h.get(name) for name in CHANGING_FIELDS], free_gpus)
         return view
@@ -503,6 +508,9 @@ class WorkerRecord(BaseModel):
     heartbeat_age_sec: float | None = None
     version: str | None = None
     cordoned: bool = False  # draining because the admin cordoned it, not because it is stopping
+    artifact_store: str | None = Field(
+        None, description="Where it publishes results (MLOC_ARTIFACT_STORE; empty: its RESULTS_DIR only)."
+    )
 
     @classmethod
     def of(cls, view: WorkerView, *, now: float, tasks: Iterable[str], cordoned: bool = False) -> WorkerRecord:
@@ -537,6 +545,7 @@ class WorkerRecord(BaseModel):
             heartbeat_age_sec=round(now - last, 3) if last else None,
             version=view.version,
             cordoned=cordoned and view.status == WorkerStatus.DRAINING,
+            artifact_store=view.artifact_store,
         )
 
 

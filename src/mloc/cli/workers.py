@@ -118,6 +118,9 @@ def workers(
             _heartbeat(w),
         )
     output.show(grid)
+    for w in items:
+        if w.get("warning"):
+            output.line(output.visible(f"warning: worker {w['worker_id']}: {w['warning']}"), stderr=True)
 
 
 @workers_app.command("cordon")

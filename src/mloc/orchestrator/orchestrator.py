@@ -627,9 +627,13 @@ class Orchestrator:
         """Worker records as ``principal`` may see them: a user sees the ids of their own tasks only,
         and in ``hidden_tasks`` how many other tasks the worker holds (the admin sees every id)."""
         items = [record.model_dump(mode="json") for record in records]
+        ours = self.settings.artifact_store_url or ""
         for item in items:
             # How long a silence makes it lost (its tasks requeued): what a client needs to read its heartbeat's age.
             item["lost_after_sec"] = self.settings.heartbeat_ttl_sec
+            theirs = item.get("artifact_store")
+            if theirs is not None and theirs.rstrip("/") != ours.rstrip("/"):
+                item["warning"] = store_mismatch(theirs, ours)
         if principal.admin:
             for item in items:
                 item["hidden_tasks"] = 0
@@ -675,3 +679,13 @@ def _answer(record: NewTask, placement: Placement) -> dict[str, Any]:
     if record.memory_estimate and record.memory_estimate.get("warning"):
         answer["memory_warning"] = record.memory_estimate["warning"]
     return answer
+
+
+def store_mismatch(theirs: str, ours: str) -> str:
+    """Why a worker's results may not reach this orchestrator: they publish to different stores."""
+    published = f"publishes results to {theirs}" if theirs else "publishes no results (no MLOC_ARTIFACT_STORE)"
+    read = f"this orchestrator reads {ours}" if ours else "this orchestrator reads only its own RESULTS_DIR"
+    return (
+        f"it {published}, but {read}: its tasks' files are served only if the two share a disk; "
+        "set the same MLOC_ARTIFACT_STORE on every worker and the orchestrator"
+    )

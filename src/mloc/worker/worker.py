@@ -124,16 +124,21 @@ class Worker(TaskRunner):
                 version=__version__,
                 model_facts=facts,
                 heartbeat_interval_sec=self.settings.heartbeat_interval_sec,
+                artifact_store=self.settings.artifact_store_url or "",
             )
         )
         self._published_facts = facts
+        store = self.settings.artifact_store_url
         log.info(
-            "worker %s registered: topics %s, task types %s, %d GPU(s), results in %s",
+            "worker %s registered: topics %s, task types %s, %d GPU(s), results in %s, %s",
             self.worker_id,
             ",".join(self.settings.topics),
             ",".join(self.task_types),
             len(self.hardware["gpus"]),
             self.results_dir,
+            f"published to {store}"
+            if store
+            else "not published (no MLOC_ARTIFACT_STORE: served from a shared disk only)",
         )
 
     async def _heartbeat_loop(self) -> None:

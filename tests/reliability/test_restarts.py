@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from mloc import keys
+from mloc.client import Client
 from mloc.localcluster import LocalCluster
 from tests.conftest import FAST_ENV, RedisServer
 from tests.reliability.conftest import (
@@ -24,6 +25,7 @@ from tests.reliability.conftest import (
     restart_orchestrator,
     wait_all_terminal,
 )
+from tests.support.redislink import LossyLink
 
 TASK = b"taskType: echo\nretries: 20\nhyperparameters: {sleep_sec: 0.3}\n"
 
@@ -221,3 +223,36 @@ def test_a_worker_told_to_stop_while_redis_is_gone_stops_within_seconds(tmp_path
     finally:
         local.stop()
         server.stop()
+
+
+def test_a_worker_whose_link_to_redis_is_cut_says_so_and_carries_on_once_it_is_back(
+    redis_url: str, tmp_path: Path
+) -> None:
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    with LossyLink(port) as link:
+        local = LocalCluster(
+            home=tmp_path / "home",
+            workers=0,
+            redis_url=redis_url,
+            results_dir=tmp_path / "results",
+            env=FAST_ENV | {"HEARTBEAT_TTL_SEC": "60"},
+            log_dir=tmp_path / "logs",
+        )
+        try:
+            local.start(timeout=60)
+            local.add_worker("cut-off", {"REDIS_URL": link.url})
+            local.wait_ready(60)
+            log = tmp_path / "logs" / "cut-off.log"
+            link.cut.set()  # nothing passes, nothing closes: its writes wait on a silent connection
+            deadline = time.monotonic() + 40
+            while "heartbeat: Redis did not answer within 10s (network?); trying again" not in log.read_text():
+                assert time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.2)
+            link.cut.clear()
+            # Back: it heartbeats again and runs what it is given.
+            client = Client(local.api_url)
+            task_id = client.submit(b"taskType: echo\n")["task_id"]
+            assert client.wait(task_id, timeout=60)["state"] == "succeeded"
+            assert client.task(task_id)["worker_id"] == "cut-off"
+        finally:
+            local.stop()

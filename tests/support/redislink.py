@@ -1,6 +1,7 @@
 """A TCP relay in front of a real Redis that can lose one answer: Redis applies the request, then
 the client's connection closes before the reply reaches it, as when Redis is killed between writing
-a command to its append-only file and answering it."""
+a command to its append-only file and answering it. It can also be cut: nothing passes and nothing
+closes, as when a network link is down."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ class LossyLink:
         self._marker: bytes | None = None
         self._lock = threading.Lock()
         self.lost = threading.Event()  # set once an answer was lost
+        # While set, nothing passes either way and no connection closes: a pulled cable, not a dead server.
+        self.cut = threading.Event()
         self._sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -56,6 +59,8 @@ class LossyLink:
     def _upstream(self, client: socket.socket, server: socket.socket, swallow: threading.Event) -> None:
         with contextlib.suppress(OSError):
             while chunk := client.recv(65536):
+                if self.cut.is_set():
+                    continue
                 if not self._take_marker(chunk):
                     server.sendall(chunk)
                     continue
@@ -68,11 +73,10 @@ class LossyLink:
                 return
         _close(client, server)
 
-    @staticmethod
-    def _downstream(server: socket.socket, client: socket.socket, swallow: threading.Event) -> None:
+    def _downstream(self, server: socket.socket, client: socket.socket, swallow: threading.Event) -> None:
         with contextlib.suppress(OSError):
             while chunk := server.recv(65536):
-                if not swallow.is_set():
+                if not swallow.is_set() and not self.cut.is_set():
                     client.sendall(chunk)
         _close(client, server)
 

@@ -39,6 +39,8 @@ CONSUME_BLOCK_MS = 500  # how long one read of the assignment stream waits for a
 # stopping worker does not wait that out for its own records: what it cannot write within this, the
 # orchestrator's reaper does once the worker's heartbeat has expired.
 DRAIN_REDIS_SEC = 5.0
+# A heartbeat that has not gone through after this long (or two intervals) is said in the log.
+HEARTBEAT_SAY_SEC = 10.0
 
 
 class Worker(TaskRunner):
@@ -154,7 +156,18 @@ class Worker(TaskRunner):
                 held = await asyncio.to_thread(held_models, self.models_dir, hf_cache=hf_hub_cache())
                 facts = await asyncio.to_thread(held_model_facts, self.models_dir, hf_cache=hf_hub_cache())
                 changed = facts if facts != self._published_facts else None
-                answer = await self.registry.heartbeat(self.worker_id, heartbeat_fields(warm, held, changed))
+                # A cut network drops no connection: a write waits on it silently. Said, and tried afresh.
+                wait = max(2 * self.settings.heartbeat_interval_sec, HEARTBEAT_SAY_SEC)
+                try:
+                    async with asyncio.timeout(wait):
+                        answer = await self.registry.heartbeat(self.worker_id, heartbeat_fields(warm, held, changed))
+                except TimeoutError:
+                    log.warning(
+                        "heartbeat: Redis did not answer within %.0fs (network?); trying again. Without one for "
+                        "the orchestrator's HEARTBEAT_TTL_SEC this worker is declared lost and its tasks requeued",
+                        wait,
+                    )
+                    continue
                 if answer == "ok":
                     self._published_facts = facts
                     await self.sweep()

@@ -75,6 +75,7 @@ def test_read_commands_print_json_lists_print_ids_and_every_command_takes_short_
     assert len(reason_lines) == 1 and long_reason.strip() in reason_lines[0]
     record = json.loads(mloc("show", short_failed, "--json", env=env).stdout)
     assert record["task_id"] == failed_id and record["reason"].startswith(long_reason.strip())
+    assert record["ok"] is True  # as every --json answer starts
     wide = [
         line for line in mloc("tasks", "--wide", "--page-size", "50", env=env).stdout.splitlines() if failed_id in line
     ]
@@ -92,6 +93,7 @@ def test_read_commands_print_json_lists_print_ids_and_every_command_takes_short_
     assert json.loads(mloc("logs", prefix, "--json", env=env).stdout)["lines"][-1]["text"] == "x" * 500
     listed = json.loads(mloc("artifacts", prefix, "--json", env=env).stdout)
     assert listed["task_id"] == good and [i["path"] for i in listed["items"]] == ["responses.json"]
+    assert listed["ok"] is True
     assert json.loads(mloc("artifacts", prefix, "-o", "json", env=env).stdout) == listed
     for row in ({"step": 1, "loss": 2.5, "learning_rate": 0.001}, {"step": 2, "loss": 1.25, "learning_rate": 0.0005}):
         sync_redis.rpush(keys.task_metrics(good), json.dumps(row))  # as the worker records them

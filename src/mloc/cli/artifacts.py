@@ -88,7 +88,7 @@ def _list(api: Client, task_id: str, as_json: bool, target: str | None) -> None:
         output.die(f"-o {target!r} names the file to write with --get; without --get, -o takes json or table")
     items = api.artifacts(task_id)
     if as_json:
-        output.print_json({"task_id": task_id, "items": items})
+        output.print_json({"ok": True, "task_id": task_id, "items": items})
         return
     total = sum(int(item["size"]) for item in items)
     grid = output.table("PATH", "SIZE (BYTES)", caption=f"{len(items)} file(s), {output.size(total)}")

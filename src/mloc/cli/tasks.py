@@ -578,7 +578,7 @@ def show(
     except MlocError as exc:
         task_failed(api, task_id, exc)
     if wants_json(json_out, fmt):
-        output.print_json(record)
+        output.print_json({"ok": True, **record})  # as every --json answer starts
         return
     holder = None
     if record.get("worker_id") and record["state"] in ("assigned", "running", "cancelling"):

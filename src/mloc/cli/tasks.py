@@ -343,7 +343,11 @@ def _where(task: dict[str, Any]) -> str:
     parts = task.get("children") or []
     if task.get("worker_id") or not parts:
         return str(task.get("worker_id") or "-")
-    return f"{len(parts)} chunk(s)" if task.get("chunk_rows") else f"{len(parts)} replicas"
+    if not task.get("chunk_rows"):
+        return f"{len(parts)} replicas"
+    # Once it succeeded, the chunks that held rows, as its result counts them: one cut past the data's end is not.
+    held = (task.get("result_summary") or {}).get("chunks")
+    return f"{held if isinstance(held, int) else len(parts)} chunk(s)"
 
 
 def _more(body: dict[str, Any], filters: dict[str, str | None], *, quiet: bool) -> None:

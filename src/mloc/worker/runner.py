@@ -283,6 +283,9 @@ class TaskRunner:
         result: dict[str, Any] | None = None
         state, reason_code, reason = TaskState.FAILED, Reason.EXECUTOR_ERROR.value, ""
         crashed = False
+        # An error no executor expected: its traceback is logged once the run's end is recorded, as an
+        # error of the task's, or as a note where the task had been moved elsewhere meanwhile.
+        unexpected: Exception | None = None
         try:
             trusted = await self._check_models(task_id, document_data, owner)
             document_data = await outputs.resolve_task_outputs(
@@ -315,11 +318,12 @@ class TaskRunner:
         except OSError as exc:
             reason = f"cannot write results to {out_dir}: {exc.strerror or exc}"
         except Exception as exc:
-            log.exception("task %s failed", task_id)
+            unexpected = exc
             reason = f"{type(exc).__name__}: {exc}"
         finally:
             await reporter.close()
         if run.stop_reason == StopReason.LOST:
+            _discarded(task_id, reason if unexpected else "", "this worker was declared lost")
             return False  # the orchestrator already requeued it when it declared this worker lost
         if run.stop_reason == StopReason.SHUTDOWN:
             # What the attempt used until it was stopped is known here, unlike a lost worker's: it counts
@@ -430,7 +434,10 @@ class TaskRunner:
                 outcome.error,
                 outcome.detail,
             )
+            _discarded(task_id, reason if unexpected else "", "it was moved elsewhere")
             return False
+        if unexpected is not None:
+            log.error("task %s failed", task_id, exc_info=unexpected)
         if state != TaskState.SUCCEEDED:
             log.info("task %s %s: %s", task_id, state, reason)
         elif run.memory is not None:
@@ -590,3 +597,9 @@ def _resume_hint(task_id: str, out_dir: Path) -> str:
     """What a failed or cancelled training task's reason adds when it saved a checkpoint."""
     found = checkpoints.newest(out_dir / checkpoints.CHECKPOINTS_DIR)
     return f"; {found[1].name} is kept: `mloc resume {task_id}` continues from it" if found else ""
+
+
+def _discarded(task_id: str, failure: str, why: str) -> None:
+    """Say that a run's own failure is not the task's: the task went on elsewhere (``why``)."""
+    if failure:
+        log.warning("task %s: this run failed (%s), but %s: its outcome is discarded", task_id, failure, why)

@@ -84,14 +84,18 @@ class LocalCluster:
             self.redis_url = self.redis.url
         return self.redis_url
 
+    def check_port(self) -> None:
+        """ConfigError when the orchestrator's port is taken: said before anything starts, as another
+        orchestrator there would answer the readiness check."""
+        if self.port:
+            check_port("127.0.0.1", self.port)
+
     def start(self, timeout: float = 60.0) -> LocalCluster:
         if self.running:
             # A second set of processes would run workers under the same ids, each handing back the
             # other's tasks as ones it holds but does not run.
             raise ConfigError("this local cluster is started already (`with` starts it unless start() has)")
-        if self.port:
-            # Said before anything starts: another orchestrator there would answer the readiness check.
-            check_port("127.0.0.1", self.port)
+        self.check_port()
         self.start_redis()
         self.port = self.port or embedded.free_port()
         env = self._base_env() | {"MLOC_PORT": str(self.port), "MLOC_HOST": "127.0.0.1"}

@@ -167,19 +167,12 @@ def up(
     back to the queue); one that dies more than 3 times in a minute stops it all."""
     from mloc.connection import redact
     from mloc.localcluster import LocalCluster
-    from mloc.orchestrator.server import check_port
 
     settings = get_settings()
     port = port or settings.port
     try:
         lock = HomeLock(settings.home).acquire(f"http://127.0.0.1:{port}")
     except HomeInUse as exc:
-        output.fail(exc)
-    try:
-        # Before anything starts: a port in use stops it with one line, not after Redis and a restore.
-        check_port("127.0.0.1", port)
-    except MlocError as exc:
-        lock.release()
         output.fail(exc)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     # Set even where SIGINT came ignored (a script's background job): `kill -INT` stops it all the same.
@@ -198,6 +191,12 @@ def up(
         results_dir=settings.results_dir.resolve(),
         env={"MLOC_SHUTDOWN_GRACE_SEC": str(grace)} | passed_settings(),
     )
+    try:
+        # Before anything starts: a port in use stops it with one line, not after Redis and a restore.
+        cluster.check_port()
+    except MlocError as exc:
+        lock.release()
+        output.fail(exc)
     try:
         redis_url = cluster.start_redis()
         where = str(settings.home) if cluster.redis is not None else f"Redis at {redact(redis_url)}"

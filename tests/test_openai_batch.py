@@ -613,3 +613,13 @@ def test_a_running_batch_cancelled_is_cancelling_until_its_chunk_has_stopped(
     ended = wait_ended(client, batch.id, timeout=60)
     assert ended.status == "cancelled" and ended.cancelling_at == cancelled.cancelling_at, ended
     assert ended.cancelled_at is not None and ended.cancelled_at >= ended.cancelling_at
+
+
+def test_a_chat_reply_is_the_assistants_text_without_the_space_after_a_plain_cue() -> None:
+    from mloc.openai_lines import CHAT, BatchOutput, response_line
+
+    batch = BatchOutput(key="k", endpoint=CHAT, model="gemma3-270m", created=0)
+    line = {"id": "c0", "output": " Blue.", "finish_reason": "stop", "prompt_tokens": 9, "completion_tokens": 2}
+    body = response_line(line, 0, batch)["response"]["body"]
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Blue."}
+    assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}

@@ -311,7 +311,9 @@ def response_line(line: dict[str, Any], index: int, batch: BatchOutput) -> dict[
     usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
     choice: dict[str, Any] = {"index": 0, "finish_reason": line.get("finish_reason"), "logprobs": None}
     if batch.endpoint == CHAT:
-        choice["message"] = {"role": "assistant", "content": line.get("output")}
+        reply = line.get("output")
+        # A conversation without a chat template ends "Assistant:", so its reply starts with a space.
+        choice["message"] = {"role": "assistant", "content": reply.lstrip() if isinstance(reply, str) else reply}
         body: dict[str, Any] = {"id": f"chatcmpl-{tag}", "object": "chat.completion"}
     else:
         choice["text"] = line.get("output")

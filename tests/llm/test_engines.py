@@ -23,6 +23,13 @@ def test_stop_strings_cut_at_the_earliest_one() -> None:
     assert text.cut_at_stop("abc", ["x", ""]) == ("abc", False)
 
 
+def test_a_base_models_reply_to_a_plain_conversation_ends_at_any_turn_it_writes() -> None:
+    # What Gemma 3 270M (no chat template) wrote after "System: ...\nUser: Name a color.\nAssistant:".
+    written = " Name a color.\nAssistant: Name a color.\nAssistant: Name a color."
+    assert text.cut_at_stop(written, text.PLAIN_TURN_STOPS) == (" Name a color.", True)
+    assert text.cut_at_stop(" Blue.\nUser: and?", text.PLAIN_TURN_STOPS) == (" Blue.", True)
+
+
 def test_engine_counts_tokens_as_its_tokenizer_and_knows_its_context(tiny_model: Path) -> None:
     from transformers import AutoTokenizer
 

@@ -9,7 +9,8 @@ from mloc.spec.sampling import Message
 
 # A conversation rendered without a chat template ends with this cue; the reply stops at the next turn.
 PLAIN_ASSISTANT_CUE = "Assistant:"
-PLAIN_TURN_STOPS = ("\nUser:", "\nSystem:")
+# A base model continues the conversation it was shown: a turn of any role it writes is not its reply.
+PLAIN_TURN_STOPS = ("\nUser:", "\nSystem:", "\nAssistant:")
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:

@@ -8,6 +8,7 @@ tests/test_multihost.py.
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,4 +44,39 @@ def test_full_results_volume_fails_the_task_cleanly_and_the_worker_goes_on(
         assert done["state"] == "succeeded", done
         assert json.loads((volume / small["task_id"] / "responses.json").read_text())["payload"] == {"answer": 42}
         assert client.worker("local-1")["free"]["slots"] == 4
+        cluster.stop()
+
+
+@pytest.mark.extra("inference")
+def test_a_dataset_task_whose_lines_do_not_fit_when_joined_fails_saying_so_and_a_resume_joins_them(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tmp_path: Path
+) -> None:
+    rows = 200
+    data = tmp_path / "rows.jsonl"  # long ids make long lines: the chunks' fit, the joined copy does not
+    data.write_text(
+        "".join(json.dumps({"qid": f"{i:04d}" + "x" * 300, "prompt": f"Say {i}:"}) + "\n" for i in range(rows))
+    )
+    spec = {"taskType": "inference", "model": {"source": {"type": "package", "identifier": "mloc-tiny-llama"},
+            "engine": "transformers"}, "inference": {"max_tokens": 1, "batch_size": 50,
+            "input": {"path": str(data), "chunk_rows": 100, "columns": {"id": "qid"}}}}  # fmt: skip
+    with tmpfs(tmp_path / "volume", "120k") as volume:
+        cluster = make_cluster(
+            1, env=FAULT_ENV | {"RESULTS_DIR": str(volume)}, worker_env=[{"RESULTS_DIR": str(volume)}]
+        )
+        client = client_for(cluster)
+        task_id = client.submit({"spec": spec})["task_id"]
+        failed = wait_until(client, task_id, lambda r: r["state"] in ("succeeded", "failed"), 300)
+        assert failed["state"] == "failed", failed
+        assert failed["reason"].startswith(f"its {rows} rows, all done, could not be joined into {volume / task_id}")
+        assert (
+            "No space left on device" in failed["reason"] and f"`mloc resume {task_id}` joins them" in failed["reason"]
+        )
+        assert failed["progress"]["message"].startswith(f"{rows} rows done"), failed["progress"]
+        assert not (volume / task_id / "results.jsonl").exists()  # nothing half-joined where a reader looks
+        subprocess.run(["mount", "-o", "remount,size=4m", str(volume)], check=True)
+        client.resume(task_id)
+        done = wait_until(client, task_id, lambda r: r["state"] in ("succeeded", "failed"), 300)
+        assert done["state"] == "succeeded", done
+        lines = [json.loads(line) for line in (volume / task_id / "results.jsonl").read_text().splitlines()]
+        assert [line["id"][:4] for line in lines] == [f"{i:04d}" for i in range(rows)]
         cluster.stop()

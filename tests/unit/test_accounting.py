@@ -14,14 +14,26 @@ H100 = [{"index": 0, "name": "H100"}, {"index": 1, "name": "H100"}]
 
 def test_reported_usage_wins_over_the_result_and_time_is_priced_by_what_was_held() -> None:
     usage = run_usage({"prompt_tokens": 10.0}, {"usage": {"prompt_tokens": 99}}, 2.0, 2, 4.0)
-    assert usage == {"prompt_tokens": 10.0, "wall_sec": 2.0, "gpu_seconds": 4.0, "cpu_seconds": 8.0}
+    assert usage == {
+        "prompt_tokens": 10.0,
+        "total_tokens": 10.0,
+        "wall_sec": 2.0,
+        "gpu_seconds": 4.0,
+        "cpu_seconds": 8.0,
+    }
 
 
 def test_the_results_numbers_count_when_nothing_was_reported_and_flags_do_not() -> None:
     result = {"usage": {"completion_tokens": 7, "cached": True, "note": "x", "cpu_seconds": 0.5}}
     usage = run_usage({}, result, 1.5, 0, 1.0)
     # The executor's own CPU-seconds stand; a boolean is not a count.
-    assert usage == {"completion_tokens": 7.0, "cpu_seconds": 0.5, "wall_sec": 1.5, "gpu_seconds": 0.0}
+    assert usage == {
+        "completion_tokens": 7.0,
+        "total_tokens": 7.0,
+        "cpu_seconds": 0.5,
+        "wall_sec": 1.5,
+        "gpu_seconds": 0.0,
+    }
 
 
 def test_a_day_counts_the_task_by_type_and_outcome_with_its_figures() -> None:
@@ -70,3 +82,12 @@ def test_peak_is_the_gpus_when_the_task_had_gpus_else_the_process_trees() -> Non
     on_cpu = peak_fields(memory, [])
     assert on_cpu["memory_peak_bytes"] == "300"
     assert json.loads(on_cpu["memory_peak"])["device"] == "cpu"
+
+
+def test_tokens_reported_as_prompt_and_completion_add_up_to_a_total() -> None:
+    usage = run_usage({"prompt_tokens": 777.0, "completion_tokens": 100.0}, None, 2.0, 0, 1.0)
+    assert usage["total_tokens"] == 877.0
+    assert daily_counters("inference", TaskState.SUCCEEDED, usage, [], H100)["total_tokens"] == 877.0
+    # A total the executor gave stands; a run that counted no tokens gets none.
+    assert run_usage({"total_tokens": 5.0, "prompt_tokens": 1.0}, None, 1.0, 0, 1.0)["total_tokens"] == 5.0
+    assert "total_tokens" not in run_usage({}, None, 1.0, 0, 1.0)

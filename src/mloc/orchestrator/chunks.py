@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import errno
 import json
 import logging
 import os
@@ -343,7 +344,8 @@ async def _settle(store: TaskStore, parent_id: str, settings: Settings) -> bool:
     if last is not None and all(s == TaskState.SUCCEEDED for s in states[: last + 1]):
         unread = await _succeed(store, h, children[: last + 1], rows, settings)
         if unread is not None:
-            # No resume is offered: it would keep the chunk whose lines are out of reach.
+            # Its reason says whether a resume helps: the generic offer would speak of chunks not finished.
+            await _note_progress(store, parent_id, children[: last + 1], summaries[: last + 1])
             await _end(store, parent_id, children, states, TaskState.FAILED, unread, code=Reason.REPLICA_FAILED)
             return True
         for child, chunk_state in zip(children[last + 1 :], states[last + 1 :], strict=True):
@@ -507,6 +509,10 @@ async def _succeed(
     except NotFound as exc:
         # Its chunk succeeded and published nothing: no later settle finds more, and a resume keeps that chunk.
         return f"{exc.message}; then submit the task again"
+    except OSError as exc:
+        if exc.errno not in UNWRITABLE:
+            raise  # a store's read that failed for now: the next settle tries again
+        return _unwritable(exc, folder / RESULT_LINES, results, parent_id)
     starts = [float(row[2]) for row in rows if row[2]]
     started = float(h.get("started_at") or min(starts, default=time.time()))
     # Time it sat failed or cancelled before a resume is not its run's.
@@ -523,7 +529,12 @@ async def _succeed(
         "chunks": len(children),
         "usage": usage,
     }
-    write_json_atomic(folder / "responses.json", merged)
+    try:
+        write_json_atomic(folder / "responses.json", merged)
+    except OSError as exc:
+        if exc.errno not in UNWRITABLE:
+            raise
+        return _unwritable(exc, folder / "responses.json", results, parent_id)
     store_ = artifacts.store_for(settings)
     if store_ is not None:
         # Served from the store like any task's files: as the parent's one attempt.
@@ -549,6 +560,16 @@ async def _succeed(
     return None
 
 
+def _unwritable(exc: OSError, target: Path, results: list[dict[str, Any]], parent_id: str) -> str:
+    """Why a task whose chunks all finished did not: its own disk will not take what joins them, and no
+    later settle would tell. Every chunk stands, so a resume (with none to run) joins them again."""
+    rows = sum(int(r.get("rows") or 0) for r in results)
+    return (
+        f"its {rows:,} rows, all done, could not be joined into {target}: {exc.strerror or exc}; make room there "
+        f"(or make it writable), then `mloc resume {parent_id}` joins them (every chunk's lines are kept)"
+    )
+
+
 def _usage(results: list[dict[str, Any]], wall: float) -> dict[str, float]:
     """The task's usage from its chunks': tokens and requests summed, model loading summed (each chunk
     loads or reuses a model), and time and speed the task's own: ``latency_sec`` from its first chunk's
@@ -567,6 +588,10 @@ def _usage(results: list[dict[str, Any]], wall: float) -> dict[str, float]:
     if "load_sec" in usage:
         usage["load_sec"] = round(usage["load_sec"], 4)
     return usage
+
+
+# A results disk that will not take more: full, read-only, over quota, not ours to write.
+UNWRITABLE = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM)
 
 
 def join_lines(settings: Settings, records: list[Any], target: Path) -> None:

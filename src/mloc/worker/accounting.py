@@ -40,6 +40,9 @@ def run_usage(
         usage = {
             k: float(v) for k, v in result["usage"].items() if isinstance(v, int | float) and not isinstance(v, bool)
         }
+    if "total_tokens" not in usage and ("prompt_tokens" in usage or "completion_tokens" in usage):
+        # Reported as the two parts (a dataset chunk's, counted as they go): the total is their sum.
+        usage["total_tokens"] = usage.get("prompt_tokens", 0.0) + usage.get("completion_tokens", 0.0)
     usage["wall_sec"] = round(wall, 6)
     usage["gpu_seconds"] = round(wall * gpu_count, 6)
     # Like GPU-seconds, what the task kept from others: wall time times the cores it asked for.

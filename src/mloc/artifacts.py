@@ -265,12 +265,17 @@ def listing(settings: Settings, task_id: str, state: str, attempt: int, worker_i
             f"store when a task succeeds{by}"
         )
     local = _local_listing(settings, task_id)
-    if local is None:
-        where = f" on worker {worker_id}'s disk" if worker_id else ""
+    if local is None and not worker_id:
+        # Written here, by this orchestrator (a dataset task's joined lines, a replica group's merge).
         raise NotFound(
-            f"task {task_id} has no files in this orchestrator's RESULTS_DIR ({settings.results_dir}); they are"
-            f"{where} in its RESULTS_DIR. Set MLOC_ARTIFACT_STORE (e.g. s3://bucket/mloc or a shared "
-            "file:// folder) on workers and orchestrator to serve them from any host"
+            f"task {task_id} has no files in this orchestrator's RESULTS_DIR ({settings.results_dir}), where they "
+            "were written: its folder was deleted there, or RESULTS_DIR has changed since"
+        )
+    if local is None:
+        raise NotFound(
+            f"task {task_id} has no files in this orchestrator's RESULTS_DIR ({settings.results_dir}); they are on "
+            f"worker {worker_id}'s disk, in its RESULTS_DIR. Set MLOC_ARTIFACT_STORE (e.g. s3://bucket/mloc or a "
+            "shared file:// folder) on workers and orchestrator to serve them from any host"
         )
     return local
 

@@ -79,4 +79,11 @@ def test_a_dataset_task_whose_lines_do_not_fit_when_joined_fails_saying_so_and_a
         assert done["state"] == "succeeded", done
         lines = [json.loads(line) for line in (volume / task_id / "results.jsonl").read_text().splitlines()]
         assert [line["id"][:4] for line in lines] == [f"{i:04d}" for i in range(rows)]
+        # Its folder deleted by hand: the answer says so, not that another host holds it.
+        subprocess.run(["rm", "-r", str(volume / task_id)], check=True)
+        with pytest.raises(ApiError) as gone:
+            client.result_lines(task_id).__next__()
+        assert gone.value.status_code == 404
+        assert f"task {task_id} has no files in this orchestrator's RESULTS_DIR ({volume}), where they were written: " \
+            "its folder was deleted there" in gone.value.message, gone.value.message  # fmt: skip
         cluster.stop()

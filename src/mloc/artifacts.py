@@ -274,7 +274,7 @@ def listing(settings: Settings, task_id: str, state: str, attempt: int, worker_i
     if local is None:
         raise NotFound(
             f"task {task_id} has no files in this orchestrator's RESULTS_DIR ({settings.results_dir}); they are on "
-            f"worker {worker_id}'s disk, in its RESULTS_DIR. Set MLOC_ARTIFACT_STORE (e.g. s3://bucket/mloc or a "
+            f"worker {worker_id}'s disk in its RESULTS_DIR. Set MLOC_ARTIFACT_STORE (e.g. s3://bucket/mloc or a "
             "shared file:// folder) on workers and orchestrator to serve them from any host"
         )
     return local

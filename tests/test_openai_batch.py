@@ -162,7 +162,7 @@ def test_result_lines_become_openai_output_and_error_lines() -> None:
     body = first["response"]["body"]
     assert body["object"] == "chat.completion" and body["model"] == "tiny" and body["created"] == 100
     assert body["choices"] == [
-        {"index": 0, "finish_reason": "length", "logprobs": None, "message": {"role": "assistant", "content": " four"}}
+        {"index": 0, "finish_reason": "length", "logprobs": None, "message": {"role": "assistant", "content": "four"}}
     ]
     assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
     errors = [json.loads(x) for x in b"".join(output_blocks(io.BytesIO(data), batch, errors=True)).splitlines()]

@@ -11,7 +11,9 @@ from mloc.cli.output import JsonFlag, OutputFormat, wants_json
 from mloc.cli.root import app, client
 from mloc.errors import MlocError
 
-eval_app = typer.Typer(help="Evaluation results: compare eval tasks' scores.", no_args_is_help=True)
+eval_app = typer.Typer(
+    help="Evaluation results: compare eval tasks' scores.", no_args_is_help=True, rich_markup_mode="markdown"
+)
 app.add_typer(eval_app, name="eval")
 
 

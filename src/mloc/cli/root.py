@@ -16,12 +16,15 @@ app = typer.Typer(
     help="MLOC: run LLM inference, fine-tuning, RLHF, RAG and agent tasks on a worker fleet.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Help paragraphs reflow to the terminal's width (the "rich" mode keeps each docstring line break).
+    rich_markup_mode="markdown",
 )
-users_app = typer.Typer(help="Manage API users (admin).", no_args_is_help=True)
+users_app = typer.Typer(help="Manage API users (admin).", no_args_is_help=True, rich_markup_mode="markdown")
 app.add_typer(users_app, name="users")
 workers_app = typer.Typer(
     help="List workers (hardware, free capacity, warm models), or remove stopped ones.",
     invoke_without_command=True,
+    rich_markup_mode="markdown",
 )
 app.add_typer(workers_app, name="workers")
 

@@ -40,7 +40,7 @@ from mloc.orchestrator.scheduler import Scheduler
 from mloc.records import NewTask, WorkerStatus, WorkerView
 from mloc.settings import Settings
 from mloc.spec.agent import AgentSpec
-from mloc.spec.base import Document, ModelSource, ModelSpec
+from mloc.spec.base import Document, ModelSource, ModelSpec, field_of
 from mloc.spec.inference import InferenceSpec
 from mloc.spec.rag import RagSpec
 from mloc.spec.train import DPOSpec, GRPOSpec, PPOSpec, SFTSpec
@@ -79,7 +79,7 @@ class MemoryFit:
         spec = document.spec
         if self.settings.memfit == "off" or not isinstance(spec, ESTIMATED):
             return Fit(None, request)
-        model = getattr(spec, "model", None)
+        model = field_of(spec, "model")
         if not isinstance(model, ModelSpec):
             return Fit(_unestimated("the task names no model (the worker's VLLM_MODEL runs it)"), request)
         views = await self.scheduler.views()
@@ -191,8 +191,8 @@ class MemoryFit:
     async def _others(self, document: Document, views: list[WorkerView]) -> dict[str, ModelFacts]:
         """The facts of the other models a task names (embedding, reward, value), where they can be found;
         the estimate assumes the size of the task's own model for the rest, and says so."""
-        options = getattr(document.spec, "hyperparameters", None)
-        names = {getattr(options, name, None) for name in ("embedding_model", "reward_model", "value_model")}
+        options = field_of(document.spec, "hyperparameters")
+        names = {field_of(options, name) for name in ("embedding_model", "reward_model", "value_model")}
         others: dict[str, ModelFacts] = {}
         for name in sorted(n for n in names if isinstance(n, str) and n):
             try:

@@ -30,7 +30,7 @@ from mloc.records import NewTask, TaskRecord, WorkerRecord, WorkerView
 from mloc.requeue import Backoff
 from mloc.settings import Settings
 from mloc.spec import Document, taskgraph, validate
-from mloc.spec.base import TIMEOUT_LABEL
+from mloc.spec.base import TIMEOUT_LABEL, field_of
 from mloc.spec.loader import default_name
 from mloc.spec.references import TRAINING
 from mloc.state import TaskState
@@ -124,7 +124,7 @@ class Orchestrator:
         """Refuse a user's task that names local models outside the allowed folders, or another
         user's task as its adapter (see :mod:`mloc.modelroots`); the admin's tasks may name any. Any
         eval task naming harness tasks whose data no worker holds is refused too (:mod:`.harness`)."""
-        if getattr(document.spec, "eval", None) is not None:
+        if field_of(document.spec, "eval") is not None:
             harness.check(document, await self.scheduler.views())
         await self._check_adapter_task(document, principal)
         if principal.admin:
@@ -144,7 +144,7 @@ class Orchestrator:
         """Refuse, for the admin too, a ``model.adapter.path`` naming a task that makes no adapter (it would
         fail on its worker), or a short id of one (the field takes a folder or a full id: the worker would
         look for a folder of that name)."""
-        model = getattr(document.spec, "model", None)
+        model = field_of(document.spec, "model")
         given = model.adapter.path if model is not None and model.adapter is not None else None
         if not given:
             return

@@ -16,7 +16,7 @@ from enum import StrEnum
 from typing import Any
 
 from mloc.records import WorkerStatus, WorkerView
-from mloc.spec.base import Document, ModelSpec
+from mloc.spec.base import Document, ModelSpec, field_of
 from mloc.spec.eval import harness_data_fix
 from mloc.spec.quantity import format_cpu, format_memory, readable_memory
 
@@ -87,17 +87,15 @@ class Request:
 def request_of(document: Document) -> Request:
     spec = document.spec
     hw = spec.resources.hardware
-    model = getattr(spec, "model", None)
+    model = field_of(spec, "model")
     needs: list[tuple[str, str]] = []
     if isinstance(model, ModelSpec) and model.engine.value != "auto":
         needs.append(("engines", model.engine.value))
-    options = getattr(spec, "hyperparameters", None)
-    for tool in getattr(options, "tools", None) or ():
+    for tool in field_of(field_of(spec, "hyperparameters"), "tools") or ():
         if tool in GATED_TOOLS:
             needs.append(("agent_tools", tool))
     # Harness tasks run only where their data is cached: workers advertise the ones they hold.
-    evaluating = getattr(spec, "eval", None)
-    for name in getattr(evaluating, "tasks", None) or ():
+    for name in field_of(field_of(spec, "eval"), "tasks") or ():
         needs.append(("harness_tasks", name))
     return Request(
         task_type=spec.task_type,

@@ -95,6 +95,12 @@ def test_rotating_a_token_revokes_the_old_one_at_once_and_keeps_quota_budget_and
         assert own.json()["message"].endswith("your own usage and budgets are in GET /api/v1/stats (`mloc stats`)")
         missing = admin.post("/admin/users/zoe/token")
         assert missing.status_code == 404 and "zoe" in missing.json()["message"]
+        # Reading an unknown user's limits answers as setting them does, not with defaults that look set.
+        for limits in ("quota", "budget"):
+            unknown = admin.get(f"/api/v1/admin/users/zoe/{limits}")
+            assert unknown.status_code == 404, unknown.text
+            assert unknown.json()["message"] == "user 'zoe' not found; add it first with `mloc users add zoe`"
+        assert admin.get("/api/v1/admin/users/alice/budget").status_code == 200
         itself = admin.post("/admin/users/admin/token")
         assert itself.status_code == 400 and "ORCHESTRATOR_TOKEN" in itself.json()["message"]
 

@@ -101,8 +101,10 @@ async def set_quota(name: str, body: QuotaBody, orch: Orch, who: Admin) -> dict[
 
 @router.get("/admin/users/{name}/quota")
 @router.get("/api/v1/admin/users/{name}/quota")
+@raises(NotFound)
 async def show_quota(name: str, orch: Orch, who: Admin) -> dict[str, Any]:
     """A user's limits and what they hold now (tasks assigned or running, GPUs)."""
+    await users.require_user(orch.redis, name)
     state = await users.usage_and_quota(orch.redis, [name], **_defaults(orch))
     return {"ok": True, "name": name, **state[name]}
 
@@ -204,8 +206,10 @@ async def set_budget(name: str, body: BudgetBody, orch: Orch, who: Admin) -> dic
 
 @router.get("/admin/users/{name}/budget")
 @router.get("/api/v1/admin/users/{name}/budget")
+@raises(NotFound)
 async def show_budget(name: str, orch: Orch, who: Admin) -> dict[str, Any]:
     """A user's budgets with what they spent in the current day or month, and when each resets."""
+    await users.require_user(orch.redis, name)
     return await _budgets(orch, name)
 
 

@@ -119,11 +119,17 @@ async def rotate_token(redis: aioredis.Redis, name: str) -> str:
     raise Conflict(f"user {name!r} changed under every try to rotate their token; try again")
 
 
+async def require_user(redis: aioredis.Redis, name: str) -> None:
+    """Raise :class:`NotFound` unless ``name`` is the admin or a user: a read of an unknown user's
+    quota or budgets answers as a write to them does, not with defaults that look set."""
+    if name != ADMIN and not await redis.hexists(keys.USERS, name):
+        raise NotFound(f"user {name!r} not found; add it first with `mloc users add {name}`")
+
+
 async def set_quota(redis: aioredis.Redis, name: str, quota: Quota, *, reset: bool = False) -> None:
     """Set a user's limits (fields left None are kept; ``reset`` first returns both to the defaults).
     The scheduler reads them at each placement, so a change applies to the next task placed."""
-    if name != ADMIN and not await redis.hexists(keys.USERS, name):
-        raise NotFound(f"user {name!r} not found; add it first with `mloc users add {name}`")
+    await require_user(redis, name)
     pipe = redis.pipeline(transaction=True)
     if reset:
         pipe.delete(keys.user_quota(name))

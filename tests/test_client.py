@@ -144,6 +144,18 @@ def test_a_url_without_a_scheme_or_a_token_with_spaces_inside_is_refused_before_
     )
     with pytest.raises(ClientError, match=r"^base_url localhost:8000 must start with http://"):
         Client("localhost:8000")
+    # A route of the orchestrator's in the base URL is named, with the base URL meant; a proxy's prefix is kept.
+    monkeypatch.setenv("MLOC_API_URL", "http://127.0.0.1:8731/api/v1")
+    with pytest.raises(ClientError) as route:
+        Client()
+    assert route.value.message == (
+        "MLOC_API_URL http://127.0.0.1:8731/api/v1 ends in /api/v1, a route of the orchestrator that every call "
+        "adds itself; give the orchestrator's base URL: MLOC_API_URL=http://127.0.0.1:8731"
+    )
+    with pytest.raises(ClientError, match=r"ends in /dashboard, .*: base_url=https://corp.example/mloc$"):
+        Client("https://corp.example/mloc/dashboard")
+    with Client("https://corp.example/mloc/") as behind_a_proxy:
+        assert behind_a_proxy.base_url == "https://corp.example/mloc"
 
     # Secret files end in a line break: it is not part of the token, nor of the URL.
     monkeypatch.setenv("MLOC_API_URL", "https://mloc.example.com/\n")

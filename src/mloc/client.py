@@ -27,6 +27,10 @@ LOG_PAGE = 10_000  # the API's largest page of log lines
 _FULL_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _ID_PREFIX = re.compile(r"^[0-9a-f-]+$")
 _ID_LENGTH = 36  # a UUID: 32 hex digits and 4 dashes
+# The orchestrator's own routes, which a base URL's path cannot end in (see _checked_url).
+_ROUTE_IN_PATH = re.compile(
+    r"/(?:api/v1|v1|admin|dashboard|docs|openapi\.json|healthz|readyz|metrics|workers)(?:/.*)?$"
+)
 # What a bearer token may hold: printable ASCII. Spaces pass, as `mloc up` lets the admin's token have
 # them (ORCHESTRATOR_TOKEN='up token'); a line break or other control character cannot be sent.
 _TOKEN = re.compile(r"[ -~]*")
@@ -97,6 +101,17 @@ def _checked_url(url: str, name: str) -> str:
     if not url.lower().startswith(("http://", "https://")):
         shown = url[:200]
         raise ClientError(f"{name} {shown} must start with http:// or https:// (e.g. http://{shown})")
+    # A base URL may have a path (an orchestrator behind a proxy at /mloc), but not one of the
+    # orchestrator's own routes: every call adds its route, and would answer "no such endpoint".
+    scheme, _, rest = url.partition("://")
+    host, slash, path = rest.partition("/")
+    route = _ROUTE_IN_PATH.search(slash + path)
+    if route:
+        base = f"{scheme}://{host}{(slash + path)[: route.start()]}"
+        raise ClientError(
+            f"{name} {url[:200]} ends in {route.group(0)[:100]}, a route of the orchestrator that every call "
+            f"adds itself; give the orchestrator's base URL: {name}={base}"
+        )
     return url
 
 

@@ -90,6 +90,25 @@ def test_the_requeue_budget_defaults_to_twenty_and_refuses_a_negative_count(monk
     assert "greater than or equal to 0" in describe_invalid(refused.value)
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "fix"),
+    [
+        ("MLOC_MAX_REQUEUES", "abc", "give a whole number, e.g. MLOC_MAX_REQUEUES=20 (the default)"),
+        ("HEARTBEAT_TTL_SEC", "2 minutes", "give a number, e.g. HEARTBEAT_TTL_SEC=120 (the default)"),
+        ("MLOC_LOG_JSON", "maybe", "give true or false, e.g. MLOC_LOG_JSON=false (the default)"),
+        ("MLOC_OFFLINE", "maybe", "give true or false"),
+    ],
+)
+def test_a_value_of_the_wrong_kind_is_told_what_to_give_with_the_default(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, fix: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    said = describe_invalid(refused.value)
+    assert said.startswith(f"invalid setting {variable}={value!r}: ") and said.endswith(f"; {fix}"), said
+
+
 def test_tokens_from_secret_files_lose_their_line_break_and_whitespace_alone_is_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

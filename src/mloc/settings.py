@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mloc.errors import ConfigError
@@ -453,14 +454,41 @@ def parse_openai_models(value: str) -> dict[str, dict[str, Any]]:
     return models
 
 
-def _variables(name: str) -> str:
-    """The environment variable(s) a setting is read from, given its field name or one of them."""
+def _setting(name: str) -> tuple[str, FieldInfo | None]:
+    """The environment variable(s) a setting is read from, and its field, given its field name or one of them."""
     for field, info in Settings.model_fields.items():
         alias = info.validation_alias
         choices = [str(c) for c in alias.choices] if isinstance(alias, AliasChoices) else []
         if name == field or name.upper() in (c.upper() for c in choices):
-            return " / ".join(choices) or field.upper()
-    return name.upper()
+            return " / ".join(choices) or field.upper(), info
+    return name.upper(), None
+
+
+def _variables(name: str) -> str:
+    """The environment variable(s) a setting is read from, given its field name or one of them."""
+    return _setting(name)[0]
+
+
+# Pydantic's error types for a value that is not a number or a truth value at all, and what to give.
+_KINDS = {
+    "int_parsing": "a whole number",
+    "int_from_float": "a whole number",
+    "float_parsing": "a number",
+    "bool_parsing": "true or false",
+}
+
+
+def _example(field: str, kind: str) -> str:
+    """What to write instead of a value of the wrong kind: the kind, and the setting's default."""
+    wanted = _KINDS.get(kind)
+    if wanted is None:
+        return ""
+    variables, info = _setting(field)
+    default = info.default if info is not None else None
+    if not isinstance(default, bool | int | float):
+        return f"; give {wanted}"
+    shown = str(default).lower() if isinstance(default, bool) else f"{default:g}"
+    return f"; give {wanted}, e.g. {variables.split(' / ')[0]}={shown} (the default)"
 
 
 def describe_invalid(exc: ValidationError) -> str:
@@ -468,7 +496,7 @@ def describe_invalid(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
         field = str(error["loc"][0]) if error["loc"] else "?"
-        message = str(error["msg"]).removeprefix("Value error, ")
+        message = str(error["msg"]).removeprefix("Value error, ") + _example(field, error["type"])
         lines.append(f"invalid setting {_variables(field)}={error.get('input')!r}: {message}")
     return "; ".join(lines)
 

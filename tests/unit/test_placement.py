@@ -226,6 +226,24 @@ def test_explain_names_the_fix_when_no_worker_could_ever_take_it() -> None:
     assert never and "to fix: pip install 'mloc[train]' on the worker" in reason
 
 
+def test_a_task_only_a_cordoned_worker_could_run_waits_for_it_and_says_how_to_uncordon() -> None:
+    cordoned = view("w-alpha", tags={"alpha"}, status=WorkerStatus.DRAINING)
+    reason, never = explain(echo(tags=("alpha",)), [cordoned, view("w-beta", tags={"beta"})])
+    assert not never
+    assert reason == (
+        "waiting: only draining workers could run this task (w-alpha); one that was cordoned takes it after "
+        "`mloc workers uncordon w-alpha`, or start another worker like it"
+    )
+    # With no draining worker that could, it stays a task no worker can ever run.
+    assert explain(echo(tags=("gamma",)), [cordoned, view("w-beta", tags={"beta"})])[1]
+
+
+def test_a_reason_names_the_workers_in_the_same_order_whatever_order_they_were_read_in() -> None:
+    fleet = [view(f"w{i}", tags={f"t{i}"}, topics=["tasks.sft"] if i % 2 else ["tasks.*"]) for i in range(6)]
+    reasons = {explain(echo(tags=("gamma",)), order)[0] for order in (fleet, fleet[::-1], fleet[3:] + fleet[:3])}
+    assert len(reasons) == 1, reasons
+
+
 # ------------------------------------------------------------------- the fast path agrees, always
 BREAKS = [
     None,

@@ -295,13 +295,14 @@ def _summary(req: Request, views: list[WorkerView], *, when_idle: bool) -> tuple
     """'0/3 workers fit: 2 have ... (w1: ..., w2: ...); 1 has ...' and the fixes that apply."""
     groups: dict[tuple[str, str], list[tuple[str, Misfit]]] = {}
     fitting = 0
-    for view in views:
+    # In id order, so a reason told twice (each pass, each `--wait` poll) reads the same.
+    for view in sorted(views, key=lambda v: v.worker_id):
         found = list(misfits(req, view, when_idle=when_idle))
         fitting += not found
         for item in found:
             groups.setdefault((item.kind, item.many), []).append((view.worker_id, item))
     parts = []
-    for members in sorted(groups.values(), key=len, reverse=True):
+    for members in sorted(groups.values(), key=lambda members: (-len(members), members[0][0])):
         first = members[0][1]
         phrase = first.many if len(members) > 1 else first.one
         shown = [f"{w}: {m.detail}" if m.detail else w for w, m in members[:SHOWN_PER_GROUP]]
@@ -334,6 +335,16 @@ def explain(req: Request, views: list[WorkerView]) -> tuple[str, bool]:
             )
         return "no worker is registered; start one with `mloc start --node-type worker`", True
     never = not any(fits_registration(req, v) for v in live)
+    if never:
+        # A cordon is for a while: a task only a cordoned (draining) worker could run waits for it.
+        paused = sorted(v.worker_id for v in views if v.status == WorkerStatus.DRAINING and fits_registration(req, v))
+        if paused:
+            shown = ", ".join(paused[:SHOWN_PER_GROUP]) + (", ..." if len(paused) > SHOWN_PER_GROUP else "")
+            return (
+                f"waiting: only draining workers could run this task ({shown}); one that was cordoned takes it "
+                f"after `mloc workers uncordon {paused[0]}`, or start another worker like it",
+                False,
+            )
     summary, fixes = _summary(req, views, when_idle=never)
     text = "; ".join([summary, *fixes])
     if never:

@@ -161,10 +161,10 @@ def test_pending_reason_names_every_misfit_across_the_fleet() -> None:
     assert reason.startswith("waiting for capacity: 0/3 workers fit: ")
     # Workers failing the same check are counted together, and every check that fails is named, not
     # just the first one.
-    assert "3 have too little CPU free (gpu-1: 0 of 8, gpu-2: 0 of 8, cpu-1: 2 of 8)" in reason
+    assert "3 have too little CPU free (cpu-1: 2 of 8, gpu-1: 0 of 8, gpu-2: 0 of 8)" in reason
     assert (
-        "3 have too few free GPUs (gpu-1: 0 free GPU(s) (NVIDIA L4), needs 1 GPU(s), gpu-2: 0 free GPU(s) "
-        "(NVIDIA L4), needs 1 GPU(s), cpu-1: 0 free GPU(s) (no GPU), needs 1 GPU(s))"
+        "3 have too few free GPUs (cpu-1: 0 free GPU(s) (no GPU), needs 1 GPU(s), gpu-1: 0 free GPU(s) "
+        "(NVIDIA L4), needs 1 GPU(s), gpu-2: 0 free GPU(s) (NVIDIA L4), needs 1 GPU(s))"
     ) in reason
     assert "2 are running their maximum of tasks (gpu-1, gpu-2)" in reason
     # One worker alone reads in the singular; one that could never take it counts what it has in all.

@@ -619,6 +619,10 @@ def test_inline_documents_are_known_by_their_text_or_their_source(
 
 
 def test_spec_names_collection_settings_that_cannot_apply(tiny_lm: Path) -> None:
+    # A task without a collection is stored with every default filled in, and its worker validates the
+    # stored form again: the defaults are not settings the user gave.
+    unnamed = mloc.spec.load(json.dumps(task(tiny_lm)))
+    assert mloc.spec.validate(unnamed.to_wire()).to_wire() == unnamed.to_wire()
     with pytest.raises(SpecError, match="collection_reset apply to a named collection"):
         mloc.spec.load(json.dumps(task(tiny_lm, collection_reset=True)))
     with pytest.raises(SpecError, match="collection_sync apply to a named collection"):

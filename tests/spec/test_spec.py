@@ -452,3 +452,14 @@ def test_a_tab_that_yaml_refuses_is_named_with_the_fix() -> None:
     with pytest.raises(SpecError) as other:
         load("spec:\n  taskType: inference\n  inference: {prompts: [a\n")
     assert "tab" not in other.value.message
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[2] / "templates").rglob("*.yaml")), ids=lambda p: p.name
+)
+def test_every_template_validates_again_as_stored(path: Path) -> None:
+    """The orchestrator stores a task's spec with every default filled in, and the worker validates that
+    stored form again: it must pass, and mean the same."""
+    for data in parse_stream(path.read_bytes(), limit=1 << 20):
+        stored = validate(data).to_wire()
+        assert validate(stored).to_wire() == stored

@@ -123,7 +123,12 @@ class RagOptions(Strict):
                 "indexed it"
             )
         if self.collection is None and self.collection_from is None:
-            given = [name for name in ("collection_sync", "collection_reset") if name in self.model_fields_set]
+            # Compared with the defaults, not the fields given: a stored task carries every default, and a
+            # worker validates it again.
+            fields = type(self).model_fields
+            given = [
+                name for name in ("collection_sync", "collection_reset") if getattr(self, name) != fields[name].default
+            ]
             if given:
                 raise ValueError(
                     f"{' and '.join(given)} apply to a named collection; set hyperparameters.collection "

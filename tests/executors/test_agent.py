@@ -409,3 +409,8 @@ def test_worker_advertises_only_the_tools_it_can_run(monkeypatch: pytest.MonkeyP
     capabilities = AgentExecutor.capabilities()
     assert capabilities["agent_tools"] == ["retriever", "python_repl", "web_search"]
     assert "transformers" in capabilities["engines"]
+    # The retriever searches the RAG executor's store: a pipeline step using a collection that a rag step
+    # indexed needs that store (mloc.orchestrator.pipelines.needs_at_release), and finds it here.
+    from mloc.executors.rag import RagExecutor
+
+    assert capabilities["vector_stores"] == RagExecutor.capabilities()["vector_stores"] != []

@@ -63,7 +63,10 @@ class AgentExecutor(Executor):
 
     @classmethod
     def capabilities(cls) -> dict[str, Any]:
-        """The tools this worker offers, so tasks that need python_repl or web_search land where they run."""
+        """The tools this worker offers, so tasks that need python_repl or web_search land where they run;
+        and the vector store its retriever reads, so a pipeline step using a collection another step
+        indexed lands where that collection is (the RAG executor's store: the retriever searches it)."""
+        from mloc.executors.rag import RagExecutor
         from mloc.settings import Settings
 
         tools = ["retriever"]
@@ -71,9 +74,7 @@ class AgentExecutor(Executor):
             tools.append("python_repl")
         if Settings().web_search_provider.strip():
             tools.append("web_search")
-        from mloc.llm.loader import available_engines
-
-        return {"agent_tools": tools, "engines": available_engines()}
+        return {"agent_tools": tools, **RagExecutor.capabilities()}
 
     def warm_models(self) -> list[str]:
         return self.engines.warm_models()

@@ -25,7 +25,7 @@ from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage  # noqa: E402
 
 import mloc.spec  # noqa: E402
-from mloc.errors import ExecutionError, SpecError  # noqa: E402
+from mloc.errors import ExecutionError, SpecError, TaskCancelled  # noqa: E402
 from mloc.executors.agent import AgentExecutor  # noqa: E402
 from mloc.executors.agent.chat_model import EngineChatModel  # noqa: E402
 from mloc.executors.agent.protocol import parse_reply  # noqa: E402
@@ -136,6 +136,33 @@ def test_native_tool_calls_run_the_python_tool_in_the_sandbox(python_allowed: No
     assert result["items"] == [{"index": 0, "output": "The answer is 42.", "finish_reason": "final_answer"}]
     assert result["usage"]["tool_calls"] == 1 and result["usage"]["num_requests"] == 2
     assert any(event["ev"] == "usage" and event["counters"]["tool_calls"] == 1 for event in events)
+
+
+class CancelledMidGeneration(ScriptedEngine):
+    """An engine cancelled while it generates: as vLLM aborted between steps, it answers with nothing."""
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        sampling: Sampling,
+        *,
+        adapter: Path | None = None,
+        cancel: threading.Event | None = None,
+    ) -> list[list[Generation]]:
+        assert cancel is not None
+        cancel.set()
+        return []
+
+
+def test_a_cancel_during_generation_ends_the_run_as_cancelled_not_with_a_traceback(tmp_path: Path) -> None:
+    engine = CancelledMidGeneration([])
+    executor = AgentExecutor(
+        chat_model_factory=lambda spec, ctx: EngineChatModel(
+            engine=engine, sampling=spec.inference, cancel=ctx.cancel_event
+        )
+    )
+    with pytest.raises(TaskCancelled, match="the task was cancelled"):
+        run_agent(executor, agent_task(input="Count to a million."), tmp_path)
 
 
 def test_text_protocol_drives_tools_and_feeds_observations_back(python_allowed: None, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
 from pydantic import ConfigDict, Field
 
+from mloc.errors import TaskCancelled
 from mloc.executors.agent import protocol
 from mloc.llm.base import LLMEngine
 from mloc.spec.sampling import Message, Sampling
@@ -108,7 +109,11 @@ class EngineChatModel(BaseChatModel):
             extra.extend(PLAIN_TURN_STOPS)
         stops = list(dict.fromkeys([*self.sampling.stop, *extra]))
         sampling = self.sampling.model_copy(update={"stop": stops, "n": 1})
-        generation = self.engine.generate([prompt], sampling, cancel=self.cancel)[0][0]
+        generations = self.engine.generate([prompt], sampling, cancel=self.cancel)
+        if self.cancel is not None and self.cancel.is_set():
+            # A cancelled engine stops mid-generation and answers with what it has, or nothing at all.
+            raise TaskCancelled("the task was cancelled")
+        generation = generations[0][0]
         self.transcript.append({"prompt": prompt, "reply": generation.output})
         usage = {
             "input_tokens": generation.prompt_tokens,

@@ -463,3 +463,24 @@ def test_every_template_validates_again_as_stored(path: Path) -> None:
     for data in parse_stream(path.read_bytes(), limit=1 << 20):
         stored = validate(data).to_wire()
         assert validate(stored).to_wire() == stored
+
+
+def test_a_key_given_twice_in_one_mapping_is_refused_naming_both_lines() -> None:
+    text = (
+        "apiVersion: mloc/v1\nkind: RAGTask\nspec:\n  taskType: rag_inference\n"
+        "  hyperparameters: {collection: handbook, embedding_model: all-MiniLM-L6-v2}\n"
+        "  hyperparameters: {collection: handbook}\n"
+    )
+    with pytest.raises(SpecError) as twice:
+        load(text)
+    assert twice.value.message == (
+        "invalid YAML at line 6, column 3: the key 'hyperparameters' is given twice in one mapping (first at line 5); "
+        "the later one would replace the first: keep one"
+    )
+    # Inside a flow mapping too, and with anchors about (the careful loader): each loader refuses it.
+    with pytest.raises(SpecError, match=r"the key 'k' is given twice in one mapping \(first at line 2\)"):
+        parse_stream(b"taskType: echo\npayload: {k: 1, k: 2}\n", limit=1 << 20)
+    with pytest.raises(SpecError, match="the key 'taskType' is given twice"):
+        parse_stream(b"taskType: echo\ntaskType: sft\nnote: '&*'\n", limit=1 << 20)
+    # The same key in two mappings is no repeat.
+    assert parse_stream(b"a: {k: 1}\nb: {k: 2}\n", limit=1 << 20) == [{"a": {"k": 1}, "b": {"k": 2}}]

@@ -48,9 +48,32 @@ def _refuse_binary(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
     )
 
 
-_NoAliasLoader.add_constructor("tag:yaml.org,2002:binary", _refuse_binary)
+def _unique_keys(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    # YAML says a mapping's keys are unique, and PyYAML keeps the last of two silently: a task file with
+    # `hyperparameters:` twice would lose the first one's settings without a word.
+    loader.flatten_mapping(node)
+    first: dict[tuple[str, str], yaml.Node] = {}
+    for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue
+        seen = first.setdefault((key_node.tag, key_node.value), key_node)
+        if seen is not key_node:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"the key {key_node.value[:80]!r} is given twice in one mapping (first at line "
+                f"{seen.start_mark.line + 1}); the later one would replace the first: keep one",
+                key_node.start_mark,
+            )
+    return loader.construct_mapping(node, deep=True)
+
+
+for _loader in (_NoAliasLoader,):
+    _loader.add_constructor("tag:yaml.org,2002:binary", _refuse_binary)
+    _loader.add_constructor("tag:yaml.org,2002:map", _unique_keys)
 _FAST_LOADER: type[yaml.SafeLoader] = type("_FastLoader", (getattr(yaml, "CSafeLoader", _NoAliasLoader),), {})
 _FAST_LOADER.add_constructor("tag:yaml.org,2002:binary", _refuse_binary)
+_FAST_LOADER.add_constructor("tag:yaml.org,2002:map", _unique_keys)
 # libyaml's composer recurses in C with no depth limit: a document nested some 40,000 levels deep (80 kB
 # of "[") overflows the stack and kills the process (PyYAML's own composer hits the recursion limit at a
 # few hundred). Each level needs one of these characters or a new line, so a document with few of them

@@ -347,7 +347,13 @@ def test_binary_or_undecodable_file_is_named(executor: RagExecutor, tiny_lm: Pat
     blob.write_bytes(b"\x89PNG\0\0\0binary")
     latin = tmp_path / "latin.txt"
     latin.write_bytes("caf\xe9".encode("latin-1"))
-    for path, expected in ((blob, "binary file"), (latin, "not UTF-8")):
+    rich = tmp_path / "notes.rtf"
+    rich.write_text("{\\rtf1\\ansi hello ferry}")
+    for path, expected in (
+        (blob, "binary file"),
+        (latin, "not UTF-8"),
+        (rich, "is RTF, whose markup would be indexed"),
+    ):
         with pytest.raises(ExecutionError) as caught:
             run_task(executor, task(tiny_lm, documents=[{"path": str(path)}]), tmp_path)
         assert str(path) in caught.value.message and expected in caught.value.message

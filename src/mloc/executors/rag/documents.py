@@ -21,19 +21,9 @@ from langchain_core.documents import Document
 from mloc.errors import ExecutionError
 from mloc.spec.rag import DocumentSource
 
-TEXT_SUFFIXES = {
-    ".txt",
-    ".md",
-    ".markdown",
-    ".rst",
-    ".csv",
-    ".tsv",
-    ".json",
-    ".jsonl",
-    ".log",
-    ".yaml",
-    ".yml",
-}
+# Any UTF-8 text is read as it is, whatever its suffix (source code, logs, a README without one), but for
+# these: text too, their markup would be indexed as words.
+MARKUP_SUFFIXES = {".rtf": "RTF"}
 HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
 PDF_SUFFIXES = {".pdf"}
 MAX_FILES = 10_000
@@ -129,6 +119,11 @@ def read_file(path: Path) -> str:
         raise ExecutionError(f"document {path} is {size} bytes; the limit is {MAX_FILE_BYTES} per file")
     if suffix in PDF_SUFFIXES:
         return _read_pdf(path)
+    if suffix in MARKUP_SUFFIXES:
+        raise ExecutionError(
+            f"document {path} is {MARKUP_SUFFIXES[suffix]}, whose markup would be indexed as text; save it as "
+            "text, Markdown, HTML or PDF"
+        )
     try:
         raw = path.read_bytes()
     except OSError as exc:

@@ -489,6 +489,16 @@ def test_rag_adds_the_embedding_model() -> None:
     estimate = estimate_task(rag, qwen, device="cpu")
     assert estimate.embedding_model == 22_713_216 * 4
     assert estimate.task == "rag_inference on transformers"
+    # Questions read from a dataset are unknown at submit: estimated as a dataset's prompts are.
+    from_rows = task(
+        {
+            "taskType": "rag_inference",
+            "model": {"source": {"identifier": "m"}, "engine": "transformers"},
+            "documents": [{"text": "MLOC schedules tasks."}],
+            "input": {"path": "/data/questions.jsonl"},
+        }
+    )
+    assert estimate_task(from_rows, qwen, device="cpu").total > 0
 
 
 # --- vLLM on a CPU: the loader's own sizing --------------------------------------------------------

@@ -48,13 +48,11 @@ def _inference_workload(spec: InferenceSpec | RagSpec | AgentSpec, batch: int) -
     if isinstance(spec, RagSpec):
         options = spec.hyperparameters
         frame = options.prompt_template or options.system_prompt
-        # Every retrieved chunk in the prompt, as the RAG executor's own bound does.
-        prompt = (
-            _text_bytes(frame)
-            + max(_text_bytes(q) for q in spec.questions)
-            + options.retrieval_k * (options.chunk_size + 32)
-        )
-        sequences = min(len(spec.questions), batch) * spec.inference.n
+        # Every retrieved chunk in the prompt, as the RAG executor's own bound does. Questions read from a
+        # dataset are unknown at submit, as a dataset's prompts are.
+        question = max((_text_bytes(q) for q in spec.questions), default=UNKNOWN_PROMPT_TOKENS)
+        prompt = _text_bytes(frame) + question + options.retrieval_k * (options.chunk_size + 32)
+        sequences = min(len(spec.questions) or batch, batch) * spec.inference.n
         return Workload(prompt + 16 + 2 * CHAT_TURN_TOKENS + spec.inference.max_tokens, sequences)
     # An agent's conversation grows by a reply and a tool result each step.
     agent = spec.hyperparameters

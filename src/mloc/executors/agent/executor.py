@@ -249,7 +249,8 @@ class _Trace:
             if len(recent) == REPEAT_LIMIT - 1 and all(item == (step["tool"], step["input"]) for item in recent):
                 self.stop_reason = "loop"
                 self.stop_message = (
-                    f"stopped: the agent asked for the same {step['tool']} call {REPEAT_LIMIT} times in a row"
+                    f"stopped: the agent asked for the same {step['tool']} call {REPEAT_LIMIT} times in a row "
+                    "(the last one was not run)"
                 )
                 return True
             self.steps.append(step)

@@ -310,6 +310,13 @@ def test_dashboard_files_are_served_with_a_strict_policy(make_cluster: Callable[
     assert "script-src 'self'" in policy and "unsafe-inline" not in policy
     script = httpx.get(cluster.api_url + "/dashboard/static/main.js", timeout=10)
     assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+    # Revalidated on each load: a file the browser holds comes back 304 without a body; a changed one whole.
+    for url, first in ((cluster.api_url + "/dashboard", page), (cluster.api_url + "/dashboard/static/main.js", script)):
+        held = httpx.get(url, headers={"If-None-Match": first.headers["etag"]}, timeout=10)
+        assert held.status_code == 304 and held.content == b"" and held.headers["etag"] == first.headers["etag"]
+        assert held.headers["cache-control"] == "no-cache"
+        changed = httpx.get(url, headers={"If-None-Match": '"something-else"'}, timeout=10)
+        assert changed.status_code == 200 and changed.content == first.content
     for bad in ("/dashboard/static/..%2F..%2Fapp.py", "/dashboard/static/.hidden.js", "/dashboard/static/missing.js"):
         response = httpx.get(cluster.api_url + bad, timeout=10)
         assert response.status_code == 404, bad

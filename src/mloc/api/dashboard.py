@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, Response
 
 from mloc.errors import NotFound
 
@@ -40,20 +40,26 @@ _HEADERS = {
 }
 
 
-def _file(name: str) -> FileResponse:
+def _file(name: str, request: Request) -> Response:
     path = STATIC / name
     if not _NAME.match(name) or path.suffix not in _TYPES or not path.is_file():
         raise NotFound(f"no dashboard file {name[:100]!r}")
-    return FileResponse(path, media_type=_TYPES[path.suffix], headers=_HEADERS)
+    response = FileResponse(path, media_type=_TYPES[path.suffix], headers=_HEADERS, stat_result=path.stat())
+    # The page revalidates on every load (no-cache): a file it already holds is answered 304, no body.
+    etag = response.headers.get("etag")
+    asked = {tag.strip().removeprefix("W/") for tag in request.headers.get("if-none-match", "").split(",")}
+    if etag and (etag in asked or "*" in asked):
+        return Response(status_code=304, headers={**_HEADERS, "ETag": etag})
+    return response
 
 
 @router.get("/dashboard", include_in_schema=False)
-async def dashboard() -> FileResponse:
+async def dashboard(request: Request) -> Response:
     """The dashboard page."""
-    return _file("index.html")
+    return _file("index.html", request)
 
 
 @router.get("/dashboard/static/{name}", include_in_schema=False)
-async def dashboard_file(name: str) -> FileResponse:
+async def dashboard_file(name: str, request: Request) -> Response:
     """A script, style sheet or icon of the dashboard (files directly in api/static; no subfolders)."""
-    return _file(name)
+    return _file(name, request)

@@ -393,3 +393,152 @@ def test_the_readmes_list_url_with_its_filters_left_empty_lists_everything(http:
     assert [item["task_id"] for item in listed.json()["items"]] == [accepted["task_id"]]
     wrong = http.get("/api/v1/tasks", params={"state": "done"})
     assert wrong.status_code == 422 and "query.state" in wrong.text
+
+
+def test_head_is_answered_wherever_get_is(http: httpx.Client) -> None:
+    task = http.post("/api/v1/tasks", content=ECHO).json()["task_id"]
+    wait_for(http, task, {"succeeded"})
+    missing = str(uuid.uuid4())
+    for path in (f"/api/v1/tasks/{task}", f"/api/v1/tasks/{task}/result", f"/api/v1/tasks/{missing}", "/healthz"):
+        got, head = http.get(path), http.head(path)
+        assert head.status_code == got.status_code, path
+        assert head.content == b"", path
+        for header in ("content-type", "content-length"):
+            assert head.headers[header] == got.headers[header], (path, header)
+    # Where GET is not answered, neither is HEAD.
+    refused = http.head("/admin/cleanup")
+    assert refused.status_code == 405 and refused.headers["allow"] == "POST" and refused.content == b""
+    # A followed log answers its headers at once, not when its task ends.
+    running = http.post("/api/v1/tasks", content="taskType: echo\nhyperparameters: {sleep_sec: 30}\n").json()["task_id"]
+    followed = http.head(f"/api/v1/tasks/{running}/logs", params={"follow": "true"}, timeout=5)
+    assert followed.status_code == 200 and followed.headers["content-type"].startswith("text/event-stream")
+    http.post(f"/api/v1/tasks/{running}/cancel").raise_for_status()
+
+
+def test_a_method_a_path_lacks_is_a_405_that_lists_those_it_has(http: httpx.Client) -> None:
+    trace = http.request("TRACE", "/admin/cleanup")
+    assert trace.status_code == 405 and trace.headers["allow"] == "POST"
+    assert trace.json() == {
+        "ok": False,
+        "error": "method_not_allowed",
+        "message": "method TRACE is not allowed on /admin/cleanup; use POST",
+    }
+    # Every route on the path counts, not only the first the router tried.
+    several = http.delete("/api/v1/tasks")
+    assert several.headers["allow"] == "GET, HEAD, POST"
+    assert several.json()["message"] == "method DELETE is not allowed on /api/v1/tasks; use GET, HEAD or POST"
+    openai = http.put("/v1/batches")
+    assert openai.status_code == 405 and openai.headers["allow"] == "GET, HEAD, POST"
+    assert openai.json()["error"]["message"] == "method PUT is not allowed on /v1/batches; use GET, HEAD or POST"
+
+
+def test_a_json_body_that_does_not_parse_is_a_400_that_says_where(http: httpx.Client) -> None:
+    as_json = {"Content-Type": "application/json"}
+    refused = http.post("/api/v1/admin/users", content=b"{not json", headers=as_json)
+    assert refused.status_code == 400, refused.text
+    assert refused.json() == {
+        "ok": False,
+        "error": "bad_request",
+        "message": "invalid JSON at line 1, column 2: Expecting property name enclosed in double quotes",
+    }
+    # Said as a task body's broken JSON is.
+    broken = b'{\n  "name": }'
+    said = http.post("/api/v1/admin/users", content=broken, headers=as_json).json()["message"]
+    assert said == http.post("/api/v1/tasks", content=broken, headers=as_json).json()["message"]
+    assert said == "invalid JSON at line 2, column 11: Expecting value"
+    # OpenAI's shape on /v1: no parameter is at fault.
+    batch = http.post("/v1/batches", content=b"{not json", headers=as_json)
+    assert batch.status_code == 400
+    assert batch.json() == {
+        "error": {
+            "message": "invalid JSON at line 1, column 2: Expecting property name enclosed in double quotes",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "bad_request",
+        }
+    }
+
+
+def test_a_401_names_the_bearer_scheme(cluster: LocalCluster) -> None:
+    for method, path in (
+        ("GET", "/api/v1/tasks"),
+        ("POST", "/api/v1/tasks"),  # the submit lane's answer
+        ("POST", "/admin/cleanup"),
+        ("GET", "/v1/batches"),
+    ):
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            refused = httpx.request(method, cluster.api_url + path, headers=headers, content=ECHO)
+            assert refused.status_code == 401, (method, path)
+            assert refused.headers["www-authenticate"] == "Bearer", (method, path)
+
+
+def test_only_the_budget_endpoint_points_a_user_at_their_stats(http: httpx.Client, cluster: LocalCluster) -> None:
+    name = "u" + uuid.uuid4().hex[:10]
+    as_user = {"Authorization": f"Bearer {http.post('/admin/users', json={'name': name}).json()['token']}"}
+    refused = f"this endpoint is for the admin (ORCHESTRATOR_TOKEN); the token sent is that of user '{name}'"
+    for method, path in (
+        ("POST", "/admin/cleanup"),
+        ("GET", "/api/v1/admin/users"),
+        ("POST", f"/admin/users/{name}/token"),
+        ("POST", "/api/v1/workers/local-1/cordon"),
+        ("PUT", f"/api/v1/admin/users/{name}/budget"),
+    ):
+        answer = httpx.request(method, cluster.api_url + path, headers=as_user, json={})
+        assert answer.status_code == 403, (method, path, answer.text)
+        assert answer.json()["message"] == refused, (method, path)
+    budget = httpx.get(cluster.api_url + f"/admin/users/{name}/budget", headers=as_user)
+    assert budget.status_code == 403
+    assert budget.json()["message"] == refused + "; your own budgets and usage are in GET /api/v1/stats (`mloc stats`)"
+
+
+def test_another_users_task_is_answered_as_a_missing_one(http: httpx.Client, cluster: LocalCluster) -> None:
+    tokens = [http.post("/admin/users", json={"name": "u" + uuid.uuid4().hex[:10]}).json()["token"] for _ in range(2)]
+    owner, other = ({"Authorization": f"Bearer {token}"} for token in tokens)
+    task = httpx.post(cluster.api_url + "/api/v1/tasks", content=ECHO, headers=owner).json()["task_id"]
+    wait_for(http, task, {"succeeded"})
+    missing = str(uuid.uuid4())
+    for method, route in (
+        ("GET", ""),
+        ("GET", "/result"),
+        ("GET", "/metrics"),
+        ("GET", "/logs"),
+        ("GET", "/results"),
+        ("GET", "/artifacts"),
+        ("POST", "/cancel"),
+        ("POST", "/resume"),
+    ):
+        theirs = httpx.request(method, cluster.api_url + f"/api/v1/tasks/{task}{route}", headers=other)
+        nobodys = httpx.request(method, cluster.api_url + f"/api/v1/tasks/{missing}{route}", headers=other)
+        assert theirs.status_code == nobodys.status_code == 404, (method, route)
+        assert theirs.text.replace(task, "ID") == nobodys.text.replace(missing, "ID"), (method, route)
+    assert nobodys.json()["message"] == f"task {missing} not found; list tasks with GET /api/v1/tasks"
+
+
+def test_each_task_of_a_bulk_submit_is_held_to_the_body_limit(
+    http: httpx.Client, api_redis_url: str, owner: str
+) -> None:
+    def task(payload_bytes: int) -> dict[str, object]:
+        return {"metadata": {"owner": owner}, "spec": {"taskType": "echo", "payload": "x" * payload_bytes}}
+
+    big = task(1_100_000)  # over MLOC_MAX_BODY_BYTES (1 MiB) by itself
+    assert http.post("/api/v1/tasks", json=big).status_code == 413
+    before = redis.Redis.from_url(api_redis_url).zcard(keys.TASKS_ALL)
+    as_yaml = "".join(
+        f"metadata: {{owner: {owner}}}\nspec: {{taskType: echo, payload: {'x' * size}}}\n---\n"
+        for size in (1, 1_100_000)
+    )
+    for refused in (
+        http.post("/api/v1/tasks/bulk", json=[task(1), big]),
+        http.post("/api/v1/tasks/bulk", content=as_yaml, headers={"Content-Type": "text/yaml"}),
+    ):
+        assert refused.status_code == 413, refused.text
+        body = refused.json()
+        assert body["error"] == "payload_too_large" and body["details"][0]["index"] == 1
+        assert body["message"].startswith("task 1 of the bulk submit is 1100")
+        assert "MLOC_MAX_BODY_BYTES (1048576 bytes)" in body["message"]
+    assert redis.Redis.from_url(api_redis_url).zcard(keys.TASKS_ALL) == before
+    # Together over the limit, each under it: the bulk body may be 16 times as large.
+    accepted = http.post("/api/v1/tasks/bulk", json=[task(600_000)] * 3)
+    assert accepted.status_code == 201, accepted.text
+    for submitted in accepted.json()["tasks"]:
+        wait_for(http, submitted["task_id"], {"succeeded"})

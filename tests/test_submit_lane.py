@@ -67,6 +67,9 @@ def test_refusals_are_the_same_on_both(
     assert lane.json() == route.json()
     assert lane.json()["ok"] is False and lane.json()["message"]
     assert lane.headers["content-type"] == route.headers["content-type"] == "application/json"
+    # A 401 names the scheme to authenticate with, on both.
+    challenge = "Bearer" if status == 401 else None
+    assert lane.headers.get("www-authenticate") == route.headers.get("www-authenticate") == challenge
     assert stored.zcard(keys.TASKS_ALL) == before  # neither stored anything
 
 

@@ -91,8 +91,13 @@ def test_rotating_a_token_revokes_the_old_one_at_once_and_keeps_quota_budget_and
         # A user's own token cannot rotate tokens; unknown users and the admin are refused with the reason.
         own = httpx.post(cluster.api_url + "/admin/users/alice/token", headers=bearer(newest))
         assert own.status_code == 403
-        # It says where a user reads their own usage and budgets instead.
-        assert own.json()["message"].endswith("your own usage and budgets are in GET /api/v1/stats (`mloc stats`)")
+        assert own.json()["message"] == (
+            "this endpoint is for the admin (ORCHESTRATOR_TOKEN); the token sent is that of user 'alice'"
+        )
+        # Reading budgets, a user is told where their own are.
+        budgets = httpx.get(cluster.api_url + "/api/v1/admin/users/alice/budget", headers=bearer(newest))
+        assert budgets.status_code == 403
+        assert budgets.json()["message"].endswith("your own budgets and usage are in GET /api/v1/stats (`mloc stats`)")
         missing = admin.post("/admin/users/zoe/token")
         assert missing.status_code == 404 and "zoe" in missing.json()["message"]
         # Reading an unknown user's limits answers as setting them does, not with defaults that look set.

@@ -21,7 +21,18 @@ from mloc.state import TERMINAL, Refusal, TaskState
 from mloc.transition import Transition, pending_score, utc_day
 
 # Named here too: callers build reservations and read outcomes through the store.
-__all__ = ["Apply", "Change", "Coalescer", "Reservation", "TaskStore", "Transition", "record_of", "require", "utc_day"]
+__all__ = [
+    "Apply",
+    "Change",
+    "Coalescer",
+    "Reservation",
+    "TaskStore",
+    "Transition",
+    "record_of",
+    "require",
+    "task_not_found",
+    "utc_day",
+]
 # Moves sent in one script call by :meth:`TaskStore.apply_many`: Redis runs a call start to end,
 # so a bound keeps other clients' waits short (about 20 ms at this size).
 BATCH_SIZE = 128
@@ -35,6 +46,12 @@ class Apply:
     change: Change
     create: NewTask | None = None
     then: Change | None = None
+
+
+def task_not_found(task_id: str) -> NotFound:
+    """The error for a task id that names no task the caller may see: the same whether the task is
+    missing or another user's, so an answer never tells which ids exist."""
+    return NotFound(f"task {task_id} not found; list tasks with GET /api/v1/tasks")
 
 
 def record_of(h: dict[str, str], *, with_spec: bool) -> TaskRecord:
@@ -293,7 +310,7 @@ class TaskStore:
     async def get(self, task_id: str, *, with_spec: bool = True) -> TaskRecord:
         h = await self.get_hash(task_id)
         if not h:
-            raise NotFound(f"task {task_id} not found; list tasks with GET /api/v1/tasks")
+            raise task_not_found(task_id)
         return record_of(h, with_spec=with_spec)
 
     async def get_many(self, task_ids: list[str], *, with_spec: bool = False) -> list[TaskRecord]:
@@ -456,7 +473,7 @@ def require(outcome: Transition, task_id: str, target: TaskState) -> Transition:
     if outcome.ok:
         return outcome
     if outcome.error == Refusal.MISSING:
-        raise NotFound(f"task {task_id} not found")
+        raise task_not_found(task_id)
     if outcome.error == Refusal.STATE and outcome.detail in TERMINAL:
         raise InvalidTransition(f"task {task_id} has already ended: it is {outcome.detail}, and cannot become {target}")
     if outcome.error == Refusal.STATE:

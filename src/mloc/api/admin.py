@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mloc.api.deps import Admin, Orch
+from mloc.api.deps import Admin, BudgetReader, Orch
 from mloc.api.responses import raises
 from mloc.errors import BadRequest, Conflict, NotFound
 from mloc.orchestrator import budgets, cancel, fairshare, users
@@ -207,7 +207,7 @@ async def set_budget(name: str, body: BudgetBody, orch: Orch, who: Admin) -> dic
 @router.get("/admin/users/{name}/budget")
 @router.get("/api/v1/admin/users/{name}/budget")
 @raises(NotFound)
-async def show_budget(name: str, orch: Orch, who: Admin) -> dict[str, Any]:
+async def show_budget(name: str, orch: Orch, who: BudgetReader) -> dict[str, Any]:
     """A user's budgets with what they spent in the current day or month, and when each resets."""
     await users.require_user(orch.redis, name)
     return await _budgets(orch, name)

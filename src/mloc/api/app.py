@@ -14,11 +14,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mloc import __version__
 from mloc.api import (
     admin,
+    answers,
     archive,
     artifacts,
     dashboard,
@@ -36,7 +38,7 @@ from mloc.api import (
 from mloc.api.responses import document_errors, mloc_error_answer, redis_error_answer
 from mloc.api.submit_lane import SubmitLane
 from mloc.connection import connect, redact, resolve_url
-from mloc.errors import InvalidParameters, MlocError
+from mloc.errors import BadRequest, InvalidParameters, MlocError
 from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.settings import Settings, get_settings
 
@@ -107,6 +109,69 @@ class _TooLarge(Exception):
         self.size = size
 
 
+# The scope key under which HeadAsGet keeps the method a HEAD request was sent with.
+SENT_METHOD = "mloc.sent_method"
+
+
+class HeadAsGet:
+    """Answer HEAD wherever GET is answered, with the GET's status and headers and no body (RFC 9110
+    9.3.2). The routes declare GET only, so the OpenAPI document lists each operation once."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        # A copy: the server reads the method of its own scope to send no body.
+        inner = {**scope, "method": "GET", SENT_METHOD: "HEAD"}
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] != "http.response.start":
+                return
+            if "route" in inner:
+                scope["route"] = inner["route"]  # the request metrics label it by the route it reached
+            await send(message)
+            await send({"type": "http.response.body", "body": b""})
+            # Stops the answer there: a followed log would otherwise stream on, unseen, until its task ends.
+            raise _Answered
+
+        with contextlib.suppress(_Answered):
+            await self.app(inner, receive, headers_only)
+
+
+class _Answered(Exception):
+    pass
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(routes: list[BaseRoute], scope: Scope) -> list[str]:
+    """The methods the routes answer on the path of ``scope``; HEAD wherever GET (see HeadAsGet)."""
+    found: set[str] = set()
+    for route in routes:
+        if route.matches(scope)[0] is not Match.NONE:
+            found |= getattr(route, "methods", None) or set()
+    if "GET" in found:
+        found.add("HEAD")
+    return sorted(found, key=lambda method: (_METHODS.index(method) if method in _METHODS else len(_METHODS), method))
+
+
+def _either(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def json_error(body: Any, position: int, problem: str) -> BadRequest:
+    """A JSON body that does not parse, said as a task body's is: where, and what is wrong there."""
+    text = body if isinstance(body, str) else ""
+    line = text.count("\n", 0, position) + 1
+    column = position - text.rfind("\n", 0, position)
+    # No details: on the /v1 routes a detail's path would become OpenAI's param, and no field is at fault.
+    return BadRequest(f"invalid JSON at line {line}, column {column}: {problem}")
+
+
 def create_app(settings: Settings | None = None, *, redis: aioredis.Redis | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -155,15 +220,29 @@ def create_app(settings: Settings | None = None, *, redis: aioredis.Redis | None
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        message = (
-            f"no such endpoint: {request.method} {request.url.path}"
-            if exc.status_code in (404, 405)
-            else str(exc.detail)
+        method, path = request.scope.get(SENT_METHOD, request.method), request.url.path
+        headers = dict(exc.headers or {})
+        if exc.status_code == 404:
+            message = f"no such endpoint: {method} {path}"
+        elif exc.status_code == 405:
+            allowed = allowed_methods(app.router.routes, request.scope)
+            if allowed:
+                headers["Allow"] = ", ".join(allowed)
+            use = f"; use {_either(allowed)}" if allowed else ""
+            message = f"method {method} is not allowed on {path}{use}"
+        else:
+            message = str(exc.detail)
+        return JSONResponse(
+            {"ok": False, "error": code, "message": message}, status_code=exc.status_code, headers=headers
         )
-        return JSONResponse({"ok": False, "error": code, "message": message}, status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def bad_params(request: Request, exc: RequestValidationError) -> JSONResponse:
+        unreadable = next((err for err in exc.errors() if err.get("type") == "json_invalid"), None)
+        if unreadable is not None:
+            # FastAPI names the offset into the body where the JSON broke, as if it were a field ("body.1").
+            problem = unreadable.get("ctx", {}).get("error", "")
+            return mloc_error_answer(json_error(exc.body, int(unreadable["loc"][-1]), problem))
         details = [{"path": ".".join(str(p) for p in err["loc"]), "message": err["msg"]} for err in exc.errors()]
         text = "; ".join(f"{d['path']}: {d['message']}" for d in details[:5])
         sent = request.headers.get("content-type") or "none"
@@ -204,6 +283,7 @@ def create_app(settings: Settings | None = None, *, redis: aioredis.Redis | None
                 "type": "object",
                 "description": "A mloc/v1 task; GET /api/v1/schema has the full JSON Schema.",
             }
+            schema = answers.link_task_routes(schema, tasks.SUBMIT_PATH)
             app.openapi_schema = openai_errors.document_errors(document_errors(schema, app.routes))
         return app.openapi_schema
 
@@ -213,5 +293,7 @@ def create_app(settings: Settings | None = None, *, redis: aioredis.Redis | None
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, file_limit=settings.max_file_bytes)
     # Outside the body limit, so its 413 on a /v1 route is rewritten too.
     app.add_middleware(openai_errors.OpenAIErrors)
+    # Outside every answer's rewriting, so a HEAD's headers are those of the GET's final answer.
+    app.add_middleware(HeadAsGet)
     app.add_middleware(metrics.RequestMetrics)
     return app

@@ -39,14 +39,23 @@ async def principal(
     return await authenticate(orch.redis, orch.settings.admin_token, request.headers.get("authorization"))
 
 
-@raises(Forbidden)
-async def admin(who: Annotated[Principal, Depends(principal)]) -> Principal:
+def _admin_only(who: Principal, hint: str = "") -> Principal:
     if not who.admin:
         raise Forbidden(
-            "this endpoint is for the admin (ORCHESTRATOR_TOKEN); your own usage and budgets are in "
-            "GET /api/v1/stats (`mloc stats`)"
+            f"this endpoint is for the admin (ORCHESTRATOR_TOKEN); the token sent is that of user {who.name!r}{hint}"
         )
     return who
+
+
+@raises(Forbidden)
+async def admin(who: Annotated[Principal, Depends(principal)]) -> Principal:
+    return _admin_only(who)
+
+
+@raises(Forbidden)
+async def budget_reader(who: Annotated[Principal, Depends(principal)]) -> Principal:
+    """The admin, who reads any user's budgets; a user is told where their own are."""
+    return _admin_only(who, "; your own budgets and usage are in GET /api/v1/stats (`mloc stats`)")
 
 
 # The id patterns are documented for clients but checked below, so a bad id gets MLOC's 400 and message.
@@ -74,5 +83,6 @@ async def worker_id(worker_id: Annotated[str, _WORKER_ID_PATH]) -> str:
 Orch = Annotated[Orchestrator, Depends(orchestrator)]
 Caller = Annotated[Principal, Depends(principal)]
 Admin = Annotated[Principal, Depends(admin)]
+BudgetReader = Annotated[Principal, Depends(budget_reader)]
 TaskId = Annotated[str, Depends(task_id)]
 WorkerId = Annotated[str, Depends(worker_id)]

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from datetime import date
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
 
 from mloc import __version__
+from mloc.api.answers import NotReady, Ready, Stats
 from mloc.api.deps import Caller, Orch
 from mloc.api.responses import raises
 from mloc.errors import BadRequest, Forbidden
@@ -32,15 +32,14 @@ async def health(orch: Orch) -> dict[str, Any]:
     return {"ok": True, "status": "ok", "version": __version__, "redis": "ok" if redis_ok else "unreachable"}
 
 
-class NotReady(BaseModel):
-    """/readyz's answer while Redis does not answer."""
-
-    ok: Literal[False]
-    status: str
-    error: str
-
-
-@router.get("/readyz", tags=["health"], responses={503: {"model": NotReady, "description": "Redis does not answer."}})
+@router.get(
+    "/readyz",
+    tags=["health"],
+    responses={
+        200: {"model": Ready, "description": "Redis answers."},
+        503: {"model": NotReady, "description": "Redis does not answer."},
+    },
+)
 async def ready(orch: Orch) -> JSONResponse:
     """Readiness: 200 only when Redis answers."""
     try:
@@ -50,7 +49,7 @@ async def ready(orch: Orch) -> JSONResponse:
     return JSONResponse({"ok": True, "status": "ready"})
 
 
-@router.get("/api/v1/stats", tags=["stats"])
+@router.get("/api/v1/stats", tags=["stats"], responses={200: {"model": Stats}})
 @raises(BadRequest, Forbidden)
 async def stats(
     orch: Orch,

@@ -3,7 +3,8 @@
 Routes and dependencies declare the :class:`~mloc.errors.MlocError` classes they may raise with
 :func:`raises`; :func:`document_errors` turns the union along each route's dependency tree into that
 operation's responses, adding once what the app does for every route: 413 where there is a body,
-MLOC's own 422 where FastAPI validates parameters. Each error class carries its status, its ``error``
+MLOC's own 422 where FastAPI validates parameters (and 400 where it parses a JSON body), and the
+``WWW-Authenticate`` header of a 401. Each error class carries its status, its ``error``
 code and, in its docstring, when it happens: the handlers and the document read the same classes, and
 tests/test_openapi_conformance.py fuzzes every operation against the result.
 """
@@ -23,7 +24,7 @@ from pydantic import BaseModel, Field
 from starlette.routing import BaseRoute
 from typing_extensions import TypedDict
 
-from mloc.errors import InvalidParameters, MlocError, PayloadTooLarge, Unavailable
+from mloc.errors import BadRequest, InvalidParameters, MlocError, PayloadTooLarge, Unauthorized, Unavailable
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger(__name__)
@@ -53,8 +54,13 @@ class ErrorBody(BaseModel):
     )
 
 
+# RFC 9110 11.6.1: a 401 names the scheme that authenticates (RFC 6750's bearer token).
+CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
 def mloc_error_answer(exc: MlocError) -> JSONResponse:
-    return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+    headers = CHALLENGE if exc.status_code == Unauthorized.status_code else None
+    return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
 
 
 def redis_error_answer(path: str, exc: aioredis.RedisError) -> JSONResponse:
@@ -98,10 +104,14 @@ def _response(errors: Iterable[type[MlocError]]) -> dict[str, Any]:
     whens = dict.fromkeys(" ".join((_status_of(error).__doc__ or "").split()) for error in ordered)
     codes = ", ".join(dict.fromkeys(f"`{error.code}`" for error in ordered))
     lines = [HTTPStatus(ordered[0].status_code).phrase + ".", *(when for when in whens if when), f"`error`: {codes}."]
-    return {
+    response: dict[str, Any] = {
         "description": " ".join(lines),
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
     }
+    if ordered[0].status_code == Unauthorized.status_code:
+        header = {"description": "`Bearer`: send `Authorization: Bearer <token>`.", "schema": {"type": "string"}}
+        response["headers"] = {name: header for name in CHALLENGE}
+    return response
 
 
 def _add_schemas(schema: dict[str, Any]) -> None:
@@ -136,6 +146,8 @@ def document_errors(schema: dict[str, Any], routes: Iterable[BaseRoute]) -> dict
                 # FastAPI's own validation error body is never sent: MLOC's handler answers it as an ErrorBody.
                 errors.add(InvalidParameters)
                 del responses["422"]
+                if "application/json" in operation.get("requestBody", {}).get("content", {}):
+                    errors.add(BadRequest)  # a body that is not JSON at all
             by_status: dict[int, list[type[MlocError]]] = {}
             for error in errors:
                 by_status.setdefault(error.status_code, []).append(error)

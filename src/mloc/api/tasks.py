@@ -14,9 +14,10 @@ from pydantic import BeforeValidator
 from starlette.routing import BaseRoute
 
 from mloc import keys, tasklog
+from mloc.api.answers import BulkDryRun, BulkSubmitted, DryRun, Submitted, TaskDetail, TaskPage, TaskResult
 from mloc.api.deps import Caller, Orch, TaskId
 from mloc.api.responses import raises
-from mloc.errors import BadRequest, Conflict, Forbidden, InvalidTransition, NotFound, SpecError
+from mloc.errors import BadRequest, Conflict, Forbidden, InvalidTransition, NotFound, PayloadTooLarge, SpecError
 from mloc.orchestrator import chunks, groups
 from mloc.orchestrator.cancel import cancel
 from mloc.orchestrator.orchestrator import Orchestrator
@@ -26,6 +27,7 @@ from mloc.spec import Document, parse_body, validate
 from mloc.spec.loader import parse_stream
 from mloc.spec.registry import spec_types
 from mloc.state import TaskState
+from mloc.store import task_not_found
 
 SUBMIT_PATH = "/api/v1/tasks"
 router = APIRouter(prefix=SUBMIT_PATH, tags=["tasks"])
@@ -68,12 +70,21 @@ LOG_STREAM: dict[str, Any] = {
 
 def _own(record: TaskRecord, who: Principal) -> TaskRecord:
     if not who.admin and record.owner != who.name:
-        # Same answer as a missing task, so ids of other users' tasks are not disclosed.
-        raise NotFound(f"task {record.task_id} not found")
+        # The very answer a missing task gets, so ids of other users' tasks are not disclosed.
+        raise task_not_found(record.task_id)
     return record
 
 
-@router.post("", status_code=201, openapi_extra=TASK_BODY)
+# Documented only: the answers are sent as built (see mloc.api.answers).
+SUBMIT_ANSWER: dict[int | str, dict[str, Any]] = {
+    201: {"model": Submitted | DryRun, "description": "The task stored and placed, or with dry_run=true checked."}
+}
+BULK_ANSWER: dict[int | str, dict[str, Any]] = {
+    201: {"model": BulkSubmitted | BulkDryRun, "description": "Every task stored, or with dry_run=true checked."}
+}
+
+
+@router.post("", status_code=201, openapi_extra=TASK_BODY, responses=SUBMIT_ANSWER)
 @raises(BadRequest, Forbidden, SpecError)
 async def submit(
     request: Request,
@@ -105,8 +116,8 @@ def submit_route(routes: Iterable[BaseRoute]) -> APIRoute:
     return next(route for route in routes if isinstance(route, APIRoute) and route.endpoint is submit)
 
 
-@router.post("/bulk", status_code=201, openapi_extra=TASK_BODY)
-@raises(BadRequest, Forbidden, SpecError)
+@router.post("/bulk", status_code=201, openapi_extra=TASK_BODY, responses=BULK_ANSWER)
+@raises(BadRequest, Forbidden, PayloadTooLarge, SpecError)
 async def submit_bulk(
     request: Request,
     orch: Orch,
@@ -115,18 +126,22 @@ async def submit_bulk(
 ) -> JSONResponse:
     """Submit many tasks at once: a JSON list, {"tasks": [...]}, or a multi-document YAML stream
     (empty documents, as a trailing ``---`` leaves, are skipped). All are validated first; if any is
-    invalid, none is stored."""
+    invalid, none is stored. The body may be 16 times MLOC_MAX_BODY_BYTES, each task in it no larger
+    than that limit, as when it is submitted alone."""
     raw = await request.body()
     content_type = request.headers.get("content-type") or ""
+    limit = orch.settings.max_body_bytes
     items: Any
     if raw.lstrip().startswith((b"[", b"{")) or "json" in content_type:
-        items = parse_body(raw, "application/json", limit=orch.settings.max_body_bytes * 16)
+        items = parse_body(raw, "application/json", limit=limit * 16)
         if isinstance(items, dict):
             items = items.get("tasks")
     else:
-        items = [item for item in parse_stream(raw, limit=orch.settings.max_body_bytes * 16) if item is not None]
+        items = [item for item in parse_stream(raw, limit=limit * 16) if item is not None]
     if not isinstance(items, list) or not items:
         raise BadRequest('send a non-empty JSON list of tasks, {"tasks": [...]}, or YAML documents')
+    if len(raw) > limit:  # else no task in it can be over the limit
+        _check_task_sizes(items, limit)
     documents: list[Document] = []
     problems = []
     for index, item in enumerate(items):
@@ -146,12 +161,28 @@ async def submit_bulk(
     return JSONResponse({"ok": True, "count": len(results), "tasks": results}, status_code=201)
 
 
+def _check_task_sizes(items: list[Any], limit: int) -> None:
+    """Refuse a bulk submit holding a task larger than ``limit`` (MLOC_MAX_BODY_BYTES), which the task
+    alone would be refused for. A task is measured as compact JSON, whatever form it came in."""
+    for index, item in enumerate(items):
+        try:
+            size = len(orjson.dumps(item, default=str, option=orjson.OPT_NON_STR_KEYS))
+        except orjson.JSONEncodeError:
+            continue  # nested past what orjson writes: validation refuses it as too deep
+        if size > limit:
+            message = (
+                f"task {index} of the bulk submit is {size} bytes as JSON; each task is held to MLOC_MAX_BODY_BYTES "
+                f"({limit} bytes), as when submitted alone"
+            )
+            raise PayloadTooLarge(message, details=[{"index": index, "message": message}])
+
+
 def _blank_is_none(value: object) -> object:
     # A filter given empty (`state=`, as a form or a template sends it) is no filter, as `owner=` is.
     return None if value == "" else value
 
 
-@router.get("")
+@router.get("", responses={200: {"model": TaskPage}})
 @raises(BadRequest, Forbidden)
 async def list_tasks(
     orch: Orch,
@@ -193,7 +224,7 @@ async def list_tasks(
     return Response(orjson.dumps(body), media_type="application/json")
 
 
-@router.get("/{task_id}")
+@router.get("/{task_id}", responses={200: {"model": TaskDetail}})
 @raises(NotFound)
 async def show_task(task_id: TaskId, orch: Orch, who: Caller) -> Response:
     record = _own(await orch.store.get(task_id), who)
@@ -208,7 +239,7 @@ async def show_task(task_id: TaskId, orch: Orch, who: Caller) -> Response:
     return Response(orjson.dumps(body), media_type="application/json")
 
 
-@router.get("/{task_id}/result")
+@router.get("/{task_id}/result", responses={200: {"model": TaskResult}})
 @raises(NotFound)
 async def task_result(task_id: TaskId, orch: Orch, who: Caller) -> JSONResponse:
     """The task's full result (responses.json), readable wherever the worker ran."""

@@ -9,6 +9,7 @@ import orjson
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
+from mloc.api.answers import WorkerPage
 from mloc.api.deps import Admin, Caller, Orch, WorkerId
 from mloc.api.responses import raises
 from mloc.errors import Conflict, NotFound
@@ -16,9 +17,11 @@ from mloc.errors import Conflict, NotFound
 router = APIRouter(tags=["workers"])
 log = logging.getLogger(__name__)
 
+_PAGE: dict[int | str, dict[str, Any]] = {200: {"model": WorkerPage}}
 
-@router.get("/workers")
-@router.get("/api/v1/workers")
+
+@router.get("/workers", responses=_PAGE)
+@router.get("/api/v1/workers", responses=_PAGE)
 async def list_workers(
     orch: Orch,
     who: Caller,

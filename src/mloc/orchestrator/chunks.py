@@ -46,7 +46,7 @@ from mloc.spec.dataset import (
     ROW_PRINTS,
 )
 from mloc.state import TERMINAL, Reason, TaskState
-from mloc.store import TaskStore
+from mloc.store import TaskStore, task_not_found
 
 log = logging.getLogger(__name__)
 PARENT_LABEL = "mloc.parent"
@@ -629,7 +629,7 @@ async def resume(store: TaskStore, parent_id: str, *, by: str, results_dir: Path
     try:
         h = await store.get_hash(parent_id)
         if not h:
-            raise NotFound(f"task {parent_id} not found")
+            raise task_not_found(parent_id)
         if not h.get("chunk_rows") and h.get("parent_id"):
             raise Conflict(
                 f"task {parent_id} is a part of task {h['parent_id']}: resume that task if it reads a dataset; "

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from mloc import checkpoints, counters, moves, tasklog
-from mloc.errors import Conflict, NotFound
+from mloc.errors import Conflict
 from mloc.records import runs_usage
 from mloc.state import Reason, TaskState
-from mloc.store import TaskStore
+from mloc.store import TaskStore, task_not_found
 from mloc.transition import COUNTED_END
 
 # Ended for a reason a resume cannot undo: the owner is gone.
@@ -37,7 +37,7 @@ async def resume(store: TaskStore, task_id: str, *, by: str, results_dir: Path) 
     history."""
     h = await store.get_hash(task_id)
     if not h:
-        raise NotFound(f"task {task_id} not found")
+        raise task_not_found(task_id)
     state = TaskState(h["state"])
     if state not in (TaskState.FAILED, TaskState.CANCELLED):
         raise Conflict(f"task {task_id} is {state}; only a failed or cancelled task is resumed")

@@ -470,6 +470,12 @@ def test_a_401_names_the_bearer_scheme(cluster: LocalCluster) -> None:
             refused = httpx.request(method, cluster.api_url + path, headers=headers, content=ECHO)
             assert refused.status_code == 401, (method, path)
             assert refused.headers["www-authenticate"] == "Bearer", (method, path)
+    # Another scheme is named, not taken for no header at all; the lane says it as the routes do.
+    for path in ("/api/v1/tasks", "/admin/cleanup"):
+        basic = httpx.post(cluster.api_url + path, headers={"Authorization": "Basic dXNlcjpwdw=="}, content=ECHO)
+        assert basic.status_code == 401 and basic.json()["message"] == (
+            "the Authorization header uses the 'Basic' scheme; send 'Authorization: Bearer <token>'"
+        )
 
 
 def test_only_the_budget_endpoint_points_a_user_at_their_stats(http: httpx.Client, cluster: LocalCluster) -> None:

@@ -33,6 +33,11 @@ async def authenticate(redis: aioredis.Redis, admin_token: str | None, header: s
     """Who is calling. With no admin token configured, auth is off and everyone is the admin."""
     if admin_token is None:
         return Principal(ADMIN, admin=True)
+    scheme = header.split(None, 1)[0] if header and header.strip() else ""
+    if scheme and scheme.lower() != "bearer":
+        raise Unauthorized(
+            f"the Authorization header uses the {scheme[:20]!r} scheme; send 'Authorization: Bearer <token>'"
+        )
     if not header or not header.lower().startswith("bearer "):
         raise Unauthorized("missing bearer token; send 'Authorization: Bearer <token>'")
     token = header[7:].strip()

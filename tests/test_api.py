@@ -294,7 +294,13 @@ def test_stats_as_seed_two_shows(http: httpx.Client, owner: str) -> None:
         "/api/v1/stats", params={"start_date": later.isoformat(), "end_date": (later - timedelta(days=1)).isoformat()}
     )
     assert wrong_way.status_code == 400 and "swap" in wrong_way.json()["message"]
-    assert http.get("/api/v1/stats", params={"start_date": "yesterday"}).status_code == 422
+    # A day is YYYY-MM-DD, a day of the calendar: not a word, a number taken for a timestamp, or February 30th.
+    for day in ("yesterday", "0", "20260131", "2026-02-30"):
+        refused = http.get("/api/v1/stats", params={"start_date": day})
+        assert refused.status_code == 400, day
+        assert refused.json()["message"] == (
+            f"start_date {day!r} is not a day of the calendar; give YYYY-MM-DD, e.g. 2026-01-31"
+        )
 
 
 def test_an_adapter_named_by_a_task_that_makes_none_or_by_a_short_id_is_refused_at_submit(http: httpx.Client) -> None:

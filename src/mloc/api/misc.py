@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import date
 from typing import Annotated, Any
 
@@ -49,6 +50,24 @@ async def ready(orch: Orch) -> JSONResponse:
     return JSONResponse({"ok": True, "status": "ready"})
 
 
+# A day is written YYYY-MM-DD: a lax date would also take 0 (as 1970-01-01) or a timestamp.
+_DAY: dict[str, Any] = {"json_schema_extra": {"format": "date"}}
+_DAY_TEXT = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def _day(value: str | None, name: str) -> date | None:
+    if value is None:
+        return None
+    try:
+        if not _DAY_TEXT.fullmatch(value):
+            raise ValueError(value)
+        return date.fromisoformat(value)
+    except ValueError:
+        raise BadRequest(
+            f"{name} {value[:40]!r} is not a day of the calendar; give YYYY-MM-DD, e.g. 2026-01-31"
+        ) from None
+
+
 @router.get("/api/v1/stats", tags=["stats"], responses={200: {"model": Stats}})
 @raises(BadRequest, Forbidden)
 async def stats(
@@ -56,9 +75,11 @@ async def stats(
     who: Caller,
     user: Annotated[str | None, Query(max_length=128, description="One user; default: every user you may see.")] = None,
     start_date: Annotated[
-        date | None, Query(description="First UTC day, YYYY-MM-DD; default: 29 days before end_date.")
+        str | None, Query(description="First UTC day, YYYY-MM-DD; default: 29 days before end_date.", **_DAY)
     ] = None,
-    end_date: Annotated[date | None, Query(description="Last UTC day, YYYY-MM-DD; default: today (UTC).")] = None,
+    end_date: Annotated[
+        str | None, Query(description="Last UTC day, YYYY-MM-DD; default: today (UTC).", **_DAY)
+    ] = None,
     group_by: Annotated[
         Grouping,
         Query(description="Rows per day ('days'), ISO week or month ('periods'), or none ('total')."),
@@ -73,8 +94,9 @@ async def stats(
 ) -> Response:
     """Usage per user over any range of UTC days: tasks by type and final state, tokens, wall and GPU
     seconds. Only days with usage cost anything, so a range of years is as cheap as its busy days."""
+    first, last = _day(start_date, "start_date"), _day(end_date, "end_date")
     body = await orch.stats(
-        orch.check_stats_access(who, user), start_date, end_date, group_by=group_by, after=after, limit=limit
+        orch.check_stats_access(who, user), first, last, group_by=group_by, after=after, limit=limit
     )
     # Sent as is: FastAPI's encoder would walk every counter of every user and day once more.
     return Response(orjson.dumps(body), media_type="application/json")

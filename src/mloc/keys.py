@@ -124,6 +124,17 @@ def worker_stream(worker_id: str) -> str:
 
 WORKER_GROUP = "workers"  # consumer group on every worker stream
 
+# Orchestrators (mloc.orchestrators): the ids of those that announced themselves, each with a record
+# that expires unless its orchestrator keeps writing it.
+ORCHESTRATORS = f"{PREFIX}:orchestrators"  # zset: orchestrator id -> started_at (unix seconds)
+
+
+def orchestrator(orchestrator_id: str) -> str:
+    """String: a running orchestrator's presence record (JSON: where it runs, since when, its fleet-wide
+    settings), with an expiry it renews while it runs."""
+    return f"{PREFIX}:orchestrator:{orchestrator_id}"
+
+
 # Signals
 SCHEDULER_WAKE = f"{PREFIX}:chan:scheduler"  # pub/sub: capacity freed or work arrived
 # String: the backfill hold, JSON (mloc.orchestrator.shadow.Hold): the worker kept for one waiting

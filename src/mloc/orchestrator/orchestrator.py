@@ -15,8 +15,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from mloc import keys, modelroots
-from mloc.errors import BadRequest, Conflict, Forbidden, SpecError
+from mloc import keys, modelroots, orchestrators
+from mloc.errors import BadRequest, ConfigError, Conflict, Forbidden, SpecError
 from mloc.openai_files import INPUT_FILE_LABEL
 from mloc.orchestrator import chunks, eta, groups, harness, pipelines, reaper, training, users
 from mloc.orchestrator.admission import Fit, MemoryFit
@@ -67,6 +67,56 @@ class Orchestrator:
         self.backoff = Backoff(settings.retry_backoff_sec, settings.retry_backoff_max_sec)
         self.usage = UsageReports(redis)
         self._redis_trouble_at: float | None = None  # when the reaper last failed to reach Redis (monotonic)
+        # This orchestrator's record among the others on this Redis (see start), renewed while it runs.
+        self.presence = orchestrators.Presence.of(redis, settings)
+        self.refusal: ConfigError | None = None  # why it may not run beside the orchestrators already there
+        self._joining = asyncio.Lock()
+        self._keeper: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------- membership
+    async def start(self) -> None:
+        """Join the orchestrators on this Redis before acting on anything they share: raises ConfigError
+        where one that runs applies other fleet-wide settings (see :mod:`mloc.orchestrators`), after
+        waiting out the record of one that may have crashed. Once joined, the record is renewed until
+        :meth:`leave`. The scheduler and reaper loops call it first; calling it again does nothing."""
+        async with self._joining:
+            if self.refusal is not None:
+                raise self.refusal
+            if self._keeper is not None:
+                return
+            try:
+                await self.presence.admit()
+            except ConfigError as exc:
+                self.refusal = exc
+                log.error("%s. Its scheduler and reaper do not run: stop this orchestrator", exc.message)
+                raise
+            self._keeper = asyncio.create_task(self.presence.keep(), name="presence")
+
+    async def leave(self) -> None:
+        """Stop renewing this orchestrator's record and delete it, so another may start with other
+        settings at once; a record Redis cannot take now expires by itself."""
+        keeper, self._keeper = self._keeper, None
+        if keeper is None:
+            return
+        keeper.cancel()
+        await asyncio.gather(keeper, return_exceptions=True)
+        with contextlib.suppress(aioredis.RedisError, TimeoutError):
+            async with asyncio.timeout(2.0):
+                await self.presence.withdraw()
+
+    async def _joined(self, stop: asyncio.Event) -> bool:
+        """:meth:`start`, tried again while Redis is unavailable; False when refused or stopped first."""
+        while not stop.is_set():
+            try:
+                await self.start()
+                return True
+            except ConfigError:
+                return False
+            except aioredis.RedisError as exc:
+                log.warning("orchestrator start: Redis unavailable (%s); retrying", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=1.0)
+        return False
 
     # ------------------------------------------------------------------ submit
     def _owner(self, document: Document, principal: Principal) -> str:
@@ -494,6 +544,8 @@ class Orchestrator:
     async def cleanup(self) -> reaper.ReapReport:
         """One reaper round: hand back lost workers' tasks, forget tasks past their retention, and
         settle every open replica group (in case a wake-up was missed)."""
+        if self.refusal is not None:
+            raise self.refusal  # its retention and TTL are not the fleet's
         trouble = self._redis_trouble_at
         report = await reaper.reap(
             self.store,
@@ -515,15 +567,19 @@ class Orchestrator:
         return report
 
     async def run_scheduler(self, stop: asyncio.Event) -> None:
-        """Place waiting tasks whenever capacity frees (pub/sub wake-ups) and at a steady interval."""
+        """Place waiting tasks whenever capacity frees (pub/sub wake-ups) and at a steady interval,
+        once this orchestrator has joined the others (:meth:`start`)."""
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        await pubsub.subscribe(keys.SCHEDULER_WAKE)
         try:
+            if not await self._joined(stop):
+                return
+            await pubsub.subscribe(keys.SCHEDULER_WAKE)
             woken = announced = False
             while not stop.is_set():
                 try:
                     if not announced:
-                        # Every process that ends a task decays fair-share usage with this half-life.
+                        # Every process that ends a task decays fair-share usage with this half-life: every
+                        # orchestrator running has the same (start refused any other).
                         half_life = repr(self.settings.fair_share_half_life_sec)
                         await self.redis.set(keys.FAIR_SHARE_HALF_LIFE, half_life)
                         announced = True
@@ -556,17 +612,24 @@ class Orchestrator:
         finally:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
+            await self.leave()
 
     async def run_reaper(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.cleanup()
-            except aioredis.RedisError as exc:
-                # Heartbeats could not land meanwhile either: silences are counted from its return.
-                self._redis_trouble_at = time.monotonic()
-                log.warning("reaper: Redis unavailable (%s); retrying", exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.settings.reap_every_sec)
+        """A reaper round (:meth:`cleanup`) every reap interval, once this orchestrator has joined the others."""
+        try:
+            if not await self._joined(stop):
+                return
+            while not stop.is_set():
+                try:
+                    await self.cleanup()
+                except aioredis.RedisError as exc:
+                    # Heartbeats could not land meanwhile either: silences are counted from its return.
+                    self._redis_trouble_at = time.monotonic()
+                    log.warning("reaper: Redis unavailable (%s); retrying", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self.settings.reap_every_sec)
+        finally:
+            await self.leave()
 
     # ------------------------------------------------------------------ stats
     async def stats(

@@ -27,13 +27,15 @@ SHUTDOWN_CONNECTIONS_SEC = 3
 
 
 def serve(settings: Settings) -> None:
-    """Run the orchestrator in the foreground until SIGINT/SIGTERM; raises ConfigError on bad set-up."""
+    """Run the orchestrator in the foreground until SIGINT/SIGTERM; raises ConfigError on bad set-up, and
+    where an orchestrator running on the same Redis applies other fleet-wide settings."""
     import asyncio
 
     import uvicorn
 
     from mloc.api import create_app
     from mloc.connection import choose_redis, connect
+    from mloc.orchestrators import Presence
 
     choice = choose_redis(settings)
     log.info("%s", choice.describe())
@@ -43,13 +45,18 @@ def serve(settings: Settings) -> None:
     try:
         settings = settings.model_copy(update={"redis_url": choice.url})
 
-        async def reachable() -> None:
+        async def admissible() -> None:
             # Retries while Redis is unreachable, stops at once on a wrong password: before serving.
             client = await connect(choice.url)
-            await client.aclose()
+            try:
+                check_port(settings.host, settings.port)
+                # Refused here, it has answered no request and written nothing; the scheduler's own
+                # check (Orchestrator.start) then catches only one started in the same moment.
+                await Presence.of(client, settings).check()
+            finally:
+                await client.aclose()
 
-        asyncio.run(reachable())
-        check_port(settings.host, settings.port)
+        asyncio.run(admissible())
         uvicorn.run(
             create_app(settings),
             host=settings.host,

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -17,7 +18,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from mloc import __version__, keys
+from mloc import __version__, keys, orchestrators
+from mloc.connection import redact
 from mloc.errors import ConfigError
 from mloc.executors.registry import available_task_types, capabilities
 from mloc.llm.downloads import held_models
@@ -41,6 +43,9 @@ CONSUME_BLOCK_MS = 500  # how long one read of the assignment stream waits for a
 DRAIN_REDIS_SEC = 5.0
 # A heartbeat that has not gone through after this long (or two intervals) is said in the log.
 HEARTBEAT_SAY_SEC = 10.0
+# A worker that has seen no orchestrator on its Redis this long says so, once: it is most likely pointed
+# at another server or database than the orchestrators, and would wait for tasks for ever.
+NO_ORCHESTRATOR_SAY_SEC = 60.0
 
 
 class Worker(TaskRunner):
@@ -67,6 +72,11 @@ class Worker(TaskRunner):
         self._published_facts: dict[str, Any] | None = None
         # Tasks Redis says this worker holds that it is not handling, as the last sweep found them.
         self._unhandled: dict[str, tuple[str, int]] = {}
+        # Since when no orchestrator has been seen on this Redis (monotonic), and whether that was said.
+        self._alone_since = time.monotonic()
+        self._said_alone = False
+        # The orchestrators' HEARTBEAT_TTL_SEC, from their records, once one was seen.
+        self.orchestrator_ttl_sec: float | None = None
 
     def _offered_task_types(self) -> list[str]:
         """Task types this worker runs: those its own environment has, plus those an interpreter in
@@ -172,16 +182,78 @@ class Worker(TaskRunner):
                     self._published_facts = facts
                     await self.sweep()
                 if answer != "ok":
+                    advice = self._heartbeat_advice()
                     log.warning(
-                        "worker %s was marked %s; stopping its tasks and registering again",
+                        "worker %s was marked %s; stopping its tasks and registering again%s",
                         self.worker_id,
                         answer,
+                        f" ({advice})" if advice else "",
                     )
                     for run in list(self.running.values()):
                         await self._stop(run, StopReason.LOST)
                     await self.register()
+                with contextlib.suppress(aioredis.RedisError):  # the next heartbeat says what Redis does
+                    await self._look_for_orchestrators()
             except aioredis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
+
+    async def _look_for_orchestrators(self) -> None:
+        """Read the orchestrators' records (:mod:`mloc.orchestrators`): say once when none has been seen
+        for :data:`NO_ORCHESTRATOR_SAY_SEC`, and again when one appears; learn their heartbeat TTL and say
+        when this worker's interval is too long for it."""
+        try:
+            seen = await orchestrators.live(self.redis)
+        except aioredis.RedisError:
+            # The silence is counted only while Redis answers: orchestrators could not write there either.
+            self._alone_since = time.monotonic()
+            raise
+        if not seen:
+            if not self._said_alone and time.monotonic() - self._alone_since >= NO_ORCHESTRATOR_SAY_SEC:
+                self._said_alone = True
+                log.warning(
+                    "no orchestrator has run on this worker's Redis for %.0fs (%s): no task reaches this "
+                    "worker until one does. Check that the orchestrator is running, and that its REDIS_URL "
+                    "names the same server and database as this worker's (the number after the last '/', "
+                    "0 when left out)",
+                    time.monotonic() - self._alone_since,
+                    self._redis_named(),
+                )
+            return
+        self._alone_since = time.monotonic()
+        if self._said_alone:
+            self._said_alone = False
+            log.info(
+                "%s runs on this worker's Redis now (%s): tasks can reach this worker",
+                seen[0].record.named(),
+                self._redis_named(),
+            )
+        ttl = orchestrators.heartbeat_ttl(seen)
+        if ttl is not None and ttl != self.orchestrator_ttl_sec:
+            self.orchestrator_ttl_sec = ttl
+            advice = self._heartbeat_advice()
+            if advice:
+                log.warning("%s", advice)
+
+    def _redis_named(self) -> str:
+        """This worker's Redis URL, passwords left out, and its database number."""
+        db = self.redis.connection_pool.connection_kwargs.get("db", 0)
+        url = self.settings.redis_url
+        named = f"{self.settings.redis_url_variable} {redact(url)}" if url else "no REDIS_URL set"
+        return f"{named}, database {db}"
+
+    def _heartbeat_advice(self) -> str:
+        """What to change when this worker's heartbeat interval is over a third of the orchestrators'
+        HEARTBEAT_TTL_SEC: one late or lost heartbeat then gets it declared lost, and it flaps between
+        lost and active. Empty when it is not, or the TTL is not known."""
+        ttl, interval = self.orchestrator_ttl_sec, self.settings.heartbeat_interval_sec
+        if ttl is None or interval <= ttl / 3:
+            return ""
+        return (
+            f"this worker heartbeats every {interval:g}s (its HEARTBEAT_INTERVAL_SEC), more than a third of the "
+            f"orchestrator's HEARTBEAT_TTL_SEC ({ttl:g}s): one late heartbeat and it is declared lost and its tasks "
+            f"requeued. Set HEARTBEAT_TTL_SEC to at least three intervals ({3 * interval:g}s) on every "
+            f"orchestrator, or HEARTBEAT_INTERVAL_SEC to at most {math.floor(ttl / 3 * 10) / 10:g}s here"
+        )
 
     async def sweep(self) -> list[str]:
         """Hand back the tasks Redis says this worker holds that it is not handling, and return them.
@@ -319,6 +391,8 @@ class Worker(TaskRunner):
         except OSError as exc:
             raise ConfigError(f"RESULTS_DIR {self.results_dir} cannot be created: {exc.strerror or exc}") from exc
         await self.register()
+        with contextlib.suppress(aioredis.RedisError):
+            await self._look_for_orchestrators()
         loops = [
             asyncio.create_task(self._consume_loop(), name="consume"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),

@@ -224,3 +224,28 @@ def test_cancel_takes_many_ids_as_tasks_q_prints_them_and_lists_those_it_could_n
     assert answer["ok"] is False and [t["ok"] for t in answer["tasks"]] == [False, True]
     assert "already ended" in answer["tasks"][0]["error"], answer
     assert client.task(again)["state"] == "cancelled"
+
+
+def test_submit_wait_json_prints_one_json_document_of_the_ended_tasks(
+    make_cluster: Callable[..., LocalCluster], tmp_path: Path
+) -> None:
+    cluster = make_cluster(1)
+    env = {"MLOC_API_URL": cluster.api_url}
+    good = tmp_path / "good.yaml"
+    good.write_text("taskType: echo\npayload: {n: 1}\nhyperparameters: {steps: 3, sleep_sec: 0.3}\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("taskType: echo\nretries: 0\nhyperparameters: {fail_message: deliberate failure}\n")
+
+    # One task: its ended record with its result, and nothing else on stdout; the progress is on stderr.
+    waited = mloc("submit", str(good), "--wait", "--json", env=env)
+    assert waited.returncode == 0, waited.stderr
+    ended = json.loads(waited.stdout)
+    assert ended["state"] == "succeeded" and ended["result"]["payload"] == {"n": 1}
+
+    # Several: {"tasks": [...]} in the order submitted; a failed one has no result, and the exit code says so.
+    both = mloc("submit", str(good), str(bad), "--wait", "--json", env=env)
+    assert both.returncode == 1, both.stderr
+    tasks = json.loads(both.stdout)["tasks"]
+    assert [task["state"] for task in tasks] == ["succeeded", "failed"]
+    assert tasks[1]["result"] is None and tasks[1]["reason"] == "deliberate failure"
+    assert "1 of 2 tasks did not succeed" in both.stderr

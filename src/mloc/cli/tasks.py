@@ -178,9 +178,12 @@ def submit(
         answers = [api.submit(files[0])] if single else _submit_many(api, labelled)
     except MlocError as exc:
         output.fail(exc)
+    one = len(answers) == 1 and len(files) == 1
     try:
-        if json_out:
-            output.print_json(answers[0] if len(answers) == 1 and len(files) == 1 else {"tasks": answers})
+        if json_out and wait:
+            pass  # one JSON document, of the ended tasks, once they have ended
+        elif json_out:
+            output.print_json(answers[0] if one else {"tasks": answers})
         elif quiet:
             for answer in answers:
                 output.line(answer["task_id"])
@@ -192,7 +195,7 @@ def submit(
                 output.line(f"pipeline {pipeline_id}: `mloc pipeline {pipeline_id}` shows its steps")
         if wait:
             ids = [answer["task_id"] for answer in answers]
-            _wait(api, ids, timeout=timeout, wait_timeout=wait_timeout, shown=shown)
+            _wait(api, ids, timeout=timeout, wait_timeout=wait_timeout, shown=shown, json_out=json_out, one=one)
     except KeyboardInterrupt:
         # From here on the tasks are stored: say that they go on, whenever Ctrl-C comes.
         for answer in answers if wait else []:
@@ -208,21 +211,38 @@ def _interrupted(api: Client, task_id: str) -> None:
     waiting.interrupted(task_id, state)
 
 
-def _wait(api: Client, task_ids: list[str], *, timeout: float, wait_timeout: float, shown: int) -> None:
+def _wait(
+    api: Client,
+    task_ids: list[str],
+    *,
+    timeout: float,
+    wait_timeout: float,
+    shown: int,
+    json_out: bool = False,
+    one: bool = True,
+) -> None:
     """Follow the tasks one after another, in the order submitted (a pipeline's steps end in that
     order or are ended by a step before them), each reported as it ends; ``timeout`` is for them all.
     Exits 1 once all have ended when any did not succeed; a step its gate skipped (``spec.when``, or
-    waiting for such a step) took the branch not chosen, which is not a failure."""
+    waiting for such a step) took the branch not chosen, which is not a failure. With ``json_out``,
+    stdout gets one JSON document once all have ended: each ended task's record with its ``result``
+    (null unless it succeeded), as one object for one task, else ``{"tasks": [...]}``; the rest goes
+    to stderr."""
     deadline = time.monotonic() + timeout
     unsucceeded = skipped = 0
+    ended: list[dict[str, Any]] = []
     task_id = task_ids[0]
     try:
         for number, task_id in enumerate(task_ids, 1):
             if len(task_ids) > 1:
-                output.line(output.styled(f"[{number}/{len(task_ids)}] waiting for {task_id}", "bold"))
+                said = output.styled(f"[{number}/{len(task_ids)}] waiting for {task_id}", "bold")
+                output.line(said, stderr=json_out)
             left = max(1.0, deadline - time.monotonic())
-            record = waiting.wait(api, task_id, timeout=left, unschedulable_after=wait_timeout)
-            waiting.report(api, record, shown=shown)
+            record = waiting.wait(api, task_id, timeout=left, unschedulable_after=wait_timeout, stderr=json_out)
+            if json_out:
+                ended.append({**record, "result": api.result(task_id) if record["state"] == "succeeded" else None})
+            else:
+                waiting.report(api, record, shown=shown)
             if _skipped(record):
                 skipped += 1
             else:
@@ -237,13 +257,15 @@ def _wait(api: Client, task_ids: list[str], *, timeout: float, wait_timeout: flo
         _lost(api, task_id)
     except MlocError as exc:
         output.fail(exc)
+    if json_out:
+        output.print_json(ended[0] if one else {"tasks": ended})
     gated = f"; {skipped} skipped by a gate (spec.when) that did not pass" if skipped else ""
     if unsucceeded:
         if len(task_ids) > 1:
             output.line(f"{unsucceeded} of {len(task_ids)} tasks did not succeed{gated}", stderr=True)
         raise typer.Exit(1)
     if skipped:
-        output.line(f"{len(task_ids) - skipped} of {len(task_ids)} tasks succeeded{gated}")
+        output.line(f"{len(task_ids) - skipped} of {len(task_ids)} tasks succeeded{gated}", stderr=json_out)
 
 
 def _skipped(record: dict[str, Any]) -> bool:

@@ -92,10 +92,12 @@ def status_text(record: dict[str, Any]) -> str:
 class Watcher:
     """Shows each record read while waiting: a live line on a terminal, new lines in a pipe."""
 
-    def __init__(self, task_id: str, unschedulable_after: float) -> None:
+    def __init__(self, task_id: str, unschedulable_after: float, *, stderr: bool = False) -> None:
         self.task_id = task_id
         self.unschedulable_after = unschedulable_after
-        self.terminal = output.is_terminal()
+        # On stderr when stdout carries JSON for a script: the progress is for the person watching.
+        self.stderr = stderr
+        self.terminal = output.err().is_terminal if stderr else output.is_terminal()
         self.status: Status | None = None
         self._last_key: tuple[Any, ...] | None = None
         self._last_progress_at = 0.0
@@ -105,7 +107,7 @@ class Watcher:
     def live(self) -> AbstractContextManager[Any]:
         if not self.terminal:
             return nullcontext()
-        self.status = output.out().status(Text("submitted"))
+        self.status = (output.err() if self.stderr else output.out()).status(Text("submitted"))
         return self.status
 
     def __call__(self, record: dict[str, Any]) -> None:
@@ -129,7 +131,7 @@ class Watcher:
                 if progress.get("step"):
                     self._last_progress_at = now
                 if record["state"] not in TERMINAL:
-                    output.line(text)
+                    output.line(text, stderr=self.stderr)
                     self._last_text = text
         self._check_schedulable(record)
 
@@ -144,9 +146,12 @@ class Watcher:
             raise Unschedulable(self.task_id, record.get("pending_reason") or "no worker can run it")
 
 
-def wait(client: Client, task_id: str, *, timeout: float, unschedulable_after: float) -> dict[str, Any]:
-    """Follow the task until it ends (raises Unschedulable, MlocError on timeout, KeyboardInterrupt)."""
-    watcher = Watcher(task_id, unschedulable_after)
+def wait(
+    client: Client, task_id: str, *, timeout: float, unschedulable_after: float, stderr: bool = False
+) -> dict[str, Any]:
+    """Follow the task until it ends (raises Unschedulable, MlocError on timeout, KeyboardInterrupt),
+    showing its progress on stdout, or on stderr where stdout is for JSON."""
+    watcher = Watcher(task_id, unschedulable_after, stderr=stderr)
     with watcher.live():
         return client.wait(task_id, timeout=timeout, on_update=watcher)
 

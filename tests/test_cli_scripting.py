@@ -203,7 +203,7 @@ def test_cancel_takes_many_ids_as_tasks_q_prints_them_and_lists_those_it_could_n
     # As `mloc tasks --help` shows it: the pending ids, piped to one cancel.
     cli = f"{shlex.quote(sys.executable)} -m mloc.cli"
     piped = subprocess.run(
-        f"{cli} tasks -q --state pending | xargs {cli} cancel",
+        f"{cli} tasks -q --state pending | xargs -r {cli} cancel",
         shell=True,
         capture_output=True,
         text=True,

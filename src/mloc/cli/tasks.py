@@ -308,7 +308,7 @@ def list_tasks(
 ) -> None:
     """List tasks, newest first. The id column shows short ids that every command accepts.
 
-    -q prints the id of every task that matches (for `mloc tasks -q --state pending | xargs mloc cancel`)."""
+    -q prints the id of every task that matches (for `mloc tasks -q --state pending | xargs -r mloc cancel`)."""
     api = client()
     filters = {
         "state": state.value if state else None,
@@ -637,7 +637,7 @@ def result(task_id: TaskIdArg, json_out: JsonFlag = False, fmt: OutputFormat = N
 def cancel(
     task_ids: Annotated[
         list[str],
-        typer.Argument(help="Task ids, or unique prefixes (`mloc tasks -q --state pending | xargs mloc cancel`)."),
+        typer.Argument(help="Task ids, or unique prefixes (`mloc tasks -q --state pending | xargs -r mloc cancel`)."),
     ],
     json_out: JsonFlag = False,
 ) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import mloc.spec
-from mloc.client import ApiError, Client, ClientError, TaskIdError, Unreachable
+from mloc.client import ApiError, Client, ClientError, TaskIdError, Unreachable, WaitTimeout
 from mloc.localcluster import LocalCluster
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,9 +71,30 @@ def test_client_reads_the_cli_settings_takes_every_task_form_and_runs_the_readme
         }
         assert client.task(ids["path"])["name"] == "from-a-path"
 
-        # Many at once, in any of those forms.
+        # Many at once, in any of those forms; a file of several documents (a pipeline) gives them all.
         bulk = client.submit_bulk([{"taskType": "echo"}, file, "taskType: echo\n"])
         assert bulk["count"] == 3
+        pipeline = tmp_path / "pipeline.yaml"
+        pipeline.write_text(
+            "metadata: {name: first}\nspec: {taskType: echo}\n---\n"
+            "metadata: {name: second}\nspec: {taskType: echo, dependsOn: [first]}\n"
+        )
+        steps = client.submit_bulk([pipeline])["tasks"]
+        assert [step["name"] for step in steps] == ["first", "second"] and steps[1]["pipeline_id"]
+        # As one task it is refused before sending, naming the call that takes it; bad YAML as a ClientError.
+        with pytest.raises(ClientError, match=r"several YAML documents \(---\): submit them together with client"):
+            client.submit(pipeline)
+        broken = tmp_path / "broken.yaml"
+        broken.write_text("taskType: echo\npayload: [unclosed\n")
+        with pytest.raises(ClientError, match=rf"^task file '{broken}': invalid YAML at line"):
+            client.submit_bulk([broken])
+        # A wait that gives up says so in its own type; the task goes on.
+        slow = client.submit({"taskType": "echo", "hyperparameters": {"sleep_sec": 5}})["task_id"]
+        with pytest.raises(WaitTimeout) as gave_up:
+            client.wait(slow, timeout=0.2)
+        assert gave_up.value.task_id == slow and gave_up.value.code == "timeout"
+        assert gave_up.value.state in ("pending", "assigned", "running")
+        client.cancel(slow)
 
         # Anything else is refused before sending, saying what is accepted.
         with pytest.raises(ClientError, match=r"submit\(\) got a int; give the task as a dict, a Path or file name"):

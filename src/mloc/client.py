@@ -71,6 +71,17 @@ class Lost(Unreachable):
     """The orchestrator went away in the middle of an answer or a followed log."""
 
 
+class WaitTimeout(MlocError):
+    """:meth:`Client.wait` gave up before the task ended; the task goes on (``task_id``, ``state``)."""
+
+    status_code = 408
+    code = "timeout"
+
+    def __init__(self, task_id: str, state: str, timeout: float) -> None:
+        super().__init__(f"task {task_id} is still {state} after {timeout:g}s; it goes on")
+        self.task_id, self.state = task_id, state
+
+
 def default_target() -> tuple[str, str | None]:
     """The API URL and token the CLI and ``Client()`` use: MLOC_API_URL, MLOC_TOKEN / ORCHESTRATOR_TOKEN.
 
@@ -153,6 +164,16 @@ def _task_body(task: Any) -> tuple[bytes, str]:
         f"submit() got a {type(task).__name__}; give the task as a dict, a Path or file name "
         "(.yaml, .yml, .json), YAML or JSON text, bytes, or a mloc.spec Document"
     )
+
+
+def _several_documents(body: bytes) -> bool:
+    """Whether YAML text holds more than one document (the orchestrator would refuse it as one task)."""
+    from mloc.spec.loader import MAX_DOCUMENT_BYTES, parse_stream
+
+    try:
+        return len(parse_stream(body, limit=16 * MAX_DOCUMENT_BYTES)) > 1
+    except MlocError:
+        return False  # the orchestrator says what is wrong with it, pointing into the text as sent
 
 
 def _read_task_file(path: Path) -> bytes:
@@ -291,22 +312,32 @@ class Client:
         """Submit one task: a dict, a Path or file name (.yaml/.yml/.json), YAML or JSON text, bytes, or a
         mloc.spec Document. The answer names the task id and the worker it went to, or why it waits."""
         body, content_type = _task_body(task)
+        if content_type != "application/json" and b"---" in body and _several_documents(body):
+            raise ClientError(
+                "the task holds several YAML documents (---): submit them together with "
+                "client.submit_bulk([...]), which stores all of them or none, as `mloc submit FILE` does"
+            )
         params = {"dry_run": "true"} if dry_run else {}
         return self._call("POST", "/api/v1/tasks", content=body, params=params, headers={"Content-Type": content_type})
 
     def submit_bulk(self, tasks: list[Any], *, dry_run: bool = False) -> dict[str, Any]:
         """Submit many tasks at once (all are validated first; if any is invalid none is stored).
-        Each item is a dict, or anything :meth:`submit` takes that holds one task. ``dry_run``: validate
-        them all and show placement, storing nothing."""
+        Each item is a dict, or anything :meth:`submit` takes: a file or text of several YAML documents
+        (---) gives them all, as a pipeline file does. ``dry_run``: validate them all and show placement,
+        storing nothing."""
+        from mloc.spec.loader import MAX_DOCUMENT_BYTES, parse_stream
+
         documents = []
-        for task in tasks:
+        for number, task in enumerate(tasks, 1):
             body, content_type = _task_body(task)
             if content_type == "application/json":
                 documents.append(json.loads(body))
-            else:
-                from mloc.spec import parse_body
-
-                documents.append(parse_body(body))
+                continue
+            try:
+                documents.extend(parse_stream(body, limit=16 * MAX_DOCUMENT_BYTES))
+            except MlocError as exc:
+                named = f"task file {str(task)!r}" if isinstance(task, Path | str) and len(str(task)) < 300 else ""
+                raise ClientError(f"{named or f'task {number}'}: {exc.message}") from None
         params = {"dry_run": "true"} if dry_run else {}
         return self._call("POST", "/api/v1/tasks/bulk", json={"tasks": documents}, params=params)
 
@@ -511,7 +542,7 @@ class Client:
             if record["state"] in TERMINAL:
                 return record
             if deadline is not None and time.monotonic() > deadline:
-                raise MlocError(f"task {task_id} is still {record['state']} after {timeout}s")
+                raise WaitTimeout(task_id, record["state"], timeout or 0.0)
             time.sleep(delay)
             delay = min(1.0, delay * 1.5)
 

@@ -256,3 +256,24 @@ def test_a_worker_whose_link_to_redis_is_cut_says_so_and_carries_on_once_it_is_b
             assert client.task(task_id)["worker_id"] == "cut-off"
         finally:
             local.stop()
+
+
+def test_health_checks_answer_at_once_while_redis_is_away(tmp_path: Path) -> None:
+    """A liveness probe is answered within its timeout whatever Redis does; readiness says it is away."""
+    server = RedisServer(tmp_path / "redis").start()
+    local = LocalCluster(
+        home=tmp_path / "home", workers=0, redis_url=server.url, env=FAST_ENV, log_dir=tmp_path / "logs"
+    )
+    try:
+        local.start(timeout=60)
+        assert httpx.get(local.api_url + "/readyz", timeout=10).status_code == 200
+        server.stop()
+        for path, status, said in (("/healthz", 200, "unreachable"), ("/readyz", 503, "redis unreachable")):
+            asked = time.monotonic()
+            answer = httpx.get(local.api_url + path, timeout=10)
+            took = time.monotonic() - asked
+            assert took < 3, f"{path} took {took:.1f}s with Redis away"
+            assert answer.status_code == status and said in answer.text, answer.text
+    finally:
+        local.stop()
+        server.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from datetime import date
 from typing import Annotated, Any
@@ -22,14 +23,28 @@ from mloc.spec import json_schema
 router = APIRouter()
 
 
+# How long a health check waits for Redis. The client retries a lost Redis for 20-30 s, so that a task's
+# moves land once it is back; a probe must answer within its own timeout (Kubernetes: a few seconds), or
+# a Redis outage would get every orchestrator restarted by its liveness probe.
+PING_TIMEOUT_SEC = 1.0
+
+
+async def _redis_answers(orch: Orch) -> str | None:
+    """None when Redis answers a PING within PING_TIMEOUT_SEC, else why not."""
+    try:
+        await asyncio.wait_for(orch.redis.ping(), PING_TIMEOUT_SEC)
+    except TimeoutError:
+        return f"no answer within {PING_TIMEOUT_SEC:g}s"
+    except Exception as exc:
+        return str(exc) or type(exc).__name__
+    return None
+
+
 @router.get("/healthz", tags=["health"])
 @router.get("/health", tags=["health"])
 async def health(orch: Orch) -> dict[str, Any]:
-    """Liveness: the process answers. Redis reachability is reported, not required."""
-    try:
-        redis_ok = bool(await orch.redis.ping())
-    except Exception:
-        redis_ok = False
+    """Liveness: the process answers, at once. Redis reachability is reported, not required."""
+    redis_ok = await _redis_answers(orch) is None
     return {"ok": True, "status": "ok", "version": __version__, "redis": "ok" if redis_ok else "unreachable"}
 
 
@@ -42,11 +57,10 @@ async def health(orch: Orch) -> dict[str, Any]:
     },
 )
 async def ready(orch: Orch) -> JSONResponse:
-    """Readiness: 200 only when Redis answers."""
-    try:
-        await orch.redis.ping()
-    except Exception as exc:
-        return JSONResponse({"ok": False, "status": "redis unreachable", "error": str(exc)}, status_code=503)
+    """Readiness: 200 only when Redis answers (within a second: a probe is not kept waiting)."""
+    problem = await _redis_answers(orch)
+    if problem is not None:
+        return JSONResponse({"ok": False, "status": "redis unreachable", "error": problem}, status_code=503)
     return JSONResponse({"ok": True, "status": "ready"})
 
 

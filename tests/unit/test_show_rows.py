@@ -29,7 +29,9 @@ def test_a_requeued_pending_task_shows_its_wait_not_its_lost_run() -> None:
     )
     assert rows["queued"].endswith(" so far") and "created to" not in rows["queued"]
     assert "ran" not in rows
-    assert rows["attempts"] == "1 of 3, and 1 requeue(s) after worker loss, which do not count (2 runs in all)"
+    assert rows["attempts"] == (
+        "1 of 3, and 1 requeue(s) after its worker stopped or was lost, which do not count (2 runs in all)"
+    )
 
 
 def test_a_running_task_shows_its_queue_time_and_run() -> None:

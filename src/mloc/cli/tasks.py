@@ -455,7 +455,11 @@ def _summary(record: dict[str, Any], worker_record: dict[str, Any] | None = None
     # A start ended by a worker's loss is a requeue, not one of the task's attempts (mloc.requeue).
     requeues = int(record.get("requeues") or 0)
     runs = int(record.get("attempts") or 0)
-    lost = f", and {requeues} requeue(s) after worker loss, which do not count ({runs} runs in all)" if requeues else ""
+    lost = (
+        f", and {requeues} requeue(s) after its worker stopped or was lost, which do not count ({runs} runs in all)"
+        if requeues
+        else ""
+    )
     if not record.get("children"):  # a group's parent runs nowhere itself: its chunks or replicas have attempts
         rows.append(("attempts", f"{runs - requeues} of {record.get('max_attempts', 1)}{lost}"))
     if worker:

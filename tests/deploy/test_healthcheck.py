@@ -4,15 +4,19 @@ a tiny HTTP server for the orchestrator's /healthz and /readyz, a tiny RESP serv
 
 from __future__ import annotations
 
+import signal
 import socket
 import socketserver
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
+
+from mloc.localcluster import LocalCluster
 
 from .conftest import DOCKER_DIR, clean_env, run
 
@@ -98,11 +102,35 @@ def test_orchestrator_down_is_unhealthy(tmp_path: Path) -> None:
     assert result.returncode == 1 and "unreachable" in result.stderr, result.stderr
 
 
-def test_worker_healthy_when_redis_answers_ping(tmp_path: Path, redis_port: int) -> None:
-    url = f"redis://:s3cret-pass@127.0.0.1:{redis_port}/0"
-    result = _check(tmp_path, "worker", REDIS_URL=url)
-    assert result.returncode == 0, result.stderr
-    assert "s3cret-pass" not in result.stderr
+def test_a_worker_is_healthy_while_it_heartbeats_and_unhealthy_once_it_stops(
+    tmp_path: Path, make_cluster: Callable[..., LocalCluster], redis_url: str
+) -> None:
+    cluster = make_cluster(1, env={"HEARTBEAT_INTERVAL_SEC": "1", "HEARTBEAT_TTL_SEC": "60"})
+    url = redis_url.replace("redis://", "redis://:s3cret-pass@") if "@" not in redis_url else redis_url
+    env = {"REDIS_URL": redis_url, "HEARTBEAT_INTERVAL_SEC": "1", "WORKER_ID": "local-1"}
+    healthy = _check(tmp_path, "worker", **env)
+    assert healthy.returncode == 0 and "worker local-1 heartbeat" in healthy.stderr, healthy.stderr
+    # Without WORKER_ID it looks for a worker named after this host, as a worker without one is.
+    unnamed = _check(tmp_path, "worker", REDIS_URL=redis_url, HEARTBEAT_INTERVAL_SEC="1")
+    assert unnamed.returncode == 1 and f"no worker of host {socket.gethostname()} has registered" in unnamed.stderr
+    # A worker whose process is stuck stops heartbeating while Redis still answers: unhealthy, saying so.
+    worker = cluster.worker_procs["local-1"]
+    worker.send_signal(signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 30
+        while (stuck := _check(tmp_path, "worker", **env)).returncode == 0 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert stuck.returncode == 1, stuck.stderr
+        assert "worker local-1 last heartbeat" in stuck.stderr and "it is stuck, or cannot reach Redis" in stuck.stderr
+        assert _check(tmp_path, "worker-live", **env).returncode == 1
+    finally:
+        worker.send_signal(signal.SIGCONT)
+    assert "s3cret-pass" not in _check(tmp_path, "worker", REDIS_URL=url).stderr
+    # Redis away: the worker is not live-checked into a restart that would drop its tasks, but is not healthy.
+    away = {**env, "REDIS_URL": f"redis://127.0.0.1:{_free_port()}/0"}
+    assert _check(tmp_path, "worker", **away).returncode == 1
+    live = _check(tmp_path, "worker-live", **away)
+    assert live.returncode == 0 and "Redis PING failed" in live.stderr, live.stderr
 
 
 def test_worker_unhealthy_without_redis(tmp_path: Path) -> None:

@@ -218,6 +218,13 @@ def test_workers_hand_tasks_back_before_they_are_killed(overlay: str) -> None:
         assert env["MLOC_WORKER_MEMORY"]["value"] == str(limits["memory"]), name
         cpu = limits.get("cpu", container["resources"]["requests"]["cpu"])
         assert env["MLOC_WORKER_CPU"]["value"] == str(cpu), name
+        # A stuck worker (its heartbeat stale while Redis answers) is restarted; a Redis outage alone is not its
+        # fault (mloc-healthcheck worker-live, tests/deploy/test_healthcheck.py), and the probe gives it more
+        # time than its heartbeats need to show.
+        live = container["livenessProbe"]
+        assert live["exec"]["command"] == ["mloc-healthcheck", "worker-live"], name
+        interval = float(env["HEARTBEAT_INTERVAL_SEC"]["value"])
+        assert live["periodSeconds"] * live["failureThreshold"] >= 3 * interval + 5, name
 
 
 @pytest.mark.parametrize("overlay", overlays())

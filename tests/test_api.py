@@ -523,7 +523,10 @@ def test_another_users_task_is_answered_as_a_missing_one(http: httpx.Client, clu
         nobodys = httpx.request(method, cluster.api_url + f"/api/v1/tasks/{missing}{route}", headers=other)
         assert theirs.status_code == nobodys.status_code == 404, (method, route)
         assert theirs.text.replace(task, "ID") == nobodys.text.replace(missing, "ID"), (method, route)
-    assert nobodys.json()["message"] == f"task {missing} not found; list tasks with GET /api/v1/tasks"
+    assert nobodys.json()["message"] == (
+        f"task {missing} not found; list tasks with GET /api/v1/tasks (a finished task is removed "
+        "MLOC_TASK_RETENTION_SEC after it ended)"
+    )
 
 
 def test_each_task_of_a_bulk_submit_is_held_to_the_body_limit(

@@ -272,7 +272,10 @@ def test_pipeline_and_show_name_the_pipelines_own_id(
         ), command
         missing = mloc(command, nobody, env=env)
         assert missing.returncode == 2, (command, missing.stderr)
-        assert missing.stderr.strip() == f"error: task {nobody} not found; `mloc tasks` lists yours", command
+        assert missing.stderr.strip() == (
+            f"error: task {nobody} not found; `mloc tasks` lists yours (a finished task is removed "
+            "MLOC_TASK_RETENTION_SEC after it ended, 30 days unless the orchestrator says otherwise)"
+        ), command
 
 
 def test_an_agent_that_stopped_without_an_answer_is_shown_why(capsys: pytest.CaptureFixture[str]) -> None:

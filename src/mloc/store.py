@@ -51,7 +51,10 @@ class Apply:
 def task_not_found(task_id: str) -> NotFound:
     """The error for a task id that names no task the caller may see: the same whether the task is
     missing or another user's, so an answer never tells which ids exist."""
-    return NotFound(f"task {task_id} not found; list tasks with GET /api/v1/tasks")
+    return NotFound(
+        f"task {task_id} not found; list tasks with GET /api/v1/tasks (a finished task is removed "
+        "MLOC_TASK_RETENTION_SEC after it ended)"
+    )
 
 
 def record_of(h: dict[str, str], *, with_spec: bool) -> TaskRecord:

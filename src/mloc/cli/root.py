@@ -48,5 +48,8 @@ def task_failed(api: Client, given: str, exc: MlocError) -> NoReturn:
     try:
         api.pipeline(task_id)
     except MlocError:
-        output.die(f"task {task_id} not found; `mloc tasks` lists yours")
+        output.die(
+            f"task {task_id} not found; `mloc tasks` lists yours (a finished task is removed "
+            "MLOC_TASK_RETENTION_SEC after it ended, 30 days unless the orchestrator says otherwise)"
+        )
     output.die(f"{task_id} is a pipeline's id, not a task's: `mloc pipeline {task_id}` shows its steps")

@@ -135,12 +135,17 @@ class TaskRow(TaskRecord):
     )
 
 
-class TaskPage(BaseModel):
-    """A page of tasks, newest first."""
+class _Page(BaseModel):
+    """A page of a listing: which one, and how long a page is."""
 
     ok: Literal[True]
     page: int
     page_size: int
+
+
+class TaskPage(_Page):
+    """A page of tasks, newest first."""
+
     total: int = Field(description="The tasks on every page together.")
     items: list[TaskRow]
 
@@ -164,12 +169,9 @@ class WorkerItem(WorkerRecord):
     warning: str = _sometimes("Why its results may not reach this orchestrator: it publishes to another store.")
 
 
-class WorkerPage(BaseModel):
+class WorkerPage(_Page):
     """A page of registered workers, by id."""
 
-    ok: Literal[True]
-    page: int
-    page_size: int
     total: int = Field(description="The workers on every page together.")
     items: list[WorkerItem]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,10 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 FOLLOW_SILENCE_SEC = 45.0
 TASK_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 LOG_PAGE = 10_000  # the API's largest page of log lines
+# A submit is sent again after these failures, which may have happened before or after it was stored:
+# its Idempotency-Key makes the orchestrator store it once either way.
+_SUBMIT_RETRIED_STATUS = {502, 503, 504}
+_IN_PROGRESS = "idempotency_in_progress"
 _FULL_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _ID_PREFIX = re.compile(r"^[0-9a-f-]+$")
 _ID_LENGTH = 36  # a UUID: 32 hex digits and 4 dashes
@@ -213,7 +218,13 @@ class Client:
     """The orchestrator's API. ``Client()`` reads MLOC_API_URL and the token as the CLI does;
     ``Client(url, token)`` uses exactly what it is given."""
 
-    def __init__(self, base_url: str | None = None, token: str | None = None, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, base_url: str | None = None, token: str | None = None, *, timeout: float = 30.0, max_retries: int = 2
+    ) -> None:
+        """``max_retries``: how often a submit is sent again when the orchestrator could not be reached,
+        did not answer in time, or was busy (502, 503, 504): each send carries the same Idempotency-Key, so
+        the task is stored once."""
+        self.max_retries = max(0, max_retries)
         url_name, token_name = "base_url", "token"
         if base_url is None:
             base_url, default_token, default_name = _default_target()
@@ -268,6 +279,28 @@ class Client:
         except ValueError:
             return {"message": response.text[:500]}
 
+    def _submit_call(self, path: str, key: str | None, **kwargs: Any) -> Any:
+        """POST a submit with an Idempotency-Key (``key``, else a new one), sent again up to
+        ``max_retries`` times while it may not have gone through."""
+        headers = {**kwargs.pop("headers", {}), "Idempotency-Key": key or str(uuid.uuid4())}
+        for attempt in range(self.max_retries + 1):
+            last = attempt == self.max_retries
+            try:
+                response = self.http.post(path, headers=headers, **kwargs)
+            except httpx.HTTPError as exc:
+                if last or not isinstance(exc, httpx.TransportError):
+                    raise self._unreachable(exc) from exc
+                time.sleep(_backoff(attempt, None))
+                continue
+            if response.status_code < 400:
+                return response.json()
+            error = self._error(response)
+            busy = response.status_code in _SUBMIT_RETRIED_STATUS or error.code == _IN_PROGRESS
+            if last or not busy:
+                raise error
+            time.sleep(_backoff(attempt, response.headers.get("retry-after")))
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
     def _stream(
         self, path: str, params: dict[str, str] | None = None, *, read_timeout: float | None = None
     ) -> Iterator[bytes]:
@@ -308,23 +341,29 @@ class Client:
         return f"/api/v1/tasks/{self.resolve(task_id)}{tail}"
 
     # --------------------------------------------------------------- tasks
-    def submit(self, task: Any, *, dry_run: bool = False) -> dict[str, Any]:
+    def submit(self, task: Any, *, dry_run: bool = False, idempotency_key: str | None = None) -> dict[str, Any]:
         """Submit one task: a dict, a Path or file name (.yaml/.yml/.json), YAML or JSON text, bytes, or a
-        mloc.spec Document. The answer names the task id and the worker it went to, or why it waits."""
+        mloc.spec Document. The answer names the task id and the worker it went to, or why it waits.
+        ``idempotency_key``: the same key sent with the same task, by this call's retries or a later
+        call, stores it once (a new key is made for each call without one)."""
         body, content_type = _task_body(task)
         if content_type != "application/json" and b"---" in body and _several_documents(body):
             raise ClientError(
                 "the task holds several YAML documents (---): submit them together with "
                 "client.submit_bulk([...]), which stores all of them or none, as `mloc submit FILE` does"
             )
-        params = {"dry_run": "true"} if dry_run else {}
-        return self._call("POST", "/api/v1/tasks", content=body, params=params, headers={"Content-Type": content_type})
+        headers = {"Content-Type": content_type}
+        if dry_run:
+            return self._call("POST", "/api/v1/tasks", content=body, params={"dry_run": "true"}, headers=headers)
+        return self._submit_call("/api/v1/tasks", idempotency_key, content=body, headers=headers)
 
-    def submit_bulk(self, tasks: list[Any], *, dry_run: bool = False) -> dict[str, Any]:
+    def submit_bulk(
+        self, tasks: list[Any], *, dry_run: bool = False, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
         """Submit many tasks at once (all are validated first; if any is invalid none is stored).
         Each item is a dict, or anything :meth:`submit` takes: a file or text of several YAML documents
         (---) gives them all, as a pipeline file does. ``dry_run``: validate them all and show placement,
-        storing nothing."""
+        storing nothing. ``idempotency_key`` as for :meth:`submit`, for the whole bulk."""
         from mloc.spec.loader import MAX_DOCUMENT_BYTES, parse_stream
 
         documents = []
@@ -338,8 +377,9 @@ class Client:
             except MlocError as exc:
                 named = f"task file {str(task)!r}" if isinstance(task, Path | str) and len(str(task)) < 300 else ""
                 raise ClientError(f"{named or f'task {number}'}: {exc.message}") from None
-        params = {"dry_run": "true"} if dry_run else {}
-        return self._call("POST", "/api/v1/tasks/bulk", json={"tasks": documents}, params=params)
+        if dry_run:
+            return self._call("POST", "/api/v1/tasks/bulk", json={"tasks": documents}, params={"dry_run": "true"})
+        return self._submit_call("/api/v1/tasks/bulk", idempotency_key, json={"tasks": documents})
 
     def task(self, task_id: str) -> dict[str, Any]:
         return self._call("GET", self._path(task_id))
@@ -615,3 +655,13 @@ class Client:
 
     def set_weight(self, name: str, weight: float) -> dict[str, Any]:
         return self._call("PUT", f"/admin/users/{quote(name, safe='')}/weight", json={"weight": weight})
+
+
+def _backoff(attempt: int, retry_after: str | None) -> float:
+    """Seconds before a submit is sent again: the orchestrator's Retry-After when it gave one."""
+    try:
+        if retry_after is not None:
+            return min(30.0, max(0.0, float(retry_after)))
+    except ValueError:
+        pass  # an HTTP date: the doubling below waits a sensible while instead
+    return min(8.0, 0.5 * 2**attempt)

@@ -89,6 +89,19 @@ class InvalidTransition(Conflict):
     code = "invalid_transition"
 
 
+class SubmitInProgress(Conflict):
+    """A submit with this Idempotency-Key is still being stored; the same request answers once it is."""
+
+    code = "idempotency_in_progress"
+
+
+class IdempotencyKeyReused(MlocError):
+    """The Idempotency-Key was given before with another request body; each distinct submit needs its own key."""
+
+    status_code = 422
+    code = "idempotency_key_reused"
+
+
 class Unavailable(MlocError):
     """Redis or the artifact store did not answer; the same request may succeed later."""
 

@@ -34,6 +34,12 @@ DEPS_WAITING = f"{PREFIX}:deps:waiting"  # set of task ids
 DEPS_ENDED = f"{PREFIX}:deps:ended"  # set of task ids
 
 
+def idempotency(owner: str, key_digest: str) -> str:
+    """Hash: one owner's submit under one Idempotency-Key ({digest, ids, at, answer}), kept for
+    MLOC_IDEMPOTENCY_TTL_SEC. ``key_digest`` is the key's SHA-256: a client's key may hold any character."""
+    return f"{PREFIX}:idempotency:{owner}:{key_digest}"
+
+
 def dependents(task_id: str) -> str:
     """Set: the tasks that wait for this one to succeed."""
     return f"{PREFIX}:task:{task_id}:dependents"

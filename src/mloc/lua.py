@@ -75,6 +75,37 @@ end
 return 1
 """
 
+# IDEMPOTENCY_CLAIM: claim an Idempotency-Key for a submit, or say what became of the earlier one.
+# KEYS[1] the key's hash (mloc.keys.idempotency)
+# ARGV[1] the request's digest   ARGV[2] the task ids this submit will create, as JSON   ARGV[3] now
+# ARGV[4] how long the key is kept (seconds)   ARGV[5] how long a submit may take before another takes over
+# Returns {"new"}: claimed; {"mismatch"}: the key was given with another request; {"done", answer};
+# {"busy", at}: the first submit is still being stored; {"retake", ids}: the first submit stopped
+# half way (its orchestrator died): this one takes over, with its ids.
+IDEMPOTENCY_CLAIM = r"""
+local m = redis.call('HMGET', KEYS[1], 'digest', 'ids', 'at', 'answer')
+if not m[1] then
+  redis.call('HSET', KEYS[1], 'digest', ARGV[1], 'ids', ARGV[2], 'at', ARGV[3])
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  return {'new'}
+end
+if m[1] ~= ARGV[1] then return {'mismatch'} end
+if m[4] then return {'done', m[4]} end
+if tonumber(ARGV[3]) - tonumber(m[3]) < tonumber(ARGV[5]) then return {'busy', m[3]} end
+redis.call('HSET', KEYS[1], 'at', ARGV[3])
+return {'retake', m[2]}
+"""
+
+# IDEMPOTENCY_SETTLE: keep a claimed submit's answer, or forget the claim of one that was refused.
+# KEYS[1] the key's hash   ARGV[1] the claim's task ids as JSON (a claim taken over since is left alone)
+# ARGV[2] the answer as JSON, or "": the submit was refused, and the key may be used again
+# Returns 1, or 0 when the claim is no longer this one's.
+IDEMPOTENCY_SETTLE = r"""
+if redis.call('HGET', KEYS[1], 'ids') ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('HSET', KEYS[1], 'answer', ARGV[2]) end
+return 1
+"""
+
 # PROMOTE: move retries whose backoff has passed from the retry wait into the pending indexes.
 # KEYS[1] retry-wait zset   KEYS[2] pending zset   KEYS[3] set of owners with pending tasks
 # ARGV[1] now (unix seconds)   ARGV[2] template: task hash   ARGV[3] template: owner pending queue

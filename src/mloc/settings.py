@@ -104,6 +104,8 @@ class Settings(BaseSettings):
     backfill_after_sec: float = Field(60.0, ge=0, le=30 * 86_400, validation_alias=_env("MLOC_BACKFILL_AFTER_SEC"))
     # Finished tasks (records, results, logs) are removed this long after they ended; 0 = kept forever.
     task_retention_sec: float = Field(30 * 86_400.0, ge=0, validation_alias=_env("MLOC_TASK_RETENTION_SEC"))
+    # A submit's Idempotency-Key is kept this long: the same submit sent again within it answers as the first.
+    idempotency_ttl_sec: float = Field(86_400.0, ge=1, validation_alias=_env("MLOC_IDEMPOTENCY_TTL_SEC"))
 
     # Worker
     task_topics: str = Field("tasks.inference", validation_alias=_env("TASK_TOPICS", "MLOC_TASK_TOPICS"))

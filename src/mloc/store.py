@@ -97,13 +97,14 @@ class TaskStore:
         max_attempts: int,
         request: dict[str, Any],
         labels: Mapping[str, str],
+        task_id: str | None = None,
     ) -> NewTask:
         # The create script moves the order on past the last one any orchestrator gave (see
         # lua.CREATE): a bulk submit queues in the order it was given, and two orchestrators' submits in
         # the order Redis stored them. created_at stays the real time.
         created_at = time.time()
         return NewTask(
-            task_id=str(uuid.uuid4()),
+            task_id=task_id or str(uuid.uuid4()),
             name=name,
             owner=owner,
             task_type=task_type,

@@ -16,12 +16,11 @@ to any route.
 from __future__ import annotations
 
 import redis.asyncio as aioredis
-from fastapi.responses import JSONResponse
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mloc.api.responses import mloc_error_answer, redis_error_answer
-from mloc.api.tasks import SUBMIT_PATH, submit_body
+from mloc.api.tasks import SUBMIT_PATH, submit_body, submitted
 from mloc.errors import MlocError
 from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.orchestrator.users import authenticate
@@ -43,19 +42,21 @@ class SubmitLane:
             return
         scope["route"] = self.route
         orch: Orchestrator = scope["app"].state.orchestrator
-        content_type = authorization = None
+        content_type = authorization = key = None
         for name, value in scope["headers"]:
             # The first of a repeated header, as Starlette's Headers.get gives it.
             if name == b"content-type" and content_type is None:
                 content_type = value.decode("latin-1")
             elif name == b"authorization" and authorization is None:
                 authorization = value.decode("latin-1")
+            elif name == b"idempotency-key" and key is None:
+                key = value.decode("latin-1")
         try:
             who = await authenticate(orch.redis, orch.settings.admin_token, authorization)
             body = await _read(receive)
             if body is None:
                 return  # the client went away: there is no one to answer
-            response = JSONResponse(await submit_body(orch, who, body, content_type), status_code=201)
+            response = submitted(await submit_body(orch, who, body, content_type, key=key))
         except MlocError as exc:
             response = mloc_error_answer(exc)
         except aioredis.RedisError as exc:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BeforeValidator
@@ -17,8 +17,18 @@ from mloc import keys, tasklog
 from mloc.api.answers import BulkDryRun, BulkSubmitted, DryRun, Submitted, TaskDetail, TaskPage, TaskResult
 from mloc.api.deps import Caller, Orch, TaskId
 from mloc.api.responses import raises
-from mloc.errors import BadRequest, Conflict, Forbidden, InvalidTransition, NotFound, PayloadTooLarge, SpecError
-from mloc.orchestrator import chunks, groups
+from mloc.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    IdempotencyKeyReused,
+    InvalidTransition,
+    NotFound,
+    PayloadTooLarge,
+    SpecError,
+    SubmitInProgress,
+)
+from mloc.orchestrator import chunks, groups, idempotency
 from mloc.orchestrator.cancel import cancel
 from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.orchestrator.users import Principal
@@ -76,39 +86,88 @@ def _own(record: TaskRecord, who: Principal) -> TaskRecord:
 
 
 # Documented only: the answers are sent as built (see mloc.api.answers).
+REPLAYED = {
+    idempotency.REPLAYED_HEADER: {
+        "description": "`true` when this is the answer to an earlier send of the same request (Idempotency-Key).",
+        "schema": {"type": "string", "enum": ["true"]},
+    }
+}
 SUBMIT_ANSWER: dict[int | str, dict[str, Any]] = {
-    201: {"model": Submitted | DryRun, "description": "The task stored and placed, or with dry_run=true checked."}
+    201: {
+        "model": Submitted | DryRun,
+        "description": "The task stored and placed, or with dry_run=true checked.",
+        "headers": REPLAYED,
+    }
 }
 BULK_ANSWER: dict[int | str, dict[str, Any]] = {
-    201: {"model": BulkSubmitted | BulkDryRun, "description": "Every task stored, or with dry_run=true checked."}
+    201: {
+        "model": BulkSubmitted | BulkDryRun,
+        "description": "Every task stored, or with dry_run=true checked.",
+        "headers": REPLAYED,
+    }
 }
+
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias=idempotency.HEADER,
+        description=(
+            "Makes the submit safe to send again: the same request with the same key (per user, for "
+            "MLOC_IDEMPOTENCY_TTL_SEC) answers as the first did, with `Idempotent-Replayed: true`, and stores "
+            "nothing new. 409 while the first is still being stored; 422 if the key came with another request. "
+            "Ignored with dry_run=true."
+        ),
+    ),
+]
 
 
 @router.post("", status_code=201, openapi_extra=TASK_BODY, responses=SUBMIT_ANSWER)
-@raises(BadRequest, Forbidden, SpecError)
+@raises(BadRequest, Forbidden, SpecError, SubmitInProgress, IdempotencyKeyReused)
 async def submit(
     request: Request,
     orch: Orch,
     who: Caller,
     dry_run: Annotated[bool, Query(description="Validate and show placement only.")] = False,
+    idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     """Submit a task. The answer names the worker it was placed on, or why it waits."""
     # A Response is sent as is, skipping FastAPI's validation of a plain dict. A plain submit (no
     # query) is answered before it gets here, by mloc.api.submit_lane.
     body = await request.body()
-    return JSONResponse(
-        await submit_body(orch, who, body, request.headers.get("content-type"), dry_run=dry_run), status_code=201
-    )
+    content_type = request.headers.get("content-type")
+    return submitted(await submit_body(orch, who, body, content_type, dry_run=dry_run, key=idempotency_key))
 
 
 async def submit_body(
-    orch: Orchestrator, who: Principal, body: bytes, content_type: str | None, *, dry_run: bool = False
-) -> dict[str, Any]:
-    """A submit's answer: the task in ``body`` validated, then stored and placed (or only checked)."""
+    orch: Orchestrator,
+    who: Principal,
+    body: bytes,
+    content_type: str | None,
+    *,
+    dry_run: bool = False,
+    key: str | None = None,
+) -> idempotency.Answered:
+    """A submit's answer: the task in ``body`` validated, then stored and placed (or only checked);
+    with an Idempotency-Key ``key``, stored once however often it is sent."""
+    checked = None if key is None or dry_run else idempotency.checked_key(key)
     document = validate(parse_body(body, content_type, limit=orch.settings.max_body_bytes))
     if dry_run:
-        return await orch.dry_run(document, who)
-    return await orch.submit(document, who)
+        return idempotency.Answered(await orch.dry_run(document, who))
+    if checked is None:
+        return idempotency.Answered(await orch.submit(document, who))
+    digest = idempotency.request_digest(SUBMIT_PATH, content_type, body)
+
+    async def store(ids: list[str]) -> dict[str, Any]:
+        return await orch.submit(document, who, task_id=ids[0])
+
+    return await orch.idempotency.run(who.name, checked, digest, 1, store, bulk=False)
+
+
+def submitted(answered: idempotency.Answered) -> JSONResponse:
+    """A submit's 201, saying so when it is the answer to an earlier send of the same request."""
+    headers = {idempotency.REPLAYED_HEADER: "true"} if answered.replayed else None
+    return JSONResponse(answered.body, status_code=201, headers=headers)
 
 
 def submit_route(routes: Iterable[BaseRoute]) -> APIRoute:
@@ -117,12 +176,13 @@ def submit_route(routes: Iterable[BaseRoute]) -> APIRoute:
 
 
 @router.post("/bulk", status_code=201, openapi_extra=TASK_BODY, responses=BULK_ANSWER)
-@raises(BadRequest, Forbidden, PayloadTooLarge, SpecError)
+@raises(BadRequest, Forbidden, PayloadTooLarge, SpecError, SubmitInProgress, IdempotencyKeyReused)
 async def submit_bulk(
     request: Request,
     orch: Orch,
     who: Caller,
     dry_run: Annotated[bool, Query(description="Validate every task and show placement only.")] = False,
+    idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     """Submit many tasks at once: a JSON list, {"tasks": [...]}, or a multi-document YAML stream
     (empty documents, as a trailing ``---`` leaves, are skipped). All are validated first; if any is
@@ -130,6 +190,7 @@ async def submit_bulk(
     than that limit, as when it is submitted alone."""
     raw = await request.body()
     content_type = request.headers.get("content-type") or ""
+    key = None if idempotency_key is None or dry_run else idempotency.checked_key(idempotency_key)
     limit = orch.settings.max_body_bytes
     items: Any
     if raw.lstrip().startswith((b"[", b"{")) or "json" in content_type:
@@ -157,8 +218,15 @@ async def submit_bulk(
     if dry_run:
         checked = await orch.dry_run_many(documents, who)
         return JSONResponse({"ok": True, "valid": True, "count": len(checked), "tasks": checked}, status_code=201)
-    results = await orch.submit_many(documents, who)
-    return JSONResponse({"ok": True, "count": len(results), "tasks": results}, status_code=201)
+
+    async def store(ids: list[str] | None) -> dict[str, Any]:
+        results = await orch.submit_many(documents, who, ids=ids)
+        return {"ok": True, "count": len(results), "tasks": results}
+
+    if key is None:
+        return submitted(idempotency.Answered(await store(None)))
+    digest = idempotency.request_digest(request.url.path, content_type, raw)
+    return submitted(await orch.idempotency.run(who.name, key, digest, len(documents), store, bulk=True))
 
 
 def _check_task_sizes(items: list[Any], limit: int) -> None:

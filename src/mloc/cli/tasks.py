@@ -55,9 +55,9 @@ def _named(document: Any) -> str:
     return f": {name}" if isinstance(name, str) and name else ""
 
 
-def _submit_many(api: Client, labelled: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+def _submit_many(api: Client, labelled: list[tuple[str, Any]], key: str | None) -> list[dict[str, Any]]:
     try:
-        return list(api.submit_bulk([document for _, document in labelled])["tasks"])
+        return list(api.submit_bulk([document for _, document in labelled], idempotency_key=key)["tasks"])
     except MlocError as exc:
         # The bulk answer numbers the invalid tasks; name their files instead.
         for detail in exc.details:
@@ -145,6 +145,15 @@ def submit(
     shown: Annotated[int, typer.Option("--show", min=0, help="--wait: results printed at the end.")] = 10,
     json_out: JsonFlag = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print only the new task ids.")] = False,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(
+            "--idempotency-key",
+            help="Store the submit once however often it is sent with this key (per user, for a day): "
+            "a script that runs again after a failure gets the first answer, not new tasks. "
+            "Without it, each run makes its own key, which mloc's own retries reuse.",
+        ),
+    ] = None,
 ) -> None:
     """Submit task files to the orchestrator (MLOC_API_URL).
 
@@ -175,7 +184,11 @@ def submit(
             return
         # One task goes as the file's own bytes, so the API's messages point into the file as written.
         single = len(files) == 1 and len(labelled) == 1
-        answers = [api.submit(files[0])] if single else _submit_many(api, labelled)
+        answers = (
+            [api.submit(files[0], idempotency_key=idempotency_key)]
+            if single
+            else _submit_many(api, labelled, idempotency_key)
+        )
     except MlocError as exc:
         output.fail(exc)
     one = len(answers) == 1 and len(files) == 1

@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -20,6 +21,7 @@ from mloc.errors import BadRequest, ConfigError, Conflict, Forbidden, SpecError
 from mloc.openai_files import INPUT_FILE_LABEL
 from mloc.orchestrator import chunks, eta, groups, harness, pipelines, reaper, training, users
 from mloc.orchestrator.admission import Fit, MemoryFit
+from mloc.orchestrator.idempotency import Idempotency
 from mloc.orchestrator.overspend import Overspend
 from mloc.orchestrator.placement import Request, WaitCode, explain, misfit, request_of
 from mloc.orchestrator.queues import UserLimits
@@ -64,6 +66,7 @@ class Orchestrator:
         )
         self.overspend = Overspend(self.store, self.scheduler.standings)
         self.memfit = MemoryFit(redis, settings, self.scheduler)
+        self.idempotency = Idempotency(redis, self.store, settings.idempotency_ttl_sec)
         self.backoff = Backoff(settings.retry_backoff_sec, settings.retry_backoff_max_sec)
         self.usage = UsageReports(redis)
         self._redis_trouble_at: float | None = None  # when the reaper last failed to reach Redis (monotonic)
@@ -137,9 +140,11 @@ class Orchestrator:
         *,
         request: Request | None = None,
         wire: dict[str, Any] | None = None,
+        task_id: str | None = None,
     ) -> tuple[NewTask, Request]:
         """The task's new record and what it needs from a worker; ``request`` and ``wire`` are the
-        document's, where the caller has worked them out already."""
+        document's, where the caller has worked them out already; ``task_id`` the id it was promised
+        (an idempotent submit's), else a new one."""
         spec = document.spec
         request = request or request_of(document)
         retries = spec.retries if spec.retries is not None else self.settings.task_retries
@@ -154,6 +159,7 @@ class Orchestrator:
             max_attempts=retries + 1,
             request=request.to_json(),
             labels=document.metadata.labels,
+            task_id=task_id,
         )
         # The retry policy is fixed at submit, so every process that requeues the task applies the same one.
         backoff = spec.retry_backoff_sec if spec.retry_backoff_sec is not None else self.backoff.base_sec
@@ -266,19 +272,21 @@ class Orchestrator:
     async def _place(self, record: NewTask, request: Request, *, create: bool = False) -> dict[str, Any]:
         return _answer(record, await self._try_place(record, request, create=create))
 
-    async def submit(self, document: Document, principal: Principal) -> dict[str, Any]:
+    async def submit(self, document: Document, principal: Principal, *, task_id: str | None = None) -> dict[str, Any]:
+        """Store and place one task; ``task_id``: the id to give it (see :mod:`.idempotency`)."""
         await self._check_models(document, principal)
         await self._check_quota(document, principal)
         request = request_of(document)
         fit = await self.memfit.assess(document, request)  # refuses what no GPU could hold
         wire = document.to_wire()
         if pipelines.waits(document, wire):
-            return (await self.submit_graph([document], principal))["tasks"][0]
+            ids = None if task_id is None else [task_id]
+            return (await self.submit_graph([document], principal, ids=ids))["tasks"][0]
         if chunks.is_chunked(wire):
-            return await self._submit_chunked(document, principal, fit)
+            return await self._submit_chunked(document, principal, fit, task_id)
         if document.spec.resources.replicas > 1:
-            return await self._submit_group(document, principal, fit)
-        record, request = self._record(document, principal, request=request, wire=wire)
+            return await self._submit_group(document, principal, fit, task_id)
+        record, request = self._record(document, principal, request=request, wire=wire, task_id=task_id)
         request = self.memfit.apply(record, fit)
         answer = await self._place(record, request, create=True)
         if log.isEnabledFor(logging.DEBUG):
@@ -286,8 +294,10 @@ class Orchestrator:
             log.debug("task %s (%s) from %s -> %s", answer["task_id"], request.task_type, principal.name, where)
         return answer
 
-    async def _submit_group(self, document: Document, principal: Principal, fit: Fit) -> dict[str, Any]:
-        parent, _ = self._record(document, principal)
+    async def _submit_group(
+        self, document: Document, principal: Principal, fit: Fit, task_id: str | None
+    ) -> dict[str, Any]:
+        parent, _ = self._record(document, principal, task_id=task_id)
         self.memfit.apply(parent, fit)
         children: list[tuple[NewTask, Request]] = []
         for shard in groups.shards(document, parent.name):
@@ -325,8 +335,10 @@ class Orchestrator:
             "replicas": answers,
         }
 
-    async def _submit_chunked(self, document: Document, principal: Principal, fit: Fit) -> dict[str, Any]:
-        parent, _ = self._record(document, principal)
+    async def _submit_chunked(
+        self, document: Document, principal: Principal, fit: Fit, task_id: str | None
+    ) -> dict[str, Any]:
+        parent, _ = self._record(document, principal, task_id=task_id)
         request = self.memfit.apply(parent, fit)  # its chunks, cut now or later, carry both
         children = chunks.first_chunks(parent)
         await self.store.insert([parent, *children])
@@ -343,17 +355,20 @@ class Orchestrator:
             "chunks": answers,
         }
 
-    async def submit_graph(self, documents: list[Document], principal: Principal) -> dict[str, Any]:
+    async def submit_graph(
+        self, documents: list[Document], principal: Principal, *, ids: Sequence[str] | None = None
+    ) -> dict[str, Any]:
         """Tasks that wait for tasks (see :mod:`.pipelines`): planned whole, stored in one write, and
-        those that wait for nothing placed at once."""
+        those that wait for nothing placed at once. ``ids``: the id to give each document's task."""
         for document in documents:
             await self._check_models(document, principal)
             await self._check_quota(document, principal)
         fits = await self.memfit.assess_all(documents, [request_of(d) for d in documents])
         fit_of = {id(document): fit for document, fit in zip(documents, fits, strict=True)}
+        id_of = dict(zip((id(document) for document in documents), ids or (), strict=False))
 
         def build(document: Document, principal: Principal) -> tuple[NewTask, Request]:
-            record, _ = self._record(document, principal)
+            record, _ = self._record(document, principal, task_id=id_of.get(id(document)))
             return record, self.memfit.apply(record, fit_of[id(document)])
 
         plan = await pipelines.plan(self.store, documents, principal, build)
@@ -442,17 +457,24 @@ class Orchestrator:
                 "batch's output file): upload the file again and create a new batch for the rest"
             )
 
-    async def submit_many(self, documents: list[Document], principal: Principal) -> list[dict[str, Any]]:
+    async def submit_many(
+        self, documents: list[Document], principal: Principal, *, ids: Sequence[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """Store and place many tasks; ``ids``: the id to give each (see :mod:`.idempotency`)."""
         _check_bulk_size(documents)
+        given: list[str | None] = list(ids) if ids is not None else [None] * len(documents)
         for document in documents:
             await self._check_models(document, principal)  # all or nothing: before any is stored
             await self._check_quota(document, principal)
         if pipelines.needs_planning(documents):
-            return list((await self.submit_graph(documents, principal))["tasks"])
+            return list((await self.submit_graph(documents, principal, ids=ids))["tasks"])
         if any(d.spec.resources.replicas > 1 or chunks.is_chunked(d.to_wire()) for d in documents):
-            return [await self.submit(document, principal) for document in documents]
+            return [
+                await self.submit(document, principal, task_id=task_id)
+                for document, task_id in zip(documents, given, strict=True)
+            ]
         fits = await self.memfit.assess_all(documents, [request_of(d) for d in documents])
-        prepared = [self._record(document, principal) for document in documents]
+        prepared = [self._record(doc, principal, task_id=tid) for doc, tid in zip(documents, given, strict=True)]
         prepared = [(record, self.memfit.apply(record, fit)) for (record, _), fit in zip(prepared, fits, strict=True)]
         # Workers are chosen on one snapshot before anything is stored, so the tasks that must wait
         # are stored with their reason; the placements are then made together (Scheduler.commit).

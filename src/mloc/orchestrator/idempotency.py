@@ -1,0 +1,141 @@
+"""Idempotent submits: a submit sent again with the same ``Idempotency-Key`` header answers as the
+first one did, and stores nothing new.
+
+A client whose submit timed out cannot know whether the task was stored: without a key, its retry
+stores the task twice. With one, the orchestrator keeps, per owner and key, a digest of the request,
+the ids its tasks were given and, once stored, its answer (for MLOC_IDEMPOTENCY_TTL_SEC). Again:
+
+- the same request once the first was answered: that answer, marked ``Idempotent-Replayed: true``;
+- the same request while the first is still being stored: 409 ``idempotency_in_progress``;
+- another request under a key already used: 422 ``idempotency_key_reused``;
+- the same request after the first one's orchestrator died half way (its claim older than
+  :data:`TAKE_OVER_SEC` and unanswered): this one takes over. The ids were fixed when the key was
+  claimed, so the tasks the first stored are found by id and answered, and a submit that stored
+  nothing runs again under those ids: the task exists once, whoever stored it.
+
+A refused submit (invalid for this orchestrator, over quota) forgets its claim: the key may be sent
+again once the cause is fixed. A dry run stores nothing, so it claims no key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from mloc import keys, lua
+from mloc.errors import BadRequest, IdempotencyKeyReused, SubmitInProgress
+from mloc.store import TaskStore
+
+HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"
+MAX_KEY_LENGTH = 255
+# A claim older than this, still unanswered, was left by an orchestrator that stopped half way: a
+# submit takes seconds at most, even a bulk of thousands.
+TAKE_OVER_SEC = 60.0
+
+Submit = Callable[[list[str]], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Answered:
+    body: dict[str, Any]
+    replayed: bool = False
+
+
+def checked_key(raw: str) -> str:
+    """The key a client sent, or :class:`BadRequest` saying what a key may be. A quoted key (the
+    header is a structured-field string in the IETF draft) is taken without its quotes."""
+    key = raw.strip()
+    if len(key) >= 2 and key[0] == key[-1] == '"':
+        key = key[1:-1]
+    if not key or len(key) > MAX_KEY_LENGTH or not key.isascii() or not key.isprintable():
+        raise BadRequest(
+            f"{HEADER} must be 1 to {MAX_KEY_LENGTH} printable ASCII characters; send a new random one "
+            "(a UUID) with each distinct submit, and the same one when you send that submit again"
+        )
+    return key
+
+
+def request_digest(route: str, content_type: str | None, body: bytes) -> str:
+    """What identifies a request under its key: the route and the body as sent."""
+    digest = hashlib.sha256(route.encode())
+    digest.update(b"\0" + (content_type or "").split(";")[0].strip().lower().encode() + b"\0")
+    digest.update(body)
+    return digest.hexdigest()
+
+
+class Idempotency:
+    def __init__(self, redis: aioredis.Redis, store: TaskStore, ttl_sec: float) -> None:
+        self.store = store
+        self.ttl_sec = max(1, int(ttl_sec))
+        self._claim = redis.register_script(lua.IDEMPOTENCY_CLAIM)
+        self._settle = redis.register_script(lua.IDEMPOTENCY_SETTLE)
+
+    async def run(self, owner: str, key: str, digest: str, count: int, submit: Submit, *, bulk: bool) -> Answered:
+        """``submit`` (given the ``count`` task ids to use) once for ``owner``'s ``key``; its answer again
+        for a request sent again. ``count`` is how many top-level tasks the request makes; ``bulk``
+        whether it answers as the bulk route does."""
+        marker = keys.idempotency(owner, hashlib.sha256(key.encode()).hexdigest())
+        ids = [str(uuid.uuid4()) for _ in range(count)]
+        claimed = orjson.dumps(ids).decode()
+        reply = await self._claim(
+            keys=[marker], args=[digest, claimed, repr(time.time()), self.ttl_sec, repr(TAKE_OVER_SEC)]
+        )
+        status = _text(reply[0])
+        if status == "mismatch":
+            raise IdempotencyKeyReused(
+                f"{HEADER} {key!r} was sent before with another request (another task, or another route); "
+                "send a new key with each distinct submit"
+            )
+        if status == "done":
+            return Answered(orjson.loads(reply[1]), replayed=True)
+        if status == "busy":
+            raise SubmitInProgress(
+                f"a submit with {HEADER} {key!r} is still being stored; send it again in a moment for its answer"
+            )
+        if status == "retake":
+            claimed = _text(reply[1])
+            ids = orjson.loads(claimed)
+            stored = await self.store.get_many(ids)
+            if stored:
+                body = _stored_answer(stored, bulk=bulk)
+                await self._settle(keys=[marker], args=[claimed, orjson.dumps(body).decode()])
+                return Answered(body, replayed=True)
+        try:
+            body = await submit(ids)
+        except Exception:
+            # Refused, or Redis failed: the key may be sent again. Where Redis failed after the tasks
+            # were stored, the claim stays unanswered and a later try takes over and finds them.
+            await self._forget(marker, claimed)
+            raise
+        await self._settle(keys=[marker], args=[claimed, orjson.dumps(body).decode()])
+        return Answered(body)
+
+    async def _forget(self, marker: str, claimed: str) -> None:
+        try:
+            stored = await self.store.get_many(orjson.loads(claimed))
+            if not stored:
+                await self._settle(keys=[marker], args=[claimed, ""])
+        except aioredis.RedisError:
+            pass  # left claimed: a try after TAKE_OVER_SEC takes over and finds what was stored
+
+
+def _stored_answer(stored: list[Any], *, bulk: bool) -> dict[str, Any]:
+    """The answer of a submit whose orchestrator stored its tasks and died before answering, from the
+    tasks as they are now."""
+    tasks = [
+        {"ok": True, "task_id": r.task_id, "worker_id": r.worker_id, "topic": r.topic, "state": str(r.state)}
+        for r in stored
+    ]
+    return {"ok": True, "count": len(tasks), "tasks": tasks} if bulk else tasks[0]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -207,6 +207,36 @@ def test_pagination_and_filters(http: httpx.Client, owner: str) -> None:
     assert http.get("/api/v1/tasks", params={"state": "sleeping"}).status_code == 422
 
 
+def test_a_cursor_lists_each_task_once_while_tasks_arrive_and_leave_their_state(http: httpx.Client, owner: str) -> None:
+    # Tasks that wait (no worker takes this tag): pending until cancelled.
+    body = f"taskType: echo\nmetadata: {{owner: {owner}}}\nresources: {{tags: [nowhere]}}\n"
+    ids = [http.post("/api/v1/tasks", content=body).json()["task_id"] for _ in range(7)]
+    params = {"owner": owner, "state": "pending", "page_size": 2}
+    seen: list[str] = []
+    after = None
+    while True:
+        page = http.get("/api/v1/tasks", params={**params, "after": after} if after else params).json()
+        seen += [t["task_id"] for t in page["items"]]
+        after = page["next_after"]
+        if after is None:
+            break
+        # Between pages: one just read leaves pending, and a new one arrives (newest: before every cursor).
+        http.post(f"/api/v1/tasks/{page['items'][0]['task_id']}/cancel")
+        http.post("/api/v1/tasks", content=body)
+    assert seen == ids[::-1]  # by page numbers, each cancel would have moved one task past the next page
+    last = http.get("/api/v1/tasks", params={"owner": owner, "page_size": 500}).json()
+    assert last["next_after"] is None
+    both = http.get("/api/v1/tasks", params={"page": 2, "after": f"1.0:{ids[0]}"})
+    assert both.status_code == 400 and "not both" in both.json()["message"]
+    for garbage in ("yesterday", "nan:x", "12"):
+        bad = http.get("/api/v1/tasks", params={"after": garbage})
+        assert bad.status_code == 400 and "next_after" in bad.json()["message"], garbage
+    for task_id in http.get("/api/v1/tasks", params={"owner": owner, "state": "pending", "page_size": 500}).json()[
+        "items"
+    ]:
+        http.post(f"/api/v1/tasks/{task_id['task_id']}/cancel")
+
+
 def test_workers_in_both_spellings(http: httpx.Client) -> None:
     for path in ("/workers", "/api/v1/workers"):
         body = http.get(path).json()

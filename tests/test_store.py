@@ -128,14 +128,64 @@ def test_listing_pages_and_filters(redis_url: str) -> None:
         store = TaskStore(r)
         ids = [await new_task(store, owner="alice" if i % 2 else "bob") for i in range(7)]
         await store.transition(ids[0], moves.CANCEL)
-        items, total = await store.page(page=1, page_size=3)
+        items, total, _ = await store.page(page=1, page_size=3)
         assert total == 7 and len(items) == 3
-        items, total = await store.page(page=2, page_size=3, owner="alice")
+        items, total, _ = await store.page(page=2, page_size=3, owner="alice")
         assert total == 3 and len(items) == 0
-        items, total = await store.page(page=1, page_size=10, state=TaskState.CANCELLED)
+        items, total, _ = await store.page(page=1, page_size=10, state=TaskState.CANCELLED)
         assert [i.task_id for i in items] == [ids[0]]
-        items, total = await store.page(page=1, page_size=10, state=TaskState.PENDING, owner="bob")
+        items, total, _ = await store.page(page=1, page_size=10, state=TaskState.PENDING, owner="bob")
         assert total == 3 and all(i.owner == "bob" for i in items)
+        await r.aclose()
+
+    run(scenario())
+
+
+def test_walking_with_cursors_lists_each_task_once_while_tasks_come_and_go(redis_url: str) -> None:
+    async def walk(store: TaskStore, **filters: object) -> list[str]:
+        seen: list[str] = []
+        after = None
+        while True:
+            items, _, after = await store.page(page=1, page_size=3, after=after, **filters)  # type: ignore[arg-type]
+            seen += [i.task_id for i in items]
+            if after is None:
+                return seen
+            # Between pages: a new task arrives (newer than every page), and one just read leaves pending.
+            await new_task(store, owner="alice")
+            await store.transition(items[0].task_id, moves.CANCEL)
+
+    async def scenario() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        store = TaskStore(r)
+        ids = [await new_task(store, owner="alice" if i % 2 else "bob") for i in range(10)]
+        # Newest first, each once, none skipped: offsets would repeat or skip one at each page break.
+        assert await walk(store) == ids[::-1]
+
+        async def now(**filters: object) -> list[str]:
+            items, _, _ = await store.page(page=1, page_size=500, **filters)  # type: ignore[arg-type]
+            return [i.task_id for i in items]
+
+        for filters in ({"state": TaskState.PENDING}, {"task_type": "echo", "owner": "alice"}):
+            before = await now(**filters)
+            assert await walk(store, **filters) == before, filters
+
+        # A task and its parts share their place (score): the walk splits them by id across pages.
+        family = await new_task(store, owner="carol")
+        parts = []
+        for index in range(5):
+            record = echo_record(store, "carol", max_attempts=1)
+            record.parent_id, record.replica = family, index
+            record.order_ms = int(await r.hget(keys.task(family), "created_ms"))  # its parent's place, as a chunk's
+            await store.insert([record])
+            parts.append(record.task_id)
+        listed: list[str] = []
+        after = None
+        while True:
+            items, total, after = await store.page(page=1, page_size=2, owner="carol", children=True, after=after)
+            listed += [i.task_id for i in items]
+            if after is None:
+                break
+        assert sorted(listed) == sorted([family, *parts]) and total == 6
         await r.aclose()
 
     run(scenario())
@@ -156,24 +206,24 @@ def test_listing_leaves_out_the_parts_of_a_task_unless_asked(redis_url: str) -> 
         await store.transition(whole[1], moves.CANCEL)
         later = await new_task(store, owner="alice")  # newest: listed first
 
-        items, total = await store.page(page=1, page_size=2)
+        items, total, _ = await store.page(page=1, page_size=2)
         assert total == 4 and [i.task_id for i in items] == [later, whole[2]]
-        items, total = await store.page(page=2, page_size=2)
+        items, total, _ = await store.page(page=2, page_size=2)
         assert total == 4 and [i.task_id for i in items] == [whole[1], whole[0]]
-        items, total = await store.page(page=1, page_size=10, owner="alice")
+        items, total, _ = await store.page(page=1, page_size=10, owner="alice")
         assert total == 3 and [i.task_id for i in items] == [later, whole[2], whole[0]]
-        items, total = await store.page(page=1, page_size=10, state=TaskState.CANCELLED)
+        items, total, _ = await store.page(page=1, page_size=10, state=TaskState.CANCELLED)
         assert total == 1 and [i.task_id for i in items] == [whole[1]]
-        items, total = await store.page(page=1, page_size=10, state=TaskState.PENDING, owner="alice")
+        items, total, _ = await store.page(page=1, page_size=10, state=TaskState.PENDING, owner="alice")
         assert total == 3
-        items, total = await store.page(page=1, page_size=10, task_type="echo")
+        items, total, _ = await store.page(page=1, page_size=10, task_type="echo")
         assert total == 4
 
-        items, total = await store.page(page=1, page_size=20, children=True)
+        items, total, _ = await store.page(page=1, page_size=20, children=True)
         assert total == 9 and {i.task_id for i in items} == {*whole, *parts, later}
-        items, total = await store.page(page=1, page_size=10, state=TaskState.CANCELLED, children=True)
+        items, total, _ = await store.page(page=1, page_size=10, state=TaskState.CANCELLED, children=True)
         assert {i.task_id for i in items} == {parts[0], whole[1]}
-        items, total = await store.page(page=1, page_size=10, owner="alice", children=True, task_type="echo")
+        items, total, _ = await store.page(page=1, page_size=10, owner="alice", children=True, task_type="echo")
         assert total == 8
         await r.aclose()
 

@@ -385,8 +385,19 @@ class Client:
         return self._call("GET", self._path(task_id))
 
     def tasks(self, **params: Any) -> dict[str, Any]:
-        """A page of tasks, newest first (page, page_size, state, owner, task_type)."""
+        """A page of tasks, newest first (page or after, page_size, state, owner, task_type, children)."""
         return self._call("GET", "/api/v1/tasks", params={k: v for k, v in params.items() if v is not None})
+
+    def each_task(self, *, page_size: int = 500, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Every task that matches ``filters`` (state, owner, task_type, children), newest first, a page at a
+        time: each once, whatever is submitted or ends while they are read."""
+        after = None
+        while True:
+            body = self.tasks(**filters, page_size=page_size, after=after)
+            yield from body["items"]
+            after = body.get("next_after")
+            if not after:
+                return
 
     def result(self, task_id: str) -> Any:
         """The task's full result (responses.json)."""

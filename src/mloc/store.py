@@ -25,6 +25,7 @@ __all__ = [
     "Apply",
     "Change",
     "Coalescer",
+    "Cursor",
     "Reservation",
     "TaskStore",
     "Transition",
@@ -36,6 +37,31 @@ __all__ = [
 # Moves sent in one script call by :meth:`TaskStore.apply_many`: Redis runs a call start to end,
 # so a bound keeps other clients' waits short (about 20 ms at this size).
 BATCH_SIZE = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where a listing's page ended: its last task's place in the index (its score, then its id)."""
+
+    score: float
+    task_id: str
+
+    def follows(self, other: Cursor) -> bool:
+        """Whether this place comes after ``other`` in a newest-first listing."""
+        return self.score < other.score or (self.score == other.score and self.task_id < other.task_id)
+
+    def encode(self) -> str:
+        return f"{self.score!r}:{self.task_id}"
+
+    @classmethod
+    def decode(cls, text: str) -> Cursor | None:
+        """The cursor in ``text`` (as :meth:`encode` writes it), or None when it is not one."""
+        score, sep, task_id = text.partition(":")
+        try:
+            value = float(score)
+        except ValueError:
+            return None
+        return cls(value, task_id) if sep and task_id and math.isfinite(value) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,34 +359,56 @@ class TaskStore:
         owner: str | None = None,
         task_type: str | None = None,
         children: bool = False,
-    ) -> tuple[list[TaskRecord], int]:
-        """Newest first. Filters by state and owner use their indexes; task_type filters a page. Tasks
-        that are part of another (a dataset task's chunks, a replica group's shards) are left out
-        unless ``children``: each is reached from the task it makes up."""
+        after: Cursor | None = None,
+    ) -> tuple[list[TaskRecord], int, Cursor | None]:
+        """Newest first: the tasks of page ``page``, or the ``page_size`` that come after ``after`` (the
+        cursor of a page's last task), with how many match in all and the cursor of the page's last task
+        when more follow it. A cursor is not moved by tasks that arrive or leave meanwhile, as a page's
+        offset is. Filters by state and owner use their indexes; task_type filters while walking. Tasks
+        that are part of another (a dataset task's chunks, a replica group's shards) are left out unless
+        ``children``: each is reached from the task it makes up."""
         if owner:
             index, parts = keys.tasks_of_owner(owner), keys.children_of_owner(owner)
         elif state:
             index, parts = keys.tasks_in_state(state), keys.TASKS_CHILDREN
         else:
             index, parts = keys.TASKS_ALL, keys.TASKS_CHILDREN
-        start = (page - 1) * page_size
+        skip = None if children else parts
         if (owner and state) or task_type:
-            # No combined index: walk the narrower one and filter, in bounded batches.
-            matches: list[TaskRecord] = []
-            total = 0
-            async for ids in self._walk(index, None if children else parts):
-                for rec in await self.get_many(ids):
+            # No combined index: walk the narrower one and filter, in bounded batches, counting them all.
+            first = 0 if after is not None else (page - 1) * page_size
+            taken: list[tuple[TaskRecord, Cursor]] = []
+            total = position = 0  # position: among the matches this listing shows (after the cursor)
+            more = False
+            async for batch in self._walk(index, skip):
+                scores = dict(batch)
+                for rec in await self.get_many(list(scores)):
                     if (state and rec.state != state) or (task_type and rec.task_type != task_type):
                         continue
-                    if start <= total < start + page_size:
-                        matches.append(rec)
                     total += 1
-            return _families_together(matches) if children else matches, total
+                    cursor = Cursor(scores[rec.task_id], rec.task_id)
+                    if after is not None and not cursor.follows(after):
+                        continue
+                    if first <= position < first + page_size:
+                        taken.append((rec, cursor))
+                    elif position >= first + page_size:
+                        more = True
+                    position += 1
+            records = [rec for rec, _ in taken]
+            last = taken[-1][1] if taken and more else None
+            return _families_together(records) if children else records, total, last
+        wanted: list[tuple[str, float]] = []
+        offset = 0 if after is not None else (page - 1) * page_size
+        seen = 0
+        async for batch in self._walk(index, skip, after=after):
+            wanted += batch[max(0, offset - seen) : max(0, offset + page_size + 1 - seen)]
+            seen += len(batch)
+            if seen > offset + page_size:
+                break
+        last = Cursor(wanted[page_size - 1][1], wanted[page_size - 1][0]) if len(wanted) > page_size else None
+        records = await self.get_many([task_id for task_id, _ in wanted[:page_size]])
         if children:
-            total = await self.redis.zcard(index)
-            ids = await self.redis.zrevrange(index, start, start + page_size - 1)
-            return _families_together(await self.get_many(ids)), total
-        # Parts are left out: the page is cut from the ids that are not parts, read without their records.
+            return _families_together(records), await self.redis.zcard(index), last
         pipe = self.redis.pipeline(transaction=False)
         pipe.zcard(index)
         if state:
@@ -368,28 +416,40 @@ class TaskStore:
         else:
             pipe.zcard(parts)
         everything, part_count = await pipe.execute()
-        wanted: list[str] = []
-        seen = 0
-        async for ids in self._walk(index, parts):
-            wanted += ids[max(0, start - seen) : max(0, start + page_size - seen)]
-            seen += len(ids)
-            if seen >= start + page_size:
-                break
-        return await self.get_many(wanted), max(0, everything - part_count)
+        return records, max(0, everything - part_count), last
 
-    async def _walk(self, index: str, parts: str | None) -> AsyncIterator[list[str]]:
-        """The ids in ``index``, newest first, in bounded batches, less those in ``parts`` (a zset)."""
-        cursor = 0
+    async def _walk(
+        self, index: str, parts: str | None, *, after: Cursor | None = None
+    ) -> AsyncIterator[list[tuple[str, float]]]:
+        """The ids in ``index`` with their scores, newest first (those after ``after`` only), in bounded
+        batches, less those in ``parts`` (a zset). Each batch starts after the last one's final entry,
+        so tasks added or removed meanwhile move nothing."""
         batch = 1000
+        if after is not None:
+            # Ties (a task and its parts share their place) are ordered by id, descending, as ZREVRANGE does.
+            tied = await self.redis.zrange(index, after.score, after.score, byscore=True)
+            earlier = [(task_id, after.score) for task_id in reversed(tied) if task_id < after.task_id]
+            if earlier:
+                yield await self._without(parts, earlier)
+        top: float | str = "+inf" if after is None else f"({after.score!r}"
         while True:
-            ids = await self.redis.zrevrange(index, cursor, cursor + batch - 1)
-            if not ids:
+            rows = await self.redis.zrange(
+                index, top, "-inf", desc=True, byscore=True, offset=0, num=batch, withscores=True
+            )
+            if not rows:
                 return
-            cursor += batch
-            if parts is not None:
-                scores = await self.redis.zmscore(parts, ids)
-                ids = [task_id for task_id, score in zip(ids, scores, strict=True) if score is None]
-            yield ids
+            lowest = rows[-1][1]
+            # The next batch starts below this one's lowest score; entries tied at it come now, whole.
+            tied = [(task_id, lowest) for task_id in await self.redis.zrange(index, lowest, lowest, byscore=True)]
+            rows = [(task_id, score) for task_id, score in rows if score != lowest] + list(reversed(tied))
+            yield await self._without(parts, rows)
+            top = f"({lowest!r}"
+
+    async def _without(self, parts: str | None, rows: list[tuple[str, float]]) -> list[tuple[str, float]]:
+        if parts is None or not rows:
+            return rows
+        scores = await self.redis.zmscore(parts, [task_id for task_id, _ in rows])
+        return [row for row, score in zip(rows, scores, strict=True) if score is None]
 
     async def result(self, task_id: str) -> Any:
         raw = await self.redis.get(keys.task_result(task_id))

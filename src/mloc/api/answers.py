@@ -148,6 +148,9 @@ class TaskPage(_Page):
 
     total: int = Field(description="The tasks on every page together.")
     items: list[TaskRow]
+    next_after: str | None = Field(
+        description="The cursor of this page's last task when more follow: `after=` it lists the next page."
+    )
 
 
 class TaskResult(BaseModel):

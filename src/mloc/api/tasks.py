@@ -37,7 +37,7 @@ from mloc.spec import Document, parse_body, validate
 from mloc.spec.loader import parse_stream
 from mloc.spec.registry import spec_types
 from mloc.state import TaskState
-from mloc.store import task_not_found
+from mloc.store import Cursor, task_not_found
 
 SUBMIT_PATH = "/api/v1/tasks"
 router = APIRouter(prefix=SUBMIT_PATH, tags=["tasks"])
@@ -265,15 +265,26 @@ async def list_tasks(
         BeforeValidator(lambda value: value or False),
         Query(description="Also the tasks that make up another: a dataset task's chunks, a replica group's shards."),
     ] = False,
+    after: Annotated[
+        str | None,
+        Query(
+            max_length=200,
+            description=(
+                "The page after this cursor (a page's `next_after`), in place of `page`: tasks submitted or "
+                "ended meanwhile do not shift it, so walking with it lists each task once."
+            ),
+        ),
+    ] = None,
 ) -> Response:
     """Tasks, newest first; a user sees their own, the admin everyone's."""
+    cursor = _cursor(after, page)
     if not who.admin and owner not in (None, who.name):
         # Answering with the caller's own tasks would read as the other user's.
         raise Forbidden(f"you may list only your own tasks; leave out owner= or give owner={who.name}")
     if not who.admin:
         owner = who.name
-    items, total = await orch.store.page(
-        page=page, page_size=page_size, state=state, owner=owner, task_type=task_type, children=children
+    items, total, last = await orch.store.page(
+        page=page, page_size=page_size, state=state, owner=owner, task_type=task_type, children=children, after=cursor
     )
     if not total and task_type:
         # A misspelt type matches nothing, which must not read as "no such tasks".
@@ -287,9 +298,30 @@ async def list_tasks(
     waiting = [row for row in rows if row["state"] == TaskState.PENDING]
     for row, position in zip(waiting, await orch.queue_positions([row["task_id"] for row in waiting]), strict=True):
         row["queue_position"] = position
-    body = {"ok": True, "page": page, "page_size": page_size, "total": total, "items": rows}
+    body = {
+        "ok": True,
+        "page": page,
+        "page_size": page_size,
+        "total": total,
+        "items": rows,
+        "next_after": last.encode() if last else None,
+    }
     # Sent as is: FastAPI's encoder would walk the page again, which costs as much as reading it.
     return Response(orjson.dumps(body), media_type="application/json")
+
+
+def _cursor(after: str | None, page: int) -> Cursor | None:
+    if after is None:
+        return None
+    if page != 1:
+        raise BadRequest("give page= or after=, not both: after= is the page after a page's next_after")
+    cursor = Cursor.decode(after)
+    if cursor is None:
+        raise BadRequest(
+            f"after={after[:80]!r} is not a cursor: give the next_after of the page before, as it was answered",
+            details=[{"path": "after", "message": "not a cursor"}],
+        )
+    return cursor
 
 
 @router.get("/{task_id}", responses={200: {"model": TaskDetail}})

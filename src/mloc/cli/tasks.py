@@ -405,21 +405,11 @@ def _more(body: dict[str, Any], filters: dict[str, str | None], *, quiet: bool) 
 
 
 def _all_ids(api: Client, filters: dict[str, str | None]) -> None:
-    """Every matching task's id, a page of the largest size at a time, printed once all are read: a
-    script that cancels them as they come would move the later ones to earlier pages meanwhile."""
-    ids: list[str] = []
-    seen: set[str] = set()
-    page = 1
+    """Every matching task's id, a page of the largest size at a time (by cursor: each once, whatever is
+    submitted or ends meanwhile), printed once all are read, so a script that acts on them (cancels
+    them) starts with the whole list."""
     try:
-        while True:
-            body = api.tasks(**filters, page=page, page_size=ALL_IDS_PAGE)
-            # Newest first: a task submitted meanwhile pushes those read down, to be read again.
-            fresh = [item["task_id"] for item in body["items"] if item["task_id"] not in seen]
-            ids.extend(fresh)
-            seen.update(fresh)
-            if len(body["items"]) < ALL_IDS_PAGE or page * ALL_IDS_PAGE >= body["total"]:
-                break
-            page += 1
+        ids = [item["task_id"] for item in api.each_task(**filters, page_size=ALL_IDS_PAGE)]
     except MlocError as exc:
         output.fail(exc)
     for task_id in ids:

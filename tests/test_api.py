@@ -237,6 +237,24 @@ def test_a_cursor_lists_each_task_once_while_tasks_arrive_and_leave_their_state(
         http.post(f"/api/v1/tasks/{task_id['task_id']}/cancel")
 
 
+def test_a_query_parameter_an_endpoint_does_not_take_is_refused(http: httpx.Client, owner: str) -> None:
+    # A misspelt filter would list every task, read as the ones asked for.
+    misspelt = http.get("/api/v1/tasks", params={"stat": "pending", "owner": owner})
+    assert misspelt.status_code == 422, misspelt.text
+    message = misspelt.json()["message"]
+    assert "unknown query parameter 'stat' for /api/v1/tasks" in message and "state" in message
+    assert misspelt.json()["details"] == [{"path": "query.stat", "message": "not a parameter of this endpoint"}]
+    two = http.get("/api/v1/workers", params={"a": "1", "b": "2"})
+    assert two.status_code == 422 and "parameters 'a', 'b'" in two.json()["message"]
+    assert http.get("/api/v1/tasks", params={"state": "pending", "owner": owner}).status_code == 200
+    # An operation without parameters, and the OpenAI-compatible routes in their own error shape.
+    assert http.get("/healthz", params={"verbose": "1"}).status_code == 422
+    batches = http.get("/v1/batches", params={"limit": 2, "page": 3})
+    assert batches.status_code == 422 and "'page'" in batches.json()["error"]["message"]
+    # The dashboard's page is not an API operation: what a browser adds to its URL is not refused.
+    assert http.get("/dashboard", params={"utm_source": "mail"}).status_code == 200
+
+
 def test_workers_in_both_spellings(http: httpx.Client) -> None:
     for path in ("/workers", "/api/v1/workers"):
         body = http.get(path).json()

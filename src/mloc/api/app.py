@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.asyncio as aioredis
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -35,6 +35,7 @@ from mloc.api import (
     tasks,
     workers,
 )
+from mloc.api.deps import known_query
 from mloc.api.responses import document_errors, mloc_error_answer, redis_error_answer
 from mloc.api.submit_lane import SubmitLane
 from mloc.connection import connect, redact, resolve_url
@@ -211,6 +212,7 @@ def create_app(settings: Settings | None = None, *, redis: aioredis.Redis | None
         version=__version__,
         description="Submit and follow LLM tasks (inference, fine-tuning, RLHF, RAG, agents) on a worker fleet.",
         lifespan=lifespan,
+        dependencies=[Depends(known_query)],
     )
 
     @app.exception_handler(MlocError)

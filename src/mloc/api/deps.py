@@ -6,10 +6,12 @@ import re
 from typing import Annotated
 
 from fastapi import Depends, Path, Request, Security
+from fastapi.dependencies.utils import get_flat_dependant
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from mloc.api.responses import raises
-from mloc.errors import BadRequest, Forbidden, Unauthorized, Unavailable
+from mloc.errors import BadRequest, Forbidden, InvalidParameters, Unauthorized, Unavailable
 from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.orchestrator.users import Principal, authenticate
 from mloc.settings import WORKER_ID
@@ -86,3 +88,35 @@ Admin = Annotated[Principal, Depends(admin)]
 BudgetReader = Annotated[Principal, Depends(budget_reader)]
 TaskId = Annotated[str, Depends(task_id)]
 WorkerId = Annotated[str, Depends(worker_id)]
+
+
+# By id: routes live as long as the app, and APIRoute is not hashable.
+_QUERY_NAMES: dict[int, frozenset[str]] = {}
+
+
+def _query_names(route: APIRoute) -> frozenset[str]:
+    names = _QUERY_NAMES.get(id(route))
+    if names is None:
+        names = frozenset(param.alias for param in get_flat_dependant(route.dependant).query_params)
+        _QUERY_NAMES[id(route)] = names
+    return names
+
+
+@raises(InvalidParameters)
+async def known_query(request: Request) -> None:
+    """Refuse a query parameter the operation does not take: a misspelt filter (``?stat=pending``)
+    would otherwise be ignored, and the answer read as if it had been applied."""
+    if not request.query_params:
+        return
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute) or not route.include_in_schema:
+        return  # the dashboard's pages: a browser's or a link's own parameters are not requests
+    known = _query_names(route)
+    unknown = [name for name in dict.fromkeys(request.query_params) if name not in known]
+    if unknown:
+        names = ", ".join(repr(name[:40]) for name in unknown[:5])
+        takes = f"it takes {', '.join(sorted(known))}" if known else "it takes none"
+        raise InvalidParameters(
+            f"unknown query parameter{'s' if len(unknown) > 1 else ''} {names} for {route.path}: {takes}",
+            details=[{"path": f"query.{name[:40]}", "message": "not a parameter of this endpoint"} for name in unknown],
+        )

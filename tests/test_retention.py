@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import redis
@@ -16,6 +18,7 @@ from mloc.orchestrator import pipelines
 from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.orchestrator.reaper import forget_finished
 from mloc.orchestrator.users import Principal
+from mloc.removals import FolderSweeper
 from mloc.settings import Settings
 from mloc.spec import validate
 from mloc.state import TaskState
@@ -70,7 +73,7 @@ def test_forget_finished_removes_everything_of_old_finished_tasks_only(redis_url
             for state in TaskState:
                 assert await r.zscore(keys.tasks_in_state(state), task_id) is None
         assert await r.exists(keys.task(recent), keys.task(waiting)) == 2
-        _, total = await orch.store.page(page=1, page_size=10)
+        _, total, _ = await orch.store.page(page=1, page_size=10)
         assert total == 2
         assert await forget_finished(orch.store, older_than_sec=600, now=now + 1000) == []
         # At most ``limit`` per call, the rest on the next.
@@ -138,6 +141,54 @@ def test_finished_tasks_are_removed_after_the_task_retention(
         assert r.zscore(keys.TASKS_ALL, done["task_id"]) is None
         # A task that never finished is kept however old it is.
         assert http.get(f"/api/v1/tasks/{never['task_id']}").json()["state"] == "pending"
+
+
+def test_the_result_folders_of_removed_tasks_go_from_every_disk_that_holds_them(
+    make_cluster: Callable[..., LocalCluster], tmp_path: Path
+) -> None:
+    on_worker = tmp_path / "worker-results"  # the worker's own disk, apart from the orchestrator's
+    cluster = make_cluster(
+        1,
+        env={"MLOC_TASK_RETENTION_SEC": "1.5", "MLOC_REAP_INTERVAL_SEC": "0.3"},
+        worker_env=[{"RESULTS_DIR": str(on_worker)}],
+    )
+    on_orchestrator = tmp_path / "results"
+    # Another deployment's task sharing the folder, and a folder that is no task's: neither is this Redis's.
+    foreign, notes = on_worker / str(uuid.uuid4()), on_worker / "notes"
+    for folder in (foreign, notes):
+        folder.mkdir(parents=True)
+        (folder / "keep.txt").write_text("mine")
+    with httpx.Client(base_url=cluster.api_url, timeout=10) as http:
+        done = http.post("/api/v1/tasks", json=sleeper(0, 1)).json()["task_id"]
+        wait_state(http, done, "succeeded")
+        assert (on_worker / done / "responses.json").is_file()
+        (on_orchestrator / done).mkdir(parents=True)  # as a replica group's merged result is kept there
+        (on_orchestrator / done / "responses.json").write_text("{}")
+        deadline = time.monotonic() + 20
+        while ((on_worker / done).exists() or (on_orchestrator / done).exists()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert http.get(f"/api/v1/tasks/{done}").status_code == 404
+    assert not (on_worker / done).exists() and not (on_orchestrator / done).exists()
+    assert (foreign / "keep.txt").read_text() == (notes / "keep.txt").read_text() == "mine"
+
+
+def test_a_process_that_was_down_removes_the_folders_it_missed(redis_url: str, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        await r.delete(keys.TASKS_REMOVED)
+        orch = Orchestrator(r, Settings(HEARTBEAT_TTL_SEC=60))
+        ids = [(await orch.submit(validate(sleeper(0, 1)), ADMIN))["task_id"] for _ in range(3)]
+        for task_id in ids:
+            assert (await orch.store.transition(task_id, FAIL_WAITING, fields={"finished_at": "1"})).ok
+            (tmp_path / task_id).mkdir()
+        # Removed while no process that keeps folders was running; one that starts reads what it missed.
+        assert sorted(await forget_finished(orch.store, older_than_sec=60, now=time.time() + 1000)) == sorted(ids)
+        sweeper = FolderSweeper(r, tmp_path)
+        assert await sweeper.sweep() == 3 and not any((tmp_path / task_id).exists() for task_id in ids)
+        assert await sweeper.sweep() == 0  # read once
+        await r.aclose()
+
+    asyncio.run(scenario())
 
 
 def test_task_logs_expire_by_age(make_cluster: Callable[..., LocalCluster], redis_url: str) -> None:

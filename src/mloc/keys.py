@@ -31,6 +31,9 @@ GROUPS_TO_SETTLE = f"{PREFIX}:groups:settle"  # set of parent task ids
 # Dependencies: tasks that wait for others (stored pending, out of every queue until released), and
 # tasks with dependents that ended since the orchestrator last looked (the transition script adds them).
 DEPS_WAITING = f"{PREFIX}:deps:waiting"  # set of task ids
+# Stream of the tasks retention removed ({task}), capped: the processes that keep result folders read it
+# and remove theirs (mloc.removals).
+TASKS_REMOVED = f"{PREFIX}:tasks:removed"
 DEPS_ENDED = f"{PREFIX}:deps:ended"  # set of task ids
 
 

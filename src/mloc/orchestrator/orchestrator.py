@@ -29,6 +29,7 @@ from mloc.orchestrator.scheduler import Decision, Placement, Scheduler
 from mloc.orchestrator.usage import Grouping, UsageReports
 from mloc.orchestrator.users import Principal
 from mloc.records import NewTask, TaskRecord, WorkerRecord, WorkerView
+from mloc.removals import FolderSweeper
 from mloc.requeue import Backoff
 from mloc.settings import Settings
 from mloc.spec import Document, taskgraph, validate
@@ -67,6 +68,7 @@ class Orchestrator:
         self.overspend = Overspend(self.store, self.scheduler.standings)
         self.memfit = MemoryFit(redis, settings, self.scheduler)
         self.idempotency = Idempotency(redis, self.store, settings.idempotency_ttl_sec)
+        self.folders = FolderSweeper(redis, settings.results_dir)
         self.backoff = Backoff(settings.retry_backoff_sec, settings.retry_backoff_max_sec)
         self.usage = UsageReports(redis)
         self._redis_trouble_at: float | None = None  # when the reaper last failed to reach Redis (monotonic)
@@ -582,6 +584,7 @@ class Orchestrator:
         if self.settings.task_retention_sec > 0:
             forgotten = await reaper.forget_finished(self.store, older_than_sec=self.settings.task_retention_sec)
             report.forgotten = len(forgotten)
+        await self.folders.sweep()  # those of tasks any orchestrator removed, in this one's RESULTS_DIR
         await groups.sweep(self.store, self.settings.results_dir, self.settings)
         await pipelines.sweep(self.store)
         if report.requeued:

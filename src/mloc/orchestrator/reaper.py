@@ -11,7 +11,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from mloc import keys
+from mloc import keys, removals
 from mloc.records import WorkerStatus
 from mloc.requeue import DEFAULT_MAX_REQUEUES, Backoff, hand_back, seconds
 from mloc.state import TERMINAL, Reason
@@ -128,7 +128,8 @@ async def forget_finished(
     store: TaskStore, *, older_than_sec: float, now: float | None = None, limit: int = 1000
 ) -> list[str]:
     """Remove tasks that ended more than ``older_than_sec`` ago: record, result, logs, metrics and
-    their index entries. At most ``limit`` per call, so one reaper round stays short.
+    their index entries, listing each on the removals stream so its result folders go too
+    (:mod:`mloc.removals`). At most ``limit`` per call, so one reaper round stays short.
 
     The state indexes are scored by creation time, and a task ends after it was created, so only
     tasks created before the cut-off can qualify; of those, the ones that ended later are kept.
@@ -170,6 +171,8 @@ async def forget_finished(
                     )
                     drop.zrem(keys.TASKS_ALL, task_id)
                     drop.zrem(keys.TASKS_CHILDREN, task_id)
+                    # Its result folders go from every disk that holds one (mloc.removals).
+                    drop.xadd(keys.TASKS_REMOVED, {"task": task_id}, maxlen=removals.KEPT, approximate=True)
                     drop.zrem(index, task_id)
                     if owner:
                         drop.zrem(keys.tasks_of_owner(owner), task_id)

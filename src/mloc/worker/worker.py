@@ -25,6 +25,7 @@ from mloc.executors.registry import available_task_types, capabilities
 from mloc.llm.downloads import held_models
 from mloc.llm.factsources import held_model_facts
 from mloc.records import Registration, WorkerStatus, heartbeat_fields
+from mloc.removals import FolderSweeper
 from mloc.requeue import Backoff, hand_back, requeue
 from mloc.settings import Settings
 from mloc.state import Reason, StopReason, TaskState
@@ -57,6 +58,7 @@ class Worker(TaskRunner):
         self.registry = WorkerRegistry(redis)
         self.worker_id = settings.resolved_worker_id
         self.results_dir = settings.results_dir.resolve()
+        self.folders = FolderSweeper(redis, self.results_dir)
         self.models_dir = settings.resolved_models_dir.resolve()
         self.hardware = hardware.detect(settings)
         self.task_types = self._offered_task_types()
@@ -181,6 +183,7 @@ class Worker(TaskRunner):
                 if answer == "ok":
                     self._published_facts = facts
                     await self.sweep()
+                    await self.folders.sweep()
                 if answer != "ok":
                     advice = self._heartbeat_advice()
                     log.warning(

@@ -44,6 +44,60 @@ def test_validate_checks_every_task_of_a_multi_document_file(tmp_path: Path) -> 
     assert "(document 2): unknown taskType 'echoo'; did you mean 'echo'?" in result.stderr
 
 
+def test_validate_json_is_one_document_with_each_tasks_verdict_and_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("taskType: inference\ninference:\n  prompts: [hi]\n  temprature: 0.5\n")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("taskType: [echo\n")
+    steps = tmp_path / "steps.yaml"
+    steps.write_text(
+        "metadata: {name: first}\ntaskType: echo\ndependsOn: [second]\n---\n"
+        "metadata: {name: second}\ntaskType: echo\ndependsOn: [first, thrid]\n---\n"
+        "taskType: echoo\n"
+    )
+    result = mloc("validate", "templates/echo.yaml", str(bad), str(broken), str(steps), "--json")
+    assert result.returncode == 1, result.stderr  # as without --json: a task is invalid
+    assert result.stderr == ""
+    body = json.loads(result.stdout)
+    assert body["ok"] is False
+    echo, inference, yaml, first, second, typo = body["documents"]
+    assert echo == {
+        "label": "templates/echo.yaml",
+        "file": "templates/echo.yaml",
+        "document": None,
+        "valid": True,
+        "kind": "EchoTask",
+        "taskType": "echo",
+        "name": "hello-fleet",
+        "errors": [],
+    }
+    assert inference["valid"] is False and inference["kind"] is None and inference["document"] is None
+    assert inference["errors"] == [
+        {"path": "spec.inference.temprature", "message": "unknown field", "fix": "did you mean 'temperature'?"}
+    ]
+    [unreadable] = yaml["errors"]
+    assert unreadable["path"] is None and unreadable["message"].startswith("invalid YAML at line 2")
+    # A pipeline's graph: each step that cannot run, with the field at fault where one is.
+    cycle = "the tasks wait for each other in a cycle: first -> second -> first; remove one of these dependencies"
+    assert first["label"] == f"{steps} (document 1)" and first["document"] == 1
+    assert first["name"] == "first" and first["kind"] == "EchoTask"
+    assert first["valid"] is False and first["errors"] == [{"path": None, "message": cycle, "fix": None}]
+    assert [error["path"] for error in second["errors"]] == ["spec.dependsOn[1]", None]
+    assert "'thrid' is neither a task of this submission" in second["errors"][0]["message"]
+    assert typo["errors"] == [{"path": "spec.taskType", "message": "unknown: 'echoo'", "fix": "did you mean 'echo'?"}]
+    # The human output says the same, on stderr.
+    said = mloc("validate", str(steps)).stderr
+    assert f"invalid {steps} (document 2): spec.dependsOn[1]: 'thrid' is neither" in said
+    assert f"invalid {steps} (document 1): {cycle}" in said
+
+    good = mloc("validate", "-o", "json", "templates/pipeline_gemma3_270m.yaml")
+    assert good.returncode == 0, good.stderr
+    listed = json.loads(good.stdout)
+    assert listed["ok"] is True and [d["document"] for d in listed["documents"]] == [1, 2, 3, 4]
+    assert all(d["valid"] and not d["errors"] for d in listed["documents"])
+    assert listed["documents"][3]["kind"] == "InferenceTask"
+
+
 def test_schema_to_a_place_it_cannot_write_says_so(tmp_path: Path) -> None:
     result = mloc("schema", "-o", str(tmp_path / "missing" / "schema.json"))
     assert result.returncode != 0 and "Traceback" not in result.stderr

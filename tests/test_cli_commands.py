@@ -71,7 +71,8 @@ def test_show_submit_wait_and_bulk_say_what_a_task_is_doing(
     assert fields["task"] == running and fields["state"] == "running on local-1"
     assert re.fullmatch(r"\d/8 \(\d+\.\d%\), ETA .+", fields["progress"]), fields
     assert fields["attempts"] == "1 of 3" and fields["worker"] == "local-1"
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \((just now|\d+ s ago)\)", fields["created"]), fields
+    local_time = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[+-]\d\d:\d\d"  # with its UTC offset
+    assert re.fullmatch(rf"{local_time} \((just now|\d+ s ago)\)", fields["created"]), fields
     assert fields["ran"].endswith(" so far") and fields["logs"] == f"mloc logs {running}"
 
     # Ctrl-C while waiting: the task goes on, and the message says how to follow it.

@@ -95,7 +95,7 @@ def test_every_command_prints_markup_escapes_and_control_characters_as_text(
     stamp = time.time()
     line = {"ts": str(stamp), "level": "WARNING", "source": "library", "text": f"[transformers] {TEXT}\nnext"}
     sync_redis.xadd(keys.task_logs(good_id), line)
-    when = datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M:%S")
+    when = datetime.fromtimestamp(stamp).astimezone().isoformat(" ", "seconds")  # local, with its UTC offset
     logged = lines_of(mloc("logs", good_id, env=env).stdout)
     assert logged[-2:] == [f"{when} WARNING library  [transformers] {SHOWN}", "next"]
     followed = mloc("logs", "-f", good_id, env=env)

@@ -32,7 +32,7 @@ from tests.support.cli import REPO, mloc
 from tests.support.tiny_model import build_tiny_causal_lm
 
 ENDED = ("succeeded", "failed", "cancelled")
-STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
+STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[+-]\d\d:\d\d"  # local time and its UTC offset
 
 
 def echo(retries: int = 0, **hyperparameters: Any) -> str:
@@ -248,7 +248,8 @@ def test_source_tail_and_since_filter_exactly_in_the_api_and_the_cli(
     env = {"MLOC_API_URL": cluster.api_url}
     shown = mloc("logs", task_id, env=env).stdout.splitlines()
     assert re.fullmatch(rf"{STAMP} INFO    mloc     assigned to local-1", shown[0]), shown
-    assert shown[3] == f"{datetime.fromtimestamp(base + 1):%Y-%m-%d %H:%M:%S} INFO    library  line 1"
+    local_time = datetime.fromtimestamp(base + 1).astimezone().isoformat(" ", "seconds")
+    assert shown[3] == f"{local_time} INFO    library  line 1"
     assert re.fullmatch(rf"{STAMP} WARNING stderr   an hour ago", shown[-1])
     assert [
         line.rsplit(" ", 2)[-2:]

@@ -27,6 +27,10 @@ STATE_FILE = "embedded-redis.json"
 # free, so a worker started by hand against this MLOC_HOME reconnects after a restart instead of
 # knocking on a port nobody listens on any more.
 PORT_FILE = "embedded-redis.port"
+# The server's data folder in MLOC_HOME, and the lock that serialises its starts (a restore holds it too,
+# so no server starts on a data folder being replaced).
+DATA_DIR = "redis"
+START_LOCK = ".embedded.lock"
 
 
 def find_binary() -> tuple[str, str]:
@@ -141,9 +145,9 @@ def running_url(home: Path) -> str | None:
 def start(home: Path, *, port: int | None = None) -> EmbeddedRedis:
     """Start the embedded server, or attach to the one already running for this MLOC_HOME."""
     home.mkdir(parents=True, exist_ok=True)
-    data = home / "redis"
+    data = home / DATA_DIR
     data.mkdir(exist_ok=True)
-    with open(home / ".embedded.lock", "w") as lock:
+    with open(home / START_LOCK, "w") as lock:
         # Serialise starts so two processes never run two servers on one data folder.
         fcntl.flock(lock, fcntl.LOCK_EX)
         state = _read_state(home)

@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
-from mloc.cli import artifacts, evals, lines, servers, specs, stats, tasks, users, workers  # noqa: F401  (they register commands)
-from mloc.cli.output import error_line
+from mloc.cli import artifacts, backups, evals, lines, servers, specs, stats, tasks, users, workers  # noqa: F401  (they register commands)
+from mloc.cli.output import error_line, plain_help
 from mloc.cli.root import app
 from mloc.errors import ConfigError
 from mloc.settings import NodeType, Settings, get_settings
@@ -56,6 +56,7 @@ def start(
 
 
 def main() -> None:
+    plain_help()
     try:
         app()
     except ConfigError as exc:

@@ -8,15 +8,19 @@ it is never read as Rich markup or emoji codes, and control characters in it are
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import sys
 import time
+from collections.abc import Iterable
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, NoReturn, TextIO
 
 import typer
 from rich import box
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -56,14 +60,23 @@ def shorten(text: str, limit: int) -> str:
 
 
 # ------------------------------------------------------------------ consoles
-_consoles: dict[int, Console] = {}
+_consoles: dict[tuple[int, bool], Console] = {}
+
+
+def no_color() -> bool:
+    """Whether NO_COLOR asks for output without colour (no-color.org: set and not empty)."""
+    return os.environ.get("NO_COLOR", "") != ""
 
 
 def _console_for(stream: TextIO) -> Console:
-    key = id(stream)
+    terminal = stream.isatty()
+    # NO_COLOR and pipes get no escape at all, neither styles nor the cursor moves of a live status line
+    # (`--wait` prints a line per change instead): Rich alone drops only the colours under NO_COLOR and
+    # keeps bold and dim, and FORCE_COLOR or TTY_COMPATIBLE would make it style a pipe.
+    plain = no_color() or not terminal
+    key = (id(stream), plain)
     console = _consoles.get(key)
     if console is None or console.file is not stream:
-        terminal = stream.isatty()
         console = Console(
             file=stream,
             markup=False,
@@ -71,9 +84,22 @@ def _console_for(stream: TextIO) -> Console:
             highlight=False,
             soft_wrap=not terminal,
             width=None if terminal else PIPE_WIDTH,
+            force_terminal=False if plain else None,
+            color_system=None if plain else "auto",
         )
         _consoles[key] = console
     return console
+
+
+def plain_help() -> None:
+    """Typer's help and usage errors without escapes under NO_COLOR or in a pipe, as everything else
+    `mloc` prints: Typer builds its own consoles, which keep bold and dim under NO_COLOR and style a pipe
+    under FORCE_COLOR or GITHUB_ACTIONS. One setting covers both of its streams, so a pipe on either
+    makes both plain."""
+    if no_color() or not (sys.stdout.isatty() and sys.stderr.isatty()):
+        import typer.rich_utils
+
+        typer.rich_utils.COLOR_SYSTEM = None
 
 
 def out() -> Console:
@@ -86,7 +112,8 @@ def err() -> Console:
 
 
 def is_terminal() -> bool:
-    return sys.stdout.isatty()
+    """Whether stdout takes a live status line: a terminal, and NO_COLOR not set."""
+    return out().is_terminal
 
 
 def line(*parts: str | Text, stderr: bool = False) -> None:
@@ -116,6 +143,18 @@ def table(*columns: str, title: str | None = None, caption: str | None = None) -
         caption_justify="left",
     )
     return grid
+
+
+def keep_whole(grid: Table, index: int, values: Iterable[str]) -> None:
+    """Column ``index`` of ``grid`` is never wrapped or cut, however narrow the terminal: it holds ids
+    that are copied into the next command. The other columns give way, long words folded rather than
+    cut short. A table still wider than the terminal loses its right edge, so the ids go first."""
+    for number, column in enumerate(grid.columns):
+        if number != index and not column.no_wrap:
+            column.overflow = "fold"
+    column = grid.columns[index]
+    column.no_wrap = True
+    column.min_width = max((cell_len(value) for value in values), default=None)
 
 
 def cell(value: object, limit: int | None = None) -> Text:
@@ -208,8 +247,10 @@ def die(message: str, code: int = 2) -> NoReturn:
 
 # ---------------------------------------------------------------------- times
 def when(ts: float | None) -> str:
-    """Local date and time, or '-'."""
-    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+    """Local date and time with the zone's UTC offset ('2026-05-09 07:35:25+02:00'), or '-'. Every time
+    `mloc` prints for people is this one: unambiguous wherever it is read, and what `mloc logs --since`
+    takes back."""
+    return datetime.fromtimestamp(ts).astimezone().isoformat(sep=" ", timespec="seconds") if ts else "-"
 
 
 def duration(seconds: float | None) -> str:
@@ -255,6 +296,23 @@ def ago(ts: float | None, now: float | None = None) -> str:
 def at(ts: float | None) -> str:
     """'2026-05-09 07:35:25 (3 min ago)'."""
     return f"{when(ts)} ({ago(ts)})" if ts else "-"
+
+
+def amount(value: object, *, grouped: bool = False) -> str:
+    """A count or measure as people read it: a whole number as the integer it is ('3', not '3.0' or
+    '3e+06': Redis adds usage up as floats), any other number rounded ('3.18', '0.85', '0.05', '0.0012');
+    ``grouped`` puts commas in large whole numbers. Anything else is shown as text."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return visible(value, one_line=True)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, int) or value.is_integer():
+        return f"{int(value):,}" if grouped else str(int(value))
+    if abs(value) >= 0.1:
+        return f"{value:,.2f}" if grouped else f"{value:.2f}"
+    # Below a tenth (a cost, a latency) two decimals would say 0.00: two significant digits instead.
+    decimals = min(12, 1 - math.floor(math.log10(abs(value))))
+    return f"{value:.{decimals}f}".rstrip("0")
 
 
 def size(num_bytes: float | None) -> str:

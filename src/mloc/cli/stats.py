@@ -122,13 +122,13 @@ def _user_tables(entry: dict[str, Any], span: str, group_by: Grouping) -> None:
             column.justify = "right"
         for row in rows:
             label = row.get("date") or row.get("period") or ""
-            grid.add_row(output.cell(label), *(f"{row.get(c, 0):g}" for c in shown))
+            grid.add_row(output.cell(label), *(output.amount(row.get(c, 0)) for c in shown))
         output.show(grid)
     if totals:
         grid = output.table("COUNTER", "TOTAL", title=f"{name}: {span}, totals")
         grid.columns[1].justify = "right"
         for counter, value in sorted(totals.items()):
-            grid.add_row(output.cell(counter), f"{value:g}" if isinstance(value, int | float) else output.cell(value))
+            grid.add_row(output.cell(counter), output.amount(value))
         output.show(grid)
     if entry.get("budgets"):
         _budget_table(name, entry["budgets"])

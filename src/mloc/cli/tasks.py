@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from rich.table import Table
 
 from mloc.cli import output, results, waiting
 from mloc.cli.output import JsonFlag, OutputFormat, wants_json
@@ -351,16 +352,23 @@ def list_tasks(
             output.line(item["task_id"])
         _more(body, filters, quiet=True)
         return
-    ids = short_ids([item["task_id"] for item in items])
     shown = len(items)
     pages = f"page {body['page']}, {shown} of {body['total']}" if body["total"] > shown else f"{shown}"
-    grid = output.table("ID", "NAME", "TYPE", "OWNER", "STATE", "WORKER", "CREATED", "REASON", title=f"tasks ({pages})")
+    output.show(task_table(items, title=f"tasks ({pages})", wide=wide))
+    _more(body, filters, quiet=False)
+
+
+def task_table(items: list[dict[str, Any]], *, title: str, wide: bool = False) -> Table:
+    """The table `mloc tasks` prints: its ids whole at any terminal width, as `mloc show` takes them."""
+    ids = {item["task_id"]: item["task_id"] for item in items} if wide else short_ids([i["task_id"] for i in items])
+    grid = output.table("ID", "NAME", "TYPE", "OWNER", "STATE", "WORKER", "CREATED", "REASON", title=title)
+    output.keep_whole(grid, 0, ids.values())
     for t in items:
         reason = t.get("reason") or t.get("pending_reason") or ""
         if t.get("queue_position"):
             reason = f"#{t['queue_position']} in queue: {reason}"
         grid.add_row(
-            t["task_id"] if wide else ids[t["task_id"]],
+            ids[t["task_id"]],
             output.cell(t["name"]),
             output.cell(t["task_type"]),
             output.cell(t["owner"]),
@@ -369,8 +377,7 @@ def list_tasks(
             output.ago(t["created_at"]),
             output.cell(reason, None if wide else 60),
         )
-    output.show(grid)
-    _more(body, filters, quiet=False)
+    return grid
 
 
 def _where(task: dict[str, Any]) -> str:
@@ -527,7 +534,7 @@ def _summary(record: dict[str, Any], worker_record: dict[str, Any] | None = None
     rows.extend(_memory_rows(record))
     usage = record.get("usage") or {}
     if usage:
-        rows.append(("usage", ", ".join(f"{k}={_count(v)}" for k, v in usage.items())))
+        rows.append(("usage", ", ".join(f"{k}={output.amount(v)}" for k, v in usage.items())))
     if state == "succeeded":
         rows.append(("result", f"mloc result {task_id} (files: mloc artifacts {task_id})"))
     for name, artifact in (record.get("artifacts") or {}).items():
@@ -536,11 +543,6 @@ def _summary(record: dict[str, Any], worker_record: dict[str, Any] | None = None
     if state in ("running", "cancelling", "failed", "succeeded", "cancelled"):
         rows.append(("logs", f"mloc logs {task_id}"))
     return rows
-
-
-def _count(value: Any) -> Any:
-    """A whole number kept as a float (Redis adds usage up as floats) shown as the count it is."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _estimate_rows(estimate: dict[str, Any]) -> list[tuple[str, str]]:

@@ -40,7 +40,7 @@ def progress_text(progress: dict[str, Any] | None) -> str:
     unit = progress.get("unit")
     parts = []
     if total and not (unit and message):  # a dataset task's message counts its rows already
-        count = f"{step or 0:g}/{total:g}"
+        count = f"{output.amount(step or 0)}/{output.amount(total)}"
         if progress.get("percent") is not None:
             count += f" ({progress['percent']:.1f}%)"
         parts.append(count)
@@ -49,7 +49,7 @@ def progress_text(progress: dict[str, Any] | None) -> str:
             since = time.time() - float(progress.get("updated_at") or time.time())
             parts.append(f"ETA {output.duration(max(1.0, float(progress['eta_sec']) - max(0.0, since)))}")
     elif step and not (unit and message):
-        parts.append(f"{step:,g} {unit}" if unit else f"step {step:g}")
+        parts.append(f"{output.amount(step, grouped=True)} {unit}" if unit else f"step {output.amount(step)}")
     text = ", ".join(parts)
     if message:
         text = f"{text}: {message}" if text else str(message)
@@ -191,6 +191,7 @@ def report(client: Client, record: dict[str, Any], *, shown: int, results_dir: s
         results.print_result(record, result, shown)
     usage = result.get("usage") if isinstance(result, dict) else None
     if isinstance(usage, dict) and usage:
-        output.line("usage: " + output.visible(", ".join(f"{k}={v}" for k, v in usage.items()), one_line=True))
+        said = ", ".join(f"{output.visible(k, one_line=True)}={output.amount(v)}" for k, v in usage.items())
+        output.line("usage: " + said)
     where = f"{folder}/responses.json" if folder else f"mloc result {task_id}"
     output.line(f"{'totals' if results.has_lines(result) else 'full result'}: {where}")

@@ -96,8 +96,9 @@ def workers(
         title=f"workers ({len(items)}; CPU, memory, GPUs and slots free/total)",
         caption=caption,
     )
-    for index in (0, 1, 4, 7, 8):  # ids, states and counts stay whole; names and lists may wrap
+    for index in (1, 4, 7, 8):  # states and counts stay whole; names and lists may wrap
         grid.columns[index].no_wrap = True
+    output.keep_whole(grid, 0, (output.visible(w["worker_id"], one_line=True) for w in items))
     for w in items:
         capacity, free = w.get("capacity", {}), w.get("free", {})
         running = len(w.get("tasks") or []) + int(w.get("hidden_tasks") or 0)  # a user sees only their own ids

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -11,10 +12,12 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
+from mloc import __version__
 from mloc.api import metrics
 from mloc.localcluster import LocalCluster
 from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.settings import Settings
+from tests.reliability.conftest import restart_orchestrator
 from tests.support.api import wait_for
 from tests.support.clock import within_one_utc_day
 
@@ -23,6 +26,7 @@ A100 = "NVIDIA A100-SXM4-80GB"
 ECHO = b"taskType: echo\n"
 SLOW_ECHO = b"taskType: echo\nhyperparameters: {sleep_sec: 5, steps: 5}\n"
 NEEDS_H100 = b"taskType: echo\nresources: {hardware: {gpu: {type: H100, count: 1}}}\n"
+FAILING = b"taskType: echo\nretries: 0\nhyperparameters: {fail_message: on purpose}\n"
 YAML = {"Content-Type": "text/yaml"}
 
 
@@ -137,6 +141,69 @@ def test_metrics_agree_with_the_api(cluster: LocalCluster) -> None:
         assert value(later, "mloc_tasks", state="running") == 0
         assert value(later, "mloc_tasks", state="succeeded") == 4
         assert value(later, "mloc_usage_today", counter="tasks") == 4
+
+
+def outcomes(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict[str, float]:
+    """The echo tasks' ended counts of a scrape, by end state."""
+    return {
+        state: value(samples, "mloc_task_outcomes_total", task_type="echo", state=state)
+        for state in ("succeeded", "failed", "cancelled")
+    }
+
+
+def test_operators_see_heartbeat_ages_the_build_and_ended_tasks_counted_across_a_restart(cluster: LocalCluster) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=cluster.api_url, headers=auth, timeout=10) as admin:
+        for task_id in [submit(admin, ECHO) for _ in range(3)]:
+            wait_for(admin, task_id, {"succeeded"})
+        wait_for(admin, submit(admin, FAILING), {"failed"})
+        waiting = submit(admin, NEEDS_H100)
+        wait_for(admin, waiting, {"pending"})
+        assert admin.post(f"/api/v1/tasks/{waiting}/cancel").status_code == 200
+        wait_for(admin, waiting, {"cancelled"})
+
+        samples = scrape(cluster)
+        assert outcomes(samples) == {"succeeded": 3, "failed": 1, "cancelled": 1}
+        assert value(samples, "mloc_build_info", version=__version__) == 1
+        # Workers heartbeat every second (LocalCluster): well inside HEARTBEAT_TTL_SEC (3 s here).
+        ages = {dict(labels)["worker"]: age for (name, labels), age in samples.items() if name == metrics.HEARTBEAT_AGE}
+        assert set(ages) == {"local-1", "local-2"}
+        assert all(0 <= age < 3 for age in ages.values()), ages
+        api_ages = {w["worker_id"]: w["heartbeat_age_sec"] for w in admin.get("/api/v1/workers").json()["items"]}
+        assert all(abs(api_ages[worker] - ages[worker]) < 2 for worker in ages), (api_ages, ages)
+
+        # A worker that stops cleanly sends no more heartbeats, and is not expected to: no series.
+        cluster.stop_worker("local-2")
+        assert {dict(labels)["worker"] for (name, labels) in scrape(cluster) if name == metrics.HEARTBEAT_AGE} == {
+            "local-1"
+        }
+
+        # A new orchestrator, which forgets finished tasks after a second: the counts are Redis's, not its own,
+        # and not those of the tasks still kept.
+        assert cluster.orchestrator is not None
+        cluster.orchestrator.terminate()
+        assert cluster.orchestrator.wait(30) == 0
+        cluster.env["MLOC_TASK_RETENTION_SEC"] = "1"
+        restart_orchestrator(cluster)
+        assert outcomes(scrape(cluster)) == {"succeeded": 3, "failed": 1, "cancelled": 1}
+        deadline = time.monotonic() + 30
+        while value(later := scrape(cluster), "mloc_tasks", state="succeeded") > 0:
+            assert time.monotonic() < deadline, "the finished tasks were not forgotten"
+            time.sleep(0.2)
+        assert value(later, "mloc_tasks", state="failed") == value(later, "mloc_tasks", state="cancelled") == 0
+        assert outcomes(later) == {"succeeded": 3, "failed": 1, "cancelled": 1}
+
+        wait_for(admin, submit(admin, ECHO), {"succeeded"})
+    assert outcomes(scrape(cluster)) == {"succeeded": 4, "failed": 1, "cancelled": 1}
+
+
+def test_each_task_type_seen_has_every_end_state_and_an_untyped_end_is_unknown() -> None:
+    family = metrics._outcomes({"succeeded:echo": "3", "failed:sft": "2", "cancelled:": "1"})
+    samples = {(s.labels["task_type"], s.labels["state"]): s.value for s in family.samples}
+    assert {s.name for s in family.samples} == {"mloc_task_outcomes_total"}
+    assert samples == {
+        (task_type, state): 0.0 for task_type in ("echo", "sft", "unknown") for state in metrics.OUTCOMES
+    } | {("echo", "succeeded"): 3.0, ("sft", "failed"): 2.0, ("unknown", "cancelled"): 1.0}
 
 
 def test_metrics_need_no_token_while_the_api_does(cluster: LocalCluster) -> None:

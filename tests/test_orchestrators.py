@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -228,6 +229,83 @@ def test_an_orchestrator_with_another_retention_is_refused_naming_both_and_remov
     assert "waiting up to" not in restarted.text()
 
 
+class Answers:
+    """Asks an orchestrator's port for /healthz every 20 ms from a thread while its process runs, counting
+    the answers: a refused orchestrator must give none."""
+
+    def __init__(self, process: Process, port: int) -> None:
+        self.process, self.port = process, port
+        self.answered = 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._ask, daemon=True)
+        self.thread.start()
+
+    def _ask(self) -> None:
+        with httpx.Client(timeout=0.5) as http:
+            while self.process.proc.poll() is None and not self.done.is_set():
+                try:
+                    http.get(f"http://127.0.0.1:{self.port}/healthz")
+                    self.answered += 1
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.02)
+
+    def stop(self) -> int:
+        self.done.set()
+        self.thread.join(10)
+        return self.answered
+
+
+def exited(pair: list[Process], timeout: float = 60) -> list[Process]:
+    """The processes of ``pair`` that have exited, once one has."""
+    deadline = time.monotonic() + timeout
+    while not (done := [process for process in pair if process.proc.poll() is not None]):
+        assert time.monotonic() < deadline, "neither orchestrator exited:\n" + "\n".join(p.text()[-2000:] for p in pair)
+        time.sleep(0.05)
+    return done
+
+
+def test_two_orchestrators_started_at_once_with_other_settings_one_is_refused_before_it_answers(
+    start_orchestrator: Callable[..., tuple[Process, int]], sync_redis: redis.Redis
+) -> None:
+    retentions = ["600", "60"]
+    for round_no in range(4):
+        # Which one starts first changes every round, so either may be the one refused.
+        if round_no % 2:
+            retentions.reverse()
+        pair = [
+            start_orchestrator(f"round{round_no}-{retention}", MLOC_TASK_RETENTION_SEC=retention)
+            for retention in retentions
+        ]
+        asking = [Answers(process, port) for process, port in pair]
+        processes = [process for process, _ in pair]
+        (refused,) = exited(processes)
+        assert refused.proc.wait(30) == 2, refused.text()
+        index = processes.index(refused)
+        (running, running_port), other = pair[1 - index], retentions[1 - index]
+        serves(running, running_port)
+        said = refused.text()
+        error = next(line for line in said.splitlines() if line.startswith("error: "))
+        assert f"MLOC_TASK_RETENTION_SEC is {retentions[index]} here but {other} there" in error
+        assert f"(pid {running.pid}, port {running_port}, started " in error
+        # It never listened: no answer on its port, and its server never started.
+        assert asking[index].stop() == 0, said
+        assert "orchestrator ready" not in said and "Uvicorn running" not in said
+        assert asking[1 - index].stop() > 0
+        assert set(wait_records(sync_redis, {running.pid})) == {running.pid}
+        assert sync_redis.get(keys.FAIR_SHARE_HALF_LIFE) == "3600.0"
+        running.stop()
+        assert running.proc.returncode == 0
+        assert records(sync_redis) == {}
+
+    # The same settings, started at once: both run.
+    pair = [start_orchestrator(f"same-{n}", MLOC_TASK_RETENTION_SEC="600") for n in range(2)]
+    for process, port in pair:
+        serves(process, port)
+    wait_records(sync_redis, {process.pid for process, _ in pair})
+    assert all("waiting up to" not in process.text() for process, _ in pair)
+
+
 def test_a_crashed_orchestrators_record_holds_a_restart_with_new_settings_back_until_it_expires(
     start_orchestrator: Callable[..., tuple[Process, int]], sync_redis: redis.Redis
 ) -> None:
@@ -298,6 +376,35 @@ def test_a_refused_orchestrator_object_runs_no_loop_and_leaves_the_fleets_half_l
         ]
         await same.leave()
         assert await orchestrators.live(clients[0]) == []
+        for client in clients:
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_of_two_orchestrator_objects_joining_in_the_same_moment_with_other_settings_exactly_one_is_refused(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(orchestrators, "REFRESH_SEC", 0.2)
+
+    async def scenario() -> None:
+        clients = [aioredis.Redis.from_url(redis_url, decode_responses=True) for _ in range(2)]
+        for half_life in (60, 120, 180, 240, 300):
+            pair = [
+                Orchestrator(client, Settings(MLOC_FAIR_SHARE_HALF_LIFE_SEC=value))
+                for client, value in zip(clients, (half_life, half_life + 1), strict=True)
+            ]
+            # Both read the empty index before either writes: only the atomic write tells them apart.
+            async with asyncio.timeout(10):
+                outcomes = await asyncio.gather(*(o.start() for o in pair), return_exceptions=True)
+            refused = [o for o, outcome in zip(pair, outcomes, strict=True) if isinstance(outcome, ConfigError)]
+            assert len(refused) == 1, outcomes
+            (joined,) = [o for o in pair if o.refusal is None]
+            live = await orchestrators.live(clients[0])
+            assert [s.record.orchestrator_id for s in live] == [joined.presence.record.orchestrator_id]
+            said = str(refused[0].refusal)
+            assert f"MLOC_FAIR_SHARE_HALF_LIFE_SEC is {refused[0].settings.fair_share_half_life_sec:g} here" in said
+            await joined.leave()
         for client in clients:
             await client.aclose()
 

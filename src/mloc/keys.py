@@ -151,6 +151,10 @@ SCHEDULER_WAKE = f"{PREFIX}:chan:scheduler"  # pub/sub: capacity freed or work a
 BACKFILL_HOLD = f"{PREFIX}:backfill:hold"
 CONTROL_CHANNEL_PREFIX = f"{PREFIX}:chan:worker"
 EVENTS = f"{PREFIX}:events"  # stream of task state changes (capped)
+# Hash: "<state>:<task type>" -> how many times a task entered that end state (succeeded, failed,
+# cancelled), counted by the transition script whichever process made the move; only ever incremented,
+# never expired, so /metrics exports it as a counter that outlives every process.
+TASK_OUTCOMES = f"{PREFIX}:outcomes"
 SCHEDULER_LOCK = f"{PREFIX}:lock:scheduler"
 REAPER_LOCK = f"{PREFIX}:lock:reaper"
 

@@ -14,20 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import os
 import socket
 import time
 import uuid
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
-from typing import Any
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
 from mloc import __version__, keys
 from mloc.errors import ConfigError
+from mloc.records import OrchestratorRecord
 from mloc.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -78,65 +76,21 @@ def shown(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-@dataclass
-class OrchestratorRecord:
-    """What a running orchestrator says of itself in Redis (``keys.orchestrator``)."""
-
-    orchestrator_id: str
-    host: str
-    pid: int
-    port: int
-    started_at: float  # unix seconds
-    version: str
-    settings: dict[str, float]  # the fleet-wide settings it applies (FLEET_SETTINGS), by variable
-    token: str  # token_digest of its ORCHESTRATOR_TOKEN
-    refresh_sec: float
-    # When it last wrote the record, by its own clock: compared only with an earlier reading of the same
-    # record, to learn whether its orchestrator still writes it.
-    refreshed_at: float = 0.0
-
-    @classmethod
-    def of(cls, settings: Settings, *, refresh_sec: float) -> OrchestratorRecord:
-        now = time.time()
-        return cls(
-            orchestrator_id=uuid.uuid4().hex[:12],
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            port=settings.port,
-            started_at=now,
-            version=__version__,
-            settings=fleet_settings(settings),
-            token=token_digest(settings),
-            refresh_sec=refresh_sec,
-            refreshed_at=now,
-        )
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, raw: str) -> OrchestratorRecord | None:
-        """The record, or None where it cannot be read (written by another version, or not MLOC's)."""
-        try:
-            data: dict[str, Any] = json.loads(raw)
-            return cls(
-                orchestrator_id=str(data["orchestrator_id"]),
-                host=str(data["host"]),
-                pid=int(data["pid"]),
-                port=int(data["port"]),
-                started_at=float(data["started_at"]),
-                version=str(data.get("version", "")),
-                settings={str(k): float(v) for k, v in dict(data["settings"]).items()},
-                token=str(data.get("token", "")),
-                refresh_sec=float(data.get("refresh_sec", REFRESH_SEC)),
-                refreshed_at=float(data.get("refreshed_at", 0.0)),
-            )
-        except (ValueError, TypeError, KeyError, AttributeError):
-            return None
-
-    def named(self) -> str:
-        since = datetime.fromtimestamp(self.started_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-        return f"orchestrator {self.orchestrator_id} on {self.host} (pid {self.pid}, port {self.port}, started {since})"
+def record_of(settings: Settings, *, refresh_sec: float) -> OrchestratorRecord:
+    """This process's presence record, under a new id."""
+    now = time.time()
+    return OrchestratorRecord(
+        orchestrator_id=uuid.uuid4().hex[:12],
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        port=settings.port,
+        started_at=now,
+        version=__version__,
+        settings=fleet_settings(settings),
+        token=token_digest(settings),
+        refresh_sec=refresh_sec,
+        refreshed_at=now,
+    )
 
 
 @dataclass
@@ -162,7 +116,7 @@ async def live(redis: aioredis.Redis) -> list[Seen]:
     gone: list[str] = []
     for index, orchestrator_id in enumerate(ids):
         raw, pttl = replies[2 * index], replies[2 * index + 1]
-        record = OrchestratorRecord.from_json(raw) if raw is not None else None
+        record = OrchestratorRecord.decode(raw) if raw is not None else None
         if record is None:
             if raw is None:
                 gone.append(orchestrator_id)
@@ -212,7 +166,7 @@ class Presence:
 
     @classmethod
     def of(cls, redis: aioredis.Redis, settings: Settings) -> Presence:
-        return cls(redis, OrchestratorRecord.of(settings, refresh_sec=REFRESH_SEC))
+        return cls(redis, record_of(settings, refresh_sec=REFRESH_SEC))
 
     @property
     def key(self) -> str:
@@ -266,12 +220,12 @@ class Presence:
                 await pipe.watch(keys.ORCHESTRATORS)
                 ids = [i for i in await pipe.zrange(keys.ORCHESTRATORS, 0, -1) if i != self.record.orchestrator_id]
                 raws = await pipe.mget([keys.orchestrator(i) for i in ids]) if ids else []
-                others = [record for raw in raws if raw and (record := OrchestratorRecord.from_json(raw))]
+                others = [record for raw in raws if raw and (record := OrchestratorRecord.decode(raw))]
                 if any(differences(self.record, record) for record in others):
                     return None
                 pipe.multi()
                 self.record.refreshed_at = time.time()
-                pipe.set(self.key, self.record.to_json(), px=self.expiry_ms)
+                pipe.set(self.key, self.record.encode(), px=self.expiry_ms)
                 pipe.zadd(keys.ORCHESTRATORS, {self.record.orchestrator_id: self.record.started_at})
                 await pipe.execute()
             except aioredis.WatchError:
@@ -306,7 +260,7 @@ class Presence:
         it out (a record that had expired while Redis was away, or was flushed)."""
         self.record.refreshed_at = time.time()
         pipe = self.redis.pipeline(transaction=True)
-        pipe.set(self.key, self.record.to_json(), px=self.expiry_ms)
+        pipe.set(self.key, self.record.encode(), px=self.expiry_ms)
         # An unchanged score leaves the index untouched, so a starting orchestrator's watch holds.
         pipe.zadd(keys.ORCHESTRATORS, {self.record.orchestrator_id: self.record.started_at})
         await pipe.execute()

@@ -6,7 +6,10 @@
   :func:`heartbeat_fields` (what it refreshes) and :class:`WorkerView` (``from_hash``, the one reader,
   which :class:`WorkerRecord` shows through the API);
 - the assignment on a worker's stream: :class:`Assignment` (``encode`` on the orchestrator,
-  ``decode`` on the worker).
+  ``decode`` on the worker);
+- an orchestrator's presence record: :class:`OrchestratorRecord` (``encode`` by the orchestrator it
+  describes, ``decode`` by the other orchestrators and the workers; :mod:`mloc.orchestrators` holds
+  what they do with it).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -547,6 +551,53 @@ class WorkerRecord(BaseModel):
             cordoned=cordoned and view.status == WorkerStatus.DRAINING,
             artifact_store=view.artifact_store,
         )
+
+
+# ---------------------------------------------------------------------------------- orchestrators
+@dataclass
+class OrchestratorRecord:
+    """What a running orchestrator says of itself in Redis (``keys.orchestrator``), renewed while it runs."""
+
+    orchestrator_id: str
+    host: str
+    pid: int
+    port: int
+    started_at: float  # unix seconds
+    version: str
+    settings: dict[str, float]  # the fleet-wide settings it applies (mloc.orchestrators.FLEET_SETTINGS), by variable
+    token: str  # mloc.orchestrators.token_digest of its ORCHESTRATOR_TOKEN
+    refresh_sec: float  # how often it writes the record (0: not said)
+    # When it last wrote the record, by its own clock: compared only with an earlier reading of the same
+    # record, to learn whether its orchestrator still writes it.
+    refreshed_at: float = 0.0
+
+    def encode(self) -> str:
+        return orjson.dumps(self).decode()
+
+    @classmethod
+    def decode(cls, raw: str) -> OrchestratorRecord | None:
+        """The record, or None where it cannot be read (written by another version, or not MLOC's):
+        its readers pass over it, as over an expired one."""
+        try:
+            data: dict[str, Any] = orjson.loads(raw)
+            return cls(
+                orchestrator_id=str(data["orchestrator_id"]),
+                host=str(data["host"]),
+                pid=int(data["pid"]),
+                port=int(data["port"]),
+                started_at=float(data["started_at"]),
+                version=str(data.get("version", "")),
+                settings={str(k): float(v) for k, v in dict(data["settings"]).items()},
+                token=str(data.get("token", "")),
+                refresh_sec=float(data.get("refresh_sec", 0.0)),
+                refreshed_at=float(data.get("refreshed_at", 0.0)),
+            )
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None
+
+    def named(self) -> str:
+        since = datetime.fromtimestamp(self.started_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return f"orchestrator {self.orchestrator_id} on {self.host} (pid {self.pid}, port {self.port}, started {since})"
 
 
 # ------------------------------------------------------------------------------------- assignment

@@ -2,10 +2,10 @@
 
 One Lua call checks the move and writes everything that goes with it: the state and its indexes,
 the worker capacity it frees or reserves, the owner's quota, the attempt count, the assignment on
-the worker's stream, the result, the usage counters, the acknowledgement of the stream entry, the
-events stream, the scheduler's wake-up and the mark on a replica group's parent. So a task
-completes once even if its assignment is delivered twice, and a crash between two writes cannot
-leave capacity held by a finished task.
+the worker's stream, the result, the usage counters, the fleet's count of task outcomes, the
+acknowledgement of the stream entry, the events stream, the scheduler's wake-up and the mark on a
+replica group's parent. So a task completes once even if its assignment is delivered twice, and a
+crash between two writes cannot leave capacity held by a finished task.
 
 What is fixed for a deployment (the allowed moves, the refusal codes, the worker status that takes
 placements, the key names) is generated into the script text when this module is imported, from
@@ -66,6 +66,7 @@ def _prelude() -> str:
         "retry_wait": keys.RETRY_WAIT,
         "pending_owners": keys.PENDING_OWNERS,
         "events": keys.EVENTS,
+        "outcomes": keys.TASK_OUTCOMES,
         "usage_owners": keys.USAGE_OWNERS,
         "wake": keys.SCHEDULER_WAKE,
         "groups_to_settle": keys.GROUPS_TO_SETTLE,
@@ -134,7 +135,7 @@ local task = KEYS[1]
 local a = cjson.decode(ARGV[1])
 local id, now, target = a.id, a.now, a.to
 local found = redis.call('HMGET', task, 'state', 'worker_id', 'attempts', 'created_ms', 'owner', 'parent_id',
-  'retry_at', 'hold')
+  'retry_at', 'hold', 'task_type')
 local state, worker, attempt = found[1], found[2] or '', tonumber(found[3] or '0')
 local owner, parent = found[5] or '', found[6]
 local delayed = target == PENDING and a.retry_at ~= nil
@@ -358,6 +359,10 @@ if a.ack then ack_stream(a.ack) end
 if a.log then write_log(a.log) end
 local marked = mark_parent()
 if mark_dependents() then marked = true end
+-- Here, where every end is made, so the count misses none and survives every process (mloc.api.metrics).
+if string.find(TERMINAL, ' ' .. target .. ' ', 1, true) then
+  redis.call('HINCRBY', KEY_OUTCOMES, target .. ':' .. (found[9] or ''), 1)
+end
 redis.call('XADD', KEY_EVENTS, 'MAXLEN', '~', 10000, '*', 'task', id, 'from', state, 'to', target, 'ts', now,
   'move', a.move)
 -- A delayed retry also wakes the scheduler, so it learns when to look again.

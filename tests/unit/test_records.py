@@ -18,6 +18,7 @@ from mloc.records import (
     Assignment,
     AssignmentError,
     NewTask,
+    OrchestratorRecord,
     Registration,
     TaskRecord,
     WorkerRecord,
@@ -256,6 +257,35 @@ def test_a_malformed_assignment_is_refused_naming_what_is_wrong(entry: dict[str,
     assert fault in message
     assert ("task" not in entry) or f"assignment of task {TASK_ID} is unreadable" in message
     assert message.endswith("run the same version on both")
+
+
+# ----------------------------------------------------------------------------------- orchestrators
+def test_an_orchestrator_record_round_trips_and_an_unreadable_one_is_passed_over() -> None:
+    sent = OrchestratorRecord(
+        orchestrator_id="3f9a0c2e71b4",
+        host="gpu-head-1",
+        pid=4121,
+        port=8000,
+        started_at=1_772_442_847.5,
+        version="1.2.3",
+        settings={"MLOC_TASK_RETENTION_SEC": 600.0, "HEARTBEAT_TTL_SEC": 120.0},
+        token="0123456789ab",
+        refresh_sec=5.0,
+        refreshed_at=1_772_442_852.5,
+    )
+    assert OrchestratorRecord.decode(sent.encode()) == sent
+    assert (
+        sent.named() == "orchestrator 3f9a0c2e71b4 on gpu-head-1 (pid 4121, port 8000, started 2026-03-02 09:14:07 UTC)"
+    )
+    # The fields a reader can do without: left out, they take their defaults.
+    written = json.loads(sent.encode())
+    for name in ("version", "token", "refresh_sec", "refreshed_at"):
+        del written[name]
+    assert OrchestratorRecord.decode(json.dumps(written)) == OrchestratorRecord(
+        "3f9a0c2e71b4", "gpu-head-1", 4121, 8000, 1_772_442_847.5, "", sent.settings, "", 0.0, 0.0
+    )
+    for unreadable in ("{not json", "[1]", json.dumps({**written, "pid": "four"}), json.dumps({"host": "h"})):
+        assert OrchestratorRecord.decode(unreadable) is None
 
 
 def test_a_resumed_tasks_usage_adds_its_runs_figure_by_figure() -> None:

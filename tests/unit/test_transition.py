@@ -236,8 +236,31 @@ def test_a_slot_only_task_takes_and_gives_back_a_slot_alone(redis_url: str) -> N
         worker = await r.hgetall(keys.worker("w1"))
         assert (worker["cpu_free"], worker["mem_free"], worker["slots_free"]) == ("2000", "1000", "4")
         assert await r.hget(keys.task(task_id), "hold") == ""
-        # The slot and the owner's task count, each taken and given back: no write of a zero.
-        assert await increments() - before == 4
+        # The slot and the owner's task count, each taken and given back, and the end counted once: no
+        # write of a zero.
+        assert await increments() - before == 5
+        assert await r.hgetall(keys.TASK_OUTCOMES) == {"succeeded:echo": "1"}
+
+    run(redis_url, scenario)
+
+
+def test_every_end_is_counted_by_state_and_task_type_and_a_resume_takes_nothing_back(redis_url: str) -> None:
+    async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
+        cancelled, failed = await new_task(store), await new_task(store)
+        untyped = await new_task(store)
+        await r.hdel(keys.task(untyped), "task_type")  # a record written before task types were kept
+        assert (await store.transition(cancelled, moves.CANCEL)).ok
+        assert not (await store.transition(cancelled, moves.CANCEL)).ok  # refused: counts nothing
+        assert (await store.transition(failed, moves.PLACE, reserve=reservation())).ok
+        assert (await store.transition(failed, moves.START, expect_worker="w1", new_attempt=True)).ok
+        assert await r.hgetall(keys.TASK_OUTCOMES) == {"cancelled:echo": "1"}  # placing and starting end nothing
+        assert (await store.transition(failed, moves.FAIL, expect_worker="w1", release=True)).ok
+        assert (await store.transition(untyped, moves.CANCEL)).ok
+        # Resumed, the ends stand; ended again, it counts again.
+        assert (await store.transition(cancelled, moves.RESUME, priority=0, created_ms=5)).ok
+        assert await r.hgetall(keys.TASK_OUTCOMES) == {"cancelled:echo": "1", "failed:echo": "1", "cancelled:": "1"}
+        assert (await store.transition(cancelled, moves.CANCEL)).ok
+        assert await r.hgetall(keys.TASK_OUTCOMES) == {"cancelled:echo": "2", "failed:echo": "1", "cancelled:": "1"}
 
     run(redis_url, scenario)
 

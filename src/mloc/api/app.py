@@ -173,20 +173,36 @@ def json_error(body: Any, position: int, problem: str) -> BadRequest:
     return BadRequest(f"invalid JSON at line {line}, column {column}: {problem}")
 
 
-def create_app(settings: Settings | None = None, *, redis: aioredis.Redis | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    redis: aioredis.Redis | None = None,
+    orchestrator: Orchestrator | None = None,
+) -> FastAPI:
+    """The orchestrator's app. Its start-up joins the other orchestrators on its Redis before it
+    answers a request, and fails with their refusal (ConfigError). ``orchestrator``: one its host has
+    joined already (``mloc.orchestrator.server``), used with its Redis client, which the host closes."""
     settings = settings or get_settings()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        url = resolve_url(settings) if redis is None else None
-        client = redis or await connect(url or "")
-        orch = Orchestrator(client, settings)
+        given = redis if orchestrator is None else orchestrator.redis
+        url = resolve_url(settings) if given is None else None
+        client = given or await connect(url or "")
+        orch = orchestrator or Orchestrator(client, settings)
         app.state.orchestrator = orch
         if settings.admin_token is None:
             log.warning(
                 "AUTHENTICATION IS OFF: ORCHESTRATOR_TOKEN is not set, so anyone who can reach this "
                 "port can submit and cancel tasks. Set ORCHESTRATOR_TOKEN for any shared deployment."
             )
+        try:
+            # Before the first request: one refused must not answer as if it ran (see mloc.orchestrators).
+            await orch.join()
+        except BaseException:
+            if given is None:
+                await client.aclose()
+            raise
         log.info("orchestrator ready (Redis %s)", redact(url) if url else "given")
         stop = asyncio.Event()
         loops = [
@@ -204,7 +220,8 @@ def create_app(settings: Settings | None = None, *, redis: aioredis.Redis | None
             for loop in loops:
                 loop.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
-            if redis is None:
+            await orch.leave()
+            if given is None:
                 await client.aclose()
 
     app = FastAPI(

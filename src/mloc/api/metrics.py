@@ -1,10 +1,12 @@
 """GET /metrics: the cluster's state for Prometheus, and the API's own request latency.
 
-The cluster figures (tasks by state, queue depth, workers, GPUs, today's usage, submit-to-start wait,
-and for autoscalers the demand waiting tasks put on each worker shape) are read from Redis at scrape
-time, so every orchestrator replica answers the same numbers and nothing is kept in memory between
-scrapes. The request-latency histogram is per process: with several orchestrators, scrape each one
-and sum.
+The cluster figures (tasks by state, queue depth, workers, each worker's heartbeat age, GPUs, today's
+usage, submit-to-start wait, the tasks ended since the cluster began, and for autoscalers the demand
+waiting tasks put on each worker shape) are read from Redis at scrape time, so every orchestrator
+replica answers the same numbers and nothing is kept in memory between scrapes. The ended tasks are a
+counter kept in Redis by the transition script (``keys.TASK_OUTCOMES``), so it never goes down when an
+orchestrator restarts, and counts the ends every process made. The request-latency histogram is per
+process: with several orchestrators, scrape each one and sum.
 
 /metrics needs no token (Prometheus scrapes without one); it shows counts, GPU models, worker states
 and the task types and topics of waiting work, never task contents. Keep the port on a private
@@ -26,12 +28,18 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mloc import keys
+from mloc import __version__, keys
 from mloc.orchestrator.demand import NO_GPU, Demand, read_demand
 from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.records import WorkerRecord, WorkerStatus
@@ -77,11 +85,17 @@ PENDING_DEMAND_GPUS = "mloc_pending_demand_gpus"
 PENDING_DEMAND_TRUNCATED = "mloc_pending_demand_truncated"
 PENDING_HELD = "mloc_pending_held_tasks"
 BUSY_WORKERS = "mloc_busy_workers"
+HEARTBEAT_AGE = "mloc_worker_heartbeat_age_seconds"
+TASK_OUTCOMES = "mloc_task_outcomes"  # a counter: exported as mloc_task_outcomes_total
+BUILD = "mloc_build"  # an info metric: exported as mloc_build_info{version="..."} 1
+# The end states a task's outcome is counted in, each with a series for every task type seen.
+OUTCOMES = (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED)
 # Every family this endpoint exports, with its label names (histograms add "le" to their buckets).
 SERIES: dict[str, tuple[str, ...]] = {
     "mloc_tasks": ("state",),
     "mloc_queue_depth": (),
     "mloc_workers": ("status",),
+    HEARTBEAT_AGE: ("worker",),
     "mloc_gpus": ("model", "state"),
     BUSY_WORKERS: ("model",),
     "mloc_worker_slots": ("state",),
@@ -91,6 +105,8 @@ SERIES: dict[str, tuple[str, ...]] = {
     PENDING_DEMAND_TRUNCATED: (),
     PENDING_HELD: (),
     "mloc_task_wait_seconds": (),
+    TASK_OUTCOMES: ("task_type", "state"),
+    f"{BUILD}_info": ("version",),
     "mloc_metrics_read_seconds": (),
     "mloc_metrics_truncated": ("part",),
     "mloc_http_request_duration_seconds": ("method", "route", "status"),
@@ -109,6 +125,8 @@ class ClusterSnapshot:
     read_sec: float
     truncated: dict[str, bool] = field(default_factory=dict)
     demand: Demand = field(default_factory=Demand)
+    # keys.TASK_OUTCOMES as stored: "<state>:<task type>" -> tasks that entered that end state
+    outcomes: dict[str, str] = field(default_factory=dict)
 
 
 async def read_snapshot(orch: Orchestrator) -> ClusterSnapshot:
@@ -124,11 +142,12 @@ async def read_snapshot(orch: Orchestrator) -> ClusterSnapshot:
     pipe.zcard(keys.WORKERS)
     pipe.zrevrange(keys.WORKERS, 0, MAX_WORKERS - 1)
     pipe.scard(keys.USAGE_OWNERS)
+    pipe.hgetall(keys.TASK_OUTCOMES)
     for state in STARTED_STATES:
         pipe.zrevrange(keys.tasks_in_state(state), 0, WAIT_SAMPLE - 1, withscores=True)
     replies = await pipe.execute()
     counts = replies[: len(TaskState)]
-    queue_depth, worker_total, worker_ids, owner_total, *recent = replies[len(TaskState) :]
+    queue_depth, worker_total, worker_ids, owner_total, outcomes, *recent = replies[len(TaskState) :]
     tasks_by_state = {state.value: int(n) for state, n in zip(TaskState, counts, strict=True)}
     truncated["workers"] = int(worker_total) > len(worker_ids)
 
@@ -153,6 +172,7 @@ async def read_snapshot(orch: Orchestrator) -> ClusterSnapshot:
         read_sec=time.perf_counter() - started,
         truncated=truncated,
         demand=demand,
+        outcomes=outcomes,
     )
 
 
@@ -227,6 +247,7 @@ def _families(snap: ClusterSnapshot) -> Iterator[Metric]:
     for status, count in sorted(statuses.items()):
         workers.add_metric([status], count)
     yield workers
+    yield _heartbeat_ages(snap.workers)
 
     gpus = GaugeMetricFamily(
         "mloc_gpus",
@@ -275,6 +296,8 @@ def _families(snap: ClusterSnapshot) -> Iterator[Metric]:
     yield usage
 
     yield _wait_histogram(snap.waits)
+    yield _outcomes(snap.outcomes)
+    yield InfoMetricFamily(BUILD, "The MLOC version this orchestrator runs.", value={"version": __version__})
 
     yield GaugeMetricFamily(
         "mloc_metrics_read_seconds", "Time this scrape spent reading Redis.", value=round(snap.read_sec, 6)
@@ -285,6 +308,41 @@ def _families(snap: ClusterSnapshot) -> Iterator[Metric]:
     for part, cut in sorted(snap.truncated.items()):
         truncated.add_metric([part], 1.0 if cut else 0.0)
     yield truncated
+
+
+def _heartbeat_ages(workers: list[WorkerRecord]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(
+        HEARTBEAT_AGE,
+        "Seconds since each worker's last heartbeat (its clock's time of sending, against this orchestrator's "
+        "clock at the scrape, as the reaper judges it); workers that stopped cleanly (offline) are left out. "
+        "Past HEARTBEAT_TTL_SEC the reaper declares a worker lost.",
+        labels=list(SERIES[HEARTBEAT_AGE]),
+    )
+    for worker in sorted(workers, key=lambda w: w.worker_id):
+        if worker.status != WorkerStatus.OFFLINE and worker.heartbeat_age_sec is not None:
+            family.add_metric([worker.worker_id], max(0.0, worker.heartbeat_age_sec))
+    return family
+
+
+def _outcomes(stored: dict[str, str]) -> CounterMetricFamily:
+    counts: dict[tuple[str, str], float] = {}
+    for name, count in stored.items():
+        state, _, task_type = name.partition(":")
+        key = (task_type or "unknown", state)
+        counts[key] = counts.get(key, 0.0) + float(count)
+    family = CounterMetricFamily(
+        TASK_OUTCOMES,
+        "Tasks that ended, by task type and end state, since the cluster's Redis began: counted by whichever "
+        "process ended them, kept in Redis, so it does not reset when an orchestrator restarts. A task resumed "
+        "after it ended counts again when it ends again; a replica group's or dataset task's parent counts as "
+        "well as its shards or chunks.",
+        labels=list(SERIES[TASK_OUTCOMES]),
+    )
+    # Every end state of each task type seen, zero where none yet, so a rate has a series from the start.
+    for task_type in sorted({task_type for task_type, _ in counts}):
+        for state in OUTCOMES:
+            family.add_metric([task_type, state.value], counts.get((task_type, state.value), 0.0))
+    return family
 
 
 def _busy_workers(workers: list[WorkerRecord]) -> GaugeMetricFamily:

@@ -83,7 +83,8 @@ class Orchestrator:
         """Join the orchestrators on this Redis before acting on anything they share: raises ConfigError
         where one that runs applies other fleet-wide settings (see :mod:`mloc.orchestrators`), after
         waiting out the record of one that may have crashed. Once joined, the record is renewed until
-        :meth:`leave`. The scheduler and reaper loops call it first; calling it again does nothing."""
+        :meth:`leave`. The server joins (:meth:`join`) before it listens, and the scheduler and reaper
+        loops before they act; calling it again does nothing."""
         async with self._joining:
             if self.refusal is not None:
                 raise self.refusal
@@ -93,9 +94,20 @@ class Orchestrator:
                 await self.presence.admit()
             except ConfigError as exc:
                 self.refusal = exc
-                log.error("%s. Its scheduler and reaper do not run: stop this orchestrator", exc.message)
+                log.error("%s. This orchestrator does not start: its API, scheduler and reaper do not run", exc.message)
                 raise
             self._keeper = asyncio.create_task(self.presence.keep(), name="presence")
+
+    async def join(self) -> None:
+        """:meth:`start`, tried again while Redis is unavailable: returns once joined, raises ConfigError
+        when refused. The app's start-up awaits it, so no request is answered before."""
+        while True:
+            try:
+                await self.start()
+                return
+            except aioredis.RedisError as exc:
+                log.warning("orchestrator start: Redis unavailable (%s); retrying", exc)
+                await asyncio.sleep(1.0)
 
     async def leave(self) -> None:
         """Stop renewing this orchestrator's record and delete it, so another may start with other

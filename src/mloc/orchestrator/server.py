@@ -24,6 +24,8 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 # Seconds open connections get to finish when the orchestrator stops.
 SHUTDOWN_CONNECTIONS_SEC = 3
+# The exit code of a server that could not start (a port taken meanwhile), as uvicorn.run gives it.
+STARTUP_FAILED = 3
 
 
 def serve(settings: Settings) -> None:
@@ -32,10 +34,11 @@ def serve(settings: Settings) -> None:
     import asyncio
 
     import uvicorn
+    from uvicorn.loops.auto import auto_loop_factory
 
     from mloc.api import create_app
     from mloc.connection import choose_redis, connect
-    from mloc.orchestrators import Presence
+    from mloc.orchestrator.orchestrator import Orchestrator
 
     choice = choose_redis(settings)
     log.info("%s", choice.describe())
@@ -45,30 +48,40 @@ def serve(settings: Settings) -> None:
     try:
         settings = settings.model_copy(update={"redis_url": choice.url})
 
-        async def admissible() -> None:
+        async def run() -> None:
             # Retries while Redis is unreachable, stops at once on a wrong password: before serving.
             client = await connect(choice.url)
+            orchestrator = Orchestrator(client, settings)
             try:
                 check_port(settings.host, settings.port)
-                # Refused here, it has answered no request and written nothing; the scheduler's own
-                # check (Orchestrator.start) then catches only one started in the same moment.
-                await Presence.of(client, settings).check()
+                # Joined before the port is bound, in the loop that then serves (the record is renewed
+                # there): one refused has answered no request and written nothing, also when it started
+                # in the same moment as the one it differs from.
+                await orchestrator.join()
+                config = uvicorn.Config(
+                    create_app(settings, orchestrator=orchestrator),
+                    host=settings.host,
+                    port=settings.port,
+                    log_level=settings.log_level.lower(),
+                    access_log=False,
+                    # A followed log or a --wait never closes by itself, and uvicorn waits for open
+                    # connections: past this, they are cut (their clients say the orchestrator went away).
+                    timeout_graceful_shutdown=SHUTDOWN_CONNECTIONS_SEC,
+                    # MLOC's logging set-up (file, JSON lines, level) stays in force.
+                    log_config=None,
+                )
+                server = uvicorn.Server(config)
+                await server.serve()
+                if not server.started:
+                    # As uvicorn.run: its start-up failed, and it logged why.
+                    raise SystemExit(STARTUP_FAILED)
             finally:
+                await orchestrator.leave()
                 await client.aclose()
 
-        asyncio.run(admissible())
-        uvicorn.run(
-            create_app(settings),
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level.lower(),
-            access_log=False,
-            # A followed log or a --wait never closes by itself, and uvicorn waits for open connections:
-            # past this, they are cut (their clients say the orchestrator went away) and it stops.
-            timeout_graceful_shutdown=SHUTDOWN_CONNECTIONS_SEC,
-            # MLOC's logging set-up (file, JSON lines, level) stays in force.
-            log_config=None,
-        )
+        # uvicorn's own choice of event loop (uvloop where installed), as uvicorn.run would make it.
+        with asyncio.Runner(loop_factory=auto_loop_factory()) as runner:
+            runner.run(run())
     finally:
         if choice.started is not None:
             choice.started.stop()

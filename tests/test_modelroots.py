@@ -32,6 +32,8 @@ def test_every_place_a_task_can_name_a_model_is_found() -> None:
     assert [(r.kind, r.value) for r in references(hub)] == [(Kind.MAYBE, "org/model"), (Kind.PATH, "/a/lora")]
     assert references({"model": {"source": {"type": "package", "identifier": "gemma3-270m"}}}) == []
     assert references({"taskType": "echo", "payload": {"model": "x"}}) == []
+    # An agent's input is its question: text, not a dataset to check (it failed every such task).
+    assert references({"taskType": "agent_inference", "input": "What is 17 * 23?"}) == []
     # The dataset an inference task reads: a local file (also as a file:// URL), or another task's lines.
     for path, local in (
         ("/d/rows.jsonl", "/d/rows.jsonl"),

@@ -75,6 +75,8 @@ def references(spec: Mapping[str, Any]) -> list[Reference]:
         ("spec.inference.input", (spec.get("inference") or {}).get("input") or {}),
         ("spec.input", spec.get("input") or {}),  # a RAG task's questions
     ):
+        if not isinstance(dataset, Mapping):
+            continue  # an agent's input is its question, a string: no file to check
         path = dataset.get("path")
         if isinstance(path, str) and path:
             local = _local_path(path)

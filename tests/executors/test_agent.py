@@ -96,8 +96,11 @@ def agent_task(**spec: Any) -> dict[str, Any]:
     }
 
 
-def run_agent(executor: AgentExecutor, data: dict[str, Any], root: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    events: list[dict[str, Any]] = []
+def run_agent(
+    executor: AgentExecutor, data: dict[str, Any], root: Path, events: list[dict[str, Any]] | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run the task; ``events`` (given) collects what it reported, also when it fails."""
+    events = [] if events is None else events
     ctx = RunContext(
         task_id="a1",
         attempt=1,
@@ -268,31 +271,86 @@ def test_real_tiny_model_runs_the_agent_loop_end_to_end(tmp_path: Path, python_a
         executor.close()
     # Random weights write junk, which the protocol reads as a direct answer; the usage is real.
     assert result["model"] == str(model)
-    assert result["stop_reason"] in ("final_answer", "max_steps", "loop")
+    assert result["stop_reason"] == "final_answer" and result["final_answer"]
     assert result["usage"]["prompt_tokens"] > 50 and result["usage"]["completion_tokens"] > 0
 
 
-def test_step_limit_stops_the_agent_cleanly_with_the_reason(python_allowed: None, tmp_path: Path) -> None:
+def logged(events: list[dict[str, Any]]) -> list[str]:
+    return [event["message"] for event in events if event["ev"] == "log"]
+
+
+def test_an_agent_stopped_at_max_steps_fails_naming_the_limit_and_logs_its_steps(
+    python_allowed: None, tmp_path: Path
+) -> None:
     executor = scripted(*(call("python_repl", code=f"print({n})") for n in range(10)))
-    result, _ = run_agent(
-        executor,
-        agent_task(input="count", hyperparameters={"tools": ["python_repl"], "max_steps": 3}),
-        tmp_path,
+    events: list[dict[str, Any]] = []
+    with pytest.raises(ExecutionError) as stopped:
+        run_agent(
+            executor,
+            agent_task(input="count", hyperparameters={"tools": ["python_repl"], "max_steps": 3}),
+            tmp_path,
+            events,
+        )
+    assert stopped.value.message == (
+        "stopped at max_steps=3: the agent made 3 tool call(s) and asked for more without giving a final answer; "
+        "raise hyperparameters.max_steps, or show the model when to answer (worked examples in messages, a "
+        "clearer system_prompt); its 3 step(s) are in `mloc logs a1`"
     )
-    assert result["stop_reason"] == "max_steps" and result["final_answer"] is None
-    assert "max_steps=3" in result["stop_message"]
-    assert [step["output"] for step in result["steps"]] == ["0", "1", "2"]
+    # The task has no result: its log holds each step, and its usage counts what the run spent.
+    assert [line for line in logged(events) if line.startswith("step ")] == [
+        "step 1: python_repl('print(0)') -> 0",
+        "step 2: python_repl('print(1)') -> 1",
+        "step 3: python_repl('print(2)') -> 2",
+    ]
+    [usage] = [event["counters"] for event in events if event["ev"] == "usage"]
+    assert usage["tool_calls"] == 3
+
+
+def test_an_agent_stopped_at_max_steps_through_the_text_protocol_logs_failed_steps_too(
+    python_allowed: None, tmp_path: Path
+) -> None:
+    engine = ScriptedEngine(
+        [
+            " Divide first.\nAction: python_repl\nAction Input: 1 / 0",
+            " Then print a long line.\nAction: python_repl\nAction Input: print('x' * 500)",
+            " One more.\nAction: python_repl\nAction Input: print(3)",
+        ]
+    )
+    executor = AgentExecutor(
+        chat_model_factory=lambda spec, ctx: EngineChatModel(engine=engine, sampling=spec.inference)
+    )
+    events: list[dict[str, Any]] = []
+    data = agent_task(input="compute", hyperparameters={"tools": ["python_repl"], "max_steps": 2})
+    with pytest.raises(ExecutionError, match=r"^stopped at max_steps=2: the agent made 2 tool call\(s\)"):
+        run_agent(executor, data, tmp_path, events)
+    first, second = [line for line in logged(events) if line.startswith("step ")]
+    assert first.startswith("step 1: python_repl('1 / 0') failed: Traceback") and "ZeroDivisionError" in first
+    # An output is cut in the log (the result of an answered run keeps it whole), on one line.
+    assert second == "step 2: python_repl(\"print('x' * 500)\") -> " + "x" * 297 + "..."
 
 
 def test_repeating_the_same_call_is_stopped_as_a_loop(python_allowed: None, tmp_path: Path) -> None:
     executor = scripted(*(call("python_repl", code="print('again')") for _ in range(10)))
-    result, _ = run_agent(
-        executor,
-        agent_task(input="loop", hyperparameters={"tools": ["python_repl"], "max_steps": 8}),
-        tmp_path,
+    events: list[dict[str, Any]] = []
+    with pytest.raises(ExecutionError) as stopped:
+        run_agent(
+            executor,
+            agent_task(input="loop", hyperparameters={"tools": ["python_repl"], "max_steps": 8}),
+            tmp_path,
+            events,
+        )
+    assert stopped.value.message.startswith(
+        "stopped as a loop: the agent asked for the same call, python_repl(\"print('again')\"), 3 times in a row "
+        "without a final answer (the last one was not run); a higher max_steps would not help"
     )
-    assert result["stop_reason"] == "loop" and len(result["steps"]) == 2
-    assert result["stop_message"].endswith("same python_repl call 3 times in a row (the last one was not run)")
+    assert stopped.value.message.endswith("; its 2 step(s) are in `mloc logs a1`")
+    assert len([line for line in logged(events) if line.startswith("step ")]) == 2
+
+
+def test_an_empty_last_reply_is_no_answer_and_fails(tmp_path: Path) -> None:
+    executor = scripted(AIMessage(content="  "))
+    with pytest.raises(ExecutionError, match=r"^the model's last reply held neither a tool call nor any text"):
+        run_agent(executor, agent_task(input="say nothing"), tmp_path)
 
 
 def test_python_tool_is_refused_unless_the_worker_allows_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from mloc.state import Reason, TaskState
 SHORT_ID = 8
 ALL_IDS_PAGE = 500  # the API's largest page
 DEFAULT_PAGE_SIZE = 20
+AGENT_TASK_TYPE = "agent_inference"
 
 
 # --------------------------------------------------------------------- submit
@@ -601,10 +602,13 @@ def show(
     task_id: TaskIdArg,
     json_out: JsonFlag = False,
     fmt: OutputFormat = None,
-    shown: Annotated[int, typer.Option("--show", min=0, help="A finished RAG task's answers printed.")] = 10,
+    shown: Annotated[
+        int, typer.Option("--show", min=0, help="A finished RAG task's answers, or agent's steps, printed.")
+    ] = 10,
 ) -> None:
     """A task in brief: state, reason, progress and ETA, times, worker, where its result is; a finished
-    RAG task's answers, each with the sources it was given.
+    RAG task's answers, each with the sources it was given; a finished agent's question, tool calls and
+    answer.
 
     --json prints the full record."""
     api = client()
@@ -623,13 +627,47 @@ def show(
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         output.line(output.styled(key.ljust(width), "bold"), output.visible(value, one_line=True))
-    if record["state"] == "succeeded" and record.get("task_type") == "rag_inference" and shown:
+    answered = record.get("task_type") in ("rag_inference", AGENT_TASK_TYPE)
+    if record["state"] == "succeeded" and answered and shown:
         try:
             result = api.result(record["task_id"])
         except MlocError as exc:
             output.fail(exc)
         output.line("")
-        results.print_result(record, result, shown)
+        if record.get("task_type") == AGENT_TASK_TYPE and isinstance(result, dict):
+            _agent_answer(record, result, shown)
+        else:
+            results.print_result(record, result, shown)
+
+
+def _agent_answer(record: dict[str, Any], result: dict[str, Any], shown: int) -> None:
+    """An agent's question, at most ``shown`` of its tool calls (tool, input, output cut to a line),
+    then its final answer."""
+    spec = record.get("spec") or {}
+    inner = spec.get("spec") if isinstance(spec, dict) else None
+    if isinstance(inner, dict):
+        users = [m for m in inner.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
+        asked = inner.get("input") or (users[-1].get("content") if users else None)
+        if asked:
+            output.line(output.styled("question:", "dim"), output.styled(output.visible(asked), "dim"))
+    steps = [step for step in result.get("steps") or [] if isinstance(step, dict)]
+    output.line(output.styled(f"steps ({len(steps)}):" if steps else "steps: none, it answered without a tool", "dim"))
+    for number, step in enumerate(steps[:shown], start=1):
+        given = step.get("input")
+        argument = repr(given) if isinstance(given, str) else output.json_text(given, indent=None)
+        said = output.visible(step.get("output"), one_line=True)
+        arrow = "failed:" if step.get("error") else "->"
+        line = f"  {step.get('step', number)}. {step.get('tool', '?')}({output.shorten(argument, 120)}) {arrow} "
+        output.line(output.styled(output.visible(line, one_line=True) + output.shorten(said, 160), "dim"))
+    if len(steps) > shown:
+        output.line(f"  ... {len(steps) - shown} more of {len(steps)} steps: mloc result {record['task_id']}")
+    if result.get("final_answer"):
+        output.line(output.styled("answer:", "dim"))
+        output.line(output.visible(result["final_answer"]))
+    else:
+        # Agents that stopped without an answer succeeded before such runs failed: say so plainly.
+        why = result.get("stop_message") or "the agent ended without one"
+        output.line(output.visible(f"no answer: {why}", one_line=True))
 
 
 @app.command()

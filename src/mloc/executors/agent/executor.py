@@ -5,11 +5,18 @@ parses tool calls from text, so small local models can use tools; a LangChain ch
 tool calling can be plugged in instead (``chat_model_factory``). The result carries the final answer,
 why the agent stopped, and every step (thought, tool, input, output). LangChain is imported only when
 a task runs.
+
+An agent that ends without an answer (stopped at ``max_steps``, stopped as a loop, or an empty last
+reply) fails its task, as LangGraph's ``GraphRecursionError`` and the OpenAI Agents SDK's
+``MaxTurnsExceeded`` do, rather than succeeding with a placeholder as LangChain's legacy
+``AgentExecutor`` does: a script, a pipeline's next step and ``mloc submit --wait`` would read that as
+an answer. The reason names the limit and the fix; each step is in the task's log as it ends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -32,6 +39,7 @@ ChatModelFactory = Callable[[AgentSpec, RunContext], "BaseChatModel"]
 # The python tool runs model-written code; a worker opts in (a sandbox is never a perfect boundary).
 ALLOW_PYTHON_ENV = "MLOC_ALLOW_PYTHON_TOOL"
 REPEAT_LIMIT = 3  # identical tool calls in a row that count as a loop
+LOGGED_CHARS = 300  # of a step's input and output in its log line; the result keeps them whole
 
 
 def python_tool_allowed() -> bool:
@@ -166,6 +174,7 @@ class AgentExecutor(Executor):
                 f"{ALLOW_PYTHON_ENV}=1, or remove python_repl from hyperparameters.tools"
             )
         from langchain.agents import create_agent
+        from langgraph.errors import GraphRecursionError
 
         started = time.perf_counter()
         with contextlib.ExitStack() as stack:
@@ -174,12 +183,21 @@ class AgentExecutor(Executor):
             agent = create_agent(model, tools, system_prompt=options.system_prompt)
             trace = _Trace(ctx, options.max_steps)
             # Our own step limit stops the run first; LangGraph's recursion limit is only a backstop.
-            config: RunnableConfig = {"recursion_limit": 2 * options.max_steps + 10}
+            limit = 2 * options.max_steps + 10
+            config: RunnableConfig = {"recursion_limit": limit}
             state: Any = {"messages": conversation(spec)}
-            for update in agent.stream(state, config=config, stream_mode="updates"):
-                ctx.check_cancelled()
-                if trace.record(update):
-                    break
+            try:
+                for update in agent.stream(state, config=config, stream_mode="updates"):
+                    ctx.check_cancelled()
+                    if trace.record(update):
+                        break
+            except GraphRecursionError:
+                trace.stop_at_graph_limit(limit)
+            finally:
+                # Tokens spent count however the run ends: stopped, cancelled or answered.
+                trace.count_usage()
+        if not trace.final:
+            raise ExecutionError(trace.failure())
         return trace.result(model, started)
 
 
@@ -193,7 +211,10 @@ class _Trace:
         self.by_call: dict[str, dict[str, Any]] = {}
         self.final: str | None = None
         self.stop_reason = "no_answer"
-        self.stop_message = "the agent ended without an answer"
+        self.stop_message = (
+            "the agent ended without a final answer; show the model how to end (worked examples that end in "
+            "'Final Answer: ...' in messages) or use a larger model"
+        )
         self.model_calls = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
@@ -214,8 +235,8 @@ class _Trace:
                         step["output"] = str(message.content)
                         step["error"] = message.status == "error"
                         step["duration_sec"] = round(time.perf_counter() - step.pop("_started"), 3)
-                        status = "failed" if step["error"] else "ok"
-                        self.ctx.log(f"step {step['step']}: {step['tool']} {status}")
+                        # A failed task has no result: its log is where its steps can be read.
+                        self.ctx.log(f"step {step['step']}: {_step_line(step)}")
         return False
 
     def _model_message(self, message: Any) -> bool:
@@ -225,14 +246,18 @@ class _Trace:
         self.completion_tokens += int(usage.get("output_tokens", 0))
         if not message.tool_calls:
             self.final = str(message.content).strip()
-            self.stop_reason, self.stop_message = "final_answer", "the agent gave its final answer"
+            if self.final:
+                self.stop_reason, self.stop_message = "final_answer", "the agent gave its final answer"
+            else:
+                self.stop_reason = "empty_answer"
+                self.stop_message = (
+                    "the model's last reply held neither a tool call nor any text, so the agent has no answer; "
+                    "show the model the format (worked examples that end in 'Final Answer: ...' in messages) or "
+                    "use a larger model"
+                )
             return False
         if len(self.steps) >= self.max_steps:
-            self.stop_reason = "max_steps"
-            self.stop_message = (
-                f"stopped after max_steps={self.max_steps} tool calls without a final answer; raise "
-                "hyperparameters.max_steps or simplify the question"
-            )
+            self.stop_at_limit()
             return True
         for call in message.tool_calls:
             arguments = call["args"]
@@ -249,8 +274,10 @@ class _Trace:
             if len(recent) == REPEAT_LIMIT - 1 and all(item == (step["tool"], step["input"]) for item in recent):
                 self.stop_reason = "loop"
                 self.stop_message = (
-                    f"stopped: the agent asked for the same {step['tool']} call {REPEAT_LIMIT} times in a row "
-                    "(the last one was not run)"
+                    f"stopped as a loop: the agent asked for the same call, {_call_text(step)}, {REPEAT_LIMIT} "
+                    "times in a row without a final answer (the last one was not run); a higher max_steps would "
+                    "not help: show the model how to use what the tool returns (worked examples in messages, a "
+                    "clearer system_prompt) or use a larger model"
                 )
                 return True
             self.steps.append(step)
@@ -258,7 +285,31 @@ class _Trace:
             self.ctx.progress(len(self.steps), self.max_steps, f"step {len(self.steps)}: {call['name']}")
         return False
 
-    def result(self, model: Any, started: float) -> dict[str, Any]:
+    def stop_at_limit(self) -> None:
+        """The agent wants more tool calls than ``max_steps`` allows."""
+        self.stop_reason = "max_steps"
+        self.stop_message = (
+            f"stopped at max_steps={self.max_steps}: the agent made {len(self.steps)} tool call(s) and asked for "
+            "more without giving a final answer; raise hyperparameters.max_steps, or show the model when to "
+            "answer (worked examples in messages, a clearer system_prompt)"
+        )
+
+    def stop_at_graph_limit(self, limit: int) -> None:
+        """LangGraph's recursion limit came before ``max_steps``: it counts model and tool turns alike."""
+        self.stop_reason = "max_steps"
+        self.stop_message = (
+            f"stopped at LangGraph's recursion limit ({limit} model and tool turns, 2 x max_steps + 10) after "
+            f"{len(self.steps)} tool call(s), without a final answer; raise hyperparameters.max_steps (now "
+            f"{self.max_steps})"
+        )
+
+    def failure(self) -> str:
+        """The reason of a task whose agent ended without an answer, with where its steps are."""
+        where = f"; its {len(self.steps)} step(s) are in `mloc logs {self.ctx.task_id}`" if self.steps else ""
+        return self.stop_message + where
+
+    def count_usage(self) -> None:
+        """Add the run's tokens and tool calls to the task's usage, which counts whether or not it answered."""
         for step in self.steps:
             step.pop("_started", None)
         self.ctx.add_usage(
@@ -266,16 +317,17 @@ class _Trace:
             completion_tokens=self.completion_tokens,
             tool_calls=len(self.steps),
         )
+
+    def result(self, model: Any, started: float) -> dict[str, Any]:
         engine = getattr(model, "engine", None)
-        answer = self.final or ""
-        result: dict[str, Any] = {
+        return {
             "ok": True,
             "model": engine.model_id if engine is not None else getattr(model, "_llm_type", type(model).__name__),
             "final_answer": self.final,
             "stop_reason": self.stop_reason,
             "stop_message": self.stop_message,
             "steps": self.steps,
-            "items": [{"index": 0, "output": answer, "finish_reason": self.stop_reason}],
+            "items": [{"index": 0, "output": self.final, "finish_reason": self.stop_reason}],
             "usage": {
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
@@ -285,4 +337,24 @@ class _Trace:
                 "tool_calls": len(self.steps),
             },
         }
-        return result
+
+
+def _brief(text: str) -> str:
+    """``text`` on one line, cut to :data:`LOGGED_CHARS`."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= LOGGED_CHARS else flat[: LOGGED_CHARS - 3] + "..."
+
+
+def _call_text(step: dict[str, Any]) -> str:
+    """'python_repl('print(1)')': a tool call as its log line and a loop's reason name it."""
+    given = step["input"]
+    if isinstance(given, str):
+        shown = given if len(given) <= LOGGED_CHARS else given[: LOGGED_CHARS - 3] + "..."
+        return f"{step['tool']}({shown!r})"
+    return f"{step['tool']}({_brief(json.dumps(given, ensure_ascii=False))})"
+
+
+def _step_line(step: dict[str, Any]) -> str:
+    """'python_repl('print(6 * 7)') -> 42', or '... failed: ZeroDivisionError ...' for a tool error."""
+    said = _brief(str(step["output"]))
+    return f"{_call_text(step)} {'failed:' if step['error'] else '->'} {said}"

@@ -27,13 +27,15 @@ from mloc.openai_files import FileStore
 from mloc.openai_lines import (
     CHAT,
     COMPLETIONS,
-    BatchFileError,
+    MAX_PROBLEMS,
     BatchOutput,
     Converted,
     Counts,
+    Problem,
     convert,
     count_lines,
     output_blocks,
+    output_sizes,
     request_error,
 )
 from mloc.settings import Settings, describe_invalid
@@ -52,16 +54,21 @@ def jsonl(lines: list[dict[str, Any]]) -> bytes:
 
 def converted(lines: list[dict[str, Any]], endpoint: str = COMPLETIONS) -> tuple[Converted, list[dict[str, Any]]]:
     target = io.BytesIO()
-    result = convert(io.BytesIO(jsonl(lines)), target, file_id="file-x", endpoint=endpoint)
+    result = convert(io.BytesIO(jsonl(lines)), target, endpoint=endpoint)
+    assert result.problems == ()
     return result, [json.loads(line) for line in target.getvalue().splitlines()]
 
 
-def refusal(lines: list[dict[str, Any]] | bytes, endpoint: str = COMPLETIONS) -> str:
+def problems(lines: list[dict[str, Any]] | bytes, endpoint: str = COMPLETIONS) -> list[Problem]:
     data = lines if isinstance(lines, bytes) else jsonl(lines)
-    with pytest.raises(BatchFileError) as caught:
-        convert(io.BytesIO(data), io.BytesIO(), file_id="file-x", endpoint=endpoint)
-    assert caught.value.status_code == 400
-    return caught.value.message
+    found = list(convert(io.BytesIO(data), io.BytesIO(), endpoint=endpoint).problems)
+    assert found
+    return found
+
+
+def problem(lines: list[dict[str, Any]] | bytes, endpoint: str = COMPLETIONS) -> Problem:
+    (only,) = problems(lines, endpoint)
+    return only
 
 
 def test_completion_lines_become_dataset_rows_with_their_sampling() -> None:
@@ -90,59 +97,107 @@ def test_chat_lines_keep_text_parts_and_take_developer_as_system() -> None:
 
 
 @pytest.mark.parametrize(
-    ("lines", "expected"),
+    ("lines", "code", "param", "expected"),
     [
         (
             [request("a", {"model": "m", "prompt": "x"}), request("b", {"model": "m", "prompt": "y"}),
              request("a", {"model": "m", "prompt": "z"})],
+            "duplicate_custom_id", "custom_id",
             ["line 3: custom_id 'a' is also the custom_id of line 1", "give each line its own custom_id"],
         ),
         (
             [request("a", {"model": "m", "prompt": "x"}), request("b", {"model": "other", "prompt": "y"})],
+            "model_mismatch", "body.model",
             ["line 2: body.model is 'other' but line 1 has 'm'", "split the file into one per model"],
         ),
         (
             [request("a", {"model": "m", "prompt": "x"}, url="/v1/embeddings")],
-            ["line 1: url is \"/v1/embeddings\"", "/v1/chat/completions and /v1/completions"],
+            "invalid_url", "url", ["line 1: url is \"/v1/embeddings\"", "/v1/chat/completions and /v1/completions"],
         ),
         (
             [request("a", {"model": "m", "prompt": "x"}, url=CHAT)],
-            ["line 1: url is \"/v1/chat/completions\"", "create a batch per endpoint"],
+            "invalid_url", "url", ["line 1: url is \"/v1/chat/completions\"", "create a batch per endpoint"],
         ),
-        ([request("a", {"model": "m", "prompt": "x", "n": 2})], ["line 1: body.n is 2", "set it to 1"]),
-        ([request("a", {"model": "m", "prompt": ["x", "y"]})], ["body.prompt is a list, not a string"]),
-        ([request("a", {"model": "m", "prompt": "x", "tools": []})], ["body.tools is not supported", "remove it"]),
-        ([request("a", {"prompt": "x"})], ["line 1: body.model is missing"]),
-        ([{"method": "POST", "url": COMPLETIONS, "body": {}}], ["line 1: custom_id is missing"]),
-        ([{"custom_id": "a", "method": "GET", "url": COMPLETIONS, "body": {}}], ['line 1: method is "GET"']),
-        (jsonl([request("a", {"model": "m", "prompt": "x"})]) + b"{not json\n", ["line 2: the line is not JSON (unexpected character, expected a string key at column 2)", "one JSON object per line"]),
+        ([request("a", {"model": "m", "prompt": "x", "n": 2})], "unsupported_value", "body.n",
+         ["line 1: body.n is 2", "set it to 1"]),
+        ([request("a", {"model": "m", "prompt": "x", "stream": True})], "streaming_unsupported", "body.stream",
+         ["line 1: body.stream is true, which MLOC's batches do not support", "set it to false or leave it out"]),
+        ([request("a", {"model": "m", "prompt": ["x", "y"]})], "invalid_type", "body.prompt",
+         ["line 1: body.prompt is a list, not a string"]),
+        ([request("a", {"model": "m", "prompt": "x", "tools": []})], "unsupported_parameter", "body.tools",
+         ["line 1: body.tools is not supported", "remove it"]),
+        ([request("a", {"prompt": "x"})], "missing_required_parameter", "body.model",
+         ["line 1: body.model is missing", "name the model every line runs on"]),
+        ([{"method": "POST", "url": COMPLETIONS, "body": {}}], "missing_required_parameter", "custom_id",
+         ["line 1: custom_id is missing"]),
+        ([{"custom_id": "a", "method": "GET", "url": COMPLETIONS, "body": {}}], "invalid_value", "method",
+         ['line 1: method is "GET"', 'set it to "POST"']),
+        (jsonl([request("a", {"model": "m", "prompt": "x"})]) + b"{not json\n", "invalid_json_line", None,
+         ["line 2: the line is not JSON (unexpected character, expected a string key at column 2)",
+          "one JSON object per line"]),
         (jsonl([request("a", {"model": "m", "prompt": "x"})]) + b'{"custom_id": "b", "body": {"x": 1\n',
-         ["line 2: the line is not JSON (unexpected end of data at column 35)"]),
-        (b"\n\n", ["has no request lines"]),
-        (jsonl([request("a", {"model": "m", "prompt": "x"})]) + b'{"custom_id": "caf\xe9"}\n',
-         ["line 2: the line is not UTF-8 text (byte 18)", "save the file as UTF-8"]),
+         "invalid_json_line", None, ["line 2: the line is not JSON (unexpected end of data at column 35)"]),
+        (b"\n\n", "empty_file", None, ["the file has no request lines; give one JSON request per line"]),
+        (jsonl([request("a", {"model": "m", "prompt": "x"})]) + b'{"custom_id": "caf\xe9"}\n', "invalid_json_line",
+         None, ["line 2: the line is not UTF-8 text (byte 18)", "save the file as UTF-8"]),
     ],
-    ids=["duplicate", "two-models", "other-endpoint", "wrong-endpoint", "n", "prompt-list", "tools", "no-model",
-         "no-custom-id", "get", "not-json", "cut-short", "empty", "not-utf8"],
+    ids=["duplicate", "two-models", "other-endpoint", "wrong-endpoint", "n", "stream", "prompt-list", "tools",
+         "no-model", "no-custom-id", "get", "not-json", "cut-short", "empty", "not-utf8"],
 )  # fmt: skip
-def test_a_batch_file_mloc_cannot_run_is_refused_naming_line_field_and_fix(
-    lines: list[dict[str, Any]] | bytes, expected: list[str]
+def test_a_batch_files_problem_names_its_line_field_and_fix_with_openais_code(
+    lines: list[dict[str, Any]] | bytes, code: str, param: str | None, expected: list[str]
 ) -> None:
-    message = refusal(lines)
-    assert message.startswith("input file file-x")
+    found = problem(lines)
+    assert (found.code, found.param) == (code, param)
+    if code != "empty_file":
+        assert found.line == int(expected[0].split(":")[0].removeprefix("line "))
     for part in expected:
-        assert part in message
+        assert part in found.message
 
 
-def test_an_unsupported_endpoint_or_a_bad_chat_is_refused() -> None:
-    assert "is not one MLOC's batches serve" in refusal([request("a", {})], endpoint="/v1/embeddings")
+def test_every_lines_problem_is_told_at_once_and_the_rest_of_the_lines_still_checked() -> None:
+    lines = (
+        jsonl(
+            [
+                request("a", {"model": "m", "prompt": "x"}),
+                request("b", {"prompt": "no model"}),
+                request("a", {"model": "m", "prompt": "again"}),
+                request("c", {"model": "m", "prompt": "fine"}),
+            ]
+        )
+        + b"{nope\n"
+    )
+    found = problems(lines)
+    assert [(p.line, p.code, p.param) for p in found] == [
+        (2, "missing_required_parameter", "body.model"),
+        (3, "duplicate_custom_id", "custom_id"),
+        (5, "invalid_json_line", None),
+    ]
+    assert found[0].to_openai() == {
+        "code": "missing_required_parameter",
+        "message": "line 2: body.model is missing or empty; name the model every line runs on",
+        "param": "body.model",
+        "line": 2,
+    }
+    # A file with many bad lines lists the first of them, and counts the rest (every line is checked).
+    many = jsonl([request(f"r{i}", {"prompt": "x"}) for i in range(MAX_PROBLEMS + 7)])
+    listed = problems(many)
+    assert len(listed) == MAX_PROBLEMS + 1
+    assert [p.line for p in listed[:-1]] == list(range(1, MAX_PROBLEMS + 1))
+    last = listed[-1]
+    assert (last.code, last.line, last.param) == ("too_many_errors", None, None)
+    assert last.message.startswith(f"7 more line(s) have problems, the first of them line {MAX_PROBLEMS + 1}, ")
+
+
+def test_an_unsupported_endpoint_is_refused_and_a_bad_chat_is_a_problem() -> None:
+    with pytest.raises(BadRequest, match="is not one MLOC's batches serve"):
+        convert(io.BytesIO(jsonl([request("a", {})])), io.BytesIO(), endpoint="/v1/embeddings")
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
-    assert "body.messages[0].content has a part that is not text" in refusal(
-        [request("a", {"model": "m", "messages": image}, CHAT)], CHAT
-    )
-    assert "body.messages[0].role is 'robot'" in refusal(
-        [request("a", {"model": "m", "messages": [{"role": "robot", "content": "x"}]}, CHAT)], CHAT
-    )
+    found = problem([request("a", {"model": "m", "messages": image}, CHAT)], CHAT)
+    assert "body.messages[0].content has a part that is not text" in found.message
+    assert found.param == "body.messages[0].content"
+    found = problem([request("a", {"model": "m", "messages": [{"role": "robot", "content": "x"}]}, CHAT)], CHAT)
+    assert "line 1: body.messages[0].role is 'robot'; use one of system, developer" in found.message
 
 
 def test_result_lines_become_openai_output_and_error_lines() -> None:
@@ -171,6 +226,9 @@ def test_result_lines_become_openai_output_and_error_lines() -> None:
     error = errors[0]["response"]["body"]["error"]
     assert (error["message"], error["param"]) == ("body.prompt is empty", "body.prompt")
     assert count_lines(io.BytesIO(data)) == Counts(completed=2, failed=1, prompt_tokens=8, completion_tokens=3)
+    # An output file's size is told without sending it: that of the lines it sends.
+    sent = [len(b"".join(output_blocks(io.BytesIO(data), batch, errors=errors))) for errors in (False, True)]
+    assert output_sizes(io.BytesIO(data), batch) == tuple(sent)
 
 
 @pytest.mark.parametrize(
@@ -200,11 +258,9 @@ def test_mloc_error_bodies_become_openais() -> None:
                   "code": "bad_request"}
     }  # fmt: skip
     assert orjson.loads(openai_body(b"not json", 502))["error"]["type"] == "server_error"
-    # A field of the call's body is named as OpenAI names it; a field of a request in the input file keeps `body.`.
+    # A field of the call's body is named as OpenAI names it.
     missing = BadRequest("input_file_id: Field required", details=[{"path": "body.input_file_id", "message": "x"}])
     assert orjson.loads(openai_body(orjson.dumps(missing.to_dict()), 422))["error"]["param"] == "input_file_id"
-    in_file = BadRequest("line 2: no model", details=[{"path": "body.model", "message": "x", "line": 2}])
-    assert orjson.loads(openai_body(orjson.dumps(in_file.to_dict()), 400))["error"]["param"] == "body.model"
 
 
 def test_uploaded_files_and_their_rows_are_known_to_the_model_roots(tmp_path: Path) -> None:
@@ -326,6 +382,23 @@ def test_the_openai_client_runs_batches_on_mloc(
         assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
         assert body["usage"]["completion_tokens"] <= 3
 
+    # The batches have ended: their output and error files are alice's files, listed beside her uploads.
+    outputs = {f.id: f for f in alice.files.list(purpose="batch_output")}
+    assert set(outputs) == {done.output_file_id, done.error_file_id, chat_done.output_file_id}
+    listed = outputs[done.output_file_id or ""]
+    assert (listed.purpose, listed.filename, listed.status, listed.created_at) == (
+        "batch_output", f"{batch.id}_output.jsonl", "processed", done.completed_at
+    )  # fmt: skip
+    assert listed.bytes == len(alice.files.content(listed.id).content)
+    assert alice.files.retrieve(listed.id) == listed
+    errors_file = outputs[done.error_file_id or ""]
+    assert errors_file.filename == f"{batch.id}_error.jsonl"
+    assert errors_file.bytes == len(alice.files.content(errors_file.id).content)
+    everything = [f.id for f in alice.files.list()]
+    assert set(everything) == {upload.id, chat_upload.id, *outputs}
+    assert everything.index(chat_done.output_file_id or "") < everything.index(chat_upload.id)  # newest first
+    assert bob.files.list().data == []
+
     # Listing: the caller's own, newest first, a page at a time.
     assert [b.id for b in alice.batches.list()] == [chat_batch.id, batch.id]
     first_page = alice.batches.list(limit=1)
@@ -338,24 +411,61 @@ def test_the_openai_client_runs_batches_on_mloc(
     expected_tokens = sum(2 + i % 3 for i in range(20) if i != 7)
     assert stats["completion_tokens"] >= expected_tokens
 
-    # Bad input: each an openai exception whose message says what to fix; nothing is stored.
+    # A bad input file is taken, as at OpenAI, and makes a batch that failed validation: each line's problem
+    # is an entry of its errors, with the line, the field and the fix. No task is made, no rows are kept.
     files_dir = tmp_path / "results" / "files"
+    failed_ids: list[str] = []
 
-    def refused_upload(lines: list[dict[str, Any]]) -> str:
+    def failed_with(lines: list[dict[str, Any]]) -> list[tuple[int | None, str | None, str | None, str]]:
         bad = alice.files.create(file=("bad.jsonl", jsonl(lines)), purpose="batch")
-        with pytest.raises(openai.BadRequestError) as caught:
-            alice.batches.create(input_file_id=bad.id, endpoint=COMPLETIONS, completion_window="24h")
+        created = alice.batches.create(
+            input_file_id=bad.id, endpoint=COMPLETIONS, completion_window="24h", metadata={"run": "bad"}
+        )
+        assert created.status == "failed" and created.failed_at is not None and created.in_progress_at is None
+        assert (created.output_file_id, created.error_file_id, created.metadata) == (None, None, {"run": "bad"})
+        assert created.request_counts is not None and created.request_counts.total == 0
+        assert alice.batches.retrieve(created.id) == created
         assert not (files_dir / f"{bad.id}.rows.jsonl").exists()
-        return str(caught.value.message)
+        with pytest.raises(ApiError) as no_task:
+            admin.task(created.id.removeprefix("batch_"))
+        assert no_task.value.status_code == 404
+        failed_ids.append(created.id)
+        assert created.errors is not None and created.errors.data is not None
+        return [(e.line, e.code, e.param, e.message or "") for e in created.errors.data]
 
     twice = [completions[0], completions[1], completions[0]]
-    assert "line 3: custom_id 'q00' is also the custom_id of line 1" in refused_upload(twice)
+    assert failed_with(twice) == [
+        (3, "duplicate_custom_id", "custom_id",
+         "line 3: custom_id 'q00' is also the custom_id of line 1; give each line its own custom_id"),
+    ]  # fmt: skip
     mixed = [completions[0], request("x", {"model": "gpt-4o", "prompt": "hi"})]
-    assert "line 2: body.model is 'gpt-4o' but line 1 has 'tiny'" in refused_upload(mixed)
+    ((line, code, param, message),) = failed_with(mixed)
+    assert (line, code, param) == (2, "model_mismatch", "body.model")
+    assert message.startswith("line 2: body.model is 'gpt-4o' but line 1 has 'tiny'; a batch runs one model")
     escape = [request("m", {"model": "../escape", "prompt": "hi"})]
-    assert "body.model '../escape' cannot be run" in refused_upload(escape)
+    ((line, code, param, message),) = failed_with(escape)
+    assert (line, code, param) == (1, "model_not_found", "body.model")
+    assert message.startswith("line 1: body.model '../escape' cannot be run: ") and "MLOC_OPENAI_MODELS" in message
     elsewhere = [request("e", {"model": "tiny", "input": "hi"}, url="/v1/embeddings")]
-    assert "/v1/chat/completions and /v1/completions" in refused_upload(elsewhere)
+    ((line, code, param, message),) = failed_with(elsewhere)
+    assert (line, code, param) == (1, "invalid_url", "url")
+    assert "/v1/chat/completions and /v1/completions" in message
+    # Every problem at once, in line order: one new file fixes them all.
+    several = [
+        request("x", {"prompt": "no model"}),
+        request("y", {"model": "tiny", "prompt": "fine"}),
+        request("y", {"model": "tiny", "prompt": "twice"}, url=CHAT),
+    ]
+    assert [entry[:3] for entry in failed_with(several)] == [
+        (1, "missing_required_parameter", "body.model"),
+        (3, "duplicate_custom_id", "custom_id"),
+    ]
+    with pytest.raises(openai.ConflictError) as ended:
+        alice.batches.cancel(failed_ids[0])
+    assert f"batch {failed_ids[0]} is failed (its input file did not pass validation)" in ended.value.message
+    with pytest.raises(openai.NotFoundError):
+        bob.batches.retrieve(failed_ids[0])
+    assert [b.id for b in alice.batches.list(limit=len(failed_ids)).data] == failed_ids[::-1]
     with pytest.raises(openai.BadRequestError) as caught:
         alice.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h")
     assert "is not one MLOC's batches serve" in caught.value.message
@@ -378,10 +488,12 @@ def test_the_openai_client_runs_batches_on_mloc(
         alice.batches.create(input_file_id=done.output_file_id or "", endpoint=COMPLETIONS, completion_window="24h")
     assert "is a batch's output or error file; a batch reads an uploaded file" in derived.value.message
     for steal in (lambda: bob.files.content(upload.id), lambda: bob.files.content(done.output_file_id or ""),
+                  lambda: bob.files.retrieve(done.output_file_id or ""),
+                  lambda: bob.files.delete(done.output_file_id or ""),
                   lambda: bob.batches.retrieve(batch.id), lambda: bob.batches.cancel(batch.id)):  # fmt: skip
         with pytest.raises(openai.NotFoundError):
             steal()
-    assert [b.id for b in alice.batches.list()] == [chat_batch.id, batch.id]
+    assert [b.id for b in alice.batches.list()] == [*failed_ids[::-1], chat_batch.id, batch.id]
 
     # A user's task cannot read another user's batch rows by their path; the owner's can.
     rows = str(files_dir / f"{upload.id}.rows.jsonl")
@@ -458,16 +570,22 @@ def test_an_uploaded_file_is_deleted_by_its_owner_once_no_batch_that_has_not_end
     assert (files_dir / used.id).is_file() and (files_dir / f"{used.id}.rows.jsonl").is_file()
     assert alice.files.content(used.id).content == lines
 
-    # A batch's output file is made from its results, not an upload: it is not deleted this way.
+    # A batch's output file is deleted only once the batch has ended: until then its lines are being written.
     output_id = "file-" + waiting.id.removeprefix("batch_") + "-output"
-    with pytest.raises(openai.BadRequestError) as derived:
+    with pytest.raises(openai.ConflictError) as derived:
         alice.files.delete(output_id)
-    assert "only uploaded files can be deleted" in derived.value.message
+    assert f"file {output_id} is the output file of batch {waiting.id}, which has not ended" in derived.value.message
+    assert f"POST /v1/batches/{waiting.id}/cancel" in derived.value.message
     with pytest.raises(openai.NotFoundError):
         bob.files.delete(output_id)
 
-    # Once the batch has ended, the file goes with its rows; the batch stays.
+    # Once the batch has ended, the file goes with its rows; the batch stays. It answered no request, so
+    # it has no output file to delete.
     assert alice.batches.cancel(waiting.id).status == "cancelled"
+    with pytest.raises(openai.NotFoundError) as none:
+        alice.files.delete(output_id)
+    assert f"no request was answered in batch {waiting.id}, so it has no output file" in none.value.message
+    assert alice.files.list(purpose="batch_output").data == []
     assert alice.files.delete(used.id).deleted
     assert not (files_dir / used.id).exists() and not (files_dir / f"{used.id}.rows.jsonl").exists()
     assert alice.batches.retrieve(waiting.id).input_file_id == used.id

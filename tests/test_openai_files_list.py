@@ -1,6 +1,8 @@
-"""GET /v1/files through the official `openai` client (the caller's uploads, in pages), batch file
-errors in OpenAI's shape (`param` a field or null, `line` the line), a batch model that is not served
-refused at create, and the error entry of a batch whose part failed, on a real cluster."""
+"""GET /v1/files through the official `openai` client (the caller's uploads and, once their batch has
+ended, its output and error files, in pages), batch file problems in OpenAI's shape (`param` a field or
+null, `line` the line), a batch model that is not served failing the batch at validation, a batch's
+`finalizing` while the orchestrator joins its lines, and the error entry of a batch whose part failed,
+on a real cluster."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import io
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,8 +23,8 @@ from mloc import keys
 from mloc.api.openai_errors import openai_body
 from mloc.client import Client
 from mloc.localcluster import LocalCluster
-from mloc.openai_lines import COMPLETIONS, BatchFileError, convert
-from tests.test_openai_batch import ADMIN, TINY, jsonl, request, wait_ended
+from mloc.openai_lines import COMPLETIONS, Problem, convert
+from tests.test_openai_batch import ADMIN, TINY, jsonl, lines_of, request, wait_ended
 
 
 def users(cluster: LocalCluster, client_for: Callable[..., Client], *names: str) -> list[openai.OpenAI]:
@@ -30,11 +33,8 @@ def users(cluster: LocalCluster, client_for: Callable[..., Client], *names: str)
     return [openai.OpenAI(base_url=cluster.api_url + "/v1", api_key=token, max_retries=0) for token in tokens]
 
 
-def openai_error(data: bytes) -> dict[str, Any]:
-    with pytest.raises(BatchFileError) as caught:
-        convert(io.BytesIO(data), io.BytesIO(), file_id="file-x", endpoint=COMPLETIONS)
-    body: dict[str, Any] = orjson.loads(openai_body(orjson.dumps(caught.value.to_dict()), 400))["error"]
-    return body
+def first_problem(data: bytes) -> Problem:
+    return convert(io.BytesIO(data), io.BytesIO(), endpoint=COMPLETIONS).problems[0]
 
 
 @pytest.mark.parametrize(
@@ -48,16 +48,16 @@ def openai_error(data: bytes) -> dict[str, Any]:
     ],
     ids=["not-json", "bom", "array", "not-utf8"],
 )  # fmt: skip
-def test_an_error_about_a_whole_line_has_no_param_and_names_the_line(data: bytes, message: str) -> None:
-    error = openai_error(data)
-    assert message in error["message"]
-    assert error["param"] is None and error["line"] == int(message.split(":")[0].removeprefix("line "))
+def test_a_problem_with_a_whole_line_has_no_param_and_names_the_line(data: bytes, message: str) -> None:
+    problem = first_problem(data)
+    assert message in problem.message and problem.code == "invalid_json_line"
+    assert problem.param is None and problem.line == int(message.split(":")[0].removeprefix("line "))
 
 
-def test_an_error_about_a_field_names_it_and_its_line() -> None:
-    error = openai_error(jsonl([request("a", {"model": "m", "prompt": "x"}), request("b", {"prompt": "y"})]))
-    assert (error["param"], error["line"]) == ("body.model", 2)
-    # An error not about a line keeps OpenAI's four fields only.
+def test_a_problem_with_a_field_names_it_and_its_line() -> None:
+    problem = first_problem(jsonl([request("a", {"model": "m", "prompt": "x"}), request("b", {"prompt": "y"})]))
+    assert (problem.param, problem.line, problem.code) == ("body.model", 2, "missing_required_parameter")
+    # An error answer keeps OpenAI's four fields.
     plain = orjson.loads(openai_body(b'{"error": "not_found", "message": "no"}', 404))["error"]
     assert plain == {"message": "no", "type": "invalid_request_error", "param": None, "code": "not_found"}
 
@@ -124,24 +124,29 @@ def test_the_openai_client_lists_its_own_files_in_pages(
         plain.close()
 
 
-def test_a_batch_naming_a_model_that_is_not_served_is_refused_at_create(
+def test_a_batch_naming_a_model_that_is_not_served_fails_validation(
     make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
 ) -> None:
     cluster = make_cluster(0, env={"ORCHESTRATOR_TOKEN": ADMIN, "MLOC_OPENAI_MODELS": json.dumps({"tiny": TINY})})
     (alice,) = users(cluster, client_for, "alice")
 
-    def create(model: str) -> Any:
-        lines = [request("a", {"model": model, "prompt": "x"}), request("b", {"model": model, "prompt": "y"})]
+    def create(model: str, *more: dict[str, Any]) -> Any:
+        lines = [request("a", {"model": model, "prompt": "x"}), request("b", {"model": model, "prompt": "y"}), *more]
         upload = alice.files.create(file=("m.jsonl", b"\n" + jsonl(lines)), purpose="batch")
         return alice.batches.create(input_file_id=upload.id, endpoint=COMPLETIONS, completion_window="24h")
 
-    with pytest.raises(openai.BadRequestError) as caught:
-        create("gpt-4o-mini")
-    message = caught.value.message
-    assert "line 2: body.model is 'gpt-4o-mini', which is not a model of this MLOC" in message
-    assert "name one of 'tiny'" in message and "MLOC_OPENAI_MODELS" in message
-    assert caught.value.param == "body.model"
-    assert isinstance(caught.value.body, dict) and caught.value.body["line"] == 2
+    failed = create("gpt-4o-mini")
+    assert failed.status == "failed" and failed.model == "gpt-4o-mini", failed
+    assert failed.errors is not None and failed.errors.data is not None
+    (error,) = failed.errors.data
+    assert (error.code, error.param, error.line) == ("model_not_found", "body.model", 2)
+    assert error.message is not None
+    assert error.message.startswith("line 2: body.model is 'gpt-4o-mini', which is not a model of this MLOC; ")
+    assert "name one of 'tiny'" in error.message and "MLOC_OPENAI_MODELS" in error.message
+    # Told with the file's other problems, in line order.
+    also = create("gpt-4o-mini", request("a", {"model": "gpt-4o-mini", "prompt": "z"}))
+    assert also.errors is not None and also.errors.data is not None
+    assert [(e.line, e.code) for e in also.errors.data] == [(2, "model_not_found"), (4, "duplicate_custom_id")]
     # A configured name and a Hugging Face id (owner/name) are taken, as the README promises.
     assert create("tiny").status == "validating"
     assert create("mloc-tests/some-model").model == "mloc-tests/some-model"
@@ -171,3 +176,77 @@ def test_a_batch_whose_part_failed_says_which_requests_why_and_how_to_run_the_re
     assert "output file" not in error.message and done.output_file_id is None
     assert "chunk" not in error.message and error.code != "replica_failed"
     assert error.line is None and error.param is None
+
+
+@pytest.mark.extra("inference")
+def test_a_batch_finalizes_while_its_lines_are_joined_then_its_files_are_listed_until_deleted(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client], tmp_path: Path
+) -> None:
+    cluster = make_cluster(0, env={"ORCHESTRATOR_TOKEN": ADMIN, "MLOC_OPENAI_MODELS": json.dumps({"tiny": TINY})})
+    admin = client_for(cluster, ADMIN)
+    alice, bob = users(cluster, client_for, "alice", "bob")
+    lines = [
+        request(f"r{i}", {"model": "tiny", "prompt": f"Say {i}:", "max_tokens": 2, "temperature": 0}) for i in range(3)
+    ]
+    lines[1]["body"]["prompt"] = ""  # fails alone, into the error file
+    upload = alice.files.create(file=("r.jsonl", jsonl(lines)), purpose="batch")
+    batch = alice.batches.create(input_file_id=upload.id, endpoint=COMPLETIONS, completion_window="24h")
+    task_id = batch.id.removeprefix("batch_")
+    # A file where the task's own result folder goes: the orchestrator cannot join its chunk's lines there, and
+    # tries again at each sweep, as it would on a disk that is slow to take them.
+    blocker = tmp_path / "results" / task_id
+    blocker.write_text("")
+    cluster.add_worker("local-1")
+    deadline = time.monotonic() + 240
+    while (seen := alice.batches.retrieve(batch.id)).status != "finalizing":
+        assert seen.status in ("validating", "in_progress") and time.monotonic() < deadline, seen
+        time.sleep(0.2)
+    assert seen.finalizing_at is not None and seen.in_progress_at is not None and seen.completed_at is None, seen
+    assert seen.in_progress_at <= seen.finalizing_at
+    counts = seen.request_counts
+    assert counts is not None and (counts.total, counts.completed, counts.failed) == (3, 2, 1)
+    # Every line is there to read. The files are listed once the batch has ended, and kept until then.
+    assert [line["custom_id"] for line in lines_of(alice, seen.output_file_id)] == ["r0", "r2"]
+    assert alice.files.list(purpose="batch_output").data == []
+    with pytest.raises(openai.ConflictError) as kept:
+        alice.files.delete(seen.error_file_id or "")
+    assert "which has not ended: its lines are still being written" in kept.value.message
+
+    blocker.unlink()
+    done = wait_ended(alice, batch.id)
+    assert done.status == "completed" and done.finalizing_at == seen.finalizing_at, done
+    assert done.completed_at is not None and done.completed_at >= seen.finalizing_at
+    output, errors = done.output_file_id or "", done.error_file_id or ""
+    assert {f.id for f in alice.files.list(purpose="batch_output")} == {output, errors}
+    assert [f.id for f in alice.files.list(purpose="batch")] == [upload.id]
+    assert bob.files.list().data == []
+
+    # Deleted as at OpenAI: no longer listed nor read, while the batch still names it. Its lines stay the
+    # task's results.
+    deleted = alice.files.delete(errors)
+    assert (deleted.id, deleted.object, deleted.deleted) == (errors, "file", True)
+    for gone in (lambda: alice.files.retrieve(errors), lambda: alice.files.content(errors),
+                 lambda: alice.files.delete(errors)):  # fmt: skip
+        with pytest.raises(openai.NotFoundError) as caught:
+            gone()
+        assert f"file {errors} was deleted" in caught.value.message
+    assert [f.id for f in alice.files.list()] == [output, upload.id]
+    assert alice.batches.retrieve(batch.id).error_file_id == errors
+    assert [line["custom_id"] for line in lines_of(alice, output)] == ["r0", "r2"]
+    answer = httpx.get(
+        f"{cluster.api_url}/api/v1/tasks/{task_id}/results", headers={"Authorization": f"Bearer {alice.api_key}"}
+    )
+    assert [json.loads(line)["id"] for line in answer.text.splitlines()] == ["r0", "r1", "r2"]
+
+    # A batch that ended with no output file and is resumed has its files listed once it ends again.
+    cluster.stop_worker("local-1")
+    waiting = alice.batches.create(input_file_id=upload.id, endpoint=COMPLETIONS, completion_window="24h")
+    assert alice.batches.cancel(waiting.id).status == "cancelled"
+    assert {f.id for f in alice.files.list(purpose="batch_output")} == {output}
+    admin.resume(waiting.id.removeprefix("batch_"))
+    cluster.add_worker("local-2")
+    again = wait_ended(alice, waiting.id)
+    assert again.status == "completed" and again.output_file_id and again.error_file_id, again
+    listed = {f.id: f for f in alice.files.list(purpose="batch_output")}
+    assert set(listed) == {output, again.output_file_id, again.error_file_id}
+    assert listed[again.output_file_id].bytes == len(alice.files.content(again.output_file_id).content)

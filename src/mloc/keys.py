@@ -266,3 +266,20 @@ OPENAI_FILES_INDEXED = f"{PREFIX}:openai:files-indexed"
 def openai_batches(owner: str) -> str:
     """Zset: the task ids of one owner's batches (created_at ms), for GET /v1/batches."""
     return f"{PREFIX}:openai:batches:{owner}"
+
+
+def openai_failed_batch(task_id: str) -> str:
+    """Hash: a batch whose input file failed validation, so no task runs it: its owner and its Batch object
+    (JSON), under the task id its batch id holds."""
+    return f"{PREFIX}:openai:failed-batch:{task_id}"
+
+
+def openai_batch_ends(owner: str) -> str:
+    """Hash: the task ids of one owner's batches that may end (again: a failed or cancelled one may be
+    resumed) -> the end their output and error files were last listed at ("" before their first), for
+    GET /v1/files."""
+    return f"{PREFIX}:openai:batch-ends:{owner}"
+
+
+# Set of the owners whose batches made before openai_batch_ends existed have been put in it.
+OPENAI_OUTPUTS_INDEXED = f"{PREFIX}:openai:outputs-indexed"

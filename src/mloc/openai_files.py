@@ -13,6 +13,11 @@ file is that user's, by the owner stored here.
 Each owner's uploads are also in a sorted set (:func:`mloc.keys.openai_files_of`, scored by upload time in
 milliseconds) for GET /v1/files; an id there whose metadata is gone is dropped when a listing meets it.
 
+A batch's output and error files are listed there too once the batch has ended, scored by its end: their
+metadata (``task``, and ``ended``, the end it was taken at) is in the same hash, their bytes are the
+batch task's result lines, never copied here. A deleted one keeps its hash, marked ``deleted``, until its
+batch ends again (a resumed batch's file holds new lines) or its task is forgotten.
+
 The metadata hash also names the batches made from the file (``used_by:<task id>``), and holds a claim
 (``claim:<nonce>``, its time) while one is being made, so a delete can refuse while a batch still reads
 the rows, and a batch cannot be made from a file a delete has just removed.
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -46,6 +52,8 @@ ROWS_SUFFIX = ".rows.jsonl"
 # The label that names, on a batch's task, the uploaded file it reads.
 INPUT_FILE_LABEL = "openai.input_file_id"
 FILE_ID = re.compile(r"^file-[0-9a-f]{32}$")
+# The purpose of a batch's output and error files, as OpenAI names it.
+OUTPUT_PURPOSE = "batch_output"
 # Upload names are metadata only (never a path); longer ones are cut.
 MAX_FILENAME = 255
 USED_BY = "used_by:"
@@ -58,7 +66,8 @@ WATCH_TRIES = 5
 
 @dataclass(frozen=True)
 class StoredFile:
-    """An uploaded file's metadata."""
+    """An uploaded file's metadata, or a batch's output or error file's (``task``: the batch's task id,
+    ``ended``: the task's end its size was taken at)."""
 
     id: str
     bytes: int
@@ -66,6 +75,9 @@ class StoredFile:
     filename: str
     purpose: str
     owner: str
+    task: str | None = None
+    ended: str | None = None
+    deleted: bool = False
 
     def to_openai(self) -> dict[str, Any]:
         """OpenAI's FileObject."""
@@ -241,6 +253,74 @@ class FileStore:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
+    async def output(self, file_id: str) -> StoredFile | None:
+        """A batch's output or error file's metadata, as filed (deleted ones too), or None."""
+        fields = await self.redis.hgetall(keys.openai_file(file_id))
+        if not fields:
+            return None
+        stored = _stored({_text(k): _text(v) for k, v in fields.items()})
+        return stored if stored.task is not None else None
+
+    async def file_output(self, stored: StoredFile, *, ended_at: float, ttl: int | None) -> None:
+        """List a batch's output or error file, taken at its batch's end ``stored.ended`` (``ended_at``, its
+        time, orders it), unless it is already filed, or deleted, for that end."""
+
+        def write(pipe: Any, current: StoredFile | None) -> bool:
+            if current is not None and current.ended == stored.ended:
+                return False
+            key = keys.openai_file(stored.id)
+            pipe.delete(key)
+            pipe.hset(key, mapping=_fields(stored))
+            pipe.zadd(keys.openai_files_of(stored.owner), {stored.id: int(ended_at * 1000)})
+            if ttl:
+                pipe.expire(key, ttl)
+            return True
+
+        await self._change_output(stored.id, write)
+
+    async def delete_output(self, stored: StoredFile, *, ttl: int | None) -> None:
+        """Delete a batch's output or error file: no longer listed or read, until its batch ends again."""
+
+        def write(pipe: Any, current: StoredFile | None) -> bool:
+            if current is not None and current.ended != stored.ended:
+                return False  # filed anew meanwhile (its batch ended again): a file the caller has not seen
+            key = keys.openai_file(stored.id)
+            pipe.delete(key)
+            pipe.hset(key, mapping=_fields(dataclasses.replace(stored, deleted=True)))
+            pipe.zrem(keys.openai_files_of(stored.owner), stored.id)
+            if ttl:
+                pipe.expire(key, ttl)
+            return True
+
+        await self._change_output(stored.id, write)
+
+    async def drop_output(self, file_id: str, owner: str) -> None:
+        """Forget a batch's output or error file: its task is gone, or runs again."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.openai_file(file_id))
+            pipe.zrem(keys.openai_files_of(owner), file_id)
+            await pipe.execute()
+
+    async def _change_output(self, file_id: str, write: Callable[[Any, StoredFile | None], bool]) -> None:
+        """Make ``write``'s changes to an output file's metadata as one, against what it is now: a delete
+        and the filing of the same file must not cross (a deleted file would come back)."""
+        key = keys.openai_file(file_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for _ in range(WATCH_TRIES):
+                try:
+                    await pipe.watch(key)
+                    fields = {_text(k): _text(v) for k, v in (await pipe.hgetall(key)).items()}
+                    current = _stored(fields) if fields else None
+                    pipe.multi()
+                    if not write(pipe, current):
+                        await pipe.reset()
+                        return
+                    await pipe.execute()
+                    return
+                except aioredis.WatchError:
+                    continue  # filed or deleted meanwhile: look again
+        raise Conflict(f"file {file_id} kept changing while MLOC recorded it; try again")
+
     async def get(self, file_id: str) -> StoredFile | None:
         if not FILE_ID.match(file_id):
             return None
@@ -250,11 +330,19 @@ class FileStore:
         return _stored({_text(k): _text(v) for k, v in fields.items()})
 
     async def listed(
-        self, owner: str, *, purpose: str | None, after: str | None, limit: int, newest_first: bool
+        self,
+        owner: str,
+        *,
+        purpose: str | None,
+        after: str | None,
+        limit: int,
+        newest_first: bool,
+        stale: Callable[[list[StoredFile]], Awaitable[set[str]]] | None = None,
     ) -> tuple[list[StoredFile], bool] | None:
-        """A page of the owner's uploads in upload order (``newest_first`` or oldest first), those of
-        ``purpose`` only when it is given, starting past the upload ``after``; with whether more follow.
-        None when ``after`` is not one of the owner's uploads."""
+        """A page of the owner's files in the order they came (``newest_first`` or oldest first), those of
+        ``purpose`` only when it is given, starting past the file ``after``; with whether more follow.
+        None when ``after`` is not one of the owner's files. ``stale`` answers which of the batch output
+        files met no longer hold (their task is gone, or runs again): those are dropped from the list."""
         await self._index_older_uploads()
         index = keys.openai_files_of(owner)
         start = 0
@@ -279,11 +367,15 @@ class FileStore:
             if gone:
                 # Deleted while the listing looked, or indexed by a backfill that raced the delete.
                 await self.redis.zrem(index, *gone)
-            for fields in hashes:
-                stored = _stored({_text(k): _text(v) for k, v in fields.items()}) if fields else None
-                if stored is not None and (purpose is None or stored.purpose == purpose):
+            met = [_stored({_text(k): _text(v) for k, v in fields.items()}) for fields in hashes if fields]
+            outputs = [stored for stored in met if stored.task is not None]
+            dropped = await stale(outputs) if stale is not None and outputs else set()
+            for file_id in dropped:
+                await self.drop_output(file_id, owner)
+            for stored in met:
+                if stored.id not in dropped and not stored.deleted and (purpose is None or stored.purpose == purpose):
                     found.append(stored)
-            start += len(ids) - len(gone)
+            start += len(ids) - len(gone) - len(dropped)
         return found[:limit], len(found) > limit
 
     async def _index_older_uploads(self) -> None:
@@ -311,11 +403,21 @@ class Deleted:
 
 
 def _stored(h: dict[str, str]) -> StoredFile:
-    return StoredFile(h["id"], int(h["bytes"]), int(h["created_at"]), h["filename"], h["purpose"], h["owner"])
+    return StoredFile(
+        h["id"],
+        int(h["bytes"]),
+        int(h["created_at"]),
+        h["filename"],
+        h["purpose"],
+        h["owner"],
+        task=h.get("task"),
+        ended=h.get("ended"),
+        deleted=h.get("deleted") == "1",
+    )
 
 
 def _fields(stored: StoredFile) -> dict[str, str]:
-    return {
+    fields = {
         "id": stored.id,
         "bytes": str(stored.bytes),
         "created_at": str(stored.created_at),
@@ -323,6 +425,13 @@ def _fields(stored: StoredFile) -> dict[str, str]:
         "purpose": stored.purpose,
         "owner": stored.owner,
     }
+    if stored.task is not None:
+        fields["task"] = stored.task
+    if stored.ended is not None:
+        fields["ended"] = stored.ended
+    if stored.deleted:
+        fields["deleted"] = "1"
+    return fields
 
 
 def _text(value: str | bytes) -> str:

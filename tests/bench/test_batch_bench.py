@@ -30,7 +30,7 @@ def test_the_batch_file_is_varied_completions_that_mloc_accepts_and_the_runner_g
     assert batch.batch_requests(500) == lines  # the same file every run
 
     data = b"".join(orjson.dumps(line) + b"\n" for line in lines)
-    converted = convert(io.BytesIO(data), io.BytesIO(), file_id="file-bench", endpoint=COMPLETIONS)
+    converted = convert(io.BytesIO(data), io.BytesIO(), endpoint=COMPLETIONS)
     assert (converted.requests, converted.model) == (500, batch.MODEL_NAME)
 
     chat = batch.as_chat(lines[3])

@@ -108,10 +108,7 @@ def test_a_batch_request_with_temperature_5_lands_in_the_error_file_and_the_othe
     requests = [{"custom_id": f"r{i}", "method": "POST", "url": COMPLETIONS, "body": b} for i, b in enumerate(bodies)]
     rows = io.BytesIO()
     converted = convert(
-        io.BytesIO(b"".join(orjson.dumps(line) + b"\n" for line in requests)),
-        rows,
-        file_id="file-x",
-        endpoint=COMPLETIONS,
+        io.BytesIO(b"".join(orjson.dumps(line) + b"\n" for line in requests)), rows, endpoint=COMPLETIONS
     )
     (tmp_path / "rows.jsonl").write_bytes(rows.getvalue())
     # The task a batch over /v1/completions runs: the request fields are the row's columns.

@@ -3,7 +3,9 @@
 An upload is kept by :mod:`mloc.openai_files`. Creating a batch checks its file line by line and writes
 the lines as dataset rows (:mod:`mloc.openai_lines`), then submits an inference task over them; the
 batch *is* that task (``batch_<task id>``), marked by its labels and listed from the owner's batch index.
-Its output and error files are the task's result lines, turned into OpenAI's lines as they are sent.
+A file with problems makes a batch that failed validation, as at OpenAI: no task, its problems in its
+``errors``. A batch's output and error files are the task's result lines, turned into OpenAI's lines
+as they are sent; once the batch has ended they are listed among its owner's files.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Annotated, Any, Literal
@@ -70,7 +74,7 @@ class CreateBatch(BaseModel):
 
 
 def _files(orch: Orchestrator) -> FileStore:
-    return FileStore(orch.redis, orch.settings.results_dir)
+    return objects.files_of(orch)
 
 
 def _visible(stored: StoredFile | None, who: Principal, file_id: str) -> StoredFile:
@@ -106,18 +110,27 @@ async def upload_file(
 
 
 @router.get("/files", response_model=objects.FileList)
-@raises(BadRequest, Unavailable)
+@raises(BadRequest, Conflict, Unavailable)
 async def list_files(
     orch: Orch,
     who: Caller,
     purpose: Annotated[str | None, Query(max_length=64, description="Only the files of this purpose.")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
-    order: Annotated[Literal["asc", "desc"], Query(description="By upload time: `desc`, newest first.")] = "desc",
+    order: Annotated[
+        Literal["asc", "desc"], Query(description="By upload time (a batch's end for its files): `desc`, newest first.")
+    ] = "desc",
     after: Annotated[str | None, Query(max_length=100, description="A file id: list the ones past it.")] = None,
 ) -> dict[str, Any]:
-    """The caller's uploaded files (OpenAI's Files API). A batch's output and error files are not listed:
-    the batch names them."""
-    page = await _files(orch).listed(who.name, purpose=purpose, after=after, limit=limit, newest_first=order == "desc")
+    """The caller's files (OpenAI's Files API): uploads, and the output and error files of the batches
+    that have ended (purpose `batch_output`)."""
+    await objects.file_ended_batches(orch, who.name)
+
+    async def stale(outputs: list[StoredFile]) -> set[str]:
+        return await objects.stale_outputs(orch, outputs)
+
+    page = await _files(orch).listed(
+        who.name, purpose=purpose, after=after, limit=limit, newest_first=order == "desc", stale=stale
+    )
     if page is None:
         raise BadRequest(
             f"after {str(after)[:100]!r} is not one of your files; give the last id of the previous page",
@@ -128,7 +141,7 @@ async def list_files(
 
 
 @router.get("/files/{file_id}", response_model=objects.FileObject)
-@raises(NotFound, Unavailable)
+@raises(NotFound, Conflict, Unavailable)
 async def retrieve_file(file_id: str, orch: Orch, who: Caller) -> dict[str, Any]:
     """An uploaded file's record, or a batch's output or error file's."""
     derived = objects.derived(file_id)
@@ -143,9 +156,10 @@ async def retrieve_file(file_id: str, orch: Orch, who: Caller) -> dict[str, Any]
     response_class=StreamingResponse,
     responses={200: {"description": "The file's bytes.", "content": {JSONL: {"schema": {"type": "string"}}}}},
 )
-@raises(NotFound, Unavailable)
+@raises(NotFound, Conflict, Unavailable)
 async def file_content(file_id: str, orch: Orch, who: Caller) -> StreamingResponse:
-    """An uploaded file as it was sent, or a batch's output or error file: one OpenAI line per request."""
+    """An uploaded file as it was sent, or a batch's output or error file: one OpenAI line per request
+    (while the batch runs, those written so far)."""
     derived = objects.derived(file_id)
     if derived is None:
         files = _files(orch)
@@ -156,6 +170,8 @@ async def file_content(file_id: str, orch: Orch, who: Caller) -> StreamingRespon
             raise Unavailable(f"file {file_id} cannot be read: {type(exc).__name__}: {exc}") from exc
         return StreamingResponse(_chunks(handle), media_type=JSONL)
     record = await objects.batch_record(orch, who, derived[0], file_id)
+    if await objects.has_ended(orch, record):
+        await objects.filed_output(orch, record, file_id, derived[1])  # NotFound once deleted
     lines = await objects.lines_or_none(orch, record)
     if lines is None:
         raise objects.no_lines(file_id, record)
@@ -168,17 +184,13 @@ async def file_content(file_id: str, orch: Orch, who: Caller) -> StreamingRespon
 @router.delete("/files/{file_id}", response_model=objects.FileDeleted)
 @raises(BadRequest, NotFound, Conflict, Unavailable)
 async def delete_file(file_id: str, orch: Orch, who: Caller) -> dict[str, Any]:
-    """Delete an uploaded file: its bytes, its batch rows and its record. A file that a batch which has
-    not ended reads is kept (409) until the batch ends."""
+    """Delete a file. An upload goes with its bytes, its batch rows and its record; one that a batch which
+    has not ended reads is kept (409) until the batch ends. A batch's output or error file can be deleted
+    once the batch has ended (409 before): it is no longer listed or read, and its lines stay the batch
+    task's results until the task passes its retention."""
     derived = objects.derived(file_id)
     if derived is not None:
-        record = await objects.batch_record(orch, who, derived[0], file_id)
-        raise BadRequest(
-            f"file {file_id} is the {'error' if derived[1] else 'output'} file of batch "
-            f"{objects.BATCH_PREFIX}{record.task_id}: it is made from the batch's results and goes with them "
-            "when the batch's task passes its retention; only uploaded files can be deleted",
-            details=[{"path": "file_id", "message": "is a batch's output or error file"}],
-        )
+        return await _delete_output(orch, who, file_id, *derived)
     files = _files(orch)
     _visible(await files.get(file_id), who, file_id)
 
@@ -200,6 +212,23 @@ async def delete_file(file_id: str, orch: Orch, who: Caller) -> dict[str, Any]:
     except (ConfigError, OSError) as exc:
         # The record and the local copy are gone, so nothing can name the store's copy any more.
         log.warning("file %s: its rows could not be removed from the artifact store: %s", file_id, exc)
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+async def _delete_output(
+    orch: Orchestrator, who: Principal, file_id: str, task_id: str, errors: bool
+) -> dict[str, Any]:
+    record = await objects.batch_record(orch, who, task_id, file_id)
+    if not await objects.has_ended(orch, record):
+        batch = objects.BATCH_PREFIX + record.task_id
+        raise Conflict(
+            f"file {file_id} is the {'error' if errors else 'output'} file of batch {batch}, which has not ended: "
+            f"its lines are still being written; delete it once the batch has ended, or cancel the batch with "
+            f"POST /v1/batches/{batch}/cancel first",
+            details=[{"path": "file_id", "message": "is the output of a batch that has not ended"}],
+        )
+    stored = await objects.filed_output(orch, record, file_id, errors)
+    await _files(orch).delete_output(stored, ttl=objects.kept_for(orch))
     return {"id": file_id, "object": "file", "deleted": True}
 
 
@@ -228,7 +257,8 @@ def _chunks(handle: IO[bytes]) -> Iterator[bytes]:
 @router.post("/batches", response_model=objects.BatchObject)
 @raises(BadRequest, NotFound, Forbidden, Conflict, SpecError, Unavailable)
 async def create_batch(body: CreateBatch, orch: Orch, who: Caller) -> dict[str, Any]:
-    """Create a batch: its file is checked line by line and run as one inference task."""
+    """Create a batch: its file is checked line by line and run as one inference task. A file with
+    problems makes a batch that has failed validation, each problem in its `errors` (as at OpenAI)."""
     if body.endpoint not in openai_lines.ENDPOINTS:
         raise openai_lines.unsupported_endpoint(body.endpoint)
     if body.completion_window != objects.WINDOW:
@@ -264,17 +294,24 @@ async def create_batch(body: CreateBatch, orch: Orch, who: Caller) -> dict[str, 
     except BaseException:
         await files.release(stored.id, claim)
         raise
+    if isinstance(task_id, dict):
+        await files.release(stored.id, claim)  # nothing reads the file
+        return task_id
     await files.used_by(stored.id, claim, task_id)
     record = await orch.store.get(task_id, with_spec=False)
-    await orch.redis.zadd(keys.openai_batches(record.owner), {task_id: int(record.created_at * 1000)})
+    async with orch.redis.pipeline(transaction=True) as pipe:
+        pipe.zadd(keys.openai_batches(record.owner), {task_id: int(record.created_at * 1000)})
+        pipe.hset(keys.openai_batch_ends(record.owner), task_id, "")
+        await pipe.execute()
     return await objects.batch_object(orch, record)
 
 
 async def _submit_batch(
     orch: Orchestrator, who: Principal, files: FileStore, stored: StoredFile, body: CreateBatch, labels: dict[str, str]
-) -> str:
-    """Check the file, write its rows and submit the batch's task; the answer is the task's id. With an
-    artifact store the rows go there too, and the task reads them from there, so any host's worker can."""
+) -> str | dict[str, Any]:
+    """Check the file, write its rows and submit the batch's task; the answer is the task's id, or for a
+    file with problems the Batch object of a batch that failed validation (kept; no task is made). With
+    an artifact store the rows go there too, and the task reads them from there, so any host's worker can."""
     rows = files.rows_path(stored.id)
     try:
         store = artifacts.store_for(orch.settings)
@@ -290,11 +327,22 @@ async def _submit_batch(
             objects.BATCH: "1",
             objects.ENDPOINT: body.endpoint,
             objects.INPUT_FILE: stored.id,
-            objects.MODEL: converted.model[:256],
+            objects.MODEL: (converted.model or "")[:256],
             objects.REQUESTS: str(converted.requests),
         }
-        document = _document(orch, where, body.endpoint, converted, labels)
-        # In place only once the task can be made of it: a refused batch leaves nothing behind.
+        problems = list(converted.problems)
+        document: Document | None = None
+        try:
+            if converted.model is not None:
+                # Told beside the lines' problems, so that one new file fixes them all.
+                _model_section(orch.settings.openai_model_sections, converted, stored.id)
+            if not problems:
+                document = _document(orch, where, body.endpoint, converted, labels)
+        except openai_lines.BatchFileError as exc:
+            problems.append(exc.problem)
+        if document is None:
+            return await _failed(orch, who, stored, body, converted, problems)
+        # In place only once the task can be made of it: a failed batch leaves no rows behind.
         os.replace(partial, rows)
     finally:
         partial.unlink(missing_ok=True)
@@ -310,12 +358,38 @@ async def _submit_batch(
     return str(answer["task_id"])
 
 
+async def _failed(
+    orch: Orchestrator,
+    who: Principal,
+    stored: StoredFile,
+    body: CreateBatch,
+    converted: openai_lines.Converted,
+    problems: list[openai_lines.Problem],
+) -> dict[str, Any]:
+    """Keep a batch whose file has ``problems`` as one that failed validation; its Batch object."""
+    task_id = str(uuid.uuid4())
+    now = time.time()
+    # In line order; what concerns the whole file (no line) comes last.
+    problems.sort(key=lambda problem: (problem.line is None, problem.line or 0))
+    batch = objects.failed_object(
+        task_id,
+        endpoint=body.endpoint,
+        model=converted.model or "",
+        input_file_id=stored.id,
+        metadata=body.metadata,
+        problems=problems,
+        now=now,
+    )
+    await objects.save_failed(orch, who.name, task_id, batch, now)
+    return batch
+
+
 def _convert(files: FileStore, file_id: str, endpoint: str) -> tuple[openai_lines.Converted, Path]:
     """Check the upload and write its rows to a new file beside it; the answer names that file."""
     target, partial = files.temporary()
     try:
         with target, files.path(file_id).open("rb") as source:
-            return openai_lines.convert(source, target, file_id=file_id, endpoint=endpoint), partial
+            return openai_lines.convert(source, target, endpoint=endpoint), partial
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -329,10 +403,13 @@ def _document(
     except SpecError as exc:
         # What the file can get wrong here is its model; the task's field names would mean nothing to its author.
         known = ", ".join(sorted(orch.settings.openai_model_sections)) or "none are set"
-        raise BadRequest(
-            f"body.model {converted.model[:100]!r} cannot be run: {exc.message}; name a model of MLOC_OPENAI_MODELS "
-            f"({known}) or a Hugging Face model id",
-            details=[{"path": "body.model", "message": exc.message}],
+        raise openai_lines.refusal(
+            labels[objects.INPUT_FILE],
+            converted.model_line,
+            "body.model",
+            f"{(converted.model or '')[:100]!r} cannot be run: {exc.message}",
+            f"name a model of MLOC_OPENAI_MODELS ({known}) or a Hugging Face model id",
+            openai_lines.MODEL_NOT_FOUND,
         ) from None
 
 
@@ -346,7 +423,7 @@ def _model_section(
     Where MLOC_OPENAI_MODELS is set, a name of none of these (an OpenAI model name such as gpt-4o-mini, a
     misspelt name) would only fail on a worker, as a hub download; a bare name is therefore refused here,
     and a hub model is named in its owner/name form."""
-    name = converted.model
+    name = converted.model or ""
     if name in configured:
         return configured[name]
     packaged = find_packaged(name)
@@ -359,7 +436,9 @@ def _model_section(
             "under that name, the operator adds it to MLOC_OPENAI_MODELS (JSON: name -> a task's model section)"
         )
         problem = f"is {name[:100]!r}, which is not a model of this MLOC"
-        raise openai_lines.refusal(file_id, converted.model_line, "body.model", problem, fix)
+        raise openai_lines.refusal(
+            file_id, converted.model_line, "body.model", problem, fix, openai_lines.MODEL_NOT_FOUND
+        )
     return {"source": {"type": "huggingface", "identifier": name}}
 
 
@@ -414,15 +493,20 @@ def _task(
 @raises(NotFound, Unavailable)
 async def retrieve_batch(batch_id: str, orch: Orch, who: Caller) -> dict[str, Any]:
     """A batch: its status, times, request counts and output files."""
-    record = await objects.batch_record(orch, who, objects.batch_task_id(batch_id), batch_id)
-    return await objects.batch_object(orch, record)
+    found = await objects.find_batch(orch, who, objects.batch_task_id(batch_id), batch_id)
+    return found if isinstance(found, dict) else await objects.batch_object(orch, found)
 
 
 @router.post("/batches/{batch_id}/cancel", response_model=objects.BatchObject)
 @raises(NotFound, InvalidTransition, Unavailable)
 async def cancel_batch(batch_id: str, orch: Orch, who: Caller) -> dict[str, Any]:
     """Cancel a batch; the requests already answered stay in its output file."""
-    record = await objects.batch_record(orch, who, objects.batch_task_id(batch_id), batch_id)
+    record = await objects.find_batch(orch, who, objects.batch_task_id(batch_id), batch_id)
+    if isinstance(record, dict):
+        raise InvalidTransition(
+            f"batch {batch_id} is failed (its input file did not pass validation); only a batch that has not "
+            "ended can be cancelled"
+        )
     try:
         await cancel(orch.store, record.task_id, by=who.name)
     except InvalidTransition:
@@ -452,14 +536,17 @@ async def list_batches(
                 details=[{"path": "after", "message": "no such batch"}],
             )
         start = rank + 1
-    records: list[TaskRecord] = []
+    records: list[TaskRecord | dict[str, Any]] = []
     more = False
     while len(records) <= limit:
         ids = await orch.redis.zrevrange(index, start, start + limit)
         if not ids:
             break
         ids = [i.decode() if isinstance(i, bytes) else i for i in ids]
-        found = {record.task_id: record for record in await orch.store.get_many(ids)}
+        found: dict[str, TaskRecord | dict[str, Any]] = {
+            record.task_id: record for record in await orch.store.get_many(ids)
+        }
+        found |= await objects.failed_batches(orch, [task_id for task_id in ids if task_id not in found])
         gone = [task_id for task_id in ids if task_id not in found]
         if gone:
             # Tasks past their retention are forgotten; so are their batches.
@@ -468,7 +555,9 @@ async def list_batches(
         start += len(ids) - len(gone)
     if len(records) > limit:
         records, more = records[:limit], True
-    return _page([await objects.batch_object(orch, record) for record in records], more)
+    return _page(
+        [entry if isinstance(entry, dict) else await objects.batch_object(orch, entry) for entry in records], more
+    )
 
 
 def _page(data: list[dict[str, Any]], more: bool) -> dict[str, Any]:

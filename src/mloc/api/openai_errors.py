@@ -22,14 +22,8 @@ _OPENAI_BODY = {"$ref": "#/components/schemas/OpenAIErrorBody"}
 class OpenAIError(BaseModel):
     message: str = Field(description="What went wrong and what to do, for a person.")
     type: str = Field(description="invalid_request_error, or server_error for a 5xx.")
-    param: str | None = Field(
-        description="The call's parameter at fault (`input_file_id`), a field of a request in the input file "
-        "(`body.model`), or null."
-    )
+    param: str | None = Field(description="The call's parameter at fault (`input_file_id`, `order`), or null.")
     code: str | None = Field(description="MLOC's stable code (`error` of its own error body).")
-    line: int | None = Field(
-        default=None, description="The line of the batch input file at fault, where one is (as in a Batch's errors)."
-    )
 
 
 class OpenAIErrorBody(BaseModel):
@@ -49,10 +43,8 @@ def openai_body(body: bytes, status: int) -> bytes:
     details = mloc.get("details") or []
     first = details[0] if isinstance(details, list) and details and isinstance(details[0], dict) else {}
     param = first.get("path")
-    line = first.get("line")
-    if line is None and isinstance(param, str) and param.startswith(("body.", "query.")):
-        # A field of the call's own body or query is named as OpenAI names it ("input_file_id", "order");
-        # ``body.model`` stays for a field of a request in the input file (its line is given).
+    if isinstance(param, str) and param.startswith(("body.", "query.")):
+        # A field of the call's own body or query is named as OpenAI names it ("input_file_id", "order").
         param = param.split(".", 1)[1]
     error = {
         "message": mloc["message"],
@@ -60,8 +52,6 @@ def openai_body(body: bytes, status: int) -> bytes:
         "param": param,
         "code": mloc.get("error"),
     }
-    if isinstance(line, int) and not isinstance(line, bool):
-        error["line"] = line
     return orjson.dumps({"error": error})
 
 

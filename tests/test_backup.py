@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,21 +20,12 @@ from mloc.homelock import HomeLock
 from tests.conftest import RedisServer, free_port, real_clock_env
 from tests.reliability.conftest import tmpfs
 from tests.support.api import wait_until
+from tests.support.cli import mloc
 from tests.test_cli_up import READY, Up, up_env
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def run_mloc(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """``mloc ARGS`` with exactly ``env``: a REDIS_URL of the caller's must not reach it."""
-    return subprocess.run(
-        [sys.executable, "-m", "mloc.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env=env | {"COLUMNS": "200"},
-    )
+    return mloc(*args, env=env, timeout=timeout, inherit=False)
 
 
 def tree(folder: Path) -> dict[str, tuple[int, int]]:

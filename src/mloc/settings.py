@@ -382,10 +382,6 @@ class Settings(BaseSettings):
         return (self.hf_token.get_secret_value() or None) if self.hf_token else None
 
     @property
-    def resolved_vectors_dir(self) -> Path:
-        return self.vectors_dir or self.home / "vectors"
-
-    @property
     def resolved_worker_id(self) -> str:
         return self.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
 

@@ -459,9 +459,6 @@ class TaskStore:
         """Write informational fields (progress, pending reason) that are not state."""
         await self.redis.hset(keys.task(task_id), mapping=dict(fields))
 
-    async def pending_ids(self, limit: int) -> list[str]:
-        return await self.redis.zrange(keys.PENDING, 0, limit - 1)
-
     async def counts_by_state(self) -> dict[str, int]:
         """Tasks by state as `mloc tasks` lists them: a dataset task's chunks and a replica group's
         shards are not counted apart from their task."""

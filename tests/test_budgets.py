@@ -91,7 +91,10 @@ def test_a_user_over_a_token_budget_waits_with_the_reason_until_the_admin_raises
         r, orch = await setup(redis_url, "alice", "bob")
         await spend(orch, "alice", {"prompt_tokens": 20_000, "completion_tokens": 1_000_000})
         await budgets.set_budgets(r, "alice", budgets.budgets_of("month", {"tokens": "1M"}))
-        expected = f"budget exhausted: 1.02M of 1M tokens this month; resets {next_month(utc_today()).isoformat()}"
+        expected = (
+            f"budget exhausted: 1.02M of 1M tokens this month; resets {next_month(utc_today()).isoformat()}; "
+            "it starts then, or once an admin raises the budget: `mloc users set-budget alice --tokens N --per month`"
+        )
         # At submit: the worker has room, the budget keeps the task waiting.
         waiting = await submit(orch, echo("alice"))
         assert waiting["worker_id"] is None and waiting["pending_reason"] == expected
@@ -126,7 +129,10 @@ def test_a_day_budget_counts_only_the_days_spend_so_a_new_day_lets_tasks_run(red
         await asyncio.sleep(0.3)  # past the moment a submit reuses its owner's budgets for
         waiting = await submit(orch, echo("carol"))
         tomorrow = utc_today() + timedelta(days=1)
-        assert waiting["pending_reason"] == f"budget exhausted: 1.67m of 1m CPU time today; resets {tomorrow}"
+        assert waiting["pending_reason"] == (
+            f"budget exhausted: 1.67m of 1m CPU time today; resets {tomorrow}; it starts then, or once an admin "
+            "raises the budget: `mloc users set-budget carol --cpu-time N --per day`"
+        )
         # As of tomorrow the day's budget is spent on nothing yet.
         later = await orch.scheduler.standings.read(["carol"], now=time.time() + 86_400)
         [standing] = later["carol"].budgets
@@ -149,13 +155,17 @@ def test_an_exhausted_gpu_budget_holds_the_gpu_tasks_it_covers_and_nothing_else(
         await budgets.set_budgets(r, "erin", budgets.budgets_of("month", {"gpu_time": "1h"}, gpu_model="A100"))
         gpu_task = await submit(orch, echo("dave", gpus=1))
         resets = next_month(utc_today()).isoformat()
-        assert gpu_task["pending_reason"] == f"budget exhausted: 1.11h of 1h GPU time this month; resets {resets}"
+        assert gpu_task["pending_reason"].startswith(
+            f"budget exhausted: 1.11h of 1h GPU time this month; resets {resets}; it starts then"
+        )
+        assert gpu_task["pending_reason"].endswith("`mloc users set-budget dave --gpu-time N --per month`")
         assert (await submit(orch, echo("dave")))["worker_id"] == "w1"  # a CPU task runs
         assert (await submit(orch, echo("erin", gpus=1, gpu_type="L4")))["worker_id"] == "w1"
         await spend(orch, "erin", {"gpu_seconds": 3700.0, "gpu_seconds.NVIDIA A100-SXM4-80GB": 3700.0})
         await asyncio.sleep(0.3)
         a100 = await submit(orch, echo("erin", gpus=1, gpu_type="A100"))
         assert a100["pending_reason"].startswith("budget exhausted: 1.03h of 1h GPU time on A100 this month")
+        assert a100["pending_reason"].endswith("`mloc users set-budget erin --gpu-time N --gpu-model A100 --per month`")
         assert (await submit(orch, echo("erin", gpus=1, gpu_type="L4")))["worker_id"] == "w1"
         await r.aclose()
 
@@ -234,7 +244,10 @@ def test_a_hard_budget_stops_running_tasks_and_a_soft_one_lets_them_finish(
         # Alice's budget is soft: her running task finishes; her next one waits.
         assert wait_for(http, long["alice"], ("succeeded", "cancelled"), timeout=15)["state"] == "succeeded"
         nxt = http.post("/api/v1/tasks", json=echo("alice")).json()
-        assert nxt["pending_reason"].startswith("budget exhausted: ") and nxt["pending_reason"].endswith(tomorrow)
+        assert (
+            nxt["pending_reason"].startswith("budget exhausted: ") and f"resets {tomorrow}; " in nxt["pending_reason"]
+        )
+        assert nxt["pending_reason"].endswith("`mloc users set-budget alice --cpu-time N --per day`")
 
 
 def test_the_admin_sets_and_removes_budgets_from_the_cli_and_bad_input_changes_nothing(
@@ -347,12 +360,15 @@ def test_a_quota_held_task_is_not_told_it_starts_at_once(redis_url: str) -> None
         first = (await submit(orch, {**echo("bob"), "timeout_sec": 600}))["task_id"]
         assert (await orch.store.transition(first, moves.START, expect_worker="w1", new_attempt=True)).ok
         second = await submit(orch, echo("bob"))
-        assert second["pending_reason"] == "user bob at quota: 1 of 1 concurrent tasks"
+        quota = (
+            "user bob at quota: 1 of 1 concurrent tasks; it starts when one of them ends, or once an admin "
+            "raises the quota: `mloc users set-quota bob --max-tasks 2`"
+        )
+        assert second["pending_reason"] == quota
         estimate = await orch.queue_estimate(await orch.store.get(second["task_id"]))
         assert estimate is not None and estimate["eta_sec"] is None, estimate
         assert estimate["basis"].startswith(
-            "waits for one of bob's tasks to end (user bob at quota: 1 of 1 concurrent tasks); "
-            "the first of them is expected to end in about "
+            f"waits for one of bob's tasks to end ({quota}); the first of them is expected to end in about "
         ), estimate
         await r.aclose()
 

@@ -294,7 +294,7 @@ def test_a_task_its_owners_quota_holds_is_not_demand_and_one_lacking_a_worker_is
         running = http.post("/api/v1/tasks", json=l4("bob", 1)).json()["task_id"]
         wait_for(http, running, {"running"})
         held = http.post("/api/v1/tasks", json=l4("bob", 1)).json()
-        assert held["pending_reason"] == "user bob at quota: 1 of 1 concurrent tasks", held
+        assert held["pending_reason"].startswith("user bob at quota: 1 of 1 concurrent tasks; "), held
         lacking = http.post("/api/v1/tasks", json=l4("alice", 2)).json()
         assert lacking["worker_id"] is None and not lacking["unschedulable"], lacking
 

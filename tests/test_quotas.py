@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import time
 from collections.abc import Callable
 from typing import Any
@@ -11,12 +12,15 @@ from typing import Any
 import httpx
 import redis
 import redis.asyncio as aioredis
+import typer
 
 from mloc import keys, moves
+from mloc.cli.users import users_app  # importing this module registers the users commands
 from mloc.localcluster import LocalCluster
 from mloc.orchestrator.cancel import cancel
 from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.orchestrator.reaper import reap
+from mloc.orchestrator.scheduler import quota_reason
 from mloc.orchestrator.users import Principal
 from mloc.records import Registration
 from mloc.requeue import requeue
@@ -217,9 +221,11 @@ def test_a_user_at_quota_does_not_hold_up_other_users(redis_url: str) -> None:
             if states[task_id] == "pending":
                 reason = (await orch.store.get(task_id)).pending_reason
                 assert reason == (
-                    "user alice at quota: 2 of 2 concurrent tasks"
+                    "user alice at quota: 2 of 2 concurrent tasks; it starts when one of them ends, or once an "
+                    "admin raises the quota: `mloc users set-quota alice --max-tasks 3`"
                     if task_id in alice
-                    else "user bob at quota: 2 of 3 GPUs in use, this task needs 2"
+                    else "user bob at quota: 2 of 3 GPUs in use, this task needs 2; it starts when their tasks "
+                    "holding GPUs end, or once an admin raises the quota: `mloc users set-quota bob --max-gpus 4`"
                 )
         assert await usage_of(r, "alice") == (2, 2) and await usage_of(r, "bob") == (1, 2)
         await r.aclose()
@@ -291,8 +297,10 @@ def test_quota_caps_a_users_running_tasks_and_the_rest_run_as_slots_free(
             time.sleep(0.01)
         assert all(http.get(f"/api/v1/tasks/{t}").json()["state"] == "succeeded" for t in alice + bob)
         assert peaks == {"alice": 2, "bob": 2}
-        assert reason_alice == "user alice at quota: 2 of 2 concurrent tasks"
-        assert reason_bob == "user bob at quota: 2 of 2 GPUs in use, this task needs 1"
+        assert reason_alice.startswith("user alice at quota: 2 of 2 concurrent tasks; it starts when one of them")
+        assert reason_alice.endswith("`mloc users set-quota alice --max-tasks 3`")
+        assert reason_bob.startswith("user bob at quota: 2 of 2 GPUs in use, this task needs 1; it starts when")
+        assert reason_bob.endswith("`mloc users set-quota bob --max-gpus 3`")
         users = {u["name"]: u for u in http.get("/admin/users").json()["items"]}
         assert users["alice"]["quota"]["max_tasks"] == 2 and users["alice"]["usage"] == {"tasks": 0, "gpus": 0}
         # Failed, cancelled and crashed tasks give their share back too.
@@ -355,3 +363,30 @@ def test_admin_sets_quotas_from_the_cli_and_bad_input_is_explained(
         assert flag.status_code == 422 and "not true or false" in flag.json()["message"], flag.text
         shown = http.get("/admin/users/dave/quota").json()
         assert shown["quota"]["max_tasks"] == 0 and shown["quota"]["max_tasks_is_default"] is True
+
+
+def _admin_command(reason: str) -> tuple[str, dict[str, Any]]:
+    """The command a reason names, checked against the CLI: parsed (not run) as `mloc` would parse it."""
+    command = shlex.split(reason.rsplit("`", 2)[-2])
+    assert command[:2] == ["mloc", "users"], command
+    group = typer.main.get_command(users_app)
+    assert isinstance(group, typer.core.TyperGroup)
+    parsed = group.commands[command[2]].make_context(command[2], command[3:])
+    return command[2], {name: value for name, value in parsed.params.items() if value not in (None, False)}
+
+
+def test_a_quota_reason_names_the_admin_command_that_lets_the_task_start() -> None:
+    tasks = quota_reason("alice", "tasks", 4, 4)
+    assert tasks == (
+        "user alice at quota: 4 of 4 concurrent tasks; it starts when one of them ends, or once an admin "
+        "raises the quota: `mloc users set-quota alice --max-tasks 5`"
+    )
+    assert _admin_command(tasks) == ("set-quota", {"name": "alice", "max_tasks": 5})
+    # A quota lowered below what runs: one more than runs now lets the next one start.
+    assert _admin_command(quota_reason("alice", "tasks", 6, 4)) == ("set-quota", {"name": "alice", "max_tasks": 7})
+    gpus = quota_reason("bob", "gpus", 6, 8, 4)
+    assert gpus.startswith("user bob at quota: 6 of 8 GPUs in use, this task needs 4; it starts when their")
+    assert _admin_command(gpus) == ("set-quota", {"name": "bob", "max_gpus": 10})
+    never = quota_reason("bob", "gpus", 0, 2, 4)
+    assert "can never start under the current quota" in never
+    assert _admin_command(never) == ("set-quota", {"name": "bob", "max_gpus": 4})

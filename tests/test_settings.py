@@ -180,3 +180,41 @@ def test_only_the_orchestrator_logs_to_the_log_file(monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("MLOC_LOG_FILE")
     assert Settings().log_file_for(NodeType.ORCHESTRATOR) == Path("orchestrator.log")
     assert Settings().log_file_for(NodeType.WORKER) is None
+
+
+def test_vectors_dir_is_beside_the_models_folder_unless_set_and_always_absolute(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    root = tmp_path.resolve()
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("MLOC_VECTORS_DIR", raising=False)
+    monkeypatch.setenv("MLOC_HOME", str(root / "home"))
+    monkeypatch.delenv("MLOC_MODELS_DIR", raising=False)
+    assert Settings().resolved_vectors_dir() == root / "home" / "vectors"
+
+    # A relative MODELS_DIR: the worker advertises (no models_dir) and its runs open (the resolved
+    # ctx.models_dir) the same absolute folder, so a later task finds the collection an earlier one wrote.
+    monkeypatch.setenv("MLOC_MODELS_DIR", "models")
+    advertised = Settings().resolved_vectors_dir()
+    assert advertised == root / "vectors"
+    assert Settings().resolved_vectors_dir(Path("models").resolve()) == advertised
+    assert Settings().resolved_vectors_dir(Path("models")) == advertised
+    # "Beside" the models folder even when it is named by "." or "..".
+    monkeypatch.setenv("MLOC_MODELS_DIR", ".")
+    assert Settings().resolved_vectors_dir() == root.parent / "vectors"
+
+    monkeypatch.setenv("MLOC_MODELS_DIR", str(root / "disk" / "models"))
+    assert Settings().resolved_vectors_dir() == root / "disk" / "vectors"
+    # The run's models folder is the one a worker actually uses.
+    assert Settings().resolved_vectors_dir(root / "run" / "models") == root / "run" / "vectors"
+
+    monkeypatch.setenv("MLOC_VECTORS_DIR", str(root / "volume"))
+    assert Settings().resolved_vectors_dir() == root / "volume"
+    assert Settings().resolved_vectors_dir(root / "run" / "models") == root / "volume"
+    monkeypatch.setenv("MLOC_VECTORS_DIR", "kept/vectors")
+    monkeypatch.setenv("MLOC_MODELS_DIR", "models")
+    assert Settings().resolved_vectors_dir() == root / "kept" / "vectors"
+    assert Settings().resolved_vectors_dir(root / "models").is_absolute()
+    monkeypatch.setenv("HOME", str(root / "user"))
+    monkeypatch.setenv("MLOC_VECTORS_DIR", "~/vectors")
+    assert Settings().resolved_vectors_dir() == root / "user" / "vectors"

@@ -389,6 +389,17 @@ class Settings(BaseSettings):
     def resolved_models_dir(self) -> Path:
         return self.models_dir or self.home / "models"
 
+    def resolved_vectors_dir(self, models_dir: Path | None = None) -> Path:
+        """Where named RAG collections persist: MLOC_VECTORS_DIR, else a ``vectors`` folder beside the
+        models folder. ``models_dir`` is the folder a run was given (the worker's own); without it, the
+        one the worker would use. Always absolute, so every task on a worker, and the store it advertises
+        (host:path), name the same folder whatever directory a process runs in."""
+        if self.vectors_dir is not None:
+            return self.vectors_dir.expanduser().resolve()
+        # Resolved as the worker resolves its models folder, without expanding "~", so the default
+        # a worker advertises and the one its runs open (beside ctx.models_dir) cannot differ.
+        return (models_dir or self.resolved_models_dir).resolve().parent / "vectors"
+
     @property
     def resolved_api_url(self) -> str:
         return (self.api_url or f"http://127.0.0.1:{self.port}").rstrip("/")

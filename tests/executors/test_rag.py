@@ -717,3 +717,25 @@ def test_document_roots_are_checked_before_anything_is_looked_up(
     # A glob that starts above the allowed folder reads what it matches inside it.
     above = load_documents([DocumentSource.model_validate({"glob": f"{tmp_path}/*/sub/*.md"})], base_dir=tmp_path)
     assert [document.metadata["source"] for document in above] == [str(allowed / "sub" / "a.md")]
+
+
+@pytest.mark.parametrize("vectors", [None, "kept/vectors"])
+def test_a_run_opens_the_vectors_folder_its_worker_advertises(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, vectors: str | None
+) -> None:
+    from mloc.executors.rag import vectors_dir
+    from mloc.executors.rag.executor import vector_store
+
+    # A relative MODELS_DIR: the worker hands its runs the resolved folder (mloc.worker.worker).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLOC_MODELS_DIR", "models")
+    if vectors is None:
+        monkeypatch.delenv("MLOC_VECTORS_DIR", raising=False)
+    else:
+        monkeypatch.setenv("MLOC_VECTORS_DIR", vectors)
+    ctx = RunContext(
+        "t1", 1, "tester", mloc.spec.load(json.dumps(task(Path("tiny")))), tmp_path, Path("models").resolve(), "w1"
+    )
+    folder = vectors_dir(ctx)
+    assert folder == tmp_path.resolve() / (vectors or "vectors")
+    assert RagExecutor.capabilities()["vector_stores"] == [vector_store(folder)]

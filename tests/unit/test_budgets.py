@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shlex
 from datetime import date, timedelta
 
 import pytest
+import typer
 
 from mloc.budgetunits import Metric, Period, check_limits, format_amount, parse_limit
+from mloc.cli.users import users_app  # importing this module registers the users commands
 from mloc.errors import BadRequest
 from mloc.orchestrator.budgets import Budget, Standing, budgets_of, holding, period_bounds, standings
 from mloc.orchestrator.placement import Request
@@ -150,3 +153,28 @@ def test_an_exhausted_gpu_budget_holds_only_the_gpu_tasks_it_covers() -> None:
     assert holding([a100], a100_task) == a100.reason
     assert holding([a100], any_gpu) == a100.reason  # it may land on an A100
     assert holding([a100, tokens], cpu_task) == tokens.reason
+
+
+def test_a_budget_held_task_is_told_the_command_that_raises_that_budget() -> None:
+    today = date(2026, 3, 14)
+    tokens = Standing(Budget(Metric.TOKENS, Period.MONTH, 1_000_000), 1_020_000, today)
+    assert tokens.waiting_reason("alice") == (
+        "budget exhausted: 1.02M of 1M tokens this month; resets 2026-04-01; it starts then, or once an admin "
+        "raises the budget: `mloc users set-budget alice --tokens N --per month`"
+    )
+    gpu = Standing(Budget(Metric.GPU_TIME, Period.DAY, 3600, hard=True, gpu_model="A100"), 4000, today)
+    cpu_task = Request("echo", "tasks.echo")
+    gpu_task = Request("echo", "tasks.echo", gpu_count=1, gpu_type="A100")
+    # Without an owner the bare reason, as a cancel gives it; a waiting task of the owner gets the command.
+    assert holding([gpu], gpu_task) == gpu.reason
+    assert holding([gpu], gpu_task, owner="bob") == gpu.waiting_reason("bob")
+    assert holding([gpu], cpu_task, owner="bob") is None
+    # Setting a budget replaces it whole: the command keeps its model, period and hard limit.
+    assert gpu.waiting_reason("bob").endswith(
+        "`mloc users set-budget bob --gpu-time N --gpu-model A100 --per day --hard`"
+    )
+    group = typer.main.get_command(users_app)
+    assert isinstance(group, typer.core.TyperGroup)
+    for reason, amount in ((tokens.waiting_reason("alice"), "2M"), (gpu.waiting_reason("bob"), "2h")):
+        args = [amount if arg == "N" else arg for arg in shlex.split(reason.rsplit("`", 2)[-2])[3:]]
+        group.commands["set-budget"].make_context("set-budget", args)  # the CLI takes it as written

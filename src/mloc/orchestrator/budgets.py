@@ -16,6 +16,7 @@ on that model (the model they ask for matches it, or they take any).
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -133,6 +134,20 @@ class Standing:
         hard = " (hard limit)" if self.budget.hard else ""
         return f"budget exhausted{hard}: {self.text}; resets {self.resets.isoformat()}"
 
+    def waiting_reason(self, owner: str) -> str:
+        """Why a task of ``owner`` waits on this budget, and what lets it start: the user can only
+        wait for the reset, so it also names the admin's command that raises this very budget
+        (``--hard`` again, as setting a budget replaces it whole)."""
+        budget = self.budget
+        flags = [f"--{budget.metric.value.replace('_', '-')} N"]
+        if budget.gpu_model:
+            flags.append(f"--gpu-model {shlex.quote(budget.gpu_model)}")
+        flags.append(f"--per {budget.period.value}")
+        if budget.hard:
+            flags.append("--hard")
+        command = f"mloc users set-budget {shlex.quote(owner)} {' '.join(flags)}"
+        return f"{self.reason}; it starts then, or once an admin raises the budget: `{command}`"
+
     def to_dict(self) -> dict[str, Any]:
         _, resets = period_bounds(self.budget.period, self.today)
         return {
@@ -167,11 +182,13 @@ def standings(
     return sorted(found, key=lambda s: s.budget.field)
 
 
-def holding(exhausted: Sequence[Standing], req: Request) -> str | None:
-    """The reason the first exhausted budget that holds this request gives, or None."""
+def holding(exhausted: Sequence[Standing], req: Request, *, owner: str | None = None) -> str | None:
+    """The reason the first exhausted budget that holds this request gives, or None. With ``owner``,
+    the reason a waiting task of theirs shows (:meth:`Standing.waiting_reason`); without, the bare
+    one, as a cancel gives."""
     for standing in exhausted:
         if standing.budget.holds(req):
-            return standing.reason
+            return standing.reason if owner is None else standing.waiting_reason(owner)
     return None
 
 

@@ -86,15 +86,24 @@ class Placement:
 
 
 def quota_reason(owner: str, limit: str, used: int, most: int, gpus_needed: int = 0) -> str:
+    """Why the owner's quota keeps a task waiting, and what lets it start: the user can only wait (or
+    cancel), so the reason names the admin's command too, with a limit that would let it start now."""
     if limit == "tasks":
-        return f"user {owner} at quota: {used} of {most} concurrent tasks"
+        return (
+            f"user {owner} at quota: {used} of {most} concurrent tasks; it starts when one of them ends, "
+            f"or once an admin raises the quota: `mloc users set-quota {owner} --max-tasks {used + 1}`"
+        )
     if gpus_needed > most:
         return (
             f"user {owner}'s quota allows {most} GPU{'s' if most != 1 else ''} at once and this task needs "
             f"{gpus_needed}: it can never start under the current quota; ask the admin to raise it "
             f"(`mloc users set-quota {owner} --max-gpus {gpus_needed}`) or cancel it"
         )
-    return f"user {owner} at quota: {used} of {most} GPUs in use, this task needs {gpus_needed}"
+    return (
+        f"user {owner} at quota: {used} of {most} GPUs in use, this task needs {gpus_needed}; it starts when "
+        f"their tasks holding GPUs end, or once an admin raises the quota: "
+        f"`mloc users set-quota {owner} --max-gpus {used + gpus_needed}`"
+    )
 
 
 def quota_never(limit: str, most: int, gpus_needed: int) -> bool:
@@ -516,7 +525,7 @@ class Scheduler:
                 owner.next += 1
                 req = Request.from_json(json.loads(task.req_json))
                 exhausted = owner.standing.exhausted
-                held = budgets.holding(exhausted, req) if exhausted else None
+                held = budgets.holding(exhausted, req, owner=owner.name) if exhausted else None
                 if held is not None:
                     if task.reason != held:
                         reasons[task.task_id] = held

@@ -102,4 +102,4 @@ class Standings:
                 self._recent.clear()
             recent = (now, (await self.read([owner]))[owner])
             self._recent[owner] = recent
-        return holding(recent[1].exhausted, req)
+        return holding(recent[1].exhausted, req, owner=owner)

@@ -36,10 +36,10 @@ COMPLETION_STOPS = ("\nQuestion:", "\nContext:")
 
 
 def vectors_dir(ctx: RunContext) -> Path:
-    """Where persistent collections live on this worker: MLOC_VECTORS_DIR, else beside its models folder."""
+    """Where persistent collections live on this worker (``Settings.resolved_vectors_dir``)."""
     from mloc.settings import Settings
 
-    return Settings().vectors_dir or ctx.models_dir.parent / "vectors"
+    return Settings().resolved_vectors_dir(ctx.models_dir)
 
 
 def vector_store(folder: Path) -> str:
@@ -90,8 +90,7 @@ class RagExecutor(Executor):
         from mloc.llm.loader import available_engines
         from mloc.settings import Settings
 
-        settings = Settings()
-        folder = settings.vectors_dir or settings.resolved_models_dir.resolve().parent / "vectors"
+        folder = Settings().resolved_vectors_dir()
         return {"engines": available_engines(), "vector_stores": [vector_store(folder)]}
 
     def warm_models(self) -> list[str]:

@@ -200,6 +200,23 @@ return 0
 """
 
 
+# Splits a script into its library (constants and functions, made once per call of the whole script)
+# and its body (run once per part or item): see :func:`sequence` and :func:`each`.
+LIBRARY_END = "-- library end\n"
+
+
+def _split(script: str) -> tuple[str, str]:
+    library, marker, body = script.partition(LIBRARY_END)
+    return (library, body) if marker else ("", script)
+
+
+def _libraries(scripts: tuple[str, ...]) -> str:
+    """Each distinct library once: Redis runs a script's whole text on every call, and a function
+    defined inside a part would be made again for every part and item (about 8 us for the transition
+    script's), so functions are defined at the top, once, and the parts share them."""
+    return "".join(dict.fromkeys(_split(script)[0] for script in scripts))
+
+
 def sequence(*scripts: str) -> str:
     """One script that runs ``scripts`` in order, atomically, in one round trip.
 
@@ -207,11 +224,11 @@ def sequence(*scripts: str) -> str:
     and ARGV starts with each part's key count and argument count (2 numbers per part) before the
     parts' own arguments. Returns the list of the parts' replies; a reply {"err", ...} stops it there.
     """
-    steps = "\n".join(f"local function step{i}(KEYS, ARGV)\n{body}\nend" for i, body in enumerate(scripts))
+    steps = "\n".join(f"local function step{i}(KEYS, ARGV)\n{_split(body)[1]}\nend" for i, body in enumerate(scripts))
     names = ", ".join(f"step{i}" for i in range(len(scripts)))
-    return f"""{steps}
+    return f"""{_libraries(scripts)}{steps}
 local steps = {{{names}}}
-local replies = {{}}
+{LIBRARY_END}local replies = {{}}
 local next_key, next_arg = 1, 2 * #steps + 1
 for i, step in ipairs(steps) do
   local nkeys, nargs = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
@@ -232,10 +249,11 @@ def each(script: str) -> str:
     item); the items' keys follow one another in KEYS, and their arguments in ARGV. Returns the list
     of the items' replies, in order.
     """
-    return f"""local function step(KEYS, ARGV)
-{script}
+    library, body = _split(script)
+    return f"""{library}local function step(KEYS, ARGV)
+{body}
 end
-local n = tonumber(ARGV[1])
+{LIBRARY_END}local n = tonumber(ARGV[1])
 local replies = {{}}
 local next_key, next_arg = 1, 2 * n + 2
 for i = 1, n do

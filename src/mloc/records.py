@@ -619,6 +619,8 @@ class Assignment:
     gpus: tuple[int, ...]
     document: dict[str, Any]  # the task's mloc/v1 document, wire form
     attempt: int | None = None  # None from a script that did not announce it
+    # The entry's body as sent: identical tasks share it, so a worker can key what it derives on it.
+    body: str = field(default="", compare=False, repr=False)
 
     @property
     def task_type(self) -> str:
@@ -665,7 +667,7 @@ class Assignment:
                 f"assignment {of} is unreadable: {_fault(entry)}; the orchestrator that sent it may run another "
                 "MLOC version than this worker: run the same version on both"
             )
-        return cls(task_id, owner, tuple(gpus), document, None if attempt is None else int(attempt))
+        return cls(task_id, owner, tuple(gpus), document, None if attempt is None else int(attempt), entry["body"])
 
 
 def _fault(entry: Mapping[str, str]) -> str:

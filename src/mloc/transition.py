@@ -16,6 +16,7 @@ call travels as one JSON object with named parts, built by :func:`arguments` rig
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Iterable, Mapping
@@ -126,21 +127,14 @@ def _prelude() -> str:
 # ARGV[2] the result as JSON text, or "": kept apart so a large result is neither escaped nor parsed
 # Returns {"ok", previous state, attempt, state entered} or {"err", refusal code, detail}. Every check
 # comes before the first write, so a refused move has changed nothing.
-_BODY = r"""
+_LIBRARY = r"""
 local function k(template, id) return (string.gsub(template, '{id}', id)) end
 -- Lua numbers print as "-0" or in exponent form; Redis integer commands need plain digits.
 local function int(x) return string.format('%d', x) end
 
-local task = KEYS[1]
-local a = cjson.decode(ARGV[1])
-local id, now, target = a.id, a.now, a.to
-local found = redis.call('HMGET', task, 'state', 'worker_id', 'attempts', 'created_ms', 'owner', 'parent_id',
-  'retry_at', 'hold', 'task_type')
-local state, worker, attempt = found[1], found[2] or '', tonumber(found[3] or '0')
-local owner, parent = found[5] or '', found[6]
-local delayed = target == PENDING and a.retry_at ~= nil
--- Field writes are gathered and sent as one HSET at the end.
-local sets = {}
+-- The call's state: the functions below read it, and the body sets all of it again on every call.
+local task, a, id, now, target, found, state, worker, attempt, owner, parent, delayed
+local sets  -- field writes, gathered and sent as one HSET at the end
 local function set(name, value) sets[#sets + 1] = name; sets[#sets + 1] = value end
 
 local function check_state()
@@ -341,6 +335,17 @@ local function mark_dependents()
   redis.call('SADD', KEY_DEPS_ENDED, id)
   return true
 end
+"""
+# Run on every call (the library above is made once per script call: see mloc.lua.sequence).
+_CALL = r"""task = KEYS[1]
+a = cjson.decode(ARGV[1])
+id, now, target = a.id, a.now, a.to
+found = redis.call('HMGET', task, 'state', 'worker_id', 'attempts', 'created_ms', 'owner', 'parent_id',
+  'retry_at', 'hold', 'task_type')
+state, worker, attempt = found[1], found[2] or '', tonumber(found[3] or '0')
+owner, parent = found[5] or '', found[6]
+delayed = target == PENDING and a.retry_at ~= nil
+sets = {}
 
 local code, detail = check_state()
 if not code then code, detail = fence() end
@@ -371,7 +376,7 @@ if marked or (woke and (delayed or redis.call('ZCARD', KEY_PENDING) > 0)) then
 end
 return {'ok', state, tostring(attempt), target}
 """
-TRANSITION = _prelude() + _BODY
+TRANSITION = _prelude() + _LIBRARY + lua.LIBRARY_END + _CALL
 
 
 def pending_score(priority: int, created_ms: int) -> float:
@@ -415,14 +420,23 @@ def fair_share_cost(usage: Mapping[str, float]) -> float:
     return float(usage.get("wall_sec", 0.0)) * FAIR_SHARE_CPU_WEIGHT
 
 
+@functools.lru_cache(maxsize=4)
+def _calendar(day_no: int) -> tuple[str, str, int]:
+    """The UTC day, its month and when that month's counters may go, for a day number: formatting
+    dates costs several microseconds, and every task ending on one day asks for the same."""
+    ts = day_no * 86_400
+    return utc_day(ts), utc_month(ts), _month_expiry(ts)
+
+
 def _usage_part(owner: str, usage: Mapping[str, float], now: float) -> dict[str, Any]:
-    day = utc_day(now)
+    day_no = day_number(now)
+    day, month_name, expire_at = _calendar(day_no)
     # As text: HINCRBYFLOAT then adds the exact value, not Lua's 14-digit rendering of it.
     part: dict[str, Any] = {
         "key": keys.usage_day(owner, day),
         "days": keys.usage_days(owner),
         "day": day,
-        "day_no": day_number(now),
+        "day_no": day_no,
         "owner": owner,
         "counters": {name: repr(float(value)) for name, value in usage.items()},
     }
@@ -433,9 +447,9 @@ def _usage_part(owner: str, usage: Mapping[str, float], now: float) -> dict[str,
     }
     if month:
         part["month"] = {
-            "key": keys.usage_month(owner, utc_month(now)),
+            "key": keys.usage_month(owner, month_name),
             "counters": month,
-            "expire_at": _month_expiry(now),
+            "expire_at": expire_at,
         }
     cost, count = fair_share_cost(usage), float(usage.get("tasks", 0.0))
     if cost > 0 or count > 0:

@@ -321,3 +321,28 @@ def test_the_owner_is_admin_only_for_the_admin(redis_url: str, tmp_path: Path) -
         assert await rig.redis.hget(keys.task(answer["task_id"]), "submitted_by") == ADMIN
 
     run(redis_url, tmp_path, scenario)
+
+
+def test_identical_instant_tasks_share_one_validated_document_and_each_gets_its_own_result(
+    redis_url: str, tmp_path: Path
+) -> None:
+    async def scenario(rig: Rig) -> None:
+        worker = rig.workers["w1"]
+        first, second = await rig.submit(), await rig.submit()
+        entries = [await rig.entry("w1") for _ in range(2)]
+        assert entries[0][1]["body"] == entries[1][1]["body"]  # the same task, sent twice
+        documents = [worker._instant(Assignment.decode(fields)) for _, fields in entries]
+        assert documents[0] is not None and documents[0] is documents[1]
+        for entry_id, fields in entries:
+            await worker._handle(entry_id, fields)
+        for task_id in (first, second):
+            assert (await rig.orch.store.get(task_id)).state == TaskState.SUCCEEDED
+            assert (await rig.orch.store.result(task_id))["payload"] == {"hello": "world"}
+            assert (tmp_path / "results" / task_id / "responses.json").is_file()
+        # Another document is validated on its own, and one that runs in a thread is known as such too.
+        threaded = await rig.submit(THREAD)
+        _, fields = await rig.entry_for(threaded)
+        assert worker._instant(Assignment.decode(fields)) is None
+        assert len(worker._instant_documents) == 2
+
+    run(redis_url, tmp_path, scenario, slots=3)

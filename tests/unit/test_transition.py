@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,10 +13,10 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from mloc import keys, moves, tasklog, transition
+from mloc import keys, lua, moves, tasklog, transition
 from mloc.moves import Change, Move, Reservation
 from mloc.state import ALLOWED, Refusal, TaskState
-from mloc.store import TaskStore
+from mloc.store import Apply, TaskStore
 from mloc.workers import WorkerRegistry
 from tests.support.fleet import echo_record, registration
 
@@ -452,5 +453,61 @@ def test_then_records_a_start_and_an_end_in_one_call(redis_url: str) -> None:
         refused = await store.apply(other, start, then=end)
         assert (refused.error, refused.detail) == (Refusal.STATE, "cancelled")
         assert await snapshot(r, other) == before
+
+    run(redis_url, scenario)
+
+
+def test_a_batch_of_start_and_end_pairs_shares_the_functions_and_each_item_sees_only_its_own_task(
+    redis_url: str,
+) -> None:
+    # Defined once for the whole call (each item sets the call's state again), not once per part.
+    for script in (transition.TRANSITION_TWICE, lua.each(transition.TRANSITION_TWICE), lua.each(transition.SUBMIT)):
+        assert script.count("local function check_state()") == 1
+
+    async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
+        alice, bob, gone = await new_task(store, "alice"), await new_task(store, "bob"), await new_task(store)
+        free = await r.hget(keys.worker("w1"), "slots_free")
+        for task_id, owner in ((alice, "alice"), (bob, "bob")):
+            await store.transition(task_id, moves.PLACE, reserve=Reservation("w1", 500, 100, [], "{}", user=owner))
+        await store.transition(gone, moves.CANCEL)
+        start = Change(moves.START, expect_worker="w1", expect_attempt=0, new_attempt=True)
+
+        def end(owner: str) -> Change:
+            return Change(
+                moves.SUCCEED,
+                expect_worker="w1",
+                expect_attempt=1,
+                release=True,
+                result={"who": owner},
+                usage={"tasks": 1.0, "wall_sec": 2.0},
+                owner=owner,
+            )
+
+        ended_after = time.time()
+        outcomes = await store.apply_many(
+            [
+                Apply(alice, start, then=end("alice")),
+                Apply(gone, start, then=end("x")),
+                Apply(bob, start, then=end("bob")),
+            ]
+        )
+        assert [(o.ok, o.state, o.attempt) for o in outcomes] == [
+            (True, TaskState.SUCCEEDED, 1),
+            (False, None, 0),
+            (True, TaskState.SUCCEEDED, 1),
+        ]
+        assert (outcomes[1].error, outcomes[1].detail) == (Refusal.STATE, "cancelled")
+        for task_id, owner in ((alice, "alice"), (bob, "bob")):
+            record = await r.hgetall(keys.task(task_id))
+            assert (record["state"], record["attempts"], record["owner"]) == ("succeeded", "1", owner)
+            assert json.loads(await r.get(keys.task_result(task_id)) or "") == {"who": owner}
+            assert await r.zscore(keys.tasks_in_state("succeeded"), task_id) is not None
+            assert await r.zscore(keys.tasks_in_state("running"), task_id) is None
+        assert await r.hget(keys.task(gone), "state") == "cancelled"
+        assert await r.hget(keys.worker("w1"), "slots_free") == free
+        for owner in ("alice", "bob"):  # each owner's hold given back, and their own usage counted
+            assert await r.hget(keys.user_usage(owner), "tasks") == "0"
+            days = {transition.utc_day(ended_after), transition.utc_day(time.time())}  # midnight may fall between
+            assert [await r.hget(keys.usage_day(owner, day), "wall_sec") for day in sorted(days)][-1] == "2"
 
     run(redis_url, scenario)

@@ -41,9 +41,18 @@ _JSON_OPTIONS = orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEN
 Event = dict[str, Any]
 
 
+def encode_json(obj: Any) -> bytes:
+    """``obj`` as the JSON files MLOC writes hold it (indented, ending with a newline)."""
+    return orjson.dumps(obj, option=_JSON_OPTIONS, default=str)
+
+
 def write_json_atomic(path: Path, obj: Any) -> Path:
     """Write JSON so a reader sees the old file or the new one, never half of one."""
-    data = orjson.dumps(obj, option=_JSON_OPTIONS, default=str)
+    return write_bytes_atomic(path, encode_json(obj))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> Path:
+    """Write ``data`` so a reader sees the old file or the new one, never half of one."""
     # Plain os calls on strings: a worker writes one of these per task, and pathlib's own work made
     # each write about a fifth slower.
     folder, name = os.path.split(os.fspath(path))

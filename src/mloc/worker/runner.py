@@ -12,7 +12,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from mloc import artifacts, checkpoints, keys, memoryhistory, modelroots, moves, requeue, tasklog
 from mloc.errors import ExecutionError, MlocError, NoExecutor, TaskCancelled
-from mloc.executors.base import RunContext, write_json_atomic
+from mloc.executors.base import RunContext, encode_json, write_bytes_atomic, write_json_atomic
 from mloc.executors.registry import executor_for
 from mloc.moves import Change
 from mloc.records import ADMIN, SUBMITTED_BY, Assignment, AssignmentError
@@ -38,6 +38,9 @@ from mloc.worker.reporter import Reporter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Distinct instant-task assignments whose validated documents a worker keeps (see TaskRunner._instant).
+INSTANT_DOCUMENTS_KEPT = 256
+INSTANT_BODY_KEPT_BYTES = 8 * 1024  # larger bodies are validated each time, so the cache stays small
 
 
 @dataclass
@@ -72,6 +75,7 @@ class TaskRunner:
     backoff: requeue.Backoff
     max_requeues: int
     _tasks: set[asyncio.Task[None]]
+    _instant_documents: dict[str, Document | None]
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
@@ -129,21 +133,13 @@ class TaskRunner:
     async def _take(self, entry_id: str, assignment: Assignment) -> None:
         task_id = assignment.task_id
         started = time.time()
-        start = Change(
-            moves.START,
-            expect_worker=self.worker_id,
-            new_attempt=True,
-            fields={"started_at": repr(started), "pending_reason": "", "reason": "", "reason_code": ""},
-            now=started,
-        )
         document = self._instant(assignment)
-        deferred: Change | None = None
-        if document is not None and assignment.attempt is not None:
-            # Work that finishes at once is recorded as started and finished in one step, after it
-            # ran: fenced on the attempt the assignment announced, so a stale message runs nothing.
-            run = Running(task_id, assignment.attempt, document=document)
-            deferred = replace(start, expect_attempt=run.attempt - 1)
+        # Work that finishes at once is recorded as started and finished in one step, after it ran.
+        deferred = document is not None and assignment.attempt is not None
+        if deferred:
+            run = Running(task_id, assignment.attempt or 0, document=document)
         else:
+            start = self._start_change(started)
             try:
                 outcome = await self._persist(f"task {task_id}: recording its start", self.mover.apply, task_id, start)
                 attempt = (
@@ -246,8 +242,34 @@ class TaskRunner:
         ended = state in (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED)
         return bool(ended and worker_id == self.worker_id and attempts == str(attempt))
 
+    def _start_change(self, started: float, *, expect_attempt: int | None = None, **logged: Any) -> Change:
+        """The move to running, as the worker takes the task (or with its end, for instant work)."""
+        return Change(
+            moves.START,
+            expect_worker=self.worker_id,
+            expect_attempt=expect_attempt,
+            new_attempt=True,
+            fields={"started_at": repr(started), "pending_reason": "", "reason": "", "reason_code": ""},
+            now=started,
+            **logged,
+        )
+
     def _instant(self, assignment: Assignment) -> Document | None:
-        """The task's document when its executor runs on the event loop and returns at once."""
+        """The task's document when its executor runs on the event loop and returns at once.
+
+        Kept per assignment body: a batch of identical tasks is validated once, not once per task.
+        Only these documents are shared between runs, and an instant executor runs to its end on the
+        loop, so no two runs hold one at the same time."""
+        if assignment.body in self._instant_documents:
+            return self._instant_documents[assignment.body]
+        document = self._instant_document(assignment)
+        if len(self._instant_documents) >= INSTANT_DOCUMENTS_KEPT:
+            self._instant_documents.clear()
+        if 0 < len(assignment.body) <= INSTANT_BODY_KEPT_BYTES:
+            self._instant_documents[assignment.body] = document
+        return document
+
+    def _instant_document(self, assignment: Assignment) -> Document | None:
         task_type = assignment.task_type
         if task_type in self.settings.executor_pythons:
             return None
@@ -267,10 +289,11 @@ class TaskRunner:
         started: float,
         entry_id: str,
         *,
-        deferred_start: Change | None = None,
+        deferred_start: bool = False,
     ) -> bool:
         """Run the task and record how it ended; True when the stream entry was acknowledged too.
-        ``deferred_start`` is the move to running, when it is recorded together with the outcome."""
+        ``deferred_start``: the move to running is recorded together with the outcome, fenced on the
+        attempt the assignment announced, so a stale message runs nothing."""
         task_id = run.task_id
         document_data = assignment.document
         owner = assignment.owner
@@ -390,7 +413,7 @@ class TaskRunner:
             await self._ack(entry_id)
             return True
         # Built in the order they happened: the log's lines are stamped as they are made.
-        taken = self._logged(*self._taken(assignment, run.attempt)) if deferred_start is not None else {}
+        taken = self._logged(*self._taken(assignment, run.attempt)) if deferred_start else {}
         final = Change(
             moves.finish(state),
             expect_worker=self.worker_id,
@@ -413,10 +436,10 @@ class TaskRunner:
             **self._logged(tasklog.ended(state, reason, finished - started)),
         )
         what = f"task {task_id}: recording how it ended"
-        if deferred_start is None:
+        if not deferred_start:
             outcome = await self._persist(what, self.mover.apply, task_id, final)
         else:
-            start = replace(deferred_start, **taken)
+            start = self._start_change(started, expect_attempt=run.attempt - 1, **taken)
             outcome = await self._persist(what, self.mover.apply, task_id, start, then=final)
         recorded = outcome.ok or await self._recorded(task_id, run.attempt)
         if recorded:
@@ -424,7 +447,7 @@ class TaskRunner:
         if not outcome.ok and recorded:
             return True  # an earlier try was applied; only its answer was lost
         if not outcome.ok:
-            if deferred_start is not None:
+            if deferred_start:
                 # It was cancelled or moved before its start was recorded: as if it never ran.
                 await asyncio.to_thread(shutil.rmtree, out_dir, True)
                 return False
@@ -496,10 +519,12 @@ class TaskRunner:
     @staticmethod
     async def _write_result(path: Path, result: dict[str, Any]) -> None:
         # Small results are written on the loop: a thread hop would cost more than the write.
-        if len(result) < 32 and len(json.dumps(result, default=str)) < 64 * 1024:
-            write_json_atomic(path, result)
-        else:
-            await asyncio.to_thread(write_json_atomic, path, result)
+        if len(result) < 32:
+            data = encode_json(result)
+            if len(data) < 64 * 1024:
+                write_bytes_atomic(path, data)
+                return
+        await asyncio.to_thread(write_json_atomic, path, result)
 
     async def _run_executor(
         self,

@@ -28,6 +28,7 @@ from mloc.records import Registration, WorkerStatus, heartbeat_fields
 from mloc.removals import FolderSweeper
 from mloc.requeue import Backoff, hand_back, requeue
 from mloc.settings import Settings
+from mloc.spec import Document
 from mloc.state import Reason, StopReason, TaskState
 from mloc.store import Coalescer, TaskStore
 from mloc.worker import hardware
@@ -67,6 +68,7 @@ class Worker(TaskRunner):
         self.handling: Counter[str] = Counter()
         self.stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._instant_documents: dict[str, Document | None] = {}
         # Used only for tasks stored without their own policy (submitted to an older orchestrator).
         self.backoff = Backoff(settings.retry_backoff_sec, settings.retry_backoff_max_sec)
         self.max_requeues = settings.max_requeues

@@ -1,6 +1,6 @@
 """An agent task through a real cluster and the `mloc` CLI: one that answers shows its question, tool calls
-and answer in `mloc show`; one stopped at max_steps fails, naming the limit and the fix, with its steps in
-its log.
+(as many as --show asks) and answer in `mloc show` and `mloc submit --wait`; one stopped at max_steps fails,
+naming the limit and the fix, with its steps in its log.
 
 The model is a real tiny Llama (mloc.llm.tiny) taught here, in seconds, to write the ReAct text of two
 scripted runs, so the worker's transformers engine, the text tool-call protocol, the python_repl sandbox
@@ -145,15 +145,21 @@ def test_show_prints_an_agents_question_tool_calls_and_answer_as_text(
     printed = lines_of(shown.stdout)
     start = printed.index(f"question: {SUMS}")
     # Each call as the result records it, the escape sequence the tool printed shown as an escape.
-    assert printed[start:] == [
+    answered = [
         f"question: {SUMS}",
         "steps (2):",
         "  1. python_repl('print(6 * 7)') -> 42",
         "  2. python_repl(\"print(6 + 7, chr(27) + '[2J')\") -> 13 \\x1b[2J",
         "answer:",
         ANSWER,
-    ], shown.stdout
+    ]
+    assert printed[start:] == answered, shown.stdout
     assert "\x1b" not in shown.stdout
+    # --wait printed the same: the question from the task's messages, each call, the answer.
+    waited = lines_of(done.stdout)
+    start = waited.index(f"question: {SUMS}")
+    assert waited[start : start + len(answered)] == answered, done.stdout
+    assert "\x1b" not in done.stdout
 
     # --show N: the first N calls, then how many more and where they all are; --show 0: none of it.
     first = lines_of(mloc("show", task_id, "--show", "1", env=env).stdout)
@@ -165,6 +171,41 @@ def test_show_prints_an_agents_question_tool_calls_and_answer_as_text(
     assert first[-2:] == ["answer:", ANSWER]
     brief = mloc("show", task_id, "--show", "0", env=env).stdout
     assert "question:" not in brief and "steps" not in brief
+
+
+@pytest.mark.extra("inference", "agent")
+def test_submit_wait_prints_an_agents_question_given_as_input_and_as_many_tool_calls_as_show_asks(
+    make_cluster: Callable[..., LocalCluster], react_model: Path, tmp_path: Path
+) -> None:
+    cluster = make_cluster(1, worker_env=[{"MLOC_ALLOW_PYTHON_TOOL": "1"}])
+    env = {"MLOC_API_URL": cluster.api_url}
+    task = agent_task(tmp_path, react_model, SUMS, 4)
+    # The question as `input`, the spec's other way to ask it: the prompt the model sees is the same.
+    document = json.loads(task.read_text())
+    document["input"] = document.pop("messages")[0]["content"]
+    task.write_text(json.dumps(document))
+    done = mloc("submit", str(task), "--wait", "--show", "1", env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    task_id = re.search(r"^submitted (\S+)", done.stdout, re.M).group(1)  # type: ignore[union-attr]
+    printed = lines_of(done.stdout)
+    start = printed.index(f"question: {SUMS}")
+    # As `mloc show --show 1` prints it: the first call, then how many more and where they all are.
+    assert printed[start : start + 6] == [
+        f"question: {SUMS}",
+        "steps (2):",
+        "  1. python_repl('print(6 * 7)') -> 42",
+        f"  ... 1 more of 2 steps: mloc result {task_id}",
+        "answer:",
+        ANSWER,
+    ], done.stdout
+    assert printed[start : start + 6] == lines_of(mloc("show", task_id, "--show", "1", env=env).stdout)[-6:]
+    assert "print(6 + 7" not in done.stdout
+    assert Client(cluster.api_url).task(task_id)["spec"]["spec"]["input"] == SUMS
+    # --show 0: none of it, only where the result is.
+    brief = mloc("submit", str(task), "--wait", "--show", "0", env=env, timeout=300)
+    assert brief.returncode == 0, brief.stdout + brief.stderr
+    assert "question:" not in brief.stdout and "steps" not in brief.stdout, brief.stdout
+    assert re.search(r"^full result: mloc result \S+$", brief.stdout, re.M), brief.stdout
 
 
 @pytest.mark.extra("inference", "agent")
@@ -201,16 +242,20 @@ def test_an_agent_stopped_at_max_steps_fails_with_the_limit_the_fix_and_its_step
 def test_show_says_plainly_that_an_agent_result_from_before_such_runs_failed_has_no_answer(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from mloc.cli.tasks import _agent_answer
+    from mloc.cli.results import print_result
 
-    record = {"task_id": "8d6a1fe9-0000-4000-8000-000000000000", "spec": {"spec": {"input": "Count\x1b[2J"}}}
+    record = {
+        "task_id": "8d6a1fe9-0000-4000-8000-000000000000",
+        "task_type": "agent_inference",
+        "spec": {"spec": {"input": "Count\x1b[2J"}},
+    }
     stopped = {
         "final_answer": None,
         "stop_reason": "max_steps",
         "stop_message": "stopped after max_steps=1 tool calls without a final answer; raise hyperparameters.max_steps",
         "steps": [{"step": 1, "tool": "python_repl", "input": {"code": "print(1)"}, "output": "1\n2", "error": True}],
     }
-    _agent_answer(record, stopped, 10)
+    print_result(record, stopped, 10)
     assert capsys.readouterr().out.splitlines() == [
         "question: Count\\x1b[2J",
         "steps (1):",

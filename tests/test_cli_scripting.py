@@ -3,15 +3,21 @@ id is taken (an ambiguous one lists the candidates), and no line wrapped when th
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
 import re
+import select
 import shlex
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -32,6 +38,73 @@ def wait_all(client: Client, ids: list[str], timeout: float = 60) -> None:
 def table_rows(text: str, first: str) -> list[list[str]]:
     """The rows of a printed table whose first cell matches ``first`` (a regex), split into words."""
     return [line.split() for line in text.splitlines() if re.match(rf"^\s*{first}\s", line)]
+
+
+def piped_in(stdin: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``mloc ARGS`` with ``stdin`` piped to it, as `make-tasks | mloc submit -` runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "mloc.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, **env},
+    )
+
+
+def in_a_terminal(*args: str, columns: int, env: dict[str, str], timeout: float = 60) -> list[str]:
+    """The lines ``mloc ARGS`` writes to a terminal ``columns`` wide (a pseudo-terminal, COLUMNS set too)."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mloc.cli", *args],
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        cwd=REPO,
+        env={**os.environ, "TERM": "xterm-256color", "NO_COLOR": "1", **env, "COLUMNS": str(columns)},
+    )
+    os.close(follower)
+    read = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 0.5)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the command ended and closed the terminal
+                break
+            if not chunk:
+                break
+            read += chunk
+        assert proc.wait(timeout=max(1.0, deadline - time.monotonic())) == 0, read.decode()
+    finally:
+        os.close(leader)
+        if proc.poll() is None:
+            proc.kill()
+    return read.decode().replace("\r\n", "\n").splitlines()
+
+
+ENVELOPE = {"ok", "count", "tasks"}
+
+
+def one_shape(answer: dict[str, Any], count: int) -> list[dict[str, Any]]:
+    """The tasks of a `submit --json` answer, once its shape is checked: ok, count and the tasks' list,
+    and one task's own fields at the top as well."""
+    assert set(answer) >= ENVELOPE, answer
+    assert answer["count"] == count == len(answer["tasks"]), answer
+    if count == 1:
+        assert {k: v for k, v in answer.items() if k not in ENVELOPE} == {
+            k: v for k, v in answer["tasks"][0].items() if k != "ok"
+        }, answer
+    else:
+        assert set(answer) - {"valid"} == ENVELOPE, answer
+    return list(answer["tasks"])
 
 
 def test_read_commands_print_json_lists_print_ids_and_every_command_takes_short_ids(
@@ -241,11 +314,93 @@ def test_submit_wait_json_prints_one_json_document_of_the_ended_tasks(
     assert waited.returncode == 0, waited.stderr
     ended = json.loads(waited.stdout)
     assert ended["state"] == "succeeded" and ended["result"]["payload"] == {"n": 1}
+    assert ended["ok"] is True and one_shape(ended, 1)[0]["result"] == ended["result"]
 
     # Several: {"tasks": [...]} in the order submitted; a failed one has no result, and the exit code says so.
     both = mloc("submit", str(good), str(bad), "--wait", "--json", env=env)
     assert both.returncode == 1, both.stderr
-    tasks = json.loads(both.stdout)["tasks"]
+    answer = json.loads(both.stdout)
+    tasks = one_shape(answer, 2)
+    assert answer["ok"] is False  # as the exit status says
     assert [task["state"] for task in tasks] == ["succeeded", "failed"]
+    assert set(tasks[0]) == set(tasks[1]) == set(one_shape(ended, 1)[0])
     assert tasks[1]["result"] is None and tasks[1]["reason"] == "deliberate failure"
     assert "1 of 2 tasks did not succeed" in both.stderr
+
+
+def test_submit_json_has_one_shape_for_one_task_many_or_a_pipeline_and_submit_dash_reads_stdin(
+    make_cluster: Callable[..., LocalCluster], tmp_path: Path
+) -> None:
+    cluster = make_cluster(1)
+    env = {"MLOC_API_URL": cluster.api_url}
+    client = Client(cluster.api_url)
+    one = tmp_path / "one.yaml"
+    one.write_text("taskType: echo\npayload: {n: 0}\n")
+    many = tmp_path / "many.yaml"
+    many.write_text("---\n".join(f"taskType: echo\npayload: {{n: {n}}}\n" for n in range(1, 4)))
+    steps = tmp_path / "steps.yaml"
+    steps.write_text(
+        "metadata: {name: first}\nspec: {taskType: echo}\n---\n"
+        "metadata: {name: second}\nspec: {taskType: echo, dependsOn: [first]}\n"
+    )
+
+    # One task, a file of three, two files, a pipeline: one shape, whose `tasks` a script reads alike.
+    answers = {}
+    for label, files, count in (("one", [one], 1), ("many", [many], 3), ("two", [one, many], 4), ("steps", [steps], 2)):
+        submitted = mloc("submit", *map(str, files), "--json", env=env)
+        assert submitted.returncode == 0, submitted.stderr
+        answers[label] = json.loads(submitted.stdout)
+        tasks = one_shape(answers[label], count)
+        assert all(re.fullmatch(r"[0-9a-f-]{36}", task["task_id"]) for task in tasks), tasks
+    assert answers["one"]["task_id"] == answers["one"]["tasks"][0]["task_id"]  # as scripts read it before
+    # Each task answered alike, whether it came alone or with others; a pipeline's steps say a little more.
+    required = {"ok", "task_id", "worker_id", "topic", "state"}
+    for label, answer in answers.items():
+        assert all(required <= set(task) for task in answer["tasks"]), (label, answer)
+    assert [task["name"] for task in answers["steps"]["tasks"]] == ["first", "second"]
+
+    # A dry run too: each task's check, whatever their number.
+    dry_one = json.loads(mloc("submit", str(one), "--dry-run", "--json", env=env).stdout)
+    dry_many = json.loads(mloc("submit", str(many), "--dry-run", "--json", env=env).stdout)
+    assert dry_one["valid"] is dry_many["valid"] is True
+    assert {frozenset(t) for t in one_shape(dry_one, 1)} == {frozenset(t) for t in one_shape(dry_many, 3)}
+    assert dry_one["would_place_on"] == ["local-1"]  # as scripts read it before
+
+    # `-` reads the tasks from standard input: one document as one task, several as several.
+    piped = piped_in("taskType: echo\npayload: {piped: 1}\n", "submit", "-", "--json", env=env)
+    assert piped.returncode == 0, piped.stderr
+    [task] = one_shape(json.loads(piped.stdout), 1)
+    assert client.wait(task["task_id"], timeout=60)["state"] == "succeeded"
+    assert client.result(task["task_id"])["payload"] == {"piped": 1}
+    several = piped_in(many.read_text(), "submit", "-", env=env)
+    assert several.returncode == 0, several.stderr
+    said = several.stdout.splitlines()
+    assert [re.sub(r"^submitted \S+ \((.*?)\),.*$", r"\1", line) for line in said] == [
+        f"stdin (document {n})" for n in range(1, 4)
+    ], said
+    # Beside files, in the order given; a problem in it is named after it.
+    mixed = piped_in("taskType: echo\npayload: {piped: 2}\n", "submit", str(one), "-", "--json", env=env)
+    assert mixed.returncode == 0, mixed.stderr
+    ids = [task["task_id"] for task in one_shape(json.loads(mixed.stdout), 2)]
+    wait_all(client, ids)
+    assert [client.result(task_id)["payload"] for task_id in ids] == [{"n": 0}, {"piped": 2}]
+    bad = piped_in("taskType: echoo\n", "submit", str(one), "-", env=env)
+    assert bad.returncode == 2 and "stdin" in bad.stderr, bad.stderr
+    twice = piped_in("taskType: echo\n", "submit", "-", "-", env=env)
+    assert twice.returncode == 2 and "give - (standard input) once" in twice.stderr, twice.stderr
+
+
+def test_users_list_keeps_user_names_whole_in_a_narrow_terminal(make_cluster: Callable[..., LocalCluster]) -> None:
+    cluster = make_cluster(1)
+    env = {"MLOC_API_URL": cluster.api_url}
+    names = ["erin-of-the-data-team", "bo"]
+    for name in names:
+        assert mloc("users", "add", name, env=env).returncode == 0
+    for columns in (60, 40):
+        lines = in_a_terminal("users", "list", columns=columns, env=env)
+        rows = [line.split() for line in lines if line.split() and line.split()[0] in names]
+        assert sorted(row[0] for row in rows) == sorted(names), (columns, lines)
+        assert "…" not in "\n".join(lines), (columns, lines)
+        assert all(len(line.rstrip()) <= columns for line in lines), (columns, lines)
+        # The other columns give way, folded, but are still there beside each name.
+        assert all(len(row) >= 3 for row in rows), (columns, lines)

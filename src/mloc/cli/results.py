@@ -1,5 +1,6 @@
 """How a task's result is printed: each item's prompt or question, its output and, for a RAG answer,
-the sources it was given; at most a few of them, then how many more there are. A dataset task's
+the sources it was given; at most a few of them, then how many more there are. An agent's result is its
+question, its first few tool calls and its answer. A dataset task's
 result is its result lines (results.jsonl), printed alike; its responses.json holds only the totals.
 Any other result without items is printed as JSON, cut short likewise."""
 
@@ -9,15 +10,20 @@ from typing import Any
 
 from mloc.cli import output
 
+AGENT_TASK_TYPE = "agent_inference"
+
 
 def print_result(record: dict[str, Any], result: Any, shown: int) -> None:
-    """At most ``shown`` of the result's items (a RAG result's answers), or its first lines as JSON."""
+    """At most ``shown`` of the result's items (a RAG result's answers), or its first lines as JSON; an
+    agent's question, at most ``shown`` of its tool calls, and its answer."""
+    if isinstance(result, dict) and is_agent(record):
+        agent_answer(record, result, shown)
+        return
     items = result.get("items") if isinstance(result, dict) else None
     if not (isinstance(items, list) and items) and isinstance(result, dict):
         items = result.get("answers")  # a RAG result's answers say the same as its items, and more
     if isinstance(items, list) and items:
-        steps = result.get("steps") if isinstance(result, dict) else None
-        _items(record, items, shown, steps if isinstance(steps, list) else [])
+        _items(record, items, shown)
     else:
         _value(result, shown)
     if isinstance(result, dict) and result.get("stop_message") and result.get("final_answer") is None:
@@ -76,14 +82,51 @@ def print_line(line: dict[str, Any]) -> None:
         output.line(output.visible(str(text)))
 
 
-def _items(record: dict[str, Any], items: list[Any], shown: int, steps: list[Any]) -> None:
-    """Each item with what it was asked; an agent's one item with the tool calls it made on the way."""
+def is_agent(record: dict[str, Any]) -> bool:
+    """Whether the record is an agent task's (the API's record names its type; a document, its taskType)."""
+    spec = record.get("spec")
+    inner = spec.get("spec") if isinstance(spec, dict) else None
+    declared = inner.get("taskType") if isinstance(inner, dict) else None
+    return AGENT_TASK_TYPE in (record.get("task_type"), declared)
+
+
+def agent_answer(record: dict[str, Any], result: dict[str, Any], shown: int) -> None:
+    """An agent's question, at most ``shown`` of its tool calls (tool, input, output cut to a line), then
+    its final answer; nothing with ``shown`` 0. `mloc show` and `--wait` both print it so."""
+    if not shown:
+        return
+    spec = record.get("spec") or {}
+    inner = spec.get("spec") if isinstance(spec, dict) else None
+    if isinstance(inner, dict):
+        # `input` is the question when given (it follows `messages`), else the conversation's last user turn.
+        users = [m for m in inner.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
+        asked = inner.get("input") or (users[-1].get("content") if users else None)
+        if asked:
+            _asked("question:", asked)
+    steps = [step for step in result.get("steps") or [] if isinstance(step, dict)]
+    output.line(output.styled(f"steps ({len(steps)}):" if steps else "steps: none, it answered without a tool", "dim"))
+    for number, step in enumerate(steps[:shown], start=1):
+        given = step.get("input")
+        argument = repr(given) if isinstance(given, str) else output.json_text(given, indent=None)
+        said = output.visible(step.get("output"), one_line=True)
+        arrow = "failed:" if step.get("error") else "->"
+        line = f"  {step.get('step', number)}. {step.get('tool', '?')}({output.shorten(argument, 120)}) {arrow} "
+        output.line(output.styled(output.visible(line, one_line=True) + output.shorten(said, 160), "dim"))
+    if len(steps) > shown:
+        output.line(f"  ... {len(steps) - shown} more of {len(steps)} steps: mloc result {record.get('task_id', 'ID')}")
+    if result.get("final_answer"):
+        output.line(output.styled("answer:", "dim"))
+        output.line(output.visible(result["final_answer"]))
+    else:
+        # Agents that stopped without an answer succeeded before such runs failed: say so plainly.
+        why = result.get("stop_message") or "the agent ended without one"
+        output.line(output.visible(f"no answer: {why}", one_line=True))
+
+
+def _items(record: dict[str, Any], items: list[Any], shown: int) -> None:
+    """Each item with what it was asked: its question (a RAG answer) or the prompt at its index."""
     spec = (record.get("spec") or {}).get("spec", {}) if isinstance(record.get("spec"), dict) else {}
     prompts = (spec.get("inference") or {}).get("prompts") or []
-    agent = spec.get("agent") or {}
-    if agent:
-        messages = [m for m in agent.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
-        prompts = [agent.get("input") or (messages[-1].get("content") if messages else "")]
     for item in items[:shown]:
         if not isinstance(item, dict):
             output.line(output.json_text(item, indent=None))
@@ -94,29 +137,13 @@ def _items(record: dict[str, Any], items: list[Any], shown: int, steps: list[Any
         if item.get("question") is not None:
             _asked("question:", item["question"])
         elif isinstance(index, int) and 0 <= index < len(prompts) and prompts[index]:
-            _asked("question:" if agent else "prompt:", prompts[index])
-        if index == 0 and steps:
-            _steps(steps)
+            _asked("prompt:", prompts[index])
         output.line(output.visible(item.get("output", item.get("answer", ""))))
         sources = item.get("sources")
         if isinstance(sources, list) and sources:
             _sources(sources)
     if len(items) > shown:
         output.line(f"... {len(items) - shown} more of {len(items)} results not shown")
-
-
-def _steps(steps: list[Any]) -> None:
-    """An agent's tool calls, one line each: '  1. retriever("lost workers") -> Workers that stop ...'."""
-    output.line(output.styled(f"steps ({len(steps)}):", "dim"))
-    for number, step in enumerate(steps, start=1):
-        if not isinstance(step, dict):
-            continue
-        given = step.get("input")
-        argument = repr(given) if isinstance(given, str) else output.json_text(given, indent=None)
-        said = output.visible(f"{step.get('output', '')}", one_line=True)
-        line = f"  {number}. {step.get('tool', '?')}({argument}) -> {said[:160]}{'...' if len(said) > 160 else ''}"
-        output.line(output.styled(output.visible(line, one_line=True), "dim"))
-    output.line(output.styled("answer:", "dim"))
 
 
 def _asked(label: str, text: Any) -> None:

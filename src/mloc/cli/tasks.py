@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -24,29 +25,41 @@ from mloc.state import Reason, TaskState
 SHORT_ID = 8
 ALL_IDS_PAGE = 500  # the API's largest page
 DEFAULT_PAGE_SIZE = 20
-AGENT_TASK_TYPE = "agent_inference"
 
 
 # --------------------------------------------------------------------- submit
-def _documents(files: list[Path]) -> list[tuple[str, Any]]:
+STDIN = Path("-")
+STDIN_LABEL = "stdin"
+
+
+def _read(files: list[Path]) -> list[tuple[str, bytes]]:
+    """Each file's name and bytes; ``-`` is standard input, named 'stdin'."""
+    if files.count(STDIN) > 1:
+        output.die("give - (standard input) once: it is read to its end the first time")
+    read: list[tuple[str, bytes]] = []
+    for file in files:
+        try:
+            read.append((STDIN_LABEL, sys.stdin.buffer.read()) if file == STDIN else (str(file), file.read_bytes()))
+        except OSError as exc:
+            output.die(f"cannot read {file}: {exc.strerror or exc}")
+    return read
+
+
+def _documents(read: list[tuple[str, bytes]]) -> list[tuple[str, Any]]:
     """Every task in the files, labelled 'file' or 'file (document N)', with its name where it has one
     ('file (document N: name)'); multi-document files split."""
     from mloc.spec.loader import parse_stream
 
     found: list[tuple[str, Any]] = []
-    for file in files:
-        try:
-            raw = file.read_bytes()
-        except OSError as exc:
-            output.die(f"cannot read {file}: {exc.strerror or exc}")
+    for name, raw in read:
         try:
             documents = [d for d in parse_stream(raw, limit=len(raw) + 1) if d is not None]
         except MlocError as exc:
-            output.die(f"{file}: {exc.message}")
+            output.die(f"{name}: {exc.message}")
         if len(documents) == 1:
-            found.append((str(file), documents[0]))
+            found.append((name, documents[0]))
         else:
-            found.extend((f"{file} (document {n}{_named(d)})", d) for n, d in enumerate(documents, start=1))
+            found.extend((f"{name} (document {n}{_named(d)})", d) for n, d in enumerate(documents, start=1))
     return found
 
 
@@ -125,7 +138,12 @@ def _dry_run_lines(label: str, answer: dict[str, Any]) -> list[str]:
 
 @app.command()
 def submit(
-    files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help="Task files (YAML or JSON).")],
+    files: Annotated[
+        list[Path],
+        # Not exists=True: Typer then refuses "-" (its dash check compares the Path it made with the
+        # string "-"); _read says which file cannot be read instead.
+        typer.Argument(dir_okay=False, help="Task files (YAML or JSON); - reads them from standard input."),
+    ],
     wait: Annotated[
         bool, typer.Option("--wait", help="Follow the task (each of several, in turn) and print its result.")
     ] = False,
@@ -144,7 +162,9 @@ def submit(
             help="--wait: seconds to keep waiting while no registered worker can ever run the task.",
         ),
     ] = 30,
-    shown: Annotated[int, typer.Option("--show", min=0, help="--wait: results printed at the end.")] = 10,
+    shown: Annotated[
+        int, typer.Option("--show", min=0, help="--wait: results (an agent's tool calls) printed at the end.")
+    ] = 10,
     json_out: JsonFlag = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print only the new task ids.")] = False,
     idempotency_key: Annotated[
@@ -157,25 +177,35 @@ def submit(
         ),
     ] = None,
 ) -> None:
-    """Submit task files to the orchestrator (MLOC_API_URL).
+    """Submit task files to the orchestrator (MLOC_API_URL); - reads the tasks from standard input
+    (`make-tasks | mloc submit -`).
 
     Several files, or a file with several YAML documents (---), go in one request: all are stored, or
-    none when any is invalid."""
+    none when any is invalid.
+
+    --json prints one object of the same shape however many tasks there are: "tasks" lists each task's
+    answer in the order given (with --wait, its ended record and its "result", null unless it succeeded;
+    with --dry-run, its check), "count" says how many, and "ok" is true (with --wait: true when every
+    task succeeded, as the exit status says). With one task, its answer's fields are also at the top,
+    as they were before the list: `jq -r .task_id` still works, and `jq -r '.tasks[].task_id'` works
+    for any number."""
     api = client()
-    labelled = _documents(files)
+    read = _read(files)
+    labelled = _documents(read)
     if not labelled:
-        output.die(f"no task in {', '.join(map(str, files))}: the files hold no YAML document")
+        output.die(f"no task in {', '.join(name for name, _ in read)}: the files hold no YAML document")
+    # One task goes as the file's own bytes, so the API's messages point into the file as written.
+    single = len(read) == 1 and len(labelled) == 1
     try:
         if dry_run:
-            single = len(files) == 1 and len(labelled) == 1
             checked = (
-                api.submit(files[0], dry_run=True)
+                api.submit(read[0][1], dry_run=True)
                 if single
                 else api.submit_bulk([document for _, document in labelled], dry_run=True)
             )
             answers = checked.get("tasks", [checked])
             if json_out:
-                output.print_json(checked)
+                output.print_json(_json_answer(answers, valid=True))
             else:
                 for (label, _), answer in zip(labelled, answers, strict=True):
                     for line in _dry_run_lines(label, answer):
@@ -184,21 +214,18 @@ def submit(
             if any(answer.get("unschedulable") for answer in answers):
                 raise typer.Exit(1)
             return
-        # One task goes as the file's own bytes, so the API's messages point into the file as written.
-        single = len(files) == 1 and len(labelled) == 1
         answers = (
-            [api.submit(files[0], idempotency_key=idempotency_key)]
+            [api.submit(read[0][1], idempotency_key=idempotency_key)]
             if single
             else _submit_many(api, labelled, idempotency_key)
         )
     except MlocError as exc:
         output.fail(exc)
-    one = len(answers) == 1 and len(files) == 1
     try:
         if json_out and wait:
             pass  # one JSON document, of the ended tasks, once they have ended
         elif json_out:
-            output.print_json(answers[0] if one else {"tasks": answers})
+            output.print_json(_json_answer(answers))
         elif quiet:
             for answer in answers:
                 output.line(answer["task_id"])
@@ -210,12 +237,21 @@ def submit(
                 output.line(f"pipeline {pipeline_id}: `mloc pipeline {pipeline_id}` shows its steps")
         if wait:
             ids = [answer["task_id"] for answer in answers]
-            _wait(api, ids, timeout=timeout, wait_timeout=wait_timeout, shown=shown, json_out=json_out, one=one)
+            _wait(api, ids, timeout=timeout, wait_timeout=wait_timeout, shown=shown, json_out=json_out)
     except KeyboardInterrupt:
         # From here on the tasks are stored: say that they go on, whenever Ctrl-C comes.
         for answer in answers if wait else []:
             _interrupted(api, answer["task_id"])
         raise typer.Exit(130) from None
+
+
+def _json_answer(answers: list[dict[str, Any]], *, ok: bool = True, **more: Any) -> dict[str, Any]:
+    """What `mloc submit --json` prints, one shape for any number of tasks: ok, count and the tasks'
+    answers; one task's answer also spread at the top, which is all a single submit printed before."""
+    alone = answers[0] if len(answers) == 1 else {}
+    body = {"ok": ok, **alone, **more, "count": len(answers), "tasks": answers}
+    body["ok"] = ok  # the whole's, not the one task's
+    return body
 
 
 def _interrupted(api: Client, task_id: str) -> None:
@@ -234,15 +270,13 @@ def _wait(
     wait_timeout: float,
     shown: int,
     json_out: bool = False,
-    one: bool = True,
 ) -> None:
     """Follow the tasks one after another, in the order submitted (a pipeline's steps end in that
     order or are ended by a step before them), each reported as it ends; ``timeout`` is for them all.
     Exits 1 once all have ended when any did not succeed; a step its gate skipped (``spec.when``, or
     waiting for such a step) took the branch not chosen, which is not a failure. With ``json_out``,
-    stdout gets one JSON document once all have ended: each ended task's record with its ``result``
-    (null unless it succeeded), as one object for one task, else ``{"tasks": [...]}``; the rest goes
-    to stderr."""
+    stdout gets one JSON document once all have ended (:func:`_json_answer`): each ended task's record
+    with its ``result`` (null unless it succeeded); the rest goes to stderr."""
     deadline = time.monotonic() + timeout
     unsucceeded = skipped = 0
     ended: list[dict[str, Any]] = []
@@ -273,7 +307,7 @@ def _wait(
     except MlocError as exc:
         output.fail(exc)
     if json_out:
-        output.print_json(ended[0] if one else {"tasks": ended})
+        output.print_json(_json_answer(ended, ok=not unsucceeded))
     gated = f"; {skipped} skipped by a gate (spec.when) that did not pass" if skipped else ""
     if unsucceeded:
         if len(task_ids) > 1:
@@ -627,47 +661,14 @@ def show(
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         output.line(output.styled(key.ljust(width), "bold"), output.visible(value, one_line=True))
-    answered = record.get("task_type") in ("rag_inference", AGENT_TASK_TYPE)
+    answered = record.get("task_type") in ("rag_inference", results.AGENT_TASK_TYPE)
     if record["state"] == "succeeded" and answered and shown:
         try:
             result = api.result(record["task_id"])
         except MlocError as exc:
             output.fail(exc)
         output.line("")
-        if record.get("task_type") == AGENT_TASK_TYPE and isinstance(result, dict):
-            _agent_answer(record, result, shown)
-        else:
-            results.print_result(record, result, shown)
-
-
-def _agent_answer(record: dict[str, Any], result: dict[str, Any], shown: int) -> None:
-    """An agent's question, at most ``shown`` of its tool calls (tool, input, output cut to a line),
-    then its final answer."""
-    spec = record.get("spec") or {}
-    inner = spec.get("spec") if isinstance(spec, dict) else None
-    if isinstance(inner, dict):
-        users = [m for m in inner.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
-        asked = inner.get("input") or (users[-1].get("content") if users else None)
-        if asked:
-            output.line(output.styled("question:", "dim"), output.styled(output.visible(asked), "dim"))
-    steps = [step for step in result.get("steps") or [] if isinstance(step, dict)]
-    output.line(output.styled(f"steps ({len(steps)}):" if steps else "steps: none, it answered without a tool", "dim"))
-    for number, step in enumerate(steps[:shown], start=1):
-        given = step.get("input")
-        argument = repr(given) if isinstance(given, str) else output.json_text(given, indent=None)
-        said = output.visible(step.get("output"), one_line=True)
-        arrow = "failed:" if step.get("error") else "->"
-        line = f"  {step.get('step', number)}. {step.get('tool', '?')}({output.shorten(argument, 120)}) {arrow} "
-        output.line(output.styled(output.visible(line, one_line=True) + output.shorten(said, 160), "dim"))
-    if len(steps) > shown:
-        output.line(f"  ... {len(steps) - shown} more of {len(steps)} steps: mloc result {record['task_id']}")
-    if result.get("final_answer"):
-        output.line(output.styled("answer:", "dim"))
-        output.line(output.visible(result["final_answer"]))
-    else:
-        # Agents that stopped without an answer succeeded before such runs failed: say so plainly.
-        why = result.get("stop_message") or "the agent ended without one"
-        output.line(output.visible(f"no answer: {why}", one_line=True))
+        results.print_result(record, result, shown)
 
 
 @app.command()

@@ -82,6 +82,8 @@ def users_list(json_out: JsonFlag = False, fmt: OutputFormat = None, quiet: Quie
             output.line(output.visible(item["name"], one_line=True))
         return
     grid = output.table("USER", "CREATED", "TASKS (IN USE / MAX)", "GPUS (IN USE / MAX)")
+    # A user name is what the next command takes (set-quota, remove), as a task id is in `mloc tasks`.
+    output.keep_whole(grid, 0, (output.visible(item["name"], one_line=True) for item in body["items"]))
     for item in body["items"]:
         quota, usage = item["quota"], item["usage"]
         tasks, gpus = _limits(quota)

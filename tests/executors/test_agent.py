@@ -139,6 +139,9 @@ def test_native_tool_calls_run_the_python_tool_in_the_sandbox(python_allowed: No
     assert result["items"] == [{"index": 0, "output": "The answer is 42.", "finish_reason": "final_answer"}]
     assert result["usage"]["tool_calls"] == 1 and result["usage"]["num_requests"] == 2
     assert any(event["ev"] == "usage" and event["counters"]["tool_calls"] == 1 for event in events)
+    # Its steps were counted against max_steps, a ceiling: the answer completes the run.
+    reported = [(e["step"], e["total"], e["message"]) for e in events if e["ev"] == "progress"]
+    assert reported[0][:2] == (1, 4) and reported[-1] == (1, 1, "answered after 1 tool call")
 
 
 class CancelledMidGeneration(ScriptedEngine):

@@ -198,6 +198,11 @@ class AgentExecutor(Executor):
                 trace.count_usage()
         if not trace.final:
             raise ExecutionError(trace.failure())
+        # Each step reported "n of max_steps", a ceiling and not the work to do: an answer completes the
+        # run however few steps it took, and its progress says so (not "3/10, 30%" on a succeeded task).
+        done = len(trace.steps)
+        said = f"answered after {done} tool call{'s' if done != 1 else ''}" if done else "answered without a tool"
+        ctx.progress(max(done, 1), max(done, 1), said)
         return trace.result(model, started)
 
 

@@ -8,8 +8,10 @@ MLOC_STRICT_SKIPS=1, under which such a skip fails: in CI a missing tool never l
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -30,6 +32,9 @@ ENV_EXAMPLE = REPO / ".env.example"
 SCHEMAS_DIR = Path(__file__).resolve().parent / "schemas"
 INSTALL_HINT = "run scripts/install_deploy_tools.sh (installs the deploy check tools from PyPI)"
 TOOL_TIMEOUT_SEC = 120
+# Secrets given to `docker-compose config` and the Kubernetes Secrets in the tests; never real ones.
+TEST_PASSWORD = "compose-test-password-0123"
+TEST_TOKEN = "compose-test-token-4567"
 NAMESPACE = "mloc"
 
 # Dockerfile -> the node type its image runs and the image name scripts/build.sh gives it.
@@ -198,6 +203,73 @@ def project_version() -> str:
     return match.group(1)
 
 
+# Options that hand a secret to a program on its command line, which every user of the host can read
+# (ps, /proc/<pid>/cmdline): redis-server/redis-cli/redis-sentinel and the usual spellings elsewhere.
+SECRET_FLAGS = re.compile(r"(?<![\w-])(--requirepass|--masterauth|--pass|--password|--token|-a)(?![\w-])")
+# An environment variable whose value is a secret, by its name.
+SECRET_ENV_NAME = re.compile(r"PASSWORD|TOKEN|SECRET|REDIS_URL|AUTH|_KEY$")
+
+
+def shell_secret_expansions(script: str) -> list[str]:
+    """The secret variables a shell script expands where they can reach a command's arguments: anywhere
+    but in a here-document (a program's stdin) and the guard `: "${VAR:?...}"` (a builtin, no process)."""
+    found: list[str] = []
+    end = None
+    for line in script.splitlines():
+        if end is not None:
+            end = None if line.strip() == end else end
+            continue
+        code, heredoc, rest = line.partition("<<")
+        if heredoc:
+            end = re.match(r"-?\s*['\"]?(\w+)", rest).group(1)  # type: ignore[union-attr]
+        if re.fullmatch(r'\s*:\s+"\$\{\w+:\?[^}]*\}"\s*', code):
+            continue
+        found += [name for name in re.findall(r"\$\{?(\w+)", code) if SECRET_ENV_NAME.search(name)]
+    return found
+
+
+def command_line_secrets(
+    argvs: list[list[str]], values: set[str], secret_vars: frozenset[str] | set[str] = frozenset()
+) -> list[str]:
+    """What in these command lines puts a secret on a process's arguments: a secret's value, an option
+    that takes one (-a, --requirepass, ...), a secret variable a shell expands into arguments, or a
+    $(VAR) the kubelet replaces with its value (``secret_vars``: those set from a Secret)."""
+    found: list[str] = []
+    for arg in (arg for argv in argvs for arg in argv):
+        found += [f"the value of a secret in {arg!r}" for value in values if value and value in arg]
+        found += [f"{m.group(1)} in {arg!r}" for m in SECRET_FLAGS.finditer(arg)]
+        found += [f"${name} in {arg!r}" for name in shell_secret_expansions(arg)]
+        found += [
+            f"$({name}) in {arg!r}"
+            for name in re.findall(r"(?<!\$)\$\((\w+)\)", arg)
+            if name in secret_vars or SECRET_ENV_NAME.search(name)
+        ]
+    return found
+
+
+def redis_start(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(redis-server's arguments, the config lines it reads on stdin) of a Redis container's command,
+    which must be `sh -c SCRIPT` with one `exec ... redis-server ARGS - <<EOF` and its here-document."""
+    assert argv[:2] == ["sh", "-c"] and len(argv) == 3, f"Redis must start through `sh -c SCRIPT`, not {argv}"
+    lines = argv[2].splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("exec ") and " redis-server " in line]
+    assert len(starts) == 1, f"one `exec ... redis-server` line expected in:\n{argv[2]}"
+    head, heredoc = lines[starts[0]].split("<<", 1)
+    words = shlex.split(head)
+    args = words[words.index("redis-server") + 1 :]
+    assert args and args[-1] == "-", f"redis-server must read its config on stdin (`-` last): {words}"
+    end = heredoc.strip().strip("'\"")
+    body = lines[starts[0] + 1 :]
+    assert end in body, f"here-document {end} not closed in:\n{argv[2]}"
+    return args[:-1], body[: body.index(end)]
+
+
+def option(args: list[str], name: str) -> str:
+    """The value after ``name`` in a command line (``--dir /data`` -> /data)."""
+    assert name in args, f"{name} missing from {args}"
+    return args[args.index(name) + 1]
+
+
 def overlays() -> list[str]:
     return sorted(p.parent.name for p in OVERLAYS_DIR.glob("*/kustomization.yaml"))
 
@@ -234,6 +306,41 @@ def image_name(image: str) -> str:
 
 def is_mloc_image(image: str) -> bool:
     return image_name(image) in MLOC_IMAGES
+
+
+def compose(docker_compose: str, tmp_path: Path, *args: str, file: Path = COMPOSE_FILE, **env: str):
+    """`docker-compose` on the repository's compose file, with .env.example and only ``env`` set."""
+    return run(
+        [
+            docker_compose,
+            "--project-directory",
+            str(REPO),
+            "--env-file",
+            str(ENV_EXAMPLE),
+            "-f",
+            str(file),
+            *args,
+        ],
+        env=clean_env(tmp_path, **env),
+    )
+
+
+def compose_config(docker_compose: str, tmp_path: Path, **env: str) -> dict[str, Any]:
+    """The compose model with every profile, the test secrets set, as `docker-compose config` resolves it."""
+    env = {"REDIS_PASSWORD": TEST_PASSWORD, "ORCHESTRATOR_TOKEN": TEST_TOKEN, **env}
+    result = compose(docker_compose, tmp_path, "--profile", "gpu", "config", "--format", "json", **env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def container_argv(argv: list[str]) -> list[str]:
+    """A resolved compose command as the container receives it (`$$` is a literal `$`)."""
+    return [arg.replace("$$", "$") for arg in argv]
+
+
+@pytest.fixture
+def resolved(docker_compose: str, tmp_path: Path) -> dict[str, Any]:
+    return compose_config(docker_compose, tmp_path)
 
 
 @pytest.fixture(scope="session")

@@ -23,14 +23,17 @@ from .conftest import (
     K8S_DIR,
     NAMESPACE,
     REPO,
+    command_line_secrets,
     custom_resource_errors,
     image_name,
     is_custom,
     is_mloc_image,
     kustomize,
+    option,
     overlays,
     pod_templates,
     project_version,
+    redis_start,
     rendered,
     unknown_env,
 )
@@ -233,16 +236,16 @@ def test_redis_has_password_aof_and_a_volume(overlay: str) -> None:
     redis = _by(docs, "StatefulSet", "redis")
     pod = redis["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    args = container["args"]
     assert re.fullmatch(r"redis:7(\.\d+)*-[a-z0-9.]+", container["image"]), container["image"]
-    assert args[args.index("--appendonly") + 1] == "yes"
-    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
-    password = args[args.index("--requirepass") + 1]
-    variable = re.fullmatch(r"\$\((\w+)\)", password)
-    assert variable, f"--requirepass must come from a Secret through an env var, not {password!r}"
-    ref = _env(container)[variable.group(1)]["valueFrom"]["secretKeyRef"]
-    assert (ref["name"], ref["key"]) == ("mloc-redis", "password")
-    data_dir = args[args.index("--dir") + 1]
+    args, config = redis_start(container.get("command", []) + container["args"])
+    assert option(args, "--appendonly") == "yes"
+    assert option(args, "--maxmemory-policy") == "noeviction"
+    # The password reaches redis-server on stdin, from an env var set from the Secret.
+    assert config == ["requirepass ${REDIS_PASSWORD}"], config
+    for variable in ("REDIS_PASSWORD", "REDISCLI_AUTH"):
+        ref = _env(container)[variable]["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"]) == ("mloc-redis", "password"), variable
+    data_dir = option(args, "--dir")
     claims = {t["metadata"]["name"] for t in redis["spec"]["volumeClaimTemplates"]}
     assert any(m["mountPath"] == data_dir and m["name"] in claims for m in container["volumeMounts"])
     service = _by(docs, "Service", "redis")
@@ -262,6 +265,50 @@ def test_no_secret_is_committed_and_only_deploy_secrets_are_used(overlay: str) -
                 ref = entry.get("valueFrom", {}).get("secretKeyRef")
                 if ref and not ref.get("optional"):
                     assert ref["key"] in DEPLOY_SECRETS.get(ref["name"], set()), (name, ref)
+
+
+def _command_lines(container: dict[str, Any]) -> list[list[str]]:
+    """Every command line a container runs: its own, its probes' and its lifecycle hooks'."""
+    lines = [container.get("command", []) + container.get("args", [])]
+    handlers = [container.get(p, {}) for p in ("livenessProbe", "readinessProbe", "startupProbe")]
+    handlers += [h for h in container.get("lifecycle", {}).values()]
+    return lines + [h["exec"]["command"] for h in handlers if "exec" in h]
+
+
+def _secrets_on_command_lines(pod: dict[str, Any]) -> list[str]:
+    found = []
+    for container in _containers(pod):
+        name = container["name"]
+        # envFrom a Secret brings names this check cannot see; the manifests name each variable instead.
+        found += [f"{name}: envFrom a Secret" for source in container.get("envFrom", []) if "secretRef" in source]
+        env = _env(container)
+        from_secret = {key for key, entry in env.items() if "secretKeyRef" in entry.get("valueFrom", {})}
+        found += [f"{name}: {f}" for f in command_line_secrets(_command_lines(container), set(), from_secret)]
+    return found
+
+
+@pytest.mark.parametrize("overlay", overlays())
+def test_no_secret_is_on_a_command_line(overlay: str) -> None:
+    """Every user of a node reads a process's arguments (ps, /proc/<pid>/cmdline), and the kubelet puts a
+    $(VAR) in them in clear: secrets reach containers through their environment only, and no shell there
+    expands them into an argument."""
+    for workload, pod in pod_templates(rendered(overlay)):
+        assert _secrets_on_command_lines(pod) == [], workload["metadata"]["name"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["redis-server", "--requirepass", "$(REDIS_PASSWORD)"],
+        ["sh", "-c", "exec redis-server --save '' $(REDISCLI_AUTH)"],
+        ["sh", "-c", 'exec redis-server --x "$REDIS_PASSWORD"'],
+    ],
+)
+def test_the_check_sees_a_secret_on_a_command_line(args: list[str]) -> None:
+    redis = copy.deepcopy(_by(rendered("cpu-dev"), "StatefulSet", "redis"))
+    pod = redis["spec"]["template"]["spec"]
+    pod["containers"][0]["args"] = args
+    assert _secrets_on_command_lines(pod)
 
 
 def test_no_secret_values_in_the_deploy_files() -> None:

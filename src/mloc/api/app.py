@@ -7,12 +7,16 @@ import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import fastapi_offline
 import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -44,6 +48,11 @@ from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
+
+# Swagger UI's and ReDoc's scripts and styles, shipped in a package and served by the orchestrator
+# itself: FastAPI's default pages fetch them from a CDN, and are blank on a network without one.
+DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"
+DOCS_STATIC = "/docs/static"
 
 
 class BodyLimit:
@@ -173,6 +182,45 @@ def json_error(body: Any, position: int, problem: str) -> BadRequest:
     return BadRequest(f"invalid JSON at line {line}, column {column}: {problem}")
 
 
+def serve_docs(app: FastAPI, docs_url: str = "/docs", redoc_url: str = "/redoc") -> None:
+    """The API documents' pages, as FastAPI's own but with every asset from this origin. Plain routes,
+    as FastAPI's are: public, and outside the OpenAPI document."""
+    openapi_url = app.openapi_url or "/openapi.json"
+    redirect_url = app.swagger_ui_oauth2_redirect_url
+    app.mount(DOCS_STATIC, StaticFiles(directory=DOCS_ASSETS), name="docs-static")
+
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(
+            openapi_url=root + openapi_url,
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{DOCS_STATIC}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_STATIC}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_STATIC}/favicon.png",
+            oauth2_redirect_url=root + redirect_url if redirect_url else None,
+            init_oauth=app.swagger_ui_init_oauth,
+            swagger_ui_parameters=app.swagger_ui_parameters,
+        )
+
+    async def swagger_ui_redirect(request: Request) -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_redoc_html(
+            openapi_url=root + openapi_url,
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{DOCS_STATIC}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{DOCS_STATIC}/favicon.png",
+            with_google_fonts=False,
+        )
+
+    app.add_route(docs_url, swagger_ui, include_in_schema=False)
+    if redirect_url:
+        app.add_route(redirect_url, swagger_ui_redirect, include_in_schema=False)
+    app.add_route(redoc_url, redoc, include_in_schema=False)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -230,6 +278,9 @@ def create_app(
         description="Submit and follow LLM tasks (inference, fine-tuning, RLHF, RAG, agents) on a worker fleet.",
         lifespan=lifespan,
         dependencies=[Depends(known_query)],
+        # serve_docs adds both pages at these paths, with their assets served from here.
+        docs_url=None,
+        redoc_url=None,
     )
 
     @app.exception_handler(MlocError)
@@ -292,6 +343,7 @@ def create_app(
     app.include_router(openai_batch.router)
     app.include_router(archive.router)
     app.include_router(lookup.router)
+    serve_docs(app)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

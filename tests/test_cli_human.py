@@ -3,24 +3,16 @@ pipe no ANSI escape at all, times in the local zone with its offset, and whole c
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import pty
 import re
-import select
-import struct
-import subprocess
-import sys
-import termios
-import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from mloc.client import Client
 from mloc.localcluster import LocalCluster
-from tests.support.cli import REPO, mloc
+from tests.support.cli import in_a_pty, mloc
 
 ESCAPE = "\x1b"
 # 5 h 45 min east of UTC, as a POSIX rule: no tz database needed, and no local zone has it by chance.
@@ -32,40 +24,10 @@ ROUNDED = r"(\d+\.\d\d|0\.0\d{0,10}[1-9]\d?)"
 
 def in_a_terminal(*args: str, env: dict[str, str], timeout: float = 60) -> str:
     """What ``mloc ARGS`` writes to a terminal (a pseudo-terminal 200 columns wide), stdout and stderr."""
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
     base = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE", "COLUMNS")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mloc.cli", *args],
-        stdin=follower,
-        stdout=follower,
-        stderr=follower,
-        cwd=REPO,
-        env={**base, "TERM": "xterm-256color", **env},
-    )
-    os.close(follower)
-    read = bytearray()
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([leader], [], [], 0.5)
-            if not ready:
-                if proc.poll() is not None:
-                    break
-                continue
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:  # EIO: the command ended and closed the terminal
-                break
-            if not chunk:
-                break
-            read += chunk
-        assert proc.wait(timeout=max(1.0, deadline - time.monotonic())) is not None
-    finally:
-        os.close(leader)
-        if proc.poll() is None:
-            proc.kill()
-    return read.decode()
+    status, text = in_a_pty(*args, env={**base, "TERM": "xterm-256color", **env}, timeout=timeout)
+    assert status is not None, text
+    return text
 
 
 def test_no_color_and_pipes_print_no_escapes_and_times_and_counts_read_as_people_expect(

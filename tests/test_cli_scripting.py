@@ -3,17 +3,12 @@ id is taken (an ambiguous one lists the candidates), and no line wrapped when th
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import pty
 import re
-import select
 import shlex
-import struct
 import subprocess
 import sys
-import termios
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +20,7 @@ from mloc import keys
 from mloc.client import TERMINAL, Client
 from mloc.localcluster import LocalCluster
 from tests.support.api import wait_until
-from tests.support.cli import REPO, mloc
+from tests.support.cli import REPO, in_a_pty, mloc
 
 
 def wait_all(client: Client, ids: list[str], timeout: float = 60) -> None:
@@ -55,39 +50,10 @@ def piped_in(stdin: str, *args: str, env: dict[str, str]) -> subprocess.Complete
 
 def in_a_terminal(*args: str, columns: int, env: dict[str, str], timeout: float = 60) -> list[str]:
     """The lines ``mloc ARGS`` writes to a terminal ``columns`` wide (a pseudo-terminal, COLUMNS set too)."""
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mloc.cli", *args],
-        stdin=follower,
-        stdout=follower,
-        stderr=follower,
-        cwd=REPO,
-        env={**os.environ, "TERM": "xterm-256color", "NO_COLOR": "1", **env, "COLUMNS": str(columns)},
-    )
-    os.close(follower)
-    read = bytearray()
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([leader], [], [], 0.5)
-            if not ready:
-                if proc.poll() is not None:
-                    break
-                continue
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:  # EIO: the command ended and closed the terminal
-                break
-            if not chunk:
-                break
-            read += chunk
-        assert proc.wait(timeout=max(1.0, deadline - time.monotonic())) == 0, read.decode()
-    finally:
-        os.close(leader)
-        if proc.poll() is None:
-            proc.kill()
-    return read.decode().replace("\r\n", "\n").splitlines()
+    full = {**os.environ, "TERM": "xterm-256color", "NO_COLOR": "1", **env, "COLUMNS": str(columns)}
+    status, text = in_a_pty(*args, env=full, columns=columns, timeout=timeout)
+    assert status == 0, text
+    return text.replace("\r\n", "\n").splitlines()
 
 
 ENVELOPE = {"ok", "count", "tasks"}

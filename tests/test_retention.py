@@ -3,25 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 import redis
 import redis.asyncio as aioredis
 
 from mloc import keys, moves
+from mloc.artifacts import ArtifactStore
 from mloc.localcluster import LocalCluster
 from mloc.orchestrator import pipelines
 from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.orchestrator.reaper import forget_finished
 from mloc.orchestrator.users import Principal
-from mloc.removals import FolderSweeper
+from mloc.removals import FolderSweeper, StoreSweeper
 from mloc.settings import Settings
 from mloc.spec import validate
 from mloc.state import TaskState
+from tests.conftest import free_port
 
 ADMIN = Principal("admin", admin=True)
 # Ends a task that is still waiting, so a test can make finished tasks without a worker.
@@ -213,3 +219,167 @@ def test_task_logs_expire_by_age(make_cluster: Callable[..., LocalCluster], redi
         assert r.exists(keys.task_logs(task_id)) == 0
         assert http.get(f"/api/v1/tasks/{task_id}/logs").json()["lines"] == []
         assert http.get(f"/api/v1/tasks/{task_id}").json()["state"] == "succeeded"  # the record is kept
+
+
+# ------------------------------------------------------------------- copies in the artifact store
+async def old_and_recent(orch: Orchestrator, now: float) -> tuple[str, str]:
+    """Two finished tasks: one past a 600 s retention seen from ``now + 1000``, one not."""
+    old, recent = [(await orch.submit(validate(sleeper(0, 1)), ADMIN))["task_id"] for _ in range(2)]
+    for task_id, ended in ((old, now), (recent, now + 900)):
+        assert (await orch.store.transition(task_id, FAIL_WAITING, fields={"finished_at": repr(ended)})).ok
+    return old, recent
+
+
+def publish(store: ArtifactStore, task_id: str, attempt: int, tmp_path: Path) -> None:
+    folder = tmp_path / "published" / f"{task_id}-{attempt}"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "responses.json").write_text("{}")
+    (folder / "sub" / "more.txt").write_text("more")
+    store.publish(task_id, attempt, "worker-1", folder)
+
+
+def test_retention_removes_a_tasks_stored_copy_once_and_nothing_else(redis_url: str, tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    store = ArtifactStore(f"file://{root}")
+
+    async def scenario() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        orch = Orchestrator(r, Settings(HEARTBEAT_TTL_SEC=60))
+        now = time.time()
+        old, recent = await old_and_recent(orch, now)
+        for task_id, attempt in ((old, 1), (old, 2), (recent, 1)):
+            publish(store, task_id, attempt, tmp_path)
+        # Another deployment's task sharing the store, a batch's rows and a file that is no task's.
+        foreign = str(uuid.uuid4())
+        publish(store, foreign, 1, tmp_path)
+        (tmp_path / "rows.jsonl").write_text("{}\n")
+        store.put_upload(tmp_path / "rows.jsonl", "file-1.rows.jsonl")
+        (root / "notes.txt").write_text("mine")
+        # Removals that name no task of this Redis's name nothing in the store either.
+        for name in ("files", "../store", "notes.txt", foreign.upper(), f"{foreign}\n"):
+            await r.xadd(keys.TASKS_REMOVED, {"task": name})
+        assert await forget_finished(orch.store, older_than_sec=600, now=now + 1000) == [old]
+
+        # A worker's sweeper leaves the store alone; an orchestrator's removes the copy, every attempt.
+        assert await FolderSweeper(r, tmp_path / "worker-results").sweep() == 0
+        assert (root / old / "2" / "manifest.json").is_file()
+        assert await FolderSweeper(r, tmp_path / "results", store=store).sweep() == 0  # no folders here
+        assert not (root / old).exists()
+        assert (root / recent / "1" / "manifest.json").is_file() and (root / foreign / "1" / "manifest.json").is_file()
+        assert (root / "files" / "file-1.rows.jsonl").is_file() and (root / "notes.txt").read_text() == "mine"
+        last = (await r.xrevrange(keys.TASKS_REMOVED, count=1))[0][0]
+        assert await r.get(keys.TASKS_REMOVED_STORE_POSITION) == last
+
+        # Another orchestrator, or this one restarted, goes on from there: nothing is removed twice.
+        publish(store, old, 3, tmp_path)  # as a worker thought lost might still upload
+        assert await StoreSweeper(r, store).sweep() == 0 and (root / old / "3").is_dir()
+        # Two at once from one position: a copy already gone is no error.
+        await r.delete(keys.TASKS_REMOVED_STORE_POSITION)
+        await asyncio.gather(StoreSweeper(r, store).sweep(), StoreSweeper(r, store).sweep())
+        assert not (root / old).exists() and (root / recent).is_dir()
+        await r.aclose()
+
+    asyncio.run(scenario())
+
+
+@pytest.fixture
+def moto_s3() -> Iterator[dict[str, Any]]:
+    """A local S3 server (moto) with a bucket; ``stop`` and ``start`` take it down and up again on the
+    same port, keeping its objects."""
+    import boto3
+    import moto.server as server_module
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    servers: list[Any] = []
+
+    def start() -> None:
+        servers.append(server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False))
+        servers[-1].start()
+
+    def stop() -> None:
+        servers.pop().stop()
+
+    start()
+    s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                      region_name="us-east-1")  # fmt: skip
+    s3.create_bucket(Bucket="mloc-artifacts")
+    yield {"endpoint": endpoint, "s3": s3, "start": start, "stop": stop}
+    while servers:
+        stop()
+
+
+@pytest.mark.extra("s3")
+def test_a_stored_copy_the_store_would_not_remove_goes_at_a_later_reap(
+    redis_url: str, tmp_path: Path, moto_s3: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    s3 = moto_s3["s3"]
+    options = {
+        "endpoint_url": moto_s3["endpoint"],
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"region_name": "us-east-1"},
+        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1},  # fail fast while it is down
+    }
+    store = ArtifactStore("s3://mloc-artifacts/runs", options)
+
+    def names(prefix: str = "runs/") -> list[str]:
+        return sorted(o["Key"] for o in s3.list_objects_v2(Bucket="mloc-artifacts", Prefix=prefix).get("Contents", []))
+
+    async def scenario() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        orch = Orchestrator(r, Settings(HEARTBEAT_TTL_SEC=60))
+        now = time.time()
+        old, recent = await old_and_recent(orch, now)
+        gone_too, _ = await old_and_recent(orch, now)
+        for task_id in (old, recent, gone_too):
+            publish(store, task_id, 1, tmp_path)
+        s3.put_object(Bucket="mloc-artifacts", Key="runs/notes.txt", Body=b"mine")
+        assert len(names(f"runs/{old}/")) == 3
+        assert sorted(await forget_finished(orch.store, older_than_sec=600, now=now + 1000)) == sorted([old, gone_too])
+        sweeper = FolderSweeper(r, tmp_path / "results", store=store)
+
+        moto_s3["stop"]()
+        with caplog.at_level(logging.WARNING, logger="mloc.removals"):
+            await sweeper.sweep()
+        refused = [rec.getMessage() for rec in caplog.records if rec.name == "mloc.removals"]
+        assert len(refused) == 1 and "retried at the next reap" in refused[0], refused
+        first = old if old in refused[0] else gone_too
+        assert first in refused[0] and await r.get(keys.TASKS_REMOVED_STORE_POSITION) is None
+
+        moto_s3["start"]()
+        assert len(names(f"runs/{old}/")) == len(names(f"runs/{gone_too}/")) == 3  # still there, still to go
+        await sweeper.sweep()
+        kept = [f"runs/{recent}/1/{name}" for name in ("files/responses.json", "files/sub/more.txt", "manifest.json")]
+        assert names() == sorted(["runs/notes.txt", *kept])
+        assert await StoreSweeper(r, store).sweep() == 0
+        await r.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_the_stored_copy_of_a_removed_task_goes_after_its_retention(
+    make_cluster: Callable[..., LocalCluster], tmp_path: Path
+) -> None:
+    root = tmp_path / "shared-store"
+    foreign = root / str(uuid.uuid4())  # another deployment's task in the same store
+    foreign.mkdir(parents=True)
+    (foreign / "manifest.json").write_text(json.dumps({"files": []}))
+    cluster = make_cluster(
+        1,
+        env={
+            "MLOC_ARTIFACT_STORE": f"file://{root}",
+            "MLOC_TASK_RETENTION_SEC": "1.5",
+            "MLOC_REAP_INTERVAL_SEC": "0.3",
+        },
+    )
+    with httpx.Client(base_url=cluster.api_url, timeout=10) as http:
+        done = http.post("/api/v1/tasks", json=sleeper(0, 1)).json()["task_id"]
+        wait_state(http, done, "succeeded")
+        assert (root / done / "1" / "manifest.json").is_file()
+        deadline = time.monotonic() + 20
+        while (root / done).exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert http.get(f"/api/v1/tasks/{done}").status_code == 404
+    assert not (root / done).exists()
+    assert (foreign / "manifest.json").is_file()

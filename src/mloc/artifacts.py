@@ -197,6 +197,34 @@ class ArtifactStore:
     def open(self, task_id: str, attempt: int, path: str) -> IO[bytes]:
         return self.fs.open(f"{self._attempt_dir(task_id, attempt)}/files/{check_path(path)}", "rb")
 
+    # --------------------------------------------------------------- retention
+    def remove_task(self, task_id: str) -> bool:
+        """Remove everything stored for a task, every attempt; whether anything was there. Nothing there
+        is no error, so removing twice (two orchestrators, a reap that retries) is harmless. Errors
+        reaching the store are raised. Only a task id names a folder here: ``files/`` (batch rows) and
+        anything else under the root are never touched."""
+        if not is_task_id(task_id):
+            raise ValueError(f"{task_id[:200]!r} is not a task id; only a task's own folder is removed from the store")
+        folder = f"{self.root}/{task_id}"
+        for _ in range(3):
+            try:
+                self.fs.rm(folder, recursive=True)
+                return True
+            except FileNotFoundError:
+                # Gone, or going under another remover's hands: a file it took mid-way ends this one's walk.
+                if not self.fs.exists(folder):
+                    return False
+        self.fs.rm(folder, recursive=True)
+        return True
+
+
+def is_task_id(name: str) -> bool:
+    """Whether ``name`` is a task id as MLOC makes them: a UUID in its canonical form."""
+    try:
+        return str(uuid.UUID(name)) == name
+    except ValueError:
+        return False
+
 
 def _options(settings: Settings) -> dict[str, Any]:
     if not settings.artifact_store_options.strip():

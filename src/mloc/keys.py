@@ -34,6 +34,8 @@ DEPS_WAITING = f"{PREFIX}:deps:waiting"  # set of task ids
 # Stream of the tasks retention removed ({task}), capped: the processes that keep result folders read it
 # and remove theirs (mloc.removals).
 TASKS_REMOVED = f"{PREFIX}:tasks:removed"
+# String: the last entry of TASKS_REMOVED whose task's copy in the artifact store is gone (mloc.removals).
+TASKS_REMOVED_STORE_POSITION = f"{TASKS_REMOVED}:store-position"
 DEPS_ENDED = f"{PREFIX}:deps:ended"  # set of task ids
 
 

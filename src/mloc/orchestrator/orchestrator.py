@@ -17,6 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from mloc import keys, modelroots, orchestrators
+from mloc.artifacts import store_for
 from mloc.errors import BadRequest, ConfigError, Conflict, Forbidden, SpecError
 from mloc.openai_files import INPUT_FILE_LABEL
 from mloc.orchestrator import chunks, eta, groups, harness, pipelines, reaper, training, users
@@ -68,7 +69,9 @@ class Orchestrator:
         self.overspend = Overspend(self.store, self.scheduler.standings)
         self.memfit = MemoryFit(redis, settings, self.scheduler)
         self.idempotency = Idempotency(redis, self.store, settings.idempotency_ttl_sec)
-        self.folders = FolderSweeper(redis, settings.results_dir)
+        # The orchestrator alone removes removed tasks' copies in the artifact store: one process, not
+        # every worker racing for the same prefix.
+        self.folders = FolderSweeper(redis, settings.results_dir, store=store_for(settings))
         self.backoff = Backoff(settings.retry_backoff_sec, settings.retry_backoff_max_sec)
         self.usage = UsageReports(redis)
         self._redis_trouble_at: float | None = None  # when the reaper last failed to reach Redis (monotonic)

@@ -321,9 +321,11 @@ def test_a_stored_copy_the_store_would_not_remove_goes_at_a_later_reap(
         "client_kwargs": {"region_name": "us-east-1"},
         "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1},  # fail fast while it is down
     }
-    store = ArtifactStore("s3://mloc-artifacts/runs", options)
+    # A prefix of its own: the local S3 server keeps what every test before this one stored in the bucket.
+    runs = f"runs-{uuid.uuid4().hex[:8]}"
+    store = ArtifactStore(f"s3://mloc-artifacts/{runs}", options)
 
-    def names(prefix: str = "runs/") -> list[str]:
+    def names(prefix: str = f"{runs}/") -> list[str]:
         return sorted(o["Key"] for o in s3.list_objects_v2(Bucket="mloc-artifacts", Prefix=prefix).get("Contents", []))
 
     async def scenario() -> None:
@@ -334,8 +336,8 @@ def test_a_stored_copy_the_store_would_not_remove_goes_at_a_later_reap(
         gone_too, _ = await old_and_recent(orch, now)
         for task_id in (old, recent, gone_too):
             publish(store, task_id, 1, tmp_path)
-        s3.put_object(Bucket="mloc-artifacts", Key="runs/notes.txt", Body=b"mine")
-        assert len(names(f"runs/{old}/")) == 3
+        s3.put_object(Bucket="mloc-artifacts", Key=f"{runs}/notes.txt", Body=b"mine")
+        assert len(names(f"{runs}/{old}/")) == 3
         assert sorted(await forget_finished(orch.store, older_than_sec=600, now=now + 1000)) == sorted([old, gone_too])
         sweeper = FolderSweeper(r, tmp_path / "results", store=store)
 
@@ -348,10 +350,10 @@ def test_a_stored_copy_the_store_would_not_remove_goes_at_a_later_reap(
         assert first in refused[0] and await r.get(keys.TASKS_REMOVED_STORE_POSITION) is None
 
         moto_s3["start"]()
-        assert len(names(f"runs/{old}/")) == len(names(f"runs/{gone_too}/")) == 3  # still there, still to go
+        assert len(names(f"{runs}/{old}/")) == len(names(f"{runs}/{gone_too}/")) == 3  # still there, still to go
         await sweeper.sweep()
-        kept = [f"runs/{recent}/1/{name}" for name in ("files/responses.json", "files/sub/more.txt", "manifest.json")]
-        assert names() == sorted(["runs/notes.txt", *kept])
+        kept = [f"{runs}/{recent}/1/{name}" for name in ("files/responses.json", "files/sub/more.txt", "manifest.json")]
+        assert names() == sorted([f"{runs}/notes.txt", *kept])
         assert await StoreSweeper(r, store).sweep() == 0
         await r.aclose()
 

@@ -49,30 +49,40 @@ return 0
 # priority queue in the order Redis stored them, whichever orchestrator (and clock) made them.
 # Returns 1, or 0 if a task with that id exists.
 CREATE = r"""
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local order = tonumber(ARGV[2])
-if ARGV[5] ~= '1' then
-  order = math.max(order, tonumber(redis.call('GET', KEYS[8]) or '0') + 1)
-  redis.call('SET', KEYS[8], string.format('%d', order))
-end
-local ms = string.format('%d', order)
-redis.call('HSET', KEYS[1], unpack(ARGV, 7))
-redis.call('HSET', KEYS[1], 'created_ms', ms)
-redis.call('ZADD', KEYS[2], ms, ARGV[1])
-redis.call('ZADD', KEYS[3], ms, ARGV[1])
-redis.call('ZADD', KEYS[4], ms, ARGV[1])
-if ARGV[6] == '1' then
-  redis.call('ZADD', KEYS[9], ms, ARGV[1])
-  redis.call('ZADD', KEYS[10], ms, ARGV[1])
-end
-if ARGV[3] ~= '' then
+-- The new task in the pending queues (KEYS as CREATE takes them), at its priority's part of the score
+-- plus its order.
+local function queue_new(KEYS, id, owner, priority_part, order)
   -- Whole numbers below 2^53 add exactly, as Python's pending_score does.
-  local score = string.format('%.17g', tonumber(ARGV[3]) + order)
-  redis.call('ZADD', KEYS[5], score, ARGV[1])
-  redis.call('ZADD', KEYS[6], score, ARGV[1])
-  redis.call('SADD', KEYS[7], ARGV[4])
+  local score = string.format('%.17g', tonumber(priority_part) + order)
+  redis.call('ZADD', KEYS[5], score, id)
+  redis.call('ZADD', KEYS[6], score, id)
+  redis.call('SADD', KEYS[7], owner)
 end
-return 1
+
+-- Store the task (KEYS and ARGV as CREATE takes them); queue: put it in the pending queues now.
+-- Returns 1 and its order, or 0 when a task with its id exists.
+local function create(KEYS, ARGV, queue)
+  if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+  local order = tonumber(ARGV[2])
+  if ARGV[5] ~= '1' then
+    order = math.max(order, tonumber(redis.call('GET', KEYS[8]) or '0') + 1)
+    redis.call('SET', KEYS[8], string.format('%d', order))
+  end
+  local ms = string.format('%d', order)
+  redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+  redis.call('HSET', KEYS[1], 'created_ms', ms)
+  redis.call('ZADD', KEYS[2], ms, ARGV[1])
+  redis.call('ZADD', KEYS[3], ms, ARGV[1])
+  redis.call('ZADD', KEYS[4], ms, ARGV[1])
+  if ARGV[6] == '1' then
+    redis.call('ZADD', KEYS[9], ms, ARGV[1])
+    redis.call('ZADD', KEYS[10], ms, ARGV[1])
+  end
+  if queue and ARGV[3] ~= '' then queue_new(KEYS, ARGV[1], ARGV[4], ARGV[3], order) end
+  return 1, order
+end
+-- library end
+return (create(KEYS, ARGV, true))
 """
 
 # IDEMPOTENCY_CLAIM: claim an Idempotency-Key for a submit, or say what became of the earlier one.

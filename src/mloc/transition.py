@@ -268,8 +268,9 @@ local function move_indexes()
     end
     return true
   end
-  redis.call('ZREM', KEY_PENDING, id)
+  -- Only a pending task is in the pending queues (every write to them is of one).
   if state == PENDING then
+    redis.call('ZREM', KEY_PENDING, id)
     redis.call('ZREM', KEY_RETRY_WAIT, id)
     local queue = k(KEY_OWNER_PENDING, owner)
     if redis.call('ZREM', queue, id) == 1 and redis.call('EXISTS', queue) == 0 then
@@ -552,7 +553,29 @@ def outcome(reply: list[Any]) -> Transition:
 
 
 # SUBMIT: CREATE then TRANSITION (placing the new task on its worker), for a submit whose worker is
-# already chosen. TRANSITION_TWICE: two transitions of one task, for work that finished before its
-# start was recorded (see mloc.worker.runner). Both take KEYS/ARGV as :func:`mloc.lua.sequence` says.
-SUBMIT = lua.sequence(lua.CREATE, TRANSITION)
+# already chosen; KEYS and ARGV as :func:`mloc.lua.sequence` lays them out for those two parts, and
+# the same replies: {CREATE's, TRANSITION's}. The task is stored out of the pending queues, as the
+# placement would take it straight out again (six writes for nothing); it enters them only where its
+# placement is refused, in the same call. A task that existed already (a submit taken over from an
+# orchestrator that died half way) is placed as it is.
+SUBMIT = (
+    lua.CREATE.partition(lua.LIBRARY_END)[0]
+    + TRANSITION.partition(lua.LIBRARY_END)[0]
+    + "local function place(KEYS, ARGV)\n"
+    + _CALL
+    + "end\n"
+    + lua.LIBRARY_END
+    + r"""local nkeys, nargs = tonumber(ARGV[1]), tonumber(ARGV[2])
+local new_keys, new_args = {unpack(KEYS, 1, nkeys)}, {unpack(ARGV, 5, 4 + nargs)}
+local made, order = create(new_keys, new_args, false)
+local placed = place({unpack(KEYS, nkeys + 1, nkeys + tonumber(ARGV[3]))},
+  {unpack(ARGV, 5 + nargs, 4 + nargs + tonumber(ARGV[4]))})
+if made == 1 and placed[1] == 'err' and new_args[3] ~= '' then
+  queue_new(new_keys, new_args[1], new_args[4], new_args[3], order)
+end
+return {made, placed}
+"""
+)
+# TRANSITION_TWICE: two transitions of one task, for work that finished before its start was
+# recorded (see mloc.worker.runner); KEYS/ARGV as :func:`mloc.lua.sequence` says.
 TRANSITION_TWICE = lua.sequence(TRANSITION, TRANSITION)

@@ -437,6 +437,87 @@ def test_create_stores_and_places_a_new_task_in_one_call(redis_url: str) -> None
     run(redis_url, scenario)
 
 
+async def queued(r: aioredis.Redis, task_id: str, owner: str = "alice") -> tuple[Any, ...]:
+    """Where a task stands in the pending queues: the global one, its owner's, the owners listed."""
+    return (
+        await r.zscore(keys.PENDING, task_id),
+        await r.zscore(keys.pending_of(owner), task_id),
+        owner in await r.smembers(keys.PENDING_OWNERS),
+    )
+
+
+def test_a_task_placed_as_it_is_submitted_never_enters_the_pending_queues(redis_url: str) -> None:
+    async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
+        record = echo_record(store)
+        queues = {keys.PENDING, keys.pending_of("alice"), keys.PENDING_OWNERS}
+        added: list[str] = []
+        async with r.monitor() as monitor:
+            placed = await store.transition(record.task_id, moves.PLACE, reserve=reservation(), create=record)
+            async for entry in monitor.listen():
+                name, *args = entry["command"].split()
+                if entry.get("client_type") == "lua" and name in ("ZADD", "SADD") and args[0] in queues:
+                    added.append(entry["command"])
+                if name == "XADD" and args[0] == keys.EVENTS:  # the script's last write
+                    break
+        assert placed.ok and await r.hget(keys.task(record.task_id), "state") == "assigned"
+        assert added == [] and await queued(r, record.task_id) == (None, None, False)
+
+    run(redis_url, scenario)
+
+
+@pytest.mark.parametrize(
+    ("ask", "refusal"),
+    [({"cpu": 9000}, Refusal.CAPACITY), ({"max_tasks": 1}, Refusal.QUOTA)],
+)
+def test_a_task_refused_as_it_is_submitted_is_queued_as_a_stored_one_is(
+    redis_url: str, ask: dict[str, Any], refusal: Refusal
+) -> None:
+    async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
+        if refusal == Refusal.QUOTA:
+            assert (await store.transition(await new_task(store), moves.PLACE, reserve=reservation())).ok
+        stored = await new_task(store)  # the same task stored first: where CREATE queues it
+        record = echo_record(store)
+        refused = await store.transition(record.task_id, moves.PLACE, reserve=reservation(**ask), create=record)
+        assert refused.error == refusal
+        assert await r.hget(keys.task(record.task_id), "state") == "pending"
+        mine, theirs = await queued(r, record.task_id), await queued(r, stored)
+        assert mine[0] is not None and mine[1] == mine[0] and mine[2]
+        # Queued behind the task stored before it, at the score a stored task gets.
+        created_ms = int(await r.hget(keys.task(record.task_id), "created_ms"))
+        assert mine[0] == transition.pending_score(0, created_ms) and mine[0] > theirs[0]
+        # A place in the queue the scheduler places from: the next placement takes it out again.
+        again = await store.transition(record.task_id, moves.PLACE, reserve=reservation())
+        assert again.ok and await queued(r, record.task_id) == (None, None, True)
+
+    run(redis_url, scenario)
+
+
+def test_a_batch_of_submits_queues_only_those_whose_placement_is_refused(redis_url: str) -> None:
+    async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
+        records = [echo_record(store) for _ in range(3)]
+        asks = [reservation(), reservation(cpu=9000), reservation()]
+        outcomes = await store.apply_many(
+            [Apply(rec.task_id, Change(moves.PLACE, reserve=ask), rec) for rec, ask in zip(records, asks, strict=True)]
+        )
+        assert [o.ok for o in outcomes] == [True, False, True]
+        assert await queued(r, records[0].task_id) == (None, None, True)
+        assert (await queued(r, records[1].task_id))[0] is not None
+        assert (await queued(r, records[2].task_id))[:2] == (None, None)
+
+    run(redis_url, scenario)
+
+
+def test_a_submit_of_an_id_already_stored_places_the_stored_task(redis_url: str) -> None:
+    async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
+        record = echo_record(store)
+        await store.insert([record])  # stored by an orchestrator that died before placing it
+        assert (await queued(r, record.task_id))[0] is not None
+        placed = await store.transition(record.task_id, moves.PLACE, reserve=reservation(), create=record)
+        assert placed.ok and await queued(r, record.task_id) == (None, None, False)
+
+    run(redis_url, scenario)
+
+
 def test_then_records_a_start_and_an_end_in_one_call(redis_url: str) -> None:
     async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
         task_id = await new_task(store)

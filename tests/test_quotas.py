@@ -318,6 +318,31 @@ def test_quota_caps_a_users_running_tasks_and_the_rest_run_as_slots_free(
         assert r.hmget(keys.user_usage(user), "tasks", "gpus") in (["0", "0"], ["0", None]), user
 
 
+def test_a_quota_held_tasks_estimate_does_not_repeat_its_pending_reason(
+    make_cluster: Callable[..., LocalCluster],
+) -> None:
+    cluster = make_cluster(1, worker_env=[{"MLOC_WORKER_SLOTS": "4"}])
+    with httpx.Client(base_url=cluster.api_url, timeout=30) as http:
+        assert http.post("/admin/users", json={"name": "alice", "max_tasks": 1}).status_code == 201
+        first, second = (http.post("/api/v1/tasks", json=echo("alice", sleep=30)).json()["task_id"] for _ in range(2))
+        deadline = time.monotonic() + 30
+        while started_at(http, first) is None:
+            assert time.monotonic() < deadline, http.get(f"/api/v1/tasks/{first}").json()
+            time.sleep(0.05)
+        held = http.get(f"/api/v1/tasks/{second}").json()
+        reason = held["pending_reason"]
+        assert held["state"] == "pending" and reason.startswith("user alice at quota: 1 of 1 concurrent tasks"), held
+        # The estimate says what it rests on; why the task waits is the record's pending_reason, shown beside it.
+        basis = held["queue"]["basis"]
+        assert held["queue"]["eta_sec"] is None and basis.startswith("waits for one of alice's tasks to end"), basis
+        assert "at quota" not in basis and "set-quota" not in basis, basis
+        shown = mloc("show", second, env={"MLOC_API_URL": cluster.api_url})
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.count("at quota") == shown.stdout.count("set-quota alice") == 1, shown.stdout
+        for task_id in (first, second):
+            http.post(f"/api/v1/tasks/{task_id}/cancel")
+
+
 def test_admin_sets_quotas_from_the_cli_and_bad_input_is_explained(
     make_cluster: Callable[..., LocalCluster],
 ) -> None:

@@ -188,7 +188,8 @@ def submit(
     with --dry-run, its check), "count" says how many, and "ok" is true (with --wait: true when every
     task succeeded, as the exit status says). With one task, its answer's fields are also at the top,
     as they were before the list: `jq -r .task_id` still works, and `jq -r '.tasks[].task_id'` works
-    for any number."""
+    for any number. A result (--wait) is only in "tasks" (`jq .tasks[0].result`), never at the top,
+    so a large one is printed once and is read the same way for one task or many."""
     api = client()
     read = _read(files)
     labelled = _documents(read)
@@ -247,8 +248,11 @@ def submit(
 
 def _json_answer(answers: list[dict[str, Any]], *, ok: bool = True, **more: Any) -> dict[str, Any]:
     """What `mloc submit --json` prints, one shape for any number of tasks: ok, count and the tasks'
-    answers; one task's answer also spread at the top, which is all a single submit printed before."""
-    alone = answers[0] if len(answers) == 1 else {}
+    answers; one task's answer also spread at the top, which is all a single submit printed before.
+
+    The top copy leaves out the task's result (--wait): it can be as large as the task's whole
+    output, and a script finds it in ``tasks`` whatever the number of tasks."""
+    alone = {key: value for key, value in answers[0].items() if key != "result"} if len(answers) == 1 else {}
     body = {"ok": ok, **alone, **more, "count": len(answers), "tasks": answers}
     body["ok"] = ok  # the whole's, not the one task's
     return body

@@ -253,8 +253,12 @@ async def _owner_holds(
     store: TaskStore, request: Request, task_id: str, owner: str, holdings_of: HoldingsReader, now: float
 ) -> tuple[float | None, str] | None:
     """When the owner's exhausted budget or quota, not the fleet, keeps the task waiting: the seconds
-    until it may start (None when nothing says) and why; None when neither holds it. A replay of the
-    queue would tell when room frees, which is not what it waits for."""
+    until it may start (None when nothing says) and what that rests on; None when neither holds it. A
+    replay of the queue would tell when room frees, which is not what it waits for.
+
+    A budget is named: the one that resets last, which may not be the one the task's ``pending_reason``
+    gives. A quota is not: its words (the limit, the admin's command) are that ``pending_reason``, which
+    the record shows beside the estimate."""
     redis = store.redis
     found = (await Standings(redis, half_life_sec=DEFAULT_FAIR_SHARE_HALF_LIFE_SEC).read([owner], now))[owner]
     spent = budgets.last_to_reset(found.exhausted, request)
@@ -262,12 +266,12 @@ async def _owner_holds(
         resets = datetime.fromtimestamp(spent.resets_at, UTC).strftime("%Y-%m-%d %H:%M UTC")
         why = f"waits for its owner's budget to reset at {resets}, or for the admin to raise it ({spent.reason})"
         return max(0.0, spent.resets_at - now), why
-    code, reason, never = await redis.hmget(keys.task(task_id), PENDING_CODE, "pending_reason", "unschedulable")
+    code, never = await redis.hmget(keys.task(task_id), PENDING_CODE, "unschedulable")
     if code != WaitCode.QUOTA:
         return None
     if never == "1":
-        return None, f"can never start under its owner's current quota ({reason})"
-    why = f"waits for one of {owner}'s tasks to end ({reason})"
+        return None, "can never start under its owner's current quota"
+    why = f"waits for one of {owner}'s tasks to end"
     first = await _first_end_of(store, owner, holdings_of, now)
     if first is not None:
         why += f"; the first of them is expected to end in about {in_words(first - now)}"

@@ -40,6 +40,10 @@ from tests.unit.test_memfit import LLAMA3_8B, QWEN25_05B
 GIB = 1 << 30
 LLAMA = "meta-llama/Meta-Llama-3-8B"
 QWEN = "Qwen/Qwen2.5-0.5B"
+LLAMA_70B = "meta-llama/Meta-Llama-3-70B"
+# Llama 3 70B's config.json differs from 8B's only in these sizes.
+LLAMA3_70B = {**LLAMA3_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80}
+LLAMA3_70B["num_attention_heads"] = 64
 L4 = "NVIDIA L4"
 A100 = "NVIDIA A100-SXM4-80GB"
 
@@ -64,6 +68,20 @@ def gpu_worker(
         task_types=("inference", "sft"),
         capabilities={"inference": {"engines": ["vllm", "transformers"]}},
         model_facts=facts,
+    )
+
+
+def eval_worker(worker_id: str, gpu: str, gpu_memory: int) -> Registration:
+    """A GPU host that runs eval tasks (lm-eval on transformers), holding no harness task's data."""
+    return fleet.registration(
+        worker_id,
+        gpus=1,
+        cpu=32000,
+        memory=64 * GIB,
+        gpu_memory=gpu_memory,
+        gpu_name=gpu,
+        task_types=("eval",),
+        capabilities={"eval": {"engines": ["transformers"], "harness_tasks": []}},
     )
 
 
@@ -111,11 +129,27 @@ def serve(model: str = QWEN, **extra: Any) -> dict[str, Any]:
     }
 
 
+def evaluate(model: str = QWEN, **options: Any) -> dict[str, Any]:
+    """An lm-eval run of a multiple-choice file on one GPU: about 3.9 GiB for Qwen 2.5 0.5B at batch 8."""
+    return {
+        "apiVersion": "mloc/v1",
+        "kind": "Task",
+        "metadata": {"name": "score"},
+        "spec": {
+            "taskType": "eval",
+            "model": {"source": {"identifier": model}},
+            "eval": {"custom": [{"name": "mc", "path": "/data/mc.jsonl", "type": "multiple_choice"}], **options},
+            "resources": {"hardware": {"gpu": {"count": 1}}},
+        },
+    }
+
+
 @pytest.fixture
 def hub() -> Iterator[HubServer]:
     with HubServer() as server:
         server.hub.add_repo(LLAMA, {"config.json": json.dumps(LLAMA3_8B).encode()})
         server.hub.add_repo(QWEN, {"config.json": json.dumps(QWEN25_05B).encode()})
+        server.hub.add_repo(LLAMA_70B, {"config.json": json.dumps(LLAMA3_70B).encode()})
         broken = {key: value for key, value in LLAMA3_8B.items() if key != "num_hidden_layers"}
         server.hub.add_repo("org/broken", {"config.json": json.dumps(broken).encode()})
         yield server
@@ -164,6 +198,57 @@ def test_a_gpu_task_no_registered_gpu_can_hold_is_refused_with_the_numbers(
     bulk = http.post("/api/v1/tasks/bulk", json=[serve(), sft()])
     assert bulk.status_code == 422 and bulk.json()["message"].startswith("task 1: needs about 69.3 GiB")
     assert http.get("/api/v1/tasks").json()["total"] == 0  # nothing stored
+
+
+def test_an_eval_no_registered_gpu_can_hold_is_refused_at_submit(
+    redis_url: str, hub: HubServer, orchestrator: Callable[..., TestClient]
+) -> None:
+    register(redis_url, eval_worker("l4", L4, 24 * GIB), eval_worker("a100", A100, 80 * GIB))
+    http = orchestrator(hub)
+    response = http.post("/api/v1/tasks", json=evaluate(LLAMA_70B))
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["error"] == "does_not_fit"
+    assert body["message"].startswith("needs about 136.1 GiB on one GPU: weights 131.4, ")
+    assert "; the largest GPU registered has 80 GiB. To run it: " in body["message"]
+    assert "eval.batch_size" in body["message"] and "resources.hardware.gpu.memory" in body["message"]
+    assert body["details"][0]["path"] == "spec.resources.hardware.gpu"
+    assert http.get("/api/v1/tasks").json()["total"] == 0  # nothing stored
+
+
+def test_an_eval_that_fits_carries_its_estimate_and_is_placed_by_it(
+    redis_url: str, hub: HubServer, orchestrator: Callable[..., TestClient]
+) -> None:
+    register(redis_url, eval_worker("l4", L4, 24 * GIB))
+    http = orchestrator(hub)
+    dry = http.post("/api/v1/tasks?dry_run=true", json=evaluate()).json()
+    assert dry["would_place_on"] == ["l4"]
+    answer, record = submitted(http, evaluate())
+    assert answer["worker_id"] == "l4" and "memory_warning" not in answer
+    estimate = record["memory_estimate"]
+    assert estimate == dry["memory_estimate"]
+    assert (estimate["task"], estimate["kind"], estimate["model_key"]) == (
+        "eval on transformers",
+        "eval on transformers (gpu)",
+        QWEN,
+    )
+    assert {"weights", "kv_cache", "activations", "overhead"} <= set(estimate["parts"])
+    assert estimate["explain"].startswith("needs about 3.9 GiB on one GPU: weights 0.9")
+    assert record["request"]["gpu_mem"] == estimate["per_gpu_bytes"] == estimate["total_bytes"]
+
+
+def test_warn_mode_keeps_an_eval_too_big_with_the_warning_on_it(
+    redis_url: str, hub: HubServer, orchestrator: Callable[..., TestClient]
+) -> None:
+    register(redis_url, eval_worker("l4", L4, 24 * GIB))
+    http = orchestrator(hub, MLOC_MEMFIT="warn")
+    answer, record = submitted(http, evaluate(LLAMA_70B))
+    warning = record["memory_estimate"]["warning"]
+    assert warning.startswith("needs about 136.1 GiB on one GPU: ")
+    assert warning.endswith(
+        "the largest GPU registered has 24 GiB: it will likely run out of memory (kept: MLOC_MEMFIT=warn)"
+    )
+    assert answer["memory_warning"] == warning
 
 
 def test_warn_mode_keeps_the_task_with_the_warning_on_it(

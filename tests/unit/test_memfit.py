@@ -505,6 +505,69 @@ def test_rag_adds_the_embedding_model() -> None:
 
 
 @pytest.mark.extra("vllm")
+def evaluation(*custom: str, **options: Any) -> Document:
+    """An eval task over custom files of the given types (and any harness tasks in ``options``)."""
+    files = [{"name": f"t{i}", "path": f"/data/t{i}.jsonl", "type": kind} for i, kind in enumerate(custom)]
+    return task({"taskType": "eval", "model": {"source": {"identifier": "m"}}, "eval": {"custom": files, **options}})
+
+
+def test_eval_scoring_holds_every_positions_logits_and_their_log_softmax() -> None:
+    llama = facts_from_config(LLAMA3_8B)
+    scored = estimate_task(evaluation("multiple_choice"), llama)
+    # lm-eval's HFLM on the transformers engine, in the checkpoint's dtype: the inference weights.
+    assert (scored.task, scored.dtype) == ("eval on transformers", "bfloat16")
+    assert scored.weights == estimate_task(task_with_max_tokens(8), llama).weights
+    # Batch 8 (eval.batch_size's default) of 512-token prompts: 128 KiB of KV cache a token.
+    assert scored.kv_cache == 8 * 512 * 128 * 1024
+    # One layer's tensors per token, plus bfloat16 logits over 128256 entries and their log-softmax.
+    per_token = (4 * 4096 + 4096 + 2 * 1024 + 3 * 14336) * 2 + 2 * 128256 * 2
+    assert scored.activations == 8 * 512 * per_token
+    assert scored.explain().startswith("needs about 18.4 GiB on one GPU: weights 15.0")
+
+
+def test_eval_batch_size_and_few_shot_examples_grow_the_estimate() -> None:
+    qwen = facts_from_config(QWEN25_05B)
+    base = estimate_task(evaluation("multiple_choice"), qwen)
+    doubled = estimate_task(evaluation("multiple_choice", batch_size=16), qwen)
+    assert doubled.kv_cache == 2 * base.kv_cache and doubled.activations == 2 * base.activations
+    # Five solved examples before each question: six prompts' worth of tokens.
+    shots = estimate_task(evaluation("multiple_choice", num_fewshot=5), qwen)
+    assert shots.kv_cache == 6 * base.kv_cache
+    assert "512 for the question and for each of 5 few-shot examples" in shots.notes[0]
+
+
+def test_eval_generation_alone_is_sized_as_the_transformers_engine_generates() -> None:
+    llama = facts_from_config(LLAMA3_8B)
+    # Custom generation tasks complete up to 64 tokens unless eval.max_tokens says otherwise.
+    generated = estimate_task(evaluation("exact_match"), llama)
+    assert generated.kv_cache == llama.kv_bytes(8, 512 + 64, 2)
+    longer = estimate_task(evaluation("exact_match", max_tokens=1024), llama)
+    assert longer.kv_cache == llama.kv_bytes(8, 512 + 1024, 2)
+    # Only the last position's logits are kept while generating, so scoring the same prompts needs more.
+    assert generated.activations < estimate_task(evaluation("multiple_choice"), llama).activations
+    # A harness task may score or generate (lm-eval's default of 256 new tokens): the larger phase counts.
+    harness = estimate_task(evaluation(tasks=["hellaswag"]), llama)
+    assert harness.total == estimate_task(evaluation("multiple_choice", "generation", max_tokens=256), llama).total
+    assert "harness tasks' own few-shot counts are unknown at submit" in harness.notes[-1]
+
+
+def test_eval_on_a_cpu_runs_in_float32_and_counts_the_tokenizer() -> None:
+    qwen = facts_from_config(QWEN25_05B)
+    on_cpu = estimate_task(evaluation("multiple_choice"), qwen, device="cpu")
+    assert on_cpu.device == "cpu" and on_cpu.dtype == "float32"
+    assert on_cpu.weights == 2 * estimate_task(evaluation("multiple_choice"), qwen).weights
+    assert on_cpu.tokenizer == 151936 * 1280
+    # model.engine auto is the transformers engine all the same: eval never runs on vLLM.
+    auto = task(
+        {
+            "taskType": "eval",
+            "model": {"source": {"identifier": "m"}, "engine": "auto"},
+            "eval": {"tasks": ["arc_easy"]},
+        }
+    )
+    assert estimate_task(auto, qwen, auto_engine="vllm").task == "eval on transformers"
+
+
 def test_vllm_on_cpu_sizes_the_kv_cache_as_the_loader_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mloc.llm.loader import VLLM_CPU_RUNTIME_BYTES, Workload, plan_load
     from tests.support.tiny_model import build_tiny_causal_lm

@@ -1,6 +1,6 @@
 """A task's memory need, by part (:class:`Estimate`), and the measured figures every estimate shares.
 
-:mod:`mloc.llm.memfit` makes one for a task; :mod:`mloc.llm.inference_memory` and
+:mod:`mloc.llm.memfit` makes one for a task; :mod:`mloc.llm.inference_memory` (inference and eval) and
 :mod:`mloc.llm.training_memory` fill in the parts of each task kind.
 """
 
@@ -38,6 +38,9 @@ CPU_ACTIVATION_SLACK = 1.5
 VLLM_BATCHED_TOKENS = {"gpu": 8192, "cpu": 4096}
 VLLM_MAX_SEQS = 256
 DEFAULT_BATCH = {"vllm": 256, "transformers": 16}  # the inference executor's prompts per engine call
+# An eval task's longest completion without eval.max_tokens: lm-eval's HFLM default (max_gen_toks) for
+# harness tasks, MLOC's own for custom ones (mloc.executors.eval_tasks.DEFAULT_MAX_TOKENS).
+EVAL_HARNESS_NEW_TOKENS, EVAL_CUSTOM_NEW_TOKENS = 256, 64
 # TRL computes log-probabilities through a chunked LM head: tokens x vocabulary in tiles of this size.
 LOGPROB_TOKENS, LOGPROB_VOCAB = 4096, 32768
 # A dataset's prompts are unknown at submit; assume prompts of this many tokens.

@@ -1,4 +1,5 @@
-"""The memory an inference task needs (plain, RAG, agent), on vLLM or transformers, on a GPU or a CPU."""
+"""The memory an inference task needs (plain, RAG, agent), on vLLM or transformers, on a GPU or a CPU, and
+an eval task's, which lm-eval runs on transformers."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import math
 from mloc.llm.estimate import (
     CPU_RUNTIME_BYTES,
     DEFAULT_BATCH,
+    EVAL_CUSTOM_NEW_TOKENS,
+    EVAL_HARNESS_NEW_TOKENS,
     GPU_CONTEXT_BYTES,
     MINILM_PARAMETERS,
     UNKNOWN_PROMPT_TOKENS,
@@ -33,6 +36,7 @@ from mloc.llm.loader import (
 from mloc.llm.modelfacts import ModelFacts
 from mloc.spec.agent import AgentSpec
 from mloc.spec.base import Engine, ModelSpec
+from mloc.spec.eval import CustomType, EvalSpec
 from mloc.spec.inference import InferenceSpec
 from mloc.spec.rag import RagSpec
 
@@ -172,15 +176,19 @@ def _vllm(
     )
 
 
+def _transformers_dtype(model: ModelSpec, facts: ModelFacts, target: Target) -> str:
+    """The dtype the loader hands :class:`~mloc.llm.hf_engine.TransformersEngine`."""
+    if model.vllm.dtype and model.vllm.dtype != "auto":
+        return DTYPE_NAMES.get(model.vllm.dtype, model.vllm.dtype)
+    if target.device == "gpu":
+        return facts.dtype  # transformers' 'auto' keeps the checkpoint's dtype
+    return "bfloat16" if facts.dtype == "bfloat16" and target.bf16 else "float32"
+
+
 def _transformers(
     model: ModelSpec, facts: ModelFacts, target: Target, workload: Workload | None, new: int, notes: list[str]
 ) -> Estimate:
-    if model.vllm.dtype and model.vllm.dtype != "auto":
-        dtype = DTYPE_NAMES.get(model.vllm.dtype, model.vllm.dtype)
-    elif target.device == "gpu":
-        dtype = facts.dtype  # transformers' 'auto' keeps the checkpoint's dtype
-    else:
-        dtype = "bfloat16" if facts.dtype == "bfloat16" and target.bf16 else "float32"
+    dtype = _transformers_dtype(model, facts, target)
     if workload is None:
         workload = Workload(min(facts.max_context, UNKNOWN_PROMPT_TOKENS + new), DEFAULT_BATCH["transformers"])
     prompt = max(1, workload.context - new)
@@ -195,6 +203,57 @@ def _transformers(
         weights=facts.loaded_bytes(dtype),
         kv_cache=facts.kv_bytes(workload.sequences, workload.context, value),
         activations=activations,
+        overhead=GPU_CONTEXT_BYTES if target.device == "gpu" else CPU_RUNTIME_BYTES["inference"],
+        notes=tuple(notes),
+    )
+
+
+def eval_estimate(spec: EvalSpec, facts: ModelFacts, target: Target) -> Estimate:
+    """lm-eval's HFLM over the transformers engine, ``eval.batch_size`` requests at a time: the larger of
+    its two phases. Scoring (log-likelihoods: harness tasks, multiple choice) runs one forward pass over
+    whole prompts and keeps the logits of every position and their log-softmax; generating (harness tasks,
+    exact match, generation) is the transformers engine's generate."""
+    # The executor forces the transformers engine whatever model.engine says, as the loader loads it.
+    model = (spec.model or ModelSpec.model_validate({"source": {"identifier": "worker-default"}})).model_copy(
+        update={"engine": Engine.TRANSFORMERS}
+    )
+    options = spec.eval
+    batch = options.batch_size
+    shots = options.num_fewshot or 0
+    # The data is on the worker: each prompt is taken as UNKNOWN_PROMPT_TOKENS a question, and as many
+    # again for each solved example before it. HFLM truncates to the model's context from its config.
+    prompt = min(facts.max_context, UNKNOWN_PROMPT_TOKENS * (1 + shots))
+    notes = [
+        f"the eval data is on the worker: each prompt is taken as {prompt} tokens ({UNKNOWN_PROMPT_TOKENS} for "
+        f"the question and for each of {shots} few-shot examples)"
+    ]
+    if options.tasks and options.num_fewshot is None:
+        notes.append("harness tasks' own few-shot counts are unknown at submit: 0 is assumed")
+    choices = any(task.type == CustomType.MULTIPLE_CHOICE for task in options.custom)
+    completions = any(task.type != CustomType.MULTIPLE_CHOICE for task in options.custom)
+    phases: list[Estimate] = []
+    if options.tasks or completions:
+        new = options.max_tokens or (EVAL_HARNESS_NEW_TOKENS if options.tasks else EVAL_CUSTOM_NEW_TOKENS)
+        workload = Workload(min(facts.max_context, prompt + new), batch)
+        phases.append(_transformers(model, facts, target, workload, new, notes))
+    if options.tasks or choices:
+        phases.append(_scoring(model, facts, target, Workload(prompt, batch), notes))
+    return replace_estimate(max(phases, key=lambda phase: phase.total), task="eval on transformers")
+
+
+def _scoring(model: ModelSpec, facts: ModelFacts, target: Target, workload: Workload, notes: list[str]) -> Estimate:
+    """One forward pass over a batch of whole prompts: HFLM keeps the logits of every position, in the
+    model's dtype, and their log-softmax beside them; the model's config keeps a KV cache as it goes."""
+    dtype = _transformers_dtype(model, facts, target)
+    value = value_bytes(dtype)
+    tokens = workload.sequences * workload.context
+    return Estimate(
+        task="eval on transformers",
+        device=target.device,
+        dtype=dtype,
+        weights=facts.loaded_bytes(dtype),
+        kv_cache=facts.kv_bytes(workload.sequences, workload.context, value),
+        activations=tokens * (_forward_per_token(facts, value) + 2 * facts.vocab_size * value),
         overhead=GPU_CONTEXT_BYTES if target.device == "gpu" else CPU_RUNTIME_BYTES["inference"],
         notes=tuple(notes),
     )

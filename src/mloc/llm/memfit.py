@@ -5,8 +5,8 @@ header) and never imports torch: :func:`~mloc.llm.modelfacts.model_facts` turns 
 :class:`ModelFacts`, and :func:`estimate_task` turns a task plus those facts into an :class:`Estimate`
 with its parts. Where MLOC itself sizes something (vLLM's context and CPU KV cache in
 :mod:`mloc.llm.loader`), the same rule is called here rather than copied. The figures describe MLOC's
-own engines: vLLM, transformers, and TRL 1.x trainers (whose log-probabilities come from a chunked LM
-head, so full logits are never held).
+own engines: vLLM, transformers (with lm-eval's HFLM over it for eval tasks), and TRL 1.x trainers (whose
+log-probabilities come from a chunked LM head, so full logits are never held).
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from collections.abc import Mapping
 from typing import Literal
 
 from mloc.llm.estimate import TOKENIZER_BYTES_PER_TOKEN, Device, Estimate, Target, replace_estimate
-from mloc.llm.inference_memory import inference_estimate
+from mloc.llm.inference_memory import eval_estimate, inference_estimate
 from mloc.llm.loader import DTYPE_BYTES
 from mloc.llm.modelfacts import ModelFacts, ModelFactsError, model_facts
 from mloc.llm.training_memory import training_estimate
 from mloc.spec.agent import AgentSpec
 from mloc.spec.base import Document
+from mloc.spec.eval import EvalSpec
 from mloc.spec.inference import InferenceSpec
 from mloc.spec.rag import RagSpec
 from mloc.spec.train import DPOSpec, GRPOSpec, PPOSpec, SFTSpec
@@ -49,6 +50,8 @@ def estimate_task(
     spec = document.spec
     if isinstance(spec, InferenceSpec | RagSpec | AgentSpec):
         estimate = inference_estimate(spec, facts, target)
+    elif isinstance(spec, EvalSpec):
+        estimate = eval_estimate(spec, facts, target)
     elif isinstance(spec, SFTSpec | DPOSpec | GRPOSpec | PPOSpec):
         estimate = training_estimate(spec, facts, target)
     else:

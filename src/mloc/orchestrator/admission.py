@@ -1,8 +1,8 @@
 """Memory fit at admission: a task's memory estimate, made at submit from its model's facts alone.
 
-For a task that loads a model (inference, RAG, agents, SFT, DPO, GRPO, PPO) admission finds the model's
-facts (:mod:`.factfinder`), estimates what the task needs (:mod:`mloc.llm.memfit`) on the device it asks
-for (one GPU when it asks for GPUs, else RAM), corrects that by the last run of the same model and kind
+For a task that loads a model (inference, RAG, agents, eval, SFT, DPO, GRPO, PPO) admission finds the
+model's facts (:mod:`.factfinder`), estimates what the task needs (:mod:`mloc.llm.memfit`) on the device it
+asks for (one GPU when it asks for GPUs, else RAM), corrects that by the last run of the same model and kind
 (:mod:`mloc.memoryhistory`), and stores it on the task (``memory_estimate``). Then, by ``MLOC_MEMFIT``:
 
 - ``refuse`` (the default): a GPU task that needs more than the largest registered GPU of its type is
@@ -41,6 +41,7 @@ from mloc.records import NewTask, WorkerStatus, WorkerView
 from mloc.settings import Settings
 from mloc.spec.agent import AgentSpec
 from mloc.spec.base import Document, ModelSource, ModelSpec, field_of
+from mloc.spec.eval import EvalSpec
 from mloc.spec.inference import InferenceSpec
 from mloc.spec.rag import RagSpec
 from mloc.spec.train import DPOSpec, GRPOSpec, PPOSpec, SFTSpec
@@ -48,12 +49,12 @@ from mloc.spec.train import DPOSpec, GRPOSpec, PPOSpec, SFTSpec
 log = logging.getLogger(__name__)
 RATIO_CACHE_SEC = 1.0
 RATIOS_KEPT = 4096
-ESTIMATED = (InferenceSpec, RagSpec, AgentSpec, SFTSpec, DPOSpec, GRPOSpec, PPOSpec)
+ESTIMATED = (InferenceSpec, RagSpec, AgentSpec, EvalSpec, SFTSpec, DPOSpec, GRPOSpec, PPOSpec)
 FIX = (
-    "use a smaller or quantized model (adapter.type: qlora to train), lower vllm.max_model_len, batch_size or "
-    "max_length, split it over GPUs (vllm.tensor_parallel_size with gpu.count), or set "
-    "resources.hardware.gpu.memory to place it by your own figure (MLOC_MEMFIT=warn on the orchestrator keeps "
-    "such tasks)"
+    "use a smaller or quantized model (adapter.type: qlora to train), lower vllm.max_model_len, batch_size "
+    "(eval.batch_size to evaluate) or max_length, split it over GPUs (vllm.tensor_parallel_size with "
+    "gpu.count), or set resources.hardware.gpu.memory to place it by your own figure (MLOC_MEMFIT=warn on the "
+    "orchestrator keeps such tasks)"
 )
 
 

@@ -16,7 +16,9 @@ one-at-a-time "raw Streams" row of ../shared/peers.
 Where the time goes: the sequential tasks' latency by step (median), from the times each task's
 record keeps (placed by the orchestrator, started and finished by the worker) and the client's own;
 and, for each MLOC phase, the CPU each process spent per task (orchestrator, both workers, Redis, this
-load generator), from the kernel's accounting of each process (psutil).
+load generator), from the kernel's accounting of each process (psutil), with the part of Redis's
+that went to MLOC's scripts (every state change is one; their calls per task fall below one where
+moves are sent together), from Redis's own INFO commandstats.
 """
 
 from __future__ import annotations
@@ -136,30 +138,59 @@ def _raw_run(url: str, consumers: Sequence[BaseProcess], latency_n: int, through
 
 
 # ---------------------------------------------------------------------- MLOC
-class CpuMeter:
-    """CPU seconds each process of the system spent during a phase, per task."""
+@dataclass(frozen=True)
+class Scripts:
+    """Redis's own count of the scripts it ran in a phase (INFO commandstats), per task."""
 
-    def __init__(self, processes: Mapping[str, int]) -> None:
+    calls: float  # script calls per task: below 1 where moves were sent together
+    us: float  # microseconds Redis spent running them, per task
+
+    @classmethod
+    def between(cls, before: Mapping[str, float], after: Mapping[str, float], tasks: int) -> Scripts:
+        return cls((after["calls"] - before["calls"]) / tasks, (after["usec"] - before["usec"]) / tasks)
+
+
+def _script_stats(r: redis.Redis) -> dict[str, float]:
+    stats = r.info("commandstats").get("cmdstat_evalsha", {})
+    return {"calls": float(stats.get("calls", 0)), "usec": float(stats.get("usec", 0))}
+
+
+class CpuMeter:
+    """CPU seconds each process of the system spent during a phase, per task, and the time Redis
+    spent in MLOC's scripts (its state changes) within that."""
+
+    def __init__(self, processes: Mapping[str, int], redis_url: str) -> None:
         self.processes = {name: psutil.Process(pid) for name, pid in processes.items()}
+        self.redis = redis.Redis.from_url(redis_url)
         self.phases: dict[str, dict[str, float]] = {}
+        self.scripts: dict[str, Scripts] = {}
 
     def _now(self) -> dict[str, float]:
         times = {name: proc.cpu_times() for name, proc in self.processes.items()}
         return {name: t.user + t.system for name, t in times.items()}
 
     def measure(self, phase: str, tasks: int, run: Callable[[], T]) -> T:
+        scripts_before = _script_stats(self.redis)
         before = self._now()
         result = run()
         after = self._now()
         self.phases[phase] = {name: (after[name] - before[name]) / tasks for name in after}
+        self.scripts[phase] = Scripts.between(scripts_before, _script_stats(self.redis), tasks)
         return result
 
     def table(self) -> str:
         names = list(self.processes)
-        lines = [f"{'CPU ms per task':34} " + " ".join(f"{name:>12}" for name in names) + f" {'total':>8}"]
+        lines = [
+            f"{'CPU ms per task':34} "
+            + " ".join(f"{name:>12}" for name in names)
+            + f" {'total':>8}   of redis: scripts (calls)"
+        ]
         for phase, spent in self.phases.items():
             cells = " ".join(f"{spent[name] * 1e3:12.3f}" for name in names)
-            lines.append(f"{phase:34} {cells} {sum(spent.values()) * 1e3:8.3f}")
+            scripts = self.scripts[phase]
+            lines.append(
+                f"{phase:34} {cells} {sum(spent.values()) * 1e3:8.3f}   {scripts.us / 1e3:.3f} ({scripts.calls:.2f})"
+            )
         return "\n".join(lines)
 
 
@@ -311,7 +342,8 @@ def main() -> None:
             meter = CpuMeter(
                 {"orchestrator": cluster.orchestrator.pid}
                 | {name: proc.pid for name, proc in cluster.worker_procs.items()}
-                | {"redis": server.proc.pid, "load gen": os.getpid()}
+                | {"redis": server.proc.pid, "load gen": os.getpid()},
+                server.url,
             )
             api, url, n = cluster.api_url, server.url, args.throughput_n
             timed = meter.measure("sequential", args.latency_n, lambda: mloc_latency(api, url, args.latency_n))
@@ -359,6 +391,10 @@ def main() -> None:
                 "cpu_ms_per_task": {
                     phase: {name: round(sec * 1e3, 4) for name, sec in spent.items()}
                     for phase, spent in meter.phases.items()
+                },
+                "redis_scripts_per_task": {
+                    phase: {"calls": round(scripts.calls, 3), "ms": round(scripts.us / 1e3, 4)}
+                    for phase, scripts in meter.scripts.items()
                 },
             }
         )

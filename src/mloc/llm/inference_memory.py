@@ -196,12 +196,19 @@ def _transformers(
     # Prefill runs one layer at a time over the whole batch; generate keeps the last position's logits
     # in float32 with a few copies (processors, softmax, sampling).
     activations = workload.sequences * (prompt * _forward_per_token(facts, value) + facts.vocab_size * 4 * 3)
+    return _on_transformers("inference on transformers", dtype, facts, target, workload, activations, notes)
+
+
+def _on_transformers(
+    task: str, dtype: str, facts: ModelFacts, target: Target, workload: Workload, activations: int, notes: list[str]
+) -> Estimate:
+    """A model held by the transformers engine, its KV cache for ``workload``, and ``activations``."""
     return Estimate(
-        task="inference on transformers",
+        task=task,
         device=target.device,
         dtype=dtype,
         weights=facts.loaded_bytes(dtype),
-        kv_cache=facts.kv_bytes(workload.sequences, workload.context, value),
+        kv_cache=facts.kv_bytes(workload.sequences, workload.context, value_bytes(dtype)),
         activations=activations,
         overhead=GPU_CONTEXT_BYTES if target.device == "gpu" else CPU_RUNTIME_BYTES["inference"],
         notes=tuple(notes),
@@ -246,14 +253,7 @@ def _scoring(model: ModelSpec, facts: ModelFacts, target: Target, workload: Work
     model's dtype, and their log-softmax beside them; the model's config keeps a KV cache as it goes."""
     dtype = _transformers_dtype(model, facts, target)
     value = value_bytes(dtype)
-    tokens = workload.sequences * workload.context
-    return Estimate(
-        task="eval on transformers",
-        device=target.device,
-        dtype=dtype,
-        weights=facts.loaded_bytes(dtype),
-        kv_cache=facts.kv_bytes(workload.sequences, workload.context, value),
-        activations=tokens * (_forward_per_token(facts, value) + 2 * facts.vocab_size * value),
-        overhead=GPU_CONTEXT_BYTES if target.device == "gpu" else CPU_RUNTIME_BYTES["inference"],
-        notes=tuple(notes),
+    activations = (
+        workload.sequences * workload.context * (_forward_per_token(facts, value) + 2 * facts.vocab_size * value)
     )
+    return _on_transformers("eval on transformers", dtype, facts, target, workload, activations, notes)

@@ -44,7 +44,7 @@ return 0
 # -priority x weight ("" = not for the scheduler)      ARGV[4] owner
 # ARGV[5] "1": keep the created ms as the order (a chunk takes its parent's place)
 # ARGV[6] "1": the task is part of another (a chunk or a shard), listed in KEYS[9] and KEYS[10] too
-# ARGV[7..] field, value, ...
+# ARGV[7..] field, value, ..., starting with created_ms (its value is replaced by the order given)
 # Else the order is the created ms, or the one after the last given if that is not later: tasks of one
 # priority queue in the order Redis stored them, whichever orchestrator (and clock) made them.
 # Returns 1, or 0 if a task with that id exists.
@@ -59,7 +59,8 @@ local function queue_new(KEYS, id, owner, priority_part, order)
   redis.call('SADD', KEYS[7], owner)
 end
 
--- Store the task (KEYS and ARGV as CREATE takes them); queue: put it in the pending queues now.
+-- Store the task (KEYS and ARGV as CREATE takes them); queue: list it as pending and put it in the
+-- pending queues now (else its caller places it at once, or lists and queues it where it cannot).
 -- Returns 1 and its order, or 0 when a task with its id exists.
 local function create(KEYS, ARGV, queue)
   if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -69,10 +70,10 @@ local function create(KEYS, ARGV, queue)
     redis.call('SET', KEYS[8], string.format('%d', order))
   end
   local ms = string.format('%d', order)
+  ARGV[8] = ms
   redis.call('HSET', KEYS[1], unpack(ARGV, 7))
-  redis.call('HSET', KEYS[1], 'created_ms', ms)
   redis.call('ZADD', KEYS[2], ms, ARGV[1])
-  redis.call('ZADD', KEYS[3], ms, ARGV[1])
+  if queue then redis.call('ZADD', KEYS[3], ms, ARGV[1]) end
   redis.call('ZADD', KEYS[4], ms, ARGV[1])
   if ARGV[6] == '1' then
     redis.call('ZADD', KEYS[9], ms, ARGV[1])
@@ -220,11 +221,17 @@ def _split(script: str) -> tuple[str, str]:
     return (library, body) if marker else ("", script)
 
 
+def library(script: str) -> str:
+    """The part of ``script`` above its LIBRARY_END line (its functions and constants), for a script
+    that builds on them; "" for a script without one."""
+    return _split(script)[0]
+
+
 def _libraries(scripts: tuple[str, ...]) -> str:
     """Each distinct library once: Redis runs a script's whole text on every call, and a function
     defined inside a part would be made again for every part and item (about 8 us for the transition
     script's), so functions are defined at the top, once, and the parts share them."""
-    return "".join(dict.fromkeys(_split(script)[0] for script in scripts))
+    return "".join(dict.fromkeys(library(script) for script in scripts))
 
 
 def sequence(*scripts: str) -> str:

@@ -147,7 +147,9 @@ class TaskStore:
     def _create_call(self, task: NewTask) -> tuple[list[str], list[str]]:
         rec = task.to_hash()
         created_ms = task.created_ms
-        fields = [item for pair in rec.items() for item in pair]
+        # created_ms first: the script puts the order it gives in its place (see lua.CREATE).
+        del rec["created_ms"]
+        fields = ["created_ms", str(created_ms), *(item for pair in rec.items() for item in pair)]
         return (
             [
                 keys.task(task.task_id),

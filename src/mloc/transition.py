@@ -134,6 +134,8 @@ local function int(x) return string.format('%d', x) end
 
 -- The call's state: the functions below read it, and the body sets all of it again on every call.
 local task, a, id, now, target, found, state, worker, attempt, owner, parent, delayed
+-- True only while SUBMIT places the task it has just stored: listed in no index of waiting tasks.
+local fresh = false
 local sets  -- field writes, gathered and sent as one HSET at the end
 local function set(name, value) sets[#sets + 1] = name; sets[#sets + 1] = value end
 
@@ -252,7 +254,7 @@ end
 -- The state indexes, and the pending ones: PENDING (every placeable task), the owner's queue and
 -- the retry wait. True when the task became placeable or waits for a retry (the scheduler must hear).
 local function move_indexes()
-  redis.call('ZREM', k(KEY_IN_STATE, state), id)
+  if not fresh then redis.call('ZREM', k(KEY_IN_STATE, state), id) end
   redis.call('ZADD', k(KEY_IN_STATE, target), found[4], id)
   if target == PENDING then
     if a.waits then
@@ -269,7 +271,7 @@ local function move_indexes()
     return true
   end
   -- Only a pending task is in the pending queues (every write to them is of one).
-  if state == PENDING then
+  if state == PENDING and not fresh then
     redis.call('ZREM', KEY_PENDING, id)
     redis.call('ZREM', KEY_RETRY_WAIT, id)
     local queue = k(KEY_OWNER_PENDING, owner)
@@ -554,13 +556,13 @@ def outcome(reply: list[Any]) -> Transition:
 
 # SUBMIT: CREATE then TRANSITION (placing the new task on its worker), for a submit whose worker is
 # already chosen; KEYS and ARGV as :func:`mloc.lua.sequence` lays them out for those two parts, and
-# the same replies: {CREATE's, TRANSITION's}. The task is stored out of the pending queues, as the
-# placement would take it straight out again (six writes for nothing); it enters them only where its
-# placement is refused, in the same call. A task that existed already (a submit taken over from an
-# orchestrator that died half way) is placed as it is.
+# the same replies: {CREATE's, TRANSITION's}. The task is stored out of the pending queues and the
+# pending index, as the placement would take it straight out again (eight writes for nothing); it
+# enters them only where its placement is refused, in the same call. A task that existed already (a
+# submit taken over from an orchestrator that died half way) is placed as it is.
 SUBMIT = (
-    lua.CREATE.partition(lua.LIBRARY_END)[0]
-    + TRANSITION.partition(lua.LIBRARY_END)[0]
+    lua.library(lua.CREATE)
+    + lua.library(TRANSITION)
     + "local function place(KEYS, ARGV)\n"
     + _CALL
     + "end\n"
@@ -568,10 +570,14 @@ SUBMIT = (
     + r"""local nkeys, nargs = tonumber(ARGV[1]), tonumber(ARGV[2])
 local new_keys, new_args = {unpack(KEYS, 1, nkeys)}, {unpack(ARGV, 5, 4 + nargs)}
 local made, order = create(new_keys, new_args, false)
+fresh = made == 1
 local placed = place({unpack(KEYS, nkeys + 1, nkeys + tonumber(ARGV[3]))},
   {unpack(ARGV, 5 + nargs, 4 + nargs + tonumber(ARGV[4]))})
-if made == 1 and placed[1] == 'err' and new_args[3] ~= '' then
-  queue_new(new_keys, new_args[1], new_args[4], new_args[3], order)
+fresh = false
+if made == 1 and placed[1] == 'err' then
+  -- Refused before it wrote anything: the task waits, listed and queued as CREATE would have.
+  redis.call('ZADD', new_keys[3], string.format('%d', order), new_args[1])
+  if new_args[3] ~= '' then queue_new(new_keys, new_args[1], new_args[4], new_args[3], order) end
 end
 return {made, placed}
 """

@@ -449,18 +449,31 @@ async def queued(r: aioredis.Redis, task_id: str, owner: str = "alice") -> tuple
 def test_a_task_placed_as_it_is_submitted_never_enters_the_pending_queues(redis_url: str) -> None:
     async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
         record = echo_record(store)
-        queues = {keys.PENDING, keys.pending_of("alice"), keys.PENDING_OWNERS}
-        added: list[str] = []
+        waiting = {
+            keys.PENDING,
+            keys.pending_of("alice"),
+            keys.PENDING_OWNERS,
+            keys.RETRY_WAIT,
+            keys.tasks_in_state(TaskState.PENDING),
+        }
+        writes: list[str] = []
         async with r.monitor() as monitor:
             placed = await store.transition(record.task_id, moves.PLACE, reserve=reservation(), create=record)
             async for entry in monitor.listen():
                 name, *args = entry["command"].split()
-                if entry.get("client_type") == "lua" and name in ("ZADD", "SADD") and args[0] in queues:
-                    added.append(entry["command"])
+                if (
+                    entry.get("client_type") == "lua"
+                    and name in ("ZADD", "SADD", "ZREM", "SREM")
+                    and args[0] in waiting
+                ):
+                    writes.append(entry["command"])
                 if name == "XADD" and args[0] == keys.EVENTS:  # the script's last write
                     break
         assert placed.ok and await r.hget(keys.task(record.task_id), "state") == "assigned"
-        assert added == [] and await queued(r, record.task_id) == (None, None, False)
+        assert writes == [] and await queued(r, record.task_id) == (None, None, False)
+        created_ms = await r.hget(keys.task(record.task_id), "created_ms")
+        assert await r.zscore(keys.tasks_in_state(TaskState.ASSIGNED), record.task_id) == int(created_ms)
+        assert await r.zscore(keys.tasks_in_state(TaskState.PENDING), record.task_id) is None
 
     run(redis_url, scenario)
 
@@ -485,9 +498,12 @@ def test_a_task_refused_as_it_is_submitted_is_queued_as_a_stored_one_is(
         # Queued behind the task stored before it, at the score a stored task gets.
         created_ms = int(await r.hget(keys.task(record.task_id), "created_ms"))
         assert mine[0] == transition.pending_score(0, created_ms) and mine[0] > theirs[0]
+        # Listed as pending, as a stored task is, so the task lists and counts show it waiting.
+        assert await r.zscore(keys.tasks_in_state(TaskState.PENDING), record.task_id) == created_ms
         # A place in the queue the scheduler places from: the next placement takes it out again.
         again = await store.transition(record.task_id, moves.PLACE, reserve=reservation())
         assert again.ok and await queued(r, record.task_id) == (None, None, True)
+        assert await r.zscore(keys.tasks_in_state(TaskState.PENDING), record.task_id) is None
 
     run(redis_url, scenario)
 
@@ -503,6 +519,8 @@ def test_a_batch_of_submits_queues_only_those_whose_placement_is_refused(redis_u
         assert await queued(r, records[0].task_id) == (None, None, True)
         assert (await queued(r, records[1].task_id))[0] is not None
         assert (await queued(r, records[2].task_id))[:2] == (None, None)
+        listed = [await r.zscore(keys.tasks_in_state(TaskState.PENDING), rec.task_id) for rec in records]
+        assert [score is not None for score in listed] == [False, True, False]
 
     run(redis_url, scenario)
 

@@ -79,7 +79,7 @@ def load_tasks(url: str, n: int, users: int, days: int) -> list[str]:
     for i in range(n):
         owner = f"user{rng.randrange(users):03d}"
         created = now - rng.uniform(0, days * DAY)
-        record = store.new_record(
+        task = store.new_record(
             document=SPEC,
             name="nightly-eval",
             owner=owner,
@@ -90,8 +90,9 @@ def load_tasks(url: str, n: int, users: int, days: int) -> list[str]:
             max_attempts=3,
             request={"task_type": "inference", "topic": "tasks.inference", "gpu_count": 1},
             labels={"team": "eval"},
-            now=created,
-        ).to_hash()
+        )
+        task.created_at = created  # back-dated over the window; its queue order (created_ms) follows
+        record = task.to_hash()
         # The newest few hundred are still running; the rest ended.
         state = TaskState.RUNNING if i >= n - 300 else rng.choice(FINAL)
         wall = rng.uniform(5, 600)

@@ -7,9 +7,10 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
 
+import pluggy
 import pytest
 import redis
 
@@ -34,7 +35,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pluggy.Result[pytest.TestReport], None]:
     """Under MLOC_STRICT_SKIPS=1 a skipped test fails: where everything is installed, a skip hides
     a broken set-up or a test that no longer runs."""
     outcome = yield
@@ -165,7 +168,7 @@ def make_cluster(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Local
         workers: int = 1,
         *,
         env: dict[str, str] | None = None,
-        worker_env: list[dict[str, str]] | None = None,
+        worker_env: list[Mapping[str, str]] | None = None,
         topics: str = "tasks.*",
     ) -> LocalCluster:
         cluster = LocalCluster(

@@ -211,9 +211,9 @@ def test_a_cursor_lists_each_task_once_while_tasks_arrive_and_leave_their_state(
     # Tasks that wait (no worker takes this tag): pending until cancelled.
     body = f"taskType: echo\nmetadata: {{owner: {owner}}}\nresources: {{tags: [nowhere]}}\n"
     ids = [http.post("/api/v1/tasks", content=body).json()["task_id"] for _ in range(7)]
-    params = {"owner": owner, "state": "pending", "page_size": 2}
+    params: dict[str, str | int] = {"owner": owner, "state": "pending", "page_size": 2}
     seen: list[str] = []
-    after = None
+    after: str | None = None
     while True:
         page = http.get("/api/v1/tasks", params={**params, "after": after} if after else params).json()
         seen += [t["task_id"] for t in page["items"]]

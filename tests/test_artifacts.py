@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +133,7 @@ def cluster_factory(redis_url: str) -> Iterator[Any]:
     """Real orchestrator and worker processes on the test Redis, with an admin token."""
     clusters: list[LocalCluster] = []
 
-    def make(tmp: Path, env: dict[str, str], worker_env: list[dict[str, str]] | None = None) -> LocalCluster:
+    def make(tmp: Path, env: dict[str, str], worker_env: list[Mapping[str, str]] | None = None) -> LocalCluster:
         cluster = LocalCluster(
             home=tmp / "home",
             workers=len(worker_env or [{}]),

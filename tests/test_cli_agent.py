@@ -50,10 +50,14 @@ def prompt(engine: Any, question: str, calls: list[tuple[str, str, str]]) -> str
     from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
     from mloc.executors.agent.chat_model import EngineChatModel
+    from mloc.executors.agent.sandbox import PythonSandbox
     from mloc.executors.agent.tools import python_tool
     from mloc.spec.sampling import Sampling
 
-    chat = EngineChatModel(engine=engine, sampling=Sampling()).bind_tools([python_tool(lambda: None)])
+    def no_sandbox() -> PythonSandbox:
+        raise AssertionError("rendering a prompt runs no code")
+
+    chat = EngineChatModel(engine=engine, sampling=Sampling()).bind_tools([python_tool(no_sandbox)])
     messages: list[BaseMessage] = [SystemMessage(content=SYSTEM), HumanMessage(content=question)]
     for n, (thought, code, printed) in enumerate(calls):
         call = {"name": "python_repl", "args": {"code": code}, "id": f"c{n}", "type": "tool_call"}
@@ -80,14 +84,14 @@ def react_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for question, calls, written in TURNS:
         asked = tokenizer(prompt(engine, question, calls), add_special_tokens=False).input_ids
         rows.append((asked, [*tokenizer(written, add_special_tokens=False).input_ids, tokenizer.eos_token_id]))
-    width = max(len(asked) + len(written) for asked, written in rows)
+    width = max(len(asked) + len(target) for asked, target in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id)
     labels = torch.full((len(rows), width), -100)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for row, (asked, written) in enumerate(rows):
-        ids[row, : len(asked) + len(written)] = torch.tensor(asked + written)
-        labels[row, len(asked) : len(asked) + len(written)] = torch.tensor(written)
-        mask[row, : len(asked) + len(written)] = 1
+    for row, (asked, target) in enumerate(rows):
+        ids[row, : len(asked) + len(target)] = torch.tensor(asked + target)
+        labels[row, len(asked) : len(asked) + len(target)] = torch.tensor(target)
+        mask[row, : len(asked) + len(target)] = 1
     torch.manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()

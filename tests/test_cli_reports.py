@@ -19,7 +19,7 @@ from mloc.client import Client
 from mloc.localcluster import LocalCluster
 from tests.support.cli import mloc
 
-TINY = {"source": {"type": "package", "identifier": "mloc-tiny-llama"}, "engine": "transformers"}
+TINY: dict[str, object] = {"source": {"type": "package", "identifier": "mloc-tiny-llama"}, "engine": "transformers"}
 ID = r"[0-9a-f-]{36}"
 
 

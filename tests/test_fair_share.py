@@ -236,8 +236,8 @@ def test_the_admin_sets_a_weight_and_a_negative_zero_nan_or_absurd_one_is_refuse
     unknown = mloc("users", "set-weight", "erin", "2", env=env)
     assert unknown.returncode == 2 and "user 'erin' not found" in unknown.stderr
     with httpx.Client(base_url=cluster.api_url, headers={"Authorization": "Bearer weight-admin"}) as http:
-        for value in (-3, 0, 1e6):
-            answer = http.put("/admin/users/dave/weight", json={"weight": value})
+        for weight in (-3, 0, 1e6):
+            answer = http.put("/admin/users/dave/weight", json={"weight": weight})
             assert answer.status_code == 400 and "weight is" in answer.json()["message"], answer.text
         nan = http.put(
             "/admin/users/dave/weight", content=b'{"weight": NaN}', headers={"Content-Type": "application/json"}

@@ -303,7 +303,7 @@ def test_a_malformed_task_timeouts_setting_names_the_variable_and_the_fix() -> N
 
     for value, expected in (("{", "is not JSON"), ('{"sft": -1}', "'sft': -1 is not a number of seconds")):
         with pytest.raises(ValueError, match=expected) as caught:
-            Settings(MLOC_TASK_TIMEOUTS=value)  # type: ignore[call-arg]
+            Settings(MLOC_TASK_TIMEOUTS=value)
         assert "MLOC_TASK_TIMEOUTS" in str(caught.value) or "task_timeouts" in str(caught.value)
 
 

@@ -183,7 +183,7 @@ def test_operators_see_heartbeat_ages_the_build_and_ended_tasks_counted_across_a
         assert cluster.orchestrator is not None
         cluster.orchestrator.terminate()
         assert cluster.orchestrator.wait(30) == 0
-        cluster.env["MLOC_TASK_RETENTION_SEC"] = "1"
+        cluster.env = {**cluster.env, "MLOC_TASK_RETENTION_SEC": "1"}
         restart_orchestrator(cluster)
         assert outcomes(scrape(cluster)) == {"succeeded": 3, "failed": 1, "cancelled": 1}
         deadline = time.monotonic() + 30

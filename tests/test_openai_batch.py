@@ -439,16 +439,16 @@ def test_the_openai_client_runs_batches_on_mloc(
          "line 3: custom_id 'q00' is also the custom_id of line 1; give each line its own custom_id"),
     ]  # fmt: skip
     mixed = [completions[0], request("x", {"model": "gpt-4o", "prompt": "hi"})]
-    ((line, code, param, message),) = failed_with(mixed)
-    assert (line, code, param) == (2, "model_mismatch", "body.model")
+    ((number, code, param, message),) = failed_with(mixed)
+    assert (number, code, param) == (2, "model_mismatch", "body.model")
     assert message.startswith("line 2: body.model is 'gpt-4o' but line 1 has 'tiny'; a batch runs one model")
     escape = [request("m", {"model": "../escape", "prompt": "hi"})]
-    ((line, code, param, message),) = failed_with(escape)
-    assert (line, code, param) == (1, "model_not_found", "body.model")
+    ((number, code, param, message),) = failed_with(escape)
+    assert (number, code, param) == (1, "model_not_found", "body.model")
     assert message.startswith("line 1: body.model '../escape' cannot be run: ") and "MLOC_OPENAI_MODELS" in message
     elsewhere = [request("e", {"model": "tiny", "input": "hi"}, url="/v1/embeddings")]
-    ((line, code, param, message),) = failed_with(elsewhere)
-    assert (line, code, param) == (1, "invalid_url", "url")
+    ((number, code, param, message),) = failed_with(elsewhere)
+    assert (number, code, param) == (1, "invalid_url", "url")
     assert "/v1/chat/completions and /v1/completions" in message
     # Every problem at once, in line order: one new file fixes them all.
     several = [
@@ -478,8 +478,8 @@ def test_the_openai_client_runs_batches_on_mloc(
     assert too_large.value.status_code == 413 and "MLOC_MAX_FILE_BYTES" in too_large.value.message
     assert "big.jsonl is 66560 bytes; the limit is 65536" in too_large.value.message
     # The limit is the file's: one of exactly that size goes, though the form around it is larger.
-    line = json.dumps(completions[0]).encode() + b"\n"
-    exact = line + b" " * ((64 << 10) - len(line) - 1) + b"\n"
+    row = json.dumps(completions[0]).encode() + b"\n"
+    exact = row + b" " * ((64 << 10) - len(row) - 1) + b"\n"
     assert alice.files.create(file=("exact.jsonl", exact), purpose="batch").bytes == 64 << 10
     with pytest.raises(openai.NotFoundError) as missing:
         bob.batches.create(input_file_id=upload.id, endpoint=COMPLETIONS, completion_window="24h")

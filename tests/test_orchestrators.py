@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -337,7 +338,7 @@ def test_a_refused_orchestrator_object_runs_no_loop_and_leaves_the_fleets_half_l
 
     async def scenario() -> None:
         clients = [aioredis.Redis.from_url(redis_url, decode_responses=True) for _ in range(3)]
-        fleet = {"HEARTBEAT_TTL_SEC": 60, "MLOC_FAIR_SHARE_HALF_LIFE_SEC": 7200}
+        fleet: dict[str, Any] = {"HEARTBEAT_TTL_SEC": 60, "MLOC_FAIR_SHARE_HALF_LIFE_SEC": 7200}
         first = Orchestrator(clients[0], Settings(**fleet))
         stop = asyncio.Event()
         loops = [asyncio.create_task(first.run_scheduler(stop)), asyncio.create_task(first.run_reaper(stop))]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,7 +38,7 @@ def test_a_dataset_task_is_paged_over_http_the_client_and_the_cli(
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     cluster = make_cluster(1)
     client = client_for(cluster)
-    task = {
+    task: dict[str, Any] = {
         "apiVersion": "mloc/v1",
         "kind": "InferenceTask",
         "metadata": {"name": "dataset"},

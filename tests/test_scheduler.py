@@ -6,7 +6,7 @@ import pytest
 
 from mloc.orchestrator.placement import Request, explain, gpu_matches, misfit
 from mloc.orchestrator.scheduler import _score
-from mloc.records import WorkerView
+from mloc.records import WorkerStatus, WorkerView
 
 
 def view(
@@ -27,7 +27,7 @@ def view(
     gpu_list = [{"index": i, "name": name, "memory_bytes": 80 << 30} for i, name in enumerate(gpus or [])]
     return WorkerView(
         worker_id=worker_id,
-        status="active",
+        status=WorkerStatus.ACTIVE,
         last_heartbeat=0.0,
         topics=topics or ["tasks.*"],
         tags=tags or set(),

@@ -210,8 +210,8 @@ def test_a_cancelled_training_task_resumed_continues_from_its_checkpoint(
         client.resume(task_id)  # already waiting: a second resume changes nothing
 
     resumed = wait_terminal(client, task_id)
-    said = [line["text"] for line in client.logs(task_id)["lines"]]
-    assert resumed["state"] == "succeeded", said
+    logs = [line["text"] for line in client.logs(task_id)["lines"]]
+    assert resumed["state"] == "succeeded", logs
     # The new run has the attempts the task was submitted with; the first run's one stays counted.
     assert resumed["attempts"] == 2 and resumed["max_attempts"] == 1 + cancelled["max_attempts"], resumed
     assert cancelled["finished_at"] <= resumed["resumed_at"] <= resumed["started_at"], resumed
@@ -224,8 +224,8 @@ def test_a_cancelled_training_task_resumed_continues_from_its_checkpoint(
     assert resumed["progress"]["step"] == resumed["progress"]["total"] == steps
     result = client.result(task_id)
     assert result["resumed_from_step"] == saved and result["global_step"] == steps, result
-    assert f"resumed by admin: it continues from checkpoint-{saved} (step {saved}) once a worker takes it" in said
-    assert f"run 2: resuming from checkpoint-{saved}" in said, said
+    assert f"resumed by admin: it continues from checkpoint-{saved} (step {saved}) once a worker takes it" in logs
+    assert f"run 2: resuming from checkpoint-{saved}" in logs, logs
     # Its metrics go on from the checkpoint, not from the start.
     metrics = client.metrics(task_id)["metrics"]
     metric_steps = [m["step"] for m in metrics]
@@ -235,10 +235,10 @@ def test_a_cancelled_training_task_resumed_continues_from_its_checkpoint(
     with pytest.raises(MlocError, match="only a failed or cancelled task is resumed"):
         client.resume(task_id)
     # The steps after it ran once it had succeeded, each after the one it waits for.
-    steps = {name: wait_terminal(client, ids[name]) for name in ("after", "last")}
-    assert [record["state"] for record in steps.values()] == ["succeeded", "succeeded"], steps
-    assert steps["after"]["started_at"] >= resumed["finished_at"]
-    assert steps["last"]["started_at"] >= steps["after"]["finished_at"]
+    followers = {name: wait_terminal(client, ids[name]) for name in ("after", "last")}
+    assert [record["state"] for record in followers.values()] == ["succeeded", "succeeded"], followers
+    assert followers["after"]["started_at"] >= resumed["finished_at"]
+    assert followers["last"]["started_at"] >= followers["after"]["finished_at"]
     # Usage counts each task once, as it ended for good, however many runs (or ends) it had.
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     days = [r.hgetall(keys.usage_day("admin", day)) for day in r.zrange(keys.usage_days("admin"), 0, -1)]
@@ -246,8 +246,8 @@ def test_a_cancelled_training_task_resumed_continues_from_its_checkpoint(
     counted = {name: sum(float(day.get(name, 0)) for day in days) for name in kinds}
     assert counted == dict(zip(kinds, (3, 1, 0, 2, 0), strict=True)), counted
     for name in ("after", "last"):
-        said = [line["text"] for line in client.logs(ids[name])["lines"]]
-        assert f"waits again: sft-tiny-local ({task_id[:8]}) was resumed by admin" in said, said
+        logs = [line["text"] for line in client.logs(ids[name])["lines"]]
+        assert f"waits again: sft-tiny-local ({task_id[:8]}) was resumed by admin" in logs, logs
     echo = client.wait(
         client.submit({"taskType": "echo", "hyperparameters": {"fail_message": "no"}})["task_id"], timeout=60
     )

@@ -179,7 +179,7 @@ def test_removal_cancels_budget_held_and_assigned_tasks_but_not_another_users(re
             (moves.START, {"expect_worker": "w1", "new_attempt": True}),
             (moves.SUCCEED, {"release": True, "usage": {"tasks": 1.0, "cpu_seconds": 10.0}, "owner": "dan"}),
         ):
-            assert (await orch.store.transition(record.task_id, move, **extra)).ok  # type: ignore[arg-type]
+            assert (await orch.store.transition(record.task_id, move, **extra)).ok
         await budgets.set_budgets(r, "dan", budgets.budgets_of("day", {"cpu_time": "5s"}, hard=True))
         await asyncio.sleep(SUBMIT_CACHE_SEC)  # the submit before read dan's budgets: none yet
         waiting = await orch.submit(validate(echo("dan")), ADMIN)

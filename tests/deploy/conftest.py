@@ -308,7 +308,9 @@ def is_mloc_image(image: str) -> bool:
     return image_name(image) in MLOC_IMAGES
 
 
-def compose(docker_compose: str, tmp_path: Path, *args: str, file: Path = COMPOSE_FILE, **env: str):
+def compose(
+    docker_compose: str, tmp_path: Path, *args: str, file: Path | str = COMPOSE_FILE, **env: str
+) -> subprocess.CompletedProcess[str]:
     """`docker-compose` on the repository's compose file, with .env.example and only ``env`` set."""
     return run(
         [

@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import socket
 import socketserver
+import subprocess
 import sys
 import threading
 import time
@@ -52,7 +53,7 @@ class _Resp(socketserver.StreamRequestHandler):
             self.wfile.write(b"+PONG\r\n" if words[0].upper() == "PING" else b"+OK\r\n")
 
 
-def _serve(server: socketserver.BaseServer) -> Iterator[int]:
+def _serve(server: socketserver.TCPServer) -> Iterator[int]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -79,7 +80,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _check(tmp_path: Path, mode: str, **env: str):
+def _check(tmp_path: Path, mode: str, **env: str) -> subprocess.CompletedProcess[str]:
     return run(
         [sys.executable, str(HEALTHCHECK), mode],
         env=clean_env(tmp_path, MLOC_HEALTHCHECK_TIMEOUT_SEC="2", **env),

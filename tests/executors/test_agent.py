@@ -30,9 +30,9 @@ from mloc.executors.agent import AgentExecutor  # noqa: E402
 from mloc.executors.agent.chat_model import EngineChatModel  # noqa: E402
 from mloc.executors.agent.protocol import parse_reply  # noqa: E402
 from mloc.executors.base import RunContext  # noqa: E402
-from mloc.llm.base import Generation, LLMEngine  # noqa: E402
+from mloc.llm.base import Generation, LLMEngine, Samplings  # noqa: E402
 from mloc.spec.agent import AgentSpec  # noqa: E402
-from mloc.spec.sampling import Message, Sampling  # noqa: E402
+from mloc.spec.sampling import Message  # noqa: E402
 from tests.support.tiny_model import build_tiny_causal_lm  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,7 +65,7 @@ class ScriptedEngine(LLMEngine):
     def generate(
         self,
         prompts: Sequence[str],
-        sampling: Sampling,
+        sampling: Samplings,
         *,
         adapter: Path | None = None,
         cancel: threading.Event | None = None,
@@ -150,7 +150,7 @@ class CancelledMidGeneration(ScriptedEngine):
     def generate(
         self,
         prompts: Sequence[str],
-        sampling: Sampling,
+        sampling: Samplings,
         *,
         adapter: Path | None = None,
         cancel: threading.Event | None = None,

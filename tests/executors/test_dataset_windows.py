@@ -6,13 +6,14 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mloc.executors.dataset_io import RawRow, open_dataset
 from mloc.spec.dataset import DatasetInput
 
-ROWS = [{"prompt": f"row {i}", "n": i} for i in range(23)]
+ROWS: list[dict[str, Any]] = [{"prompt": f"row {i}", "n": i} for i in range(23)]
 
 
 def write(tmp_path: Path, fmt: str) -> Path:

@@ -255,7 +255,7 @@ def test_another_tasks_result_lines_are_read_from_the_results_dir(tmp_path: Path
 
 
 def test_the_spec_names_the_field_and_the_fix() -> None:
-    cases = {
+    cases: dict[str, dict[str, Any]] = {
         "exactly one source": {"input": {"path": "a.csv", "huggingface": {"name": "x"}}},
         "set inference.input.format": {"input": {"path": "a.txt"}},
         "not both": {"prompts": ["hi"], "input": {"path": "a.csv"}},
@@ -351,7 +351,9 @@ def test_each_row_gets_one_line_in_input_order_from_every_format(
 
 @pytest.mark.extra("inference")
 def test_columns_map_prompt_id_and_per_row_sampling(executor: Any, tiny_model: Path, tmp_path: Path) -> None:
-    rows = [{"question": row["prompt"], "qid": f"q-{i}", "budget": row["max"]} for i, row in enumerate(ROWS)]
+    rows: list[dict[str, Any]] = [
+        {"question": row["prompt"], "qid": f"q-{i}", "budget": row["max"]} for i, row in enumerate(ROWS)
+    ]
     rows[2]["budget"] = None  # no override: the task's max_tokens
     path = write_parquet(tmp_path / "d.parquet", rows)
     inputs = {"path": str(path), "columns": {"prompt": "question", "id": "qid", "max_tokens": "budget"}}

@@ -582,14 +582,15 @@ def test_a_document_cut_short_by_a_cancelled_task_is_indexed_again(
         if len(calls) == 3:  # the check before any change, the first batch, then the second
             raise TaskCancelled("cancelled")
 
-    settings = {"chunk_size": 100, "chunk_overlap": 0}
     with executor.open_collection(options, tmp_path / "vectors") as store:
         with pytest.raises(TaskCancelled):
-            sync.sync_collection(store, documents, check_cancelled=cancel_on_second_batch, **settings)
+            sync.sync_collection(
+                store, documents, chunk_size=100, chunk_overlap=0, check_cancelled=cancel_on_second_batch
+            )
         store.flush()  # what a store that writes as it goes holds after the cancel
         assert store.count() == 5
     with executor.open_collection(options, tmp_path / "vectors") as store:
-        report = sync.sync_collection(store, documents, **settings)
+        report = sync.sync_collection(store, documents, chunk_size=100, chunk_overlap=0)
         assert report.documents["updated"] == 1
         assert report.chunks == {"added": 12, "removed": 5, "unchanged": 0}
         assert store.count() == 12

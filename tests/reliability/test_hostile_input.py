@@ -9,6 +9,7 @@ import os
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import httpx
 import pytest
@@ -110,9 +111,7 @@ def test_hostile_bodies_over_http_are_4xx_fast_and_leave_the_orchestrator_as_it_
         for path, what in (("/api/v1/tasks", "single"), ("/api/v1/tasks/bulk", "bulk")):
             if what == "bulk" and body.startswith(b"{"):
                 body = b"[" + body + b"]"
-            answer, took = fastest(
-                lambda p=path, b=body: admin_http.post(p, content=b, headers={"Content-Type": "text/yaml"})
-            )
+            answer, took = fastest(partial(admin_http.post, path, content=body, headers={"Content-Type": "text/yaml"}))
             assert answer.status_code in (400, 413, 422), (name, what, answer.status_code, answer.text[:300])
             text = json.dumps(answer.json())
             assert message in text or (what == "bulk" and "invalid" in text), (name, what, text[:300])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import jsonschema
@@ -12,7 +12,9 @@ import pytest
 import yaml
 
 from mloc.errors import PayloadTooLarge, SpecError
-from mloc.spec import json_schema, load, validate
+from mloc.spec import Document, json_schema, load, validate
+from mloc.spec.echo import EchoSpec
+from mloc.spec.inference import InferenceSpec
 from mloc.spec.loader import MAX_DEPTH, parse_stream
 from mloc.spec.quantity import format_memory, parse_cpu, parse_memory, readable_memory
 
@@ -227,6 +229,11 @@ def test_deep_nesting_is_refused() -> None:
         load("taskType: echo\npayload: " + "[" * 100 + "]" * 100 + "\n")
 
 
+def _echo(document: Document) -> EchoSpec:
+    assert isinstance(document.spec, EchoSpec), document.spec
+    return document.spec
+
+
 def test_yaml_sent_with_json_content_type_is_read_as_yaml() -> None:
     assert load("taskType: echo\n", "application/json").spec.task_type == "echo"
 
@@ -236,7 +243,7 @@ def test_yaml_sent_with_json_content_type_is_read_as_yaml() -> None:
     [("{taskType: echo, payload: hi}\n", None), ("{taskType: echo, payload: hi}\n", "application/json")],
 )
 def test_yaml_flow_style_is_yaml_though_it_starts_as_json_does(body: str, content_type: str | None) -> None:
-    assert load(body, content_type).spec.payload == "hi"
+    assert _echo(load(body, content_type)).payload == "hi"
 
 
 @pytest.mark.parametrize(
@@ -256,7 +263,7 @@ def test_numbers_json_cannot_hold_are_refused_where_they_are(body: str, needle: 
 
 
 def test_empty_documents_are_skipped_and_several_are_sent_to_the_bulk_endpoint() -> None:
-    assert load("taskType: echo\npayload: 1\n---\n").spec.payload == 1
+    assert _echo(load("taskType: echo\npayload: 1\n---\n")).payload == 1
     assert load("---\ntaskType: echo\n---\n---\n").spec.task_type == "echo"
     with pytest.raises(SpecError, match="holds only comments"):
         load("# nothing here\n")
@@ -352,7 +359,7 @@ def test_json_schema_accepts_every_shipped_template_and_config() -> None:
             assert not problems, f"{file} (document {number + 1}): {problems}"
 
 
-def _sft(hyperparameters: dict[str, object]) -> dict[str, object]:
+def _sft(hyperparameters: Mapping[str, object]) -> dict[str, object]:
     spec = {
         "taskType": "sft",
         "model": {"source": {"type": "package", "identifier": "mloc-tiny-llama"}},
@@ -422,7 +429,9 @@ def test_a_mistyped_dataset_url_is_refused_at_submit_with_the_url_it_meant(path:
 @pytest.mark.parametrize("path", ["s3://bucket/rows.jsonl", "/data/rows.jsonl", "C:/data/rows.jsonl", "v1:x/rows.csv"])
 def test_dataset_paths_and_urls_that_are_fine(path: str) -> None:
     spec = {"taskType": "inference", "model": {"source": "gemma3-270m"}, "inference": {"input": {"path": path}}}
-    assert validate({"spec": spec}).spec.inference.input.path == path  # type: ignore[union-attr]
+    validated = validate({"spec": spec}).spec
+    assert isinstance(validated, InferenceSpec) and validated.inference.input is not None, validated
+    assert validated.inference.input.path == path
 
 
 @pytest.mark.parametrize(

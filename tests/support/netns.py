@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -22,11 +23,11 @@ class Namespace:
             raise RuntimeError(f"`ip netns add` failed: {done.stderr.strip()}")
         subprocess.run(["ip", "-n", self.name, "link", "set", "lo", "up"], check=True, timeout=30)
 
-    def popen(self, argv: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([self.ip, "netns", "exec", self.name, *argv], **kwargs)  # type: ignore[call-overload]
+    def popen(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([self.ip, "netns", "exec", self.name, *argv], **kwargs)
 
-    def run(self, argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(  # type: ignore[call-overload,no-any-return]
+    def run(self, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
             [self.ip, "netns", "exec", self.name, *argv], capture_output=True, text=True, timeout=60, **kwargs
         )
 

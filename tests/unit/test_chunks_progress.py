@@ -46,7 +46,16 @@ def test_a_running_tasks_progress_adds_its_running_chunks_rows(redis_url: str) -
             for child, fields in chunks.items():
                 await r.hset(keys.task(child), mapping=fields)
             parent = TaskRecord.model_construct(
-                state=TaskState.RUNNING, children=list(chunks), progress={"step": 100, "message": "stored"}
+                task_id="parent",
+                name="rows",
+                owner="alice",
+                task_type="inference",
+                kind="InferenceTask",
+                topic="tasks.inference",
+                created_at=0.0,
+                state=TaskState.RUNNING,
+                children=list(chunks),
+                progress={"step": 100, "message": "stored"},
             )
             return await live_progress(TaskStore(r), parent)
         finally:

@@ -24,7 +24,7 @@ def told(redis_url: str, events: list[dict[str, Any]], started: float) -> dict[s
                 reporter.handle({"ev": "progress", "message": None, **event})
             await reporter.flush()
             await reporter.close()
-            return json.loads(await client.hget(keys.task("eta-task"), "progress") or "{}")  # type: ignore[no-any-return]
+            return json.loads(await client.hget(keys.task("eta-task"), "progress") or "{}")
         finally:
             await client.aclose()
 
@@ -41,7 +41,7 @@ def test_a_fresh_run_is_told_from_its_start(redis_url: str) -> None:
 
 def test_a_resumed_run_is_told_from_the_step_it_continued_at(redis_url: str) -> None:
     now = time.time()
-    events = [
+    events: list[dict[str, Any]] = [
         {"step": 0, "total": None, "message": "loading the model", "ts": now - 20},
         # Loaded after 12 s: it continues at step 1,400 of 3,000, and has done 100 more steps in 8 s.
         {"step": 1400, "total": 3000, "since": 1400, "ts": now - 8},

@@ -130,6 +130,19 @@ def test_a_refused_submit_leaves_its_key_free(http: httpx.Client, cluster: Local
     assert fixed.status_code == 201 and "idempotent-replayed" not in fixed.headers
 
 
+@pytest.mark.parametrize("path", [LANE, ROUTE, "/api/v1/tasks/bulk"])
+def test_an_invalid_request_leaves_its_key_free(http: httpx.Client, cluster: LocalCluster, path: str) -> None:
+    # The key is claimed while the body is validated: a body refused there gives the claim back.
+    bulk = path.endswith("/bulk")
+    invalid = b"taskType: echo\n---\ntaskType: no-such-type\n" if bulk else b"taskType: no-such-type\n"
+    refused = http.post(path, content=invalid, headers=keyed("k-invalid"))
+    assert refused.status_code == 422 and refused.json()["error"] == "invalid_task", refused.text
+    r = redis.Redis.from_url(cluster.redis_url)
+    assert not r.keys(f"{keys.PREFIX}:idempotency:*")
+    fixed = http.post(path, content=ECHO, headers=keyed("k-invalid"))
+    assert fixed.status_code == 201 and "idempotent-replayed" not in fixed.headers, fixed.text
+
+
 def test_a_bulk_sent_again_answers_as_the_first(http: httpx.Client, stored: Callable[[], int]) -> None:
     # A pipeline (a step waiting for another by name) and a plain task, in one bulk.
     tasks = [

@@ -151,17 +151,24 @@ async def submit_body(
     """A submit's answer: the task in ``body`` validated, then stored and placed (or only checked);
     with an Idempotency-Key ``key``, stored once however often it is sent."""
     checked = None if key is None or dry_run else idempotency.checked_key(key)
-    document = validate(parse_body(body, content_type, limit=orch.settings.max_body_bytes))
-    if dry_run:
-        return idempotency.Answered(await orch.dry_run(document, who))
     if checked is None:
+        document = validate(parse_body(body, content_type, limit=orch.settings.max_body_bytes))
+        if dry_run:
+            return idempotency.Answered(await orch.dry_run(document, who))
         return idempotency.Answered(await orch.submit(document, who))
+    # Claimed while the body is checked: the claim's round trip costs the client no time of its own.
     digest = idempotency.request_digest(SUBMIT_PATH, content_type, body)
+    claim = orch.idempotency.claim(who.name, checked, digest, 1)
+    try:
+        document = validate(parse_body(body, content_type, limit=orch.settings.max_body_bytes))
+    except BaseException:
+        await orch.idempotency.drop(claim)
+        raise
 
     async def store(ids: list[str]) -> dict[str, Any]:
         return await orch.submit(document, who, task_id=ids[0])
 
-    return await orch.idempotency.run(who.name, checked, digest, 1, store, bulk=False)
+    return await orch.idempotency.run(claim, store, bulk=False)
 
 
 def submitted(answered: idempotency.Answered) -> JSONResponse:
@@ -203,6 +210,31 @@ async def submit_bulk(
         raise BadRequest('send a non-empty JSON list of tasks, {"tasks": [...]}, or YAML documents')
     if len(raw) > limit:  # else no task in it can be over the limit
         _check_task_sizes(items, limit)
+    claim = None
+    if key is not None:  # claimed while the tasks are validated
+        digest = idempotency.request_digest(request.url.path, content_type, raw)
+        claim = orch.idempotency.claim(who.name, key, digest, len(items))
+    try:
+        documents = _valid(items)
+    except BaseException:
+        if claim is not None:
+            await orch.idempotency.drop(claim)
+        raise
+    if dry_run:
+        checked = await orch.dry_run_many(documents, who)
+        return JSONResponse({"ok": True, "valid": True, "count": len(checked), "tasks": checked}, status_code=201)
+
+    async def store(ids: list[str] | None) -> dict[str, Any]:
+        results = await orch.submit_many(documents, who, ids=ids)
+        return {"ok": True, "count": len(results), "tasks": results}
+
+    if claim is None:
+        return submitted(idempotency.Answered(await store(None)))
+    return submitted(await orch.idempotency.run(claim, store, bulk=True))
+
+
+def _valid(items: list[Any]) -> list[Document]:
+    """Every task of a bulk submit validated, or SpecError naming each invalid one."""
     documents: list[Document] = []
     problems = []
     for index, item in enumerate(items):
@@ -215,18 +247,7 @@ async def submit_bulk(
             f"{len(problems)} of {len(items)} tasks are invalid; nothing was stored",
             details=problems[:50],
         )
-    if dry_run:
-        checked = await orch.dry_run_many(documents, who)
-        return JSONResponse({"ok": True, "valid": True, "count": len(checked), "tasks": checked}, status_code=201)
-
-    async def store(ids: list[str] | None) -> dict[str, Any]:
-        results = await orch.submit_many(documents, who, ids=ids)
-        return {"ok": True, "count": len(results), "tasks": results}
-
-    if key is None:
-        return submitted(idempotency.Answered(await store(None)))
-    digest = idempotency.request_digest(request.url.path, content_type, raw)
-    return submitted(await orch.idempotency.run(who.name, key, digest, len(documents), store, bulk=True))
+    return documents
 
 
 def _check_task_sizes(items: list[Any], limit: int) -> None:

@@ -114,7 +114,9 @@ class Orchestrator:
 
     async def leave(self) -> None:
         """Stop renewing this orchestrator's record and delete it, so another may start with other
-        settings at once; a record Redis cannot take now expires by itself."""
+        settings at once; a record Redis cannot take now expires by itself. Submits' answers being
+        kept for their Idempotency-Keys are kept first."""
+        await self.idempotency.close()
         keeper, self._keeper = self._keeper, None
         if keeper is None:
             return

@@ -4,7 +4,8 @@ Run: python bench/dispatch.py [--latency-n 300] [--throughput-n 3000]
 
 MLOC: a real orchestrator process and two real worker processes on a private redis-server; the
 task is ``echo`` (no model). Latency is sequential: submit over HTTP, then wait for the task's
-'succeeded' event in Redis. The load generator is a lean keep-alive HTTP client (bench.common.LeanHttp),
+'succeeded' event in Redis; then again with an Idempotency-Key on each submit, as ``mloc submit`` and
+the Python client send one. The load generator is a lean keep-alive HTTP client (bench.common.LeanHttp),
 so the client's own CPU does not crowd out the system measured on the same two cores. Throughput
 submits many tasks at once (concurrent single submits, and the bulk endpoint) and counts completions.
 
@@ -32,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
@@ -208,18 +210,21 @@ class Timed:
         return self.seen - self.sent
 
 
-def mloc_latency(api: str, url: str, n: int) -> list[Timed]:
-    return asyncio.run(_latency(api, url, n))
+def mloc_latency(api: str, url: str, n: int, *, keyed: bool = False) -> list[Timed]:
+    """``n`` sequential tasks; ``keyed``: each submit with its own Idempotency-Key, as ``mloc submit``
+    and the Python client send them."""
+    return asyncio.run(_latency(api, url, n, keyed))
 
 
-async def _latency(api: str, url: str, n: int) -> list[Timed]:
+async def _latency(api: str, url: str, n: int, keyed: bool) -> list[Timed]:
     r = aioredis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT_S)
     http = LeanHttp(api)
     timed = []
     last = (await r.xinfo_stream(keys.EVENTS))["last-generated-id"] if await r.exists(keys.EVENTS) else "0"
     for _ in range(n):
+        headers = {"Idempotency-Key": str(uuid.uuid4())} if keyed else None
         sent = time.time()
-        status, body = await http.post("/api/v1/tasks", ECHO)
+        status, body = await http.post("/api/v1/tasks", ECHO, headers=headers)
         if status != 201:
             raise SystemExit(f"submit answered {status}: {body[:300]!r}")
         answered = time.time()
@@ -348,6 +353,9 @@ def main() -> None:
             api, url, n = cluster.api_url, server.url, args.throughput_n
             timed = meter.measure("sequential", args.latency_n, lambda: mloc_latency(api, url, args.latency_n))
             phases = latency_phases(url, timed)
+            keyed = meter.measure(
+                "sequential, keyed", args.latency_n, lambda: mloc_latency(api, url, args.latency_n, keyed=True)
+            )
             single = meter.measure("HTTP submit, 8 clients", n, lambda: mloc_throughput(api, url, n, bulk=False))
             bulk = meter.measure("bulk submit", n, lambda: mloc_throughput(api, url, n, bulk=True))
         finally:
@@ -364,6 +372,8 @@ def main() -> None:
     )
     print(f"{'MLOC, HTTP submit, 8 clients':34} {pct(lat, 50) * 1e3:8.2f} {pct(lat, 99) * 1e3:8.2f} {single:9.0f}")
     print(f"{'MLOC, bulk submit':34} {'':8} {'':8} {bulk:9.0f}")
+    keyed_lat = [task.latency for task in keyed]
+    print(f"{'MLOC, with an Idempotency-Key':34} {pct(keyed_lat, 50) * 1e3:8.2f} {pct(keyed_lat, 99) * 1e3:8.2f}")
     print()
     print(f"MLOC latency:  {ms(lat)}")
     print(f"raw latency:   {ms(raw_lat)}")
@@ -376,6 +386,12 @@ def main() -> None:
     print("MLOC sequential latency by step (median ms, from the task's record and the client's clock):")
     for name, took in phases.items():
         print(f"  {name:40} {took * 1e3:6.3f}")
+    answered = statistics.median(task.answered - task.sent for task in timed)
+    keyed_answered = statistics.median(task.answered - task.sent for task in keyed)
+    print(
+        f"The submit answered (median ms): {answered * 1e3:.3f} without a key, {keyed_answered * 1e3:.3f} with "
+        "an Idempotency-Key (as `mloc submit` and the Python client send it)"
+    )
     print()
     print(meter.table())
     print(
@@ -386,6 +402,9 @@ def main() -> None:
                 "mloc_tasks_per_s": single,
                 "mloc_bulk_tasks_per_s": bulk,
                 "mloc_latency_steps_ms": {name: round(took * 1e3, 3) for name, took in phases.items()},
+                "mloc_keyed_p50_ms": pct(keyed_lat, 50) * 1e3,
+                "mloc_keyed_answered_ms": keyed_answered * 1e3,
+                "mloc_answered_ms": answered * 1e3,
                 "raw_p50_ms": pct(raw_lat, 50) * 1e3,
                 "raw_tasks_per_s": raw["throughput"],
                 "cpu_ms_per_task": {

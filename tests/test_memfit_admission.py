@@ -97,51 +97,50 @@ def register(redis_url: str, *registrations: Registration) -> None:
     asyncio.run(go())
 
 
+def mloc_task(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """A mloc/v1 task called ``name`` with ``spec``."""
+    return {"apiVersion": "mloc/v1", "kind": "Task", "metadata": {"name": name}, "spec": spec}
+
+
 def sft(model: str = LLAMA, *, gpus: int = 1, **gpu: Any) -> dict[str, Any]:
     """LoRA fine-tuning of ``model``: about 69 GiB on one GPU for Llama 3 8B at batch 4 x 2048 tokens."""
-    return {
-        "apiVersion": "mloc/v1",
-        "kind": "Task",
-        "metadata": {"name": "tune"},
-        "spec": {
+    return mloc_task(
+        "tune",
+        {
             "taskType": "sft",
             "model": {"source": {"identifier": model}, "adapter": {"type": "lora"}},
             "dataset": {"path": "/data/train.jsonl"},
             "hyperparameters": {"batch_size": 4, "max_length": 2048},
             "resources": {"hardware": {"gpu": {"type": "any", "count": gpus, **gpu}}},
         },
-    }
+    )
 
 
 def serve(model: str = QWEN, **extra: Any) -> dict[str, Any]:
     """vLLM inference on one GPU: about 3 GiB for Qwen 2.5 0.5B."""
-    return {
-        "apiVersion": "mloc/v1",
-        "kind": "Task",
-        "metadata": {"name": "serve"},
-        "spec": {
+    return mloc_task(
+        "serve",
+        {
             "taskType": "inference",
             "model": {"source": {"identifier": model}, "engine": "vllm"},
             "inference": {"prompts": ["Say hello."] * 4, "max_tokens": 32},
             "resources": {"hardware": {"gpu": {"count": 1}}},
             **extra,
         },
-    }
+    )
 
 
 def evaluate(model: str = QWEN, **options: Any) -> dict[str, Any]:
     """An lm-eval run of a multiple-choice file on one GPU: about 3.9 GiB for Qwen 2.5 0.5B at batch 8."""
-    return {
-        "apiVersion": "mloc/v1",
-        "kind": "Task",
-        "metadata": {"name": "score"},
-        "spec": {
+    return mloc_task(
+        "score",
+        {
             "taskType": "eval",
             "model": {"source": {"identifier": model}},
             "eval": {"custom": [{"name": "mc", "path": "/data/mc.jsonl", "type": "multiple_choice"}], **options},
             "resources": {"hardware": {"gpu": {"count": 1}}},
         },
-    }
+    )
 
 
 @pytest.fixture
@@ -483,16 +482,14 @@ def test_memfit_off_estimates_nothing(redis_url: str, hub: HubServer, orchestrat
 
 
 def inference_on(model: dict[str, Any], name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "mloc/v1",
-        "kind": "Task",
-        "metadata": {"name": name},
-        "spec": {
+    return mloc_task(
+        name,
+        {
             "taskType": "inference",
             "model": {**model, "engine": "transformers"},
             "inference": {"prompts": ["Question: what is two plus two?\nAnswer:"] * 4, "max_tokens": 8},
         },
-    }
+    )
 
 
 @pytest.mark.slow

@@ -156,7 +156,7 @@ async def submit_body(
         if dry_run:
             return idempotency.Answered(await orch.dry_run(document, who))
         return idempotency.Answered(await orch.submit(document, who))
-    # Claimed while the body is checked: the claim's round trip costs the client no time of its own.
+    # Claimed while the body is validated: the claim's round trip overlaps the validation.
     digest = idempotency.request_digest(SUBMIT_PATH, content_type, body)
     claim = orch.idempotency.claim(who.name, checked, digest, 1)
     try:

@@ -113,7 +113,9 @@ class Idempotency:
             keys=[marker], args=[digest, claimed, repr(time.time()), self.ttl_sec, repr(TAKE_OVER_SEC)]
         )
         status = _text(reply[0])
-        return status, claimed if status == "new" else _text(reply[1]) if len(reply) > 1 else ""
+        if status == "new":
+            return status, claimed
+        return status, _text(reply[1]) if len(reply) > 1 else ""
 
     async def run(self, claim: Claim, submit: Submit, *, bulk: bool) -> Answered:
         """``submit`` (given the task ids to use) once for the claimed key; its answer again for a

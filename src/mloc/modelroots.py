@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -227,22 +227,10 @@ async def task_owner(redis: aioredis.Redis, task_id: str) -> str | None:
 async def check_at_submit(redis: aioredis.Redis, spec: Mapping[str, Any], owner: str, roots: ModelRoots) -> str | None:
     """Why a user's task may not be submitted with these model references, or None. Paths are taken
     as written: the orchestrator cannot see the workers' disks."""
-    for reference in references(spec):
-        if reference.kind is Kind.TASK:
-            if await task_owner(redis, reference.value) != owner:
-                # The same answer for another user's task and for none at all: nothing is learnt.
-                return (
-                    f"{reference.field} names task {reference.value}, which is not one of your tasks; name a "
-                    "succeeded task of yours (GET /api/v1/tasks lists them)"
-                )
-            continue
-        if reference.kind is Kind.URL:
-            refused = await _store_refusal(redis, roots, reference, owner)
-            if refused:
-                return refused
-            continue
+
+    async def path_refusal(reference: Reference) -> str | None:
         if reference.kind is Kind.MAYBE and not looks_local(reference.value):
-            continue  # a hub id; the worker checks that no local folder of that name is read instead
+            return None  # a hub id; the worker checks that no local folder of that name is read instead
         if reference.value.startswith("~"):
             return (
                 f"{reference.field} {reference.value!r} starts in a home folder, which each worker would expand to "
@@ -253,40 +241,59 @@ async def check_at_submit(redis: aioredis.Redis, spec: Mapping[str, Any], owner:
                 f"{reference.field} {reference.value!r} is a relative path, which each worker would read from a "
                 f"folder of its own; give an absolute path under {roots.describe()}"
             )
-        refused = await _refusal(redis, roots, Path(os.path.normpath(reference.value)), reference, owner)
-        if refused:
-            return refused
-    return None
+        return await _refusal(redis, roots, Path(os.path.normpath(reference.value)), reference, owner)
+
+    return await _first_refusal(redis, spec, owner, roots, path_refusal)
 
 
 async def check_on_worker(redis: aioredis.Redis, spec: Mapping[str, Any], owner: str, roots: ModelRoots) -> str | None:
     """Why a user's task may not read the local models it names, or None: each path the executor
     would open, resolved as it would resolve it (from this process's folder, symlinks followed)."""
     real_roots = roots.resolved()
-    for reference in references(spec):
-        if reference.kind is Kind.TASK:
-            if await task_owner(redis, reference.value) != owner:
-                return (
-                    f"{reference.field} names task {reference.value}, which is not one of your tasks; name one "
-                    "of your own tasks (GET /api/v1/tasks lists them)"
-                )
-            continue
-        if reference.kind is Kind.URL:
-            refused = await _store_refusal(redis, roots, reference, owner)
-            if refused:
-                return refused
-            continue
+
+    async def path_refusal(reference: Reference) -> str | None:
         path = Path(reference.value).expanduser()
         try:
             if reference.kind is Kind.MAYBE and not path.exists():
-                continue  # not on this disk, so the resolvers take it for a hub id
+                return None  # not on this disk, so the resolvers take it for a hub id
             real = path.resolve()
         except (OSError, ValueError) as exc:  # a NUL byte, a name too long, a link loop
             return f"{reference.field} {reference.value!r} is not a path this worker can read ({exc})"
-        refused = await _refusal(redis, real_roots, real, reference, owner)
+        return await _refusal(redis, real_roots, real, reference, owner)
+
+    return await _first_refusal(redis, spec, owner, roots, path_refusal)
+
+
+async def _first_refusal(
+    redis: aioredis.Redis,
+    spec: Mapping[str, Any],
+    owner: str,
+    roots: ModelRoots,
+    path_refusal: Callable[[Reference], Awaitable[str | None]],
+) -> str | None:
+    """The first reason found to refuse one of the task's model references: a task output or a store
+    URL by its owner, as neither depends on a disk; a path by ``path_refusal``."""
+    for reference in references(spec):
+        if reference.kind in (Kind.TASK, Kind.URL):
+            refused = await _named_refusal(redis, roots, reference, owner)
+        else:
+            refused = await path_refusal(reference)
         if refused:
             return refused
     return None
+
+
+async def _named_refusal(redis: aioredis.Redis, roots: ModelRoots, reference: Reference, owner: str) -> str | None:
+    """Why a user's task may not read the task output or artifact store URL ``reference`` names, or None."""
+    if reference.kind is Kind.URL:
+        return await _store_refusal(redis, roots, reference, owner)
+    if await task_owner(redis, reference.value) == owner:
+        return None
+    # The same answer for another user's task and for none at all: nothing is learnt.
+    return (
+        f"{reference.field} names task {reference.value}, which is not one of your tasks; name one of your own "
+        "tasks (GET /api/v1/tasks lists them)"
+    )
 
 
 async def _refusal(

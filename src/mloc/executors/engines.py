@@ -1,5 +1,6 @@
 """An executor's engine: loaded with the run's hooks, warm from the executor's cache when it holds one
-that serves the task (and said so in the task's log), with the LoRA adapter folder it names checked."""
+that serves the task (and said so in the task's log), with the LoRA adapter folder it names checked.
+:class:`EngineExecutor` is the base of the executors that keep their engines between tasks."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mloc.errors import ExecutionError
-from mloc.executors.base import RunContext
+from mloc.executors.base import Executor, RunContext
 from mloc.spec.base import ModelSpec
 
 if TYPE_CHECKING:
@@ -80,3 +81,20 @@ class EngineHolder:
     def close(self) -> None:
         if self._cache is not None:
             self._cache.clear()
+
+
+class EngineExecutor(Executor):
+    """An executor whose loaded engines stay warm for its next task (inference, eval, RAG, agents)."""
+
+    def __init__(self, cache_bytes: int | None = None) -> None:
+        self.engines = EngineHolder(cache_bytes)
+
+    @property
+    def cache(self) -> EngineCache:
+        return self.engines.cache
+
+    def warm_models(self) -> list[str]:
+        return self.engines.warm_models()
+
+    def close(self) -> None:
+        self.engines.close()

@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mloc.errors import ExecutionError
-from mloc.executors.base import Executor, RunContext
-from mloc.executors.engines import EngineHolder, adapter_folder
+from mloc.executors.base import RunContext
+from mloc.executors.engines import EngineExecutor, adapter_folder
 from mloc.executors.eval_tasks import check_custom, write_config
 from mloc.spec.base import Engine
 from mloc.spec.eval import EvalSpec
 
 if TYPE_CHECKING:
-    from mloc.llm.cache import EngineCache
     from mloc.llm.hf_engine import TransformersEngine
 
 TASKS_DIR = "lm_eval_tasks"
@@ -35,14 +34,11 @@ MISSING_DATA = {"DatasetNotFoundError", "OfflineModeIsEnabled", "LocalEntryNotFo
 NOT_SCORES = {"alias", "name", "sample_len", "samples"}
 
 
-class EvalExecutor(Executor):
+class EvalExecutor(EngineExecutor):
     name = "eval"
     task_types = ("eval",)
     isolation = "process"
     requires = ("lm_eval", "torch", "transformers")
-
-    def __init__(self, cache_bytes: int | None = None) -> None:
-        self.engines = EngineHolder(cache_bytes)
 
     @classmethod
     def capabilities(cls) -> dict[str, Any]:
@@ -50,16 +46,6 @@ class EvalExecutor(Executor):
         from mloc.executors.eval_data import harness_tasks
 
         return {"engines": ["transformers"], "harness_tasks": harness_tasks()}
-
-    @property
-    def cache(self) -> EngineCache:
-        return self.engines.cache
-
-    def warm_models(self) -> list[str]:
-        return self.engines.warm_models()
-
-    def close(self) -> None:
-        self.engines.close()
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         spec = ctx.spec

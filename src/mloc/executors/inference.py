@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mloc.errors import ExecutionError
-from mloc.executors.base import Executor, RunContext
-from mloc.executors.engines import EngineHolder, adapter_folder
+from mloc.executors.base import RunContext
+from mloc.executors.engines import EngineExecutor, adapter_folder
 from mloc.llm.text import PLAIN_TURN_STOPS
 from mloc.spec.inference import InferenceSpec
 
 if TYPE_CHECKING:
     from mloc.llm.base import Generation, LLMEngine
-    from mloc.llm.cache import EngineCache
     from mloc.spec.sampling import InferenceInput, Sampling
 
 # Prompts per engine call when the task sets no batch_size: vLLM schedules a large batch itself; the
@@ -44,14 +43,11 @@ def _sampling(inputs: InferenceInput, extra_stops: tuple[str, ...] = ()) -> Samp
     return Sampling.model_validate(values)
 
 
-class InferenceExecutor(Executor):
+class InferenceExecutor(EngineExecutor):
     name = "inference"
     task_types = ("inference",)
     isolation = "process"
     requires = ("torch", "transformers")
-
-    def __init__(self, cache_bytes: int | None = None) -> None:
-        self.engines = EngineHolder(cache_bytes)
 
     @classmethod
     def capabilities(cls) -> dict[str, Any]:
@@ -63,16 +59,6 @@ class InferenceExecutor(Executor):
         if "vllm" in engines:
             facts["vllm_device"] = vllm_flavour()
         return facts
-
-    @property
-    def cache(self) -> EngineCache:
-        return self.engines.cache
-
-    def warm_models(self) -> list[str]:
-        return self.engines.warm_models()
-
-    def close(self) -> None:
-        self.engines.close()
 
     def _engine(self, spec: InferenceSpec, ctx: RunContext, adapter: Path | None) -> LLMEngine:
         from mloc.llm.loader import Workload

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from mloc.errors import ExecutionError
-from mloc.executors.base import Executor, RunContext
-from mloc.executors.engines import EngineHolder
+from mloc.executors.base import RunContext
+from mloc.executors.engines import EngineExecutor
 from mloc.spec.agent import AgentSpec
 
 if TYPE_CHECKING:
@@ -58,14 +58,14 @@ def conversation(spec: AgentSpec) -> list[BaseMessage]:
     return messages
 
 
-class AgentExecutor(Executor):
+class AgentExecutor(EngineExecutor):
     name = "agent_inference"
     task_types = ("agent_inference",)
     isolation = "process"
     requires = ("torch", "transformers", "langchain", "langgraph")
 
     def __init__(self, cache_bytes: int | None = None, *, chat_model_factory: ChatModelFactory | None = None) -> None:
-        self.engines = EngineHolder(cache_bytes)
+        super().__init__(cache_bytes)
         self.chat_model_factory = chat_model_factory
         self._rag: RagExecutor | None = None
 
@@ -84,11 +84,8 @@ class AgentExecutor(Executor):
             tools.append("web_search")
         return {"agent_tools": tools, **RagExecutor.capabilities()}
 
-    def warm_models(self) -> list[str]:
-        return self.engines.warm_models()
-
     def close(self) -> None:
-        self.engines.close()
+        super().close()
         if self._rag is not None:
             self._rag.close()
 

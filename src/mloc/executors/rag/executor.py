@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mloc.errors import ExecutionError
-from mloc.executors.base import Executor, RunContext
-from mloc.executors.engines import EngineHolder
+from mloc.executors.base import RunContext
+from mloc.executors.engines import EngineExecutor
 from mloc.executors.rag.engines import answer_workload
 from mloc.spec.rag import RagOptions, RagSpec
 from mloc.spec.sampling import Message, Sampling
@@ -66,7 +66,7 @@ class Retriever:
         return [[hit for hit in hits if hit.score >= min_score] for hits in results]
 
 
-class RagExecutor(Executor):
+class RagExecutor(EngineExecutor):
     name = "rag_inference"
     task_types = ("rag_inference",)
     isolation = "process"
@@ -81,7 +81,7 @@ class RagExecutor(Executor):
     )
 
     def __init__(self, cache_bytes: int | None = None) -> None:
-        self.engines = EngineHolder(cache_bytes)
+        super().__init__(cache_bytes)
         self._embedders: dict[str, Embedder] = {}
 
     @classmethod
@@ -93,11 +93,8 @@ class RagExecutor(Executor):
         folder = Settings().resolved_vectors_dir()
         return {"engines": available_engines(), "vector_stores": [vector_store(folder)]}
 
-    def warm_models(self) -> list[str]:
-        return self.engines.warm_models()
-
     def close(self) -> None:
-        self.engines.close()
+        super().close()
         self._embedders.clear()
 
     def embedder(self, name: str) -> Embedder:

@@ -65,6 +65,10 @@ SNAPSHOT_MAX_AGE_SEC = 0.25
 # a task sent just after a worker joined goes there at once (at most one extra snapshot this often).
 FRESH_SEC = 0.02
 PASS_FLOOR = 64  # waiting tasks a scheduling pass looks at even when no worker has room
+# Placements a pass makes together. Committed as they are chosen, not once the pass has chosen them
+# all, so workers start on the first while the pass chooses the rest: a pass over hundreds of waiting
+# tasks would otherwise leave freed workers idle until its end, then fill them all at once.
+COMMIT_EVERY = 32
 
 
 def _score(req: Request, view: WorkerView) -> tuple[int, int, int, int, int]:
@@ -492,7 +496,8 @@ class Scheduler:
             unschedulable: dict[str, bool] = {}
             codes: dict[str, WaitCode] = {}  # the WaitCode of each reason written, where it is one
             decisions: list[Decision] = []
-            # Chosen on one snapshot, the placements are then made together (see :meth:`commit`).
+            placed = 0
+            # Chosen on one snapshot, the placements are made a few at a time (see :meth:`commit`).
             views = await self.views()
             waiting = [task for owner in owners for task in owner.waiting]
             await self.backfill.plan(waiting, views, full=not quick)
@@ -561,8 +566,11 @@ class Scheduler:
                         )
                         owner.tasks += 1
                         owner.gpus += req.gpu_count
+                        if len(decisions) == COMMIT_EVERY:
+                            placed += sum(p.worker_id is not None for p in await self.commit(decisions))
+                            decisions = []
                 push(index)
-            placed = sum(p.worker_id is not None for p in await self.commit(decisions))
+            placed += sum(p.worker_id is not None for p in await self.commit(decisions))
             await self.backfill.settle(read={task.task_id for task in waiting})
             await self.queues.note_reasons(reasons, unschedulable, codes)
             return placed

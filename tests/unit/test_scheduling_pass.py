@@ -1,0 +1,58 @@
+"""A scheduling pass (mloc.orchestrator.scheduler.Scheduler.schedule_pending) over a real Redis:
+what it places, in which order, and when the workers get it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+
+from mloc import keys
+from mloc.orchestrator import scheduler
+from mloc.orchestrator.orchestrator import Orchestrator
+from mloc.orchestrator.users import Principal
+from mloc.settings import Settings
+from mloc.spec import validate
+from tests.support.fleet import registration
+
+
+def test_a_pass_hands_its_first_placements_to_the_workers_before_choosing_the_rest(redis_url: str) -> None:
+    """Freed workers start on a long pass's first tasks while it goes on: its placements are made
+    COMMIT_EVERY at a time, in the order it takes the tasks, each batch as soon as it is chosen."""
+    waiting = 2 * scheduler.COMMIT_EVERY + 5
+
+    async def scenario() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        orch = Orchestrator(r, Settings(HEARTBEAT_TTL_SEC=60))
+        # Submitted while no worker runs: they wait, in submission order (the order a pass takes them).
+        order = [
+            (await orch.submit(validate({"taskType": "echo"}), Principal("admin", admin=True)))["task_id"]
+            for _ in range(waiting)
+        ]
+        await orch.registry.register(registration("w1", slots=waiting))
+        stream = keys.worker_stream("w1")
+        # What Redis ran while the pass did, in its order: the spec a placement reads for each task,
+        # and the assignments the placements wrote.
+        seen: list[tuple[str, str]] = []
+        async with r.monitor() as monitor:
+            placed = await orch.scheduler.schedule_pending()
+            async for entry in monitor.listen():
+                name, *args = entry["command"].split()
+                if name == "HGET" and args[1] == "spec":
+                    seen.append(("read", args[0].removeprefix(keys.task(""))))
+                elif name == "XADD" and args[0] == stream:
+                    seen.append(("assigned", args[args.index("task") + 1]))
+                if sum(kind == "assigned" for kind, _ in seen) == waiting:
+                    break
+        assert placed == waiting
+        assigned = [task_id for kind, task_id in seen if kind == "assigned"]
+        assert assigned == order
+        # Each batch is read and assigned before the next is read: the first reach the worker early.
+        batches = [order[i : i + scheduler.COMMIT_EVERY] for i in range(0, waiting, scheduler.COMMIT_EVERY)]
+        expected = [(kind, task_id) for batch in batches for kind in ("read", "assigned") for task_id in batch]
+        assert seen == expected
+        entries = await r.xrange(stream)
+        assert [fields["task"] for _, fields in entries] == order
+        await r.aclose()
+
+    asyncio.run(scenario())

@@ -1,5 +1,5 @@
-"""A scheduling pass (mloc.orchestrator.scheduler.Scheduler.schedule_pending) over a real Redis:
-what it places, in which order, and when the workers get it."""
+"""Placements made many at a time, over a real Redis: a scheduling pass
+(mloc.orchestrator.scheduler.Scheduler.schedule_pending) and a bulk submit (Orchestrator.submit_many)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ import asyncio
 
 import redis.asyncio as aioredis
 
-from mloc import keys
+from mloc import keys, moves
 from mloc.orchestrator import scheduler
 from mloc.orchestrator.orchestrator import Orchestrator
 from mloc.orchestrator.users import Principal
 from mloc.settings import Settings
 from mloc.spec import validate
 from tests.support.fleet import registration
+
+ADMIN = Principal("admin", admin=True)
 
 
 def test_a_pass_hands_its_first_placements_to_the_workers_before_choosing_the_rest(redis_url: str) -> None:
@@ -25,10 +27,7 @@ def test_a_pass_hands_its_first_placements_to_the_workers_before_choosing_the_re
         r = aioredis.Redis.from_url(redis_url, decode_responses=True)
         orch = Orchestrator(r, Settings(HEARTBEAT_TTL_SEC=60))
         # Submitted while no worker runs: they wait, in submission order (the order a pass takes them).
-        order = [
-            (await orch.submit(validate({"taskType": "echo"}), Principal("admin", admin=True)))["task_id"]
-            for _ in range(waiting)
-        ]
+        order = [(await orch.submit(validate({"taskType": "echo"}), ADMIN))["task_id"] for _ in range(waiting)]
         await orch.registry.register(registration("w1", slots=waiting))
         stream = keys.worker_stream("w1")
         # What Redis ran while the pass did, in its order: the spec a placement reads for each task,
@@ -53,6 +52,28 @@ def test_a_pass_hands_its_first_placements_to_the_workers_before_choosing_the_re
         assert seen == expected
         entries = await r.xrange(stream)
         assert [fields["task"] for _, fields in entries] == order
+        await r.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_bulk_submit_places_its_tasks_where_room_has_just_freed(redis_url: str) -> None:
+    """The worker's room is read as the bulk is placed: tasks that ended a moment before it was sent
+    do not leave it waiting, told that no worker has room, until the next pass."""
+
+    async def scenario() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        orch = Orchestrator(r, Settings(HEARTBEAT_TTL_SEC=60))
+        await orch.registry.register(registration("w1", slots=2))
+        first = await orch.submit_many([validate({"taskType": "echo"}) for _ in range(2)], ADMIN)
+        assert [answer["worker_id"] for answer in first] == ["w1", "w1"]
+        for answer in first:  # both run and end on w1, which frees its two slots
+            task_id = answer["task_id"]
+            assert (await orch.store.transition(task_id, moves.START, expect_worker="w1", new_attempt=True)).ok
+            assert (await orch.store.transition(task_id, moves.SUCCEED, expect_worker="w1", release=True)).ok
+        second = await orch.submit_many([validate({"taskType": "echo"}) for _ in range(3)], ADMIN)
+        assert [answer["worker_id"] for answer in second] == ["w1", "w1", None]
+        assert second[2]["pending_reason"]
         await r.aclose()
 
     asyncio.run(scenario())

@@ -498,7 +498,9 @@ class Orchestrator:
         # Workers are chosen on one snapshot before anything is stored, so the tasks that must wait
         # are stored with their reason; the placements are then made together (Scheduler.commit).
         scheduler = self.scheduler
-        views = await scheduler.views()
+        # A fresh snapshot: one kept from a moment ago misses the room freed since, and the whole bulk
+        # would wait for the next pass, told that no worker has room.
+        views = await scheduler.views(fresh=True)
         decisions: list[Decision] = []
         # Capacity only shrinks during this loop, so once a request found no worker, later identical
         # requests would not either: they wait with the first one's reason.

@@ -77,3 +77,32 @@ def test_a_bulk_submit_places_its_tasks_where_room_has_just_freed(redis_url: str
         await r.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_wake_up_pass_with_no_free_slot_reads_no_waiting_task(redis_url: str) -> None:
+    """A burst of ends wakes one pass more than the room it freed needs: finding every slot taken,
+    it returns at once, without reading the queues; the next room freed is filled as before."""
+
+    async def scenario() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        orch = Orchestrator(r, Settings(HEARTBEAT_TTL_SEC=60))
+        await orch.registry.register(registration("w1", slots=1))
+        running, *waiting = [(await orch.submit(validate({"taskType": "echo"}), ADMIN))["task_id"] for _ in range(3)]
+        assert await r.hget(keys.task(running), "state") == "assigned"
+        commands: list[str] = []
+        async with r.monitor() as monitor:
+            assert await orch.scheduler.schedule_pending(quick=True) == 0
+            await r.set("probe:end", "1")  # the last command of the pass, for the monitor to stop at
+            async for entry in monitor.listen():
+                if entry["command"].startswith("SET probe:end"):
+                    break
+                commands.append(entry["command"])
+        # Due retries are still promoted; the owner's queue is not read.
+        assert not [c for c in commands if keys.pending_of("admin") in c], commands
+        assert (await orch.store.transition(running, moves.START, expect_worker="w1", new_attempt=True)).ok
+        assert (await orch.store.transition(running, moves.SUCCEED, expect_worker="w1", release=True)).ok
+        assert await orch.scheduler.schedule_pending(quick=True) == 1
+        assert [await r.hget(keys.task(task_id), "state") for task_id in waiting] == ["assigned", "pending"]
+        await r.aclose()
+
+    asyncio.run(scenario())

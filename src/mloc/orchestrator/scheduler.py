@@ -482,6 +482,11 @@ class Scheduler:
                 # About as many waiting tasks as could start now: with thousands queued, reading them
                 # all on every completion would cost more than running them.
                 free = sum(v.slots_free for v in await self.views() if v.status == WorkerStatus.ACTIVE)
+                if not free:
+                    # Every placement takes a slot: none can start. The room a wake-up announced went
+                    # to the pass before (a burst of ends wakes one more); the steady pass refreshes
+                    # the waiting tasks' reasons.
+                    return 0
                 limit = min(limit, max(PASS_FLOOR, 2 * free))
             owners = await self.queues.read(limit)
             if not owners:

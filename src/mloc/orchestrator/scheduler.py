@@ -574,6 +574,9 @@ class Scheduler:
                         if len(decisions) == COMMIT_EVERY:
                             placed += sum(p.worker_id is not None for p in await self.commit(decisions))
                             decisions = []
+                            # Where Redis refused one for capacity, commit took a fresh snapshot (which
+                            # holds every placement made so far): the rest are chosen on that one.
+                            views = await self.views()
                 push(index)
             placed += sum(p.worker_id is not None for p in await self.commit(decisions))
             await self.backfill.settle(read={task.task_id for task in waiting})

@@ -502,7 +502,7 @@ class Scheduler:
             codes: dict[str, WaitCode] = {}  # the WaitCode of each reason written, where it is one
             decisions: list[Decision] = []
             placed = 0
-            # Chosen on one snapshot, the placements are made a few at a time (see :meth:`commit`).
+            # Chosen on a snapshot (a fresh one where a commit needed it), made COMMIT_EVERY at a time.
             views = await self.views()
             waiting = [task for owner in owners for task in owner.waiting]
             await self.backfill.plan(waiting, views, full=not quick)

@@ -44,7 +44,7 @@ def long_sft(model: Path, steps: int) -> str:
         .replace("/tmp/tiny-llama", str(model))
         .replace("max_steps: 30", f"max_steps: {steps}")
         .replace("logging_steps: 5", "logging_steps: 1")
-        .replace("save_steps: 10", "save_steps: 1000")
+        .replace("save_steps: 10", f"save_steps: {steps + 1}")
     )
 
 
@@ -120,7 +120,9 @@ def test_a_worker_stopped_mid_training_saves_a_checkpoint_and_another_worker_con
 ) -> None:
     cluster = make_cluster(2, env={"MLOC_SHUTDOWN_GRACE_SEC": "0.5"})
     client = client_for(cluster)
-    steps = 200
+    # Long enough that the stop lands mid-training: the tiny model trains 200 steps in about a second,
+    # and a stop sent after the third step's metric can arrive later than that.
+    steps = 1000
     sft = long_sft(tiny_model, steps)
     task_id = client.submit(sft.encode())["task_id"]
     deadline = time.monotonic() + 300
@@ -156,7 +158,7 @@ def test_a_cancelled_training_task_resumed_continues_from_its_checkpoint(
 ) -> None:
     cluster = make_cluster(1)
     client = client_for(cluster)
-    steps = 300
+    steps = 1000  # long enough that the cancel lands mid-training (see the test above)
     sft = long_sft(tiny_model, steps)
     # Two steps after it: what ends when the training is cancelled waits again when it is resumed.
     after = [

@@ -234,12 +234,13 @@ def _libraries(scripts: tuple[str, ...]) -> str:
     return "".join(dict.fromkeys(library(script) for script in scripts))
 
 
-def sequence(*scripts: str) -> str:
+def sequence(*scripts: str, finish: str = "") -> str:
     """One script that runs ``scripts`` in order, atomically, in one round trip.
 
     Each part keeps its own KEYS and ARGV: the caller sends every part's keys one after another,
     and ARGV starts with each part's key count and argument count (2 numbers per part) before the
     parts' own arguments. Returns the list of the parts' replies; a reply {"err", ...} stops it there.
+    ``finish``: a statement run once after the parts (see :func:`alone`).
     """
     steps = "\n".join(f"local function step{i}(KEYS, ARGV)\n{_split(body)[1]}\nend" for i, body in enumerate(scripts))
     names = ", ".join(f"step{i}" for i in range(len(scripts)))
@@ -254,17 +255,18 @@ for i, step in ipairs(steps) do
   replies[i] = reply
   if type(reply) == 'table' and reply[1] == 'err' then break end
 end
+{finish}
 return replies
 """
 
 
-def each(script: str) -> str:
+def each(script: str, finish: str = "") -> str:
     """One script that runs ``script`` once per item, atomically, in one round trip: for batches of
     independent calls (many tasks' moves), where one item's refusal does not stop the others.
 
     ARGV starts with the item count, then each item's key count and argument count (2 numbers per
     item); the items' keys follow one another in KEYS, and their arguments in ARGV. Returns the list
-    of the items' replies, in order.
+    of the items' replies, in order. ``finish``: a statement run once after the items (see :func:`alone`).
     """
     library, body = _split(script)
     return f"""{library}local function step(KEYS, ARGV)
@@ -278,7 +280,22 @@ for i = 1, n do
   replies[i] = step({{unpack(KEYS, next_key, next_key + nkeys - 1)}}, {{unpack(ARGV, next_arg, next_arg + nargs - 1)}})
   next_key, next_arg = next_key + nkeys, next_arg + nargs
 end
+{finish}
 return replies
+"""
+
+
+def alone(script: str, finish: str) -> str:
+    """``script`` as a whole script, followed by ``finish``: a statement that writes what the body
+    gathered rather than wrote (its library's), run once at the end of the script however many
+    parts (:func:`sequence`) or items (:func:`each`) made up that script."""
+    library, body = _split(script)
+    return f"""{library}local function main(KEYS, ARGV)
+{body}
+end
+local reply = main(KEYS, ARGV)
+{finish}
+return reply
 """
 
 

@@ -104,9 +104,9 @@ class TaskStore:
         self._submit = redis.register_script(transition.SUBMIT)
         self._twice = redis.register_script(transition.TRANSITION_TWICE)
         self._each = {
-            "one": redis.register_script(lua.each(transition.TRANSITION)),
-            "submit": redis.register_script(lua.each(transition.SUBMIT)),
-            "twice": redis.register_script(lua.each(transition.TRANSITION_TWICE)),
+            "one": redis.register_script(transition.EACH),
+            "submit": redis.register_script(transition.EACH_SUBMIT),
+            "twice": redis.register_script(transition.EACH_TWICE),
         }
 
     # ----------------------------------------------------------------- create

@@ -288,32 +288,82 @@ local function write_log(l)
   if l.retention_ms then redis.call('PEXPIRE', stream, l.retention_ms) end
 end
 
--- value * 2^(-dt/H) + cost, for the cost and the count alike. A clock behind the last update (another
--- host's) decays nothing and keeps the later time, so the standing never grows back.
+-- What a script's moves add to shared counters (usage days and months, fair-share standings, the
+-- fleet's outcome counts) is gathered as they are made and written once, by finish(), at the end of
+-- the script: a worker's batch of ends, most of them one owner's on one day, adds into each counter
+-- once, not once per task. Every script made of these moves ends with finish() (mloc.lua.each's and
+-- mloc.lua.alone's ``finish``).
+local floats, float_keys = {}, {}  -- hash -> {field -> {text = the one value added, or sum}}, first seen first
+local counts = {}  -- outcome field -> tasks
+local owners, days, expiries = {}, {}, {}  -- usage owners; day index entries; month key -> expire_at
+local shares, share_keys, half_life = {}, {}, nil  -- fair-share key -> {cost, count, at}, read once
+local wake, wake_if_waiting = nil, nil  -- what to tell the scheduler; the second only if tasks wait
+
+local function add_float(key, name, value)
+  local h = floats[key]
+  if not h then
+    h = {}
+    floats[key] = h
+    float_keys[#float_keys + 1] = key
+  end
+  local c = h[name]
+  -- One value is added as Python wrote it, to the last digit; only a sum is Lua's.
+  if c then c.sum, c.text = c.sum + tonumber(value), nil else h[name] = {text = value, sum = tonumber(value)} end
+end
+
+-- value * 2^(-dt/H) + cost, for the cost and the count alike, as each move's end comes. A clock behind
+-- the last update (another host's) decays nothing and keeps the later time, so the standing never
+-- grows back. Kept in memory between the moves of one script: the same arithmetic as a write each time.
 local function add_share(s)
-  local f = redis.call('HMGET', s.key, 'cost', 'count', 'at')
-  local t, at = tonumber(now), tonumber(f[3] or now)
+  local held = shares[s.key]
+  if not held then
+    local f = redis.call('HMGET', s.key, 'cost', 'count', 'at')
+    held = {cost = tonumber(f[1] or '0'), count = tonumber(f[2] or '0'), at = f[3] and tonumber(f[3])}
+    shares[s.key] = held
+    share_keys[#share_keys + 1] = s.key
+  end
+  local t = tonumber(now)
+  local at = held.at or t
   local decay = 1
   if t > at then
-    decay = 2 ^ ((at - t) / tonumber(redis.call('GET', KEY_HALF_LIFE) or DEFAULT_HALF_LIFE))
+    if not half_life then half_life = tonumber(redis.call('GET', KEY_HALF_LIFE) or DEFAULT_HALF_LIFE) end
+    decay = 2 ^ ((at - t) / half_life)
   else
     t = at
   end
-  local cost = tonumber(f[1] or '0') * decay + tonumber(s.cost)
-  local count = tonumber(f[2] or '0') * decay + tonumber(s.count)
-  redis.call('HSET', s.key, 'cost', string.format('%.17g', cost), 'count', string.format('%.17g', count),
-    'at', string.format('%.17g', t))
+  held.cost = held.cost * decay + tonumber(s.cost)
+  held.count = held.count * decay + tonumber(s.count)
+  held.at = t
 end
 
 local function add_usage(u)
-  for name, value in pairs(u.counters) do redis.call('HINCRBYFLOAT', u.key, name, value) end
-  redis.call('SADD', KEY_USAGE_OWNERS, u.owner)
-  redis.call('ZADD', u.days, u.day_no, u.day)
+  for name, value in pairs(u.counters) do add_float(u.key, name, value) end
+  owners[u.owner] = true
+  days[u.days .. ' ' .. u.day] = {u.days, u.day_no, u.day}
   if u.month then
-    for name, value in pairs(u.month.counters) do redis.call('HINCRBYFLOAT', u.month.key, name, value) end
-    redis.call('EXPIREAT', u.month.key, u.month.expire_at)
+    for name, value in pairs(u.month.counters) do add_float(u.month.key, name, value) end
+    expiries[u.month.key] = u.month.expire_at
   end
   if u.share then add_share(u.share) end
+end
+
+local function g17(x) return string.format('%.17g', x) end
+
+-- Write what the script's moves gathered (see add_float): once per counter, standing and wake-up.
+local function finish()
+  for _, key in ipairs(float_keys) do
+    for name, c in pairs(floats[key]) do redis.call('HINCRBYFLOAT', key, name, c.text or g17(c.sum)) end
+  end
+  for owner in pairs(owners) do redis.call('SADD', KEY_USAGE_OWNERS, owner) end
+  for _, d in pairs(days) do redis.call('ZADD', d[1], d[2], d[3]) end
+  for key, at in pairs(expiries) do redis.call('EXPIREAT', key, at) end
+  for _, key in ipairs(share_keys) do
+    local s = shares[key]
+    redis.call('HSET', key, 'cost', g17(s.cost), 'count', g17(s.count), 'at', g17(s.at))
+  end
+  for field, n in pairs(counts) do redis.call('HINCRBY', KEY_OUTCOMES, field, n) end
+  if not wake and wake_if_waiting and redis.call('ZCARD', KEY_PENDING) > 0 then wake = wake_if_waiting end
+  if wake then redis.call('PUBLISH', KEY_WAKE, wake) end
 end
 
 local function ack_stream(entry)
@@ -369,17 +419,24 @@ local marked = mark_parent()
 if mark_dependents() then marked = true end
 -- Here, where every end is made, so the count misses none and survives every process (mloc.api.metrics).
 if string.find(TERMINAL, ' ' .. target .. ' ', 1, true) then
-  redis.call('HINCRBY', KEY_OUTCOMES, target .. ':' .. (found[9] or ''), 1)
+  local field = target .. ':' .. (found[9] or '')
+  counts[field] = (counts[field] or 0) + 1
 end
 redis.call('XADD', KEY_EVENTS, 'MAXLEN', '~', 10000, '*', 'task', id, 'from', state, 'to', target, 'ts', now,
   'move', a.move)
--- A delayed retry also wakes the scheduler, so it learns when to look again.
-if marked or (woke and (delayed or redis.call('ZCARD', KEY_PENDING) > 0)) then
-  redis.call('PUBLISH', KEY_WAKE, target)
+-- A delayed retry also wakes the scheduler, so it learns when to look again; freed capacity, only if
+-- tasks wait once the script's moves are made (finish).
+if marked or (woke and delayed) then
+  wake = wake or target
+elseif woke then
+  wake_if_waiting = wake_if_waiting or target
 end
 return {'ok', state, tostring(attempt), target}
 """
-TRANSITION = _prelude() + _LIBRARY + lua.LIBRARY_END + _CALL
+# One move, as a part of a script: every script made of it ends with FINISH.
+_MOVE = _prelude() + _LIBRARY + lua.LIBRARY_END + _CALL
+FINISH = "finish()"
+TRANSITION = lua.alone(_MOVE, FINISH)
 
 
 def pending_score(priority: int, created_ms: int) -> float:
@@ -560,9 +617,9 @@ def outcome(reply: list[Any]) -> Transition:
 # pending index, as the placement would take it straight out again (eight writes for nothing); it
 # enters them only where its placement is refused, in the same call. A task that existed already (a
 # submit taken over from an orchestrator that died half way) is placed as it is.
-SUBMIT = (
+_SUBMIT = (
     lua.library(lua.CREATE)
-    + lua.library(TRANSITION)
+    + lua.library(_MOVE)
     + "local function place(KEYS, ARGV)\n"
     + _CALL
     + "end\n"
@@ -584,4 +641,7 @@ return {made, placed}
 )
 # TRANSITION_TWICE: two transitions of one task, for work that finished before its start was
 # recorded (see mloc.worker.runner); KEYS/ARGV as :func:`mloc.lua.sequence` says.
-TRANSITION_TWICE = lua.sequence(TRANSITION, TRANSITION)
+_TWICE = lua.sequence(_MOVE, _MOVE)
+SUBMIT, TRANSITION_TWICE = lua.alone(_SUBMIT, FINISH), lua.alone(_TWICE, FINISH)
+# The same, for many tasks in one call (mloc.lua.each): what the moves add up is written once.
+EACH, EACH_SUBMIT, EACH_TWICE = (lua.each(script, finish=FINISH) for script in (_MOVE, _SUBMIT, _TWICE))

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from mloc import keys, lua, moves, tasklog, transition
+from mloc import keys, moves, tasklog, transition
 from mloc.moves import Change, Move, Reservation
 from mloc.state import ALLOWED, Refusal, TaskState
 from mloc.store import Apply, TaskStore
@@ -560,7 +560,7 @@ def test_a_batch_of_start_and_end_pairs_shares_the_functions_and_each_item_sees_
     redis_url: str,
 ) -> None:
     # Defined once for the whole call (each item sets the call's state again), not once per part.
-    for script in (transition.TRANSITION_TWICE, lua.each(transition.TRANSITION_TWICE), lua.each(transition.SUBMIT)):
+    for script in (transition.TRANSITION_TWICE, transition.EACH_TWICE, transition.EACH_SUBMIT):
         assert script.count("local function check_state()") == 1
 
     async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
@@ -608,5 +608,69 @@ def test_a_batch_of_start_and_end_pairs_shares_the_functions_and_each_item_sees_
             assert await r.hget(keys.user_usage(owner), "tasks") == "0"
             days = {transition.utc_day(ended_after), transition.utc_day(time.time())}  # midnight may fall between
             assert [await r.hget(keys.usage_day(owner, day), "wall_sec") for day in sorted(days)][-1] == "2"
+
+    run(redis_url, scenario)
+
+
+async def _script_calls(r: aioredis.Redis, command: str) -> int:
+    """How often Redis has run ``command``, the calls scripts make included."""
+    return int((await r.info("commandstats")).get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def test_a_batch_of_ends_adds_into_each_counter_once_and_counts_as_ending_them_one_by_one(redis_url: str) -> None:
+    async def scenario(r: aioredis.Redis, store: TaskStore) -> None:
+        # Alice's six ends go in one call, Bob's the same six one call each: the same usage, standing
+        # and outcome counts, Alice's with one write per counter.
+        base = time.time() // 86_400 * 86_400 + 3600  # 01:00 UTC today: the ends fall on one day, this month
+        ends = [(base + 600 * i, {"tasks": 1.0, "wall_sec": 0.1 * (i + 1), "cpu_seconds": 1.0 / 3}) for i in range(6)]
+        await WorkerRegistry(r).register(registration("w2", slots=12))
+        tasks: dict[str, list[str]] = {"alice": [], "bob": []}
+        for owner, ids in tasks.items():
+            for _ in ends:
+                task_id = await new_task(store, owner)
+                placed = await store.transition(
+                    task_id, moves.PLACE, reserve=Reservation("w2", 0, 0, [], "{}", user=owner)
+                )
+                assert placed.ok and (await store.transition(task_id, moves.START, new_attempt=True)).ok
+                ids.append(task_id)
+
+        def end(owner: str, now: float, usage: dict[str, float]) -> Change:
+            return Change(moves.SUCCEED, expect_worker="w2", release=True, usage=usage, owner=owner, now=now)
+
+        waiting = await new_task(store)  # capacity freed with a task waiting: the scheduler hears
+        wake = r.pubsub()
+        await wake.subscribe(keys.SCHEDULER_WAKE)
+        await wake.get_message(timeout=1)
+        before = await _script_calls(r, "hincrbyfloat")
+        batch = [
+            Apply(task_id, end("alice", now, usage)) for task_id, (now, usage) in zip(tasks["alice"], ends, strict=True)
+        ]
+        assert all(o.ok for o in await store.apply_many(batch))
+        # tasks, wall_sec and cpu_seconds on the day, cpu_seconds (a budget counter) on the month.
+        assert await _script_calls(r, "hincrbyfloat") - before == 4
+        assert (await wake.get_message(timeout=1) or {}).get("data") == "succeeded"
+        assert await wake.get_message(timeout=0.2) is None  # one wake-up for the whole batch
+        for task_id, (now, usage) in zip(tasks["bob"], ends, strict=True):
+            assert (await store.apply(task_id, end("bob", now, usage))).ok
+        await wake.aclose()
+
+        day, month = transition.utc_day(base), transition.utc_month(base)
+        alice, bob = [await r.hgetall(keys.usage_day(owner, day)) for owner in ("alice", "bob")]
+        assert alice.keys() == bob.keys() == {"tasks", "wall_sec", "cpu_seconds"}
+        assert alice["tasks"] == bob["tasks"] == "6"
+        for name in ("wall_sec", "cpu_seconds"):
+            assert float(alice[name]) == pytest.approx(float(bob[name]), rel=1e-15)
+        assert float(alice["wall_sec"]) == pytest.approx(2.1)
+        months = [await r.hgetall(keys.usage_month(owner, month)) for owner in ("alice", "bob")]
+        assert float(months[0]["cpu_seconds"]) == pytest.approx(float(months[1]["cpu_seconds"]), rel=1e-15)
+        assert float(months[0]["cpu_seconds"]) == pytest.approx(2.0)
+        assert await r.ttl(keys.usage_month("alice", month)) == await r.ttl(keys.usage_month("bob", month))
+        # The standing decays between ends 10 minutes apart, in the same arithmetic either way.
+        standing = [await r.hgetall(keys.user_fair_share(owner)) for owner in ("alice", "bob")]
+        assert standing[0] == standing[1] and float(standing[0]["at"]) == base + 3000
+        assert await r.zrange(keys.usage_days("alice"), 0, -1) == [day]
+        assert await r.smembers(keys.USAGE_OWNERS) >= {"alice", "bob"}
+        assert await r.hget(keys.TASK_OUTCOMES, "succeeded:echo") == "12"
+        assert await r.hget(keys.task(waiting), "state") == "pending"
 
     run(redis_url, scenario)

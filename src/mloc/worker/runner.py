@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
-from mloc import artifacts, checkpoints, keys, memoryhistory, modelroots, moves, requeue, tasklog
+from mloc import artifacts, checkpoints, keys, memoryhistory, modelroots, moves, requeue, tasklog, transition
 from mloc.errors import ExecutionError, MlocError, NoExecutor, TaskCancelled
 from mloc.executors.base import RunContext, encode_json, write_bytes_atomic, write_json_atomic
 from mloc.executors.registry import executor_for
@@ -28,7 +28,7 @@ from mloc.settings import Settings
 from mloc.spec import Document, validate
 from mloc.spec.base import TIMEOUT_LABEL
 from mloc.spec.dataset import COUNTED_BYTES, RESULT_LINES
-from mloc.spec.references import TRAINING
+from mloc.spec.references import MAKERS, TRAINING, Output
 from mloc.state import Reason, StopReason, TaskState
 from mloc.store import Coalescer, TaskStore
 from mloc.worker import outputs
@@ -365,7 +365,7 @@ class TaskRunner:
                 owner=owner,
                 run_usage=usage,
             )
-            await _note_counted(out_dir)
+            await _note_counted(task_type, out_dir)
             return False
         if run.stop_reason == StopReason.TIMEOUT and state != TaskState.SUCCEEDED:
             state, reason_code = TaskState.FAILED, Reason.TIMEOUT.value
@@ -405,7 +405,7 @@ class TaskRunner:
                 owner=owner,
                 run_usage=usage,
             )
-            await _note_counted(out_dir)
+            await _note_counted(task_type, out_dir)
             if retry.state != TaskState.FAILED:
                 log.info("task %s: %s; retried", task_id, reason)
                 return False
@@ -425,7 +425,7 @@ class TaskRunner:
             ack=entry_id,
             fields={
                 "finished_at": repr(finished),
-                "usage": json.dumps(usage),
+                "usage": transition.encode(usage),
                 "reason": reason,
                 "reason_code": reason_code,
                 "cancel_requested": "",
@@ -443,7 +443,7 @@ class TaskRunner:
             outcome = await self._persist(what, self.mover.apply, task_id, start, then=final)
         recorded = outcome.ok or await self._recorded(task_id, run.attempt)
         if recorded:
-            await _note_counted(out_dir)
+            await _note_counted(task_type, out_dir)
         if not outcome.ok and recorded:
             return True  # an earlier try was applied; only its answer was lost
         if not outcome.ok:
@@ -603,9 +603,11 @@ class TaskRunner:
         raise ExecutionError(message)
 
 
-async def _note_counted(out_dir: Path) -> None:
+async def _note_counted(task_type: str, out_dir: Path) -> None:
     """Once a run's usage was recorded, write how much of its dataset result lines that counted (see
     :data:`mloc.spec.dataset.COUNTED_BYTES`): a later run that keeps them counts only those past it."""
+    if task_type not in MAKERS[Output.LINES]:
+        return  # no other kind writes result lines: no look in the folder for them
     try:
         size = (out_dir / RESULT_LINES).stat().st_size
     except OSError:

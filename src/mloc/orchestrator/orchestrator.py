@@ -485,15 +485,21 @@ class Orchestrator:
         for document in documents:
             await self._check_models(document, principal)  # all or nothing: before any is stored
             await self._check_quota(document, principal)
-        if pipelines.needs_planning(documents):
+        # Each document's wire form and request, worked out once: each costs about as much as storing it.
+        wires = [document.to_wire() for document in documents]
+        if pipelines.needs_planning(documents, wires):
             return list((await self.submit_graph(documents, principal, ids=ids))["tasks"])
-        if any(d.spec.resources.replicas > 1 or chunks.is_chunked(d.to_wire()) for d in documents):
+        if any(d.spec.resources.replicas > 1 or chunks.is_chunked(w) for d, w in zip(documents, wires, strict=True)):
             return [
                 await self.submit(document, principal, task_id=task_id)
                 for document, task_id in zip(documents, given, strict=True)
             ]
-        fits = await self.memfit.assess_all(documents, [request_of(d) for d in documents])
-        prepared = [self._record(doc, principal, task_id=tid) for doc, tid in zip(documents, given, strict=True)]
+        requests = [request_of(d) for d in documents]
+        fits = await self.memfit.assess_all(documents, requests)
+        prepared = [
+            self._record(doc, principal, request=req, wire=wire, task_id=tid)
+            for doc, req, wire, tid in zip(documents, requests, wires, given, strict=True)
+        ]
         prepared = [(record, self.memfit.apply(record, fit)) for (record, _), fit in zip(prepared, fits, strict=True)]
         # Workers are chosen on one snapshot before anything is stored, so the tasks that must wait
         # are stored with their reason; the placements are then made together (Scheduler.commit).

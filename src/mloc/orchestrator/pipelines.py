@@ -55,9 +55,12 @@ def waits(document: Document, wire: dict[str, Any] | None = None) -> bool:
     return bool(spec.depends_on or spec.when or references.find(document.to_wire() if wire is None else wire))
 
 
-def needs_planning(documents: list[Document]) -> bool:
-    """Whether any task waits for another (so the submission is planned as a graph)."""
-    return any(waits(document) for document in documents)
+def needs_planning(documents: list[Document], wires: list[dict[str, Any]] | None = None) -> bool:
+    """Whether any task waits for another (so the submission is planned as a graph); ``wires``: the
+    documents' wire forms, where the caller has them."""
+    if wires is None:
+        return any(waits(document) for document in documents)
+    return any(waits(document, wire) for document, wire in zip(documents, wires, strict=True))
 
 
 @dataclass

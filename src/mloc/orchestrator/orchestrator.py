@@ -485,7 +485,7 @@ class Orchestrator:
         for document in documents:
             await self._check_models(document, principal)  # all or nothing: before any is stored
             await self._check_quota(document, principal)
-        # Each document's wire form and request, worked out once: each costs about as much as storing it.
+        # Each document's wire form and request, worked out once: the checks below and its record all use them.
         wires = [document.to_wire() for document in documents]
         if pipelines.needs_planning(documents, wires):
             return list((await self.submit_graph(documents, principal, ids=ids))["tasks"])

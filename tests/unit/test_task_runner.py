@@ -346,3 +346,20 @@ def test_identical_instant_tasks_share_one_validated_document_and_each_gets_its_
         assert len(worker._instant_documents) == 2
 
     run(redis_url, tmp_path, scenario, slots=3)
+
+
+def test_how_much_was_counted_is_noted_only_for_the_task_type_that_reads_it(tmp_path: Path) -> None:
+    """A dataset inference task's next run reads how many bytes of its result lines an ended run had
+    counted; no other type reads it, so the worker looks at no other type's folder (a stat per task)."""
+    from mloc.spec.dataset import COUNTED_BYTES, RESULT_LINES
+    from mloc.worker.runner import _note_counted
+
+    lines = b'{"custom_id": "a"}\n{"custom_id": "b"}\n'
+    for task_type in ("inference", "rag", "echo"):
+        (tmp_path / task_type).mkdir()
+        (tmp_path / task_type / RESULT_LINES).write_bytes(lines)
+        asyncio.run(_note_counted(task_type, tmp_path / task_type))
+    assert (tmp_path / "inference" / COUNTED_BYTES).read_text() == str(len(lines))
+    assert not (tmp_path / "rag" / COUNTED_BYTES).exists()  # rag writes result lines, never resumes them
+    assert not (tmp_path / "echo" / COUNTED_BYTES).exists()
+    assert sorted(p.name for p in (tmp_path / "inference").iterdir()) == sorted([RESULT_LINES, COUNTED_BYTES])

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 
-from mloc import keys, moves, tasklog, transition
+from mloc import keys, lua, moves, tasklog, transition
 from mloc.moves import Change, Move, Reservation
 from mloc.state import ALLOWED, Refusal, TaskState
 from mloc.store import Apply, TaskStore
@@ -99,6 +100,27 @@ def test_the_generated_constants_are_the_pythons() -> None:
     assert listed == {f"{source}>{target}" for source, targets in ALLOWED.items() for target in targets}
     assert f'local KEY_RESULT = "{keys.task_result("{id}")}"' in script
     assert f'local KEY_WAKE = "{keys.SCHEDULER_WAKE}"' in script
+
+
+def test_every_script_made_of_moves_writes_what_they_gathered_at_its_end() -> None:
+    """A move only gathers usage, outcome counts and wake-ups; a script of moves without ``finish()``
+    last would drop them without a word. Every script the store registers is checked, so a new one
+    made without it fails here."""
+    store = TaskStore(aioredis.Redis())
+    registered = [
+        script
+        for value in vars(store).values()
+        for script in (value.values() if isinstance(value, dict) else [value])
+        if isinstance(script, AsyncScript)
+    ]
+    made_of_moves = [script.script for script in registered if "local function finish()" in str(script.script)]
+    assert len(made_of_moves) == 6  # one move, submit, two moves; each alone and in batches
+    for text in made_of_moves:
+        *_, closing, returned = str(text).rstrip().splitlines()
+        assert (closing.strip(), returned.split()[0]) == (transition.FINISH, "return"), text[-300:]
+    # And the check sees the mistake it is there for.
+    *_, closing, _ = lua.each(transition._MOVE).rstrip().splitlines()
+    assert closing.strip() != transition.FINISH
 
 
 # ---------------------------------------------------------------- refusals

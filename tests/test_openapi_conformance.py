@@ -148,7 +148,15 @@ def auth_cluster(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFac
         orchestrator.session.close()
 
 
+# Headers that frame the HTTP message are the HTTP layer's, not an operation's. The negative cases add
+# extra headers named from strings Hypothesis collects, "Content-Length" among them: with a fuzzed value,
+# uvicorn refuses the request with its own text/plain 400 before any operation sees it.
+FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "host", "te", "trailer", "upgrade"})
+
+
 def _check(case: schemathesis.Case, orchestrator: Orchestrator, token: str | None) -> None:
+    for name in [name for name in case.headers or {} if name.lower() in FRAMING]:
+        del case.headers[name]
     case.call_and_validate(
         base_url=orchestrator.url,
         session=orchestrator.session,

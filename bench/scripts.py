@@ -34,6 +34,7 @@ from bench.common import Server
 from mloc import moves, tasklog
 from mloc.moves import Change, Reservation
 from mloc.records import Registration
+from mloc.settings import Settings
 from mloc.state import TaskState
 from mloc.store import Apply, TaskStore
 from mloc.worker.accounting import daily_counters, run_usage
@@ -42,7 +43,8 @@ from mloc.workers import WorkerRegistry
 WORKER = "bench-worker"
 OWNER = "alice"
 BATCH = 64
-LOG_RETENTION_SEC = 7 * 86400
+# As a worker on the default settings (or this environment's MLOC_LOG_RETENTION_SEC) sends it.
+LOG_RETENTION_SEC = Settings().log_retention_sec
 RESULT = {"ok": True, "payload": None, "worker_id": WORKER, "attempt": 1, "pid": 1, "usage": {"latency_sec": 1e-5}}
 # Redis's accounting of the bench's own reads and resets, not of the scripts.
 NOT_SCRIPTS = ("cmdstat_evalsha", "cmdstat_config", "cmdstat_info", "cmdstat_script")

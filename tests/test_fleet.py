@@ -204,6 +204,21 @@ def test_sigterm_finishes_running_work_and_hands_back_the_rest(
     assert wait_until(client, waiting["task_id"], lambda r: r["state"] == "succeeded", 30)["worker_id"] == "local-2"
 
 
+def test_a_worker_draining_for_longer_than_the_heartbeat_ttl_beats_on_and_finishes_its_task(
+    make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
+) -> None:
+    # The grace (10 s) and the task (6 s) both outlast HEARTBEAT_TTL_SEC (3 s): a worker that stopped
+    # beating when told to stop would be declared lost, and its task requeued, half-way through.
+    cluster = make_cluster(1, env={"MLOC_SHUTDOWN_GRACE_SEC": "10"})
+    client = client_for(cluster)
+    running = client.submit(sleeper(6))
+    wait_until(client, running["task_id"], lambda r: r["state"] == "running")
+    cluster.stop_worker("local-1", signal.SIGTERM)
+    done = client.task(running["task_id"])
+    assert done["state"] == "succeeded" and done["attempts"] == 1, done
+    assert client.worker("local-1")["status"] == "offline"
+
+
 def test_restart_with_the_same_worker_id_requeues_what_it_held(
     make_cluster: Callable[..., LocalCluster], client_for: Callable[..., Client]
 ) -> None:

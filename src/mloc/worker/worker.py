@@ -158,11 +158,18 @@ class Worker(TaskRunner):
         )
 
     async def _heartbeat_loop(self) -> None:
-        while not self.stopping.is_set():
+        """Beat until :meth:`_drain` cancels this loop. A stopping worker beats on while its running tasks
+        end: MLOC_SHUTDOWN_GRACE_SEC may well be longer than the orchestrator's HEARTBEAT_TTL_SEC, and a
+        worker declared lost meanwhile would have its tasks requeued as lost, not handed back."""
+        while True:
+            if self.stopping.is_set():
+                await asyncio.sleep(self.settings.heartbeat_interval_sec)
+                await self._drain_beat()
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), self.settings.heartbeat_interval_sec)
             if self.stopping.is_set():
-                return
+                continue
             try:
                 # Warm means ready for the next task: an idle executor holding the model. One running a task
                 # holds its model too, but a task placed here for it would load the model again beside it.
@@ -201,6 +208,20 @@ class Worker(TaskRunner):
                     await self._look_for_orchestrators()
             except aioredis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
+
+    async def _drain_beat(self) -> None:
+        """A stopping worker's heartbeat: liveness only. It registers no more; declared lost all the same
+        (Redis was away longer than the TTL), it stops its tasks, which the orchestrator has requeued."""
+        try:
+            async with asyncio.timeout(max(2 * self.settings.heartbeat_interval_sec, HEARTBEAT_SAY_SEC)):
+                answer = await self.registry.heartbeat(self.worker_id)
+        except (aioredis.RedisError, TimeoutError) as exc:
+            log.warning("heartbeat while stopping failed: %s", exc or "Redis did not answer")
+            return
+        if answer != "ok":
+            log.warning("worker %s was marked %s while stopping; stopping its tasks now", self.worker_id, answer)
+            for run in list(self.running.values()):
+                await self._stop(run, StopReason.LOST)
 
     async def _look_for_orchestrators(self) -> None:
         """Read the orchestrators' records (:mod:`mloc.orchestrators`): say once when none has been seen

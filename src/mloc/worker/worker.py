@@ -161,15 +161,11 @@ class Worker(TaskRunner):
         """Beat until :meth:`_drain` cancels this loop. A stopping worker beats on while its running tasks
         end: MLOC_SHUTDOWN_GRACE_SEC may well be longer than the orchestrator's HEARTBEAT_TTL_SEC, and a
         worker declared lost meanwhile would have its tasks requeued as lost, not handed back."""
-        while True:
-            if self.stopping.is_set():
-                await asyncio.sleep(self.settings.heartbeat_interval_sec)
-                await self._drain_beat()
-                continue
+        while not self.stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), self.settings.heartbeat_interval_sec)
             if self.stopping.is_set():
-                continue
+                break
             try:
                 # Warm means ready for the next task: an idle executor holding the model. One running a task
                 # holds its model too, but a task placed here for it would load the model again beside it.
@@ -178,7 +174,7 @@ class Worker(TaskRunner):
                 facts = await asyncio.to_thread(held_model_facts, self.models_dir, hf_cache=hf_hub_cache())
                 changed = facts if facts != self._published_facts else None
                 # A cut network drops no connection: a write waits on it silently. Said, and tried afresh.
-                wait = max(2 * self.settings.heartbeat_interval_sec, HEARTBEAT_SAY_SEC)
+                wait = self._beat_wait_sec()
                 try:
                     async with asyncio.timeout(wait):
                         answer = await self.registry.heartbeat(self.worker_id, heartbeat_fields(warm, held, changed))
@@ -208,12 +204,19 @@ class Worker(TaskRunner):
                     await self._look_for_orchestrators()
             except aioredis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
+        while True:
+            await self._drain_beat()
+            await asyncio.sleep(self.settings.heartbeat_interval_sec)
+
+    def _beat_wait_sec(self) -> float:
+        """How long a heartbeat waits for Redis before it is said and tried afresh."""
+        return max(2 * self.settings.heartbeat_interval_sec, HEARTBEAT_SAY_SEC)
 
     async def _drain_beat(self) -> None:
         """A stopping worker's heartbeat: liveness only. It registers no more; declared lost all the same
         (Redis was away longer than the TTL), it stops its tasks, which the orchestrator has requeued."""
         try:
-            async with asyncio.timeout(max(2 * self.settings.heartbeat_interval_sec, HEARTBEAT_SAY_SEC)):
+            async with asyncio.timeout(self._beat_wait_sec()):
                 answer = await self.registry.heartbeat(self.worker_id)
         except (aioredis.RedisError, TimeoutError) as exc:
             log.warning("heartbeat while stopping failed: %s", exc or "Redis did not answer")

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mloc import __version__
+from mloc import __version__, stopping
 from mloc.api import (
     admin,
     answers,
@@ -265,9 +265,7 @@ def create_app(
             yield
         finally:
             stop.set()
-            for loop in loops:
-                loop.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
+            await stopping.cancel(*loops)
             await orch.leave()
             if given is None:
                 await client.aclose()

@@ -16,7 +16,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from mloc import keys, modelroots, orchestrators
+from mloc import keys, modelroots, orchestrators, stopping
 from mloc.artifacts import store_for
 from mloc.errors import BadRequest, ConfigError, Conflict, Forbidden, SpecError
 from mloc.openai_files import INPUT_FILE_LABEL
@@ -120,8 +120,7 @@ class Orchestrator:
         keeper, self._keeper = self._keeper, None
         if keeper is None:
             return
-        keeper.cancel()
-        await asyncio.gather(keeper, return_exceptions=True)
+        await stopping.cancel(keeper)
         with contextlib.suppress(aioredis.RedisError, TimeoutError):
             async with asyncio.timeout(2.0):
                 await self.presence.withdraw()

@@ -10,7 +10,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from mloc import keys, tasklog
+from mloc import keys, stopping, tasklog
 from mloc.tasklog import DEFAULT_RETENTION_SEC, Source
 
 log = logging.getLogger(__name__)
@@ -166,8 +166,7 @@ class Reporter:
         self._closed = True
         if self._flusher is not None:
             self._wake.set()
-            self._flusher.cancel()
-            await asyncio.gather(self._flusher, return_exceptions=True)
+            await stopping.cancel(self._flusher)
         await self.flush()
         if self._kept_at is None or time.monotonic() - self._kept_at < 1.0:
             return  # nothing kept, or a write just set the countdown

@@ -18,7 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from mloc import __version__, keys, orchestrators
+from mloc import __version__, keys, orchestrators, stopping
 from mloc.connection import redact
 from mloc.errors import ConfigError
 from mloc.executors.registry import available_task_types, capabilities
@@ -435,8 +435,7 @@ class Worker(TaskRunner):
         # Its read blocks for half a second; one that finds Redis gone would retry for half a minute.
         # Cancelled, an entry it was reading stays unacknowledged and is handed back below.
         await asyncio.wait([loops[0]], timeout=2 * CONSUME_BLOCK_MS / 1000)
-        loops[0].cancel()
-        await asyncio.gather(loops[0], return_exceptions=True)
+        await stopping.cancel(loops[0])
         reachable = True
         try:
             async with asyncio.timeout(DRAIN_REDIS_SEC):
@@ -463,9 +462,8 @@ class Worker(TaskRunner):
                 await self._stop(run, StopReason.SHUTDOWN)
             while self.running:
                 await asyncio.sleep(0.1)
-        for loop in loops[1:]:
-            loop.cancel()
-        await asyncio.gather(*loops[1:], *self._tasks, return_exceptions=True)
+        await stopping.cancel(*loops[1:])
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.pool.close()
         with contextlib.suppress(aioredis.RedisError, TimeoutError):
             async with asyncio.timeout(DRAIN_REDIS_SEC if reachable else 0.5):

@@ -3,8 +3,8 @@
 On Python 3.11, ``asyncio.wait_for`` drops a cancel that lands just as the future it awaits finishes: it
 returns that future's result instead (CPython gh-86296, fixed in 3.12). redis-py awaits each command's send
 that way whenever a socket timeout is set, as MLOC's clients do, so a loop cancelled during a Redis call
-goes on as if never asked to stop; measured against a local Redis, about a third of such cancels were lost,
-and whatever awaited the loop's end waited for ever. Each stop below therefore cancels again until the task
+goes on as if never asked to stop; measured against a local Redis, a third to a half of such cancels were
+lost, and whatever awaited the loop's end waited for ever. Each stop below therefore cancels again until the task
 has ended.
 """
 

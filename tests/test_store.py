@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from mloc import keys, moves
 from mloc.errors import InvalidTransition
 from mloc.state import ALLOWED, TaskState
-from mloc.store import Apply, Change, Coalescer, Reservation, TaskStore, require
+from mloc.store import BATCH_SIZE, Apply, Change, Coalescer, Reservation, TaskStore, require
 from mloc.workers import WorkerRegistry
 from tests.support.fleet import echo_record, registration
 
@@ -186,6 +186,42 @@ def test_walking_with_cursors_lists_each_task_once_while_tasks_come_and_go(redis
             if after is None:
                 break
         assert sorted(listed) == sorted([family, *parts]) and total == 6
+        await r.aclose()
+
+    run(scenario())
+
+
+def test_a_bulk_larger_than_a_script_call_is_stored_whole_in_the_order_given(redis_url: str) -> None:
+    async def scenario() -> None:
+        r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        store = TaskStore(r)
+        existing = echo_record(store, "alice")
+        existing.name = "first"
+        await store.insert([existing])
+        records = [echo_record(store, owner) for owner in ("alice", "bob") * (BATCH_SIZE + 7)]
+        records[BATCH_SIZE + 1].parent_id, records[BATCH_SIZE + 1].replica = existing.task_id, 0
+        # The same id again, in the second script call: the stored task is left as it was.
+        again = echo_record(store, "alice")
+        again.task_id, again.name = existing.task_id, "second"
+        records.insert(BATCH_SIZE + 3, again)
+        await store.insert(records)
+
+        assert await r.hget(keys.task(existing.task_id), "name") == "first"
+        new = [rec.task_id for rec in records if rec is not again]
+        assert await r.zcard(keys.TASKS_ALL) == len(new) + 1
+        for owner in ("alice", "bob"):
+            mine = [rec.task_id for rec in records if rec.owner == owner and rec is not again]
+            first = [existing.task_id] if owner == "alice" else []
+            # Each owner's queue holds its tasks in the order the bulk gave them, across script calls.
+            assert await r.zrange(keys.pending_of(owner), 0, -1) == first + mine
+        assert await r.zrange(keys.PENDING, 0, -1) == [existing.task_id, *new]
+        assert await r.zrange(keys.tasks_in_state(TaskState.PENDING), 0, -1) == [existing.task_id, *new]
+        assert await r.zrange(keys.TASKS_CHILDREN, 0, -1) == [records[BATCH_SIZE + 1].task_id]
+        pipe = r.pipeline(transaction=False)
+        for task_id in new:
+            pipe.hget(keys.task(task_id), "created_ms")
+        orders = [int(order) for order in await pipe.execute()]
+        assert orders == sorted(orders) and len(set(orders)) == len(orders)
         await r.aclose()
 
     run(scenario())

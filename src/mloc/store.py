@@ -100,6 +100,7 @@ class TaskStore:
         self.redis = redis
         self._transition = redis.register_script(transition.TRANSITION)
         self._create = redis.register_script(lua.CREATE)
+        self._each_create = redis.register_script(lua.EACH_CREATE)
         self._read_hashes = redis.register_script(lua.READ_HASHES)
         self._submit = redis.register_script(transition.SUBMIT)
         self._twice = redis.register_script(transition.TRANSITION_TWICE)
@@ -187,9 +188,9 @@ class TaskStore:
             await self._create(keys=task_keys, args=args)
             return
         pipe = self.redis.pipeline(transaction=True)
-        for rec in records:
-            task_keys, args = self._create_call(rec)
-            await self._create(keys=task_keys, args=args, client=pipe)
+        for start in range(0, len(records), BATCH_SIZE):
+            all_keys, all_args = _each_call([self._create_call(rec) for rec in records[start : start + BATCH_SIZE]])
+            await self._each_create(keys=all_keys, args=all_args, client=pipe)
         if parents:
             pipe.sadd(keys.GROUPS_OPEN, *parents)
         for rec in waiting:
@@ -283,15 +284,8 @@ class TaskStore:
             mine = [index for index, call in enumerate(calls) if call[0] == kind]
             for start in range(0, len(mine), BATCH_SIZE):
                 chunk = mine[start : start + BATCH_SIZE]
-                counts: list[int] = []
-                all_keys: list[str] = []
-                all_args: list[str] = []
-                for index in chunk:
-                    _, task_keys, args = calls[index]
-                    counts += (len(task_keys), len(args))
-                    all_keys += task_keys
-                    all_args += args
-                replies = await self._each[kind](keys=all_keys, args=[len(chunk), *counts, *all_args])
+                all_keys, all_args = _each_call([calls[index][1:] for index in chunk])
+                replies = await self._each[kind](keys=all_keys, args=all_args)
                 for index, reply in zip(chunk, replies, strict=True):
                     outcomes[index] = transition.outcome(reply if kind == "one" else reply[-1])
         return [outcome for outcome in outcomes if outcome is not None]
@@ -529,6 +523,16 @@ class Coalescer:
                         future.set_result(outcome)
         finally:
             self._sender = None
+
+
+def _each_call(calls: Sequence[tuple[list[str], list[Any]]]) -> tuple[list[str], list[Any]]:
+    """The KEYS and ARGV of one :func:`mloc.lua.each` call that runs ``calls`` (each its own KEYS and
+    ARGV): the count, each call's key and argument counts, then their keys and arguments in order."""
+    counts = [count for task_keys, args in calls for count in (len(task_keys), len(args))]
+    return (
+        [key for task_keys, _ in calls for key in task_keys],
+        [len(calls), *counts, *(arg for _, args in calls for arg in args)],
+    )
 
 
 def require(outcome: Transition, task_id: str, target: TaskState) -> Transition:

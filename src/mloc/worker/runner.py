@@ -9,10 +9,11 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,7 +48,6 @@ INSTANT_BODY_KEPT_BYTES = 8 * 1024  # larger bodies are validated each time, so 
 class Running:
     task_id: str
     attempt: int
-    cancel_event: asyncio.Event = field(default_factory=asyncio.Event)
     stop_reason: StopReason | None = None
     host: HostProcess | None = None
     inline: RunContext | None = None  # the run's context, when its executor runs in this process
@@ -67,6 +67,7 @@ class TaskRunner:
     worker_id: str
     results_dir: Path
     models_dir: Path
+    executor_pythons: dict[str, str]  # MLOC_EXECUTOR_PYTHON: task type -> the interpreter that runs it
     hardware: dict[str, Any]
     pool: HostPool
     running: dict[str, Running]
@@ -87,7 +88,6 @@ class TaskRunner:
         if run.stop_reason is not None:
             return
         run.stop_reason = why
-        run.cancel_event.set()
         if run.inline is not None:
             run.inline.stop(why)
         if run.host is not None:
@@ -271,7 +271,7 @@ class TaskRunner:
 
     def _instant_document(self, assignment: Assignment) -> Document | None:
         task_type = assignment.task_type
-        if task_type in self.settings.executor_pythons:
+        if task_type in self.executor_pythons:
             return None
         info = executor_for(task_type)
         if info is None or not info.available:
@@ -537,15 +537,13 @@ class TaskRunner:
         reporter: Reporter,
     ) -> dict[str, Any]:
         info = executor_for(task_type)
-        python = self.settings.executor_pythons.get(task_type)
+        python = self.executor_pythons.get(task_type)
         if python is None and (info is None or not info.available):
             missing = f" (missing {', '.join(info.missing)})" if info else ""
             raise NoExecutor(f"worker {self.worker_id} cannot run {task_type!r} tasks{missing}")
         document = run.document or validate(document_data)
         isolation = "process" if python or info is None else info.cls.isolation_for(document.spec)
         if isolation in ("inline", "loop") and info is not None:
-            import threading
-
             loop = asyncio.get_running_loop()
 
             def emit(event: dict[str, Any]) -> None:

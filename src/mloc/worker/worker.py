@@ -61,6 +61,8 @@ class Worker(TaskRunner):
         self.results_dir = settings.results_dir.resolve()
         self.folders = FolderSweeper(redis, self.results_dir)
         self.models_dir = settings.resolved_models_dir.resolve()
+        # Read once: the setting is parsed each time it is asked for, and the runner asks on every task.
+        self.executor_pythons = settings.executor_pythons
         self.hardware = hardware.detect(settings)
         self.task_types = self._offered_task_types()
         self.pool = HostPool(env={"MLOC_MODELS_DIR": str(self.models_dir)})
@@ -86,7 +88,7 @@ class Worker(TaskRunner):
         """Task types this worker runs: those its own environment has, plus those an interpreter in
         MLOC_EXECUTOR_PYTHON says it can run."""
         offered = set(available_task_types())
-        for task_type, python in self.settings.executor_pythons.items():
+        for task_type, python in self.executor_pythons.items():
             missing = probe_interpreter(python, task_type)
             if missing:
                 log.warning("%s tasks are not offered: %s cannot run them (%s)", task_type, python, "; ".join(missing))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mloc import __version__, stopping
+from mloc import __version__, heap, stopping
 from mloc.api import (
     admin,
     answers,
@@ -257,10 +256,7 @@ def create_app(
             asyncio.create_task(orch.run_scheduler(stop), name="scheduler"),
             asyncio.create_task(orch.run_reaper(stop), name="reaper"),
         ]
-        # What start-up made lives as long as the process: kept out of the collector's full passes,
-        # each of which would otherwise stall a request for tens of milliseconds.
-        gc.collect()
-        gc.freeze()
+        heap.settle()
         try:
             yield
         finally:

@@ -18,7 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from mloc import __version__, keys, orchestrators, stopping
+from mloc import __version__, heap, keys, orchestrators, stopping
 from mloc.connection import redact
 from mloc.errors import ConfigError
 from mloc.executors.registry import available_task_types, capabilities
@@ -424,6 +424,7 @@ class Worker(TaskRunner):
         await self.register()
         with contextlib.suppress(aioredis.RedisError):
             await self._look_for_orchestrators()
+        heap.settle()
         loops = [
             asyncio.create_task(self._consume_loop(), name="consume"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),

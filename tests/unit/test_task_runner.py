@@ -5,6 +5,7 @@ entries the transition script wrote, handed to the runner as its consume loop wo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -346,6 +347,82 @@ def test_identical_instant_tasks_share_one_validated_document_and_each_gets_its_
         assert len(worker._instant_documents) == 2
 
     run(redis_url, tmp_path, scenario, slots=3)
+
+
+def test_the_consume_loop_sends_an_instant_tasks_end_before_its_next_read(redis_url: str, tmp_path: Path) -> None:
+    """A task that ends at once is recorded one hop sooner when its end reaches Redis before the
+    worker's next (blocking) read of its stream: the order is read from Redis's MONITOR."""
+
+    async def scenario(rig: Rig) -> None:
+        worker = rig.workers["w1"]
+        stream = keys.worker_stream("w1")
+        seen: list[tuple[str, str]] = []  # (command, what it names) as Redis ran them
+
+        async def watch() -> None:
+            async with aioredis.Redis.from_url(redis_url, decode_responses=True).monitor() as monitor:
+                watching.set()
+                async for command in monitor.listen():
+                    words = command["command"].split()
+                    name = words[0].upper() if words else ""
+                    if name == "XREADGROUP" and stream in command["command"]:
+                        seen.append(("read", ""))
+                    elif name in ("EVAL", "EVALSHA") and command.get("client_type") != "lua":
+                        seen.append(("script", command["command"]))
+
+        async def reads() -> int:
+            return sum(1 for kind, _ in seen if kind == "read")
+
+        watching = asyncio.Event()
+        watcher = asyncio.create_task(watch())
+        await watching.wait()
+        consume = asyncio.create_task(worker._consume_loop())
+        try:
+            while await reads() < 1:  # blocked on the empty stream
+                await asyncio.sleep(0.01)
+            task_id = await rig.submit()
+            while await reads() < 2:
+                await asyncio.sleep(0.01)
+            assert (await rig.orch.store.get(task_id)).state == TaskState.SUCCEEDED
+            after_first = seen[[kind for kind, _ in seen].index("read") + 1 :]
+            # The worker's start-and-end call is the one that names the task and its end.
+            order = [
+                "end" if kind == "script" else kind
+                for kind, named in after_first
+                if kind == "read" or (task_id in named and TaskState.SUCCEEDED in named)
+            ]
+            assert order and order[0] == "end", seen
+        finally:
+            worker.stopping.set()
+            await asyncio.wait_for(consume, timeout=5)
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    run(redis_url, tmp_path, scenario)
+
+
+def test_the_consume_loop_reads_on_while_a_task_that_takes_time_runs(redis_url: str, tmp_path: Path) -> None:
+    """Only ends that come at once are waited for before the next read: an instant task assigned
+    while a slower one runs on the same worker ends long before it."""
+
+    async def scenario(rig: Rig) -> None:
+        worker = rig.workers["w1"]
+        consume = asyncio.create_task(worker._consume_loop())
+        try:
+            slow = await rig.submit(3.0)
+            while (await rig.orch.store.get(slow)).state != TaskState.RUNNING:
+                await asyncio.sleep(0.01)
+            quick = await rig.submit()
+            async with asyncio.timeout(2.5):
+                while (await rig.orch.store.get(quick)).state != TaskState.SUCCEEDED:
+                    await asyncio.sleep(0.01)
+            assert (await rig.orch.store.get(slow)).state == TaskState.RUNNING
+        finally:
+            worker.stopping.set()
+            await asyncio.wait_for(consume, timeout=5)
+            await asyncio.gather(*worker._tasks, return_exceptions=True)
+
+    run(redis_url, tmp_path, scenario)
 
 
 def test_how_much_was_counted_is_noted_only_for_the_task_type_that_reads_it(tmp_path: Path) -> None:

@@ -116,24 +116,34 @@ class TaskRunner:
         pipe.xdel(stream, entry_id)
         await pipe.execute()
 
-    async def _handle(self, entry_id: str, fields: dict[str, str]) -> None:
+    def _accept(self, entry_id: str, fields: dict[str, str]) -> tuple[asyncio.Task[None], bool]:
+        """Start handling one assignment read from the stream. Also says whether the task ends at
+        once (its executor runs on the loop): such a task's end is its only Redis call."""
         try:
             assignment = Assignment.decode(fields)
         except AssignmentError as exc:
-            await self._refuse(entry_id, fields.get("task") or "", exc)
-            return
+            return self._spawn(self._refuse(entry_id, fields.get("task") or "", exc)), False
+        document = self._instant(assignment)
+        instant = document is not None and assignment.attempt is not None
+        return self._spawn(self._handle_assignment(entry_id, assignment, document)), instant
+
+    async def _handle(self, entry_id: str, fields: dict[str, str]) -> None:
+        handler, _ = self._accept(entry_id, fields)
+        await handler
+
+    async def _handle_assignment(self, entry_id: str, assignment: Assignment, document: Document | None) -> None:
         self.handling[assignment.task_id] += 1
         try:
-            await self._take(entry_id, assignment)
+            await self._take(entry_id, assignment, document)
         finally:
             self.handling[assignment.task_id] -= 1
             if not self.handling[assignment.task_id]:
                 del self.handling[assignment.task_id]
 
-    async def _take(self, entry_id: str, assignment: Assignment) -> None:
+    async def _take(self, entry_id: str, assignment: Assignment, document: Document | None) -> None:
+        """Run one assignment; ``document`` is the task's when it ends at once (:meth:`_instant`)."""
         task_id = assignment.task_id
         started = time.time()
-        document = self._instant(assignment)
         # Work that finishes at once is recorded as started and finished in one step, after it ran.
         deferred = document is not None and assignment.attempt is not None
         if deferred:

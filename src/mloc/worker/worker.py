@@ -39,6 +39,7 @@ from mloc.workers import WorkerRegistry
 log = logging.getLogger(__name__)
 
 CONSUME_BLOCK_MS = 500  # how long one read of the assignment stream waits for an entry
+CONSUME_COUNT = 64  # the most assignments one read takes
 # A command that finds Redis gone is retried for half a minute (mloc.connection.OUTAGE_RETRIES). A
 # stopping worker does not wait that out for its own records: what it cannot write within this, the
 # orchestrator's reaper does once the worker's heartbeat has expired.
@@ -392,7 +393,7 @@ class Worker(TaskRunner):
         while not self.stopping.is_set():
             try:
                 reply = await self.redis.xreadgroup(
-                    keys.WORKER_GROUP, self.worker_id, {stream: ">"}, count=64, block=CONSUME_BLOCK_MS
+                    keys.WORKER_GROUP, self.worker_id, {stream: ">"}, count=CONSUME_COUNT, block=CONSUME_BLOCK_MS
                 )
             except ResponseError as exc:
                 if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
@@ -409,11 +410,21 @@ class Worker(TaskRunner):
                 log.warning("assignment stream unavailable: %s; retrying", exc)
                 await asyncio.sleep(1.0)
                 continue
+            read = 0
+            ending: list[asyncio.Task[None]] = []
             for _, entries in reply or []:
+                read += len(entries)
                 for entry_id, fields in entries:
                     if self.stopping.is_set():
                         break  # left unacknowledged: handed back at shutdown
-                    self._spawn(self._handle(entry_id, fields))
+                    handler, instant = self._accept(entry_id, fields)
+                    if instant:
+                        ending.append(handler)
+            if ending and read < CONSUME_COUNT:
+                # Nothing waited behind this read, so the next one would only block: the ends of the
+                # tasks that finish at once go to Redis first. Sent after it, each such end would
+                # reach Redis a hop later (the read written, and Redis woken for it, on the way).
+                await asyncio.wait(ending)
 
     # -------------------------------------------------------------- lifecycle
     async def run(self) -> None:

@@ -123,9 +123,10 @@ class TaskRunner:
             assignment = Assignment.decode(fields)
         except AssignmentError as exc:
             return self._spawn(self._refuse(entry_id, fields.get("task") or "", exc)), False
-        document = self._instant(assignment)
-        instant = document is not None and assignment.attempt is not None
-        return self._spawn(self._handle_assignment(entry_id, assignment, document)), instant
+        # Work that finishes at once is recorded as started and finished in one step, after it ran,
+        # fenced on the attempt the assignment announces (one that announces none is started first).
+        document = self._instant(assignment) if assignment.attempt is not None else None
+        return self._spawn(self._handle_assignment(entry_id, assignment, document)), document is not None
 
     async def _handle(self, entry_id: str, fields: dict[str, str]) -> None:
         handler, _ = self._accept(entry_id, fields)
@@ -141,11 +142,10 @@ class TaskRunner:
                 del self.handling[assignment.task_id]
 
     async def _take(self, entry_id: str, assignment: Assignment, document: Document | None) -> None:
-        """Run one assignment; ``document`` is the task's when it ends at once (:meth:`_instant`)."""
+        """Run one assignment; ``document`` is the task's when it ends at once (see :meth:`_accept`)."""
         task_id = assignment.task_id
         started = time.time()
-        # Work that finishes at once is recorded as started and finished in one step, after it ran.
-        deferred = document is not None and assignment.attempt is not None
+        deferred = document is not None
         if deferred:
             run = Running(task_id, assignment.attempt or 0, document=document)
         else:

@@ -317,6 +317,19 @@ def mloc_throughput(api: str, url: str, n: int, *, bulk: bool) -> float:
     return n / elapsed
 
 
+def echo_cluster(redis_url: str, home: Path) -> LocalCluster:
+    """The fleet the dispatch figures are taken on (not started): an orchestrator and two workers of
+    64 slots for the echo task, on ``redis_url``."""
+    return LocalCluster(
+        home=home,
+        workers=2,
+        redis_url=redis_url,
+        topics="tasks.echo",
+        env={"LOG_LEVEL": "WARNING", "MLOC_WORKER_SLOTS": "64"},
+        log_dir=home / "logs",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--latency-n", type=int, default=300)
@@ -330,15 +343,7 @@ def main() -> None:
         )
         raw = raw_baseline(server.url, args.latency_n, args.throughput_n)
         redis.Redis.from_url(server.url).flushall()
-        home = Path(tempfile.mkdtemp(prefix="mloc-bench-"))
-        cluster = LocalCluster(
-            home=home,
-            workers=2,
-            redis_url=server.url,
-            topics="tasks.echo",
-            env={"LOG_LEVEL": "WARNING", "MLOC_WORKER_SLOTS": "64"},
-            log_dir=home / "logs",
-        )
+        cluster = echo_cluster(server.url, Path(tempfile.mkdtemp(prefix="mloc-bench-")))
         try:
             cluster.start(timeout=180)  # start-up is not measured; a busy machine imports slowly
             print("MLOC: orchestrator + 2 workers up; warming up...")

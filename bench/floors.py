@@ -32,11 +32,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import psutil
+from uvicorn.loops.auto import auto_loop_factory
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import LeanHttp, Server
@@ -74,10 +75,6 @@ SERVE_BARE_APP = (
     "config = uvicorn.Config('bare_app:app', loop='uvloop', http='httptools', log_level='warning', access_log=False); "
     "uvicorn.Server(config).run(sockets=[socket.socket(fileno=int(sys.argv[1]))])"
 )
-
-
-def _median(rounds: list[float]) -> float:
-    return statistics.median(rounds)
 
 
 # ------------------------------------------------------------------ a round trip
@@ -120,6 +117,12 @@ async def _client_cpu(call: Callable[[], Awaitable[object]], n: int) -> float:
     for _ in range(n):
         await call()
     return (time.process_time() - started) / n * 1e6
+
+
+def _on_mlocs_loop(calls: Coroutine[object, object, dict[str, float]]) -> dict[str, float]:
+    """Run ``calls`` on the event loop MLOC's processes run on (uvicorn's choice: uvloop where installed)."""
+    with asyncio.Runner(loop_factory=auto_loop_factory()) as runner:
+        return runner.run(calls)
 
 
 async def redis_calls(url: str, n: int) -> dict[str, float]:
@@ -226,18 +229,18 @@ def main() -> None:
     n = args.requests
 
     print(f"a round trip: {n} calls a round, {ROUNDS} rounds...")
-    socket_us = _median([socket_round_trip(n) for _ in range(ROUNDS)])
+    socket_us = statistics.median([socket_round_trip(n) for _ in range(ROUNDS)])
     server = Server()
     try:
-        calls = [asyncio.run(redis_calls(server.url, n)) for _ in range(ROUNDS)]
+        calls = [_on_mlocs_loop(redis_calls(server.url, n)) for _ in range(ROUNDS)]
         print(f"HTTP: {n} requests a round from {CLIENTS} clients, {ROUNDS} rounds...")
-        bare = _median(bare_http(n))
+        bare = statistics.median(bare_http(n))
         refused, submits = mloc_http(server, n)
     finally:
         server.stop()
-    submit = {name: _median([row[name] for row in submits]) for name in submits[0]}
-    ping, evalsha = _median([c["ping"] for c in calls]), _median([c["evalsha"] for c in calls])
-    refusal = _median(refused)
+    submit = {name: statistics.median([row[name] for row in submits]) for name in submits[0]}
+    ping, evalsha = statistics.median([c["ping"] for c in calls]), statistics.median([c["evalsha"] for c in calls])
+    refusal = statistics.median(refused)
     figures = {
         "socket_round_trip_us": socket_us,
         "redis_ping_us": ping,
